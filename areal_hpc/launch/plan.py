@@ -1,0 +1,188 @@
+"""Config -> the list of job steps a run is made of (`StepSpec`), placement included.
+
+The same StepSpecs drive every launcher: `launch.local` runs them as subprocesses (using
+``gpu_ids`` for CUDA_VISIBLE_DEVICES), `launch.slurm`/the driver turns each into one ``srun``
+(`srun_argv`), and the sbatch template renders them as readable lines.
+
+Placement: when everything fits one node, servers take the first GPUs and the trainer the next;
+otherwise servers and trainer get disjoint sets of whole nodes (servers first), so an SPMD
+trainer step has the same number of ranks on each of its nodes and no GPU is ever shared.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from areal_hpc.config import AllocationMode, ExperimentConfig
+from areal_hpc.config.allocation import nodes_needed, server_nodes
+
+
+@dataclass
+class StepSpec:
+    role: str  # "server" | "trainer"
+    name: str  # "server-0", ..., "trainer"
+    nodes: int
+    ntasks: int
+    ntasks_per_node: int
+    gpus_per_task: int
+    cpus_per_task: int
+    mem_per_node_mb: int
+    relative_node: int  # first node of the step within the allocation (srun --relative)
+    gpu_ids: List[int] = field(default_factory=list)  # local placement on the (first) node
+    command: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)
+    log: str = ""  # srun --output pattern (absolute)
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus_per_task * self.ntasks_per_node
+
+
+@dataclass
+class Plan:
+    run_dir: str
+    job_name: str
+    mode: str
+    nodes: int  # nodes of the allocation
+    gpus_per_node: int  # 0 = CPU-only
+    steps: List[StepSpec]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        d["steps"] = [StepSpec(**s) for s in d["steps"]]
+        return cls(**d)
+
+    def step(self, name: str) -> StepSpec:
+        return next(s for s in self.steps if s.name == name)
+
+    @property
+    def servers(self) -> List[StepSpec]:
+        return [s for s in self.steps if s.role == "server"]
+
+    @property
+    def trainer(self) -> Optional[StepSpec]:
+        return next((s for s in self.steps if s.role == "trainer"), None)
+
+
+def python_executable(cfg: ExperimentConfig) -> str:
+    return cfg.cluster.python or sys.executable
+
+
+def server_command(python: str, run_dir: Path, server_id: str) -> List[str]:
+    return [python, "-m", "areal_hpc", "serve", "--run-dir", str(run_dir), "--server-id", server_id]
+
+
+def trainer_command(python: str, run_dir: Path) -> List[str]:
+    return [python, "-m", "areal_hpc", "train", "--run-dir", str(run_dir)]
+
+
+def _resources(cfg: ExperimentConfig, gpus: int, tasks_per_node: int) -> tuple:
+    """(cpus per task, memory per node in MB) for a step."""
+    c = cfg.cluster
+    if c.n_gpus_per_node == 0 or gpus == 0:
+        return c.cpus_per_task_cpu, c.mem_per_task_cpu_gb * 1024 * tasks_per_node
+    return c.cpus_per_gpu * gpus, c.mem_per_gpu_gb * 1024 * gpus * tasks_per_node
+
+
+def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, index: int,
+                relative_node: int, gpu_ids: List[int]) -> StepSpec:
+    G = cfg.cluster.n_gpus_per_node
+    per = alloc.gen.gpus_per_instance if G else 0
+    nodes = max(1, -(-per // G)) if G else 1
+    gpus_per_task = per // nodes if G else 0
+    name = f"server-{index}"
+    cpus, mem = _resources(cfg, gpus_per_task, 1)
+    return StepSpec(role="server", name=name, nodes=nodes, ntasks=nodes, ntasks_per_node=1,
+                    gpus_per_task=gpus_per_task, cpus_per_task=cpus, mem_per_node_mb=mem,
+                    relative_node=relative_node, gpu_ids=gpu_ids,
+                    command=server_command(python_executable(cfg), run_dir, name),
+                    log=str(run_dir / "logs" / f"{name}.log"))
+
+
+def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, relative_node: int,
+                 gpu_ids: List[int]) -> StepSpec:
+    G = cfg.cluster.n_gpus_per_node
+    if alloc.train is None:  # rollout/eval runner: one CPU process next to the servers
+        world, per_node, gpus, nodes = 1, 1, 0, 1
+    else:
+        world = alloc.train.world_size
+        nodes = max(1, -(-world // G)) if G else 1
+        per_node = min(world, G) if G else world
+        gpus = 1 if G else 0
+    cpus, mem = _resources(cfg, gpus, per_node)
+    return StepSpec(role="trainer", name="trainer", nodes=nodes, ntasks=world, ntasks_per_node=per_node,
+                    gpus_per_task=gpus, cpus_per_task=cpus, mem_per_node_mb=mem, relative_node=relative_node,
+                    gpu_ids=gpu_ids, command=trainer_command(python_executable(cfg), run_dir),
+                    log=str(run_dir / "logs" / "trainer-%t.log"))
+
+
+def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
+               with_servers: bool = True, with_trainer: bool = True, first_server: int = 0) -> Plan:
+    """All steps of a run. ``with_servers=False`` is a trainer-only restart; ``first_server``
+    numbers servers added to a live run after the existing ones."""
+    G = cfg.cluster.n_gpus_per_node
+    steps: List[StepSpec] = []
+    gen = alloc.gen
+    need_servers = with_servers and gen is not None and cfg.trainer.type != "sft"
+    single_node = nodes_needed(alloc, G) == 1
+    next_gpu = 0
+    if need_servers:
+        per = gen.gpus_per_instance if G else 0
+        per_node = max(1, G // per) if G and per <= G else 1
+        for k in range(gen.dp):
+            if not G:
+                node, ids = 0, []
+            elif per > G:  # multi-node server: whole nodes
+                node, ids = k * (per // G), list(range(G))
+            else:
+                node = k // per_node
+                first = (k % per_node) * per
+                ids = list(range(first, first + per))
+            if G and single_node:
+                next_gpu = ids[-1] + 1
+            steps.append(server_step(cfg, alloc, run_dir, first_server + k, node, ids))
+    if with_trainer:
+        if not G:
+            node, ids = 0, []
+        elif single_node:
+            n = alloc.train.world_size if alloc.train else 0
+            node, ids = 0, list(range(next_gpu, next_gpu + n))
+        else:
+            node = server_nodes(alloc, G) if need_servers else 0
+            ids = list(range(min(G, alloc.train.world_size))) if alloc.train else []
+        steps.append(trainer_step(cfg, alloc, run_dir, node, ids))
+    nodes = max((s.relative_node + s.nodes for s in steps), default=1)
+    job = f"areal-{cfg.experiment_name}-{cfg.trial_name}"
+    return Plan(run_dir=str(run_dir), job_name=job, mode=cfg.mode, nodes=nodes, gpus_per_node=G, steps=steps)
+
+
+def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optional[str] = None) -> List[str]:
+    """The ``srun`` line that runs one step inside the allocation, sized exactly (``--exact``,
+    explicit ``--gres``) so concurrent steps never wait on each other or share a GPU."""
+    argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
+            f"--ntasks-per-node={step.ntasks_per_node}", f"--relative={step.relative_node}", "--exact",
+            f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]
+    if jobid:
+        argv.append(f"--jobid={jobid}")
+    if step.gpus_per_task:
+        argv += [f"--gres=gpu:{step.gpus_per_node}", f"--gpus-per-task={step.gpus_per_task}"]
+    else:
+        argv.append("--gres=none")
+    argv += ["--kill-on-bad-exit=1", "--unbuffered"]
+    if step.log:
+        argv.append(f"--output={step.log}")
+    argv += list(extra)
+    return argv + step.command
+
+
+def shell_line(argv: List[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

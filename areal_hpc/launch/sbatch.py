@@ -1,0 +1,83 @@
+"""Render the `sbatch/` templates with a resolved config and plan (pure functions, no Slurm)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from areal_hpc.config import ExperimentConfig
+from areal_hpc.launch.plan import Plan, StepSpec, shell_line, srun_argv
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "sbatch"
+
+
+_PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
+
+
+def _fill(text: str, values: dict) -> str:
+    """Replace ``{{NAME}}`` placeholders (the scripts themselves use bash's ``${VAR}``)."""
+    missing = set(_PLACEHOLDER.findall(text)) - set(values)
+    if missing:
+        raise KeyError(f"template placeholders without a value: {sorted(missing)}")
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def sbatch_lines(cfg: ExperimentConfig, plan: Plan, job_name: Optional[str] = None,
+                 nodes: Optional[int] = None) -> List[str]:
+    """``#SBATCH`` options for an allocation of ``plan`` (sorted, like submitit's)."""
+    c = cfg.cluster
+    run = Path(plan.run_dir)
+    opts = {
+        "ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
+        "job-name": job_name or plan.job_name,
+        "nodes": str(nodes or plan.nodes),
+        "time": str(c.time),
+        "output": str(run / "logs" / "slurm-%j.out"),
+        "open-mode": "append",
+        "signal": "USR2@90",
+    }
+    if plan.gpus_per_node:
+        opts["gres"] = f"gpu:{plan.gpus_per_node}"
+        opts["cpus-per-task"] = str(c.cpus_per_gpu * plan.gpus_per_node)
+        opts["mem"] = f"{c.mem_per_gpu_gb * plan.gpus_per_node}G"
+    else:
+        per_node = sum(s.ntasks_per_node for s in plan.steps)
+        opts["cpus-per-task"] = str(c.cpus_per_task_cpu * max(1, per_node))
+        opts["mem"] = f"{c.mem_per_task_cpu_gb * max(1, per_node)}G"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(c, key):
+            opts[key] = str(getattr(c, key))
+    lines = [f"#SBATCH --{k}={v}" for k, v in sorted(opts.items())]
+    lines += [f"#SBATCH {a}" for a in c.sbatch_args]
+    return lines
+
+
+def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig, background: bool,
+               command: Optional[Callable[[StepSpec], List[str]]]) -> str:
+    if command is not None:
+        step = StepSpec(**{**step.__dict__, "command": command(step)})
+    env = " ".join(f"{k}={v}" for k, v in sorted(step.env.items()))
+    line = shell_line(srun_argv(step, plan.job_name, cfg.cluster.srun_args))
+    line = f"{env} {line}" if env else line
+    if background:
+        return f"{line} &\nSERVER_PIDS+=($!)"
+    return line
+
+
+def render(template: str, cfg: ExperimentConfig, plan: Plan,
+           command: Optional[Callable[[StepSpec], List[str]]] = None) -> str:
+    """Fill ``sbatch/<template>`` with the plan's steps. ``command`` may replace each step's
+    command (tests use it to run probes in the exact step shapes of a real run)."""
+    text = (TEMPLATE_DIR / template).read_text()
+    servers = "\n".join(_step_line(s, plan, cfg, True, command) for s in plan.servers) or ": # no servers"
+    trainer = _step_line(plan.trainer, plan, cfg, False, command) if plan.trainer else "true  # no trainer"
+    setup = "\n".join(cfg.cluster.setup_commands) or "# (cluster.setup_commands: module loads, conda activate, ...)"
+    return _fill(text, dict(
+        SBATCH_LINES="\n".join(sbatch_lines(cfg, plan)),
+        SETUP=setup,
+        RUN_DIR=plan.run_dir,
+        SERVER_STEPS=servers,
+        TRAINER_STEP=trainer,
+        SHUTDOWN=str(cfg.shutdown_server_on_exit),
+    ))

@@ -1,0 +1,88 @@
+"""`areal-hpc submit`: write the run dir, then hand the plan to the local or Slurm launcher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir
+from areal_hpc.launch.plan import Plan, build_plan
+from areal_hpc.launch.sbatch import render
+from areal_hpc.registry import Registry
+
+
+def registry_for(cfg: ExperimentConfig, rd: Path) -> Registry:
+    return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
+
+
+def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
+    """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically."""
+    (rd / "logs").mkdir(parents=True, exist_ok=True)
+    (rd / "sbatch").mkdir(exist_ok=True)
+    files = {
+        rd / "config.yaml": dump_yaml(cfg),
+        rd / "plan.json": plan.to_json(),
+        rd / "sbatch" / "allocation.sbatch": render("allocation.sbatch", cfg, plan),
+    }
+    if plan.servers:
+        files[rd / "sbatch" / "add-servers.sbatch"] = render("add-servers.sbatch", cfg, plan)
+    for path, text in files.items():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def summary(cfg: ExperimentConfig, alloc: AllocationMode, plan: Plan) -> str:
+    gpn = plan.gpus_per_node
+    lines = [f"run       {plan.run_dir}",
+             f"mode      {cfg.mode}   trainer.type={cfg.trainer.type}   allocation_mode={cfg.allocation_mode}",
+             f"job       {plan.job_name}: {plan.nodes} node(s) x " + (f"{gpn} GPUs" if gpn else "CPU only")]
+    for s in plan.steps:
+        where = f"node {s.relative_node}" + (f"..{s.relative_node + s.nodes - 1}" if s.nodes > 1 else "")
+        gpus = f"{s.gpus_per_task} GPU/task, GPUs {s.gpu_ids}" if s.gpus_per_task else "CPU"
+        lines.append(f"  {s.name:<10} {s.ntasks} task(s) on {where}, {gpus}, {s.cpus_per_task} cpus/task, "
+                     f"{s.mem_per_node_mb // 1024} GB/node")
+    if cfg.trainer.type == "ppo":
+        r = cfg.rollout
+        lines.append(f"rollout   {r.batch_size} prompts x {r.n_samples} samples/step, staleness <= "
+                     f"{r.max_head_offpolicyness}, {cfg.trainer.total_train_steps} steps")
+    return "\n".join(lines)
+
+
+def _check_fileroot_shared(cfg: ExperimentConfig) -> None:
+    if cfg.mode == "slurm" and Path(os.path.expanduser(cfg.cluster.fileroot)).resolve().parts[1:2] == ("tmp",):
+        print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
+              "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
+
+
+def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
+    rd = run_dir(cfg)
+    reg = registry_for(cfg, rd)
+    restart = cfg.min_required_servers > 0
+    live_servers = reg.list("servers") if (rd / "registry").exists() else {}
+    trainer = reg.get("", "trainer") if (rd / "registry").exists() else None
+    if trainer is not None and not dry_run:
+        raise ConfigError("experiment_name/trial_name", f"run {rd} already has a live trainer (pid "
+                          f"{trainer.get('pid')} on {trainer.get('host')})",
+                          "stop it first (`areal-hpc stop ...`) or pick another trial_name")
+    if restart and not dry_run and not live_servers and not (rd / "config.yaml").exists():
+        raise ConfigError("min_required_servers", f"{cfg.min_required_servers} servers required but no run exists at {rd}",
+                          "min_required_servers restarts the trainer of an existing run; drop it to start a new run")
+    if live_servers and not restart and not dry_run:
+        raise ConfigError("experiment_name/trial_name", f"run {rd} has {len(live_servers)} live server(s)",
+                          f"restart only the trainer with min_required_servers={len(live_servers)}, "
+                          "stop the run, or pick another trial_name")
+    plan = build_plan(cfg, alloc, rd, with_servers=not restart)
+    _check_fileroot_shared(cfg)
+    write_run_dir(cfg, plan, rd)
+    print(summary(cfg, alloc, plan))
+    if dry_run:
+        print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
+        return 0
+    if cfg.mode == "local":
+        from areal_hpc.launch import local
+
+        return local.run(cfg, plan, rd)
+    from areal_hpc.launch import slurm
+
+    return slurm.submit(cfg, plan, rd)

@@ -1,0 +1,2 @@
+class RegistryTimeout(TimeoutError):
+    """Waiting for records or a lock took longer than allowed."""

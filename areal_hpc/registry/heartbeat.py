@@ -1,0 +1,94 @@
+"""Keep a record alive while its process lives; remove it when the process ends cleanly."""
+
+from __future__ import annotations
+
+import atexit
+import signal
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+from areal_hpc.registry.store import Registry
+
+_live: List["Heartbeat"] = []
+_installed = False
+
+
+def _remove_all() -> None:
+    for hb in list(_live):
+        hb.stop()
+
+
+def _on_signal(signum, frame) -> None:
+    _remove_all()
+    # Restore the default action and re-raise, so the exit status still says "killed by signal".
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
+def install_exit_handlers() -> None:
+    """atexit + SIGTERM/SIGINT handlers that deregister every live heartbeat (main thread only)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    atexit.register(_remove_all)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(sig, _on_signal)
+
+
+class Heartbeat:
+    """Writes ``kind/name`` and refreshes it every ``interval_s`` on a daemon thread.
+
+    ``data`` may be a dict or a callable returning the current dict; with a callable the record is
+    rewritten each beat (so e.g. a server's weight version stays current), else only touched.
+    """
+
+    def __init__(self, registry: Registry, kind: str, name: str,
+                 data: Dict[str, Any] | Callable[[], Dict[str, Any]], interval_s: float = 2.0,
+                 remove_on_exit: bool = True):
+        self.registry, self.kind, self.name = registry, kind, name
+        self._data = data
+        self.interval_s = interval_s
+        self.remove_on_exit = remove_on_exit
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _current(self) -> Dict[str, Any]:
+        return self._data() if callable(self._data) else self._data
+
+    def beat(self) -> None:
+        """Refresh now (rewrite if data is dynamic, or if the record vanished)."""
+        if callable(self._data) or not self.registry.touch(self.kind, self.name):
+            self.registry.put(self.kind, self.name, self._current(), ttl=True)
+
+    def start(self) -> "Heartbeat":
+        self.registry.put(self.kind, self.name, self._current(), ttl=True)
+        _live.append(self)
+        install_exit_handlers()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except OSError:
+                pass  # a transient filesystem error must not kill the owner; the next beat retries
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self in _live:
+            _live.remove(self)
+        if self.remove_on_exit:
+            self.registry.delete(self.kind, self.name)
+
+    def __enter__(self) -> "Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

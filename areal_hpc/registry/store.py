@@ -1,0 +1,273 @@
+"""A run's registry: JSON records on a shared filesystem.
+
+Layout, under ``{run_dir}/registry/`` (mode 0700)::
+
+    run.json  servers/<id>.json  trainer.json  weights/latest.json  requests/<id>.json  secret
+
+A record is ``{kind}/{name}.json``; top-level records (``run``, ``trainer``) use kind ``""``.
+
+* Writes are atomic: a temp file in the same directory, then ``os.replace``. Readers never see
+  a torn record, so plain ``put``/``get`` need no lock.
+* Read-modify-write (`update`) holds a lock from the ``filelock`` library. The lock kind is
+  configurable: ``flock`` for local disks and parallel filesystems with working flock,
+  ``soft``/``lease`` (lock files created atomically, which NFS does honour) elsewhere.
+  A soft lock whose holder was SIGKILLed is broken after ``stale_lock_s``.
+* Liveness: a record written with ``ttl=True`` is alive while its mtime is younger than the
+  TTL. Writers heartbeat with `touch` (one ``utime``); `Heartbeat` does it on a thread and
+  removes the record on clean exit, SIGTERM and SIGINT included.
+* NFS: readers poll known paths, retry ESTALE, and treat a record that vanishes between
+  listing and reading as absent.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import filelock
+
+from areal_hpc.registry.errors import RegistryTimeout
+
+_TTL_KEY = "_ttl"
+# flock: kernel locks (local disks; Lustre/GPFS mounted with flock). The others are lock *files*
+# created atomically, which NFS clients do exclude each other on (see filelock's docs); `lease`
+# is a soft lock its holder keeps renewing, so a holder that died on another host expires too.
+# (filelock 4's StrictSoftFileLock is left out: a SIGKILLed holder wedged it in our tests.)
+LOCK_CLASSES = {
+    "flock": filelock.FileLock,
+    "soft": filelock.SoftFileLock,
+    "lease": filelock.SoftFileLease,
+}
+_ESTALE_RETRIES = 5
+
+
+def _retry_estale(fn: Callable[[], Any]) -> Any:
+    for attempt in range(_ESTALE_RETRIES):
+        try:
+            return fn()
+        except OSError as e:
+            if e.errno != errno.ESTALE or attempt == _ESTALE_RETRIES - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+
+
+class Registry:
+    """Records of one run. Cheap to construct; safe to use from many processes and hosts."""
+
+    def __init__(self, root: str | os.PathLike, lock_kind: str = "flock", ttl_s: float = 15.0,
+                 lock_timeout_s: float = 30.0, stale_lock_s: float = 60.0):
+        self.root = Path(root)
+        self.lock_kind = lock_kind
+        self.ttl_s = float(ttl_s)
+        self.lock_timeout_s = lock_timeout_s
+        self.stale_lock_s = stale_lock_s
+        if lock_kind not in LOCK_CLASSES:
+            raise ValueError(f"lock_kind must be one of {', '.join(LOCK_CLASSES)}, not {lock_kind!r}")
+        self._dirs: Dict[str, str] = {}
+        self._pid = os.getpid()
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------ paths
+    def path(self, kind: str, name: str) -> Path:
+        return (self.root / kind / f"{name}.json") if kind else (self.root / f"{name}.json")
+
+    def _ensure_dir(self, d: Path) -> None:
+        old = os.umask(0o077)
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        finally:
+            os.umask(old)
+
+    def _dir(self, kind: str) -> str:
+        """The directory of a kind as a string, created (0700) on first use by this object."""
+        d = self._dirs.get(kind)
+        if d is None:
+            d = str(self.root / kind) if kind else str(self.root)
+            self._ensure_dir(Path(d))
+            self._dirs[kind] = d
+        return d
+
+    # ------------------------------------------------------------ records
+    def put(self, kind: str, name: str, data: Dict[str, Any], ttl: bool = True) -> str:
+        """Atomically write a record. ``ttl=True`` records die unless heartbeated."""
+        d = self._dir(kind)
+        body = dict(data)
+        body[_TTL_KEY] = self.ttl_s if ttl else None
+        tmp = f"{d}/.{name}.{self._pid}.{next(self._seq)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(body).encode())
+        finally:
+            os.close(fd)
+        path = f"{d}/{name}.json"
+        os.replace(tmp, path)
+        return path
+
+    def touch(self, kind: str, name: str) -> bool:
+        """Heartbeat: refresh a record's liveness. False if the record is gone."""
+        try:
+            _retry_estale(lambda: os.utime(self.path(kind, name)))
+            return True
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _read(path: str, live_only: bool, now: float) -> Optional[Dict[str, Any]]:
+        def read() -> Tuple[bytes, float]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.read(fd, 1 << 20), os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+
+        try:
+            raw, mtime = _retry_estale(read)
+            data = json.loads(raw)
+        except (FileNotFoundError, json.JSONDecodeError, IsADirectoryError):
+            return None
+        ttl = data.pop(_TTL_KEY, None)
+        if live_only and ttl is not None and now - mtime > ttl:
+            return None
+        data["_age_s"] = max(0.0, now - mtime)
+        return data
+
+    def get(self, kind: str, name: str, live_only: bool = True) -> Optional[Dict[str, Any]]:
+        return self._read(str(self.path(kind, name)), live_only, time.time())
+
+    def list(self, kind: str, live_only: bool = True) -> Dict[str, Dict[str, Any]]:
+        """All (live) records of a kind, by name."""
+        d = f"{self.root}/{kind}" if kind else str(self.root)
+        try:
+            names = _retry_estale(lambda: os.listdir(d))
+        except FileNotFoundError:
+            return {}
+        now = time.time()
+        out = {}
+        for fname in names:
+            if not fname.endswith(".json") or fname.startswith("."):
+                continue
+            rec = self._read(f"{d}/{fname}", live_only, now)
+            if rec is not None:
+                out[fname[:-5]] = rec
+        return out
+
+    def delete(self, kind: str, name: str) -> bool:
+        try:
+            _retry_estale(lambda: os.unlink(self.path(kind, name)))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def expire(self, kind: str) -> int:
+        """Remove dead records of a kind (housekeeping; readers already ignore them)."""
+        live = self.list(kind)
+        n = 0
+        for name in self.list(kind, live_only=False):
+            if name not in live and self.delete(kind, name):
+                n += 1
+        return n
+
+    # ------------------------------------------------------------ locking
+    def lock(self, name: str = "registry") -> filelock.BaseFileLock:
+        """A lock of the configured kind, shared by every process of the run."""
+        path = f"{self._dir('locks')}/{name}.lock"
+        return LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False)
+
+    @contextmanager
+    def locked(self, name: str = "registry") -> Iterator[None]:
+        lk = self.lock(name)
+        if self.lock_kind == "soft":
+            self._break_stale_soft_lock(Path(lk.lock_file))
+        try:
+            lk.acquire()
+        except filelock.Timeout as e:
+            raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within "
+                                  f"{self.lock_timeout_s:.0f}s") from e
+        try:
+            yield
+        finally:
+            lk.release()
+
+    def _break_stale_soft_lock(self, path: Path) -> None:
+        # A soft lock is a file; a SIGKILLed holder leaves it behind. filelock breaks it when the
+        # holder's pid is dead on this host; a holder on another host is only known dead by age.
+        # flock needs none of this (the kernel drops a dead process's flock); lease locks expire.
+        try:
+            if time.time() - path.stat().st_mtime > self.stale_lock_s:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def update(self, kind: str, name: str, fn: Callable[[Optional[Dict[str, Any]]], Optional[Dict[str, Any]]],
+               ttl: bool = False) -> Optional[Dict[str, Any]]:
+        """Locked read-modify-write. ``fn(old) -> new``; returning None deletes the record."""
+        with self.locked(f"{kind or 'top'}.{name}"):
+            old = self.get(kind, name, live_only=False)
+            if old is not None:
+                old.pop("_age_s", None)
+            new = fn(old)
+            if new is None:
+                self.delete(kind, name)
+            else:
+                self.put(kind, name, new, ttl=ttl)
+            return new
+
+    # ------------------------------------------------------------ waiting and watching
+    def wait_for(self, kind: str, n: int, timeout_s: float, poll_s: float = 0.2,
+                 predicate: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Dict[str, Dict[str, Any]]:
+        """Block until ``n`` live records of a kind (passing ``predicate``) exist."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            recs = {k: v for k, v in self.list(kind).items() if predicate is None or predicate(v)}
+            if len(recs) >= n:
+                return recs
+            if time.monotonic() >= deadline:
+                raise RegistryTimeout(
+                    f"waited {timeout_s:.0f}s for {n} live '{kind}' records under {self.root}, "
+                    f"found {len(recs)}: is the run dir on a filesystem shared by all nodes?")
+            time.sleep(poll_s)
+
+    def watch(self, kind: str, poll_s: float = 0.2, stop: Optional[Callable[[], bool]] = None
+              ) -> Iterator[Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]]:
+        """Yield ``(appeared, disappeared)`` whenever the live set of a kind changes."""
+        known: Dict[str, Dict[str, Any]] = {}
+        while stop is None or not stop():
+            now = self.list(kind)
+            appeared = {k: v for k, v in now.items() if k not in known}
+            gone = {k: v for k, v in known.items() if k not in now}
+            known = now
+            if appeared or gone:
+                yield appeared, gone
+            else:
+                time.sleep(poll_s)
+
+    # ------------------------------------------------------------ secret
+    def secret(self) -> str:
+        """The run's API key (created once, mode 0600)."""
+        self._dir("")
+        path = self.root / "secret"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        key = secrets.token_urlsafe(32)
+        # Write a private temp file, then link it into place: link fails if the secret exists,
+        # so racing processes all end up with the first one's key and nobody reads a half file.
+        tmp = self.root / f".secret.{os.getpid()}.{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            key = path.read_text().strip()
+        finally:
+            os.unlink(tmp)
+        return key

@@ -1,0 +1,133 @@
+"""Tiny local models, tokenizers and datasets: no hub, no download.
+
+A `toy:` spec names something this module builds on the fly and caches on disk, e.g.
+``toy:qwen3-h128-l2`` (model + char tokenizer) or ``toy:sum`` (dataset of ``"a+b="`` prompts).
+Used by the quickstart, the tests and the benchmarks; real runs point at real directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Optional
+
+# Characters the toy tokenizer knows; ids follow the special tokens.
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
+CHARS = list("0123456789+-=*/ ,.?:abcdefghijklmnopqrstuvwxyz")
+
+_MODEL_SPEC = re.compile(r"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>\d+))?(?:-l(?P<l>\d+))?(?:-i(?P<i>\d+))?$")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("AREAL_HPC_CACHE", Path.home() / ".cache" / "areal-hpc"))
+
+
+def is_toy_spec(path: str) -> bool:
+    return isinstance(path, str) and path.startswith("toy:")
+
+
+def build_tokenizer(out_dir: str | Path):
+    """A character-level fast tokenizer that round-trips through AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_model(out_dir: str | Path, arch: str = "qwen3", hidden: int = 128, layers: int = 2,
+                intermediate: Optional[int] = None, seed: int = 0) -> Path:
+    """Random-init causal LM + char tokenizer saved as a normal HF directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    heads = max(1, hidden // 32)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
+    """Turn a `toy:` model spec into a built, cached directory; pass other paths through."""
+    if not is_toy_spec(path):
+        return path
+    m = _MODEL_SPEC.match(path)
+    if not m:
+        raise ValueError(
+            f"bad toy model spec {path!r}: expected toy:<qwen3|llama>[-h<hidden>][-l<layers>], e.g. toy:qwen3-h128-l2"
+        )
+    arch, hidden, layers = m["arch"], int(m["h"] or 128), int(m["l"] or 2)
+    inter = int(m["i"]) if m["i"] else None
+    out = (cache_dir or default_cache_dir()) / "models" / path.replace(":", "-")
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        build_model(tmp, arch=arch, hidden=hidden, layers=layers, intermediate=inter)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process won the race: use theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+# ---------------------------------------------------------------- datasets
+
+def make_sum_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompt ``"a+b="`` (single digits), answer ``(a+b) mod 10``: one token to learn."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        rows.append({"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)})
+    return rows
+
+
+TOY_DATASETS = {"sum": make_sum_rows}
+
+
+def resolve_dataset(path: str, split: str = "train", cache_dir: Optional[Path] = None) -> str:
+    """Turn a `toy:<name>[-<rows>]` dataset spec into a cached jsonl file."""
+    if not is_toy_spec(path):
+        return path
+    m = re.match(r"^toy:(?P<name>[a-z]+)(?:-(?P<n>\d+))?$", path)
+    if not m or m["name"] not in TOY_DATASETS:
+        raise ValueError(f"bad toy dataset spec {path!r}: expected toy:<{'|'.join(TOY_DATASETS)}>[-<rows>]")
+    n = int(m["n"] or 2048)
+    out = (cache_dir or default_cache_dir()) / "datasets" / f"{m['name']}-{n}-{split}.jsonl"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = TOY_DATASETS[m["name"]](n, seed=0 if split == "train" else 1)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, out)
+    return str(out)

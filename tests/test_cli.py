@@ -1,0 +1,131 @@
+"""The command-line surface: help, dry-run, and bad input (exit 2, one line naming the key, nothing written)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from areal_hpc.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+def run_cli(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_help_for_every_command(capsys):
+    for cmd in (None, "submit", "add-servers", "status", "logs", "stop", "serve", "train", "driver"):
+        with pytest.raises(SystemExit) as e:
+            main(([cmd] if cmd else []) + ["--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: areal-hpc" in out and len(out) > 200
+
+
+def test_python_dash_m_matches_console_script(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                          "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "nothing submitted" in out.stdout
+
+
+def test_dry_run_writes_run_dir(tmp_path, capsys):
+    rc = run_cli("submit", QUICKSTART, "mode=slurm", "allocation_mode=sglang:d2t2+fsdp:d4", "cluster.n_nodes=2",
+                 "cluster.n_gpus_per_node=4", f"cluster.fileroot={tmp_path}", "--dry-run", "cluster.partition=debug",
+                 "experiment_name=e1", "trial_name=t1")
+    assert rc == 0
+    rd = next(tmp_path.glob("*/e1/t1"))
+    plan = json.loads((rd / "plan.json").read_text())
+    steps = {s["name"]: s for s in plan["steps"]}
+    assert set(steps) == {"server-0", "server-1", "trainer"}
+    assert steps["server-0"]["gpus_per_task"] == 2 and steps["server-0"]["ntasks"] == 1
+    assert steps["trainer"] == {**steps["trainer"], "role": "trainer", "nodes": 1, "ntasks": 4, "gpus_per_task": 1,
+                                "relative_node": 1}
+    script = (rd / "sbatch" / "allocation.sbatch").read_text()
+    assert "#SBATCH --partition=debug" in script and "#SBATCH --nodes=2" in script
+    assert script.count("areal_hpc serve") == 2 and script.count("areal_hpc train") == 1
+    cfg = (rd / "config.yaml").read_text()
+    assert "sglang:d2t2+fsdp:d4" in cfg
+    assert "nothing submitted" in capsys.readouterr().out
+
+
+def test_status_logs_stop_without_run(tmp_path, capsys):
+    for cmd in ("status", "logs", "stop", "add-servers"):
+        rc = run_cli(cmd, f"cluster.fileroot={tmp_path}", "experiment_name=nope", "trial_name=none")
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "no run found" in err and "experiment_name=nope" in err, (cmd, err)
+
+
+BAD_INPUTS = [
+    # (extra args, key the message must name)
+    (["mode=ray"], "mode"),
+    (["mode=torchrun"], "mode"),
+    (["mode=kubernetes"], "mode"),
+    (["allocation_mode=sglang"], "allocation_mode"),
+    (["allocation_mode=hf:d4|fsdp:d4"], "allocation_mode"),
+    (["allocation_mode=hf.d16p1m1+d32p2m1"], "allocation_mode"),
+    (["allocation_mode=vllm:d1+d1"], "allocation_mode"),
+    (["allocation_mode=hf:d1+fsdp:d1t2"], "allocation_mode"),
+    (["allocation_mode=sglang:d1+d1"], "allocation_mode"),  # sglang on a CPU-only cluster
+    (["allocation_mode=hf:d1+eval"], "allocation_mode"),     # ppo trainer without trainer GPUs
+    (["cluster.n_gpus_per_node=4", "allocation_mode=hf:d8+d8"], "allocation_mode"),
+    (["cluster.n_gpus_per_node=4", "allocation_mode=hf:d1t8+d1"], "allocation_mode"),
+    (["trainer.type=null"], "trainer.type"),
+    (["trainer.type=dpo"], "trainer.type"),
+    (["trainer.ppo.asyn_training=True"], "trainer.ppo.asyn_training"),
+    (["trainer.ppo.async_training=perhaps"], "trainer.ppo.async_training"),
+    (["cluster.n_nodes=0"], "cluster.n_nodes"),
+    (["cluster.n_nodes=two"], "cluster.n_nodes"),
+    (["cluster.time=forever"], "cluster.time"),
+    (["cluster.fileroot=/proc/nope"], "cluster.fileroot"),
+    (["experiment_name=a/b"], "experiment_name"),
+    (["trial_name="], "trial_name"),
+    (["rollout.batch_size=0"], "rollout.batch_size"),
+    (["rollout.n_samples=-1"], "rollout.n_samples"),
+    (["rollout.gen.max_new_tokens=0"], "rollout.gen.max_new_tokens"),
+    (["rollout.gen.temperature=-1"], "rollout.gen.temperature"),
+    (["rollout.gen.top_p=1.5"], "rollout.gen.top_p"),
+    (["trainer.ppo.actor.path=/no/such/model"], "trainer.ppo.actor.path"),
+    (["trainer.ppo.actor.path=toy:gpt5"], "trainer.ppo.actor.path"),
+    (["train_dataset.path=/no/such/data.jsonl"], "train_dataset.path"),
+    (["train_dataset.path=toy:"], "train_dataset.path"),
+    (["trainer.ppo.actor.optimizer.lr=0"], "trainer.ppo.actor.optimizer.lr"),
+    (["trainer.ppo.actor.optimizer.lr_schedule=linear"], "trainer.ppo.actor.optimizer.lr_schedule"),
+    (["trainer.ppo.adv_norm=global"], "trainer.ppo.adv_norm"),
+    (["trainer.ppo.weight_update=nccl"], "trainer.ppo.weight_update"),
+    (["trainer.ppo.c_clip=0.5"], "trainer.ppo.c_clip"),
+    (["launcher.lock_kind=nfs"], "launcher.lock_kind"),
+    (["launcher.ttl_s=1"], "launcher.ttl_s"),
+    (["recover.mode=sometimes"], "recover.mode"),
+    (["saver.freq_steps=-5"], "saver.freq_steps"),
+    (["server.dtype=int4"], "server.dtype"),
+    (["what"], ""),
+    (["--rollout.batch_size"], "rollout.batch_size"),
+    (["--config", "/no/such.yaml"], "config"),
+]
+
+
+@pytest.mark.parametrize("extra, key", BAD_INPUTS, ids=[" ".join(e) for e, _ in BAD_INPUTS])
+def test_bad_input_exit_2(extra, key, tmp_path, capsys):
+    root = tmp_path / "root"
+    root.mkdir()
+    args = ["submit", QUICKSTART, f"cluster.fileroot={root}", *extra]
+    if extra[0] == "--config":
+        args = ["submit", f"cluster.fileroot={root}", *extra]
+    rc = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("areal-hpc submit: error: " + (key + ":" if key else "")), err
+    assert list(root.iterdir()) == []  # nothing written, nothing submitted
+
+
+def test_bad_yaml_file(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text("trainer: [unclosed\n")
+    assert run_cli("submit", f, f"cluster.fileroot={tmp_path}") == 2
+    assert "not valid YAML" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Config loading: sources in order, dotted overrides, types, unknown keys with hints."""
+
+import pytest
+import yaml
+
+from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_config, load_resolved, validate
+
+
+def test_defaults_have_seed_names():
+    c = ExperimentConfig()
+    for key in ("experiment_name", "trial_name", "mode", "allocation_mode", "shutdown_server_on_exit",
+                "min_required_servers"):
+        assert hasattr(c, key)
+    assert hasattr(c.trainer.ppo, "async_training")
+    assert hasattr(c.trainer.sft.model, "path") and hasattr(c.trainer.sft, "mb_spec")
+    assert hasattr(c.train_dataset, "path") and hasattr(c.valid_dataset, "path")
+    for key in ("fileroot", "n_nodes", "n_gpus_per_node", "partition", "account", "time", "cpus_per_gpu",
+                "mem_per_gpu_gb"):
+        assert hasattr(c.cluster, key)
+
+
+def test_sources_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"trial_name": "from-file", "trainer": {"ppo": {"eps_clip": 0.3, "async_training": False}},
+                                 "rollout": {"batch_size": 7}}))
+    c = load_config(str(f), ["trial_name=from-cli", "--rollout.n_samples", "3", "trainer.ppo.async_training=True"])
+    assert c.trial_name == "from-cli"                  # override beats file
+    assert c.trainer.ppo.eps_clip == 0.3               # file beats default
+    assert c.rollout.batch_size == 7 and c.rollout.n_samples == 3
+    assert c.trainer.ppo.async_training is True
+    assert c.cluster.n_nodes == ExperimentConfig().cluster.n_nodes  # default kept
+
+
+def test_types_lists_dicts_and_nulls():
+    c = load_config(None, ["cluster.n_nodes=4", "rollout.gen.temperature=0.5", "cluster.sbatch_args=[--exclusive, --x=1]",
+                           "server.sglang_args.attention-backend=fa3", "trainer.ppo.c_clip=null", "trainer.type=null",
+                           "--cluster.partition=gpu"])
+    assert c.cluster.n_nodes == 4 and isinstance(c.cluster.n_nodes, int)
+    assert c.rollout.gen.temperature == 0.5
+    assert c.cluster.sbatch_args == ["--exclusive", "--x=1"]
+    assert c.server.sglang_args == {"attention-backend": "fa3"}
+    assert c.trainer.ppo.c_clip is None and c.trainer.type is None
+    assert c.cluster.partition == "gpu"
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["trainer.ppo.asyn_training=True"], "trainer.ppo.asyn_training", "did you mean 'trainer.ppo.async_training'"),
+    (["exprimnt_name=x"], "exprimnt_name", "did you mean 'experiment_name'"),
+    (["cluster.n_nodes=two"], "cluster.n_nodes", "invalid int"),
+    (["rollout.gen.temperature=hot"], "rollout.gen.temperature", "invalid float"),
+    (["trainer.ppo.async_training=maybe"], "trainer.ppo.async_training", "Boolean"),
+    (["experiment_name=null"], "experiment_name", "must not be null"),
+])
+def test_bad_overrides(overrides, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert e.value.key == key and words in str(e.value)
+
+
+def test_bad_yaml_keys_and_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  ppo:\n    eps_clp: 0.2\n")
+    with pytest.raises(ConfigError, match="trainer.ppo.eps_clp: unknown key.*eps_clip"):
+        load_config(str(f), [])
+    f.write_text("rollout:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match="rollout.batch_size: expected int"):
+        load_config(str(f), [])
+    f.write_text("cluster: 3\n")
+    with pytest.raises(ConfigError, match="cluster: is a section"):
+        load_config(str(f), [])
+
+
+def test_resolved_round_trip(tmp_path):
+    c = load_config(None, ["trainer.ppo.c_clip=null", "server.sglang_args.x=1", "rollout.gen.stop_token_ids=[1,2]"])
+    p = tmp_path / "config.yaml"
+    p.write_text(dump_yaml(c))
+    assert load_resolved(p) == c
+
+
+def test_validate_normalises(tmp_path):
+    c = load_config(None, ["trainer.ppo.async_training=False", "rollout.max_head_offpolicyness=4",
+                           "trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0"])
+    validate(c)
+    assert c.rollout.max_head_offpolicyness == 0  # sync training means staleness 0

@@ -1,0 +1,172 @@
+"""The registry under concurrency, liveness and failure: real processes, real files, real locks."""
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from areal_hpc.registry import Heartbeat, Registry, RegistryTimeout
+
+N_PROCS, N_WRITES, N_INCR = 64, 200, 10
+
+
+def _worker(root, lock_kind, idx, barrier, errors):
+    reg = Registry(root, lock_kind=lock_kind, ttl_s=60)
+    barrier.wait()
+    bad = 0
+    for i in range(N_WRITES):
+        reg.put("w", f"p{idx}", {"writer": idx, "i": i, "pad": "x" * (idx * 7)})
+        other = reg.get("w", f"p{(idx + i) % N_PROCS}")
+        # A record is either absent (not written yet) or whole and self-consistent.
+        if other is not None and other["pad"] != "x" * (other["writer"] * 7):
+            bad += 1
+    for _ in range(N_INCR):
+        reg.update("", "counter", lambda old: {"n": (old or {"n": 0})["n"] + 1})
+    errors.put(bad)
+
+
+@pytest.mark.parametrize("lock_kind", ["flock", "soft"])
+def test_many_processes_no_lost_or_torn_records(tmp_path, lock_kind):
+    ctx = mp.get_context("fork")
+    barrier, errors = ctx.Barrier(N_PROCS), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), lock_kind, i, barrier, errors)) for i in range(N_PROCS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert sum(errors.get() for _ in procs) == 0
+    reg = Registry(tmp_path)
+    recs = reg.list("w")
+    assert len(recs) == N_PROCS
+    assert all(r["i"] == N_WRITES - 1 for r in recs.values())  # every writer's last write is the one seen
+    assert reg.get("", "counter")["n"] == N_PROCS * N_INCR  # no lost read-modify-write
+    assert not [f for f in os.listdir(tmp_path / "w") if f.endswith(".tmp")]  # no temp files left
+
+
+def test_watcher_sees_1000_records_within_1s(tmp_path):
+    reg = Registry(tmp_path, ttl_s=60)
+    seen, done = {}, threading.Event()
+
+    def watch():
+        for appeared, _ in reg.watch("servers", poll_s=0.01, stop=done.is_set):
+            now = time.monotonic()
+            for k in appeared:
+                seen.setdefault(k, now)
+            if len(seen) >= 1000:
+                return
+
+    t = threading.Thread(target=watch)
+    t.start()
+    writer = Registry(tmp_path, ttl_s=60)
+    written = {}
+    for i in range(1000):
+        writer.put("servers", f"s{i}", {"address": f"h:{i}"})
+        written[f"s{i}"] = time.monotonic()
+    t.join(5)
+    done.set()
+    assert len(seen) == 1000
+    worst = max(seen[k] - written[k] for k in written)
+    assert worst < 1.0, f"slowest record seen after {worst:.3f}s"
+
+
+def test_expired_records_leave_live_view(tmp_path):
+    reg = Registry(tmp_path, ttl_s=0.3)
+    reg.put("servers", "a", {"x": 1})
+    reg.put("servers", "b", {"x": 2})
+    reg.put("weights", "latest", {"version": 3}, ttl=False)
+    time.sleep(0.2)
+    reg.touch("servers", "b")
+    time.sleep(0.2)
+    assert set(reg.list("servers")) == {"b"}
+    assert set(reg.list("servers", live_only=False)) == {"a", "b"}
+    assert reg.get("weights", "latest")["version"] == 3  # non-expiring records stay
+    assert reg.expire("servers") == 1 and set(reg.list("servers", live_only=False)) == {"b"}
+
+
+def test_wait_for_and_timeout(tmp_path):
+    reg = Registry(tmp_path, ttl_s=10)
+    threading.Timer(0.2, lambda: [reg.put("servers", f"s{i}", {}) for i in range(3)]).start()
+    assert len(reg.wait_for("servers", 3, timeout_s=5, poll_s=0.02)) == 3
+    with pytest.raises(RegistryTimeout, match="shared by all nodes"):
+        reg.wait_for("servers", 4, timeout_s=0.2, poll_s=0.02)
+
+
+HOLDER = """
+import sys, time
+from areal_hpc.registry import Registry
+reg = Registry(sys.argv[1], lock_kind=sys.argv[2], stale_lock_s=float(sys.argv[3]))
+with reg.locked("x"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("lock_kind, stale_s", [("flock", 60.0), ("soft", 1.0), ("lease", 1.0)])
+def test_sigkilled_holder_does_not_wedge(tmp_path, lock_kind, stale_s):
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), lock_kind, str(stale_s)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(stale_s if lock_kind != "flock" else 0)
+    reg = Registry(tmp_path, lock_kind=lock_kind, lock_timeout_s=5, stale_lock_s=stale_s)
+    t0 = time.monotonic()
+    with reg.locked("x"):
+        pass
+    assert time.monotonic() - t0 < 5
+
+
+def test_live_holder_times_out_cleanly(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "flock", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        reg = Registry(tmp_path, lock_timeout_s=0.3)
+        with pytest.raises(RegistryTimeout):
+            with reg.locked("x"):
+                pass
+    finally:
+        p.kill()
+        p.wait()
+
+
+SERVER = """
+import sys, time
+from areal_hpc.registry import Heartbeat, Registry
+reg = Registry(sys.argv[1], ttl_s=0.5)
+Heartbeat(reg, "servers", "s0", {"pid": 1}, interval_s=0.1).start()
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig, gone_immediately", [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGKILL, False)])
+def test_heartbeat_deregisters_or_expires(tmp_path, sig, gone_immediately):
+    p = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "up"
+    reg = Registry(tmp_path, ttl_s=0.5)
+    time.sleep(0.7)  # longer than the TTL: only the heartbeat keeps it alive
+    assert "s0" in reg.list("servers")
+    p.send_signal(sig)
+    p.wait(10)
+    assert p.returncode == -sig  # still reports death by that signal
+    if gone_immediately:
+        assert reg.list("servers", live_only=False) == {}
+    else:
+        assert "s0" in reg.list("servers", live_only=False)
+        time.sleep(0.6)
+        assert reg.list("servers") == {}
+
+
+def test_secret_is_private_and_stable(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    keys = {Registry(tmp_path / "reg").secret() for _ in range(5)}
+    assert len(keys) == 1 and len(keys.pop()) >= 32
+    assert oct(os.stat(tmp_path / "reg" / "secret").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(tmp_path / "reg").st_mode & 0o777) == "0o700"
+    assert reg.secret()
