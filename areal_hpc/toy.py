@@ -16,7 +16,11 @@ from typing import Optional
 
 # Characters the toy tokenizer knows; ids follow the special tokens.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
-CHARS = list("0123456789+-=*/ ,.?:abcdefghijklmnopqrstuvwxyz")
+# Small on purpose: a random-init policy then puts real mass on the digits, so GRPO on the toy
+# tasks gets a learning signal from the first step (vocab 18, like the settings in our notes).
+CHARS = list("0123456789+-*= ")
+# Bump when the tokenizer or the model recipe changes: cached toy models are keyed by it.
+RECIPE = "v2"
 
 _MODEL_SPEC = re.compile(r"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>\d+))?(?:-l(?P<l>\d+))?(?:-i(?P<i>\d+))?$")
 
@@ -87,7 +91,7 @@ def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
         )
     arch, hidden, layers = m["arch"], int(m["h"] or 128), int(m["l"] or 2)
     inter = int(m["i"]) if m["i"] else None
-    out = (cache_dir or default_cache_dir()) / "models" / path.replace(":", "-")
+    out = (cache_dir or default_cache_dir()) / "models" / RECIPE / path.replace(":", "-")
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         build_model(tmp, arch=arch, hidden=hidden, layers=layers, intermediate=inter)

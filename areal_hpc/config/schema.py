@@ -90,7 +90,6 @@ class RolloutConfig:
     reward_fn: str = "exact_match"
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     request_timeout_s: float = 3600.0
-    request_retries: int = 3
 
 
 @dataclass
@@ -155,12 +154,13 @@ class SFTConfig:
 
 @dataclass
 class TrainerConfig:
-    type: Optional[str] = "ppo"  # ppo | sft | null (rollout / evaluation only)
+    type: Optional[str] = "ppo"  # ppo | sft | null (rollout / evaluation only) | a registered plugin
     total_train_steps: int = 100
     total_train_epochs: int = 0  # >0 caps by epochs too
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     max_restarts: int = 0  # driver restarts a dead trainer this many times (keeps servers)
+    plugins: List[str] = field(default_factory=list)  # modules or .py files registering trainers/workflows/rewards
 
 
 @dataclass

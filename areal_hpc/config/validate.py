@@ -93,7 +93,17 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         v = getattr(cfg, key)
         if not isinstance(v, str) or not _NAME.match(v):
             raise ConfigError(key, f"{v!r} is not a valid name", "use letters, digits, '_', '.', '-' (no '/')")
-    _choice("trainer.type", cfg.trainer.type, TRAINER_TYPES)
+    if cfg.trainer.type not in TRAINER_TYPES and not cfg.trainer.plugins:
+        _choice("trainer.type", cfg.trainer.type, TRAINER_TYPES)
+    plugins = []
+    for p in cfg.trainer.plugins:
+        if p.endswith(".py"):
+            path = Path(os.path.expanduser(p)).resolve()
+            if not path.is_file():
+                raise ConfigError("trainer.plugins", f"plugin file {p!r} not found", "give a .py file or a module name")
+            p = str(path)
+        plugins.append(p)
+    cfg.trainer.plugins = plugins
 
     c = cfg.cluster
     _positive("cluster.n_nodes", c.n_nodes)
@@ -127,7 +137,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
                           "use the embedded engine on CPUs: hf.d1+d1")
 
     t = cfg.trainer.type
-    if t in ("ppo", "sft") and alloc.train is None:
+    if t != "null" and alloc.train is None:
         what = "'+eval'" if alloc.eval_only else "no trainer part"
         raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has {what} but trainer.type={t}",
                           "add trainer GPUs (e.g. +fsdp:d1) or set trainer.type=null for rollout/eval only")
@@ -164,7 +174,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         prefix = f"{section}.actor" if section == "trainer.ppo" else f"{section}.model"
         o = eng.optimizer
         _choice(f"{prefix}.optimizer.lr_schedule", o.lr_schedule, ("constant", "cosine"))
-        _choice(f"{prefix}.dtype", eng.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice(f"{prefix}.dtype", eng.dtype, ("auto", "float32", "bfloat16"))
         if o.lr <= 0:
             raise ConfigError(f"{prefix}.optimizer.lr", f"must be > 0, got {o.lr}")
         _positive(f"{prefix}.optimizer.warmup_steps", o.warmup_steps, 0)
@@ -180,7 +190,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if t == "sft":
         _check_model_path("trainer.sft.model.path", cfg.trainer.sft.model.path)
         _check_dataset_path("train_dataset.path", cfg.train_dataset.path)
-    elif t == "ppo":
+    elif t != "null":  # ppo, or a plugin trainer built on the PPO config
         _check_model_path("trainer.ppo.actor.path", ppo.actor.path)
         _check_dataset_path("train_dataset.path", cfg.train_dataset.path)
         if cfg.server.model_path:

@@ -1,0 +1,108 @@
+"""Padded batches (the AReaL convention) and the per-sample view the packer works on.
+
+A batch is a dict of tensors. Per-token keys are ``[B, L]`` and right- or left-padded, with
+``attention_mask`` (1 = real token) telling which positions are real; ``input_ids`` and
+``attention_mask`` are required, ``loss_mask`` marks trained tokens. Per-sample keys are
+``[B]`` (e.g. ``rewards``). A *sample* is the same dict for one sequence with padding removed:
+per-token keys ``[n]``, per-sample keys 0-dim.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+Batch = Dict[str, torch.Tensor]
+Sample = Dict[str, torch.Tensor]
+
+
+def batch_size(batch: Batch) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def is_token_key(batch: Batch, key: str) -> bool:
+    """A key is per-token when its first two dimensions are those of ``input_ids``."""
+    v, ids = batch[key], batch["input_ids"]
+    return v.dim() >= 2 and tuple(v.shape[:2]) == tuple(ids.shape[:2])
+
+
+def seq_lens(batch: Batch) -> torch.Tensor:
+    return batch["attention_mask"].sum(dim=1).long()
+
+
+def unpad(batch: Batch) -> List[Sample]:
+    """One dict per sample with padding dropped (the mask picks positions, so any padding side works)."""
+    mask = batch["attention_mask"].bool()
+    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    token_keys = {k for k in keys if is_token_key(batch, k)}
+    samples = []
+    for i in range(batch_size(batch)):
+        m = mask[i]
+        samples.append({k: (batch[k][i][m] if k in token_keys else batch[k][i]) for k in keys})
+    return samples
+
+
+def collate(samples: Sequence[Sample], pad_values: Dict[str, float] | None = None) -> Batch:
+    """Right-pad samples back into a batch. 0-dim values are stacked as per-sample keys."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    pad_values = pad_values or {}
+    lens = [int(s["input_ids"].shape[0]) for s in samples]
+    max_len = max(lens)
+    out: Batch = {}
+    for k, v0 in samples[0].items():
+        if v0.dim() == 0:
+            out[k] = torch.stack([s[k] for s in samples])
+            continue
+        t = torch.full((len(samples), max_len, *v0.shape[1:]), pad_values.get(k, 0), dtype=v0.dtype)
+        for i, s in enumerate(samples):
+            t[i, : lens[i]] = s[k]
+        out[k] = t
+    am = torch.zeros(len(samples), max_len, dtype=torch.long)
+    for i, n in enumerate(lens):
+        am[i, :n] = 1
+    out["attention_mask"] = am
+    return out
+
+
+def select(batch: Batch, idx: Sequence[int] | torch.Tensor) -> Batch:
+    idx_t = torch.as_tensor(list(idx) if not isinstance(idx, torch.Tensor) else idx, dtype=torch.long)
+    return {k: v[idx_t] for k, v in batch.items()}
+
+
+def chunk_ranges(n_items: int, n_chunks: int) -> List[range]:
+    """Split ``range(n_items)`` into ``n_chunks`` contiguous, near-equal ranges (earlier ones larger)."""
+    base, extra = divmod(n_items, n_chunks)
+    out, start = [], 0
+    for c in range(n_chunks):
+        size = base + (1 if c < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def split_batch(batch: Batch, n: int, group_size: int = 1) -> List[Batch]:
+    """Split into ``n`` contiguous parts of whole groups (for PPO minibatches)."""
+    bs = batch_size(batch)
+    if bs % group_size:
+        raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
+    n_groups = bs // group_size
+    n = max(1, min(n, n_groups))
+    parts = []
+    for r in chunk_ranges(n_groups, n):
+        parts.append(select(batch, range(r.start * group_size, r.stop * group_size)))
+    return parts
+
+
+def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1) -> Batch:
+    """This rank's share of a batch every rank holds: contiguous whole groups, near-equal counts."""
+    bs = batch_size(batch)
+    if bs % group_size:
+        raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
+    r = chunk_ranges(bs // group_size, world_size)[rank]
+    return select(batch, range(r.start * group_size, r.stop * group_size))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,168 @@
+"""Sharded training checkpoints (torch.distributed.checkpoint) that survive a crash mid-save.
+
+Layout of a checkpoint root::
+
+    latest                 name of the last complete checkpoint (replaced atomically)
+    step_00000012/         complete: dcp/ (model + optimizer shards), rank<r>.pt, meta.json
+    step_00000014.tmp/     being written (or left by a crash; removed by the next save)
+
+A checkpoint is written into ``*.tmp``, renamed when every rank has finished, and only then
+named in ``latest``; a crash at any point leaves the previous checkpoint intact and current.
+Besides model and optimizer (sharded, resharding-capable) it holds, per rank: the LR
+scheduler, RNG states (python, numpy if present, torch, CUDA), the caller's opaque ``extra``
+dict (data loader position ...), the global step and the weight version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from areal_hpc.train import dist
+from areal_hpc.train.engine import FSDPEngine
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def _name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> Dict[str, Any]:
+    state: Dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "meta.json").exists()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The checkpoint named by ``latest``, else the newest complete one, else None."""
+    root = Path(root)
+    marker = root / LATEST
+    if marker.exists():
+        path = root / marker.read_text().strip()
+        if (path / "meta.json").exists():
+            return path
+        log.warning("%s names %s, which is incomplete; falling back to the newest complete checkpoint", marker, path)
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+class Checkpointer:
+    """Saves and restores an `FSDPEngine`'s full training state. All ranks call every method."""
+
+    def __init__(self, engine: FSDPEngine, keep_last: int = 2):
+        if engine.optimizer is None:
+            raise ValueError("checkpointing needs a trainable engine")
+        self.engine = engine
+        self.keep_last = max(1, int(keep_last))
+
+    def _model_optim_state(self) -> Dict[str, Any]:
+        msd, osd = get_state_dict(self.engine.model, self.engine.optimizer)
+        return {"model": msd, "optim": osd}
+
+    def save(self, root: str | os.PathLike, step: int, extra: Optional[Dict[str, Any]] = None) -> Path:
+        root = Path(root)
+        rank = dist.rank()
+        final = root / _name(step)
+        tmp = root / (_name(step) + ".tmp")
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        dcp.save(self._model_optim_state(), checkpoint_id=str(tmp / "dcp"))
+        eng = self.engine
+        torch.save({"rng": rng_state(), "lr_scheduler": eng.lr_scheduler.state_dict(), "extra": extra or {},
+                    "step": int(step), "version": eng.get_version()}, tmp / f"rank{rank}.pt")
+        dist.barrier()
+        if rank == 0:
+            meta = {"step": int(step), "version": eng.get_version(), "world_size": dist.world_size()}
+            _write_atomic(tmp / "meta.json", json.dumps(meta))
+            if final.exists():  # re-saving a step: the old copy goes only after the new one is whole
+                old = root / (_name(step) + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _write_atomic(root / LATEST, final.name)
+            self._prune(root, final)
+        dist.barrier()
+        return final
+
+    def _prune(self, root: Path, keep: Path) -> None:
+        done = [p for p in complete_checkpoints(root) if p != keep]
+        for old in done[: max(0, len(done) - (self.keep_last - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_latest(self, root: str | os.PathLike) -> Optional[Dict[str, Any]]:
+        """Restore the newest complete checkpoint; returns the saved ``extra`` dict plus
+        ``global_step`` and ``weight_version`` keys, or None when there is none."""
+        path = latest_checkpoint(Path(root))
+        if path is None:
+            return None
+        return self.load(path)
+
+    def load(self, path: str | os.PathLike) -> Dict[str, Any]:
+        path = Path(path)
+        state = self._model_optim_state()
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.engine.model, self.engine.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        own = path / f"rank{dist.rank()}.pt"
+        rest = torch.load(own if own.exists() else path / "rank0.pt", weights_only=False)
+        self.engine.lr_scheduler.load_state_dict(rest["lr_scheduler"])
+        self.engine.set_version(rest["version"])
+        set_rng_state(rest["rng"])
+        dist.barrier()
+        return {**rest["extra"], "global_step": rest["step"], "weight_version": rest["version"]}

@@ -1,0 +1,128 @@
+"""torch.distributed set-up for trainer processes, from torchrun or Slurm environment variables.
+
+Precedence: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, then Slurm's ``SLURM_PROCID``/
+``SLURM_NTASKS``/``SLURM_LOCALID``; with neither, a single process (world size 1, in-memory
+store, no network). ``MASTER_ADDR``/``MASTER_PORT`` come from the launcher when world size > 1.
+Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str) -> Optional[int]:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return int(v)
+    return None
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, else Slurm (an srun step), else (0, 1, 0)."""
+    if os.environ.get("WORLD_SIZE") and os.environ.get("RANK"):
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = _env_int("LOCAL_RANK") or 0
+    elif os.environ.get("SLURM_PROCID") and (os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")):
+        # inside an srun step its own task count wins over the allocation's
+        rank, world = int(os.environ["SLURM_PROCID"]), _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+        local = _env_int("SLURM_LOCALID") or 0
+    else:
+        rank, world, local = 0, 1, 0
+    return rank, world, local
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK, or cuda:0 when only one GPU is visible (Slurm --gpus-per-task=1); else cpu."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    return torch.device("cuda", 0 if n == 1 else local_rank % n)
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Initialise the default process group once; later calls return the existing set-up."""
+    rank, world, local = env_ranks()
+    device = pick_device(local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return current()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world == 1 and not os.environ.get("MASTER_ADDR"):
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise RuntimeError(f"world size {world} needs {' and '.join(missing)} in the environment "
+                               "(set by torchrun or the Slurm launcher)")
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=timeout, **kwargs)
+    return current()
+
+
+def current() -> DistInfo:
+    """The set-up of the already initialised default group."""
+    _, _, local = env_ranks()
+    device = pick_device(local)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device, dist.get_backend())
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum | max | min) over the default group; a no-op with one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def collective_device() -> torch.device:
+    """The device tensors must live on for collectives of the default group."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_scalar(x: float, op: str = "sum") -> float:
+    t = torch.tensor([float(x)], dtype=torch.float64, device=collective_device())
+    return float(all_reduce(t, op).item())

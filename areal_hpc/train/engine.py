@@ -1,0 +1,257 @@
+"""FSDP2 training engine for any transformers causal LM.
+
+Batches come padded (`batch` module); the engine packs them into micro-batches (`packing`),
+runs forward/backward with the loss normalised by the global number of loss tokens, clips
+gradients (skipping the step when the norm is not finite) and steps AdamW. Every method that
+touches the model is collective: all ranks call it, in the same order.
+
+Loss functions have the signature ``loss_fn(out, mb) -> (loss, stats)`` where ``out`` holds the
+micro-batch's per-token ``logprobs`` and ``entropy`` (``[T]``, aligned with ``mb["input_ids"]``),
+``mb`` is the packed micro-batch data, ``loss`` is a scalar *mean* over the micro-batch and
+``stats`` are scalar means as well. ``loss_weight_fn(mb)`` gives the micro-batch's weight (its
+number of loss tokens); the engine computes ``sum_mb loss_mb * w_mb / sum_global w``. A loss
+function must stay finite on a micro-batch with no loss tokens (dummy micro-batches).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from areal_hpc import toy
+from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+from areal_hpc.train import attention, dist, optim, parallel
+from areal_hpc.train.batch import Batch
+from areal_hpc.train.logprob import packed_token_logprobs
+from areal_hpc.train.packing import MicroBatch, make_micro_batches, unpack_to_padded
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, Any]]]
+WeightFn = Callable[[Dict[str, torch.Tensor]], Any]
+
+
+def loss_token_count(mb: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The default loss weight: the number of tokens with ``loss_mask`` set."""
+    return mb["loss_mask"].float().sum()
+
+
+class FSDPEngine:
+    """A causal LM sharded with FSDP2 over all ranks of the default process group."""
+
+    def __init__(self, config: EngineConfig, mb_spec: MicroBatchSpec, total_steps: int,
+                 trainable: bool = True, cache_dir: Optional[str] = None):
+        self.config = config
+        self.mb_spec = mb_spec
+        self.total_steps = int(total_steps)
+        self.trainable = trainable
+        self.info = dist.init_distributed()
+        self.device = self.info.device
+        self.precision = parallel.resolve_precision(config.dtype, self.device)
+        self.model_path = toy.resolve_model(config.path, cache_dir=Path(cache_dir) if cache_dir else None)
+        self.mesh = parallel.build_mesh(self.device, self.info.world_size)
+        self.model = self._build_model()
+        self.hf_config = self.model.config
+        self.pad_token_id = int(getattr(self.hf_config, "pad_token_id", None) or 0)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.lr_scheduler = None
+        if trainable:
+            self.optimizer = optim.build_optimizer(self.model.parameters(), config.optimizer)
+            self.lr_scheduler = optim.build_lr_scheduler(self.optimizer, config.optimizer, self.total_steps)
+        else:
+            self.model.requires_grad_(False)
+        self._version = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _build_model(self) -> torch.nn.Module:
+        """Rank 0 reads the checkpoint; other ranks build on the meta device; after sharding the
+        weights are broadcast from rank 0 (one read of the files, not one per rank)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        rank, world = self.info.rank, self.info.world_size
+        kwargs = dict(dtype=torch.float32, attn_implementation=attention.resolve_impl(self.config.attn_impl))
+        full_sd: Dict[str, torch.Tensor] = {}
+        buffers: Dict[str, torch.Tensor] = {}
+        if rank == 0:
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+            full_sd = model.state_dict()
+            buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        else:
+            hf_cfg = AutoConfig.from_pretrained(self.model_path)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(hf_cfg, **kwargs)
+        model.config.use_cache = False
+        if self.config.gradient_checkpointing and self.trainable:
+            parallel.apply_activation_checkpointing(model)
+        parallel.apply_fsdp(model, self.mesh, self.precision)
+        if world == 1:
+            model.to(self.device)
+        else:
+            model.to_empty(device=self.device)
+            set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=True))
+            for name, buf in model.named_buffers():  # non-persistent buffers (rotary inv_freq ...)
+                if rank == 0:
+                    buf.copy_(buffers[name].to(buf.device))
+                tdist.broadcast(buf, src=0)
+        del full_sd, buffers
+        return model
+
+    # ------------------------------------------------------------------ versions
+    def set_version(self, version: int) -> None:
+        self._version = int(version)
+
+    def get_version(self) -> int:
+        return self._version
+
+    # ------------------------------------------------------------------ forward
+    def micro_batches(self, batch: Batch) -> List[MicroBatch]:
+        return make_micro_batches(batch, self.mb_spec.max_tokens_per_mb, self.mb_spec.n_mbs,
+                                  pad_token_id=self.pad_token_id)
+
+    def _run(self, mb: MicroBatch, temperature: float, with_entropy: bool) -> Dict[str, torch.Tensor]:
+        ids = mb.data["input_ids"]
+        extra = {}
+        if self.config.attn_impl in attention.ALIASES:  # document boundaries for varlen attention
+            cu = mb.cu_seqlens.to(ids.device, torch.int32)
+            max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
+            extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+        logits = self.model(input_ids=ids.unsqueeze(0), position_ids=mb.data["position_ids"].unsqueeze(0),
+                            attention_mask=None, use_cache=False, **extra).logits[0]
+        logp, ent = packed_token_logprobs(logits, ids, mb.doc_starts(ids.device), temperature, with_entropy)
+        out = {"logprobs": logp}
+        if ent is not None:
+            out["entropy"] = ent
+        return out
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token logprobs ``[B, L]`` (CPU, fp32): entry t is log p(token t | tokens < t) under
+        ``logits / temperature``; 0 at each sequence's first token and at padding."""
+        self.model.eval()
+        mbs = self.micro_batches(batch)
+        outs = [self._run(mb.to(self.device), temperature, False)["logprobs"] for mb in mbs]
+        return unpack_to_padded(outs, mbs, batch)
+
+    # ------------------------------------------------------------------ train
+    def _global_weight(self, mbs: List[MicroBatch], loss_weight_fn: WeightFn) -> Tuple[List[float], float]:
+        weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
+        return weights, dist.all_reduce_scalar(sum(weights))
+
+    def _reduce_stats(self, sums: Dict[str, torch.Tensor], total: float) -> Dict[str, float]:
+        """Token-weighted means over all micro-batches of all ranks (one all-reduce)."""
+        keys = sorted(sums)
+        t = torch.stack([sums[k].to(torch.float64) for k in keys]).to(dist.collective_device())
+        dist.all_reduce(t)
+        return {k: float(v) / total if total > 0 else 0.0 for k, v in zip(keys, t.tolist())}
+
+    def _accumulate(self, mbs: List[MicroBatch], weights: List[float], total: float, loss_fn: LossFn,
+                    temperature: float, backward: bool) -> Dict[str, float]:
+        world = self.info.world_size
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: Dict[str, torch.Tensor] = {"loss": zero}
+        for mb, w in zip(mbs, weights):
+            mb = mb.to(self.device)
+            out = self._run(mb, temperature, with_entropy=True)
+            loss, stats = loss_fn(out, mb.data)
+            scale = w / total if total > 0 else 0.0
+            if backward:
+                # FSDP averages gradients over ranks; the global token normalisation wants a sum.
+                (loss * (scale * world)).backward()
+            sums["loss"] = sums["loss"] + loss.detach().double() * w
+            for k, v in stats.items():
+                v = torch.as_tensor(v).detach().to(self.device, torch.float64)
+                sums[k] = sums.get(k, zero) + v * w
+        return self._reduce_stats(sums, total)
+
+    def forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
+                         temperature: float = 1.0) -> Dict[str, float]:
+        """Zero the gradients, then accumulate those of the globally normalised loss."""
+        if self.optimizer is None:
+            raise RuntimeError("this engine was built with trainable=False")
+        self.model.train()
+        mbs = self.micro_batches(batch)
+        weights, total = self._global_weight(mbs, loss_weight_fn)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=True)
+        stats.update(n_tokens=total, n_mbs=float(len(mbs)))
+        return stats
+
+    def optimizer_step(self) -> Dict[str, float]:
+        """Clip gradients and step AdamW; a non-finite norm skips the step (``skipped_step=1``)."""
+        params = list(self.model.parameters())
+        norm = optim.grad_norm(params)
+        finite = bool(torch.isfinite(norm).item())
+        if finite:
+            optim.clip_grads(params, self.config.optimizer.grad_clip, norm)
+            self.optimizer.step()
+        else:
+            log.warning("non-finite gradient norm %s: optimizer step skipped", float(norm))
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm), "skipped_step": 0.0 if finite else 1.0, "lr": self.current_lr()}
+
+    def train_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
+                    temperature: float = 1.0) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a batch; returns global statistics.
+
+        The LR scheduler is not stepped here (see `step_lr_scheduler`), so several optimizer
+        steps (PPO minibatches) can make up one training step.
+        """
+        stats = self.forward_backward(batch, loss_fn, loss_weight_fn, temperature)
+        stats.update(self.optimizer_step())
+        return stats
+
+    @torch.no_grad()
+    def eval_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
+                   temperature: float = 1.0) -> Dict[str, float]:
+        self.model.eval()
+        mbs = self.micro_batches(batch)
+        weights, total = self._global_weight(mbs, loss_weight_fn)
+        stats = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=False)
+        stats["n_tokens"] = total
+        return stats
+
+    def step_lr_scheduler(self) -> None:
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
+
+    # ------------------------------------------------------------------ weights
+    def state_dict_for_hf(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """Full (unsharded) CPU state dict on rank 0 with HF parameter names, ``{}`` elsewhere.
+
+        Collective. Tied duplicates (``lm_head.weight`` when embeddings are tied) are dropped, as
+        ``save_pretrained`` does. ``dtype`` defaults to the compute dtype.
+        """
+        dtype = dtype or self.precision.param_dtype
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.info.rank != 0:
+            return {}
+        return clean_hf_state_dict(sd, self.hf_config, dtype)
+
+
+def clean_hf_state_dict(sd: Dict[str, torch.Tensor], hf_config, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Drop tied/shared duplicates and cast floating tensors to ``dtype`` (contiguous, CPU)."""
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    out: Dict[str, torch.Tensor] = {}
+    seen = set()
+    for k, v in sd.items():
+        if tied and k == "lm_head.weight":
+            continue
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            continue
+        if ptr is not None:
+            seen.add(ptr)
+        v = v.detach()
+        if v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous()
+    return out

@@ -1,0 +1,163 @@
+"""Micro-batches by token budget, packed into one row each.
+
+Samples of a (local) batch are assigned to micro-batches first-fit-decreasing under
+``max_tokens_per_mb``, split further until there are at least ``n_mbs``, and every rank runs the
+same number of micro-batches (the count is all-reduced; ranks with fewer add dummy ones whose
+loss is multiplied by zero), because FSDP's collectives need the same number of forward and
+backward passes everywhere. A micro-batch is one row: tokens concatenated, ``position_ids``
+restarting at 0 for each document. transformers derives a block-diagonal causal mask from such
+position ids when called with ``attention_mask=None`` and ``use_cache=False``, so attention never
+crosses documents.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import torch
+
+from areal_hpc.train import dist
+from areal_hpc.train.batch import Batch, Sample, is_token_key, unpad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MicroBatch:
+    """Packed tokens of some samples of a batch.
+
+    ``data`` holds per-token keys as ``[T]`` (``input_ids``, ``position_ids``, ``loss_mask``,
+    ``logprobs`` ...) and per-sample keys as ``[n]``; ``cu_seqlens`` ``[n+1]`` marks document
+    boundaries; ``sample_idx`` maps documents back to rows of the batch.
+    """
+
+    data: Dict[str, torch.Tensor]
+    cu_seqlens: torch.Tensor
+    sample_idx: List[int] = field(default_factory=list)
+    is_dummy: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    def doc_starts(self, device: torch.device | None = None) -> torch.Tensor:
+        """Bool ``[T]``: True at the first token of each document."""
+        starts = torch.zeros(self.n_tokens, dtype=torch.bool)
+        starts[self.cu_seqlens[:-1]] = True
+        return starts.to(device) if device is not None else starts
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """Move ``data`` to ``device``; ``cu_seqlens`` stays on the CPU (it is used for slicing)."""
+        return MicroBatch({k: v.to(device, non_blocking=True) for k, v in self.data.items()},
+                          self.cu_seqlens, self.sample_idx, self.is_dummy)
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1) -> List[List[int]]:
+    """Group sample indices into micro-batches.
+
+    First-fit-decreasing under ``max_tokens`` (a sample longer than the budget gets its own
+    micro-batch), then the heaviest splittable micro-batch is halved until there are at least
+    ``min_mbs`` (at most one per sample). Indices inside a micro-batch are sorted, and the
+    micro-batches are ordered by their first index, so the plan is deterministic.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: List[List[int]] = []
+    loads: List[int] = []
+    for i in order:
+        n = lengths[i]
+        for b in range(len(bins)):
+            if loads[b] + n <= max_tokens:
+                bins[b].append(i)
+                loads[b] += n
+                break
+        else:
+            if n > max_tokens:
+                log.warning("sample of %d tokens exceeds max_tokens_per_mb=%d; it gets its own micro-batch",
+                            n, max_tokens)
+            bins.append([i])
+            loads.append(n)
+    while len(bins) < min_mbs:
+        splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
+        if not splittable:
+            break
+        b = max(splittable, key=lambda j: (loads[j], -j))
+        items = sorted(bins[b], key=lambda i: (-lengths[i], i))
+        left, right, ll, rl = [], [], 0, 0
+        for i in items:  # greedy balance of the two halves
+            if ll <= rl:
+                left.append(i)
+                ll += lengths[i]
+            else:
+                right.append(i)
+                rl += lengths[i]
+        bins[b], loads[b] = left, ll
+        bins.append(right)
+        loads.append(rl)
+    bins = [sorted(b) for b in bins]
+    bins.sort(key=lambda b: b[0])
+    return bins
+
+
+def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int]) -> MicroBatch:
+    """Concatenate samples into one packed micro-batch."""
+    lens = [int(s["input_ids"].shape[0]) for s in samples]
+    data: Dict[str, torch.Tensor] = {}
+    for k, v0 in samples[0].items():
+        if k == "attention_mask":
+            continue
+        if v0.dim() == 0:
+            data[k] = torch.stack([s[k] for s in samples])
+        else:
+            data[k] = torch.cat([s[k] for s in samples])
+    data["position_ids"] = torch.cat([torch.arange(n, dtype=torch.long) for n in lens])
+    cu = torch.zeros(len(lens) + 1, dtype=torch.long)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0)
+    return MicroBatch(data, cu, list(sample_idx))
+
+
+def dummy_micro_batch(template: Batch, pad_token_id: int = 0) -> MicroBatch:
+    """A one-token micro-batch with the template's keys and dtypes, all masks zero."""
+    data: Dict[str, torch.Tensor] = {}
+    for k, v in template.items():
+        if k == "attention_mask":
+            continue
+        if is_token_key(template, k):
+            data[k] = torch.zeros((1, *v.shape[2:]), dtype=v.dtype)
+        else:
+            data[k] = torch.zeros((1, *v.shape[1:]), dtype=v.dtype)
+    data["input_ids"] = torch.full((1,), pad_token_id, dtype=template["input_ids"].dtype)
+    data["position_ids"] = torch.zeros(1, dtype=torch.long)
+    return MicroBatch(data, torch.tensor([0, 1], dtype=torch.long), [], is_dummy=True)
+
+
+def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
+                       sync: bool = True) -> List[MicroBatch]:
+    """Pack a padded batch into micro-batches; with ``sync`` every rank gets the same count."""
+    samples = unpad(batch)
+    lengths = [int(s["input_ids"].shape[0]) for s in samples]
+    plan = plan_micro_batches(lengths, max_tokens, min_mbs) if samples else []
+    mbs = [pack_samples([samples[i] for i in idx], idx) for idx in plan]
+    n = len(mbs)
+    if sync:
+        n = int(dist.all_reduce_scalar(n, "max"))
+    n = max(n, 1)
+    while len(mbs) < n:
+        mbs.append(dummy_micro_batch(batch, pad_token_id))
+    return mbs
+
+
+def unpack_to_padded(values: Sequence[torch.Tensor], mbs: Sequence[MicroBatch], batch: Batch,
+                     fill: float = 0.0) -> torch.Tensor:
+    """Scatter per-token results of packed micro-batches back into the batch's ``[B, L]`` layout."""
+    mask = batch["attention_mask"].bool()
+    out = torch.full(mask.shape, fill, dtype=values[0].dtype if values else torch.float32)
+    for v, mb in zip(values, mbs):
+        if mb.is_dummy:
+            continue
+        v = v.detach().to("cpu")
+        for j, i in enumerate(mb.sample_idx):
+            out[i, mask[i]] = v[mb.cu_seqlens[j]: mb.cu_seqlens[j + 1]]
+    return out
+

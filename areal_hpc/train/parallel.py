@@ -1,0 +1,86 @@
+"""How a transformers causal LM is parallelised: FSDP2 per decoder layer, activation checkpointing.
+
+Small separate functions in the torchtitan manner; `engine.FSDPEngine` composes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Master weights are always fp32; ``param_dtype`` is what forward/backward compute in."""
+
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.param_dtype != torch.float32
+
+    def policy(self) -> Optional[MixedPrecisionPolicy]:
+        if not self.mixed:
+            return None
+        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+
+
+def resolve_precision(dtype: str, device: torch.device) -> Precision:
+    """``auto``: bf16 compute with fp32 reduction on GPU, fp32 on CPU; else the named dtype."""
+    if dtype == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    else:
+        name = dtype
+    if name not in _DTYPES:
+        hint = " (float16 would need loss scaling, which the engine does not do)" if "16" in name else ""
+        raise ValueError(f"engine dtype must be auto, float32 or bfloat16, not {dtype!r}{hint}")
+    return Precision(param_dtype=_DTYPES[name], reduce_dtype=torch.float32)
+
+
+def build_mesh(device: torch.device, world_size: int) -> DeviceMesh:
+    return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+
+
+def decoder_layers(model: nn.Module) -> List[nn.Module]:
+    """The repeated transformer blocks, found through transformers' ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return list(inner.layers)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (transformers' own per-layer checkpointing,
+    non-reentrant; parameter names stay unchanged, which keeps state dicts HF-compatible)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
+               reshard_after_forward: bool = True) -> None:
+    """``fully_shard`` every decoder layer, then the root (embeddings, final norm, LM head).
+
+    The last layer is not resharded after forward: backward needs it immediately.
+    """
+    mp = precision.policy()
+    kwargs = {"mesh": mesh}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)

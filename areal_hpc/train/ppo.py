@@ -1,0 +1,245 @@
+"""GRPO advantages and AReaL's decoupled PPO loss, and `PPOActor` tying them to an `FSDPEngine`.
+
+Per-token tensors follow the batch convention: entry t belongs to token t. ``logprobs`` are the
+behaviour policy's (from the inference servers, 0 on prompt tokens), ``prox_logp`` the proximal
+policy's (recomputed by the trainer before the update), ``loss_mask`` marks response tokens.
+
+Decoupled loss (AReaL, "asynchronous RL with a proximal policy"):
+
+    ratio   = exp(logp - prox_logp)                      clipped to [1 - eps, 1 + eps]
+    pg      = max(-A * ratio, -A * clip(ratio))          PPO clip
+    pg      = min(pg, c_clip * |A|)                      dual clip (binds only where A < 0)
+    w_behav = exp(prox_logp - behav_logp)                importance weight of the stale behaviour
+    pg      = pg * w_behav, tokens with w_behav > cap are dropped (weight 0)
+    loss    = sum(pg * mask) / sum(mask)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from areal_hpc.config.schema import PPOConfig
+from areal_hpc.train import dist
+from areal_hpc.train.batch import Batch, split_batch
+from areal_hpc.train.engine import FSDPEngine, loss_token_count
+
+ADV_NORMS = ("group", "batch", "none")
+
+
+# ---------------------------------------------------------------------------- advantages
+def _centre_and_scale(r: torch.Tensor, std_norm: bool, leave_one_out: bool, eps: float,
+                      total_sum: Optional[torch.Tensor] = None, total_sq: Optional[torch.Tensor] = None,
+                      count: Optional[float] = None) -> torch.Tensor:
+    """Normalise rows of ``r [G, n]`` (one set per row; sums may be global across ranks)."""
+    n = float(count if count is not None else r.shape[-1])
+    s = total_sum if total_sum is not None else r.sum(-1, keepdim=True)
+    sq = total_sq if total_sq is not None else (r * r).sum(-1, keepdim=True)
+    if leave_one_out and n > 1:
+        baseline = (s - r) / (n - 1)
+    else:
+        baseline = s / n
+    adv = r - baseline
+    if std_norm:
+        var = ((sq - s * s / n) / max(n - 1.0, 1.0)).clamp(min=0.0)  # unbiased
+        adv = adv / (var.sqrt() + eps)
+    return adv
+
+
+def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "group", std_norm: bool = True,
+                       leave_one_out: bool = False, eps: float = 1e-6, global_batch: bool = False) -> torch.Tensor:
+    """Per-sample advantages from per-sample rewards ``[B]`` (samples of a group are contiguous).
+
+    ``norm``: "group" subtracts the group's mean (GRPO), "batch" the batch's, "none" keeps the
+    rewards. ``leave_one_out`` uses the mean of the *other* members as the baseline (RLOO).
+    ``std_norm`` divides by the (unbiased) std of the set. A set whose rewards are all equal
+    gets exactly zero advantages. ``global_batch``: "batch" statistics over all ranks.
+    """
+    if norm not in ADV_NORMS:
+        raise ValueError(f"adv_norm must be one of {ADV_NORMS}, not {norm!r}")
+    r = rewards.double()
+    if norm == "none":
+        return r.float()
+    if norm == "group":
+        if r.numel() % group_size:
+            raise ValueError(f"{r.numel()} rewards are not whole groups of {group_size}")
+        g = r.view(-1, group_size)
+        adv = _centre_and_scale(g, std_norm, leave_one_out, eps)
+        flat = (g.amax(-1, keepdim=True) == g.amin(-1, keepdim=True)).expand_as(g)
+        return torch.where(flat, torch.zeros_like(adv), adv).reshape(-1).float()
+    if r.numel() == 0 and not global_batch:
+        return r.float()
+    big = torch.finfo(torch.float64).max
+    sums = torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
+    extremes = torch.stack([r.max() if r.numel() else torch.tensor(-big, dtype=torch.float64),
+                            -r.min() if r.numel() else torch.tensor(-big, dtype=torch.float64)])
+    if global_batch:
+        sums = dist.all_reduce(sums.to(dist.collective_device()), "sum").cpu()
+        extremes = dist.all_reduce(extremes.to(dist.collective_device()), "max").cpu()
+    if r.numel() == 0:
+        return r.float()
+    s, sq, n = sums
+    adv = _centre_and_scale(r.view(1, -1), std_norm, leave_one_out, eps, s, sq, float(n)).view(-1)
+    if float(extremes[0]) == float(-extremes[1]):  # max == min: every reward equal
+        adv = torch.zeros_like(adv)
+    return adv.float()
+
+
+def kl_penalty_to_go(logp: torch.Tensor, ref_logp: torch.Tensor, loss_mask: torch.Tensor,
+                     kl_ctl: float) -> torch.Tensor:
+    """Token advantages of a per-token KL penalty ``-kl_ctl * (logp - ref_logp)`` used as reward,
+    summed from each token to the end of its response (undiscounted), ``[B, L]``."""
+    kl = (logp - ref_logp) * loss_mask
+    to_go = torch.flip(torch.cumsum(torch.flip(kl, [-1]), -1), [-1])
+    return -kl_ctl * to_go * loss_mask
+
+
+# ---------------------------------------------------------------------------- loss
+def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[torch.Tensor],
+             advantages: torch.Tensor, loss_mask: torch.Tensor, eps_clip: float = 0.2,
+             c_clip: Optional[float] = None, behav_imp_weight_cap: Optional[float] = None,
+             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Decoupled PPO loss, a mean over ``loss_mask`` tokens (finite when the mask is empty).
+
+    ``behav_logp=None`` is standard PPO (no behaviour importance weight). Returns the loss and
+    token-mean statistics: clip fraction, dual-clip fraction, fraction of tokens dropped by the
+    importance-weight cap, mean importance weight, approximate KL to the proximal policy.
+    """
+    mask = loss_mask.bool()
+    count = mask.sum().clamp(min=1).to(logp.dtype)
+    prox_logp, advantages = prox_logp.detach(), advantages.detach()
+    ratio = torch.where(mask, torch.exp(logp - prox_logp), torch.zeros_like(logp))
+    clipped = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip)
+    pg1, pg2 = -advantages * ratio, -advantages * clipped
+    clip_mask = (pg1.detach() < pg2.detach()) & mask
+    pg = torch.maximum(pg1, pg2)
+    if c_clip is not None:
+        if c_clip <= 1.0:
+            raise ValueError(f"c_clip must be > 1, not {c_clip}")
+        pg3 = c_clip * advantages.abs()
+        dual_mask = (pg3 < pg.detach()) & mask
+        pg = torch.minimum(pg, pg3)
+    else:
+        dual_mask = torch.zeros_like(mask)
+    stats: Dict[str, torch.Tensor] = {}
+    if behav_logp is not None:
+        w = torch.exp(prox_logp - behav_logp.detach())
+        keep = mask if behav_imp_weight_cap is None else mask & (w <= behav_imp_weight_cap)
+        w = torch.where(keep, w, torch.zeros_like(w))
+        pg = pg * w
+        stats["behav_imp_weight"] = (w * keep).sum() / keep.sum().clamp(min=1)
+        stats["behav_capped_frac"] = (mask & ~keep).sum() / count
+    loss = torch.where(mask, pg, torch.zeros_like(pg)).sum() / count
+    stats.update(
+        clip_frac=clip_mask.sum() / count,
+        dual_clip_frac=dual_mask.sum() / count,
+        approx_kl=torch.where(mask, (logp - prox_logp).detach(), torch.zeros_like(logp)).sum() / count,
+        ratio=ratio.detach().sum() / count,
+    )
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------- actor
+class PPOActor:
+    """The policy side of PPO/GRPO training on an `FSDPEngine`.
+
+    Per training step, with a batch holding ``input_ids``, ``attention_mask``, ``loss_mask``,
+    ``logprobs`` (behaviour) and ``rewards [B]``::
+
+        batch["prox_logp"] = actor.compute_logp(batch)      # if config.recompute_logprob
+        batch["ref_logp"] = ref.forward(batch, T)          # only with kl_ctl > 0
+        actor.compute_advantages(batch)                     # adds batch["advantages"] [B, L]
+        stats = actor.ppo_update(batch)                     # ppo_n_minibatches steps + LR step
+
+    or simply ``actor.train_step(batch)``. ``temperature`` must be the sampling temperature.
+    """
+
+    def __init__(self, config: PPOConfig, engine: FSDPEngine, group_size: int = 1, temperature: float = 1.0,
+                 ref: Optional[FSDPEngine] = None):
+        self.config = config
+        self.engine = engine
+        self.group_size = int(group_size)
+        self.temperature = float(temperature)
+        self.ref = ref
+        if config.kl_ctl > 0 and ref is None:
+            raise ValueError("ppo.kl_ctl > 0 needs a reference engine (FSDPEngine(..., trainable=False))")
+
+    @classmethod
+    def build(cls, config: PPOConfig, total_steps: int, group_size: int = 1,
+              temperature: float = 1.0) -> "PPOActor":
+        """The actor engine, and a frozen reference engine of the same model when ``kl_ctl > 0``."""
+        engine = FSDPEngine(config.actor, config.mb_spec, total_steps)
+        ref = FSDPEngine(config.actor, config.mb_spec, total_steps, trainable=False) if config.kl_ctl > 0 else None
+        return cls(config, engine, group_size, temperature, ref)
+
+    def compute_logp(self, batch: Batch) -> torch.Tensor:
+        return self.engine.forward(batch, temperature=self.temperature)
+
+    def compute_ref_logp(self, batch: Batch) -> Optional[torch.Tensor]:
+        return self.ref.forward(batch, temperature=self.temperature) if self.ref is not None else None
+
+    def compute_advantages(self, batch: Batch) -> torch.Tensor:
+        """Sets ``batch["advantages"]`` ``[B, L]`` (zero outside ``loss_mask``) and returns it."""
+        cfg = self.config
+        adv = compute_advantages(batch["rewards"].float(), self.group_size, cfg.adv_norm, cfg.adv_std_norm,
+                                 cfg.leave_one_out, global_batch=True)
+        mask = batch["loss_mask"].float()
+        tok = adv[:, None] * mask
+        if cfg.kl_ctl > 0 and "ref_logp" in batch:
+            logp = batch.get("prox_logp", batch["logprobs"])
+            tok = tok + kl_penalty_to_go(logp.float(), batch["ref_logp"].float(), mask, cfg.kl_ctl)
+        batch["advantages"] = tok
+        return tok
+
+    def _loss(self, out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
+        cfg = self.config
+        logp = out["logprobs"]
+        behav = mb["logprobs"].float()
+        if cfg.use_decoupled_loss and "prox_logp" in mb:
+            prox, behav_arg = mb["prox_logp"].float(), behav
+        elif cfg.use_decoupled_loss:
+            prox, behav_arg = behav, behav  # no recomputation: proximal = behaviour, weight 1
+        else:
+            prox, behav_arg = mb.get("prox_logp", behav).float(), None
+        loss, stats = ppo_loss(logp, prox, behav_arg, mb["advantages"].float(), mb["loss_mask"],
+                               cfg.eps_clip, cfg.c_clip, cfg.behav_imp_weight_cap if cfg.use_decoupled_loss else None)
+        mask = mb["loss_mask"].float()
+        count = mask.sum().clamp(min=1)
+        entropy = (out["entropy"] * mask).sum() / count
+        stats["pg_loss"] = loss.detach()
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * entropy
+        stats["entropy"] = entropy.detach()
+        stats["advantages"] = (mb["advantages"].float() * mask).sum() / count
+        return loss, stats
+
+    def ppo_update(self, batch: Batch) -> Dict[str, float]:
+        """``ppo_n_minibatches`` optimizer steps over this rank's batch, then one LR-scheduler step.
+        Returns the statistics averaged over minibatches (``skipped_step`` summed)."""
+        parts = split_batch(batch, self.config.ppo_n_minibatches, self.group_size)
+        most = dist.all_reduce_scalar(len(parts), "max")
+        least = dist.all_reduce_scalar(len(parts), "min")
+        if most != least:
+            raise ValueError("every rank needs the same number of PPO minibatches; give each rank at least "
+                             "ppo_n_minibatches groups")
+        total: Dict[str, float] = {}
+        for part in parts:
+            stats = self.engine.train_batch(part, self._loss, loss_token_count, self.temperature)
+            for k, v in stats.items():
+                total[k] = total.get(k, 0.0) + v
+        out = {k: (v if k in ("skipped_step", "n_tokens") else v / len(parts)) for k, v in total.items()}
+        self.engine.step_lr_scheduler()
+        return out
+
+    def train_step(self, batch: Batch) -> Dict[str, float]:
+        """Recompute proximal (and reference) logprobs, advantages, then `ppo_update`."""
+        if self.config.recompute_logprob:
+            batch["prox_logp"] = self.compute_logp(batch)
+        if self.ref is not None:
+            batch["ref_logp"] = self.compute_ref_logp(batch)
+        self.compute_advantages(batch)
+        stats = self.ppo_update(batch)
+        stats["reward"] = dist.all_reduce_scalar(float(batch["rewards"].float().sum())) / max(
+            1.0, dist.all_reduce_scalar(float(batch["rewards"].numel())))
+        return stats

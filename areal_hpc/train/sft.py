@@ -1,0 +1,54 @@
+"""Supervised fine-tuning: next-token NLL on response tokens (``loss_mask``), same engine and packing."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from areal_hpc.config.schema import SFTConfig
+from areal_hpc.train.batch import Batch, collate
+from areal_hpc.train.engine import FSDPEngine, loss_token_count
+
+
+def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
+    """Mean negative logprob of the ``loss_mask`` tokens (0 for an empty mask)."""
+    mask = mb["loss_mask"].float()
+    n = mask.sum().clamp(min=1)
+    nll = -(out["logprobs"] * mask).sum() / n
+    return nll, {"entropy": ((out["entropy"] * mask).sum() / n).detach()}
+
+
+def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
+                  max_len: Optional[int] = None, add_eos: bool = True) -> Batch:
+    """Prompt + answer token ids with ``loss_mask`` on the answer (and EOS), right-padded.
+
+    Prompt and answer are tokenised separately, so the boundary is exact. Rows longer than
+    ``max_len`` are truncated from the answer's end.
+    """
+    samples: List[Dict[str, torch.Tensor]] = []
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    for row in rows:
+        p = tokenizer(str(row[prompt_key]), add_special_tokens=False)["input_ids"]
+        a = tokenizer(str(row[answer_key]), add_special_tokens=False)["input_ids"] + eos
+        ids = (p + a)[: max_len] if max_len else p + a
+        mask = ([0] * len(p) + [1] * len(a))[: len(ids)]
+        samples.append({"input_ids": torch.tensor(ids, dtype=torch.long),
+                        "loss_mask": torch.tensor(mask, dtype=torch.long)})
+    return collate(samples, pad_values={"input_ids": tokenizer.pad_token_id or 0})
+
+
+class SFTLearner:
+    """One `FSDPEngine` trained on NLL. ``train_step`` = one optimizer step + one LR step."""
+
+    def __init__(self, config: SFTConfig, total_steps: int, engine: Optional[FSDPEngine] = None):
+        self.config = config
+        self.engine = engine or FSDPEngine(config.model, config.mb_spec, total_steps)
+
+    def train_step(self, batch: Batch) -> Dict[str, float]:
+        stats = self.engine.train_batch(batch, sft_loss, loss_token_count)
+        self.engine.step_lr_scheduler()
+        return stats
+
+    def evaluate(self, batch: Batch) -> Dict[str, float]:
+        return self.engine.eval_batch(batch, sft_loss, loss_token_count)

@@ -1,0 +1,40 @@
+"""Run a function on N local CPU ranks (gloo) — for tests and CPU smoke runs of the train package."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: Sequence[Any],
+           env: Dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    import torch
+
+    torch.set_num_threads(int(env.get("AREAL_HPC_THREADS", "1")))
+    from areal_hpc.train import dist
+
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy()
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
+              env: Optional[Dict[str, str]] = None) -> None:
+    """Spawn ``world_size`` processes that call ``fn(rank, *args)`` with torchrun-style env vars
+    set (``init_distributed`` then forms the group). Raises if any rank fails. ``fn`` must be
+    importable (module level)."""
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), tuple(args), dict(env or {})),
+                       nprocs=world_size, join=True, start_method="spawn")

@@ -1,0 +1,185 @@
+"""Weight updates over a collective group between trainer rank 0 and inference servers (NCCL on GPUs).
+
+Protocol (the one SGLang's ``/init_weights_update_group`` and ``/update_weights_from_distributed``
+implement, so real SGLang servers and our embedded engine both speak it):
+
+1. Trainer rank 0 is rank 0 of a fresh group of ``1 + sum(server ranks)`` processes; each
+   server rank joins with ``rank = rank_offset + tp_rank``. Rendezvous: a TCPStore hosted by
+   trainer rank 0 at ``master_addr:master_port``, keys prefixed by a group name that is new for
+   every (re)join, so a restarted trainer never meets stale keys.
+2. Per bucket, the trainer tells the servers ``names, dtypes, shapes`` (out of band, e.g.
+   HTTP), then broadcasts each full tensor from rank 0 in exactly that order; receivers
+   allocate ``torch.empty(shape, dtype)`` and receive.
+
+All trainer ranks take part in `broadcast_engine_weights` (gathering a sharded parameter is a
+collective of the trainer's own group); only rank 0 talks to the weight group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.tensor import DTensor
+
+DEFAULT_BUCKET_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    shape: Tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+@dataclass
+class Bucket:
+    """Tensors announced and broadcast together (one ``/update_weights_from_distributed`` call)."""
+
+    specs: List[TensorSpec] = field(default_factory=list)
+
+    @property
+    def names(self) -> List[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def dtypes(self) -> List[str]:
+        return [s.dtype for s in self.specs]
+
+    @property
+    def shapes(self) -> List[List[int]]:
+        return [list(s.shape) for s in self.specs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def new_group_name(prefix: str = "areal-weights") -> str:
+    """A group name never used before (new after every trainer restart)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------------------- group
+def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_size: int, group_name: str,
+                           backend: str = "nccl", timeout_s: float = 600.0) -> tdist.ProcessGroup:
+    """Join (rank 0: host) a process group outside the default one, the way SGLang does it:
+    TCPStore rendezvous, a ``PrefixStore(group_name)``, then torch's process-group factory.
+    Blocks until all ``world_size`` members have joined: start the receivers' joins (e.g. the
+    HTTP request) before or concurrently with the trainer's."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{int(master_port)}", rank, world_size,
+                                              timeout=timeout))
+    store.set_timeout(timeout)
+    prefix_store = PrefixStore(group_name, store)
+    params = inspect.signature(_new_process_group_helper).parameters
+    opts_key = "backend_options" if "backend_options" in params else "pg_options"
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), prefix_store, group_name=group_name,
+                                      timeout=timeout, **{opts_key: None})
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def destroy_weight_sync_group(group: Optional[tdist.ProcessGroup]) -> None:
+    if group is not None:
+        tdist.destroy_process_group(group)
+
+
+# ---------------------------------------------------------------------------- send / receive
+def plan_buckets(specs: Iterable[TensorSpec], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> List[Bucket]:
+    """Consecutive specs, in the given (fixed) order, grouped up to ``bucket_bytes``."""
+    buckets: List[Bucket] = []
+    cur = Bucket()
+    for spec in specs:
+        if cur.specs and cur.nbytes + spec.nbytes > bucket_bytes:
+            buckets.append(cur)
+            cur = Bucket()
+        cur.specs.append(spec)
+    if cur.specs:
+        buckets.append(cur)
+    return buckets
+
+
+def send_tensors(group: tdist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> None:
+    """Broadcast each tensor from group rank 0, in order."""
+    works = [tdist.broadcast(t.contiguous(), group_src=0, group=group, async_op=True) for t in tensors]
+    for w in works:
+        w.wait()
+
+
+def receive_weights(group: tdist.ProcessGroup, names: Sequence[str], dtypes: Sequence[str | torch.dtype],
+                    shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+                    ) -> List[Tuple[str, torch.Tensor]]:
+    """The receiving side of one bucket: ``[(name, tensor)]`` in announced order."""
+    out, works = [], []
+    for name, dt, shape in zip(names, dtypes, shapes):
+        dtype = dt if isinstance(dt, torch.dtype) else getattr(torch, str(dt).removeprefix("torch."))
+        t = torch.empty(tuple(shape), dtype=dtype, device=device)
+        works.append(tdist.broadcast(t, group_src=0, group=group, async_op=True))
+        out.append((name, t))
+    for w in works:
+        w.wait()
+    return out
+
+
+# ---------------------------------------------------------------------------- engine side
+def engine_weight_specs(engine, dtype: Optional[torch.dtype] = None) -> List[TensorSpec]:
+    """HF-named tensors of an `FSDPEngine` in state-dict order (tied ``lm_head`` left out)."""
+    dtype = dtype or engine.precision.param_dtype
+    tied = bool(getattr(engine.hf_config, "tie_word_embeddings", False))
+    specs = []
+    for name, t in engine.model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        dt = dtype if t.is_floating_point() else t.dtype
+        specs.append(TensorSpec(name, dtype_name(dt), tuple(t.shape)))
+    return specs
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
+                             on_bucket: Optional[Callable[[Bucket], Optional[Callable[[], None]]]] = None,
+                             bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: Optional[torch.dtype] = None) -> int:
+    """Broadcast the engine's full weights to the weight group; every trainer rank calls it.
+
+    ``group`` is the weight-sync group on trainer rank 0 and None elsewhere. Before a bucket
+    goes out, rank 0 calls ``on_bucket(bucket)``: it announces names/dtypes/shapes to the
+    receivers without blocking and may return a function that waits for them to finish (called
+    after the bucket's broadcasts). Returns the number of buckets.
+    """
+    state: Dict[str, torch.Tensor] = engine.model.state_dict()
+    buckets = plan_buckets(engine_weight_specs(engine, dtype), bucket_bytes)
+    is_sender = engine.info.rank == 0
+    if is_sender and group is None:
+        raise ValueError("trainer rank 0 needs the weight-sync group")
+    for bucket in buckets:
+        tensors = [_full(state[s.name]).to(getattr(torch, s.dtype)) for s in bucket.specs]
+        if not is_sender:
+            continue
+        wait = on_bucket(bucket) if on_bucket is not None else None
+        send_tensors(group, tensors)
+        if wait is not None:
+            wait()
+        del tensors
+    return len(buckets)

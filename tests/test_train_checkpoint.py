@@ -1,0 +1,94 @@
+"""DCP checkpoint at step 2, resumed in a fresh process group, continues bit-for-bit (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from areal_hpc import toy
+from areal_hpc.train.testing import run_ranks
+
+VOCAB = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)  # ids 3.. are ordinary characters
+
+STEPS = 5
+SAVE_AT = 2
+
+
+def _batch(step, rank):
+    """Data that depends on the step and on the RNG (so RNG restore matters)."""
+    from areal_hpc.train.batch import collate
+
+    g = torch.Generator().manual_seed(100 * step + rank)
+    samples = []
+    for _ in range(3):
+        n = int(torch.randint(4, 20, (1,)).item())  # global torch RNG
+        n += random.randint(0, 3)  # python RNG
+        ids = torch.randint(3, VOCAB, (n,), generator=g)
+        samples.append({"input_ids": ids, "loss_mask": (torch.arange(n) >= 2).long()})
+    return collate(samples)
+
+
+def _loss(out, mb):
+    m = mb["loss_mask"].float()
+    return -(out["logprobs"] * m).sum() / m.sum().clamp(min=1), {}
+
+
+def _worker(rank, path, ckpt_dir, out_file, resume):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.train.checkpoint import Checkpointer
+    from areal_hpc.train.engine import FSDPEngine
+
+    torch.manual_seed(rank)
+    random.seed(rank)
+    opt = OptimizerConfig(lr=1e-2, warmup_steps=2, lr_schedule="cosine", weight_decay=0.01)
+    eng = FSDPEngine(EngineConfig(path=path, optimizer=opt), MicroBatchSpec(max_tokens_per_mb=24), STEPS)
+    ck = Checkpointer(eng, keep_last=1)
+    start = 0
+    if resume:
+        extra = ck.load_latest(ckpt_dir)
+        assert extra is not None and extra["global_step"] == SAVE_AT and extra["loader"] == {"pos": 6 * SAVE_AT}
+        assert extra["weight_version"] == SAVE_AT and eng.get_version() == SAVE_AT
+        start = extra["global_step"]
+    else:
+        assert ck.load_latest(ckpt_dir) is None
+    losses = []
+    for step in range(start + 1, STEPS + 1):
+        stats = eng.train_batch(_batch(step, rank), _loss)
+        eng.step_lr_scheduler()
+        eng.set_version(step)
+        losses.append((step, stats["loss"], stats["lr"]))
+        if not resume and step in (1, SAVE_AT):
+            ck.save(ckpt_dir, step, {"loader": {"pos": 6 * step}})
+    params = {n: p.full_tensor().clone() for n, p in eng.model.named_parameters()}
+    if rank == 0:
+        torch.save({"losses": losses, "params": params}, out_file)
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    ckpt = tmp_path / "ckpt"
+    run_ranks(_worker, 2, args=(path, str(ckpt), str(tmp_path / "a.pt"), False))
+    # a crash mid-save of a later step leaves the last good checkpoint current
+    (ckpt / "step_00000009.tmp").mkdir()
+    (ckpt / "step_00000009.tmp" / "rank0.pt").write_bytes(b"partial")
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002", "step_00000009.tmp"]
+    run_ranks(_worker, 2, args=(path, str(ckpt), str(tmp_path / "b.pt"), True))
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert a["losses"][SAVE_AT:] == b["losses"]  # exact floats: losses and learning rates
+    for n, p in a["params"].items():
+        assert torch.equal(p, b["params"][n]), n
+
+
+def test_keep_last_and_incomplete_marker(tmp_path):
+    from areal_hpc.train.checkpoint import complete_checkpoints, latest_checkpoint
+
+    for s in (1, 2, 3):
+        d = tmp_path / f"step_{s:08d}"
+        d.mkdir()
+        (d / "meta.json").write_text("{}")
+    (tmp_path / "latest").write_text("step_00000007")  # names something that is not there
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000001", "step_00000002", "step_00000003"]
+    assert latest_checkpoint(tmp_path / "nothing") is None

@@ -1,0 +1,165 @@
+"""FSDP2 engine on 2 CPU ranks vs a single-process transformers reference (fp32)."""
+
+from __future__ import annotations
+
+import torch
+
+from areal_hpc import toy
+from areal_hpc.train.testing import run_ranks
+
+VOCAB = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)  # ids 3.. are ordinary characters
+
+LENS = [5, 17, 9, 30, 3, 12]
+
+
+def make_batch():
+    from areal_hpc.train.batch import collate
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n in LENS:
+        ids = torch.randint(3, VOCAB, (n,), generator=g)
+        lm = torch.zeros(n, dtype=torch.long)
+        lm[max(1, n // 2):] = 1
+        samples.append({"input_ids": ids, "loss_mask": lm})
+    return samples, collate(samples)
+
+
+def nll_loss(out, mb):
+    m = mb["loss_mask"].float()
+    n = m.sum().clamp(min=1)
+    return -(out["logprobs"] * m).sum() / n, {"entropy": (out["entropy"] * m).sum() / n}
+
+
+def reference(path, samples):
+    """Per-sample logprobs, the global-token-mean NLL and its gradients, unpacked, one process."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    total = sum(int(s["loss_mask"].sum()) for s in samples)
+    logps, loss = [], 0.0
+    for s in samples:
+        ids = s["input_ids"]
+        logits = model(input_ids=ids[None]).logits[0]
+        lp = torch.log_softmax(logits.float(), -1)[:-1].gather(-1, ids[1:, None]).squeeze(-1)
+        logps.append(torch.cat([lp.new_zeros(1), lp]).detach())
+        loss = loss - (torch.cat([lp.new_zeros(1), lp]) * s["loss_mask"]).sum() / total
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return model, logps, float(loss), grads
+
+
+def full_grads(engine):
+    return {n: p.grad.full_tensor().clone() for n, p in engine.model.named_parameters()}
+
+
+def assert_close_grads(got, want, tol=1e-5):
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=tol, rtol=tol, msg=n)
+
+
+def _worker(rank, path):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.train.batch import select
+    from areal_hpc.train.engine import FSDPEngine
+
+    samples, batch = make_batch()
+    ref_model, ref_logps, ref_loss, ref_grads = reference(path, samples)
+
+    cfg = EngineConfig(path=path, optimizer=OptimizerConfig(lr=1e-3, grad_clip=0.0))
+    eng = FSDPEngine(cfg, MicroBatchSpec(max_tokens_per_mb=40), total_steps=10)
+    assert eng.model.lm_head.weight is eng.model.model.embed_tokens.weight  # tie survives meta init
+
+    # packed (several documents per row) vs unpacked logprobs
+    mine = select(batch, [0, 1, 2] if rank == 0 else [3, 4, 5])
+    lp = eng.forward(mine)
+    for j, i in enumerate([0, 1, 2] if rank == 0 else [3, 4, 5]):
+        torch.testing.assert_close(lp[j, : LENS[i]], ref_logps[i], atol=1e-5, rtol=0)
+        assert (lp[j, LENS[i]:] == 0).all()
+
+    # loss and full gradients, for several micro-batch plans and rank splits
+    splits = [([0, 1, 2], [3, 4, 5], MicroBatchSpec(max_tokens_per_mb=40)),
+              ([0, 1, 2], [3, 4, 5], MicroBatchSpec(max_tokens_per_mb=10_000)),
+              ([4], [0, 1, 2, 3, 5], MicroBatchSpec(max_tokens_per_mb=16, n_mbs=3))]
+    for r0, r1, spec in splits:
+        eng.mb_spec = spec
+        stats = eng.forward_backward(select(batch, r0 if rank == 0 else r1), nll_loss)
+        assert abs(stats["loss"] - ref_loss) < 1e-5, (spec, stats["loss"], ref_loss)
+        assert stats["n_tokens"] == sum(int(s["loss_mask"].sum()) for s in samples)
+        assert_close_grads(full_grads(eng), ref_grads)
+
+    # one optimizer step equals AdamW on the reference
+    eng.mb_spec = MicroBatchSpec(max_tokens_per_mb=40)
+    eng.forward_backward(select(batch, [0, 1, 2] if rank == 0 else [3, 4, 5]), nll_loss)
+    step = eng.optimizer_step()
+    assert step["skipped_step"] == 0.0
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ref_opt.step()
+    for n, p in eng.model.named_parameters():
+        torch.testing.assert_close(p.full_tensor(), dict(ref_model.named_parameters())[n].detach(),
+                                   atol=1e-6, rtol=1e-5, msg=n)
+
+    # a non-finite gradient norm skips the step and leaves the weights alone
+    before = {n: p.full_tensor().clone() for n, p in eng.model.named_parameters()}
+    stats = eng.train_batch(select(batch, [0] if rank == 0 else [1]),
+                            lambda out, mb: (nll_loss(out, mb)[0] * float("nan"), {}))
+    assert stats["skipped_step"] == 1.0
+    for n, p in eng.model.named_parameters():
+        assert torch.equal(p.full_tensor(), before[n])
+
+    # activation checkpointing, and document-aware (varlen) attention: same logprobs and gradients
+    for kw in ({"gradient_checkpointing": True}, {"attn_impl": "varlen"}):
+        other = FSDPEngine(EngineConfig(path=path, **kw), MicroBatchSpec(max_tokens_per_mb=40), 10)
+        lp = other.forward(mine)
+        for j, i in enumerate([0, 1, 2] if rank == 0 else [3, 4, 5]):
+            torch.testing.assert_close(lp[j, : LENS[i]], ref_logps[i], atol=1e-5, rtol=0)
+        other.forward_backward(mine, nll_loss)
+        assert_close_grads(full_grads(other), ref_grads)
+
+
+def test_fsdp_two_ranks_match_single_process(tmp_path):
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_worker, 2, args=(path,))
+
+
+def test_single_process_engine_without_env(tmp_path):
+    """World size 1 needs no launcher variables."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_single, 1, args=(path,))
+
+
+def _single(rank, path):
+    import os
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        os.environ.pop(k, None)
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+    from areal_hpc.train.engine import FSDPEngine
+
+    samples, batch = make_batch()
+    _, ref_logps, ref_loss, ref_grads = reference(path, samples)
+    eng = FSDPEngine(EngineConfig(path=path), MicroBatchSpec(max_tokens_per_mb=32), total_steps=1)
+    assert eng.info.world_size == 1
+    stats = eng.forward_backward(batch, nll_loss)
+    assert abs(stats["loss"] - ref_loss) < 1e-5
+    assert_close_grads(full_grads(eng), ref_grads)
+
+
+def test_env_ranks_torchrun_slurm_and_none(monkeypatch):
+    from areal_hpc.train.dist import env_ranks
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+              "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    assert env_ranks() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert env_ranks() == (5, 16, 1)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # an srun step inside a larger allocation
+    assert env_ranks() == (5, 8, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert env_ranks() == (3, 4, 3)  # torchrun wins

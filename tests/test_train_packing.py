@@ -1,0 +1,128 @@
+"""Micro-batch planning, packing round trips, chunked logprobs (single process, no model)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from areal_hpc.train.batch import collate, shard_batch, split_batch, unpad
+from areal_hpc.train.logprob import gather_logprobs, packed_token_logprobs
+from areal_hpc.train.packing import dummy_micro_batch, make_micro_batches, pack_samples, plan_micro_batches, unpack_to_padded
+
+
+def test_plan_respects_budget_and_covers_every_sample():
+    rng = random.Random(0)
+    for _ in range(50):
+        lens = [rng.randint(1, 60) for _ in range(rng.randint(1, 30))]
+        budget = rng.randint(60, 200)
+        n_mbs = rng.randint(1, 8)
+        plan = plan_micro_batches(lens, budget, n_mbs)
+        flat = sorted(i for mb in plan for i in mb)
+        assert flat == list(range(len(lens)))
+        assert all(sum(lens[i] for i in mb) <= budget for mb in plan)
+        assert len(plan) >= min(n_mbs, len(lens))
+        assert plan == plan_micro_batches(lens, budget, n_mbs)  # deterministic
+
+
+def test_plan_first_fit_decreasing_and_oversize():
+    assert plan_micro_batches([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert plan_micro_batches([30, 4, 4], 10) == [[0], [1, 2]]  # too long: alone
+    assert plan_micro_batches([3, 3, 3, 3], 100, min_mbs=3) == [[0], [1, 3], [2]]
+    assert len(plan_micro_batches([3, 3], 100, min_mbs=5)) == 2  # at most one per sample
+
+
+def _samples():
+    out = []
+    for n in (4, 1, 6):
+        out.append({"input_ids": torch.arange(n) + 10, "loss_mask": (torch.arange(n) >= 1).long(),
+                    "logprobs": torch.randn(n), "rewards": torch.tensor(float(n))})
+    return out
+
+
+def test_collate_unpad_and_pack():
+    batch = collate(_samples())
+    assert batch["input_ids"].shape == (3, 6) and batch["rewards"].shape == (3,)
+    back = unpad(batch)
+    assert [int(s["input_ids"].shape[0]) for s in back] == [4, 1, 6]
+    mb = pack_samples(back, [0, 1, 2])
+    assert mb.data["position_ids"].tolist() == [0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5]
+    assert mb.cu_seqlens.tolist() == [0, 4, 5, 11]
+    assert mb.doc_starts().nonzero().flatten().tolist() == [0, 4, 5]
+    assert mb.data["rewards"].tolist() == [4.0, 1.0, 6.0]
+    out = unpack_to_padded([mb.data["logprobs"]], [mb], batch)
+    torch.testing.assert_close(out, batch["logprobs"] * batch["attention_mask"])
+
+
+def test_left_padding_is_handled():
+    batch = collate(_samples())
+    left = {k: (torch.stack([torch.roll(v[i], int((batch["attention_mask"][i] == 0).sum())) for i in range(3)])
+                if v.dim() == 2 else v) for k, v in batch.items()}
+    for a, b in zip(unpad(left), unpad(batch)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_make_micro_batches_and_dummy():
+    batch = collate(_samples())
+    mbs = make_micro_batches(batch, max_tokens=6, min_mbs=1, sync=False)
+    assert sorted(i for mb in mbs for i in mb.sample_idx) == [0, 1, 2]
+    d = dummy_micro_batch(batch, pad_token_id=0)
+    assert d.is_dummy and d.n_tokens == 1 and set(d.data) == set(mbs[0].data)
+    assert d.data["loss_mask"].sum() == 0 and d.data["rewards"].shape == (1,)
+
+
+def test_split_and_shard_keep_groups():
+    batch = collate([{"input_ids": torch.arange(3) + i} for i in range(8)])
+    parts = split_batch(batch, 2, group_size=4)
+    assert [p["input_ids"][:, 0].tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert shard_batch(batch, 1, 2, group_size=2)["input_ids"][:, 0].tolist() == [4, 5, 6, 7]
+
+
+def test_chunked_logprobs_match_direct_with_grad():
+    torch.manual_seed(0)
+    logits = torch.randn(37, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (37,))
+    lp, ent = gather_logprobs(logits, labels, temperature=0.7, with_entropy=True, chunk=8)
+    x = logits / 0.7
+    ref_lp = torch.log_softmax(x, -1).gather(-1, labels[:, None]).squeeze(-1)
+    ref_ent = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)
+    torch.testing.assert_close(lp, ref_lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=0)
+    (g1,) = torch.autograd.grad((lp * 2 + ent).sum(), logits)
+    (g2,) = torch.autograd.grad((ref_lp * 2 + ref_ent).sum(), logits)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)
+
+
+def test_packed_alignment():
+    # logits that put all mass on a known next token: logprob ~0 where the label matches
+    ids = torch.tensor([5, 6, 7, 1, 2])
+    starts = torch.tensor([True, False, False, True, False])
+    logits = torch.full((5, 10), -1e4)
+    for t in range(4):
+        logits[t, ids[t + 1]] = 0.0
+    lp, _ = packed_token_logprobs(logits, ids, starts)
+    assert lp.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0]
+    logits[0, 6], logits[0, 0] = -1e4, 0.0  # token 1 (id 6) now impossible under logits of token 0
+    lp, _ = packed_token_logprobs(logits, ids, starts)
+    assert lp[1] < -1e3 and lp[3] == 0.0  # document start: no prediction across the boundary
+
+
+def test_lr_schedule_and_precision():
+    import pytest
+
+    from areal_hpc.config.schema import OptimizerConfig
+    from areal_hpc.train.optim import lr_lambda
+    from areal_hpc.train.parallel import resolve_precision
+
+    f = lr_lambda(OptimizerConfig(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1), total_steps=10)
+    vals = [f(s) for s in range(12)]
+    assert vals[:3] == [1 / 3, 2 / 3, 1.0] and abs(vals[10] - 0.1) < 1e-12 and vals[11] == vals[10]
+    assert all(a >= b for a, b in zip(vals[2:], vals[3:]))  # non-increasing after warm-up
+    assert lr_lambda(OptimizerConfig(), 10)(7) == 1.0
+    with pytest.raises(ValueError):
+        lr_lambda(OptimizerConfig(lr_schedule="linear"), 10)
+    assert resolve_precision("auto", torch.device("cpu")).param_dtype == torch.float32
+    assert resolve_precision("auto", torch.device("cuda")).param_dtype == torch.bfloat16
+    assert resolve_precision("bf16", torch.device("cpu")).policy() is not None
+    with pytest.raises(ValueError, match="loss scaling"):
+        resolve_precision("float16", torch.device("cuda"))

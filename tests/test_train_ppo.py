@@ -1,0 +1,149 @@
+"""Advantages, normalisations and the decoupled PPO loss on hand-computed cases; PPOActor smoke."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from areal_hpc import toy
+from areal_hpc.train.ppo import compute_advantages, kl_penalty_to_go, ppo_loss
+from areal_hpc.train.testing import run_ranks
+
+VOCAB = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)  # ids 3.. are ordinary characters
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
+                               atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------ advantages
+def test_group_norm_with_std():
+    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1])
+    # group 1: mean 0.25, unbiased std 0.5; group 2: all equal -> exactly 0
+    close(compute_advantages(r, 4), [1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0])
+
+
+def test_group_norm_without_std():
+    r = torch.tensor([1.0, 0, 0, 0, 2, 2, 2, 2])
+    close(compute_advantages(r, 4, std_norm=False), [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+
+
+def test_leave_one_out():
+    r = torch.tensor([1.0, 0, 0, 0, 3, 3, 3, 3])
+    close(compute_advantages(r, 4, std_norm=False, leave_one_out=True), [1, -1 / 3, -1 / 3, -1 / 3, 0, 0, 0, 0])
+    # with std: divided by the group's unbiased std (0.5)
+    close(compute_advantages(r, 4, std_norm=True, leave_one_out=True), [2, -2 / 3, -2 / 3, -2 / 3, 0, 0, 0, 0])
+
+
+def test_all_equal_groups_give_exact_zeros():
+    r = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7])
+    a = compute_advantages(r, 3)
+    assert torch.equal(a, torch.zeros(6))
+    assert torch.equal(compute_advantages(torch.tensor([0.3, 0.3]), 1), torch.zeros(2))  # groups of one
+    assert torch.equal(compute_advantages(torch.tensor([0.1, 0.1, 0.1]), 3, norm="batch"), torch.zeros(3))
+
+
+def test_batch_norm_and_none():
+    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1])
+    close(compute_advantages(r, 4, norm="batch"), (r - r.mean()) / (r.std() + 1e-6))
+    close(compute_advantages(r, 4, norm="batch", std_norm=False), r - 0.625)
+    close(compute_advantages(r, 4, norm="none"), r)
+    with pytest.raises(ValueError):
+        compute_advantages(r, 3)
+
+
+def test_kl_penalty_to_go():
+    logp = torch.tensor([[0.0, -1.0, -2.0, -0.5, 0.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0, -0.5, 0.0]])
+    mask = torch.tensor([[0.0, 1, 1, 1, 0]])
+    # kl per token: [0, .5, -1, 0, 0]; to-go sums: [-.5, -.5, -1, 0, 0]; times -0.1, masked
+    close(kl_penalty_to_go(logp, ref, mask, 0.1), [[0, 0.05, 0.1, 0, 0]])
+
+
+# ------------------------------------------------------------------ loss
+def test_decoupled_ppo_loss_hand_computed():
+    #            in-clip  clip+   clip-   dual    capped  masked   weighted
+    ratio = torch.tensor([1.1, 1.5, 0.5, 5.0, 1.0, 9.0, 1.0])
+    adv = torch.tensor([2.0, 1.0, -1.0, -1.0, 1.0, 5.0, -2.0])
+    w_behav = torch.tensor([1.0, 1.0, 1.0, 1.0, 10.0, 1.0, 2.0])  # pi_prox / pi_behav
+    mask = torch.tensor([1, 1, 1, 1, 1, 0, 1])
+    prox = torch.log(torch.tensor([0.5, 0.4, 0.3, 0.1, 0.2, 0.05, 0.25]))
+    logp = (prox + torch.log(ratio)).requires_grad_(True)
+    behav = prox - torch.log(w_behav)
+    loss, stats = ppo_loss(logp, prox, behav, adv, mask, eps_clip=0.2, c_clip=3.0, behav_imp_weight_cap=5.0)
+    # per token pg: -2*1.1, -1*1.2 (clipped), 0.8 (clipped), min(5, 3)=3 (dual), dropped (w>cap), masked,
+    # -(-2)*1.0 * w 2 = 4
+    expected = (-2.2 - 1.2 + 0.8 + 3.0 + 0.0 + 4.0) / 6
+    close(loss, expected)
+    close(stats["clip_frac"], 2 / 6)
+    close(stats["dual_clip_frac"], 1 / 6)
+    close(stats["behav_capped_frac"], 1 / 6)
+    close(stats["behav_imp_weight"], (1 + 1 + 1 + 1 + 2) / 5)
+    loss.backward()
+    # gradient d/dlogp of -A*ratio*w/6 only where unclipped: tokens 0 and 6
+    close(logp.grad, [-2 * 1.1 / 6, 0, 0, 0, 0, 0, 2 * 1.0 * 2 / 6], tol=1e-6)
+
+
+def test_ppo_loss_without_dual_clip_or_behaviour():
+    prox = torch.zeros(3)
+    logp = torch.log(torch.tensor([5.0, 1.0, 1.0]))
+    adv = torch.tensor([-1.0, 1.0, 0.0])
+    loss, stats = ppo_loss(logp, prox, None, adv, torch.ones(3), eps_clip=0.2, c_clip=None)
+    close(loss, (5.0 - 1.0 + 0.0) / 3)  # no dual clip: the -A*ratio branch (5) wins
+    assert "behav_imp_weight" not in stats
+    close(stats["dual_clip_frac"], 0.0)
+
+
+def test_ppo_loss_empty_mask_is_finite():
+    z = torch.zeros(4)
+    loss, stats = ppo_loss(z, z, z, z, torch.zeros(4), 0.2, 3.0, 5.0)
+    assert loss.item() == 0.0 and all(math.isfinite(float(v)) for v in stats.values())
+
+
+# ------------------------------------------------------------------ actor
+def _actor_worker(rank, path, kl_ctl):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
+    from areal_hpc.train.batch import collate
+    from areal_hpc.train.ppo import PPOActor
+
+    torch.manual_seed(0)
+    cfg = PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)),
+                    mb_spec=MicroBatchSpec(max_tokens_per_mb=24), ppo_n_minibatches=2, kl_ctl=kl_ctl)
+    actor = PPOActor.build(cfg, total_steps=10, group_size=4, temperature=1.0)
+    # 2 prompts x 4 samples: prompt of 4 tokens, response of 2 tokens
+    g = torch.Generator().manual_seed(1)
+    samples, rewards = [], []
+    for p in range(2):
+        prompt = torch.randint(3, VOCAB, (4,), generator=g)
+        for k in range(4):
+            ids = torch.cat([prompt, torch.randint(3, VOCAB, (2,), generator=g)])
+            samples.append({"input_ids": ids, "loss_mask": torch.tensor([0, 0, 0, 0, 1, 1])})
+            rewards.append(1.0 if k == p else 0.0)
+    batch = collate(samples)
+    batch["rewards"] = torch.tensor(rewards)
+    batch["logprobs"] = actor.compute_logp(batch)  # behaviour = current policy
+    mask = batch["loss_mask"].bool()
+    good = torch.tensor(rewards).bool()
+
+    def mean_logp(sel):
+        lp = actor.compute_logp(batch)
+        return float(lp[sel][mask[sel]].mean())
+
+    before_good, before_bad = mean_logp(good), mean_logp(~good)
+    for _ in range(4):
+        stats = actor.train_step(dict(batch))
+        for k in ("loss", "pg_loss", "clip_frac", "dual_clip_frac", "behav_imp_weight", "entropy", "grad_norm", "lr"):
+            assert k in stats and math.isfinite(stats[k]), (k, stats)
+        assert stats["skipped_step"] == 0.0
+    assert mean_logp(good) > before_good + 0.1
+    assert mean_logp(~good) < before_bad - 0.1
+    assert actor.engine.lr_scheduler.last_epoch == 4  # one LR step per train step, not per minibatch
+
+
+@pytest.mark.parametrize("kl_ctl", [0.0, 0.05])
+def test_ppo_actor_raises_rewarded_logprobs(tmp_path, kl_ctl):
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_actor_worker, 1, args=(path, kl_ctl))

@@ -1,0 +1,91 @@
+"""Published weights load in transformers with the trainer's logprobs; pruning respects live servers."""
+
+from __future__ import annotations
+
+import torch
+
+from areal_hpc import toy
+from areal_hpc.train.testing import run_ranks
+
+VOCAB = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)  # ids 3.. are ordinary characters
+
+
+def _loss(out, mb):
+    m = mb["loss_mask"].float()
+    return -(out["logprobs"] * m).sum() / m.sum().clamp(min=1), {}
+
+
+def _worker(rank, path, root, reg_root):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.registry import Registry
+    from areal_hpc.train.batch import collate
+    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.publish import publish_weights
+
+    eng = FSDPEngine(EngineConfig(path=path, optimizer=OptimizerConfig(lr=1e-2)), MicroBatchSpec(max_tokens_per_mb=32), 5)
+    g = torch.Generator().manual_seed(3)
+    batch = collate([{"input_ids": torch.randint(3, VOCAB, (n,), generator=g), "loss_mask": torch.ones(n, dtype=torch.long)}
+                     for n in (7, 12, 20)])
+    eng.train_batch(batch, _loss)  # weights now differ from the source model
+    reg = Registry(reg_root)
+    out = publish_weights(eng, root, 1, path, registry=reg if rank == 0 else None)
+    assert out.exists()
+    for temperature in (1.0, 0.7):
+        mine = eng.forward(batch, temperature=temperature)
+        if rank == 0:
+            model = AutoModelForCausalLM.from_pretrained(str(out))
+            assert model.dtype == torch.float32
+            for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+                ids = batch["input_ids"][i, :n]
+                with torch.no_grad():
+                    logits = model(input_ids=ids[None]).logits[0].float() / temperature
+                ref = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[1:, None]).squeeze(-1)
+                torch.testing.assert_close(mine[i, 1:n], ref, atol=1e-5, rtol=0)
+    if rank == 0:
+        tok = AutoTokenizer.from_pretrained(str(out))
+        assert tok.decode(tok("1+2=3")["input_ids"]) == "1+2=3"
+        rec = reg.get("weights", "latest")
+        assert (rec["version"], rec["path"]) == (1, str(out))
+    for v in (2, 3):  # right after a no-grad forward (root and last layer still unsharded)
+        publish_weights(eng, root, v, path, registry=reg if rank == 0 else None)
+    if rank == 0:
+        assert reg.get("weights", "latest")["version"] == 3
+        from safetensors.torch import load_file
+
+        a, b = load_file(f"{root}/v1/model.safetensors"), load_file(f"{root}/v3/model.safetensors")
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_publish_loads_in_transformers_with_same_logprobs(tmp_path):
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_worker, 2, args=(path, str(tmp_path / "weights"), str(tmp_path / "registry")))
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v1", "v2", "v3"]
+
+
+def _fake_versions(root, versions):
+    for v in versions:
+        (root / f"v{v}").mkdir(parents=True)
+        (root / f"v{v}" / "model.safetensors").write_bytes(b"x")
+
+
+def test_prune_keeps_what_live_servers_may_need(tmp_path):
+    from areal_hpc.registry import Registry
+    from areal_hpc.train.publish import published_versions, prune_weights
+
+    root = tmp_path / "weights"
+    _fake_versions(root, [1, 2, 3, 4, 5])
+    reg = Registry(tmp_path / "registry")
+    reg.put("weights", "latest", {"version": 5, "path": str(root / "v5")}, ttl=False)
+    reg.put("servers", "a", {"weight_version": 3})
+    reg.put("servers", "b", {"weight_version": 5})
+    assert prune_weights(root, reg, keep_min_version=5) == [1, 2]  # server a is still on v3
+    reg.delete("servers", "a")
+    assert prune_weights(root, reg, keep_min_version=5) == [3, 4]
+    assert sorted(published_versions(root)) == [5]
+    # latest is kept even below keep_min_version; no registry: only the floor counts
+    assert prune_weights(root, None, keep_min_version=9) == []
+    _fake_versions(root, [6, 7])
+    assert prune_weights(root, None, keep_min_version=7) == [5, 6]
+    assert sorted(published_versions(root)) == [7]

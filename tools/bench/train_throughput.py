@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Training throughput of the FSDP2 engine vs plain transformers + AdamW, in one run.
+
+Models: the Qwen2.5-0.5B and 1.5B architectures (random init, vocab 151936). The engine trains
+on variable-length documents packed into ``--tokens-per-mb``-token micro-batches; the baseline
+on a padded ``[B, L]`` batch of the same number of tokens (``B = tokens_per_mb / --seq-len``),
+bf16 parameters and bf16 AdamW, one process per GPU with no communication. Both accumulate
+``--mbs-per-step`` micro-batches per optimizer step. One JSON line per (model, implementation):
+tokens/s and MFU = 6 * N * tokens/s / peak (``--peak-tflops`` per GPU; attention FLOPs not counted).
+
+    python tools/bench/train_throughput.py --tiny                          # CPU smoke test
+    torchrun --nproc_per_node=1 tools/bench/train_throughput.py            # 1 GPU
+    torchrun --nproc_per_node=2 tools/bench/train_throughput.py            # 2 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig  # noqa: E402
+from areal_hpc.train import dist  # noqa: E402
+from areal_hpc.train.batch import collate  # noqa: E402
+
+QWEN25 = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+              tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu")
+MODELS = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, **QWEN25),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, **QWEN25),
+}
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument("--tiny", action="store_true", help="tiny versions of the models, CPU-sized batches")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak (H100/H200 dense bf16: 989)")
+    p.add_argument("--tokens-per-mb", type=int, default=16384)
+    p.add_argument("--mbs-per-step", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048, help="baseline row length")
+    p.add_argument("--min-doc", type=int, default=256, help="engine document lengths: uniform in [min, max]")
+    p.add_argument("--max-doc", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--attn-impl", default="varlen", help="engine attention: varlen | sdpa | ...")
+    p.add_argument("--ac", default="auto", choices=["auto", "on", "off"],
+                   help="activation checkpointing for both implementations (auto: on from 1B parameters)")
+    p.add_argument("--impls", default="engine,hf", help="which to run: engine, hf")
+    p.add_argument("--workdir", default="", help="where the random-init models are written (visible to all ranks)")
+    a = p.parse_args(argv)
+    if a.tiny:
+        for k, v in dict(tokens_per_mb=512, seq_len=128, min_doc=16, max_doc=128, steps=2, warmup=1).items():
+            if getattr(a, k) == p.get_default(k):
+                setattr(a, k, v)
+    return a
+
+
+def model_config(name: str, tiny: bool):
+    from transformers import AutoConfig
+
+    kw = dict(MODELS[name])
+    if tiny:
+        kw.update(TINY)
+    return AutoConfig.for_model("qwen2", **kw)
+
+
+def count_params(cfg) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in m.parameters())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mem_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def write_model(cfg, out: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Random-init weights saved as an HF dir (rank 0 of each node; others wait)."""
+    from transformers import AutoModelForCausalLM
+
+    if dist.rank() == 0 and not (out / "config.json").exists():
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(str(tmp))
+        os.replace(tmp, out)
+        del model
+        free_memory()
+    dist.barrier()
+
+
+def engine_batch(args, vocab: int, rank: int, step: int):
+    """Documents of random length filling 97% of ``mbs_per_step * tokens_per_mb`` tokens on this rank
+    (a little slack lets first-fit-decreasing pack them into ``mbs_per_step`` micro-batches)."""
+    rng = random.Random(1000 * step + rank)
+    budget, samples, used = int(0.97 * args.tokens_per_mb * args.mbs_per_step), [], 0
+    while True:
+        n = rng.randint(args.min_doc, args.max_doc)
+        if used + n > budget:
+            n = budget - used
+            if n < 2:
+                break
+        ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+        samples.append({"input_ids": ids, "loss_mask": (torch.arange(n) > 0).long()})
+        used += n
+    return collate(samples), used
+
+
+def result(args, name, impl, n_params, tokens_per_step, times, device, world, extra):
+    step_s = sum(times) / len(times)
+    tps = tokens_per_step / step_s
+    per_gpu = tps / world
+    return {"bench": "train_throughput", "model": name + ("-tiny" if args.tiny else ""), "impl": impl,
+            "world_size": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "n_params": n_params, "tokens_per_step": tokens_per_step, "step_time_s": round(step_s, 4),
+            "tokens_per_s": round(tps, 1), "tokens_per_s_per_gpu": round(per_gpu, 1),
+            "mfu": round(6 * n_params * per_gpu / (args.peak_tflops * 1e12), 4),
+            "peak_mem_gib": round(peak_mem_gib(device), 2), **extra}
+
+
+def bench_engine(args, name, cfg, path, n_params, ac, info):
+    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.sft import sft_loss
+
+    eng = FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=args.attn_impl,
+                                  optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
+                     MicroBatchSpec(max_tokens_per_mb=args.tokens_per_mb, n_mbs=args.mbs_per_step),
+                     total_steps=args.warmup + args.steps)
+    times, losses, tokens, n_mbs = [], [], 0, 0.0
+    for step in range(args.warmup + args.steps):
+        batch, used = engine_batch(args, cfg.vocab_size, info.rank, step)
+        sync(info.device)
+        t0 = time.perf_counter()
+        stats = eng.train_batch(batch, sft_loss)
+        eng.step_lr_scheduler()
+        sync(info.device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            tokens = int(dist.all_reduce_scalar(used))
+            n_mbs = stats["n_mbs"]
+        losses.append(stats["loss"])
+    times = [dist.all_reduce_scalar(t, "max") for t in times]
+    out = result(args, name, "areal_fsdp", n_params, tokens, times, info.device, info.world_size,
+                 {"dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
+                  "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
+                  "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)})
+    del eng
+    free_memory()
+    return out
+
+
+def bench_hf(args, name, cfg, n_params, ac, info):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(info.device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    rows = max(1, args.tokens_per_mb // args.seq_len)
+    g = torch.Generator().manual_seed(info.rank)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        mbs = [torch.randint(0, cfg.vocab_size, (rows, args.seq_len), generator=g).to(info.device)
+               for _ in range(args.mbs_per_step)]
+        sync(info.device)
+        t0 = time.perf_counter()
+        total = 0.0
+        for ids in mbs:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss / len(mbs)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(info.device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(total)
+    times = [dist.all_reduce_scalar(t, "max") for t in times]
+    tokens = rows * args.seq_len * args.mbs_per_step * info.world_size
+    out = result(args, name, "hf_plain", n_params, tokens, times, info.device, info.world_size,
+                 {"dtype": str(dtype).removeprefix("torch."), "attn_impl": "sdpa", "gradient_checkpointing": ac,
+                  "note": "independent replica per GPU (no gradient sync)",
+                  "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)})
+    del model, opt
+    free_memory()
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = dist.init_distributed()
+    if info.device.type == "cpu" and not args.tiny:
+        print("no GPU: pass --tiny for the CPU smoke test", file=sys.stderr)
+    workdir = Path(args.workdir or Path(tempfile.gettempdir()) / f"areal-bench-{os.getuid()}")
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        cfg = model_config(name, args.tiny)
+        n_params = count_params(cfg)
+        ac = args.ac == "on" or (args.ac == "auto" and n_params >= 1e9)
+        rows = []
+        for impl in impls:
+            try:
+                if impl == "engine":
+                    path = workdir / (name + ("-tiny" if args.tiny else ""))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+                    write_model(cfg, path, dtype, info.device)
+                    rows.append(bench_engine(args, name, cfg, path, n_params, ac, info))
+                elif impl == "hf":
+                    rows.append(bench_hf(args, name, cfg, n_params, ac, info))
+                else:
+                    raise SystemExit(f"unknown impl {impl!r} (engine, hf)")
+            except torch.OutOfMemoryError as e:
+                free_memory()
+                rows.append({"bench": "train_throughput", "model": name, "impl": impl, "error": f"OOM: {e}"[:300]})
+        if info.rank == 0:
+            for r in rows:
+                print(json.dumps(r), flush=True)
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
