@@ -50,6 +50,7 @@ class LauncherConfig:
     server_startup_timeout_s: float = 900.0
     trainer_wait_servers_timeout_s: float = 1800.0
     requeue_on_preemption: bool = True
+    wait: bool = False  # mode=slurm: `submit` waits for the job to end (exit code = the driver's) instead of returning once it runs
 
 
 @dataclass

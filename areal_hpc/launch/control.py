@@ -34,13 +34,18 @@ def post_request(reg: Registry, kind: str, **fields) -> str:
 
 
 def _pid_alive(pid: Optional[int]) -> bool:
+    """A live (not zombie) process on this host."""
     if not pid:
         return False
     try:
         os.kill(int(pid), 0)
-        return True
     except (ProcessLookupError, PermissionError, ValueError):
         return False
+    try:  # an exited child its parent has not reaped yet still answers kill(0)
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _health(address: str, key: str, timeout: float = 2.0) -> bool:
@@ -177,6 +182,13 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0) -> int:
     deadline = time.monotonic() + timeout_s
     if run.get("mode") == "local" and _pid_alive(run.get("pid")):
         os.kill(int(run["pid"]), signal.SIGTERM)
+    if run.get("mode") == "slurm" and run.get("job_id") and \
+            _slurm_state(run["job_id"]).get("state") in ("PENDING", "REQUEUED"):
+        subprocess.run(["scancel", str(run["job_id"])], check=False)  # not started: nothing to checkpoint
+    for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
+        # scancel sends SIGTERM to their steps first: the servers deregister
+        subprocess.run(["scancel", str(job_id)], check=False, capture_output=True)
+        reg.delete("jobs", job_id)
     while time.monotonic() < deadline:
         owner_alive = _pid_alive(run.get("pid")) if run.get("mode") == "local" else \
             _slurm_state(run.get("job_id", "")).get("state") in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED")
@@ -200,25 +212,43 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
     """Ask the run's owner for ``count`` more servers and wait until they have registered."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
-    owner_alive = _pid_alive(run.get("pid")) if run.get("mode") == "local" else bool(run.get("job_id"))
+    # a Slurm driver is alive while its run record heartbeats
+    owner_alive = _pid_alive(run.get("pid")) if run.get("mode") == "local" else \
+        run.get("mode") == "slurm" and bool(run.get("pid")) and reg.get("", "run") is not None
     if not owner_alive and not new_job:
         from areal_hpc.config import ConfigError
 
         raise ConfigError("experiment_name/trial_name", f"run {rd} has no live owner to start servers",
                           "use --new-job to submit the servers as their own job")
     before = set(reg.list("servers"))
-    if new_job or run.get("mode") == "slurm" and new_job:
+    if new_job:
         from areal_hpc.launch import slurm
 
-        return slurm.submit_server_job(load_resolved(rd / "config.yaml"), rd, count)
-    post_request(reg, "add_servers", count=count)
+        return slurm.submit_server_job(load_resolved(rd / "config.yaml"), rd, count, timeout_s=timeout_s)
+    req = post_request(reg, "add_servers", count=count)
     timeout = timeout_s or load_resolved(rd / "config.yaml").launcher.server_startup_timeout_s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = set(reg.list("servers")) - before
+        # counted once they serve (state ready/paused), not while their model still loads
+        new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
         if len(new) >= count:
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}")
             return 0
+        unserved = reg.get("requests", f"{req}-unserved")
+        if unserved is not None and run.get("mode") == "slurm":
+            # the allocation is full: the rest as a separate job whose servers join the run
+            reg.delete("requests", f"{req}-unserved")
+            missing = count - int(unserved.get("started", 0))
+            print(f"the allocation has room for {unserved.get('started', 0)} of {count} server(s); submitting "
+                  f"{missing} as a separate job")
+            from areal_hpc.launch import slurm
+
+            rc = slurm.submit_server_job(load_resolved(rd / "config.yaml"), rd, missing,
+                                         timeout_s=max(1.0, deadline - time.monotonic()))
+            if rc != 0 or not int(unserved.get("started", 0)):
+                return rc
+            count -= missing
+            before |= set(reg.list("servers"))  # wait on for the ones the driver started
         time.sleep(0.3)
     print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`", file=sys.stderr)
     return 1

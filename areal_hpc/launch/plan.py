@@ -32,7 +32,7 @@ class StepSpec:
     gpus_per_task: int
     cpus_per_task: int
     mem_per_node_mb: int
-    relative_node: int  # first node of the step within the allocation (srun --relative)
+    relative_node: int  # first node of the step within the allocation (srun --relative); -1 = any
     gpu_ids: List[int] = field(default_factory=list)  # local placement on the (first) node
     command: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)
@@ -169,8 +169,10 @@ def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optio
     """The ``srun`` line that runs one step inside the allocation, sized exactly (``--exact``,
     explicit ``--gres``) so concurrent steps never wait on each other or share a GPU."""
     argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
-            f"--ntasks-per-node={step.ntasks_per_node}", f"--relative={step.relative_node}", "--exact",
+            f"--ntasks-per-node={step.ntasks_per_node}", "--exact",
             f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]
+    if step.relative_node >= 0:  # -1: anywhere in the allocation with room (added servers)
+        argv.insert(5, f"--relative={step.relative_node}")
     if jobid:
         argv.append(f"--jobid={jobid}")
     if step.gpus_per_task:

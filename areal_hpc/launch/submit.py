@@ -55,7 +55,23 @@ def _check_fileroot_shared(cfg: ExperimentConfig) -> None:
               "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
 
 
+def check_trainer_type(cfg: ExperimentConfig) -> None:
+    """A plugin trainer must import and register its type here, not fail later on a node."""
+    if not cfg.trainer.plugins:
+        return
+    from areal_hpc.trainers.factory import TRAINERS, known_types, load_plugins
+
+    try:
+        load_plugins(cfg.trainer.plugins)
+    except Exception as e:  # noqa: BLE001 - any import error is the user's to fix
+        raise ConfigError("trainer.plugins", f"importing {cfg.trainer.plugins} failed: {e!r}") from None
+    if cfg.trainer.type not in TRAINERS and cfg.trainer.type not in known_types():
+        raise ConfigError("trainer.type", f"{cfg.trainer.type!r} is not registered by {cfg.trainer.plugins}",
+                          f"known: {', '.join(known_types())}")
+
+
 def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
+    check_trainer_type(cfg)
     rd = run_dir(cfg)
     reg = registry_for(cfg, rd)
     restart = cfg.min_required_servers > 0
@@ -72,6 +88,12 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         raise ConfigError("experiment_name/trial_name", f"run {rd} has {len(live_servers)} live server(s)",
                           f"restart only the trainer with min_required_servers={len(live_servers)}, "
                           "stop the run, or pick another trial_name")
+    if restart and not dry_run and cfg.mode == "slurm":
+        from areal_hpc.launch import slurm
+
+        run = slurm.live_driver(cfg, rd)
+        if run is not None:  # start the trainer inside the live allocation, not as a new job
+            return slurm.restart_trainer(cfg, rd, run)
     plan = build_plan(cfg, alloc, rd, with_servers=not restart)
     _check_fileroot_shared(cfg)
     write_run_dir(cfg, plan, rd)

@@ -46,6 +46,8 @@ LOCK_CLASSES = {
     "lease": filelock.SoftFileLease,
 }
 _ESTALE_RETRIES = 5
+_MAX_RECORD = 1 << 20  # bytes of a record that are read (a bigger one reads as torn, i.e. absent)
+_READ_CHUNK = 1 << 16
 
 
 def _retry_estale(fn: Callable[[], Any]) -> Any:
@@ -123,7 +125,20 @@ class Registry:
         def read() -> Tuple[bytes, float]:
             fd = os.open(path, os.O_RDONLY)
             try:
-                return os.read(fd, 1 << 20), os.fstat(fd).st_mtime
+                # Records are small: read 64 KiB first and go on only for a big one, up to the
+                # 1 MiB cap. (One os.read(fd, 1 MiB) allocates and frees a 1 MiB buffer per
+                # record: ~20 us of a ~25 us read, most of the time of `list`.)
+                raw = os.read(fd, _READ_CHUNK)
+                if len(raw) == _READ_CHUNK:
+                    parts, total = [raw], len(raw)
+                    while total < _MAX_RECORD:
+                        more = os.read(fd, min(_READ_CHUNK, _MAX_RECORD - total))
+                        if not more:
+                            break
+                        parts.append(more)
+                        total += len(more)
+                    raw = b"".join(parts)
+                return raw, os.fstat(fd).st_mtime
             finally:
                 os.close(fd)
 

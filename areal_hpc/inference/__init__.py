@@ -1,0 +1,27 @@
+"""Inference: server lifecycle, the SGLang command builder, the embedded `hf` engine, the client pool.
+
+* `server.serve` / ``python -m areal_hpc.inference.server``: run one server (hf or sglang),
+  registered in the run's registry while it lives.
+* `client.ServerPool`: discover servers, route by least load, retry, resume aborted generations.
+* `sglang.build_sglang_argv`: ``python -m sglang.launch_server ...`` from a ServerConfig.
+* `hf_engine`: continuous batching on a transformers model behind SGLang's HTTP API
+  (`http_server`). Importing this package does not import torch.
+
+Knows nothing of Slurm (it only records SLURM_* ids it finds in its environment).
+"""
+
+_EXPORTS = {
+    "ServerPool": "client", "GenerateResult": "client", "CallResult": "client", "PoolError": "client",
+    "RequestRejected": "client", "serve": "server", "main_from_args": "server",
+    "build_sglang_argv": "sglang", "SGLANG_VERSION": "sglang",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # lazy, so that ``python -m areal_hpc.inference.server`` does not import itself twice
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"areal_hpc.inference.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'areal_hpc.inference' has no attribute {name!r}")

@@ -1,0 +1,442 @@
+"""The client side: a pool of inference servers discovered from the run's registry (asyncio+aiohttp).
+
+* Discovery: ``servers/*`` records in state ready/paused are polled every ``refresh_s`` (one
+  heartbeat); servers that appear are used from the next poll, expired ones are dropped.
+* Routing: each request goes to the healthy server with the fewest requests in flight.
+* Failures: a connection error, timeout or 5xx marks the server down for a short backoff and
+  the request is re-sent to another server (with whatever was generated before it).
+* Resumption: a response that ends with ``finish_reason.type == "abort"`` (a weight update
+  paused the servers) is continued: the pool waits until generation may go on (`resume`, or a
+  short backoff when it was not paused by us), then re-sends ``prompt + output so far`` with the
+  remaining token budget. The caller gets one `GenerateResult` with per-token logprobs and the
+  weight version that produced each token.
+* Fan-out: `pause_all`, `continue_all`, `update_weights_from_disk`, `abort_all` call every server
+  concurrently and return one `CallResult` per server; failures are in the results, never
+  swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos")
+SERVING_STATES = ("ready", "paused")
+
+
+class PoolError(RuntimeError):
+    """No server could complete the request."""
+
+
+class RequestRejected(PoolError):
+    """A server refused the request itself (4xx): retrying elsewhere would not help."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _Retryable(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    output_ids: List[int]
+    logprobs: List[float]
+    versions: List[Any]  # weight version of each output token
+    finish_reason: str  # stop | length | abort
+    prompt_tokens: int = 0
+    n_requests: int = 1  # HTTP requests it took (resumptions and retries included)
+    server_ids: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class CallResult:
+    server_id: str
+    address: str
+    ok: bool
+    status: Optional[int] = None
+    body: Any = None
+    error: Optional[str] = None
+
+
+class _Server:
+    __slots__ = ("id", "address", "url", "inflight", "down_until", "failures", "static", "record")
+
+    def __init__(self, server_id: str, address: str, static: bool = False, record: Optional[dict] = None):
+        self.id = server_id
+        self.address = address
+        self.url = address if address.startswith("http") else f"http://{address}"
+        self.inflight = 0
+        self.down_until = 0.0
+        self.failures = 0
+        self.static = static
+        self.record = record or {}
+
+
+def _version(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            return v
+    return v
+
+
+def sampling_params(params: Any = None, **overrides: Any) -> Dict[str, Any]:
+    """SGLang ``sampling_params`` from a GenerationConfig-like object or dict, plus overrides."""
+    out: Dict[str, Any] = {}
+    if params is not None:
+        src = params if isinstance(params, dict) else {k: getattr(params, k) for k in SAMPLING_KEYS
+                                                       if hasattr(params, k)}
+        out.update(src)
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    if "stop_token_ids" in out:
+        out["stop_token_ids"] = list(out["stop_token_ids"] or [])
+    out.setdefault("max_new_tokens", 128)
+    return out
+
+
+class ServerPool:
+    def __init__(self, registry=None, api_key: Optional[str] = None, refresh_s: float = 2.0, *,
+                 request_timeout_s: Optional[float] = 3600.0, connect_timeout_s: float = 10.0,
+                 max_failures: int = 8, wait_servers_timeout_s: float = 600.0,
+                 states: Sequence[str] = SERVING_STATES):
+        self.registry = registry
+        if api_key is None and registry is not None:
+            api_key = registry.secret()
+        self.api_key = api_key
+        self.refresh_s = refresh_s
+        self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_failures = max_failures
+        self.wait_servers_timeout_s = wait_servers_timeout_s
+        self.states = tuple(states)
+        self._servers: Dict[str, _Server] = {}
+        self._order: List[_Server] = []
+        self._rr = 0
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._refresher: Optional[asyncio.Task] = None
+        self._running: Optional[asyncio.Event] = None  # set = generation may proceed
+        self._changed: Optional[asyncio.Event] = None
+        self.stats = {"requests": 0, "retries": 0, "resumes": 0}
+
+    @classmethod
+    def from_run_dir(cls, run_dir, launcher=None, **kwargs) -> "ServerPool":
+        from pathlib import Path
+
+        from areal_hpc.config.schema import LauncherConfig
+        from areal_hpc.registry import Registry
+
+        launcher = launcher or LauncherConfig()
+        reg = Registry(Path(run_dir) / "registry", launcher.lock_kind, launcher.ttl_s)
+        kwargs.setdefault("refresh_s", launcher.heartbeat_s)
+        return cls(reg, **kwargs)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> "ServerPool":
+        if self._session is None:
+            self._running = asyncio.Event()
+            self._running.set()
+            self._changed = asyncio.Event()
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers,
+                                                  timeout=aiohttp.ClientTimeout(total=None))
+            if self.registry is not None:
+                await self.refresh()
+                self._refresher = asyncio.create_task(self._refresh_loop())
+        return self
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            try:
+                await self._refresher
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._refresher = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> "ServerPool":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ membership
+    def add_server(self, server_id: str, address: str) -> None:
+        """A server that is not in the registry (kept until `remove_server`)."""
+        self._servers[server_id] = _Server(server_id, address, static=True)
+        self._reorder()
+
+    def remove_server(self, server_id: str) -> None:
+        if self._servers.pop(server_id, None) is not None:
+            self._reorder()
+
+    def _reorder(self) -> None:
+        self._order = list(self._servers.values())
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    @property
+    def servers(self) -> Dict[str, Dict[str, Any]]:
+        now = time.monotonic()
+        return {s.id: {"address": s.address, "inflight": s.inflight, "healthy": s.down_until <= now,
+                       "failures": s.failures, **{k: s.record.get(k) for k in ("weight_version", "state")}}
+                for s in self._order}
+
+    async def refresh(self) -> None:
+        """Re-read the registry: add new servers, drop expired ones, follow address changes."""
+        if self.registry is None:
+            return
+        recs = await asyncio.to_thread(self.registry.list, "servers")
+        live = {sid: r for sid, r in recs.items() if r.get("address") and r.get("state", "ready") in self.states}
+        changed = False
+        for sid, rec in live.items():
+            cur = self._servers.get(sid)
+            if cur is None or cur.address != rec["address"]:
+                self._servers[sid] = _Server(sid, rec["address"], record=rec)
+                changed = True
+            else:
+                cur.record = rec
+        for sid in [s for s, srv in self._servers.items() if s not in live and not srv.static]:
+            del self._servers[sid]
+            changed = True
+        if changed:
+            self._reorder()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # a flaky shared filesystem must not kill discovery
+                log.exception("refreshing the server list failed")
+
+    async def wait_for_servers(self, n: int = 1, timeout_s: Optional[float] = None) -> None:
+        deadline = time.monotonic() + (self.wait_servers_timeout_s if timeout_s is None else timeout_s)
+        while len(self._servers) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PoolError(f"waited for {n} inference servers, found {len(self._servers)}")
+            await self.refresh()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, self.refresh_s))
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ pause / resume (client side)
+    def pause(self) -> None:
+        """New and interrupted generations wait until `resume`."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._running is not None and not self._running.is_set()
+
+    # ------------------------------------------------------------------ routing
+    async def _choose(self, avoid: Set[str]) -> _Server:
+        deadline = None
+        while True:
+            now = time.monotonic()
+            order = self._order
+            n = len(order)
+            best: Optional[_Server] = None
+            fallback: Optional[_Server] = None
+            if n:
+                self._rr = (self._rr + 1) % n
+                for i in range(n):
+                    s = order[(self._rr + i) % n]
+                    if s.down_until > now:
+                        continue
+                    if s.id in avoid:
+                        if fallback is None or s.inflight < fallback.inflight:
+                            fallback = s
+                        continue
+                    if best is None or s.inflight < best.inflight:
+                        best = s
+            if best is not None or fallback is not None:
+                return best or fallback
+            if deadline is None:
+                deadline = now + self.wait_servers_timeout_s
+            if now >= deadline:
+                raise PoolError(f"no healthy inference server for {self.wait_servers_timeout_s:.0f}s "
+                                f"({n} known, all failing)")
+            wake = min([s.down_until for s in order] or [now + self.refresh_s]) - now
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), max(0.01, min(wake, self.refresh_s)))
+            except asyncio.TimeoutError:
+                pass
+            if not order and self.registry is not None:
+                await self.refresh()
+
+    def _mark_failed(self, s: _Server, why: str) -> None:
+        s.failures += 1
+        s.down_until = time.monotonic() + min(10.0, 0.25 * 2 ** min(s.failures, 6))
+        log.warning("server %s (%s) failed: %s", s.id, s.address, why)
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, input_ids: Sequence[int], params: Any = None, *, rid: Optional[str] = None,
+                       **overrides: Any) -> GenerateResult:
+        """One complete generation (resumed across aborts, retried across server failures).
+
+        ``params``: a GenerationConfig, a dict of SGLang sampling params, or None; keyword
+        overrides win. Raises `RequestRejected` on a 4xx and `PoolError` when no server could
+        serve it.
+        """
+        if self._session is None:
+            await self.start()
+        sp = sampling_params(params, **overrides)
+        budget = int(sp["max_new_tokens"])
+        prompt = list(input_ids)
+        out: List[int] = []
+        lps: List[float] = []
+        vers: List[Any] = []
+        used: List[str] = []
+        avoid: Set[str] = set()
+        failures = 0
+        empty_aborts = 0
+        n_requests = 0
+        base_rid = rid or uuid.uuid4().hex
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s, sock_connect=self.connect_timeout_s)
+        while True:
+            if not self._running.is_set():
+                await self._running.wait()
+            remaining = budget - len(out)
+            if remaining <= 0 and n_requests:
+                return GenerateResult(out, lps, vers, "length", len(prompt), n_requests, used)
+            server = await self._choose(avoid)
+            payload = {"input_ids": prompt + out if out else prompt,
+                       "sampling_params": {**sp, "max_new_tokens": remaining},
+                       "return_logprob": True,
+                       "rid": base_rid if not n_requests else f"{base_rid}-{n_requests}"}
+            n_requests += 1
+            self.stats["requests"] += 1
+            server.inflight += 1
+            try:
+                async with self._session.post(server.url + "/generate", json=payload, timeout=timeout) as resp:
+                    status = resp.status
+                    if status >= 500 or status in (408, 429):
+                        raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
+                    body = await resp.json(content_type=None)
+            except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable, ValueError) as e:
+                failures += 1
+                self.stats["retries"] += 1
+                self._mark_failed(server, f"{type(e).__name__}: {e}")
+                avoid.add(server.id)
+                if failures >= self.max_failures:
+                    raise PoolError(f"generation failed on {failures} attempts; last: {type(e).__name__}: {e}") from e
+                continue
+            finally:
+                server.inflight -= 1
+            if status >= 400:
+                msg = body.get("message") or str(body.get("error")) if isinstance(body, dict) else str(body)
+                raise RequestRejected(status, msg)
+            server.failures = 0
+            server.down_until = 0.0
+            meta = body.get("meta_info", {})
+            ids = body.get("output_ids") or []
+            out.extend(ids)
+            got = meta.get("output_token_logprobs") or []
+            lps.extend(float(x[0]) if x[0] is not None else float("nan") for x in got[:len(ids)])
+            if len(got) < len(ids):
+                lps.extend([float("nan")] * (len(ids) - len(got)))
+            vers.extend(_expand_versions(meta, len(ids)))
+            if ids:
+                used.append(server.id)
+            reason = (meta.get("finish_reason") or {}).get("type", "stop")
+            if reason != "abort":
+                return GenerateResult(out, lps, vers, reason, len(prompt), n_requests, used)
+            self.stats["resumes"] += 1
+            if len(out) >= budget:
+                return GenerateResult(out, lps, vers, "length", len(prompt), n_requests, used)
+            empty_aborts = 0 if ids else empty_aborts + 1
+            if self._running.is_set():
+                # aborted without our pause (someone else paused the server, or it is shutting down)
+                await asyncio.sleep(min(1.0, 0.02 * 2 ** min(empty_aborts, 6)))
+
+    # ------------------------------------------------------------------ fan-out
+    async def _call(self, s: _Server, method: str, path: str, payload: Optional[dict],
+                    timeout_s: Optional[float]) -> CallResult:
+        try:
+            async with self._session.request(method, s.url + path, json=payload,
+                                             timeout=aiohttp.ClientTimeout(total=timeout_s,
+                                                                           sock_connect=self.connect_timeout_s)
+                                             ) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = await resp.text()
+                ok = 200 <= resp.status < 300 and not (isinstance(body, dict) and body.get("success") is False)
+                err = None if ok else (body.get("message") if isinstance(body, dict) else str(body))
+                return CallResult(s.id, s.address, ok, resp.status, body, err)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            return CallResult(s.id, s.address, False, None, None, f"{type(e).__name__}: {e}")
+
+    async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
+                       timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
+                       ) -> Dict[str, CallResult]:
+        if self._session is None:
+            await self.start()
+        targets = [s for s in self._order if server_ids is None or s.id in set(server_ids)]
+        results = await asyncio.gather(*(self._call(s, method, path, payload, timeout_s) for s in targets))
+        bad = [r for r in results if not r.ok]
+        if bad:
+            log.warning("%s %s failed on %d of %d servers: %s", method, path, len(bad), len(results),
+                        "; ".join(f"{r.server_id}: {r.error}" for r in bad[:4]))
+        return {r.server_id: r for r in results}
+
+    async def pause_all(self, mode: str = "abort") -> Dict[str, CallResult]:
+        """`pause` this pool, then ``/pause_generation`` everywhere (running requests come back
+        aborted and wait here for `continue_all`)."""
+        self.pause()
+        return await self.call_all("POST", "/pause_generation", {"mode": mode})
+
+    async def continue_all(self) -> Dict[str, CallResult]:
+        res = await self.call_all("POST", "/continue_generation", {})
+        self.resume()
+        return res
+
+    async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,
+                                       timeout_s: Optional[float] = None) -> Dict[str, CallResult]:
+        res = await self.call_all("POST", "/update_weights_from_disk",
+                                  {"model_path": str(path), "weight_version": str(version),
+                                   "abort_all_requests": abort_all_requests}, timeout_s=timeout_s)
+        for r in res.values():
+            s = self._servers.get(r.server_id)
+            if r.ok and s is not None:
+                s.record = dict(s.record, weight_version=_version(version))
+        return res
+
+    async def abort_all(self) -> Dict[str, CallResult]:
+        return await self.call_all("POST", "/abort_request", {"abort_all": True})
+
+
+def _expand_versions(meta: Dict[str, Any], n: int) -> List[Any]:
+    spans = meta.get("weight_versions")
+    out: List[Any] = []
+    if spans:
+        for sp in spans:
+            out.extend([_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0))))
+    if len(out) != n:
+        v = _version(meta.get("weight_version"))
+        out = (out + [v] * n)[:n]
+    return out

@@ -1,0 +1,266 @@
+"""The engine loop: one thread that admits requests between steps, runs what the scheduler picks,
+samples, and finishes sequences.
+
+Everything that changes engine state (pause, abort, a weight swap) is a command executed on the
+loop thread between two steps, so a decode step never sees half-updated weights and no lock is
+held while the model runs. Other threads talk to the engine only through `submit` and `call`
+(both thread-safe); results come back through each sequence's ``on_finish`` callback (called on
+the loop thread) and through `concurrent.futures.Future` for commands.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from areal_hpc.inference.hf_engine.model_runner import ModelRunner
+from areal_hpc.inference.hf_engine.sampler import sample
+from areal_hpc.inference.hf_engine.scheduler import Scheduler
+from areal_hpc.inference.hf_engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+def next_version(current: str) -> str:
+    try:
+        return str(int(current) + 1)
+    except ValueError:
+        return current
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, *, max_prefill_tokens: Optional[int] = None,
+                 weight_version: str = "0"):
+        self.runner = runner
+        if max_prefill_tokens is None:
+            max_prefill_tokens = 16384 if runner.device.type == "cuda" else 8192
+        self.scheduler = Scheduler(runner.max_running, max_prefill_tokens)
+        self.weight_version = str(weight_version)
+        self.eos_token_ids = frozenset(runner.eos_token_ids)
+        self.frozen = False  # pause mode "in_place": no steps at all, requests keep their KV
+        self._inbox: Deque[Sequence] = deque()
+        self._commands: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.stats: Dict[str, float] = {"prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,
+                                        "finished_requests": 0, "aborted_requests": 0, "step_errors": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "LLMEngine":
+        self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def paused(self) -> bool:
+        return self.scheduler.paused or self.frozen
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort everything (callers get their partial output) and end the loop."""
+        if not self.alive:
+            return
+        try:
+            self.call(lambda: self._abort(None, "server shutting down")).result(timeout)
+        except Exception:
+            pass
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ thread-safe API
+    def submit(self, seq: Sequence) -> None:
+        if not self.alive:
+            seq.finish({"type": "abort", "status_code": 503, "message": "engine is not running"})
+            return
+        if seq.params.max_new_tokens == 0:
+            seq.finish({"type": "length", "length": 0})
+            return
+        if seq.num_tokens >= self.runner.context_length:
+            seq.finish({"type": "abort", "status_code": 400,
+                        "message": f"input of {seq.num_tokens} tokens does not fit the context length "
+                                   f"{self.runner.context_length}"})
+            return
+        self._inbox.append(seq)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the loop thread between two steps."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            fut.set_exception(RuntimeError("engine is not running"))
+            return fut
+        self._commands.append((fn, fut))
+        self._wake.set()
+        return fut
+
+    def pause(self, mode: str = "abort") -> concurrent.futures.Future:
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, not {mode!r}")
+        return self.call(lambda: self._pause(mode))
+
+    def resume(self) -> concurrent.futures.Future:
+        return self.call(self._resume)
+
+    def abort(self, rid: Optional[str] = None) -> concurrent.futures.Future:
+        """Abort one request by rid, or all (running ones return their partial output)."""
+        return self.call(lambda: self._abort(rid, "aborted by request"))
+
+    def update_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]], version: Optional[str] = None,
+                       abort_all: bool = False) -> concurrent.futures.Future:
+        def swap() -> Dict[str, Any]:
+            n_aborted = self._abort(None, "aborted for a weight update") if abort_all else 0
+            n = self.runner.load_weights(tensors)
+            self.weight_version = str(version) if version is not None else next_version(self.weight_version)
+            return {"num_tensors": n, "num_paused_requests": n_aborted, "weight_version": self.weight_version}
+
+        return self.call(swap)
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting)
+                + len(self._inbox), "paused": self.paused, "weight_version": self.weight_version,
+                **self.stats}
+
+    # ------------------------------------------------------------------ commands (loop thread)
+    def _finish_running(self, seqs: List[Sequence], reason: Dict[str, Any]) -> None:
+        moves = self.scheduler.remove(seqs)
+        self.runner.move_rows(moves)
+        for s in seqs:
+            s.finish(dict(reason))
+
+    def _abort(self, rid: Optional[str], message: str) -> int:
+        self._drain_inbox()
+        reason = {"type": "abort", "message": message}
+        running = [s for s in self.scheduler.running if rid is None or s.rid == rid]
+        waiting = self.scheduler.take_waiting(rid)
+        self._finish_running(running, reason)
+        for s in waiting:
+            s.finish(dict(reason))
+        self.stats["aborted_requests"] += len(running) + len(waiting)
+        return len(running) + len(waiting)
+
+    def _pause(self, mode: str) -> int:
+        self._drain_inbox()
+        if mode == "in_place":
+            self.frozen = True
+            return 0
+        self.scheduler.paused = True
+        running = list(self.scheduler.running)
+        if mode == "abort":
+            self._finish_running(running, {"type": "abort", "message": "generation paused"})
+            self.stats["aborted_requests"] += len(running)
+        else:  # retract: back to the queue; their tokens so far are re-prefilled on continue
+            self.scheduler.remove(running)
+            for s in reversed(running):
+                s.status = SequenceStatus.WAITING
+                self.scheduler.waiting.appendleft(s)
+        return len(running)
+
+    def _resume(self) -> int:
+        self.scheduler.paused = False
+        self.frozen = False
+        return 0
+
+    # ------------------------------------------------------------------ the loop
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, fut = self._commands.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # reported to the caller, the loop goes on
+                fut.set_exception(e)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        if self.runner.device.type == "cuda":
+            torch.cuda.set_device(self.runner.device)
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._run_commands()
+                self._drain_inbox()
+                if self.frozen or not self.scheduler.has_work():
+                    self._wake.wait(1.0)
+                    continue
+                self._step()
+        except BaseException as e:  # a bug: fail every caller rather than hang them
+            self.error = e
+            log.exception("engine loop died")
+            try:
+                self._abort(None, f"engine died: {type(e).__name__}: {e}")
+            except BaseException:
+                pass
+        finally:
+            for _, fut in list(self._commands):
+                if not fut.done():
+                    fut.set_exception(RuntimeError("engine stopped"))
+            while self._inbox:  # submitted after the last drain: nobody will run them
+                self._inbox.popleft().finish({"type": "abort", "status_code": 503, "message": "engine stopped"})
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return
+        kind, seqs = plan
+        seqs = list(seqs)
+        try:
+            if kind == "prefill":
+                logits = self.runner.prefill(seqs)
+                self.stats["prefill_steps"] += 1
+            else:
+                logits = self.runner.decode(seqs)
+                self.stats["decode_steps"] += 1
+            toks, lps = sample(logits, [s.params for s in seqs])
+        except Exception as e:
+            log.exception("%s step of %d sequences failed", kind, len(seqs))
+            self.stats["step_errors"] += 1
+            self._finish_running(seqs, {"type": "abort", "status_code": 500,
+                                        "message": f"engine error: {type(e).__name__}: {e}"})
+            return
+        version = self.weight_version
+        eos = self.eos_token_ids
+        ctx = self.runner.context_length
+        finished: List[Tuple[Sequence, Dict[str, Any]]] = []
+        for seq, tok, lp in zip(seqs, toks, lps):
+            seq.append(tok, lp, version)
+            p = seq.params
+            if (tok in eos and not p.ignore_eos) or tok in p.stop_token_ids:
+                finished.append((seq, {"type": "stop", "matched": tok}))
+            elif len(seq.output_ids) >= p.max_new_tokens:
+                finished.append((seq, {"type": "length", "length": p.max_new_tokens}))
+            elif seq.num_tokens >= ctx:
+                finished.append((seq, {"type": "length", "length": len(seq.output_ids)}))
+        self.stats["generated_tokens"] += len(seqs)
+        if finished:
+            moves = self.scheduler.remove([s for s, _ in finished])
+            self.runner.move_rows(moves)
+            self.stats["finished_requests"] += len(finished)
+            for s, reason in finished:
+                s.finish(reason)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.scheduler.running and not self.scheduler.waiting and not self._inbox:
+                return True
+            time.sleep(0.01)
+        return False

@@ -1,0 +1,111 @@
+"""KV memory of the running batch: one row per sequence, its positions 0..n-1 in columns 0..n-1.
+
+The object is handed to a transformers model as its cache; the attention layers call `update`,
+which writes the new keys/values where this step's mode says and returns what to attend to:
+
+* prefill: rows ``row0 .. row0+n`` receive the prompt's keys at columns ``0 .. L``; attention
+  runs over the prompt itself (a 4-D causal+padding mask is passed alongside);
+* decode: row ``i`` receives one key at column ``pos[i]``; attention runs over columns
+  ``0 .. width`` of rows ``0 .. n`` (masked per row by ``col <= pos[i]``).
+
+Because every row is contiguous from column 0, sequences join and leave the batch without
+re-padding anyone: a leaving row is overwritten by the last row (`move_rows`). On CPU the buffers
+grow by doubling; on GPU they are allocated once (CUDA graphs need fixed addresses).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+
+class KVCache:
+    is_compileable = False  # for transformers code that asks
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, rows: int, cols: int, max_rows: int, max_cols: int):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.max_rows, self.max_cols = max_rows, max_cols
+        self.rows, self.cols = 0, 0
+        self.k: List[torch.Tensor] = []
+        self.v: List[torch.Tensor] = []
+        self._alloc(min(rows, max_rows), min(cols, max_cols))
+        self._mode = ""
+        self._row0 = 0
+        self._n = 0
+        self._width = 0
+        self._row_idx: torch.Tensor = torch.arange(self.rows, device=device)
+        self._pos: torch.Tensor = self._row_idx
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _alloc(self, rows: int, cols: int) -> None:
+        shape = (rows, self.n_kv_heads, cols, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        r, c = min(rows, self.rows), min(cols, self.cols)
+        if r and c:
+            for old, new in zip(self.k + self.v, new_k + new_v):
+                new[:r, :, :c] = old[:r, :, :c]
+        self.k, self.v = new_k, new_v
+        self.rows, self.cols = rows, cols
+        self._row_idx = torch.arange(rows, device=self.device)
+
+    def ensure(self, rows: int, cols: int) -> None:
+        """Make room for ``rows`` sequences of ``cols`` tokens (grows by doubling)."""
+        if rows <= self.rows and cols <= self.cols:
+            return
+        if rows > self.max_rows or cols > self.max_cols:
+            raise RuntimeError(f"KV cache request ({rows} rows x {cols} tokens) exceeds its capacity "
+                               f"({self.max_rows} x {self.max_cols})")
+        new_rows = self.rows
+        while new_rows < rows:
+            new_rows = min(self.max_rows, max(1, new_rows * 2))
+        new_cols = self.cols
+        while new_cols < cols:
+            new_cols = min(self.max_cols, max(16, new_cols * 2))
+        self._alloc(new_rows, new_cols)
+
+    def reset(self, rows: int, cols: int) -> None:
+        """Drop everything and shrink back (when idle)."""
+        self.k, self.v, self.rows, self.cols = [], [], 0, 0
+        self._alloc(min(rows, self.max_rows), min(cols, self.max_cols))
+
+    # ----------------------------------------------------------------- modes
+    def begin_prefill(self, row0: int, n: int) -> None:
+        self._mode, self._row0, self._n = "prefill", row0, n
+
+    def begin_decode(self, n: int, pos: torch.Tensor, width: int, row_idx: torch.Tensor | None = None) -> None:
+        self._mode, self._n, self._width, self._pos = "decode", n, width, pos
+        self._decode_rows = self._row_idx[:n] if row_idx is None else row_idx
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self._mode == "prefill":
+            r0, n, length = self._row0, key_states.shape[0], key_states.shape[2]
+            k[r0:r0 + n, :, :length] = key_states
+            v[r0:r0 + n, :, :length] = value_states
+            return key_states, value_states
+        rows, pos = self._decode_rows, self._pos
+        k[rows, :, pos] = key_states[:, :, 0]
+        v[rows, :, pos] = value_states[:, :, 0]
+        return k[:self._n, :, :self._width], v[:self._n, :, :self._width]
+
+    def move_rows(self, moves: Sequence[Tuple[int, int, int]]) -> None:
+        """Copy row ``src`` (its first ``ncols`` columns) over row ``dst``."""
+        for src, dst, ncols in moves:
+            ncols = min(ncols, self.cols)
+            for buf in self.k + self.v:
+                buf[dst, :, :ncols] = buf[src, :, :ncols]
+
+    # transformers code paths that may query a cache; positions are always passed explicitly.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return self.n_layers

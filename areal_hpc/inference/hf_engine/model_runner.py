@@ -1,0 +1,356 @@
+"""Owns the model and its device: loads weights, runs prefill and decode, captures CUDA graphs.
+
+Works with transformers decoder-only models whose attention calls ``cache.update(k, v, layer)``
+(Llama, Qwen2, Qwen3, Mistral, ... families). The model's own cache classes are not used: the
+runner passes a `KVCache` with explicit ``position_ids`` and a 4-D boolean attention mask, so
+sequences of different lengths share one batch without padding each other.
+
+Nothing here touches CUDA unless the device is CUDA.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence as Seq, Tuple
+
+import torch
+
+from areal_hpc.inference.hf_engine.kv_cache import KVCache
+from areal_hpc.inference.hf_engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype in ("auto", "", None):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+# ---------------------------------------------------------------------- checkpoints on disk
+
+def checkpoint_files(path: str | os.PathLike) -> List[Path]:
+    """The safetensors files of a HF model directory (sharded or not)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"model path {str(p)!r} is not a directory")
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [p / s for s in shards]
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {str(p)!r}")
+    return files
+
+
+def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """All tensors of a HF checkpoint directory, on CPU."""
+    from safetensors.torch import load_file
+
+    out: Dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(path):
+        out.update(load_file(str(f), device="cpu"))
+    return out
+
+
+# ---------------------------------------------------------------------- the runner
+
+class ModelRunner:
+    def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto",
+                 max_running: int = 256, context_length: int = 4096, mem_fraction_static: float = 0.8,
+                 cuda_graph: bool = True, seed: int = 1, decode_mode: str = "auto"):
+        """``decode_mode``: ``eager`` (growing KV cache, exact shapes: the CPU default),
+        ``graph`` (fixed buffers, bucketed batches replayed from CUDA graphs: the GPU default unless
+        ``cuda_graph=False``), ``static`` (the graph path's buffers and buckets without graphs, so
+        it runs, and is tested, on CPU)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        self.model_path = model_path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(seed)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, attn_implementation="sdpa").to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.config = self.model.config
+        self.base = getattr(self.model, self.model.base_model_prefix)
+        self.lm_head = self.model.get_output_embeddings()
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        max_pos = getattr(text_cfg, "max_position_embeddings", None) or context_length
+        self.context_length = int(min(context_length, max_pos)) if context_length > 0 else int(max_pos)
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        self.eos_token_ids = self._eos_ids(self.config, model_path)
+        n_layers = text_cfg.num_hidden_layers
+        n_heads = text_cfg.num_attention_heads
+        n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // n_heads
+        self.max_running = int(max_running)
+        if decode_mode == "auto":
+            decode_mode = "graph" if self.device.type == "cuda" and cuda_graph else "eager"
+        if decode_mode not in ("eager", "static", "graph"):
+            raise ValueError(f"decode_mode must be auto, eager, static or graph, not {decode_mode!r}")
+        if decode_mode == "graph" and self.device.type != "cuda":
+            raise ValueError("decode_mode graph needs a CUDA device")
+        self.decode_mode = decode_mode
+        if self.device.type == "cuda" or decode_mode != "eager":
+            rows = self.max_running
+            if self.device.type == "cuda":
+                rows = self._plan_gpu_rows(n_layers, n_kv, head_dim, mem_fraction_static)
+            self.max_running = rows
+            self.kv = KVCache(n_layers, n_kv, head_dim, self.dtype, self.device, rows, self.context_length,
+                              rows, self.context_length)
+        else:
+            self.kv = KVCache(n_layers, n_kv, head_dim, self.dtype, self.device, min(16, self.max_running),
+                              min(256, self.context_length), self.max_running, self.context_length)
+        self.static: Optional[StaticDecoder] = None
+        if decode_mode != "eager":
+            self.static = StaticDecoder(self, use_graphs=decode_mode == "graph")
+        # every name a checkpoint may use: parameters (tied ones under each name) and persistent buffers
+        self._params = dict(self.model.state_dict(keep_vars=True))
+
+    @staticmethod
+    def _eos_ids(config, model_path: str) -> Tuple[int, ...]:
+        found = [getattr(config, "eos_token_id", None)]
+        try:
+            from transformers import GenerationConfig
+
+            found.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
+        except Exception:  # no generation_config.json: the model config is enough
+            pass
+        ids = set()
+        for e in found:
+            if isinstance(e, int):
+                ids.add(e)
+            elif isinstance(e, (list, tuple)):
+                ids.update(int(x) for x in e)
+        return tuple(sorted(ids))
+
+    def _plan_gpu_rows(self, n_layers: int, n_kv: int, head_dim: int, mem_fraction: float) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        elem = torch.finfo(self.dtype).bits // 8
+        per_row = 2 * n_layers * n_kv * head_dim * elem * self.context_length
+        reserve = self.max_running * self.vocab_size * 4 * 6 + (1 << 30)  # logits/sampling + activations
+        budget = int(total * mem_fraction) - (total - free) - reserve
+        rows = min(self.max_running, max(0, budget // per_row))
+        if rows < 1:
+            raise MemoryError(
+                f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f}, "
+                f"mem_fraction_static={mem_fraction}; lower context_length or max_running_requests")
+        if rows < self.max_running:
+            log.warning("KV cache fits %d running sequences of %d tokens (asked %d)", rows,
+                        self.context_length, self.max_running)
+        return int(rows)
+
+    # ------------------------------------------------------------------ forward passes
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                        **{self.cache_kw: self.kv})
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def prefill(self, seqs: Seq[Sequence]) -> torch.Tensor:
+        """Run the whole token list of each sequence (rows ``seqs[0].slot ..``, contiguous);
+        returns next-token logits [n, vocab] float32."""
+        n = len(seqs)
+        row0 = seqs[0].slot
+        lens = [s.num_tokens for s in seqs]
+        length = max(lens)
+        self.kv.ensure(row0 + n, length + 1)
+        rows = [s.prompt_ids + s.output_ids + [0] * (length - s.num_tokens) for s in seqs]
+        dev = self.device
+        ids = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+        lens_t = torch.tensor(lens, dtype=torch.long).to(dev, non_blocking=True)
+        ar = torch.arange(length, device=dev)
+        # causal within each row, and never attending to the right padding of a row
+        mask = (ar[:, None] >= ar[None, :])[None, None] & (ar[None, None, None, :] < lens_t[:, None, None, None])
+        self.kv.begin_prefill(row0, n)
+        hidden = self._forward(ids, mask, ar[None, :].expand(n, length))
+        last = hidden[torch.arange(n, device=dev), lens_t - 1]
+        return self._logits(last)
+
+    @torch.inference_mode()
+    def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
+        """One token for every running sequence (rows ``0 .. n``); returns logits [n, vocab]."""
+        n = len(seqs)
+        width = 0
+        toks, pos = [], []
+        for s in seqs:
+            t = s.num_tokens
+            width = t if t > width else width
+            toks.append(s.output_ids[-1] if s.output_ids else s.prompt_ids[-1])
+            pos.append(t - 1)
+        if self.static is not None:
+            return self.static.run(n, width, toks, pos)
+        self.kv.ensure(n, width)
+        dev = self.device
+        ids = torch.tensor(toks, dtype=torch.long).to(dev, non_blocking=True)
+        pos_t = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
+        self.kv.begin_decode(n, pos_t, width)
+        mask = (torch.arange(width, device=dev)[None, :] <= pos_t[:, None])[:, None, None, :]
+        hidden = self._forward(ids[:, None], mask, pos_t[:, None])
+        return self._logits(hidden[:, -1])
+
+    def move_rows(self, moves: Seq[Tuple[int, int, int]]) -> None:
+        if moves:
+            with torch.inference_mode():
+                self.kv.move_rows(moves)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return bool(self.static is not None and self.static.use_graphs)
+
+    def release_memory(self) -> None:
+        """Shrink the CPU KV cache back to its initial size (nothing may be running)."""
+        if self.static is None and self.device.type != "cuda":
+            self.kv.reset(min(16, self.max_running), min(256, self.context_length))
+
+    # ------------------------------------------------------------------ weights
+    def check_weights(self, names_shapes: Iterable[Tuple[str, Tuple[int, ...]]]) -> List[str]:
+        """Problems that would make loading these tensors fail or leave the model partial."""
+        problems: List[str] = []
+        seen = set()
+        for name, shape in names_shapes:
+            p = self._params.get(name)
+            if p is None:
+                problems.append(f"unexpected tensor {name!r}")
+                continue
+            if tuple(p.shape) != tuple(shape):
+                problems.append(f"{name}: shape {tuple(shape)} != model's {tuple(p.shape)}")
+            seen.add(id(p))
+        missing = sorted({n for n, p in self._params.items() if id(p) not in seen})
+        if missing:
+            problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        return problems
+
+    @torch.inference_mode()
+    def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        """Copy tensors into the parameters in place (CUDA graphs stay valid). Returns the count."""
+        n = 0
+        for name, t in tensors:
+            self._params[name].copy_(t, non_blocking=True)
+            n += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return n
+
+    def param(self, name: str) -> torch.Tensor:
+        return self._params[name]
+
+
+# ---------------------------------------------------------------------- static decode, CUDA graphs
+
+def _buckets(limit: int, base: Seq[int]) -> List[int]:
+    return sorted({b for b in base if b <= limit} | {limit})
+
+
+class StaticDecoder:
+    """Decode steps on fixed buffers: the batch is padded up to a bucket size and attention runs
+    over a bucketed width, so each (batch, width) pair is one fixed-shape computation. With
+    ``use_graphs`` (CUDA) each pair is captured once as a CUDA graph and replayed.
+
+    Padding rows are dummies that write one key into free KV rows at column 0 and whose logits
+    are ignored (running sequences always occupy rows ``0 .. n``). A capture failure turns graphs
+    off, says why in the log, and decoding goes on eagerly on the same buffers.
+    """
+
+    def __init__(self, runner: ModelRunner, use_graphs: bool):
+        self.r = runner
+        self.use_graphs = use_graphs
+        dev = runner.device
+        rows = runner.kv.rows
+        self.batch_buckets = _buckets(rows, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+                                      + list(range(160, rows + 1, 32)))
+        self.width_buckets = _buckets(runner.kv.cols, [128 * 2 ** i for i in range(16)])
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.rows = torch.arange(rows, device=dev)
+        self.cols = torch.arange(runner.kv.cols, device=dev)
+        self.graphs: Dict[Tuple[int, int], Tuple["torch.cuda.CUDAGraph", torch.Tensor]] = {}
+        self.pool = None
+
+    @staticmethod
+    def _pick(buckets: List[int], x: int) -> int:
+        for b in buckets:
+            if b >= x:
+                return b
+        return buckets[-1]
+
+    def _step(self, b: int, w: int) -> torch.Tensor:
+        pos = self.pos[:b]
+        self.r.kv.begin_decode(b, pos, w, self.rows[:b])
+        mask = (self.cols[:w][None, :] <= pos[:, None])[:, None, None, :]
+        hidden = self.r._forward(self.ids[:b], mask, pos[:, None])
+        return self.r._logits(hidden[:, -1])
+
+    def _capture(self, b: int, w: int) -> Tuple["torch.cuda.CUDAGraph", torch.Tensor]:
+        dev = self.r.device
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on the real inputs: rewrites the same KV entries
+                self._step(b, w)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self._step(b, w)
+        self.pool = graph.pool()
+        return graph, out
+
+    def run(self, n: int, width: int, toks: List[int], pos: List[int]) -> torch.Tensor:
+        b = self._pick(self.batch_buckets, n)
+        w = self._pick(self.width_buckets, width)
+        pad = b - n
+        self.ids[:b, 0].copy_(torch.tensor(toks + [0] * pad, dtype=torch.long), non_blocking=True)
+        self.pos[:b].copy_(torch.tensor(pos + [0] * pad, dtype=torch.long), non_blocking=True)
+        if not self.use_graphs:
+            return self._step(b, w)[:n]
+        entry = self.graphs.get((b, w))
+        if entry is None:
+            try:
+                entry = self._capture(b, w)
+            except Exception as e:  # graphs are an optimisation: fall back, say why
+                log.warning("CUDA graph capture failed for batch %d width %d (%s: %s); decoding without graphs",
+                            b, w, type(e).__name__, e)
+                self.use_graphs = False
+                torch.cuda.synchronize(self.r.device)
+                return self._step(b, w)[:n]
+            self.graphs[(b, w)] = entry
+        graph, out = entry
+        graph.replay()
+        return out[:n]

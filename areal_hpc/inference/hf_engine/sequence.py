@@ -1,0 +1,171 @@
+"""A request's state: its prompt, what it has generated, how to sample, and why it ended."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+def _int(d: Dict[str, Any], key: str, default: int) -> int:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        raise ValueError(f"sampling_params.{key} must be an integer, got {v!r}")
+    return v
+
+
+def _float(d: Dict[str, Any], key: str, default: float) -> float:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"sampling_params.{key} must be a number, got {v!r}")
+    return float(v)
+
+
+# Accepted for compatibility with SGLang clients as long as they ask for the neutral value.
+_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+            "min_p": 0.0, "n": 1, "min_new_tokens": 0}
+_IGNORED = {"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stop",
+            "logit_bias", "custom_params", "sampling_seed"}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """SGLang's sampling parameters (the subset the embedded engine implements)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = whole vocabulary
+    stop_token_ids: Tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+    @classmethod
+    def from_request(cls, d: Optional[Dict[str, Any]]) -> "SamplingParams":
+        """Validate a request's ``sampling_params``; ValueError says what is wrong."""
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ValueError("sampling_params must be an object")
+        known = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos"}
+        for k, v in d.items():
+            if k in known or k in _IGNORED:
+                continue
+            if k in _NEUTRAL:
+                if v is not None and v != _NEUTRAL[k]:
+                    raise ValueError(f"sampling_params.{k}={v!r} is not supported by the hf engine "
+                                     f"(only {_NEUTRAL[k]!r})")
+                continue
+            raise ValueError(f"unknown sampling_params key {k!r}; supported: {sorted(known)}")
+        if d.get("stop"):
+            raise ValueError("sampling_params.stop (strings) needs a tokenizer; use stop_token_ids")
+        max_new = _int(d, "max_new_tokens", 128)
+        if max_new < 0:
+            raise ValueError(f"sampling_params.max_new_tokens must be >= 0, got {max_new}")
+        temp = _float(d, "temperature", 1.0)
+        if temp < 0:
+            raise ValueError(f"sampling_params.temperature must be >= 0, got {temp}")
+        top_p = _float(d, "top_p", 1.0)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
+        top_k = _int(d, "top_k", -1)
+        if top_k == 0 or top_k < -1:
+            raise ValueError(f"sampling_params.top_k must be -1 or >= 1, got {top_k}")
+        stop = d.get("stop_token_ids") or []
+        if isinstance(stop, int) and not isinstance(stop, bool):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
+            raise ValueError("sampling_params.stop_token_ids must be a list of integers")
+        ignore_eos = d.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ValueError("sampling_params.ignore_eos must be true or false")
+        return cls(max_new, temp, top_p, top_k, tuple(stop), ignore_eos)
+
+
+class Sequence:
+    """One request inside the engine. ``slot`` is its row in the KV cache while it runs."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None,
+                 on_finish: Optional[Callable[["Sequence"], None]] = None):
+        self.seq_id = next(self._ids)
+        self.rid = rid if rid else uuid.uuid4().hex
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: List[int] = []
+        self.logprobs: List[float] = []
+        self.version_spans: List[list] = []  # [[version, start, end], ...] over output_ids
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: Optional[Dict[str, Any]] = None
+        self.slot = -1
+        self.on_finish = on_finish
+        self.arrival = time.monotonic()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append(self, token: int, logprob: float, version: str) -> None:
+        n = len(self.output_ids)
+        self.output_ids.append(token)
+        self.logprobs.append(logprob)
+        spans = self.version_spans
+        if spans and spans[-1][0] == version:
+            spans[-1][2] = n + 1
+        else:
+            spans.append([version, n, n + 1])
+
+    def finish(self, reason: Dict[str, Any]) -> None:
+        if self.status is SequenceStatus.FINISHED:
+            return
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+    def to_response(self, weight_version: str, return_logprob: bool = True) -> Dict[str, Any]:
+        """The body SGLang's ``/generate`` returns for this request."""
+        meta: Dict[str, Any] = {
+            "id": self.rid,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": 0,
+            "weight_version": self.version_spans[-1][0] if self.version_spans else weight_version,
+            "weight_versions": [{"version": v, "start": s, "end": e} for v, s, e in self.version_spans],
+            "e2e_latency": time.monotonic() - self.arrival,
+        }
+        if return_logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(self.logprobs, self.output_ids)]
+        return {"output_ids": self.output_ids, "meta_info": meta}

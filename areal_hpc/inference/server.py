@@ -1,0 +1,468 @@
+"""``areal-hpc serve``: the lifecycle of one inference server.
+
+start the backend (embedded `hf` engine in this process, or an SGLang subprocess) -> wait for
+health -> load the run's newest published weights (registry ``weights/latest``) -> register
+``servers/<id>`` and heartbeat it (address, backend, GPUs, Slurm ids, pid, weight version,
+state) -> serve until SIGTERM/SIGINT -> deregister, abort running requests (clients resume them
+elsewhere), stop. A SIGKILLed server's record expires after the registry TTL.
+
+Every endpoint needs ``Authorization: Bearer <key>`` with the run's key (`Registry.secret`).
+The server binds ``cfg.host`` (default 0.0.0.0) and advertises ``cfg.host`` or this host's
+name; the `hf` backend binds port 0 itself, so concurrently started servers never collide.
+
+Run directly: ``python -m areal_hpc.inference.server --run-dir D --server-id s0 --backend hf
+--model-path toy:qwen3-h128-l2`` (``--help`` lists the ServerConfig/LauncherConfig options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import aiohttp
+
+from areal_hpc.config.schema import LauncherConfig, ServerConfig
+from areal_hpc.registry import Heartbeat, Registry
+
+log = logging.getLogger("areal_hpc.inference.server")
+
+BACKENDS = ("hf", "sglang")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def parse_version(v: Any) -> Any:
+    """SGLang reports versions as strings; ours are ints where they look like ints."""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _node_name() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _visible_gpus(gpus: Optional[Sequence[int]]) -> List[int]:
+    if gpus:
+        return [int(g) for g in gpus]
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [int(x) for x in cvd.split(",") if x.strip().isdigit()]
+
+
+class ServerLifecycle:
+    def __init__(self, run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig,
+                 server_id: str, backend: str = "hf", gpus: Optional[Sequence[int]] = None, *,
+                 tp_size: Optional[int] = None, nnodes: int = 1, node_rank: int = 0,
+                 dist_init_addr: Optional[str] = None, extra: Optional[Dict[str, Any]] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.model_path = model_path or cfg.model_path
+        self.launcher = launcher
+        self.server_id = server_id
+        self.backend = backend
+        self.gpus = _visible_gpus(gpus)
+        if tp_size:
+            self.tp_size = int(tp_size)
+        else:
+            self.tp_size = max(1, len(self.gpus)) * max(1, nnodes) if backend == "sglang" else 1
+        self.nnodes, self.node_rank, self.dist_init_addr = nnodes, node_rank, dist_init_addr
+        if backend == "hf" and (self.tp_size > 1 or nnodes > 1):
+            raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, "
+                             f"nnodes={nnodes}); use backend sglang for tensor parallelism")
+        self.extra = dict(extra or {})
+        self.registry = Registry(self.run_dir / "registry", launcher.lock_kind, launcher.ttl_s)
+        self.api_key = self.registry.secret()
+        self.bind_host = cfg.host or "0.0.0.0"
+        self.advertise_host = cfg.host if cfg.host not in ("", "0.0.0.0", "::") else socket.gethostname()
+        self.port = 0
+        self.state = "starting"
+        self.weight_version: Any = 0
+        self.started_at = time.time()
+        self.heartbeat: Optional[Heartbeat] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._session: Optional[aiohttp.ClientSession] = None
+        # backend handles
+        self.engine = None
+        self._app_runner = None
+        self._sglang = None
+
+    # ------------------------------------------------------------------ record
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host}:{self.port}"
+
+    def record(self) -> Dict[str, Any]:
+        if self.engine is not None:
+            self.weight_version = parse_version(self.engine.weight_version)
+            if self.state in ("ready", "paused"):
+                self.state = "paused" if self.engine.paused else "ready"
+        return {
+            "address": self.address, "host": self.advertise_host, "port": self.port,
+            "backend": self.backend, "gpus": self.gpus, "tp_size": self.tp_size,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
+            "node": _node_name(), "pid": os.getpid(), "weight_version": self.weight_version,
+            "state": self.state, "model_path": self.model_path, "started_at": self.started_at,
+            **self.extra,
+        }
+
+    # ------------------------------------------------------------------ HTTP to our own backend
+    @property
+    def _local_url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(self.bind_host, self.bind_host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    async def _request(self, method: str, path: str, payload: Optional[dict] = None,
+                       timeout: Optional[float] = 10.0) -> tuple[int, Any]:
+        assert self._session is not None
+        async with self._session.request(method, self._local_url + path, json=payload,
+                                         headers={"Authorization": f"Bearer {self.api_key}"},
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except Exception:
+                body = await resp.text()
+            return resp.status, body
+
+    async def _wait_healthy(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if not self._backend_alive():
+                return False
+            try:
+                status, _ = await self._request("GET", "/health", timeout=5.0)
+                if status == 200:
+                    return True
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            try:
+                await asyncio.wait_for(self._stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    async def load_weights(self, path: str, version: Any) -> tuple[bool, str]:
+        status, body = await self._request("POST", "/update_weights_from_disk",
+                                           {"model_path": path, "weight_version": str(version)}, timeout=None)
+        ok = status == 200 and isinstance(body, dict) and body.get("success", False)
+        if ok:
+            self.weight_version = parse_version(version)
+        return ok, (body.get("message") if isinstance(body, dict) else str(body))
+
+    async def _load_latest(self, only_if_newer: bool) -> bool:
+        """Load ``weights/latest`` if the run has published any. False only on a failed load."""
+        for attempt in range(3):
+            latest = await asyncio.to_thread(self.registry.get, "weights", "latest", False)
+            if not latest or "path" not in latest:
+                return True
+            version = latest.get("version")
+            cur = self.weight_version
+            if only_if_newer and isinstance(cur, int) and isinstance(version, int) and version <= cur:
+                return True
+            ok, msg = await self.load_weights(latest["path"], version)
+            if ok:
+                log.info("loaded published weights v%s from %s", version, latest["path"])
+                return True
+            log.warning("loading published weights v%s failed (%s); re-reading weights/latest", version, msg)
+            await asyncio.sleep(1.0 * (attempt + 1))
+        return False
+
+    # ------------------------------------------------------------------ backends
+    def _backend_alive(self) -> bool:
+        if self.backend == "hf":
+            return self.engine is None or self.engine.alive
+        return self._sglang is not None and self._sglang.returncode is None
+
+    async def _start_hf(self) -> None:
+        from aiohttp import web
+
+        from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner
+        from areal_hpc.inference.http_server import EngineServer
+
+        family = socket.AF_INET6 if ":" in self.bind_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.bind_host, self.cfg.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self._register()  # visible as "starting" while the model loads
+        device = await asyncio.to_thread(self._hf_device)
+        runner = await asyncio.to_thread(
+            ModelRunner, self.model_path, dtype=self.cfg.dtype, device=device,
+            max_running=self.cfg.max_running_requests, context_length=self.cfg.context_length,
+            mem_fraction_static=self.cfg.mem_fraction_static, cuda_graph=self.cfg.cuda_graph,
+            seed=self.cfg.random_seed)
+        self.engine = LLMEngine(runner, weight_version=str(self.weight_version)).start()
+        info = {"server_id": self.server_id, **{k: v for k, v in dataclasses.asdict(self.cfg).items()}}
+        app = EngineServer(self.engine, self.api_key, info=info).build()
+        try:  # cancel a handler whose client went away (its generation is then aborted)
+            self._app_runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        except TypeError:  # aiohttp < 3.9 cancels handlers by default
+            self._app_runner = web.AppRunner(app, access_log=None)
+        await self._app_runner.setup()
+        await web.SockSite(self._app_runner, sock).start()
+
+    def _hf_device(self) -> str:
+        """With CUDA_VISIBLE_DEVICES set, its first device; else ``cuda:<first gpu id>``; CPU
+        when there is no CUDA (fake GPUs of a test cluster)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        if self.gpus and not os.environ.get("CUDA_VISIBLE_DEVICES") and self.gpus[0] < torch.cuda.device_count():
+            return f"cuda:{self.gpus[0]}"
+        return "cuda:0"
+
+    async def _start_sglang(self) -> None:
+        from areal_hpc.inference.sglang import SGLangProcess, base_gpu_and_env, build_sglang_argv, write_key_config
+
+        if self.cfg.port:
+            self.port = self.cfg.port
+        else:  # SGLang binds its own port: take a free one now (a tiny race, retried by the caller)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((self.bind_host if ":" not in self.bind_host else "0.0.0.0", 0))
+                self.port = s.getsockname()[1]
+        key_file = write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
+        base, env = base_gpu_and_env(self.gpus, self.tp_size)
+        argv = build_sglang_argv(self.cfg, self.model_path, host=self.bind_host, port=self.port,
+                                 config_file=key_file, tp_size=self.tp_size, base_gpu_id=base,
+                                 nnodes=self.nnodes, node_rank=self.node_rank,
+                                 dist_init_addr=self.dist_init_addr, weight_version=str(self.weight_version))
+        log_path = self.run_dir / "logs" / f"{self.server_id}.sglang.log"
+        log.info("SGLang output goes to %s", log_path)
+        self._sglang = SGLangProcess(argv, env, str(log_path)).start()
+        if self.node_rank == 0:
+            self._register()
+
+    async def _stop_backend(self) -> None:
+        if self.engine is not None and self.engine.alive:
+            await asyncio.to_thread(lambda: self.engine.abort(None).result(10))
+            await asyncio.sleep(0.2)  # let the aborted responses reach their clients
+        if self._app_runner is not None:
+            await self._app_runner.cleanup()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+        if self._sglang is not None:
+            await asyncio.to_thread(self._sglang.stop)
+
+    # ------------------------------------------------------------------ registration
+    def _register(self) -> None:
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(self.registry, "servers", self.server_id, self.record,
+                                       interval_s=self.launcher.heartbeat_s).start()
+        else:
+            self.heartbeat.beat()
+
+    def _deregister(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+    async def _refresh_sglang_version(self) -> None:
+        try:
+            status, body = await self._request("GET", "/model_info", timeout=5.0)
+            if status == 200 and isinstance(body, dict) and body.get("weight_version") is not None:
+                self.weight_version = parse_version(body["weight_version"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+
+    # ------------------------------------------------------------------ main
+    async def run(self) -> int:
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self._stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        self._session = aiohttp.ClientSession()
+        code = EXIT_OK
+        try:
+            code = await self._serve()
+        except Exception:
+            log.exception("server %s failed", self.server_id)
+            code = EXIT_FAILED
+        finally:
+            self.state = "stopping"
+            self._deregister()
+            try:
+                await self._stop_backend()
+            except Exception:
+                log.exception("stopping the backend failed")
+            await self._session.close()
+        log.info("server %s exits with %d", self.server_id, code)
+        return code
+
+    def _sglang_log_tail(self, n: int = 40) -> str:
+        if self._sglang is None or not self._sglang.log_path:
+            return ""
+        try:
+            lines = Path(self._sglang.log_path).read_text(errors="replace").splitlines()[-n:]
+        except OSError:
+            return ""
+        return f"; last lines of {self._sglang.log_path}:\n" + "\n".join(lines)
+
+    def _sglang_lost_port_race(self) -> bool:
+        """SGLang exited because another process took the port we picked for it."""
+        if self.cfg.port or self._sglang is None or self._sglang.returncode is None or not self._sglang.log_path:
+            return False
+        try:
+            with open(self._sglang.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 20000))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        return "already in use" in tail or "Address in use" in tail
+
+    async def _serve(self) -> int:
+        if self.backend == "hf":
+            await self._start_hf()
+        else:
+            await self._start_sglang()
+        if self.backend == "sglang" and self.node_rank > 0:
+            # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
+            while not self._stop.is_set() and self._backend_alive():
+                await asyncio.sleep(1.0)
+            return EXIT_OK if self._stop.is_set() else EXIT_FAILED
+        healthy = await self._wait_healthy(self.launcher.server_startup_timeout_s)
+        for _ in range(2):
+            if healthy or not self._sglang_lost_port_race():
+                break
+            log.warning("port %d was taken before SGLang bound it; retrying on another port", self.port)
+            await self._start_sglang()
+            healthy = await self._wait_healthy(self.launcher.server_startup_timeout_s)
+        if not healthy:
+            if self._stop.is_set():
+                return EXIT_OK
+            log.error("server %s did not become healthy within %.0fs (backend %s)%s", self.server_id,
+                      self.launcher.server_startup_timeout_s, "alive" if self._backend_alive() else "dead",
+                      self._sglang_log_tail())
+            return EXIT_FAILED
+        if not await self._load_latest(only_if_newer=False):
+            log.error("could not load the run's published weights; refusing to serve stale ones")
+            return EXIT_FAILED
+        self.state = "ready"
+        self._register()
+        # close the race with a trainer that published while we were registering
+        if not await self._load_latest(only_if_newer=True):
+            return EXIT_FAILED
+        self._register()
+        log.info("server %s (%s) ready at %s, weight version %s", self.server_id, self.backend, self.address,
+                 self.weight_version)
+        print(f"AREAL_HPC_SERVER_READY {self.server_id} {self.address}", flush=True)
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.launcher.heartbeat_s)
+            except asyncio.TimeoutError:
+                pass
+            if not self._backend_alive():
+                log.error("backend of server %s died%s", self.server_id, self._sglang_log_tail())
+                return EXIT_FAILED
+            if self.backend == "sglang":
+                await self._refresh_sglang_version()
+        log.info("server %s: signalled, shutting down", self.server_id)
+        return EXIT_OK
+
+
+def serve(run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig, server_id: str,
+          backend: str = "hf", gpus: Optional[Sequence[int]] = None, **extra_fields: Any) -> int:
+    """Run one server until SIGTERM/SIGINT; returns the process exit code.
+
+    Keyword options: ``tp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr`` (SGLang multi-node
+    tensor parallelism); any other keyword is added to the registry record.
+    """
+    opts = {k: extra_fields.pop(k) for k in ("tp_size", "nnodes", "node_rank", "dist_init_addr")
+            if k in extra_fields}
+    from areal_hpc.toy import resolve_model
+
+    model_path = resolve_model(model_path or cfg.model_path)
+    try:
+        life = ServerLifecycle(Path(run_dir), cfg, model_path, launcher, server_id, backend, gpus,
+                               extra=extra_fields, **opts)
+    except ValueError as e:
+        log.error("%s", e)
+        return EXIT_USAGE
+    return asyncio.run(life.run())
+
+
+def main_from_args(run_dir: Path, server_id: str, backend: str, model_path: str, server_cfg: ServerConfig,
+                   launcher_cfg: LauncherConfig, gpus: Optional[Sequence[int]] = None,
+                   tp_size: Optional[int] = None, nnodes: int = 1, node_rank: int = 0,
+                   dist_init_addr: Optional[str] = None, extra: Optional[Dict[str, Any]] = None) -> int:
+    """What ``areal-hpc serve`` calls with already-parsed values."""
+    _setup_logging(server_id)
+    opts: Dict[str, Any] = {"nnodes": nnodes, "node_rank": node_rank, "dist_init_addr": dist_init_addr}
+    if tp_size:
+        opts["tp_size"] = tp_size
+    return serve(Path(run_dir), server_cfg, model_path, launcher_cfg, server_id, backend, gpus,
+                 **opts, **(extra or {}))
+
+
+def _setup_logging(server_id: str) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("AREAL_HPC_LOG_LEVEL", "INFO"),
+                            format=f"%(asctime)s %(levelname)s [server {server_id}] %(name)s: %(message)s")
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str]) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = type(default) if default is not None else str
+        if kind is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                                type=lambda s: s.lower() in ("1", "true", "yes", "on"), metavar="BOOL")
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, type=kind)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m areal_hpc.inference.server", description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--server-id", required=True)
+    p.add_argument("--backend", choices=BACKENDS, default="hf")
+    p.add_argument("--model-path", required=True, help="HF model dir or a toy: spec")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids of this server")
+    p.add_argument("--tp-size", type=int, default=None)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--dist-init-addr", default=None)
+    p.add_argument("--sglang-arg", action="append", default=[], metavar="FLAG=VALUE",
+                   help="pass-through SGLang flag (repeatable); FLAG alone for a boolean flag")
+    _add_dataclass_args(p, ServerConfig, skip=("model_path", "sglang_args"))
+    _add_dataclass_args(p, LauncherConfig, skip=())
+    a = p.parse_args(argv)
+    scfg, lcfg = ServerConfig(), LauncherConfig()
+    for cfg in (scfg, lcfg):
+        for f in dataclasses.fields(cfg):
+            v = getattr(a, f.name, None)
+            if v is not None and f.name not in ("model_path", "sglang_args"):
+                setattr(cfg, f.name, v)
+    scfg.model_path = a.model_path
+    for item in a.sglang_arg:
+        k, _, v = item.partition("=")
+        scfg.sglang_args[k] = v if _ else "true"
+    gpus = [int(x) for x in a.gpus.split(",") if x.strip()]
+    return main_from_args(Path(a.run_dir), a.server_id, a.backend, a.model_path, scfg, lcfg, gpus=gpus,
+                          tp_size=a.tp_size, nnodes=a.nnodes, node_rank=a.node_rank,
+                          dist_init_addr=a.dist_init_addr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

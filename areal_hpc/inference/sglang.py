@@ -1,0 +1,272 @@
+"""The SGLang backend: ``python -m sglang.launch_server`` argv from a `ServerConfig`, and the process.
+
+`SGLANG_VERSION` is the one pinned version (setup.cfg's ``sglang`` extra pins the same); the test
+``tests/test_inference_sglang_flags.py`` checks every flag this module can emit against that
+version's declared flags, read from its wheel without importing it.
+
+The API key is not put on the command line (other users of a node can read argv with ``ps``):
+it goes into a 0600 YAML file passed with ``--config``, which SGLang merges like CLI flags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from areal_hpc.config.schema import ServerConfig
+
+log = logging.getLogger(__name__)
+
+SGLANG_VERSION = "0.5.23"
+SGLANG_REQUIREMENT = f"sglang=={SGLANG_VERSION}"
+
+Value = Union[None, str, List[str]]  # None = bare boolean flag
+
+
+def sglang_dtype(dtype: str) -> str:
+    """Our ``auto`` means bf16 on GPUs (SGLang's own auto picks fp16 for fp32 checkpoints)."""
+    return "bfloat16" if dtype in ("", "auto", None) else dtype
+
+
+def _flag(key: str) -> str:
+    key = key.strip()
+    return key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")
+
+
+def _passthrough_value(v: Any) -> Optional[Value]:
+    """``True``/``"true"``/``""``/``None`` -> bare flag; ``False``/``"false"`` -> drop (returns False)."""
+    if v is None or v is True or (isinstance(v, str) and v.strip().lower() in ("", "true")):
+        return None
+    if v is False or (isinstance(v, str) and v.strip().lower() == "false"):
+        return False  # type: ignore[return-value]
+    if isinstance(v, (list, tuple)):
+        return [str(x) for x in v]
+    if isinstance(v, dict):
+        return json.dumps(v)
+    return str(v)
+
+
+def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port: int,
+                         api_key: Optional[str] = None, config_file: Optional[str] = None,
+                         tp_size: int = 1, base_gpu_id: int = 0, nnodes: int = 1, node_rank: int = 0,
+                         dist_init_addr: Optional[str] = None, weight_version: Optional[str] = "0"
+                         ) -> Dict[str, Value]:
+    """Ordered ``{flag: value}``; ``cfg.sglang_args`` override or extend ours."""
+    if nnodes > 1 and not dist_init_addr:
+        raise ValueError("multi-node tensor parallelism (nnodes > 1) needs dist_init_addr host:port")
+    opts: Dict[str, Value] = {
+        "--model-path": model_path,
+        "--host": host,
+        "--port": str(port),
+        "--tp-size": str(tp_size),
+        "--base-gpu-id": str(base_gpu_id),
+        "--random-seed": str(cfg.random_seed),
+        "--mem-fraction-static": str(cfg.mem_fraction_static),
+        "--dtype": sglang_dtype(cfg.dtype),
+        "--skip-tokenizer-init": None,
+    }
+    if cfg.context_length and cfg.context_length > 0:
+        opts["--context-length"] = str(cfg.context_length)
+    if cfg.max_running_requests and cfg.max_running_requests > 0:
+        opts["--max-running-requests"] = str(cfg.max_running_requests)
+    if weight_version is not None:
+        opts["--weight-version"] = str(weight_version)
+    if config_file:
+        opts["--config"] = str(config_file)
+    elif api_key:
+        opts["--api-key"] = api_key
+    if nnodes > 1:
+        opts["--nnodes"] = str(nnodes)
+        opts["--node-rank"] = str(node_rank)
+        opts["--dist-init-addr"] = str(dist_init_addr)
+    for key, value in (cfg.sglang_args or {}).items():
+        flag = _flag(key)
+        v = _passthrough_value(value)
+        if v is False:
+            opts.pop(flag, None)
+        else:
+            opts[flag] = v
+    return opts
+
+
+def render_argv(opts: Mapping[str, Value], python: str = sys.executable) -> List[str]:
+    argv = [python, "-m", "sglang.launch_server"]
+    for flag, value in opts.items():
+        argv.append(flag)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            argv.extend(value)
+        else:
+            argv.append(value)
+    return argv
+
+
+def build_sglang_argv(cfg: ServerConfig, model_path: str, *, python: str = sys.executable, **kwargs) -> List[str]:
+    """``python -m sglang.launch_server ...`` for one server (see `build_sglang_options`)."""
+    return render_argv(build_sglang_options(cfg, model_path, **kwargs), python=python)
+
+
+def write_key_config(path: str | os.PathLike, api_key: str) -> str:
+    """A 0600 YAML file holding ``api-key`` (SGLang reads it with ``--config``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"api-key: {json.dumps(api_key)}\n")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def base_gpu_and_env(gpus: Sequence[int], tp_size: int, env: Optional[Mapping[str, str]] = None
+                     ) -> tuple[int, Dict[str, str]]:
+    """``--base-gpu-id`` and extra environment for a server given its GPU ids.
+
+    With ``CUDA_VISIBLE_DEVICES`` already set (Slurm's ``--gpus-per-task``), the visible devices are
+    this server's: base 0. Otherwise contiguous ids start at their minimum, and scattered ids are
+    made visible explicitly (base 0).
+    """
+    env = os.environ if env is None else env
+    if env.get("CUDA_VISIBLE_DEVICES") or not gpus:
+        return 0, {}
+    ids = sorted(int(g) for g in gpus)
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return ids[0], {}
+    return 0, {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in ids)}
+
+
+class SGLangProcess:
+    """One ``sglang.launch_server`` subprocess in its own process group."""
+
+    def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
+        self.argv = argv
+        self.env = dict(os.environ, **(env or {}))
+        self.log_path = log_path
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "SGLangProcess":
+        out = None
+        if self.log_path:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")
+        log.info("starting: %s", " ".join(self.argv))
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     start_new_session=True)
+        if out is not None:
+            out.close()
+        return self
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, grace_s: float = 30.0) -> Optional[int]:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.returncode
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                return self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        return self.returncode
+
+
+# ---------------------------------------------------------------------- flags SGLang declares
+
+def declared_flags(wheel: str | os.PathLike) -> Dict[str, Optional[bool]]:
+    """Every ``--flag`` ``sglang.launch_server`` accepts, read from an SGLang wheel without
+    importing it: ``{flag: True}`` for bare boolean flags, ``False`` for flags taking a value,
+    ``None`` where a custom argparse action decides.
+
+    Sources: literal ``parser.add_argument("--...")`` calls in ``sglang/srt/server_args.py``, and
+    (SGLang >= 0.5.2x) the annotated fields of the namespace classes that ``ServerArgs`` collects
+    (``_INPUT_NAMESPACES``), which ``add_cli_args_from_dataclass`` turns into flags: the field
+    name with dashes (or ``Arg(cli_name=...)``), plus ``Arg(aliases=[...])``; ``bool`` fields are
+    ``store_true``; ``Arg(no_cli=True)`` fields have no flag.
+    """
+    import ast
+    import zipfile
+
+    out: Dict[str, Optional[bool]] = {}
+    with zipfile.ZipFile(wheel) as z:
+        files = set(z.namelist())
+
+        def parse(name: str) -> ast.Module:
+            return ast.parse(z.read(name).decode())
+
+        sa = parse("sglang/srt/server_args.py")
+        for node in ast.walk(sa):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                action = next((k.value for k in node.keywords if k.arg == "action"), None)
+                if isinstance(action, ast.Constant):
+                    kind = action.value in ("store_true", "store_false")
+                elif action is None:
+                    kind = False
+                else:
+                    kind = "StoreTrue" in ast.unparse(action) or None
+                for n in names:
+                    if n.startswith("--"):
+                        out[n] = kind
+        # namespace classes ServerArgs is assembled from, and the modules that define them
+        namespaces: List[str] = []
+        modules: Dict[str, str] = {}
+        for node in sa.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_INPUT_NAMESPACES" for t in node.targets):
+                namespaces = [e.id for e in node.value.elts if isinstance(e, ast.Name)]
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sglang.srt.arg_groups"):
+                for alias in node.names:
+                    modules[alias.asname or alias.name] = node.module.replace(".", "/") + ".py"
+        for cls_name in namespaces:
+            path = modules.get(cls_name)
+            if path is None or path not in files:
+                raise ValueError(f"cannot find the module of SGLang namespace {cls_name} ({path})")
+            _fields_to_flags(parse(path), cls_name, out)
+    return out
+
+
+def _fields_to_flags(module, cls_name: str, out: Dict[str, Optional[bool]]) -> None:
+    import ast
+
+    classes = {n.name: n for n in module.body if isinstance(n, ast.ClassDef)}
+    cls = classes[cls_name]
+    for base in cls.bases:  # fields inherited from a class of the same module
+        if isinstance(base, ast.Name) and base.id in classes:
+            _fields_to_flags(module, base.id, out)
+    for stmt in cls.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        ann = stmt.annotation
+        if not (isinstance(ann, ast.Subscript) and getattr(ann.value, "id", "") in ("A", "Annotated")):
+            continue
+        parts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+        typ, meta = parts[0], parts[1:]
+        arg = next((m for m in meta if isinstance(m, ast.Call) and getattr(m.func, "id", "") == "Arg"), None)
+        if arg is None and not any(isinstance(m, ast.Constant) and isinstance(m.value, str) for m in meta):
+            continue  # no CLI metadata: not registered automatically
+        kw = {k.arg: k.value for k in (arg.keywords if arg is not None else [])}
+        if isinstance(kw.get("no_cli"), ast.Constant) and kw["no_cli"].value is True:
+            continue
+        src = ast.unparse(typ).replace(" ", "")
+        is_bool = src in ("bool", "Optional[bool]", "bool|None", "Union[bool,None]")
+        kind: Optional[bool] = None if "action" in kw else is_bool
+        names = []
+        cli = kw.get("cli_name")
+        names.append(cli.value if isinstance(cli, ast.Constant) else "--" + stmt.target.id.replace("_", "-"))
+        aliases = kw.get("aliases")
+        if isinstance(aliases, (ast.List, ast.Tuple)):
+            names += [e.value for e in aliases.elts if isinstance(e, ast.Constant)]
+        for n in names:
+            out[n] = kind

@@ -1,0 +1,99 @@
+"""`areal-hpc serve` / `areal-hpc train`: what every launcher starts on a compute node.
+
+Both read the run's resolved config.yaml and plan.json (so compute nodes need neither the user's
+YAML nor simple-parsing), set up logging to stdout (the launcher sends it to {run}/logs/), and
+hand over to `inference` or `trainers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from areal_hpc.config import actor_path, load_resolved, parse_allocation
+from areal_hpc.registry import Registry
+
+
+def setup_logging(role: str) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def visible_gpus() -> List[int]:
+    """The GPUs this process may use, as Slurm or the local launcher set them."""
+    for var in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        v = os.environ.get(var)
+        if v:
+            return [int(g) for g in v.split(",") if g.strip().isdigit()]
+    return []
+
+
+def slurm_placement() -> str:
+    """`` node=n2 step=123.4 SLURM_STEP_GPUS=1 CUDA_VISIBLE_DEVICES=1`` under srun (else ""): where Slurm put us."""
+    if "SLURM_STEP_ID" not in os.environ:
+        return ""
+    return (f" node={os.environ.get('SLURMD_NODENAME', '?')} step={os.environ.get('SLURM_JOB_ID', '?')}."
+            f"{os.environ['SLURM_STEP_ID']} SLURM_STEP_GPUS={os.environ.get('SLURM_STEP_GPUS', '')} "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+
+
+def serve(run_dir: Path, server_id: str, backend: Optional[str] = None) -> int:
+    from areal_hpc import toy
+    from areal_hpc.inference.server import serve as run_server
+
+    cfg = load_resolved(run_dir / "config.yaml")
+    setup_logging(server_id)
+    alloc = parse_allocation(cfg.allocation_mode)
+    backend = backend or (alloc.gen.backend if alloc.gen else "hf")
+    model = toy.resolve_model(cfg.server.model_path or actor_path(cfg))
+    tp = alloc.gen.tp if alloc.gen else 1
+    logging.getLogger(__name__).info("server %s on %s, gpus=%s%s", server_id, socket.gethostname(), visible_gpus(),
+                                     slurm_placement())
+    return run_server(run_dir=run_dir, cfg=cfg.server, model_path=model, launcher=cfg.launcher,
+                      server_id=server_id, backend=backend, gpus=visible_gpus(), tp_size=tp)
+
+
+def train(run_dir: Path) -> int:
+    from areal_hpc.trainers import TrainContext, make_trainer
+
+    cfg = load_resolved(run_dir / "config.yaml")
+    if os.environ.get("AREAL_HPC_MIN_REQUIRED_SERVERS"):  # a trainer restarted by the run's owner
+        cfg.min_required_servers = int(os.environ["AREAL_HPC_MIN_REQUIRED_SERVERS"])
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    setup_logging(f"trainer[{rank}]")
+    logging.getLogger(__name__).info("trainer rank %d on %s, gpus=%s%s", rank, socket.gethostname(), visible_gpus(),
+                                     slurm_placement())
+    _master_from_slurm()
+    ctx = TrainContext(cfg=cfg, alloc=parse_allocation(cfg.allocation_mode), run_dir=run_dir,
+                       registry=Registry(run_dir / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s))
+    return make_trainer(ctx).run()
+
+
+def _master_from_slurm() -> None:
+    """Under srun, derive torch.distributed's rendezvous from the step: first node, a port from
+    the job and step ids (same on every rank, different for concurrent steps)."""
+    if "SLURM_PROCID" not in os.environ or os.environ.get("MASTER_ADDR"):
+        return
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        return
+    import subprocess
+
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split()
+    node = first[0] if first else "localhost"
+    # Fake multi-node clusters share one host: resolve the node name, fall back to its NodeAddr.
+    try:
+        addr = socket.gethostbyname(node)
+    except OSError:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True).stdout
+        addr = next((w.split("=", 1)[1] for w in out.split() if w.startswith("NodeAddr=")), "127.0.0.1")
+    os.environ["MASTER_ADDR"] = addr
+    job, stepid = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
+    os.environ["MASTER_PORT"] = str(20000 + (job * 131 + stepid * 7) % 40000)

@@ -1,0 +1,160 @@
+"""`mode=local`: the plan's steps as subprocesses of this machine, each in its own process group,
+each task with its log in {run}/logs/. The foreground `submit` is the run's owner: it shows a
+progress bar, serves add-servers/stop requests, and stops everything on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from areal_hpc.config import ExperimentConfig
+from areal_hpc.launch.owner import RunOwner, Runner, StepHandle
+from areal_hpc.launch.plan import Plan, StepSpec
+
+log = logging.getLogger("areal_hpc.launch")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProcessHandle(StepHandle):
+    def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int]):
+        self.step, self.procs, self.gpus = step, procs, gpus
+
+    def poll(self) -> Optional[int]:
+        codes = [p.poll() for p in self.procs]
+        if any(c is None for c in codes):
+            if any(c not in (None, 0) for c in codes):  # one rank died: the step is dead (srun --kill-on-bad-exit)
+                self.signal(signal.SIGKILL)
+                return next(c for c in codes if c not in (None, 0))
+            return None
+        return next((c for c in codes if c != 0), 0)
+
+    def signal(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)  # the whole process group: children die too
+                except ProcessLookupError:
+                    pass
+
+    def info(self) -> Dict[str, object]:
+        return {"pids": [p.pid for p in self.procs], "gpus": self.gpus}
+
+
+class ProcessRunner(Runner):
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+
+    def _free_gpus(self, running: List[StepHandle]) -> List[int]:
+        used = {g for h in running if h.poll() is None for g in getattr(h, "gpus", [])}
+        return [g for g in range(self.cfg.cluster.n_gpus_per_node) if g not in used]
+
+    def can_start(self, step: StepSpec, running: List[StepHandle]) -> bool:
+        need = step.gpus_per_task * step.ntasks
+        return need == 0 or step.gpu_ids or len(self._free_gpus(running)) >= need
+
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        gpus = list(step.gpu_ids)
+        if not gpus and step.gpus_per_task:
+            gpus = self._free_gpus(running)[: step.gpus_per_task * step.ntasks]
+        env = dict(os.environ, **step.env, PYTHONUNBUFFERED="1")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        if step.ntasks > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(step.ntasks))
+        procs = []
+        for rank in range(step.ntasks):
+            task_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+            if step.ntasks == 1:
+                task_env["WORLD_SIZE"] = "1"
+            log_path = Path(step.log.replace("%t", str(rank)))
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "ab") as out:
+                procs.append(subprocess.Popen(step.command, stdout=out, stderr=subprocess.STDOUT, env=task_env,
+                                              start_new_session=True, cwd=Path(step.log).parent.parent))
+        return ProcessHandle(step, procs, gpus)
+
+
+class Progress:
+    """A progress bar on the terminal fed by {run}/metrics.jsonl (the trainer runs elsewhere)."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.total = cfg.trainer.total_train_steps
+        self.enabled = cfg.stats.progress_bar and cfg.trainer.type != "null"
+        self._bar = None
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def tick(self) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        lines = chunk.split("\n")
+        complete, rest = lines[:-1], lines[-1]
+        self._offset += len(chunk) - len(rest)
+        for line in complete:
+            if not line.strip():
+                continue
+            m = json.loads(line)
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self.total, initial=m["step"] - 1, desc="train", unit="step",
+                                 dynamic_ncols=True, mininterval=0.5)
+            self._bar.update(m["step"] - self._bar.n)
+            post = {"reward": f"{m.get('reward_mean', 0):.3f}", "v": m.get("version")}
+            if m.get("staleness_max") is not None:
+                post["stale"] = int(m["staleness_max"])
+            self._bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        self.tick()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(run_dir / "logs" / "driver.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("areal_hpc.launch").addHandler(fh)
+    progress = Progress(cfg, run_dir)
+    owner = RunOwner(cfg, plan, run_dir, ProcessRunner(cfg), mode="local")
+    # `areal-hpc stop` (a request + SIGTERM) is a graceful stop; Ctrl-C too, with exit code 130.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(owner, "stopping", True))
+    print(f"logs: areal-hpc logs -f experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
+          f"cluster.fileroot={cfg.cluster.fileroot}  ({run_dir}/logs)", file=sys.stderr)
+    try:
+        rc = owner.run(on_tick=progress.tick)
+    finally:
+        progress.close()
+    summarize(cfg, run_dir, rc)
+    return rc
+
+
+def summarize(cfg: ExperimentConfig, run_dir: Path, rc: int) -> None:
+    from areal_hpc.trainers.metrics import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if cfg.trainer.type == "null" and (run_dir / "eval.json").exists():
+        print(f"eval: {(run_dir / 'eval.json').read_text().strip()}")
+    elif rows:
+        first, last = rows[0], rows[-1]
+        print(f"{'done' if rc == 0 else f'trainer exited with {rc}'}: step {last['step']}, reward "
+              f"{first.get('reward_mean', 0):.3f} -> {last.get('reward_mean', 0):.3f} in {last.get('time_s', 0):.0f}s; "
+              f"metrics {run_dir / 'metrics.jsonl'}, curve {run_dir / 'reward.png'}")
+    elif rc != 0:
+        print(f"trainer exited with {rc}: see {run_dir}/logs/trainer-0.log", file=sys.stderr)

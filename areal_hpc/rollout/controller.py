@@ -1,0 +1,198 @@
+"""RolloutController: runs workflows asynchronously and hands the trainer staleness-bounded batches.
+
+It lives on its own thread with its own asyncio loop (the client pool lives there too); the
+trainer thread calls `get_batch`, `set_version`, `pause`/`resume` and `run` (to drive the pool).
+
+Staleness bound (AReaL's rule): with trainer weight version ``v`` and staleness bound ``k``, at
+most ``(k + v + 1) * batch_size`` groups are ever accepted or in flight. Batches are handed out
+oldest-first, so a group started under version ``v`` is trained on at version ``<= v + k``.
+As a safety net, `get_batch` also drops any group whose oldest token is older than that bound.
+``k = 0`` is synchronous RL: generation for step ``v`` starts only once weights ``v`` are out.
+
+Nothing here sleeps on a timer: submission waits on an event set by completions, version
+changes and resume; `get_batch` waits on a condition set by completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Awaitable, Dict, Iterator, List, Optional
+
+from areal_hpc.rollout.types import Group
+from areal_hpc.rollout.workflow import RolloutWorkflow
+
+log = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """Episodes keep failing (e.g. no server answers): the trainer should stop, not spin."""
+
+
+class RolloutController:
+    def __init__(self, workflow: RolloutWorkflow, client: Any, rows: Iterator[Dict[str, Any]], batch_size: int,
+                 max_head_offpolicyness: int, max_concurrent: int = 0, start_version: int = 0,
+                 max_consecutive_failures: int = 50):
+        self.workflow, self.client, self.rows = workflow, client, rows
+        self.batch_size = batch_size
+        self.max_staleness = max_head_offpolicyness
+        self.max_concurrent = max_concurrent or batch_size * (max_head_offpolicyness + 1)
+        self.max_consecutive_failures = max_consecutive_failures
+        self._cv = threading.Condition()
+        self._pending: List[Group] = []
+        self._version = start_version
+        self._accepted = start_version * batch_size  # as if every earlier version consumed one batch
+        self._running = 0
+        self._paused = False
+        self._stopping = False
+        self._failures_in_row = 0
+        self._error: Optional[BaseException] = None
+        self._exhausted = False
+        self.stats = {"submitted": 0, "accepted": 0, "rejected": 0, "failed": 0, "dropped_stale": 0}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._wake: Optional[asyncio.Event] = None
+        self._ready = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "RolloutController":
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="rollout", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise RolloutError(f"rollout loop failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._poke()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def run(self, coro: Awaitable, timeout: Optional[float] = None) -> Any:
+        """Run a coroutine (e.g. a pool call) on the rollout loop from the trainer thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # ------------------------------------------------------------------ trainer-side controls
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        self._version = version
+        self._poke()
+
+    def pause(self) -> None:
+        """Stop submitting new episodes (running ones continue; the servers decide about them)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._poke()
+
+    def get_batch(self, timeout: Optional[float] = None) -> List[Group]:
+        """Block until ``batch_size`` groups are ready; return the oldest ones."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while True:
+                self._drop_stale()
+                if len(self._pending) >= self.batch_size:
+                    self._pending.sort(key=lambda g: g.submit_version)  # stable: oldest first
+                    batch, self._pending = self._pending[:self.batch_size], self._pending[self.batch_size:]
+                    return batch
+                if self._error is not None:
+                    raise RolloutError(str(self._error)) from self._error
+                if self._exhausted and self._running == 0:
+                    raise StopIteration("the dataset is exhausted")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no full batch within {timeout}s ({len(self._pending)} ready)")
+                self._cv.wait(remaining)
+
+    def in_flight(self) -> int:
+        """Groups accepted-but-not-consumed plus running (what a checkpoint would re-generate)."""
+        with self._cv:
+            return len(self._pending) + self._running
+
+    # ------------------------------------------------------------------ the loop
+    def _poke(self) -> None:
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _drop_stale(self) -> None:
+        lowest = self._version - self.max_staleness
+        keep = [g for g in self._pending if g.oldest_version >= lowest]
+        dropped = len(self._pending) - len(keep)
+        if dropped:
+            self._pending = keep
+            self._accepted -= dropped  # frees their capacity
+            self.stats["dropped_stale"] += dropped
+            self._poke()
+
+    def _capacity(self) -> int:
+        with self._cv:
+            used = self._accepted + self._running
+            running = self._running
+        bound = (self.max_staleness + self._version + 1) * self.batch_size - used
+        return min(bound, self.max_concurrent - running)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        try:
+            if hasattr(self.client, "start"):
+                await self.client.start()
+        except BaseException as e:  # noqa: BLE001 - reported to the trainer thread
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        tasks = set()
+        while not self._stopping:
+            self._wake.clear()
+            while not self._paused and not self._stopping and not self._exhausted and self._capacity() > 0:
+                try:
+                    row = next(self.rows)
+                except StopIteration:
+                    self._exhausted = True
+                    with self._cv:
+                        self._cv.notify_all()
+                    break
+                with self._cv:
+                    self._running += 1
+                self.stats["submitted"] += 1
+                t = asyncio.create_task(self._episode(row, self._version))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            await self._wake.wait()
+        for t in list(tasks):
+            t.cancel()
+        if hasattr(self.client, "close"):
+            await self.client.close()
+
+    async def _episode(self, row: Dict[str, Any], version: int) -> None:
+        group: Optional[Group] = None
+        try:
+            group = await self.workflow.arun_episode(self.client, row)
+            self._failures_in_row = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run
+            self.stats["failed"] += 1
+            self._failures_in_row += 1
+            log.warning("episode failed (%d in a row): %r", self._failures_in_row, e)
+            if self._failures_in_row >= self.max_consecutive_failures:
+                self._error = RolloutError(f"{self._failures_in_row} episodes failed in a row; last: {e!r}")
+        with self._cv:
+            self._running -= 1
+            if group is not None:
+                group.submit_version = version
+                self._accepted += 1
+                self._pending.append(group)
+                self.stats["accepted"] += 1
+            elif self._error is None:
+                self.stats["rejected"] += 1
+            self._cv.notify_all()
+        self._wake.set()

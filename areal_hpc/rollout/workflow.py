@@ -1,0 +1,78 @@
+"""Workflows: what one episode is. A workflow turns one dataset row into one `Group`.
+
+Add one by subclassing `RolloutWorkflow` (one async method) and ``@register_workflow("name")``;
+select it with ``rollout.workflow=name``. The controller never needs to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import asdict, is_dataclass
+from typing import Any, Callable, Dict, Optional
+
+from areal_hpc.rollout.rewards import get_reward
+from areal_hpc.rollout.types import Group, Trajectory
+
+WORKFLOWS: Dict[str, Callable[..., "RolloutWorkflow"]] = {}
+
+
+def register_workflow(name: str):
+    def deco(cls):
+        WORKFLOWS[name] = cls
+        return cls
+    return deco
+
+
+def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
+    try:
+        cls = WORKFLOWS[name]
+    except KeyError:
+        raise KeyError(f"unknown workflow {name!r}; known: {', '.join(sorted(WORKFLOWS))}") from None
+    return cls(**kwargs)
+
+
+class RolloutWorkflow(ABC):
+    """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row)."""
+
+    @abstractmethod
+    async def arun_episode(self, client: Any, row: Dict[str, Any]) -> Optional[Group]:
+        ...
+
+
+def _sampling_params(gen) -> Dict[str, Any]:
+    return asdict(gen) if is_dataclass(gen) else dict(gen)
+
+
+@register_workflow("rlvr")
+class RLVRWorkflow(RolloutWorkflow):
+    """RL with verifiable rewards: one prompt -> ``n_samples`` completions -> reward each -> one group."""
+
+    def __init__(self, tokenizer, gen_config, reward_fn: str = "exact_match", n_samples: int = 8,
+                 prompt_key: str = "prompt", answer_key: str = "answer"):
+        self.tokenizer = tokenizer
+        self.params = _sampling_params(gen_config)
+        if tokenizer.eos_token_id is not None and not self.params.get("ignore_eos"):
+            stops = set(self.params.get("stop_token_ids") or [])
+            stops.add(tokenizer.eos_token_id)
+            self.params["stop_token_ids"] = sorted(stops)
+        self.reward = get_reward(reward_fn)
+        self.n_samples = n_samples
+        self.prompt_key, self.answer_key = prompt_key, answer_key
+
+    def encode_prompt(self, row: Dict[str, Any]) -> list:
+        return self.tokenizer(row[self.prompt_key], add_special_tokens=False)["input_ids"]
+
+    async def arun_episode(self, client, row: Dict[str, Any]) -> Optional[Group]:
+        prompt_ids = self.encode_prompt(row)
+        results = await asyncio.gather(*(client.generate(prompt_ids, self.params) for _ in range(self.n_samples)))
+        extras = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key, "prompt", "completion",
+                                                             "answer")}
+        trajs = []
+        for res in results:
+            text = self.tokenizer.decode(res.output_ids, skip_special_tokens=True)
+            reward = self.reward(row[self.prompt_key], text, row.get(self.answer_key, ""), **extras)
+            trajs.append(Trajectory(prompt_ids=list(prompt_ids), output_ids=list(res.output_ids),
+                                    logprobs=list(res.logprobs), versions=list(res.versions), reward=float(reward),
+                                    finish_reason=res.finish_reason, info={"completion": text}))
+        return Group(trajectories=trajs)

@@ -1,0 +1,56 @@
+"""Trainers by `trainer.type`. Add yours with ``@register_trainer("name")`` on a `Trainer` subclass."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict
+
+from areal_hpc.trainers.base import TrainContext, Trainer
+
+TRAINERS: Dict[str, Callable[[TrainContext], Trainer]] = {}
+# Built-in trainers are imported on demand, so an eval-only run never imports the FSDP engine.
+_BUILTIN = {"ppo": "areal_hpc.trainers.ppo", "sft": "areal_hpc.trainers.sft", "null": "areal_hpc.trainers.null"}
+
+
+def register_trainer(name: str):
+    def deco(cls):
+        TRAINERS[name] = cls
+        return cls
+    return deco
+
+
+def load_plugins(paths) -> None:
+    """Import user modules (``my_pkg.my_trainer`` or ``/abs/path/my_trainer.py``) that register
+    trainers, workflows or rewards."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    for p in paths:
+        if p.endswith(".py"):
+            name = f"areal_plugin_{Path(p).stem}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, p)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import plugin file {p}")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        else:
+            importlib.import_module(p)
+
+
+def known_types():
+    return sorted(set(TRAINERS) | set(_BUILTIN))
+
+
+def make_trainer(ctx: TrainContext) -> Trainer:
+    load_plugins(ctx.cfg.trainer.plugins)
+    kind = ctx.cfg.trainer.type or "null"
+    if kind not in TRAINERS and kind in _BUILTIN:
+        importlib.import_module(_BUILTIN[kind])
+    try:
+        return TRAINERS[kind](ctx)
+    except KeyError:
+        raise KeyError(f"unknown trainer.type {kind!r}; known: {', '.join(known_types())}") from None

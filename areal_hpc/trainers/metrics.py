@@ -1,0 +1,93 @@
+"""Per-step metrics: `{run}/metrics.jsonl`, TensorBoard events, a one-line log summary, a PNG curve."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger("areal_hpc.trainer")
+
+SUMMARY_KEYS = (("reward_mean", "reward {:.3f}"), ("loss", "loss {:+.4f}"), ("staleness_max", "stale<={:.0f}"),
+                ("gen_tokens_per_s", "gen {:.0f} tok/s"), ("trained_tokens_per_s", "train {:.0f} tok/s"),
+                ("weight_update_s", "sync {:.2f}s"), ("step_time_s", "{:.2f}s/step"))
+
+
+class MetricsWriter:
+    """Rank 0 only. Appends one JSON line per step (steps continue across restarts)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, plot: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.plot_path = run_dir / "reward.png"
+        self.plot = plot
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard not installed (e.g. a bare GPU image): jsonl still works
+                log.warning("tensorboard is not installed; writing metrics.jsonl only")
+
+    def drop_after(self, step: int) -> None:
+        """A recovered run resumes at ``step``: forget lines the crashed run wrote past it."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(x + "\n" for x in keep))
+
+    def write(self, metrics: Dict[str, Any]) -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "version")
+                     else v) for k, v in metrics.items()}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float):
+                    self._tb.add_scalar(k, v, metrics["step"])
+            self._tb.flush()
+        parts = [f"step {metrics['step']} v{metrics.get('version', '?')}"]
+        parts += [fmt.format(metrics[k]) for k, fmt in SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))]
+        log.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self.plot:
+            plot_rewards(self.path, self.plot_path)
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def plot_rewards(metrics_path: Path, out: Path) -> Optional[Path]:
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no reward plot")
+        return None
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, [r.get("reward_mean") for r in rows], lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title(f"{metrics_path.parent.parent.name}/{metrics_path.parent.name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

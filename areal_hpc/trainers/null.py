@@ -1,0 +1,74 @@
+"""`trainer.type=null`: rollout / evaluation only. Runs the workflow over `valid_dataset` once
+through the servers and writes a report; no trainer GPUs, no weights change."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from areal_hpc.config import actor_path
+from areal_hpc.trainers.base import Trainer
+from areal_hpc.trainers.factory import register_trainer
+
+log = logging.getLogger("areal_hpc.trainer")
+
+
+@register_trainer("null")
+class EvalTrainer(Trainer):
+    def run(self) -> int:
+        from areal_hpc.inference.client import ServerPool
+        from areal_hpc.rollout import make_workflow
+        from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer, servers_required
+
+        cfg, ctx = self.cfg, self.ctx
+        rows = list(load_prompts(ctx, "valid", epochs=1))
+        tokenizer = load_tokenizer(cfg.server.model_path or actor_path(cfg))
+        ds = cfg.valid_dataset
+        workflow = make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
+                                 reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples,
+                                 prompt_key=ds.prompt_key, answer_key=ds.answer_key)
+        n = servers_required(ctx)
+        ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s)
+        self.publish_state(step=0, version=None, world_size=1, state="evaluating", n_rows=len(rows))
+        t0 = time.monotonic()
+        try:
+            groups = asyncio.run(self._evaluate(workflow, rows, ServerPool(
+                ctx.registry, ctx.registry.secret(), refresh_s=cfg.launcher.heartbeat_s,
+                request_timeout_s=cfg.rollout.request_timeout_s)))
+        finally:
+            self.close_state()
+        trajs = [t for g in groups for t in g.trajectories]
+        per_prompt = [max(t.reward for t in g.trajectories) for g in groups]
+        report = {
+            "dataset": ds.path, "n_prompts": len(groups), "n_samples": cfg.rollout.n_samples,
+            "reward_mean": sum(t.reward for t in trajs) / max(1, len(trajs)),
+            "accuracy": sum(t.reward >= 1.0 for t in trajs) / max(1, len(trajs)),
+            f"pass@{cfg.rollout.n_samples}": sum(r >= 1.0 for r in per_prompt) / max(1, len(per_prompt)),
+            "completion_len_mean": sum(len(t.output_ids) for t in trajs) / max(1, len(trajs)),
+            "weight_versions": sorted({v for t in trajs for v in t.versions}),
+            "time_s": time.monotonic() - t0,
+        }
+        (ctx.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:
+            for g, row in zip(groups, rows):
+                for t in g.trajectories:
+                    f.write(json.dumps({"prompt": row.get(ds.prompt_key), "answer": row.get(ds.answer_key),
+                                        "completion": t.info.get("completion"), "reward": t.reward}) + "\n")
+        log.info("eval: %s", json.dumps(report))
+        print(json.dumps(report), flush=True)
+        return 0
+
+    async def _evaluate(self, workflow, rows, pool):
+        await pool.start()
+        sem = asyncio.Semaphore(max(1, self.cfg.rollout.max_concurrent_rollouts or 64))
+
+        async def one(row):
+            async with sem:
+                return await workflow.arun_episode(pool, row)
+
+        try:
+            return await asyncio.gather(*(one(r) for r in rows))
+        finally:
+            await pool.close()

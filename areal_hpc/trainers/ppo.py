@@ -1,0 +1,192 @@
+"""GRPO / decoupled PPO, synchronous or asynchronous (`trainer.ppo.async_training`).
+
+One step: batch from the controller -> recompute logprobs -> advantages -> PPO update ->
+weight update cycle (pause, publish, servers load, continue, version + 1) -> metrics ->
+checkpoint when due. Rank 0 drives the rollout side; every rank trains on its shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as tdist
+
+from areal_hpc.config import ConfigError, actor_path
+from areal_hpc.rollout import Group, Trajectory
+from areal_hpc.train import dist
+from areal_hpc.train.batch import shard_batch
+from areal_hpc.train.checkpoint import Checkpointer
+from areal_hpc.train.ppo import PPOActor
+from areal_hpc.train.publish import prune_weights, publish_weights
+from areal_hpc.trainers.base import Trainer
+from areal_hpc.trainers.factory import register_trainer
+from areal_hpc.trainers.metrics import MetricsWriter
+
+log = logging.getLogger("areal_hpc.trainer")
+
+
+def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions."""
+    n = len(trajs)
+    L = max(t.n_tokens for t in trajs)
+    ids = torch.full((n, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, L), dtype=torch.bool)
+    loss = torch.zeros((n, L), dtype=torch.bool)
+    logp = torch.zeros((n, L), dtype=torch.float32)
+    vers = torch.full((n, L), -1, dtype=torch.long)
+    for i, t in enumerate(trajs):
+        p, o = len(t.prompt_ids), len(t.output_ids)
+        ids[i, :p + o] = torch.tensor(t.prompt_ids + t.output_ids, dtype=torch.long)
+        attn[i, :p + o] = True
+        loss[i, p:p + o] = True
+        logp[i, p:p + o] = torch.tensor(t.logprobs, dtype=torch.float32)
+        vers[i, p:p + o] = torch.tensor(t.versions, dtype=torch.long)
+    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "logprobs": logp, "versions": vers,
+            "rewards": rewards}
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's object on every rank."""
+    if dist.world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0, device=dist.collective_device())
+    return box[0]
+
+
+def batch_stats(groups: List[Group], version: int) -> Dict[str, float]:
+    trajs = [t for g in groups for t in g.trajectories]
+    stale = [version - t.oldest_version for t in trajs if t.versions]
+    out_len = [len(t.output_ids) for t in trajs]
+    return {
+        "reward_mean": sum(t.reward for t in trajs) / len(trajs),
+        "staleness_max": float(max(stale, default=0)),
+        "staleness_mean": sum(stale) / max(1, len(stale)),
+        "completion_len_mean": sum(out_len) / len(trajs),
+        "n_trajectories": float(len(trajs)),
+        "gen_tokens": float(sum(out_len)),
+        "tokens": float(sum(t.n_tokens for t in trajs)),
+        "truncated_frac": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
+        # completions generated across a weight update (interrupted, then resumed on new weights)
+        "mixed_version_frac": sum(len(set(t.versions)) > 1 for t in trajs) / len(trajs),
+    }
+
+
+@register_trainer("ppo")
+class PPOTrainer(Trainer):
+    def run(self) -> int:
+        cfg, ctx = self.cfg, self.ctx
+        total = cfg.trainer.total_train_steps
+        actor = PPOActor.build(cfg.trainer.ppo, total_steps=total, group_size=cfg.rollout.n_samples,
+                               temperature=cfg.rollout.gen.temperature or 1.0)
+        engine = actor.engine
+        world, rank = dist.world_size(), dist.rank()
+        if cfg.rollout.batch_size % world:
+            raise ConfigError("rollout.batch_size", f"{cfg.rollout.batch_size} groups cannot be split evenly over "
+                              f"{world} trainer ranks", "make it a multiple of the trainer's d")
+        ckpt = Checkpointer(engine, keep_last=cfg.saver.keep_last)
+        state = self._recover(ckpt)
+        step = int(state.get("global_step", 0))
+        version = int(state.get("weight_version", 0))
+        time_offset = float(state.get("time_s", 0.0))
+        engine.set_version(version)
+        model_src = engine.model_path
+
+        side = metrics = None
+        if self.is_main:
+            from areal_hpc.trainers.rollout_side import RolloutSide, load_prompts, load_tokenizer
+
+            loader = load_prompts(ctx, "train")
+            loader.load_state_dict(state.get("loader"))
+            side = RolloutSide(ctx, load_tokenizer(actor_path(cfg)), loader, start_version=version)
+            metrics = MetricsWriter(ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot)
+            metrics.drop_after(step)
+            self.publish_state(step=step, version=version, world_size=world, state="starting")
+        if side is not None:  # the rollout loop must run for update_weights; nothing is generated yet
+            side.controller.pause()
+            side.start()
+        if version > 0 or cfg.min_required_servers > 0:
+            # A recovered (or restarted) trainer owns the weights: push them before generating.
+            path = publish_weights(engine, ctx.weights_dir, version, model_src, ctx.registry if self.is_main else None)
+            if side is not None:
+                side.update_weights(str(path), version)
+        if side is not None:
+            side.controller.resume()
+            self.publish_state(state="training")
+        t_start = time.monotonic() - time_offset
+        rc = 0
+        try:
+            while step < total:
+                if dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0:
+                    log.warning("stopping at step %d on request", step)
+                    break
+                t0 = time.monotonic()
+                groups = side.controller.get_batch() if side is not None else None
+                t_gen = time.monotonic() - t0
+                trajs = broadcast_object([t for g in groups for t in g.trajectories] if groups else None)
+                batch = shard_batch(trajectories_to_batch(trajs, engine.pad_token_id), rank, world,
+                                    cfg.rollout.n_samples)
+                t1 = time.monotonic()
+                stats = self.train_on(actor, batch)
+                t_train = time.monotonic() - t1
+                version += 1
+                path = publish_weights(engine, ctx.weights_dir, version, model_src,
+                                       ctx.registry if self.is_main else None)
+                engine.set_version(version)
+                step += 1
+                if side is not None:
+                    upd = side.update_weights(str(path), version)
+                    prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
+                    step_time = time.monotonic() - t0
+                    m = {"step": step, "version": version, "time_s": time.monotonic() - t_start,
+                         **batch_stats(groups, version - 1), **{k: v for k, v in stats.items() if k != "reward"},
+                         **upd, "gen_wait_s": t_gen, "train_s": t_train, "step_time_s": step_time,
+                         "lr": engine.current_lr(), "dropped_stale": side.controller.stats["dropped_stale"]}
+                    m["gen_tokens_per_s"] = m["gen_tokens"] / step_time
+                    m["trained_tokens_per_s"] = m["tokens"] / step_time
+                    metrics.write(m)
+                    self.publish_state(step=step, version=version)
+                if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0 and step < total:
+                    self._save(ckpt, step, side, t_start)
+            self._save(ckpt, step, side, t_start)
+        except KeyboardInterrupt:
+            rc = 130
+        finally:
+            if side is not None:
+                side.stop()
+                metrics.close()
+                self.publish_state(state="done" if step >= total else "stopped")
+                self.close_state()
+        log.info("trainer finished at step %d (version %d)", step, version)
+        return rc
+
+    def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """One training step on this rank's shard of a rollout batch. Override to change the
+        learning rule and keep everything else (rollouts, weight sync, checkpoints, metrics)."""
+        return actor.train_step(batch)
+
+    def _recover(self, ckpt: Checkpointer) -> Dict[str, Any]:
+        mode = self.cfg.recover.mode
+        if mode == "disabled":
+            return {}
+        state = ckpt.load_latest(self.ctx.checkpoint_dir)
+        if state is None:
+            if mode == "resume":
+                raise ConfigError("recover.mode", f"resume asked but no checkpoint in {self.ctx.checkpoint_dir}",
+                                  "use recover.mode=auto to start fresh when there is none")
+            return {}
+        log.info("recovered from checkpoint: step %d, weight version %d", state["global_step"], state["weight_version"])
+        return state
+
+    def _save(self, ckpt: Checkpointer, step: int, side: Optional[Any], t_start: float) -> None:
+        extra = {"time_s": time.monotonic() - t_start}
+        if side is not None:  # rows in flight are generated again after a restart
+            extra["loader"] = side.loader.state_dict(rewind=side.controller.in_flight())
+        extra = broadcast_object(extra)
+        t0 = time.monotonic()
+        ckpt.save(self.ctx.checkpoint_dir, step, extra)
+        log.info("checkpoint at step %d (%.2fs)", step, time.monotonic() - t0)

@@ -1,0 +1,148 @@
+"""The whole product in mode=local: real `hf` servers, real trainer processes, the real CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+def submit(tmp_path, *overrides, timeout=600, check=True):
+    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+           "stats.progress_bar=False", *overrides]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    if check and p.returncode != 0:
+        rd = next(tmp_path.glob("*/*/*"), None)
+        logs = "".join(f"\n--- {f}\n" + f.read_text()[-3000:] for f in sorted((rd / "logs").glob("*"))) if rd else ""
+        raise AssertionError(f"submit failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}{logs}")
+    return p
+
+
+def run_dir(tmp_path, exp="quickstart", trial="run0"):
+    return next(tmp_path.glob(f"*/{exp}/{trial}"))
+
+
+def metrics(rd):
+    return [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "saver.freq_steps=0"]
+
+
+@pytest.mark.parametrize("bound", [0, 1, 4])
+def test_staleness_bound_holds(tmp_path, bound):
+    submit(tmp_path, *SMALL, f"rollout.max_head_offpolicyness={bound}", "trainer.total_train_steps=8",
+           "rollout.gen.max_new_tokens=8", "rollout.gen.ignore_eos=True")
+    rows = metrics(run_dir(tmp_path))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["staleness_max"] <= bound for r in rows), [r["staleness_max"] for r in rows]
+    assert all(r["dropped_stale"] == 0 for r in rows)
+    if bound == 0:
+        assert all(r["staleness_max"] == 0 for r in rows)
+    else:  # generation really ran ahead of training
+        assert max(r["staleness_max"] for r in rows) >= 1
+
+
+def test_weight_update_resumes_long_generations(tmp_path):
+    # One group per step, long generations, staleness 4: after the first step, each new group
+    # generates while the trainer works through earlier ones, so weight updates land in the middle
+    # of generations; those are aborted, resumed on the new weights, and still come back whole.
+    submit(tmp_path, "rollout.batch_size=1", "rollout.n_samples=2", "rollout.max_head_offpolicyness=4",
+           "rollout.gen.max_new_tokens=1000", "rollout.gen.ignore_eos=True", "trainer.total_train_steps=8",
+           "saver.freq_steps=0")
+    rd = run_dir(tmp_path)
+    rows = metrics(rd)
+    assert all(r["completion_len_mean"] == 1000 for r in rows)
+    assert max(r["mixed_version_frac"] for r in rows) > 0
+    assert all(r["staleness_max"] <= 4 for r in rows)
+    assert "2 running request(s) aborted" in (rd / "logs" / "server-0.log").read_text()
+
+
+@pytest.mark.parametrize("async_training", [True, False])
+def test_sync_and_async_learn(tmp_path, async_training):
+    submit(tmp_path, f"trainer.ppo.async_training={async_training}", "trainer.total_train_steps=60",
+           "saver.freq_steps=0", timeout=900)
+    r = [x["reward_mean"] for x in metrics(run_dir(tmp_path))]
+    first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+
+
+def test_eval_only(tmp_path):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    p = submit(tmp_path, "trainer.type=null", "allocation_mode=hf:d2+eval", f"valid_dataset.path={data}",
+               "rollout.n_samples=2", "experiment_name=ev")
+    report = json.loads((run_dir(tmp_path, "ev") / "eval.json").read_text())
+    assert report["n_prompts"] == 16 and report["n_samples"] == 2
+    assert 0.0 <= report["accuracy"] <= 1.0 and "pass@2" in report
+    assert "eval:" in p.stdout
+    assert not (run_dir(tmp_path, "ev") / "checkpoints").exists()  # nothing was trained
+
+
+def test_sft_through_the_launcher(tmp_path):
+    submit(tmp_path, "trainer.type=sft", "trainer.sft.model.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum-512",
+           "trainer.sft.batch_size=32", "trainer.sft.model.optimizer.lr=2e-3", "trainer.total_train_steps=30",
+           "experiment_name=sft")
+    rd = run_dir(tmp_path, "sft")
+    rows = metrics(rd)
+    assert len(rows) == 30 and rows[-1]["loss"] < rows[0]["loss"] * 0.7
+    assert not list((rd / "logs").glob("server-*.log"))  # SFT starts no servers
+    assert (rd / "weights" / "v30" / "config.json").exists()
+
+
+def test_stop_and_status_on_a_local_run(tmp_path):
+    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+           "stats.progress_bar=False", "trainer.total_train_steps=100000", *SMALL]
+    owner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 300
+        rd = None
+        while time.time() < deadline:
+            rd = next(tmp_path.glob("*/quickstart/run0"), None)
+            if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= 2:
+                break
+            time.sleep(0.5)
+        assert rd is not None and len(metrics(rd)) >= 2
+        st = subprocess.run([sys.executable, "-m", "areal_hpc", "status", "--json", f"cluster.fileroot={tmp_path}",
+                             "experiment_name=quickstart", "trial_name=run0"], capture_output=True, text=True)
+        status = json.loads(st.stdout)
+        assert status["mode"] == "local" and status["job"]["state"] == "RUNNING"
+        assert len(status["servers"]) == 1 and status["servers"][0]["healthy"]
+        assert status["trainer"]["step"] >= 1
+        logs = subprocess.run([sys.executable, "-m", "areal_hpc", "logs", "trainer", "-n", "5",
+                               f"cluster.fileroot={tmp_path}", "experiment_name=quickstart", "trial_name=run0"],
+                              capture_output=True, text=True)
+        assert "step" in logs.stdout
+        stop = subprocess.run([sys.executable, "-m", "areal_hpc", "stop", f"cluster.fileroot={tmp_path}",
+                               "experiment_name=quickstart", "trial_name=run0"], capture_output=True, text=True,
+                              timeout=180)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        owner.wait(60)
+        # The trainer checkpointed on the way out; nothing of the run is left alive.
+        assert any((rd / "checkpoints").glob("step_*"))
+        from areal_hpc.registry import Registry
+
+        assert Registry(rd / "registry").list("servers") == {}
+    finally:
+        if owner.poll() is None:
+            owner.send_signal(signal.SIGKILL)
+
+
+def test_readme_custom_trainer_example(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("```python\n# my_rft.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_rft.py").write_text(code)
+    cmd = readme.split("areal-hpc submit configs/quickstart.yaml trainer.type=rft", 1)[1].split("\n", 1)[0]
+    overrides = ["trainer.type=rft", *cmd.split(), *SMALL]
+    overrides = [o.replace("trainer.total_train_steps=40", "trainer.total_train_steps=6") for o in overrides]
+    submit(tmp_path, *overrides)
+    rows = metrics(run_dir(tmp_path))
+    assert [r["step"] for r in rows] == list(range(1, 7)) and "kept_frac" in rows[-1]

@@ -1,0 +1,213 @@
+"""ServerPool against scripted in-process HTTP servers: resumption, pause, retries, 4xx, discovery,
+fan-out, least-load routing. No model, no subprocess: about a second."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+from aiohttp import web
+
+from areal_hpc.inference.client import RequestRejected, ServerPool
+from areal_hpc.registry import Registry
+
+
+class Fake:
+    """A scripted SGLang-like server. ``script(payload) -> (status, body)`` or a coroutine."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+        self.runner = None
+        self.port = None
+
+    async def start(self):
+        async def handle(request):
+            payload = json.loads(await request.read() or b"{}")
+            self.calls.append((request.path, payload, request.headers.get("Authorization")))
+            res = self.script(request.path, payload)
+            if asyncio.iscoroutine(res):
+                res = await res
+            status, body = res
+            return web.json_response(body, status=status)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self):
+        await self.runner.cleanup()
+
+
+def gen_body(ids, reason="length", version="0", spans=None):
+    meta = {"finish_reason": {"type": reason}, "prompt_tokens": 1, "completion_tokens": len(ids),
+            "weight_version": version, "output_token_logprobs": [[-0.1 * (i + 1), t, None] for i, t in enumerate(ids)]}
+    if spans is not None:
+        meta["weight_versions"] = spans
+    return {"output_ids": ids, "meta_info": meta}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_abort_is_resumed_with_prefix_and_remaining_budget():
+    async def main():
+        def script(path, p):
+            if len(p["input_ids"]) == 3:  # first attempt: aborted after 2 tokens, version changes inside
+                return 200, gen_body([10, 11], "abort", "3", spans=[{"version": "3", "start": 0, "end": 2}])
+            return 200, gen_body(list(range(20, 20 + p["sampling_params"]["max_new_tokens"])), "length", "4")
+
+        srv = await Fake(script).start()
+        async with ServerPool(None, api_key="key") as pool:
+            pool.add_server("a", srv.address)
+            res = await pool.generate([1, 2, 3], {"max_new_tokens": 6, "temperature": 0.5})
+        await srv.stop()
+        assert res.output_ids == [10, 11, 20, 21, 22, 23]
+        assert res.versions == [3, 3, 4, 4, 4, 4]
+        assert len(res.logprobs) == 6 and res.finish_reason == "length" and res.n_requests == 2
+        second = srv.calls[1][1]
+        assert second["input_ids"] == [1, 2, 3, 10, 11]
+        assert second["sampling_params"] == {"max_new_tokens": 4, "temperature": 0.5}
+        assert srv.calls[0][2] == "Bearer key"
+
+    run(main())
+
+
+def test_paused_pool_holds_resumption_until_resume():
+    async def main():
+        release = asyncio.Event()
+
+        async def script(path, p):
+            if path != "/generate":
+                return 200, {"status": "ok"}
+            if len(p["input_ids"]) == 1:  # in flight when the pause comes: returns aborted
+                await release.wait()
+                return 200, gen_body([7], "abort")
+            return 200, gen_body([8] * p["sampling_params"]["max_new_tokens"], "stop")
+
+        srv = await Fake(script).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("a", srv.address)
+            task = asyncio.create_task(pool.generate([1], max_new_tokens=3))
+            while not srv.calls:
+                await asyncio.sleep(0.01)
+            res = await pool.pause_all()
+            assert res["a"].ok and pool.paused
+            release.set()
+            await asyncio.sleep(0.2)
+            gens = [c for c in srv.calls if c[0] == "/generate"]
+            assert not task.done() and len(gens) == 1, "an aborted request must wait while paused"
+            late = asyncio.create_task(pool.generate([1, 2], max_new_tokens=1))
+            await asyncio.sleep(0.1)
+            assert not late.done() and len([c for c in srv.calls if c[0] == "/generate"]) == 1
+            await pool.continue_all()
+            out = await task
+            assert out.output_ids == [7, 8, 8] and out.finish_reason == "stop" and out.n_requests == 2
+            assert (await late).output_ids == [8]
+        await srv.stop()
+
+    run(main())
+
+
+def test_retries_on_5xx_and_dead_server_then_rejects_4xx():
+    async def main():
+        bad = await Fake(lambda path, p: (500, {"message": "boom"})).start()
+        good = await Fake(lambda path, p: (200, gen_body([1, 2]))).start()
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("bad", bad.address)
+            pool.add_server("dead", f"127.0.0.1:{dead_port}")
+            pool.add_server("good", good.address)
+            results = await asyncio.gather(*(pool.generate([5], max_new_tokens=2) for _ in range(20)))
+            assert all(r.output_ids == [1, 2] and r.server_ids == ["good"] for r in results)
+            assert pool.stats["retries"] >= 2
+            assert not pool.servers["bad"]["healthy"] and not pool.servers["dead"]["healthy"]
+        rejecting = await Fake(lambda path, p: (400, {"error": {"message": "token id 99 is outside"},
+                                                      "message": "token id 99 is outside"})).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("r", rejecting.address)
+            with pytest.raises(RequestRejected, match="outside"):
+                await pool.generate([99], max_new_tokens=2)
+        for s in (bad, good, rejecting):
+            await s.stop()
+
+    run(main())
+
+
+def test_least_loaded_routing_spreads_concurrent_requests():
+    async def main():
+        async def slow(path, p):
+            await asyncio.sleep(0.05)
+            return 200, gen_body([1])
+
+        a, b = await Fake(slow).start(), await Fake(slow).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("a", a.address)
+            pool.add_server("b", b.address)
+            await asyncio.gather(*(pool.generate([1], max_new_tokens=1) for _ in range(40)))
+        assert abs(len(a.calls) - len(b.calls)) <= 2, (len(a.calls), len(b.calls))
+        await a.stop()
+        await b.stop()
+
+    run(main())
+
+
+def test_discovery_from_registry_adds_and_drops(tmp_path):
+    async def main():
+        reg = Registry(tmp_path / "registry", ttl_s=0.6)
+        a = await Fake(lambda path, p: (200, gen_body([1]))).start()
+        b = await Fake(lambda path, p: (200, gen_body([2]))).start()
+        reg.put("servers", "a", {"address": a.address, "state": "ready"})
+        reg.put("servers", "starting", {"address": "127.0.0.1:1", "state": "starting"})
+        async with ServerPool(reg, refresh_s=0.1) as pool:
+            assert set(pool.servers) == {"a"}  # "starting" is not routed to
+            reg.put("servers", "b", {"address": b.address, "state": "ready"})
+            t0 = time.monotonic()
+            await pool.wait_for_servers(2, timeout_s=2)
+            assert time.monotonic() - t0 < 0.5
+            for _ in range(6):  # keep a alive, let b expire (no heartbeat)
+                reg.touch("servers", "a")
+                await asyncio.sleep(0.15)
+            assert set(pool.servers) == {"a"}
+            res = await pool.generate([1], max_new_tokens=1)
+            assert res.server_ids == ["a"]
+            fan = await pool.update_weights_from_disk("/w/v1", 1)
+            assert fan["a"].ok and fan["a"].body["output_ids"] == [1]
+            assert a.calls[-1][1] == {"model_path": "/w/v1", "weight_version": "1", "abort_all_requests": False}
+        await a.stop()
+        await b.stop()
+
+    run(main())
+
+
+def test_fan_out_reports_failures():
+    async def main():
+        ok = await Fake(lambda path, p: (200, {"success": True, "message": "done"})).start()
+        no = await Fake(lambda path, p: (400, {"success": False, "message": "no such dir"})).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("ok", ok.address)
+            pool.add_server("no", no.address)
+            pool.add_server("gone", "127.0.0.1:1")
+            res = await pool.update_weights_from_disk("/nope", 2, timeout_s=5)
+        assert res["ok"].ok and not res["no"].ok and res["no"].error == "no such dir"
+        assert not res["gone"].ok and res["gone"].status is None and res["gone"].error
+        await ok.stop()
+        await no.stop()
+
+    run(main())

@@ -1,0 +1,139 @@
+"""The `sglang` backend's lifecycle against a stand-in ``sglang.launch_server`` (real SGLang needs
+GPUs): argv and key file, subprocess start, health wait, loading published weights, registration,
+weight-version tracking, the pool speaking to it, SIGTERM stopping the whole process group."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from areal_hpc.inference.client import ServerPool
+from areal_hpc.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_LAUNCH_SERVER = textwrap.dedent('''
+    """Stand-in for sglang.launch_server: the flags we pass, SGLang's auth and endpoints."""
+    import argparse, json, os, sys
+    from aiohttp import web
+
+    p = argparse.ArgumentParser()
+    for flag in ("--model-path", "--host", "--port", "--config", "--weight-version", "--tp-size"):
+        p.add_argument(flag)
+    args, _ = p.parse_known_args()
+    key = None
+    for line in open(args.config):
+        if line.startswith("api-key:"):
+            key = json.loads(line.split(":", 1)[1])
+    state = {"version": args.weight_version}
+    with open(os.environ["FAKE_SGLANG_OUT"], "w") as f:
+        json.dump({"argv": sys.argv[1:], "pid": os.getpid()}, f)
+
+    @web.middleware
+    async def auth(request, handler):
+        if request.headers.get("Authorization") != f"Bearer {key}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return await handler(request)
+
+    async def health(request):
+        return web.Response()
+
+    async def model_info(request):
+        return web.json_response({"model_path": args.model_path, "weight_version": state["version"]})
+
+    async def update(request):
+        body = await request.json()
+        state["version"] = body.get("weight_version")
+        return web.json_response({"success": True, "message": "ok", "num_paused_requests": 0})
+
+    async def generate(request):
+        body = await request.json()
+        n = body["sampling_params"]["max_new_tokens"]
+        return web.json_response({"output_ids": [1] * n, "meta_info": {
+            "finish_reason": {"type": "length"}, "weight_version": state["version"],
+            "output_token_logprobs": [[-0.5, 1, None]] * n}})
+
+    app = web.Application(middlewares=[auth])
+    app.router.add_get("/health", health)
+    app.router.add_get("/model_info", model_info)
+    app.router.add_post("/update_weights_from_disk", update)
+    app.router.add_post("/generate", generate)
+    web.run_app(app, host=args.host, port=int(args.port), print=None, access_log=None)
+''')
+
+
+def test_sglang_backend_lifecycle(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "sglang").mkdir(parents=True)
+    (fake / "sglang" / "__init__.py").write_text("")
+    (fake / "sglang" / "launch_server.py").write_text(FAKE_LAUNCH_SERVER)
+    run_dir = tmp_path / "run"
+    reg = Registry(run_dir / "registry", ttl_s=2.0)
+    reg.put("weights", "latest", {"version": 3, "path": "/published/v3"}, ttl=False)
+    out = tmp_path / "fake.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]), FAKE_SGLANG_OUT=str(out),
+               AREAL_HPC_LOG_LEVEL="WARNING")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "areal_hpc.inference.server", "--run-dir", str(run_dir), "--server-id", "g0",
+         "--backend", "sglang", "--model-path", "/models/m", "--gpus", "2,3", "--heartbeat-s", "0.3",
+         "--ttl-s", "2", "--sglang-arg", "attention-backend=fa3", "--sglang-arg", "enable-memory-saver"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (reg.get("servers", "g0") or {}).get("state") != "ready":
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "sglang-backed server never became ready"
+            time.sleep(0.1)
+        rec = reg.get("servers", "g0")
+        assert rec["backend"] == "sglang" and rec["tp_size"] == 2 and rec["gpus"] == [2, 3]
+        assert rec["weight_version"] == 3  # the run's published weights were loaded before registering
+        launched = json.loads(out.read_text())
+        argv = launched["argv"]
+        opts = {a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+                for i, a in enumerate(argv) if a.startswith("--")}
+        assert opts["--tp-size"] == "2" and opts["--base-gpu-id"] == "2" and opts["--port"] == str(rec["port"])
+        assert "--skip-tokenizer-init" in opts and opts["--skip-tokenizer-init"] is None
+        assert opts["--attention-backend"] == "fa3" and opts["--enable-memory-saver"] is None
+        assert "--api-key" not in opts and reg.secret() not in " ".join(argv)
+        key_file = Path(opts["--config"])
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+
+        async def use():
+            async with ServerPool(reg, refresh_s=0.3) as pool:
+                res = await pool.generate([5, 6], max_new_tokens=4)
+                upd = await pool.update_weights_from_disk("/published/v4", 4)
+                return res, upd
+
+        res, upd = asyncio.run(use())
+        assert res.output_ids == [1, 1, 1, 1] and res.versions == [3, 3, 3, 3] and upd["g0"].ok
+        deadline = time.monotonic() + 5
+        while reg.get("servers", "g0")["weight_version"] != 4:  # followed from SGLang's /model_info
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert reg.get("servers", "g0", live_only=False) is None
+        try:
+            os.kill(launched["pid"], 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        assert not alive, "the SGLang process must stop with its server"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if out.exists():
+            try:
+                os.kill(json.loads(out.read_text())["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
