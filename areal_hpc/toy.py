@@ -33,12 +33,15 @@ def is_toy_spec(path: str) -> bool:
     return isinstance(path, str) and path.startswith("toy:")
 
 
-def build_tokenizer(out_dir: str | Path):
-    """A character-level fast tokenizer that round-trips through AutoTokenizer."""
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 0):
+    """A character-level fast tokenizer that round-trips through AutoTokenizer. ``vocab_size``
+    pads the vocabulary with filler tokens (``<fNNN>``) to match a real architecture's size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    words = SPECIAL_TOKENS + CHARS
+    words += [f"<f{i}>" for i in range(max(0, vocab_size - len(words)))]
+    vocab = {tok: i for i, tok in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()

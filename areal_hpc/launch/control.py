@@ -107,6 +107,9 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                               {k: v for k, v in trainer.items() if not k.startswith("_")}}
     if run.get("mode") == "slurm" and run.get("job_id"):
         status["job"] = _slurm_state(run["job_id"])
+        extra = reg.list("jobs", live_only=False)  # `add-servers --new-job` jobs
+        if extra:
+            status["server_jobs"] = [{**_slurm_state(j), "servers": rec.get("servers")} for j, rec in sorted(extra.items())]
     elif run:
         status["job"] = {"launcher_pid": run.get("pid"), "host": run.get("host"),
                          "state": "RUNNING" if _pid_alive(run.get("pid")) else "ENDED"}
@@ -127,6 +130,8 @@ def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {job.get('nodes', '')}".rstrip())
     for step in job.get("steps", []):
         print(f"  step {step['step']:<12} {step['name']:<40} {step['state']:<11} {step['nodes']}")
+    for j in st.get("server_jobs", []):
+        print(f"job      {j.get('job_id')} {j.get('state', '?')} {j.get('nodes', '')} (servers {', '.join(j.get('servers') or [])})")
     print(f"servers  {len(st['servers'])} live")
     for s in st["servers"]:
         print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "

@@ -41,6 +41,10 @@ def slurm_placement() -> str:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
 
 
+# NCCL's cuMem allocator breaks groups formed outside the default one (weight sync); peers set this too.
+os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
+
+
 def serve(run_dir: Path, server_id: str, backend: Optional[str] = None) -> int:
     from areal_hpc import toy
     from areal_hpc.inference.server import serve as run_server

@@ -78,6 +78,8 @@ def batch_stats(groups: List[Group], version: int) -> Dict[str, float]:
 
 @register_trainer("ppo")
 class PPOTrainer(Trainer):
+    _nccl = None
+
     def run(self) -> int:
         cfg, ctx = self.cfg, self.ctx
         total = cfg.trainer.total_train_steps
@@ -134,13 +136,10 @@ class PPOTrainer(Trainer):
                 stats = self.train_on(actor, batch)
                 t_train = time.monotonic() - t1
                 version += 1
-                path = publish_weights(engine, ctx.weights_dir, version, model_src,
-                                       ctx.registry if self.is_main else None)
                 engine.set_version(version)
                 step += 1
+                upd = self._push_weights(engine, side, version, model_src, step)
                 if side is not None:
-                    upd = side.update_weights(str(path), version)
-                    prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
                     step_time = time.monotonic() - t0
                     m = {"step": step, "version": version, "time_s": time.monotonic() - t_start,
                          **batch_stats(groups, version - 1), **{k: v for k, v in stats.items() if k != "reward"},
@@ -163,6 +162,32 @@ class PPOTrainer(Trainer):
                 self.close_state()
         log.info("trainer finished at step %d (version %d)", step, version)
         return rc
+
+    def _push_weights(self, engine, side, version: int, model_src: str, step: int) -> Dict[str, float]:
+        """Weights v``version`` to the servers: over NCCL, or published to disk and loaded.
+        With NCCL a disk copy is still written at checkpoint steps (servers that start later load it)."""
+        ctx, cfg = self.ctx, self.cfg
+        if cfg.trainer.ppo.weight_update == "nccl":
+            from areal_hpc.train.weight_sync import broadcast_engine_weights
+            from areal_hpc.trainers.rollout_side import NcclWeightSync
+
+            if side is not None and self._nccl is None:
+                self._nccl = NcclWeightSync(side)
+            if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0:
+                publish_weights(engine, ctx.weights_dir, version, model_src, ctx.registry if self.is_main else None)
+                if side is not None:
+                    prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
+            if side is not None:
+                return side.update_weights_nccl(self._nccl, lambda g, cb: broadcast_engine_weights(engine, g, cb),
+                                                version)
+            broadcast_engine_weights(engine, None)
+            return {}
+        path = publish_weights(engine, ctx.weights_dir, version, model_src, ctx.registry if self.is_main else None)
+        if side is None:
+            return {}
+        upd = side.update_weights(str(path), version)
+        prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
+        return upd
 
     def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """One training step on this rank's shard of a rollout batch. Override to change the

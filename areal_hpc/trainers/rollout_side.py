@@ -84,5 +84,100 @@ class RolloutSide:
             log.warning("weight update v%d failed on %d server(s): %s", version, len(failed), failed)
         return {"weight_update_s": time.monotonic() - t0, "servers_updated": float(len(results) - len(failed))}
 
+    def update_weights_nccl(self, sync: "NcclWeightSync", broadcast, version: int) -> Dict[str, float]:
+        """The NCCL path: pause, (re)form the group if the servers changed, broadcast, continue.
+        ``broadcast(group, on_bucket)`` runs the trainer's collective broadcast (all ranks)."""
+        c = self.controller
+        t0 = time.monotonic()
+        c.pause()
+        try:
+            c.run(self.pool.pause_all())
+            sync.ensure_group()
+            t1 = time.monotonic()
+            broadcast(sync.group, sync.announcer(version))
+            t_bcast = time.monotonic() - t1
+        finally:
+            c.run(self.pool.continue_all())
+            c.set_version(version)
+            c.resume()
+        return {"weight_update_s": time.monotonic() - t0, "weight_broadcast_s": t_bcast,
+                "servers_updated": float(len(sync.members))}
+
     def stop(self) -> None:
         self.controller.stop()
+
+
+class NcclWeightSync:
+    """Trainer rank 0 + every server in one NCCL group (SGLang's /init_weights_update_group).
+
+    The group has a fixed size, so it is formed again (under a new name, which servers accept,
+    so a restarted trainer can always re-join) whenever the set of live servers changes. A server
+    that joins late starts from the disk copy (weights/latest) and gets the full weights at the
+    next broadcast.
+    """
+
+    def __init__(self, side: RolloutSide, timeout_s: float = 600.0):
+        self.side = side
+        self.timeout_s = timeout_s
+        self.group = None
+        self.name: Optional[str] = None
+        self.members: List[str] = []
+
+    def ensure_group(self) -> None:
+        import socket
+
+        from areal_hpc.train.weight_sync import destroy_weight_sync_group, init_weight_sync_group, new_group_name
+
+        pool, c = self.side.pool, self.side.controller
+        c.run(pool.refresh())
+        members = sorted(sid for sid, info in pool.servers.items() if info["healthy"])
+        if self.group is not None and members == self.members:
+            return
+        if self.group is not None:
+            destroy_weight_sync_group(self.group)
+            self.group = None
+        name = new_group_name()
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        addr = socket.gethostbyname(socket.gethostname())
+        world = len(members) + 1
+
+        async def join_all():
+            import asyncio
+
+            return await asyncio.gather(*(pool.call_all(
+                "POST", "/init_weights_update_group",
+                {"master_address": addr, "master_port": port, "rank_offset": i + 1, "world_size": world,
+                 "backend": "nccl", "group_name": name}, timeout_s=self.timeout_s, server_ids=[sid])
+                for i, sid in enumerate(members)))
+
+        import asyncio
+
+        fut = asyncio.run_coroutine_threadsafe(join_all(), c._loop)  # servers join while we host
+        self.group = init_weight_sync_group(addr, port, 0, world, name, timeout_s=self.timeout_s)
+        failed = [r for res in fut.result(self.timeout_s) for r in res.values() if not r.ok]
+        if failed:
+            raise RuntimeError(f"servers failed to join weight group {name}: {failed}")
+        self.name, self.members = name, members
+        log.info("weight-sync group %s formed with %d server(s)", name, len(members))
+
+    def announcer(self, version: int):
+        """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""
+        import asyncio
+
+        pool, loop = self.side.pool, self.side.controller._loop
+
+        def on_bucket(bucket):
+            payload = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes,
+                       "group_name": self.name, "weight_version": str(version)}
+            fut = asyncio.run_coroutine_threadsafe(pool.call_all(
+                "POST", "/update_weights_from_distributed", payload, timeout_s=self.timeout_s,
+                server_ids=self.members), loop)
+
+            def wait():
+                bad = [r for r in fut.result(self.timeout_s).values() if not r.ok]
+                if bad:
+                    raise RuntimeError(f"weight broadcast failed on {[(r.server_id, r.error) for r in bad]}")
+            return wait
+        return on_bucket

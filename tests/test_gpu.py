@@ -1,0 +1,141 @@
+"""GPU checks (run on a GPU machine; skipped elsewhere): FSDP2 over NCCL, NCCL weight sync."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.gpu
+
+
+def _n_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+FSDP_PROBE = r"""
+import json, os, sys, torch
+from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+from areal_hpc.train.engine import FSDPEngine
+from areal_hpc.train.sft import sft_loss, tokenize_rows
+from areal_hpc.train.engine import loss_token_count
+from areal_hpc.train.batch import shard_batch
+from areal_hpc.toy import make_sum_rows
+from transformers import AutoTokenizer
+eng = FSDPEngine(EngineConfig(path=sys.argv[1], dtype="bfloat16", optimizer=OptimizerConfig(lr=1e-4)),
+                 MicroBatchSpec(max_tokens_per_mb=4096), total_steps=10)
+tok = AutoTokenizer.from_pretrained(eng.model_path)
+batch = tokenize_rows(make_sum_rows(32, seed=3), tok)
+losses = []
+for _ in range(3):
+    stats = eng.train_batch(shard_batch(batch, eng.info.rank, eng.info.world_size), sft_loss, loss_token_count)
+    losses.append(stats["loss"])
+if eng.info.rank == 0:
+    print("RESULT " + json.dumps({"losses": losses, "grad_norm": stats["grad_norm"]}), flush=True)
+"""
+
+
+def _fsdp(n: int, model: str, tmp_path: Path) -> dict:
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_PROBE)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}", NCCL_CUMEM_ENABLE="0")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                        "--master_port", str(29500 + n), str(script), model], capture_output=True, text=True,
+                       env=env, timeout=600)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, p.stdout[-2000:] + p.stderr[-4000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_fsdp2_two_gpus_equals_one(tmp_path):
+    if _n_gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    from areal_hpc import toy
+
+    model = toy.resolve_model("toy:qwen3-h256-l4", cache_dir=tmp_path)
+    one, two = _fsdp(1, model, tmp_path), _fsdp(2, model, tmp_path)
+    for a, b in zip(one["losses"], two["losses"]):  # bf16 params, fp32 reduction
+        assert abs(a - b) <= 2e-2 * max(1.0, abs(a)), (one, two)
+    assert abs(one["grad_norm"] - two["grad_norm"]) <= 5e-2 * max(1.0, one["grad_norm"]), (one, two)
+    assert one["losses"][-1] < one["losses"][0]
+
+
+def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path):
+    """A real hf server on GPU 1 joins a weight group with a trainer engine on GPU 0; after a
+    training step and a broadcast, the server's greedy logprobs equal the trainer's (bf16)."""
+    if _n_gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    import asyncio
+
+    import torch
+
+    from areal_hpc import toy
+    from areal_hpc.config.schema import EngineConfig, LauncherConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.inference.client import ServerPool
+    from areal_hpc.registry import Registry
+    from areal_hpc.train.engine import FSDPEngine, loss_token_count
+    from areal_hpc.train.sft import sft_loss, tokenize_rows
+    from areal_hpc.train.weight_sync import broadcast_engine_weights, init_weight_sync_group, new_group_name
+
+    model = toy.resolve_model("toy:qwen3-h256-l4", cache_dir=tmp_path)
+    run = tmp_path / "run"
+    reg = Registry(run / "registry")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="1", PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
+               NCCL_CUMEM_ENABLE="0")
+    server = subprocess.Popen([sys.executable, "-m", "areal_hpc.inference.server", "--run-dir", str(run),
+                               "--server-id", "s0", "--backend", "hf", "--model-path", model, "--dtype", "bfloat16"],
+                              env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        reg.wait_for("servers", 1, timeout_s=300, predicate=lambda r: r.get("state") == "ready")
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+        eng = FSDPEngine(EngineConfig(path=model, dtype="bfloat16", optimizer=OptimizerConfig(lr=1e-2)),
+                         MicroBatchSpec(), total_steps=2)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model)
+        batch = tokenize_rows(toy.make_sum_rows(16), tok)
+        eng.train_batch(batch, sft_loss, loss_token_count)  # weights now differ from the server's
+        prompt = tok("3+4=", add_special_tokens=False)["input_ids"]
+
+        async def scenario():
+            pool = ServerPool(reg)
+            await pool.start()
+            await pool.wait_for_servers(1, 60)
+            before = await pool.generate(prompt, {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True})
+            name = new_group_name()
+            join = asyncio.create_task(pool.call_all("POST", "/init_weights_update_group", {
+                "master_address": "127.0.0.1", "master_port": 29611, "rank_offset": 1, "world_size": 2,
+                "backend": "nccl", "group_name": name}, timeout_s=300))
+            group = await asyncio.to_thread(init_weight_sync_group, "127.0.0.1", 29611, 0, 2, name)
+            assert all(r.ok for r in (await join).values())
+            loop = asyncio.get_running_loop()
+
+            def on_bucket(bucket):
+                fut = asyncio.run_coroutine_threadsafe(pool.call_all("POST", "/update_weights_from_distributed", {
+                    "names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes, "group_name": name,
+                    "weight_version": "1"}, timeout_s=300), loop)
+                return lambda: [r for r in fut.result(300).values() if not r.ok] == [] or pytest.fail("recv failed")
+
+            t0 = time.monotonic()
+            await asyncio.to_thread(broadcast_engine_weights, eng, group, on_bucket)
+            sync_s = time.monotonic() - t0
+            after = await pool.generate(prompt, {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True})
+            await pool.close()
+            return before, after, sync_s
+
+        before, after, sync_s = asyncio.run(scenario())
+        assert set(after.versions) == {1}
+        ids = torch.tensor([prompt + after.output_ids])
+        ref = eng.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)})[0, len(prompt):]
+        got = torch.tensor(after.logprobs)
+        assert torch.allclose(got, ref.float().cpu(), atol=5e-2), (got, ref)
+        print(f"weight sync of toy model: {sync_s:.3f}s")
+    finally:
+        server.terminate()
+        server.wait(30)

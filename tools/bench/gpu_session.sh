@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
+#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4
+# Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_CUMEM_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+run() { local name=$1; shift; echo "=== $name: $*"; ( "$@" ) 2>&1 | tee "$OUT/$name.log"; }
+for phase in "$@"; do
+case $phase in
+  setup) nvidia-smi -L; python3 -c "import torch, transformers, aiohttp, yaml; print(torch.__version__, transformers.__version__, torch.cuda.device_count())" ;;
+  tests) run tests timeout 300 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_inference_engine.py ;;
+  infer) run infer timeout 240 python3 tools/bench/inference_throughput.py --gpu ;;
+  train1) run train1 timeout 300 torchrun --nproc_per_node=1 tools/bench/train_throughput.py ;;
+  train2) run train2 timeout 300 torchrun --nproc_per_node=2 tools/bench/train_throughput.py ;;
+  loop2) run loop2 timeout 560 python3 tools/bench/gpu_loop.py --gpus 2 --steps 10 ;;
+  loop4) run loop4 timeout 560 python3 tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 10 --skip-toy ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac
+done
