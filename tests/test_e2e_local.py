@@ -132,8 +132,12 @@ def test_stop_and_status_on_a_local_run(tmp_path):
 
         assert Registry(rd / "registry").list("servers") == {}
     finally:
-        if owner.poll() is None:
-            owner.send_signal(signal.SIGKILL)
+        if owner.poll() is None:  # the owner stops its children on SIGTERM; never leave servers behind
+            owner.send_signal(signal.SIGTERM)
+            try:
+                owner.wait(90)
+            except subprocess.TimeoutExpired:
+                owner.send_signal(signal.SIGKILL)
 
 
 def test_readme_custom_trainer_example(tmp_path):
@@ -146,3 +150,33 @@ def test_readme_custom_trainer_example(tmp_path):
     submit(tmp_path, *overrides)
     rows = metrics(run_dir(tmp_path))
     assert [r["step"] for r in rows] == list(range(1, 7)) and "kept_frac" in rows[-1]
+
+
+def test_servers_outlive_the_trainer_and_a_restart_reuses_them(tmp_path):
+    """shutdown_server_on_exit=False: the trainer ends, servers stay; `submit ... min_required_servers=1`
+    starts only a trainer, which resumes from the checkpoint and continues the step count."""
+    from areal_hpc.registry import Registry
+
+    common = [*SMALL, "shutdown_server_on_exit=False", "saver.freq_steps=2"]
+    submit(tmp_path, *common, "trainer.total_train_steps=4")
+    rd = run_dir(tmp_path)
+    reg = Registry(rd / "registry")
+    before = reg.list("servers")
+    assert len(before) == 1
+    pid = next(iter(before.values()))["pid"]
+    try:
+        submit(tmp_path, *common, "trainer.total_train_steps=8", "min_required_servers=1")
+        deadline = time.time() + 10  # the record catches up within a heartbeat
+        while time.time() < deadline and next(iter(reg.list("servers").values()))["weight_version"] != 8:
+            time.sleep(0.2)
+        after = reg.list("servers")
+        assert [r["pid"] for r in after.values()] == [pid]  # the same server process served both trainers
+        assert next(iter(after.values()))["weight_version"] == 8
+        assert [r["step"] for r in metrics(rd)] == list(range(1, 9))  # no step skipped or repeated
+        assert "recovered from checkpoint: step 4" in (rd / "logs" / "trainer-0.log").read_text()
+    finally:
+        stop = subprocess.run([sys.executable, "-m", "areal_hpc", "stop", f"cluster.fileroot={tmp_path}",
+                               "experiment_name=quickstart", "trial_name=run0", "--timeout", "60"],
+                              capture_output=True, text=True)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert reg.list("servers") == {}

@@ -170,3 +170,24 @@ def test_secret_is_private_and_stable(tmp_path):
     assert oct(os.stat(tmp_path / "reg" / "secret").st_mode & 0o777) == "0o600"
     assert oct(os.stat(tmp_path / "reg").st_mode & 0o777) == "0o700"
     assert reg.secret()
+
+
+def test_heartbeat_of_a_wiped_run_does_not_come_back(tmp_path):
+    """A record whose registry was wiped (a new run in the same dir) is not re-created once
+    `still_ours` says the run is gone; `on_lost` is told instead."""
+    reg = Registry(tmp_path / "reg", ttl_s=5)
+    key = reg.secret()
+    lost = threading.Event()
+    hb = Heartbeat(reg, "servers", "s0", {"pid": 1}, interval_s=0.05,
+                   still_ours=lambda: (tmp_path / "reg" / "secret").exists()
+                   and (tmp_path / "reg" / "secret").read_text() == key, on_lost=lost.set).start()
+    reg.delete("servers", "s0")
+    time.sleep(0.3)
+    assert "s0" in reg.list("servers")  # same run: a vanished record is written again
+    import shutil
+
+    shutil.rmtree(tmp_path / "reg")
+    assert lost.wait(2)
+    time.sleep(0.2)
+    assert Registry(tmp_path / "reg").list("servers") == {}
+    hb.stop()

@@ -263,10 +263,25 @@ class ServerLifecycle:
     # ------------------------------------------------------------------ registration
     def _register(self) -> None:
         if self.heartbeat is None:
+            loop = asyncio.get_running_loop()
             self.heartbeat = Heartbeat(self.registry, "servers", self.server_id, self.record,
-                                       interval_s=self.launcher.heartbeat_s).start()
+                                       interval_s=self.launcher.heartbeat_s, still_ours=self._run_still_ours,
+                                       on_lost=lambda: loop.call_soon_threadsafe(self._lost_run)).start()
         else:
             self.heartbeat.beat()
+
+    def _run_still_ours(self) -> bool:
+        """Our record vanished: is the run still there (same API key), or was it wiped/replaced?"""
+        try:
+            return (self.registry.root / "secret").read_text().strip() == self.api_key
+        except OSError:
+            return False
+
+    def _lost_run(self) -> None:
+        log.error("server %s: the run's registry is gone or belongs to another run now; shutting down",
+                  self.server_id)
+        if self._stop is not None:
+            self._stop.set()
 
     def _deregister(self) -> None:
         if self.heartbeat is not None:

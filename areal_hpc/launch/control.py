@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,6 +188,11 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0) -> int:
     deadline = time.monotonic() + timeout_s
     if run.get("mode") == "local" and _pid_alive(run.get("pid")):
         os.kill(int(run["pid"]), signal.SIGTERM)
+    elif run.get("mode") == "local":  # the owner is gone (shutdown_server_on_exit=False): stop what it left
+        host = socket.gethostname()
+        for rec in list(reg.list("servers").values()) + [reg.get("", "trainer") or {}]:
+            if rec.get("pid") and rec.get("host", host) == host and _pid_alive(rec["pid"]):
+                os.kill(int(rec["pid"]), signal.SIGTERM)
     if run.get("mode") == "slurm" and run.get("job_id") and \
             _slurm_state(run["job_id"]).get("state") in ("PENDING", "REQUEUED"):
         subprocess.run(["scancel", str(run["job_id"])], check=False)  # not started: nothing to checkpoint

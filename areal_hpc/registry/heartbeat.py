@@ -47,21 +47,33 @@ class Heartbeat:
 
     def __init__(self, registry: Registry, kind: str, name: str,
                  data: Dict[str, Any] | Callable[[], Dict[str, Any]], interval_s: float = 2.0,
-                 remove_on_exit: bool = True):
+                 remove_on_exit: bool = True, still_ours: Optional[Callable[[], bool]] = None,
+                 on_lost: Optional[Callable[[], None]] = None):
         self.registry, self.kind, self.name = registry, kind, name
         self._data = data
         self.interval_s = interval_s
         self.remove_on_exit = remove_on_exit
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        # A record that vanished is written again -- unless `still_ours()` says the run it
+        # belonged to is gone (e.g. its registry was wiped for a new run); then `on_lost()`.
+        self.still_ours, self.on_lost = still_ours, on_lost
 
     def _current(self) -> Dict[str, Any]:
         return self._data() if callable(self._data) else self._data
 
     def beat(self) -> None:
         """Refresh now (rewrite if data is dynamic, or if the record vanished)."""
-        if callable(self._data) or not self.registry.touch(self.kind, self.name):
-            self.registry.put(self.kind, self.name, self._current(), ttl=True)
+        if self.registry.touch(self.kind, self.name):
+            if callable(self._data):
+                self.registry.put(self.kind, self.name, self._current(), ttl=True)
+            return
+        if self.still_ours is not None and not self.still_ours():
+            self._stop.set()
+            if self.on_lost is not None:
+                self.on_lost()
+            return
+        self.registry.put(self.kind, self.name, self._current(), ttl=True)
 
     def start(self) -> "Heartbeat":
         self.registry.put(self.kind, self.name, self._current(), ttl=True)
