@@ -7,6 +7,7 @@ tensor parallel)::
     sglang:d4t2+fsdp:d8        newer form: `backend:spec`, trainer backend named
     sglang.d4p1m1  sglang:d4   rollout only (no trainer)
     sglang:d4+eval             rollout + evaluation, no trainer GPUs
+    fsdp:d8                    trainer only (SFT)
     hf.d1+d1                   the embedded transformers engine instead of SGLang
 
 Colocation (``|``) is not supported. Validation against the cluster is `validate_allocation`.
@@ -115,6 +116,8 @@ def parse_allocation(text: str) -> AllocationMode:
     if len(parts) > 2:
         raise ConfigError(KEY, f"{len(parts)} components in {text!r}", "at most servers+trainer")
     gen = _parse_part(parts[0], None)
+    if len(parts) == 1 and gen.backend in TRAIN_BACKENDS:  # trainer only (SFT): `fsdp:d8`
+        return AllocationMode(gen=None, train=_check_train(gen, parts[0]))
     if gen.backend not in GEN_BACKENDS:
         hint = "training backend first? put the servers first: sglang:d4+fsdp:d4" if gen.backend in TRAIN_BACKENDS \
             else f"generation backends: {', '.join(GEN_BACKENDS)}"
@@ -127,13 +130,17 @@ def parse_allocation(text: str) -> AllocationMode:
     if train.backend not in TRAIN_BACKENDS:
         raise ConfigError(KEY, f"unknown training backend {train.backend!r} in {parts[1]!r}",
                           f"training backends: {', '.join(TRAIN_BACKENDS)} (or 'eval' for no trainer)")
+    return AllocationMode(gen=gen, train=_check_train(train, parts[1]))
+
+
+def _check_train(train: ParallelSpec, token: str) -> ParallelSpec:
     if train.pp > 1:
-        raise ConfigError(KEY, f"pipeline parallel p{train.pp} in {parts[1]!r} is not supported by FSDP2 training",
+        raise ConfigError(KEY, f"pipeline parallel p{train.pp} in {token!r} is not supported by FSDP2 training",
                           "use p1 and more data-parallel ranks (d)")
     if train.tp > 1:
-        raise ConfigError(KEY, f"tensor parallel t{train.tp} in {parts[1]!r} is not supported by FSDP2 training yet",
+        raise ConfigError(KEY, f"tensor parallel t{train.tp} in {token!r} is not supported by FSDP2 training yet",
                           "use t1/m1; FSDP2 shards parameters over d ranks")
-    return AllocationMode(gen=gen, train=train)
+    return train
 
 
 def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int,

@@ -137,6 +137,9 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
                           "use the embedded engine on CPUs: hf.d1+d1")
 
     t = cfg.trainer.type
+    if t != "sft" and alloc.gen is None:
+        raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers but trainer.type={t} "
+                          "generates rollouts", "put servers first, e.g. sglang:d4+fsdp:d4 (trainer-only is for sft)")
     if t != "null" and alloc.train is None:
         what = "'+eval'" if alloc.eval_only else "no trainer part"
         raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has {what} but trainer.type={t}",
