@@ -153,8 +153,10 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, rc: int) -> None:
         print(f"eval: {(run_dir / 'eval.json').read_text().strip()}")
     elif rows:
         first, last = rows[0], rows[-1]
+        tail = [r.get("reward_mean", 0) for r in rows[-10:]]
         print(f"{'done' if rc == 0 else f'trainer exited with {rc}'}: step {last['step']}, reward "
-              f"{first.get('reward_mean', 0):.3f} -> {last.get('reward_mean', 0):.3f} in {last.get('time_s', 0):.0f}s; "
+              f"{first.get('reward_mean', 0):.3f} -> {last.get('reward_mean', 0):.3f} (mean of the last {len(tail)} "
+              f"steps {sum(tail) / len(tail):.3f}) in {last.get('time_s', 0):.0f}s; "
               f"metrics {run_dir / 'metrics.jsonl'}, curve {run_dir / 'reward.png'}")
     elif rc != 0:
         print(f"trainer exited with {rc}: see {run_dir}/logs/trainer-0.log", file=sys.stderr)
