@@ -14,25 +14,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from helpers import run, wait_until
 
 pytestmark = pytest.mark.slurm
 
 
-def run(*cmd: str, timeout: float = 120) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed (rc={res.returncode}):\n{res.stdout}\n{res.stderr}"
-    return res.stdout
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",

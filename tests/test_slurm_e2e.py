@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
+from helpers import wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -41,15 +42,6 @@ SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "stats.progress_bar=Fals
 
 # ----------------------------------------------------------------------------- helpers
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def sh(*cmd: str, timeout: float = 60) -> str:

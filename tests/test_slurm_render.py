@@ -20,6 +20,7 @@ from areal_hpc.config.allocation import nodes_needed
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan
 from areal_hpc.launch.sbatch import render
 from test_cli import BAD_INPUTS
+from helpers import run, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -63,21 +64,8 @@ mv "$out/task-$id.tmp" "$out/task-$id.txt"
 """
 
 
-def run(*cmd: str, timeout: float = 120) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed (rc={res.returncode}):\n{res.stdout}\n{res.stderr}"
-    return res.stdout
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def job_fields(job_id: str) -> Dict[str, str]:

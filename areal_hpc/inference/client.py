@@ -26,6 +26,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 import aiohttp
 
+from areal_hpc.inference.server import parse_version
+
 log = logging.getLogger(__name__)
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos")
@@ -84,13 +86,6 @@ class _Server:
         self.record = record or {}
 
 
-def _version(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            return int(v)
-        except ValueError:
-            return v
-    return v
 
 
 def sampling_params(params: Any = None, **overrides: Any) -> Dict[str, Any]:
@@ -423,7 +418,7 @@ class ServerPool:
         for r in res.values():
             s = self._servers.get(r.server_id)
             if r.ok and s is not None:
-                s.record = dict(s.record, weight_version=_version(version))
+                s.record = dict(s.record, weight_version=parse_version(version))
         return res
 
     async def abort_all(self) -> Dict[str, CallResult]:
@@ -435,8 +430,8 @@ def _expand_versions(meta: Dict[str, Any], n: int) -> List[Any]:
     out: List[Any] = []
     if spans:
         for sp in spans:
-            out.extend([_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0))))
+            out.extend([parse_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0))))
     if len(out) != n:
-        v = _version(meta.get("weight_version"))
+        v = parse_version(meta.get("weight_version"))
         out = (out + [v] * n)[:n]
     return out

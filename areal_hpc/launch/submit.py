@@ -98,6 +98,10 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
     _check_fileroot_shared(cfg)
     write_run_dir(cfg, plan, rd)
     print(summary(cfg, alloc, plan))
+    ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
+    if ckpts and cfg.trainer.type != "null":
+        print(f"resume    from {ckpts[-1].name} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
+              "or recover.mode=disabled starts over)")
     if dry_run:
         print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
         return 0

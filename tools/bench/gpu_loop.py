@@ -9,7 +9,8 @@ with nvidia-smi (servers' GPUs vs trainer's GPUs). Also runs the toy quickstart 
     python tools/bench/gpu_loop.py --gpus 2 --steps 12 --out /tmp/bench     # 1 server GPU + 1 trainer GPU
     python tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 12          # 2 + 2
     python tools/bench/gpu_loop.py --gpus 0 --model toy:qwen3-h128-l2 --weight-update disk --skip-toy \
-        --batch 8 --samples 4 --new-tokens 128 --steps 12                  # CPU: 1 server + 1 trainer process
+        --batch 8 --samples 8 --new-tokens 256 --steps 14 --set cluster.cpus_per_task_cpu=1
+        # CPU: 1 server + 1 trainer process, one core each
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def main():
     ap.add_argument("--weight-update", default="nccl", choices=["nccl", "disk"])
     ap.add_argument("--model", default="qwen2.5-0.5b", help="qwen2.5-0.5b (built here) or any model path/toy spec")
     ap.add_argument("--staleness", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     ap.add_argument("--out", default="/tmp/areal-bench")
     ap.add_argument("--skip-toy", action="store_true")
     ap.add_argument("--only", default="", help="comma list of runs: async,sync,toy")
@@ -145,7 +147,7 @@ def main():
               f"rollout.n_samples={args.samples}", f"rollout.gen.max_new_tokens={args.new_tokens}",
               "rollout.reward_fn=exact_match", f"trainer.ppo.actor.attn_impl={'varlen' if args.gpus else 'sdpa'}",
               "trainer.ppo.actor.optimizer.lr=1e-6", "trainer.ppo.mb_spec.max_tokens_per_mb=8192", "trainer.ppo.actor.gradient_checkpointing=True",
-              f"trainer.ppo.weight_update={args.weight_update}", "train_dataset.path=toy:sum-4096"]
+              f"trainer.ppo.weight_update={args.weight_update}", "train_dataset.path=toy:sum-4096", *args.set]
     results = {}
     if "async" in only:
         results["async"] = run("async", args, common + [f"rollout.max_head_offpolicyness={args.staleness}"])
