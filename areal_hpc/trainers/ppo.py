@@ -15,6 +15,7 @@ import torch
 import torch.distributed as tdist
 
 from areal_hpc.config import ConfigError, actor_path
+from areal_hpc.registry import RegistryTimeout
 from areal_hpc.rollout import Group, Trajectory
 from areal_hpc.train import dist
 from areal_hpc.train.batch import shard_batch
@@ -104,7 +105,14 @@ class PPOTrainer(Trainer):
 
             loader = load_prompts(ctx, "train")
             loader.load_state_dict(state.get("loader"))
-            side = RolloutSide(ctx, load_tokenizer(actor_path(cfg)), loader, start_version=version)
+            try:
+                side = RolloutSide(ctx, load_tokenizer(actor_path(cfg)), loader, start_version=version,
+                                   should_stop=lambda: bool(self.stop))
+            except RegistryTimeout:
+                if not self.stop:
+                    raise
+                log.warning("stopped while waiting for servers")
+                return 0
             metrics = MetricsWriter(ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot)
             metrics.drop_after(step)
             self.publish_state(step=step, version=version, world_size=world, state="starting")

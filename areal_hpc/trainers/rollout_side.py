@@ -38,13 +38,13 @@ class RolloutSide:
     """Rank 0's view of the inference side of a run."""
 
     def __init__(self, ctx: TrainContext, tokenizer, loader: PromptLoader, start_version: int,
-                 max_staleness: Optional[int] = None):
+                 max_staleness: Optional[int] = None, should_stop=None):
         cfg = ctx.cfg
         self.ctx = ctx
         n = servers_required(ctx)
         log.info("waiting for %d healthy server(s) in %s", n, ctx.registry.root)
         t0 = time.monotonic()
-        ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s)
+        ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s, stop=should_stop)
         log.info("%d server(s) up after %.1fs", n, time.monotonic() - t0)
         self.pool = ServerPool(ctx.registry, ctx.registry.secret(), refresh_s=cfg.launcher.heartbeat_s,
                                request_timeout_s=cfg.rollout.request_timeout_s)
