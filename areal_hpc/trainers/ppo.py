@@ -190,12 +190,14 @@ class PPOTrainer(Trainer):
                                                 version)
             broadcast_engine_weights(engine, None)
             return {}
+        t0 = time.monotonic()
         path = publish_weights(engine, ctx.weights_dir, version, model_src, ctx.registry if self.is_main else None)
         if side is None:
             return {}
-        upd = side.update_weights(str(path), version)
+        publish_s = time.monotonic() - t0
+        upd = side.update_weights(str(path), version)  # weight_update_s: pause, servers load, continue
         prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
-        return upd
+        return {**upd, "publish_s": publish_s}
 
     def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """One training step on this rank's shard of a rollout batch. Override to change the

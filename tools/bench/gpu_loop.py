@@ -106,6 +106,7 @@ def run(name: str, args, overrides: list[str]) -> dict:
         "trained_tokens_per_s": sum(r["tokens"] for r in warm) / span,
         "weight_update_s": sum(r.get("weight_update_s", 0) for r in warm) / len(warm),
         "weight_broadcast_s": sum(r.get("weight_broadcast_s", 0) for r in warm) / len(warm),
+        "publish_s": sum(r.get("publish_s", 0) for r in warm) / len(warm),
         "train_s": sum(r["train_s"] for r in warm) / len(warm),
         "step_time_s": sum(r["step_time_s"] for r in warm) / len(warm),
         "gen_wait_s": sum(r["gen_wait_s"] for r in warm) / len(warm),
