@@ -245,10 +245,10 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
         if len(new) >= count:
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}")
             return 0
-        unserved = reg.get("requests", f"{req}-unserved")
+        unserved = reg.get("replies", f"{req}-unserved")
         if unserved is not None and run.get("mode") == "slurm":
             # the allocation is full: the rest as a separate job whose servers join the run
-            reg.delete("requests", f"{req}-unserved")
+            reg.delete("replies", f"{req}-unserved")
             missing = count - int(unserved.get("started", 0))
             print(f"the allocation has room for {unserved.get('started', 0)} of {count} server(s); submitting "
                   f"{missing} as a separate job")

@@ -121,16 +121,15 @@ class RunOwner:
                 n = self.add_servers(int(req.get("count", 1)))
                 if n < int(req.get("count", 1)):
                     log.warning("started %d of %d requested servers (no free resources)", n, req.get("count"))
-                    self.registry.put("requests", f"{name}-unserved", {"kind": "unserved", "wanted": req.get("count"),
-                                                                       "started": n}, ttl=True)
+                    # the answer for `add-servers`, which then submits the rest as a separate job
+                    self.registry.put("replies", f"{name}-unserved", {"wanted": req.get("count"), "started": n},
+                                      ttl=True)
             elif kind == "start_trainer":
                 if self.trainer is None or self.trainer.poll() is not None:
                     step = self._trainer_step()
                     if req.get("min_required_servers"):  # this trainer only; config.yaml keeps the run's value
                         step.env = {**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(req["min_required_servers"])}
                     self.start_step(step)
-            elif kind == "unserved":
-                self.registry.put("requests", name, req, ttl=True)  # for add-servers to read; not ours
 
     def _trainer_step(self) -> StepSpec:
         alloc = parse_allocation(self.cfg.allocation_mode)

@@ -2,7 +2,8 @@
 
 Layout, under ``{run_dir}/registry/`` (mode 0700)::
 
-    run.json  servers/<id>.json  trainer.json  weights/latest.json  requests/<id>.json  secret
+    run.json  servers/<id>.json  trainer.json  weights/latest.json  requests/<id>.json
+    replies/<id>.json  jobs/<id>.json  secret
 
 A record is ``{kind}/{name}.json``; top-level records (``run``, ``trainer``) use kind ``""``.
 
