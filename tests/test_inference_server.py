@@ -408,13 +408,19 @@ def test_pool_survives_a_killed_server_and_picks_up_a_late_one(cluster):
                     return await pool.generate([3 + i % 15, 4], params)
 
             async def killer():
-                await asyncio.sleep(0.4)
+                # kill s2 mid-load: once requests are running on it (not after a fixed time, which a
+                # busy machine may reach before s2 got any)
+                deadline = time.monotonic() + 60
+                while pool.servers["s2"]["inflight"] == 0:
+                    assert time.monotonic() < deadline, "s2 never got a request"
+                    await asyncio.sleep(0.01)
+                busy = pool.servers["s2"]["inflight"]
                 os.killpg(cluster.procs["s2"].pid, signal.SIGKILL)
+                return busy
 
-            results = await asyncio.gather(killer(), *(one(i) for i in range(240)))
-            results = results[1:]
-            assert all(len(r.output_ids) == 24 for r in results)
-            assert any("s2" in r.server_ids for r in results), "s2 served before it died"
+            busy, *results = await asyncio.gather(killer(), *(one(i) for i in range(240)))
+            assert busy > 0  # requests were running on s2 when it died ...
+            assert all(len(r.output_ids) == 24 for r in results)  # ... and every request still completed
             await asyncio.to_thread(cluster.wait_ready, "s3")
             deadline = time.monotonic() + 5
             while "s3" not in pool.servers or "s2" in pool.servers:
