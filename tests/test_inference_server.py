@@ -200,7 +200,8 @@ def test_malformed_requests_get_4xx_with_a_reason(cluster):
         assert 400 <= status < 500, (path, raw, status, body)
         assert reason in body["message"], (path, raw, body["message"])
     assert cluster.http("s0", "GET", "/no_such_endpoint")[0] == 404
-    status, body = cluster.http("s0", "POST", "/generate", {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}})
+    status, body = cluster.http("s0", "POST", "/generate", {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2,
+                                                                                                  "ignore_eos": True}})
     assert status == 200 and len(body["output_ids"]) == 2  # still serving
     assert cluster.procs["s0"].poll() is None
 
@@ -285,7 +286,8 @@ def test_pause_aborts_running_holds_new_and_continue_resumes(cluster, reference)
             status, body = await post(s, "/pause_generation", {})
             assert status == 200 and body["status"] == "ok"
             aborted = await asyncio.gather(*long)
-            held = asyncio.create_task(post(s, "/generate", {"input_ids": [9], "sampling_params": {"max_new_tokens": 3}}))
+            held = asyncio.create_task(post(s, "/generate", {"input_ids": [9], "sampling_params": {"max_new_tokens": 3,
+                                                                                               "ignore_eos": True}}))
             await asyncio.sleep(0.3)
             assert not held.done(), "requests sent while paused wait for continue"
             assert cluster.http("s0", "GET", "/get_server_info")[1]["internal_states"][0]["paused"]
