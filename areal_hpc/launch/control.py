@@ -27,6 +27,11 @@ def run_registry(rd: Path) -> Registry:
     return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
 
 
+def serving_servers(reg: Registry) -> set:
+    """Ids of live servers that serve (state ready/paused), not those still loading a model."""
+    return {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")}
+
+
 def post_request(reg: Registry, kind: str, **fields) -> str:
     """Queue a control request for the run's owner (driver or local launcher)."""
     name = f"{time.time_ns()}-{kind}"
@@ -240,8 +245,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
     timeout = timeout_s or load_resolved(rd / "config.yaml").launcher.server_startup_timeout_s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        # counted once they serve (state ready/paused), not while their model still loads
-        new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
+        new = serving_servers(reg) - before
         if len(new) >= count:
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}")
             return 0

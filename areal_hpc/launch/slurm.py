@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import submitit
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved, parse_allocation
+from areal_hpc.launch.control import serving_servers
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan, python_executable, srun_argv
 from areal_hpc.launch.sbatch import render, sbatch_lines
@@ -402,7 +403,7 @@ def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int, timeout_s: Op
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
+        ready = serving_servers(reg) - before
         if len(ready) >= count:
             print(f"added {len(ready)} server(s) in job {job_id}: {', '.join(sorted(ready))}")
             return 0

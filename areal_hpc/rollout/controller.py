@@ -16,6 +16,7 @@ changes and resume; `get_batch` waits on a condition set by completions.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -71,9 +72,13 @@ class RolloutController:
         if self._thread:
             self._thread.join(timeout=30)
 
+    def submit(self, coro: Awaitable) -> "concurrent.futures.Future":
+        """Start a coroutine (e.g. a pool call) on the rollout loop; returns without waiting."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
     def run(self, coro: Awaitable, timeout: Optional[float] = None) -> Any:
-        """Run a coroutine (e.g. a pool call) on the rollout loop from the trainer thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        """Run a coroutine on the rollout loop from the trainer thread and wait for its result."""
+        return self.submit(coro).result(timeout)
 
     # ------------------------------------------------------------------ trainer-side controls
     @property

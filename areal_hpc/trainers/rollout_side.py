@@ -6,6 +6,7 @@ to load them (`train` knows nothing of servers; `inference` knows nothing of tra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Dict, List, Optional
@@ -144,17 +145,13 @@ class NcclWeightSync:
         world = len(members) + 1
 
         async def join_all():
-            import asyncio
-
             return await asyncio.gather(*(pool.call_all(
                 "POST", "/init_weights_update_group",
                 {"master_address": addr, "master_port": port, "rank_offset": i + 1, "world_size": world,
                  "backend": "nccl", "group_name": name}, timeout_s=self.timeout_s, server_ids=[sid])
                 for i, sid in enumerate(members)))
 
-        import asyncio
-
-        fut = asyncio.run_coroutine_threadsafe(join_all(), c._loop)  # servers join while we host
+        fut = c.submit(join_all())  # servers join while we host the rendezvous
         self.group = init_weight_sync_group(addr, port, 0, world, name, timeout_s=self.timeout_s)
         failed = [r for res in fut.result(self.timeout_s) for r in res.values() if not r.ok]
         if failed:
@@ -164,16 +161,13 @@ class NcclWeightSync:
 
     def announcer(self, version: int):
         """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""
-        import asyncio
-
-        pool, loop = self.side.pool, self.side.controller._loop
+        pool, c = self.side.pool, self.side.controller
 
         def on_bucket(bucket):
             payload = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes,
                        "group_name": self.name, "weight_version": str(version)}
-            fut = asyncio.run_coroutine_threadsafe(pool.call_all(
-                "POST", "/update_weights_from_distributed", payload, timeout_s=self.timeout_s,
-                server_ids=self.members), loop)
+            fut = c.submit(pool.call_all("POST", "/update_weights_from_distributed", payload,
+                                         timeout_s=self.timeout_s, server_ids=self.members))
 
             def wait():
                 bad = [r for r in fut.result(self.timeout_s).values() if not r.ok]
