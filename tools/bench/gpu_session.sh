@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4
+#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4|profile
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -17,6 +17,9 @@ case $phase in
   infer) run infer timeout 240 python3 tools/bench/inference_throughput.py --gpu ;;
   train1) run train1 timeout 300 torchrun --nproc_per_node=1 tools/bench/train_throughput.py ;;
   train2) run train2 timeout 300 torchrun --nproc_per_node=2 tools/bench/train_throughput.py ;;
+  profile) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train
+           run prof_hf timeout 150 python3 tools/bench/profile_gpu.py train --impl hf
+           run prof_decode timeout 150 python3 tools/bench/profile_gpu.py decode ;;
   loop2) run loop2 timeout 560 python3 tools/bench/gpu_loop.py --gpus 2 --steps 10 ;;
   loop4) run loop4 timeout 560 python3 tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 10 --skip-toy ;;
   *) echo "unknown phase $phase"; exit 2 ;;

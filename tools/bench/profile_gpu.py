@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Where the time goes: torch.profiler tables for one training step and for decode steps.
+
+    python tools/bench/profile_gpu.py train  [--model qwen2.5-0.5b] [--impl engine|hf]
+    python tools/bench/profile_gpu.py decode [--batch 64]
+    python tools/bench/profile_gpu.py train --tiny        # CPU smoke test
+
+``train``: the FSDP2 engine (or plain transformers) on the same packed/padded batches as
+`train_throughput.py`; after warm-up steps, one step under the profiler; prints the top kernels
+by device time, the step's wall time and how much of it the GPU was busy. ``decode``: the
+`hf` engine's decode path for a Qwen2.5-0.5B-shaped model: the time of one graph replay, of the
+sampler, of a whole engine step, then a profiler table of a few engine steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import train_throughput as tt  # noqa: E402
+
+
+def table(prof, n: int = 25) -> str:
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=70)
+
+
+def gpu_busy_s(prof) -> float:
+    """Sum of device kernel time (overlaps counted twice, so an upper bound of busy time)."""
+    total = 0.0
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            total += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    return total / 1e6
+
+
+def profiled(fn, device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tt.sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        tt.sync(device)
+        wall = time.perf_counter() - t0
+    return prof, wall
+
+
+def cmd_train(a) -> None:
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.train import dist
+    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.sft import sft_loss
+
+    targs = tt.parse_args(["--models", a.model, "--tokens-per-mb", str(a.tokens_per_mb)]
+                          + (["--tiny"] if a.tiny else []))
+    info = dist.init_distributed()
+    cfg = tt.model_config(a.model, a.tiny)
+    n_params = tt.count_params(cfg)
+    ac = a.ac == "on" or (a.ac == "auto" and n_params >= 1e9)
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    path = Path(tempfile.gettempdir()) / f"areal-prof-{a.model}{'-tiny' if a.tiny else ''}"
+    tt.write_model(cfg, path, dtype, info.device)
+    if a.impl == "engine":
+        eng = FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=a.attn_impl,
+                                      optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
+                         MicroBatchSpec(max_tokens_per_mb=targs.tokens_per_mb, n_mbs=targs.mbs_per_step),
+                         total_steps=10)
+
+        def step(i: int):
+            batch, used = tt.engine_batch(targs, cfg.vocab_size, info.rank, i)
+            eng.train_batch(batch, sft_loss)
+            return used
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device(info.device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        model.config.use_cache = False
+        if ac:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        rows = max(1, targs.tokens_per_mb // targs.seq_len)
+
+        def step(i: int):
+            for _ in range(targs.mbs_per_step):
+                ids = torch.randint(0, cfg.vocab_size, (rows, targs.seq_len), device=info.device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return rows * targs.seq_len * targs.mbs_per_step
+
+    for i in range(a.warmup):
+        step(i)
+    box = {}
+    prof, wall = profiled(lambda: box.setdefault("used", step(a.warmup)), info.device)
+    if info.rank == 0:
+        print(table(prof, a.rows))
+        busy = gpu_busy_s(prof)
+        print(json.dumps({"bench": "profile_train", "model": a.model, "impl": a.impl, "attn_impl": a.attn_impl,
+                          "ac": ac, "wall_s": round(wall, 4), "tokens": box["used"],
+                          "tokens_per_s": round(box["used"] / wall, 1),
+                          "mfu": round(6 * n_params * box["used"] / wall / (a.peak_tflops * 1e12), 4),
+                          "gpu_kernel_s": round(busy, 4)}), flush=True)
+    dist.destroy()
+
+
+def cmd_decode(a) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner, SamplingParams, Sequence
+    from areal_hpc.inference.hf_engine.sampler import sample
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dims = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                intermediate_size=4864, vocab_size=151936)
+    if a.tiny:
+        dims = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, vocab_size=1000)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cfg = AutoConfig.for_model("qwen2", max_position_embeddings=32768, tie_word_embeddings=True, **dims)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(tmp)
+        runner = ModelRunner(tmp, device=dev, max_running=a.batch, context_length=1024,
+                             decode_mode="graph" if dev == "cuda" else "static")
+        engine = LLMEngine(runner).start()
+        b, vocab = a.batch, dims["vocab_size"]
+        params = SamplingParams(max_new_tokens=a.new_tokens, temperature=1.0, ignore_eos=True)
+        import threading
+
+        done, all_done = [], threading.Event()
+
+        def finished(s):
+            done.append(s)
+            if len(done) == b:
+                all_done.set()
+
+        seqs = [Sequence([int(x) for x in torch.randint(10, vocab, (a.prompt_len,))], params, on_finish=finished)
+                for _ in range(b)]
+        for s in seqs:
+            engine.submit(s)
+        all_done.wait()
+        stats0 = dict(engine.stats)
+        # the same batch again, timed: prefill + new_tokens decode steps
+        done.clear()
+        all_done.clear()
+        seqs = [Sequence(list(s.prompt_ids), params, on_finish=finished) for s in seqs]
+        sync()
+        t0 = time.perf_counter()
+        for s in seqs:
+            engine.submit(s)
+        all_done.wait()
+        e2e = time.perf_counter() - t0
+        steps = engine.stats["decode_steps"] - stats0["decode_steps"]
+        engine.stop()
+        # pieces of one decode step, at the width the last steps used
+        st = runner.static
+        width = a.prompt_len + a.new_tokens
+        toks = [1] * b
+        pos = [width - 1] * b
+        for _ in range(3):
+            logits = st.run(b, width, toks, pos)
+        sync()
+        n = 50
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits = st.run(b, width, toks, pos)
+        sync()
+        t_forward = (time.perf_counter() - t0) / n
+        plist = [params] * b
+        t0 = time.perf_counter()
+        for _ in range(n):
+            sample(logits, plist)
+        t_sample = (time.perf_counter() - t0) / n
+        prof, wall = profiled(lambda: [sample(st.run(b, width, toks, pos), plist) for _ in range(10)],
+                              runner.device)
+        print(table(prof, a.rows))
+        print(json.dumps({"bench": "profile_decode", "batch": b, "width": width, "cuda_graph": runner.cuda_graphs,
+                          "engine_tok_s": round(b * a.new_tokens / e2e, 1), "engine_step_ms": round(1e3 * e2e / steps, 3),
+                          "forward_ms": round(1e3 * t_forward, 3), "sample_ms": round(1e3 * t_sample, 3),
+                          "profiled_10_steps_ms": round(1e3 * wall, 2),
+                          "gpu_kernel_ms_per_step": round(1e3 * gpu_busy_s(prof) / 10, 3)}), flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["train", "decode"])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--rows", type=int, default=25, help="rows of the profiler table")
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--impl", default="engine", choices=["engine", "hf"])
+    p.add_argument("--attn-impl", default="varlen")
+    p.add_argument("--ac", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--tokens-per-mb", type=int, default=16384)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    a = p.parse_args(argv)
+    if a.tiny and a.what == "train" and a.tokens_per_mb == 16384:
+        a.tokens_per_mb = 512
+    if a.tiny and a.what == "decode":
+        a.prompt_len, a.new_tokens = min(a.prompt_len, 8), min(a.new_tokens, 8)
+    cmd_train(a) if a.what == "train" else cmd_decode(a)
+
+
+if __name__ == "__main__":
+    main()
