@@ -244,6 +244,32 @@ def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
         ModelRunner(model_path, decode_mode="graph")
 
 
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_grouped_query_decode_matches_forward_pass(tmp_path_factory, decode_mode):
+    """Decode steps of a grouped-query model (8 query heads on 2 KV heads) attend without copying
+    K/V (`hf_engine.attention`); logprobs still equal a plain forward pass."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("gqa")
+    cfg = AutoConfig.for_model("qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                               tie_word_embeddings=True)
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(str(path))
+    reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    eng = LLMEngine(ModelRunner(str(path), max_running=8, context_length=200, decode_mode=decode_mode)).start()
+    try:
+        rng = random.Random(2)
+        seqs = [Sequence([rng.randrange(0, 97) for _ in range(rng.randrange(1, 60))],
+                         SamplingParams(max_new_tokens=rng.choice([5, 30]), temperature=rng.choice([0.0, 1.0]),
+                                        ignore_eos=True)) for _ in range(10)]
+        run(eng, seqs)
+        for s in seqs:
+            check_against_forward(reference, s)
+    finally:
+        eng.stop()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager(model_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from areal_hpc.train.batch import collate, shard_batch, split_batch, unpad
-from areal_hpc.train.logprob import gather_logprobs, packed_token_logprobs
+from areal_hpc.train.logprob import gather_logprobs, linear_logprobs, packed_token_logprobs
 from areal_hpc.train.packing import dummy_micro_batch, make_micro_batches, pack_samples, plan_micro_batches, unpack_to_padded
 
 
@@ -91,6 +92,32 @@ def test_chunked_logprobs_match_direct_with_grad():
     (g1,) = torch.autograd.grad((lp * 2 + ent).sum(), logits)
     (g2,) = torch.autograd.grad((ref_lp * 2 + ref_ent).sum(), logits)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("use", ["logprob", "entropy", "both"])
+def test_linear_logprobs_match_logits_path(temperature, use):
+    """Values and gradients (hidden and head weight) of the chunked hidden-state path equal
+    log_softmax of the full logits, whichever outputs the loss uses."""
+    torch.manual_seed(1)
+    hidden = torch.randn(37, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 13, (37,))
+    lp, ent = linear_logprobs(hidden, weight, labels, temperature, with_entropy=True, chunk=8)
+    x = hidden @ weight.t() / temperature
+    ref_lp = torch.log_softmax(x, -1).gather(-1, labels[:, None]).squeeze(-1)
+    ref_ent = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)
+    torch.testing.assert_close(lp, ref_lp, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-12, rtol=0)
+    w = torch.linspace(-1, 2, 37, dtype=torch.float64)
+    pick = {"logprob": lambda a, b: (a * w).sum(), "entropy": lambda a, b: (b * w).sum(),
+            "both": lambda a, b: (a * w).sum() - 0.3 * (b * w.flip(0)).sum()}[use]
+    got = torch.autograd.grad(pick(lp, ent), (hidden, weight))
+    ref = torch.autograd.grad(pick(ref_lp, ref_ent), (hidden, weight))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=0)
+    lp2, ent2 = linear_logprobs(hidden, weight, labels, temperature, with_entropy=False, chunk=64)
+    assert ent2 is None and torch.allclose(lp2, ref_lp, atol=1e-12)
 
 
 def test_packed_alignment():

@@ -122,6 +122,10 @@ class EngineConfig:
     dtype: str = "auto"  # auto = bf16 params/fp32 reduce on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     attn_impl: str = "sdpa"
+    # logprobs straight from the last hidden states and the LM head's weight, chunk by chunk, never
+    # holding a micro-batch's full logits (models whose head is not a plain bias-free linear layer,
+    # or that scale/soft-cap logits, always go through the logits)
+    fused_lm_head: bool = True
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 

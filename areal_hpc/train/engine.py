@@ -21,13 +21,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from areal_hpc import toy
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
 from areal_hpc.train import attention, dist, optim, parallel
 from areal_hpc.train.batch import Batch
-from areal_hpc.train.logprob import packed_token_logprobs
+from areal_hpc.train.logprob import linear_logprobs, packed_token_logprobs, shift_to_tokens
 from areal_hpc.train.packing import MicroBatch, make_micro_batches, unpack_to_padded
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ class FSDPEngine:
         self.mesh = parallel.build_mesh(self.device, self.info.world_size)
         self.model = self._build_model()
         self.hf_config = self.model.config
+        self.fused_lm_head = False
+        if config.fused_lm_head:
+            why_not = fused_head_unsupported(self.model)
+            if why_not:
+                log.info("engine.fused_lm_head: %s; logprobs are computed from the logits", why_not)
+            else:
+                install_logprob_forward(self.model)
+                self.fused_lm_head = True
         self.pad_token_id = int(getattr(self.hf_config, "pad_token_id", None) or 0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.lr_scheduler = None
@@ -88,7 +97,8 @@ class FSDPEngine:
         model.config.use_cache = False
         if self.config.gradient_checkpointing and self.trainable:
             parallel.apply_activation_checkpointing(model)
-        parallel.apply_fsdp(model, self.mesh, self.precision)
+        # one rank holds everything anyway: keep the gathered (bf16) weights from forward to backward
+        parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=world > 1)
         if world == 1:
             model.to(self.device)
         else:
@@ -121,9 +131,14 @@ class FSDPEngine:
             cu = mb.cu_seqlens.to(ids.device, torch.int32)
             max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
             extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-        logits = self.model(input_ids=ids.unsqueeze(0), position_ids=mb.data["position_ids"].unsqueeze(0),
-                            attention_mask=None, use_cache=False, **extra).logits[0]
-        logp, ent = packed_token_logprobs(logits, ids, mb.doc_starts(ids.device), temperature, with_entropy)
+        inputs = dict(input_ids=ids.unsqueeze(0), position_ids=mb.data["position_ids"].unsqueeze(0),
+                      attention_mask=None, use_cache=False, **extra)
+        starts = mb.doc_starts(ids.device)
+        if self.fused_lm_head:
+            logp, ent = self.model(**inputs, logprobs_of=(starts, temperature, with_entropy))
+        else:
+            logits = self.model(**inputs).logits[0]
+            logp, ent = packed_token_logprobs(logits, ids, starts, temperature, with_entropy)
         out = {"logprobs": logp}
         if ent is not None:
             out["entropy"] = ent
@@ -227,31 +242,60 @@ class FSDPEngine:
     def state_dict_for_hf(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """Full (unsharded) CPU state dict on rank 0 with HF parameter names, ``{}`` elsewhere.
 
-        Collective. Tied duplicates (``lm_head.weight`` when embeddings are tied) are dropped, as
-        ``save_pretrained`` does. ``dtype`` defaults to the compute dtype.
+        Collective. One tensor at a time is gathered on the device, cast to ``dtype`` there (the
+        compute dtype by default: bf16 on GPU, half the bytes of the fp32 master weights to move)
+        and copied to the CPU. Tied duplicates (``lm_head.weight`` when embeddings are tied) are
+        dropped, as ``save_pretrained`` does.
         """
         dtype = dtype or self.precision.param_dtype
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.info.rank != 0:
-            return {}
-        return clean_hf_state_dict(sd, self.hf_config, dtype)
+        tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
+        rank0 = self.info.rank == 0
+        out: Dict[str, torch.Tensor] = {}
+        seen = set()
+        for name, value in self.model.state_dict(keep_vars=True).items():  # same order on every rank
+            if (tied and name == "lm_head.weight") or id(value) in seen:
+                continue
+            seen.add(id(value))
+            full = value.detach()
+            full = full.full_tensor() if isinstance(full, DTensor) else full
+            if rank0:
+                if full.is_floating_point():
+                    full = full.to(dtype)
+                out[name] = full.to("cpu").contiguous()
+            del full
+        return out
 
 
-def clean_hf_state_dict(sd: Dict[str, torch.Tensor], hf_config, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """Drop tied/shared duplicates and cast floating tensors to ``dtype`` (contiguous, CPU)."""
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    out: Dict[str, torch.Tensor] = {}
-    seen = set()
-    for k, v in sd.items():
-        if tied and k == "lm_head.weight":
-            continue
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
-        if ptr is not None and ptr in seen:
-            continue
-        if ptr is not None:
-            seen.add(ptr)
-        v = v.detach()
-        if v.is_floating_point():
-            v = v.to(dtype)
-        out[k] = v.contiguous()
-    return out
+def fused_head_unsupported(model: torch.nn.Module) -> str:
+    """Why `linear_logprobs` cannot stand in for this model's logits ('' when it can)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return f"the output layer is {type(head).__name__}{' with a bias' if head is not None and getattr(head, 'bias', None) is not None else ''}"
+    cfg = model.config
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            return f"the model config sets {key}"
+    return ""
+
+
+def install_logprob_forward(model: torch.nn.Module) -> None:
+    """Let ``model(**inputs, logprobs_of=(doc_starts, temperature, with_entropy))`` return per-token
+    ``(logprobs, entropy)`` of one packed row from the last hidden states (`linear_logprobs`).
+
+    It goes through the root module's ``__call__``, so FSDP2's hooks on the root (embeddings,
+    final norm and head are its parameters) gather and free them as for a normal forward. Without
+    ``logprobs_of`` the model's own forward runs.
+    """
+    hf_forward = model.forward
+    base = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+
+    def forward(*args, logprobs_of=None, **kwargs):
+        if logprobs_of is None:
+            return hf_forward(*args, **kwargs)
+        starts, temperature, with_entropy = logprobs_of
+        hidden = base(*args, **kwargs).last_hidden_state[0]
+        labels = torch.roll(kwargs["input_ids"][0], shifts=-1)
+        return shift_to_tokens(*linear_logprobs(hidden, head.weight, labels, temperature, with_entropy), starts)
+
+    model.forward = forward

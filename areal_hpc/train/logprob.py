@@ -1,17 +1,29 @@
-"""Per-token log-probabilities and entropies from logits, with bounded memory.
+"""Per-token log-probabilities and entropies, with bounded memory.
 
 Logits of a 16k-token micro-batch with a 152k vocabulary are ~5 GB in bf16; an fp32
 ``log_softmax`` of all of them at once would add two fp32 copies (and autograd would keep
-them). Tokens are processed in chunks, and under autograd each chunk is recomputed in backward
-(activation checkpointing), so only the model's own logits stay alive.
+them). Two ways around it:
+
+* `gather_logprobs` takes the model's logits and processes tokens in chunks, each recomputed in
+  backward (activation checkpointing), so only the model's own logits stay alive;
+* `linear_logprobs` starts from the last hidden states and the LM head's weight and never holds
+  more than one chunk of logits, forward or backward: each chunk's logits are computed, reduced
+  to ``logsumexp`` / logprob / entropy and dropped; backward recomputes them chunk by chunk and
+  turns them into the gradient in place (the "fused linear cross-entropy" idea, with logprobs
+  and an optionally differentiable entropy as outputs). The engine uses it when the model's
+  head is a plain bias-free linear layer.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 4096
 
@@ -51,6 +63,113 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     return logp, (torch.cat(ents) if with_entropy else None)
 
 
+def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(1, labels[:, None])[:, 0] - lse
+    ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1) if with_entropy else torch.zeros_like(lse)
+    return lse, logp, ent
+
+
+def _head_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
+               g_logp: torch.Tensor, g_ent: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk: d(sum g_logp * logp + g_ent * H) / d logits, in the logits' dtype.
+
+    With ``x = logits / T``: d logp_label / dx = onehot - p and dH / dx = -p (log p + H)."""
+    logp_all = logits.to(lse.dtype) / temperature - lse[:, None]
+    p = torch.exp(logp_all)
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
+    grad = g_logp[:, None] * (onehot.to(p.dtype) - p) - g_ent[:, None] * p * (logp_all + ent[:, None])
+    return (grad / temperature).to(logits.dtype)
+
+
+_compiled: dict = {}
+
+
+def _kernel(fn, device: torch.device):
+    """``fn`` compiled into fused kernels on CUDA (one read of a chunk's logits instead of the
+    ~10 passes of the eager ops); the eager function elsewhere, or if compiling fails."""
+    if device.type != "cuda" or os.environ.get("AREAL_HPC_NO_COMPILE") == "1":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def _call(fn, device: torch.device, *args):
+    try:
+        return _kernel(fn, device)(*args)
+    except Exception as e:  # noqa: BLE001 - an optimisation: say why, go on eagerly
+        if _compiled.get(fn) is fn:
+            raise
+        log.warning("compiled %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__, e)
+        _compiled[fn] = fn
+        return fn(*args)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """``x = hidden @ weight.T / temperature``; outputs ``x[label] - logsumexp(x)`` and the entropy
+    of ``softmax(x)`` per token. Saves only ``hidden``, ``weight``, labels, ``logsumexp`` and the entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature: float, chunk: int, with_entropy: bool):
+        n, dev = hidden.shape[0], hidden.device
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 inputs stay fp64)
+        lse, logp, ent = (torch.empty(n, dtype=acc, device=dev) for _ in range(3))
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            out = _call(_head_stats, dev, hidden[s:e] @ weight.t(), labels[s:e], temperature, with_entropy)
+            for buf, val in zip((lse, logp, ent), out):
+                buf[s:e] = val
+        ctx.save_for_backward(hidden, weight, labels, lse, ent)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, labels, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (g_logp is None and g_ent is None) or not (need_h or need_w):
+            return None, None, None, None, None, None
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
+        n, dev = hidden.shape[0], hidden.device
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        for s in range(0, n, ctx.chunk):
+            e = min(n, s + ctx.chunk)
+            grad = _call(_head_grad, dev, hidden[s:e] @ weight.t(), labels[s:e], lse[s:e], ent[s:e],
+                         g_logp[s:e], g_ent[s:e], ctx.temperature)
+            if need_h:
+                grad_h[s:e] = grad @ weight
+            if need_w:
+                grad_w += grad.t() @ hidden[s:e]
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    with_entropy: bool = False, chunk: int = DEFAULT_CHUNK
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`gather_logprobs` of ``logits = hidden @ weight.T`` (``hidden [T, H]``, ``weight [V, H]``)
+    without materialising the logits; fp32 results (fp64 for fp64 inputs)."""
+    logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy))
+    return logp, (ent if with_entropy else None)
+
+
+def shift_to_tokens(lp_next: torch.Tensor, ent_next: Optional[torch.Tensor], doc_starts: torch.Tensor
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Values computed at position t for token t+1, moved to t+1; 0 at document starts."""
+    zero = torch.zeros((), dtype=lp_next.dtype, device=lp_next.device)
+    logp = torch.where(doc_starts, zero, torch.roll(lp_next, shifts=1))
+    ent = torch.where(doc_starts, zero, torch.roll(ent_next, shifts=1)) if ent_next is not None else None
+    return logp, ent
+
+
 def packed_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, doc_starts: torch.Tensor,
                           temperature: float = 1.0, with_entropy: bool = False,
                           chunk: int = DEFAULT_CHUNK) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -61,8 +180,4 @@ def packed_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, doc_sta
     The entropy at t is that of the distribution token t was drawn from.
     """
     labels = torch.roll(input_ids, shifts=-1)
-    lp_next, ent_next = gather_logprobs(logits, labels, temperature, with_entropy, chunk)
-    zero = torch.zeros((), dtype=lp_next.dtype, device=lp_next.device)
-    logp = torch.where(doc_starts, zero, torch.roll(lp_next, shifts=1))
-    ent = torch.where(doc_starts, zero, torch.roll(ent_next, shifts=1)) if with_entropy else None
-    return logp, ent
+    return shift_to_tokens(*gather_logprobs(logits, labels, temperature, with_entropy, chunk), doc_starts)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -89,7 +90,9 @@ def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version
     """
     dtype = dtype or engine.precision.param_dtype
     out = version_dir(Path(weights_root), version).resolve()
+    t0 = time.perf_counter()
     sd = engine.state_dict_for_hf(dtype)  # collective
+    t_gather = time.perf_counter() - t0
     if dist.rank() == 0:
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,7 +106,8 @@ def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version
             os.replace(tmp, out)
         if registry is not None:
             registry.put("weights", "latest", {"version": int(version), "path": str(out)}, ttl=False)
-        log.info("published weights v%d at %s", version, out)
+        log.info("published weights v%d at %s (gather to CPU %.2fs, write %.2fs)", version, out, t_gather,
+                 time.perf_counter() - t0 - t_gather)
     del sd
     dist.barrier()
     return out

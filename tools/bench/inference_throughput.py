@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -194,15 +195,17 @@ def bench_engine(batches, prompt_len: int, new_tokens: int, device: str = "cuda"
                 rng = random.Random(b)
                 prompts = [[rng.randrange(10, vocab) for _ in range(prompt_len)] for _ in range(b)]
                 for _ in range(2):  # the first round captures the graphs; the second is timed
-                    done = []
+                    # the waiting thread sleeps on an event: a polling loop here would take the GIL
+                    # from the engine thread every few hundred microseconds and slow it down
+                    all_done = threading.Semaphore(0)
                     seqs = [Sequence(p, SamplingParams(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=True),
-                                     on_finish=done.append) for p in prompts]
+                                     on_finish=lambda _s: all_done.release()) for p in prompts]
                     sync()
                     t0 = time.perf_counter()
                     for s in seqs:
                         engine.submit(s)
-                    while len(done) < b:
-                        time.sleep(0.0005)
+                    for _ in seqs:
+                        all_done.acquire()
                     dt = time.perf_counter() - t0
                 assert all(len(s.output_ids) == new_tokens for s in seqs)
                 emit(bench="hf_engine", device=dev_name, model=Path(tmp).name if model_dir else "qwen2-0.5b-shape", cuda_graph=runner.cuda_graphs,

@@ -61,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ac", default="auto", choices=["auto", "on", "off"],
                    help="activation checkpointing for both implementations (auto: on from 1B parameters)")
     p.add_argument("--impls", default="engine,hf", help="which to run: engine, hf")
+    p.add_argument("--engine-variants", default="fused",
+                   help="engine runs, comma-separated: fused (logprobs from hidden states, engine.fused_lm_head), "
+                        "logits (from the model's logits)")
+    p.add_argument("--publish", type=int, default=0,
+                   help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
+                        "version into an hf engine runner on this GPU; reports publish and load seconds")
     p.add_argument("--workdir", default="", help="where the random-init models are written (visible to all ranks)")
     a = p.parse_args(argv)
     if a.tiny:
@@ -148,11 +154,42 @@ def result(args, name, impl, n_params, tokens_per_step, times, device, world, ex
             "peak_mem_gib": round(peak_mem_gib(device), 2), **extra}
 
 
-def bench_engine(args, name, cfg, path, n_params, ac, info):
+def bench_publish(args, eng, path, info) -> dict:
+    """Disk weight update of the engine's model: publish (gather, cast, write) + load into a runner."""
+    from areal_hpc.inference.hf_engine.model_runner import ModelRunner, read_checkpoint
+    from areal_hpc.train.publish import publish_weights
+
+    root = Path(args.workdir or tempfile.gettempdir()) / f"areal-bench-publish-{os.getpid()}"
+    runner = ModelRunner(str(path), max_running=8, context_length=256, cuda_graph=False) if info.rank == 0 else None
+    pub, load = [], []
+    for v in range(1, args.publish + 1):
+        sync(info.device)
+        t0 = time.perf_counter()
+        out = publish_weights(eng, root, v, tokenizer_src="")
+        pub.append(time.perf_counter() - t0)
+        if runner is not None:
+            t0 = time.perf_counter()
+            tensors = read_checkpoint(out)
+            runner.load_weights(tensors.items())
+            load.append(time.perf_counter() - t0)
+    import shutil
+
+    if info.rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    del runner
+    med = lambda xs: round(sorted(xs)[len(xs) // 2], 3) if xs else None  # noqa: E731
+    return {"publish_s_median": med(pub), "load_s_median": med(load), "publish_s": [round(x, 3) for x in pub],
+            "load_s": [round(x, 3) for x in load]}
+
+
+def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     from areal_hpc.train.engine import FSDPEngine
     from areal_hpc.train.sft import sft_loss
 
+    if variant not in ("fused", "logits"):
+        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits)")
     eng = FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=args.attn_impl,
+                                  fused_lm_head=variant == "fused",
                                   optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
                      MicroBatchSpec(max_tokens_per_mb=args.tokens_per_mb, n_mbs=args.mbs_per_step),
                      total_steps=args.warmup + args.steps)
@@ -171,9 +208,12 @@ def bench_engine(args, name, cfg, path, n_params, ac, info):
         losses.append(stats["loss"])
     times = [dist.all_reduce_scalar(t, "max") for t in times]
     out = result(args, name, "areal_fsdp", n_params, tokens, times, info.device, info.world_size,
-                 {"dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
+                 {"variant": variant, "fused_lm_head": eng.fused_lm_head,
+                  "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
                   "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)})
+    if args.publish:
+        out.update(bench_publish(args, eng, path, info))
     del eng
     free_memory()
     return out
@@ -243,7 +283,10 @@ def main(argv=None) -> None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
                     write_model(cfg, path, dtype, info.device)
-                    rows.append(bench_engine(args, name, cfg, path, n_params, ac, info))
+                    for variant in [v.strip() for v in args.engine_variants.split(",") if v.strip()]:
+                        rows.append(bench_engine(args, name, cfg, path, n_params, ac, info, variant))
+                        if info.rank == 0:
+                            print(json.dumps(rows[-1]), flush=True)
                 elif impl == "hf":
                     rows.append(bench_hf(args, name, cfg, n_params, ac, info))
                 else:
@@ -253,7 +296,8 @@ def main(argv=None) -> None:
                 rows.append({"bench": "train_throughput", "model": name, "impl": impl, "error": f"OOM: {e}"[:300]})
         if info.rank == 0:
             for r in rows:
-                print(json.dumps(r), flush=True)
+                if r.get("impl") != "areal_fsdp":
+                    print(json.dumps(r), flush=True)
     dist.destroy()
 
 

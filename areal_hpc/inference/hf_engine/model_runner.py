@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
+from areal_hpc.inference.hf_engine import attention
 from areal_hpc.inference.hf_engine.kv_cache import KVCache
 from areal_hpc.inference.hf_engine.sequence import Sequence
 
@@ -97,7 +98,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         torch.manual_seed(seed)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation="sdpa").to(self.device).eval()
+            model_path, dtype=self.dtype, attn_implementation=attention.register()).to(self.device).eval()
         self.model.requires_grad_(False)
         self.config = self.model.config
         self.base = getattr(self.model, self.model.base_model_prefix)
