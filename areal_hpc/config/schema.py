@@ -126,6 +126,9 @@ class EngineConfig:
     # holding a micro-batch's full logits (models whose head is not a plain bias-free linear layer,
     # or that scale/soft-cap logits, always go through the logits)
     fused_lm_head: bool = True
+    # torch.compile each decoder layer (fused norms/activations, fewer kernel launches; attention
+    # stays eager). Costs compile time at start-up; GPU only (ignored on CPU)
+    compile_layers: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 

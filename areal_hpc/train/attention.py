@@ -74,6 +74,7 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
+@torch.compiler.disable  # compiled decoder layers call it eagerly (version checks, kernel fallback)
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                              scaling: Optional[float] = None, sliding_window: Optional[int] = None,

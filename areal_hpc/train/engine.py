@@ -75,6 +75,7 @@ class FSDPEngine:
         else:
             self.model.requires_grad_(False)
         self._version = 0
+        self._staging: Optional[torch.Tensor] = None  # host buffer of state_dict_for_hf
 
     # ------------------------------------------------------------------ set-up
     def _build_model(self) -> torch.nn.Module:
@@ -97,6 +98,8 @@ class FSDPEngine:
         model.config.use_cache = False
         if self.config.gradient_checkpointing and self.trainable:
             parallel.apply_activation_checkpointing(model)
+        if self.config.compile_layers and self.device.type == "cuda":
+            parallel.compile_layers(model)
         # one rank holds everything anyway: keep the gathered (bf16) weights from forward to backward
         parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=world > 1)
         if world == 1:
@@ -242,28 +245,44 @@ class FSDPEngine:
     def state_dict_for_hf(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """Full (unsharded) CPU state dict on rank 0 with HF parameter names, ``{}`` elsewhere.
 
-        Collective. One tensor at a time is gathered on the device, cast to ``dtype`` there (the
-        compute dtype by default: bf16 on GPU, half the bytes of the fp32 master weights to move)
-        and copied to the CPU. Tied duplicates (``lm_head.weight`` when embeddings are tied) are
-        dropped, as ``save_pretrained`` does.
+        Collective. One tensor at a time is gathered on the device and cast to ``dtype`` there
+        (the compute dtype by default: bf16 on GPU, half the bytes of the fp32 master weights to
+        move) and copied into one host buffer (pinned on CUDA, so the copies run asynchronously)
+        kept for the next call: the returned tensors are views of it, valid until the next call
+        (a snapshot, not an alias of the live parameters). Tied duplicates
+        (``lm_head.weight`` when embeddings are tied) are dropped, as ``save_pretrained`` does.
         """
         dtype = dtype or self.precision.param_dtype
         tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         rank0 = self.info.rank == 0
-        out: Dict[str, torch.Tensor] = {}
-        seen = set()
+        entries, seen = [], set()
         for name, value in self.model.state_dict(keep_vars=True).items():  # same order on every rank
             if (tied and name == "lm_head.weight") or id(value) in seen:
                 continue
             seen.add(id(value))
-            full = value.detach()
-            full = full.full_tensor() if isinstance(full, DTensor) else full
+            entries.append((name, value.detach(), dtype if value.is_floating_point() else value.dtype))
+        staging = self._staging_buffer(entries) if rank0 else None
+        out: Dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, value, to_dtype in entries:
+            full = value.full_tensor() if isinstance(value, DTensor) else value
             if rank0:
-                if full.is_floating_point():
-                    full = full.to(dtype)
-                out[name] = full.to("cpu").contiguous()
+                nbytes = full.numel() * torch.empty((), dtype=to_dtype).element_size()
+                view = staging[offset: offset + nbytes].view(to_dtype).view(full.shape)
+                view.copy_(full.to(to_dtype), non_blocking=True)
+                out[name] = view
+                offset += -(-nbytes // 64) * 64
             del full
+        if rank0 and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return out
+
+    def _staging_buffer(self, entries) -> torch.Tensor:
+        need = sum(-(-(v.numel() * torch.empty((), dtype=d).element_size()) // 64) * 64 for _, v, d in entries)
+        buf = self._staging
+        if buf is None or buf.numel() < need:
+            buf = self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        return buf
 
 
 def fused_head_unsupported(model: torch.nn.Module) -> str:

@@ -70,6 +70,21 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` the forward of every decoder layer (torchtitan's per-block compile).
+
+    Only ``forward`` is compiled, so FSDP2's hooks (in ``__call__``) and transformers' activation
+    checkpointing stay outside the compiled code; sequence lengths are dynamic. The layers share
+    one code object, hence the larger dynamo cache (one entry per layer at worst).
+    """
+    import torch._dynamo
+
+    layers = decoder_layers(model)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
                reshard_after_forward: bool = True) -> None:
     """``fully_shard`` every decoder layer, then the root (embeddings, final norm, LM head).

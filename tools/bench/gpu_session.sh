@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4|profile|proftrain
+#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4|profile|proftrain|publish
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -15,8 +15,9 @@ case $phase in
   setup) nvidia-smi -L; python3 -c "import torch, transformers, aiohttp, yaml; print(torch.__version__, transformers.__version__, torch.cuda.device_count())" ;;
   tests) run tests timeout 300 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_inference_engine.py ;;
   infer) run infer timeout 240 python3 tools/bench/inference_throughput.py --gpu ;;
-  train1) run train1 timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants fused,logits --publish 3
-          run train1b timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants fused,logits ;;
+  train1) run train1 timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants fused,compiled
+          run train1b timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants fused,compiled --impls engine ;;
+  publish) run publish timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --impls engine --steps 1 --warmup 1 --publish 5 ;;
   train2) run train2 timeout 300 torchrun --nproc_per_node=2 tools/bench/train_throughput.py ;;
   proftrain) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train ;;
   profile) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train

@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default="engine,hf", help="which to run: engine, hf")
     p.add_argument("--engine-variants", default="fused",
                    help="engine runs, comma-separated: fused (logprobs from hidden states, engine.fused_lm_head), "
-                        "logits (from the model's logits)")
+                        "logits (from the model's logits), compiled (fused + engine.compile_layers)")
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
@@ -159,6 +159,10 @@ def bench_publish(args, eng, path, info) -> dict:
     from areal_hpc.inference.hf_engine.model_runner import ModelRunner, read_checkpoint
     from areal_hpc.train.publish import publish_weights
 
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("areal_hpc.train.publish").setLevel(logging.INFO)  # gather/write split per version
     root = Path(args.workdir or tempfile.gettempdir()) / f"areal-bench-publish-{os.getpid()}"
     runner = ModelRunner(str(path), max_running=8, context_length=256, cuda_graph=False) if info.rank == 0 else None
     pub, load = [], []
@@ -186,10 +190,10 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     from areal_hpc.train.engine import FSDPEngine
     from areal_hpc.train.sft import sft_loss
 
-    if variant not in ("fused", "logits"):
-        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits)")
+    if variant not in ("fused", "logits", "compiled"):
+        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits, compiled)")
     eng = FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=args.attn_impl,
-                                  fused_lm_head=variant == "fused",
+                                  fused_lm_head=variant != "logits", compile_layers=variant == "compiled",
                                   optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
                      MicroBatchSpec(max_tokens_per_mb=args.tokens_per_mb, n_mbs=args.mbs_per_step),
                      total_steps=args.warmup + args.steps)
@@ -208,7 +212,7 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
         losses.append(stats["loss"])
     times = [dist.all_reduce_scalar(t, "max") for t in times]
     out = result(args, name, "areal_fsdp", n_params, tokens, times, info.device, info.world_size,
-                 {"variant": variant, "fused_lm_head": eng.fused_lm_head,
+                 {"variant": variant, "fused_lm_head": eng.fused_lm_head, "compile_layers": eng.config.compile_layers,
                   "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
                   "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)})
