@@ -267,29 +267,35 @@ class FSDPEngine:
         for name, value, to_dtype in entries:
             full = value.full_tensor() if isinstance(value, DTensor) else value
             if rank0:
-                nbytes = full.numel() * torch.empty((), dtype=to_dtype).element_size()
+                nbytes = full.numel() * to_dtype.itemsize
                 view = staging[offset: offset + nbytes].view(to_dtype).view(full.shape)
                 view.copy_(full.to(to_dtype), non_blocking=True)
                 out[name] = view
-                offset += -(-nbytes // 64) * 64
+                offset += _aligned(nbytes)
             del full
         if rank0 and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
 
     def _staging_buffer(self, entries) -> torch.Tensor:
-        need = sum(-(-(v.numel() * torch.empty((), dtype=d).element_size()) // 64) * 64 for _, v, d in entries)
+        need = sum(_aligned(v.numel() * d.itemsize) for _, v, d in entries)
         buf = self._staging
         if buf is None or buf.numel() < need:
             buf = self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         return buf
 
 
+def _aligned(nbytes: int, to: int = 64) -> int:
+    return -(-nbytes // to) * to
+
+
 def fused_head_unsupported(model: torch.nn.Module) -> str:
     """Why `linear_logprobs` cannot stand in for this model's logits ('' when it can)."""
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return f"the output layer is {type(head).__name__}{' with a bias' if head is not None and getattr(head, 'bias', None) is not None else ''}"
+    if not isinstance(head, torch.nn.Linear):
+        return f"the output layer is a {type(head).__name__}, not a Linear"
+    if head.bias is not None:
+        return "the output layer has a bias"
     cfg = model.config
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(cfg, key, None) not in (None, 1, 1.0):

@@ -18,8 +18,10 @@ case $phase in
   train1) run train1 timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants fused,compiled
           run train1b timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants fused,compiled --impls engine ;;
   publish) run publish timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --impls engine --steps 1 --warmup 1 --publish 5 ;;
-  train2) run train2 timeout 300 torchrun --nproc_per_node=2 tools/bench/train_throughput.py ;;
-  proftrain) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train ;;
+  train2) run train2 timeout 330 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --engine-variants compiled
+          run train1c timeout 150 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac on
+          run train1d timeout 150 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off ;;
+  proftrain) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train --variant compiled ;;
   profile) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train
            run prof_hf timeout 150 python3 tools/bench/profile_gpu.py train --impl hf
            run prof_decode timeout 150 python3 tools/bench/profile_gpu.py decode ;;

@@ -73,6 +73,7 @@ def cmd_train(a) -> None:
     tt.write_model(cfg, path, dtype, info.device)
     if a.impl == "engine":
         eng = FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=a.attn_impl,
+                                      fused_lm_head=a.variant != "logits", compile_layers=a.variant == "compiled",
                                       optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
                          MicroBatchSpec(max_tokens_per_mb=targs.tokens_per_mb, n_mbs=targs.mbs_per_step),
                          total_steps=10)
@@ -101,14 +102,15 @@ def cmd_train(a) -> None:
             opt.zero_grad(set_to_none=True)
             return rows * targs.seq_len * targs.mbs_per_step
 
-    for i in range(a.warmup):
+    for i in range(a.warmup + (2 if a.variant == "compiled" else 0)):  # compiling takes a step or two
         step(i)
     box = {}
     prof, wall = profiled(lambda: box.setdefault("used", step(a.warmup)), info.device)
     if info.rank == 0:
         print(table(prof, a.rows))
         busy = gpu_busy_s(prof)
-        print(json.dumps({"bench": "profile_train", "model": a.model, "impl": a.impl, "attn_impl": a.attn_impl,
+        print(json.dumps({"bench": "profile_train", "model": a.model, "impl": a.impl, "variant": a.variant,
+                          "attn_impl": a.attn_impl,
                           "ac": ac, "wall_s": round(wall, 4), "tokens": box["used"],
                           "tokens_per_s": round(box["used"] / wall, 1),
                           "mfu": round(6 * n_params * box["used"] / wall / (a.peak_tflops * 1e12), 4),
@@ -203,6 +205,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--impl", default="engine", choices=["engine", "hf"])
     p.add_argument("--attn-impl", default="varlen")
+    p.add_argument("--variant", default="fused", choices=["fused", "logits", "compiled"],
+                   help="engine variant (see train_throughput.py --engine-variants)")
     p.add_argument("--ac", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--tokens-per-mb", type=int, default=16384)
     p.add_argument("--warmup", type=int, default=2)
