@@ -68,7 +68,7 @@ def test_make_micro_batches_and_dummy():
     mbs = make_micro_batches(batch, max_tokens=6, min_mbs=1, sync=False)
     assert sorted(i for mb in mbs for i in mb.sample_idx) == [0, 1, 2]
     d = dummy_micro_batch(batch, pad_token_id=0)
-    assert d.is_dummy and d.n_tokens == 1 and set(d.data) == set(mbs[0].data)
+    assert d.is_dummy and d.n_tokens == 2 and set(d.data) == set(mbs[0].data)
     assert d.data["loss_mask"].sum() == 0 and d.data["rewards"].shape == (1,)
 
 

@@ -117,19 +117,21 @@ def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int]) -> MicroB
     return MicroBatch(data, cu, list(sample_idx))
 
 
-def dummy_micro_batch(template: Batch, pad_token_id: int = 0) -> MicroBatch:
-    """A one-token micro-batch with the template's keys and dtypes, all masks zero."""
+def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2) -> MicroBatch:
+    """An ``n_tokens``-token micro-batch (one document) with the template's keys and dtypes, all
+    masks zero. Two tokens, not one: compiled code (``torch.compile`` with dynamic shapes)
+    specialises sizes 0 and 1, so a one-token micro-batch would trigger a recompilation."""
     data: Dict[str, torch.Tensor] = {}
     for k, v in template.items():
         if k == "attention_mask":
             continue
         if is_token_key(template, k):
-            data[k] = torch.zeros((1, *v.shape[2:]), dtype=v.dtype)
+            data[k] = torch.zeros((n_tokens, *v.shape[2:]), dtype=v.dtype)
         else:
             data[k] = torch.zeros((1, *v.shape[1:]), dtype=v.dtype)
-    data["input_ids"] = torch.full((1,), pad_token_id, dtype=template["input_ids"].dtype)
-    data["position_ids"] = torch.zeros(1, dtype=torch.long)
-    return MicroBatch(data, torch.tensor([0, 1], dtype=torch.long), [], is_dummy=True)
+    data["input_ids"] = torch.full((n_tokens,), pad_token_id, dtype=template["input_ids"].dtype)
+    data["position_ids"] = torch.arange(n_tokens, dtype=torch.long)
+    return MicroBatch(data, torch.tensor([0, n_tokens], dtype=torch.long), [], is_dummy=True)
 
 
 def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
