@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4|profile|proftrain|publish|diag2
+#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4|profile|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -23,6 +23,7 @@ case $phase in
           run train1d timeout 150 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off ;;
   diag2) run train2f timeout 170 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --engine-variants fused --impls engine
          run recompile env TORCH_LOGS=recompiles,graph_breaks timeout 110 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --steps 2 --warmup 2 ;;
+  train2s) run train2s timeout 170 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants fused,compiled --impls engine --steps 4 ;;
   proftrain) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train --variant compiled ;;
   profile) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train
            run prof_hf timeout 150 python3 tools/bench/profile_gpu.py train --impl hf
