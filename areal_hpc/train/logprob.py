@@ -9,9 +9,9 @@ them). Two ways around it:
 * `linear_logprobs` starts from the last hidden states and the LM head's weight and never holds
   more than one chunk of logits, forward or backward: each chunk's logits are computed, reduced
   to ``logsumexp`` / logprob / entropy and dropped; backward recomputes them chunk by chunk and
-  turns them into the gradient in place (the "fused linear cross-entropy" idea, with logprobs
-  and an optionally differentiable entropy as outputs). The engine uses it when the model's
-  head is a plain bias-free linear layer.
+  turns them into the gradient (the "fused linear cross-entropy" idea, with logprobs and an
+  optionally differentiable entropy as outputs). On CUDA the per-chunk reductions are compiled.
+  The engine uses it when the model's head is a plain bias-free linear layer.
 """
 
 from __future__ import annotations
@@ -28,17 +28,19 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 4096
 
 
+def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(1, labels[:, None])[:, 0] - lse
+    ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1) if with_entropy else torch.zeros_like(lse)
+    return lse, logp, ent
+
+
 def _chunk_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                  with_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    x = logits.float()
-    if temperature != 1.0:
-        x = x / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    logp = x.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-    if with_entropy:
-        ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1)
-    else:
-        ent = torch.zeros_like(logp)
+    _, logp, ent = _head_stats(logits, labels, temperature, with_entropy)
     return logp, ent
 
 
@@ -63,16 +65,6 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     return logp, (torch.cat(ents) if with_entropy else None)
 
 
-def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    logp = x.gather(1, labels[:, None])[:, 0] - lse
-    ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1) if with_entropy else torch.zeros_like(lse)
-    return lse, logp, ent
-
-
 def _head_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
                g_logp: torch.Tensor, g_ent: torch.Tensor, temperature: float) -> torch.Tensor:
     """One chunk: d(sum g_logp * logp + g_ent * H) / d logits, in the logits' dtype.
@@ -88,22 +80,20 @@ def _head_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, en
 _compiled: dict = {}
 
 
-def _kernel(fn, device: torch.device):
-    """``fn`` compiled into fused kernels on CUDA (one read of a chunk's logits instead of the
-    ~10 passes of the eager ops); the eager function elsewhere, or if compiling fails."""
-    if device.type != "cuda" or os.environ.get("AREAL_HPC_NO_COMPILE") == "1":
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True)
-    return _compiled[fn]
-
-
 def _call(fn, device: torch.device, *args):
+    """``fn(*args)``, compiled into fused kernels on CUDA (one pass over a chunk's logits instead of
+    the ~10 of the eager ops). A compile failure is logged and ``fn`` runs eagerly from then on;
+    ``AREAL_HPC_NO_COMPILE=1`` keeps it eager."""
+    if device.type != "cuda" or os.environ.get("AREAL_HPC_NO_COMPILE") == "1":
+        return fn(*args)
+    compiled = _compiled.get(fn)
+    if compiled is None:
+        compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
+    if compiled is fn:
+        return fn(*args)
     try:
-        return _kernel(fn, device)(*args)
+        return compiled(*args)
     except Exception as e:  # noqa: BLE001 - an optimisation: say why, go on eagerly
-        if _compiled.get(fn) is fn:
-            raise
         log.warning("compiled %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__, e)
         _compiled[fn] = fn
         return fn(*args)
