@@ -97,6 +97,8 @@ BAD_INPUTS = [
     (["trainer.ppo.actor.optimizer.lr_schedule=linear"], "trainer.ppo.actor.optimizer.lr_schedule"),
     (["trainer.ppo.adv_norm=global"], "trainer.ppo.adv_norm"),
     (["trainer.ppo.weight_update=nccl"], "trainer.ppo.weight_update"),
+    (["trainer.ppo.weight_update=gloo", "cluster.n_gpus_per_node=4"], "trainer.ppo.weight_update"),
+    (["trainer.ppo.weight_update=mpi"], "trainer.ppo.weight_update"),
     (["trainer.ppo.c_clip=0.5"], "trainer.ppo.c_clip"),
     (["launcher.lock_kind=nfs"], "launcher.lock_kind"),
     (["launcher.ttl_s=1"], "launcher.ttl_s"),

@@ -67,6 +67,23 @@ def test_weight_update_resumes_long_generations(tmp_path):
     assert "2 running request(s) aborted" in (rd / "logs" / "server-0.log").read_text()
 
 
+def test_broadcast_weight_updates_reach_two_servers_from_two_trainer_ranks(tmp_path):
+    """The collective weight path (NCCL on GPUs) over gloo on CPU, in the shape of the 4-GPU run: two
+    servers and two trainer ranks form one group and every step's weights reach both servers
+    without a disk copy. With staleness 0 a step only takes rollouts generated at the trainer's
+    latest version, so a server left behind would show up as stale or stall the run."""
+    submit(tmp_path, *SMALL, "allocation_mode=hf:d2+fsdp:d2", "trainer.ppo.weight_update=gloo",
+           "rollout.max_head_offpolicyness=0", "trainer.total_train_steps=5", "rollout.gen.max_new_tokens=8",
+           "rollout.gen.ignore_eos=True", timeout=300)
+    rd = run_dir(tmp_path)
+    rows = metrics(rd)
+    assert [r["step"] for r in rows] == list(range(1, 6))
+    assert all(r["servers_updated"] == 2 and r["weight_broadcast_s"] > 0 for r in rows)
+    assert all(r["staleness_max"] == 0 and r["dropped_stale"] == 0 for r in rows)
+    assert not list((rd / "weights").glob("v*"))  # nothing went through the disk
+    assert "formed with 2 server(s)" in (rd / "logs" / "trainer-0.log").read_text()
+
+
 @pytest.mark.parametrize("async_training", [True, False])
 def test_sync_and_async_learn(tmp_path, async_training):
     submit(tmp_path, f"trainer.ppo.async_training={async_training}", "trainer.total_train_steps=60",

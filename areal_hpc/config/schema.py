@@ -150,7 +150,7 @@ class PPOConfig:
     leave_one_out: bool = False
     kl_ctl: float = 0.0  # >0 keeps a frozen reference model
     entropy_coef: float = 0.0
-    weight_update: str = "disk"  # disk | nccl
+    weight_update: str = "disk"  # disk | nccl (GPUs) | gloo (the same broadcast through host memory: CPU runs)
 
 
 @dataclass

@@ -164,9 +164,12 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
 
     ppo = cfg.trainer.ppo
     _choice("trainer.ppo.adv_norm", ppo.adv_norm, ("group", "batch", "none"))
-    _choice("trainer.ppo.weight_update", ppo.weight_update, ("disk", "nccl"))
+    _choice("trainer.ppo.weight_update", ppo.weight_update, ("disk", "nccl", "gloo"))
     if ppo.weight_update == "nccl" and c.n_gpus_per_node == 0:
-        raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk on CPU-only runs")
+        raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk or gloo on CPU-only runs")
+    if ppo.weight_update == "gloo" and c.n_gpus_per_node > 0:
+        raise ConfigError("trainer.ppo.weight_update", "gloo broadcasts through host memory, for CPU-only runs",
+                          "use nccl (or disk) with GPUs")
     if ppo.eps_clip <= 0:
         raise ConfigError("trainer.ppo.eps_clip", f"must be > 0, got {ppo.eps_clip}")
     if ppo.c_clip is not None and ppo.c_clip <= 1:

@@ -79,7 +79,7 @@ def batch_stats(groups: List[Group], version: int) -> Dict[str, float]:
 
 @register_trainer("ppo")
 class PPOTrainer(Trainer):
-    _nccl = None
+    _bcast = None  # BroadcastWeightSync, formed on the first broadcast update
 
     def run(self) -> int:
         cfg, ctx = self.cfg, self.ctx
@@ -172,22 +172,23 @@ class PPOTrainer(Trainer):
         return rc
 
     def _push_weights(self, engine, side, version: int, model_src: str, step: int) -> Dict[str, float]:
-        """Weights v``version`` to the servers: over NCCL, or published to disk and loaded.
-        With NCCL a disk copy is still written at checkpoint steps (servers that start later load it)."""
+        """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to
+        disk and loaded. With a broadcast a disk copy is still written at checkpoint steps (servers
+        that start later load it)."""
         ctx, cfg = self.ctx, self.cfg
-        if cfg.trainer.ppo.weight_update == "nccl":
+        if cfg.trainer.ppo.weight_update in ("nccl", "gloo"):
             from areal_hpc.train.weight_sync import broadcast_engine_weights
-            from areal_hpc.trainers.rollout_side import NcclWeightSync
+            from areal_hpc.trainers.rollout_side import BroadcastWeightSync
 
-            if side is not None and self._nccl is None:
-                self._nccl = NcclWeightSync(side)
+            if side is not None and self._bcast is None:
+                self._bcast = BroadcastWeightSync(side, backend=cfg.trainer.ppo.weight_update)
             if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0:
                 publish_weights(engine, ctx.weights_dir, version, model_src, ctx.registry if self.is_main else None)
                 if side is not None:
                     prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
             if side is not None:
-                return side.update_weights_nccl(self._nccl, lambda g, cb: broadcast_engine_weights(engine, g, cb),
-                                                version)
+                return side.update_weights_broadcast(
+                    self._bcast, lambda g, cb: broadcast_engine_weights(engine, g, cb), version)
             broadcast_engine_weights(engine, None)
             return {}
         t0 = time.monotonic()

@@ -85,8 +85,8 @@ class RolloutSide:
             log.warning("weight update v%d failed on %d server(s): %s", version, len(failed), failed)
         return {"weight_update_s": time.monotonic() - t0, "servers_updated": float(len(results) - len(failed))}
 
-    def update_weights_nccl(self, sync: "NcclWeightSync", broadcast, version: int) -> Dict[str, float]:
-        """The NCCL path: pause, (re)form the group if the servers changed, broadcast, continue.
+    def update_weights_broadcast(self, sync: "BroadcastWeightSync", broadcast, version: int) -> Dict[str, float]:
+        """The collective path: pause, (re)form the group if the servers changed, broadcast, continue.
         ``broadcast(group, on_bucket)`` runs the trainer's collective broadcast (all ranks)."""
         c = self.controller
         t0 = time.monotonic()
@@ -108,8 +108,9 @@ class RolloutSide:
         self.controller.stop()
 
 
-class NcclWeightSync:
-    """Trainer rank 0 + every server in one NCCL group (SGLang's /init_weights_update_group).
+class BroadcastWeightSync:
+    """Trainer rank 0 + every server in one process group (SGLang's /init_weights_update_group):
+    NCCL on GPUs, gloo (through host memory) on CPU-only runs.
 
     The group has a fixed size, so it is formed again (under a new name, which servers accept,
     so a restarted trainer can always re-join) whenever the set of live servers changes. A server
@@ -117,8 +118,9 @@ class NcclWeightSync:
     next broadcast.
     """
 
-    def __init__(self, side: RolloutSide, timeout_s: float = 600.0):
+    def __init__(self, side: RolloutSide, backend: str = "nccl", timeout_s: float = 600.0):
         self.side = side
+        self.backend = backend
         self.timeout_s = timeout_s
         self.group = None
         self.name: Optional[str] = None
@@ -148,11 +150,11 @@ class NcclWeightSync:
             return await asyncio.gather(*(pool.call_all(
                 "POST", "/init_weights_update_group",
                 {"master_address": addr, "master_port": port, "rank_offset": i + 1, "world_size": world,
-                 "backend": "nccl", "group_name": name}, timeout_s=self.timeout_s, server_ids=[sid])
+                 "backend": self.backend, "group_name": name}, timeout_s=self.timeout_s, server_ids=[sid])
                 for i, sid in enumerate(members)))
 
         fut = c.submit(join_all())  # servers join while we host the rendezvous
-        self.group = init_weight_sync_group(addr, port, 0, world, name, timeout_s=self.timeout_s)
+        self.group = init_weight_sync_group(addr, port, 0, world, name, backend=self.backend, timeout_s=self.timeout_s)
         failed = [r for res in fut.result(self.timeout_s) for r in res.values() if not r.ok]
         if failed:
             raise RuntimeError(f"servers failed to join weight group {name}: {failed}")
