@@ -38,12 +38,6 @@ def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, 
     return lse, logp, ent
 
 
-def _chunk_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                 with_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    _, logp, ent = _head_stats(logits, labels, temperature, with_entropy)
-    return logp, ent
-
-
 def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                     with_entropy: bool = False, chunk: int = DEFAULT_CHUNK
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -56,9 +50,9 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     for s in range(0, logits.shape[0], chunk):
         lg, lb = logits[s: s + chunk], labels[s: s + chunk]
         if grad and logits.shape[0] > chunk:
-            lp, en = checkpoint(_chunk_stats, lg, lb, temperature, with_entropy, use_reentrant=False)
+            _, lp, en = checkpoint(_head_stats, lg, lb, temperature, with_entropy, use_reentrant=False)
         else:
-            lp, en = _chunk_stats(lg, lb, temperature, with_entropy)
+            _, lp, en = _head_stats(lg, lb, temperature, with_entropy)
         logps.append(lp)
         ents.append(en)
     logp = torch.cat(logps)

@@ -30,6 +30,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+# decoder shapes of the GPU decode benchmark (random init): the Qwen2.5-0.5B architecture, and a tiny
+# one for smoke tests on CPU
+QWEN25_05B_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                        intermediate_size=4864, vocab_size=151936)
+TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=1000)
+
+
 def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
@@ -167,11 +175,7 @@ def bench_engine(batches, prompt_len: int, new_tokens: int, device: str = "cuda"
 
     if device == "cuda":
         assert torch.cuda.is_available(), "--gpu needs CUDA"
-    dims = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                intermediate_size=4864, vocab_size=151936)
-    if tiny:
-        dims = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=128, vocab_size=1000)
+    dims = TINY_SHAPE if tiny else QWEN25_05B_SHAPE
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = AutoConfig.for_model("qwen2", max_position_embeddings=32768, tie_word_embeddings=True, **dims)
     vocab = dims["vocab_size"]

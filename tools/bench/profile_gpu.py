@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import inference_throughput as it  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 
@@ -57,49 +58,31 @@ def profiled(fn, device: torch.device):
 
 
 def cmd_train(a) -> None:
-    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
     from areal_hpc.train import dist
-    from areal_hpc.train.engine import FSDPEngine
     from areal_hpc.train.sft import sft_loss
 
-    targs = tt.parse_args(["--models", a.model, "--tokens-per-mb", str(a.tokens_per_mb)]
-                          + (["--tiny"] if a.tiny else []))
+    targs = tt.parse_args(["--models", a.model, "--tokens-per-mb", str(a.tokens_per_mb), "--ac", a.ac,
+                           "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else []))
     info = dist.init_distributed()
     cfg = tt.model_config(a.model, a.tiny)
     n_params = tt.count_params(cfg)
-    ac = a.ac == "on" or (a.ac == "auto" and n_params >= 1e9)
+    ac = tt.use_ac(targs, n_params)
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     path = Path(tempfile.gettempdir()) / f"areal-prof-{a.model}{'-tiny' if a.tiny else ''}"
     tt.write_model(cfg, path, dtype, info.device)
     if a.impl == "engine":
-        eng = FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=a.attn_impl,
-                                      fused_lm_head=a.variant != "logits", compile_layers=a.variant == "compiled",
-                                      optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
-                         MicroBatchSpec(max_tokens_per_mb=targs.tokens_per_mb, n_mbs=targs.mbs_per_step),
-                         total_steps=10)
+        eng = tt.make_engine(targs, path, ac, a.variant)
 
         def step(i: int):
             batch, used = tt.engine_batch(targs, cfg.vocab_size, info.rank, i)
             eng.train_batch(batch, sft_loss)
             return used
     else:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device(info.device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-        model.config.use_cache = False
-        if ac:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-        rows = max(1, targs.tokens_per_mb // targs.seq_len)
+        model, opt, rows = tt.make_hf(targs, cfg, ac, info.device)
 
         def step(i: int):
-            for _ in range(targs.mbs_per_step):
-                ids = torch.randint(0, cfg.vocab_size, (rows, targs.seq_len), device=info.device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            tt.hf_step(model, opt, [torch.randint(0, cfg.vocab_size, (rows, targs.seq_len), device=info.device)
+                                    for _ in range(targs.mbs_per_step)])
             return rows * targs.seq_len * targs.mbs_per_step
 
     for i in range(a.warmup + (2 if a.variant == "compiled" else 0)):  # compiling takes a step or two
@@ -125,11 +108,7 @@ def cmd_decode(a) -> None:
     from areal_hpc.inference.hf_engine.sampler import sample
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dims = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                intermediate_size=4864, vocab_size=151936)
-    if a.tiny:
-        dims = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=128, vocab_size=1000)
+    dims = it.TINY_SHAPE if a.tiny else it.QWEN25_05B_SHAPE
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = AutoConfig.for_model("qwen2", max_position_embeddings=32768, tie_word_embeddings=True, **dims)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)

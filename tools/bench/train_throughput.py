@@ -154,12 +154,60 @@ def result(args, name, impl, n_params, tokens_per_step, times, device, world, ex
             "peak_mem_gib": round(peak_mem_gib(device), 2), **extra}
 
 
+def use_ac(args, n_params: int) -> bool:
+    """``--ac``: on, off, or auto (on from 1B parameters)."""
+    return args.ac == "on" or (args.ac == "auto" and n_params >= 1e9)
+
+
+def make_engine(args, path, ac: bool, variant: str = "fused"):
+    """The FSDP2 engine as benchmarked: ``variant`` fused | logits | compiled (see --engine-variants)."""
+    from areal_hpc.train.engine import FSDPEngine
+
+    if variant not in ("fused", "logits", "compiled"):
+        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits, compiled)")
+    return FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=args.attn_impl,
+                                   fused_lm_head=variant != "logits", compile_layers=variant == "compiled",
+                                   optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
+                      MicroBatchSpec(max_tokens_per_mb=args.tokens_per_mb, n_mbs=args.mbs_per_step),
+                      total_steps=args.warmup + args.steps)
+
+
+def make_hf(args, cfg, ac: bool, device: torch.device):
+    """The baseline: plain transformers model (bf16 on GPU) + AdamW, and its row count per micro-batch."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    return model, opt, max(1, args.tokens_per_mb // args.seq_len)
+
+
+def hf_step(model, opt, mbs) -> float:
+    """One optimizer step of the baseline over padded micro-batches ``mbs``; returns the loss."""
+    total = 0.0
+    for ids in mbs:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss / len(mbs)
+        loss.backward()
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
 def bench_publish(args, eng, path, info) -> dict:
     """Disk weight update of the engine's model: publish (gather, cast, write) + load into a runner."""
+    import logging
+    import shutil
+
     from areal_hpc.inference.hf_engine.model_runner import ModelRunner, read_checkpoint
     from areal_hpc.train.publish import publish_weights
-
-    import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("areal_hpc.train.publish").setLevel(logging.INFO)  # gather/write split per version
@@ -176,8 +224,6 @@ def bench_publish(args, eng, path, info) -> dict:
             tensors = read_checkpoint(out)
             runner.load_weights(tensors.items())
             load.append(time.perf_counter() - t0)
-    import shutil
-
     if info.rank == 0:
         shutil.rmtree(root, ignore_errors=True)
     del runner
@@ -187,16 +233,9 @@ def bench_publish(args, eng, path, info) -> dict:
 
 
 def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
-    from areal_hpc.train.engine import FSDPEngine
     from areal_hpc.train.sft import sft_loss
 
-    if variant not in ("fused", "logits", "compiled"):
-        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits, compiled)")
-    eng = FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=args.attn_impl,
-                                  fused_lm_head=variant != "logits", compile_layers=variant == "compiled",
-                                  optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
-                     MicroBatchSpec(max_tokens_per_mb=args.tokens_per_mb, n_mbs=args.mbs_per_step),
-                     total_steps=args.warmup + args.steps)
+    eng = make_engine(args, path, ac, variant)
     times, losses, tokens, n_mbs = [], [], 0, 0.0
     for step in range(args.warmup + args.steps):
         batch, used = engine_batch(args, cfg.vocab_size, info.rank, step)
@@ -224,18 +263,8 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
 
 
 def bench_hf(args, name, cfg, n_params, ac, info):
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(info.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.config.use_cache = False
-    if ac:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    rows = max(1, args.tokens_per_mb // args.seq_len)
+    model, opt, rows = make_hf(args, cfg, ac, info.device)
+    dtype = next(model.parameters()).dtype
     g = torch.Generator().manual_seed(info.rank)
     times, losses = [], []
     for step in range(args.warmup + args.steps):
@@ -243,14 +272,7 @@ def bench_hf(args, name, cfg, n_params, ac, info):
                for _ in range(args.mbs_per_step)]
         sync(info.device)
         t0 = time.perf_counter()
-        total = 0.0
-        for ids in mbs:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss / len(mbs)
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        total = hf_step(model, opt, mbs)
         sync(info.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -278,7 +300,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         cfg = model_config(name, args.tiny)
         n_params = count_params(cfg)
-        ac = args.ac == "on" or (args.ac == "auto" and n_params >= 1e9)
+        ac = use_ac(args, n_params)
         rows = []
         for impl in impls:
             try:
