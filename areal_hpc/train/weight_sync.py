@@ -17,6 +17,7 @@ collective of the trainer's own group); only rank 0 talks to the weight group.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import uuid
@@ -25,6 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.distributed_c10d import _world
 from torch.distributed.tensor import DTensor
 
 DEFAULT_BUCKET_BYTES = 1 << 30
@@ -83,19 +85,41 @@ def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_
     TCPStore rendezvous, a ``PrefixStore(group_name)``, then torch's process-group factory.
     Blocks until all ``world_size`` members have joined: start the receivers' joins (e.g. the
     HTTP request) before or concurrently with the trainer's."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_addr}:{int(master_port)}", rank, world_size,
-                                              timeout=timeout))
-    store.set_timeout(timeout)
+    # A TCPStore of our own, not torch's tcp:// rendezvous: under torchrun that one assumes the
+    # elastic agent hosts the store (TORCHELASTIC_USE_AGENT_STORE), so nobody would host this one.
+    store = tdist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0, timeout=timeout,
+                           wait_for_workers=False, multi_tenant=True)
     prefix_store = PrefixStore(group_name, store)
     params = inspect.signature(_new_process_group_helper).parameters
     opts_key = "backend_options" if "backend_options" in params else "pg_options"
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), prefix_store, group_name=group_name,
-                                      timeout=timeout, **{opts_key: None})
+    with _default_group_unbound():
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), prefix_store,
+                                          group_name=group_name, timeout=timeout, **{opts_key: None})
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+@contextlib.contextmanager
+def _default_group_unbound():
+    """While set, hide the default group's bound device (a multi-rank trainer binds one at init).
+
+    With a bound device torch creates any new NCCL group by ``ncclCommSplit`` of the default
+    communicator, a collective of the trainer's own ranks: the servers of the weight group are
+    not in it and the other trainer ranks never call it, so trainer rank 0 hangs there (seen on
+    4 GPUs: 2 servers + 2 trainer ranks). Unbound, the group bootstraps through its own store.
+    """
+    default = _world.default_pg if tdist.is_initialized() else None
+    bound = getattr(default, "bound_device_id", None)
+    if bound is not None:
+        default.bound_device_id = None
+    try:
+        yield
+    finally:
+        if bound is not None:
+            default.bound_device_id = bound
 
 
 def destroy_weight_sync_group(group: Optional[tdist.ProcessGroup]) -> None:

@@ -87,13 +87,23 @@ def run(name: str, args, overrides: list[str]) -> dict:
            f"experiment_name=bench", f"trial_name={name}", "saver.freq_steps=0", *overrides]
     t0 = time.monotonic()
     with GpuSampler() as smi:
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = p.communicate(timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:  # a graceful stop (SIGTERM = `areal-hpc stop`), then show why
+            p.terminate()
+            _, stderr = p.communicate(timeout=90)
+            stderr = f"(stopped after {args.run_timeout} s)\n{stderr}"
     wall = time.monotonic() - t0
     rd = next(root.glob(f"*/bench/{name}"))
-    if p.returncode != 0:
+    if os.environ.get("OUT"):  # the device tool brings $OUT back: keep every log of the run
+        shutil.copytree(rd / "logs", Path(os.environ["OUT"]) / "loop-logs" / name, dirs_exist_ok=True)
+    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (rd / "metrics.jsonl").exists() else []
+    if p.returncode != 0 or not rows:
         logs = "".join(f"\n--- {f.name}\n{f.read_text()[-4000:]}" for f in sorted((rd / "logs").glob("*")))
-        raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}{logs}")
-    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        print(f"{name} failed (exit {p.returncode}, {len(rows)} steps):\n{stderr[-3000:]}{logs}", flush=True)
+        return {"run": name, "failed": True}
     warm = rows[args.warmup:] or rows
     span = warm[-1]["time_s"] - (rows[args.warmup - 1]["time_s"] if args.warmup and len(rows) > args.warmup else 0)
     plan = json.loads((rd / "plan.json").read_text())
@@ -132,9 +142,11 @@ def main():
     ap.add_argument("--weight-update", default="nccl", choices=["nccl", "disk"])
     ap.add_argument("--model", default="qwen2.5-0.5b", help="qwen2.5-0.5b (built here) or any model path/toy spec")
     ap.add_argument("--staleness", type=int, default=2)
+    ap.add_argument("--ac", default="on", choices=["on", "off"], help="activation checkpointing in the trainer")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     ap.add_argument("--out", default="/tmp/areal-bench")
     ap.add_argument("--skip-toy", action="store_true")
+    ap.add_argument("--run-timeout", type=float, default=900, help="seconds before a run is stopped and its logs shown")
     ap.add_argument("--only", default="", help="comma list of runs: async,sync,toy")
     args = ap.parse_args()
     servers = args.servers or max(1, args.gpus // 2)
@@ -147,14 +159,14 @@ def main():
               f"trainer.total_train_steps={args.steps}", f"rollout.batch_size={args.batch}",
               f"rollout.n_samples={args.samples}", f"rollout.gen.max_new_tokens={args.new_tokens}",
               "rollout.reward_fn=exact_match", f"trainer.ppo.actor.attn_impl={'varlen' if args.gpus else 'sdpa'}",
-              "trainer.ppo.actor.optimizer.lr=1e-6", "trainer.ppo.mb_spec.max_tokens_per_mb=8192", "trainer.ppo.actor.gradient_checkpointing=True",
+              "trainer.ppo.actor.optimizer.lr=1e-6", "trainer.ppo.mb_spec.max_tokens_per_mb=8192", f"trainer.ppo.actor.gradient_checkpointing={args.ac == 'on'}",
               f"trainer.ppo.weight_update={args.weight_update}", "train_dataset.path=toy:sum-4096", *args.set]
     results = {}
     if "async" in only:
         results["async"] = run("async", args, common + [f"rollout.max_head_offpolicyness={args.staleness}"])
     if "sync" in only:
         results["sync"] = run("sync", args, common + ["trainer.ppo.async_training=False"])
-    if "async" in results and "sync" in results:
+    if not results.get("async", {}).get("failed", True) and not results.get("sync", {}).get("failed", True):
         a, s = results["async"], results["sync"]
         # Ideal overlap from the sync run's own timings: generation and training fully overlapped.
         t_gen = s["gen_wait_s"]

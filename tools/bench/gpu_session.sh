@@ -13,7 +13,8 @@ run() { local name=$1; shift; echo "=== $name: $*"; ( "$@" ) 2>&1 | tee "$OUT/$n
 for phase in "$@"; do
 case $phase in
   setup) nvidia-smi -L; python3 -c "import torch, transformers, aiohttp, yaml; print(torch.__version__, transformers.__version__, torch.cuda.device_count())" ;;
-  tests) run tests timeout 300 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_inference_engine.py ;;
+  tests) run tests timeout 300 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_inference_engine.py tests/test_train_weight_group_torchrun.py ;;
+  wgroup) run wgroup timeout 280 python3 -m pytest -q -rs tests/test_train_weight_group_torchrun.py ;;
   infer) run infer timeout 240 python3 tools/bench/inference_throughput.py --gpu ;;
   train1) run train1 timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants fused,compiled
           run train1b timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants fused,compiled --impls engine ;;
@@ -29,7 +30,8 @@ case $phase in
            run prof_hf timeout 150 python3 tools/bench/profile_gpu.py train --impl hf
            run prof_decode timeout 150 python3 tools/bench/profile_gpu.py decode ;;
   loop2) run loop2 timeout 560 python3 tools/bench/gpu_loop.py --gpus 2 --steps 10 ;;
-  loop4) run loop4 timeout 560 python3 tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 10 --skip-toy ;;
+  loop4) nvidia-smi topo -m; run loop4 timeout 580 python3 tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 10 --skip-toy --run-timeout 250 ;;
+  loop4n) run loop4n timeout 500 python3 tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 10 --skip-toy --run-timeout 220 --ac off ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
 done
