@@ -199,3 +199,47 @@ def test_servers_outlive_the_trainer_and_a_restart_reuses_them(tmp_path):
                               capture_output=True, text=True)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         assert reg.list("servers") == {}
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def test_a_killed_owner_takes_its_run_down(tmp_path):
+    """`submit` SIGKILLed (no chance to stop its children): servers and trainer get SIGTERM from
+    the kernel, deregister, and exit instead of running on as orphans."""
+    import re
+
+    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+           "stats.progress_bar=False", "trainer.total_train_steps=100000", *SMALL]
+    owner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    pids: list = []
+    try:
+        deadline = time.time() + 300
+        rd = None
+        while time.time() < deadline:
+            rd = next(tmp_path.glob("*/quickstart/run0"), None)
+            if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= 1:
+                break
+            time.sleep(0.5)
+        assert rd is not None and len(metrics(rd)) >= 1
+        pids = [int(p) for m in re.findall(r"'pids': \[([\d, ]+)\]", (rd / "logs" / "driver.log").read_text())
+                for p in m.split(",")]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)  # one server, one trainer rank
+        owner.kill()
+        owner.wait(10)
+        deadline = time.time() + 120
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.5)
+        assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+        from areal_hpc.registry import Registry
+
+        assert Registry(rd / "registry").list("servers") == {}  # deregistered on the way out
+    finally:
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -44,11 +44,30 @@ def slurm_placement() -> str:
 # NCCL's cuMem allocator breaks groups formed outside the default one (weight sync); peers set this too.
 os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
 
+LAUNCHER_PID_ENV = "AREAL_HPC_LAUNCHER_PID"
+
+
+def stop_with_launcher() -> None:
+    """mode=local: get SIGTERM (the graceful stop) when the `submit` that started us dies, even
+    by SIGKILL, instead of running on as an orphan. Linux only; a no-op elsewhere and under Slurm
+    (where the launcher's pid is not set: slurmstepd cleans up a step)."""
+    parent = os.environ.get(LAUNCHER_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(parent):  # it died before we asked: nothing to clean up yet
+        os.kill(os.getpid(), signal.SIGTERM)
+
 
 def serve(run_dir: Path, server_id: str, backend: Optional[str] = None) -> int:
     from areal_hpc import toy
     from areal_hpc.inference.server import serve as run_server
 
+    stop_with_launcher()
     cfg = load_resolved(run_dir / "config.yaml")
     setup_logging(server_id)
     alloc = parse_allocation(cfg.allocation_mode)
@@ -64,6 +83,7 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None) -> int:
 def train(run_dir: Path) -> int:
     from areal_hpc.trainers import TrainContext, make_trainer
 
+    stop_with_launcher()
     cfg = load_resolved(run_dir / "config.yaml")
     if os.environ.get("AREAL_HPC_MIN_REQUIRED_SERVERS"):  # a trainer restarted by the run's owner
         cfg.min_required_servers = int(os.environ["AREAL_HPC_MIN_REQUIRED_SERVERS"])

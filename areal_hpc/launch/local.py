@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV
 from areal_hpc.launch.owner import RunOwner, Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
@@ -69,6 +70,8 @@ class ProcessRunner(Runner):
         if not gpus and step.gpus_per_task:
             gpus = self._free_gpus(running)[: step.gpus_per_task * step.ntasks]
         env = dict(os.environ, **step.env, PYTHONUNBUFFERED="1")
+        if step.role != "server" or self.cfg.shutdown_server_on_exit:  # else servers are meant to outlive us
+            env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         if step.ntasks > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(step.ntasks))

@@ -27,6 +27,7 @@ from areal_hpc.trainers.factory import register_trainer
 from areal_hpc.trainers.metrics import MetricsWriter
 
 log = logging.getLogger("areal_hpc.trainer")
+STOP = "stop"  # what rank 0 sends the other ranks instead of a batch when a stop cut the wait short
 
 
 def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
@@ -135,9 +136,13 @@ class PPOTrainer(Trainer):
                     log.warning("stopping at step %d on request", step)
                     break
                 t0 = time.monotonic()
-                groups = side.controller.get_batch() if side is not None else None
+                groups = self._wait_for_batch(side) if side is not None else None
                 t_gen = time.monotonic() - t0
-                trajs = broadcast_object([t for g in groups for t in g.trajectories] if groups else None)
+                trajs = broadcast_object(None if side is None else
+                                         STOP if groups is None else [t for g in groups for t in g.trajectories])
+                if trajs == STOP:
+                    log.warning("stopping at step %d on request (while waiting for rollouts)", step)
+                    break
                 batch = shard_batch(trajectories_to_batch(trajs, engine.pad_token_id), rank, world,
                                     cfg.rollout.n_samples)
                 t1 = time.monotonic()
@@ -170,6 +175,16 @@ class PPOTrainer(Trainer):
                 self.close_state()
         log.info("trainer finished at step %d (version %d)", step, version)
         return rc
+
+    def _wait_for_batch(self, side, poll_s: float = 1.0):
+        """The next batch of groups, or None if a stop is requested while waiting (the servers may
+        be gone for good: a stopped run must not hang here)."""
+        while True:
+            try:
+                return side.controller.get_batch(timeout=poll_s)
+            except TimeoutError:
+                if self.stop:
+                    return None
 
     def _push_weights(self, engine, side, version: int, model_src: str, step: int) -> Dict[str, float]:
         """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|infer|train1|train2|loop2|loop4|profile|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -29,6 +29,8 @@ case $phase in
   profile) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train
            run prof_hf timeout 150 python3 tools/bench/profile_gpu.py train --impl hf
            run prof_decode timeout 150 python3 tools/bench/profile_gpu.py decode ;;
+  sync2) run sync2 timeout 120 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_train_weight_group_torchrun.py -k "nccl or weight_group"
+         run loop2s timeout 150 python3 tools/bench/gpu_loop.py --gpus 2 --steps 6 --only sync --run-timeout 130 ;;
   loop2) run loop2 timeout 560 python3 tools/bench/gpu_loop.py --gpus 2 --steps 10 ;;
   loop4) nvidia-smi topo -m; run loop4 timeout 580 python3 tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 10 --skip-toy --run-timeout 250 ;;
   loop4n) run loop4n timeout 500 python3 tools/bench/gpu_loop.py --gpus 4 --servers 2 --steps 10 --skip-toy --run-timeout 220 --ac off ;;
