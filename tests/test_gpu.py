@@ -66,7 +66,7 @@ def test_fsdp2_two_gpus_equals_one(tmp_path):
     assert one["losses"][-1] < one["losses"][0]
 
 
-def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path):
+def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path, monkeypatch):
     """A real hf server on GPU 1 joins a weight group with a trainer engine on GPU 0; after a
     training step and a broadcast, the server's greedy logprobs equal the trainer's (bf16)."""
     if _n_gpus() < 2:
@@ -93,7 +93,7 @@ def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path):
                               env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     try:
         reg.wait_for("servers", 1, timeout_s=300, predicate=lambda r: r.get("state") == "ready")
-        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
         eng = FSDPEngine(EngineConfig(path=model, dtype="bfloat16", optimizer=OptimizerConfig(lr=1e-2)),
                          MicroBatchSpec(), total_steps=2)
         from transformers import AutoTokenizer

@@ -187,10 +187,10 @@ def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
                              bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: Optional[torch.dtype] = None) -> int:
     """Broadcast the engine's full weights to the weight group; every trainer rank calls it.
 
-    ``group`` is the weight-sync group on trainer rank 0 and None elsewhere. Before a bucket's
-    tensors are gathered, rank 0 calls ``on_bucket(bucket)``: it announces names/dtypes/shapes
-    to the receivers without blocking and may return a function that waits for them to finish
-    (called after the bucket's broadcasts). Returns the number of buckets.
+    ``group`` is the weight-sync group on trainer rank 0 and None elsewhere. Before a bucket
+    goes out, rank 0 calls ``on_bucket(bucket)``: it announces names/dtypes/shapes to the
+    receivers without blocking and may return a function that waits for them to finish (called
+    after the bucket's broadcasts). Returns the number of buckets.
     """
     state: Dict[str, torch.Tensor] = engine.model.state_dict()
     buckets = plan_buckets(engine_weight_specs(engine, dtype), bucket_bytes)
@@ -198,16 +198,12 @@ def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
     if is_sender and group is None:
         raise ValueError("trainer rank 0 needs the weight-sync group")
     for bucket in buckets:
-        # Announce first, then gather and send tensor by tensor: the receivers get ready while
-        # rank 0 gathers, and each broadcast overlaps the next gather.
-        wait = on_bucket(bucket) if is_sender and on_bucket is not None else None
-        works = []
-        for spec in bucket.specs:
-            full = _full(state[spec.name]).to(getattr(torch, spec.dtype))  # a collective on every rank
-            if is_sender:
-                works.append(tdist.broadcast(full.contiguous(), group_src=0, group=group, async_op=True))
-        for w in works:
-            w.wait()
+        tensors = [_full(state[s.name]).to(getattr(torch, s.dtype)) for s in bucket.specs]
+        if not is_sender:
+            continue
+        wait = on_bucket(bucket) if on_bucket is not None else None
+        send_tensors(group, tensors)
         if wait is not None:
             wait()
+        del tensors
     return len(buckets)
