@@ -171,12 +171,14 @@ def test_readme_custom_trainer_example(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 7)) and "kept_frac" in rows[-1]
 
 
-def test_servers_outlive_the_trainer_and_a_restart_reuses_them(tmp_path):
+@pytest.mark.parametrize("weight_update", ["disk", "gloo"])
+def test_servers_outlive_the_trainer_and_a_restart_reuses_them(tmp_path, weight_update):
     """shutdown_server_on_exit=False: the trainer ends, servers stay; `submit ... min_required_servers=1`
-    starts only a trainer, which resumes from the checkpoint and continues the step count."""
+    starts only a trainer, which resumes from the checkpoint and continues the step count. With the
+    collective path the new trainer forms a new weight group with the old server."""
     from areal_hpc.registry import Registry
 
-    common = [*SMALL, "shutdown_server_on_exit=False", "saver.freq_steps=2"]
+    common = [*SMALL, "shutdown_server_on_exit=False", "saver.freq_steps=2", f"trainer.ppo.weight_update={weight_update}"]
     submit(tmp_path, *common, "trainer.total_train_steps=4")
     rd = run_dir(tmp_path)
     reg = Registry(rd / "registry")
@@ -192,7 +194,10 @@ def test_servers_outlive_the_trainer_and_a_restart_reuses_them(tmp_path):
         assert [r["pid"] for r in after.values()] == [pid]  # the same server process served both trainers
         assert next(iter(after.values()))["weight_version"] == 8
         assert [r["step"] for r in metrics(rd)] == list(range(1, 9))  # no step skipped or repeated
-        assert "recovered from checkpoint: step 4" in (rd / "logs" / "trainer-0.log").read_text()
+        trainer_log = (rd / "logs" / "trainer-0.log").read_text()
+        assert "recovered from checkpoint: step 4" in trainer_log
+        if weight_update == "gloo":  # one group per trainer, the same server in both
+            assert trainer_log.count("formed with 1 server(s)") == 2, trainer_log
     finally:
         stop = subprocess.run([sys.executable, "-m", "areal_hpc", "stop", f"cluster.fileroot={tmp_path}",
                                "experiment_name=quickstart", "trial_name=run0", "--timeout", "60"],
@@ -243,3 +248,47 @@ def test_a_killed_owner_takes_its_run_down(tmp_path):
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_an_added_server_joins_the_weight_group(tmp_path):
+    """Collective weight path (gloo on CPU): `add-servers` mid-run starts a server that loads the
+    disk copy first, then the trainer forms a new group with both servers and every later update
+    reaches both."""
+    import re
+
+    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+           "stats.progress_bar=False", "trainer.total_train_steps=100000", "rollout.gen.max_new_tokens=8",
+           "rollout.gen.ignore_eos=True", "rollout.batch_size=4", "rollout.n_samples=4", "saver.freq_steps=2",
+           "trainer.ppo.weight_update=gloo"]
+    owner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=quickstart", "trial_name=run0"]
+    try:
+        deadline = time.time() + 300
+        rd = None
+        while time.time() < deadline:
+            rd = next(tmp_path.glob("*/quickstart/run0"), None)
+            if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= 3:
+                break
+            time.sleep(0.5)
+        assert rd is not None and len(metrics(rd)) >= 3
+        add = subprocess.run([sys.executable, "-m", "areal_hpc", "add-servers", "count=1", *names],
+                             capture_output=True, text=True, timeout=300)
+        assert add.returncode == 0 and "server-1" in add.stdout, add.stdout + add.stderr
+        n = len(metrics(rd))
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(m.get("servers_updated") == 2 for m in metrics(rd)[n:]):
+            time.sleep(0.5)
+        later = metrics(rd)[n:]
+        assert any(m.get("servers_updated") == 2 for m in later), later
+        first = next(i for i, m in enumerate(later) if m.get("servers_updated") == 2)
+        assert all(m["servers_updated"] == 2 for m in later[first:]), later
+        loaded = re.findall(r"loaded published weights v(\d+)", (rd / "logs" / "server-1.log").read_text())
+        assert loaded and int(loaded[0]) >= 2, loaded  # seeded from the disk copy before it joined
+        log = (rd / "logs" / "trainer-0.log").read_text()
+        assert log.index("formed with 1 server(s)") < log.index("formed with 2 server(s)"), log
+    finally:
+        subprocess.run([sys.executable, "-m", "areal_hpc", "stop", *names, "--timeout", "60"], capture_output=True)
+        try:
+            owner.wait(90)
+        except subprocess.TimeoutExpired:
+            owner.kill()
