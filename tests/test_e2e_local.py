@@ -34,6 +34,25 @@ def metrics(rd):
     return [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
+def start_run(tmp_path, *overrides) -> subprocess.Popen:
+    """`submit` in the background (the run's owner), for tests that act on a live run."""
+    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+           "stats.progress_bar=False", "trainer.total_train_steps=100000", *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+
+
+def wait_for_steps(tmp_path, n: int, timeout_s: float = 300) -> Path:
+    """The run directory, once its metrics hold ``n`` steps."""
+    deadline = time.time() + timeout_s
+    rd = None
+    while time.time() < deadline:
+        rd = next(tmp_path.glob("*/quickstart/run0"), None)
+        if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= n:
+            return rd
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {n} steps in {timeout_s}s (run dir {rd})")
+
+
 SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "saver.freq_steps=0"]
 
 
@@ -121,18 +140,9 @@ def test_sft_through_the_launcher(tmp_path):
 
 
 def test_stop_and_status_on_a_local_run(tmp_path):
-    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
-           "stats.progress_bar=False", "trainer.total_train_steps=100000", *SMALL]
-    owner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    owner = start_run(tmp_path, *SMALL)
     try:
-        deadline = time.time() + 300
-        rd = None
-        while time.time() < deadline:
-            rd = next(tmp_path.glob("*/quickstart/run0"), None)
-            if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= 2:
-                break
-            time.sleep(0.5)
-        assert rd is not None and len(metrics(rd)) >= 2
+        rd = wait_for_steps(tmp_path, 2)
         st = subprocess.run([sys.executable, "-m", "areal_hpc", "status", "--json", f"cluster.fileroot={tmp_path}",
                              "experiment_name=quickstart", "trial_name=run0"], capture_output=True, text=True)
         status = json.loads(st.stdout)
@@ -221,19 +231,10 @@ def test_a_killed_owner_takes_its_run_down(tmp_path):
     """`submit` SIGKILLed (no chance to stop its children): servers and trainer get SIGTERM from
     the kernel, deregister, and exit instead of running on as orphans."""
 
-    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
-           "stats.progress_bar=False", "trainer.total_train_steps=100000", *SMALL]
-    owner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    owner = start_run(tmp_path, *SMALL)
     pids: list = []
     try:
-        deadline = time.time() + 300
-        rd = None
-        while time.time() < deadline:
-            rd = next(tmp_path.glob("*/quickstart/run0"), None)
-            if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= 1:
-                break
-            time.sleep(0.5)
-        assert rd is not None and len(metrics(rd)) >= 1
+        rd = wait_for_steps(tmp_path, 1)
         pids = [int(p) for m in re.findall(r"'pids': \[([\d, ]+)\]", (rd / "logs" / "driver.log").read_text())
                 for p in m.split(",")]
         assert len(pids) == 2 and all(_alive(p) for p in pids)  # one server, one trainer rank
@@ -256,21 +257,11 @@ def test_an_added_server_joins_the_weight_group(tmp_path):
     """Collective weight path (gloo on CPU): `add-servers` mid-run starts a server that loads the
     disk copy first, then the trainer forms a new group with both servers and every later update
     reaches both."""
-    cmd = [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
-           "stats.progress_bar=False", "trainer.total_train_steps=100000", "rollout.gen.max_new_tokens=8",
-           "rollout.gen.ignore_eos=True", "rollout.batch_size=4", "rollout.n_samples=4", "saver.freq_steps=2",
-           "trainer.ppo.weight_update=gloo"]
-    owner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    owner = start_run(tmp_path, "rollout.gen.max_new_tokens=8", "rollout.gen.ignore_eos=True", "rollout.batch_size=4",
+                      "rollout.n_samples=4", "saver.freq_steps=2", "trainer.ppo.weight_update=gloo")
     names = [f"cluster.fileroot={tmp_path}", "experiment_name=quickstart", "trial_name=run0"]
     try:
-        deadline = time.time() + 300
-        rd = None
-        while time.time() < deadline:
-            rd = next(tmp_path.glob("*/quickstart/run0"), None)
-            if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= 3:
-                break
-            time.sleep(0.5)
-        assert rd is not None and len(metrics(rd)) >= 3
+        rd = wait_for_steps(tmp_path, 3)
         add = subprocess.run([sys.executable, "-m", "areal_hpc", "add-servers", "count=1", *names],
                              capture_output=True, text=True, timeout=300)
         assert add.returncode == 0 and "server-1" in add.stdout, add.stdout + add.stderr
