@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
+
+from areal_hpc.trainers.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -31,7 +34,7 @@ def run_dir(tmp_path, exp="quickstart", trial="run0"):
 
 
 def metrics(rd):
-    return [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return read_metrics(rd / "metrics.jsonl")
 
 
 def start_run(tmp_path, *overrides) -> subprocess.Popen:
@@ -43,14 +46,11 @@ def start_run(tmp_path, *overrides) -> subprocess.Popen:
 
 def wait_for_steps(tmp_path, n: int, timeout_s: float = 300) -> Path:
     """The run directory, once its metrics hold ``n`` steps."""
-    deadline = time.time() + timeout_s
-    rd = None
-    while time.time() < deadline:
+    def ready():
         rd = next(tmp_path.glob("*/quickstart/run0"), None)
-        if rd and (rd / "metrics.jsonl").exists() and len(metrics(rd)) >= n:
-            return rd
-        time.sleep(0.5)
-    raise AssertionError(f"fewer than {n} steps in {timeout_s}s (run dir {rd})")
+        return rd if rd and len(metrics(rd)) >= n else None
+
+    return wait_until(ready, timeout_s, f"{n} steps in {tmp_path}", interval=0.5)
 
 
 SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "saver.freq_steps=0"]
@@ -240,10 +240,7 @@ def test_a_killed_owner_takes_its_run_down(tmp_path):
         assert len(pids) == 2 and all(_alive(p) for p in pids)  # one server, one trainer rank
         owner.kill()
         owner.wait(10)
-        deadline = time.time() + 120
-        while time.time() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.5)
-        assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+        wait_until(lambda: not any(_alive(p) for p in pids), 120, f"the run's tasks {pids} to exit", interval=0.5)
         from areal_hpc.registry import Registry
 
         assert Registry(rd / "registry").list("servers") == {}  # deregistered on the way out
@@ -266,9 +263,8 @@ def test_an_added_server_joins_the_weight_group(tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert add.returncode == 0 and "server-1" in add.stdout, add.stdout + add.stderr
         n = len(metrics(rd))
-        deadline = time.time() + 120
-        while time.time() < deadline and not any(m.get("servers_updated") == 2 for m in metrics(rd)[n:]):
-            time.sleep(0.5)
+        wait_until(lambda: any(m.get("servers_updated") == 2 for m in metrics(rd)[n:]), 120,
+                   "a weight update reaching both servers", interval=0.5)
         later = metrics(rd)[n:]
         assert any(m.get("servers_updated") == 2 for m in later), later
         first = next(i for i, m in enumerate(later) if m.get("servers_updated") == 2)

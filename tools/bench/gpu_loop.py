@@ -81,6 +81,8 @@ class GpuSampler:
 
 
 def run(name: str, args, overrides: list[str]) -> dict:
+    from areal_hpc.trainers.metrics import read_metrics
+
     root = Path(args.out)
     cmd = [sys.executable, "-m", "areal_hpc", "submit", str(REPO / "configs" / "quickstart.yaml"),
            f"cluster.fileroot={root}", f"cluster.n_gpus_per_node={args.gpus}", "stats.progress_bar=False",
@@ -98,8 +100,7 @@ def run(name: str, args, overrides: list[str]) -> dict:
     rd = next(root.glob(f"*/bench/{name}"))
     if os.environ.get("OUT"):  # the device tool brings $OUT back: keep every log of the run
         shutil.copytree(rd / "logs", Path(os.environ["OUT"]) / "loop-logs" / name, dirs_exist_ok=True)
-    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (rd / "metrics.jsonl").exists() else []
+    rows = read_metrics(rd / "metrics.jsonl")
     if p.returncode != 0 or not rows:
         logs = "".join(f"\n--- {f.name}\n{f.read_text()[-4000:]}" for f in sorted((rd / "logs").glob("*")))
         print(f"{name} failed (exit {p.returncode}, {len(rows)} steps):\n{stderr[-3000:]}{logs}", flush=True)
