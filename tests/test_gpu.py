@@ -139,3 +139,42 @@ def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path, monkeypatch
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_compiled_varlen_engine_matches_eager_sdpa(tmp_path):
+    """The flash varlen path as training runs it (grouped-query K/V heads, traced inside compiled
+    decoder layers) gives the logprobs, loss and gradient norm of eager SDPA on packed documents."""
+    if _n_gpus() < 1:
+        pytest.skip("needs a GPU")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+    from areal_hpc.train import attention, optim
+    from areal_hpc.train.batch import collate
+    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.sft import sft_loss
+
+    cfg = AutoConfig.for_model("qwen2", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                               num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                               max_position_embeddings=4096)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    g = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": torch.randint(0, 512, (n,), generator=g), "loss_mask": (torch.arange(n) > 0).long()}
+               for n in (37, 300, 5, 129, 64, 2, 250)]
+    batch = collate(samples)
+    res = {}
+    for name, kw in {"eager_sdpa": dict(attn_impl="sdpa"),
+                     "compiled_varlen": dict(attn_impl="varlen", compile_layers=True)}.items():
+        eng = FSDPEngine(EngineConfig(path=str(tmp_path / "m"), dtype="bfloat16", **kw),
+                         MicroBatchSpec(max_tokens_per_mb=256), total_steps=1)
+        logp = eng.forward(batch)
+        stats = eng.forward_backward(batch, sft_loss)
+        res[name] = (logp, stats["loss"], float(optim.grad_norm(list(eng.model.parameters()))))
+        del eng
+    assert attention._state["varlen_ok"], "the flash varlen kernel did not run on this GPU"
+    (lp_ref, loss_ref, norm_ref), (lp, loss, norm) = res["eager_sdpa"], res["compiled_varlen"]
+    assert (lp - lp_ref).abs().max() < 5e-2, (lp - lp_ref).abs().max()
+    assert abs(loss - loss_ref) < 1e-2 * abs(loss_ref), (loss, loss_ref)
+    assert abs(norm - norm_ref) < 3e-2 * norm_ref, (norm, norm_ref)

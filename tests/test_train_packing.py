@@ -88,7 +88,7 @@ def test_chunked_logprobs_match_direct_with_grad():
     ref_lp = torch.log_softmax(x, -1).gather(-1, labels[:, None]).squeeze(-1)
     ref_ent = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)
     torch.testing.assert_close(lp, ref_lp, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=2e-6)  # a few fp32 ulps of H ~ 2
     (g1,) = torch.autograd.grad((lp * 2 + ent).sum(), logits)
     (g2,) = torch.autograd.grad((ref_lp * 2 + ref_ent).sum(), logits)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)

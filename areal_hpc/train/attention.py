@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 NAME = "areal_varlen"
 ALIASES = ("varlen", NAME)
-_state = {"varlen_ok": True}
+# Filled once, outside compiled code (`register`, `probe`), read inside it: which keyword
+# arguments this torch's ``varlen_attn`` takes, and whether its kernel ran on this GPU.
+_state = {"varlen_params": frozenset(), "varlen_ok": False}
 
 
 def resolve_impl(attn_impl: str) -> str:
@@ -35,20 +37,51 @@ def resolve_impl(attn_impl: str) -> str:
 def register() -> None:
     from transformers import AttentionInterface
 
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _state["varlen_params"] = frozenset(inspect.signature(varlen_attn).parameters)
+    except ImportError:  # torch < 2.10
+        _state["varlen_params"] = frozenset()
     AttentionInterface.register(NAME, varlen_attention_forward)
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rep = n_heads // x.shape[1]
-    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+def probe(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Run the flash varlen kernel once (forward and backward, grouped-query heads) on ``device``;
+    from then on `varlen_attention_forward` uses it if that worked, per-document SDPA if not.
+
+    Called by the engine before the first forward, so compiled layers see a settled choice.
+    """
+    register()
+    ok = False
+    if device.type == "cuda" and _state["varlen_params"]:
+        try:
+            q = torch.randn(8, 4, 64, device=device, dtype=dtype, requires_grad=True)
+            kv = torch.randn(8, 2, 64, device=device, dtype=dtype, requires_grad=True)
+            cu = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
+            _flash_varlen(q, kv, kv, cu, 5, None).sum().backward()
+            ok = True
+        except (RuntimeError, TypeError, ValueError) as e:  # unsupported GPU or torch build
+            log.warning("varlen flash attention unavailable (%s); using per-document SDPA", e)
+    _state["varlen_ok"] = ok
+    return ok
+
+
+def _repeat_kv(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
+    rep = n_heads // x.shape[dim]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=dim)
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                   scale: Optional[float]) -> torch.Tensor:
-    """q, k, v ``[T, H, D]`` -> ``[T, H, D]`` with torch's varlen flash kernel (API differs by version)."""
+    """q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]`` with torch's varlen flash kernel.
+
+    Grouped-query heads go to the kernel as they are where this torch can (``enable_gqa``);
+    otherwise K and V are repeated to ``Hq`` heads. The keyword arguments differ by version.
+    """
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _state["varlen_params"]
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)  # causal
@@ -58,13 +91,19 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
         kwargs["scale"] = scale
     elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
         raise RuntimeError("this torch's varlen_attn has no scale argument")
-    cu = cu.to(device=q.device, dtype=torch.int32)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, q.shape[1], 1), _repeat_kv(v, q.shape[1], 1)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
+@torch.compiler.disable  # python loop over documents: compiled layers call it eagerly
 def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                   scale: Optional[float]) -> torch.Tensor:
-    """q, k, v ``[H, T, D]`` -> ``[T, H, D]``: causal SDPA for each document separately."""
+    """q ``[Hq, T, D]``, k, v ``[Hkv, T, D]`` -> ``[T, Hq, D]``: causal SDPA for each document separately."""
+    k, v = _repeat_kv(k, q.shape[0], 0), _repeat_kv(v, q.shape[0], 0)
     outs = []
     bounds = cu.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
@@ -74,30 +113,27 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
-@torch.compiler.disable  # compiled decoder layers call it eagerly (version checks, kernel fallback)
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                              scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                              **kwargs) -> Tuple[torch.Tensor, None]:
     """transformers attention function: ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]`` ->
-    ``([1, T, Hq, D], None)``. Without ``cu_seq_lens_q`` the whole row is one causal document."""
+    ``([1, T, Hq, D], None)``. Without ``cu_seq_lens_q`` the whole row is one causal document.
+
+    The flash path (CUDA, bf16/fp16, after a successful `probe`) is traceable: in compiled
+    decoder layers the transposes around it fuse with the rotary embedding, no graph break.
+    """
     if sliding_window is not None:
         raise ValueError("attn_impl=varlen does not implement sliding-window attention")
     if query.shape[0] != 1:
         raise ValueError("attn_impl=varlen expects one packed row (batch size 1)")
-    n_heads, total = query.shape[1], query.shape[2]
+    total = query.shape[2]
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        cu = torch.tensor([0, total], dtype=torch.int32)
-    max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
-    k, v = _repeat_kv(key, n_heads), _repeat_kv(value, n_heads)
+        cu = torch.tensor([0, total], dtype=torch.int32, device=query.device)
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _state["varlen_ok"]:
-        try:
-            out = _flash_varlen(query[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
-                                v[0].transpose(0, 1).contiguous(), cu, int(max_len), scaling)
-            return out.unsqueeze(0), None
-        except (ImportError, RuntimeError, TypeError) as e:  # older torch / unsupported GPU
-            _state["varlen_ok"] = False
-            log.warning("varlen flash attention unavailable (%s); using per-document SDPA", e)
-    cu_cpu = cu.to("cpu") if cu.is_cuda else cu
-    return _per_document(query[0], k[0], v[0], cu_cpu, scaling).unsqueeze(0), None
+        max_len = kwargs.get("max_length_q") or total
+        out = _flash_varlen(query[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous(),
+                            value[0].transpose(0, 1).contiguous(), cu.to(torch.int32), max_len, scaling)
+        return out.unsqueeze(0), None
+    return _per_document(query[0], key[0], value[0], cu.cpu(), scaling).unsqueeze(0), None

@@ -85,6 +85,8 @@ class FSDPEngine:
 
         rank, world = self.info.rank, self.info.world_size
         kwargs = dict(dtype=torch.float32, attn_implementation=attention.resolve_impl(self.config.attn_impl))
+        if self.config.attn_impl in attention.ALIASES:
+            attention.probe(self.device, self.precision.param_dtype)
         full_sd: Dict[str, torch.Tensor] = {}
         buffers: Dict[str, torch.Tensor] = {}
         if rank == 0:

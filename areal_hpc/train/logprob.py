@@ -30,11 +30,14 @@ DEFAULT_CHUNK = 4096
 
 def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``."""
+    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``.
+
+    The entropy reuses the logsumexp (``H = lse - sum(exp(x - lse) * x)``) rather than a separate
+    softmax: compiled, that is two passes over the chunk's logits instead of five."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     lse = torch.logsumexp(x, dim=-1)
     logp = x.gather(1, labels[:, None])[:, 0] - lse
-    ent = lse - (torch.softmax(x, dim=-1) * x).sum(-1) if with_entropy else torch.zeros_like(lse)
+    ent = lse - (torch.exp(x - lse[:, None]) * x).sum(-1) if with_entropy else torch.zeros_like(lse)
     return lse, logp, ent
 
 
@@ -75,16 +78,23 @@ _compiled: dict = {}
 
 
 def _call(fn, device: torch.device, *args):
-    """``fn(*args)``, compiled into fused kernels on CUDA (one pass over a chunk's logits instead of
-    the ~10 of the eager ops). A compile failure is logged and ``fn`` runs eagerly from then on;
-    ``AREAL_HPC_NO_COMPILE=1`` keeps it eager."""
+    """``fn(*args)``, compiled into fused kernels on CUDA (a pass or two over a chunk's logits instead
+    of the ~10 of the eager ops). Only the number of rows is dynamic: the vocabulary size stays a
+    constant the generated kernels are specialised for.
+    A compile failure is logged and ``fn`` runs eagerly from then on; ``AREAL_HPC_NO_COMPILE=1``
+    keeps it eager."""
     if device.type != "cuda" or os.environ.get("AREAL_HPC_NO_COMPILE") == "1":
         return fn(*args)
     compiled = _compiled.get(fn)
     if compiled is None:
-        compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
+        compiled = _compiled[fn] = torch.compile(fn)
     if compiled is fn:
         return fn(*args)
+    import torch._dynamo
+
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(a, 0)
     try:
         return compiled(*args)
     except Exception as e:  # noqa: BLE001 - an optimisation: say why, go on eagerly

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -26,6 +26,12 @@ case $phase in
          run recompile env TORCH_LOGS=recompiles,graph_breaks timeout 110 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --steps 2 --warmup 2 ;;
   train2s) run train2s timeout 170 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants fused,compiled --impls engine --steps 4 ;;
   proftrain) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train --variant compiled ;;
+  ab) # A/B of training throughput against an older tree in .old/ (git archive REV areal_hpc tools | tar -x -C .old)
+      run gpu1 timeout 240 python3 -m pytest -q -rs -m gpu tests/test_gpu.py -k compiled_varlen
+      run old05 timeout 150 bash -c "cd .old && torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine"
+      run new05 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled
+      run old15 timeout 150 bash -c "cd .old && torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off"
+      run new15 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --ac off ;;
   prof2) run prof05 timeout 200 python3 tools/bench/profile_gpu.py train --variant compiled --rows 60
          run prof15 timeout 240 python3 tools/bench/profile_gpu.py train --variant compiled --model qwen2.5-1.5b --ac off --rows 60 ;;
   profile) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train

@@ -74,7 +74,7 @@ def cmd_train(a) -> None:
         eng = tt.make_engine(targs, path, ac, a.variant)
 
         def step(i: int):
-            batch, used = tt.engine_batch(targs, cfg.vocab_size, info.rank, i)
+            batch, used, _ = tt.engine_batch(targs, cfg.vocab_size, info.rank, i)
             eng.train_batch(batch, sft_loss)
             return used
     else:

@@ -6,7 +6,9 @@ on variable-length documents packed into ``--tokens-per-mb``-token micro-batches
 on a padded ``[B, L]`` batch of the same number of tokens (``B = tokens_per_mb / --seq-len``),
 bf16 parameters and bf16 AdamW, one process per GPU with no communication. Both accumulate
 ``--mbs-per-step`` micro-batches per optimizer step. One JSON line per (model, implementation):
-tokens/s and MFU = 6 * N * tokens/s / peak (``--peak-tflops`` per GPU; attention FLOPs not counted).
+tokens/s, ``mfu`` = 6 * N * tokens/s / peak (``--peak-tflops`` per GPU), and ``mfu_attn``, which
+adds the causal attention FLOPs of the documents actually trained (6 * L^2 * heads * head_dim per
+layer for a document of L tokens: forward QK^T and PV over the causal half, backward twice that).
 
     python tools/bench/train_throughput.py --tiny                          # CPU smoke test
     torchrun --nproc_per_node=1 tools/bench/train_throughput.py            # 1 GPU
@@ -125,9 +127,17 @@ def write_model(cfg, out: Path, dtype: torch.dtype, device: torch.device) -> Non
     dist.barrier()
 
 
+def attn_flops(cfg, lengths) -> float:
+    """Training FLOPs of causal attention over documents of these lengths (all layers)."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    width = cfg.num_attention_heads * head_dim
+    return 6.0 * cfg.num_hidden_layers * width * sum(n * n for n in lengths)
+
+
 def engine_batch(args, vocab: int, rank: int, step: int):
     """Documents of random length filling 97% of ``mbs_per_step * tokens_per_mb`` tokens on this rank
-    (a little slack lets first-fit-decreasing pack them into ``mbs_per_step`` micro-batches)."""
+    (a little slack lets first-fit-decreasing pack them into ``mbs_per_step`` micro-batches).
+    Returns the batch, its token count and the document lengths."""
     rng = random.Random(1000 * step + rank)
     budget, samples, used = int(0.97 * args.tokens_per_mb * args.mbs_per_step), [], 0
     while True:
@@ -139,18 +149,21 @@ def engine_batch(args, vocab: int, rank: int, step: int):
         ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
         samples.append({"input_ids": ids, "loss_mask": (torch.arange(n) > 0).long()})
         used += n
-    return collate(samples), used
+    return collate(samples), used, [len(s["input_ids"]) for s in samples]
 
 
-def result(args, name, impl, n_params, tokens_per_step, times, device, world, extra):
+def result(args, name, impl, n_params, tokens_per_step, times, device, world, extra, attn_per_step=0.0):
+    """The JSON line of one run; ``attn_per_step``: attention FLOPs of one step, all ranks."""
     step_s = sum(times) / len(times)
     tps = tokens_per_step / step_s
     per_gpu = tps / world
+    peak = args.peak_tflops * 1e12
     return {"bench": "train_throughput", "model": name + ("-tiny" if args.tiny else ""), "impl": impl,
             "world_size": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "n_params": n_params, "tokens_per_step": tokens_per_step, "step_time_s": round(step_s, 4),
             "tokens_per_s": round(tps, 1), "tokens_per_s_per_gpu": round(per_gpu, 1),
-            "mfu": round(6 * n_params * per_gpu / (args.peak_tflops * 1e12), 4),
+            "mfu": round(6 * n_params * per_gpu / peak, 4),
+            "mfu_attn": round((6 * n_params * tokens_per_step + attn_per_step) / step_s / world / peak, 4),
             "peak_mem_gib": round(peak_mem_gib(device), 2), **extra}
 
 
@@ -236,9 +249,9 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     from areal_hpc.train.sft import sft_loss
 
     eng = make_engine(args, path, ac, variant)
-    times, losses, tokens, n_mbs = [], [], 0, 0.0
+    times, losses, tokens, attn, n_mbs = [], [], 0, 0.0, 0.0
     for step in range(args.warmup + args.steps):
-        batch, used = engine_batch(args, cfg.vocab_size, info.rank, step)
+        batch, used, lengths = engine_batch(args, cfg.vocab_size, info.rank, step)
         sync(info.device)
         t0 = time.perf_counter()
         stats = eng.train_batch(batch, sft_loss)
@@ -247,6 +260,7 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens = int(dist.all_reduce_scalar(used))
+            attn += dist.all_reduce_scalar(attn_flops(cfg, lengths)) / args.steps
             n_mbs = stats["n_mbs"]
         losses.append(stats["loss"])
     times = [dist.all_reduce_scalar(t, "max") for t in times]
@@ -254,7 +268,7 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
                  {"variant": variant, "fused_lm_head": eng.fused_lm_head, "compile_layers": eng.config.compile_layers,
                   "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
-                  "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)})
+                  "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}, attn)
     if args.publish:
         out.update(bench_publish(args, eng, path, info))
     del eng
@@ -282,7 +296,8 @@ def bench_hf(args, name, cfg, n_params, ac, info):
     out = result(args, name, "hf_plain", n_params, tokens, times, info.device, info.world_size,
                  {"dtype": str(dtype).removeprefix("torch."), "attn_impl": "sdpa", "gradient_checkpointing": ac,
                   "note": "independent replica per GPU (no gradient sync)",
-                  "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)})
+                  "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)},
+                 attn_flops(cfg, [args.seq_len] * rows * args.mbs_per_step) * info.world_size)
     del model, opt
     free_memory()
     return out
