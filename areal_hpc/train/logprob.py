@@ -78,23 +78,27 @@ _compiled: dict = {}
 
 
 def _call(fn, device: torch.device, *args):
-    """``fn(*args)``, compiled into fused kernels on CUDA (a pass or two over a chunk's logits instead
-    of the ~10 of the eager ops). Only the number of rows is dynamic: the vocabulary size stays a
-    constant the generated kernels are specialised for.
-    A compile failure is logged and ``fn`` runs eagerly from then on; ``AREAL_HPC_NO_COMPILE=1``
-    keeps it eager."""
+    """``fn(*args)``, compiled (`compiled_call`) on CUDA; ``AREAL_HPC_NO_COMPILE=1`` keeps it eager."""
     if device.type != "cuda" or os.environ.get("AREAL_HPC_NO_COMPILE") == "1":
         return fn(*args)
+    return compiled_call(fn, *args)
+
+
+def compiled_call(fn, *args):
+    """``fn(*args)`` through ``torch.compile``: fused kernels, a pass or two over a chunk's logits
+    instead of the ~10 of the eager ops. Only the number of rows (dim 0) is dynamic: the vocabulary
+    size stays a constant the generated kernels are specialised for. A compile failure is logged
+    and ``fn`` runs eagerly from then on."""
+    import torch._dynamo as dynamo
+
     compiled = _compiled.get(fn)
     if compiled is None:
         compiled = _compiled[fn] = torch.compile(fn)
     if compiled is fn:
         return fn(*args)
-    import torch._dynamo
-
     for a in args:
         if isinstance(a, torch.Tensor) and a.dim() > 0:
-            torch._dynamo.maybe_mark_dynamic(a, 0)
+            dynamo.maybe_mark_dynamic(a, 0)
     try:
         return compiled(*args)
     except Exception as e:  # noqa: BLE001 - an optimisation: say why, go on eagerly

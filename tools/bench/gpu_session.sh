@@ -31,7 +31,8 @@ case $phase in
       run old05 timeout 150 bash -c "cd .old && torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine"
       run new05 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled
       run old15 timeout 150 bash -c "cd .old && torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off"
-      run new15 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --ac off ;;
+      run new15 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --ac off
+      run prof05n timeout 150 python3 tools/bench/profile_gpu.py train --variant compiled --rows 60 ;;
   prof2) run prof05 timeout 200 python3 tools/bench/profile_gpu.py train --variant compiled --rows 60
          run prof15 timeout 240 python3 tools/bench/profile_gpu.py train --variant compiled --model qwen2.5-1.5b --ac off --rows 60 ;;
   profile) run prof_train timeout 240 python3 tools/bench/profile_gpu.py train
