@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="after the timed steps, run one more step with torch.cuda.set_sync_debug_mode('warn') and "
+                        "print where it synchronised with the GPU (count per call site)")
     p.add_argument("--workdir", default="", help="where the random-init models are written (visible to all ranks)")
     a = p.parse_args(argv)
     if a.tiny:
@@ -245,29 +248,68 @@ def bench_publish(args, eng, path, info) -> dict:
             "load_s": [round(x, 3) for x in load]}
 
 
+def sync_sites(fn, device: torch.device) -> dict:
+    """Run ``fn`` with CUDA sync debugging on: ``{call site: count}`` of its host synchronisations
+    (the innermost frame of this repository, else the innermost frame)."""
+    import traceback
+    import warnings
+
+    if device.type != "cuda":
+        return {}
+    repo = str(Path(__file__).resolve().parents[2])
+    sites: dict = {}
+    orig = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        ours = [f for f in frames if f.filename.startswith(repo)]
+        f = (ours or frames)[-1]
+        key = f"{Path(f.filename).name}:{f.lineno} {f.line}"[:160]
+        sites[key] = sites.get(key, 0) + 1
+
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = orig
+    return sites
+
+
 def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     from areal_hpc.train.sft import sft_loss
 
     eng = make_engine(args, path, ac, variant)
-    times, losses, tokens, attn, n_mbs = [], [], 0, 0.0, 0.0
+    times, cpu, losses, tokens, attn, n_mbs = [], [], [], 0, 0.0, 0.0
     for step in range(args.warmup + args.steps):
         batch, used, lengths = engine_batch(args, cfg.vocab_size, info.rank, step)
         sync(info.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         stats = eng.train_batch(batch, sft_loss)
         eng.step_lr_scheduler()
+        c1 = time.thread_time()
         sync(info.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(c1 - c0)
             tokens = int(dist.all_reduce_scalar(used))
             attn += dist.all_reduce_scalar(attn_flops(cfg, lengths)) / args.steps
             n_mbs = stats["n_mbs"]
         losses.append(stats["loss"])
+    syncs = sync_sites(lambda: eng.train_batch(engine_batch(args, cfg.vocab_size, info.rank, 0)[0], sft_loss),
+                       info.device) if args.sync_debug else None
     times = [dist.all_reduce_scalar(t, "max") for t in times]
     out = result(args, name, "areal_fsdp", n_params, tokens, times, info.device, info.world_size,
                  {"variant": variant, "fused_lm_head": eng.fused_lm_head, "compile_layers": eng.config.compile_layers,
                   "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
+                  "host_cpu_s_per_step": round(sum(cpu) / len(cpu), 4), **({"syncs": syncs} if syncs else {}),
                   "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}, attn)
     if args.publish:
         out.update(bench_publish(args, eng, path, info))

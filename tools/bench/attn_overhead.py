@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Host cost of the packed (varlen) attention call, eager and inside ``torch.compile``.
+
+For each way of calling the flash varlen kernel, ``--calls`` forward(+backward) calls are queued
+back to back: ``launch_ms`` is the host time per call before the final synchronise, ``total_ms``
+the time per call including it. ``launch_ms`` close to ``total_ms`` means the host waited for the
+GPU inside the call (a hidden synchronisation); far below it, the host runs ahead as it should.
+
+    python tools/bench/attn_overhead.py            # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from areal_hpc.train import attention  # noqa: E402
+
+
+def make_inputs(total: int, hq: int, hkv: int, dim: int, max_doc: int, device):
+    lens, used, g = [], 0, torch.Generator().manual_seed(0)
+    while used < total:
+        n = min(int(torch.randint(256, max_doc + 1, (1,), generator=g)), total - used)
+        lens.append(n)
+        used += n
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    q = torch.randn(1, hq, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, hkv, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, hkv, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    return q, k, v, cu, max(lens)
+
+
+def transformers_call(q, k, v, cu, max_len):
+    """What a decoder layer does: our attention function on ``[1, H, T, D]`` tensors."""
+    out, _ = attention.varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                                max_length_q=max_len, max_length_k=max_len)
+    return out
+
+
+def aten_call(q, k, v, cu, max_len):
+    """The aten flash op directly (no custom op around it), grouped-query K/V as they are."""
+    out = torch.ops.aten._flash_attention_forward(
+        q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous(),
+        cu, cu, max_len, max_len, 0.0, True, False)[0]
+    return out.unsqueeze(0)
+
+
+def measure(fn, inputs, calls: int, backward: bool) -> dict:
+    q, k, v, cu, max_len = inputs
+    for _ in range(3):
+        out = fn(q, k, v, cu, max_len)
+        if backward:
+            out.sum().backward()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = fn(q, k, v, cu, max_len)
+        if backward:
+            out.sum().backward()
+    t_launch = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    t_total = time.perf_counter() - t0
+    return {"launch_ms": round(1e3 * t_launch / calls, 3), "total_ms": round(1e3 * t_total / calls, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=14)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--calls", type=int, default=20)
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    attention.probe(dev)
+    inputs = make_inputs(a.tokens, a.heads, a.kv_heads, a.head_dim, 4096, dev)
+    print(json.dumps({"torch": torch.__version__, "varlen_params": sorted(attention._state["varlen_params"]),
+                      "varlen_ok": attention._state["varlen_ok"]}), flush=True)
+    params = set(attention._state["varlen_params"])
+    for name, fn in [("ours", transformers_call), ("aten", aten_call)]:
+        for gqa in (True, False):
+            if name == "ours":
+                attention._state["varlen_params"] = frozenset(params if gqa else params - {"enable_gqa"})
+            elif not gqa:
+                continue
+            for compiled in (False, True):
+                f = torch.compile(fn, dynamic=True) if compiled else fn
+                for backward in (True,):
+                    try:
+                        r = measure(f, inputs, a.calls, backward)
+                    except Exception as e:  # noqa: BLE001 - report and go on
+                        r = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    print(json.dumps({"bench": "attn_overhead", "call": name, "gqa_native": gqa, "compiled": compiled,
+                                      "backward": backward, **r}), flush=True)
+        attention._state["varlen_params"] = frozenset(params)
+
+
+if __name__ == "__main__":
+    main()
