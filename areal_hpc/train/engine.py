@@ -29,7 +29,7 @@ from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
 from areal_hpc.train import attention, dist, optim, parallel
 from areal_hpc.train.batch import Batch
 from areal_hpc.train.logprob import linear_logprobs, packed_token_logprobs, shift_to_tokens
-from areal_hpc.train.packing import MicroBatch, make_micro_batches, unpack_to_padded
+from areal_hpc.train.packing import MicroBatch, async_to_device, make_micro_batches, unpack_to_padded
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class FSDPEngine:
         ids = mb.data["input_ids"]
         extra = {}
         if self.config.attn_impl in attention.ALIASES:  # document boundaries for varlen attention
-            cu = mb.cu_seqlens.to(ids.device, torch.int32)
+            cu = async_to_device(mb.cu_seqlens.to(torch.int32), ids.device)
             max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
             extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
         inputs = dict(input_ids=ids.unsqueeze(0), position_ids=mb.data["position_ids"].unsqueeze(0),

@@ -46,12 +46,21 @@ class MicroBatch:
         """Bool ``[T]``: True at the first token of each document."""
         starts = torch.zeros(self.n_tokens, dtype=torch.bool)
         starts[self.cu_seqlens[:-1]] = True
-        return starts.to(device) if device is not None else starts
+        return async_to_device(starts, device) if device is not None else starts
 
     def to(self, device: torch.device) -> "MicroBatch":
         """Move ``data`` to ``device``; ``cu_seqlens`` stays on the CPU (it is used for slicing)."""
-        return MicroBatch({k: v.to(device, non_blocking=True) for k, v in self.data.items()},
+        return MicroBatch({k: async_to_device(v, device) for k, v in self.data.items()},
                           self.cu_seqlens, self.sample_idx, self.is_dummy)
+
+
+def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait for the GPU: to a GPU through pinned
+    memory, asynchronously (a copy from pageable memory waits for all queued GPU work first, so the
+    host could not queue the next micro-batch while the last one still runs)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1) -> List[List[int]]:

@@ -44,11 +44,14 @@ def transformers_call(q, k, v, cu, max_len):
     return out
 
 
-def aten_call(q, k, v, cu, max_len):
-    """The aten flash op directly (no custom op around it), grouped-query K/V as they are."""
-    out = torch.ops.aten._flash_attention_forward(
-        q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous(),
-        cu, cu, max_len, max_len, 0.0, True, False)[0]
+def wrapper_call(q, k, v, cu, max_len):
+    """torch's public ``varlen_attn`` (a custom op around the same kernel), K/V repeated to Q's heads."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = varlen_attn(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
+                      v[0].transpose(0, 1).contiguous(), cu, cu, max_len, max_len, window_size=(-1, 0))
     return out.unsqueeze(0)
 
 
@@ -81,25 +84,21 @@ def main() -> None:
     dev = torch.device("cuda")
     attention.probe(dev)
     inputs = make_inputs(a.tokens, a.heads, a.kv_heads, a.head_dim, 4096, dev)
-    print(json.dumps({"torch": torch.__version__, "varlen_params": sorted(attention._state["varlen_params"]),
-                      "varlen_ok": attention._state["varlen_ok"]}), flush=True)
-    params = set(attention._state["varlen_params"])
-    for name, fn in [("ours", transformers_call), ("aten", aten_call)]:
-        for gqa in (True, False):
-            if name == "ours":
-                attention._state["varlen_params"] = frozenset(params if gqa else params - {"enable_gqa"})
-            elif not gqa:
-                continue
-            for compiled in (False, True):
-                f = torch.compile(fn, dynamic=True) if compiled else fn
-                for backward in (True,):
-                    try:
-                        r = measure(f, inputs, a.calls, backward)
-                    except Exception as e:  # noqa: BLE001 - report and go on
-                        r = {"error": f"{type(e).__name__}: {e}"[:300]}
-                    print(json.dumps({"bench": "attn_overhead", "call": name, "gqa_native": gqa, "compiled": compiled,
-                                      "backward": backward, **r}), flush=True)
-        attention._state["varlen_params"] = frozenset(params)
+    print(json.dumps({"torch": torch.__version__, **attention._state}), flush=True)
+    grouped = attention._state["gqa"]
+    runs = [("ours", g, c) for g in ([True, False] if grouped else [False]) for c in (False, True)]
+    runs += [("torch_varlen_attn", False, c) for c in (False, True)]
+    for name, gqa, compiled in runs:
+        attention._state["gqa"] = gqa
+        fn = transformers_call if name == "ours" else wrapper_call
+        f = torch.compile(fn, dynamic=True) if compiled else fn
+        try:
+            r = measure(f, inputs, a.calls, backward=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            r = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps({"bench": "attn_overhead", "call": name, "gqa_native": gqa, "compiled": compiled,
+                          "backward": True, **r}), flush=True)
+    attention._state["gqa"] = grouped
 
 
 if __name__ == "__main__":
