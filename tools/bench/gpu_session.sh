@@ -33,8 +33,8 @@ case $phase in
       run old15 timeout 150 bash -c "cd .old && torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off"
       run new15 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --ac off
       run prof05n timeout 150 python3 tools/bench/profile_gpu.py train --variant compiled --rows 60 ;;
-  train2n) run train2n05 timeout 240 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled
-           run train2n15 timeout 300 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --ac off ;;
+  train2n) run train2n05 timeout 200 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled
+           run train2n15 timeout 240 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off ;;
   final1) run gpu1 timeout 240 python3 -m pytest -q -rs -m gpu tests/test_gpu.py -k compiled_varlen
           run f05 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --sync-debug
           run f15 timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off
