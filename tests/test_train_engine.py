@@ -151,9 +151,15 @@ def _single(rank, path, fused_lm_head):
     eng = FSDPEngine(EngineConfig(path=path, fused_lm_head=fused_lm_head), MicroBatchSpec(max_tokens_per_mb=32),
                      total_steps=1)
     assert eng.info.world_size == 1 and eng.fused_lm_head == fused_lm_head
-    stats = eng.forward_backward(batch, nll_loss)
-    assert abs(stats["loss"] - ref_loss) < 1e-5
-    assert_close_grads(full_grads(eng), ref_grads)
+    # several micro-batches, gradients summed unreduced until the last one; then another plan
+    for spec in (MicroBatchSpec(max_tokens_per_mb=32), MicroBatchSpec(max_tokens_per_mb=16, n_mbs=5)):
+        eng.mb_spec = spec
+        stats = eng.forward_backward(batch, nll_loss)
+        assert stats["n_mbs"] > 2 and abs(stats["loss"] - ref_loss) < 1e-5
+        assert_close_grads(full_grads(eng), ref_grads)
+    lp = eng.forward(batch)
+    for i, n in enumerate(LENS):
+        torch.testing.assert_close(lp[i, :n], ref_logps[i], atol=1e-5, rtol=0)
 
 
 def test_env_ranks_torchrun_slurm_and_none(monkeypatch):

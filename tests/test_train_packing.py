@@ -153,3 +153,18 @@ def test_lr_schedule_and_precision():
     assert resolve_precision("bf16", torch.device("cpu")).policy() is not None
     with pytest.raises(ValueError, match="loss scaling"):
         resolve_precision("float16", torch.device("cuda"))
+
+
+def test_linear_logprobs_keeping_logits_changes_nothing():
+    """``keep_logits`` (no recompute in backward) gives the same values and gradients, bit for bit."""
+    torch.manual_seed(2)
+    hidden = torch.randn(37, 6, requires_grad=True)
+    weight = torch.randn(13, 6, requires_grad=True)
+    labels = torch.randint(0, 13, (37,))
+    w = torch.linspace(-1, 2, 37)
+    out = {}
+    for keep in (False, True):
+        lp, ent = linear_logprobs(hidden, weight, labels, 0.7, with_entropy=True, chunk=8, keep_logits=keep)
+        out[keep] = (lp, ent, *torch.autograd.grad((lp * w + ent).sum(), (hidden, weight)))
+    for a, b in zip(out[False], out[True]):
+        assert torch.equal(a, b)

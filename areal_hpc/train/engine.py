@@ -64,7 +64,7 @@ class FSDPEngine:
             if why_not:
                 log.info("engine.fused_lm_head: %s; logprobs are computed from the logits", why_not)
             else:
-                install_logprob_forward(self.model)
+                install_logprob_forward(self.model, keep_logits=config.lm_head_keep_logits)
                 self.fused_lm_head = True
         self.pad_token_id = int(getattr(self.hf_config, "pad_token_id", None) or 0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -175,7 +175,13 @@ class FSDPEngine:
         world = self.info.world_size
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: Dict[str, torch.Tensor] = {"loss": zero}
-        for mb, w in zip(mbs, weights):
+        for i, (mb, w) in enumerate(zip(mbs, weights)):
+            if backward and world == 1:
+                # Nothing to reduce across ranks: FSDP keeps the weights gathered and sums the
+                # gradients (in fp32) over the micro-batches, and "reduces" once, after the last.
+                last = i == len(mbs) - 1
+                self.model.set_requires_gradient_sync(last)
+                self.model.set_reshard_after_backward(last)
             mb = mb.to(self.device)
             out = self._run(mb, temperature, with_entropy=True)
             loss, stats = loss_fn(out, mb.data)
@@ -305,7 +311,7 @@ def fused_head_unsupported(model: torch.nn.Module) -> str:
     return ""
 
 
-def install_logprob_forward(model: torch.nn.Module) -> None:
+def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -> None:
     """Let ``model(**inputs, logprobs_of=(doc_starts, temperature, with_entropy))`` return per-token
     ``(logprobs, entropy)`` of one packed row from the last hidden states (`linear_logprobs`).
 
@@ -323,6 +329,7 @@ def install_logprob_forward(model: torch.nn.Module) -> None:
         starts, temperature, with_entropy = logprobs_of
         hidden = base(*args, **kwargs).last_hidden_state[0]
         labels = torch.roll(kwargs["input_ids"][0], shifts=-1)
-        return shift_to_tokens(*linear_logprobs(hidden, head.weight, labels, temperature, with_entropy), starts)
+        return shift_to_tokens(*linear_logprobs(hidden, head.weight, labels, temperature, with_entropy,
+                                                keep_logits=keep_logits), starts)
 
     model.forward = forward

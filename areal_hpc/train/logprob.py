@@ -109,19 +109,26 @@ def compiled_call(fn, *args):
 
 class _LinearLogprobs(torch.autograd.Function):
     """``x = hidden @ weight.T / temperature``; outputs ``x[label] - logsumexp(x)`` and the entropy
-    of ``softmax(x)`` per token. Saves only ``hidden``, ``weight``, labels, ``logsumexp`` and the entropy."""
+    of ``softmax(x)`` per token. Saves ``hidden``, ``weight``, labels, ``logsumexp`` and the entropy,
+    and with ``keep_logits`` each chunk's logits too (``T x V`` in the compute dtype), which spares
+    backward recomputing them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature: float, chunk: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, labels, temperature: float, chunk: int, with_entropy: bool,
+                keep_logits: bool = False):
         n, dev = hidden.shape[0], hidden.device
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 inputs stay fp64)
         lse, logp, ent = (torch.empty(n, dtype=acc, device=dev) for _ in range(3))
+        kept = []
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            out = _call(_head_stats, dev, hidden[s:e] @ weight.t(), labels[s:e], temperature, with_entropy)
+            logits = hidden[s:e] @ weight.t()
+            out = _call(_head_stats, dev, logits, labels[s:e], temperature, with_entropy)
             for buf, val in zip((lse, logp, ent), out):
                 buf[s:e] = val
-        ctx.save_for_backward(hidden, weight, labels, lse, ent)
+            if keep_logits:
+                kept.append(logits)
+        ctx.save_for_backward(hidden, weight, labels, lse, ent, *kept)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.set_materialize_grads(False)
         if not with_entropy:
@@ -130,32 +137,40 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, labels, lse, ent = ctx.saved_tensors
+        hidden, weight, labels, lse, ent, *kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (g_logp is None and g_ent is None) or not (need_h or need_w):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
         n, dev = hidden.shape[0], hidden.device
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        for s in range(0, n, ctx.chunk):
+        for i, s in enumerate(range(0, n, ctx.chunk)):
             e = min(n, s + ctx.chunk)
-            grad = _call(_head_grad, dev, hidden[s:e] @ weight.t(), labels[s:e], lse[s:e], ent[s:e],
+            logits = kept[i] if kept else hidden[s:e] @ weight.t()
+            grad = _call(_head_grad, dev, logits, labels[s:e], lse[s:e], ent[s:e],
                          g_logp[s:e], g_ent[s:e], ctx.temperature)
+            del logits
             if need_h:
                 grad_h[s:e] = grad @ weight
             if need_w:
                 grad_w += grad.t() @ hidden[s:e]
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                    with_entropy: bool = False, chunk: int = DEFAULT_CHUNK
+                    with_entropy: bool = False, chunk: int = DEFAULT_CHUNK, keep_logits: bool = False
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """`gather_logprobs` of ``logits = hidden @ weight.T`` (``hidden [T, H]``, ``weight [V, H]``)
-    without materialising the logits; fp32 results (fp64 for fp64 inputs)."""
-    logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy))
+    without materialising all the logits at once; fp32 results (fp64 for fp64 inputs).
+
+    ``keep_logits``: when a backward will follow, keep each chunk's logits for it (``T x V`` values
+    in the compute dtype, ~5 GB for 16k tokens and a 152k vocabulary in bf16) instead of
+    recomputing them there, one ``[T, H] x [H, V]`` matmul fewer."""
+    keep = keep_logits and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy),
+                                      keep)
     return logp, (ent if with_entropy else None)
 
 

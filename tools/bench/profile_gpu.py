@@ -85,7 +85,7 @@ def cmd_train(a) -> None:
                                     for _ in range(targs.mbs_per_step)])
             return rows * targs.seq_len * targs.mbs_per_step
 
-    for i in range(a.warmup + (2 if a.variant == "compiled" else 0)):  # compiling takes a step or two
+    for i in range(a.warmup + (2 if a.variant.startswith("compiled") else 0)):  # compiling takes a step or two
         step(i)
     box = {}
     prof, wall = profiled(lambda: box.setdefault("used", step(a.warmup)), info.device)
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--impl", default="engine", choices=["engine", "hf"])
     p.add_argument("--attn-impl", default="varlen")
-    p.add_argument("--variant", default="fused", choices=["fused", "logits", "compiled"],
+    p.add_argument("--variant", default="fused", choices=["fused", "logits", "compiled", "compiled_keep"],
                    help="engine variant (see train_throughput.py --engine-variants)")
     p.add_argument("--ac", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--tokens-per-mb", type=int, default=16384)

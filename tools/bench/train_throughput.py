@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default="engine,hf", help="which to run: engine, hf")
     p.add_argument("--engine-variants", default="fused",
                    help="engine runs, comma-separated: fused (logprobs from hidden states, engine.fused_lm_head), "
-                        "logits (from the model's logits), compiled (fused + engine.compile_layers)")
+                        "logits (from the model's logits), compiled (fused + engine.compile_layers), "
+                        "compiled_keep (compiled + engine.lm_head_keep_logits)")
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
@@ -176,13 +177,15 @@ def use_ac(args, n_params: int) -> bool:
 
 
 def make_engine(args, path, ac: bool, variant: str = "fused"):
-    """The FSDP2 engine as benchmarked: ``variant`` fused | logits | compiled (see --engine-variants)."""
+    """The FSDP2 engine as benchmarked: ``variant`` fused | logits | compiled | compiled_keep
+    (see --engine-variants)."""
     from areal_hpc.train.engine import FSDPEngine
 
-    if variant not in ("fused", "logits", "compiled"):
-        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits, compiled)")
+    if variant not in ("fused", "logits", "compiled", "compiled_keep"):
+        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits, compiled, compiled_keep)")
     return FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=args.attn_impl,
-                                   fused_lm_head=variant != "logits", compile_layers=variant == "compiled",
+                                   fused_lm_head=variant != "logits", compile_layers=variant.startswith("compiled"),
+                                   lm_head_keep_logits=variant == "compiled_keep",
                                    optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
                       MicroBatchSpec(max_tokens_per_mb=args.tokens_per_mb, n_mbs=args.mbs_per_step),
                       total_steps=args.warmup + args.steps)
