@@ -101,6 +101,8 @@ def compiled_call(fn, *args):
             dynamo.maybe_mark_dynamic(a, 0)
     try:
         return compiled(*args)
+    except torch.OutOfMemoryError:  # not the compiler's fault: eager code would need the memory too
+        raise
     except Exception as e:  # noqa: BLE001 - an optimisation: say why, go on eagerly
         log.warning("compiled %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__, e)
         _compiled[fn] = fn
