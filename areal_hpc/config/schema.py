@@ -130,8 +130,9 @@ class EngineConfig:
     # them: one [T, H] x [H, V] matmul less per micro-batch for T x V bf16 values of GPU memory
     # (5 GB at 16k tokens per micro-batch and a 152k vocabulary)
     lm_head_keep_logits: bool = False
-    # torch.compile each decoder layer (fused norms/activations, fewer kernel launches; attention
-    # stays eager). Costs compile time at start-up; GPU only (ignored on CPU)
+    # torch.compile each decoder layer (fused norms/activations, fewer kernel launches; with
+    # attn_impl=varlen the flash kernel is part of the compiled layer). Costs compile time at
+    # start-up; GPU only (ignored on CPU)
     compile_layers: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 

@@ -81,8 +81,8 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     """q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``, causal within each document of ``cu``.
 
     torch's flash kernel through its aten op, which has had this signature since torch 2.1 and
-    costs far less host time per call than the ``varlen_attn`` wrapper around it (measured on an
-    H100 with torch 2.11: 0.93 vs 1.67 ms per forward + backward, `tools/bench/attn_overhead.py`).
+    costs far less host time per call than the ``varlen_attn`` wrapper around it (H100, torch 2.11,
+    16k tokens: 0.46 vs 1.27 ms of host time per forward + backward, `tools/bench/attn_overhead.py`).
     ``grouped``: K/V with fewer heads go in as they are; else they are repeated to ``Hq`` heads.
     """
     if k.shape[1] != q.shape[1] and not grouped:
