@@ -9,6 +9,7 @@ if [ -d .whl ] && [ ! -d /tmp/site ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_CUMEM_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+EXPANDABLE=PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 run() { local name=$1; shift; echo "=== $name: $*"; ( "$@" ) 2>&1 | tee "$OUT/$name.log"; }
 for phase in "$@"; do
 case $phase in
@@ -46,14 +47,12 @@ case $phase in
   final3) run old15 timeout 150 bash -c "cd .old && torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled --impls engine --ac off"
           run new15e timeout 240 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled,compiled_keep --impls engine --ac off ;;
   mfu2gpu) # the current engine on 2 GPUs (nvidia-h100-x2), kept logits, expandable segments
-           export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-           run m2g05 timeout 200 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled_keep
-           run m2g15 timeout 240 torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled_keep --impls engine --ac off ;;
+           run m2g05 timeout 200 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled_keep
+           run m2g15 timeout 240 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled_keep --impls engine --ac off ;;
   mfunext) # one GPU: 4 micro-batches per step, and profiles of the current step (kept logits, expandable segments)
-           export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-           run m4 timeout 240 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --engine-variants compiled_keep --impls engine --ac off --mbs-per-step 4
-           run prof05k timeout 150 python3 tools/bench/profile_gpu.py train --variant compiled_keep --rows 60
-           run prof15k timeout 200 python3 tools/bench/profile_gpu.py train --variant compiled_keep --model qwen2.5-1.5b --ac off --rows 60 ;;
+           run m4 timeout 240 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py --engine-variants compiled_keep --impls engine --ac off --mbs-per-step 4
+           run prof05k timeout 150 env $EXPANDABLE python3 tools/bench/profile_gpu.py train --variant compiled_keep --rows 60
+           run prof15k timeout 200 env $EXPANDABLE python3 tools/bench/profile_gpu.py train --variant compiled_keep --model qwen2.5-1.5b --ac off --rows 60 ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;
   prof2) run prof05 timeout 200 python3 tools/bench/profile_gpu.py train --variant compiled --rows 60
