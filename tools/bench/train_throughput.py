@@ -261,7 +261,6 @@ def sync_sites(fn, device: torch.device) -> dict:
         return {}
     repo = str(Path(__file__).resolve().parents[2])
     sites: dict = {}
-    orig = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
         frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
@@ -270,18 +269,14 @@ def sync_sites(fn, device: torch.device) -> dict:
         key = f"{Path(f.filename).name}:{f.lineno} {f.line}"[:160]
         sites[key] = sites.get(key, 0) + 1
 
-    warnings.showwarning = record
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    finally:
-        warnings.showwarning = orig
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return sites
 
 
