@@ -109,7 +109,7 @@ def test_broadcast_weight_updates_reach_two_servers_from_two_trainer_ranks(tmp_p
 @pytest.mark.parametrize("async_training", [True, False])
 def test_sync_and_async_learn(tmp_path, async_training):
     # 80 steps, 10-step means: runs of the same code spread widely (60 steps, 5-step means: one CI
-    # run gained +0.09, 15 others +0.15 to +0.30, with bit-identical training steps on CPU)
+    # run gained +0.09, 12 others +0.15 to +0.30, with bit-identical training steps on CPU)
     submit(tmp_path, f"trainer.ppo.async_training={async_training}", "trainer.total_train_steps=80",
            "saver.freq_steps=0", timeout=900)
     r = [x["reward_mean"] for x in metrics(run_dir(tmp_path))]
