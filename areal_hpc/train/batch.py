@@ -104,5 +104,15 @@ def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1) -
     return select(batch, range(r.start * group_size, r.stop * group_size))
 
 
+def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait for the GPU: to a GPU through pinned
+    memory, asynchronously (a copy from pageable memory waits for all queued GPU work first, so the
+    host could not queue the next micro-batch while the last one still runs)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Every tensor of ``batch`` on ``device`` (`async_to_device`)."""
+    return {k: async_to_device(v, device) for k, v in batch.items()}

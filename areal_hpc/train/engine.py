@@ -27,9 +27,9 @@ from torch.distributed.tensor import DTensor
 from areal_hpc import toy
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
 from areal_hpc.train import attention, dist, optim, parallel
-from areal_hpc.train.batch import Batch
+from areal_hpc.train.batch import Batch, async_to_device
 from areal_hpc.train.logprob import linear_logprobs, packed_token_logprobs, shift_to_tokens
-from areal_hpc.train.packing import MicroBatch, async_to_device, make_micro_batches, unpack_to_padded
+from areal_hpc.train.packing import MicroBatch, make_micro_batches, unpack_to_padded
 
 log = logging.getLogger(__name__)
 

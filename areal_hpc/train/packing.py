@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from areal_hpc.train import dist
-from areal_hpc.train.batch import Batch, Sample, is_token_key, unpad
+from areal_hpc.train.batch import Batch, Sample, async_to_device, is_token_key, to_device, unpad
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,7 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         """Move ``data`` to ``device``; ``cu_seqlens`` stays on the CPU (it is used for slicing)."""
-        return MicroBatch({k: async_to_device(v, device) for k, v in self.data.items()},
-                          self.cu_seqlens, self.sample_idx, self.is_dummy)
-
-
-def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device`` without making the host wait for the GPU: to a GPU through pinned
-    memory, asynchronously (a copy from pageable memory waits for all queued GPU work first, so the
-    host could not queue the next micro-batch while the last one still runs)."""
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+        return MicroBatch(to_device(self.data, device), self.cu_seqlens, self.sample_idx, self.is_dummy)
 
 
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1) -> List[List[int]]:
