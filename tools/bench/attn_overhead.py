@@ -30,7 +30,7 @@ def make_inputs(total: int, hq: int, hkv: int, dim: int, max_doc: int, device):
         n = min(int(torch.randint(256, max_doc + 1, (1,), generator=g)), total - used)
         lens.append(n)
         used += n
-    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    cu = torch.tensor([0] + lens).cumsum(0).to(device, torch.int32)
     q = torch.randn(1, hq, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, hkv, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, hkv, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -48,8 +48,7 @@ def wrapper_call(q, k, v, cu, max_len):
     """torch's public ``varlen_attn`` (a custom op around the same kernel), K/V repeated to Q's heads."""
     from torch.nn.attention.varlen import varlen_attn
 
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = attention._repeat_kv(k, q.shape[1], 1), attention._repeat_kv(v, q.shape[1], 1)
     out = varlen_attn(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
                       v[0].transpose(0, 1).contiguous(), cu, cu, max_len, max_len, window_size=(-1, 0))
     return out.unsqueeze(0)
