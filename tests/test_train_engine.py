@@ -115,8 +115,10 @@ def _worker(rank, path):
     for n, p in eng.model.named_parameters():
         assert torch.equal(p.full_tensor(), before[n])
 
-    # activation checkpointing, and document-aware (varlen) attention: same logprobs and gradients
-    for kw in ({"gradient_checkpointing": True}, {"attn_impl": "varlen"}):
+    # activation checkpointing, document-aware (varlen) attention, micro-batches padded to the
+    # token budget: same logprobs and gradients
+    for kw in ({"gradient_checkpointing": True}, {"attn_impl": "varlen"},
+               {"attn_impl": "varlen", "pad_micro_batches": True}):
         other = FSDPEngine(EngineConfig(path=path, **kw), MicroBatchSpec(max_tokens_per_mb=40), 10)
         lp = other.forward(mine)
         for j, i in enumerate([0, 1, 2] if rank == 0 else [3, 4, 5]):

@@ -72,6 +72,23 @@ def test_make_micro_batches_and_dummy():
     assert d.data["loss_mask"].sum() == 0 and d.data["rewards"].shape == (1,)
 
 
+def test_padded_micro_batches_have_one_length():
+    batch = collate(_samples())
+    mbs = make_micro_batches(batch, max_tokens=8, min_mbs=3, pad_token_id=7, sync=False, pad=True)
+    assert [mb.n_tokens for mb in mbs] == [8, 8, 8]
+    for mb in mbs:
+        n_real = sum(int(batch["attention_mask"][i].sum()) for i in mb.sample_idx)
+        assert mb.cu_seqlens.tolist()[-2:] == [n_real, 8]  # one padding document at the end
+        assert (mb.data["input_ids"][n_real:] == 7).all() and (mb.data["loss_mask"][n_real:] == 0).all()
+        assert mb.data["position_ids"][n_real:].tolist() == list(range(8 - n_real))
+        assert mb.data["rewards"].shape == (len(mb.sample_idx),)  # per-sample keys: no padding entry
+    out = unpack_to_padded([mb.data["logprobs"] for mb in mbs], mbs, batch)
+    torch.testing.assert_close(out, batch["logprobs"] * batch["attention_mask"])
+    full = make_micro_batches(collate([_samples()[2]]), max_tokens=6, pad=True, sync=False)[0]
+    assert full.cu_seqlens.tolist() == [0, 6]  # already full: no empty padding document
+    assert dummy_micro_batch(batch, 0, 8).n_tokens == 8
+
+
 def test_split_and_shard_keep_groups():
     batch = collate([{"input_ids": torch.arange(3) + i} for i in range(8)])
     parts = split_batch(batch, 2, group_size=4)

@@ -134,6 +134,13 @@ class EngineConfig:
     # attn_impl=varlen the flash kernel is part of the compiled layer). Costs compile time at
     # start-up; GPU only (ignored on CPU)
     compile_layers: bool = False
+    # fill every packed micro-batch up to mb_spec.max_tokens_per_mb with a padding document that
+    # no loss sees: compiled layers then see one shape and get static-shape kernels. The padding
+    # costs compute, so it pays when micro-batches are nearly full (many samples per step)
+    pad_micro_batches: bool = False
+    # with compile_layers: projections of the same input (query/key/value, gate/up) run as one
+    # matmul on concatenated weights (narrow key/value projections are slow on their own)
+    fuse_linears: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 

@@ -101,7 +101,8 @@ class FSDPEngine:
         if self.config.gradient_checkpointing and self.trainable:
             parallel.apply_activation_checkpointing(model)
         if self.config.compile_layers and self.device.type == "cuda":
-            parallel.compile_layers(model)
+            parallel.compile_layers(model, dynamic=None if self.config.pad_micro_batches else True,
+                                    fuse_linears=self.config.fuse_linears)
         # one rank holds everything anyway: keep the gathered (bf16) weights from forward to backward
         parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=world > 1)
         if world == 1:
@@ -127,14 +128,18 @@ class FSDPEngine:
     # ------------------------------------------------------------------ forward
     def micro_batches(self, batch: Batch) -> List[MicroBatch]:
         return make_micro_batches(batch, self.mb_spec.max_tokens_per_mb, self.mb_spec.n_mbs,
-                                  pad_token_id=self.pad_token_id)
+                                  pad_token_id=self.pad_token_id, pad=self.config.pad_micro_batches)
 
     def _run(self, mb: MicroBatch, temperature: float, with_entropy: bool) -> Dict[str, torch.Tensor]:
         ids = mb.data["input_ids"]
         extra = {}
         if self.config.attn_impl in attention.ALIASES:  # document boundaries for varlen attention
             cu = async_to_device(mb.cu_seqlens.to(torch.int32), ids.device)
-            max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
+            # padded micro-batches pass their length, a constant, as the longest document: one value
+            # fewer that varies in compiled code (flash then runs blocks for empty tiles: ~4% of its
+            # time, tools/bench/attn_kernels.py)
+            lens = mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]
+            max_len = mb.n_tokens if self.config.pad_micro_batches else int(lens.max())
             extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
         inputs = dict(input_ids=ids.unsqueeze(0), position_ids=mb.data["position_ids"].unsqueeze(0),
                       attention_mask=None, use_cache=False, **extra)

@@ -99,9 +99,13 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1
     return bins
 
 
-def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int]) -> MicroBatch:
-    """Concatenate samples into one packed micro-batch."""
+def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int], pad_to: int = 0,
+                 pad_token_id: int = 0) -> MicroBatch:
+    """Concatenate samples into one packed micro-batch; with ``pad_to``, a padding document
+    (``pad_token_id``, every other per-token key zero, so no loss sees it) fills it up to that many
+    tokens."""
     lens = [int(s["input_ids"].shape[0]) for s in samples]
+    pad = max(0, pad_to - sum(lens))
     data: Dict[str, torch.Tensor] = {}
     for k, v0 in samples[0].items():
         if k == "attention_mask":
@@ -109,10 +113,11 @@ def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int]) -> MicroB
         if v0.dim() == 0:
             data[k] = torch.stack([s[k] for s in samples])
         else:
-            data[k] = torch.cat([s[k] for s in samples])
-    data["position_ids"] = torch.cat([torch.arange(n, dtype=torch.long) for n in lens])
-    cu = torch.zeros(len(lens) + 1, dtype=torch.long)
-    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0)
+            filler = [torch.full((pad, *v0.shape[1:]), pad_token_id if k == "input_ids" else 0, dtype=v0.dtype)]
+            data[k] = torch.cat([s[k] for s in samples] + (filler if pad else []))
+    data["position_ids"] = torch.cat([torch.arange(n, dtype=torch.long) for n in lens + ([pad] if pad else [])])
+    cu = torch.zeros(len(lens) + 1 + bool(pad), dtype=torch.long)
+    cu[1:] = torch.cumsum(torch.tensor(lens + ([pad] if pad else []), dtype=torch.long), 0)
     return MicroBatch(data, cu, list(sample_idx))
 
 
@@ -134,18 +139,23 @@ def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2)
 
 
 def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
-                       sync: bool = True) -> List[MicroBatch]:
-    """Pack a padded batch into micro-batches; with ``sync`` every rank gets the same count."""
+                       sync: bool = True, pad: bool = False) -> List[MicroBatch]:
+    """Pack a padded batch into micro-batches; with ``sync`` every rank gets the same count.
+
+    ``pad``: every micro-batch (dummies included) is filled up to ``max_tokens`` with a padding
+    document, so all have one shape (a sample longer than the budget still gets its own, longer one).
+    """
     samples = unpad(batch)
     lengths = [int(s["input_ids"].shape[0]) for s in samples]
     plan = plan_micro_batches(lengths, max_tokens, min_mbs) if samples else []
-    mbs = [pack_samples([samples[i] for i in idx], idx) for idx in plan]
+    pad_to = max_tokens if pad else 0
+    mbs = [pack_samples([samples[i] for i in idx], idx, pad_to, pad_token_id) for idx in plan]
     n = len(mbs)
     if sync:
         n = int(dist.all_reduce_scalar(n, "max"))
     n = max(n, 1)
     while len(mbs) < n:
-        mbs.append(dummy_micro_batch(batch, pad_token_id))
+        mbs.append(dummy_micro_batch(batch, pad_token_id, max(2, pad_to)))
     return mbs
 
 

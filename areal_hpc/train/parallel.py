@@ -13,6 +13,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from areal_hpc.train.fuse_linears import FuseSiblingLinears
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -70,19 +72,28 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compile_layers(model: nn.Module) -> None:
+def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
+                   fuse_linears: bool = False) -> Optional[FuseSiblingLinears]:
     """``torch.compile`` the forward of every decoder layer (torchtitan's per-block compile).
 
     Only ``forward`` is compiled, so FSDP2's hooks (in ``__call__``) and transformers' activation
-    checkpointing stay outside the compiled code; sequence lengths are dynamic. The layers share
-    one code object, hence the larger dynamo cache (one entry per layer at worst).
+    checkpointing stay outside the compiled code. ``dynamic=True``: sequence lengths are symbolic
+    from the start (micro-batches of any length); ``None``: torch's automatic dynamic shapes,
+    static kernels for sizes that never change (padded micro-batches: the token count), symbolic
+    ones for those seen to change (the number of documents). ``fuse_linears``: projections of one
+    input (query/key/value, gate/up) run as one matmul (`fuse_linears.FuseSiblingLinears`,
+    returned: its ``fused`` counts the groups fused). The layers share one code object, hence
+    the larger dynamo cache (entries per layer: train and no-grad, static and recompiled).
     """
     import torch._dynamo
 
     layers = decoder_layers(model)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(layers))
+    fuse = FuseSiblingLinears() if fuse_linears else None
+    options = {"pre_grad_custom_pass": fuse} if fuse is not None else None
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
+        layer.forward = torch.compile(layer.forward, dynamic=dynamic, options=options)
+    return fuse
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,

@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--impl", default="engine", choices=["engine", "hf"])
     p.add_argument("--attn-impl", default="varlen")
-    p.add_argument("--variant", default="fused", choices=["fused", "logits", "compiled", "compiled_keep"],
+    p.add_argument("--variant", default="fused", choices=list(tt.VARIANTS),
                    help="engine variant (see train_throughput.py --engine-variants)")
     p.add_argument("--ac", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--tokens-per-mb", type=int, default=16384)

@@ -66,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-variants", default="fused",
                    help="engine runs, comma-separated: fused (logprobs from hidden states, engine.fused_lm_head), "
                         "logits (from the model's logits), compiled (fused + engine.compile_layers), "
-                        "compiled_keep (compiled + engine.lm_head_keep_logits)")
+                        "compiled_keep (compiled + engine.lm_head_keep_logits), "
+                        "compiled_pad (compiled_keep + engine.pad_micro_batches: static shapes), "
+                        "compiled_fuse (compiled_keep + engine.fuse_linears), compiled_pad_fuse (both)")
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
@@ -176,17 +178,22 @@ def use_ac(args, n_params: int) -> bool:
     return args.ac == "on" or (args.ac == "auto" and n_params >= 1e9)
 
 
+_KEEP = dict(compile_layers=True, lm_head_keep_logits=True)
+# engine settings of each --engine-variants name
+VARIANTS = {"fused": {}, "logits": dict(fused_lm_head=False), "compiled": dict(compile_layers=True),
+            "compiled_keep": _KEEP, "compiled_pad": dict(_KEEP, pad_micro_batches=True),
+            "compiled_fuse": dict(_KEEP, fuse_linears=True),
+            "compiled_pad_fuse": dict(_KEEP, pad_micro_batches=True, fuse_linears=True)}
+
+
 def make_engine(args, path, ac: bool, variant: str = "fused"):
-    """The FSDP2 engine as benchmarked: ``variant`` fused | logits | compiled | compiled_keep
-    (see --engine-variants)."""
+    """The FSDP2 engine as benchmarked: ``variant`` one of `VARIANTS` (see --engine-variants)."""
     from areal_hpc.train.engine import FSDPEngine
 
-    if variant not in ("fused", "logits", "compiled", "compiled_keep"):
-        raise SystemExit(f"unknown engine variant {variant!r} (fused, logits, compiled, compiled_keep)")
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown engine variant {variant!r} ({', '.join(VARIANTS)})")
     return FSDPEngine(EngineConfig(path=str(path), gradient_checkpointing=ac, attn_impl=args.attn_impl,
-                                   fused_lm_head=variant != "logits", compile_layers=variant.startswith("compiled"),
-                                   lm_head_keep_logits=variant == "compiled_keep",
-                                   optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0)),
+                                   optimizer=OptimizerConfig(lr=1e-5, grad_clip=1.0), **VARIANTS[variant]),
                       MicroBatchSpec(max_tokens_per_mb=args.tokens_per_mb, n_mbs=args.mbs_per_step),
                       total_steps=args.warmup + args.steps)
 
