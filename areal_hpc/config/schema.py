@@ -140,7 +140,7 @@ class EngineConfig:
     pad_micro_batches: bool = False
     # with compile_layers: projections of the same input (query/key/value, gate/up) run as one
     # matmul on concatenated weights (narrow key/value projections are slow on their own)
-    fuse_linears: bool = False
+    fuse_linears: bool = True
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -60,6 +60,8 @@ case $phase in
   mfu2n) # 2 GPUs (nvidia-h100-x2): why compiled_keep recompiles there (recompile log), and the padded, fused engine
          run m2r05 timeout 230 env $EXPANDABLE TORCH_LOGS=recompiles torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants ${VARIANT2:-compiled_pad_fuse},compiled_keep --impls engine --steps 4
          run m2p15 timeout 200 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants ${VARIANT2:-compiled_pad_fuse} --impls engine --ac off ;;
+  diag2k) # 2 GPUs: the slow compiled_keep run of mfu2gpu again (same data), with the recompile log
+          run d2k05 timeout 200 env $EXPANDABLE TORCH_LOGS=recompiles torchrun --nproc_per_node=2 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled_keep --impls engine ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;

@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default="engine,hf", help="which to run: engine, hf")
     p.add_argument("--engine-variants", default="fused",
                    help="engine runs, comma-separated: fused (logprobs from hidden states, engine.fused_lm_head), "
-                        "logits (from the model's logits), compiled (fused + engine.compile_layers), "
+                        "logits (from the model's logits), compiled (fused + engine.compile_layers, "
+                        "engine.fuse_linears off), "
                         "compiled_keep (compiled + engine.lm_head_keep_logits), "
                         "compiled_pad (compiled_keep + engine.pad_micro_batches: static shapes), "
                         "compiled_fuse (compiled_keep + engine.fuse_linears), compiled_pad_fuse (both)")
@@ -178,10 +179,10 @@ def use_ac(args, n_params: int) -> bool:
     return args.ac == "on" or (args.ac == "auto" and n_params >= 1e9)
 
 
-_KEEP = dict(compile_layers=True, lm_head_keep_logits=True)
+_KEEP = dict(compile_layers=True, lm_head_keep_logits=True, fuse_linears=False)
 # engine settings of each --engine-variants name
-VARIANTS = {"fused": {}, "logits": dict(fused_lm_head=False), "compiled": dict(compile_layers=True),
-            "compiled_keep": _KEEP, "compiled_pad": dict(_KEEP, pad_micro_batches=True),
+VARIANTS = {"fused": {}, "logits": dict(fused_lm_head=False),
+            "compiled": dict(compile_layers=True, fuse_linears=False), "compiled_keep": _KEEP, "compiled_pad": dict(_KEEP, pad_micro_batches=True),
             "compiled_fuse": dict(_KEEP, fuse_linears=True),
             "compiled_pad_fuse": dict(_KEEP, pad_micro_batches=True, fuse_linears=True)}
 
