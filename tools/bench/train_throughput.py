@@ -289,13 +289,18 @@ def sync_sites(fn, device: torch.device) -> dict:
 
 
 def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
+    from torch._dynamo.utils import counters
+
     from areal_hpc.train.sft import sft_loss
 
     eng = make_engine(args, path, ac, variant)
     times, cpu, losses, tokens, attn, n_mbs = [], [], [], 0, 0.0, 0.0
+    graphs = counters["stats"]
     for step in range(args.warmup + args.steps):
         batch, used, lengths = engine_batch(args, cfg.vocab_size, info.rank, step)
         sync(info.device)
+        if step == args.warmup:
+            graphs_before = graphs["unique_graphs"]
         t0, c0 = time.perf_counter(), time.thread_time()
         stats = eng.train_batch(batch, sft_loss)
         eng.step_lr_scheduler()
@@ -315,6 +320,10 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
                  {"variant": variant, "fused_lm_head": eng.fused_lm_head, "compile_layers": eng.config.compile_layers,
                   "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
+                  # torch.compile graphs built during the timed steps (a recompilation: a new shape
+                  # class; its seconds are in the mean), and each timed step's seconds
+                  "graphs_compiled_timed": graphs["unique_graphs"] - graphs_before,
+                  "step_times_s": [round(t, 3) for t in times],
                   "host_cpu_s_per_step": round(sum(cpu) / len(cpu), 4), **({"syncs": syncs} if syncs else {}),
                   "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}, attn)
     if args.publish:
