@@ -182,8 +182,8 @@ def use_ac(args, n_params: int) -> bool:
 _KEEP = dict(compile_layers=True, lm_head_keep_logits=True, fuse_linears=False)
 # engine settings of each --engine-variants name
 VARIANTS = {"fused": {}, "logits": dict(fused_lm_head=False),
-            "compiled": dict(compile_layers=True, fuse_linears=False), "compiled_keep": _KEEP, "compiled_pad": dict(_KEEP, pad_micro_batches=True),
-            "compiled_fuse": dict(_KEEP, fuse_linears=True),
+            "compiled": dict(compile_layers=True, fuse_linears=False), "compiled_keep": _KEEP,
+            "compiled_pad": dict(_KEEP, pad_micro_batches=True), "compiled_fuse": dict(_KEEP, fuse_linears=True),
             "compiled_pad_fuse": dict(_KEEP, pad_micro_batches=True, fuse_linears=True)}
 
 
