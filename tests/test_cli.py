@@ -96,6 +96,7 @@ BAD_INPUTS = [
     (["trainer.ppo.actor.optimizer.lr=0"], "trainer.ppo.actor.optimizer.lr"),
     (["trainer.ppo.actor.optimizer.lr_schedule=linear"], "trainer.ppo.actor.optimizer.lr_schedule"),
     (["trainer.ppo.adv_norm=global"], "trainer.ppo.adv_norm"),
+    (["trainer.ppo.actor.fsdp_units=block"], "trainer.ppo.actor.fsdp_units"),
     (["trainer.ppo.weight_update=nccl"], "trainer.ppo.weight_update"),
     (["trainer.ppo.weight_update=gloo", "cluster.n_gpus_per_node=4"], "trainer.ppo.weight_update"),
     (["trainer.ppo.weight_update=mpi"], "trainer.ppo.weight_update"),

@@ -118,7 +118,7 @@ def _worker(rank, path):
     # activation checkpointing, document-aware (varlen) attention, micro-batches padded to the
     # token budget: same logprobs and gradients
     for kw in ({"gradient_checkpointing": True}, {"attn_impl": "varlen"},
-               {"attn_impl": "varlen", "pad_micro_batches": True}):
+               {"attn_impl": "varlen", "pad_micro_batches": True}, {"fsdp_units": "model"}):
         other = FSDPEngine(EngineConfig(path=path, **kw), MicroBatchSpec(max_tokens_per_mb=40), 10)
         lp = other.forward(mine)
         for j, i in enumerate([0, 1, 2] if rank == 0 else [3, 4, 5]):
@@ -132,15 +132,16 @@ def test_fsdp_two_ranks_match_single_process(tmp_path):
     run_ranks(_worker, 2, args=(path,))
 
 
-@pytest.mark.parametrize("fused_lm_head", [True, False])
-def test_single_process_engine_without_env(tmp_path, fused_lm_head):
+@pytest.mark.parametrize("fused_lm_head, fsdp_units", [(True, "auto"), (False, "auto"), (True, "layer")])
+def test_single_process_engine_without_env(tmp_path, fused_lm_head, fsdp_units):
     """World size 1 needs no launcher variables; logprobs from the hidden states (fused head) or
-    from the logits give the reference's loss and gradients."""
+    from the logits, with one FSDP unit (the default on one rank) or one per layer, give the
+    reference's loss and gradients."""
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
-    run_ranks(_single, 1, args=(path, fused_lm_head))
+    run_ranks(_single, 1, args=(path, fused_lm_head, fsdp_units))
 
 
-def _single(rank, path, fused_lm_head):
+def _single(rank, path, fused_lm_head, fsdp_units):
     import os
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
@@ -150,8 +151,8 @@ def _single(rank, path, fused_lm_head):
 
     samples, batch = make_batch()
     _, ref_logps, ref_loss, ref_grads = reference(path, samples)
-    eng = FSDPEngine(EngineConfig(path=path, fused_lm_head=fused_lm_head), MicroBatchSpec(max_tokens_per_mb=32),
-                     total_steps=1)
+    eng = FSDPEngine(EngineConfig(path=path, fused_lm_head=fused_lm_head, fsdp_units=fsdp_units),
+                     MicroBatchSpec(max_tokens_per_mb=32), total_steps=1)
     assert eng.info.world_size == 1 and eng.fused_lm_head == fused_lm_head
     # several micro-batches, gradients summed unreduced until the last one; then another plan
     for spec in (MicroBatchSpec(max_tokens_per_mb=32), MicroBatchSpec(max_tokens_per_mb=16, n_mbs=5)):

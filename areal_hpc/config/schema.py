@@ -141,6 +141,9 @@ class EngineConfig:
     # with compile_layers: projections of the same input (query/key/value, gate/up) run as one
     # matmul on concatenated weights (narrow key/value projections are slow on their own)
     fuse_linears: bool = True
+    # FSDP units: layer (each decoder layer, then the root), model (one unit), auto (model on one
+    # rank, where nothing is sharded and per-layer hooks only cost host time; layer otherwise)
+    fsdp_units: str = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 

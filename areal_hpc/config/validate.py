@@ -181,6 +181,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         o = eng.optimizer
         _choice(f"{prefix}.optimizer.lr_schedule", o.lr_schedule, ("constant", "cosine"))
         _choice(f"{prefix}.dtype", eng.dtype, ("auto", "float32", "bfloat16"))
+        _choice(f"{prefix}.fsdp_units", eng.fsdp_units, ("auto", "layer", "model"))
         if o.lr <= 0:
             raise ConfigError(f"{prefix}.optimizer.lr", f"must be > 0, got {o.lr}")
         _positive(f"{prefix}.optimizer.warmup_steps", o.warmup_steps, 0)

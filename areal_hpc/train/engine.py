@@ -104,7 +104,8 @@ class FSDPEngine:
             parallel.compile_layers(model, dynamic=None if self.config.pad_micro_batches else True,
                                     fuse_linears=self.config.fuse_linears)
         # one rank holds everything anyway: keep the gathered (bf16) weights from forward to backward
-        parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=world > 1)
+        per_layer = self.config.fsdp_units == "layer" or (self.config.fsdp_units == "auto" and world > 1)
+        parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=world > 1, per_layer=per_layer)
         if world == 1:
             model.to(self.device)
         else:

@@ -97,16 +97,20 @@ def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
-               reshard_after_forward: bool = True) -> None:
-    """``fully_shard`` every decoder layer, then the root (embeddings, final norm, LM head).
+               reshard_after_forward: bool = True, per_layer: bool = True) -> None:
+    """``fully_shard`` every decoder layer (``per_layer``), then the root (embeddings, final norm,
+    LM head, and the layers if not wrapped on their own).
 
-    The last layer is not resharded after forward: backward needs it immediately.
+    The last layer is not resharded after forward: backward needs it immediately. One unit for the
+    whole model suits a single rank: there is nothing to shard or to overlap with communication, and
+    FSDP's per-unit hooks (forward, backward, gradient casts and accumulation) cost host time on
+    every layer of every micro-batch.
     """
     mp = precision.policy()
     kwargs = {"mesh": mesh}
     if mp is not None:
         kwargs["mp_policy"] = mp
-    layers = decoder_layers(model)
+    layers = decoder_layers(model) if per_layer else []
     for i, layer in enumerate(layers):
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)

@@ -69,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "engine.fuse_linears off), "
                         "compiled_keep (compiled + engine.lm_head_keep_logits), "
                         "compiled_pad (compiled_keep + engine.pad_micro_batches: static shapes), "
-                        "compiled_fuse (compiled_keep + engine.fuse_linears), compiled_pad_fuse (both)")
+                        "compiled_fuse (compiled_keep + engine.fuse_linears), compiled_pad_fuse (both), "
+                        "compiled_pad_fuse_unit (+ engine.fsdp_units=auto: one FSDP unit on one rank); "
+                        "all but the last with one FSDP unit per decoder layer")
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
@@ -179,12 +181,14 @@ def use_ac(args, n_params: int) -> bool:
     return args.ac == "on" or (args.ac == "auto" and n_params >= 1e9)
 
 
-_KEEP = dict(compile_layers=True, lm_head_keep_logits=True, fuse_linears=False)
+_OLD = dict(fsdp_units="layer")  # as the variants were first measured
+_KEEP = dict(_OLD, compile_layers=True, lm_head_keep_logits=True, fuse_linears=False)
 # engine settings of each --engine-variants name
-VARIANTS = {"fused": {}, "logits": dict(fused_lm_head=False),
-            "compiled": dict(compile_layers=True, fuse_linears=False), "compiled_keep": _KEEP,
+VARIANTS = {"fused": _OLD, "logits": dict(_OLD, fused_lm_head=False),
+            "compiled": dict(_OLD, compile_layers=True, fuse_linears=False), "compiled_keep": _KEEP,
             "compiled_pad": dict(_KEEP, pad_micro_batches=True), "compiled_fuse": dict(_KEEP, fuse_linears=True),
-            "compiled_pad_fuse": dict(_KEEP, pad_micro_batches=True, fuse_linears=True)}
+            "compiled_pad_fuse": dict(_KEEP, pad_micro_batches=True, fuse_linears=True),
+            "compiled_pad_fuse_unit": dict(_KEEP, pad_micro_batches=True, fuse_linears=True, fsdp_units="auto")}
 
 
 def make_engine(args, path, ac: bool, variant: str = "fused"):
@@ -318,6 +322,7 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     times = [dist.all_reduce_scalar(t, "max") for t in times]
     out = result(args, name, "areal_fsdp", n_params, tokens, times, info.device, info.world_size,
                  {"variant": variant, "fused_lm_head": eng.fused_lm_head, "compile_layers": eng.config.compile_layers,
+                  "fsdp_units": eng.config.fsdp_units,
                   "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
                   # torch.compile graphs built during the timed steps (a recompilation: a new shape
