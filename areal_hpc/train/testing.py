@@ -35,6 +35,15 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
               env: Optional[Dict[str, str]] = None) -> None:
     """Spawn ``world_size`` processes that call ``fn(rank, *args)`` with torchrun-style env vars
     set (``init_distributed`` then forms the group). Raises if any rank fails. ``fn`` must be
-    importable (module level)."""
-    mp.start_processes(_entry, args=(fn, world_size, free_port(), tuple(args), dict(env or {})),
+    importable (module level).
+
+    As under torchrun, this process hosts the rendezvous store and the ranks join it as clients
+    (``TORCHELASTIC_USE_AGENT_STORE``): its port is bound from the start, so no other process can
+    take it between the choice of a free port and rank 0 binding it.
+    """
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    env = dict(env or {}, TORCHELASTIC_USE_AGENT_STORE="True")
+    mp.start_processes(_entry, args=(fn, world_size, store.port, tuple(args), env),
                        nprocs=world_size, join=True, start_method="spawn")
