@@ -16,6 +16,15 @@ def _packed_inputs(lengths, vocab, seed):
                 max_length_q=m, max_length_k=m)
 
 
+def assert_same_logits_and_grads(eager, compiled, x):
+    a, b = eager(**x).logits, compiled(**x).logits
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    ga = torch.autograd.grad(a.square().mean(), list(eager.parameters()))
+    gb = torch.autograd.grad(b.square().mean(), list(compiled.parameters()))
+    for u, v in zip(gb, ga):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+
+
 def test_compiled_layers_match_eager_and_do_not_recompile_per_length(tmp_path):
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -36,12 +45,7 @@ def test_compiled_layers_match_eager_and_do_not_recompile_per_length(tmp_path):
     # packed rows of different total lengths, then the 2-token dummy micro-batch shape
     for i, lengths in enumerate([[15, 25], [20, 13, 24], [7, 30, 9, 11], [2]]):
         x = _packed_inputs(lengths, vocab, seed=i)
-        a, b = eager(**x).logits, compiled(**x).logits
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-        ga = torch.autograd.grad(a.square().mean(), list(eager.parameters()))
-        gb = torch.autograd.grad(b.square().mean(), list(compiled.parameters()))
-        for u, v in zip(gb, ga):
-            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+        assert_same_logits_and_grads(eager, compiled, x)
         if i == 0:
             graphs_after_first = counters["stats"]["unique_graphs"]
             assert graphs_after_first > 0  # the layers really were compiled
@@ -70,12 +74,7 @@ def test_padded_rows_compile_static_token_count_and_settle(tmp_path):
     graphs = []
     for i, lengths in enumerate([[15, 25, 24], [20, 13, 24, 7], [7, 30, 9, 11, 7], [9, 11, 40, 4], [64]]):
         x = dict(_packed_inputs(lengths, eager.config.vocab_size, seed=i), max_length_q=64, max_length_k=64)
-        a, b = eager(**x).logits, compiled(**x).logits
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-        ga = torch.autograd.grad(a.square().mean(), list(eager.parameters()))
-        gb = torch.autograd.grad(b.square().mean(), list(compiled.parameters()))
-        for u, v in zip(gb, ga):
-            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+        assert_same_logits_and_grads(eager, compiled, x)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs[1] > graphs[0]  # static first, then the changed sizes symbolic
     assert graphs[-1] == graphs[1], graphs
@@ -101,13 +100,7 @@ def test_fused_sibling_linears_match_eager(tmp_path):
     for i, lengths in enumerate([[15, 25], [20, 13, 24]]):
         x = _packed_inputs(lengths, cfg.vocab_size, seed=i)
         with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit would skip the pass
-            b = compiled(**x).logits
-        a = eager(**x).logits
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-        ga = torch.autograd.grad(a.square().mean(), list(eager.parameters()))
-        gb = torch.autograd.grad(b.square().mean(), list(compiled.parameters()))
-        for u, v in zip(gb, ga):
-            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+            assert_same_logits_and_grads(eager, compiled, x)
     assert fuse.fused >= 2  # q/k/v and gate/up of a layer (more: CPU attention splits the graph)
 
 
