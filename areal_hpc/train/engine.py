@@ -139,8 +139,10 @@ class FSDPEngine:
             # padded micro-batches pass their length, a constant, as the longest document: one value
             # fewer that varies in compiled code (flash then runs blocks for empty tiles: ~4% of its
             # time, tools/bench/attn_kernels.py)
-            lens = mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]
-            max_len = mb.n_tokens if self.config.pad_micro_batches else int(lens.max())
+            if self.config.pad_micro_batches:
+                max_len = mb.n_tokens
+            else:
+                max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
             extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
         inputs = dict(input_ids=ids.unsqueeze(0), position_ids=mb.data["position_ids"].unsqueeze(0),
                       attention_mask=None, use_cache=False, **extra)

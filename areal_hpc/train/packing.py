@@ -106,18 +106,21 @@ def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int], pad_to: i
     tokens."""
     lens = [int(s["input_ids"].shape[0]) for s in samples]
     pad = max(0, pad_to - sum(lens))
+    docs = lens + [pad] if pad else lens
     data: Dict[str, torch.Tensor] = {}
     for k, v0 in samples[0].items():
         if k == "attention_mask":
             continue
         if v0.dim() == 0:
             data[k] = torch.stack([s[k] for s in samples])
-        else:
-            filler = [torch.full((pad, *v0.shape[1:]), pad_token_id if k == "input_ids" else 0, dtype=v0.dtype)]
-            data[k] = torch.cat([s[k] for s in samples] + (filler if pad else []))
-    data["position_ids"] = torch.cat([torch.arange(n, dtype=torch.long) for n in lens + ([pad] if pad else [])])
-    cu = torch.zeros(len(lens) + 1 + bool(pad), dtype=torch.long)
-    cu[1:] = torch.cumsum(torch.tensor(lens + ([pad] if pad else []), dtype=torch.long), 0)
+            continue
+        parts = [s[k] for s in samples]
+        if pad:
+            parts.append(torch.full((pad, *v0.shape[1:]), pad_token_id if k == "input_ids" else 0, dtype=v0.dtype))
+        data[k] = torch.cat(parts)
+    data["position_ids"] = torch.cat([torch.arange(n, dtype=torch.long) for n in docs])
+    cu = torch.zeros(len(docs) + 1, dtype=torch.long)
+    cu[1:] = torch.cumsum(torch.tensor(docs, dtype=torch.long), 0)
     return MicroBatch(data, cu, list(sample_idx))
 
 

@@ -26,14 +26,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from attn_overhead import make_inputs  # noqa: E402
 
+from areal_hpc.train import attention  # noqa: E402
+
 SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-1.5b": (12, 2, 128)}
-
-
-def _repeat(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def flash(q, k, v, cu, max_len):
@@ -61,7 +60,7 @@ KERNELS = {"flash": flash, "flash_max_total": flash_max_total, "cudnn": cudnn, "
 
 def reference(q, k, v, cu):
     """fp32 causal SDPA per document; ``[T, H, D]`` in, out."""
-    k, v = _repeat(k, q.shape[1]), _repeat(v, q.shape[1])
+    k, v = attention._repeat_kv(k, q.shape[1], 1), attention._repeat_kv(v, q.shape[1], 1)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))
     bounds = cu.tolist()
     outs = [F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], is_causal=True)[0]
@@ -71,7 +70,9 @@ def reference(q, k, v, cu):
 
 def run_grads(fn, q, k, v, cu, max_len, grad, grouped: bool):
     qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-    kk, vv = (qkv[1], qkv[2]) if grouped else (_repeat(qkv[1], q.shape[1]), _repeat(qkv[2], q.shape[1]))
+    kk, vv = qkv[1], qkv[2]
+    if not grouped:
+        kk, vv = (attention._repeat_kv(t, q.shape[1], 1) for t in (kk, vv))
     out = fn(qkv[0], kk, vv, cu, max_len)
     out.backward(grad)
     return [out] + [t.grad for t in qkv]
