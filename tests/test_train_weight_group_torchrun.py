@@ -35,6 +35,7 @@ else:
         send_tensors(group, [torch.arange(1024, dtype=torch.float32, device=device)])
     dist.all_reduce(torch.ones(1, device=device))  # the trainer's own group still works afterwards
     print("TRAINER_DONE", info.rank, flush=True)
+    dist.destroy_process_group()  # as the trainer's entry does: all groups, the weight group too
 """
 
 

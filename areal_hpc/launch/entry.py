@@ -94,7 +94,14 @@ def train(run_dir: Path) -> int:
     _master_from_slurm()
     ctx = TrainContext(cfg=cfg, alloc=parse_allocation(cfg.allocation_mode), run_dir=run_dir,
                        registry=Registry(run_dir / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s))
-    return make_trainer(ctx).run()
+    try:
+        return make_trainer(ctx).run()
+    finally:
+        # Process groups left alive at interpreter exit can abort the process there ("terminate
+        # called without an active exception", SIGABRT) after the work is done.
+        from areal_hpc.train import dist
+
+        dist.destroy()
 
 
 def _master_from_slurm() -> None:
