@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -125,6 +127,10 @@ def _worker(rank, path):
             torch.testing.assert_close(lp[j, : LENS[i]], ref_logps[i], atol=1e-5, rtol=0)
         other.forward_backward(mine, nll_loss)
         assert_close_grads(full_grads(other), ref_grads)
+        if "fsdp_units" in kw:  # a second step: the unit was resharded after the last backward, then gathered again
+            other.mb_spec = MicroBatchSpec(max_tokens_per_mb=16, n_mbs=3)
+            assert other.forward_backward(mine, nll_loss)["n_mbs"] >= 3
+            assert_close_grads(full_grads(other), ref_grads)
 
 
 def test_fsdp_two_ranks_match_single_process(tmp_path):
@@ -182,3 +188,41 @@ def test_env_ranks_torchrun_slurm_and_none(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert env_ranks() == (3, 4, 3)  # torchrun wins
+
+
+def test_fused_adamw_skips_a_non_finite_step_on_the_device(tmp_path):
+    """With fused AdamW (the GPU default) a non-finite gradient norm skips the step through the
+    optimizer's device-side ``found_inf`` flag: weights, moments and step count stay as they were,
+    and the next finite step is the one a foreach AdamW takes."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_fused_skip, 1, args=(path,))
+
+
+def _fused_skip(rank, path):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+    from areal_hpc.train.engine import FSDPEngine
+
+    _, batch = make_batch()
+    engines = [FSDPEngine(EngineConfig(path=path), MicroBatchSpec(max_tokens_per_mb=32), total_steps=4)
+               for _ in range(2)]
+    fused, plain = engines
+    fused.optimizer = torch.optim.AdamW(fused.model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    plain.optimizer = torch.optim.AdamW(plain.model.parameters(), lr=1e-3, weight_decay=0.0, foreach=True)
+    assert fused.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
+    nan_loss = lambda out, mb: (nll_loss(out, mb)[0] * float("nan"), {})  # noqa: E731
+    for eng in engines:
+        eng.train_batch(batch, nll_loss)
+        before = {n: p.full_tensor().clone() for n, p in eng.model.named_parameters()}
+        moments = [s["exp_avg"].full_tensor().clone() for s in eng.optimizer.state.values()]
+        steps = [float(s["step"]) for s in eng.optimizer.state.values()]
+        stats = eng.train_batch(batch, nan_loss)
+        assert stats["skipped_step"] == 1.0 and not math.isfinite(stats["grad_norm"])
+        for n, p in eng.model.named_parameters():
+            assert torch.equal(p.full_tensor(), before[n]), n
+        assert [float(s["step"]) for s in eng.optimizer.state.values()] == steps
+        for m, s in zip(moments, eng.optimizer.state.values()):
+            assert torch.equal(s["exp_avg"].full_tensor(), m)
+        stats = eng.train_batch(batch, nll_loss)
+        assert stats["skipped_step"] == 0.0 and math.isfinite(stats["grad_norm"]) and stats["loss"] > 0
+    for (n, a), b in zip(fused.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), atol=1e-6, rtol=1e-5, msg=n)

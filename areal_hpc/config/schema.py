@@ -141,8 +141,10 @@ class EngineConfig:
     # with compile_layers: projections of the same input (query/key/value, gate/up) run as one
     # matmul on concatenated weights (narrow key/value projections are slow on their own)
     fuse_linears: bool = True
-    # FSDP units: layer (each decoder layer, then the root), model (one unit), auto (model on one
-    # rank, where nothing is sharded and per-layer hooks only cost host time; layer otherwise)
+    # FSDP units: layer (each decoder layer, then the root), model (one unit, gathered once per
+    # step and kept with its gradients unsharded until the step's last micro-batch: fewer hooks and
+    # collectives for a model whose full weights and fp32 gradients fit on each GPU), auto (model on
+    # one rank, where nothing is sharded and per-layer hooks only cost host time; layer otherwise)
     fsdp_units: str = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 

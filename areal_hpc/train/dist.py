@@ -124,5 +124,7 @@ def collective_device() -> torch.device:
 
 
 def all_reduce_scalar(x: float, op: str = "sum") -> float:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return float(x)  # no device round trip on one process
     t = torch.tensor([float(x)], dtype=torch.float64, device=collective_device())
     return float(all_reduce(t, op).item())

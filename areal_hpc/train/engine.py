@@ -16,6 +16,7 @@ function must stay finite on a micro-batch with no loss tokens (dummy micro-batc
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 
 from areal_hpc import toy
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
@@ -103,9 +105,13 @@ class FSDPEngine:
         if self.config.compile_layers and self.device.type == "cuda":
             parallel.compile_layers(model, dynamic=None if self.config.pad_micro_batches else True,
                                     fuse_linears=self.config.fuse_linears)
-        # one rank holds everything anyway: keep the gathered (bf16) weights from forward to backward
         per_layer = self.config.fsdp_units == "layer" or (self.config.fsdp_units == "auto" and world > 1)
-        parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=world > 1, per_layer=per_layer)
+        # One rank holds everything anyway, and one unit for the whole model is gathered once per
+        # step: either way the gathered (bf16) weights stay from the first forward to the last
+        # backward, and gradients are summed locally until the step's last micro-batch.
+        self._hold_weights = world == 1 or not per_layer
+        parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=not self._hold_weights,
+                            per_layer=per_layer)
         if world == 1:
             model.to(self.device)
         else:
@@ -171,74 +177,97 @@ class FSDPEngine:
         weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
         return weights, dist.all_reduce_scalar(sum(weights))
 
-    def _reduce_stats(self, sums: Dict[str, torch.Tensor], total: float) -> Dict[str, float]:
-        """Token-weighted means over all micro-batches of all ranks (one all-reduce)."""
+    def _reduce_stats(self, sums: Dict[str, torch.Tensor]) -> Tuple[List[str], torch.Tensor]:
+        """Sums over all micro-batches of all ranks, still on the device: one all-reduce, no read."""
         keys = sorted(sums)
         t = torch.stack([sums[k].to(torch.float64) for k in keys]).to(dist.collective_device())
         dist.all_reduce(t)
-        return {k: float(v) / total if total > 0 else 0.0 for k, v in zip(keys, t.tolist())}
+        return keys, t
 
     def _accumulate(self, mbs: List[MicroBatch], weights: List[float], total: float, loss_fn: LossFn,
-                    temperature: float, backward: bool) -> Dict[str, float]:
+                    temperature: float, backward: bool) -> Tuple[List[str], torch.Tensor]:
         world = self.info.world_size
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: Dict[str, torch.Tensor] = {"loss": zero}
         for i, (mb, w) in enumerate(zip(mbs, weights)):
-            if backward and world == 1:
-                # Nothing to reduce across ranks: FSDP keeps the weights gathered and sums the
-                # gradients (in fp32) over the micro-batches, and "reduces" once, after the last.
+            if backward and self._hold_weights:
+                # FSDP keeps the weights gathered and sums the gradients (in fp32) over the
+                # micro-batches, and reduces (reduce-scatters) once, after the last.
                 last = i == len(mbs) - 1
                 self.model.set_requires_gradient_sync(last)
                 self.model.set_reshard_after_backward(last)
-            mb = mb.to(self.device)
-            out = self._run(mb, temperature, with_entropy=True)
-            loss, stats = loss_fn(out, mb.data)
+            with record_function("areal.forward"):
+                mb = mb.to(self.device)
+                out = self._run(mb, temperature, with_entropy=True)
+                loss, stats = loss_fn(out, mb.data)
             scale = w / total if total > 0 else 0.0
             if backward:
-                # FSDP averages gradients over ranks; the global token normalisation wants a sum.
-                (loss * (scale * world)).backward()
+                with record_function("areal.backward"):
+                    # FSDP averages gradients over ranks; the global token normalisation wants a sum.
+                    (loss * (scale * world)).backward()
             sums["loss"] = sums["loss"] + loss.detach().double() * w
             for k, v in stats.items():
                 v = torch.as_tensor(v).detach().to(self.device, torch.float64)
                 sums[k] = sums.get(k, zero) + v * w
-        return self._reduce_stats(sums, total)
+        return self._reduce_stats(sums)
+
+    def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn,
+                          temperature: float) -> "_Pending":
+        if self.optimizer is None:
+            raise RuntimeError("this engine was built with trainable=False")
+        self.model.train()
+        with record_function("areal.pack"):
+            mbs = self.micro_batches(batch)
+            weights, total = self._global_weight(mbs, loss_weight_fn)
+        self.optimizer.zero_grad(set_to_none=True)
+        keys, sums = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=True)
+        return _Pending(keys, sums, divisor=total, plain=dict(n_tokens=total, n_mbs=float(len(mbs))))
 
     def forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                          temperature: float = 1.0) -> Dict[str, float]:
         """Zero the gradients, then accumulate those of the globally normalised loss."""
-        if self.optimizer is None:
-            raise RuntimeError("this engine was built with trainable=False")
-        self.model.train()
-        mbs = self.micro_batches(batch)
-        weights, total = self._global_weight(mbs, loss_weight_fn)
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=True)
-        stats.update(n_tokens=total, n_mbs=float(len(mbs)))
-        return stats
+        return _read(self._forward_backward(batch, loss_fn, loss_weight_fn, temperature))
+
+    def _optimizer_step(self) -> "_Pending":
+        """Clip and step without waiting for the GPU where the optimizer can skip a step by itself
+        (fused AdamW reads a device-side ``found_inf`` flag, as under a gradient scaler): the norm
+        is read back with the step's other statistics, after all the step's work is queued."""
+        params = list(self.model.parameters())
+        with record_function("areal.optimizer"):
+            norm = optim.grad_norm(params)
+            if self.optimizer.defaults.get("fused"):
+                skipped = (~torch.isfinite(norm)).to(torch.float32)
+                optim.clip_grads(params, self.config.optimizer.grad_clip, norm)
+                self.optimizer.found_inf = skipped
+                try:
+                    self.optimizer.step()
+                finally:
+                    del self.optimizer.found_inf
+            else:
+                finite = bool(torch.isfinite(norm).item())
+                if finite:
+                    optim.clip_grads(params, self.config.optimizer.grad_clip, norm)
+                    self.optimizer.step()
+                skipped = torch.tensor(0.0 if finite else 1.0)
+            self.optimizer.zero_grad(set_to_none=True)
+        return _Pending(["grad_norm", "skipped_step"], torch.stack([norm.double().reshape(()),
+                                                                    skipped.double().to(norm.device)]),
+                        plain=dict(lr=self.current_lr()))
 
     def optimizer_step(self) -> Dict[str, float]:
         """Clip gradients and step AdamW; a non-finite norm skips the step (``skipped_step=1``)."""
-        params = list(self.model.parameters())
-        norm = optim.grad_norm(params)
-        finite = bool(torch.isfinite(norm).item())
-        if finite:
-            optim.clip_grads(params, self.config.optimizer.grad_clip, norm)
-            self.optimizer.step()
-        else:
-            log.warning("non-finite gradient norm %s: optimizer step skipped", float(norm))
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "skipped_step": 0.0 if finite else 1.0, "lr": self.current_lr()}
+        return _read(self._optimizer_step())
 
     def train_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                     temperature: float = 1.0) -> Dict[str, float]:
         """One optimizer step on this rank's share of a batch; returns global statistics.
 
-        The LR scheduler is not stepped here (see `step_lr_scheduler`), so several optimizer
-        steps (PPO minibatches) can make up one training step.
+        The host waits for the GPU once, at the end (the statistics and the gradient norm are read
+        together). The LR scheduler is not stepped here (see `step_lr_scheduler`), so several
+        optimizer steps (PPO minibatches) can make up one training step.
         """
-        stats = self.forward_backward(batch, loss_fn, loss_weight_fn, temperature)
-        stats.update(self.optimizer_step())
-        return stats
+        pending = self._forward_backward(batch, loss_fn, loss_weight_fn, temperature)
+        return _read(pending, self._optimizer_step())
 
     @torch.no_grad()
     def eval_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
@@ -246,9 +275,8 @@ class FSDPEngine:
         self.model.eval()
         mbs = self.micro_batches(batch)
         weights, total = self._global_weight(mbs, loss_weight_fn)
-        stats = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=False)
-        stats["n_tokens"] = total
-        return stats
+        keys, sums = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=False)
+        return _read(_Pending(keys, sums, divisor=total, plain=dict(n_tokens=total)))
 
     def step_lr_scheduler(self) -> None:
         if self.lr_scheduler is not None:
@@ -299,6 +327,34 @@ class FSDPEngine:
         if buf is None or buf.numel() < need:
             buf = self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         return buf
+
+
+@dataclass
+class _Pending:
+    """Statistics still on the device: ``values[i]`` is ``keys[i]`` (divided by ``divisor``, a
+    token count, when set); ``plain`` ones are known on the host already."""
+
+    keys: List[str]
+    values: torch.Tensor
+    divisor: Optional[float] = None
+    plain: Dict[str, float] = field(default_factory=dict)
+
+
+def _read(*pending: _Pending) -> Dict[str, float]:
+    """All pending statistics in one device-to-host copy (one wait for the GPU)."""
+    device = pending[0].values.device
+    values = iter(torch.cat([p.values.reshape(-1).to(device) for p in pending]).tolist())
+    out: Dict[str, float] = {}
+    for p in pending:
+        for key in p.keys:
+            v = float(next(values))
+            if p.divisor is not None:
+                v = v / p.divisor if p.divisor > 0 else 0.0
+            out[key] = v
+        out.update(p.plain)
+    if out.get("skipped_step"):
+        log.warning("non-finite gradient norm %s: optimizer step skipped", out["grad_norm"])
+    return out
 
 
 def _aligned(nbytes: int, to: int = 64) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -70,6 +70,22 @@ case $phase in
           run f6_15 timeout 150 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-1.5b --engine-variants compiled_pad_fuse --impls engine --ac off --warmup 3 ;;
   units) # one GPU, 0.5B: one FSDP unit per decoder layer vs one for the whole model
          run u05 timeout 200 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled_pad_fuse,compiled_pad_fuse_unit --impls engine --warmup 3 ;;
+  gaps) # one GPU: the GPU test of the compiled engine, where the GPU waits in a step (0.5B, 1.5B), and the
+        # engine against the tree in .old/ (one read of the statistics per step vs three)
+        V=compiled_pad_fuse_unit
+        run gpu1 timeout 130 python3 -m pytest -q -rs -m gpu tests/test_gpu.py -k compiled_varlen
+        run gap05 timeout 110 env $EXPANDABLE python3 tools/bench/profile_gpu.py train --variant $V --rows 30
+        run gap15 timeout 130 env $EXPANDABLE python3 tools/bench/profile_gpu.py train --variant $V --model qwen2.5-1.5b --ac off --rows 30
+        run new05 timeout 100 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants $V --impls engine --warmup 3
+        run old05 timeout 100 bash -c "cd .old && env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants $V --impls engine --warmup 3" ;;
+  host) # GPU 0 alone: the same 0.5B engine with and without torchrun (which sets OMP_NUM_THREADS=1),
+        # with more threads, with the garbage collector off; then 2 GPUs: one FSDP unit per layer vs one unit
+        V="--models qwen2.5-0.5b --impls engine --warmup 3 --steps 6"
+        run h_py timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 python3 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit
+        run h_tr timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit
+        run h_omp timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=8 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit
+        run h_gc timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit --gc off
+        run u2_05 timeout 170 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit,compiled_pad_fuse_model ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;

@@ -44,10 +44,71 @@ def gpu_busy_s(prof) -> float:
     return total / 1e6
 
 
-def profiled(fn, device: torch.device):
+def idle_gaps(prof, top: int = 12, min_us: float = 50.0) -> dict:
+    """Where the GPU waited during the profiled step: the union of device activity (kernels,
+    copies) against the span of the profile; every gap of at least ``min_us`` is labelled with
+    the engine phase (``areal.*`` record_function ranges) and the innermost host op running at its
+    middle, and the idle time is summed per label. Answers "is the step bound by the host, and
+    where"."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    dev = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                 if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start)
+    host = [e for e in prof.events() if getattr(e, "device_type", None) == cpu]
+    if not dev or not host:
+        return {}
+    begin = min(e.time_range.start for e in host)
+    end = max(max(e.time_range.end for e in host), dev[-1][1])
+    busy, gaps, cursor = 0.0, [], begin
+    for s, e in dev:
+        if s > cursor:
+            gaps.append((cursor, s))
+        if e > cursor:
+            busy += e - max(s, cursor)
+            cursor = e
+    if end > cursor:
+        gaps.append((cursor, end))
+
+    def label(t: float) -> str:
+        live = [e for e in host if e.time_range.start <= t <= e.time_range.end]
+        phase = [e.name for e in live if e.name.startswith("areal.")]
+        ops = sorted((e for e in live if not e.name.startswith(("areal.", "ProfilerStep", "## "))),
+                     key=lambda e: e.time_range.end - e.time_range.start)
+        return f"{phase[-1] if phase else '-'} | {ops[0].name[:60] if ops else '-'}"
+
+    per_label: dict = {}
+    listed = []
+    for s, e in gaps:
+        if e - s < min_us:
+            continue
+        lab = label((s + e) / 2)
+        per_label[lab] = per_label.get(lab, 0.0) + (e - s) / 1e3
+        listed.append((round((e - s) / 1e3, 3), round((s - begin) / 1e3, 1), lab))
+    idle = sum(e - s for s, e in gaps)
+    return {"span_ms": round((end - begin) / 1e3, 2), "busy_ms": round(busy / 1e3, 2),
+            "idle_ms": round(idle / 1e3, 2), "gaps_over_min": len(listed),
+            "idle_small_gaps_ms": round((idle - sum(g[0] for g in listed) * 1e3) / 1e3, 2),
+            "idle_ms_by_label": {k: round(v, 2) for k, v in sorted(per_label.items(), key=lambda kv: -kv[1])[:top]},
+            "largest_gaps_ms_at_ms_label": sorted(listed, reverse=True)[:top]}
+
+
+def busy_ms(prof) -> float:
+    """Union of device activity (kernels, copies) in ms: overlaps counted once."""
+    cuda = torch.autograd.DeviceType.CUDA
+    busy, cursor = 0.0, float("-inf")
+    for s, e in sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if getattr(e, "device_type", None) == cuda):
+        if e > cursor:
+            busy += e - max(s, cursor)
+            cursor = e
+    return busy / 1e3
+
+
+def profiled(fn, device: torch.device, host: bool = True):
+    """``fn`` under the profiler: host ops and device activity, or (``host=False``) device
+    activity only, which leaves the host's speed as it is without the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acts = ([ProfilerActivity.CPU] if host else []) + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     tt.sync(device)
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -98,6 +159,14 @@ def cmd_train(a) -> None:
                           "tokens_per_s": round(box["used"] / wall, 1),
                           "mfu": round(6 * n_params * box["used"] / wall / (a.peak_tflops * 1e12), 4),
                           "gpu_kernel_s": round(busy, 4)}), flush=True)
+        print(json.dumps({"bench": "profile_gaps", "model": a.model, "variant": a.variant, **idle_gaps(prof)}),
+              flush=True)
+    if info.device.type == "cuda":  # the same without host-side tracing (which slows the host)
+        prof, wall = profiled(lambda: step(a.warmup + 1), info.device, host=False)
+        if info.rank == 0:
+            print(json.dumps({"bench": "profile_device_only", "model": a.model, "variant": a.variant,
+                              "wall_ms": round(wall * 1e3, 2), "busy_ms": round(busy_ms(prof), 2),
+                              "idle_ms": round(wall * 1e3 - busy_ms(prof), 2)}), flush=True)
     dist.destroy()
 
 

@@ -8,7 +8,9 @@ bf16 parameters and bf16 AdamW, one process per GPU with no communication. Both 
 ``--mbs-per-step`` micro-batches per optimizer step. One JSON line per (model, implementation):
 tokens/s, ``mfu`` = 6 * N * tokens/s / peak (``--peak-tflops`` per GPU), and ``mfu_attn``, which
 adds the causal attention FLOPs of the documents actually trained (6 * L^2 * heads * head_dim per
-layer for a document of L tokens: forward QK^T and PV over the causal half, backward twice that).
+layer for a document of L tokens: forward QK^T and PV over the causal half, backward twice that),
+and ``mfu_attn_full``, which counts attention as PaLM's appendix B and torchtitan do (the whole
+L x L matrix, twice the causal half; per document, where torchtitan takes the packed row's length).
 
     python tools/bench/train_throughput.py --tiny                          # CPU smoke test
     torchrun --nproc_per_node=1 tools/bench/train_throughput.py            # 1 GPU
@@ -70,11 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "compiled_keep (compiled + engine.lm_head_keep_logits), "
                         "compiled_pad (compiled_keep + engine.pad_micro_batches: static shapes), "
                         "compiled_fuse (compiled_keep + engine.fuse_linears), compiled_pad_fuse (both), "
-                        "compiled_pad_fuse_unit (+ engine.fsdp_units=auto: one FSDP unit on one rank); "
-                        "all but the last with one FSDP unit per decoder layer")
+                        "compiled_pad_fuse_unit (+ engine.fsdp_units=auto: one FSDP unit on one rank), "
+                        "compiled_pad_fuse_model (+ engine.fsdp_units=model: one unit on any number of ranks); "
+                        "all others with one FSDP unit per decoder layer")
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
+    p.add_argument("--gc", default="auto", choices=["auto", "off"],
+                   help="Python's garbage collector during the timed engine steps: auto (as is) or off "
+                        "(collected and frozen after the warm-up, then disabled, as torchtitan's gc_freq does)")
     p.add_argument("--sync-debug", action="store_true",
                    help="after the timed steps, run one more step with torch.cuda.set_sync_debug_mode('warn') and "
                         "print where it synchronised with the GPU (count per call site)")
@@ -173,6 +179,9 @@ def result(args, name, impl, n_params, tokens_per_step, times, device, world, ex
             "tokens_per_s": round(tps, 1), "tokens_per_s_per_gpu": round(per_gpu, 1),
             "mfu": round(6 * n_params * per_gpu / peak, 4),
             "mfu_attn": round((6 * n_params * tokens_per_step + attn_per_step) / step_s / world / peak, 4),
+            # attention as PaLM and torchtitan count it: the whole L x L score matrix (not halved
+            # for causality), per document here (torchtitan takes the row length)
+            "mfu_attn_full": round((6 * n_params * tokens_per_step + 2 * attn_per_step) / step_s / world / peak, 4),
             "peak_mem_gib": round(peak_mem_gib(device), 2), **extra}
 
 
@@ -188,7 +197,8 @@ VARIANTS = {"fused": _OLD, "logits": dict(_OLD, fused_lm_head=False),
             "compiled": dict(_OLD, compile_layers=True, fuse_linears=False), "compiled_keep": _KEEP,
             "compiled_pad": dict(_KEEP, pad_micro_batches=True), "compiled_fuse": dict(_KEEP, fuse_linears=True),
             "compiled_pad_fuse": dict(_KEEP, pad_micro_batches=True, fuse_linears=True),
-            "compiled_pad_fuse_unit": dict(_KEEP, pad_micro_batches=True, fuse_linears=True, fsdp_units="auto")}
+            "compiled_pad_fuse_unit": dict(_KEEP, pad_micro_batches=True, fuse_linears=True, fsdp_units="auto"),
+            "compiled_pad_fuse_model": dict(_KEEP, pad_micro_batches=True, fuse_linears=True, fsdp_units="model")}
 
 
 def make_engine(args, path, ac: bool, variant: str = "fused"):
@@ -305,6 +315,10 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
         sync(info.device)
         if step == args.warmup:
             graphs_before = graphs["unique_graphs"]
+            if args.gc == "off":
+                gc.collect()
+                gc.freeze()
+                gc.disable()
         t0, c0 = time.perf_counter(), time.thread_time()
         stats = eng.train_batch(batch, sft_loss)
         eng.step_lr_scheduler()
@@ -317,12 +331,14 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
             attn += dist.all_reduce_scalar(attn_flops(cfg, lengths)) / args.steps
             n_mbs = stats["n_mbs"]
         losses.append(stats["loss"])
+    gc.enable()
+    gc.unfreeze()
     syncs = sync_sites(lambda: eng.train_batch(engine_batch(args, cfg.vocab_size, info.rank, 0)[0], sft_loss),
                        info.device) if args.sync_debug else None
     times = [dist.all_reduce_scalar(t, "max") for t in times]
     out = result(args, name, "areal_fsdp", n_params, tokens, times, info.device, info.world_size,
                  {"variant": variant, "fused_lm_head": eng.fused_lm_head, "compile_layers": eng.config.compile_layers,
-                  "fsdp_units": eng.config.fsdp_units,
+                  "fsdp_units": eng.config.fsdp_units, "gc": args.gc, "omp_threads": torch.get_num_threads(),
                   "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
                   # torch.compile graphs built during the timed steps (a recompilation: a new shape
