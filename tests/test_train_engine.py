@@ -73,6 +73,7 @@ def _worker(rank, path):
     cfg = EngineConfig(path=path, optimizer=OptimizerConfig(lr=1e-3, grad_clip=0.0))
     eng = FSDPEngine(cfg, MicroBatchSpec(max_tokens_per_mb=40), total_steps=10)
     assert eng.model.lm_head.weight is eng.model.model.embed_tokens.weight  # tie survives meta init
+    assert eng.fsdp_units == "model"  # auto: a small model, both ranks on this host
 
     # packed (several documents per row) vs unpacked logprobs
     mine = select(batch, [0, 1, 2] if rank == 0 else [3, 4, 5])
@@ -120,7 +121,8 @@ def _worker(rank, path):
     # activation checkpointing, document-aware (varlen) attention, micro-batches padded to the
     # token budget: same logprobs and gradients
     for kw in ({"gradient_checkpointing": True}, {"attn_impl": "varlen"},
-               {"attn_impl": "varlen", "pad_micro_batches": True}, {"fsdp_units": "model"}):
+               {"attn_impl": "varlen", "pad_micro_batches": True}, {"fsdp_units": "model"},
+               {"fsdp_units": "layer"}):
         other = FSDPEngine(EngineConfig(path=path, **kw), MicroBatchSpec(max_tokens_per_mb=40), 10)
         lp = other.forward(mine)
         for j, i in enumerate([0, 1, 2] if rank == 0 else [3, 4, 5]):
@@ -226,3 +228,15 @@ def _fused_skip(rank, path):
         assert stats["skipped_step"] == 0.0 and math.isfinite(stats["grad_norm"]) and stats["loss"] > 0
     for (n, a), b in zip(fused.model.named_parameters(), plain.model.parameters()):
         torch.testing.assert_close(a.full_tensor(), b.full_tensor(), atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_fsdp_units_auto_rule():
+    from areal_hpc.train.parallel import resolve_fsdp_units
+
+    gib = 2**30
+    assert resolve_fsdp_units("auto", 1, 70e9, 80 * gib, True) == "model"  # nothing to shard on one rank
+    assert resolve_fsdp_units("auto", 8, 1.5e9, 80 * gib, True) == "model"  # 9 GB <= 10 GB
+    assert resolve_fsdp_units("auto", 8, 3e9, 80 * gib, True) == "layer"  # 18 GB > 10 GB
+    assert resolve_fsdp_units("auto", 16, 0.5e9, 80 * gib, False) == "layer"  # across hosts
+    assert resolve_fsdp_units("layer", 1, 1e6, 80 * gib, True) == "layer"
+    assert resolve_fsdp_units("model", 16, 70e9, 80 * gib, False) == "model"

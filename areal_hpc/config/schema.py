@@ -144,7 +144,8 @@ class EngineConfig:
     # FSDP units: layer (each decoder layer, then the root), model (one unit, gathered once per
     # step and kept with its gradients unsharded until the step's last micro-batch: fewer hooks and
     # collectives for a model whose full weights and fp32 gradients fit on each GPU), auto (model on
-    # one rank, where nothing is sharded and per-layer hooks only cost host time; layer otherwise)
+    # one rank, and on ranks of one host when 6 bytes per parameter fit in an eighth of a device's
+    # memory; layer otherwise, see train/parallel.resolve_fsdp_units)
     fsdp_units: str = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 

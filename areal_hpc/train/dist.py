@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,12 +61,21 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cuda", 0 if n == 1 else local_rank % n)
 
 
+# CPU threads of a GPU trainer when OMP_NUM_THREADS is unset (as `cluster.cpus_per_gpu` does under
+# Slurm): its host work is launching kernels and packing batches, and on a 32-core H200 host a
+# step under torchrun (one process) with torch's default of a thread per core took 0.38 s against
+# 0.30 s with 8 (docs/benchmarks.md, sixth round)
+GPU_PROCESS_THREADS = 8
+
+
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
     """Initialise the default process group once; later calls return the existing set-up."""
     rank, world, local = env_ranks()
     device = pick_device(local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > GPU_PROCESS_THREADS:
+            torch.set_num_threads(GPU_PROCESS_THREADS)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return current()
@@ -101,6 +111,21 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def ranks_on_one_host() -> bool:
+    """Whether every rank of the default group runs on this host (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    names: list = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return len(set(names)) == 1
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def barrier() -> None:

@@ -105,7 +105,13 @@ class FSDPEngine:
         if self.config.compile_layers and self.device.type == "cuda":
             parallel.compile_layers(model, dynamic=None if self.config.pad_micro_batches else True,
                                     fuse_linears=self.config.fuse_linears)
-        per_layer = self.config.fsdp_units == "layer" or (self.config.fsdp_units == "auto" and world > 1)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.fsdp_units = parallel.resolve_fsdp_units(self.config.fsdp_units, world, n_params,
+                                                      dist.device_memory_bytes(self.device), dist.ranks_on_one_host())
+        if rank == 0:
+            log.info("FSDP units: %s (engine.fsdp_units=%s, %d ranks, %.2fB parameters)", self.fsdp_units,
+                     self.config.fsdp_units, world, n_params / 1e9)
+        per_layer = self.fsdp_units == "layer"
         # One rank holds everything anyway, and one unit for the whole model is gathered once per
         # step: either way the gathered (bf16) weights stay from the first forward to the last
         # backward, and gradients are summed locally until the step's last micro-batch.

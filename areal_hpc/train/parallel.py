@@ -96,6 +96,23 @@ def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
     return fuse
 
 
+def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int, one_host: bool) -> str:
+    """``layer`` or ``model`` for ``engine.fsdp_units=choice``.
+
+    ``auto`` picks one unit for the whole model on one rank (nothing to shard), and on several
+    ranks of one host when the gathered bf16 weights and unsharded fp32 gradients (6 bytes per
+    parameter, held through a step) take at most an eighth of a device's memory: one gather and one
+    reduce-scatter per step instead of one per layer and micro-batch, and fewer hooks (2x H200:
+    +11% tokens/s at 0.5B, +4% at 1.5B). Across hosts, per-layer units overlap the slower
+    network with compute.
+    """
+    if choice != "auto":
+        return choice
+    if world == 1 or (one_host and 6 * n_params <= device_bytes // 8):
+        return "model"
+    return "layer"
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
                reshard_after_forward: bool = True, per_layer: bool = True) -> None:
     """``fully_shard`` every decoder layer (``per_layer``), then the root (embeddings, final norm,

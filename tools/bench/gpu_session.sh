@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -86,6 +86,18 @@ case $phase in
         run h_omp timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=8 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit
         run h_gc timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit --gc off
         run u2_05 timeout 170 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --engine-variants compiled_pad_fuse_unit,compiled_pad_fuse_model ;;
+  final7) # the engine as configured now, 1 GPU (GPU 0) then 2 GPUs of one machine, next to plain transformers + AdamW
+          V="--warmup 3 --steps 6"
+          run f7_1g05 timeout 120 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --engine-variants compiled_pad_fuse_unit
+          run f7_1g15 timeout 110 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --engine-variants compiled_pad_fuse_unit --impls engine --ac off
+          run f7_2g05 timeout 150 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --engine-variants compiled_pad_fuse_model
+          run f7_2g15 timeout 190 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --engine-variants compiled_pad_fuse_model,compiled_pad_fuse_unit --impls engine --ac off ;;
+  final8) # 2 GPUs: the GPU tests, then the engine as configured now (fsdp_units=auto: one unit on one host for these
+          # sizes) next to plain transformers + AdamW
+          V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit"
+          run tests timeout 230 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_train_weight_group_torchrun.py
+          run f8_2g05 timeout 150 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
+          run f8_2g15 timeout 150 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;

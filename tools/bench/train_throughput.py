@@ -339,6 +339,7 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     out = result(args, name, "areal_fsdp", n_params, tokens, times, info.device, info.world_size,
                  {"variant": variant, "fused_lm_head": eng.fused_lm_head, "compile_layers": eng.config.compile_layers,
                   "fsdp_units": eng.config.fsdp_units, "gc": args.gc, "omp_threads": torch.get_num_threads(),
+                  "cpu_affinity": len(os.sched_getaffinity(0)),
                   "dtype": str(eng.precision.param_dtype).removeprefix("torch."), "attn_impl": args.attn_impl,
                   "gradient_checkpointing": ac, "n_mbs_per_step": n_mbs,
                   # torch.compile graphs built during the timed steps (a recompilation: a new shape
