@@ -240,3 +240,22 @@ def test_fsdp_units_auto_rule():
     assert resolve_fsdp_units("auto", 16, 0.5e9, 80 * gib, False) == "layer"  # across hosts
     assert resolve_fsdp_units("layer", 1, 1e6, 80 * gib, True) == "layer"
     assert resolve_fsdp_units("model", 16, 70e9, 80 * gib, False) == "model"
+
+
+def test_gpu_processes_use_a_few_cpu_threads_unless_told(monkeypatch):
+    from areal_hpc.train.dist import GPU_PROCESS_THREADS, limit_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(GPU_PROCESS_THREADS + 8)
+        limit_cpu_threads(torch.device("cpu"))  # CPU training keeps its threads
+        assert torch.get_num_threads() == GPU_PROCESS_THREADS + 8
+        limit_cpu_threads(torch.device("cuda", 0))
+        assert torch.get_num_threads() == GPU_PROCESS_THREADS
+        torch.set_num_threads(GPU_PROCESS_THREADS + 8)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(GPU_PROCESS_THREADS + 8))  # an explicit setting wins
+        limit_cpu_threads(torch.device("cuda", 0))
+        assert torch.get_num_threads() == GPU_PROCESS_THREADS + 8
+    finally:
+        torch.set_num_threads(before)

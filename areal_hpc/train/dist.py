@@ -61,11 +61,19 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cuda", 0 if n == 1 else local_rank % n)
 
 
-# CPU threads of a GPU trainer when OMP_NUM_THREADS is unset (as `cluster.cpus_per_gpu` does under
-# Slurm): its host work is launching kernels and packing batches, and on a 32-core H200 host a
-# step under torchrun (one process) with torch's default of a thread per core took 0.38 s against
-# 0.30 s with 8 (docs/benchmarks.md, sixth round)
+# CPU threads of a GPU process when OMP_NUM_THREADS is unset (under Slurm the launcher sets it to
+# `cluster.cpus_per_gpu`, 8 by default). Its host work is launching kernels and packing batches;
+# under torchrun (one process) torch's default of a thread per core made a 0.5B step 25% slower
+# (32-core H200 host: 0.38 vs 0.30 s; 16-core H100 host: 0.40 vs 0.32 s; docs/benchmarks.md)
 GPU_PROCESS_THREADS = 8
+
+
+def limit_cpu_threads(device: torch.device) -> None:
+    """At most `GPU_PROCESS_THREADS` intra-op CPU threads in a GPU process, unless
+    ``OMP_NUM_THREADS`` asks for a number."""
+    if device.type == "cuda" and not os.environ.get("OMP_NUM_THREADS") \
+            and torch.get_num_threads() > GPU_PROCESS_THREADS:
+        torch.set_num_threads(GPU_PROCESS_THREADS)
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
@@ -74,8 +82,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     device = pick_device(local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > GPU_PROCESS_THREADS:
-            torch.set_num_threads(GPU_PROCESS_THREADS)
+    limit_cpu_threads(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return current()

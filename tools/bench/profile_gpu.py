@@ -44,22 +44,18 @@ def gpu_busy_s(prof) -> float:
     return total / 1e6
 
 
-def idle_gaps(prof, top: int = 12, min_us: float = 50.0) -> dict:
-    """Where the GPU waited during the profiled step: the union of device activity (kernels,
-    copies) against the span of the profile; every gap of at least ``min_us`` is labelled with
-    the engine phase (``areal.*`` record_function ranges) and the innermost host op running at its
-    middle, and the idle time is summed per label. Answers "is the step bound by the host, and
-    where"."""
-    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    dev = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                 if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start)
-    host = [e for e in prof.events() if getattr(e, "device_type", None) == cpu]
-    if not dev or not host:
-        return {}
-    begin = min(e.time_range.start for e in host)
-    end = max(max(e.time_range.end for e in host), dev[-1][1])
+def device_intervals(prof) -> list:
+    """(start, end) in us of every kernel and copy on the device, sorted."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                  if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start)
+
+
+def busy_and_gaps(intervals: list, begin: float, end: float) -> tuple:
+    """Busy time (the union of ``intervals``, overlaps counted once) and the idle gaps between
+    ``begin`` and ``end``."""
     busy, gaps, cursor = 0.0, [], begin
-    for s, e in dev:
+    for s, e in intervals:
         if s > cursor:
             gaps.append((cursor, s))
         if e > cursor:
@@ -67,6 +63,21 @@ def idle_gaps(prof, top: int = 12, min_us: float = 50.0) -> dict:
             cursor = e
     if end > cursor:
         gaps.append((cursor, end))
+    return busy, gaps
+
+
+def idle_gaps(prof, top: int = 12, min_us: float = 50.0) -> dict:
+    """Where the GPU waited during the profiled step: device activity (kernels, copies) against
+    the span of the profile; every gap of at least ``min_us`` is labelled with the engine phase
+    (``areal.*`` record_function ranges) and the innermost host op running at its middle, and the
+    idle time is summed per label. Answers "is the step bound by the host, and where"."""
+    dev = device_intervals(prof)
+    host = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU]
+    if not dev or not host:
+        return {}
+    begin = min(e.time_range.start for e in host)
+    end = max(max(e.time_range.end for e in host), dev[-1][1])
+    busy, gaps = busy_and_gaps(dev, begin, end)
 
     def label(t: float) -> str:
         live = [e for e in host if e.time_range.start <= t <= e.time_range.end]
@@ -89,18 +100,6 @@ def idle_gaps(prof, top: int = 12, min_us: float = 50.0) -> dict:
             "idle_small_gaps_ms": round((idle - sum(g[0] for g in listed) * 1e3) / 1e3, 2),
             "idle_ms_by_label": {k: round(v, 2) for k, v in sorted(per_label.items(), key=lambda kv: -kv[1])[:top]},
             "largest_gaps_ms_at_ms_label": sorted(listed, reverse=True)[:top]}
-
-
-def busy_ms(prof) -> float:
-    """Union of device activity (kernels, copies) in ms: overlaps counted once."""
-    cuda = torch.autograd.DeviceType.CUDA
-    busy, cursor = 0.0, float("-inf")
-    for s, e in sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if getattr(e, "device_type", None) == cuda):
-        if e > cursor:
-            busy += e - max(s, cursor)
-            cursor = e
-    return busy / 1e3
 
 
 def profiled(fn, device: torch.device, host: bool = True):
@@ -163,10 +162,12 @@ def cmd_train(a) -> None:
               flush=True)
     if info.device.type == "cuda":  # the same without host-side tracing (which slows the host)
         prof, wall = profiled(lambda: step(a.warmup + 1), info.device, host=False)
+        dev = device_intervals(prof)
+        busy = busy_and_gaps(dev, dev[0][0], dev[-1][1])[0] / 1e3 if dev else 0.0
         if info.rank == 0:
             print(json.dumps({"bench": "profile_device_only", "model": a.model, "variant": a.variant,
-                              "wall_ms": round(wall * 1e3, 2), "busy_ms": round(busy_ms(prof), 2),
-                              "idle_ms": round(wall * 1e3 - busy_ms(prof), 2)}), flush=True)
+                              "wall_ms": round(wall * 1e3, 2), "busy_ms": round(busy, 2),
+                              "idle_ms": round(wall * 1e3 - busy, 2)}), flush=True)
     dist.destroy()
 
 

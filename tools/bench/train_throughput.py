@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "compiled_keep (compiled + engine.lm_head_keep_logits), "
                         "compiled_pad (compiled_keep + engine.pad_micro_batches: static shapes), "
                         "compiled_fuse (compiled_keep + engine.fuse_linears), compiled_pad_fuse (both), "
-                        "compiled_pad_fuse_unit (+ engine.fsdp_units=auto: one FSDP unit on one rank), "
+                        "compiled_pad_fuse_unit (+ engine.fsdp_units=auto, the default: parallel.resolve_fsdp_units), "
                         "compiled_pad_fuse_model (+ engine.fsdp_units=model: one unit on any number of ranks); "
                         "all others with one FSDP unit per decoder layer")
     p.add_argument("--publish", type=int, default=0,
