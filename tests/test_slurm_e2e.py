@@ -234,12 +234,14 @@ def test_multi_node_placement(run):
 
 @pytest.mark.slow
 def test_quickstart_learns_on_slurm(root, request):
-    # The quickstart's own batch size: reward rises like in mode=local (0.07 -> ~0.4 in 60 steps).
+    # The quickstart's own batch size: reward rises like in mode=local. Mean of the first / last 10
+    # steps: 0.08 -> 0.28-0.32 in 60 steps, 0.45-0.65 in 80 (this VM); 80 steps, because one CI run
+    # under load learned at half that pace and reached only 0.15 at step 60.
     r = Run(root, "learn")
-    r.cli("submit", QUICKSTART, *CLUSTER, *r.names, "stats.progress_bar=False", "trainer.total_train_steps=60",
+    r.cli("submit", QUICKSTART, *CLUSTER, *r.names, "stats.progress_bar=False", "trainer.total_train_steps=80",
           "saver.freq_steps=0", "launcher.wait=True", timeout=1800)
     rewards = [m["reward_mean"] for m in r.metrics()]
-    assert_contiguous(r.steps(), 60)
+    assert_contiguous(r.steps(), 80)
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 0.1, (first, last)
 
