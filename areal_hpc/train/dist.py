@@ -9,6 +9,7 @@ Backend: nccl on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -108,7 +109,12 @@ def current() -> DistInfo:
 
 
 def destroy() -> None:
+    """Destroy the default group. What still holds it (FSDP modules and their meshes sit in
+    reference cycles) is collected first, so the group ends here and not during interpreter
+    teardown, where it can abort a process that has done its work (SIGABRT, "terminate called
+    without an active exception": 4 of 60 two-rank SFT test runs without the collection)."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
