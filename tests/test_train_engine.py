@@ -234,12 +234,21 @@ def test_fsdp_units_auto_rule():
     from areal_hpc.train.parallel import resolve_fsdp_units
 
     gib = 2**30
-    assert resolve_fsdp_units("auto", 1, 70e9, 80 * gib, True) == "model"  # nothing to shard on one rank
-    assert resolve_fsdp_units("auto", 8, 1.5e9, 80 * gib, True) == "model"  # 9 GB <= 10 GB
-    assert resolve_fsdp_units("auto", 8, 3e9, 80 * gib, True) == "layer"  # 18 GB > 10 GB
-    assert resolve_fsdp_units("auto", 16, 0.5e9, 80 * gib, False) == "layer"  # across hosts
-    assert resolve_fsdp_units("layer", 1, 1e6, 80 * gib, True) == "layer"
-    assert resolve_fsdp_units("model", 16, 70e9, 80 * gib, False) == "model"
+    asked = []
+
+    def host(answer):
+        def one_host():
+            asked.append(answer)
+            return answer
+        return one_host
+
+    assert resolve_fsdp_units("auto", 1, 70e9, 80 * gib, host(False)) == "model"  # nothing to shard on one rank
+    assert resolve_fsdp_units("auto", 8, 1.5e9, 80 * gib, host(True)) == "model"  # 9 GB <= 10 GB
+    assert resolve_fsdp_units("auto", 8, 3e9, 80 * gib, host(True)) == "layer"  # 18 GB > 10 GB
+    assert resolve_fsdp_units("auto", 16, 0.5e9, 80 * gib, host(False)) == "layer"  # across hosts
+    assert resolve_fsdp_units("layer", 1, 1e6, 80 * gib, host(True)) == "layer"
+    assert resolve_fsdp_units("model", 16, 70e9, 80 * gib, host(False)) == "model"
+    assert asked == [True, True, False]  # the host question (a collective): only auto on several ranks
 
 
 def test_gpu_processes_use_a_few_cpu_threads_unless_told(monkeypatch):

@@ -128,9 +128,9 @@ def world_size() -> int:
 
 def ranks_on_one_host() -> bool:
     """Whether every rank of the default group runs on this host (collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return True
-    names: list = [None] * dist.get_world_size()
+    names: list = [None] * world_size()
     dist.all_gather_object(names, socket.gethostname())
     return len(set(names)) == 1
 
@@ -162,7 +162,7 @@ def collective_device() -> torch.device:
 
 
 def all_reduce_scalar(x: float, op: str = "sum") -> float:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return float(x)  # no device round trip on one process
     t = torch.tensor([float(x)], dtype=torch.float64, device=collective_device())
     return float(all_reduce(t, op).item())

@@ -107,7 +107,7 @@ class FSDPEngine:
                                     fuse_linears=self.config.fuse_linears)
         n_params = sum(p.numel() for p in model.parameters())
         self.fsdp_units = parallel.resolve_fsdp_units(self.config.fsdp_units, world, n_params,
-                                                      dist.device_memory_bytes(self.device), dist.ranks_on_one_host())
+                                                      dist.device_memory_bytes(self.device), dist.ranks_on_one_host)
         if rank == 0:
             log.info("FSDP units: %s (engine.fsdp_units=%s, %d ranks, %.2fB parameters)", self.fsdp_units,
                      self.config.fsdp_units, world, n_params / 1e9)

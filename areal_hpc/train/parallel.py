@@ -6,7 +6,7 @@ Small separate functions in the torchtitan manner; `engine.FSDPEngine` composes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -96,7 +96,8 @@ def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
     return fuse
 
 
-def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int, one_host: bool) -> str:
+def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int,
+                       one_host: Callable[[], bool]) -> str:
     """``layer`` or ``model`` for ``engine.fsdp_units=choice``.
 
     ``auto`` picks one unit for the whole model on one rank (nothing to shard), and on several
@@ -104,11 +105,12 @@ def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int
     parameter, held through a step) take at most an eighth of a device's memory: one gather and one
     reduce-scatter per step instead of one per layer and micro-batch, and fewer hooks (2x H200:
     +11% tokens/s at 0.5B, +4% at 1.5B). Across hosts, per-layer units overlap the slower
-    network with compute.
+    network with compute. ``one_host`` (a collective) is asked only for ``auto`` on several
+    ranks, where every rank asks it.
     """
     if choice != "auto":
         return choice
-    if world == 1 or (one_host and 6 * n_params <= device_bytes // 8):
+    if world == 1 or (one_host() and 6 * n_params <= device_bytes // 8):
         return "model"
     return "layer"
 
@@ -119,9 +121,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
     LM head, and the layers if not wrapped on their own).
 
     The last layer is not resharded after forward: backward needs it immediately. One unit for the
-    whole model suits a single rank: there is nothing to shard or to overlap with communication, and
+    whole model suits one rank, or a small model on the ranks of one host (`resolve_fsdp_units`):
     FSDP's per-unit hooks (forward, backward, gradient casts and accumulation) cost host time on
-    every layer of every micro-batch.
+    every layer of every micro-batch, and there is little or nothing to overlap with communication.
     """
     mp = precision.policy()
     kwargs = {"mesh": mesh}
