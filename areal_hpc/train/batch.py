@@ -32,13 +32,22 @@ def seq_lens(batch: Batch) -> torch.Tensor:
 
 
 def unpad(batch: Batch) -> List[Sample]:
-    """One dict per sample with padding dropped (the mask picks positions, so any padding side works)."""
+    """One dict per sample with padding dropped (the mask picks positions, so any padding side works).
+
+    The per-token tensors of a sample are views of the batch's when every row's real tokens are
+    contiguous (left or right padding: slices, ~20x faster than boolean indexing per row), copies
+    otherwise.
+    """
     mask = batch["attention_mask"].bool()
     keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
     token_keys = {k for k in keys if is_token_key(batch, k)}
+    lens = mask.sum(dim=1)
+    first = mask.to(torch.uint8).argmax(dim=1)
+    cols = torch.arange(mask.shape[1])
+    contiguous = torch.equal(mask, (cols >= first[:, None]) & (cols < (first + lens)[:, None]))
     samples = []
-    for i in range(batch_size(batch)):
-        m = mask[i]
+    for i, (s, n) in enumerate(zip(first.tolist(), lens.tolist())):
+        m = slice(s, s + n) if contiguous else mask[i]
         samples.append({k: (batch[k][i][m] if k in token_keys else batch[k][i]) for k in keys})
     return samples
 
@@ -95,13 +104,32 @@ def split_batch(batch: Batch, n: int, group_size: int = 1) -> List[Batch]:
     return parts
 
 
-def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1) -> Batch:
-    """This rank's share of a batch every rank holds: contiguous whole groups, near-equal counts."""
+def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1, balance: bool = True) -> Batch:
+    """This rank's share of a batch every rank holds: whole groups, near-equal counts (they differ
+    by at most one).
+
+    ``balance``: groups go, longest first, to the rank with the fewest tokens so far that still
+    takes groups (every rank computes the same assignment), so that ranks with sequences of
+    different lengths do not wait for each other at each collective; a rank's groups keep their
+    batch order. Otherwise contiguous ranges of groups.
+    """
     bs = batch_size(batch)
     if bs % group_size:
         raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
-    r = chunk_ranges(bs // group_size, world_size)[rank]
-    return select(batch, range(r.start * group_size, r.stop * group_size))
+    ranges = chunk_ranges(bs // group_size, world_size)
+    if not balance:
+        r = ranges[rank]
+        return select(batch, range(r.start * group_size, r.stop * group_size))
+    tokens = seq_lens(batch).view(-1, group_size).sum(dim=1).tolist()
+    room = sorted((len(r) for r in ranges), reverse=True)  # how many groups each rank takes
+    loads, mine = [0] * world_size, []
+    for g in sorted(range(len(tokens)), key=lambda g: (-tokens[g], g)):
+        r = min((r for r in range(world_size) if room[r] > 0), key=lambda r: (loads[r], r))
+        room[r] -= 1
+        loads[r] += tokens[g]
+        if r == rank:
+            mine.append(g)
+    return select(batch, [g * group_size + j for g in sorted(mine) for j in range(group_size)])
 
 
 def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -104,6 +104,14 @@ case $phase in
           run f9_05 timeout 130 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
           run f9_15 timeout 110 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
           run f9_05t16 timeout 90 env $EXPANDABLE OMP_NUM_THREADS=16 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --impls engine ;;
+  s7a) # 2 GPUs then GPU 0 alone (seventh round): the engine with micro-batches planned to fit two per rank, next to
+       # plain transformers + AdamW; inductor's coordinate-descent tuning on GPU 0; a profile of the 0.5B step
+       V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit"
+       run s7_2g05 timeout 150 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
+       run s7_2g15 timeout 150 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
+       run s7_1g05 timeout 100 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --impls engine
+       run s7_1g05cd timeout 140 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --impls engine
+       run s7_prof05 timeout 100 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 python3 tools/bench/profile_gpu.py train --variant compiled_pad_fuse_unit --rows 45 ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;
