@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|s7b|s7c|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -112,6 +112,19 @@ case $phase in
        run s7_1g05 timeout 100 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --impls engine
        run s7_1g05cd timeout 140 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --impls engine
        run s7_prof05 timeout 100 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 python3 tools/bench/profile_gpu.py train --variant compiled_pad_fuse_unit --rows 45 ;;
+  s7b) # the GPU tests; GPU 0 alone: 0.5B next to plain transformers + AdamW, 1.5B; 2 GPUs: 1.5B over 12 steps with
+       # the garbage collector as is and off (a slow step now and then in 2-GPU 1.5B runs)
+       V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit"
+       run tests timeout 230 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_train_weight_group_torchrun.py
+       run s7_1g05h timeout 120 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
+       run s7_1g15 timeout 110 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
+       V="--warmup 3 --steps 12 --engine-variants compiled_pad_fuse_unit --models qwen2.5-1.5b --impls engine --ac off"
+       run s7_2g15a timeout 130 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V
+       run s7_2g15g timeout 130 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --gc off ;;
+  s7c) # one GPU (nvidia-h100-x1): the engine next to plain transformers + AdamW, 0.5B, and 1.5B
+       V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit"
+       run s7_h05 timeout 130 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
+       run s7_h15 timeout 110 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;
