@@ -121,10 +121,11 @@ case $phase in
        V="--warmup 3 --steps 12 --engine-variants compiled_pad_fuse_unit --models qwen2.5-1.5b --impls engine --ac off"
        run s7_2g15a timeout 130 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V
        run s7_2g15g timeout 130 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --gc off ;;
-  s7c) # one GPU (nvidia-h100-x1): the engine next to plain transformers + AdamW, 0.5B, and 1.5B
+  s7c) # one GPU (nvidia-h100-x1): the engine next to plain transformers + AdamW, 0.5B, and 1.5B; where the 0.5B step idles
        V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit"
        run s7_h05 timeout 130 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
-       run s7_h15 timeout 110 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off ;;
+       run s7_h15 timeout 110 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
+       run s7_hprof05 timeout 110 env $EXPANDABLE python3 tools/bench/profile_gpu.py train --variant compiled_pad_fuse_unit --rows 60 ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;

@@ -39,16 +39,19 @@ def gpu_busy_s(prof) -> float:
     """Sum of device kernel time (overlaps counted twice, so an upper bound of busy time)."""
     total = 0.0
     for e in prof.events():
-        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             total += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     return total / 1e6
 
 
 def device_intervals(prof) -> list:
-    """(start, end) in us of every kernel and copy on the device, sorted."""
+    """(start, end) in us of every kernel and copy on the device, sorted. Not the device-side spans
+    of ``record_function`` ranges (user annotations such as ``areal.forward`` or
+    ``FSDP::pre_forward``): they cover the GPU's idle time inside the range too."""
     cuda = torch.autograd.DeviceType.CUDA
     return sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                  if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start)
+                  if getattr(e, "device_type", None) == cuda and e.time_range.end > e.time_range.start
+                  and not getattr(e, "is_user_annotation", False))
 
 
 def busy_and_gaps(intervals: list, begin: float, end: float) -> tuple:
@@ -66,7 +69,7 @@ def busy_and_gaps(intervals: list, begin: float, end: float) -> tuple:
     return busy, gaps
 
 
-def idle_gaps(prof, top: int = 12, min_us: float = 50.0) -> dict:
+def idle_gaps(prof, top: int = 20, min_us: float = 50.0) -> dict:
     """Where the GPU waited during the profiled step: device activity (kernels, copies) against
     the span of the profile; every gap of at least ``min_us`` is labelled with the engine phase
     (``areal.*`` record_function ranges) and the innermost host op running at its middle, and the
@@ -86,18 +89,24 @@ def idle_gaps(prof, top: int = 12, min_us: float = 50.0) -> dict:
                      key=lambda e: e.time_range.end - e.time_range.start)
         return f"{phase[-1] if phase else '-'} | {ops[0].name[:60] if ops else '-'}"
 
+    phases = [e for e in host if e.name.startswith("areal.")]
     per_label: dict = {}
+    per_phase: dict = {}
     listed = []
     for s, e in gaps:
+        mid = (s + e) / 2
+        phase = ([p.name for p in phases if p.time_range.start <= mid <= p.time_range.end] or ["-"])[-1]
+        per_phase[phase] = per_phase.get(phase, 0.0) + (e - s) / 1e3
         if e - s < min_us:
             continue
-        lab = label((s + e) / 2)
+        lab = label(mid)
         per_label[lab] = per_label.get(lab, 0.0) + (e - s) / 1e3
         listed.append((round((e - s) / 1e3, 3), round((s - begin) / 1e3, 1), lab))
     idle = sum(e - s for s, e in gaps)
     return {"span_ms": round((end - begin) / 1e3, 2), "busy_ms": round(busy / 1e3, 2),
             "idle_ms": round(idle / 1e3, 2), "gaps_over_min": len(listed),
             "idle_small_gaps_ms": round((idle - sum(g[0] for g in listed) * 1e3) / 1e3, 2),
+            "idle_ms_by_phase": {k: round(v, 2) for k, v in sorted(per_phase.items(), key=lambda kv: -kv[1])},
             "idle_ms_by_label": {k: round(v, 2) for k, v in sorted(per_label.items(), key=lambda kv: -kv[1])[:top]},
             "largest_gaps_ms_at_ms_label": sorted(listed, reverse=True)[:top]}
 
@@ -169,11 +178,16 @@ def cmd_train(a) -> None:
     if info.device.type == "cuda":  # the same without host-side tracing (which slows the host)
         prof, wall = profiled(lambda: step(n_warm + 1), info.device, host=False)
         dev = device_intervals(prof)
-        busy = busy_and_gaps(dev, dev[0][0], dev[-1][1])[0] / 1e3 if dev else 0.0
+        busy, gaps = busy_and_gaps(dev, dev[0][0], dev[-1][1]) if dev else (0.0, [])
+        big = sorted(((e - s) / 1e3, (s - dev[0][0]) / 1e3) for s, e in gaps if e - s >= 50)
         if info.rank == 0:
             print(json.dumps({"bench": "profile_device_only", "model": a.model, "variant": a.variant,
-                              "wall_ms": round(wall * 1e3, 2), "busy_ms": round(busy, 2),
-                              "idle_ms": round(wall * 1e3 - busy, 2)}), flush=True)
+                              "wall_ms": round(wall * 1e3, 2), "busy_ms": round(busy / 1e3, 2),
+                              "idle_ms": round(wall * 1e3 - busy / 1e3, 2),
+                              "idle_between_kernels_ms": round(sum(e - s for s, e in gaps) / 1e3, 2),
+                              "gaps_over_50us": len(big), "idle_in_them_ms": round(sum(g for g, _ in big), 2),
+                              "largest_gaps_ms_at_ms": [(round(g, 3), round(t, 1)) for g, t in big[::-1][:15]]}),
+                  flush=True)
     dist.destroy()
 
 
