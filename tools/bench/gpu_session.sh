@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|s7b|s7c|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|s7b|s7c|s7d|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -126,6 +126,14 @@ case $phase in
        run s7_h05 timeout 130 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
        run s7_h15 timeout 110 env $EXPANDABLE torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
        run s7_hprof05 timeout 110 env $EXPANDABLE python3 tools/bench/profile_gpu.py train --variant compiled_pad_fuse_unit --rows 60 ;;
+  s7d) # the engine as it is at the end of the seventh round: 2 GPUs, then GPU 0 alone (0.5B twice: machines and runs
+       # differ by a few per cent), each next to plain transformers + AdamW
+       V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit"
+       run s7d_2g05 timeout 150 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
+       run s7d_2g15 timeout 130 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
+       run s7d_1g05 timeout 120 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
+       run s7d_1g15 timeout 100 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
+       run s7d_1g05b timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --impls engine ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;
