@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|s7b|s7c|s7d|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|s7b|s7c|s7d|s7e|s7f|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -134,6 +134,17 @@ case $phase in
        run s7d_1g05 timeout 120 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b
        run s7d_1g15 timeout 100 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-1.5b --impls engine --ac off
        run s7d_1g05b timeout 90 env $EXPANDABLE CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=1 tools/bench/train_throughput.py $V --models qwen2.5-0.5b --impls engine ;;
+  s7e) # 2 GPUs, 1.5B: the last of six timed steps was slow in three of four runs (not in 12-step runs): 6 and 7 timed
+       # steps, with the GPUs' clocks, power and throttle reasons sampled every 100 ms
+       V="--warmup 3 --engine-variants compiled_pad_fuse_unit --models qwen2.5-1.5b --impls engine --ac off"
+       nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv -lms 100 > "$OUT/s7e_smi.csv" 2>&1 &
+       SMI=$!
+       run s7e_6 timeout 130 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --steps 6
+       run s7e_7 timeout 130 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --steps 7
+       kill $SMI ;;
+  s7f) # 2 GPUs, 1.5B, three runs of 6 timed steps: the garbage collector's seconds in each step (gc_s_per_step)
+       V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit --models qwen2.5-1.5b --impls engine --ac off"
+       for i in 1 2 3; do run s7f_$i timeout 110 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V; done ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;

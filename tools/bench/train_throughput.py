@@ -302,6 +302,24 @@ def sync_sites(fn, device: torch.device) -> dict:
     return sites
 
 
+class GcPauses:
+    """Seconds Python's garbage collector ran, per generation, while installed (``gc.callbacks``)."""
+
+    def __init__(self):
+        self.seconds = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._t0
+
+    def take(self) -> list:
+        out, self.seconds = [round(x, 4) for x in self.seconds], [0.0, 0.0, 0.0]
+        return out
+
+
 def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     from torch._dynamo.utils import counters
 
@@ -310,6 +328,8 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     eng = make_engine(args, path, ac, variant)
     times, cpu, losses, tokens, attn, n_mbs = [], [], [], 0, 0.0, 0.0
     graphs = counters["stats"]
+    pauses, gc_s = GcPauses(), []  # garbage collection inside each timed step, per generation
+    gc.callbacks.append(pauses)
     for step in range(args.warmup + args.steps):
         batch, used, lengths = engine_batch(args, cfg.vocab_size, info.rank, step)
         sync(info.device)
@@ -319,6 +339,7 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
                 gc.collect()
                 gc.freeze()
                 gc.disable()
+        pauses.take()
         t0, c0 = time.perf_counter(), time.thread_time()
         stats = eng.train_batch(batch, sft_loss)
         eng.step_lr_scheduler()
@@ -327,10 +348,12 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(c1 - c0)
+            gc_s.append(pauses.take())
             tokens = int(dist.all_reduce_scalar(used))
             attn += dist.all_reduce_scalar(attn_flops(cfg, lengths)) / args.steps
             n_mbs = stats["n_mbs"]
         losses.append(stats["loss"])
+    gc.callbacks.remove(pauses)
     gc.enable()
     gc.unfreeze()
     syncs = sync_sites(lambda: eng.train_batch(engine_batch(args, cfg.vocab_size, info.rank, 0)[0], sft_loss),
@@ -346,6 +369,8 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
                   # class; its seconds are in the mean), and each timed step's seconds
                   "graphs_compiled_timed": graphs["unique_graphs"] - graphs_before,
                   "step_times_s": [round(t, 3) for t in times],
+                  # this rank's (rank 0's) seconds of garbage collection in each timed step, generations 0/1/2
+                  "gc_s_per_step": gc_s,
                   "host_cpu_s_per_step": round(sum(cpu) / len(cpu), 4), **({"syncs": syncs} if syncs else {}),
                   "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}, attn)
     if args.publish:
