@@ -268,3 +268,33 @@ def test_gpu_processes_use_a_few_cpu_threads_unless_told(monkeypatch):
         assert torch.get_num_threads() == GPU_PROCESS_THREADS + 8
     finally:
         torch.set_num_threads(before)
+
+
+def test_settled_gc_freezes_what_lives_after_the_first_and_third_steps():
+    import gc
+    import weakref
+
+    from areal_hpc.train.dist import SettledGC
+
+    assert gc.get_freeze_count() == 0
+    settled = SettledGC()
+    try:
+        class Node:
+            pass
+
+        node = Node()
+        node.me = node  # garbage in a reference cycle: collected by step 1's collection, not frozen
+        gone = weakref.ref(node)
+        del node
+        settled.step()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0 and gone() is None
+        keep = [[] for _ in range(1000)]  # alive at step 3: frozen then
+        settled.step()
+        assert gc.get_freeze_count() == frozen  # step 2: nothing
+        settled.step()
+        assert gc.get_freeze_count() >= frozen + len(keep)
+        settled.step()
+        assert gc.get_freeze_count() >= frozen + len(keep)
+    finally:
+        gc.unfreeze()

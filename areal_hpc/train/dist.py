@@ -114,8 +114,32 @@ def destroy() -> None:
     teardown, where it can abort a process that has done its work (SIGABRT, "terminate called
     without an active exception": 4 of 60 two-rank SFT test runs without the collection)."""
     if dist.is_initialized():
+        gc.unfreeze()  # what `SettledGC` froze is collectable again
         gc.collect()
         dist.destroy_process_group()
+
+
+class SettledGC:
+    """Keeps Python's full garbage collections short in a training process.
+
+    After the process's 1st and 3rd training steps (compiling is done by then): one full
+    collection, then everything still alive is frozen (``gc.freeze``), so later full collections
+    scan only objects made since. In a process with compiled decoder layers a full collection took
+    0.56 s (1.5B on 2x H200: a 1.25 s step instead of 0.70 s), and the other ranks wait for it at
+    the next collective. Call `step` after each training step on every rank, so the two deliberate
+    collections fall on the same step everywhere. `destroy` unfreezes.
+    """
+
+    AT = (1, 3)
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps in self.AT:
+            gc.collect()
+            gc.freeze()
 
 
 def rank() -> int:

@@ -130,6 +130,7 @@ class PPOTrainer(Trainer):
             self.publish_state(state="training")
         t_start = time.monotonic() - time_offset
         rc = 0
+        settled_gc = dist.SettledGC()
         try:
             while step < total:
                 if dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0:
@@ -151,6 +152,7 @@ class PPOTrainer(Trainer):
                 version += 1
                 engine.set_version(version)
                 step += 1
+                settled_gc.step()
                 upd = self._push_weights(engine, side, version, model_src, step)
                 if side is not None:
                     step_time = time.monotonic() - t0

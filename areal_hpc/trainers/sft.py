@@ -50,6 +50,7 @@ class SFTTrainer(Trainer):
             metrics.drop_after(step)
             self.publish_state(step=step, version=step, world_size=world, state="training")
         t_start = time.monotonic() - float(state.get("time_s", 0.0))
+        settled_gc = dist.SettledGC()
         try:
             while step < total and not dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max"):
                 rows = []
@@ -64,6 +65,7 @@ class SFTTrainer(Trainer):
                                     rank, world)
                 stats = learner.train_step(batch)
                 step += 1
+                settled_gc.step()
                 engine.set_version(step)
                 if metrics:
                     dt = time.monotonic() - t0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs in few device calls (see docs/benchmarks.md). Usage, from the repo root on a GPU machine:
-#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|s7b|s7c|s7d|s7e|s7f|proftrain|publish|diag2|train2s
+#   tools/bench/gpu_session.sh setup|tests|wgroup|infer|train1|train2|sync2|loop2|loop4|loop4n|profile|prof2|ab|train2n|attn|final1|final2|final3|mfu2gpu|mfunext|attnk|fusepad|mfu2n|diag2k|final5|final6|units|gaps|host|final7|final8|final9|s7a|s7b|s7c|s7d|s7e|s7f|s7g|proftrain|publish|diag2|train2s
 # Missing wheels (simple-parsing, docstring-parser, tqdm) travel in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -144,7 +144,10 @@ case $phase in
        kill $SMI ;;
   s7f) # 2 GPUs, 1.5B, three runs of 6 timed steps: the garbage collector's seconds in each step (gc_s_per_step)
        V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit --models qwen2.5-1.5b --impls engine --ac off"
-       for i in 1 2 3; do run s7f_$i timeout 110 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V; done ;;
+       for i in 1 2 3; do run s7f_$i timeout 110 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V --gc auto; done ;;
+  s7g) # s7f with the collector settled as trainers now run it (the bench's default --gc settled): three runs
+       V="--warmup 3 --steps 6 --engine-variants compiled_pad_fuse_unit --models qwen2.5-1.5b --impls engine --ac off"
+       for i in 1 2 3; do run s7g_$i timeout 110 env $EXPANDABLE torchrun --nproc_per_node=2 tools/bench/train_throughput.py $V; done ;;
   attnk) run attnk timeout 200 python3 tools/bench/attn_kernels.py ;;
   attn) run attn timeout 240 python3 tools/bench/attn_overhead.py
         run new05c timeout 200 torchrun --nproc_per_node=1 tools/bench/train_throughput.py --models qwen2.5-0.5b --engine-variants compiled --impls engine --sync-debug ;;

@@ -78,8 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
-    p.add_argument("--gc", default="auto", choices=["auto", "off"],
-                   help="Python's garbage collector during the timed engine steps: auto (as is) or off "
+    p.add_argument("--gc", default="settled", choices=["settled", "auto", "off"],
+                   help="Python's garbage collector during the engine steps: settled (as trainers run it: a "
+                        "collection and gc.freeze after the 1st and 3rd steps, dist.SettledGC), auto (as is), or off "
                         "(collected and frozen after the warm-up, then disabled, as torchtitan's gc_freq does)")
     p.add_argument("--sync-debug", action="store_true",
                    help="after the timed steps, run one more step with torch.cuda.set_sync_debug_mode('warn') and "
@@ -329,6 +330,7 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     times, cpu, losses, tokens, attn, n_mbs = [], [], [], 0, 0.0, 0.0
     graphs = counters["stats"]
     pauses, gc_s = GcPauses(), []  # garbage collection inside each timed step, per generation
+    settled = dist.SettledGC() if args.gc == "settled" else None
     gc.callbacks.append(pauses)
     for step in range(args.warmup + args.steps):
         batch, used, lengths = engine_batch(args, cfg.vocab_size, info.rank, step)
@@ -345,6 +347,8 @@ def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
         eng.step_lr_scheduler()
         c1 = time.thread_time()
         sync(info.device)
+        if settled:  # between steps, outside the timing, as the trainers' loops do it
+            settled.step()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(c1 - c0)
