@@ -1,13 +1,13 @@
 """Micro-batches by token budget, packed into one row each.
 
 Samples of a (local) batch are assigned to micro-batches first-fit-decreasing under
-``max_tokens_per_mb`` (spread over fewer when that leaves a short remainder), split further until there are at least ``n_mbs``, and every rank runs the
-same number of micro-batches (the count is all-reduced; ranks with fewer add dummy ones whose
-loss is multiplied by zero), because FSDP's collectives need the same number of forward and
-backward passes everywhere. A micro-batch is one row: tokens concatenated, ``position_ids``
-restarting at 0 for each document. transformers derives a block-diagonal causal mask from such
-position ids when called with ``attention_mask=None`` and ``use_cache=False``, so attention never
-crosses documents.
+``max_tokens_per_mb`` (spread over fewer when that leaves a short remainder), split further until
+there are at least ``n_mbs``, and every rank runs the same number of micro-batches (the count is
+all-reduced; ranks with fewer add dummy ones whose loss is multiplied by zero), because FSDP's
+collectives need the same number of forward and backward passes everywhere. A micro-batch is one
+row: tokens concatenated, ``position_ids`` restarting at 0 for each document. transformers derives
+a block-diagonal causal mask from such position ids when called with ``attention_mask=None`` and
+``use_cache=False``, so attention never crosses documents.
 """
 
 from __future__ import annotations

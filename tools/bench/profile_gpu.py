@@ -39,7 +39,8 @@ def gpu_busy_s(prof) -> float:
     """Sum of device kernel time (overlaps counted twice, so an upper bound of busy time)."""
     total = 0.0
     for e in prof.events():
-        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+        on_device = getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if on_device and not getattr(e, "is_user_annotation", False):  # not record_function spans
             total += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     return total / 1e6
 
