@@ -122,14 +122,24 @@ def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1, b
         return select(batch, range(r.start * group_size, r.stop * group_size))
     tokens = seq_lens(batch).view(-1, group_size).sum(dim=1).tolist()
     room = sorted((len(r) for r in ranges), reverse=True)  # how many groups each rank takes
-    loads, mine = [0] * world_size, []
-    for g in sorted(range(len(tokens)), key=lambda g: (-tokens[g], g)):
-        r = min((r for r in range(world_size) if room[r] > 0), key=lambda r: (loads[r], r))
-        room[r] -= 1
-        loads[r] += tokens[g]
-        if r == rank:
-            mine.append(g)
-    return select(batch, [g * group_size + j for g in sorted(mine) for j in range(group_size)])
+    mine = sorted(deal_least_loaded(tokens, world_size, room)[rank])
+    return select(batch, [g * group_size + j for g in mine for j in range(group_size)])
+
+
+def deal_least_loaded(weights: Sequence[int], k: int, room: Sequence[int] | None = None) -> List[List[int]]:
+    """Item indices, heaviest first (the lower index of equals), each to the least-loaded of ``k``
+    bins (the first of equals) that still takes items: ``room[b]`` items at most, unbounded
+    without ``room``. Each bin's indices in the order they were dealt."""
+    left = list(room) if room is not None else None
+    bins: List[List[int]] = [[] for _ in range(k)]
+    loads = [0] * k
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        b = min((b for b in range(k) if left is None or left[b] > 0), key=lambda b: (loads[b], b))
+        bins[b].append(i)
+        loads[b] += weights[i]
+        if left is not None:
+            left[b] -= 1
+    return bins
 
 
 def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

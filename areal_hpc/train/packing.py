@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from areal_hpc.train import dist
-from areal_hpc.train.batch import Batch, Sample, async_to_device, is_token_key, to_device, unpad
+from areal_hpc.train.batch import Batch, Sample, async_to_device, deal_least_loaded, is_token_key, to_device, unpad
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1
     fewest = -(-sum(lengths) // max_tokens) if max_tokens > 0 else len(bins)
     if len(bins) > max(fewest, min_mbs, 1) and max(lengths) <= max_tokens:
         for k in range(max(fewest, 1), len(bins)):
-            spread, spread_loads = _least_loaded(order, lengths, k)
+            spread = deal_least_loaded(lengths, k)
+            spread_loads = [sum(lengths[i] for i in b) for b in spread]
             if _fit(spread, spread_loads, lengths, max_tokens):
                 bins, loads = spread, spread_loads
                 break
@@ -113,17 +114,6 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
                             n, max_tokens)
             bins.append([i])
             loads.append(n)
-    return bins, loads
-
-
-def _least_loaded(order: Sequence[int], lengths: Sequence[int], k: int) -> Tuple[List[List[int]], List[int]]:
-    """Each sample, in ``order``, to the least-loaded of ``k`` bins (the first of equals)."""
-    bins: List[List[int]] = [[] for _ in range(k)]
-    loads = [0] * k
-    for i in order:
-        b = loads.index(min(loads))
-        bins[b].append(i)
-        loads[b] += lengths[i]
     return bins, loads
 
 
