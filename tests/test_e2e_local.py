@@ -193,7 +193,7 @@ def test_servers_outlive_the_trainer_and_a_restart_reuses_them(tmp_path, weight_
     collective path the new trainer forms a new weight group with the old server."""
     from areal_hpc.registry import Registry
 
-    common = [*SMALL, "shutdown_server_on_exit=False", "saver.freq_steps=2", f"trainer.ppo.weight_update={weight_update}"]
+    common = [*SMALL[:-1], "shutdown_server_on_exit=False", "saver.freq_steps=2", f"trainer.ppo.weight_update={weight_update}"]
     submit(tmp_path, *common, "trainer.total_train_steps=4")
     rd = run_dir(tmp_path)
     reg = Registry(rd / "registry")

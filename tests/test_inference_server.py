@@ -176,7 +176,14 @@ def test_malformed_requests_get_4xx_with_a_reason(cluster):
         ("/generate", b"{not json", "valid JSON"),
         ("/generate", b"[1, 2]", "JSON object"),
         ("/generate", b"{}", "input_ids"),
-        ("/generate", json.dumps({"text": "hi"}).encode(), "input_ids"),
+        ("/generate", json.dumps({"text": "hi", "input_ids": [1]}).encode(), "either text or input_ids"),
+        ("/generate", json.dumps({"input_ids": [1], "top_logprobs_num": 5}).encode(), "'top_logprobs_num'"),
+        ("/generate", json.dumps({"input_ids": [1], "logprob_start_len": 0}).encode(), "'logprob_start_len'"),
+        ("/generate", json.dumps({"input_ids": [1], "image_data": "x.png"}).encode(), "'image_data'"),
+        ("/generate", json.dumps({"input_ids": [1], "lora_path": "/a"}).encode(), "'lora_path'"),
+        ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"n": 0}}).encode(), "n must be"),
+        ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"sampling_seed": 3}}).encode(),
+         "sampling_seed"),
         ("/generate", json.dumps({"input_ids": []}).encode(), "non-empty"),
         ("/generate", json.dumps({"input_ids": [1, 10 ** 6]}).encode(), "vocabulary"),
         ("/generate", json.dumps({"input_ids": [-1]}).encode(), "vocabulary"),
@@ -187,7 +194,6 @@ def test_malformed_requests_get_4xx_with_a_reason(cluster):
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"top_p": 2}}).encode(), "top_p"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"nope": 1}}).encode(), "unknown"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": "x"}).encode(), "object"),
-        ("/generate", json.dumps({"input_ids": [1], "stream": True}).encode(), "stream"),
         ("/pause_generation", json.dumps({"mode": "sideways"}).encode(), "mode"),
         ("/abort_request", b"{}", "rid"),
         ("/update_weights_from_disk", b"{}", "model_path"),
@@ -237,6 +243,70 @@ def test_generate_contract_and_logprobs_match_forward_pass(cluster, reference):
         if t == 0:
             assert greedy == res.output_ids
         assert set(res.versions) == {0}
+
+
+def _sse(cluster, sid, payload):
+    """POST a streaming /generate; the decoded ``data:`` events (``[DONE]`` kept as a string)."""
+    req = urllib.request.Request(f"http://{cluster.addr(sid)}/generate", data=json.dumps(payload).encode(),
+                                 method="POST", headers={"Authorization": f"Bearer {cluster.key}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [line[len("data: "):] for line in raw.split("\n\n") if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def test_text_stream_and_n_match_the_token_id_path(cluster, model_path):
+    """A generic SGLang client's requests (text, stream, n > 1) give what the token-id path gives (greedy)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompt = "12+34="
+    ids = tok.encode(prompt)
+    sp = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    status, ref = cluster.http("s0", "POST", "/generate", {"input_ids": ids, "sampling_params": sp,
+                                                           "return_logprob": True})
+    assert status == 200 and "text" not in ref  # token ids in, the skip-tokenizer shape out
+    ref_lp = [x[0] for x in ref["meta_info"]["output_token_logprobs"]]
+
+    # text in: same tokens, plus SGLang's "text"
+    status, got = cluster.http("s0", "POST", "/generate", {"text": prompt, "sampling_params": sp,
+                                                           "return_logprob": True})
+    assert status == 200 and got["output_ids"] == ref["output_ids"] and got["meta_info"]["prompt_tokens"] == len(ids)
+    assert got["text"] == tok.decode(ref["output_ids"], skip_special_tokens=True)
+    assert max(abs(a - x[0]) for a, x in zip(ref_lp, got["meta_info"]["output_token_logprobs"])) < 1e-5
+    status, batch = cluster.http("s0", "POST", "/generate", {"text": [prompt, "7*8="], "sampling_params": sp})
+    assert status == 200 and [b["output_ids"] for b in batch][0] == ref["output_ids"] and len(batch) == 2
+
+    # n > 1: a list of n, prompt-major for a batch
+    status, many = cluster.http("s0", "POST", "/generate", {"input_ids": ids, "sampling_params": {**sp, "n": 3},
+                                                            "return_logprob": True})
+    assert status == 200 and isinstance(many, list) and len(many) == 3
+    assert all(m["output_ids"] == ref["output_ids"] for m in many) and len({m["meta_info"]["id"] for m in many}) == 3
+    status, grid = cluster.http("s0", "POST", "/generate", {"input_ids": [ids, [5, 6]],
+                                                            "sampling_params": {**sp, "n": 2}})
+    assert status == 200 and len(grid) == 4 and grid[0]["output_ids"] == grid[1]["output_ids"] == ref["output_ids"]
+    assert grid[2]["output_ids"] == grid[3]["output_ids"] != ref["output_ids"]
+
+    # stream: cumulative chunks that end with the non-streamed answer, then [DONE]
+    events = _sse(cluster, "s0", {"input_ids": ids, "sampling_params": sp, "return_logprob": True, "stream": True})
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    chunks = events[:-1]
+    lengths = [len(c["output_ids"]) for c in chunks]
+    assert lengths == sorted(lengths) and lengths[-1] == 12 and lengths[0] < 12
+    assert all(c["output_ids"] == ref["output_ids"][:len(c["output_ids"])] for c in chunks)
+    assert chunks[-1]["output_ids"] == ref["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert [x[0] for x in chunks[-1]["meta_info"]["output_token_logprobs"]] == pytest.approx(ref_lp, abs=1e-5)
+    # streamed text with n = 2: chunks carry "index"; each sample ends with the reference text
+    events = _sse(cluster, "s1", {"text": prompt, "sampling_params": {**sp, "n": 2, "stream_interval": 4},
+                                  "stream": True})
+    assert events[-1] == "[DONE]"
+    last = {}
+    for c in events[:-1]:
+        last[c["index"]] = c
+    assert sorted(last) == [0, 1] and all(c["text"] == got["text"] for c in last.values())
 
 
 def test_greedy_is_deterministic(cluster):

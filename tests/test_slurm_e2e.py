@@ -291,13 +291,17 @@ def test_add_servers_mid_run(run):
     assert run.registry().list("servers") == {}
     assert any((run.dir / "checkpoints").glob("step_*")), "no checkpoint on stop"
     wait_until(lambda: job_state(run.job_id) in FINAL and job_state(extra) in FINAL, 120, "both jobs to end")
-    assert job_state(run.job_id) == "COMPLETED"
+    # stopped on purpose before the trainer finished: CANCELLED (not COMPLETED, a success), status STOPPED
+    assert job_state(run.job_id) == "CANCELLED"
+    assert run.status()["state"] == "STOPPED"
 
 
 # ----------------------------------------------------------------------------- (c) trainer killed, restarted
 
 def test_trainer_sigkill_and_restart_through_driver(run):
-    run.submit("trainer.total_train_steps=24", "saver.freq_steps=4", "shutdown_server_on_exit=False")
+    # max_restarts=0: the restart by hand (the driver restarts a dead trainer itself by default)
+    run.submit("trainer.total_train_steps=24", "saver.freq_steps=4", "shutdown_server_on_exit=False",
+               "trainer.max_restarts=0")
     run.wait_steps(9)
     reg = run.registry()
     servers_before = {k: (v["pid"], v["slurm_step_id"]) for k, v in reg.list("servers").items()}
@@ -313,7 +317,7 @@ def test_trainer_sigkill_and_restart_through_driver(run):
     # the same submit with min_required_servers: a start_trainer request to the live driver
     t0 = time.monotonic()
     p = run.submit("trainer.total_train_steps=24", "saver.freq_steps=4", "shutdown_server_on_exit=False",
-                   "min_required_servers=1", "launcher.wait=True")
+                   "trainer.max_restarts=0", "min_required_servers=1", "launcher.wait=True")
     assert "asked its driver to start a trainer" in p.stdout, p.stdout
     print(f"trainer restart through the driver: {time.monotonic() - t0:.1f}s to finish")
     assert_contiguous(run.steps(), 24)

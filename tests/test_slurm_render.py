@@ -83,11 +83,12 @@ def shared_tmp() -> Iterator[Path]:
 
 
 def make_config(root: Path, *extra: str):
-    cfg = load_config(None, [
-        "mode=slurm", "cluster.n_nodes=2", "cluster.cpus_per_gpu=1", "cluster.mem_per_gpu_gb=1",
-        "cluster.partition=debug", "cluster.time=00:05:00", "trainer.ppo.actor.path=toy:qwen3-h64-l1",
-        "train_dataset.path=toy:sum", f"cluster.fileroot={root}", "shutdown_server_on_exit=True",
-        "experiment_name=render", *extra])  # later overrides win
+    base = ["mode=slurm", "cluster.n_nodes=2", "cluster.cpus_per_gpu=1", "cluster.mem_per_gpu_gb=1",
+            "cluster.partition=debug", "cluster.time=00:05:00", "trainer.ppo.actor.path=toy:qwen3-h64-l1",
+            "train_dataset.path=toy:sum", f"cluster.fileroot={root}", "shutdown_server_on_exit=True",
+            "experiment_name=render"]
+    given = {e.split("=", 1)[0] for e in extra}  # extra wins (a key given twice is an error)
+    cfg = load_config(None, [b for b in base if b.split("=", 1)[0] not in given] + list(extra))
     return cfg, validate(cfg)
 
 

@@ -62,8 +62,24 @@ def _load(args, full: bool = True):
     config, overrides, role = _split_args(args.args, allow_role=getattr(args, "allow_role", False))
     config = args.config or config
     cfg = load_config(config, overrides)
-    alloc = validate(cfg) if full else None
+    if full:
+        alloc = validate(cfg)
+    else:
+        from areal_hpc.config.checks import check_location
+
+        check_location(cfg)
+        alloc = None
+    _private(cfg)
     return cfg, alloc, role
+
+
+def _private(cfg) -> None:
+    """Every process of a run writes with the run's umask: private unless cluster.group_readable."""
+    import os
+
+    from areal_hpc.config.validate import run_umask
+
+    os.umask(run_umask(cfg))
 
 
 def _find_run(cfg) -> Path:
@@ -121,6 +137,9 @@ def _run_dir_arg(path: str) -> Path:
     rd = Path(path)
     if not (rd / "config.yaml").exists():
         raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run directory `areal-hpc submit` wrote")
+    from areal_hpc.config import load_resolved
+
+    _private(load_resolved(rd / "config.yaml"))
     return rd
 
 
@@ -144,9 +163,24 @@ def cmd_driver(args) -> int:
 
 # ----------------------------------------------------------------- parser
 
+class _VersionAction(argparse.Action):
+    """``--version``: prints ``areal-hpc X.Y.Z``; the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the installed version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import areal_hpc
+
+        print(f"areal-hpc {areal_hpc.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="areal-hpc", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, fn, help: str, description: str, config: bool = True):
@@ -259,6 +293,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        import errno
+
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"areal-hpc {args.command}: error: {e.filename or ''}: file name too long for the filesystem "
+              "(use a shorter cluster.fileroot, experiment_name or trial_name)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

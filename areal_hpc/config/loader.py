@@ -90,7 +90,7 @@ def _check_value(key: str, tp, value: Any) -> None:
 
 
 def _flatten(d: Dict[str, Any], types: Dict[str, Any], sections: List[str], prefix: str = "",
-             source: str = "") -> Dict[str, Any]:
+             source: str = "", unknown_ok: bool = False) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -102,10 +102,89 @@ def _flatten(d: Dict[str, Any], types: Dict[str, Any], sections: List[str], pref
                 continue
             if not isinstance(v, dict):
                 raise ConfigError(key, f"is a section, expected a mapping, got {v!r}{source}")
-            out.update(_flatten(v, types, sections, key + ".", source))
-        else:
+            out.update(_flatten(v, types, sections, key + ".", source, unknown_ok))
+        elif not unknown_ok:
             raise ConfigError(key, f"unknown key{source}", did_you_mean(key, list(types) + sections))
     return out
+
+
+# ----------------------------------------------------------------- reading YAML files
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file; anything bigger is the wrong file
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1:30:00`` stays the string it looks like: YAML 1.1 reads
+    it as the base-60 integer 5400, which as `cluster.time` would silently mean 5400 minutes."""
+
+
+def _no_sexagesimal(kind):
+    base = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
+
+    def construct(loader, node):
+        if ":" in str(node.value):
+            return loader.construct_scalar(node)
+        return base(loader, node)
+    return construct
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _no_sexagesimal("int"))
+_Loader.add_constructor("tag:yaml.org,2002:float", _no_sexagesimal("float"))
+
+
+def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
+    """A key given twice in one mapping is an error (YAML loaders silently keep the last one)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: Dict[str, int] = {}
+        for k, v in node.value:
+            name = k.value if isinstance(k, yaml.ScalarNode) else None
+            key = f"{path}.{name}" if path and name is not None else (name or path)
+            if name is not None and name != "<<":
+                line = k.start_mark.line + 1
+                if name in seen:
+                    raise ConfigError(key, f"given twice in {source} (lines {seen[name]} and {line})",
+                                      "keep one of them")
+                seen[name] = line
+            _check_duplicates(v, source, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicates(item, source, path)
+
+
+def read_yaml_file(path: str | os.PathLike, key: str = "config") -> Any:
+    """A user's YAML file, checked: a regular text file of sane size, valid YAML, no duplicate keys.
+    Every problem is a `ConfigError` naming ``key``."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(key, f"{str(path)!r} is a directory", "give the path of a YAML file, e.g. configs/quickstart.yaml")
+    if not p.is_file():
+        what = "not found" if not p.exists() else "not a regular file"
+        raise ConfigError(key, f"file {str(path)!r} {what}", "give the path of a YAML file, e.g. configs/quickstart.yaml")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(key, f"{path} is {size / 2**20:.1f} MiB, too large for a config file",
+                          f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
+    raw = p.read_bytes()
+    nul = raw.find(b"\0")
+    try:
+        if nul >= 0:
+            raise UnicodeDecodeError("utf-8", raw, nul, nul + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(key, f"{path} is not a text file (binary data at byte {e.start})",
+                          "give a YAML config file (UTF-8 text)") from None
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_duplicates(node, str(path))
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 # ----------------------------------------------------------------- dict <-> dataclass
@@ -127,6 +206,8 @@ def from_dict(cls, data: Dict[str, Any], prefix: str = ""):
             v = from_dict(tp, v, f"{prefix}{f.name}.")
         elif tp is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
+        elif tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)  # `trial_name: 1` in YAML
         kwargs[f.name] = v
     return cls(**kwargs)
 
@@ -136,9 +217,28 @@ def dump_yaml(cfg) -> str:
 
 
 def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
-    """Read the resolved config a run dir holds (what `serve`/`train`/`driver` start from)."""
-    with open(path) as f:
-        return from_dict(ExperimentConfig, yaml.safe_load(f) or {})
+    """Read the resolved config a run dir holds (what `serve`/`train`/`driver`/`status` start from).
+    A damaged file is a `ConfigError` naming it; keys this version does not know are ignored (a run
+    written by another version stays readable)."""
+    hint = "the run dir's config.yaml is damaged: restore it, or start a new trial_name"
+    raw = Path(path).read_bytes()
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.find(b"\0"), raw.find(b"\0") + 1, "NUL byte")
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not a text file (binary data)", hint) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"is not valid YAML: {' '.join(str(e).split())}", hint) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), f"must hold a mapping of keys, not {type(data).__name__}", hint)
+    try:
+        _flatten(data, field_types(), section_keys(), unknown_ok=True)
+    except ConfigError as e:
+        raise ConfigError(str(path), f"is damaged: {e.one_line()}", hint) from None
+    return from_dict(ExperimentConfig, data)
 
 
 # ----------------------------------------------------------------- the user's input
@@ -220,19 +320,18 @@ def load_config(config_file: Optional[str], overrides: Sequence[str]) -> Experim
     types, sections = field_types(), section_keys()
     flat: Dict[str, Any] = {}
     if config_file:
-        p = Path(config_file)
-        if not p.is_file():
-            raise ConfigError("config", f"file {config_file!r} not found", "give the path of a YAML file, e.g. configs/quickstart.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("config", f"{config_file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = read_yaml_file(config_file) or {}
         if not isinstance(data, dict):
             raise ConfigError("config", f"{config_file} must hold a mapping of keys, not {type(data).__name__}")
         flat.update(_flatten(data, types, sections, source=f" in {config_file}"))
 
     cli: List[Tuple[str, str]] = []
+    given: Dict[str, str] = {}
     for key, raw in _split_overrides(overrides):
+        if key in given:
+            raise ConfigError(key, f"given twice on the command line ({key}={given[key]} and {key}={raw})",
+                              "keep one of them")
+        given[key] = raw
         if key in types:
             inner, optional = _strip_optional(types[key])
             origin = typing.get_origin(inner)

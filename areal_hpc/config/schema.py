@@ -38,6 +38,10 @@ class ClusterConfig:
     setup_commands: List[str] = field(default_factory=list)  # shell lines run before the driver (modules, conda, container env)
     python: str = ""  # interpreter on compute nodes; default: the one running `areal-hpc submit`
     multi_node_tp: bool = False  # allow a server's tp*pp to span nodes
+    hf_cache: str = ""  # Hugging Face cache on the shared filesystem (HF_HOME layout: hub/, datasets/); "" = {fileroot}/{user}/hf-cache
+    # run dir (config, logs, checkpoints, weights) readable by your group: dirs 0750 / files 0640
+    # instead of 0700 / 0600 (the registry and its secret stay private either way)
+    group_readable: bool = False
 
 
 @dataclass
@@ -91,6 +95,11 @@ class RolloutConfig:
     reward_fn: str = "exact_match"
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     request_timeout_s: float = 3600.0
+    # no silent stalls: the trainer fails the run when, while it waits for a batch, most finished
+    # groups were dropped as stale or failed for drop_timeout_s, or no batch came for stall_timeout_s
+    # with servers live (it logs why meanwhile, at least every minute)
+    drop_timeout_s: float = 300.0
+    stall_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -185,15 +194,25 @@ class TrainerConfig:
     total_train_epochs: int = 0  # >0 caps by epochs too
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    max_restarts: int = 0  # driver restarts a dead trainer this many times (keeps servers)
+    # the run's owner restarts a dead trainer up to this many times, from its last checkpoint, servers
+    # untouched; a trainer that dies twice in a row before its first step is not restarted (crash loop)
+    max_restarts: int = 3
     plugins: List[str] = field(default_factory=list)  # modules or .py files registering trainers/workflows/rewards
 
 
 @dataclass
 class DatasetConfig:
-    path: str = ""  # local .jsonl/.json/.parquet file or directory, or a `toy:` spec
+    """Prompts (and answers) for training or evaluation, and how they become token ids."""
+
+    path: str = ""  # local .jsonl/.json/.parquet file, a local dataset dir, a hub name (openai/gsm8k), or a `toy:` spec
+    name: Optional[str] = None  # the dataset's config name (datasets.load_dataset(path, name)), e.g. "main"
+    split: str = ""  # "" = train for train_dataset, test (or validation) for valid_dataset
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    messages_key: str = "messages"  # a row may give chat messages (list of {role, content}) instead of a prompt
+    adapter: str = ""  # built-in row mapping, e.g. "gsm8k" (question -> user message, `#### N` -> answer)
+    chat_template: str = "auto"  # auto (the tokenizer's chat template when it has one) | none (raw text)
+    system_prompt: str = ""  # with a chat template: a system message before every prompt
     shuffle: bool = True
     max_prompt_len: int = 1024
     limit: int = 0  # 0 = all rows

@@ -14,11 +14,13 @@ import tempfile
 from pathlib import Path
 
 from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
+from areal_hpc.config.checks import check_location, check_ranges, check_values
 from areal_hpc.config.errors import ConfigError, did_you_mean
 from areal_hpc.config.schema import LOCK_KINDS, MODES, SUPPORTED_MODES, TRAINER_TYPES, ExperimentConfig
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+CHAT_TEMPLATES = ("auto", "none")  # rollout.prompts.CHAT_TEMPLATE_MODES
+DATASET_ADAPTERS = ("gsm8k",)  # the built-in adapters of rollout.adapters
+
 _TOY_MODEL = re.compile(r"^toy:(qwen3|llama|qwen2)(-h\d+)?(-l\d+)?(-i\d+)?$")
 _TOY_DATA = re.compile(r"^toy:[a-z]+(-\d+)?$")
 
@@ -27,6 +29,12 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     """``{cluster.fileroot}/{user}/{experiment_name}/{trial_name}``, absolute."""
     root = Path(os.path.expanduser(cfg.cluster.fileroot)).resolve()
     return root / getpass.getuser() / cfg.experiment_name / cfg.trial_name
+
+
+def run_umask(cfg: ExperimentConfig) -> int:
+    """The umask of every process of a run: private (dirs 0700, files 0600) unless
+    ``cluster.group_readable`` (0750 / 0640). Others never read a run's logs, weights or config."""
+    return 0o027 if cfg.cluster.group_readable else 0o077
 
 
 def _writable(d: Path) -> bool:
@@ -49,31 +57,55 @@ def _positive(key: str, value, minimum=1) -> None:
         raise ConfigError(key, f"must be >= {minimum}, got {value}")
 
 
+# A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".gguf", ".yaml")
+
+
+def looks_like_hub_name(path: str) -> bool:
+    """True for ``Qwen/Qwen2.5-1.5B-Instruct`` or ``openai/gsm8k`` that is not a local path: `submit`
+    downloads it on the login node (`launch.resolve`); compute nodes get the local snapshot."""
+    return (bool(_HUB_NAME.match(path)) and not path.lower().endswith(_FILE_SUFFIXES)
+            and ".." not in path and not Path(path).exists())
+
+
 def _check_model_path(key: str, path: str) -> None:
+    """Cheap checks only; `launch.resolve` downloads hub names and loads config and tokenizer."""
     if not path:
-        raise ConfigError(key, "is empty", "give a HF model directory (or toy:qwen3-h128-l2 for a tiny test model)")
+        raise ConfigError(key, "is empty", "give a HF model directory or hub name (or toy:qwen3-h128-l2 for a tiny "
+                          "test model)")
     if path.startswith("toy:"):
         if not _TOY_MODEL.match(path):
             raise ConfigError(key, f"bad toy model spec {path!r}", "e.g. toy:qwen3-h128-l2")
         return
     p = Path(os.path.expanduser(path))
     if not p.exists():
+        if looks_like_hub_name(path):
+            return
         raise ConfigError(key, f"model path {path!r} does not exist",
-                          "give a local HF model directory; models are not downloaded on compute nodes")
-    if p.is_dir() and not (p / "config.json").exists():
+                          "give a local HF model directory, or a hub name (org/name) that submit downloads")
+    if p.is_file():
+        raise ConfigError(key, f"{path!r} is a file, not a model directory",
+                          "point at the directory save_pretrained wrote: config.json, weights, tokenizer")
+    if not (p / "config.json").exists():
         raise ConfigError(key, f"{path!r} has no config.json", "point at a HF model directory (save_pretrained output)")
 
 
 def _check_dataset_path(key: str, path: str) -> None:
+    """Cheap checks only; `launch.resolve` downloads hub names and reads the data."""
     if not path:
-        raise ConfigError(key, "is empty", "give a local .jsonl/.json/.parquet file or directory (or toy:sum)")
+        raise ConfigError(key, "is empty", "give a local .jsonl/.json/.parquet file, a dataset directory, a hub "
+                          "name like openai/gsm8k (or toy:sum)")
     if path.startswith("toy:"):
         if not _TOY_DATA.match(path):
             raise ConfigError(key, f"bad toy dataset spec {path!r}", "e.g. toy:sum or toy:sum-4096")
         return
     p = Path(os.path.expanduser(path))
     if not p.exists():
-        raise ConfigError(key, f"dataset path {path!r} does not exist", "datasets are local files (no hub access)")
+        if looks_like_hub_name(path):
+            return
+        raise ConfigError(key, f"dataset path {path!r} does not exist",
+                          "give a local file or dataset directory, or a hub name (org/name) that submit downloads")
     if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
         raise ConfigError(key, f"unsupported dataset file type {p.suffix!r}", "use .jsonl, .json or .parquet")
 
@@ -89,10 +121,8 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     _choice("mode", cfg.mode, MODES)
     if cfg.mode not in SUPPORTED_MODES:
         raise ConfigError("mode", f"{cfg.mode!r} is not supported yet", f"use one of {', '.join(SUPPORTED_MODES)}")
-    for key in ("experiment_name", "trial_name"):
-        v = getattr(cfg, key)
-        if not isinstance(v, str) or not _NAME.match(v):
-            raise ConfigError(key, f"{v!r} is not a valid name", "use letters, digits, '_', '.', '-' (no '/')")
+    check_location(cfg)  # names, and lengths that fit the filesystem
+    check_values(cfg)  # finite numbers, no control characters (none at all in what reaches a script)
     if cfg.trainer.type not in TRAINER_TYPES and not cfg.trainer.plugins:
         _choice("trainer.type", cfg.trainer.type, TRAINER_TYPES)
     plugins = []
@@ -112,8 +142,6 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     _positive("cluster.mem_per_gpu_gb", c.mem_per_gpu_gb)
     _positive("cluster.cpus_per_task_cpu", c.cpus_per_task_cpu)
     _positive("cluster.mem_per_task_cpu_gb", c.mem_per_task_cpu_gb)
-    if not _TIME.match(str(c.time)):
-        raise ConfigError("cluster.time", f"{c.time!r} is not a Slurm time", "use HH:MM:SS, D-HH:MM:SS or minutes")
     if not c.fileroot:
         raise ConfigError("cluster.fileroot", "is empty", "a directory shared by all nodes, e.g. /scratch/$USER/areal")
     root = Path(os.path.expanduser(c.fileroot)).resolve()
@@ -188,8 +216,13 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         _positive(f"{section}.mb_spec.max_tokens_per_mb", mb.max_tokens_per_mb)
     _choice("server.dtype", cfg.server.dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice("recover.mode", cfg.recover.mode, ("auto", "disabled", "resume"))
+    for key, ds in (("train_dataset", cfg.train_dataset), ("valid_dataset", cfg.valid_dataset)):
+        _choice(f"{key}.chat_template", ds.chat_template, CHAT_TEMPLATES)
+        if ds.adapter and not cfg.trainer.plugins:  # a plugin may register more (rollout.adapters)
+            _choice(f"{key}.adapter", ds.adapter, DATASET_ADAPTERS)
     _positive("saver.freq_steps", cfg.saver.freq_steps, 0)
     _positive("saver.keep_last", cfg.saver.keep_last)
+    check_ranges(cfg)  # the other numbers, Slurm names and cluster.time
 
     if not ppo.async_training:
         r.max_head_offpolicyness = 0

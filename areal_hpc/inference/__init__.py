@@ -4,6 +4,8 @@
   registered in the run's registry while it lives.
 * `client.ServerPool`: discover servers, route by least load, retry, resume aborted generations.
 * `sglang.build_sglang_argv`: ``python -m sglang.launch_server ...`` from a ServerConfig.
+* `sglang_api`: every route, request body and response parser we use with a server;
+  `sglang_contract` checks them against SGLang's own source (``tools/sglang_contract.py``).
 * `hf_engine`: continuous batching on a transformers model behind SGLang's HTTP API
   (`http_server`). Importing this package does not import torch.
 

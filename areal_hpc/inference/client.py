@@ -26,11 +26,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 import aiohttp
 
-from areal_hpc.inference.server import parse_version
+from areal_hpc.inference import sglang_api as api
+from areal_hpc.inference.sglang_api import SAMPLING_KEYS, parse_version, sampling_params  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos")
 SERVING_STATES = ("ready", "paused")
 
 
@@ -73,7 +73,8 @@ class CallResult:
 
 
 class _Server:
-    __slots__ = ("id", "address", "url", "inflight", "down_until", "failures", "static", "record")
+    __slots__ = ("id", "address", "url", "inflight", "down_until", "failures", "static", "record", "pushed_version",
+                 "warned_no_version")
 
     def __init__(self, server_id: str, address: str, static: bool = False, record: Optional[dict] = None):
         self.id = server_id
@@ -84,22 +85,15 @@ class _Server:
         self.failures = 0
         self.static = static
         self.record = record or {}
+        self.pushed_version: Any = None  # the last weight version this pool pushed to it
+        self.warned_no_version = False
 
-
-
-
-def sampling_params(params: Any = None, **overrides: Any) -> Dict[str, Any]:
-    """SGLang ``sampling_params`` from a GenerationConfig-like object or dict, plus overrides."""
-    out: Dict[str, Any] = {}
-    if params is not None:
-        src = params if isinstance(params, dict) else {k: getattr(params, k) for k in SAMPLING_KEYS
-                                                       if hasattr(params, k)}
-        out.update(src)
-    out.update({k: v for k, v in overrides.items() if v is not None})
-    if "stop_token_ids" in out:
-        out["stop_token_ids"] = list(out["stop_token_ids"] or [])
-    out.setdefault("max_new_tokens", 128)
-    return out
+    def known_version(self) -> Any:
+        """The version we believe it serves: the last one pushed, else its registry record's, else 0."""
+        if self.pushed_version is not None:
+            return self.pushed_version
+        v = self.record.get("weight_version")
+        return 0 if v is None else v
 
 
 class ServerPool:
@@ -319,15 +313,14 @@ class ServerPool:
             if remaining <= 0 and n_requests:
                 return GenerateResult(out, lps, vers, "length", len(prompt), n_requests, used)
             server = await self._choose(avoid)
-            payload = {"input_ids": prompt + out if out else prompt,
-                       "sampling_params": {**sp, "max_new_tokens": remaining},
-                       "return_logprob": True,
-                       "rid": base_rid if not n_requests else f"{base_rid}-{n_requests}"}
+            payload = api.generate_body(prompt + out if out else prompt, {**sp, "max_new_tokens": remaining},
+                                        rid=base_rid if not n_requests else f"{base_rid}-{n_requests}")
             n_requests += 1
             self.stats["requests"] += 1
             server.inflight += 1
             try:
-                async with self._session.post(server.url + "/generate", json=payload, timeout=timeout) as resp:
+                async with self._session.request(api.GENERATE.method, server.url + api.GENERATE.path, json=payload,
+                                                 timeout=timeout) as resp:
                     status = resp.status
                     if status >= 500 or status in (408, 429):
                         raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
@@ -343,21 +336,22 @@ class ServerPool:
             finally:
                 server.inflight -= 1
             if status >= 400:
-                msg = body.get("message") or str(body.get("error")) if isinstance(body, dict) else str(body)
-                raise RequestRejected(status, msg)
+                raise RequestRejected(status, api.error_message(body))
             server.failures = 0
             server.down_until = 0.0
-            meta = body.get("meta_info", {})
-            ids = body.get("output_ids") or []
+            got = api.parse_generate(body, server.known_version())
+            if not got.version_reported and got.output_ids and not server.warned_no_version:
+                server.warned_no_version = True
+                log.warning("server %s (%s) reports no weight version with its tokens (an older SGLang?); "
+                            "using the version last pushed to it (%s)", server.id, server.address,
+                            server.known_version())
+            ids = got.output_ids
             out.extend(ids)
-            got = meta.get("output_token_logprobs") or []
-            lps.extend(float(x[0]) if x[0] is not None else float("nan") for x in got[:len(ids)])
-            if len(got) < len(ids):
-                lps.extend([float("nan")] * (len(ids) - len(got)))
-            vers.extend(_expand_versions(meta, len(ids)))
+            lps.extend(got.logprobs)
+            vers.extend(got.versions)
             if ids:
                 used.append(server.id)
-            reason = (meta.get("finish_reason") or {}).get("type", "stop")
+            reason = got.finish_reason
             if reason != "abort":
                 return GenerateResult(out, lps, vers, reason, len(prompt), n_requests, used)
             self.stats["resumes"] += 1
@@ -380,8 +374,10 @@ class ServerPool:
                     body = await resp.json(content_type=None)
                 except ValueError:
                     body = await resp.text()
-                ok = 200 <= resp.status < 300 and not (isinstance(body, dict) and body.get("success") is False)
-                err = None if ok else (body.get("message") if isinstance(body, dict) else str(body))
+                ok, err = api.call_outcome(resp.status, body)
+                if ok and isinstance(payload, dict) and payload.get("weight_version") is not None and path in (
+                        api.UPDATE_WEIGHTS_FROM_DISK.path, api.UPDATE_WEIGHTS_FROM_DISTRIBUTED.path):
+                    s.pushed_version = parse_version(payload["weight_version"])
                 return CallResult(s.id, s.address, ok, resp.status, body, err)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             return CallResult(s.id, s.address, False, None, None, f"{type(e).__name__}: {e}")
@@ -403,35 +399,44 @@ class ServerPool:
         """`pause` this pool, then ``/pause_generation`` everywhere (running requests come back
         aborted and wait here for `continue_all`)."""
         self.pause()
-        return await self.call_all("POST", "/pause_generation", {"mode": mode})
+        return await self.call_route(api.PAUSE_GENERATION, api.pause_body(mode))
 
     async def continue_all(self) -> Dict[str, CallResult]:
-        res = await self.call_all("POST", "/continue_generation", {})
+        res = await self.call_route(api.CONTINUE_GENERATION, api.continue_body())
         self.resume()
         return res
 
+    async def call_route(self, route: api.Route, payload: Optional[dict] = None, **kwargs: Any
+                         ) -> Dict[str, CallResult]:
+        """`call_all` of one of `sglang_api`'s routes."""
+        return await self.call_all(route.method, route.path, payload, **kwargs)
+
     async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,
                                        timeout_s: Optional[float] = None) -> Dict[str, CallResult]:
-        res = await self.call_all("POST", "/update_weights_from_disk",
-                                  {"model_path": str(path), "weight_version": str(version),
-                                   "abort_all_requests": abort_all_requests}, timeout_s=timeout_s)
+        res = await self.call_route(api.UPDATE_WEIGHTS_FROM_DISK,
+                                    api.update_from_disk_body(path, version, abort_all_requests), timeout_s=timeout_s)
         for r in res.values():
             s = self._servers.get(r.server_id)
             if r.ok and s is not None:
                 s.record = dict(s.record, weight_version=parse_version(version))
         return res
 
+    async def init_weights_update_group(self, server_id: str, master_address: str, master_port: int,
+                                        rank_offset: int, world_size: int, group_name: str, backend: str = "nccl",
+                                        timeout_s: Optional[float] = 600.0) -> Dict[str, CallResult]:
+        """One server joins the trainer's weight-update group as rank ``rank_offset``."""
+        return await self.call_route(api.INIT_WEIGHTS_UPDATE_GROUP,
+                                     api.init_group_body(master_address, master_port, rank_offset, world_size,
+                                                         group_name, backend),
+                                     timeout_s=timeout_s, server_ids=[server_id])
+
+    async def update_weights_from_distributed(self, names: List[str], dtypes: List[str], shapes: List[List[int]],
+                                              group_name: str, version: Any, server_ids: Iterable[str],
+                                              timeout_s: Optional[float] = 600.0) -> Dict[str, CallResult]:
+        """Announce one bucket of tensors that the trainer is about to broadcast in this order."""
+        return await self.call_route(api.UPDATE_WEIGHTS_FROM_DISTRIBUTED,
+                                     api.update_from_distributed_body(names, dtypes, shapes, group_name, version),
+                                     timeout_s=timeout_s, server_ids=server_ids)
+
     async def abort_all(self) -> Dict[str, CallResult]:
-        return await self.call_all("POST", "/abort_request", {"abort_all": True})
-
-
-def _expand_versions(meta: Dict[str, Any], n: int) -> List[Any]:
-    spans = meta.get("weight_versions")
-    out: List[Any] = []
-    if spans:
-        for sp in spans:
-            out.extend([parse_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0))))
-    if len(out) != n:
-        v = parse_version(meta.get("weight_version"))
-        out = (out + [v] * n)[:n]
-    return out
+        return await self.call_route(api.ABORT_REQUEST, api.abort_body())

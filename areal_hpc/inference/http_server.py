@@ -1,19 +1,24 @@
 """SGLang's HTTP API in front of the embedded `hf` engine (aiohttp).
 
 Same paths, field names and semantics as SGLang's ``http_server.py`` for everything our client
-and trainers use (see docs of `areal_hpc.inference`). Every endpoint requires
-``Authorization: Bearer <api key>`` when a key is set. Malformed requests get a 4xx with
-``{"error": {"message": ...}}``; nothing a client sends can stop the server.
+and trainers use (see docs of `areal_hpc.inference`), and for a generic SGLang client where the
+engine can: ``text`` input (when the model directory has a tokenizer), ``stream``, and
+``sampling_params.n``. A field SGLang accepts that this engine does not implement is refused
+with a 400 naming it (`FIELD_POLICIES`), never silently ignored; the contract test checks this
+against SGLang's own request structs. Every endpoint requires ``Authorization: Bearer <api
+key>`` when a key is set. Malformed requests get a 4xx with ``{"error": {"message": ...}}``;
+nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from aiohttp import web
 
@@ -49,6 +54,7 @@ async def read_json(request: web.Request) -> Dict[str, Any]:
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
+    check_fields(request.path, body)
     return body
 
 
@@ -98,6 +104,7 @@ class EngineServer:
         self.started = time.time()
         self.groups: Dict[str, Any] = {}
         self._update_lock: Optional[asyncio.Lock] = None
+        self._tokenizer: Any = _UNLOADED
 
     # ------------------------------------------------------------------ app
     def build(self) -> web.Application:
@@ -162,25 +169,61 @@ class EngineServer:
                                f"({self.runner.context_length} tokens)")
         return ids
 
-    async def generate(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        if body.get("stream"):
-            raise RequestError("stream=true is not supported by the hf engine")
-        if "input_ids" not in body:
-            if "text" in body:
-                raise RequestError("the hf engine runs without a tokenizer (skip_tokenizer_init): send input_ids")
-            raise RequestError("missing field: input_ids")
+    async def tokenizer(self):
+        """The model directory's tokenizer, loaded on first use; None when it has none."""
+        if self._tokenizer is _UNLOADED:
+            def load():
+                from transformers import AutoTokenizer
+
+                try:
+                    return AutoTokenizer.from_pretrained(self.runner.model_path)
+                except Exception as e:  # no tokenizer files, or unreadable ones
+                    log.warning("no tokenizer in %s (%s): text requests will be refused", self.runner.model_path, e)
+                    return None
+
+            self._tokenizer = await asyncio.to_thread(load)
+        return self._tokenizer
+
+    async def _inputs(self, body: Dict[str, Any]) -> tuple[List[List[int]], bool, Any]:
+        """(prompts, batch?, tokenizer or None) from ``input_ids`` or ``text``."""
+        has_ids, has_text = body.get("input_ids") is not None, body.get("text") is not None
+        if has_ids and has_text:
+            raise RequestError("give either text or input_ids, not both")
+        if not has_ids and not has_text:
+            raise RequestError("missing field: input_ids (or text)")
+        tok = None
+        if has_text:
+            tok = await self.tokenizer()
+            if tok is None:
+                raise RequestError("this server's model has no tokenizer: send input_ids")
+            text = body["text"]
+            batch = isinstance(text, list)
+            texts = text if batch else [text]
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise RequestError("text must be a string or a non-empty list of strings")
+            return [tok.encode(t) for t in texts], batch, tok
         ids = body["input_ids"]
         batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
-        prompts = ids if batch else [ids]
+        return (ids if batch else [ids]), batch, tok
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """SGLang's ``/generate``: ``input_ids`` or ``text`` (one or a batch), ``sampling_params``
+        (one or one per prompt, ``n`` samples of each), ``return_logprob``, ``stream``. A single
+        prompt with ``n == 1`` answers one object, anything else a list (prompt-major, SGLang's
+        order); ``stream`` answers server-sent events of cumulative outputs (with ``index`` when
+        there are several), then ``data: [DONE]``. Text requests get ``text`` in their responses."""
+        body = await read_json(request)
+        prompts, batch, tok = await self._inputs(body)
         sps = body.get("sampling_params")
         rids = body.get("rid")
         if batch:
             sps = sps if isinstance(sps, list) else [sps] * len(prompts)
             rids = rids if isinstance(rids, list) else [None] * len(prompts)
             if len(sps) != len(prompts) or len(rids) != len(prompts):
-                raise RequestError("sampling_params and rid lists must match input_ids in length")
+                raise RequestError("sampling_params and rid lists must match the inputs in length")
         else:
+            if isinstance(sps, list):
+                raise RequestError("sampling_params must be an object for a single prompt")
             sps, rids = [sps], [rids]
         for rid in rids:
             if rid is not None and not isinstance(rid, str):
@@ -188,40 +231,107 @@ class EngineServer:
         return_logprob = body.get("return_logprob", False)
         if isinstance(return_logprob, list):
             return_logprob = any(return_logprob)
-        try:
-            params = [SamplingParams.from_request(sp) for sp in sps]
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        params, n, interval, skip_special = [], None, 1, True
+        for sp in sps:
+            sp = dict(sp) if isinstance(sp, dict) else sp
+            if isinstance(sp, dict):
+                k = _positive_int(sp.pop("n", None), "n")
+                if n is not None and k != n:
+                    raise RequestError("sampling_params.n must be the same for every prompt")
+                n = k
+                interval = _positive_int(sp.pop("stream_interval", None), "stream_interval")
+                skip_special = sp.get("skip_special_tokens", True) is not False
+            try:
+                params.append(SamplingParams.from_request(sp))
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        n = n or 1
+        if body.get("return_text_in_logprobs") and tok is None:
+            tok = await self.tokenizer()
+            if tok is None:
+                raise RequestError("return_text_in_logprobs needs a tokenizer; this server's model has none")
         prompts = [self._prompt(p) for p in prompts]
-
+        if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
+            prompts = [p for p in prompts for _ in range(n)]
+            params = [sp for sp in params for _ in range(n)]
+            rids = [None] * len(prompts)
+        many = batch or n > 1
+        shape = _Shape(tok if body.get("text") is not None else None, skip_special, bool(return_logprob),
+                       tok if body.get("return_text_in_logprobs") else None,
+                       bool(body.get("return_prompt_token_ids")))
+        seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(prompts, params, rids)]
+        if body.get("stream"):
+            return await self._stream(request, seqs, many, shape, interval)
         loop = asyncio.get_running_loop()
         futs: List[asyncio.Future] = []
-        seqs: List[Sequence] = []
-        for prompt, sp, rid in zip(prompts, params, rids):
+        for seq in seqs:
             fut = loop.create_future()
-
-            def on_finish(seq: Sequence, fut: asyncio.Future = fut) -> None:
-                loop.call_soon_threadsafe(_resolve, fut, seq)
-
-            seq = Sequence(prompt, sp, rid=rid, on_finish=on_finish)
+            seq.on_finish = lambda s, fut=fut: loop.call_soon_threadsafe(_resolve, fut, s)
             futs.append(fut)
-            seqs.append(seq)
         for seq in seqs:
             self.engine.submit(seq)
         try:
             await asyncio.gather(*futs)
         except asyncio.CancelledError:  # the client went away: stop spending compute on it
-            for seq in seqs:
-                if not seq.finished:
-                    self.engine.abort(seq.rid)
+            self._abort_unfinished(seqs)
             raise
-        version = self.engine.weight_version
-        out = [s.to_response(version, bool(return_logprob)) for s in seqs]
         for s in seqs:
             code = (s.finish_reason or {}).get("status_code")
             if code:
                 return error_response(s.finish_reason.get("message", "error"), int(code))
-        return web.json_response(out if batch else out[0])
+        out = [shape.render(s, self.engine.weight_version) for s in seqs]
+        return web.json_response(out if many else out[0])
+
+    def _abort_unfinished(self, seqs: List[Sequence]) -> None:
+        for seq in seqs:
+            if not seq.finished:
+                self.engine.abort(seq.rid)
+
+    async def _stream(self, request: web.Request, seqs: List[Sequence], many: bool, shape: "_Shape",
+                      interval: int) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        counts = [0] * len(seqs)  # tokens each sequence had at its last append we heard of
+        sent = [-1] * len(seqs)
+        done = [False] * len(seqs)
+
+        def heard(i: int, n: int) -> None:
+            counts[i] = max(counts[i], n)
+            wake.set()
+
+        for i, seq in enumerate(seqs):
+            seq.on_append = lambda s, n, i=i: loop.call_soon_threadsafe(heard, i, n)
+            seq.on_finish = lambda s: loop.call_soon_threadsafe(wake.set)
+        for seq in seqs:
+            self.engine.submit(seq)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await resp.prepare(request)
+            while not all(done):
+                await wake.wait()
+                wake.clear()
+                for i, seq in enumerate(seqs):
+                    if done[i]:
+                        continue
+                    if seq.finished:
+                        code = (seq.finish_reason or {}).get("status_code")
+                        chunk = ({"error": {"message": seq.finish_reason.get("message", "error"), "code": int(code)}}
+                                 if code else shape.render(seq, self.engine.weight_version))
+                        done[i] = True
+                    elif counts[i] - max(sent[i], 0) >= interval or (sent[i] < 0 and counts[i] > 0):
+                        chunk = shape.render(seq, self.engine.weight_version, upto=counts[i])
+                        sent[i] = counts[i]
+                    else:
+                        continue
+                    if many:
+                        chunk["index"] = i
+                    await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            self._abort_unfinished(seqs)
+            raise
+        return resp
 
     # ------------------------------------------------------------------ control
     async def pause_generation(self, request: web.Request) -> web.Response:
@@ -463,6 +573,100 @@ class EngineServer:
             "id": self.served_model_name, "object": "model", "created": int(self.started),
             "owned_by": "areal-hpc", "root": self.served_model_name,
             "max_model_len": self.runner.context_length}]})
+
+
+_UNLOADED = object()
+
+
+class _Shape:
+    """How one request's responses look: text (for text requests), logprobs, prompt ids."""
+
+    def __init__(self, tokenizer, skip_special: bool, return_logprob: bool, logprob_tokenizer, prompt_ids: bool):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self.return_logprob, self.logprob_tokenizer, self.prompt_ids = return_logprob, logprob_tokenizer, prompt_ids
+
+    def render(self, seq: Sequence, version: str, upto: Optional[int] = None) -> Dict[str, Any]:
+        out = seq.to_response(version, self.return_logprob, upto=upto)
+        if self.logprob_tokenizer is not None and self.return_logprob:
+            for entry in out["meta_info"]["output_token_logprobs"]:
+                entry[2] = self.logprob_tokenizer.decode([entry[1]])
+        if self.tokenizer is not None:
+            out = {"text": self.tokenizer.decode(out["output_ids"], skip_special_tokens=self.skip_special), **out}
+        if self.prompt_ids:
+            out["prompt_token_ids"] = list(seq.prompt_ids)
+        return out
+
+
+def _positive_int(v: Any, key: str) -> int:
+    if v is None:
+        return 1
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise RequestError(f"sampling_params.{key} must be an integer >= 1, got {v!r}")
+    return v
+
+
+# ---------------------------------------------------------------------- request fields
+@dataclasses.dataclass(frozen=True)
+class FieldPolicy:
+    """What the hf engine does with the JSON fields SGLang accepts on one route.
+
+    ``honoured``: implemented. ``noop``: accepted because they cannot change what this server
+    returns (metadata, CUDA-cache hints). Any other field with a value other than a neutral one
+    (None, false, "", [], {} or a value listed in ``neutral``) is refused with a 400 naming it:
+    a 200 without what was asked for is worse than a clear refusal."""
+
+    honoured: FrozenSet[str]
+    noop: FrozenSet[str] = frozenset()
+    neutral: Mapping[str, Tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+
+    def refused(self, body: Mapping[str, Any]) -> Optional[str]:
+        for key, value in body.items():
+            if key in self.honoured or key in self.noop:
+                continue
+            if value is None or value is False or value in ("", [], {}) or value in self.neutral.get(key, ()):
+                continue
+            return key
+        return None
+
+
+_BASE = frozenset({"rid", "http_worker_ipc"})  # SGLang's BaseReq fields: routing metadata
+FIELD_POLICIES: Dict[str, FieldPolicy] = {
+    "/generate": FieldPolicy(
+        honoured=frozenset({"rid", "text", "input_ids", "sampling_params", "return_logprob", "stream",
+                            "return_text_in_logprobs", "return_prompt_token_ids"}),
+        noop=frozenset({"log_metrics", "no_logs", "custom_labels", "conversation_id", "routing_key", "session_id",
+                        "priority", "extra_key", "cache_salt", "http_worker_ipc", "received_time",
+                        "external_trace_header"}),
+        neutral={"logprob_start_len": (-1,), "top_logprobs_num": (0,), "routed_experts_start_len": (0,)}),
+    "/pause_generation": FieldPolicy(honoured=frozenset({"mode"}), noop=_BASE),
+    "/continue_generation": FieldPolicy(honoured=frozenset(), noop=_BASE | {"torch_empty_cache"}),
+    "/abort_request": FieldPolicy(honoured=frozenset({"rid", "abort_all"}), noop=frozenset({"http_worker_ipc"})),
+    "/update_weights_from_disk": FieldPolicy(
+        honoured=frozenset({"model_path", "weight_version", "abort_all_requests"}),
+        noop=_BASE | {"torch_empty_cache", "flush_cache", "token_step"}, neutral={"load_format": ("auto",)}),
+    "/init_weights_update_group": FieldPolicy(
+        honoured=frozenset({"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend",
+                            "timeout"}), noop=_BASE),
+    "/destroy_weights_update_group": FieldPolicy(honoured=frozenset({"group_name"}), noop=_BASE),
+    "/update_weights_from_distributed": FieldPolicy(
+        honoured=frozenset({"names", "dtypes", "shapes", "group_name", "weight_version", "abort_all_requests"}),
+        noop=_BASE | {"torch_empty_cache", "flush_cache"}, neutral={"selector": ("all", "target"),
+                                                                    "load_format": ("auto",)}),
+    "/update_weight_version": FieldPolicy(honoured=frozenset({"new_version", "abort_all_requests"}), noop=_BASE),
+}
+# sampling_params keys the hf engine implements (everything else is refused unless neutral)
+SUPPORTED_SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids",
+                                     "ignore_eos", "n", "stream_interval", "skip_special_tokens",
+                                     "spaces_between_special_tokens", "no_stop_trim"})
+
+
+def check_fields(path: str, body: Mapping[str, Any]) -> None:
+    """400 for a field of ``body`` that this server would otherwise ignore (see `FieldPolicy`)."""
+    policy = FIELD_POLICIES.get(path)
+    key = policy.refused(body) if policy is not None else None
+    if key is not None:
+        raise RequestError(f"{path}: field {key!r} (= {json.dumps(body[key], default=str)[:80]}) is not supported "
+                           f"by the hf engine; leave it out or use an SGLang server")
 
 
 def _resolve(fut: asyncio.Future, value: Any) -> None:

@@ -31,22 +31,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import aiohttp
 
 from areal_hpc.config.schema import LauncherConfig, ServerConfig
+from areal_hpc.inference import sglang_api as api
+from areal_hpc.inference.sglang_api import parse_version  # noqa: F401  (re-exported)
 from areal_hpc.registry import Heartbeat, Registry
 
 log = logging.getLogger("areal_hpc.inference.server")
 
 BACKENDS = ("hf", "sglang")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def parse_version(v: Any) -> Any:
-    """SGLang reports versions as strings; ours are ints where they look like ints."""
-    if isinstance(v, str):
-        try:
-            return int(v)
-        except ValueError:
-            return v
-    return v
 
 
 def _node_name() -> str:
@@ -144,7 +136,7 @@ class ServerLifecycle:
             if not self._backend_alive():
                 return False
             try:
-                status, _ = await self._request("GET", "/health", timeout=5.0)
+                status, _ = await self._request(api.HEALTH.method, api.HEALTH.path, timeout=5.0)
                 if status == 200:
                     return True
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -156,12 +148,13 @@ class ServerLifecycle:
         return False
 
     async def load_weights(self, path: str, version: Any) -> tuple[bool, str]:
-        status, body = await self._request("POST", "/update_weights_from_disk",
-                                           {"model_path": path, "weight_version": str(version)}, timeout=None)
-        ok = status == 200 and isinstance(body, dict) and body.get("success", False)
+        route = api.UPDATE_WEIGHTS_FROM_DISK
+        status, body = await self._request(route.method, route.path, api.update_from_disk_body(path, version),
+                                           timeout=None)
+        ok, err = api.call_outcome(status, body)
         if ok:
             self.weight_version = parse_version(version)
-        return ok, (body.get("message") if isinstance(body, dict) else str(body))
+        return ok, (err or api.error_message(body))
 
     async def _load_latest(self, only_if_newer: bool) -> bool:
         """Load ``weights/latest`` if the run has published any. False only on a failed load."""
@@ -289,9 +282,10 @@ class ServerLifecycle:
 
     async def _refresh_sglang_version(self) -> None:
         try:
-            status, body = await self._request("GET", "/model_info", timeout=5.0)
-            if status == 200 and isinstance(body, dict) and body.get("weight_version") is not None:
-                self.weight_version = parse_version(body["weight_version"])
+            status, body = await self._request(api.MODEL_INFO.method, api.MODEL_INFO.path, timeout=5.0)
+            version = api.model_info_version(body) if status == 200 else None
+            if version is not None:
+                self.weight_version = version
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass
 

@@ -95,13 +95,91 @@ def _last_metrics(rd: Path, n: int = 5) -> List[Dict[str, Any]]:
     return [json.loads(x) for x in lines if x.strip()]
 
 
+_SLURM_WAITING = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESIZING")
+_SLURM_LIVE = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING")
+
+
+def _word(state: Optional[str]) -> str:
+    return (state or "").split()[0] if state else ""  # "CANCELLED by 0" -> CANCELLED
+
+
+def _owner_alive(run: Dict[str, Any], reg: Registry) -> bool:
+    """mode=local: the launcher process lives (on this host by pid, elsewhere by its heartbeat)."""
+    if run.get("host") in (None, socket.gethostname()):
+        return _pid_alive(run.get("pid"))
+    return reg.get("", "run") is not None
+
+
+def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
+    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked
+    against what Slurm (or the process table) says, so a run whose owner died says so."""
+    from areal_hpc.launch import outcome
+
+    rec_state = run.get("state")
+    mine = {"state": rec_state, "reason": run.get("reason"), "log": run.get("log")}
+    if run.get("mode") == "slurm":
+        js = _word(job.get("state"))
+        slurm_out = str(rd / "logs" / f"slurm-{run.get('job_id')}.out")
+        if js in _SLURM_WAITING:
+            return {**mine, "state": outcome.REQUEUED if rec_state == outcome.REQUEUED else outcome.PENDING}
+        if js in _SLURM_LIVE:
+            return mine if rec_state in outcome.FINAL else {**mine, "state": outcome.RUNNING}
+        if rec_state in outcome.FINAL:
+            return mine
+        if not js:
+            return {**mine, "state": rec_state or "UNKNOWN"}
+        if js == "CANCELLED":
+            return {"state": outcome.STOPPED, "reason": f"job {run.get('job_id')} was cancelled (scancel) before its "
+                    "driver recorded how the run ended", "log": slurm_out}
+        why = {"TIMEOUT": "hit its time limit (cluster.time)", "OUT_OF_MEMORY": "ran out of memory",
+               "NODE_FAIL": "lost a node"}.get(js, f"ended {js}")
+        return {"state": outcome.FAILED, "reason": f"job {run.get('job_id')} {why} before its driver recorded how "
+                "the run ended", "log": slurm_out}
+    if not run:
+        return {"state": None, "reason": None, "log": None}
+    if owner_alive:
+        return {**mine, "state": outcome.RUNNING}
+    if rec_state in outcome.FINAL:
+        return mine
+    return {"state": outcome.FAILED, "log": str(rd / "logs" / "driver.log"),
+            "reason": f"the launcher (pid {run.get('pid')} on {run.get('host')}) ended without recording how the "
+                      "run ended (killed?)"}
+
+
+def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
+    """Whether Slurm says step ``step_id`` of ``job`` (a `_slurm_state`) has ended (every step
+    has once the job is not running)."""
+    state = _word(job.get("state"))
+    if state and state not in _SLURM_LIVE:
+        return True
+    name = f"{job.get('job_id')}.{step_id}"
+    return any(s["step"] == name and _word(s.get("state")) not in _SLURM_LIVE for s in job.get("steps", []))
+
+
+def _server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
+    """A live record may still belong to a dead process (it lives until its TTL): check the
+    process (mode=local, this host) or its Slurm step."""
+    if run.get("mode") == "local" and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
+        return _pid_alive(rec.get("pid"))
+    job = jobs.get(str(rec.get("slurm_job_id")))
+    if job is None or rec.get("slurm_step_id") is None:
+        return True  # Slurm knows nothing of it: trust the heartbeat
+    return not _step_ended(job, rec["slurm_step_id"])
+
+
 def collect_status(rd: Path) -> Dict[str, Any]:
     reg = run_registry(rd)
     key = reg.secret()
     run = reg.get("", "run", live_only=False) or {}
-    servers = reg.list("servers")
+    jobs: Dict[str, Dict[str, Any]] = {}
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        jobs[str(run["job_id"])] = _slurm_state(run["job_id"])
+        for j in reg.list("jobs", live_only=False):  # `add-servers --new-job` jobs
+            jobs[str(j)] = _slurm_state(j)
     srv = []
-    for sid, rec in sorted(servers.items()):
+    for sid, rec in sorted(reg.list("servers").items()):
+        if not _server_alive(rec, run, jobs):
+            continue  # its process or step has ended: not a live server, whatever its record says
         srv.append({"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
                     "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
                     "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"),
@@ -111,14 +189,25 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
                               "trainer": None if trainer is None else
                               {k: v for k, v in trainer.items() if not k.startswith("_")}}
+    owner_alive = False
     if run.get("mode") == "slurm" and run.get("job_id"):
-        status["job"] = _slurm_state(run["job_id"])
-        extra = reg.list("jobs", live_only=False)  # `add-servers --new-job` jobs
+        status["job"] = jobs.pop(str(run["job_id"]))
+        owner_alive = _word(status["job"].get("state")) in _SLURM_LIVE
+        extra = reg.list("jobs", live_only=False)
         if extra:
-            status["server_jobs"] = [{**_slurm_state(j), "servers": rec.get("servers")} for j, rec in sorted(extra.items())]
+            status["server_jobs"] = [{**jobs[str(j)], "servers": rec.get("servers")}
+                                     for j, rec in sorted(extra.items())]
     elif run:
+        owner_alive = _owner_alive(run, reg)
         status["job"] = {"launcher_pid": run.get("pid"), "host": run.get("host"),
-                         "state": "RUNNING" if _pid_alive(run.get("pid")) else "ENDED"}
+                         "state": "RUNNING" if owner_alive else "ENDED"}
+    if status["trainer"] is not None and run and not owner_alive:
+        status["trainer"] = None  # the owner's steps end with it
+    elif status["trainer"] is not None and run.get("mode") == "local" and not _pid_alive(trainer.get("pid")) and \
+            trainer.get("host") in (None, socket.gethostname()):
+        status["trainer"] = None
+    status.update(run_state(run, status.get("job") or {}, rd, owner_alive))
+    status["trainer_restarts"] = run.get("trainer_restarts", 0)
     if metrics:
         last = metrics[-1]
         status["progress"] = {k: last.get(k) for k in ("step", "version", "reward_mean", "time_s",
@@ -133,6 +222,11 @@ def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
         return 0
     job = st.get("job") or {}
     print(f"run      {st['run_dir']}  (mode={st['mode'] or '?'})")
+    print(f"state    {st.get('state') or 'unknown (no owner recorded)'}"
+          + (f": {st['reason']}" if st.get("reason") else "")
+          + (f" ({st['trainer_restarts']} trainer restart(s))" if st.get("trainer_restarts") else ""))
+    if st.get("log") and st.get("state") not in ("COMPLETED", "RUNNING", "PENDING"):
+        print(f"         see {st['log']}  (areal-hpc logs ...)")
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {job.get('nodes', '')}".rstrip())
     for step in job.get("steps", []):
         print(f"  step {step['step']:<12} {step['name']:<40} {step['state']:<11} {step['nodes']}")
@@ -185,42 +279,82 @@ def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
     return 0
 
 
+def _remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
+    """Records of this run's processes that are known dead (this host's pids; ended Slurm steps)."""
+    jobs = {}
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        jobs[str(run["job_id"])] = _slurm_state(run["job_id"])
+    live = reg.list("servers")
+    for sid, rec in reg.list("servers", live_only=False).items():
+        if sid not in live or not _server_alive(rec, run, jobs):
+            reg.delete("servers", sid)
+    trainer = reg.get("", "trainer", live_only=False)
+    if trainer is not None and (reg.get("", "trainer") is None or (
+            trainer.get("host") == socket.gethostname() and not _pid_alive(trainer.get("pid")))):
+        reg.delete("", "trainer")
+
+
 def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0) -> int:
-    """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job."""
+    """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all
+    of it and prints how the run ended. A second `stop` (or Ctrl-C while this one waits) forces it:
+    what is left is killed."""
+    from areal_hpc.launch import outcome
+
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
-    post_request(reg, "stop")
-    deadline = time.monotonic() + timeout_s
-    if run.get("mode") == "local" and _pid_alive(run.get("pid")):
-        os.kill(int(run["pid"]), signal.SIGTERM)
-    elif run.get("mode") == "local":  # the owner is gone (shutdown_server_on_exit=False): stop what it left
+    local, slurm = run.get("mode") == "local", run.get("mode") == "slurm"
+
+    def owner_alive() -> bool:
+        if local:
+            return _owner_alive(run, reg)
+        return slurm and _slurm_state(run.get("job_id", "")).get("state") in _SLURM_LIVE + _SLURM_WAITING
+
+    live = reg.get("", "run") or {}
+    forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
+    post_request(reg, "stop", force=forced)
+    if forced:
+        print("a stop is already under way: forcing it (what is left is killed)", flush=True)
+    if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
         host = socket.gethostname()
         for rec in list(reg.list("servers").values()) + [reg.get("", "trainer") or {}]:
             if rec.get("pid") and rec.get("host", host) == host and _pid_alive(rec["pid"]):
                 os.kill(int(rec["pid"]), signal.SIGTERM)
-    if run.get("mode") == "slurm" and run.get("job_id") and \
-            _slurm_state(run["job_id"]).get("state") in ("PENDING", "REQUEUED"):
+    if slurm and run.get("job_id") and _slurm_state(run["job_id"]).get("state") in ("PENDING", "REQUEUED"):
         subprocess.run(["scancel", str(run["job_id"])], check=False)  # not started: nothing to checkpoint
     for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
         # scancel sends SIGTERM to their steps first: the servers deregister
         subprocess.run(["scancel", str(job_id)], check=False, capture_output=True)
         reg.delete("jobs", job_id)
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        owner_alive = _pid_alive(run.get("pid")) if run.get("mode") == "local" else \
-            _slurm_state(run.get("job_id", "")).get("state") in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED")
-        if not owner_alive and not reg.list("servers") and reg.get("", "trainer") is None:
-            print(f"stopped {rd}")
-            return 0
-        time.sleep(0.5)
-    if run.get("mode") == "slurm" and run.get("job_id"):
-        subprocess.run(["scancel", str(run["job_id"])], check=False)
-        print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
+        try:
+            if not owner_alive() and not reg.list("servers") and reg.get("", "trainer") is None:
+                break
+            if not owner_alive():
+                _remove_dead_records(reg, run)
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            if forced:
+                raise
+            forced = True
+            print("\nforcing the stop: what is left is killed", file=sys.stderr, flush=True)
+            post_request(reg, "stop", force=True)
+            deadline = time.monotonic() + 60.0
+    else:
+        if slurm and run.get("job_id"):
+            subprocess.run(["scancel", str(run["job_id"])], check=False)
+            print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
+            return 1
+        for sid, rec in reg.list("servers").items():
+            if _pid_alive(rec.get("pid")):
+                os.kill(int(rec["pid"]), signal.SIGKILL)
+            reg.delete("servers", sid)
+        print(f"graceful stop timed out after {timeout_s:.0f}s: killed what was left")
         return 1
-    for sid, rec in reg.list("servers").items():
-        if _pid_alive(rec.get("pid")):
-            os.kill(int(rec["pid"]), signal.SIGKILL)
-    print(f"graceful stop timed out after {timeout_s:.0f}s: killed what was left")
-    return 1
+    _remove_dead_records(reg, run)
+    end = reg.get("", "run", live_only=False) or {}
+    print(f"stopped {rd}\nrun {outcome.summary_line(end)}" if end.get("state") else f"stopped {rd}", flush=True)
+    return 0
 
 
 def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = False,

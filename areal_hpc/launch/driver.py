@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 from areal_hpc.config import load_resolved
+from areal_hpc.config.validate import run_umask
+from areal_hpc.launch import outcome
 from areal_hpc.launch.owner import RunOwner
 from areal_hpc.launch.plan import Plan
 
@@ -69,7 +71,7 @@ def prepare_requeue(trainer_grace_s: Optional[float] = None, server_grace_s: Opt
     if owner is None:
         log.warning("USR2 before the run started: requeueing as is")
         return True
-    owner.stopping = True
+    owner.request_stop("time limit or preemption (USR2)")
     t0 = time.monotonic()
     trainer = owner.trainer
     if trainer is not None and trainer.poll() is None:
@@ -89,11 +91,18 @@ def prepare_requeue(trainer_grace_s: Optional[float] = None, server_grace_s: Opt
     for h in servers:
         if h.poll() is None:
             h.signal(signal.SIGKILL)
+    for name in list(owner.servers):  # the requeued driver starts them again
+        owner.registry.delete("servers", name)
     requeue = bool(owner.cfg.launcher.requeue_on_preemption)
     log.warning("USR2 handled in %.1fs: %s", time.monotonic() - t0,
                 "requeueing the job" if requeue else "ending the job (launcher.requeue_on_preemption=False)")
-    if owner._heartbeat is not None:
-        owner._heartbeat.beat()
+    at = outcome.last_step(owner.run_dir / "metrics.jsonl")
+    if requeue:
+        owner.set_state(outcome.REQUEUED, f"time limit or preemption (USR2) at step {at}: checkpointed, the job "
+                        "is requeued and resumes")
+    else:
+        owner.set_state(outcome.STOPPED, f"time limit or preemption (USR2) at step {at}: checkpointed, not "
+                        "requeued (launcher.requeue_on_preemption=False); submit again to resume")
     return requeue
 
 
@@ -107,7 +116,25 @@ def _on_usr2_standalone(signum, frame) -> None:
 
 
 def _on_term_standalone(signum, frame) -> None:
-    raise KeyboardInterrupt  # RunOwner.run turns it into a graceful shutdown
+    """SIGTERM/SIGINT when started by hand: a graceful stop; a second one forces it."""
+    owner = _OWNER
+    if owner is None:
+        raise KeyboardInterrupt
+    if owner.stopping:
+        owner.request_force(f"forced stop ({signal.Signals(signum).name} twice)")
+    else:
+        owner.request_stop(f"stopped by {signal.Signals(signum).name}")
+
+
+def cancel_own_job(job_id: str) -> None:
+    """End this job as CANCELLED: a run stopped on purpose is neither COMPLETED (a success to
+    ``--dependency=afterok``, mail, scripts) nor FAILED. Everything is stopped and recorded by now;
+    Slurm signals this batch script and marks the job CANCELLED at once."""
+    log.info("the run was stopped: ending job %s as CANCELLED", job_id)
+    try:
+        subprocess.run(["scancel", str(job_id)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"scancel {job_id} failed: {e}", file=sys.stderr)
 
 
 def main(run_dir: Path) -> int:
@@ -121,6 +148,7 @@ def main(run_dir: Path) -> int:
               "`areal-hpc submit` with mode=slurm starts the driver for you", file=sys.stderr)
         return 2
     cfg = load_resolved(run_dir / "config.yaml")
+    os.umask(run_umask(cfg))  # what the driver and its steps write stays private (cluster.group_readable)
     plan = Plan.from_json((run_dir / "plan.json").read_text())
     _setup_logging(run_dir)
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -134,9 +162,12 @@ def main(run_dir: Path) -> int:
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit installs its own USR2 handler
         signal.signal(signal.SIGUSR2, _on_usr2_standalone)
         signal.signal(signal.SIGTERM, _on_term_standalone)
+        signal.signal(signal.SIGINT, _on_term_standalone)
     try:
         rc = owner.run()
     finally:
         _OWNER = None
-    log.info("driver exits with %s", rc)
+    log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
+    if owner.state == outcome.STOPPED:
+        cancel_own_job(job_id)
     return rc

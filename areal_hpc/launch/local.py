@@ -1,6 +1,7 @@
 """`mode=local`: the plan's steps as subprocesses of this machine, each in its own process group,
 each task with its log in {run}/logs/. The foreground `submit` is the run's owner: it shows a
-progress bar, serves add-servers/stop requests, and stops everything on Ctrl-C."""
+progress bar, serves add-servers/stop requests; Ctrl-C stops the run gracefully and waits for it
+(a second Ctrl-C kills what is left), then prints the summary."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig
+from areal_hpc.launch import outcome
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV
 from areal_hpc.launch.owner import RunOwner, Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
@@ -136,30 +138,50 @@ def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> int:
     logging.getLogger("areal_hpc.launch").addHandler(fh)
     progress = Progress(cfg, run_dir)
     owner = RunOwner(cfg, plan, run_dir, ProcessRunner(cfg), mode="local")
-    # `areal-hpc stop` (a request + SIGTERM) is a graceful stop; Ctrl-C too, with exit code 130.
-    signal.signal(signal.SIGTERM, lambda *_: setattr(owner, "stopping", True))
+
+    def on_signal(signum, frame) -> None:
+        # Ctrl-C (SIGINT) or SIGTERM: stop gracefully (checkpoint, servers down), wait for it, print
+        # the summary; the second one kills what is left. `areal-hpc stop` asks through a request.
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if owner.stopping:
+            owner.request_force(f"forced stop ({what} twice)")
+            print(f"\n{what} again: killing the trainer and the servers", file=sys.stderr, flush=True)
+        else:
+            owner.request_stop(f"interrupted ({what})")
+            print(f"\n{what}: stopping (the trainer checkpoints, servers shut down); {what} again to force",
+                  file=sys.stderr, flush=True)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"logs: areal-hpc logs -f experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
           f"cluster.fileroot={cfg.cluster.fileroot}  ({run_dir}/logs)", file=sys.stderr)
     try:
         rc = owner.run(on_tick=progress.tick)
     finally:
         progress.close()
-    summarize(cfg, run_dir, rc)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        logging.getLogger("areal_hpc.launch").removeHandler(fh)
+        fh.close()
+    summarize(cfg, run_dir, owner.record())
     return rc
 
 
-def summarize(cfg: ExperimentConfig, run_dir: Path, rc: int) -> None:
+def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> None:
+    """What the run did (steps, reward) and how it ended (`outcome.summary_line`), on stdout."""
     from areal_hpc.trainers.metrics import read_metrics
 
+    state = rec.get("state")
     rows = read_metrics(run_dir / "metrics.jsonl")
     if cfg.trainer.type == "null" and (run_dir / "eval.json").exists():
         print(f"eval: {(run_dir / 'eval.json').read_text().strip()}")
     elif rows:
         first, last = rows[0], rows[-1]
         tail = [r.get("reward_mean", 0) for r in rows[-10:]]
-        print(f"{'done' if rc == 0 else f'trainer exited with {rc}'}: step {last['step']}, reward "
+        print(f"{'done' if state == outcome.COMPLETED else str(state).lower()}: step {last['step']}, reward "
               f"{first.get('reward_mean', 0):.3f} -> {last.get('reward_mean', 0):.3f} (mean of the last {len(tail)} "
               f"steps {sum(tail) / len(tail):.3f}) in {last.get('time_s', 0):.0f}s; "
               f"metrics {run_dir / 'metrics.jsonl'}, curve {run_dir / 'reward.png'}")
-    elif rc != 0:
-        print(f"trainer exited with {rc}: see {run_dir}/logs/trainer-0.log", file=sys.stderr)
+    line = f"run {outcome.summary_line(rec)}"
+    if state == outcome.STOPPED:
+        line += "\n    resume: the same `areal-hpc submit` command"
+    print(line, file=sys.stderr if state == outcome.FAILED else sys.stdout, flush=True)

@@ -16,9 +16,10 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
+from areal_hpc.launch import outcome
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan, server_step
 from areal_hpc.registry import Heartbeat, Registry
 
@@ -53,6 +54,12 @@ class Runner(ABC):
 
 
 class RunOwner:
+    """Owns one run: its steps, its requests, and the record of how it ended (`outcome`).
+
+    Stopping: `request_stop` (a ``stop`` request, Ctrl-C, SIGTERM) has the trainer checkpoint and
+    the servers deregister; `request_force` (a second Ctrl-C, ``stop`` again) kills what is left.
+    """
+
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Runner, mode: str,
                  job_id: Optional[str] = None, linger: bool = False):
         self.cfg, self.plan, self.run_dir, self.runner, self.mode = cfg, plan, run_dir, runner, mode
@@ -66,14 +73,32 @@ class RunOwner:
         self.trainer_rc: Optional[int] = None
         self.restarts = 0
         self.stopping = False
+        self.force = False
+        self.stop_reason = "stop requested"
+        # how the run stands (run.json): RUNNING until the end, then COMPLETED / FAILED / STOPPED
+        self.state, self.reason, self.log_path = outcome.RUNNING, None, None
+        self.trainer_done = False  # the last trainer finished its run (exit 0, not stopped by us)
+        self.trainer_failure: Optional[Tuple[str, Optional[str]]] = None  # (reason, log) of the last one
+        self.server_failures: List[Tuple[str, Optional[str]]] = []
+        self.early_failures = 0  # consecutive trainer deaths before their first step (crash-loop brake)
+        self._attempt: Dict[str, object] = {}
+        self._log_offsets: Dict[str, Dict[str, int]] = {}
+        self._started = time.time()
+        self._ended: Optional[float] = None
         self._heartbeat: Optional[Heartbeat] = None
 
     # ------------------------------------------------------------------ records
     def _run_record(self) -> Dict[str, object]:
         return {"mode": self.mode, "pid": os.getpid(), "host": socket.gethostname(), "job_id": self.job_id,
-                "started": self._started, "servers": sorted(self.servers), "trainer_restarts": self.restarts,
+                "started": self._started, "ended": self._ended, "state": self.state, "reason": self.reason,
+                "log": self.log_path, "stopping": self.stopping, "servers": sorted(self.servers),
+                "trainer_restarts": self.restarts,
                 "trainer_rc": self.trainer_rc,
                 "steps": {name: h.info() for name, h in self._handles().items()}}
+
+    def record(self) -> Dict[str, object]:
+        """The run record as written to run.json (state, reason, log, steps...)."""
+        return self._run_record()
 
     def _handles(self) -> Dict[str, StepHandle]:
         out = dict(self.servers)
@@ -81,15 +106,45 @@ class RunOwner:
             out["trainer"] = self.trainer
         return out
 
+    def set_state(self, state: str, reason: Optional[str] = None, log_path: Optional[str] = None) -> None:
+        """Record the run's state (and why, and which log tells more) in run.json now."""
+        self.state, self.reason, self.log_path = state, reason, log_path
+        if state in outcome.FINAL:
+            self._ended = time.time()
+            (log.error if state == outcome.FAILED else log.info)("run %s", outcome.summary_line(
+                {"state": state, "reason": reason, "log": log_path}))
+        if self._heartbeat is not None:
+            self._heartbeat.beat()
+
+    # ------------------------------------------------------------------ stopping
+    def request_stop(self, reason: str = "stop requested") -> None:
+        if not self.stopping:
+            self.stopping, self.stop_reason = True, reason
+
+    def request_force(self, reason: str = "forced stop") -> None:
+        self.request_stop(reason)
+        self.force = True
+
     # ------------------------------------------------------------------ steps
     def start_step(self, step: StepSpec) -> StepHandle:
+        offsets = outcome.log_sizes(step.log)  # an error line must come from this attempt, not an earlier one
+        if step.role != "server":
+            self._attempt = {"t0": time.time(), "from_step": self._resume_step(), "first_step": None,
+                             "progressed": False}
         h = self.runner.start(step, list(self._handles().values()))
+        self._log_offsets[step.name] = offsets
         if step.role == "server":
             self.servers[step.name] = h
         else:
             self.trainer, self.trainer_rc = h, None
         log.info("started %s: %s", step.name, h.info())
         return h
+
+    def _resume_step(self) -> int:
+        """The step a trainer started now resumes from (its last checkpoint, if it recovers)."""
+        if self.cfg.recover.mode == "disabled":
+            return 0
+        return outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
 
     def next_server_index(self) -> int:
         used = [int(n.split("-", 1)[1]) for n in self.servers] + \
@@ -116,93 +171,242 @@ class RunOwner:
             kind = req.get("kind")
             log.info("request %s: %s", name, req)
             if kind == "stop":
-                self.stopping = True
-            elif kind == "add_servers":
+                if req.get("force"):
+                    self.request_force("forced stop (areal-hpc stop, twice)")
+                else:
+                    self.request_stop("stop requested (areal-hpc stop)")
+            elif kind == "add_servers" and not self.stopping:
                 n = self.add_servers(int(req.get("count", 1)))
                 if n < int(req.get("count", 1)):
                     log.warning("started %d of %d requested servers (no free resources)", n, req.get("count"))
                     # the answer for `add-servers`, which then submits the rest as a separate job
                     self.registry.put("replies", f"{name}-unserved", {"wanted": req.get("count"), "started": n},
                                       ttl=True)
-            elif kind == "start_trainer":
+            elif kind == "start_trainer" and not self.stopping:
                 if self.trainer is None or self.trainer.poll() is not None:
-                    step = self._trainer_step()
-                    if req.get("min_required_servers"):  # this trainer only; config.yaml keeps the run's value
-                        step.env = {**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(req["min_required_servers"])}
-                    self.start_step(step)
+                    self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
+                    self.start_step(self._trainer_step(req.get("min_required_servers")))
 
-    def _trainer_step(self) -> StepSpec:
+    def _trainer_step(self, min_required_servers: Optional[int] = None) -> StepSpec:
         alloc = parse_allocation(self.cfg.allocation_mode)
         step = build_plan(self.cfg, alloc, self.run_dir, with_servers=False).trainer
-        return replace(step, relative_node=self.plan.trainer.relative_node if self.plan.trainer else step.relative_node)
+        step = replace(step, relative_node=self.plan.trainer.relative_node if self.plan.trainer else step.relative_node)
+        if min_required_servers:  # this trainer only (config.yaml keeps the run's value): it waits for that
+            # many servers, then pushes its weights before generating, even with no checkpoint to resume
+            step.env = {**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(min_required_servers)}
+        return step
+
+    # ------------------------------------------------------------------ the trainer's end
+    def _watch_progress(self) -> None:
+        """Whether the running trainer got past its first step (its record's step moved)."""
+        a = self._attempt
+        if not a or a.get("progressed"):
+            return
+        rec = self.registry.get("", "trainer")
+        step = rec.get("step") if rec else None
+        if isinstance(step, int):
+            if a.get("first_step") is None:
+                a["first_step"] = step
+            elif step > a["first_step"]:  # type: ignore[operator]
+                a["progressed"] = True
+
+    def _progressed(self) -> bool:
+        """Did the trainer that just ended complete a step? (its record moved, or it wrote a metrics
+        row past the step it resumed from)"""
+        a = self._attempt
+        if a.get("progressed"):
+            return True
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            written = path.stat().st_mtime >= float(a.get("t0", 0))  # type: ignore[arg-type]
+        except OSError:
+            return False
+        return written and outcome.last_step(path) > int(a.get("from_step", 0))  # type: ignore[arg-type]
+
+    def _on_trainer_exit(self, rc: int) -> bool:
+        """Note how the trainer ended; restart it when allowed. True if a new trainer was started."""
+        self.trainer_rc = rc
+        log.info("trainer %s", outcome.describe_exit(rc))
+        if rc == 0:
+            if not self.stopping:
+                self.trainer_done, self.trainer_failure, self.early_failures = True, None, 0
+            return False
+        self.trainer_done = False
+        self.registry.delete("", "trainer")  # a killed trainer's record would block a restart until its TTL
+        assert self.trainer is not None
+        line, path = outcome.error_line(self.trainer.step.log, self._log_offsets.get(self.trainer.step.name))
+        reason = f"trainer {outcome.describe_exit(rc)}" + (f": {line}" if line else "")
+        self.trainer_failure = (reason, path)
+        if self.stopping:
+            return False
+        self.early_failures = 0 if self._progressed() else self.early_failures + 1
+        limit = self.cfg.trainer.max_restarts
+        if self.early_failures >= 2:
+            self.trainer_failure = (f"{reason} (crash loop: it died before its first step {self.early_failures} "
+                                    "times in a row; not restarted)", path)
+            log.error("trainer died before its first step %d times in a row: not restarting it", self.early_failures)
+            return False
+        if self.restarts >= limit:
+            if limit:
+                self.trainer_failure = (f"{reason} (after {self.restarts} restart(s), trainer.max_restarts={limit})",
+                                        path)
+            return False
+        self.restarts += 1
+        log.warning("%s; restarting it (%d/%d) from its last checkpoint; servers keep running", reason,
+                    self.restarts, limit)
+        # min_required_servers=1: the new trainer needs one server to go on (the others are registered
+        # already, or a server that died meanwhile would keep it waiting), and pushes its weights to
+        # them before generating even when there is no checkpoint to resume from
+        self.start_step(self._trainer_step(min_required_servers=1 if self.plan.servers else None))
+        self.set_state(outcome.RUNNING, f"trainer restarted {self.restarts}x; last: {reason}", path)
+        return True
+
+    def _final(self) -> Tuple[str, Optional[str], Optional[str]]:
+        """(state, reason, log) of a run whose trainer is over, from how it ended."""
+        if self.trainer_done:
+            return outcome.COMPLETED, None, None
+        if self.trainer_failure is not None:
+            return outcome.FAILED, *self.trainer_failure
+        if self.plan.trainer is None and not self.server_failures:
+            return outcome.COMPLETED, None, None
+        if self.server_failures:
+            reason, path = self.server_failures[0]
+            return outcome.FAILED, f"every server exited; {reason}", path
+        return outcome.FAILED, "the trainer ended without a result", None
+
+    def _on_server_exit(self, name: str, h: StepHandle, rc: int) -> None:
+        (log.info if self.stopping else log.warning)("%s %s", name, outcome.describe_exit(rc))
+        del self.servers[name]
+        # its record must not outlive it (a SIGKILLed server cannot deregister itself)
+        if self.registry.delete("servers", name):
+            log.info("removed the registry record of %s", name)
+        if rc != 0 and not self.stopping:
+            line, path = outcome.error_line(h.step.log, self._log_offsets.get(name))
+            self.server_failures.append((f"{name} {outcome.describe_exit(rc)}" + (f": {line}" if line else ""), path))
 
     # ------------------------------------------------------------------ main loop
     def run(self, on_tick=None) -> int:
+        """Start the plan's steps and own them until the run ends; returns `outcome.exit_code`."""
         self._started = time.time()
         for name in self.registry.list("requests", live_only=False):  # left by an earlier owner
             log.info("dropping stale request %s", name)
             self.registry.delete("requests", name)
         self._heartbeat = Heartbeat(self.registry, "", "run", self._run_record,
                                     interval_s=self.cfg.launcher.heartbeat_s, remove_on_exit=False).start()
-        for step in self.plan.steps:
-            self.start_step(step)
         try:
-            while True:
-                self.handle_requests()
-                if self.stopping:
-                    return self.shutdown(reason="stop requested")
-                if self.trainer is not None and self.trainer_rc is None:
-                    rc = self.trainer.poll()
-                    if rc is not None:
-                        self.trainer_rc = rc
-                        log.info("trainer exited with %s", rc)
-                        if rc != 0:  # a killed trainer's record would block a restart until its TTL
-                            self.registry.delete("", "trainer")
-                        if rc != 0 and self.restarts < self.cfg.trainer.max_restarts:
-                            self.restarts += 1
-                            log.warning("restarting the trainer (%d/%d); servers keep running", self.restarts,
-                                        self.cfg.trainer.max_restarts)
-                            self.start_step(self._trainer_step())
-                            continue
-                        if self.cfg.shutdown_server_on_exit:
-                            return self.shutdown(reason=f"trainer exited ({rc})", rc=rc)
-                        log.info("shutdown_server_on_exit=False: servers stay up")
-                        if not self.linger:
-                            return rc
-                for name, h in list(self.servers.items()):
-                    rc = h.poll()
-                    if rc is not None:
-                        log.warning("%s exited with %s", name, rc)
-                        del self.servers[name]
-                if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
-                    return self.trainer_rc or 0
-                if on_tick is not None:
-                    on_tick()
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            return self.shutdown(reason="interrupted", rc=130)
+            try:
+                for step in self.plan.steps:
+                    self.start_step(step)
+                self._loop(on_tick)
+            except KeyboardInterrupt:  # where no handler turned Ctrl-C into request_stop
+                self.request_force("interrupted")
+                self._stop_run()
+            except Exception as e:  # noqa: BLE001 - the owner itself failed: the run did too, and says why
+                if self.state == outcome.REQUEUED or self.state in outcome.FINAL:
+                    raise  # from a signal handler that already ended the run (submitit's USR2 path)
+                log.exception("the run's owner failed")
+                self.set_state(outcome.FAILED, f"the launcher failed: {type(e).__name__}: {e}",
+                               str(self.run_dir / "logs" / "driver.log"))
+                self.shutdown(reason="the launcher failed", grace_s=30.0)
+            return outcome.exit_code(self.state)
         finally:
             if self._heartbeat is not None:
                 self._heartbeat.beat()
                 self._heartbeat.stop()
 
-    def shutdown(self, reason: str, rc: int = 0, grace_s: float = 60.0) -> int:
-        """Trainer first (SIGTERM: it checkpoints at the step boundary), then servers (they deregister)."""
+    def _loop(self, on_tick) -> None:
+        while True:
+            self.handle_requests()
+            if self.stopping:
+                return self._stop_run()
+            if self.trainer is not None and self.trainer_rc is None:
+                self._watch_progress()
+                rc = self.trainer.poll()
+                if rc is not None:
+                    if self._on_trainer_exit(rc):
+                        continue
+                    if self.cfg.shutdown_server_on_exit:
+                        state, reason, path = self._final()
+                        self.shutdown(reason=f"trainer {outcome.describe_exit(rc)}")
+                        return self.set_state(state, reason, path)
+                    log.info("shutdown_server_on_exit=False: servers stay up")
+                    if not self.linger:
+                        return self.set_state(*self._final())
+                    if not self.trainer_done:  # the run waits for a restart by hand, or for `stop`
+                        self.set_state(outcome.RUNNING, f"{self.trainer_failure[0] if self.trainer_failure else ''}"
+                                       "; servers stay up (shutdown_server_on_exit=False)",
+                                       self.trainer_failure[1] if self.trainer_failure else None)
+            for name, h in list(self.servers.items()):
+                rc = h.poll()
+                if rc is not None:
+                    self._on_server_exit(name, h, rc)
+            if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
+                return self.set_state(*self._final())
+            if on_tick is not None:
+                on_tick()
+            time.sleep(0.2)
+
+    def _stop_run(self) -> None:
+        """A stop on purpose: COMPLETED if the trainer had already finished, else STOPPED (or FAILED
+        if the trainer had failed and was not restarted)."""
+        trainer_was_running = self.trainer is not None and self.trainer_rc is None
+        self.shutdown(reason=self.stop_reason)
+        if not trainer_was_running and self.trainer is not None:
+            state, reason, path = self._final()
+            if state != outcome.COMPLETED:
+                reason = f"{reason}; then {self.stop_reason}"
+            return self.set_state(state, reason, path)
+        at = outcome.last_step(self.run_dir / "metrics.jsonl")
+        ckpt = outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
+        reason = self.stop_reason + (f" at step {at}" if at else "") + (
+            f"; resumes from checkpoint step_{ckpt}" if ckpt and self.cfg.recover.mode != "disabled" else "")
+        if trainer_was_running and self.trainer_rc not in (None, 0):
+            reason += f"; the trainer {outcome.describe_exit(self.trainer_rc)} on the way out"
+        self.set_state(outcome.STOPPED, reason, None)
+
+    def shutdown(self, reason: str, grace_s: float = 60.0) -> None:
+        """Trainer first (SIGTERM: it checkpoints at the step boundary), then servers (they deregister);
+        what does not stop within its grace (or at once after `request_force`) is killed. No record of
+        a step of this run is left behind."""
         log.info("shutting down: %s", reason)
         if self.trainer is not None and self.trainer.poll() is None:
             self.trainer.signal(signal.SIGTERM)
             self._wait([self.trainer], grace_s)
+        if self.trainer is not None and self.trainer_rc is None:
+            self.trainer_rc = self.trainer.poll()
+            if self.trainer_rc not in (None, 0):
+                self.registry.delete("", "trainer")
         for h in self.servers.values():
             if h.poll() is None:
                 h.signal(signal.SIGTERM)
         self._wait(list(self.servers.values()), 30.0)
-        return rc if self.trainer_rc in (None, 0) else self.trainer_rc
+        for name in list(self.servers):
+            self.registry.delete("servers", name)  # normally gone already: they deregister on SIGTERM
+        self.servers.clear()
 
-    @staticmethod
-    def _wait(handles: List[StepHandle], timeout: float) -> None:
+    def _wait(self, handles: List[StepHandle], timeout: float) -> None:
+        """Wait for ``handles`` to end; SIGKILL them after ``timeout`` (at once once forced), then
+        wait for that too (a killed step must be gone before its records are removed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(h.poll() is None for h in handles):
+            if not self.force:
+                self._check_force()
+            if self.force:
+                break
             time.sleep(0.1)
-        for h in handles:
-            if h.poll() is None:
-                h.signal(signal.SIGKILL)
+        alive = [h for h in handles if h.poll() is None]
+        for h in alive:
+            log.warning("killing %s", h.step.name)
+            h.signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30.0
+        while alive and time.monotonic() < deadline and any(h.poll() is None for h in alive):
+            time.sleep(0.1)
+
+    def _check_force(self) -> None:
+        """A second ``stop`` while stopping: force it."""
+        for name, req in sorted(self.registry.list("requests").items()):
+            if req.get("kind") == "stop":
+                self.registry.delete("requests", name)
+                if req.get("force"):
+                    log.warning("forced stop requested: killing what is left")
+                    self.force = True

@@ -11,7 +11,9 @@ trainer step has the same number of ranks on each of its nodes and no GPU is eve
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
@@ -99,6 +101,23 @@ def _thread_env(cpus: int) -> Dict[str, str]:
     return {"OMP_NUM_THREADS": str(cpus)}
 
 
+def hf_cache_dir(cfg: ExperimentConfig) -> Path:
+    """The Hugging Face cache every node sees (``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``:
+    shared by the user's runs, writable by them alone), laid out as ``HF_HOME``: hub snapshots in
+    ``hub/``, datasets' prepared files in ``datasets/``."""
+    c = cfg.cluster
+    root = c.hf_cache or str(Path(os.path.expanduser(c.fileroot)) / getpass.getuser() / "hf-cache")
+    return Path(os.path.abspath(os.path.expanduser(root)))
+
+
+def hub_env(cfg: ExperimentConfig) -> Dict[str, str]:
+    """Steps never reach the Hub: `submit` resolved every name to a local path on the login node
+    (`launch.resolve`). Their caches live in the shared one, so `datasets` prepares a dataset once."""
+    root = hf_cache_dir(cfg)
+    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root),
+            "HF_HUB_CACHE": str(root / "hub"), "HF_DATASETS_CACHE": str(root / "datasets")}
+
+
 def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, index: int,
                 relative_node: int, gpu_ids: List[int]) -> StepSpec:
     G = cfg.cluster.n_gpus_per_node
@@ -109,7 +128,7 @@ def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, ind
     cpus, mem = _resources(cfg, gpus_per_task, 1)
     return StepSpec(role="server", name=name, nodes=nodes, ntasks=nodes, ntasks_per_node=1,
                     gpus_per_task=gpus_per_task, cpus_per_task=cpus, mem_per_node_mb=mem,
-                    relative_node=relative_node, gpu_ids=gpu_ids, env=_thread_env(cpus),
+                    relative_node=relative_node, gpu_ids=gpu_ids, env={**_thread_env(cpus), **hub_env(cfg)},
                     command=server_command(python_executable(cfg), run_dir, name),
                     log=str(run_dir / "logs" / f"{name}.log"))
 
@@ -127,7 +146,7 @@ def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, re
     cpus, mem = _resources(cfg, gpus, per_node)
     return StepSpec(role="trainer", name="trainer", nodes=nodes, ntasks=world, ntasks_per_node=per_node,
                     gpus_per_task=gpus, cpus_per_task=cpus, mem_per_node_mb=mem, relative_node=relative_node,
-                    gpu_ids=gpu_ids, env=_thread_env(cpus), command=trainer_command(python_executable(cfg), run_dir),
+                    gpu_ids=gpu_ids, env={**_thread_env(cpus), **hub_env(cfg)}, command=trainer_command(python_executable(cfg), run_dir),
                     log=str(run_dir / "logs" / "trainer-%t.log"))
 
 

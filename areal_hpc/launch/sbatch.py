@@ -1,15 +1,24 @@
-"""Render the `sbatch/` templates with a resolved config and plan (pure functions, no Slurm)."""
+"""Render the sbatch templates with a resolved config and plan (pure functions, no Slurm).
+
+The templates are package data, `areal_hpc/launch/templates/*.sbatch` (a source checkout's
+top-level `sbatch/` is a symlink to that directory), so an installed wheel has them too.
+"""
 
 from __future__ import annotations
 
 import re
+import shlex
+from importlib import resources
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from areal_hpc.config import ExperimentConfig
+from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.launch.plan import Plan, StepSpec, shell_line, srun_argv
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "sbatch"
+
+def template_text(name: str) -> str:
+    """The text of the packaged template ``templates/<name>``."""
+    return (resources.files("areal_hpc.launch") / "templates" / name).read_text()
 
 
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
@@ -53,12 +62,21 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan, job_name: Optional[str] = No
     return lines
 
 
+def _one_line(key: str, text: str) -> str:
+    """Guard: a value rendered into a script is one line (config validation refuses control
+    characters; this holds for configs that never went through it, e.g. an edited config.yaml)."""
+    if "\n" in text or "\r" in text:
+        raise ConfigError(key, f"{text!r} has a line break and would inject a line into the job script",
+                          "give one line of printable text")
+    return text
+
+
 def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig, background: bool,
                command: Optional[Callable[[StepSpec], List[str]]]) -> str:
     if command is not None:
         step = StepSpec(**{**step.__dict__, "command": command(step)})
-    env = " ".join(f"{k}={v}" for k, v in sorted(step.env.items()))
-    line = shell_line(srun_argv(step, plan.job_name, cfg.cluster.srun_args))
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(step.env.items()))
+    line = shell_line(srun_argv(step, plan.job_name, cfg.cluster.srun_args))  # every word quoted
     line = f"{env} {line}" if env else line
     if background:
         return f"{line} &\nSERVER_PIDS+=($!)"
@@ -67,16 +85,21 @@ def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig, background: bo
 
 def render(template: str, cfg: ExperimentConfig, plan: Plan,
            command: Optional[Callable[[StepSpec], List[str]]] = None) -> str:
-    """Fill ``sbatch/<template>`` with the plan's steps. ``command`` may replace each step's
-    command (tests use it to run probes in the exact step shapes of a real run)."""
-    text = (TEMPLATE_DIR / template).read_text()
+    """Fill the packaged ``template`` (e.g. ``allocation.sbatch``) with the plan's steps. ``command`` may
+    replace each step's command (tests use it to run probes in the exact step shapes of a real run)."""
+    text = template_text(template)
     servers = "\n".join(_step_line(s, plan, cfg, True, command) for s in plan.servers) or ": # no servers"
     trainer = _step_line(plan.trainer, plan, cfg, False, command) if plan.trainer else "true  # no trainer"
+    for i, line in enumerate(cfg.cluster.setup_commands):
+        _one_line(f"cluster.setup_commands[{i}]", line)
     setup = "\n".join(cfg.cluster.setup_commands) or "# (cluster.setup_commands: module loads, conda activate, ...)"
+    sbatch = sbatch_lines(cfg, plan)
+    for line in sbatch:
+        _one_line("cluster", line)
     return _fill(text, dict(
-        SBATCH_LINES="\n".join(sbatch_lines(cfg, plan)),
+        SBATCH_LINES="\n".join(sbatch),
         SETUP=setup,
-        RUN_DIR=plan.run_dir,
+        RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
         SERVER_STEPS=servers,
         TRAINER_STEP=trainer,
         SHUTDOWN=str(cfg.shutdown_server_on_exit),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import submitit
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved, parse_allocation
+from areal_hpc.launch import outcome
 from areal_hpc.launch.control import serving_servers
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan, python_executable, srun_argv
@@ -171,11 +173,17 @@ def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.Auto
     return ex
 
 
+class RunFailed(RuntimeError):
+    """The run failed (its reason is the message): the payload's way to make the job FAILED."""
+
+
 class Driver(submitit.helpers.Checkpointable):
     """The payload of a run's allocation: `driver.main(run_dir)` on the batch host.
 
     On USR2 submitit calls `checkpoint`: the live run's trainer checkpoints and stops, servers
     deregister, and the returned submission (this same driver) is what the requeued job runs.
+    How the job ends says how the run did: COMPLETED; FAILED with exit 1 (`RunFailed`, whose
+    message is the reason, also what `job.result()` raises); CANCELLED when stopped on purpose.
     """
 
     def __init__(self, run_dir: str):
@@ -184,7 +192,14 @@ class Driver(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         from areal_hpc.launch import driver
 
-        return driver.main(Path(self.run_dir))
+        rc = driver.main(Path(self.run_dir))
+        if rc not in (0, outcome.exit_code(outcome.STOPPED)):
+            # the job must end FAILED (non-zero exit), not COMPLETED: submitit records the error for
+            # `job.result()` and re-raises it, so the batch script exits 1
+            rec = _registry(load_resolved(Path(self.run_dir) / "config.yaml"), Path(self.run_dir)).get(
+                "", "run", live_only=False) or {}
+            raise RunFailed(f"run {outcome.summary_line(rec)}")
+        return rc
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
         from areal_hpc.launch import driver
@@ -255,15 +270,60 @@ def _driver_result(job: Any, timeout_s: float = 30.0) -> Optional[Any]:
     return value if kind == "success" else None
 
 
-def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
-    """Submit the run's allocation; returns once it runs (or, with launcher.wait, once it ends)."""
-    ex = make_executor(cfg, plan, rd)
+# What Slurm's reason for refusing a job is about -> the key that asked for it.
+_REJECTION_KEYS = (
+    ("partition", "cluster.partition"), ("account", "cluster.account"), ("qos", "cluster.qos"),
+    ("feature", "cluster.constraint"), ("constraint", "cluster.constraint"), ("time limit", "cluster.time"),
+    ("memory", "{mem}"), ("processor", "{cpus}"), ("cpu", "{cpus}"), ("gres", "cluster.n_gpus_per_node"),
+    ("gpu", "cluster.n_gpus_per_node"), ("node count", "cluster.n_nodes"), ("node configuration", "{shape}"),
+)
+
+
+def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
+    """Slurm refused the allocation (sbatch failed): one line with Slurm's own reason, naming the key
+    that most likely asked for it. Nothing was queued."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    reason = next((ln.split("submission failed:", 1)[1].strip() for ln in lines if "submission failed:" in ln), None)
+    if reason is None:
+        errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
+        reason = errors[-1] if errors else (lines[-1] if lines else "sbatch failed")
+    gpu = cfg.cluster.n_gpus_per_node > 0
+    names = {"mem": "cluster.mem_per_gpu_gb" if gpu else "cluster.mem_per_task_cpu_gb",
+             "cpus": "cluster.cpus_per_gpu" if gpu else "cluster.cpus_per_task_cpu",
+             "shape": "cluster.n_nodes/" + ("cluster.cpus_per_gpu/cluster.mem_per_gpu_gb" if gpu else
+                                            "cluster.cpus_per_task_cpu/cluster.mem_per_task_cpu_gb")}
+    low = reason.lower()
+    key = next((k.format(**names) for word, k in _REJECTION_KEYS if word in low), "cluster")
+    return ConfigError(key, f"Slurm rejected the allocation: {reason}",
+                       "nothing was queued; `sinfo` and `scontrol show partition` list what the cluster offers")
+
+
+def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
+    """``sbatch --test-only`` of the allocation's #SBATCH options: Slurm says whether it would ever
+    accept the job (partition, node count, CPUs, memory, GPUs, time) without queueing anything. A job
+    no node can satisfy is otherwise accepted and left PENDING forever on clusters that do not set
+    EnforcePartLimits."""
+    script = "#!/bin/bash\n" + "\n".join(sbatch_lines(cfg, plan)) + "\ntrue\n"
     try:
         with clean_env():
+            r = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError("mode", f"cannot ask Slurm about the allocation: {e}",
+                          "run on a login node with the Slurm commands (sbatch) on PATH, or use mode=local") from None
+    if r.returncode != 0:
+        raise rejection(cfg, r.stderr.replace("allocation failure:", "Batch job submission failed:"))
+
+
+def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
+    """Submit the run's allocation; returns once it runs (or, with launcher.wait, once it ends).
+    Slurm refusing it raises `ConfigError` (`rejection`)."""
+    test_allocation(cfg, plan)
+    ex = make_executor(cfg, plan, rd)
+    try:
+        with clean_env(), contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr
             job = ex.submit(Driver(str(rd)))
     except submitit.core.utils.FailedJobError as e:
-        print(f"submitting the allocation failed:\n{str(e).strip()}", file=sys.stderr)
-        return 1
+        raise rejection(cfg, str(e)) from None
     job_id = str(job.job_id)
     reg = _registry(cfg, rd)
     cur = reg.get("", "run", live_only=False)
@@ -281,9 +341,13 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     state = wait_finished(job_id)
     rc = _driver_result(job.task(0) if hasattr(job, "task") else job, timeout_s=30.0 if state == "COMPLETED" else 2.0)
     print(f"job {job_id} ended {state}" + (f", driver returned {rc}" if rc is not None else ""), flush=True)
-    if state != "COMPLETED":
-        return 1
-    return int(rc) if isinstance(rc, int) else 0
+    rec = reg.get("", "run", live_only=False) or {}
+    if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
+        print(f"run {outcome.summary_line(rec)}", flush=True)
+        return outcome.exit_code(str(rec["state"]))
+    print(f"run FAILED: job {job_id} ended {state} before its driver recorded how the run ended; see "
+          f"{rd}/logs/slurm-{job_id}.out", file=sys.stderr)
+    return 1
 
 
 # ----------------------------------------------------------------------------- restart / add servers

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 from pathlib import Path
+from typing import Dict, List, Optional
 
 from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir
+from areal_hpc.config.validate import run_umask
 from areal_hpc.launch.plan import Plan, build_plan
 from areal_hpc.launch.sbatch import render
 from areal_hpc.registry import Registry
@@ -15,10 +19,39 @@ def registry_for(cfg: ExperimentConfig, rd: Path) -> Registry:
     return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
 
 
+def _make_fileroot(cfg: ExperimentConfig) -> None:
+    """Create a missing ``cluster.fileroot`` 0755: it is shared by users, each of whom has a private
+    ``{fileroot}/{user}`` below it (0700, or 0750 with cluster.group_readable)."""
+    root = Path(os.path.expanduser(cfg.cluster.fileroot)).resolve()
+    for d in reversed([root, *root.parents]):
+        if not d.exists():
+            d.mkdir()
+            os.chmod(d, 0o755)
+
+
+def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
+    """An existing run dir written with another `cluster.group_readable`: bring what it holds
+    to the modes a new one would have (the registry stays private either way)."""
+    mask = run_umask(cfg)
+    want = 0o777 & ~mask
+    if rd.stat().st_mode & 0o777 == want:
+        return
+    for path in [rd, *rd.rglob("*")]:
+        if path.is_symlink() or (rd / "registry") in (path, *path.parents):
+            continue
+        mode = path.stat().st_mode
+        full = 0o777 if stat.S_ISDIR(mode) or mode & 0o100 else 0o666
+        os.chmod(path, full & ~mask)
+
+
 def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
-    """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically."""
+    """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically. New
+    directories and files get the run's umask (private unless cluster.group_readable)."""
+    _make_fileroot(cfg)
+    os.umask(run_umask(cfg))
     (rd / "logs").mkdir(parents=True, exist_ok=True)
     (rd / "sbatch").mkdir(exist_ok=True)
+    _fix_modes(cfg, rd)
     files = {
         rd / "config.yaml": dump_yaml(cfg),
         rd / "plan.json": plan.to_json(),
@@ -30,6 +63,45 @@ def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
+
+
+class RunDirSnapshot:
+    """What `write_run_dir` is about to change, so that a submission Slurm rejects leaves nothing
+    behind that looks as if it ran: a new run dir (and the {user}/{experiment} dirs made for it) is
+    removed; an existing one gets its files back and loses what the attempt added."""
+
+    FILES = ("config.yaml", "plan.json", "sbatch/allocation.sbatch", "sbatch/add-servers.sbatch")
+
+    def __init__(self, rd: Path):
+        self.rd = rd
+        self.new_dirs: List[Path] = [d for d in (rd.parent.parent, rd.parent, rd) if not d.exists()]
+        self.files: Dict[str, Optional[bytes]] = {}
+        self.submitit: set = set()
+        if rd.exists():
+            for name in self.FILES:
+                self.files[name] = (rd / name).read_bytes() if (rd / name).is_file() else None
+            self.submitit = set((rd / "submitit").rglob("*")) if (rd / "submitit").is_dir() else set()
+
+    def restore(self) -> None:
+        if self.rd in self.new_dirs:
+            shutil.rmtree(self.rd, ignore_errors=True)
+            for d in reversed(self.new_dirs[:-1]):
+                try:
+                    d.rmdir()  # only if empty: a concurrent submit may have put a run there
+                except OSError:
+                    pass
+            return
+        for name, data in self.files.items():
+            if data is None:
+                (self.rd / name).unlink(missing_ok=True)
+            else:
+                (self.rd / name).write_bytes(data)
+        if (self.rd / "submitit").is_dir():
+            for path in sorted(set((self.rd / "submitit").rglob("*")) - self.submitit, reverse=True):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def summary(cfg: ExperimentConfig, alloc: AllocationMode, plan: Plan) -> str:
@@ -88,6 +160,9 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         raise ConfigError("experiment_name/trial_name", f"run {rd} has {len(live_servers)} live server(s)",
                           f"restart only the trainer with min_required_servers={len(live_servers)}, "
                           "stop the run, or pick another trial_name")
+    from areal_hpc.launch.resolve import resolve
+
+    resolve(cfg)  # on the login node: hub names -> local snapshots; models and datasets checked
     if restart and not dry_run and cfg.mode == "slurm":
         from areal_hpc.launch import slurm
 
@@ -96,6 +171,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
             return slurm.restart_trainer(cfg, rd, run)
     plan = build_plan(cfg, alloc, rd, with_servers=not restart)
     _check_fileroot_shared(cfg)
+    snapshot = RunDirSnapshot(rd)
     write_run_dir(cfg, plan, rd)
     print(summary(cfg, alloc, plan))
     ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
@@ -111,4 +187,8 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         return local.run(cfg, plan, rd)
     from areal_hpc.launch import slurm
 
-    return slurm.submit(cfg, plan, rd)
+    try:
+        return slurm.submit(cfg, plan, rd)
+    except ConfigError:  # Slurm rejected the allocation (or its options): nothing was queued
+        snapshot.restore()
+        raise

@@ -11,6 +11,12 @@ As a safety net, `get_batch` also drops any group whose oldest token is older th
 
 Nothing here sleeps on a timer: submission waits on an event set by completions, version
 changes and resume; `get_batch` waits on a condition set by completions.
+
+No silent stalls: `next_batch` (what the trainer waits in) says why no batch comes -- groups
+dropped as stale and the versions involved, failed episodes and the last error, the servers and
+their weight versions -- at least every minute, and raises `RolloutStall` with that reason when
+most of what finished was wasted for ``drop_timeout_s`` or nothing came for ``stall_timeout_s``
+while servers are live.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any, Awaitable, Dict, Iterator, List, Optional
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional
 
 from areal_hpc.rollout.types import Group
 from areal_hpc.rollout.workflow import RolloutWorkflow
@@ -30,6 +36,13 @@ log = logging.getLogger(__name__)
 
 class RolloutError(RuntimeError):
     """Episodes keep failing (e.g. no server answers): the trainer should stop, not spin."""
+
+
+class RolloutStall(RolloutError):
+    """No batch within a bound (see `RolloutController.next_batch`); the message says why."""
+
+
+DROP_LOG_EVERY_S = 10.0  # stale drops are logged at most this often (with the count since the last line)
 
 
 class RolloutController:
@@ -52,6 +65,10 @@ class RolloutController:
         self._error: Optional[BaseException] = None
         self._exhausted = False
         self.stats = {"submitted": 0, "accepted": 0, "rejected": 0, "failed": 0, "dropped_stale": 0}
+        self.last_failure: Optional[str] = None  # repr of the last episode error
+        self.last_drop: Optional[Dict[str, int]] = None  # versions of the last stale drop
+        self._drops_unlogged = 0
+        self._drop_logged_t = 0.0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
         self._ready = threading.Event()
@@ -116,6 +133,83 @@ class RolloutController:
                     raise TimeoutError(f"no full batch within {timeout}s ({len(self._pending)} ready)")
                 self._cv.wait(remaining)
 
+    def next_batch(self, should_stop: Callable[[], bool] = lambda: False, drop_timeout_s: Optional[float] = None,
+                   stall_timeout_s: Optional[float] = None, poll_s: float = 1.0,
+                   log_every_s: float = 60.0) -> Optional[List[Group]]:
+        """What the trainer waits in: the next batch, or None once ``should_stop()`` (checked every
+        ``poll_s``). While no batch comes it logs why (at least every ``log_every_s``, and every
+        half bound) and raises `RolloutStall` with that reason when
+
+        - for ``drop_timeout_s`` most groups that finished during the wait were wasted (dropped as
+          stale, failed, or rejected by the workflow): e.g. a server whose weight version lags the
+          trainer's makes every group stale, forever;
+        - or no batch came for ``stall_timeout_s`` while servers are live (with none live, the pool's
+          own wait for servers and the failure limit decide).
+        """
+        t0 = time.monotonic()
+        start = dict(self.stats)
+        bounds = [b for b in (drop_timeout_s, stall_timeout_s) if b]
+        log_every = min([log_every_s] + [b / 2 for b in bounds])
+        last_log = t0
+        while True:
+            try:
+                return self.get_batch(timeout=min([poll_s] + [b / 4 for b in bounds]))
+            except TimeoutError:
+                pass
+            if should_stop():
+                return None
+            now = time.monotonic()
+            waited = now - t0
+            d = {k: self.stats[k] - start[k] for k in self.stats}
+            wasted = d["dropped_stale"] + d["failed"] + d["rejected"]
+            finished = d["accepted"] + d["failed"] + d["rejected"]
+            servers = self._servers()
+            live = servers is None or any(v.get("healthy", True) for v in servers.values())
+            wasting = bool(drop_timeout_s and waited >= drop_timeout_s and wasted and 2 * wasted > finished)
+            silent = bool(stall_timeout_s and waited >= stall_timeout_s and live)
+            if wasting or silent or now - last_log >= log_every:
+                reason = self._why_waiting(waited, d, servers)
+                if wasting or silent:
+                    bound = "rollout.drop_timeout_s" if wasting else "rollout.stall_timeout_s"
+                    log.error("rollout stalled (%s): %s", bound, reason)
+                    raise RolloutStall(f"rollout stalled ({bound}): {reason}")
+                log.warning("waiting for a batch: %s", reason)
+                last_log = now
+
+    def _servers(self) -> Optional[Dict[str, Dict[str, Any]]]:
+        """The client pool's servers (id -> healthy, weight_version, ...), read on the rollout loop;
+        None when the client does not list servers."""
+        if not hasattr(self.client, "servers") or self._loop is None:
+            return None
+
+        async def snapshot():
+            return dict(self.client.servers)
+        try:
+            return self.run(snapshot(), timeout=5.0)
+        except Exception:  # noqa: BLE001 - a diagnostic only
+            return None
+
+    def _why_waiting(self, waited: float, d: Dict[str, int], servers: Optional[Dict[str, Dict[str, Any]]]) -> str:
+        with self._cv:
+            ready, running = len(self._pending), self._running
+        finished = d["accepted"] + d["failed"] + d["rejected"]
+        kept = d["accepted"] - d["dropped_stale"]
+        parts = [f"no batch for {waited:.0f}s ({ready} of {self.batch_size} groups ready, {running} running); "
+                 f"{finished} finished meanwhile: {max(0, kept)} kept, {d['dropped_stale']} dropped as stale, "
+                 f"{d['failed']} failed, {d['rejected']} rejected by the workflow"]
+        if d["dropped_stale"] and self.last_drop:
+            ld = self.last_drop
+            parts.append(f"stale groups carry tokens of weight version {ld['oldest_version']} while the trainer is at "
+                         f"version {ld['version']} and rollout.max_head_offpolicyness={ld['max_staleness']}: a server's "
+                         "weights lag the trainer's (did a weight update fail? see the server logs)")
+        if d["failed"] and self.last_failure:
+            parts.append(f"last episode error: {self.last_failure[:300]}")
+        if servers is not None:
+            parts.append("servers: " + (", ".join(
+                f"{sid} v{info.get('weight_version')} {'healthy' if info.get('healthy', True) else 'unhealthy'}"
+                for sid, info in sorted(servers.items())) or "none live"))
+        return "; ".join(parts)
+
     def in_flight(self) -> int:
         """Groups accepted-but-not-consumed plus running (what a checkpoint would re-generate)."""
         with self._cv:
@@ -131,9 +225,18 @@ class RolloutController:
         keep = [g for g in self._pending if g.oldest_version >= lowest]
         dropped = len(self._pending) - len(keep)
         if dropped:
+            oldest = min(g.oldest_version for g in self._pending if g.oldest_version < lowest)
+            self.last_drop = {"oldest_version": oldest, "version": self._version, "max_staleness": self.max_staleness}
             self._pending = keep
             self._accepted -= dropped  # frees their capacity
             self.stats["dropped_stale"] += dropped
+            self._drops_unlogged += dropped
+            now = time.monotonic()
+            if now - self._drop_logged_t >= DROP_LOG_EVERY_S:
+                log.warning("dropped %d stale group(s): their oldest tokens come from weight version %d, the trainer "
+                            "is at version %d with max_head_offpolicyness=%d (%d dropped in all)", self._drops_unlogged,
+                            oldest, self._version, self.max_staleness, self.stats["dropped_stale"])
+                self._drops_unlogged, self._drop_logged_t = 0, now
             self._poke()
 
     def _capacity(self) -> int:
@@ -187,6 +290,7 @@ class RolloutController:
         except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run
             self.stats["failed"] += 1
             self._failures_in_row += 1
+            self.last_failure = repr(e)
             log.warning("episode failed (%d in a row): %r", self._failures_in_row, e)
             if self._failures_in_row >= self.max_consecutive_failures:
                 self._error = RolloutError(f"{self._failures_in_row} episodes failed in a row; last: {e!r}")

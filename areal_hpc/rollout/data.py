@@ -1,34 +1,242 @@
-"""Prompt rows from a local dataset, epoch after epoch, with a resumable position."""
+"""Prompt rows of a dataset, epoch after epoch, with a resumable position.
+
+A dataset is a local ``.jsonl``/``.json``/``.parquet`` file (the file is the split), a local
+dataset directory laid out as on the Hugging Face Hub (data files, optionally a ``README.md``
+whose ``configs:`` front matter names configs and their splits), or a hub name (``openai/gsm8k``);
+directories and hub names are read through ``datasets.load_dataset(path, name=..., split=...)``.
+On compute nodes the path is always local: `areal_hpc.launch.resolve` downloads hub names on the
+login node and writes the snapshot directory (and the split it chose) into the run's config.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+# The split validation data comes from when none is given, in order of preference.
+EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")
 
 
-def load_rows(path: str, limit: int = 0) -> List[Dict[str, Any]]:
-    """Rows of a local .jsonl/.json/.parquet file or directory, through `datasets` (offline).
+class DatasetError(ValueError):
+    """A dataset that cannot be read as configured. ``field`` is the setting at fault (``path``,
+    ``name`` or ``split``), so a caller can name the config key."""
 
-    Where `datasets` is not installed (bare GPU images) .jsonl files are read directly."""
-    p = Path(path)
-    files = sorted(str(f) for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".parquet")) if p.is_dir() else [str(p)]
-    if not files:
-        raise FileNotFoundError(f"no .jsonl/.json/.parquet files in {path}")
-    kind = "parquet" if files[0].endswith(".parquet") else "json"
+    def __init__(self, field: str, message: str, hint: Optional[str] = None):
+        self.field, self.message, self.hint = field, message, hint
+        super().__init__(f"{message} ({hint})" if hint else message)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _quiet_datasets() -> None:
+    """No progress bars or warnings from `datasets`: what goes wrong is reported by the caller."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+# ------------------------------------------------------------------ layout
+
+def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]]:
+    """``{split: [data files]}`` of a dataset directory (or a hub name, when online) for config
+    ``name``, without reading the data. `DatasetError` for an unknown config, a missing one where
+    the dataset has several, and a directory without data files."""
+    from datasets import get_dataset_config_names, load_dataset_builder
+
+    _quiet_datasets()
     try:
-        from datasets import load_dataset
-    except ImportError:
-        if not all(f.endswith(".jsonl") for f in files):
-            raise
-        import json
+        configs = get_dataset_config_names(path)
+    except Exception as e:  # noqa: BLE001 - EmptyDatasetError and friends: datasets says what is wrong
+        if type(e).__name__ == "EmptyDatasetError":
+            raise DatasetError("path", f"{path} holds no data files", "a dataset directory holds .jsonl/.json/"
+                               ".parquet/.csv files, e.g. data/train-00000.parquet, or a README.md listing them") from None
+        raise DatasetError("path", f"{path} is not a readable dataset: {one_line(e)}") from None
+    if name is not None and name not in configs:
+        raise DatasetError("name", f"{name!r} is not a config of {path} (configs: {', '.join(configs)})",
+                           "set it to one of them")
+    if name is None and len(configs) > 1 and "default" not in configs:
+        raise DatasetError("name", f"{path} has several configs ({', '.join(configs)}) and none is chosen",
+                           f"set it, e.g. name={configs[0]}")
+    try:
+        builder = load_dataset_builder(path, name)
+    except Exception as e:  # noqa: BLE001
+        raise DatasetError("path", f"{path} is not a readable dataset: {one_line(e)}") from None
+    files = builder.config.data_files or {}
+    return {str(split): [str(f) for f in fs] for split, fs in files.items()}
 
-        rows = [json.loads(line) for f in files for line in open(f) if line.strip()]
+
+def choose_split(splits: Sequence[str], split: str = "", which: str = "train", where: str = "") -> str:
+    """The split to read: ``split`` when given (it must exist); else ``train`` for training data
+    (``which="train"``) and the first of `EVAL_SPLITS` for validation data; a dataset with a
+    single split uses it either way."""
+    splits = list(splits)
+    of = f" in {where}" if where else ""
+    if split:
+        if split not in splits:
+            raise DatasetError("split", f"no split {split!r}{of} (splits: {', '.join(splits)})", "set it to one of them")
+        return split
+    prefer = ("train",) if which == "train" else EVAL_SPLITS
+    for s in prefer:
+        if s in splits:
+            return s
+    if len(splits) == 1:
+        return splits[0]
+    raise DatasetError("split", f"no {'/'.join(prefer)} split{of} (splits: {', '.join(splits)})", "set it to one of them")
+
+
+# ------------------------------------------------------------------ JSON files, line by line
+
+def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of
+    rows (line numbers are then the element's index + 1). `DatasetError` naming the file and the
+    line for text that is not UTF-8, not JSON, or not an object."""
+    raw = Path(path).read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise DatasetError("path", f"{path} is a binary file (it holds NUL bytes), not JSON text",
+                           "point at a .jsonl/.json text file, or a .parquet file")
+    if path.endswith(".json"):
+        try:
+            whole = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            whole = None  # maybe JSON Lines under a .json name: checked line by line below
+        if isinstance(whole, list):
+            for i, row in enumerate(whole):
+                if not isinstance(row, dict):
+                    raise DatasetError("path", f"{path}: element {i} is a {type(row).__name__}, not an object")
+                yield i + 1, row
+            return
+    for n, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError("path", f"{path} line {n} is not UTF-8 text ({e.reason} at byte {e.start})",
+                               "is it a binary file?") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as e:
+            raise DatasetError("path", f"{path} line {n} is not valid JSON: {one_line(e, 120)}",
+                               "one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise DatasetError("path", f"{path} line {n} is a JSON {type(row).__name__}, not an object",
+                               "one JSON object per line")
+        yield n, row
+
+
+# ------------------------------------------------------------------ loading
+
+def _is_local_file(path: str) -> bool:
+    return Path(path).is_file()
+
+
+def _file_kind(path: str) -> str:
+    suffix = Path(path).suffix
+    if suffix not in DATA_FILE_SUFFIXES:
+        raise DatasetError("path", f"unsupported dataset file type {suffix!r} ({path})",
+                           "use .jsonl, .json or .parquet, or a dataset directory")
+    return "parquet" if suffix == ".parquet" else "json"
+
+
+# `datasets`' packaged builders by file suffix (anything else, e.g. .jsonl.gz, is left to `datasets` to infer).
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".txt": "text",
+             ".arrow": "arrow"}
+
+
+def _builder_for(files: Sequence[str]) -> Optional[str]:
+    kinds = {_BUILDERS.get(Path(f).suffix) for f in files}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _blank(files: Sequence[str]) -> bool:
+    """Local text files holding nothing but whitespace (`datasets` fails on them instead of
+    returning no rows)."""
+    for f in files:
+        size = Path(f).stat().st_size
+        if size > 4096 or (size and Path(f).read_bytes().strip()):
+            return False
+    return True
+
+
+def _open(path: str, name: Optional[str], split: str, which: str, streaming: bool):
+    """The ``datasets`` object for one split of ``path`` (file, directory or hub name).
+
+    A local directory's split is read as its data files (``load_dataset("json", data_files=...)``):
+    `datasets` keys its cache for a directory by the directory's name and layout only, so two
+    directories named alike (or a file changed in place) would share one stale cache entry;
+    data files key it by their paths and modification times."""
+    from datasets import load_dataset
+
+    _quiet_datasets()
+    if _is_local_file(path):  # one file is one split; name/split do not apply
+        if _blank([path]):
+            return None
+        return load_dataset(_file_kind(path), data_files=[path], split="train", streaming=streaming)
+    splits = dataset_splits(path, name)
+    split = choose_split(splits, split, which, where=path)
+    if Path(path).is_dir() and _blank(splits[split]):
+        return None
+    builder = _builder_for(splits[split]) if Path(path).is_dir() else None
+    if builder:
+        return load_dataset(builder, data_files={split: splits[split]}, split=split, streaming=streaming)
+    return load_dataset(path, name=name, split=split, streaming=streaming)
+
+
+def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str = "",
+              which: str = "train") -> List[Dict[str, Any]]:
+    """All rows (the first ``limit`` when > 0) of a dataset file, directory or hub name, as dicts.
+    ``split=""`` picks one by ``which`` (see `choose_split`). Where `datasets` is not installed
+    (bare GPU images) .jsonl files and directories of them are read directly."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        p = Path(path)
+        files = sorted(str(f) for f in p.iterdir() if f.suffix == ".jsonl") if p.is_dir() else [path]
+        if not files or not all(f.endswith(".jsonl") for f in files):
+            raise
+        rows = [row for f in files for _, row in iter_json_rows(f)]
         return rows[:limit] if limit else rows
-    ds = load_dataset(kind, data_files=files, split="train")
+    try:
+        ds = _open(path, name, split, which, streaming=False)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line naming the dataset, not datasets' traceback
+        if "corresponds to no data" in str(e):  # a split whose files hold no rows
+            return []
+        raise DatasetError("path", f"{path} could not be read: {one_line(e)}") from e
+    if ds is None:
+        return []
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     return ds.to_list()
+
+
+def head_rows(path: str, n: int, name: Optional[str] = None, split: str = "", which: str = "train") -> List[Dict[str, Any]]:
+    """The first ``n`` rows, read lazily (streaming): no full read or conversion of a big dataset."""
+    try:
+        ds = _open(path, name, split, which, streaming=True)
+        return list(ds.take(n)) if ds is not None else []
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DatasetError("path", f"{path} could not be read: {one_line(e)}") from e
+
+
+def load_dataset_rows(ds, which: str = "train") -> List[Dict[str, Any]]:
+    """The rows of ``train_dataset`` (``which="train"``) or ``valid_dataset`` (a `DatasetConfig`):
+    a `toy:` spec, a local file or directory with its ``name``/``split``, up to ``limit`` rows."""
+    from areal_hpc import toy
+
+    path = toy.resolve_dataset(ds.path, split=which)
+    return load_rows(path, limit=ds.limit, name=ds.name, split=ds.split, which=which)
 
 
 class PromptLoader:

@@ -5,6 +5,7 @@ Add one with ``@register_reward("name")``; select it with ``rollout.reward_fn=na
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Dict
 
 RewardFn = Callable[..., float]
@@ -40,11 +41,14 @@ def math_answer(prompt: str, completion: str, answer: str, **_) -> float:
     """
     from math_verify import parse, verify
 
-    gold = parse(str(answer) if str(answer).lstrip().startswith("$") else f"${answer}$")
-    pred = parse(completion)
+    # math-verify bounds its work with signal.alarm, which only the main thread may use; the
+    # rollout controller scores on its own thread, where parsing runs without that bound
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(str(answer) if str(answer).lstrip().startswith("$") else f"${answer}$", parsing_timeout=timeout)
+    pred = parse(completion, parsing_timeout=timeout)
     if not gold or not pred:
         return 0.0
     try:
-        return float(verify(gold, pred))
+        return float(verify(gold, pred, timeout_seconds=timeout))
     except Exception:  # math-verify raises on some exotic inputs; an unparsable answer is wrong
         return 0.0

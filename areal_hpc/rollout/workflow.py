@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, is_dataclass
 from typing import Any, Callable, Dict, Optional
 
+from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat, stop_token_ids
 from areal_hpc.rollout.rewards import get_reward
 from areal_hpc.rollout.types import Group, Trajectory
 
@@ -49,29 +50,32 @@ class RLVRWorkflow(RolloutWorkflow):
     """RL with verifiable rewards: one prompt -> ``n_samples`` completions -> reward each -> one group."""
 
     def __init__(self, tokenizer, gen_config, reward_fn: str = "exact_match", n_samples: int = 8,
-                 prompt_key: str = "prompt", answer_key: str = "answer"):
+                 prompt_key: str = "prompt", answer_key: str = "answer", messages_key: str = "messages",
+                 chat_template: str = "auto", system_prompt: str = "", model_dir: Optional[str] = None):
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
         self.params = _sampling_params(gen_config)
-        if tokenizer.eos_token_id is not None and not self.params.get("ignore_eos"):
+        if not self.params.get("ignore_eos"):  # EOS, generation_config's EOS list, the template's end of turn
             stops = set(self.params.get("stop_token_ids") or [])
-            stops.add(tokenizer.eos_token_id)
+            stops.update(stop_token_ids(tokenizer, model_dir, chat_template))
             self.params["stop_token_ids"] = sorted(stops)
         self.reward = get_reward(reward_fn)
         self.n_samples = n_samples
-        self.prompt_key, self.answer_key = prompt_key, answer_key
+        self.prompt_key, self.answer_key, self.messages_key = prompt_key, answer_key, messages_key
 
     def encode_prompt(self, row: Dict[str, Any]) -> list:
-        return self.tokenizer(row[self.prompt_key], add_special_tokens=False)["input_ids"]
+        return self.prompts.encode(row)
 
     async def arun_episode(self, client, row: Dict[str, Any]) -> Optional[Group]:
         prompt_ids = self.encode_prompt(row)
         results = await asyncio.gather(*(client.generate(prompt_ids, self.params) for _ in range(self.n_samples)))
         extras = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key, "prompt", "completion",
                                                              "answer")}
+        prompt = self.prompts.prompt_text(row)
         trajs = []
         for res in results:
             text = self.tokenizer.decode(res.output_ids, skip_special_tokens=True)
-            reward = self.reward(row[self.prompt_key], text, row.get(self.answer_key, ""), **extras)
+            reward = self.reward(prompt, text, row.get(self.answer_key, ""), **extras)
             trajs.append(Trajectory(prompt_ids=list(prompt_ids), output_ids=list(res.output_ids),
                                     logprobs=list(res.logprobs), versions=list(res.versions), reward=float(reward),
                                     finish_reason=res.finish_reason, info={"completion": text}))

@@ -72,7 +72,7 @@ def write_hf_checkpoint(sd: Dict[str, torch.Tensor], hf_config, out_dir: Path, t
         src = Path(toy.resolve_model(tokenizer_src))
         for f in src.iterdir():
             if f.is_file() and f.name not in _SKIP_NAMES and not f.name.endswith(_SKIP_SUFFIXES):
-                shutil.copy2(f, out_dir / f.name)
+                shutil.copyfile(f, out_dir / f.name)  # the run's umask, not the source's mode
     cfg = copy.deepcopy(hf_config)
     cfg.dtype = dtype
     cfg.use_cache = True  # the trainer turns it off; servers generate

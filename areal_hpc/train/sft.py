@@ -20,17 +20,27 @@ def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
 
 
 def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
-                  max_len: Optional[int] = None, add_eos: bool = True) -> Batch:
-    """Prompt + answer token ids with ``loss_mask`` on the answer (and EOS), right-padded.
+                  max_len: Optional[int] = None, add_eos: bool = True, prompts: Any = None) -> Batch:
+    """Prompt + answer token ids with ``loss_mask`` on the answer (and its end), right-padded.
 
+    ``prompts`` (an `areal_hpc.rollout.prompts.PromptEncoder`: ``encode(row)`` and
+    ``end_of_turn_ids()``) encodes the prompt exactly as the rollout does, through the
+    tokenizer's chat template up to where the assistant's reply begins, and closes the answer
+    with the template's end-of-turn token (ChatML's ``<|im_end|>``): the token generation stops
+    on. Without it the prompt is raw text and the answer ends with the EOS (``add_eos``).
     Prompt and answer are tokenised separately, so the boundary is exact. Rows longer than
     ``max_len`` are truncated from the answer's end.
     """
     samples: List[Dict[str, torch.Tensor]] = []
-    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    if prompts is not None:
+        encode, end = prompts.encode, (prompts.end_of_turn_ids() if add_eos else [])
+    else:
+        def encode(row):
+            return tokenizer(str(row[prompt_key]), add_special_tokens=False)["input_ids"]
+        end = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     for row in rows:
-        p = tokenizer(str(row[prompt_key]), add_special_tokens=False)["input_ids"]
-        a = tokenizer(str(row[answer_key]), add_special_tokens=False)["input_ids"] + eos
+        p = encode(row)
+        a = tokenizer(str(row[answer_key]), add_special_tokens=False)["input_ids"] + end
         ids = (p + a)[: max_len] if max_len else p + a
         mask = ([0] * len(p) + [1] * len(a))[: len(ids)]
         samples.append({"input_ids": torch.tensor(ids, dtype=torch.long),

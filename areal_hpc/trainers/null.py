@@ -20,7 +20,8 @@ class EvalTrainer(Trainer):
     def run(self) -> int:
         from areal_hpc.inference.client import ServerPool
         from areal_hpc.rollout import make_workflow
-        from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer, servers_required
+        from areal_hpc.trainers.rollout_side import (dataset_prompt_kwargs, load_prompts, load_tokenizer,
+                                                     servers_required)
 
         cfg, ctx = self.cfg, self.ctx
         rows = list(load_prompts(ctx, "valid", epochs=1))
@@ -28,7 +29,7 @@ class EvalTrainer(Trainer):
         ds = cfg.valid_dataset
         workflow = make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
                                  reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples,
-                                 prompt_key=ds.prompt_key, answer_key=ds.answer_key)
+                                 **dataset_prompt_kwargs(ds))
         n = servers_required(ctx)
         ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s)
         self.publish_state(step=0, version=None, world_size=1, state="evaluating", n_rows=len(rows))
@@ -54,7 +55,8 @@ class EvalTrainer(Trainer):
         with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:
             for g, row in zip(groups, rows):
                 for t in g.trajectories:
-                    f.write(json.dumps({"prompt": row.get(ds.prompt_key), "answer": row.get(ds.answer_key),
+                    prompt = row.get(ds.prompt_key, row.get(ds.messages_key))
+                    f.write(json.dumps({"prompt": prompt, "answer": row.get(ds.answer_key),
                                         "completion": t.info.get("completion"), "reward": t.reward}) + "\n")
         log.info("eval: %s", json.dumps(report))
         print(json.dumps(report), flush=True)

@@ -16,7 +16,7 @@ import torch.distributed as tdist
 
 from areal_hpc.config import ConfigError, actor_path
 from areal_hpc.registry import RegistryTimeout
-from areal_hpc.rollout import Group, Trajectory
+from areal_hpc.rollout import Group, RolloutError, Trajectory
 from areal_hpc.train import dist
 from areal_hpc.train.batch import shard_batch
 from areal_hpc.train.checkpoint import Checkpointer
@@ -28,6 +28,7 @@ from areal_hpc.trainers.metrics import MetricsWriter
 
 log = logging.getLogger("areal_hpc.trainer")
 STOP = "stop"  # what rank 0 sends the other ranks instead of a batch when a stop cut the wait short
+FAILED = "failed"  # (FAILED, reason): rank 0's rollouts stalled or failed; every rank raises it
 
 
 def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
@@ -137,10 +138,18 @@ class PPOTrainer(Trainer):
                     log.warning("stopping at step %d on request", step)
                     break
                 t0 = time.monotonic()
-                groups = self._wait_for_batch(side) if side is not None else None
+                failure = None
+                try:
+                    groups = self._wait_for_batch(side) if side is not None else None
+                except RolloutError as e:  # stalled or failing rollouts: every rank ends with the reason
+                    groups, failure = None, e
                 t_gen = time.monotonic() - t0
-                trajs = broadcast_object(None if side is None else
+                trajs = broadcast_object(None if side is None else (FAILED, str(failure)) if failure is not None else
                                          STOP if groups is None else [t for g in groups for t in g.trajectories])
+                if failure is not None:
+                    raise failure
+                if isinstance(trajs, tuple) and trajs[:1] == (FAILED,):
+                    raise RolloutError(trajs[1])
                 if trajs == STOP:
                     log.warning("stopping at step %d on request (while waiting for rollouts)", step)
                     break
@@ -180,13 +189,11 @@ class PPOTrainer(Trainer):
 
     def _wait_for_batch(self, side, poll_s: float = 1.0):
         """The next batch of groups, or None if a stop is requested while waiting (the servers may
-        be gone for good: a stopped run must not hang here)."""
-        while True:
-            try:
-                return side.controller.get_batch(timeout=poll_s)
-            except TimeoutError:
-                if self.stop:
-                    return None
+        be gone for good: a stopped run must not hang here). A stall (rollout.drop_timeout_s,
+        rollout.stall_timeout_s) raises `RolloutStall` with the reason, logged meanwhile."""
+        r = self.cfg.rollout
+        return side.controller.next_batch(should_stop=lambda: bool(self.stop), drop_timeout_s=r.drop_timeout_s,
+                                          stall_timeout_s=r.stall_timeout_s, poll_s=poll_s)
 
     def _push_weights(self, engine, side, version: int, model_src: str, step: int) -> Dict[str, float]:
         """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to

@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional
 
 from areal_hpc import toy
 from areal_hpc.inference.client import ServerPool
-from areal_hpc.rollout import PromptLoader, RolloutController, load_rows, make_workflow
+from areal_hpc.rollout import PromptLoader, RolloutController, make_workflow
+from areal_hpc.rollout.data import load_dataset_rows
+from areal_hpc.rollout.adapters import apply_adapter
 from areal_hpc.trainers.base import TrainContext
 
 log = logging.getLogger("areal_hpc.trainer")
@@ -27,8 +29,20 @@ def load_tokenizer(path: str):
 
 def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0) -> PromptLoader:
     ds = ctx.cfg.train_dataset if which == "train" else ctx.cfg.valid_dataset
-    rows = load_rows(toy.resolve_dataset(ds.path, split=which), limit=ds.limit)
+    rows = load_dataset_rows(ds, which)
+    rows = adapt_rows(rows, ds)
     return PromptLoader(rows, shuffle=ds.shuffle and which == "train", seed=ctx.cfg.seed, epochs=epochs)
+
+
+def adapt_rows(rows, ds):
+    """``ds.adapter`` (e.g. gsm8k) applied to loaded rows; the rows unchanged without one."""
+    return apply_adapter(rows, ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
+
+
+def dataset_prompt_kwargs(ds) -> Dict[str, Any]:
+    """The workflow arguments a `DatasetConfig` sets: its keys and how prompts are rendered."""
+    return {"prompt_key": ds.prompt_key, "answer_key": ds.answer_key, "messages_key": ds.messages_key,
+            "chat_template": ds.chat_template, "system_prompt": ds.system_prompt}
 
 
 def servers_required(ctx: TrainContext) -> int:
@@ -52,7 +66,7 @@ class RolloutSide:
         ds = cfg.train_dataset
         self.workflow = make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
                                       reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples,
-                                      prompt_key=ds.prompt_key, answer_key=ds.answer_key)
+                                      **dataset_prompt_kwargs(ds))
         self.loader = loader
         self.controller = RolloutController(
             self.workflow, self.pool, loader, batch_size=cfg.rollout.batch_size,
@@ -147,10 +161,8 @@ class BroadcastWeightSync:
         world = len(members) + 1
 
         async def join_all():
-            return await asyncio.gather(*(pool.call_all(
-                "POST", "/init_weights_update_group",
-                {"master_address": addr, "master_port": port, "rank_offset": i + 1, "world_size": world,
-                 "backend": self.backend, "group_name": name}, timeout_s=self.timeout_s, server_ids=[sid])
+            return await asyncio.gather(*(pool.init_weights_update_group(
+                sid, addr, port, i + 1, world, name, self.backend, timeout_s=self.timeout_s)
                 for i, sid in enumerate(members)))
 
         fut = c.submit(join_all())  # servers join while we host the rendezvous
@@ -166,10 +178,8 @@ class BroadcastWeightSync:
         pool, c = self.side.pool, self.side.controller
 
         def on_bucket(bucket):
-            payload = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes,
-                       "group_name": self.name, "weight_version": str(version)}
-            fut = c.submit(pool.call_all("POST", "/update_weights_from_distributed", payload,
-                                         timeout_s=self.timeout_s, server_ids=self.members))
+            fut = c.submit(pool.update_weights_from_distributed(bucket.names, bucket.dtypes, bucket.shapes, self.name,
+                                                                version, self.members, timeout_s=self.timeout_s))
 
             def wait():
                 bad = [r for r in fut.result(self.timeout_s).values() if not r.ok]

@@ -10,9 +10,11 @@ import logging
 import time
 from typing import Any, Dict
 
-from areal_hpc import toy
 from areal_hpc.config import ConfigError
-from areal_hpc.rollout import PromptLoader, load_rows
+from areal_hpc.rollout import PromptLoader
+from areal_hpc.rollout.data import load_dataset_rows
+from areal_hpc.rollout.adapters import apply_adapter
+from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.batch import shard_batch
 from areal_hpc.train.checkpoint import Checkpointer
@@ -39,7 +41,10 @@ class SFTTrainer(Trainer):
                               "make it a multiple of the trainer's d")
         tokenizer = AutoTokenizer.from_pretrained(engine.model_path)
         ds = cfg.train_dataset
-        loader = PromptLoader(load_rows(toy.resolve_dataset(ds.path), limit=ds.limit), shuffle=ds.shuffle,
+        prompts = PromptEncoder(tokenizer, PromptFormat.from_dataset(ds))
+        data = apply_adapter(load_dataset_rows(ds), ds.adapter, ds.prompt_key,
+                             ds.answer_key, ds.messages_key)
+        loader = PromptLoader(data, shuffle=ds.shuffle,
                               seed=cfg.seed, epochs=cfg.trainer.total_train_epochs)
         ckpt = Checkpointer(engine, keep_last=cfg.saver.keep_last)
         state: Dict[str, Any] = {} if cfg.recover.mode == "disabled" else (ckpt.load_latest(ctx.checkpoint_dir) or {})
@@ -61,7 +66,8 @@ class SFTTrainer(Trainer):
                     log.info("dataset exhausted after %d epochs", loader.epoch)
                     break
                 t0 = time.monotonic()
-                batch = shard_batch(tokenize_rows(rows, tokenizer, ds.prompt_key, ds.answer_key, ds.max_prompt_len),
+                batch = shard_batch(tokenize_rows(rows, tokenizer, ds.prompt_key, ds.answer_key, ds.max_prompt_len,
+                                              prompts=prompts),
                                     rank, world)
                 stats = learner.train_step(batch)
                 step += 1

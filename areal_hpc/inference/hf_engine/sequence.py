@@ -36,11 +36,13 @@ def _float(d: Dict[str, Any], key: str, default: float) -> float:
     return float(v)
 
 
-# Accepted for compatibility with SGLang clients as long as they ask for the neutral value.
+# Accepted for compatibility with SGLang clients as long as they ask for the neutral value
+# (None always counts as neutral).
 _NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-            "min_p": 0.0, "n": 1, "min_new_tokens": 0}
-_IGNORED = {"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stop",
-            "logit_bias", "custom_params", "sampling_seed"}
+            "min_p": 0.0, "n": 1, "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None,
+            "custom_params": None}
+# Keys that only shape the text of a response (the HTTP server applies them when it detokenizes).
+_IGNORED = {"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stop"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Sequence:
         self.finish_reason: Optional[Dict[str, Any]] = None
         self.slot = -1
         self.on_finish = on_finish
+        self.on_append: Optional[Callable[["Sequence", int], None]] = None  # (seq, tokens so far), loop thread
         self.arrival = time.monotonic()
 
     @property
@@ -145,6 +148,8 @@ class Sequence:
             spans[-1][2] = n + 1
         else:
             spans.append([version, n, n + 1])
+        if self.on_append is not None:
+            self.on_append(self, n + 1)
 
     def finish(self, reason: Dict[str, Any]) -> None:
         if self.status is SequenceStatus.FINISHED:
@@ -154,18 +159,23 @@ class Sequence:
         if self.on_finish is not None:
             self.on_finish(self)
 
-    def to_response(self, weight_version: str, return_logprob: bool = True) -> Dict[str, Any]:
-        """The body SGLang's ``/generate`` returns for this request."""
+    def to_response(self, weight_version: str, return_logprob: bool = True, upto: Optional[int] = None
+                    ) -> Dict[str, Any]:
+        """The body SGLang's ``/generate`` returns for this request. ``upto``: only the first
+        ``upto`` output tokens (a consistent prefix while the engine thread still appends)."""
+        n = len(self.output_ids) if upto is None else upto
+        ids = self.output_ids[:n]
+        spans = [(v, s, min(e, n)) for v, s, e in list(self.version_spans) if s < n]
         meta: Dict[str, Any] = {
             "id": self.rid,
-            "finish_reason": self.finish_reason,
+            "finish_reason": self.finish_reason if upto is None else None,
             "prompt_tokens": len(self.prompt_ids),
-            "completion_tokens": len(self.output_ids),
+            "completion_tokens": n,
             "cached_tokens": 0,
-            "weight_version": self.version_spans[-1][0] if self.version_spans else weight_version,
-            "weight_versions": [{"version": v, "start": s, "end": e} for v, s, e in self.version_spans],
+            "weight_version": spans[-1][0] if spans else weight_version,
+            "weight_versions": [{"version": v, "start": s, "end": e} for v, s, e in spans],
             "e2e_latency": time.monotonic() - self.arrival,
         }
         if return_logprob:
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(self.logprobs, self.output_ids)]
-        return {"output_ids": self.output_ids, "meta_info": meta}
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(self.logprobs[:n], ids)]
+        return {"output_ids": ids, "meta_info": meta}

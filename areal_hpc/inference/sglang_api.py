@@ -1,0 +1,173 @@
+"""Our side of SGLang's HTTP API: every route we call, every body we send, every response we read.
+
+The client pool, the server lifecycle and the trainer talk to inference servers only through
+these routes, body builders and parsers, so `sglang_contract` can check all of it against
+SGLang's own source (``tests/test_inference_sglang_contract.py``, ``tools/sglang_contract.py``):
+routes and methods against ``http_server.py``, body fields and types against the request
+structs of ``io_struct.py``, and the keys read here against what SGLang puts in responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+
+def parse_version(v: Any) -> Any:
+    """SGLang reports versions as strings; ours are ints where they look like ints."""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            return v
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+
+
+GENERATE = Route("POST", "/generate")
+PAUSE_GENERATION = Route("POST", "/pause_generation")
+CONTINUE_GENERATION = Route("POST", "/continue_generation")
+ABORT_REQUEST = Route("POST", "/abort_request")
+UPDATE_WEIGHTS_FROM_DISK = Route("POST", "/update_weights_from_disk")
+INIT_WEIGHTS_UPDATE_GROUP = Route("POST", "/init_weights_update_group")
+UPDATE_WEIGHTS_FROM_DISTRIBUTED = Route("POST", "/update_weights_from_distributed")
+HEALTH = Route("GET", "/health")
+MODEL_INFO = Route("GET", "/model_info")
+
+# Routes our code calls (the contract test checks these exist in SGLang with this method) ...
+ROUTES: Tuple[Route, ...] = (GENERATE, PAUSE_GENERATION, CONTINUE_GENERATION, ABORT_REQUEST,
+                             UPDATE_WEIGHTS_FROM_DISK, INIT_WEIGHTS_UPDATE_GROUP,
+                             UPDATE_WEIGHTS_FROM_DISTRIBUTED, HEALTH, MODEL_INFO)
+# ... and routes our docs point users and third-party clients at (checked the same way).
+DOCUMENTED_ROUTES: Tuple[Route, ...] = (Route("GET", "/health_generate"), Route("GET", "/get_server_info"),
+                                        Route("GET", "/get_model_info"), Route("POST", "/flush_cache"),
+                                        Route("GET", "/v1/models"))
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos")
+FINISH_TYPES = ("stop", "length", "abort")
+
+
+# ---------------------------------------------------------------------- request bodies
+def sampling_params(params: Any = None, **overrides: Any) -> Dict[str, Any]:
+    """SGLang ``sampling_params`` from a GenerationConfig-like object or dict, plus overrides."""
+    out: Dict[str, Any] = {}
+    if params is not None:
+        src = params if isinstance(params, dict) else {k: getattr(params, k) for k in SAMPLING_KEYS
+                                                       if hasattr(params, k)}
+        out.update(src)
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    if "stop_token_ids" in out:
+        out["stop_token_ids"] = list(out["stop_token_ids"] or [])
+    out.setdefault("max_new_tokens", 128)
+    return out
+
+
+def generate_body(input_ids: Sequence[int], sampling: Dict[str, Any], rid: Optional[str] = None) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"input_ids": list(input_ids), "sampling_params": sampling, "return_logprob": True}
+    if rid is not None:
+        body["rid"] = rid
+    return body
+
+
+def pause_body(mode: str = "abort") -> Dict[str, Any]:
+    return {"mode": mode}
+
+
+def continue_body() -> Dict[str, Any]:
+    return {}
+
+
+def abort_body(rid: Optional[str] = None) -> Dict[str, Any]:
+    """``rid`` None: abort every request."""
+    return {"abort_all": True} if rid is None else {"rid": rid}
+
+
+def update_from_disk_body(model_path: str, version: Any, abort_all_requests: bool = False) -> Dict[str, Any]:
+    return {"model_path": str(model_path), "weight_version": str(version), "abort_all_requests": abort_all_requests}
+
+
+def init_group_body(master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str,
+                    backend: str = "nccl") -> Dict[str, Any]:
+    return {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "backend": backend, "group_name": group_name}
+
+
+def update_from_distributed_body(names: List[str], dtypes: List[str], shapes: List[List[int]], group_name: str,
+                                 version: Any) -> Dict[str, Any]:
+    return {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
+            "group_name": group_name, "weight_version": str(version)}
+
+
+# ---------------------------------------------------------------------- responses
+@dataclasses.dataclass
+class GenerateOutput:
+    output_ids: List[int]
+    logprobs: List[float]
+    versions: List[Any]
+    finish_reason: str
+    version_reported: bool  # False: the server said nothing about weight versions (older SGLang)
+
+
+def parse_generate(body: Dict[str, Any], fallback_version: Any) -> GenerateOutput:
+    """One ``/generate`` response. Per-token versions come from ``meta_info.weight_versions`` spans
+    (SGLang >= 0.5.2x and our engine), else ``meta_info.weight_version`` for every token, else
+    ``fallback_version`` (a server that reports neither)."""
+    meta = body.get("meta_info") or {}
+    ids = list(body.get("output_ids") or [])
+    got = meta.get("output_token_logprobs") or []
+    lps = [float(x[0]) if x[0] is not None else float("nan") for x in got[:len(ids)]]
+    lps += [float("nan")] * (len(ids) - len(lps))
+    versions, reported = expand_versions(meta, len(ids), fallback_version)
+    reason = (meta.get("finish_reason") or {}).get("type", "stop")
+    return GenerateOutput(ids, lps, versions, reason, reported)
+
+
+def expand_versions(meta: Dict[str, Any], n: int, fallback: Any) -> Tuple[List[Any], bool]:
+    spans = meta.get("weight_versions")
+    out: List[Any] = []
+    if spans:
+        for sp in spans:
+            out.extend([parse_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0))))
+    reported = bool(spans)
+    if len(out) != n:
+        v = meta.get("weight_version")
+        reported = v is not None
+        v = parse_version(v) if v is not None else fallback
+        out = (out + [v] * n)[:n]
+    return out, reported
+
+
+def call_outcome(status: int, body: Any) -> Tuple[bool, Optional[str]]:
+    """(ok, error) of a control call: 2xx and not ``"success": false``."""
+    ok = 200 <= status < 300 and not (isinstance(body, dict) and body.get("success") is False)
+    if ok:
+        return True, None
+    if isinstance(body, dict):
+        err = body.get("message") or body.get("error")
+        if isinstance(err, dict):
+            err = err.get("message")
+        return False, str(err if err is not None else body)
+    return False, str(body) or f"HTTP {status}"
+
+
+def error_message(body: Any) -> str:
+    """The reason in a 4xx body (SGLang: ``{"error": ...}`` or ``{"message": ...}``)."""
+    if isinstance(body, dict):
+        msg = body.get("message") or body.get("error")
+        if isinstance(msg, dict):
+            msg = msg.get("message")
+        return str(msg if msg is not None else body)
+    return str(body)
+
+
+def model_info_version(body: Any) -> Any:
+    """The weight version in a ``/model_info`` response, or None when it has none."""
+    if isinstance(body, dict) and body.get("weight_version") is not None:
+        return parse_version(body["weight_version"])
+    return None

@@ -1,0 +1,132 @@
+"""How a run ended, told the same way by every launcher: state, reason, where to look, exit code.
+
+The run's owner (`owner.RunOwner`) records ``state`` / ``reason`` / ``log`` in the registry's
+``run.json``; `status` reads them back, `submit` and the Slurm job exit with `exit_code(state)`.
+
+States: ``PENDING`` (submitted, no owner yet), ``RUNNING``, ``REQUEUED`` (time limit or
+preemption: checkpointed, the job waits to run again), and the final ones ``COMPLETED`` (the
+trainer reached its goal), ``FAILED`` (it did not: the reason is the error line of the failing
+log), ``STOPPED`` (`areal-hpc stop`, Ctrl-C: checkpointed, resumable).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+COMPLETED, FAILED, STOPPED, RUNNING, PENDING, REQUEUED = \
+    "COMPLETED", "FAILED", "STOPPED", "RUNNING", "PENDING", "REQUEUED"
+FINAL = (COMPLETED, FAILED, STOPPED)
+# exit codes of `submit` (mode=local, and mode=slurm with launcher.wait) and of the driver
+EXIT_CODES = {COMPLETED: 0, FAILED: 1, STOPPED: 130}
+# a traceback's last line: "KeyError: 'prompt'", "areal_hpc.config.errors.ConfigError: ..."
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Timeout|Failure|Warning))(:\s.*)?$")
+_ERROR_WORD = re.compile(r"(\bERROR\b|\bCRITICAL\b|\bFATAL\b|\berror:|Traceback \(most recent call last\))")
+_TAIL_BYTES = 256 * 1024  # an error line is near the end of a log
+
+
+def exit_code(state: Optional[str]) -> int:
+    return EXIT_CODES.get(state or "", 1)
+
+
+def describe_exit(rc: Optional[int]) -> str:
+    """``exited with 1``, ``killed by SIGKILL`` (a negative Popen code, or srun's 128+N)."""
+    if rc is None:
+        return "did not exit"
+    if rc < 0 or rc > 128:
+        num = -rc if rc < 0 else rc - 128
+        try:
+            name = signal.Signals(num).name
+        except ValueError:
+            return f"exited with {rc}"
+        return f"killed by {name}" if rc < 0 else f"exited with {rc} ({name}?)"
+    return f"exited with {rc}"
+
+
+def log_files(pattern: str) -> list:
+    """The files of a step's log (``trainer-%t.log``: one per rank), rank 0 first."""
+    if "%t" not in pattern:
+        return [pattern] if os.path.exists(pattern) else []
+    return sorted(glob.glob(pattern.replace("%t", "*")), key=lambda p: (len(p), p))
+
+
+def log_sizes(pattern: str) -> Dict[str, int]:
+    """Current sizes of a step's log files: a later `error_line` reads only what came after."""
+    out = {}
+    for p in log_files(pattern):
+        try:
+            out[p] = os.path.getsize(p)
+        except OSError:
+            pass
+    return out
+
+
+def _error_in(path: str, offset: int) -> Optional[str]:
+    """The last error line written to ``path`` after ``offset``: a traceback's exception line if
+    there is one, else the last line saying ERROR/error:, else None."""
+    try:
+        size = os.path.getsize(path)
+        start = max(offset if offset <= size else 0, size - _TAIL_BYTES)
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = [x.rstrip() for x in text.splitlines() if x.strip()]
+    exc = [x for x in lines if _EXC_LINE.match(x.strip()) and not x.startswith((" ", "\t"))]
+    if exc:
+        return exc[-1].strip()
+    err = [x for x in lines if _ERROR_WORD.search(x) and "Traceback" not in x]
+    return err[-1].strip() if err else None
+
+
+def error_line(pattern: str, offsets: Optional[Dict[str, int]] = None) -> Tuple[Optional[str], Optional[str]]:
+    """(error line, log file) of a failed step, looking at each rank's log after ``offsets``
+    (what was written before the step started is an earlier attempt's); (None, first log) if no
+    log holds an error line (e.g. the process was SIGKILLed)."""
+    files = log_files(pattern)
+    for p in files:
+        line = _error_in(p, (offsets or {}).get(p, 0))
+        if line:
+            return _shorten(line), p
+    return None, files[0] if files else None
+
+
+def _shorten(line: str, limit: int = 400) -> str:
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def last_step(metrics_path: Path) -> int:
+    """The step of the last complete line of metrics.jsonl (0 if none)."""
+    import json
+
+    try:
+        with open(metrics_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(metrics_path) - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def latest_checkpoint_step(checkpoint_dir: Path) -> int:
+    steps = [int(p.name.split("_", 1)[1]) for p in Path(checkpoint_dir).glob("step_*")
+             if p.name.split("_", 1)[1].isdigit()]
+    return max(steps, default=0)
+
+
+def summary_line(rec: Dict[str, object]) -> str:
+    """``FAILED: trainer exited with 1: KeyError: 'prompt' (see /run/logs/trainer-0.log)``."""
+    state = str(rec.get("state") or "?")
+    reason = rec.get("reason")
+    where = rec.get("log")
+    return state + (f": {reason}" if reason else "") + (f" (see {where})" if where and state == FAILED else "")

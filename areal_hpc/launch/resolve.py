@@ -1,0 +1,287 @@
+"""The login node resolves models and datasets; compute nodes stay offline.
+
+Compute nodes of many clusters have no internet, and a bad model or dataset found there costs an
+allocation. `resolve(cfg)` runs in `submit` (also for ``--dry-run``) before the run directory is
+written, for every model and dataset the run uses:
+
+- a hub name (``Qwen/Qwen2.5-1.5B-Instruct``, ``openai/gsm8k``: not a local path) is downloaded
+  here with ``huggingface_hub.snapshot_download`` into the Hugging Face cache on the shared
+  filesystem (``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``), and the config's path
+  becomes the local snapshot directory, so the run's ``config.yaml`` holds local paths only;
+  steps run with ``HF_HUB_OFFLINE=1`` (`plan.hub_env`);
+- a model must be a directory whose ``config.json`` loads (``AutoConfig``), with weights, and
+  whose tokenizer loads (``AutoTokenizer``) and fits the model's vocabulary;
+- a dataset must load with its ``name`` and ``split`` (the split chosen here is written back),
+  must not be empty, and its rows must have the configured columns (``prompt_key`` or
+  ``messages_key``, and ``answer_key``; after the ``adapter`` when there is one). Every line of a
+  local JSON Lines file is parsed (a malformed or non-UTF-8 line is reported with the file and
+  line number); other formats are checked on their first rows, read lazily.
+
+Every problem is a `ConfigError` naming the key; nothing is submitted. `toy:` specs pass untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from areal_hpc.config import ConfigError, ExperimentConfig
+from areal_hpc.config.schema import DatasetConfig
+from areal_hpc.config.validate import looks_like_hub_name
+from areal_hpc.launch.plan import hf_cache_dir
+
+# Rows checked for columns where a file is not read whole (parquet, csv, ...).
+HEAD_ROWS = 64
+# Files a training run never reads; skipped when downloading a model.
+MODEL_IGNORE = ["*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.pth", "original/*", "onnx/*"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ------------------------------------------------------------------ what a run uses
+
+def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
+    """``(key, owner, attribute)`` of every model path the run loads (as `validate` decides)."""
+    t, ppo = cfg.trainer.type, cfg.trainer.ppo
+    if t == "sft":
+        return [("trainer.sft.model.path", cfg.trainer.sft.model, "path")]
+    out = []
+    if t != "null" or not cfg.server.model_path:
+        out.append(("trainer.ppo.actor.path", ppo.actor, "path"))
+    if cfg.server.model_path:
+        out.append(("server.model_path", cfg.server, "model_path"))
+    return out
+
+
+def datasets_in_use(cfg: ExperimentConfig) -> List[Tuple[str, DatasetConfig, str]]:
+    """``(key, dataset config, "train" | "valid")`` of every dataset the run reads."""
+    out = []
+    if cfg.trainer.type != "null":
+        out.append(("train_dataset", cfg.train_dataset, "train"))
+    if cfg.valid_dataset.path or cfg.trainer.type == "null":
+        out.append(("valid_dataset", cfg.valid_dataset, "valid"))
+    return out
+
+
+def resolve(cfg: ExperimentConfig) -> None:
+    """Download hub names into the shared cache, check every model and dataset, and rewrite the
+    config in place to local absolute paths (and concrete splits). `ConfigError` on a problem."""
+    cache, explicit = hf_cache_dir(cfg), bool(cfg.cluster.hf_cache)
+    cfg.cluster.hf_cache = str(cache)  # absolute in config.yaml: steps get it through plan.hub_env
+    paths = [getattr(o, a) for _, o, a in models_in_use(cfg)] + [ds.path for _, ds, _ in datasets_in_use(cfg)]
+    if all(p.startswith("toy:") for p in paths):
+        return
+    _quiet()
+    if any(looks_like_hub_name(p) for p in paths):
+        _make_cache(cfg, cache, default=not explicit)
+    done: Dict[str, str] = {}
+    for key, owner, attr in models_in_use(cfg):
+        path = getattr(owner, attr)
+        if path not in done:
+            done[path] = resolve_model(key, path, cache)
+        setattr(owner, attr, done[path])
+    for key, ds, which in datasets_in_use(cfg):
+        resolve_dataset(key, ds, which, cache)
+
+
+def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
+    """The default cache, ``{fileroot}/{user}/hf-cache``, is made as a run dir is: a missing
+    fileroot shared (0755), what is below it with the run's umask (private unless
+    cluster.group_readable). A cache the user named is theirs to share: made with their umask."""
+    try:
+        if not default:
+            cache.mkdir(parents=True, exist_ok=True)
+            return
+        from areal_hpc.config.validate import run_umask
+        from areal_hpc.launch.submit import _make_fileroot
+
+        _make_fileroot(cfg)
+        old = os.umask(run_umask(cfg))
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        finally:
+            os.umask(old)
+    except OSError as e:
+        raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {_one_line(e)}",
+                          "a writable directory on a filesystem every node mounts") from None
+
+
+def _quiet() -> None:
+    """Progress bars only on a terminal; no library warnings: a problem is one line of ours."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    if not sys.stderr.isatty():
+        disable_progress_bars()
+    for name in ("transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+# ------------------------------------------------------------------ hub
+
+def download(key: str, repo_id: str, repo_type: str, cache: Path) -> str:
+    """The local snapshot directory of hub repo ``repo_id`` (downloaded now unless cached)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    what = "dataset" if repo_type == "dataset" else "model"
+    print(f"hub       {key}: {what} {repo_id} -> {cache / 'hub'}", flush=True)
+    try:
+        return snapshot_download(repo_id, repo_type=repo_type, cache_dir=str(cache / "hub"),
+                                 ignore_patterns=MODEL_IGNORE if repo_type == "model" else None)
+    except GatedRepoError:
+        raise ConfigError(key, f"{what} {repo_id!r} on the hub is gated",
+                          "accept its terms on huggingface.co and log in on this node (`hf auth login`)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ConfigError(key, f"{repo_id!r} is not a local path and the hub has no {what} by that name",
+                          "check the name (org/name), or give a local directory") from None
+    except LocalEntryNotFoundError:
+        raise ConfigError(key, f"{repo_id!r} is not a local path, the hub cannot be reached and {cache / 'hub'} "
+                          "holds no copy", "submit where the hub is reachable, HF_HUB_OFFLINE unset; "
+                          "or give a local directory") from None
+    except HfHubHTTPError as e:
+        raise ConfigError(key, f"downloading {what} {repo_id!r} failed: {_one_line(e)}") from None
+    except OSError as e:
+        raise ConfigError("cluster.hf_cache", f"cannot store {repo_id!r} in {cache}: {_one_line(e)}",
+                          "a writable directory on a filesystem every node mounts") from None
+
+
+def _local_or_download(key: str, path: str, repo_type: str, cache: Path) -> Path:
+    p = Path(os.path.expanduser(path))
+    if p.exists():
+        return Path(os.path.abspath(p))
+    if looks_like_hub_name(path):
+        return Path(download(key, path, repo_type, cache))
+    raise ConfigError(key, f"{path!r} does not exist", "give a local path, or a hub name (org/name)")
+
+
+# ------------------------------------------------------------------ models
+
+def resolve_model(key: str, path: str, cache: Path) -> str:
+    """``path`` as a checked local model directory (a `toy:` spec is returned as is)."""
+    if path.startswith("toy:"):
+        return path
+    local = _local_or_download(key, path, "model", cache)
+    check_model_dir(key, local)
+    return str(local)
+
+
+def check_model_dir(key: str, p: Path) -> None:
+    """config.json parses and loads, weights are there, the tokenizer loads and fits the model."""
+    if p.is_file():
+        raise ConfigError(key, f"{p} is a file, not a model directory",
+                          "point at the directory save_pretrained wrote: config.json, weights, tokenizer")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(key, f"{p} has no config.json", "point at a HF model directory, as save_pretrained writes it")
+    try:
+        json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(key, f"{cfg_file} is not valid JSON: {_one_line(e, 120)}",
+                          "restore it: save_pretrained or a fresh download writes it") from None
+    if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
+        raise ConfigError(key, f"{p} holds no weights (*.safetensors or pytorch_model*.bin)",
+                          "point at a complete model directory")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - unknown model_type, bad values: transformers says which
+        raise ConfigError(key, f"{cfg_file} does not load: {_one_line(e)}",
+                          "a model type this transformers version knows, with valid values") from None
+    if not any((p / f).is_file() for f in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
+        raise ConfigError(key, f"{p} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)",
+                          "save the tokenizer next to the model with tokenizer.save_pretrained")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(key, f"the tokenizer in {p} does not load: {_one_line(e)}",
+                          "save the tokenizer next to the model with tokenizer.save_pretrained") from None
+    vocab = getattr(hf_cfg, "vocab_size", None)
+    if isinstance(vocab, int) and len(tok) > vocab:
+        raise ConfigError(key, f"the tokenizer in {p} has {len(tok)} tokens but the model's vocab_size is {vocab}",
+                          "the tokenizer belongs to another model")
+
+
+# ------------------------------------------------------------------ datasets
+
+def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path) -> None:
+    """Check dataset ``key`` and rewrite ``ds.path`` (local, absolute) and ``ds.split`` (the one read)."""
+    from areal_hpc.rollout.data import DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows
+
+    if ds.path.startswith("toy:"):
+        return
+    local = _local_or_download(f"{key}.path", ds.path, "dataset", cache)
+    try:
+        if local.is_file():
+            files, where, empty_key = [str(local)], str(local), "path"
+        else:
+            splits = dataset_splits(str(local), ds.name)
+            split = choose_split(splits, ds.split, which, where=str(local))
+            files = splits[split]
+            where, empty_key = f"split {split!r} of {local}", "split"
+            ds.split = split
+        for f in files:  # every line of JSON files: cheap, and a bad line anywhere is found here
+            if f.endswith((".jsonl", ".json")):
+                for n, row in iter_json_rows(f):
+                    check_row(key, ds, row, f"{f} line {n}")
+        head = head_rows(str(local), HEAD_ROWS, name=ds.name, split=ds.split, which=which)
+    except DatasetError as e:
+        raise ConfigError(f"{key}.{e.field}", e.message, e.hint) from None
+    if not head:
+        raise ConfigError(f"{key}.{empty_key}", f"{where} has no rows", "point at a dataset with data")
+    for i, row in enumerate(head):
+        check_row(key, ds, row, f"row {i} of {where}")
+    ds.path = str(local)
+
+
+def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> None:
+    """The row gives a prompt (string) or messages (list of role/content) and an answer, after
+    the dataset's adapter when it has one."""
+    columns = ", ".join(sorted(row)) or "none"
+    if ds.adapter:
+        from areal_hpc.rollout.adapters import apply_adapter, get_adapter
+
+        try:
+            fn = get_adapter(ds.adapter)
+        except KeyError as e:
+            raise ConfigError(f"{key}.adapter", str(e.args[0])) from None
+        try:
+            fn(dict(row))
+        except KeyError as e:
+            raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} needs column {e.args[0]!r}, missing in {where} "
+                              f"(columns: {columns})", "point at data this adapter reads, or drop the adapter") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} cannot map {where}: {_one_line(e, 160)}") from None
+        row = apply_adapter([row], ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)[0]
+        columns = ", ".join(sorted(row)) or "none"
+    prompt, messages = row.get(ds.prompt_key), row.get(ds.messages_key)
+    if prompt is None and messages is None:
+        hint = (f"GSM8K-style rows: set {key}.adapter=gsm8k" if {"question", "answer"} <= set(row) and not ds.adapter
+                else f"set {key}.prompt_key (or {key}.messages_key) to the column holding the prompt")
+        raise ConfigError(f"{key}.prompt_key", f"{where} has no {ds.prompt_key!r} (or {ds.messages_key!r}) column "
+                          f"(columns: {columns})", hint)
+    if prompt is not None and not isinstance(prompt, str):
+        raise ConfigError(f"{key}.prompt_key", f"{where}: {ds.prompt_key!r} must be a string, got "
+                          f"{type(prompt).__name__} {str(prompt)[:40]!r}")
+    if prompt is None and not (isinstance(messages, list) and messages
+                               and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+        raise ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} is not a list of "
+                          "{role, content} messages", "e.g. [{\"role\": \"user\", \"content\": \"...\"}]")
+    if row.get(ds.answer_key) is None:
+        raise ConfigError(f"{key}.answer_key", f"{where} has no {ds.answer_key!r} column (columns: {columns})",
+                          f"set {key}.answer_key to the column holding the answer")

@@ -1,0 +1,83 @@
+"""Dataset adapters, by name: map a public dataset's rows to the prompt/answer shape we train on.
+
+An adapter is ``fn(row) -> row`` returning a row with ``prompt`` (or ``messages``) and
+``answer``; other keys pass through to the reward function. `apply_adapter` maps every row and
+puts those fields under the dataset's configured keys (``prompt_key``, ``answer_key``,
+``messages_key``). Add one with ``@register_adapter("name")`` in a ``trainer.plugins`` module;
+select it with ``train_dataset.adapter=name``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+AdapterFn = Callable[[Dict[str, Any]], Dict[str, Any]]
+ADAPTERS: Dict[str, AdapterFn] = {}
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def register_adapter(name: str, columns: Sequence[str] = ()):
+    """``columns``: what the adapter reads from each row (checked before a run by whoever loads the data)."""
+    def deco(fn: AdapterFn) -> AdapterFn:
+        fn.columns = tuple(columns)
+        ADAPTERS[name] = fn
+        return fn
+    return deco
+
+
+def get_adapter(name: str) -> AdapterFn:
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}") from None
+
+
+def adapter_columns(name: str) -> Tuple[str, ...]:
+    """The columns adapter ``name`` needs in each row (() for "" or an adapter that did not say)."""
+    return tuple(getattr(get_adapter(name), "columns", ())) if name else ()
+
+
+def apply_adapter(rows: Sequence[Dict[str, Any]], name: str, prompt_key: str = "prompt", answer_key: str = "answer",
+                  messages_key: str = "messages") -> List[Dict[str, Any]]:
+    """Rows through adapter ``name`` ("" = unchanged). A row the adapter rejects raises
+    ValueError naming the row's index."""
+    if not name:
+        return list(rows)
+    fn = get_adapter(name)
+    rename = {"prompt": prompt_key, "answer": answer_key, "messages": messages_key}
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            new = fn(dict(row))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"adapter {name!r}: row {i}: {e}") from None
+        for canon, key in rename.items():
+            if key != canon and canon in new:
+                new[key] = new.pop(canon)
+        out.append(new)
+    return out
+
+
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The number after GSM8K's ``####`` (thousands separators and a trailing period dropped)."""
+    m = _GSM8K_FINAL.search(str(solution))
+    if not m:
+        raise ValueError(f"answer has no '#### <number>' line: {str(solution)[-80:]!r}")
+    final = m.group(1).replace(",", "").replace("$", "").strip().rstrip(".")
+    if not final:
+        raise ValueError(f"nothing after '####' in {str(solution)[-80:]!r}")
+    return final
+
+
+@register_adapter("gsm8k", columns=("question", "answer"))
+def gsm8k(row: Dict[str, Any]) -> Dict[str, Any]:
+    """``{question, answer: "...reasoning...\\n#### 42"}`` -> prompt: the question and an
+    instruction to box the final answer; answer: ``"42"``; the worked solution kept as ``solution``."""
+    question, solution = row.pop("question"), row.pop("answer")
+    return {**row, "prompt": f"{str(question).strip()}\n{BOXED_INSTRUCTION}", "answer": gsm8k_final_answer(solution),
+            "solution": solution}

@@ -1,0 +1,180 @@
+"""Dataset row -> prompt token ids, through the tokenizer's chat template when it has one.
+
+A row gives either chat messages (``row[messages_key]``: a list of ``{"role", "content"}``) or a
+prompt string (``row[prompt_key]``, which becomes one user message). With
+``chat_template="auto"`` and a tokenizer that carries a chat template, the messages are rendered
+with ``apply_chat_template(..., add_generation_prompt=True)``, after a system message holding
+``system_prompt`` when one is set (and the row has no system message of its own). With
+``chat_template="none"``, or a tokenizer without a template (the `toy:` models), the prompt
+string is tokenized as raw text, exactly as before chat templates existed; a row that has only
+messages is then an error (raw text needs a prompt string; there is no faithful way to flatten
+roles without a template).
+
+Generation must stop at the end of the assistant's turn: `stop_token_ids` collects the EOS, the
+model's ``generation_config.json`` ``eos_token_id`` list and the token that closes an assistant
+turn in the rendered template (ChatML's ``<|im_end|>``, Llama-3's ``<|eot_id|>``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+CHAT_TEMPLATE_MODES = ("auto", "none")
+# Stands in for an assistant reply when we look for the token that closes a turn: the template
+# renders it verbatim, and whatever follows it is the end-of-turn text.
+_PROBE = "areal-hpc-end-of-turn-probe"
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _as_ids(out: Any) -> List[int]:
+    """`apply_chat_template(tokenize=True)` returns a list in transformers 4.x and may return a
+    BatchEncoding (a dict with ``input_ids``) in 5.x; either may be nested for a batch of one."""
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    out = list(out)
+    if out and isinstance(out[0], (list, tuple)):
+        if len(out) != 1:
+            raise ValueError(f"expected the token ids of one conversation, got {len(out)}")
+        out = list(out[0])
+    return [int(t) for t in out]
+
+
+def render_chat_ids(tokenizer, messages: List[Dict[str, Any]], add_generation_prompt: bool = True) -> List[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template."""
+    return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True))
+
+
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The special token that closes an assistant turn in the tokenizer's chat template (None
+    when there is no template, or the turn ends with plain text rather than a special token)."""
+    if not has_chat_template(tokenizer):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "1+1="},
+                                              {"role": "assistant", "content": _PROBE}], tokenize=False)
+    except Exception:  # a template that refuses this conversation tells us nothing
+        return None
+    if not isinstance(text, str) or _PROBE not in text:
+        return None
+    tail = text.split(_PROBE, 1)[1]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if not ids:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return int(ids[0]) if ids[0] in special else None
+
+
+def generation_config_eos_ids(model_dir: Optional[str]) -> List[int]:
+    """``eos_token_id`` (an int or a list) of ``model_dir``'s generation_config.json, if any."""
+    if not model_dir:
+        return []
+    f = Path(model_dir) / "generation_config.json"
+    try:
+        eos = json.loads(f.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if isinstance(eos, int):
+        return [eos]
+    return [int(e) for e in eos] if isinstance(eos, list) else []
+
+
+def stop_token_ids(tokenizer, model_dir: Optional[str] = None, chat_template: str = "auto") -> List[int]:
+    """Every token that ends a completion: the tokenizer's EOS, the generation config's EOS list
+    (``model_dir`` defaults to the directory the tokenizer was loaded from) and, when the chat
+    template is in use, the template's end-of-turn token."""
+    ids = set(generation_config_eos_ids(model_dir or getattr(tokenizer, "name_or_path", None)))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if chat_template != "none":
+        eot = end_of_turn_id(tokenizer)
+        if eot is not None:
+            ids.add(eot)
+    return sorted(ids)
+
+
+@dataclass
+class PromptFormat:
+    """How rows become prompts: the dataset's keys and the chat-template choice (see module doc)."""
+
+    prompt_key: str = "prompt"
+    messages_key: str = "messages"
+    chat_template: str = "auto"  # auto | none
+    system_prompt: str = ""
+
+    @classmethod
+    def from_dataset(cls, ds) -> "PromptFormat":
+        """From a `DatasetConfig` (or anything with the same attributes)."""
+        return cls(prompt_key=ds.prompt_key, messages_key=getattr(ds, "messages_key", "messages"),
+                   chat_template=getattr(ds, "chat_template", "auto"), system_prompt=getattr(ds, "system_prompt", ""))
+
+
+class PromptEncoder:
+    """Encodes rows for one tokenizer in one `PromptFormat`."""
+
+    def __init__(self, tokenizer, fmt: Optional[PromptFormat] = None):
+        self.tokenizer = tokenizer
+        self.fmt = fmt or PromptFormat()
+        if self.fmt.chat_template not in CHAT_TEMPLATE_MODES:
+            raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, "
+                             f"got {self.fmt.chat_template!r}")
+        self.uses_template = self.fmt.chat_template == "auto" and has_chat_template(tokenizer)
+
+    def messages(self, row: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """The row's conversation: its messages, or its prompt as one user message; the system
+        prompt first when set and the conversation has no system message."""
+        f = self.fmt
+        msgs = row.get(f.messages_key)
+        if msgs is None:
+            if f.prompt_key not in row:
+                raise ValueError(f"row has neither {f.prompt_key!r} nor {f.messages_key!r}: keys {sorted(row)}")
+            msgs = [{"role": "user", "content": str(row[f.prompt_key])}]
+        elif not isinstance(msgs, list) or not all(isinstance(m, Mapping) and "role" in m and "content" in m
+                                                   for m in msgs):
+            raise ValueError(f"row[{f.messages_key!r}] must be a list of {{role, content}} dicts, got {msgs!r:.200}")
+        else:
+            msgs = [dict(m) for m in msgs]
+        if f.system_prompt and not (msgs and msgs[0]["role"] == "system"):
+            msgs = [{"role": "system", "content": f.system_prompt}] + msgs
+        return msgs
+
+    def prompt_text(self, row: Dict[str, Any]) -> str:
+        """The user's prompt as text (what a reward function gets as ``prompt``): the prompt string,
+        or the last user message's content."""
+        if self.fmt.prompt_key in row:
+            return str(row[self.fmt.prompt_key])
+        users = [m for m in self.messages(row) if m["role"] == "user"]
+        return str(users[-1]["content"]) if users else ""
+
+    def encode(self, row: Dict[str, Any]) -> List[int]:
+        """Prompt token ids, ending where the model's reply begins."""
+        f = self.fmt
+        if self.uses_template:
+            msgs = self.messages(row)
+            try:
+                return render_chat_ids(self.tokenizer, msgs, add_generation_prompt=True)
+            except Exception as e:  # jinja2's TemplateError (e.g. "System role not supported"), and the like
+                raise ValueError(f"the tokenizer's chat template rejected {[m['role'] for m in msgs]}: {e} "
+                                 f"(chat_template=none sends raw text)") from e
+        if f.prompt_key not in row:
+            why = ("chat_template=none" if f.chat_template == "none" else "the tokenizer has no chat template")
+            raise ValueError(f"row has {f.messages_key!r} but no {f.prompt_key!r}: {why}, so the prompt must be a "
+                             f"raw-text {f.prompt_key!r} string (or use a model whose tokenizer has a chat template)")
+        return self.tokenizer(str(row[f.prompt_key]), add_special_tokens=False)["input_ids"]
+
+    def end_of_turn_ids(self) -> List[int]:
+        """What closes a trained reply (SFT): the template's end-of-turn token when the template
+        is in use and has one, else the EOS (none when the tokenizer has neither)."""
+        eot = end_of_turn_id(self.tokenizer) if self.uses_template else None
+        if eot is not None:
+            return [eot]
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []

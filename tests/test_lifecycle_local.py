@@ -1,0 +1,244 @@
+"""A run's lifecycle in mode=local, with the real CLI, servers and trainers: Ctrl-C waits for the
+run and prints the summary (a second one forces), a failing trainer fails the run (non-zero exit,
+`status` FAILED with the error line and the log), a SIGKILLed trainer is restarted with servers
+untouched, a SIGKILLed server's record is removed at once. Plus `outcome`'s error-line reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import wait_until
+
+from areal_hpc.launch import outcome
+from areal_hpc.registry import Registry
+from areal_hpc.trainers.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "stats.progress_bar=False", "launcher.heartbeat_s=1",
+         "launcher.ttl_s=8"]
+
+PLUGINS = '''
+import signal
+import time
+
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.base import Trainer
+
+
+@register_trainer("boom")
+class Boom(Trainer):
+    """Fails at start, every time."""
+
+    def run(self) -> int:
+        raise RuntimeError("boom: this trainer fails on purpose")
+
+
+@register_trainer("stubborn")
+class Stubborn(Trainer):
+    """Ignores the graceful stop (SIGTERM): only a forced stop ends it."""
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.publish_state(step=0, state="training")
+        while True:
+            time.sleep(0.2)
+'''
+
+
+def cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "areal_hpc", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+
+
+def names(tmp_path: Path) -> list:
+    return [f"cluster.fileroot={tmp_path}", "experiment_name=quickstart", "trial_name=run0"]
+
+
+def submit_args(tmp_path: Path, *overrides: str) -> list:
+    return [sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}", *SMALL,
+            *overrides]
+
+
+def start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """`submit` as a user runs it in a terminal: Ctrl-C reaches this process only (its steps run in
+    sessions of their own)."""
+    return subprocess.Popen(submit_args(tmp_path, *overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+
+
+def rd_of(tmp_path: Path) -> Path:
+    return wait_until(lambda: next(tmp_path.glob("*/quickstart/run0"), None), 60, "the run dir")
+
+
+def step_pids(rd: Path) -> dict:
+    """{step name: [pids]} from the owner's log (`started NAME: {'pids': [...]}`), last start wins."""
+    out = {}
+    for name, pids in re.findall(r"started (\S+): \{'pids': \[([\d, ]+)\]", (rd / "logs" / "driver.log").read_text()):
+        out[name] = [int(p) for p in pids.split(",")]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def status(tmp_path: Path) -> dict:
+    return json.loads(cli(tmp_path, "status", "--json", *names(tmp_path)).stdout)
+
+
+def finish(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGINT)
+            p.communicate(timeout=60)
+
+
+# ----------------------------------------------------------------------------- outcome (no processes)
+
+def test_error_line_reads_this_attempts_traceback(tmp_path):
+    log = tmp_path / "trainer-0.log"
+    log.write_text("12:00:00 trainer[0] INFO x: step 1\nTraceback (most recent call last):\n  File \"a.py\"\n"
+                   "ValueError: an earlier attempt\n")
+    offsets = outcome.log_sizes(str(tmp_path / "trainer-%t.log"))
+    assert outcome.error_line(str(tmp_path / "trainer-%t.log")) == ("ValueError: an earlier attempt", str(log))
+    with open(log, "a") as f:  # this attempt: killed, no error of its own
+        f.write("12:01:00 trainer[0] INFO x: waiting for 1 healthy server(s)\n")
+    assert outcome.error_line(str(tmp_path / "trainer-%t.log"), offsets) == (None, str(log))
+    (tmp_path / "trainer-1.log").write_text(
+        "Traceback (most recent call last):\n  File \"b.py\", line 3, in run\n    raise KeyError('prompt')\n"
+        "KeyError: 'prompt'\n")
+    assert outcome.error_line(str(tmp_path / "trainer-%t.log"), offsets) == \
+        ("KeyError: 'prompt'", str(tmp_path / "trainer-1.log"))
+    (tmp_path / "server-0.log").write_text("areal-hpc serve: error: server.port: in use (pick another)\nbye\n")
+    assert outcome.error_line(str(tmp_path / "server-0.log"))[0].startswith("areal-hpc serve: error: server.port")
+
+
+def test_exit_descriptions_and_codes():
+    assert outcome.describe_exit(1) == "exited with 1"
+    assert outcome.describe_exit(-9) == "killed by SIGKILL"
+    assert outcome.describe_exit(137) == "exited with 137 (SIGKILL?)"
+    assert [outcome.exit_code(s) for s in ("COMPLETED", "FAILED", "STOPPED", None)] == [0, 1, 130, 1]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def test_ctrl_c_waits_for_the_run_prints_the_summary_and_a_resubmit_resumes(tmp_path):
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 2, 300, "2 steps", interval=0.5)
+        pids = [q for v in step_pids(rd).values() for q in v]
+        assert len(pids) == 2 and all(alive(q) for q in pids)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+        # submit returned only once trainer and server had exited, with the summary
+        assert not [q for q in pids if alive(q)]
+        assert p.returncode == 130, (out, err)
+        assert "Ctrl-C: stopping" in err and "run STOPPED: interrupted (Ctrl-C) at step" in out, (out, err)
+        assert re.search(r"^stopped: step \d+, reward", out, re.M), out
+        reg = Registry(rd / "registry")
+        assert reg.list("servers", live_only=False) == {} and reg.get("", "trainer", live_only=False) is None
+        st = status(tmp_path)
+        assert st["state"] == "STOPPED" and st["servers"] == [] and st["trainer"] is None, st
+        stopped_at = read_metrics(rd / "metrics.jsonl")[-1]["step"]
+        # an immediate resubmit is not refused, and resumes where the run stopped
+        r = subprocess.run(submit_args(tmp_path, f"trainer.total_train_steps={stopped_at + 1}", "saver.freq_steps=0"),
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert "run COMPLETED" in r.stdout
+        assert f"recovered from checkpoint: step {stopped_at}" in (rd / "logs" / "trainer-0.log").read_text()
+        assert [m["step"] for m in read_metrics(rd / "metrics.jsonl")] == list(range(1, stopped_at + 2))
+    finally:
+        finish(p)
+
+
+def test_a_second_ctrl_c_forces_the_stop(tmp_path):
+    (tmp_path / "plugins.py").write_text(PLUGINS)
+    p = start(tmp_path, "trainer.type=stubborn", f"trainer.plugins=[{tmp_path / 'plugins.py'}]")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry(rd / "registry")
+        wait_until(lambda: reg.get("", "trainer"), 120, "the trainer's record")
+        pids = [q for v in step_pids(rd).values() for q in v]
+        p.send_signal(signal.SIGINT)
+        time.sleep(3)
+        assert p.poll() is None  # the trainer ignores the graceful stop: submit waits for it
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30  # forced: killed at once, not after the 60 s grace
+        assert p.returncode == 130 and "Ctrl-C again: killing" in err, (out, err)
+        assert "run STOPPED: interrupted (Ctrl-C)" in out, out
+        assert not [q for q in pids if alive(q)]
+        assert reg.list("servers", live_only=False) == {} and reg.get("", "trainer", live_only=False) is None
+    finally:
+        finish(p)
+
+
+# ----------------------------------------------------------------------------- failures and restarts
+
+def test_a_failing_trainer_fails_the_run(tmp_path):
+    (tmp_path / "plugins.py").write_text(PLUGINS)
+    r = subprocess.run(submit_args(tmp_path, "trainer.type=boom", f"trainer.plugins=[{tmp_path / 'plugins.py'}]"),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "run FAILED: trainer exited with 1: RuntimeError: boom: this trainer fails on purpose" in r.stderr
+    rd = rd_of(tmp_path)
+    st = status(tmp_path)
+    assert st["state"] == "FAILED" and st["log"] == str(rd / "logs" / "trainer-0.log"), st
+    assert "RuntimeError: boom" in st["reason"] and "crash loop" in st["reason"] and st["trainer_restarts"] == 1
+    text = cli(tmp_path, "status", *names(tmp_path)).stdout
+    assert "state    FAILED: trainer exited with 1: RuntimeError: boom" in text and "see " in text, text
+
+
+def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
+    p = start(tmp_path, "allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=12", "saver.freq_steps=2")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry(rd / "registry")
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 3, 300, "3 steps", interval=0.5)
+        survivor = reg.get("servers", "server-0")["pid"]
+        os.kill(reg.get("servers", "server-1")["pid"], signal.SIGKILL)
+        # the owner sees the step end and removes the record: status never lists it as live
+        wait_until(lambda: reg.get("servers", "server-1", live_only=False) is None, 10, "server-1's record to go")
+        assert [s["id"] for s in status(tmp_path)["servers"]] == ["server-0"]
+        trainer = reg.get("", "trainer")["pid"]
+        os.kill(trainer, signal.SIGKILL)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (out, err)
+        assert "run COMPLETED" in out
+        assert [m["step"] for m in read_metrics(rd / "metrics.jsonl")] == list(range(1, 13))
+        assert re.search(r"trainer killed by SIGKILL; restarting it \(1/3\)", (rd / "logs" / "driver.log").read_text())
+        assert "recovered from checkpoint" in (rd / "logs" / "trainer-0.log").read_text()
+        assert step_pids(rd)["server-0"] == [survivor]  # the server was never restarted
+        st = status(tmp_path)
+        assert st["state"] == "COMPLETED" and st["trainer_restarts"] == 1, st
+    finally:
+        finish(p)
+
+
+def test_stop_of_a_local_run_says_stopped(tmp_path):
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.5)
+        s = cli(tmp_path, "stop", *names(tmp_path), timeout=180)
+        assert s.returncode == 0 and "run STOPPED: stop requested (areal-hpc stop) at step" in s.stdout, s.stdout
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 130 and "run STOPPED" in out
+    finally:
+        finish(p)

@@ -1,0 +1,139 @@
+"""A run's lifecycle on a REAL local Slurm cluster (tests/conftest.py): the job's state in Slurm
+and `status` tell the truth about how the run ended.
+
+- a trainer that raises: restarted once, then the crash-loop brake; the job ends FAILED with a
+  non-zero exit in ``sacct -X``; ``status --json`` says FAILED, the error line and the log;
+- a trainer SIGKILLed with the default config: the driver restarts it from its checkpoint, the
+  servers are untouched, the steps are contiguous, the run COMPLETES;
+- a run stopped by ``stop``: checkpointed, the job ends CANCELLED (not COMPLETED), status STOPPED.
+
+Same settings as tests/test_slurm_e2e.py (small batches, quick heartbeats).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from helpers import wait_until
+from test_slurm_e2e import FINAL, Run, assert_contiguous, job_state
+
+pytestmark = pytest.mark.slurm
+
+# a trainer that fails at start, every time (registered through trainer.plugins)
+BOOM = '''
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.base import Trainer
+
+
+@register_trainer("boom")
+class Boom(Trainer):
+    def run(self) -> int:
+        raise RuntimeError("boom: this trainer fails on purpose")
+'''
+
+
+@pytest.fixture(scope="module")
+def root(slurm_cluster) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="areal-lifecycle-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def run(root, request) -> Iterator[Run]:
+    exp = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40].strip("-")
+    r = Run(root, exp)
+    yield r
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60).stdout
+    ids = [line.split()[0] for line in out.splitlines() if f"areal-{exp}-t0" in line]
+    if ids:
+        subprocess.run(["scancel", *ids], timeout=60)
+        wait_until(lambda: not any(job_state(i) not in FINAL | {None} for i in ids), 120, "cancelled jobs to end")
+
+
+def sacct_x(job_id: str) -> tuple:
+    """(State, ExitCode) of the job's allocation as ``sacct -X`` reports it once it has ended."""
+    def ended():
+        r = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"], capture_output=True,
+                           text=True, timeout=60)
+        line = r.stdout.strip().splitlines()[-1:] if r.returncode == 0 else []
+        state, code = (line[0].split("|") + [""])[:2] if line else ("", "")
+        return (state.split()[0], code) if state.split() and state.split()[0] in FINAL else None
+
+    return wait_until(ended, 60, f"sacct to report job {job_id} ended", interval=0.5)
+
+
+def in_squeue(job_id: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True, timeout=60)
+    return bool(out.stdout.strip())
+
+
+def test_a_trainer_that_raises_fails_the_job(run):
+    plugin = run.root / "boom.py"
+    plugin.write_text(BOOM)
+    p = run.submit("trainer.type=boom", f"trainer.plugins=[{plugin}]", "launcher.wait=True", check=False, timeout=600)
+    assert p.returncode == 1, (p.stdout, p.stderr, run.logs())
+    assert "run FAILED: trainer exited with 1: RuntimeError: boom" in p.stdout, p.stdout
+    state, code = sacct_x(run.job_id)
+    assert state == "FAILED" and code.split(":")[0] != "0", (state, code)
+    assert not in_squeue(run.job_id)
+    st = run.status()
+    assert st["state"] == "FAILED", st
+    assert "RuntimeError: boom: this trainer fails on purpose" in st["reason"] and "crash loop" in st["reason"], st
+    assert st["log"] == str(run.dir / "logs" / "trainer-0.log")
+    assert st["servers"] == [] and st["trainer"] is None
+    # restarted once (the default max_restarts is 3), then the crash-loop brake
+    driver = (run.dir / "logs" / "driver.log").read_text()
+    assert driver.count("restarting it (") == 1 and "before its first step 2 times in a row" in driver, driver
+    text = subprocess.run([sys.executable, "-m", "areal_hpc", "status", *run.names], capture_output=True,
+                          text=True, timeout=120).stdout
+    assert "state    FAILED: trainer exited with 1: RuntimeError: boom" in text and "trainer-0.log" in text, text
+
+
+def test_a_sigkilled_trainer_is_restarted_by_default(run):
+    run.submit("allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=16", "saver.freq_steps=3")
+    run.wait_steps(5)
+    reg = run.registry()
+    servers = {k: (v["pid"], v["slurm_step_id"]) for k, v in reg.list("servers").items()}
+    trainer = reg.get("", "trainer")
+    assert len(servers) == 2 and trainer is not None
+    os.kill(int(trainer["pid"]), signal.SIGKILL)
+    wait_until(lambda: (reg.get("", "trainer") or {}).get("pid") not in (None, trainer["pid"]), 120,
+               f"a restarted trainer\n{run.logs()}")
+    assert {k: (v["pid"], v["slurm_step_id"]) for k, v in reg.list("servers").items()} == servers
+    assert run.wait_job(600) == "COMPLETED"
+    assert sacct_x(run.job_id)[0] == "COMPLETED"
+    assert_contiguous(run.steps(), 16)
+    st = run.status()
+    assert st["state"] == "COMPLETED" and st["trainer_restarts"] == 1, st
+    log = (run.dir / "logs" / "trainer-0.log").read_text()
+    assert re.search(r"recovered from checkpoint: step [36]\b", log), log[-3000:]
+    assert "restarting it (1/3)" in (run.dir / "logs" / "driver.log").read_text()
+
+
+def test_a_stopped_run_is_not_completed(run):
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0")
+    run.wait_steps(2)
+    t0 = time.monotonic()
+    p = run.cli("stop", *run.names, "--timeout", "180")
+    assert "stopped" in p.stdout and "run STOPPED: stop requested (areal-hpc stop) at step" in p.stdout, p.stdout
+    assert not in_squeue(run.job_id)
+    state, _ = sacct_x(run.job_id)
+    assert state == "CANCELLED", state  # not COMPLETED: `--dependency=afterok` must not fire
+    st = run.status()
+    assert st["state"] == "STOPPED" and "resumes from checkpoint" in st["reason"], st
+    assert st["servers"] == [] and st["trainer"] is None
+    assert run.registry().list("servers", live_only=False) == {}
+    assert any((run.dir / "checkpoints").glob("step_*"))
+    print(f"stop: {time.monotonic() - t0:.1f}s")
