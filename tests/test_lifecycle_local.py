@@ -212,12 +212,12 @@ def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
         reg = Registry(rd / "registry")
         wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 3, 300, "3 steps", interval=0.5)
         survivor = reg.get("servers", "server-0")["pid"]
+        trainer = reg.get("", "trainer")["pid"]
         os.kill(reg.get("servers", "server-1")["pid"], signal.SIGKILL)
+        os.kill(trainer, signal.SIGKILL)  # at once: the run must still be mid-way (12 short steps)
         # the owner sees the step end and removes the record: status never lists it as live
         wait_until(lambda: reg.get("servers", "server-1", live_only=False) is None, 10, "server-1's record to go")
         assert [s["id"] for s in status(tmp_path)["servers"]] == ["server-0"]
-        trainer = reg.get("", "trainer")["pid"]
-        os.kill(trainer, signal.SIGKILL)
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, (out, err)
         assert "run COMPLETED" in out
