@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -147,10 +146,11 @@ def build_chatml_model(out_dir, steer: Optional[Dict[str, str]] = None, template
 
 
 class HFServer:
-    """One real `hf` server process (``python -m areal_hpc.inference.server``) on ``model``."""
+    """One real `hf` server process (``areal-hpc serve``) on ``model``."""
 
     def __init__(self, run_dir: Path, model: str, sid: str = "s0"):
         from areal_hpc.registry import Registry
+        from helpers import serve_argv
 
         self.run_dir, self.sid = Path(run_dir), sid
         self.registry = Registry(self.run_dir / "registry", ttl_s=5.0)
@@ -158,8 +158,7 @@ class HFServer:
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = self.run_dir / f"{sid}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "areal_hpc.inference.server", "--run-dir", str(self.run_dir), "--server-id", sid,
-             "--backend", "hf", "--model-path", str(model), "--heartbeat-s", "0.5", "--ttl-s", "5"],
+            serve_argv(self.run_dir, sid, f"server.model_path={model}", "launcher.heartbeat_s=0.5", "launcher.ttl_s=5"),
             env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT))
 
     def wait_ready(self, timeout: float = 120.0) -> "HFServer":

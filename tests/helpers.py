@@ -1,7 +1,11 @@
 """Helpers shared by the tests that drive real processes (Slurm, servers)."""
 
+import os
 import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import List
 
 
 def run(*cmd: str, timeout: float = 120) -> str:
@@ -21,3 +25,18 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def serve_argv(run_dir: Path, sid: str, *words: str, backend: str = "hf") -> List[str]:
+    """``areal-hpc serve`` for one server of a stand-alone run dir whose config.yaml holds ``words``
+    (``server.model_path=...``, ``launcher.ttl_s=...``); written by a rename, so a server started
+    earlier never reads half a file."""
+    from areal_hpc.config import dump_yaml, load_config
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".config.yaml.{sid}"
+    tmp.write_text(dump_yaml(load_config(None, list(words))))
+    os.replace(tmp, run_dir / "config.yaml")
+    return [sys.executable, "-m", "areal_hpc", "serve", "--run-dir", str(run_dir), "--server-id", sid,
+            "--backend", backend]

@@ -148,6 +148,20 @@ def test_yaml_hours_stay_a_time(tmp_path, capsys):
     assert "#SBATCH --time=4:00:00" in script
 
 
+def test_yaml_exponent_floats_are_floats(tmp_path):
+    """`lr: 1e-5` is the float everyone means (YAML 1.1 would read the string "1e-5" and the
+    type check would refuse it); a quoted one is still a string."""
+    from areal_hpc.config import load_config
+
+    f = yaml_file(tmp_path, "trainer:\n  ppo:\n    actor:\n      optimizer:\n        lr: 1e-5\n"
+                            "rollout:\n  gen:\n    temperature: 5E-1\n")
+    cfg = load_config(str(f), ["trainer.ppo.actor.optimizer.weight_decay=2.5e-2"])
+    opt = cfg.trainer.ppo.actor.optimizer
+    assert (opt.lr, opt.weight_decay, cfg.rollout.gen.temperature) == (1e-5, 0.025, 0.5)
+    quoted = yaml_file(tmp_path, "experiment_name: '1e5'\n")
+    assert load_config(str(quoted), []).experiment_name == "1e5"
+
+
 @pytest.mark.parametrize("kind", ["binary", "directory", "too-large", "not-utf8"])
 def test_config_file_types(kind, tmp_path, capsys):
     root = tmp_path / "root"

@@ -62,8 +62,7 @@ def test_status_logs_stop_without_run(tmp_path, capsys):
 
 BAD_INPUTS = [
     # (extra args, key the message must name)
-    (["mode=ray"], "mode"),
-    (["mode=torchrun"], "mode"),
+    (["mode=ray", "cluster.ray_address=head-without-port"], "cluster.ray_address"),
     (["mode=kubernetes"], "mode"),
     (["allocation_mode=sglang"], "allocation_mode"),
     (["allocation_mode=hf:d4|fsdp:d4"], "allocation_mode"),
@@ -109,6 +108,7 @@ BAD_INPUTS = [
     (["what"], ""),
     (["--rollout.batch_size"], "rollout.batch_size"),
     (["--config", "/no/such.yaml"], "config"),
+    (["--dry"], "dry"),  # no abbreviations: not --dry-run
 ]
 
 
@@ -125,6 +125,16 @@ def test_bad_input_exit_2(extra, key, tmp_path, capsys):
     assert len(err.splitlines()) == 1, err
     assert err.startswith("areal-hpc submit: error: " + (key + ":" if key else "")), err
     assert list(root.iterdir()) == []  # nothing written, nothing submitted
+
+
+def test_usage_errors_are_one_line(capsys):
+    """A command's own options take the seed form too (count=N is --count N); their errors are one line."""
+    with pytest.raises(SystemExit) as e:
+        run_cli("add-servers", "count=x", "experiment_name=e")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "areal-hpc add-servers: error: argument --count: invalid int value: 'x'\n"
+    assert run_cli("train", "--run-dir", "/nope", "extra=1") == 2
+    assert capsys.readouterr().err.startswith("areal-hpc train: error: unexpected argument 'extra=1'")
 
 
 def test_bad_yaml_file(tmp_path, capsys):

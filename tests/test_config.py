@@ -70,6 +70,23 @@ def test_bad_yaml_keys_and_types(tmp_path):
         load_config(str(f), [])
 
 
+def test_words_name_the_file_and_layer_over_it(tmp_path):
+    """The file comes from the words too; its nulls, numbers and mappings go through the same
+    deserializer as the YAML-valued overrides, which add to its mappings and may null its values."""
+    f = tmp_path / "c.yaml"
+    f.write_text("trial_name: 1\ntrainer:\n  type: null\n  ppo:\n    actor:\n      optimizer:\n        lr: 1\n"
+                 "server:\n  sglang_args:\n    a: x\ncluster:\n  partition: gpu\n")
+    for words in ([str(f)], ["--config", str(f)], [f"config={f}"]):
+        c = load_config(None, [*words, "server.sglang_args.b=y", "--cluster.partition", "null"])
+        assert c.trial_name == "1" and c.trainer.type is None and c.cluster.partition is None
+        assert c.trainer.ppo.actor.optimizer.lr == 1.0 and isinstance(c.trainer.ppo.actor.optimizer.lr, float)
+        assert c.server.sglang_args == {"a": "x", "b": "y"}
+    with pytest.raises(ConfigError, match="config: two config files"):
+        load_config(str(f), ["--config", str(f)])
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        load_config(None, [str(f), "stray"])
+
+
 def test_resolved_round_trip(tmp_path):
     c = load_config(None, ["trainer.ppo.c_clip=null", "server.sglang_args.x=1", "rollout.gen.stop_token_ids=[1,2]"])
     p = tmp_path / "config.yaml"

@@ -56,6 +56,14 @@ def wait_for_steps(tmp_path, n: int, timeout_s: float = 300) -> Path:
 SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "saver.freq_steps=0"]
 
 
+def assert_phases(rows, *named):
+    """Every step's wall time is split into phases that add up to it, the ``named`` ones among them."""
+    for r in rows:
+        phases = {k: v for k, v in r.items() if k.startswith("phase/")}
+        assert all(phases.get(f"phase/{n}", 0) > 0 for n in named), (named, phases)
+        assert sum(phases.values()) == pytest.approx(r["step_time_s"], rel=1e-6, abs=1e-6), r
+
+
 @pytest.mark.parametrize("bound", [0, 1, 4])
 def test_staleness_bound_holds(tmp_path, bound):
     submit(tmp_path, *SMALL, f"rollout.max_head_offpolicyness={bound}", "trainer.total_train_steps=8",
@@ -63,6 +71,7 @@ def test_staleness_bound_holds(tmp_path, bound):
     rows = metrics(run_dir(tmp_path))
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all(r["staleness_max"] <= bound for r in rows), [r["staleness_max"] for r in rows]
+    assert_phases(rows, "train", "logprob", "weight_publish", "weight_pause", "weight_load")
     assert all(r["dropped_stale"] == 0 for r in rows)
     if bound == 0:
         assert all(r["staleness_max"] == 0 for r in rows)
@@ -73,14 +82,16 @@ def test_staleness_bound_holds(tmp_path, bound):
 def test_weight_update_resumes_long_generations(tmp_path):
     # One group per step, long generations, staleness 1: from the third step on, the trainer waits
     # for a group that started one version ago, so each weight update lands while the next group is
-    # still generating: training a step on 2 x 1800 tokens is much quicker than generating them one
-    # after the other (one running request per server: a margin that holds on a loaded 2-core CI
-    # machine). With a larger bound the trainer may run several steps in a burst before new groups
-    # start, and then no update falls inside a generation. Interrupted generations are resumed on
-    # the new weights.
+    # still generating: training a step on 2 x 1800 tokens is much quicker than generating them (one
+    # group running per server: a margin that holds on a loaded 2-core CI machine). With a larger
+    # bound the trainer may run several steps in a burst before new groups start, and then no
+    # update falls inside a generation. Interrupted generations are resumed on
+    # the new weights. A group's samples are one request (`sampling_params.n`) whose answer comes
+    # when all of them end, so the server runs one group (two sequences) at a time: a sample
+    # waiting behind an aborted sibling would hold the group back until it went stale.
     submit(tmp_path, "rollout.batch_size=1", "rollout.n_samples=2", "rollout.max_head_offpolicyness=1",
            "rollout.gen.max_new_tokens=1800", "rollout.gen.ignore_eos=True", "trainer.total_train_steps=8",
-           "saver.freq_steps=0", "server.max_running_requests=1")
+           "saver.freq_steps=0", "server.max_running_requests=2")
     rd = run_dir(tmp_path)
     rows = metrics(rd)
     assert all(r["completion_len_mean"] == 1800 for r in rows)
@@ -100,7 +111,9 @@ def test_broadcast_weight_updates_reach_two_servers_from_two_trainer_ranks(tmp_p
     rd = run_dir(tmp_path)
     rows = metrics(rd)
     assert [r["step"] for r in rows] == list(range(1, 6))
-    assert all(r["servers_updated"] == 2 and r["weight_broadcast_s"] > 0 for r in rows)
+    assert all(r["servers_updated"] == 2 for r in rows)
+    assert_phases(rows, "train", "weight_broadcast", "weight_pause")
+    assert not any("phase/weight_load" in r or "phase/weight_publish" in r for r in rows)
     assert all(r["staleness_max"] == 0 and r["dropped_stale"] == 0 for r in rows)
     assert not list((rd / "weights").glob("v*"))  # nothing went through the disk
     assert "formed with 2 server(s)" in (rd / "logs" / "trainer-0.log").read_text()
@@ -137,6 +150,8 @@ def test_sft_through_the_launcher(tmp_path):
     rd = run_dir(tmp_path, "sft")
     rows = metrics(rd)
     assert len(rows) == 30 and rows[-1]["loss"] < rows[0]["loss"] * 0.7
+    assert_phases(rows, "data", "train")
+    assert all(r["phase/metrics"] > 0 for r in rows[1:])  # writing step N's metrics is step N+1's time
     assert not list((rd / "logs").glob("server-*.log"))  # SFT starts no servers
     assert (rd / "weights" / "v30" / "config.json").exists()
 

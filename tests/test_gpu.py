@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import serve_argv
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
 
@@ -88,8 +90,7 @@ def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path, monkeypatch
     reg = Registry(run / "registry")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="1", PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
                NCCL_CUMEM_ENABLE="0")
-    server = subprocess.Popen([sys.executable, "-m", "areal_hpc.inference.server", "--run-dir", str(run),
-                               "--server-id", "s0", "--backend", "hf", "--model-path", model, "--dtype", "bfloat16"],
+    server = subprocess.Popen(serve_argv(run, "s0", f"server.model_path={model}", "server.dtype=bfloat16"),
                               env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     try:
         reg.wait_for("servers", 1, timeout_s=300, predicate=lambda r: r.get("state") == "ready")

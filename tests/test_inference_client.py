@@ -86,6 +86,52 @@ def test_abort_is_resumed_with_prefix_and_remaining_budget():
     run(main())
 
 
+def test_group_is_one_request_and_aborted_samples_resume_alone():
+    async def main():
+        def script(path, p):
+            sp = p["sampling_params"]
+            if sp.get("n") == 3:  # the group: one sample done, one aborted after a token, one aborted empty
+                return 200, [gen_body([5, 6], "stop", "2"), gen_body([7], "abort", "2"), gen_body([], "abort", "2")]
+            return 200, gen_body([9] * sp["max_new_tokens"], "length", "3")
+
+        srv = await Fake(script).start()
+        async with ServerPool(None, api_key="key") as pool:
+            pool.add_server("a", srv.address)
+            res = await pool.generate_group([1, 2], 3, {"max_new_tokens": 3})
+        await srv.stop()
+        assert [r.output_ids for r in res] == [[5, 6], [7, 9, 9], [9, 9, 9]]
+        assert [r.versions for r in res] == [[2, 2], [2, 3, 3], [3, 3, 3]]
+        assert [r.finish_reason for r in res] == ["stop", "length", "length"]
+        assert [r.n_requests for r in res] == [1, 2, 2] and all(len(r.logprobs) == len(r.output_ids) for r in res)
+        first, *resumed = [c[1] for c in srv.calls]
+        assert first["sampling_params"] == {"max_new_tokens": 3, "n": 3} and first["input_ids"] == [1, 2]
+        assert sorted((c["input_ids"], c["sampling_params"]["max_new_tokens"]) for c in resumed) == \
+            [([1, 2], 3), ([1, 2, 7], 2)]
+        assert all("n" not in c["sampling_params"] for c in resumed)
+
+    run(main())
+
+
+def test_group_falls_back_to_single_samples_when_its_request_fails():
+    async def main():
+        def script(path, p):
+            if p["sampling_params"].get("n"):
+                return 503, {"error": "overloaded"}
+            return 200, gen_body([4], "stop")
+
+        srv, other = await Fake(script).start(), await Fake(script).start()
+        async with ServerPool(None, api_key="key") as pool:
+            pool.add_server("a", srv.address)
+            pool.add_server("b", other.address)
+            res = await pool.generate_group([1], 2, {"max_new_tokens": 1})
+        await srv.stop()
+        await other.stop()
+        assert [r.output_ids for r in res] == [[4], [4]]
+        assert sum(1 for f in (srv, other) for c in f.calls if c[1]["sampling_params"].get("n") == 2) == 1
+
+    run(main())
+
+
 def test_paused_pool_holds_resumption_until_resume():
     async def main():
         release = asyncio.Event()

@@ -1,4 +1,4 @@
-"""Real `hf` servers as subprocesses (``python -m areal_hpc.inference.server``) on a tiny model:
+"""Real `hf` servers as subprocesses (``areal-hpc serve``) on a tiny model:
 HTTP contract, auth, numerics, batching, pause/resume, weight updates (disk and torch.distributed),
 registry lifecycle, and the client pool under failures. CPU, about a minute.
 
@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ import torch
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import Registry
 from areal_hpc.toy import resolve_model
+from helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 TTL_S = 1.5
@@ -37,8 +37,8 @@ def start_server(run_dir: Path, sid: str, model: str) -> subprocess.Popen:
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(run_dir / f"{sid}.log", "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "areal_hpc.inference.server", "--run-dir", str(run_dir), "--server-id", sid,
-         "--backend", "hf", "--model-path", model, "--heartbeat-s", str(HEARTBEAT_S), "--ttl-s", str(TTL_S)],
+        serve_argv(run_dir, sid, f"server.model_path={model}", f"launcher.heartbeat_s={HEARTBEAT_S}",
+                   f"launcher.ttl_s={TTL_S}"),
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT))
 
 

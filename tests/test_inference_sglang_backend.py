@@ -16,6 +16,7 @@ from pathlib import Path
 
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import Registry
+from helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,10 +82,11 @@ def test_sglang_backend_lifecycle(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]), FAKE_SGLANG_OUT=str(out),
                AREAL_HPC_LOG_LEVEL="WARNING")
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["SLURM_STEP_GPUS"] = "2,3"  # this server's GPUs, as Slurm gives them to a step
     proc = subprocess.Popen(
-        [sys.executable, "-m", "areal_hpc.inference.server", "--run-dir", str(run_dir), "--server-id", "g0",
-         "--backend", "sglang", "--model-path", "/models/m", "--gpus", "2,3", "--heartbeat-s", "0.3",
-         "--ttl-s", "2", "--sglang-arg", "attention-backend=fa3", "--sglang-arg", "enable-memory-saver"],
+        serve_argv(run_dir, "g0", "allocation_mode=sglang:d1t2", "server.model_path=/models/m",
+                   "launcher.heartbeat_s=0.3", "launcher.ttl_s=2", "server.sglang_args.attention-backend=fa3",
+                   "server.sglang_args.enable-memory-saver=true", backend="sglang"),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

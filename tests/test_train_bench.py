@@ -45,3 +45,29 @@ print('ok')
 def test_train_imports_without_datasets_simple_parsing_submitit():
     proc = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_phases_tool_prints_mean_and_p90_per_phase(tmp_path):
+    rows = [{"step": i + 1, "time_s": 0.5 * (i + 1), "step_time_s": 0.5, "phase/train": 0.1 * (i + 1),
+             "phase/wait_rollout": 0.05, "phase/other": 0.45 - 0.1 * (i + 1)} for i in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tool = str(ROOT / "tools/bench/phases.py")
+    out = subprocess.run([sys.executable, tool, str(tmp_path), "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert list(s) == ["wait_rollout", "train", "other", "step"]  # pipeline order, the step last
+    assert abs(s["train"]["mean_s"] - 0.25) < 1e-9 and abs(s["train"]["p90_s"] - 0.37) < 1e-9
+    assert abs(s["step"]["share"] - 1.0) < 1e-9 and s["step"]["n_steps"] == 4
+    assert abs(sum(v["share"] for k, v in s.items() if k != "step") - 1.0) < 1e-9
+    skip = json.loads(subprocess.run([sys.executable, tool, str(tmp_path), "--json", "--skip", "2"],
+                                     capture_output=True, text=True, cwd=ROOT).stdout)
+    assert skip["step"]["n_steps"] == 2 and abs(skip["train"]["mean_s"] - 0.35) < 1e-9
+    # metrics from before the phases: the coarser split, the step's wall time from time_s
+    legacy = [{"step": i + 1, "time_s": 0.6 * (i + 1), "step_time_s": 0.5, "gen_wait_s": 0.1, "train_s": 0.3,
+               "publish_s": 0.02, "weight_update_s": 0.03} for i in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    s = json.loads(subprocess.run([sys.executable, tool, str(tmp_path / "metrics.jsonl"), "--json"],
+                                  capture_output=True, text=True, cwd=ROOT).stdout)
+    assert abs(s["step"]["mean_s"] - (0.5 + 0.6 + 0.6) / 3) < 1e-9 and abs(s["weight_load"]["mean_s"] - 0.03) < 1e-9
+    missing = subprocess.run([sys.executable, tool, str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "no metrics" in missing.stderr

@@ -130,6 +130,38 @@ def test_padded_micro_batches_have_one_length():
     assert dummy_micro_batch(batch, 0, 8).n_tokens == 8
 
 
+@pytest.mark.parametrize("padding", ["right", "left", "holes"])
+def test_packing_rows_equals_packing_samples(padding):
+    """`make_micro_batches` packs straight from the batch's tensors: the same micro-batches as
+    packing its unpadded samples one by one, for right, left and non-contiguous padding; and
+    `unpack_to_padded` puts every token back."""
+    g = torch.Generator().manual_seed(3)
+    B, L = 9, 7
+    lens = torch.randint(1, L + 1, (B,), generator=g)
+    cols = torch.arange(L)
+    if padding == "right":
+        mask = cols[None] < lens[:, None]
+    elif padding == "left":
+        mask = cols[None] >= (L - lens)[:, None]
+    else:
+        mask = torch.rand(B, L, generator=g) < 0.6
+        mask[:, 0] = True
+    batch = {"input_ids": torch.randint(3, 50, (B, L), generator=g), "attention_mask": mask.long(),
+             "loss_mask": (torch.rand(B, L, generator=g) < 0.5) & mask, "logprobs": torch.randn(B, L, generator=g),
+             "rewards": torch.randn(B, generator=g)}
+    samples = unpad(batch)
+    for pad in (False, True):
+        mbs = make_micro_batches(batch, max_tokens=12, min_mbs=2, pad_token_id=5, sync=False, pad=pad)
+        assert sorted(i for mb in mbs for i in mb.sample_idx) == list(range(B))
+        for mb in mbs:
+            want = pack_samples([samples[i] for i in mb.sample_idx], mb.sample_idx, 12 if pad else 0, 5)
+            assert torch.equal(mb.cu_seqlens, want.cu_seqlens) and set(mb.data) == set(want.data)
+            for k in want.data:
+                assert torch.equal(mb.data[k], want.data[k]), k
+        out = unpack_to_padded([mb.data["logprobs"] for mb in mbs], mbs, batch, fill=-1.0)
+        torch.testing.assert_close(out, torch.where(mask, batch["logprobs"], torch.tensor(-1.0)))
+
+
 def test_split_and_shard_keep_groups():
     batch = collate([{"input_ids": torch.arange(3) + i} for i in range(8)])
     parts = split_batch(batch, 2, group_size=4)

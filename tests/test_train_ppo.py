@@ -147,3 +147,40 @@ def _actor_worker(rank, path, kl_ctl):
 def test_ppo_actor_raises_rewarded_logprobs(tmp_path, kl_ctl):
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
     run_ranks(_actor_worker, 1, args=(path, kl_ctl))
+
+
+def _prox_worker(rank, path):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
+    from areal_hpc.train.batch import collate
+    from areal_hpc.train.ppo import PPOActor
+
+    cfg = PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)),
+                    mb_spec=MicroBatchSpec(max_tokens_per_mb=20))
+    fused, separate = (PPOActor.build(cfg, total_steps=10, group_size=4) for _ in range(2))
+    assert fused.prox_in_update()
+    g = torch.Generator().manual_seed(2)
+    samples = [{"input_ids": torch.randint(3, VOCAB, (6,), generator=g), "loss_mask": torch.tensor([0, 0, 0, 1, 1, 1])}
+               for _ in range(8)]
+    batch = collate(samples)
+    batch["rewards"] = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0])
+    # stale behaviour: importance weights away from 1, some above the cap
+    batch["logprobs"] = (fused.compute_logp(batch) - 0.5 * torch.rand(batch["input_ids"].shape, generator=g)
+                         - 2.0 * (torch.arange(8) == 3).float()[:, None]) * batch["loss_mask"]
+    for _ in range(3):  # several micro-batches each; weights move between steps
+        a = fused.train_step(dict(batch))
+        b = dict(batch)
+        b["prox_logp"] = separate.compute_logp(b)  # what the update would do with a second forward pass
+        separate.compute_advantages(b)
+        s = separate.ppo_update(b)
+        assert a["n_mbs"] > 1 and a["behav_capped_frac"] > 0
+        for k in ("loss", "behav_imp_weight", "behav_capped_frac", "approx_kl", "grad_norm"):
+            close(a[k], s[k], 1e-5)
+    for (n, p), q in zip(fused.engine.model.named_parameters(), separate.engine.model.parameters()):
+        close(p.full_tensor(), q.full_tensor(), 1e-5)
+
+
+def test_proximal_logprobs_from_the_update_forward_equal_a_recomputation(tmp_path):
+    """With one minibatch the update's own forward gives the proximal logprobs (no second pass):
+    same losses, statistics and weights as recomputing them first."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_prox_worker, 1, args=(path,))

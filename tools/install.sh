@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install areal-hpc for development (editable, with the test extras) into the current Python
+# Install areal-hpc for development (editable, with the test extras and ray) into the current Python
 # environment. Which torch you end up with:
 #   * A torch that is already installed is kept when it satisfies the torch floor in setup.cfg:
 #     on a GPU cluster, install your site's CUDA build of torch first (module load / conda / the
@@ -18,4 +18,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -e ".[dev,ray]"   # ray: mode=ray and its tests (no torch of its own)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from areal_hpc.config import ConfigError
 
@@ -26,42 +26,17 @@ Every command takes an optional CONFIG.yaml and key=value overrides (or --key va
   areal-hpc status experiment_name=my-exp trial_name=t1
 """
 
-CONFIG_HELP = "optional YAML config, then key=value overrides (e.g. trainer.ppo.async_training=False)"
-
-
-def _split_args(items: Sequence[str], allow_role: bool = False) -> Tuple[Optional[str], List[str], Optional[str]]:
-    """Positional words -> (config file, overrides, role)."""
-    config, overrides, role = None, [], None
-    items = list(items)
-    i = 0
-    while i < len(items):
-        a = items[i]
-        if a.startswith("--"):
-            overrides.append(a)
-            if "=" not in a and i + 1 < len(items) and not items[i + 1].startswith("--") and "=" not in items[i + 1]:
-                overrides.append(items[i + 1])
-                i += 1
-        elif "=" in a:
-            overrides.append(a)
-        elif a.endswith((".yaml", ".yml")) and config is None:
-            config = a
-        elif allow_role and role is None:
-            role = a
-        else:
-            raise ConfigError("", f"unexpected argument {a!r}",
-                              "give at most one CONFIG.yaml, then key=value overrides")
-        i += 1
-    return config, overrides, role
+CONFIG_USAGE = "%(prog)s [options] [CONFIG.yaml | --config FILE] [key=value | --key value ...]"
+CONFIG_HELP = ("config words go to the config package untouched: an optional YAML config, then key=value overrides "
+               "(e.g. trainer.ppo.async_training=False) or --key value; options of the command may come anywhere")
 
 
 def _load(args, full: bool = True):
-    """(config, allocation, role). ``full=False`` (commands on an existing run) only needs the
-    names that locate the run, so it parses but does not validate a whole new run."""
+    """(config, allocation) from the command's config words. ``full=False`` (commands on an existing
+    run) only needs the names that locate the run, so it parses but does not validate a whole new run."""
     from areal_hpc.config import load_config, validate
 
-    config, overrides, role = _split_args(args.args, allow_role=getattr(args, "allow_role", False))
-    config = args.config or config
-    cfg = load_config(config, overrides)
+    cfg = load_config(None, args.words)
     if full:
         alloc = validate(cfg)
     else:
@@ -70,7 +45,16 @@ def _load(args, full: bool = True):
         check_location(cfg)
         alloc = None
     _private(cfg)
-    return cfg, alloc, role
+    return cfg, alloc
+
+
+def _pop_name(args) -> Optional[str]:
+    """The command's own positional (`logs` ROLE, `remove-server` SERVER): its first word, when that
+    is not a config word (``key=value``, ``--key``, ``CONFIG.yaml``)."""
+    words = args.words
+    if words and not (words[0].startswith("-") or "=" in words[0] or words[0].endswith((".yaml", ".yml"))):
+        return words.pop(0)
+    return None
 
 
 def _private(cfg) -> None:
@@ -98,39 +82,59 @@ def _find_run(cfg) -> Path:
 def cmd_submit(args) -> int:
     from areal_hpc.launch import submit
 
-    cfg, alloc, _ = _load(args)
+    cfg, alloc = _load(args)
     return submit.submit(cfg, alloc, dry_run=args.dry_run)
 
 
 def cmd_add_servers(args) -> int:
     from areal_hpc.launch import control
 
-    cfg, alloc, _ = _load(args, full=False)
+    if args.url is not None:
+        from areal_hpc.launch.external import parse_url
+
+        parse_url(args.url)  # a malformed URL is bad input before anything else is looked at
+        if args.count != 1 or args.new_job:
+            raise ConfigError("url", "attaches one running server", "leave out count= and --new-job with url=")
+    cfg, _ = _load(args, full=False)
+    if args.url is not None:
+        return control.attach_server(cfg, _find_run(cfg), args.url, api_key=args.api_key)
+    if args.api_key is not None:
+        raise ConfigError("api_key", "is the key of a server attached with url=", "give url=http://HOST:PORT too")
     if args.count < 1:
         raise ConfigError("count", f"must be >= 1, got {args.count}")
     return control.add_servers(cfg, _find_run(cfg), args.count, new_job=args.new_job)
 
 
+def cmd_remove_server(args) -> int:
+    from areal_hpc.launch import control
+
+    ident = _pop_name(args)
+    if ident is None:
+        raise ConfigError("SERVER", "which server?", "areal-hpc remove-server ID|URL experiment_name=... trial_name=...")
+    cfg, _ = _load(args, full=False)
+    return control.remove_server(cfg, _find_run(cfg), ident)
+
+
 def cmd_status(args) -> int:
     from areal_hpc.launch import control
 
-    cfg, _, _ = _load(args, full=False)
+    cfg, _ = _load(args, full=False)
     return control.status(cfg, _find_run(cfg), as_json=args.json)
 
 
 def cmd_logs(args) -> int:
     from areal_hpc.launch import control
 
-    args.allow_role = True
-    cfg, _, role = _load(args, full=False)
-    return control.logs(_find_run(cfg), role or "trainer", follow=args.follow, lines=args.lines)
+    role = _pop_name(args) or "trainer"
+    cfg, _ = _load(args, full=False)
+    return control.logs(_find_run(cfg), role, follow=args.follow, lines=args.lines)
 
 
 def cmd_stop(args) -> int:
     from areal_hpc.launch import control
 
-    cfg, _, _ = _load(args, full=False)
-    return control.stop(cfg, _find_run(cfg), timeout_s=args.timeout)
+    cfg, _ = _load(args, full=False)
+    return control.stop(cfg, _find_run(cfg), timeout_s=args.timeout, external=args.external)
 
 
 def _run_dir_arg(path: str) -> Path:
@@ -146,7 +150,16 @@ def _run_dir_arg(path: str) -> Path:
 def cmd_serve(args) -> int:
     from areal_hpc.launch import entry
 
-    return entry.serve(_run_dir_arg(args.run_dir), args.server_id, args.backend)
+    if args.run_dir is not None:  # what the launchers start
+        if args.words:
+            raise ConfigError("", f"unexpected argument {args.words[0]!r}", "give --run-dir or the run's names")
+        if args.server_id is None:
+            raise ConfigError("--server-id", "is required with --run-dir")
+        return entry.serve(_run_dir_arg(args.run_dir), args.server_id, args.backend)
+    # by hand, on any host that sees the run dir: joins the run as an external server
+    cfg, _ = _load(args, full=False)
+    return entry.serve(_run_dir_arg(str(_find_run(cfg))), args.server_id or entry.manual_server_id(),
+                       args.backend, external=True)
 
 
 def cmd_train(args) -> int:
@@ -177,19 +190,25 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, like every other bad input (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="areal-hpc", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="areal-hpc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False)
     p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, fn, help: str, description: str, config: bool = True):
-        sp = sub.add_parser(name, help=help, description=description,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(fn=fn)
-        if config:
-            sp.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help=CONFIG_HELP)
-            sp.add_argument("--config", default=None, help="YAML config (instead of the positional one)")
+        """A command; with ``config``, the words argparse does not know are its config words."""
+        sp = sub.add_parser(name, help=help, description=description, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            usage=CONFIG_USAGE if config else None, epilog=CONFIG_HELP if config else None)
+        sp.set_defaults(fn=fn, words=[] if config else None)
         return sp
 
     s = add("submit", cmd_submit, "start a run (servers + trainer)",
@@ -206,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
             "current weights before registering; the trainer uses them within one heartbeat.")
     a.add_argument("--count", type=int, default=1, help="number of servers to add (also count=N)")
     a.add_argument("--new-job", action="store_true", help="always submit a separate job for the new servers")
+    a.add_argument("--url", default=None, help="attach an already-running SGLang or hf server (also url=http://HOST:PORT)")
+    a.add_argument("--api-key", default=None, help="that server's API key (also api_key=...; default: the run's)")
+
+    add("remove-server", cmd_remove_server, "detach an external server from a run",
+             "areal-hpc remove-server ID|URL [CONFIG] [key=value ...]: the run stops sending rollouts and weights to a\n"
+             "server attached with `add-servers url=...`; its record is removed; the server keeps running.")
 
     st = add("status", cmd_status, "show a run: job, steps, servers, trainer progress",
              "Job state (squeue/sacct or local pids), each step, each registered server with health and weight\n"
@@ -221,12 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("stop", cmd_stop, "stop a run gracefully",
              "Ask the trainer to checkpoint, stop servers (they deregister), end the job (scancel for Slurm runs).")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a graceful stop before killing")
+    sp.add_argument("--external", action="store_true",
+                    help="also stop external servers (attached by URL, or `serve` by hand) where possible: their own "
+                         "Slurm job is cancelled, a process on this host gets SIGTERM; without it they are detached "
+                         "and keep running")
 
-    sv = add("serve", cmd_serve, "(internal) run one inference server of a run",
-             "Internal entry point the launchers start: one server (backend from the run's allocation), registered in\n"
-             "the run's registry, heartbeating, deregistered on exit.", config=False)
-    sv.add_argument("--run-dir", required=True)
-    sv.add_argument("--server-id", required=True)
+    sv = add("serve", cmd_serve, "run one inference server of a run (the launchers do; or by hand)",
+             "One server (backend from the run's allocation), registered in the run's registry, heartbeating,\n"
+             "deregistered on exit. The launchers start it with --run-dir and --server-id. By hand, on any host that\n"
+             "sees the run dir: `areal-hpc serve experiment_name=... trial_name=...` joins the running run as an\n"
+             "external server (not stopped by `areal-hpc stop` unless --external).")
+    sv.add_argument("--run-dir", default=None)
+    sv.add_argument("--server-id", default=None)
     sv.add_argument("--backend", default=None, help="override the allocation's backend (hf | sglang)")
 
     tr = add("train", cmd_train, "(internal) run one trainer rank of a run",
@@ -240,53 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pull_count(argv: List[str]) -> List[str]:
-    """``add-servers count=N`` (the documented form) -> ``--count N``."""
+def _own_options(argv: List[str], known: argparse.Namespace) -> List[str]:
+    """``count=2`` -> ``--count=2``: a command's own option also takes the seed's ``name=value``
+    form (dest ``api_key`` is option ``--api-key``); every other word is left as it is."""
+    own = set(vars(known)) - {"fn", "command", "words"}
     out = []
-    for a in argv:
-        if a.startswith("count="):
-            out += ["--count", a.split("=", 1)[1]]
-        else:
-            out.append(a)
+    for word in argv:
+        name, eq, value = word.partition("=")
+        out.append(f"--{name.replace('_', '-')}={value}" if eq and name in own else word)
     return out
-
-
-def _separate(parser: argparse.ArgumentParser, argv: List[str]) -> Tuple[List[str], List[str]]:
-    """Split a subcommand's argv into its own flags and the config words (CONFIG, key=value,
-    --dotted.key value), so flags may come anywhere: `submit cfg.yaml a=1 --dry-run b=2`."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    sp = sub.choices.get(argv[0]) if argv else None
-    if sp is None or not any(a.dest == "args" for a in sp._actions):
-        return argv, []
-    takes = {o: (a.nargs != 0) for a in sp._actions for o in a.option_strings}
-    ours, rest, i = [argv[0]], [], 1
-    while i < len(argv):
-        tok = argv[i]
-        flag = tok.split("=", 1)[0]
-        if flag in takes:
-            ours.append(tok)
-            if takes[flag] and "=" not in tok and i + 1 < len(argv):
-                ours.append(argv[i + 1])
-                i += 1
-        else:
-            rest.append(tok)
-        i += 1
-    return ours, rest
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["add-servers"]:
-        argv = _pull_count(argv)
     parser = build_parser()
-    ours, rest = _separate(parser, argv)
-    args = parser.parse_args(ours)
+    args, words = parser.parse_known_args(_own_options(argv, parser.parse_known_args(argv)[0]))
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
-    if hasattr(args, "args"):
-        args.args = rest
     try:
+        if words and args.words is None:
+            raise ConfigError("", f"unexpected argument {words[0]!r}", f"see areal-hpc {args.command} --help")
+        args.words = words
         return int(args.fn(args) or 0)
     except ConfigError as e:
         print(f"areal-hpc {args.command}: error: {e.one_line()}", file=sys.stderr)

@@ -1,19 +1,26 @@
-"""Build an `ExperimentConfig` from defaults, a YAML file and ``key=value`` overrides.
+"""Build an `ExperimentConfig` from defaults, a YAML file and ``key=value`` overrides (later wins).
 
-Later sources win. Overrides come in the seed's form ``trainer.ppo.async_training=True`` or as
-``--trainer.ppo.async_training True``. Parsing and type conversion of overrides is done by
-simple-parsing; before that, every key (from the file or the command line) is checked against the
-dataclass tree so a typo gets a "did you mean" instead of being silently ignored.
+One path for a user's words: `split_words` reads them (``CONFIG.yaml`` or ``--config FILE``,
+the seed's ``a.b=c``, ``--a.b c`` and ``--a.b=c``); the file and the overrides that are YAML values
+(lists, mappings, ``null``) go through `from_dict`, the one deserializer; simple-parsing parses
+the scalar overrides over the result (`_parse_scalars`). Every key is checked against the
+dataclass tree, so a typo gets a "did you mean" instead of being silently ignored.
 
-Compute nodes only *read* a resolved config (`load_resolved`), which needs nothing but PyYAML,
-so simple-parsing is imported only where a user's input is parsed.
+Why not simple-parsing for all of it: from the command line it cannot give an Optional field
+null, read a list written ``[a, b]`` or fill a Dict field; its config-file layer drops nulls, passes
+file values on unchecked (``batch_size: [1]`` would reach the trainer) and names an unknown key
+in a RuntimeError without a hint; and it keeps the last of a key given twice.
+
+Compute nodes only *read* a resolved config (`load_resolved`, `from_dict` again), which needs
+nothing but PyYAML, so simple-parsing is imported only where a user's input is parsed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
-import tempfile
+import re
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,10 +33,6 @@ from areal_hpc.config.schema import ExperimentConfig
 
 # ----------------------------------------------------------------- the key tree
 
-def _hints(cls) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _strip_optional(tp) -> Tuple[Any, bool]:
     if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -38,74 +41,25 @@ def _strip_optional(tp) -> Tuple[Any, bool]:
     return tp, False
 
 
-def field_types(cls=ExperimentConfig, prefix: str = "") -> Dict[str, Any]:
-    """Every leaf key of the tree, dotted, with its declared type."""
-    out: Dict[str, Any] = {}
-    for name, tp in _hints(cls).items():
+def key_tree(cls=ExperimentConfig, prefix: str = "") -> Tuple[Dict[str, Any], List[str]]:
+    """Every dotted key of the tree: ({leaf: declared type}, [section])."""
+    leaves: Dict[str, Any] = {}
+    sections: List[str] = []
+    for name, tp in typing.get_type_hints(cls).items():
         inner, _ = _strip_optional(tp)
-        key = f"{prefix}{name}"
         if dataclasses.is_dataclass(inner):
-            out.update(field_types(inner, key + "."))
+            sub_leaves, sub_sections = key_tree(inner, f"{prefix}{name}.")
+            leaves.update(sub_leaves)
+            sections += [prefix + name, *sub_sections]
         else:
-            out[key] = tp
-    return out
-
-
-def section_keys(cls=ExperimentConfig, prefix: str = "") -> List[str]:
-    out = []
-    for name, tp in _hints(cls).items():
-        inner, _ = _strip_optional(tp)
-        if dataclasses.is_dataclass(inner):
-            out.append(prefix + name)
-            out.extend(section_keys(inner, f"{prefix}{name}."))
-    return out
+            leaves[prefix + name] = tp
+    return leaves, sections
 
 
 def _type_name(tp) -> str:
     inner, opt = _strip_optional(tp)
     name = getattr(inner, "__name__", None) or str(inner).replace("typing.", "")
     return f"{name} or null" if opt else name
-
-
-def _check_value(key: str, tp, value: Any) -> None:
-    """Type-check a value from YAML (the command line is checked by simple-parsing)."""
-    inner, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return
-        raise ConfigError(key, "must not be null", f"give a {_type_name(tp)}")
-    origin = typing.get_origin(inner)
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
-    }.get(inner)
-    if origin in (list, List):
-        ok = lambda v: isinstance(v, list)  # noqa: E731
-    elif origin in (dict, Dict):
-        ok = lambda v: isinstance(v, dict)  # noqa: E731
-    if ok is not None and not ok(value):
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _flatten(d: Dict[str, Any], types: Dict[str, Any], sections: List[str], prefix: str = "",
-             source: str = "", unknown_ok: bool = False) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if key in types:
-            _check_value(key, types[key], v)
-            out[key] = v
-        elif key in sections:
-            if v is None:
-                continue
-            if not isinstance(v, dict):
-                raise ConfigError(key, f"is a section, expected a mapping, got {v!r}{source}")
-            out.update(_flatten(v, types, sections, key + ".", source, unknown_ok))
-        elif not unknown_ok:
-            raise ConfigError(key, f"unknown key{source}", did_you_mean(key, list(types) + sections))
-    return out
 
 
 # ----------------------------------------------------------------- reading YAML files
@@ -130,6 +84,10 @@ def _no_sexagesimal(kind):
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _no_sexagesimal("int"))
 _Loader.add_constructor("tag:yaml.org,2002:float", _no_sexagesimal("float"))
+# `lr: 1e-5` is a float (YAML 1.2, and what everyone means); YAML 1.1 wants a dot and reads a string
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
@@ -189,27 +147,58 @@ def read_yaml_file(path: str | os.PathLike, key: str = "config") -> Any:
 
 # ----------------------------------------------------------------- dict <-> dataclass
 
+def _value(key: str, tp, value: Any, old: Any) -> Any:
+    """``value`` (from YAML) as a field declared ``tp`` holds it, or a `ConfigError` naming ``key``."""
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(key, "must not be null", f"give a {_type_name(tp)}")
+    origin = typing.get_origin(inner)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is dict and isinstance(value, dict):
+        return {**(old or {}), **value}  # a mapping adds to (or overrides entries of) what is there
+    if origin is list and isinstance(value, list):
+        return list(value)
+    if (inner is bool and isinstance(value, bool)) or (inner is int and number and isinstance(value, int)):
+        return value
+    if inner is float and number:
+        return float(value)
+    if inner is str and (isinstance(value, str) or number):
+        return str(value)  # `trial_name: 1` in YAML
+    if origin in (dict, list) or inner in (bool, int, float, str):
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bool = True, prefix: str = ""):
+    """The one deserializer: ``base`` (default ``cls()``) with the nested mapping ``data`` applied.
+
+    Every value is checked against its declared type (ints become floats where a float is declared,
+    numbers strings where a string is; null only where Optional); a null section keeps its
+    defaults. An unknown key is an error with a "did you mean", or ignored with ``strict=False``
+    (a resolved config written by another version stays readable)."""
+    obj = copy.deepcopy(base) if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            if strict:
+                leaves, sections = key_tree()
+                raise ConfigError(key, f"unknown key{source}", did_you_mean(key, list(leaves) + sections))
+            continue
+        inner, _ = _strip_optional(hints[name])
+        if not dataclasses.is_dataclass(inner):
+            setattr(obj, name, _value(key, hints[name], value, getattr(obj, name)))
+        elif isinstance(value, dict):
+            setattr(obj, name, from_dict(inner, value, getattr(obj, name), source, strict, key + "."))
+        elif value is not None:
+            raise ConfigError(key, f"is a section, expected a mapping, got {value!r}{source}")
+    return obj
+
+
 def to_dict(cfg) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(cls, data: Dict[str, Any], prefix: str = ""):
-    """Build a dataclass tree from a (validated) nested dict; missing keys keep defaults."""
-    kwargs = {}
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp, _ = _strip_optional(hints[f.name])
-        v = data[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            v = from_dict(tp, v, f"{prefix}{f.name}.")
-        elif tp is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        elif tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)  # `trial_name: 1` in YAML
-        kwargs[f.name] = v
-    return cls(**kwargs)
 
 
 def dump_yaml(cfg) -> str:
@@ -235,48 +224,51 @@ def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(str(path), f"must hold a mapping of keys, not {type(data).__name__}", hint)
     try:
-        _flatten(data, field_types(), section_keys(), unknown_ok=True)
+        return from_dict(ExperimentConfig, data, strict=False)
     except ConfigError as e:
         raise ConfigError(str(path), f"is damaged: {e.one_line()}", hint) from None
-    return from_dict(ExperimentConfig, data)
 
 
-# ----------------------------------------------------------------- the user's input
+# ----------------------------------------------------------------- the user's words
 
-def _split_overrides(args: Sequence[str]) -> List[Tuple[str, str]]:
-    """``a.b=c`` and ``--a.b c`` / ``--a.b=c`` -> [(key, raw value)]."""
-    pairs, i = [], 0
-    args = list(args)
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            body = a[2:]
-            if "=" in body:
-                k, v = body.split("=", 1)
-            elif i + 1 < len(args) and not (args[i + 1].startswith("--") or "=" in args[i + 1]):
-                k, v = body, args[i + 1]
+def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str]]]:
+    """Config words -> (CONFIG file, [(dotted key, raw value)]).
+
+    Written by hand: simple-parsing reads ``--a.b c`` but not the seed's ``a.b=c`` or a positional
+    ``CONFIG.yaml``, and silently keeps the last of a key given twice; the keys are needed here to
+    refuse duplicates and to send YAML-valued overrides (lists, mappings, null) to `from_dict`."""
+    config: Optional[str] = None
+    pairs: List[Tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word.startswith("--"):
+            key, eq, raw = word[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(words) or words[i + 1].startswith("--") or "=" in words[i + 1]:
+                    raise ConfigError(key, "option needs a value", f"write --{key} VALUE or {key}=VALUE")
                 i += 1
-            else:
-                raise ConfigError(body, "option needs a value", f"write --{body} VALUE or {body}=VALUE")
-            pairs.append((k.replace("-", "_") if "." not in k else k, v))
-        elif "=" in a:
-            k, v = a.split("=", 1)
-            pairs.append((k, v))
+                raw = words[i]
+            key = key if "." in key else key.replace("-", "_")
+        elif "=" in word:
+            key, _, raw = word.partition("=")
+        elif word.endswith((".yaml", ".yml")):
+            key, raw = "config", word
         else:
-            raise ConfigError("", f"cannot understand argument {a!r}",
-                              "overrides look like key=value, e.g. trainer.ppo.async_training=False")
+            raise ConfigError("", f"unexpected argument {word!r}", "give at most one CONFIG.yaml, then key=value overrides")
+        if key != "config":
+            pairs.append((key, raw))
+        elif config is not None:
+            raise ConfigError("config", f"two config files ({config} and {raw})", "give one")
+        else:
+            config = raw
         i += 1
-    return pairs
+    return config, pairs
 
 
-def _yaml_scalar(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def _parse_with_simple_parsing(file_layer: Dict[str, Any], cli: List[Tuple[str, str]]) -> ExperimentConfig:
+def _parse_scalars(argv: List[str], base: ExperimentConfig) -> ExperimentConfig:
+    """simple-parsing: ``--a.b=c`` words for scalar fields, each converted by its field's type,
+    over ``base`` (a dataclass default keeps its nulls, lists and mappings as they are)."""
     from simple_parsing import ArgumentParser
     from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
@@ -288,80 +280,61 @@ def _parse_with_simple_parsing(file_layer: Dict[str, Any], cli: List[Tuple[str, 
                 key = key.split("/")[0]  # bools are listed as `--a.b/--a.nob`
             raise ConfigError(key, message.strip().rstrip("."))
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(file_layer, f)
-        layer_path = f.name
-    try:
-        parser = _Parser(nested_mode=NestedMode.WITHOUT_ROOT,
-                         argument_generation_mode=ArgumentGenerationMode.NESTED,
-                         config_path=layer_path, add_config_path_arg=False, add_help=False)
-        parser.add_arguments(ExperimentConfig, dest="cfg")
-        argv: List[str] = []
-        for k, v in cli:
-            argv.append(f"--{k}={v}")
-        return parser.parse_args(argv).cfg
-    finally:
-        os.unlink(layer_path)
+    parser = _Parser(nested_mode=NestedMode.WITHOUT_ROOT, argument_generation_mode=ArgumentGenerationMode.NESTED,
+                     add_config_path_arg=False, add_help=False, allow_abbrev=False)
+    parser.add_arguments(ExperimentConfig, dest="cfg", default=base)
+    return parser.parse_args(argv).cfg
 
 
-def _unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, v in flat.items():
-        d = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[leaf] = v
-    return out
+def _nest(data: Dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
 
 
-def load_config(config_file: Optional[str], overrides: Sequence[str]) -> ExperimentConfig:
-    """defaults < YAML file < overrides, every key checked. Raises ConfigError."""
-    types, sections = field_types(), section_keys()
-    flat: Dict[str, Any] = {}
+def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentConfig:
+    """defaults < YAML file < overrides, every key checked. ``words`` are the command line's config
+    words (`split_words`); they may name the file instead of ``config_file``. Raises ConfigError."""
+    named, pairs = split_words(words)
+    if config_file and named:
+        raise ConfigError("config", f"two config files ({config_file} and {named})", "give one")
+    config_file = config_file or named
+    cfg = ExperimentConfig()
     if config_file:
         data = read_yaml_file(config_file) or {}
         if not isinstance(data, dict):
             raise ConfigError("config", f"{config_file} must hold a mapping of keys, not {type(data).__name__}")
-        flat.update(_flatten(data, types, sections, source=f" in {config_file}"))
+        cfg = from_dict(ExperimentConfig, data, source=f" in {config_file}")
 
-    cli: List[Tuple[str, str]] = []
+    leaves, _ = key_tree()
     given: Dict[str, str] = {}
-    for key, raw in _split_overrides(overrides):
+    yaml_valued: Dict[str, Any] = {}
+    scalars: List[str] = []
+    for key, raw in pairs:
         if key in given:
             raise ConfigError(key, f"given twice on the command line ({key}={given[key]} and {key}={raw})",
                               "keep one of them")
         given[key] = raw
-        if key in types:
-            inner, optional = _strip_optional(types[key])
-            origin = typing.get_origin(inner)
+        parent = key.rpartition(".")[0]
+        if key in leaves:
+            origin = typing.get_origin(_strip_optional(leaves[key])[0])
             value = _yaml_scalar(raw)
-            # Lists, dicts and explicit nulls are YAML values; simple-parsing takes the scalars.
-            if origin in (list, List, dict, Dict) or (optional and value is None):
-                if origin in (list, List) and not isinstance(value, list):
-                    value = [] if raw == "" else [value]
-                _check_value(key, types[key], value)
-                flat[key] = value
-                continue
-            if inner is str and value is None and not optional:
-                raise ConfigError(key, "must not be null")
-            flat.pop(key, None)
-            cli.append((key, raw))
-            continue
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        if parent in types and typing.get_origin(_strip_optional(types[parent])[0]) in (dict, Dict):
-            sub = dict(flat.get(parent) or {})
-            sub[key.rsplit(".", 1)[1]] = raw
-            flat[parent] = sub
-            continue
-        raise ConfigError(key, "unknown key", did_you_mean(key, list(types)))
-    cfg = _parse_with_simple_parsing(_unflatten(flat), cli)
-    # simple-parsing treats a null in its config layer as "not given": apply explicit nulls here.
-    for key, value in flat.items():
-        if value is None:
-            *parents, leaf = key.split(".")
-            obj = cfg
-            for p in parents:
-                obj = getattr(obj, p)
-            setattr(obj, leaf, None)
-    return cfg
+            if origin is list and not isinstance(value, list):
+                value = [] if raw == "" else [value]
+            if origin in (list, dict) or value is None:
+                _nest(yaml_valued, key, value)
+            else:
+                scalars.append(f"--{key}={raw}")
+        elif typing.get_origin(leaves.get(parent)) is dict:  # an entry: server.sglang_args.attention-backend=fa3
+            _nest(yaml_valued, key, raw)
+        else:
+            raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
+    return _parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg))
+
+
+def _yaml_scalar(raw: str) -> Any:
+    try:
+        return yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError:
+        return raw

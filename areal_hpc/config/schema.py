@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 MODES = ("local", "slurm", "ray", "torchrun")
-SUPPORTED_MODES = ("local", "slurm")
+SUPPORTED_MODES = ("local", "slurm", "ray", "torchrun")
 TRAINER_TYPES = ("ppo", "sft", "null")
 LOCK_KINDS = ("flock", "soft", "lease")
 
@@ -42,6 +42,7 @@ class ClusterConfig:
     # run dir (config, logs, checkpoints, weights) readable by your group: dirs 0750 / files 0640
     # instead of 0700 / 0600 (the registry and its secret stay private either way)
     group_readable: bool = False
+    ray_address: str = "auto"  # mode=ray: the Ray cluster's GCS host:port, or auto (RAY_ADDRESS, else the one started on this host)
 
 
 @dataclass
@@ -242,7 +243,7 @@ class ExperimentConfig:
 
     experiment_name: str = "areal"
     trial_name: str = "trial0"
-    mode: str = "local"  # local | slurm  (ray, torchrun: not supported yet)
+    mode: str = "local"  # local | slurm | ray (an existing Ray cluster) | torchrun (trainer under torchrun's agent)
     allocation_mode: str = "hf.d1p1m1+d1p1m1"
     shutdown_server_on_exit: bool = True
     min_required_servers: int = 0  # >0: reuse live servers of this run, start only a trainer

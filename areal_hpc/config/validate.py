@@ -23,6 +23,7 @@ DATASET_ADAPTERS = ("gsm8k",)  # the built-in adapters of rollout.adapters
 
 _TOY_MODEL = re.compile(r"^toy:(qwen3|llama|qwen2)(-h\d+)?(-l\d+)?(-i\d+)?$")
 _TOY_DATA = re.compile(r"^toy:[a-z]+(-\d+)?$")
+_RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -149,6 +150,9 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if existing is None or not existing.is_dir() or not _writable(existing):
         raise ConfigError("cluster.fileroot", f"{c.fileroot!r} cannot be created (nearest parent {existing} is not a "
                           "writable directory)", "pick a writable directory shared by all nodes")
+    if cfg.mode == "ray" and c.ray_address != "auto" and not _RAY_ADDRESS.match(c.ray_address):
+        raise ConfigError("cluster.ray_address", f"{c.ray_address!r} is not a Ray address",
+                          "give the head's GCS address host:port (6379 by default), or auto")
 
     la = cfg.launcher
     _choice("launcher.lock_kind", la.lock_kind, LOCK_KINDS)

@@ -1,7 +1,7 @@
 """Inference: server lifecycle, the SGLang command builder, the embedded `hf` engine, the client pool.
 
-* `server.serve` / ``python -m areal_hpc.inference.server``: run one server (hf or sglang),
-  registered in the run's registry while it lives.
+* `server.serve` (``areal-hpc serve``): run one server (hf or sglang), registered in the run's
+  registry while it lives.
 * `client.ServerPool`: discover servers, route by least load, retry, resume aborted generations.
 * `sglang.build_sglang_argv`: ``python -m sglang.launch_server ...`` from a ServerConfig.
 * `sglang_api`: every route, request body and response parser we use with a server;
@@ -14,14 +14,14 @@ Knows nothing of Slurm (it only records SLURM_* ids it finds in its environment)
 
 _EXPORTS = {
     "ServerPool": "client", "GenerateResult": "client", "CallResult": "client", "PoolError": "client",
-    "RequestRejected": "client", "serve": "server", "main_from_args": "server",
+    "RequestRejected": "client", "serve": "server",
     "build_sglang_argv": "sglang", "SGLANG_VERSION": "sglang",
 }
 __all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # lazy, so that ``python -m areal_hpc.inference.server`` does not import itself twice
+    # lazy: importing this package imports none of its modules
     if name in _EXPORTS:
         import importlib
 

@@ -74,7 +74,7 @@ class CallResult:
 
 class _Server:
     __slots__ = ("id", "address", "url", "inflight", "down_until", "failures", "static", "record", "pushed_version",
-                 "warned_no_version")
+                 "warned_no_version", "headers")
 
     def __init__(self, server_id: str, address: str, static: bool = False, record: Optional[dict] = None):
         self.id = server_id
@@ -87,6 +87,9 @@ class _Server:
         self.record = record or {}
         self.pushed_version: Any = None  # the last weight version this pool pushed to it
         self.warned_no_version = False
+        # an external server attached with its own key (`add-servers url=... api_key=...`); else the pool's
+        key = self.record.get("api_key")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else None
 
     def known_version(self) -> Any:
         """The version we believe it serves: the last one pushed, else its registry record's, else 0."""
@@ -185,7 +188,7 @@ class ServerPool:
     def servers(self) -> Dict[str, Dict[str, Any]]:
         now = time.monotonic()
         return {s.id: {"address": s.address, "inflight": s.inflight, "healthy": s.down_until <= now,
-                       "failures": s.failures, **{k: s.record.get(k) for k in ("weight_version", "state")}}
+                       "failures": s.failures, **{k: s.record.get(k) for k in ("weight_version", "state", "external")}}
                 for s in self._order}
 
     async def refresh(self) -> None:
@@ -197,7 +200,7 @@ class ServerPool:
         changed = False
         for sid, rec in live.items():
             cur = self._servers.get(sid)
-            if cur is None or cur.address != rec["address"]:
+            if cur is None or cur.address != rec["address"] or cur.record.get("api_key") != rec.get("api_key"):
                 self._servers[sid] = _Server(sid, rec["address"], record=rec)
                 changed = True
             else:
@@ -320,7 +323,7 @@ class ServerPool:
             server.inflight += 1
             try:
                 async with self._session.request(api.GENERATE.method, server.url + api.GENERATE.path, json=payload,
-                                                 timeout=timeout) as resp:
+                                                 timeout=timeout, headers=server.headers) as resp:
                     status = resp.status
                     if status >= 500 or status in (408, 429):
                         raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
@@ -362,11 +365,66 @@ class ServerPool:
                 # aborted without our pause (someone else paused the server, or it is shutting down)
                 await asyncio.sleep(min(1.0, 0.02 * 2 ** min(empty_aborts, 6)))
 
+    async def generate_group(self, input_ids: Sequence[int], n: int, params: Any = None,
+                             **overrides: Any) -> List[GenerateResult]:
+        """``n`` samples of one prompt in one request (SGLang's ``sampling_params.n``): one HTTP round
+        trip and one response to parse instead of ``n``. A sample cut short by an abort (a weight
+        update pauses the servers) is resumed alone, its generated prefix appended, as `generate`
+        resumes; when the request itself fails, every sample goes through `generate` (retries,
+        other servers)."""
+        if n <= 1:
+            return [await self.generate(input_ids, params, **overrides)]
+        if self._session is None:
+            await self.start()
+        sp = sampling_params(params, **overrides)
+        budget = int(sp["max_new_tokens"])
+        prompt = list(input_ids)
+        if not self._running.is_set():
+            await self._running.wait()
+        server = await self._choose(set())
+        self.stats["requests"] += 1
+        server.inflight += n
+        try:
+            async with self._session.request(api.GENERATE.method, server.url + api.GENERATE.path,
+                                             json=api.generate_body(prompt, {**sp, "n": n}), headers=server.headers,
+                                             timeout=aiohttp.ClientTimeout(total=self.request_timeout_s,
+                                                                           sock_connect=self.connect_timeout_s)
+                                             ) as resp:
+                status = resp.status
+                if status >= 500 or status in (408, 429):
+                    raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
+                body = await resp.json(content_type=None)
+            if status < 400 and not (isinstance(body, list) and len(body) == n):
+                raise _Retryable(f"expected a list of {n} samples, got {type(body).__name__}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable, ValueError) as e:
+            self.stats["retries"] += 1
+            self._mark_failed(server, f"{type(e).__name__}: {e}")
+            return list(await asyncio.gather(*(self.generate(prompt, sp) for _ in range(n))))
+        finally:
+            server.inflight -= n
+        if status >= 400:
+            raise RequestRejected(status, api.error_message(body))
+        server.failures = 0
+        server.down_until = 0.0
+
+        async def finish(item) -> GenerateResult:
+            got = api.parse_generate(item, server.known_version())
+            used = [server.id] if got.output_ids else []
+            if got.finish_reason != "abort" or len(got.output_ids) >= budget:
+                reason = "length" if got.finish_reason == "abort" else got.finish_reason
+                return GenerateResult(got.output_ids, got.logprobs, got.versions, reason, len(prompt), 1, used)
+            self.stats["resumes"] += 1
+            rest = await self.generate(prompt + got.output_ids, sp, max_new_tokens=budget - len(got.output_ids))
+            return GenerateResult(got.output_ids + rest.output_ids, got.logprobs + rest.logprobs,
+                                  got.versions + rest.versions, rest.finish_reason, len(prompt),
+                                  1 + rest.n_requests, used + rest.server_ids)
+        return list(await asyncio.gather(*(finish(item) for item in body)))
+
     # ------------------------------------------------------------------ fan-out
     async def _call(self, s: _Server, method: str, path: str, payload: Optional[dict],
                     timeout_s: Optional[float]) -> CallResult:
         try:
-            async with self._session.request(method, s.url + path, json=payload,
+            async with self._session.request(method, s.url + path, json=payload, headers=s.headers,
                                              timeout=aiohttp.ClientTimeout(total=timeout_s,
                                                                            sock_connect=self.connect_timeout_s)
                                              ) as resp:
@@ -412,9 +470,11 @@ class ServerPool:
         return await self.call_all(route.method, route.path, payload, **kwargs)
 
     async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,
-                                       timeout_s: Optional[float] = None) -> Dict[str, CallResult]:
+                                       timeout_s: Optional[float] = None, server_ids: Optional[Iterable[str]] = None
+                                       ) -> Dict[str, CallResult]:
         res = await self.call_route(api.UPDATE_WEIGHTS_FROM_DISK,
-                                    api.update_from_disk_body(path, version, abort_all_requests), timeout_s=timeout_s)
+                                    api.update_from_disk_body(path, version, abort_all_requests), timeout_s=timeout_s,
+                                    server_ids=server_ids)
         for r in res.values():
             s = self._servers.get(r.server_id)
             if r.ok and s is not None:

@@ -10,20 +10,18 @@ Every endpoint needs ``Authorization: Bearer <key>`` with the run's key (`Regist
 The server binds ``cfg.host`` (default 0.0.0.0) and advertises ``cfg.host`` or this host's
 name; the `hf` backend binds port 0 itself, so concurrently started servers never collide.
 
-Run directly: ``python -m areal_hpc.inference.server --run-dir D --server-id s0 --backend hf
---model-path toy:qwen3-h128-l2`` (``--help`` lists the ServerConfig/LauncherConfig options).
+Started as ``areal-hpc serve --run-dir D --server-id s0 [--backend hf]``: the options come from
+the run dir's ``config.yaml`` (``server.*``, ``launcher.*``), parsed by the config package.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -201,7 +199,9 @@ class ServerLifecycle:
             mem_fraction_static=self.cfg.mem_fraction_static, cuda_graph=self.cfg.cuda_graph,
             seed=self.cfg.random_seed)
         self.engine = LLMEngine(runner, weight_version=str(self.weight_version)).start()
-        info = {"server_id": self.server_id, **{k: v for k, v in dataclasses.asdict(self.cfg).items()}}
+        info = {"server_id": self.server_id, **{k: v for k, v in dataclasses.asdict(self.cfg).items()},
+                # where this process runs: `areal-hpc stop --external` of a run it is attached to uses it
+                "pid": os.getpid(), "hostname": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         app = EngineServer(self.engine, self.api_key, info=info).build()
         try:  # cancel a handler whose client went away (its generation is then aborted)
             self._app_runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
@@ -407,71 +407,3 @@ def serve(run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherC
         log.error("%s", e)
         return EXIT_USAGE
     return asyncio.run(life.run())
-
-
-def main_from_args(run_dir: Path, server_id: str, backend: str, model_path: str, server_cfg: ServerConfig,
-                   launcher_cfg: LauncherConfig, gpus: Optional[Sequence[int]] = None,
-                   tp_size: Optional[int] = None, nnodes: int = 1, node_rank: int = 0,
-                   dist_init_addr: Optional[str] = None, extra: Optional[Dict[str, Any]] = None) -> int:
-    """What ``areal-hpc serve`` calls with already-parsed values."""
-    _setup_logging(server_id)
-    opts: Dict[str, Any] = {"nnodes": nnodes, "node_rank": node_rank, "dist_init_addr": dist_init_addr}
-    if tp_size:
-        opts["tp_size"] = tp_size
-    return serve(Path(run_dir), server_cfg, model_path, launcher_cfg, server_id, backend, gpus,
-                 **opts, **(extra or {}))
-
-
-def _setup_logging(server_id: str) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("AREAL_HPC_LOG_LEVEL", "INFO"),
-                            format=f"%(asctime)s %(levelname)s [server {server_id}] %(name)s: %(message)s")
-
-
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str]) -> None:
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kind = type(default) if default is not None else str
-        if kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                                type=lambda s: s.lower() in ("1", "true", "yes", "on"), metavar="BOOL")
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, type=kind)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m areal_hpc.inference.server", description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--server-id", required=True)
-    p.add_argument("--backend", choices=BACKENDS, default="hf")
-    p.add_argument("--model-path", required=True, help="HF model dir or a toy: spec")
-    p.add_argument("--gpus", default="", help="comma-separated GPU ids of this server")
-    p.add_argument("--tp-size", type=int, default=None)
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--dist-init-addr", default=None)
-    p.add_argument("--sglang-arg", action="append", default=[], metavar="FLAG=VALUE",
-                   help="pass-through SGLang flag (repeatable); FLAG alone for a boolean flag")
-    _add_dataclass_args(p, ServerConfig, skip=("model_path", "sglang_args"))
-    _add_dataclass_args(p, LauncherConfig, skip=())
-    a = p.parse_args(argv)
-    scfg, lcfg = ServerConfig(), LauncherConfig()
-    for cfg in (scfg, lcfg):
-        for f in dataclasses.fields(cfg):
-            v = getattr(a, f.name, None)
-            if v is not None and f.name not in ("model_path", "sglang_args"):
-                setattr(cfg, f.name, v)
-    scfg.model_path = a.model_path
-    for item in a.sglang_arg:
-        k, _, v = item.partition("=")
-        scfg.sglang_args[k] = v if _ else "true"
-    gpus = [int(x) for x in a.gpus.split(",") if x.strip()]
-    return main_from_args(Path(a.run_dir), a.server_id, a.backend, a.model_path, scfg, lcfg, gpus=gpus,
-                          tp_size=a.tp_size, nnodes=a.nnodes, node_rank=a.node_rank,
-                          dist_init_addr=a.dist_init_addr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

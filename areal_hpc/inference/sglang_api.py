@@ -39,13 +39,14 @@ INIT_WEIGHTS_UPDATE_GROUP = Route("POST", "/init_weights_update_group")
 UPDATE_WEIGHTS_FROM_DISTRIBUTED = Route("POST", "/update_weights_from_distributed")
 HEALTH = Route("GET", "/health")
 MODEL_INFO = Route("GET", "/model_info")
+SERVER_INFO = Route("GET", "/get_server_info")  # read when an external server is attached
 
 # Routes our code calls (the contract test checks these exist in SGLang with this method) ...
 ROUTES: Tuple[Route, ...] = (GENERATE, PAUSE_GENERATION, CONTINUE_GENERATION, ABORT_REQUEST,
                              UPDATE_WEIGHTS_FROM_DISK, INIT_WEIGHTS_UPDATE_GROUP,
                              UPDATE_WEIGHTS_FROM_DISTRIBUTED, HEALTH, MODEL_INFO)
 # ... and routes our docs point users and third-party clients at (checked the same way).
-DOCUMENTED_ROUTES: Tuple[Route, ...] = (Route("GET", "/health_generate"), Route("GET", "/get_server_info"),
+DOCUMENTED_ROUTES: Tuple[Route, ...] = (Route("GET", "/health_generate"), SERVER_INFO,
                                         Route("GET", "/get_model_info"), Route("POST", "/flush_cache"),
                                         Route("GET", "/v1/models"))
 

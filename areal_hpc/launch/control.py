@@ -55,7 +55,9 @@ def _pid_alive(pid: Optional[int]) -> bool:
 
 
 def _health(address: str, key: str, timeout: float = 2.0) -> bool:
-    req = urllib.request.Request(f"http://{address}/health", headers={"Authorization": f"Bearer {key}"})
+    from areal_hpc.launch.external import base_url
+
+    req = urllib.request.Request(f"{base_url(address)}/health", headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status == 200
@@ -103,8 +105,13 @@ def _word(state: Optional[str]) -> str:
     return (state or "").split()[0] if state else ""  # "CANCELLED by 0" -> CANCELLED
 
 
+# modes whose owner is the submitting process; in the first two its steps are processes of its host
+_HOST_MODES = ("local", "torchrun")
+_OWNER_HERE = (*_HOST_MODES, "ray")
+
+
 def _owner_alive(run: Dict[str, Any], reg: Registry) -> bool:
-    """mode=local: the launcher process lives (on this host by pid, elsewhere by its heartbeat)."""
+    """mode=local (torchrun, ray): the launcher process lives (on this host by pid, elsewhere by its heartbeat)."""
     if run.get("host") in (None, socket.gethostname()):
         return _pid_alive(run.get("pid"))
     return reg.get("", "run") is not None
@@ -158,8 +165,11 @@ def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
 
 def _server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
     """A live record may still belong to a dead process (it lives until its TTL): check the
-    process (mode=local, this host) or its Slurm step."""
-    if run.get("mode") == "local" and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
+    process (mode=local, this host) or its Slurm step. An attached server has neither: its record
+    lives while the owner's health checks refresh it."""
+    if rec.get("external") and rec.get("url"):
+        return True
+    if run.get("mode") in _HOST_MODES and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
         return _pid_alive(rec.get("pid"))
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
@@ -183,10 +193,14 @@ def collect_status(rd: Path) -> Dict[str, Any]:
         srv.append({"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
                     "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
                     "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"),
-                    "healthy": _health(rec.get("address", ""), key), "age_s": round(rec.get("_age_s", 0), 1)})
+                    "external": bool(rec.get("external")), "url": rec.get("url"),
+                    "own_key": bool(rec.get("api_key")),  # the key itself is never printed
+                    "healthy": _health(rec.get("address", ""), rec.get("api_key") or key),
+                    "age_s": round(rec.get("_age_s", 0), 1)})
     trainer = reg.get("", "trainer")
     metrics = _last_metrics(rd)
     status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
+                              "api_key_file": str(reg.root / "secret"),
                               "trainer": None if trainer is None else
                               {k: v for k, v in trainer.items() if not k.startswith("_")}}
     owner_alive = False
@@ -203,9 +217,13 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                          "state": "RUNNING" if owner_alive else "ENDED"}
     if status["trainer"] is not None and run and not owner_alive:
         status["trainer"] = None  # the owner's steps end with it
-    elif status["trainer"] is not None and run.get("mode") == "local" and not _pid_alive(trainer.get("pid")) and \
+    elif status["trainer"] is not None and run.get("mode") in _HOST_MODES and not _pid_alive(trainer.get("pid")) and \
             trainer.get("host") in (None, socket.gethostname()):
         status["trainer"] = None
+    if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
+        from areal_hpc.launch import ray_runner
+
+        status["ray"] = ray_runner.describe(reg)
     status.update(run_state(run, status.get("job") or {}, rd, owner_alive))
     status["trainer_restarts"] = run.get("trainer_restarts", 0)
     if metrics:
@@ -228,14 +246,25 @@ def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
     if st.get("log") and st.get("state") not in ("COMPLETED", "RUNNING", "PENDING"):
         print(f"         see {st['log']}  (areal-hpc logs ...)")
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {job.get('nodes', '')}".rstrip())
+    ray = st.get("ray") or {}
+    if ray:
+        print(f"ray      {ray.get('address')}: " + (ray["error"] if "error" in ray else
+                                                   f"{len(ray['placement_groups'])} placement group(s), "
+                                                   f"{len(ray['actors'])} actor(s)"))
+    for g in ray.get("placement_groups", []):
+        print(f"  {g['name']:<50} {g['state']:<8} nodes {', '.join(n[:8] for n in g['nodes'])}")
     for step in job.get("steps", []):
         print(f"  step {step['step']:<12} {step['name']:<40} {step['state']:<11} {step['nodes']}")
     for j in st.get("server_jobs", []):
         print(f"job      {j.get('job_id')} {j.get('state', '?')} {j.get('nodes', '')} (servers {', '.join(j.get('servers') or [])})")
-    print(f"servers  {len(st['servers'])} live")
+    print(f"servers  {len(st['servers'])} live; API key: the contents of {st['api_key_file']} (mode 0600), sent as "
+          "`Authorization: Bearer <key>`")
     for s in st["servers"]:
+        where = (f"external ({'its own key' if s['own_key'] else 'the run key'}; not stopped by `stop`)"
+                 if s["url"] else f"external (serve by hand) node={s['node']} pid={s['pid']}" if s["external"]
+                 else f"node={s['node']} pid={s['pid']} gpus={s['gpus']}")
         print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "
-              f"{'healthy' if s['healthy'] else 'UNHEALTHY'}  node={s['node']} pid={s['pid']} gpus={s['gpus']}")
+              f"{'healthy' if s['healthy'] else 'UNHEALTHY'}  {where}")
     t = st["trainer"]
     print("trainer  " + ("not running" if t is None else
                          f"step {t.get('step')} version {t.get('version')} state={t.get('state')} "
@@ -294,18 +323,36 @@ def _remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
         reg.delete("", "trainer")
 
 
-def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0) -> int:
+def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all
     of it and prints how the run ended. A second `stop` (or Ctrl-C while this one waits) forces it:
-    what is left is killed."""
+    what is left is killed. External servers (attached by URL, or `serve` by hand) keep running:
+    attached ones are detached; with ``external`` they are stopped too, where we can tell how."""
     from areal_hpc.launch import outcome
+    from areal_hpc.launch.external import stop_process
 
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
-    local, slurm = run.get("mode") == "local", run.get("mode") == "slurm"
+    local, slurm, on_ray = run.get("mode") in _HOST_MODES, run.get("mode") == "slurm", run.get("mode") == "ray"
+    for sid, rec in sorted(reg.list("servers", live_only=False).items()):
+        if not rec.get("external"):
+            continue
+        name = rec.get("url") or rec.get("address")
+        if external:
+            print(f"external server {sid} ({name}): {stop_process(rec, run.get('job_id'))}", flush=True)
+        if rec.get("url"):
+            reg.delete("servers", sid)
+            print(f"detached external server {sid} ({name})" + ("" if external else ": it keeps running"), flush=True)
+        elif not external:
+            print(f"external server {sid} ({name}, `serve` by hand) keeps running: `stop --external` stops it",
+                  flush=True)
+
+    def ours(recs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+        """The servers this stop waits for (and kills if it must)."""
+        return {k: v for k, v in recs.items() if external or not v.get("external")}
 
     def owner_alive() -> bool:
-        if local:
+        if local or on_ray:
             return _owner_alive(run, reg)
         return slurm and _slurm_state(run.get("job_id", "")).get("state") in _SLURM_LIVE + _SLURM_WAITING
 
@@ -316,7 +363,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0) -> int:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
         host = socket.gethostname()
-        for rec in list(reg.list("servers").values()) + [reg.get("", "trainer") or {}]:
+        for rec in list(ours(reg.list("servers")).values()) + [reg.get("", "trainer") or {}]:
             if rec.get("pid") and rec.get("host", host) == host and _pid_alive(rec["pid"]):
                 os.kill(int(rec["pid"]), signal.SIGTERM)
     if slurm and run.get("job_id") and _slurm_state(run["job_id"]).get("state") in ("PENDING", "REQUEUED"):
@@ -326,9 +373,24 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0) -> int:
         subprocess.run(["scancel", str(job_id)], check=False, capture_output=True)
         reg.delete("jobs", job_id)
     deadline = time.monotonic() + timeout_s
+    ray_left = on_ray  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
-            if not owner_alive() and not reg.list("servers") and reg.get("", "trainer") is None:
+            if ray_left and not owner_alive():
+                from areal_hpc.config import ConfigError
+                from areal_hpc.launch import ray_runner
+
+                try:
+                    gone = ray_runner.stop_leftovers(reg)
+                except ConfigError as e:  # the cluster is gone: so is what the run had on it
+                    gone = []
+                    print(f"Ray: {e.one_line()}", flush=True)
+                if gone:
+                    print(f"removed {len(gone)} Ray actor(s) and placement group(s) the run had left", flush=True)
+                for sid in ours(reg.list("servers", live_only=False)):  # killed by now, deregistered or not
+                    reg.delete("servers", sid)
+                ray_left = False
+            if not owner_alive() and not ours(reg.list("servers")) and reg.get("", "trainer") is None:
                 break
             if not owner_alive():
                 _remove_dead_records(reg, run)
@@ -345,7 +407,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0) -> int:
             subprocess.run(["scancel", str(run["job_id"])], check=False)
             print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
             return 1
-        for sid, rec in reg.list("servers").items():
+        for sid, rec in ours(reg.list("servers")).items():
             if _pid_alive(rec.get("pid")):
                 os.kill(int(rec["pid"]), signal.SIGKILL)
             reg.delete("servers", sid)
@@ -363,7 +425,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
     # a Slurm driver is alive while its run record heartbeats
-    owner_alive = _pid_alive(run.get("pid")) if run.get("mode") == "local" else \
+    owner_alive = _owner_alive(run, reg) if run.get("mode") in _OWNER_HERE else \
         run.get("mode") == "slurm" and bool(run.get("pid")) and reg.get("", "run") is not None
     if not owner_alive and not new_job:
         from areal_hpc.config import ConfigError
@@ -401,3 +463,38 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
         time.sleep(0.3)
     print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`", file=sys.stderr)
     return 1
+
+
+def _require_owner(reg: Registry, rd: Path, what: str) -> None:
+    run = reg.get("", "run", live_only=False) or {}
+    alive = _pid_alive(run.get("pid")) if run.get("mode") in _OWNER_HERE and run.get("host") in (
+        None, socket.gethostname()) else reg.get("", "run") is not None
+    if not alive or run.get("state") not in (None, "RUNNING"):
+        from areal_hpc.config import ConfigError
+
+        raise ConfigError("experiment_name/trial_name", f"run {rd} has no live owner to {what}",
+                          "attach servers to a running run (`areal-hpc status` says whether it runs)")
+
+
+def attach_server(cfg: ExperimentConfig, rd: Path, url: str, api_key: Optional[str] = None) -> int:
+    """`add-servers url=...`: register an already-running server into a live run."""
+    from areal_hpc.launch import external
+
+    reg = run_registry(rd)
+    base, _ = external.parse_url(url)
+    external.probe(base, api_key or reg.secret())  # a server that does not answer: say so first
+    _require_owner(reg, rd, "keep an external server's record alive (its health checks)")
+    sid, rec = external.attach(reg, url, api_key)
+    print(f"attached {sid}: {rec['url']} ({rec['backend']}, weight version {rec['weight_version']}); the run's owner "
+          f"checks its /health and drops it after {reg.ttl_s:.0f}s without an answer; "
+          f"`areal-hpc remove-server {sid} ...` detaches it")
+    return 0
+
+
+def remove_server(cfg: ExperimentConfig, rd: Path, ident: str) -> int:
+    """`remove-server ID|URL`: detach an external server (no more rollouts to it; it keeps running)."""
+    from areal_hpc.launch import external
+
+    sid, rec = external.detach(run_registry(rd), ident)
+    print(f"detached {sid} ({rec.get('url') or rec.get('address')}); the server keeps running")
+    return 0

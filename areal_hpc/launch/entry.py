@@ -63,7 +63,13 @@ def stop_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve(run_dir: Path, server_id: str, backend: Optional[str] = None) -> int:
+def manual_server_id() -> str:
+    """The id of a server started by hand (`areal-hpc serve` with a run's names)."""
+    return f"serve-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external: bool = False) -> int:
+    """One server of the run; ``external``: started by hand, not by the run's owner (its record says so)."""
     from areal_hpc import toy
     from areal_hpc.inference.server import serve as run_server
 
@@ -77,7 +83,8 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None) -> int:
     logging.getLogger(__name__).info("server %s on %s, gpus=%s%s", server_id, socket.gethostname(), visible_gpus(),
                                      slurm_placement())
     return run_server(run_dir=run_dir, cfg=cfg.server, model_path=model, launcher=cfg.launcher,
-                      server_id=server_id, backend=backend, gpus=visible_gpus(), tp_size=tp)
+                      server_id=server_id, backend=backend, gpus=visible_gpus(), tp_size=tp,
+                      **({"external": True} if external else {}))
 
 
 def train(run_dir: Path) -> int:
@@ -87,6 +94,9 @@ def train(run_dir: Path) -> int:
     cfg = load_resolved(run_dir / "config.yaml")
     if os.environ.get("AREAL_HPC_MIN_REQUIRED_SERVERS"):  # a trainer restarted by the run's owner
         cfg.min_required_servers = int(os.environ["AREAL_HPC_MIN_REQUIRED_SERVERS"])
+    elif int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) and os.environ.get("AREAL_HPC_RESTART_MIN_SERVERS"):
+        # restarted by torchrun's elastic agent: like a restart by the owner (wait for one server, push weights)
+        cfg.min_required_servers = int(os.environ["AREAL_HPC_RESTART_MIN_SERVERS"])
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(f"trainer[{rank}]")
     logging.getLogger(__name__).info("trainer rank %d on %s, gpus=%s%s", rank, socket.gethostname(), visible_gpus(),

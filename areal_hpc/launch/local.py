@@ -5,6 +5,7 @@ progress bar, serves add-servers/stop requests; Ctrl-C stops the run gracefully 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -22,6 +23,17 @@ from areal_hpc.launch.owner import RunOwner, Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
 log = logging.getLogger("areal_hpc.launch")
+
+
+# looked up once: what runs between fork and exec (`preexec_fn`) must not load libraries
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Linux: this process gets ``sig`` when the thread that started it ends (PR_SET_PDEATHSIG);
+    for `subprocess.Popen`'s ``preexec_fn``."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(sig), 0, 0, 0)
 
 
 def free_port() -> int:
@@ -67,10 +79,15 @@ class ProcessRunner(Runner):
         need = step.gpus_per_task * step.ntasks
         return need == 0 or step.gpu_ids or len(self._free_gpus(running)) >= need
 
-    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+    def gpus_for(self, step: StepSpec, running: List[StepHandle]) -> List[int]:
+        """The GPUs of this machine ``step`` gets: the plan's, or (added servers) free ones."""
         gpus = list(step.gpu_ids)
         if not gpus and step.gpus_per_task:
             gpus = self._free_gpus(running)[: step.gpus_per_task * step.ntasks]
+        return gpus
+
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        gpus = self.gpus_for(step, running)
         env = dict(os.environ, **step.env, PYTHONUNBUFFERED="1")
         if step.role != "server" or self.cfg.shutdown_server_on_exit:  # else servers are meant to outlive us
             env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
@@ -130,14 +147,15 @@ class Progress:
             self._bar.close()
 
 
-def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> int:
+def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runner] = None) -> int:
+    """Own the run from this process (mode=local; also torchrun and ray, with their ``runner``) until it ends."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     fh = logging.FileHandler(run_dir / "logs" / "driver.log")
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logging.getLogger("areal_hpc.launch").addHandler(fh)
     progress = Progress(cfg, run_dir)
-    owner = RunOwner(cfg, plan, run_dir, ProcessRunner(cfg), mode="local")
+    owner = RunOwner(cfg, plan, run_dir, runner or ProcessRunner(cfg), mode=cfg.mode)
 
     def on_signal(signum, frame) -> None:
         # Ctrl-C (SIGINT) or SIGTERM: stop gracefully (checkpoint, servers down), wait for it, print

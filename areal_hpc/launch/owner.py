@@ -1,9 +1,11 @@
 """The owner of a run: starts its steps, watches them, serves control requests, shuts down.
 
-One implementation for both launchers; only how a step becomes processes differs (`Runner`):
-`local.ProcessRunner` forks subprocesses, `slurm.SrunRunner` starts ``srun`` job steps inside
-the allocation. Requests (`requests/*.json` in the registry) come from `areal-hpc add-servers`,
-`stop` and trainer-restart submits; the owner is the only process that acts on them.
+One implementation for every launcher; only how a step becomes processes differs (`Runner`):
+`local.ProcessRunner` forks subprocesses, `torchrun.TorchrunRunner` runs the trainer under
+torchrun's elastic agent, `slurm.SrunRunner` starts ``srun`` job steps inside the allocation,
+`ray_runner.RayRunner` starts Ray actors in placement groups. Requests (`requests/*.json` in the
+registry) come from `areal-hpc add-servers`, `stop` and trainer-restart submits; the owner is the
+only process that acts on them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome
+from areal_hpc.launch.external import ExternalWatch
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan, server_step
 from areal_hpc.registry import Heartbeat, Registry
 
@@ -44,6 +47,9 @@ class StepHandle(ABC):
 
 
 class Runner(ABC):
+    # the trainer step restarts its own processes (torchrun's elastic agent): the owner does not
+    trainer_restarts_itself: bool = False
+
     @abstractmethod
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         """Start ``step``; ``running`` are the run's live steps (to place it beside them)."""
@@ -240,7 +246,7 @@ class RunOwner:
         if self.stopping:
             return False
         self.early_failures = 0 if self._progressed() else self.early_failures + 1
-        limit = self.cfg.trainer.max_restarts
+        limit = 0 if self.runner.trainer_restarts_itself else self.cfg.trainer.max_restarts
         if self.early_failures >= 2:
             self.trainer_failure = (f"{reason} (crash loop: it died before its first step {self.early_failures} "
                                     "times in a row; not restarted)", path)
@@ -293,6 +299,8 @@ class RunOwner:
             self.registry.delete("requests", name)
         self._heartbeat = Heartbeat(self.registry, "", "run", self._run_record,
                                     interval_s=self.cfg.launcher.heartbeat_s, remove_on_exit=False).start()
+        # servers attached by URL have no heartbeat of their own: the owner checks their /health
+        watch = ExternalWatch(self.registry, self.cfg.launcher.heartbeat_s).start()
         try:
             try:
                 for step in self.plan.steps:
@@ -310,6 +318,7 @@ class RunOwner:
                 self.shutdown(reason="the launcher failed", grace_s=30.0)
             return outcome.exit_code(self.state)
         finally:
+            watch.stop()
             if self._heartbeat is not None:
                 self._heartbeat.beat()
                 self._heartbeat.stop()

@@ -1,4 +1,4 @@
-"""`areal-hpc submit`: write the run dir, then hand the plan to the local or Slurm launcher."""
+"""`areal-hpc submit`: write the run dir, then hand the plan to its launcher (local, torchrun, slurm, ray)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def summary(cfg: ExperimentConfig, alloc: AllocationMode, plan: Plan) -> str:
 
 
 def _check_fileroot_shared(cfg: ExperimentConfig) -> None:
-    if cfg.mode == "slurm" and Path(os.path.expanduser(cfg.cluster.fileroot)).resolve().parts[1:2] == ("tmp",):
+    if cfg.mode in ("slurm", "ray") and Path(os.path.expanduser(cfg.cluster.fileroot)).resolve().parts[1:2] == ("tmp",):
         print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
               "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
 
@@ -144,6 +144,10 @@ def check_trainer_type(cfg: ExperimentConfig) -> None:
 
 def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
     check_trainer_type(cfg)
+    if cfg.mode == "ray":
+        from areal_hpc.launch import ray_runner
+
+        ray_runner.require_ray()
     rd = run_dir(cfg)
     reg = registry_for(cfg, rd)
     restart = cfg.min_required_servers > 0
@@ -171,6 +175,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
             return slurm.restart_trainer(cfg, rd, run)
     plan = build_plan(cfg, alloc, rd, with_servers=not restart)
     _check_fileroot_shared(cfg)
+    ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
     snapshot = RunDirSnapshot(rd)
     write_run_dir(cfg, plan, rd)
     print(summary(cfg, alloc, plan))
@@ -185,6 +190,12 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         from areal_hpc.launch import local
 
         return local.run(cfg, plan, rd)
+    if cfg.mode == "torchrun":
+        from areal_hpc.launch import torchrun
+
+        return torchrun.run(cfg, plan, rd)
+    if cfg.mode == "ray":
+        return ray_runner.run(cfg, plan, rd, ray_nodes)
     from areal_hpc.launch import slurm
 
     try:

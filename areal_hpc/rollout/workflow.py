@@ -68,7 +68,10 @@ class RLVRWorkflow(RolloutWorkflow):
 
     async def arun_episode(self, client, row: Dict[str, Any]) -> Optional[Group]:
         prompt_ids = self.encode_prompt(row)
-        results = await asyncio.gather(*(client.generate(prompt_ids, self.params) for _ in range(self.n_samples)))
+        if self.n_samples > 1 and hasattr(client, "generate_group"):  # one request for the group
+            results = await client.generate_group(prompt_ids, self.n_samples, self.params)
+        else:
+            results = await asyncio.gather(*(client.generate(prompt_ids, self.params) for _ in range(self.n_samples)))
         extras = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key, "prompt", "completion",
                                                              "answer")}
         prompt = self.prompts.prompt_text(row)

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from areal_hpc.train import dist
-from areal_hpc.train.batch import Batch, Sample, async_to_device, deal_least_loaded, is_token_key, to_device, unpad
+from areal_hpc.train.batch import Batch, Sample, async_to_device, deal_least_loaded, is_token_key, to_device
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,37 @@ def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int], pad_to: i
     return MicroBatch(data, cu, list(sample_idx))
 
 
+def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
+              pad_token_id: int = 0) -> MicroBatch:
+    """`pack_samples` of rows ``sample_idx`` of a padded batch, straight from its tensors: one
+    masked select per key instead of a slice per sample and key (a 256-sample batch of short RL
+    rollouts: ~1 ms instead of ~4). ``mask`` is the batch's ``attention_mask`` as bool."""
+    idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
+    m = mask[idx]
+    lens = m.sum(dim=1)
+    n_real = int(lens.sum())
+    pad = max(0, pad_to - n_real)
+    docs = torch.cat([lens, torch.tensor([pad])]) if pad else lens
+    data: Dict[str, torch.Tensor] = {}
+    for k, v in batch.items():
+        if k == "attention_mask" or not isinstance(v, torch.Tensor):
+            continue
+        rows = v[idx]
+        if not is_token_key(batch, k):
+            data[k] = rows
+            continue
+        data[k] = rows[m]
+        if pad:
+            fill = pad_token_id if k == "input_ids" else 0
+            data[k] = torch.cat([data[k], torch.full((pad, *v.shape[2:]), fill, dtype=v.dtype)])
+    cu = torch.zeros(len(docs) + 1, dtype=torch.long)
+    cu[1:] = torch.cumsum(docs, 0)
+    total = int(cu[-1])
+    data["position_ids"] = torch.arange(total, dtype=torch.long) - torch.repeat_interleave(cu[:-1], docs,
+                                                                                         output_size=total)
+    return MicroBatch(data, cu, list(sample_idx))
+
+
 def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2) -> MicroBatch:
     """An ``n_tokens``-token micro-batch (one document) with the template's keys and dtypes, all
     masks zero. Two tokens, not one: compiled code (``torch.compile`` with dynamic shapes)
@@ -198,11 +229,11 @@ def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_toke
     ``pad``: every micro-batch (dummies included) is filled up to ``max_tokens`` with a padding
     document, so all have one shape (a sample longer than the budget still gets its own, longer one).
     """
-    samples = unpad(batch)
-    lengths = [int(s["input_ids"].shape[0]) for s in samples]
-    plan = plan_micro_batches(lengths, max_tokens, min_mbs) if samples else []
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(dim=1).tolist()
+    plan = plan_micro_batches(lengths, max_tokens, min_mbs) if lengths else []
     pad_to = max_tokens if pad else 0
-    mbs = [pack_samples([samples[i] for i in idx], idx, pad_to, pad_token_id) for idx in plan]
+    mbs = [pack_rows(batch, mask, idx, pad_to, pad_token_id) for idx in plan]
     n = len(mbs)
     if sync:
         n = int(dist.all_reduce_scalar(n, "max"))
@@ -218,10 +249,13 @@ def unpack_to_padded(values: Sequence[torch.Tensor], mbs: Sequence[MicroBatch], 
     mask = batch["attention_mask"].bool()
     out = torch.full(mask.shape, fill, dtype=values[0].dtype if values else torch.float32)
     for v, mb in zip(values, mbs):
-        if mb.is_dummy:
+        if mb.is_dummy or not mb.sample_idx:
             continue
         v = v.detach().to("cpu")
-        for j, i in enumerate(mb.sample_idx):
-            out[i, mask[i]] = v[mb.cu_seqlens[j]: mb.cu_seqlens[j + 1]]
+        idx = torch.as_tensor(mb.sample_idx, dtype=torch.long)
+        m = mask[idx]
+        rows = out[idx]
+        rows[m] = v[: int(m.sum())]  # documents in sample_idx order, then any padding document
+        out[idx] = rows
     return out
 

@@ -24,6 +24,7 @@ from areal_hpc.config.schema import PPOConfig
 from areal_hpc.train import dist
 from areal_hpc.train.batch import Batch, split_batch
 from areal_hpc.train.engine import FSDPEngine, loss_token_count
+from areal_hpc.train.phases import PhaseTimer
 
 ADV_NORMS = ("group", "batch", "none")
 
@@ -147,12 +148,14 @@ class PPOActor:
     Per training step, with a batch holding ``input_ids``, ``attention_mask``, ``loss_mask``,
     ``logprobs`` (behaviour) and ``rewards [B]``::
 
-        batch["prox_logp"] = actor.compute_logp(batch)      # if config.recompute_logprob
+        batch["prox_logp"] = actor.compute_logp(batch)      # if config.recompute_logprob (with one
+                                                            # minibatch the update's forward gives them)
         batch["ref_logp"] = ref.forward(batch, T)          # only with kl_ctl > 0
         actor.compute_advantages(batch)                     # adds batch["advantages"] [B, L]
         stats = actor.ppo_update(batch)                     # ppo_n_minibatches steps + LR step
 
     or simply ``actor.train_step(batch)``. ``temperature`` must be the sampling temperature.
+    ``phases`` (a trainer's `PhaseTimer`) gets the recomputation's time as ``logprob``.
     """
 
     def __init__(self, config: PPOConfig, engine: FSDPEngine, group_size: int = 1, temperature: float = 1.0,
@@ -162,6 +165,8 @@ class PPOActor:
         self.group_size = int(group_size)
         self.temperature = float(temperature)
         self.ref = ref
+        self.phases = PhaseTimer()
+        self._prox_from_forward = False
         if config.kl_ctl > 0 and ref is None:
             raise ValueError("ppo.kl_ctl > 0 needs a reference engine (FSDPEngine(..., trainable=False))")
 
@@ -196,12 +201,13 @@ class PPOActor:
         cfg = self.config
         logp = out["logprobs"]
         behav = mb["logprobs"].float()
-        if cfg.use_decoupled_loss and "prox_logp" in mb:
-            prox, behav_arg = mb["prox_logp"].float(), behav
-        elif cfg.use_decoupled_loss:
-            prox, behav_arg = behav, behav  # no recomputation: proximal = behaviour, weight 1
+        if "prox_logp" in mb:
+            prox = mb["prox_logp"].float()
+        elif self._prox_from_forward:
+            prox = logp.detach()
         else:
-            prox, behav_arg = mb.get("prox_logp", behav).float(), None
+            prox = behav  # no recomputation: proximal = behaviour (decoupled: importance weight 1)
+        behav_arg = behav if cfg.use_decoupled_loss else None
         loss, stats = ppo_loss(logp, prox, behav_arg, mb["advantages"].float(), mb["loss_mask"],
                                cfg.eps_clip, cfg.c_clip, cfg.behav_imp_weight_cap if cfg.use_decoupled_loss else None)
         mask = mb["loss_mask"].float()
@@ -232,14 +238,28 @@ class PPOActor:
         self.engine.step_lr_scheduler()
         return out
 
+    def prox_in_update(self) -> bool:
+        """Whether the proximal logprobs can come from the update's own forward pass: with one
+        minibatch the update runs the weights they are defined by (nothing has stepped yet), so
+        the forward's logprobs, detached, are exactly what a separate recomputation would give,
+        without its forward pass. A KL penalty needs them before the update (in the advantages)."""
+        cfg = self.config
+        return cfg.recompute_logprob and cfg.ppo_n_minibatches == 1 and self.ref is None
+
     def train_step(self, batch: Batch) -> Dict[str, float]:
         """Recompute proximal (and reference) logprobs, advantages, then `ppo_update`."""
-        if self.config.recompute_logprob:
-            batch["prox_logp"] = self.compute_logp(batch)
-        if self.ref is not None:
-            batch["ref_logp"] = self.compute_ref_logp(batch)
+        fused = self.prox_in_update() and "prox_logp" not in batch
+        with self.phases.phase("logprob", device=True):
+            if self.config.recompute_logprob and not fused:
+                batch["prox_logp"] = self.compute_logp(batch)
+            if self.ref is not None:
+                batch["ref_logp"] = self.compute_ref_logp(batch)
         self.compute_advantages(batch)
-        stats = self.ppo_update(batch)
+        self._prox_from_forward = fused
+        try:
+            stats = self.ppo_update(batch)
+        finally:
+            self._prox_from_forward = False
         stats["reward"] = dist.all_reduce_scalar(float(batch["rewards"].float().sum())) / max(
             1.0, dist.all_reduce_scalar(float(batch["rewards"].numel())))
         return stats

@@ -12,7 +12,8 @@ log = logging.getLogger("areal_hpc.trainer")
 
 SUMMARY_KEYS = (("reward_mean", "reward {:.3f}"), ("loss", "loss {:+.4f}"), ("staleness_max", "stale<={:.0f}"),
                 ("gen_tokens_per_s", "gen {:.0f} tok/s"), ("trained_tokens_per_s", "train {:.0f} tok/s"),
-                ("weight_update_s", "sync {:.2f}s"), ("step_time_s", "{:.2f}s/step"))
+                ("phase/wait_rollout", "wait {:.2f}s"), ("phase/train", "train {:.2f}s"),
+                ("step_time_s", "{:.2f}s/step"))
 
 
 class MetricsWriter:

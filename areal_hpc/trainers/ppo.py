@@ -3,6 +3,13 @@
 One step: batch from the controller -> recompute logprobs -> advantages -> PPO update ->
 weight update cycle (pause, publish, servers load, continue, version + 1) -> metrics ->
 checkpoint when due. Rank 0 drives the rollout side; every rank trains on its shard.
+
+Every step's metrics split its wall time (``step_time_s``) into phases (`train.phases`):
+``phase/wait_rollout`` (for the batch, and its hand-over to every rank), ``phase/logprob``
+(proximal / reference logprobs), ``phase/train``, ``phase/weight_publish`` (weights written to
+disk), ``phase/weight_pause`` (pausing and resuming the servers around an update),
+``phase/weight_load`` (servers loading from disk) or ``phase/weight_broadcast``,
+``phase/metrics`` and ``phase/checkpoint`` (of the previous step), ``phase/other`` (the rest).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from areal_hpc.rollout import Group, RolloutError, Trajectory
 from areal_hpc.train import dist
 from areal_hpc.train.batch import shard_batch
 from areal_hpc.train.checkpoint import Checkpointer
+from areal_hpc.train.phases import PhaseTimer
 from areal_hpc.train.ppo import PPOActor
 from areal_hpc.train.publish import prune_weights, publish_weights
 from areal_hpc.trainers.base import Trainer
@@ -32,24 +40,23 @@ FAILED = "failed"  # (FAILED, reason): rank 0's rollouts stalled or failed; ever
 
 
 def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
-    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions."""
-    n = len(trajs)
+    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions.
+    Rows are built as Python lists and converted once per key (a tensor per row and key cost
+    ~7 ms for the quickstart's 256 short rollouts)."""
     L = max(t.n_tokens for t in trajs)
-    ids = torch.full((n, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, L), dtype=torch.bool)
-    loss = torch.zeros((n, L), dtype=torch.bool)
-    logp = torch.zeros((n, L), dtype=torch.float32)
-    vers = torch.full((n, L), -1, dtype=torch.long)
-    for i, t in enumerate(trajs):
+    ids, attn, loss, logp, vers = [], [], [], [], []
+    for t in trajs:
         p, o = len(t.prompt_ids), len(t.output_ids)
-        ids[i, :p + o] = torch.tensor(t.prompt_ids + t.output_ids, dtype=torch.long)
-        attn[i, :p + o] = True
-        loss[i, p:p + o] = True
-        logp[i, p:p + o] = torch.tensor(t.logprobs, dtype=torch.float32)
-        vers[i, p:p + o] = torch.tensor(t.versions, dtype=torch.long)
-    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "logprobs": logp, "versions": vers,
-            "rewards": rewards}
+        tail = L - p - o
+        ids.append(t.prompt_ids + t.output_ids + [pad_id] * tail)
+        attn.append([True] * (p + o) + [False] * tail)
+        loss.append([False] * p + [True] * o + [False] * tail)
+        logp.append([0.0] * p + list(t.logprobs) + [0.0] * tail)
+        vers.append([-1] * p + list(t.versions) + [-1] * tail)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(attn),
+            "loss_mask": torch.tensor(loss), "logprobs": torch.tensor(logp, dtype=torch.float32),
+            "versions": torch.tensor(vers, dtype=torch.long),
+            "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32)}
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -100,6 +107,8 @@ class PPOTrainer(Trainer):
         time_offset = float(state.get("time_s", 0.0))
         engine.set_version(version)
         model_src = engine.model_path
+        timer = self.phases = actor.phases = PhaseTimer(
+            sync=torch.cuda.synchronize if engine.device.type == "cuda" else None)
 
         side = metrics = None
         if self.is_main:
@@ -132,20 +141,21 @@ class PPOTrainer(Trainer):
         t_start = time.monotonic() - time_offset
         rc = 0
         settled_gc = dist.SettledGC()
+        timer.begin()
         try:
             while step < total:
                 if dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0:
                     log.warning("stopping at step %d on request", step)
                     break
-                t0 = time.monotonic()
                 failure = None
-                try:
-                    groups = self._wait_for_batch(side) if side is not None else None
-                except RolloutError as e:  # stalled or failing rollouts: every rank ends with the reason
-                    groups, failure = None, e
-                t_gen = time.monotonic() - t0
-                trajs = broadcast_object(None if side is None else (FAILED, str(failure)) if failure is not None else
-                                         STOP if groups is None else [t for g in groups for t in g.trajectories])
+                with timer.phase("wait_rollout"):
+                    try:
+                        groups = self._wait_for_batch(side) if side is not None else None
+                    except RolloutError as e:  # stalled or failing rollouts: every rank ends with the reason
+                        groups, failure = None, e
+                    trajs = broadcast_object(
+                        None if side is None else (FAILED, str(failure)) if failure is not None else
+                        STOP if groups is None else [t for g in groups for t in g.trajectories])
                 if failure is not None:
                     raise failure
                 if isinstance(trajs, tuple) and trajs[:1] == (FAILED,):
@@ -155,26 +165,28 @@ class PPOTrainer(Trainer):
                     break
                 batch = shard_batch(trajectories_to_batch(trajs, engine.pad_token_id), rank, world,
                                     cfg.rollout.n_samples)
-                t1 = time.monotonic()
-                stats = self.train_on(actor, batch)
-                t_train = time.monotonic() - t1
+                with timer.phase("train", device=True):
+                    stats = self.train_on(actor, batch)
                 version += 1
                 engine.set_version(version)
                 step += 1
                 settled_gc.step()
                 upd = self._push_weights(engine, side, version, model_src, step)
+                split = timer.split()
                 if side is not None:
-                    step_time = time.monotonic() - t0
+                    step_time = split["step_time_s"]
                     m = {"step": step, "version": version, "time_s": time.monotonic() - t_start,
                          **batch_stats(groups, version - 1), **{k: v for k, v in stats.items() if k != "reward"},
-                         **upd, "gen_wait_s": t_gen, "train_s": t_train, "step_time_s": step_time,
-                         "lr": engine.current_lr(), "dropped_stale": side.controller.stats["dropped_stale"]}
+                         **upd, **split, "lr": engine.current_lr(),
+                         "dropped_stale": side.controller.stats["dropped_stale"]}
                     m["gen_tokens_per_s"] = m["gen_tokens"] / step_time
                     m["trained_tokens_per_s"] = m["tokens"] / step_time
-                    metrics.write(m)
-                    self.publish_state(step=step, version=version)
+                    with timer.phase("metrics"):
+                        metrics.write(m)
+                        self.publish_state(step=step, version=version)
                 if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0 and step < total:
-                    self._save(ckpt, step, side, t_start)
+                    with timer.phase("checkpoint"):
+                        self._save(ckpt, step, side, t_start)
             self._save(ckpt, step, side, t_start)
         except KeyboardInterrupt:
             rc = 130
@@ -198,8 +210,9 @@ class PPOTrainer(Trainer):
     def _push_weights(self, engine, side, version: int, model_src: str, step: int) -> Dict[str, float]:
         """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to
         disk and loaded. With a broadcast a disk copy is still written at checkpoint steps (servers
-        that start later load it)."""
-        ctx, cfg = self.ctx, self.cfg
+        that start later load it). Times go to ``self.phases``; returns other metrics."""
+        ctx, cfg, timer = self.ctx, self.cfg, self.phases
+        registry = ctx.registry if self.is_main else None
         if cfg.trainer.ppo.weight_update in ("nccl", "gloo"):
             from areal_hpc.train.weight_sync import broadcast_engine_weights
             from areal_hpc.trainers.rollout_side import BroadcastWeightSync
@@ -207,22 +220,24 @@ class PPOTrainer(Trainer):
             if side is not None and self._bcast is None:
                 self._bcast = BroadcastWeightSync(side, backend=cfg.trainer.ppo.weight_update)
             if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0:
-                publish_weights(engine, ctx.weights_dir, version, model_src, ctx.registry if self.is_main else None)
-                if side is not None:
-                    prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
+                with timer.phase("weight_publish"):
+                    publish_weights(engine, ctx.weights_dir, version, model_src, registry)
+                    if side is not None:
+                        prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
             if side is not None:
                 return side.update_weights_broadcast(
-                    self._bcast, lambda g, cb: broadcast_engine_weights(engine, g, cb), version)
-            broadcast_engine_weights(engine, None)
+                    self._bcast, lambda g, cb: broadcast_engine_weights(engine, g, cb), version, timer)
+            with timer.phase("weight_broadcast"):
+                broadcast_engine_weights(engine, None)
             return {}
-        t0 = time.monotonic()
-        path = publish_weights(engine, ctx.weights_dir, version, model_src, ctx.registry if self.is_main else None)
+        with timer.phase("weight_publish"):
+            path = publish_weights(engine, ctx.weights_dir, version, model_src, registry)
         if side is None:
             return {}
-        publish_s = time.monotonic() - t0
-        upd = side.update_weights(str(path), version)  # weight_update_s: pause, servers load, continue
-        prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
-        return {**upd, "publish_s": publish_s}
+        upd = side.update_weights(str(path), version, timer)
+        with timer.phase("weight_publish"):
+            prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
+        return upd
 
     def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """One training step on this rank's shard of a rollout batch. Override to change the

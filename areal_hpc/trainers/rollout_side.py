@@ -16,6 +16,7 @@ from areal_hpc.inference.client import ServerPool
 from areal_hpc.rollout import PromptLoader, RolloutController, make_workflow
 from areal_hpc.rollout.data import load_dataset_rows
 from areal_hpc.rollout.adapters import apply_adapter
+from areal_hpc.train.phases import PhaseTimer
 from areal_hpc.trainers.base import TrainContext
 
 log = logging.getLogger("areal_hpc.trainer")
@@ -72,51 +73,55 @@ class RolloutSide:
             self.workflow, self.pool, loader, batch_size=cfg.rollout.batch_size,
             max_head_offpolicyness=cfg.rollout.max_head_offpolicyness if max_staleness is None else max_staleness,
             max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version)
+        self._warned: set = set()  # external servers told about once
 
     def start(self) -> "RolloutSide":
         self.controller.start()
         return self
 
-    def update_weights(self, path: str, version: int) -> Dict[str, float]:
+    def update_weights(self, path: str, version: int, timer: Optional[PhaseTimer] = None) -> Dict[str, float]:
         """Servers load ``path`` as ``version``: pause submission and servers, load, continue.
 
         Interrupted generations are resumed by the pool with the new weights (their tokens carry
         the version that produced them). Servers that fail to load are reported; the update goes on
-        with the others (a dead server's record expires and the pool drops it).
+        with the others (a dead server's record expires and the pool drops it). ``timer`` gets the
+        ``weight_pause`` and ``weight_load`` phases.
         """
-        c = self.controller
-        t0 = time.monotonic()
+        c, timer = self.controller, timer or PhaseTimer()
         c.pause()
         try:
-            c.run(self.pool.pause_all())
-            results = c.run(self.pool.update_weights_from_disk(path, version))
+            with timer.phase("weight_pause"):
+                c.run(self.pool.pause_all())
+            with timer.phase("weight_load"):
+                results = c.run(self.pool.update_weights_from_disk(path, version))
         finally:
-            c.run(self.pool.continue_all())
-            c.set_version(version)
-            c.resume()
+            with timer.phase("weight_pause"):
+                c.run(self.pool.continue_all())
+                c.set_version(version)
+                c.resume()
         failed = {k: v for k, v in results.items() if not getattr(v, "ok", v is True)}
         if failed:
             log.warning("weight update v%d failed on %d server(s): %s", version, len(failed), failed)
-        return {"weight_update_s": time.monotonic() - t0, "servers_updated": float(len(results) - len(failed))}
+        return {"servers_updated": float(len(results) - len(failed))}
 
-    def update_weights_broadcast(self, sync: "BroadcastWeightSync", broadcast, version: int) -> Dict[str, float]:
+    def update_weights_broadcast(self, sync: "BroadcastWeightSync", broadcast, version: int,
+                                 timer: Optional[PhaseTimer] = None) -> Dict[str, float]:
         """The collective path: pause, (re)form the group if the servers changed, broadcast, continue.
         ``broadcast(group, on_bucket)`` runs the trainer's collective broadcast (all ranks)."""
-        c = self.controller
-        t0 = time.monotonic()
+        c, timer = self.controller, timer or PhaseTimer()
         c.pause()
         try:
-            c.run(self.pool.pause_all())
-            sync.ensure_group()
-            t1 = time.monotonic()
-            broadcast(sync.group, sync.announcer(version))
-            t_bcast = time.monotonic() - t1
+            with timer.phase("weight_pause"):
+                c.run(self.pool.pause_all())
+            with timer.phase("weight_broadcast"):
+                sync.ensure_group()
+                broadcast(sync.group, sync.announcer(version))
         finally:
-            c.run(self.pool.continue_all())
-            c.set_version(version)
-            c.resume()
-        return {"weight_update_s": time.monotonic() - t0, "weight_broadcast_s": t_bcast,
-                "servers_updated": float(len(sync.members))}
+            with timer.phase("weight_pause"):
+                c.run(self.pool.continue_all())
+                c.set_version(version)
+                c.resume()
+        return {"servers_updated": float(len(sync.members))}
 
     def stop(self) -> None:
         self.controller.stop()
@@ -129,7 +134,9 @@ class BroadcastWeightSync:
     The group has a fixed size, so it is formed again (under a new name, which servers accept,
     so a restarted trainer can always re-join) whenever the set of live servers changes. A server
     that joins late starts from the disk copy (weights/latest) and gets the full weights at the
-    next broadcast.
+    next broadcast. External servers are kept out of the group (its rendezvous is fixed-size: one
+    member that cannot reach the trainer's port would make every member wait out the timeout); they
+    load a disk copy published for them at every update instead, which is said once in the log.
     """
 
     def __init__(self, side: RolloutSide, backend: str = "nccl", timeout_s: float = 600.0):
@@ -139,6 +146,7 @@ class BroadcastWeightSync:
         self.group = None
         self.name: Optional[str] = None
         self.members: List[str] = []
+        self.external: List[str] = []  # servers updated from disk instead
 
     def ensure_group(self) -> None:
         import socket
@@ -147,7 +155,13 @@ class BroadcastWeightSync:
 
         pool, c = self.side.pool, self.side.controller
         c.run(pool.refresh())
-        members = sorted(sid for sid, info in pool.servers.items() if info["healthy"])
+        healthy = {sid: info for sid, info in pool.servers.items() if info["healthy"]}
+        members = sorted(sid for sid, info in healthy.items() if not info.get("external"))
+        external = sorted(sid for sid, info in healthy.items() if info.get("external"))
+        for sid in sorted(set(external) - set(self.external)):
+            log.warning("external server %s gets weights from disk (weights/), not through the %s group", sid,
+                        self.backend)
+        self.external = external
         if self.group is not None and members == self.members:
             return
         if self.group is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+WEIGHT_PHASES = ("phase/weight_publish", "phase/weight_pause", "phase/weight_load", "phase/weight_broadcast")
 
 
 def build_model(out: Path) -> Path:
@@ -115,12 +116,11 @@ def run(name: str, args, overrides: list[str]) -> dict:
         "steps_per_s": len(warm) / span if span > 0 else None,
         "gen_tokens_per_s": sum(r["gen_tokens"] for r in warm) / span,
         "trained_tokens_per_s": sum(r["tokens"] for r in warm) / span,
-        "weight_update_s": sum(r.get("weight_update_s", 0) for r in warm) / len(warm),
-        "weight_broadcast_s": sum(r.get("weight_broadcast_s", 0) for r in warm) / len(warm),
-        "publish_s": sum(r.get("publish_s", 0) for r in warm) / len(warm),
-        "train_s": sum(r["train_s"] for r in warm) / len(warm),
+        # every phase of the step (`train.phases`), mean seconds per step: phase/wait_rollout, phase/train, ...
+        **{k: sum(r.get(k, 0.0) for r in warm) / len(warm) for k in sorted({k for r in warm for k in r})
+           if k.startswith("phase/")},
+        "weight_update_s": sum(r.get(k, 0.0) for r in warm for k in WEIGHT_PHASES) / len(warm),
         "step_time_s": sum(r["step_time_s"] for r in warm) / len(warm),
-        "gen_wait_s": sum(r["gen_wait_s"] for r in warm) / len(warm),
         "staleness_max": max(r["staleness_max"] for r in rows),
         "reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"],
         "util_server_gpus": smi.mean(server_gpus) if server_gpus else None,
@@ -170,12 +170,19 @@ def main():
     if not results.get("async", {}).get("failed", True) and not results.get("sync", {}).get("failed", True):
         a, s = results["async"], results["sync"]
         # Ideal overlap from the sync run's own timings: generation and training fully overlapped.
-        t_gen = s["gen_wait_s"]
-        t_train = s["step_time_s"] - s["gen_wait_s"]
+        t_gen = s["phase/wait_rollout"]
+        t_train = s["step_time_s"] - t_gen
         bound = (t_gen + t_train) / max(t_gen, t_train)
         ratio = a["steps_per_s"] / s["steps_per_s"]
+        # the async step beyond max(generation, training): generation is the sync run's wait, training
+        # the async run's own train (+ logprob) phases
+        a_train = a.get("phase/train", 0.0) + a.get("phase/logprob", 0.0)
+        beyond = a["step_time_s"] - max(t_gen, a_train)
         print(json.dumps({"async_over_sync_steps_per_s": ratio, "sync_t_gen_s": t_gen, "sync_t_train_s": t_train,
-                          "ideal_bound": bound, "fraction_of_bound": ratio / bound}), flush=True)
+                          "ideal_bound": bound, "fraction_of_bound": ratio / bound,
+                          "async_train_over_sync_train": a_train / max(1e-9, s.get("phase/train", 0.0)
+                                                                        + s.get("phase/logprob", 0.0)),
+                          "async_beyond_max_gen_train_share": beyond / a["step_time_s"]}), flush=True)
     if "toy" in only and not args.skip_toy:
         results["toy"] = run("toy", args, [f"allocation_mode=hf:d1+fsdp:d1", "trainer.total_train_steps=150",
                                            f"trainer.ppo.weight_update={args.weight_update}"])

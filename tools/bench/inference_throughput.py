@@ -7,7 +7,7 @@
     python tools/bench/inference_throughput.py --gpu           # hf engine decode tok/s, Qwen2.5-0.5B shape,
                                                                # batch 64 and 256, vs model.generate
 
-Servers run as subprocesses (``python -m areal_hpc.inference.server``) in a temporary run dir;
+Servers run as subprocesses (``areal-hpc serve``) in a temporary run dir;
 the client is `ServerPool` in this process. Every subprocess is killed on exit.
 """
 
@@ -104,14 +104,16 @@ def bench_pool(n: int, concurrency: int) -> None:
 # ---------------------------------------------------------------------- real hf servers
 
 def start_servers(run_dir: Path, k: int, model: str, threads: int) -> list:
+    from areal_hpc.config import dump_yaml, load_config
+
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), AREAL_HPC_LOG_LEVEL="WARNING")
-    procs = []
-    for i in range(k):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "areal_hpc.inference.server", "--run-dir", str(run_dir), "--server-id",
-             f"bench{i}", "--backend", "hf", "--model-path", model, "--heartbeat-s", "0.5", "--ttl-s", "5"],
-            cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, start_new_session=True))
-    return procs
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(None, [
+        f"server.model_path={model}", "launcher.heartbeat_s=0.5", "launcher.ttl_s=5"])))
+    return [subprocess.Popen([sys.executable, "-m", "areal_hpc", "serve", "--run-dir", str(run_dir), "--server-id",
+                              f"bench{i}", "--backend", "hf"],
+                             cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+            for i in range(k)]
 
 
 def stop_servers(procs: list) -> None:

@@ -1,5 +1,0 @@
-import sys
-
-from areal_hpc.inference.server import main
-
-sys.exit(main())

@@ -1,0 +1,280 @@
+"""External servers: SGLang or `hf` servers that a run did not start, attached to it by URL.
+
+`attach` (``areal-hpc add-servers url=...``) checks that the server answers ``/health`` with
+the given key, reads its model and weight version, has it load the run's newest published
+weights (the same load a server joining late does; it is also the check that the server can read
+the run's ``weights/`` directory, which disk weight updates need), then writes its record
+``servers/ext-N`` with ``external: true``. Its API key is kept in that record, inside the
+registry (0700, records 0600), like the run's own secret. The pool of every trainer and
+evaluator discovers it there as it does any server.
+
+Nobody heartbeats for an attached server: the run's owner does (`ExternalWatch`), refreshing
+its record while ``/health`` answers. One that stops answering expires after
+``launcher.ttl_s`` (the pool drops it) and the owner removes the record. `detach`
+(``areal-hpc remove-server``) removes it at once; the server keeps running either way. `stop`
+leaves external servers running unless asked (`stop_process`).
+
+``areal-hpc serve`` started by hand with a run's names joins the same run differently: it is
+a normal server process that registers and heartbeats itself, marked ``external: true`` because
+the owner did not start it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from areal_hpc.config import ConfigError
+from areal_hpc.inference import sglang_api as api
+from areal_hpc.registry import Registry
+
+log = logging.getLogger("areal_hpc.launch")
+
+PREFIX = "ext-"
+
+
+def parse_url(url: str) -> Tuple[str, str]:
+    """``http(s)://host:port[/prefix]`` -> (base URL, registry address). The address is
+    ``host:port`` for a plain http URL (as our own servers record it), else the base URL."""
+    u = urllib.parse.urlsplit(url.strip())
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if u.scheme not in ("http", "https") or not u.hostname or port == -1 or u.query or u.fragment:
+        raise ConfigError("url", f"{url!r} is not a server URL", "give http://HOST:PORT (or https://...)")
+    if port is None:
+        raise ConfigError("url", f"{url!r} has no port", "give http://HOST:PORT")
+    base = f"{u.scheme}://{u.netloc}{u.path.rstrip('/')}"
+    return base, (u.netloc if u.scheme == "http" and not u.path.strip("/") else base)
+
+
+def base_url(address: str) -> str:
+    return address if address.startswith(("http://", "https://")) else f"http://{address}"
+
+
+def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict] = None,
+         timeout: Optional[float] = 10.0) -> Tuple[int, Any]:
+    """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(base + route.path, data=data, method=route.method)
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def healthy(address: str, key: Optional[str], timeout: float = 5.0) -> bool:
+    try:
+        return call(base_url(address), api.HEALTH, key, timeout=timeout)[0] == 200
+    except OSError:
+        return False
+
+
+def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any]:
+    """What the server says about itself; a `ConfigError` naming the URL when it does not answer
+    /health with this key."""
+    try:
+        status, body = call(base, api.HEALTH, key, timeout=timeout)
+    except OSError as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError("url", f"{base} does not answer {api.HEALTH.path} ({reason})",
+                          "start the server first, and check the host and port") from None
+    if status in (401, 403):
+        raise ConfigError("api_key", f"{base} refused the key (HTTP {status})",
+                          "pass the server's key as api_key=...")
+    if status != 200:
+        raise ConfigError("url", f"{base}{api.HEALTH.path} answered HTTP {status}: {api.error_message(body)}")
+    info: Dict[str, Any] = {}
+    for route in (api.SERVER_INFO, api.MODEL_INFO):  # SGLang and `hf` both have them; neither is required
+        try:
+            status, body = call(base, route, key, timeout=timeout)
+        except OSError:
+            continue
+        if status == 200 and isinstance(body, dict):
+            info.update({k: v for k, v in body.items() if k != "internal_states"})
+    return info
+
+
+def _backend(info: Dict[str, Any]) -> str:
+    return "hf" if info.get("backend") == "hf" else "sglang"
+
+
+def _published(reg: Registry) -> Optional[Dict[str, Any]]:
+    latest = reg.get("weights", "latest", live_only=False)
+    return latest if latest and latest.get("path") else None
+
+
+def load_published(base: str, key: Optional[str], reg: Registry, timeout: float = 600.0) -> Optional[Any]:
+    """Have the server load the run's newest published weights; their version, or None when
+    nothing is published yet. A `ConfigError` when it cannot (typically: it cannot read the path)."""
+    latest = _published(reg)
+    if latest is None:
+        return None
+    route = api.UPDATE_WEIGHTS_FROM_DISK
+    try:
+        status, body = call(base, route, key, api.update_from_disk_body(latest["path"], latest.get("version")),
+                            timeout=timeout)
+    except OSError as e:
+        raise ConfigError("url", f"{base} did not answer {route.path} ({getattr(e, 'reason', e)})") from None
+    ok, err = api.call_outcome(status, body)
+    if not ok:
+        raise ConfigError("url", f"{base} could not load the run's weights {latest['path']}: {err}",
+                          f"disk weight updates need {Path(latest['path']).parent} readable from the server "
+                          "(a filesystem it shares with the run, and permissions: cluster.group_readable)")
+    return api.parse_version(latest.get("version"))
+
+
+def find(reg: Registry, ident: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """(id, record) of the server named by its id or its URL/address."""
+    recs = reg.list("servers", live_only=False)
+    if ident in recs:
+        return ident, recs[ident]
+    want = {ident.rstrip("/"), base_url(ident.rstrip("/"))}
+    for sid, rec in recs.items():
+        addr = rec.get("address") or ""
+        if addr in want or base_url(addr) in want or rec.get("url") in want:
+            return sid, rec
+    return None
+
+
+def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
+    """Check, align and register an already-running server; returns its (id, record)."""
+    base, address = parse_url(url)
+    have = find(reg, address)
+    if have is not None:
+        raise ConfigError("url", f"{base} is already in this run as {have[0]}",
+                          f"`areal-hpc remove-server {have[0]} ...` first")
+    key = api_key or reg.secret()
+    info = probe(base, key)
+    version = load_published(base, key, reg)
+    if version is None:
+        version = api.model_info_version(info)
+        log.warning("no weights are published yet: the first disk update will tell whether %s can read the run's "
+                    "weights directory", base)
+    with reg.locked("external"):
+        used = [int(s[len(PREFIX):]) for s in reg.list("servers", live_only=False)
+                if s.startswith(PREFIX) and s[len(PREFIX):].isdigit()]
+        sid = f"{PREFIX}{max(used, default=-1) + 1}"
+        host = urllib.parse.urlsplit(base).hostname
+        rec = {"address": address, "url": base, "host": host, "port": urllib.parse.urlsplit(base).port,
+               "backend": _backend(info), "external": True, "api_key": api_key, "state": "ready",
+               "weight_version": version, "model_path": info.get("model_path"), "node": host, "pid": None,
+               "gpus": None, "started_at": time.time(),
+               # where its process runs, when it says so (our `hf` server does): `stop --external` uses it
+               "process": {k: info.get(k) for k in ("pid", "hostname", "slurm_job_id") if info.get(k)}}
+        reg.put("servers", sid, rec, ttl=True)
+    # a trainer may have published while this one was loading: close the race (as `serve` does)
+    latest = _published(reg)
+    if latest is not None and api.parse_version(latest.get("version")) != version:
+        version = load_published(base, key, reg)
+        reg.update("servers", sid, lambda old: old and {**old, "weight_version": version}, ttl=True)
+    return sid, rec
+
+
+def detach(reg: Registry, ident: str) -> Tuple[str, Dict[str, Any]]:
+    """Remove an external server's record (the server keeps running)."""
+    found = find(reg, ident)
+    if found is None:
+        ext = sorted(s for s, r in reg.list("servers", live_only=False).items() if r.get("external"))
+        raise ConfigError("SERVER", f"no server {ident!r} in this run",
+                          f"external servers: {', '.join(ext) or 'none'} (see `areal-hpc status`)")
+    sid, rec = found
+    if not rec.get("external"):
+        raise ConfigError("SERVER", f"{sid} was started by the run, not attached",
+                          "remove-server detaches external servers; `areal-hpc stop` stops the run's own")
+    if not rec.get("url"):
+        raise ConfigError("SERVER", f"{sid} is an `areal-hpc serve` started by hand: it registers itself again",
+                          "stop that process (Ctrl-C, or `areal-hpc stop --external`)")
+    reg.update("servers", sid, lambda old: None)
+    return sid, rec
+
+
+def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
+    """Stop an external server's process where we can tell where it runs: its own Slurm job
+    (scancel), or a pid on this host (SIGTERM). Returns what was done, in words."""
+    if rec.get("url"):  # attached: what its /get_server_info said
+        where = rec.get("process") or {}
+        job, pid, hosts = where.get("slurm_job_id"), where.get("pid"), {where.get("hostname")}
+    else:  # `areal-hpc serve` by hand: its own record
+        job, pid, hosts = rec.get("slurm_job_id"), rec.get("pid"), {rec.get("host"), rec.get("node")}
+    name = rec.get("url") or rec.get("address")
+    if job and str(job) != str(run_job_id or ""):
+        r = subprocess.run(["scancel", str(job)], capture_output=True, text=True, check=False)
+        return f"cancelled its Slurm job {job}" if r.returncode == 0 else \
+            f"scancel {job} failed: {(r.stderr or r.stdout).strip()}"
+    if pid and hosts & {socket.gethostname(), socket.getfqdn()}:
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+            return f"sent SIGTERM to pid {pid}"
+        except ProcessLookupError:
+            return f"pid {pid} had already exited"
+    return f"left running: not on this host and not a Slurm job of its own; stop it where it runs ({name})"
+
+
+class ExternalWatch:
+    """The owner's health checks of attached servers, on a daemon thread: a record is refreshed
+    (with the server's weight version) while ``/health`` answers, and removed once it has expired
+    (no answer for the registry TTL)."""
+
+    def __init__(self, reg: Registry, interval_s: float, timeout_s: float = 5.0):
+        self.reg, self.interval_s, self.timeout_s = reg, interval_s, timeout_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "ExternalWatch":
+        self._thread = threading.Thread(target=self._run, name="external-servers", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:  # a flaky filesystem or server must not kill the owner's thread
+                log.exception("checking external servers failed")
+
+    def check(self) -> None:
+        live = self.reg.list("servers")
+        for sid, rec in self.reg.list("servers", live_only=False).items():
+            if not (rec.get("external") and rec.get("url")):
+                continue
+            if sid not in live:
+                if self.reg.delete("servers", sid):
+                    log.warning("external server %s (%s) did not answer %s for %.0fs: removed from the run "
+                                "(it is not ours to stop)", sid, rec["url"], api.HEALTH.path, self.reg.ttl_s)
+                continue
+            key = rec.get("api_key") or self.reg.secret()
+            if not healthy(rec["url"], key, self.timeout_s):
+                continue
+            version = rec.get("weight_version")
+            try:
+                status, body = call(rec["url"], api.MODEL_INFO, key, timeout=self.timeout_s)
+                version = api.model_info_version(body) if status == 200 else None
+            except OSError:
+                pass
+            # under the record's lock: a `remove-server` meanwhile wins (None stays None)
+            self.reg.update("servers", sid, lambda old: old and {
+                **old, "weight_version": old.get("weight_version") if version is None else version}, ttl=True)

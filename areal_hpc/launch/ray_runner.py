@@ -1,0 +1,444 @@
+"""`mode=ray`: the plan's steps on an existing Ray cluster (``cluster.ray_address``).
+
+Each step gets a placement group shaped like its ``srun`` step: one bundle per node holding that
+node's tasks (``{"CPU": cpus_per_task * tasks, "GPU": gpus_per_task * tasks}``), on the Ray node the
+plan puts it (the plan's node k is the run's k-th Ray node, picked at submit among the alive nodes
+with ``cluster.n_gpus_per_node`` GPUs; bundles are pinned with the ``ray.io/node-id`` label).
+Every task is a `StepTask` actor in its node's bundle holding its CPUs and GPUs; it starts the same
+``areal-hpc serve`` / ``train`` command a Slurm step runs, as a subprocess in its own session
+(output appended to {run}/logs/), with what srun would give it: RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR/PORT (rank 0's node), CUDA_VISIBLE_DEVICES (the GPUs Ray gave the actor). The process
+is killed when its actor dies (killed, placement group removed, node lost).
+
+The run's owner (`owner.RunOwner`) runs in the submitting process, as with mode=local (on the
+cluster: ``ray job submit -- areal-hpc submit ...``). With ``shutdown_server_on_exit=False`` the
+servers' actors and placement groups are detached: they outlive the submitting process (Ray
+removes everything else of it when it exits), a later ``submit ... min_required_servers=N`` starts
+only a trainer, and ``stop`` removes them (`stop_leftovers`). The registry stays on the shared
+filesystem; ``registry/ray.json`` names the cluster, namespace and name prefix of the run's actors
+and placement groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from areal_hpc.config import ConfigError, ExperimentConfig
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV
+from areal_hpc.launch.local import set_parent_death_signal
+from areal_hpc.launch.owner import Runner, StepHandle
+from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.registry import Registry
+
+log = logging.getLogger("areal_hpc.launch")
+
+NAMESPACE = "areal-hpc"
+NODE_LABEL = "ray.io/node-id"
+PLACEMENT_TIMEOUT_S = 120.0  # a planned step's resources must be free within this (a restarted trainer's are)
+RESERVE_TIMEOUT_S = 5.0  # add-servers: a placement not ready by then means the cluster is full
+CONNECT_TIMEOUT_S = 5.0
+INSTALL_HINT = 'pip install "areal-hpc[ray]", or use mode=slurm / mode=local'
+
+
+# ----------------------------------------------------------------------------- connecting
+
+def require_ray() -> Any:
+    """The ``ray`` module, or a `ConfigError` naming ``mode`` and how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError("mode", f"mode=ray needs the ray package, which does not import here ({e})",
+                          INSTALL_HINT) from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    """Connect this process to the Ray cluster at ``address`` (host:port or auto); returns ``ray``.
+    An address nothing listens on fails in seconds (ray.init itself retries for minutes)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    target = os.environ.get("RAY_ADDRESS", "") if address in ("", "auto") else address
+    if target and "://" not in target:
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as e:
+            raise ConfigError("cluster.ray_address", f"cannot reach a Ray cluster at {target}"
+                              f"{'' if target == address else ' (RAY_ADDRESS)'}: {getattr(e, 'strerror', None) or e}",
+                              "start one (`ray start --head`) or give its head's GCS address host:port") from None
+    try:
+        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError...: say it on one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError("cluster.ray_address", f"cannot connect to a Ray cluster at {address}: {first}",
+                          "start one (`ray start --head`) or give its head's GCS address host:port") from None
+    return ray
+
+
+def _eligible(ray: Any, gpus_per_node: int) -> List[Dict[str, Any]]:
+    """Alive nodes that can be a node of the run: CPUs, and ``gpus_per_node`` GPUs (stable order)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0
+             and n["Resources"].get("GPU", 0) >= gpus_per_node]
+    return sorted(nodes, key=lambda n: (n.get("NodeManagerAddress", ""), n["NodeID"]))
+
+
+def _node_needs(plan: Plan) -> List[Dict[str, float]]:
+    """CPUs and GPUs the plan puts on each of its nodes."""
+    need = [{"CPU": 0.0, "GPU": 0.0} for _ in range(plan.nodes)]
+    for s in plan.steps:
+        for k in range(max(s.relative_node, 0), max(s.relative_node, 0) + s.nodes):
+            if k < len(need):
+                need[k]["CPU"] += s.cpus_per_task * s.ntasks_per_node
+                need[k]["GPU"] += s.gpus_per_task * s.ntasks_per_node
+    return need
+
+
+def prepare(cfg: ExperimentConfig, plan: Plan) -> List[str]:
+    """Before anything is written: connect, and pick the Ray node for each node of the plan (ids,
+    in plan order). A cluster that cannot hold the plan is a `ConfigError`."""
+    ray = connect(cfg.cluster.ray_address)
+    nodes = _eligible(ray, plan.gpus_per_node)
+    picked: List[str] = []
+    for k, need in enumerate(_node_needs(plan)):
+        node = next((n for n in nodes if n["NodeID"] not in picked and n["Resources"].get("CPU", 0) >= need["CPU"]
+                     and n["Resources"].get("GPU", 0) >= need["GPU"]), None)
+        if node is None:
+            have = ", ".join(f"{n['NodeID'][:8]} ({n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} "
+                             "GPU)" for n in _eligible(ray, 0)) or "none alive"
+            ray.shutdown()
+            raise ConfigError("cluster.n_nodes", f"the plan needs {plan.nodes} Ray node(s) and none is left for its "
+                              f"node {k} ({need['CPU']:g} CPUs, {need['GPU']:g} GPUs); alive nodes: {have}",
+                              "lower cluster.n_nodes / the allocation, or grow the cluster")
+        picked.append(node["NodeID"])
+    return picked
+
+
+def run_prefix(plan: Plan, run_dir: Path) -> str:
+    """What the names of a run's placement groups and actors start with (unique per run dir)."""
+    return f"{plan.job_name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}/"
+
+
+# ----------------------------------------------------------------------------- the actor
+
+def _die_with_actor() -> None:
+    """In the task, before exec: SIGKILL when its actor dies, as a Slurm step's tasks die with it
+    (a graceful stop goes through `StepTask.signal` first)."""
+    set_parent_death_signal(signal.SIGKILL)
+
+
+class StepTask:
+    """One task (rank) of a step, inside a Ray actor: holds its resources, runs and supervises the
+    process. Methods run on the actor's main thread (the parent-death signal is per thread)."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
+
+    def where(self) -> Dict[str, Any]:
+        import ray
+
+        with socket.socket() as s:  # rank 0's node: a free port for torch.distributed's rendezvous
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port,
+                "actor_pid": os.getpid()}
+
+    def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
+        full = dict(os.environ, **env)
+        full.pop(LAUNCHER_PID_ENV, None)
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=full, cwd=cwd, start_new_session=True, preexec_fn=_die_with_actor)
+        return self.proc.pid
+
+    def poll(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)  # its process group: a server's children too
+            except ProcessLookupError:
+                pass
+
+
+# ----------------------------------------------------------------------------- handles and runner
+
+class RayStepHandle(StepHandle):
+    """A step on Ray: its placement group and one `StepTask` actor per task."""
+
+    def __init__(self, step: StepSpec, pg: Any, pg_name: str, actors: List[Any], names: List[str],
+                 places: List[Dict[str, Any]], pids: List[int]):
+        self.step, self.pg, self.pg_name, self.actors, self.names = step, pg, pg_name, actors, names
+        self.places, self.pids = places, pids
+        self._pending: List[Any] = [None] * len(actors)
+        self._codes: List[Optional[int]] = [None] * len(actors)
+        self._rc: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self._rc is not None:
+            return self._rc
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for i, actor in enumerate(self.actors):
+            if self._codes[i] is not None:
+                continue
+            ref = self._pending[i]
+            if ref is None:
+                self._pending[i] = actor.poll.remote()
+                continue
+            if not ray.wait([ref], timeout=0)[0]:
+                continue
+            self._pending[i] = None
+            try:
+                self._codes[i] = ray.get(ref)
+            except ActorUnavailableError:
+                continue
+            except RayActorError:  # its actor died (killed, placement group removed, node lost): so did the task
+                self._codes[i] = -int(signal.SIGKILL)
+        codes = self._codes
+        if any(c is None for c in codes):
+            bad = next((c for c in codes if c not in (None, 0)), None)
+            if bad is None:
+                return None
+            self._end(bad)  # one rank died: the step is dead (as srun --kill-on-bad-exit)
+        else:
+            self._end(next((c for c in codes if c != 0), 0))
+        return self._rc
+
+    def _end(self, rc: int) -> None:
+        """The step is over: kill what is left, release its actors and placement group."""
+        self._rc = rc
+        release(self.actors, self.pg, [i for i, c in enumerate(self._codes) if c is None])
+
+    def signal(self, sig: int) -> None:
+        if self._rc is None:
+            _signal_all([a for a, c in zip(self.actors, self._codes) if c is None], sig)
+
+    def info(self) -> Dict[str, object]:
+        return {"ray_placement_group": self.pg_name, "actors": self.names, "pids": self.pids,
+                "nodes": [p["node_id"] for p in self.places], "hosts": [p["host"] for p in self.places],
+                "gpus": [p["gpus"] for p in self.places]}
+
+
+def _signal_all(actors: List[Any], sig: int, timeout_s: float = 10.0) -> None:
+    import ray
+
+    if not actors:
+        return
+    refs = [a.signal.remote(int(sig)) for a in actors]
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - a dead actor: nothing to signal
+        pass
+
+
+def release(actors: List[Any], pg: Optional[Any], alive: List[int]) -> None:
+    """SIGKILL the tasks of the ``alive`` actors, then remove every actor and the placement group."""
+    import ray
+    from ray.util import remove_placement_group
+
+    if alive:
+        _signal_all([actors[i] for i in alive], signal.SIGKILL)
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+    if pg is not None:
+        try:
+            remove_placement_group(pg)
+        except Exception:  # noqa: BLE001 - removed already
+            pass
+
+
+class RayRunner(Runner):
+    """Starts StepSpecs as placement groups + `StepTask` actors. Planned steps sit on the plan's
+    nodes (``nodes``: the Ray node id of each plan node); added servers and a trainer-only plan
+    (``pin=False``) go wherever the cluster has room."""
+
+    def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, nodes: List[str], pin: bool = True):
+        self.cfg, self.plan, self.run_dir, self.nodes, self.pin = cfg, plan, run_dir, nodes, pin
+        self.prefix = run_prefix(plan, run_dir)
+        self._reserved: Dict[str, Any] = {}
+
+    def _pinned(self, step: StepSpec) -> bool:
+        return self.pin and step.relative_node >= 0
+
+    def _placement(self, step: StepSpec, timeout_s: float) -> Optional[Tuple[Any, str]]:
+        """(placement group, its name) for ``step`` (detached for servers meant to outlive the owner),
+        once ready; None (and nothing left behind) if the cluster has no room within ``timeout_s``."""
+        import ray
+        from ray.util import placement_group, remove_placement_group
+
+        per_node = {"CPU": float(step.cpus_per_task * step.ntasks_per_node)}
+        if step.gpus_per_task:
+            per_node["GPU"] = float(step.gpus_per_task * step.ntasks_per_node)
+        kw: Dict[str, Any] = {}
+        if self._pinned(step):
+            kw["bundle_label_selector"] = [{NODE_LABEL: self.nodes[step.relative_node + j]} for j in range(step.nodes)]
+        name = f"{self.prefix}{step.name}.{uuid.uuid4().hex[:6]}"
+        pg = placement_group([dict(per_node) for _ in range(step.nodes)],
+                             strategy="STRICT_PACK" if step.nodes == 1 else "STRICT_SPREAD", name=name,
+                             lifetime="detached" if self._detached(step) else None, **kw)
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            return None
+        return pg, name
+
+    def _detached(self, step: StepSpec) -> bool:
+        return step.role == "server" and not self.cfg.shutdown_server_on_exit
+
+    def can_start(self, step: StepSpec, running: List[StepHandle]) -> bool:
+        if self._pinned(step):
+            return True
+        placed = self._reserved.get(step.name) or self._placement(step, RESERVE_TIMEOUT_S)
+        if placed is None:
+            return False
+        self._reserved[step.name] = placed
+        return True
+
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        placed = self._reserved.pop(step.name, None) or self._placement(step, PLACEMENT_TIMEOUT_S)
+        if placed is None:
+            where = f"node {self.nodes[step.relative_node]}" if self._pinned(step) else "any node"
+            raise RuntimeError(f"the Ray cluster had no room for {step.name} ({step.ntasks} task(s) x "
+                               f"{step.cpus_per_task} CPU, {step.gpus_per_task} GPU on {where}) within "
+                               f"{PLACEMENT_TIMEOUT_S:.0f}s")
+        pg, pg_name = placed
+        task_cls = ray.remote(StepTask)
+        actors, names = [], []
+        for rank in range(step.ntasks):
+            name = f"{pg_name}/{rank}"
+            actors.append(task_cls.options(
+                name=name, namespace=NAMESPACE, lifetime="detached" if self._detached(step) else None,
+                num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
+            names.append(name)
+        try:
+            places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
+            pids = ray.get([a.start.remote(step.command, self._env(step, rank, places),
+                                           step.log.replace("%t", str(rank)), str(self.run_dir))
+                            for rank, a in enumerate(actors)], timeout=PLACEMENT_TIMEOUT_S)
+        except Exception:
+            release(actors, pg, list(range(len(actors))))
+            raise
+        return RayStepHandle(step, pg, pg_name, actors, names, places, pids)
+
+    @staticmethod
+    def _env(step: StepSpec, rank: int, places: List[Dict[str, Any]]) -> Dict[str, str]:
+        """What srun gives a task: its rank, the step's size and rendezvous, its GPUs."""
+        env = dict(step.env, PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(step.ntasks),
+                   LOCAL_RANK=str(rank % step.ntasks_per_node), LOCAL_WORLD_SIZE=str(step.ntasks_per_node),
+                   GROUP_RANK=str(rank // step.ntasks_per_node),
+                   CUDA_VISIBLE_DEVICES=",".join(places[rank]["gpus"]))
+        if step.ntasks > 1:
+            env.update(MASTER_ADDR=places[0]["ip"], MASTER_PORT=str(places[0]["port"]))
+        return env
+
+
+# ----------------------------------------------------------------------------- the run, and control
+
+def _registry(cfg: ExperimentConfig, rd: Path) -> Registry:
+    return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
+
+
+def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
+    """Own the run from this process (`local.run` with a `RayRunner`); ``nodes`` from `prepare`."""
+    from areal_hpc.launch import local
+
+    ray = connect(cfg.cluster.ray_address)
+    prefix = run_prefix(plan, rd)
+    _registry(cfg, rd).put("", "ray", {"address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
+                                       "prefix": prefix, "nodes": nodes}, ttl=False)
+    # a trainer-only plan (min_required_servers) goes where the run's live servers left room
+    runner = RayRunner(cfg, plan, rd, nodes, pin=bool(plan.servers))
+    try:
+        return local.run(cfg, plan, rd, runner)
+    finally:
+        for pg, _ in runner._reserved.values():
+            release([], pg, [])
+        ray.shutdown()  # Ray removes what this process started and did not detach
+
+
+def _run_groups(ray: Any, prefix: str) -> Dict[str, Dict[str, Any]]:
+    """The run's placement groups that are not removed, by name."""
+    from ray.util import placement_group_table
+
+    return {v["name"]: v for v in placement_group_table().values()
+            if str(v.get("name", "")).startswith(prefix) and v.get("state") != "REMOVED"}
+
+
+def describe(reg: Registry) -> Dict[str, Any]:
+    """For `status`: the run's placement groups (state, nodes) and live actors on its Ray cluster."""
+    rec = reg.get("", "ray", live_only=False)
+    if not rec:
+        return {}
+    try:
+        ray = connect(rec["address"])
+    except ConfigError as e:
+        return {"address": rec["address"], "error": e.one_line()}
+    groups = _run_groups(ray, rec["prefix"])
+    actors = sorted(n for n in ray.util.list_named_actors() if n.startswith(rec["prefix"]))
+    return {"address": rec["address"], "actors": actors,
+            "placement_groups": [{"name": name, "state": g.get("state"), "strategy": g.get("strategy"),
+                                  "nodes": sorted(set((g.get("bundles_to_node_id") or {}).values()))}
+                                 for name, g in sorted(groups.items())]}
+
+
+def stop_leftovers(reg: Registry, grace_s: float = 30.0) -> List[str]:
+    """What a run left on its Ray cluster with no owner to stop it (detached servers of a run with
+    ``shutdown_server_on_exit=False``): SIGTERM to every task (servers deregister), SIGKILL after
+    ``grace_s``, then every actor and placement group of the run is removed. Returns their names."""
+    rec = reg.get("", "ray", live_only=False)
+    if not rec:
+        return []
+    ray = connect(rec["address"])
+    names = sorted(n for n in ray.util.list_named_actors() if n.startswith(rec["prefix"]))
+    actors = []
+    for n in names:
+        try:
+            actors.append(ray.get_actor(n, namespace=NAMESPACE))
+        except ValueError:
+            pass
+    _signal_all(actors, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    live = list(actors)
+    while live and time.monotonic() < deadline:
+        try:
+            codes = ray.get([a.poll.remote() for a in live], timeout=10)
+        except Exception:  # noqa: BLE001 - an actor died meanwhile: ask again one by one
+            codes = [_poll_one(ray, a) for a in live]
+        live = [a for a, c in zip(live, codes) if c is None]
+        time.sleep(0.3)
+    from ray.util.placement_group import PlacementGroup
+
+    groups = _run_groups(ray, rec["prefix"])
+    release(actors, None, [i for i, a in enumerate(actors) if a in live])
+    for g in groups.values():
+        release([], PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g["placement_group_id"]))), [])
+    return names + sorted(groups)
+
+
+def _poll_one(ray: Any, actor: Any) -> Optional[int]:
+    try:
+        return ray.get(actor.poll.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - dead actor: its task is gone
+        return -int(signal.SIGKILL)

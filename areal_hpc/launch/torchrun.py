@@ -1,0 +1,115 @@
+"""`mode=torchrun`: one machine; servers as local processes (as mode=local), the trainer under
+torchrun's elastic agent (``python -m torch.distributed.run``).
+
+The agent starts one process per trainer rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT are
+its), rendezvous c10d on localhost, and restarts all ranks when one dies, up to
+``trainer.max_restarts`` times (``--max-restarts``); the restarted ranks resume from the last
+checkpoint and push their weights to the live servers before generating. The run's owner does not
+restart the trainer itself (`Runner.trainer_restarts_itself`): what mode=local does in the owner,
+the agent does here. The agent's own log is {run}/logs/torchrun.log; each rank appends to
+{run}/logs/trainer-<rank>.log as under the other launchers.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+from typing import Dict, List
+
+from areal_hpc.config import ExperimentConfig, parse_allocation
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV
+from areal_hpc.launch.local import ProcessHandle, ProcessRunner, free_port, set_parent_death_signal
+from areal_hpc.launch.owner import StepHandle
+from areal_hpc.launch.plan import Plan, StepSpec
+
+# what the agent sets per rank: inherited values of an enclosing launcher must not leak in
+_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def torchrun_argv(cfg: ExperimentConfig, step: StepSpec, rdzv_port: int) -> List[str]:
+    """The agent's command line for the trainer ``step``: each rank runs the step's own command
+    (``areal-hpc train``), its output appended to its rank's log (``%t`` in ``step.log``)."""
+    head, _, tail = step.log.partition("%t")
+    # torchrun --no-python runs a program as is: a shell that execs the trainer with its output in its log
+    redirect = f'exec "$0" "$@" >>{shlex.quote(head)}"$RANK"{shlex.quote(tail)} 2>&1'
+    return [step.command[0], "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={step.ntasks}",
+            f"--max-restarts={cfg.trainer.max_restarts}", "--monitor-interval=0.5", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{rdzv_port}", f"--rdzv-id={cfg.experiment_name}-{cfg.trial_name}",
+            "--no-python", "/bin/sh", "-c", redirect, *step.command]
+
+
+def _die_with_parent() -> None:
+    """In the agent, before exec: SIGTERM when the owner dies (even by SIGKILL); the agent then stops its ranks."""
+    set_parent_death_signal(signal.SIGTERM)
+
+
+def _children(pid: int) -> List[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out: List[int] = []
+    for t in tasks:
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+class AgentHandle(ProcessHandle):
+    """The trainer step: torchrun's agent and the ranks it runs (all in the agent's process group)."""
+
+    def signal(self, sig: int) -> None:
+        agent = self.procs[0]
+        ranks = _children(agent.pid) if agent.poll() is None else []
+        if sig != signal.SIGKILL and ranks:
+            # a graceful stop goes to the ranks: they checkpoint and exit 0, so the agent ends with
+            # success instead of treating the signal as its own failure
+            for pid in ranks:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            return
+        super().signal(sig)
+
+    def info(self) -> Dict[str, object]:
+        agent = self.procs[0]
+        return {"torchrun_pid": agent.pid, "pids": _children(agent.pid) if agent.poll() is None else [],
+                "gpus": self.gpus}
+
+
+class TorchrunRunner(ProcessRunner):
+    trainer_restarts_itself = True
+
+    def __init__(self, cfg: ExperimentConfig, servers: bool):
+        super().__init__(cfg)
+        self.servers = servers  # the run has servers: a restarted trainer pushes its weights to them
+
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        if step.role != "trainer":
+            return super().start(step, running)
+        gpus = self.gpus_for(step, running)
+        env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS and k != LAUNCHER_PID_ENV}
+        env.update(step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+        if self.servers:
+            env["AREAL_HPC_RESTART_MIN_SERVERS"] = "1"
+        log_path = Path(step.log).with_name("torchrun.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            agent = subprocess.Popen(torchrun_argv(self.cfg, step, free_port()), stdout=out, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True, cwd=log_path.parent.parent,
+                                     preexec_fn=_die_with_parent)
+        return AgentHandle(step, [agent], gpus)
+
+
+def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> int:
+    from areal_hpc.launch import local
+
+    servers = parse_allocation(cfg.allocation_mode).gen is not None and cfg.trainer.type not in ("sft", "null")
+    return local.run(cfg, plan, run_dir, TorchrunRunner(cfg, servers=servers))
+

@@ -1,0 +1,75 @@
+"""Where a training step's wall time goes: named phases, exclusive of each other.
+
+A trainer keeps one `PhaseTimer`, wraps the parts of each step in ``with timer.phase("train"):``
+and ends the step with `split`, whose figures go into the step's metrics. Phases may nest: the
+time of an inner phase (e.g. ``logprob`` inside a user's ``train_on``) is taken out of the outer
+one, so the phases never count a second twice and ``other`` (the step's wall time minus every
+phase) is what no phase claims.
+
+On a GPU, a phase whose work is only queued when it returns would be charged to whichever
+phase next waits for the device. ``sync`` (``torch.cuda.synchronize`` in a GPU trainer) is
+called at the end of the phases opened with ``device=True`` -- those that run kernels (logprob
+recompute, train) -- and nowhere else: the built-in ones end in a host read anyway (logprobs
+copied to the CPU, the step's statistics read back), so the call finds nothing left to wait
+for; it keeps the split honest for a custom ``train_on`` that returns with work in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Dict, Iterator, List, Optional
+
+PREFIX = "phase/"
+
+
+class PhaseTimer:
+    """A step runs from the previous step's `split` (or `begin`) to its own: what happens after a
+    step's split -- writing its metrics, a checkpoint -- is booked to the next step, so every
+    second of the loop but the last step's bookkeeping lands in some step's record."""
+
+    def __init__(self, sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter):
+        self.sync = sync
+        self.clock = clock
+        self._t_step: Optional[float] = None
+        self._acc: Dict[str, float] = {}
+        self._stack: List[List] = []  # [name, started_at] of the open phases, innermost last
+
+    def begin(self) -> None:
+        """Start the first step's clock (later steps start at the previous `split`)."""
+        self._t_step = self.clock()
+        self._acc = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, device: bool = False) -> Iterator[None]:
+        now = self.clock()
+        if self._stack:  # pause the enclosing phase
+            outer = self._stack[-1]
+            self._acc[outer[0]] = self._acc.get(outer[0], 0.0) + now - outer[1]
+        entry = [name, now]
+        self._stack.append(entry)
+        try:
+            yield
+        finally:
+            if device and self.sync is not None:
+                self.sync()
+            end = self.clock()
+            self._stack.pop()
+            self._acc[name] = self._acc.get(name, 0.0) + end - entry[1]
+            if self._stack:  # resume the enclosing phase
+                self._stack[-1][1] = end
+
+    def split(self) -> Dict[str, float]:
+        """End the step: ``{"phase/<name>": s, ..., "phase/other": s, "step_time_s": wall}``, the
+        phases and ``other`` summing to ``step_time_s``. The next step starts now."""
+        if self._t_step is None:
+            raise RuntimeError("PhaseTimer.split before begin")
+        if self._stack:
+            raise RuntimeError(f"PhaseTimer.split inside phase {self._stack[-1][0]!r}")
+        now = self.clock()
+        wall = now - self._t_step
+        out = {PREFIX + k: v for k, v in self._acc.items()}
+        out[PREFIX + "other"] = max(0.0, wall - sum(self._acc.values()))
+        out["step_time_s"] = wall
+        self._t_step, self._acc = now, {}
+        return out

@@ -1,0 +1,317 @@
+"""External servers (issue 17): a server the run did not start joins it, with real processes.
+
+* an `hf` server started by hand outside any run (its own registry and key) is attached to a
+  running local run with `add-servers url=... api_key=...`: it serves rollouts (its request count
+  grows), gets every weight update (its weight version advances), `remove-server` detaches it
+  (no more requests), a killed one is dropped while the run goes on, and `stop` leaves it running;
+* `areal-hpc serve` by hand with a run's names joins the run (collective weight path: it gets
+  weights from disk), and `stop --external` stops it;
+* the same attach on the local Slurm cluster, the server being a separate Slurm job;
+* bad input: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+from helpers import serve_argv, wait_until
+
+from areal_hpc.registry import Registry
+from areal_hpc.trainers.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+MODEL = "toy:qwen3-h128-l2"  # the quickstart's model
+TTL_S = 6
+SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "saver.freq_steps=0", "launcher.heartbeat_s=1",
+         f"launcher.ttl_s={TTL_S}", "stats.progress_bar=False", "trainer.total_train_steps=100000"]
+NAMES = ["experiment_name=quickstart", "trial_name=run0"]
+
+
+def cli(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "areal_hpc", *args, f"cluster.fileroot={root}"],
+                          capture_output=True, text=True, timeout=timeout, cwd=root)
+
+
+def server_cmd(run_dir: Path, sid: str) -> List[str]:
+    """An `hf` server of its own throw-away run dir and registry (outside any run of ours)."""
+    return serve_argv(run_dir, sid, f"server.model_path={MODEL}", "launcher.heartbeat_s=1", f"launcher.ttl_s={TTL_S}")
+
+
+def wait_standalone(run_dir: Path, sid: str, proc=None, timeout: float = 180) -> Tuple[str, str]:
+    """(address, key) of a standalone server once it is ready."""
+    reg = Registry(run_dir / "registry", ttl_s=TTL_S)
+
+    def ready():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server {sid} exited {proc.returncode}: {(run_dir / 'server.log').read_text()}")
+        rec = reg.get("servers", sid)
+        return rec if rec and rec.get("state") == "ready" else None
+
+    rec = wait_until(ready, timeout, f"standalone server {sid}", interval=0.3)
+    return rec["address"], reg.secret()
+
+
+def start_standalone(root: Path, sid: str) -> Tuple[subprocess.Popen, str, str]:
+    d = root / f"standalone-{sid}"
+    d.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(server_cmd(d, sid), stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True, cwd=root)
+    address, key = wait_standalone(d, sid, proc)
+    return proc, address, key
+
+
+def server_info(address: str, key: str) -> Dict:
+    req = urllib.request.Request(f"http://{address}/get_server_info", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        info = json.loads(r.read())
+    return {"requests": info["internal_states"][0]["finished_requests"],
+            "weight_version": int(info["weight_version"])}
+
+
+def answers(address: str, key: str) -> bool:
+    req = urllib.request.Request(f"http://{address}/health", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), p.stderr
+
+
+def kill(proc) -> None:
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def start_run(root: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={root}",
+                             *SMALL, *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
+                            start_new_session=True)
+
+
+def steps(rd: Path) -> int:
+    return len(read_metrics(rd / "metrics.jsonl"))
+
+
+def wait_steps(root: Path, n: int, timeout: float = 300) -> Path:
+    def ready():
+        rd = next(root.glob("*/quickstart/run0"), None)
+        return rd if rd and steps(rd) >= n else None
+
+    return wait_until(ready, timeout, f"{n} training steps", interval=0.5)
+
+
+def stop_owner(owner) -> None:
+    if owner.poll() is None:
+        owner.send_signal(signal.SIGTERM)
+        try:
+            owner.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(owner.pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- mode=local
+
+def test_an_attached_server_serves_rollouts_gets_weights_and_survives_stop(tmp_path):
+    owner = start_run(tmp_path)
+    a = b = None
+    try:
+        a, addr_a, key_a = start_standalone(tmp_path, "a")
+        rd = wait_steps(tmp_path, 2)
+        reg = Registry(rd / "registry", ttl_s=TTL_S)
+        assert key_a != reg.secret()  # its own key, not the run's
+        before = server_info(addr_a, key_a)
+        p = cli(tmp_path, "add-servers", f"url=http://{addr_a}", f"api_key={key_a}", *NAMES)
+        assert p.returncode == 0 and "attached ext-0" in p.stdout, p.stdout + p.stderr
+        rec = reg.get("servers", "ext-0")
+        assert rec["external"] is True and rec["api_key"] == key_a and rec.get("slurm_step_id") is None
+        # it serves rollouts and gets the weight updates
+        wait_until(lambda: server_info(addr_a, key_a)["requests"] > before["requests"] + 8, 120,
+                   "rollouts on the attached server", interval=0.5)
+        v = server_info(addr_a, key_a)["weight_version"]
+        wait_until(lambda: server_info(addr_a, key_a)["weight_version"] >= v + 2, 120,
+                   "weight updates on the attached server", interval=0.5)
+        assert server_info(addr_a, key_a)["weight_version"] >= steps(rd) - 1
+        st = json.loads(cli(tmp_path, "status", "--json", *NAMES).stdout)
+        ext = {s["id"]: s for s in st["servers"]}["ext-0"]
+        assert ext["external"] and ext["healthy"] and ext["address"] == addr_a and ext["own_key"]
+        text = cli(tmp_path, "status", *NAMES).stdout
+        assert key_a not in text and reg.secret() not in text
+        assert f"API key: the contents of {rd / 'registry' / 'secret'}" in text and text.count("API key") == 1
+        assert re.search(r"ext-0 .*external", text), text
+        assert (os.stat(rd / "registry" / "secret").st_mode & 0o777) == 0o600
+
+        # remove-server: no more rollouts to it, record gone, the server runs on
+        p = cli(tmp_path, "remove-server", "ext-0", *NAMES)
+        assert p.returncode == 0 and "detached ext-0" in p.stdout, p.stdout + p.stderr
+        assert reg.get("servers", "ext-0", live_only=False) is None
+        n = steps(rd)
+        wait_steps(tmp_path, n + 2)  # requests in flight at the removal have ended
+        count = server_info(addr_a, key_a)["requests"]
+        wait_steps(tmp_path, steps(rd) + 3)
+        assert server_info(addr_a, key_a)["requests"] == count and a.poll() is None
+        assert reg.get("servers", "ext-0", live_only=False) is None  # the owner's checks did not bring it back
+
+        # attached again (by URL), and a second one that gets killed: the run goes on without it
+        assert cli(tmp_path, "add-servers", f"url=http://{addr_a}", f"api_key={key_a}", *NAMES).returncode == 0
+        b, addr_b, key_b = start_standalone(tmp_path, "b")
+        base_b = server_info(addr_b, key_b)["requests"]
+        p = cli(tmp_path, "add-servers", f"url=http://{addr_b}", f"api_key={key_b}", *NAMES)
+        assert p.returncode == 0 and "attached ext-1" in p.stdout, p.stdout + p.stderr
+        wait_until(lambda: server_info(addr_b, key_b)["requests"] > base_b, 120, "rollouts on ext-1", interval=0.5)
+        kill(b)
+        n = steps(rd)
+        wait_until(lambda: reg.get("servers", "ext-1", live_only=False) is None, 60,
+                   "the killed server's record to be removed", interval=0.5)
+        assert "did not answer /health" in (rd / "logs" / "driver.log").read_text()
+        wait_steps(tmp_path, n + 3)  # the run goes on
+        ids = [s["id"] for s in json.loads(cli(tmp_path, "status", "--json", *NAMES).stdout)["servers"]]
+        assert "ext-1" not in ids and "ext-0" in ids, ids
+
+        # stop: the run's own server and trainer end; the attached one is detached and keeps running
+        p = cli(tmp_path, "stop", *NAMES, "--timeout", "120")
+        assert p.returncode == 0 and "detached external server ext-0" in p.stdout, p.stdout + p.stderr
+        owner.wait(60)
+        assert a.poll() is None and answers(addr_a, key_a)
+        assert reg.list("servers", live_only=False) == {}
+    finally:
+        kill(a)
+        kill(b)
+        stop_owner(owner)
+
+
+def test_serve_by_hand_joins_a_run_and_stop_external_stops_it(tmp_path):
+    """`areal-hpc serve` with the run's names (no --run-dir): registers itself as an external server,
+    gets rollouts and, on the collective (gloo) path, weights from disk; `stop --external` stops it."""
+    owner = start_run(tmp_path, "trainer.ppo.weight_update=gloo")
+    by_hand = None
+    try:
+        rd = wait_steps(tmp_path, 1)
+        reg = Registry(rd / "registry", ttl_s=TTL_S)
+        by_hand = subprocess.Popen([sys.executable, "-m", "areal_hpc", "serve", f"cluster.fileroot={tmp_path}",
+                                    *NAMES], stdout=open(tmp_path / "by-hand.log", "wb"), stderr=subprocess.STDOUT,
+                                   cwd=tmp_path, start_new_session=True)
+        sid = f"serve-{socket.gethostname().split('.')[0]}-{by_hand.pid}"
+        wait_until(lambda: (reg.get("servers", sid) or {}).get("state") in ("ready", "paused"), 180,
+                   f"{sid} to register\n{(tmp_path / 'by-hand.log').read_text()}", interval=0.5)
+        rec = reg.get("servers", sid)
+        assert rec["external"] is True and rec["pid"] == by_hand.pid
+        addr, key = rec["address"], reg.secret()
+        base = server_info(addr, key)
+        wait_until(lambda: server_info(addr, key)["requests"] > base["requests"], 120, "rollouts on it", interval=0.5)
+        wait_until(lambda: server_info(addr, key)["weight_version"] >= base["weight_version"] + 2, 120,
+                   "weight updates on it", interval=0.5)
+        assert f"external server {sid} gets weights from disk" in (rd / "logs" / "trainer-0.log").read_text()
+        p = cli(tmp_path, "stop", "--external", *NAMES, "--timeout", "120")
+        assert p.returncode == 0 and f"external server {sid}" in p.stdout and "SIGTERM" in p.stdout, \
+            p.stdout + p.stderr
+        by_hand.wait(60)
+        owner.wait(60)
+        assert reg.list("servers", live_only=False) == {}
+    finally:
+        kill(by_hand)
+        stop_owner(owner)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    owner = start_run(tmp_path)
+    try:
+        rd = wait_steps(tmp_path, 1)
+        port = free_port()
+        one_line_error(cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{port}", *NAMES),
+                       "url", f"http://127.0.0.1:{port}", "does not answer")
+        one_line_error(cli(tmp_path, "add-servers", "url=127.0.0.1:8000", *NAMES), "url", "not a server URL")
+        one_line_error(cli(tmp_path, "add-servers", "url=http://host", *NAMES), "url", "no port")
+        one_line_error(cli(tmp_path, "remove-server", "ext-7", *NAMES), "ext-7", "no server")
+        one_line_error(cli(tmp_path, "remove-server", "server-0", *NAMES), "server-0", "started by the run")
+        # a server of the run itself, under another name: wrong key -> refused, nothing registered
+        addr = Registry(rd / "registry").get("servers", "server-0")["address"]
+        one_line_error(cli(tmp_path, "add-servers", f"url=http://{addr}", "api_key=wrong", *NAMES),
+                       "api_key", "refused the key")
+        assert sorted(Registry(rd / "registry").list("servers")) == ["server-0"]
+    finally:
+        stop_owner(owner)
+
+
+# ----------------------------------------------------------------------------- mode=slurm
+
+SLURM = ["mode=slurm", "cluster.n_nodes=1", "cluster.n_gpus_per_node=4", "cluster.cpus_per_gpu=1",
+         "cluster.mem_per_gpu_gb=1", "cluster.partition=debug", "cluster.time=00:30:00"]
+
+
+@pytest.mark.slurm
+def test_an_external_slurm_job_server_joins_a_slurm_run(slurm_cluster):
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="areal-ext-", dir="/tmp"))  # "shared" by the fake nodes
+    root.chmod(0o755)
+    names = [f"cluster.fileroot={root}", "experiment_name=ext", "trial_name=t0"]
+    ext_dir = root / "standalone"
+    ext_dir.mkdir()
+    ext_job = run_job = None
+
+    def run(*args, timeout=600):
+        return subprocess.run([sys.executable, "-m", "areal_hpc", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=root)
+
+    try:
+        cmd = " ".join(server_cmd(ext_dir, "x"))
+        out = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-N1", "-n1", "-c1", "--mem=1G", "-J",
+                              "external-hf", "-o", str(ext_dir / "server.log"), "--wrap", cmd],
+                             capture_output=True, text=True, timeout=60, check=True)
+        ext_job = out.stdout.strip().split(";")[0]
+        p = run("submit", QUICKSTART, *SLURM, *SMALL, *names)
+        assert p.returncode == 0, p.stdout + p.stderr
+        rd = next(root.glob("*/ext/t0"))
+        reg = Registry(rd / "registry", ttl_s=TTL_S)
+        run_job = str(reg.get("", "run", live_only=False)["job_id"])
+        addr, key = wait_standalone(ext_dir, "x")
+        wait_until(lambda: steps(rd) >= 2, 300, "2 steps of the Slurm run", interval=0.5)
+        base = server_info(addr, key)
+        p = run("add-servers", f"url=http://{addr}", f"api_key={key}", *names)
+        assert p.returncode == 0 and "attached ext-0" in p.stdout, p.stdout + p.stderr
+        wait_until(lambda: server_info(addr, key)["requests"] > base["requests"] + 8, 180,
+                   "rollouts on the external job's server", interval=0.5)
+        v = server_info(addr, key)["weight_version"]
+        wait_until(lambda: server_info(addr, key)["weight_version"] >= v + 2, 180, "weight updates", interval=0.5)
+        st = json.loads(run("status", "--json", *names, timeout=120).stdout)
+        assert {s["id"]: s["external"] for s in st["servers"]} == {"server-0": False, "ext-0": True}
+        p = run("stop", *names, "--timeout", "180")
+        assert p.returncode == 0 and "detached external server ext-0" in p.stdout, p.stdout + p.stderr
+        wait_until(lambda: "RUNNING" not in subprocess.run(["squeue", "-h", "-j", run_job, "-o", "%T"],
+                                                           capture_output=True, text=True).stdout,
+                   120, "the run's job to end", interval=1.0)
+        state = subprocess.run(["squeue", "-h", "-j", ext_job, "-o", "%T"], capture_output=True, text=True).stdout
+        assert state.strip() == "RUNNING" and answers(addr, key)  # the external job outlived the run
+        assert reg.list("servers", live_only=False) == {}
+    finally:
+        for job in (ext_job, run_job):
+            if job:
+                subprocess.run(["scancel", job], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)

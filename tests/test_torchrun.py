@@ -1,0 +1,46 @@
+"""mode=torchrun: servers as local processes, the trainer under torchrun's elastic agent (real
+processes, the real CLI)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from test_e2e_local import QUICKSTART, SMALL, metrics, run_dir, submit, wait_for_steps
+
+
+def test_quickstart_learns_under_torchrun(tmp_path):
+    submit(tmp_path, "mode=torchrun", "trainer.total_train_steps=80", "saver.freq_steps=0", timeout=900)
+    rd = run_dir(tmp_path)
+    r = [x["reward_mean"] for x in metrics(rd)]
+    first, last = sum(r[:10]) / 10, sum(r[-10:]) / 10
+    assert last > first + 0.1, (first, last)
+    assert "started trainer: {'torchrun_pid':" in (rd / "logs" / "driver.log").read_text()  # under the agent
+
+
+def test_a_killed_trainer_rank_is_restarted_by_the_elastic_agent(tmp_path):
+    """Two ranks under torchrun; one is SIGKILLed: the agent restarts both, they resume from the last
+    checkpoint (no step lost or repeated), the server is untouched and the owner restarts nothing."""
+    total = 24
+    owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                              "stats.progress_bar=False", "mode=torchrun", "allocation_mode=hf:d1+d2", *SMALL[:-1],
+                              "saver.freq_steps=3", f"trainer.total_train_steps={total}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        rd = wait_for_steps(tmp_path, 5)
+        server = json.loads((rd / "registry" / "servers" / "server-0.json").read_text())["pid"]
+        os.kill(json.loads((rd / "registry" / "trainer.json").read_text())["pid"], signal.SIGKILL)  # rank 0
+        out, _ = owner.communicate(timeout=600)
+        assert owner.returncode == 0, out
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    assert [m["step"] for m in metrics(rd)] == list(range(1, total + 1))  # contiguous across the restart
+    trainer_log = (rd / "logs" / "trainer-0.log").read_text()
+    assert "recovered from checkpoint: step" in trainer_log
+    assert "failed (exitcode: -9)" in (rd / "logs" / "torchrun.log").read_text()
+    run = json.loads((rd / "registry" / "run.json").read_text())
+    assert run["state"] == "COMPLETED" and run["trainer_restarts"] == 0  # the agent restarted it, not the owner
+    driver = (rd / "logs" / "driver.log").read_text()
+    assert driver.count("started server-0") == 1 and f"'pids': [{server}]" in driver  # one server, never restarted
