@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from areal_hpc.registry.util import atomic_write
+
 # Characters the toy tokenizer knows; ids follow the special tokens.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
 # Small on purpose: a random-init policy then puts real mass on the digits, so GRPO on the toy
@@ -134,7 +136,5 @@ def resolve_dataset(path: str, split: str = "train", cache_dir: Optional[Path] =
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = TOY_DATASETS[m["name"]](n, seed=0 if split == "train" else 1)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out)
+        atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows))
     return str(out)

@@ -1,6 +1,5 @@
 """Helpers shared by the tests that drive real processes (Slurm, servers)."""
 
-import os
 import subprocess
 import sys
 import time
@@ -32,11 +31,10 @@ def serve_argv(run_dir: Path, sid: str, *words: str, backend: str = "hf") -> Lis
     (``server.model_path=...``, ``launcher.ttl_s=...``); written by a rename, so a server started
     earlier never reads half a file."""
     from areal_hpc.config import dump_yaml, load_config
+    from areal_hpc.registry import atomic_write
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".config.yaml.{sid}"
-    tmp.write_text(dump_yaml(load_config(None, list(words))))
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic_write(run_dir / "config.yaml", dump_yaml(load_config(None, list(words))))
     return [sys.executable, "-m", "areal_hpc", "serve", "--run-dir", str(run_dir), "--server-id", sid,
             "--backend", backend]

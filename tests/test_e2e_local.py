@@ -179,7 +179,7 @@ def test_stop_and_status_on_a_local_run(tmp_path):
         assert any((rd / "checkpoints").glob("step_*"))
         from areal_hpc.registry import Registry
 
-        assert Registry(rd / "registry").list("servers") == {}
+        assert Registry.for_run(rd).list("servers") == {}
     finally:
         if owner.poll() is None:  # the owner stops its children on SIGTERM; never leave servers behind
             owner.send_signal(signal.SIGTERM)
@@ -211,7 +211,7 @@ def test_servers_outlive_the_trainer_and_a_restart_reuses_them(tmp_path, weight_
     common = [*SMALL[:-1], "shutdown_server_on_exit=False", "saver.freq_steps=2", f"trainer.ppo.weight_update={weight_update}"]
     submit(tmp_path, *common, "trainer.total_train_steps=4")
     rd = run_dir(tmp_path)
-    reg = Registry(rd / "registry")
+    reg = Registry.for_run(rd)
     before = reg.list("servers")
     assert len(before) == 1
     pid = next(iter(before.values()))["pid"]
@@ -260,7 +260,7 @@ def test_a_killed_owner_takes_its_run_down(tmp_path):
         wait_until(lambda: not any(_alive(p) for p in pids), 120, f"the run's tasks {pids} to exit", interval=0.5)
         from areal_hpc.registry import Registry
 
-        assert Registry(rd / "registry").list("servers") == {}  # deregistered on the way out
+        assert Registry.for_run(rd).list("servers") == {}  # deregistered on the way out
     finally:
         for p in pids:
             if _alive(p):

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Dict, List, Tuple
 import pytest
 from helpers import serve_argv, wait_until
 
-from areal_hpc.registry import Registry
+from areal_hpc.registry import Registry, free_port
 from areal_hpc.trainers.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,12 +89,6 @@ def answers(address: str, key: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
@@ -171,8 +166,12 @@ def test_an_attached_server_serves_rollouts_gets_weights_and_survives_stop(tmp_p
         assert p.returncode == 0 and "detached ext-0" in p.stdout, p.stdout + p.stderr
         assert reg.get("servers", "ext-0", live_only=False) is None
         n = steps(rd)
-        wait_steps(tmp_path, n + 2)  # requests in flight at the removal have ended
+        # requests in flight at the removal have ended, and every pool has refreshed its list
+        # (launcher.heartbeat_s=1: steps can be much shorter than a refresh)
+        time.sleep(3)
+        wait_steps(tmp_path, n + 2)
         count = server_info(addr_a, key_a)["requests"]
+        time.sleep(2)
         wait_steps(tmp_path, steps(rd) + 3)
         assert server_info(addr_a, key_a)["requests"] == count and a.poll() is None
         assert reg.get("servers", "ext-0", live_only=False) is None  # the owner's checks did not bring it back
@@ -250,10 +249,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         one_line_error(cli(tmp_path, "remove-server", "ext-7", *NAMES), "ext-7", "no server")
         one_line_error(cli(tmp_path, "remove-server", "server-0", *NAMES), "server-0", "started by the run")
         # a server of the run itself, under another name: wrong key -> refused, nothing registered
-        addr = Registry(rd / "registry").get("servers", "server-0")["address"]
+        addr = Registry.for_run(rd).get("servers", "server-0")["address"]
         one_line_error(cli(tmp_path, "add-servers", f"url=http://{addr}", "api_key=wrong", *NAMES),
                        "api_key", "refused the key")
-        assert sorted(Registry(rd / "registry").list("servers")) == ["server-0"]
+        assert sorted(Registry.for_run(rd).list("servers")) == ["server-0"]
     finally:
         stop_owner(owner)
 

@@ -87,7 +87,7 @@ def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path, monkeypatch
 
     model = toy.resolve_model("toy:qwen3-h256-l4", cache_dir=tmp_path)
     run = tmp_path / "run"
-    reg = Registry(run / "registry")
+    reg = Registry.for_run(run)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="1", PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}",
                NCCL_CUMEM_ENABLE="0")
     server = subprocess.Popen(serve_argv(run, "s0", f"server.model_path={model}", "server.dtype=bfloat16"),

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from areal_hpc.inference.client import ServerPool
-from areal_hpc.registry import Registry
+from areal_hpc.registry import Registry, pid_alive
 from helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,12 +124,7 @@ def test_sglang_backend_lifecycle(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert reg.get("servers", "g0", live_only=False) is None
-        try:
-            os.kill(launched["pid"], 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        assert not alive, "the SGLang process must stop with its server"
+        assert not pid_alive(launched["pid"]), "the SGLang process must stop with its server"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -150,7 +150,7 @@ def test_ctrl_c_waits_for_the_run_prints_the_summary_and_a_resubmit_resumes(tmp_
         assert p.returncode == 130, (out, err)
         assert "Ctrl-C: stopping" in err and "run STOPPED: interrupted (Ctrl-C) at step" in out, (out, err)
         assert re.search(r"^stopped: step \d+, reward", out, re.M), out
-        reg = Registry(rd / "registry")
+        reg = Registry.for_run(rd)
         assert reg.list("servers", live_only=False) == {} and reg.get("", "trainer", live_only=False) is None
         st = status(tmp_path)
         assert st["state"] == "STOPPED" and st["servers"] == [] and st["trainer"] is None, st
@@ -171,7 +171,7 @@ def test_a_second_ctrl_c_forces_the_stop(tmp_path):
     p = start(tmp_path, "trainer.type=stubborn", f"trainer.plugins=[{tmp_path / 'plugins.py'}]")
     try:
         rd = rd_of(tmp_path)
-        reg = Registry(rd / "registry")
+        reg = Registry.for_run(rd)
         wait_until(lambda: reg.get("", "trainer"), 120, "the trainer's record")
         pids = [q for v in step_pids(rd).values() for q in v]
         p.send_signal(signal.SIGINT)
@@ -209,7 +209,7 @@ def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
     p = start(tmp_path, "allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=12", "saver.freq_steps=2")
     try:
         rd = rd_of(tmp_path)
-        reg = Registry(rd / "registry")
+        reg = Registry.for_run(rd)
         wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 3, 300, "3 steps", interval=0.5)
         survivor = reg.get("servers", "server-0")["pid"]
         trainer = reg.get("", "trainer")["pid"]

@@ -14,6 +14,7 @@ from helpers import wait_until
 from test_e2e_local import QUICKSTART, SMALL, metrics, run_dir, submit, wait_for_steps
 
 from areal_hpc.launch.outcome import latest_checkpoint_step
+from areal_hpc.registry import free_port
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason='ray is not installed (pip install "areal-hpc[ray]")')
@@ -225,11 +226,7 @@ def test_mode_ray_without_ray_installed(tmp_path):
 @needs_ray
 @pytest.mark.parametrize("address,key", [("127.0.0.1:{port}", "cannot reach"), ("no-port-here", "not a Ray address")])
 def test_unreachable_or_bad_ray_address(tmp_path, address, key):
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     t0 = time.monotonic()
     p = submit(tmp_path, "mode=ray", f"cluster.ray_address={address.format(port=port)}", check=False, timeout=120)
     lines = p.stderr.strip().splitlines()

@@ -36,8 +36,8 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import areal_hpc.train.attention, areal_hpc.train.batch, areal_hpc.train.checkpoint, areal_hpc.train.dist
 import areal_hpc.train.engine, areal_hpc.train.logprob, areal_hpc.train.optim, areal_hpc.train.packing
-import areal_hpc.train.parallel, areal_hpc.train.ppo, areal_hpc.train.publish, areal_hpc.train.sft
-import areal_hpc.train.weight_sync, areal_hpc.train.testing
+import areal_hpc.train.parallel, areal_hpc.train.ppo_loss, areal_hpc.train.publish, areal_hpc.train.sft
+import areal_hpc.train.weight_sync
 print('ok')
 """
 

@@ -7,7 +7,7 @@ import random
 import torch
 
 from areal_hpc import toy
-from areal_hpc.train.testing import run_ranks
+from ranks import run_ranks
 
 VOCAB = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)  # ids 3.. are ordinary characters
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from areal_hpc import toy
-from areal_hpc.train.ppo import compute_advantages, kl_penalty_to_go, ppo_loss
-from areal_hpc.train.testing import run_ranks
+from areal_hpc.train.ppo_loss import compute_advantages, kl_penalty_to_go, ppo_loss
+from ranks import run_ranks
 
 VOCAB = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)  # ids 3.. are ordinary characters
 
@@ -107,7 +107,7 @@ def test_ppo_loss_empty_mask_is_finite():
 def _actor_worker(rank, path, kl_ctl):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
     from areal_hpc.train.batch import collate
-    from areal_hpc.train.ppo import PPOActor
+    from areal_hpc.train.ppo_loss import PPOActor
 
     torch.manual_seed(0)
     cfg = PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)),
@@ -152,7 +152,7 @@ def test_ppo_actor_raises_rewarded_logprobs(tmp_path, kl_ctl):
 def _prox_worker(rank, path):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
     from areal_hpc.train.batch import collate
-    from areal_hpc.train.ppo import PPOActor
+    from areal_hpc.train.ppo_loss import PPOActor
 
     cfg = PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)),
                     mb_spec=MicroBatchSpec(max_tokens_per_mb=20))

@@ -7,7 +7,7 @@ import json
 import torch
 
 from areal_hpc import toy
-from areal_hpc.train.testing import run_ranks
+from ranks import run_ranks
 
 STEPS = 30
 BATCH = 32

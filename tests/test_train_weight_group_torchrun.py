@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_hpc.train.testing import free_port
+from areal_hpc.registry import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

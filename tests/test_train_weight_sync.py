@@ -10,8 +10,9 @@ import time
 import torch
 
 from areal_hpc import toy
-from areal_hpc.train.testing import free_port, run_ranks
+from areal_hpc.registry import free_port
 from areal_hpc.train.weight_sync import Bucket, TensorSpec, plan_buckets
+from ranks import run_ranks
 
 
 def test_plan_buckets_keeps_order_and_budget():

@@ -126,13 +126,11 @@ class ServerPool:
 
     @classmethod
     def from_run_dir(cls, run_dir, launcher=None, **kwargs) -> "ServerPool":
-        from pathlib import Path
-
         from areal_hpc.config.schema import LauncherConfig
         from areal_hpc.registry import Registry
 
         launcher = launcher or LauncherConfig()
-        reg = Registry(Path(run_dir) / "registry", launcher.lock_kind, launcher.ttl_s)
+        reg = Registry.for_run(run_dir, launcher)
         kwargs.setdefault("refresh_s", launcher.heartbeat_s)
         return cls(reg, **kwargs)
 

@@ -31,7 +31,7 @@ import aiohttp
 from areal_hpc.config.schema import LauncherConfig, ServerConfig
 from areal_hpc.inference import sglang_api as api
 from areal_hpc.inference.sglang_api import parse_version  # noqa: F401  (re-exported)
-from areal_hpc.registry import Heartbeat, Registry
+from areal_hpc.registry import Heartbeat, Registry, free_port
 
 log = logging.getLogger("areal_hpc.inference.server")
 
@@ -73,7 +73,7 @@ class ServerLifecycle:
             raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, "
                              f"nnodes={nnodes}); use backend sglang for tensor parallelism")
         self.extra = dict(extra or {})
-        self.registry = Registry(self.run_dir / "registry", launcher.lock_kind, launcher.ttl_s)
+        self.registry = Registry.for_run(self.run_dir, launcher)
         self.api_key = self.registry.secret()
         self.bind_host = cfg.host or "0.0.0.0"
         self.advertise_host = cfg.host if cfg.host not in ("", "0.0.0.0", "::") else socket.gethostname()
@@ -227,9 +227,7 @@ class ServerLifecycle:
         if self.cfg.port:
             self.port = self.cfg.port
         else:  # SGLang binds its own port: take a free one now (a tiny race, retried by the caller)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((self.bind_host if ":" not in self.bind_host else "0.0.0.0", 0))
-                self.port = s.getsockname()[1]
+            self.port = free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
         key_file = write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
         base, env = base_gpu_and_env(self.gpus, self.tp_size)
         argv = build_sglang_argv(self.cfg, self.model_path, host=self.bind_host, port=self.port,

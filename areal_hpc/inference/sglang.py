@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from areal_hpc.config.schema import ServerConfig
+from areal_hpc.registry.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ def write_key_config(path: str | os.PathLike, api_key: str) -> str:
     """A 0600 YAML file holding ``api-key`` (SGLang reads it with ``--config``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"api-key: {json.dumps(api_key)}\n")
-    os.replace(tmp, path)
-    return str(path)
+    return atomic_write(path, f"api-key: {json.dumps(api_key)}\n", mode=0o600)
 
 
 def base_gpu_and_env(gpus: Sequence[int], tp_size: int, env: Optional[Mapping[str, str]] = None

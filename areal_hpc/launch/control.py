@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig, load_resolved
-from areal_hpc.registry import Registry
+from areal_hpc.registry import Registry, pid_alive
 
 
 def run_registry(rd: Path) -> Registry:
     cfg = load_resolved(rd / "config.yaml")
-    return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
+    return Registry.for_run(rd, cfg.launcher)
 
 
 def serving_servers(reg: Registry) -> set:
@@ -37,21 +37,6 @@ def post_request(reg: Registry, kind: str, **fields) -> str:
     name = f"{time.time_ns()}-{kind}"
     reg.put("requests", name, {"kind": kind, "created": time.time(), **fields}, ttl=False)
     return name
-
-
-def _pid_alive(pid: Optional[int]) -> bool:
-    """A live (not zombie) process on this host."""
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, PermissionError, ValueError):
-        return False
-    try:  # an exited child its parent has not reaped yet still answers kill(0)
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _health(address: str, key: str, timeout: float = 2.0) -> bool:
@@ -113,7 +98,7 @@ _OWNER_HERE = (*_HOST_MODES, "ray")
 def _owner_alive(run: Dict[str, Any], reg: Registry) -> bool:
     """mode=local (torchrun, ray): the launcher process lives (on this host by pid, elsewhere by its heartbeat)."""
     if run.get("host") in (None, socket.gethostname()):
-        return _pid_alive(run.get("pid"))
+        return pid_alive(run.get("pid"))
     return reg.get("", "run") is not None
 
 
@@ -170,7 +155,7 @@ def _server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict
     if rec.get("external") and rec.get("url"):
         return True
     if run.get("mode") in _HOST_MODES and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
-        return _pid_alive(rec.get("pid"))
+        return pid_alive(rec.get("pid"))
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
         return True  # Slurm knows nothing of it: trust the heartbeat
@@ -217,7 +202,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                          "state": "RUNNING" if owner_alive else "ENDED"}
     if status["trainer"] is not None and run and not owner_alive:
         status["trainer"] = None  # the owner's steps end with it
-    elif status["trainer"] is not None and run.get("mode") in _HOST_MODES and not _pid_alive(trainer.get("pid")) and \
+    elif status["trainer"] is not None and run.get("mode") in _HOST_MODES and not pid_alive(trainer.get("pid")) and \
             trainer.get("host") in (None, socket.gethostname()):
         status["trainer"] = None
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
@@ -319,7 +304,7 @@ def _remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
             reg.delete("servers", sid)
     trainer = reg.get("", "trainer", live_only=False)
     if trainer is not None and (reg.get("", "trainer") is None or (
-            trainer.get("host") == socket.gethostname() and not _pid_alive(trainer.get("pid")))):
+            trainer.get("host") == socket.gethostname() and not pid_alive(trainer.get("pid")))):
         reg.delete("", "trainer")
 
 
@@ -364,7 +349,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
         host = socket.gethostname()
         for rec in list(ours(reg.list("servers")).values()) + [reg.get("", "trainer") or {}]:
-            if rec.get("pid") and rec.get("host", host) == host and _pid_alive(rec["pid"]):
+            if rec.get("pid") and rec.get("host", host) == host and pid_alive(rec["pid"]):
                 os.kill(int(rec["pid"]), signal.SIGTERM)
     if slurm and run.get("job_id") and _slurm_state(run["job_id"]).get("state") in ("PENDING", "REQUEUED"):
         subprocess.run(["scancel", str(run["job_id"])], check=False)  # not started: nothing to checkpoint
@@ -408,7 +393,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
             print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
             return 1
         for sid, rec in ours(reg.list("servers")).items():
-            if _pid_alive(rec.get("pid")):
+            if pid_alive(rec.get("pid")):
                 os.kill(int(rec["pid"]), signal.SIGKILL)
             reg.delete("servers", sid)
         print(f"graceful stop timed out after {timeout_s:.0f}s: killed what was left")
@@ -467,7 +452,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
 
 def _require_owner(reg: Registry, rd: Path, what: str) -> None:
     run = reg.get("", "run", live_only=False) or {}
-    alive = _pid_alive(run.get("pid")) if run.get("mode") in _OWNER_HERE and run.get("host") in (
+    alive = pid_alive(run.get("pid")) if run.get("mode") in _OWNER_HERE and run.get("host") in (
         None, socket.gethostname()) else reg.get("", "run") is not None
     if not alive or run.get("state") not in (None, "RUNNING"):
         from areal_hpc.config import ConfigError

@@ -103,7 +103,7 @@ def train(run_dir: Path) -> int:
                                      slurm_placement())
     _master_from_slurm()
     ctx = TrainContext(cfg=cfg, alloc=parse_allocation(cfg.allocation_mode), run_dir=run_dir,
-                       registry=Registry(run_dir / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s))
+                       registry=Registry.for_run(run_dir, cfg.launcher))
     try:
         return make_trainer(ctx).run()
     finally:

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from areal_hpc.launch import outcome
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV
 from areal_hpc.launch.owner import RunOwner, Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.registry import free_port
 
 log = logging.getLogger("areal_hpc.launch")
 
@@ -34,12 +34,6 @@ def set_parent_death_signal(sig: int) -> None:
     for `subprocess.Popen`'s ``preexec_fn``."""
     if _PRCTL is not None:
         _PRCTL(1, int(sig), 0, 0, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ProcessHandle(StepHandle):

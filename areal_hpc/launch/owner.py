@@ -72,7 +72,7 @@ class RunOwner:
         # linger: with shutdown_server_on_exit=False keep serving requests while servers live after
         # the trainer ends (the Slurm driver: its allocation must outlive the trainer step)
         self.linger = linger
-        self.registry = Registry(run_dir / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
+        self.registry = Registry.for_run(run_dir, cfg.launcher)
         self.job_id = job_id
         self.servers: Dict[str, StepHandle] = {}
         self.trainer: Optional[StepHandle] = None

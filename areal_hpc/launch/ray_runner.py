@@ -37,7 +37,7 @@ from areal_hpc.launch.entry import LAUNCHER_PID_ENV
 from areal_hpc.launch.local import set_parent_death_signal
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
-from areal_hpc.registry import Registry
+from areal_hpc.registry import Registry, free_port
 
 log = logging.getLogger("areal_hpc.launch")
 
@@ -146,9 +146,7 @@ class StepTask:
     def where(self) -> Dict[str, Any]:
         import ray
 
-        with socket.socket() as s:  # rank 0's node: a free port for torch.distributed's rendezvous
-            s.bind(("", 0))
-            port = s.getsockname()[1]
+        port = free_port("")  # rank 0's node: a free port for torch.distributed's rendezvous
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port,
                 "actor_pid": os.getpid()}
@@ -356,18 +354,15 @@ class RayRunner(Runner):
 
 # ----------------------------------------------------------------------------- the run, and control
 
-def _registry(cfg: ExperimentConfig, rd: Path) -> Registry:
-    return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
-
-
 def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
     """Own the run from this process (`local.run` with a `RayRunner`); ``nodes`` from `prepare`."""
     from areal_hpc.launch import local
 
     ray = connect(cfg.cluster.ray_address)
     prefix = run_prefix(plan, rd)
-    _registry(cfg, rd).put("", "ray", {"address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE,
-                                       "prefix": prefix, "nodes": nodes}, ttl=False)
+    Registry.for_run(rd, cfg.launcher).put("", "ray", {"address": ray.get_runtime_context().gcs_address,
+                                                       "namespace": NAMESPACE, "prefix": prefix, "nodes": nodes},
+                                           ttl=False)
     # a trainer-only plan (min_required_servers) goes where the run's live servers left room
     runner = RayRunner(cfg, plan, rd, nodes, pin=bool(plan.servers))
     try:

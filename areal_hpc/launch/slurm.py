@@ -43,7 +43,7 @@ from areal_hpc.launch.control import serving_servers
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan, python_executable, srun_argv
 from areal_hpc.launch.sbatch import render, sbatch_lines
-from areal_hpc.registry import Registry
+from areal_hpc.registry import Registry, atomic_write
 
 log = logging.getLogger("areal_hpc.launch")
 
@@ -196,7 +196,7 @@ class Driver(submitit.helpers.Checkpointable):
         if rc not in (0, outcome.exit_code(outcome.STOPPED)):
             # the job must end FAILED (non-zero exit), not COMPLETED: submitit records the error for
             # `job.result()` and re-raises it, so the batch script exits 1
-            rec = _registry(load_resolved(Path(self.run_dir) / "config.yaml"), Path(self.run_dir)).get(
+            rec = Registry.for_run(self.run_dir, load_resolved(Path(self.run_dir) / "config.yaml").launcher).get(
                 "", "run", live_only=False) or {}
             raise RunFailed(f"run {outcome.summary_line(rec)}")
         return rc
@@ -208,10 +208,6 @@ class Driver(submitit.helpers.Checkpointable):
         if not requeue:
             return None  # submitit then ends the job instead of requeueing it
         return submitit.helpers.DelayedSubmission(Driver(self.run_dir))
-
-
-def _registry(cfg: ExperimentConfig, rd: Path) -> Registry:
-    return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
 
 
 def _follow_hint(cfg: ExperimentConfig) -> str:
@@ -325,7 +321,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     except submitit.core.utils.FailedJobError as e:
         raise rejection(cfg, str(e)) from None
     job_id = str(job.job_id)
-    reg = _registry(cfg, rd)
+    reg = Registry.for_run(rd, cfg.launcher)
     cur = reg.get("", "run", live_only=False)
     if cur is None or str(cur.get("job_id")) != job_id:  # the driver may already have written its own
         reg.put("", "run", {"mode": "slurm", "job_id": job_id, "pid": None, "host": None, "state": "PENDING",
@@ -354,7 +350,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
 
 def live_driver(cfg: ExperimentConfig, rd: Path) -> Optional[Dict[str, Any]]:
     """The run record of a live Slurm driver of this run (heartbeat fresh and job running), else None."""
-    run = _registry(cfg, rd).get("", "run")
+    run = Registry.for_run(rd, cfg.launcher).get("", "run")
     if not run or run.get("mode") != "slurm" or not run.get("job_id") or not run.get("pid"):
         return None
     return run if job_state(str(run["job_id"])) == "RUNNING" else None
@@ -375,10 +371,8 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         keep = 0
     new_cfg = copy.deepcopy(cfg)
     new_cfg.min_required_servers = keep
-    tmp = cfg_path.with_name("config.yaml.tmp")
-    tmp.write_text(dump_yaml(new_cfg))
-    os.replace(tmp, cfg_path)
-    reg = _registry(cfg, rd)
+    atomic_write(cfg_path, dump_yaml(new_cfg))
+    reg = Registry.for_run(rd, cfg.launcher)
 
     def trainer_step_id(rec: Optional[Dict[str, Any]]) -> Optional[str]:
         return ((rec or {}).get("steps") or {}).get("trainer", {}).get("slurm_step_id")
@@ -446,7 +440,7 @@ def next_server_index(reg: Registry) -> int:
 
 def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int, timeout_s: Optional[float] = None) -> int:
     """A separate job of ``count`` servers that join the run (same registry); waits until they are ready."""
-    reg = _registry(cfg, rd)
+    reg = Registry.for_run(rd, cfg.launcher)
     first = next_server_index(reg)
     plan = _servers_plan(cfg, rd, count, first)
     script = rd / "sbatch" / f"add-servers-{first}.sbatch"

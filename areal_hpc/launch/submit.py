@@ -12,11 +12,7 @@ from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump
 from areal_hpc.config.validate import run_umask
 from areal_hpc.launch.plan import Plan, build_plan
 from areal_hpc.launch.sbatch import render
-from areal_hpc.registry import Registry
-
-
-def registry_for(cfg: ExperimentConfig, rd: Path) -> Registry:
-    return Registry(rd / "registry", lock_kind=cfg.launcher.lock_kind, ttl_s=cfg.launcher.ttl_s)
+from areal_hpc.registry import Registry, atomic_write
 
 
 def _make_fileroot(cfg: ExperimentConfig) -> None:
@@ -60,9 +56,7 @@ def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
     if plan.servers:
         files[rd / "sbatch" / "add-servers.sbatch"] = render("add-servers.sbatch", cfg, plan)
     for path, text in files.items():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
 
 
 class RunDirSnapshot:
@@ -149,7 +143,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
 
         ray_runner.require_ray()
     rd = run_dir(cfg)
-    reg = registry_for(cfg, rd)
+    reg = Registry.for_run(rd, cfg.launcher)
     restart = cfg.min_required_servers > 0
     live_servers = reg.list("servers") if (rd / "registry").exists() else {}
     trainer = reg.get("", "trainer") if (rd / "registry").exists() else None

@@ -21,9 +21,10 @@ from typing import Dict, List
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV
-from areal_hpc.launch.local import ProcessHandle, ProcessRunner, free_port, set_parent_death_signal
+from areal_hpc.launch.local import ProcessHandle, ProcessRunner, set_parent_death_signal
 from areal_hpc.launch.owner import StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.registry import free_port
 
 # what the agent sets per rank: inherited values of an enclosing launcher must not leak in
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")

@@ -3,5 +3,7 @@
 from areal_hpc.registry.errors import RegistryTimeout
 from areal_hpc.registry.heartbeat import Heartbeat, install_exit_handlers
 from areal_hpc.registry.store import Registry
+from areal_hpc.registry.util import atomic_write, free_port, pid_alive
 
-__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "install_exit_handlers"]
+__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "install_exit_handlers", "atomic_write", "free_port",
+           "pid_alive"]

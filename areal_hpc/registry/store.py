@@ -23,7 +23,6 @@ A record is ``{kind}/{name}.json``; top-level records (``run``, ``trainer``) use
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import os
 import secrets
@@ -35,6 +34,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import filelock
 
 from areal_hpc.registry.errors import RegistryTimeout
+from areal_hpc.registry.util import atomic_write
 
 _TTL_KEY = "_ttl"
 # flock: kernel locks (local disks; Lustre/GPFS mounted with flock). The others are lock *files*
@@ -74,8 +74,14 @@ class Registry:
         if lock_kind not in LOCK_CLASSES:
             raise ValueError(f"lock_kind must be one of {', '.join(LOCK_CLASSES)}, not {lock_kind!r}")
         self._dirs: Dict[str, str] = {}
-        self._pid = os.getpid()
-        self._seq = itertools.count()
+
+    @classmethod
+    def for_run(cls, run_dir: str | os.PathLike, launcher: Any = None) -> "Registry":
+        """The registry of a run dir (``{run_dir}/registry``), with the lock kind and TTL of
+        ``launcher`` (the config's ``launcher`` section; None: the defaults)."""
+        if launcher is None:
+            return cls(Path(run_dir) / "registry")
+        return cls(Path(run_dir) / "registry", lock_kind=launcher.lock_kind, ttl_s=launcher.ttl_s)
 
     # ------------------------------------------------------------ paths
     def path(self, kind: str, name: str) -> Path:
@@ -103,15 +109,7 @@ class Registry:
         d = self._dir(kind)
         body = dict(data)
         body[_TTL_KEY] = self.ttl_s if ttl else None
-        tmp = f"{d}/.{name}.{self._pid}.{next(self._seq)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(body).encode())
-        finally:
-            os.close(fd)
-        path = f"{d}/{name}.json"
-        os.replace(tmp, path)
-        return path
+        return atomic_write(f"{d}/{name}.json", json.dumps(body).encode(), mode=0o600)
 
     def touch(self, kind: str, name: str) -> bool:
         """Heartbeat: refresh a record's liveness. False if the record is gone."""

@@ -11,10 +11,9 @@ Knows nothing of servers or Slurm; imports only ``areal_hpc.config``, ``areal_hp
 - ``parallel``: FSDP2 wrapping, mixed precision, activation checkpointing
 - ``optim``: AdamW, LR schedule, gradient norm and clipping
 - ``engine``: `FSDPEngine` (forward logprobs, train_batch)
-- ``ppo``: advantages, decoupled PPO loss, `PPOActor`
+- ``ppo_loss``: advantages, decoupled PPO loss, `PPOActor`
 - ``sft``: NLL on response tokens, `SFTLearner`
 - ``publish``: HF checkpoints of the current weights, pruning old versions
 - ``weight_sync``: broadcasting weights to inference servers over NCCL
 - ``checkpoint``: sharded DCP checkpoints with atomic "latest"
-- ``testing``: running a function on N local CPU ranks
 """

@@ -28,6 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from areal_hpc.registry.util import atomic_write
 from areal_hpc.train import dist
 from areal_hpc.train.engine import FSDPEngine
 
@@ -63,15 +64,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(root: Path) -> List[Path]:
@@ -126,7 +118,7 @@ class Checkpointer:
         dist.barrier()
         if rank == 0:
             meta = {"step": int(step), "version": eng.get_version(), "world_size": dist.world_size()}
-            _write_atomic(tmp / "meta.json", json.dumps(meta))
+            atomic_write(tmp / "meta.json", json.dumps(meta), fsync=True)
             if final.exists():  # re-saving a step: the old copy goes only after the new one is whole
                 old = root / (_name(step) + ".old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -135,7 +127,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _write_atomic(root / LATEST, final.name)
+            atomic_write(root / LATEST, final.name, fsync=True)
             self._prune(root, final)
         dist.barrier()
         return final

@@ -28,7 +28,7 @@ from areal_hpc.train import dist
 from areal_hpc.train.batch import shard_batch
 from areal_hpc.train.checkpoint import Checkpointer
 from areal_hpc.train.phases import PhaseTimer
-from areal_hpc.train.ppo import PPOActor
+from areal_hpc.train.ppo_loss import PPOActor
 from areal_hpc.train.publish import prune_weights, publish_weights
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
@@ -219,14 +219,18 @@ class PPOTrainer(Trainer):
 
             if side is not None and self._bcast is None:
                 self._bcast = BroadcastWeightSync(side, backend=cfg.trainer.ppo.weight_update)
-            if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0:
+            # external servers stay out of the group: they load a disk copy, published for them
+            external = broadcast_object(side.external_ids() if side is not None else [])
+            path = None
+            if external or (cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0):
                 with timer.phase("weight_publish"):
-                    publish_weights(engine, ctx.weights_dir, version, model_src, registry)
+                    path = publish_weights(engine, ctx.weights_dir, version, model_src, registry)
                     if side is not None:
                         prune_weights(ctx.weights_dir, ctx.registry, keep_min_version=version)
             if side is not None:
                 return side.update_weights_broadcast(
-                    self._bcast, lambda g, cb: broadcast_engine_weights(engine, g, cb), version, timer)
+                    self._bcast, lambda g, cb: broadcast_engine_weights(engine, g, cb), version, timer,
+                    disk_path=str(path) if external and path is not None else None)
             with timer.phase("weight_broadcast"):
                 broadcast_engine_weights(engine, None)
             return {}

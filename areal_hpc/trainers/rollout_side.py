@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from areal_hpc import toy
 from areal_hpc.inference.client import ServerPool
+from areal_hpc.registry import free_port
 from areal_hpc.rollout import PromptLoader, RolloutController, make_workflow
 from areal_hpc.rollout.data import load_dataset_rows
 from areal_hpc.rollout.adapters import apply_adapter
@@ -99,15 +100,30 @@ class RolloutSide:
                 c.run(self.pool.continue_all())
                 c.set_version(version)
                 c.resume()
+        failed = self._report_failed(results, path, version)
+        return {"servers_updated": float(len(results) - len(failed))}
+
+    def external_ids(self) -> List[str]:
+        """Healthy external servers (attached by URL, or `serve` by hand) the pool knows of now."""
+        return sorted(sid for sid, info in self.pool.servers.items() if info["healthy"] and info.get("external"))
+
+    def _report_failed(self, results: Dict[str, Any], path: str, version: int) -> Dict[str, Any]:
         failed = {k: v for k, v in results.items() if not getattr(v, "ok", v is True)}
         if failed:
             log.warning("weight update v%d failed on %d server(s): %s", version, len(failed), failed)
-        return {"servers_updated": float(len(results) - len(failed))}
+        for sid in sorted(set(failed) - self._warned):
+            if self.pool.servers.get(sid, {}).get("external"):
+                self._warned.add(sid)
+                log.warning("external server %s could not load %s: disk weight updates need the run's weights/ "
+                            "directory readable from that server (a shared filesystem)", sid, path)
+        return failed
 
     def update_weights_broadcast(self, sync: "BroadcastWeightSync", broadcast, version: int,
-                                 timer: Optional[PhaseTimer] = None) -> Dict[str, float]:
+                                 timer: Optional[PhaseTimer] = None, disk_path: Optional[str] = None
+                                 ) -> Dict[str, float]:
         """The collective path: pause, (re)form the group if the servers changed, broadcast, continue.
-        ``broadcast(group, on_bucket)`` runs the trainer's collective broadcast (all ranks)."""
+        ``broadcast(group, on_bucket)`` runs the trainer's collective broadcast (all ranks); external
+        servers (outside the group) load ``disk_path``, published for them."""
         c, timer = self.controller, timer or PhaseTimer()
         c.pause()
         try:
@@ -116,6 +132,10 @@ class RolloutSide:
             with timer.phase("weight_broadcast"):
                 sync.ensure_group()
                 broadcast(sync.group, sync.announcer(version))
+            if disk_path and sync.external:
+                with timer.phase("weight_load"):
+                    results = c.run(self.pool.update_weights_from_disk(disk_path, version, server_ids=sync.external))
+                self._report_failed(results, disk_path, version)
         finally:
             with timer.phase("weight_pause"):
                 c.run(self.pool.continue_all())
@@ -168,9 +188,7 @@ class BroadcastWeightSync:
             destroy_weight_sync_group(self.group)
             self.group = None
         name = new_group_name()
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
+        port = free_port("")
         addr = socket.gethostbyname(socket.gethostname())
         world = len(members) + 1
 

@@ -105,7 +105,7 @@ def one_run(root: Path, name: str, mode_words: List[str]) -> Dict[str, float]:
             if rd is None:
                 time.sleep(0.02)
                 continue
-            reg = Registry(rd / "registry")
+            reg = Registry.for_run(rd)
         srv = reg.get("servers", "server-0")
         if srv and "server" not in starts:  # read its start time now: it is gone after the run
             starts["server"] = proc_start_time(int(srv["pid"]))

@@ -121,7 +121,7 @@ def one_run(root: Path, partition: str, name: str) -> Dict[str, float]:
             if rd is None:
                 time.sleep(0.02)
                 continue
-            reg = Registry(rd / "registry")
+            reg = Registry.for_run(rd)
         if submit.poll() is not None and "submit_returned" not in marks:
             marks["submit_returned"] = now
         srv = reg.get("servers", "server-0")
@@ -139,7 +139,7 @@ def one_run(root: Path, partition: str, name: str) -> Dict[str, float]:
             marks["first_step"] = now
         time.sleep(0.02)
     out_text, _ = submit.communicate(timeout=600)
-    run = Registry(rd / "registry").get("", "run", live_only=False) or {}
+    run = Registry.for_run(rd).get("", "run", live_only=False) or {}
     job_id = str(run.get("job_id"))
     state = wait_final(job_id, poll_s=0.5)
     if state != "COMPLETED":

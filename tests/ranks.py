@@ -1,18 +1,11 @@
-"""Run a function on N local CPU ranks (gloo) — for tests and CPU smoke runs of the train package."""
+"""Run a function on N local CPU ranks (gloo): the train package's tests."""
 
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: Sequence[Any],

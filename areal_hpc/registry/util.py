@@ -1,0 +1,55 @@
+"""Small OS helpers every layer shares: atomic file writes, a free port, a live pid.
+
+They live in the registry package, the lowest layer that uses them, and import nothing of ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from typing import Optional, Union
+
+_SEQ = itertools.count()
+
+
+def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666,
+                 fsync: bool = False) -> str:
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``, so a
+    reader sees the old file or the new one, never half of one. ``mode`` is the new file's mode
+    before the umask; ``fsync`` flushes the data to disk before the rename."""
+    path = os.fspath(path)
+    d, name = os.path.split(path)
+    tmp = os.path.join(d, f".{name}.{os.getpid()}.{next(_SEQ)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (``""``: on every interface). Another process may take it
+    before the caller binds it; callers that cannot retry should keep the socket instead."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: Optional[int]) -> bool:
+    """A live (not zombie) process on this host."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, PermissionError, ValueError):
+        return False
+    try:  # an exited child its parent has not reaped yet still answers kill(0)
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
