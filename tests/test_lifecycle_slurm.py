@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 from helpers import wait_until
-from test_slurm_e2e import FINAL, Run, assert_contiguous, job_state
+from test_slurm_e2e import FINAL, assert_contiguous, root, run  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slurm
 
@@ -40,26 +36,6 @@ class Boom(Trainer):
     def run(self) -> int:
         raise RuntimeError("boom: this trainer fails on purpose")
 '''
-
-
-@pytest.fixture(scope="module")
-def root(slurm_cluster) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="areal-lifecycle-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def run(root, request) -> Iterator[Run]:
-    exp = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40].strip("-")
-    r = Run(root, exp)
-    yield r
-    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60).stdout
-    ids = [line.split()[0] for line in out.splitlines() if f"areal-{exp}-t0" in line]
-    if ids:
-        subprocess.run(["scancel", *ids], timeout=60)
-        wait_until(lambda: not any(job_state(i) not in FINAL | {None} for i in ids), 120, "cancelled jobs to end")
 
 
 def sacct_x(job_id: str) -> tuple:

@@ -175,9 +175,8 @@ class BroadcastWeightSync:
 
         pool, c = self.side.pool, self.side.controller
         c.run(pool.refresh())
-        healthy = {sid: info for sid, info in pool.servers.items() if info["healthy"]}
-        members = sorted(sid for sid, info in healthy.items() if not info.get("external"))
-        external = sorted(sid for sid, info in healthy.items() if info.get("external"))
+        external = self.side.external_ids()
+        members = sorted(sid for sid, info in pool.servers.items() if info["healthy"] and sid not in external)
         for sid in sorted(set(external) - set(self.external)):
             log.warning("external server %s gets weights from disk (weights/), not through the %s group", sid,
                         self.backend)
