@@ -1,9 +1,7 @@
 """areal-hpc: Slurm-first asynchronous RL for language models (the AReaL-lite design).
 
-``areal_hpc.__version__`` is the installed distribution's version (``importlib.metadata``); in a
-source tree that was never installed it is read from the ``setup.cfg`` next to the package. It is
-looked up on first access: ``importlib.metadata`` costs ~25 ms to import, and every process of a
-run imports this package.
+``__version__`` is the installed distribution's (or, in a source tree never installed, setup.cfg's),
+looked up on first access: every process of a run imports this package, not all need the version.
 """
 
 from __future__ import annotations

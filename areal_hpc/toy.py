@@ -1,9 +1,5 @@
-"""Tiny local models, tokenizers and datasets: no hub, no download.
-
-A `toy:` spec names something this module builds on the fly and caches on disk, e.g.
-``toy:qwen3-h128-l2`` (model + char tokenizer) or ``toy:sum`` (dataset of ``"a+b="`` prompts).
-Used by the quickstart, the tests and the benchmarks; real runs point at real directories.
-"""
+"""Tiny local models, tokenizers and datasets, built on the fly and cached on disk (no hub): a
+`toy:` spec such as ``toy:qwen3-h128-l2`` (model + char tokenizer) or ``toy:sum`` (``"a+b="`` prompts)."""
 
 from __future__ import annotations
 
@@ -18,8 +14,7 @@ from areal_hpc.registry.util import atomic_write
 
 # Characters the toy tokenizer knows; ids follow the special tokens.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
-# Small on purpose: a random-init policy then puts real mass on the digits, so GRPO on the toy
-# tasks gets a learning signal from the first step (vocab 18, like the settings in our notes).
+# Small on purpose: a random-init policy puts real mass on the digits, so GRPO learns from step one.
 CHARS = list("0123456789+-*= ")
 # Bump when the tokenizer or the model recipe changes: cached toy models are keyed by it.
 RECIPE = "v2"
@@ -27,12 +22,8 @@ RECIPE = "v2"
 _MODEL_SPEC = re.compile(r"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>\d+))?(?:-l(?P<l>\d+))?(?:-i(?P<i>\d+))?$")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("AREAL_HPC_CACHE", Path.home() / ".cache" / "areal-hpc"))
-
-
-def is_toy_spec(path: str) -> bool:
-    return isinstance(path, str) and path.startswith("toy:")
+def _cache_dir(cache_dir: Optional[Path]) -> Path:
+    return cache_dir or Path(os.environ.get("AREAL_HPC_CACHE", Path.home() / ".cache" / "areal-hpc"))
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 0):
@@ -47,9 +38,8 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 0):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>")
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -87,19 +77,17 @@ def build_model(out_dir: str | Path, arch: str = "qwen3", hidden: int = 128, lay
 
 def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
     """Turn a `toy:` model spec into a built, cached directory; pass other paths through."""
-    if not is_toy_spec(path):
+    if not str(path).startswith("toy:"):
         return path
     m = _MODEL_SPEC.match(path)
     if not m:
-        raise ValueError(
-            f"bad toy model spec {path!r}: expected toy:<qwen3|llama>[-h<hidden>][-l<layers>], e.g. toy:qwen3-h128-l2"
-        )
-    arch, hidden, layers = m["arch"], int(m["h"] or 128), int(m["l"] or 2)
-    inter = int(m["i"]) if m["i"] else None
-    out = (cache_dir or default_cache_dir()) / "models" / RECIPE / path.replace(":", "-")
+        raise ValueError(f"bad toy model spec {path!r}: expected toy:<qwen3|llama|qwen2>[-h<hidden>]"
+                         "[-l<layers>][-i<intermediate>], e.g. toy:qwen3-h128-l2")
+    out = _cache_dir(cache_dir) / "models" / RECIPE / path.replace(":", "-")
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        build_model(tmp, arch=arch, hidden=hidden, layers=layers, intermediate=inter)
+        build_model(tmp, arch=m["arch"], hidden=int(m["h"] or 128), layers=int(m["l"] or 2),
+                    intermediate=int(m["i"]) if m["i"] else None)
         try:
             os.replace(tmp, out)
         except OSError:  # another process won the race: use theirs
@@ -114,11 +102,8 @@ def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
 def make_sum_rows(n: int, seed: int = 0) -> list[dict]:
     """Prompt ``"a+b="`` (single digits), answer ``(a+b) mod 10``: one token to learn."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randrange(10), rng.randrange(10)
-        rows.append({"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)})
-    return rows
+    pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(n)]
+    return [{"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)} for a, b in pairs]
 
 
 TOY_DATASETS = {"sum": make_sum_rows}
@@ -126,13 +111,13 @@ TOY_DATASETS = {"sum": make_sum_rows}
 
 def resolve_dataset(path: str, split: str = "train", cache_dir: Optional[Path] = None) -> str:
     """Turn a `toy:<name>[-<rows>]` dataset spec into a cached jsonl file."""
-    if not is_toy_spec(path):
+    if not str(path).startswith("toy:"):
         return path
     m = re.match(r"^toy:(?P<name>[a-z]+)(?:-(?P<n>\d+))?$", path)
     if not m or m["name"] not in TOY_DATASETS:
         raise ValueError(f"bad toy dataset spec {path!r}: expected toy:<{'|'.join(TOY_DATASETS)}>[-<rows>]")
     n = int(m["n"] or 2048)
-    out = (cache_dir or default_cache_dir()) / "datasets" / f"{m['name']}-{n}-{split}.jsonl"
+    out = _cache_dir(cache_dir) / "datasets" / f"{m['name']}-{n}-{split}.jsonl"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = TOY_DATASETS[m["name"]](n, seed=0 if split == "train" else 1)

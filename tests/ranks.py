@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 
@@ -40,3 +42,18 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
     env = dict(env or {}, TORCHELASTIC_USE_AGENT_STORE="True")
     mp.start_processes(_entry, args=(fn, world_size, store.port, tuple(args), env),
                        nprocs=world_size, join=True, start_method="spawn")
+
+
+def receive_weights(group: tdist.ProcessGroup, names: Sequence[str], dtypes: Sequence[str | torch.dtype],
+                    shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+                    ) -> List[Tuple[str, torch.Tensor]]:
+    """What a server does with one announced bucket of `weight_sync`: ``[(name, tensor)]`` in order."""
+    out, works = [], []
+    for name, dt, shape in zip(names, dtypes, shapes):
+        dtype = dt if isinstance(dt, torch.dtype) else getattr(torch, str(dt).removeprefix("torch."))
+        t = torch.empty(tuple(shape), dtype=dtype, device=device)
+        works.append(tdist.broadcast(t, group_src=0, group=group, async_op=True))
+        out.append((name, t))
+    for w in works:
+        w.wait()
+    return out

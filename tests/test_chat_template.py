@@ -17,7 +17,7 @@ from areal_hpc.config.schema import GenerationConfig
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat, _as_ids, end_of_turn_id, stop_token_ids
 from areal_hpc.rollout.workflow import RLVRWorkflow
 from areal_hpc.toy import resolve_model
-from areal_hpc.train.sft import tokenize_rows
+from areal_hpc.train.sft_loss import tokenize_rows
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 

@@ -189,12 +189,38 @@ def test_stop_and_status_on_a_local_run(tmp_path):
                 owner.send_signal(signal.SIGKILL)
 
 
-def test_readme_custom_trainer_example(tmp_path):
+# The README's custom-trainer example ("Add your own trainer, workflow or reward"), verbatim.
+RFT_EXAMPLE = '''# my_rft.py
+from areal_hpc.train.engine import loss_token_count
+from areal_hpc.train.sft_loss import sft_loss
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.ppo_trainer import PPOTrainer
+
+
+@register_trainer("rft")
+class RejectionSamplingTrainer(PPOTrainer):
+    """SFT on the rollouts that got reward 1; everything else is the PPO trainer's."""
+
+    def train_on(self, actor, batch):
+        good = batch["rewards"] >= 1.0
+        batch["loss_mask"] = batch["loss_mask"] & good[:, None]
+        stats = actor.engine.train_batch(batch, sft_loss, loss_token_count)
+        actor.engine.step_lr_scheduler()
+        stats["kept_frac"] = float(good.float().mean())
+        return stats
+'''
+RFT_COMMAND = "areal-hpc submit configs/quickstart.yaml trainer.type=rft trainer.plugins=[my_rft.py] " \
+              "trainer.total_train_steps=40"
+
+
+def test_readme_shows_the_custom_trainer_example():
     readme = (REPO / "README.md").read_text()
-    code = readme.split("```python\n# my_rft.py\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "my_rft.py").write_text(code)
-    cmd = readme.split("areal-hpc submit configs/quickstart.yaml trainer.type=rft", 1)[1].split("\n", 1)[0]
-    overrides = ["trainer.type=rft", *cmd.split(), *SMALL]
+    assert f"```python\n{RFT_EXAMPLE}```" in readme and RFT_COMMAND in readme
+
+
+def test_readme_custom_trainer_example(tmp_path):
+    (tmp_path / "my_rft.py").write_text(RFT_EXAMPLE)
+    overrides = [*RFT_COMMAND.split()[3:], *SMALL]
     overrides = [o.replace("trainer.total_train_steps=40", "trainer.total_train_steps=6") for o in overrides]
     submit(tmp_path, *overrides)
     rows = metrics(run_dir(tmp_path))

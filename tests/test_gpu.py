@@ -25,7 +25,7 @@ FSDP_PROBE = r"""
 import json, os, sys, torch
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
 from areal_hpc.train.engine import FSDPEngine
-from areal_hpc.train.sft import sft_loss, tokenize_rows
+from areal_hpc.train.sft_loss import sft_loss, tokenize_rows
 from areal_hpc.train.engine import loss_token_count
 from areal_hpc.train.batch import shard_batch
 from areal_hpc.toy import make_sum_rows
@@ -82,7 +82,7 @@ def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path, monkeypatch
     from areal_hpc.inference.client import ServerPool
     from areal_hpc.registry import Registry
     from areal_hpc.train.engine import FSDPEngine, loss_token_count
-    from areal_hpc.train.sft import sft_loss, tokenize_rows
+    from areal_hpc.train.sft_loss import sft_loss, tokenize_rows
     from areal_hpc.train.weight_sync import broadcast_engine_weights, init_weight_sync_group, new_group_name
 
     model = toy.resolve_model("toy:qwen3-h256-l4", cache_dir=tmp_path)
@@ -153,10 +153,10 @@ def test_compiled_varlen_engine_matches_eager_sdpa(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
-    from areal_hpc.train import attention, optim
+    from areal_hpc.train import optim, packed_attention
     from areal_hpc.train.batch import collate
     from areal_hpc.train.engine import FSDPEngine
-    from areal_hpc.train.sft import sft_loss
+    from areal_hpc.train.sft_loss import sft_loss
 
     cfg = AutoConfig.for_model("qwen2", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
@@ -178,7 +178,7 @@ def test_compiled_varlen_engine_matches_eager_sdpa(tmp_path):
         stats = eng.forward_backward(batch, sft_loss)
         res[name] = (logp, stats["loss"], float(optim.grad_norm(list(eng.model.parameters()))))
         del eng
-    assert attention._state["flash"], "the flash varlen kernel did not run on this GPU"
+    assert packed_attention._state["flash"], "the flash varlen kernel did not run on this GPU"
     lp_ref, loss_ref, norm_ref = res["eager_sdpa"]
     for name in ("compiled_varlen", "compiled_padded_fused"):
         lp, loss, norm = res[name]

@@ -428,7 +428,7 @@ def test_update_weights_from_disk_changes_outputs_and_version(cluster, reference
 def test_update_weights_from_distributed_gloo(cluster, perturbed, model_path):
     import torch.distributed as dist
 
-    from areal_hpc.inference.http_server import init_custom_process_group
+    from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group
 
     model, _ = perturbed
     with socket.socket() as s:

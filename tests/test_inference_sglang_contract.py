@@ -3,7 +3,7 @@
 * Ours -> SGLang: every route our client, pool, server lifecycle and trainer call exists with
   that method; every field we send is a field of the struct SGLang parses it into, with a
   compatible type; every response key we read is produced by SGLang or has a tested fallback
-  (`areal_hpc.inference.sglang_contract.check_ours`). A mutated copy of our builders/routes fails.
+  (``tools/sglang_contract.py``'s `check_ours`). A mutated copy of our builders/routes fails.
 * SGLang -> our `hf` server: every field SGLang accepts on those routes (and every sampling
   param) is honoured or refused with a 400 naming it.
 * An older SGLang without ``weight_version`` in ``meta_info`` (a real aiohttp server standing in
@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import importlib.util
 import json
 import logging
+import sys
 import types
 from pathlib import Path
 
@@ -27,11 +29,14 @@ import pytest
 from aiohttp import web
 
 from areal_hpc.inference import sglang_api as api
-from areal_hpc.inference import sglang_contract as sc
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.inference.sglang import SGLANG_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
+# a developer tool, not part of the package: loaded by path
+_spec = importlib.util.spec_from_file_location("sglang_contract", ROOT / "tools" / "sglang_contract.py")
+sc = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(sc)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +240,7 @@ VALUES = {"text": "1+2=", "input_ids": [6, 7], "sampling_params": {"max_new_toke
 
 
 def test_hf_server_honours_or_refuses_every_generate_field(contract, hf_engine):
-    from areal_hpc.inference.http_server import FIELD_POLICIES
+    from areal_hpc.inference.http_validate import FIELD_POLICIES
 
     policy = FIELD_POLICIES["/generate"]
     fields = contract.structs["GenerateReqInput"]
@@ -261,7 +266,7 @@ def test_hf_server_honours_or_refuses_every_generate_field(contract, hf_engine):
 
 
 def test_hf_server_honours_or_refuses_every_sampling_param(contract, hf_engine):
-    from areal_hpc.inference.http_server import SUPPORTED_SAMPLING_KEYS
+    from areal_hpc.inference.http_validate import SUPPORTED_SAMPLING_KEYS
 
     assert SUPPORTED_SAMPLING_KEYS <= set(contract.sampling)
 
@@ -282,7 +287,7 @@ def test_hf_server_honours_or_refuses_every_sampling_param(contract, hf_engine):
 
 
 def test_hf_server_refuses_unsupported_fields_of_control_routes(contract, hf_engine):
-    from areal_hpc.inference.http_server import FIELD_POLICIES
+    from areal_hpc.inference.http_validate import FIELD_POLICIES
 
     checked = 0
 

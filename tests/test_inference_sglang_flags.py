@@ -7,6 +7,7 @@ never imported (it needs CUDA and ~46 GPU packages).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,10 +16,15 @@ from pathlib import Path
 import pytest
 
 from areal_hpc.config.schema import ServerConfig
-from areal_hpc.inference.sglang import (SGLANG_VERSION, base_gpu_and_env, build_sglang_options, declared_flags,
-                                        render_argv, write_key_config)
+from areal_hpc.inference.sglang import (SGLANG_VERSION, base_gpu_and_env, build_sglang_options, render_argv,
+                                        write_key_config)
 
 ROOT = Path(__file__).resolve().parents[1]
+# the flag reader is part of the developer tool tools/sglang_contract.py (not the package)
+_spec = importlib.util.spec_from_file_location("sglang_contract", ROOT / "tools" / "sglang_contract.py")
+_tool = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(_tool)
+declared_flags = _tool.declared_flags
 
 
 @pytest.fixture(scope="module")

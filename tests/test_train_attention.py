@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from areal_hpc.train import attention
+from areal_hpc.train import packed_attention
 
 
 def reference(q, k, v, lens):
@@ -26,7 +26,7 @@ def test_per_document_attention_matches_each_document_alone(lens):
     T = sum(lens)
     q, k, v = (torch.randn(h, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    out = attention._per_document(q, k, v, cu, None)
+    out = packed_attention._per_document(q, k, v, cu, None)
     want = reference(q, k, v, lens)
     torch.testing.assert_close(out, want)
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)

@@ -31,10 +31,10 @@ def test_compiled_layers_match_eager_and_do_not_recompile_per_length(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from areal_hpc import toy
-    from areal_hpc.train import attention, parallel
+    from areal_hpc.train import packed_attention, parallel
 
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
-    impl = attention.resolve_impl("varlen")
+    impl = packed_attention.resolve_impl("varlen")
     eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
     compiled = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
     parallel.compile_layers(compiled)
@@ -62,10 +62,10 @@ def test_padded_rows_compile_static_token_count_and_settle(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from areal_hpc import toy
-    from areal_hpc.train import attention, parallel
+    from areal_hpc.train import packed_attention, parallel
 
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
-    impl = attention.resolve_impl("varlen")
+    impl = packed_attention.resolve_impl("varlen")
     eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
     compiled = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
     parallel.compile_layers(compiled, dynamic=None)
@@ -86,13 +86,13 @@ def test_fused_sibling_linears_match_eager(tmp_path):
     import torch._inductor.config
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from areal_hpc.train import attention, parallel
+    from areal_hpc.train import packed_attention, parallel
 
     cfg = AutoConfig.for_model("qwen2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
-    impl = attention.resolve_impl("varlen")
+    impl = packed_attention.resolve_impl("varlen")
     eager = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation=impl)
     compiled = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation=impl)
     assert compiled.model.layers[0].self_attn.k_proj.bias is not None

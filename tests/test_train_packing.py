@@ -3,13 +3,57 @@
 from __future__ import annotations
 
 import random
+from typing import Dict, List, Sequence
 
 import pytest
 import torch
 
-from areal_hpc.train.batch import batch_size, collate, shard_batch, split_batch, unpad
+from areal_hpc.train.batch import Batch, Sample, batch_size, collate, is_token_key, shard_batch, split_batch
 from areal_hpc.train.logprob import gather_logprobs, linear_logprobs, packed_token_logprobs
-from areal_hpc.train.packing import dummy_micro_batch, make_micro_batches, pack_samples, plan_micro_batches, unpack_to_padded
+from areal_hpc.train.packing import MicroBatch, dummy_micro_batch, make_micro_batches, plan_micro_batches, unpack_to_padded
+
+
+# Reference implementations: a sample at a time, what the packer does for a whole batch at once.
+def unpad(batch: Batch) -> List[Sample]:
+    """One dict per sample with padding dropped (any padding side; slices when each row's tokens are
+    contiguous, a boolean index otherwise)."""
+    mask = batch["attention_mask"].bool()
+    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    token_keys = {k for k in keys if is_token_key(batch, k)}
+    lens = mask.sum(dim=1)
+    first = mask.to(torch.uint8).argmax(dim=1)
+    cols = torch.arange(mask.shape[1])
+    contiguous = torch.equal(mask, (cols >= first[:, None]) & (cols < (first + lens)[:, None]))
+    samples = []
+    for i, (s, n) in enumerate(zip(first.tolist(), lens.tolist())):
+        m = slice(s, s + n) if contiguous else mask[i]
+        samples.append({k: (batch[k][i][m] if k in token_keys else batch[k][i]) for k in keys})
+    return samples
+
+
+def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int], pad_to: int = 0,
+                 pad_token_id: int = 0) -> MicroBatch:
+    """Concatenate samples into one packed micro-batch; with ``pad_to``, a padding document
+    (``pad_token_id``, every other per-token key zero, so no loss sees it) fills it up to that many
+    tokens."""
+    lens = [int(s["input_ids"].shape[0]) for s in samples]
+    pad = max(0, pad_to - sum(lens))
+    docs = lens + [pad] if pad else lens
+    data: Dict[str, torch.Tensor] = {}
+    for k, v0 in samples[0].items():
+        if k == "attention_mask":
+            continue
+        if v0.dim() == 0:
+            data[k] = torch.stack([s[k] for s in samples])
+            continue
+        parts = [s[k] for s in samples]
+        if pad:
+            parts.append(torch.full((pad, *v0.shape[1:]), pad_token_id if k == "input_ids" else 0, dtype=v0.dtype))
+        data[k] = torch.cat(parts)
+    data["position_ids"] = torch.cat([torch.arange(n, dtype=torch.long) for n in docs])
+    cu = torch.zeros(len(docs) + 1, dtype=torch.long)
+    cu[1:] = torch.cumsum(torch.tensor(docs, dtype=torch.long), 0)
+    return MicroBatch(data, cu, list(sample_idx))
 
 
 def test_plan_respects_budget_and_covers_every_sample():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from areal_hpc import toy
@@ -16,7 +17,7 @@ BATCH = 32
 def test_tokenize_rows_masks_answer_only(tmp_path):
     from transformers import AutoTokenizer
 
-    from areal_hpc.train.sft import tokenize_rows
+    from areal_hpc.train.sft_loss import tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path))
     b = tokenize_rows([{"prompt": "3+4=", "answer": "7"}, {"prompt": "10+20=", "answer": "30"}], tok)
@@ -31,7 +32,7 @@ def _worker(rank, path, data_file, out_file):
 
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, SFTConfig
     from areal_hpc.train.batch import shard_batch
-    from areal_hpc.train.sft import SFTLearner, tokenize_rows
+    from areal_hpc.train.sft_loss import SFTLearner, tokenize_rows
 
     torch.manual_seed(0)
     rows = [json.loads(line) for line in open(data_file)]
@@ -62,3 +63,61 @@ def test_sft_lowers_loss(tmp_path):
     assert windows[0] > windows[1] > windows[2], windows  # steadily
     assert losses[-1] < 0.6 * losses[0], (losses[0], losses[-1])
     assert res["eval"] < 0.6 * losses[0]
+
+
+def _sft_trainer(rank, run_dir, model, data, mode, stop_after):
+    """One launch of the SFT trainer (`trainer.type=sft`) on this rank. With ``stop_after``, rank 0
+    gets SIGTERM (what `areal-hpc stop` sends) once that step is done."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from areal_hpc.config import ExperimentConfig, parse_allocation
+    from areal_hpc.registry import Registry
+    from areal_hpc.trainers import TrainContext, make_trainer
+
+    cfg = ExperimentConfig()
+    cfg.trainer.type, cfg.trainer.total_train_steps = "sft", 8
+    cfg.trainer.sft.model.path, cfg.train_dataset.path = model, data
+    cfg.trainer.sft.batch_size, cfg.trainer.sft.mb_spec.max_tokens_per_mb = 16, 64
+    opt = cfg.trainer.sft.model.optimizer
+    opt.lr, opt.warmup_steps, opt.lr_schedule = 3e-3, 2, "cosine"
+    cfg.saver.freq_steps, cfg.recover.mode = 2, mode
+    cfg.stats.tensorboard = cfg.stats.plot = False
+    ctx = TrainContext(cfg, parse_allocation("hf:d1+d2"), Path(run_dir), Registry.for_run(run_dir, cfg.launcher))
+    trainer = make_trainer(ctx)
+    train_step = trainer.train_step
+
+    def step_then_stop(step):
+        out = train_step(step)
+        if step == stop_after and rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer.train_step = step_then_stop
+    assert trainer.run() == 0
+
+
+def test_sft_resumes_from_its_checkpoint(tmp_path):
+    """recover.mode for SFT as for PPO: a run stopped after step 3 checkpoints there; `resume`
+    continues at step 4 with the restored weights, optimizer, LR schedule and data position, so its
+    losses are those of a run that never stopped; `resume` without a checkpoint is an error."""
+    from areal_hpc.trainers.metrics import read_metrics
+
+    model = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    data = toy.resolve_dataset("toy:sum-1024", cache_dir=tmp_path)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_ranks(_sft_trainer, 2, args=(str(ref), model, data, "auto", 0))
+    run_ranks(_sft_trainer, 2, args=(str(run), model, data, "auto", 3))
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    run_ranks(_sft_trainer, 2, args=(str(run), model, data, "resume", 0))
+    want, got = read_metrics(ref / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for a, b in zip(want, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert abs(a["lr"] - b["lr"]) <= 1e-9
+    assert (run / "weights" / "v8" / "config.json").exists()
+    with pytest.raises(Exception, match="resume asked but no checkpoint"):
+        run_ranks(_sft_trainer, 1, args=(str(tmp_path / "none"), model, data, "resume", 0))
+    assert not (tmp_path / "none" / "metrics.jsonl").exists()

@@ -19,14 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import sys, torch, torch.distributed as dist
 from areal_hpc.train.dist import init_distributed
-from areal_hpc.train.weight_sync import init_weight_sync_group, receive_weights, send_tensors
+from areal_hpc.train.weight_sync import init_weight_sync_group, send_tensors
 role, port, name, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 device = "cuda" if backend == "nccl" else "cpu"
 if role == "receiver":
     if device == "cuda":
         torch.cuda.set_device(0)
     group = init_weight_sync_group("127.0.0.1", port, 1, 2, name, backend=backend, timeout_s=60)
-    [(_, t)] = receive_weights(group, ["w"], ["float32"], [[1024]], device=device)
+    t = torch.empty(1024, device=device)
+    dist.broadcast(t, group_src=0, group=group)
     print("RESULT", float(t.sum()), flush=True)
 else:
     info = init_distributed(timeout_s=60)  # on GPUs the default group is bound to this rank's GPU

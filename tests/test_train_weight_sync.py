@@ -12,7 +12,7 @@ import torch
 from areal_hpc import toy
 from areal_hpc.registry import free_port
 from areal_hpc.train.weight_sync import Bucket, TensorSpec, plan_buckets
-from ranks import run_ranks
+from ranks import receive_weights, run_ranks
 
 
 def test_plan_buckets_keeps_order_and_budget():
@@ -30,7 +30,7 @@ def _worker(rank, path, group_port, side_port):
     import torch.distributed as tdist
 
     from areal_hpc.train.weight_sync import (broadcast_engine_weights, destroy_weight_sync_group,
-                                             init_weight_sync_group, new_group_name, receive_weights)
+                                             init_weight_sync_group, new_group_name)
 
     # the side channel stands in for the servers' HTTP endpoint: names/dtypes/shapes per bucket
     side = tdist.TCPStore("127.0.0.1", side_port, 2, is_master=(rank == 0), timeout=datetime.timedelta(seconds=60))

@@ -1,4 +1,4 @@
-"""`areal-hpc`: parse, validate, dispatch. No logic of its own beyond turning input into calls.
+"""`areal-hpc`: parse the command, hand its config words to the config package, dispatch.
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (one line naming the key; nothing submitted).
 """
@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (one line naming the key; nothin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -59,8 +60,6 @@ def _pop_name(args) -> Optional[str]:
 
 def _private(cfg) -> None:
     """Every process of a run writes with the run's umask: private unless cluster.group_readable."""
-    import os
-
     from areal_hpc.config.validate import run_umask
 
     os.umask(run_umask(cfg))
@@ -116,18 +115,18 @@ def cmd_remove_server(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from areal_hpc.launch import control
+    from areal_hpc.launch import status
 
     cfg, _ = _load(args, full=False)
-    return control.status(cfg, _find_run(cfg), as_json=args.json)
+    return status.status(cfg, _find_run(cfg), as_json=args.json)
 
 
 def cmd_logs(args) -> int:
-    from areal_hpc.launch import control
+    from areal_hpc.launch import status
 
     role = _pop_name(args) or "trainer"
     cfg, _ = _load(args, full=False)
-    return control.logs(_find_run(cfg), role, follow=args.follow, lines=args.lines)
+    return status.logs(_find_run(cfg), role, follow=args.follow, lines=args.lines)
 
 
 def cmd_stop(args) -> int:

@@ -26,6 +26,7 @@ TRAIN_BACKENDS = ("fsdp",)
 KEY = "allocation_mode"
 
 _SPEC = re.compile(r"([a-z])(\d+)")
+_DIMS = {"d": "dp", "p": "pp", "m": "tp", "t": "tp"}
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,6 @@ class AllocationMode:
     def n_servers(self) -> int:
         return self.gen.dp if self.gen else 0
 
-    @property
-    def rollout_only(self) -> bool:
-        return self.train is None
-
 
 def _parse_dims(spec: str, token: str) -> dict:
     if not spec:
@@ -71,10 +68,10 @@ def _parse_dims(spec: str, token: str) -> dict:
         if m.start() != pos:
             break
         letter, num = m.group(1), int(m.group(2))
-        if letter not in "dpmt":
+        if letter not in _DIMS:
             raise ConfigError(KEY, f"unknown letter {letter!r} in {token!r}",
                               "use d (data parallel), p (pipeline), t or m (tensor parallel)")
-        name = {"d": "dp", "p": "pp", "m": "tp", "t": "tp"}[letter]
+        name = _DIMS[letter]
         if name in dims:
             raise ConfigError(KEY, f"{name} given twice in {token!r}", "give each of d, p, t/m at most once")
         if num < 1:
@@ -168,8 +165,8 @@ def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int,
 
 
 def nodes_needed(alloc: AllocationMode, gpus_per_node: int) -> int:
-    """Nodes the allocation takes. Everything shares one node when it fits; otherwise servers and
-    trainer get disjoint sets of whole nodes (an SPMD trainer step wants the same ranks per node)."""
+    """Nodes the allocation takes: one when everything fits, else disjoint whole nodes for servers
+    and trainer (an SPMD trainer step wants the same ranks per node)."""
     if gpus_per_node == 0:
         return 1
     gen_gpus = alloc.gen.world_size if alloc.gen else 0

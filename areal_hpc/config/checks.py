@@ -1,39 +1,83 @@
-"""Checks every value gets whatever its key, before anything is written or submitted.
+"""Checks of single values, whatever their key, before anything is written or submitted.
 
-- numbers are finite (``nan``/``inf`` parse as floats, and would surface only on a compute node);
-- numbers that must be positive (or in a range) are;
-- strings hold no control characters; those that reach the job script or a shell line
-  (`SCRIPT_KEYS`) hold none at all, not even a newline (a newline there is an injected command);
-- the names that make up the run dir fit the filesystem (``File name too long``);
-- ``cluster.time`` is read the way Slurm reads it (`slurm_time_seconds`).
-
-`validate.validate` calls `check_values`, `check_ranges` and `check_location`; commands that only
-locate an existing run call `check_location` alone.
+`check_values`: finite numbers, no control characters in strings (none at all, not even a newline,
+in what reaches the job script: a newline there is an injected command). `check_ranges`: the
+`RANGES` and `CHOICES` tables, Slurm's syntax for names and options, ``cluster.time`` as Slurm
+reads it. `check_location`: the names that make the run dir, valid and short enough for the
+filesystem (commands that only locate an existing run call it alone).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import getpass
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Tuple
 
-from areal_hpc.config.errors import ConfigError
-from areal_hpc.config.schema import ExperimentConfig
+from areal_hpc.config.errors import ConfigError, did_you_mean
+from areal_hpc.config.schema import LOCK_KINDS, MODES, ExperimentConfig
 
-# Keys whose values are written into the rendered sbatch script or a shell line (names make the
-# job name and the run dir; cluster.* is #SBATCH options, setup lines, the interpreter, srun args).
+# Keys whose values are written into the rendered sbatch script or a shell line.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
+CHAT_TEMPLATES = ("auto", "none")  # rollout.prompts.CHAT_TEMPLATE_MODES
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, CR allowed (prompts)
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition (a list too), account, qos
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]()=-]+$")
-# the longest name written inside a run dir (e.g. logs/add-servers-NNN.sbatch.tmp) plus slack
-_LONGEST_INSIDE = 64
+_LONGEST_INSIDE = 64  # the longest name written inside a run dir (logs/add-servers-NNN.sbatch.tmp) + slack
+
+# "{eng}" stands for trainer.ppo.actor and trainer.sft.model, "{mb}" for their mb_spec sections,
+# "{ds}" for train_dataset and valid_dataset. A null value (an Optional field) is not checked.
+_EXPAND = {"{eng}": ("trainer.ppo.actor", "trainer.sft.model"),
+           "{mb}": ("trainer.ppo.mb_spec", "trainer.sft.mb_spec"),
+           "{ds}": ("train_dataset", "valid_dataset")}
+CHOICES = {
+    "mode": MODES,
+    "launcher.lock_kind": LOCK_KINDS,
+    "trainer.ppo.adv_norm": ("group", "batch", "none"),
+    "trainer.ppo.weight_update": ("disk", "nccl", "gloo"),
+    "{eng}.optimizer.lr_schedule": ("constant", "cosine"),
+    "{eng}.dtype": ("auto", "float32", "bfloat16"),
+    "{eng}.fsdp_units": ("auto", "layer", "model"),
+    "server.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "recover.mode": ("auto", "disabled", "resume"),
+    "{ds}.chat_template": CHAT_TEMPLATES,
+}
+# interval (math notation: "[1, inf)" is at least 1, "(0, 1]" above 0 and at most 1) -> its keys
+RANGES = {
+    "[1, inf)": ("cluster.n_nodes", "cluster.cpus_per_gpu", "cluster.mem_per_gpu_gb",
+                 "cluster.cpus_per_task_cpu", "cluster.mem_per_task_cpu_gb", "server.context_length",
+                 "server.max_running_requests", "rollout.batch_size", "rollout.n_samples",
+                 "rollout.gen.max_new_tokens", "trainer.total_train_steps", "trainer.sft.batch_size",
+                 "trainer.ppo.ppo_n_minibatches", "{mb}.max_tokens_per_mb", "{mb}.n_mbs",
+                 "{ds}.max_prompt_len", "saver.keep_last"),
+    "[0, inf)": ("cluster.n_gpus_per_node", "min_required_servers", "rollout.max_head_offpolicyness",
+                 "rollout.max_concurrent_rollouts", "rollout.gen.temperature", "trainer.total_train_epochs",
+                 "trainer.max_restarts", "trainer.ppo.kl_ctl", "{eng}.optimizer.warmup_steps",
+                 "{eng}.optimizer.weight_decay", "{eng}.optimizer.grad_clip", "{ds}.limit",
+                 "saver.freq_steps"),
+    "(0, inf)": ("launcher.heartbeat_s", "launcher.server_startup_timeout_s",
+                 "launcher.trainer_wait_servers_timeout_s", "rollout.request_timeout_s",
+                 "rollout.drop_timeout_s", "rollout.stall_timeout_s", "trainer.ppo.eps_clip",
+                 "{eng}.optimizer.lr", "{eng}.optimizer.eps"),
+    "(0, 1]": ("server.mem_fraction_static", "rollout.gen.top_p"),
+    "[0, 65535]": ("server.port",),
+    "(1, inf)": ("trainer.ppo.c_clip", "trainer.ppo.behav_imp_weight_cap"),
+    "[0, 1)": ("{eng}.optimizer.beta1", "{eng}.optimizer.beta2"),
+    "[0, 1]": ("{eng}.optimizer.min_lr_ratio",),
+}
+HINTS = {
+    "rollout.gen.temperature": "0 means greedy",
+    "rollout.drop_timeout_s": "seconds; a real run should not go minutes without a batch",
+    "rollout.stall_timeout_s": "seconds; allow for the longest generation",
+    "trainer.ppo.c_clip": "dual clip; or null to disable",
+    "trainer.ppo.behav_imp_weight_cap": "or null to disable",
+}
 
 
 def walk(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -41,7 +85,7 @@ def walk(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
     entries as ``key.name`` (their names are yielded as values too, under ``key.name (name)``)."""
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
-            yield from walk(getattr(obj, f.name), f"{prefix}{f.name}" if not prefix else f"{prefix}.{f.name}")
+            yield from walk(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from walk(v, f"{prefix}[{i}]")
@@ -53,17 +97,13 @@ def walk(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix, obj
 
 
-def _script_key(key: str) -> bool:
-    return any(key.startswith(k) if k.endswith(".") else key == k for k in SCRIPT_KEYS)
-
-
 def check_values(cfg: ExperimentConfig) -> None:
     """Finite numbers everywhere; no control characters in strings (none at all in `SCRIPT_KEYS`)."""
     for key, v in walk(cfg):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(key, f"must be a finite number, got {v}", "give a plain number")
         if isinstance(v, str):
-            script = _script_key(key)
+            script = any(key.startswith(k) if k.endswith(".") else key == k for k in SCRIPT_KEYS)
             bad = (_CONTROL if script else _CONTROL_TEXT).search(v)
             if bad:
                 raise ConfigError(key, f"contains the control character {bad.group()!r} at position {bad.start()}",
@@ -71,59 +111,50 @@ def check_values(cfg: ExperimentConfig) -> None:
                                   else "remove the control character")
 
 
-def _at_least(key: str, value, minimum) -> None:
-    if value < minimum:
-        raise ConfigError(key, f"must be >= {minimum}, got {value}")
+def _keys(pattern: str) -> List[str]:
+    for mark, sections in _EXPAND.items():
+        if mark in pattern:
+            return [pattern.replace(mark, s) for s in sections]
+    return [pattern]
 
 
-def _above(key: str, value, bound, hint: Optional[str] = None) -> None:
-    if not value > bound:
-        raise ConfigError(key, f"must be > {bound}, got {value}", hint)
+def get(cfg: Any, key: str) -> Any:
+    """The value of a dotted key."""
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
-def _within(key: str, value, lo, hi, lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ConfigError(key, f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {value}")
+def check_choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}",
+                          did_you_mean(str(value), [str(c) for c in choices]))
+
+
+def check_range(key: str, value: Any, interval: str, hint: str | None = None) -> None:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
+    if (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi):
+        return
+    if hi == math.inf:
+        problem = f"must be {'>' if lo_open else '>='} {lo:g}, got {value}"
+    else:
+        problem = f"must be in {interval}, got {value}"
+    raise ConfigError(key, problem, hint)
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
-    """Positive where positive, ranges where a number means a fraction or a port."""
-    la, s, r, g = cfg.launcher, cfg.server, cfg.rollout, cfg.rollout.gen
-    _above("launcher.server_startup_timeout_s", la.server_startup_timeout_s, 0)
-    _above("launcher.trainer_wait_servers_timeout_s", la.trainer_wait_servers_timeout_s, 0)
-    _at_least("server.context_length", s.context_length, 1)
-    _at_least("server.max_running_requests", s.max_running_requests, 1)
-    _within("server.mem_fraction_static", s.mem_fraction_static, 0, 1, lo_open=True)
-    _within("server.port", s.port, 0, 65535)
+    """`CHOICES`, `RANGES`, and the options and names that Slurm reads."""
+    for pattern, choices in CHOICES.items():
+        for key in _keys(pattern):
+            check_choice(key, get(cfg, key), choices)
+    for interval, patterns in RANGES.items():
+        for key in (k for pattern in patterns for k in _keys(pattern)):
+            if get(cfg, key) is not None:
+                check_range(key, get(cfg, key), interval, HINTS.get(key))
+    g = cfg.rollout.gen
     if g.top_k != -1 and g.top_k < 1:
         raise ConfigError("rollout.gen.top_k", f"must be -1 (off) or >= 1, got {g.top_k}")
     for i, t in enumerate(g.stop_token_ids):
-        _at_least(f"rollout.gen.stop_token_ids[{i}]", t, 0)
-    _above("rollout.request_timeout_s", r.request_timeout_s, 0)
-    _above("rollout.drop_timeout_s", r.drop_timeout_s, 0, "seconds; a real run should not go minutes without a batch")
-    _above("rollout.stall_timeout_s", r.stall_timeout_s, 0, "seconds; allow for the longest generation")
-    _at_least("trainer.total_train_epochs", cfg.trainer.total_train_epochs, 0)
-    _at_least("trainer.sft.batch_size", cfg.trainer.sft.batch_size, 1)
-    ppo = cfg.trainer.ppo
-    if ppo.behav_imp_weight_cap is not None:
-        _above("trainer.ppo.behav_imp_weight_cap", ppo.behav_imp_weight_cap, 1, "or null to disable")
-    _at_least("trainer.ppo.kl_ctl", ppo.kl_ctl, 0)
-    for prefix, eng, mb in (("trainer.ppo.actor", ppo.actor, ppo.mb_spec),
-                            ("trainer.sft.model", cfg.trainer.sft.model, cfg.trainer.sft.mb_spec)):
-        o = eng.optimizer
-        _at_least(f"{prefix}.optimizer.weight_decay", o.weight_decay, 0)
-        _within(f"{prefix}.optimizer.beta1", o.beta1, 0, 1, hi_open=True)
-        _within(f"{prefix}.optimizer.beta2", o.beta2, 0, 1, hi_open=True)
-        _above(f"{prefix}.optimizer.eps", o.eps, 0)
-        _within(f"{prefix}.optimizer.min_lr_ratio", o.min_lr_ratio, 0, 1)
-        _at_least(f"{prefix}.optimizer.grad_clip", o.grad_clip, 0)
-        section = prefix.rsplit(".", 1)[0]
-        _at_least(f"{section}.mb_spec.n_mbs", mb.n_mbs, 1)
-    for key in ("train_dataset", "valid_dataset"):
-        ds = getattr(cfg, key)
-        _at_least(f"{key}.max_prompt_len", ds.max_prompt_len, 1)
-        _at_least(f"{key}.limit", ds.limit, 0)
+        check_range(f"rollout.gen.stop_token_ids[{i}]", t, "[0, inf)")
     c = cfg.cluster
     for key in ("partition", "account", "qos"):
         v = getattr(c, key)
@@ -141,9 +172,7 @@ def check_ranges(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
     try:
-        if slurm_time_seconds(str(c.time)) <= 0:
-            raise ValueError("a zero time limit means no limit to Slurm; areal-hpc needs one (it checkpoints "
-                             "90 s before it)")
+        slurm_time_seconds(str(c.time))
     except ValueError as e:
         raise ConfigError("cluster.time", f"{c.time!r} is not a usable Slurm time limit: {e}",
                           "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 04:00:00") from None
@@ -151,9 +180,9 @@ def check_ranges(cfg: ExperimentConfig) -> None:
 
 def slurm_time_seconds(spec: str) -> int:
     """A Slurm time limit in seconds, read as Slurm's ``time_str2secs`` reads it (``M``, ``M:S``,
-    ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``), with two additions: a field below another must be
-    in range (``99:99:99`` is a typo, not 100:40:39) and ``UNLIMITED``/``INFINITE``/``-1`` are
-    refused (areal-hpc requeues before the limit, so it needs one). Raises ValueError."""
+    ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``), except that a field below another must be in range
+    (``99:99:99`` is a typo) and no limit (0, ``UNLIMITED``, ...) is refused: areal-hpc checkpoints
+    90 s before the limit, so it needs one. Raises ValueError."""
     spec = spec.strip()
     if spec.upper() in ("-1", "INFINITE", "UNLIMITED"):
         raise ValueError("no limit; areal-hpc needs one (it checkpoints 90 s before it)")
@@ -170,10 +199,14 @@ def slurm_time_seconds(spec: str) -> int:
     for what, value, top in (("hours", h, 23), ("minutes", mi, 59), ("seconds", s, 59)):
         if what in ranged and value > top:
             raise ValueError(f"{value} {what} (at most {top} in this position)")
-    return (((d or 0) * 24 + h) * 60 + mi) * 60 + s
+    seconds = (((d or 0) * 24 + h) * 60 + mi) * 60 + s
+    if seconds <= 0:
+        raise ValueError("a zero time limit means no limit to Slurm; areal-hpc needs one (it checkpoints "
+                         "90 s before it)")
+    return seconds
 
 
-def _name_max(path: Path) -> Tuple[int, int]:
+def _limits(path: Path) -> Tuple[int, int]:
     """(NAME_MAX, PATH_MAX) of the filesystem holding ``path``'s nearest existing ancestor."""
     def exists(p: Path) -> bool:
         try:
@@ -190,7 +223,7 @@ def _name_max(path: Path) -> Tuple[int, int]:
 
 def check_location(cfg: ExperimentConfig) -> None:
     """The names that make the run dir ``{fileroot}/{user}/{experiment_name}/{trial_name}``: valid
-    characters, and short enough for the filesystem (else ``File name too long`` at the first write)."""
+    characters, short enough for the filesystem (else ``File name too long`` at the first write)."""
     for key in ("experiment_name", "trial_name"):
         v = getattr(cfg, key)
         if not isinstance(v, str) or not _NAME.match(v):
@@ -203,7 +236,7 @@ def check_location(cfg: ExperimentConfig) -> None:
         raise ConfigError("cluster.fileroot", f"contains the control character {bad.group()!r}",
                           "give a plain directory path")
     root = Path(os.path.expanduser(fileroot)).absolute()
-    name_max, path_max = _name_max(root)
+    name_max, path_max = _limits(root)
     for part in root.parts:
         if len(part.encode()) > name_max:
             raise ConfigError("cluster.fileroot", f"has a path component of {len(part.encode())} bytes, longer than "

@@ -1,18 +1,14 @@
 """Build an `ExperimentConfig` from defaults, a YAML file and ``key=value`` overrides (later wins).
 
-One path for a user's words: `split_words` reads them (``CONFIG.yaml`` or ``--config FILE``,
-the seed's ``a.b=c``, ``--a.b c`` and ``--a.b=c``); the file and the overrides that are YAML values
-(lists, mappings, ``null``) go through `from_dict`, the one deserializer; simple-parsing parses
-the scalar overrides over the result (`_parse_scalars`). Every key is checked against the
-dataclass tree, so a typo gets a "did you mean" instead of being silently ignored.
+One path for a user's words: `split_words` reads them (``CONFIG.yaml`` or ``--config FILE``, the
+seed's ``a.b=c``, ``--a.b c``, ``--a.b=c``); the file and the YAML-valued overrides (lists,
+mappings, ``null``) go through `from_dict`, the one deserializer; simple-parsing parses the scalar
+overrides over the result (`_parse_scalars`). Every key is checked against the dataclass tree.
 
-Why not simple-parsing for all of it: from the command line it cannot give an Optional field
-null, read a list written ``[a, b]`` or fill a Dict field; its config-file layer drops nulls, passes
-file values on unchecked (``batch_size: [1]`` would reach the trainer) and names an unknown key
-in a RuntimeError without a hint; and it keeps the last of a key given twice.
-
-Compute nodes only *read* a resolved config (`load_resolved`, `from_dict` again), which needs
-nothing but PyYAML, so simple-parsing is imported only where a user's input is parsed.
+Why not simple-parsing for all of it: from the command line it cannot give an Optional field null,
+read ``[a, b]`` or fill a Dict field; its config-file layer drops nulls, passes file values on
+unchecked and names an unknown key without a hint; it keeps the last of a key given twice.
+Compute nodes only read a resolved config (`load_resolved`), which needs nothing but PyYAML.
 """
 
 from __future__ import annotations
@@ -109,40 +105,40 @@ def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
             _check_duplicates(item, source, path)
 
 
-def read_yaml_file(path: str | os.PathLike, key: str = "config") -> Any:
-    """A user's YAML file, checked: a regular text file of sane size, valid YAML, no duplicate keys.
-    Every problem is a `ConfigError` naming ``key``."""
+def read_yaml_file(path: str | os.PathLike, key: str = "config",
+                   hint: Optional[str] = None) -> Dict[str, Any]:
+    """A YAML mapping from a user's file, checked: a regular text file of sane size, valid YAML, no
+    key given twice. Every problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(key, f"{str(path)!r} is a directory", "give the path of a YAML file, e.g. configs/quickstart.yaml")
-    if not p.is_file():
-        what = "not found" if not p.exists() else "not a regular file"
-        raise ConfigError(key, f"file {str(path)!r} {what}", "give the path of a YAML file, e.g. configs/quickstart.yaml")
+    name = "" if key == str(path) else f"{path} "
+    if p.is_dir() or not p.is_file():
+        what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
+        raise ConfigError(key, f"{name}{what}",
+                          hint or "give the path of a YAML file, e.g. configs/quickstart.yaml")
     size = p.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise ConfigError(key, f"{path} is {size / 2**20:.1f} MiB, too large for a config file",
-                          f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
+        raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
+                          hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
     raw = p.read_bytes()
-    nul = raw.find(b"\0")
     try:
-        if nul >= 0:
-            raise UnicodeDecodeError("utf-8", raw, nul, nul + 1, "NUL byte")
-        text = raw.decode("utf-8")
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.find(b"\0"), raw.find(b"\0") + 1, "NUL byte")
+        loader = _Loader(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(key, f"{path} is not a text file (binary data at byte {e.start})",
-                          "give a YAML config file (UTF-8 text)") from None
+        raise ConfigError(key, f"{name}is not a text file (binary data at byte {e.start})",
+                          hint or "give a YAML config file (UTF-8 text)") from None
     try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
+        node = loader.get_single_node()
+        if node is not None:
             _check_duplicates(node, str(path))
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
+        data = {} if node is None else loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise ConfigError(key, f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(key, f"{name}is not valid YAML: {' '.join(str(e).split())}", hint) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(key, f"{name}must hold a mapping of keys, not {type(data).__name__}", hint)
+    return data
 
 
 # ----------------------------------------------------------------- dict <-> dataclass
@@ -172,12 +168,9 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
 
 
 def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bool = True, prefix: str = ""):
-    """The one deserializer: ``base`` (default ``cls()``) with the nested mapping ``data`` applied.
-
-    Every value is checked against its declared type (ints become floats where a float is declared,
-    numbers strings where a string is; null only where Optional); a null section keeps its
-    defaults. An unknown key is an error with a "did you mean", or ignored with ``strict=False``
-    (a resolved config written by another version stays readable)."""
+    """The one deserializer: ``base`` (default ``cls()``) with the nested mapping ``data`` applied,
+    every value checked against its declared type (null only where Optional; a null section keeps
+    its defaults). An unknown key is an error with a "did you mean", or ignored with ``strict=False``."""
     obj = copy.deepcopy(base) if base is not None else cls()
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
@@ -197,32 +190,15 @@ def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bo
     return obj
 
 
-def to_dict(cfg) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False)
 
 
 def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
-    """Read the resolved config a run dir holds (what `serve`/`train`/`driver`/`status` start from).
-    A damaged file is a `ConfigError` naming it; keys this version does not know are ignored (a run
-    written by another version stays readable)."""
+    """The resolved config a run dir holds (what `serve`/`train`/`driver`/`status` start from). Keys
+    this version does not know are ignored: a run written by another version stays readable."""
     hint = "the run dir's config.yaml is damaged: restore it, or start a new trial_name"
-    raw = Path(path).read_bytes()
-    try:
-        if b"\0" in raw:
-            raise UnicodeDecodeError("utf-8", raw, raw.find(b"\0"), raw.find(b"\0") + 1, "NUL byte")
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), "is not a text file (binary data)", hint) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"is not valid YAML: {' '.join(str(e).split())}", hint) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), f"must hold a mapping of keys, not {type(data).__name__}", hint)
+    data = read_yaml_file(path, key=str(path), hint=hint)
     try:
         return from_dict(ExperimentConfig, data, strict=False)
     except ConfigError as e:
@@ -232,11 +208,8 @@ def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
 # ----------------------------------------------------------------- the user's words
 
 def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str]]]:
-    """Config words -> (CONFIG file, [(dotted key, raw value)]).
-
-    Written by hand: simple-parsing reads ``--a.b c`` but not the seed's ``a.b=c`` or a positional
-    ``CONFIG.yaml``, and silently keeps the last of a key given twice; the keys are needed here to
-    refuse duplicates and to send YAML-valued overrides (lists, mappings, null) to `from_dict`."""
+    """Config words -> (CONFIG file, [(dotted key, raw value)]): the one translation of the seed's
+    ``a.b=c`` and a positional ``CONFIG.yaml`` into keys (simple-parsing reads neither)."""
     config: Optional[str] = None
     pairs: List[Tuple[str, str]] = []
     i = 0
@@ -302,10 +275,7 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
     config_file = config_file or named
     cfg = ExperimentConfig()
     if config_file:
-        data = read_yaml_file(config_file) or {}
-        if not isinstance(data, dict):
-            raise ConfigError("config", f"{config_file} must hold a mapping of keys, not {type(data).__name__}")
-        cfg = from_dict(ExperimentConfig, data, source=f" in {config_file}")
+        cfg = from_dict(ExperimentConfig, read_yaml_file(config_file), source=f" in {config_file}")
 
     leaves, _ = key_tree()
     given: Dict[str, str] = {}

@@ -1,10 +1,5 @@
-"""The configuration tree of one run.
-
-Every knob a user can set lives here, as plain dataclasses with defaults. Sources are merged in
-`config.loader` (defaults < YAML < ``key=value`` overrides); this module only declares.
-Field names the AReaLite seed used are kept verbatim (``experiment_name``, ``allocation_mode``,
-``trainer.ppo.async_training``, ``trainer.sft.model.path``, ...).
-"""
+"""The configuration tree of one run: every knob, as dataclasses with defaults (merged in
+`config.loader`). Field names the AReaLite seed used are kept verbatim (``experiment_name``, ...)."""
 
 from __future__ import annotations
 
@@ -12,15 +7,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 MODES = ("local", "slurm", "ray", "torchrun")
-SUPPORTED_MODES = ("local", "slurm", "ray", "torchrun")
 TRAINER_TYPES = ("ppo", "sft", "null")
 LOCK_KINDS = ("flock", "soft", "lease")
 
 
 @dataclass
 class ClusterConfig:
-    """Where the run lives and what the machines look like."""
-
     fileroot: str = "./runs"  # must be shared by all nodes on a cluster; run dir = fileroot/user/exp/trial
     n_nodes: int = 1
     n_gpus_per_node: int = 8  # 0 = CPU-only nodes (every "GPU" in the allocation is one process)
@@ -38,30 +30,24 @@ class ClusterConfig:
     setup_commands: List[str] = field(default_factory=list)  # shell lines run before the driver (modules, conda, container env)
     python: str = ""  # interpreter on compute nodes; default: the one running `areal-hpc submit`
     multi_node_tp: bool = False  # allow a server's tp*pp to span nodes
-    hf_cache: str = ""  # Hugging Face cache on the shared filesystem (HF_HOME layout: hub/, datasets/); "" = {fileroot}/{user}/hf-cache
-    # run dir (config, logs, checkpoints, weights) readable by your group: dirs 0750 / files 0640
-    # instead of 0700 / 0600 (the registry and its secret stay private either way)
-    group_readable: bool = False
-    ray_address: str = "auto"  # mode=ray: the Ray cluster's GCS host:port, or auto (RAY_ADDRESS, else the one started on this host)
+    hf_cache: str = ""  # HF_HOME on the shared filesystem; "" = {fileroot}/{user}/hf-cache
+    group_readable: bool = False  # run dir 0750/0640 instead of 0700/0600 (the registry stays private)
+    ray_address: str = "auto"  # mode=ray: the GCS host:port, or auto (RAY_ADDRESS, else the one on this host)
 
 
 @dataclass
 class LauncherConfig:
-    """How processes find each other and how long they wait."""
-
     lock_kind: str = "flock"  # flock (local disks, Lustre/GPFS with flock) | soft | lease (NFS)
     heartbeat_s: float = 2.0
     ttl_s: float = 15.0  # a record not refreshed for this long is dead
     server_startup_timeout_s: float = 900.0
     trainer_wait_servers_timeout_s: float = 1800.0
     requeue_on_preemption: bool = True
-    wait: bool = False  # mode=slurm: `submit` waits for the job to end (exit code = the driver's) instead of returning once it runs
+    wait: bool = False  # mode=slurm: `submit` waits for the job to end and exits with the driver's code
 
 
 @dataclass
 class ServerConfig:
-    """Inference servers (SGLang or the embedded `hf` engine)."""
-
     model_path: str = ""  # default: the actor model (trainer.ppo.actor.path)
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     context_length: int = 4096
@@ -86,8 +72,6 @@ class GenerationConfig:
 
 @dataclass
 class RolloutConfig:
-    """The staleness-bounded rollout controller and its workflow."""
-
     batch_size: int = 32  # prompts (groups) per training step
     n_samples: int = 8  # completions per prompt (GRPO group size)
     max_head_offpolicyness: int = 2  # 0 = synchronous
@@ -96,9 +80,8 @@ class RolloutConfig:
     reward_fn: str = "exact_match"
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     request_timeout_s: float = 3600.0
-    # no silent stalls: the trainer fails the run when, while it waits for a batch, most finished
-    # groups were dropped as stale or failed for drop_timeout_s, or no batch came for stall_timeout_s
-    # with servers live (it logs why meanwhile, at least every minute)
+    # no silent stalls: fail when most finished groups were wasted for drop_timeout_s, or no batch
+    # came for stall_timeout_s with servers live (RolloutController.next_batch)
     drop_timeout_s: float = 300.0
     stall_timeout_s: float = 3600.0
 
@@ -118,52 +101,33 @@ class OptimizerConfig:
 
 @dataclass
 class MicroBatchSpec:
-    """How a batch is split: by a token budget per micro-batch (first-fit-decreasing)."""
-
     max_tokens_per_mb: int = 16384
     n_mbs: int = 1  # minimum number of micro-batches
 
 
 @dataclass
 class EngineConfig:
-    """A trainable model under FSDP2."""
-
     path: str = ""  # HF model dir (or a `toy:` spec, see areal_hpc.toy)
     dtype: str = "auto"  # auto = bf16 params/fp32 reduce on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     attn_impl: str = "sdpa"
-    # logprobs straight from the last hidden states and the LM head's weight, chunk by chunk, never
-    # holding a micro-batch's full logits (models whose head is not a plain bias-free linear layer,
-    # or that scale/soft-cap logits, always go through the logits)
+    # logprobs from the last hidden states and the LM head's weight chunk by chunk, never holding a
+    # micro-batch's full logits (heads that are not a plain linear layer go through the logits)
     fused_lm_head: bool = True
-    # with fused_lm_head, keep each chunk's logits from forward for backward rather than recompute
-    # them: one [T, H] x [H, V] matmul less per micro-batch for T x V bf16 values of GPU memory
-    # (5 GB at 16k tokens per micro-batch and a 152k vocabulary)
-    lm_head_keep_logits: bool = False
-    # torch.compile each decoder layer (fused norms/activations, fewer kernel launches; with
-    # attn_impl=varlen the flash kernel is part of the compiled layer). Costs compile time at
-    # start-up; GPU only (ignored on CPU)
-    compile_layers: bool = False
-    # fill every packed micro-batch up to mb_spec.max_tokens_per_mb with a padding document that
-    # no loss sees: compiled layers then see one shape and get static-shape kernels. The padding
-    # costs compute, so it pays when micro-batches are nearly full (many samples per step)
+    lm_head_keep_logits: bool = False  # keep chunk logits for backward: a matmul less, T x V memory more
+    compile_layers: bool = False  # torch.compile each decoder layer (GPU only; costs start-up time)
+    # pad every packed micro-batch to mb_spec.max_tokens_per_mb (compiled layers see one shape);
+    # pays when micro-batches are nearly full
     pad_micro_batches: bool = False
-    # with compile_layers: projections of the same input (query/key/value, gate/up) run as one
-    # matmul on concatenated weights (narrow key/value projections are slow on their own)
-    fuse_linears: bool = True
-    # FSDP units: layer (each decoder layer, then the root), model (one unit, gathered once per
-    # step and kept with its gradients unsharded until the step's last micro-batch: fewer hooks and
-    # collectives for a model whose full weights and fp32 gradients fit on each GPU), auto (model on
-    # one rank, and on ranks of one host when 6 bytes per parameter fit in an eighth of a device's
-    # memory; layer otherwise, see train/parallel.resolve_fsdp_units)
+    fuse_linears: bool = True  # with compile_layers: q/k/v and gate/up as one matmul each
+    # FSDP units: layer | model (one unit, kept unsharded through a step: fewer collectives when the
+    # weights and fp32 gradients fit on each GPU) | auto (see train/parallel.resolve_fsdp_units)
     fsdp_units: str = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
 @dataclass
 class PPOConfig:
-    """Decoupled PPO / GRPO (AReaL's loss)."""
-
     actor: EngineConfig = field(default_factory=EngineConfig)
     mb_spec: MicroBatchSpec = field(default_factory=MicroBatchSpec)
     async_training: bool = True  # False forces max_head_offpolicyness = 0
@@ -195,23 +159,20 @@ class TrainerConfig:
     total_train_epochs: int = 0  # >0 caps by epochs too
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    # the run's owner restarts a dead trainer up to this many times, from its last checkpoint, servers
-    # untouched; a trainer that dies twice in a row before its first step is not restarted (crash loop)
+    # restarts of a dead trainer from its last checkpoint (not when it dies twice before its first step)
     max_restarts: int = 3
     plugins: List[str] = field(default_factory=list)  # modules or .py files registering trainers/workflows/rewards
 
 
 @dataclass
 class DatasetConfig:
-    """Prompts (and answers) for training or evaluation, and how they become token ids."""
-
-    path: str = ""  # local .jsonl/.json/.parquet file, a local dataset dir, a hub name (openai/gsm8k), or a `toy:` spec
-    name: Optional[str] = None  # the dataset's config name (datasets.load_dataset(path, name)), e.g. "main"
+    path: str = ""  # .jsonl/.json/.parquet file, dataset dir, hub name (openai/gsm8k) or `toy:` spec
+    name: Optional[str] = None  # the dataset's config name, e.g. "main"
     split: str = ""  # "" = train for train_dataset, test (or validation) for valid_dataset
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     messages_key: str = "messages"  # a row may give chat messages (list of {role, content}) instead of a prompt
-    adapter: str = ""  # built-in row mapping, e.g. "gsm8k" (question -> user message, `#### N` -> answer)
+    adapter: str = ""  # a row mapping (rollout.adapters), e.g. "gsm8k"
     chat_template: str = "auto"  # auto (the tokenizer's chat template when it has one) | none (raw text)
     system_prompt: str = ""  # with a chat template: a system message before every prompt
     shuffle: bool = True

@@ -1,23 +1,20 @@
 """The client side: a pool of inference servers discovered from the run's registry (asyncio+aiohttp).
 
-* Discovery: ``servers/*`` records in state ready/paused are polled every ``refresh_s`` (one
-  heartbeat); servers that appear are used from the next poll, expired ones are dropped.
-* Routing: each request goes to the healthy server with the fewest requests in flight.
-* Failures: a connection error, timeout or 5xx marks the server down for a short backoff and
-  the request is re-sent to another server (with whatever was generated before it).
-* Resumption: a response that ends with ``finish_reason.type == "abort"`` (a weight update
-  paused the servers) is continued: the pool waits until generation may go on (`resume`, or a
-  short backoff when it was not paused by us), then re-sends ``prompt + output so far`` with the
-  remaining token budget. The caller gets one `GenerateResult` with per-token logprobs and the
-  weight version that produced each token.
-* Fan-out: `pause_all`, `continue_all`, `update_weights_from_disk`, `abort_all` call every server
-  concurrently and return one `CallResult` per server; failures are in the results, never
-  swallowed.
+* Discovery: ``servers/*`` records in state ready/paused, re-read every ``refresh_s``.
+* Routing: each request goes to the healthy server with the fewest requests in flight; a
+  connection error, timeout or 5xx marks the server down for a short backoff and the request
+  goes to another server (with whatever was generated before it).
+* Resumption: a generation that ends in ``abort`` (a weight update paused the servers) waits
+  until generation may go on, then re-sends ``prompt + output so far`` with the remaining
+  budget. The caller gets one `GenerateResult` with per-token logprobs and weight versions.
+* Fan-out (`pause_all`, `update_weights_from_disk`, ...): every server concurrently, one
+  `CallResult` each; failures are in the results, never swallowed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -27,11 +24,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 import aiohttp
 
 from areal_hpc.inference import sglang_api as api
-from areal_hpc.inference.sglang_api import SAMPLING_KEYS, parse_version, sampling_params  # noqa: F401
+from areal_hpc.inference.sglang_api import parse_version, sampling_params
 
 log = logging.getLogger(__name__)
-
-SERVING_STATES = ("ready", "paused")
 
 
 class PoolError(RuntimeError):
@@ -48,7 +43,7 @@ class RequestRejected(PoolError):
 
 
 class _Retryable(Exception):
-    pass
+    """A failure another server (or a later try) may not have: connection, timeout, 5xx."""
 
 
 @dataclasses.dataclass
@@ -72,21 +67,20 @@ class CallResult:
     error: Optional[str] = None
 
 
+@dataclasses.dataclass(eq=False)
 class _Server:
-    __slots__ = ("id", "address", "url", "inflight", "down_until", "failures", "static", "record", "pushed_version",
-                 "warned_no_version", "headers")
+    id: str
+    address: str
+    static: bool = False  # added by hand, not from the registry
+    record: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    inflight: int = 0
+    down_until: float = 0.0
+    failures: int = 0
+    pushed_version: Any = None  # the last weight version this pool pushed to it
+    warned_no_version: bool = False
 
-    def __init__(self, server_id: str, address: str, static: bool = False, record: Optional[dict] = None):
-        self.id = server_id
-        self.address = address
-        self.url = address if address.startswith("http") else f"http://{address}"
-        self.inflight = 0
-        self.down_until = 0.0
-        self.failures = 0
-        self.static = static
-        self.record = record or {}
-        self.pushed_version: Any = None  # the last weight version this pool pushed to it
-        self.warned_no_version = False
+    def __post_init__(self):
+        self.url = self.address if self.address.startswith("http") else f"http://{self.address}"
         # an external server attached with its own key (`add-servers url=... api_key=...`); else the pool's
         key = self.record.get("api_key")
         self.headers = {"Authorization": f"Bearer {key}"} if key else None
@@ -103,11 +97,9 @@ class ServerPool:
     def __init__(self, registry=None, api_key: Optional[str] = None, refresh_s: float = 2.0, *,
                  request_timeout_s: Optional[float] = 3600.0, connect_timeout_s: float = 10.0,
                  max_failures: int = 8, wait_servers_timeout_s: float = 600.0,
-                 states: Sequence[str] = SERVING_STATES):
+                 states: Sequence[str] = ("ready", "paused")):
         self.registry = registry
-        if api_key is None and registry is not None:
-            api_key = registry.secret()
-        self.api_key = api_key
+        self.api_key = registry.secret() if api_key is None and registry is not None else api_key
         self.refresh_s = refresh_s
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -117,22 +109,11 @@ class ServerPool:
         self._servers: Dict[str, _Server] = {}
         self._order: List[_Server] = []
         self._rr = 0
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: Optional[aiohttp.ClientSession] = None
         self._refresher: Optional[asyncio.Task] = None
         self._running: Optional[asyncio.Event] = None  # set = generation may proceed
         self._changed: Optional[asyncio.Event] = None
         self.stats = {"requests": 0, "retries": 0, "resumes": 0}
-
-    @classmethod
-    def from_run_dir(cls, run_dir, launcher=None, **kwargs) -> "ServerPool":
-        from areal_hpc.config.schema import LauncherConfig
-        from areal_hpc.registry import Registry
-
-        launcher = launcher or LauncherConfig()
-        reg = Registry.for_run(run_dir, launcher)
-        kwargs.setdefault("refresh_s", launcher.heartbeat_s)
-        return cls(reg, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> "ServerPool":
@@ -140,9 +121,10 @@ class ServerPool:
             self._running = asyncio.Event()
             self._running.set()
             self._changed = asyncio.Event()
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers,
-                                                  timeout=aiohttp.ClientTimeout(total=None))
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300), headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None))
             if self.registry is not None:
                 await self.refresh()
                 self._refresher = asyncio.create_task(self._refresh_loop())
@@ -151,10 +133,7 @@ class ServerPool:
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
-            try:
-                await self._refresher
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.gather(self._refresher, return_exceptions=True)
             self._refresher = None
         if self._session is not None:
             await self._session.close()
@@ -217,6 +196,10 @@ class ServerPool:
             except Exception:  # a flaky shared filesystem must not kill discovery
                 log.exception("refreshing the server list failed")
 
+    async def _wait_changed(self, timeout_s: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+
     async def wait_for_servers(self, n: int = 1, timeout_s: Optional[float] = None) -> None:
         deadline = time.monotonic() + (self.wait_servers_timeout_s if timeout_s is None else timeout_s)
         while len(self._servers) < n:
@@ -224,10 +207,7 @@ class ServerPool:
             if left <= 0:
                 raise PoolError(f"waited for {n} inference servers, found {len(self._servers)}")
             await self.refresh()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(left, self.refresh_s))
-            except asyncio.TimeoutError:
-                pass
+            await self._wait_changed(min(left, self.refresh_s))
 
     # ------------------------------------------------------------------ pause / resume (client side)
     def pause(self) -> None:
@@ -243,133 +223,127 @@ class ServerPool:
 
     # ------------------------------------------------------------------ routing
     async def _choose(self, avoid: Set[str]) -> _Server:
+        """The healthy server with the fewest requests in flight, one in ``avoid`` only when no
+        other is healthy; waits (up to ``wait_servers_timeout_s``) while none is."""
         deadline = None
         while True:
             now = time.monotonic()
             order = self._order
             n = len(order)
-            best: Optional[_Server] = None
-            fallback: Optional[_Server] = None
-            if n:
+            if n:  # rotate the starting point so that ties spread over the servers
                 self._rr = (self._rr + 1) % n
-                for i in range(n):
-                    s = order[(self._rr + i) % n]
-                    if s.down_until > now:
-                        continue
-                    if s.id in avoid:
-                        if fallback is None or s.inflight < fallback.inflight:
-                            fallback = s
-                        continue
-                    if best is None or s.inflight < best.inflight:
-                        best = s
-            if best is not None or fallback is not None:
-                return best or fallback
+            healthy = [s for s in order[self._rr:] + order[:self._rr] if s.down_until <= now]
+            if healthy:
+                return min([s for s in healthy if s.id not in avoid] or healthy, key=lambda s: s.inflight)
             if deadline is None:
                 deadline = now + self.wait_servers_timeout_s
             if now >= deadline:
                 raise PoolError(f"no healthy inference server for {self.wait_servers_timeout_s:.0f}s "
                                 f"({n} known, all failing)")
             wake = min([s.down_until for s in order] or [now + self.refresh_s]) - now
-            changed = self._changed
-            try:
-                await asyncio.wait_for(changed.wait(), max(0.01, min(wake, self.refresh_s)))
-            except asyncio.TimeoutError:
-                pass
+            await self._wait_changed(max(0.01, min(wake, self.refresh_s)))
             if not order and self.registry is not None:
                 await self.refresh()
 
     def _mark_failed(self, s: _Server, why: str) -> None:
         s.failures += 1
         s.down_until = time.monotonic() + min(10.0, 0.25 * 2 ** min(s.failures, 6))
+        self.stats["retries"] += 1
         log.warning("server %s (%s) failed: %s", s.id, s.address, why)
 
+    def _timeout(self, total: Optional[float]) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total, sock_connect=self.connect_timeout_s)
+
     # ------------------------------------------------------------------ generation
+    async def _post_generate(self, server: _Server, payload: Dict[str, Any], samples: int = 1) -> Any:
+        """One ``/generate`` round trip (``samples`` answers): the response body. `_Retryable` when
+        another server (or a later try) may do better, `RequestRejected` on a 4xx."""
+        self.stats["requests"] += 1
+        server.inflight += samples
+        try:
+            async with self._session.request(api.GENERATE.method, server.url + api.GENERATE.path, json=payload,
+                                             timeout=self._timeout(self.request_timeout_s),
+                                             headers=server.headers) as resp:
+                status = resp.status
+                if status >= 500 or status in (408, 429):
+                    raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            raise _Retryable(f"{type(e).__name__}: {e}") from e
+        finally:
+            server.inflight -= samples
+        if status >= 400:
+            raise RequestRejected(status, api.error_message(body))
+        if samples > 1 and not (isinstance(body, list) and len(body) == samples):
+            raise _Retryable(f"expected a list of {samples} samples, got {type(body).__name__}")
+        server.failures = 0
+        server.down_until = 0.0
+        return body
+
     async def generate(self, input_ids: Sequence[int], params: Any = None, *, rid: Optional[str] = None,
                        **overrides: Any) -> GenerateResult:
         """One complete generation (resumed across aborts, retried across server failures).
-
-        ``params``: a GenerationConfig, a dict of SGLang sampling params, or None; keyword
-        overrides win. Raises `RequestRejected` on a 4xx and `PoolError` when no server could
-        serve it.
-        """
+        ``params``: a GenerationConfig, a dict of SGLang sampling params, or None; keyword overrides
+        win. Raises `RequestRejected` on a 4xx, `PoolError` when no server could serve it."""
         if self._session is None:
             await self.start()
-        sp = sampling_params(params, **overrides)
-        budget = int(sp["max_new_tokens"])
         prompt = list(input_ids)
-        out: List[int] = []
-        lps: List[float] = []
-        vers: List[Any] = []
-        used: List[str] = []
+        res = GenerateResult([], [], [], "length", len(prompt), 0)
+        return await self._continue(prompt, sampling_params(params, **overrides), res, rid)
+
+    async def _continue(self, prompt: List[int], sp: Dict[str, Any], res: GenerateResult,
+                        rid: Optional[str] = None) -> GenerateResult:
+        """Generate until ``res`` (what ``prompt`` has generated so far) is complete: resume after
+        aborts, retry on other servers after failures."""
+        budget = int(sp["max_new_tokens"])
         avoid: Set[str] = set()
-        failures = 0
-        empty_aborts = 0
-        n_requests = 0
+        failures = empty_aborts = 0
         base_rid = rid or uuid.uuid4().hex
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s, sock_connect=self.connect_timeout_s)
         while True:
             if not self._running.is_set():
                 await self._running.wait()
-            remaining = budget - len(out)
-            if remaining <= 0 and n_requests:
-                return GenerateResult(out, lps, vers, "length", len(prompt), n_requests, used)
+            remaining = budget - len(res.output_ids)
+            if remaining <= 0 and res.n_requests:
+                return res
             server = await self._choose(avoid)
-            payload = api.generate_body(prompt + out if out else prompt, {**sp, "max_new_tokens": remaining},
-                                        rid=base_rid if not n_requests else f"{base_rid}-{n_requests}")
-            n_requests += 1
-            self.stats["requests"] += 1
-            server.inflight += 1
+            payload = api.generate_body(prompt + res.output_ids, {**sp, "max_new_tokens": remaining},
+                                        rid=f"{base_rid}-{res.n_requests}" if res.n_requests else base_rid)
+            res.n_requests += 1
             try:
-                async with self._session.request(api.GENERATE.method, server.url + api.GENERATE.path, json=payload,
-                                                 timeout=timeout, headers=server.headers) as resp:
-                    status = resp.status
-                    if status >= 500 or status in (408, 429):
-                        raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
-                    body = await resp.json(content_type=None)
-            except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable, ValueError) as e:
+                got = api.parse_generate(await self._post_generate(server, payload), server.known_version())
+            except _Retryable as e:
                 failures += 1
-                self.stats["retries"] += 1
-                self._mark_failed(server, f"{type(e).__name__}: {e}")
+                self._mark_failed(server, str(e))
                 avoid.add(server.id)
                 if failures >= self.max_failures:
-                    raise PoolError(f"generation failed on {failures} attempts; last: {type(e).__name__}: {e}") from e
+                    raise PoolError(f"generation failed on {failures} attempts; last: {e}") from e
                 continue
-            finally:
-                server.inflight -= 1
-            if status >= 400:
-                raise RequestRejected(status, api.error_message(body))
-            server.failures = 0
-            server.down_until = 0.0
-            got = api.parse_generate(body, server.known_version())
             if not got.version_reported and got.output_ids and not server.warned_no_version:
                 server.warned_no_version = True
                 log.warning("server %s (%s) reports no weight version with its tokens (an older SGLang?); "
                             "using the version last pushed to it (%s)", server.id, server.address,
                             server.known_version())
-            ids = got.output_ids
-            out.extend(ids)
-            lps.extend(got.logprobs)
-            vers.extend(got.versions)
-            if ids:
-                used.append(server.id)
-            reason = got.finish_reason
-            if reason != "abort":
-                return GenerateResult(out, lps, vers, reason, len(prompt), n_requests, used)
+            res.output_ids += got.output_ids
+            res.logprobs += got.logprobs
+            res.versions += got.versions
+            if got.output_ids:
+                res.server_ids.append(server.id)
+            if got.finish_reason != "abort":
+                res.finish_reason = got.finish_reason
+                return res
             self.stats["resumes"] += 1
-            if len(out) >= budget:
-                return GenerateResult(out, lps, vers, "length", len(prompt), n_requests, used)
-            empty_aborts = 0 if ids else empty_aborts + 1
+            if len(res.output_ids) >= budget:
+                return res
+            empty_aborts = 0 if got.output_ids else empty_aborts + 1
             if self._running.is_set():
                 # aborted without our pause (someone else paused the server, or it is shutting down)
                 await asyncio.sleep(min(1.0, 0.02 * 2 ** min(empty_aborts, 6)))
 
     async def generate_group(self, input_ids: Sequence[int], n: int, params: Any = None,
                              **overrides: Any) -> List[GenerateResult]:
-        """``n`` samples of one prompt in one request (SGLang's ``sampling_params.n``): one HTTP round
-        trip and one response to parse instead of ``n``. A sample cut short by an abort (a weight
-        update pauses the servers) is resumed alone, its generated prefix appended, as `generate`
-        resumes; when the request itself fails, every sample goes through `generate` (retries,
-        other servers)."""
+        """``n`` samples of one prompt in one request (SGLang's ``sampling_params.n``). A sample cut
+        short by an abort is resumed alone, as `generate` resumes; when the request itself fails,
+        every sample goes through `generate` (retries, other servers)."""
         if n <= 1:
             return [await self.generate(input_ids, params, **overrides)]
         if self._session is None:
@@ -380,42 +354,24 @@ class ServerPool:
         if not self._running.is_set():
             await self._running.wait()
         server = await self._choose(set())
-        self.stats["requests"] += 1
-        server.inflight += n
         try:
-            async with self._session.request(api.GENERATE.method, server.url + api.GENERATE.path,
-                                             json=api.generate_body(prompt, {**sp, "n": n}), headers=server.headers,
-                                             timeout=aiohttp.ClientTimeout(total=self.request_timeout_s,
-                                                                           sock_connect=self.connect_timeout_s)
-                                             ) as resp:
-                status = resp.status
-                if status >= 500 or status in (408, 429):
-                    raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
-                body = await resp.json(content_type=None)
-            if status < 400 and not (isinstance(body, list) and len(body) == n):
-                raise _Retryable(f"expected a list of {n} samples, got {type(body).__name__}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable, ValueError) as e:
-            self.stats["retries"] += 1
-            self._mark_failed(server, f"{type(e).__name__}: {e}")
+            body = await self._post_generate(server, api.generate_body(prompt, {**sp, "n": n}), samples=n)
+        except _Retryable as e:
+            self._mark_failed(server, str(e))
             return list(await asyncio.gather(*(self.generate(prompt, sp) for _ in range(n))))
-        finally:
-            server.inflight -= n
-        if status >= 400:
-            raise RequestRejected(status, api.error_message(body))
-        server.failures = 0
-        server.down_until = 0.0
 
         async def finish(item) -> GenerateResult:
             got = api.parse_generate(item, server.known_version())
-            used = [server.id] if got.output_ids else []
-            if got.finish_reason != "abort" or len(got.output_ids) >= budget:
-                reason = "length" if got.finish_reason == "abort" else got.finish_reason
-                return GenerateResult(got.output_ids, got.logprobs, got.versions, reason, len(prompt), 1, used)
+            res = GenerateResult(got.output_ids, got.logprobs, got.versions, got.finish_reason, len(prompt), 1,
+                                 [server.id] if got.output_ids else [])
+            if got.finish_reason != "abort":
+                return res
+            res.finish_reason = "length"
+            if len(got.output_ids) >= budget:
+                return res
             self.stats["resumes"] += 1
-            rest = await self.generate(prompt + got.output_ids, sp, max_new_tokens=budget - len(got.output_ids))
-            return GenerateResult(got.output_ids + rest.output_ids, got.logprobs + rest.logprobs,
-                                  got.versions + rest.versions, rest.finish_reason, len(prompt),
-                                  1 + rest.n_requests, used + rest.server_ids)
+            return await self._continue(prompt, sp, res)
+
         return list(await asyncio.gather(*(finish(item) for item in body)))
 
     # ------------------------------------------------------------------ fan-out
@@ -423,9 +379,7 @@ class ServerPool:
                     timeout_s: Optional[float]) -> CallResult:
         try:
             async with self._session.request(method, s.url + path, json=payload, headers=s.headers,
-                                             timeout=aiohttp.ClientTimeout(total=timeout_s,
-                                                                           sock_connect=self.connect_timeout_s)
-                                             ) as resp:
+                                             timeout=self._timeout(timeout_s)) as resp:
                 try:
                     body = await resp.json(content_type=None)
                 except ValueError:
@@ -455,27 +409,21 @@ class ServerPool:
         """`pause` this pool, then ``/pause_generation`` everywhere (running requests come back
         aborted and wait here for `continue_all`)."""
         self.pause()
-        return await self.call_route(api.PAUSE_GENERATION, api.pause_body(mode))
+        return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
     async def continue_all(self) -> Dict[str, CallResult]:
-        res = await self.call_route(api.CONTINUE_GENERATION, api.continue_body())
+        res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
         self.resume()
         return res
-
-    async def call_route(self, route: api.Route, payload: Optional[dict] = None, **kwargs: Any
-                         ) -> Dict[str, CallResult]:
-        """`call_all` of one of `sglang_api`'s routes."""
-        return await self.call_all(route.method, route.path, payload, **kwargs)
 
     async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,
                                        timeout_s: Optional[float] = None, server_ids: Optional[Iterable[str]] = None
                                        ) -> Dict[str, CallResult]:
-        res = await self.call_route(api.UPDATE_WEIGHTS_FROM_DISK,
-                                    api.update_from_disk_body(path, version, abort_all_requests), timeout_s=timeout_s,
-                                    server_ids=server_ids)
-        for r in res.values():
-            s = self._servers.get(r.server_id)
-            if r.ok and s is not None:
+        body = api.update_from_disk_body(path, version, abort_all_requests)
+        res = await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=timeout_s,
+                                  server_ids=server_ids)
+        for s in self._order:
+            if s.id in res and res[s.id].ok:
                 s.record = dict(s.record, weight_version=parse_version(version))
         return res
 
@@ -483,18 +431,17 @@ class ServerPool:
                                         rank_offset: int, world_size: int, group_name: str, backend: str = "nccl",
                                         timeout_s: Optional[float] = 600.0) -> Dict[str, CallResult]:
         """One server joins the trainer's weight-update group as rank ``rank_offset``."""
-        return await self.call_route(api.INIT_WEIGHTS_UPDATE_GROUP,
-                                     api.init_group_body(master_address, master_port, rank_offset, world_size,
-                                                         group_name, backend),
-                                     timeout_s=timeout_s, server_ids=[server_id])
+        body = api.init_group_body(master_address, master_port, rank_offset, world_size, group_name, backend)
+        return await self.call_all(*api.INIT_WEIGHTS_UPDATE_GROUP, body, timeout_s=timeout_s,
+                                   server_ids=[server_id])
 
     async def update_weights_from_distributed(self, names: List[str], dtypes: List[str], shapes: List[List[int]],
                                               group_name: str, version: Any, server_ids: Iterable[str],
                                               timeout_s: Optional[float] = 600.0) -> Dict[str, CallResult]:
         """Announce one bucket of tensors that the trainer is about to broadcast in this order."""
-        return await self.call_route(api.UPDATE_WEIGHTS_FROM_DISTRIBUTED,
-                                     api.update_from_distributed_body(names, dtypes, shapes, group_name, version),
-                                     timeout_s=timeout_s, server_ids=server_ids)
+        body = api.update_from_distributed_body(names, dtypes, shapes, group_name, version)
+        return await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISTRIBUTED, body, timeout_s=timeout_s,
+                                   server_ids=server_ids)
 
     async def abort_all(self) -> Dict[str, CallResult]:
-        return await self.call_route(api.ABORT_REQUEST, api.abort_body())
+        return await self.call_all(*api.ABORT_REQUEST, api.abort_body())

@@ -1,42 +1,36 @@
 """SGLang's HTTP API in front of the embedded `hf` engine (aiohttp).
 
 Same paths, field names and semantics as SGLang's ``http_server.py`` for everything our client
-and trainers use (see docs of `areal_hpc.inference`), and for a generic SGLang client where the
-engine can: ``text`` input (when the model directory has a tokenizer), ``stream``, and
-``sampling_params.n``. A field SGLang accepts that this engine does not implement is refused
-with a 400 naming it (`FIELD_POLICIES`), never silently ignored; the contract test checks this
-against SGLang's own request structs. Every endpoint requires ``Authorization: Bearer <api
-key>`` when a key is set. Malformed requests get a 4xx with ``{"error": {"message": ...}}``;
-nothing a client sends can stop the server.
+and trainers use, and for a generic SGLang client where the engine can: ``text`` input (when the
+model directory has a tokenizer), ``stream``, and ``sampling_params.n``. Requests are checked
+by `http_validate`: a field this engine does not implement is refused with a 400 naming it.
+Every endpoint requires ``Authorization: Bearer <api key>`` when a key is set. Malformed requests
+get a 4xx with ``{"error": {"message": ...}}``; nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
 import logging
 import time
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from aiohttp import web
 
 from areal_hpc.inference.hf_engine.engine import LLMEngine, next_version
-from areal_hpc.inference.hf_engine.model_runner import read_checkpoint
+from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
+from areal_hpc.inference.http_validate import (RequestError, check_prompt, parse_sampling, per_prompt,
+                                               read_json, read_prompts, torch_dtype)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "weight_update_group"
-
-
-class RequestError(Exception):
-    """A client mistake: becomes a 4xx response with this message."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+_UNLOADED = object()
 
 
 def error_response(message: str, status: int) -> web.Response:
@@ -44,50 +38,31 @@ def error_response(message: str, status: int) -> web.Response:
                              status=status)
 
 
-async def read_json(request: web.Request) -> Dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError("request body must be a JSON object")
-    check_fields(request.path, body)
-    return body
+def _result(ok: bool, message: str, **extra: Any) -> web.Response:
+    """SGLang's answer to a control call: ``success`` and ``message``, 400 when it failed."""
+    return web.json_response({"success": ok, "message": message, **extra}, status=200 if ok else 400)
 
 
-def _torch_dtype(name: str):
-    import torch
+@dataclasses.dataclass
+class _Shape:
+    """How one request's responses look: text (for text requests), logprobs, prompt ids."""
 
-    n = str(name).replace("torch.", "")
-    dt = getattr(torch, n, None)
-    if not isinstance(dt, torch.dtype):
-        raise RequestError(f"unknown dtype {name!r}")
-    return dt
+    tokenizer: Any
+    skip_special: bool
+    return_logprob: bool
+    logprob_tokenizer: Any
+    prompt_ids: bool
 
-
-def init_custom_process_group(backend: str, init_method: str, world_size: int, rank: int, group_name: str,
-                              timeout_s: float = 1800.0):
-    """A process group that is not the default one, as SGLang's server builds it for weight
-    updates (trainer and servers must agree: ``PrefixStore(group_name, store)``, same name)."""
-    import inspect
-    from datetime import timedelta
-
-    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
-                                                    rendezvous)
-
-    timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
-    params = inspect.signature(_new_process_group_helper).parameters
-    opts_key = "backend_options" if "backend_options" in params else "pg_options"  # renamed in torch 2.6
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
-                                      timeout=timeout, **{opts_key: None})
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
+    def render(self, seq: Sequence, version: str, upto: Optional[int] = None) -> Dict[str, Any]:
+        out = seq.to_response(version, self.return_logprob, upto=upto)
+        if self.logprob_tokenizer is not None and self.return_logprob:
+            for entry in out["meta_info"]["output_token_logprobs"]:
+                entry[2] = self.logprob_tokenizer.decode([entry[1]])
+        if self.tokenizer is not None:
+            out = {"text": self.tokenizer.decode(out["output_ids"], skip_special_tokens=self.skip_special), **out}
+        if self.prompt_ids:
+            out["prompt_token_ids"] = list(seq.prompt_ids)
+        return out
 
 
 class EngineServer:
@@ -103,35 +78,31 @@ class EngineServer:
         self.info = dict(info or {})
         self.started = time.time()
         self.groups: Dict[str, Any] = {}
-        self._update_lock: Optional[asyncio.Lock] = None
+        self._update_lock = asyncio.Lock()  # one update from disk at a time
         self._tokenizer: Any = _UNLOADED
 
-    # ------------------------------------------------------------------ app
     def build(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=1 << 30)
-        r = app.router
-        r.add_post("/generate", self.generate)
-        r.add_put("/generate", self.generate)
-        r.add_post("/pause_generation", self.pause_generation)
-        r.add_post("/continue_generation", self.continue_generation)
-        r.add_post("/abort_request", self.abort_request)
-        r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
-        r.add_post("/init_weights_update_group", self.init_weights_update_group)
-        r.add_post("/destroy_weights_update_group", self.destroy_weights_update_group)
-        r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
-        r.add_post("/update_weight_version", self.update_weight_version)
-        for path in ("/flush_cache",):
-            r.add_get(path, self.flush_cache)
-            r.add_post(path, self.flush_cache)
-        r.add_get("/health", self.health)
-        r.add_get("/health_generate", self.health_generate)
-        r.add_get("/ready", self.health)
-        for path in ("/get_server_info", "/server_info"):
-            r.add_get(path, self.get_server_info)
-        for path in ("/get_model_info", "/model_info"):
-            r.add_get(path, self.get_model_info)
-        r.add_get("/get_weight_version", self.get_weight_version)
-        r.add_get("/v1/models", self.models)
+        routes = {
+            ("POST", "PUT"): {"/generate": self.generate},
+            ("POST",): {"/pause_generation": self.pause_generation,
+                        "/continue_generation": self.continue_generation,
+                        "/abort_request": self.abort_request,
+                        "/update_weight_version": self.update_weight_version,
+                        "/update_weights_from_disk": self.update_weights_from_disk,
+                        "/init_weights_update_group": self.init_weights_update_group,
+                        "/destroy_weights_update_group": self.destroy_weights_update_group,
+                        "/update_weights_from_distributed": self.update_weights_from_distributed},
+            ("GET", "POST"): {"/flush_cache": self.flush_cache},
+            ("GET",): {"/health": self.health, "/ready": self.health, "/health_generate": self.health_generate,
+                       "/get_server_info": self.get_server_info, "/server_info": self.get_server_info,
+                       "/get_model_info": self.get_model_info, "/model_info": self.get_model_info,
+                       "/get_weight_version": self.get_weight_version, "/v1/models": self.models},
+        }
+        for methods, table in routes.items():
+            for path, handler in table.items():
+                for method in methods:  # add_get also answers HEAD
+                    getattr(app.router, f"add_{method.lower()}")(path, handler)
         return app
 
     @web.middleware
@@ -155,22 +126,9 @@ class EngineServer:
             return error_response(f"internal error: {type(e).__name__}: {e}", 500)
 
     # ------------------------------------------------------------------ generation
-    def _prompt(self, ids: Any) -> List[int]:
-        if not isinstance(ids, list) or not ids:
-            raise RequestError("input_ids must be a non-empty list of token ids")
-        vocab = self.runner.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise RequestError(f"input_ids must be integers, got {t!r}")
-            if not 0 <= t < vocab:
-                raise RequestError(f"token id {t} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.runner.context_length:
-            raise RequestError(f"the input ({len(ids)} tokens) is longer than the model's context length "
-                               f"({self.runner.context_length} tokens)")
-        return ids
-
-    async def tokenizer(self):
-        """The model directory's tokenizer, loaded on first use; None when it has none."""
+    async def tokenizer(self, why: str = "") -> Any:
+        """The model directory's tokenizer, loaded on first use. None when it has none, or a 400
+        saying ``why`` a tokenizer is needed."""
         if self._tokenizer is _UNLOADED:
             def load():
                 from transformers import AutoTokenizer
@@ -182,29 +140,9 @@ class EngineServer:
                     return None
 
             self._tokenizer = await asyncio.to_thread(load)
+        if self._tokenizer is None and why:
+            raise RequestError(why)
         return self._tokenizer
-
-    async def _inputs(self, body: Dict[str, Any]) -> tuple[List[List[int]], bool, Any]:
-        """(prompts, batch?, tokenizer or None) from ``input_ids`` or ``text``."""
-        has_ids, has_text = body.get("input_ids") is not None, body.get("text") is not None
-        if has_ids and has_text:
-            raise RequestError("give either text or input_ids, not both")
-        if not has_ids and not has_text:
-            raise RequestError("missing field: input_ids (or text)")
-        tok = None
-        if has_text:
-            tok = await self.tokenizer()
-            if tok is None:
-                raise RequestError("this server's model has no tokenizer: send input_ids")
-            text = body["text"]
-            batch = isinstance(text, list)
-            texts = text if batch else [text]
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise RequestError("text must be a string or a non-empty list of strings")
-            return [tok.encode(t) for t in texts], batch, tok
-        ids = body["input_ids"]
-        batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
-        return (ids if batch else [ids]), batch, tok
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """SGLang's ``/generate``: ``input_ids`` or ``text`` (one or a batch), ``sampling_params``
@@ -213,81 +151,60 @@ class EngineServer:
         order); ``stream`` answers server-sent events of cumulative outputs (with ``index`` when
         there are several), then ``data: [DONE]``. Text requests get ``text`` in their responses."""
         body = await read_json(request)
-        prompts, batch, tok = await self._inputs(body)
-        sps = body.get("sampling_params")
-        rids = body.get("rid")
-        if batch:
-            sps = sps if isinstance(sps, list) else [sps] * len(prompts)
-            rids = rids if isinstance(rids, list) else [None] * len(prompts)
-            if len(sps) != len(prompts) or len(rids) != len(prompts):
-                raise RequestError("sampling_params and rid lists must match the inputs in length")
-        else:
-            if isinstance(sps, list):
-                raise RequestError("sampling_params must be an object for a single prompt")
-            sps, rids = [sps], [rids]
-        for rid in rids:
-            if rid is not None and not isinstance(rid, str):
-                raise RequestError("rid must be a string")
-        return_logprob = body.get("return_logprob", False)
-        if isinstance(return_logprob, list):
-            return_logprob = any(return_logprob)
-        params, n, interval, skip_special = [], None, 1, True
-        for sp in sps:
-            sp = dict(sp) if isinstance(sp, dict) else sp
-            if isinstance(sp, dict):
-                k = _positive_int(sp.pop("n", None), "n")
-                if n is not None and k != n:
-                    raise RequestError("sampling_params.n must be the same for every prompt")
-                n = k
-                interval = _positive_int(sp.pop("stream_interval", None), "stream_interval")
-                skip_special = sp.get("skip_special_tokens", True) is not False
-            try:
-                params.append(SamplingParams.from_request(sp))
-            except ValueError as e:
-                raise RequestError(str(e)) from None
-        n = n or 1
-        if body.get("return_text_in_logprobs") and tok is None:
-            tok = await self.tokenizer()
-            if tok is None:
-                raise RequestError("return_text_in_logprobs needs a tokenizer; this server's model has none")
-        prompts = [self._prompt(p) for p in prompts]
+        prompts, batch, tok = await read_prompts(body, self.tokenizer)
+        sps, rids = per_prompt(body, len(prompts), batch)
+        sampling = parse_sampling(sps)
+        params, n = sampling.params, sampling.n
+        logprob_tok = None
+        if body.get("return_text_in_logprobs"):
+            logprob_tok = tok or await self.tokenizer("return_text_in_logprobs needs a tokenizer; "
+                                                      "this server's model has none")
+        prompts = [check_prompt(p, self.runner.vocab_size, self.runner.context_length) for p in prompts]
         if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
             prompts = [p for p in prompts for _ in range(n)]
             params = [sp for sp in params for _ in range(n)]
             rids = [None] * len(prompts)
-        many = batch or n > 1
-        shape = _Shape(tok if body.get("text") is not None else None, skip_special, bool(return_logprob),
-                       tok if body.get("return_text_in_logprobs") else None,
+        return_logprob = body.get("return_logprob", False)
+        return_logprob = any(return_logprob) if isinstance(return_logprob, list) else bool(return_logprob)
+        shape = _Shape(tok, sampling.skip_special, return_logprob, logprob_tok,
                        bool(body.get("return_prompt_token_ids")))
         seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(prompts, params, rids)]
+        many = batch or n > 1
         if body.get("stream"):
-            return await self._stream(request, seqs, many, shape, interval)
+            return await self._stream(request, seqs, many, shape, sampling.interval)
+        await self._complete(seqs)
+        failed = next((s.finish_reason for s in seqs if (s.finish_reason or {}).get("status_code")), None)
+        if failed:  # the engine refused it (not running, input too long) or a step failed
+            return error_response(failed.get("message", "error"), int(failed["status_code"]))
+        out = [shape.render(s, self.engine.weight_version) for s in seqs]
+        return web.json_response(out if many else out[0])
+
+    async def _complete(self, seqs: List[Sequence], timeout: Optional[float] = None) -> None:
+        """Run ``seqs`` to their end; when the client goes away (or time runs out) abort them
+        rather than spend compute on them."""
         loop = asyncio.get_running_loop()
-        futs: List[asyncio.Future] = []
-        for seq in seqs:
-            fut = loop.create_future()
-            seq.on_finish = lambda s, fut=fut: loop.call_soon_threadsafe(_resolve, fut, s)
-            futs.append(fut)
+        futs = [loop.create_future() for _ in seqs]
+
+        def resolve(fut: asyncio.Future, seq: Sequence) -> None:  # on the event loop
+            if not fut.done():
+                fut.set_result(seq)
+
+        for seq, fut in zip(seqs, futs):  # on_finish runs on the engine thread
+            seq.on_finish = lambda s, fut=fut: loop.call_soon_threadsafe(resolve, fut, s)
         for seq in seqs:
             self.engine.submit(seq)
         try:
-            await asyncio.gather(*futs)
-        except asyncio.CancelledError:  # the client went away: stop spending compute on it
+            await asyncio.wait_for(asyncio.gather(*futs), timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
             self._abort_unfinished(seqs)
             raise
-        for s in seqs:
-            code = (s.finish_reason or {}).get("status_code")
-            if code:
-                return error_response(s.finish_reason.get("message", "error"), int(code))
-        out = [shape.render(s, self.engine.weight_version) for s in seqs]
-        return web.json_response(out if many else out[0])
 
     def _abort_unfinished(self, seqs: List[Sequence]) -> None:
         for seq in seqs:
             if not seq.finished:
                 self.engine.abort(seq.rid)
 
-    async def _stream(self, request: web.Request, seqs: List[Sequence], many: bool, shape: "_Shape",
+    async def _stream(self, request: web.Request, seqs: List[Sequence], many: bool, shape: _Shape,
                       interval: int) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
@@ -334,9 +251,12 @@ class EngineServer:
         return resp
 
     # ------------------------------------------------------------------ control
+    async def _on_loop(self, fn) -> Any:
+        """Run ``fn`` on the engine thread between two steps."""
+        return await asyncio.wrap_future(self.engine.call(fn))
+
     async def pause_generation(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        mode = body.get("mode", "abort") or "abort"
+        mode = (await read_json(request)).get("mode", "abort") or "abort"
         try:
             fut = self.engine.pause(mode)
         except ValueError as e:
@@ -354,8 +274,7 @@ class EngineServer:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        rid = body.get("rid")
-        abort_all = bool(body.get("abort_all", False))
+        rid, abort_all = body.get("rid"), bool(body.get("abort_all", False))
         if not abort_all and not rid:
             raise RequestError("give rid or abort_all=true")
         n = await asyncio.wrap_future(self.engine.abort(None if abort_all else str(rid)))
@@ -368,49 +287,42 @@ class EngineServer:
             self.runner.release_memory()
             return True
 
-        ok = await asyncio.wrap_future(self.engine.call(flush))
-        msg = "Cache flushed." if ok else "Cache not flushed: requests are running."
-        return web.json_response({"success": ok, "message": msg}, status=200 if ok else 400)
+        ok = await self._on_loop(flush)
+        return _result(ok, "Cache flushed." if ok else "Cache not flushed: requests are running.")
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         if "new_version" not in body:
             raise RequestError("missing field: new_version")
         new = str(body["new_version"])
+        abort = body.get("abort_all_requests")
+        await self._on_loop(lambda: self._set_version(new, abort, "weight version update"))
+        return _result(True, f"Weight version updated to {new}", new_version=new)
 
-        def set_version() -> None:
-            if body.get("abort_all_requests"):
-                self.engine._abort(None, "aborted for a weight version update")
-            self.engine.weight_version = new
-
-        await asyncio.wrap_future(self.engine.call(set_version))
-        return web.json_response({"success": True, "message": f"Weight version updated to {new}",
-                                  "new_version": new})
+    def _set_version(self, version: Any, abort_all: Any, why: str) -> None:
+        """On the engine thread: the new weight version (the next one when None)."""
+        if abort_all:
+            self.engine._abort(None, f"aborted for a {why}")
+        eng = self.engine
+        eng.weight_version = str(version) if version is not None else next_version(eng.weight_version)
 
     # ------------------------------------------------------------------ weights
-    def _lock(self) -> asyncio.Lock:
-        if self._update_lock is None:
-            self._update_lock = asyncio.Lock()
-        return self._update_lock
-
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise RequestError("missing field: model_path")
         version = body.get("weight_version")
-        async with self._lock():
+        async with self._update_lock:
             t0 = time.monotonic()
             try:
                 tensors = await asyncio.to_thread(read_checkpoint, path)
             except Exception as e:
-                return web.json_response({"success": False, "num_paused_requests": 0,
-                                          "message": f"failed to read weights from {path}: {e}"}, status=400)
+                return _result(False, f"failed to read weights from {path}: {e}", num_paused_requests=0)
             problems = self.runner.check_weights((n, t.shape) for n, t in tensors.items())
             if problems:
-                return web.json_response({"success": False, "num_paused_requests": 0,
-                                          "message": f"weights in {path} do not fit the model: "
-                                                     + "; ".join(problems[:5])}, status=400)
+                return _result(False, f"weights in {path} do not fit the model: " + "; ".join(problems[:5]),
+                               num_paused_requests=0)
             res = await asyncio.wrap_future(self.engine.update_weights(
                 list(tensors.items()), None if version is None else str(version),
                 abort_all=bool(body.get("abort_all_requests", False))))
@@ -418,9 +330,8 @@ class EngineServer:
         msg = (f"Succeeded to update model weights from {path} ({res['num_tensors']} tensors, "
                f"{time.monotonic() - t0:.2f}s). Weight version updated to {res['weight_version']}.")
         log.info(msg)
-        return web.json_response({"success": True, "message": msg,
-                                  "num_paused_requests": res["num_paused_requests"],
-                                  "weight_version": res["weight_version"]})
+        return _result(True, msg, num_paused_requests=res["num_paused_requests"],
+                       weight_version=res["weight_version"])
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -431,17 +342,15 @@ class EngineServer:
             raise RequestError(f"need master_address, master_port, rank_offset, world_size ({e})") from None
         group = body.get("group_name") or DEFAULT_GROUP
         backend = body.get("backend") or "nccl"
-        if backend == "nccl" and self.runner.device.type != "cuda":
+        device = self.runner.device
+        if backend == "nccl" and device.type != "cuda":
             raise RequestError("backend nccl needs a CUDA device; this server runs on CPU (use gloo)")
         import torch.distributed as dist
 
         old = self.groups.pop(group, None)
         if old is not None:  # a restarted trainer re-joins: start over instead of refusing
-            try:
+            with contextlib.suppress(Exception):
                 dist.destroy_process_group(old)
-            except Exception:
-                pass
-        device = self.runner.device
 
         def init():
             if device.type == "cuda":
@@ -454,21 +363,18 @@ class EngineServer:
         try:
             self.groups[group] = await asyncio.to_thread(init)
         except Exception as e:
-            return web.json_response({"success": False, "message": f"failed to init group {group}: {e}"},
-                                     status=400)
-        return web.json_response({"success": True, "message": f"Initialized weight update group {group} "
-                                                              f"(rank {rank_offset} of {world_size})"})
+            return _result(False, f"failed to init group {group}: {e}")
+        return _result(True, f"Initialized weight update group {group} (rank {rank_offset} of {world_size})")
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        group = body.get("group_name") or DEFAULT_GROUP
+        group = (await read_json(request)).get("group_name") or DEFAULT_GROUP
         pg = self.groups.pop(group, None)
         if pg is None:
-            return web.json_response({"success": False, "message": f"no group {group}"}, status=400)
+            return _result(False, f"no group {group}")
         import torch.distributed as dist
 
         await asyncio.to_thread(dist.destroy_process_group, pg)
-        return web.json_response({"success": True, "message": f"destroyed {group}"})
+        return _result(True, f"destroyed {group}")
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -480,36 +386,20 @@ class EngineServer:
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
                 and len(names) == len(dtypes) == len(shapes)):
             raise RequestError("names, dtypes and shapes must be lists of equal length")
-        specs = [(n, _torch_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
+        specs = [(n, torch_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
         problems = [p for p in self.runner.check_weights((n, s) for n, _, s in specs) if "missing" not in p]
         if problems:
             raise RequestError("; ".join(problems[:5]))
-        version = body.get("weight_version")
-        engine, runner = self.engine, self.runner
-
         def receive() -> int:
-            import torch
-            import torch.distributed as dist
-
-            with torch.inference_mode():
-                for name, dtype, shape in specs:
-                    param = runner.param(name)
-                    direct = param.dtype == dtype and param.is_contiguous()
-                    buf = param.data if direct else torch.empty(shape, dtype=dtype, device=runner.device)
-                    dist.broadcast(buf, src=0, group=pg)
-                    if not direct:
-                        param.copy_(buf)
-            if body.get("abort_all_requests"):
-                engine._abort(None, "aborted for a weight update")
-            engine.weight_version = str(version) if version is not None else next_version(engine.weight_version)
-            return len(specs)
+            n = self.runner.load_broadcast(specs, pg)
+            self._set_version(body.get("weight_version"), body.get("abort_all_requests"), "weight update")
+            return n
 
         try:
-            n = await asyncio.wrap_future(engine.call(receive))
+            n = await self._on_loop(receive)
         except Exception as e:
-            return web.json_response({"success": False, "message": f"broadcast failed: {e}"}, status=400)
-        return web.json_response({"success": True, "message": f"Updated {n} tensors; weight version "
-                                                              f"{engine.weight_version}"})
+            return _result(False, f"broadcast failed: {e}")
+        return _result(True, f"Updated {n} tensors; weight version {self.engine.weight_version}")
 
     # ------------------------------------------------------------------ info
     async def health(self, request: web.Request) -> web.Response:
@@ -522,48 +412,30 @@ class EngineServer:
             return error_response("engine is not running", 503)
         if self.engine.paused:
             return web.json_response({"status": "ok", "paused": True})
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        seq = Sequence([0], SamplingParams(max_new_tokens=1, temperature=0.0),
-                       on_finish=lambda s: loop.call_soon_threadsafe(_resolve, fut, s))
-        self.engine.submit(seq)
         try:
-            await asyncio.wait_for(fut, 20.0)
+            await self._complete([Sequence([0], SamplingParams(max_new_tokens=1, temperature=0.0))], 20.0)
         except asyncio.TimeoutError:
-            self.engine.abort(seq.rid)
             return error_response("health generation timed out", 503)
         return web.json_response({"status": "ok"})
 
     async def get_server_info(self, request: web.Request) -> web.Response:
+        r = self.runner
         return web.json_response({
-            **self.info,
-            "backend": "hf",
-            "model_path": self.model_path,
-            "context_length": self.runner.context_length,
-            "max_running_requests": self.runner.max_running,
-            "device": str(self.runner.device),
-            "dtype": str(self.runner.dtype).replace("torch.", ""),
-            "cuda_graph": self.runner.cuda_graphs,
-            "decode_mode": self.runner.decode_mode,
-            "weight_version": self.engine.weight_version,
-            "startup_time": self.started,
-            "internal_states": [self.engine.snapshot()],
-            "version": "areal-hpc-hf",
-        })
+            **self.info, "backend": "hf", "model_path": self.model_path, "context_length": r.context_length,
+            "max_running_requests": r.max_running, "device": str(r.device),
+            "dtype": str(r.dtype).replace("torch.", ""), "cuda_graph": r.cuda_graphs,
+            "decode_mode": r.decode_mode, "weight_version": self.engine.weight_version,
+            "startup_time": self.started, "internal_states": [self.engine.snapshot()], "version": "areal-hpc-hf"})
 
     async def get_model_info(self, request: web.Request) -> web.Response:
-        cfg = self.runner.config
+        r = self.runner
         return web.json_response({
-            "model_path": self.model_path,
-            "served_model_name": self.served_model_name,
-            "tokenizer_path": self.runner.model_path,
-            "is_generation": True,
+            "model_path": self.model_path, "served_model_name": self.served_model_name,
+            "tokenizer_path": r.model_path, "is_generation": True,
             "weight_version": self.engine.weight_version,
-            "model_type": getattr(cfg, "model_type", None),
-            "architectures": getattr(cfg, "architectures", None),
-            "vocab_size": self.runner.vocab_size,
-            "eos_token_ids": list(self.runner.eos_token_ids),
-        })
+            "model_type": getattr(r.config, "model_type", None),
+            "architectures": getattr(r.config, "architectures", None), "vocab_size": r.vocab_size,
+            "eos_token_ids": list(r.eos_token_ids)})
 
     async def get_weight_version(self, request: web.Request) -> web.Response:
         return web.json_response({"weight_version": self.engine.weight_version})
@@ -574,101 +446,3 @@ class EngineServer:
             "owned_by": "areal-hpc", "root": self.served_model_name,
             "max_model_len": self.runner.context_length}]})
 
-
-_UNLOADED = object()
-
-
-class _Shape:
-    """How one request's responses look: text (for text requests), logprobs, prompt ids."""
-
-    def __init__(self, tokenizer, skip_special: bool, return_logprob: bool, logprob_tokenizer, prompt_ids: bool):
-        self.tokenizer, self.skip_special = tokenizer, skip_special
-        self.return_logprob, self.logprob_tokenizer, self.prompt_ids = return_logprob, logprob_tokenizer, prompt_ids
-
-    def render(self, seq: Sequence, version: str, upto: Optional[int] = None) -> Dict[str, Any]:
-        out = seq.to_response(version, self.return_logprob, upto=upto)
-        if self.logprob_tokenizer is not None and self.return_logprob:
-            for entry in out["meta_info"]["output_token_logprobs"]:
-                entry[2] = self.logprob_tokenizer.decode([entry[1]])
-        if self.tokenizer is not None:
-            out = {"text": self.tokenizer.decode(out["output_ids"], skip_special_tokens=self.skip_special), **out}
-        if self.prompt_ids:
-            out["prompt_token_ids"] = list(seq.prompt_ids)
-        return out
-
-
-def _positive_int(v: Any, key: str) -> int:
-    if v is None:
-        return 1
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise RequestError(f"sampling_params.{key} must be an integer >= 1, got {v!r}")
-    return v
-
-
-# ---------------------------------------------------------------------- request fields
-@dataclasses.dataclass(frozen=True)
-class FieldPolicy:
-    """What the hf engine does with the JSON fields SGLang accepts on one route.
-
-    ``honoured``: implemented. ``noop``: accepted because they cannot change what this server
-    returns (metadata, CUDA-cache hints). Any other field with a value other than a neutral one
-    (None, false, "", [], {} or a value listed in ``neutral``) is refused with a 400 naming it:
-    a 200 without what was asked for is worse than a clear refusal."""
-
-    honoured: FrozenSet[str]
-    noop: FrozenSet[str] = frozenset()
-    neutral: Mapping[str, Tuple[Any, ...]] = dataclasses.field(default_factory=dict)
-
-    def refused(self, body: Mapping[str, Any]) -> Optional[str]:
-        for key, value in body.items():
-            if key in self.honoured or key in self.noop:
-                continue
-            if value is None or value is False or value in ("", [], {}) or value in self.neutral.get(key, ()):
-                continue
-            return key
-        return None
-
-
-_BASE = frozenset({"rid", "http_worker_ipc"})  # SGLang's BaseReq fields: routing metadata
-FIELD_POLICIES: Dict[str, FieldPolicy] = {
-    "/generate": FieldPolicy(
-        honoured=frozenset({"rid", "text", "input_ids", "sampling_params", "return_logprob", "stream",
-                            "return_text_in_logprobs", "return_prompt_token_ids"}),
-        noop=frozenset({"log_metrics", "no_logs", "custom_labels", "conversation_id", "routing_key", "session_id",
-                        "priority", "extra_key", "cache_salt", "http_worker_ipc", "received_time",
-                        "external_trace_header"}),
-        neutral={"logprob_start_len": (-1,), "top_logprobs_num": (0,), "routed_experts_start_len": (0,)}),
-    "/pause_generation": FieldPolicy(honoured=frozenset({"mode"}), noop=_BASE),
-    "/continue_generation": FieldPolicy(honoured=frozenset(), noop=_BASE | {"torch_empty_cache"}),
-    "/abort_request": FieldPolicy(honoured=frozenset({"rid", "abort_all"}), noop=frozenset({"http_worker_ipc"})),
-    "/update_weights_from_disk": FieldPolicy(
-        honoured=frozenset({"model_path", "weight_version", "abort_all_requests"}),
-        noop=_BASE | {"torch_empty_cache", "flush_cache", "token_step"}, neutral={"load_format": ("auto",)}),
-    "/init_weights_update_group": FieldPolicy(
-        honoured=frozenset({"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend",
-                            "timeout"}), noop=_BASE),
-    "/destroy_weights_update_group": FieldPolicy(honoured=frozenset({"group_name"}), noop=_BASE),
-    "/update_weights_from_distributed": FieldPolicy(
-        honoured=frozenset({"names", "dtypes", "shapes", "group_name", "weight_version", "abort_all_requests"}),
-        noop=_BASE | {"torch_empty_cache", "flush_cache"}, neutral={"selector": ("all", "target"),
-                                                                    "load_format": ("auto",)}),
-    "/update_weight_version": FieldPolicy(honoured=frozenset({"new_version", "abort_all_requests"}), noop=_BASE),
-}
-# sampling_params keys the hf engine implements (everything else is refused unless neutral)
-SUPPORTED_SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids",
-                                     "ignore_eos", "n", "stream_interval", "skip_special_tokens",
-                                     "spaces_between_special_tokens", "no_stop_trim"})
-
-
-def check_fields(path: str, body: Mapping[str, Any]) -> None:
-    """400 for a field of ``body`` that this server would otherwise ignore (see `FieldPolicy`)."""
-    policy = FIELD_POLICIES.get(path)
-    key = policy.refused(body) if policy is not None else None
-    if key is not None:
-        raise RequestError(f"{path}: field {key!r} (= {json.dumps(body[key], default=str)[:80]}) is not supported "
-                           f"by the hf engine; leave it out or use an SGLang server")
-
-
-def _resolve(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)

@@ -2,21 +2,16 @@
 
 start the backend (embedded `hf` engine in this process, or an SGLang subprocess) -> wait for
 health -> load the run's newest published weights (registry ``weights/latest``) -> register
-``servers/<id>`` and heartbeat it (address, backend, GPUs, Slurm ids, pid, weight version,
-state) -> serve until SIGTERM/SIGINT -> deregister, abort running requests (clients resume them
-elsewhere), stop. A SIGKILLed server's record expires after the registry TTL.
-
-Every endpoint needs ``Authorization: Bearer <key>`` with the run's key (`Registry.secret`).
-The server binds ``cfg.host`` (default 0.0.0.0) and advertises ``cfg.host`` or this host's
-name; the `hf` backend binds port 0 itself, so concurrently started servers never collide.
-
-Started as ``areal-hpc serve --run-dir D --server-id s0 [--backend hf]``: the options come from
-the run dir's ``config.yaml`` (``server.*``, ``launcher.*``), parsed by the config package.
+``servers/<id>`` and heartbeat it -> serve until SIGTERM/SIGINT -> deregister, abort running
+requests (clients resume them elsewhere), stop. A SIGKILLed server's record expires after the
+registry TTL. Every endpoint needs the run's key (`Registry.secret`). The `hf` backend binds
+port 0 itself, so concurrently started servers never collide.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,17 +25,13 @@ import aiohttp
 
 from areal_hpc.config.schema import LauncherConfig, ServerConfig
 from areal_hpc.inference import sglang_api as api
-from areal_hpc.inference.sglang_api import parse_version  # noqa: F401  (re-exported)
+from areal_hpc.inference.sglang_api import parse_version
 from areal_hpc.registry import Heartbeat, Registry, free_port
 
 log = logging.getLogger("areal_hpc.inference.server")
 
 BACKENDS = ("hf", "sglang")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _node_name() -> str:
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _visible_gpus(gpus: Optional[Sequence[int]]) -> List[int]:
@@ -64,10 +55,7 @@ class ServerLifecycle:
         self.server_id = server_id
         self.backend = backend
         self.gpus = _visible_gpus(gpus)
-        if tp_size:
-            self.tp_size = int(tp_size)
-        else:
-            self.tp_size = max(1, len(self.gpus)) * max(1, nnodes) if backend == "sglang" else 1
+        self.tp_size = int(tp_size or (max(1, len(self.gpus)) * max(1, nnodes) if backend == "sglang" else 1))
         self.nnodes, self.node_rank, self.dist_init_addr = nnodes, node_rank, dist_init_addr
         if backend == "hf" and (self.tp_size > 1 or nnodes > 1):
             raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, "
@@ -84,10 +72,9 @@ class ServerLifecycle:
         self.heartbeat: Optional[Heartbeat] = None
         self._stop: Optional[asyncio.Event] = None
         self._session: Optional[aiohttp.ClientSession] = None
-        # backend handles
-        self.engine = None
+        self.engine = None  # hf backend: the engine and its aiohttp runner
         self._app_runner = None
-        self._sglang = None
+        self._sglang = None  # sglang backend: its process
 
     # ------------------------------------------------------------------ record
     @property
@@ -103,7 +90,8 @@ class ServerLifecycle:
             "address": self.address, "host": self.advertise_host, "port": self.port,
             "backend": self.backend, "gpus": self.gpus, "tp_size": self.tp_size,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
-            "node": _node_name(), "pid": os.getpid(), "weight_version": self.weight_version,
+            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
+            "weight_version": self.weight_version,
             "state": self.state, "model_path": self.model_path, "started_at": self.started_at,
             **self.extra,
         }
@@ -134,21 +122,21 @@ class ServerLifecycle:
             if not self._backend_alive():
                 return False
             try:
-                status, _ = await self._request(api.HEALTH.method, api.HEALTH.path, timeout=5.0)
-                if status == 200:
+                if (await self._request(*api.HEALTH, timeout=5.0))[0] == 200:
                     return True
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
-            try:
-                await asyncio.wait_for(self._stop.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+            await self._sleep(0.5)
         return False
 
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early when asked to stop."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
     async def load_weights(self, path: str, version: Any) -> tuple[bool, str]:
-        route = api.UPDATE_WEIGHTS_FROM_DISK
-        status, body = await self._request(route.method, route.path, api.update_from_disk_body(path, version),
-                                           timeout=None)
+        body = api.update_from_disk_body(path, version)
+        status, body = await self._request(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout=None)
         ok, err = api.call_outcome(status, body)
         if ok:
             self.weight_version = parse_version(version)
@@ -199,14 +187,12 @@ class ServerLifecycle:
             mem_fraction_static=self.cfg.mem_fraction_static, cuda_graph=self.cfg.cuda_graph,
             seed=self.cfg.random_seed)
         self.engine = LLMEngine(runner, weight_version=str(self.weight_version)).start()
-        info = {"server_id": self.server_id, **{k: v for k, v in dataclasses.asdict(self.cfg).items()},
+        info = {"server_id": self.server_id, **dataclasses.asdict(self.cfg),
                 # where this process runs: `areal-hpc stop --external` of a run it is attached to uses it
                 "pid": os.getpid(), "hostname": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         app = EngineServer(self.engine, self.api_key, info=info).build()
-        try:  # cancel a handler whose client went away (its generation is then aborted)
-            self._app_runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
-        except TypeError:  # aiohttp < 3.9 cancels handlers by default
-            self._app_runner = web.AppRunner(app, access_log=None)
+        # cancel a handler whose client went away (its generation is then aborted)
+        self._app_runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._app_runner.setup()
         await web.SockSite(self._app_runner, sock).start()
 
@@ -274,13 +260,9 @@ class ServerLifecycle:
         if self._stop is not None:
             self._stop.set()
 
-    def _deregister(self) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-
     async def _refresh_sglang_version(self) -> None:
         try:
-            status, body = await self._request(api.MODEL_INFO.method, api.MODEL_INFO.path, timeout=5.0)
+            status, body = await self._request(*api.MODEL_INFO, timeout=5.0)
             version = api.model_info_version(body) if status == 200 else None
             if version is not None:
                 self.weight_version = version
@@ -305,7 +287,8 @@ class ServerLifecycle:
             code = EXIT_FAILED
         finally:
             self.state = "stopping"
-            self._deregister()
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             try:
                 await self._stop_backend()
             except Exception:
@@ -315,25 +298,16 @@ class ServerLifecycle:
         return code
 
     def _sglang_log_tail(self, n: int = 40) -> str:
-        if self._sglang is None or not self._sglang.log_path:
+        tail = self._sglang.log_tail() if self._sglang is not None else ""
+        if not tail:
             return ""
-        try:
-            lines = Path(self._sglang.log_path).read_text(errors="replace").splitlines()[-n:]
-        except OSError:
-            return ""
-        return f"; last lines of {self._sglang.log_path}:\n" + "\n".join(lines)
+        return f"; last lines of {self._sglang.log_path}:\n" + "\n".join(tail.splitlines()[-n:])
 
     def _sglang_lost_port_race(self) -> bool:
         """SGLang exited because another process took the port we picked for it."""
-        if self.cfg.port or self._sglang is None or self._sglang.returncode is None or not self._sglang.log_path:
+        if self.cfg.port or self._sglang is None or self._sglang.returncode is None:
             return False
-        try:
-            with open(self._sglang.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 20000))
-                tail = f.read().decode(errors="replace")
-        except OSError:
-            return False
+        tail = self._sglang.log_tail()
         return "already in use" in tail or "Address in use" in tail
 
     async def _serve(self) -> int:
@@ -373,10 +347,7 @@ class ServerLifecycle:
                  self.weight_version)
         print(f"AREAL_HPC_SERVER_READY {self.server_id} {self.address}", flush=True)
         while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.launcher.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
+            await self._sleep(self.launcher.heartbeat_s)
             if not self._backend_alive():
                 log.error("backend of server %s died%s", self.server_id, self._sglang_log_tail())
                 return EXIT_FAILED

@@ -1,8 +1,8 @@
 """The SGLang backend: ``python -m sglang.launch_server`` argv from a `ServerConfig`, and the process.
 
-`SGLANG_VERSION` is the one pinned version (setup.cfg's ``sglang`` extra pins the same); the test
-``tests/test_inference_sglang_flags.py`` checks every flag this module can emit against that
-version's declared flags, read from its wheel without importing it.
+`SGLANG_VERSION` is the one pinned version (setup.cfg's ``sglang`` extra pins the same);
+``tests/test_inference_sglang_flags.py`` checks every flag this module can emit against the flags
+that version declares (read from its wheel by ``tools/sglang_contract.py``).
 
 The API key is not put on the command line (other users of a node can read argv with ``ps``):
 it goes into a 0600 YAML file passed with ``--config``, which SGLang merges like CLI flags.
@@ -25,7 +25,6 @@ from areal_hpc.registry.util import atomic_write
 log = logging.getLogger(__name__)
 
 SGLANG_VERSION = "0.5.23"
-SGLANG_REQUIREMENT = f"sglang=={SGLANG_VERSION}"
 
 Value = Union[None, str, List[str]]  # None = bare boolean flag
 
@@ -159,6 +158,16 @@ class SGLangProcess:
             out.close()
         return self
 
+    def log_tail(self, n_bytes: int = 20000) -> str:
+        """The end of its log ("" without one)."""
+        try:
+            with open(self.log_path or "", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - n_bytes))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     @property
     def returncode(self) -> Optional[int]:
         return None if self.proc is None else self.proc.poll()
@@ -178,91 +187,3 @@ class SGLangProcess:
                 continue
         return self.returncode
 
-
-# ---------------------------------------------------------------------- flags SGLang declares
-
-def declared_flags(wheel: str | os.PathLike) -> Dict[str, Optional[bool]]:
-    """Every ``--flag`` ``sglang.launch_server`` accepts, read from an SGLang wheel without
-    importing it: ``{flag: True}`` for bare boolean flags, ``False`` for flags taking a value,
-    ``None`` where a custom argparse action decides.
-
-    Sources: literal ``parser.add_argument("--...")`` calls in ``sglang/srt/server_args.py``, and
-    (SGLang >= 0.5.2x) the annotated fields of the namespace classes that ``ServerArgs`` collects
-    (``_INPUT_NAMESPACES``), which ``add_cli_args_from_dataclass`` turns into flags: the field
-    name with dashes (or ``Arg(cli_name=...)``), plus ``Arg(aliases=[...])``; ``bool`` fields are
-    ``store_true``; ``Arg(no_cli=True)`` fields have no flag.
-    """
-    import ast
-    import zipfile
-
-    out: Dict[str, Optional[bool]] = {}
-    with zipfile.ZipFile(wheel) as z:
-        files = set(z.namelist())
-
-        def parse(name: str) -> ast.Module:
-            return ast.parse(z.read(name).decode())
-
-        sa = parse("sglang/srt/server_args.py")
-        for node in ast.walk(sa):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
-                names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-                action = next((k.value for k in node.keywords if k.arg == "action"), None)
-                if isinstance(action, ast.Constant):
-                    kind = action.value in ("store_true", "store_false")
-                elif action is None:
-                    kind = False
-                else:
-                    kind = "StoreTrue" in ast.unparse(action) or None
-                for n in names:
-                    if n.startswith("--"):
-                        out[n] = kind
-        # namespace classes ServerArgs is assembled from, and the modules that define them
-        namespaces: List[str] = []
-        modules: Dict[str, str] = {}
-        for node in sa.body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_INPUT_NAMESPACES" for t in node.targets):
-                namespaces = [e.id for e in node.value.elts if isinstance(e, ast.Name)]
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sglang.srt.arg_groups"):
-                for alias in node.names:
-                    modules[alias.asname or alias.name] = node.module.replace(".", "/") + ".py"
-        for cls_name in namespaces:
-            path = modules.get(cls_name)
-            if path is None or path not in files:
-                raise ValueError(f"cannot find the module of SGLang namespace {cls_name} ({path})")
-            _fields_to_flags(parse(path), cls_name, out)
-    return out
-
-
-def _fields_to_flags(module, cls_name: str, out: Dict[str, Optional[bool]]) -> None:
-    import ast
-
-    classes = {n.name: n for n in module.body if isinstance(n, ast.ClassDef)}
-    cls = classes[cls_name]
-    for base in cls.bases:  # fields inherited from a class of the same module
-        if isinstance(base, ast.Name) and base.id in classes:
-            _fields_to_flags(module, base.id, out)
-    for stmt in cls.body:
-        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-            continue
-        ann = stmt.annotation
-        if not (isinstance(ann, ast.Subscript) and getattr(ann.value, "id", "") in ("A", "Annotated")):
-            continue
-        parts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
-        typ, meta = parts[0], parts[1:]
-        arg = next((m for m in meta if isinstance(m, ast.Call) and getattr(m.func, "id", "") == "Arg"), None)
-        if arg is None and not any(isinstance(m, ast.Constant) and isinstance(m.value, str) for m in meta):
-            continue  # no CLI metadata: not registered automatically
-        kw = {k.arg: k.value for k in (arg.keywords if arg is not None else [])}
-        if isinstance(kw.get("no_cli"), ast.Constant) and kw["no_cli"].value is True:
-            continue
-        src = ast.unparse(typ).replace(" ", "")
-        is_bool = src in ("bool", "Optional[bool]", "bool|None", "Union[bool,None]")
-        kind: Optional[bool] = None if "action" in kw else is_bool
-        names = []
-        cli = kw.get("cli_name")
-        names.append(cli.value if isinstance(cli, ast.Constant) else "--" + stmt.target.id.replace("_", "-"))
-        aliases = kw.get("aliases")
-        if isinstance(aliases, (ast.List, ast.Tuple)):
-            names += [e.value for e in aliases.elts if isinstance(e, ast.Constant)]
-        for n in names:
-            out[n] = kind

@@ -1,17 +1,15 @@
 """Our side of SGLang's HTTP API: every route we call, every body we send, every response we read.
 
 The client pool, the server lifecycle and the trainer talk to inference servers only through
-these routes, body builders and parsers, so `sglang_contract` can check all of it against
-SGLang's own source (``tests/test_inference_sglang_contract.py``, ``tools/sglang_contract.py``):
-routes and methods against ``http_server.py``, body fields and types against the request
-structs of ``io_struct.py``, and the keys read here against what SGLang puts in responses.
+these routes, body builders and parsers, so ``tools/sglang_contract.py`` can check all of it
+against SGLang's own source: routes and methods, body fields and types against SGLang's request
+structs, and the keys read here against what SGLang puts in responses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 
 def parse_version(v: Any) -> Any:
@@ -24,8 +22,9 @@ def parse_version(v: Any) -> Any:
     return v
 
 
-@dataclasses.dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
+    """(method, path): unpacks into `ServerPool.call_all`."""
+
     method: str
     path: str
 

@@ -1,17 +1,13 @@
 """The driver: the one process that owns a run's Slurm allocation, on its batch host.
 
-It loads the run's config.yaml and plan.json, starts every step as an ``srun --exact`` job step
-(`slurm.SrunRunner`), watches them, serves registry requests (``add_servers``, ``start_trainer``,
-``stop``), restarts a dead trainer up to ``trainer.max_restarts`` times, and with
-``shutdown_server_on_exit=False`` keeps the allocation and its servers alive after the trainer
-ends (until ``areal-hpc stop``, the servers exit, or the time limit). Logs: {run}/logs/driver.log
-(and the job's {run}/logs/slurm-<job>.out).
+It starts every step of plan.json as an ``srun --exact`` job step (`SrunRunner`) and hands them
+to a `RunOwner` (restarts, requests, shutdown). Logs: {run}/logs/driver.log.
 
 USR2 (Slurm's warning before the time limit, preemption, ``scancel --signal=USR2 --batch``):
-`prepare_requeue` asks the trainer to checkpoint (SIGUSR2: it stops at the next step boundary),
-waits for it, stops the servers (they deregister); then the job is requeued -- by submitit when
-the driver is its payload (`slurm.Driver.checkpoint`), by ``scontrol requeue`` otherwise -- and the
-requeued driver starts everything again; the trainer resumes from its checkpoint.
+`prepare_requeue` has the trainer checkpoint at its next step boundary and the servers deregister;
+then the job is requeued -- by submitit when the driver is its payload
+(`slurm_submit.Driver.checkpoint`), by ``scontrol requeue`` otherwise -- and the requeued driver
+starts everything again; the trainer resumes from its checkpoint.
 
 Started by `areal-hpc submit` (mode=slurm) through submitit, or by hand inside an allocation:
 ``areal-hpc driver --run-dir RUN``.
@@ -26,19 +22,158 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
-from areal_hpc.config import load_resolved
+from areal_hpc.config import ExperimentConfig, load_resolved
 from areal_hpc.config.validate import run_umask
-from areal_hpc.launch import outcome
-from areal_hpc.launch.owner import RunOwner
-from areal_hpc.launch.plan import Plan
+from areal_hpc.launch import outcome, slurm
+from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
+from areal_hpc.launch.plan import Plan, StepSpec
 
 log = logging.getLogger("areal_hpc.launch")
 
+# Seconds the trainer gets to reach a step boundary and checkpoint after USR2: Slurm signals 90 s
+# before the time limit; the rest is for servers to deregister and for the requeue itself.
+REQUEUE_TRAINER_GRACE_S = 75.0
+REQUEUE_SERVER_GRACE_S = 10.0
+# Environment of the job that each step states for itself.
+_JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", "SLURM_GPUS_PER_NODE")
+
 _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
 
+
+# ----------------------------------------------------------------------------- srun steps
+
+class SrunHandle(StepHandle):
+    """One job step: the ``srun`` client process (own process group) and the step it created."""
+
+    def __init__(self, step: StepSpec, proc: subprocess.Popen, job_id: str, node: int):
+        self.step, self.proc, self.job_id, self.node = step, proc, job_id, node
+        self.step_id: Optional[str] = None
+        self.nodelist = ""
+
+    @property
+    def nodes(self) -> range:
+        return range(self.node, self.node + self.step.nodes)
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is not None:
+            return
+        # To the step's tasks through slurmctld, not through the srun client: srun answers SIGTERM
+        # by killing its step, so a server would die without deregistering, a trainer unsaved.
+        if self.step_id and not slurm.scancel(f"{self.job_id}.{self.step_id}", signal.Signals(sig).name[3:]) \
+                and sig != signal.SIGKILL:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def info(self) -> Dict[str, object]:
+        return {"srun_pid": self.proc.pid, "slurm_job_id": self.job_id, "slurm_step_id": self.step_id,
+                "nodes": self.nodelist, "relative_node": self.node, "gpus_per_node": self.step.gpus_per_node,
+                "gpus": list(self.step.gpu_ids), "ntasks": self.step.ntasks}
+
+
+class SrunRunner(Runner):
+    """Starts StepSpecs as ``srun --exact`` steps of the driver's own job.
+
+    Steps are created one after another (each waits until Slurm lists the previous one), so on a
+    node the GPUs go to steps in plan order: the GPU ids the plan shows are the ones they get.
+    Added servers (``relative_node=-1``) go on the first node with enough free GPUs, CPUs and
+    memory, accounting what the live steps use.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, plan: Plan, job_id: str, step_timeout_s: float = 60.0,
+                 env: Optional[Dict[str, str]] = None):
+        env = os.environ if env is None else env
+        self.cfg, self.plan, self.job_id, self.step_timeout_s = cfg, plan, str(job_id), step_timeout_s
+        n = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or plan.nodes)
+        cpus = slurm.parse_counts(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
+        mem = int(env.get("SLURM_MEM_PER_NODE") or 0)
+        self.capacity = [{"gpus": plan.gpus_per_node, "cpus": cpus[k] if k < len(cpus) else 0, "mem": mem}
+                         for k in range(n)]
+        self._known_steps: set = set()
+
+    @staticmethod
+    def _live(running: List[StepHandle]) -> List[StepHandle]:
+        return [h for h in running if h.poll() is None and hasattr(h, "nodes")]
+
+    def place(self, step: StepSpec, running: List[StepHandle]) -> Optional[int]:
+        """The first node of ``step``: the plan's, or (added servers) the first with room."""
+        if step.relative_node >= 0:
+            return step.relative_node
+        used = [{"gpus": 0, "cpus": 0, "mem": 0} for _ in self.capacity]
+        for h in self._live(running):
+            for k in h.nodes:
+                if k < len(used):
+                    used[k]["gpus"] += h.step.gpus_per_node
+                    used[k]["cpus"] += h.step.cpus_per_task * h.step.ntasks_per_node
+                    used[k]["mem"] += h.step.mem_per_node_mb
+        need = {"gpus": step.gpus_per_node, "cpus": step.cpus_per_task * step.ntasks_per_node,
+                "mem": step.mem_per_node_mb}
+
+        def fits(k: int) -> bool:
+            nodes = range(k, k + step.nodes)
+            return nodes[-1] < len(self.capacity) and all(
+                used[j][r] + need[r] <= self.capacity[j][r] for j in nodes for r in need
+                if r == "gpus" or self.capacity[j][r])  # cpus/mem: 0 = not known, not checked
+
+        return next((k for k in range(len(self.capacity)) if fits(k)), None)
+
+    def can_start(self, step: StepSpec, running: List[StepHandle]) -> bool:
+        return self.place(step, running) is not None
+
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        node = self.place(step, running)
+        if node is None:
+            raise RuntimeError(f"no room in job {self.job_id} for {step.name}")
+        placed = replace(step, relative_node=node)
+        if self.plan.gpus_per_node and step.gpus_per_node:
+            # Slurm hands a step the lowest free GPUs of its node: for plan steps started in order
+            # these are the plan's gpu_ids; for added/restarted steps, whatever the others left
+            taken = {g for h in self._live(running) if node in h.nodes for g in h.step.gpu_ids}
+            placed.gpu_ids = [g for g in range(self.plan.gpus_per_node) if g not in taken][:step.gpus_per_node]
+            if step.gpu_ids and step.relative_node >= 0 and placed.gpu_ids != list(step.gpu_ids):
+                log.info("%s: planned GPUs %s are taken; expecting %s", step.name, step.gpu_ids, placed.gpu_ids)
+        argv = slurm.srun_argv(placed, self.plan.job_name, ["--open-mode=append", *self.cfg.cluster.srun_args],
+                               jobid=self.job_id)
+        Path(step.log).parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS}
+        env.update(step.env, PYTHONUNBUFFERED="1")
+        log.info("srun %s", slurm.shell_line(argv))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                cwd=str(Path(self.plan.run_dir)))
+        h = SrunHandle(placed, proc, self.job_id, node)
+        self._await_step(h)
+        return h
+
+    def _await_step(self, h: SrunHandle) -> None:
+        """Wait until Slurm lists the step (its resources are then taken): records its step id."""
+        name = f"{self.plan.job_name}:{h.step.name}"
+        deadline = time.monotonic() + self.step_timeout_s
+        delay = 0.02
+        while time.monotonic() < deadline and h.proc.poll() is None:
+            for sid, sname, nodes in slurm.live_steps(self.job_id):
+                if sname == name and sid not in self._known_steps:
+                    self._known_steps.add(sid)
+                    h.step_id, h.nodelist = sid.split(".", 1)[1], nodes
+                    return
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
+        if h.proc.poll() is None:
+            log.warning("%s: Slurm did not list the step within %.0fs (still waiting for resources?)", h.step.name,
+                        self.step_timeout_s)
+        else:
+            log.warning("%s: srun exited with %s before its step was listed", h.step.name, h.proc.poll())
+
+
+# ----------------------------------------------------------------------------- the driver
 
 def _setup_logging(run_dir: Path) -> None:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -55,42 +190,26 @@ def _setup_logging(run_dir: Path) -> None:
     lg.propagate = False
 
 
-def _wait(handles, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(h.poll() is None for h in handles):
-        time.sleep(0.2)
-
-
-def prepare_requeue(trainer_grace_s: Optional[float] = None, server_grace_s: Optional[float] = None) -> bool:
+def prepare_requeue(trainer_grace_s: float = REQUEUE_TRAINER_GRACE_S,
+                    server_grace_s: float = REQUEUE_SERVER_GRACE_S) -> bool:
     """Checkpoint the trainer and stop the servers before the job is requeued (or ends).
 
     Returns whether the job should be requeued (``launcher.requeue_on_preemption``)."""
-    from areal_hpc.launch.slurm import REQUEUE_SERVER_GRACE_S, REQUEUE_TRAINER_GRACE_S
-
     owner = _OWNER
     if owner is None:
         log.warning("USR2 before the run started: requeueing as is")
         return True
     owner.request_stop("time limit or preemption (USR2)")
     t0 = time.monotonic()
-    trainer = owner.trainer
-    if trainer is not None and trainer.poll() is None:
+    if owner.trainer is not None and owner.trainer.poll() is None:
         log.warning("USR2: asking the trainer to checkpoint at its next step boundary")
-        trainer.signal(signal.SIGUSR2)
-        _wait([trainer], REQUEUE_TRAINER_GRACE_S if trainer_grace_s is None else trainer_grace_s)
-        if trainer.poll() is None:
-            log.error("the trainer did not stop within %.0fs: killing it (it resumes from its last checkpoint)",
-                      time.monotonic() - t0)
-            trainer.signal(signal.SIGKILL)
-        else:
-            log.info("trainer stopped (rc %s) after %.1fs", trainer.poll(), time.monotonic() - t0)
+        owner.trainer.signal(signal.SIGUSR2)
+        owner.wait_or_kill([owner.trainer], trainer_grace_s)  # killed: it resumes from its last checkpoint
+        log.info("trainer stopped (rc %s) after %.1fs", owner.trainer.poll(), time.monotonic() - t0)
     servers = [h for h in owner.servers.values() if h.poll() is None]
     for h in servers:
         h.signal(signal.SIGTERM)
-    _wait(servers, REQUEUE_SERVER_GRACE_S if server_grace_s is None else server_grace_s)
-    for h in servers:
-        if h.poll() is None:
-            h.signal(signal.SIGKILL)
+    owner.wait_or_kill(servers, server_grace_s)
     for name in list(owner.servers):  # the requeued driver starts them again
         owner.registry.delete("servers", name)
     requeue = bool(owner.cfg.launcher.requeue_on_preemption)
@@ -110,8 +229,7 @@ def _on_usr2_standalone(signum, frame) -> None:
     """USR2 when the driver is not submitit's payload (started by hand): same steps, own requeue."""
     if prepare_requeue():
         job = os.environ.get("SLURM_JOB_ID", "")
-        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-        log.warning("scontrol requeue %s: %s", job, (r.stdout + r.stderr).strip() or "ok")
+        log.warning("scontrol requeue %s: %s", job, slurm.requeue(job))
     raise SystemExit(0)
 
 
@@ -126,20 +244,8 @@ def _on_term_standalone(signum, frame) -> None:
         owner.request_stop(f"stopped by {signal.Signals(signum).name}")
 
 
-def cancel_own_job(job_id: str) -> None:
-    """End this job as CANCELLED: a run stopped on purpose is neither COMPLETED (a success to
-    ``--dependency=afterok``, mail, scripts) nor FAILED. Everything is stopped and recorded by now;
-    Slurm signals this batch script and marks the job CANCELLED at once."""
-    log.info("the run was stopped: ending job %s as CANCELLED", job_id)
-    try:
-        subprocess.run(["scancel", str(job_id)], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"scancel {job_id} failed: {e}", file=sys.stderr)
-
-
 def main(run_dir: Path) -> int:
     global _OWNER
-    from areal_hpc.launch.slurm import SrunRunner
 
     run_dir = Path(run_dir).resolve()
     job_id = os.environ.get("SLURM_JOB_ID")
@@ -155,8 +261,8 @@ def main(run_dir: Path) -> int:
     log.info("driver of job %s%s on %s (pid %d): %d step(s) on %d node(s) [%s]", job_id,
              f" (requeued {restarts}x)" if restarts else "", socket.gethostname(), os.getpid(), len(plan.steps),
              plan.nodes, os.environ.get("SLURM_JOB_NODELIST", "?"))
-    runner = SrunRunner(cfg, plan, job_id)
-    owner = RunOwner(cfg, plan, run_dir, runner, mode="slurm", job_id=job_id,
+    # linger: with shutdown_server_on_exit=False the allocation outlives the trainer step
+    owner = RunOwner(cfg, plan, run_dir, SrunRunner(cfg, plan, job_id), mode="slurm", job_id=job_id,
                      linger=not cfg.shutdown_server_on_exit)
     _OWNER = owner
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit installs its own USR2 handler
@@ -169,5 +275,9 @@ def main(run_dir: Path) -> int:
         _OWNER = None
     log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
     if owner.state == outcome.STOPPED:
-        cancel_own_job(job_id)
+        # a run stopped on purpose ends CANCELLED: neither a success to --dependency=afterok nor FAILED
+        log.info("the run was stopped: ending job %s as CANCELLED", job_id)
+        err = slurm.scancel(job_id)
+        if err:
+            print(f"scancel {job_id} failed: {err}", file=sys.stderr)
     return rc

@@ -7,14 +7,17 @@ hand over to `inference` or `trainers`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from areal_hpc.config import actor_path, load_resolved, parse_allocation
+from areal_hpc.launch import slurm
 from areal_hpc.registry import Registry
 
 
@@ -45,20 +48,24 @@ def slurm_placement() -> str:
 os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
 
 LAUNCHER_PID_ENV = "AREAL_HPC_LAUNCHER_PID"
+# looked up once: what runs between fork and exec (`preexec_fn`) must not load libraries
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Linux: this process gets ``sig`` when the thread that started it ends (PR_SET_PDEATHSIG)."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(sig), 0, 0, 0)
 
 
 def stop_with_launcher() -> None:
     """mode=local: get SIGTERM (the graceful stop) when the `submit` that started us dies, even
-    by SIGKILL, instead of running on as an orphan. Linux only; a no-op elsewhere and under Slurm
-    (where the launcher's pid is not set: slurmstepd cleans up a step)."""
+    by SIGKILL, instead of running on as an orphan. A no-op under Slurm (where the launcher's pid
+    is not set: slurmstepd cleans up a step)."""
     parent = os.environ.get(LAUNCHER_PID_ENV)
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent or _PRCTL is None:
         return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != int(parent):  # it died before we asked: nothing to clean up yet
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -124,17 +131,13 @@ def _master_from_slurm() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if int(os.environ["WORLD_SIZE"]) == 1:
         return
-    import subprocess
-
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
-    first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True).stdout.split()
-    node = first[0] if first else "localhost"
+    node = (slurm.hostnames(nodes) or ["localhost"])[0]
     # Fake multi-node clusters share one host: resolve the node name, fall back to its NodeAddr.
     try:
         addr = socket.gethostbyname(node)
     except OSError:
-        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True).stdout
-        addr = next((w.split("=", 1)[1] for w in out.split() if w.startswith("NodeAddr=")), "127.0.0.1")
+        addr = slurm.node_addr(node) or "127.0.0.1"
     os.environ["MASTER_ADDR"] = addr
     job, stepid = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
     os.environ["MASTER_PORT"] = str(20000 + (job * 131 + stepid * 7) % 40000)

@@ -1,22 +1,13 @@
-"""External servers: SGLang or `hf` servers that a run did not start, attached to it by URL.
+"""External servers: SGLang or `hf` servers a run did not start, attached to it by URL.
 
-`attach` (``areal-hpc add-servers url=...``) checks that the server answers ``/health`` with
-the given key, reads its model and weight version, has it load the run's newest published
-weights (the same load a server joining late does; it is also the check that the server can read
-the run's ``weights/`` directory, which disk weight updates need), then writes its record
-``servers/ext-N`` with ``external: true``. Its API key is kept in that record, inside the
-registry (0700, records 0600), like the run's own secret. The pool of every trainer and
-evaluator discovers it there as it does any server.
-
-Nobody heartbeats for an attached server: the run's owner does (`ExternalWatch`), refreshing
-its record while ``/health`` answers. One that stops answering expires after
-``launcher.ttl_s`` (the pool drops it) and the owner removes the record. `detach`
-(``areal-hpc remove-server``) removes it at once; the server keeps running either way. `stop`
-leaves external servers running unless asked (`stop_process`).
-
-``areal-hpc serve`` started by hand with a run's names joins the same run differently: it is
-a normal server process that registers and heartbeats itself, marked ``external: true`` because
-the owner did not start it.
+`attach` (``add-servers url=...``) checks ``/health`` with the given key, has the server load the
+run's newest published weights (also the check that it can read ``weights/``, which disk updates
+need), and writes its record ``servers/ext-N`` (``external: true``, its API key kept inside the
+private registry); every pool discovers it there. Nobody heartbeats for it: the run's owner
+refreshes its record while ``/health`` answers (`ExternalWatch`); one silent for ``launcher.ttl_s``
+expires. `detach` (``remove-server``) removes it; the server keeps running either way, and `stop`
+leaves it running unless asked (`stop_process`). ``areal-hpc serve`` started by hand with a run's
+names is a normal server that registers itself, marked external because the owner did not start it.
 """
 
 from __future__ import annotations
@@ -26,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -37,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from areal_hpc.config import ConfigError
 from areal_hpc.inference import sglang_api as api
+from areal_hpc.launch import slurm
 from areal_hpc.registry import Registry
 
 log = logging.getLogger("areal_hpc.launch")
@@ -219,9 +210,8 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
         job, pid, hosts = rec.get("slurm_job_id"), rec.get("pid"), {rec.get("host"), rec.get("node")}
     name = rec.get("url") or rec.get("address")
     if job and str(job) != str(run_job_id or ""):
-        r = subprocess.run(["scancel", str(job)], capture_output=True, text=True, check=False)
-        return f"cancelled its Slurm job {job}" if r.returncode == 0 else \
-            f"scancel {job} failed: {(r.stderr or r.stdout).strip()}"
+        err = slurm.scancel(job)
+        return f"scancel {job} failed: {err}" if err else f"cancelled its Slurm job {job}"
     if pid and hosts & {socket.gethostname(), socket.getfqdn()}:
         try:
             os.kill(int(pid), signal.SIGTERM)

@@ -5,7 +5,6 @@ progress bar, serves add-servers/stop requests; Ctrl-C stops the run gracefully 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -23,17 +22,6 @@ from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import free_port
 
 log = logging.getLogger("areal_hpc.launch")
-
-
-# looked up once: what runs between fork and exec (`preexec_fn`) must not load libraries
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-
-def set_parent_death_signal(sig: int) -> None:
-    """Linux: this process gets ``sig`` when the thread that started it ends (PR_SET_PDEATHSIG);
-    for `subprocess.Popen`'s ``preexec_fn``."""
-    if _PRCTL is not None:
-        _PRCTL(1, int(sig), 0, 0, 0)
 
 
 class ProcessHandle(StepHandle):

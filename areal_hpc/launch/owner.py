@@ -1,11 +1,8 @@
 """The owner of a run: starts its steps, watches them, serves control requests, shuts down.
 
-One implementation for every launcher; only how a step becomes processes differs (`Runner`):
-`local.ProcessRunner` forks subprocesses, `torchrun.TorchrunRunner` runs the trainer under
-torchrun's elastic agent, `slurm.SrunRunner` starts ``srun`` job steps inside the allocation,
-`ray_runner.RayRunner` starts Ray actors in placement groups. Requests (`requests/*.json` in the
-registry) come from `areal-hpc add-servers`, `stop` and trainer-restart submits; the owner is the
-only process that acts on them.
+One implementation for every launcher; only how a step becomes processes differs (`Runner`:
+subprocesses, torchrun's agent, ``srun`` steps, Ray actors). Requests (`requests/*.json` in the
+registry) come from `add-servers`, `stop` and trainer-restart submits; only the owner acts on them.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome
@@ -59,6 +56,24 @@ class Runner(ABC):
         return True
 
 
+def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0) -> int:
+    """The one rule for naming servers added to a run, in its allocation or as a job of their own:
+    the number after every server name the run has used (``known``, the registry's records, the
+    owner's run record, server jobs) or handed out. ``reserve=N`` hands out N numbers from there
+    (under the registry's lock), so that two additions never get the same name."""
+    with reg.locked("server-names"):
+        names = set(known) | set(reg.list("servers", live_only=False))
+        names |= set((reg.get("", "run", live_only=False) or {}).get("servers") or [])
+        for job in reg.list("jobs", live_only=False).values():
+            names |= set(job.get("servers") or [])
+        used = [int(n[7:]) for n in names if n.startswith("server-") and n[7:].isdigit()]
+        handed = (reg.get("", "server_names", live_only=False) or {}).get("next", 0)
+        first = max(max(used, default=-1) + 1, int(handed))
+        if reserve:
+            reg.put("", "server_names", {"next": first + reserve}, ttl=False)
+    return first
+
+
 class RunOwner:
     """Owns one run: its steps, its requests, and the record of how it ended (`outcome`).
 
@@ -94,17 +109,13 @@ class RunOwner:
         self._heartbeat: Optional[Heartbeat] = None
 
     # ------------------------------------------------------------------ records
-    def _run_record(self) -> Dict[str, object]:
+    def record(self) -> Dict[str, object]:
+        """The run record as written to run.json (state, reason, log, steps...)."""
         return {"mode": self.mode, "pid": os.getpid(), "host": socket.gethostname(), "job_id": self.job_id,
                 "started": self._started, "ended": self._ended, "state": self.state, "reason": self.reason,
                 "log": self.log_path, "stopping": self.stopping, "servers": sorted(self.servers),
-                "trainer_restarts": self.restarts,
-                "trainer_rc": self.trainer_rc,
+                "trainer_restarts": self.restarts, "trainer_rc": self.trainer_rc,
                 "steps": {name: h.info() for name, h in self._handles().items()}}
-
-    def record(self) -> Dict[str, object]:
-        """The run record as written to run.json (state, reason, log, steps...)."""
-        return self._run_record()
 
     def _handles(self) -> Dict[str, StepHandle]:
         out = dict(self.servers)
@@ -135,8 +146,10 @@ class RunOwner:
     def start_step(self, step: StepSpec) -> StepHandle:
         offsets = outcome.log_sizes(step.log)  # an error line must come from this attempt, not an earlier one
         if step.role != "server":
-            self._attempt = {"t0": time.time(), "from_step": self._resume_step(), "first_step": None,
-                             "progressed": False}
+            # the step it resumes from (its last checkpoint, if it recovers): progress is past it
+            resume = 0 if self.cfg.recover.mode == "disabled" else \
+                outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
+            self._attempt = {"t0": time.time(), "from_step": resume, "first_step": None, "progressed": False}
         h = self.runner.start(step, list(self._handles().values()))
         self._log_offsets[step.name] = offsets
         if step.role == "server":
@@ -146,27 +159,22 @@ class RunOwner:
         log.info("started %s: %s", step.name, h.info())
         return h
 
-    def _resume_step(self) -> int:
-        """The step a trainer started now resumes from (its last checkpoint, if it recovers)."""
-        if self.cfg.recover.mode == "disabled":
-            return 0
-        return outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
-
-    def next_server_index(self) -> int:
-        used = [int(n.split("-", 1)[1]) for n in self.servers] + \
-               [int(n.split("-", 1)[1]) for n in self.registry.list("servers") if n.startswith("server-")]
-        return max(used, default=-1) + 1
-
     def add_servers(self, count: int) -> int:
         """Start up to ``count`` more servers; returns how many the resources allowed. Added servers
         are not pinned to a node or GPUs (``relative_node=-1``): the runner puts them where room is."""
         alloc = parse_allocation(self.cfg.allocation_mode)
+        known = [s.name for s in self.plan.servers] + list(self.servers)
         started = 0
         for _ in range(count):
-            step = server_step(self.cfg, alloc, self.run_dir, self.next_server_index(), relative_node=-1, gpu_ids=[])
+            index = next_server_index(self.registry, known)
+            step = server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1, gpu_ids=[])
             if not self.runner.can_start(step, list(self._handles().values())):
                 break
+            reserved = next_server_index(self.registry, known, reserve=1)
+            if reserved != index:  # a server job took that name meanwhile
+                step = server_step(self.cfg, alloc, self.run_dir, reserved, relative_node=-1, gpu_ids=[])
             self.start_step(step)
+            known.append(step.name)
             started += 1
         return started
 
@@ -297,7 +305,7 @@ class RunOwner:
         for name in self.registry.list("requests", live_only=False):  # left by an earlier owner
             log.info("dropping stale request %s", name)
             self.registry.delete("requests", name)
-        self._heartbeat = Heartbeat(self.registry, "", "run", self._run_record,
+        self._heartbeat = Heartbeat(self.registry, "", "run", self.record,
                                     interval_s=self.cfg.launcher.heartbeat_s, remove_on_exit=False).start()
         # servers attached by URL have no heartbeat of their own: the owner checks their /health
         watch = ExternalWatch(self.registry, self.cfg.launcher.heartbeat_s).start()
@@ -380,7 +388,7 @@ class RunOwner:
         log.info("shutting down: %s", reason)
         if self.trainer is not None and self.trainer.poll() is None:
             self.trainer.signal(signal.SIGTERM)
-            self._wait([self.trainer], grace_s)
+            self.wait_or_kill([self.trainer], grace_s)
         if self.trainer is not None and self.trainer_rc is None:
             self.trainer_rc = self.trainer.poll()
             if self.trainer_rc not in (None, 0):
@@ -388,12 +396,12 @@ class RunOwner:
         for h in self.servers.values():
             if h.poll() is None:
                 h.signal(signal.SIGTERM)
-        self._wait(list(self.servers.values()), 30.0)
+        self.wait_or_kill(list(self.servers.values()), 30.0)
         for name in list(self.servers):
             self.registry.delete("servers", name)  # normally gone already: they deregister on SIGTERM
         self.servers.clear()
 
-    def _wait(self, handles: List[StepHandle], timeout: float) -> None:
+    def wait_or_kill(self, handles: List[StepHandle], timeout: float) -> None:
         """Wait for ``handles`` to end; SIGKILL them after ``timeout`` (at once once forced), then
         wait for that too (a killed step must be gone before its records are removed)."""
         deadline = time.monotonic() + timeout

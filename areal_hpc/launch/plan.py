@@ -1,8 +1,8 @@
 """Config -> the list of job steps a run is made of (`StepSpec`), placement included.
 
 The same StepSpecs drive every launcher: `launch.local` runs them as subprocesses (using
-``gpu_ids`` for CUDA_VISIBLE_DEVICES), `launch.slurm`/the driver turns each into one ``srun``
-(`srun_argv`), and the sbatch template renders them as readable lines.
+``gpu_ids`` for CUDA_VISIBLE_DEVICES), the Slurm driver turns each into one ``srun``
+(`slurm.srun_argv`), and the sbatch template renders them as readable lines.
 
 Placement: when everything fits one node, servers take the first GPUs and the trainer the next;
 otherwise servers and trainer get disjoint sets of whole nodes (servers first), so an SPMD
@@ -14,7 +14,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,26 +78,12 @@ def python_executable(cfg: ExperimentConfig) -> str:
     return cfg.cluster.python or sys.executable
 
 
-def server_command(python: str, run_dir: Path, server_id: str) -> List[str]:
-    return [python, "-m", "areal_hpc", "serve", "--run-dir", str(run_dir), "--server-id", server_id]
-
-
-def trainer_command(python: str, run_dir: Path) -> List[str]:
-    return [python, "-m", "areal_hpc", "train", "--run-dir", str(run_dir)]
-
-
 def _resources(cfg: ExperimentConfig, gpus: int, tasks_per_node: int) -> tuple:
     """(cpus per task, memory per node in MB) for a step."""
     c = cfg.cluster
     if c.n_gpus_per_node == 0 or gpus == 0:
         return c.cpus_per_task_cpu, c.mem_per_task_cpu_gb * 1024 * tasks_per_node
     return c.cpus_per_gpu * gpus, c.mem_per_gpu_gb * 1024 * gpus * tasks_per_node
-
-
-def _thread_env(cpus: int) -> Dict[str, str]:
-    """Each task uses the CPUs it was given: torch otherwise starts a thread per core in every
-    process, and a server and a trainer sharing a small node thrash (2x slower on 2 cores)."""
-    return {"OMP_NUM_THREADS": str(cpus)}
 
 
 def hf_cache_dir(cfg: ExperimentConfig) -> Path:
@@ -110,12 +95,15 @@ def hf_cache_dir(cfg: ExperimentConfig) -> Path:
     return Path(os.path.abspath(os.path.expanduser(root)))
 
 
-def hub_env(cfg: ExperimentConfig) -> Dict[str, str]:
-    """Steps never reach the Hub: `submit` resolved every name to a local path on the login node
-    (`launch.resolve`). Their caches live in the shared one, so `datasets` prepares a dataset once."""
+def step_env(cfg: ExperimentConfig, cpus: int) -> Dict[str, str]:
+    """Each task uses the CPUs it was given (torch otherwise starts a thread per core in every
+    process, and a server and a trainer sharing a small node thrash). Steps never reach the Hub:
+    `submit` resolved every name to a local path on the login node (`launch.resolve`); their caches
+    live in the shared one, so `datasets` prepares a dataset once."""
     root = hf_cache_dir(cfg)
-    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root),
-            "HF_HUB_CACHE": str(root / "hub"), "HF_DATASETS_CACHE": str(root / "datasets")}
+    return {"OMP_NUM_THREADS": str(cpus), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root), "HF_HUB_CACHE": str(root / "hub"),
+            "HF_DATASETS_CACHE": str(root / "datasets")}
 
 
 def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, index: int,
@@ -128,8 +116,9 @@ def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, ind
     cpus, mem = _resources(cfg, gpus_per_task, 1)
     return StepSpec(role="server", name=name, nodes=nodes, ntasks=nodes, ntasks_per_node=1,
                     gpus_per_task=gpus_per_task, cpus_per_task=cpus, mem_per_node_mb=mem,
-                    relative_node=relative_node, gpu_ids=gpu_ids, env={**_thread_env(cpus), **hub_env(cfg)},
-                    command=server_command(python_executable(cfg), run_dir, name),
+                    relative_node=relative_node, gpu_ids=gpu_ids, env=step_env(cfg, cpus),
+                    command=[python_executable(cfg), "-m", "areal_hpc", "serve", "--run-dir", str(run_dir),
+                             "--server-id", name],
                     log=str(run_dir / "logs" / f"{name}.log"))
 
 
@@ -146,7 +135,8 @@ def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, re
     cpus, mem = _resources(cfg, gpus, per_node)
     return StepSpec(role="trainer", name="trainer", nodes=nodes, ntasks=world, ntasks_per_node=per_node,
                     gpus_per_task=gpus, cpus_per_task=cpus, mem_per_node_mb=mem, relative_node=relative_node,
-                    gpu_ids=gpu_ids, env={**_thread_env(cpus), **hub_env(cfg)}, command=trainer_command(python_executable(cfg), run_dir),
+                    gpu_ids=gpu_ids, env=step_env(cfg, cpus),
+                    command=[python_executable(cfg), "-m", "areal_hpc", "train", "--run-dir", str(run_dir)],
                     log=str(run_dir / "logs" / "trainer-%t.log"))
 
 
@@ -188,28 +178,3 @@ def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
     nodes = max((s.relative_node + s.nodes for s in steps), default=1)
     job = f"areal-{cfg.experiment_name}-{cfg.trial_name}"
     return Plan(run_dir=str(run_dir), job_name=job, mode=cfg.mode, nodes=nodes, gpus_per_node=G, steps=steps)
-
-
-def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optional[str] = None) -> List[str]:
-    """The ``srun`` line that runs one step inside the allocation, sized exactly (``--exact``,
-    explicit ``--gres``) so concurrent steps never wait on each other or share a GPU."""
-    argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
-            f"--ntasks-per-node={step.ntasks_per_node}", "--exact",
-            f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]
-    if step.relative_node >= 0:  # -1: anywhere in the allocation with room (added servers)
-        argv.insert(5, f"--relative={step.relative_node}")
-    if jobid:
-        argv.append(f"--jobid={jobid}")
-    if step.gpus_per_task:
-        argv += [f"--gres=gpu:{step.gpus_per_node}", f"--gpus-per-task={step.gpus_per_task}"]
-    else:
-        argv.append("--gres=none")
-    argv += ["--kill-on-bad-exit=1", "--unbuffered"]
-    if step.log:
-        argv.append(f"--output={step.log}")
-    argv += list(extra)
-    return argv + step.command
-
-
-def shell_line(argv: List[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)

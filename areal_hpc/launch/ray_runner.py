@@ -1,22 +1,13 @@
 """`mode=ray`: the plan's steps on an existing Ray cluster (``cluster.ray_address``).
 
-Each step gets a placement group shaped like its ``srun`` step: one bundle per node holding that
-node's tasks (``{"CPU": cpus_per_task * tasks, "GPU": gpus_per_task * tasks}``), on the Ray node the
-plan puts it (the plan's node k is the run's k-th Ray node, picked at submit among the alive nodes
-with ``cluster.n_gpus_per_node`` GPUs; bundles are pinned with the ``ray.io/node-id`` label).
-Every task is a `StepTask` actor in its node's bundle holding its CPUs and GPUs; it starts the same
-``areal-hpc serve`` / ``train`` command a Slurm step runs, as a subprocess in its own session
-(output appended to {run}/logs/), with what srun would give it: RANK, LOCAL_RANK, WORLD_SIZE,
-MASTER_ADDR/PORT (rank 0's node), CUDA_VISIBLE_DEVICES (the GPUs Ray gave the actor). The process
-is killed when its actor dies (killed, placement group removed, node lost).
-
-The run's owner (`owner.RunOwner`) runs in the submitting process, as with mode=local (on the
-cluster: ``ray job submit -- areal-hpc submit ...``). With ``shutdown_server_on_exit=False`` the
-servers' actors and placement groups are detached: they outlive the submitting process (Ray
-removes everything else of it when it exits), a later ``submit ... min_required_servers=N`` starts
-only a trainer, and ``stop`` removes them (`stop_leftovers`). The registry stays on the shared
-filesystem; ``registry/ray.json`` names the cluster, namespace and name prefix of the run's actors
-and placement groups.
+Each step is a placement group shaped like its ``srun`` step (one bundle per node holding that
+node's tasks' CPUs and GPUs), pinned to the Ray node the plan puts it on (``ray.io/node-id``: the
+plan's node k is the run's k-th eligible node, picked at submit). Each task is a `StepTask` actor
+that runs the same ``areal-hpc serve`` / ``train`` command as a Slurm step, with the environment
+srun would give it; the process dies with its actor. The owner runs in the submitting process, as
+with mode=local. With ``shutdown_server_on_exit=False`` the servers' actors and groups are
+detached (they outlive the submit; ``stop`` removes them, `stop_leftovers`). ``registry/ray.json``
+names the cluster, namespace and name prefix of the run's actors and placement groups.
 """
 
 from __future__ import annotations
@@ -33,8 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig
-from areal_hpc.launch.entry import LAUNCHER_PID_ENV
-from areal_hpc.launch.local import set_parent_death_signal
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import Registry, free_port

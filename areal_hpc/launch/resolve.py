@@ -1,23 +1,13 @@
 """The login node resolves models and datasets; compute nodes stay offline.
 
 Compute nodes of many clusters have no internet, and a bad model or dataset found there costs an
-allocation. `resolve(cfg)` runs in `submit` (also for ``--dry-run``) before the run directory is
-written, for every model and dataset the run uses:
-
-- a hub name (``Qwen/Qwen2.5-1.5B-Instruct``, ``openai/gsm8k``: not a local path) is downloaded
-  here with ``huggingface_hub.snapshot_download`` into the Hugging Face cache on the shared
-  filesystem (``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``), and the config's path
-  becomes the local snapshot directory, so the run's ``config.yaml`` holds local paths only;
-  steps run with ``HF_HUB_OFFLINE=1`` (`plan.hub_env`);
-- a model must be a directory whose ``config.json`` loads (``AutoConfig``), with weights, and
-  whose tokenizer loads (``AutoTokenizer``) and fits the model's vocabulary;
-- a dataset must load with its ``name`` and ``split`` (the split chosen here is written back),
-  must not be empty, and its rows must have the configured columns (``prompt_key`` or
-  ``messages_key``, and ``answer_key``; after the ``adapter`` when there is one). Every line of a
-  local JSON Lines file is parsed (a malformed or non-UTF-8 line is reported with the file and
-  line number); other formats are checked on their first rows, read lazily.
-
-Every problem is a `ConfigError` naming the key; nothing is submitted. `toy:` specs pass untouched.
+allocation. `resolve(cfg)` runs in `submit` (``--dry-run`` too) before the run dir is written:
+hub names are downloaded into ``cluster.hf_cache`` on the shared filesystem and the config's paths
+become the local snapshots (steps run offline, `plan.step_env`); a model must load (config,
+weights, a tokenizer that fits its vocabulary); a dataset must load with its ``name`` and
+``split`` (the split chosen is written back), hold rows, and have the configured columns after its
+``adapter``. Local JSON Lines files are parsed whole, other formats on their first rows. Every
+problem is a `ConfigError` naming the key; `toy:` specs pass untouched.
 """
 
 from __future__ import annotations
@@ -31,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.config.schema import DatasetConfig
-from areal_hpc.config.validate import looks_like_hub_name
+from areal_hpc.config.validate import looks_like_hub_name, run_umask
 from areal_hpc.launch.plan import hf_cache_dir
 
 # Rows checked for columns where a file is not read whole (parquet, csv, ...).
@@ -75,7 +65,7 @@ def resolve(cfg: ExperimentConfig) -> None:
     """Download hub names into the shared cache, check every model and dataset, and rewrite the
     config in place to local absolute paths (and concrete splits). `ConfigError` on a problem."""
     cache, explicit = hf_cache_dir(cfg), bool(cfg.cluster.hf_cache)
-    cfg.cluster.hf_cache = str(cache)  # absolute in config.yaml: steps get it through plan.hub_env
+    cfg.cluster.hf_cache = str(cache)  # absolute in config.yaml: steps get it through plan.step_env
     paths = [getattr(o, a) for _, o, a in models_in_use(cfg)] + [ds.path for _, ds, _ in datasets_in_use(cfg)]
     if all(p.startswith("toy:") for p in paths):
         return
@@ -92,6 +82,16 @@ def resolve(cfg: ExperimentConfig) -> None:
         resolve_dataset(key, ds, which, cache)
 
 
+def make_fileroot(cfg: ExperimentConfig) -> None:
+    """Create a missing ``cluster.fileroot`` 0755: it is shared by users, each of whom has a private
+    ``{fileroot}/{user}`` below it (0700, or 0750 with cluster.group_readable)."""
+    root = Path(os.path.expanduser(cfg.cluster.fileroot)).resolve()
+    for d in reversed([root, *root.parents]):
+        if not d.exists():
+            d.mkdir()
+            os.chmod(d, 0o755)
+
+
 def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
     """The default cache, ``{fileroot}/{user}/hf-cache``, is made as a run dir is: a missing
     fileroot shared (0755), what is below it with the run's umask (private unless
@@ -100,10 +100,7 @@ def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
         if not default:
             cache.mkdir(parents=True, exist_ok=True)
             return
-        from areal_hpc.config.validate import run_umask
-        from areal_hpc.launch.submit import _make_fileroot
-
-        _make_fileroot(cfg)
+        make_fileroot(cfg)
         old = os.umask(run_umask(cfg))
         try:
             cache.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from areal_hpc.config import ConfigError, ExperimentConfig
-from areal_hpc.launch.plan import Plan, StepSpec, shell_line, srun_argv
+from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.launch.slurm import shell_line, srun_argv
 
 
 def template_text(name: str) -> str:

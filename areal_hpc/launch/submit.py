@@ -10,19 +10,11 @@ from typing import Dict, List, Optional
 
 from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir
 from areal_hpc.config.validate import run_umask
+from areal_hpc.launch import control, local, ray_runner, slurm_submit, torchrun
 from areal_hpc.launch.plan import Plan, build_plan
+from areal_hpc.launch.resolve import make_fileroot, resolve
 from areal_hpc.launch.sbatch import render
 from areal_hpc.registry import Registry, atomic_write
-
-
-def _make_fileroot(cfg: ExperimentConfig) -> None:
-    """Create a missing ``cluster.fileroot`` 0755: it is shared by users, each of whom has a private
-    ``{fileroot}/{user}`` below it (0700, or 0750 with cluster.group_readable)."""
-    root = Path(os.path.expanduser(cfg.cluster.fileroot)).resolve()
-    for d in reversed([root, *root.parents]):
-        if not d.exists():
-            d.mkdir()
-            os.chmod(d, 0o755)
 
 
 def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
@@ -43,7 +35,7 @@ def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
 def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
     """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically. New
     directories and files get the run's umask (private unless cluster.group_readable)."""
-    _make_fileroot(cfg)
+    make_fileroot(cfg)
     os.umask(run_umask(cfg))
     (rd / "logs").mkdir(parents=True, exist_ok=True)
     (rd / "sbatch").mkdir(exist_ok=True)
@@ -139,8 +131,6 @@ def check_trainer_type(cfg: ExperimentConfig) -> None:
 def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
     check_trainer_type(cfg)
     if cfg.mode == "ray":
-        from areal_hpc.launch import ray_runner
-
         ray_runner.require_ray()
     rd = run_dir(cfg)
     reg = Registry.for_run(rd, cfg.launcher)
@@ -158,15 +148,11 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         raise ConfigError("experiment_name/trial_name", f"run {rd} has {len(live_servers)} live server(s)",
                           f"restart only the trainer with min_required_servers={len(live_servers)}, "
                           "stop the run, or pick another trial_name")
-    from areal_hpc.launch.resolve import resolve
-
     resolve(cfg)  # on the login node: hub names -> local snapshots; models and datasets checked
     if restart and not dry_run and cfg.mode == "slurm":
-        from areal_hpc.launch import slurm
-
-        run = slurm.live_driver(cfg, rd)
+        run = control.live_driver(cfg, rd)
         if run is not None:  # start the trainer inside the live allocation, not as a new job
-            return slurm.restart_trainer(cfg, rd, run)
+            return control.restart_trainer(cfg, rd, run)
     plan = build_plan(cfg, alloc, rd, with_servers=not restart)
     _check_fileroot_shared(cfg)
     ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
@@ -181,19 +167,13 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
         return 0
     if cfg.mode == "local":
-        from areal_hpc.launch import local
-
         return local.run(cfg, plan, rd)
     if cfg.mode == "torchrun":
-        from areal_hpc.launch import torchrun
-
         return torchrun.run(cfg, plan, rd)
     if cfg.mode == "ray":
         return ray_runner.run(cfg, plan, rd, ray_nodes)
-    from areal_hpc.launch import slurm
-
     try:
-        return slurm.submit(cfg, plan, rd)
+        return slurm_submit.submit(cfg, plan, rd)
     except ConfigError:  # Slurm rejected the allocation (or its options): nothing was queued
         snapshot.restore()
         raise

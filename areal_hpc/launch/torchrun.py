@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
-from areal_hpc.launch.entry import LAUNCHER_PID_ENV
-from areal_hpc.launch.local import ProcessHandle, ProcessRunner, set_parent_death_signal
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
+from areal_hpc.launch.local import ProcessHandle, ProcessRunner
 from areal_hpc.launch.owner import StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import free_port

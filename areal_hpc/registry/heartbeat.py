@@ -39,11 +39,10 @@ def install_exit_handlers() -> None:
 
 
 class Heartbeat:
-    """Writes ``kind/name`` and refreshes it every ``interval_s`` on a daemon thread.
-
-    ``data`` may be a dict or a callable returning the current dict; with a callable the record is
-    rewritten each beat (so e.g. a server's weight version stays current), else only touched.
-    """
+    """Writes ``kind/name`` and refreshes it every ``interval_s`` on a daemon thread. With a callable
+    ``data`` the record is rewritten each beat (a server's weight version stays current), else touched.
+    A record that vanished is written again, unless ``still_ours()`` says its run is gone (e.g. the
+    registry was wiped for a new run): then ``on_lost()``."""
 
     def __init__(self, registry: Registry, kind: str, name: str,
                  data: Dict[str, Any] | Callable[[], Dict[str, Any]], interval_s: float = 2.0,
@@ -55,28 +54,26 @@ class Heartbeat:
         self.remove_on_exit = remove_on_exit
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        # A record that vanished is written again -- unless `still_ours()` says the run it
-        # belonged to is gone (e.g. its registry was wiped for a new run); then `on_lost()`.
         self.still_ours, self.on_lost = still_ours, on_lost
 
-    def _current(self) -> Dict[str, Any]:
-        return self._data() if callable(self._data) else self._data
+    def _put(self) -> None:
+        data = self._data() if callable(self._data) else self._data
+        self.registry.put(self.kind, self.name, data, ttl=True)
 
     def beat(self) -> None:
         """Refresh now (rewrite if data is dynamic, or if the record vanished)."""
         if self.registry.touch(self.kind, self.name):
             if callable(self._data):
-                self.registry.put(self.kind, self.name, self._current(), ttl=True)
-            return
-        if self.still_ours is not None and not self.still_ours():
+                self._put()
+        elif self.still_ours is not None and not self.still_ours():
             self._stop.set()
             if self.on_lost is not None:
                 self.on_lost()
-            return
-        self.registry.put(self.kind, self.name, self._current(), ttl=True)
+        else:
+            self._put()
 
     def start(self) -> "Heartbeat":
-        self.registry.put(self.kind, self.name, self._current(), ttl=True)
+        self._put()
         _live.append(self)
         install_exit_handlers()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.name}", daemon=True)
@@ -98,9 +95,3 @@ class Heartbeat:
             _live.remove(self)
         if self.remove_on_exit:
             self.registry.delete(self.kind, self.name)
-
-    def __enter__(self) -> "Heartbeat":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -1,23 +1,13 @@
-"""A run's registry: JSON records on a shared filesystem.
-
-Layout, under ``{run_dir}/registry/`` (mode 0700)::
+"""A run's registry: JSON records on a shared filesystem, under ``{run_dir}/registry/`` (0700)::
 
     run.json  servers/<id>.json  trainer.json  weights/latest.json  requests/<id>.json
     replies/<id>.json  jobs/<id>.json  secret
 
-A record is ``{kind}/{name}.json``; top-level records (``run``, ``trainer``) use kind ``""``.
-
-* Writes are atomic: a temp file in the same directory, then ``os.replace``. Readers never see
-  a torn record, so plain ``put``/``get`` need no lock.
-* Read-modify-write (`update`) holds a lock from the ``filelock`` library. The lock kind is
-  configurable: ``flock`` for local disks and parallel filesystems with working flock,
-  ``soft``/``lease`` (lock files created atomically, which NFS does honour) elsewhere.
-  A soft lock whose holder was SIGKILLed is broken after ``stale_lock_s``.
-* Liveness: a record written with ``ttl=True`` is alive while its mtime is younger than the
-  TTL. Writers heartbeat with `touch` (one ``utime``); `Heartbeat` does it on a thread and
-  removes the record on clean exit, SIGTERM and SIGINT included.
-* NFS: readers poll known paths, retry ESTALE, and treat a record that vanishes between
-  listing and reading as absent.
+A record is ``{kind}/{name}.json`` (kind ``""`` for top-level ones). Writes are atomic (temp file,
+``os.replace``), so plain `put`/`get` need no lock; read-modify-write (`update`) holds a lock of
+the configured kind. A record written with ``ttl=True`` is alive while its mtime is younger than the
+TTL; writers heartbeat with `touch` (`Heartbeat`). On NFS readers retry ESTALE and treat a record
+that vanishes between listing and reading as absent.
 """
 
 from __future__ import annotations
@@ -37,10 +27,8 @@ from areal_hpc.registry.errors import RegistryTimeout
 from areal_hpc.registry.util import atomic_write
 
 _TTL_KEY = "_ttl"
-# flock: kernel locks (local disks; Lustre/GPFS mounted with flock). The others are lock *files*
-# created atomically, which NFS clients do exclude each other on (see filelock's docs); `lease`
-# is a soft lock its holder keeps renewing, so a holder that died on another host expires too.
-# (filelock 4's StrictSoftFileLock is left out: a SIGKILLed holder wedged it in our tests.)
+# flock: kernel locks (local disks; Lustre/GPFS mounted with flock). The others are lock files
+# created atomically, which NFS honours; a `lease` is renewed by its holder, so a dead one expires.
 LOCK_CLASSES = {
     "flock": filelock.FileLock,
     "soft": filelock.SoftFileLock,
@@ -77,8 +65,7 @@ class Registry:
 
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, launcher: Any = None) -> "Registry":
-        """The registry of a run dir (``{run_dir}/registry``), with the lock kind and TTL of
-        ``launcher`` (the config's ``launcher`` section; None: the defaults)."""
+        """The registry of a run dir, with the lock kind and TTL of the config's ``launcher`` section."""
         if launcher is None:
             return cls(Path(run_dir) / "registry")
         return cls(Path(run_dir) / "registry", lock_kind=launcher.lock_kind, ttl_s=launcher.ttl_s)
@@ -87,19 +74,16 @@ class Registry:
     def path(self, kind: str, name: str) -> Path:
         return (self.root / kind / f"{name}.json") if kind else (self.root / f"{name}.json")
 
-    def _ensure_dir(self, d: Path) -> None:
-        old = os.umask(0o077)
-        try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        finally:
-            os.umask(old)
-
     def _dir(self, kind: str) -> str:
-        """The directory of a kind as a string, created (0700) on first use by this object."""
+        """The directory of a kind, created (0700) on first use by this object."""
         d = self._dirs.get(kind)
         if d is None:
             d = str(self.root / kind) if kind else str(self.root)
-            self._ensure_dir(Path(d))
+            old = os.umask(0o077)
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            finally:
+                os.umask(old)
             self._dirs[kind] = d
         return d
 
@@ -124,20 +108,12 @@ class Registry:
         def read() -> Tuple[bytes, float]:
             fd = os.open(path, os.O_RDONLY)
             try:
-                # Records are small: read 64 KiB first and go on only for a big one, up to the
-                # 1 MiB cap. (One os.read(fd, 1 MiB) allocates and frees a 1 MiB buffer per
-                # record: ~20 us of a ~25 us read, most of the time of `list`.)
-                raw = os.read(fd, _READ_CHUNK)
-                if len(raw) == _READ_CHUNK:
-                    parts, total = [raw], len(raw)
-                    while total < _MAX_RECORD:
-                        more = os.read(fd, min(_READ_CHUNK, _MAX_RECORD - total))
-                        if not more:
-                            break
-                        parts.append(more)
-                        total += len(more)
-                    raw = b"".join(parts)
-                return raw, os.fstat(fd).st_mtime
+                # records are small: a 1 MiB read buffer per record would cost most of `list`'s time
+                parts, total = [os.read(fd, _READ_CHUNK)], 0
+                while len(parts[-1]) == _READ_CHUNK and total < _MAX_RECORD:
+                    total += _READ_CHUNK
+                    parts.append(os.read(fd, min(_READ_CHUNK, _MAX_RECORD - total)))
+                return b"".join(parts), os.fstat(fd).st_mtime
             finally:
                 os.close(fd)
 
@@ -189,14 +165,11 @@ class Registry:
         return n
 
     # ------------------------------------------------------------ locking
-    def lock(self, name: str = "registry") -> filelock.BaseFileLock:
-        """A lock of the configured kind, shared by every process of the run."""
-        path = f"{self._dir('locks')}/{name}.lock"
-        return LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False)
-
     @contextmanager
     def locked(self, name: str = "registry") -> Iterator[None]:
-        lk = self.lock(name)
+        """Hold a lock of the configured kind, shared by every process of the run."""
+        path = f"{self._dir('locks')}/{name}.lock"
+        lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False)
         if self.lock_kind == "soft":
             self._break_stale_soft_lock(Path(lk.lock_file))
         try:
@@ -210,9 +183,7 @@ class Registry:
             lk.release()
 
     def _break_stale_soft_lock(self, path: Path) -> None:
-        # A soft lock is a file; a SIGKILLed holder leaves it behind. filelock breaks it when the
-        # holder's pid is dead on this host; a holder on another host is only known dead by age.
-        # flock needs none of this (the kernel drops a dead process's flock); lease locks expire.
+        # a SIGKILLed holder on another host leaves its soft lock file behind: known dead by age only
         try:
             if time.time() - path.stat().st_mtime > self.stale_lock_s:
                 path.unlink()
@@ -276,8 +247,7 @@ class Registry:
         except FileNotFoundError:
             pass
         key = secrets.token_urlsafe(32)
-        # Write a private temp file, then link it into place: link fails if the secret exists,
-        # so racing processes all end up with the first one's key and nobody reads a half file.
+        # link fails if the secret exists: racing processes all get the first key, never half a file
         tmp = self.root / f".secret.{os.getpid()}.{time.monotonic_ns()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:

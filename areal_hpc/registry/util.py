@@ -1,7 +1,5 @@
-"""Small OS helpers every layer shares: atomic file writes, a free port, a live pid.
-
-They live in the registry package, the lowest layer that uses them, and import nothing of ours.
-"""
+"""Small OS helpers every layer shares (here: the lowest layer that uses them): atomic file writes,
+a free port, a live pid."""
 
 from __future__ import annotations
 

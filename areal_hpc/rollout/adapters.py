@@ -1,11 +1,6 @@
-"""Dataset adapters, by name: map a public dataset's rows to the prompt/answer shape we train on.
-
-An adapter is ``fn(row) -> row`` returning a row with ``prompt`` (or ``messages``) and
-``answer``; other keys pass through to the reward function. `apply_adapter` maps every row and
-puts those fields under the dataset's configured keys (``prompt_key``, ``answer_key``,
-``messages_key``). Add one with ``@register_adapter("name")`` in a ``trainer.plugins`` module;
-select it with ``train_dataset.adapter=name``.
-"""
+"""Dataset adapters, by name: ``fn(row) -> row`` with ``prompt`` (or ``messages``) and ``answer``
+(other keys pass through to the reward function). Add one with ``@register_adapter("name")`` in a
+``trainer.plugins`` module; select it with ``train_dataset.adapter=name``."""
 
 from __future__ import annotations
 
@@ -41,8 +36,8 @@ def adapter_columns(name: str) -> Tuple[str, ...]:
 
 def apply_adapter(rows: Sequence[Dict[str, Any]], name: str, prompt_key: str = "prompt", answer_key: str = "answer",
                   messages_key: str = "messages") -> List[Dict[str, Any]]:
-    """Rows through adapter ``name`` ("" = unchanged). A row the adapter rejects raises
-    ValueError naming the row's index."""
+    """Rows through adapter ``name`` ("" = unchanged), its fields under the dataset's configured keys.
+    A row the adapter rejects raises ValueError naming the row's index."""
     if not name:
         return list(rows)
     fn = get_adapter(name)

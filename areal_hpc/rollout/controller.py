@@ -1,22 +1,13 @@
 """RolloutController: runs workflows asynchronously and hands the trainer staleness-bounded batches.
 
 It lives on its own thread with its own asyncio loop (the client pool lives there too); the
-trainer thread calls `get_batch`, `set_version`, `pause`/`resume` and `run` (to drive the pool).
+trainer thread calls `next_batch`, `set_version`, `pause`/`resume` and `run` (to drive the pool).
 
-Staleness bound (AReaL's rule): with trainer weight version ``v`` and staleness bound ``k``, at
-most ``(k + v + 1) * batch_size`` groups are ever accepted or in flight. Batches are handed out
-oldest-first, so a group started under version ``v`` is trained on at version ``<= v + k``.
-As a safety net, `get_batch` also drops any group whose oldest token is older than that bound.
-``k = 0`` is synchronous RL: generation for step ``v`` starts only once weights ``v`` are out.
-
-Nothing here sleeps on a timer: submission waits on an event set by completions, version
-changes and resume; `get_batch` waits on a condition set by completions.
-
-No silent stalls: `next_batch` (what the trainer waits in) says why no batch comes -- groups
-dropped as stale and the versions involved, failed episodes and the last error, the servers and
-their weight versions -- at least every minute, and raises `RolloutStall` with that reason when
-most of what finished was wasted for ``drop_timeout_s`` or nothing came for ``stall_timeout_s``
-while servers are live.
+Staleness bound (AReaL's rule): with trainer weight version ``v`` and bound ``k``, at most
+``(k + v + 1) * batch_size`` groups are ever accepted or in flight, and batches are handed out
+oldest-first, so a group started under version ``v`` is trained on at version ``<= v + k``; a group
+whose oldest token is older than that is dropped. ``k = 0`` is synchronous RL. Nothing sleeps on a
+timer: submission waits on an event, `get_batch` on a condition, both set by completions.
 """
 
 from __future__ import annotations
@@ -136,16 +127,11 @@ class RolloutController:
     def next_batch(self, should_stop: Callable[[], bool] = lambda: False, drop_timeout_s: Optional[float] = None,
                    stall_timeout_s: Optional[float] = None, poll_s: float = 1.0,
                    log_every_s: float = 60.0) -> Optional[List[Group]]:
-        """What the trainer waits in: the next batch, or None once ``should_stop()`` (checked every
-        ``poll_s``). While no batch comes it logs why (at least every ``log_every_s``, and every
-        half bound) and raises `RolloutStall` with that reason when
-
-        - for ``drop_timeout_s`` most groups that finished during the wait were wasted (dropped as
-          stale, failed, or rejected by the workflow): e.g. a server whose weight version lags the
-          trainer's makes every group stale, forever;
-        - or no batch came for ``stall_timeout_s`` while servers are live (with none live, the pool's
-          own wait for servers and the failure limit decide).
-        """
+        """What the trainer waits in: the next batch, or None once ``should_stop()``. No silent
+        stalls: while no batch comes it logs why (at least every ``log_every_s``), and raises
+        `RolloutStall` when most groups that finished were wasted (stale, failed, rejected) for
+        ``drop_timeout_s`` -- e.g. a server whose weights lag makes every group stale, forever --
+        or no batch came for ``stall_timeout_s`` while servers are live."""
         t0 = time.monotonic()
         start = dict(self.stats)
         bounds = [b for b in (drop_timeout_s, stall_timeout_s) if b]
@@ -177,8 +163,7 @@ class RolloutController:
                 last_log = now
 
     def _servers(self) -> Optional[Dict[str, Dict[str, Any]]]:
-        """The client pool's servers (id -> healthy, weight_version, ...), read on the rollout loop;
-        None when the client does not list servers."""
+        """The client pool's servers (id -> healthy, weight_version, ...); None if it lists none."""
         if not hasattr(self.client, "servers") or self._loop is None:
             return None
 

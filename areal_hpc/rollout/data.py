@@ -1,11 +1,9 @@
 """Prompt rows of a dataset, epoch after epoch, with a resumable position.
 
-A dataset is a local ``.jsonl``/``.json``/``.parquet`` file (the file is the split), a local
-dataset directory laid out as on the Hugging Face Hub (data files, optionally a ``README.md``
-whose ``configs:`` front matter names configs and their splits), or a hub name (``openai/gsm8k``);
-directories and hub names are read through ``datasets.load_dataset(path, name=..., split=...)``.
-On compute nodes the path is always local: `areal_hpc.launch.resolve` downloads hub names on the
-login node and writes the snapshot directory (and the split it chose) into the run's config.
+A dataset is a local ``.jsonl``/``.json``/``.parquet`` file (the file is the split), a local dataset
+directory laid out as on the Hugging Face Hub (data files, optionally a ``README.md`` naming configs
+and splits), or a hub name read through ``datasets.load_dataset(path, name=..., split=...)``. On
+compute nodes the path is always local: `launch.resolve` downloads hub names on the login node.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # The split validation data comes from when none is given, in order of preference.
@@ -21,8 +19,7 @@ EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be read as configured. ``field`` is the setting at fault (``path``,
-    ``name`` or ``split``), so a caller can name the config key."""
+    """A dataset that cannot be read as configured; ``field`` (``path``, ``name``, ``split``) is at fault."""
 
     def __init__(self, field: str, message: str, hint: Optional[str] = None):
         self.field, self.message, self.hint = field, message, hint
@@ -36,7 +33,7 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def _quiet_datasets() -> None:
-    """No progress bars or warnings from `datasets`: what goes wrong is reported by the caller."""
+    """No progress bars or warnings from `datasets`: the caller reports what goes wrong."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -47,8 +44,7 @@ def _quiet_datasets() -> None:
 
 def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]]:
     """``{split: [data files]}`` of a dataset directory (or a hub name, when online) for config
-    ``name``, without reading the data. `DatasetError` for an unknown config, a missing one where
-    the dataset has several, and a directory without data files."""
+    ``name``, without reading the data; `DatasetError` for a missing or unknown config, or no data."""
     from datasets import get_dataset_config_names, load_dataset_builder
 
     _quiet_datasets()
@@ -74,9 +70,8 @@ def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]
 
 
 def choose_split(splits: Sequence[str], split: str = "", which: str = "train", where: str = "") -> str:
-    """The split to read: ``split`` when given (it must exist); else ``train`` for training data
-    (``which="train"``) and the first of `EVAL_SPLITS` for validation data; a dataset with a
-    single split uses it either way."""
+    """``split`` when given (it must exist); else ``train`` for training data (``which="train"``) and
+    the first of `EVAL_SPLITS` for validation data; a dataset with a single split uses it either way."""
     splits = list(splits)
     of = f" in {where}" if where else ""
     if split:
@@ -95,9 +90,9 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
 # ------------------------------------------------------------------ JSON files, line by line
 
 def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of
-    rows (line numbers are then the element's index + 1). `DatasetError` naming the file and the
-    line for text that is not UTF-8, not JSON, or not an object."""
+    """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of rows
+    (index + 1 for a line). `DatasetError` naming the file and line for text that is not UTF-8,
+    not JSON, or not an object."""
     raw = Path(path).read_bytes()
     if b"\x00" in raw[:65536]:
         raise DatasetError("path", f"{path} is a binary file (it holds NUL bytes), not JSON text",
@@ -134,10 +129,6 @@ def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
 
 # ------------------------------------------------------------------ loading
 
-def _is_local_file(path: str) -> bool:
-    return Path(path).is_file()
-
-
 def _file_kind(path: str) -> str:
     suffix = Path(path).suffix
     if suffix not in DATA_FILE_SUFFIXES:
@@ -157,8 +148,7 @@ def _builder_for(files: Sequence[str]) -> Optional[str]:
 
 
 def _blank(files: Sequence[str]) -> bool:
-    """Local text files holding nothing but whitespace (`datasets` fails on them instead of
-    returning no rows)."""
+    """Local files holding nothing but whitespace (`datasets` fails on them instead of returning no rows)."""
     for f in files:
         size = Path(f).stat().st_size
         if size > 4096 or (size and Path(f).read_bytes().strip()):
@@ -167,16 +157,13 @@ def _blank(files: Sequence[str]) -> bool:
 
 
 def _open(path: str, name: Optional[str], split: str, which: str, streaming: bool):
-    """The ``datasets`` object for one split of ``path`` (file, directory or hub name).
-
-    A local directory's split is read as its data files (``load_dataset("json", data_files=...)``):
-    `datasets` keys its cache for a directory by the directory's name and layout only, so two
-    directories named alike (or a file changed in place) would share one stale cache entry;
-    data files key it by their paths and modification times."""
+    """The ``datasets`` object for one split of ``path`` (file, directory or hub name). A local
+    directory's split is read as its data files: `datasets` keys its cache for a directory by name
+    and layout only (two alike would share a stale entry), for data files by paths and mtimes."""
     from datasets import load_dataset
 
     _quiet_datasets()
-    if _is_local_file(path):  # one file is one split; name/split do not apply
+    if Path(path).is_file():  # one file is one split; name/split do not apply
         if _blank([path]):
             return None
         return load_dataset(_file_kind(path), data_files=[path], split="train", streaming=streaming)
@@ -204,29 +191,26 @@ def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str 
             raise
         rows = [row for f in files for _, row in iter_json_rows(f)]
         return rows[:limit] if limit else rows
-    try:
-        ds = _open(path, name, split, which, streaming=False)
-    except DatasetError:
-        raise
-    except Exception as e:  # noqa: BLE001 - one line naming the dataset, not datasets' traceback
-        if "corresponds to no data" in str(e):  # a split whose files hold no rows
-            return []
-        raise DatasetError("path", f"{path} could not be read: {one_line(e)}") from e
-    if ds is None:
-        return []
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds.to_list()
+
+    def take(ds) -> List[Dict[str, Any]]:
+        return ds.select(range(min(limit, len(ds)))).to_list() if limit else ds.to_list()
+    return _read(path, name, split, which, take)
 
 
 def head_rows(path: str, n: int, name: Optional[str] = None, split: str = "", which: str = "train") -> List[Dict[str, Any]]:
     """The first ``n`` rows, read lazily (streaming): no full read or conversion of a big dataset."""
+    return _read(path, name, split, which, lambda ds: list(ds.take(n)), streaming=True)
+
+
+def _read(path, name, split, which, rows: Callable[[Any], List[Dict[str, Any]]], streaming: bool = False):
     try:
-        ds = _open(path, name, split, which, streaming=True)
-        return list(ds.take(n)) if ds is not None else []
+        ds = _open(path, name, split, which, streaming)
+        return rows(ds) if ds is not None else []
     except DatasetError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - one line naming the dataset, not datasets' traceback
+        if not streaming and "corresponds to no data" in str(e):  # a split whose files hold no rows
+            return []
         raise DatasetError("path", f"{path} could not be read: {one_line(e)}") from e
 
 

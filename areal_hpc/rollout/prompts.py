@@ -1,18 +1,11 @@
 """Dataset row -> prompt token ids, through the tokenizer's chat template when it has one.
 
-A row gives either chat messages (``row[messages_key]``: a list of ``{"role", "content"}``) or a
-prompt string (``row[prompt_key]``, which becomes one user message). With
-``chat_template="auto"`` and a tokenizer that carries a chat template, the messages are rendered
-with ``apply_chat_template(..., add_generation_prompt=True)``, after a system message holding
-``system_prompt`` when one is set (and the row has no system message of its own). With
-``chat_template="none"``, or a tokenizer without a template (the `toy:` models), the prompt
-string is tokenized as raw text, exactly as before chat templates existed; a row that has only
-messages is then an error (raw text needs a prompt string; there is no faithful way to flatten
-roles without a template).
-
-Generation must stop at the end of the assistant's turn: `stop_token_ids` collects the EOS, the
-model's ``generation_config.json`` ``eos_token_id`` list and the token that closes an assistant
-turn in the rendered template (ChatML's ``<|im_end|>``, Llama-3's ``<|eot_id|>``, ...).
+A row gives chat messages (``row[messages_key]``, a list of ``{role, content}``) or a prompt string
+(``row[prompt_key]``, one user message). With ``chat_template="auto"`` and a tokenizer that has a
+template, messages (after a ``system_prompt`` message, when set and the row has none) are rendered
+with ``add_generation_prompt=True``; otherwise the prompt string is tokenized as raw text (a row
+with only messages is then an error: roles cannot be flattened faithfully without a template).
+Generation stops at the EOS ids and at the token that closes an assistant turn (`stop_token_ids`).
 """
 
 from __future__ import annotations
@@ -23,13 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 CHAT_TEMPLATE_MODES = ("auto", "none")
-# Stands in for an assistant reply when we look for the token that closes a turn: the template
-# renders it verbatim, and whatever follows it is the end-of-turn text.
+# An assistant reply the template renders verbatim: what follows it is the end-of-turn text.
 _PROBE = "areal-hpc-end-of-turn-probe"
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _as_ids(out: Any) -> List[int]:
@@ -47,16 +35,10 @@ def _as_ids(out: Any) -> List[int]:
     return [int(t) for t in out]
 
 
-def render_chat_ids(tokenizer, messages: List[Dict[str, Any]], add_generation_prompt: bool = True) -> List[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template."""
-    return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True))
-
-
 def end_of_turn_id(tokenizer) -> Optional[int]:
     """The special token that closes an assistant turn in the tokenizer's chat template (None
     when there is no template, or the turn ends with plain text rather than a special token)."""
-    if not has_chat_template(tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
         return None
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "1+1="},
@@ -74,25 +56,17 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
     return int(ids[0]) if ids[0] in special else None
 
 
-def generation_config_eos_ids(model_dir: Optional[str]) -> List[int]:
-    """``eos_token_id`` (an int or a list) of ``model_dir``'s generation_config.json, if any."""
-    if not model_dir:
-        return []
-    f = Path(model_dir) / "generation_config.json"
-    try:
-        eos = json.loads(f.read_text()).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        return []
-    if isinstance(eos, int):
-        return [eos]
-    return [int(e) for e in eos] if isinstance(eos, list) else []
-
-
 def stop_token_ids(tokenizer, model_dir: Optional[str] = None, chat_template: str = "auto") -> List[int]:
-    """Every token that ends a completion: the tokenizer's EOS, the generation config's EOS list
-    (``model_dir`` defaults to the directory the tokenizer was loaded from) and, when the chat
-    template is in use, the template's end-of-turn token."""
-    ids = set(generation_config_eos_ids(model_dir or getattr(tokenizer, "name_or_path", None)))
+    """Every token that ends a completion: the tokenizer's EOS, ``eos_token_id`` (an int or a list)
+    of the model's generation_config.json (``model_dir`` defaults to the tokenizer's directory)
+    and, when the chat template is in use, the template's end-of-turn token."""
+    ids = set()
+    model_dir = model_dir or getattr(tokenizer, "name_or_path", None)
+    try:  # no directory, no file, no key, null: none from there
+        eos = json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"]
+        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    except (TypeError, OSError, ValueError, KeyError):
+        pass
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     if chat_template != "none":
@@ -113,9 +87,8 @@ class PromptFormat:
 
     @classmethod
     def from_dataset(cls, ds) -> "PromptFormat":
-        """From a `DatasetConfig` (or anything with the same attributes)."""
-        return cls(prompt_key=ds.prompt_key, messages_key=getattr(ds, "messages_key", "messages"),
-                   chat_template=getattr(ds, "chat_template", "auto"), system_prompt=getattr(ds, "system_prompt", ""))
+        """From a `DatasetConfig`."""
+        return cls(ds.prompt_key, ds.messages_key, ds.chat_template, ds.system_prompt)
 
 
 class PromptEncoder:
@@ -127,7 +100,8 @@ class PromptEncoder:
         if self.fmt.chat_template not in CHAT_TEMPLATE_MODES:
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, "
                              f"got {self.fmt.chat_template!r}")
-        self.uses_template = self.fmt.chat_template == "auto" and has_chat_template(tokenizer)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.uses_template = self.fmt.chat_template == "auto" and has_template
 
     def messages(self, row: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The row's conversation: its messages, or its prompt as one user message; the system
@@ -161,7 +135,8 @@ class PromptEncoder:
         if self.uses_template:
             msgs = self.messages(row)
             try:
-                return render_chat_ids(self.tokenizer, msgs, add_generation_prompt=True)
+                ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+                return _as_ids(ids)
             except Exception as e:  # jinja2's TemplateError (e.g. "System role not supported"), and the like
                 raise ValueError(f"the tokenizer's chat template rejected {[m['role'] for m in msgs]}: {e} "
                                  f"(chat_template=none sends raw text)") from e

@@ -34,11 +34,8 @@ def exact_match(prompt: str, completion: str, answer: str, **_) -> float:
 
 @register_reward("math")
 def math_answer(prompt: str, completion: str, answer: str, **_) -> float:
-    """1 if the completion's final answer is mathematically equal to the reference.
-
-    Uses math-verify (parses LaTeX / plain expressions, \\boxed{}, fractions, sets, units of
-    equivalence like 0.5 == 1/2), not a regex on the last number.
-    """
+    """1 if the completion's final answer is mathematically equal to the reference (math-verify:
+    LaTeX or plain expressions, \\boxed{}, fractions, sets; 0.5 == 1/2), not a regex on the last number."""
     from math_verify import parse, verify
 
     # math-verify bounds its work with signal.alarm, which only the main thread may use; the

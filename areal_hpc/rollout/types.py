@@ -33,7 +33,6 @@ class Group:
     """The trajectories of one prompt (a GRPO group); the unit the controller counts."""
 
     trajectories: List[Trajectory]
-    prompt_index: int = -1
     submit_version: int = 0  # trainer weight version when the episode started
 
     @property

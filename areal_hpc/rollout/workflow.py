@@ -41,10 +41,6 @@ class RolloutWorkflow(ABC):
         ...
 
 
-def _sampling_params(gen) -> Dict[str, Any]:
-    return asdict(gen) if is_dataclass(gen) else dict(gen)
-
-
 @register_workflow("rlvr")
 class RLVRWorkflow(RolloutWorkflow):
     """RL with verifiable rewards: one prompt -> ``n_samples`` completions -> reward each -> one group."""
@@ -54,7 +50,7 @@ class RLVRWorkflow(RolloutWorkflow):
                  chat_template: str = "auto", system_prompt: str = "", model_dir: Optional[str] = None):
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
-        self.params = _sampling_params(gen_config)
+        self.params = asdict(gen_config) if is_dataclass(gen_config) else dict(gen_config)
         if not self.params.get("ignore_eos"):  # EOS, generation_config's EOS list, the template's end of turn
             stops = set(self.params.get("stop_token_ids") or [])
             stops.update(stop_token_ids(tokenizer, model_dir, chat_template))

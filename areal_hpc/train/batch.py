@@ -1,10 +1,6 @@
-"""Padded batches (the AReaL convention) and the per-sample view the packer works on.
-
-A batch is a dict of tensors. Per-token keys are ``[B, L]`` and right- or left-padded, with
-``attention_mask`` (1 = real token) telling which positions are real; ``input_ids`` and
-``attention_mask`` are required, ``loss_mask`` marks trained tokens. Per-sample keys are
-``[B]`` (e.g. ``rewards``). A *sample* is the same dict for one sequence with padding removed:
-per-token keys ``[n]``, per-sample keys 0-dim.
+"""Padded batches (the AReaL convention): a dict of tensors, per-token keys ``[B, L]`` padded on
+either side (``attention_mask`` marks real tokens, ``loss_mask`` trained ones), per-sample keys
+``[B]``. A *sample* is one sequence without padding: per-token ``[n]``, per-sample 0-dim.
 """
 
 from __future__ import annotations
@@ -29,27 +25,6 @@ def is_token_key(batch: Batch, key: str) -> bool:
 
 def seq_lens(batch: Batch) -> torch.Tensor:
     return batch["attention_mask"].sum(dim=1).long()
-
-
-def unpad(batch: Batch) -> List[Sample]:
-    """One dict per sample with padding dropped (the mask picks positions, so any padding side works).
-
-    The per-token tensors of a sample are views of the batch's when every row's real tokens are
-    contiguous (left or right padding: slices, ~20x faster than boolean indexing per row), copies
-    otherwise.
-    """
-    mask = batch["attention_mask"].bool()
-    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
-    token_keys = {k for k in keys if is_token_key(batch, k)}
-    lens = mask.sum(dim=1)
-    first = mask.to(torch.uint8).argmax(dim=1)
-    cols = torch.arange(mask.shape[1])
-    contiguous = torch.equal(mask, (cols >= first[:, None]) & (cols < (first + lens)[:, None]))
-    samples = []
-    for i, (s, n) in enumerate(zip(first.tolist(), lens.tolist())):
-        m = slice(s, s + n) if contiguous else mask[i]
-        samples.append({k: (batch[k][i][m] if k in token_keys else batch[k][i]) for k in keys})
-    return samples
 
 
 def collate(samples: Sequence[Sample], pad_values: Dict[str, float] | None = None) -> Batch:
@@ -105,14 +80,9 @@ def split_batch(batch: Batch, n: int, group_size: int = 1) -> List[Batch]:
 
 
 def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1, balance: bool = True) -> Batch:
-    """This rank's share of a batch every rank holds: whole groups, near-equal counts (they differ
-    by at most one).
-
-    ``balance``: groups go, longest first, to the rank with the fewest tokens so far that still
-    takes groups (every rank computes the same assignment), so that ranks with sequences of
-    different lengths do not wait for each other at each collective; a rank's groups keep their
-    batch order. Otherwise contiguous ranges of groups.
-    """
+    """This rank's share of a batch every rank holds: whole groups, counts differing by at most one.
+    ``balance``: groups dealt longest first to the rank with the fewest tokens (so ranks do not
+    wait for each other), kept in batch order; else contiguous ranges."""
     bs = batch_size(batch)
     if bs % group_size:
         raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
@@ -143,9 +113,8 @@ def deal_least_loaded(weights: Sequence[int], k: int, room: Sequence[int] | None
 
 
 def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device`` without making the host wait for the GPU: to a GPU through pinned
-    memory, asynchronously (a copy from pageable memory waits for all queued GPU work first, so the
-    host could not queue the next micro-batch while the last one still runs)."""
+    """A CPU tensor on ``device`` without waiting for the GPU (through pinned memory: a pageable
+    copy would wait for all queued GPU work)."""
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

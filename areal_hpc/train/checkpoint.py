@@ -1,16 +1,9 @@
-"""Sharded training checkpoints (torch.distributed.checkpoint) that survive a crash mid-save.
+"""Sharded training checkpoints (DCP) that survive a crash mid-save.
 
-Layout of a checkpoint root::
-
-    latest                 name of the last complete checkpoint (replaced atomically)
-    step_00000012/         complete: dcp/ (model + optimizer shards), rank<r>.pt, meta.json
-    step_00000014.tmp/     being written (or left by a crash; removed by the next save)
-
-A checkpoint is written into ``*.tmp``, renamed when every rank has finished, and only then
-named in ``latest``; a crash at any point leaves the previous checkpoint intact and current.
-Besides model and optimizer (sharded, resharding-capable) it holds, per rank: the LR
-scheduler, RNG states (python, numpy if present, torch, CUDA), the caller's opaque ``extra``
-dict (data loader position ...), the global step and the weight version.
+``step_N/`` holds ``dcp/`` (model + optimizer, reshardable), ``rank<r>.pt`` (LR scheduler, RNG
+states, the caller's ``extra``, step, weight version) and ``meta.json``. It is written as
+``step_N.tmp/``, renamed when every rank is done, then named in ``latest``: a crash at any point
+leaves the previous checkpoint current.
 """
 
 from __future__ import annotations
@@ -31,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from areal_hpc.registry.util import atomic_write
 from areal_hpc.train import dist
 from areal_hpc.train.engine import FSDPEngine
+from areal_hpc.train.publish import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +113,7 @@ class Checkpointer:
         if rank == 0:
             meta = {"step": int(step), "version": eng.get_version(), "world_size": dist.world_size()}
             atomic_write(tmp / "meta.json", json.dumps(meta), fsync=True)
-            if final.exists():  # re-saving a step: the old copy goes only after the new one is whole
-                old = root / (_name(step) + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            replace_dir(tmp, final)  # a step saved again: the old copy goes once the new one is whole
             atomic_write(root / LATEST, final.name, fsync=True)
             self._prune(root, final)
         dist.barrier()
@@ -138,8 +125,8 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_latest(self, root: str | os.PathLike) -> Optional[Dict[str, Any]]:
-        """Restore the newest complete checkpoint; returns the saved ``extra`` dict plus
-        ``global_step`` and ``weight_version`` keys, or None when there is none."""
+        """Restore the newest complete checkpoint: its ``extra`` plus ``global_step`` and
+        ``weight_version``, or None when there is none."""
         path = latest_checkpoint(Path(root))
         if path is None:
             return None

@@ -1,10 +1,5 @@
-"""torch.distributed set-up for trainer processes, from torchrun or Slurm environment variables.
-
-Precedence: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, then Slurm's ``SLURM_PROCID``/
-``SLURM_NTASKS``/``SLURM_LOCALID``; with neither, a single process (world size 1, in-memory
-store, no network). ``MASTER_ADDR``/``MASTER_PORT`` come from the launcher when world size > 1.
-Backend: nccl on CUDA, gloo on CPU.
-"""
+"""torch.distributed for trainer processes: ranks from torchrun's variables, else Slurm's, else
+one process (an in-memory store); nccl on CUDA, gloo on CPU; small collective helpers."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ import gc
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,16 +57,13 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cuda", 0 if n == 1 else local_rank % n)
 
 
-# CPU threads of a GPU process when OMP_NUM_THREADS is unset (under Slurm the launcher sets it to
-# `cluster.cpus_per_gpu`, 8 by default). Its host work is launching kernels and packing batches;
-# under torchrun (one process) torch's default of a thread per core made a 0.5B step 25% slower
-# (32-core H200 host: 0.38 vs 0.30 s; 16-core H100 host: 0.40 vs 0.32 s; docs/benchmarks.md)
+# CPU threads of a GPU process when OMP_NUM_THREADS is unset: its host work is launching kernels
+# and packing batches, and torch's default of a thread per core made steps slower
 GPU_PROCESS_THREADS = 8
 
 
 def limit_cpu_threads(device: torch.device) -> None:
-    """At most `GPU_PROCESS_THREADS` intra-op CPU threads in a GPU process, unless
-    ``OMP_NUM_THREADS`` asks for a number."""
+    """At most `GPU_PROCESS_THREADS` CPU threads in a GPU process, unless ``OMP_NUM_THREADS`` is set."""
     if device.type == "cuda" and not os.environ.get("OMP_NUM_THREADS") \
             and torch.get_num_threads() > GPU_PROCESS_THREADS:
         torch.set_num_threads(GPU_PROCESS_THREADS)
@@ -109,10 +101,8 @@ def current() -> DistInfo:
 
 
 def destroy() -> None:
-    """Destroy the default group. What still holds it (FSDP modules and their meshes sit in
-    reference cycles) is collected first, so the group ends here and not during interpreter
-    teardown, where it can abort a process that has done its work (SIGABRT, "terminate called
-    without an active exception": 4 of 60 two-rank SFT test runs without the collection)."""
+    """Destroy the default group, after collecting what holds it (FSDP modules sit in reference
+    cycles): ended at interpreter teardown instead, it can abort a process that did its work."""
     if dist.is_initialized():
         gc.unfreeze()  # what `SettledGC` froze is collectable again
         gc.collect()
@@ -120,15 +110,10 @@ def destroy() -> None:
 
 
 class SettledGC:
-    """Keeps Python's full garbage collections short in a training process.
-
-    After the process's 1st and 3rd training steps (compiling is done by then): one full
-    collection, then everything still alive is frozen (``gc.freeze``), so later full collections
-    scan only objects made since. In a process with compiled decoder layers a full collection took
-    0.56 s (1.5B on 2x H200: a 1.25 s step instead of 0.70 s), and the other ranks wait for it at
-    the next collective. Call `step` after each training step on every rank, so the two deliberate
-    collections fall on the same step everywhere. `destroy` unfreezes.
-    """
+    """Keeps full garbage collections short: after the 1st and 3rd steps (compiling done), collect
+    and freeze what is alive (``gc.freeze``), so later collections scan only newer objects (with
+    compiled layers a full one is slow, and the other ranks wait for it). `step` after each step,
+    on every rank, so these fall on the same step everywhere; `destroy` unfreezes."""
 
     AT = (1, 3)
 
@@ -183,6 +168,15 @@ def collective_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=collective_device())
+    return box[0]
 
 
 def all_reduce_scalar(x: float, op: str = "sum") -> float:

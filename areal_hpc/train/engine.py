@@ -1,16 +1,13 @@
 """FSDP2 training engine for any transformers causal LM.
 
-Batches come padded (`batch` module); the engine packs them into micro-batches (`packing`),
-runs forward/backward with the loss normalised by the global number of loss tokens, clips
-gradients (skipping the step when the norm is not finite) and steps AdamW. Every method that
-touches the model is collective: all ranks call it, in the same order.
+Padded batches are packed into micro-batches (`packing`); the loss is normalised by the global
+number of loss tokens; a non-finite gradient norm skips the step. Every method that touches the
+model is collective: all ranks call it, in the same order.
 
-Loss functions have the signature ``loss_fn(out, mb) -> (loss, stats)`` where ``out`` holds the
-micro-batch's per-token ``logprobs`` and ``entropy`` (``[T]``, aligned with ``mb["input_ids"]``),
-``mb`` is the packed micro-batch data, ``loss`` is a scalar *mean* over the micro-batch and
-``stats`` are scalar means as well. ``loss_weight_fn(mb)`` gives the micro-batch's weight (its
-number of loss tokens); the engine computes ``sum_mb loss_mb * w_mb / sum_global w``. A loss
-function must stay finite on a micro-batch with no loss tokens (dummy micro-batches).
+``loss_fn(out, mb) -> (loss, stats)``: ``out`` holds the micro-batch's per-token ``logprobs`` and
+``entropy`` (``[T]``), ``loss`` and ``stats`` are means over the micro-batch, finite when it has
+no loss tokens (dummy micro-batches). ``loss_weight_fn(mb)`` weighs it (its loss tokens): the
+engine computes ``sum_mb loss_mb * w_mb / sum_global w``.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from torch.profiler import record_function
 
 from areal_hpc import toy
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
-from areal_hpc.train import attention, dist, optim, parallel
+from areal_hpc.train import dist, optim, packed_attention, parallel
 from areal_hpc.train.batch import Batch, async_to_device
 from areal_hpc.train.logprob import linear_logprobs, packed_token_logprobs, shift_to_tokens
 from areal_hpc.train.packing import MicroBatch, make_micro_batches, unpack_to_padded
@@ -81,14 +78,14 @@ class FSDPEngine:
 
     # ------------------------------------------------------------------ set-up
     def _build_model(self) -> torch.nn.Module:
-        """Rank 0 reads the checkpoint; other ranks build on the meta device; after sharding the
-        weights are broadcast from rank 0 (one read of the files, not one per rank)."""
+        """Rank 0 reads the checkpoint, the others build on the meta device and get the weights
+        from rank 0 after sharding (one read of the files, not one per rank)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         rank, world = self.info.rank, self.info.world_size
-        kwargs = dict(dtype=torch.float32, attn_implementation=attention.resolve_impl(self.config.attn_impl))
-        if self.config.attn_impl in attention.ALIASES:
-            attention.probe(self.device, self.precision.param_dtype)
+        kwargs = dict(dtype=torch.float32, attn_implementation=packed_attention.resolve_impl(self.config.attn_impl))
+        if self.config.attn_impl in packed_attention.ALIASES:
+            packed_attention.probe(self.device, self.precision.param_dtype)
         full_sd: Dict[str, torch.Tensor] = {}
         buffers: Dict[str, torch.Tensor] = {}
         if rank == 0:
@@ -112,9 +109,7 @@ class FSDPEngine:
             log.info("FSDP units: %s (engine.fsdp_units=%s, %d ranks, %.2fB parameters)", self.fsdp_units,
                      self.config.fsdp_units, world, n_params / 1e9)
         per_layer = self.fsdp_units == "layer"
-        # One rank holds everything anyway, and one unit for the whole model is gathered once per
-        # step: either way the gathered (bf16) weights stay from the first forward to the last
-        # backward, and gradients are summed locally until the step's last micro-batch.
+        # one rank, or one unit: the gathered weights stay for the whole step, gradients summed locally
         self._hold_weights = world == 1 or not per_layer
         parallel.apply_fsdp(model, self.mesh, self.precision, reshard_after_forward=not self._hold_weights,
                             per_layer=per_layer)
@@ -131,17 +126,14 @@ class FSDPEngine:
         del full_sd, buffers
         return model
 
-    # ------------------------------------------------------------------ versions
     def set_version(self, version: int) -> None:
         self._version = int(version)
 
     def get_version(self) -> int:
         return self._version
 
-    # ------------------------------------------------------------------ forward
     def _set_training(self, training: bool) -> None:
-        """``model.train()`` / ``eval()`` when the mode changes: either walks every module (~1 ms
-        of host time before a step's first kernel)."""
+        """``model.train()`` / ``eval()`` only when the mode changes (either walks every module)."""
         if self.model.training != training:
             self.model.train(training)
 
@@ -152,11 +144,10 @@ class FSDPEngine:
     def _run(self, mb: MicroBatch, temperature: float, with_entropy: bool) -> Dict[str, torch.Tensor]:
         ids = mb.data["input_ids"]
         extra = {}
-        if self.config.attn_impl in attention.ALIASES:  # document boundaries for varlen attention
+        if self.config.attn_impl in packed_attention.ALIASES:  # document boundaries for varlen attention
             cu = async_to_device(mb.cu_seqlens.to(torch.int32), ids.device)
-            # padded micro-batches pass their length, a constant, as the longest document: one value
-            # fewer that varies in compiled code (flash then runs blocks for empty tiles: ~4% of its
-            # time, tools/bench/attn_kernels.py)
+            # padded micro-batches pass a constant as the longest document: one value fewer that
+            # varies in compiled code
             if self.config.pad_micro_batches:
                 max_len = mb.n_tokens
             else:
@@ -184,7 +175,6 @@ class FSDPEngine:
         outs = [self._run(mb.to(self.device), temperature, False)["logprobs"] for mb in mbs]
         return unpack_to_padded(outs, mbs, batch)
 
-    # ------------------------------------------------------------------ train
     def _global_weight(self, mbs: List[MicroBatch], loss_weight_fn: WeightFn) -> Tuple[List[float], float]:
         weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
         return weights, dist.all_reduce_scalar(sum(weights))
@@ -203,10 +193,9 @@ class FSDPEngine:
         sums: Dict[str, torch.Tensor] = {"loss": zero}
         for i, (mb, w) in enumerate(zip(mbs, weights)):
             if backward and self._hold_weights:
-                # FSDP keeps the weights gathered and sums the gradients (in fp32) over the
-                # micro-batches, and reduces (reduce-scatters) once, after the last.
+                # gradients summed over the micro-batches, reduce-scattered once, after the last;
+                # with one unit only the root is an FSDP module (no walk over every module)
                 last = i == len(mbs) - 1
-                # with one unit only the root is an FSDP module: no walk over every module (~0.3 ms each)
                 recurse = self.fsdp_units == "layer"
                 self.model.set_requires_gradient_sync(last, recurse=recurse)
                 self.model.set_reshard_after_backward(last, recurse=recurse)
@@ -244,8 +233,7 @@ class FSDPEngine:
 
     def _optimizer_step(self) -> "_Pending":
         """Clip and step without waiting for the GPU where the optimizer can skip a step by itself
-        (fused AdamW reads a device-side ``found_inf`` flag, as under a gradient scaler): the norm
-        is read back with the step's other statistics, after all the step's work is queued."""
+        (fused AdamW reads a device-side ``found_inf`` flag): the norm is read back later."""
         params = list(self.model.parameters())
         with record_function("areal.optimizer"):
             norm = optim.grad_norm(params)
@@ -274,12 +262,9 @@ class FSDPEngine:
 
     def train_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                     temperature: float = 1.0) -> Dict[str, float]:
-        """One optimizer step on this rank's share of a batch; returns global statistics.
-
-        The host waits for the GPU once, at the end (the statistics and the gradient norm are read
-        together). The LR scheduler is not stepped here (see `step_lr_scheduler`), so several
-        optimizer steps (PPO minibatches) can make up one training step.
-        """
+        """One optimizer step on this rank's share of a batch; global statistics, read from the
+        device once. The LR scheduler is stepped apart (`step_lr_scheduler`): several optimizer
+        steps (PPO minibatches) can make up one training step."""
         pending = self._forward_backward(batch, loss_fn, loss_weight_fn, temperature)
         return _read(pending, self._optimizer_step())
 
@@ -299,16 +284,13 @@ class FSDPEngine:
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
-    # ------------------------------------------------------------------ weights
     def state_dict_for_hf(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-        """Full (unsharded) CPU state dict on rank 0 with HF parameter names, ``{}`` elsewhere.
+        """Full CPU state dict with HF names on rank 0, ``{}`` elsewhere (collective).
 
-        Collective. One tensor at a time is gathered on the device and cast to ``dtype`` there
-        (the compute dtype by default: bf16 on GPU, half the bytes of the fp32 master weights to
-        move) and copied into one host buffer (pinned on CUDA, so the copies run asynchronously)
-        kept for the next call: the returned tensors are views of it, valid until the next call
-        (a snapshot, not an alias of the live parameters). Tied duplicates
-        (``lm_head.weight`` when embeddings are tied) are dropped, as ``save_pretrained`` does.
+        Each tensor is gathered and cast to ``dtype`` (default: the compute dtype) on the device,
+        then copied into one reused host buffer (pinned on CUDA: asynchronous copies); the tensors
+        returned are views of it, valid until the next call. Tied duplicates are dropped, as
+        ``save_pretrained`` does.
         """
         dtype = dtype or self.precision.param_dtype
         tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
@@ -345,8 +327,8 @@ class FSDPEngine:
 
 @dataclass
 class _Pending:
-    """Statistics still on the device: ``values[i]`` is ``keys[i]`` (divided by ``divisor``, a
-    token count, when set); ``plain`` ones are known on the host already."""
+    """Statistics still on the device (``values[i]`` is ``keys[i]``, divided by ``divisor`` when
+    set); ``plain`` ones are on the host already."""
 
     keys: List[str]
     values: torch.Tensor
@@ -391,12 +373,8 @@ def fused_head_unsupported(model: torch.nn.Module) -> str:
 
 def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -> None:
     """Let ``model(**inputs, logprobs_of=(doc_starts, temperature, with_entropy))`` return per-token
-    ``(logprobs, entropy)`` of one packed row from the last hidden states (`linear_logprobs`).
-
-    It goes through the root module's ``__call__``, so FSDP2's hooks on the root (embeddings,
-    final norm and head are its parameters) gather and free them as for a normal forward. Without
-    ``logprobs_of`` the model's own forward runs.
-    """
+    ``(logprobs, entropy)`` of one packed row from the last hidden states (`linear_logprobs`),
+    through the root's ``__call__``, so FSDP2's hooks gather the root's parameters as usual."""
     hf_forward = model.forward
     base = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()

@@ -1,16 +1,6 @@
-"""A ``torch.compile`` pass: linear layers that read the same input become one matmul.
-
-A decoder layer projects its normalised hidden states several times: query, key and value;
-gate and up in a gated MLP. With grouped-query attention the key and value projections are narrow
-(Qwen2.5-1.5B: 1536 -> 256) and run far below the GPU's matmul rate on their own. Concatenating
-the weights (and biases) of such siblings and splitting the product gives one wide matmul forward
-and backward instead; the gradients reach each weight as slices of the fused one. Inductor has
-this pass for 2-D inputs only (``batch_linear_lhs``); transformers' layers call ``linear`` on
-``[batch, tokens, hidden]``.
-
-It works on the graph dynamo captures before autograd (``pre_grad_custom_pass``), where
-parameters are graph inputs, and changes nothing else.
-"""
+"""A ``torch.compile`` pre-grad pass: linear layers that read the same input (query/key/value,
+gate/up) become one wide matmul on concatenated weights, split after (narrow grouped-query K/V
+projections run far below the matmul rate alone). Inductor's own pass takes 2-D inputs only."""
 
 from __future__ import annotations
 

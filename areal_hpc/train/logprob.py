@@ -1,17 +1,10 @@
-"""Per-token log-probabilities and entropies, with bounded memory.
+"""Per-token log-probabilities and entropies with bounded memory (a micro-batch's full logits
+are GBs, and an fp32 log-softmax of them more).
 
-Logits of a 16k-token micro-batch with a 152k vocabulary are ~5 GB in bf16; an fp32
-``log_softmax`` of all of them at once would add two fp32 copies (and autograd would keep
-them). Two ways around it:
-
-* `gather_logprobs` takes the model's logits and processes tokens in chunks, each recomputed in
-  backward (activation checkpointing), so only the model's own logits stay alive;
-* `linear_logprobs` starts from the last hidden states and the LM head's weight and never holds
-  more than one chunk of logits, forward or backward: each chunk's logits are computed, reduced
-  to ``logsumexp`` / logprob / entropy and dropped; backward recomputes them chunk by chunk and
-  turns them into the gradient (the "fused linear cross-entropy" idea, with logprobs and an
-  optionally differentiable entropy as outputs). On CUDA the per-chunk reductions are compiled.
-  The engine uses it when the model's head is a plain bias-free linear layer.
+`gather_logprobs` works on the model's logits chunk by chunk, each recomputed in backward.
+`linear_logprobs` starts from the last hidden states and the head's weight and never holds more
+than one chunk of logits, forward or backward ("fused linear cross-entropy", with logprobs and
+entropy as outputs); on CUDA the per-chunk reductions are compiled.
 """
 
 from __future__ import annotations
@@ -30,10 +23,8 @@ DEFAULT_CHUNK = 4096
 
 def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``.
-
-    The entropy reuses the logsumexp (``H = lse - sum(exp(x - lse) * x)``) rather than a separate
-    softmax: compiled, that is two passes over the chunk's logits instead of five."""
+    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``; the entropy
+    reuses the logsumexp (``H = lse - sum(exp(x - lse) * x)``), fewer passes than a softmax."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     lse = torch.logsumexp(x, dim=-1)
     logp = x.gather(1, labels[:, None])[:, 0] - lse
@@ -85,10 +76,8 @@ def _call(fn, device: torch.device, *args):
 
 
 def compiled_call(fn, *args):
-    """``fn(*args)`` through ``torch.compile``: fused kernels, a pass or two over a chunk's logits
-    instead of the ~10 of the eager ops. Only the number of rows (dim 0) is dynamic: the vocabulary
-    size stays a constant the generated kernels are specialised for. A compile failure is logged
-    and ``fn`` runs eagerly from then on."""
+    """``fn(*args)`` through ``torch.compile``, only the rows (dim 0) dynamic; a compile failure is
+    logged and ``fn`` runs eagerly from then on."""
     import torch._dynamo as dynamo
 
     compiled = _compiled.get(fn)
@@ -110,10 +99,8 @@ def compiled_call(fn, *args):
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """``x = hidden @ weight.T / temperature``; outputs ``x[label] - logsumexp(x)`` and the entropy
-    of ``softmax(x)`` per token. Saves ``hidden``, ``weight``, labels, ``logsumexp`` and the entropy,
-    and with ``keep_logits`` each chunk's logits too (``T x V`` in the compute dtype), which spares
-    backward recomputing them."""
+    """``x = hidden @ weight.T / temperature`` -> ``x[label] - logsumexp(x)`` and the entropy per
+    token; with ``keep_logits`` each chunk's logits are saved for backward instead of recomputed."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature: float, chunk: int, with_entropy: bool,
@@ -164,12 +151,9 @@ class _LinearLogprobs(torch.autograd.Function):
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                     with_entropy: bool = False, chunk: int = DEFAULT_CHUNK, keep_logits: bool = False
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """`gather_logprobs` of ``logits = hidden @ weight.T`` (``hidden [T, H]``, ``weight [V, H]``)
-    without materialising all the logits at once; fp32 results (fp64 for fp64 inputs).
-
-    ``keep_logits``: when a backward will follow, keep each chunk's logits for it (``T x V`` values
-    in the compute dtype, ~5 GB for 16k tokens and a 152k vocabulary in bf16) instead of
-    recomputing them there, one ``[T, H] x [H, V]`` matmul fewer."""
+    """`gather_logprobs` of ``hidden @ weight.T`` (``[T, H]``, ``[V, H]``), one chunk of logits at a
+    time; fp32 results (fp64 for fp64 inputs). ``keep_logits``: keep the chunks' logits for
+    backward (``T x V`` values: memory for one matmul fewer)."""
     keep = keep_logits and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy),
                                       keep)
@@ -188,11 +172,7 @@ def shift_to_tokens(lp_next: torch.Tensor, ent_next: Optional[torch.Tensor], doc
 def packed_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, doc_starts: torch.Tensor,
                           temperature: float = 1.0, with_entropy: bool = False,
                           chunk: int = DEFAULT_CHUNK) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logprob of each token under the logits of the previous position of the same document.
-
-    ``logits [T, V]`` and ``input_ids [T]`` of one packed row; ``doc_starts [T]`` is True at
-    each document's first token, whose logprob (and entropy) is 0 — it has no prediction.
-    The entropy at t is that of the distribution token t was drawn from.
-    """
+    """Logprob (and entropy) of each token of a packed row under the previous position's logits;
+    0 at each document's first token (``doc_starts``), which has no prediction."""
     labels = torch.roll(input_ids, shifts=-1)
     return shift_to_tokens(*gather_logprobs(logits, labels, temperature, with_entropy, chunk), doc_starts)

@@ -1,13 +1,8 @@
 """Micro-batches by token budget, packed into one row each.
 
-Samples of a (local) batch are assigned to micro-batches first-fit-decreasing under
-``max_tokens_per_mb`` (spread over fewer when that leaves a short remainder), split further until
-there are at least ``n_mbs``, and every rank runs the same number of micro-batches (the count is
-all-reduced; ranks with fewer add dummy ones whose loss is multiplied by zero), because FSDP's
-collectives need the same number of forward and backward passes everywhere. A micro-batch is one
-row: tokens concatenated, ``position_ids`` restarting at 0 for each document. transformers derives
-a block-diagonal causal mask from such position ids when called with ``attention_mask=None`` and
-``use_cache=False``, so attention never crosses documents.
+Every rank runs the same number of micro-batches (FSDP's collectives need as many passes
+everywhere): ranks with fewer add dummy ones whose loss weighs zero. A micro-batch is one row,
+``position_ids`` restarting at 0 for each document, so attention never crosses documents.
 """
 
 from __future__ import annotations
@@ -19,19 +14,15 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from areal_hpc.train import dist
-from areal_hpc.train.batch import Batch, Sample, async_to_device, deal_least_loaded, is_token_key, to_device
+from areal_hpc.train.batch import Batch, async_to_device, deal_least_loaded, is_token_key, to_device
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class MicroBatch:
-    """Packed tokens of some samples of a batch.
-
-    ``data`` holds per-token keys as ``[T]`` (``input_ids``, ``position_ids``, ``loss_mask``,
-    ``logprobs`` ...) and per-sample keys as ``[n]``; ``cu_seqlens`` ``[n+1]`` marks document
-    boundaries; ``sample_idx`` maps documents back to rows of the batch.
-    """
+    """Per-token keys ``[T]`` and per-sample keys ``[n]`` of some samples; ``cu_seqlens [n+1]`` marks
+    document boundaries, ``sample_idx`` maps documents back to rows of the batch."""
 
     data: Dict[str, torch.Tensor]
     cu_seqlens: torch.Tensor
@@ -54,17 +45,12 @@ class MicroBatch:
 
 
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1) -> List[List[int]]:
-    """Group sample indices into micro-batches.
+    """Sample indices grouped into micro-batches of at most ``max_tokens`` (a longer sample alone).
 
-    First-fit-decreasing under ``max_tokens`` (a sample longer than the budget gets its own
-    micro-batch). FFD fills micro-batches one after another and can leave a short remainder over
-    (a third micro-batch of 1.6k tokens for 31.8k tokens under a 16k budget); then the samples are
-    dealt largest first to the least-loaded of the fewest micro-batches that could hold them
-    (worst-fit-decreasing) and a micro-batch over the budget gives a sample to, or swaps one with,
-    another that has room; that plan is kept when it fits. Then the heaviest splittable
-    micro-batch is halved until there are at least ``min_mbs`` (at most one per sample). Indices
-    inside a micro-batch are sorted, and the micro-batches are ordered by their first index, so the
-    plan is deterministic.
+    First-fit-decreasing; when that leaves a short remainder, the samples are dealt to the fewest
+    micro-batches that could hold them (`_fit` repairs overfull ones), if that fits. Then the
+    heaviest micro-batch is halved until there are ``min_mbs``. Deterministic: indices sorted
+    within a micro-batch, micro-batches by their first index.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins, loads = _first_fit(order, lengths, max_tokens)
@@ -118,10 +104,9 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
 
 
 def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_tokens: int) -> bool:
-    """Bring every bin within ``max_tokens`` (in place) by moving one sample out of an overfull bin,
-    or swapping one with a smaller sample of another bin, so that neither ends over; the smallest
-    such change is taken. Each change fixes one bin, so this stops after at most one pass per bin.
-    False when some bin cannot be fixed this way."""
+    """Bring every bin within ``max_tokens`` (in place): for each overfull bin, the smallest move of
+    one of its samples to another bin, or swap with a smaller one there, that fits both. False
+    when some bin cannot be fixed so."""
     for o in range(len(bins)):
         excess = loads[o] - max_tokens
         if excess <= 0:
@@ -149,36 +134,12 @@ def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_to
     return True
 
 
-def pack_samples(samples: Sequence[Sample], sample_idx: Sequence[int], pad_to: int = 0,
-                 pad_token_id: int = 0) -> MicroBatch:
-    """Concatenate samples into one packed micro-batch; with ``pad_to``, a padding document
-    (``pad_token_id``, every other per-token key zero, so no loss sees it) fills it up to that many
-    tokens."""
-    lens = [int(s["input_ids"].shape[0]) for s in samples]
-    pad = max(0, pad_to - sum(lens))
-    docs = lens + [pad] if pad else lens
-    data: Dict[str, torch.Tensor] = {}
-    for k, v0 in samples[0].items():
-        if k == "attention_mask":
-            continue
-        if v0.dim() == 0:
-            data[k] = torch.stack([s[k] for s in samples])
-            continue
-        parts = [s[k] for s in samples]
-        if pad:
-            parts.append(torch.full((pad, *v0.shape[1:]), pad_token_id if k == "input_ids" else 0, dtype=v0.dtype))
-        data[k] = torch.cat(parts)
-    data["position_ids"] = torch.cat([torch.arange(n, dtype=torch.long) for n in docs])
-    cu = torch.zeros(len(docs) + 1, dtype=torch.long)
-    cu[1:] = torch.cumsum(torch.tensor(docs, dtype=torch.long), 0)
-    return MicroBatch(data, cu, list(sample_idx))
-
-
 def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
               pad_token_id: int = 0) -> MicroBatch:
-    """`pack_samples` of rows ``sample_idx`` of a padded batch, straight from its tensors: one
-    masked select per key instead of a slice per sample and key (a 256-sample batch of short RL
-    rollouts: ~1 ms instead of ~4). ``mask`` is the batch's ``attention_mask`` as bool."""
+    """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key);
+    ``mask`` is the batch's ``attention_mask`` as bool. With ``pad_to``, a padding document
+    (``pad_token_id``, every other per-token key zero, so no loss sees it) fills it up to that
+    many tokens."""
     idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
     m = mask[idx]
     lens = m.sum(dim=1)
@@ -206,9 +167,8 @@ def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_t
 
 
 def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2) -> MicroBatch:
-    """An ``n_tokens``-token micro-batch (one document) with the template's keys and dtypes, all
-    masks zero. Two tokens, not one: compiled code (``torch.compile`` with dynamic shapes)
-    specialises sizes 0 and 1, so a one-token micro-batch would trigger a recompilation."""
+    """An ``n_tokens``-token micro-batch with the template's keys, all masks zero. At least two
+    tokens: compiled code specialises sizes 0 and 1 (a recompilation)."""
     data: Dict[str, torch.Tensor] = {}
     for k, v in template.items():
         if k == "attention_mask":
@@ -224,11 +184,8 @@ def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2)
 
 def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
                        sync: bool = True, pad: bool = False) -> List[MicroBatch]:
-    """Pack a padded batch into micro-batches; with ``sync`` every rank gets the same count.
-
-    ``pad``: every micro-batch (dummies included) is filled up to ``max_tokens`` with a padding
-    document, so all have one shape (a sample longer than the budget still gets its own, longer one).
-    """
+    """Pack a padded batch into micro-batches; with ``sync`` every rank gets the same count; with
+    ``pad`` every micro-batch is filled up to ``max_tokens`` (one shape for compiled layers)."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
     plan = plan_micro_batches(lengths, max_tokens, min_mbs) if lengths else []

@@ -1,7 +1,5 @@
-"""How a transformers causal LM is parallelised: FSDP2 per decoder layer, activation checkpointing.
-
-Small separate functions in the torchtitan manner; `engine.FSDPEngine` composes them.
-"""
+"""How a transformers causal LM is parallelised (FSDP2, activation checkpointing, compile): small
+separate functions in the torchtitan manner, composed by `engine.FSDPEngine`."""
 
 from __future__ import annotations
 
@@ -67,24 +65,17 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward (transformers' own per-layer checkpointing,
-    non-reentrant; parameter names stay unchanged, which keeps state dicts HF-compatible)."""
+    """Recompute each decoder layer in backward (transformers' own, non-reentrant: names unchanged)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
                    fuse_linears: bool = False) -> Optional[FuseSiblingLinears]:
-    """``torch.compile`` the forward of every decoder layer (torchtitan's per-block compile).
-
-    Only ``forward`` is compiled, so FSDP2's hooks (in ``__call__``) and transformers' activation
-    checkpointing stay outside the compiled code. ``dynamic=True``: sequence lengths are symbolic
-    from the start (micro-batches of any length); ``None``: torch's automatic dynamic shapes,
-    static kernels for sizes that never change (padded micro-batches: the token count), symbolic
-    ones for those seen to change (the number of documents). ``fuse_linears``: projections of one
-    input (query/key/value, gate/up) run as one matmul (`fuse_linears.FuseSiblingLinears`,
-    returned: its ``fused`` counts the groups fused). The layers share one code object, hence
-    the larger dynamo cache (entries per layer: train and no-grad, static and recompiled).
-    """
+    """``torch.compile`` the forward of every decoder layer (FSDP2's hooks and checkpointing stay
+    outside). ``dynamic=True``: lengths symbolic from the start; ``None``: torch's automatic dynamic
+    shapes (padded micro-batches keep static sizes). ``fuse_linears``: projections of one input run
+    as one matmul (the returned pass counts the groups fused). The layers share one code object,
+    hence the larger dynamo cache."""
     import torch._dynamo
 
     layers = decoder_layers(model)
@@ -98,16 +89,10 @@ def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
 
 def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int,
                        one_host: Callable[[], bool]) -> str:
-    """``layer`` or ``model`` for ``engine.fsdp_units=choice``.
-
-    ``auto`` picks one unit for the whole model on one rank (nothing to shard), and on several
-    ranks of one host when the gathered bf16 weights and unsharded fp32 gradients (6 bytes per
-    parameter, held through a step) take at most an eighth of a device's memory: one gather and one
-    reduce-scatter per step instead of one per layer and micro-batch, and fewer hooks (2x H200:
-    +11% tokens/s at 0.5B, +4% at 1.5B). Across hosts, per-layer units overlap the slower
-    network with compute. ``one_host`` (a collective) is asked only for ``auto`` on several
-    ranks, where every rank asks it.
-    """
+    """``layer`` or ``model`` for ``engine.fsdp_units=choice``. ``auto``: one unit on one rank, and on
+    the ranks of one host when the gathered weights and gradients (6 bytes per parameter) take at
+    most an eighth of a device (one gather and reduce-scatter per step, fewer hooks); per layer
+    across hosts, to overlap the network with compute. ``one_host`` is a collective."""
     if choice != "auto":
         return choice
     if world == 1 or (one_host() and 6 * n_params <= device_bytes // 8):
@@ -117,14 +102,8 @@ def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
                reshard_after_forward: bool = True, per_layer: bool = True) -> None:
-    """``fully_shard`` every decoder layer (``per_layer``), then the root (embeddings, final norm,
-    LM head, and the layers if not wrapped on their own).
-
-    The last layer is not resharded after forward: backward needs it immediately. One unit for the
-    whole model suits one rank, or a small model on the ranks of one host (`resolve_fsdp_units`):
-    FSDP's per-unit hooks (forward, backward, gradient casts and accumulation) cost host time on
-    every layer of every micro-batch, and there is little or nothing to overlap with communication.
-    """
+    """``fully_shard`` every decoder layer (``per_layer``; the last is not resharded after forward,
+    backward needs it at once), then the root (embeddings, norm, head, the rest)."""
     mp = precision.policy()
     kwargs = {"mesh": mesh}
     if mp is not None:

@@ -1,17 +1,8 @@
 """Where a training step's wall time goes: named phases, exclusive of each other.
 
-A trainer keeps one `PhaseTimer`, wraps the parts of each step in ``with timer.phase("train"):``
-and ends the step with `split`, whose figures go into the step's metrics. Phases may nest: the
-time of an inner phase (e.g. ``logprob`` inside a user's ``train_on``) is taken out of the outer
-one, so the phases never count a second twice and ``other`` (the step's wall time minus every
-phase) is what no phase claims.
-
-On a GPU, a phase whose work is only queued when it returns would be charged to whichever
-phase next waits for the device. ``sync`` (``torch.cuda.synchronize`` in a GPU trainer) is
-called at the end of the phases opened with ``device=True`` -- those that run kernels (logprob
-recompute, train) -- and nowhere else: the built-in ones end in a host read anyway (logprobs
-copied to the CPU, the step's statistics read back), so the call finds nothing left to wait
-for; it keeps the split honest for a custom ``train_on`` that returns with work in flight.
+Phases nest: an inner phase's time is taken out of the outer one, and ``other`` is what no phase
+claims. ``sync`` (``torch.cuda.synchronize``) ends the phases opened with ``device=True``, so
+GPU work still queued is charged to the phase that queued it.
 """
 
 from __future__ import annotations
@@ -24,9 +15,8 @@ PREFIX = "phase/"
 
 
 class PhaseTimer:
-    """A step runs from the previous step's `split` (or `begin`) to its own: what happens after a
-    step's split -- writing its metrics, a checkpoint -- is booked to the next step, so every
-    second of the loop but the last step's bookkeeping lands in some step's record."""
+    """A step runs from the previous `split` (or `begin`) to its own: what follows a split (its
+    metrics, a checkpoint) is booked to the next step."""
 
     def __init__(self, sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter):
         self.sync = sync

@@ -1,10 +1,7 @@
-"""GRPO advantages and AReaL's decoupled PPO loss, and `PPOActor` tying them to an `FSDPEngine`.
+"""GRPO advantages, AReaL's decoupled PPO loss, and `PPOActor` tying them to an `FSDPEngine`.
 
-Per-token tensors follow the batch convention: entry t belongs to token t. ``logprobs`` are the
-behaviour policy's (from the inference servers, 0 on prompt tokens), ``prox_logp`` the proximal
-policy's (recomputed by the trainer before the update), ``loss_mask`` marks response tokens.
-
-Decoupled loss (AReaL, "asynchronous RL with a proximal policy"):
+Entry t of a per-token tensor belongs to token t: ``logprobs`` are the behaviour policy's (the
+servers'), ``prox_logp`` the proximal policy's (recomputed before the update). Decoupled loss:
 
     ratio   = exp(logp - prox_logp)                      clipped to [1 - eps, 1 + eps]
     pg      = max(-A * ratio, -A * clip(ratio))          PPO clip
@@ -29,7 +26,6 @@ from areal_hpc.train.phases import PhaseTimer
 ADV_NORMS = ("group", "batch", "none")
 
 
-# ---------------------------------------------------------------------------- advantages
 def _centre_and_scale(r: torch.Tensor, std_norm: bool, leave_one_out: bool, eps: float,
                       total_sum: Optional[torch.Tensor] = None, total_sq: Optional[torch.Tensor] = None,
                       count: Optional[float] = None) -> torch.Tensor:
@@ -50,13 +46,10 @@ def _centre_and_scale(r: torch.Tensor, std_norm: bool, leave_one_out: bool, eps:
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "group", std_norm: bool = True,
                        leave_one_out: bool = False, eps: float = 1e-6, global_batch: bool = False) -> torch.Tensor:
-    """Per-sample advantages from per-sample rewards ``[B]`` (samples of a group are contiguous).
-
-    ``norm``: "group" subtracts the group's mean (GRPO), "batch" the batch's, "none" keeps the
-    rewards. ``leave_one_out`` uses the mean of the *other* members as the baseline (RLOO).
-    ``std_norm`` divides by the (unbiased) std of the set. A set whose rewards are all equal
-    gets exactly zero advantages. ``global_batch``: "batch" statistics over all ranks.
-    """
+    """Per-sample advantages from rewards ``[B]`` (a group's samples contiguous). ``norm``: subtract
+    the "group"'s mean (GRPO), the "batch"'s (over all ranks with ``global_batch``), or "none";
+    ``leave_one_out``: the other members' mean (RLOO); ``std_norm``: divide by the unbiased std.
+    A set of equal rewards gets exactly zero."""
     if norm not in ADV_NORMS:
         raise ValueError(f"adv_norm must be one of {ADV_NORMS}, not {norm!r}")
     r = rewards.double()
@@ -96,17 +89,12 @@ def kl_penalty_to_go(logp: torch.Tensor, ref_logp: torch.Tensor, loss_mask: torc
     return -kl_ctl * to_go * loss_mask
 
 
-# ---------------------------------------------------------------------------- loss
 def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[torch.Tensor],
              advantages: torch.Tensor, loss_mask: torch.Tensor, eps_clip: float = 0.2,
              c_clip: Optional[float] = None, behav_imp_weight_cap: Optional[float] = None,
              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Decoupled PPO loss, a mean over ``loss_mask`` tokens (finite when the mask is empty).
-
-    ``behav_logp=None`` is standard PPO (no behaviour importance weight). Returns the loss and
-    token-mean statistics: clip fraction, dual-clip fraction, fraction of tokens dropped by the
-    importance-weight cap, mean importance weight, approximate KL to the proximal policy.
-    """
+    """Decoupled PPO loss, a mean over ``loss_mask`` tokens (finite for an empty mask), and token-mean
+    statistics; ``behav_logp=None`` is standard PPO (no behaviour importance weight)."""
     mask = loss_mask.bool()
     count = mask.sum().clamp(min=1).to(logp.dtype)
     prox_logp, advantages = prox_logp.detach(), advantages.detach()
@@ -141,22 +129,10 @@ def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[t
     return loss, stats
 
 
-# ---------------------------------------------------------------------------- actor
 class PPOActor:
-    """The policy side of PPO/GRPO training on an `FSDPEngine`.
-
-    Per training step, with a batch holding ``input_ids``, ``attention_mask``, ``loss_mask``,
-    ``logprobs`` (behaviour) and ``rewards [B]``::
-
-        batch["prox_logp"] = actor.compute_logp(batch)      # if config.recompute_logprob (with one
-                                                            # minibatch the update's forward gives them)
-        batch["ref_logp"] = ref.forward(batch, T)          # only with kl_ctl > 0
-        actor.compute_advantages(batch)                     # adds batch["advantages"] [B, L]
-        stats = actor.ppo_update(batch)                     # ppo_n_minibatches steps + LR step
-
-    or simply ``actor.train_step(batch)``. ``temperature`` must be the sampling temperature.
-    ``phases`` (a trainer's `PhaseTimer`) gets the recomputation's time as ``logprob``.
-    """
+    """The policy side of PPO/GRPO on an `FSDPEngine`: `train_step` recomputes the proximal (and
+    reference) logprobs, the advantages, then runs `ppo_update`. ``temperature`` is the sampling
+    temperature; ``phases`` (the trainer's) gets the recomputation as ``logprob``."""
 
     def __init__(self, config: PPOConfig, engine: FSDPEngine, group_size: int = 1, temperature: float = 1.0,
                  ref: Optional[FSDPEngine] = None):
@@ -221,8 +197,7 @@ class PPOActor:
         return loss, stats
 
     def ppo_update(self, batch: Batch) -> Dict[str, float]:
-        """``ppo_n_minibatches`` optimizer steps over this rank's batch, then one LR-scheduler step.
-        Returns the statistics averaged over minibatches (``skipped_step`` summed)."""
+        """``ppo_n_minibatches`` optimizer steps, then one LR step; statistics averaged over them."""
         parts = split_batch(batch, self.config.ppo_n_minibatches, self.group_size)
         most = dist.all_reduce_scalar(len(parts), "max")
         least = dist.all_reduce_scalar(len(parts), "min")
@@ -239,10 +214,8 @@ class PPOActor:
         return out
 
     def prox_in_update(self) -> bool:
-        """Whether the proximal logprobs can come from the update's own forward pass: with one
-        minibatch the update runs the weights they are defined by (nothing has stepped yet), so
-        the forward's logprobs, detached, are exactly what a separate recomputation would give,
-        without its forward pass. A KL penalty needs them before the update (in the advantages)."""
+        """Whether the proximal logprobs can be the update's own forward, detached: with one minibatch
+        nothing has stepped yet (a KL penalty needs them before, in the advantages)."""
         cfg = self.config
         return cfg.recompute_logprob and cfg.ppo_n_minibatches == 1 and self.ref is None
 

@@ -1,10 +1,7 @@
-"""Publishing trained weights to disk as a transformers checkpoint, and pruning old versions.
-
-``weights_root/v{N}/`` holds ``model.safetensors`` (or shards plus an index), ``config.json``
-and the tokenizer files of the source model: ``AutoModelForCausalLM.from_pretrained`` and
-SGLang's ``/update_weights_from_disk`` load it as is. The directory appears atomically (temp
-dir + ``os.replace``); then the registry record ``weights/latest`` names it.
-"""
+"""Trained weights published as a transformers checkpoint (``weights_root/v{N}/``: safetensors,
+``config.json``, the source's tokenizer files; what ``from_pretrained`` and SGLang's
+``/update_weights_from_disk`` load), atomically, then named by the registry's ``weights/latest``;
+old versions pruned."""
 
 from __future__ import annotations
 
@@ -31,6 +28,16 @@ _VERSION_DIR = re.compile(r"^v(\d+)$")
 # Files of a model directory that describe it but are not weights (copied into each version).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIP_NAMES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``; an existing ``final`` goes once replaced."""
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def version_dir(weights_root: Path, version: int) -> Path:
@@ -81,13 +88,9 @@ def write_hf_checkpoint(sd: Dict[str, torch.Tensor], hf_config, out_dir: Path, t
 
 def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
                     registry=None, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write ``weights_root/v{version}`` from the engine's current weights; all ranks call it.
-
-    Rank 0 gathers the full state dict and writes; with a registry it then records
-    ``weights/latest = {"version": N, "path": ...}`` (non-expiring). ``dtype`` defaults to the
-    engine's compute dtype (bf16 on GPU, fp32 on CPU). Returns the directory on every rank,
-    after it exists.
-    """
+    """Write ``weights_root/v{version}`` from the engine's weights (collective; rank 0 writes and,
+    with a registry, records ``weights/latest``). ``dtype``: the compute dtype by default. Returns
+    the directory on every rank, once it exists."""
     dtype = dtype or engine.precision.param_dtype
     out = version_dir(Path(weights_root), version).resolve()
     t0 = time.perf_counter()
@@ -97,13 +100,7 @@ def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         write_hf_checkpoint(sd, engine.hf_config, tmp, tokenizer_src, dtype)
-        if out.exists():  # republishing a version (e.g. after a restart): replace it
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # a version published again (after a restart) replaces the old copy
         if registry is not None:
             registry.put("weights", "latest", {"version": int(version), "path": str(out)}, ttl=False)
         log.info("published weights v%d at %s (gather to CPU %.2fs, write %.2fs)", version, out, t_gather,
@@ -126,12 +123,8 @@ def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:
 
 
 def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_version: int = 0) -> list[int]:
-    """Delete ``v{K}`` directories no one can still need; returns the deleted versions.
-
-    ``v{K}`` goes when ``K < keep_min_version``, no live server reports a weight version ``<= K``
-    (it may still be loading it), and it is not the latest version (on disk or in the registry).
-    Call it from one process (trainer rank 0).
-    """
+    """Delete the ``v{K}`` no one can still need (``K < keep_min_version``, no live server at a
+    version ``<= K``, not the latest); returns them. One process (trainer rank 0) calls it."""
     versions = published_versions(weights_root)
     if not versions:
         return []

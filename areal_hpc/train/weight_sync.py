@@ -1,18 +1,11 @@
-"""Weight updates over a collective group between trainer rank 0 and inference servers (NCCL on GPUs).
+"""Weight updates over a collective group of trainer rank 0 and the inference servers.
 
-Protocol (the one SGLang's ``/init_weights_update_group`` and ``/update_weights_from_distributed``
-implement, so real SGLang servers and our embedded engine both speak it):
-
-1. Trainer rank 0 is rank 0 of a fresh group of ``1 + sum(server ranks)`` processes; each
-   server rank joins with ``rank = rank_offset + tp_rank``. Rendezvous: a TCPStore hosted by
-   trainer rank 0 at ``master_addr:master_port``, keys prefixed by a group name that is new for
-   every (re)join, so a restarted trainer never meets stale keys.
-2. Per bucket, the trainer tells the servers ``names, dtypes, shapes`` (out of band, e.g.
-   HTTP), then broadcasts each full tensor from rank 0 in exactly that order; receivers
-   allocate ``torch.empty(shape, dtype)`` and receive.
-
-All trainer ranks take part in `broadcast_engine_weights` (gathering a sharded parameter is a
-collective of the trainer's own group); only rank 0 talks to the weight group.
+The protocol of SGLang's ``/init_weights_update_group`` and ``/update_weights_from_distributed``
+(our embedded engine speaks it too): trainer rank 0 hosts the rendezvous (a TCPStore, keys
+prefixed by a group name new at every (re)join, so a restarted trainer never meets stale keys)
+and is rank 0 of the group; per bucket it announces ``names, dtypes, shapes`` out of band (HTTP),
+then broadcasts each full tensor in that order. Every trainer rank takes part in gathering the
+sharded weights; only rank 0 talks to the weight group.
 """
 
 from __future__ import annotations
@@ -78,18 +71,14 @@ def new_group_name(prefix: str = "areal-weights") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-# ---------------------------------------------------------------------------- group
 def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_size: int, group_name: str,
                            backend: str = "nccl", timeout_s: float = 600.0) -> tdist.ProcessGroup:
-    """Join (rank 0: host) a process group outside the default one, the way SGLang does it:
-    TCPStore rendezvous, a ``PrefixStore(group_name)``, then torch's process-group factory.
-    Blocks until all ``world_size`` members have joined: start the receivers' joins (e.g. the
-    HTTP request) before or concurrently with the trainer's."""
+    """Join (rank 0: host) a process group outside the default one, as SGLang does. Blocks until
+    all ``world_size`` members have joined: start the receivers' joins before or alongside."""
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    # A TCPStore of our own, not torch's tcp:// rendezvous: under torchrun that one assumes the
-    # elastic agent hosts the store (TORCHELASTIC_USE_AGENT_STORE), so nobody would host this one.
+    # our own TCPStore: under torchrun, torch's tcp:// rendezvous expects the agent to host it
     store = tdist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0, timeout=timeout,
                            wait_for_workers=False, multi_tenant=True)
     prefix_store = PrefixStore(group_name, store)
@@ -104,13 +93,9 @@ def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_
 
 @contextlib.contextmanager
 def _default_group_unbound():
-    """While set, hide the default group's bound device (a multi-rank trainer binds one at init).
-
-    With a bound device torch creates any new NCCL group by ``ncclCommSplit`` of the default
-    communicator, a collective of the trainer's own ranks: the servers of the weight group are
-    not in it and the other trainer ranks never call it, so trainer rank 0 hangs there (seen on
-    4 GPUs: 2 servers + 2 trainer ranks). Unbound, the group bootstraps through its own store.
-    """
+    """Hide the default group's bound device meanwhile: with one, torch makes a new NCCL group by
+    splitting the default communicator, a collective the servers and the other trainer ranks
+    never join (rank 0 hangs). Unbound, the group bootstraps through its own store."""
     default = _world.default_pg if tdist.is_initialized() else None
     bound = getattr(default, "bound_device_id", None)
     if bound is not None:
@@ -127,7 +112,6 @@ def destroy_weight_sync_group(group: Optional[tdist.ProcessGroup]) -> None:
         tdist.destroy_process_group(group)
 
 
-# ---------------------------------------------------------------------------- send / receive
 def plan_buckets(specs: Iterable[TensorSpec], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> List[Bucket]:
     """Consecutive specs, in the given (fixed) order, grouped up to ``bucket_bytes``."""
     buckets: List[Bucket] = []
@@ -149,22 +133,6 @@ def send_tensors(group: tdist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> 
         w.wait()
 
 
-def receive_weights(group: tdist.ProcessGroup, names: Sequence[str], dtypes: Sequence[str | torch.dtype],
-                    shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu"
-                    ) -> List[Tuple[str, torch.Tensor]]:
-    """The receiving side of one bucket: ``[(name, tensor)]`` in announced order."""
-    out, works = [], []
-    for name, dt, shape in zip(names, dtypes, shapes):
-        dtype = dt if isinstance(dt, torch.dtype) else getattr(torch, str(dt).removeprefix("torch."))
-        t = torch.empty(tuple(shape), dtype=dtype, device=device)
-        works.append(tdist.broadcast(t, group_src=0, group=group, async_op=True))
-        out.append((name, t))
-    for w in works:
-        w.wait()
-    return out
-
-
-# ---------------------------------------------------------------------------- engine side
 def engine_weight_specs(engine, dtype: Optional[torch.dtype] = None) -> List[TensorSpec]:
     """HF-named tensors of an `FSDPEngine` in state-dict order (tied ``lm_head`` left out)."""
     dtype = dtype or engine.precision.param_dtype
@@ -185,13 +153,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
                              on_bucket: Optional[Callable[[Bucket], Optional[Callable[[], None]]]] = None,
                              bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: Optional[torch.dtype] = None) -> int:
-    """Broadcast the engine's full weights to the weight group; every trainer rank calls it.
-
-    ``group`` is the weight-sync group on trainer rank 0 and None elsewhere. Before a bucket
-    goes out, rank 0 calls ``on_bucket(bucket)``: it announces names/dtypes/shapes to the
-    receivers without blocking and may return a function that waits for them to finish (called
-    after the bucket's broadcasts). Returns the number of buckets.
-    """
+    """Broadcast the engine's full weights to the weight group (``group`` on rank 0, None on the
+    others; every trainer rank calls it). Before each bucket rank 0 calls ``on_bucket(bucket)``,
+    which announces it without blocking and may return a function that waits for the receivers
+    (called after the bucket's broadcasts). Returns the number of buckets."""
     state: Dict[str, torch.Tensor] = engine.model.state_dict()
     buckets = plan_buckets(engine_weight_specs(engine, dtype), bucket_bytes)
     is_sender = engine.info.rank == 0

@@ -1,4 +1,4 @@
-"""What every trainer gets, and the base class a user subclasses to add one."""
+"""What every trainer gets, and the base class (with the loop PPO and SFT share) a user subclasses."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import logging
 import os
 import signal
 import socket
-from abc import ABC, abstractmethod
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from areal_hpc.config import AllocationMode, ExperimentConfig
+from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig
 from areal_hpc.registry import Heartbeat, Registry
 
 log = logging.getLogger("areal_hpc.trainer")
@@ -53,20 +53,137 @@ class StopRequested:
         return self.signal is not None
 
 
-class Trainer(ABC):
+class Trainer:
     """A training (or evaluation) loop. Subclass, then ``@register_trainer("name")``.
 
-    ``run()`` returns the process exit code. Rank 0 owns the rollout side (client pool,
-    controller) and the trainer's registry record; every rank runs the model.
+    `run` is the loop every training trainer shares: recovery (``recover.mode``), stop requests,
+    a checkpoint every ``saver.freq_steps`` and at the end, per-step metrics with their phases
+    (`train.phases`) and the trainer's registry record. A subclass supplies `setup` and
+    `train_step`, and where it needs them `start`, `checkpoint_extra` and `finish`; or it
+    overrides `run` with a loop of its own (the null trainer). Every rank runs `run`; rank 0
+    writes the metrics and the record.
     """
 
     def __init__(self, ctx: TrainContext):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.stop = StopRequested()
+        self.engine: Any = None
+        self.phases: Any = None
         self._record: Dict[str, Any] = {}
         self._heartbeat: Optional[Heartbeat] = None
 
+    # ------------------------------------------------------------------ what a trainer supplies
+    def setup(self) -> Any:
+        """Build the model (every rank) and return its `FSDPEngine`; ``self.phases`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} overrides neither run nor setup")
+
+    def start(self, state: Dict[str, Any]) -> bool:
+        """Ready the data after recovery; ``state`` is the checkpoint's (``{}`` on a fresh start).
+        False ends the run before its first step (stopped while waiting)."""
+        return True
+
+    def train_step(self, step: int) -> Optional[Dict[str, Any]]:
+        """Make step ``step`` (the first is 1): its metrics, or None to end the run without it."""
+        raise NotImplementedError(f"{type(self).__name__} overrides neither run nor train_step")
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        """What a checkpoint keeps besides the engine's state (rank 0's goes to every rank)."""
+        return {}
+
+    def finish(self, step: int) -> None:
+        """After the last checkpoint, on every rank."""
+
+    def close(self) -> None:
+        """Release what `start` made, however the run ends."""
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        import torch
+
+        from areal_hpc.train import dist
+        from areal_hpc.train.checkpoint import Checkpointer
+        from areal_hpc.train.phases import PhaseTimer
+        from areal_hpc.trainers.metrics import MetricsWriter
+
+        cfg, total = self.cfg, self.cfg.trainer.total_train_steps
+        self.phases = PhaseTimer(sync=torch.cuda.synchronize if torch.cuda.is_available() else None)
+        engine = self.engine = self.setup()
+        ckpt = Checkpointer(engine, keep_last=cfg.saver.keep_last)
+        state = self._recover(ckpt)
+        step = int(state.get("global_step", 0))
+        if not self.start(state):
+            return 0
+        metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot) if self.is_main else None
+        if metrics is not None:
+            metrics.drop_after(step)
+        self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
+        t_start = time.monotonic() - float(state.get("time_s", 0.0))
+        rc = 0
+        settled_gc = dist.SettledGC()
+        self.phases.begin()
+        try:
+            while step < total:
+                if dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0:
+                    log.warning("stopping at step %d on request", step)
+                    break
+                stats = self.train_step(step + 1)
+                if stats is None:
+                    break
+                step += 1
+                settled_gc.step()
+                split = self.phases.split()
+                if metrics is not None:
+                    with self.phases.phase("metrics"):
+                        metrics.write(self._metrics(step, stats, split, t_start))
+                        self.publish_state(step=step, version=engine.get_version())
+                if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0 and step < total:
+                    with self.phases.phase("checkpoint"):
+                        self._save(ckpt, step, t_start)
+            self._save(ckpt, step, t_start)
+            self.finish(step)
+        except KeyboardInterrupt:
+            rc = 130
+        finally:
+            self.close()
+            if metrics is not None:
+                metrics.close()
+            self.publish_state(state="done" if step >= total else "stopped")
+            self.close_state()
+        log.info("trainer finished at step %d (version %d)", step, engine.get_version())
+        return rc
+
+    def _metrics(self, step: int, stats: Dict[str, Any], split: Dict[str, float], t_start: float) -> Dict[str, Any]:
+        m = {"step": step, "version": self.engine.get_version(), "time_s": time.monotonic() - t_start, **stats,
+             **split, "lr": self.engine.current_lr()}
+        for key, rate in (("gen_tokens", "gen_tokens_per_s"), ("tokens", "trained_tokens_per_s")):
+            if key in m:
+                m[rate] = m[key] / split["step_time_s"]
+        return m
+
+    def _recover(self, ckpt) -> Dict[str, Any]:
+        """The last checkpoint's state (engine restored), or ``{}`` to start fresh (``recover.mode``)."""
+        mode = self.cfg.recover.mode
+        if mode == "disabled":
+            return {}
+        state = ckpt.load_latest(self.ctx.checkpoint_dir)
+        if state is None:
+            if mode == "resume":
+                raise ConfigError("recover.mode", f"resume asked but no checkpoint in {self.ctx.checkpoint_dir}",
+                                  "use recover.mode=auto to start fresh when there is none")
+            return {}
+        log.info("recovered from checkpoint: step %d, weight version %d", state["global_step"], state["weight_version"])
+        return state
+
+    def _save(self, ckpt, step: int, t_start: float) -> None:
+        from areal_hpc.train import dist
+
+        extra = dist.broadcast_object({**self.checkpoint_extra(), "time_s": time.monotonic() - t_start})
+        t0 = time.monotonic()
+        ckpt.save(self.ctx.checkpoint_dir, step, extra)
+        log.info("checkpoint at step %d (%.2fs)", step, time.monotonic() - t0)
+
+    # ------------------------------------------------------------------ the registry record
     def publish_state(self, **fields) -> None:
         """Update this trainer's registry record (rank 0; other ranks call it harmlessly)."""
         self._record.update(fields)
@@ -87,7 +204,3 @@ class Trainer(ABC):
     @property
     def is_main(self) -> bool:
         return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
-
-    @abstractmethod
-    def run(self) -> int:
-        ...

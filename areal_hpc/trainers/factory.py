@@ -9,7 +9,8 @@ from areal_hpc.trainers.base import TrainContext, Trainer
 
 TRAINERS: Dict[str, Callable[[TrainContext], Trainer]] = {}
 # Built-in trainers are imported on demand, so an eval-only run never imports the FSDP engine.
-_BUILTIN = {"ppo": "areal_hpc.trainers.ppo", "sft": "areal_hpc.trainers.sft", "null": "areal_hpc.trainers.null"}
+_BUILTIN = {"ppo": "areal_hpc.trainers.ppo_trainer", "sft": "areal_hpc.trainers.sft_trainer",
+            "null": "areal_hpc.trainers.null"}
 
 
 def register_trainer(name: str):

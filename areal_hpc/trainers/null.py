@@ -18,26 +18,16 @@ log = logging.getLogger("areal_hpc.trainer")
 @register_trainer("null")
 class EvalTrainer(Trainer):
     def run(self) -> int:
-        from areal_hpc.inference.client import ServerPool
-        from areal_hpc.rollout import make_workflow
-        from areal_hpc.trainers.rollout_side import (dataset_prompt_kwargs, load_prompts, load_tokenizer,
-                                                     servers_required)
+        from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer, make_rollout_workflow, server_pool
 
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx, ds = self.cfg, self.ctx, self.cfg.valid_dataset
         rows = list(load_prompts(ctx, "valid", epochs=1))
-        tokenizer = load_tokenizer(cfg.server.model_path or actor_path(cfg))
-        ds = cfg.valid_dataset
-        workflow = make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
-                                 reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples,
-                                 **dataset_prompt_kwargs(ds))
-        n = servers_required(ctx)
-        ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s)
+        workflow = make_rollout_workflow(cfg, load_tokenizer(cfg.server.model_path or actor_path(cfg)), ds)
+        pool = server_pool(ctx)
         self.publish_state(step=0, version=None, world_size=1, state="evaluating", n_rows=len(rows))
         t0 = time.monotonic()
         try:
-            groups = asyncio.run(self._evaluate(workflow, rows, ServerPool(
-                ctx.registry, ctx.registry.secret(), refresh_s=cfg.launcher.heartbeat_s,
-                request_timeout_s=cfg.rollout.request_timeout_s)))
+            groups = asyncio.run(self._evaluate(workflow, rows, pool))
         finally:
             self.close_state()
         trajs = [t for g in groups for t in g.trajectories]

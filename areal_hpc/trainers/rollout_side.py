@@ -1,26 +1,37 @@
-"""The rollout half of an RL trainer (rank 0): servers, client pool, controller, weight updates.
+"""The rollout half of an RL trainer: servers, client pool, controller, weight updates.
 
 Both halves of a weight update meet here: `train` publishes weights, this tells the servers
-to load them (`train` knows nothing of servers; `inference` knows nothing of training).
+to load them (`train` knows nothing of servers; `inference` knows nothing of training). Rank 0
+holds the `RolloutSide`; the other ranks hold a `FollowerSide` with the same methods, which
+receives what rank 0 shares and takes part in the collectives, so the trainer never asks which
+rank it runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from areal_hpc import toy
+from areal_hpc.config import actor_path
 from areal_hpc.inference.client import ServerPool
-from areal_hpc.registry import free_port
-from areal_hpc.rollout import PromptLoader, RolloutController, make_workflow
-from areal_hpc.rollout.data import load_dataset_rows
+from areal_hpc.registry import RegistryTimeout, free_port
+from areal_hpc.rollout import PromptLoader, RolloutController, RolloutError, Trajectory, make_workflow
 from areal_hpc.rollout.adapters import apply_adapter
+from areal_hpc.rollout.data import load_dataset_rows
+from areal_hpc.train import dist
 from areal_hpc.train.phases import PhaseTimer
 from areal_hpc.trainers.base import TrainContext
 
 log = logging.getLogger("areal_hpc.trainer")
+FAILED = "failed"  # (FAILED, reason) goes to the other ranks when rank 0's rollouts stall or fail
+
+# ``broadcast(group, on_bucket)``: the trainer's collective broadcast of its weights (every rank)
+Broadcast = Callable[[Any, Any], Any]
 
 
 def load_tokenizer(path: str):
@@ -31,81 +42,150 @@ def load_tokenizer(path: str):
 
 def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0) -> PromptLoader:
     ds = ctx.cfg.train_dataset if which == "train" else ctx.cfg.valid_dataset
-    rows = load_dataset_rows(ds, which)
-    rows = adapt_rows(rows, ds)
+    rows = apply_adapter(load_dataset_rows(ds, which), ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
     return PromptLoader(rows, shuffle=ds.shuffle and which == "train", seed=ctx.cfg.seed, epochs=epochs)
 
 
-def adapt_rows(rows, ds):
-    """``ds.adapter`` (e.g. gsm8k) applied to loaded rows; the rows unchanged without one."""
-    return apply_adapter(rows, ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
+def make_rollout_workflow(cfg, tokenizer, ds):
+    """``rollout.workflow`` for the rows of dataset ``ds`` (its keys, how prompts are rendered)."""
+    return make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
+                         reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples, prompt_key=ds.prompt_key,
+                         answer_key=ds.answer_key, messages_key=ds.messages_key, chat_template=ds.chat_template,
+                         system_prompt=ds.system_prompt)
 
 
-def dataset_prompt_kwargs(ds) -> Dict[str, Any]:
-    """The workflow arguments a `DatasetConfig` sets: its keys and how prompts are rendered."""
-    return {"prompt_key": ds.prompt_key, "answer_key": ds.answer_key, "messages_key": ds.messages_key,
-            "chat_template": ds.chat_template, "system_prompt": ds.system_prompt}
+def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = None) -> ServerPool:
+    """A client pool of the run's servers, once as many as the run needs are healthy."""
+    cfg = ctx.cfg
+    n = cfg.min_required_servers or ctx.alloc.n_servers
+    log.info("waiting for %d healthy server(s) in %s", n, ctx.registry.root)
+    t0 = time.monotonic()
+    ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s, stop=should_stop)
+    log.info("%d server(s) up after %.1fs", n, time.monotonic() - t0)
+    return ServerPool(ctx.registry, ctx.registry.secret(), refresh_s=cfg.launcher.heartbeat_s,
+                      request_timeout_s=cfg.rollout.request_timeout_s)
 
 
-def servers_required(ctx: TrainContext) -> int:
-    return ctx.cfg.min_required_servers or ctx.alloc.n_servers
+def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
+                 should_stop: Callable[[], bool]) -> "RolloutSide | FollowerSide | None":
+    """Rank 0's `RolloutSide` (once the servers are up), a `FollowerSide` on the other ranks;
+    None on every rank when a stop came while rank 0 waited for the servers."""
+    side = None
+    if dist.rank() == 0:
+        loader = load_prompts(ctx, "train")
+        loader.load_state_dict(loader_state)
+        try:
+            side = RolloutSide(ctx, load_tokenizer(actor_path(ctx.cfg)), loader, version, should_stop=should_stop)
+        except RegistryTimeout:
+            if not should_stop():
+                raise
+            log.warning("stopped while waiting for servers")
+    if not dist.broadcast_object(side is not None):
+        return None
+    return side if side is not None else FollowerSide()
 
 
 class RolloutSide:
     """Rank 0's view of the inference side of a run."""
 
     def __init__(self, ctx: TrainContext, tokenizer, loader: PromptLoader, start_version: int,
-                 max_staleness: Optional[int] = None, should_stop=None):
+                 should_stop: Callable[[], bool]):
         cfg = ctx.cfg
-        self.ctx = ctx
-        n = servers_required(ctx)
-        log.info("waiting for %d healthy server(s) in %s", n, ctx.registry.root)
-        t0 = time.monotonic()
-        ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s, stop=should_stop)
-        log.info("%d server(s) up after %.1fs", n, time.monotonic() - t0)
-        self.pool = ServerPool(ctx.registry, ctx.registry.secret(), refresh_s=cfg.launcher.heartbeat_s,
-                               request_timeout_s=cfg.rollout.request_timeout_s)
-        ds = cfg.train_dataset
-        self.workflow = make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
-                                      reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples,
-                                      **dataset_prompt_kwargs(ds))
-        self.loader = loader
+        self.ctx, self.loader, self.should_stop = ctx, loader, should_stop
+        self.pool = server_pool(ctx, should_stop)
         self.controller = RolloutController(
-            self.workflow, self.pool, loader, batch_size=cfg.rollout.batch_size,
-            max_head_offpolicyness=cfg.rollout.max_head_offpolicyness if max_staleness is None else max_staleness,
+            make_rollout_workflow(cfg, tokenizer, cfg.train_dataset), self.pool, loader,
+            batch_size=cfg.rollout.batch_size, max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
             max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version)
+        self._sync: Optional[BroadcastWeightSync] = None  # formed on the first broadcast update
         self._warned: set = set()  # external servers told about once
 
-    def start(self) -> "RolloutSide":
+    def start(self) -> None:
+        """Run the rollout loop, paused (a weight update needs it; nothing is generated yet)."""
+        self.controller.pause()
         self.controller.start()
-        return self
+
+    def resume(self) -> None:
+        self.controller.resume()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def next_batch(self, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
+        """The next batch's trajectories on every rank, or None if a stop is requested while waiting
+        (the servers may be gone for good: a stopped run must not hang here). Stalled or failing
+        rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise `RolloutError` on every rank."""
+        r = self.ctx.cfg.rollout
+        try:
+            groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
+                                                stall_timeout_s=r.stall_timeout_s, poll_s=poll_s)
+        except RolloutError as e:
+            dist.broadcast_object((FAILED, str(e)))
+            raise
+        return dist.broadcast_object(None if groups is None else [t for g in groups for t in g.trajectories])
+
+    def stats(self) -> Dict[str, float]:
+        return {"dropped_stale": self.controller.stats["dropped_stale"]}
+
+    def loader_state(self) -> Dict[str, Any]:
+        """The prompt loader's position; rows in flight are generated again after a restart."""
+        return self.loader.state_dict(rewind=self.controller.in_flight())
+
+    def prune_weights(self, version: int) -> None:
+        from areal_hpc.train.publish import prune_weights
+
+        prune_weights(self.ctx.weights_dir, self.ctx.registry, keep_min_version=version)
+
+    def external_ids(self) -> List[str]:
+        """Healthy external servers (attached by URL, or `serve` by hand) the pool knows of now."""
+        return sorted(sid for sid, info in self.pool.servers.items() if info["healthy"] and info.get("external"))
 
     def update_weights(self, path: str, version: int, timer: Optional[PhaseTimer] = None) -> Dict[str, float]:
         """Servers load ``path`` as ``version``: pause submission and servers, load, continue.
 
         Interrupted generations are resumed by the pool with the new weights (their tokens carry
         the version that produced them). Servers that fail to load are reported; the update goes on
-        with the others (a dead server's record expires and the pool drops it). ``timer`` gets the
-        ``weight_pause`` and ``weight_load`` phases.
+        with the others (a dead server's record expires and the pool drops it).
         """
-        c, timer = self.controller, timer or PhaseTimer()
+        timer = timer or PhaseTimer()
+        with self._paused(version, timer):
+            with timer.phase("weight_load"):
+                results = self.controller.run(self.pool.update_weights_from_disk(path, version))
+        failed = self._report_failed(results, path, version)
+        return {"servers_updated": float(len(results) - len(failed))}
+
+    def update_weights_broadcast(self, broadcast: Broadcast, version: int, timer: Optional[PhaseTimer] = None,
+                                 disk_path: Optional[str] = None) -> Dict[str, float]:
+        """The collective path: pause, (re)form the group if the servers changed, broadcast, continue.
+        External servers (outside the group) load ``disk_path``, published for them."""
+        if self._sync is None:
+            self._sync = BroadcastWeightSync(self, backend=self.ctx.cfg.trainer.ppo.weight_update)
+        sync, timer = self._sync, timer or PhaseTimer()
+        with self._paused(version, timer):
+            with timer.phase("weight_broadcast"):
+                sync.ensure_group()
+                broadcast(sync.group, sync.announcer(version))
+            if disk_path and sync.external:
+                with timer.phase("weight_load"):
+                    results = self.controller.run(
+                        self.pool.update_weights_from_disk(disk_path, version, server_ids=sync.external))
+                self._report_failed(results, disk_path, version)
+        return {"servers_updated": float(len(sync.members))}
+
+    @contextlib.contextmanager
+    def _paused(self, version: int, timer: PhaseTimer):
+        """Submission and servers paused around a weight update; then the new version, and continue."""
+        c = self.controller
         c.pause()
         try:
             with timer.phase("weight_pause"):
                 c.run(self.pool.pause_all())
-            with timer.phase("weight_load"):
-                results = c.run(self.pool.update_weights_from_disk(path, version))
+            yield
         finally:
             with timer.phase("weight_pause"):
                 c.run(self.pool.continue_all())
                 c.set_version(version)
                 c.resume()
-        failed = self._report_failed(results, path, version)
-        return {"servers_updated": float(len(results) - len(failed))}
-
-    def external_ids(self) -> List[str]:
-        """Healthy external servers (attached by URL, or `serve` by hand) the pool knows of now."""
-        return sorted(sid for sid, info in self.pool.servers.items() if info["healthy"] and info.get("external"))
 
     def _report_failed(self, results: Dict[str, Any], path: str, version: int) -> Dict[str, Any]:
         failed = {k: v for k, v in results.items() if not getattr(v, "ok", v is True)}
@@ -118,45 +198,55 @@ class RolloutSide:
                             "directory readable from that server (a shared filesystem)", sid, path)
         return failed
 
-    def update_weights_broadcast(self, sync: "BroadcastWeightSync", broadcast, version: int,
-                                 timer: Optional[PhaseTimer] = None, disk_path: Optional[str] = None
-                                 ) -> Dict[str, float]:
-        """The collective path: pause, (re)form the group if the servers changed, broadcast, continue.
-        ``broadcast(group, on_bucket)`` runs the trainer's collective broadcast (all ranks); external
-        servers (outside the group) load ``disk_path``, published for them."""
-        c, timer = self.controller, timer or PhaseTimer()
-        c.pause()
-        try:
-            with timer.phase("weight_pause"):
-                c.run(self.pool.pause_all())
-            with timer.phase("weight_broadcast"):
-                sync.ensure_group()
-                broadcast(sync.group, sync.announcer(version))
-            if disk_path and sync.external:
-                with timer.phase("weight_load"):
-                    results = c.run(self.pool.update_weights_from_disk(disk_path, version, server_ids=sync.external))
-                self._report_failed(results, disk_path, version)
-        finally:
-            with timer.phase("weight_pause"):
-                c.run(self.pool.continue_all())
-                c.set_version(version)
-                c.resume()
-        return {"servers_updated": float(len(sync.members))}
+
+class FollowerSide:
+    """What trainer ranks other than 0 hold in place of a `RolloutSide`: they receive what rank 0
+    shares (batches, failures) and join the weight broadcast's collectives; the rest is rank 0's."""
+
+    def start(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
 
     def stop(self) -> None:
-        self.controller.stop()
+        pass
+
+    def next_batch(self) -> Optional[List[Trajectory]]:
+        got = dist.broadcast_object(None)
+        if isinstance(got, tuple) and got[:1] == (FAILED,):
+            raise RolloutError(got[1])
+        return got
+
+    def stats(self) -> Dict[str, float]:
+        return {}
+
+    def loader_state(self) -> None:
+        return None
+
+    def prune_weights(self, version: int) -> None:
+        pass
+
+    def external_ids(self) -> List[str]:
+        return []
+
+    def update_weights(self, path: str, version: int, timer: Optional[PhaseTimer] = None) -> Dict[str, float]:
+        return {}
+
+    def update_weights_broadcast(self, broadcast: Broadcast, version: int, timer: Optional[PhaseTimer] = None,
+                                 disk_path: Optional[str] = None) -> Dict[str, float]:
+        with (timer or PhaseTimer()).phase("weight_broadcast"):
+            broadcast(None, None)
+        return {}
 
 
 class BroadcastWeightSync:
     """Trainer rank 0 + every server in one process group (SGLang's /init_weights_update_group):
-    NCCL on GPUs, gloo (through host memory) on CPU-only runs.
+    NCCL on GPUs, gloo on CPU-only runs.
 
-    The group has a fixed size, so it is formed again (under a new name, which servers accept,
-    so a restarted trainer can always re-join) whenever the set of live servers changes. A server
-    that joins late starts from the disk copy (weights/latest) and gets the full weights at the
-    next broadcast. External servers are kept out of the group (its rendezvous is fixed-size: one
-    member that cannot reach the trainer's port would make every member wait out the timeout); they
-    load a disk copy published for them at every update instead, which is said once in the log.
+    The group has a fixed size: it is formed again, under a new name, whenever the live servers
+    change (a late server starts from weights/latest). External servers stay out (one member that
+    cannot reach the trainer's port would make all wait out the timeout) and load a disk copy.
     """
 
     def __init__(self, side: RolloutSide, backend: str = "nccl", timeout_s: float = 600.0):
@@ -169,8 +259,6 @@ class BroadcastWeightSync:
         self.external: List[str] = []  # servers updated from disk instead
 
     def ensure_group(self) -> None:
-        import socket
-
         from areal_hpc.train.weight_sync import destroy_weight_sync_group, init_weight_sync_group, new_group_name
 
         pool, c = self.side.pool, self.side.controller

@@ -20,11 +20,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from areal_hpc.train.phases import PREFIX  # noqa: E402
-from areal_hpc.trainers.metrics import read_metrics  # noqa: E402
+import common  # noqa: F401  (the repository on sys.path)
+from areal_hpc.train.phases import PREFIX
+from areal_hpc.trainers.metrics import read_metrics
 
 # the order phases are printed in (others follow, alphabetically)
 ORDER = ("wait_rollout", "data", "logprob", "train", "weight_publish", "weight_pause", "weight_load",

@@ -1,8 +1,10 @@
+#!/usr/bin/env python
 """Registry benchmarks on a local disk; one JSON line per measurement, then a markdown table.
 
     python tools/bench/registry.py --dir /work          # everything, in a temp dir under /work
     python tools/bench/registry.py --dir /dev/shm       # tmpfs: what the code costs without a disk
     python tools/bench/registry.py --only writes,list   # a subset of: syscalls writes churn update list watch
+    python tools/bench/registry.py --smoke              # every measurement, short and small (CI)
 
 What is measured (against the issue's targets: >= 20k record writes/s, listing 1,000 live
 records in <= 20 ms):
@@ -44,7 +46,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -52,10 +53,9 @@ import types
 from pathlib import Path
 from typing import Callable, Dict, List
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from common import REPO as ROOT
 
-from areal_hpc.registry import Registry  # noqa: E402
+from areal_hpc.registry import Registry
 
 RESULTS: List[dict] = []
 
@@ -412,7 +412,11 @@ def main() -> None:
     ap.add_argument("--churn-s", type=int, default=10, help="seconds of the sustained-overwrite measurement")
     ap.add_argument("--list-ref", default="", help="also list with store.py of this git revision (before/after)")
     ap.add_argument("--poll", default="0.01,0.05,0.2", help="watch poll_s values")
+    ap.add_argument("--smoke", action="store_true", help="1 and 2 processes, 0.2 s per measurement, 1 repeat (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.procs, args.update_procs, args.poll = "1,2", "1,2", "0.05"
+        args.duration, args.repeats, args.churn_s = 0.2, 1, 1
     only = set(args.only.split(","))
     base = Path(tempfile.mkdtemp(prefix="areal-bench-registry-", dir=args.dir))
     try:  # ext4 only; elsewhere (tmpfs, NFS, no chattr) it does not matter

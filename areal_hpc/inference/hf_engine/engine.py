@@ -11,9 +11,9 @@ the loop thread) and through `concurrent.futures.Future` for commands.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
-import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
@@ -73,10 +73,8 @@ class LLMEngine:
         """Abort everything (callers get their partial output) and end the loop."""
         if not self.alive:
             return
-        try:
+        with contextlib.suppress(Exception):
             self.call(lambda: self._abort(None, "server shutting down")).result(timeout)
-        except Exception:
-            pass
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
@@ -205,10 +203,8 @@ class LLMEngine:
         except BaseException as e:  # a bug: fail every caller rather than hang them
             self.error = e
             log.exception("engine loop died")
-            try:
+            with contextlib.suppress(BaseException):
                 self._abort(None, f"engine died: {type(e).__name__}: {e}")
-            except BaseException:
-                pass
         finally:
             for _, fut in list(self._commands):
                 if not fut.done():
@@ -223,12 +219,8 @@ class LLMEngine:
         kind, seqs = plan
         seqs = list(seqs)
         try:
-            if kind == "prefill":
-                logits = self.runner.prefill(seqs)
-                self.stats["prefill_steps"] += 1
-            else:
-                logits = self.runner.decode(seqs)
-                self.stats["decode_steps"] += 1
+            logits = (self.runner.prefill if kind == "prefill" else self.runner.decode)(seqs)
+            self.stats[f"{kind}_steps"] += 1
             toks, lps = sample(logits, [s.params for s in seqs])
         except Exception as e:
             log.exception("%s step of %d sequences failed", kind, len(seqs))
@@ -256,11 +248,3 @@ class LLMEngine:
             self.stats["finished_requests"] += len(finished)
             for s, reason in finished:
                 s.finish(reason)
-
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.scheduler.running and not self.scheduler.waiting and not self._inbox:
-                return True
-            time.sleep(0.01)
-        return False

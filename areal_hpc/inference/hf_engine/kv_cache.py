@@ -39,10 +39,6 @@ class KVCache:
         self._row_idx: torch.Tensor = torch.arange(self.rows, device=device)
         self._pos: torch.Tensor = self._row_idx
 
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
     def _alloc(self, rows: int, cols: int) -> None:
         shape = (rows, self.n_kv_heads, cols, self.head_dim)
         new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
-from areal_hpc.inference.hf_engine import attention
+from areal_hpc.inference.hf_engine import decode_attention
 from areal_hpc.inference.hf_engine.kv_cache import KVCache
 from areal_hpc.inference.hf_engine.sequence import Sequence
 
@@ -47,31 +47,47 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 # ---------------------------------------------------------------------- checkpoints on disk
 
-def checkpoint_files(path: str | os.PathLike) -> List[Path]:
-    """The safetensors files of a HF model directory (sharded or not)."""
-    p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
-        return [p]
-    if not p.is_dir():
-        raise FileNotFoundError(f"model path {str(p)!r} is not a directory")
-    index = p / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [p / s for s in shards]
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {str(p)!r}")
-    return files
-
-
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """All tensors of a HF checkpoint directory, on CPU."""
+    """All tensors of a HF checkpoint (a directory, sharded or not, or one safetensors file), on CPU."""
     from safetensors.torch import load_file
 
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        files = [p]
+    elif not p.is_dir():
+        raise FileNotFoundError(f"model path {str(p)!r} is not a directory")
+    elif (p / "model.safetensors.index.json").exists():
+        index = json.loads((p / "model.safetensors.index.json").read_text())
+        files = [p / s for s in sorted(set(index["weight_map"].values()))]
+    else:
+        files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {str(p)!r}")
     out: Dict[str, torch.Tensor] = {}
-    for f in checkpoint_files(path):
+    for f in files:
         out.update(load_file(str(f), device="cpu"))
     return out
+
+
+def init_custom_process_group(backend: str, init_method: str, world_size: int, rank: int, group_name: str,
+                              timeout_s: float = 1800.0):
+    """A process group that is not the default one, as SGLang's server builds it for weight
+    updates (trainer and servers must agree: ``PrefixStore(group_name, store)``, same name)."""
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
+                                                    rendezvous)
+
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    params = inspect.signature(_new_process_group_helper).parameters
+    opts_key = "backend_options" if "backend_options" in params else "pg_options"  # renamed in torch 2.6
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                      timeout=timeout, **{opts_key: None})
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
 
 
 # ---------------------------------------------------------------------- the runner
@@ -98,7 +114,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         torch.manual_seed(seed)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=attention.register()).to(self.device).eval()
+            model_path, dtype=self.dtype, attn_implementation=decode_attention.register()).to(self.device).eval()
         self.model.requires_grad_(False)
         self.config = self.model.config
         self.base = getattr(self.model, self.model.base_model_prefix)
@@ -106,7 +122,7 @@ class ModelRunner:
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         params = inspect.signature(self.base.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        text_cfg = self.config.get_text_config()
         max_pos = getattr(text_cfg, "max_position_embeddings", None) or context_length
         self.context_length = int(min(context_length, max_pos)) if context_length > 0 else int(max_pos)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
@@ -219,13 +235,17 @@ class ModelRunner:
         if self.static is not None:
             return self.static.run(n, width, toks, pos)
         self.kv.ensure(n, width)
-        dev = self.device
-        ids = torch.tensor(toks, dtype=torch.long).to(dev, non_blocking=True)
-        pos_t = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
-        self.kv.begin_decode(n, pos_t, width)
-        mask = (torch.arange(width, device=dev)[None, :] <= pos_t[:, None])[:, None, None, :]
-        hidden = self._forward(ids[:, None], mask, pos_t[:, None])
-        return self._logits(hidden[:, -1])
+        ids = torch.tensor(toks, dtype=torch.long).to(self.device, non_blocking=True)
+        pos_t = torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True)
+        return self._decode_step(ids[:, None], pos_t, width)
+
+    def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, width: int,
+                     rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Row ``i`` (``rows[i]``) takes token ``ids[i]`` at ``pos[i]``, attending to its first
+        ``width`` columns up to ``pos[i]``."""
+        self.kv.begin_decode(len(pos), pos, width, rows)
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        return self._logits(self._forward(ids, mask, pos[:, None])[:, -1])
 
     def move_rows(self, moves: Seq[Tuple[int, int, int]]) -> None:
         if moves:
@@ -270,8 +290,20 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         return n
 
-    def param(self, name: str) -> torch.Tensor:
-        return self._params[name]
+    @torch.inference_mode()
+    def load_broadcast(self, specs: Seq[Tuple[str, torch.dtype, Tuple[int, ...]]], group) -> int:
+        """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``
+        into the parameters (in place, as `load_weights`). Returns the count."""
+        import torch.distributed as dist
+
+        for name, dtype, shape in specs:
+            param = self._params[name]
+            direct = param.dtype == dtype and param.is_contiguous()
+            buf = param.data if direct else torch.empty(shape, dtype=dtype, device=self.device)
+            dist.broadcast(buf, src=0, group=group)
+            if not direct:
+                param.copy_(buf)
+        return len(specs)
 
 
 # ---------------------------------------------------------------------- static decode, CUDA graphs
@@ -301,7 +333,6 @@ class StaticDecoder:
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)
         self.rows = torch.arange(rows, device=dev)
-        self.cols = torch.arange(runner.kv.cols, device=dev)
         self.graphs: Dict[Tuple[int, int], Tuple["torch.cuda.CUDAGraph", torch.Tensor]] = {}
         self.pool = None
 
@@ -313,11 +344,7 @@ class StaticDecoder:
         return buckets[-1]
 
     def _step(self, b: int, w: int) -> torch.Tensor:
-        pos = self.pos[:b]
-        self.r.kv.begin_decode(b, pos, w, self.rows[:b])
-        mask = (self.cols[:w][None, :] <= pos[:, None])[:, None, None, :]
-        hidden = self.r._forward(self.ids[:b], mask, pos[:, None])
-        return self.r._logits(hidden[:, -1])
+        return self.r._decode_step(self.ids[:b], self.pos[:b], w, self.rows[:b])
 
     def _capture(self, b: int, w: int) -> Tuple["torch.cuda.CUDAGraph", torch.Tensor]:
         dev = self.r.device

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,24 +15,18 @@ class SequenceStatus(enum.Enum):
     FINISHED = 2
 
 
-def _int(d: Dict[str, Any], key: str, default: int) -> int:
+def _number(d: Dict[str, Any], key: str, default: Any) -> Any:
+    """``d[key]`` as the type of ``default`` (int: whole floats too); ValueError otherwise."""
     v = d.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        raise ValueError(f"sampling_params.{key} must be an integer, got {v!r}")
-    return v
-
-
-def _float(d: Dict[str, Any], key: str, default: float) -> float:
-    v = d.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"sampling_params.{key} must be a number, got {v!r}")
-    return float(v)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ok and isinstance(default, int):
+        ok = float(v).is_integer()
+    if not ok:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"sampling_params.{key} must be {kind}, got {v!r}")
+    return type(default)(v)
 
 
 # Accepted for compatibility with SGLang clients as long as they ask for the neutral value
@@ -79,16 +72,16 @@ class SamplingParams:
             raise ValueError(f"unknown sampling_params key {k!r}; supported: {sorted(known)}")
         if d.get("stop"):
             raise ValueError("sampling_params.stop (strings) needs a tokenizer; use stop_token_ids")
-        max_new = _int(d, "max_new_tokens", 128)
+        max_new = _number(d, "max_new_tokens", 128)
         if max_new < 0:
             raise ValueError(f"sampling_params.max_new_tokens must be >= 0, got {max_new}")
-        temp = _float(d, "temperature", 1.0)
+        temp = _number(d, "temperature", 1.0)
         if temp < 0:
             raise ValueError(f"sampling_params.temperature must be >= 0, got {temp}")
-        top_p = _float(d, "top_p", 1.0)
+        top_p = _number(d, "top_p", 1.0)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
-        top_k = _int(d, "top_k", -1)
+        top_k = _number(d, "top_k", -1)
         if top_k == 0 or top_k < -1:
             raise ValueError(f"sampling_params.top_k must be -1 or >= 1, got {top_k}")
         stop = d.get("stop_token_ids") or []
@@ -105,11 +98,8 @@ class SamplingParams:
 class Sequence:
     """One request inside the engine. ``slot`` is its row in the KV cache while it runs."""
 
-    _ids = itertools.count()
-
     def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None,
                  on_finish: Optional[Callable[["Sequence"], None]] = None):
-        self.seq_id = next(self._ids)
         self.rid = rid if rid else uuid.uuid4().hex
         self.prompt_ids = list(prompt_ids)
         self.output_ids: List[int] = []
@@ -124,16 +114,8 @@ class Sequence:
         self.arrival = time.monotonic()
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def finished(self) -> bool:

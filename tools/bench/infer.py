@@ -1,11 +1,13 @@
-"""Inference throughput benchmarks; one JSON line per measurement.
+#!/usr/bin/env python
+"""Inference throughput; one JSON line per measurement.
 
-    python tools/bench/inference_throughput.py                 # CPU: pool, engine, 1 and 2 hf servers
-    python tools/bench/inference_throughput.py --mode pool     # requests/s through the pool, trivial server
-    python tools/bench/inference_throughput.py --mode servers  # client+server req/s and tok/s (toy model)
-    python tools/bench/inference_throughput.py --mode engine   # in-process engine vs model.generate (toy, CPU)
-    python tools/bench/inference_throughput.py --gpu           # hf engine decode tok/s, Qwen2.5-0.5B shape,
-                                                               # batch 64 and 256, vs model.generate
+    python tools/bench/infer.py --gpu           # hf engine decode tok/s, Qwen2.5-0.5B shape, batch 64 and 256,
+                                                # CUDA graphs and eager, vs model.generate
+    python tools/bench/infer.py                 # CPU: pool, engine, 1 and 2 hf servers
+    python tools/bench/infer.py --mode pool     # requests/s through the pool, trivial server
+    python tools/bench/infer.py --mode servers  # client+server req/s and tok/s (toy model)
+    python tools/bench/infer.py --mode engine   # in-process engine vs model.generate (toy, CPU)
+    python tools/bench/infer.py --smoke         # the --gpu code on CPU with a tiny model, and the pool (CI)
 
 Servers run as subprocesses (``areal-hpc serve``) in a temporary run dir;
 the client is `ServerPool` in this process. Every subprocess is killed on exit.
@@ -26,20 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from common import QWEN25_SHAPES, QWEN25_VOCAB, REPO as ROOT, TINY_SHAPE, emit
 
-
-# decoder shapes of the GPU decode benchmark (random init): the Qwen2.5-0.5B architecture, and a tiny
-# one for smoke tests on CPU
-QWEN25_05B_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                        intermediate_size=4864, vocab_size=151936)
-TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=1000)
-
-
-def emit(**kw) -> None:
-    print(json.dumps(kw), flush=True)
+# decoder shape of the GPU decode benchmark (random init): the Qwen2.5-0.5B architecture
+QWEN25_05B_SHAPE = dict(QWEN25_SHAPES["qwen2.5-0.5b"], vocab_size=QWEN25_VOCAB)
 
 
 # ---------------------------------------------------------------------- a server that returns at once
@@ -214,7 +206,8 @@ def bench_engine(batches, prompt_len: int, new_tokens: int, device: str = "cuda"
                         all_done.acquire()
                     dt = time.perf_counter() - t0
                 assert all(len(s.output_ids) == new_tokens for s in seqs)
-                emit(bench="hf_engine", device=dev_name, model=Path(tmp).name if model_dir else "qwen2-0.5b-shape", cuda_graph=runner.cuda_graphs,
+                emit(bench="hf_engine", device=dev_name, model=Path(tmp).name if model_dir else "qwen2-0.5b-shape",
+                     cuda_graph=runner.cuda_graphs,
                      decode_mode=runner.decode_mode, batch=b, prompt_len=prompt_len, new_tokens=new_tokens,
                      seconds=round(dt, 3), tokens_per_s=round(b * new_tokens / dt, 1), torch=torch.__version__)
             engine.stop()
@@ -239,7 +232,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("all", "pool", "servers", "engine"), default="all")
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--gpu-smoke", action="store_true", help="the --gpu code on CPU with a tiny model")
+    ap.add_argument("--smoke", action="store_true", help="the --gpu code on CPU with a tiny model, and the pool")
     ap.add_argument("--trivial-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--requests", type=int, default=5000, help="pool benchmark requests")
     ap.add_argument("--concurrency", type=int, default=128)
@@ -252,8 +245,9 @@ def main() -> None:
         return trivial_server()
     if a.gpu:
         return bench_engine([64, 256], prompt_len=128, new_tokens=256)
-    if a.gpu_smoke:
-        return bench_engine([4, 8], prompt_len=8, new_tokens=8, device="cpu", tiny=True)
+    if a.smoke:
+        bench_engine([4, 8], prompt_len=8, new_tokens=8, device="cpu", tiny=True)
+        return bench_pool(300, 32)
     if a.mode in ("all", "pool"):
         bench_pool(a.requests, a.concurrency)
     if a.mode in ("all", "engine"):

@@ -1,13 +1,9 @@
-"""Document-aware attention for packed micro-batches (``EngineConfig.attn_impl = "varlen"``).
+"""Document-aware attention for packed micro-batches (``attn_impl=varlen``).
 
-With ``sdpa``, transformers turns packed ``position_ids`` into a dense ``[T, T]`` block-diagonal
-mask: correct, but attention then costs O(T^2) over the whole packed row (and the flash kernel
-cannot take a mask). ``varlen`` registers an attention function with transformers that gets
-the document boundaries (``cu_seq_lens_q``, passed by the engine) and attends within each
-document only: torch's flash-attention varlen kernel on CUDA (bf16/fp16), otherwise causal
-``scaled_dot_product_attention`` over the documents as a (padded) batch, or per document. No mask
-is built for it: on a CPU, a batch of many short rollouts trains several times faster than with
-``sdpa``'s dense mask (the quickstart uses it).
+``sdpa`` would get a dense ``[T, T]`` block-diagonal mask over the packed row. ``varlen`` gets the
+document boundaries (``cu_seq_lens_q``, from the engine) and attends within each document:
+torch's flash varlen kernel on CUDA (bf16/fp16), else causal SDPA over the documents as a
+(padded) batch, or one by one.
 """
 
 from __future__ import annotations
@@ -22,8 +18,8 @@ log = logging.getLogger(__name__)
 
 NAME = "areal_varlen"
 ALIASES = ("varlen", NAME)
-# Settled once by `probe`, outside compiled code, and read inside it: whether the flash kernel runs
-# on this GPU, and whether it gives grouped-query K/V (fewer heads than Q) the right answers as they are.
+# Settled by `probe` outside compiled code, read inside it: whether the flash kernel runs here, and
+# whether it takes grouped-query K/V as they are.
 _state = {"flash": False, "gqa": False}
 
 
@@ -42,12 +38,9 @@ def register() -> None:
 
 
 def probe(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Try the flash varlen kernel on ``device`` (forward and backward on two small documents):
-    `varlen_attention_forward` uses it from then on if it ran, per-document SDPA if not. Grouped-query
-    K/V go to the kernel as they are only if that gives the outputs and gradients of K/V repeated
-    to the query's heads. Called by the engine before its first forward, so compiled layers see a
-    settled choice.
-    """
+    """Try the flash varlen kernel on ``device`` (forward and backward): used from then on if it
+    ran; grouped-query K/V go in as they are only if that matches repeating them. The engine calls
+    it before its first forward, so compiled layers see a settled choice."""
     register()
     flash = gqa = False
     if device.type == "cuda":
@@ -80,13 +73,9 @@ def _repeat_kv(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                   scale: Optional[float], grouped: bool) -> torch.Tensor:
-    """q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``, causal within each document of ``cu``.
-
-    torch's flash kernel through its aten op, which has had this signature since torch 2.1 and
-    costs far less host time per call than the ``varlen_attn`` wrapper around it (H100, torch 2.11,
-    16k tokens: 0.46 vs 1.27 ms of host time per forward + backward, `tools/bench/attn_overhead.py`).
-    ``grouped``: K/V with fewer heads go in as they are; else they are repeated to ``Hq`` heads.
-    """
+    """q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``, causal within each document of ``cu``:
+    the aten op (less host time per call than the ``varlen_attn`` wrapper). Without ``grouped``,
+    K/V are repeated to ``Hq`` heads."""
     if k.shape[1] != q.shape[1] and not grouped:
         k, v = _repeat_kv(k, q.shape[1], 1), _repeat_kv(v, q.shape[1], 1)
     kwargs = {} if scale is None else {"scale": scale}
@@ -98,12 +87,9 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
                   scale: Optional[float]) -> torch.Tensor:
     """q ``[Hq, T, D]``, k, v ``[Hkv, T, D]`` -> ``[T, Hq, D]``: causal SDPA within each document of ``cu``.
 
-    Documents of one length are a reshape of the packed row into a batch. Documents of similar
-    length (padding them to the longest costs at most as many positions as there are tokens) go
-    through one batched SDPA call, right-padded: under a causal mask a real query sees only the
-    real keys before it, and the padded queries' outputs are dropped. Many short documents (RL
-    rollouts on a CPU) then cost one call instead of one per document or one over a dense
-    ``[T, T]`` mask. Otherwise each document gets its own call.
+    Documents of one length are a reshape into a batch; of similar lengths (padding costs at most
+    as many positions as there are tokens), one right-padded batch (a causal query never sees the
+    padding after it); otherwise one call per document.
     """
     k, v = _repeat_kv(k, q.shape[0], 0), _repeat_kv(v, q.shape[0], 0)
     bounds = cu.tolist()
@@ -127,8 +113,7 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
         o = F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], is_causal=True,
                                            scale=scale)
         outs.append(o[0])
-    # contiguous ``[T, H, D]`` like the batched paths: compiled code after this call is guarded on
-    # its strides, and one layout for every path keeps it from compiling again
+    # contiguous like the batched paths: compiled code after this is guarded on the strides
     return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
 
 
@@ -137,11 +122,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                              **kwargs) -> Tuple[torch.Tensor, None]:
     """transformers attention function: ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]`` ->
-    ``([1, T, Hq, D], None)``. Without ``cu_seq_lens_q`` the whole row is one causal document.
-
-    The flash path (CUDA, bf16/fp16, after a successful `probe`) is traceable: in compiled
-    decoder layers the transposes around it fuse with the rotary embedding, no graph break.
-    """
+    ``([1, T, Hq, D], None)``; without ``cu_seq_lens_q`` the row is one document. The flash path is
+    traceable (no graph break in compiled layers)."""
     if sliding_window is not None:
         raise ValueError("attn_impl=varlen does not implement sliding-window attention")
     if query.shape[0] != 1:

@@ -11,10 +11,11 @@ adds the causal attention FLOPs of the documents actually trained (6 * L^2 * hea
 layer for a document of L tokens: forward QK^T and PV over the causal half, backward twice that),
 and ``mfu_attn_full``, which counts attention as PaLM's appendix B and torchtitan do (the whole
 L x L matrix, twice the causal half; per document, where torchtitan takes the packed row's length).
+``--publish N`` also times N disk weight updates (publish + load into an `hf` runner).
 
-    python tools/bench/train_throughput.py --tiny                          # CPU smoke test
-    torchrun --nproc_per_node=1 tools/bench/train_throughput.py            # 1 GPU
-    torchrun --nproc_per_node=2 tools/bench/train_throughput.py            # 2 GPUs
+    torchrun --nproc_per_node=1 tools/bench/train.py --engine-variants compiled --warmup 3 --steps 6
+    torchrun --nproc_per_node=2 tools/bench/train.py --engine-variants compiled --warmup 3 --steps 6
+    python tools/bench/train.py --smoke                                    # CPU, tiny models (CI)
 """
 
 from __future__ import annotations
@@ -31,28 +32,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import QWEN25_SHAPES, QWEN25_VOCAB, REPO, TINY_SHAPE
 
-from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig  # noqa: E402
-from areal_hpc.train import dist  # noqa: E402
-from areal_hpc.train.batch import collate  # noqa: E402
+from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+from areal_hpc.train import dist
+from areal_hpc.train.batch import collate
 
-QWEN25 = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+QWEN25 = dict(vocab_size=QWEN25_VOCAB, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
               tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu")
-MODELS = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, **QWEN25),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, **QWEN25),
-}
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1024)
+MODELS = {name: dict(shape, **QWEN25) for name, shape in QWEN25_SHAPES.items()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--tiny", action="store_true", help="tiny versions of the models, CPU-sized batches")
+    p.add_argument("--smoke", action="store_true", help="--tiny, one warm-up and one timed step (CI)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak (H100/H200 dense bf16: 989)")
     p.add_argument("--tokens-per-mb", type=int, default=16384)
     p.add_argument("--mbs-per-step", type=int, default=2)
@@ -66,15 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing for both implementations (auto: on from 1B parameters)")
     p.add_argument("--impls", default="engine,hf", help="which to run: engine, hf")
     p.add_argument("--engine-variants", default="fused",
-                   help="engine runs, comma-separated: fused (logprobs from hidden states, engine.fused_lm_head), "
-                        "logits (from the model's logits), compiled (fused + engine.compile_layers, "
-                        "engine.fuse_linears off), "
-                        "compiled_keep (compiled + engine.lm_head_keep_logits), "
-                        "compiled_pad (compiled_keep + engine.pad_micro_batches: static shapes), "
-                        "compiled_fuse (compiled_keep + engine.fuse_linears), compiled_pad_fuse (both), "
-                        "compiled_pad_fuse_unit (+ engine.fsdp_units=auto, the default: parallel.resolve_fsdp_units), "
-                        "compiled_pad_fuse_model (+ engine.fsdp_units=model: one unit on any number of ranks); "
-                        "all others with one FSDP unit per decoder layer")
+                   help="engine runs, comma-separated: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     p.add_argument("--publish", type=int, default=0,
                    help="after the engine's steps, publish the weights this many times (disk, bf16) and load each "
                         "version into an hf engine runner on this GPU; reports publish and load seconds")
@@ -87,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "print where it synchronised with the GPU (count per call site)")
     p.add_argument("--workdir", default="", help="where the random-init models are written (visible to all ranks)")
     a = p.parse_args(argv)
+    for key, given, known in (("--models", a.models, MODELS), ("--engine-variants", a.engine_variants, VARIANTS),
+                              ("--impls", a.impls, ("engine", "hf"))):
+        bad = [x for x in given.split(",") if x.strip() and x.strip() not in known]
+        if bad:
+            p.error(f"{key}: unknown {', '.join(bad)} (choose from {', '.join(known)})")
+    if a.smoke:
+        a.tiny, a.steps, a.warmup = True, 1, 1
     if a.tiny:
         for k, v in dict(tokens_per_mb=512, seq_len=128, min_doc=16, max_doc=128, steps=2, warmup=1).items():
             if getattr(a, k) == p.get_default(k):
@@ -99,7 +93,7 @@ def model_config(name: str, tiny: bool):
 
     kw = dict(MODELS[name])
     if tiny:
-        kw.update(TINY)
+        kw.update(TINY_SHAPE)
     return AutoConfig.for_model("qwen2", **kw)
 
 
@@ -191,15 +185,14 @@ def use_ac(args, n_params: int) -> bool:
     return args.ac == "on" or (args.ac == "auto" and n_params >= 1e9)
 
 
-_OLD = dict(fsdp_units="layer")  # as the variants were first measured
-_KEEP = dict(_OLD, compile_layers=True, lm_head_keep_logits=True, fuse_linears=False)
-# engine settings of each --engine-variants name
-VARIANTS = {"fused": _OLD, "logits": dict(_OLD, fused_lm_head=False),
-            "compiled": dict(_OLD, compile_layers=True, fuse_linears=False), "compiled_keep": _KEEP,
-            "compiled_pad": dict(_KEEP, pad_micro_batches=True), "compiled_fuse": dict(_KEEP, fuse_linears=True),
-            "compiled_pad_fuse": dict(_KEEP, pad_micro_batches=True, fuse_linears=True),
-            "compiled_pad_fuse_unit": dict(_KEEP, pad_micro_batches=True, fuse_linears=True, fsdp_units="auto"),
-            "compiled_pad_fuse_model": dict(_KEEP, pad_micro_batches=True, fuse_linears=True, fsdp_units="model")}
+# engine settings of each --engine-variants name (the rest: EngineConfig's defaults)
+VARIANTS = {
+    "fused": dict(fsdp_units="layer"),  # eager layers, logprobs from the hidden states, a unit per layer
+    # the engine of the documented figures: compiled decoder layers, fused projections, padded
+    # micro-batches, kept LM-head logits, fsdp_units=auto (was compiled_pad_fuse_unit)
+    "compiled": dict(compile_layers=True, lm_head_keep_logits=True, pad_micro_batches=True, fuse_linears=True,
+                     fsdp_units="auto"),
+}
 
 
 def make_engine(args, path, ac: bool, variant: str = "fused"):
@@ -282,7 +275,7 @@ def sync_sites(fn, device: torch.device) -> dict:
 
     if device.type != "cuda":
         return {}
-    repo = str(Path(__file__).resolve().parents[2])
+    repo = str(REPO)
     sites: dict = {}
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -324,7 +317,7 @@ class GcPauses:
 def bench_engine(args, name, cfg, path, n_params, ac, info, variant="fused"):
     from torch._dynamo.utils import counters
 
-    from areal_hpc.train.sft import sft_loss
+    from areal_hpc.train.sft_loss import sft_loss
 
     eng = make_engine(args, path, ac, variant)
     times, cpu, losses, tokens, attn, n_mbs = [], [], [], 0, 0.0, 0.0

@@ -1,12 +1,11 @@
 """The engine's attention function: decode steps attend with grouped queries, without copying K/V.
 
 transformers' ``sdpa`` path expands the keys and values of grouped-query models to one copy per
-query head whenever a mask is passed (``repeat_kv``), which the engine always does. For a decode
-step that copy is most of the attention's memory traffic: at batch 64 over 512 cached tokens a
-Qwen2.5-0.5B model (14 query heads, 2 KV heads) would write 7x its whole KV cache every step.
-Here a decode step (one query token per sequence) folds the query heads of each KV head into the
-query-length dimension, ``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it
-is; the per-sequence mask ``[b, 1, 1, W]`` broadcasts over both. Prefill keeps the ``sdpa`` path.
+query head whenever a mask is passed (``repeat_kv``, and the engine always passes one): for a
+decode step that copy is most of the attention's memory traffic. Here a decode step (one query
+token per sequence) folds the query heads of each KV head into the query-length dimension,
+``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it is; the mask
+``[b, 1, 1, W]`` broadcasts over both. Prefill keeps the ``sdpa`` path.
 """
 
 from __future__ import annotations

@@ -21,16 +21,10 @@ def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
 
 def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
                   max_len: Optional[int] = None, add_eos: bool = True, prompts: Any = None) -> Batch:
-    """Prompt + answer token ids with ``loss_mask`` on the answer (and its end), right-padded.
-
-    ``prompts`` (an `areal_hpc.rollout.prompts.PromptEncoder`: ``encode(row)`` and
-    ``end_of_turn_ids()``) encodes the prompt exactly as the rollout does, through the
-    tokenizer's chat template up to where the assistant's reply begins, and closes the answer
-    with the template's end-of-turn token (ChatML's ``<|im_end|>``): the token generation stops
-    on. Without it the prompt is raw text and the answer ends with the EOS (``add_eos``).
-    Prompt and answer are tokenised separately, so the boundary is exact. Rows longer than
-    ``max_len`` are truncated from the answer's end.
-    """
+    """Prompt + answer ids, right-padded, ``loss_mask`` on the answer and its end (tokenised apart:
+    the boundary is exact), truncated to ``max_len``. ``prompts`` (a rollout `PromptEncoder`)
+    encodes the prompt as the rollout does and ends the answer with the chat template's
+    end-of-turn token; without it the prompt is raw text and the answer ends with EOS."""
     samples: List[Dict[str, torch.Tensor]] = []
     if prompts is not None:
         encode, end = prompts.encode, (prompts.end_of_turn_ids() if add_eos else [])

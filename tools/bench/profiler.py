@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Where the time goes: torch.profiler tables for one training step and for decode steps.
 
-    python tools/bench/profile_gpu.py train  [--model qwen2.5-0.5b] [--impl engine|hf]
-    python tools/bench/profile_gpu.py decode [--batch 64]
-    python tools/bench/profile_gpu.py train --tiny        # CPU smoke test
+    python tools/bench/profiler.py train  [--model qwen2.5-0.5b] [--impl engine|hf] [--variant compiled]
+    python tools/bench/profiler.py decode [--batch 64]
+    python tools/bench/profiler.py --smoke                 # both on CPU with tiny models (CI)
 
 ``train``: the FSDP2 engine (or plain transformers) on the same packed/padded batches as
-`train_throughput.py`; after warm-up steps, one step under the profiler; prints the top kernels
+`train.py`; after warm-up steps, one step under the profiler; prints the top kernels
 by device time, the step's wall time and how much of it the GPU was busy. ``decode``: the
 `hf` engine's decode path for a Qwen2.5-0.5B-shaped model: the time of one graph replay, of the
 sampler, of a whole engine step, then a profiler table of a few engine steps.
@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import inference_throughput as it  # noqa: E402
-import train_throughput as tt  # noqa: E402
+import common
+import train as tt
 
 
 def table(prof, n: int = 25) -> str:
@@ -129,7 +125,7 @@ def profiled(fn, device: torch.device, host: bool = True):
 
 def cmd_train(a) -> None:
     from areal_hpc.train import dist
-    from areal_hpc.train.sft import sft_loss
+    from areal_hpc.train.sft_loss import sft_loss
 
     targs = tt.parse_args(["--models", a.model, "--tokens-per-mb", str(a.tokens_per_mb), "--ac", a.ac,
                            "--attn-impl", a.attn_impl] + (["--tiny"] if a.tiny else []))
@@ -199,7 +195,9 @@ def cmd_decode(a) -> None:
     from areal_hpc.inference.hf_engine.sampler import sample
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dims = it.TINY_SHAPE if a.tiny else it.QWEN25_05B_SHAPE
+    dims = dict(common.QWEN25_SHAPES["qwen2.5-0.5b"], vocab_size=common.QWEN25_VOCAB)
+    if a.tiny:
+        dims = common.TINY_SHAPE
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = AutoConfig.for_model("qwen2", max_position_embeddings=32768, tie_word_embeddings=True, **dims)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -269,14 +267,15 @@ def cmd_decode(a) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "decode"])
-    p.add_argument("--tiny", action="store_true")
+    p.add_argument("what", nargs="?", choices=["train", "decode"], help="(both with --smoke)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (CPU)")
+    p.add_argument("--smoke", action="store_true", help="train and decode, --tiny, 5 table rows (CI)")
     p.add_argument("--rows", type=int, default=25, help="rows of the profiler table")
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--impl", default="engine", choices=["engine", "hf"])
     p.add_argument("--attn-impl", default="varlen")
     p.add_argument("--variant", default="fused", choices=list(tt.VARIANTS),
-                   help="engine variant (see train_throughput.py --engine-variants)")
+                   help="engine variant (see train.py --engine-variants)")
     p.add_argument("--ac", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--tokens-per-mb", type=int, default=16384)
     p.add_argument("--warmup", type=int, default=2)
@@ -285,11 +284,16 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     a = p.parse_args(argv)
-    if a.tiny and a.what == "train" and a.tokens_per_mb == 16384:
-        a.tokens_per_mb = 512
-    if a.tiny and a.what == "decode":
-        a.prompt_len, a.new_tokens = min(a.prompt_len, 8), min(a.new_tokens, 8)
-    cmd_train(a) if a.what == "train" else cmd_decode(a)
+    if a.what is None and not a.smoke:
+        p.error("say train or decode (or --smoke)")
+    if a.smoke:
+        a.tiny, a.rows, a.warmup, a.batch = True, 5, 1, 4
+    for what in ("train", "decode") if a.smoke else (a.what,):
+        if a.tiny and what == "train" and a.tokens_per_mb == 16384:
+            a.tokens_per_mb = 512
+        if a.tiny and what == "decode":
+            a.prompt_len, a.new_tokens = min(a.prompt_len, 8), min(a.new_tokens, 8)
+        cmd_train(a) if what == "train" else cmd_decode(a)
 
 
 if __name__ == "__main__":

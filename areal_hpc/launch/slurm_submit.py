@@ -1,0 +1,288 @@
+"""`mode=slurm` from the login node: the run's allocation (submitit), and server jobs joining a run.
+
+`submit`: ``sbatch --test-only`` first (Slurm's refusal is one line naming the key), then
+submitit submits ONE allocation (#SBATCH values as in `sbatch/allocation.sbatch`,
+``--signal=B:USR2@90``, ``--requeue``) whose payload, `Driver`, runs `driver.main` in the batch
+script itself (the interpreter ``exec``-ed so that the batch-shell signal reaches it).
+`submit_server_job`: ``add-servers --new-job`` (or an allocation without room), a separate job of
+servers from the rendered `sbatch/add-servers.sbatch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import submitit
+
+from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved, parse_allocation
+from areal_hpc.launch import driver, outcome, slurm
+from areal_hpc.launch.owner import next_server_index
+from areal_hpc.launch.plan import Plan, build_plan, python_executable
+from areal_hpc.launch.sbatch import render, sbatch_lines
+from areal_hpc.registry import Registry
+
+
+def _sbatch_arg_dict(args: List[str]) -> Dict[str, Any]:
+    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``) -> sbatch options."""
+    out: Dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = str(args[i]).strip()
+        if a.startswith("#SBATCH"):
+            a = a[len("#SBATCH"):].strip()
+        if not a.startswith("--"):
+            raise ConfigError("cluster.sbatch_args", f"cannot use {a!r} with submitit",
+                              "give long options: --exclusive, --reservation=NAME, --gpu-bind=none")
+        key, eq, value = a[2:].partition("=")
+        if not eq and i + 1 < len(args) and not str(args[i + 1]).startswith("-"):
+            value, eq = str(args[i + 1]), "="
+            i += 1
+        out[key] = value if eq else True
+        i += 1
+    return out
+
+
+def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.AutoExecutor":
+    """A submitit executor for one allocation of ``plan``: the same #SBATCH values as the rendered
+    `sbatch/allocation.sbatch` (`sbatch.sbatch_lines`), the driver run in the batch script."""
+    opts = dict(line[len("#SBATCH --"):].split("=", 1) for line in sbatch_lines(cfg, plan)
+                if line.startswith("#SBATCH --") and "=" in line)
+    python = python_executable(cfg)
+    ex = submitit.AutoExecutor(folder=rd / "submitit", cluster="slurm",
+                               slurm_python=f"exec {shlex.quote(python)}", slurm_max_num_timeout=100)
+    c = cfg.cluster
+    additional: Dict[str, Any] = {
+        # To the batch shell only (B:), i.e. to the driver (the exec-ed interpreter): the steps are
+        # not signalled by Slurm; the driver asks the trainer to checkpoint, then requeues.
+        "signal": "B:USR2@90",
+        "output": opts["output"],
+    }
+    if cfg.launcher.requeue_on_preemption:
+        additional["requeue"] = True
+    if "gres" in opts:
+        additional["gres"] = opts["gres"]
+    additional.update(_sbatch_arg_dict(list(c.sbatch_args)))
+    params: Dict[str, Any] = dict(
+        name=opts["job-name"], nodes=int(opts["nodes"]), tasks_per_node=1, cpus_per_task=int(opts["cpus-per-task"]),
+        timeout_min=slurm.time_minutes(c.time), slurm_mem=opts["mem"], slurm_use_srun=False, slurm_signal_delay_s=90,
+        slurm_stderr_to_stdout=True, slurm_setup=list(c.setup_commands), slurm_additional_parameters=additional)
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(c, key):
+            params[f"slurm_{key}"] = str(getattr(c, key))
+    ex.update_parameters(**params)
+    return ex
+
+
+class RunFailed(RuntimeError):
+    """The run failed (its reason is the message): the payload's way to make the job FAILED."""
+
+
+class Driver(submitit.helpers.Checkpointable):
+    """The payload of a run's allocation: `driver.main(run_dir)` on the batch host.
+
+    On USR2 submitit calls `checkpoint`: the live run's trainer checkpoints and stops, servers
+    deregister, and the returned submission (this same driver) is what the requeued job runs.
+    How the job ends says how the run did: COMPLETED; FAILED with exit 1 (`RunFailed`, whose
+    message is the reason, also what `job.result()` raises); CANCELLED when stopped on purpose.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir)
+
+    def __call__(self) -> int:
+        rc = driver.main(Path(self.run_dir))
+        if rc not in (0, outcome.exit_code(outcome.STOPPED)):
+            # the job must end FAILED (non-zero exit), not COMPLETED: submitit records the error for
+            # `job.result()` and re-raises it, so the batch script exits 1
+            rec = Registry.for_run(self.run_dir, load_resolved(Path(self.run_dir) / "config.yaml").launcher).get(
+                "", "run", live_only=False) or {}
+            raise RunFailed(f"run {outcome.summary_line(rec)}")
+        return rc
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
+        requeue = driver.prepare_requeue()
+        if not requeue:
+            return None  # submitit then ends the job instead of requeueing it
+        return submitit.helpers.DelayedSubmission(Driver(self.run_dir))
+
+
+def follow_hint(cfg: ExperimentConfig) -> str:
+    names = f"experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} cluster.fileroot={cfg.cluster.fileroot}"
+    return (f"  areal-hpc status {names}\n  areal-hpc logs -f {names}          (trainer; or driver, server-0, slurm)\n"
+            f"  areal-hpc stop {names}")
+
+
+def wait_running(job_id: str, poll_s: float = 0.3) -> Optional[str]:
+    """Block until the job leaves PENDING; returns its state (Ctrl-C returns None: the job stays queued)."""
+    t0, told = time.monotonic(), False
+    try:
+        while True:
+            state = slurm.job_state(job_id)
+            if not told and state == "PENDING" and time.monotonic() - t0 > 3.0:
+                print(f"job {job_id} is pending (Ctrl-C stops waiting; the job stays queued)", flush=True)
+                told = True
+            if state is not None and state not in ("PENDING", "CONFIGURING", "REQUEUED"):
+                return state
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        return None
+
+
+def wait_finished(job_id: str, poll_s: float = 1.0) -> str:
+    """Block until the job reaches a final state (a requeue is not final); returns it ("UNKNOWN" when
+    neither scontrol nor sacct has known the job for 5 minutes)."""
+    unknown_since = None
+    while True:
+        state = slurm.job_state(job_id)
+        if state in slurm.FINAL_STATES:
+            return state
+        if state is None:
+            unknown_since = unknown_since or time.monotonic()
+            if time.monotonic() - unknown_since > 300:
+                return "UNKNOWN"
+        else:
+            unknown_since = None
+        time.sleep(poll_s)
+
+
+def _driver_result(job: Any, timeout_s: float = 30.0) -> Optional[Any]:
+    """What the driver returned (submitit's result pickle), or None."""
+    from submitit.core.utils import pickle_load
+
+    path = job.paths.result_pickle
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not path.exists():
+        return None
+    try:
+        kind, value = pickle_load(path)
+    except Exception:  # noqa: BLE001 - a torn or foreign pickle: no result
+        return None
+    return value if kind == "success" else None
+
+
+# What Slurm's reason for refusing a job is about -> the key that asked for it.
+_REJECTION_KEYS = (
+    ("partition", "cluster.partition"), ("account", "cluster.account"), ("qos", "cluster.qos"),
+    ("feature", "cluster.constraint"), ("constraint", "cluster.constraint"), ("time limit", "cluster.time"),
+    ("memory", "{mem}"), ("processor", "{cpus}"), ("cpu", "{cpus}"), ("gres", "cluster.n_gpus_per_node"),
+    ("gpu", "cluster.n_gpus_per_node"), ("node count", "cluster.n_nodes"), ("node configuration", "{shape}"),
+)
+
+
+def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
+    """Slurm refused the allocation (sbatch failed): one line with Slurm's own reason, naming the key
+    that most likely asked for it. Nothing was queued."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    reason = next((ln.split("submission failed:", 1)[1].strip() for ln in lines if "submission failed:" in ln), None)
+    if reason is None:
+        errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
+        reason = errors[-1] if errors else (lines[-1] if lines else "sbatch failed")
+    gpu = cfg.cluster.n_gpus_per_node > 0
+    names = {"mem": "cluster.mem_per_gpu_gb" if gpu else "cluster.mem_per_task_cpu_gb",
+             "cpus": "cluster.cpus_per_gpu" if gpu else "cluster.cpus_per_task_cpu",
+             "shape": "cluster.n_nodes/" + ("cluster.cpus_per_gpu/cluster.mem_per_gpu_gb" if gpu else
+                                            "cluster.cpus_per_task_cpu/cluster.mem_per_task_cpu_gb")}
+    low = reason.lower()
+    key = next((k.format(**names) for word, k in _REJECTION_KEYS if word in low), "cluster")
+    return ConfigError(key, f"Slurm rejected the allocation: {reason}",
+                       "nothing was queued; `sinfo` and `scontrol show partition` list what the cluster offers")
+
+
+def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
+    """``sbatch --test-only`` of the allocation's #SBATCH options: Slurm says whether it would ever
+    accept the job (partition, node count, CPUs, memory, GPUs, time) without queueing anything. A job
+    no node can satisfy is otherwise accepted and left PENDING forever on clusters that do not set
+    EnforcePartLimits."""
+    script = "#!/bin/bash\n" + "\n".join(sbatch_lines(cfg, plan)) + "\ntrue\n"
+    r = slurm.sbatch_test_only(script)
+    if r is None:
+        raise ConfigError("mode", "cannot ask Slurm about the allocation: sbatch did not run",
+                          "run on a login node with the Slurm commands (sbatch) on PATH, or use mode=local")
+    if r.returncode != 0:
+        raise rejection(cfg, r.stderr.replace("allocation failure:", "Batch job submission failed:"))
+
+
+def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
+    """Submit the run's allocation; returns once it runs (or, with launcher.wait, once it ends).
+    Slurm refusing it raises `ConfigError` (`rejection`)."""
+    test_allocation(cfg, plan)
+    ex = make_executor(cfg, plan, rd)
+    try:
+        with slurm.clean_env(), contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr
+            job = ex.submit(Driver(str(rd)))
+    except submitit.core.utils.FailedJobError as e:
+        raise rejection(cfg, str(e)) from None
+    job_id = str(job.job_id)
+    reg = Registry.for_run(rd, cfg.launcher)
+    cur = reg.get("", "run", live_only=False)
+    if cur is None or str(cur.get("job_id")) != job_id:  # the driver may already have written its own
+        reg.put("", "run", {"mode": "slurm", "job_id": job_id, "pid": None, "host": None, "state": "PENDING",
+                            "submitted": time.time()}, ttl=True)
+    print(f"submitted job {job_id} ({plan.job_name}): {plan.nodes} node(s); run dir {rd}", flush=True)
+    state = wait_running(job_id)
+    if state is None:
+        print(f"job {job_id} still queued; follow it with:\n{follow_hint(cfg)}")
+        return 0
+    nodes = slurm.job(job_id).get("nodes") or "?"
+    print(f"job {job_id} {state} on {nodes}; follow it with:\n{follow_hint(cfg)}", flush=True)
+    if not cfg.launcher.wait:
+        return 0
+    state = wait_finished(job_id)
+    rc = _driver_result(job.task(0) if hasattr(job, "task") else job, timeout_s=30.0 if state == "COMPLETED" else 2.0)
+    print(f"job {job_id} ended {state}" + (f", driver returned {rc}" if rc is not None else ""), flush=True)
+    rec = reg.get("", "run", live_only=False) or {}
+    if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
+        print(f"run {outcome.summary_line(rec)}", flush=True)
+        return outcome.exit_code(str(rec["state"]))
+    print(f"run FAILED: job {job_id} ended {state} before its driver recorded how the run ended; see "
+          f"{rd}/logs/slurm-{job_id}.out", file=sys.stderr)
+    return 1
+
+
+# ----------------------------------------------------------------------------- server jobs
+
+def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
+    """A plan of ``count`` servers only, named by the run's one naming rule (`next_server_index`),
+    asking for just the GPUs they use on each node."""
+    reg = Registry.for_run(rd, cfg.launcher)
+    known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
+    alloc = parse_allocation(cfg.allocation_mode)
+    alloc = replace(alloc, gen=replace(alloc.gen, dp=count), train=None)
+    first = next_server_index(reg, known, reserve=count)
+    plan = build_plan(cfg, alloc, rd, with_trainer=False, first_server=first)
+    if cfg.cluster.n_gpus_per_node:
+        per_node: Dict[int, int] = {}
+        for s in plan.servers:
+            per_node[s.relative_node] = per_node.get(s.relative_node, 0) + s.gpus_per_node
+        plan.gpus_per_node = max(per_node.values())
+    plan.job_name = f"{plan.job_name}-servers"
+    return plan
+
+
+def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Tuple[Optional[str], List[str]]:
+    """Submit a separate job of ``count`` servers that join the run (same registry); returns its
+    job id (None when sbatch refused it) and the servers' names. `stop` cancels it, `status` lists it."""
+    plan = servers_plan(cfg, rd, count)
+    names = [s.name for s in plan.servers]
+    script = rd / "sbatch" / f"add-servers-{names[0].split('-', 1)[1]}.sbatch"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(render("add-servers.sbatch", cfg, plan))
+    r = slurm.sbatch(str(script))
+    if r.returncode != 0:
+        print(f"sbatch {script} failed: {r.stderr.strip()}", file=sys.stderr)
+        return None, names
+    job_id = r.stdout.strip().split(";")[0]
+    Registry.for_run(rd, cfg.launcher).put("jobs", job_id, {"job_id": job_id, "kind": "servers", "servers": names,
+                                                            "script": str(script), "submitted": time.time()},
+                                           ttl=False)
+    print(f"submitted job {job_id} with {count} server(s) ({', '.join(names)}): {script}", flush=True)
+    return job_id, names

@@ -1,0 +1,247 @@
+"""`status` and `logs`: what a run is doing, read from its registry, checked against what Slurm
+(or this host's process table) says, so a run whose owner died says so."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved
+from areal_hpc.launch import outcome, ray_runner, slurm
+from areal_hpc.launch.external import healthy
+from areal_hpc.registry import Registry, pid_alive
+
+# modes whose steps are processes of the owner's host
+HOST_MODES = ("local", "torchrun")
+
+
+def run_registry(rd: Path) -> Registry:
+    return Registry.for_run(rd, load_resolved(rd / "config.yaml").launcher)
+
+
+def slurm_job(job_id: str) -> Dict[str, Any]:
+    """A job's state, nodes and steps, as `status` shows them."""
+    return {"job_id": job_id, **slurm.job(job_id), "steps": slurm.job_steps(job_id)}
+
+
+def _last_metrics(rd: Path, n: int = 5) -> List[Dict[str, Any]]:
+    p = rd / "metrics.jsonl"
+    try:
+        lines = p.read_text().splitlines()[-n:]
+    except FileNotFoundError:
+        return []
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
+    """The run's owner process lives: by its pid on this host, elsewhere by its record's heartbeat."""
+    if not run.get("pid"):
+        return False  # a Slurm job not started yet
+    if run.get("host") in (None, socket.gethostname()):
+        return pid_alive(run.get("pid"))
+    return reg.get("", "run") is not None
+
+
+def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
+    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked
+    against what Slurm (or the process table) says, so a run whose owner died says so."""
+    rec_state = run.get("state")
+    mine = {"state": rec_state, "reason": run.get("reason"), "log": run.get("log")}
+    if run.get("mode") == "slurm":
+        js = slurm.state_word(job.get("state"))
+        slurm_out = str(rd / "logs" / f"slurm-{run.get('job_id')}.out")
+        if js in slurm.WAITING_STATES:
+            return {**mine, "state": outcome.REQUEUED if rec_state == outcome.REQUEUED else outcome.PENDING}
+        if js in slurm.LIVE_STATES:
+            return mine if rec_state in outcome.FINAL else {**mine, "state": outcome.RUNNING}
+        if rec_state in outcome.FINAL:
+            return mine
+        if not js:
+            return {**mine, "state": rec_state or "UNKNOWN"}
+        if js == "CANCELLED":
+            return {"state": outcome.STOPPED, "reason": f"job {run.get('job_id')} was cancelled (scancel) before its "
+                    "driver recorded how the run ended", "log": slurm_out}
+        why = {"TIMEOUT": "hit its time limit (cluster.time)", "OUT_OF_MEMORY": "ran out of memory",
+               "NODE_FAIL": "lost a node"}.get(js, f"ended {js}")
+        return {"state": outcome.FAILED, "reason": f"job {run.get('job_id')} {why} before its driver recorded how "
+                "the run ended", "log": slurm_out}
+    if not run:
+        return {"state": None, "reason": None, "log": None}
+    if owner_alive:
+        return {**mine, "state": outcome.RUNNING}
+    if rec_state in outcome.FINAL:
+        return mine
+    return {"state": outcome.FAILED, "log": str(rd / "logs" / "driver.log"),
+            "reason": f"the launcher (pid {run.get('pid')} on {run.get('host')}) ended without recording how the "
+                      "run ended (killed?)"}
+
+
+def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
+    """Whether Slurm says step ``step_id`` of ``job`` (a `slurm_job`) has ended (every step
+    has once the job is not running)."""
+    state = slurm.state_word(job.get("state"))
+    if state and state not in slurm.LIVE_STATES:
+        return True
+    name = f"{job.get('job_id')}.{step_id}"
+    return any(s["step"] == name and slurm.state_word(s.get("state")) not in slurm.LIVE_STATES
+               for s in job.get("steps", []))
+
+
+def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
+    """A live record may still belong to a dead process (it lives until its TTL): check the
+    process (mode=local, this host) or its Slurm step. An attached server has neither: its record
+    lives while the owner's health checks refresh it."""
+    if rec.get("external") and rec.get("url"):
+        return True
+    if run.get("mode") in HOST_MODES and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
+        return pid_alive(rec.get("pid"))
+    job = jobs.get(str(rec.get("slurm_job_id")))
+    if job is None or rec.get("slurm_step_id") is None:
+        return True  # Slurm knows nothing of it: trust the heartbeat
+    return not _step_ended(job, rec["slurm_step_id"])
+
+
+def collect_status(rd: Path) -> Dict[str, Any]:
+    reg = run_registry(rd)
+    key = reg.secret()
+    run = reg.get("", "run", live_only=False) or {}
+    jobs: Dict[str, Dict[str, Any]] = {}
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        jobs[str(run["job_id"])] = slurm_job(run["job_id"])
+        for j in reg.list("jobs", live_only=False):  # `add-servers --new-job` jobs
+            jobs[str(j)] = slurm_job(j)
+    srv = []
+    for sid, rec in sorted(reg.list("servers").items()):
+        if not server_alive(rec, run, jobs):
+            continue  # its process or step has ended: not a live server, whatever its record says
+        srv.append({"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
+                    "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
+                    "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"),
+                    "external": bool(rec.get("external")), "url": rec.get("url"),
+                    "own_key": bool(rec.get("api_key")),  # the key itself is never printed
+                    "healthy": healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
+                    "age_s": round(rec.get("_age_s", 0), 1)})
+    trainer = reg.get("", "trainer")
+    metrics = _last_metrics(rd)
+    status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
+                              "api_key_file": str(reg.root / "secret"),
+                              "trainer": None if trainer is None else
+                              {k: v for k, v in trainer.items() if not k.startswith("_")}}
+    owner_alive = False
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        status["job"] = jobs.pop(str(run["job_id"]))
+        owner_alive = slurm.state_word(status["job"].get("state")) in slurm.LIVE_STATES
+        extra = reg.list("jobs", live_only=False)
+        if extra:
+            status["server_jobs"] = [{**jobs[str(j)], "servers": rec.get("servers")}
+                                     for j, rec in sorted(extra.items())]
+    elif run:
+        owner_alive = launcher_alive(run, reg)
+        status["job"] = {"launcher_pid": run.get("pid"), "host": run.get("host"),
+                         "state": "RUNNING" if owner_alive else "ENDED"}
+    if status["trainer"] is not None and run and not owner_alive:
+        status["trainer"] = None  # the owner's steps end with it
+    elif status["trainer"] is not None and run.get("mode") in HOST_MODES and not pid_alive(trainer.get("pid")) and \
+            trainer.get("host") in (None, socket.gethostname()):
+        status["trainer"] = None
+    if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
+        status["ray"] = ray_runner.describe(reg)
+    status.update(run_state(run, status.get("job") or {}, rd, owner_alive))
+    status["trainer_restarts"] = run.get("trainer_restarts", 0)
+    if metrics:
+        last = metrics[-1]
+        status["progress"] = {k: last.get(k) for k in ("step", "version", "reward_mean", "time_s",
+                                                      "trained_tokens_per_s", "gen_tokens_per_s", "staleness_max")}
+    return status
+
+
+def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
+    st = collect_status(rd)
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return 0
+    job = st.get("job") or {}
+    print(f"run      {st['run_dir']}  (mode={st['mode'] or '?'})")
+    print(f"state    {st.get('state') or 'unknown (no owner recorded)'}"
+          + (f": {st['reason']}" if st.get("reason") else "")
+          + (f" ({st['trainer_restarts']} trainer restart(s))" if st.get("trainer_restarts") else ""))
+    if st.get("log") and st.get("state") not in ("COMPLETED", "RUNNING", "PENDING"):
+        print(f"         see {st['log']}  (areal-hpc logs ...)")
+    print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {job.get('nodes', '')}".rstrip())
+    ray = st.get("ray") or {}
+    if ray:
+        print(f"ray      {ray.get('address')}: " + (ray["error"] if "error" in ray else
+                                                   f"{len(ray['placement_groups'])} placement group(s), "
+                                                   f"{len(ray['actors'])} actor(s)"))
+    for g in ray.get("placement_groups", []):
+        print(f"  {g['name']:<50} {g['state']:<8} nodes {', '.join(n[:8] for n in g['nodes'])}")
+    for step in job.get("steps", []):
+        print(f"  step {step['step']:<12} {step['name']:<40} {step['state']:<11} {step['nodes']}")
+    for j in st.get("server_jobs", []):
+        print(f"job      {j.get('job_id')} {j.get('state', '?')} {j.get('nodes', '')} (servers {', '.join(j.get('servers') or [])})")
+    print(f"servers  {len(st['servers'])} live; API key: the contents of {st['api_key_file']} (mode 0600), sent as "
+          "`Authorization: Bearer <key>`")
+    for s in st["servers"]:
+        where = (f"external ({'its own key' if s['own_key'] else 'the run key'}; not stopped by `stop`)"
+                 if s["url"] else f"external (serve by hand) node={s['node']} pid={s['pid']}" if s["external"]
+                 else f"node={s['node']} pid={s['pid']} gpus={s['gpus']}")
+        print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "
+              f"{'healthy' if s['healthy'] else 'UNHEALTHY'}  {where}")
+    t = st["trainer"]
+    print("trainer  " + ("not running" if t is None else
+                         f"step {t.get('step')} version {t.get('version')} state={t.get('state')} "
+                         f"ranks={t.get('world_size')} host={t.get('host')}"))
+    p = st.get("progress")
+    if p:
+        print(f"progress step {p['step']} v{p['version']} reward {p['reward_mean']:.3f}  "
+              f"{p.get('trained_tokens_per_s') or 0:.0f} trained tok/s  {p.get('gen_tokens_per_s') or 0:.0f} gen tok/s")
+    return 0
+
+
+def _log_file(rd: Path, role: str) -> Path:
+    logs = rd / "logs"
+    if role == "slurm":
+        outs = sorted(logs.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
+        if outs:
+            return outs[-1]
+    candidates = {"trainer": ["trainer-0.log"], "driver": ["driver.log"]}.get(role, [f"{role}.log"])
+    for c in candidates:
+        if (logs / c).exists():
+            return logs / c
+    have = sorted(p.name.rsplit(".", 1)[0] for p in logs.glob("*.log"))
+    raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {', '.join(have) or 'none yet'}")
+
+
+def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
+    path = _log_file(rd, role)
+    with open(path, "rb") as f:
+        tail = f.read().splitlines()[-lines:] if lines > 0 else []
+        sys.stdout.write("".join(x.decode(errors="replace") + "\n" for x in tail))
+        sys.stdout.flush()
+        while follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return 0
+
+
+def remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
+    """Records of this run's processes that are known dead (this host's pids; ended Slurm steps)."""
+    jobs = {}
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        jobs[str(run["job_id"])] = slurm_job(run["job_id"])
+    live = reg.list("servers")
+    for sid, rec in reg.list("servers", live_only=False).items():
+        if sid not in live or not server_alive(rec, run, jobs):
+            reg.delete("servers", sid)
+    trainer = reg.get("", "trainer", live_only=False)
+    if trainer is not None and (reg.get("", "trainer") is None or (
+            trainer.get("host") == socket.gethostname() and not pid_alive(trainer.get("pid")))):
+        reg.delete("", "trainer")

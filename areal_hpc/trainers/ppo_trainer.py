@@ -1,0 +1,144 @@
+"""GRPO / decoupled PPO, synchronous or asynchronous (`trainer.ppo.async_training`).
+
+One step: batch from the controller -> recompute logprobs -> advantages -> PPO update ->
+weight update (pause, publish, servers load, continue, version + 1); the base loop adds
+metrics and checkpoints. Rank 0 drives the rollout side; every rank trains on its shard.
+
+Phases of a step (`train.phases`): ``wait_rollout`` (for the batch, and its hand-over to every
+rank), ``logprob`` (proximal / reference logprobs), ``train``, ``weight_publish`` (to disk),
+``weight_pause`` (servers paused and resumed), ``weight_load`` (from disk) or
+``weight_broadcast``, ``metrics`` and ``checkpoint`` (of the previous step), ``other``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List
+
+import torch
+
+from areal_hpc.config import ConfigError
+from areal_hpc.rollout import Trajectory
+from areal_hpc.train import dist
+from areal_hpc.train.batch import shard_batch
+from areal_hpc.train.ppo_loss import PPOActor
+from areal_hpc.train.publish import publish_weights
+from areal_hpc.train.weight_sync import broadcast_engine_weights
+from areal_hpc.trainers.base import Trainer
+from areal_hpc.trainers.factory import register_trainer
+from areal_hpc.trainers.rollout_side import rollout_side
+
+log = logging.getLogger("areal_hpc.trainer")
+
+
+def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions.
+    Rows are built as Python lists and converted once per key (not a tensor per row and key)."""
+    L = max(t.n_tokens for t in trajs)
+    ids, attn, loss, logp, vers = [], [], [], [], []
+    for t in trajs:
+        p, o = len(t.prompt_ids), len(t.output_ids)
+        tail = L - p - o
+        ids.append(t.prompt_ids + t.output_ids + [pad_id] * tail)
+        attn.append([True] * (p + o) + [False] * tail)
+        loss.append([False] * p + [True] * o + [False] * tail)
+        logp.append([0.0] * p + list(t.logprobs) + [0.0] * tail)
+        vers.append([-1] * p + list(t.versions) + [-1] * tail)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(attn),
+            "loss_mask": torch.tensor(loss), "logprobs": torch.tensor(logp, dtype=torch.float32),
+            "versions": torch.tensor(vers, dtype=torch.long),
+            "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32)}
+
+
+def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
+    stale = [version - t.oldest_version for t in trajs if t.versions]
+    out_len = [len(t.output_ids) for t in trajs]
+    return {
+        "reward_mean": sum(t.reward for t in trajs) / len(trajs),
+        "staleness_max": float(max(stale, default=0)),
+        "staleness_mean": sum(stale) / max(1, len(stale)),
+        "completion_len_mean": sum(out_len) / len(trajs),
+        "n_trajectories": float(len(trajs)),
+        "gen_tokens": float(sum(out_len)),
+        "tokens": float(sum(t.n_tokens for t in trajs)),
+        "truncated_frac": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
+        # completions generated across a weight update (interrupted, then resumed on new weights)
+        "mixed_version_frac": sum(len(set(t.versions)) > 1 for t in trajs) / len(trajs),
+    }
+
+
+@register_trainer("ppo")
+class PPOTrainer(Trainer):
+    def setup(self):
+        cfg = self.cfg
+        self.actor = PPOActor.build(cfg.trainer.ppo, total_steps=cfg.trainer.total_train_steps,
+                                    group_size=cfg.rollout.n_samples, temperature=cfg.rollout.gen.temperature or 1.0)
+        self.actor.phases = self.phases
+        if cfg.rollout.batch_size % dist.world_size():
+            raise ConfigError("rollout.batch_size", f"{cfg.rollout.batch_size} groups cannot be split evenly over "
+                              f"{dist.world_size()} trainer ranks", "make it a multiple of the trainer's d")
+        return self.actor.engine
+
+    def start(self, state: Dict[str, Any]) -> bool:
+        version = self.engine.get_version()  # the checkpoint's, or 0
+        self.side = rollout_side(self.ctx, state.get("loader"), version, should_stop=lambda: bool(self.stop))
+        if self.side is None:
+            return False
+        self.side.start()
+        if version > 0 or self.cfg.min_required_servers > 0:
+            # A recovered (or restarted) trainer owns the weights: push them before generating.
+            self.side.update_weights(str(self._publish(version)), version)
+        self.side.resume()
+        return True
+
+    def train_step(self, step: int):
+        with self.phases.phase("wait_rollout"):
+            trajs = self.side.next_batch()
+        if trajs is None:
+            log.warning("stopping at step %d on request (while waiting for rollouts)", step - 1)
+            return None
+        batch = shard_batch(trajectories_to_batch(trajs, self.engine.pad_token_id), dist.rank(), dist.world_size(),
+                            self.cfg.rollout.n_samples)
+        with self.phases.phase("train", device=True):
+            stats = self.train_on(self.actor, batch)
+        stats.pop("reward", None)
+        version = self.engine.get_version() + 1
+        self.engine.set_version(version)
+        upd = self._push_weights(version, step)
+        return {**batch_stats(trajs, version - 1), **stats, **upd, **self.side.stats()}
+
+    def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """One training step on this rank's shard of a rollout batch. Override to change the
+        learning rule and keep everything else (rollouts, weight sync, checkpoints, metrics)."""
+        return actor.train_step(batch)
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {"loader": self.side.loader_state()}
+
+    def close(self) -> None:
+        self.side.stop()
+
+    def _publish(self, version: int):
+        return publish_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path, self.ctx.registry)
+
+    def _push_weights(self, version: int, step: int) -> Dict[str, float]:
+        """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to
+        disk and loaded. With a broadcast a disk copy is still written at checkpoint steps (servers
+        that start later load it). Times go to ``self.phases``; returns other metrics."""
+        cfg, timer, side = self.cfg, self.phases, self.side
+        if cfg.trainer.ppo.weight_update in ("nccl", "gloo"):
+            # external servers stay out of the group: they load a disk copy, published for them
+            external = dist.broadcast_object(side.external_ids())
+            path = None
+            if external or (cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0):
+                with timer.phase("weight_publish"):
+                    path = self._publish(version)
+                    side.prune_weights(version)
+            return side.update_weights_broadcast(lambda g, cb: broadcast_engine_weights(self.engine, g, cb),
+                                                 version, timer, disk_path=str(path) if external and path else None)
+        with timer.phase("weight_publish"):
+            path = self._publish(version)
+        upd = side.update_weights(str(path), version, timer)
+        with timer.phase("weight_publish"):
+            side.prune_weights(version)
+        return upd

@@ -1,0 +1,65 @@
+"""`trainer.type=sft`: supervised fine-tuning on prompt/answer rows (loss on the answer only).
+
+Same engine, packing, loop, checkpoints and metrics as PPO; no servers. Every rank reads the
+same rows in the same order and trains on its shard of each batch. Phases of a step:
+``data`` (rows read and tokenized), ``train``, ``metrics`` and ``checkpoint`` (of the previous
+step), ``other``. The final weights are published to ``weights/v{step}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict
+
+from areal_hpc.config import ConfigError
+from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
+from areal_hpc.train import dist
+from areal_hpc.train.batch import shard_batch
+from areal_hpc.train.publish import publish_weights
+from areal_hpc.train.sft_loss import SFTLearner, tokenize_rows
+from areal_hpc.trainers.base import Trainer
+from areal_hpc.trainers.factory import register_trainer
+from areal_hpc.trainers.rollout_side import load_prompts
+
+log = logging.getLogger("areal_hpc.trainer")
+
+
+@register_trainer("sft")
+class SFTTrainer(Trainer):
+    def setup(self):
+        from transformers import AutoTokenizer
+
+        cfg, sft = self.cfg, self.cfg.trainer.sft
+        self.learner = SFTLearner(sft, cfg.trainer.total_train_steps)
+        if sft.batch_size % dist.world_size():
+            raise ConfigError("trainer.sft.batch_size", f"{sft.batch_size} rows cannot be split over "
+                              f"{dist.world_size()} ranks", "make it a multiple of the trainer's d")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.learner.engine.model_path)
+        self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
+        self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs)
+        return self.learner.engine
+
+    def start(self, state: Dict[str, Any]) -> bool:
+        self.loader.load_state_dict(state.get("loader"))
+        return True
+
+    def train_step(self, step: int):
+        ds, world = self.cfg.train_dataset, dist.world_size()
+        with self.phases.phase("data"):
+            try:
+                rows = [next(self.loader) for _ in range(self.cfg.trainer.sft.batch_size)]
+            except StopIteration:
+                log.info("dataset exhausted after %d epochs", self.loader.epoch)
+                return None
+            batch = shard_batch(tokenize_rows(rows, self.tokenizer, ds.prompt_key, ds.answer_key, ds.max_prompt_len,
+                                              prompts=self.prompts), dist.rank(), world)
+        with self.phases.phase("train", device=True):
+            stats = self.learner.train_step(batch)
+        self.engine.set_version(step)
+        return {**stats, "tokens": float(batch["attention_mask"].sum()) * world}
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def finish(self, step: int) -> None:
+        publish_weights(self.engine, self.ctx.weights_dir, step, self.engine.model_path, self.ctx.registry)

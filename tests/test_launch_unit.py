@@ -1,0 +1,297 @@
+"""`launch` without processes: plans -> srun lines, the owner's decisions on step exits (with a
+fake runner), add-server placement and naming, and a golden rendered sbatch file.
+
+The end-to-end tests (test_slurm_e2e, test_lifecycle_*) run the same code with real processes
+and a real Slurm; these pin the decisions themselves, fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pytest
+
+from areal_hpc.config import load_config, parse_allocation
+from areal_hpc.launch import outcome
+from areal_hpc.launch.driver import SrunRunner
+from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
+from areal_hpc.launch.plan import Plan, StepSpec, build_plan
+from areal_hpc.launch.sbatch import render
+from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
+from areal_hpc.launch.slurm_submit import servers_plan
+from areal_hpc.registry import Registry
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "allocation.sbatch"
+REGEN = "AREAL_HPC_REGEN_GOLDEN"
+
+# 2 nodes x 4 GPUs: two tp-2 servers fill node 0, a 4-rank trainer node 1
+GPU_WORDS = ["mode=slurm", "experiment_name=golden", "trial_name=t1", "allocation_mode=sglang:d2t2+fsdp:d4",
+             "cluster.n_nodes=2", "cluster.n_gpus_per_node=4", "cluster.fileroot=/shared/runs",
+             "cluster.hf_cache=/shared/hf-cache", "cluster.python=/opt/venv/bin/python",
+             "cluster.partition=gpu",
+             "cluster.time=2:00:00", "cluster.cpus_per_gpu=8", "cluster.mem_per_gpu_gb=64",
+             "cluster.setup_commands=[module load cuda]", "cluster.srun_args=[--mpi=none]"]
+GPU_RUN = Path("/shared/runs/alice/golden/t1")
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_env(monkeypatch):
+    """Nothing here may depend on an enclosing job."""
+    for var in list(os.environ):
+        if var.startswith("SLURM_"):
+            monkeypatch.delenv(var)
+
+
+def gpu_plan():
+    cfg = load_config(None, GPU_WORDS)
+    return cfg, build_plan(cfg, parse_allocation(cfg.allocation_mode), GPU_RUN)
+
+
+# ----------------------------------------------------------------------------- plans -> srun lines
+
+def test_plan_to_srun_lines():
+    cfg, plan = gpu_plan()
+    lines = {s.name: srun_argv(s, plan.job_name, cfg.cluster.srun_args)[:-len(s.command)] for s in plan.steps}
+    assert plan.nodes == 2 and plan.gpus_per_node == 4
+    assert lines["server-0"] == [
+        "srun", "--job-name=areal-golden-t1:server-0", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
+        "--relative=0", "--exact", "--cpus-per-task=16", "--mem=131072M", "--gres=gpu:2", "--gpus-per-task=2",
+        "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/server-0.log", "--mpi=none"]
+    assert lines["server-1"][5] == "--relative=0" and plan.step("server-1").gpu_ids == [2, 3]
+    assert lines["trainer"] == [
+        "srun", "--job-name=areal-golden-t1:trainer", "--nodes=1", "--ntasks=4", "--ntasks-per-node=4",
+        "--relative=1", "--exact", "--cpus-per-task=8", "--mem=262144M", "--gres=gpu:4", "--gpus-per-task=1",
+        "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/trainer-%t.log", "--mpi=none"]
+    anywhere = StepSpec(**{**plan.step("server-0").__dict__, "relative_node": -1})
+    added = srun_argv(anywhere, plan.job_name, jobid="7")
+    assert not any(a.startswith("--relative") for a in added) and "--jobid=7" in added
+    cpu = load_config(None, ["allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0"])
+    step = build_plan(cpu, parse_allocation(cpu.allocation_mode), GPU_RUN).step("trainer")
+    argv = srun_argv(step, "j")
+    assert "--gres=none" in argv and not any("gpus-per-task" in a for a in argv)
+
+
+def test_golden_sbatch():
+    """The rendered allocation script of a fixed config, byte for byte. After an intended change to
+    the template or the plan, regenerate it: AREAL_HPC_REGEN_GOLDEN=1 pytest tests/test_launch_unit.py
+    -k golden, and review the diff."""
+    cfg, plan = gpu_plan()
+    text = render("allocation.sbatch", cfg, plan)
+    if os.environ.get(REGEN):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), f"rendered script differs from {GOLDEN} (see this test's docstring)"
+
+
+def test_slurm_formats():
+    assert [time_minutes(t) for t in ("30", "1:30", "2:00:00", "1-0", "1-2:30", "0-0:0:1")] == \
+        [30, 2, 120, 1440, 1590, 1]
+    assert parse_counts("16(x2),8") == [16, 16, 8] and parse_counts("") == []
+
+
+# ----------------------------------------------------------------------------- add-server placement
+
+class _Live:
+    """A running srun step as the runner sees it."""
+
+    def __init__(self, step: StepSpec, node: int):
+        self.step, self.nodes = step, range(node, node + step.nodes)
+
+    def poll(self) -> Optional[int]:
+        return None
+
+
+def test_added_server_placement():
+    cfg, plan = gpu_plan()
+    env = {"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_CPUS_PER_NODE": "64(x2)",
+           "SLURM_MEM_PER_NODE": str(512 * 1024)}
+    runner = SrunRunner(cfg, plan, "7", env=env)
+    assert runner.capacity == [{"gpus": 4, "cpus": 64, "mem": 512 * 1024}] * 2
+    extra = StepSpec(**{**plan.step("server-0").__dict__, "name": "server-2", "relative_node": -1,
+                        "gpu_ids": []})
+    running = [_Live(plan.step("server-0"), 0), _Live(plan.step("trainer"), 1)]
+    assert runner.place(extra, running) == 0  # node 0 has two GPUs left; node 1 none
+    running.append(_Live(plan.step("server-1"), 0))
+    assert not runner.can_start(extra, running)  # every GPU taken
+    running.pop(0)
+    assert runner.place(extra, running) == 0  # server-0 ended: its GPUs are free again
+    small = SrunRunner(cfg, plan, "7", env={**env, "SLURM_MEM_PER_NODE": str(200 * 1024)})
+    assert small.place(extra, running) is None  # node 0 has the GPUs but not the memory; node 1 neither
+    assert runner.place(plan.step("trainer"), running) == 1  # a planned step keeps its node
+
+
+# ----------------------------------------------------------------------------- the owner's decisions
+
+class FakeHandle(StepHandle):
+    def __init__(self, step: StepSpec, rc: Optional[int]):
+        self.step, self.rc, self.signals = step, rc, []
+
+    def poll(self) -> Optional[int]:
+        return self.rc
+
+    def signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        if self.rc is None:  # a trainer checkpoints and exits 0 on SIGTERM, as ours does
+            self.rc = 0 if sig == signal.SIGTERM and self.step.role == "trainer" else -sig
+
+
+class FakeRunner(Runner):
+    """Starts nothing. ``exits[name]`` gives each start of a step its exit code (None: runs until
+    signalled); ``on_start`` runs as a step starts (a trainer writing metrics rows); ``room`` is
+    how many added servers fit."""
+
+    def __init__(self, exits: Dict[str, List[Optional[int]]], room: int = 0,
+                 on_start: Optional[Callable[[StepSpec], None]] = None):
+        self.exits, self.room, self.on_start = exits, room, on_start
+        self.started: List[FakeHandle] = []
+
+    def can_start(self, step: StepSpec, running: List[StepHandle]) -> bool:
+        return step.relative_node >= 0 or self.room > 0
+
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        if step.relative_node < 0:
+            self.room -= 1
+        codes = self.exits.get(step.name) or [None]
+        h = FakeHandle(step, codes.pop(0) if len(codes) > 1 else codes[0])
+        if self.on_start:
+            self.on_start(step)
+        self.started.append(h)
+        return h
+
+    def names(self) -> List[str]:
+        return [h.step.name for h in self.started]
+
+
+def owner_for(tmp_path: Path, runner: Runner, *words: str, linger: bool = False) -> RunOwner:
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d2+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}", "launcher.heartbeat_s=0.2", *words])
+    rd = tmp_path / "run"
+    (rd / "logs").mkdir(parents=True)
+    return RunOwner(cfg, build_plan(cfg, parse_allocation(cfg.allocation_mode), rd), rd, runner, mode="local",
+                    linger=linger)
+
+
+def when(condition: Callable[[], bool], action: Callable[[], None], timeout_s: float = 30.0) -> None:
+    """Run ``action`` on a thread once ``condition`` holds (the owner's loop runs meanwhile)."""
+    def wait() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        action()
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def trainer_progresses(rd: Path) -> Callable[[StepSpec], None]:
+    """Each trainer start writes a metrics row one step further (it got past its first step)."""
+    def on_start(step: StepSpec) -> None:
+        if step.role == "trainer":
+            with open(rd / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": outcome.last_step(rd / "metrics.jsonl") + 1}) + "\n")
+    return on_start
+
+
+def test_trainer_completes_and_servers_shut_down(tmp_path):
+    runner = FakeRunner({"trainer": [0]})
+    owner = owner_for(tmp_path, runner)
+    assert owner.run() == 0 and owner.state == outcome.COMPLETED
+    assert runner.names() == ["server-0", "server-1", "trainer"]
+    assert all(h.signals == [signal.SIGTERM] for h in runner.started if h.step.role == "server")
+
+
+def test_trainer_completes_and_servers_stay(tmp_path):
+    """shutdown_server_on_exit=False: the servers are left running for a later trainer."""
+    runner = FakeRunner({"trainer": [0]})
+    owner = owner_for(tmp_path, runner, "shutdown_server_on_exit=False")
+    assert owner.run() == 0 and owner.state == outcome.COMPLETED
+    assert all(h.signals == [] and h.poll() is None for h in runner.started if h.step.role == "server")
+
+
+def test_server_dies_run_goes_on(tmp_path):
+    """A dead server is dropped (its record too); the trainer goes on and completes the run."""
+    runner = FakeRunner({"server-1": [1]})
+    owner = owner_for(tmp_path, runner)
+    owner.registry.put("servers", "server-1", {"address": "h:1"})
+    when(lambda: owner.trainer is not None and "server-1" not in owner.servers,
+         lambda: setattr(owner.trainer, "rc", 0))
+    assert owner.run() == 0 and owner.state == outcome.COMPLETED
+    assert owner.registry.get("servers", "server-1", live_only=False) is None
+    assert [r for r, _ in owner.server_failures] == ["server-1 exited with 1"]
+
+
+def test_dead_trainer_restarts_up_to_max_restarts(tmp_path):
+    runner = FakeRunner({"trainer": [1, 1, 1]}, on_start=trainer_progresses(tmp_path / "run"))
+    owner = owner_for(tmp_path, runner, "trainer.max_restarts=2")
+    assert owner.run() == 1 and owner.state == outcome.FAILED
+    trainers = [h for h in runner.started if h.step.role == "trainer"]
+    assert len(trainers) == 3 and owner.restarts == 2
+    # a restarted trainer waits for one live server and pushes its weights before generating
+    assert [t.step.env.get("AREAL_HPC_MIN_REQUIRED_SERVERS") for t in trainers] == [None, "1", "1"]
+    assert "after 2 restart(s), trainer.max_restarts=2" in owner.reason
+    assert all(h.signals for h in runner.started if h.step.role == "server")  # servers shut down at the end
+
+
+def test_crash_loop_is_not_restarted(tmp_path):
+    """Two deaths in a row before the first step: not restarted, whatever max_restarts says."""
+    runner = FakeRunner({"trainer": [1]})
+    owner = owner_for(tmp_path, runner, "trainer.max_restarts=5")
+    assert owner.run() == 1
+    assert runner.names().count("trainer") == 2 and "crash loop" in owner.reason
+
+
+def test_trainer_that_restarts_itself(tmp_path):
+    """torchrun's agent restarts its ranks itself: the owner does not."""
+    runner = FakeRunner({"trainer": [1]})
+    runner.trainer_restarts_itself = True
+    owner = owner_for(tmp_path, runner)
+    assert owner.run() == 1 and runner.names().count("trainer") == 1
+
+
+def test_failed_trainer_with_servers_kept_lingers_until_stop(tmp_path):
+    """A Slurm driver with shutdown_server_on_exit=False: after the trainer fails (no restarts
+    left) the run waits with its servers for a restart by hand or a `stop`."""
+    runner = FakeRunner({"trainer": [1]})
+    owner = owner_for(tmp_path, runner, "shutdown_server_on_exit=False", "trainer.max_restarts=0",
+                      linger=True)
+    when(lambda: owner.trainer_rc is not None and owner.state == outcome.RUNNING,
+         lambda: owner.registry.put("requests", "1-stop", {"kind": "stop"}, ttl=False))
+    assert owner.run() == 1 and owner.state == outcome.FAILED
+    assert "then stop requested" in owner.reason
+    assert all(h.signals for h in runner.started if h.step.role == "server")
+
+
+# ----------------------------------------------------------------------------- add servers, naming
+
+def test_add_servers_in_the_allocation(tmp_path):
+    runner = FakeRunner({}, room=1)
+    owner = owner_for(tmp_path, runner)
+    for name in ("server-0", "server-1"):
+        owner.start_step(owner.plan.step(name))
+    assert owner.add_servers(2) == 1  # room for one: the caller is told, and submits the rest as a job
+    assert runner.names()[-1] == "server-2" and runner.started[-1].step.relative_node == -1
+
+
+def test_server_names_never_collide(tmp_path):
+    """One rule for both ways of adding servers: in the allocation (the owner) and as a job of their
+    own (`servers_plan`), in either order, before any of them registered."""
+    runner = FakeRunner({}, room=2)
+    owner = owner_for(tmp_path, runner)
+    rd = owner.run_dir
+    (rd / "plan.json").write_text(owner.plan.to_json())
+    owner.add_servers(1)
+    job = [s.name for s in servers_plan(owner.cfg, rd, 2).servers]
+    owner.add_servers(1)
+    assert (runner.names(), job) == (["server-2", "server-5"], ["server-3", "server-4"])
+    assert next_server_index(owner.registry) == 6
+    # a name once handed out is never handed out again, even with no record of it left
+    assert next_server_index(Registry.for_run(rd), reserve=1) == 6 and next_server_index(owner.registry) == 7
+
+
+def test_plan_json_round_trip():
+    _, plan = gpu_plan()
+    assert Plan.from_json(plan.to_json()) == plan
