@@ -292,31 +292,39 @@ def workload(overrides: List[str]) -> Dict:
 
 
 class TreeRSS:
-    """Peak summed RSS of a process and its descendants, sampled every 0.25 s."""
+    """Peak summed RSS of a process and its descendants, sampled every 0.25 s (Linux /proc)."""
 
     def __init__(self, pid: int):
-        import psutil
-
-        self.proc, self.peak = psutil.Process(pid), 0
+        self.pid, self.peak = pid, 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
-    def _run(self):
-        import psutil
-
-        while not self._stop.wait(0.25):
+    @staticmethod
+    def _tree_rss(root: int) -> int:
+        parents, rss = {}, {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
             try:
-                procs = [self.proc] + self.proc.children(recursive=True)
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, total)
-            except psutil.Error:
+                stat = (d / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                parents[int(d.name)] = int(fields[1])  # ppid
+                rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss in pages
+            except (OSError, ValueError, IndexError):
+                continue
+        tree, frontier = {root}, [root]
+        while frontier:
+            kids = [p for p, pp in parents.items() if pp in frontier and p not in tree]
+            tree.update(kids)
+            frontier = kids
+        return sum(rss.get(p, 0) for p in tree)
+
+    def _run(self):
+        while not self._stop.wait(0.25):
+            if not Path(f"/proc/{self.pid}").exists():
                 return
+            self.peak = max(self.peak, self._tree_rss(self.pid))
 
     def stop(self) -> int:
         self._stop.set()
