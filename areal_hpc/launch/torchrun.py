@@ -6,7 +6,9 @@ its), rendezvous c10d on localhost, and restarts all ranks when one dies, up to
 ``trainer.max_restarts`` times (``--max-restarts``); the restarted ranks resume from the last
 checkpoint and push their weights to the live servers before generating. The run's owner does not
 restart the trainer itself (`Runner.trainer_restarts_itself`): what mode=local does in the owner,
-the agent does here. The agent's own log is {run}/logs/torchrun.log; each rank appends to
+the agent does here. The agent's rendezvous store is not shared with the ranks
+(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): shared, the restarted ranks of torch 2.5+ can read the
+dead ranks' addresses from it and hang in ``init_process_group`` (pytorch/pytorch#135712). The agent's own log is {run}/logs/torchrun.log; each rank appends to
 {run}/logs/trainer-<rank>.log as under the other launchers.
 """
 
@@ -97,6 +99,7 @@ class TorchrunRunner(ProcessRunner):
         gpus = self.gpus_for(step, running)
         env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS and k != LAUNCHER_PID_ENV}
         env.update(step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module's docstring
         if self.servers:
             env["AREAL_HPC_RESTART_MIN_SERVERS"] = "1"
         log_path = Path(step.log).with_name("torchrun.log")
