@@ -99,6 +99,34 @@ def test_greedy_is_deterministic_across_batch_compositions(engine, vocab):
     assert max(abs(a - b) for a, b in zip(target.logprobs, alone.logprobs)) < 1e-4
 
 
+def test_samples_of_one_prompt_share_its_prefill(engine, reference, vocab):
+    """n samples of a prompt arrive together (as `/generate` with n > 1 submits them): the prompt
+    runs once and its keys are copied to every sample's row; each sample then goes its own way,
+    and every token's logprob still matches a full forward pass of its own sequence."""
+    prompts = [[random.randrange(3, vocab) for _ in range(k)] for k in (4, 9, 13)]
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True))
+            for p in prompts for _ in range(6)]
+    runner, rows_run = engine.runner, []
+    forward = runner._forward
+    runner._forward = lambda ids, mask, pos: rows_run.append(ids.shape) or forward(ids, mask, pos)
+    engine.pause("abort").result(5)  # all of them waiting when the engine looks: one prefill
+    done = threading.Semaphore(0)
+    try:
+        for s in seqs:
+            s.on_finish = lambda _s: done.release()
+            engine.submit(s)
+        engine.resume().result(5)
+        for _ in seqs:
+            assert done.acquire(timeout=30)
+    finally:
+        runner._forward = forward
+    for s in seqs:
+        check_against_forward(reference, s)
+    assert len({tuple(s.output_ids) for s in seqs[:6]}) > 1  # the samples differ after the first token
+    prefill_rows = sum(shape[0] for shape in rows_run if shape[1] > 1)  # decode steps run one column
+    assert prefill_rows == len(prompts), rows_run  # each prompt once
+
+
 def test_stop_tokens_eos_and_zero_budget(engine, reference):
     # which token does greedy produce first? make it a stop token
     probe = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))])[0]

@@ -85,6 +85,21 @@ def test_lagging_server_version_fails_within_the_drop_bound(server, caplog):
     assert "waiting for a batch" in logged  # and the wait, before the bound
 
 
+def test_groups_are_stale_against_the_trainers_version_not_the_servers(server):
+    """A weight update on its way (written and loaded beside the next step): the servers, and the
+    controller's version, are still at 0 while the trainer is at 1. With staleness 0 the groups of
+    version 0 must not reach the trainer: they are dropped, and the wait fails within the bound."""
+    c = controller(server, start_version=0, staleness=0, max_new_tokens=2)
+    try:
+        c.set_trainer_version(1)
+        with pytest.raises(RolloutStall) as e:
+            c.next_batch(drop_timeout_s=2.0, stall_timeout_s=600)
+    finally:
+        c.stop()
+    assert "trainer is at version 1" in str(e.value) and c.stats["dropped_stale"] > 0, str(e.value)
+    assert c.last_drop == {"oldest_version": 0, "version": 1, "max_staleness": 0}
+
+
 def test_no_batch_while_a_server_is_live_fails_within_the_stall_bound(server):
     c = controller(server, start_version=0, staleness=0, max_new_tokens=3000, batch_size=2)
     t0 = time.monotonic()

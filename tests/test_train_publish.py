@@ -61,7 +61,11 @@ def _worker(rank, path, root, reg_root):
 def test_publish_loads_in_transformers_with_same_logprobs(tmp_path):
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
     run_ranks(_worker, 2, args=(path, str(tmp_path / "weights"), str(tmp_path / "registry")))
-    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v1", "v2", "v3"]
+    root = tmp_path / "weights"
+    assert sorted(p.name for p in root.iterdir()) == [".static", "v1", "v2", "v3"]
+    # config and tokenizer files are written once (.static) and linked into every version
+    for name in ("config.json", "tokenizer.json"):
+        assert len({(root / d / name).stat().st_ino for d in (".static", "v1", "v2", "v3")}) == 1
 
 
 def _fake_versions(root, versions):

@@ -18,13 +18,12 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 import aiohttp
 
 from areal_hpc.inference import sglang_api as api
-from areal_hpc.inference.sglang_api import parse_version, sampling_params
+from areal_hpc.inference.sglang_api import new_rid, parse_version, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +297,7 @@ class ServerPool:
         budget = int(sp["max_new_tokens"])
         avoid: Set[str] = set()
         failures = empty_aborts = 0
-        base_rid = rid or uuid.uuid4().hex
+        base_rid = rid or new_rid()
         while True:
             if not self._running.is_set():
                 await self._running.wait()

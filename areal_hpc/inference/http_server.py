@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -183,18 +184,17 @@ class EngineServer:
         """Run ``seqs`` to their end; when the client goes away (or time runs out) abort them
         rather than spend compute on them."""
         loop = asyncio.get_running_loop()
-        futs = [loop.create_future() for _ in seqs]
+        done = loop.create_future()
+        finished = itertools.count(1)  # next() is atomic: finishes may come from more than one thread
 
-        def resolve(fut: asyncio.Future, seq: Sequence) -> None:  # on the event loop
-            if not fut.done():
-                fut.set_result(seq)
-
-        for seq, fut in zip(seqs, futs):  # on_finish runs on the engine thread
-            seq.on_finish = lambda s, fut=fut: loop.call_soon_threadsafe(resolve, fut, s)
+        def on_finish(_seq: Sequence) -> None:  # one wake-up of the loop per request, not per sequence
+            if next(finished) == len(seqs):
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
         for seq in seqs:
+            seq.on_finish = on_finish
             self.engine.submit(seq)
         try:
-            await asyncio.wait_for(asyncio.gather(*futs), timeout)
+            await asyncio.wait_for(done, timeout)
         except (asyncio.CancelledError, asyncio.TimeoutError):
             self._abort_unfinished(seqs)
             raise

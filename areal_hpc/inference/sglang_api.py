@@ -9,7 +9,18 @@ structs, and the keys read here against what SGLang puts in responses.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import uuid
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+
+# request ids (``rid``): a random prefix per process, then a counter (a uuid4 each costs a getrandom call)
+_RID_PREFIX = uuid.uuid4().hex[:16]
+_RID_COUNTER = itertools.count()
+
+
+def new_rid() -> str:
+    return f"{_RID_PREFIX}{next(_RID_COUNTER):016x}"
 
 
 def parse_version(v: Any) -> Any:

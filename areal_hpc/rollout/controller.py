@@ -48,6 +48,7 @@ class RolloutController:
         self._cv = threading.Condition()
         self._pending: List[Group] = []
         self._version = start_version
+        self._trainer_version = start_version  # ahead of _version while a weight update is on its way
         self._accepted = start_version * batch_size  # as if every earlier version consumed one batch
         self._running = 0
         self._paused = False
@@ -96,6 +97,11 @@ class RolloutController:
     def set_version(self, version: int) -> None:
         self._version = version
         self._poke()
+
+    def set_trainer_version(self, version: int) -> None:
+        """The trainer's version, which the servers may not have yet (its update is on its way):
+        batches handed out from now on hold no group older than it allows."""
+        self._trainer_version = version
 
     def pause(self) -> None:
         """Stop submitting new episodes (running ones continue; the servers decide about them)."""
@@ -206,12 +212,13 @@ class RolloutController:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def _drop_stale(self) -> None:
-        lowest = self._version - self.max_staleness
+        trainer = max(self._version, self._trainer_version)
+        lowest = trainer - self.max_staleness
         keep = [g for g in self._pending if g.oldest_version >= lowest]
         dropped = len(self._pending) - len(keep)
         if dropped:
             oldest = min(g.oldest_version for g in self._pending if g.oldest_version < lowest)
-            self.last_drop = {"oldest_version": oldest, "version": self._version, "max_staleness": self.max_staleness}
+            self.last_drop = {"oldest_version": oldest, "version": trainer, "max_staleness": self.max_staleness}
             self._pending = keep
             self._accepted -= dropped  # frees their capacity
             self.stats["dropped_stale"] += dropped
@@ -220,7 +227,7 @@ class RolloutController:
             if now - self._drop_logged_t >= DROP_LOG_EVERY_S:
                 log.warning("dropped %d stale group(s): their oldest tokens come from weight version %d, the trainer "
                             "is at version %d with max_head_offpolicyness=%d (%d dropped in all)", self._drops_unlogged,
-                            oldest, self._version, self.max_staleness, self.stats["dropped_stale"])
+                            oldest, trainer, self.max_staleness, self.stats["dropped_stale"])
                 self._drops_unlogged, self._drop_logged_t = 0, now
             self._poke()
 

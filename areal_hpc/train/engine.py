@@ -305,7 +305,8 @@ class FSDPEngine:
         out: Dict[str, torch.Tensor] = {}
         offset = 0
         for name, value, to_dtype in entries:
-            full = value.full_tensor() if isinstance(value, DTensor) else value
+            full = value.full_tensor() if isinstance(value, DTensor) and value.device_mesh.size() > 1 else value
+            full = full.to_local() if isinstance(full, DTensor) else full  # one rank: no redistribution
             if rank0:
                 nbytes = full.numel() * to_dtype.itemsize
                 view = staging[offset: offset + nbytes].view(to_dtype).view(full.shape)

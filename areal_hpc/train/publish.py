@@ -6,14 +6,13 @@ old versions pruned."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -23,7 +22,6 @@ from areal_hpc.train.engine import FSDPEngine
 
 log = logging.getLogger(__name__)
 
-SHARD_BYTES = 5 * 1024**3
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 # Files of a model directory that describe it but are not weights (copied into each version).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -44,46 +42,69 @@ def version_dir(weights_root: Path, version: int) -> Path:
     return Path(weights_root) / f"v{int(version)}"
 
 
-def _shards(sd: Dict[str, torch.Tensor], max_bytes: int) -> list[Dict[str, torch.Tensor]]:
-    shards: list[Dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    return shards
-
-
-def write_hf_checkpoint(sd: Dict[str, torch.Tensor], hf_config, out_dir: Path, tokenizer_src: Optional[str],
-                        dtype: torch.dtype, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write safetensors (+ index when sharded), config.json and the source dir's tokenizer files."""
+def write_hf_checkpoint(sd: Dict[str, torch.Tensor], out_dir: Path, static_dir: Path) -> None:
+    """Write one ``model.safetensors`` (servers read it back: no 5 GB shards as for the Hub) and
+    link in `static_dir`'s files (config.json, tokenizer): one new file a version, not a copy of
+    each (the writer runs beside training and shares its GIL: every file operation is a hand-off)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = _shards(sd, shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if tokenizer_src:
-        src = Path(toy.resolve_model(tokenizer_src))
-        for f in src.iterdir():
-            if f.is_file() and f.name not in _SKIP_NAMES and not f.name.endswith(_SKIP_SUFFIXES):
-                shutil.copyfile(f, out_dir / f.name)  # the run's umask, not the source's mode
-    cfg = copy.deepcopy(hf_config)
-    cfg.dtype = dtype
-    cfg.use_cache = True  # the trainer turns it off; servers generate
-    cfg.save_pretrained(str(out_dir))
+    save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(static_dir):
+        try:
+            os.link(static_dir / name, out_dir / name)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(static_dir / name, out_dir / name)
+
+
+_STATIC: set = set()  # (weights root, tokenizer source, dtype) written by this process
+
+
+def static_files(weights_root: Path, hf_config, tokenizer_src: Optional[str], dtype: torch.dtype) -> Path:
+    """``weights_root/.static``: config.json and the source dir's tokenizer files, written once by
+    this process (copies: the run's umask, not the source's mode) and linked into every version."""
+    static, key = weights_root / ".static", (str(weights_root), tokenizer_src, dtype)
+    if key not in _STATIC or not static.is_dir():
+        shutil.rmtree(static, ignore_errors=True)  # versions linked to the old files keep them
+        static.mkdir(parents=True)
+        if tokenizer_src:
+            for f in Path(toy.resolve_model(tokenizer_src)).iterdir():
+                if f.is_file() and f.name not in _SKIP_NAMES and not f.name.endswith(_SKIP_SUFFIXES):
+                    shutil.copyfile(f, static / f.name)
+        cfg = copy.deepcopy(hf_config)
+        cfg.dtype = dtype
+        cfg.use_cache = True  # the trainer turns it off; servers generate
+        cfg.save_pretrained(str(static))
+        _STATIC.add(key)
+    return static
+
+
+def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
+                  registry=None, dtype: Optional[torch.dtype] = None) -> Optional[Callable[[], Path]]:
+    """The collective half of `publish_weights`: gather the weights to host memory (every rank).
+    Returns rank 0's writer of ``weights_root/v{version}`` (None on the other ranks), which may run
+    on another thread while training goes on: the gathered tensors live in the engine's staging
+    buffer, so it must finish before the next gather."""
+    dtype = dtype or engine.precision.param_dtype
+    out = version_dir(Path(weights_root), version).resolve()
+    t0 = time.perf_counter()
+    sd = engine.state_dict_for_hf(dtype)  # collective
+    t_gather = time.perf_counter() - t0
+    if dist.rank() != 0:
+        return None
+
+    def write() -> Path:
+        t1 = time.perf_counter()
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf_checkpoint(sd, tmp, static_files(out.parent, engine.hf_config, tokenizer_src, dtype))
+        replace_dir(tmp, out)  # a version published again (after a restart) replaces the old copy
+        if registry is not None:
+            registry.put("weights", "latest", {"version": int(version), "path": str(out)}, ttl=False)
+        log.info("published weights v%d at %s (gather to CPU %.2fs, write %.2fs)", version, out, t_gather,
+                 time.perf_counter() - t1)
+        return out
+    return write
 
 
 def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
@@ -91,23 +112,11 @@ def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version
     """Write ``weights_root/v{version}`` from the engine's weights (collective; rank 0 writes and,
     with a registry, records ``weights/latest``). ``dtype``: the compute dtype by default. Returns
     the directory on every rank, once it exists."""
-    dtype = dtype or engine.precision.param_dtype
-    out = version_dir(Path(weights_root), version).resolve()
-    t0 = time.perf_counter()
-    sd = engine.state_dict_for_hf(dtype)  # collective
-    t_gather = time.perf_counter() - t0
-    if dist.rank() == 0:
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_hf_checkpoint(sd, engine.hf_config, tmp, tokenizer_src, dtype)
-        replace_dir(tmp, out)  # a version published again (after a restart) replaces the old copy
-        if registry is not None:
-            registry.put("weights", "latest", {"version": int(version), "path": str(out)}, ttl=False)
-        log.info("published weights v%d at %s (gather to CPU %.2fs, write %.2fs)", version, out, t_gather,
-                 time.perf_counter() - t0 - t_gather)
-    del sd
+    write = stage_weights(engine, weights_root, version, tokenizer_src, registry, dtype)
+    if write is not None:
+        write()
     dist.barrier()
-    return out
+    return version_dir(Path(weights_root), version).resolve()
 
 
 def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:

@@ -72,6 +72,7 @@ class Trainer:
         self.phases: Any = None
         self._record: Dict[str, Any] = {}
         self._heartbeat: Optional[Heartbeat] = None
+        self._beat_t = 0.0  # when the record was last written
 
     # ------------------------------------------------------------------ what a trainer supplies
     def setup(self) -> Any:
@@ -136,7 +137,7 @@ class Trainer:
                 if metrics is not None:
                     with self.phases.phase("metrics"):
                         metrics.write(self._metrics(step, stats, split, t_start))
-                        self.publish_state(step=step, version=engine.get_version())
+                        self.publish_state(step=step, version=engine.get_version(), within_s=1.0)
                 if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0 and step < total:
                     with self.phases.phase("checkpoint"):
                         self._save(ckpt, step, t_start)
@@ -184,17 +185,20 @@ class Trainer:
         log.info("checkpoint at step %d (%.2fs)", step, time.monotonic() - t0)
 
     # ------------------------------------------------------------------ the registry record
-    def publish_state(self, **fields) -> None:
-        """Update this trainer's registry record (rank 0; other ranks call it harmlessly)."""
+    def publish_state(self, within_s: float = 0.0, **fields) -> None:
+        """Update this trainer's registry record (rank 0; other ranks call it harmlessly), at once
+        or, with ``within_s``, at most that late (a step's progress: no file write every step on a
+        shared filesystem)."""
         self._record.update(fields)
         if not self.is_main:
             return
-        if self._heartbeat is None:
+        if self._heartbeat is None:  # (the first step is written at once: `_beat_t` is still 0)
             self._record.update(pid=os.getpid(), host=socket.gethostname())
             self._heartbeat = Heartbeat(self.ctx.registry, "", "trainer", lambda: dict(self._record),
                                         interval_s=self.cfg.launcher.heartbeat_s).start()
-        else:
+        elif time.monotonic() - self._beat_t >= within_s:
             self._heartbeat.beat()  # `status` sees the new step now, not one heartbeat later
+            self._beat_t = time.monotonic()
 
     def close_state(self) -> None:
         if self._heartbeat is not None:

@@ -26,10 +26,11 @@ class MetricsWriter:
         self._tb = None
         if tensorboard:
             try:
+                from tensorboard.compat.proto.summary_pb2 import Summary
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard not installed (e.g. a bare GPU image): jsonl still works
+                self._tb, self._summary = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=5), Summary
+            except ImportError:  # not installed (e.g. a bare GPU image): jsonl still works
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
 
     def drop_after(self, step: int) -> None:
@@ -46,11 +47,9 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float):
-                    self._tb.add_scalar(k, v, metrics["step"])
-            self._tb.flush()
+        if self._tb is not None:  # one event with every scalar (add_scalar writes one a key); flushed by its thread
+            values = [self._summary.Value(tag=k, simple_value=v) for k, v in clean.items() if isinstance(v, float)]
+            self._tb.file_writer.add_summary(self._summary(value=values), metrics["step"])
         parts = [f"step {metrics['step']} v{metrics.get('version', '?')}"]
         parts += [fmt.format(metrics[k]) for k, fmt in SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))]
         log.info(" | ".join(parts))

@@ -8,6 +8,10 @@ Phases of a step (`train.phases`): ``wait_rollout`` (for the batch, and its hand
 rank), ``logprob`` (proximal / reference logprobs), ``train``, ``weight_publish`` (to disk),
 ``weight_pause`` (servers paused and resumed), ``weight_load`` (from disk) or
 ``weight_broadcast``, ``metrics`` and ``checkpoint`` (of the previous step), ``other``.
+
+Disk updates keep only the gather to host memory (``weight_publish``) in the step: the write, load
+and prune run beside the next step (`RolloutSide.update_weights_later`), which waits for them
+before its own update (``weight_wait``) and reports their phases as ``bg_phase/*``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from areal_hpc.rollout import Trajectory
 from areal_hpc.train import dist
 from areal_hpc.train.batch import shard_batch
 from areal_hpc.train.ppo_loss import PPOActor
-from areal_hpc.train.publish import publish_weights
+from areal_hpc.train.publish import publish_weights, stage_weights
 from areal_hpc.train.weight_sync import broadcast_engine_weights
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
@@ -87,13 +91,15 @@ class PPOTrainer(Trainer):
         self.side.start()
         if version > 0 or self.cfg.min_required_servers > 0:
             # A recovered (or restarted) trainer owns the weights: push them before generating.
-            self.side.update_weights(str(self._publish(version)), version)
+            path = self._publish(version)
+            self.side.update_weights_later(lambda: path, version)
+            self.side.wait_update()
         self.side.resume()
         return True
 
     def train_step(self, step: int):
         with self.phases.phase("wait_rollout"):
-            trajs = self.side.next_batch()
+            trajs = self.side.next_batch(self.engine.get_version())
         if trajs is None:
             log.warning("stopping at step %d on request (while waiting for rollouts)", step - 1)
             return None
@@ -136,9 +142,10 @@ class PPOTrainer(Trainer):
                     side.prune_weights(version)
             return side.update_weights_broadcast(lambda g, cb: broadcast_engine_weights(self.engine, g, cb),
                                                  version, timer, disk_path=str(path) if external and path else None)
+        with timer.phase("weight_wait"):
+            upd = side.wait_update()  # the previous version's: it reads the buffer the gather refills
         with timer.phase("weight_publish"):
-            path = self._publish(version)
-        upd = side.update_weights(str(path), version, timer)
-        with timer.phase("weight_publish"):
-            side.prune_weights(version)
+            write = stage_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path,
+                                  self.ctx.registry)
+        side.update_weights_later(write, version)
         return upd

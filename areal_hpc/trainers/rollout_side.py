@@ -10,10 +10,12 @@ rank it runs on.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from areal_hpc import toy
@@ -24,7 +26,7 @@ from areal_hpc.rollout import PromptLoader, RolloutController, RolloutError, Tra
 from areal_hpc.rollout.adapters import apply_adapter
 from areal_hpc.rollout.data import load_dataset_rows
 from areal_hpc.train import dist
-from areal_hpc.train.phases import PhaseTimer
+from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
 from areal_hpc.trainers.base import TrainContext
 
 log = logging.getLogger("areal_hpc.trainer")
@@ -99,6 +101,8 @@ class RolloutSide:
             max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version)
         self._sync: Optional[BroadcastWeightSync] = None  # formed on the first broadcast update
         self._warned: set = set()  # external servers told about once
+        self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
+        self._update: Optional[concurrent.futures.Future] = None  # the background update in flight
 
     def start(self) -> None:
         """Run the rollout loop, paused (a weight update needs it; nothing is generated yet)."""
@@ -109,13 +113,18 @@ class RolloutSide:
         self.controller.resume()
 
     def stop(self) -> None:
-        self.controller.stop()
+        try:
+            self.wait_update()  # the last weights reach the servers before the run ends (or fail loudly)
+        finally:
+            self._updater.shutdown()
+            self.controller.stop()
 
-    def next_batch(self, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
-        """The next batch's trajectories on every rank, or None if a stop is requested while waiting
-        (the servers may be gone for good: a stopped run must not hang here). Stalled or failing
+    def next_batch(self, version: int, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
+        """The next batch for a trainer at ``version``, on every rank; None if a stop is requested while
+        waiting (the servers may be gone for good: a stopped run must not hang here). Stalled or failing
         rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise `RolloutError` on every rank."""
         r = self.ctx.cfg.rollout
+        self.controller.set_trainer_version(version)
         try:
             groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
                                                 stall_timeout_s=r.stall_timeout_s, poll_s=poll_s)
@@ -140,19 +149,44 @@ class RolloutSide:
         """Healthy external servers (attached by URL, or `serve` by hand) the pool knows of now."""
         return sorted(sid for sid, info in self.pool.servers.items() if info["healthy"] and info.get("external"))
 
-    def update_weights(self, path: str, version: int, timer: Optional[PhaseTimer] = None) -> Dict[str, float]:
+    def _load(self, path: str, version: int, timer: PhaseTimer) -> Dict[str, float]:
         """Servers load ``path`` as ``version``: pause submission and servers, load, continue.
 
         Interrupted generations are resumed by the pool with the new weights (their tokens carry
         the version that produced them). Servers that fail to load are reported; the update goes on
         with the others (a dead server's record expires and the pool drops it).
         """
-        timer = timer or PhaseTimer()
         with self._paused(version, timer):
             with timer.phase("weight_load"):
                 results = self.controller.run(self.pool.update_weights_from_disk(path, version))
         failed = self._report_failed(results, path, version)
         return {"servers_updated": float(len(results) - len(failed))}
+
+    def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
+        """A disk update on a background thread while training goes on: ``write()`` publishes the
+        weights (`train.publish.stage_weights`), the servers load them, old versions are pruned.
+        One at a time: call `wait_update` first. The controller takes the new version only once the
+        servers have it, so the staleness bound holds however late the update lands."""
+        if self._update is not None:
+            raise RuntimeError("a weight update is still in flight: wait_update() first")
+
+        def update() -> Dict[str, float]:
+            timer = PhaseTimer()
+            timer.begin()
+            with timer.phase("weight_publish"):
+                path = write()
+            out = self._load(str(path), version, timer)
+            with timer.phase("weight_publish"):
+                self.prune_weights(version)
+            split = timer.split()
+            return {**out, **{BG_PREFIX + k[len(PREFIX):]: v for k, v in split.items() if k.startswith(PREFIX)},
+                    "bg_time_s": split["step_time_s"]}
+        self._update = self._updater.submit(update)
+
+    def wait_update(self) -> Dict[str, float]:
+        """Wait for the background update in flight, if any (its errors are raised here); its metrics."""
+        fut, self._update = self._update, None
+        return fut.result() if fut is not None else {}
 
     def update_weights_broadcast(self, broadcast: Broadcast, version: int, timer: Optional[PhaseTimer] = None,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
@@ -212,7 +246,7 @@ class FollowerSide:
     def stop(self) -> None:
         pass
 
-    def next_batch(self) -> Optional[List[Trajectory]]:
+    def next_batch(self, version: int) -> Optional[List[Trajectory]]:
         got = dist.broadcast_object(None)
         if isinstance(got, tuple) and got[:1] == (FAILED,):
             raise RolloutError(got[1])
@@ -230,7 +264,10 @@ class FollowerSide:
     def external_ids(self) -> List[str]:
         return []
 
-    def update_weights(self, path: str, version: int, timer: Optional[PhaseTimer] = None) -> Dict[str, float]:
+    def update_weights_later(self, write: Any, version: int) -> None:
+        pass
+
+    def wait_update(self) -> Dict[str, float]:
         return {}
 
     def update_weights_broadcast(self, broadcast: Broadcast, version: int, timer: Optional[PhaseTimer] = None,

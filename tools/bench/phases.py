@@ -1,7 +1,9 @@
 """Where a run's steps spent their time: mean and p90 of every phase in `{run}/metrics.jsonl`.
 
 Each step's metrics split its wall time (``step_time_s``) into ``phase/*`` entries (see
-`areal_hpc/train/phases.py`); this prints them per phase, with the share of the mean step:
+`areal_hpc/train/phases.py`); this prints them per phase, with the share of the mean step, then
+the phases of the background weight update (``bg_phase/*``: it overlaps the next step) with
+their share of the mean step too:
 
     python tools/bench/phases.py runs/$USER/quickstart/run0 [--skip 5] [--markdown] [--json]
 
@@ -21,11 +23,11 @@ from pathlib import Path
 from typing import Dict, List
 
 import common  # noqa: F401  (the repository on sys.path)
-from areal_hpc.train.phases import PREFIX
+from areal_hpc.train.phases import BG_PREFIX, PREFIX
 from areal_hpc.trainers.metrics import read_metrics
 
 # the order phases are printed in (others follow, alphabetically)
-ORDER = ("wait_rollout", "data", "logprob", "train", "weight_publish", "weight_pause", "weight_load",
+ORDER = ("wait_rollout", "data", "logprob", "train", "weight_wait", "weight_publish", "weight_pause", "weight_load",
          "weight_broadcast", "metrics", "checkpoint", "other")
 
 
@@ -49,10 +51,10 @@ def legacy_phases(rows: List[dict]) -> List[Dict[str, float]]:
     return out
 
 
-def step_phases(rows: List[dict]) -> List[Dict[str, float]]:
-    if rows and not any(k.startswith(PREFIX) for k in rows[-1]):
+def step_phases(rows: List[dict], prefix: str = PREFIX) -> List[Dict[str, float]]:
+    if prefix == PREFIX and rows and not any(k.startswith(PREFIX) for k in rows[-1]):
         return legacy_phases(rows)
-    return [{**{k[len(PREFIX):]: v for k, v in r.items() if k.startswith(PREFIX)}, "step": r["step_time_s"]}
+    return [{**{k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}, "step": r["step_time_s"]}
             for r in rows]
 
 
@@ -65,8 +67,8 @@ def percentile(xs: List[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def summarize(rows: List[dict], skip: int = 0) -> Dict[str, Dict[str, float]]:
-    steps = step_phases(rows)[skip:]
+def summarize(rows: List[dict], skip: int = 0, prefix: str = PREFIX) -> Dict[str, Dict[str, float]]:
+    steps = step_phases(rows, prefix)[skip:]
     if not steps:
         raise SystemExit("no steps to summarize")
     names = [n for n in ORDER if any(n in s for s in steps)]
@@ -107,8 +109,17 @@ def main(argv=None) -> int:
     if not path.is_file():
         print(f"phases.py: error: no metrics at {path}", file=sys.stderr)
         return 2
-    summary = summarize(read_metrics(path), args.skip)
-    print(json.dumps(summary) if args.json else render(summary, args.markdown))
+    rows = read_metrics(path)
+    summary = summarize(rows, args.skip)
+    background = summarize(rows, args.skip, BG_PREFIX) if any(k.startswith(BG_PREFIX) for r in rows for k in r) else {}
+    if args.json:
+        print(json.dumps({**summary, **{"bg/" + k: v for k, v in background.items() if k != "step"}}))
+        return 0
+    print(render(summary, args.markdown))
+    if background:
+        background.pop("step")
+        print("\nbackground weight update (beside the next step; share of the mean step):")
+        print(render({**background, "step": summary["step"]}, args.markdown))
     return 0
 
 

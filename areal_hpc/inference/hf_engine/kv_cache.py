@@ -99,6 +99,11 @@ class KVCache:
             for buf in self.k + self.v:
                 buf[dst, :, :ncols] = buf[src, :, :ncols]
 
+    def spread_rows(self, row0: int, idx: torch.Tensor, ncols: int) -> None:
+        """Rows ``row0 + i`` become copies of rows ``row0 + idx[i]`` (their first ``ncols`` columns)."""
+        for buf in self.k + self.v:
+            buf[row0: row0 + len(idx), :, :ncols] = buf[row0 + idx, :, :ncols]
+
     # transformers code paths that may query a cache; positions are always passed explicitly.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -206,20 +206,27 @@ class ModelRunner:
         returns next-token logits [n, vocab] float32."""
         n = len(seqs)
         row0 = seqs[0].slot
-        lens = [s.num_tokens for s in seqs]
-        length = max(lens)
+        length = max(s.num_tokens for s in seqs)
         self.kv.ensure(row0 + n, length + 1)
-        rows = [s.prompt_ids + s.output_ids + [0] * (length - s.num_tokens) for s in seqs]
+        # identical token lists (the n samples of one prompt) are run once, then copied to their rows
+        first: Dict[Tuple[int, ...], int] = {}
+        which = [first.setdefault(tuple(s.prompt_ids + s.output_ids), len(first)) for s in seqs]
+        u = len(first)
+        rows = [list(t) + [0] * (length - len(t)) for t in first]
         dev = self.device
         ids = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-        lens_t = torch.tensor(lens, dtype=torch.long).to(dev, non_blocking=True)
+        lens_t = torch.tensor([len(t) for t in first], dtype=torch.long).to(dev, non_blocking=True)
         ar = torch.arange(length, device=dev)
         # causal within each row, and never attending to the right padding of a row
         mask = (ar[:, None] >= ar[None, :])[None, None] & (ar[None, None, None, :] < lens_t[:, None, None, None])
-        self.kv.begin_prefill(row0, n)
-        hidden = self._forward(ids, mask, ar[None, :].expand(n, length))
-        last = hidden[torch.arange(n, device=dev), lens_t - 1]
-        return self._logits(last)
+        self.kv.begin_prefill(row0, u)
+        hidden = self._forward(ids, mask, ar[None, :].expand(u, length))
+        logits = self._logits(hidden[torch.arange(u, device=dev), lens_t - 1])
+        if u == n:
+            return logits
+        idx = torch.tensor(which, dtype=torch.long, device=dev)
+        self.kv.spread_rows(row0, idx, length)
+        return logits[idx]
 
     @torch.inference_mode()
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from areal_hpc.inference.sglang_api import new_rid
 
 
 class SequenceStatus(enum.Enum):
@@ -100,7 +101,7 @@ class Sequence:
 
     def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None,
                  on_finish: Optional[Callable[["Sequence"], None]] = None):
-        self.rid = rid if rid else uuid.uuid4().hex
+        self.rid = rid if rid else new_rid()
         self.prompt_ids = list(prompt_ids)
         self.output_ids: List[int] = []
         self.logprobs: List[float] = []
