@@ -8,7 +8,8 @@ checkpoint and push their weights to the live servers before generating. The run
 restart the trainer itself (`Runner.trainer_restarts_itself`): what mode=local does in the owner,
 the agent does here. The agent's rendezvous store is not shared with the ranks
 (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): shared, the restarted ranks of torch 2.5+ can read the
-dead ranks' addresses from it and hang in ``init_process_group`` (pytorch/pytorch#135712). The agent's own log is {run}/logs/torchrun.log; each rank appends to
+dead ranks' addresses from it and hang in ``init_process_group`` (pytorch/pytorch#135712).
+The agent's own log is {run}/logs/torchrun.log; each rank appends to
 {run}/logs/trainer-<rank>.log as under the other launchers.
 """
 

@@ -12,7 +12,7 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional
 
 PREFIX = "phase/"
-BG_PREFIX = "bg_phase/"  # phases of work beside the steps (a background weight update), with its wall time as bg_time_s
+BG_PREFIX = "bg_phase/"  # work beside the steps (a background weight update); its wall time is bg_time_s
 
 
 class PhaseTimer:

@@ -47,7 +47,7 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self._tb is not None:  # one event with every scalar (add_scalar writes one a key); flushed by its thread
+        if self._tb is not None:  # one event with every scalar (add_scalar: one a key), flushed by its thread
             values = [self._summary.Value(tag=k, simple_value=v) for k, v in clean.items() if isinstance(v, float)]
             self._tb.file_writer.add_summary(self._summary(value=values), metrics["step"])
         parts = [f"step {metrics['step']} v{metrics.get('version', '?')}"]
