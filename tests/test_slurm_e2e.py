@@ -272,25 +272,27 @@ def test_add_servers_mid_run(run):
     ids = {s["id"]: s for s in st["servers"]}
     assert set(ids) == {"server-0", "server-1"} and all(s["healthy"] for s in ids.values()), st["servers"]
     assert ids["server-1"]["slurm_step"] is not None
-    # the allocation (1 node, 4 GPUs: 2 servers + trainer) has room for one more; the next one is a
-    # separate job whose server joins the same run
-    run.cli("add-servers", "count=1", *run.names)
-    p = run.cli("add-servers", "count=1", *run.names)
-    assert "separate job" in p.stdout and "server-3" in p.stdout, p.stdout
+    # the allocation (1 node, 4 GPUs: 2 servers + trainer) has room for one more of two: the other
+    # is a separate job whose server joins the same run, and the command waits for both
+    p = run.cli("add-servers", "count=2", *run.names)
+    assert "room for 1 of 2" in p.stdout and "separate job" in p.stdout, p.stdout
+    assert "added 2 server(s): server-2, server-3" in p.stdout, p.stdout
+    p = run.cli("add-servers", "count=1", "--new-job", *run.names)  # a job of its own, room or not
+    assert "added 1 server(s): server-4 (job" in p.stdout, p.stdout
     st = run.status()
     ids = {s["id"]: s for s in st["servers"]}
-    assert set(ids) == {"server-0", "server-1", "server-2", "server-3"}, st["servers"]
-    jobs = list(run.registry().list("jobs", live_only=False))
-    assert len(jobs) == 1 and jobs[0] != run.job_id
-    extra = jobs[0]
-    assert [(j["job_id"], j["state"], j["servers"]) for j in st["server_jobs"]] == [(extra, "RUNNING", ["server-3"])]
+    assert set(ids) == {f"server-{i}" for i in range(5)}, st["servers"]
+    jobs = sorted(run.registry().list("jobs", live_only=False), key=int)
+    assert len(jobs) == 2 and run.job_id not in jobs
+    assert sorted(((j["job_id"], j["state"], j["servers"]) for j in st["server_jobs"]), key=lambda j: int(j[0])) == [
+        (jobs[0], "RUNNING", ["server-3"]), (jobs[1], "RUNNING", ["server-4"])]
     print(f"add-servers: registered in {added_s:.1f}s, in the trainer's weight updates {picked_s:.1f}s later")
     # graceful stop: trainer checkpoints, servers deregister, both jobs end
     p = run.cli("stop", *run.names, "--timeout", "180")
     assert "stopped" in p.stdout, p.stdout
     assert run.registry().list("servers") == {}
     assert any((run.dir / "checkpoints").glob("step_*")), "no checkpoint on stop"
-    wait_until(lambda: job_state(run.job_id) in FINAL and job_state(extra) in FINAL, 120, "both jobs to end")
+    wait_until(lambda: all(job_state(j) in FINAL for j in [run.job_id, *jobs]), 120, "every job to end")
     # stopped on purpose before the trainer finished: CANCELLED (not COMPLETED, a success), status STOPPED
     assert job_state(run.job_id) == "CANCELLED"
     assert run.status()["state"] == "STOPPED"

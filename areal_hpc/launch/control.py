@@ -128,8 +128,9 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
 
 def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = False,
                 timeout_s: Optional[float] = None) -> int:
-    """Ask the run's owner for ``count`` more servers and wait until they have registered; what a
-    Slurm allocation has no room for goes to a job of its own (as all do with ``new_job``)."""
+    """Ask the run's owner for ``count`` more servers and wait until they serve; what a Slurm
+    allocation has no room for goes to a job of its own (as all do with ``new_job``), and the wait
+    is for all of them, wherever they run."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
     if not launcher_alive(run, reg) and not new_job:
@@ -137,51 +138,36 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
                           "use --new-job to submit the servers as their own job")
     cfg = load_resolved(rd / "config.yaml")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
-    if new_job:
-        return _server_job(cfg, rd, reg, count, timeout)
     before = set(reg.list("servers"))
-    req = post_request(reg, "add_servers", count=count)
+    job_id, req = None, None
+    if new_job:
+        job_id, _ = slurm_submit.submit_server_job(cfg, rd, count)
+        if job_id is None:
+            return 1
+    else:
+        req = post_request(reg, "add_servers", count=count)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         new = serving_servers(reg) - before
         if len(new) >= count:
-            print(f"added {len(new)} server(s): {', '.join(sorted(new))}")
+            print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
             return 0
-        unserved = reg.get("replies", f"{req}-unserved")
+        unserved = reg.get("replies", f"{req}-unserved") if req and job_id is None else None
         if unserved is not None and run.get("mode") == "slurm":
             reg.delete("replies", f"{req}-unserved")
             started = int(unserved.get("started", 0))
             print(f"the allocation has room for {started} of {count} server(s); submitting "
                   f"{count - started} as a separate job")
-            rc = _server_job(cfg, rd, reg, count - started, max(1.0, deadline - time.monotonic()))
-            if rc != 0 or not started:
-                return rc
-            count = started
-            before |= set(reg.list("servers"))  # wait on for the ones the driver started
-        time.sleep(0.3)
-    print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`",
-          file=sys.stderr)
-    return 1
-
-
-def _server_job(cfg: ExperimentConfig, rd: Path, reg: Registry, count: int, timeout_s: float) -> int:
-    """``count`` servers as a Slurm job of their own that joins the run; waits until they serve."""
-    before = set(reg.list("servers"))
-    job_id, _ = slurm_submit.submit_server_job(cfg, rd, count)
-    if job_id is None:
-        return 1
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ready = serving_servers(reg) - before
-        if len(ready) >= count:
-            print(f"added {len(ready)} server(s) in job {job_id}: {', '.join(sorted(ready))}")
-            return 0
-        state = slurm.job_state(job_id)
-        if state in slurm.FINAL_STATES:
-            print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
+            job_id, _ = slurm_submit.submit_server_job(cfg, rd, count - started)
+            if job_id is None:
+                return 1
+        if job_id is not None and slurm.job_state(job_id) in slurm.FINAL_STATES:
+            print(f"job {job_id} ended {slurm.job_state(job_id)} before its servers were ready; see {rd}/logs",
+                  file=sys.stderr)
             return 1
         time.sleep(0.3)
-    print(f"timed out after {timeout_s:.0f}s waiting for the servers of job {job_id}", file=sys.stderr)
+    print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`"
+          + (f" and the logs of job {job_id}" if job_id else ""), file=sys.stderr)
     return 1
 
 
