@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from aiohttp import web
 
-from areal_hpc.inference.hf_engine.engine import LLMEngine, next_version
+from areal_hpc.inference.hf_engine.engine import LLMEngine
 from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
 from areal_hpc.inference.http_validate import (RequestError, check_prompt, parse_sampling, per_prompt,
@@ -296,15 +296,8 @@ class EngineServer:
             raise RequestError("missing field: new_version")
         new = str(body["new_version"])
         abort = body.get("abort_all_requests")
-        await self._on_loop(lambda: self._set_version(new, abort, "weight version update"))
+        await self._on_loop(lambda: self.engine.set_version(new, bool(abort), "weight version update"))
         return _result(True, f"Weight version updated to {new}", new_version=new)
-
-    def _set_version(self, version: Any, abort_all: Any, why: str) -> None:
-        """On the engine thread: the new weight version (the next one when None)."""
-        if abort_all:
-            self.engine._abort(None, f"aborted for a {why}")
-        eng = self.engine
-        eng.weight_version = str(version) if version is not None else next_version(eng.weight_version)
 
     # ------------------------------------------------------------------ weights
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
@@ -392,7 +385,7 @@ class EngineServer:
             raise RequestError("; ".join(problems[:5]))
         def receive() -> int:
             n = self.runner.load_broadcast(specs, pg)
-            self._set_version(body.get("weight_version"), body.get("abort_all_requests"), "weight update")
+            self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
             return n
 
         try:

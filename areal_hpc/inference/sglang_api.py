@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import uuid
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -17,6 +18,14 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 # request ids (``rid``): a random prefix per process, then a counter (a uuid4 each costs a getrandom call)
 _RID_PREFIX = uuid.uuid4().hex[:16]
 _RID_COUNTER = itertools.count()
+
+
+def _new_rid_prefix() -> None:  # a forked child numbers its requests apart from its parent
+    global _RID_PREFIX, _RID_COUNTER
+    _RID_PREFIX, _RID_COUNTER = uuid.uuid4().hex[:16], itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_rid_prefix)
 
 
 def new_rid() -> str:

@@ -86,7 +86,8 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
     ray_left = on_ray  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
-            if ray_left and not owner_alive():
+            alive = owner_alive()  # one job-state query a pass
+            if ray_left and not alive:
                 try:
                     gone = ray_runner.stop_leftovers(reg)
                 except ConfigError as e:  # the cluster is gone: so is what the run had on it
@@ -97,9 +98,9 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
                 for sid in ours(reg.list("servers", live_only=False)):  # killed by now, deregistered or not
                     reg.delete("servers", sid)
                 ray_left = False
-            if not owner_alive() and not ours(reg.list("servers")) and reg.get("", "trainer") is None:
+            if not alive and not ours(reg.list("servers")) and reg.get("", "trainer") is None:
                 break
-            if not owner_alive():
+            if not alive:
                 remove_dead_records(reg, run)
             time.sleep(0.5)
         except KeyboardInterrupt:
@@ -141,7 +142,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
     before = set(reg.list("servers"))
     job_id, req = None, None
     if new_job:
-        job_id, _ = slurm_submit.submit_server_job(cfg, rd, count)
+        job_id = slurm_submit.submit_server_job(cfg, rd, count)
         if job_id is None:
             return 1
     else:
@@ -158,12 +159,12 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             started = int(unserved.get("started", 0))
             print(f"the allocation has room for {started} of {count} server(s); submitting "
                   f"{count - started} as a separate job")
-            job_id, _ = slurm_submit.submit_server_job(cfg, rd, count - started)
+            job_id = slurm_submit.submit_server_job(cfg, rd, count - started)
             if job_id is None:
                 return 1
-        if job_id is not None and slurm.job_state(job_id) in slurm.FINAL_STATES:
-            print(f"job {job_id} ended {slurm.job_state(job_id)} before its servers were ready; see {rd}/logs",
-                  file=sys.stderr)
+        state = slurm.job_state(job_id) if job_id is not None else None
+        if state in slurm.FINAL_STATES:
+            print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
             return 1
         time.sleep(0.3)
     print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`"
@@ -208,7 +209,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         if trainer is not None:
             break
         rec = reg.get("", "run")
-        if rec is None or live_driver(cfg, rd) is None:
+        if rec is None or slurm.job_state(str(run["job_id"])) != "RUNNING":  # the driver's record or job ended
             print(f"the driver of job {run['job_id']} went away before starting the trainer", file=sys.stderr)
             return 1
         if trainer_step_id(rec) not in (None, old_step) and rec.get("trainer_rc") is not None:

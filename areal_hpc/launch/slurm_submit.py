@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import submitit
 
@@ -268,9 +268,9 @@ def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     return plan
 
 
-def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Tuple[Optional[str], List[str]]:
+def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Optional[str]:
     """Submit a separate job of ``count`` servers that join the run (same registry); returns its
-    job id (None when sbatch refused it) and the servers' names. `stop` cancels it, `status` lists it."""
+    job id (None when sbatch refused it). `stop` cancels it, `status` lists it."""
     plan = servers_plan(cfg, rd, count)
     names = [s.name for s in plan.servers]
     script = rd / "sbatch" / f"add-servers-{names[0].split('-', 1)[1]}.sbatch"
@@ -279,10 +279,10 @@ def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Tuple[Opti
     r = slurm.sbatch(str(script))
     if r.returncode != 0:
         print(f"sbatch {script} failed: {r.stderr.strip()}", file=sys.stderr)
-        return None, names
+        return None
     job_id = r.stdout.strip().split(";")[0]
     Registry.for_run(rd, cfg.launcher).put("jobs", job_id, {"job_id": job_id, "kind": "servers", "servers": names,
                                                             "script": str(script), "submitted": time.time()},
                                            ttl=False)
     print(f"submitted job {job_id} with {count} server(s) ({', '.join(names)}): {script}", flush=True)
-    return job_id, names
+    return job_id

@@ -146,11 +146,13 @@ class Trainer:
         except KeyboardInterrupt:
             rc = 130
         finally:
-            self.close()
-            if metrics is not None:
-                metrics.close()
-            self.publish_state(state="done" if step >= total else "stopped")
-            self.close_state()
+            try:
+                self.close()  # may raise (the last weight update failed): the record still ends below
+            finally:
+                if metrics is not None:
+                    metrics.close()
+                self.publish_state(state="done" if step >= total else "stopped")
+                self.close_state()
         log.info("trainer finished at step %d (version %d)", step, engine.get_version())
         return rc
 

@@ -157,8 +157,13 @@ class RolloutSide:
         with the others (a dead server's record expires and the pool drops it).
         """
         with self._paused(version, timer):
-            with timer.phase("weight_load"):
-                results = self.controller.run(self.pool.update_weights_from_disk(path, version))
+            return self._load_from_disk(path, version, timer)
+
+    def _load_from_disk(self, path: str, version: int, timer: PhaseTimer,
+                        server_ids: Optional[List[str]] = None) -> Dict[str, float]:
+        """The servers (``server_ids``: those only) load ``path``; failures are reported."""
+        with timer.phase("weight_load"):
+            results = self.controller.run(self.pool.update_weights_from_disk(path, version, server_ids=server_ids))
         failed = self._report_failed(results, path, version)
         return {"servers_updated": float(len(results) - len(failed))}
 
@@ -200,10 +205,7 @@ class RolloutSide:
                 sync.ensure_group()
                 broadcast(sync.group, sync.announcer(version))
             if disk_path and sync.external:
-                with timer.phase("weight_load"):
-                    results = self.controller.run(
-                        self.pool.update_weights_from_disk(disk_path, version, server_ids=sync.external))
-                self._report_failed(results, disk_path, version)
+                self._load_from_disk(disk_path, version, timer, server_ids=sync.external)
         return {"servers_updated": float(len(sync.members))}
 
     @contextlib.contextmanager

@@ -19,7 +19,7 @@ from areal_hpc.train.publish import publish_weights
 from areal_hpc.train.sft_loss import SFTLearner, tokenize_rows
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
-from areal_hpc.trainers.rollout_side import load_prompts
+from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer
 
 log = logging.getLogger("areal_hpc.trainer")
 
@@ -27,14 +27,12 @@ log = logging.getLogger("areal_hpc.trainer")
 @register_trainer("sft")
 class SFTTrainer(Trainer):
     def setup(self):
-        from transformers import AutoTokenizer
-
         cfg, sft = self.cfg, self.cfg.trainer.sft
         self.learner = SFTLearner(sft, cfg.trainer.total_train_steps)
         if sft.batch_size % dist.world_size():
             raise ConfigError("trainer.sft.batch_size", f"{sft.batch_size} rows cannot be split over "
                               f"{dist.world_size()} ranks", "make it a multiple of the trainer's d")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.learner.engine.model_path)
+        self.tokenizer = load_tokenizer(self.learner.engine.model_path)
         self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
         self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs)
         return self.learner.engine

@@ -122,10 +122,17 @@ class LLMEngine:
         def swap() -> Dict[str, Any]:
             n_aborted = self._abort(None, "aborted for a weight update") if abort_all else 0
             n = self.runner.load_weights(tensors)
-            self.weight_version = str(version) if version is not None else next_version(self.weight_version)
+            self.set_version(version)
             return {"num_tensors": n, "num_paused_requests": n_aborted, "weight_version": self.weight_version}
 
         return self.call(swap)
+
+    def set_version(self, version: Optional[Any] = None, abort_all: bool = False, why: str = "weight update") -> None:
+        """On the loop thread (`call`): the new weight version (the next one when None), after
+        aborting every request when ``abort_all``."""
+        if abort_all:
+            self._abort(None, f"aborted for a {why}")
+        self.weight_version = str(version) if version is not None else next_version(self.weight_version)
 
     def snapshot(self) -> Dict[str, Any]:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting)

@@ -22,8 +22,8 @@ def _number(d: Dict[str, Any], key: str, default: Any) -> Any:
     if v is None:
         return default
     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if ok and isinstance(default, int):
-        ok = float(v).is_integer()
+    if ok and isinstance(default, int) and isinstance(v, float):
+        ok = v.is_integer()  # (float(v) of a huge int would overflow: a 500, not this 400)
     if not ok:
         kind = "an integer" if isinstance(default, int) else "a number"
         raise ValueError(f"sampling_params.{key} must be {kind}, got {v!r}")
