@@ -298,3 +298,47 @@ def test_settled_gc_freezes_what_lives_after_the_first_and_third_steps():
         assert gc.get_freeze_count() >= frozen + len(keep)
     finally:
         gc.unfreeze()
+
+
+def shared_stem_samples():
+    """Three prompts, each with several one-token answers (one of them twice) and a longer
+    completion: documents that share their stem (all tokens but the last) and ones that do not."""
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for n in (4, 6, 5):
+        prompt = torch.randint(3, VOCAB, (n,), generator=g)
+        for tail in ([3], [4], [5], [4], [6, 7, 8]):
+            ids = torch.cat([prompt, torch.tensor(tail)])
+            lm = torch.zeros(len(ids), dtype=torch.long)
+            lm[n:] = 1
+            samples.append({"input_ids": ids, "loss_mask": lm})
+    return samples
+
+
+@pytest.mark.parametrize("fused_lm_head, attn_impl", [(True, "varlen"), (False, "sdpa")])
+def test_documents_sharing_a_stem_run_once_with_the_same_result(tmp_path, fused_lm_head, attn_impl):
+    """The model runs on each distinct stem once (12 of 15 documents share one), yet logprobs,
+    loss and gradients are the unpacked reference's, from the hidden states or the logits."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_shared_stems, 1, args=(path, fused_lm_head, attn_impl))
+
+
+def _shared_stems(rank, path, fused_lm_head, attn_impl):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+    from areal_hpc.train.batch import collate
+    from areal_hpc.train.engine import FSDPEngine
+
+    samples = shared_stem_samples()
+    batch = collate(samples)
+    _, ref_logps, ref_loss, ref_grads = reference(path, samples)
+    eng = FSDPEngine(EngineConfig(path=path, fused_lm_head=fused_lm_head, attn_impl=attn_impl),
+                     MicroBatchSpec(max_tokens_per_mb=1000), total_steps=1)
+    mbs = eng.micro_batches(batch)
+    assert len(mbs) == 1 and mbs[0].stems is not None
+    assert len(mbs[0].stems.cu_seqlens) - 1 == 3 * 2  # per prompt: the shared stem and the long one
+    stats = eng.forward_backward(batch, nll_loss)
+    assert abs(stats["loss"] - ref_loss) < 1e-5
+    assert_close_grads(full_grads(eng), ref_grads)
+    lp = eng.forward(batch)
+    for i, s in enumerate(samples):
+        torch.testing.assert_close(lp[i, : len(s["input_ids"])], ref_logps[i], atol=1e-5, rtol=0)

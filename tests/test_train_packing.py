@@ -320,3 +320,18 @@ def test_linear_logprobs_keeping_logits_changes_nothing():
         out[keep] = (lp, ent, *torch.autograd.grad((lp * w + ent).sum(), (hidden, weight)))
     for a, b in zip(out[False], out[True]):
         assert torch.equal(a, b)
+
+
+def test_share_stems_maps_every_position_to_its_stem():
+    from areal_hpc.train.packing import share_stems
+
+    docs = [[1, 2, 3], [1, 2, 4], [5], [5], [1, 2, 3], [1, 9, 3]]
+    ids = torch.tensor([t for d in docs for t in d])
+    cu = torch.tensor([0, 3, 6, 7, 8, 11, 14])
+    stems = share_stems(ids, cu)
+    assert stems.input_ids.tolist() == [1, 2, 5, 1, 9]
+    assert stems.cu_seqlens.tolist() == [0, 2, 3, 5]
+    assert stems.position_ids.tolist() == [0, 1, 0, 0, 1]
+    # a document's last position has no prediction: it borrows its stem's last one
+    assert stems.src.tolist() == [0, 1, 1, 0, 1, 1, 2, 2, 0, 1, 1, 3, 4, 4]
+    assert share_stems(torch.tensor([1, 2, 3, 1]), torch.tensor([0, 1, 2, 4])) is None

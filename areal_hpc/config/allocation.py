@@ -140,8 +140,7 @@ def _check_train(train: ParallelSpec, token: str) -> ParallelSpec:
     return train
 
 
-def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int,
-                        multi_node_tp: bool = False) -> None:
+def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int, multi_node_tp: bool = False) -> None:
     """Check an allocation fits the cluster. ``gpus_per_node == 0`` means CPU-only (no GPU checks)."""
     if gpus_per_node == 0:
         return

@@ -1,10 +1,9 @@
 """Checks of single values, whatever their key, before anything is written or submitted.
 
-`check_values`: finite numbers, no control characters in strings (none at all, not even a newline,
-in what reaches the job script: a newline there is an injected command). `check_ranges`: the
-`RANGES` and `CHOICES` tables, Slurm's syntax for names and options, ``cluster.time`` as Slurm
-reads it. `check_location`: the names that make the run dir, valid and short enough for the
-filesystem (commands that only locate an existing run call it alone).
+`check_values`: finite numbers, no control characters in strings (none at all, not even a newline, in what reaches the
+job script: a newline there is an injected command). `check_ranges`: the `RANGES` and `CHOICES` tables, Slurm's syntax
+for names and options, ``cluster.time`` as Slurm reads it. `check_location`: the names that make the run dir, valid and
+short enough for the filesystem (commands that only locate an existing run call it alone).
 """
 
 from __future__ import annotations

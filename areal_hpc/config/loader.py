@@ -105,16 +105,14 @@ def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
             _check_duplicates(item, source, path)
 
 
-def read_yaml_file(path: str | os.PathLike, key: str = "config",
-                   hint: Optional[str] = None) -> Dict[str, Any]:
+def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[str] = None) -> Dict[str, Any]:
     """A YAML mapping from a user's file, checked: a regular text file of sane size, valid YAML, no
     key given twice. Every problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
     p = Path(path)
     name = "" if key == str(path) else f"{path} "
     if p.is_dir() or not p.is_file():
         what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
-        raise ConfigError(key, f"{name}{what}",
-                          hint or "give the path of a YAML file, e.g. configs/quickstart.yaml")
+        raise ConfigError(key, f"{name}{what}", hint or "give the path of a YAML file, e.g. configs/quickstart.yaml")
     size = p.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",

@@ -119,6 +119,9 @@ class EngineConfig:
     # pad every packed micro-batch to mb_spec.max_tokens_per_mb (compiled layers see one shape);
     # pays when micro-batches are nearly full
     pad_micro_batches: bool = False
+    # run documents that differ only in their last token once (the n samples of a one-token answer,
+    # identical completions); exact, skipped with pad_micro_batches
+    share_stems: bool = True
     fuse_linears: bool = True  # with compile_layers: q/k/v and gate/up as one matmul each
     # FSDP units: layer | model (one unit, kept unsharded through a step: fewer collectives when the
     # weights and fp32 gradients fit on each GPU) | auto (see train/parallel.resolve_fsdp_units)

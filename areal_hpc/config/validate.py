@@ -24,8 +24,7 @@ DATASET_ADAPTERS = ("gsm8k",)  # the built-in adapters of rollout.adapters
 _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 # A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".gguf",
-                  ".yaml")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".gguf", ".yaml")
 # kind: (toy spec, example toy spec, what to give instead)
 _PATHS = {
     "model": (re.compile(r"^toy:(qwen3|llama|qwen2)(-h\d+)?(-l\d+)?(-i\d+)?$"), "toy:qwen3-h128-l2",
@@ -74,8 +73,7 @@ def _check_path(key: str, path: str, kind: str) -> None:
         raise ConfigError(key, f"{kind} path {path!r} does not exist", f"give {give} that submit downloads")
     if kind == "dataset":
         if p.is_file() and p.suffix not in (".jsonl", ".json", ".parquet"):
-            raise ConfigError(key, f"unsupported dataset file type {p.suffix!r}",
-                              "use .jsonl, .json or .parquet")
+            raise ConfigError(key, f"unsupported dataset file type {p.suffix!r}", "use .jsonl, .json or .parquet")
     elif p.is_file():
         raise ConfigError(key, f"{path!r} is a file, not a model directory",
                           "point at the directory save_pretrained wrote: config.json, weights, tokenizer")

@@ -37,8 +37,7 @@ class RequestRejected(PoolError):
 
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
+        self.status, self.message = status, message
 
 
 class _Retryable(Exception):
@@ -99,11 +98,8 @@ class ServerPool:
                  states: Sequence[str] = ("ready", "paused")):
         self.registry = registry
         self.api_key = registry.secret() if api_key is None and registry is not None else api_key
-        self.refresh_s = refresh_s
-        self.request_timeout_s = request_timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.max_failures = max_failures
-        self.wait_servers_timeout_s = wait_servers_timeout_s
+        self.refresh_s, self.request_timeout_s, self.connect_timeout_s = refresh_s, request_timeout_s, connect_timeout_s
+        self.max_failures, self.wait_servers_timeout_s = max_failures, wait_servers_timeout_s
         self.states = tuple(states)
         self._servers: Dict[str, _Server] = {}
         self._order: List[_Server] = []
@@ -419,8 +415,7 @@ class ServerPool:
                                        timeout_s: Optional[float] = None, server_ids: Optional[Iterable[str]] = None
                                        ) -> Dict[str, CallResult]:
         body = api.update_from_disk_body(path, version, abort_all_requests)
-        res = await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=timeout_s,
-                                  server_ids=server_ids)
+        res = await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=timeout_s, server_ids=server_ids)
         for s in self._order:
             if s.id in res and res[s.id].ok:
                 s.record = dict(s.record, weight_version=parse_version(version))
@@ -431,8 +426,7 @@ class ServerPool:
                                         timeout_s: Optional[float] = 600.0) -> Dict[str, CallResult]:
         """One server joins the trainer's weight-update group as rank ``rank_offset``."""
         body = api.init_group_body(master_address, master_port, rank_offset, world_size, group_name, backend)
-        return await self.call_all(*api.INIT_WEIGHTS_UPDATE_GROUP, body, timeout_s=timeout_s,
-                                   server_ids=[server_id])
+        return await self.call_all(*api.INIT_WEIGHTS_UPDATE_GROUP, body, timeout_s=timeout_s, server_ids=[server_id])
 
     async def update_weights_from_distributed(self, names: List[str], dtypes: List[str], shapes: List[List[int]],
                                               group_name: str, version: Any, server_ids: Iterable[str],

@@ -1,11 +1,10 @@
 """SGLang's HTTP API in front of the embedded `hf` engine (aiohttp).
 
-Same paths, field names and semantics as SGLang's ``http_server.py`` for everything our client
-and trainers use, and for a generic SGLang client where the engine can: ``text`` input (when the
-model directory has a tokenizer), ``stream``, and ``sampling_params.n``. Requests are checked
-by `http_validate`: a field this engine does not implement is refused with a 400 naming it.
-Every endpoint requires ``Authorization: Bearer <api key>`` when a key is set. Malformed requests
-get a 4xx with ``{"error": {"message": ...}}``; nothing a client sends can stop the server.
+Same paths, field names and semantics as SGLang's ``http_server.py`` for everything our client and trainers use, and for
+a generic SGLang client where the engine can: ``text`` input (when the model directory has a tokenizer), ``stream``, and
+``sampling_params.n``. Requests are checked by `http_validate`: a field this engine does not implement is refused with a
+400 naming it. Every endpoint requires ``Authorization: Bearer <api key>`` when a key is set. Malformed requests get a
+4xx with ``{"error": {"message": ...}}``; nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ _UNLOADED = object()
 
 
 def error_response(message: str, status: int) -> web.Response:
-    return web.json_response({"error": {"message": message, "code": status}, "message": message},
-                             status=status)
+    return web.json_response({"error": {"message": message, "code": status}, "message": message}, status=status)
 
 
 def _result(ok: bool, message: str, **extra: Any) -> web.Response:
@@ -71,13 +69,10 @@ class EngineServer:
 
     def __init__(self, engine: LLMEngine, api_key: Optional[str] = None, served_model_name: str = "",
                  info: Optional[Dict[str, Any]] = None):
-        self.engine = engine
-        self.runner = engine.runner
-        self.api_key = api_key or None
+        self.engine, self.runner, self.api_key = engine, engine.runner, api_key or None
         self.model_path = self.runner.model_path
         self.served_model_name = served_model_name or self.model_path
-        self.info = dict(info or {})
-        self.started = time.time()
+        self.info, self.started = dict(info or {}), time.time()
         self.groups: Dict[str, Any] = {}
         self._update_lock = asyncio.Lock()  # one update from disk at a time
         self._tokenizer: Any = _UNLOADED
@@ -323,8 +318,7 @@ class EngineServer:
         msg = (f"Succeeded to update model weights from {path} ({res['num_tensors']} tensors, "
                f"{time.monotonic() - t0:.2f}s). Weight version updated to {res['weight_version']}.")
         log.info(msg)
-        return _result(True, msg, num_paused_requests=res["num_paused_requests"],
-                       weight_version=res["weight_version"])
+        return _result(True, msg, num_paused_requests=res["num_paused_requests"], weight_version=res["weight_version"])
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         body = await read_json(request)

@@ -1,8 +1,7 @@
 """What the `hf` server accepts from a client, checked before anything reaches the engine.
 
-A field SGLang accepts that this engine does not implement is refused with a 400 naming it
-(`FIELD_POLICIES`), never silently ignored; ``tests/test_inference_sglang_contract.py`` checks
-this against SGLang's own request structs.
+A field SGLang accepts that this engine does not implement is refused with a 400 naming it (`FIELD_POLICIES`), never
+silently ignored; ``tests/test_inference_sglang_contract.py`` checks this against SGLang's own request structs.
 """
 
 from __future__ import annotations
@@ -28,10 +27,9 @@ class RequestError(Exception):
 class FieldPolicy:
     """What the hf engine does with the JSON fields SGLang accepts on one route.
 
-    ``honoured``: implemented. ``noop``: accepted because they cannot change what this server
-    returns (metadata, CUDA-cache hints). Any other field with a value other than a neutral one
-    (None, false, "", [], {} or a value listed in ``neutral``) is refused with a 400 naming it:
-    a 200 without what was asked for is worse than a clear refusal."""
+    ``honoured``: implemented. ``noop``: accepted because they cannot change what this server returns (metadata,
+    CUDA-cache hints). Any other field with a value other than a neutral one (None, false, "", [], {} or a value listed
+    in ``neutral``) is refused with a 400 naming it: a 200 without what was asked for is worse than a clear refusal."""
 
     honoured: FrozenSet[str]
     noop: FrozenSet[str] = frozenset()

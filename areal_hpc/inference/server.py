@@ -1,11 +1,10 @@
 """``areal-hpc serve``: the lifecycle of one inference server.
 
-start the backend (embedded `hf` engine in this process, or an SGLang subprocess) -> wait for
-health -> load the run's newest published weights (registry ``weights/latest``) -> register
-``servers/<id>`` and heartbeat it -> serve until SIGTERM/SIGINT -> deregister, abort running
-requests (clients resume them elsewhere), stop. A SIGKILLed server's record expires after the
-registry TTL. Every endpoint needs the run's key (`Registry.secret`). The `hf` backend binds
-port 0 itself, so concurrently started servers never collide.
+start the backend (embedded `hf` engine in this process, or an SGLang subprocess) -> wait for health -> load the run's
+newest published weights (registry ``weights/latest``) -> register ``servers/<id>`` and heartbeat it -> serve until
+SIGTERM/SIGINT -> deregister, abort running requests (clients resume them elsewhere), stop. A SIGKILLed server's record
+expires after the registry TTL. Every endpoint needs the run's key (`Registry.secret`). The `hf` backend binds port 0
+itself, so concurrently started servers never collide.
 """
 
 from __future__ import annotations
@@ -49,11 +48,8 @@ class ServerLifecycle:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.run_dir = Path(run_dir)
-        self.cfg = cfg
-        self.model_path = model_path or cfg.model_path
-        self.launcher = launcher
-        self.server_id = server_id
-        self.backend = backend
+        self.cfg, self.model_path, self.launcher = cfg, model_path or cfg.model_path, launcher
+        self.server_id, self.backend = server_id, backend
         self.gpus = _visible_gpus(gpus)
         self.tp_size = int(tp_size or (max(1, len(self.gpus)) * max(1, nnodes) if backend == "sglang" else 1))
         self.nnodes, self.node_rank, self.dist_init_addr = nnodes, node_rank, dist_init_addr
@@ -65,8 +61,7 @@ class ServerLifecycle:
         self.api_key = self.registry.secret()
         self.bind_host = cfg.host or "0.0.0.0"
         self.advertise_host = cfg.host if cfg.host not in ("", "0.0.0.0", "::") else socket.gethostname()
-        self.port = 0
-        self.state = "starting"
+        self.port, self.state = 0, "starting"
         self.weight_version: Any = 0
         self.started_at = time.time()
         self.heartbeat: Optional[Heartbeat] = None
@@ -121,11 +116,9 @@ class ServerLifecycle:
         while time.monotonic() < deadline and not self._stop.is_set():
             if not self._backend_alive():
                 return False
-            try:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 if (await self._request(*api.HEALTH, timeout=5.0))[0] == 200:
                     return True
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                pass
             await self._sleep(0.5)
         return False
 
@@ -255,29 +248,24 @@ class ServerLifecycle:
             return False
 
     def _lost_run(self) -> None:
-        log.error("server %s: the run's registry is gone or belongs to another run now; shutting down",
-                  self.server_id)
+        log.error("server %s: the run's registry is gone or belongs to another run now; shutting down", self.server_id)
         if self._stop is not None:
             self._stop.set()
 
     async def _refresh_sglang_version(self) -> None:
-        try:
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
             status, body = await self._request(*api.MODEL_INFO, timeout=5.0)
             version = api.model_info_version(body) if status == 200 else None
             if version is not None:
                 self.weight_version = version
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            pass
 
     # ------------------------------------------------------------------ main
     async def run(self) -> int:
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._stop.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
         self._session = aiohttp.ClientSession()
         code = EXIT_OK
         try:
@@ -362,10 +350,8 @@ def serve(run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherC
     """Run one server until SIGTERM/SIGINT; returns the process exit code.
 
     Keyword options: ``tp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr`` (SGLang multi-node
-    tensor parallelism); any other keyword is added to the registry record.
-    """
-    opts = {k: extra_fields.pop(k) for k in ("tp_size", "nnodes", "node_rank", "dist_init_addr")
-            if k in extra_fields}
+    tensor parallelism); any other keyword is added to the registry record."""
+    opts = {k: extra_fields.pop(k) for k in ("tp_size", "nnodes", "node_rank", "dist_init_addr") if k in extra_fields}
     from areal_hpc.toy import resolve_model
 
     model_path = resolve_model(model_path or cfg.model_path)

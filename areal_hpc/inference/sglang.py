@@ -124,10 +124,8 @@ def base_gpu_and_env(gpus: Sequence[int], tp_size: int, env: Optional[Mapping[st
                      ) -> tuple[int, Dict[str, str]]:
     """``--base-gpu-id`` and extra environment for a server given its GPU ids.
 
-    With ``CUDA_VISIBLE_DEVICES`` already set (Slurm's ``--gpus-per-task``), the visible devices are
-    this server's: base 0. Otherwise contiguous ids start at their minimum, and scattered ids are
-    made visible explicitly (base 0).
-    """
+    With ``CUDA_VISIBLE_DEVICES`` already set (Slurm's ``--gpus-per-task``), the visible devices are this server's: base
+    0. Otherwise contiguous ids start at their minimum, and scattered ids are made visible explicitly (base 0)."""
     env = os.environ if env is None else env
     if env.get("CUDA_VISIBLE_DEVICES") or not gpus:
         return 0, {}
@@ -141,9 +139,7 @@ class SGLangProcess:
     """One ``sglang.launch_server`` subprocess in its own process group."""
 
     def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
-        self.argv = argv
-        self.env = dict(os.environ, **(env or {}))
-        self.log_path = log_path
+        self.argv, self.env, self.log_path = argv, dict(os.environ, **(env or {})), log_path
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "SGLangProcess":

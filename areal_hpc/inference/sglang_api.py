@@ -1,9 +1,8 @@
 """Our side of SGLang's HTTP API: every route we call, every body we send, every response we read.
 
-The client pool, the server lifecycle and the trainer talk to inference servers only through
-these routes, body builders and parsers, so ``tools/sglang_contract.py`` can check all of it
-against SGLang's own source: routes and methods, body fields and types against SGLang's request
-structs, and the keys read here against what SGLang puts in responses.
+The client pool, the server lifecycle and the trainer talk to inference servers only through these routes, body builders
+and parsers, so ``tools/sglang_contract.py`` can check all of it against SGLang's own source: routes and methods, body
+fields and types against SGLang's request structs, and the keys read here against what SGLang puts in responses.
 """
 
 from __future__ import annotations

@@ -129,9 +129,8 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
 
 def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = False,
                 timeout_s: Optional[float] = None) -> int:
-    """Ask the run's owner for ``count`` more servers and wait until they serve; what a Slurm
-    allocation has no room for goes to a job of its own (as all do with ``new_job``), and the wait
-    is for all of them, wherever they run."""
+    """Ask the run's owner for ``count`` more servers and wait until they serve; what a Slurm allocation has no room for
+    goes to a job of its own (as all do with ``new_job``), and the wait is for all of them, wherever they run."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
     if not launcher_alive(run, reg) and not new_job:

@@ -3,11 +3,10 @@
 It starts every step of plan.json as an ``srun --exact`` job step (`SrunRunner`) and hands them
 to a `RunOwner` (restarts, requests, shutdown). Logs: {run}/logs/driver.log.
 
-USR2 (Slurm's warning before the time limit, preemption, ``scancel --signal=USR2 --batch``):
-`prepare_requeue` has the trainer checkpoint at its next step boundary and the servers deregister;
-then the job is requeued -- by submitit when the driver is its payload
-(`slurm_submit.Driver.checkpoint`), by ``scontrol requeue`` otherwise -- and the requeued driver
-starts everything again; the trainer resumes from its checkpoint.
+USR2 (Slurm's warning before the time limit, preemption, ``scancel --signal=USR2 --batch``): `prepare_requeue` has the
+trainer checkpoint at its next step boundary and the servers deregister; then the job is requeued -- by submitit when
+the driver is its payload (`slurm_submit.Driver.checkpoint`), by ``scontrol requeue`` otherwise -- and the requeued
+driver starts everything again; the trainer resumes from its checkpoint.
 
 Started by `areal-hpc submit` (mode=slurm) through submitit, or by hand inside an allocation:
 ``areal-hpc driver --run-dir RUN``.
@@ -15,6 +14,7 @@ Started by `areal-hpc submit` (mode=slurm) through submitit, or by hand inside a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -69,10 +69,8 @@ class SrunHandle(StepHandle):
         if self.step_id and not slurm.scancel(f"{self.job_id}.{self.step_id}", signal.Signals(sig).name[3:]) \
                 and sig != signal.SIGKILL:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def info(self) -> Dict[str, object]:
         return {"srun_pid": self.proc.pid, "slurm_job_id": self.job_id, "slurm_step_id": self.step_id,
@@ -83,11 +81,9 @@ class SrunHandle(StepHandle):
 class SrunRunner(Runner):
     """Starts StepSpecs as ``srun --exact`` steps of the driver's own job.
 
-    Steps are created one after another (each waits until Slurm lists the previous one), so on a
-    node the GPUs go to steps in plan order: the GPU ids the plan shows are the ones they get.
-    Added servers (``relative_node=-1``) go on the first node with enough free GPUs, CPUs and
-    memory, accounting what the live steps use.
-    """
+    Steps are created one after another (each waits until Slurm lists the previous one), so on a node the GPUs go to
+    steps in plan order: the GPU ids the plan shows are the ones they get. Added servers (``relative_node=-1``) go on
+    the first node with enough free GPUs, CPUs and memory, accounting what the live steps use."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, job_id: str, step_timeout_s: float = 60.0,
                  env: Optional[Dict[str, str]] = None):

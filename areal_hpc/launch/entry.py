@@ -59,9 +59,8 @@ def set_parent_death_signal(sig: int) -> None:
 
 
 def stop_with_launcher() -> None:
-    """mode=local: get SIGTERM (the graceful stop) when the `submit` that started us dies, even
-    by SIGKILL, instead of running on as an orphan. A no-op under Slurm (where the launcher's pid
-    is not set: slurmstepd cleans up a step)."""
+    """mode=local: get SIGTERM (the graceful stop) when the `submit` that started us dies, even by SIGKILL, instead of
+    running on as an orphan. A no-op under Slurm (where the launcher's pid is not set: slurmstepd cleans up a step)."""
     parent = os.environ.get(LAUNCHER_PID_ENV)
     if not parent or _PRCTL is None:
         return

@@ -1,17 +1,17 @@
 """External servers: SGLang or `hf` servers a run did not start, attached to it by URL.
 
-`attach` (``add-servers url=...``) checks ``/health`` with the given key, has the server load the
-run's newest published weights (also the check that it can read ``weights/``, which disk updates
-need), and writes its record ``servers/ext-N`` (``external: true``, its API key kept inside the
-private registry); every pool discovers it there. Nobody heartbeats for it: the run's owner
-refreshes its record while ``/health`` answers (`ExternalWatch`); one silent for ``launcher.ttl_s``
-expires. `detach` (``remove-server``) removes it; the server keeps running either way, and `stop`
-leaves it running unless asked (`stop_process`). ``areal-hpc serve`` started by hand with a run's
-names is a normal server that registers itself, marked external because the owner did not start it.
+`attach` (``add-servers url=...``) checks ``/health`` with the given key, has the server load the run's newest published
+weights (also the check that it can read ``weights/``, which disk updates need), and writes its record ``servers/ext-N``
+(``external: true``, its API key kept inside the private registry); every pool discovers it there. Nobody heartbeats for
+it: the run's owner refreshes its record while ``/health`` answers (`ExternalWatch`); one silent for ``launcher.ttl_s``
+expires. `detach` (``remove-server``) removes it; the server keeps running either way, and `stop` leaves it running
+unless asked (`stop_process`). ``areal-hpc serve`` started by hand with a run's names is a normal server that registers
+itself, marked external because the owner did not start it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -91,8 +91,7 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
         raise ConfigError("url", f"{base} does not answer {api.HEALTH.path} ({reason})",
                           "start the server first, and check the host and port") from None
     if status in (401, 403):
-        raise ConfigError("api_key", f"{base} refused the key (HTTP {status})",
-                          "pass the server's key as api_key=...")
+        raise ConfigError("api_key", f"{base} refused the key (HTTP {status})", "pass the server's key as api_key=...")
     if status != 200:
         raise ConfigError("url", f"{base}{api.HEALTH.path} answered HTTP {status}: {api.error_message(body)}")
     info: Dict[str, Any] = {}
@@ -222,9 +221,8 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
 
 
 class ExternalWatch:
-    """The owner's health checks of attached servers, on a daemon thread: a record is refreshed
-    (with the server's weight version) while ``/health`` answers, and removed once it has expired
-    (no answer for the registry TTL)."""
+    """The owner's health checks of attached servers, on a daemon thread: a record is refreshed (with the server's
+    weight version) while ``/health`` answers, and removed once it has expired (no answer for the registry TTL)."""
 
     def __init__(self, reg: Registry, interval_s: float, timeout_s: float = 5.0):
         self.reg, self.interval_s, self.timeout_s = reg, interval_s, timeout_s
@@ -260,11 +258,9 @@ class ExternalWatch:
             if not healthy(rec["url"], key, self.timeout_s):
                 continue
             version = rec.get("weight_version")
-            try:
+            with contextlib.suppress(OSError):
                 status, body = call(rec["url"], api.MODEL_INFO, key, timeout=self.timeout_s)
                 version = api.model_info_version(body) if status == 200 else None
-            except OSError:
-                pass
             # under the record's lock: a `remove-server` meanwhile wins (None stays None)
             self.reg.update("servers", sid, lambda old: old and {
                 **old, "weight_version": old.get("weight_version") if version is None else version}, ttl=True)

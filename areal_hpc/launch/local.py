@@ -1,10 +1,10 @@
-"""`mode=local`: the plan's steps as subprocesses of this machine, each in its own process group,
-each task with its log in {run}/logs/. The foreground `submit` is the run's owner: it shows a
-progress bar, serves add-servers/stop requests; Ctrl-C stops the run gracefully and waits for it
-(a second Ctrl-C kills what is left), then prints the summary."""
+"""`mode=local`: the plan's steps as subprocesses of this machine, each in its own process group, each task with its log
+in {run}/logs/. The foreground `submit` is the run's owner: it shows a progress bar, serves add-servers/stop requests;
+Ctrl-C stops the run gracefully and waits for it (a second Ctrl-C kills what is left), then prints the summary."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,10 +40,8 @@ class ProcessHandle(StepHandle):
     def signal(self, sig: int) -> None:
         for p in self.procs:
             if p.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, sig)  # the whole process group: children die too
-                except ProcessLookupError:
-                    pass
 
     def info(self) -> Dict[str, object]:
         return {"pids": [p.pid for p in self.procs], "gpus": self.gpus}
@@ -93,10 +91,8 @@ class Progress:
     """A progress bar on the terminal fed by {run}/metrics.jsonl (the trainer runs elsewhere)."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
-        self.path = run_dir / "metrics.jsonl"
-        self.total = cfg.trainer.total_train_steps
-        self.enabled = cfg.stats.progress_bar and cfg.trainer.type != "null"
-        self._bar = None
+        self.path, self.total = run_dir / "metrics.jsonl", cfg.trainer.total_train_steps
+        self.enabled, self._bar = cfg.stats.progress_bar and cfg.trainer.type != "null", None
         self._offset = self.path.stat().st_size if self.path.exists() else 0
 
     def tick(self) -> None:

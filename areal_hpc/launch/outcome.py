@@ -3,14 +3,14 @@
 The run's owner (`owner.RunOwner`) records ``state`` / ``reason`` / ``log`` in the registry's
 ``run.json``; `status` reads them back, `submit` and the Slurm job exit with `exit_code(state)`.
 
-States: ``PENDING`` (submitted, no owner yet), ``RUNNING``, ``REQUEUED`` (time limit or
-preemption: checkpointed, the job waits to run again), and the final ones ``COMPLETED`` (the
-trainer reached its goal), ``FAILED`` (it did not: the reason is the error line of the failing
-log), ``STOPPED`` (`areal-hpc stop`, Ctrl-C: checkpointed, resumable).
+States: ``PENDING`` (submitted, no owner yet), ``RUNNING``, ``REQUEUED`` (time limit or preemption: checkpointed, the
+job waits to run again), and the final ones ``COMPLETED`` (the trainer reached its goal), ``FAILED`` (it did not: the
+reason is the error line of the failing log), ``STOPPED`` (`areal-hpc stop`, Ctrl-C: checkpointed, resumable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -58,10 +58,8 @@ def log_sizes(pattern: str) -> Dict[str, int]:
     """Current sizes of a step's log files: a later `error_line` reads only what came after."""
     out = {}
     for p in log_files(pattern):
-        try:
+        with contextlib.suppress(OSError):
             out[p] = os.path.getsize(p)
-        except OSError:
-            pass
     return out
 
 

@@ -78,8 +78,7 @@ class RunOwner:
     """Owns one run: its steps, its requests, and the record of how it ended (`outcome`).
 
     Stopping: `request_stop` (a ``stop`` request, Ctrl-C, SIGTERM) has the trainer checkpoint and
-    the servers deregister; `request_force` (a second Ctrl-C, ``stop`` again) kills what is left.
-    """
+    the servers deregister; `request_force` (a second Ctrl-C, ``stop`` again) kills what is left."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Runner, mode: str,
                  job_id: Optional[str] = None, linger: bool = False):
@@ -92,10 +91,7 @@ class RunOwner:
         self.servers: Dict[str, StepHandle] = {}
         self.trainer: Optional[StepHandle] = None
         self.trainer_rc: Optional[int] = None
-        self.restarts = 0
-        self.stopping = False
-        self.force = False
-        self.stop_reason = "stop requested"
+        self.restarts, self.stopping, self.force, self.stop_reason = 0, False, False, "stop requested"
         # how the run stands (run.json): RUNNING until the end, then COMPLETED / FAILED / STOPPED
         self.state, self.reason, self.log_path = outcome.RUNNING, None, None
         self.trainer_done = False  # the last trainer finished its run (exit 0, not stopped by us)

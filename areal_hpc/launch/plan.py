@@ -96,10 +96,9 @@ def hf_cache_dir(cfg: ExperimentConfig) -> Path:
 
 
 def step_env(cfg: ExperimentConfig, cpus: int) -> Dict[str, str]:
-    """Each task uses the CPUs it was given (torch otherwise starts a thread per core in every
-    process, and a server and a trainer sharing a small node thrash). Steps never reach the Hub:
-    `submit` resolved every name to a local path on the login node (`launch.resolve`); their caches
-    live in the shared one, so `datasets` prepares a dataset once."""
+    """Each task uses the CPUs it was given (torch otherwise starts a thread per core in every process, and a server and
+    a trainer sharing a small node thrash). Steps never reach the Hub: `submit` resolved every name to a local path on
+    the login node (`launch.resolve`); their caches live in the shared one, so `datasets` prepares a dataset once."""
     root = hf_cache_dir(cfg)
     return {"OMP_NUM_THREADS": str(cpus), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root), "HF_HUB_CACHE": str(root / "hub"),

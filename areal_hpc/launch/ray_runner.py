@@ -1,17 +1,17 @@
 """`mode=ray`: the plan's steps on an existing Ray cluster (``cluster.ray_address``).
 
-Each step is a placement group shaped like its ``srun`` step (one bundle per node holding that
-node's tasks' CPUs and GPUs), pinned to the Ray node the plan puts it on (``ray.io/node-id``: the
-plan's node k is the run's k-th eligible node, picked at submit). Each task is a `StepTask` actor
-that runs the same ``areal-hpc serve`` / ``train`` command as a Slurm step, with the environment
-srun would give it; the process dies with its actor. The owner runs in the submitting process, as
-with mode=local. With ``shutdown_server_on_exit=False`` the servers' actors and groups are
-detached (they outlive the submit; ``stop`` removes them, `stop_leftovers`). ``registry/ray.json``
-names the cluster, namespace and name prefix of the run's actors and placement groups.
+Each step is a placement group shaped like its ``srun`` step (one bundle per node holding that node's tasks' CPUs and
+GPUs), pinned to the Ray node the plan puts it on (``ray.io/node-id``: the plan's node k is the run's k-th eligible
+node, picked at submit). Each task is a `StepTask` actor that runs the same ``areal-hpc serve`` / ``train`` command as a
+Slurm step, with the environment srun would give it; the process dies with its actor. The owner runs in the submitting
+process, as with mode=local. With ``shutdown_server_on_exit=False`` the servers' actors and groups are detached (they
+outlive the submit; ``stop`` removes them, `stop_leftovers`). ``registry/ray.json`` names the cluster, namespace and
+name prefix of the run's actors and placement groups.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -155,10 +155,8 @@ class StepTask:
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)  # its process group: a server's children too
-            except ProcessLookupError:
-                pass
 
 
 # ----------------------------------------------------------------------------- handles and runner
@@ -227,10 +225,8 @@ def _signal_all(actors: List[Any], sig: int, timeout_s: float = 10.0) -> None:
     if not actors:
         return
     refs = [a.signal.remote(int(sig)) for a in actors]
-    try:
+    with contextlib.suppress(Exception):  # a dead actor: nothing to signal
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - a dead actor: nothing to signal
-        pass
 
 
 def release(actors: List[Any], pg: Optional[Any], alive: List[int]) -> None:
@@ -241,15 +237,11 @@ def release(actors: List[Any], pg: Optional[Any], alive: List[int]) -> None:
     if alive:
         _signal_all([actors[i] for i in alive], signal.SIGKILL)
     for a in actors:
-        try:
+        with contextlib.suppress(Exception):  # gone already
             ray.kill(a, no_restart=True)
-        except Exception:  # noqa: BLE001 - gone already
-            pass
     if pg is not None:
-        try:
+        with contextlib.suppress(Exception):  # removed already
             remove_placement_group(pg)
-        except Exception:  # noqa: BLE001 - removed already
-            pass
 
 
 class RayRunner(Runner):
@@ -399,10 +391,8 @@ def stop_leftovers(reg: Registry, grace_s: float = 30.0) -> List[str]:
     names = sorted(n for n in ray.util.list_named_actors() if n.startswith(rec["prefix"]))
     actors = []
     for n in names:
-        try:
+        with contextlib.suppress(ValueError):
             actors.append(ray.get_actor(n, namespace=NAMESPACE))
-        except ValueError:
-            pass
     _signal_all(actors, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     live = list(actors)

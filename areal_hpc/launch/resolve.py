@@ -1,17 +1,17 @@
 """The login node resolves models and datasets; compute nodes stay offline.
 
-Compute nodes of many clusters have no internet, and a bad model or dataset found there costs an
-allocation. `resolve(cfg)` runs in `submit` (``--dry-run`` too) before the run dir is written:
-hub names are downloaded into ``cluster.hf_cache`` on the shared filesystem and the config's paths
-become the local snapshots (steps run offline, `plan.step_env`); a model must load (config,
-weights, a tokenizer that fits its vocabulary); a dataset must load with its ``name`` and
-``split`` (the split chosen is written back), hold rows, and have the configured columns after its
-``adapter``. Local JSON Lines files are parsed whole, other formats on their first rows. Every
-problem is a `ConfigError` naming the key; `toy:` specs pass untouched.
+Compute nodes of many clusters have no internet, and a bad model or dataset found there costs an allocation.
+`resolve(cfg)` runs in `submit` (``--dry-run`` too) before the run dir is written: hub names are downloaded into
+``cluster.hf_cache`` on the shared filesystem and the config's paths become the local snapshots (steps run offline,
+`plan.step_env`); a model must load (config, weights, a tokenizer that fits its vocabulary); a dataset must load with
+its ``name`` and ``split`` (the split chosen is written back), hold rows, and have the configured columns after its
+``adapter``. Local JSON Lines files are parsed whole, other formats on their first rows. Every problem is a
+`ConfigError` naming the key; `toy:` specs pass untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -119,12 +119,10 @@ def _quiet() -> None:
         disable_progress_bars()
     for name in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    with contextlib.suppress(ImportError):
         import transformers
 
         transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 # ------------------------------------------------------------------ hub

@@ -1,11 +1,10 @@
 """`mode=slurm` from the login node: the run's allocation (submitit), and server jobs joining a run.
 
-`submit`: ``sbatch --test-only`` first (Slurm's refusal is one line naming the key), then
-submitit submits ONE allocation (#SBATCH values as in `sbatch/allocation.sbatch`,
-``--signal=B:USR2@90``, ``--requeue``) whose payload, `Driver`, runs `driver.main` in the batch
-script itself (the interpreter ``exec``-ed so that the batch-shell signal reaches it).
-`submit_server_job`: ``add-servers --new-job`` (or an allocation without room), a separate job of
-servers from the rendered `sbatch/add-servers.sbatch`.
+`submit`: ``sbatch --test-only`` first (Slurm's refusal is one line naming the key), then submitit submits ONE
+allocation (#SBATCH values as in `sbatch/allocation.sbatch`, ``--signal=B:USR2@90``, ``--requeue``) whose payload,
+`Driver`, runs `driver.main` in the batch script itself (the interpreter ``exec``-ed so that the batch-shell signal
+reaches it). `submit_server_job`: ``add-servers --new-job`` (or an allocation without room), a separate job of servers
+from the rendered `sbatch/add-servers.sbatch`.
 """
 
 from __future__ import annotations
@@ -90,8 +89,7 @@ class Driver(submitit.helpers.Checkpointable):
     On USR2 submitit calls `checkpoint`: the live run's trainer checkpoints and stops, servers
     deregister, and the returned submission (this same driver) is what the requeued job runs.
     How the job ends says how the run did: COMPLETED; FAILED with exit 1 (`RunFailed`, whose
-    message is the reason, also what `job.result()` raises); CANCELLED when stopped on purpose.
-    """
+    message is the reason, also what `job.result()` raises); CANCELLED when stopped on purpose."""
 
     def __init__(self, run_dir: str):
         self.run_dir = str(run_dir)
@@ -198,10 +196,9 @@ def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
 
 
 def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
-    """``sbatch --test-only`` of the allocation's #SBATCH options: Slurm says whether it would ever
-    accept the job (partition, node count, CPUs, memory, GPUs, time) without queueing anything. A job
-    no node can satisfy is otherwise accepted and left PENDING forever on clusters that do not set
-    EnforcePartLimits."""
+    """``sbatch --test-only`` of the allocation's #SBATCH options: Slurm says whether it would ever accept the job
+    (partition, node count, CPUs, memory, GPUs, time) without queueing anything. A job no node can satisfy is otherwise
+    accepted and left PENDING forever on clusters that do not set EnforcePartLimits."""
     script = "#!/bin/bash\n" + "\n".join(sbatch_lines(cfg, plan)) + "\ntrue\n"
     r = slurm.sbatch_test_only(script)
     if r is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -72,10 +73,8 @@ class RunDirSnapshot:
         if self.rd in self.new_dirs:
             shutil.rmtree(self.rd, ignore_errors=True)
             for d in reversed(self.new_dirs[:-1]):
-                try:
+                with contextlib.suppress(OSError):
                     d.rmdir()  # only if empty: a concurrent submit may have put a run there
-                except OSError:
-                    pass
             return
         for name, data in self.files.items():
             if data is None:

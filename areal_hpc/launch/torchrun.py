@@ -1,20 +1,19 @@
 """`mode=torchrun`: one machine; servers as local processes (as mode=local), the trainer under
 torchrun's elastic agent (``python -m torch.distributed.run``).
 
-The agent starts one process per trainer rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT are
-its), rendezvous c10d on localhost, and restarts all ranks when one dies, up to
-``trainer.max_restarts`` times (``--max-restarts``); the restarted ranks resume from the last
-checkpoint and push their weights to the live servers before generating. The run's owner does not
-restart the trainer itself (`Runner.trainer_restarts_itself`): what mode=local does in the owner,
-the agent does here. The agent's rendezvous store is not shared with the ranks
-(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): shared, the restarted ranks of torch 2.5+ can read the
-dead ranks' addresses from it and hang in ``init_process_group`` (pytorch/pytorch#135712).
-The agent's own log is {run}/logs/torchrun.log; each rank appends to
+The agent starts one process per trainer rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT are its), rendezvous c10d
+on localhost, and restarts all ranks when one dies, up to ``trainer.max_restarts`` times (``--max-restarts``); the
+restarted ranks resume from the last checkpoint and push their weights to the live servers before generating. The run's
+owner does not restart the trainer itself (`Runner.trainer_restarts_itself`): what mode=local does in the owner, the
+agent does here. The agent's rendezvous store is not shared with the ranks (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``):
+shared, the restarted ranks of torch 2.5+ can read the dead ranks' addresses from it and hang in ``init_process_group``
+(pytorch/pytorch#135712). The agent's own log is {run}/logs/torchrun.log; each rank appends to
 {run}/logs/trainer-<rank>.log as under the other launchers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -57,10 +56,8 @@ def _children(pid: int) -> List[int]:
         return []
     out: List[int] = []
     for t in tasks:
-        try:
+        with contextlib.suppress(OSError):
             out += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
-        except OSError:
-            pass
     return out
 
 
@@ -74,10 +71,8 @@ class AgentHandle(ProcessHandle):
             # a graceful stop goes to the ranks: they checkpoint and exit 0, so the agent ends with
             # success instead of treating the signal as its own failure
             for pid in ranks:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             return
         super().signal(sig)
 

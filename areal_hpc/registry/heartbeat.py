@@ -49,9 +49,7 @@ class Heartbeat:
                  remove_on_exit: bool = True, still_ours: Optional[Callable[[], bool]] = None,
                  on_lost: Optional[Callable[[], None]] = None):
         self.registry, self.kind, self.name = registry, kind, name
-        self._data = data
-        self.interval_s = interval_s
-        self.remove_on_exit = remove_on_exit
+        self._data, self.interval_s, self.remove_on_exit = data, interval_s, remove_on_exit
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.still_ours, self.on_lost = still_ours, on_lost

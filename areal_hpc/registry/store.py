@@ -12,6 +12,7 @@ that vanishes between listing and reading as absent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -55,9 +56,7 @@ class Registry:
     def __init__(self, root: str | os.PathLike, lock_kind: str = "flock", ttl_s: float = 15.0,
                  lock_timeout_s: float = 30.0, stale_lock_s: float = 60.0):
         self.root = Path(root)
-        self.lock_kind = lock_kind
-        self.ttl_s = float(ttl_s)
-        self.lock_timeout_s = lock_timeout_s
+        self.lock_kind, self.ttl_s, self.lock_timeout_s = lock_kind, float(ttl_s), lock_timeout_s
         self.stale_lock_s = stale_lock_s
         if lock_kind not in LOCK_CLASSES:
             raise ValueError(f"lock_kind must be one of {', '.join(LOCK_CLASSES)}, not {lock_kind!r}")
@@ -184,11 +183,9 @@ class Registry:
 
     def _break_stale_soft_lock(self, path: Path) -> None:
         # a SIGKILLed holder on another host leaves its soft lock file behind: known dead by age only
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if time.time() - path.stat().st_mtime > self.stale_lock_s:
                 path.unlink()
-        except FileNotFoundError:
-            pass
 
     def update(self, kind: str, name: str, fn: Callable[[Optional[Dict[str, Any]]], Optional[Dict[str, Any]]],
                ttl: bool = False) -> Optional[Dict[str, Any]]:
@@ -242,10 +239,8 @@ class Registry:
         """The run's API key (created once, mode 0600)."""
         self._dir("")
         path = self.root / "secret"
-        try:
+        with contextlib.suppress(FileNotFoundError):
             return path.read_text().strip()
-        except FileNotFoundError:
-            pass
         key = secrets.token_urlsafe(32)
         # link fails if the secret exists: racing processes all get the first key, never half a file
         tmp = self.root / f".secret.{os.getpid()}.{time.monotonic_ns()}"

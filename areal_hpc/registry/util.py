@@ -11,8 +11,7 @@ from typing import Optional, Union
 _SEQ = itertools.count()
 
 
-def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666,
-                 fsync: bool = False) -> str:
+def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666, fsync: bool = False) -> str:
     """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``, so a
     reader sees the old file or the new one, never half of one. ``mode`` is the new file's mode
     before the umask; ``fsync`` flushes the data to disk before the rename."""

@@ -139,28 +139,34 @@ class FSDPEngine:
 
     def micro_batches(self, batch: Batch) -> List[MicroBatch]:
         return make_micro_batches(batch, self.mb_spec.max_tokens_per_mb, self.mb_spec.n_mbs,
-                                  pad_token_id=self.pad_token_id, pad=self.config.pad_micro_batches)
+                                  pad_token_id=self.pad_token_id, pad=self.config.pad_micro_batches,
+                                  share=self.config.share_stems)
 
     def _run(self, mb: MicroBatch, temperature: float, with_entropy: bool) -> Dict[str, torch.Tensor]:
         ids = mb.data["input_ids"]
+        stems = mb.stems  # the model runs on the distinct stems; `src` spreads their outputs back
+        run_ids, run_pos, cu_seqlens = (stems.input_ids, stems.position_ids, stems.cu_seqlens) if stems else (
+            ids, mb.data["position_ids"], mb.cu_seqlens)
         extra = {}
         if self.config.attn_impl in packed_attention.ALIASES:  # document boundaries for varlen attention
-            cu = async_to_device(mb.cu_seqlens.to(torch.int32), ids.device)
+            cu = async_to_device(cu_seqlens.to(torch.int32), ids.device)
             # padded micro-batches pass a constant as the longest document: one value fewer that
             # varies in compiled code
             if self.config.pad_micro_batches:
                 max_len = mb.n_tokens
             else:
-                max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
+                max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-        inputs = dict(input_ids=ids.unsqueeze(0), position_ids=mb.data["position_ids"].unsqueeze(0),
+        inputs = dict(input_ids=run_ids.unsqueeze(0), position_ids=run_pos.unsqueeze(0),
                       attention_mask=None, use_cache=False, **extra)
         starts = mb.doc_starts(ids.device)
+        src = stems.src if stems else None
         if self.fused_lm_head:
-            logp, ent = self.model(**inputs, logprobs_of=(starts, temperature, with_entropy))
+            logp, ent = self.model(**inputs, logprobs_of=(ids, starts, src, temperature, with_entropy))
         else:
             logits = self.model(**inputs).logits[0]
-            logp, ent = packed_token_logprobs(logits, ids, starts, temperature, with_entropy)
+            logp, ent = packed_token_logprobs(logits if src is None else logits[src], ids, starts, temperature,
+                                              with_entropy)
         out = {"logprobs": logp}
         if ent is not None:
             out["entropy"] = ent
@@ -373,9 +379,11 @@ def fused_head_unsupported(model: torch.nn.Module) -> str:
 
 
 def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -> None:
-    """Let ``model(**inputs, logprobs_of=(doc_starts, temperature, with_entropy))`` return per-token
-    ``(logprobs, entropy)`` of one packed row from the last hidden states (`linear_logprobs`),
-    through the root's ``__call__``, so FSDP2's hooks gather the root's parameters as usual."""
+    """Let ``model(**inputs, logprobs_of=(ids, doc_starts, src, temperature, with_entropy))`` return
+    per-token ``(logprobs, entropy)`` of the packed row ``ids`` from the last hidden states
+    (`linear_logprobs`), through the root's ``__call__``, so FSDP2's hooks gather the root's
+    parameters as usual. ``src`` (or None) picks the hidden state of each position of ``ids`` when
+    the model ran on shared stems (`packing.share_stems`)."""
     hf_forward = model.forward
     base = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
@@ -383,9 +391,11 @@ def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -
     def forward(*args, logprobs_of=None, **kwargs):
         if logprobs_of is None:
             return hf_forward(*args, **kwargs)
-        starts, temperature, with_entropy = logprobs_of
+        ids, starts, src, temperature, with_entropy = logprobs_of
         hidden = base(*args, **kwargs).last_hidden_state[0]
-        labels = torch.roll(kwargs["input_ids"][0], shifts=-1)
+        if src is not None:
+            hidden = hidden[src]
+        labels = torch.roll(ids, shifts=-1)
         return shift_to_tokens(*linear_logprobs(hidden, head.weight, labels, temperature, with_entropy,
                                                 keep_logits=keep_logits), starts)
 

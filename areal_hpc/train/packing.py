@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -20,14 +20,33 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Stems:
+    """What the model runs on when documents share a stem (every token but the last; the last
+    token's logits predict nothing): each distinct stem once, packed (``input_ids``,
+    ``position_ids``, ``cu_seqlens``), and ``src [T]``, the stem position whose outputs stand for
+    each position of the micro-batch."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    src: torch.Tensor
+
+    def to(self, device: torch.device) -> "Stems":
+        return Stems(async_to_device(self.input_ids, device), async_to_device(self.position_ids, device),
+                     self.cu_seqlens, async_to_device(self.src, device))
+
+
+@dataclass
 class MicroBatch:
     """Per-token keys ``[T]`` and per-sample keys ``[n]`` of some samples; ``cu_seqlens [n+1]`` marks
-    document boundaries, ``sample_idx`` maps documents back to rows of the batch."""
+    document boundaries, ``sample_idx`` maps documents back to rows of the batch; ``stems`` is set
+    when some documents share a stem (`share_stems`)."""
 
     data: Dict[str, torch.Tensor]
     cu_seqlens: torch.Tensor
     sample_idx: List[int] = field(default_factory=list)
     is_dummy: bool = False
+    stems: Optional[Stems] = None
 
     @property
     def n_tokens(self) -> int:
@@ -41,7 +60,8 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         """Move ``data`` to ``device``; ``cu_seqlens`` stays on the CPU (it is used for slicing)."""
-        return MicroBatch(to_device(self.data, device), self.cu_seqlens, self.sample_idx, self.is_dummy)
+        stems = self.stems.to(device) if self.stems is not None else None
+        return MicroBatch(to_device(self.data, device), self.cu_seqlens, self.sample_idx, self.is_dummy, stems)
 
 
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1) -> List[List[int]]:
@@ -135,11 +155,12 @@ def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_to
 
 
 def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
-              pad_token_id: int = 0) -> MicroBatch:
+              pad_token_id: int = 0, share: bool = False) -> MicroBatch:
     """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key);
     ``mask`` is the batch's ``attention_mask`` as bool. With ``pad_to``, a padding document
     (``pad_token_id``, every other per-token key zero, so no loss sees it) fills it up to that
-    many tokens."""
+    many tokens. With ``share`` (and no ``pad_to``), documents that share a stem are marked
+    (`share_stems`)."""
     idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
     m = mask[idx]
     lens = m.sum(dim=1)
@@ -158,12 +179,48 @@ def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_t
         if pad:
             fill = pad_token_id if k == "input_ids" else 0
             data[k] = torch.cat([data[k], torch.full((pad, *v.shape[2:]), fill, dtype=v.dtype)])
-    cu = torch.zeros(len(docs) + 1, dtype=torch.long)
-    cu[1:] = torch.cumsum(docs, 0)
+    cu, data["position_ids"] = _layout(docs)
+    stems = share_stems(data["input_ids"], cu) if share and not pad_to else None
+    return MicroBatch(data, cu, list(sample_idx), stems=stems)
+
+
+def _layout(lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cu_seqlens`` and ``position_ids`` (restarting at 0) of documents of these lengths, packed."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    cu[1:] = torch.cumsum(lengths, 0)
     total = int(cu[-1])
-    data["position_ids"] = torch.arange(total, dtype=torch.long) - torch.repeat_interleave(cu[:-1], docs,
-                                                                                         output_size=total)
-    return MicroBatch(data, cu, list(sample_idx))
+    return cu, torch.arange(total, dtype=torch.long) - torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+
+
+def share_stems(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> Optional[Stems]:
+    """Documents equal but for their last token get equal logits at every position that predicts
+    something, so the model need run on each such stem once: the n samples of a prompt with a
+    one-token answer, identical completions. None when every stem is distinct. The result is
+    exact: the loss gathers each document's own labels from the shared outputs, and backward sums
+    their gradients into them."""
+    ids = input_ids.numpy()
+    bounds = cu_seqlens.tolist()
+    first: Dict[bytes, int] = {}  # stem -> its index among the distinct stems
+    which: List[int] = []  # each document's stem
+    pieces: List[torch.Tensor] = []  # each distinct stem, from its first document
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        end = max(e - 1, s + 1)
+        key = ids[s:end].tobytes()
+        if key not in first:
+            first[key] = len(pieces)
+            pieces.append(input_ids[s:end])
+        which.append(first[key])
+    if len(pieces) == len(which):
+        return None
+    stem_lens = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+    stem_cu, stem_pos = _layout(stem_lens)
+    doc_lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    which_t = torch.tensor(which, dtype=torch.long)
+    n = int(bounds[-1])
+    offset = torch.arange(n, dtype=torch.long) - torch.repeat_interleave(cu_seqlens[:-1], doc_lens, output_size=n)
+    last = torch.repeat_interleave(stem_lens[which_t] - 1, doc_lens, output_size=n)  # a document's last token
+    src = torch.repeat_interleave(stem_cu[:-1][which_t], doc_lens, output_size=n) + torch.minimum(offset, last)
+    return Stems(torch.cat(pieces), stem_pos, stem_cu, src)
 
 
 def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2) -> MicroBatch:
@@ -183,14 +240,15 @@ def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2)
 
 
 def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
-                       sync: bool = True, pad: bool = False) -> List[MicroBatch]:
+                       sync: bool = True, pad: bool = False, share: bool = False) -> List[MicroBatch]:
     """Pack a padded batch into micro-batches; with ``sync`` every rank gets the same count; with
-    ``pad`` every micro-batch is filled up to ``max_tokens`` (one shape for compiled layers)."""
+    ``pad`` every micro-batch is filled up to ``max_tokens`` (one shape for compiled layers); with
+    ``share`` (unpadded only) documents that share a stem are run once (`share_stems`)."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
     plan = plan_micro_batches(lengths, max_tokens, min_mbs) if lengths else []
     pad_to = max_tokens if pad else 0
-    mbs = [pack_rows(batch, mask, idx, pad_to, pad_token_id) for idx in plan]
+    mbs = [pack_rows(batch, mask, idx, pad_to, pad_token_id, share) for idx in plan]
     n = len(mbs)
     if sync:
         n = int(dist.all_reduce_scalar(n, "max"))

@@ -219,7 +219,9 @@ SETTINGS_THAT_DIFFER = [
     "threads: each quickstart process uses cluster.cpus_per_task_cpu torch threads; TRL uses torch's "
     "default (one per core)",
     "training engine: the quickstart packs the batch into token-budget micro-batches through FSDP2 (one "
-    "rank); TRL runs padded batches on the plain model (no FSDP)",
+    "rank), and runs documents that share a stem once (engine.share_stems: the 8 one-token answers of a "
+    "prompt are one forward of the prompt, exactly the same logprobs and gradients); TRL runs padded "
+    "batches on the plain model (no FSDP), every row",
     "start-up: the quickstart's wall time includes `areal-hpc submit` (config checks, run directory, "
     "starting two processes, the server registering); TRL's includes importing trl and building the "
     "trainer. Both load the same model directory",

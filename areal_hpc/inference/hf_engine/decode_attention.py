@@ -1,10 +1,9 @@
 """The engine's attention function: decode steps attend with grouped queries, without copying K/V.
 
-transformers' ``sdpa`` path expands the keys and values of grouped-query models to one copy per
-query head whenever a mask is passed (``repeat_kv``, and the engine always passes one): for a
-decode step that copy is most of the attention's memory traffic. Here a decode step (one query
-token per sequence) folds the query heads of each KV head into the query-length dimension,
-``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it is; the mask
+transformers' ``sdpa`` path expands the keys and values of grouped-query models to one copy per query head whenever a
+mask is passed (``repeat_kv``, and the engine always passes one): for a decode step that copy is most of the attention's
+memory traffic. Here a decode step (one query token per sequence) folds the query heads of each KV head into the
+query-length dimension, ``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it is; the mask
 ``[b, 1, 1, W]`` broadcasts over both. Prefill keeps the ``sdpa`` path.
 """
 

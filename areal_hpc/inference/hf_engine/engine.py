@@ -1,11 +1,10 @@
 """The engine loop: one thread that admits requests between steps, runs what the scheduler picks,
 samples, and finishes sequences.
 
-Everything that changes engine state (pause, abort, a weight swap) is a command executed on the
-loop thread between two steps, so a decode step never sees half-updated weights and no lock is
-held while the model runs. Other threads talk to the engine only through `submit` and `call`
-(both thread-safe); results come back through each sequence's ``on_finish`` callback (called on
-the loop thread) and through `concurrent.futures.Future` for commands.
+Everything that changes engine state (pause, abort, a weight swap) is a command executed on the loop thread between two
+steps, so a decode step never sees half-updated weights and no lock is held while the model runs. Other threads talk to
+the engine only through `submit` and `call` (both thread-safe); results come back through each sequence's ``on_finish``
+callback (called on the loop thread) and through `concurrent.futures.Future` for commands.
 """
 
 from __future__ import annotations
@@ -37,19 +36,16 @@ def next_version(current: str) -> str:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, *, max_prefill_tokens: Optional[int] = None,
-                 weight_version: str = "0"):
+    def __init__(self, runner: ModelRunner, *, max_prefill_tokens: Optional[int] = None, weight_version: str = "0"):
         self.runner = runner
         if max_prefill_tokens is None:
             max_prefill_tokens = 16384 if runner.device.type == "cuda" else 8192
         self.scheduler = Scheduler(runner.max_running, max_prefill_tokens)
-        self.weight_version = str(weight_version)
-        self.eos_token_ids = frozenset(runner.eos_token_ids)
+        self.weight_version, self.eos_token_ids = str(weight_version), frozenset(runner.eos_token_ids)
         self.frozen = False  # pause mode "in_place": no steps at all, requests keep their KV
         self._inbox: Deque[Sequence] = deque()
         self._commands: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
-        self._wake = threading.Event()
-        self._stopping = False
+        self._wake, self._stopping = threading.Event(), False
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
         self.stats: Dict[str, float] = {"prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,

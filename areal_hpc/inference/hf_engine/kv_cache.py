@@ -32,10 +32,7 @@ class KVCache:
         self.k: List[torch.Tensor] = []
         self.v: List[torch.Tensor] = []
         self._alloc(min(rows, max_rows), min(cols, max_cols))
-        self._mode = ""
-        self._row0 = 0
-        self._n = 0
-        self._width = 0
+        self._mode, self._row0, self._n, self._width = "", 0, 0, 0
         self._row_idx: torch.Tensor = torch.arange(self.rows, device=device)
         self._pos: torch.Tensor = self._row_idx
 

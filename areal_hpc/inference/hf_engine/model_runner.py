@@ -10,6 +10,7 @@ Nothing here touches CUDA unless the device is CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -75,8 +76,7 @@ def init_custom_process_group(backend: str, init_method: str, world_size: int, r
     updates (trainer and servers must agree: ``PrefixStore(group_name, store)``, same name)."""
     from datetime import timedelta
 
-    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
-                                                    rendezvous)
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world, rendezvous)
 
     timeout = timedelta(seconds=timeout_s)
     store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
@@ -96,10 +96,9 @@ class ModelRunner:
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto",
                  max_running: int = 256, context_length: int = 4096, mem_fraction_static: float = 0.8,
                  cuda_graph: bool = True, seed: int = 1, decode_mode: str = "auto"):
-        """``decode_mode``: ``eager`` (growing KV cache, exact shapes: the CPU default),
-        ``graph`` (fixed buffers, bucketed batches replayed from CUDA graphs: the GPU default unless
-        ``cuda_graph=False``), ``static`` (the graph path's buffers and buckets without graphs, so
-        it runs, and is tested, on CPU)."""
+        """``decode_mode``: ``eager`` (growing KV cache, exact shapes: the CPU default), ``graph`` (fixed buffers,
+        bucketed batches replayed from CUDA graphs: the GPU default unless ``cuda_graph=False``), ``static`` (the graph
+        path's buffers and buckets without graphs, so it runs, and is tested, on CPU)."""
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -158,12 +157,10 @@ class ModelRunner:
     @staticmethod
     def _eos_ids(config, model_path: str) -> Tuple[int, ...]:
         found = [getattr(config, "eos_token_id", None)]
-        try:
+        with contextlib.suppress(Exception):  # no generation_config.json: the model config is enough
             from transformers import GenerationConfig
 
             found.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
-        except Exception:  # no generation_config.json: the model config is enough
-            pass
         ids = set()
         for e in found:
             if isinstance(e, int):
@@ -326,16 +323,13 @@ class StaticDecoder:
 
     Padding rows are dummies that write one key into free KV rows at column 0 and whose logits
     are ignored (running sequences always occupy rows ``0 .. n``). A capture failure turns graphs
-    off, says why in the log, and decoding goes on eagerly on the same buffers.
-    """
+    off, says why in the log, and decoding goes on eagerly on the same buffers."""
 
     def __init__(self, runner: ModelRunner, use_graphs: bool):
-        self.r = runner
-        self.use_graphs = use_graphs
+        self.r, self.use_graphs = runner, use_graphs
         dev = runner.device
         rows = runner.kv.rows
-        self.batch_buckets = _buckets(rows, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
-                                      + list(range(160, rows + 1, 32)))
+        self.batch_buckets = _buckets(rows, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128] + list(range(160, rows + 1, 32)))
         self.width_buckets = _buckets(runner.kv.cols, [128 * 2 ** i for i in range(16)])
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)

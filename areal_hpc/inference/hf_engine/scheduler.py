@@ -15,8 +15,7 @@ from areal_hpc.inference.hf_engine.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, max_running: int, max_prefill_tokens: int):
-        self.max_running = max(1, int(max_running))
-        self.max_prefill_tokens = max(1, int(max_prefill_tokens))
+        self.max_running, self.max_prefill_tokens = max(1, int(max_running)), max(1, int(max_prefill_tokens))
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.paused = False

@@ -106,11 +106,9 @@ class Sequence:
         self.output_ids: List[int] = []
         self.logprobs: List[float] = []
         self.version_spans: List[list] = []  # [[version, start, end], ...] over output_ids
-        self.params = params
-        self.status = SequenceStatus.WAITING
+        self.params, self.status = params, SequenceStatus.WAITING
         self.finish_reason: Optional[Dict[str, Any]] = None
-        self.slot = -1
-        self.on_finish = on_finish
+        self.slot, self.on_finish = -1, on_finish
         self.on_append: Optional[Callable[["Sequence", int], None]] = None  # (seq, tokens so far), loop thread
         self.arrival = time.monotonic()
 
@@ -137,8 +135,7 @@ class Sequence:
     def finish(self, reason: Dict[str, Any]) -> None:
         if self.status is SequenceStatus.FINISHED:
             return
-        self.status = SequenceStatus.FINISHED
-        self.finish_reason = reason
+        self.status, self.finish_reason = SequenceStatus.FINISHED, reason
         if self.on_finish is not None:
             self.on_finish(self)
 
