@@ -38,8 +38,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 0):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -54,21 +53,12 @@ def build_model(out_dir: str | Path, arch: str = "qwen3", hidden: int = 128, lay
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
     heads = max(1, hidden // 32)
-    cfg = AutoConfig.for_model(
-        arch,
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate or hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=hidden,
+                               intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
+                               max_position_embeddings=2048, tie_word_embeddings=True,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(str(out_dir))

@@ -127,6 +127,31 @@ def test_samples_of_one_prompt_share_its_prefill(engine, reference, vocab):
     assert prefill_rows == len(prompts), rows_run  # each prompt once
 
 
+def test_one_token_samples_skip_the_kv_copy(engine, reference, vocab):
+    """Samples that end with their first token (max_new_tokens=1) never decode: the shared
+    prefill's keys are not copied to their rows, and their logprobs are still right."""
+    prompt = [random.randrange(3, vocab) for _ in range(7)]
+    seqs = [Sequence(prompt, SamplingParams(max_new_tokens=1, temperature=1.0, ignore_eos=True)) for _ in range(8)]
+    kv = engine.runner.kv
+    spread, copies = kv.spread_rows, []
+    kv.spread_rows = lambda *a: copies.append(a) or spread(*a)
+    engine.pause("abort").result(5)
+    done = threading.Semaphore(0)
+    try:
+        for s in seqs:
+            s.on_finish = lambda _s: done.release()
+            engine.submit(s)
+        engine.resume().result(5)
+        for _ in seqs:
+            assert done.acquire(timeout=30)
+    finally:
+        del kv.spread_rows
+    assert copies == []
+    for s in seqs:
+        assert len(s.output_ids) == 1
+        check_against_forward(reference, s)
+
+
 def test_stop_tokens_eos_and_zero_budget(engine, reference):
     # which token does greedy produce first? make it a stop token
     probe = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))])[0]

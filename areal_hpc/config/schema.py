@@ -84,6 +84,8 @@ class RolloutConfig:
     # came for stall_timeout_s with servers live (RolloutController.next_batch)
     drop_timeout_s: float = 300.0
     stall_timeout_s: float = 3600.0
+    # trainer rank 0's rollout client (event loop, HTTP, weight updates) in a forked process, off the trainer's GIL
+    client_process: bool = True  # disk weight updates only (an nccl/gloo broadcast needs the trainer's process)
 
 
 @dataclass

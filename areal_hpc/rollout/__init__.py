@@ -8,6 +8,5 @@ from areal_hpc.rollout.types import Group, Trajectory
 from areal_hpc.rollout.workflow import WORKFLOWS, RLVRWorkflow, RolloutWorkflow, make_workflow, register_workflow
 
 __all__ = ["ADAPTERS", "apply_adapter", "register_adapter", "RolloutController", "RolloutError", "PromptLoader",
-           "load_rows", "REWARDS", "get_reward",
-           "register_reward", "Group", "Trajectory", "WORKFLOWS", "RLVRWorkflow", "RolloutWorkflow",
-           "make_workflow", "register_workflow"]
+           "load_rows", "REWARDS", "get_reward", "register_reward", "Group", "Trajectory", "WORKFLOWS", "RLVRWorkflow",
+           "RolloutWorkflow", "make_workflow", "register_workflow"]

@@ -3,12 +3,11 @@
 It lives on its own thread with its own asyncio loop (the client pool lives there too); the
 trainer thread calls `next_batch`, `set_version`, `pause`/`resume` and `run` (to drive the pool).
 
-Staleness bound (AReaL's rule): with trainer weight version ``v`` and bound ``k``, at most
-``(k + v + 1) * batch_size`` groups are ever accepted or in flight, and batches are handed out
-oldest-first, so a group started under version ``v`` is trained on at version ``<= v + k``; a group
-whose oldest token is older than that is dropped. ``k = 0`` is synchronous RL. Nothing sleeps on a
-timer: submission waits on an event, `get_batch` on a condition, both set by completions.
-"""
+Staleness bound (AReaL's rule): with trainer weight version ``v`` and bound ``k``, at most ``(k + v + 1) * batch_size``
+groups are ever accepted or in flight, and batches are handed out oldest-first, so a group started under version ``v``
+is trained on at version ``<= v + k``; a group whose oldest token is older than that is dropped. ``k = 0`` is
+synchronous RL. Nothing sleeps on a timer: submission waits on an event, `get_batch` on a condition, both set by
+completions."""
 
 from __future__ import annotations
 
@@ -41,8 +40,7 @@ class RolloutController:
                  max_head_offpolicyness: int, max_concurrent: int = 0, start_version: int = 0,
                  max_consecutive_failures: int = 50):
         self.workflow, self.client, self.rows = workflow, client, rows
-        self.batch_size = batch_size
-        self.max_staleness = max_head_offpolicyness
+        self.batch_size, self.max_staleness = batch_size, max_head_offpolicyness
         self.max_concurrent = max_concurrent or batch_size * (max_head_offpolicyness + 1)
         self.max_consecutive_failures = max_consecutive_failures
         self._cv = threading.Condition()
@@ -50,17 +48,12 @@ class RolloutController:
         self._version = start_version
         self._trainer_version = start_version  # ahead of _version while a weight update is on its way
         self._accepted = start_version * batch_size  # as if every earlier version consumed one batch
-        self._running = 0
-        self._paused = False
-        self._stopping = False
-        self._failures_in_row = 0
+        self._running, self._paused, self._stopping, self._exhausted = 0, False, False, False
         self._error: Optional[BaseException] = None
-        self._exhausted = False
         self.stats = {"submitted": 0, "accepted": 0, "rejected": 0, "failed": 0, "dropped_stale": 0}
         self.last_failure: Optional[str] = None  # repr of the last episode error
         self.last_drop: Optional[Dict[str, int]] = None  # versions of the last stale drop
-        self._drops_unlogged = 0
-        self._drop_logged_t = 0.0
+        self._failures_in_row, self._drops_unlogged, self._drop_logged_t = 0, 0, 0.0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
         self._ready = threading.Event()
@@ -138,8 +131,7 @@ class RolloutController:
         `RolloutStall` when most groups that finished were wasted (stale, failed, rejected) for
         ``drop_timeout_s`` -- e.g. a server whose weights lag makes every group stale, forever --
         or no batch came for ``stall_timeout_s`` while servers are live."""
-        t0 = time.monotonic()
-        start = dict(self.stats)
+        t0, start = time.monotonic(), dict(self.stats)
         bounds = [b for b in (drop_timeout_s, stall_timeout_s) if b]
         log_every = min([log_every_s] + [b / 2 for b in bounds])
         last_log = t0
@@ -233,14 +225,12 @@ class RolloutController:
 
     def _capacity(self) -> int:
         with self._cv:
-            used = self._accepted + self._running
-            running = self._running
+            used, running = self._accepted + self._running, self._running
         bound = (self.max_staleness + self._version + 1) * self.batch_size - used
         return min(bound, self.max_concurrent - running)
 
     async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         try:
             if hasattr(self.client, "start"):
                 await self.client.start()

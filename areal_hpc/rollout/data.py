@@ -1,10 +1,9 @@
 """Prompt rows of a dataset, epoch after epoch, with a resumable position.
 
-A dataset is a local ``.jsonl``/``.json``/``.parquet`` file (the file is the split), a local dataset
-directory laid out as on the Hugging Face Hub (data files, optionally a ``README.md`` naming configs
-and splits), or a hub name read through ``datasets.load_dataset(path, name=..., split=...)``. On
-compute nodes the path is always local: `launch.resolve` downloads hub names on the login node.
-"""
+A dataset is a local ``.jsonl``/``.json``/``.parquet`` file (the file is the split), a local dataset directory laid out
+as on the Hugging Face Hub (data files, optionally a ``README.md`` naming configs and splits), or a hub name read
+through ``datasets.load_dataset(path, name=..., split=...)``. On compute nodes the path is always local:
+`launch.resolve` downloads hub names on the login node."""
 
 from __future__ import annotations
 
@@ -90,9 +89,8 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
 # ------------------------------------------------------------------ JSON files, line by line
 
 def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of rows
-    (index + 1 for a line). `DatasetError` naming the file and line for text that is not UTF-8,
-    not JSON, or not an object."""
+    """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of rows (index + 1 for a
+    line). `DatasetError` naming the file and line for text that is not UTF-8, not JSON, or not an object."""
     raw = Path(path).read_bytes()
     if b"\x00" in raw[:65536]:
         raise DatasetError("path", f"{path} is a binary file (it holds NUL bytes), not JSON text",

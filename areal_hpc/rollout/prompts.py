@@ -1,12 +1,11 @@
 """Dataset row -> prompt token ids, through the tokenizer's chat template when it has one.
 
 A row gives chat messages (``row[messages_key]``, a list of ``{role, content}``) or a prompt string
-(``row[prompt_key]``, one user message). With ``chat_template="auto"`` and a tokenizer that has a
-template, messages (after a ``system_prompt`` message, when set and the row has none) are rendered
-with ``add_generation_prompt=True``; otherwise the prompt string is tokenized as raw text (a row
-with only messages is then an error: roles cannot be flattened faithfully without a template).
-Generation stops at the EOS ids and at the token that closes an assistant turn (`stop_token_ids`).
-"""
+(``row[prompt_key]``, one user message). With ``chat_template="auto"`` and a tokenizer that has a template, messages
+(after a ``system_prompt`` message, when set and the row has none) are rendered with ``add_generation_prompt=True``;
+otherwise the prompt string is tokenized as raw text (a row with only messages is then an error: roles cannot be
+flattened faithfully without a template). Generation stops at the EOS ids and at the token that closes an assistant turn
+(`stop_token_ids`)."""
 
 from __future__ import annotations
 
@@ -95,8 +94,7 @@ class PromptEncoder:
     """Encodes rows for one tokenizer in one `PromptFormat`."""
 
     def __init__(self, tokenizer, fmt: Optional[PromptFormat] = None):
-        self.tokenizer = tokenizer
-        self.fmt = fmt or PromptFormat()
+        self.tokenizer, self.fmt = tokenizer, fmt or PromptFormat()
         if self.fmt.chat_template not in CHAT_TEMPLATE_MODES:
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, "
                              f"got {self.fmt.chat_template!r}")

@@ -1,7 +1,6 @@
 """Reward functions, by name. ``reward_fn(prompt, completion, answer, **row) -> float``.
 
-Add one with ``@register_reward("name")``; select it with ``rollout.reward_fn=name``.
-"""
+Add one with ``@register_reward("name")``; select it with ``rollout.reward_fn=name``."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Workflows: what one episode is. A workflow turns one dataset row into one `Group`.
 
-Add one by subclassing `RolloutWorkflow` (one async method) and ``@register_workflow("name")``;
-select it with ``rollout.workflow=name``. The controller never needs to change.
-"""
+Add one by subclassing `RolloutWorkflow` (one async method) and ``@register_workflow("name")``; select it with
+``rollout.workflow=name``. The controller never needs to change."""
 
 from __future__ import annotations
 
@@ -55,8 +54,7 @@ class RLVRWorkflow(RolloutWorkflow):
             stops = set(self.params.get("stop_token_ids") or [])
             stops.update(stop_token_ids(tokenizer, model_dir, chat_template))
             self.params["stop_token_ids"] = sorted(stops)
-        self.reward = get_reward(reward_fn)
-        self.n_samples = n_samples
+        self.reward, self.n_samples = get_reward(reward_fn), n_samples
         self.prompt_key, self.answer_key, self.messages_key = prompt_key, answer_key, messages_key
 
     def encode_prompt(self, row: Dict[str, Any]) -> list:

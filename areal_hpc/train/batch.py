@@ -1,7 +1,6 @@
-"""Padded batches (the AReaL convention): a dict of tensors, per-token keys ``[B, L]`` padded on
-either side (``attention_mask`` marks real tokens, ``loss_mask`` trained ones), per-sample keys
-``[B]``. A *sample* is one sequence without padding: per-token ``[n]``, per-sample 0-dim.
-"""
+"""Padded batches (the AReaL convention): a dict of tensors, per-token keys ``[B, L]`` padded on either side
+(``attention_mask`` marks real tokens, ``loss_mask`` trained ones), per-sample keys ``[B]``. A *sample* is one
+sequence without padding: per-token ``[n]``, per-sample 0-dim."""
 
 from __future__ import annotations
 
@@ -73,10 +72,7 @@ def split_batch(batch: Batch, n: int, group_size: int = 1) -> List[Batch]:
         raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
     n_groups = bs // group_size
     n = max(1, min(n, n_groups))
-    parts = []
-    for r in chunk_ranges(n_groups, n):
-        parts.append(select(batch, range(r.start * group_size, r.stop * group_size)))
-    return parts
+    return [select(batch, range(r.start * group_size, r.stop * group_size)) for r in chunk_ranges(n_groups, n)]
 
 
 def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1, balance: bool = True) -> Batch:

@@ -1,10 +1,8 @@
 """Sharded training checkpoints (DCP) that survive a crash mid-save.
 
-``step_N/`` holds ``dcp/`` (model + optimizer, reshardable), ``rank<r>.pt`` (LR scheduler, RNG
-states, the caller's ``extra``, step, weight version) and ``meta.json``. It is written as
-``step_N.tmp/``, renamed when every rank is done, then named in ``latest``: a crash at any point
-leaves the previous checkpoint current.
-"""
+``step_N/`` holds ``dcp/`` (model + optimizer, reshardable), ``rank<r>.pt`` (LR scheduler, RNG states, the caller's
+``extra``, step, weight version) and ``meta.json``. It is written as ``step_N.tmp/``, renamed when every rank is done,
+then named in ``latest``: a crash at any point leaves the previous checkpoint current."""
 
 from __future__ import annotations
 
@@ -87,18 +85,15 @@ class Checkpointer:
     def __init__(self, engine: FSDPEngine, keep_last: int = 2):
         if engine.optimizer is None:
             raise ValueError("checkpointing needs a trainable engine")
-        self.engine = engine
-        self.keep_last = max(1, int(keep_last))
+        self.engine, self.keep_last = engine, max(1, int(keep_last))
 
     def _model_optim_state(self) -> Dict[str, Any]:
         msd, osd = get_state_dict(self.engine.model, self.engine.optimizer)
         return {"model": msd, "optim": osd}
 
     def save(self, root: str | os.PathLike, step: int, extra: Optional[Dict[str, Any]] = None) -> Path:
-        root = Path(root)
-        rank = dist.rank()
-        final = root / _name(step)
-        tmp = root / (_name(step) + ".tmp")
+        root, rank = Path(root), dist.rank()
+        final, tmp = root / _name(step), root / (_name(step) + ".tmp")
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob("step_*.tmp"):
@@ -128,9 +123,7 @@ class Checkpointer:
         """Restore the newest complete checkpoint: its ``extra`` plus ``global_step`` and
         ``weight_version``, or None when there is none."""
         path = latest_checkpoint(Path(root))
-        if path is None:
-            return None
-        return self.load(path)
+        return None if path is None else self.load(path)
 
     def load(self, path: str | os.PathLike) -> Dict[str, Any]:
         path = Path(path)

@@ -88,8 +88,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
             raise RuntimeError(f"world size {world} needs {' and '.join(missing)} in the environment "
                                "(set by torchrun or the Slurm launcher)")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=timeout, **kwargs)
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout, **kwargs)
     return current()
 
 

@@ -2,10 +2,9 @@
 are GBs, and an fp32 log-softmax of them more).
 
 `gather_logprobs` works on the model's logits chunk by chunk, each recomputed in backward.
-`linear_logprobs` starts from the last hidden states and the head's weight and never holds more
-than one chunk of logits, forward or backward ("fused linear cross-entropy", with logprobs and
-entropy as outputs); on CUDA the per-chunk reductions are compiled.
-"""
+`linear_logprobs` starts from the last hidden states and the head's weight and never holds more than one chunk of
+logits, forward or backward ("fused linear cross-entropy", with logprobs and entropy as outputs); on CUDA the per-chunk
+reductions are compiled."""
 
 from __future__ import annotations
 
@@ -32,9 +31,8 @@ def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, 
     return lse, logp, ent
 
 
-def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                    with_entropy: bool = False, chunk: int = DEFAULT_CHUNK
-                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                    chunk: int = DEFAULT_CHUNK) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``log softmax(logits / temperature)[labels]`` (and the entropy) for ``logits [T, V]``."""
     if logits.shape[0] == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
@@ -49,8 +47,7 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
             _, lp, en = _head_stats(lg, lb, temperature, with_entropy)
         logps.append(lp)
         ents.append(en)
-    logp = torch.cat(logps)
-    return logp, (torch.cat(ents) if with_entropy else None)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
 def _head_grad(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
@@ -155,8 +152,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     time; fp32 results (fp64 for fp64 inputs). ``keep_logits``: keep the chunks' logits for
     backward (``T x V`` values: memory for one matmul fewer)."""
     keep = keep_logits and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy),
-                                      keep)
+    logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy), keep)
     return logp, (ent if with_entropy else None)
 
 

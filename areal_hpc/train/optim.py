@@ -48,9 +48,7 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    return total
+    return total.full_tensor() if isinstance(total, DTensor) else total
 
 
 def clip_grads(params: Iterable[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:

@@ -1,10 +1,8 @@
 """Document-aware attention for packed micro-batches (``attn_impl=varlen``).
 
-``sdpa`` would get a dense ``[T, T]`` block-diagonal mask over the packed row. ``varlen`` gets the
-document boundaries (``cu_seq_lens_q``, from the engine) and attends within each document:
-torch's flash varlen kernel on CUDA (bf16/fp16), else causal SDPA over the documents as a
-(padded) batch, or one by one.
-"""
+``sdpa`` would get a dense ``[T, T]`` block-diagonal mask over the packed row. ``varlen`` gets the document boundaries
+(``cu_seq_lens_q``, from the engine) and attends within each document: torch's flash varlen kernel on CUDA (bf16/fp16),
+else causal SDPA over the documents as a (padded) batch, or one by one."""
 
 from __future__ import annotations
 
@@ -87,10 +85,9 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
                   scale: Optional[float]) -> torch.Tensor:
     """q ``[Hq, T, D]``, k, v ``[Hkv, T, D]`` -> ``[T, Hq, D]``: causal SDPA within each document of ``cu``.
 
-    Documents of one length are a reshape into a batch; of similar lengths (padding costs at most
-    as many positions as there are tokens), one right-padded batch (a causal query never sees the
-    padding after it); otherwise one call per document.
-    """
+    Documents of one length are a reshape into a batch; of similar lengths (padding costs at most as many positions as
+    there are tokens), one right-padded batch (a causal query never sees the padding after it); otherwise one call per
+    document."""
     k, v = _repeat_kv(k, q.shape[0], 0), _repeat_kv(v, q.shape[0], 0)
     bounds = cu.tolist()
     lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
@@ -101,8 +98,7 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
                                            is_causal=True, scale=scale)  # [n, H, L, D]
         return o.transpose(1, 2).reshape(total, h, d)
     if len(lens) > 1 and len(lens) * longest <= 2 * total:
-        starts = cu[:-1].to(torch.long)
-        pos = torch.arange(longest)
+        starts, pos = cu[:-1].to(torch.long), torch.arange(longest)
         idx = (starts[:, None] + pos[None, :]).clamp(max=max(total - 1, 0)).to(q.device)  # [n, L]
         o = F.scaled_dot_product_attention(q[:, idx].transpose(0, 1), k[:, idx].transpose(0, 1),
                                            v[:, idx].transpose(0, 1), is_causal=True, scale=scale)  # [n, H, L, D]

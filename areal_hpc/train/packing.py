@@ -21,10 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Stems:
-    """What the model runs on when documents share a stem (every token but the last; the last
-    token's logits predict nothing): each distinct stem once, packed (``input_ids``,
-    ``position_ids``, ``cu_seqlens``), and ``src [T]``, the stem position whose outputs stand for
-    each position of the micro-batch."""
+    """What the model runs on when documents share a stem (every token but the last, whose logits predict nothing):
+    each distinct stem once, packed, and ``src [T]``, the stem position standing for each position of the batch."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -38,9 +36,8 @@ class Stems:
 
 @dataclass
 class MicroBatch:
-    """Per-token keys ``[T]`` and per-sample keys ``[n]`` of some samples; ``cu_seqlens [n+1]`` marks
-    document boundaries, ``sample_idx`` maps documents back to rows of the batch; ``stems`` is set
-    when some documents share a stem (`share_stems`)."""
+    """Per-token keys ``[T]`` and per-sample keys ``[n]`` of some samples; ``cu_seqlens [n+1]`` marks document
+    boundaries, ``sample_idx`` maps documents back to rows of the batch; ``stems``: see `share_stems`."""
 
     data: Dict[str, torch.Tensor]
     cu_seqlens: torch.Tensor
@@ -193,33 +190,29 @@ def _layout(lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def share_stems(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> Optional[Stems]:
-    """Documents equal but for their last token get equal logits at every position that predicts
-    something, so the model need run on each such stem once: the n samples of a prompt with a
-    one-token answer, identical completions. None when every stem is distinct. The result is
-    exact: the loss gathers each document's own labels from the shared outputs, and backward sums
-    their gradients into them."""
-    ids = input_ids.numpy()
-    bounds = cu_seqlens.tolist()
+    """Documents equal but for their last token get equal logits wherever a logit predicts something, so the model
+    runs on each such stem once (the n samples of a one-token answer, identical completions); None when all differ.
+    Exact: the loss gathers each document's labels from the shared outputs, backward sums their gradients."""
+    ids, bounds = input_ids.numpy(), cu_seqlens.tolist()
     first: Dict[bytes, int] = {}  # stem -> its index among the distinct stems
-    which: List[int] = []  # each document's stem
-    pieces: List[torch.Tensor] = []  # each distinct stem, from its first document
+    which, pieces = [], []  # each document's stem; each distinct stem, from its first document
     for s, e in zip(bounds[:-1], bounds[1:]):
-        end = max(e - 1, s + 1)
-        key = ids[s:end].tobytes()
+        key = ids[s: max(e - 1, s + 1)].tobytes()
         if key not in first:
             first[key] = len(pieces)
-            pieces.append(input_ids[s:end])
+            pieces.append(input_ids[s: max(e - 1, s + 1)])
         which.append(first[key])
     if len(pieces) == len(which):
         return None
-    stem_lens = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+    stem_lens, which_t = torch.tensor([len(p) for p in pieces]), torch.tensor(which)
     stem_cu, stem_pos = _layout(stem_lens)
-    doc_lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    which_t = torch.tensor(which, dtype=torch.long)
-    n = int(bounds[-1])
-    offset = torch.arange(n, dtype=torch.long) - torch.repeat_interleave(cu_seqlens[:-1], doc_lens, output_size=n)
-    last = torch.repeat_interleave(stem_lens[which_t] - 1, doc_lens, output_size=n)  # a document's last token
-    src = torch.repeat_interleave(stem_cu[:-1][which_t], doc_lens, output_size=n) + torch.minimum(offset, last)
+    doc_lens, n = cu_seqlens[1:] - cu_seqlens[:-1], int(bounds[-1])
+
+    def spread(per_doc: torch.Tensor) -> torch.Tensor:
+        return torch.repeat_interleave(per_doc, doc_lens, output_size=n)
+    # position j of a document reads its stem's position j; its last token (no prediction) the stem's last
+    src = spread(stem_cu[:-1][which_t]) + torch.minimum(torch.arange(n) - spread(cu_seqlens[:-1]),
+                                                        spread(stem_lens[which_t] - 1))
     return Stems(torch.cat(pieces), stem_pos, stem_cu, src)
 
 

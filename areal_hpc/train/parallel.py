@@ -13,10 +13,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from areal_hpc.train.fuse_linears import FuseSiblingLinears
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -38,10 +35,7 @@ class Precision:
 
 def resolve_precision(dtype: str, device: torch.device) -> Precision:
     """``auto``: bf16 compute with fp32 reduction on GPU, fp32 on CPU; else the named dtype."""
-    if dtype == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    else:
-        name = dtype
+    name = ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype
     if name not in _DTYPES:
         hint = " (float16 would need loss scaling, which the engine does not do)" if "16" in name else ""
         raise ValueError(f"engine dtype must be auto, float32 or bfloat16, not {dtype!r}{hint}")
@@ -71,11 +65,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
                    fuse_linears: bool = False) -> Optional[FuseSiblingLinears]:
-    """``torch.compile`` the forward of every decoder layer (FSDP2's hooks and checkpointing stay
-    outside). ``dynamic=True``: lengths symbolic from the start; ``None``: torch's automatic dynamic
-    shapes (padded micro-batches keep static sizes). ``fuse_linears``: projections of one input run
-    as one matmul (the returned pass counts the groups fused). The layers share one code object,
-    hence the larger dynamo cache."""
+    """``torch.compile`` the forward of every decoder layer (FSDP2's hooks and checkpointing stay outside).
+    ``dynamic=True``: lengths symbolic from the start; ``None``: torch's automatic dynamic shapes (padded micro-batches
+    keep static sizes). ``fuse_linears``: projections of one input run as one matmul (the returned pass counts the
+    groups fused). The layers share one code object, hence the larger dynamo cache."""
     import torch._dynamo
 
     layers = decoder_layers(model)
@@ -87,8 +80,7 @@ def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
     return fuse
 
 
-def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int,
-                       one_host: Callable[[], bool]) -> str:
+def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int, one_host: Callable[[], bool]) -> str:
     """``layer`` or ``model`` for ``engine.fsdp_units=choice``. ``auto``: one unit on one rank, and on
     the ranks of one host when the gathered weights and gradients (6 bytes per parameter) take at
     most an eighth of a device (one gather and reduce-scatter per step, fewer hooks); per layer
@@ -105,9 +97,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
     """``fully_shard`` every decoder layer (``per_layer``; the last is not resharded after forward,
     backward needs it at once), then the root (embeddings, norm, head, the rest)."""
     mp = precision.policy()
-    kwargs = {"mesh": mesh}
-    if mp is not None:
-        kwargs["mp_policy"] = mp
+    kwargs = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
     layers = decoder_layers(model) if per_layer else []
     for i, layer in enumerate(layers):
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)

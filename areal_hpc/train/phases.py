@@ -1,9 +1,8 @@
 """Where a training step's wall time goes: named phases, exclusive of each other.
 
-Phases nest: an inner phase's time is taken out of the outer one, and ``other`` is what no phase
-claims. ``sync`` (``torch.cuda.synchronize``) ends the phases opened with ``device=True``, so
-GPU work still queued is charged to the phase that queued it.
-"""
+Phases nest: an inner phase's time is taken out of the outer one, and ``other`` is what no phase claims. ``sync``
+(``torch.cuda.synchronize``) ends the phases opened with ``device=True``, so GPU work still queued is charged to the
+phase that queued it."""
 
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ class PhaseTimer:
     metrics, a checkpoint) is booked to the next step."""
 
     def __init__(self, sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter):
-        self.sync = sync
-        self.clock = clock
+        self.sync, self.clock = sync, clock
         self._t_step: Optional[float] = None
         self._acc: Dict[str, float] = {}
         self._stack: List[List] = []  # [name, started_at] of the open phases, innermost last

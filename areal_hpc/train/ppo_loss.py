@@ -33,11 +33,7 @@ def _centre_and_scale(r: torch.Tensor, std_norm: bool, leave_one_out: bool, eps:
     n = float(count if count is not None else r.shape[-1])
     s = total_sum if total_sum is not None else r.sum(-1, keepdim=True)
     sq = total_sq if total_sq is not None else (r * r).sum(-1, keepdim=True)
-    if leave_one_out and n > 1:
-        baseline = (s - r) / (n - 1)
-    else:
-        baseline = s / n
-    adv = r - baseline
+    adv = r - ((s - r) / (n - 1) if leave_one_out and n > 1 else s / n)
     if std_norm:
         var = ((sq - s * s / n) / max(n - 1.0, 1.0)).clamp(min=0.0)  # unbiased
         adv = adv / (var.sqrt() + eps)
@@ -89,10 +85,9 @@ def kl_penalty_to_go(logp: torch.Tensor, ref_logp: torch.Tensor, loss_mask: torc
     return -kl_ctl * to_go * loss_mask
 
 
-def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[torch.Tensor],
-             advantages: torch.Tensor, loss_mask: torch.Tensor, eps_clip: float = 0.2,
-             c_clip: Optional[float] = None, behav_imp_weight_cap: Optional[float] = None,
-             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[torch.Tensor], advantages: torch.Tensor,
+             loss_mask: torch.Tensor, eps_clip: float = 0.2, c_clip: Optional[float] = None,
+             behav_imp_weight_cap: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Decoupled PPO loss, a mean over ``loss_mask`` tokens (finite for an empty mask), and token-mean
     statistics; ``behav_logp=None`` is standard PPO (no behaviour importance weight)."""
     mask = loss_mask.bool()
@@ -120,12 +115,9 @@ def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[t
         stats["behav_imp_weight"] = (w * keep).sum() / keep.sum().clamp(min=1)
         stats["behav_capped_frac"] = (mask & ~keep).sum() / count
     loss = torch.where(mask, pg, torch.zeros_like(pg)).sum() / count
-    stats.update(
-        clip_frac=clip_mask.sum() / count,
-        dual_clip_frac=dual_mask.sum() / count,
-        approx_kl=torch.where(mask, (logp - prox_logp).detach(), torch.zeros_like(logp)).sum() / count,
-        ratio=ratio.detach().sum() / count,
-    )
+    stats.update(clip_frac=clip_mask.sum() / count, dual_clip_frac=dual_mask.sum() / count,
+                 approx_kl=torch.where(mask, (logp - prox_logp).detach(), torch.zeros_like(logp)).sum() / count,
+                 ratio=ratio.detach().sum() / count)
     return loss, stats
 
 
@@ -136,19 +128,14 @@ class PPOActor:
 
     def __init__(self, config: PPOConfig, engine: FSDPEngine, group_size: int = 1, temperature: float = 1.0,
                  ref: Optional[FSDPEngine] = None):
-        self.config = config
-        self.engine = engine
-        self.group_size = int(group_size)
-        self.temperature = float(temperature)
-        self.ref = ref
-        self.phases = PhaseTimer()
-        self._prox_from_forward = False
+        self.config, self.engine, self.group_size = config, engine, int(group_size)
+        self.temperature, self.ref = float(temperature), ref
+        self.phases, self._prox_from_forward = PhaseTimer(), False
         if config.kl_ctl > 0 and ref is None:
             raise ValueError("ppo.kl_ctl > 0 needs a reference engine (FSDPEngine(..., trainable=False))")
 
     @classmethod
-    def build(cls, config: PPOConfig, total_steps: int, group_size: int = 1,
-              temperature: float = 1.0) -> "PPOActor":
+    def build(cls, config: PPOConfig, total_steps: int, group_size: int = 1, temperature: float = 1.0) -> "PPOActor":
         """The actor engine, and a frozen reference engine of the same model when ``kl_ctl > 0``."""
         engine = FSDPEngine(config.actor, config.mb_spec, total_steps)
         ref = FSDPEngine(config.actor, config.mb_spec, total_steps, trainable=False) if config.kl_ctl > 0 else None
@@ -175,8 +162,7 @@ class PPOActor:
 
     def _loss(self, out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
         cfg = self.config
-        logp = out["logprobs"]
-        behav = mb["logprobs"].float()
+        logp, behav = out["logprobs"], mb["logprobs"].float()
         if "prox_logp" in mb:
             prox = mb["prox_logp"].float()
         elif self._prox_from_forward:

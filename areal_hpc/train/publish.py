@@ -81,10 +81,9 @@ def static_files(weights_root: Path, hf_config, tokenizer_src: Optional[str], dt
 
 def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
                   registry=None, dtype: Optional[torch.dtype] = None) -> Optional[Callable[[], Path]]:
-    """The collective half of `publish_weights`: gather the weights to host memory (every rank).
-    Returns rank 0's writer of ``weights_root/v{version}`` (None on the other ranks), which may run
-    on another thread while training goes on: the gathered tensors live in the engine's staging
-    buffer, so it must finish before the next gather."""
+    """The collective half of `publish_weights`: gather the weights to host memory (every rank). Returns rank 0's writer
+    of ``weights_root/v{version}`` (None on the other ranks), which may run on another thread while training goes on:
+    the gathered tensors live in the engine's staging buffer, so it must finish before the next gather."""
     dtype = dtype or engine.precision.param_dtype
     out = version_dir(Path(weights_root), version).resolve()
     t0 = time.perf_counter()
@@ -123,12 +122,7 @@ def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:
     root = Path(weights_root)
     if not root.is_dir():
         return {}
-    out = {}
-    for p in root.iterdir():
-        m = _VERSION_DIR.match(p.name)
-        if m and p.is_dir():
-            out[int(m.group(1))] = p
-    return out
+    return {int(m.group(1)): p for p in root.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir()}
 
 
 def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_version: int = 0) -> list[int]:
@@ -137,8 +131,7 @@ def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_versi
     versions = published_versions(weights_root)
     if not versions:
         return []
-    latest = max(versions)
-    floor = int(keep_min_version)
+    latest, floor = max(versions), int(keep_min_version)
     if registry is not None:
         rec = registry.get("weights", "latest")
         if rec and "version" in rec:

@@ -1,18 +1,17 @@
 """Weight updates over a collective group of trainer rank 0 and the inference servers.
 
-The protocol of SGLang's ``/init_weights_update_group`` and ``/update_weights_from_distributed``
-(our embedded engine speaks it too): trainer rank 0 hosts the rendezvous (a TCPStore, keys
-prefixed by a group name new at every (re)join, so a restarted trainer never meets stale keys)
-and is rank 0 of the group; per bucket it announces ``names, dtypes, shapes`` out of band (HTTP),
-then broadcasts each full tensor in that order. Every trainer rank takes part in gathering the
-sharded weights; only rank 0 talks to the weight group.
-"""
+The protocol of SGLang's ``/init_weights_update_group`` and ``/update_weights_from_distributed`` (our embedded engine
+speaks it too): trainer rank 0 hosts the rendezvous (a TCPStore, keys prefixed by a group name new at every (re)join, so
+a restarted trainer never meets stale keys) and is rank 0 of the group; per bucket it announces
+``names, dtypes, shapes`` out of band (HTTP), then broadcasts each full tensor in that order. Every trainer rank takes
+part in gathering the sharded weights; only rank 0 talks to the weight group."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import inspect
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -33,10 +32,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return math.prod(self.shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
 
 @dataclass

@@ -56,17 +56,14 @@ class StopRequested:
 class Trainer:
     """A training (or evaluation) loop. Subclass, then ``@register_trainer("name")``.
 
-    `run` is the loop every training trainer shares: recovery (``recover.mode``), stop requests,
-    a checkpoint every ``saver.freq_steps`` and at the end, per-step metrics with their phases
-    (`train.phases`) and the trainer's registry record. A subclass supplies `setup` and
-    `train_step`, and where it needs them `start`, `checkpoint_extra` and `finish`; or it
-    overrides `run` with a loop of its own (the null trainer). Every rank runs `run`; rank 0
-    writes the metrics and the record.
-    """
+    `run` is the loop every training trainer shares: recovery (``recover.mode``), stop requests, a checkpoint every
+    ``saver.freq_steps`` and at the end, per-step metrics with their phases (`train.phases`) and the trainer's registry
+    record. A subclass supplies `setup` and `train_step`, and where it needs them `start`, `checkpoint_extra` and
+    `finish`; or it overrides `run` with a loop of its own (the null trainer). Every rank runs `run`; rank 0 writes the
+    metrics and the record."""
 
     def __init__(self, ctx: TrainContext):
-        self.ctx = ctx
-        self.cfg = ctx.cfg
+        self.ctx, self.cfg = ctx, ctx.cfg
         self.stop = StopRequested()
         self.engine: Any = None
         self.phases: Any = None
@@ -120,8 +117,7 @@ class Trainer:
             metrics.drop_after(step)
         self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
         t_start = time.monotonic() - float(state.get("time_s", 0.0))
-        rc = 0
-        settled_gc = dist.SettledGC()
+        rc, settled_gc = 0, dist.SettledGC()
         self.phases.begin()
         try:
             while step < total:
@@ -188,9 +184,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the registry record
     def publish_state(self, within_s: float = 0.0, **fields) -> None:
-        """Update this trainer's registry record (rank 0; other ranks call it harmlessly), at once
-        or, with ``within_s``, at most that late (a step's progress: no file write every step on a
-        shared filesystem)."""
+        """Update this trainer's registry record (rank 0; other ranks call it harmlessly), at once or, with
+        ``within_s``, at most that late (a step's progress: no file write every step on a shared filesystem)."""
         self._record.update(fields)
         if not self.is_main:
             return

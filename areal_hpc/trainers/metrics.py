@@ -20,10 +20,8 @@ class MetricsWriter:
     """Rank 0 only. Appends one JSON line per step (steps continue across restarts)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, plot: bool = True):
-        self.path = run_dir / "metrics.jsonl"
-        self.plot_path = run_dir / "reward.png"
-        self.plot = plot
-        self._tb = None
+        self.path, self.plot_path = run_dir / "metrics.jsonl", run_dir / "reward.png"
+        self.plot, self._tb = plot, None
         if tensorboard:
             try:
                 from tensorboard.compat.proto.summary_pb2 import Summary

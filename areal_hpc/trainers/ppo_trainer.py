@@ -4,15 +4,13 @@ One step: batch from the controller -> recompute logprobs -> advantages -> PPO u
 weight update (pause, publish, servers load, continue, version + 1); the base loop adds
 metrics and checkpoints. Rank 0 drives the rollout side; every rank trains on its shard.
 
-Phases of a step (`train.phases`): ``wait_rollout`` (for the batch, and its hand-over to every
-rank), ``logprob`` (proximal / reference logprobs), ``train``, ``weight_publish`` (to disk),
-``weight_pause`` (servers paused and resumed), ``weight_load`` (from disk) or
-``weight_broadcast``, ``metrics`` and ``checkpoint`` (of the previous step), ``other``.
+Phases of a step (`train.phases`): ``wait_rollout`` (for the batch, and its hand-over to every rank), ``logprob``
+(proximal / reference logprobs), ``train``, ``weight_publish`` (to disk), ``weight_pause`` (servers paused and resumed),
+``weight_load`` (from disk) or ``weight_broadcast``, ``metrics`` and ``checkpoint`` (of the previous step), ``other``.
 
-Disk updates keep only the gather to host memory (``weight_publish``) in the step: the write, load
-and prune run beside the next step (`RolloutSide.update_weights_later`), which waits for them
-before its own update (``weight_wait``) and reports their phases as ``bg_phase/*``.
-"""
+Disk updates keep only the gather to host memory (``weight_publish``) in the step: the write, load and prune run beside
+the next step (`RolloutSide.update_weights_later`), which waits for them before its own update (``weight_wait``) and
+reports their phases as ``bg_phase/*``."""
 
 from __future__ import annotations
 
@@ -57,18 +55,13 @@ def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str,
 def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
     stale = [version - t.oldest_version for t in trajs if t.versions]
     out_len = [len(t.output_ids) for t in trajs]
-    return {
-        "reward_mean": sum(t.reward for t in trajs) / len(trajs),
-        "staleness_max": float(max(stale, default=0)),
-        "staleness_mean": sum(stale) / max(1, len(stale)),
-        "completion_len_mean": sum(out_len) / len(trajs),
-        "n_trajectories": float(len(trajs)),
-        "gen_tokens": float(sum(out_len)),
-        "tokens": float(sum(t.n_tokens for t in trajs)),
-        "truncated_frac": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
-        # completions generated across a weight update (interrupted, then resumed on new weights)
-        "mixed_version_frac": sum(len(set(t.versions)) > 1 for t in trajs) / len(trajs),
-    }
+    return {"reward_mean": sum(t.reward for t in trajs) / len(trajs), "staleness_max": float(max(stale, default=0)),
+            "staleness_mean": sum(stale) / max(1, len(stale)), "completion_len_mean": sum(out_len) / len(trajs),
+            "n_trajectories": float(len(trajs)), "gen_tokens": float(sum(out_len)),
+            "tokens": float(sum(t.n_tokens for t in trajs)),
+            "truncated_frac": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
+            # completions generated across a weight update (interrupted, then resumed on new weights)
+            "mixed_version_frac": sum(len(set(t.versions)) > 1 for t in trajs) / len(trajs)}
 
 
 @register_trainer("ppo")
@@ -145,7 +138,6 @@ class PPOTrainer(Trainer):
         with timer.phase("weight_wait"):
             upd = side.wait_update()  # the previous version's: it reads the buffer the gather refills
         with timer.phase("weight_publish"):
-            write = stage_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path,
-                                  self.ctx.registry)
+            write = stage_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path, self.ctx.registry)
         side.update_weights_later(write, version)
         return upd

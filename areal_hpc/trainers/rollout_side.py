@@ -1,11 +1,9 @@
 """The rollout half of an RL trainer: servers, client pool, controller, weight updates.
 
-Both halves of a weight update meet here: `train` publishes weights, this tells the servers
-to load them (`train` knows nothing of servers; `inference` knows nothing of training). Rank 0
-holds the `RolloutSide`; the other ranks hold a `FollowerSide` with the same methods, which
-receives what rank 0 shares and takes part in the collectives, so the trainer never asks which
-rank it runs on.
-"""
+Both halves of a weight update meet here: `train` publishes weights, this tells the servers to load them (`train`
+knows nothing of servers; `inference` knows nothing of training). Rank 0 holds the `RolloutSide` (or a
+`RolloutProcess` running one); the other ranks hold a `FollowerSide` with the same methods, which receives what rank
+0 shares and takes part in the collectives, so the trainer never asks which rank it runs on."""
 
 from __future__ import annotations
 
@@ -28,9 +26,9 @@ from areal_hpc.rollout.data import load_dataset_rows
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
 from areal_hpc.trainers.base import TrainContext
+from areal_hpc.trainers.rollout_process import FAILED, RolloutProcess, share_batch
 
 log = logging.getLogger("areal_hpc.trainer")
-FAILED = "failed"  # (FAILED, reason) goes to the other ranks when rank 0's rollouts stall or fail
 
 # ``broadcast(group, on_bucket)``: the trainer's collective broadcast of its weights (every rank)
 Broadcast = Callable[[Any, Any], Any]
@@ -69,15 +67,20 @@ def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = N
 
 
 def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
-                 should_stop: Callable[[], bool]) -> "RolloutSide | FollowerSide | None":
-    """Rank 0's `RolloutSide` (once the servers are up), a `FollowerSide` on the other ranks;
-    None on every rank when a stop came while rank 0 waited for the servers."""
+                 should_stop: Callable[[], bool]) -> "RolloutSide | RolloutProcess | FollowerSide | None":
+    """Rank 0's `RolloutSide` (once the servers are up; in a process of its own with disk weight updates and
+    ``rollout.client_process``), a `FollowerSide` on the other ranks; None on all if a stop came meanwhile."""
     side = None
     if dist.rank() == 0:
         loader = load_prompts(ctx, "train")
         loader.load_state_dict(loader_state)
+        tokenizer = load_tokenizer(actor_path(ctx.cfg))
+
+        def make(stop: Callable[[], bool]) -> RolloutSide:
+            return RolloutSide(ctx, tokenizer, loader, version, should_stop=stop)
         try:
-            side = RolloutSide(ctx, load_tokenizer(actor_path(ctx.cfg)), loader, version, should_stop=should_stop)
+            in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
+            side = RolloutProcess(make, should_stop) if in_child else make(should_stop)
         except RegistryTimeout:
             if not should_stop():
                 raise
@@ -120,18 +123,18 @@ class RolloutSide:
             self.controller.stop()
 
     def next_batch(self, version: int, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
-        """The next batch for a trainer at ``version``, on every rank; None if a stop is requested while
-        waiting (the servers may be gone for good: a stopped run must not hang here). Stalled or failing
-        rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise `RolloutError` on every rank."""
+        """The next batch for a trainer at ``version``, on every rank; None if a stop is requested while waiting (the
+        servers may be gone for good: a stopped run must not hang here). Stalled or failing rollouts
+        (rollout.drop_timeout_s, rollout.stall_timeout_s) raise `RolloutError` on every rank."""
+        return share_batch(lambda: self.next_trajectories(version, poll_s))
+
+    def next_trajectories(self, version: int, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
+        """`next_batch` on this rank alone."""
         r = self.ctx.cfg.rollout
         self.controller.set_trainer_version(version)
-        try:
-            groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
-                                                stall_timeout_s=r.stall_timeout_s, poll_s=poll_s)
-        except RolloutError as e:
-            dist.broadcast_object((FAILED, str(e)))
-            raise
-        return dist.broadcast_object(None if groups is None else [t for g in groups for t in g.trajectories])
+        groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
+                                            stall_timeout_s=r.stall_timeout_s, poll_s=poll_s)
+        return None if groups is None else [t for g in groups for t in g.trajectories]
 
     def stats(self) -> Dict[str, float]:
         return {"dropped_stale": self.controller.stats["dropped_stale"]}
@@ -168,25 +171,26 @@ class RolloutSide:
         return {"servers_updated": float(len(results) - len(failed))}
 
     def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
-        """A disk update on a background thread while training goes on: ``write()`` publishes the
-        weights (`train.publish.stage_weights`), the servers load them, old versions are pruned.
-        One at a time: call `wait_update` first. The controller takes the new version only once the
-        servers have it, so the staleness bound holds however late the update lands."""
+        """A disk update on a background thread while training goes on: ``write()`` publishes the weights
+        (`train.publish.stage_weights`), the servers load them, old versions are pruned. One at a time: call
+        `wait_update` first. The controller takes the new version once the servers have it, so the staleness
+        bound holds however late the update lands."""
         if self._update is not None:
             raise RuntimeError("a weight update is still in flight: wait_update() first")
+        self._update = self._updater.submit(self.apply_update, write, version)
 
-        def update() -> Dict[str, float]:
-            timer = PhaseTimer()
-            timer.begin()
-            with timer.phase("weight_publish"):
-                path = write()
-            out = self._load(str(path), version, timer)
-            with timer.phase("weight_publish"):
-                self.prune_weights(version)
-            split = timer.split()
-            return {**out, **{BG_PREFIX + k[len(PREFIX):]: v for k, v in split.items() if k.startswith(PREFIX)},
-                    "bg_time_s": split["step_time_s"]}
-        self._update = self._updater.submit(update)
+    def apply_update(self, write: Callable[[], Path], version: int) -> Dict[str, float]:
+        """A disk update, here and now; its phases as ``bg_phase/*`` and ``bg_time_s``."""
+        timer = PhaseTimer()
+        timer.begin()
+        with timer.phase("weight_publish"):
+            path = write()
+        out = self._load(str(path), version, timer)
+        with timer.phase("weight_publish"):
+            self.prune_weights(version)
+        split = timer.split()
+        return {**out, **{BG_PREFIX + k[len(PREFIX):]: v for k, v in split.items() if k.startswith(PREFIX)},
+                "bg_time_s": split["step_time_s"]}
 
     def wait_update(self) -> Dict[str, float]:
         """Wait for the background update in flight, if any (its errors are raised here); its metrics."""
@@ -236,17 +240,13 @@ class RolloutSide:
 
 
 class FollowerSide:
-    """What trainer ranks other than 0 hold in place of a `RolloutSide`: they receive what rank 0
-    shares (batches, failures) and join the weight broadcast's collectives; the rest is rank 0's."""
+    """What trainer ranks other than 0 hold in place of a `RolloutSide`: they receive what rank 0 shares (batches,
+    failures) and join the weight broadcast's collectives; the rest is rank 0's."""
 
-    def start(self) -> None:
-        pass
+    def _nothing(self, *args: Any) -> None:
+        return None
 
-    def resume(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
+    start = resume = stop = loader_state = prune_weights = update_weights_later = _nothing
 
     def next_batch(self, version: int) -> Optional[List[Trajectory]]:
         got = dist.broadcast_object(None)
@@ -257,17 +257,8 @@ class FollowerSide:
     def stats(self) -> Dict[str, float]:
         return {}
 
-    def loader_state(self) -> None:
-        return None
-
-    def prune_weights(self, version: int) -> None:
-        pass
-
     def external_ids(self) -> List[str]:
         return []
-
-    def update_weights_later(self, write: Any, version: int) -> None:
-        pass
 
     def wait_update(self) -> Dict[str, float]:
         return {}
@@ -289,9 +280,7 @@ class BroadcastWeightSync:
     """
 
     def __init__(self, side: RolloutSide, backend: str = "nccl", timeout_s: float = 600.0):
-        self.side = side
-        self.backend = backend
-        self.timeout_s = timeout_s
+        self.side, self.backend, self.timeout_s = side, backend, timeout_s
         self.group = None
         self.name: Optional[str] = None
         self.members: List[str] = []

@@ -1,10 +1,8 @@
 """`trainer.type=sft`: supervised fine-tuning on prompt/answer rows (loss on the answer only).
 
-Same engine, packing, loop, checkpoints and metrics as PPO; no servers. Every rank reads the
-same rows in the same order and trains on its shard of each batch. Phases of a step:
-``data`` (rows read and tokenized), ``train``, ``metrics`` and ``checkpoint`` (of the previous
-step), ``other``. The final weights are published to ``weights/v{step}``.
-"""
+Same engine, packing, loop, checkpoints and metrics as PPO; no servers. Every rank reads the same rows in the same order
+and trains on its shard of each batch. Phases of a step: ``data`` (rows read and tokenized), ``train``, ``metrics`` and
+``checkpoint`` (of the previous step), ``other``. The final weights are published to ``weights/v{step}``."""
 
 from __future__ import annotations
 

@@ -443,14 +443,16 @@ def cmd_trl(args) -> int:
     sides = ("trl", "areal", "before")
     results: Dict[str, List[Dict]] = {side: [] for side in sides}
     for i in range(args.runs):
+        seed = spec["seed"] + (0 if args.same_seed else i)  # run i of every side: the same seed
         for side in sides:
             if side not in only:
                 continue
             if side == "trl":
-                res = run_trl(i, spec, root, args.timeout)
+                res = run_trl(i, dict(spec, seed=seed), root, args.timeout)
             else:
-                res = run_quickstart(i, overrides, root, args.timeout, Path(args.before) if side == "before" else None,
-                                     side)
+                res = run_quickstart(i, [*overrides, f"seed={seed}"], root, args.timeout,
+                                     Path(args.before) if side == "before" else None, side)
+            res["seed"] = seed
             results[side].append(res)
             print(json.dumps(res), flush=True)
     keys = ["t_0.8", "t_0.9", "steps_per_s", "peak_rss_mb", "final_reward", "first_step_s", "wall_s"]
@@ -460,16 +462,17 @@ def cmd_trl(args) -> int:
             med[side]["reached_0.9"] = f"{sum(r.get('t_0.9') is not None for r in rs)}/{len(rs)}"
     print(json.dumps({"median": med}), flush=True)
     if args.markdown:
-        print("\n| run | s to 0.8 | s to 0.9 (step) | steps/s | peak RSS MB | final 10-step reward | first step s "
-              "| wall s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n| run | seed | s to 0.8 | s to 0.9 (step) | steps/s | peak RSS MB | final 10-step reward | "
+              "first step s | wall s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for side in sides:
             for r in results[side]:
-                print(f"| {r['run']} | {r['t_0.8']} | {r['t_0.9']} ({r.get('step_0.9')}) | {r['steps_per_s']} | "
+                print(f"| {r['run']} | {r['seed']} | {r['t_0.8']} | {r['t_0.9']} ({r.get('step_0.9')}) | "
+                      f"{r['steps_per_s']} | "
                       f"{r['peak_rss_mb']} | {r['final_reward']} | {r['first_step_s']} | {r['wall_s']} |")
             if side in med:
                 m = med[side]
-                print(f"| **{side} median** | {m['t_0.8']} | {m['t_0.9']} ({m['reached_0.9']} reached) | "
+                print(f"| **{side} median** | | {m['t_0.8']} | {m['t_0.9']} ({m['reached_0.9']} reached) | "
                       f"{m['steps_per_s']} | {m['peak_rss_mb']} | {m['final_reward']} | {m['first_step_s']} | "
                       f"{m['wall_s']} |")
         print("\nSettings that differ:\n" + "\n".join(f"- {s}" for s in SETTINGS_THAT_DIFFER))
@@ -505,6 +508,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--before", default="", help="also run the quickstart of this source tree (side 'before')")
     s.add_argument("--out", default="", help="work directory (default: a new temporary one)")
     s.add_argument("--timeout", type=float, default=900, help="seconds before a run is stopped")
+    s.add_argument("--same-seed", action="store_true",
+                   help="every run with the config's seed (default: run i uses seed + i on every side, so the "
+                        "medians sample the seeds' spread too, not only timing noise)")
     s.add_argument("--markdown", action="store_true")
     s.add_argument("--worker", nargs=2, metavar=("SPEC", "PROGRESS"), help=argparse.SUPPRESS)
     s.add_argument("--smoke", action="store_true",

@@ -222,7 +222,8 @@ class ModelRunner:
         if u == n:
             return logits
         idx = torch.tensor(which, dtype=torch.long, device=dev)
-        self.kv.spread_rows(row0, idx, length)
+        if any(len(s.output_ids) + 1 < s.params.max_new_tokens for s in seqs):  # the copies decode on: KV rows
+            self.kv.spread_rows(row0, idx, length)
         return logits[idx]
 
     @torch.inference_mode()

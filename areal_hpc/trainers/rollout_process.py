@@ -1,0 +1,168 @@
+"""Rank 0's `RolloutSide` in a forked process of its own.
+
+In the trainer's process the rollout client's event loop (HTTP, JSON, tokenizer) and the weight update's calls hold
+the GIL between the training step's torch ops: on a small model the step is mostly Python, so the two serialise.
+Forked (imports, tokenizer and prompt loader already there), the side answers calls over two pipes: one for the
+trainer's main thread, one for the thread that waits on a weight update. Disk weight updates only: a broadcast's
+collective group belongs to the trainer's process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import multiprocessing
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from areal_hpc.rollout import RolloutError, Trajectory
+from areal_hpc.train import dist
+
+FAILED = "failed"  # (FAILED, reason) goes to the other ranks when rank 0's rollouts stall or fail
+
+
+def share_batch(fetch: Callable[[], Optional[List[Trajectory]]]) -> Optional[List[Trajectory]]:
+    """Rank 0 fetches a batch and shares it (or its `RolloutError`) with the other ranks (`FollowerSide`)."""
+    try:
+        trajs = fetch()
+    except RolloutError as e:
+        dist.broadcast_object((FAILED, str(e)))
+        raise
+    return dist.broadcast_object(trajs)
+
+
+class RolloutProcess:
+    """The trainer's calls of a `RolloutSide`, answered by one that ``make_side(should_stop)`` builds in a child;
+    the child's errors are raised here, and a dead child is one."""
+
+    def __init__(self, make_side: Callable[[Callable[[], bool]], Any], should_stop: Callable[[], bool]):
+        mp = multiprocessing.get_context("fork")
+        self.should_stop, self._stop = should_stop, mp.Event()
+        self._calls, calls = mp.Pipe()
+        self._updates, updates = mp.Pipe()
+        self._proc = mp.Process(target=_serve, args=(make_side, self._stop, calls, updates), daemon=True)
+        self._proc.start()
+        calls.close()
+        updates.close()
+        self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
+        self._update: Optional[concurrent.futures.Future] = None
+        try:
+            self._call(self._calls, "ready")  # the side is built (servers up), or its error is raised
+        except BaseException:
+            self._proc.join(10)
+            raise
+
+    def _call(self, conn, name: str, *args: Any) -> Any:
+        conn.send((name, args))
+        while not conn.poll(0.1):
+            if self.should_stop():
+                self._stop.set()
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the rollout process died (exit code {self._proc.exitcode}) during {name}()")
+        try:
+            kind, value = conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the rollout process exited during {name}()") from None
+        if kind == "err":
+            raise value
+        return value
+
+    def start(self) -> None:
+        self._call(self._calls, "start")
+
+    def resume(self) -> None:
+        self._call(self._calls, "resume")
+
+    def next_batch(self, version: int) -> Optional[List[Trajectory]]:
+        return share_batch(lambda: self._call(self._calls, "next_trajectories", version))
+
+    def stats(self) -> Dict[str, float]:
+        return self._call(self._calls, "stats")
+
+    def loader_state(self) -> Dict[str, Any]:
+        return self._call(self._calls, "loader_state")
+
+    def prune_weights(self, version: int) -> None:
+        self._call(self._calls, "prune_weights", version)
+
+    def external_ids(self) -> List[str]:
+        return self._call(self._calls, "external_ids")
+
+    def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
+        """`RolloutSide.update_weights_later`, but ``write()`` runs here (it reads this process's staged weights)."""
+        if self._update is not None:
+            raise RuntimeError("a weight update is still in flight: wait_update() first")
+
+        def update() -> Dict[str, float]:
+            t0 = time.monotonic()
+            path = write()
+            wrote = time.monotonic() - t0
+            out = self._call(self._updates, "apply_update", str(path), version)
+            return {**out, **{k: out.get(k, 0.0) + wrote for k in ("bg_phase/weight_publish", "bg_time_s")}}
+        self._update = self._updater.submit(update)
+
+    def wait_update(self) -> Dict[str, float]:
+        fut, self._update = self._update, None
+        return fut.result() if fut is not None else {}
+
+    def update_weights_broadcast(self, *args: Any, **kwargs: Any) -> Dict[str, float]:
+        raise RuntimeError("weight broadcasts need the rollout side in the trainer's process (rollout_side)")
+
+    def stop(self) -> None:
+        try:
+            self.wait_update()
+        finally:
+            self._updater.shutdown()
+            try:
+                if self._proc.is_alive():
+                    self._call(self._calls, "stop")
+            finally:
+                self._proc.join(30)
+                if self._proc.is_alive():
+                    self._proc.kill()
+
+
+def _serve(make_side, stop_event, calls, updates) -> None:
+    """The child: build the side, answer calls (updates on a thread of their own) until "stop" or EOF."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # the trainer decides when its side stops
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # Linux: die with the trainer, however it ends
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        side = make_side(stop_event.is_set)
+    except BaseException as e:  # noqa: BLE001 - the trainer raises it
+        _reply(calls, "err", e)
+        return
+    threading.Thread(target=_answer, args=(side, updates), name="rollout-updates", daemon=True).start()
+    _answer(side, calls)
+
+
+def _answer(side, conn) -> None:
+    while True:
+        try:
+            name, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if name == "apply_update":
+                value = side.apply_update(lambda: Path(args[0]), args[1])
+            else:
+                value = None if name == "ready" else getattr(side, name)(*args)
+        except BaseException as e:  # noqa: BLE001 - the trainer raises it
+            _reply(conn, "err", e)
+            continue
+        _reply(conn, "ok", value)
+        if name == "stop":
+            return
+
+
+def _reply(conn, kind: str, value: Any) -> None:
+    try:
+        conn.send((kind, value))
+    except OSError:  # the trainer is gone
+        pass
+    except Exception as e:  # noqa: BLE001 - an error that does not pickle goes as its text
+        conn.send(("err", RuntimeError(f"{type(value).__name__}: {value} ({e})")))

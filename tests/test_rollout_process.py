@@ -1,0 +1,105 @@
+"""`RolloutProcess`: a side answering from a forked child, its errors raised in the trainer, a stop
+request reaching a child that waits, a dead child reported instead of waited for."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from areal_hpc.registry import RegistryTimeout
+from areal_hpc.rollout import RolloutError
+from areal_hpc.trainers.rollout_process import RolloutProcess
+
+
+class FakeSide:
+    """What the child builds: a stand-in for `RolloutSide` with the methods the trainer calls."""
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+        self.version = 0
+
+    def start(self):
+        self.pid = os.getpid()
+
+    def resume(self):
+        pass
+
+    def next_trajectories(self, version):
+        if version == 99:
+            raise RolloutError("no batch for 3600s")
+        if version == 98:
+            os._exit(3)
+        if version == 97:  # a batch that never comes: only a stop request ends the wait
+            while not self.should_stop():
+                time.sleep(0.01)
+            return None
+        return [f"traj-{version}-{os.getpid()}"]
+
+    def stats(self):
+        return {"dropped_stale": 0.0}
+
+    def loader_state(self):
+        return {"epoch": 1, "pos": 7}
+
+    def apply_update(self, write, version):
+        self.version = version
+        return {"servers_updated": 1.0, "bg_time_s": 0.25, "loaded": str(write())}
+
+    def prune_weights(self, version):
+        pass
+
+    def external_ids(self):
+        return []
+
+    def stop(self):
+        pass
+
+
+def test_calls_are_answered_by_a_child_and_its_errors_raised_here(tmp_path):
+    side = RolloutProcess(FakeSide, should_stop=lambda: False)
+    try:
+        side.start()
+        [traj] = side.next_batch(3)
+        assert traj.startswith("traj-3-") and traj != f"traj-3-{os.getpid()}"  # built in another process
+        assert side.loader_state() == {"epoch": 1, "pos": 7}
+        # the write runs here (it reads this process's staged weights), the load in the child
+        written = []
+        side.update_weights_later(lambda: written.append(os.getpid()) or tmp_path / "v1", 1)
+        out = side.wait_update()
+        assert written == [os.getpid()] and out["loaded"] == str(tmp_path / "v1") and out["bg_time_s"] >= 0.25
+        with pytest.raises(RolloutError, match="no batch for 3600s"):
+            side.next_batch(99)
+        assert side.stats() == {"dropped_stale": 0.0}  # the child lives on after an error
+    finally:
+        side.stop()
+    assert not side._proc.is_alive()
+
+
+def test_a_stop_request_reaches_a_child_that_waits_for_a_batch():
+    stop = threading.Event()
+    side = RolloutProcess(FakeSide, should_stop=stop.is_set)
+    try:
+        threading.Timer(0.3, stop.set).start()
+        assert side.next_batch(97) is None
+    finally:
+        side.stop()
+
+
+def test_a_dead_child_is_an_error_not_a_hang():
+    side = RolloutProcess(FakeSide, should_stop=lambda: False)
+    try:
+        with pytest.raises(RuntimeError, match="rollout process (died|exited)"):
+            side.next_batch(98)
+    finally:
+        side.stop()
+
+
+def test_an_error_while_the_side_is_built_is_raised_by_the_constructor():
+    def make(should_stop):
+        raise RegistryTimeout("no healthy server after 600s")
+
+    with pytest.raises(RegistryTimeout, match="no healthy server"):
+        RolloutProcess(make, should_stop=lambda: False)
