@@ -204,9 +204,10 @@ WINDOW = 10  # steps in the moving mean of the reward
 THRESHOLDS = (0.8, 0.9)
 
 SETTINGS_THAT_DIFFER = [
-    "processes: the quickstart runs an `hf` inference server and a trainer process that talk over HTTP "
-    "(one generate request per prompt, for its samples) and exchange weights after every step; TRL is one process that "
-    "generates with `model.generate` and trains the same model object",
+    "processes: the quickstart runs an `hf` inference server and a trainer process (its rollout client in a "
+    "forked process of its own, rollout.client_process) that talk over HTTP (one generate request per prompt, "
+    "for its samples) and exchange weights after every step; TRL is one process that generates with "
+    "`model.generate` and trains the same model object",
     "overlap: the quickstart is asynchronous (rollout.max_head_offpolicyness, 1 in the quickstart: a batch "
     "may come from the previous weights, corrected by the decoupled loss's importance weight); TRL "
     "generates each batch with the current weights, then trains on it",
