@@ -1,10 +1,7 @@
-"""Rank 0's `RolloutSide` in a forked process of its own.
-
-In the trainer's process the rollout client's event loop (HTTP, JSON, tokenizer) and the weight update's calls hold
-the GIL between the training step's torch ops: on a small model the step is mostly Python, so the two serialise.
-Forked (imports, tokenizer and prompt loader already there), the side answers calls over two pipes: one for the
-trainer's main thread, one for the thread that waits on a weight update. Disk weight updates only: a broadcast's
-collective group belongs to the trainer's process."""
+"""Rank 0's `RolloutSide` in a forked process: in the trainer's, the client's event loop and the weight update's calls
+hold the GIL between the step's torch ops (on a small model mostly Python, so the two serialise). The child answers
+over two pipes, one for the trainer's main thread, one for the thread waiting on a weight update. Disk weight updates
+only: a broadcast's collective group belongs to the trainer's process."""
 
 from __future__ import annotations
 
@@ -27,11 +24,18 @@ FAILED = "failed"  # (FAILED, reason) goes to the other ranks when rank 0's roll
 def share_batch(fetch: Callable[[], Optional[List[Trajectory]]]) -> Optional[List[Trajectory]]:
     """Rank 0 fetches a batch and shares it (or its `RolloutError`) with the other ranks (`FollowerSide`)."""
     try:
-        trajs = fetch()
+        return dist.broadcast_object(fetch())
     except RolloutError as e:
         dist.broadcast_object((FAILED, str(e)))
         raise
-    return dist.broadcast_object(trajs)
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    """A method of `RolloutProcess` that makes the same call of the child's side."""
+    def call(self, *args: Any) -> Any:
+        return self._call(self._calls, name, *args)
+    call.__name__ = name
+    return call
 
 
 class RolloutProcess:
@@ -41,14 +45,14 @@ class RolloutProcess:
     def __init__(self, make_side: Callable[[Callable[[], bool]], Any], should_stop: Callable[[], bool]):
         mp = multiprocessing.get_context("fork")
         self.should_stop, self._stop = should_stop, mp.Event()
-        self._calls, calls = mp.Pipe()
-        self._updates, updates = mp.Pipe()
+        (self._calls, calls), (self._updates, updates) = mp.Pipe(), mp.Pipe()
         self._proc = mp.Process(target=_serve, args=(make_side, self._stop, calls, updates), daemon=True)
         self._proc.start()
         calls.close()
         updates.close()
         self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
         self._update: Optional[concurrent.futures.Future] = None
+        self._stats: Dict[str, float] = {}
         try:
             self._call(self._calls, "ready")  # the side is built (servers up), or its error is raised
         except BaseException:
@@ -56,7 +60,8 @@ class RolloutProcess:
             raise
 
     def _call(self, conn, name: str, *args: Any) -> Any:
-        conn.send((name, args))
+        with contextlib.suppress(OSError):  # a dead child is reported below
+            conn.send((name, args))
         while not conn.poll(0.1):
             if self.should_stop():
                 self._stop.set()
@@ -70,26 +75,17 @@ class RolloutProcess:
             raise value
         return value
 
-    def start(self) -> None:
-        self._call(self._calls, "start")
-
-    def resume(self) -> None:
-        self._call(self._calls, "resume")
+    start, resume, loader_state, prune_weights, external_ids = (
+        _forward(n) for n in ("start", "resume", "loader_state", "prune_weights", "external_ids"))
 
     def next_batch(self, version: int) -> Optional[List[Trajectory]]:
-        return share_batch(lambda: self._call(self._calls, "next_trajectories", version))
+        def fetch() -> Optional[List[Trajectory]]:
+            trajs, self._stats = self._call(self._calls, "next_trajectories", version)
+            return trajs
+        return share_batch(fetch)
 
     def stats(self) -> Dict[str, float]:
-        return self._call(self._calls, "stats")
-
-    def loader_state(self) -> Dict[str, Any]:
-        return self._call(self._calls, "loader_state")
-
-    def prune_weights(self, version: int) -> None:
-        self._call(self._calls, "prune_weights", version)
-
-    def external_ids(self) -> List[str]:
-        return self._call(self._calls, "external_ids")
+        return self._stats  # as of the last batch: one call a step, not two
 
     def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
         """`RolloutSide.update_weights_later`, but ``write()`` runs here (it reads this process's staged weights)."""
@@ -108,17 +104,17 @@ class RolloutProcess:
         fut, self._update = self._update, None
         return fut.result() if fut is not None else {}
 
-    def update_weights_broadcast(self, *args: Any, **kwargs: Any) -> Dict[str, float]:
-        raise RuntimeError("weight broadcasts need the rollout side in the trainer's process (rollout_side)")
-
     def stop(self) -> None:
         try:
             self.wait_update()
         finally:
             self._updater.shutdown()
             try:
-                if self._proc.is_alive():
-                    self._call(self._calls, "stop")
+                self._call(self._calls, "stop")
+            except RuntimeError:
+                self._proc.join(5)
+                if self._proc.is_alive():  # a dead child has nothing to stop (its death was reported)
+                    raise
             finally:
                 self._proc.join(30)
                 if self._proc.is_alive():
@@ -149,6 +145,8 @@ def _answer(side, conn) -> None:
         try:
             if name == "apply_update":
                 value = side.apply_update(lambda: Path(args[0]), args[1])
+            elif name == "next_trajectories":
+                value = side.next_trajectories(*args), side.stats()
             else:
                 value = None if name == "ready" else getattr(side, name)(*args)
         except BaseException as e:  # noqa: BLE001 - the trainer raises it
