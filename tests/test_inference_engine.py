@@ -41,11 +41,17 @@ def engine(model_path):
     eng.stop()
 
 
-def run(engine, seqs, timeout=30.0):
+def run(engine, seqs, timeout=30.0, together=False):
+    """Submit ``seqs`` and wait for all; ``together``: while the engine is paused, so that its next
+    step sees every one of them (one prefill, as `/generate` with n > 1 submits them)."""
     done = threading.Semaphore(0)
+    if together:
+        engine.pause("abort").result(5)
     for s in seqs:
         s.on_finish = lambda _s: done.release()
         engine.submit(s)
+    if together:
+        engine.resume().result(5)
     for _ in seqs:
         assert done.acquire(timeout=timeout), "engine did not finish in time"
     return seqs
@@ -109,15 +115,8 @@ def test_samples_of_one_prompt_share_its_prefill(engine, reference, vocab):
     runner, rows_run = engine.runner, []
     forward = runner._forward
     runner._forward = lambda ids, mask, pos: rows_run.append(ids.shape) or forward(ids, mask, pos)
-    engine.pause("abort").result(5)  # all of them waiting when the engine looks: one prefill
-    done = threading.Semaphore(0)
     try:
-        for s in seqs:
-            s.on_finish = lambda _s: done.release()
-            engine.submit(s)
-        engine.resume().result(5)
-        for _ in seqs:
-            assert done.acquire(timeout=30)
+        run(engine, seqs, together=True)
     finally:
         runner._forward = forward
     for s in seqs:
@@ -135,15 +134,8 @@ def test_one_token_samples_skip_the_kv_copy(engine, reference, vocab):
     kv = engine.runner.kv
     spread, copies = kv.spread_rows, []
     kv.spread_rows = lambda *a: copies.append(a) or spread(*a)
-    engine.pause("abort").result(5)
-    done = threading.Semaphore(0)
     try:
-        for s in seqs:
-            s.on_finish = lambda _s: done.release()
-            engine.submit(s)
-        engine.resume().result(5)
-        for _ in seqs:
-            assert done.acquire(timeout=30)
+        run(engine, seqs, together=True)
     finally:
         del kv.spread_rows
     assert copies == []

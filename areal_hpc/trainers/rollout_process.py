@@ -30,6 +30,35 @@ def share_batch(fetch: Callable[[], Optional[List[Trajectory]]]) -> Optional[Lis
         raise
 
 
+class BackgroundUpdates:
+    """Disk weight updates on a thread of their own while training goes on, one at a time: the
+    subclass's ``apply_update(write, version)`` runs there (`RolloutSide`, `RolloutProcess`)."""
+
+    def __init__(self) -> None:
+        self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
+        self._update: Optional[concurrent.futures.Future] = None  # the update in flight
+
+    def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
+        """``write()`` publishes the weights (`train.publish.stage_weights`), the servers load them, old versions
+        are pruned. Call `wait_update` first. The controller takes the new version once the servers have it, so
+        the staleness bound holds however late the update lands."""
+        if self._update is not None:
+            raise RuntimeError("a weight update is still in flight: wait_update() first")
+        self._update = self._updater.submit(self.apply_update, write, version)
+
+    def wait_update(self) -> Dict[str, float]:
+        """Wait for the update in flight, if any (its errors are raised here); its metrics."""
+        fut, self._update = self._update, None
+        return fut.result() if fut is not None else {}
+
+    def stop_updates(self) -> None:
+        """The last weights reach the servers before the run ends (or fail loudly); then the thread goes."""
+        try:
+            self.wait_update()
+        finally:
+            self._updater.shutdown()
+
+
 def _forward(name: str) -> Callable[..., Any]:
     """A method of `RolloutProcess` that makes the same call of the child's side."""
     def call(self, *args: Any) -> Any:
@@ -38,7 +67,7 @@ def _forward(name: str) -> Callable[..., Any]:
     return call
 
 
-class RolloutProcess:
+class RolloutProcess(BackgroundUpdates):
     """The trainer's calls of a `RolloutSide`, answered by one that ``make_side(should_stop)`` builds in a child;
     the child's errors are raised here, and a dead child is one."""
 
@@ -50,8 +79,7 @@ class RolloutProcess:
         self._proc.start()
         calls.close()
         updates.close()
-        self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
-        self._update: Optional[concurrent.futures.Future] = None
+        super().__init__()
         self._stats: Dict[str, float] = {}
         try:
             self._call(self._calls, "ready")  # the side is built (servers up), or its error is raised
@@ -87,28 +115,18 @@ class RolloutProcess:
     def stats(self) -> Dict[str, float]:
         return self._stats  # as of the last batch: one call a step, not two
 
-    def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
-        """`RolloutSide.update_weights_later`, but ``write()`` runs here (it reads this process's staged weights)."""
-        if self._update is not None:
-            raise RuntimeError("a weight update is still in flight: wait_update() first")
-
-        def update() -> Dict[str, float]:
-            t0 = time.monotonic()
-            path = write()
-            wrote = time.monotonic() - t0
-            out = self._call(self._updates, "apply_update", str(path), version)
-            return {**out, **{k: out.get(k, 0.0) + wrote for k in ("bg_phase/weight_publish", "bg_time_s")}}
-        self._update = self._updater.submit(update)
-
-    def wait_update(self) -> Dict[str, float]:
-        fut, self._update = self._update, None
-        return fut.result() if fut is not None else {}
+    def apply_update(self, write: Callable[[], Path], version: int) -> Dict[str, float]:
+        """`RolloutSide.apply_update`, but ``write()`` runs here (it reads this process's staged weights)."""
+        t0 = time.monotonic()
+        path = write()
+        wrote = time.monotonic() - t0
+        out = self._call(self._updates, "apply_update", str(path), version)
+        return {**out, **{k: out.get(k, 0.0) + wrote for k in ("bg_phase/weight_publish", "bg_time_s")}}
 
     def stop(self) -> None:
         try:
-            self.wait_update()
+            self.stop_updates()
         finally:
-            self._updater.shutdown()
             try:
                 self._call(self._calls, "stop")
             except RuntimeError:

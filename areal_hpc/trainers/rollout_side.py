@@ -8,7 +8,6 @@ knows nothing of servers; `inference` knows nothing of training). Rank 0 holds t
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import socket
@@ -26,7 +25,7 @@ from areal_hpc.rollout.data import load_dataset_rows
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
 from areal_hpc.trainers.base import TrainContext
-from areal_hpc.trainers.rollout_process import FAILED, RolloutProcess, share_batch
+from areal_hpc.trainers.rollout_process import FAILED, BackgroundUpdates, RolloutProcess, share_batch
 
 log = logging.getLogger("areal_hpc.trainer")
 
@@ -90,7 +89,7 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
     return side if side is not None else FollowerSide()
 
 
-class RolloutSide:
+class RolloutSide(BackgroundUpdates):
     """Rank 0's view of the inference side of a run."""
 
     def __init__(self, ctx: TrainContext, tokenizer, loader: PromptLoader, start_version: int,
@@ -104,8 +103,7 @@ class RolloutSide:
             max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version)
         self._sync: Optional[BroadcastWeightSync] = None  # formed on the first broadcast update
         self._warned: set = set()  # external servers told about once
-        self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
-        self._update: Optional[concurrent.futures.Future] = None  # the background update in flight
+        super().__init__()
 
     def start(self) -> None:
         """Run the rollout loop, paused (a weight update needs it; nothing is generated yet)."""
@@ -117,9 +115,8 @@ class RolloutSide:
 
     def stop(self) -> None:
         try:
-            self.wait_update()  # the last weights reach the servers before the run ends (or fail loudly)
+            self.stop_updates()
         finally:
-            self._updater.shutdown()
             self.controller.stop()
 
     def next_batch(self, version: int, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
@@ -170,17 +167,9 @@ class RolloutSide:
         failed = self._report_failed(results, path, version)
         return {"servers_updated": float(len(results) - len(failed))}
 
-    def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
-        """A disk update on a background thread while training goes on: ``write()`` publishes the weights
-        (`train.publish.stage_weights`), the servers load them, old versions are pruned. One at a time: call
-        `wait_update` first. The controller takes the new version once the servers have it, so the staleness
-        bound holds however late the update lands."""
-        if self._update is not None:
-            raise RuntimeError("a weight update is still in flight: wait_update() first")
-        self._update = self._updater.submit(self.apply_update, write, version)
-
     def apply_update(self, write: Callable[[], Path], version: int) -> Dict[str, float]:
-        """A disk update, here and now; its phases as ``bg_phase/*`` and ``bg_time_s``."""
+        """A disk update here and now (`update_weights_later` runs it on a thread); its phases as ``bg_phase/*`` and
+        ``bg_time_s``."""
         timer = PhaseTimer()
         timer.begin()
         with timer.phase("weight_publish"):
@@ -191,11 +180,6 @@ class RolloutSide:
         split = timer.split()
         return {**out, **{BG_PREFIX + k[len(PREFIX):]: v for k, v in split.items() if k.startswith(PREFIX)},
                 "bg_time_s": split["step_time_s"]}
-
-    def wait_update(self) -> Dict[str, float]:
-        """Wait for the background update in flight, if any (its errors are raised here); its metrics."""
-        fut, self._update = self._update, None
-        return fut.result() if fut is not None else {}
 
     def update_weights_broadcast(self, broadcast: Broadcast, version: int, timer: Optional[PhaseTimer] = None,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
