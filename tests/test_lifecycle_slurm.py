@@ -78,7 +78,9 @@ def test_a_trainer_that_raises_fails_the_job(run):
 
 
 def test_a_sigkilled_trainer_is_restarted_by_default(run):
-    run.submit("allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=16", "saver.freq_steps=3")
+    # 8 generated tokens a sample: steps long enough that the kill lands before the third checkpoint
+    run.submit("allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=16", "saver.freq_steps=3",
+               "rollout.gen.max_new_tokens=8", "rollout.gen.ignore_eos=true")
     run.wait_steps(5)
     reg = run.registry()
     servers = {k: (v["pid"], v["slurm_step_id"]) for k, v in reg.list("servers").items()}
