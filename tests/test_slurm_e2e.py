@@ -116,7 +116,8 @@ class Run:
         return "".join(f"\n--- {f.name}\n{f.read_text(errors='replace')[-tail:]}" for f in sorted(d.glob("*")))
 
     def wait_steps(self, n: int, timeout: float = 300) -> None:
-        wait_until(lambda: len(self.metrics()) >= n, timeout, f"{self.exp}: {n} training steps\n{self.logs()}")
+        wait_until(lambda: len(self.metrics()) >= n, timeout, f"{self.exp}: {n} training steps\n{self.logs()}",
+                   interval=0.05)  # a quickstart step takes 0.05-0.3 s: a kill after step n must land soon after it
 
     def wait_job(self, timeout: float = 600, want: Optional[str] = "COMPLETED") -> str:
         jid = self.job_id
