@@ -443,6 +443,7 @@ def cmd_trl(args) -> int:
     print(json.dumps({"workload": spec, "overrides": overrides, "out": str(root)}), flush=True)
     sides = ("trl", "areal", "before")
     results: Dict[str, List[Dict]] = {side: [] for side in sides}
+    unseeded = [o for o in overrides if not o.startswith("seed=")]  # `--set seed=S`: run i uses S + i
     for i in range(args.runs):
         seed = spec["seed"] + (0 if args.same_seed else i)  # run i of every side: the same seed
         for side in sides:
@@ -451,7 +452,7 @@ def cmd_trl(args) -> int:
             if side == "trl":
                 res = run_trl(i, dict(spec, seed=seed), root, args.timeout)
             else:
-                res = run_quickstart(i, [*overrides, f"seed={seed}"], root, args.timeout,
+                res = run_quickstart(i, [*unseeded, f"seed={seed}"], root, args.timeout,
                                      Path(args.before) if side == "before" else None, side)
             res["seed"] = seed
             results[side].append(res)
