@@ -236,8 +236,8 @@ def test_multi_node_placement(run):
 @pytest.mark.slow
 def test_quickstart_learns_on_slurm(root, request):
     # The quickstart's own batch size: reward rises like in mode=local. Mean of the first / last 10
-    # steps: 0.08 -> 0.28-0.32 in 60 steps, 0.45-0.65 in 80 (this VM); 80 steps, because one CI run
-    # under load learned at half that pace and reached only 0.15 at step 60.
+    # steps: ~0.06 -> 0.25-0.36 at step 80 over 16 seeds in mode=local (lr 2e-4); 80 steps, because
+    # a CI run under load once learned at half the pace.
     r = Run(root, "learn")
     r.cli("submit", QUICKSTART, *CLUSTER, *r.names, "stats.progress_bar=False", "trainer.total_train_steps=80",
           "saver.freq_steps=0", "launcher.wait=True", timeout=1800)
