@@ -21,22 +21,24 @@ from areal_hpc.train import dist
 FAILED = "failed"  # (FAILED, reason) goes to the other ranks when rank 0's rollouts stall or fail
 
 
-def share_batch(fetch: Callable[[], Optional[List[Trajectory]]]) -> Optional[List[Trajectory]]:
-    """Rank 0 fetches a batch and shares it (or its `RolloutError`) with the other ranks (`FollowerSide`)."""
-    try:
-        return dist.broadcast_object(fetch())
-    except RolloutError as e:
-        dist.broadcast_object((FAILED, str(e)))
-        raise
-
-
 class BackgroundUpdates:
-    """Disk weight updates on a thread of their own while training goes on, one at a time: the
-    subclass's ``apply_update(write, version)`` runs there (`RolloutSide`, `RolloutProcess`)."""
+    """What `RolloutSide` and `RolloutProcess` share: the batch handed to every rank, and disk weight updates on a
+    thread of their own while training goes on, one at a time (the subclass's ``apply_update(write, version)`` runs
+    there)."""
 
     def __init__(self) -> None:
         self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
         self._update: Optional[concurrent.futures.Future] = None  # the update in flight
+
+    def next_batch(self, version: int) -> Optional[List[Trajectory]]:
+        """The next batch for a trainer at ``version``, on every rank (`FollowerSide` receives it); None if a stop is
+        requested while waiting (the servers may be gone for good: a stopped run must not hang here). Stalled or
+        failing rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise `RolloutError` on every rank."""
+        try:
+            return dist.broadcast_object(self.next_trajectories(version))
+        except RolloutError as e:
+            dist.broadcast_object((FAILED, str(e)))
+            raise
 
     def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
         """``write()`` publishes the weights (`train.publish.stage_weights`), the servers load them, old versions
@@ -103,14 +105,11 @@ class RolloutProcess(BackgroundUpdates):
             raise value
         return value
 
-    start, resume, loader_state, prune_weights, external_ids = (
-        _forward(n) for n in ("start", "resume", "loader_state", "prune_weights", "external_ids"))
+    start, resume, loader_state = (_forward(n) for n in ("start", "resume", "loader_state"))
 
-    def next_batch(self, version: int) -> Optional[List[Trajectory]]:
-        def fetch() -> Optional[List[Trajectory]]:
-            trajs, self._stats = self._call(self._calls, "next_trajectories", version)
-            return trajs
-        return share_batch(fetch)
+    def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
+        trajs, self._stats = self._call(self._calls, "next_trajectories", version)
+        return trajs
 
     def stats(self) -> Dict[str, float]:
         return self._stats  # as of the last batch: one call a step, not two

@@ -25,12 +25,10 @@ from areal_hpc.rollout.data import load_dataset_rows
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
 from areal_hpc.trainers.base import TrainContext
-from areal_hpc.trainers.rollout_process import FAILED, BackgroundUpdates, RolloutProcess, share_batch
+from areal_hpc.trainers.rollout_process import FAILED, BackgroundUpdates, RolloutProcess
 
 log = logging.getLogger("areal_hpc.trainer")
-
-# ``broadcast(group, on_bucket)``: the trainer's collective broadcast of its weights (every rank)
-Broadcast = Callable[[Any, Any], Any]
+GROUP_TIMEOUT_S = 600.0  # to form the weight broadcast's group, and for the servers to take one bucket
 
 
 def load_tokenizer(path: str):
@@ -101,7 +99,10 @@ class RolloutSide(BackgroundUpdates):
             make_rollout_workflow(cfg, tokenizer, cfg.train_dataset), self.pool, loader,
             batch_size=cfg.rollout.batch_size, max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
             max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version)
-        self._sync: Optional[BroadcastWeightSync] = None  # formed on the first broadcast update
+        # The broadcast's group: trainer rank 0 + every server but the external ones, formed on the first broadcast
+        self.group, self.group_name = None, None
+        self.members: List[str] = []
+        self.external: List[str] = []  # servers updated from disk instead
         self._warned: set = set()  # external servers told about once
         super().__init__()
 
@@ -119,18 +120,12 @@ class RolloutSide(BackgroundUpdates):
         finally:
             self.controller.stop()
 
-    def next_batch(self, version: int, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
-        """The next batch for a trainer at ``version``, on every rank; None if a stop is requested while waiting (the
-        servers may be gone for good: a stopped run must not hang here). Stalled or failing rollouts
-        (rollout.drop_timeout_s, rollout.stall_timeout_s) raise `RolloutError` on every rank."""
-        return share_batch(lambda: self.next_trajectories(version, poll_s))
-
-    def next_trajectories(self, version: int, poll_s: float = 1.0) -> Optional[List[Trajectory]]:
+    def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
         """`next_batch` on this rank alone."""
         r = self.ctx.cfg.rollout
         self.controller.set_trainer_version(version)
         groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
-                                            stall_timeout_s=r.stall_timeout_s, poll_s=poll_s)
+                                            stall_timeout_s=r.stall_timeout_s)
         return None if groups is None else [t for g in groups for t in g.trajectories]
 
     def stats(self) -> Dict[str, float]:
@@ -149,24 +144,6 @@ class RolloutSide(BackgroundUpdates):
         """Healthy external servers (attached by URL, or `serve` by hand) the pool knows of now."""
         return sorted(sid for sid, info in self.pool.servers.items() if info["healthy"] and info.get("external"))
 
-    def _load(self, path: str, version: int, timer: PhaseTimer) -> Dict[str, float]:
-        """Servers load ``path`` as ``version``: pause submission and servers, load, continue.
-
-        Interrupted generations are resumed by the pool with the new weights (their tokens carry
-        the version that produced them). Servers that fail to load are reported; the update goes on
-        with the others (a dead server's record expires and the pool drops it).
-        """
-        with self._paused(version, timer):
-            return self._load_from_disk(path, version, timer)
-
-    def _load_from_disk(self, path: str, version: int, timer: PhaseTimer,
-                        server_ids: Optional[List[str]] = None) -> Dict[str, float]:
-        """The servers (``server_ids``: those only) load ``path``; failures are reported."""
-        with timer.phase("weight_load"):
-            results = self.controller.run(self.pool.update_weights_from_disk(path, version, server_ids=server_ids))
-        failed = self._report_failed(results, path, version)
-        return {"servers_updated": float(len(results) - len(failed))}
-
     def apply_update(self, write: Callable[[], Path], version: int) -> Dict[str, float]:
         """A disk update here and now (`update_weights_later` runs it on a thread); its phases as ``bg_phase/*`` and
         ``bg_time_s``."""
@@ -174,31 +151,48 @@ class RolloutSide(BackgroundUpdates):
         timer.begin()
         with timer.phase("weight_publish"):
             path = write()
-        out = self._load(str(path), version, timer)
+        with self._paused(version, timer):
+            out = self._load_from_disk(str(path), version, timer)
         with timer.phase("weight_publish"):
             self.prune_weights(version)
         split = timer.split()
         return {**out, **{BG_PREFIX + k[len(PREFIX):]: v for k, v in split.items() if k.startswith(PREFIX)},
                 "bg_time_s": split["step_time_s"]}
 
-    def update_weights_broadcast(self, broadcast: Broadcast, version: int, timer: Optional[PhaseTimer] = None,
+    def _load_from_disk(self, path: str, version: int, timer: PhaseTimer,
+                        server_ids: Optional[List[str]] = None) -> Dict[str, float]:
+        """The servers (``server_ids``: those only) load ``path``. Those that fail are reported and the update goes on
+        with the others (a dead server's record expires and the pool drops it)."""
+        with timer.phase("weight_load"):
+            results = self.controller.run(self.pool.update_weights_from_disk(path, version, server_ids=server_ids))
+        failed = {k: v for k, v in results.items() if not getattr(v, "ok", v is True)}
+        if failed:
+            log.warning("weight update v%d failed on %d server(s): %s", version, len(failed), failed)
+        for sid in sorted(set(failed) - self._warned):
+            if self.pool.servers.get(sid, {}).get("external"):
+                self._warned.add(sid)
+                log.warning("external server %s could not load %s: disk weight updates need the run's weights/ "
+                            "directory readable from that server (a shared filesystem)", sid, path)
+        return {"servers_updated": float(len(results) - len(failed))}
+
+    def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
-        """The collective path: pause, (re)form the group if the servers changed, broadcast, continue.
-        External servers (outside the group) load ``disk_path``, published for them."""
-        if self._sync is None:
-            self._sync = BroadcastWeightSync(self, backend=self.ctx.cfg.trainer.ppo.weight_update)
-        sync, timer = self._sync, timer or PhaseTimer()
+        """The collective path: pause, (re)form the group if the servers changed, ``broadcast(group, on_bucket)``
+        (every rank's `broadcast_engine_weights`), continue. External servers load ``disk_path``, published for
+        them."""
         with self._paused(version, timer):
             with timer.phase("weight_broadcast"):
-                sync.ensure_group()
-                broadcast(sync.group, sync.announcer(version))
-            if disk_path and sync.external:
-                self._load_from_disk(disk_path, version, timer, server_ids=sync.external)
-        return {"servers_updated": float(len(sync.members))}
+                self._ensure_group()
+                broadcast(self.group, self._announcer(version))
+            if disk_path and self.external:
+                self._load_from_disk(disk_path, version, timer, server_ids=self.external)
+        return {"servers_updated": float(len(self.members))}
 
     @contextlib.contextmanager
     def _paused(self, version: int, timer: PhaseTimer):
-        """Submission and servers paused around a weight update; then the new version, and continue."""
+        """Submission and servers paused around a weight update; then the new version, and continue. Interrupted
+        generations are resumed by the pool with the new weights (their tokens carry the version that produced
+        them)."""
         c = self.controller
         c.pause()
         try:
@@ -211,16 +205,56 @@ class RolloutSide(BackgroundUpdates):
                 c.set_version(version)
                 c.resume()
 
-    def _report_failed(self, results: Dict[str, Any], path: str, version: int) -> Dict[str, Any]:
-        failed = {k: v for k, v in results.items() if not getattr(v, "ok", v is True)}
+    def _ensure_group(self) -> None:
+        """Trainer rank 0 + every server in one process group (SGLang's /init_weights_update_group): NCCL on GPUs,
+        gloo on CPU-only runs. The group has a fixed size: it is formed again, under a new name, whenever the live
+        servers change (a late server starts from weights/latest). External servers stay out (one member that cannot
+        reach the trainer's port would make all wait out the timeout) and load a disk copy."""
+        import torch.distributed as tdist
+
+        from areal_hpc.train.weight_sync import init_weight_sync_group, new_group_name
+
+        pool, c, backend = self.pool, self.controller, self.ctx.cfg.trainer.ppo.weight_update
+        c.run(pool.refresh())
+        external = self.external_ids()
+        members = sorted(sid for sid, info in pool.servers.items() if info["healthy"] and sid not in external)
+        for sid in sorted(set(external) - set(self.external)):
+            log.warning("external server %s gets weights from disk (weights/), not through the %s group", sid, backend)
+        self.external = external
+        if self.group is not None and members == self.members:
+            return
+        if self.group is not None:
+            tdist.destroy_process_group(self.group)
+            self.group = None
+        name, port, addr = new_group_name(), free_port(""), socket.gethostbyname(socket.gethostname())
+        world = len(members) + 1
+
+        async def join_all():
+            return await asyncio.gather(*(pool.init_weights_update_group(
+                sid, addr, port, i + 1, world, name, backend, timeout_s=GROUP_TIMEOUT_S)
+                for i, sid in enumerate(members)))
+
+        fut = c.submit(join_all())  # servers join while we host the rendezvous
+        self.group = init_weight_sync_group(addr, port, 0, world, name, backend=backend, timeout_s=GROUP_TIMEOUT_S)
+        failed = [r for res in fut.result(GROUP_TIMEOUT_S) for r in res.values() if not r.ok]
         if failed:
-            log.warning("weight update v%d failed on %d server(s): %s", version, len(failed), failed)
-        for sid in sorted(set(failed) - self._warned):
-            if self.pool.servers.get(sid, {}).get("external"):
-                self._warned.add(sid)
-                log.warning("external server %s could not load %s: disk weight updates need the run's weights/ "
-                            "directory readable from that server (a shared filesystem)", sid, path)
-        return failed
+            raise RuntimeError(f"servers failed to join weight group {name}: {failed}")
+        self.group_name, self.members = name, members
+        log.info("weight-sync group %s formed with %d server(s)", name, len(members))
+
+    def _announcer(self, version: int):
+        """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""
+        def on_bucket(bucket):
+            fut = self.controller.submit(self.pool.update_weights_from_distributed(
+                bucket.names, bucket.dtypes, bucket.shapes, self.group_name, version, self.members,
+                timeout_s=GROUP_TIMEOUT_S))
+
+            def wait():
+                bad = [r for r in fut.result(GROUP_TIMEOUT_S).values() if not r.ok]
+                if bad:
+                    raise RuntimeError(f"weight broadcast failed on {[(r.server_id, r.error) for r in bad]}")
+            return wait
+        return on_bucket
 
 
 class FollowerSide:
@@ -247,74 +281,8 @@ class FollowerSide:
     def wait_update(self) -> Dict[str, float]:
         return {}
 
-    def update_weights_broadcast(self, broadcast: Broadcast, version: int, timer: Optional[PhaseTimer] = None,
+    def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
-        with (timer or PhaseTimer()).phase("weight_broadcast"):
+        with timer.phase("weight_broadcast"):
             broadcast(None, None)
         return {}
-
-
-class BroadcastWeightSync:
-    """Trainer rank 0 + every server in one process group (SGLang's /init_weights_update_group):
-    NCCL on GPUs, gloo on CPU-only runs.
-
-    The group has a fixed size: it is formed again, under a new name, whenever the live servers
-    change (a late server starts from weights/latest). External servers stay out (one member that
-    cannot reach the trainer's port would make all wait out the timeout) and load a disk copy.
-    """
-
-    def __init__(self, side: RolloutSide, backend: str = "nccl", timeout_s: float = 600.0):
-        self.side, self.backend, self.timeout_s = side, backend, timeout_s
-        self.group = None
-        self.name: Optional[str] = None
-        self.members: List[str] = []
-        self.external: List[str] = []  # servers updated from disk instead
-
-    def ensure_group(self) -> None:
-        from areal_hpc.train.weight_sync import destroy_weight_sync_group, init_weight_sync_group, new_group_name
-
-        pool, c = self.side.pool, self.side.controller
-        c.run(pool.refresh())
-        external = self.side.external_ids()
-        members = sorted(sid for sid, info in pool.servers.items() if info["healthy"] and sid not in external)
-        for sid in sorted(set(external) - set(self.external)):
-            log.warning("external server %s gets weights from disk (weights/), not through the %s group", sid,
-                        self.backend)
-        self.external = external
-        if self.group is not None and members == self.members:
-            return
-        if self.group is not None:
-            destroy_weight_sync_group(self.group)
-            self.group = None
-        name = new_group_name()
-        port = free_port("")
-        addr = socket.gethostbyname(socket.gethostname())
-        world = len(members) + 1
-
-        async def join_all():
-            return await asyncio.gather(*(pool.init_weights_update_group(
-                sid, addr, port, i + 1, world, name, self.backend, timeout_s=self.timeout_s)
-                for i, sid in enumerate(members)))
-
-        fut = c.submit(join_all())  # servers join while we host the rendezvous
-        self.group = init_weight_sync_group(addr, port, 0, world, name, backend=self.backend, timeout_s=self.timeout_s)
-        failed = [r for res in fut.result(self.timeout_s) for r in res.values() if not r.ok]
-        if failed:
-            raise RuntimeError(f"servers failed to join weight group {name}: {failed}")
-        self.name, self.members = name, members
-        log.info("weight-sync group %s formed with %d server(s)", name, len(members))
-
-    def announcer(self, version: int):
-        """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""
-        pool, c = self.side.pool, self.side.controller
-
-        def on_bucket(bucket):
-            fut = c.submit(pool.update_weights_from_distributed(bucket.names, bucket.dtypes, bucket.shapes, self.name,
-                                                                version, self.members, timeout_s=self.timeout_s))
-
-            def wait():
-                bad = [r for r in fut.result(self.timeout_s).values() if not r.ok]
-                if bad:
-                    raise RuntimeError(f"weight broadcast failed on {[(r.server_id, r.error) for r in bad]}")
-            return wait
-        return on_bucket
