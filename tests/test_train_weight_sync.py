@@ -29,8 +29,7 @@ def _worker(rank, path, group_port, side_port):
         os.environ.pop(k, None)
     import torch.distributed as tdist
 
-    from areal_hpc.train.weight_sync import (broadcast_engine_weights, destroy_weight_sync_group,
-                                             init_weight_sync_group, new_group_name)
+    from areal_hpc.train.weight_sync import broadcast_engine_weights, init_weight_sync_group, new_group_name
 
     # the side channel stands in for the servers' HTTP endpoint: names/dtypes/shapes per bucket
     side = tdist.TCPStore("127.0.0.1", side_port, 2, is_master=(rank == 0), timeout=datetime.timedelta(seconds=60))
@@ -53,7 +52,7 @@ def _worker(rank, path, group_port, side_port):
             n = broadcast_engine_weights(eng, group, on_bucket=announce, bucket_bytes=20_000, dtype=dtype)
             side.set(f"r{round_}n", str(n))
             assert n == len(sent) > 2
-            destroy_weight_sync_group(group)
+            tdist.destroy_process_group(group)
             with torch.no_grad():  # a "training step" between the two rounds
                 for p in eng.model.parameters():
                     p.mul_(2.0)
@@ -78,7 +77,7 @@ def _worker(rank, path, group_port, side_port):
                 got.update(receive_weights(group, names, dtypes, shapes))
                 side.set(f"r{round_}ack{b}", "ok")
                 b += 1
-            destroy_weight_sync_group(group)
+            tdist.destroy_process_group(group)
             assert "lm_head.weight" not in got  # tied to the embeddings
             assert set(got) == set(want) - {"lm_head.weight"}
             for k, v in got.items():

@@ -12,19 +12,14 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
-    backend: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _env_int(*names: str) -> Optional[int]:
@@ -78,7 +73,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     limit_cpu_threads(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
-        return current()
+        return DistInfo(dist.get_rank(), dist.get_world_size(), device)
     timeout = datetime.timedelta(seconds=timeout_s)
     if world == 1 and not os.environ.get("MASTER_ADDR"):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -89,14 +84,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
                                "(set by torchrun or the Slurm launcher)")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout, **kwargs)
-    return current()
-
-
-def current() -> DistInfo:
-    """The set-up of the already initialised default group."""
-    _, _, local = env_ranks()
-    device = pick_device(local)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device, dist.get_backend())
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
 
 
 def destroy() -> None:
@@ -183,3 +171,9 @@ def all_reduce_scalar(x: float, op: str = "sum") -> float:
         return float(x)  # no device round trip on one process
     t = torch.tensor([float(x)], dtype=torch.float64, device=collective_device())
     return float(all_reduce(t, op).item())
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor (collective), gathered only across several ranks."""
+    full = value.full_tensor() if isinstance(value, DTensor) and value.device_mesh.size() > 1 else value
+    return full.to_local() if isinstance(full, DTensor) else full  # one rank: no redistribution

@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from areal_hpc import toy
@@ -181,17 +180,6 @@ class FSDPEngine:
         outs = [self._run(mb.to(self.device), temperature, False)["logprobs"] for mb in mbs]
         return unpack_to_padded(outs, mbs, batch)
 
-    def _global_weight(self, mbs: List[MicroBatch], loss_weight_fn: WeightFn) -> Tuple[List[float], float]:
-        weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
-        return weights, dist.all_reduce_scalar(sum(weights))
-
-    def _reduce_stats(self, sums: Dict[str, torch.Tensor]) -> Tuple[List[str], torch.Tensor]:
-        """Sums over all micro-batches of all ranks, still on the device: one all-reduce, no read."""
-        keys = sorted(sums)
-        t = torch.stack([sums[k].to(torch.float64) for k in keys]).to(dist.collective_device())
-        dist.all_reduce(t)
-        return keys, t
-
     def _accumulate(self, mbs: List[MicroBatch], weights: List[float], total: float, loss_fn: LossFn,
                     temperature: float, backward: bool) -> Tuple[List[str], torch.Tensor]:
         world = self.info.world_size
@@ -218,19 +206,27 @@ class FSDPEngine:
             for k, v in stats.items():
                 v = torch.as_tensor(v).detach().to(self.device, torch.float64)
                 sums[k] = sums.get(k, zero) + v * w
-        return self._reduce_stats(sums)
+        # sums over all micro-batches of all ranks, still on the device: one all-reduce, no read
+        keys = sorted(sums)
+        t = torch.stack([sums[k].to(torch.float64) for k in keys]).to(dist.collective_device())
+        return keys, dist.all_reduce(t)
 
-    def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn,
-                          temperature: float) -> "_Pending":
-        if self.optimizer is None:
+    def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,
+                          backward: bool = True) -> "_Pending":
+        """Zero the gradients, then accumulate those of the globally normalised loss; without ``backward`` only
+        its statistics."""
+        if backward and self.optimizer is None:
             raise RuntimeError("this engine was built with trainable=False")
-        self._set_training(True)
+        self._set_training(backward)
         with record_function("areal.pack"):
             mbs = self.micro_batches(batch)
-            weights, total = self._global_weight(mbs, loss_weight_fn)
-        self.optimizer.zero_grad(set_to_none=True)
-        keys, sums = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=True)
-        return _Pending(keys, sums, divisor=total, plain=dict(n_tokens=total, n_mbs=float(len(mbs))))
+            weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
+            total = dist.all_reduce_scalar(sum(weights))
+        if backward:
+            self.optimizer.zero_grad(set_to_none=True)
+        keys, sums = self._accumulate(mbs, weights, total, loss_fn, temperature, backward)
+        plain = dict(n_tokens=total, n_mbs=float(len(mbs))) if backward else dict(n_tokens=total)
+        return _Pending(keys, sums, divisor=total, plain=plain)
 
     def forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                          temperature: float = 1.0) -> Dict[str, float]:
@@ -277,11 +273,7 @@ class FSDPEngine:
     @torch.no_grad()
     def eval_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                    temperature: float = 1.0) -> Dict[str, float]:
-        self._set_training(False)
-        mbs = self.micro_batches(batch)
-        weights, total = self._global_weight(mbs, loss_weight_fn)
-        keys, sums = self._accumulate(mbs, weights, total, loss_fn, temperature, backward=False)
-        return _read(_Pending(keys, sums, divisor=total, plain=dict(n_tokens=total)))
+        return _read(self._forward_backward(batch, loss_fn, loss_weight_fn, temperature, backward=False))
 
     def step_lr_scheduler(self) -> None:
         if self.lr_scheduler is not None:
@@ -298,21 +290,13 @@ class FSDPEngine:
         returned are views of it, valid until the next call. Tied duplicates are dropped, as
         ``save_pretrained`` does.
         """
-        dtype = dtype or self.precision.param_dtype
-        tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         rank0 = self.info.rank == 0
-        entries, seen = [], set()
-        for name, value in self.model.state_dict(keep_vars=True).items():  # same order on every rank
-            if (tied and name == "lm_head.weight") or id(value) in seen:
-                continue
-            seen.add(id(value))
-            entries.append((name, value.detach(), dtype if value.is_floating_point() else value.dtype))
+        entries = self.hf_tensors(dtype)
         staging = self._staging_buffer(entries) if rank0 else None
         out: Dict[str, torch.Tensor] = {}
         offset = 0
         for name, value, to_dtype in entries:
-            full = value.full_tensor() if isinstance(value, DTensor) and value.device_mesh.size() > 1 else value
-            full = full.to_local() if isinstance(full, DTensor) else full  # one rank: no redistribution
+            full = dist.full_tensor(value)
             if rank0:
                 nbytes = full.numel() * to_dtype.itemsize
                 view = staging[offset: offset + nbytes].view(to_dtype).view(full.shape)
@@ -323,6 +307,20 @@ class FSDPEngine:
         if rank0 and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
+
+    def hf_tensors(self, dtype: Optional[torch.dtype] = None) -> List[Tuple[str, torch.Tensor, torch.dtype]]:
+        """``(HF name, local shard or tensor, dtype it goes out in)`` of every weight, in the same order on every rank;
+        floating point ones in ``dtype`` (default: the compute dtype); tied duplicates dropped, as
+        ``save_pretrained`` does."""
+        dtype = dtype or self.precision.param_dtype
+        tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
+        entries, seen = [], set()
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            if (tied and name == "lm_head.weight") or id(value) in seen:
+                continue
+            seen.add(id(value))
+            entries.append((name, value.detach(), dtype if value.is_floating_point() else value.dtype))
+        return entries
 
     def _staging_buffer(self, entries) -> torch.Tensor:
         need = sum(_aligned(v.numel() * d.itemsize) for _, v, d in entries)

@@ -8,18 +8,18 @@ part in gathering the sharded weights; only rank 0 talks to the weight group."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import inspect
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
 from torch.distributed.distributed_c10d import _world
-from torch.distributed.tensor import DTensor
+
+from areal_hpc.train.dist import full_tensor
 
 DEFAULT_BUCKET_BYTES = 1 << 30
 
@@ -32,7 +32,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
 
 @dataclass
@@ -58,13 +58,9 @@ class Bucket:
         return sum(s.nbytes for s in self.specs)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def new_group_name(prefix: str = "areal-weights") -> str:
+def new_group_name() -> str:
     """A group name never used before (new after every trainer restart)."""
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+    return f"areal-weights-{uuid.uuid4().hex[:12]}"
 
 
 def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_size: int, group_name: str,
@@ -80,32 +76,21 @@ def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_
     prefix_store = PrefixStore(group_name, store)
     params = inspect.signature(_new_process_group_helper).parameters
     opts_key = "backend_options" if "backend_options" in params else "pg_options"
-    with _default_group_unbound():
-        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), prefix_store,
-                                          group_name=group_name, timeout=timeout, **{opts_key: None})
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
-
-
-@contextlib.contextmanager
-def _default_group_unbound():
-    """Hide the default group's bound device meanwhile: with one, torch makes a new NCCL group by
-    splitting the default communicator, a collective the servers and the other trainer ranks
-    never join (rank 0 hangs). Unbound, the group bootstraps through its own store."""
+    # The default group's bound device is hidden meanwhile: with one, torch makes a new NCCL group by splitting the
+    # default communicator, a collective the servers and the other trainer ranks never join (rank 0 hangs).
+    # Unbound, the group bootstraps through its own store.
     default = _world.default_pg if tdist.is_initialized() else None
     bound = getattr(default, "bound_device_id", None)
     if bound is not None:
         default.bound_device_id = None
     try:
-        yield
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), prefix_store,
+                                          group_name=group_name, timeout=timeout, **{opts_key: None})
     finally:
         if bound is not None:
             default.bound_device_id = bound
-
-
-def destroy_weight_sync_group(group: Optional[tdist.ProcessGroup]) -> None:
-    if group is not None:
-        tdist.destroy_process_group(group)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
 
 
 def plan_buckets(specs: Iterable[TensorSpec], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> List[Bucket]:
@@ -129,23 +114,6 @@ def send_tensors(group: tdist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> 
         w.wait()
 
 
-def engine_weight_specs(engine, dtype: Optional[torch.dtype] = None) -> List[TensorSpec]:
-    """HF-named tensors of an `FSDPEngine` in state-dict order (tied ``lm_head`` left out)."""
-    dtype = dtype or engine.precision.param_dtype
-    tied = bool(getattr(engine.hf_config, "tie_word_embeddings", False))
-    specs = []
-    for name, t in engine.model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        dt = dtype if t.is_floating_point() else t.dtype
-        specs.append(TensorSpec(name, dtype_name(dt), tuple(t.shape)))
-    return specs
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
                              on_bucket: Optional[Callable[[Bucket], Optional[Callable[[], None]]]] = None,
                              bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: Optional[torch.dtype] = None) -> int:
@@ -153,13 +121,14 @@ def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
     others; every trainer rank calls it). Before each bucket rank 0 calls ``on_bucket(bucket)``,
     which announces it without blocking and may return a function that waits for the receivers
     (called after the bucket's broadcasts). Returns the number of buckets."""
-    state: Dict[str, torch.Tensor] = engine.model.state_dict()
-    buckets = plan_buckets(engine_weight_specs(engine, dtype), bucket_bytes)
+    entries = {name: (value, to_dtype) for name, value, to_dtype in engine.hf_tensors(dtype)}
+    buckets = plan_buckets([TensorSpec(name, str(to_dtype).removeprefix("torch."), tuple(value.shape))
+                            for name, (value, to_dtype) in entries.items()], bucket_bytes)
     is_sender = engine.info.rank == 0
     if is_sender and group is None:
         raise ValueError("trainer rank 0 needs the weight-sync group")
     for bucket in buckets:
-        tensors = [_full(state[s.name]).to(getattr(torch, s.dtype)) for s in bucket.specs]
+        tensors = [full_tensor(entries[s.name][0]).to(entries[s.name][1]) for s in bucket.specs]
         if not is_sender:
             continue
         wait = on_bucket(bucket) if on_bucket is not None else None
