@@ -109,7 +109,7 @@ def test_fuse_sibling_linears_graph():
     another input without biases another; a linear of a different input is left alone."""
     import torch.nn.functional as F
 
-    from areal_hpc.train.fuse_linears import fuse_sibling_linears
+    from areal_hpc.train.parallel import fuse_sibling_linears
 
     def f(x, y, wq, bq, wk, bk, wv, bv, wg, wu, wo):
         q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import record_function
 
 from areal_hpc import toy
@@ -53,7 +54,7 @@ class FSDPEngine:
         self.device = self.info.device
         self.precision = parallel.resolve_precision(config.dtype, self.device)
         self.model_path = toy.resolve_model(config.path, cache_dir=Path(cache_dir) if cache_dir else None)
-        self.mesh = parallel.build_mesh(self.device, self.info.world_size)
+        self.mesh = init_device_mesh(self.device.type, (self.info.world_size,), mesh_dim_names=("dp",))
         self.model = self._build_model()
         self.hf_config = self.model.config
         self.fused_lm_head = False
@@ -96,8 +97,8 @@ class FSDPEngine:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(hf_cfg, **kwargs)
         model.config.use_cache = False
-        if self.config.gradient_checkpointing and self.trainable:
-            parallel.apply_activation_checkpointing(model)
+        if self.config.gradient_checkpointing and self.trainable:  # non-reentrant: parameter names unchanged
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.config.compile_layers and self.device.type == "cuda":
             parallel.compile_layers(model, dynamic=None if self.config.pad_micro_batches else True,
                                     fuse_linears=self.config.fuse_linears)

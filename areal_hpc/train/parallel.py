@@ -1,36 +1,33 @@
-"""How a transformers causal LM is parallelised (FSDP2, activation checkpointing, compile): small
-separate functions in the torchtitan manner, composed by `engine.FSDPEngine`."""
+"""How a transformers causal LM is parallelised (FSDP2, compile): small separate functions in the torchtitan manner,
+composed by `engine.FSDPEngine`; and `FuseSiblingLinears`, the compile pass of ``engine.fuse_linears``."""
 
 from __future__ import annotations
 
+import operator
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-from areal_hpc.train.fuse_linears import FuseSiblingLinears
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class Precision:
-    """Master weights are always fp32; ``param_dtype`` is what forward/backward compute in."""
+    """Master weights and gradient reduction are always fp32; ``param_dtype`` is what forward/backward compute in."""
 
     param_dtype: torch.dtype
-    reduce_dtype: torch.dtype
-
-    @property
-    def mixed(self) -> bool:
-        return self.param_dtype != torch.float32
 
     def policy(self) -> Optional[MixedPrecisionPolicy]:
-        if not self.mixed:
+        if self.param_dtype == torch.float32:
             return None
-        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
 
 
 def resolve_precision(dtype: str, device: torch.device) -> Precision:
@@ -39,11 +36,7 @@ def resolve_precision(dtype: str, device: torch.device) -> Precision:
     if name not in _DTYPES:
         hint = " (float16 would need loss scaling, which the engine does not do)" if "16" in name else ""
         raise ValueError(f"engine dtype must be auto, float32 or bfloat16, not {dtype!r}{hint}")
-    return Precision(param_dtype=_DTYPES[name], reduce_dtype=torch.float32)
-
-
-def build_mesh(device: torch.device, world_size: int) -> DeviceMesh:
-    return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    return Precision(_DTYPES[name])
 
 
 def decoder_layers(model: nn.Module) -> List[nn.Module]:
@@ -56,11 +49,6 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
     if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
         return list(inner.layers)
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward (transformers' own, non-reentrant: names unchanged)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
@@ -102,3 +90,68 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
     for i, layer in enumerate(layers):
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+
+
+# A ``torch.compile`` pre-grad pass: linear layers that read the same input (query/key/value, gate/up) become one wide
+# matmul on concatenated weights, split after (narrow grouped-query K/V projections run far below the matmul rate
+# alone). Inductor's own pass takes 2-D inputs only.
+_LINEAR = (torch._C._nn.linear, F.linear)
+
+
+def _linear_args(node: torch.fx.Node):
+    """``(input, weight, bias)`` of a ``linear`` call whose weight and bias are graph inputs, else None."""
+    if node.op != "call_function" or node.target not in _LINEAR or node.kwargs or not 2 <= len(node.args) <= 3:
+        return None
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) == 3 else None
+    if not all(isinstance(t, torch.fx.Node) and t.op == "placeholder" for t in ([w] + ([b] if b is not None else []))):
+        return None
+    return x, w, b
+
+
+def _meta(node: torch.fx.Node):
+    return node.meta.get("example_value")
+
+
+def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
+    """Rewrite ``linear(x, w_i, b_i)`` for i = 1..n (same ``x``, all with or all without bias) into
+    one ``linear(x, cat(w), cat(b))`` split along the last dimension. Returns the groups fused."""
+    groups: Dict[Tuple[torch.fx.Node, bool], List[torch.fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        args = _linear_args(node)
+        if args is not None and isinstance(args[0], torch.fx.Node):
+            groups[(args[0], args[2] is None)].append(node)
+    fused = 0
+    for (x, no_bias), nodes in groups.items():
+        weights = [n.args[1] for n in nodes]
+        metas = [_meta(w) for w in weights]
+        if len(nodes) < 2 or any(m is None for m in metas) or len({(m.dtype, m.shape[1:]) for m in metas}) != 1:
+            continue
+        with graph.inserting_before(nodes[0]):
+            w = graph.call_function(torch.cat, (weights,), {"dim": 0})
+            b = None if no_bias else graph.call_function(torch.cat, ([n.args[2] for n in nodes],), {"dim": 0})
+            y = graph.call_function(torch._C._nn.linear, (x, w, b))
+            parts = graph.call_function(torch.split, (y, [m.shape[0] for m in metas]), {"dim": -1})
+            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
+        for node, out in zip(nodes, outs):
+            out.meta.update(node.meta)
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        fused += 1
+    if fused:
+        graph.lint()
+    return fused
+
+
+class FuseSiblingLinears(CustomGraphPass):
+    """`fuse_sibling_linears` as inductor's ``pre_grad_custom_pass``; its ``uuid`` (this file's
+    hash) keeps inductor's compiled-graph cache usable. ``fused`` counts the groups fused so far."""
+
+    def __init__(self) -> None:
+        self.fused = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.fused += fuse_sibling_linears(graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
