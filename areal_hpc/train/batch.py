@@ -22,10 +22,6 @@ def is_token_key(batch: Batch, key: str) -> bool:
     return v.dim() >= 2 and tuple(v.shape[:2]) == tuple(ids.shape[:2])
 
 
-def seq_lens(batch: Batch) -> torch.Tensor:
-    return batch["attention_mask"].sum(dim=1).long()
-
-
 def collate(samples: Sequence[Sample], pad_values: Dict[str, float] | None = None) -> Batch:
     """Right-pad samples back into a batch. 0-dim values are stacked as per-sample keys."""
     if not samples:
@@ -42,10 +38,7 @@ def collate(samples: Sequence[Sample], pad_values: Dict[str, float] | None = Non
         for i, s in enumerate(samples):
             t[i, : lens[i]] = s[k]
         out[k] = t
-    am = torch.zeros(len(samples), max_len, dtype=torch.long)
-    for i, n in enumerate(lens):
-        am[i, :n] = 1
-    out["attention_mask"] = am
+    out["attention_mask"] = (torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None]).long()
     return out
 
 
@@ -57,39 +50,37 @@ def select(batch: Batch, idx: Sequence[int] | torch.Tensor) -> Batch:
 def chunk_ranges(n_items: int, n_chunks: int) -> List[range]:
     """Split ``range(n_items)`` into ``n_chunks`` contiguous, near-equal ranges (earlier ones larger)."""
     base, extra = divmod(n_items, n_chunks)
-    out, start = [], 0
-    for c in range(n_chunks):
-        size = base + (1 if c < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
+    bounds = [c * base + min(c, extra) for c in range(n_chunks + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _whole_groups(batch: Batch, group_size: int) -> int:
+    bs = batch_size(batch)
+    if bs % group_size:
+        raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
+    return bs // group_size
+
+
+def _select_groups(batch: Batch, groups: Sequence[int], group_size: int) -> Batch:
+    return select(batch, [g * group_size + j for g in groups for j in range(group_size)])
 
 
 def split_batch(batch: Batch, n: int, group_size: int = 1) -> List[Batch]:
     """Split into ``n`` contiguous parts of whole groups (for PPO minibatches)."""
-    bs = batch_size(batch)
-    if bs % group_size:
-        raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
-    n_groups = bs // group_size
-    n = max(1, min(n, n_groups))
-    return [select(batch, range(r.start * group_size, r.stop * group_size)) for r in chunk_ranges(n_groups, n)]
+    n_groups = _whole_groups(batch, group_size)
+    return [_select_groups(batch, r, group_size) for r in chunk_ranges(n_groups, max(1, min(n, n_groups)))]
 
 
 def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1, balance: bool = True) -> Batch:
     """This rank's share of a batch every rank holds: whole groups, counts differing by at most one.
     ``balance``: groups dealt longest first to the rank with the fewest tokens (so ranks do not
     wait for each other), kept in batch order; else contiguous ranges."""
-    bs = batch_size(batch)
-    if bs % group_size:
-        raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
-    ranges = chunk_ranges(bs // group_size, world_size)
+    ranges = chunk_ranges(_whole_groups(batch, group_size), world_size)
     if not balance:
-        r = ranges[rank]
-        return select(batch, range(r.start * group_size, r.stop * group_size))
-    tokens = seq_lens(batch).view(-1, group_size).sum(dim=1).tolist()
+        return _select_groups(batch, ranges[rank], group_size)
+    tokens = batch["attention_mask"].long().sum(dim=1).view(-1, group_size).sum(dim=1).tolist()
     room = sorted((len(r) for r in ranges), reverse=True)  # how many groups each rank takes
-    mine = sorted(deal_least_loaded(tokens, world_size, room)[rank])
-    return select(batch, [g * group_size + j for g in mine for j in range(group_size)])
+    return _select_groups(batch, sorted(deal_least_loaded(tokens, world_size, room)[rank]), group_size)
 
 
 def deal_least_loaded(weights: Sequence[int], k: int, room: Sequence[int] | None = None) -> List[List[int]]:

@@ -257,7 +257,7 @@ def unpack_to_padded(values: Sequence[torch.Tensor], mbs: Sequence[MicroBatch], 
     mask = batch["attention_mask"].bool()
     out = torch.full(mask.shape, fill, dtype=values[0].dtype if values else torch.float32)
     for v, mb in zip(values, mbs):
-        if mb.is_dummy or not mb.sample_idx:
+        if not mb.sample_idx:  # a dummy micro-batch
             continue
         v = v.detach().to("cpu")
         idx = torch.as_tensor(mb.sample_idx, dtype=torch.long)

@@ -60,10 +60,9 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "grou
         return torch.where(flat, torch.zeros_like(adv), adv).reshape(-1).float()
     if r.numel() == 0 and not global_batch:
         return r.float()
-    big = torch.finfo(torch.float64).max
     sums = torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
-    extremes = torch.stack([r.max() if r.numel() else torch.tensor(-big, dtype=torch.float64),
-                            -r.min() if r.numel() else torch.tensor(-big, dtype=torch.float64)])
+    floor = r.new_full((1,), -torch.finfo(torch.float64).max)  # an empty shard's max
+    extremes = torch.stack([torch.cat([floor, r]).max(), torch.cat([floor, -r]).max()])
     if global_batch:
         sums = dist.all_reduce(sums.to(dist.collective_device()), "sum").cpu()
         extremes = dist.all_reduce(extremes.to(dist.collective_device()), "max").cpu()
@@ -144,9 +143,6 @@ class PPOActor:
     def compute_logp(self, batch: Batch) -> torch.Tensor:
         return self.engine.forward(batch, temperature=self.temperature)
 
-    def compute_ref_logp(self, batch: Batch) -> Optional[torch.Tensor]:
-        return self.ref.forward(batch, temperature=self.temperature) if self.ref is not None else None
-
     def compute_advantages(self, batch: Batch) -> torch.Tensor:
         """Sets ``batch["advantages"]`` ``[B, L]`` (zero outside ``loss_mask``) and returns it."""
         cfg = self.config
@@ -212,7 +208,7 @@ class PPOActor:
             if self.config.recompute_logprob and not fused:
                 batch["prox_logp"] = self.compute_logp(batch)
             if self.ref is not None:
-                batch["ref_logp"] = self.compute_ref_logp(batch)
+                batch["ref_logp"] = self.ref.forward(batch, temperature=self.temperature)
         self.compute_advantages(batch)
         self._prox_from_forward = fused
         try:
