@@ -70,7 +70,8 @@ class FSDPEngine:
         self.lr_scheduler = None
         if trainable:
             self.optimizer = optim.build_optimizer(self.model.parameters(), config.optimizer)
-            self.lr_scheduler = optim.build_lr_scheduler(self.optimizer, config.optimizer, self.total_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                                  optim.lr_lambda(config.optimizer, self.total_steps))
         else:
             self.model.requires_grad_(False)
         self._version = 0

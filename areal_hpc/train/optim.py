@@ -37,11 +37,6 @@ def lr_lambda(cfg: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
     return fn
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
-                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-
-
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     """Global L2 norm of all gradients (sharded ones included), as a plain tensor on every rank."""
     grads = [p.grad for p in params if p.grad is not None]

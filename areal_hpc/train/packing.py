@@ -66,42 +66,34 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1
 
     First-fit-decreasing; when that leaves a short remainder, the samples are dealt to the fewest
     micro-batches that could hold them (`_fit` repairs overfull ones), if that fits. Then the
-    heaviest micro-batch is halved until there are ``min_mbs``. Deterministic: indices sorted
+    heaviest micro-batch is halved (balanced, `deal_least_loaded`) until there are ``min_mbs``. Deterministic: indices sorted
     within a micro-batch, micro-batches by their first index.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins, loads = _first_fit(order, lengths, max_tokens)
+    def load(b: List[int]) -> int:
+        return sum(lengths[i] for i in b)
+
+    bins = _first_fit(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)), lengths, max_tokens)
     fewest = -(-sum(lengths) // max_tokens) if max_tokens > 0 else len(bins)
     if len(bins) > max(fewest, min_mbs, 1) and max(lengths) <= max_tokens:
         for k in range(max(fewest, 1), len(bins)):
             spread = deal_least_loaded(lengths, k)
-            spread_loads = [sum(lengths[i] for i in b) for b in spread]
-            if _fit(spread, spread_loads, lengths, max_tokens):
-                bins, loads = spread, spread_loads
+            if _fit(spread, [load(b) for b in spread], lengths, max_tokens):
+                bins = spread
                 break
     while len(bins) < min_mbs:
         splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
         if not splittable:
             break
-        b = max(splittable, key=lambda j: (loads[j], -j))
-        items = sorted(bins[b], key=lambda i: (-lengths[i], i))
-        left, right, ll, rl = [], [], 0, 0
-        for i in items:  # greedy balance of the two halves
-            if ll <= rl:
-                left.append(i)
-                ll += lengths[i]
-            else:
-                right.append(i)
-                rl += lengths[i]
-        bins[b], loads[b] = left, ll
+        b = max(splittable, key=lambda j: (load(bins[j]), -j))
+        items = sorted(bins[b])
+        bins[b], right = ([items[j] for j in half] for half in deal_least_loaded([lengths[i] for i in items], 2))
         bins.append(right)
-        loads.append(rl)
     bins = [sorted(b) for b in bins]
     bins.sort(key=lambda b: b[0])
     return bins
 
 
-def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) -> Tuple[List[List[int]], List[int]]:
+def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) -> List[List[int]]:
     bins: List[List[int]] = []
     loads: List[int] = []
     for i in order:
@@ -117,7 +109,7 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
                             n, max_tokens)
             bins.append([i])
             loads.append(n)
-    return bins, loads
+    return bins
 
 
 def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_tokens: int) -> bool:
