@@ -27,7 +27,7 @@ from areal_hpc import toy
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
 from areal_hpc.train import dist, optim, packed_attention, parallel
 from areal_hpc.train.batch import Batch, async_to_device
-from areal_hpc.train.logprob import linear_logprobs, packed_token_logprobs, shift_to_tokens
+from areal_hpc.train.logprob import install_logprob_forward, packed_token_logprobs
 from areal_hpc.train.packing import MicroBatch, make_micro_batches, unpack_to_padded
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,10 @@ class FSDPEngine:
         self.hf_config = self.model.config
         self.fused_lm_head = False
         if config.fused_lm_head:
-            why_not = fused_head_unsupported(self.model)
+            why_not = install_logprob_forward(self.model, keep_logits=config.lm_head_keep_logits)
             if why_not:
                 log.info("engine.fused_lm_head: %s; logprobs are computed from the logits", why_not)
-            else:
-                install_logprob_forward(self.model, keep_logits=config.lm_head_keep_logits)
-                self.fused_lm_head = True
+            self.fused_lm_head = not why_not
         self.pad_token_id = int(getattr(self.hf_config, "pad_token_id", None) or 0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.lr_scheduler = None
@@ -362,41 +360,3 @@ def _read(*pending: _Pending) -> Dict[str, float]:
 
 def _aligned(nbytes: int, to: int = 64) -> int:
     return -(-nbytes // to) * to
-
-
-def fused_head_unsupported(model: torch.nn.Module) -> str:
-    """Why `linear_logprobs` cannot stand in for this model's logits ('' when it can)."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return f"the output layer is a {type(head).__name__}, not a Linear"
-    if head.bias is not None:
-        return "the output layer has a bias"
-    cfg = model.config
-    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(cfg, key, None) not in (None, 1, 1.0):
-            return f"the model config sets {key}"
-    return ""
-
-
-def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -> None:
-    """Let ``model(**inputs, logprobs_of=(ids, doc_starts, src, temperature, with_entropy))`` return
-    per-token ``(logprobs, entropy)`` of the packed row ``ids`` from the last hidden states
-    (`linear_logprobs`), through the root's ``__call__``, so FSDP2's hooks gather the root's
-    parameters as usual. ``src`` (or None) picks the hidden state of each position of ``ids`` when
-    the model ran on shared stems (`packing.share_stems`)."""
-    hf_forward = model.forward
-    base = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
-
-    def forward(*args, logprobs_of=None, **kwargs):
-        if logprobs_of is None:
-            return hf_forward(*args, **kwargs)
-        ids, starts, src, temperature, with_entropy = logprobs_of
-        hidden = base(*args, **kwargs).last_hidden_state[0]
-        if src is not None:
-            hidden = hidden[src]
-        labels = torch.roll(ids, shifts=-1)
-        return shift_to_tokens(*linear_logprobs(hidden, head.weight, labels, temperature, with_entropy,
-                                                keep_logits=keep_logits), starts)
-
-    model.forward = forward

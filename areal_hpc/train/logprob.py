@@ -4,7 +4,7 @@ are GBs, and an fp32 log-softmax of them more).
 `gather_logprobs` works on the model's logits chunk by chunk, each recomputed in backward.
 `linear_logprobs` starts from the last hidden states and the head's weight and never holds more than one chunk of
 logits, forward or backward ("fused linear cross-entropy", with logprobs and entropy as outputs); on CUDA the per-chunk
-reductions are compiled."""
+reductions are compiled. `install_logprob_forward` makes it the model's output (``engine.fused_lm_head``)."""
 
 from __future__ import annotations
 
@@ -172,3 +172,36 @@ def packed_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, doc_sta
     0 at each document's first token (``doc_starts``), which has no prediction."""
     labels = torch.roll(input_ids, shifts=-1)
     return shift_to_tokens(*gather_logprobs(logits, labels, temperature, with_entropy, chunk), doc_starts)
+
+
+def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -> str:
+    """Let ``model(**inputs, logprobs_of=(ids, doc_starts, src, temperature, with_entropy))`` return
+    per-token ``(logprobs, entropy)`` of the packed row ``ids`` from the last hidden states
+    (`linear_logprobs`), through the root's ``__call__``, so FSDP2's hooks gather the root's
+    parameters as usual. ``src`` (or None) picks the hidden state of each position of ``ids`` when
+    the model ran on shared stems (`packing.share_stems`). Returns why `linear_logprobs` cannot stand in for this
+    model's logits, installing nothing ('' when it can)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"the output layer is a {type(head).__name__}, not a Linear"
+    if head.bias is not None:
+        return "the output layer has a bias"
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            return f"the model config sets {key}"
+    hf_forward = model.forward
+    base = getattr(model, model.base_model_prefix)
+
+    def forward(*args, logprobs_of=None, **kwargs):
+        if logprobs_of is None:
+            return hf_forward(*args, **kwargs)
+        ids, starts, src, temperature, with_entropy = logprobs_of
+        hidden = base(*args, **kwargs).last_hidden_state[0]
+        if src is not None:
+            hidden = hidden[src]
+        labels = torch.roll(ids, shifts=-1)
+        return shift_to_tokens(*linear_logprobs(hidden, head.weight, labels, temperature, with_entropy,
+                                                keep_logits=keep_logits), starts)
+
+    model.forward = forward
+    return ""
