@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -71,10 +72,7 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
     if dist.rank() == 0:
         loader = load_prompts(ctx, "train")
         loader.load_state_dict(loader_state)
-        tokenizer = load_tokenizer(actor_path(ctx.cfg))
-
-        def make(stop: Callable[[], bool]) -> RolloutSide:
-            return RolloutSide(ctx, tokenizer, loader, version, should_stop=stop)
+        make = functools.partial(RolloutSide, ctx, load_tokenizer(actor_path(ctx.cfg)), loader, version)  # + should_stop
         try:
             in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
             side = RolloutProcess(make, should_stop) if in_child else make(should_stop)
