@@ -64,10 +64,10 @@ class MicroBatch:
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1) -> List[List[int]]:
     """Sample indices grouped into micro-batches of at most ``max_tokens`` (a longer sample alone).
 
-    First-fit-decreasing; when that leaves a short remainder, the samples are dealt to the fewest
-    micro-batches that could hold them (`_fit` repairs overfull ones), if that fits. Then the
-    heaviest micro-batch is halved (balanced, `deal_least_loaded`) until there are ``min_mbs``. Deterministic: indices sorted
-    within a micro-batch, micro-batches by their first index.
+    First-fit-decreasing; when that leaves a short remainder, the samples are dealt to the fewest micro-batches that
+    could hold them (`_fit` repairs overfull ones), if that fits. Then the heaviest micro-batch is halved (balanced,
+    `deal_least_loaded`) until there are ``min_mbs``. Deterministic: indices sorted within a micro-batch,
+    micro-batches by their first index.
     """
     def load(b: List[int]) -> int:
         return sum(lengths[i] for i in b)

@@ -72,7 +72,8 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
     if dist.rank() == 0:
         loader = load_prompts(ctx, "train")
         loader.load_state_dict(loader_state)
-        make = functools.partial(RolloutSide, ctx, load_tokenizer(actor_path(ctx.cfg)), loader, version)  # + should_stop
+        # make(should_stop) builds the side
+        make = functools.partial(RolloutSide, ctx, load_tokenizer(actor_path(ctx.cfg)), loader, version)
         try:
             in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
             side = RolloutProcess(make, should_stop) if in_child else make(should_stop)
