@@ -292,7 +292,7 @@ def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
 @pytest.mark.parametrize("decode_mode", ["eager", "static"])
 def test_grouped_query_decode_matches_forward_pass(tmp_path_factory, decode_mode):
     """Decode steps of a grouped-query model (8 query heads on 2 KV heads) attend without copying
-    K/V (`hf_engine.decode_attention`); logprobs still equal a plain forward pass."""
+    K/V (`hf_engine.kv_cache.kv_attention_forward`); logprobs still equal a plain forward pass."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("gqa")

@@ -20,8 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
-from areal_hpc.inference.hf_engine import decode_attention
-from areal_hpc.inference.hf_engine.kv_cache import KVCache
+from areal_hpc.inference.hf_engine.kv_cache import KVCache, register_attention
 from areal_hpc.inference.hf_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         torch.manual_seed(seed)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=decode_attention.register()).to(self.device).eval()
+            model_path, dtype=self.dtype, attn_implementation=register_attention()).to(self.device).eval()
         self.model.requires_grad_(False)
         self.config = self.model.config
         self.base = getattr(self.model, self.model.base_model_prefix)
