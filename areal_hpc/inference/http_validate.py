@@ -244,12 +244,3 @@ def _positive_int(v: Any, key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise RequestError(f"sampling_params.{key} must be an integer >= 1, got {v!r}")
     return v
-
-
-def torch_dtype(name: str):
-    import torch
-
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise RequestError(f"unknown dtype {name!r}")
-    return dt

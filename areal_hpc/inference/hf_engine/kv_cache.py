@@ -66,7 +66,8 @@ class KVCache:
         self.rows, self.cols = 0, 0
         self.k: List[torch.Tensor] = []
         self.v: List[torch.Tensor] = []
-        self._alloc(min(rows, max_rows), min(cols, max_cols))
+        self.initial = (min(rows, max_rows), min(cols, max_cols))
+        self._alloc(*self.initial)
         self._mode, self._row0, self._n, self._width = "", 0, 0, 0
         self._row_idx: torch.Tensor = torch.arange(self.rows, device=device)
         self._pos: torch.Tensor = self._row_idx
@@ -98,10 +99,10 @@ class KVCache:
             new_cols = min(self.max_cols, max(16, new_cols * 2))
         self._alloc(new_rows, new_cols)
 
-    def reset(self, rows: int, cols: int) -> None:
-        """Drop everything and shrink back (when idle)."""
+    def reset(self) -> None:
+        """Drop everything and shrink back to the initial size (when idle)."""
         self.k, self.v, self.rows, self.cols = [], [], 0, 0
-        self._alloc(min(rows, self.max_rows), min(cols, self.max_cols))
+        self._alloc(*self.initial)
 
     # ----------------------------------------------------------------- modes
     def begin_prefill(self, row0: int, n: int) -> None:
