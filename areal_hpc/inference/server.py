@@ -121,14 +121,6 @@ class ServerLifecycle:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def load_weights(self, path: str, version: Any) -> tuple[bool, str]:
-        body = api.update_from_disk_body(path, version)
-        status, body = await self._request(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout=None)
-        ok, err = api.call_outcome(status, body)
-        if ok:
-            self.weight_version = parse_version(version)
-        return ok, (err or api.error_message(body))
-
     async def _load_latest(self, only_if_newer: bool) -> bool:
         """Load ``weights/latest`` if the run has published any. False only on a failed load."""
         for attempt in range(3):
@@ -139,8 +131,10 @@ class ServerLifecycle:
             cur = self.weight_version
             if only_if_newer and isinstance(cur, int) and isinstance(version, int) and version <= cur:
                 return True
-            ok, msg = await self.load_weights(latest["path"], version)
+            ok, msg = api.call_outcome(*await self._request(
+                *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version), timeout=None))
             if ok:
+                self.weight_version = parse_version(version)
                 log.info("loaded published weights v%s from %s", version, latest["path"])
                 return True
             log.warning("loading published weights v%s failed (%s); re-reading weights/latest", version, msg)

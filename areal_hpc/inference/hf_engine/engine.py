@@ -23,7 +23,7 @@ import torch
 
 from areal_hpc.inference.hf_engine.model_runner import ModelRunner
 from areal_hpc.inference.hf_engine.sampler import sample
-from areal_hpc.inference.hf_engine.sequence import Sequence, SequenceStatus
+from areal_hpc.inference.hf_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ class Scheduler:
         self.running: List[Sequence] = []
         self.paused = False
 
-    def add(self, seq: Sequence) -> None:
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
-
     def has_work(self) -> bool:
         return bool(self.running) or (bool(self.waiting) and not self.paused)
 
@@ -58,16 +54,12 @@ class Scheduler:
             batch: List[Sequence] = []
             longest = 0
             while self.waiting and len(self.running) + len(batch) < self.max_running:
-                seq = self.waiting[0]
-                n = max(longest, seq.num_tokens)
-                if batch and n * (len(batch) + 1) > self.max_prefill_tokens:
+                longest = max(longest, self.waiting[0].num_tokens)  # prompts are padded to the longest
+                if batch and longest * (len(batch) + 1) > self.max_prefill_tokens:
                     break
-                self.waiting.popleft()
-                batch.append(seq)
-                longest = n
+                batch.append(self.waiting.popleft())
             for seq in batch:
                 seq.slot = len(self.running)
-                seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
             return "prefill", batch
         if self.running:
@@ -91,13 +83,8 @@ class Scheduler:
 
     def take_waiting(self, rid: Optional[str] = None) -> List[Sequence]:
         """Remove waiting sequences (one rid, or all) and return them."""
-        if rid is None:
-            out = list(self.waiting)
-            self.waiting.clear()
-            return out
-        out = [s for s in self.waiting if s.rid == rid]
-        if out:
-            self.waiting = deque(s for s in self.waiting if s.rid != rid)
+        out = [s for s in self.waiting if rid in (None, s.rid)]
+        self.waiting = deque(s for s in self.waiting if rid not in (None, s.rid))
         return out
 
 
@@ -234,15 +221,13 @@ class LLMEngine:
             self.stats["aborted_requests"] += len(running)
         else:  # retract: back to the queue; their tokens so far are re-prefilled on continue
             self.scheduler.remove(running)
-            for s in reversed(running):
-                s.status = SequenceStatus.WAITING
-                self.scheduler.waiting.appendleft(s)
+            self.scheduler.waiting.extendleft(reversed(running))
         return len(running)
 
     # ------------------------------------------------------------------ the loop
     def _drain_inbox(self) -> None:
         while self._inbox:
-            self.scheduler.add(self._inbox.popleft())
+            self.scheduler.waiting.append(self._inbox.popleft())
 
     def _run_commands(self) -> None:
         while self._commands:

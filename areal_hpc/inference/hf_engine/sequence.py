@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from areal_hpc.inference.sglang_api import new_rid
-
-
-class SequenceStatus(enum.Enum):
-    WAITING = 0
-    RUNNING = 1
-    FINISHED = 2
 
 
 @dataclass(frozen=True)
@@ -42,7 +35,7 @@ class Sequence:
         self.output_ids: List[int] = []
         self.logprobs: List[float] = []
         self.version_spans: List[list] = []  # [[version, start, end], ...] over output_ids
-        self.params, self.status = params, SequenceStatus.WAITING
+        self.params, self.finished = params, False
         self.finish_reason: Optional[Dict[str, Any]] = None
         self.slot, self.on_finish = -1, on_finish
         self.on_append: Optional[Callable[["Sequence", int], None]] = None  # (seq, tokens so far), loop thread
@@ -51,10 +44,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
     def append(self, token: int, logprob: float, version: str) -> None:
         n = len(self.output_ids)
@@ -69,9 +58,9 @@ class Sequence:
             self.on_append(self, n + 1)
 
     def finish(self, reason: Dict[str, Any]) -> None:
-        if self.status is SequenceStatus.FINISHED:
+        if self.finished:
             return
-        self.status, self.finish_reason = SequenceStatus.FINISHED, reason
+        self.finished, self.finish_reason = True, reason
         if self.on_finish is not None:
             self.on_finish(self)
 
