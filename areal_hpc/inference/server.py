@@ -192,10 +192,8 @@ class ServerLifecycle:
         from areal_hpc.inference.sglang import SGLangProcess, base_gpu_and_env, build_sglang_options, render_argv
         from areal_hpc.inference.sglang import write_key_config
 
-        if self.cfg.port:
-            self.port = self.cfg.port
-        else:  # SGLang binds its own port: take a free one now (a tiny race, retried by the caller)
-            self.port = free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
+        # SGLang binds its own port: without one configured, take a free one now (a tiny race, retried by the caller)
+        self.port = self.cfg.port or free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
         key_file = write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
         base, env = base_gpu_and_env(self.gpus, self.tp_size)
         argv = render_argv(build_sglang_options(
