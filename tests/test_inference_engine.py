@@ -259,13 +259,15 @@ def test_sampler_filters():
 
 
 def test_sampling_params_validation():
-    assert SamplingParams.from_request(None) == SamplingParams()
-    assert SamplingParams.from_request({"frequency_penalty": 0.0}).max_new_tokens == 128
+    from areal_hpc.inference.http_validate import RequestError, sampling_params
+
+    assert sampling_params(None) == SamplingParams()
+    assert sampling_params({"frequency_penalty": 0.0}).max_new_tokens == 128
     for bad in ({"max_new_tokens": -1}, {"temperature": -0.1}, {"top_p": 0}, {"top_k": 0}, {"bogus": 1},
                 {"max_new_tokens": "5"}, {"stop_token_ids": ["a"]}, {"repetition_penalty": 1.3},
                 {"ignore_eos": "yes"}, {"stop": ["x"]}):
-        with pytest.raises(ValueError):
-            SamplingParams.from_request(bad)
+        with pytest.raises(RequestError):
+            sampling_params(bad)
 
 
 def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
@@ -292,7 +294,7 @@ def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
 @pytest.mark.parametrize("decode_mode", ["eager", "static"])
 def test_grouped_query_decode_matches_forward_pass(tmp_path_factory, decode_mode):
     """Decode steps of a grouped-query model (8 query heads on 2 KV heads) attend without copying
-    K/V (`hf_engine.decode_attention`); logprobs still equal a plain forward pass."""
+    K/V (`hf_engine.kv_cache.kv_attention_forward`); logprobs still equal a plain forward pass."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("gqa")

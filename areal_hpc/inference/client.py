@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import aiohttp
 
@@ -204,14 +204,6 @@ class ServerPool:
             await self.refresh()
             await self._wait_changed(min(left, self.refresh_s))
 
-    # ------------------------------------------------------------------ pause / resume (client side)
-    def pause(self) -> None:
-        """New and interrupted generations wait until `resume`."""
-        self._running.clear()
-
-    def resume(self) -> None:
-        self._running.set()
-
     @property
     def paused(self) -> bool:
         return self._running is not None and not self._running.is_set()
@@ -246,8 +238,16 @@ class ServerPool:
         self.stats["retries"] += 1
         log.warning("server %s (%s) failed: %s", s.id, s.address, why)
 
-    def _timeout(self, total: Optional[float]) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=total, sock_connect=self.connect_timeout_s)
+    async def _request(self, s: _Server, method: str, path: str, payload: Optional[dict],
+                       timeout_s: Optional[float]) -> Tuple[int, Any]:
+        """One round trip: (status, the JSON body, or its text when it is not JSON)."""
+        async with self._session.request(method, s.url + path, json=payload, headers=s.headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s,
+                                                                       sock_connect=self.connect_timeout_s)) as resp:
+            try:
+                return resp.status, await resp.json(content_type=None)
+            except ValueError:
+                return resp.status, await resp.text()
 
     # ------------------------------------------------------------------ generation
     async def _post_generate(self, server: _Server, payload: Dict[str, Any], samples: int = 1) -> Any:
@@ -256,17 +256,13 @@ class ServerPool:
         self.stats["requests"] += 1
         server.inflight += samples
         try:
-            async with self._session.request(api.GENERATE.method, server.url + api.GENERATE.path, json=payload,
-                                             timeout=self._timeout(self.request_timeout_s),
-                                             headers=server.headers) as resp:
-                status = resp.status
-                if status >= 500 or status in (408, 429):
-                    raise _Retryable(f"HTTP {status}: {(await resp.text())[:200]}")
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            status, body = await self._request(server, *api.GENERATE, payload, self.request_timeout_s)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise _Retryable(f"{type(e).__name__}: {e}") from e
         finally:
             server.inflight -= samples
+        if status >= 500 or status in (408, 429) or isinstance(body, str):  # str: not JSON
+            raise _Retryable(f"HTTP {status}: {str(body)[:200]}")
         if status >= 400:
             raise RequestRejected(status, api.error_message(body))
         if samples > 1 and not (isinstance(body, list) and len(body) == samples):
@@ -295,11 +291,10 @@ class ServerPool:
         failures = empty_aborts = 0
         base_rid = rid or new_rid()
         while True:
-            if not self._running.is_set():
-                await self._running.wait()
             remaining = budget - len(res.output_ids)
             if remaining <= 0 and res.n_requests:
                 return res
+            await self._running.wait()
             server = await self._choose(avoid)
             payload = api.generate_body(prompt + res.output_ids, {**sp, "max_new_tokens": remaining},
                                         rid=f"{base_rid}-{res.n_requests}" if res.n_requests else base_rid)
@@ -344,10 +339,8 @@ class ServerPool:
         if self._session is None:
             await self.start()
         sp = sampling_params(params, **overrides)
-        budget = int(sp["max_new_tokens"])
         prompt = list(input_ids)
-        if not self._running.is_set():
-            await self._running.wait()
+        await self._running.wait()
         server = await self._choose(set())
         try:
             body = await self._post_generate(server, api.generate_body(prompt, {**sp, "n": n}), samples=n)
@@ -362,10 +355,8 @@ class ServerPool:
             if got.finish_reason != "abort":
                 return res
             res.finish_reason = "length"
-            if len(got.output_ids) >= budget:
-                return res
             self.stats["resumes"] += 1
-            return await self._continue(prompt, sp, res)
+            return await self._continue(prompt, sp, res)  # returns at once when the budget is spent
 
         return list(await asyncio.gather(*(finish(item) for item in body)))
 
@@ -373,19 +364,14 @@ class ServerPool:
     async def _call(self, s: _Server, method: str, path: str, payload: Optional[dict],
                     timeout_s: Optional[float]) -> CallResult:
         try:
-            async with self._session.request(method, s.url + path, json=payload, headers=s.headers,
-                                             timeout=self._timeout(timeout_s)) as resp:
-                try:
-                    body = await resp.json(content_type=None)
-                except ValueError:
-                    body = await resp.text()
-                ok, err = api.call_outcome(resp.status, body)
-                if ok and isinstance(payload, dict) and payload.get("weight_version") is not None and path in (
-                        api.UPDATE_WEIGHTS_FROM_DISK.path, api.UPDATE_WEIGHTS_FROM_DISTRIBUTED.path):
-                    s.pushed_version = parse_version(payload["weight_version"])
-                return CallResult(s.id, s.address, ok, resp.status, body, err)
+            status, body = await self._request(s, method, path, payload, timeout_s)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             return CallResult(s.id, s.address, False, None, None, f"{type(e).__name__}: {e}")
+        ok, err = api.call_outcome(status, body)
+        if ok and isinstance(payload, dict) and payload.get("weight_version") is not None and path in (
+                api.UPDATE_WEIGHTS_FROM_DISK.path, api.UPDATE_WEIGHTS_FROM_DISTRIBUTED.path):
+            s.pushed_version = parse_version(payload["weight_version"])
+        return CallResult(s.id, s.address, ok, status, body, err)
 
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
@@ -401,14 +387,14 @@ class ServerPool:
         return {r.server_id: r for r in results}
 
     async def pause_all(self, mode: str = "abort") -> Dict[str, CallResult]:
-        """`pause` this pool, then ``/pause_generation`` everywhere (running requests come back
-        aborted and wait here for `continue_all`)."""
-        self.pause()
+        """Hold this pool's new and interrupted generations, then ``/pause_generation`` everywhere (running requests
+        come back aborted and wait here for `continue_all`)."""
+        self._running.clear()
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
     async def continue_all(self) -> Dict[str, CallResult]:
         res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
-        self.resume()
+        self._running.set()
         return res
 
     async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import itertools
 import json
@@ -22,10 +21,9 @@ from typing import Any, Dict, List, Optional
 from aiohttp import web
 
 from areal_hpc.inference.hf_engine.engine import LLMEngine
-from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint
+from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint, resolve_dtype
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
-from areal_hpc.inference.http_validate import (RequestError, check_prompt, parse_sampling, per_prompt,
-                                               read_json, read_prompts, torch_dtype)
+from areal_hpc.inference.http_validate import GenerateRequest, RequestError, read_generate, read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +38,6 @@ def error_response(message: str, status: int) -> web.Response:
 def _result(ok: bool, message: str, **extra: Any) -> web.Response:
     """SGLang's answer to a control call: ``success`` and ``message``, 400 when it failed."""
     return web.json_response({"success": ok, "message": message, **extra}, status=200 if ok else 400)
-
-
-@dataclasses.dataclass
-class _Shape:
-    """How one request's responses look: text (for text requests), logprobs, prompt ids."""
-
-    tokenizer: Any
-    skip_special: bool
-    return_logprob: bool
-    logprob_tokenizer: Any
-    prompt_ids: bool
-
-    def render(self, seq: Sequence, version: str, upto: Optional[int] = None) -> Dict[str, Any]:
-        out = seq.to_response(version, self.return_logprob, upto=upto)
-        if self.logprob_tokenizer is not None and self.return_logprob:
-            for entry in out["meta_info"]["output_token_logprobs"]:
-                entry[2] = self.logprob_tokenizer.decode([entry[1]])
-        if self.tokenizer is not None:
-            out = {"text": self.tokenizer.decode(out["output_ids"], skip_special_tokens=self.skip_special), **out}
-        if self.prompt_ids:
-            out["prompt_token_ids"] = list(seq.prompt_ids)
-        return out
 
 
 class EngineServer:
@@ -147,33 +123,27 @@ class EngineServer:
         order); ``stream`` answers server-sent events of cumulative outputs (with ``index`` when
         there are several), then ``data: [DONE]``. Text requests get ``text`` in their responses."""
         body = await read_json(request)
-        prompts, batch, tok = await read_prompts(body, self.tokenizer)
-        sps, rids = per_prompt(body, len(prompts), batch)
-        sampling = parse_sampling(sps)
-        params, n = sampling.params, sampling.n
-        logprob_tok = None
-        if body.get("return_text_in_logprobs"):
-            logprob_tok = tok or await self.tokenizer("return_text_in_logprobs needs a tokenizer; "
-                                                      "this server's model has none")
-        prompts = [check_prompt(p, self.runner.vocab_size, self.runner.context_length) for p in prompts]
-        if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
-            prompts = [p for p in prompts for _ in range(n)]
-            params = [sp for sp in params for _ in range(n)]
-            rids = [None] * len(prompts)
-        return_logprob = body.get("return_logprob", False)
-        return_logprob = any(return_logprob) if isinstance(return_logprob, list) else bool(return_logprob)
-        shape = _Shape(tok, sampling.skip_special, return_logprob, logprob_tok,
-                       bool(body.get("return_prompt_token_ids")))
-        seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(prompts, params, rids)]
-        many = batch or n > 1
+        req = await read_generate(body, self.tokenizer, self.runner.vocab_size, self.runner.context_length)
+        seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(req.prompts, req.params, req.rids)]
         if body.get("stream"):
-            return await self._stream(request, seqs, many, shape, sampling.interval)
+            return await self._stream(request, seqs, req)
         await self._complete(seqs)
         failed = next((s.finish_reason for s in seqs if (s.finish_reason or {}).get("status_code")), None)
         if failed:  # the engine refused it (not running, input too long) or a step failed
             return error_response(failed.get("message", "error"), int(failed["status_code"]))
-        out = [shape.render(s, self.engine.weight_version) for s in seqs]
-        return web.json_response(out if many else out[0])
+        out = [self._render(req, s) for s in seqs]
+        return web.json_response(out if req.many else out[0])
+
+    def _render(self, req: GenerateRequest, seq: Sequence, upto: Optional[int] = None) -> Dict[str, Any]:
+        out = seq.to_response(self.engine.weight_version, req.return_logprob, upto=upto)
+        if req.logprob_tokenizer is not None and req.return_logprob:
+            for entry in out["meta_info"]["output_token_logprobs"]:
+                entry[2] = req.logprob_tokenizer.decode([entry[1]])
+        if req.tokenizer is not None:
+            out = {"text": req.tokenizer.decode(out["output_ids"], skip_special_tokens=req.skip_special), **out}
+        if req.prompt_ids:
+            out["prompt_token_ids"] = list(seq.prompt_ids)
+        return out
 
     async def _complete(self, seqs: List[Sequence], timeout: Optional[float] = None) -> None:
         """Run ``seqs`` to their end; when the client goes away (or time runs out) abort them
@@ -199,8 +169,7 @@ class EngineServer:
             if not seq.finished:
                 self.engine.abort(seq.rid)
 
-    async def _stream(self, request: web.Request, seqs: List[Sequence], many: bool, shape: _Shape,
-                      interval: int) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, seqs: List[Sequence], req: GenerateRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         counts = [0] * len(seqs)  # tokens each sequence had at its last append we heard of
@@ -228,14 +197,14 @@ class EngineServer:
                     if seq.finished:
                         code = (seq.finish_reason or {}).get("status_code")
                         chunk = ({"error": {"message": seq.finish_reason.get("message", "error"), "code": int(code)}}
-                                 if code else shape.render(seq, self.engine.weight_version))
+                                 if code else self._render(req, seq))
                         done[i] = True
-                    elif counts[i] - max(sent[i], 0) >= interval or (sent[i] < 0 and counts[i] > 0):
-                        chunk = shape.render(seq, self.engine.weight_version, upto=counts[i])
+                    elif counts[i] - max(sent[i], 0) >= req.interval or (sent[i] < 0 and counts[i] > 0):
+                        chunk = self._render(req, seq, upto=counts[i])
                         sent[i] = counts[i]
                     else:
                         continue
-                    if many:
+                    if req.many:
                         chunk["index"] = i
                     await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
@@ -373,7 +342,10 @@ class EngineServer:
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
                 and len(names) == len(dtypes) == len(shapes)):
             raise RequestError("names, dtypes and shapes must be lists of equal length")
-        specs = [(n, torch_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
+        try:
+            specs = [(n, resolve_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
+        except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
+            raise RequestError(str(e)) from None
         problems = [p for p in self.runner.check_weights((n, s) for n, _, s in specs) if "missing" not in p]
         if problems:
             raise RequestError("; ".join(problems[:5]))

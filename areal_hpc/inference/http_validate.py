@@ -1,7 +1,8 @@
 """What the `hf` server accepts from a client, checked before anything reaches the engine.
 
-A field SGLang accepts that this engine does not implement is refused with a 400 naming it (`FIELD_POLICIES`), never
-silently ignored; ``tests/test_inference_sglang_contract.py`` checks this against SGLang's own request structs.
+A field SGLang accepts that this engine does not implement is refused with a 400 naming it (`FIELD_POLICIES`, and
+`SUPPORTED_SAMPLING_KEYS` inside ``sampling_params``), never silently ignored;
+``tests/test_inference_sglang_contract.py`` checks this against SGLang's own request structs.
 """
 
 from __future__ import annotations
@@ -70,23 +71,20 @@ FIELD_POLICIES: Dict[str, FieldPolicy] = {
                                                                     "load_format": ("auto",)}),
     "/update_weight_version": FieldPolicy(honoured=frozenset({"new_version", "abort_all_requests"}), noop=_BASE),
 }
-# sampling_params keys the hf engine implements (everything else is refused unless neutral)
-SUPPORTED_SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids",
-                                     "ignore_eos", "n", "stream_interval", "skip_special_tokens",
-                                     "spaces_between_special_tokens", "no_stop_trim"})
-
-
-def check_fields(path: str, body: Mapping[str, Any]) -> None:
-    """400 for a field of ``body`` that this server would otherwise ignore (see `FieldPolicy`)."""
-    policy = FIELD_POLICIES.get(path)
-    key = policy.refused(body) if policy is not None else None
-    if key is not None:
-        raise RequestError(f"{path}: field {key!r} (= {json.dumps(body[key], default=str)[:80]}) is not supported "
-                           f"by the hf engine; leave it out or use an SGLang server")
+# sampling_params keys the hf engine implements: the engine's own, and those the HTTP layer applies itself (n samples of
+# a prompt, streaming, detokenizing). Keys of _NEUTRAL_SAMPLING are accepted with that value (or None) only; "stop"
+# only when empty; anything else is refused.
+SUPPORTED_SAMPLING_KEYS = frozenset({f.name for f in dataclasses.fields(SamplingParams)} | {
+    "n", "stream_interval", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
+_NEUTRAL_SAMPLING = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
+                     "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None}
+_RANGES = {"max_new_tokens": (lambda v: v >= 0, ">= 0"), "temperature": (lambda v: v >= 0, ">= 0"),
+           "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"), "top_k": (lambda v: v == -1 or v >= 1, "-1 or >= 1")}
 
 
 async def read_json(request: web.Request) -> Dict[str, Any]:
-    """The request's JSON object (``{}`` for an empty body), its fields checked."""
+    """The request's JSON object (``{}`` for an empty body); 400 for a field this server would otherwise ignore (see
+    `FieldPolicy`)."""
     raw = await request.read()
     if not raw.strip():
         return {}
@@ -96,32 +94,123 @@ async def read_json(request: web.Request) -> Dict[str, Any]:
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
-    check_fields(request.path, body)
+    policy = FIELD_POLICIES.get(request.path)
+    key = policy.refused(body) if policy is not None else None
+    if key is not None:
+        raise RequestError(f"{request.path}: field {key!r} (= {json.dumps(body[key], default=str)[:80]}) is not "
+                           f"supported by the hf engine; leave it out or use an SGLang server")
     return body
 
 
-async def read_prompts(body: Mapping[str, Any], tokenizer: Callable[[str], Awaitable[Any]]
-                       ) -> Tuple[List[List[int]], bool, Any]:
-    """(prompts, batch?, tokenizer or None) from ``input_ids`` or ``text``; ``await tokenizer(why)``
-    gives the model's tokenizer for text, or raises a `RequestError` saying why it is needed."""
+@dataclasses.dataclass
+class GenerateRequest:
+    """A checked ``/generate``: one engine sequence each (the ``n`` samples of a prompt adjacent), and how the answers
+    look: a list (``many``) or one object, ``text`` for text requests, logprobs, prompt ids, ``stream_interval``."""
+
+    prompts: List[List[int]]
+    params: List[SamplingParams]
+    rids: List[Optional[str]]
+    many: bool
+    tokenizer: Any
+    logprob_tokenizer: Any
+    return_logprob: bool
+    prompt_ids: bool
+    interval: int = 1
+    skip_special: bool = True
+
+
+async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awaitable[Any]], vocab: int,
+                        context_length: int) -> GenerateRequest:
+    """``input_ids`` or ``text`` (one prompt or a batch), ``sampling_params`` and ``rid`` (one for all, or one per
+    prompt), ``n`` samples of each. ``await tokenizer(why)`` gives the model's tokenizer for text, or raises a
+    `RequestError` saying why it is needed."""
     has_ids, has_text = body.get("input_ids") is not None, body.get("text") is not None
     if has_ids and has_text:
         raise RequestError("give either text or input_ids, not both")
     if not has_ids and not has_text:
         raise RequestError("missing field: input_ids (or text)")
+    tok = None
     if has_ids:
-        ids = body["input_ids"]
-        batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
-        return (ids if batch else [ids]), batch, None
-    tok = await tokenizer("this server's model has no tokenizer: send input_ids")
-    text = body["text"]
-    texts = text if isinstance(text, list) else [text]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise RequestError("text must be a string or a non-empty list of strings")
-    return [tok.encode(t) for t in texts], isinstance(text, list), tok
+        prompts = body["input_ids"]
+        batch = isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], list)
+        prompts = prompts if batch else [prompts]
+    else:
+        tok = await tokenizer("this server's model has no tokenizer: send input_ids")
+        text = body["text"]
+        texts = text if isinstance(text, list) else [text]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestError("text must be a string or a non-empty list of strings")
+        prompts, batch = [tok.encode(t) for t in texts], isinstance(text, list)
+    sps, rids = body.get("sampling_params"), body.get("rid")
+    if batch:
+        sps = sps if isinstance(sps, list) else [sps] * len(prompts)
+        rids = rids if isinstance(rids, list) else [None] * len(prompts)
+        if len(sps) != len(prompts) or len(rids) != len(prompts):
+            raise RequestError("sampling_params and rid lists must match the inputs in length")
+    elif isinstance(sps, list):
+        raise RequestError("sampling_params must be an object for a single prompt")
+    else:
+        sps, rids = [sps], [rids]
+    if any(rid is not None and not isinstance(rid, str) for rid in rids):
+        raise RequestError("rid must be a string")
+    return_logprob = body.get("return_logprob", False)
+    req = GenerateRequest([], [], rids, batch, tok, None, any(return_logprob) if isinstance(return_logprob, list)
+                          else bool(return_logprob), bool(body.get("return_prompt_token_ids")))
+    ns = set()
+    for sp in sps:
+        if isinstance(sp, dict):
+            sp = dict(sp)
+            ns.add(_positive_int(sp.pop("n", None), "n"))
+            req.interval = _positive_int(sp.pop("stream_interval", None), "stream_interval")
+            req.skip_special = sp.get("skip_special_tokens", True) is not False
+        req.params.append(sampling_params(sp))
+    if len(ns) > 1:
+        raise RequestError("sampling_params.n must be the same for every prompt")
+    if body.get("return_text_in_logprobs"):
+        req.logprob_tokenizer = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; "
+                                                       "this server's model has none")
+    req.prompts = [_check_prompt(p, vocab, context_length) for p in prompts]
+    n = ns.pop() if ns else 1
+    if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
+        req.prompts = [p for p in req.prompts for _ in range(n)]
+        req.params = [sp for sp in req.params for _ in range(n)]
+        req.rids, req.many = [None] * len(req.prompts), True
+    return req
 
 
-def check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
+def sampling_params(d: Any) -> SamplingParams:
+    """The engine's `SamplingParams` from a request's ``sampling_params`` (``n`` and ``stream_interval`` aside)."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise RequestError("sampling_params must be an object")
+    for k, v in d.items():
+        if k in SUPPORTED_SAMPLING_KEYS or k == "stop":
+            continue
+        if k not in _NEUTRAL_SAMPLING:
+            raise RequestError(f"unknown sampling_params key {k!r}; supported: {sorted(SUPPORTED_SAMPLING_KEYS)}")
+        if v is not None and v != _NEUTRAL_SAMPLING[k]:
+            raise RequestError(f"sampling_params.{k}={v!r} is not supported by the hf engine "
+                               f"(only {_NEUTRAL_SAMPLING[k]!r})")
+    if d.get("stop"):
+        raise RequestError("sampling_params.stop (strings) needs a tokenizer; use stop_token_ids")
+    numbers = {}
+    for key, (valid, what) in _RANGES.items():
+        numbers[key] = v = _number(d, key, getattr(SamplingParams, key))
+        if not valid(v):
+            raise RequestError(f"sampling_params.{key} must be {what}, got {v}")
+    stop = d.get("stop_token_ids") or []
+    if isinstance(stop, int) and not isinstance(stop, bool):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
+        raise RequestError("sampling_params.stop_token_ids must be a list of integers")
+    ignore_eos = d.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise RequestError("sampling_params.ignore_eos must be true or false")
+    return SamplingParams(stop_token_ids=tuple(stop), ignore_eos=ignore_eos, **numbers)
+
+
+def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
     if not isinstance(ids, list) or not ids:
         raise RequestError("input_ids must be a non-empty list of token ids")
     for t in ids:
@@ -135,61 +224,18 @@ def check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
     return ids
 
 
-def per_prompt(body: Mapping[str, Any], n_prompts: int, batch: bool) -> Tuple[List[Any], List[Optional[str]]]:
-    """``sampling_params`` and ``rid`` of each prompt (one for all, or one list entry each)."""
-    sps, rids = body.get("sampling_params"), body.get("rid")
-    if batch:
-        sps = sps if isinstance(sps, list) else [sps] * n_prompts
-        rids = rids if isinstance(rids, list) else [None] * n_prompts
-        if len(sps) != n_prompts or len(rids) != n_prompts:
-            raise RequestError("sampling_params and rid lists must match the inputs in length")
-    elif isinstance(sps, list):
-        raise RequestError("sampling_params must be an object for a single prompt")
-    else:
-        sps, rids = [sps], [rids]
-    if any(rid is not None and not isinstance(rid, str) for rid in rids):
-        raise RequestError("rid must be a string")
-    return sps, rids
-
-
-@dataclasses.dataclass
-class Sampling:
-    """The sampling requested for a batch: engine params per prompt, plus what the HTTP layer does
-    itself (``n`` samples of each prompt, ``stream_interval``, ``skip_special_tokens``)."""
-
-    params: List[SamplingParams]
-    n: int = 1
-    interval: int = 1
-    skip_special: bool = True
-
-
-def parse_sampling(sps: List[Any]) -> Sampling:
-    out = Sampling([])
-    n = None
-    for sp in sps:
-        if isinstance(sp, dict):
-            sp = dict(sp)
-            k = _positive_int(sp.pop("n", None), "n")
-            if n is not None and k != n:
-                raise RequestError("sampling_params.n must be the same for every prompt")
-            n = k
-            out.interval = _positive_int(sp.pop("stream_interval", None), "stream_interval")
-            out.skip_special = sp.get("skip_special_tokens", True) is not False
-        try:
-            out.params.append(SamplingParams.from_request(sp))
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-    out.n = n or 1
-    return out
-
-
-def torch_dtype(name: str):
-    import torch
-
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise RequestError(f"unknown dtype {name!r}")
-    return dt
+def _number(d: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``d[key]`` as the type of ``default`` (int: whole floats too)."""
+    v = d.get(key, default)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ok and isinstance(default, int) and isinstance(v, float):
+        ok = v.is_integer()  # (float(v) of a huge int would overflow: a 500, not this 400)
+    if not ok:
+        raise RequestError(f"sampling_params.{key} must be {'an integer' if isinstance(default, int) else 'a number'}, "
+                           f"got {v!r}")
+    return type(default)(v)
 
 
 def _positive_int(v: Any, key: str) -> int:

@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import aiohttp
 
@@ -33,13 +33,6 @@ BACKENDS = ("hf", "sglang")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _visible_gpus(gpus: Optional[Sequence[int]]) -> List[int]:
-    if gpus:
-        return [int(g) for g in gpus]
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    return [int(x) for x in cvd.split(",") if x.strip().isdigit()]
-
-
 class ServerLifecycle:
     def __init__(self, run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig,
                  server_id: str, backend: str = "hf", gpus: Optional[Sequence[int]] = None, *,
@@ -50,7 +43,8 @@ class ServerLifecycle:
         self.run_dir = Path(run_dir)
         self.cfg, self.model_path, self.launcher = cfg, model_path or cfg.model_path, launcher
         self.server_id, self.backend = server_id, backend
-        self.gpus = _visible_gpus(gpus)
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        self.gpus = [int(g) for g in gpus] if gpus else [int(x) for x in cvd if x.strip().isdigit()]
         self.tp_size = int(tp_size or (max(1, len(self.gpus)) * max(1, nnodes) if backend == "sglang" else 1))
         self.nnodes, self.node_rank, self.dist_init_addr = nnodes, node_rank, dist_init_addr
         if backend == "hf" and (self.tp_size > 1 or nnodes > 1):
@@ -127,14 +121,6 @@ class ServerLifecycle:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def load_weights(self, path: str, version: Any) -> tuple[bool, str]:
-        body = api.update_from_disk_body(path, version)
-        status, body = await self._request(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout=None)
-        ok, err = api.call_outcome(status, body)
-        if ok:
-            self.weight_version = parse_version(version)
-        return ok, (err or api.error_message(body))
-
     async def _load_latest(self, only_if_newer: bool) -> bool:
         """Load ``weights/latest`` if the run has published any. False only on a failed load."""
         for attempt in range(3):
@@ -145,8 +131,10 @@ class ServerLifecycle:
             cur = self.weight_version
             if only_if_newer and isinstance(cur, int) and isinstance(version, int) and version <= cur:
                 return True
-            ok, msg = await self.load_weights(latest["path"], version)
+            ok, msg = api.call_outcome(*await self._request(
+                *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version), timeout=None))
             if ok:
+                self.weight_version = parse_version(version)
                 log.info("loaded published weights v%s from %s", version, latest["path"])
                 return True
             log.warning("loading published weights v%s failed (%s); re-reading weights/latest", version, msg)
@@ -201,18 +189,17 @@ class ServerLifecycle:
         return "cuda:0"
 
     async def _start_sglang(self) -> None:
-        from areal_hpc.inference.sglang import SGLangProcess, base_gpu_and_env, build_sglang_argv, write_key_config
+        from areal_hpc.inference.sglang import SGLangProcess, base_gpu_and_env, build_sglang_options, render_argv
+        from areal_hpc.inference.sglang import write_key_config
 
-        if self.cfg.port:
-            self.port = self.cfg.port
-        else:  # SGLang binds its own port: take a free one now (a tiny race, retried by the caller)
-            self.port = free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
+        # SGLang binds its own port: without one configured, take a free one now (a tiny race, retried by the caller)
+        self.port = self.cfg.port or free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
         key_file = write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
         base, env = base_gpu_and_env(self.gpus, self.tp_size)
-        argv = build_sglang_argv(self.cfg, self.model_path, host=self.bind_host, port=self.port,
-                                 config_file=key_file, tp_size=self.tp_size, base_gpu_id=base,
-                                 nnodes=self.nnodes, node_rank=self.node_rank,
-                                 dist_init_addr=self.dist_init_addr, weight_version=str(self.weight_version))
+        argv = render_argv(build_sglang_options(
+            self.cfg, self.model_path, host=self.bind_host, port=self.port, config_file=key_file,
+            tp_size=self.tp_size, base_gpu_id=base, nnodes=self.nnodes, node_rank=self.node_rank,
+            dist_init_addr=self.dist_init_addr, weight_version=str(self.weight_version)))
         log_path = self.run_dir / "logs" / f"{self.server_id}.sglang.log"
         log.info("SGLang output goes to %s", log_path)
         self._sglang = SGLangProcess(argv, env, str(log_path)).start()

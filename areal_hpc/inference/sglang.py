@@ -29,11 +29,6 @@ SGLANG_VERSION = "0.5.23"
 Value = Union[None, str, List[str]]  # None = bare boolean flag
 
 
-def sglang_dtype(dtype: str) -> str:
-    """Our ``auto`` means bf16 on GPUs (SGLang's own auto picks fp16 for fp32 checkpoints)."""
-    return "bfloat16" if dtype in ("", "auto", None) else dtype
-
-
 def _flag(key: str) -> str:
     key = key.strip()
     return key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")
@@ -68,7 +63,8 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
         "--base-gpu-id": str(base_gpu_id),
         "--random-seed": str(cfg.random_seed),
         "--mem-fraction-static": str(cfg.mem_fraction_static),
-        "--dtype": sglang_dtype(cfg.dtype),
+        # our auto means bf16 on GPUs (SGLang's own auto picks fp16 for fp32 checkpoints)
+        "--dtype": "bfloat16" if cfg.dtype in ("", "auto", None) else cfg.dtype,
         "--skip-tokenizer-init": None,
     }
     if cfg.context_length and cfg.context_length > 0:
@@ -99,18 +95,9 @@ def render_argv(opts: Mapping[str, Value], python: str = sys.executable) -> List
     argv = [python, "-m", "sglang.launch_server"]
     for flag, value in opts.items():
         argv.append(flag)
-        if value is None:
-            continue
-        if isinstance(value, list):
-            argv.extend(value)
-        else:
-            argv.append(value)
+        if value is not None:
+            argv.extend(value if isinstance(value, list) else [value])
     return argv
-
-
-def build_sglang_argv(cfg: ServerConfig, model_path: str, *, python: str = sys.executable, **kwargs) -> List[str]:
-    """``python -m sglang.launch_server ...`` for one server (see `build_sglang_options`)."""
-    return render_argv(build_sglang_options(cfg, model_path, **kwargs), python=python)
 
 
 def write_key_config(path: str | os.PathLike, api_key: str) -> str:

@@ -142,37 +142,24 @@ def parse_generate(body: Dict[str, Any], fallback_version: Any) -> GenerateOutpu
     got = meta.get("output_token_logprobs") or []
     lps = [float(x[0]) if x[0] is not None else float("nan") for x in got[:len(ids)]]
     lps += [float("nan")] * (len(ids) - len(lps))
-    versions, reported = expand_versions(meta, len(ids), fallback_version)
+    spans = meta.get("weight_versions") or []
+    versions: List[Any] = []
+    for sp in spans:
+        versions += [parse_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0)))
+    reported = bool(spans)
+    if len(versions) != len(ids):
+        v = meta.get("weight_version")
+        reported = v is not None
+        versions = (versions + [parse_version(v) if v is not None else fallback_version] * len(ids))[:len(ids)]
     reason = (meta.get("finish_reason") or {}).get("type", "stop")
     return GenerateOutput(ids, lps, versions, reason, reported)
 
 
-def expand_versions(meta: Dict[str, Any], n: int, fallback: Any) -> Tuple[List[Any], bool]:
-    spans = meta.get("weight_versions")
-    out: List[Any] = []
-    if spans:
-        for sp in spans:
-            out.extend([parse_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0))))
-    reported = bool(spans)
-    if len(out) != n:
-        v = meta.get("weight_version")
-        reported = v is not None
-        v = parse_version(v) if v is not None else fallback
-        out = (out + [v] * n)[:n]
-    return out, reported
-
-
 def call_outcome(status: int, body: Any) -> Tuple[bool, Optional[str]]:
     """(ok, error) of a control call: 2xx and not ``"success": false``."""
-    ok = 200 <= status < 300 and not (isinstance(body, dict) and body.get("success") is False)
-    if ok:
+    if 200 <= status < 300 and not (isinstance(body, dict) and body.get("success") is False):
         return True, None
-    if isinstance(body, dict):
-        err = body.get("message") or body.get("error")
-        if isinstance(err, dict):
-            err = err.get("message")
-        return False, str(err if err is not None else body)
-    return False, str(body) or f"HTTP {status}"
+    return False, error_message(body) or f"HTTP {status}"
 
 
 def error_message(body: Any) -> str:

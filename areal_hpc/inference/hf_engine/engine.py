@@ -1,10 +1,13 @@
-"""The engine loop: one thread that admits requests between steps, runs what the scheduler picks,
+"""The engine loop: one thread that admits requests between steps, runs what the `Scheduler` picks,
 samples, and finishes sequences.
 
 Everything that changes engine state (pause, abort, a weight swap) is a command executed on the loop thread between two
 steps, so a decode step never sees half-updated weights and no lock is held while the model runs. Other threads talk to
 the engine only through `submit` and `call` (both thread-safe); results come back through each sequence's ``on_finish``
 callback (called on the loop thread) and through `concurrent.futures.Future` for commands.
+
+Running sequences are packed: ``running[i].slot == i``, so a decode step is one contiguous batch of KV-cache rows.
+When a sequence leaves, the last one moves into its row; the scheduler returns those moves and the runner copies rows.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ import torch
 
 from areal_hpc.inference.hf_engine.model_runner import ModelRunner
 from areal_hpc.inference.hf_engine.sampler import sample
-from areal_hpc.inference.hf_engine.scheduler import Scheduler
-from areal_hpc.inference.hf_engine.sequence import Sequence, SequenceStatus
+from areal_hpc.inference.hf_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,57 @@ def next_version(current: str) -> str:
         return str(int(current) + 1)
     except ValueError:
         return current
+
+
+class Scheduler:
+    def __init__(self, max_running: int, max_prefill_tokens: int):
+        self.max_running, self.max_prefill_tokens = max(1, int(max_running)), max(1, int(max_prefill_tokens))
+        self.waiting: Deque[Sequence] = deque()
+        self.running: List[Sequence] = []
+        self.paused = False
+
+    def has_work(self) -> bool:
+        return bool(self.running) or (bool(self.waiting) and not self.paused)
+
+    def schedule(self) -> Optional[Tuple[str, List[Sequence]]]:
+        """``("prefill", new)`` while there is room and nothing holds new work, else
+        ``("decode", running)``; None when idle."""
+        if self.waiting and not self.paused and len(self.running) < self.max_running:
+            batch: List[Sequence] = []
+            longest = 0
+            while self.waiting and len(self.running) + len(batch) < self.max_running:
+                longest = max(longest, self.waiting[0].num_tokens)  # prompts are padded to the longest
+                if batch and longest * (len(batch) + 1) > self.max_prefill_tokens:
+                    break
+                batch.append(self.waiting.popleft())
+            for seq in batch:
+                seq.slot = len(self.running)
+                self.running.append(seq)
+            return "prefill", batch
+        if self.running:
+            return "decode", self.running
+        return None
+
+    def remove(self, seqs: Iterable[Sequence]) -> List[Tuple[int, int, int]]:
+        """Take finished sequences out of ``running``; returns row moves ``(src, dst, ncols)``."""
+        moves = []
+        for seq in sorted(seqs, key=lambda s: s.slot, reverse=True):
+            if seq.slot < 0:
+                continue
+            last = self.running.pop()
+            if last is not seq:
+                dst = seq.slot
+                moves.append((last.slot, dst, last.num_tokens))
+                last.slot = dst
+                self.running[dst] = last
+            seq.slot = -1
+        return moves
+
+    def take_waiting(self, rid: Optional[str] = None) -> List[Sequence]:
+        """Remove waiting sequences (one rid, or all) and return them."""
+        out = [s for s in self.waiting if rid in (None, s.rid)]
+        self.waiting = deque(s for s in self.waiting if rid not in (None, s.rid))
+        return out
 
 
 class LLMEngine:
@@ -107,7 +160,10 @@ class LLMEngine:
         return self.call(lambda: self._pause(mode))
 
     def resume(self) -> concurrent.futures.Future:
-        return self.call(self._resume)
+        def go() -> None:
+            self.scheduler.paused = self.frozen = False
+
+        return self.call(go)
 
     def abort(self, rid: Optional[str] = None) -> concurrent.futures.Future:
         """Abort one request by rid, or all (running ones return their partial output)."""
@@ -136,18 +192,18 @@ class LLMEngine:
                 **self.stats}
 
     # ------------------------------------------------------------------ commands (loop thread)
-    def _finish_running(self, seqs: List[Sequence], reason: Dict[str, Any]) -> None:
-        moves = self.scheduler.remove(seqs)
-        self.runner.move_rows(moves)
-        for s in seqs:
-            s.finish(dict(reason))
+    def _retire(self, finished: List[Tuple[Sequence, Dict[str, Any]]]) -> None:
+        """Finish running sequences; the last rows of the batch move into the rows they leave."""
+        self.runner.move_rows(self.scheduler.remove([s for s, _ in finished]))
+        for s, reason in finished:
+            s.finish(reason)
 
     def _abort(self, rid: Optional[str], message: str) -> int:
         self._drain_inbox()
         reason = {"type": "abort", "message": message}
         running = [s for s in self.scheduler.running if rid is None or s.rid == rid]
         waiting = self.scheduler.take_waiting(rid)
-        self._finish_running(running, reason)
+        self._retire([(s, dict(reason)) for s in running])
         for s in waiting:
             s.finish(dict(reason))
         self.stats["aborted_requests"] += len(running) + len(waiting)
@@ -161,24 +217,17 @@ class LLMEngine:
         self.scheduler.paused = True
         running = list(self.scheduler.running)
         if mode == "abort":
-            self._finish_running(running, {"type": "abort", "message": "generation paused"})
+            self._retire([(s, {"type": "abort", "message": "generation paused"}) for s in running])
             self.stats["aborted_requests"] += len(running)
         else:  # retract: back to the queue; their tokens so far are re-prefilled on continue
             self.scheduler.remove(running)
-            for s in reversed(running):
-                s.status = SequenceStatus.WAITING
-                self.scheduler.waiting.appendleft(s)
+            self.scheduler.waiting.extendleft(reversed(running))
         return len(running)
-
-    def _resume(self) -> int:
-        self.scheduler.paused = False
-        self.frozen = False
-        return 0
 
     # ------------------------------------------------------------------ the loop
     def _drain_inbox(self) -> None:
         while self._inbox:
-            self.scheduler.add(self._inbox.popleft())
+            self.scheduler.waiting.append(self._inbox.popleft())
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -228,8 +277,8 @@ class LLMEngine:
         except Exception as e:
             log.exception("%s step of %d sequences failed", kind, len(seqs))
             self.stats["step_errors"] += 1
-            self._finish_running(seqs, {"type": "abort", "status_code": 500,
-                                        "message": f"engine error: {type(e).__name__}: {e}"})
+            reason = {"type": "abort", "status_code": 500, "message": f"engine error: {type(e).__name__}: {e}"}
+            self._retire([(s, dict(reason)) for s in seqs])
             return
         version = self.weight_version
         eos = self.eos_token_ids
@@ -245,9 +294,5 @@ class LLMEngine:
             elif seq.num_tokens >= ctx:
                 finished.append((seq, {"type": "length", "length": len(seq.output_ids)}))
         self.stats["generated_tokens"] += len(seqs)
-        if finished:
-            moves = self.scheduler.remove([s for s, _ in finished])
-            self.runner.move_rows(moves)
-            self.stats["finished_requests"] += len(finished)
-            for s, reason in finished:
-                s.finish(reason)
+        self.stats["finished_requests"] += len(finished)
+        self._retire(finished)

@@ -11,13 +11,48 @@ which writes the new keys/values where this step's mode says and returns what to
 Because every row is contiguous from column 0, sequences join and leave the batch without
 re-padding anyone: a leaving row is overwritten by the last row (`move_rows`). On CPU the buffers
 grow by doubling; on GPU they are allocated once (CUDA graphs need fixed addresses).
+
+Decode steps attend through `kv_attention_forward` (registered with transformers as `ATTENTION`): its ``sdpa`` path
+expands the keys and values of grouped-query models to one copy per query head whenever a mask is passed (``repeat_kv``,
+and the engine always passes one), which for a decode step is most of the attention's memory traffic. Here a decode step
+(one query token per sequence) folds the query heads of each KV head into the query-length dimension,
+``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it is; the mask ``[b, 1, 1, W]`` broadcasts over
+both. Prefill keeps the ``sdpa`` path.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+
+ATTENTION = "areal_kv"
+
+
+def register_attention() -> str:
+    """Make ``attn_implementation=ATTENTION`` known to transformers; returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, kv_attention_forward)
+    return ATTENTION
+
+
+def kv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                         scaling: Optional[float] = None, **kwargs) -> Tuple[torch.Tensor, None]:
+    """``query [b, Hq, q, D]``, ``key/value [b, Hkv, W, D]`` -> ``([b, q, Hq, D], None)``."""
+    b, n_heads, q_len, dim = query.shape
+    n_kv = key.shape[1]
+    if q_len != 1 or n_kv == n_heads or kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    # query heads kv*G .. kv*G+G-1 share KV head kv (the layout repeat_kv would produce)
+    q = query.reshape(b, n_kv, n_heads // n_kv, dim)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, 1, n_heads, dim), None
 
 
 class KVCache:
@@ -31,7 +66,8 @@ class KVCache:
         self.rows, self.cols = 0, 0
         self.k: List[torch.Tensor] = []
         self.v: List[torch.Tensor] = []
-        self._alloc(min(rows, max_rows), min(cols, max_cols))
+        self.initial = (min(rows, max_rows), min(cols, max_cols))
+        self._alloc(*self.initial)
         self._mode, self._row0, self._n, self._width = "", 0, 0, 0
         self._row_idx: torch.Tensor = torch.arange(self.rows, device=device)
         self._pos: torch.Tensor = self._row_idx
@@ -63,10 +99,10 @@ class KVCache:
             new_cols = min(self.max_cols, max(16, new_cols * 2))
         self._alloc(new_rows, new_cols)
 
-    def reset(self, rows: int, cols: int) -> None:
-        """Drop everything and shrink back (when idle)."""
+    def reset(self) -> None:
+        """Drop everything and shrink back to the initial size (when idle)."""
         self.k, self.v, self.rows, self.cols = [], [], 0, 0
-        self._alloc(min(rows, self.max_rows), min(cols, self.max_cols))
+        self._alloc(*self.initial)
 
     # ----------------------------------------------------------------- modes
     def begin_prefill(self, row0: int, n: int) -> None:

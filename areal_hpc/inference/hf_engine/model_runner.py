@@ -10,6 +10,7 @@ Nothing here touches CUDA unless the device is CUDA.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import inspect
 import json
@@ -20,30 +21,20 @@ from typing import Dict, Iterable, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
-from areal_hpc.inference.hf_engine import decode_attention
-from areal_hpc.inference.hf_engine.kv_cache import KVCache
+from areal_hpc.inference.hf_engine.kv_cache import KVCache, register_attention
 from areal_hpc.inference.hf_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, cuda: bool = False) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 elsewhere; else a torch dtype's name (``torch.`` prefix optional)."""
     if dtype in ("auto", "", None):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+        return torch.bfloat16 if cuda else torch.float32
+    dt = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return dt
 
 
 # ---------------------------------------------------------------------- checkpoints on disk
@@ -105,15 +96,15 @@ class ModelRunner:
         hf_logging.disable_progress_bar()
 
         self.model_path = model_path
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.dtype = resolve_dtype(dtype, self.device.type == "cuda")
         if self.device.type == "cuda":
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         torch.manual_seed(seed)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=decode_attention.register()).to(self.device).eval()
+            model_path, dtype=self.dtype, attn_implementation=register_attention()).to(self.device).eval()
         self.model.requires_grad_(False)
         self.config = self.model.config
         self.base = getattr(self.model, self.model.base_model_prefix)
@@ -138,19 +129,14 @@ class ModelRunner:
         if decode_mode == "graph" and self.device.type != "cuda":
             raise ValueError("decode_mode graph needs a CUDA device")
         self.decode_mode = decode_mode
-        if self.device.type == "cuda" or decode_mode != "eager":
-            rows = self.max_running
-            if self.device.type == "cuda":
-                rows = self._plan_gpu_rows(n_layers, n_kv, head_dim, mem_fraction_static)
-            self.max_running = rows
-            self.kv = KVCache(n_layers, n_kv, head_dim, self.dtype, self.device, rows, self.context_length,
-                              rows, self.context_length)
-        else:
-            self.kv = KVCache(n_layers, n_kv, head_dim, self.dtype, self.device, min(16, self.max_running),
-                              min(256, self.context_length), self.max_running, self.context_length)
-        self.static: Optional[StaticDecoder] = None
-        if decode_mode != "eager":
-            self.static = StaticDecoder(self, use_graphs=decode_mode == "graph")
+        if self.device.type == "cuda":
+            self.max_running = self._plan_gpu_rows(n_layers, n_kv, head_dim, mem_fraction_static)
+        fixed = self.device.type == "cuda" or decode_mode != "eager"  # allocated once, at full size
+        self.kv = KVCache(n_layers, n_kv, head_dim, self.dtype, self.device,
+                          self.max_running if fixed else min(16, self.max_running),
+                          self.context_length if fixed else min(256, self.context_length),
+                          self.max_running, self.context_length)
+        self.static = StaticDecoder(self, use_graphs=decode_mode == "graph") if decode_mode != "eager" else None
         # every name a checkpoint may use: parameters (tied ones under each name) and persistent buffers
         self._params = dict(self.model.state_dict(keep_vars=True))
 
@@ -264,7 +250,7 @@ class ModelRunner:
     def release_memory(self) -> None:
         """Shrink the CPU KV cache back to its initial size (nothing may be running)."""
         if self.static is None and self.device.type != "cuda":
-            self.kv.reset(min(16, self.max_running), min(256, self.context_length))
+            self.kv.reset()
 
     # ------------------------------------------------------------------ weights
     def check_weights(self, names_shapes: Iterable[Tuple[str, Tuple[int, ...]]]) -> List[str]:
@@ -340,10 +326,7 @@ class StaticDecoder:
 
     @staticmethod
     def _pick(buckets: List[int], x: int) -> int:
-        for b in buckets:
-            if b >= x:
-                return b
-        return buckets[-1]
+        return buckets[min(bisect.bisect_left(buckets, x), len(buckets) - 1)]
 
     def _step(self, b: int, w: int) -> torch.Tensor:
         return self.r._decode_step(self.ids[:b], self.pos[:b], w, self.rows[:b])

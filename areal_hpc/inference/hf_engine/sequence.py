@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -10,38 +9,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from areal_hpc.inference.sglang_api import new_rid
 
 
-class SequenceStatus(enum.Enum):
-    WAITING = 0
-    RUNNING = 1
-    FINISHED = 2
-
-
-def _number(d: Dict[str, Any], key: str, default: Any) -> Any:
-    """``d[key]`` as the type of ``default`` (int: whole floats too); ValueError otherwise."""
-    v = d.get(key, default)
-    if v is None:
-        return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if ok and isinstance(default, int) and isinstance(v, float):
-        ok = v.is_integer()  # (float(v) of a huge int would overflow: a 500, not this 400)
-    if not ok:
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise ValueError(f"sampling_params.{key} must be {kind}, got {v!r}")
-    return type(default)(v)
-
-
-# Accepted for compatibility with SGLang clients as long as they ask for the neutral value
-# (None always counts as neutral).
-_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-            "min_p": 0.0, "n": 1, "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None,
-            "custom_params": None}
-# Keys that only shape the text of a response (the HTTP server applies them when it detokenizes).
-_IGNORED = {"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stop"}
-
-
 @dataclass(frozen=True)
 class SamplingParams:
-    """SGLang's sampling parameters (the subset the embedded engine implements)."""
+    """SGLang's sampling parameters (the subset the embedded engine implements; `http_validate` checks them)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0 = greedy
@@ -54,47 +24,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
 
-    @classmethod
-    def from_request(cls, d: Optional[Dict[str, Any]]) -> "SamplingParams":
-        """Validate a request's ``sampling_params``; ValueError says what is wrong."""
-        if d is None:
-            d = {}
-        if not isinstance(d, dict):
-            raise ValueError("sampling_params must be an object")
-        known = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos"}
-        for k, v in d.items():
-            if k in known or k in _IGNORED:
-                continue
-            if k in _NEUTRAL:
-                if v is not None and v != _NEUTRAL[k]:
-                    raise ValueError(f"sampling_params.{k}={v!r} is not supported by the hf engine "
-                                     f"(only {_NEUTRAL[k]!r})")
-                continue
-            raise ValueError(f"unknown sampling_params key {k!r}; supported: {sorted(known)}")
-        if d.get("stop"):
-            raise ValueError("sampling_params.stop (strings) needs a tokenizer; use stop_token_ids")
-        max_new = _number(d, "max_new_tokens", 128)
-        if max_new < 0:
-            raise ValueError(f"sampling_params.max_new_tokens must be >= 0, got {max_new}")
-        temp = _number(d, "temperature", 1.0)
-        if temp < 0:
-            raise ValueError(f"sampling_params.temperature must be >= 0, got {temp}")
-        top_p = _number(d, "top_p", 1.0)
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
-        top_k = _number(d, "top_k", -1)
-        if top_k == 0 or top_k < -1:
-            raise ValueError(f"sampling_params.top_k must be -1 or >= 1, got {top_k}")
-        stop = d.get("stop_token_ids") or []
-        if isinstance(stop, int) and not isinstance(stop, bool):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
-            raise ValueError("sampling_params.stop_token_ids must be a list of integers")
-        ignore_eos = d.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise ValueError("sampling_params.ignore_eos must be true or false")
-        return cls(max_new, temp, top_p, top_k, tuple(stop), ignore_eos)
-
 
 class Sequence:
     """One request inside the engine. ``slot`` is its row in the KV cache while it runs."""
@@ -106,7 +35,7 @@ class Sequence:
         self.output_ids: List[int] = []
         self.logprobs: List[float] = []
         self.version_spans: List[list] = []  # [[version, start, end], ...] over output_ids
-        self.params, self.status = params, SequenceStatus.WAITING
+        self.params, self.finished = params, False
         self.finish_reason: Optional[Dict[str, Any]] = None
         self.slot, self.on_finish = -1, on_finish
         self.on_append: Optional[Callable[["Sequence", int], None]] = None  # (seq, tokens so far), loop thread
@@ -115,10 +44,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
     def append(self, token: int, logprob: float, version: str) -> None:
         n = len(self.output_ids)
@@ -133,9 +58,9 @@ class Sequence:
             self.on_append(self, n + 1)
 
     def finish(self, reason: Dict[str, Any]) -> None:
-        if self.status is SequenceStatus.FINISHED:
+        if self.finished:
             return
-        self.status, self.finish_reason = SequenceStatus.FINISHED, reason
+        self.finished, self.finish_reason = True, reason
         if self.on_finish is not None:
             self.on_finish(self)
 
