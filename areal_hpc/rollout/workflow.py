@@ -55,13 +55,10 @@ class RLVRWorkflow(RolloutWorkflow):
             stops.update(stop_token_ids(tokenizer, model_dir, chat_template))
             self.params["stop_token_ids"] = sorted(stops)
         self.reward, self.n_samples = get_reward(reward_fn), n_samples
-        self.prompt_key, self.answer_key, self.messages_key = prompt_key, answer_key, messages_key
-
-    def encode_prompt(self, row: Dict[str, Any]) -> list:
-        return self.prompts.encode(row)
+        self.prompt_key, self.answer_key = prompt_key, answer_key
 
     async def arun_episode(self, client, row: Dict[str, Any]) -> Optional[Group]:
-        prompt_ids = self.encode_prompt(row)
+        prompt_ids = self.prompts.encode(row)
         if self.n_samples > 1 and hasattr(client, "generate_group"):  # one request for the group
             results = await client.generate_group(prompt_ids, self.n_samples, self.params)
         else:
