@@ -86,10 +86,8 @@ class Registry:
     # ------------------------------------------------------------ records
     def put(self, kind: str, name: str, data: Dict[str, Any], ttl: bool = True) -> str:
         """Atomically write a record. ``ttl=True`` records die unless heartbeated."""
-        d = self._dir(kind)
-        body = dict(data)
-        body[_TTL_KEY] = self.ttl_s if ttl else None
-        return atomic_write(f"{d}/{name}.json", json.dumps(body).encode(), mode=0o600)
+        body = {**data, _TTL_KEY: self.ttl_s if ttl else None}
+        return atomic_write(f"{self._dir(kind)}/{name}.json", json.dumps(body).encode(), mode=0o600)
 
     def touch(self, kind: str, name: str) -> bool:
         """Heartbeat: refresh a record's liveness. False if the record is gone."""
