@@ -6,27 +6,23 @@ looked up on first access: every process of a run imports this package, not all 
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 DIST_NAME = "areal-hpc"
 
 
-@functools.lru_cache(maxsize=None)
-def _version() -> str:
+def __getattr__(name: str) -> str:
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version(DIST_NAME)
+        found = version(DIST_NAME)
     except PackageNotFoundError:
         import configparser
 
         cfg = configparser.ConfigParser()
         cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
-        return cfg.get("metadata", "version", fallback="0+unknown")
-
-
-def __getattr__(name: str) -> str:
-    if name == "__version__":
-        return _version()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        found = cfg.get("metadata", "version", fallback="0+unknown")
+    globals()["__version__"] = found  # a module attribute now: __getattr__ is not asked again
+    return found

@@ -63,24 +63,20 @@ class AllocationMode:
 def _parse_dims(spec: str, token: str) -> dict:
     if not spec:
         raise ConfigError(KEY, f"empty parallelism in {token!r}", "write e.g. d4, d2t2 or d16p1m1")
-    pos, dims = 0, {}
-    for m in _SPEC.finditer(spec):
-        if m.start() != pos:
-            break
-        letter, num = m.group(1), int(m.group(2))
+    end = re.match(r"(?:[a-z]\d+)*", spec).end()
+    if end != len(spec):
+        raise ConfigError(KEY, f"cannot parse {spec[end:]!r} in {token!r}",
+                          "expected letters d/p/t/m each followed by a number, e.g. d4t2")
+    dims = {}
+    for letter, num in _SPEC.findall(spec):
         if letter not in _DIMS:
             raise ConfigError(KEY, f"unknown letter {letter!r} in {token!r}",
                               "use d (data parallel), p (pipeline), t or m (tensor parallel)")
-        name = _DIMS[letter]
-        if name in dims:
-            raise ConfigError(KEY, f"{name} given twice in {token!r}", "give each of d, p, t/m at most once")
-        if num < 1:
+        if _DIMS[letter] in dims:
+            raise ConfigError(KEY, f"{_DIMS[letter]} given twice in {token!r}", "give each of d, p, t/m at most once")
+        if int(num) < 1:
             raise ConfigError(KEY, f"{letter}{num} in {token!r} must be >= 1", "sizes start at 1")
-        dims[name] = num
-        pos = m.end()
-    if pos != len(spec):
-        raise ConfigError(KEY, f"cannot parse {spec[pos:]!r} in {token!r}",
-                          "expected letters d/p/t/m each followed by a number, e.g. d4t2")
+        dims[_DIMS[letter]] = int(num)
     return dims
 
 

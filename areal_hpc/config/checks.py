@@ -22,7 +22,7 @@ from areal_hpc.config.schema import LOCK_KINDS, MODES, ExperimentConfig
 
 # Keys whose values are written into the rendered sbatch script or a shell line.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
-CHAT_TEMPLATES = ("auto", "none")  # rollout.prompts.CHAT_TEMPLATE_MODES
+CHAT_TEMPLATES = ("auto", "none")  # {ds}.chat_template: rollout.prompts reads it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, CR allowed (prompts)
@@ -205,19 +205,15 @@ def slurm_time_seconds(spec: str) -> int:
     return seconds
 
 
-def _limits(path: Path) -> Tuple[int, int]:
-    """(NAME_MAX, PATH_MAX) of the filesystem holding ``path``'s nearest existing ancestor."""
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
     def exists(p: Path) -> bool:
         try:
             return p.exists()
         except OSError:  # ENAMETOOLONG and the like: not an existing ancestor
             return False
 
-    existing = next((p for p in [path, *path.parents] if exists(p)), Path("/"))
-    try:
-        return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
-    except (OSError, ValueError):
-        return 255, 4096
+    return next((p for p in [path, *path.parents] if exists(p)), Path("/"))
 
 
 def check_location(cfg: ExperimentConfig) -> None:
@@ -235,7 +231,10 @@ def check_location(cfg: ExperimentConfig) -> None:
         raise ConfigError("cluster.fileroot", f"contains the control character {bad.group()!r}",
                           "give a plain directory path")
     root = Path(os.path.expanduser(fileroot)).absolute()
-    name_max, path_max = _limits(root)
+    try:  # the limits of the filesystem that will hold the run dir
+        name_max, path_max = (os.pathconf(nearest_existing(root), f"PC_{n}_MAX") for n in ("NAME", "PATH"))
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
     for part in root.parts:
         if len(part.encode()) > name_max:
             raise ConfigError("cluster.fileroot", f"has a path component of {len(part.encode())} bytes, longer than "

@@ -267,10 +267,9 @@ def _nest(data: Dict[str, Any], key: str, value: Any) -> None:
 def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentConfig:
     """defaults < YAML file < overrides, every key checked. ``words`` are the command line's config
     words (`split_words`); they may name the file instead of ``config_file``. Raises ConfigError."""
-    named, pairs = split_words(words)
-    if config_file and named:
-        raise ConfigError("config", f"two config files ({config_file} and {named})", "give one")
-    config_file = config_file or named
+    if config_file:
+        words = [f"--config={config_file}", *words]
+    config_file, pairs = split_words(words)
     cfg = ExperimentConfig()
     if config_file:
         cfg = from_dict(ExperimentConfig, read_yaml_file(config_file), source=f" in {config_file}")

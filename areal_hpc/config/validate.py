@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
-from areal_hpc.config.checks import check_choice, check_location, check_ranges, check_values
+from areal_hpc.config.checks import check_choice, check_location, check_ranges, check_values, nearest_existing
 from areal_hpc.config.errors import ConfigError
 from areal_hpc.config.schema import TRAINER_TYPES, ExperimentConfig
 
@@ -113,9 +113,8 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         if ds.adapter and not cfg.trainer.plugins:  # a plugin may register more (rollout.adapters)
             check_choice(f"{key}.adapter", ds.adapter, DATASET_ADAPTERS)
 
-    root = Path(os.path.expanduser(c.fileroot)).resolve()
-    existing = next((p for p in [root, *root.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not _writable(existing):
+    existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
+    if not existing.is_dir() or not _writable(existing):
         raise ConfigError("cluster.fileroot", f"{c.fileroot!r} cannot be created (nearest parent {existing} is not a "
                           "writable directory)", "pick a writable directory shared by all nodes")
     if cfg.mode == "ray" and c.ray_address != "auto" and not _RAY_ADDRESS.match(c.ray_address):
@@ -149,17 +148,13 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if not ppo.async_training:
         cfg.rollout.max_head_offpolicyness = 0
 
-    if t == "sft":
-        _check_path("trainer.sft.model.path", cfg.trainer.sft.model.path, "model")
-        _check_path("train_dataset.path", cfg.train_dataset.path, "dataset")
-    elif t != "null":  # ppo, or a plugin trainer built on the PPO config
-        _check_path("trainer.ppo.actor.path", ppo.actor.path, "model")
-        _check_path("train_dataset.path", cfg.train_dataset.path, "dataset")
-        if cfg.server.model_path:
-            _check_path("server.model_path", cfg.server.model_path, "model")
-    else:
+    if t == "null":
         _check_path("server.model_path", cfg.server.model_path or ppo.actor.path, "model")
-        _check_path("valid_dataset.path", cfg.valid_dataset.path, "dataset")
-    if cfg.valid_dataset.path and t != "null":
+    else:  # sft, ppo, or a plugin trainer built on the PPO config
+        _check_path("trainer.sft.model.path" if t == "sft" else "trainer.ppo.actor.path", actor_path(cfg), "model")
+        _check_path("train_dataset.path", cfg.train_dataset.path, "dataset")
+        if cfg.server.model_path and t != "sft":
+            _check_path("server.model_path", cfg.server.model_path, "model")
+    if cfg.valid_dataset.path or t == "null":
         _check_path("valid_dataset.path", cfg.valid_dataset.path, "dataset")
     return alloc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import signal
 import threading
 from typing import Any, Callable, Dict, List, Optional
@@ -10,7 +11,6 @@ from typing import Any, Callable, Dict, List, Optional
 from areal_hpc.registry.store import Registry
 
 _live: List["Heartbeat"] = []
-_installed = False
 
 
 def _remove_all() -> None:
@@ -25,12 +25,9 @@ def _on_signal(signum, frame) -> None:
     signal.raise_signal(signum)
 
 
+@functools.lru_cache(maxsize=None)  # once per process
 def install_exit_handlers() -> None:
     """atexit + SIGTERM/SIGINT handlers that deregister every live heartbeat (main thread only)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
     atexit.register(_remove_all)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -37,7 +37,6 @@ LOCK_CLASSES = {
 }
 _ESTALE_RETRIES = 5
 _MAX_RECORD = 1 << 20  # bytes of a record that are read (a bigger one reads as torn, i.e. absent)
-_READ_CHUNK = 1 << 16
 
 
 def _retry_estale(fn: Callable[[], Any]) -> Any:
@@ -71,33 +70,35 @@ class Registry:
 
     # ------------------------------------------------------------ paths
     def path(self, kind: str, name: str) -> Path:
-        return (self.root / kind / f"{name}.json") if kind else (self.root / f"{name}.json")
+        return self.root / kind / f"{name}.json"  # kind "" is the root itself
 
     def _dir(self, kind: str) -> str:
         """The directory of a kind, created (0700) on first use by this object."""
-        d = self._dirs.get(kind)
-        if d is None:
-            d = str(self.root / kind) if kind else str(self.root)
+        if kind not in self._dirs:
             old = os.umask(0o077)
             try:
-                os.makedirs(d, mode=0o700, exist_ok=True)
+                os.makedirs(self.root / kind, mode=0o700, exist_ok=True)
             finally:
                 os.umask(old)
-            self._dirs[kind] = d
-        return d
+            self._dirs[kind] = str(self.root / kind)
+        return self._dirs[kind]
 
     # ------------------------------------------------------------ records
     def put(self, kind: str, name: str, data: Dict[str, Any], ttl: bool = True) -> str:
         """Atomically write a record. ``ttl=True`` records die unless heartbeated."""
-        d = self._dir(kind)
-        body = dict(data)
-        body[_TTL_KEY] = self.ttl_s if ttl else None
-        return atomic_write(f"{d}/{name}.json", json.dumps(body).encode(), mode=0o600)
+        body = {**data, _TTL_KEY: self.ttl_s if ttl else None}
+        return atomic_write(f"{self._dir(kind)}/{name}.json", json.dumps(body).encode(), mode=0o600)
 
     def touch(self, kind: str, name: str) -> bool:
         """Heartbeat: refresh a record's liveness. False if the record is gone."""
+        return self._on_file(os.utime, kind, name)
+
+    def delete(self, kind: str, name: str) -> bool:
+        return self._on_file(os.unlink, kind, name)
+
+    def _on_file(self, fn: Callable[[Path], Any], kind: str, name: str) -> bool:
         try:
-            _retry_estale(lambda: os.utime(self.path(kind, name)))
+            _retry_estale(lambda: fn(self.path(kind, name)))
             return True
         except FileNotFoundError:
             return False
@@ -106,13 +107,9 @@ class Registry:
     def _read(path: str, live_only: bool, now: float) -> Optional[Dict[str, Any]]:
         def read() -> Tuple[bytes, float]:
             fd = os.open(path, os.O_RDONLY)
-            try:
-                # records are small: a 1 MiB read buffer per record would cost most of `list`'s time
-                parts, total = [os.read(fd, _READ_CHUNK)], 0
-                while len(parts[-1]) == _READ_CHUNK and total < _MAX_RECORD:
-                    total += _READ_CHUNK
-                    parts.append(os.read(fd, min(_READ_CHUNK, _MAX_RECORD - total)))
-                return b"".join(parts), os.fstat(fd).st_mtime
+            try:  # records are replaced, never rewritten in place: the size read is the record's
+                st = os.fstat(fd)
+                return os.read(fd, min(st.st_size, _MAX_RECORD)), st.st_mtime
             finally:
                 os.close(fd)
 
@@ -132,7 +129,7 @@ class Registry:
 
     def list(self, kind: str, live_only: bool = True) -> Dict[str, Dict[str, Any]]:
         """All (live) records of a kind, by name."""
-        d = f"{self.root}/{kind}" if kind else str(self.root)
+        d = self.root / kind
         try:
             names = _retry_estale(lambda: os.listdir(d))
         except FileNotFoundError:
@@ -142,26 +139,15 @@ class Registry:
         for fname in names:
             if not fname.endswith(".json") or fname.startswith("."):
                 continue
-            rec = self._read(f"{d}/{fname}", live_only, now)
+            rec = self._read(str(d / fname), live_only, now)
             if rec is not None:
                 out[fname[:-5]] = rec
         return out
 
-    def delete(self, kind: str, name: str) -> bool:
-        try:
-            _retry_estale(lambda: os.unlink(self.path(kind, name)))
-            return True
-        except FileNotFoundError:
-            return False
-
     def expire(self, kind: str) -> int:
         """Remove dead records of a kind (housekeeping; readers already ignore them)."""
         live = self.list(kind)
-        n = 0
-        for name in self.list(kind, live_only=False):
-            if name not in live and self.delete(kind, name):
-                n += 1
-        return n
+        return sum(self.delete(kind, name) for name in self.list(kind, live_only=False) if name not in live)
 
     # ------------------------------------------------------------ locking
     @contextmanager

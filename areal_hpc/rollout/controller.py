@@ -18,8 +18,7 @@ import threading
 import time
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional
 
-from areal_hpc.rollout.types import Group
-from areal_hpc.rollout.workflow import RolloutWorkflow
+from areal_hpc.rollout.workflow import Group, RolloutWorkflow
 
 log = logging.getLogger(__name__)
 

@@ -127,14 +127,6 @@ def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
 
 # ------------------------------------------------------------------ loading
 
-def _file_kind(path: str) -> str:
-    suffix = Path(path).suffix
-    if suffix not in DATA_FILE_SUFFIXES:
-        raise DatasetError("path", f"unsupported dataset file type {suffix!r} ({path})",
-                           "use .jsonl, .json or .parquet, or a dataset directory")
-    return "parquet" if suffix == ".parquet" else "json"
-
-
 # `datasets`' packaged builders by file suffix (anything else, e.g. .jsonl.gz, is left to `datasets` to infer).
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".txt": "text",
              ".arrow": "arrow"}
@@ -162,9 +154,12 @@ def _open(path: str, name: Optional[str], split: str, which: str, streaming: boo
 
     _quiet_datasets()
     if Path(path).is_file():  # one file is one split; name/split do not apply
+        if Path(path).suffix not in DATA_FILE_SUFFIXES:
+            raise DatasetError("path", f"unsupported dataset file type {Path(path).suffix!r} ({path})",
+                               "use .jsonl, .json or .parquet, or a dataset directory")
         if _blank([path]):
             return None
-        return load_dataset(_file_kind(path), data_files=[path], split="train", streaming=streaming)
+        return load_dataset(_builder_for([path]), data_files=[path], split="train", streaming=streaming)
     splits = dataset_splits(path, name)
     split = choose_split(splits, split, which, where=path)
     if Path(path).is_dir() and _blank(splits[split]):
@@ -190,9 +185,8 @@ def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str 
         rows = [row for f in files for _, row in iter_json_rows(f)]
         return rows[:limit] if limit else rows
 
-    def take(ds) -> List[Dict[str, Any]]:
-        return ds.select(range(min(limit, len(ds)))).to_list() if limit else ds.to_list()
-    return _read(path, name, split, which, take)
+    return _read(path, name, split, which,
+                 lambda ds: (ds.select(range(min(limit, len(ds)))) if limit else ds).to_list())
 
 
 def head_rows(path: str, n: int, name: Optional[str] = None, split: str = "", which: str = "train") -> List[Dict[str, Any]]:

@@ -14,24 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-CHAT_TEMPLATE_MODES = ("auto", "none")
+from areal_hpc.config.checks import CHAT_TEMPLATES as CHAT_TEMPLATE_MODES
+
 # An assistant reply the template renders verbatim: what follows it is the end-of-turn text.
 _PROBE = "areal-hpc-end-of-turn-probe"
-
-
-def _as_ids(out: Any) -> List[int]:
-    """`apply_chat_template(tokenize=True)` returns a list in transformers 4.x and may return a
-    BatchEncoding (a dict with ``input_ids``) in 5.x; either may be nested for a batch of one."""
-    if isinstance(out, Mapping) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    if hasattr(out, "tolist"):
-        out = out.tolist()
-    out = list(out)
-    if out and isinstance(out[0], (list, tuple)):
-        if len(out) != 1:
-            raise ValueError(f"expected the token ids of one conversation, got {len(out)}")
-        out = list(out[0])
-    return [int(t) for t in out]
 
 
 def end_of_turn_id(tokenizer) -> Optional[int]:
@@ -131,18 +117,20 @@ class PromptEncoder:
         """Prompt token ids, ending where the model's reply begins."""
         f = self.fmt
         if self.uses_template:
+            # rendered, then tokenized as transformers does it: its tokenize=True return type differs by version
             msgs = self.messages(row)
             try:
-                ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-                return _as_ids(ids)
+                text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # jinja2's TemplateError (e.g. "System role not supported"), and the like
                 raise ValueError(f"the tokenizer's chat template rejected {[m['role'] for m in msgs]}: {e} "
                                  f"(chat_template=none sends raw text)") from e
-        if f.prompt_key not in row:
+        elif f.prompt_key not in row:
             why = ("chat_template=none" if f.chat_template == "none" else "the tokenizer has no chat template")
             raise ValueError(f"row has {f.messages_key!r} but no {f.prompt_key!r}: {why}, so the prompt must be a "
                              f"raw-text {f.prompt_key!r} string (or use a model whose tokenizer has a chat template)")
-        return self.tokenizer(str(row[f.prompt_key]), add_special_tokens=False)["input_ids"]
+        else:
+            text = str(row[f.prompt_key])
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def end_of_turn_ids(self) -> List[int]:
         """What closes a trained reply (SFT): the template's end-of-turn token when the template

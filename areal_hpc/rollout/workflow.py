@@ -1,4 +1,4 @@
-"""Workflows: what one episode is. A workflow turns one dataset row into one `Group`.
+"""Workflows: what one episode is. A workflow turns one dataset row into one `Group` of `Trajectory`s.
 
 Add one by subclassing `RolloutWorkflow` (one async method) and ``@register_workflow("name")``; select it with
 ``rollout.workflow=name``. The controller never needs to change."""
@@ -7,12 +7,46 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from dataclasses import asdict, is_dataclass
-from typing import Any, Callable, Dict, Optional
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat, stop_token_ids
 from areal_hpc.rollout.rewards import get_reward
-from areal_hpc.rollout.types import Group, Trajectory
+
+
+@dataclass
+class Trajectory:
+    """One prompt + one completion. ``logprobs``/``versions`` are per completion token: the
+    behaviour policy's logprob and the weight version that produced that token."""
+
+    prompt_ids: List[int]
+    output_ids: List[int]
+    logprobs: List[float]
+    versions: List[int]
+    reward: float
+    finish_reason: str = "stop"
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def oldest_version(self) -> int:
+        return min(self.versions) if self.versions else -1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class Group:
+    """The trajectories of one prompt (a GRPO group); the unit the controller counts."""
+
+    trajectories: List[Trajectory]
+    submit_version: int = 0  # trainer weight version when the episode started
+
+    @property
+    def oldest_version(self) -> int:
+        return min((t.oldest_version for t in self.trajectories), default=-1)
+
 
 WORKFLOWS: Dict[str, Callable[..., "RolloutWorkflow"]] = {}
 
@@ -55,13 +89,10 @@ class RLVRWorkflow(RolloutWorkflow):
             stops.update(stop_token_ids(tokenizer, model_dir, chat_template))
             self.params["stop_token_ids"] = sorted(stops)
         self.reward, self.n_samples = get_reward(reward_fn), n_samples
-        self.prompt_key, self.answer_key, self.messages_key = prompt_key, answer_key, messages_key
-
-    def encode_prompt(self, row: Dict[str, Any]) -> list:
-        return self.prompts.encode(row)
+        self.prompt_key, self.answer_key = prompt_key, answer_key
 
     async def arun_episode(self, client, row: Dict[str, Any]) -> Optional[Group]:
-        prompt_ids = self.encode_prompt(row)
+        prompt_ids = self.prompts.encode(row)
         if self.n_samples > 1 and hasattr(client, "generate_group"):  # one request for the group
             results = await client.generate_group(prompt_ids, self.n_samples, self.params)
         else:
