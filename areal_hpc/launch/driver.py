@@ -14,7 +14,6 @@ Started by `areal-hpc submit` (mode=slurm) through submitit, or by hand inside a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -29,7 +28,7 @@ from typing import Dict, List, Optional
 from areal_hpc.config import ExperimentConfig, load_resolved
 from areal_hpc.config.validate import run_umask
 from areal_hpc.launch import outcome, slurm
-from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
+from areal_hpc.launch.owner import ProcessHandle, Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
 log = logging.getLogger("areal_hpc.launch")
@@ -46,11 +45,12 @@ _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
 
 # ----------------------------------------------------------------------------- srun steps
 
-class SrunHandle(StepHandle):
+class SrunHandle(ProcessHandle):
     """One job step: the ``srun`` client process (own process group) and the step it created."""
 
     def __init__(self, step: StepSpec, proc: subprocess.Popen, job_id: str, node: int):
-        self.step, self.proc, self.job_id, self.node = step, proc, job_id, node
+        super().__init__(step, [proc], list(step.gpu_ids))
+        self.proc, self.job_id, self.node = proc, job_id, node
         self.step_id: Optional[str] = None
         self.nodelist = ""
 
@@ -58,24 +58,19 @@ class SrunHandle(StepHandle):
     def nodes(self) -> range:
         return range(self.node, self.node + self.step.nodes)
 
-    def poll(self) -> Optional[int]:
-        return self.proc.poll()
-
     def signal(self, sig: int) -> None:
-        if self.proc.poll() is not None:
-            return
         # To the step's tasks through slurmctld, not through the srun client: srun answers SIGTERM
         # by killing its step, so a server would die without deregistering, a trainer unsaved.
-        if self.step_id and not slurm.scancel(f"{self.job_id}.{self.step_id}", signal.Signals(sig).name[3:]) \
+        target = f"{self.job_id}.{self.step_id}"
+        if self.proc.poll() is None and self.step_id and not slurm.scancel(target, signal.Signals(sig).name[3:]) \
                 and sig != signal.SIGKILL:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+        super().signal(sig)
 
     def info(self) -> Dict[str, object]:
         return {"srun_pid": self.proc.pid, "slurm_job_id": self.job_id, "slurm_step_id": self.step_id,
                 "nodes": self.nodelist, "relative_node": self.node, "gpus_per_node": self.step.gpus_per_node,
-                "gpus": list(self.step.gpu_ids), "ntasks": self.step.ntasks}
+                "gpus": self.gpus, "ntasks": self.step.ntasks}
 
 
 class SrunRunner(Runner):
@@ -195,29 +190,21 @@ def prepare_requeue(trainer_grace_s: float = REQUEUE_TRAINER_GRACE_S,
     if owner is None:
         log.warning("USR2 before the run started: requeueing as is")
         return True
-    owner.request_stop("time limit or preemption (USR2)")
+    why = "time limit or preemption (USR2)"
+    owner.request_stop(why)
     t0 = time.monotonic()
-    if owner.trainer is not None and owner.trainer.poll() is None:
-        log.warning("USR2: asking the trainer to checkpoint at its next step boundary")
-        owner.trainer.signal(signal.SIGUSR2)
-        owner.wait_or_kill([owner.trainer], trainer_grace_s)  # killed: it resumes from its last checkpoint
-        log.info("trainer stopped (rc %s) after %.1fs", owner.trainer.poll(), time.monotonic() - t0)
-    servers = [h for h in owner.servers.values() if h.poll() is None]
-    for h in servers:
-        h.signal(signal.SIGTERM)
-    owner.wait_or_kill(servers, server_grace_s)
-    for name in list(owner.servers):  # the requeued driver starts them again
-        owner.registry.delete("servers", name)
+    log.warning("USR2: asking the trainer to checkpoint at its next step boundary")
+    # a trainer killed after its grace resumes from its last checkpoint; the requeued driver starts the servers again
+    owner.shutdown(why, trainer_grace_s, signal.SIGUSR2, server_grace_s)
     requeue = bool(owner.cfg.launcher.requeue_on_preemption)
-    log.warning("USR2 handled in %.1fs: %s", time.monotonic() - t0,
+    log.warning("USR2 handled in %.1fs (trainer rc %s): %s", time.monotonic() - t0, owner.trainer_rc,
                 "requeueing the job" if requeue else "ending the job (launcher.requeue_on_preemption=False)")
     at = outcome.last_step(owner.run_dir / "metrics.jsonl")
     if requeue:
-        owner.set_state(outcome.REQUEUED, f"time limit or preemption (USR2) at step {at}: checkpointed, the job "
-                        "is requeued and resumes")
+        owner.set_state(outcome.REQUEUED, f"{why} at step {at}: checkpointed, the job is requeued and resumes")
     else:
-        owner.set_state(outcome.STOPPED, f"time limit or preemption (USR2) at step {at}: checkpointed, not "
-                        "requeued (launcher.requeue_on_preemption=False); submit again to resume")
+        owner.set_state(outcome.STOPPED, f"{why} at step {at}: checkpointed, not requeued "
+                        "(launcher.requeue_on_preemption=False); submit again to resume")
     return requeue
 
 
@@ -231,13 +218,10 @@ def _on_usr2_standalone(signum, frame) -> None:
 
 def _on_term_standalone(signum, frame) -> None:
     """SIGTERM/SIGINT when started by hand: a graceful stop; a second one forces it."""
-    owner = _OWNER
-    if owner is None:
+    if _OWNER is None:
         raise KeyboardInterrupt
-    if owner.stopping:
-        owner.request_force(f"forced stop ({signal.Signals(signum).name} twice)")
-    else:
-        owner.request_stop(f"stopped by {signal.Signals(signum).name}")
+    name = signal.Signals(signum).name
+    _OWNER.interrupt(name, f"stopped by {name}")
 
 
 def main(run_dir: Path) -> int:

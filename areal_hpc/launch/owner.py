@@ -7,15 +7,17 @@ registry) come from `add-servers`, `stop` and trainer-restart submits; only the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome
@@ -41,6 +43,49 @@ class StepHandle(ABC):
 
     def info(self) -> Dict[str, object]:
         return {}
+
+
+def step_exit(codes: List[Optional[int]]) -> Optional[int]:
+    """A step's exit code from its tasks' (None: running): the first failure at once (one dead rank
+    kills the step, as ``srun --kill-on-bad-exit`` does), else 0 once every task ended."""
+    bad = next((c for c in codes if c not in (None, 0)), None)
+    return bad if bad is not None or None in codes else 0
+
+
+def spawn(command: List[str], env: Dict[str, str], log_path: str, cwd: str,
+          preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.Popen:
+    """One task: its own process group (a signal reaches its children too), its output appended to its log."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=cwd, start_new_session=True, preexec_fn=preexec_fn)
+
+
+def killpg(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+class ProcessHandle(StepHandle):
+    """A step whose processes run on this host (local tasks, torchrun's agent, an ``srun`` client)."""
+
+    def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int]):
+        self.step, self.procs, self.gpus = step, procs, gpus
+
+    def poll(self) -> Optional[int]:
+        codes = [p.poll() for p in self.procs]
+        rc = step_exit(codes)
+        if rc is not None and None in codes:
+            self.signal(signal.SIGKILL)
+        return rc
+
+    def signal(self, sig: int) -> None:
+        for p in self.procs:
+            killpg(p, sig)
+
+    def info(self) -> Dict[str, object]:
+        return {"pids": [p.pid for p in self.procs], "gpus": self.gpus}
 
 
 class Runner(ABC):
@@ -137,6 +182,14 @@ class RunOwner:
     def request_force(self, reason: str = "forced stop") -> None:
         self.request_stop(reason)
         self.force = True
+
+    def interrupt(self, what: str, stop_reason: Optional[str] = None) -> bool:
+        """Ctrl-C or SIGTERM: the first stops the run gracefully, the second forces it (returns True)."""
+        if self.stopping:
+            self.request_force(f"forced stop ({what} twice)")
+            return True
+        self.request_stop(stop_reason or f"interrupted ({what})")
+        return False
 
     # ------------------------------------------------------------------ steps
     def start_step(self, step: StepSpec) -> StepHandle:
@@ -377,13 +430,14 @@ class RunOwner:
             reason += f"; the trainer {outcome.describe_exit(self.trainer_rc)} on the way out"
         self.set_state(outcome.STOPPED, reason, None)
 
-    def shutdown(self, reason: str, grace_s: float = 60.0) -> None:
-        """Trainer first (SIGTERM: it checkpoints at the step boundary), then servers (they deregister);
-        what does not stop within its grace (or at once after `request_force`) is killed. No record of
-        a step of this run is left behind."""
+    def shutdown(self, reason: str, grace_s: float = 60.0, trainer_signal: int = signal.SIGTERM,
+                 server_grace_s: float = 30.0) -> None:
+        """Trainer first (SIGTERM, or USR2 before a requeue: it checkpoints at the step boundary), then
+        servers (they deregister); what does not stop within its grace (or at once after `request_force`)
+        is killed. No record of a step of this run is left behind."""
         log.info("shutting down: %s", reason)
         if self.trainer is not None and self.trainer.poll() is None:
-            self.trainer.signal(signal.SIGTERM)
+            self.trainer.signal(trainer_signal)
             self.wait_or_kill([self.trainer], grace_s)
         if self.trainer is not None and self.trainer_rc is None:
             self.trainer_rc = self.trainer.poll()
@@ -392,7 +446,7 @@ class RunOwner:
         for h in self.servers.values():
             if h.poll() is None:
                 h.signal(signal.SIGTERM)
-        self.wait_or_kill(list(self.servers.values()), 30.0)
+        self.wait_or_kill(list(self.servers.values()), server_grace_s)
         for name in list(self.servers):
             self.registry.delete("servers", name)  # normally gone already: they deregister on SIGTERM
         self.servers.clear()
