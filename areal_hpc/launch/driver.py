@@ -1,15 +1,9 @@
-"""The driver: the one process that owns a run's Slurm allocation, on its batch host.
+"""The driver: the one process that owns a run's Slurm allocation, on its batch host: a `RunOwner` whose steps are
+``srun --exact`` job steps (`SrunRunner`). Started by `submit` through submitit, or by hand inside an allocation.
 
-It starts every step of plan.json as an ``srun --exact`` job step (`SrunRunner`) and hands them
-to a `RunOwner` (restarts, requests, shutdown). Logs: {run}/logs/driver.log.
-
-USR2 (Slurm's warning before the time limit, preemption, ``scancel --signal=USR2 --batch``): `prepare_requeue` has the
-trainer checkpoint at its next step boundary and the servers deregister; then the job is requeued -- by submitit when
-the driver is its payload (`slurm_submit.Driver.checkpoint`), by ``scontrol requeue`` otherwise -- and the requeued
-driver starts everything again; the trainer resumes from its checkpoint.
-
-Started by `areal-hpc submit` (mode=slurm) through submitit, or by hand inside an allocation:
-``areal-hpc driver --run-dir RUN``.
+USR2 (Slurm's warning before the time limit, or preemption): `prepare_requeue` has the trainer checkpoint and the
+servers deregister; then the job is requeued (by submitit, or ``scontrol requeue`` when started by hand) and the
+requeued driver starts everything again.
 """
 
 from __future__ import annotations
@@ -74,11 +68,8 @@ class SrunHandle(ProcessHandle):
 
 
 class SrunRunner(Runner):
-    """Starts StepSpecs as ``srun --exact`` steps of the driver's own job.
-
-    Steps are created one after another (each waits until Slurm lists the previous one), so on a node the GPUs go to
-    steps in plan order: the GPU ids the plan shows are the ones they get. Added servers (``relative_node=-1``) go on
-    the first node with enough free GPUs, CPUs and memory, accounting what the live steps use."""
+    """Starts StepSpecs as ``srun --exact`` steps of the driver's own job, one after another (each waits until Slurm
+    lists the previous one), so that on a node the GPUs go to steps in plan order: the plan's GPU ids are theirs."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, job_id: str, step_timeout_s: float = 60.0,
                  env: Optional[Dict[str, str]] = None):
@@ -183,9 +174,7 @@ def _setup_logging(run_dir: Path) -> None:
 
 def prepare_requeue(trainer_grace_s: float = REQUEUE_TRAINER_GRACE_S,
                     server_grace_s: float = REQUEUE_SERVER_GRACE_S) -> bool:
-    """Checkpoint the trainer and stop the servers before the job is requeued (or ends).
-
-    Returns whether the job should be requeued (``launcher.requeue_on_preemption``)."""
+    """Checkpoint the trainer and stop the servers before the job is requeued (or ends); whether to requeue."""
     owner = _OWNER
     if owner is None:
         log.warning("USR2 before the run started: requeueing as is")
@@ -255,8 +244,7 @@ def main(run_dir: Path) -> int:
         _OWNER = None
     log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
     if owner.state == outcome.STOPPED:
-        # a run stopped on purpose ends CANCELLED: neither a success to --dependency=afterok nor FAILED
-        log.info("the run was stopped: ending job %s as CANCELLED", job_id)
+        log.info("the run was stopped: ending job %s as CANCELLED (not a success to --dependency=afterok)", job_id)
         err = slurm.scancel(job_id)
         if err:
             print(f"scancel {job_id} failed: {err}", file=sys.stderr)

@@ -386,11 +386,7 @@ def stop_leftovers(reg: Registry, grace_s: float = 30.0) -> List[str]:
     deadline = time.monotonic() + grace_s
     live = list(actors)
     while live and time.monotonic() < deadline:
-        try:
-            codes = ray.get([a.poll.remote() for a in live], timeout=10)
-        except Exception:  # noqa: BLE001 - an actor died meanwhile: ask again one by one
-            codes = [_poll_one(ray, a) for a in live]
-        live = [a for a, c in zip(live, codes) if c is None]
+        live = [a for a in live if _poll_one(ray, a) is None]
         time.sleep(0.3)
     from ray.util.placement_group import PlacementGroup
 

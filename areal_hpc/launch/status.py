@@ -41,8 +41,8 @@ def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
 
 
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
-    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked
-    against what Slurm (or the process table) says, so a run whose owner died says so."""
+    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked against Slurm
+    (or the process table)."""
     rec_state = run.get("state")
     mine = {"state": rec_state, "reason": run.get("reason"), "log": run.get("log")}
     if run.get("mode") == "slurm":
@@ -75,8 +75,7 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
 
 
 def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
-    """Whether Slurm says step ``step_id`` of ``job`` (of `slurm_jobs`) has ended (every step
-    has once the job is not running)."""
+    """Whether Slurm says step ``step_id`` of ``job`` (of `slurm_jobs`) has ended."""
     state = slurm.state_word(job.get("state"))
     if state and state not in slurm.LIVE_STATES:
         return True
@@ -86,9 +85,8 @@ def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
 
 
 def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
-    """A live record may still belong to a dead process (it lives until its TTL): check the
-    process (mode=local, this host) or its Slurm step. An attached server has neither: its record
-    lives while the owner's health checks refresh it."""
+    """A live record may still belong to a dead process (it lives until its TTL): check the process
+    (this host) or its Slurm step. An attached server's record lives while the owner's health checks refresh it."""
     if rec.get("external") and rec.get("url"):
         return True
     if run.get("mode") in HOST_MODES and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
