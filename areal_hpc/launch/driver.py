@@ -22,7 +22,8 @@ from typing import Dict, List, Optional
 from areal_hpc.config import ExperimentConfig, load_resolved
 from areal_hpc.config.validate import run_umask
 from areal_hpc.launch import outcome, slurm
-from areal_hpc.launch.owner import ProcessHandle, Runner, RunOwner, StepHandle
+from areal_hpc.launch.local import ProcessHandle
+from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
 log = logging.getLogger("areal_hpc.launch")

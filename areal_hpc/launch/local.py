@@ -1,25 +1,71 @@
 """`mode=local`: the plan's steps as subprocesses of this machine, each in its own process group, each task with its log
 in {run}/logs/. The foreground `submit` is the run's owner: it shows a progress bar, serves add-servers/stop requests;
-Ctrl-C stops the run gracefully and waits for it (a second Ctrl-C kills what is left), then prints the summary."""
+Ctrl-C stops the run gracefully and waits for it (a second Ctrl-C kills what is left), then prints the summary.
+`ProcessHandle` and `spawn` also run torchrun's agent, the Slurm driver's srun clients and Ray's tasks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig
 from areal_hpc.launch import outcome
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV
-from areal_hpc.launch.owner import ProcessHandle, RunOwner, Runner, StepHandle, spawn
+from areal_hpc.launch.owner import RunOwner, Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import free_port
 
 log = logging.getLogger("areal_hpc.launch")
+
+
+def step_exit(codes: List[Optional[int]]) -> Optional[int]:
+    """A step's exit code from its tasks' (None: running): the first failure at once (one dead rank
+    kills the step, as ``srun --kill-on-bad-exit`` does), else 0 once every task ended."""
+    bad = next((c for c in codes if c not in (None, 0)), None)
+    return bad if bad is not None or None in codes else 0
+
+
+def spawn(command: List[str], env: Dict[str, str], log_path: str, cwd: str,
+          preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.Popen:
+    """One task: its own process group (a signal reaches its children too), its output appended to its log."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=cwd, start_new_session=True, preexec_fn=preexec_fn)
+
+
+def killpg(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+class ProcessHandle(StepHandle):
+    """A step whose processes run on this host (local tasks, torchrun's agent, an ``srun`` client)."""
+
+    def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int]):
+        self.step, self.procs, self.gpus = step, procs, gpus
+
+    def poll(self) -> Optional[int]:
+        codes = [p.poll() for p in self.procs]
+        rc = step_exit(codes)
+        if rc is not None and None in codes:
+            self.signal(signal.SIGKILL)
+        return rc
+
+    def signal(self, sig: int) -> None:
+        for p in self.procs:
+            killpg(p, sig)
+
+    def info(self) -> Dict[str, object]:
+        return {"pids": [p.pid for p in self.procs], "gpus": self.gpus}
 
 
 class ProcessRunner(Runner):

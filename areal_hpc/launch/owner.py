@@ -7,17 +7,15 @@ registry) come from `add-servers`, `stop` and trainer-restart submits; only the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import socket
-import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome
@@ -43,49 +41,6 @@ class StepHandle(ABC):
 
     def info(self) -> Dict[str, object]:
         return {}
-
-
-def step_exit(codes: List[Optional[int]]) -> Optional[int]:
-    """A step's exit code from its tasks' (None: running): the first failure at once (one dead rank
-    kills the step, as ``srun --kill-on-bad-exit`` does), else 0 once every task ended."""
-    bad = next((c for c in codes if c not in (None, 0)), None)
-    return bad if bad is not None or None in codes else 0
-
-
-def spawn(command: List[str], env: Dict[str, str], log_path: str, cwd: str,
-          preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.Popen:
-    """One task: its own process group (a signal reaches its children too), its output appended to its log."""
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=cwd, start_new_session=True, preexec_fn=preexec_fn)
-
-
-def killpg(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-
-
-class ProcessHandle(StepHandle):
-    """A step whose processes run on this host (local tasks, torchrun's agent, an ``srun`` client)."""
-
-    def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int]):
-        self.step, self.procs, self.gpus = step, procs, gpus
-
-    def poll(self) -> Optional[int]:
-        codes = [p.poll() for p in self.procs]
-        rc = step_exit(codes)
-        if rc is not None and None in codes:
-            self.signal(signal.SIGKILL)
-        return rc
-
-    def signal(self, sig: int) -> None:
-        for p in self.procs:
-            killpg(p, sig)
-
-    def info(self) -> Dict[str, object]:
-        return {"pids": [p.pid for p in self.procs], "gpus": self.gpus}
 
 
 class Runner(ABC):

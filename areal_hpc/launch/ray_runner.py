@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
-from areal_hpc.launch.owner import Runner, StepHandle, killpg, spawn, step_exit
+from areal_hpc.launch.local import killpg, spawn, step_exit
+from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import Registry, free_port
 

@@ -19,8 +19,8 @@ from typing import Dict, List
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
-from areal_hpc.launch.local import ProcessRunner
-from areal_hpc.launch.owner import ProcessHandle, StepHandle, spawn
+from areal_hpc.launch.local import ProcessHandle, ProcessRunner, spawn
+from areal_hpc.launch.owner import StepHandle
 from areal_hpc.launch.plan import StepSpec
 from areal_hpc.registry import free_port
 
