@@ -176,11 +176,7 @@ def cmd_driver(args) -> int:
 # ----------------------------------------------------------------- parser
 
 class _VersionAction(argparse.Action):
-    """``--version``: prints ``areal-hpc X.Y.Z``; the version is looked up only when asked for."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                 help="print the installed version and exit"):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+    """``--version``: the version is looked up only when asked for."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         import areal_hpc
@@ -199,7 +195,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="areal-hpc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                 allow_abbrev=False)
-    p.add_argument("--version", action=_VersionAction)
+    p.add_argument("--version", action=_VersionAction, nargs=0, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                   help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, fn, help: str, description: str, config: bool = True):

@@ -8,7 +8,7 @@ asked only about jobs no owner answers for: one still queued, server jobs, a dri
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 import signal
 import socket
@@ -22,11 +22,6 @@ from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
 from areal_hpc.launch.external import attach, detach, parse_url, probe, stop_process
 from areal_hpc.launch.status import HOST_MODES, launcher_alive, remove_dead_records, run_registry
 from areal_hpc.registry import Registry, atomic_write, pid_alive
-
-
-def serving_servers(reg: Registry) -> set:
-    """Ids of live servers that serve (state ready/paused), not those still loading a model."""
-    return {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")}
 
 
 def post_request(reg: Registry, kind: str, **fields) -> str:
@@ -148,7 +143,8 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
         req = post_request(reg, "add_servers", count=count)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = serving_servers(reg) - before
+        # serving (ready/paused), not still loading a model
+        new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
         if len(new) >= count:
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
             return 0
@@ -190,9 +186,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         keep = load_resolved(cfg_path).min_required_servers
     except Exception:  # noqa: BLE001 - unreadable: the submit's config is all we have
         keep = 0
-    new_cfg = copy.deepcopy(cfg)
-    new_cfg.min_required_servers = keep
-    atomic_write(cfg_path, dump_yaml(new_cfg))
+    atomic_write(cfg_path, dump_yaml(dataclasses.replace(cfg, min_required_servers=keep)))
     reg = Registry.for_run(rd, cfg.launcher)
 
     def trainer_step_id(rec: Optional[Dict[str, Any]]) -> Optional[str]:

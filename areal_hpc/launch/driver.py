@@ -1,20 +1,13 @@
-"""The driver: the one process that owns a run's Slurm allocation, on its batch host.
+"""The driver: the one process that owns a run's Slurm allocation, on its batch host: a `RunOwner` whose steps are
+``srun --exact`` job steps (`SrunRunner`). Started by `submit` through submitit, or by hand inside an allocation.
 
-It starts every step of plan.json as an ``srun --exact`` job step (`SrunRunner`) and hands them
-to a `RunOwner` (restarts, requests, shutdown). Logs: {run}/logs/driver.log.
-
-USR2 (Slurm's warning before the time limit, preemption, ``scancel --signal=USR2 --batch``): `prepare_requeue` has the
-trainer checkpoint at its next step boundary and the servers deregister; then the job is requeued -- by submitit when
-the driver is its payload (`slurm_submit.Driver.checkpoint`), by ``scontrol requeue`` otherwise -- and the requeued
-driver starts everything again; the trainer resumes from its checkpoint.
-
-Started by `areal-hpc submit` (mode=slurm) through submitit, or by hand inside an allocation:
-``areal-hpc driver --run-dir RUN``.
+USR2 (Slurm's warning before the time limit, or preemption): `prepare_requeue` has the trainer checkpoint and the
+servers deregister; then the job is requeued (by submitit, or ``scontrol requeue`` when started by hand) and the
+requeued driver starts everything again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -29,6 +22,7 @@ from typing import Dict, List, Optional
 from areal_hpc.config import ExperimentConfig, load_resolved
 from areal_hpc.config.validate import run_umask
 from areal_hpc.launch import outcome, slurm
+from areal_hpc.launch.local import ProcessHandle
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
@@ -46,11 +40,12 @@ _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
 
 # ----------------------------------------------------------------------------- srun steps
 
-class SrunHandle(StepHandle):
+class SrunHandle(ProcessHandle):
     """One job step: the ``srun`` client process (own process group) and the step it created."""
 
     def __init__(self, step: StepSpec, proc: subprocess.Popen, job_id: str, node: int):
-        self.step, self.proc, self.job_id, self.node = step, proc, job_id, node
+        super().__init__(step, [proc], list(step.gpu_ids))
+        self.proc, self.job_id, self.node = proc, job_id, node
         self.step_id: Optional[str] = None
         self.nodelist = ""
 
@@ -58,32 +53,24 @@ class SrunHandle(StepHandle):
     def nodes(self) -> range:
         return range(self.node, self.node + self.step.nodes)
 
-    def poll(self) -> Optional[int]:
-        return self.proc.poll()
-
     def signal(self, sig: int) -> None:
-        if self.proc.poll() is not None:
-            return
         # To the step's tasks through slurmctld, not through the srun client: srun answers SIGTERM
         # by killing its step, so a server would die without deregistering, a trainer unsaved.
-        if self.step_id and not slurm.scancel(f"{self.job_id}.{self.step_id}", signal.Signals(sig).name[3:]) \
+        target = f"{self.job_id}.{self.step_id}"
+        if self.proc.poll() is None and self.step_id and not slurm.scancel(target, signal.Signals(sig).name[3:]) \
                 and sig != signal.SIGKILL:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+        super().signal(sig)
 
     def info(self) -> Dict[str, object]:
         return {"srun_pid": self.proc.pid, "slurm_job_id": self.job_id, "slurm_step_id": self.step_id,
                 "nodes": self.nodelist, "relative_node": self.node, "gpus_per_node": self.step.gpus_per_node,
-                "gpus": list(self.step.gpu_ids), "ntasks": self.step.ntasks}
+                "gpus": self.gpus, "ntasks": self.step.ntasks}
 
 
 class SrunRunner(Runner):
-    """Starts StepSpecs as ``srun --exact`` steps of the driver's own job.
-
-    Steps are created one after another (each waits until Slurm lists the previous one), so on a node the GPUs go to
-    steps in plan order: the GPU ids the plan shows are the ones they get. Added servers (``relative_node=-1``) go on
-    the first node with enough free GPUs, CPUs and memory, accounting what the live steps use."""
+    """Starts StepSpecs as ``srun --exact`` steps of the driver's own job, one after another (each waits until Slurm
+    lists the previous one), so that on a node the GPUs go to steps in plan order: the plan's GPU ids are theirs."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, job_id: str, step_timeout_s: float = 60.0,
                  env: Optional[Dict[str, str]] = None):
@@ -188,36 +175,26 @@ def _setup_logging(run_dir: Path) -> None:
 
 def prepare_requeue(trainer_grace_s: float = REQUEUE_TRAINER_GRACE_S,
                     server_grace_s: float = REQUEUE_SERVER_GRACE_S) -> bool:
-    """Checkpoint the trainer and stop the servers before the job is requeued (or ends).
-
-    Returns whether the job should be requeued (``launcher.requeue_on_preemption``)."""
+    """Checkpoint the trainer and stop the servers before the job is requeued (or ends); whether to requeue."""
     owner = _OWNER
     if owner is None:
         log.warning("USR2 before the run started: requeueing as is")
         return True
-    owner.request_stop("time limit or preemption (USR2)")
+    why = "time limit or preemption (USR2)"
+    owner.request_stop(why)
     t0 = time.monotonic()
-    if owner.trainer is not None and owner.trainer.poll() is None:
-        log.warning("USR2: asking the trainer to checkpoint at its next step boundary")
-        owner.trainer.signal(signal.SIGUSR2)
-        owner.wait_or_kill([owner.trainer], trainer_grace_s)  # killed: it resumes from its last checkpoint
-        log.info("trainer stopped (rc %s) after %.1fs", owner.trainer.poll(), time.monotonic() - t0)
-    servers = [h for h in owner.servers.values() if h.poll() is None]
-    for h in servers:
-        h.signal(signal.SIGTERM)
-    owner.wait_or_kill(servers, server_grace_s)
-    for name in list(owner.servers):  # the requeued driver starts them again
-        owner.registry.delete("servers", name)
+    log.warning("USR2: asking the trainer to checkpoint at its next step boundary")
+    # a trainer killed after its grace resumes from its last checkpoint; the requeued driver starts the servers again
+    owner.shutdown(why, trainer_grace_s, signal.SIGUSR2, server_grace_s)
     requeue = bool(owner.cfg.launcher.requeue_on_preemption)
-    log.warning("USR2 handled in %.1fs: %s", time.monotonic() - t0,
+    log.warning("USR2 handled in %.1fs (trainer rc %s): %s", time.monotonic() - t0, owner.trainer_rc,
                 "requeueing the job" if requeue else "ending the job (launcher.requeue_on_preemption=False)")
     at = outcome.last_step(owner.run_dir / "metrics.jsonl")
     if requeue:
-        owner.set_state(outcome.REQUEUED, f"time limit or preemption (USR2) at step {at}: checkpointed, the job "
-                        "is requeued and resumes")
+        owner.set_state(outcome.REQUEUED, f"{why} at step {at}: checkpointed, the job is requeued and resumes")
     else:
-        owner.set_state(outcome.STOPPED, f"time limit or preemption (USR2) at step {at}: checkpointed, not "
-                        "requeued (launcher.requeue_on_preemption=False); submit again to resume")
+        owner.set_state(outcome.STOPPED, f"{why} at step {at}: checkpointed, not requeued "
+                        "(launcher.requeue_on_preemption=False); submit again to resume")
     return requeue
 
 
@@ -231,13 +208,10 @@ def _on_usr2_standalone(signum, frame) -> None:
 
 def _on_term_standalone(signum, frame) -> None:
     """SIGTERM/SIGINT when started by hand: a graceful stop; a second one forces it."""
-    owner = _OWNER
-    if owner is None:
+    if _OWNER is None:
         raise KeyboardInterrupt
-    if owner.stopping:
-        owner.request_force(f"forced stop ({signal.Signals(signum).name} twice)")
-    else:
-        owner.request_stop(f"stopped by {signal.Signals(signum).name}")
+    name = signal.Signals(signum).name
+    _OWNER.interrupt(name, f"stopped by {name}")
 
 
 def main(run_dir: Path) -> int:
@@ -271,8 +245,7 @@ def main(run_dir: Path) -> int:
         _OWNER = None
     log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
     if owner.state == outcome.STOPPED:
-        # a run stopped on purpose ends CANCELLED: neither a success to --dependency=afterok nor FAILED
-        log.info("the run was stopped: ending job %s as CANCELLED", job_id)
+        log.info("the run was stopped: ending job %s as CANCELLED (not a success to --dependency=afterok)", job_id)
         err = slurm.scancel(job_id)
         if err:
             print(f"scancel {job_id} failed: {err}", file=sys.stderr)

@@ -1,12 +1,9 @@
-"""External servers: SGLang or `hf` servers a run did not start, attached to it by URL.
+"""External servers: SGLang or `hf` servers a run did not start, attached to it by URL (``add-servers url=...``).
 
-`attach` (``add-servers url=...``) checks ``/health`` with the given key, has the server load the run's newest published
-weights (also the check that it can read ``weights/``, which disk updates need), and writes its record ``servers/ext-N``
-(``external: true``, its API key kept inside the private registry); every pool discovers it there. Nobody heartbeats for
-it: the run's owner refreshes its record while ``/health`` answers (`ExternalWatch`); one silent for ``launcher.ttl_s``
-expires. `detach` (``remove-server``) removes it; the server keeps running either way, and `stop` leaves it running
-unless asked (`stop_process`). ``areal-hpc serve`` started by hand with a run's names is a normal server that registers
-itself, marked external because the owner did not start it.
+Loading the run's newest weights on attach also checks that the server can read ``weights/``. Nobody heartbeats for an
+attached server: the run's owner refreshes its record while ``/health`` answers (`ExternalWatch`). The server keeps
+running when detached, and `stop` leaves it running unless asked (`stop_process`). ``areal-hpc serve`` started by hand
+registers itself, marked external because the owner did not start it.
 """
 
 from __future__ import annotations
@@ -36,8 +33,8 @@ PREFIX = "ext-"
 
 
 def parse_url(url: str) -> Tuple[str, str]:
-    """``http(s)://host:port[/prefix]`` -> (base URL, registry address). The address is
-    ``host:port`` for a plain http URL (as our own servers record it), else the base URL."""
+    """``http(s)://host:port[/prefix]`` -> (base URL, registry address: ``host:port`` for a plain http URL, as
+    our own servers record it, else the base URL)."""
     u = urllib.parse.urlsplit(url.strip())
     try:
         port = u.port
@@ -82,8 +79,7 @@ def healthy(address: str, key: Optional[str], timeout: float = 5.0) -> bool:
 
 
 def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any]:
-    """What the server says about itself; a `ConfigError` naming the URL when it does not answer
-    /health with this key."""
+    """What the server says about itself; a `ConfigError` when it does not answer /health with this key."""
     try:
         status, body = call(base, api.HEALTH, key, timeout=timeout)
     except OSError as e:
@@ -115,8 +111,7 @@ def _published(reg: Registry) -> Optional[Dict[str, Any]]:
 
 
 def load_published(base: str, key: Optional[str], reg: Registry, timeout: float = 600.0) -> Optional[Any]:
-    """Have the server load the run's newest published weights; their version, or None when
-    nothing is published yet. A `ConfigError` when it cannot (typically: it cannot read the path)."""
+    """Have the server load the run's newest published weights; their version (None: nothing published yet)."""
     latest = _published(reg)
     if latest is None:
         return None
@@ -200,8 +195,8 @@ def detach(reg: Registry, ident: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
-    """Stop an external server's process where we can tell where it runs: its own Slurm job
-    (scancel), or a pid on this host (SIGTERM). Returns what was done, in words."""
+    """Stop an external server's process where we can tell where it runs (its own Slurm job, a pid on this
+    host); what was done, in words."""
     if rec.get("url"):  # attached: what its /get_server_info said
         where = rec.get("process") or {}
         job, pid, hosts = where.get("slurm_job_id"), where.get("pid"), {where.get("hostname")}
@@ -221,8 +216,8 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
 
 
 class ExternalWatch:
-    """The owner's health checks of attached servers, on a daemon thread: a record is refreshed (with the server's
-    weight version) while ``/health`` answers, and removed once it has expired (no answer for the registry TTL)."""
+    """The owner's health checks of attached servers, on a daemon thread: a record is refreshed (with the weight
+    version) while ``/health`` answers, removed once expired."""
 
     def __init__(self, reg: Registry, interval_s: float, timeout_s: float = 5.0):
         self.reg, self.interval_s, self.timeout_s = reg, interval_s, timeout_s

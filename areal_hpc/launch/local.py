@@ -1,6 +1,7 @@
 """`mode=local`: the plan's steps as subprocesses of this machine, each in its own process group, each task with its log
 in {run}/logs/. The foreground `submit` is the run's owner: it shows a progress bar, serves add-servers/stop requests;
-Ctrl-C stops the run gracefully and waits for it (a second Ctrl-C kills what is left), then prints the summary."""
+Ctrl-C stops the run gracefully and waits for it (a second Ctrl-C kills what is left), then prints the summary.
+`ProcessHandle` and `spawn` also run torchrun's agent, the Slurm driver's srun clients and Ray's tasks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig
 from areal_hpc.launch import outcome
@@ -24,24 +25,44 @@ from areal_hpc.registry import free_port
 log = logging.getLogger("areal_hpc.launch")
 
 
+def step_exit(codes: List[Optional[int]]) -> Optional[int]:
+    """A step's exit code from its tasks' (None: running): the first failure at once (one dead rank
+    kills the step, as ``srun --kill-on-bad-exit`` does), else 0 once every task ended."""
+    bad = next((c for c in codes if c not in (None, 0)), None)
+    return bad if bad is not None or None in codes else 0
+
+
+def spawn(command: List[str], env: Dict[str, str], log_path: str, cwd: str,
+          preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.Popen:
+    """One task: its own process group (a signal reaches its children too), its output appended to its log."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=cwd, start_new_session=True, preexec_fn=preexec_fn)
+
+
+def killpg(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
 class ProcessHandle(StepHandle):
+    """A step whose processes run on this host (local tasks, torchrun's agent, an ``srun`` client)."""
+
     def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int]):
         self.step, self.procs, self.gpus = step, procs, gpus
 
     def poll(self) -> Optional[int]:
         codes = [p.poll() for p in self.procs]
-        if any(c is None for c in codes):
-            if any(c not in (None, 0) for c in codes):  # one rank died: the step is dead (srun --kill-on-bad-exit)
-                self.signal(signal.SIGKILL)
-                return next(c for c in codes if c not in (None, 0))
-            return None
-        return next((c for c in codes if c != 0), 0)
+        rc = step_exit(codes)
+        if rc is not None and None in codes:
+            self.signal(signal.SIGKILL)
+        return rc
 
     def signal(self, sig: int) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, sig)  # the whole process group: children die too
+            killpg(p, sig)
 
     def info(self) -> Dict[str, object]:
         return {"pids": [p.pid for p in self.procs], "gpus": self.gpus}
@@ -68,22 +89,15 @@ class ProcessRunner(Runner):
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         gpus = self.gpus_for(step, running)
-        env = dict(os.environ, **step.env, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, **step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)),
+                   WORLD_SIZE=str(step.ntasks))
         if step.role != "server" or self.cfg.shutdown_server_on_exit:  # else servers are meant to outlive us
             env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         if step.ntasks > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(step.ntasks))
-        procs = []
-        for rank in range(step.ntasks):
-            task_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
-            if step.ntasks == 1:
-                task_env["WORLD_SIZE"] = "1"
-            log_path = Path(step.log.replace("%t", str(rank)))
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "ab") as out:
-                procs.append(subprocess.Popen(step.command, stdout=out, stderr=subprocess.STDOUT, env=task_env,
-                                              start_new_session=True, cwd=Path(step.log).parent.parent))
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        procs = [spawn(step.command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                       step.log.replace("%t", str(rank)), str(Path(step.log).parent.parent))
+                 for rank in range(step.ntasks)]
         return ProcessHandle(step, procs, gpus)
 
 
@@ -139,11 +153,9 @@ def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runne
         # Ctrl-C (SIGINT) or SIGTERM: stop gracefully (checkpoint, servers down), wait for it, print
         # the summary; the second one kills what is left. `areal-hpc stop` asks through a request.
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if owner.stopping:
-            owner.request_force(f"forced stop ({what} twice)")
+        if owner.interrupt(what):
             print(f"\n{what} again: killing the trainer and the servers", file=sys.stderr, flush=True)
         else:
-            owner.request_stop(f"interrupted ({what})")
             print(f"\n{what}: stopping (the trainer checkpoints, servers shut down); {what} again to force",
                   file=sys.stderr, flush=True)
 

@@ -1,11 +1,9 @@
 """How a run ended, told the same way by every launcher: state, reason, where to look, exit code.
 
-The run's owner (`owner.RunOwner`) records ``state`` / ``reason`` / ``log`` in the registry's
-``run.json``; `status` reads them back, `submit` and the Slurm job exit with `exit_code(state)`.
-
-States: ``PENDING`` (submitted, no owner yet), ``RUNNING``, ``REQUEUED`` (time limit or preemption: checkpointed, the
-job waits to run again), and the final ones ``COMPLETED`` (the trainer reached its goal), ``FAILED`` (it did not: the
-reason is the error line of the failing log), ``STOPPED`` (`areal-hpc stop`, Ctrl-C: checkpointed, resumable).
+The run's owner records them in the registry's ``run.json``; `status` reads them back. States: ``PENDING`` (no owner
+yet), ``RUNNING``, ``REQUEUED`` (time limit or preemption: checkpointed, waits to run again), and the final ones
+``COMPLETED`` (the trainer reached its goal), ``FAILED`` (the reason is the error line of the failing log), ``STOPPED``
+(`areal-hpc stop`, Ctrl-C: checkpointed, resumable).
 """
 
 from __future__ import annotations
@@ -90,12 +88,8 @@ def error_line(pattern: str, offsets: Optional[Dict[str, int]] = None) -> Tuple[
     for p in files:
         line = _error_in(p, (offsets or {}).get(p, 0))
         if line:
-            return _shorten(line), p
+            return (line if len(line) <= 400 else line[:397] + "..."), p
     return None, files[0] if files else None
-
-
-def _shorten(line: str, limit: int = 400) -> str:
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def last_step(metrics_path: Path) -> int:

@@ -138,6 +138,14 @@ class RunOwner:
         self.request_stop(reason)
         self.force = True
 
+    def interrupt(self, what: str, stop_reason: Optional[str] = None) -> bool:
+        """Ctrl-C or SIGTERM: the first stops the run gracefully, the second forces it (returns True)."""
+        if self.stopping:
+            self.request_force(f"forced stop ({what} twice)")
+            return True
+        self.request_stop(stop_reason or f"interrupted ({what})")
+        return False
+
     # ------------------------------------------------------------------ steps
     def start_step(self, step: StepSpec) -> StepHandle:
         offsets = outcome.log_sizes(step.log)  # an error line must come from this attempt, not an earlier one
@@ -377,13 +385,14 @@ class RunOwner:
             reason += f"; the trainer {outcome.describe_exit(self.trainer_rc)} on the way out"
         self.set_state(outcome.STOPPED, reason, None)
 
-    def shutdown(self, reason: str, grace_s: float = 60.0) -> None:
-        """Trainer first (SIGTERM: it checkpoints at the step boundary), then servers (they deregister);
-        what does not stop within its grace (or at once after `request_force`) is killed. No record of
-        a step of this run is left behind."""
+    def shutdown(self, reason: str, grace_s: float = 60.0, trainer_signal: int = signal.SIGTERM,
+                 server_grace_s: float = 30.0) -> None:
+        """Trainer first (SIGTERM, or USR2 before a requeue: it checkpoints at the step boundary), then
+        servers (they deregister); what does not stop within its grace (or at once after `request_force`)
+        is killed. No record of a step of this run is left behind."""
         log.info("shutting down: %s", reason)
         if self.trainer is not None and self.trainer.poll() is None:
-            self.trainer.signal(signal.SIGTERM)
+            self.trainer.signal(trainer_signal)
             self.wait_or_kill([self.trainer], grace_s)
         if self.trainer is not None and self.trainer_rc is None:
             self.trainer_rc = self.trainer.poll()
@@ -392,7 +401,7 @@ class RunOwner:
         for h in self.servers.values():
             if h.poll() is None:
                 h.signal(signal.SIGTERM)
-        self.wait_or_kill(list(self.servers.values()), 30.0)
+        self.wait_or_kill(list(self.servers.values()), server_grace_s)
         for name in list(self.servers):
             self.registry.delete("servers", name)  # normally gone already: they deregister on SIGTERM
         self.servers.clear()

@@ -1,8 +1,4 @@
-"""Config -> the list of job steps a run is made of (`StepSpec`), placement included.
-
-The same StepSpecs drive every launcher: `launch.local` runs them as subprocesses (using
-``gpu_ids`` for CUDA_VISIBLE_DEVICES), the Slurm driver turns each into one ``srun``
-(`slurm.srun_argv`), and the sbatch template renders them as readable lines.
+"""Config -> the list of job steps a run is made of (`StepSpec`), placement included; every launcher runs them.
 
 Placement: when everything fits one node, servers take the first GPUs and the trainer the next;
 otherwise servers and trainer get disjoint sets of whole nodes (servers first), so an SPMD

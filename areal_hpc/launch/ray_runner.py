@@ -12,6 +12,7 @@ name prefix of the run's actors and placement groups.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
+from areal_hpc.launch.local import killpg, spawn, step_exit
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import Registry, free_port
@@ -120,12 +122,6 @@ def run_prefix(plan: Plan, run_dir: Path) -> str:
 
 # ----------------------------------------------------------------------------- the actor
 
-def _die_with_actor() -> None:
-    """In the task, before exec: SIGKILL when its actor dies, as a Slurm step's tasks die with it
-    (a graceful stop goes through `StepTask.signal` first)."""
-    set_parent_death_signal(signal.SIGKILL)
-
-
 class StepTask:
     """One task (rank) of a step, inside a Ray actor: holds its resources, runs and supervises the
     process. Methods run on the actor's main thread (the parent-death signal is per thread)."""
@@ -144,19 +140,18 @@ class StepTask:
     def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
         full = dict(os.environ, **env)
         full.pop(LAUNCHER_PID_ENV, None)
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=full, cwd=cwd, start_new_session=True, preexec_fn=_die_with_actor)
+        # the task gets SIGKILL when its actor dies, as a Slurm step's tasks die with it (a graceful stop goes
+        # through `signal` first)
+        self.proc = spawn(command, full, log_path, cwd, preexec_fn=functools.partial(set_parent_death_signal,
+                                                                                      signal.SIGKILL))
         return self.proc.pid
 
     def poll(self) -> Optional[int]:
         return None if self.proc is None else self.proc.poll()
 
     def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)  # its process group: a server's children too
+        if self.proc is not None:
+            killpg(self.proc, sig)
 
 
 # ----------------------------------------------------------------------------- handles and runner
@@ -194,15 +189,10 @@ class RayStepHandle(StepHandle):
                 continue
             except RayActorError:  # its actor died (killed, placement group removed, node lost): so did the task
                 self._codes[i] = -int(signal.SIGKILL)
-        codes = self._codes
-        if any(c is None for c in codes):
-            bad = next((c for c in codes if c not in (None, 0)), None)
-            if bad is None:
-                return None
-            self._end(bad)  # one rank died: the step is dead (as srun --kill-on-bad-exit)
-        else:
-            self._end(next((c for c in codes if c != 0), 0))
-        return self._rc
+        rc = step_exit(self._codes)
+        if rc is not None:
+            self._end(rc)
+        return rc
 
     def _end(self, rc: int) -> None:
         """The step is over: kill what is left, release its actors and placement group."""
@@ -397,11 +387,7 @@ def stop_leftovers(reg: Registry, grace_s: float = 30.0) -> List[str]:
     deadline = time.monotonic() + grace_s
     live = list(actors)
     while live and time.monotonic() < deadline:
-        try:
-            codes = ray.get([a.poll.remote() for a in live], timeout=10)
-        except Exception:  # noqa: BLE001 - an actor died meanwhile: ask again one by one
-            codes = [_poll_one(ray, a) for a in live]
-        live = [a for a, c in zip(live, codes) if c is None]
+        live = [a for a in live if _poll_one(ray, a) is None]
         time.sleep(0.3)
     from ray.util.placement_group import PlacementGroup
 

@@ -1,12 +1,9 @@
 """The login node resolves models and datasets; compute nodes stay offline.
 
-Compute nodes of many clusters have no internet, and a bad model or dataset found there costs an allocation.
-`resolve(cfg)` runs in `submit` (``--dry-run`` too) before the run dir is written: hub names are downloaded into
-``cluster.hf_cache`` on the shared filesystem and the config's paths become the local snapshots (steps run offline,
-`plan.step_env`); a model must load (config, weights, a tokenizer that fits its vocabulary); a dataset must load with
-its ``name`` and ``split`` (the split chosen is written back), hold rows, and have the configured columns after its
-``adapter``. Local JSON Lines files are parsed whole, other formats on their first rows. Every problem is a
-`ConfigError` naming the key; `toy:` specs pass untouched.
+Compute nodes of many clusters have no internet, and a bad model or dataset found there costs an allocation. So
+`submit` downloads hub names into ``cluster.hf_cache`` on the shared filesystem, points the config at the local
+snapshots, and checks that every model and dataset loads, before the run dir is written. Local JSON Lines files are
+parsed whole, other formats on their first rows. Every problem is a `ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -93,9 +90,8 @@ def make_fileroot(cfg: ExperimentConfig) -> None:
 
 
 def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
-    """The default cache, ``{fileroot}/{user}/hf-cache``, is made as a run dir is: a missing
-    fileroot shared (0755), what is below it with the run's umask (private unless
-    cluster.group_readable). A cache the user named is theirs to share: made with their umask."""
+    """The default cache is made as a run dir is (a missing fileroot 0755, below it the run's umask); a cache
+    the user named is theirs to share: made with their umask."""
     try:
         if not default:
             cache.mkdir(parents=True, exist_ok=True)

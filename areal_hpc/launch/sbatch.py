@@ -22,15 +22,8 @@ def template_text(name: str) -> str:
     return (resources.files("areal_hpc.launch") / "templates" / name).read_text()
 
 
+# ``{{NAME}}``: the scripts themselves use bash's ``${VAR}``
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
-
-
-def _fill(text: str, values: dict) -> str:
-    """Replace ``{{NAME}}`` placeholders (the scripts themselves use bash's ``${VAR}``)."""
-    missing = set(_PLACEHOLDER.findall(text)) - set(values)
-    if missing:
-        raise KeyError(f"template placeholders without a value: {sorted(missing)}")
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
 
 def sbatch_lines(cfg: ExperimentConfig, plan: Plan, job_name: Optional[str] = None,
@@ -97,11 +90,7 @@ def render(template: str, cfg: ExperimentConfig, plan: Plan,
     sbatch = sbatch_lines(cfg, plan)
     for line in sbatch:
         _one_line("cluster", line)
-    return _fill(text, dict(
-        SBATCH_LINES="\n".join(sbatch),
-        SETUP=setup,
-        RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
-        SERVER_STEPS=servers,
-        TRAINER_STEP=trainer,
-        SHUTDOWN=str(cfg.shutdown_server_on_exit),
-    ))
+    values = dict(SBATCH_LINES="\n".join(sbatch), SETUP=setup, SERVER_STEPS=servers, TRAINER_STEP=trainer,
+                  RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
+                  SHUTDOWN=str(cfg.shutdown_server_on_exit))
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)  # KeyError: a placeholder without a value

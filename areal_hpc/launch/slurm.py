@@ -126,22 +126,13 @@ def sbatch_test_only(script: str) -> Optional[subprocess.CompletedProcess]:
 
 def time_minutes(spec: str) -> int:
     """A Slurm time limit (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
-    spec = str(spec).strip()
-    days = 0
-    if "-" in spec:
-        d, spec = spec.split("-", 1)
-        days = int(d)
-        parts = [int(x) for x in spec.split(":")]
+    days, dash, rest = str(spec).strip().rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if dash:  # D-H[:M[:S]]
         h, m, s = (parts + [0, 0])[:3]
-    else:
-        parts = [int(x) for x in spec.split(":")]
-        if len(parts) == 1:
-            h, m, s = 0, parts[0], 0
-        elif len(parts) == 2:
-            h, m, s = 0, parts[0], parts[1]
-        else:
-            h, m, s = parts[:3]
-    total_s = ((days * 24 + h) * 60 + m) * 60 + s
+    else:  # M[:S] or H:M:S
+        h, m, s = parts[:3] if len(parts) >= 3 else (0, parts[0], parts[1] if len(parts) > 1 else 0)
+    total_s = ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
     return max(1, -(-total_s // 60))
 
 

@@ -1,10 +1,7 @@
 """`mode=slurm` from the login node: the run's allocation (submitit), and server jobs joining a run.
 
-`submit`: ``sbatch --test-only`` first (Slurm's refusal is one line naming the key), then submitit submits ONE
-allocation (#SBATCH values as in `sbatch/allocation.sbatch`, ``--signal=B:USR2@90``, ``--requeue``) whose payload,
-`Driver`, runs `driver.main` in the batch script itself (the interpreter ``exec``-ed so that the batch-shell signal
-reaches it). `submit_server_job`: ``add-servers --new-job`` (or an allocation without room), a separate job of servers
-from the rendered `sbatch/add-servers.sbatch`.
+The allocation's payload, `Driver`, runs `driver.main` in the batch script itself (the interpreter ``exec``-ed so that
+the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) are the rendered `sbatch/add-servers.sbatch`.
 """
 
 from __future__ import annotations
@@ -49,8 +46,7 @@ def _sbatch_arg_dict(args: List[str]) -> Dict[str, Any]:
 
 
 def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.AutoExecutor":
-    """A submitit executor for one allocation of ``plan``: the same #SBATCH values as the rendered
-    `sbatch/allocation.sbatch` (`sbatch.sbatch_lines`), the driver run in the batch script."""
+    """A submitit executor for one allocation of ``plan``, with the #SBATCH values of `sbatch.sbatch_lines`."""
     opts = dict(line[len("#SBATCH --"):].split("=", 1) for line in sbatch_lines(cfg, plan)
                 if line.startswith("#SBATCH --") and "=" in line)
     python = python_executable(cfg)
@@ -84,31 +80,24 @@ class RunFailed(RuntimeError):
 
 
 class Driver(submitit.helpers.Checkpointable):
-    """The payload of a run's allocation: `driver.main(run_dir)` on the batch host.
-
-    On USR2 submitit calls `checkpoint`: the live run's trainer checkpoints and stops, servers
-    deregister, and the returned submission (this same driver) is what the requeued job runs.
-    How the job ends says how the run did: COMPLETED; FAILED with exit 1 (`RunFailed`, whose
-    message is the reason, also what `job.result()` raises); CANCELLED when stopped on purpose."""
+    """The payload of a run's allocation: `driver.main(run_dir)` on the batch host. On USR2 submitit calls
+    `checkpoint`, whose returned submission (this same driver) is what the requeued job runs. The job ends
+    COMPLETED, FAILED (`RunFailed`: its message is the reason) or CANCELLED (stopped on purpose)."""
 
     def __init__(self, run_dir: str):
         self.run_dir = str(run_dir)
 
     def __call__(self) -> int:
         rc = driver.main(Path(self.run_dir))
-        if rc not in (0, outcome.exit_code(outcome.STOPPED)):
-            # the job must end FAILED (non-zero exit), not COMPLETED: submitit records the error for
-            # `job.result()` and re-raises it, so the batch script exits 1
+        if rc not in (0, outcome.exit_code(outcome.STOPPED)):  # submitit re-raises it: the batch script exits 1
             rec = Registry.for_run(self.run_dir, load_resolved(Path(self.run_dir) / "config.yaml").launcher).get(
                 "", "run", live_only=False) or {}
             raise RunFailed(f"run {outcome.summary_line(rec)}")
         return rc
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
-        requeue = driver.prepare_requeue()
-        if not requeue:
-            return None  # submitit then ends the job instead of requeueing it
-        return submitit.helpers.DelayedSubmission(Driver(self.run_dir))
+        # None: submitit ends the job instead of requeueing it
+        return submitit.helpers.DelayedSubmission(Driver(self.run_dir)) if driver.prepare_requeue() else None
 
 
 def follow_hint(cfg: ExperimentConfig) -> str:
@@ -177,8 +166,7 @@ _REJECTION_KEYS = (
 
 
 def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
-    """Slurm refused the allocation (sbatch failed): one line with Slurm's own reason, naming the key
-    that most likely asked for it. Nothing was queued."""
+    """Slurm refused the allocation: one line with Slurm's own reason, naming the key most likely behind it."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     reason = next((ln.split("submission failed:", 1)[1].strip() for ln in lines if "submission failed:" in ln), None)
     if reason is None:
@@ -196,9 +184,8 @@ def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
 
 
 def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
-    """``sbatch --test-only`` of the allocation's #SBATCH options: Slurm says whether it would ever accept the job
-    (partition, node count, CPUs, memory, GPUs, time) without queueing anything. A job no node can satisfy is otherwise
-    accepted and left PENDING forever on clusters that do not set EnforcePartLimits."""
+    """``sbatch --test-only``: would Slurm ever run the allocation? A job no node can satisfy is otherwise accepted
+    and left PENDING forever on clusters that do not set EnforcePartLimits."""
     script = "#!/bin/bash\n" + "\n".join(sbatch_lines(cfg, plan)) + "\ntrue\n"
     r = slurm.sbatch_test_only(script)
     if r is None:
@@ -209,8 +196,7 @@ def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
 
 
 def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
-    """Submit the run's allocation; returns once it runs (or, with launcher.wait, once it ends).
-    Slurm refusing it raises `ConfigError` (`rejection`)."""
+    """Submit the run's allocation; returns once it runs (with launcher.wait, once it ends)."""
     test_allocation(cfg, plan)
     ex = make_executor(cfg, plan, rd)
     try:
@@ -248,8 +234,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
 # ----------------------------------------------------------------------------- server jobs
 
 def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
-    """A plan of ``count`` servers only, named by the run's one naming rule (`next_server_index`),
-    asking for just the GPUs they use on each node."""
+    """A plan of ``count`` servers only (named by `next_server_index`), asking for just the GPUs they use."""
     reg = Registry.for_run(rd, cfg.launcher)
     known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
     alloc = parse_allocation(cfg.allocation_mode)
@@ -266,8 +251,7 @@ def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
 
 
 def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Optional[str]:
-    """Submit a separate job of ``count`` servers that join the run (same registry); returns its
-    job id (None when sbatch refused it). `stop` cancels it, `status` lists it."""
+    """Submit a job of ``count`` servers that join the run; its job id, None when sbatch refused it."""
     plan = servers_plan(cfg, rd, count)
     names = [s.name for s in plan.servers]
     script = rd / "sbatch" / f"add-servers-{names[0].split('-', 1)[1]}.sbatch"

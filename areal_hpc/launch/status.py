@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
@@ -23,18 +23,12 @@ def run_registry(rd: Path) -> Registry:
     return Registry.for_run(rd, load_resolved(rd / "config.yaml").launcher)
 
 
-def slurm_job(job_id: str) -> Dict[str, Any]:
-    """A job's state, nodes and steps, as `status` shows them."""
-    return {"job_id": job_id, **slurm.job(job_id), "steps": slurm.job_steps(job_id)}
-
-
-def _last_metrics(rd: Path, n: int = 5) -> List[Dict[str, Any]]:
-    p = rd / "metrics.jsonl"
-    try:
-        lines = p.read_text().splitlines()[-n:]
-    except FileNotFoundError:
-        return []
-    return [json.loads(x) for x in lines if x.strip()]
+def slurm_jobs(reg: Registry, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """State, nodes and steps of a Slurm run's job and of its `add-servers --new-job` jobs, by job id."""
+    if run.get("mode") != "slurm" or not run.get("job_id"):
+        return {}
+    ids = [str(run["job_id"]), *reg.list("jobs", live_only=False)]
+    return {j: {"job_id": j, **slurm.job(j), "steps": slurm.job_steps(j)} for j in ids}
 
 
 def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
@@ -47,8 +41,8 @@ def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
 
 
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
-    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked
-    against what Slurm (or the process table) says, so a run whose owner died says so."""
+    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked against Slurm
+    (or the process table)."""
     rec_state = run.get("state")
     mine = {"state": rec_state, "reason": run.get("reason"), "log": run.get("log")}
     if run.get("mode") == "slurm":
@@ -81,8 +75,7 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
 
 
 def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
-    """Whether Slurm says step ``step_id`` of ``job`` (a `slurm_job`) has ended (every step
-    has once the job is not running)."""
+    """Whether Slurm says step ``step_id`` of ``job`` (of `slurm_jobs`) has ended."""
     state = slurm.state_word(job.get("state"))
     if state and state not in slurm.LIVE_STATES:
         return True
@@ -92,9 +85,8 @@ def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
 
 
 def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
-    """A live record may still belong to a dead process (it lives until its TTL): check the
-    process (mode=local, this host) or its Slurm step. An attached server has neither: its record
-    lives while the owner's health checks refresh it."""
+    """A live record may still belong to a dead process (it lives until its TTL): check the process
+    (this host) or its Slurm step. An attached server's record lives while the owner's health checks refresh it."""
     if rec.get("external") and rec.get("url"):
         return True
     if run.get("mode") in HOST_MODES and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
@@ -106,14 +98,12 @@ def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[
 
 
 def collect_status(rd: Path) -> Dict[str, Any]:
+    from areal_hpc.trainers.metrics import read_metrics
+
     reg = run_registry(rd)
     key = reg.secret()
     run = reg.get("", "run", live_only=False) or {}
-    jobs: Dict[str, Dict[str, Any]] = {}
-    if run.get("mode") == "slurm" and run.get("job_id"):
-        jobs[str(run["job_id"])] = slurm_job(run["job_id"])
-        for j in reg.list("jobs", live_only=False):  # `add-servers --new-job` jobs
-            jobs[str(j)] = slurm_job(j)
+    jobs = slurm_jobs(reg, run)
     srv = []
     for sid, rec in sorted(reg.list("servers").items()):
         if not server_alive(rec, run, jobs):
@@ -126,7 +116,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                     "healthy": healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
                     "age_s": round(rec.get("_age_s", 0), 1)})
     trainer = reg.get("", "trainer")
-    metrics = _last_metrics(rd)
+    metrics = read_metrics(rd / "metrics.jsonl")
     status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
                               "api_key_file": str(reg.root / "secret"),
                               "trainer": None if trainer is None else
@@ -234,9 +224,7 @@ def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
 
 def remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
     """Records of this run's processes that are known dead (this host's pids; ended Slurm steps)."""
-    jobs = {}
-    if run.get("mode") == "slurm" and run.get("job_id"):
-        jobs[str(run["job_id"])] = slurm_job(run["job_id"])
+    jobs = slurm_jobs(reg, run)
     live = reg.list("servers")
     for sid, rec in reg.list("servers", live_only=False).items():
         if sid not in live or not server_alive(rec, run, jobs):

@@ -168,7 +168,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
     if cfg.mode == "local":
         return local.run(cfg, plan, rd)
     if cfg.mode == "torchrun":
-        return torchrun.run(cfg, plan, rd)
+        return local.run(cfg, plan, rd, torchrun.TorchrunRunner(cfg))
     if cfg.mode == "ray":
         return ray_runner.run(cfg, plan, rd, ray_nodes)
     try:

@@ -1,31 +1,27 @@
-"""`mode=torchrun`: one machine; servers as local processes (as mode=local), the trainer under
-torchrun's elastic agent (``python -m torch.distributed.run``).
+"""`mode=torchrun`: one machine; servers as in mode=local, the trainer under torchrun's elastic agent.
 
-The agent starts one process per trainer rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT are its), rendezvous c10d
-on localhost, and restarts all ranks when one dies, up to ``trainer.max_restarts`` times (``--max-restarts``); the
-restarted ranks resume from the last checkpoint and push their weights to the live servers before generating. The run's
-owner does not restart the trainer itself (`Runner.trainer_restarts_itself`): what mode=local does in the owner, the
-agent does here. The agent's rendezvous store is not shared with the ranks (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``):
-shared, the restarted ranks of torch 2.5+ can read the dead ranks' addresses from it and hang in ``init_process_group``
-(pytorch/pytorch#135712). The agent's own log is {run}/logs/torchrun.log; each rank appends to
-{run}/logs/trainer-<rank>.log as under the other launchers.
+The agent (rendezvous c10d on localhost) restarts all ranks when one dies, up to ``trainer.max_restarts`` times; they
+resume from the last checkpoint and push their weights to the live servers. So the owner does not restart the trainer
+itself (`Runner.trainer_restarts_itself`). The agent's rendezvous store is not shared with the ranks
+(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): shared, restarted ranks of torch 2.5+ can read the dead ranks' addresses
+from it and hang in ``init_process_group`` (pytorch/pytorch#135712). The agent logs to {run}/logs/torchrun.log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import signal
-import subprocess
 from pathlib import Path
 from typing import Dict, List
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
-from areal_hpc.launch.local import ProcessHandle, ProcessRunner
+from areal_hpc.launch.local import ProcessHandle, ProcessRunner, spawn
 from areal_hpc.launch.owner import StepHandle
-from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.launch.plan import StepSpec
 from areal_hpc.registry import free_port
 
 # what the agent sets per rank: inherited values of an enclosing launcher must not leak in
@@ -42,11 +38,6 @@ def torchrun_argv(cfg: ExperimentConfig, step: StepSpec, rdzv_port: int) -> List
             f"--max-restarts={cfg.trainer.max_restarts}", "--monitor-interval=0.5", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{rdzv_port}", f"--rdzv-id={cfg.experiment_name}-{cfg.trial_name}",
             "--no-python", "/bin/sh", "-c", redirect, *step.command]
-
-
-def _die_with_parent() -> None:
-    """In the agent, before exec: SIGTERM when the owner dies (even by SIGKILL); the agent then stops its ranks."""
-    set_parent_death_signal(signal.SIGTERM)
 
 
 def _children(pid: int) -> List[int]:
@@ -85,9 +76,10 @@ class AgentHandle(ProcessHandle):
 class TorchrunRunner(ProcessRunner):
     trainer_restarts_itself = True
 
-    def __init__(self, cfg: ExperimentConfig, servers: bool):
+    def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
-        self.servers = servers  # the run has servers: a restarted trainer pushes its weights to them
+        # the run has servers: a restarted trainer waits for one and pushes its weights to them
+        self.servers = parse_allocation(cfg.allocation_mode).gen is not None and cfg.trainer.type not in ("sft", "null")
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         if step.role != "trainer":
@@ -99,17 +91,8 @@ class TorchrunRunner(ProcessRunner):
         if self.servers:
             env["AREAL_HPC_RESTART_MIN_SERVERS"] = "1"
         log_path = Path(step.log).with_name("torchrun.log")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            agent = subprocess.Popen(torchrun_argv(self.cfg, step, free_port()), stdout=out, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True, cwd=log_path.parent.parent,
-                                     preexec_fn=_die_with_parent)
+        # the agent gets SIGTERM when the owner dies (even by SIGKILL), and then stops its ranks
+        agent = spawn(torchrun_argv(self.cfg, step, free_port()), env, str(log_path), str(log_path.parent.parent),
+                      preexec_fn=functools.partial(set_parent_death_signal, signal.SIGTERM))
         return AgentHandle(step, [agent], gpus)
-
-
-def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> int:
-    from areal_hpc.launch import local
-
-    servers = parse_allocation(cfg.allocation_mode).gen is not None and cfg.trainer.type not in ("sft", "null")
-    return local.run(cfg, plan, run_dir, TorchrunRunner(cfg, servers=servers))
 
