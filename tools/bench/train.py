@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import QWEN25_SHAPES, QWEN25_VOCAB, REPO, TINY_SHAPE
+from common import QWEN25_SHAPES, QWEN25_VOCAB, REPO, TINY_SHAPE, sync
 
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
 from areal_hpc.train import dist
@@ -103,11 +103,6 @@ def count_params(cfg) -> int:
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg)
     return sum(p.numel() for p in m.parameters())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory() -> None:
