@@ -37,7 +37,7 @@ def resolve_dtype(dtype: str, cuda: bool = False) -> torch.dtype:
     return dt
 
 
-# ---------------------------------------------------------------------- checkpoints on disk
+# ---------------------------------------------------------------------- new weights: from disk, the update group
 
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint (a directory, sharded or not, or one safetensors file), on CPU."""
