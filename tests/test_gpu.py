@@ -27,7 +27,7 @@ from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfi
 from areal_hpc.train.engine import FSDPEngine
 from areal_hpc.train.sft_loss import sft_loss, tokenize_rows
 from areal_hpc.train.engine import loss_token_count
-from areal_hpc.train.batch import shard_batch
+from areal_hpc.train.batching import shard_batch
 from areal_hpc.toy import make_sum_rows
 from transformers import AutoTokenizer
 eng = FSDPEngine(EngineConfig(path=sys.argv[1], dtype="bfloat16", optimizer=OptimizerConfig(lr=1e-4)),
@@ -154,7 +154,7 @@ def test_compiled_varlen_engine_matches_eager_sdpa(tmp_path):
 
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
     from areal_hpc.train import optim, packed_attention
-    from areal_hpc.train.batch import collate
+    from areal_hpc.train.batching import collate
     from areal_hpc.train.engine import FSDPEngine
     from areal_hpc.train.sft_loss import sft_loss
 

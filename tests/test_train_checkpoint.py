@@ -17,7 +17,7 @@ SAVE_AT = 2
 
 def _batch(step, rank):
     """Data that depends on the step and on the RNG (so RNG restore matters)."""
-    from areal_hpc.train.batch import collate
+    from areal_hpc.train.batching import collate
 
     g = torch.Generator().manual_seed(100 * step + rank)
     samples = []

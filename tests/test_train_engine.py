@@ -16,7 +16,7 @@ LENS = [5, 17, 9, 30, 3, 12]
 
 
 def make_batch():
-    from areal_hpc.train.batch import collate
+    from areal_hpc.train.batching import collate
 
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -64,7 +64,7 @@ def assert_close_grads(got, want, tol=1e-5):
 
 def _worker(rank, path):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
-    from areal_hpc.train.batch import select
+    from areal_hpc.train.batching import select
     from areal_hpc.train.engine import FSDPEngine
 
     samples, batch = make_batch()
@@ -325,7 +325,7 @@ def test_documents_sharing_a_stem_run_once_with_the_same_result(tmp_path, fused_
 
 def _shared_stems(rank, path, fused_lm_head, attn_impl):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
-    from areal_hpc.train.batch import collate
+    from areal_hpc.train.batching import collate
     from areal_hpc.train.engine import FSDPEngine
 
     samples = shared_stem_samples()

@@ -8,9 +8,9 @@ from typing import Dict, List, Sequence
 import pytest
 import torch
 
-from areal_hpc.train.batch import Batch, Sample, batch_size, collate, is_token_key, shard_batch, split_batch
+from areal_hpc.train.batching import (Batch, MicroBatch, Sample, batch_size, collate, dummy_micro_batch, is_token_key,
+                                     make_micro_batches, plan_micro_batches, shard_batch, split_batch, unpack_to_padded)
 from areal_hpc.train.logprob import gather_logprobs, linear_logprobs, packed_token_logprobs
-from areal_hpc.train.packing import MicroBatch, dummy_micro_batch, make_micro_batches, plan_micro_batches, unpack_to_padded
 
 
 # Reference implementations: a sample at a time, what the packer does for a whole batch at once.
@@ -323,7 +323,7 @@ def test_linear_logprobs_keeping_logits_changes_nothing():
 
 
 def test_share_stems_maps_every_position_to_its_stem():
-    from areal_hpc.train.packing import share_stems
+    from areal_hpc.train.batching import share_stems
 
     docs = [[1, 2, 3], [1, 2, 4], [5], [5], [1, 2, 3], [1, 9, 3]]
     ids = torch.tensor([t for d in docs for t in d])

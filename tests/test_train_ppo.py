@@ -106,7 +106,7 @@ def test_ppo_loss_empty_mask_is_finite():
 # ------------------------------------------------------------------ actor
 def _actor_worker(rank, path, kl_ctl):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
-    from areal_hpc.train.batch import collate
+    from areal_hpc.train.batching import collate
     from areal_hpc.train.ppo_loss import PPOActor
 
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_ppo_actor_raises_rewarded_logprobs(tmp_path, kl_ctl):
 
 def _prox_worker(rank, path):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
-    from areal_hpc.train.batch import collate
+    from areal_hpc.train.batching import collate
     from areal_hpc.train.ppo_loss import PPOActor
 
     cfg = PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)),

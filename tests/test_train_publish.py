@@ -20,7 +20,7 @@ def _worker(rank, path, root, reg_root):
 
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
     from areal_hpc.registry import Registry
-    from areal_hpc.train.batch import collate
+    from areal_hpc.train.batching import collate
     from areal_hpc.train.engine import FSDPEngine
     from areal_hpc.train.publish import publish_weights
 

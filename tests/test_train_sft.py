@@ -31,7 +31,7 @@ def _worker(rank, path, data_file, out_file):
     from transformers import AutoTokenizer
 
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, SFTConfig
-    from areal_hpc.train.batch import shard_batch
+    from areal_hpc.train.batching import shard_batch
     from areal_hpc.train.sft_loss import SFTLearner, tokenize_rows
 
     torch.manual_seed(0)

@@ -27,6 +27,10 @@ from areal_hpc.inference.sglang_api import new_rid, parse_version, sampling_para
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT_S = 10.0
+MAX_FAILURES = 8  # failed attempts of one generation before it gives up
+WAIT_SERVERS_TIMEOUT_S = 600.0  # how long to wait for a healthy server
+
 
 class PoolError(RuntimeError):
     """No server could complete the request."""
@@ -93,14 +97,10 @@ class _Server:
 
 class ServerPool:
     def __init__(self, registry=None, api_key: Optional[str] = None, refresh_s: float = 2.0, *,
-                 request_timeout_s: Optional[float] = 3600.0, connect_timeout_s: float = 10.0,
-                 max_failures: int = 8, wait_servers_timeout_s: float = 600.0,
-                 states: Sequence[str] = ("ready", "paused")):
+                 request_timeout_s: Optional[float] = 3600.0):
         self.registry = registry
         self.api_key = registry.secret() if api_key is None and registry is not None else api_key
-        self.refresh_s, self.request_timeout_s, self.connect_timeout_s = refresh_s, request_timeout_s, connect_timeout_s
-        self.max_failures, self.wait_servers_timeout_s = max_failures, wait_servers_timeout_s
-        self.states = tuple(states)
+        self.refresh_s, self.request_timeout_s = refresh_s, request_timeout_s
         self._servers: Dict[str, _Server] = {}
         self._order: List[_Server] = []
         self._rr = 0
@@ -168,7 +168,8 @@ class ServerPool:
         if self.registry is None:
             return
         recs = await asyncio.to_thread(self.registry.list, "servers")
-        live = {sid: r for sid, r in recs.items() if r.get("address") and r.get("state", "ready") in self.states}
+        live = {sid: r for sid, r in recs.items()
+                if r.get("address") and r.get("state", "ready") in ("ready", "paused")}
         changed = False
         for sid, rec in live.items():
             cur = self._servers.get(sid)
@@ -195,8 +196,8 @@ class ServerPool:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout_s)
 
-    async def wait_for_servers(self, n: int = 1, timeout_s: Optional[float] = None) -> None:
-        deadline = time.monotonic() + (self.wait_servers_timeout_s if timeout_s is None else timeout_s)
+    async def wait_for_servers(self, n: int = 1, timeout_s: float = WAIT_SERVERS_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
         while len(self._servers) < n:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -211,7 +212,7 @@ class ServerPool:
     # ------------------------------------------------------------------ routing
     async def _choose(self, avoid: Set[str]) -> _Server:
         """The healthy server with the fewest requests in flight, one in ``avoid`` only when no
-        other is healthy; waits (up to ``wait_servers_timeout_s``) while none is."""
+        other is healthy; waits (up to ``WAIT_SERVERS_TIMEOUT_S``) while none is."""
         deadline = None
         while True:
             now = time.monotonic()
@@ -223,9 +224,9 @@ class ServerPool:
             if healthy:
                 return min([s for s in healthy if s.id not in avoid] or healthy, key=lambda s: s.inflight)
             if deadline is None:
-                deadline = now + self.wait_servers_timeout_s
+                deadline = now + WAIT_SERVERS_TIMEOUT_S
             if now >= deadline:
-                raise PoolError(f"no healthy inference server for {self.wait_servers_timeout_s:.0f}s "
+                raise PoolError(f"no healthy inference server for {WAIT_SERVERS_TIMEOUT_S:.0f}s "
                                 f"({n} known, all failing)")
             wake = min([s.down_until for s in order] or [now + self.refresh_s]) - now
             await self._wait_changed(max(0.01, min(wake, self.refresh_s)))
@@ -241,9 +242,9 @@ class ServerPool:
     async def _request(self, s: _Server, method: str, path: str, payload: Optional[dict],
                        timeout_s: Optional[float]) -> Tuple[int, Any]:
         """One round trip: (status, the JSON body, or its text when it is not JSON)."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=CONNECT_TIMEOUT_S)
         async with self._session.request(method, s.url + path, json=payload, headers=s.headers,
-                                         timeout=aiohttp.ClientTimeout(total=timeout_s,
-                                                                       sock_connect=self.connect_timeout_s)) as resp:
+                                         timeout=timeout) as resp:
             try:
                 return resp.status, await resp.json(content_type=None)
             except ValueError:
@@ -305,7 +306,7 @@ class ServerPool:
                 failures += 1
                 self._mark_failed(server, str(e))
                 avoid.add(server.id)
-                if failures >= self.max_failures:
+                if failures >= MAX_FAILURES:
                     raise PoolError(f"generation failed on {failures} attempts; last: {e}") from e
                 continue
             if not got.version_reported and got.output_ids and not server.warned_no_version:

@@ -1,6 +1,6 @@
 """FSDP2 training engine for any transformers causal LM.
 
-Padded batches are packed into micro-batches (`packing`); the loss is normalised by the global
+Padded batches are packed into micro-batches (`batching`); the loss is normalised by the global
 number of loss tokens; a non-finite gradient norm skips the step. Every method that touches the
 model is collective: all ranks call it, in the same order.
 
@@ -26,9 +26,8 @@ from torch.profiler import record_function
 from areal_hpc import toy
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
 from areal_hpc.train import dist, optim, packed_attention, parallel
-from areal_hpc.train.batch import Batch, async_to_device
+from areal_hpc.train.batching import Batch, MicroBatch, async_to_device, make_micro_batches, unpack_to_padded
 from areal_hpc.train.logprob import install_logprob_forward, packed_token_logprobs
-from areal_hpc.train.packing import MicroBatch, make_micro_batches, unpack_to_padded
 
 log = logging.getLogger(__name__)
 

@@ -179,7 +179,7 @@ def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -
     per-token ``(logprobs, entropy)`` of the packed row ``ids`` from the last hidden states
     (`linear_logprobs`), through the root's ``__call__``, so FSDP2's hooks gather the root's
     parameters as usual. ``src`` (or None) picks the hidden state of each position of ``ids`` when
-    the model ran on shared stems (`packing.share_stems`). Returns why `linear_logprobs` cannot stand in for this
+    the model ran on shared stems (`batching.share_stems`). Returns why `linear_logprobs` cannot stand in for this
     model's logits, installing nothing ('' when it can)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):

@@ -19,7 +19,7 @@ import torch
 
 from areal_hpc.config.schema import PPOConfig
 from areal_hpc.train import dist
-from areal_hpc.train.batch import Batch, split_batch
+from areal_hpc.train.batching import Batch, split_batch
 from areal_hpc.train.engine import FSDPEngine, loss_token_count
 from areal_hpc.train.phases import PhaseTimer
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from areal_hpc.config.schema import SFTConfig
-from areal_hpc.train.batch import Batch, collate
+from areal_hpc.train.batching import Batch, collate
 from areal_hpc.train.engine import FSDPEngine, loss_token_count
 
 

@@ -9,7 +9,6 @@ part in gathering the sharded weights; only rank 0 talks to the weight group."""
 from __future__ import annotations
 
 import datetime
-import inspect
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.distributed_c10d import _world
 
+from areal_hpc.inference.hf_engine.model_runner import new_process_group
 from areal_hpc.train.dist import full_tensor
 
 DEFAULT_BUCKET_BYTES = 1 << 30
@@ -67,30 +66,10 @@ def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_
                            backend: str = "nccl", timeout_s: float = 600.0) -> tdist.ProcessGroup:
     """Join (rank 0: host) a process group outside the default one, as SGLang does. Blocks until
     all ``world_size`` members have joined: start the receivers' joins before or alongside."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper
-
-    timeout = datetime.timedelta(seconds=timeout_s)
     # our own TCPStore: under torchrun, torch's tcp:// rendezvous expects the agent to host it
-    store = tdist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0, timeout=timeout,
-                           wait_for_workers=False, multi_tenant=True)
-    prefix_store = PrefixStore(group_name, store)
-    params = inspect.signature(_new_process_group_helper).parameters
-    opts_key = "backend_options" if "backend_options" in params else "pg_options"
-    # The default group's bound device is hidden meanwhile: with one, torch makes a new NCCL group by splitting the
-    # default communicator, a collective the servers and the other trainer ranks never join (rank 0 hangs).
-    # Unbound, the group bootstraps through its own store.
-    default = _world.default_pg if tdist.is_initialized() else None
-    bound = getattr(default, "bound_device_id", None)
-    if bound is not None:
-        default.bound_device_id = None
-    try:
-        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), prefix_store,
-                                          group_name=group_name, timeout=timeout, **{opts_key: None})
-    finally:
-        if bound is not None:
-            default.bound_device_id = bound
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
+    store = tdist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0,
+                           timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=True)
+    return new_process_group(store, rank, world_size, group_name, backend, timeout_s)
 
 
 def plan_buckets(specs: Iterable[TensorSpec], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> List[Bucket]:

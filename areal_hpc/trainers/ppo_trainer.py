@@ -22,7 +22,7 @@ import torch
 from areal_hpc.config import ConfigError
 from areal_hpc.rollout import Trajectory
 from areal_hpc.train import dist
-from areal_hpc.train.batch import shard_batch
+from areal_hpc.train.batching import shard_batch
 from areal_hpc.train.ppo_loss import PPOActor
 from areal_hpc.train.publish import publish_weights, stage_weights
 from areal_hpc.train.weight_sync import broadcast_engine_weights

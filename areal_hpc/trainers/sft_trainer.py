@@ -12,7 +12,7 @@ from typing import Any, Dict
 from areal_hpc.config import ConfigError
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
-from areal_hpc.train.batch import shard_batch
+from areal_hpc.train.batching import shard_batch
 from areal_hpc.train.publish import publish_weights
 from areal_hpc.train.sft_loss import SFTLearner, tokenize_rows
 from areal_hpc.trainers.base import Trainer

@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import common  # noqa: F401  (the repository on sys.path)
+from common import sync
 from areal_hpc.train import packed_attention
 
 SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-1.5b": (12, 2, 128)}
@@ -49,11 +49,6 @@ def make_inputs(total: int, hq: int, hkv: int, dim: int, max_doc: int, device):
     k = torch.randn(1, hkv, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, hkv, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     return q, k, v, cu, max(lens)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------- kernels ([T, H, D])

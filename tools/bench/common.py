@@ -1,4 +1,4 @@
-"""What the bench suites share: the repository on sys.path, JSON lines, medians, the benchmarked
+"""What the bench suites share: the repository on sys.path, JSON lines, medians, device sync, the benchmarked
 model shapes, and the one loop that follows a run from `areal-hpc submit` to its first step."""
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ def emit(**kw) -> dict:
     """One JSON line on stdout (what every suite prints per measurement)."""
     print(json.dumps(kw), flush=True)
     return kw
+
+
+def sync(device) -> None:
+    """Wait for a CUDA device's queued work (a no-op on CPU), so that a timer sees it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 def median(xs) -> Optional[float]:

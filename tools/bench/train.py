@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from common import QWEN25_SHAPES, QWEN25_VOCAB, REPO, TINY_SHAPE
+from common import QWEN25_SHAPES, QWEN25_VOCAB, REPO, TINY_SHAPE, sync
 
 from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
 from areal_hpc.train import dist
-from areal_hpc.train.batch import collate
+from areal_hpc.train.batching import collate
 
 QWEN25 = dict(vocab_size=QWEN25_VOCAB, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
               tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu")
@@ -103,11 +103,6 @@ def count_params(cfg) -> int:
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg)
     return sum(p.numel() for p in m.parameters())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory() -> None:

@@ -37,7 +37,7 @@ def resolve_dtype(dtype: str, cuda: bool = False) -> torch.dtype:
     return dt
 
 
-# ---------------------------------------------------------------------- checkpoints on disk
+# ---------------------------------------------------------------------- new weights: from disk, the update group
 
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint (a directory, sharded or not, or one safetensors file), on CPU."""
@@ -63,20 +63,42 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
 
 def init_custom_process_group(backend: str, init_method: str, world_size: int, rank: int, group_name: str,
                               timeout_s: float = 1800.0):
-    """A process group that is not the default one, as SGLang's server builds it for weight
-    updates (trainer and servers must agree: ``PrefixStore(group_name, store)``, same name)."""
+    """The weight-update group as SGLang's server joins it: rendezvous at ``init_method`` (``tcp://host:port``, the
+    trainer's store), then `new_process_group`."""
     from datetime import timedelta
 
-    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world, rendezvous)
+    from torch.distributed.distributed_c10d import rendezvous
 
     timeout = timedelta(seconds=timeout_s)
     store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
+    return new_process_group(store, rank, world_size, group_name, backend, timeout_s)
+
+
+def new_process_group(store, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float):
+    """A process group that is not the default one, on ``store``, as SGLang builds it for weight updates (trainer
+    and servers must agree: ``PrefixStore(group_name, store)``, same name)."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    timeout = timedelta(seconds=timeout_s)
     params = inspect.signature(_new_process_group_helper).parameters
     opts_key = "backend_options" if "backend_options" in params else "pg_options"  # renamed in torch 2.6
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
-                                      timeout=timeout, **{opts_key: None})
+    # The default group's bound device (a trainer's) is hidden meanwhile: with one, torch makes a new NCCL group by
+    # splitting the default communicator, a collective the servers and the other trainer ranks never join (rank 0
+    # hangs). Unbound, the group bootstraps through its own store.
+    default = _world.default_pg if tdist.is_initialized() else None
+    bound = getattr(default, "bound_device_id", None)
+    if bound is not None:
+        default.bound_device_id = None
+    try:
+        pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                          group_name=group_name, timeout=timeout, **{opts_key: None})
+    finally:
+        if bound is not None:
+            default.bound_device_id = bound
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
