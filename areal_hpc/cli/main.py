@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from areal_hpc.config import ConfigError
+from areal_hpc.config import ConfigError, check_location, load_config, load_resolved, run_dir, run_umask, validate
 
 DESCRIPTION = """\
 areal-hpc: asynchronous RL for language models, Slurm-first.
@@ -35,14 +35,10 @@ CONFIG_HELP = ("config words go to the config package untouched: an optional YAM
 def _load(args, full: bool = True):
     """(config, allocation) from the command's config words. ``full=False`` (commands on an existing
     run) only needs the names that locate the run, so it parses but does not validate a whole new run."""
-    from areal_hpc.config import load_config, validate
-
     cfg = load_config(None, args.words)
     if full:
         alloc = validate(cfg)
     else:
-        from areal_hpc.config.checks import check_location
-
         check_location(cfg)
         alloc = None
     _private(cfg)
@@ -60,14 +56,10 @@ def _pop_name(args) -> Optional[str]:
 
 def _private(cfg) -> None:
     """Every process of a run writes with the run's umask: private unless cluster.group_readable."""
-    from areal_hpc.config.validate import run_umask
-
     os.umask(run_umask(cfg))
 
 
 def _find_run(cfg) -> Path:
-    from areal_hpc.config import run_dir
-
     rd = run_dir(cfg)
     if not (rd / "config.yaml").exists():
         raise ConfigError("experiment_name/trial_name",
@@ -140,8 +132,6 @@ def _run_dir_arg(path: str) -> Path:
     rd = Path(path)
     if not (rd / "config.yaml").exists():
         raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run directory `areal-hpc submit` wrote")
-    from areal_hpc.config import load_resolved
-
     _private(load_resolved(rd / "config.yaml"))
     return rd
 

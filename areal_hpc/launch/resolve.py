@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from areal_hpc.config import ConfigError, ExperimentConfig
-from areal_hpc.config.schema import DatasetConfig
-from areal_hpc.config.validate import looks_like_hub_name, run_umask
+from areal_hpc.config import ConfigError, DatasetConfig, ExperimentConfig, looks_like_hub_name, run_umask
 from areal_hpc.launch.plan import hf_cache_dir
 
 # Rows checked for columns where a file is not read whole (parquet, csv, ...).
