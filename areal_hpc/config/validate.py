@@ -1,12 +1,10 @@
 """Checks of a parsed config: everything a login node can know is wrong, before submitting.
 
 `validate` raises `ConfigError` for the first problem (key, what is wrong, how to fix it) and returns the parsed
-allocation. It also normalises a few values (``trainer.type`` null -> "null", synchronous training -> staleness 0) so
-downstream code reads one spelling. Single values first, whatever their key: `check_values` (finite numbers, no control
-characters in strings: none at all, not even a newline, in what reaches the job script, where a newline is an injected
-command), `check_ranges` (the `RANGES` and `CHOICES` tables, Slurm's syntax for names and options, ``cluster.time`` as
-Slurm reads it), `check_location` (the names that make the run dir, valid and short enough for the filesystem; commands
-that only locate an existing run call it alone). Then the keys that depend on each other, and paths.
+allocation; it normalises a few values (``trainer.type`` null -> "null", synchronous training -> staleness 0) so
+downstream code reads one spelling. Single values are checked first, whatever their key (`check_values`,
+`check_ranges`, and `check_location`, which commands that only locate an existing run call alone), then the keys that
+depend on each other, and paths.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from areal_hpc.config.allocation import AllocationMode, parse_allocation, valida
 from areal_hpc.config.errors import ConfigError, did_you_mean
 from areal_hpc.config.schema import LOCK_KINDS, MODES, TRAINER_TYPES, ExperimentConfig
 
-# Keys whose values are written into the rendered sbatch script or a shell line.
+# Keys whose values are written into the rendered sbatch script or a shell line: a newline there injects a command.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
 CHAT_TEMPLATES = ("auto", "none")  # {ds}.chat_template: rollout.prompts reads it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -330,9 +328,9 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     """Check a config; normalise it in place; return its allocation."""
     if cfg.trainer.type is None:
         cfg.trainer.type = "null"
-    check_location(cfg)  # names, and lengths that fit the filesystem
-    check_values(cfg)  # finite numbers, no control characters (none at all in what reaches a script)
-    check_ranges(cfg)  # choices, ranges, Slurm names and cluster.time
+    check_location(cfg)
+    check_values(cfg)
+    check_ranges(cfg)
     t, c, ppo = cfg.trainer.type, cfg.cluster, cfg.trainer.ppo
     if t not in TRAINER_TYPES and not cfg.trainer.plugins:
         check_choice("trainer.type", t, TRAINER_TYPES)
