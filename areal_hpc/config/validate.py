@@ -21,7 +21,7 @@ from typing import Any, Iterator, List, Tuple
 
 from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
 from areal_hpc.config.errors import ConfigError, did_you_mean
-from areal_hpc.config.schema import LOCK_KINDS, MODES, TRAINER_TYPES, ExperimentConfig
+from areal_hpc.config.schema import LOCK_KINDS, MODES, TRAINER_TYPES, DatasetConfig, ExperimentConfig
 
 # Keys whose values are written into the rendered sbatch script or a shell line: a newline there injects a command.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
@@ -284,6 +284,30 @@ def actor_path(cfg: ExperimentConfig) -> str:
     return cfg.trainer.sft.model.path if cfg.trainer.type == "sft" else cfg.trainer.ppo.actor.path
 
 
+def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
+    """``(key, owner, attribute)`` of every model path the run loads (a null trainer's servers load the actor's
+    unless ``server.model_path`` is set)."""
+    t, ppo = cfg.trainer.type, cfg.trainer.ppo
+    if t == "sft":
+        return [("trainer.sft.model.path", cfg.trainer.sft.model, "path")]
+    out = []
+    if t != "null" or not cfg.server.model_path:
+        out.append(("trainer.ppo.actor.path", ppo.actor, "path"))
+    if cfg.server.model_path:
+        out.append(("server.model_path", cfg.server, "model_path"))
+    return out
+
+
+def datasets_in_use(cfg: ExperimentConfig) -> List[Tuple[str, DatasetConfig, str]]:
+    """``(key, dataset config, "train" | "valid")`` of every dataset the run reads."""
+    out = []
+    if cfg.trainer.type != "null":
+        out.append(("train_dataset", cfg.train_dataset, "train"))
+    if cfg.valid_dataset.path or cfg.trainer.type == "null":
+        out.append(("valid_dataset", cfg.valid_dataset, "valid"))
+    return out
+
+
 def looks_like_hub_name(path: str) -> bool:
     """True for ``Qwen/Qwen2.5-1.5B-Instruct`` or ``openai/gsm8k`` that is not a local path: `submit`
     downloads it on the login node (`launch.resolve`); compute nodes get the local snapshot."""
@@ -382,13 +406,8 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if not ppo.async_training:
         cfg.rollout.max_head_offpolicyness = 0
 
-    if t == "null":
-        _check_path("server.model_path", cfg.server.model_path or ppo.actor.path, "model")
-    else:  # sft, ppo, or a plugin trainer built on the PPO config
-        _check_path("trainer.sft.model.path" if t == "sft" else "trainer.ppo.actor.path", actor_path(cfg), "model")
-        _check_path("train_dataset.path", cfg.train_dataset.path, "dataset")
-        if cfg.server.model_path and t != "sft":
-            _check_path("server.model_path", cfg.server.model_path, "model")
-    if cfg.valid_dataset.path or t == "null":
-        _check_path("valid_dataset.path", cfg.valid_dataset.path, "dataset")
+    for key, owner, attr in models_in_use(cfg):
+        _check_path(key, getattr(owner, attr), "model")
+    for key, ds, _ in datasets_in_use(cfg):
+        _check_path(f"{key}.path", ds.path, "dataset")
     return alloc

@@ -14,9 +14,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict
 
-from areal_hpc.config import ConfigError, DatasetConfig, ExperimentConfig, looks_like_hub_name, run_umask
+from areal_hpc.config import (ConfigError, DatasetConfig, ExperimentConfig, datasets_in_use, looks_like_hub_name,
+                              models_in_use, run_umask)
 from areal_hpc.launch.plan import hf_cache_dir
 from areal_hpc.rollout.adapters import apply_adapter, get_adapter
 from areal_hpc.rollout.data import DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows, one_line
@@ -26,31 +27,6 @@ HEAD_ROWS = 64
 # Files a training run never reads; skipped when downloading a model.
 MODEL_IGNORE = ["*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.pth", "original/*", "onnx/*"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
-
-
-# ------------------------------------------------------------------ what a run uses
-
-def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
-    """``(key, owner, attribute)`` of every model path the run loads (as `validate` decides)."""
-    t, ppo = cfg.trainer.type, cfg.trainer.ppo
-    if t == "sft":
-        return [("trainer.sft.model.path", cfg.trainer.sft.model, "path")]
-    out = []
-    if t != "null" or not cfg.server.model_path:
-        out.append(("trainer.ppo.actor.path", ppo.actor, "path"))
-    if cfg.server.model_path:
-        out.append(("server.model_path", cfg.server, "model_path"))
-    return out
-
-
-def datasets_in_use(cfg: ExperimentConfig) -> List[Tuple[str, DatasetConfig, str]]:
-    """``(key, dataset config, "train" | "valid")`` of every dataset the run reads."""
-    out = []
-    if cfg.trainer.type != "null":
-        out.append(("train_dataset", cfg.train_dataset, "train"))
-    if cfg.valid_dataset.path or cfg.trainer.type == "null":
-        out.append(("valid_dataset", cfg.valid_dataset, "valid"))
-    return out
 
 
 def resolve(cfg: ExperimentConfig) -> None:
