@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from areal_hpc.cli.main import main
-from areal_hpc.config.checks import walk
+from areal_hpc.config.validate import walk
 from areal_hpc.config.schema import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,7 @@ from chatml import BOXED_SEVEN, build_chatml_model
 
 from areal_hpc.config import ConfigError, load_config, validate
 from areal_hpc.config.validate import DATASET_ADAPTERS
-from areal_hpc.rollout.adapters import (ADAPTERS, BOXED_INSTRUCTION, adapter_columns, apply_adapter,
-                                        register_adapter)
+from areal_hpc.rollout.adapters import ADAPTERS, BOXED_INSTRUCTION, apply_adapter, register_adapter
 from areal_hpc.rollout.rewards import get_reward
 from areal_hpc.trainers.metrics import read_metrics
 
@@ -40,7 +39,6 @@ def test_adapter_maps_gsm8k_rows():
     keyed = apply_adapter([NATALIA], "gsm8k", prompt_key="input", answer_key="gold")[0]
     assert keyed["gold"] == "72" and keyed["input"].startswith("Natalia") and "prompt" not in keyed
     assert apply_adapter([NATALIA], "") == [NATALIA]
-    assert adapter_columns("gsm8k") == ("question", "answer") and adapter_columns("") == ()
 
 
 def test_adapter_rejects_rows_naming_them():
@@ -53,13 +51,12 @@ def test_adapter_rejects_rows_naming_them():
 
 
 def test_users_register_adapters():
-    @register_adapter("test-upper", columns=("text",))
+    @register_adapter("test-upper")
     def upper(row):
         return {"prompt": row["text"].upper(), "answer": row["label"]}
 
     try:
         assert apply_adapter([{"text": "abc", "label": "1"}], "test-upper") == [{"prompt": "ABC", "answer": "1"}]
-        assert adapter_columns("test-upper") == ("text",)
     finally:
         ADAPTERS.pop("test-upper")
 

@@ -9,9 +9,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
-from areal_hpc.config import ConfigError
+from areal_hpc.config import ConfigError, check_location, load_config, load_resolved, run_dir, run_umask, validate
 
 DESCRIPTION = """\
 areal-hpc: asynchronous RL for language models, Slurm-first.
@@ -32,23 +32,6 @@ CONFIG_HELP = ("config words go to the config package untouched: an optional YAM
                "(e.g. trainer.ppo.async_training=False) or --key value; options of the command may come anywhere")
 
 
-def _load(args, full: bool = True):
-    """(config, allocation) from the command's config words. ``full=False`` (commands on an existing
-    run) only needs the names that locate the run, so it parses but does not validate a whole new run."""
-    from areal_hpc.config import load_config, validate
-
-    cfg = load_config(None, args.words)
-    if full:
-        alloc = validate(cfg)
-    else:
-        from areal_hpc.config.checks import check_location
-
-        check_location(cfg)
-        alloc = None
-    _private(cfg)
-    return cfg, alloc
-
-
 def _pop_name(args) -> Optional[str]:
     """The command's own positional (`logs` ROLE, `remove-server` SERVER): its first word, when that
     is not a config word (``key=value``, ``--key``, ``CONFIG.yaml``)."""
@@ -60,20 +43,21 @@ def _pop_name(args) -> Optional[str]:
 
 def _private(cfg) -> None:
     """Every process of a run writes with the run's umask: private unless cluster.group_readable."""
-    from areal_hpc.config.validate import run_umask
-
     os.umask(run_umask(cfg))
 
 
-def _find_run(cfg) -> Path:
-    from areal_hpc.config import run_dir
-
+def _existing_run(args) -> Tuple[Any, Path]:
+    """(config, run dir) of the run a command acts on, from its config words: only the names that locate the run
+    are checked, not a whole new run."""
+    cfg = load_config(None, args.words)
+    check_location(cfg)
+    _private(cfg)
     rd = run_dir(cfg)
     if not (rd / "config.yaml").exists():
         raise ConfigError("experiment_name/trial_name",
                           f"no run found for experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
                           f"(looked in {rd})", "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
-    return rd
+    return cfg, rd
 
 
 # ----------------------------------------------------------------- commands
@@ -81,7 +65,9 @@ def _find_run(cfg) -> Path:
 def cmd_submit(args) -> int:
     from areal_hpc.launch import submit
 
-    cfg, alloc = _load(args)
+    cfg = load_config(None, args.words)
+    alloc = validate(cfg)
+    _private(cfg)
     return submit.submit(cfg, alloc, dry_run=args.dry_run)
 
 
@@ -94,14 +80,14 @@ def cmd_add_servers(args) -> int:
         parse_url(args.url)  # a malformed URL is bad input before anything else is looked at
         if args.count != 1 or args.new_job:
             raise ConfigError("url", "attaches one running server", "leave out count= and --new-job with url=")
-    cfg, _ = _load(args, full=False)
-    if args.url is not None:
-        return control.attach_server(cfg, _find_run(cfg), args.url, api_key=args.api_key)
-    if args.api_key is not None:
+    elif args.api_key is not None:
         raise ConfigError("api_key", "is the key of a server attached with url=", "give url=http://HOST:PORT too")
-    if args.count < 1:
+    elif args.count < 1:
         raise ConfigError("count", f"must be >= 1, got {args.count}")
-    return control.add_servers(cfg, _find_run(cfg), args.count, new_job=args.new_job)
+    cfg, rd = _existing_run(args)
+    if args.url is not None:
+        return control.attach_server(cfg, rd, args.url, api_key=args.api_key)
+    return control.add_servers(cfg, rd, args.count, new_job=args.new_job)
 
 
 def cmd_remove_server(args) -> int:
@@ -110,38 +96,36 @@ def cmd_remove_server(args) -> int:
     ident = _pop_name(args)
     if ident is None:
         raise ConfigError("SERVER", "which server?", "areal-hpc remove-server ID|URL experiment_name=... trial_name=...")
-    cfg, _ = _load(args, full=False)
-    return control.remove_server(cfg, _find_run(cfg), ident)
+    cfg, rd = _existing_run(args)
+    return control.remove_server(cfg, rd, ident)
 
 
 def cmd_status(args) -> int:
     from areal_hpc.launch import status
 
-    cfg, _ = _load(args, full=False)
-    return status.status(cfg, _find_run(cfg), as_json=args.json)
+    cfg, rd = _existing_run(args)
+    return status.status(cfg, rd, as_json=args.json)
 
 
 def cmd_logs(args) -> int:
     from areal_hpc.launch import status
 
     role = _pop_name(args) or "trainer"
-    cfg, _ = _load(args, full=False)
-    return status.logs(_find_run(cfg), role, follow=args.follow, lines=args.lines)
+    _, rd = _existing_run(args)
+    return status.logs(rd, role, follow=args.follow, lines=args.lines)
 
 
 def cmd_stop(args) -> int:
     from areal_hpc.launch import control
 
-    cfg, _ = _load(args, full=False)
-    return control.stop(cfg, _find_run(cfg), timeout_s=args.timeout, external=args.external)
+    cfg, rd = _existing_run(args)
+    return control.stop(cfg, rd, timeout_s=args.timeout, external=args.external)
 
 
 def _run_dir_arg(path: str) -> Path:
     rd = Path(path)
     if not (rd / "config.yaml").exists():
         raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run directory `areal-hpc submit` wrote")
-    from areal_hpc.config import load_resolved
-
     _private(load_resolved(rd / "config.yaml"))
     return rd
 
@@ -156,8 +140,8 @@ def cmd_serve(args) -> int:
             raise ConfigError("--server-id", "is required with --run-dir")
         return entry.serve(_run_dir_arg(args.run_dir), args.server_id, args.backend)
     # by hand, on any host that sees the run dir: joins the run as an external server
-    cfg, _ = _load(args, full=False)
-    return entry.serve(_run_dir_arg(str(_find_run(cfg))), args.server_id or entry.manual_server_id(),
+    _, rd = _existing_run(args)
+    return entry.serve(_run_dir_arg(str(rd)), args.server_id or entry.manual_server_id(),
                        args.backend, external=True)
 
 

@@ -4,7 +4,9 @@ from areal_hpc.config.allocation import AllocationMode, ParallelSpec, parse_allo
 from areal_hpc.config.errors import ConfigError
 from areal_hpc.config.loader import dump_yaml, from_dict, load_config, load_resolved
 from areal_hpc.config.schema import *  # noqa: F401,F403  (the dataclasses are the public surface)
-from areal_hpc.config.validate import actor_path, run_dir, validate
+from areal_hpc.config.validate import (actor_path, check_location, datasets_in_use, looks_like_hub_name, models_in_use,
+                                      run_dir, run_umask, validate)
 
 __all__ = ["AllocationMode", "ParallelSpec", "parse_allocation", "validate_allocation", "ConfigError",
-           "dump_yaml", "from_dict", "load_config", "load_resolved", "actor_path", "run_dir", "validate"]
+           "dump_yaml", "from_dict", "load_config", "load_resolved", "actor_path", "check_location",
+           "datasets_in_use", "looks_like_hub_name", "models_in_use", "run_dir", "run_umask", "validate"]

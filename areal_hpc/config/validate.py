@@ -1,23 +1,85 @@
-"""Semantic checks of a parsed config: everything a login node can know is wrong, before submitting.
+"""Checks of a parsed config: everything a login node can know is wrong, before submitting.
 
-`validate` raises `ConfigError` for the first problem (key, what is wrong, how to fix it) and
-returns the parsed allocation. It also normalises a few values (``trainer.type`` null -> "null",
-synchronous training -> staleness 0) so downstream code reads one spelling. Single values are
-checked in `config.checks`; here the keys that depend on each other, and paths.
+`validate` raises `ConfigError` for the first problem (key, what is wrong, how to fix it) and returns the parsed
+allocation; it normalises a few values (``trainer.type`` null -> "null", synchronous training -> staleness 0) so
+downstream code reads one spelling. Single values are checked first, whatever their key (`check_values`,
+`check_ranges`, and `check_location`, which commands that only locate an existing run call alone), then the keys that
+depend on each other, and paths.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import getpass
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator, List, Tuple
 
 from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
-from areal_hpc.config.checks import check_choice, check_location, check_ranges, check_values, nearest_existing
-from areal_hpc.config.errors import ConfigError
-from areal_hpc.config.schema import TRAINER_TYPES, ExperimentConfig
+from areal_hpc.config.errors import ConfigError, did_you_mean
+from areal_hpc.config.schema import LOCK_KINDS, MODES, TRAINER_TYPES, DatasetConfig, ExperimentConfig
+
+# Keys whose values are written into the rendered sbatch script or a shell line: a newline there injects a command.
+SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
+CHAT_TEMPLATES = ("auto", "none")  # {ds}.chat_template: rollout.prompts reads it
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, CR allowed (prompts)
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition (a list too), account, qos
+_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]()=-]+$")
+_LONGEST_INSIDE = 64  # the longest name written inside a run dir (logs/add-servers-NNN.sbatch.tmp) + slack
+
+# "{eng}" stands for trainer.ppo.actor and trainer.sft.model, "{mb}" for their mb_spec sections,
+# "{ds}" for train_dataset and valid_dataset. A null value (an Optional field) is not checked.
+_EXPAND = {"{eng}": ("trainer.ppo.actor", "trainer.sft.model"),
+           "{mb}": ("trainer.ppo.mb_spec", "trainer.sft.mb_spec"),
+           "{ds}": ("train_dataset", "valid_dataset")}
+CHOICES = {
+    "mode": MODES,
+    "launcher.lock_kind": LOCK_KINDS,
+    "trainer.ppo.adv_norm": ("group", "batch", "none"),
+    "trainer.ppo.weight_update": ("disk", "nccl", "gloo"),
+    "{eng}.optimizer.lr_schedule": ("constant", "cosine"),
+    "{eng}.dtype": ("auto", "float32", "bfloat16"),
+    "{eng}.fsdp_units": ("auto", "layer", "model"),
+    "server.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "recover.mode": ("auto", "disabled", "resume"),
+    "{ds}.chat_template": CHAT_TEMPLATES,
+}
+# interval (math notation: "[1, inf)" is at least 1, "(0, 1]" above 0 and at most 1) -> its keys
+RANGES = {
+    "[1, inf)": ("cluster.n_nodes", "cluster.cpus_per_gpu", "cluster.mem_per_gpu_gb",
+                 "cluster.cpus_per_task_cpu", "cluster.mem_per_task_cpu_gb", "server.context_length",
+                 "server.max_running_requests", "rollout.batch_size", "rollout.n_samples",
+                 "rollout.gen.max_new_tokens", "trainer.total_train_steps", "trainer.sft.batch_size",
+                 "trainer.ppo.ppo_n_minibatches", "{mb}.max_tokens_per_mb", "{mb}.n_mbs",
+                 "{ds}.max_prompt_len", "saver.keep_last"),
+    "[0, inf)": ("cluster.n_gpus_per_node", "min_required_servers", "rollout.max_head_offpolicyness",
+                 "rollout.max_concurrent_rollouts", "rollout.gen.temperature", "trainer.total_train_epochs",
+                 "trainer.max_restarts", "trainer.ppo.kl_ctl", "{eng}.optimizer.warmup_steps",
+                 "{eng}.optimizer.weight_decay", "{eng}.optimizer.grad_clip", "{ds}.limit",
+                 "saver.freq_steps"),
+    "(0, inf)": ("launcher.heartbeat_s", "launcher.server_startup_timeout_s",
+                 "launcher.trainer_wait_servers_timeout_s", "rollout.request_timeout_s",
+                 "rollout.drop_timeout_s", "rollout.stall_timeout_s", "trainer.ppo.eps_clip",
+                 "{eng}.optimizer.lr", "{eng}.optimizer.eps"),
+    "(0, 1]": ("server.mem_fraction_static", "rollout.gen.top_p"),
+    "[0, 65535]": ("server.port",),
+    "(1, inf)": ("trainer.ppo.c_clip", "trainer.ppo.behav_imp_weight_cap"),
+    "[0, 1)": ("{eng}.optimizer.beta1", "{eng}.optimizer.beta2"),
+    "[0, 1]": ("{eng}.optimizer.min_lr_ratio",),
+}
+HINTS = {
+    "rollout.gen.temperature": "0 means greedy",
+    "rollout.drop_timeout_s": "seconds; a real run should not go minutes without a batch",
+    "rollout.stall_timeout_s": "seconds; allow for the longest generation",
+    "trainer.ppo.c_clip": "dual clip; or null to disable",
+    "trainer.ppo.behav_imp_weight_cap": "or null to disable",
+}
 
 DATASET_ADAPTERS = ("gsm8k",)  # the built-in adapters of rollout.adapters
 
@@ -34,6 +96,178 @@ _PATHS = {
 }
 
 
+def walk(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """Every leaf value of a config tree as (dotted key, value); list items as ``key[i]``, dict
+    entries as ``key.name`` (their names are yielded as values too, under ``key.name (name)``)."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from walk(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from walk(v, f"{prefix}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield f"{prefix}.{k} (name)", k
+            yield from walk(v, f"{prefix}.{k}")
+    else:
+        yield prefix, obj
+
+
+def check_values(cfg: ExperimentConfig) -> None:
+    """Finite numbers everywhere; no control characters in strings (none at all in `SCRIPT_KEYS`)."""
+    for key, v in walk(cfg):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(key, f"must be a finite number, got {v}", "give a plain number")
+        if isinstance(v, str):
+            script = any(key.startswith(k) if k.endswith(".") else key == k for k in SCRIPT_KEYS)
+            bad = (_CONTROL if script else _CONTROL_TEXT).search(v)
+            if bad:
+                raise ConfigError(key, f"contains the control character {bad.group()!r} at position {bad.start()}",
+                                  "it goes into the job script: give one line of printable text" if script
+                                  else "remove the control character")
+
+
+def _keys(pattern: str) -> List[str]:
+    for mark, sections in _EXPAND.items():
+        if mark in pattern:
+            return [pattern.replace(mark, s) for s in sections]
+    return [pattern]
+
+
+def get(cfg: Any, key: str) -> Any:
+    """The value of a dotted key."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def check_choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}",
+                          did_you_mean(str(value), [str(c) for c in choices]))
+
+
+def check_range(key: str, value: Any, interval: str, hint: str | None = None) -> None:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
+    if (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi):
+        return
+    if hi == math.inf:
+        problem = f"must be {'>' if lo_open else '>='} {lo:g}, got {value}"
+    else:
+        problem = f"must be in {interval}, got {value}"
+    raise ConfigError(key, problem, hint)
+
+
+def check_ranges(cfg: ExperimentConfig) -> None:
+    """`CHOICES`, `RANGES`, and the options and names that Slurm reads."""
+    for pattern, choices in CHOICES.items():
+        for key in _keys(pattern):
+            check_choice(key, get(cfg, key), choices)
+    for interval, patterns in RANGES.items():
+        for key in (k for pattern in patterns for k in _keys(pattern)):
+            if get(cfg, key) is not None:
+                check_range(key, get(cfg, key), interval, HINTS.get(key))
+    g = cfg.rollout.gen
+    if g.top_k != -1 and g.top_k < 1:
+        raise ConfigError("rollout.gen.top_k", f"must be -1 (off) or >= 1, got {g.top_k}")
+    for i, t in enumerate(g.stop_token_ids):
+        check_range(f"rollout.gen.stop_token_ids[{i}]", t, "[0, inf)")
+    c = cfg.cluster
+    for key in ("partition", "account", "qos"):
+        v = getattr(c, key)
+        if v is not None and not _SLURM_NAME.match(v):
+            raise ConfigError(f"cluster.{key}", f"{v!r} is not a Slurm {key} name", "letters, digits, '_', '-', '.'")
+    if c.constraint is not None and not _CONSTRAINT.match(c.constraint):
+        raise ConfigError("cluster.constraint", f"{c.constraint!r} is not a Slurm constraint",
+                          "features joined by & | , e.g. a100&ib (no spaces or quotes)")
+    for key, dash in (("sbatch_args", "--"), ("srun_args", "-")):  # submitit takes long sbatch options only
+        args = getattr(c, key)
+        for i, a in enumerate(args):
+            prev = str(args[i - 1]).removeprefix("#SBATCH").strip() if i else ""
+            is_value = prev.startswith("-") and "=" not in prev and not str(a).startswith("-")
+            if not str(a).removeprefix("#SBATCH").strip().startswith(dash) and not is_value:
+                raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
+                                  "give options like --exclusive or --reservation=NAME")
+    try:
+        slurm_time_seconds(str(c.time))
+    except ValueError as e:
+        raise ConfigError("cluster.time", f"{c.time!r} is not a usable Slurm time limit: {e}",
+                          "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 04:00:00") from None
+
+
+def slurm_time_seconds(spec: str) -> int:
+    """A Slurm time limit in seconds, read as Slurm's ``time_str2secs`` reads it (``M``, ``M:S``,
+    ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``), except that a field below another must be in range
+    (``99:99:99`` is a typo) and no limit (0, ``UNLIMITED``, ...) is refused: areal-hpc checkpoints
+    90 s before the limit, so it needs one. Raises ValueError."""
+    spec = spec.strip()
+    if spec.upper() in ("-1", "INFINITE", "UNLIMITED"):
+        raise ValueError("no limit; areal-hpc needs one (it checkpoints 90 s before it)")
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", spec)
+    if not m:
+        raise ValueError("Slurm would not parse it")
+    d, x, y, z = (None if g is None else int(g) for g in m.groups())
+    if d is not None:  # D-H, D-H:M, D-H:M:S
+        h, mi, s, ranged = x, y or 0, z or 0, ("hours", "minutes", "seconds")
+    elif z is not None:  # H:M:S
+        h, mi, s, ranged = x, y, z, ("minutes", "seconds")
+    else:  # M or M:S
+        h, mi, s, ranged = 0, x, y or 0, ("seconds",)
+    for what, value, top in (("hours", h, 23), ("minutes", mi, 59), ("seconds", s, 59)):
+        if what in ranged and value > top:
+            raise ValueError(f"{value} {what} (at most {top} in this position)")
+    seconds = (((d or 0) * 24 + h) * 60 + mi) * 60 + s
+    if seconds <= 0:
+        raise ValueError("a zero time limit means no limit to Slurm; areal-hpc needs one (it checkpoints "
+                         "90 s before it)")
+    return seconds
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    def exists(p: Path) -> bool:
+        try:
+            return p.exists()
+        except OSError:  # ENAMETOOLONG and the like: not an existing ancestor
+            return False
+
+    return next((p for p in [path, *path.parents] if exists(p)), Path("/"))
+
+
+def check_location(cfg: ExperimentConfig) -> None:
+    """The names that make the run dir ``{fileroot}/{user}/{experiment_name}/{trial_name}``: valid
+    characters, short enough for the filesystem (else ``File name too long`` at the first write)."""
+    for key in ("experiment_name", "trial_name"):
+        v = getattr(cfg, key)
+        if not isinstance(v, str) or not _NAME.match(v):
+            raise ConfigError(key, f"{v!r} is not a valid name", "use letters, digits, '_', '.', '-' (no '/')")
+    fileroot = cfg.cluster.fileroot
+    if not fileroot:
+        raise ConfigError("cluster.fileroot", "is empty", "a directory shared by all nodes, e.g. /scratch/$USER/areal")
+    bad = _CONTROL.search(fileroot)
+    if bad:
+        raise ConfigError("cluster.fileroot", f"contains the control character {bad.group()!r}",
+                          "give a plain directory path")
+    root = Path(os.path.expanduser(fileroot)).absolute()
+    try:  # the limits of the filesystem that will hold the run dir
+        name_max, path_max = (os.pathconf(nearest_existing(root), f"PC_{n}_MAX") for n in ("NAME", "PATH"))
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in root.parts:
+        if len(part.encode()) > name_max:
+            raise ConfigError("cluster.fileroot", f"has a path component of {len(part.encode())} bytes, longer than "
+                              f"the filesystem allows ({name_max})", "use shorter directory names")
+    for key in ("experiment_name", "trial_name"):
+        n = len(getattr(cfg, key).encode())
+        if n > name_max:
+            raise ConfigError(key, f"is {n} characters long, longer than the filesystem allows ({name_max})",
+                              "use a shorter name")
+    total = len(str(root / getpass.getuser() / cfg.experiment_name / cfg.trial_name).encode()) + _LONGEST_INSIDE
+    if total > path_max:
+        raise ConfigError("cluster.fileroot", f"the run dir path would be too long for the filesystem "
+                          f"({total} > {path_max} bytes with the files inside)",
+                          "use a shorter cluster.fileroot, experiment_name or trial_name")
+
+
 def run_dir(cfg: ExperimentConfig) -> Path:
     """``{cluster.fileroot}/{user}/{experiment_name}/{trial_name}``, absolute."""
     root = Path(os.path.expanduser(cfg.cluster.fileroot)).resolve()
@@ -48,6 +282,30 @@ def run_umask(cfg: ExperimentConfig) -> int:
 
 def actor_path(cfg: ExperimentConfig) -> str:
     return cfg.trainer.sft.model.path if cfg.trainer.type == "sft" else cfg.trainer.ppo.actor.path
+
+
+def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
+    """``(key, owner, attribute)`` of every model path the run loads (a null trainer's servers load the actor's
+    unless ``server.model_path`` is set)."""
+    t, ppo = cfg.trainer.type, cfg.trainer.ppo
+    if t == "sft":
+        return [("trainer.sft.model.path", cfg.trainer.sft.model, "path")]
+    out = []
+    if t != "null" or not cfg.server.model_path:
+        out.append(("trainer.ppo.actor.path", ppo.actor, "path"))
+    if cfg.server.model_path:
+        out.append(("server.model_path", cfg.server, "model_path"))
+    return out
+
+
+def datasets_in_use(cfg: ExperimentConfig) -> List[Tuple[str, DatasetConfig, str]]:
+    """``(key, dataset config, "train" | "valid")`` of every dataset the run reads."""
+    out = []
+    if cfg.trainer.type != "null":
+        out.append(("train_dataset", cfg.train_dataset, "train"))
+    if cfg.valid_dataset.path or cfg.trainer.type == "null":
+        out.append(("valid_dataset", cfg.valid_dataset, "valid"))
+    return out
 
 
 def looks_like_hub_name(path: str) -> bool:
@@ -94,9 +352,9 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     """Check a config; normalise it in place; return its allocation."""
     if cfg.trainer.type is None:
         cfg.trainer.type = "null"
-    check_location(cfg)  # names, and lengths that fit the filesystem
-    check_values(cfg)  # finite numbers, no control characters (none at all in what reaches a script)
-    check_ranges(cfg)  # choices, ranges, Slurm names and cluster.time
+    check_location(cfg)
+    check_values(cfg)
+    check_ranges(cfg)
     t, c, ppo = cfg.trainer.type, cfg.cluster, cfg.trainer.ppo
     if t not in TRAINER_TYPES and not cfg.trainer.plugins:
         check_choice("trainer.type", t, TRAINER_TYPES)
@@ -148,13 +406,8 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if not ppo.async_training:
         cfg.rollout.max_head_offpolicyness = 0
 
-    if t == "null":
-        _check_path("server.model_path", cfg.server.model_path or ppo.actor.path, "model")
-    else:  # sft, ppo, or a plugin trainer built on the PPO config
-        _check_path("trainer.sft.model.path" if t == "sft" else "trainer.ppo.actor.path", actor_path(cfg), "model")
-        _check_path("train_dataset.path", cfg.train_dataset.path, "dataset")
-        if cfg.server.model_path and t != "sft":
-            _check_path("server.model_path", cfg.server.model_path, "model")
-    if cfg.valid_dataset.path or t == "null":
-        _check_path("valid_dataset.path", cfg.valid_dataset.path, "dataset")
+    for key, owner, attr in models_in_use(cfg):
+        _check_path(key, getattr(owner, attr), "model")
+    for key, ds, _ in datasets_in_use(cfg):
+        _check_path(f"{key}.path", ds.path, "dataset")
     return alloc

@@ -19,8 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from areal_hpc.config import ExperimentConfig, load_resolved
-from areal_hpc.config.validate import run_umask
+from areal_hpc.config import ExperimentConfig, load_resolved, run_umask
 from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.local import ProcessHandle
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle

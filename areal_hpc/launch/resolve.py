@@ -14,48 +14,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict
 
-from areal_hpc.config import ConfigError, ExperimentConfig
-from areal_hpc.config.schema import DatasetConfig
-from areal_hpc.config.validate import looks_like_hub_name, run_umask
+from areal_hpc.config import (ConfigError, DatasetConfig, ExperimentConfig, datasets_in_use, looks_like_hub_name,
+                              models_in_use, run_umask)
 from areal_hpc.launch.plan import hf_cache_dir
+from areal_hpc.rollout.adapters import apply_adapter, get_adapter
+from areal_hpc.rollout.data import DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows, one_line
 
 # Rows checked for columns where a file is not read whole (parquet, csv, ...).
 HEAD_ROWS = 64
 # Files a training run never reads; skipped when downloading a model.
 MODEL_IGNORE = ["*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.pth", "original/*", "onnx/*"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
-
-
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-# ------------------------------------------------------------------ what a run uses
-
-def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
-    """``(key, owner, attribute)`` of every model path the run loads (as `validate` decides)."""
-    t, ppo = cfg.trainer.type, cfg.trainer.ppo
-    if t == "sft":
-        return [("trainer.sft.model.path", cfg.trainer.sft.model, "path")]
-    out = []
-    if t != "null" or not cfg.server.model_path:
-        out.append(("trainer.ppo.actor.path", ppo.actor, "path"))
-    if cfg.server.model_path:
-        out.append(("server.model_path", cfg.server, "model_path"))
-    return out
-
-
-def datasets_in_use(cfg: ExperimentConfig) -> List[Tuple[str, DatasetConfig, str]]:
-    """``(key, dataset config, "train" | "valid")`` of every dataset the run reads."""
-    out = []
-    if cfg.trainer.type != "null":
-        out.append(("train_dataset", cfg.train_dataset, "train"))
-    if cfg.valid_dataset.path or cfg.trainer.type == "null":
-        out.append(("valid_dataset", cfg.valid_dataset, "valid"))
-    return out
 
 
 def resolve(cfg: ExperimentConfig) -> None:
@@ -103,7 +74,7 @@ def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
         finally:
             os.umask(old)
     except OSError as e:
-        raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {_one_line(e)}",
+        raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {one_line(e)}",
                           "a writable directory on a filesystem every node mounts") from None
 
 
@@ -145,9 +116,9 @@ def download(key: str, repo_id: str, repo_type: str, cache: Path) -> str:
                           "holds no copy", "submit where the hub is reachable, HF_HUB_OFFLINE unset; "
                           "or give a local directory") from None
     except HfHubHTTPError as e:
-        raise ConfigError(key, f"downloading {what} {repo_id!r} failed: {_one_line(e)}") from None
+        raise ConfigError(key, f"downloading {what} {repo_id!r} failed: {one_line(e)}") from None
     except OSError as e:
-        raise ConfigError("cluster.hf_cache", f"cannot store {repo_id!r} in {cache}: {_one_line(e)}",
+        raise ConfigError("cluster.hf_cache", f"cannot store {repo_id!r} in {cache}: {one_line(e)}",
                           "a writable directory on a filesystem every node mounts") from None
 
 
@@ -182,7 +153,7 @@ def check_model_dir(key: str, p: Path) -> None:
     try:
         json.loads(cfg_file.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(key, f"{cfg_file} is not valid JSON: {_one_line(e, 120)}",
+        raise ConfigError(key, f"{cfg_file} is not valid JSON: {one_line(e, 120)}",
                           "restore it: save_pretrained or a fresh download writes it") from None
     if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
         raise ConfigError(key, f"{p} holds no weights (*.safetensors or pytorch_model*.bin)",
@@ -192,7 +163,7 @@ def check_model_dir(key: str, p: Path) -> None:
     try:
         hf_cfg = AutoConfig.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - unknown model_type, bad values: transformers says which
-        raise ConfigError(key, f"{cfg_file} does not load: {_one_line(e)}",
+        raise ConfigError(key, f"{cfg_file} does not load: {one_line(e)}",
                           "a model type this transformers version knows, with valid values") from None
     if not any((p / f).is_file() for f in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
         raise ConfigError(key, f"{p} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)",
@@ -200,7 +171,7 @@ def check_model_dir(key: str, p: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(key, f"the tokenizer in {p} does not load: {_one_line(e)}",
+        raise ConfigError(key, f"the tokenizer in {p} does not load: {one_line(e)}",
                           "save the tokenizer next to the model with tokenizer.save_pretrained") from None
     vocab = getattr(hf_cfg, "vocab_size", None)
     if isinstance(vocab, int) and len(tok) > vocab:
@@ -212,8 +183,6 @@ def check_model_dir(key: str, p: Path) -> None:
 
 def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path) -> None:
     """Check dataset ``key`` and rewrite ``ds.path`` (local, absolute) and ``ds.split`` (the one read)."""
-    from areal_hpc.rollout.data import DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows
-
     if ds.path.startswith("toy:"):
         return
     local = _local_or_download(f"{key}.path", ds.path, "dataset", cache)
@@ -245,8 +214,6 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
     the dataset's adapter when it has one."""
     columns = ", ".join(sorted(row)) or "none"
     if ds.adapter:
-        from areal_hpc.rollout.adapters import apply_adapter, get_adapter
-
         try:
             fn = get_adapter(ds.adapter)
         except KeyError as e:
@@ -257,7 +224,7 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} needs column {e.args[0]!r}, missing in {where} "
                               f"(columns: {columns})", "point at data this adapter reads, or drop the adapter") from None
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} cannot map {where}: {_one_line(e, 160)}") from None
+            raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} cannot map {where}: {one_line(e, 160)}") from None
         row = apply_adapter([row], ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)[0]
         columns = ", ".join(sorted(row)) or "none"
     prompt, messages = row.get(ds.prompt_key), row.get(ds.messages_key)

@@ -9,8 +9,7 @@ import stat
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir
-from areal_hpc.config.validate import run_umask
+from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir, run_umask
 from areal_hpc.launch import control, local, ray_runner, slurm_submit, torchrun
 from areal_hpc.launch.plan import Plan, build_plan
 from areal_hpc.launch.resolve import make_fileroot, resolve

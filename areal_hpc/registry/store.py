@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import filelock
 
-from areal_hpc.registry.errors import RegistryTimeout
 from areal_hpc.registry.util import atomic_write
 
 _TTL_KEY = "_ttl"
@@ -37,6 +36,10 @@ LOCK_CLASSES = {
 }
 _ESTALE_RETRIES = 5
 _MAX_RECORD = 1 << 20  # bytes of a record that are read (a bigger one reads as torn, i.e. absent)
+
+
+class RegistryTimeout(TimeoutError):
+    """Waiting for records or a lock took longer than allowed."""
 
 
 def _retry_estale(fn: Callable[[], Any]) -> Any:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence
 
 AdapterFn = Callable[[Dict[str, Any]], Dict[str, Any]]
 ADAPTERS: Dict[str, AdapterFn] = {}
@@ -13,10 +13,8 @@ ADAPTERS: Dict[str, AdapterFn] = {}
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def register_adapter(name: str, columns: Sequence[str] = ()):
-    """``columns``: what the adapter reads from each row (checked before a run by whoever loads the data)."""
+def register_adapter(name: str):
     def deco(fn: AdapterFn) -> AdapterFn:
-        fn.columns = tuple(columns)
         ADAPTERS[name] = fn
         return fn
     return deco
@@ -27,11 +25,6 @@ def get_adapter(name: str) -> AdapterFn:
         return ADAPTERS[name]
     except KeyError:
         raise KeyError(f"unknown dataset adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}") from None
-
-
-def adapter_columns(name: str) -> Tuple[str, ...]:
-    """The columns adapter ``name`` needs in each row (() for "" or an adapter that did not say)."""
-    return tuple(getattr(get_adapter(name), "columns", ())) if name else ()
 
 
 def apply_adapter(rows: Sequence[Dict[str, Any]], name: str, prompt_key: str = "prompt", answer_key: str = "answer",
@@ -69,7 +62,7 @@ def gsm8k_final_answer(solution: str) -> str:
     return final
 
 
-@register_adapter("gsm8k", columns=("question", "answer"))
+@register_adapter("gsm8k")
 def gsm8k(row: Dict[str, Any]) -> Dict[str, Any]:
     """``{question, answer: "...reasoning...\\n#### 42"}`` -> prompt: the question and an
     instruction to box the final answer; answer: ``"42"``; the worked solution kept as ``solution``."""

@@ -32,16 +32,15 @@ class RolloutStall(RolloutError):
 
 
 DROP_LOG_EVERY_S = 10.0  # stale drops are logged at most this often (with the count since the last line)
+MAX_FAILURES_IN_ROW = 50  # then the run stops with RolloutError instead of spinning on a dead backend
 
 
 class RolloutController:
     def __init__(self, workflow: RolloutWorkflow, client: Any, rows: Iterator[Dict[str, Any]], batch_size: int,
-                 max_head_offpolicyness: int, max_concurrent: int = 0, start_version: int = 0,
-                 max_consecutive_failures: int = 50):
+                 max_head_offpolicyness: int, max_concurrent: int = 0, start_version: int = 0):
         self.workflow, self.client, self.rows = workflow, client, rows
         self.batch_size, self.max_staleness = batch_size, max_head_offpolicyness
         self.max_concurrent = max_concurrent or batch_size * (max_head_offpolicyness + 1)
-        self.max_consecutive_failures = max_consecutive_failures
         self._cv = threading.Condition()
         self._pending: List[Group] = []
         self._version = start_version
@@ -273,7 +272,7 @@ class RolloutController:
             self._failures_in_row += 1
             self.last_failure = repr(e)
             log.warning("episode failed (%d in a row): %r", self._failures_in_row, e)
-            if self._failures_in_row >= self.max_consecutive_failures:
+            if self._failures_in_row >= MAX_FAILURES_IN_ROW:
                 self._error = RolloutError(f"{self._failures_in_row} episodes failed in a row; last: {e!r}")
         with self._cv:
             self._running -= 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from areal_hpc.config.checks import CHAT_TEMPLATES as CHAT_TEMPLATE_MODES
+from areal_hpc.config.validate import CHAT_TEMPLATES as CHAT_TEMPLATE_MODES
 
 # An assistant reply the template renders verbatim: what follows it is the end-of-turn text.
 _PROBE = "areal-hpc-end-of-turn-probe"

@@ -1,2 +1,0 @@
-class RegistryTimeout(TimeoutError):
-    """Waiting for records or a lock took longer than allowed."""
