@@ -194,12 +194,12 @@ class RunOwner:
                 else:
                     self.request_stop("stop requested (areal-hpc stop)")
             elif kind == "add_servers" and not self.stopping:
-                n = self.add_servers(int(req.get("count", 1)))
-                if n < int(req.get("count", 1)):
-                    log.warning("started %d of %d requested servers (no free resources)", n, req.get("count"))
+                wanted = int(req.get("count", 1))
+                n = self.add_servers(wanted)
+                if n < wanted:
+                    log.warning("started %d of %d requested servers (no free resources)", n, wanted)
                     # the answer for `add-servers`, which then submits the rest as a separate job
-                    self.registry.put("replies", f"{name}-unserved", {"wanted": req.get("count"), "started": n},
-                                      ttl=True)
+                    self.registry.put("replies", f"{name}-unserved", {"wanted": wanted, "started": n}, ttl=True)
             elif kind == "start_trainer" and not self.stopping:
                 if self.trainer is None or self.trainer.poll() is not None:
                     self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
@@ -220,8 +220,7 @@ class RunOwner:
         a = self._attempt
         if not a or a.get("progressed"):
             return
-        rec = self.registry.get("", "trainer")
-        step = rec.get("step") if rec else None
+        step = (self.registry.get("", "trainer") or {}).get("step")
         if isinstance(step, int):
             if a.get("first_step") is None:
                 a["first_step"] = step
@@ -252,9 +251,8 @@ class RunOwner:
         self.trainer_done = False
         self.registry.delete("", "trainer")  # a killed trainer's record would block a restart until its TTL
         assert self.trainer is not None
-        line, path = outcome.error_line(self.trainer.step.log, self._log_offsets.get(self.trainer.step.name))
-        reason = f"trainer {outcome.describe_exit(rc)}" + (f": {line}" if line else "")
-        self.trainer_failure = (reason, path)
+        self.trainer_failure = self._failure(self.trainer, rc)
+        reason, path = self.trainer_failure
         if self.stopping:
             return False
         self.early_failures = 0 if self._progressed() else self.early_failures + 1
@@ -285,11 +283,11 @@ class RunOwner:
             return outcome.COMPLETED, None, None
         if self.trainer_failure is not None:
             return outcome.FAILED, *self.trainer_failure
-        if self.plan.trainer is None and not self.server_failures:
-            return outcome.COMPLETED, None, None
         if self.server_failures:
             reason, path = self.server_failures[0]
             return outcome.FAILED, f"every server exited; {reason}", path
+        if self.plan.trainer is None:
+            return outcome.COMPLETED, None, None
         return outcome.FAILED, "the trainer ended without a result", None
 
     def _on_server_exit(self, name: str, h: StepHandle, rc: int) -> None:
@@ -299,8 +297,12 @@ class RunOwner:
         if self.registry.delete("servers", name):
             log.info("removed the registry record of %s", name)
         if rc != 0 and not self.stopping:
-            line, path = outcome.error_line(h.step.log, self._log_offsets.get(name))
-            self.server_failures.append((f"{name} {outcome.describe_exit(rc)}" + (f": {line}" if line else ""), path))
+            self.server_failures.append(self._failure(h, rc))
+
+    def _failure(self, h: StepHandle, rc: int) -> Tuple[str, Optional[str]]:
+        """(reason, log) of a step that failed: how it exited and the error line this attempt logged."""
+        line, path = outcome.error_line(h.step.log, self._log_offsets.get(h.step.name))
+        return f"{h.step.name} {outcome.describe_exit(rc)}" + (f": {line}" if line else ""), path
 
     # ------------------------------------------------------------------ main loop
     def run(self, on_tick=None) -> int:
@@ -354,9 +356,9 @@ class RunOwner:
                     if not self.linger:
                         return self.set_state(*self._final())
                     if not self.trainer_done:  # the run waits for a restart by hand, or for `stop`
-                        self.set_state(outcome.RUNNING, f"{self.trainer_failure[0] if self.trainer_failure else ''}"
-                                       "; servers stay up (shutdown_server_on_exit=False)",
-                                       self.trainer_failure[1] if self.trainer_failure else None)
+                        reason, path = self.trainer_failure or ("", None)
+                        self.set_state(outcome.RUNNING, f"{reason}; servers stay up (shutdown_server_on_exit=False)",
+                                       path)
             for name, h in list(self.servers.items()):
                 rc = h.poll()
                 if rc is not None:
@@ -410,25 +412,24 @@ class RunOwner:
         """Wait for ``handles`` to end; SIGKILL them after ``timeout`` (at once once forced), then
         wait for that too (a killed step must be gone before its records are removed)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(h.poll() is None for h in handles):
-            if not self.force:
-                self._check_force()
-            if self.force:
-                break
+        while time.monotonic() < deadline and any(h.poll() is None for h in handles) and not self._forced():
             time.sleep(0.1)
         alive = [h for h in handles if h.poll() is None]
         for h in alive:
             log.warning("killing %s", h.step.name)
             h.signal(signal.SIGKILL)
         deadline = time.monotonic() + 30.0
-        while alive and time.monotonic() < deadline and any(h.poll() is None for h in alive):
+        while time.monotonic() < deadline and any(h.poll() is None for h in alive):
             time.sleep(0.1)
 
-    def _check_force(self) -> None:
-        """A second ``stop`` while stopping: force it."""
+    def _forced(self) -> bool:
+        """Whether the stop is forced, by now or by a second ``stop`` request that came meanwhile."""
+        if self.force:
+            return True
         for name, req in sorted(self.registry.list("requests").items()):
             if req.get("kind") == "stop":
                 self.registry.delete("requests", name)
                 if req.get("force"):
                     log.warning("forced stop requested: killing what is left")
                     self.force = True
+        return self.force
