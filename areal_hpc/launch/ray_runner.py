@@ -39,6 +39,7 @@ PLACEMENT_TIMEOUT_S = 120.0  # a planned step's resources must be free within th
 RESERVE_TIMEOUT_S = 5.0  # add-servers: a placement not ready by then means the cluster is full
 CONNECT_TIMEOUT_S = 5.0
 INSTALL_HINT = 'pip install "areal-hpc[ray]", or use mode=slurm / mode=local'
+START_HINT = "start one (`ray start --head`) or give its head's GCS address host:port"
 
 
 # ----------------------------------------------------------------------------- connecting
@@ -67,13 +68,13 @@ def connect(address: str) -> Any:
         except (OSError, ValueError) as e:
             raise ConfigError("cluster.ray_address", f"cannot reach a Ray cluster at {target}"
                               f"{'' if target == address else ' (RAY_ADDRESS)'}: {getattr(e, 'strerror', None) or e}",
-                              "start one (`ray start --head`) or give its head's GCS address host:port") from None
+                              START_HINT) from None
     try:
         ray.init(address=address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError...: say it on one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError("cluster.ray_address", f"cannot connect to a Ray cluster at {address}: {first}",
-                          "start one (`ray start --head`) or give its head's GCS address host:port") from None
+                          START_HINT) from None
     return ray
 
 
@@ -189,15 +190,10 @@ class RayStepHandle(StepHandle):
                 continue
             except RayActorError:  # its actor died (killed, placement group removed, node lost): so did the task
                 self._codes[i] = -int(signal.SIGKILL)
-        rc = step_exit(self._codes)
-        if rc is not None:
-            self._end(rc)
-        return rc
-
-    def _end(self, rc: int) -> None:
-        """The step is over: kill what is left, release its actors and placement group."""
-        self._rc = rc
-        release(self.actors, self.pg, [i for i, c in enumerate(self._codes) if c is None])
+        self._rc = step_exit(self._codes)
+        if self._rc is not None:  # the step is over: kill what is left, release its actors and placement group
+            release(self.actors, self.pg, [i for i, c in enumerate(self._codes) if c is None])
+        return self._rc
 
     def signal(self, sig: int) -> None:
         if self._rc is None:
@@ -274,12 +270,11 @@ class RayRunner(Runner):
         return step.role == "server" and not self.cfg.shutdown_server_on_exit
 
     def can_start(self, step: StepSpec, running: List[StepHandle]) -> bool:
-        if self._pinned(step):
-            return True
-        placed = self._reserved.get(step.name) or self._placement(step, RESERVE_TIMEOUT_S)
-        if placed is None:
-            return False
-        self._reserved[step.name] = placed
+        if not self._pinned(step) and step.name not in self._reserved:
+            placed = self._placement(step, RESERVE_TIMEOUT_S)
+            if placed is None:
+                return False
+            self._reserved[step.name] = placed
         return True
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
