@@ -81,21 +81,20 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
     ray_left = on_ray  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
-            alive = owner_alive()  # one job-state query a pass
-            if ray_left and not alive:
-                try:
-                    gone = ray_runner.stop_leftovers(reg)
-                except ConfigError as e:  # the cluster is gone: so is what the run had on it
-                    gone = []
-                    print(f"Ray: {e.one_line()}", flush=True)
-                if gone:
-                    print(f"removed {len(gone)} Ray actor(s) and placement group(s) the run had left", flush=True)
-                for sid in ours(reg.list("servers", live_only=False)):  # killed by now, deregistered or not
-                    reg.delete("servers", sid)
-                ray_left = False
-            if not alive and not ours(reg.list("servers")) and reg.get("", "trainer") is None:
-                break
-            if not alive:
+            if not owner_alive():  # one job-state query a pass
+                if ray_left:
+                    try:
+                        gone = ray_runner.stop_leftovers(reg)
+                    except ConfigError as e:  # the cluster is gone: so is what the run had on it
+                        gone = []
+                        print(f"Ray: {e.one_line()}", flush=True)
+                    if gone:
+                        print(f"removed {len(gone)} Ray actor(s) and placement group(s) the run had left", flush=True)
+                    for sid in ours(reg.list("servers", live_only=False)):  # killed by now, deregistered or not
+                        reg.delete("servers", sid)
+                    ray_left = False
+                if not ours(reg.list("servers")) and reg.get("", "trainer") is None:
+                    break
                 remove_dead_records(reg, run)
             time.sleep(0.5)
         except KeyboardInterrupt:
@@ -229,19 +228,16 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         time.sleep(0.5)
 
 
-def _require_owner(reg: Registry, rd: Path, what: str) -> None:
-    run = reg.get("", "run", live_only=False) or {}
-    if not launcher_alive(run, reg) or run.get("state") not in (None, "RUNNING"):
-        raise ConfigError("experiment_name/trial_name", f"run {rd} has no live owner to {what}",
-                          "attach servers to a running run (`areal-hpc status` says whether it runs)")
-
-
 def attach_server(cfg: ExperimentConfig, rd: Path, url: str, api_key: Optional[str] = None) -> int:
     """`add-servers url=...`: register an already-running server into a live run."""
     reg = run_registry(rd)
     base, _ = parse_url(url)
     probe(base, api_key or reg.secret())  # a server that does not answer: say so first
-    _require_owner(reg, rd, "keep an external server's record alive (its health checks)")
+    run = reg.get("", "run", live_only=False) or {}
+    if not launcher_alive(run, reg) or run.get("state") not in (None, "RUNNING"):
+        raise ConfigError("experiment_name/trial_name", f"run {rd} has no live owner to keep an external "
+                          "server's record alive (its health checks)",
+                          "attach servers to a running run (`areal-hpc status` says whether it runs)")
     sid, rec = attach(reg, url, api_key)
     print(f"attached {sid}: {rec['url']} ({rec['backend']}, weight version {rec['weight_version']}); the run's owner "
           f"checks its /health and drops it after {reg.ttl_s:.0f}s without an answer; "

@@ -101,10 +101,6 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
     return info
 
 
-def _backend(info: Dict[str, Any]) -> str:
-    return "hf" if info.get("backend") == "hf" else "sglang"
-
-
 def _published(reg: Registry) -> Optional[Dict[str, Any]]:
     latest = reg.get("weights", "latest", live_only=False)
     return latest if latest and latest.get("path") else None
@@ -160,10 +156,10 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
         used = [int(s[len(PREFIX):]) for s in reg.list("servers", live_only=False)
                 if s.startswith(PREFIX) and s[len(PREFIX):].isdigit()]
         sid = f"{PREFIX}{max(used, default=-1) + 1}"
-        host = urllib.parse.urlsplit(base).hostname
-        rec = {"address": address, "url": base, "host": host, "port": urllib.parse.urlsplit(base).port,
-               "backend": _backend(info), "external": True, "api_key": api_key, "state": "ready",
-               "weight_version": version, "model_path": info.get("model_path"), "node": host, "pid": None,
+        u = urllib.parse.urlsplit(base)
+        rec = {"address": address, "url": base, "host": u.hostname, "port": u.port, "external": True,
+               "backend": "hf" if info.get("backend") == "hf" else "sglang", "api_key": api_key, "state": "ready",
+               "weight_version": version, "model_path": info.get("model_path"), "node": u.hostname, "pid": None,
                "gpus": None, "started_at": time.time(),
                # where its process runs, when it says so (our `hf` server does): `stop --external` uses it
                "process": {k: info.get(k) for k in ("pid", "hostname", "slurm_job_id") if info.get(k)}}

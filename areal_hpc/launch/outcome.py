@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import signal
@@ -94,8 +95,6 @@ def error_line(pattern: str, offsets: Optional[Dict[str, int]] = None) -> Tuple[
 
 def last_step(metrics_path: Path) -> int:
     """The step of the last complete line of metrics.jsonl (0 if none)."""
-    import json
-
     try:
         with open(metrics_path, "rb") as f:
             f.seek(max(0, os.path.getsize(metrics_path) - 65536))

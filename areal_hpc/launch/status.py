@@ -133,10 +133,9 @@ def collect_status(rd: Path) -> Dict[str, Any]:
         owner_alive = launcher_alive(run, reg)
         status["job"] = {"launcher_pid": run.get("pid"), "host": run.get("host"),
                          "state": "RUNNING" if owner_alive else "ENDED"}
-    if status["trainer"] is not None and run and not owner_alive:
-        status["trainer"] = None  # the owner's steps end with it
-    elif status["trainer"] is not None and run.get("mode") in HOST_MODES and not pid_alive(trainer.get("pid")) and \
-            trainer.get("host") in (None, socket.gethostname()):
+    if trainer is not None and ((run and not owner_alive)  # the owner's steps end with it
+                                or (run.get("mode") in HOST_MODES and not pid_alive(trainer.get("pid"))
+                                    and trainer.get("host") in (None, socket.gethostname()))):
         status["trainer"] = None
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
@@ -198,10 +197,9 @@ def _log_file(rd: Path, role: str) -> Path:
         outs = sorted(logs.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
         if outs:
             return outs[-1]
-    candidates = {"trainer": ["trainer-0.log"], "driver": ["driver.log"]}.get(role, [f"{role}.log"])
-    for c in candidates:
-        if (logs / c).exists():
-            return logs / c
+    path = logs / {"trainer": "trainer-0.log"}.get(role, f"{role}.log")
+    if path.exists():
+        return path
     have = sorted(p.name.rsplit(".", 1)[0] for p in logs.glob("*.log"))
     raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {', '.join(have) or 'none yet'}")
 
