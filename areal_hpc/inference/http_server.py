@@ -258,9 +258,8 @@ class EngineServer:
         body = await read_json(request)
         if "new_version" not in body:
             raise RequestError("missing field: new_version")
-        new = str(body["new_version"])
-        abort = body.get("abort_all_requests")
-        await self._on_loop(lambda: self.engine.set_version(new, bool(abort), "weight version update"))
+        new, abort = str(body["new_version"]), bool(body.get("abort_all_requests"))
+        await self._on_loop(lambda: self.engine.set_version(new, abort, "weight version update"))
         return _result(True, f"Weight version updated to {new}", new_version=new)
 
     # ------------------------------------------------------------------ weights
