@@ -227,8 +227,7 @@ class ServerPool:
             now = time.monotonic()
             order = list(self._servers.values())
             n = len(order)
-            if n:  # rotate the starting point so that ties spread over the servers
-                self._rr = (self._rr + 1) % n
+            self._rr = (self._rr + 1) % max(n, 1)  # rotate the starting point so that ties spread over the servers
             healthy = [s for s in order[self._rr:] + order[:self._rr] if s.down_until <= now]
             if healthy:
                 return min([s for s in healthy if s.id not in avoid] or healthy, key=lambda s: s.inflight)
