@@ -248,7 +248,6 @@ class ServerLifecycle:
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._stop.set)
         self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.api_key}"})
-        code = EXIT_OK
         try:
             code = await self._serve()
         except Exception:
