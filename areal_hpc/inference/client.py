@@ -32,6 +32,17 @@ MAX_FAILURES = 8  # failed attempts of one generation before it gives up
 WAIT_SERVERS_TIMEOUT_S = 600.0  # how long to wait for a healthy server
 
 
+async def request_json(session: aiohttp.ClientSession, method: str, url: str, payload: Optional[dict] = None,
+                       headers: Optional[dict] = None, timeout: Optional[aiohttp.ClientTimeout] = None
+                       ) -> Tuple[int, Any]:
+    """One round trip: (status, the JSON body, or its text when it is not JSON)."""
+    async with session.request(method, url, json=payload, headers=headers, timeout=timeout) as resp:
+        try:
+            return resp.status, await resp.json(content_type=None)
+        except ValueError:
+            return resp.status, await resp.text()
+
+
 class PoolError(RuntimeError):
     """No server could complete the request."""
 
@@ -82,7 +93,7 @@ class _Server:
     warned_no_version: bool = False
 
     def __post_init__(self):
-        self.url = self.address if self.address.startswith("http") else f"http://{self.address}"
+        self.url = api.base_url(self.address)
         # an external server attached with its own key (`add-servers url=... api_key=...`); else the pool's
         key = self.record.get("api_key")
         self.headers = {"Authorization": f"Bearer {key}"} if key else None
@@ -101,8 +112,7 @@ class ServerPool:
         self.registry = registry
         self.api_key = registry.secret() if api_key is None and registry is not None else api_key
         self.refresh_s, self.request_timeout_s = refresh_s, request_timeout_s
-        self._servers: Dict[str, _Server] = {}
-        self._order: List[_Server] = []
+        self._servers: Dict[str, _Server] = {}  # in the order they were added
         self._rr = 0
         self._session: Optional[aiohttp.ClientSession] = None
         self._refresher: Optional[asyncio.Task] = None
@@ -144,14 +154,13 @@ class ServerPool:
     def add_server(self, server_id: str, address: str) -> None:
         """A server that is not in the registry (kept until `remove_server`)."""
         self._servers[server_id] = _Server(server_id, address, static=True)
-        self._reorder()
+        self._notify_changed()
 
     def remove_server(self, server_id: str) -> None:
         if self._servers.pop(server_id, None) is not None:
-            self._reorder()
+            self._notify_changed()
 
-    def _reorder(self) -> None:
-        self._order = list(self._servers.values())
+    def _notify_changed(self) -> None:
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
@@ -161,7 +170,7 @@ class ServerPool:
         now = time.monotonic()
         return {s.id: {"address": s.address, "inflight": s.inflight, "healthy": s.down_until <= now,
                        "failures": s.failures, **{k: s.record.get(k) for k in ("weight_version", "state", "external")}}
-                for s in self._order}
+                for s in self._servers.values()}
 
     async def refresh(self) -> None:
         """Re-read the registry: add new servers, drop expired ones, follow address changes."""
@@ -182,7 +191,7 @@ class ServerPool:
             del self._servers[sid]
             changed = True
         if changed:
-            self._reorder()
+            self._notify_changed()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -216,10 +225,9 @@ class ServerPool:
         deadline = None
         while True:
             now = time.monotonic()
-            order = self._order
+            order = list(self._servers.values())
             n = len(order)
-            if n:  # rotate the starting point so that ties spread over the servers
-                self._rr = (self._rr + 1) % n
+            self._rr = (self._rr + 1) % max(n, 1)  # rotate the starting point so that ties spread over the servers
             healthy = [s for s in order[self._rr:] + order[:self._rr] if s.down_until <= now]
             if healthy:
                 return min([s for s in healthy if s.id not in avoid] or healthy, key=lambda s: s.inflight)
@@ -241,14 +249,8 @@ class ServerPool:
 
     async def _request(self, s: _Server, method: str, path: str, payload: Optional[dict],
                        timeout_s: Optional[float]) -> Tuple[int, Any]:
-        """One round trip: (status, the JSON body, or its text when it is not JSON)."""
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=CONNECT_TIMEOUT_S)
-        async with self._session.request(method, s.url + path, json=payload, headers=s.headers,
-                                         timeout=timeout) as resp:
-            try:
-                return resp.status, await resp.json(content_type=None)
-            except ValueError:
-                return resp.status, await resp.text()
+        return await request_json(self._session, method, s.url + path, payload, s.headers, timeout)
 
     # ------------------------------------------------------------------ generation
     async def _post_generate(self, server: _Server, payload: Dict[str, Any], samples: int = 1) -> Any:
@@ -277,8 +279,7 @@ class ServerPool:
         """One complete generation (resumed across aborts, retried across server failures).
         ``params``: a GenerationConfig, a dict of SGLang sampling params, or None; keyword overrides
         win. Raises `RequestRejected` on a 4xx, `PoolError` when no server could serve it."""
-        if self._session is None:
-            await self.start()
+        await self.start()
         prompt = list(input_ids)
         res = GenerateResult([], [], [], "length", len(prompt), 0)
         return await self._continue(prompt, sampling_params(params, **overrides), res, rid)
@@ -337,8 +338,7 @@ class ServerPool:
         every sample goes through `generate` (retries, other servers)."""
         if n <= 1:
             return [await self.generate(input_ids, params, **overrides)]
-        if self._session is None:
-            await self.start()
+        await self.start()
         sp = sampling_params(params, **overrides)
         prompt = list(input_ids)
         await self._running.wait()
@@ -377,9 +377,9 @@ class ServerPool:
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
                        ) -> Dict[str, CallResult]:
-        if self._session is None:
-            await self.start()
-        targets = [s for s in self._order if server_ids is None or s.id in set(server_ids)]
+        await self.start()
+        wanted = None if server_ids is None else set(server_ids)
+        targets = [s for s in self._servers.values() if wanted is None or s.id in wanted]
         results = await asyncio.gather(*(self._call(s, method, path, payload, timeout_s) for s in targets))
         bad = [r for r in results if not r.ok]
         if bad:
@@ -403,7 +403,7 @@ class ServerPool:
                                        ) -> Dict[str, CallResult]:
         body = api.update_from_disk_body(path, version, abort_all_requests)
         res = await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=timeout_s, server_ids=server_ids)
-        for s in self._order:
+        for s in self._servers.values():
             if s.id in res and res[s.id].ok:
                 s.record = dict(s.record, weight_version=parse_version(version))
         return res

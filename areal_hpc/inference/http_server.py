@@ -117,11 +117,9 @@ class EngineServer:
         return self._tokenizer
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        """SGLang's ``/generate``: ``input_ids`` or ``text`` (one or a batch), ``sampling_params``
-        (one or one per prompt, ``n`` samples of each), ``return_logprob``, ``stream``. A single
-        prompt with ``n == 1`` answers one object, anything else a list (prompt-major, SGLang's
-        order); ``stream`` answers server-sent events of cumulative outputs (with ``index`` when
-        there are several), then ``data: [DONE]``. Text requests get ``text`` in their responses."""
+        """SGLang's ``/generate`` (what it accepts: `read_generate`). A single prompt with ``n == 1`` answers one object,
+        anything else a list (prompt-major, SGLang's order); ``stream`` answers server-sent events of cumulative
+        outputs (with ``index`` when there are several), then ``data: [DONE]``."""
         body = await read_json(request)
         req = await read_generate(body, self.tokenizer, self.runner.vocab_size, self.runner.context_length)
         seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(req.prompts, req.params, req.rids)]
@@ -173,7 +171,7 @@ class EngineServer:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         counts = [0] * len(seqs)  # tokens each sequence had at its last append we heard of
-        sent = [-1] * len(seqs)
+        sent = [0] * len(seqs)  # tokens in its last chunk (0: none sent yet)
         done = [False] * len(seqs)
 
         def heard(i: int, n: int) -> None:
@@ -183,7 +181,6 @@ class EngineServer:
         for i, seq in enumerate(seqs):
             seq.on_append = lambda s, n, i=i: loop.call_soon_threadsafe(heard, i, n)
             seq.on_finish = lambda s: loop.call_soon_threadsafe(wake.set)
-        for seq in seqs:
             self.engine.submit(seq)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
@@ -199,7 +196,7 @@ class EngineServer:
                         chunk = ({"error": {"message": seq.finish_reason.get("message", "error"), "code": int(code)}}
                                  if code else self._render(req, seq))
                         done[i] = True
-                    elif counts[i] - max(sent[i], 0) >= req.interval or (sent[i] < 0 and counts[i] > 0):
+                    elif counts[i] > sent[i] and (sent[i] == 0 or counts[i] - sent[i] >= req.interval):
                         chunk = self._render(req, seq, upto=counts[i])
                         sent[i] = counts[i]
                     else:
@@ -258,9 +255,8 @@ class EngineServer:
         body = await read_json(request)
         if "new_version" not in body:
             raise RequestError("missing field: new_version")
-        new = str(body["new_version"])
-        abort = body.get("abort_all_requests")
-        await self._on_loop(lambda: self.engine.set_version(new, bool(abort), "weight version update"))
+        new, abort = str(body["new_version"]), bool(body.get("abort_all_requests"))
+        await self._on_loop(lambda: self.engine.set_version(new, abort, "weight version update"))
         return _result(True, f"Weight version updated to {new}", new_version=new)
 
     # ------------------------------------------------------------------ weights

@@ -24,6 +24,7 @@ import aiohttp
 
 from areal_hpc.config.schema import LauncherConfig, ServerConfig
 from areal_hpc.inference import sglang_api as api
+from areal_hpc.inference.client import request_json
 from areal_hpc.inference.sglang_api import parse_version
 from areal_hpc.registry import Heartbeat, Registry, free_port
 
@@ -95,15 +96,8 @@ class ServerLifecycle:
 
     async def _request(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout: Optional[float] = 10.0) -> tuple[int, Any]:
-        assert self._session is not None
-        async with self._session.request(method, self._local_url + path, json=payload,
-                                         headers={"Authorization": f"Bearer {self.api_key}"},
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            try:
-                body = await resp.json(content_type=None)
-            except Exception:
-                body = await resp.text()
-            return resp.status, body
+        return await request_json(self._session, method, self._local_url + path, payload,
+                                  timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def _wait_healthy(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -253,8 +247,7 @@ class ServerLifecycle:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._stop.set)
-        self._session = aiohttp.ClientSession()
-        code = EXIT_OK
+        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.api_key}"})
         try:
             code = await self._serve()
         except Exception:
@@ -286,10 +279,7 @@ class ServerLifecycle:
         return "already in use" in tail or "Address in use" in tail
 
     async def _serve(self) -> int:
-        if self.backend == "hf":
-            await self._start_hf()
-        else:
-            await self._start_sglang()
+        await (self._start_hf() if self.backend == "hf" else self._start_sglang())
         if self.backend == "sglang" and self.node_rank > 0:
             # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
             while not self._stop.is_set() and self._backend_alive():

@@ -10,6 +10,7 @@ it goes into a 0600 YAML file passed with ``--config``, which SGLang merges like
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -130,15 +131,12 @@ class SGLangProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "SGLangProcess":
-        out = None
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_path, "ab")
         log.info("starting: %s", " ".join(self.argv))
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     start_new_session=True)
-        if out is not None:
-            out.close()
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT if out else None, start_new_session=True)
         return self
 
     def log_tail(self, n_bytes: int = 20000) -> str:

@@ -31,6 +31,11 @@ def new_rid() -> str:
     return f"{_RID_PREFIX}{next(_RID_COUNTER):016x}"
 
 
+def base_url(address: str) -> str:
+    """``host:port`` (or a URL already) -> the server's base URL."""
+    return address if address.startswith(("http://", "https://")) else f"http://{address}"
+
+
 def parse_version(v: Any) -> Any:
     """SGLang reports versions as strings; ours are ints where they look like ints."""
     if isinstance(v, str):
@@ -75,11 +80,10 @@ FINISH_TYPES = ("stop", "length", "abort")
 # ---------------------------------------------------------------------- request bodies
 def sampling_params(params: Any = None, **overrides: Any) -> Dict[str, Any]:
     """SGLang ``sampling_params`` from a GenerationConfig-like object or dict, plus overrides."""
-    out: Dict[str, Any] = {}
-    if params is not None:
-        src = params if isinstance(params, dict) else {k: getattr(params, k) for k in SAMPLING_KEYS
-                                                       if hasattr(params, k)}
-        out.update(src)
+    if params is None or isinstance(params, dict):
+        out = dict(params or {})
+    else:
+        out = {k: getattr(params, k) for k in SAMPLING_KEYS if hasattr(params, k)}
     out.update({k: v for k, v in overrides.items() if v is not None})
     if "stop_token_ids" in out:
         out["stop_token_ids"] = list(out["stop_token_ids"] or [])
