@@ -25,9 +25,9 @@ LAYERS = [
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Issue 18 aims at 9,000 lines; the package was 14,421 before its redesign step, 13,002 after it,
-# 13,100 with the features that landed since, and 12,566 after two more passes of cuts.
+# 13,100 with the features that landed since, and 12,535 after three more passes of cuts.
 # This ceiling only ever moves down.
-MAX_PACKAGE_LINES = 12566
+MAX_PACKAGE_LINES = 12535
 MAX_MODULE_LINES = 450
 
 

@@ -48,10 +48,6 @@ def parse_url(url: str) -> Tuple[str, str]:
     return base, (u.netloc if u.scheme == "http" and not u.path.strip("/") else base)
 
 
-def base_url(address: str) -> str:
-    return address if address.startswith(("http://", "https://")) else f"http://{address}"
-
-
 def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict] = None,
          timeout: Optional[float] = 10.0) -> Tuple[int, Any]:
     """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers."""
@@ -73,7 +69,7 @@ def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict
 
 def healthy(address: str, key: Optional[str], timeout: float = 5.0) -> bool:
     try:
-        return call(base_url(address), api.HEALTH, key, timeout=timeout)[0] == 200
+        return call(api.base_url(address), api.HEALTH, key, timeout=timeout)[0] == 200
     except OSError:
         return False
 
@@ -130,10 +126,10 @@ def find(reg: Registry, ident: str) -> Optional[Tuple[str, Dict[str, Any]]]:
     recs = reg.list("servers", live_only=False)
     if ident in recs:
         return ident, recs[ident]
-    want = {ident.rstrip("/"), base_url(ident.rstrip("/"))}
+    want = {ident.rstrip("/"), api.base_url(ident.rstrip("/"))}
     for sid, rec in recs.items():
         addr = rec.get("address") or ""
-        if addr in want or base_url(addr) in want or rec.get("url") in want:
+        if addr in want or api.base_url(addr) in want or rec.get("url") in want:
             return sid, rec
     return None
 
