@@ -48,12 +48,6 @@ class FakeSide:
         self.version = version
         return {"servers_updated": 1.0, "bg_time_s": 0.25, "loaded": str(write())}
 
-    def prune_weights(self, version):
-        pass
-
-    def external_ids(self):
-        return []
-
     def stop(self):
         pass
 

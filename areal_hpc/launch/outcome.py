@@ -15,7 +15,7 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 COMPLETED, FAILED, STOPPED, RUNNING, PENDING, REQUEUED = \
     "COMPLETED", "FAILED", "STOPPED", "RUNNING", "PENDING", "REQUEUED"
@@ -93,20 +93,27 @@ def error_line(pattern: str, offsets: Optional[Dict[str, int]] = None) -> Tuple[
     return None, files[0] if files else None
 
 
-def last_step(metrics_path: Path) -> int:
-    """The step of the last complete line of metrics.jsonl (0 if none)."""
+def last_row(metrics_path: Path) -> Dict[str, Any]:
+    """The last complete line of metrics.jsonl ({} if none), read from the file's tail: the file grows with the run."""
     try:
         with open(metrics_path, "rb") as f:
             f.seek(max(0, os.path.getsize(metrics_path) - 65536))
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return 0
+        return {}
     for line in reversed(lines):
         try:
-            return int(json.loads(line)["step"])
+            row = json.loads(line)
+            int(row["step"])
+            return row
         except (ValueError, KeyError, TypeError):
             continue
-    return 0
+    return {}
+
+
+def last_step(metrics_path: Path) -> int:
+    """The step of the last complete line of metrics.jsonl (0 if none)."""
+    return int(last_row(metrics_path).get("step", 0))
 
 
 def latest_checkpoint_step(checkpoint_dir: Path) -> int:

@@ -98,8 +98,6 @@ def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[
 
 
 def collect_status(rd: Path) -> Dict[str, Any]:
-    from areal_hpc.trainers.metrics import read_metrics
-
     reg = run_registry(rd)
     key = reg.secret()
     run = reg.get("", "run", live_only=False) or {}
@@ -116,7 +114,6 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                     "healthy": healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
                     "age_s": round(rec.get("_age_s", 0), 1)})
     trainer = reg.get("", "trainer")
-    metrics = read_metrics(rd / "metrics.jsonl")
     status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
                               "api_key_file": str(reg.root / "secret"),
                               "trainer": None if trainer is None else
@@ -141,8 +138,8 @@ def collect_status(rd: Path) -> Dict[str, Any]:
         status["ray"] = ray_runner.describe(reg)
     status.update(run_state(run, status.get("job") or {}, rd, owner_alive))
     status["trainer_restarts"] = run.get("trainer_restarts", 0)
-    if metrics:
-        last = metrics[-1]
+    last = outcome.last_row(rd / "metrics.jsonl")
+    if last:
         status["progress"] = {k: last.get(k) for k in ("step", "version", "reward_mean", "time_s",
                                                       "trained_tokens_per_s", "gen_tokens_per_s", "staleness_max")}
     return status

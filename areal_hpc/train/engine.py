@@ -282,13 +282,9 @@ class FSDPEngine:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
     def state_dict_for_hf(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-        """Full CPU state dict with HF names on rank 0, ``{}`` elsewhere (collective).
-
-        Each tensor is gathered and cast to ``dtype`` (default: the compute dtype) on the device,
-        then copied into one reused host buffer (pinned on CUDA: asynchronous copies); the tensors
-        returned are views of it, valid until the next call. Tied duplicates are dropped, as
-        ``save_pretrained`` does.
-        """
+        """Full CPU state dict with HF names on rank 0, ``{}`` elsewhere (collective): each tensor of `hf_tensors`
+        gathered and cast on the device, then copied into one reused host buffer (pinned on CUDA: asynchronous
+        copies); the tensors returned are views of it, valid until the next call."""
         rank0 = self.info.rank == 0
         entries = self.hf_tensors(dtype)
         staging = self._staging_buffer(entries) if rank0 else None

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import torch.distributed as tdist
+
 from areal_hpc import toy
 from areal_hpc.config import actor_path
 from areal_hpc.inference.client import ServerPool
@@ -209,8 +211,6 @@ class RolloutSide(BackgroundUpdates):
         gloo on CPU-only runs. The group has a fixed size: it is formed again, under a new name, whenever the live
         servers change (a late server starts from weights/latest). External servers stay out (one member that cannot
         reach the trainer's port would make all wait out the timeout) and load a disk copy."""
-        import torch.distributed as tdist
-
         from areal_hpc.train.weight_sync import init_weight_sync_group, new_group_name
 
         pool, c, backend = self.pool, self.controller, self.ctx.cfg.trainer.ppo.weight_update
