@@ -451,6 +451,10 @@ def test_update_weights_from_distributed_gloo(cluster, perturbed, model_path):
                 "backend": "gloo", "group_name": "g"}))
             pg = await asyncio.to_thread(init_custom_process_group, "gloo", f"tcp://127.0.0.1:{port}", 2, 0, "g", 60)
             assert (await init)[0] == 200
+            for dtype in ("auto", "int4x"):  # a dtype the trainer cannot have broadcast: refused before any receive
+                bad = dict(payload, dtypes=[dtype] * len(names))
+                status, body = await post("/update_weights_from_distributed", bad)
+                assert status == 400 and f"unknown dtype {dtype!r}" in body["message"], body
             upd = asyncio.create_task(post("/update_weights_from_distributed", payload))
             await asyncio.to_thread(lambda: [dist.broadcast(t, src=0, group=pg) for t in tensors])
             status, body = await upd

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from aiohttp import web
 
 from areal_hpc.inference.hf_engine.engine import LLMEngine
-from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint, resolve_dtype
+from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint, torch_dtype
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
 from areal_hpc.inference.http_validate import GenerateRequest, RequestError, read_generate, read_json
 
@@ -339,7 +339,7 @@ class EngineServer:
                 and len(names) == len(dtypes) == len(shapes)):
             raise RequestError("names, dtypes and shapes must be lists of equal length")
         try:
-            specs = [(n, resolve_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
+            specs = [(n, torch_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
         except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
             raise RequestError(str(e)) from None
         problems = [p for p in self.runner.check_weights((n, s) for n, _, s in specs) if "missing" not in p]

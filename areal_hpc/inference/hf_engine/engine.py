@@ -295,4 +295,5 @@ class LLMEngine:
                 finished.append((seq, {"type": "length", "length": len(seq.output_ids)}))
         self.stats["generated_tokens"] += len(seqs)
         self.stats["finished_requests"] += len(finished)
-        self._retire(finished)
+        if finished:  # a decode step's hot path: most steps finish nothing
+            self._retire(finished)

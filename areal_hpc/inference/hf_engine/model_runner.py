@@ -27,14 +27,21 @@ from areal_hpc.inference.hf_engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """A torch dtype by its name (``torch.`` prefix optional); ValueError for anything else."""
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
 def resolve_dtype(dtype: str, cuda: bool = False) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA, float32 elsewhere; else a torch dtype's name (``torch.`` prefix optional)."""
+    """A model's dtype: ``auto`` is bfloat16 on CUDA, float32 elsewhere; else float32, bfloat16 or float16."""
     if dtype in ("auto", "", None):
         return torch.bfloat16 if cuda else torch.float32
-    dt = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
+    if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return dt
+    return torch_dtype(dtype)
 
 
 # ---------------------------------------------------------------------- new weights: from disk, the update group
