@@ -30,27 +30,15 @@ log = logging.getLogger(__name__)
 PAUSE_MODES = ("abort", "retract", "in_place")
 
 
-def next_version(current: str) -> str:
-    try:
-        return str(int(current) + 1)
-    except ValueError:
-        return current
-
-
 class Scheduler:
     def __init__(self, max_running: int, max_prefill_tokens: int):
-        self.max_running, self.max_prefill_tokens = max(1, int(max_running)), max(1, int(max_prefill_tokens))
+        self.max_running, self.max_prefill_tokens = max_running, max_prefill_tokens
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
-        self.paused = False
-
-    def has_work(self) -> bool:
-        return bool(self.running) or (bool(self.waiting) and not self.paused)
 
     def schedule(self) -> Optional[Tuple[str, List[Sequence]]]:
-        """``("prefill", new)`` while there is room and nothing holds new work, else
-        ``("decode", running)``; None when idle."""
-        if self.waiting and not self.paused and len(self.running) < self.max_running:
+        """``("prefill", new)`` while there is room, else ``("decode", running)``; None when idle."""
+        if self.waiting and len(self.running) < self.max_running:
             batch: List[Sequence] = []
             longest = 0
             while self.waiting and len(self.running) + len(batch) < self.max_running:
@@ -81,21 +69,14 @@ class Scheduler:
             seq.slot = -1
         return moves
 
-    def take_waiting(self, rid: Optional[str] = None) -> List[Sequence]:
-        """Remove waiting sequences (one rid, or all) and return them."""
-        out = [s for s in self.waiting if rid in (None, s.rid)]
-        self.waiting = deque(s for s in self.waiting if rid not in (None, s.rid))
-        return out
-
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, *, max_prefill_tokens: Optional[int] = None, weight_version: str = "0"):
+    def __init__(self, runner: ModelRunner, *, weight_version: str = "0"):
         self.runner = runner
-        if max_prefill_tokens is None:
-            max_prefill_tokens = 16384 if runner.device.type == "cuda" else 8192
-        self.scheduler = Scheduler(runner.max_running, max_prefill_tokens)
+        self.scheduler = Scheduler(runner.max_running, 16384 if runner.device.type == "cuda" else 8192)
         self.weight_version, self.eos_token_ids = str(weight_version), frozenset(runner.eos_token_ids)
-        self.frozen = False  # pause mode "in_place": no steps at all, requests keep their KV
+        # no steps while paused: "abort" and "retract" empty the batch first, "in_place" keeps it (and its KV)
+        self.paused = False
         self._inbox: Deque[Sequence] = deque()
         self._commands: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._wake, self._stopping = threading.Event(), False
@@ -113,10 +94,6 @@ class LLMEngine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def paused(self) -> bool:
-        return self.scheduler.paused or self.frozen
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort everything (callers get their partial output) and end the loop."""
@@ -161,7 +138,7 @@ class LLMEngine:
 
     def resume(self) -> concurrent.futures.Future:
         def go() -> None:
-            self.scheduler.paused = self.frozen = False
+            self.paused = False
 
         return self.call(go)
 
@@ -184,7 +161,11 @@ class LLMEngine:
         aborting every request when ``abort_all``."""
         if abort_all:
             self._abort(None, f"aborted for a {why}")
-        self.weight_version = str(version) if version is not None else next_version(self.weight_version)
+        if version is not None:
+            self.weight_version = str(version)
+        else:
+            with contextlib.suppress(ValueError):  # the next number; a version that is not one stays
+                self.weight_version = str(int(self.weight_version) + 1)
 
     def snapshot(self) -> Dict[str, Any]:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting)
@@ -201,8 +182,10 @@ class LLMEngine:
     def _abort(self, rid: Optional[str], message: str) -> int:
         self._drain_inbox()
         reason = {"type": "abort", "message": message}
-        running = [s for s in self.scheduler.running if rid is None or s.rid == rid]
-        waiting = self.scheduler.take_waiting(rid)
+        sched = self.scheduler
+        running = [s for s in sched.running if rid in (None, s.rid)]
+        waiting = [s for s in sched.waiting if rid in (None, s.rid)]
+        sched.waiting = deque(s for s in sched.waiting if rid not in (None, s.rid))
         self._retire([(s, dict(reason)) for s in running])
         for s in waiting:
             s.finish(dict(reason))
@@ -211,10 +194,9 @@ class LLMEngine:
 
     def _pause(self, mode: str) -> int:
         self._drain_inbox()
+        self.paused = True
         if mode == "in_place":
-            self.frozen = True
             return 0
-        self.scheduler.paused = True
         running = list(self.scheduler.running)
         if mode == "abort":
             self._retire([(s, {"type": "abort", "message": "generation paused"}) for s in running])
@@ -248,7 +230,7 @@ class LLMEngine:
                 self._wake.clear()
                 self._run_commands()
                 self._drain_inbox()
-                if self.frozen or not self.scheduler.has_work():
+                if self.paused or not (self.scheduler.running or self.scheduler.waiting):
                     self._wake.wait(1.0)
                     continue
                 self._step()
