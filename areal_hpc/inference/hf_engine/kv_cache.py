@@ -66,11 +66,11 @@ class KVCache:
         self.rows, self.cols = 0, 0
         self.k: List[torch.Tensor] = []
         self.v: List[torch.Tensor] = []
-        self.initial = (min(rows, max_rows), min(cols, max_cols))
-        self._alloc(*self.initial)
+        self.initial = (rows, cols)
+        self._alloc(rows, cols)
+        # what the next `update` does: set by `begin_prefill` / `begin_decode` before every forward pass
         self._mode, self._row0, self._n, self._width = "", 0, 0, 0
-        self._row_idx: torch.Tensor = torch.arange(self.rows, device=device)
-        self._pos: torch.Tensor = self._row_idx
+        self._rows = self._pos = self._row_idx
 
     def _alloc(self, rows: int, cols: int) -> None:
         shape = (rows, self.n_kv_heads, cols, self.head_dim)
@@ -105,12 +105,13 @@ class KVCache:
         self._alloc(*self.initial)
 
     # ----------------------------------------------------------------- modes
-    def begin_prefill(self, row0: int, n: int) -> None:
-        self._mode, self._row0, self._n = "prefill", row0, n
+    def begin_prefill(self, row0: int) -> None:
+        self._mode, self._row0 = "prefill", row0
 
-    def begin_decode(self, n: int, pos: torch.Tensor, width: int, row_idx: torch.Tensor | None = None) -> None:
-        self._mode, self._n, self._width, self._pos = "decode", n, width, pos
-        self._decode_rows = self._row_idx[:n] if row_idx is None else row_idx
+    def begin_decode(self, pos: torch.Tensor, width: int) -> None:
+        """Rows ``0 .. len(pos)`` decode (on the fixed buffers of a CUDA graph, padding rows included)."""
+        self._mode, self._n, self._width, self._pos = "decode", len(pos), width, pos
+        self._rows = self._row_idx[:self._n]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +121,7 @@ class KVCache:
             k[r0:r0 + n, :, :length] = key_states
             v[r0:r0 + n, :, :length] = value_states
             return key_states, value_states
-        rows, pos = self._decode_rows, self._pos
+        rows, pos = self._rows, self._pos
         k[rows, :, pos] = key_states[:, :, 0]
         v[rows, :, pos] = value_states[:, :, 0]
         return k[:self._n, :, :self._width], v[:self._n, :, :self._width]

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence as Seq, Tuple
+from typing import Dict, Iterable, List, Sequence as Seq, Tuple
 
 import torch
 
@@ -231,7 +231,7 @@ class ModelRunner:
         ar = torch.arange(length, device=dev)
         # causal within each row, and never attending to the right padding of a row
         mask = (ar[:, None] >= ar[None, :])[None, None] & (ar[None, None, None, :] < lens_t[:, None, None, None])
-        self.kv.begin_prefill(row0, u)
+        self.kv.begin_prefill(row0)
         hidden = self._forward(ids, mask, ar[None, :].expand(u, length))
         logits = self._logits(hidden[torch.arange(u, device=dev), lens_t - 1])
         if u == n:
@@ -259,11 +259,9 @@ class ModelRunner:
         pos_t = torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True)
         return self._decode_step(ids[:, None], pos_t, width)
 
-    def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, width: int,
-                     rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Row ``i`` (``rows[i]``) takes token ``ids[i]`` at ``pos[i]``, attending to its first
-        ``width`` columns up to ``pos[i]``."""
-        self.kv.begin_decode(len(pos), pos, width, rows)
+    def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
+        """Row ``i`` takes token ``ids[i]`` at ``pos[i]``, attending to its first ``width`` columns up to ``pos[i]``."""
+        self.kv.begin_decode(pos, width)
         mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         return self._logits(self._forward(ids, mask, pos[:, None])[:, -1])
 
@@ -349,7 +347,6 @@ class StaticDecoder:
         self.width_buckets = _buckets(runner.kv.cols, [128 * 2 ** i for i in range(16)])
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.rows = torch.arange(rows, device=dev)
         self.graphs: Dict[Tuple[int, int], Tuple["torch.cuda.CUDAGraph", torch.Tensor]] = {}
         self.pool = None
 
@@ -358,7 +355,7 @@ class StaticDecoder:
         return buckets[min(bisect.bisect_left(buckets, x), len(buckets) - 1)]
 
     def _step(self, b: int, w: int) -> torch.Tensor:
-        return self.r._decode_step(self.ids[:b], self.pos[:b], w, self.rows[:b])
+        return self.r._decode_step(self.ids[:b], self.pos[:b], w)
 
     def _capture(self, b: int, w: int) -> Tuple["torch.cuda.CUDAGraph", torch.Tensor]:
         dev = self.r.device
