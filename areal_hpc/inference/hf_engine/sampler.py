@@ -16,38 +16,31 @@ from areal_hpc.inference.hf_engine.sequence import SamplingParams
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams]) -> Tuple[List[int], List[float]]:
     """``logits``: [n, vocab] float32. Returns python lists (one device sync)."""
-    n = logits.shape[0]
     dev = logits.device
     greedy = [p.greedy for p in params]
     temps = [p.temperature for p in params]
-    if all(greedy) and all(t <= 0.0 or t == 1.0 for t in temps):
-        logp = torch.log_softmax(logits, dim=-1)
+    if all(t <= 0.0 or t == 1.0 for t in temps):  # temperature 0 (greedy) scores the raw logits too
+        scaled = logits
+    elif all(t == temps[0] for t in temps):
+        scaled = logits / temps[0]
+    else:
+        t = torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=dev, dtype=logits.dtype)
+        scaled = logits / t[:, None]
+    logp = torch.log_softmax(scaled, dim=-1)
+    if all(greedy):
         tok = logits.argmax(dim=-1)
     else:
-        t0 = temps[0]
-        if all(t == t0 for t in temps):
-            scaled = logits / t0 if t0 > 0.0 else logits
-        else:
-            t = torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=dev, dtype=logits.dtype)
-            scaled = logits / t[:, None]
-        logp = torch.log_softmax(scaled, dim=-1)
-        if all(greedy):
-            tok = logits.argmax(dim=-1)
-        else:
-            probs = logp.exp()
-            if any(p.top_k > 0 or p.top_p < 1.0 for p, g in zip(params, greedy) if not g):
-                probs = _filter_top_k_top_p(probs, params)
-            # Exponential-race sampling: argmax(p / E), E ~ Exp(1), is a draw from p (no sync).
-            tok = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-            if any(greedy):
-                g = torch.tensor(greedy, device=dev)
-                tok = torch.where(g, logits.argmax(dim=-1), tok)
+        probs = logp.exp()
+        if any(p.top_k > 0 or p.top_p < 1.0 for p, g in zip(params, greedy) if not g):
+            probs = _filter_top_k_top_p(probs, params)
+        # Exponential-race sampling: argmax(p / E), E ~ Exp(1), is a draw from p (no sync).
+        tok = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+        if any(greedy):
+            g = torch.tensor(greedy, device=dev)
+            tok = torch.where(g, logits.argmax(dim=-1), tok)
     lp = logp.gather(1, tok[:, None])[:, 0]
     both = torch.stack([tok.to(torch.float64), lp.to(torch.float64)]).cpu()
-    toks = both[0].long().tolist()
-    lps = both[1].tolist()
-    assert len(toks) == n
-    return toks, lps
+    return both[0].long().tolist(), both[1].tolist()
 
 
 def _filter_top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
