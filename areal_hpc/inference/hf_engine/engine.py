@@ -36,8 +36,9 @@ class Scheduler:
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
 
-    def schedule(self) -> Optional[Tuple[str, List[Sequence]]]:
-        """``("prefill", new)`` while there is room, else ``("decode", running)``; None when idle."""
+    def schedule(self) -> Tuple[str, List[Sequence]]:
+        """``("prefill", new)`` while there is room, else ``("decode", running)`` (the engine asks only when either
+        list holds a sequence)."""
         if self.waiting and len(self.running) < self.max_running:
             batch: List[Sequence] = []
             longest = 0
@@ -50,9 +51,7 @@ class Scheduler:
                 seq.slot = len(self.running)
                 self.running.append(seq)
             return "prefill", batch
-        if self.running:
-            return "decode", self.running
-        return None
+        return "decode", self.running
 
     def remove(self, seqs: Iterable[Sequence]) -> List[Tuple[int, int, int]]:
         """Take finished sequences out of ``running``; returns row moves ``(src, dst, ncols)``."""
@@ -81,7 +80,6 @@ class LLMEngine:
         self._commands: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._wake, self._stopping = threading.Event(), False
         self._thread: Optional[threading.Thread] = None
-        self.error: Optional[BaseException] = None
         self.stats: Dict[str, float] = {"prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,
                                         "finished_requests": 0, "aborted_requests": 0, "step_errors": 0}
 
@@ -235,7 +233,6 @@ class LLMEngine:
                     continue
                 self._step()
         except BaseException as e:  # a bug: fail every caller rather than hang them
-            self.error = e
             log.exception("engine loop died")
             with contextlib.suppress(BaseException):
                 self._abort(None, f"engine died: {type(e).__name__}: {e}")
@@ -247,10 +244,7 @@ class LLMEngine:
                 self._inbox.popleft().finish({"type": "abort", "status_code": 503, "message": "engine stopped"})
 
     def _step(self) -> None:
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return
-        kind, seqs = plan
+        kind, seqs = self.scheduler.schedule()
         seqs = list(seqs)
         try:
             logits = (self.runner.prefill if kind == "prefill" else self.runner.decode)(seqs)
