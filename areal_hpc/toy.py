@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from pathlib import Path
 from typing import Optional
 
+from areal_hpc.config.validate import TOY_DATASET, TOY_MODEL
 from areal_hpc.registry.util import atomic_write
 
 # Characters the toy tokenizer knows; ids follow the special tokens.
@@ -18,8 +18,6 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
 CHARS = list("0123456789+-*= ")
 # Bump when the tokenizer or the model recipe changes: cached toy models are keyed by it.
 RECIPE = "v2"
-
-_MODEL_SPEC = re.compile(r"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>\d+))?(?:-l(?P<l>\d+))?(?:-i(?P<i>\d+))?$")
 
 
 def _cache_dir(cache_dir: Optional[Path]) -> Path:
@@ -69,7 +67,7 @@ def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
     """Turn a `toy:` model spec into a built, cached directory; pass other paths through."""
     if not str(path).startswith("toy:"):
         return path
-    m = _MODEL_SPEC.match(path)
+    m = TOY_MODEL.match(path)
     if not m:
         raise ValueError(f"bad toy model spec {path!r}: expected toy:<qwen3|llama|qwen2>[-h<hidden>]"
                          "[-l<layers>][-i<intermediate>], e.g. toy:qwen3-h128-l2")
@@ -103,7 +101,7 @@ def resolve_dataset(path: str, split: str = "train", cache_dir: Optional[Path] =
     """Turn a `toy:<name>[-<rows>]` dataset spec into a cached jsonl file."""
     if not str(path).startswith("toy:"):
         return path
-    m = re.match(r"^toy:(?P<name>[a-z]+)(?:-(?P<n>\d+))?$", path)
+    m = TOY_DATASET.match(path)
     if not m or m["name"] not in TOY_DATASETS:
         raise ValueError(f"bad toy dataset spec {path!r}: expected toy:<{'|'.join(TOY_DATASETS)}>[-<rows>]")
     n = int(m["n"] or 2048)

@@ -87,11 +87,13 @@ _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 # A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".gguf", ".yaml")
+# The `toy:` specs (areal_hpc.toy builds them): hidden size, layers, intermediate size; rows.
+TOY_MODEL = re.compile(r"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>\d+))?(?:-l(?P<l>\d+))?(?:-i(?P<i>\d+))?$")
+TOY_DATASET = re.compile(r"^toy:(?P<name>[a-z]+)(?:-(?P<n>\d+))?$")
 # kind: (toy spec, example toy spec, what to give instead)
 _PATHS = {
-    "model": (re.compile(r"^toy:(qwen3|llama|qwen2)(-h\d+)?(-l\d+)?(-i\d+)?$"), "toy:qwen3-h128-l2",
-              "a local HF model directory or a hub name (org/name)"),
-    "dataset": (re.compile(r"^toy:[a-z]+(-\d+)?$"), "toy:sum",
+    "model": (TOY_MODEL, "toy:qwen3-h128-l2", "a local HF model directory or a hub name (org/name)"),
+    "dataset": (TOY_DATASET, "toy:sum",
                 "a local .jsonl/.json/.parquet file, a dataset directory or a hub name (org/name)"),
 }
 
