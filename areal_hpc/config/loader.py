@@ -286,7 +286,10 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
         parent = key.rpartition(".")[0]
         if key in leaves:
             origin = typing.get_origin(_strip_optional(leaves[key])[0])
-            value = _yaml_scalar(raw)
+            try:
+                value = yaml.load(raw, Loader=_Loader)
+            except yaml.YAMLError:
+                value = raw
             if origin is list and not isinstance(value, list):
                 value = [] if raw == "" else [value]
             if origin in (list, dict) or value is None:
@@ -298,10 +301,3 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
     return _parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg))
-
-
-def _yaml_scalar(raw: str) -> Any:
-    try:
-        return yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError:
-        return raw
