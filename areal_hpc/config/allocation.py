@@ -45,9 +45,6 @@ class ParallelSpec:
         """GPUs of one server (tp*pp); for a trainer, of one model replica."""
         return self.pp * self.tp
 
-    def __str__(self) -> str:
-        return f"{self.backend}:d{self.dp}p{self.pp}t{self.tp}"
-
 
 @dataclass(frozen=True)
 class AllocationMode:
