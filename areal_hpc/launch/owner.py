@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome
 from areal_hpc.launch.external import ExternalWatch
-from areal_hpc.launch.plan import Plan, StepSpec, build_plan, server_step
+from areal_hpc.launch.plan import Plan, StepSpec, server_step
 from areal_hpc.registry import Heartbeat, Registry
 
 log = logging.getLogger("areal_hpc.launch")
@@ -206,12 +206,11 @@ class RunOwner:
                     self.start_step(self._trainer_step(req.get("min_required_servers")))
 
     def _trainer_step(self, min_required_servers: Optional[int] = None) -> StepSpec:
-        alloc = parse_allocation(self.cfg.allocation_mode)
-        step = build_plan(self.cfg, alloc, self.run_dir, with_servers=False).trainer
-        step = replace(step, relative_node=self.plan.trainer.relative_node if self.plan.trainer else step.relative_node)
+        """The plan's trainer step again (every owned plan has one: server jobs have no owner), on its GPUs."""
+        step = self.plan.trainer
         if min_required_servers:  # this trainer only (config.yaml keeps the run's value): it waits for that
             # many servers, then pushes its weights before generating, even with no checkpoint to resume
-            step.env = {**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(min_required_servers)}
+            return replace(step, env={**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(min_required_servers)})
         return step
 
     # ------------------------------------------------------------------ the trainer's end
