@@ -74,16 +74,6 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
                       "run ended (killed?)"}
 
 
-def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
-    """Whether Slurm says step ``step_id`` of ``job`` (of `slurm_jobs`) has ended."""
-    state = slurm.state_word(job.get("state"))
-    if state and state not in slurm.LIVE_STATES:
-        return True
-    name = f"{job.get('job_id')}.{step_id}"
-    return any(s["step"] == name and slurm.state_word(s.get("state")) not in slurm.LIVE_STATES
-               for s in job.get("steps", []))
-
-
 def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
     """A live record may still belong to a dead process (it lives until its TTL): check the process
     (this host) or its Slurm step. An attached server's record lives while the owner's health checks refresh it."""
@@ -94,7 +84,11 @@ def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
         return True  # Slurm knows nothing of it: trust the heartbeat
-    return not _step_ended(job, rec["slurm_step_id"])
+    if slurm.state_word(job.get("state")) not in ("", *slurm.LIVE_STATES):
+        return False  # its job has ended
+    name = f"{job['job_id']}.{rec['slurm_step_id']}"
+    return not any(s["step"] == name and slurm.state_word(s.get("state")) not in slurm.LIVE_STATES
+                   for s in job.get("steps", []))
 
 
 def collect_status(rd: Path) -> Dict[str, Any]:
