@@ -162,7 +162,8 @@ def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
     for step in job.get("steps", []):
         print(f"  step {step['step']:<12} {step['name']:<40} {step['state']:<11} {step['nodes']}")
     for j in st.get("server_jobs", []):
-        print(f"job      {j.get('job_id')} {j.get('state', '?')} {j.get('nodes', '')} (servers {', '.join(j.get('servers') or [])})")
+        print(f"job      {j.get('job_id')} {j.get('state', '?')} {j.get('nodes', '')} "
+              f"(servers {', '.join(j.get('servers') or [])})")
     print(f"servers  {len(st['servers'])} live; API key: the contents of {st['api_key_file']} (mode 0600), sent as "
           "`Authorization: Bearer <key>`")
     for s in st["servers"]:
