@@ -38,7 +38,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
     attached ones are detached; with ``external`` they are stopped too, where we can tell how."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
-    local, slurm_run, on_ray = run.get("mode") in HOST_MODES, run.get("mode") == "slurm", run.get("mode") == "ray"
+    local, slurm_run = run.get("mode") in HOST_MODES, run.get("mode") == "slurm"
     for sid, rec in sorted(reg.list("servers", live_only=False).items()):
         if not rec.get("external"):
             continue
@@ -56,10 +56,10 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
         """The servers this stop waits for (and kills if it must)."""
         return {k: v for k, v in recs.items() if external or not v.get("external")}
 
-    def owner_alive() -> bool:
-        if local or on_ray:
-            return launcher_alive(run, reg)
-        return slurm_run and slurm.job_state(run.get("job_id", "")) in slurm.LIVE_STATES + slurm.WAITING_STATES
+    def owner_alive() -> bool:  # a Slurm job still queued has an owner to come
+        if slurm_run:
+            return slurm.job_state(run.get("job_id", "")) in slurm.LIVE_STATES + slurm.WAITING_STATES
+        return launcher_alive(run, reg)
 
     live = reg.get("", "run") or {}
     forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
@@ -78,7 +78,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
         slurm.scancel(job_id)
         reg.delete("jobs", job_id)
     deadline = time.monotonic() + timeout_s
-    ray_left = on_ray  # what the run may have left on its Ray cluster, once no owner will stop it
+    ray_left = run.get("mode") == "ray"  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
             if not owner_alive():  # one job-state query a pass

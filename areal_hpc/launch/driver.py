@@ -161,19 +161,14 @@ def _setup_logging(run_dir: Path) -> None:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     lg = logging.getLogger("areal_hpc.launch")
     lg.setLevel(logging.INFO)
-    for h in list(lg.handlers):
-        if getattr(h, "_areal_driver", False):
-            lg.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s driver %(levelname)s %(message)s", "%H:%M:%S")
     for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / "driver.log")):
         h.setFormatter(fmt)
-        h._areal_driver = True  # type: ignore[attr-defined]
         lg.addHandler(h)
     lg.propagate = False
 
 
-def prepare_requeue(trainer_grace_s: float = REQUEUE_TRAINER_GRACE_S,
-                    server_grace_s: float = REQUEUE_SERVER_GRACE_S) -> bool:
+def prepare_requeue() -> bool:
     """Checkpoint the trainer and stop the servers before the job is requeued (or ends); whether to requeue."""
     owner = _OWNER
     if owner is None:
@@ -184,7 +179,7 @@ def prepare_requeue(trainer_grace_s: float = REQUEUE_TRAINER_GRACE_S,
     t0 = time.monotonic()
     log.warning("USR2: asking the trainer to checkpoint at its next step boundary")
     # a trainer killed after its grace resumes from its last checkpoint; the requeued driver starts the servers again
-    owner.shutdown(why, trainer_grace_s, signal.SIGUSR2, server_grace_s)
+    owner.shutdown(why, REQUEUE_TRAINER_GRACE_S, signal.SIGUSR2, REQUEUE_SERVER_GRACE_S)
     requeue = bool(owner.cfg.launcher.requeue_on_preemption)
     log.warning("USR2 handled in %.1fs (trainer rc %s): %s", time.monotonic() - t0, owner.trainer_rc,
                 "requeueing the job" if requeue else "ending the job (launcher.requeue_on_preemption=False)")

@@ -15,12 +15,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome
 from areal_hpc.launch.external import ExternalWatch
-from areal_hpc.launch.plan import Plan, StepSpec, build_plan, server_step
+from areal_hpc.launch.plan import Plan, StepSpec, server_step
 from areal_hpc.registry import Heartbeat, Registry
 
 log = logging.getLogger("areal_hpc.launch")
@@ -94,11 +94,11 @@ class RunOwner:
         self.restarts, self.stopping, self.force, self.stop_reason = 0, False, False, "stop requested"
         # how the run stands (run.json): RUNNING until the end, then COMPLETED / FAILED / STOPPED
         self.state, self.reason, self.log_path = outcome.RUNNING, None, None
-        self.trainer_done = False  # the last trainer finished its run (exit 0, not stopped by us)
-        self.trainer_failure: Optional[Tuple[str, Optional[str]]] = None  # (reason, log) of the last one
+        # (state, reason, log) of how the last trainer ended: COMPLETED (exit 0, not stopped by us) or FAILED
+        self.trainer_end: Optional[Tuple[str, Optional[str], Optional[str]]] = None
         self.server_failures: List[Tuple[str, Optional[str]]] = []
         self.early_failures = 0  # consecutive trainer deaths before their first step (crash-loop brake)
-        self._attempt: Dict[str, object] = {}
+        self._attempt: Dict[str, Any] = {}  # the running trainer's start time, resume step, progress
         self._log_offsets: Dict[str, Dict[str, int]] = {}
         self._started = time.time()
         self._ended: Optional[float] = None
@@ -206,39 +206,37 @@ class RunOwner:
                     self.start_step(self._trainer_step(req.get("min_required_servers")))
 
     def _trainer_step(self, min_required_servers: Optional[int] = None) -> StepSpec:
-        alloc = parse_allocation(self.cfg.allocation_mode)
-        step = build_plan(self.cfg, alloc, self.run_dir, with_servers=False).trainer
-        step = replace(step, relative_node=self.plan.trainer.relative_node if self.plan.trainer else step.relative_node)
+        """The plan's trainer step again (every owned plan has one: server jobs have no owner), on its GPUs."""
+        step = self.plan.trainer
         if min_required_servers:  # this trainer only (config.yaml keeps the run's value): it waits for that
             # many servers, then pushes its weights before generating, even with no checkpoint to resume
-            step.env = {**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(min_required_servers)}
+            return replace(step, env={**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(min_required_servers)})
         return step
 
     # ------------------------------------------------------------------ the trainer's end
     def _watch_progress(self) -> None:
         """Whether the running trainer got past its first step (its record's step moved)."""
         a = self._attempt
-        if not a or a.get("progressed"):
+        if a["progressed"]:
             return
         step = (self.registry.get("", "trainer") or {}).get("step")
         if isinstance(step, int):
-            if a.get("first_step") is None:
+            if a["first_step"] is None:
                 a["first_step"] = step
-            elif step > a["first_step"]:  # type: ignore[operator]
-                a["progressed"] = True
+            a["progressed"] = step > a["first_step"]
 
     def _progressed(self) -> bool:
         """Did the trainer that just ended complete a step? (its record moved, or it wrote a metrics
         row past the step it resumed from)"""
         a = self._attempt
-        if a.get("progressed"):
+        if a["progressed"]:
             return True
         path = self.run_dir / "metrics.jsonl"
         try:
-            written = path.stat().st_mtime >= float(a.get("t0", 0))  # type: ignore[arg-type]
+            written = path.stat().st_mtime >= a["t0"]
         except OSError:
             return False
-        return written and outcome.last_step(path) > int(a.get("from_step", 0))  # type: ignore[arg-type]
+        return written and outcome.last_step(path) > a["from_step"]
 
     def _on_trainer_exit(self, rc: int) -> bool:
         """Note how the trainer ended; restart it when allowed. True if a new trainer was started."""
@@ -246,26 +244,24 @@ class RunOwner:
         log.info("trainer %s", outcome.describe_exit(rc))
         if rc == 0:
             if not self.stopping:
-                self.trainer_done, self.trainer_failure, self.early_failures = True, None, 0
+                self.trainer_end, self.early_failures = (outcome.COMPLETED, None, None), 0
             return False
-        self.trainer_done = False
         self.registry.delete("", "trainer")  # a killed trainer's record would block a restart until its TTL
-        assert self.trainer is not None
-        self.trainer_failure = self._failure(self.trainer, rc)
-        reason, path = self.trainer_failure
+        reason, path = self._failure(self.trainer, rc)
+        self.trainer_end = (outcome.FAILED, reason, path)
         if self.stopping:
             return False
         self.early_failures = 0 if self._progressed() else self.early_failures + 1
         limit = 0 if self.runner.trainer_restarts_itself else self.cfg.trainer.max_restarts
         if self.early_failures >= 2:
-            self.trainer_failure = (f"{reason} (crash loop: it died before its first step {self.early_failures} "
-                                    "times in a row; not restarted)", path)
+            self.trainer_end = (outcome.FAILED, f"{reason} (crash loop: it died before its first step "
+                                f"{self.early_failures} times in a row; not restarted)", path)
             log.error("trainer died before its first step %d times in a row: not restarting it", self.early_failures)
             return False
         if self.restarts >= limit:
             if limit:
-                self.trainer_failure = (f"{reason} (after {self.restarts} restart(s), trainer.max_restarts={limit})",
-                                        path)
+                self.trainer_end = (outcome.FAILED, f"{reason} (after {self.restarts} restart(s), "
+                                    f"trainer.max_restarts={limit})", path)
             return False
         self.restarts += 1
         log.warning("%s; restarting it (%d/%d) from its last checkpoint; servers keep running", reason,
@@ -279,10 +275,8 @@ class RunOwner:
 
     def _final(self) -> Tuple[str, Optional[str], Optional[str]]:
         """(state, reason, log) of a run whose trainer is over, from how it ended."""
-        if self.trainer_done:
-            return outcome.COMPLETED, None, None
-        if self.trainer_failure is not None:
-            return outcome.FAILED, *self.trainer_failure
+        if self.trainer_end is not None:
+            return self.trainer_end
         if self.server_failures:
             reason, path = self.server_failures[0]
             return outcome.FAILED, f"every server exited; {reason}", path
@@ -348,15 +342,14 @@ class RunOwner:
                 if rc is not None:
                     if self._on_trainer_exit(rc):
                         continue
+                    state, reason, path = self._final()
                     if self.cfg.shutdown_server_on_exit:
-                        state, reason, path = self._final()
                         self.shutdown(reason=f"trainer {outcome.describe_exit(rc)}")
                         return self.set_state(state, reason, path)
                     log.info("shutdown_server_on_exit=False: servers stay up")
                     if not self.linger:
-                        return self.set_state(*self._final())
-                    if not self.trainer_done:  # the run waits for a restart by hand, or for `stop`
-                        reason, path = self.trainer_failure or ("", None)
+                        return self.set_state(state, reason, path)
+                    if state != outcome.COMPLETED:  # the run waits for a restart by hand, or for `stop`
                         self.set_state(outcome.RUNNING, f"{reason}; servers stay up (shutdown_server_on_exit=False)",
                                        path)
             for name, h in list(self.servers.items()):

@@ -74,16 +74,6 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
                       "run ended (killed?)"}
 
 
-def _step_ended(job: Dict[str, Any], step_id: Any) -> bool:
-    """Whether Slurm says step ``step_id`` of ``job`` (of `slurm_jobs`) has ended."""
-    state = slurm.state_word(job.get("state"))
-    if state and state not in slurm.LIVE_STATES:
-        return True
-    name = f"{job.get('job_id')}.{step_id}"
-    return any(s["step"] == name and slurm.state_word(s.get("state")) not in slurm.LIVE_STATES
-               for s in job.get("steps", []))
-
-
 def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
     """A live record may still belong to a dead process (it lives until its TTL): check the process
     (this host) or its Slurm step. An attached server's record lives while the owner's health checks refresh it."""
@@ -94,7 +84,11 @@ def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
         return True  # Slurm knows nothing of it: trust the heartbeat
-    return not _step_ended(job, rec["slurm_step_id"])
+    if slurm.state_word(job.get("state")) not in ("", *slurm.LIVE_STATES):
+        return False  # its job has ended
+    name = f"{job['job_id']}.{rec['slurm_step_id']}"
+    return not any(s["step"] == name and slurm.state_word(s.get("state")) not in slurm.LIVE_STATES
+                   for s in job.get("steps", []))
 
 
 def collect_status(rd: Path) -> Dict[str, Any]:
@@ -168,7 +162,8 @@ def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
     for step in job.get("steps", []):
         print(f"  step {step['step']:<12} {step['name']:<40} {step['state']:<11} {step['nodes']}")
     for j in st.get("server_jobs", []):
-        print(f"job      {j.get('job_id')} {j.get('state', '?')} {j.get('nodes', '')} (servers {', '.join(j.get('servers') or [])})")
+        print(f"job      {j.get('job_id')} {j.get('state', '?')} {j.get('nodes', '')} "
+              f"(servers {', '.join(j.get('servers') or [])})")
     print(f"servers  {len(st['servers'])} live; API key: the contents of {st['api_key_file']} (mode 0600), sent as "
           "`Authorization: Bearer <key>`")
     for s in st["servers"]:
