@@ -26,15 +26,14 @@ def template_text(name: str) -> str:
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 
 
-def sbatch_lines(cfg: ExperimentConfig, plan: Plan, job_name: Optional[str] = None,
-                 nodes: Optional[int] = None) -> List[str]:
+def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
     """``#SBATCH`` options for an allocation of ``plan`` (sorted, like submitit's)."""
     c = cfg.cluster
     run = Path(plan.run_dir)
     opts = {
         "ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
-        "job-name": job_name or plan.job_name,
-        "nodes": str(nodes or plan.nodes),
+        "job-name": plan.job_name,
+        "nodes": str(plan.nodes),
         "time": str(c.time),
         "output": str(run / "logs" / "slurm-%j.out"),
         "open-mode": "append",

@@ -88,7 +88,7 @@ class RunDirSnapshot:
                     path.unlink(missing_ok=True)
 
 
-def summary(cfg: ExperimentConfig, alloc: AllocationMode, plan: Plan) -> str:
+def summary(cfg: ExperimentConfig, plan: Plan) -> str:
     gpn = plan.gpus_per_node
     lines = [f"run       {plan.run_dir}",
              f"mode      {cfg.mode}   trainer.type={cfg.trainer.type}   allocation_mode={cfg.allocation_mode}",
@@ -156,7 +156,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
     ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
     snapshot = RunDirSnapshot(rd)
     write_run_dir(cfg, plan, rd)
-    print(summary(cfg, alloc, plan))
+    print(summary(cfg, plan))
     ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
     if ckpts and cfg.trainer.type != "null":
         print(f"resume    from {ckpts[-1].name} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
