@@ -61,12 +61,9 @@ class RunDirSnapshot:
     def __init__(self, rd: Path):
         self.rd = rd
         self.new_dirs: List[Path] = [d for d in (rd.parent.parent, rd.parent, rd) if not d.exists()]
-        self.files: Dict[str, Optional[bytes]] = {}
-        self.submitit: set = set()
-        if rd.exists():
-            for name in self.FILES:
-                self.files[name] = (rd / name).read_bytes() if (rd / name).is_file() else None
-            self.submitit = set((rd / "submitit").rglob("*")) if (rd / "submitit").is_dir() else set()
+        self.files: Dict[str, Optional[bytes]] = {name: (rd / name).read_bytes() if (rd / name).is_file() else None
+                                                  for name in self.FILES}
+        self.submitit = set((rd / "submitit").rglob("*"))  # nothing when there is no such directory (yet)
 
     def restore(self) -> None:
         if self.rd in self.new_dirs:
@@ -80,12 +77,11 @@ class RunDirSnapshot:
                 (self.rd / name).unlink(missing_ok=True)
             else:
                 (self.rd / name).write_bytes(data)
-        if (self.rd / "submitit").is_dir():
-            for path in sorted(set((self.rd / "submitit").rglob("*")) - self.submitit, reverse=True):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+        for path in sorted(set((self.rd / "submitit").rglob("*")) - self.submitit, reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def summary(cfg: ExperimentConfig, plan: Plan) -> str:
