@@ -296,14 +296,12 @@ class RayRunner(Runner):
                                f"{PLACEMENT_TIMEOUT_S:.0f}s")
         pg, pg_name = placed
         task_cls = ray.remote(StepTask)
-        actors, names = [], []
-        for rank in range(step.ntasks):
-            name = f"{pg_name}/{rank}"
-            actors.append(task_cls.options(
-                name=name, namespace=NAMESPACE, lifetime="detached" if self._detached(step) else None,
-                num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
-            names.append(name)
+        names = [f"{pg_name}/{rank}" for rank in range(step.ntasks)]
+        actors = [task_cls.options(
+            name=name, namespace=NAMESPACE, lifetime="detached" if self._detached(step) else None,
+            num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote()
+            for rank, name in enumerate(names)]
         try:
             places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
             pids = ray.get([a.start.remote(step.command, self._env(step, rank, places),
