@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -154,6 +153,16 @@ class StepTask:
         if self.proc is not None:
             killpg(self.proc, sig)
 
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM (a server deregisters), SIGKILL after ``grace_s``: `stop_leftovers`, on every actor at once."""
+        if self.proc is None:
+            return
+        killpg(self.proc, signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            killpg(self.proc, signal.SIGKILL)
+
 
 # ----------------------------------------------------------------------------- handles and runner
 
@@ -197,7 +206,7 @@ class RayStepHandle(StepHandle):
 
     def signal(self, sig: int) -> None:
         if self._rc is None:
-            _signal_all([a for a, c in zip(self.actors, self._codes) if c is None], sig)
+            _call_all([a for a, c in zip(self.actors, self._codes) if c is None], "signal", sig)
 
     def info(self) -> Dict[str, object]:
         return {"ray_placement_group": self.pg_name, "actors": self.names, "pids": self.pids,
@@ -205,13 +214,12 @@ class RayStepHandle(StepHandle):
                 "gpus": [p["gpus"] for p in self.places]}
 
 
-def _signal_all(actors: List[Any], sig: int, timeout_s: float = 10.0) -> None:
+def _call_all(actors: List[Any], method: str, *args: Any, timeout_s: float = 10.0) -> None:
+    """Call ``method`` of every actor at once and wait for all of them (a dead actor's call just fails)."""
     import ray
 
-    if not actors:
-        return
-    refs = [a.signal.remote(int(sig)) for a in actors]
-    with contextlib.suppress(Exception):  # a dead actor: nothing to signal
+    refs = [getattr(a, method).remote(*args) for a in actors]
+    with contextlib.suppress(Exception):  # the cluster went away: nothing left to call
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
@@ -220,8 +228,7 @@ def release(actors: List[Any], pg: Optional[Any], alive: List[int]) -> None:
     import ray
     from ray.util import remove_placement_group
 
-    if alive:
-        _signal_all([actors[i] for i in alive], signal.SIGKILL)
+    _call_all([actors[i] for i in alive], "signal", signal.SIGKILL)
     for a in actors:
         with contextlib.suppress(Exception):  # gone already
             ray.kill(a, no_restart=True)
@@ -289,14 +296,12 @@ class RayRunner(Runner):
                                f"{PLACEMENT_TIMEOUT_S:.0f}s")
         pg, pg_name = placed
         task_cls = ray.remote(StepTask)
-        actors, names = [], []
-        for rank in range(step.ntasks):
-            name = f"{pg_name}/{rank}"
-            actors.append(task_cls.options(
-                name=name, namespace=NAMESPACE, lifetime="detached" if self._detached(step) else None,
-                num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
-            names.append(name)
+        names = [f"{pg_name}/{rank}" for rank in range(step.ntasks)]
+        actors = [task_cls.options(
+            name=name, namespace=NAMESPACE, lifetime="detached" if self._detached(step) else None,
+            num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote()
+            for rank, name in enumerate(names)]
         try:
             places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
             pids = ray.get([a.start.remote(step.command, self._env(step, rank, places),
@@ -340,12 +345,13 @@ def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
         ray.shutdown()  # Ray removes what this process started and did not detach
 
 
-def _run_groups(ray: Any, prefix: str) -> Dict[str, Dict[str, Any]]:
-    """The run's placement groups that are not removed, by name."""
+def _run_objects(ray: Any, prefix: str) -> Tuple[List[str], Dict[str, Dict[str, Any]]]:
+    """The names of the run's actors, and its placement groups that are not removed, by name."""
     from ray.util import placement_group_table
 
-    return {v["name"]: v for v in placement_group_table().values()
-            if str(v.get("name", "")).startswith(prefix) and v.get("state") != "REMOVED"}
+    return (sorted(n for n in ray.util.list_named_actors() if n.startswith(prefix)),
+            {v["name"]: v for v in placement_group_table().values()
+             if str(v.get("name", "")).startswith(prefix) and v.get("state") != "REMOVED"})
 
 
 def describe(reg: Registry) -> Dict[str, Any]:
@@ -357,8 +363,7 @@ def describe(reg: Registry) -> Dict[str, Any]:
         ray = connect(rec["address"])
     except ConfigError as e:
         return {"address": rec["address"], "error": e.one_line()}
-    groups = _run_groups(ray, rec["prefix"])
-    actors = sorted(n for n in ray.util.list_named_actors() if n.startswith(rec["prefix"]))
+    actors, groups = _run_objects(ray, rec["prefix"])
     return {"address": rec["address"], "actors": actors,
             "placement_groups": [{"name": name, "state": g.get("state"), "strategy": g.get("strategy"),
                                   "nodes": sorted(set((g.get("bundles_to_node_id") or {}).values()))}
@@ -373,28 +378,15 @@ def stop_leftovers(reg: Registry, grace_s: float = 30.0) -> List[str]:
     if not rec:
         return []
     ray = connect(rec["address"])
-    names = sorted(n for n in ray.util.list_named_actors() if n.startswith(rec["prefix"]))
+    from ray.util.placement_group import PlacementGroup
+
+    names, groups = _run_objects(ray, rec["prefix"])
     actors = []
     for n in names:
         with contextlib.suppress(ValueError):
             actors.append(ray.get_actor(n, namespace=NAMESPACE))
-    _signal_all(actors, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    live = list(actors)
-    while live and time.monotonic() < deadline:
-        live = [a for a in live if _poll_one(ray, a) is None]
-        time.sleep(0.3)
-    from ray.util.placement_group import PlacementGroup
-
-    groups = _run_groups(ray, rec["prefix"])
-    release(actors, None, [i for i, a in enumerate(actors) if a in live])
+    _call_all(actors, "stop", grace_s, timeout_s=grace_s + 10)
+    release(actors, None, [])
     for g in groups.values():
         release([], PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g["placement_group_id"]))), [])
     return names + sorted(groups)
-
-
-def _poll_one(ray: Any, actor: Any) -> Optional[int]:
-    try:
-        return ray.get(actor.poll.remote(), timeout=10)
-    except Exception:  # noqa: BLE001 - dead actor: its task is gone
-        return -int(signal.SIGKILL)

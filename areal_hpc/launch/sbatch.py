@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -26,15 +27,14 @@ def template_text(name: str) -> str:
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 
 
-def sbatch_lines(cfg: ExperimentConfig, plan: Plan, job_name: Optional[str] = None,
-                 nodes: Optional[int] = None) -> List[str]:
+def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
     """``#SBATCH`` options for an allocation of ``plan`` (sorted, like submitit's)."""
     c = cfg.cluster
     run = Path(plan.run_dir)
     opts = {
         "ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
-        "job-name": job_name or plan.job_name,
-        "nodes": str(nodes or plan.nodes),
+        "job-name": plan.job_name,
+        "nodes": str(plan.nodes),
         "time": str(c.time),
         "output": str(run / "logs" / "slurm-%j.out"),
         "open-mode": "append",
@@ -65,16 +65,13 @@ def _one_line(key: str, text: str) -> str:
     return text
 
 
-def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig, background: bool,
+def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig,
                command: Optional[Callable[[StepSpec], List[str]]]) -> str:
     if command is not None:
-        step = StepSpec(**{**step.__dict__, "command": command(step)})
+        step = replace(step, command=command(step))
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(step.env.items()))
     line = shell_line(srun_argv(step, plan.job_name, cfg.cluster.srun_args))  # every word quoted
-    line = f"{env} {line}" if env else line
-    if background:
-        return f"{line} &\nSERVER_PIDS+=($!)"
-    return line
+    return f"{env} {line}" if env else line
 
 
 def render(template: str, cfg: ExperimentConfig, plan: Plan,
@@ -82,15 +79,15 @@ def render(template: str, cfg: ExperimentConfig, plan: Plan,
     """Fill the packaged ``template`` (e.g. ``allocation.sbatch``) with the plan's steps. ``command`` may
     replace each step's command (tests use it to run probes in the exact step shapes of a real run)."""
     text = template_text(template)
-    servers = "\n".join(_step_line(s, plan, cfg, True, command) for s in plan.servers) or ": # no servers"
-    trainer = _step_line(plan.trainer, plan, cfg, False, command) if plan.trainer else "true  # no trainer"
+    servers = "\n".join(f"{_step_line(s, plan, cfg, command)} &\nSERVER_PIDS+=($!)" for s in plan.servers)
+    trainer = _step_line(plan.trainer, plan, cfg, command) if plan.trainer else "true  # no trainer"
     for i, line in enumerate(cfg.cluster.setup_commands):
         _one_line(f"cluster.setup_commands[{i}]", line)
     setup = "\n".join(cfg.cluster.setup_commands) or "# (cluster.setup_commands: module loads, conda activate, ...)"
     sbatch = sbatch_lines(cfg, plan)
     for line in sbatch:
         _one_line("cluster", line)
-    values = dict(SBATCH_LINES="\n".join(sbatch), SETUP=setup, SERVER_STEPS=servers, TRAINER_STEP=trainer,
-                  RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
+    values = dict(SBATCH_LINES="\n".join(sbatch), SETUP=setup, SERVER_STEPS=servers or ": # no servers",
+                  TRAINER_STEP=trainer, RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
                   SHUTDOWN=str(cfg.shutdown_server_on_exit))
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)  # KeyError: a placeholder without a value

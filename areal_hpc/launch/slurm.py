@@ -111,17 +111,10 @@ def clean_env() -> Iterator[None]:
             os.environ.pop("SLURM_CONF", None)  # clean_env restores the original on exit
 
 
-def sbatch(script_path: str) -> subprocess.CompletedProcess:
-    """Submit a batch script (``--parsable``: stdout is ``JOBID[;CLUSTER]``)."""
+def sbatch(*args: str, script: Optional[str] = None) -> Optional[subprocess.CompletedProcess]:
+    """``sbatch ARGS`` (``script`` on its stdin) outside any enclosing job; None when sbatch did not run."""
     with clean_env():
-        r = _run(["sbatch", "--parsable", script_path], timeout=120)
-    return r or subprocess.CompletedProcess(["sbatch"], 1, "", "sbatch did not run (not on PATH, or it hung)")
-
-
-def sbatch_test_only(script: str) -> Optional[subprocess.CompletedProcess]:
-    """``sbatch --test-only``: would Slurm ever run this job? Queues nothing. None: sbatch did not run."""
-    with clean_env():
-        return _run(["sbatch", "--test-only"], timeout=120, input=script)
+        return _run(["sbatch", *args], timeout=120, input=script)
 
 
 def time_minutes(spec: str) -> int:

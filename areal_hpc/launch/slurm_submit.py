@@ -139,7 +139,7 @@ def wait_finished(job_id: str, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
-def _driver_result(job: Any, timeout_s: float = 30.0) -> Optional[Any]:
+def _driver_result(job: Any, timeout_s: float) -> Optional[Any]:
     """What the driver returned (submitit's result pickle), or None."""
     from submitit.core.utils import pickle_load
 
@@ -187,7 +187,7 @@ def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
     """``sbatch --test-only``: would Slurm ever run the allocation? A job no node can satisfy is otherwise accepted
     and left PENDING forever on clusters that do not set EnforcePartLimits."""
     script = "#!/bin/bash\n" + "\n".join(sbatch_lines(cfg, plan)) + "\ntrue\n"
-    r = slurm.sbatch_test_only(script)
+    r = slurm.sbatch("--test-only", script=script)  # would Slurm ever run this job? Queues nothing
     if r is None:
         raise ConfigError("mode", "cannot ask Slurm about the allocation: sbatch did not run",
                           "run on a login node with the Slurm commands (sbatch) on PATH, or use mode=local")
@@ -220,7 +220,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     if not cfg.launcher.wait:
         return 0
     state = wait_finished(job_id)
-    rc = _driver_result(job.task(0) if hasattr(job, "task") else job, timeout_s=30.0 if state == "COMPLETED" else 2.0)
+    rc = _driver_result(job.task(0), timeout_s=30.0 if state == "COMPLETED" else 2.0)
     print(f"job {job_id} ended {state}" + (f", driver returned {rc}" if rc is not None else ""), flush=True)
     rec = reg.get("", "run", live_only=False) or {}
     if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
@@ -257,9 +257,10 @@ def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Optional[s
     script = rd / "sbatch" / f"add-servers-{names[0].split('-', 1)[1]}.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(render("add-servers.sbatch", cfg, plan))
-    r = slurm.sbatch(str(script))
-    if r.returncode != 0:
-        print(f"sbatch {script} failed: {r.stderr.strip()}", file=sys.stderr)
+    r = slurm.sbatch("--parsable", str(script))  # stdout: JOBID[;CLUSTER]
+    if r is None or r.returncode != 0:
+        why = r.stderr.strip() if r else "sbatch did not run (not on PATH, or it hung)"
+        print(f"sbatch {script} failed: {why}", file=sys.stderr)
         return None
     job_id = r.stdout.strip().split(";")[0]
     Registry.for_run(rd, cfg.launcher).put("jobs", job_id, {"job_id": job_id, "kind": "servers", "servers": names,

@@ -61,12 +61,9 @@ class RunDirSnapshot:
     def __init__(self, rd: Path):
         self.rd = rd
         self.new_dirs: List[Path] = [d for d in (rd.parent.parent, rd.parent, rd) if not d.exists()]
-        self.files: Dict[str, Optional[bytes]] = {}
-        self.submitit: set = set()
-        if rd.exists():
-            for name in self.FILES:
-                self.files[name] = (rd / name).read_bytes() if (rd / name).is_file() else None
-            self.submitit = set((rd / "submitit").rglob("*")) if (rd / "submitit").is_dir() else set()
+        self.files: Dict[str, Optional[bytes]] = {name: (rd / name).read_bytes() if (rd / name).is_file() else None
+                                                  for name in self.FILES}
+        self.submitit = set((rd / "submitit").rglob("*"))  # nothing when there is no such directory (yet)
 
     def restore(self) -> None:
         if self.rd in self.new_dirs:
@@ -80,15 +77,14 @@ class RunDirSnapshot:
                 (self.rd / name).unlink(missing_ok=True)
             else:
                 (self.rd / name).write_bytes(data)
-        if (self.rd / "submitit").is_dir():
-            for path in sorted(set((self.rd / "submitit").rglob("*")) - self.submitit, reverse=True):
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+        for path in sorted(set((self.rd / "submitit").rglob("*")) - self.submitit, reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
-def summary(cfg: ExperimentConfig, alloc: AllocationMode, plan: Plan) -> str:
+def summary(cfg: ExperimentConfig, plan: Plan) -> str:
     gpn = plan.gpus_per_node
     lines = [f"run       {plan.run_dir}",
              f"mode      {cfg.mode}   trainer.type={cfg.trainer.type}   allocation_mode={cfg.allocation_mode}",
@@ -156,7 +152,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
     ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
     snapshot = RunDirSnapshot(rd)
     write_run_dir(cfg, plan, rd)
-    print(summary(cfg, alloc, plan))
+    print(summary(cfg, plan))
     ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
     if ckpts and cfg.trainer.type != "null":
         print(f"resume    from {ckpts[-1].name} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
