@@ -64,14 +64,14 @@ def limit_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(GPU_PROCESS_THREADS)
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Initialise the default process group once; later calls return the existing set-up."""
     rank, world, local = env_ranks()
     device = pick_device(local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     limit_cpu_threads(device)
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), device)
     timeout = datetime.timedelta(seconds=timeout_s)
