@@ -1,8 +1,7 @@
 """Shared-filesystem registry of a run (depends on nothing else of ours)."""
 
-from areal_hpc.registry.heartbeat import Heartbeat, install_exit_handlers
+from areal_hpc.registry.heartbeat import Heartbeat
 from areal_hpc.registry.store import Registry, RegistryTimeout
 from areal_hpc.registry.util import atomic_write, free_port, pid_alive
 
-__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "install_exit_handlers", "atomic_write", "free_port",
-           "pid_alive"]
+__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "atomic_write", "free_port", "pid_alive"]

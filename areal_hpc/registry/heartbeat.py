@@ -48,7 +48,6 @@ class Heartbeat:
         self.registry, self.kind, self.name = registry, kind, name
         self._data, self.interval_s, self.remove_on_exit = data, interval_s, remove_on_exit
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self.still_ours, self.on_lost = still_ours, on_lost
 
     def _put(self) -> None:
@@ -71,8 +70,7 @@ class Heartbeat:
         self._put()
         _live.append(self)
         install_exit_handlers()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.name}", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name=f"heartbeat-{self.name}", daemon=True).start()
         return self
 
     def _run(self) -> None:

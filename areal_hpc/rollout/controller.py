@@ -81,10 +81,6 @@ class RolloutController:
         return self.submit(coro).result(timeout)
 
     # ------------------------------------------------------------------ trainer-side controls
-    @property
-    def version(self) -> int:
-        return self._version
-
     def set_version(self, version: int) -> None:
         self._version = version
         self._poke()

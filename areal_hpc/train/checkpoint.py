@@ -31,10 +31,6 @@ LATEST = "latest"
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 
-def _name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def rng_state() -> Dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -86,7 +82,8 @@ class Checkpointer:
 
     def save(self, root: str | os.PathLike, step: int, extra: Optional[Dict[str, Any]] = None) -> Path:
         root, rank = Path(root), dist.rank()
-        final, tmp = root / _name(step), root / (_name(step) + ".tmp")
+        final = root / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob("step_*.tmp"):
@@ -116,10 +113,8 @@ class Checkpointer:
         """Restore the newest complete checkpoint: its ``extra`` plus ``global_step`` and
         ``weight_version``, or None when there is none."""
         path = latest_checkpoint(Path(root))
-        return None if path is None else self.load(path)
-
-    def load(self, path: str | os.PathLike) -> Dict[str, Any]:
-        path = Path(path)
+        if path is None:
+            return None
         state = self._model_optim_state()
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_state_dict(self.engine.model, self.engine.optimizer, model_state_dict=state["model"],

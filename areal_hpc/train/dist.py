@@ -44,14 +44,6 @@ def env_ranks() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def pick_device(local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK, or cuda:0 when only one GPU is visible (Slurm --gpus-per-task=1); else cpu."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    n = torch.cuda.device_count()
-    return torch.device("cuda", 0 if n == 1 else local_rank % n)
-
-
 # CPU threads of a GPU process when OMP_NUM_THREADS is unset: its host work is launching kernels
 # and packing batches, and torch's default of a thread per core made steps slower
 GPU_PROCESS_THREADS = 8
@@ -64,14 +56,16 @@ def limit_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(GPU_PROCESS_THREADS)
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Initialise the default process group once; later calls return the existing set-up."""
     rank, world, local = env_ranks()
-    device = pick_device(local)
-    if device.type == "cuda":
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # cuda:LOCAL_RANK, or cuda:0 when only one GPU is visible (--gpus-per-task=1)
+        n = torch.cuda.device_count()
+        device = torch.device("cuda", 0 if n == 1 else local % n)
         torch.cuda.set_device(device)
     limit_cpu_threads(device)
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), device)
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -44,7 +43,7 @@ class FSDPEngine:
     """A causal LM sharded with FSDP2 over all ranks of the default process group."""
 
     def __init__(self, config: EngineConfig, mb_spec: MicroBatchSpec, total_steps: int,
-                 trainable: bool = True, cache_dir: Optional[str] = None):
+                 trainable: bool = True):
         self.config = config
         self.mb_spec = mb_spec
         self.total_steps = int(total_steps)
@@ -52,7 +51,7 @@ class FSDPEngine:
         self.info = dist.init_distributed()
         self.device = self.info.device
         self.precision = parallel.resolve_precision(config.dtype, self.device)
-        self.model_path = toy.resolve_model(config.path, cache_dir=Path(cache_dir) if cache_dir else None)
+        self.model_path = toy.resolve_model(config.path)
         self.mesh = init_device_mesh(self.device.type, (self.info.world_size,), mesh_dim_names=("dp",))
         self.model = self._build_model()
         self.hf_config = self.model.config

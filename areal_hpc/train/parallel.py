@@ -109,10 +109,6 @@ def _linear_args(node: torch.fx.Node):
     return x, w, b
 
 
-def _meta(node: torch.fx.Node):
-    return node.meta.get("example_value")
-
-
 def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
     """Rewrite ``linear(x, w_i, b_i)`` for i = 1..n (same ``x``, all with or all without bias) into
     one ``linear(x, cat(w), cat(b))`` split along the last dimension. Returns the groups fused."""
@@ -124,7 +120,7 @@ def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
     fused = 0
     for (x, no_bias), nodes in groups.items():
         weights = [n.args[1] for n in nodes]
-        metas = [_meta(w) for w in weights]
+        metas = [w.meta.get("example_value") for w in weights]
         if len(nodes) < 2 or any(m is None for m in metas) or len({(m.dtype, m.shape[1:]) for m in metas}) != 1:
             continue
         with graph.inserting_before(nodes[0]):

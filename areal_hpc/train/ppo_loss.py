@@ -13,6 +13,7 @@ servers'), ``prox_logp`` the proximal policy's (recomputed before the update). D
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -129,7 +130,7 @@ class PPOActor:
                  ref: Optional[FSDPEngine] = None):
         self.config, self.engine, self.group_size = config, engine, int(group_size)
         self.temperature, self.ref = float(temperature), ref
-        self.phases, self._prox_from_forward = PhaseTimer(), False
+        self.phases = PhaseTimer()
         if config.kl_ctl > 0 and ref is None:
             raise ValueError("ppo.kl_ctl > 0 needs a reference engine (FSDPEngine(..., trainable=False))")
 
@@ -156,12 +157,12 @@ class PPOActor:
         batch["advantages"] = tok
         return tok
 
-    def _loss(self, out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
+    def _loss(self, out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor], prox_from_forward: bool = False):
         cfg = self.config
         logp, behav = out["logprobs"], mb["logprobs"].float()
         if "prox_logp" in mb:
             prox = mb["prox_logp"].float()
-        elif self._prox_from_forward:
+        elif prox_from_forward:
             prox = logp.detach()
         else:
             prox = behav  # no recomputation: proximal = behaviour (decoupled: importance weight 1)
@@ -178,8 +179,9 @@ class PPOActor:
         stats["advantages"] = (mb["advantages"].float() * mask).sum() / count
         return loss, stats
 
-    def ppo_update(self, batch: Batch) -> Dict[str, float]:
-        """``ppo_n_minibatches`` optimizer steps, then one LR step; statistics averaged over them."""
+    def ppo_update(self, batch: Batch, prox_from_forward: bool = False) -> Dict[str, float]:
+        """``ppo_n_minibatches`` optimizer steps, then one LR step; statistics averaged over them.
+        ``prox_from_forward``: the proximal logprobs are the update's own forward, detached (`prox_in_update`)."""
         parts = split_batch(batch, self.config.ppo_n_minibatches, self.group_size)
         most = dist.all_reduce_scalar(len(parts), "max")
         least = dist.all_reduce_scalar(len(parts), "min")
@@ -187,8 +189,9 @@ class PPOActor:
             raise ValueError("every rank needs the same number of PPO minibatches; give each rank at least "
                              "ppo_n_minibatches groups")
         total: Dict[str, float] = {}
+        loss_fn = functools.partial(self._loss, prox_from_forward=prox_from_forward)
         for part in parts:
-            stats = self.engine.train_batch(part, self._loss, loss_token_count, self.temperature)
+            stats = self.engine.train_batch(part, loss_fn, loss_token_count, self.temperature)
             for k, v in stats.items():
                 total[k] = total.get(k, 0.0) + v
         out = {k: (v if k in ("skipped_step", "n_tokens") else v / len(parts)) for k, v in total.items()}
@@ -210,11 +213,7 @@ class PPOActor:
             if self.ref is not None:
                 batch["ref_logp"] = self.ref.forward(batch, temperature=self.temperature)
         self.compute_advantages(batch)
-        self._prox_from_forward = fused
-        try:
-            stats = self.ppo_update(batch)
-        finally:
-            self._prox_from_forward = False
+        stats = self.ppo_update(batch, prox_from_forward=fused)
         stats["reward"] = dist.all_reduce_scalar(float(batch["rewards"].float().sum())) / max(
             1.0, dist.all_reduce_scalar(float(batch["rewards"].numel())))
         return stats

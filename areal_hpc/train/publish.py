@@ -80,11 +80,11 @@ def static_files(weights_root: Path, hf_config, tokenizer_src: Optional[str], dt
 
 
 def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
-                  registry=None, dtype: Optional[torch.dtype] = None) -> Optional[Callable[[], Path]]:
+                  registry=None) -> Optional[Callable[[], Path]]:
     """The collective half of `publish_weights`: gather the weights to host memory (every rank). Returns rank 0's writer
     of ``weights_root/v{version}`` (None on the other ranks), which may run on another thread while training goes on:
     the gathered tensors live in the engine's staging buffer, so it must finish before the next gather."""
-    dtype = dtype or engine.precision.param_dtype
+    dtype = engine.precision.param_dtype
     out = version_dir(Path(weights_root), version).resolve()
     t0 = time.perf_counter()
     sd = engine.state_dict_for_hf(dtype)  # collective
@@ -107,11 +107,10 @@ def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: 
 
 
 def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
-                    registry=None, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write ``weights_root/v{version}`` from the engine's weights (collective; rank 0 writes and,
-    with a registry, records ``weights/latest``). ``dtype``: the compute dtype by default. Returns
-    the directory on every rank, once it exists."""
-    write = stage_weights(engine, weights_root, version, tokenizer_src, registry, dtype)
+                    registry=None) -> Path:
+    """Write ``weights_root/v{version}`` from the engine's weights, in the compute dtype (collective; rank 0 writes
+    and, with a registry, records ``weights/latest``). Returns the directory on every rank, once it exists."""
+    write = stage_weights(engine, weights_root, version, tokenizer_src, registry)
     if write is not None:
         write()
     dist.barrier()

@@ -20,18 +20,18 @@ def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
 
 
 def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
-                  max_len: Optional[int] = None, add_eos: bool = True, prompts: Any = None) -> Batch:
+                  max_len: Optional[int] = None, prompts: Any = None) -> Batch:
     """Prompt + answer ids, right-padded, ``loss_mask`` on the answer and its end (tokenised apart:
     the boundary is exact), truncated to ``max_len``. ``prompts`` (a rollout `PromptEncoder`)
     encodes the prompt as the rollout does and ends the answer with the chat template's
     end-of-turn token; without it the prompt is raw text and the answer ends with EOS."""
     samples: List[Dict[str, torch.Tensor]] = []
     if prompts is not None:
-        encode, end = prompts.encode, (prompts.end_of_turn_ids() if add_eos else [])
+        encode, end = prompts.encode, prompts.end_of_turn_ids()
     else:
         def encode(row):
             return tokenizer(str(row[prompt_key]), add_special_tokens=False)["input_ids"]
-        end = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for row in rows:
         p = encode(row)
         a = tokenizer(str(row[answer_key]), add_special_tokens=False)["input_ids"] + end
@@ -45,9 +45,9 @@ def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "
 class SFTLearner:
     """One `FSDPEngine` trained on NLL. ``train_step`` = one optimizer step + one LR step."""
 
-    def __init__(self, config: SFTConfig, total_steps: int, engine: Optional[FSDPEngine] = None):
+    def __init__(self, config: SFTConfig, total_steps: int):
         self.config = config
-        self.engine = engine or FSDPEngine(config.model, config.mb_spec, total_steps)
+        self.engine = FSDPEngine(config.model, config.mb_spec, total_steps)
 
     def train_step(self, batch: Batch) -> Dict[str, float]:
         stats = self.engine.train_batch(batch, sft_loss, loss_token_count)
