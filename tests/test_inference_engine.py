@@ -3,6 +3,7 @@ weight swaps, sampling filters. CPU, tiny model, a few seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -259,10 +260,17 @@ def test_sampler_filters():
 
 
 def test_sampling_params_validation():
-    from areal_hpc.inference.http_validate import RequestError, sampling_params
+    from areal_hpc.inference.http_validate import RequestError, engine_sampling_params as sampling_params
 
     assert sampling_params(None) == SamplingParams()
     assert sampling_params({"frequency_penalty": 0.0}).max_new_tokens == 128
+    # every field the engine implements is read from the request (none accepted and ignored)
+    varied = {"max_new_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "stop_token_ids": [2, 5],
+              "ignore_eos": True}
+    assert set(varied) == {f.name for f in dataclasses.fields(SamplingParams)}  # a new field needs a case here
+    got = sampling_params(varied)
+    assert {k: getattr(got, k) for k in varied} == {**varied, "stop_token_ids": (2, 5)}
+    assert sampling_params({"stop_token_ids": 4}).stop_token_ids == (4,)
     for bad in ({"max_new_tokens": -1}, {"temperature": -0.1}, {"top_p": 0}, {"top_k": 0}, {"bogus": 1},
                 {"max_new_tokens": "5"}, {"stop_token_ids": ["a"]}, {"repetition_penalty": 1.3},
                 {"ignore_eos": "yes"}, {"stop": ["x"]}):

@@ -77,6 +77,16 @@ def test_plan_to_srun_lines():
     assert "--gres=none" in argv and not any("gpus-per-task" in a for a in argv)
 
 
+def test_a_trainer_only_plan_keeps_off_the_servers_gpus():
+    """A trainer restarted alone on one node (`submit ... min_required_servers=N`, mode=local) gets the GPUs the whole
+    plan gives it, not the live servers' first ones."""
+    cfg = load_config(None, ["allocation_mode=hf:d2+d2", "cluster.n_gpus_per_node=4"])
+    alloc = parse_allocation(cfg.allocation_mode)
+    full, alone = build_plan(cfg, alloc, GPU_RUN), build_plan(cfg, alloc, GPU_RUN, with_servers=False)
+    assert [s.name for s in alone.steps] == ["trainer"] and alone.nodes == 1
+    assert alone.trainer.gpu_ids == full.trainer.gpu_ids == [2, 3]
+
+
 def test_golden_sbatch():
     """The rendered allocation script of a fixed config, byte for byte. After an intended change to
     the template or the plan, regenerate it: AREAL_HPC_REGEN_GOLDEN=1 pytest tests/test_launch_unit.py

@@ -127,3 +127,27 @@ def test_trainer_fails_the_run_on_a_stall(tmp_path):
     assert "rollout stalled (rollout.stall_timeout_s): no batch for" in log, log[-3000:]
     assert not (rd / "metrics.jsonl").exists() or (rd / "metrics.jsonl").read_text().strip() == ""
     assert p.returncode != 0, (p.stdout[-2000:], p.stderr[-2000:])
+
+
+class _FailOrReject:
+    """A workflow whose episode raises on odd rows and returns no group (a rejection) on even ones."""
+
+    async def arun_episode(self, client, row):
+        if row["i"] % 2:
+            raise ValueError(f"bad row {row['i']}")
+        return None
+
+
+def test_each_episode_counts_once_as_failed_or_rejected():
+    """The stall check's `wasted` and `finished` counts, and the wait message, add failed and rejected."""
+    c = RolloutController(_FailOrReject(), None, iter([{"i": i} for i in range(8)]), batch_size=2,
+                          max_head_offpolicyness=3).start()
+    try:
+        deadline = time.monotonic() + 30
+        while c.stats["failed"] + c.stats["rejected"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # a double count would land just after
+        assert c.stats["submitted"] == 8
+        assert (c.stats["failed"], c.stats["rejected"], c.stats["accepted"]) == (4, 4, 0), c.stats
+    finally:
+        c.stop()

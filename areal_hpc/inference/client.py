@@ -23,24 +23,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import aiohttp
 
 from areal_hpc.inference import sglang_api as api
-from areal_hpc.inference.sglang_api import new_rid, parse_version, sampling_params
+from areal_hpc.inference.sglang_api import new_rid, parse_version, request_json, sampling_params
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 MAX_FAILURES = 8  # failed attempts of one generation before it gives up
 WAIT_SERVERS_TIMEOUT_S = 600.0  # how long to wait for a healthy server
-
-
-async def request_json(session: aiohttp.ClientSession, method: str, url: str, payload: Optional[dict] = None,
-                       headers: Optional[dict] = None, timeout: Optional[aiohttp.ClientTimeout] = None
-                       ) -> Tuple[int, Any]:
-    """One round trip: (status, the JSON body, or its text when it is not JSON)."""
-    async with session.request(method, url, json=payload, headers=headers, timeout=timeout) as resp:
-        try:
-            return resp.status, await resp.json(content_type=None)
-        except ValueError:
-            return resp.status, await resp.text()
 
 
 class PoolError(RuntimeError):

@@ -153,33 +153,34 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         sps, rids = [sps], [rids]
     if any(rid is not None and not isinstance(rid, str) for rid in rids):
         raise RequestError("rid must be a string")
-    return_logprob = body.get("return_logprob", False)
-    req = GenerateRequest([], [], rids, batch, tok, None, any(return_logprob) if isinstance(return_logprob, list)
-                          else bool(return_logprob), bool(body.get("return_prompt_token_ids")))
-    ns = set()
+    params, ns, interval, skip_special = [], set(), 1, True
     for sp in sps:
         if isinstance(sp, dict):
             sp = dict(sp)
             ns.add(_positive_int(sp.pop("n", None), "n"))
-            req.interval = _positive_int(sp.pop("stream_interval", None), "stream_interval")
-            req.skip_special = sp.get("skip_special_tokens", True) is not False
-        req.params.append(sampling_params(sp))
+            interval = _positive_int(sp.pop("stream_interval", None), "stream_interval")
+            skip_special = sp.get("skip_special_tokens", True) is not False
+        params.append(engine_sampling_params(sp))
     if len(ns) > 1:
         raise RequestError("sampling_params.n must be the same for every prompt")
+    logprob_tok = None
     if body.get("return_text_in_logprobs"):
-        req.logprob_tokenizer = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; "
-                                                       "this server's model has none")
-    req.prompts = [_check_prompt(p, vocab, context_length) for p in prompts]
+        logprob_tok = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; this server's model has none")
+    prompts = [_check_prompt(p, vocab, context_length) for p in prompts]
     n = ns.pop() if ns else 1
     if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
-        req.prompts = [p for p in req.prompts for _ in range(n)]
-        req.params = [sp for sp in req.params for _ in range(n)]
-        req.rids, req.many = [None] * len(req.prompts), True
-    return req
+        prompts = [p for p in prompts for _ in range(n)]
+        params = [sp for sp in params for _ in range(n)]
+        rids, batch = [None] * len(prompts), True
+    return_logprob = body.get("return_logprob", False)
+    return GenerateRequest(prompts, params, rids, batch, tok, logprob_tok,
+                           any(return_logprob) if isinstance(return_logprob, list) else bool(return_logprob),
+                           bool(body.get("return_prompt_token_ids")), interval, skip_special)
 
 
-def sampling_params(d: Any) -> SamplingParams:
-    """The engine's `SamplingParams` from a request's ``sampling_params`` (``n`` and ``stream_interval`` aside)."""
+def engine_sampling_params(d: Any) -> SamplingParams:
+    """The engine's `SamplingParams` from a request's ``sampling_params`` (``n`` and ``stream_interval`` aside).
+    Every field of `SamplingParams` must be read here (a test checks it): a supported key is never ignored."""
     if d is None:
         d = {}
     if not isinstance(d, dict):

@@ -24,8 +24,7 @@ import aiohttp
 
 from areal_hpc.config.schema import LauncherConfig, ServerConfig
 from areal_hpc.inference import sglang_api as api
-from areal_hpc.inference.client import request_json
-from areal_hpc.inference.sglang_api import parse_version
+from areal_hpc.inference.sglang_api import parse_version, request_json
 from areal_hpc.registry import Heartbeat, Registry, free_port
 
 log = logging.getLogger("areal_hpc.inference.server")

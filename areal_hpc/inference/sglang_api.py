@@ -13,6 +13,8 @@ import os
 import uuid
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import aiohttp
+
 
 # request ids (``rid``): a random prefix per process, then a counter (a uuid4 each costs a getrandom call)
 _RID_PREFIX = uuid.uuid4().hex[:16]
@@ -34,6 +36,17 @@ def new_rid() -> str:
 def base_url(address: str) -> str:
     """``host:port`` (or a URL already) -> the server's base URL."""
     return address if address.startswith(("http://", "https://")) else f"http://{address}"
+
+
+async def request_json(session: aiohttp.ClientSession, method: str, url: str, payload: Optional[dict] = None,
+                       headers: Optional[dict] = None, timeout: Optional[aiohttp.ClientTimeout] = None
+                       ) -> Tuple[int, Any]:
+    """One round trip: (status, the JSON body, or its text when it is not JSON)."""
+    async with session.request(method, url, json=payload, headers=headers, timeout=timeout) as resp:
+        try:
+            return resp.status, await resp.json(content_type=None)
+        except ValueError:
+            return resp.status, await resp.text()
 
 
 def parse_version(v: Any) -> Any:

@@ -142,10 +142,12 @@ def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
     G = cfg.cluster.n_gpus_per_node
     steps: List[StepSpec] = []
     gen = alloc.gen
-    need_servers = with_servers and gen is not None and cfg.trainer.type != "sft"
+    # the servers are placed even for a trainer-only restart: on one node its trainer keeps off their GPUs
+    placed = gen is not None and cfg.trainer.type != "sft"
+    need_servers = with_servers and placed
     single_node = nodes_needed(alloc, G) == 1
     next_gpu = 0
-    if need_servers:
+    if placed:
         per = gen.gpus_per_instance if G else 0
         per_node = max(1, G // per) if G and per <= G else 1
         for k in range(gen.dp):
@@ -159,7 +161,8 @@ def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
                 ids = list(range(first, first + per))
             if G and single_node:
                 next_gpu = ids[-1] + 1
-            steps.append(server_step(cfg, alloc, run_dir, first_server + k, node, ids))
+            if with_servers:
+                steps.append(server_step(cfg, alloc, run_dir, first_server + k, node, ids))
     if with_trainer:
         if not G:
             node, ids = 0, []

@@ -258,12 +258,14 @@ class RolloutController:
 
     async def _episode(self, row: Dict[str, Any], version: int) -> None:
         group: Optional[Group] = None
+        failed = False
         try:
             group = await self.workflow.arun_episode(self.client, row)
             self._failures_in_row = 0
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run
+            failed = True
             self.stats["failed"] += 1
             self._failures_in_row += 1
             self.last_failure = repr(e)
@@ -277,7 +279,7 @@ class RolloutController:
                 self._accepted += 1
                 self._pending.append(group)
                 self.stats["accepted"] += 1
-            elif self._error is None:
+            elif not failed:  # the workflow returned no group: rejected (a failure is counted once, as failed)
                 self.stats["rejected"] += 1
             self._cv.notify_all()
         self._wake.set()
