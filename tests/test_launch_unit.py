@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,8 +19,9 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from areal_hpc.config import load_config, parse_allocation
+from areal_hpc.config import dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import outcome
+from areal_hpc.launch.control import stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan
@@ -305,3 +308,50 @@ def test_server_names_never_collide(tmp_path):
 def test_plan_json_round_trip():
     _, plan = gpu_plan()
     assert Plan.from_json(plan.to_json()) == plan
+
+
+# ----------------------------------------------------------------------------- `stop` (no owner answering)
+
+def stopped_run(tmp_path: Path, mode: str, owner_pid: int, server: Dict[str, object]) -> Path:
+    """A run dir whose run record names ``owner_pid`` (on this host) and one server record."""
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}", "launcher.ttl_s=60"])
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "config.yaml").write_text(dump_yaml(cfg))
+    reg = Registry.for_run(rd, cfg.launcher)
+    reg.put("", "run", {"mode": mode, "pid": owner_pid, "host": socket.gethostname(), "state": "RUNNING"})
+    reg.put("servers", "server-0", server)
+    return rd
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_stop_terms_what_a_dead_owner_left_whatever_address_it_serves_on(tmp_path):
+    """A local run's owner is gone (shutdown_server_on_exit=False): `stop` sends SIGTERM to the server it left
+    on this host, even one serving on an address (server.host=127.0.0.1) rather than the host's name."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        rd = stopped_run(tmp_path, "local", dead_pid(), {"host": "127.0.0.1", "node": socket.gethostname(),
+                                                          "pid": sleeper.pid})
+        assert stop(None, rd, timeout_s=5.0) == 0
+        assert sleeper.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
+
+
+def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path):
+    """A stop that times out kills what is left on this host; a record's pid on another node (mode=ray) is
+    not a process of this host, and is left alone."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        rd = stopped_run(tmp_path, "ray", os.getpid(), {"host": "node-9", "node": "node-9", "pid": bystander.pid})
+        assert stop(None, rd, timeout_s=1.0) == 1
+        assert bystander.poll() is None
+        assert Registry.for_run(rd).get("servers", "server-0", live_only=False) is None
+    finally:
+        bystander.kill()

@@ -61,16 +61,20 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
             return slurm.job_state(run.get("job_id", "")) in slurm.LIVE_STATES + slurm.WAITING_STATES
         return launcher_alive(run, reg)
 
+    def kill_here(rec: Dict[str, Any], sig: int) -> None:
+        """Signal a record's process if it runs on this host: a server's node (its "host" is the address it
+        serves on, server.host), the trainer's host. Elsewhere its pid is some other process."""
+        if socket.gethostname() in (rec.get("node"), rec.get("host")) and pid_alive(rec.get("pid")):
+            os.kill(int(rec["pid"]), sig)
+
     live = reg.get("", "run") or {}
     forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
     post_request(reg, "stop", force=forced)
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
-        host = socket.gethostname()
         for rec in list(ours(reg.list("servers")).values()) + [reg.get("", "trainer") or {}]:
-            if rec.get("pid") and rec.get("host", host) == host and pid_alive(rec["pid"]):
-                os.kill(int(rec["pid"]), signal.SIGTERM)
+            kill_here(rec, signal.SIGTERM)
     if slurm_run and run.get("job_id") and slurm.job_state(run["job_id"]) in ("PENDING", "REQUEUED"):
         slurm.scancel(run["job_id"])  # not started: nothing to checkpoint
     for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
@@ -110,8 +114,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
             print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
             return 1
         for sid, rec in ours(reg.list("servers")).items():
-            if pid_alive(rec.get("pid")):
-                os.kill(int(rec["pid"]), signal.SIGKILL)
+            kill_here(rec, signal.SIGKILL)
             reg.delete("servers", sid)
         print(f"graceful stop timed out after {timeout_s:.0f}s: killed what was left")
         return 1
