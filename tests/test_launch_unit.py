@@ -21,7 +21,7 @@ import pytest
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import outcome
-from areal_hpc.launch.control import stop
+from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan
@@ -355,3 +355,20 @@ def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path):
         assert Registry.for_run(rd).get("servers", "server-0", live_only=False) is None
     finally:
         bystander.kill()
+
+
+def test_add_servers_without_room_outside_slurm_says_so_at_once(tmp_path, capsys):
+    """mode=local has no separate job to put what the machine has no room for: `add-servers` says so as soon as
+    the owner answers, instead of waiting out its timeout and then blaming the servers' start-up."""
+    rd = stopped_run(tmp_path, "local", os.getpid(), {"host": "h", "node": "h", "pid": None})
+    reg = Registry.for_run(rd)
+
+    def owner_answers() -> None:
+        name = next(iter(reg.list("requests")))
+        reg.delete("requests", name)
+        reg.put("replies", f"{name}-unserved", {"wanted": 1, "started": 0})
+    when(lambda: bool(reg.list("requests")), owner_answers)
+    t0 = time.monotonic()
+    assert add_servers(None, rd, 1, timeout_s=10.0) == 1
+    assert time.monotonic() - t0 < 5.0
+    assert "room for 0 of 1 server(s)" in capsys.readouterr().err

@@ -151,9 +151,13 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
             return 0
         unserved = reg.get("replies", f"{req}-unserved") if req and job_id is None else None
-        if unserved is not None and run.get("mode") == "slurm":
+        if unserved is not None:
             reg.delete("replies", f"{req}-unserved")
             started = int(unserved.get("started", 0))
+            if run.get("mode") != "slurm":  # no job of their own to put the rest in
+                print(f"the run has room for {started} of {count} server(s) (no free resources); see "
+                      "`areal-hpc logs driver`", file=sys.stderr)
+                return 1
             print(f"the allocation has room for {started} of {count} server(s); submitting "
                   f"{count - started} as a separate job")
             job_id = slurm_submit.submit_server_job(cfg, rd, count - started)
