@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
-from areal_hpc.launch import outcome
+from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
@@ -28,6 +28,7 @@ from areal_hpc.launch.plan import Plan, StepSpec, build_plan
 from areal_hpc.launch.sbatch import render
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
 from areal_hpc.launch.slurm_submit import servers_plan
+from areal_hpc.launch.status import collect_status
 from areal_hpc.registry import Registry
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "allocation.sbatch"
@@ -372,3 +373,21 @@ def test_add_servers_without_room_outside_slurm_says_so_at_once(tmp_path, capsys
     assert add_servers(None, rd, 1, timeout_s=10.0) == 1
     assert time.monotonic() - t0 < 5.0
     assert "room for 0 of 1 server(s)" in capsys.readouterr().err
+
+
+def test_status_while_a_server_job_is_submitted(tmp_path, monkeypatch):
+    """`add-servers --new-job` may record a job while `status` asks Slurm about the others: `status` shows the
+    jobs it asked about (it listed the job records twice, and failed with a KeyError on the new one)."""
+    rd = stopped_run(tmp_path, "slurm", 1, {"host": "n1", "node": "n1", "pid": 2})
+    reg = Registry.for_run(rd)
+    reg.put("", "run", {**reg.get("", "run"), "job_id": "10"})
+    reg.put("jobs", "11", {"servers": ["server-1"]}, ttl=False)
+
+    def job(job_id: str) -> Dict[str, str]:
+        reg.put("jobs", "12", {"servers": ["server-2"]}, ttl=False)  # submitted meanwhile
+        return {"state": "RUNNING", "nodes": "n1"}
+    monkeypatch.setattr(slurm, "job", job)
+    monkeypatch.setattr(slurm, "job_steps", lambda job_id: [])
+    st = collect_status(rd)
+    assert st["job"]["job_id"] == "10" and st["server_jobs"] == [
+        {"job_id": "11", "state": "RUNNING", "nodes": "n1", "steps": [], "servers": ["server-1"]}]

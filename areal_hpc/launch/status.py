@@ -116,10 +116,10 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     if run.get("mode") == "slurm" and run.get("job_id"):
         status["job"] = jobs.pop(str(run["job_id"]))
         owner_alive = slurm.state_word(status["job"].get("state")) in slurm.LIVE_STATES
-        extra = reg.list("jobs", live_only=False)
-        if extra:
-            status["server_jobs"] = [{**jobs[str(j)], "servers": rec.get("servers")}
-                                     for j, rec in sorted(extra.items())]
+        if jobs:  # the rest are server jobs, as `slurm_jobs` found them (not one submitted since)
+            recs = reg.list("jobs", live_only=False)
+            status["server_jobs"] = [{**job, "servers": (recs.get(j) or {}).get("servers")}
+                                     for j, job in sorted(jobs.items())]
     elif run:
         owner_alive = launcher_alive(run, reg)
         status["job"] = {"launcher_pid": run.get("pid"), "host": run.get("host"),
