@@ -280,8 +280,6 @@ class RunOwner:
         if self.server_failures:
             reason, path = self.server_failures[0]
             return outcome.FAILED, f"every server exited; {reason}", path
-        if self.plan.trainer is None:
-            return outcome.COMPLETED, None, None
         return outcome.FAILED, "the trainer ended without a result", None
 
     def _on_server_exit(self, name: str, h: StepHandle, rc: int) -> None:
