@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
-from areal_hpc.launch import outcome, slurm
+from areal_hpc.launch import outcome, slurm, slurm_submit
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
@@ -391,3 +391,30 @@ def test_status_while_a_server_job_is_submitted(tmp_path, monkeypatch):
     st = collect_status(rd)
     assert st["job"]["job_id"] == "10" and st["server_jobs"] == [
         {"job_id": "11", "state": "RUNNING", "nodes": "n1", "steps": [], "servers": ["server-1"]}]
+
+
+class _Job:
+    """What submitit's executor returns, for a job that never wrote a result."""
+
+    def __init__(self, tmp_path: Path):
+        self.job_id = "5"
+        self.paths = type("Paths", (), {"result_pickle": tmp_path / "no-result.pkl"})()
+
+    def task(self, index: int) -> "_Job":
+        return self
+
+
+def test_submit_of_a_job_that_fails_at_once_is_no_success(tmp_path, monkeypatch, capsys):
+    """A job already ended when `submit` (launcher.wait=False) first asks about it, e.g. FAILED because
+    cluster.python does not exist: `submit` says how the run ended and exits 1, not 0 ("job 5 FAILED on n1")."""
+    cfg = load_config(None, ["mode=slurm", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}"])
+    rd = tmp_path / "run"
+    rd.mkdir()
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), rd)
+    executor = type("Executor", (), {"submit": lambda self, driver: _Job(tmp_path)})()
+    monkeypatch.setattr(slurm_submit, "test_allocation", lambda cfg, plan: None)
+    monkeypatch.setattr(slurm_submit, "make_executor", lambda cfg, plan, rd: executor)
+    monkeypatch.setattr(slurm, "job", lambda job_id: {"state": "FAILED", "nodes": "n1"})
+    assert not cfg.launcher.wait and slurm_submit.submit(cfg, plan, rd) == 1
+    assert "run FAILED: job 5 ended FAILED before its driver recorded how the run ended" in capsys.readouterr().err

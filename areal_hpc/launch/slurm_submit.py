@@ -196,7 +196,8 @@ def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
 
 
 def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
-    """Submit the run's allocation; returns once it runs (with launcher.wait, once it ends)."""
+    """Submit the run's allocation; returns once it runs (with launcher.wait, or when it has ended already, once
+    it ends: the run's exit code)."""
     test_allocation(cfg, plan)
     ex = make_executor(cfg, plan, rd)
     try:
@@ -217,7 +218,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
         return 0
     nodes = slurm.job(job_id).get("nodes") or "?"
     print(f"job {job_id} {state} on {nodes}; follow it with:\n{follow_hint(cfg)}", flush=True)
-    if not cfg.launcher.wait:
+    if not cfg.launcher.wait and state not in slurm.FINAL_STATES:  # one that ended already says how
         return 0
     state = wait_finished(job_id)
     rc = _driver_result(job.task(0), timeout_s=30.0 if state == "COMPLETED" else 2.0)
