@@ -28,7 +28,7 @@ from areal_hpc.launch.plan import Plan, StepSpec, build_plan
 from areal_hpc.launch.sbatch import render
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
 from areal_hpc.launch.slurm_submit import servers_plan
-from areal_hpc.launch.status import collect_status
+from areal_hpc.launch.status import collect_status, logs
 from areal_hpc.registry import Registry
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "allocation.sbatch"
@@ -418,3 +418,16 @@ def test_submit_of_a_job_that_fails_at_once_is_no_success(tmp_path, monkeypatch,
     monkeypatch.setattr(slurm, "job", lambda job_id: {"state": "FAILED", "nodes": "n1"})
     assert not cfg.launcher.wait and slurm_submit.submit(cfg, plan, rd) == 1
     assert "run FAILED: job 5 ended FAILED before its driver recorded how the run ended" in capsys.readouterr().err
+
+
+def test_logs_slurm_is_the_runs_job_not_a_server_jobs(tmp_path, capsys):
+    """`logs slurm` is the batch log of the run's job, also once a server job (`add-servers --new-job`) wrote a
+    newer slurm-*.out next to it."""
+    rd = stopped_run(tmp_path, "slurm", 1, {})
+    reg = Registry.for_run(rd)
+    reg.put("", "run", {**reg.get("", "run"), "job_id": "10"})
+    (rd / "logs").mkdir()
+    (rd / "logs" / "slurm-10.out").write_text("the run's job\n")
+    time.sleep(0.01)
+    (rd / "logs" / "slurm-11.out").write_text("a server job\n")
+    assert logs(rd, "slurm") == 0 and capsys.readouterr().out == "the run's job\n"

@@ -185,8 +185,9 @@ def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
 
 def _log_file(rd: Path, role: str) -> Path:
     logs = rd / "logs"
-    if role == "slurm":
-        outs = sorted(logs.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
+    if role == "slurm":  # the run's job (server jobs write slurm-*.out too); any job of a run sbatch-ed by hand
+        job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
+        outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
         if outs:
             return outs[-1]
     path = logs / {"trainer": "trainer-0.log"}.get(role, f"{role}.log")
