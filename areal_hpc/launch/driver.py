@@ -31,6 +31,8 @@ log = logging.getLogger("areal_hpc.launch")
 # before the time limit; the rest is for servers to deregister and for the requeue itself.
 REQUEUE_TRAINER_GRACE_S = 75.0
 REQUEUE_SERVER_GRACE_S = 10.0
+# Seconds a started step may take to be listed by Slurm before the next one starts anyway.
+STEP_LISTED_TIMEOUT_S = 60.0
 # Environment of the job that each step states for itself.
 _JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", "SLURM_GPUS_PER_NODE")
 
@@ -71,10 +73,9 @@ class SrunRunner(Runner):
     """Starts StepSpecs as ``srun --exact`` steps of the driver's own job, one after another (each waits until Slurm
     lists the previous one), so that on a node the GPUs go to steps in plan order: the plan's GPU ids are theirs."""
 
-    def __init__(self, cfg: ExperimentConfig, plan: Plan, job_id: str, step_timeout_s: float = 60.0,
-                 env: Optional[Dict[str, str]] = None):
+    def __init__(self, cfg: ExperimentConfig, plan: Plan, job_id: str, env: Optional[Dict[str, str]] = None):
         env = os.environ if env is None else env
-        self.cfg, self.plan, self.job_id, self.step_timeout_s = cfg, plan, str(job_id), step_timeout_s
+        self.cfg, self.plan, self.job_id = cfg, plan, str(job_id)
         n = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or plan.nodes)
         cpus = slurm.parse_counts(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
         mem = int(env.get("SLURM_MEM_PER_NODE") or 0)
@@ -138,7 +139,7 @@ class SrunRunner(Runner):
     def _await_step(self, h: SrunHandle) -> None:
         """Wait until Slurm lists the step (its resources are then taken): records its step id."""
         name = f"{self.plan.job_name}:{h.step.name}"
-        deadline = time.monotonic() + self.step_timeout_s
+        deadline = time.monotonic() + STEP_LISTED_TIMEOUT_S
         delay = 0.02
         while time.monotonic() < deadline and h.proc.poll() is None:
             for sid, sname, nodes in slurm.live_steps(self.job_id):
@@ -150,7 +151,7 @@ class SrunRunner(Runner):
             delay = min(0.2, delay * 2)
         if h.proc.poll() is None:
             log.warning("%s: Slurm did not list the step within %.0fs (still waiting for resources?)", h.step.name,
-                        self.step_timeout_s)
+                        STEP_LISTED_TIMEOUT_S)
         else:
             log.warning("%s: srun exited with %s before its step was listed", h.step.name, h.proc.poll())
 
