@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
-from areal_hpc.launch import outcome, slurm, slurm_submit
+from areal_hpc.launch import driver, outcome, slurm, slurm_submit
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
@@ -431,3 +431,15 @@ def test_logs_slurm_is_the_runs_job_not_a_server_jobs(tmp_path, capsys):
     time.sleep(0.01)
     (rd / "logs" / "slurm-11.out").write_text("a server job\n")
     assert logs(rd, "slurm") == 0 and capsys.readouterr().out == "the run's job\n"
+
+
+def test_usr2_without_requeue_ends_a_hand_started_driver_unsuccessfully(tmp_path, monkeypatch):
+    """A driver started by hand, launcher.requeue_on_preemption=False: USR2 stops the run (STOPPED) and the
+    driver exits with STOPPED's code, so the job does not end COMPLETED (a success to --dependency=afterok)."""
+    owner = owner_for(tmp_path, FakeRunner({}), "launcher.requeue_on_preemption=False")
+    for step in owner.plan.steps:
+        owner.start_step(step)
+    monkeypatch.setattr(driver, "_OWNER", owner)
+    with pytest.raises(SystemExit) as ended:
+        driver._on_usr2_standalone(signal.SIGUSR2, None)
+    assert owner.state == outcome.STOPPED and ended.value.code == outcome.exit_code(outcome.STOPPED) != 0

@@ -194,10 +194,12 @@ def prepare_requeue() -> bool:
 
 
 def _on_usr2_standalone(signum, frame) -> None:
-    """USR2 when the driver is not submitit's payload (started by hand): same steps, own requeue."""
-    if prepare_requeue():
-        job = os.environ.get("SLURM_JOB_ID", "")
-        log.warning("scontrol requeue %s: %s", job, slurm.requeue(job))
+    """USR2 when the driver is not submitit's payload (started by hand): same steps, own requeue. Not requeued,
+    the run is STOPPED and the job must not end COMPLETED (under submitit it ends FAILED)."""
+    if not prepare_requeue():
+        raise SystemExit(outcome.exit_code(outcome.STOPPED))
+    job = os.environ.get("SLURM_JOB_ID", "")
+    log.warning("scontrol requeue %s: %s", job, slurm.requeue(job))
     raise SystemExit(0)
 
 
