@@ -28,7 +28,7 @@ from areal_hpc.launch.plan import Plan, StepSpec, build_plan
 from areal_hpc.launch.sbatch import render
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
 from areal_hpc.launch.slurm_submit import servers_plan
-from areal_hpc.launch.status import collect_status, logs
+from areal_hpc.launch.status import collect_status, logs, status
 from areal_hpc.registry import Registry
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "allocation.sbatch"
@@ -443,3 +443,12 @@ def test_usr2_without_requeue_ends_a_hand_started_driver_unsuccessfully(tmp_path
     with pytest.raises(SystemExit) as ended:
         driver._on_usr2_standalone(signal.SIGUSR2, None)
     assert owner.state == outcome.STOPPED and ended.value.code == outcome.exit_code(outcome.STOPPED) != 0
+
+
+def test_status_of_a_run_whose_metrics_have_no_reward(tmp_path, capsys):
+    """An SFT run's metrics rows have a loss, no reward_mean: `status` prints its progress (it failed formatting
+    the missing reward with a TypeError)."""
+    rd = stopped_run(tmp_path, "local", dead_pid(), {"host": socket.gethostname(), "pid": dead_pid()})
+    (rd / "metrics.jsonl").write_text(json.dumps({"step": 3, "version": 3, "loss": 0.5}) + "\n")
+    assert status(None, rd) == 0
+    assert "progress step 3 v3  0 trained tok/s  0 gen tok/s" in capsys.readouterr().out

@@ -178,7 +178,8 @@ def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
                          f"ranks={t.get('world_size')} host={t.get('host')}"))
     p = st.get("progress")
     if p:
-        print(f"progress step {p['step']} v{p['version']} reward {p['reward_mean']:.3f}  "
+        reward = "" if p.get("reward_mean") is None else f" reward {p['reward_mean']:.3f}"  # none in SFT runs
+        print(f"progress step {p['step']} v{p['version']}{reward}  "
               f"{p.get('trained_tokens_per_s') or 0:.0f} trained tok/s  {p.get('gen_tokens_per_s') or 0:.0f} gen tok/s")
     return 0
 
