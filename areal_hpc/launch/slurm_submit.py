@@ -139,23 +139,6 @@ def wait_finished(job_id: str, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
-def _driver_result(job: Any, timeout_s: float) -> Optional[Any]:
-    """What the driver returned (submitit's result pickle), or None."""
-    from submitit.core.utils import pickle_load
-
-    path = job.paths.result_pickle
-    deadline = time.monotonic() + timeout_s
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if not path.exists():
-        return None
-    try:
-        kind, value = pickle_load(path)
-    except Exception:  # noqa: BLE001 - a torn or foreign pickle: no result
-        return None
-    return value if kind == "success" else None
-
-
 # What Slurm's reason for refusing a job is about -> the key that asked for it.
 _REJECTION_KEYS = (
     ("partition", "cluster.partition"), ("account", "cluster.account"), ("qos", "cluster.qos"),
@@ -221,8 +204,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     if not cfg.launcher.wait and state not in slurm.FINAL_STATES:  # one that ended already says how
         return 0
     state = wait_finished(job_id)
-    rc = _driver_result(job.task(0), timeout_s=30.0 if state == "COMPLETED" else 2.0)
-    print(f"job {job_id} ended {state}" + (f", driver returned {rc}" if rc is not None else ""), flush=True)
+    print(f"job {job_id} ended {state}", flush=True)  # how the run ended is in its record (the driver's code too)
     rec = reg.get("", "run", live_only=False) or {}
     if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
         print(f"run {outcome.summary_line(rec)}", flush=True)
