@@ -393,17 +393,6 @@ def test_status_while_a_server_job_is_submitted(tmp_path, monkeypatch):
         {"job_id": "11", "state": "RUNNING", "nodes": "n1", "steps": [], "servers": ["server-1"]}]
 
 
-class _Job:
-    """What submitit's executor returns, for a job that never wrote a result."""
-
-    def __init__(self, tmp_path: Path):
-        self.job_id = "5"
-        self.paths = type("Paths", (), {"result_pickle": tmp_path / "no-result.pkl"})()
-
-    def task(self, index: int) -> "_Job":
-        return self
-
-
 def test_submit_of_a_job_that_fails_at_once_is_no_success(tmp_path, monkeypatch, capsys):
     """A job already ended when `submit` (launcher.wait=False) first asks about it, e.g. FAILED because
     cluster.python does not exist: `submit` says how the run ended and exits 1, not 0 ("job 5 FAILED on n1")."""
@@ -412,7 +401,8 @@ def test_submit_of_a_job_that_fails_at_once_is_no_success(tmp_path, monkeypatch,
     rd = tmp_path / "run"
     rd.mkdir()
     plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), rd)
-    executor = type("Executor", (), {"submit": lambda self, driver: _Job(tmp_path)})()
+    job = type("Job", (), {"job_id": "5"})()
+    executor = type("Executor", (), {"submit": lambda self, driver: job})()
     monkeypatch.setattr(slurm_submit, "test_allocation", lambda cfg, plan: None)
     monkeypatch.setattr(slurm_submit, "make_executor", lambda cfg, plan, rd: executor)
     monkeypatch.setattr(slurm, "job", lambda job_id: {"state": "FAILED", "nodes": "n1"})
