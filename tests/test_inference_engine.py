@@ -271,6 +271,7 @@ def test_sampling_params_validation():
     got = sampling_params(varied)
     assert {k: getattr(got, k) for k in varied} == {**varied, "stop_token_ids": (2, 5)}
     assert sampling_params({"stop_token_ids": 4}).stop_token_ids == (4,)
+    assert sampling_params({"stop_token_ids": 0}).stop_token_ids == (0,)  # token 0 is a token, not "none"
     for bad in ({"max_new_tokens": -1}, {"temperature": -0.1}, {"top_p": 0}, {"top_k": 0}, {"bogus": 1},
                 {"max_new_tokens": "5"}, {"stop_token_ids": ["a"]}, {"repetition_penalty": 1.3},
                 {"ignore_eos": "yes"}, {"stop": ["x"]}):
