@@ -257,3 +257,31 @@ def test_fan_out_reports_failures():
         await no.stop()
 
     run(main())
+
+
+def test_fan_out_to_named_servers_reports_those_not_in_the_pool():
+    """A named server the pool no longer knows (its record expired) is a failure, not left out of the results:
+    the trainer would otherwise announce a weight bucket to fewer servers than will receive it, and see no error."""
+    async def main():
+        ok = await Fake(lambda path, p: (200, {"success": True})).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("ok", ok.address)
+            res = await pool.update_weights_from_distributed(["w"], ["float32"], [[1]], "g", 3, ["ok", "dropped"])
+        assert res["ok"].ok and not res["dropped"].ok and "not in the pool" in res["dropped"].error
+        await ok.stop()
+
+    run(main())
+
+
+def test_pause_all_starts_the_pool():
+    async def main():
+        srv = await Fake(lambda path, p: (200, {"status": "ok"})).start()
+        pool = ServerPool(None, api_key="k")
+        pool.add_server("a", srv.address)
+        try:
+            assert (await pool.pause_all())["a"].ok and pool.paused
+        finally:
+            await pool.close()
+            await srv.stop()
+
+    run(main())

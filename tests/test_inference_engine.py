@@ -271,6 +271,7 @@ def test_sampling_params_validation():
     got = sampling_params(varied)
     assert {k: getattr(got, k) for k in varied} == {**varied, "stop_token_ids": (2, 5)}
     assert sampling_params({"stop_token_ids": 4}).stop_token_ids == (4,)
+    assert sampling_params({"stop_token_ids": 0}).stop_token_ids == (0,)  # token 0 is a token, not "none"
     for bad in ({"max_new_tokens": -1}, {"temperature": -0.1}, {"top_p": 0}, {"top_k": 0}, {"bogus": 1},
                 {"max_new_tokens": "5"}, {"stop_token_ids": ["a"]}, {"repetition_penalty": 1.3},
                 {"ignore_eos": "yes"}, {"stop": ["x"]}):
@@ -345,3 +346,20 @@ def test_cuda_graph_decode_matches_eager(model_path):
     for (ids_g, lp_g), (ids_e, lp_e) in zip(outs["graph"], outs["eager"]):
         assert ids_g == ids_e
         assert max(abs(a - b) for a, b in zip(lp_g, lp_e)) < 1e-3
+
+
+def test_health_generate_reports_a_failing_engine(engine, monkeypatch):
+    """/health_generate runs one token through the engine: a step that fails is a 503, not ``ok``."""
+    import asyncio
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+    assert asyncio.run(server.health_generate(None)).status == 200
+
+    def broken(seqs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "prefill", broken)
+    resp = asyncio.run(server.health_generate(None))
+    assert resp.status == 503 and "device lost" in resp.text

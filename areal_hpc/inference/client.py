@@ -366,10 +366,13 @@ class ServerPool:
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
                        ) -> Dict[str, CallResult]:
+        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails)."""
         await self.start()
-        wanted = None if server_ids is None else set(server_ids)
+        wanted = None if server_ids is None else list(server_ids)
         targets = [s for s in self._servers.values() if wanted is None or s.id in wanted]
-        results = await asyncio.gather(*(self._call(s, method, path, payload, timeout_s) for s in targets))
+        unknown = [CallResult(sid, "", False, error="not in the pool (its registry record is gone)")
+                   for sid in wanted or () if sid not in self._servers]
+        results = await asyncio.gather(*(self._call(s, method, path, payload, timeout_s) for s in targets)) + unknown
         bad = [r for r in results if not r.ok]
         if bad:
             log.warning("%s %s failed on %d of %d servers: %s", method, path, len(bad), len(results),
@@ -379,6 +382,7 @@ class ServerPool:
     async def pause_all(self, mode: str = "abort") -> Dict[str, CallResult]:
         """Hold this pool's new and interrupted generations, then ``/pause_generation`` everywhere (running requests
         come back aborted and wait here for `continue_all`)."""
+        await self.start()
         self._running.clear()
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 

@@ -367,10 +367,13 @@ class EngineServer:
             return error_response("engine is not running", 503)
         if self.engine.paused:
             return web.json_response({"status": "ok", "paused": True})
+        probe = Sequence([0], SamplingParams(max_new_tokens=1, temperature=0.0))
         try:
-            await self._complete([Sequence([0], SamplingParams(max_new_tokens=1, temperature=0.0))], 20.0)
+            await self._complete([probe], 20.0)
         except asyncio.TimeoutError:
             return error_response("health generation timed out", 503)
+        if probe.finish_reason.get("status_code"):  # the step failed (an abort by a pause is no failure)
+            return error_response(f"health generation failed: {probe.finish_reason.get('message')}", 503)
         return web.json_response({"status": "ok"})
 
     async def get_server_info(self, request: web.Request) -> web.Response:

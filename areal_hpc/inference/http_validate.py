@@ -200,9 +200,10 @@ def engine_sampling_params(d: Any) -> SamplingParams:
         numbers[key] = v = _number(d, key, getattr(SamplingParams, key))
         if not valid(v):
             raise RequestError(f"sampling_params.{key} must be {what}, got {v}")
-    stop = d.get("stop_token_ids") or []
-    if isinstance(stop, int) and not isinstance(stop, bool):
+    stop = d.get("stop_token_ids")
+    if isinstance(stop, int) and not isinstance(stop, bool):  # before `or`: token 0 is a stop token too
         stop = [stop]
+    stop = stop or []
     if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
         raise RequestError("sampling_params.stop_token_ids must be a list of integers")
     ignore_eos = d.get("ignore_eos", False)
