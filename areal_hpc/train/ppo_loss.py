@@ -213,7 +213,4 @@ class PPOActor:
             if self.ref is not None:
                 batch["ref_logp"] = self.ref.forward(batch, temperature=self.temperature)
         self.compute_advantages(batch)
-        stats = self.ppo_update(batch, prox_from_forward=fused)
-        stats["reward"] = dist.all_reduce_scalar(float(batch["rewards"].float().sum())) / max(
-            1.0, dist.all_reduce_scalar(float(batch["rewards"].numel())))
-        return stats
+        return self.ppo_update(batch, prox_from_forward=fused)
