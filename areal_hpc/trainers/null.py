@@ -27,9 +27,11 @@ class EvalTrainer(Trainer):
         self.publish_state(step=0, version=None, world_size=1, state="evaluating", n_rows=len(rows))
         t0 = time.monotonic()
         try:
-            groups = asyncio.run(self._evaluate(workflow, rows, pool))
+            results = asyncio.run(self._evaluate(workflow, rows, pool))
         finally:
             self.close_state()
+        done = [(g, row) for g, row in zip(results, rows) if g is not None]  # None: the workflow skipped the row
+        groups = [g for g, _ in done]
         trajs = [t for g in groups for t in g.trajectories]
         per_prompt = [max(t.reward for t in g.trajectories) for g in groups]
         report = {"dataset": ds.path, "n_prompts": len(groups), "n_samples": cfg.rollout.n_samples,
@@ -40,7 +42,7 @@ class EvalTrainer(Trainer):
                   "weight_versions": sorted({v for t in trajs for v in t.versions}), "time_s": time.monotonic() - t0}
         (ctx.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:
-            for g, row in zip(groups, rows):
+            for g, row in done:
                 for t in g.trajectories:
                     prompt = row.get(ds.prompt_key, row.get(ds.messages_key))
                     f.write(json.dumps({"prompt": prompt, "answer": row.get(ds.answer_key),
