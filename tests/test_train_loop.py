@@ -1,4 +1,5 @@
-"""The loop every training trainer shares (`Trainer.run`), on one process with a stand-in engine and checkpointer."""
+"""A trainer's frame: `make_trainer`, and the loop every training trainer shares (`Trainer.run`), on one process
+with a stand-in engine and checkpointer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.registry import Registry
-from areal_hpc.trainers import TrainContext, Trainer
+from areal_hpc.trainers import TrainContext, Trainer, make_trainer, register_trainer
 
 
 class FakeEngine:
@@ -68,3 +69,19 @@ def test_a_stop_between_checkpoints_saves_where_it_stopped(trainer):
     trainer.stop_at = 3
     assert trainer.run() == 0
     assert FakeCheckpointer.saved == [2, 3]
+
+
+@register_trainer("test-needs-a-key")
+class NeedsAKey(Trainer):
+    def __init__(self, ctx):
+        raise KeyError("dataset_column")
+
+
+def test_a_key_error_of_a_trainer_is_not_reported_as_an_unknown_type(tmp_path):
+    cfg = ExperimentConfig()
+    cfg.trainer.type = "test-needs-a-key"
+    with pytest.raises(KeyError, match="dataset_column"):
+        make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+    cfg.trainer.type = "no-such-trainer"
+    with pytest.raises(KeyError, match="unknown trainer.type 'no-such-trainer'; known: .*test-needs-a-key"):
+        make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
