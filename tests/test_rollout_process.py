@@ -97,3 +97,26 @@ def test_an_error_while_the_side_is_built_is_raised_by_the_constructor():
 
     with pytest.raises(RegistryTimeout, match="no healthy server"):
         RolloutProcess(make, should_stop=lambda: False)
+
+
+class FailingStop(FakeSide):
+    def stop(self):
+        raise RuntimeError("the last weight update failed")
+
+
+def test_an_error_while_the_side_stops_is_raised_at_once():
+    side = RolloutProcess(FailingStop, should_stop=lambda: False)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="the last weight update failed"):
+        side.stop()  # the child ends after its stop, whether it failed or not: no wait for the join timeouts
+    assert time.monotonic() - t0 < 5 and not side._proc.is_alive()
+
+
+def test_an_error_the_trainer_cannot_rebuild_arrives_as_its_text():
+    from areal_hpc.config import ConfigError
+
+    def make(should_stop):  # ConfigError pickles, but cannot be unpickled (it takes three arguments)
+        raise ConfigError("rollout.workflow", "no such workflow", "register it first")
+
+    with pytest.raises(RuntimeError, match="rollout.workflow: no such workflow"):
+        RolloutProcess(make, should_stop=lambda: False)

@@ -150,7 +150,7 @@ def test_unpad_with_holes_in_the_mask():
 
 def test_make_micro_batches_and_dummy():
     batch = collate(_samples())
-    mbs = make_micro_batches(batch, max_tokens=6, min_mbs=1, sync=False)
+    mbs = make_micro_batches(batch, max_tokens=6, min_mbs=1)
     assert sorted(i for mb in mbs for i in mb.sample_idx) == [0, 1, 2]
     d = dummy_micro_batch(batch, pad_token_id=0)
     assert d.is_dummy and d.n_tokens == 2 and set(d.data) == set(mbs[0].data)
@@ -159,7 +159,7 @@ def test_make_micro_batches_and_dummy():
 
 def test_padded_micro_batches_have_one_length():
     batch = collate(_samples())
-    mbs = make_micro_batches(batch, max_tokens=8, min_mbs=3, pad_token_id=7, sync=False, pad=True)
+    mbs = make_micro_batches(batch, max_tokens=8, min_mbs=3, pad_token_id=7, pad=True)
     assert [mb.n_tokens for mb in mbs] == [8, 8, 8]
     for mb in mbs:
         n_real = sum(int(batch["attention_mask"][i].sum()) for i in mb.sample_idx)
@@ -169,7 +169,7 @@ def test_padded_micro_batches_have_one_length():
         assert mb.data["rewards"].shape == (len(mb.sample_idx),)  # per-sample keys: no padding entry
     out = unpack_to_padded([mb.data["logprobs"] for mb in mbs], mbs, batch)
     torch.testing.assert_close(out, batch["logprobs"] * batch["attention_mask"])
-    full = make_micro_batches(collate([_samples()[2]]), max_tokens=6, pad=True, sync=False)[0]
+    full = make_micro_batches(collate([_samples()[2]]), max_tokens=6, pad=True)[0]
     assert full.cu_seqlens.tolist() == [0, 6]  # already full: no empty padding document
     assert dummy_micro_batch(batch, 0, 8).n_tokens == 8
 
@@ -195,7 +195,7 @@ def test_packing_rows_equals_packing_samples(padding):
              "rewards": torch.randn(B, generator=g)}
     samples = unpad(batch)
     for pad in (False, True):
-        mbs = make_micro_batches(batch, max_tokens=12, min_mbs=2, pad_token_id=5, sync=False, pad=pad)
+        mbs = make_micro_batches(batch, max_tokens=12, min_mbs=2, pad_token_id=5, pad=pad)
         assert sorted(i for mb in mbs for i in mb.sample_idx) == list(range(B))
         for mb in mbs:
             want = pack_samples([samples[i] for i in mb.sample_idx], mb.sample_idx, 12 if pad else 0, 5)
@@ -210,7 +210,6 @@ def test_split_and_shard_keep_groups():
     batch = collate([{"input_ids": torch.arange(3) + i} for i in range(8)])
     parts = split_batch(batch, 2, group_size=4)
     assert [p["input_ids"][:, 0].tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert shard_batch(batch, 1, 2, group_size=2, balance=False)["input_ids"][:, 0].tolist() == [4, 5, 6, 7]
 
 
 def test_shard_balances_tokens_over_ranks_and_keeps_groups():

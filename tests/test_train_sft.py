@@ -121,3 +121,30 @@ def test_sft_resumes_from_its_checkpoint(tmp_path):
     with pytest.raises(Exception, match="resume asked but no checkpoint"):
         run_ranks(_sft_trainer, 1, args=(str(tmp_path / "none"), model, data, "resume", 0))
     assert not (tmp_path / "none" / "metrics.jsonl").exists()
+
+
+def test_tokens_counts_the_whole_batch_not_rank0s_share_times_the_ranks(monkeypatch):
+    """Rank 0's shard (the longest rows first) times the world size overstated the step's tokens."""
+    from areal_hpc.config import ExperimentConfig
+    from areal_hpc.train import dist
+    from areal_hpc.train.phases import PhaseTimer
+    from areal_hpc.trainers import sft_trainer
+
+    lengths = [8, 1, 1, 1]
+    batch = {"input_ids": torch.ones(4, 8, dtype=torch.long), "loss_mask": torch.ones(4, 8, dtype=torch.long),
+             "attention_mask": (torch.arange(8)[None, :] < torch.tensor(lengths)[:, None]).long()}
+    monkeypatch.setattr(sft_trainer, "tokenize_rows", lambda *args, **kwargs: batch)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+
+    class Fake:
+        def train_step(self, batch):
+            return {"loss": 1.0}
+
+        def set_version(self, version):
+            pass
+
+    trainer = sft_trainer.SFTTrainer.__new__(sft_trainer.SFTTrainer)
+    trainer.cfg, trainer.phases, trainer.learner = ExperimentConfig(), PhaseTimer(), Fake()
+    trainer.cfg.trainer.sft.batch_size, trainer.loader, trainer.engine = 4, iter([{}] * 4), Fake()
+    trainer.tokenizer = trainer.prompts = None
+    assert trainer.train_step(1)["tokens"] == sum(lengths)

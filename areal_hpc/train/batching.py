@@ -84,13 +84,10 @@ def split_batch(batch: Batch, n: int, group_size: int = 1) -> List[Batch]:
     return [_select_groups(batch, r, group_size) for r in chunk_ranges(n_groups, max(1, min(n, n_groups)))]
 
 
-def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1, balance: bool = True) -> Batch:
-    """This rank's share of a batch every rank holds: whole groups, counts differing by at most one.
-    ``balance``: groups dealt longest first to the rank with the fewest tokens (so ranks do not
-    wait for each other), kept in batch order; else contiguous ranges."""
+def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1) -> Batch:
+    """This rank's share of a batch every rank holds: whole groups, counts differing by at most one, dealt longest
+    first to the rank with the fewest tokens (so ranks do not wait for each other), kept in batch order."""
     ranges = chunk_ranges(_whole_groups(batch, group_size), world_size)
-    if not balance:
-        return _select_groups(batch, ranges[rank], group_size)
     tokens = batch["attention_mask"].long().sum(dim=1).view(-1, group_size).sum(dim=1).tolist()
     room = sorted((len(r) for r in ranges), reverse=True)  # how many groups each rank takes
     return _select_groups(batch, sorted(deal_least_loaded(tokens, world_size, room)[rank]), group_size)
@@ -327,8 +324,8 @@ def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2)
 
 
 def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
-                       sync: bool = True, pad: bool = False, share: bool = False) -> List[MicroBatch]:
-    """Pack a padded batch into micro-batches; with ``sync`` every rank gets the same count; with
+                       pad: bool = False, share: bool = False) -> List[MicroBatch]:
+    """Pack a padded batch into micro-batches, as many on every rank (collective); with
     ``pad`` every micro-batch is filled up to ``max_tokens`` (one shape for compiled layers); with
     ``share`` (unpadded only) documents that share a stem are run once (`share_stems`)."""
     mask = batch["attention_mask"].bool()
@@ -336,10 +333,7 @@ def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_toke
     plan = plan_micro_batches(lengths, max_tokens, min_mbs) if lengths else []
     pad_to = max_tokens if pad else 0
     mbs = [pack_rows(batch, mask, idx, pad_to, pad_token_id, share) for idx in plan]
-    n = len(mbs)
-    if sync:
-        n = int(dist.all_reduce_scalar(n, "max"))
-    n = max(n, 1)
+    n = max(int(dist.all_reduce_scalar(len(mbs), "max")), 1)
     while len(mbs) < n:
         mbs.append(dummy_micro_batch(batch, pad_token_id, max(2, pad_to)))
     return mbs

@@ -206,7 +206,7 @@ class FSDPEngine:
                 sums[k] = sums.get(k, zero) + v * w
         # sums over all micro-batches of all ranks, still on the device: one all-reduce, no read
         keys = sorted(sums)
-        t = torch.stack([sums[k].to(torch.float64) for k in keys]).to(dist.collective_device())
+        t = torch.stack([sums[k] for k in keys]).to(dist.collective_device())  # float64, as summed
         return keys, dist.all_reduce(t)
 
     def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,

@@ -112,7 +112,7 @@ def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[t
         keep = mask if behav_imp_weight_cap is None else mask & (w <= behav_imp_weight_cap)
         w = torch.where(keep, w, torch.zeros_like(w))
         pg = pg * w
-        stats["behav_imp_weight"] = (w * keep).sum() / keep.sum().clamp(min=1)
+        stats["behav_imp_weight"] = w.sum() / keep.sum().clamp(min=1)  # (w is 0 outside keep)
         stats["behav_capped_frac"] = (mask & ~keep).sum() / count
     loss = torch.where(mask, pg, torch.zeros_like(pg)).sum() / count
     stats.update(clip_frac=clip_mask.sum() / count, dual_clip_frac=dual_mask.sum() / count,
@@ -213,7 +213,4 @@ class PPOActor:
             if self.ref is not None:
                 batch["ref_logp"] = self.ref.forward(batch, temperature=self.temperature)
         self.compute_advantages(batch)
-        stats = self.ppo_update(batch, prox_from_forward=fused)
-        stats["reward"] = dist.all_reduce_scalar(float(batch["rewards"].float().sum())) / max(
-            1.0, dist.all_reduce_scalar(float(batch["rewards"].numel())))
-        return stats
+        return self.ppo_update(batch, prox_from_forward=fused)

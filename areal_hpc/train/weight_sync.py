@@ -107,9 +107,11 @@ def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
     if is_sender and group is None:
         raise ValueError("trainer rank 0 needs the weight-sync group")
     for bucket in buckets:
-        tensors = [full_tensor(entries[s.name][0]).to(entries[s.name][1]) for s in bucket.specs]
-        if not is_sender:
+        if not is_sender:  # a gather is collective: every rank takes part, rank 0 alone keeps (and casts) the result
+            for s in bucket.specs:
+                full_tensor(entries[s.name][0])
             continue
+        tensors = [full_tensor(entries[s.name][0]).to(entries[s.name][1]) for s in bucket.specs]
         wait = on_bucket(bucket) if on_bucket is not None else None
         send_tensors(group, tensors)
         if wait is not None:

@@ -51,7 +51,6 @@ def make_trainer(ctx: TrainContext) -> Trainer:
     kind = ctx.cfg.trainer.type or "null"
     if kind not in TRAINERS and kind in _BUILTIN:
         importlib.import_module(_BUILTIN[kind])
-    try:
-        return TRAINERS[kind](ctx)
-    except KeyError:
-        raise KeyError(f"unknown trainer.type {kind!r}; known: {', '.join(known_types())}") from None
+    if kind not in TRAINERS:
+        raise KeyError(f"unknown trainer.type {kind!r}; known: {', '.join(known_types())}")
+    return TRAINERS[kind](ctx)

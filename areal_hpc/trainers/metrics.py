@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,12 +33,11 @@ class MetricsWriter:
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
 
     def drop_after(self, step: int) -> None:
-        """A recovered run resumes at ``step``: forget lines the crashed run wrote past it."""
+        """A recovered run resumes at ``step``: forget lines the crashed run wrote past it (and one it left torn)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(x + "\n" for x in keep))
+        keep = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
     def write(self, metrics: Dict[str, Any]) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "version")
@@ -60,10 +60,16 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """The rows of metrics.jsonl; a line that is not JSON (torn: its trainer was killed writing it) is skipped."""
     try:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        lines = path.read_text().splitlines()
     except FileNotFoundError:
         return []
+    rows = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> Optional[Path]:

@@ -9,6 +9,7 @@ import logging
 import time
 
 from areal_hpc.config import actor_path
+from areal_hpc.registry import RegistryTimeout
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
 
@@ -23,13 +24,24 @@ class EvalTrainer(Trainer):
         cfg, ctx, ds = self.cfg, self.ctx, self.cfg.valid_dataset
         rows = list(load_prompts(ctx, "valid", epochs=1))
         workflow = make_rollout_workflow(cfg, load_tokenizer(cfg.server.model_path or actor_path(cfg)), ds)
-        pool = server_pool(ctx)
+        try:  # a stop request (SIGTERM) only sets self.stop: both waits look at it
+            pool = server_pool(ctx, should_stop=lambda: bool(self.stop))
+        except RegistryTimeout:
+            if not self.stop:
+                raise
+            log.warning("stopped while waiting for servers")
+            return 0
         self.publish_state(step=0, version=None, world_size=1, state="evaluating", n_rows=len(rows))
         t0 = time.monotonic()
         try:
-            groups = asyncio.run(self._evaluate(workflow, rows, pool))
+            results = asyncio.run(self._evaluate(workflow, rows, pool))
         finally:
             self.close_state()
+        if results is None:
+            log.warning("evaluation stopped on request: no report")
+            return 0
+        done = [(g, row) for g, row in zip(results, rows) if g is not None]  # None: the workflow skipped the row
+        groups = [g for g, _ in done]
         trajs = [t for g in groups for t in g.trajectories]
         per_prompt = [max(t.reward for t in g.trajectories) for g in groups]
         report = {"dataset": ds.path, "n_prompts": len(groups), "n_samples": cfg.rollout.n_samples,
@@ -40,7 +52,7 @@ class EvalTrainer(Trainer):
                   "weight_versions": sorted({v for t in trajs for v in t.versions}), "time_s": time.monotonic() - t0}
         (ctx.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:
-            for g, row in zip(groups, rows):
+            for g, row in done:
                 for t in g.trajectories:
                     prompt = row.get(ds.prompt_key, row.get(ds.messages_key))
                     f.write(json.dumps({"prompt": prompt, "answer": row.get(ds.answer_key),
@@ -50,6 +62,7 @@ class EvalTrainer(Trainer):
         return 0
 
     async def _evaluate(self, workflow, rows, pool):
+        """Each row's group (in row order), or None if a stop is requested first."""
         await pool.start()
         sem = asyncio.Semaphore(max(1, self.cfg.rollout.max_concurrent_rollouts or 64))
 
@@ -57,7 +70,12 @@ class EvalTrainer(Trainer):
             async with sem:
                 return await workflow.arun_episode(pool, row)
 
+        episodes = asyncio.gather(*(one(r) for r in rows))
         try:
-            return await asyncio.gather(*(one(r) for r in rows))
+            while not self.stop:
+                if (await asyncio.wait([episodes], timeout=0.2))[0]:
+                    return episodes.result()
+            episodes.cancel()
+            return None
         finally:
             await pool.close()

@@ -100,7 +100,6 @@ class PPOTrainer(Trainer):
                             self.cfg.rollout.n_samples)
         with self.phases.phase("train", device=True):
             stats = self.train_on(self.actor, batch)
-        stats.pop("reward", None)
         version = self.engine.get_version() + 1
         self.engine.set_version(version)
         upd = self._push_weights(version, step)
@@ -134,7 +133,7 @@ class PPOTrainer(Trainer):
                     path = self._publish(version)
                     side.prune_weights(version)
             return side.update_weights_broadcast(lambda g, cb: broadcast_engine_weights(self.engine, g, cb),
-                                                 version, timer, disk_path=str(path) if external and path else None)
+                                                 version, timer, disk_path=str(path) if external else None)
         with timer.phase("weight_wait"):
             upd = side.wait_update()  # the previous version's: it reads the buffer the gather refills
         with timer.phase("weight_publish"):

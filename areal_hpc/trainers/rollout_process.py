@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import multiprocessing
+import pickle
 import signal
 import threading
 import time
@@ -19,6 +20,10 @@ from areal_hpc.rollout import RolloutError, Trajectory
 from areal_hpc.train import dist
 
 FAILED = "failed"  # (FAILED, reason) goes to the other ranks when rank 0's rollouts stall or fail
+
+
+class _ChildGone(RuntimeError):
+    """The rollout process ended: raised in place of an answer."""
 
 
 class BackgroundUpdates:
@@ -96,11 +101,11 @@ class RolloutProcess(BackgroundUpdates):
             if self.should_stop():
                 self._stop.set()
             if not self._proc.is_alive():
-                raise RuntimeError(f"the rollout process died (exit code {self._proc.exitcode}) during {name}()")
+                raise _ChildGone(f"the rollout process died (exit code {self._proc.exitcode}) during {name}()")
         try:
             kind, value = conn.recv()
         except EOFError:
-            raise RuntimeError(f"the rollout process exited during {name}()") from None
+            raise _ChildGone(f"the rollout process exited during {name}()") from None
         if kind == "err":
             raise value
         return value
@@ -127,11 +132,8 @@ class RolloutProcess(BackgroundUpdates):
             self.stop_updates()
         finally:
             try:
-                self._call(self._calls, "stop")
-            except RuntimeError:
-                self._proc.join(5)
-                if self._proc.is_alive():  # a dead child has nothing to stop (its death was reported)
-                    raise
+                with contextlib.suppress(_ChildGone):  # a dead child has nothing to stop (its death was reported)
+                    self._call(self._calls, "stop")
             finally:
                 self._proc.join(30)
                 if self._proc.is_alive():
@@ -168,16 +170,18 @@ def _answer(side, conn) -> None:
                 value = None if name == "ready" else getattr(side, name)(*args)
         except BaseException as e:  # noqa: BLE001 - the trainer raises it
             _reply(conn, "err", e)
-            continue
-        _reply(conn, "ok", value)
-        if name == "stop":
+        else:
+            _reply(conn, "ok", value)
+        if name == "stop":  # failed or not: the trainer joins this process next
             return
 
 
 def _reply(conn, kind: str, value: Any) -> None:
     try:
+        if kind == "err":  # one that pickles but cannot be rebuilt (its __init__ takes more than the message)
+            pickle.loads(pickle.dumps(value))
         conn.send((kind, value))
     except OSError:  # the trainer is gone
         pass
-    except Exception as e:  # noqa: BLE001 - an error that does not pickle goes as its text
+    except Exception as e:  # noqa: BLE001 - what does not pickle goes as its text
         conn.send(("err", RuntimeError(f"{type(value).__name__}: {value} ({e})")))

@@ -166,7 +166,7 @@ class RolloutSide(BackgroundUpdates):
         with the others (a dead server's record expires and the pool drops it)."""
         with timer.phase("weight_load"):
             results = self.controller.run(self.pool.update_weights_from_disk(path, version, server_ids=server_ids))
-        failed = {k: v for k, v in results.items() if not getattr(v, "ok", v is True)}
+        failed = {k: v for k, v in results.items() if not v.ok}
         if failed:
             log.warning("weight update v%d failed on %d server(s): %s", version, len(failed), failed)
         for sid in sorted(set(failed) - self._warned):

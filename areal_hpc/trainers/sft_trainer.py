@@ -40,19 +40,20 @@ class SFTTrainer(Trainer):
         return True
 
     def train_step(self, step: int):
-        ds, world = self.cfg.train_dataset, dist.world_size()
+        ds = self.cfg.train_dataset
         with self.phases.phase("data"):
             try:
                 rows = [next(self.loader) for _ in range(self.cfg.trainer.sft.batch_size)]
             except StopIteration:
                 log.info("dataset exhausted after %d epochs", self.loader.epoch)
                 return None
-            batch = shard_batch(tokenize_rows(rows, self.tokenizer, ds.prompt_key, ds.answer_key, ds.max_prompt_len,
-                                              prompts=self.prompts), dist.rank(), world)
+            batch = tokenize_rows(rows, self.tokenizer, ds.prompt_key, ds.answer_key, ds.max_prompt_len,
+                                  prompts=self.prompts)  # the same rows on every rank
+            shard = shard_batch(batch, dist.rank(), dist.world_size())
         with self.phases.phase("train", device=True):
-            stats = self.learner.train_step(batch)
+            stats = self.learner.train_step(shard)
         self.engine.set_version(step)
-        return {**stats, "tokens": float(batch["attention_mask"].sum()) * world}
+        return {**stats, "tokens": float(batch["attention_mask"].sum())}
 
     def checkpoint_extra(self) -> Dict[str, Any]:
         return {"loader": self.loader.state_dict()}

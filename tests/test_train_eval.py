@@ -1,0 +1,96 @@
+"""`trainer.type=null` (`EvalTrainer`) with a stand-in server pool: the report and the samples it writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import pytest
+
+from areal_hpc.config import ExperimentConfig, parse_allocation
+from areal_hpc.registry import Registry
+from areal_hpc.rollout import Trajectory
+from areal_hpc.rollout.workflow import Group, RolloutWorkflow, register_workflow
+from areal_hpc.trainers import TrainContext, make_trainer
+
+
+@register_workflow("test-skips-odd")
+class SkipsOdd(RolloutWorkflow):
+    """Skips (None) the rows whose number is odd, as a workflow may; one completion per row, rewarded 1."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    async def arun_episode(self, client, row):
+        if int(row["prompt"]) % 2:
+            return None
+        return Group([Trajectory([1], [2, 3], [0.0, 0.0], [0, 0], 1.0, info={"completion": "ok"})])
+
+
+@register_workflow("test-never-ends")
+class NeverEnds(RolloutWorkflow):
+    def __init__(self, **kwargs):
+        pass
+
+    async def arun_episode(self, client, row):
+        await asyncio.sleep(30)
+
+
+class FakePool:
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+
+@pytest.fixture
+def make_eval(tmp_path, monkeypatch):
+    """An `EvalTrainer` over 5 rows ("0" to "4") with ``rollout.workflow=workflow`` and ``servers`` (the stand-in for
+    waiting for the servers: `server_pool`)."""
+    monkeypatch.setattr("areal_hpc.trainers.rollout_side.load_tokenizer", lambda path: None)
+    data = tmp_path / "valid.jsonl"
+    data.write_text("".join(json.dumps({"prompt": str(i), "answer": "x"}) + "\n" for i in range(5)))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
+
+    def make(workflow, servers=lambda ctx, should_stop=None: FakePool()):
+        monkeypatch.setattr("areal_hpc.trainers.rollout_side.server_pool", servers)
+        cfg = ExperimentConfig()
+        cfg.trainer.type, cfg.rollout.workflow, cfg.rollout.n_samples = "null", workflow, 1
+        cfg.valid_dataset.path, cfg.server.model_path = str(data), "unused"
+        return make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+
+    yield make
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def test_rows_the_workflow_skips_are_left_out_of_the_report(tmp_path, make_eval):
+    assert make_eval("test-skips-odd").run() == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["n_prompts"] == 3 and report["accuracy"] == 1.0
+    samples = [json.loads(x) for x in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["0", "2", "4"]
+
+
+def test_a_stop_request_ends_the_evaluation(tmp_path, make_eval):
+    """SIGTERM (`areal-hpc stop`) only sets the trainer's stop flag: the evaluation must look at it, or it runs on
+    until the launcher's grace ends and it is killed."""
+    trainer = make_eval("test-never-ends")
+    threading.Timer(0.5, lambda: setattr(trainer.stop, "signal", signal.SIGTERM)).start()
+    t0 = time.monotonic()
+    assert trainer.run() == 0
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "eval.json").exists()
+
+
+def test_a_stop_request_ends_the_wait_for_servers(make_eval):
+    from areal_hpc.trainers.rollout_side import server_pool
+
+    trainer = make_eval("test-skips-odd", servers=server_pool)  # none will come
+    threading.Timer(0.5, lambda: setattr(trainer.stop, "signal", signal.SIGTERM)).start()
+    t0 = time.monotonic()
+    assert trainer.run() == 0
+    assert time.monotonic() - t0 < 10

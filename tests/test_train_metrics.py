@@ -1,0 +1,17 @@
+"""`MetricsWriter` and `read_metrics`: metrics.jsonl across a restart."""
+
+from __future__ import annotations
+
+import json
+
+from areal_hpc.trainers.metrics import MetricsWriter, read_metrics
+
+
+def test_a_line_torn_by_a_killed_trainer_does_not_stop_its_restart(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    writer = MetricsWriter(tmp_path, tensorboard=False, plot=False)
+    writer.drop_after(2)  # the restart resumes from the checkpoint of step 2
+    writer.write({"step": 3, "loss": 0.25})
+    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.25}]
