@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from areal_hpc.registry import Heartbeat, Registry, RegistryTimeout
+from areal_hpc.registry import Heartbeat, Registry, RegistryTimeout, atomic_write
 
 N_PROCS, N_WRITES, N_INCR = 64, 200, 10
 
@@ -191,3 +191,28 @@ def test_heartbeat_of_a_wiped_run_does_not_come_back(tmp_path):
     time.sleep(0.2)
     assert Registry(tmp_path / "reg").list("servers") == {}
     hb.stop()
+
+
+def test_heartbeat_stopped_mid_beat_stays_deregistered(tmp_path):
+    """`stop` while the heartbeat thread is inside a beat: the beat must not write the record back after
+    `stop` removed it (a stopped server or trainer would look alive for a TTL)."""
+    inside, go = threading.Event(), threading.Event()
+
+    class SlowTouch(Registry):
+        def touch(self, kind, name):
+            if threading.current_thread().name.startswith("heartbeat-"):
+                inside.set()
+                go.wait(5)
+            return super().touch(kind, name)
+
+    reg = SlowTouch(tmp_path / "reg", ttl_s=5)
+    hb = Heartbeat(reg, "servers", "s0", {"pid": 1}, interval_s=0.05).start()
+    assert inside.wait(5)
+    stopper = threading.Thread(target=hb.stop)
+    stopper.start()
+    time.sleep(0.2)  # stop() runs (or waits for the beat) while the beat is held inside touch
+    go.set()
+    stopper.join(5)
+    time.sleep(0.2)
+    assert reg.list("servers", live_only=False) == {}
+
