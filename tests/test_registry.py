@@ -216,3 +216,11 @@ def test_heartbeat_stopped_mid_beat_stays_deregistered(tmp_path):
     time.sleep(0.2)
     assert reg.list("servers", live_only=False) == {}
 
+
+def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path):
+    (tmp_path / "target").mkdir()  # os.replace of a file onto a directory fails
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "target", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+    atomic_write(tmp_path / "f", "text")
+    assert (tmp_path / "f").read_text() == "text" and sorted(p.name for p in tmp_path.iterdir()) == ["f", "target"]
