@@ -214,11 +214,9 @@ class ExternalWatch:
     def __init__(self, reg: Registry, interval_s: float, timeout_s: float = 5.0):
         self.reg, self.interval_s, self.timeout_s = reg, interval_s, timeout_s
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "ExternalWatch":
-        self._thread = threading.Thread(target=self._run, name="external-servers", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="external-servers", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -244,7 +242,7 @@ class ExternalWatch:
             key = rec.get("api_key") or self.reg.secret()
             if not healthy(rec["url"], key, self.timeout_s):
                 continue
-            version = rec.get("weight_version")
+            version = None  # unknown: the record keeps the one it has
             with contextlib.suppress(OSError):
                 status, body = call(rec["url"], api.MODEL_INFO, key, timeout=self.timeout_s)
                 version = api.model_info_version(body) if status == 200 else None
