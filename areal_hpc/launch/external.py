@@ -9,6 +9,7 @@ registers itself, marked external because the owner did not start it.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ def parse_url(url: str) -> Tuple[str, str]:
 
 def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict] = None,
          timeout: Optional[float] = 10.0) -> Tuple[int, Any]:
-    """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers."""
+    """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers, or not in HTTP."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(base + route.path, data=data, method=route.method)
     req.add_header("Content-Type", "application/json")
@@ -61,6 +62,8 @@ def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict
             status, raw = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
+    except http.client.HTTPException as e:  # another service on the port, an answer cut short
+        raise OSError(f"no HTTP answer: {e!r}") from e
     try:
         return status, json.loads(raw or b"null")
     except ValueError:
