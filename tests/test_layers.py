@@ -29,7 +29,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # once a review restored the strict dtype checks those cuts had loosened (the HTTP weight update's,
 # the model's) and the decode step's skip of an empty retire; 12,447 after a fifth pass.
 # This ceiling moves down, and up only to undo what a cut broke.
-MAX_PACKAGE_LINES = 12447
+MAX_PACKAGE_LINES = 12459
 MAX_MODULE_LINES = 450
 
 
