@@ -257,6 +257,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         stop_owner(owner)
 
 
+
+def test_a_port_that_does_not_speak_http_is_a_server_that_does_not_answer():
+    """Something else on the port (the server died and another service took it): `add-servers url=` says so on one
+    line, and the owner's health check counts it as not answering instead of raising (which skipped the other
+    attached servers' checks until they expired)."""
+    import threading
+
+    from areal_hpc.config import ConfigError
+    from areal_hpc.launch import external
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_not_http():
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    threading.Thread(target=answer_not_http, daemon=True).start()
+    try:
+        assert external.healthy(f"127.0.0.1:{port}", None, timeout=5) is False
+        with pytest.raises(ConfigError, match="does not answer"):
+            external.probe(f"http://127.0.0.1:{port}", None, timeout=5)
+    finally:
+        listener.close()
+
 # ----------------------------------------------------------------------------- mode=slurm
 
 SLURM = ["mode=slurm", "cluster.n_nodes=1", "cluster.n_gpus_per_node=4", "cluster.cpus_per_gpu=1",

@@ -91,6 +91,30 @@ def test_a_trainer_only_plan_keeps_off_the_servers_gpus():
     assert alone.trainer.gpu_ids == full.trainer.gpu_ids == [2, 3]
 
 
+
+def test_progress_follows_metrics_rewritten_by_a_restarted_trainer(tmp_path):
+    """A restarted trainer rewrites metrics.jsonl without the lines past its checkpoint (`drop_after`), then appends
+    its own: the progress bar reads the file again instead of going on from a byte offset in the middle of a line
+    (a JSON error there failed the run as "the launcher failed")."""
+    from areal_hpc.launch.local import Progress
+
+    def lines(steps, pad=""):
+        return "".join(json.dumps({"step": k, "reward_mean": 0.5, "version": k, "pad": pad}) + "\n" for k in steps)
+
+    metrics = tmp_path / "metrics.jsonl"
+    progress = Progress(load_config(None, ["trainer.total_train_steps=10"]), tmp_path)
+    metrics.write_text(lines(range(1, 7)))
+    progress.tick()
+    assert progress._bar.n == 6
+    metrics.write_text(lines(range(1, 5)))  # checkpoint at step 4: steps 5 and 6 are done again
+    progress.tick()
+    assert progress._bar.n == 4
+    with open(metrics, "a") as f:
+        f.write(lines(range(5, 9), pad="x" * 30))
+    progress.tick()
+    assert progress._bar.n == 8
+    progress.close()
+
 def test_golden_sbatch():
     """The rendered allocation script of a fixed config, byte for byte. After an intended change to
     the template or the plan, regenerate it: AREAL_HPC_REGEN_GOLDEN=1 pytest tests/test_launch_unit.py

@@ -104,3 +104,16 @@ def test_a_slurm_run_is_private_throughout(tmp_path, squeue_empty):
     assert any(k.startswith("logs/slurm-") for k in have), sorted(have)
     assert_modes(rd, group=False)
     assert squeue_empty()
+
+
+def test_commands_on_a_run_take_its_umask(tmp_path, capsys):
+    """`status`, `logs`, `stop`, `add-servers`, ... on an existing run write with the umask of the run's own config,
+    whatever their words say: the names locate the run, they do not configure it."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=quickstart", "trial_name=run0"]
+    assert main(["submit", QUICKSTART, *names, "cluster.group_readable=True", "--dry-run"]) == 0
+    os.umask(0o022)
+    main(["logs", *names])
+    assert os.umask(0o022) == 0o027
+    assert main(["submit", QUICKSTART, *names, "--dry-run"]) == 0  # private again
+    main(["logs", *names, "cluster.group_readable=True"])
+    assert os.umask(0o022) == 0o077

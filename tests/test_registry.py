@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from areal_hpc.registry import Heartbeat, Registry, RegistryTimeout
+from areal_hpc.registry import Heartbeat, Registry, RegistryTimeout, atomic_write
 
 N_PROCS, N_WRITES, N_INCR = 64, 200, 10
 
@@ -86,7 +86,6 @@ def test_expired_records_leave_live_view(tmp_path):
     assert set(reg.list("servers")) == {"b"}
     assert set(reg.list("servers", live_only=False)) == {"a", "b"}
     assert reg.get("weights", "latest")["version"] == 3  # non-expiring records stay
-    assert reg.expire("servers") == 1 and set(reg.list("servers", live_only=False)) == {"b"}
 
 
 def test_wait_for_and_timeout(tmp_path):
@@ -191,3 +190,36 @@ def test_heartbeat_of_a_wiped_run_does_not_come_back(tmp_path):
     time.sleep(0.2)
     assert Registry(tmp_path / "reg").list("servers") == {}
     hb.stop()
+
+
+def test_heartbeat_stopped_mid_beat_stays_deregistered(tmp_path):
+    """`stop` while the heartbeat thread is inside a beat: the beat must not write the record back after
+    `stop` removed it (a stopped server or trainer would look alive for a TTL)."""
+    inside, go = threading.Event(), threading.Event()
+
+    class SlowTouch(Registry):
+        def touch(self, kind, name):
+            if threading.current_thread().name.startswith("heartbeat-"):
+                inside.set()
+                go.wait(5)
+            return super().touch(kind, name)
+
+    reg = SlowTouch(tmp_path / "reg", ttl_s=5)
+    hb = Heartbeat(reg, "servers", "s0", {"pid": 1}, interval_s=0.05).start()
+    assert inside.wait(5)
+    stopper = threading.Thread(target=hb.stop)
+    stopper.start()
+    time.sleep(0.2)  # stop() runs (or waits for the beat) while the beat is held inside touch
+    go.set()
+    stopper.join(5)
+    time.sleep(0.2)
+    assert reg.list("servers", live_only=False) == {}
+
+
+def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path):
+    (tmp_path / "target").mkdir()  # os.replace of a file onto a directory fails
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "target", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+    atomic_write(tmp_path / "f", "text")
+    assert (tmp_path / "f").read_text() == "text" and sorted(p.name for p in tmp_path.iterdir()) == ["f", "target"]

@@ -22,7 +22,7 @@ import pytest
 from areal_hpc.config.schema import GenerationConfig
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.rollout import RolloutController, make_workflow
-from areal_hpc.rollout.controller import RolloutStall
+from areal_hpc.rollout.controller import RolloutError, RolloutStall
 from areal_hpc.toy import resolve_model
 from test_inference_server import Cluster
 
@@ -151,3 +151,28 @@ def test_each_episode_counts_once_as_failed_or_rejected():
         assert (c.stats["failed"], c.stats["rejected"], c.stats["accepted"]) == (4, 4, 0), c.stats
     finally:
         c.stop()
+
+
+class _ClientThatCannotStart:
+    def __init__(self):
+        self.closed = False
+
+    async def start(self):
+        raise ConnectionError("no registry")
+
+    async def close(self):
+        self.closed = True
+
+
+def test_stop_after_a_failed_start_or_twice_does_not_raise():
+    """The trainer's `close` stops the controller whatever happened: after a start that failed (the client is
+    closed, the start error stays the one reported) and after an earlier stop, `stop` must not raise."""
+    client = _ClientThatCannotStart()
+    c = RolloutController(_FailOrReject(), client, iter([]), batch_size=2, max_head_offpolicyness=0)
+    with pytest.raises(RolloutError, match="no registry"):
+        c.start()
+    c.stop()
+    assert client.closed
+    c = RolloutController(_FailOrReject(), None, iter([]), batch_size=2, max_head_offpolicyness=0).start()
+    c.stop()
+    c.stop()

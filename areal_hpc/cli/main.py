@@ -48,15 +48,15 @@ def _private(cfg) -> None:
 
 def _existing_run(args) -> Tuple[Any, Path]:
     """(config, run dir) of the run a command acts on, from its config words: only the names that locate the run
-    are checked, not a whole new run."""
+    are checked, not a whole new run. The command writes with the umask of the run's own config."""
     cfg = load_config(None, args.words)
     check_location(cfg)
-    _private(cfg)
     rd = run_dir(cfg)
     if not (rd / "config.yaml").exists():
         raise ConfigError("experiment_name/trial_name",
                           f"no run found for experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
                           f"(looked in {rd})", "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
+    _private(load_resolved(rd / "config.yaml"))
     return cfg, rd
 
 
@@ -141,8 +141,7 @@ def cmd_serve(args) -> int:
         return entry.serve(_run_dir_arg(args.run_dir), args.server_id, args.backend)
     # by hand, on any host that sees the run dir: joins the run as an external server
     _, rd = _existing_run(args)
-    return entry.serve(_run_dir_arg(str(rd)), args.server_id or entry.manual_server_id(),
-                       args.backend, external=True)
+    return entry.serve(rd, args.server_id or entry.manual_server_id(), args.backend, external=True)
 
 
 def cmd_train(args) -> int:

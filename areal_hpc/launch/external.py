@@ -9,6 +9,7 @@ registers itself, marked external because the owner did not start it.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ def parse_url(url: str) -> Tuple[str, str]:
 
 def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict] = None,
          timeout: Optional[float] = 10.0) -> Tuple[int, Any]:
-    """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers."""
+    """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers, or not in HTTP."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(base + route.path, data=data, method=route.method)
     req.add_header("Content-Type", "application/json")
@@ -61,6 +62,8 @@ def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict
             status, raw = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
+    except http.client.HTTPException as e:  # another service on the port, an answer cut short
+        raise OSError(f"no HTTP answer: {e!r}") from e
     try:
         return status, json.loads(raw or b"null")
     except ValueError:
@@ -214,11 +217,9 @@ class ExternalWatch:
     def __init__(self, reg: Registry, interval_s: float, timeout_s: float = 5.0):
         self.reg, self.interval_s, self.timeout_s = reg, interval_s, timeout_s
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "ExternalWatch":
-        self._thread = threading.Thread(target=self._run, name="external-servers", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="external-servers", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -244,7 +245,7 @@ class ExternalWatch:
             key = rec.get("api_key") or self.reg.secret()
             if not healthy(rec["url"], key, self.timeout_s):
                 continue
-            version = rec.get("weight_version")
+            version = None  # unknown: the record keeps the one it has
             with contextlib.suppress(OSError):
                 status, body = call(rec["url"], api.MODEL_INFO, key, timeout=self.timeout_s)
                 version = api.model_info_version(body) if status == 200 else None

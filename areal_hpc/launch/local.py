@@ -113,6 +113,8 @@ class Progress:
         if not self.enabled or not self.path.exists():
             return
         with open(self.path) as f:
+            if os.fstat(f.fileno()).st_size < self._offset:  # a restarted trainer rewrote it (`drop_after`)
+                self._offset = 0
             f.seek(self._offset)
             chunk = f.read()
         lines = chunk.split("\n")

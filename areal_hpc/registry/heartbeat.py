@@ -48,6 +48,8 @@ class Heartbeat:
         self.registry, self.kind, self.name = registry, kind, name
         self._data, self.interval_s, self.remove_on_exit = data, interval_s, remove_on_exit
         self._stop = threading.Event()
+        # held through a beat and by `stop`: a beat in progress cannot write the record back after `stop` removed it
+        self._lock = threading.RLock()
         self.still_ours, self.on_lost = still_ours, on_lost
 
     def _put(self) -> None:
@@ -55,16 +57,19 @@ class Heartbeat:
         self.registry.put(self.kind, self.name, data, ttl=True)
 
     def beat(self) -> None:
-        """Refresh now (rewrite if data is dynamic, or if the record vanished)."""
-        if self.registry.touch(self.kind, self.name):
-            if callable(self._data):
+        """Refresh now (rewrite if data is dynamic, or if the record vanished); nothing once stopped."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            if self.registry.touch(self.kind, self.name):
+                if callable(self._data):
+                    self._put()
+            elif self.still_ours is not None and not self.still_ours():
+                self._stop.set()
+                if self.on_lost is not None:
+                    self.on_lost()
+            else:
                 self._put()
-        elif self.still_ours is not None and not self.still_ours():
-            self._stop.set()
-            if self.on_lost is not None:
-                self.on_lost()
-        else:
-            self._put()
 
     def start(self) -> "Heartbeat":
         self._put()
@@ -81,9 +86,10 @@ class Heartbeat:
                 pass  # a transient filesystem error must not kill the owner; the next beat retries
 
     def stop(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
         if self in _live:
             _live.remove(self)
         if self.remove_on_exit:

@@ -147,11 +147,6 @@ class Registry:
                 out[fname[:-5]] = rec
         return out
 
-    def expire(self, kind: str) -> int:
-        """Remove dead records of a kind (housekeeping; readers already ignore them)."""
-        live = self.list(kind)
-        return sum(self.delete(kind, name) for name in self.list(kind, live_only=False) if name not in live)
-
     # ------------------------------------------------------------ locking
     @contextmanager
     def locked(self, name: str = "registry") -> Iterator[None]:

@@ -3,6 +3,7 @@ a free port, a live pid."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -20,12 +21,16 @@ def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: i
     tmp = os.path.join(d, f".{name}.{os.getpid()}.{next(_SEQ)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data.encode() if isinstance(data, str) else data)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as f:  # a file object writes all of ``data`` (one os.write may write less)
+            f.write(data.encode() if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 

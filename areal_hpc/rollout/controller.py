@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -195,7 +196,8 @@ class RolloutController:
     # ------------------------------------------------------------------ the loop
     def _poke(self) -> None:
         if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            with contextlib.suppress(RuntimeError):  # the loop has ended (stopped, or it failed to start)
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     def _drop_stale(self) -> None:
         trainer = max(self._version, self._trainer_version)
@@ -230,9 +232,11 @@ class RolloutController:
                 await self.client.start()
         except BaseException as e:  # noqa: BLE001 - reported to the trainer thread
             self._error = e
-            self._ready.set()
+            if hasattr(self.client, "close"):  # what it opened before failing (an HTTP session)
+                await self.client.close()
             return
-        self._ready.set()
+        finally:
+            self._ready.set()
         tasks = set()
         while not self._stopping:
             self._wake.clear()
