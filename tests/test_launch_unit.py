@@ -466,3 +466,19 @@ def test_status_of_a_run_whose_metrics_have_no_reward(tmp_path, capsys):
     (rd / "metrics.jsonl").write_text(json.dumps({"step": 3, "version": 3, "loss": 0.5}) + "\n")
     assert status(None, rd) == 0
     assert "progress step 3 v3  0 trained tok/s  0 gen tok/s" in capsys.readouterr().out
+
+
+# fix7-A
+
+def test_stop_that_times_out_kills_the_trainer_too(tmp_path):
+    """The owner does not answer (hung): a stop that times out kills the trainer it left on this host too, not only
+    the servers, and removes its record (a SIGKILLed trainer cannot deregister)."""
+    trainer = subprocess.Popen(["sleep", "60"])
+    try:
+        rd = stopped_run(tmp_path, "local", os.getpid(), {"host": "h", "node": "h", "pid": None})
+        Registry.for_run(rd).put("", "trainer", {"host": socket.gethostname(), "pid": trainer.pid})
+        assert stop(None, rd, timeout_s=1.0) == 1
+        assert trainer.wait(timeout=5) == -signal.SIGKILL
+        assert Registry.for_run(rd).get("", "trainer", live_only=False) is None
+    finally:
+        trainer.kill()

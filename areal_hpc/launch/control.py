@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_reso
 from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
 from areal_hpc.launch.external import attach, detach, parse_url, probe, stop_process
 from areal_hpc.launch.status import HOST_MODES, launcher_alive, remove_dead_records, run_registry
-from areal_hpc.registry import Registry, atomic_write, pid_alive
+from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
 
 
 def post_request(reg: Registry, kind: str, **fields) -> str:
@@ -61,11 +60,12 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
             return slurm.job_state(run.get("job_id", "")) in slurm.LIVE_STATES + slurm.WAITING_STATES
         return launcher_alive(run, reg)
 
-    def kill_here(rec: Dict[str, Any], sig: int) -> None:
-        """Signal a record's process if it runs on this host: a server's node (its "host" is the address it
-        serves on, server.host), the trainer's host. Elsewhere its pid is some other process."""
-        if socket.gethostname() in (rec.get("node"), rec.get("host")) and pid_alive(rec.get("pid")):
-            os.kill(int(rec["pid"]), sig)
+    def kill_left(sig: int) -> None:
+        """Signal what is left of the run (our servers, the trainer) where it runs on this host: a server's node
+        (its "host" is the address it serves on, server.host), the trainer's host."""
+        for rec in [*ours(reg.list("servers")).values(), reg.get("", "trainer") or {}]:
+            if runs_here(rec.get("node"), rec.get("host")) and pid_alive(rec.get("pid")):
+                os.kill(int(rec["pid"]), sig)
 
     live = reg.get("", "run") or {}
     forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
@@ -73,8 +73,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
-        for rec in list(ours(reg.list("servers")).values()) + [reg.get("", "trainer") or {}]:
-            kill_here(rec, signal.SIGTERM)
+        kill_left(signal.SIGTERM)
     if slurm_run and run.get("job_id") and slurm.job_state(run["job_id"]) in ("PENDING", "REQUEUED"):
         slurm.scancel(run["job_id"])  # not started: nothing to checkpoint
     for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
@@ -113,9 +112,10 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
             slurm.scancel(run["job_id"])
             print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
             return 1
-        for sid, rec in ours(reg.list("servers")).items():
-            kill_here(rec, signal.SIGKILL)
+        kill_left(signal.SIGKILL)  # neither can deregister now
+        for sid in ours(reg.list("servers")):
             reg.delete("servers", sid)
+        reg.delete("", "trainer")
         print(f"graceful stop timed out after {timeout_s:.0f}s: killed what was left")
         return 1
     remove_dead_records(reg, run)

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -26,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 from areal_hpc.config import ConfigError
 from areal_hpc.inference import sglang_api as api
 from areal_hpc.launch import slurm
-from areal_hpc.registry import Registry
+from areal_hpc.registry import Registry, runs_here
 
 log = logging.getLogger("areal_hpc.launch")
 
@@ -201,7 +200,7 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
     if job and str(job) != str(run_job_id or ""):
         err = slurm.scancel(job)
         return f"scancel {job} failed: {err}" if err else f"cancelled its Slurm job {job}"
-    if pid and hosts & {socket.gethostname(), socket.getfqdn()}:
+    if pid and runs_here(*hosts):
         try:
             os.kill(int(pid), signal.SIGTERM)
             return f"sent SIGTERM to pid {pid}"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, Dict
 from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
 from areal_hpc.launch.external import healthy
-from areal_hpc.registry import Registry, pid_alive
+from areal_hpc.registry import Registry, pid_alive, runs_here
 
 # modes whose steps are processes of the owner's host
 HOST_MODES = ("local", "torchrun")
@@ -35,7 +34,7 @@ def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
     """The run's owner process lives: by its pid on this host, elsewhere by its record's heartbeat."""
     if not run.get("pid"):
         return False  # a Slurm job not started yet
-    if run.get("host") in (None, socket.gethostname()):
+    if run.get("host") is None or runs_here(run["host"]):
         return pid_alive(run.get("pid"))
     return reg.get("", "run") is not None
 
@@ -79,7 +78,7 @@ def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[
     (this host) or its Slurm step. An attached server's record lives while the owner's health checks refresh it."""
     if rec.get("external") and rec.get("url"):
         return True
-    if run.get("mode") in HOST_MODES and run.get("host") in (None, socket.gethostname()) and rec.get("pid"):
+    if run.get("mode") in HOST_MODES and (run.get("host") is None or runs_here(run["host"])) and rec.get("pid"):
         return pid_alive(rec.get("pid"))
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
@@ -126,7 +125,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                          "state": "RUNNING" if owner_alive else "ENDED"}
     if trainer is not None and ((run and not owner_alive)  # the owner's steps end with it
                                 or (run.get("mode") in HOST_MODES and not pid_alive(trainer.get("pid"))
-                                    and trainer.get("host") in (None, socket.gethostname()))):
+                                    and (trainer.get("host") is None or runs_here(trainer["host"])))):
         status["trainer"] = None
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
@@ -223,5 +222,5 @@ def remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
             reg.delete("servers", sid)
     trainer = reg.get("", "trainer", live_only=False)
     if trainer is not None and (reg.get("", "trainer") is None or (
-            trainer.get("host") == socket.gethostname() and not pid_alive(trainer.get("pid")))):
+            runs_here(trainer.get("host")) and not pid_alive(trainer.get("pid")))):
         reg.delete("", "trainer")

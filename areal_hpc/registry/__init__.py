@@ -2,6 +2,6 @@
 
 from areal_hpc.registry.heartbeat import Heartbeat
 from areal_hpc.registry.store import Registry, RegistryTimeout
-from areal_hpc.registry.util import atomic_write, free_port, pid_alive
+from areal_hpc.registry.util import atomic_write, free_port, pid_alive, runs_here
 
-__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "atomic_write", "free_port", "pid_alive"]
+__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "atomic_write", "free_port", "pid_alive", "runs_here"]

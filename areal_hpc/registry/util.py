@@ -1,5 +1,5 @@
 """Small OS helpers every layer shares (here: the lowest layer that uses them): atomic file writes,
-a free port, a live pid."""
+a free port, a live pid, whether a record's process runs on this host."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Optional, Union
 _SEQ = itertools.count()
 
 
-def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666, fsync: bool = False) -> str:
+def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666,
+                 fsync: bool = False) -> str:
     """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``, so a
     reader sees the old file or the new one, never half of one. ``mode`` is the new file's mode
     before the umask; ``fsync`` flushes the data to disk before the rename."""
@@ -55,3 +56,10 @@ def pid_alive(pid: Optional[int]) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def runs_here(*names: Optional[str]) -> bool:
+    """Whether a record's host or node (any of ``names``) is this host: only then is its pid a process here.
+    Records name hosts by ``gethostname()``; ``getfqdn()`` is no surer (it may ask DNS, and hang where DNS is
+    broken, or answer "localhost" where /etc/hosts says so) and is not consulted."""
+    return socket.gethostname() in names
