@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
-from areal_hpc.launch import driver, outcome, slurm, slurm_submit
+from areal_hpc.launch import control, driver, outcome, slurm, slurm_submit
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
@@ -482,3 +482,20 @@ def test_stop_that_times_out_kills_the_trainer_too(tmp_path):
         assert Registry.for_run(rd).get("", "trainer", live_only=False) is None
     finally:
         trainer.kill()
+
+
+def test_requests_to_a_stopping_run_are_refused_at_once(tmp_path, monkeypatch, capsys):
+    """While the run stops, its owner answers `add-servers` and a trainer restart with an error, so both fail at
+    once saying why, instead of waiting out their timeouts for a request that was dropped."""
+    owner = owner_for(tmp_path, FakeRunner({}, room=1))
+    rd = owner.run_dir
+    (rd / "config.yaml").write_text(dump_yaml(owner.cfg))
+    owner.registry.put("", "run", {**owner.record(), "job_id": "7"})
+    owner.request_stop()
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: "RUNNING")
+    for ask in (lambda: add_servers(None, rd, 1, timeout_s=3.0),
+                lambda: control.restart_trainer(owner.cfg, rd, owner.registry.get("", "run"), timeout_s=3.0)):
+        when(lambda: bool(owner.registry.list("requests")), owner.handle_requests)
+        assert ask() == 1
+        assert "the run is stopping" in capsys.readouterr().err
+    assert owner.servers == {} and owner.trainer is None

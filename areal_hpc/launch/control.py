@@ -154,6 +154,9 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
         if unserved is not None:
             reg.delete("replies", f"{req}-unserved")
             started = int(unserved.get("started", 0))
+            if unserved.get("error"):
+                print(f"the run's owner started no server: {unserved['error']}", file=sys.stderr)
+                return 1
             if run.get("mode") != "slurm":  # no job of their own to put the rest in
                 print(f"the run has room for {started} of {count} server(s) (no free resources); see "
                       "`areal-hpc logs driver`", file=sys.stderr)
@@ -207,6 +210,11 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         trainer = reg.get("", "trainer")
         if trainer is not None:
             break
+        refused = reg.get("replies", f"{name}-unserved")
+        if refused is not None:
+            reg.delete("replies", f"{name}-unserved")
+            print(f"the driver of job {run['job_id']} started no trainer: {refused.get('error')}", file=sys.stderr)
+            return 1
         rec = reg.get("", "run")
         if rec is None or slurm.job_state(str(run["job_id"])) != "RUNNING":  # the driver's record or job ended
             print(f"the driver of job {run['job_id']} went away before starting the trainer", file=sys.stderr)

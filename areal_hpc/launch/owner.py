@@ -193,14 +193,17 @@ class RunOwner:
                     self.request_force("forced stop (areal-hpc stop, twice)")
                 else:
                     self.request_stop("stop requested (areal-hpc stop)")
-            elif kind == "add_servers" and not self.stopping:
+            elif kind in ("add_servers", "start_trainer") and self.stopping:
+                # `add-servers` or a trainer-restart submit fails at once instead of waiting out its timeout
+                self.registry.put("replies", f"{name}-unserved", {"error": "the run is stopping"}, ttl=True)
+            elif kind == "add_servers":
                 wanted = int(req.get("count", 1))
                 n = self.add_servers(wanted)
                 if n < wanted:
                     log.warning("started %d of %d requested servers (no free resources)", n, wanted)
                     # the answer for `add-servers`, which then submits the rest as a separate job
                     self.registry.put("replies", f"{name}-unserved", {"wanted": wanted, "started": n}, ttl=True)
-            elif kind == "start_trainer" and not self.stopping:
+            elif kind == "start_trainer":
                 if self.trainer is None or self.trainer.poll() is not None:
                     self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
                     self.start_step(self._trainer_step(req.get("min_required_servers")))
