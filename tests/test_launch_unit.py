@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from areal_hpc.launch.plan import Plan, StepSpec, build_plan
 from areal_hpc.launch.sbatch import render
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
 from areal_hpc.launch.slurm_submit import servers_plan
-from areal_hpc.launch.status import collect_status, logs, status
+from areal_hpc.launch.status import _tail, collect_status, logs, status
 from areal_hpc.registry import Registry
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "allocation.sbatch"
@@ -499,3 +500,29 @@ def test_requests_to_a_stopping_run_are_refused_at_once(tmp_path, monkeypatch, c
         assert ask() == 1
         assert "the run is stopping" in capsys.readouterr().err
     assert owner.servers == {} and owner.trainer is None
+
+
+def test_logs_of_a_huge_log_reads_only_its_end(tmp_path):
+    """`logs` prints the last lines of a log larger than the memory it may use (a sparse 2 GiB file here): it reads
+    from the end, where it read the whole file (MemoryError)."""
+    rd = stopped_run(tmp_path, "local", dead_pid(), {})
+    (rd / "logs").mkdir()
+    with open(rd / "logs" / "driver.log", "wb") as f:
+        f.truncate(2 << 30)
+        f.seek(0, os.SEEK_END)
+        f.write(b"".join(b"line %d\n" % i for i in range(1000)))
+    script = ("import resource, sys; from pathlib import Path; from areal_hpc.launch.status import logs\n"
+              "vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20),) * 2)\n"
+              "sys.exit(logs(Path(sys.argv[1]), 'driver', lines=3))")
+    p = subprocess.run([sys.executable, "-c", script, str(rd)], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, "line 997\nline 998\nline 999\n"), p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text", [b"", b"one", b"a\nbb\n\nccc\r\ndddd\n" * 5, b"x" * 50 + b"\ny\n", b"\n\n\n"])
+def test_tail_reads_the_same_lines_as_reading_the_whole_file(tmp_path, text):
+    (tmp_path / "f").write_bytes(text)
+    for block in (1, 3, 7, 1 << 16):
+        for n in (0, 1, 2, 5, 40):
+            with open(tmp_path / "f", "rb") as f:
+                assert _tail(f, n, block) == (text.splitlines()[-n:] if n else []) and f.tell() == len(text)

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, BinaryIO, Dict, List
 
 from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
@@ -197,10 +198,23 @@ def _log_file(rd: Path, role: str) -> Path:
     raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {', '.join(have) or 'none yet'}")
 
 
+def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
+    """The last ``lines`` lines of ``f``, read from its end in blocks (a log may be gigabytes); leaves ``f`` at its
+    end. It reads until it has one newline more than ``lines``: the line before the first one shown has ended."""
+    pos = end = f.seek(0, os.SEEK_END)
+    data = b""
+    while pos > 0 and data.count(b"\n") <= lines:
+        start = max(0, pos - block)
+        f.seek(start)
+        data, pos = f.read(pos - start) + data, start
+    f.seek(end)
+    return data.splitlines()[-lines:] if lines > 0 else []
+
+
 def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
     path = _log_file(rd, role)
     with open(path, "rb") as f:
-        tail = f.read().splitlines()[-lines:] if lines > 0 else []
+        tail = _tail(f, lines)
         sys.stdout.write("".join(x.decode(errors="replace") + "\n" for x in tail))
         sys.stdout.flush()
         while follow:
