@@ -2,6 +2,7 @@
 without resources and two nodes with 2 declared GPUs each), the real CLI, real servers/trainers."""
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import re
@@ -118,13 +119,15 @@ def test_elastic_run_on_ray(tmp_path, ray_address):
         nodes, steps = ray_nodes(rd), steps_of(rd)
         server0, trainer = steps["server-0"], steps["trainer"]
         assert server0["nodes"] == [nodes[0]] and len(server0["gpus"][0]) == 1, steps
-        assert trainer["nodes"] == [nodes[1], nodes[1]] and sorted(g for gs in trainer["gpus"] for g in gs) == ["0", "1"]
+        assert trainer["nodes"] == [nodes[1], nodes[1]]
+        assert sorted(g for gs in trainer["gpus"] for g in gs) == ["0", "1"]
         for rank in (0, 1):  # the environment srun gives a task: rank, world size, its GPU
             head = (rd / "logs" / f"trainer-{rank}.log").read_text()
             assert f"trainer rank {rank} on" in head and f"gpus=[{trainer['gpus'][rank][0]}]" in head
         st = status(tmp_path)
         assert st["trainer"]["world_size"] == 2
-        assert {g["name"].rsplit("/", 1)[1].split(".")[0] for g in st["ray"]["placement_groups"]} == {"server-0", "trainer"}
+        groups = {g["name"].rsplit("/", 1)[1].split(".")[0] for g in st["ray"]["placement_groups"]}
+        assert groups == {"server-0", "trainer"}
 
         add = cli(tmp_path, "add-servers", "count=1")
         assert add.returncode == 0 and "server-1" in add.stdout, add.stdout + add.stderr
@@ -145,7 +148,8 @@ def test_elastic_run_on_ray(tmp_path, ray_address):
         assert now["trainer"]["actors"] != trainer["actors"] and now["trainer"]["nodes"] == [nodes[1], nodes[1]]
         assert {name: now[name]["pids"] for name in servers} == servers  # the servers were not touched
         assert [m["step"] for m in metrics(rd)] == list(range(1, len(metrics(rd)) + 1))
-        assert "killed" in (rd / "logs" / "driver.log").read_text() or "SIGKILL" in (rd / "logs" / "driver.log").read_text()
+        driver_log = (rd / "logs" / "driver.log").read_text()
+        assert "killed" in driver_log or "SIGKILL" in driver_log
 
         stop = cli(tmp_path, "stop", "--timeout", "120", timeout=200)
         assert stop.returncode == 0, stop.stdout + stop.stderr
@@ -234,3 +238,45 @@ def test_unreachable_or_bad_ray_address(tmp_path, address, key):
     assert "cluster.ray_address" in lines[0] and key in lines[0], lines[0]
     assert time.monotonic() - t0 < 60
     assert not list(tmp_path.glob("*/quickstart"))
+
+
+# fix7-A
+
+@needs_ray
+def test_an_added_server_renamed_meanwhile_takes_the_placement_group_reserved_for_it(tmp_path, ray_address,
+                                                                                     monkeypatch):
+    """The owner asks the runner for room for server-1, a server job takes that name meanwhile, and the owner starts
+    server-2 instead: it gets the placement group reserved, where that group was left holding its CPUs until the
+    run ended and server-2 placed another one."""
+    from areal_hpc.config import load_config, parse_allocation
+    from areal_hpc.launch import owner as owner_mod
+    from areal_hpc.launch import ray_runner
+    from areal_hpc.launch.plan import build_plan, server_step
+
+    cfg = load_config(None, [*on_ray(ray_address, 0), "allocation_mode=hf:d1+d1", f"cluster.fileroot={tmp_path}"])
+    rd = tmp_path / "run"
+    (rd / "logs").mkdir(parents=True)
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), rd)
+    runner = ray_runner.RayRunner(cfg, plan, rd, [], pin=False)
+    owner = owner_mod.RunOwner(cfg, plan, rd, runner, mode="ray")
+    # a stand-in process for the server (this test is about its placement, not about serving)
+    monkeypatch.setattr(owner_mod, "server_step", lambda *a, **kw: dataclasses.replace(
+        server_step(*a, **kw), command=["sleep", "60"]))
+    ask = runner.can_start
+
+    def a_job_takes_the_name(step, running):
+        room = ask(step, running)
+        owner.registry.put("jobs", "12", {"servers": [step.name]}, ttl=False)
+        return room
+    monkeypatch.setattr(runner, "can_start", a_job_takes_the_name)
+    ray = ray_runner.connect(ray_address)
+    try:
+        assert owner.add_servers(1) == 1 and list(owner.servers) == ["server-2"]
+        assert list(ray_runner._run_objects(ray, runner.prefix)[1]) == [owner.servers["server-2"].pg_name]
+    finally:
+        for h in owner.servers.values():
+            ray_runner.release(h.actors, h.pg, list(range(len(h.actors))))
+        for pg, _ in runner._reserved.values():
+            ray_runner.release([], pg, [])
+        ray.shutdown()
+    assert leftovers(ray_address) == [[], []]

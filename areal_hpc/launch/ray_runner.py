@@ -105,8 +105,8 @@ def prepare(cfg: ExperimentConfig, plan: Plan) -> List[str]:
         node = next((n for n in nodes if n["NodeID"] not in picked and n["Resources"].get("CPU", 0) >= need["CPU"]
                      and n["Resources"].get("GPU", 0) >= need["GPU"]), None)
         if node is None:
-            have = ", ".join(f"{n['NodeID'][:8]} ({n['Resources'].get('CPU', 0):g} CPU, {n['Resources'].get('GPU', 0):g} "
-                             "GPU)" for n in _eligible(ray, 0)) or "none alive"
+            have = ", ".join(f"{n['NodeID'][:8]} ({n['Resources'].get('CPU', 0):g} CPU, "
+                             f"{n['Resources'].get('GPU', 0):g} GPU)" for n in _eligible(ray, 0)) or "none alive"
             ray.shutdown()
             raise ConfigError("cluster.n_nodes", f"the plan needs {plan.nodes} Ray node(s) and none is left for its "
                               f"node {k} ({need['CPU']:g} CPUs, {need['GPU']:g} GPUs); alive nodes: {have}",
@@ -245,6 +245,7 @@ class RayRunner(Runner):
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, nodes: List[str], pin: bool = True):
         self.cfg, self.plan, self.run_dir, self.nodes, self.pin = cfg, plan, run_dir, nodes, pin
         self.prefix = run_prefix(plan, run_dir)
+        # by role, not name: the owner may rename the added server it asked about (`RunOwner.add_servers`)
         self._reserved: Dict[str, Any] = {}
 
     def _pinned(self, step: StepSpec) -> bool:
@@ -277,18 +278,18 @@ class RayRunner(Runner):
         return step.role == "server" and not self.cfg.shutdown_server_on_exit
 
     def can_start(self, step: StepSpec, running: List[StepHandle]) -> bool:
-        if not self._pinned(step) and step.name not in self._reserved:
+        if not self._pinned(step) and step.role not in self._reserved:
             placed = self._placement(step, RESERVE_TIMEOUT_S)
             if placed is None:
                 return False
-            self._reserved[step.name] = placed
+            self._reserved[step.role] = placed
         return True
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        placed = self._reserved.pop(step.name, None) or self._placement(step, PLACEMENT_TIMEOUT_S)
+        placed = self._reserved.pop(step.role, None) or self._placement(step, PLACEMENT_TIMEOUT_S)
         if placed is None:
             where = f"node {self.nodes[step.relative_node]}" if self._pinned(step) else "any node"
             raise RuntimeError(f"the Ray cluster had no room for {step.name} ({step.ntasks} task(s) x "
