@@ -526,3 +526,21 @@ def test_tail_reads_the_same_lines_as_reading_the_whole_file(tmp_path, text):
         for n in (0, 1, 2, 5, 40):
             with open(tmp_path / "f", "rb") as f:
                 assert _tail(f, n, block) == (text.splitlines()[-n:] if n else []) and f.tell() == len(text)
+
+
+def test_an_added_server_that_fails_to_start_does_not_end_the_run(tmp_path):
+    """A server the owner cannot start (an exception from its runner: on Ray, a node without the run dir) is an
+    error reply to `add-servers`, which then fails at once saying why; the exception ended the run (FAILED)."""
+    class Refusing(FakeRunner):
+        def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+            if step.relative_node < 0:
+                raise FileNotFoundError(f"no run dir for {step.name}")
+            return super().start(step, running)
+    owner = owner_for(tmp_path, Refusing({}, room=1))
+    for step in owner.plan.steps:
+        owner.start_step(step)
+    name = control.post_request(owner.registry, "add_servers", count=1)
+    owner.handle_requests()
+    assert owner.registry.get("replies", f"{name}-unserved") == {
+        "error": "FileNotFoundError: no run dir for server-2", "_age_s": pytest.approx(0, abs=5)}
+    assert sorted(owner.servers) == ["server-0", "server-1"] and owner.state == outcome.RUNNING

@@ -155,7 +155,8 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             reg.delete("replies", f"{req}-unserved")
             started = int(unserved.get("started", 0))
             if unserved.get("error"):
-                print(f"the run's owner started no server: {unserved['error']}", file=sys.stderr)
+                print(f"the run's owner could not add servers: {unserved['error']} (see `areal-hpc logs driver`)",
+                      file=sys.stderr)
                 return 1
             if run.get("mode") != "slurm":  # no job of their own to put the rest in
                 print(f"the run has room for {started} of {count} server(s) (no free resources); see "
@@ -213,7 +214,8 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         refused = reg.get("replies", f"{name}-unserved")
         if refused is not None:
             reg.delete("replies", f"{name}-unserved")
-            print(f"the driver of job {run['job_id']} started no trainer: {refused.get('error')}", file=sys.stderr)
+            print(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
+                  "(see `areal-hpc logs driver`)", file=sys.stderr)
             return 1
         rec = reg.get("", "run")
         if rec is None or slurm.job_state(str(run["job_id"])) != "RUNNING":  # the driver's record or job ended

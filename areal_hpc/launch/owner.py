@@ -186,27 +186,32 @@ class RunOwner:
     def handle_requests(self) -> None:
         for name, req in sorted(self.registry.list("requests").items()):
             self.registry.delete("requests", name)
-            kind = req.get("kind")
+            kind, error = req.get("kind"), None
             log.info("request %s: %s", name, req)
-            if kind == "stop":
-                if req.get("force"):
-                    self.request_force("forced stop (areal-hpc stop, twice)")
-                else:
-                    self.request_stop("stop requested (areal-hpc stop)")
-            elif kind in ("add_servers", "start_trainer") and self.stopping:
-                # `add-servers` or a trainer-restart submit fails at once instead of waiting out its timeout
-                self.registry.put("replies", f"{name}-unserved", {"error": "the run is stopping"}, ttl=True)
-            elif kind == "add_servers":
-                wanted = int(req.get("count", 1))
-                n = self.add_servers(wanted)
-                if n < wanted:
-                    log.warning("started %d of %d requested servers (no free resources)", n, wanted)
-                    # the answer for `add-servers`, which then submits the rest as a separate job
-                    self.registry.put("replies", f"{name}-unserved", {"wanted": wanted, "started": n}, ttl=True)
-            elif kind == "start_trainer":
-                if self.trainer is None or self.trainer.poll() is not None:
-                    self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
-                    self.start_step(self._trainer_step(req.get("min_required_servers")))
+            try:
+                if kind == "stop":
+                    if req.get("force"):
+                        self.request_force("forced stop (areal-hpc stop, twice)")
+                    else:
+                        self.request_stop("stop requested (areal-hpc stop)")
+                elif kind in ("add_servers", "start_trainer") and self.stopping:
+                    error = "the run is stopping"
+                elif kind == "add_servers":
+                    wanted = int(req.get("count", 1))
+                    n = self.add_servers(wanted)
+                    if n < wanted:
+                        log.warning("started %d of %d requested servers (no free resources)", n, wanted)
+                        # the answer for `add-servers`, which then submits the rest as a separate job
+                        self.registry.put("replies", f"{name}-unserved", {"wanted": wanted, "started": n}, ttl=True)
+                elif kind == "start_trainer":
+                    if self.trainer is None or self.trainer.poll() is not None:
+                        self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
+                        self.start_step(self._trainer_step(req.get("min_required_servers")))
+            except Exception as e:  # noqa: BLE001 - a step that fails to start must not end the run
+                log.exception("request %s failed", name)
+                error = f"{type(e).__name__}: {e}"
+            if error:  # `add-servers` or a trainer-restart submit fails at once, saying why
+                self.registry.put("replies", f"{name}-unserved", {"error": error}, ttl=True)
 
     def _trainer_step(self, min_required_servers: Optional[int] = None) -> StepSpec:
         """The plan's trainer step again (every owned plan has one: server jobs have no owner), on its GPUs."""
