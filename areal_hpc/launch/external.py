@@ -191,16 +191,14 @@ def detach(reg: Registry, ident: str) -> Tuple[str, Dict[str, Any]]:
 def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
     """Stop an external server's process where we can tell where it runs (its own Slurm job, a pid on this
     host); what was done, in words."""
-    if rec.get("url"):  # attached: what its /get_server_info said
-        where = rec.get("process") or {}
-        job, pid, hosts = where.get("slurm_job_id"), where.get("pid"), {where.get("hostname")}
-    else:  # `areal-hpc serve` by hand: its own record
-        job, pid, hosts = rec.get("slurm_job_id"), rec.get("pid"), {rec.get("host"), rec.get("node")}
+    # attached: what its /get_server_info said; `areal-hpc serve` by hand: its own record
+    where = (rec.get("process") or {}) if rec.get("url") else rec
+    job, pid = where.get("slurm_job_id"), where.get("pid")
     name = rec.get("url") or rec.get("address")
     if job and str(job) != str(run_job_id or ""):
         err = slurm.scancel(job)
         return f"scancel {job} failed: {err}" if err else f"cancelled its Slurm job {job}"
-    if pid and runs_here(*hosts):
+    if pid and runs_here(where.get("hostname"), where.get("host"), where.get("node")):
         try:
             os.kill(int(pid), signal.SIGTERM)
             return f"sent SIGTERM to pid {pid}"
