@@ -544,3 +544,16 @@ def test_an_added_server_that_fails_to_start_does_not_end_the_run(tmp_path):
     assert owner.registry.get("replies", f"{name}-unserved") == {
         "error": "FileNotFoundError: no run dir for server-2", "_age_s": pytest.approx(0, abs=5)}
     assert sorted(owner.servers) == ["server-0", "server-1"] and owner.state == outcome.RUNNING
+
+
+def test_add_servers_fails_once_the_owner_is_gone(tmp_path, capsys):
+    """The run's owner ends (its trainer finished, it crashed) before it served the request: `add-servers` says so
+    once the owner is gone, instead of waiting out launcher.server_startup_timeout_s for servers nobody starts."""
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        rd = stopped_run(tmp_path, "local", owner.pid, {"host": "h", "node": "h", "pid": None})
+        when(lambda: bool(Registry.for_run(rd).list("requests")), lambda: (owner.kill(), owner.wait()))
+        assert add_servers(None, rd, 1, timeout_s=5.0) == 1
+        assert "the run's owner ended before it served the request" in capsys.readouterr().err
+    finally:
+        owner.kill()

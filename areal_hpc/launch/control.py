@@ -151,6 +151,9 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
             return 0
         unserved = reg.get("replies", f"{req}-unserved") if req and job_id is None else None
+        if req and job_id is None and unserved is None and not launcher_alive(run, reg):
+            print("the run's owner ended before it served the request; see `areal-hpc logs driver`", file=sys.stderr)
+            return 1
         if unserved is not None:
             reg.delete("replies", f"{req}-unserved")
             started = int(unserved.get("started", 0))
