@@ -519,7 +519,8 @@ def test_logs_of_a_huge_log_reads_only_its_end(tmp_path):
     assert (p.returncode, p.stdout) == (0, "line 997\nline 998\nline 999\n"), p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("text", [b"", b"one", b"a\nbb\n\nccc\r\ndddd\n" * 5, b"x" * 50 + b"\ny\n", b"\n\n\n"])
+@pytest.mark.parametrize("text", [b"", b"one", b"a\nbb\n\nccc\r\ndddd\n" * 5, b"x" * 50 + b"\ny\n", b"\n\n\n",
+                                  b"step\r" * 30 + b"done\n"])  # a progress bar's \r: line breaks to splitlines
 def test_tail_reads_the_same_lines_as_reading_the_whole_file(tmp_path, text):
     (tmp_path / "f").write_bytes(text)
     for block in (1, 3, 7, 1 << 16):

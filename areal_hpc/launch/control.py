@@ -156,11 +156,11 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             return 1
         if unserved is not None:
             reg.delete("replies", f"{req}-unserved")
-            started = int(unserved.get("started", 0))
             if unserved.get("error"):
                 print(f"the run's owner could not add servers: {unserved['error']} (see `areal-hpc logs driver`)",
                       file=sys.stderr)
                 return 1
+            started = int(unserved.get("started", 0))
             if run.get("mode") != "slurm":  # no job of their own to put the rest in
                 print(f"the run has room for {started} of {count} server(s) (no free resources); see "
                       "`areal-hpc logs driver`", file=sys.stderr)

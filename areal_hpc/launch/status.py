@@ -200,15 +200,17 @@ def _log_file(rd: Path, role: str) -> Path:
 
 def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
     """The last ``lines`` lines of ``f``, read from its end in blocks (a log may be gigabytes); leaves ``f`` at its
-    end. It reads until it has one newline more than ``lines``: the line before the first one shown has ended."""
+    end. It reads until it has more than ``lines`` line breaks (``\r\n`` is one, of two bytes), so that the line
+    before the first one shown has ended."""
     pos = end = f.seek(0, os.SEEK_END)
-    data = b""
-    while pos > 0 and data.count(b"\n") <= lines:
+    chunks, breaks = [], 0
+    while pos > 0 and breaks <= 2 * lines + 1:
         start = max(0, pos - block)
         f.seek(start)
-        data, pos = f.read(pos - start) + data, start
+        chunks.append(f.read(pos - start))
+        pos, breaks = start, breaks + chunks[-1].count(b"\n") + chunks[-1].count(b"\r")
     f.seek(end)
-    return data.splitlines()[-lines:] if lines > 0 else []
+    return b"".join(reversed(chunks)).splitlines()[-lines:] if lines > 0 else []
 
 
 def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
