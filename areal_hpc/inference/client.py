@@ -43,6 +43,9 @@ class RequestRejected(PoolError):
         super().__init__(f"HTTP {status}: {message}")
         self.status, self.message = status, message
 
+    def __reduce__(self):  # rebuilt from the fields: a rollout process's error reaches the trainer intact
+        return type(self), (self.status, self.message)
+
 
 class _Retryable(Exception):
     """A failure another server (or a later try) may not have: connection, timeout, 5xx."""

@@ -24,6 +24,9 @@ class DatasetError(ValueError):
         self.field, self.message, self.hint = field, message, hint
         super().__init__(f"{message} ({hint})" if hint else message)
 
+    def __reduce__(self):  # rebuilt from the fields: a child process's error reaches its parent intact
+        return type(self), (self.field, self.message, self.hint)
+
 
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, cut to ``limit`` characters."""
