@@ -94,6 +94,8 @@ class EngineServer:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug must not take the server down
+            if request.writer.output_size:  # a stream under way: only aiohttp can break it off (and log it)
+                raise
             log.exception("%s %s failed", request.method, request.path)
             return error_response(f"internal error: {type(e).__name__}: {e}", 500)
 
@@ -206,7 +208,7 @@ class EngineServer:
                     await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (asyncio.CancelledError, ConnectionError):
+        except BaseException:  # the client went away, or a chunk failed to render: stop generating for nobody
             self._abort_unfinished(seqs)
             raise
         return resp
