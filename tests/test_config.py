@@ -25,7 +25,8 @@ def test_defaults_have_seed_names():
 
 def test_sources_in_order(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"trial_name": "from-file", "trainer": {"ppo": {"eps_clip": 0.3, "async_training": False}},
+    f.write_text(yaml.safe_dump({"trial_name": "from-file",
+                                 "trainer": {"ppo": {"eps_clip": 0.3, "async_training": False}},
                                  "rollout": {"batch_size": 7}}))
     c = load_config(str(f), ["trial_name=from-cli", "--rollout.n_samples", "3", "trainer.ppo.async_training=True"])
     assert c.trial_name == "from-cli"                  # override beats file
@@ -36,7 +37,8 @@ def test_sources_in_order(tmp_path):
 
 
 def test_types_lists_dicts_and_nulls():
-    c = load_config(None, ["cluster.n_nodes=4", "rollout.gen.temperature=0.5", "cluster.sbatch_args=[--exclusive, --x=1]",
+    c = load_config(None, ["cluster.n_nodes=4", "rollout.gen.temperature=0.5",
+                           "cluster.sbatch_args=[--exclusive, --x=1]",
                            "server.sglang_args.attention-backend=fa3", "trainer.ppo.c_clip=null", "trainer.type=null",
                            "--cluster.partition=gpu"])
     assert c.cluster.n_nodes == 4 and isinstance(c.cluster.n_nodes, int)

@@ -119,9 +119,9 @@ class EngineServer:
         return self._tokenizer
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        """SGLang's ``/generate`` (what it accepts: `read_generate`). A single prompt with ``n == 1`` answers one object,
-        anything else a list (prompt-major, SGLang's order); ``stream`` answers server-sent events of cumulative
-        outputs (with ``index`` when there are several), then ``data: [DONE]``."""
+        """SGLang's ``/generate`` (what it accepts: `read_generate`). A single prompt with ``n == 1`` answers one
+        object, anything else a list (prompt-major, SGLang's order); ``stream`` answers server-sent events of
+        cumulative outputs (with ``index`` when there are several), then ``data: [DONE]``."""
         body = await read_json(request)
         req = await read_generate(body, self.tokenizer, self.runner.vocab_size, self.runner.context_length)
         seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(req.prompts, req.params, req.rids)]

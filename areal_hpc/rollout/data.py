@@ -54,8 +54,8 @@ def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]
         configs = get_dataset_config_names(path)
     except Exception as e:  # noqa: BLE001 - EmptyDatasetError and friends: datasets says what is wrong
         if type(e).__name__ == "EmptyDatasetError":
-            raise DatasetError("path", f"{path} holds no data files", "a dataset directory holds .jsonl/.json/"
-                               ".parquet/.csv files, e.g. data/train-00000.parquet, or a README.md listing them") from None
+            raise DatasetError("path", f"{path} holds no data files", "a dataset directory holds .jsonl/.json/.parquet"
+                               "/.csv files, e.g. data/train-00000.parquet, or a README.md listing them") from None
         raise DatasetError("path", f"{path} is not a readable dataset: {one_line(e)}") from None
     if name is not None and name not in configs:
         raise DatasetError("name", f"{name!r} is not a config of {path} (configs: {', '.join(configs)})",
@@ -78,7 +78,8 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
     of = f" in {where}" if where else ""
     if split:
         if split not in splits:
-            raise DatasetError("split", f"no split {split!r}{of} (splits: {', '.join(splits)})", "set it to one of them")
+            raise DatasetError("split", f"no split {split!r}{of} (splits: {', '.join(splits)})",
+                               "set it to one of them")
         return split
     prefer = ("train",) if which == "train" else EVAL_SPLITS
     for s in prefer:
@@ -86,7 +87,8 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
             return s
     if len(splits) == 1:
         return splits[0]
-    raise DatasetError("split", f"no {'/'.join(prefer)} split{of} (splits: {', '.join(splits)})", "set it to one of them")
+    raise DatasetError("split", f"no {'/'.join(prefer)} split{of} (splits: {', '.join(splits)})",
+                       "set it to one of them")
 
 
 # ------------------------------------------------------------------ JSON files, line by line
@@ -192,7 +194,8 @@ def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str 
                  lambda ds: (ds.select(range(min(limit, len(ds)))) if limit else ds).to_list())
 
 
-def head_rows(path: str, n: int, name: Optional[str] = None, split: str = "", which: str = "train") -> List[Dict[str, Any]]:
+def head_rows(path: str, n: int, name: Optional[str] = None, split: str = "", which: str = "train"
+              ) -> List[Dict[str, Any]]:
     """The first ``n`` rows, read lazily (streaming): no full read or conversion of a big dataset."""
     return _read(path, name, split, which, lambda ds: list(ds.take(n)), streaming=True)
 
