@@ -418,6 +418,3 @@ class ServerPool:
         body = api.update_from_distributed_body(names, dtypes, shapes, group_name, version)
         return await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISTRIBUTED, body, timeout_s=timeout_s,
                                    server_ids=server_ids)
-
-    async def abort_all(self) -> Dict[str, CallResult]:
-        return await self.call_all(*api.ABORT_REQUEST, api.abort_body())

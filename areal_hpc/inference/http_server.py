@@ -91,9 +91,7 @@ class EngineServer:
             if e.status < 400:
                 raise
             return error_response(f"{e.reason}: {request.method} {request.path}", e.status)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug must not take the server down
+        except Exception as e:  # a bug must not take the server down (a cancellation is no Exception)
             if request.writer.output_size:  # a stream under way: only aiohttp can break it off (and log it)
                 raise
             log.exception("%s %s failed", request.method, request.path)

@@ -266,9 +266,7 @@ class RolloutController:
         try:
             group = await self.workflow.arun_episode(self.client, row)
             self._failures_in_row = 0
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run
+        except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run (a cancellation passes)
             failed = True
             self.stats["failed"] += 1
             self._failures_in_row += 1
