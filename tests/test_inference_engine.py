@@ -403,6 +403,8 @@ def test_a_stream_that_fails_aborts_its_sequences(engine):
                 async with s.post(url, json=body) as r:
                     with pytest.raises(aiohttp.ClientPayloadError):
                         await r.read()  # the stream breaks off: no [DONE]
+                async with s.post(url, json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}}) as r:
+                    assert r.status == 200  # the server serves on
             # commands run in order: any abort the handler asked for has run when this one answers
             return await asyncio.wait_for(asyncio.wrap_future(engine.call(lambda: len(engine.scheduler.running))), 10)
         finally:
