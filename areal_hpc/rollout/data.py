@@ -243,11 +243,10 @@ class PromptLoader:
 
     def __next__(self) -> Dict[str, Any]:
         if self.pos >= len(self.rows):
-            self.epoch += 1
-            self.pos = 0
-            if self.epochs and self.epoch >= self.epochs:
-                raise StopIteration
+            self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._make_order()
+        if self.epochs and self.epoch >= self.epochs:  # also for a loader resumed at its end
+            raise StopIteration
         row = self.rows[self._order[self.pos]]
         self.pos += 1
         return row
