@@ -53,9 +53,8 @@ def _existing_run(args) -> Tuple[Any, Path]:
     check_location(cfg)
     rd = run_dir(cfg)
     if not (rd / "config.yaml").exists():
-        raise ConfigError("experiment_name/trial_name",
-                          f"no run found for experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
-                          f"(looked in {rd})",
+        raise ConfigError("experiment_name/trial_name", f"no run found for experiment_name={cfg.experiment_name} "
+                          f"trial_name={cfg.trial_name} (looked in {rd})",
                           "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
     _private(load_resolved(rd / "config.yaml"))
     return cfg, rd
@@ -96,8 +95,7 @@ def cmd_remove_server(args) -> int:
 
     ident = _pop_name(args)
     if ident is None:
-        raise ConfigError("SERVER", "which server?",
-                          "areal-hpc remove-server ID|URL experiment_name=... trial_name=...")
+        raise ConfigError("SERVER", "which server?", "remove-server ID|URL experiment_name=... trial_name=...")
     cfg, rd = _existing_run(args)
     return control.remove_server(cfg, rd, ident)
 
@@ -127,8 +125,7 @@ def cmd_stop(args) -> int:
 def _run_dir_arg(path: str) -> Path:
     rd = Path(path)
     if not (rd / "config.yaml").exists():
-        raise ConfigError("--run-dir", f"{path} holds no config.yaml",
-                          "pass the run directory `areal-hpc submit` wrote")
+        raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
     _private(load_resolved(rd / "config.yaml"))
     return rd
 
@@ -199,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
             "ONE Slurm allocation driven by a driver process. With min_required_servers=N on an existing run whose\n"
             "servers are alive, only a trainer is started; it resumes from the last checkpoint.\n"
             "Bad input exits with code 2 and submits nothing.")
-    s.add_argument("--dry-run", action="store_true",
-                   help="resolve and write everything, print a summary, submit nothing")
+    s.add_argument("--dry-run", action="store_true", help="resolve and write it all, print a summary, submit nothing")
 
     a = add("add-servers", cmd_add_servers, "add inference servers to a running run",
             "Ask the run's driver to start COUNT more servers inside the live allocation (or, with --new-job or when\n"

@@ -75,11 +75,10 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
     """``split`` when given (it must exist); else ``train`` for training data (``which="train"``) and
     the first of `EVAL_SPLITS` for validation data; a dataset with a single split uses it either way."""
     splits = list(splits)
-    of = f" in {where}" if where else ""
+    listing = (f" in {where}" if where else "") + f" (splits: {', '.join(splits)})"
     if split:
         if split not in splits:
-            raise DatasetError("split", f"no split {split!r}{of} (splits: {', '.join(splits)})",
-                               "set it to one of them")
+            raise DatasetError("split", f"no split {split!r}{listing}", "set it to one of them")
         return split
     prefer = ("train",) if which == "train" else EVAL_SPLITS
     for s in prefer:
@@ -87,8 +86,7 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
             return s
     if len(splits) == 1:
         return splits[0]
-    raise DatasetError("split", f"no {'/'.join(prefer)} split{of} (splits: {', '.join(splits)})",
-                       "set it to one of them")
+    raise DatasetError("split", f"no {'/'.join(prefer)} split{listing}", "set it to one of them")
 
 
 # ------------------------------------------------------------------ JSON files, line by line
