@@ -204,8 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
             "current weights before registering; the trainer uses them within one heartbeat.")
     a.add_argument("--count", type=int, default=1, help="number of servers to add (also count=N)")
     a.add_argument("--new-job", action="store_true", help="always submit a separate job for the new servers")
-    a.add_argument("--url", default=None,
-                   help="attach an already-running SGLang or hf server (also url=http://HOST:PORT)")
+    a.add_argument("--url", default=None, help="attach a running SGLang or hf server (also url=http://HOST:PORT)")
     a.add_argument("--api-key", default=None, help="that server's API key (also api_key=...; default: the run's)")
 
     add("remove-server", cmd_remove_server, "detach an external server from a run",
@@ -241,8 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend", default=None, help="override the allocation's backend (hf | sglang)")
 
     tr = add("train", cmd_train, "(internal) run one trainer rank of a run",
-             "Internal entry point: one rank of the trainer (torch.distributed from torchrun or Slurm env).",
-             config=False)
+             "Internal entry point: one rank of the trainer (torch.distributed from torchrun or Slurm).", config=False)
     tr.add_argument("--run-dir", required=True)
 
     dr = add("driver", cmd_driver, "(internal) the process that owns a Slurm allocation",
