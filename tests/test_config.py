@@ -1,9 +1,13 @@
 """Config loading: sources in order, dotted overrides, types, unknown keys with hints."""
 
+import pickle
+
 import pytest
 import yaml
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_config, load_resolved, validate
+from areal_hpc.inference.client import RequestRejected
+from areal_hpc.rollout.data import DatasetError
 
 
 def test_defaults_have_seed_names():
@@ -21,7 +25,8 @@ def test_defaults_have_seed_names():
 
 def test_sources_in_order(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"trial_name": "from-file", "trainer": {"ppo": {"eps_clip": 0.3, "async_training": False}},
+    f.write_text(yaml.safe_dump({"trial_name": "from-file",
+                                 "trainer": {"ppo": {"eps_clip": 0.3, "async_training": False}},
                                  "rollout": {"batch_size": 7}}))
     c = load_config(str(f), ["trial_name=from-cli", "--rollout.n_samples", "3", "trainer.ppo.async_training=True"])
     assert c.trial_name == "from-cli"                  # override beats file
@@ -32,7 +37,8 @@ def test_sources_in_order(tmp_path):
 
 
 def test_types_lists_dicts_and_nulls():
-    c = load_config(None, ["cluster.n_nodes=4", "rollout.gen.temperature=0.5", "cluster.sbatch_args=[--exclusive, --x=1]",
+    c = load_config(None, ["cluster.n_nodes=4", "rollout.gen.temperature=0.5",
+                           "cluster.sbatch_args=[--exclusive, --x=1]",
                            "server.sglang_args.attention-backend=fa3", "trainer.ppo.c_clip=null", "trainer.type=null",
                            "--cluster.partition=gpu"])
     assert c.cluster.n_nodes == 4 and isinstance(c.cluster.n_nodes, int)
@@ -100,3 +106,16 @@ def test_validate_normalises(tmp_path):
                            f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0"])
     validate(c)
     assert c.rollout.max_head_offpolicyness == 0  # sync training means staleness 0
+
+
+
+@pytest.mark.parametrize("e, fields", [
+    (ConfigError("rollout.n", "must be >= 1", "set it to 1 or more"), ("key", "problem", "hint")),
+    (DatasetError("split", "no split dev", "set it to one of them"), ("field", "message", "hint")),
+    (RequestRejected(400, "token id 9999 is outside the vocabulary"), ("status", "message")),
+], ids=["ConfigError", "DatasetError", "RequestRejected"])
+def test_errors_with_several_fields_survive_pickling(e, fields):
+    """A rollout process sends its error to the trainer pickled: it must come back whole, not as a TypeError."""
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is type(e) and str(back) == str(e)
+    assert [getattr(back, f) for f in fields] == [getattr(e, f) for f in fields]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from areal_hpc.config.schema import DatasetConfig
-from areal_hpc.rollout.data import (DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows,
-                                    load_dataset_rows, load_rows)
+from areal_hpc.rollout.data import (DatasetError, PromptLoader, choose_split, dataset_splits, head_rows,
+                                    iter_json_rows, load_dataset_rows, load_rows)
 
 README = """---
 configs:
@@ -162,3 +162,13 @@ def test_alike_directories_do_not_share_a_cache_entry(tmp_path):
     assert load_rows(str(b), name="main", split="test") == [{"question": "only b", "answer": "#### 1"}]
     write_jsonl(a / "main" / "test-00000-of-00001.jsonl", [{"question": "rewritten", "answer": "#### 2"}])
     assert load_rows(str(a), name="main", split="test") == [{"question": "rewritten", "answer": "#### 2"}]
+
+
+def test_a_prompt_loader_past_its_last_epoch_stays_exhausted():
+    """After its last epoch a loader yields nothing more, also when a recovered trainer resumes it from there."""
+    rows = [{"i": i} for i in range(20)]
+    done = PromptLoader(rows, seed=3, epochs=2)
+    assert len(list(done)) == 40 and list(done) == []
+    again = PromptLoader(rows, seed=3, epochs=2)
+    again.load_state_dict(done.state_dict())
+    assert list(again) == []

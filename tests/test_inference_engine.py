@@ -363,3 +363,52 @@ def test_health_generate_reports_a_failing_engine(engine, monkeypatch):
     monkeypatch.setattr(engine.runner, "prefill", broken)
     resp = asyncio.run(server.health_generate(None))
     assert resp.status == 503 and "device lost" in resp.text
+
+
+def test_a_stream_that_fails_aborts_its_sequences(engine):
+    """A streamed /generate whose rendering fails (here: the tokenizer's decode, after the first chunk) must abort
+    its sequences, not leave them generating on the engine until max_new_tokens."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    class BreaksAfterOneDecode:
+        decodes = 0
+
+        def encode(self, text):
+            return [3, 4, 5]
+
+        def decode(self, ids, **kw):
+            self.decodes += 1
+            if self.decodes > 1:
+                raise ValueError("decode failed")
+            return "x"
+
+    server = EngineServer(engine)
+    server._tokenizer = BreaksAfterOneDecode()
+    body = {"text": "hi", "stream": True,
+            "sampling_params": {"max_new_tokens": engine.runner.context_length, "ignore_eos": True}}
+
+    async def go():
+        runner = web.AppRunner(server.build())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/generate"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+                async with s.post(url, json=body) as r:
+                    with pytest.raises(aiohttp.ClientPayloadError):
+                        await r.read()  # the stream breaks off: no [DONE]
+                async with s.post(url, json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}}) as r:
+                    assert r.status == 200  # the server serves on
+            # commands run in order: any abort the handler asked for has run when this one answers
+            return await asyncio.wait_for(asyncio.wrap_future(engine.call(lambda: len(engine.scheduler.running))), 10)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(go()) == 0
+    assert engine.stats["aborted_requests"] == 1

@@ -53,9 +53,9 @@ def _existing_run(args) -> Tuple[Any, Path]:
     check_location(cfg)
     rd = run_dir(cfg)
     if not (rd / "config.yaml").exists():
-        raise ConfigError("experiment_name/trial_name",
-                          f"no run found for experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
-                          f"(looked in {rd})", "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
+        raise ConfigError("experiment_name/trial_name", f"no run found for experiment_name={cfg.experiment_name} "
+                          f"trial_name={cfg.trial_name} (looked in {rd})",
+                          "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
     _private(load_resolved(rd / "config.yaml"))
     return cfg, rd
 
@@ -95,7 +95,7 @@ def cmd_remove_server(args) -> int:
 
     ident = _pop_name(args)
     if ident is None:
-        raise ConfigError("SERVER", "which server?", "areal-hpc remove-server ID|URL experiment_name=... trial_name=...")
+        raise ConfigError("SERVER", "which server?", "remove-server ID|URL experiment_name=... trial_name=...")
     cfg, rd = _existing_run(args)
     return control.remove_server(cfg, rd, ident)
 
@@ -125,7 +125,7 @@ def cmd_stop(args) -> int:
 def _run_dir_arg(path: str) -> Path:
     rd = Path(path)
     if not (rd / "config.yaml").exists():
-        raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run directory `areal-hpc submit` wrote")
+        raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
     _private(load_resolved(rd / "config.yaml"))
     return rd
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
             "ONE Slurm allocation driven by a driver process. With min_required_servers=N on an existing run whose\n"
             "servers are alive, only a trainer is started; it resumes from the last checkpoint.\n"
             "Bad input exits with code 2 and submits nothing.")
-    s.add_argument("--dry-run", action="store_true", help="resolve and write everything, print a summary, submit nothing")
+    s.add_argument("--dry-run", action="store_true", help="resolve and write it all, print a summary, submit nothing")
 
     a = add("add-servers", cmd_add_servers, "add inference servers to a running run",
             "Ask the run's driver to start COUNT more servers inside the live allocation (or, with --new-job or when\n"
@@ -204,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
             "current weights before registering; the trainer uses them within one heartbeat.")
     a.add_argument("--count", type=int, default=1, help="number of servers to add (also count=N)")
     a.add_argument("--new-job", action="store_true", help="always submit a separate job for the new servers")
-    a.add_argument("--url", default=None, help="attach an already-running SGLang or hf server (also url=http://HOST:PORT)")
+    a.add_argument("--url", default=None, help="attach a running SGLang or hf server (also url=http://HOST:PORT)")
     a.add_argument("--api-key", default=None, help="that server's API key (also api_key=...; default: the run's)")
 
     add("remove-server", cmd_remove_server, "detach an external server from a run",
-             "areal-hpc remove-server ID|URL [CONFIG] [key=value ...]: the run stops sending rollouts and weights to a\n"
-             "server attached with `add-servers url=...`; its record is removed; the server keeps running.")
+             "areal-hpc remove-server ID|URL [CONFIG] [key=value ...]: the run stops sending rollouts and weights\n"
+             "to a server attached with `add-servers url=...`; its record is removed; the server keeps running.")
 
     st = add("status", cmd_status, "show a run: job, steps, servers, trainer progress",
              "Job state (squeue/sacct or local pids), each step, each registered server with health and weight\n"
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend", default=None, help="override the allocation's backend (hf | sglang)")
 
     tr = add("train", cmd_train, "(internal) run one trainer rank of a run",
-             "Internal entry point: one rank of the trainer (torch.distributed from torchrun or Slurm env).", config=False)
+             "Internal entry point: one rank of the trainer (torch.distributed from torchrun or Slurm).", config=False)
     tr.add_argument("--run-dir", required=True)
 
     dr = add("driver", cmd_driver, "(internal) the process that owns a Slurm allocation",

@@ -13,6 +13,9 @@ class ConfigError(ValueError):
         self.key, self.problem, self.hint = key, problem, hint
         super().__init__(self.one_line())
 
+    def __reduce__(self):  # rebuilt from the fields: a child process's error reaches its parent intact
+        return type(self), (self.key, self.problem, self.hint)
+
     def one_line(self) -> str:
         msg = f"{self.key}: {self.problem}" if self.key else self.problem
         return f"{msg} ({self.hint})" if self.hint else msg

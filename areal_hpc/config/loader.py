@@ -226,7 +226,7 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
         elif word.endswith((".yaml", ".yml")):
             key, raw = "config", word
         else:
-            raise ConfigError("", f"unexpected argument {word!r}", "give at most one CONFIG.yaml, then key=value overrides")
+            raise ConfigError("", f"unexpected argument {word!r}", "at most one CONFIG.yaml, then key=value overrides")
         if key != "config":
             pairs.append((key, raw))
         elif config is not None:

@@ -27,7 +27,7 @@ class ClusterConfig:
     mem_per_task_cpu_gb: int = 2  # memory per process when n_gpus_per_node == 0
     sbatch_args: List[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. ["--exclusive"]
     srun_args: List[str] = field(default_factory=list)  # extra options on every srun step
-    setup_commands: List[str] = field(default_factory=list)  # shell lines run before the driver (modules, conda, container env)
+    setup_commands: List[str] = field(default_factory=list)  # shell lines run before the driver (modules, conda, env)
     python: str = ""  # interpreter on compute nodes; default: the one running `areal-hpc submit`
     multi_node_tp: bool = False  # allow a server's tp*pp to span nodes
     hf_cache: str = ""  # HF_HOME on the shared filesystem; "" = {fileroot}/{user}/hf-cache
@@ -56,7 +56,7 @@ class ServerConfig:
     random_seed: int = 1
     port: int = 0  # 0 = pick a free port
     host: str = ""  # "" = this node's hostname
-    sglang_args: Dict[str, str] = field(default_factory=dict)  # pass-through SGLang flags, e.g. {"attention-backend": "fa3"}
+    sglang_args: Dict[str, str] = field(default_factory=dict)  # SGLang flags as given: {"attention-backend": "fa3"}
     cuda_graph: bool = True  # hf engine: capture CUDA graphs for decode on GPU
 
 

@@ -43,6 +43,9 @@ class RequestRejected(PoolError):
         super().__init__(f"HTTP {status}: {message}")
         self.status, self.message = status, message
 
+    def __reduce__(self):  # rebuilt from the fields: a rollout process's error reaches the trainer intact
+        return type(self), (self.status, self.message)
+
 
 class _Retryable(Exception):
     """A failure another server (or a later try) may not have: connection, timeout, 5xx."""
@@ -415,6 +418,3 @@ class ServerPool:
         body = api.update_from_distributed_body(names, dtypes, shapes, group_name, version)
         return await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISTRIBUTED, body, timeout_s=timeout_s,
                                    server_ids=server_ids)
-
-    async def abort_all(self) -> Dict[str, CallResult]:
-        return await self.call_all(*api.ABORT_REQUEST, api.abort_body())

@@ -91,9 +91,9 @@ class EngineServer:
             if e.status < 400:
                 raise
             return error_response(f"{e.reason}: {request.method} {request.path}", e.status)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug must not take the server down
+        except Exception as e:  # a bug must not take the server down (a cancellation is no Exception)
+            if request.writer.output_size:  # a stream under way: only aiohttp can break it off (and log it)
+                raise
             log.exception("%s %s failed", request.method, request.path)
             return error_response(f"internal error: {type(e).__name__}: {e}", 500)
 
@@ -117,9 +117,9 @@ class EngineServer:
         return self._tokenizer
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        """SGLang's ``/generate`` (what it accepts: `read_generate`). A single prompt with ``n == 1`` answers one object,
-        anything else a list (prompt-major, SGLang's order); ``stream`` answers server-sent events of cumulative
-        outputs (with ``index`` when there are several), then ``data: [DONE]``."""
+        """SGLang's ``/generate`` (what it accepts: `read_generate`). A single prompt with ``n == 1`` answers one
+        object, anything else a list (prompt-major, SGLang's order); ``stream`` answers server-sent events of
+        cumulative outputs (with ``index`` when there are several), then ``data: [DONE]``."""
         body = await read_json(request)
         req = await read_generate(body, self.tokenizer, self.runner.vocab_size, self.runner.context_length)
         seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(req.prompts, req.params, req.rids)]
@@ -206,7 +206,7 @@ class EngineServer:
                     await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (asyncio.CancelledError, ConnectionError):
+        except BaseException:  # the client went away, or a chunk failed to render: stop generating for nobody
             self._abort_unfinished(seqs)
             raise
         return resp

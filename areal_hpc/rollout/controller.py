@@ -178,8 +178,8 @@ class RolloutController:
         if d["dropped_stale"] and self.last_drop:
             ld = self.last_drop
             parts.append(f"stale groups carry tokens of weight version {ld['oldest_version']} while the trainer is at "
-                         f"version {ld['version']} and rollout.max_head_offpolicyness={ld['max_staleness']}: a server's "
-                         "weights lag the trainer's (did a weight update fail? see the server logs)")
+                         f"version {ld['version']} and rollout.max_head_offpolicyness={ld['max_staleness']}: "
+                         "a server's weights lag the trainer's (did a weight update fail? see the server logs)")
         if d["failed"] and self.last_failure:
             parts.append(f"last episode error: {self.last_failure[:300]}")
         if servers is not None:
@@ -266,9 +266,7 @@ class RolloutController:
         try:
             group = await self.workflow.arun_episode(self.client, row)
             self._failures_in_row = 0
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run
+        except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run (a cancellation passes)
             failed = True
             self.stats["failed"] += 1
             self._failures_in_row += 1

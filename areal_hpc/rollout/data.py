@@ -24,6 +24,9 @@ class DatasetError(ValueError):
         self.field, self.message, self.hint = field, message, hint
         super().__init__(f"{message} ({hint})" if hint else message)
 
+    def __reduce__(self):  # rebuilt from the fields: a child process's error reaches its parent intact
+        return type(self), (self.field, self.message, self.hint)
+
 
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, cut to ``limit`` characters."""
@@ -51,8 +54,8 @@ def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]
         configs = get_dataset_config_names(path)
     except Exception as e:  # noqa: BLE001 - EmptyDatasetError and friends: datasets says what is wrong
         if type(e).__name__ == "EmptyDatasetError":
-            raise DatasetError("path", f"{path} holds no data files", "a dataset directory holds .jsonl/.json/"
-                               ".parquet/.csv files, e.g. data/train-00000.parquet, or a README.md listing them") from None
+            raise DatasetError("path", f"{path} holds no data files", "a dataset directory holds .jsonl/.json/.parquet"
+                               "/.csv files, e.g. data/train-00000.parquet, or a README.md listing them") from None
         raise DatasetError("path", f"{path} is not a readable dataset: {one_line(e)}") from None
     if name is not None and name not in configs:
         raise DatasetError("name", f"{name!r} is not a config of {path} (configs: {', '.join(configs)})",
@@ -72,10 +75,10 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
     """``split`` when given (it must exist); else ``train`` for training data (``which="train"``) and
     the first of `EVAL_SPLITS` for validation data; a dataset with a single split uses it either way."""
     splits = list(splits)
-    of = f" in {where}" if where else ""
+    listing = (f" in {where}" if where else "") + f" (splits: {', '.join(splits)})"
     if split:
         if split not in splits:
-            raise DatasetError("split", f"no split {split!r}{of} (splits: {', '.join(splits)})", "set it to one of them")
+            raise DatasetError("split", f"no split {split!r}{listing}", "set it to one of them")
         return split
     prefer = ("train",) if which == "train" else EVAL_SPLITS
     for s in prefer:
@@ -83,7 +86,7 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
             return s
     if len(splits) == 1:
         return splits[0]
-    raise DatasetError("split", f"no {'/'.join(prefer)} split{of} (splits: {', '.join(splits)})", "set it to one of them")
+    raise DatasetError("split", f"no {'/'.join(prefer)} split{listing}", "set it to one of them")
 
 
 # ------------------------------------------------------------------ JSON files, line by line
@@ -189,7 +192,8 @@ def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str 
                  lambda ds: (ds.select(range(min(limit, len(ds)))) if limit else ds).to_list())
 
 
-def head_rows(path: str, n: int, name: Optional[str] = None, split: str = "", which: str = "train") -> List[Dict[str, Any]]:
+def head_rows(path: str, n: int, name: Optional[str] = None, split: str = "", which: str = "train"
+              ) -> List[Dict[str, Any]]:
     """The first ``n`` rows, read lazily (streaming): no full read or conversion of a big dataset."""
     return _read(path, name, split, which, lambda ds: list(ds.take(n)), streaming=True)
 
@@ -237,11 +241,10 @@ class PromptLoader:
 
     def __next__(self) -> Dict[str, Any]:
         if self.pos >= len(self.rows):
-            self.epoch += 1
-            self.pos = 0
-            if self.epochs and self.epoch >= self.epochs:
-                raise StopIteration
+            self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._make_order()
+        if self.epochs and self.epoch >= self.epochs:  # also for a loader resumed at its end
+            raise StopIteration
         row = self.rows[self._order[self.pos]]
         self.pos += 1
         return row
