@@ -1,15 +1,21 @@
 """A trainer's frame: `make_trainer`, and the loop every training trainer shares (`Trainer.run`), on one process
-with a stand-in engine and checkpointer."""
+with a stand-in engine and checkpointer (and where it ends a real PPO run, the CPU quickstart)."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.registry import Registry
 from areal_hpc.trainers import TrainContext, Trainer, make_trainer, register_trainer
+from areal_hpc.trainers.metrics import read_metrics
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
 
 class FakeEngine:
@@ -85,3 +91,16 @@ def test_a_key_error_of_a_trainer_is_not_reported_as_an_unknown_type(tmp_path):
     cfg.trainer.type = "no-such-trainer"
     with pytest.raises(KeyError, match="unknown trainer.type 'no-such-trainer'; known: .*test-needs-a-key"):
         make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+
+
+def test_ppo_stops_after_total_train_epochs_passes_over_the_prompts(tmp_path):
+    """The real CPU quickstart on 10 prompts, 4 a step, one pass: 2 full steps, then the run completes (before
+    total_train_steps); the 2 prompts left over do not make a step. All 10 are in flight at once: none goes stale."""
+    p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                        "stats.progress_bar=False", "stats.tensorboard=False", "stats.plot=False", "saver.freq_steps=0",
+                        "train_dataset.limit=10", "rollout.batch_size=4", "rollout.n_samples=2",
+                        "rollout.max_head_offpolicyness=8", "trainer.total_train_steps=5", "trainer.total_train_epochs=1"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0 and "run COMPLETED" in p.stdout, (p.stdout[-2000:], p.stderr[-2000:])
+    rd = next(tmp_path.glob("*/quickstart/run0"))
+    assert [r["step"] for r in read_metrics(rd / "metrics.jsonl")] == [1, 2]

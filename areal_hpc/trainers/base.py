@@ -121,11 +121,10 @@ class Trainer:
         self.phases.begin()
         try:
             while step < total:
-                if dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0:
-                    log.warning("stopping at step %d on request", step)
-                    break
-                stats = self.train_step(step + 1)
-                if stats is None:
+                stop = dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0
+                stats = None if stop else self.train_step(step + 1)
+                if stats is None:  # (train_step: a stop while it waited, or no data left: trainer.total_train_epochs)
+                    log.warning("stopping at step %d: %s", step, "on request" if stop or self.stop else "no data left")
                     break
                 step += 1
                 settled_gc.step()
