@@ -148,7 +148,6 @@ class Trainer:
             finally:
                 if metrics is not None:
                     metrics.close()
-                self.publish_state(state="done" if step >= total else "stopped")
                 self.close_state()
         log.info("trainer finished at step %d (version %d)", step, engine.get_version())
         return rc
@@ -199,6 +198,8 @@ class Trainer:
             self._beat_t = time.monotonic()
 
     def close_state(self) -> None:
+        """Remove the record: to `submit`, `stop` and `status` it means a live trainer. How the run ended is the
+        owner's (run.json: state, reason) and its last step is metrics.jsonl's last row."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
