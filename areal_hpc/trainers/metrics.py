@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from areal_hpc.registry.util import atomic_write
+
 log = logging.getLogger("areal_hpc.trainer")
 
 SUMMARY_KEYS = (("reward_mean", "reward {:.3f}"), ("loss", "loss {:+.4f}"), ("staleness_max", "stale<={:.0f}"),
@@ -37,7 +39,7 @@ class MetricsWriter:
         if not self.path.exists():
             return
         keep = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in keep), fsync=True)  # a crash keeps one
 
     def write(self, metrics: Dict[str, Any]) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "version")
