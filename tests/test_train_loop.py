@@ -99,7 +99,8 @@ def test_ppo_stops_after_total_train_epochs_passes_over_the_prompts(tmp_path):
     p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
                         "stats.progress_bar=False", "stats.tensorboard=False", "stats.plot=False", "saver.freq_steps=0",
                         "train_dataset.limit=10", "rollout.batch_size=4", "rollout.n_samples=2",
-                        "rollout.max_head_offpolicyness=8", "trainer.total_train_steps=5", "trainer.total_train_epochs=1"],
+                        "rollout.max_head_offpolicyness=8", "trainer.total_train_steps=5",
+                        "trainer.total_train_epochs=1"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0 and "run COMPLETED" in p.stdout, (p.stdout[-2000:], p.stderr[-2000:])
     rd = next(tmp_path.glob("*/quickstart/run0"))

@@ -42,8 +42,8 @@ class MetricsWriter:
         atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in keep), fsync=True)  # a crash keeps one
 
     def write(self, metrics: Dict[str, Any]) -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "version")
-                     else v) for k, v in metrics.items()}
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and k not in ("step", "version") else v) for k, v in metrics.items()}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
