@@ -28,12 +28,13 @@ class FakeEngine:
 
 class FakeCheckpointer:
     saved = []
+    recovered = None  # load_latest's state
 
     def __init__(self, engine, keep_last):
         pass
 
     def load_latest(self, root):
-        return None
+        return self.recovered
 
     def save(self, root, step, extra):
         self.saved.append(step)
@@ -56,7 +57,7 @@ class StopsDuring(Trainer):
 @pytest.fixture
 def trainer(tmp_path, monkeypatch):
     monkeypatch.setattr("areal_hpc.train.checkpoint.Checkpointer", FakeCheckpointer)
-    FakeCheckpointer.saved = []
+    FakeCheckpointer.saved, FakeCheckpointer.recovered = [], None
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
     cfg = ExperimentConfig()
     cfg.trainer.total_train_steps, cfg.saver.freq_steps = 10, 2
@@ -75,6 +76,14 @@ def test_a_stop_between_checkpoints_saves_where_it_stopped(trainer):
     trainer.stop_at = 3
     assert trainer.run() == 0
     assert FakeCheckpointer.saved == [2, 3]
+
+
+def test_a_recovered_trainer_stopped_before_its_first_step_does_not_save_the_checkpoint_it_loaded(trainer):
+    """(A requeued trainer asked to stop again at once: its grace period is not spent rewriting that checkpoint.)"""
+    FakeCheckpointer.recovered = {"global_step": 4, "weight_version": 0}
+    trainer.stop.signal = signal.SIGUSR2
+    assert trainer.run() == 0
+    assert FakeCheckpointer.saved == []
 
 
 @register_trainer("test-needs-a-key")

@@ -117,7 +117,7 @@ class Trainer:
             metrics.drop_after(step)
         self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
         t_start = time.monotonic() - float(state.get("time_s", 0.0))
-        rc, settled_gc, saved = 0, dist.SettledGC(), None  # saved: the step last checkpointed by this loop
+        rc, settled_gc, saved = 0, dist.SettledGC(), step  # saved: the step last checkpointed (or recovered from)
         self.phases.begin()
         try:
             while step < total:
@@ -137,7 +137,7 @@ class Trainer:
                     with self.phases.phase("checkpoint"):
                         self._save(ckpt, step, t_start)
                     saved = step
-            if step != saved:  # (stopped right after a checkpoint: it holds this step already)
+            if step != saved:  # (stopped right after a checkpoint, or before a step: it holds this step already)
                 self._save(ckpt, step, t_start)
             self.finish(step)
         except KeyboardInterrupt:
