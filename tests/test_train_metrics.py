@@ -1,4 +1,4 @@
-"""`MetricsWriter` and `read_metrics`: metrics.jsonl across a restart."""
+"""`MetricsWriter` and `read_metrics`: metrics.jsonl and TensorBoard events across a restart."""
 
 from __future__ import annotations
 
@@ -28,3 +28,19 @@ def test_a_restart_replaces_metrics_jsonl_at_once_not_in_place(tmp_path):
         assert before.read() == old
     assert read_metrics(path) == [{"step": 1}, {"step": 2}]
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_tensorboard_hides_the_steps_a_crashed_run_wrote_past_the_checkpoint_its_restart_resumes_from(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    crashed = MetricsWriter(tmp_path, plot=False, resume_step=0)
+    for s in (1, 2, 3, 4):
+        crashed.write({"step": s, "loss": float(s)})
+    crashed.close()
+    restarted = MetricsWriter(tmp_path, plot=False, resume_step=2)
+    restarted.write({"step": 3, "loss": 30.0})
+    restarted.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]

@@ -112,9 +112,7 @@ class Trainer:
         step = int(state.get("global_step", 0))
         if not self.start(state):
             return 0
-        metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot) if self.is_main else None
-        if metrics is not None:
-            metrics.drop_after(step)
+        metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot, step) if self.is_main else None
         self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
         t_start = time.monotonic() - float(state.get("time_s", 0.0))
         rc, settled_gc, saved = 0, dist.SettledGC(), step  # saved: the step last checkpointed (or recovered from)

@@ -20,17 +20,22 @@ SUMMARY_KEYS = (("reward_mean", "reward {:.3f}"), ("loss", "loss {:+.4f}"), ("st
 
 
 class MetricsWriter:
-    """Rank 0 only. Appends one JSON line per step (steps continue across restarts)."""
+    """Rank 0 only. Appends one JSON line per step (steps continue across restarts). A run resumed at ``resume_step``
+    (0: started afresh) forgets the steps its predecessor wrote past it: lines and TensorBoard events."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, plot: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, plot: bool = True, resume_step: Optional[int] = None):
         self.path, self.plot_path = run_dir / "metrics.jsonl", run_dir / "reward.png"
         self.plot, self._tb = plot, None
+        if resume_step is not None:
+            self.drop_after(resume_step)
         if tensorboard:
             try:
                 from tensorboard.compat.proto.summary_pb2 import Summary
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb, self._summary = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=5), Summary
+                purge = None if resume_step is None else resume_step + 1  # (TensorBoard hides those steps' old events)
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=5, purge_step=purge)
+                self._summary = Summary
             except ImportError:  # not installed (e.g. a bare GPU image): jsonl still works
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
 
