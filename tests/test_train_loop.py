@@ -1,15 +1,21 @@
 """A trainer's frame: `make_trainer`, and the loop every training trainer shares (`Trainer.run`), on one process
-with a stand-in engine and checkpointer."""
+with a stand-in engine and checkpointer (and where it ends a real PPO run, the CPU quickstart)."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.registry import Registry
 from areal_hpc.trainers import TrainContext, Trainer, make_trainer, register_trainer
+from areal_hpc.trainers.metrics import read_metrics
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
 
 class FakeEngine:
@@ -22,12 +28,13 @@ class FakeEngine:
 
 class FakeCheckpointer:
     saved = []
+    recovered = None  # load_latest's state
 
     def __init__(self, engine, keep_last):
         pass
 
     def load_latest(self, root):
-        return None
+        return self.recovered
 
     def save(self, root, step, extra):
         self.saved.append(step)
@@ -50,7 +57,7 @@ class StopsDuring(Trainer):
 @pytest.fixture
 def trainer(tmp_path, monkeypatch):
     monkeypatch.setattr("areal_hpc.train.checkpoint.Checkpointer", FakeCheckpointer)
-    FakeCheckpointer.saved = []
+    FakeCheckpointer.saved, FakeCheckpointer.recovered = [], None
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
     cfg = ExperimentConfig()
     cfg.trainer.total_train_steps, cfg.saver.freq_steps = 10, 2
@@ -71,6 +78,14 @@ def test_a_stop_between_checkpoints_saves_where_it_stopped(trainer):
     assert FakeCheckpointer.saved == [2, 3]
 
 
+def test_a_recovered_trainer_stopped_before_its_first_step_does_not_save_the_checkpoint_it_loaded(trainer):
+    """(A requeued trainer asked to stop again at once: its grace period is not spent rewriting that checkpoint.)"""
+    FakeCheckpointer.recovered = {"global_step": 4, "weight_version": 0}
+    trainer.stop.signal = signal.SIGUSR2
+    assert trainer.run() == 0
+    assert FakeCheckpointer.saved == []
+
+
 @register_trainer("test-needs-a-key")
 class NeedsAKey(Trainer):
     def __init__(self, ctx):
@@ -85,3 +100,17 @@ def test_a_key_error_of_a_trainer_is_not_reported_as_an_unknown_type(tmp_path):
     cfg.trainer.type = "no-such-trainer"
     with pytest.raises(KeyError, match="unknown trainer.type 'no-such-trainer'; known: .*test-needs-a-key"):
         make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+
+
+def test_ppo_stops_after_total_train_epochs_passes_over_the_prompts(tmp_path):
+    """The real CPU quickstart on 10 prompts, 4 a step, one pass: 2 full steps, then the run completes (before
+    total_train_steps); the 2 prompts left over do not make a step. All 10 are in flight at once: none goes stale."""
+    p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                        "stats.progress_bar=False", "stats.tensorboard=False", "stats.plot=False", "saver.freq_steps=0",
+                        "train_dataset.limit=10", "rollout.batch_size=4", "rollout.n_samples=2",
+                        "rollout.max_head_offpolicyness=8", "trainer.total_train_steps=5",
+                        "trainer.total_train_epochs=1"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0 and "run COMPLETED" in p.stdout, (p.stdout[-2000:], p.stderr[-2000:])
+    rd = next(tmp_path.glob("*/quickstart/run0"))
+    assert [r["step"] for r in read_metrics(rd / "metrics.jsonl")] == [1, 2]

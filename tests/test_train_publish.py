@@ -24,10 +24,11 @@ def _worker(rank, path, root, reg_root):
     from areal_hpc.train.engine import FSDPEngine
     from areal_hpc.train.publish import publish_weights
 
-    eng = FSDPEngine(EngineConfig(path=path, optimizer=OptimizerConfig(lr=1e-2)), MicroBatchSpec(max_tokens_per_mb=32), 5)
+    eng = FSDPEngine(EngineConfig(path=path, optimizer=OptimizerConfig(lr=1e-2)), MicroBatchSpec(max_tokens_per_mb=32),
+                     5)
     g = torch.Generator().manual_seed(3)
-    batch = collate([{"input_ids": torch.randint(3, VOCAB, (n,), generator=g), "loss_mask": torch.ones(n, dtype=torch.long)}
-                     for n in (7, 12, 20)])
+    batch = collate([{"input_ids": torch.randint(3, VOCAB, (n,), generator=g),
+                      "loss_mask": torch.ones(n, dtype=torch.long)} for n in (7, 12, 20)])
     eng.train_batch(batch, _loss)  # weights now differ from the source model
     reg = Registry(reg_root)
     out = publish_weights(eng, root, 1, path, registry=reg if rank == 0 else None)

@@ -57,7 +57,7 @@ def test_weight_group_from_rank0_of_a_torchrun_trainer(tmp_path, backend):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}", NCCL_CUMEM_ENABLE="0")
-    gpu_env = {"CUDA_VISIBLE_DEVICES": str(min(2, _n_gpus() - 1))} if backend == "nccl" else {"CUDA_VISIBLE_DEVICES": ""}
+    gpu_env = {"CUDA_VISIBLE_DEVICES": str(min(2, _n_gpus() - 1)) if backend == "nccl" else ""}
     port, name = str(free_port()), "areal-weights-probe"
     receiver = subprocess.Popen([sys.executable, str(script), "receiver", port, name, backend], text=True,
                                 env=dict(env, **gpu_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -69,6 +69,7 @@ def test_weight_group_from_rank0_of_a_torchrun_trainer(tmp_path, backend):
         out, _ = receiver.communicate(timeout=60)
     finally:
         receiver.kill()
-    assert trainer.returncode == 0 and trainer.stdout.count("TRAINER_DONE") == 2, trainer.stdout + trainer.stderr[-3000:]
+    assert trainer.returncode == 0 and trainer.stdout.count("TRAINER_DONE") == 2, \
+        trainer.stdout + trainer.stderr[-3000:]
     line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
     assert line and float(line.split()[1]) == sum(range(1024)), out[-3000:]

@@ -161,7 +161,7 @@ class SFTConfig:
 class TrainerConfig:
     type: Optional[str] = "ppo"  # ppo | sft | null (rollout / evaluation only) | a registered plugin
     total_train_steps: int = 100
-    total_train_epochs: int = 0  # sft: >0 also stops after this many passes over the data (ppo does not read it)
+    total_train_epochs: int = 0  # >0 also stops after this many passes over the training rows (prompts)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     # restarts of a dead trainer from its last checkpoint (not when it dies twice before its first step)

@@ -112,20 +112,17 @@ class Trainer:
         step = int(state.get("global_step", 0))
         if not self.start(state):
             return 0
-        metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot) if self.is_main else None
-        if metrics is not None:
-            metrics.drop_after(step)
+        metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot, step) if self.is_main else None
         self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
         t_start = time.monotonic() - float(state.get("time_s", 0.0))
-        rc, settled_gc, saved = 0, dist.SettledGC(), None  # saved: the step last checkpointed by this loop
+        rc, settled_gc, saved = 0, dist.SettledGC(), step  # saved: the step last checkpointed (or recovered from)
         self.phases.begin()
         try:
             while step < total:
-                if dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0:
-                    log.warning("stopping at step %d on request", step)
-                    break
-                stats = self.train_step(step + 1)
-                if stats is None:
+                stop = dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0
+                stats = None if stop else self.train_step(step + 1)
+                if stats is None:  # (train_step: a stop while it waited, or no data left: trainer.total_train_epochs)
+                    log.warning("stopping at step %d: %s", step, "on request" if stop or self.stop else "no data left")
                     break
                 step += 1
                 settled_gc.step()
@@ -138,7 +135,7 @@ class Trainer:
                     with self.phases.phase("checkpoint"):
                         self._save(ckpt, step, t_start)
                     saved = step
-            if step != saved:  # (stopped right after a checkpoint: it holds this step already)
+            if step != saved:  # (stopped right after a checkpoint, or before a step: it holds this step already)
                 self._save(ckpt, step, t_start)
             self.finish(step)
         except KeyboardInterrupt:
@@ -149,7 +146,6 @@ class Trainer:
             finally:
                 if metrics is not None:
                     metrics.close()
-                self.publish_state(state="done" if step >= total else "stopped")
                 self.close_state()
         log.info("trainer finished at step %d (version %d)", step, engine.get_version())
         return rc
@@ -200,6 +196,8 @@ class Trainer:
             self._beat_t = time.monotonic()
 
     def close_state(self) -> None:
+        """Remove the record: to `submit`, `stop` and `status` it means a live trainer. How the run ended is the
+        owner's (run.json: state, reason) and its last step is metrics.jsonl's last row."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from areal_hpc.registry.util import atomic_write
+
 log = logging.getLogger("areal_hpc.trainer")
 
 SUMMARY_KEYS = (("reward_mean", "reward {:.3f}"), ("loss", "loss {:+.4f}"), ("staleness_max", "stale<={:.0f}"),
@@ -18,17 +20,22 @@ SUMMARY_KEYS = (("reward_mean", "reward {:.3f}"), ("loss", "loss {:+.4f}"), ("st
 
 
 class MetricsWriter:
-    """Rank 0 only. Appends one JSON line per step (steps continue across restarts)."""
+    """Rank 0 only. Appends one JSON line per step (steps continue across restarts). A run resumed at ``resume_step``
+    (0: started afresh) forgets the steps its predecessor wrote past it: lines and TensorBoard events."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, plot: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, plot: bool = True, resume_step: Optional[int] = None):
         self.path, self.plot_path = run_dir / "metrics.jsonl", run_dir / "reward.png"
         self.plot, self._tb = plot, None
+        if resume_step is not None:
+            self.drop_after(resume_step)
         if tensorboard:
             try:
                 from tensorboard.compat.proto.summary_pb2 import Summary
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb, self._summary = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=5), Summary
+                purge = None if resume_step is None else resume_step + 1  # (TensorBoard hides those steps' old events)
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=5, purge_step=purge)
+                self._summary = Summary
             except ImportError:  # not installed (e.g. a bare GPU image): jsonl still works
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
 
@@ -37,11 +44,11 @@ class MetricsWriter:
         if not self.path.exists():
             return
         keep = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in keep), fsync=True)  # a crash keeps one
 
     def write(self, metrics: Dict[str, Any]) -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "version")
-                     else v) for k, v in metrics.items()}
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and k not in ("step", "version") else v) for k, v in metrics.items()}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")

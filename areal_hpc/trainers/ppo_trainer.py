@@ -14,7 +14,6 @@ reports their phases as ``bg_phase/*``."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List
 
 import torch
@@ -29,8 +28,6 @@ from areal_hpc.train.weight_sync import broadcast_engine_weights
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
 from areal_hpc.trainers.rollout_side import rollout_side
-
-log = logging.getLogger("areal_hpc.trainer")
 
 
 def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
@@ -93,8 +90,7 @@ class PPOTrainer(Trainer):
     def train_step(self, step: int):
         with self.phases.phase("wait_rollout"):
             trajs = self.side.next_batch(self.engine.get_version())
-        if trajs is None:
-            log.warning("stopping at step %d on request (while waiting for rollouts)", step - 1)
+        if trajs is None:  # a stop request while waiting, or the prompts are used up (trainer.total_train_epochs)
             return None
         batch = shard_batch(trajectories_to_batch(trajs, self.engine.pad_token_id), dist.rank(), dist.world_size(),
                             self.cfg.rollout.n_samples)

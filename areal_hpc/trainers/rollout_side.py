@@ -72,7 +72,7 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
     ``rollout.client_process``), a `FollowerSide` on the other ranks; None on all if a stop came meanwhile."""
     side = None
     if dist.rank() == 0:
-        loader = load_prompts(ctx, "train")
+        loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs)
         loader.load_state_dict(loader_state)
         # make(should_stop) builds the side
         make = functools.partial(RolloutSide, ctx, load_tokenizer(actor_path(ctx.cfg)), loader, version)
@@ -122,11 +122,14 @@ class RolloutSide(BackgroundUpdates):
             self.controller.stop()
 
     def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
-        """`next_batch` on this rank alone."""
+        """`next_batch` on this rank alone; None once the prompts of ``trainer.total_train_epochs`` are used up."""
         r = self.ctx.cfg.rollout
         self.controller.set_trainer_version(version)
-        groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
-                                            stall_timeout_s=r.stall_timeout_s)
+        try:
+            groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
+                                                stall_timeout_s=r.stall_timeout_s)
+        except StopIteration:
+            return None
         return None if groups is None else [t for g in groups for t in g.trajectories]
 
     def stats(self) -> Dict[str, float]:

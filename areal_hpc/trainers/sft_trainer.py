@@ -6,7 +6,6 @@ and trains on its shard of each batch. Phases of a step: ``data`` (rows read and
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict
 
 from areal_hpc.config import ConfigError
@@ -18,8 +17,6 @@ from areal_hpc.train.sft_loss import SFTLearner, tokenize_rows
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
 from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer
-
-log = logging.getLogger("areal_hpc.trainer")
 
 
 @register_trainer("sft")
@@ -45,7 +42,6 @@ class SFTTrainer(Trainer):
             try:
                 rows = [next(self.loader) for _ in range(self.cfg.trainer.sft.batch_size)]
             except StopIteration:
-                log.info("dataset exhausted after %d epochs", self.loader.epoch)
                 return None
             batch = tokenize_rows(rows, self.tokenizer, ds.prompt_key, ds.answer_key, ds.max_prompt_len,
                                   prompts=self.prompts)  # the same rows on every rank
