@@ -506,3 +506,10 @@ def test_multi_node_rollout_only_takes_no_extra_node_for_its_runner():
                                       "cluster.n_gpus_per_node=4"])
     assert plan.nodes == nodes_needed(alloc, 4) == 2 and opts["nodes"] == "2"
     assert plan.trainer.relative_node == 0
+
+
+def test_wait_running_waits_through_every_queued_state(monkeypatch):
+    """A job held after a requeue (REQUEUE_HOLD) is still queued: submit must not report it as started."""
+    states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
+    assert slurm_submit.wait_running("7", poll_s=0) == "RUNNING"

@@ -107,16 +107,17 @@ def follow_hint(cfg: ExperimentConfig) -> str:
 
 
 def wait_running(job_id: str, poll_s: float = 0.3) -> Optional[str]:
-    """Block until the job leaves PENDING; returns its state (Ctrl-C returns None: the job stays queued)."""
+    """Block until the job leaves the queue (`slurm.WAITING_STATES`); returns its state (Ctrl-C returns None:
+    the job stays queued)."""
     t0, told = time.monotonic(), False
     try:
         while True:
             state = slurm.job_state(job_id)
-            if not told and state == "PENDING" and time.monotonic() - t0 > 3.0:
-                print(f"job {job_id} is pending (Ctrl-C stops waiting; the job stays queued)", flush=True)
-                told = True
-            if state is not None and state not in ("PENDING", "CONFIGURING", "REQUEUED"):
+            if state is not None and state not in slurm.WAITING_STATES:
                 return state
+            if not told and state is not None and time.monotonic() - t0 > 3.0:
+                print(f"job {job_id} is {state} (Ctrl-C stops waiting; the job stays queued)", flush=True)
+                told = True
             time.sleep(poll_s)
     except KeyboardInterrupt:
         return None
