@@ -128,7 +128,7 @@ def _local_or_download(key: str, path: str, repo_type: str, cache: Path) -> Path
         return Path(os.path.abspath(p))
     if looks_like_hub_name(path):
         return Path(download(key, path, repo_type, cache))
-    raise ConfigError(key, f"{path!r} does not exist", "give a local path, or a hub name (org/name)")
+    raise ConfigError(key, f"{repo_type} path {path!r} does not exist", "give a local path, or a hub name (org/name)")
 
 
 # ------------------------------------------------------------------ models
