@@ -385,7 +385,8 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
                           "add trainer GPUs (e.g. +fsdp:d1) or set trainer.type=null for rollout/eval only")
     if t == "null" and alloc.train is not None:
         raise ConfigError("trainer.type", f"null (rollout/eval only) but allocation_mode gives the trainer "
-                          f"{alloc.train.world_size} GPUs", f"drop the trainer part: {cfg.allocation_mode.split('+')[0]}+eval")
+                          f"{alloc.train.world_size} GPUs",
+                          f"drop the trainer part: {cfg.allocation_mode.split('+')[0]}+eval")
     if ppo.weight_update == "nccl" and c.n_gpus_per_node == 0:
         raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk or gloo on CPU-only runs")
     if ppo.weight_update == "gloo" and c.n_gpus_per_node > 0:

@@ -222,7 +222,8 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
             fn(dict(row))
         except KeyError as e:
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} needs column {e.args[0]!r}, missing in {where} "
-                              f"(columns: {columns})", "point at data this adapter reads, or drop the adapter") from None
+                              f"(columns: {columns})",
+                              "point at data this adapter reads, or drop the adapter") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} cannot map {where}: {one_line(e, 160)}") from None
         row = apply_adapter([row], ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)[0]
