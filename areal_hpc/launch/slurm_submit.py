@@ -26,16 +26,12 @@ from areal_hpc.registry import Registry
 
 
 def _sbatch_arg_dict(args: List[str]) -> Dict[str, Any]:
-    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``) -> sbatch options."""
+    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options only, as
+    `validate` checked) -> sbatch options."""
     out: Dict[str, Any] = {}
     i = 0
     while i < len(args):
-        a = str(args[i]).strip()
-        if a.startswith("#SBATCH"):
-            a = a[len("#SBATCH"):].strip()
-        if not a.startswith("--"):
-            raise ConfigError("cluster.sbatch_args", f"cannot use {a!r} with submitit",
-                              "give long options: --exclusive, --reservation=NAME, --gpu-bind=none")
+        a = str(args[i]).strip().removeprefix("#SBATCH").strip()
         key, eq, value = a[2:].partition("=")
         if not eq and i + 1 < len(args) and not str(args[i + 1]).startswith("-"):
             value, eq = str(args[i + 1]), "="
