@@ -298,7 +298,8 @@ def test_slurm_rejection_is_one_line_and_leaves_nothing(extra, key, reason, tmp_
     assert p.returncode == 2, (p.returncode, p.stdout, err)
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("areal-hpc submit: error: cluster") and ": Slurm rejected the allocation: " in err, err
-    assert key in err.split(": Slurm rejected")[0].split("error: ", 1)[1].split("/"), err  # the key (or keys) that asked for it
+    # the key (or keys) that asked for it
+    assert key in err.split(": Slurm rejected")[0].split("error: ", 1)[1].split("/"), err
     assert reason.lower() in err.lower(), err
     assert squeue_empty()
     assert list(root.rglob("*")) == [], list(root.rglob("*"))  # not even the {user} dir

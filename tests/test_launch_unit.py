@@ -558,3 +558,49 @@ def test_add_servers_fails_once_the_owner_is_gone(tmp_path, capsys):
         assert "the run's owner ended before it served the request" in capsys.readouterr().err
     finally:
         owner.kill()
+
+# ----------------------------------------------------------------------------- fix7-D
+# fix7-D
+from areal_hpc.config.allocation import nodes_needed  # noqa: E402  (kept in this section: others append above)
+from areal_hpc.launch.sbatch import sbatch_lines  # noqa: E402
+
+
+def _sbatch_opts(words: List[str]) -> tuple:
+    cfg = load_config(None, ["mode=slurm", "cluster.fileroot=/shared/runs", *words])
+    alloc = parse_allocation(cfg.allocation_mode)
+    plan = build_plan(cfg, alloc, GPU_RUN)
+    return plan, alloc, dict(line[len("#SBATCH --"):].split("=", 1) for line in sbatch_lines(cfg, plan))
+
+
+def test_allocation_has_room_for_a_rollout_runner_next_to_servers_filling_a_node():
+    """sglang:d4 on 4 GPUs with no trainer: the servers take every GPU's CPUs and memory; the runner's CPU step
+    needs its own on top (else `srun --exact` waits for it forever)."""
+    plan, _, opts = _sbatch_opts(["allocation_mode=sglang:d4", "trainer.type=null", "cluster.n_gpus_per_node=4",
+                                  "cluster.cpus_per_gpu=8", "cluster.mem_per_gpu_gb=64", "cluster.cpus_per_task_cpu=2",
+                                  "cluster.mem_per_task_cpu_gb=3"])
+    assert [s.relative_node for s in plan.steps] == [0] * 5
+    assert opts["cpus-per-task"] == "34" and opts["mem"] == "259G"
+
+
+def test_cpu_allocation_is_sized_per_node_and_a_gpu_one_by_its_gpus():
+    _, _, opts = _sbatch_opts(["allocation_mode=hf:d2+d2", "cluster.n_gpus_per_node=0",
+                               "cluster.cpus_per_task_cpu=2", "cluster.mem_per_task_cpu_gb=3"])
+    assert opts["cpus-per-task"] == "8" and opts["mem"] == "12G"  # 2 servers + 2 trainer ranks, all on node 0
+    _, _, opts = _sbatch_opts(["allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=4", "cluster.cpus_per_gpu=8",
+                               "cluster.mem_per_gpu_gb=64"])
+    assert opts["cpus-per-task"] == "32" and opts["mem"] == "256G" and opts["gres"] == "gpu:4"
+
+
+def test_multi_node_rollout_only_takes_no_extra_node_for_its_runner():
+    """sglang:d8 on 2 nodes x 4 GPUs: validation says 2 nodes; the runner (a CPU process) used to get a third."""
+    plan, alloc, opts = _sbatch_opts(["allocation_mode=sglang:d8", "trainer.type=null", "cluster.n_nodes=2",
+                                      "cluster.n_gpus_per_node=4"])
+    assert plan.nodes == nodes_needed(alloc, 4) == 2 and opts["nodes"] == "2"
+    assert plan.trainer.relative_node == 0
+
+
+def test_wait_running_waits_through_every_queued_state(monkeypatch):
+    """A job held after a requeue (REQUEUE_HOLD) is still queued: submit must not report it as started."""
+    states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
+    assert slurm_submit.wait_running("7", poll_s=0) == "RUNNING"

@@ -198,6 +198,8 @@ def bad(tmp_path_factory, model_dir) -> dict:
     (d / "readme_only").mkdir()
     (d / "readme_only" / "README.md").write_text("# nothing here\n")
     paths["readme_only"] = d / "readme_only"
+    (d / "sums.csv").write_text("prompt,answer\n1+1=,2\n")
+    paths["csv"] = d / "sums.csv"
 
     def broken(name, edit):
         m = d / name
@@ -221,8 +223,10 @@ BAD_INPUTS = [
      "line 1 has no 'prompt' (or 'messages') column (columns: answer, question)"),
     ("missing-answer-column", ["train_dataset.path={no_answer}"], "train_dataset.answer_key", "has no 'answer' column"),
     ("missing-column-valid", ["valid_dataset.path={no_answer}"], "valid_dataset.answer_key", "has no 'answer'"),
-    ("prompt-not-text", ["train_dataset.path={int_prompt}"], "train_dataset.prompt_key", "'prompt' must be a string, got int"),
-    ("malformed-line", ["train_dataset.path={malformed}"], "train_dataset.path", "malformed.jsonl line 3 is not valid JSON"),
+    ("prompt-not-text", ["train_dataset.path={int_prompt}"], "train_dataset.prompt_key",
+     "'prompt' must be a string, got int"),
+    ("malformed-line", ["train_dataset.path={malformed}"], "train_dataset.path",
+     "malformed.jsonl line 3 is not valid JSON"),
     ("binary-file", ["train_dataset.path={binary}"], "train_dataset.path", "binary.jsonl is a binary file"),
     ("not-utf8", ["train_dataset.path={latin1}"], "train_dataset.path", "latin1.jsonl line 2 is not UTF-8 text"),
     ("empty-file", ["train_dataset.path={empty}"], "train_dataset.path", "empty.jsonl has no rows"),
@@ -234,6 +238,13 @@ BAD_INPUTS = [
     ("unknown-split", ["valid_dataset.path={gsm8k}", "valid_dataset.name=main", "valid_dataset.split=validation"],
      "valid_dataset.split", "no split 'validation'"),
     ("no-data-files", ["train_dataset.path={readme_only}"], "train_dataset.path", "holds no data files"),
+    ("unsupported-file-type", ["train_dataset.path={csv}"], "train_dataset.path",
+     "unsupported dataset file type '.csv'"),
+    ("missing-model", ["trainer.ppo.actor.path=/no/such/model"], "trainer.ppo.actor.path",
+     "model path '/no/such/model' does not exist"),
+    ("missing-dataset", ["valid_dataset.path=/no/such/data.jsonl"], "valid_dataset.path",
+     "dataset path '/no/such/data.jsonl' does not exist"),
+    ("model-without-config", ["trainer.ppo.actor.path={readme_only}"], "trainer.ppo.actor.path", "has no config.json"),
     ("adapter-columns", ["train_dataset.path=toy:sum", "train_dataset.adapter=gsm8k", "valid_dataset.path={no_answer}",
                          "valid_dataset.adapter=gsm8k"], "valid_dataset.adapter", "needs column 'question'"),
     ("adapter-rejects-row", ["train_dataset.path={no_hash}", "train_dataset.adapter=gsm8k"], "train_dataset.adapter",

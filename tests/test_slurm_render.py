@@ -273,3 +273,16 @@ def test_bad_input_submits_nothing(slurm_cluster, shared_tmp, squeue_empty, caps
                                                            or line.split("|")[1] >= started)]
     assert not new, f"jobs recorded since {started}: {new}"
     assert _jobs_known() == before
+
+
+def test_rendered_rollout_only_runner_runs_next_to_servers_filling_a_node(slurm_cluster, shared_tmp):
+    """No trainer GPUs: the rollout runner's CPU step shares node 0 with servers that use all of its GPUs; the
+    allocation must hold CPUs and memory for it too, or its `srun --exact` waits for the servers to end."""
+    G = slurm_cluster.gpus_per_node
+    cfg, alloc = make_config(shared_tmp / "root", f"allocation_mode=hf:d{G}", "trainer.type=null",
+                             "valid_dataset.path=toy:sum", f"cluster.n_gpus_per_node={G}", "trial_name=rollout")
+    plan = build_plan(cfg, alloc, run_dir(cfg))
+    assert plan.nodes == 1 and {s.relative_node for s in plan.steps} == {0}
+    job_id, records, _ = run_rendered(cfg, plan, shared_tmp / "out")
+    assert_concurrent(records)
+    assert_steps_completed_in_sacct(job_id, plan)

@@ -143,7 +143,8 @@ def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int,
                           f"{gpus_per_node}", "lower t/p, or set cluster.multi_node_tp=True for multi-node servers")
     if gen and gen.gpus_per_instance > gpus_per_node and gen.gpus_per_instance % gpus_per_node:
         raise ConfigError(KEY, f"a multi-node server needs whole nodes: tp*pp={gen.gpus_per_instance} is not a "
-                          f"multiple of {gpus_per_node} GPUs per node", "make t*p a multiple of cluster.n_gpus_per_node")
+                          f"multiple of {gpus_per_node} GPUs per node",
+                          "make t*p a multiple of cluster.n_gpus_per_node")
     need = nodes_needed(alloc, gpus_per_node)
     total = (gen.world_size if gen else 0) + (alloc.train.world_size if alloc.train else 0)
     if need > n_nodes:

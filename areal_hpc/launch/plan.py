@@ -170,7 +170,8 @@ def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
             n = alloc.train.world_size if alloc.train else 0
             node, ids = 0, list(range(next_gpu, next_gpu + n))
         else:
-            node = server_nodes(alloc, G) if need_servers else 0
+            # a rollout runner (no trainer GPUs) is a CPU process: it shares node 0 rather than take a node of its own
+            node = server_nodes(alloc, G) if need_servers and alloc.train else 0
             ids = list(range(min(G, alloc.train.world_size))) if alloc.train else []
         steps.append(trainer_step(cfg, alloc, run_dir, node, ids))
     nodes = max((s.relative_node + s.nodes for s in steps), default=1)

@@ -128,7 +128,7 @@ def _local_or_download(key: str, path: str, repo_type: str, cache: Path) -> Path
         return Path(os.path.abspath(p))
     if looks_like_hub_name(path):
         return Path(download(key, path, repo_type, cache))
-    raise ConfigError(key, f"{path!r} does not exist", "give a local path, or a hub name (org/name)")
+    raise ConfigError(key, f"{repo_type} path {path!r} does not exist", "give a local path, or a hub name (org/name)")
 
 
 # ------------------------------------------------------------------ models
@@ -222,7 +222,8 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
             fn(dict(row))
         except KeyError as e:
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} needs column {e.args[0]!r}, missing in {where} "
-                              f"(columns: {columns})", "point at data this adapter reads, or drop the adapter") from None
+                              f"(columns: {columns})",
+                              "point at data this adapter reads, or drop the adapter") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} cannot map {where}: {one_line(e, 160)}") from None
         row = apply_adapter([row], ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)[0]

@@ -40,14 +40,19 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
         "open-mode": "append",
         "signal": "USR2@90",
     }
-    if plan.gpus_per_node:
-        opts["gres"] = f"gpu:{plan.gpus_per_node}"
-        opts["cpus-per-task"] = str(c.cpus_per_gpu * plan.gpus_per_node)
-        opts["mem"] = f"{c.mem_per_gpu_gb * plan.gpus_per_node}G"
-    else:
-        per_node = sum(s.ntasks_per_node for s in plan.steps)
-        opts["cpus-per-task"] = str(c.cpus_per_task_cpu * max(1, per_node))
-        opts["mem"] = f"{c.mem_per_task_cpu_gb * max(1, per_node)}G"
+    G = plan.gpus_per_node
+    if G:
+        opts["gres"] = f"gpu:{G}"
+    # Slurm sizes every node alike: for the busiest node's steps, at least the GPUs' share (a CPU step,
+    # e.g. a rollout runner, next to servers that use all of a node's GPUs needs room of its own).
+    cpus = [c.cpus_per_gpu * G if G else c.cpus_per_task_cpu]
+    mem_mb = [1024 * (c.mem_per_gpu_gb * G if G else c.mem_per_task_cpu_gb)]
+    for k in range(plan.nodes):
+        on_k = [s for s in plan.steps if max(s.relative_node, 0) <= k < max(s.relative_node, 0) + s.nodes]
+        cpus.append(sum(s.cpus_per_task * s.ntasks_per_node for s in on_k))
+        mem_mb.append(sum(s.mem_per_node_mb for s in on_k))
+    opts["cpus-per-task"] = str(max(cpus))
+    opts["mem"] = f"{-(-max(mem_mb) // 1024)}G"
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
             opts[key] = str(getattr(c, key))

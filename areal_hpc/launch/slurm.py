@@ -10,6 +10,7 @@ import shlex
 import subprocess
 from typing import Dict, Iterator, List, Optional
 
+from areal_hpc.config.validate import slurm_time_seconds
 from areal_hpc.launch.plan import StepSpec
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -119,14 +120,7 @@ def sbatch(*args: str, script: Optional[str] = None) -> Optional[subprocess.Comp
 
 def time_minutes(spec: str) -> int:
     """A Slurm time limit (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
-    days, dash, rest = str(spec).strip().rpartition("-")
-    parts = [int(x) for x in rest.split(":")]
-    if dash:  # D-H[:M[:S]]
-        h, m, s = (parts + [0, 0])[:3]
-    else:  # M[:S] or H:M:S
-        h, m, s = parts[:3] if len(parts) >= 3 else (0, parts[0], parts[1] if len(parts) > 1 else 0)
-    total_s = ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
-    return max(1, -(-total_s // 60))
+    return -(-slurm_time_seconds(str(spec)) // 60)
 
 
 def parse_counts(text: str) -> List[int]:

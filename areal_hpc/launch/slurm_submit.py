@@ -26,16 +26,12 @@ from areal_hpc.registry import Registry
 
 
 def _sbatch_arg_dict(args: List[str]) -> Dict[str, Any]:
-    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``) -> sbatch options."""
+    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options only, as
+    `validate` checked) -> sbatch options."""
     out: Dict[str, Any] = {}
     i = 0
     while i < len(args):
-        a = str(args[i]).strip()
-        if a.startswith("#SBATCH"):
-            a = a[len("#SBATCH"):].strip()
-        if not a.startswith("--"):
-            raise ConfigError("cluster.sbatch_args", f"cannot use {a!r} with submitit",
-                              "give long options: --exclusive, --reservation=NAME, --gpu-bind=none")
+        a = str(args[i]).strip().removeprefix("#SBATCH").strip()
         key, eq, value = a[2:].partition("=")
         if not eq and i + 1 < len(args) and not str(args[i + 1]).startswith("-"):
             value, eq = str(args[i + 1]), "="
@@ -107,16 +103,17 @@ def follow_hint(cfg: ExperimentConfig) -> str:
 
 
 def wait_running(job_id: str, poll_s: float = 0.3) -> Optional[str]:
-    """Block until the job leaves PENDING; returns its state (Ctrl-C returns None: the job stays queued)."""
+    """Block until the job leaves the queue (`slurm.WAITING_STATES`); returns its state (Ctrl-C returns None:
+    the job stays queued)."""
     t0, told = time.monotonic(), False
     try:
         while True:
             state = slurm.job_state(job_id)
-            if not told and state == "PENDING" and time.monotonic() - t0 > 3.0:
-                print(f"job {job_id} is pending (Ctrl-C stops waiting; the job stays queued)", flush=True)
-                told = True
-            if state is not None and state not in ("PENDING", "CONFIGURING", "REQUEUED"):
+            if state is not None and state not in slurm.WAITING_STATES:
                 return state
+            if not told and state is not None and time.monotonic() - t0 > 3.0:
+                print(f"job {job_id} is {state} (Ctrl-C stops waiting; the job stays queued)", flush=True)
+                told = True
             time.sleep(poll_s)
     except KeyboardInterrupt:
         return None

@@ -136,7 +136,8 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
                           f"{trainer.get('pid')} on {trainer.get('host')})",
                           "stop it first (`areal-hpc stop ...`) or pick another trial_name")
     if restart and not dry_run and not live_servers and not (rd / "config.yaml").exists():
-        raise ConfigError("min_required_servers", f"{cfg.min_required_servers} servers required but no run exists at {rd}",
+        raise ConfigError("min_required_servers",
+                          f"{cfg.min_required_servers} servers required but no run exists at {rd}",
                           "min_required_servers restarts the trainer of an existing run; drop it to start a new run")
     if live_servers and not restart and not dry_run:
         raise ConfigError("experiment_name/trial_name", f"run {rd} has {len(live_servers)} live server(s)",
