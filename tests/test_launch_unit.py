@@ -559,8 +559,8 @@ def test_add_servers_fails_once_the_owner_is_gone(tmp_path, capsys):
     finally:
         owner.kill()
 
+
 # ----------------------------------------------------------------------------- fix7-D
-# fix7-D
 from areal_hpc.config.allocation import nodes_needed  # noqa: E402  (kept in this section: others append above)
 from areal_hpc.launch.sbatch import sbatch_lines  # noqa: E402
 

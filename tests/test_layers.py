@@ -28,9 +28,10 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # 13,100 with the features that landed since, 12,535 after three more passes of cuts, and 12,543
 # once a review restored the strict dtype checks those cuts had loosened (the HTTP weight update's,
 # the model's) and the decode step's skip of an empty retire; 12,447 after a fifth pass; 12,482 after
-# a sixth (a review that fixed 26 bugs, each with its test, and cut 30 lines).
+# a sixth (a review that fixed 26 bugs, each with its test, and cut 30 lines); 12,515 after a seventh
+# (another review: 18 bugs fixed, each with its test, duplicate checks cut).
 # This ceiling moves down, and up only to undo what a cut broke or to fix a bug.
-MAX_PACKAGE_LINES = 12482
+MAX_PACKAGE_LINES = 12515
 MAX_MODULE_LINES = 450
 
 

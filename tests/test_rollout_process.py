@@ -112,11 +112,16 @@ def test_an_error_while_the_side_stops_is_raised_at_once():
     assert time.monotonic() - t0 < 5 and not side._proc.is_alive()
 
 
-def test_an_error_the_trainer_cannot_rebuild_arrives_as_its_text():
-    from areal_hpc.config import ConfigError
+class _TwoArgumentError(ValueError):
+    """Pickles, but cannot be unpickled: its __init__ takes two arguments and it has no __reduce__."""
 
-    def make(should_stop):  # ConfigError pickles, but cannot be unpickled (it takes three arguments)
-        raise ConfigError("rollout.workflow", "no such workflow", "register it first")
+    def __init__(self, key: str, why: str):
+        super().__init__(f"{key}: {why}")
+
+
+def test_an_error_the_trainer_cannot_rebuild_arrives_as_its_text():
+    def make(should_stop):
+        raise _TwoArgumentError("rollout.workflow", "no such workflow")
 
     with pytest.raises(RuntimeError, match="rollout.workflow: no such workflow"):
         RolloutProcess(make, should_stop=lambda: False)
