@@ -206,8 +206,8 @@ def test_malformed_requests_get_4xx_with_a_reason(cluster):
         assert 400 <= status < 500, (path, raw, status, body)
         assert reason in body["message"], (path, raw, body["message"])
     assert cluster.http("s0", "GET", "/no_such_endpoint")[0] == 404
-    status, body = cluster.http("s0", "POST", "/generate", {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2,
-                                                                                                  "ignore_eos": True}})
+    status, body = cluster.http("s0", "POST", "/generate",
+                                {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}})
     assert status == 200 and len(body["output_ids"]) == 2  # still serving
     assert cluster.procs["s0"].poll() is None
 
@@ -239,7 +239,8 @@ def test_generate_contract_and_logprobs_match_forward_pass(cluster, reference):
     for (prompt, t, _, _), res in zip(cases, asyncio.run(main())):
         assert len(res.output_ids) == 40 == len(res.logprobs) == len(res.versions)
         ref, greedy = forward_logprobs(reference, prompt, res.output_ids, t)
-        assert torch.allclose(torch.tensor(res.logprobs), ref, atol=1e-4), (ref - torch.tensor(res.logprobs)).abs().max()
+        got = torch.tensor(res.logprobs)
+        assert torch.allclose(got, ref, atol=1e-4), (ref - got).abs().max()
         if t == 0:
             assert greedy == res.output_ids
         assert set(res.versions) == {0}
