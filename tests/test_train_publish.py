@@ -94,3 +94,18 @@ def test_prune_keeps_what_live_servers_may_need(tmp_path):
     _fake_versions(root, [6, 7])
     assert prune_weights(root, None, keep_min_version=7) == [5, 6]
     assert sorted(published_versions(root)) == [7]
+
+
+# fix8-D
+def test_prune_skips_a_server_whose_version_is_not_a_number(tmp_path):
+    """An SGLang server attached before the first publish reports its own version ("default"): it needs no ``v{K}``,
+    and the trainer's prune after the first weight update must not crash on it."""
+    from areal_hpc.registry import Registry
+    from areal_hpc.train.publish import prune_weights
+
+    root = tmp_path / "weights"
+    _fake_versions(root, [1, 2, 3])
+    reg = Registry(tmp_path / "registry")
+    reg.put("servers", "ext0", {"weight_version": "default"})
+    reg.put("servers", "s0", {"weight_version": 2})
+    assert prune_weights(root, reg, keep_min_version=3) == [1]

@@ -138,7 +138,7 @@ def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_versi
             floor = min(floor, int(rec["version"]))
         for server in registry.list("servers").values():
             v = server.get("weight_version")
-            if v is not None and int(v) >= 0:
+            if str(v).isdigit():  # not None, nor a version of its own ("default": SGLang's before any update)
                 floor = min(floor, int(v))
     deleted = []
     for k, path in sorted(versions.items()):
