@@ -134,3 +134,35 @@ def test_sglang_backend_lifecycle(tmp_path):
                 os.kill(json.loads(out.read_text())["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# fix8-D
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may be slow to reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stop_ends_the_group_of_an_exited_sglang(tmp_path):
+    """SGLang's main process may exit (a crash, a port taken) and leave its schedulers behind, on the GPU: `stop`
+    still ends its process group."""
+    from areal_hpc.inference.sglang import SGLangProcess
+
+    pid_file = tmp_path / "child.pid"
+    script = (f"import subprocess; p = subprocess.Popen(['sleep', '60']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))")
+    sg = SGLangProcess([sys.executable, "-c", script]).start()
+    sg.proc.wait(30)
+    child = int(pid_file.read_text())
+    try:
+        assert _running(child)
+        sg.stop(grace_s=5)
+        deadline = time.monotonic() + 5
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(child), "the exited SGLang's child must be stopped with it"
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)

@@ -154,9 +154,10 @@ class SGLangProcess:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, grace_s: float = 30.0) -> Optional[int]:
-        """SIGTERM the process group, SIGKILL it after ``grace_s``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.returncode
+        """SIGTERM the process group, SIGKILL it after ``grace_s``. Also when SGLang's main process has exited: its
+        scheduler processes (and their GPU memory) may outlive it."""
+        if self.proc is None:
+            return None
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.proc.pid, sig)
