@@ -109,3 +109,20 @@ def test_prune_skips_a_server_whose_version_is_not_a_number(tmp_path):
     reg.put("servers", "ext0", {"weight_version": "default"})
     reg.put("servers", "s0", {"weight_version": 2})
     assert prune_weights(root, reg, keep_min_version=3) == [1]
+
+
+def test_prune_removes_what_a_crashed_writer_left(tmp_path):
+    """A trainer killed while writing ``v{K}`` leaves ``.v{K}.tmp<pid>`` (a whole model): the next trainer's prune
+    removes it; a write of this process's own is left alone."""
+    import os
+
+    from areal_hpc.train.publish import prune_weights
+
+    root = tmp_path / "weights"
+    _fake_versions(root, [4])
+    torn, mine = root / ".v5.tmp999999999", root / f".v6.tmp{os.getpid()}"
+    for d in (torn, mine):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    assert prune_weights(root, None, keep_min_version=4) == []
+    assert not torn.exists() and mine.exists() and (root / "v4").exists()

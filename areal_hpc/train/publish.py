@@ -126,7 +126,11 @@ def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:
 
 def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_version: int = 0) -> list[int]:
     """Delete the ``v{K}`` no one can still need (``K < keep_min_version``, no live server at a
-    version ``<= K``, not the latest); returns them. One process (trainer rank 0) calls it."""
+    version ``<= K``, not the latest), and what crashed writers left; returns the ``K``. One process (trainer rank 0)
+    calls it."""
+    for torn in Path(weights_root).glob(".v*.tmp*"):  # a crashed trainer's unfinished write (not this process's)
+        if not torn.name.endswith(f".tmp{os.getpid()}"):
+            shutil.rmtree(torn, ignore_errors=True)
     versions = published_versions(weights_root)
     if not versions:
         return []
