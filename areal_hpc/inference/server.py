@@ -86,16 +86,12 @@ class ServerLifecycle:
         }
 
     # ------------------------------------------------------------------ HTTP to our own backend
-    @property
-    def _local_url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(self.bind_host, self.bind_host)
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
-
     async def _request(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout: Optional[float] = 10.0) -> tuple[int, Any]:
-        return await request_json(self._session, method, self._local_url + path, payload,
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.bind_host, self.bind_host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return await request_json(self._session, method, f"http://{host}:{self.port}{path}", payload,
                                   timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def _wait_healthy(self, timeout_s: float) -> bool:

@@ -38,10 +38,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def version_dir(weights_root: Path, version: int) -> Path:
-    return Path(weights_root) / f"v{int(version)}"
-
-
 def write_hf_checkpoint(sd: Dict[str, torch.Tensor], out_dir: Path, static_dir: Path) -> None:
     """Write one ``model.safetensors`` (servers read it back: no 5 GB shards as for the Hub) and
     link in `static_dir`'s files (config.json, tokenizer): one new file a version, not a copy of
@@ -85,7 +81,7 @@ def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: 
     of ``weights_root/v{version}`` (None on the other ranks), which may run on another thread while training goes on:
     the gathered tensors live in the engine's staging buffer, so it must finish before the next gather."""
     dtype = engine.precision.param_dtype
-    out = version_dir(Path(weights_root), version).resolve()
+    out = (Path(weights_root) / f"v{int(version)}").resolve()
     t0 = time.perf_counter()
     sd = engine.state_dict_for_hf(dtype)  # collective
     t_gather = time.perf_counter() - t0
@@ -114,7 +110,7 @@ def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version
     if write is not None:
         write()
     dist.barrier()
-    return version_dir(Path(weights_root), version).resolve()
+    return (Path(weights_root) / f"v{int(version)}").resolve()
 
 
 def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:

@@ -135,10 +135,7 @@ class LLMEngine:
         return self.call(lambda: self._pause(mode))
 
     def resume(self) -> concurrent.futures.Future:
-        def go() -> None:
-            self.paused = False
-
-        return self.call(go)
+        return self.call(lambda: setattr(self, "paused", False))
 
     def abort(self, rid: Optional[str] = None) -> concurrent.futures.Future:
         """Abort one request by rid, or all (running ones return their partial output)."""
