@@ -285,3 +285,20 @@ def test_pause_all_starts_the_pool():
             await srv.stop()
 
     run(main())
+
+
+# fix8-D
+def test_disk_update_to_a_server_that_never_answers_fails_after_the_request_timeout():
+    """A server whose node froze keeps its connection open and never answers: the trainer's disk update must fail
+    for it (after ``request_timeout_s``), not wait forever."""
+    async def main():
+        mute = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog), never replies
+        try:
+            async with ServerPool(None, api_key="k", request_timeout_s=0.5) as pool:
+                pool.add_server("frozen", f"127.0.0.1:{mute.getsockname()[1]}")
+                res = await asyncio.wait_for(pool.update_weights_from_disk("/w/v2", 2), 10)
+            assert not res["frozen"].ok and "Timeout" in res["frozen"].error
+        finally:
+            mute.close()
+
+    run(main())

@@ -397,8 +397,10 @@ class ServerPool:
     async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,
                                        timeout_s: Optional[float] = None, server_ids: Optional[Iterable[str]] = None
                                        ) -> Dict[str, CallResult]:
+        """``timeout_s`` None: the pool's ``request_timeout_s`` (a server on a node that froze never answers)."""
         body = api.update_from_disk_body(path, version, abort_all_requests)
-        res = await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=timeout_s, server_ids=server_ids)
+        res = await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=timeout_s or self.request_timeout_s,
+                                  server_ids=server_ids)
         for s in self._servers.values():
             if s.id in res and res[s.id].ok:
                 s.record = dict(s.record, weight_version=parse_version(version))
