@@ -154,8 +154,8 @@ class SGLangProcess:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, grace_s: float = 30.0) -> Optional[int]:
-        """SIGTERM the process group, SIGKILL it after ``grace_s``. Also when SGLang's main process has exited: its
-        scheduler processes (and their GPU memory) may outlive it."""
+        """SIGTERM the process group, SIGKILL it after ``grace_s``. Also when SGLang's main process has exited: a child
+        that did not ask to die with it (a wrapper's, a compile worker) would otherwise outlive it."""
         if self.proc is None:
             return None
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
