@@ -92,3 +92,43 @@ def test_keep_last_and_incomplete_marker(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000003"
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000001", "step_00000002", "step_00000003"]
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+# fix8-D
+def _prune_cut_short(rank, path, ckpt_dir):
+    import shutil
+    from pathlib import Path
+
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+    from areal_hpc.train import checkpoint
+    from areal_hpc.train.engine import FSDPEngine
+
+    eng = FSDPEngine(EngineConfig(path=path), MicroBatchSpec(max_tokens_per_mb=24), 3)
+    ck = checkpoint.Checkpointer(eng, keep_last=1)
+    ck.save(ckpt_dir, 1)
+
+    real = shutil.rmtree
+
+    def killed_midway(p, ignore_errors=False):  # the trainer is killed while it deletes step 1: some files are gone
+        if not Path(p).name.startswith("step_00000001"):
+            return real(p, ignore_errors=ignore_errors)
+        (Path(p) / "meta.json").unlink()
+        raise KeyboardInterrupt
+
+    checkpoint.shutil.rmtree = killed_midway
+    try:
+        ck.save(ckpt_dir, 2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        checkpoint.shutil.rmtree = real
+    ck.save(ckpt_dir, 3)  # (a restarted trainer's next save)
+
+
+def test_a_prune_cut_short_leaves_nothing_behind(tmp_path):
+    """Deleting an old checkpoint takes a while on a shared filesystem; a trainer preempted meanwhile must not leave
+    its remains (GBs) for good."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    ckpt = tmp_path / "ckpt"
+    run_ranks(_prune_cut_short, 1, args=(path, str(ckpt)))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003"]

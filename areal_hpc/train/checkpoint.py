@@ -107,7 +107,9 @@ class Checkpointer:
     def _prune(self, root: Path, keep: Path) -> None:
         done = [p for p in complete_checkpoints(root) if p != keep]
         for old in done[: max(0, len(done) - (self.keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = old.with_name(old.name + ".tmp")  # a deletion cut short (preempted): the next save removes it
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def load_latest(self, root: str | os.PathLike) -> Optional[Dict[str, Any]]:
         """Restore the newest complete checkpoint: its ``extra`` plus ``global_step`` and
