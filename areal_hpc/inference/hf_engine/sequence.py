@@ -28,7 +28,8 @@ class SamplingParams:
 class Sequence:
     """One request inside the engine. ``slot`` is its row in the KV cache while it runs."""
 
-    def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None):
+    def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None,
+                 on_finish: Optional[Callable[["Sequence"], None]] = None):
         self.rid = rid if rid else new_rid()
         self.prompt_ids = list(prompt_ids)
         self.output_ids: List[int] = []
@@ -36,8 +37,7 @@ class Sequence:
         self.version_spans: List[list] = []  # [[version, start, end], ...] over output_ids
         self.params, self.finished = params, False
         self.finish_reason: Optional[Dict[str, Any]] = None
-        self.slot = -1
-        self.on_finish: Optional[Callable[["Sequence"], None]] = None  # (seq), loop thread
+        self.slot, self.on_finish = -1, on_finish
         self.on_append: Optional[Callable[["Sequence", int], None]] = None  # (seq, tokens so far), loop thread
         self.arrival = time.monotonic()
 
