@@ -412,3 +412,29 @@ def test_a_stream_that_fails_aborts_its_sequences(engine):
 
     assert asyncio.run(go()) == 0
     assert engine.stats["aborted_requests"] == 1
+
+
+# fix8-D
+def test_stop_finishes_what_a_long_step_kept_from_its_abort(engine, monkeypatch):
+    """`stop` gives its abort ``timeout`` seconds; a step that outlasts it (a big prefill, a slow device) must not
+    leave the sequences it ran, or those waiting behind it, unfinished: their waiters would hang for good."""
+    gate, in_step = threading.Event(), threading.Event()
+    decode = engine.runner.decode
+
+    def slow_decode(seqs):
+        in_step.set()
+        gate.wait(30)
+        return decode(seqs)
+
+    running = Sequence([3, 4, 5], SamplingParams(max_new_tokens=100, ignore_eos=True))
+    engine.submit(running)
+    monkeypatch.setattr(engine.runner, "decode", slow_decode)
+    assert in_step.wait(10)
+    waiting = Sequence([6, 7], SamplingParams(max_new_tokens=100, ignore_eos=True))
+    engine.submit(waiting)
+    engine.stop(timeout=0.2)
+    gate.set()  # the step ends after stop gave up waiting for its abort
+    engine._thread.join(10)
+    assert not engine.alive
+    for seq in (running, waiting):
+        assert seq.finished and seq.finish_reason["type"] == "abort", seq.finish_reason

@@ -239,6 +239,8 @@ class LLMEngine:
                     fut.set_exception(RuntimeError("engine stopped"))
             while self._inbox:  # submitted after the last drain: nobody will run them
                 self._inbox.popleft().finish({"type": "abort", "status_code": 503, "message": "engine stopped"})
+            with contextlib.suppress(BaseException):  # what a step that outlasted stop()'s abort ran or held back
+                self._abort(None, "engine stopped")
 
     def _step(self) -> None:
         kind, seqs = self.scheduler.schedule()
