@@ -5,6 +5,7 @@ weight-version tracking, the pool speaking to it, SIGTERM stopping the whole pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -166,3 +167,122 @@ def test_stop_ends_the_group_of_an_exited_sglang(tmp_path):
     finally:
         if _running(child):
             os.kill(child, signal.SIGKILL)
+
+
+HANGS_ON_LOAD = textwrap.dedent('''
+    """Stand-in for sglang.launch_server that is healthy but never finishes loading weights."""
+    import argparse, asyncio, json, os
+    from aiohttp import web
+
+    p = argparse.ArgumentParser()
+    for flag in ("--host", "--port"):
+        p.add_argument(flag)
+    args, _ = p.parse_known_args()
+    with open(os.environ["FAKE_SGLANG_OUT"], "w") as f:
+        json.dump({"pid": os.getpid()}, f)
+
+    async def health(request):
+        return web.Response()
+
+    async def update(request):
+        open(os.environ["FAKE_SGLANG_OUT"] + ".load", "w").close()
+        await asyncio.sleep(3600)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/update_weights_from_disk", update)
+    web.run_app(app, host=args.host, port=int(args.port), print=None, access_log=None, shutdown_timeout=0.5)
+''')
+
+
+@contextlib.contextmanager
+def _fake_server(tmp_path: Path, script: str, *words: str):
+    """A server of the sglang backend (run ``tmp_path/run``, weights/latest published) whose ``sglang.launch_server``
+    is ``script``; yields (server process, registry, the file the fake writes its pid to)."""
+    fake = tmp_path / "fake"
+    (fake / "sglang").mkdir(parents=True)
+    (fake / "sglang" / "__init__.py").write_text("")
+    (fake / "sglang" / "launch_server.py").write_text(script)
+    reg = Registry(tmp_path / "run" / "registry", ttl_s=2.0)
+    reg.put("weights", "latest", {"version": 3, "path": "/published/v3"}, ttl=False)
+    out = tmp_path / "fake.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]), FAKE_SGLANG_OUT=str(out),
+               AREAL_HPC_LOG_LEVEL="WARNING")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    argv = serve_argv(tmp_path / "run", "g0", "server.model_path=/models/m", "launcher.heartbeat_s=0.3",
+                      "launcher.ttl_s=2", *words, backend="sglang")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        yield proc, reg, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(json.loads(out.read_text())["pid"], signal.SIGKILL)
+
+
+def _wait_ready(proc: subprocess.Popen, reg: Registry) -> dict:
+    deadline = time.monotonic() + 60
+    while (reg.get("servers", "g0") or {}).get("state") != "ready":
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "sglang-backed server never became ready"
+        time.sleep(0.1)
+    return reg.get("servers", "g0")
+
+
+def test_a_port_race_retry_stops_the_sglang_that_lost_it(tmp_path):
+    """An SGLang that lost the race for its port exits, but its children may live on (on the GPU, holding memory):
+    the retry on another port stops its process group first."""
+    loser = tmp_path / "loser.pid"
+    script = textwrap.dedent(f'''
+        import os, subprocess, sys
+        if not os.path.exists({str(loser)!r}):  # the first start: a child, then the port turns out taken
+            open({str(loser)!r}, "w").write(str(subprocess.Popen(["sleep", "60"]).pid))
+            print("OSError: [Errno 98] Address already in use", flush=True)
+            sys.exit(1)
+    ''') + FAKE_LAUNCH_SERVER
+    with _fake_server(tmp_path, script) as (proc, reg, out):
+        try:
+            _wait_ready(proc, reg)
+            child = int(loser.read_text())
+            deadline = time.monotonic() + 5
+            while _running(child) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _running(child), "the SGLang that lost the port race left its child running"
+        finally:
+            if loser.exists() and _running(int(loser.read_text())):
+                os.kill(int(loser.read_text()), signal.SIGKILL)
+
+
+def test_an_ipv6_host_is_registered_in_brackets(tmp_path):
+    """``server.host=::1``: the registered address is ``[::1]:port``, which the pool can reach (``::1:port`` is no
+    address)."""
+    with _fake_server(tmp_path, FAKE_LAUNCH_SERVER, "server.host=::1") as (proc, reg, out):
+        rec = _wait_ready(proc, reg)
+        assert rec["address"] == f"[::1]:{rec['port']}"
+
+        async def use():
+            async with ServerPool(reg, refresh_s=0.3, request_timeout_s=20) as pool:
+                return await pool.generate([5, 6], max_new_tokens=2)
+
+        assert asyncio.run(use()).output_ids == [1, 1]
+
+
+def test_a_weight_load_that_never_ends_neither_blocks_a_stop_nor_runs_forever(tmp_path):
+    """Loading the run's published weights at startup: SIGTERM ends the server at once, and the load is given up after
+    ``launcher.server_startup_timeout_s`` (a server that cannot load fails instead of hanging in "starting")."""
+    with contextlib.ExitStack() as stack:
+        stopped = stack.enter_context(_fake_server(tmp_path / "stopped", HANGS_ON_LOAD))
+        bounded = stack.enter_context(_fake_server(tmp_path / "bounded", HANGS_ON_LOAD,
+                                                   "launcher.server_startup_timeout_s=8"))
+        proc, _, out = stopped
+        deadline = time.monotonic() + 30
+        while not Path(f"{out}.load").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the server never asked to load weights"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not pid_alive(json.loads(out.read_text())["pid"])
+        proc, _, out = bounded
+        assert proc.wait(30) == 1 and Path(f"{out}.load").exists()

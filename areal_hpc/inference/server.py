@@ -33,6 +33,11 @@ BACKENDS = ("hf", "sglang")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 literal in brackets (``[::1]:30000``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 class ServerLifecycle:
     def __init__(self, run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig,
                  server_id: str, backend: str = "hf", gpus: Optional[Sequence[int]] = None, *,
@@ -68,7 +73,7 @@ class ServerLifecycle:
     # ------------------------------------------------------------------ record
     @property
     def address(self) -> str:
-        return f"{self.advertise_host}:{self.port}"
+        return _host_port(self.advertise_host, self.port)
 
     def record(self) -> Dict[str, Any]:
         if self.engine is not None:
@@ -88,10 +93,8 @@ class ServerLifecycle:
     # ------------------------------------------------------------------ HTTP to our own backend
     async def _request(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout: Optional[float] = 10.0) -> tuple[int, Any]:
-        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.bind_host, self.bind_host)
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return await request_json(self._session, method, f"http://{host}:{self.port}{path}", payload,
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind_host, self.bind_host)
+        return await request_json(self._session, method, f"http://{_host_port(host, self.port)}{path}", payload,
                                   timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def _wait_healthy(self, timeout_s: float) -> bool:
@@ -111,7 +114,8 @@ class ServerLifecycle:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _load_latest(self, only_if_newer: bool) -> bool:
-        """Load ``weights/latest`` if the run has published any. False only on a failed load."""
+        """Load ``weights/latest`` if the run has published any, within the startup timeout. False on a failed load,
+        and when asked to stop meanwhile."""
         for attempt in range(3):
             latest = await asyncio.to_thread(self.registry.get, "weights", "latest", False)
             if not latest or "path" not in latest:
@@ -120,14 +124,27 @@ class ServerLifecycle:
             cur = self.weight_version
             if only_if_newer and isinstance(cur, int) and isinstance(version, int) and version <= cur:
                 return True
-            ok, msg = api.call_outcome(*await self._request(
-                *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version), timeout=None))
+            load = asyncio.ensure_future(self._request(
+                *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version),
+                timeout=self.launcher.server_startup_timeout_s))
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait((load, stop), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not load.done():
+                load.cancel()
+                return False
+            try:
+                ok, msg = api.call_outcome(*load.result())
+            except asyncio.TimeoutError:
+                log.error("loading published weights v%s took over %.0fs", version,
+                          self.launcher.server_startup_timeout_s)
+                return False
             if ok:
                 self.weight_version = parse_version(version)
                 log.info("loaded published weights v%s from %s", version, latest["path"])
                 return True
             log.warning("loading published weights v%s failed (%s); re-reading weights/latest", version, msg)
-            await asyncio.sleep(1.0 * (attempt + 1))
+            await self._sleep(1.0 * (attempt + 1))
         return False
 
     # ------------------------------------------------------------------ backends
@@ -285,6 +302,7 @@ class ServerLifecycle:
             if healthy or not self._sglang_lost_port_race():
                 break
             log.warning("port %d was taken before SGLang bound it; retrying on another port", self.port)
+            await asyncio.to_thread(self._sglang.stop)  # the children of the one that lost may hold the GPU
             await self._start_sglang()
             healthy = await self._wait_healthy(self.launcher.server_startup_timeout_s)
         if not healthy:
@@ -294,13 +312,16 @@ class ServerLifecycle:
                       self.launcher.server_startup_timeout_s, "alive" if self._backend_alive() else "dead",
                       self._sglang_log_tail())
             return EXIT_FAILED
-        if not await self._load_latest(only_if_newer=False):
+        loaded = await self._load_latest(only_if_newer=False)
+        if loaded:
+            self.state = "ready"
+            self._register()
+            # close the race with a trainer that published while we were registering
+            loaded = await self._load_latest(only_if_newer=True)
+        if not loaded:
+            if self._stop.is_set():
+                return EXIT_OK
             log.error("could not load the run's published weights; refusing to serve stale ones")
-            return EXIT_FAILED
-        self.state = "ready"
-        self._register()
-        # close the race with a trainer that published while we were registering
-        if not await self._load_latest(only_if_newer=True):
             return EXIT_FAILED
         self._register()
         log.info("server %s (%s) ready at %s, weight version %s", self.server_id, self.backend, self.address,
