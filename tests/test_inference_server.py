@@ -522,3 +522,39 @@ def test_sigterm_deregisters_at_once(cluster):
     assert cluster.procs["s1"].wait(15) == 0
     assert not path.exists(), "a signalled server removes its own record"
     assert set(cluster.reg.list("servers")) == {"s0", "s3"}
+
+
+# fix8-D
+def test_a_new_weight_update_group_replaces_the_old_ones(cluster):
+    """A restarted trainer (or one whose servers changed) forms its group anew under a new name: the server destroys
+    the groups before it (with NCCL each would keep its communicator's memory) and keeps the new one."""
+    import torch.distributed as dist
+
+    from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group
+
+    async def main():
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {cluster.key}"}) as sess:
+            async def post(path, body):
+                async with sess.post(f"http://{cluster.addr('s0')}{path}", json=body) as r:
+                    return r.status, await r.json()
+
+            groups = []
+            for name in ("fix8-old", "fix8-new"):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                init = asyncio.create_task(post("/init_weights_update_group", {
+                    "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+                    "backend": "gloo", "group_name": name}))
+                groups.append(await asyncio.to_thread(
+                    init_custom_process_group, "gloo", f"tcp://127.0.0.1:{port}", 2, 0, name, 60))
+                assert (await init)[0] == 200
+            try:
+                status, body = await post("/destroy_weights_update_group", {"group_name": "fix8-old"})
+                assert status == 400 and "no group fix8-old" in body["message"], body
+                assert (await post("/destroy_weights_update_group", {"group_name": "fix8-new"}))[0] == 200
+            finally:
+                for pg in groups:
+                    dist.destroy_process_group(pg)
+
+    asyncio.run(main())

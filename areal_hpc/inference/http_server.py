@@ -313,9 +313,15 @@ class EngineServer:
                                              float(body.get("timeout", 1800)))
 
         try:
-            self.groups[group] = await asyncio.to_thread(init)
+            pg = await asyncio.to_thread(init)
         except Exception as e:
             return _result(False, f"failed to init group {group}: {e}")
+        # A server takes weights from its run's one trainer, which forms a group under a new name when it restarts or
+        # its servers change: the groups before this one are dead (with NCCL each would keep its communicator's memory)
+        stale, self.groups = list(self.groups.values()), {group: pg}
+        for old in stale:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(dist.destroy_process_group, old)
         return _result(True, f"Initialized weight update group {group} (rank {rank_offset} of {world_size})")
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
