@@ -286,3 +286,21 @@ def test_a_weight_load_that_never_ends_neither_blocks_a_stop_nor_runs_forever(tm
         assert not pid_alive(json.loads(out.read_text())["pid"])
         proc, _, out = bounded
         assert proc.wait(30) == 1 and Path(f"{out}.load").exists()
+
+
+def test_a_port_race_is_read_from_this_sglang_s_own_log_lines(tmp_path):
+    """The SGLang log of a server id is appended to across restarts: an "Address already in use" of an earlier run must
+    not make a crash of this one (out of memory) look like a lost port race, retried with two more doomed starts."""
+    starts = tmp_path / "starts"
+    script = textwrap.dedent(f'''
+        with open({str(starts)!r}, "a") as f:
+            f.write("x")
+        print("torch.OutOfMemoryError: CUDA out of memory", flush=True)
+        raise SystemExit(1)
+    ''')
+    log = tmp_path / "run" / "logs" / "g0.sglang.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("OSError: [Errno 98] Address already in use\n")  # the run before
+    with _fake_server(tmp_path, script) as (proc, reg, out):
+        assert proc.wait(60) == 1
+        assert starts.read_text() == "x", "a crash was taken for a port race"

@@ -129,22 +129,24 @@ class SGLangProcess:
     def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
         self.argv, self.env, self.log_path = argv, dict(os.environ, **(env or {})), log_path
         self.proc: Optional[subprocess.Popen] = None
+        self._log_start = 0  # the log is appended to: what an earlier run of the server wrote ends here
 
     def start(self) -> "SGLangProcess":
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log.info("starting: %s", " ".join(self.argv))
         with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
+            self._log_start = out.tell() if out else 0
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out,
                                          stderr=subprocess.STDOUT if out else None, start_new_session=True)
         return self
 
     def log_tail(self, n_bytes: int = 20000) -> str:
-        """The end of its log ("" without one)."""
+        """The end of what it wrote to its log ("" without one)."""
         try:
             with open(self.log_path or "", "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - n_bytes))
+                f.seek(max(self._log_start, f.tell() - n_bytes))
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
