@@ -299,10 +299,12 @@ class EngineServer:
             raise RequestError("backend nccl needs a CUDA device; this server runs on CPU (use gloo)")
         import torch.distributed as dist
 
-        old = self.groups.pop(group, None)
-        if old is not None:  # a restarted trainer re-joins: start over instead of refusing
+        # A server takes weights from its run's one trainer, which forms its group anew (under a new name) when it
+        # restarts or its servers change: the groups before are dead, and with NCCL each keeps its communicator's memory
+        stale, self.groups = list(self.groups.values()), {}
+        for old in stale:
             with contextlib.suppress(Exception):
-                dist.destroy_process_group(old)
+                await asyncio.to_thread(dist.destroy_process_group, old)
 
         def init():
             if device.type == "cuda":
@@ -313,15 +315,9 @@ class EngineServer:
                                              float(body.get("timeout", 1800)))
 
         try:
-            pg = await asyncio.to_thread(init)
+            self.groups[group] = await asyncio.to_thread(init)
         except Exception as e:
             return _result(False, f"failed to init group {group}: {e}")
-        # A server takes weights from its run's one trainer, which forms a group under a new name when it restarts or
-        # its servers change: the groups before this one are dead (with NCCL each would keep its communicator's memory)
-        stale, self.groups = list(self.groups.values()), {group: pg}
-        for old in stale:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(dist.destroy_process_group, old)
         return _result(True, f"Initialized weight update group {group} (rank {rank_offset} of {world_size})")
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:

@@ -94,11 +94,9 @@ class LLMEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Abort everything (callers get their partial output) and end the loop."""
+        """End the loop, which aborts everything (callers get their partial output)."""
         if not self.alive:
             return
-        with contextlib.suppress(Exception):
-            self.call(lambda: self._abort(None, "server shutting down")).result(timeout)
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
@@ -234,13 +232,13 @@ class LLMEngine:
             with contextlib.suppress(BaseException):
                 self._abort(None, f"engine died: {type(e).__name__}: {e}")
         finally:
+            with contextlib.suppress(BaseException):  # a stop (after a crash: nothing is left)
+                self._abort(None, "server shutting down")
             for _, fut in list(self._commands):
                 if not fut.done():
                     fut.set_exception(RuntimeError("engine stopped"))
-            while self._inbox:  # submitted after the last drain: nobody will run them
+            while self._inbox:  # submitted after that abort: nobody will run them
                 self._inbox.popleft().finish({"type": "abort", "status_code": 503, "message": "engine stopped"})
-            with contextlib.suppress(BaseException):  # what a step that outlasted stop()'s abort ran or held back
-                self._abort(None, "engine stopped")
 
     def _step(self) -> None:
         kind, seqs = self.scheduler.schedule()
