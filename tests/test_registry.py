@@ -122,7 +122,8 @@ def test_sigkilled_holder_does_not_wedge(tmp_path, lock_kind, stale_s):
 
 
 def test_live_holder_times_out_cleanly(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "flock", "60"], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "flock", "60"], stdout=subprocess.PIPE,
+                         text=True)
     try:
         assert p.stdout.readline().strip() == "held"
         reg = Registry(tmp_path, lock_timeout_s=0.3)
@@ -144,7 +145,8 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("sig, gone_immediately", [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGKILL, False)])
+@pytest.mark.parametrize("sig, gone_immediately",
+                         [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGKILL, False)])
 def test_heartbeat_deregisters_or_expires(tmp_path, sig, gone_immediately):
     p = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "up"
