@@ -370,15 +370,18 @@ def test_stop_terms_what_a_dead_owner_left_whatever_address_it_serves_on(tmp_pat
         sleeper.kill()
 
 
-def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path):
+def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path, capsys):
     """A stop that times out kills what is left on this host; a record's pid on another node (mode=ray) is
-    not a process of this host, and is left alone."""
+    not a process of this host, and is left alone: `stop` says so and keeps its record (it said "killed what was
+    left" and deleted the record of a server still running)."""
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         rd = stopped_run(tmp_path, "ray", os.getpid(), {"host": "node-9", "node": "node-9", "pid": bystander.pid})
         assert stop(None, rd, timeout_s=1.0) == 1
         assert bystander.poll() is None
-        assert Registry.for_run(rd).get("servers", "server-0", live_only=False) is None
+        assert Registry.for_run(rd).get("servers", "server-0", live_only=False) is not None
+        assert (f"killed nothing on this host; server-0 (pid {bystander.pid} on node-9) is not ours to kill from here"
+                in capsys.readouterr().out)
     finally:
         bystander.kill()
 

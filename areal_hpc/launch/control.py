@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
@@ -60,12 +60,17 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
             return slurm.job_state(run.get("job_id", "")) in slurm.LIVE_STATES + slurm.WAITING_STATES
         return launcher_alive(run, reg)
 
-    def kill_left(sig: int) -> None:
+    def kill_left(sig: int) -> Tuple[List[Tuple[str, str]], Dict[Tuple[str, str], Dict[str, Any]]]:
         """Signal what is left of the run (our servers, the trainer) where it runs on this host: a server's node
-        (its "host" is the address it serves on, server.host), the trainer's host."""
-        for rec in [*ours(reg.list("servers")).values(), reg.get("", "trainer") or {}]:
-            if runs_here(rec.get("node"), rec.get("host")) and pid_alive(rec.get("pid")):
-                os.kill(int(rec["pid"]), sig)
+        (its "host" is the address it serves on, server.host), the trainer's host. Returns the (kind, name) of what
+        is on this host (signalled, or dead already) and the records of what runs elsewhere."""
+        recs = {("servers", sid): rec for sid, rec in ours(reg.list("servers")).items()}
+        recs["", "trainer"] = reg.get("", "trainer") or {}
+        here = [k for k, rec in recs.items() if rec and runs_here(rec.get("node"), rec.get("host"))]
+        for k in here:
+            if pid_alive(recs[k].get("pid")):
+                os.kill(int(recs[k]["pid"]), sig)
+        return here, {k: rec for k, rec in recs.items() if rec and k not in here}
 
     live = reg.get("", "run") or {}
     forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
@@ -112,11 +117,13 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
             slurm.scancel(run["job_id"])
             print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
             return 1
-        kill_left(signal.SIGKILL)  # neither can deregister now
-        for sid in ours(reg.list("servers")):
-            reg.delete("servers", sid)
-        reg.delete("", "trainer")
-        print(f"graceful stop timed out after {timeout_s:.0f}s: killed what was left")
+        here, elsewhere = kill_left(signal.SIGKILL)
+        for kind, name in here:
+            reg.delete(kind, name)  # killed: it cannot deregister now
+        print(f"graceful stop timed out after {timeout_s:.0f}s: killed "
+              f"{', '.join(name for _, name in here) or 'nothing'} on this host"
+              + "".join(f"; {name} (pid {rec.get('pid')} on {rec.get('node') or rec.get('host')}) is not ours to kill "
+                        "from here: its record is kept, stop it where it runs" for (_, name), rec in elsewhere.items()))
         return 1
     remove_dead_records(reg, run)
     end = reg.get("", "run", live_only=False) or {}
