@@ -607,3 +607,53 @@ def test_wait_running_waits_through_every_queued_state(monkeypatch):
     states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
     assert slurm_submit.wait_running("7", poll_s=0) == "RUNNING"
+
+
+# fix8-A
+
+def slurm_run(tmp_path: Path, monkeypatch, state: str, server: Dict[str, object]) -> tuple:
+    """A Slurm run (job 10, its driver's record not final) with one server record; a fake Slurm whose job 10 is in
+    ``state`` until cancelled. Returns the run dir and the list of Slurm calls."""
+    rd = stopped_run(tmp_path, "slurm", 1, server)
+    reg = Registry.for_run(rd)
+    reg.put("", "run", {**reg.get("", "run"), "host": "n1", "job_id": "10"})
+    states, calls = {"10": state}, []
+
+    def scancel(job_id: str, signal_name: Optional[str] = None) -> str:
+        calls.append(("scancel", job_id))
+        states[job_id] = "CANCELLED"
+        return ""
+    monkeypatch.setattr(slurm, "scancel", scancel)
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: calls.append(("state", job_id)) or states[job_id])
+    monkeypatch.setattr(slurm, "job", lambda job_id: calls.append(("job", job_id)) or {"state": states[job_id]})
+    monkeypatch.setattr(slurm, "job_steps", lambda job_id: calls.append(("steps", job_id)) or [])
+    return rd, calls
+
+
+@pytest.mark.parametrize("state", ["PENDING", "REQUEUE_HOLD", "CONFIGURING", "SUSPENDED"])
+def test_stop_cancels_a_job_that_has_not_started_at_once(tmp_path, monkeypatch, state):
+    """A job with no driver yet (queued, held after a requeue, booting its nodes) has nothing to checkpoint: `stop`
+    cancels it at once (it waited out its timeout for REQUEUE_HOLD and CONFIGURING, then cancelled it). A SUSPENDED
+    job has started: its driver stops it gracefully once it runs again, so `stop` waits, and cancels it only then."""
+    rd, calls = slurm_run(tmp_path, monkeypatch, state, {"host": "n1", "node": "n1", "pid": 2,
+                                                         "slurm_job_id": "10", "slurm_step_id": 0})
+    assert stop(None, rd, timeout_s=2.0) == (1 if state == "SUSPENDED" else 0)
+    assert calls.count(("scancel", "10")) == 1
+
+
+def test_stop_asks_slurm_every_few_seconds_not_twice_a_second(tmp_path, monkeypatch):
+    """The driver is dead and a server's record lives on: `stop` waits out its timeout reading the registry and asks
+    Slurm (a controller every user shares) at growing intervals; it ran scontrol and sacct twice a second."""
+    rd, calls = slurm_run(tmp_path, monkeypatch, "FAILED", {"host": "n1", "node": "n1", "pid": 2})
+    assert stop(None, rd, timeout_s=3.0) == 1
+    assert len([c for c in calls if c[0] != "scancel"]) <= 8, calls
+
+
+def test_stop_notices_the_end_its_driver_records_without_slurm(tmp_path, monkeypatch):
+    """The driver records how the run ended (and its steps deregistered): `stop` ends at once, not when Slurm says
+    the job ended."""
+    rd, calls = slurm_run(tmp_path, monkeypatch, "RUNNING", {})
+    reg = Registry.for_run(rd)
+    when(lambda: bool(reg.list("requests")), lambda: (reg.delete("servers", "server-0"), reg.put(
+        "", "run", {**reg.get("", "run"), "state": outcome.STOPPED, "reason": "stop requested"})))
+    assert stop(None, rd, timeout_s=10.0) == 0

@@ -23,6 +23,9 @@ from areal_hpc.launch.status import HOST_MODES, launcher_alive, remove_dead_reco
 from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
 
 
+SLURM_POLL_S = 5.0  # `stop` asks Slurm about a run's jobs at most this often
+
+
 def post_request(reg: Registry, kind: str, **fields) -> str:
     """Queue a control request for the run's owner (driver or local launcher)."""
     name = f"{time.time_ns()}-{kind}"
@@ -55,10 +58,22 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
         """The servers this stop waits for (and kills if it must)."""
         return {k: v for k, v in recs.items() if external or not v.get("external")}
 
+    asked = {"at": -1.0, "wait": 0.25, "state": None}
+
+    def job_state() -> Optional[str]:
+        """The run's job state, asked of Slurm (a controller all users share) at intervals growing to SLURM_POLL_S,
+        while the wait below reads the registry twice a second."""
+        if time.monotonic() >= asked["at"] + asked["wait"]:
+            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], SLURM_POLL_S),
+                         state=slurm.job_state(run.get("job_id", "")))
+        return asked["state"]
+
     def owner_alive() -> bool:  # a Slurm job still queued has an owner to come
-        if slurm_run:
-            return slurm.job_state(run.get("job_id", "")) in slurm.LIVE_STATES + slurm.WAITING_STATES
-        return launcher_alive(run, reg)
+        if not slurm_run:
+            return launcher_alive(run, reg)
+        if (reg.get("", "run", live_only=False) or {}).get("state") in outcome.FINAL:
+            return False  # its driver recorded how the run ended: no need to wait for Slurm to say so
+        return job_state() in slurm.LIVE_STATES + slurm.WAITING_STATES
 
     def kill_left(sig: int) -> Tuple[List[Tuple[str, str]], Dict[Tuple[str, str], Dict[str, Any]]]:
         """Signal what is left of the run (our servers, the trainer) where it runs on this host: a server's node
@@ -79,17 +94,19 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
         kill_left(signal.SIGTERM)
-    if slurm_run and run.get("job_id") and slurm.job_state(run["job_id"]) in ("PENDING", "REQUEUED"):
-        slurm.scancel(run["job_id"])  # not started: nothing to checkpoint
+    # queued (or requeued, held) with no driver: nothing to checkpoint. A SUSPENDED or RESIZING job has started: its
+    # driver checkpoints once it runs again
+    if slurm_run and run.get("job_id") and job_state() in set(slurm.WAITING_STATES) - {"SUSPENDED", "RESIZING"}:
+        slurm.scancel(run["job_id"])
     for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
         # scancel sends SIGTERM to their steps first: the servers deregister
         slurm.scancel(job_id)
         reg.delete("jobs", job_id)
-    deadline = time.monotonic() + timeout_s
+    deadline, clean_at = time.monotonic() + timeout_s, 0.0
     ray_left = run.get("mode") == "ray"  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
-            if not owner_alive():  # one job-state query a pass
+            if not owner_alive():
                 if ray_left:
                     try:
                         gone = ray_runner.stop_leftovers(reg)
@@ -103,7 +120,9 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
                     ray_left = False
                 if not ours(reg.list("servers")) and reg.get("", "trainer") is None:
                     break
-                remove_dead_records(reg, run)
+                if time.monotonic() >= clean_at:  # for a Slurm run this asks Slurm too
+                    remove_dead_records(reg, run)
+                    clean_at = time.monotonic() + (SLURM_POLL_S if slurm_run else 0.0)
             time.sleep(0.5)
         except KeyboardInterrupt:
             if forced:
