@@ -33,6 +33,14 @@ def post_request(reg: Registry, kind: str, **fields) -> str:
     return name
 
 
+def take_reply(reg: Registry, req: str) -> Optional[Dict[str, Any]]:
+    """The owner's answer to request ``req`` when it did not (fully) serve it, removed once read; else None."""
+    reply = reg.get("replies", f"{req}-unserved")
+    if reply is not None:
+        reg.delete("replies", f"{req}-unserved")
+    return reply
+
+
 def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all
     of it and prints how the run ended. A second `stop` (or Ctrl-C while this one waits) forces it:
@@ -176,12 +184,11 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
         if len(new) >= count:
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
             return 0
-        unserved = reg.get("replies", f"{req}-unserved") if req and job_id is None else None
+        unserved = take_reply(reg, req) if req and job_id is None else None
         if req and job_id is None and unserved is None and not launcher_alive(run, reg):
             print("the run's owner ended before it served the request; see `areal-hpc logs driver`", file=sys.stderr)
             return 1
         if unserved is not None:
-            reg.delete("replies", f"{req}-unserved")
             if unserved.get("error"):
                 print(f"the run's owner could not add servers: {unserved['error']} (see `areal-hpc logs driver`)",
                       file=sys.stderr)
@@ -240,9 +247,8 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         trainer = reg.get("", "trainer")
         if trainer is not None:
             break
-        refused = reg.get("replies", f"{name}-unserved")
+        refused = take_reply(reg, name)
         if refused is not None:
-            reg.delete("replies", f"{name}-unserved")
             print(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
                   "(see `areal-hpc logs driver`)", file=sys.stderr)
             return 1
