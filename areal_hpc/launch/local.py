@@ -177,7 +177,7 @@ def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runne
 
 
 def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> None:
-    """What the run did (steps, reward) and how it ended (`outcome.summary_line`), on stdout."""
+    """What the run did (steps, reward or loss) and how it ended (`outcome.summary_line`), on stdout."""
     from areal_hpc.trainers.metrics import read_metrics
 
     state = rec.get("state")
@@ -185,12 +185,14 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> N
     if cfg.trainer.type == "null" and (run_dir / "eval.json").exists():
         print(f"eval: {(run_dir / 'eval.json').read_text().strip()}")
     elif rows:
-        first, last = rows[0], rows[-1]
-        tail = [r.get("reward_mean", 0) for r in rows[-10:]]
-        print(f"{'done' if state == outcome.COMPLETED else str(state).lower()}: step {last['step']}, reward "
-              f"{first.get('reward_mean', 0):.3f} -> {last.get('reward_mean', 0):.3f} (mean of the last {len(tail)} "
-              f"steps {sum(tail) / len(tail):.3f}) in {last.get('time_s', 0):.0f}s; "
-              f"metrics {run_dir / 'metrics.jsonl'}, curve {run_dir / 'reward.png'}")
+        # the reward of an RL run, the loss of an SFT run (no reward; the curve is of rewards)
+        key = next((k for k in ("reward_mean", "loss") if any(isinstance(r.get(k), (int, float)) for r in rows)), "")
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        trend = (f", {key.split('_')[0]} {vals[0]:.3f} -> {vals[-1]:.3f} (mean of the last {len(vals[-10:])} steps "
+                 f"{sum(vals[-10:]) / len(vals[-10:]):.3f})") if vals else ""
+        print(f"{'done' if state == outcome.COMPLETED else str(state).lower()}: step {rows[-1]['step']}{trend} in "
+              f"{rows[-1].get('time_s', 0):.0f}s; metrics {run_dir / 'metrics.jsonl'}"
+              + (f", curve {run_dir / 'reward.png'}" if key == "reward_mean" else ""))
     line = f"run {outcome.summary_line(rec)}"
     if state == outcome.STOPPED:
         line += "\n    resume: the same `areal-hpc submit` command"
