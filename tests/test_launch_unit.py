@@ -674,3 +674,16 @@ def test_the_summary_of_a_run_says_its_loss_when_it_has_no_reward(tmp_path, caps
     summarize(cfg, tmp_path, {"state": outcome.COMPLETED})
     out = capsys.readouterr().out
     assert said in out and ("reward.png" in out) == ("reward" in said)
+
+
+def test_the_progress_bar_takes_a_step_whose_reward_is_not_finite(tmp_path, capsys):
+    """metrics.jsonl has null for a reward that was not finite: the local owner's progress bar failed formatting it
+    (TypeError), which ended the run as FAILED ("the launcher failed"). An SFT run's bar shows its loss."""
+    from areal_hpc.launch.local import Progress
+
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0"])
+    bar = Progress(cfg, tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "version": 1, "reward_mean": None}) + "\n"
+                                            + json.dumps({"step": 2, "version": 2, "loss": 0.5}) + "\n")
+    bar.close()
+    assert "loss=0.500" in capsys.readouterr().err

@@ -130,7 +130,9 @@ class Progress:
                 self._bar = tqdm(total=self.total, initial=m["step"] - 1, desc="train", unit="step",
                                  dynamic_ncols=True, mininterval=0.5)
             self._bar.update(m["step"] - self._bar.n)
-            post = {"reward": f"{m.get('reward_mean', 0):.3f}", "v": m.get("version")}
+            value = m.get("reward_mean", m.get("loss"))  # an SFT run has a loss, no reward; None: not finite
+            post = {"reward" if "reward_mean" in m else "loss": "nan" if value is None else f"{value:.3f}",
+                    "v": m.get("version")}
             if m.get("staleness_max") is not None:
                 post["stale"] = int(m["staleness_max"])
             self._bar.set_postfix(post, refresh=False)
