@@ -225,3 +225,28 @@ def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
     atomic_write(tmp_path / "f", "text")
     assert (tmp_path / "f").read_text() == "text" and sorted(p.name for p in tmp_path.iterdir()) == ["f", "target"]
+
+
+# fix8-A
+
+def test_heartbeat_survives_an_error_that_is_no_os_error_and_logs_it_once(tmp_path, caplog):
+    """A record that fails to build or serialise (ValueError here) ended the heartbeat thread, and the record expired
+    while its process lived: the heartbeat logs the error once and keeps beating."""
+    reg = Registry(tmp_path, ttl_s=10)
+    beats = []
+
+    def data():
+        beats.append(1)
+        if 2 <= len(beats) <= 4:
+            raise ValueError("a bad record")
+        return {"beats": len(beats)}
+    hb = Heartbeat(reg, "servers", "s0", data, interval_s=0.02).start()
+    try:
+        deadline = time.monotonic() + 10
+        while (reg.get("servers", "s0") or {}).get("beats", 0) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        hb.stop()
+    assert len(beats) >= 6
+    assert [r.getMessage() for r in caplog.records if "a bad record" in r.getMessage()] == [
+        "heartbeat of servers/s0 failed (the next beats retry): ValueError('a bad record')"]
