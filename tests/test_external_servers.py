@@ -342,3 +342,51 @@ def test_an_external_slurm_job_server_joins_a_slurm_run(slurm_cluster):
             if job:
                 subprocess.run(["scancel", job], capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# fix8-A
+
+def test_two_attaches_of_the_same_server_at_once_register_it_once(tmp_path):
+    """Two `add-servers url=...` of one server at the same time: one attaches it, the other says it is already in
+    the run. Both passed the duplicate check (made outside the registry lock) and both registered it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from areal_hpc.config import ConfigError
+    from areal_hpc.launch import external
+
+    both_probing = threading.Barrier(2)
+
+    class Health(BaseHTTPRequestHandler):  # answers /health once both attaches are past their duplicate check
+        def do_GET(self):
+            if self.path == "/health":
+                both_probing.wait(timeout=10)
+            body = json.dumps({"weight_version": 0} if self.path == "/model_info" else {}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    reg = Registry(tmp_path / "registry", ttl_s=60)
+    results = []
+
+    def attach():
+        try:
+            results.append(external.attach(reg, f"http://127.0.0.1:{httpd.server_port}")[0])
+        except ConfigError as e:
+            results.append(e.one_line())
+    try:
+        threads = [threading.Thread(target=attach) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        httpd.shutdown()
+    assert list(reg.list("servers")) == ["ext-0"]
+    assert sorted(results)[0] == "ext-0" and "is already in this run as ext-0" in sorted(results)[1], results

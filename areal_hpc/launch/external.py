@@ -139,10 +139,13 @@ def find(reg: Registry, ident: str) -> Optional[Tuple[str, Dict[str, Any]]]:
 def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
     """Check, align and register an already-running server; returns its (id, record)."""
     base, address = parse_url(url)
-    have = find(reg, address)
-    if have is not None:
-        raise ConfigError("url", f"{base} is already in this run as {have[0]}",
-                          f"`areal-hpc remove-server {have[0]} ...` first")
+
+    def refuse_a_duplicate() -> None:
+        have = find(reg, address)
+        if have is not None:
+            raise ConfigError("url", f"{base} is already in this run as {have[0]}",
+                              f"`areal-hpc remove-server {have[0]} ...` first")
+    refuse_a_duplicate()  # before the checks and the weight load: a duplicate says so at once
     key = api_key or reg.secret()
     info = probe(base, key)
     version = load_published(base, key, reg)
@@ -151,6 +154,7 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
         log.warning("no weights are published yet: the first disk update will tell whether %s can read the run's "
                     "weights directory", base)
     with reg.locked("external"):
+        refuse_a_duplicate()  # again, under the lock: a concurrent attach of the same server may have won
         used = [int(s[len(PREFIX):]) for s in reg.list("servers", live_only=False)
                 if s.startswith(PREFIX) and s[len(PREFIX):].isdigit()]
         sid = f"{PREFIX}{max(used, default=-1) + 1}"
