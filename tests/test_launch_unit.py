@@ -719,3 +719,15 @@ def test_status_checks_the_servers_health_at_once(tmp_path):
             ("server-0", True), ("server-1", True), ("server-2", True)]
     finally:
         httpd.shutdown()
+
+
+def test_a_trainer_restart_waits_without_asking_slurm_twice_a_second(tmp_path, monkeypatch, capsys):
+    """A restart's wait for the new trainer (minutes of model loading) reads the registry, and asks Slurm whether the
+    driver's job still runs at growing intervals; it ran scontrol every 0.3 s."""
+    from areal_hpc.config import load_resolved
+
+    rd, calls = slurm_run(tmp_path, monkeypatch, "RUNNING", {})
+    run = Registry.for_run(rd).get("", "run")
+    assert control.restart_trainer(load_resolved(rd / "config.yaml"), rd, run, timeout_s=4.0) == 1
+    assert "no trainer registered within 4s" in capsys.readouterr().err
+    assert 1 <= len(calls) <= 6, calls

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
@@ -23,7 +23,20 @@ from areal_hpc.launch.status import HOST_MODES, launcher_alive, remove_dead_reco
 from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
 
 
-SLURM_POLL_S = 5.0  # `stop` asks Slurm about a run's jobs at most this often
+SLURM_POLL_S = 5.0  # waits ask Slurm (a controller every user shares) about a job at most this often
+
+
+def polled_job_state(job_id: str) -> Callable[[], Optional[str]]:
+    """A job's state, asked of Slurm at intervals growing from 0.5 s to SLURM_POLL_S: the waits that call it read the
+    registry several times a second, and must not make Slurm answer as often."""
+    asked = {"at": -1.0, "wait": 0.25, "state": None}
+
+    def job_state() -> Optional[str]:
+        if time.monotonic() >= asked["at"] + asked["wait"]:
+            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], SLURM_POLL_S),
+                         state=slurm.job_state(job_id))
+        return asked["state"]
+    return job_state
 
 
 def post_request(reg: Registry, kind: str, **fields) -> str:
@@ -66,15 +79,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
         """The servers this stop waits for (and kills if it must)."""
         return {k: v for k, v in recs.items() if external or not v.get("external")}
 
-    asked = {"at": -1.0, "wait": 0.25, "state": None}
-
-    def job_state() -> Optional[str]:
-        """The run's job state, asked of Slurm (a controller all users share) at intervals growing to SLURM_POLL_S,
-        while the wait below reads the registry twice a second."""
-        if time.monotonic() >= asked["at"] + asked["wait"]:
-            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], SLURM_POLL_S),
-                         state=slurm.job_state(run.get("job_id", "")))
-        return asked["state"]
+    job_state = polled_job_state(run.get("job_id", ""))
 
     def owner_alive() -> bool:  # a Slurm job still queued has an owner to come
         if not slurm_run:
@@ -170,7 +175,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
     cfg = load_resolved(rd / "config.yaml")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
     before = set(reg.list("servers"))
-    job_id, req = None, None
+    job_id, req, polls = None, None, {}
     if new_job:
         job_id = slurm_submit.submit_server_job(cfg, rd, count)
         if job_id is None:
@@ -203,7 +208,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             job_id = slurm_submit.submit_server_job(cfg, rd, count - started)
             if job_id is None:
                 return 1
-        state = slurm.job_state(job_id) if job_id is not None else None
+        state = polls.setdefault(job_id, polled_job_state(job_id))() if job_id is not None else None
         if state in slurm.FINAL_STATES:
             print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
             return 1
@@ -238,7 +243,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
     def trainer_step_id(rec: Optional[Dict[str, Any]]) -> Optional[str]:
         return ((rec or {}).get("steps") or {}).get("trainer", {}).get("slurm_step_id")
 
-    old_step = trainer_step_id(run)
+    old_step, job_state = trainer_step_id(run), polled_job_state(str(run["job_id"]))
     name = post_request(reg, "start_trainer", min_required_servers=cfg.min_required_servers)
     print(f"job {run['job_id']} is live: asked its driver to start a trainer (request {name})", flush=True)
     deadline = time.monotonic() + timeout_s
@@ -253,7 +258,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
                   "(see `areal-hpc logs driver`)", file=sys.stderr)
             return 1
         rec = reg.get("", "run")
-        if rec is None or slurm.job_state(str(run["job_id"])) != "RUNNING":  # the driver's record or job ended
+        if rec is None or job_state() != "RUNNING":  # the driver's record or job ended
             print(f"the driver of job {run['job_id']} went away before starting the trainer", file=sys.stderr)
             return 1
         if trainer_step_id(rec) not in (None, old_step) and rec.get("trainer_rc") is not None:
@@ -274,7 +279,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
             rc = int(rec["trainer_rc"])
             print(f"trainer exited with {rc}", flush=True)
             return 0 if rc == 0 else 1
-        if reg.get("", "run") is None and slurm.job_state(str(run["job_id"])) != "RUNNING":
+        if reg.get("", "run") is None and job_state() != "RUNNING":
             print(f"job {run['job_id']} ended before the trainer did", file=sys.stderr)
             return 1
         time.sleep(0.5)
