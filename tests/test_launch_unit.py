@@ -731,3 +731,22 @@ def test_a_trainer_restart_waits_without_asking_slurm_twice_a_second(tmp_path, m
     assert control.restart_trainer(load_resolved(rd / "config.yaml"), rd, run, timeout_s=4.0) == 1
     assert "no trainer registered within 4s" in capsys.readouterr().err
     assert 1 <= len(calls) <= 6, calls
+
+
+def test_the_progress_bar_follows_metrics_replaced_and_grown_between_two_ticks(tmp_path, capsys):
+    """A restarted trainer replaces metrics.jsonl (`drop_after`) and writes rows past the bar's offset before its next
+    tick (the owner was busy): the bar reads the new file from its start. It read from the old offset, mid-line, and
+    the JSONDecodeError ended the local run as FAILED."""
+    from areal_hpc.launch.local import Progress
+    from areal_hpc.registry import atomic_write
+
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0"])
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "version": s, "reward_mean": 0.5}) + "\n" for s in (1, 2, 3)))
+    bar = Progress(cfg, tmp_path)
+    bar.tick()
+    rows = [{"step": 1, "version": 1, "reward_mean": 0.5}] + [
+        {"step": s, "version": s, "reward_mean": 0.25, "loss": 0.125} for s in (2, 3, 4)]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    bar.close()
+    assert bar._bar.n == 4 and "reward=0.250" in capsys.readouterr().err

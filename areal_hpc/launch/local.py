@@ -107,14 +107,17 @@ class Progress:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
         self.path, self.total = run_dir / "metrics.jsonl", cfg.trainer.total_train_steps
         self.enabled, self._bar = cfg.stats.progress_bar and cfg.trainer.type != "null", None
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        st = self.path.stat() if self.path.exists() else None
+        self._offset, self._inode = (st.st_size, st.st_ino) if st else (0, None)
 
     def tick(self) -> None:
         if not self.enabled or not self.path.exists():
             return
         with open(self.path) as f:
-            if os.fstat(f.fileno()).st_size < self._offset:  # a restarted trainer rewrote it (`drop_after`)
-                self._offset = 0
+            st = os.fstat(f.fileno())
+            # a restarted trainer replaced it (`drop_after`): shorter, or grown past our offset by the time we look
+            if st.st_ino != self._inode or st.st_size < self._offset:
+                self._offset, self._inode = 0, st.st_ino
             f.seek(self._offset)
             chunk = f.read()
         lines = chunk.split("\n")
