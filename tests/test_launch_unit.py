@@ -631,14 +631,19 @@ def slurm_run(tmp_path: Path, monkeypatch, state: str, server: Dict[str, object]
 
 
 @pytest.mark.parametrize("state", ["PENDING", "REQUEUE_HOLD", "CONFIGURING", "SUSPENDED"])
-def test_stop_cancels_a_job_that_has_not_started_at_once(tmp_path, monkeypatch, state):
+def test_stop_cancels_a_job_that_has_not_started_at_once(tmp_path, monkeypatch, capsys, state):
     """A job with no driver yet (queued, held after a requeue, booting its nodes) has nothing to checkpoint: `stop`
     cancels it at once (it waited out its timeout for REQUEUE_HOLD and CONFIGURING, then cancelled it). A SUSPENDED
-    job has started: its driver stops it gracefully once it runs again, so `stop` waits, and cancels it only then."""
+    job has started: its driver stops it gracefully once it runs again, so `stop` waits, and cancels it only then.
+    A cancelled job's driver never records how the run ended: `stop` does (it said "run RUNNING")."""
     rd, calls = slurm_run(tmp_path, monkeypatch, state, {"host": "n1", "node": "n1", "pid": 2,
                                                          "slurm_job_id": "10", "slurm_step_id": 0})
     assert stop(None, rd, timeout_s=2.0) == (1 if state == "SUSPENDED" else 0)
     assert calls.count(("scancel", "10")) == 1
+    if state != "SUSPENDED":  # the run's end is recorded: its record said RUNNING (or PENDING) after the stop
+        said = f"run STOPPED: stop requested (areal-hpc stop) while job 10 was {state}: cancelled"
+        assert said in capsys.readouterr().out
+        assert Registry.for_run(rd).get("", "run", live_only=False)["state"] == outcome.STOPPED
 
 
 def test_stop_asks_slurm_every_few_seconds_not_twice_a_second(tmp_path, monkeypatch):

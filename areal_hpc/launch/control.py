@@ -109,8 +109,11 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
         kill_left(signal.SIGTERM)
     # queued (or requeued, held) with no driver: nothing to checkpoint. A SUSPENDED or RESIZING job has started: its
     # driver checkpoints once it runs again
-    if slurm_run and run.get("job_id") and job_state() in set(slurm.WAITING_STATES) - {"SUSPENDED", "RESIZING"}:
-        slurm.scancel(run["job_id"])
+    state = job_state() if slurm_run and run.get("job_id") else None
+    if state in set(slurm.WAITING_STATES) - {"SUSPENDED", "RESIZING"} and not slurm.scancel(run["job_id"]):
+        # no driver will record how the run ended: else it reads PENDING (REQUEUED) for good
+        reg.update("", "run", lambda old: {**(old or {}), "state": outcome.STOPPED, "reason": "stop requested "
+                                           f"(areal-hpc stop) while job {run['job_id']} was {state}: cancelled"})
     for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
         # scancel sends SIGTERM to their steps first: the servers deregister
         slurm.scancel(job_id)
