@@ -245,7 +245,7 @@ class ExternalWatch:
                 log.warning("external server %s (%s) did not answer %s for %.0fs: removed from the run "
                             "(it is not ours to stop)", sid, rec["url"], api.HEALTH.path, self.reg.ttl_s)
         # at once: one after another, a few dead servers' timeouts outlast the records of the live ones
-        with ThreadPoolExecutor(max(1, min(32, len(attached)))) as pool:
+        with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda a: self._refresh(*a), attached))
 
     def _refresh(self, sid: str, rec: Dict[str, Any]) -> None:

@@ -99,7 +99,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     jobs = slurm_jobs(reg, run)
     # a server whose process or step has ended is not a live one, whatever its record says
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, run, jobs)]
-    with ThreadPoolExecutor(max(1, min(32, len(live)))) as pool:  # at once: dead servers' timeouts do not add up
+    with ThreadPoolExecutor(32) as pool:  # at once: dead servers' timeouts do not add up
         ok = list(pool.map(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
                            [rec for _, rec in live]))
     srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
