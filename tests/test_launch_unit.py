@@ -644,6 +644,7 @@ def test_stop_cancels_a_job_that_has_not_started_at_once(tmp_path, monkeypatch, 
         said = f"run STOPPED: stop requested (areal-hpc stop) while job 10 was {state}: cancelled"
         assert said in capsys.readouterr().out
         assert Registry.for_run(rd).get("", "run", live_only=False)["state"] == outcome.STOPPED
+        assert Registry.for_run(rd).list("requests") == {}  # no stop request is left for a later run's driver
 
 
 def test_stop_asks_slurm_every_few_seconds_not_twice_a_second(tmp_path, monkeypatch):
@@ -755,3 +756,21 @@ def test_the_progress_bar_follows_metrics_replaced_and_grown_between_two_ticks(t
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     bar.close()
     assert bar._bar.n == 4 and "reward=0.250" in capsys.readouterr().err
+
+
+def test_a_stop_posted_while_the_owner_starts_is_served(tmp_path):
+    """`stop` right after a job started, before its driver serves requests: the driver served it (the run stops);
+    it dropped every request it found as left by an earlier owner, and `stop` waited out its timeout, then scancel.
+    A request whose poster no longer waits is still dropped."""
+    owner = owner_for(tmp_path, FakeRunner({}, room=1))
+    control.post_request(owner.registry, "add_servers", count=1)  # its poster is gone
+    control.post_request(owner.registry, "stop", wait_s=60.0)
+    ran = threading.Thread(target=owner.run, daemon=True)
+    ran.start()
+    ran.join(timeout=10)
+    try:
+        assert not ran.is_alive() and owner.state == outcome.STOPPED
+        assert list(owner.servers) == [] and "server-2" not in [h.step.name for h in owner.runner.started]
+    finally:
+        owner.request_force()
+        ran.join(timeout=10)

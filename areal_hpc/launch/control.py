@@ -39,10 +39,12 @@ def polled_job_state(job_id: str) -> Callable[[], Optional[str]]:
     return job_state
 
 
-def post_request(reg: Registry, kind: str, **fields) -> str:
-    """Queue a control request for the run's owner (driver or local launcher)."""
+def post_request(reg: Registry, kind: str, wait_s: float = 0.0, **fields) -> str:
+    """Queue a control request for the run's owner (driver or local launcher); its poster waits ``wait_s`` for it
+    (an owner that starts meanwhile serves it: one that starts later drops it)."""
     name = f"{time.time_ns()}-{kind}"
-    reg.put("requests", name, {"kind": kind, "created": time.time(), **fields}, ttl=False)
+    reg.put("requests", name, {"kind": kind, "created": time.time(), "until": time.time() + wait_s, **fields},
+            ttl=False)
     return name
 
 
@@ -102,7 +104,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
 
     live = reg.get("", "run") or {}
     forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
-    post_request(reg, "stop", force=forced)
+    posted = [post_request(reg, "stop", timeout_s, force=forced)]
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
@@ -145,7 +147,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
                 raise
             forced = True
             print("\nforcing the stop: what is left is killed", file=sys.stderr, flush=True)
-            post_request(reg, "stop", force=True)
+            posted.append(post_request(reg, "stop", 60.0, force=True))
             deadline = time.monotonic() + 60.0
     else:
         if slurm_run and run.get("job_id"):
@@ -160,6 +162,8 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
               + "".join(f"; {name} (pid {rec.get('pid')} on {rec.get('node') or rec.get('host')}) is not ours to kill "
                         "from here: its record is kept, stop it where it runs" for (_, name), rec in elsewhere.items()))
         return 1
+    for name in posted:  # one no owner took (it is gone, or the job was cancelled): not for a later run's owner
+        reg.delete("requests", name)
     remove_dead_records(reg, run)
     end = reg.get("", "run", live_only=False) or {}
     print(f"stopped {rd}\nrun {outcome.summary_line(end)}" if end.get("state") else f"stopped {rd}", flush=True)
@@ -184,7 +188,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
         if job_id is None:
             return 1
     else:
-        req = post_request(reg, "add_servers", count=count)
+        req = post_request(reg, "add_servers", timeout, count=count)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # serving (ready/paused), not still loading a model
@@ -194,6 +198,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             return 0
         unserved = take_reply(reg, req) if req and job_id is None else None
         if req and job_id is None and unserved is None and not launcher_alive(run, reg):
+            reg.delete("requests", req)  # not for a later run's owner
             print("the run's owner ended before it served the request; see `areal-hpc logs driver`", file=sys.stderr)
             return 1
         if unserved is not None:
@@ -247,7 +252,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         return ((rec or {}).get("steps") or {}).get("trainer", {}).get("slurm_step_id")
 
     old_step, job_state = trainer_step_id(run), polled_job_state(str(run["job_id"]))
-    name = post_request(reg, "start_trainer", min_required_servers=cfg.min_required_servers)
+    name = post_request(reg, "start_trainer", timeout_s, min_required_servers=cfg.min_required_servers)
     print(f"job {run['job_id']} is live: asked its driver to start a trainer (request {name})", flush=True)
     deadline = time.monotonic() + timeout_s
     trainer = None
@@ -262,6 +267,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
             return 1
         rec = reg.get("", "run")
         if rec is None or job_state() != "RUNNING":  # the driver's record or job ended
+            reg.delete("requests", name)  # not for a later run's owner
             print(f"the driver of job {run['job_id']} went away before starting the trainer", file=sys.stderr)
             return 1
         if trainer_step_id(rec) not in (None, old_step) and rec.get("trainer_rc") is not None:
