@@ -370,15 +370,18 @@ def test_stop_terms_what_a_dead_owner_left_whatever_address_it_serves_on(tmp_pat
         sleeper.kill()
 
 
-def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path):
+def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path, capsys):
     """A stop that times out kills what is left on this host; a record's pid on another node (mode=ray) is
-    not a process of this host, and is left alone."""
+    not a process of this host, and is left alone: `stop` says so and keeps its record (it said "killed what was
+    left" and deleted the record of a server still running)."""
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         rd = stopped_run(tmp_path, "ray", os.getpid(), {"host": "node-9", "node": "node-9", "pid": bystander.pid})
         assert stop(None, rd, timeout_s=1.0) == 1
         assert bystander.poll() is None
-        assert Registry.for_run(rd).get("servers", "server-0", live_only=False) is None
+        assert Registry.for_run(rd).get("servers", "server-0", live_only=False) is not None
+        assert (f"killed nothing on this host; server-0 (pid {bystander.pid} on node-9) is not ours to kill from here"
+                in capsys.readouterr().out)
     finally:
         bystander.kill()
 
@@ -604,3 +607,170 @@ def test_wait_running_waits_through_every_queued_state(monkeypatch):
     states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
     assert slurm_submit.wait_running("7", poll_s=0) == "RUNNING"
+
+
+# fix8-A
+
+def slurm_run(tmp_path: Path, monkeypatch, state: str, server: Dict[str, object]) -> tuple:
+    """A Slurm run (job 10, its driver's record not final) with one server record; a fake Slurm whose job 10 is in
+    ``state`` until cancelled. Returns the run dir and the list of Slurm calls."""
+    rd = stopped_run(tmp_path, "slurm", 1, server)
+    reg = Registry.for_run(rd)
+    reg.put("", "run", {**reg.get("", "run"), "host": "n1", "job_id": "10"})
+    states, calls = {"10": state}, []
+
+    def scancel(job_id: str, signal_name: Optional[str] = None) -> str:
+        calls.append(("scancel", job_id))
+        states[job_id] = "CANCELLED"
+        return ""
+    monkeypatch.setattr(slurm, "scancel", scancel)
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: calls.append(("state", job_id)) or states[job_id])
+    monkeypatch.setattr(slurm, "job", lambda job_id: calls.append(("job", job_id)) or {"state": states[job_id]})
+    monkeypatch.setattr(slurm, "job_steps", lambda job_id: calls.append(("steps", job_id)) or [])
+    return rd, calls
+
+
+@pytest.mark.parametrize("state", ["PENDING", "REQUEUE_HOLD", "CONFIGURING", "SUSPENDED"])
+def test_stop_cancels_a_job_that_has_not_started_at_once(tmp_path, monkeypatch, capsys, state):
+    """A job with no driver yet (queued, held after a requeue, booting its nodes) has nothing to checkpoint: `stop`
+    cancels it at once (it waited out its timeout for REQUEUE_HOLD and CONFIGURING, then cancelled it). A SUSPENDED
+    job has started: its driver stops it gracefully once it runs again, so `stop` waits, and cancels it only then.
+    A cancelled job's driver never records how the run ended: `stop` does (it said "run RUNNING")."""
+    rd, calls = slurm_run(tmp_path, monkeypatch, state, {"host": "n1", "node": "n1", "pid": 2,
+                                                         "slurm_job_id": "10", "slurm_step_id": 0})
+    assert stop(None, rd, timeout_s=2.0) == (1 if state == "SUSPENDED" else 0)
+    assert calls.count(("scancel", "10")) == 1
+    if state != "SUSPENDED":  # the run's end is recorded: its record said RUNNING (or PENDING) after the stop
+        said = f"run STOPPED: stop requested (areal-hpc stop) while job 10 was {state}: cancelled"
+        assert said in capsys.readouterr().out
+        assert Registry.for_run(rd).get("", "run", live_only=False)["state"] == outcome.STOPPED
+        assert Registry.for_run(rd).list("requests") == {}  # no stop request is left for a later run's driver
+
+
+def test_stop_asks_slurm_every_few_seconds_not_twice_a_second(tmp_path, monkeypatch):
+    """The driver is dead and a server's record lives on: `stop` waits out its timeout reading the registry and asks
+    Slurm (a controller every user shares) at growing intervals; it ran scontrol and sacct twice a second."""
+    rd, calls = slurm_run(tmp_path, monkeypatch, "FAILED", {"host": "n1", "node": "n1", "pid": 2})
+    assert stop(None, rd, timeout_s=3.0) == 1
+    assert len([c for c in calls if c[0] != "scancel"]) <= 8, calls
+
+
+def test_stop_notices_the_end_its_driver_records_without_slurm(tmp_path, monkeypatch):
+    """The driver records how the run ended (and its steps deregistered): `stop` ends at once, not when Slurm says
+    the job ended."""
+    rd, calls = slurm_run(tmp_path, monkeypatch, "RUNNING", {})
+    reg = Registry.for_run(rd)
+    when(lambda: bool(reg.list("requests")), lambda: (reg.delete("servers", "server-0"), reg.put(
+        "", "run", {**reg.get("", "run"), "state": outcome.STOPPED, "reason": "stop requested"})))
+    assert stop(None, rd, timeout_s=10.0) == 0
+
+
+@pytest.mark.parametrize("rows, said", [
+    ([{"step": 1, "loss": 2.0, "time_s": 5}, {"step": 2, "loss": 1.0, "time_s": 9}],
+     "done: step 2, loss 2.000 -> 1.000 (mean of the last 2 steps 1.500) in 9s; metrics "),
+    ([{"step": 1, "reward_mean": 0.25}, {"step": 2, "reward_mean": None}, {"step": 3, "reward_mean": 0.75}],
+     "done: step 3, reward 0.250 -> 0.750 (mean of the last 2 steps 0.500) in 0s; metrics ")])
+def test_the_summary_of_a_run_says_its_loss_when_it_has_no_reward(tmp_path, capsys, rows, said):
+    """An SFT run's rows have a loss and no reward: the summary said "reward 0.000 -> 0.000"; a step whose reward was
+    not finite (None in metrics.jsonl) failed it with a TypeError."""
+    from areal_hpc.launch.local import summarize
+
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0"])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summarize(cfg, tmp_path, {"state": outcome.COMPLETED})
+    out = capsys.readouterr().out
+    assert said in out and ("reward.png" in out) == ("reward" in said)
+
+
+def test_the_progress_bar_takes_a_step_whose_reward_is_not_finite(tmp_path, capsys):
+    """metrics.jsonl has null for a reward that was not finite: the local owner's progress bar failed formatting it
+    (TypeError), which ended the run as FAILED ("the launcher failed"). An SFT run's bar shows its loss."""
+    from areal_hpc.launch.local import Progress
+
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0"])
+    bar = Progress(cfg, tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "version": 1, "reward_mean": None}) + "\n"
+                                            + json.dumps({"step": 2, "version": 2, "loss": 0.5}) + "\n")
+    bar.close()
+    assert "loss=0.500" in capsys.readouterr().err
+
+
+def test_status_checks_the_servers_health_at_once(tmp_path):
+    """`status` checks every server's /health at the same time: one after another (2 s each), a run with many servers
+    and a few dead ones took tens of seconds. The servers here answer only once all three checks are in flight."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    all_asked = threading.Barrier(3)
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            all_asked.wait(timeout=10)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        rec = {"host": socket.gethostname(), "node": socket.gethostname(), "pid": os.getpid(),
+               "address": f"127.0.0.1:{httpd.server_port}"}
+        rd = stopped_run(tmp_path, "local", dead_pid(), rec)
+        for sid in ("server-1", "server-2"):
+            Registry.for_run(rd).put("servers", sid, rec)
+        assert [(s["id"], s["healthy"]) for s in collect_status(rd)["servers"]] == [
+            ("server-0", True), ("server-1", True), ("server-2", True)]
+    finally:
+        httpd.shutdown()
+
+
+def test_a_trainer_restart_waits_without_asking_slurm_twice_a_second(tmp_path, monkeypatch, capsys):
+    """A restart's wait for the new trainer (minutes of model loading) reads the registry, and asks Slurm whether the
+    driver's job still runs at growing intervals; it ran scontrol every 0.3 s."""
+    from areal_hpc.config import load_resolved
+
+    rd, calls = slurm_run(tmp_path, monkeypatch, "RUNNING", {})
+    run = Registry.for_run(rd).get("", "run")
+    assert control.restart_trainer(load_resolved(rd / "config.yaml"), rd, run, timeout_s=4.0) == 1
+    assert "no trainer registered within 4s" in capsys.readouterr().err
+    assert 1 <= len(calls) <= 6, calls
+
+
+def test_the_progress_bar_follows_metrics_replaced_and_grown_between_two_ticks(tmp_path, capsys):
+    """A restarted trainer replaces metrics.jsonl (`drop_after`) and writes rows past the bar's offset before its next
+    tick (the owner was busy): the bar reads the new file from its start. It read from the old offset, mid-line, and
+    the JSONDecodeError ended the local run as FAILED."""
+    from areal_hpc.launch.local import Progress
+    from areal_hpc.registry import atomic_write
+
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0"])
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "version": s, "reward_mean": 0.5}) + "\n" for s in (1, 2, 3)))
+    bar = Progress(cfg, tmp_path)
+    bar.tick()
+    rows = [{"step": 1, "version": 1, "reward_mean": 0.5}] + [
+        {"step": s, "version": s, "reward_mean": 0.25, "loss": 0.125} for s in (2, 3, 4)]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    bar.close()
+    assert bar._bar.n == 4 and "reward=0.250" in capsys.readouterr().err
+
+
+def test_a_stop_posted_while_the_owner_starts_is_served(tmp_path):
+    """`stop` right after a job started, before its driver serves requests: the driver served it (the run stops);
+    it dropped every request it found as left by an earlier owner, and `stop` waited out its timeout, then scancel.
+    A request whose poster no longer waits is still dropped."""
+    owner = owner_for(tmp_path, FakeRunner({}, room=1))
+    control.post_request(owner.registry, "add_servers", count=1)  # its poster is gone
+    control.post_request(owner.registry, "stop", wait_s=60.0)
+    ran = threading.Thread(target=owner.run, daemon=True)
+    ran.start()
+    ran.join(timeout=10)
+    try:
+        assert not ran.is_alive() and owner.state == outcome.STOPPED
+        assert list(owner.servers) == [] and "server-2" not in [h.step.name for h in owner.runner.started]
+    finally:
+        owner.request_force()
+        ran.join(timeout=10)

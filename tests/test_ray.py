@@ -280,3 +280,37 @@ def test_an_added_server_renamed_meanwhile_takes_the_placement_group_reserved_fo
             ray_runner.release([], pg, [])
         ray.shutdown()
     assert leftovers(ray_address) == [[], []]
+
+
+
+# fix8-A
+
+@needs_ray
+def test_a_step_whose_actor_cannot_be_created_releases_its_placement_group(tmp_path, ray_address, monkeypatch):
+    """Creating a step's second actor fails (here: its name is taken): the placement group placed for the step and
+    the first actor are released. Both were made before the `try` that releases them, and the group kept holding its
+    resources (a detached server's group: for good)."""
+    import types
+    import uuid
+
+    from areal_hpc.config import load_config, parse_allocation
+    from areal_hpc.launch import ray_runner
+    from areal_hpc.launch.plan import build_plan
+
+    cfg = load_config(None, [*on_ray(ray_address, 0), "allocation_mode=hf:d1+d2", f"cluster.fileroot={tmp_path}"])
+    rd = tmp_path / "run"
+    (rd / "logs").mkdir(parents=True)
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), rd)
+    runner = ray_runner.RayRunner(cfg, plan, rd, [], pin=False)
+    monkeypatch.setattr(ray_runner, "uuid", types.SimpleNamespace(uuid4=lambda: uuid.UUID(int=0)))
+    ray = ray_runner.connect(ray_address)
+    taken = f"{runner.prefix}trainer.000000/1"
+    squatter = ray.remote(ray_runner.StepTask).options(name=taken, namespace=ray_runner.NAMESPACE, num_cpus=0).remote()
+    try:
+        with pytest.raises(ValueError, match="already taken"):
+            runner.start(plan.trainer, [])
+        assert ray_runner._run_objects(ray, runner.prefix) == ([taken], {})
+    finally:
+        ray.kill(squatter)
+        ray.shutdown()
+    assert leftovers(ray_address) == [[], []]

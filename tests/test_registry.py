@@ -122,7 +122,8 @@ def test_sigkilled_holder_does_not_wedge(tmp_path, lock_kind, stale_s):
 
 
 def test_live_holder_times_out_cleanly(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "flock", "60"], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "flock", "60"], stdout=subprocess.PIPE,
+                         text=True)
     try:
         assert p.stdout.readline().strip() == "held"
         reg = Registry(tmp_path, lock_timeout_s=0.3)
@@ -144,7 +145,8 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("sig, gone_immediately", [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGKILL, False)])
+@pytest.mark.parametrize("sig, gone_immediately",
+                         [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGKILL, False)])
 def test_heartbeat_deregisters_or_expires(tmp_path, sig, gone_immediately):
     p = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "up"
@@ -223,3 +225,28 @@ def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
     atomic_write(tmp_path / "f", "text")
     assert (tmp_path / "f").read_text() == "text" and sorted(p.name for p in tmp_path.iterdir()) == ["f", "target"]
+
+
+# fix8-A
+
+def test_heartbeat_survives_an_error_that_is_no_os_error_and_logs_it_once(tmp_path, caplog):
+    """A record that fails to build or serialise (ValueError here) ended the heartbeat thread, and the record expired
+    while its process lived: the heartbeat logs the error once and keeps beating."""
+    reg = Registry(tmp_path, ttl_s=10)
+    beats = []
+
+    def data():
+        beats.append(1)
+        if 2 <= len(beats) <= 4:
+            raise ValueError("a bad record")
+        return {"beats": len(beats)}
+    hb = Heartbeat(reg, "servers", "s0", data, interval_s=0.02).start()
+    try:
+        deadline = time.monotonic() + 10
+        while (reg.get("servers", "s0") or {}).get("beats", 0) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        hb.stop()
+    assert len(beats) >= 6
+    assert [r.getMessage() for r in caplog.records if "a bad record" in r.getMessage()] == [
+        "heartbeat of servers/s0 failed (the next beats retry): ValueError('a bad record')"]

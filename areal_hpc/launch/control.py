@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
@@ -23,11 +23,37 @@ from areal_hpc.launch.status import HOST_MODES, launcher_alive, remove_dead_reco
 from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
 
 
-def post_request(reg: Registry, kind: str, **fields) -> str:
-    """Queue a control request for the run's owner (driver or local launcher)."""
+SLURM_POLL_S = 5.0  # waits ask Slurm (a controller every user shares) about a job at most this often
+
+
+def polled_job_state(job_id: str) -> Callable[[], Optional[str]]:
+    """A job's state, asked of Slurm at intervals growing from 0.5 s to SLURM_POLL_S: the waits that call it read the
+    registry several times a second, and must not make Slurm answer as often."""
+    asked = {"at": -1.0, "wait": 0.25, "state": None}
+
+    def job_state() -> Optional[str]:
+        if time.monotonic() >= asked["at"] + asked["wait"]:
+            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], SLURM_POLL_S),
+                         state=slurm.job_state(job_id))
+        return asked["state"]
+    return job_state
+
+
+def post_request(reg: Registry, kind: str, wait_s: float = 0.0, **fields) -> str:
+    """Queue a control request for the run's owner (driver or local launcher); its poster waits ``wait_s`` for it
+    (an owner that starts meanwhile serves it: one that starts later drops it)."""
     name = f"{time.time_ns()}-{kind}"
-    reg.put("requests", name, {"kind": kind, "created": time.time(), **fields}, ttl=False)
+    reg.put("requests", name, {"kind": kind, "created": time.time(), "until": time.time() + wait_s, **fields},
+            ttl=False)
     return name
+
+
+def take_reply(reg: Registry, req: str) -> Optional[Dict[str, Any]]:
+    """The owner's answer to request ``req`` when it did not (fully) serve it, removed once read; else None."""
+    reply = reg.get("replies", f"{req}-unserved")
+    if reply is not None:
+        reg.delete("replies", f"{req}-unserved")
+    return reply
 
 
 def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
@@ -55,36 +81,50 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
         """The servers this stop waits for (and kills if it must)."""
         return {k: v for k, v in recs.items() if external or not v.get("external")}
 
-    def owner_alive() -> bool:  # a Slurm job still queued has an owner to come
-        if slurm_run:
-            return slurm.job_state(run.get("job_id", "")) in slurm.LIVE_STATES + slurm.WAITING_STATES
-        return launcher_alive(run, reg)
+    job_state = polled_job_state(run.get("job_id", ""))
 
-    def kill_left(sig: int) -> None:
+    def owner_alive() -> bool:  # a Slurm job still queued has an owner to come
+        if not slurm_run:
+            return launcher_alive(run, reg)
+        if (reg.get("", "run", live_only=False) or {}).get("state") in outcome.FINAL:
+            return False  # its driver recorded how the run ended: no need to wait for Slurm to say so
+        return job_state() in slurm.LIVE_STATES + slurm.WAITING_STATES
+
+    def kill_left(sig: int) -> Tuple[List[Tuple[str, str]], Dict[Tuple[str, str], Dict[str, Any]]]:
         """Signal what is left of the run (our servers, the trainer) where it runs on this host: a server's node
-        (its "host" is the address it serves on, server.host), the trainer's host."""
-        for rec in [*ours(reg.list("servers")).values(), reg.get("", "trainer") or {}]:
-            if runs_here(rec.get("node"), rec.get("host")) and pid_alive(rec.get("pid")):
-                os.kill(int(rec["pid"]), sig)
+        (its "host" is the address it serves on, server.host), the trainer's host. Returns the (kind, name) of what
+        is on this host (signalled, or dead already) and the records of what runs elsewhere."""
+        recs = {("servers", sid): rec for sid, rec in ours(reg.list("servers")).items()}
+        recs["", "trainer"] = reg.get("", "trainer") or {}
+        here = [k for k, rec in recs.items() if rec and runs_here(rec.get("node"), rec.get("host"))]
+        for k in here:
+            if pid_alive(recs[k].get("pid")):
+                os.kill(int(recs[k]["pid"]), sig)
+        return here, {k: rec for k, rec in recs.items() if rec and k not in here}
 
     live = reg.get("", "run") or {}
     forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
-    post_request(reg, "stop", force=forced)
+    posted = [post_request(reg, "stop", timeout_s, force=forced)]
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
         kill_left(signal.SIGTERM)
-    if slurm_run and run.get("job_id") and slurm.job_state(run["job_id"]) in ("PENDING", "REQUEUED"):
-        slurm.scancel(run["job_id"])  # not started: nothing to checkpoint
+    # queued (or requeued, held) with no driver: nothing to checkpoint. A SUSPENDED or RESIZING job has started: its
+    # driver checkpoints once it runs again
+    state = job_state() if slurm_run and run.get("job_id") else None
+    if state in set(slurm.WAITING_STATES) - {"SUSPENDED", "RESIZING"} and not slurm.scancel(run["job_id"]):
+        # no driver will record how the run ended: else it reads PENDING (REQUEUED) for good
+        reg.update("", "run", lambda old: {**(old or {}), "state": outcome.STOPPED, "reason": "stop requested "
+                                           f"(areal-hpc stop) while job {run['job_id']} was {state}: cancelled"})
     for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
         # scancel sends SIGTERM to their steps first: the servers deregister
         slurm.scancel(job_id)
         reg.delete("jobs", job_id)
-    deadline = time.monotonic() + timeout_s
+    deadline, clean_at = time.monotonic() + timeout_s, 0.0
     ray_left = run.get("mode") == "ray"  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
-            if not owner_alive():  # one job-state query a pass
+            if not owner_alive():
                 if ray_left:
                     try:
                         gone = ray_runner.stop_leftovers(reg)
@@ -98,26 +138,32 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
                     ray_left = False
                 if not ours(reg.list("servers")) and reg.get("", "trainer") is None:
                     break
-                remove_dead_records(reg, run)
+                if time.monotonic() >= clean_at:  # for a Slurm run this asks Slurm too
+                    remove_dead_records(reg, run)
+                    clean_at = time.monotonic() + (SLURM_POLL_S if slurm_run else 0.0)
             time.sleep(0.5)
         except KeyboardInterrupt:
             if forced:
                 raise
             forced = True
             print("\nforcing the stop: what is left is killed", file=sys.stderr, flush=True)
-            post_request(reg, "stop", force=True)
+            posted.append(post_request(reg, "stop", 60.0, force=True))
             deadline = time.monotonic() + 60.0
     else:
         if slurm_run and run.get("job_id"):
             slurm.scancel(run["job_id"])
             print(f"graceful stop timed out after {timeout_s:.0f}s: scancel {run['job_id']}")
             return 1
-        kill_left(signal.SIGKILL)  # neither can deregister now
-        for sid in ours(reg.list("servers")):
-            reg.delete("servers", sid)
-        reg.delete("", "trainer")
-        print(f"graceful stop timed out after {timeout_s:.0f}s: killed what was left")
+        here, elsewhere = kill_left(signal.SIGKILL)
+        for kind, name in here:
+            reg.delete(kind, name)  # killed: it cannot deregister now
+        print(f"graceful stop timed out after {timeout_s:.0f}s: killed "
+              f"{', '.join(name for _, name in here) or 'nothing'} on this host"
+              + "".join(f"; {name} (pid {rec.get('pid')} on {rec.get('node') or rec.get('host')}) is not ours to kill "
+                        "from here: its record is kept, stop it where it runs" for (_, name), rec in elsewhere.items()))
         return 1
+    for name in posted:  # one no owner took (it is gone, or the job was cancelled): not for a later run's owner
+        reg.delete("requests", name)
     remove_dead_records(reg, run)
     end = reg.get("", "run", live_only=False) or {}
     print(f"stopped {rd}\nrun {outcome.summary_line(end)}" if end.get("state") else f"stopped {rd}", flush=True)
@@ -136,13 +182,13 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
     cfg = load_resolved(rd / "config.yaml")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
     before = set(reg.list("servers"))
-    job_id, req = None, None
+    job_id, req, polls = None, None, {}
     if new_job:
         job_id = slurm_submit.submit_server_job(cfg, rd, count)
         if job_id is None:
             return 1
     else:
-        req = post_request(reg, "add_servers", count=count)
+        req = post_request(reg, "add_servers", timeout, count=count)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # serving (ready/paused), not still loading a model
@@ -150,12 +196,12 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
         if len(new) >= count:
             print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
             return 0
-        unserved = reg.get("replies", f"{req}-unserved") if req and job_id is None else None
+        unserved = take_reply(reg, req) if req and job_id is None else None
         if req and job_id is None and unserved is None and not launcher_alive(run, reg):
+            reg.delete("requests", req)  # not for a later run's owner
             print("the run's owner ended before it served the request; see `areal-hpc logs driver`", file=sys.stderr)
             return 1
         if unserved is not None:
-            reg.delete("replies", f"{req}-unserved")
             if unserved.get("error"):
                 print(f"the run's owner could not add servers: {unserved['error']} (see `areal-hpc logs driver`)",
                       file=sys.stderr)
@@ -170,7 +216,7 @@ def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = Fal
             job_id = slurm_submit.submit_server_job(cfg, rd, count - started)
             if job_id is None:
                 return 1
-        state = slurm.job_state(job_id) if job_id is not None else None
+        state = polls.setdefault(job_id, polled_job_state(job_id))() if job_id is not None else None
         if state in slurm.FINAL_STATES:
             print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
             return 1
@@ -205,8 +251,8 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
     def trainer_step_id(rec: Optional[Dict[str, Any]]) -> Optional[str]:
         return ((rec or {}).get("steps") or {}).get("trainer", {}).get("slurm_step_id")
 
-    old_step = trainer_step_id(run)
-    name = post_request(reg, "start_trainer", min_required_servers=cfg.min_required_servers)
+    old_step, job_state = trainer_step_id(run), polled_job_state(str(run["job_id"]))
+    name = post_request(reg, "start_trainer", timeout_s, min_required_servers=cfg.min_required_servers)
     print(f"job {run['job_id']} is live: asked its driver to start a trainer (request {name})", flush=True)
     deadline = time.monotonic() + timeout_s
     trainer = None
@@ -214,14 +260,14 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         trainer = reg.get("", "trainer")
         if trainer is not None:
             break
-        refused = reg.get("replies", f"{name}-unserved")
+        refused = take_reply(reg, name)
         if refused is not None:
-            reg.delete("replies", f"{name}-unserved")
             print(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
                   "(see `areal-hpc logs driver`)", file=sys.stderr)
             return 1
         rec = reg.get("", "run")
-        if rec is None or slurm.job_state(str(run["job_id"])) != "RUNNING":  # the driver's record or job ended
+        if rec is None or job_state() != "RUNNING":  # the driver's record or job ended
+            reg.delete("requests", name)  # not for a later run's owner
             print(f"the driver of job {run['job_id']} went away before starting the trainer", file=sys.stderr)
             return 1
         if trainer_step_id(rec) not in (None, old_step) and rec.get("trainer_rc") is not None:
@@ -242,7 +288,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
             rc = int(rec["trainer_rc"])
             print(f"trainer exited with {rc}", flush=True)
             return 0 if rc == 0 else 1
-        if reg.get("", "run") is None and slurm.job_state(str(run["job_id"])) != "RUNNING":
+        if reg.get("", "run") is None and job_state() != "RUNNING":
             print(f"job {run['job_id']} ended before the trainer did", file=sys.stderr)
             return 1
         time.sleep(0.5)

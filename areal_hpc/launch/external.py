@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -139,10 +140,13 @@ def find(reg: Registry, ident: str) -> Optional[Tuple[str, Dict[str, Any]]]:
 def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
     """Check, align and register an already-running server; returns its (id, record)."""
     base, address = parse_url(url)
-    have = find(reg, address)
-    if have is not None:
-        raise ConfigError("url", f"{base} is already in this run as {have[0]}",
-                          f"`areal-hpc remove-server {have[0]} ...` first")
+
+    def refuse_a_duplicate() -> None:
+        have = find(reg, address)
+        if have is not None:
+            raise ConfigError("url", f"{base} is already in this run as {have[0]}",
+                              f"`areal-hpc remove-server {have[0]} ...` first")
+    refuse_a_duplicate()  # before the checks and the weight load: a duplicate says so at once
     key = api_key or reg.secret()
     info = probe(base, key)
     version = load_published(base, key, reg)
@@ -151,6 +155,7 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
         log.warning("no weights are published yet: the first disk update will tell whether %s can read the run's "
                     "weights directory", base)
     with reg.locked("external"):
+        refuse_a_duplicate()  # again, under the lock: a concurrent attach of the same server may have won
         used = [int(s[len(PREFIX):]) for s in reg.list("servers", live_only=False)
                 if s.startswith(PREFIX) and s[len(PREFIX):].isdigit()]
         sid = f"{PREFIX}{max(used, default=-1) + 1}"
@@ -230,22 +235,27 @@ class ExternalWatch:
                 log.exception("checking external servers failed")
 
     def check(self) -> None:
-        live = self.reg.list("servers")
+        live, attached = self.reg.list("servers"), []
         for sid, rec in self.reg.list("servers", live_only=False).items():
             if not (rec.get("external") and rec.get("url")):
                 continue
-            if sid not in live:
-                if self.reg.delete("servers", sid):
-                    log.warning("external server %s (%s) did not answer %s for %.0fs: removed from the run "
-                                "(it is not ours to stop)", sid, rec["url"], api.HEALTH.path, self.reg.ttl_s)
-                continue
-            key = rec.get("api_key") or self.reg.secret()
-            if not healthy(rec["url"], key, self.timeout_s):
-                continue
-            version = None  # unknown: the record keeps the one it has
-            with contextlib.suppress(OSError):
-                status, body = call(rec["url"], api.MODEL_INFO, key, timeout=self.timeout_s)
-                version = api.model_info_version(body) if status == 200 else None
-            # under the record's lock: a `remove-server` meanwhile wins (None stays None)
-            self.reg.update("servers", sid, lambda old: old and {
-                **old, "weight_version": old.get("weight_version") if version is None else version}, ttl=True)
+            if sid in live:
+                attached.append((sid, rec))
+            elif self.reg.delete("servers", sid):
+                log.warning("external server %s (%s) did not answer %s for %.0fs: removed from the run "
+                            "(it is not ours to stop)", sid, rec["url"], api.HEALTH.path, self.reg.ttl_s)
+        # at once: one after another, a few dead servers' timeouts outlast the records of the live ones
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda a: self._refresh(*a), attached))
+
+    def _refresh(self, sid: str, rec: Dict[str, Any]) -> None:
+        key = rec.get("api_key") or self.reg.secret()
+        if not healthy(rec["url"], key, self.timeout_s):
+            return
+        version = None  # unknown: the record keeps the one it has
+        with contextlib.suppress(OSError):
+            status, body = call(rec["url"], api.MODEL_INFO, key, timeout=self.timeout_s)
+            version = api.model_info_version(body) if status == 200 else None
+        # under the record's lock: a `remove-server` meanwhile wins (None stays None)
+        self.reg.update("servers", sid, lambda old: old and {
+            **old, "weight_version": old.get("weight_version") if version is None else version}, ttl=True)

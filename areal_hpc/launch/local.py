@@ -107,14 +107,17 @@ class Progress:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
         self.path, self.total = run_dir / "metrics.jsonl", cfg.trainer.total_train_steps
         self.enabled, self._bar = cfg.stats.progress_bar and cfg.trainer.type != "null", None
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        st = self.path.stat() if self.path.exists() else None
+        self._offset, self._inode = (st.st_size, st.st_ino) if st else (0, None)
 
     def tick(self) -> None:
         if not self.enabled or not self.path.exists():
             return
         with open(self.path) as f:
-            if os.fstat(f.fileno()).st_size < self._offset:  # a restarted trainer rewrote it (`drop_after`)
-                self._offset = 0
+            st = os.fstat(f.fileno())
+            # a restarted trainer replaced it (`drop_after`): shorter, or grown past our offset by the time we look
+            if st.st_ino != self._inode or st.st_size < self._offset:
+                self._offset, self._inode = 0, st.st_ino
             f.seek(self._offset)
             chunk = f.read()
         lines = chunk.split("\n")
@@ -130,7 +133,9 @@ class Progress:
                 self._bar = tqdm(total=self.total, initial=m["step"] - 1, desc="train", unit="step",
                                  dynamic_ncols=True, mininterval=0.5)
             self._bar.update(m["step"] - self._bar.n)
-            post = {"reward": f"{m.get('reward_mean', 0):.3f}", "v": m.get("version")}
+            value = m.get("reward_mean", m.get("loss"))  # an SFT run has a loss, no reward; None: not finite
+            post = {"reward" if "reward_mean" in m else "loss": "nan" if value is None else f"{value:.3f}",
+                    "v": m.get("version")}
             if m.get("staleness_max") is not None:
                 post["stale"] = int(m["staleness_max"])
             self._bar.set_postfix(post, refresh=False)
@@ -177,7 +182,7 @@ def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runne
 
 
 def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> None:
-    """What the run did (steps, reward) and how it ended (`outcome.summary_line`), on stdout."""
+    """What the run did (steps, reward or loss) and how it ended (`outcome.summary_line`), on stdout."""
     from areal_hpc.trainers.metrics import read_metrics
 
     state = rec.get("state")
@@ -185,12 +190,14 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> N
     if cfg.trainer.type == "null" and (run_dir / "eval.json").exists():
         print(f"eval: {(run_dir / 'eval.json').read_text().strip()}")
     elif rows:
-        first, last = rows[0], rows[-1]
-        tail = [r.get("reward_mean", 0) for r in rows[-10:]]
-        print(f"{'done' if state == outcome.COMPLETED else str(state).lower()}: step {last['step']}, reward "
-              f"{first.get('reward_mean', 0):.3f} -> {last.get('reward_mean', 0):.3f} (mean of the last {len(tail)} "
-              f"steps {sum(tail) / len(tail):.3f}) in {last.get('time_s', 0):.0f}s; "
-              f"metrics {run_dir / 'metrics.jsonl'}, curve {run_dir / 'reward.png'}")
+        # the reward of an RL run, the loss of an SFT run (no reward; the curve is of rewards)
+        key = next((k for k in ("reward_mean", "loss") if any(isinstance(r.get(k), (int, float)) for r in rows)), "")
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        trend = (f", {key.split('_')[0]} {vals[0]:.3f} -> {vals[-1]:.3f} (mean of the last {len(vals[-10:])} steps "
+                 f"{sum(vals[-10:]) / len(vals[-10:]):.3f})") if vals else ""
+        print(f"{'done' if state == outcome.COMPLETED else str(state).lower()}: step {rows[-1]['step']}{trend} in "
+              f"{rows[-1].get('time_s', 0):.0f}s; metrics {run_dir / 'metrics.jsonl'}"
+              + (f", curve {run_dir / 'reward.png'}" if key == "reward_mean" else ""))
     line = f"run {outcome.summary_line(rec)}"
     if state == outcome.STOPPED:
         line += "\n    resume: the same `areal-hpc submit` command"

@@ -308,9 +308,10 @@ class RunOwner:
     def run(self, on_tick=None) -> int:
         """Start the plan's steps and own them until the run ends; returns `outcome.exit_code`."""
         self._started = time.time()
-        for name in self.registry.list("requests", live_only=False):  # left by an earlier owner
-            log.info("dropping stale request %s", name)
-            self.registry.delete("requests", name)
+        for name, req in self.registry.list("requests", live_only=False).items():
+            if req.get("until", 0) < time.time():  # left by an earlier owner; else its poster waits for us
+                log.info("dropping stale request %s", name)
+                self.registry.delete("requests", name)
         self._heartbeat = Heartbeat(self.registry, "", "run", self.record,
                                     interval_s=self.cfg.launcher.heartbeat_s, remove_on_exit=False).start()
         # servers attached by URL have no heartbeat of their own: the owner checks their /health

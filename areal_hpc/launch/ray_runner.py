@@ -298,12 +298,13 @@ class RayRunner(Runner):
         pg, pg_name = placed
         task_cls = ray.remote(StepTask)
         names = [f"{pg_name}/{rank}" for rank in range(step.ntasks)]
-        actors = [task_cls.options(
-            name=name, namespace=NAMESPACE, lifetime="detached" if self._detached(step) else None,
-            num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote()
-            for rank, name in enumerate(names)]
-        try:
+        actors: List[Any] = []
+        try:  # whatever fails (creating an actor too) releases the placement group and the actors made so far
+            for rank, name in enumerate(names):
+                actors.append(task_cls.options(
+                    name=name, namespace=NAMESPACE, lifetime="detached" if self._detached(step) else None,
+                    num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
             places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
             pids = ray.get([a.start.remote(step.command, self._env(step, rank, places),
                                            step.log.replace("%t", str(rank)), str(self.run_dir))

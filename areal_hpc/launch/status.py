@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List
 
@@ -96,17 +97,16 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     key = reg.secret()
     run = reg.get("", "run", live_only=False) or {}
     jobs = slurm_jobs(reg, run)
-    srv = []
-    for sid, rec in sorted(reg.list("servers").items()):
-        if not server_alive(rec, run, jobs):
-            continue  # its process or step has ended: not a live server, whatever its record says
-        srv.append({"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
-                    "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
-                    "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"),
-                    "external": bool(rec.get("external")), "url": rec.get("url"),
-                    "own_key": bool(rec.get("api_key")),  # the key itself is never printed
-                    "healthy": healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
-                    "age_s": round(rec.get("_age_s", 0), 1)})
+    # a server whose process or step has ended is not a live one, whatever its record says
+    live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, run, jobs)]
+    with ThreadPoolExecutor(32) as pool:  # at once: dead servers' timeouts do not add up
+        ok = list(pool.map(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
+                           [rec for _, rec in live]))
+    srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
+            "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
+            "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"), "external": bool(rec.get("external")),
+            "url": rec.get("url"), "own_key": bool(rec.get("api_key")),  # the key itself is never printed
+            "healthy": up, "age_s": round(rec.get("_age_s", 0), 1)} for (sid, rec), up in zip(live, ok)]
     trainer = reg.get("", "trainer")
     status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
                               "api_key_file": str(reg.root / "secret"),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import signal
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from areal_hpc.registry.store import Registry
 
+log = logging.getLogger("areal_hpc.registry")
 _live: List["Heartbeat"] = []
 
 
@@ -79,11 +81,14 @@ class Heartbeat:
         return self
 
     def _run(self) -> None:
+        failed: Set[type] = set()
         while not self._stop.wait(self.interval_s):
             try:
                 self.beat()
-            except OSError:
-                pass  # a transient filesystem error must not kill the owner; the next beat retries
+            except Exception as e:  # noqa: BLE001 - a dead heartbeat lets the record expire while its process lives
+                if type(e) not in failed:  # once a kind: a flaky filesystem fails many beats
+                    failed.add(type(e))
+                    log.warning("heartbeat of %s/%s failed (the next beats retry): %r", self.kind, self.name, e)
 
     def stop(self) -> None:
         with self._lock:

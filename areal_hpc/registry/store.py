@@ -153,8 +153,10 @@ class Registry:
         """Hold a lock of the configured kind, shared by every process of the run."""
         path = f"{self._dir('locks')}/{name}.lock"
         lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False)
-        if self.lock_kind == "soft":
-            self._break_stale_soft_lock(Path(lk.lock_file))
+        if self.lock_kind == "soft":  # a SIGKILLed holder on another host leaves its file: known dead by age only
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lk.lock_file).st_mtime > self.stale_lock_s:
+                    os.unlink(lk.lock_file)
         try:
             lk.acquire()
         except filelock.Timeout as e:
@@ -164,12 +166,6 @@ class Registry:
             yield
         finally:
             lk.release()
-
-    def _break_stale_soft_lock(self, path: Path) -> None:
-        # a SIGKILLed holder on another host leaves its soft lock file behind: known dead by age only
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - path.stat().st_mtime > self.stale_lock_s:
-                path.unlink()
 
     def update(self, kind: str, name: str, fn: Callable[[Optional[Dict[str, Any]]], Optional[Dict[str, Any]]],
                ttl: bool = False) -> Optional[Dict[str, Any]]:
