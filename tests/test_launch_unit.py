@@ -604,3 +604,26 @@ def test_wait_running_waits_through_every_queued_state(monkeypatch):
     states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
     assert slurm_submit.wait_running("7", poll_s=0) == "RUNNING"
+
+
+# fix8-B
+
+def test_srun_steps_get_no_rank_vars_of_the_login_shell(tmp_path, monkeypatch):
+    """sbatch exports the submitting shell: a RANK/WORLD_SIZE/MASTER_ADDR left there from an earlier torchrun
+    used to reach the trainer's srun step, where they won over SLURM_PROCID/SLURM_NTASKS (every rank rank 3 of
+    99, rendezvous at a login node). The driver starts steps without them; the rendered script unsets them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", f"env > {tmp_path / 'env'}"), ("squeue", "true")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for var, value in (("RANK", "3"), ("WORLD_SIZE", "99"), ("MASTER_ADDR", "login1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)
+    cfg, plan = gpu_plan()
+    plan.run_dir = str(tmp_path)
+    step = StepSpec(**{**plan.step("trainer").__dict__, "log": str(tmp_path / "trainer.log")})
+    SrunRunner(cfg, plan, "7", env={}).start(step, []).proc.wait(timeout=30)
+    env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+    assert "\nunset RANK LOCAL_RANK WORLD_SIZE " in render("allocation.sbatch", cfg, gpu_plan()[1])
