@@ -627,3 +627,13 @@ def test_srun_steps_get_no_rank_vars_of_the_login_shell(tmp_path, monkeypatch):
     env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
     assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env)
     assert "\nunset RANK LOCAL_RANK WORLD_SIZE " in render("allocation.sbatch", cfg, gpu_plan()[1])
+
+
+def test_sbatch_args_pasted_with_their_prefix_are_rendered_once():
+    """Validation accepts ``cluster.sbatch_args=["#SBATCH --exclusive"]`` (as pasted from a script) and submitit gets
+    --exclusive; the rendered script (and the `--test-only` check) used to say ``#SBATCH #SBATCH --exclusive``, a
+    line sbatch ignores."""
+    cfg, plan = gpu_plan()
+    cfg.cluster.sbatch_args = ["#SBATCH --exclusive"]
+    text = render("allocation.sbatch", cfg, plan)
+    assert "\n#SBATCH --exclusive\n" in text and "#SBATCH #SBATCH" not in text
