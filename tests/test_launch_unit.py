@@ -637,3 +637,23 @@ def test_sbatch_args_pasted_with_their_prefix_are_rendered_once():
     cfg.cluster.sbatch_args = ["#SBATCH --exclusive"]
     text = render("allocation.sbatch", cfg, plan)
     assert "\n#SBATCH --exclusive\n" in text and "#SBATCH #SBATCH" not in text
+
+
+def test_rendered_scripts_run_setup_commands_that_read_unset_variables(tmp_path):
+    """Activation scripts (conda's, a site's modules) often read variables nobody set; the scripts ran
+    cluster.setup_commands under ``set -u``, so bash ended them there, before any step started."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho started >> {tmp_path / 'steps'}\n")
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / "activate").write_text(': "$AREAL_TEST_NEVER_SET"\n')
+    cfg, plan = gpu_plan()
+    cfg.cluster.setup_commands = [f". {tmp_path / 'activate'}"]
+    cfg.shutdown_server_on_exit = False  # no server step is killed before it writes its line
+    plan.run_dir = str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "AREAL_TEST_NEVER_SET"}
+    for template in ("allocation.sbatch", "add-servers.sbatch"):
+        r = subprocess.run(["bash", "-c", render(template, cfg, plan)], capture_output=True, text=True, timeout=30,
+                           env={**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        assert r.returncode == 0, (template, r.stderr)
+    assert (tmp_path / "steps").read_text().count("started") == 3 + 2  # servers and trainer; then the servers
