@@ -657,3 +657,10 @@ def test_rendered_scripts_run_setup_commands_that_read_unset_variables(tmp_path)
                            env={**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
         assert r.returncode == 0, (template, r.stderr)
     assert (tmp_path / "steps").read_text().count("started") == 3 + 2  # servers and trainer; then the servers
+
+
+def test_wait_finished_ends_at_a_preemption_that_is_not_requeued(monkeypatch):
+    """A job preempted without requeue ends PREEMPTED: `submit` with launcher.wait waited for it forever."""
+    states = iter(["RUNNING", "PREEMPTED", "PREEMPTED"])
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
+    assert slurm_submit.wait_finished("7", poll_s=0) == "PREEMPTED"
