@@ -142,3 +142,16 @@ def test_bad_yaml_file(tmp_path, capsys):
     f.write_text("trainer: [unclosed\n")
     assert run_cli("submit", f, f"cluster.fileroot={tmp_path}") == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+# fix8-B
+
+def test_dry_run_writes_no_server_script_with_taken_names(tmp_path, capsys):
+    """`submit --dry-run` used to write sbatch/add-servers.sbatch for the whole allocation, naming its servers
+    server-0..: run by hand, they clashed with the run's own. Only `add-servers --new-job` renders that
+    template, with free names; the run dir holds just the allocation's script."""
+    rc = run_cli("submit", QUICKSTART, "mode=slurm", "allocation_mode=sglang:d2+fsdp:d2", "cluster.n_gpus_per_node=4",
+                 f"cluster.fileroot={tmp_path}", "--dry-run", "experiment_name=e1", "trial_name=t1")
+    assert rc == 0, capsys.readouterr().err
+    rd = next(tmp_path.glob("*/e1/t1"))
+    assert sorted(p.name for p in (rd / "sbatch").iterdir()) == ["allocation.sbatch"]

@@ -774,3 +774,63 @@ def test_a_stop_posted_while_the_owner_starts_is_served(tmp_path):
     finally:
         owner.request_force()
         ran.join(timeout=10)
+
+
+# fix8-B
+
+def test_srun_steps_get_no_rank_vars_of_the_login_shell(tmp_path, monkeypatch):
+    """sbatch exports the submitting shell: a RANK/WORLD_SIZE/MASTER_ADDR left there from an earlier torchrun
+    used to reach the trainer's srun step, where they won over SLURM_PROCID/SLURM_NTASKS (every rank rank 3 of
+    99, rendezvous at a login node). The driver starts steps without them; the rendered script unsets them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", f"env > {tmp_path / 'env'}"), ("squeue", "true")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for var, value in (("RANK", "3"), ("WORLD_SIZE", "99"), ("MASTER_ADDR", "login1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)
+    cfg, plan = gpu_plan()
+    plan.run_dir = str(tmp_path)
+    step = StepSpec(**{**plan.step("trainer").__dict__, "log": str(tmp_path / "trainer.log")})
+    SrunRunner(cfg, plan, "7", env={}).start(step, []).proc.wait(timeout=30)
+    env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+    assert "\nunset RANK LOCAL_RANK WORLD_SIZE " in render("allocation.sbatch", cfg, gpu_plan()[1])
+
+
+def test_sbatch_args_pasted_with_their_prefix_are_rendered_once():
+    """Validation accepts ``cluster.sbatch_args=["#SBATCH --exclusive"]`` (as pasted from a script) and submitit gets
+    --exclusive; the rendered script (and the `--test-only` check) used to say ``#SBATCH #SBATCH --exclusive``, a
+    line sbatch ignores."""
+    cfg, plan = gpu_plan()
+    cfg.cluster.sbatch_args = ["#SBATCH --exclusive"]
+    text = render("allocation.sbatch", cfg, plan)
+    assert "\n#SBATCH --exclusive\n" in text and "#SBATCH #SBATCH" not in text
+
+
+def test_rendered_scripts_run_setup_commands_that_read_unset_variables(tmp_path):
+    """Activation scripts (conda's, a site's modules) often read variables nobody set; the scripts ran
+    cluster.setup_commands under ``set -u``, so bash ended them there, before any step started."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho started >> {tmp_path / 'steps'}\n")
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / "activate").write_text(': "$AREAL_TEST_NEVER_SET"\n')
+    cfg, plan = gpu_plan()
+    cfg.cluster.setup_commands = [f". {tmp_path / 'activate'}"]
+    cfg.shutdown_server_on_exit = False  # no server step is killed before it writes its line
+    plan.run_dir = str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "AREAL_TEST_NEVER_SET"}
+    for template in ("allocation.sbatch", "add-servers.sbatch"):
+        r = subprocess.run(["bash", "-c", render(template, cfg, plan)], capture_output=True, text=True, timeout=30,
+                           env={**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        assert r.returncode == 0, (template, r.stderr)
+    assert (tmp_path / "steps").read_text().count("started") == 3 + 2  # servers and trainer; then the servers
+
+
+def test_wait_finished_ends_at_a_preemption_that_is_not_requeued(monkeypatch):
+    """A job preempted without requeue ends PREEMPTED: `submit` with launcher.wait waited for it forever."""
+    states = iter(["RUNNING", "PREEMPTED", "PREEMPTED"])
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
+    assert slurm_submit.wait_finished("7", poll_s=0) == "PREEMPTED"

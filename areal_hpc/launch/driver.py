@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig, load_resolved, run_umask
 from areal_hpc.launch import outcome, slurm
+from areal_hpc.launch.entry import RANK_VARS
 from areal_hpc.launch.local import ProcessHandle
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
@@ -127,7 +128,7 @@ class SrunRunner(Runner):
         argv = slurm.srun_argv(placed, self.plan.job_name, ["--open-mode=append", *self.cfg.cluster.srun_args],
                                jobid=self.job_id)
         Path(step.log).parent.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS}
+        env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS and k not in RANK_VARS}
         env.update(step.env, PYTHONUNBUFFERED="1")
         log.info("srun %s", slurm.shell_line(argv))
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True,

@@ -48,6 +48,9 @@ def slurm_placement() -> str:
 os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
 
 LAUNCHER_PID_ENV = "AREAL_HPC_LAUNCHER_PID"
+# What a launcher sets per rank (torchrun's agent; srun, through `_master_from_slurm`): values inherited from the
+# submitting shell (sbatch exports it) must not reach the ranks, where they would win over the launcher's own.
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 # looked up once: what runs between fork and exec (`preexec_fn`) must not load libraries
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 

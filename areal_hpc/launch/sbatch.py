@@ -57,7 +57,8 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
         if getattr(c, key):
             opts[key] = str(getattr(c, key))
     lines = [f"#SBATCH --{k}={v}" for k, v in sorted(opts.items())]
-    lines += [f"#SBATCH {a}" for a in c.sbatch_args]
+    # validation lets an entry start with "#SBATCH" (as pasted from a script); sbatch ignores "#SBATCH #SBATCH ..."
+    lines += [f"#SBATCH {str(a).removeprefix('#SBATCH').strip()}" for a in c.sbatch_args]
     return lines
 
 

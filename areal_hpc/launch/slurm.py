@@ -13,8 +13,9 @@ from typing import Dict, Iterator, List, Optional
 from areal_hpc.config.validate import slurm_time_seconds
 from areal_hpc.launch.plan import StepSpec
 
+# PREEMPTED: ended by preemption and not requeued (a requeued job is REQUEUED, then PENDING)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+                "DEADLINE", "SPECIAL_EXIT", "REVOKED", "PREEMPTED"}
 WAITING_STATES = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESIZING")
 LIVE_STATES = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING")
 

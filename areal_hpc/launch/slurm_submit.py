@@ -1,7 +1,7 @@
 """`mode=slurm` from the login node: the run's allocation (submitit), and server jobs joining a run.
 
 The allocation's payload, `Driver`, runs `driver.main` in the batch script itself (the interpreter ``exec``-ed so that
-the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) are the rendered `sbatch/add-servers.sbatch`.
+the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) are the rendered `templates/add-servers.sbatch`.
 """
 
 from __future__ import annotations
@@ -64,9 +64,7 @@ def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.Auto
         name=opts["job-name"], nodes=int(opts["nodes"]), tasks_per_node=1, cpus_per_task=int(opts["cpus-per-task"]),
         timeout_min=slurm.time_minutes(c.time), slurm_mem=opts["mem"], slurm_use_srun=False, slurm_signal_delay_s=90,
         slurm_stderr_to_stdout=True, slurm_setup=list(c.setup_commands), slurm_additional_parameters=additional)
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(c, key):
-            params[f"slurm_{key}"] = str(getattr(c, key))
+    params.update({f"slurm_{key}": opts[key] for key in ("partition", "account", "qos", "constraint") if key in opts})
     ex.update_parameters(**params)
     return ex
 

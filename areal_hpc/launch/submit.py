@@ -45,8 +45,6 @@ def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
         rd / "plan.json": plan.to_json(),
         rd / "sbatch" / "allocation.sbatch": render("allocation.sbatch", cfg, plan),
     }
-    if plan.servers:
-        files[rd / "sbatch" / "add-servers.sbatch"] = render("add-servers.sbatch", cfg, plan)
     for path, text in files.items():
         atomic_write(path, text)
 
@@ -56,7 +54,7 @@ class RunDirSnapshot:
     behind that looks as if it ran: a new run dir (and the {user}/{experiment} dirs made for it) is
     removed; an existing one gets its files back and loses what the attempt added."""
 
-    FILES = ("config.yaml", "plan.json", "sbatch/allocation.sbatch", "sbatch/add-servers.sbatch")
+    FILES = ("config.yaml", "plan.json", "sbatch/allocation.sbatch")
 
     def __init__(self, rd: Path):
         self.rd = rd

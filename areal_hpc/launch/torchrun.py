@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Dict, List
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
-from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS, set_parent_death_signal
 from areal_hpc.launch.local import ProcessHandle, ProcessRunner, spawn
 from areal_hpc.launch.owner import StepHandle
 from areal_hpc.launch.plan import StepSpec
 from areal_hpc.registry import free_port
-
-# what the agent sets per rank: inherited values of an enclosing launcher must not leak in
-_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
 def torchrun_argv(cfg: ExperimentConfig, step: StepSpec, rdzv_port: int) -> List[str]:
@@ -85,7 +82,7 @@ class TorchrunRunner(ProcessRunner):
         if step.role != "trainer":
             return super().start(step, running)
         gpus = self.gpus_for(step, running)
-        env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS and k != LAUNCHER_PID_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS and k != LAUNCHER_PID_ENV}
         env.update(step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module's docstring
         if self.servers:
