@@ -110,17 +110,22 @@ def test_math_scores_in_workers_that_the_controller_ends(tok):
     assert multiprocessing.active_children() == []
 
 
-def test_a_stuck_worker_is_replaced():
+def test_stuck_or_dead_workers_are_replaced():
     from areal_hpc.rollout.rewards import RewardScorer
 
-    async def score_twice(scorer):
+    async def score_thrice(scorer):
         stuck = await scorer.score("q", [HANG], "7")
         scorer.timeout_s = 20  # fresh workers start (and import math-verify) within it
-        return stuck, await scorer.score("q", ["\\boxed{7}", "\\boxed{8}"], "7")
+        killed = asyncio.create_task(scorer.score("q", [HANG], "7"))
+        while scorer._pool is None or not scorer._pool._processes:
+            await asyncio.sleep(0.01)
+        for p in list(scorer._pool._processes.values()):  # e.g. the OOM killer
+            p.kill()
+        return stuck, await killed, await scorer.score("q", ["\\boxed{7}", "\\boxed{8}"], "7")
 
     scorer = RewardScorer("math", timeout_s=1)
     try:
-        assert asyncio.run(score_twice(scorer)) == ([0.0], [1.0, 0.0])
+        assert asyncio.run(score_thrice(scorer)) == ([0.0], [0.0], [1.0, 0.0])
     finally:
         scorer.close()
     assert multiprocessing.active_children() == []

@@ -54,9 +54,9 @@ class RewardScorer:
         done, late = await asyncio.wait(futs, timeout=self.timeout_s)
         for f in late:
             f.cancel()
-        if late and self.in_process:  # a worker stuck in C code, where no alarm reaches it: fresh workers
-            self.close()
         bad = [f for f in futs if f in late or f.exception() is not None]
+        if bad and self.in_process:  # a worker stuck in C code (no alarm reaches it), or one that died: fresh ones
+            self.close()
         if bad:
             why = "timed out" if late else repr(bad[0].exception())
             log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
@@ -66,7 +66,7 @@ class RewardScorer:
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            for p in list(pool._processes.values()):  # shutdown alone would wait for a stuck worker forever
+            for p in list((pool._processes or {}).values()):  # shutdown alone would wait for a stuck worker forever
                 p.kill()
             pool.shutdown(wait=True, cancel_futures=True)
 
