@@ -41,7 +41,7 @@ class RewardScorer:
     raises or runs out of time scores 0, with a warning. `close` ends the workers."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
-        self.fn, self.timeout_s, self.in_process = get_reward(name), timeout_s, name in IN_PROCESS
+        self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
         self._pool: Optional[ProcessPoolExecutor] = None
 
     async def score(self, prompt: str, completions: Sequence[str], answer: str, **row) -> List[float]:
@@ -51,7 +51,7 @@ class RewardScorer:
         loop = asyncio.get_running_loop()
         futs = [loop.run_in_executor(self._pool, functools.partial(self.fn, prompt, c, answer, **row))
                 for c in completions]
-        done, late = await asyncio.wait(futs, timeout=self.timeout_s)
+        _, late = await asyncio.wait(futs, timeout=self.timeout_s)
         for f in late:
             f.cancel()
         bad = [f for f in futs if f in late or f.exception() is not None]
@@ -60,7 +60,7 @@ class RewardScorer:
         if bad:
             why = "timed out" if late else repr(bad[0].exception())
             log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
-                        getattr(self.fn, "__name__", self.fn), len(bad), len(futs), why, self.timeout_s)
+                        self.name, len(bad), len(futs), why, self.timeout_s)
         return [0.0 if f in bad else float(f.result()) for f in futs]
 
     def close(self) -> None:

@@ -292,11 +292,10 @@ class FollowerSide:
     def stats(self) -> Dict[str, float]:
         return {}
 
+    wait_update = stats  # rank 0 waits for the update and reports it
+
     def external_ids(self) -> List[str]:
         return []
-
-    def wait_update(self) -> Dict[str, float]:
-        return {}
 
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
