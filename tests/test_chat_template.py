@@ -218,3 +218,20 @@ def test_the_end_of_turn_token_stops_generation(tmp_path):
         assert t.info["completion"] == "\\boxed{7}" and t.reward == 1.0  # decoded without specials, then scored
     # with the EOS alone (what the workflow used to send) the model talks on past its turn
     assert eos_only.finish_reason == "length" and tok.decode(eos_only.output_ids) == "\\boxed{7}<|im_end|>" + "8" * 6
+
+
+# fix8-C
+def test_raw_text_prompts_get_the_tokenizers_bos(tmp_path):
+    """A Llama-style base tokenizer adds a BOS to text: raw prompts (rollout and SFT) start with it, as SGLang's
+    text path does; a rendered template holds its own special tokens and gets none added."""
+    from tokenizers.processors import TemplateProcessing
+
+    base = build_chatml_tokenizer(tmp_path / "bos", template=None, specials=("<unk>", "<s>", "</s>"), eos="</s>")
+    bos = base.convert_tokens_to_ids("<s>")
+    base._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    row = {"prompt": "3+4=", "answer": "7"}
+    assert PromptEncoder(base).encode(row) == [bos] + ids_of(base, "3+4=")
+    sft = tokenize_rows([row], base, prompts=PromptEncoder(base))
+    assert sft["input_ids"][0].tolist() == [bos] + ids_of(base, "3+4=7") + [base.eos_token_id]
+    base.chat_template = "<s>{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert PromptEncoder(base).encode(row) == [bos] + ids_of(base, "3+4=")

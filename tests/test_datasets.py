@@ -172,3 +172,25 @@ def test_a_prompt_loader_past_its_last_epoch_stays_exhausted():
     again = PromptLoader(rows, seed=3, epochs=2)
     again.load_state_dict(done.state_dict())
     assert list(again) == []
+
+
+# fix8-C
+def test_ppo_leaves_out_prompts_longer_than_max_prompt_len(tmp_path, caplog):
+    """The tokenizer is character-level: a prompt of n characters is n tokens."""
+    import logging
+    from types import SimpleNamespace
+
+    from chatml import build_chatml_tokenizer
+
+    from areal_hpc.config.schema import ExperimentConfig
+    from areal_hpc.trainers.rollout_side import load_prompts
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ("1+0=", "10+0=", "100+0=")))
+    cfg = ExperimentConfig(train_dataset=DatasetConfig(path=str(f), max_prompt_len=5, shuffle=False))
+    tok = build_chatml_tokenizer(tmp_path / "tok", template=None)
+    with caplog.at_level(logging.WARNING):
+        loader = load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1, tokenizer=tok)
+    assert [r["prompt"] for r in loader] == ["1+0=", "10+0="]
+    assert "1 of 3 prompts are longer than train_dataset.max_prompt_len=5 tokens" in caplog.text
+    assert len(list(load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1))) == 3  # SFT keeps (and truncates)

@@ -3,6 +3,7 @@ request reaching a child that waits, a dead child reported instead of waited for
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -125,3 +126,25 @@ def test_an_error_the_trainer_cannot_rebuild_arrives_as_its_text():
 
     with pytest.raises(RuntimeError, match="rollout.workflow: no such workflow"):
         RolloutProcess(make, should_stop=lambda: False)
+
+
+# fix8-C
+class MathSide(FakeSide):
+    def next_trajectories(self, version):
+        from areal_hpc.rollout.rewards import RewardScorer
+
+        scorer = RewardScorer("math")
+        try:
+            return asyncio.run(scorer.score("q", ["\\boxed{7}", "\\boxed{8}"], "7"))
+        finally:
+            scorer.close()
+
+
+def test_the_child_scores_math_in_reward_workers():
+    """The child is a daemonic process, which multiprocessing forbids children unless it says otherwise."""
+    side = RolloutProcess(MathSide, should_stop=lambda: False)
+    try:
+        assert side.next_batch(1) == [1.0, 0.0]
+    finally:
+        side.stop()
+    assert side._proc.exitcode == 0

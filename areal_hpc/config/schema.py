@@ -80,6 +80,7 @@ class RolloutConfig:
     reward_fn: str = "exact_match"
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     request_timeout_s: float = 3600.0
+    reward_timeout_s: float = 60.0  # to score one group; a reward that takes longer (or raises) scores 0
     # no silent stalls: fail when most finished groups were wasted for drop_timeout_s, or no batch
     # came for stall_timeout_s with servers live (RolloutController.next_batch)
     drop_timeout_s: float = 300.0

@@ -64,7 +64,7 @@ RANGES = {
                  "{eng}.optimizer.weight_decay", "{eng}.optimizer.grad_clip", "{ds}.limit",
                  "saver.freq_steps"),
     "(0, inf)": ("launcher.heartbeat_s", "launcher.server_startup_timeout_s",
-                 "launcher.trainer_wait_servers_timeout_s", "rollout.request_timeout_s",
+                 "launcher.trainer_wait_servers_timeout_s", "rollout.request_timeout_s", "rollout.reward_timeout_s",
                  "rollout.drop_timeout_s", "rollout.stall_timeout_s", "trainer.ppo.eps_clip",
                  "{eng}.optimizer.lr", "{eng}.optimizer.eps"),
     "(0, 1]": ("server.mem_fraction_static", "rollout.gen.top_p"),

@@ -259,6 +259,8 @@ class RolloutController:
             t.cancel()
         if hasattr(self.client, "close"):
             await self.client.close()
+        if hasattr(self.workflow, "close"):  # its reward workers
+            self.workflow.close()
 
     async def _episode(self, row: Dict[str, Any], version: int) -> None:
         group: Optional[Group] = None

@@ -130,7 +130,8 @@ class PromptEncoder:
                              f"raw-text {f.prompt_key!r} string (or use a model whose tokenizer has a chat template)")
         else:
             text = str(row[f.prompt_key])
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # raw text gets the tokenizer's BOS (as SGLang's text path does); a rendered template holds its own
+        return self.tokenizer(text, add_special_tokens=not self.uses_template)["input_ids"]
 
     def end_of_turn_ids(self) -> List[int]:
         """What closes a trained reply (SFT): the template's end-of-turn token when the template

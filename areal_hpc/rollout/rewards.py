@@ -4,11 +4,19 @@ Add one with ``@register_reward("name")``; select it with ``rollout.reward_fn=na
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import multiprocessing
+import os
 import threading
-from typing import Callable, Dict
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Dict, List, Optional, Sequence
 
+log = logging.getLogger(__name__)
 RewardFn = Callable[..., float]
 REWARDS: Dict[str, RewardFn] = {}
+IN_PROCESS = ("math",)  # built-in rewards a fresh process can import, scored there
 
 
 def register_reward(name: str):
@@ -25,6 +33,44 @@ def get_reward(name: str) -> RewardFn:
         raise KeyError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARDS))}") from None
 
 
+class RewardScorer:
+    """Scores a group's completions off the event loop, the whole group within ``timeout_s``. `IN_PROCESS` rewards
+    run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a worker's main thread
+    runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes, stalls no rollout I/O;
+    others (a user's ``@register_reward``, maybe not importable in a fresh process) run on threads. A reward that
+    raises or runs out of time scores 0, with a warning. `close` ends the workers."""
+
+    def __init__(self, name: str, timeout_s: float = 60.0):
+        self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
+        self._pool: Optional[ProcessPoolExecutor] = None
+
+    async def score(self, prompt: str, completions: Sequence[str], answer: str, **row) -> List[float]:
+        if self.in_process and self._pool is None:
+            self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
+                                             mp_context=multiprocessing.get_context("spawn"))
+        loop = asyncio.get_running_loop()
+        futs = [loop.run_in_executor(self._pool, functools.partial(self.fn, prompt, c, answer, **row))
+                for c in completions]
+        _, late = await asyncio.wait(futs, timeout=self.timeout_s)
+        for f in late:
+            f.cancel()
+        bad = [f for f in futs if f in late or f.exception() is not None]
+        if bad and self.in_process:  # a worker stuck in C code (no alarm reaches it), or one that died: fresh ones
+            self.close()
+        if bad:
+            why = "timed out" if late else repr(bad[0].exception())
+            log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
+                        self.name, len(bad), len(futs), why, self.timeout_s)
+        return [0.0 if f in bad else float(f.result()) for f in futs]
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for p in list((pool._processes or {}).values()):  # shutdown alone would wait for a stuck worker forever
+                p.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 @register_reward("exact_match")
 def exact_match(prompt: str, completion: str, answer: str, **_) -> float:
     """1 if the completion (whitespace-stripped) is exactly the answer: the toy tasks."""
@@ -37,8 +83,8 @@ def math_answer(prompt: str, completion: str, answer: str, **_) -> float:
     LaTeX or plain expressions, \\boxed{}, fractions, sets; 0.5 == 1/2), not a regex on the last number."""
     from math_verify import parse, verify
 
-    # math-verify bounds its work with signal.alarm, which only the main thread may use; the
-    # rollout controller scores on its own thread, where parsing runs without that bound
+    # math-verify bounds its work with signal.alarm, which only the main thread may use (`RewardScorer` runs this
+    # on a worker's); elsewhere parsing runs without that bound
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(str(answer) if str(answer).lstrip().startswith("$") else f"${answer}$", parsing_timeout=timeout)
     pred = parse(completion, parsing_timeout=timeout)

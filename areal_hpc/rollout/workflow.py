@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat, stop_token_ids
-from areal_hpc.rollout.rewards import get_reward
+from areal_hpc.rollout.rewards import RewardScorer
 
 
 @dataclass
@@ -80,7 +80,8 @@ class RLVRWorkflow(RolloutWorkflow):
 
     def __init__(self, tokenizer, gen_config, reward_fn: str = "exact_match", n_samples: int = 8,
                  prompt_key: str = "prompt", answer_key: str = "answer", messages_key: str = "messages",
-                 chat_template: str = "auto", system_prompt: str = "", model_dir: Optional[str] = None):
+                 chat_template: str = "auto", system_prompt: str = "", model_dir: Optional[str] = None,
+                 reward_timeout_s: float = 60.0):
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
         self.params = asdict(gen_config) if is_dataclass(gen_config) else dict(gen_config)
@@ -88,7 +89,7 @@ class RLVRWorkflow(RolloutWorkflow):
             stops = set(self.params.get("stop_token_ids") or [])
             stops.update(stop_token_ids(tokenizer, model_dir, chat_template))
             self.params["stop_token_ids"] = sorted(stops)
-        self.reward, self.n_samples = get_reward(reward_fn), n_samples
+        self.scorer, self.n_samples = RewardScorer(reward_fn, reward_timeout_s), n_samples
         self.prompt_key, self.answer_key = prompt_key, answer_key
 
     async def arun_episode(self, client, row: Dict[str, Any]) -> Optional[Group]:
@@ -100,11 +101,12 @@ class RLVRWorkflow(RolloutWorkflow):
         extras = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key, "prompt", "completion",
                                                              "answer")}
         prompt = self.prompts.prompt_text(row)
-        trajs = []
-        for res in results:
-            text = self.tokenizer.decode(res.output_ids, skip_special_tokens=True)
-            reward = self.reward(prompt, text, row.get(self.answer_key, ""), **extras)
-            trajs.append(Trajectory(prompt_ids=list(prompt_ids), output_ids=list(res.output_ids),
-                                    logprobs=list(res.logprobs), versions=list(res.versions), reward=float(reward),
-                                    finish_reason=res.finish_reason, info={"completion": text}))
-        return Group(trajectories=trajs)
+        texts = [self.tokenizer.decode(res.output_ids, skip_special_tokens=True) for res in results]
+        rewards = await self.scorer.score(prompt, texts, row.get(self.answer_key, ""), **extras)
+        return Group(trajectories=[Trajectory(prompt_ids=list(prompt_ids), output_ids=list(res.output_ids),
+                                              logprobs=list(res.logprobs), versions=list(res.versions), reward=reward,
+                                              finish_reason=res.finish_reason, info={"completion": text})
+                                   for res, text, reward in zip(results, texts, rewards)])
+
+    def close(self) -> None:
+        self.scorer.close()

@@ -144,6 +144,7 @@ def _serve(make_side, stop_event, calls, updates) -> None:
     """The child: build the side, answer calls (updates on a thread of their own) until "stop" or EOF."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # the trainer decides when its side stops
         signal.signal(sig, signal.SIG_IGN)
+    multiprocessing.current_process().daemon = False  # it may start reward workers (RewardScorer) and stops them
     with contextlib.suppress(Exception):  # Linux: die with the trainer, however it ends
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     try:

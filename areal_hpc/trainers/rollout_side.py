@@ -25,6 +25,7 @@ from areal_hpc.registry import RegistryTimeout, free_port
 from areal_hpc.rollout import PromptLoader, RolloutController, RolloutError, Trajectory, make_workflow
 from areal_hpc.rollout.adapters import apply_adapter
 from areal_hpc.rollout.data import load_dataset_rows
+from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
 from areal_hpc.trainers.base import TrainContext
@@ -40,9 +41,23 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(toy.resolve_model(path))
 
 
-def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0) -> PromptLoader:
+def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, tokenizer=None) -> PromptLoader:
+    """The dataset's rows through its adapter; with ``tokenizer``, less those whose prompt is longer than
+    ``{ds}.max_prompt_len`` tokens (as AReaL filters them: a server would reject them, or the trainer run out of
+    memory)."""
     ds = ctx.cfg.train_dataset if which == "train" else ctx.cfg.valid_dataset
     rows = apply_adapter(load_dataset_rows(ds, which), ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
+    if tokenizer is not None:
+        encode, kept = PromptEncoder(tokenizer, PromptFormat.from_dataset(ds)).encode, []
+        for row in rows:
+            with contextlib.suppress(ValueError):  # a row the encoder rejects fails its episode, as before
+                if len(encode(row)) > ds.max_prompt_len:
+                    continue
+            kept.append(row)
+        if len(kept) < len(rows):
+            log.warning("%d of %d prompts are longer than %s_dataset.max_prompt_len=%d tokens: left out",
+                        len(rows) - len(kept), len(rows), which, ds.max_prompt_len)
+        rows = kept
     return PromptLoader(rows, shuffle=ds.shuffle and which == "train", seed=ctx.cfg.seed, epochs=epochs)
 
 
@@ -51,7 +66,7 @@ def make_rollout_workflow(cfg, tokenizer, ds):
     return make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
                          reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples, prompt_key=ds.prompt_key,
                          answer_key=ds.answer_key, messages_key=ds.messages_key, chat_template=ds.chat_template,
-                         system_prompt=ds.system_prompt)
+                         system_prompt=ds.system_prompt, reward_timeout_s=cfg.rollout.reward_timeout_s)
 
 
 def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = None) -> ServerPool:
@@ -72,10 +87,10 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
     ``rollout.client_process``), a `FollowerSide` on the other ranks; None on all if a stop came meanwhile."""
     side = None
     if dist.rank() == 0:
-        loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs)
+        tokenizer = load_tokenizer(actor_path(ctx.cfg))
+        loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs, tokenizer=tokenizer)
         loader.load_state_dict(loader_state)
-        # make(should_stop) builds the side
-        make = functools.partial(RolloutSide, ctx, load_tokenizer(actor_path(ctx.cfg)), loader, version)
+        make = functools.partial(RolloutSide, ctx, tokenizer, loader, version)  # make(should_stop) builds the side
         try:
             in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
             side = RolloutProcess(make, should_stop) if in_child else make(should_stop)
@@ -277,11 +292,10 @@ class FollowerSide:
     def stats(self) -> Dict[str, float]:
         return {}
 
+    wait_update = stats  # rank 0 waits for the update and reports it
+
     def external_ids(self) -> List[str]:
         return []
-
-    def wait_update(self) -> Dict[str, float]:
-        return {}
 
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:

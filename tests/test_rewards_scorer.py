@@ -1,0 +1,131 @@
+"""Rewards are scored off the rollout loop and bounded in time: a slow or hanging reward neither stalls the loop's
+other work (requests, weight-version checks) nor the run; the `math` reward runs in worker processes, where
+math-verify's own timeouts work; no worker outlives the scorer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+from types import SimpleNamespace
+
+import pytest
+from chatml import build_chatml_tokenizer
+
+from areal_hpc.config.schema import GenerationConfig
+from areal_hpc.rollout import REWARDS, RolloutController, register_reward
+from areal_hpc.rollout.workflow import RLVRWorkflow
+
+HANG = "\\boxed{9^{9^{9}}}"  # sympy computes this power for minutes, holding the GIL, unless interrupted
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_chatml_tokenizer(tmp_path_factory.mktemp("tok"), template=None)
+
+
+class Client:
+    """Answers each prompt with the next completion of ``texts``."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, list(texts)
+
+    async def generate(self, prompt_ids, params):
+        ids = self.tok(self.texts.pop(0), add_special_tokens=False)["input_ids"]
+        return SimpleNamespace(output_ids=ids, logprobs=[0.0] * len(ids), versions=[0] * len(ids),
+                               finish_reason="stop")
+
+
+async def _ticking(coro):
+    """``coro``'s result and how often a 10 ms ticker ran meanwhile on the same loop."""
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+    ticker = asyncio.create_task(tick())
+    try:
+        return await coro, ticks
+    finally:
+        ticker.cancel()
+
+
+def test_a_hanging_user_reward_scores_zero_without_blocking_the_loop(tok, caplog):
+    release = threading.Event()
+
+    @register_reward("test-hang")
+    def hang(prompt, completion, answer, **_):
+        if completion == "hang":
+            release.wait(5)  # old code: the loop waits here, then the reward counts
+        return 1.0
+
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-hang", n_samples=2, reward_timeout_s=0.5)
+
+        async def episode():
+            try:
+                return await wf.arun_episode(Client(tok, ["hang", "7"]), {"prompt": "3+4="})
+            finally:
+                release.set()  # the loop's end waits for its threads
+        with caplog.at_level(logging.WARNING):
+            group, ticks = asyncio.run(_ticking(episode()))
+        assert [t.reward for t in group.trajectories] == [0.0, 1.0] and ticks > 10
+        assert "1 of 2 completions score 0 (timed out" in caplog.text
+    finally:
+        release.set()
+        REWARDS.pop("test-hang")
+
+
+def test_a_raising_reward_scores_zero(tok, caplog):
+    @register_reward("test-raise")
+    def boom(prompt, completion, answer, **_):
+        if completion == "bad":
+            raise ValueError("cannot score")
+        return 1.0
+
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-raise", n_samples=2)
+        with caplog.at_level(logging.WARNING):
+            group = asyncio.run(wf.arun_episode(Client(tok, ["bad", "7"]), {"prompt": "3+4="}))
+        assert [t.reward for t in group.trajectories] == [0.0, 1.0] and "cannot score" in caplog.text
+    finally:
+        REWARDS.pop("test-raise")
+
+
+def test_math_scores_in_workers_that_the_controller_ends(tok):
+    """math-verify's 5 s alarm stops sympy in a worker; the loop ticks meanwhile; stop() leaves no worker."""
+    wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="math", n_samples=2)
+    c = RolloutController(wf, Client(tok, [HANG, "\\boxed{7}"]), iter([{"prompt": "3+4=", "answer": "7"}]),
+                          batch_size=1, max_head_offpolicyness=0)
+    c.pause()  # the episode below is the only one
+    c.start()
+    try:
+        group, ticks = c.run(_ticking(wf.arun_episode(c.client, {"prompt": "3+4=", "answer": "7"})), timeout=25)
+    finally:
+        c.stop()
+    assert [t.reward for t in group.trajectories] == [0.0, 1.0] and ticks > 50
+    assert multiprocessing.active_children() == []
+
+
+def test_stuck_or_dead_workers_are_replaced():
+    from areal_hpc.rollout.rewards import RewardScorer
+
+    async def score_thrice(scorer):
+        stuck = await scorer.score("q", [HANG], "7")
+        scorer.timeout_s = 20  # fresh workers start (and import math-verify) within it
+        killed = asyncio.create_task(scorer.score("q", [HANG], "7"))
+        while scorer._pool is None or not scorer._pool._processes:
+            await asyncio.sleep(0.01)
+        for p in list(scorer._pool._processes.values()):  # e.g. the OOM killer
+            p.kill()
+        return stuck, await killed, await scorer.score("q", ["\\boxed{7}", "\\boxed{8}"], "7")
+
+    scorer = RewardScorer("math", timeout_s=1)
+    try:
+        assert asyncio.run(score_thrice(scorer)) == ([0.0], [0.0], [1.0, 0.0])
+    finally:
+        scorer.close()
+    assert multiprocessing.active_children() == []
