@@ -314,3 +314,14 @@ def test_hf_server_refuses_unsupported_fields_of_control_routes(contract, hf_eng
 
     asyncio.run(_with_server(hf_engine, run))
     assert checked >= 10
+
+
+def test_tokens_of_the_weights_sglang_was_launched_with_are_version_0():
+    """An external SGLang started without --weight-version reports "default" until its first update: the rollout
+    controller compares token versions with the trainer's (ints), so "default" must read as the run's version 0."""
+    body = {"output_ids": [5, 6], "meta_info": {"output_token_logprobs": [[-0.1, 5, None], [-0.2, 6, None]],
+                                                "weight_versions": [{"start": 0, "end": 2, "version": "default"}]}}
+    assert api.parse_generate(body, fallback_version=3).versions == [0, 0]
+    del body["meta_info"]["weight_versions"]
+    body["meta_info"]["weight_version"] = "default"
+    assert api.parse_generate(body, fallback_version=3).versions == [0, 0]

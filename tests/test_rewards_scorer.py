@@ -129,3 +129,26 @@ def test_stuck_or_dead_workers_are_replaced():
     finally:
         scorer.close()
     assert multiprocessing.active_children() == []
+
+
+def test_workers_that_died_between_groups_are_replaced():
+    """Workers killed while idle (e.g. the OOM killer) broke the pool: the next group failed instead of scoring."""
+    from areal_hpc.rollout.rewards import RewardScorer
+
+    async def score_twice(scorer):
+        first = await scorer.score("q", ["\\boxed{7}"], "7")
+        for p in list(scorer._pool._processes.values()):
+            p.kill()
+            p.join()
+        for _ in range(200):  # until the pool's manager thread notices
+            if scorer._pool._broken:
+                break
+            await asyncio.sleep(0.05)
+        return first, await scorer.score("q", ["\\boxed{7}", "\\boxed{8}"], "7")
+
+    scorer = RewardScorer("math", timeout_s=20)
+    try:
+        assert asyncio.run(score_twice(scorer)) == ([1.0], [1.0, 0.0])
+    finally:
+        scorer.close()
+    assert multiprocessing.active_children() == []

@@ -150,6 +150,12 @@ class GenerateOutput:
     version_reported: bool  # False: the server said nothing about weight versions (older SGLang)
 
 
+def _token_version(v: Any) -> Any:
+    """A token's weight version; SGLang launched without ``--weight-version`` calls the weights it started with
+    "default": the run's version 0 (an external server attached before the first publish serves them)."""
+    return 0 if v == "default" else parse_version(v)
+
+
 def parse_generate(body: Dict[str, Any], fallback_version: Any) -> GenerateOutput:
     """One ``/generate`` response. Per-token versions come from ``meta_info.weight_versions`` spans
     (SGLang >= 0.5.2x and our engine), else ``meta_info.weight_version`` for every token, else
@@ -162,12 +168,12 @@ def parse_generate(body: Dict[str, Any], fallback_version: Any) -> GenerateOutpu
     spans = meta.get("weight_versions") or []
     versions: List[Any] = []
     for sp in spans:
-        versions += [parse_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0)))
+        versions += [_token_version(sp.get("version"))] * max(0, int(sp.get("end", 0)) - int(sp.get("start", 0)))
     reported = bool(spans)
     if len(versions) != len(ids):
         v = meta.get("weight_version")
         reported = v is not None
-        versions = (versions + [parse_version(v) if v is not None else fallback_version] * len(ids))[:len(ids)]
+        versions = (versions + [_token_version(v) if v is not None else fallback_version] * len(ids))[:len(ids)]
     reason = (meta.get("finish_reason") or {}).get("type", "stop")
     return GenerateOutput(ids, lps, versions, reason, reported)
 

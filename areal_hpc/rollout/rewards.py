@@ -45,18 +45,19 @@ class RewardScorer:
         self._pool: Optional[ProcessPoolExecutor] = None
 
     async def score(self, prompt: str, completions: Sequence[str], answer: str, **row) -> List[float]:
+        if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
+            self.close()
         if self.in_process and self._pool is None:
             self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
                                              mp_context=multiprocessing.get_context("spawn"))
-        loop = asyncio.get_running_loop()
-        futs = [loop.run_in_executor(self._pool, functools.partial(self.fn, prompt, c, answer, **row))
-                for c in completions]
+        pool, loop = self._pool, asyncio.get_running_loop()
+        futs = [loop.run_in_executor(pool, functools.partial(self.fn, prompt, c, answer, **row)) for c in completions]
         _, late = await asyncio.wait(futs, timeout=self.timeout_s)
         for f in late:
             f.cancel()
         bad = [f for f in futs if f in late or f.exception() is not None]
-        if bad and self.in_process:  # a worker stuck in C code (no alarm reaches it), or one that died: fresh ones
-            self.close()
+        if bad and pool is not None and pool is self._pool:  # a worker stuck in C code (no alarm reaches it), or
+            self.close()  # one that died: fresh ones (not a pool another group has started since)
         if bad:
             why = "timed out" if late else repr(bad[0].exception())
             log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
