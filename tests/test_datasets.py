@@ -194,3 +194,6 @@ def test_ppo_leaves_out_prompts_longer_than_max_prompt_len(tmp_path, caplog):
     assert [r["prompt"] for r in loader] == ["1+0=", "10+0="]
     assert "1 of 3 prompts are longer than train_dataset.max_prompt_len=5 tokens" in caplog.text
     assert len(list(load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1))) == 3  # SFT keeps (and truncates)
+    cfg.train_dataset.max_prompt_len = 3  # none fits: say so, not "the dataset is empty"
+    with pytest.raises(DatasetError, match="all 3 prompts are longer than train_dataset.max_prompt_len=3"):
+        load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1, tokenizer=tok)

@@ -136,9 +136,10 @@ def test_sync_and_async_learn(tmp_path, async_training):
 def test_eval_only(tmp_path):
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)}) + "\n"
-                            for a in range(4) for b in range(4)))
+                            for a in range(4) for b in range(4))
+                    + json.dumps({"prompt": "1+" * 40 + "1=", "answer": "1"}) + "\n")  # left out: too long
     p = submit(tmp_path, "trainer.type=null", "allocation_mode=hf:d2+eval", f"valid_dataset.path={data}",
-               "rollout.n_samples=2", "experiment_name=ev")
+               "valid_dataset.max_prompt_len=40", "rollout.n_samples=2", "experiment_name=ev")
     report = json.loads((run_dir(tmp_path, "ev") / "eval.json").read_text())
     assert report["n_prompts"] == 16 and report["n_samples"] == 2
     assert 0.0 <= report["accuracy"] <= 1.0 and "pass@2" in report

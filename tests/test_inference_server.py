@@ -192,6 +192,7 @@ def test_malformed_requests_get_4xx_with_a_reason(cluster):
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"max_new_tokens": -3}}).encode(), ">= 0"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"temperature": -1}}).encode(), ">= 0"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"top_p": 2}}).encode(), "top_p"),
+        ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"top_p": 10 ** 400}}).encode(), "top_p"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"nope": 1}}).encode(), "unknown"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": "x"}).encode(), "object"),
         ("/pause_generation", json.dumps({"mode": "sideways"}).encode(), "mode"),

@@ -834,3 +834,9 @@ def test_wait_finished_ends_at_a_preemption_that_is_not_requeued(monkeypatch):
     states = iter(["RUNNING", "PREEMPTED", "PREEMPTED"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
     assert slurm_submit.wait_finished("7", poll_s=0) == "PREEMPTED"
+
+
+def test_wait_running_gives_up_on_a_job_slurm_does_not_know(monkeypatch):
+    """A job Slurm never reports (e.g. sent elsewhere with --clusters) was waited for forever, without a word."""
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
+    assert slurm_submit.wait_running("7", poll_s=0, unknown_s=0) == "UNKNOWN"

@@ -29,11 +29,11 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # once a review restored the strict dtype checks those cuts had loosened (the HTTP weight update's,
 # the model's) and the decode step's skip of an empty retire; 12,447 after a fifth pass; 12,482 after
 # a sixth (a review that fixed 26 bugs, each with its test, and cut 30 lines); 12,515 after a seventh
-# (another review: 18 bugs fixed, each with its test, duplicate checks cut); 12,677 after an eighth
+# (another review: 18 bugs fixed, each with its test, duplicate checks cut); 12,691 after an eighth
 # (a review that fixed ~35 bugs, each with its test: reward scoring off the rollout loop and bounded in time,
 # no stale rank variables in srun steps, startup weight loads bounded, requests served by an owner that starts).
 # This ceiling moves down, and up only to undo what a cut broke or to fix a bug.
-MAX_PACKAGE_LINES = 12677
+MAX_PACKAGE_LINES = 12691
 MAX_MODULE_LINES = 450
 
 

@@ -233,7 +233,9 @@ def _number(d: Mapping[str, Any], key: str, default: Any) -> Any:
         return default
     ok = isinstance(v, (int, float)) and not isinstance(v, bool)
     if ok and isinstance(default, int) and isinstance(v, float):
-        ok = v.is_integer()  # (float(v) of a huge int would overflow: a 500, not this 400)
+        ok = v.is_integer()
+    elif ok and isinstance(default, float) and isinstance(v, int):
+        ok = abs(v) < 2 ** 1023  # float() of a bigger int overflows: a 500, not this 400
     if not ok:
         raise RequestError(f"sampling_params.{key} must be {'an integer' if isinstance(default, int) else 'a number'}, "
                            f"got {v!r}")

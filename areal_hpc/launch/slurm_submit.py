@@ -100,19 +100,25 @@ def follow_hint(cfg: ExperimentConfig) -> str:
             f"  areal-hpc stop {names}")
 
 
-def wait_running(job_id: str, poll_s: float = 0.3) -> Optional[str]:
-    """Block until the job leaves the queue (`slurm.WAITING_STATES`); returns its state (Ctrl-C returns None:
-    the job stays queued)."""
-    t0, told = time.monotonic(), False
+def wait_running(job_id: str, poll_s: float = 0.3, unknown_s: float = 300.0) -> Optional[str]:
+    """Block until the job leaves the queue (`slurm.WAITING_STATES`); returns its state, "UNKNOWN" when Slurm has not
+    known the job for ``unknown_s`` (Ctrl-C returns None: the job stays queued). Asks Slurm at intervals growing to
+    5 s: a job may queue for hours."""
+    t0, told, known_at = time.monotonic(), False, time.monotonic()
     try:
         while True:
             state = slurm.job_state(job_id)
             if state is not None and state not in slurm.WAITING_STATES:
                 return state
+            if state is not None:
+                known_at = time.monotonic()
+            elif time.monotonic() - known_at >= unknown_s:
+                return "UNKNOWN"
             if not told and state is not None and time.monotonic() - t0 > 3.0:
                 print(f"job {job_id} is {state} (Ctrl-C stops waiting; the job stays queued)", flush=True)
                 told = True
             time.sleep(poll_s)
+            poll_s = min(2 * poll_s, 5.0)
     except KeyboardInterrupt:
         return None
 

@@ -22,8 +22,9 @@ class EvalTrainer(Trainer):
         from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer, make_rollout_workflow, server_pool
 
         cfg, ctx, ds = self.cfg, self.ctx, self.cfg.valid_dataset
-        rows = list(load_prompts(ctx, "valid", epochs=1))
-        workflow = make_rollout_workflow(cfg, load_tokenizer(cfg.server.model_path or actor_path(cfg)), ds)
+        tokenizer = load_tokenizer(cfg.server.model_path or actor_path(cfg))
+        rows = list(load_prompts(ctx, "valid", epochs=1, tokenizer=tokenizer))
+        workflow = make_rollout_workflow(cfg, tokenizer, ds)
         try:  # a stop request (SIGTERM) only sets self.stop: both waits look at it
             pool = server_pool(ctx, should_stop=lambda: bool(self.stop))
         except RegistryTimeout:
@@ -79,3 +80,5 @@ class EvalTrainer(Trainer):
             return None
         finally:
             await pool.close()
+            if hasattr(workflow, "close"):  # its reward workers
+                workflow.close()

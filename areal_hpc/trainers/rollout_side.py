@@ -24,7 +24,7 @@ from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import RegistryTimeout, free_port
 from areal_hpc.rollout import PromptLoader, RolloutController, RolloutError, Trajectory, make_workflow
 from areal_hpc.rollout.adapters import apply_adapter
-from areal_hpc.rollout.data import load_dataset_rows
+from areal_hpc.rollout.data import DatasetError, load_dataset_rows
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
@@ -54,6 +54,9 @@ def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, token
                 if len(encode(row)) > ds.max_prompt_len:
                     continue
             kept.append(row)
+        if rows and not kept:
+            raise DatasetError("max_prompt_len", f"all {len(rows)} prompts are longer than {which}_dataset."
+                               f"max_prompt_len={ds.max_prompt_len} tokens", "raise it, or shorten the prompts")
         if len(kept) < len(rows):
             log.warning("%d of %d prompts are longer than %s_dataset.max_prompt_len=%d tokens: left out",
                         len(rows) - len(kept), len(rows), which, ds.max_prompt_len)
