@@ -1,10 +1,14 @@
 """Helpers shared by the tests that drive real processes (Slurm, servers)."""
 
+import contextlib
+import json
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import List
+from typing import Iterator, List
 
 
 def run(*cmd: str, timeout: float = 120) -> str:
@@ -38,3 +42,31 @@ def serve_argv(run_dir: Path, sid: str, *words: str, backend: str = "hf") -> Lis
     atomic_write(run_dir / "config.yaml", dump_yaml(load_config(None, list(words))))
     return [sys.executable, "-m", "areal_hpc", "serve", "--run-dir", str(run_dir), "--server-id", sid,
             "--backend", backend]
+
+
+@contextlib.contextmanager
+def health_answered_together(parties: int, weight_version: int = 0) -> Iterator[int]:
+    """A real HTTP server on 127.0.0.1 (yields its port) whose /health answers only once ``parties`` health checks
+    are in flight at the same time: checks made one after another time out on it. /model_info gives
+    ``weight_version``; any other path ``{}``."""
+    all_asked = threading.Barrier(parties)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/health":
+                all_asked.wait(timeout=10)
+            body = json.dumps({"weight_version": weight_version} if self.path == "/model_info" else {}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd.server_port
+    finally:
+        httpd.shutdown()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
-from helpers import serve_argv, wait_until
+from helpers import health_answered_together, serve_argv, wait_until
 
 from areal_hpc.registry import Registry, free_port
 from areal_hpc.trainers.metrics import read_metrics
@@ -350,44 +350,24 @@ def test_two_attaches_of_the_same_server_at_once_register_it_once(tmp_path):
     """Two `add-servers url=...` of one server at the same time: one attaches it, the other says it is already in
     the run. Both passed the duplicate check (made outside the registry lock) and both registered it."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from areal_hpc.config import ConfigError
     from areal_hpc.launch import external
 
-    both_probing = threading.Barrier(2)
-
-    class Health(BaseHTTPRequestHandler):  # answers /health once both attaches are past their duplicate check
-        def do_GET(self):
-            if self.path == "/health":
-                both_probing.wait(timeout=10)
-            body = json.dumps({"weight_version": 0} if self.path == "/model_info" else {}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     reg = Registry(tmp_path / "registry", ttl_s=60)
     results = []
-
-    def attach():
-        try:
-            results.append(external.attach(reg, f"http://127.0.0.1:{httpd.server_port}")[0])
-        except ConfigError as e:
-            results.append(e.one_line())
-    try:
+    # /health answers once both attaches are past their duplicate check
+    with health_answered_together(2) as port:
+        def attach():
+            try:
+                results.append(external.attach(reg, f"http://127.0.0.1:{port}")[0])
+            except ConfigError as e:
+                results.append(e.one_line())
         threads = [threading.Thread(target=attach) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=30)
-    finally:
-        httpd.shutdown()
     assert list(reg.list("servers")) == ["ext-0"]
     assert sorted(results)[0] == "ext-0" and "is already in this run as ext-0" in sorted(results)[1], results
 
@@ -396,35 +376,13 @@ def test_the_owner_checks_attached_servers_at_once(tmp_path):
     """The owner's health checks of attached servers run at the same time: one after another (5 s each), a few dead
     servers delayed the refresh of the live ones past their records' TTL, and live servers were dropped from the run.
     The servers here answer only once all three checks are in flight."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from areal_hpc.launch.external import ExternalWatch
 
-    all_asked = threading.Barrier(3)
-
-    class Server(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/health":
-                all_asked.wait(timeout=10)
-            body = json.dumps({"weight_version": 7} if self.path == "/model_info" else {}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Server)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     reg = Registry(tmp_path / "registry", ttl_s=60)
-    url = f"http://127.0.0.1:{httpd.server_port}"
-    for i in range(3):
-        reg.put("servers", f"ext-{i}", {"url": url, "address": url, "external": True, "weight_version": 0})
-    try:
+    with health_answered_together(3, weight_version=7) as port:
+        url = f"http://127.0.0.1:{port}"
+        for i in range(3):
+            reg.put("servers", f"ext-{i}", {"url": url, "address": url, "external": True, "weight_version": 0})
         ExternalWatch(reg, interval_s=60, timeout_s=2).check()
-    finally:
-        httpd.shutdown()
     assert {sid: rec["weight_version"] for sid, rec in reg.list("servers").items()} == {
         "ext-0": 7, "ext-1": 7, "ext-2": 7}

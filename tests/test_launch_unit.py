@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
+from helpers import health_answered_together
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import control, driver, outcome, slurm, slurm_submit
@@ -698,33 +699,14 @@ def test_the_progress_bar_takes_a_step_whose_reward_is_not_finite(tmp_path, caps
 def test_status_checks_the_servers_health_at_once(tmp_path):
     """`status` checks every server's /health at the same time: one after another (2 s each), a run with many servers
     and a few dead ones took tens of seconds. The servers here answer only once all three checks are in flight."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    all_asked = threading.Barrier(3)
-
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self):
-            all_asked.wait(timeout=10)
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with health_answered_together(3) as port:
         rec = {"host": socket.gethostname(), "node": socket.gethostname(), "pid": os.getpid(),
-               "address": f"127.0.0.1:{httpd.server_port}"}
+               "address": f"127.0.0.1:{port}"}
         rd = stopped_run(tmp_path, "local", dead_pid(), rec)
         for sid in ("server-1", "server-2"):
             Registry.for_run(rd).put("servers", sid, rec)
         assert [(s["id"], s["healthy"]) for s in collect_status(rd)["servers"]] == [
             ("server-0", True), ("server-1", True), ("server-2", True)]
-    finally:
-        httpd.shutdown()
 
 
 def test_a_trainer_restart_waits_without_asking_slurm_twice_a_second(tmp_path, monkeypatch, capsys):
