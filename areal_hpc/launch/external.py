@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError
 from areal_hpc.inference import sglang_api as api
@@ -68,6 +68,12 @@ def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict
         return status, json.loads(raw or b"null")
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+def at_once(fn: Callable[[Any], Any], items: Iterable[Any]) -> List[Any]:
+    """``[fn(x) for x in items]``, called at the same time: the timeouts of a few dead servers do not add up."""
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(fn, items))
 
 
 def healthy(address: str, key: Optional[str], timeout: float = 5.0) -> bool:
@@ -244,9 +250,8 @@ class ExternalWatch:
             elif self.reg.delete("servers", sid):
                 log.warning("external server %s (%s) did not answer %s for %.0fs: removed from the run "
                             "(it is not ours to stop)", sid, rec["url"], api.HEALTH.path, self.reg.ttl_s)
-        # at once: one after another, a few dead servers' timeouts outlast the records of the live ones
-        with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda a: self._refresh(*a), attached))
+        # one after another, a few dead servers' timeouts would outlast the records of the live ones
+        at_once(lambda a: self._refresh(*a), attached)
 
     def _refresh(self, sid: str, rec: Dict[str, Any]) -> None:
         key = rec.get("api_key") or self.reg.secret()

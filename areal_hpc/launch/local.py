@@ -95,9 +95,16 @@ class ProcessRunner(Runner):
             env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
         if step.ntasks > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        procs = [spawn(step.command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                       step.log.replace("%t", str(rank)), str(Path(step.log).parent.parent))
-                 for rank in range(step.ntasks)]
+        procs: List[subprocess.Popen] = []
+        try:
+            for rank in range(step.ntasks):
+                procs.append(spawn(step.command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                   step.log.replace("%t", str(rank)), str(Path(step.log).parent.parent)))
+        except BaseException:  # rank k did not start: ranks 0..k-1 must not run on, waiting for it
+            for p in procs:
+                killpg(p, signal.SIGKILL)
+                p.wait()
+            raise
         return ProcessHandle(step, procs, gpus)
 
 

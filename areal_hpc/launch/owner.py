@@ -382,7 +382,7 @@ class RunOwner:
         at = outcome.last_step(self.run_dir / "metrics.jsonl")
         ckpt = outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
         reason = self.stop_reason + (f" at step {at}" if at else "") + (
-            f"; resumes from checkpoint step_{ckpt}" if ckpt and self.cfg.recover.mode != "disabled" else "")
+            f"; resumes from checkpoint step_{ckpt:08d}" if ckpt and self.cfg.recover.mode != "disabled" else "")
         if trainer_was_running and self.trainer_rc not in (None, 0):
             reason += f"; the trainer {outcome.describe_exit(self.trainer_rc)} on the way out"
         self.set_state(outcome.STOPPED, reason, None)

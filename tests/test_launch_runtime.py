@@ -1,0 +1,96 @@
+"""The launch runtime (owner, local runner, control, status): bugs of the ninth pass, each shown by its test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import types
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+from areal_hpc.config import dump_yaml, load_config, parse_allocation
+from areal_hpc.launch import control, local, outcome
+from areal_hpc.launch.local import ProcessRunner, spawn
+from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
+from areal_hpc.launch.plan import StepSpec, build_plan
+
+
+def local_cfg(tmp_path: Path, *words: str):
+    return load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                              f"cluster.fileroot={tmp_path}", "launcher.heartbeat_s=0.2", *words])
+
+
+class Ended(StepHandle):
+    """A step that has ended with exit code 0."""
+
+    def __init__(self, step: StepSpec):
+        self.step = step
+
+    def poll(self) -> Optional[int]:
+        return 0
+
+    def signal(self, sig: int) -> None:
+        pass
+
+
+class EndedRunner(Runner):
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        return Ended(step)
+
+
+def owner_of(tmp_path: Path, *words: str) -> RunOwner:
+    cfg = local_cfg(tmp_path, *words)
+    rd = tmp_path / "run"
+    (rd / "logs").mkdir(parents=True, exist_ok=True)
+    (rd / "config.yaml").write_text(dump_yaml(cfg))
+    return RunOwner(cfg, build_plan(cfg, parse_allocation(cfg.allocation_mode), rd), rd, EndedRunner(), mode="local")
+
+
+def test_a_rank_that_fails_to_start_leaves_no_rank_running(tmp_path, monkeypatch):
+    """Rank 1 of a 2-rank step cannot start (its log cannot be opened): the step's start fails, and rank 0, started
+    already, is killed; it ran on (waiting for a rank that never came) after the start failed."""
+    started: List[subprocess.Popen] = []
+    monkeypatch.setattr(local, "spawn", lambda *a, **kw: started.append(spawn(*a, **kw)) or started[-1])
+    (tmp_path / "logs" / "trainer-1.log").mkdir(parents=True)  # a directory: rank 1's log cannot be opened
+    step = StepSpec(role="trainer", name="trainer", nodes=1, ntasks=2, ntasks_per_node=2, gpus_per_task=0,
+                    cpus_per_task=1, mem_per_node_mb=0, relative_node=0, log=str(tmp_path / "logs" / "trainer-%t.log"),
+                    command=["sleep", "60"])
+    try:
+        with pytest.raises(IsADirectoryError):
+            ProcessRunner(local_cfg(tmp_path)).start(step, [])
+        assert len(started) == 1 and started[0].poll() is not None
+    finally:
+        for p in started:
+            p.kill()
+
+
+def test_a_stop_given_up_with_a_second_ctrl_c_does_not_stop_a_later_run(tmp_path, monkeypatch):
+    """`areal-hpc stop`, Ctrl-C (it forces the stop), Ctrl-C again (it gives up waiting), while the run's owner does
+    not answer: its stop requests stayed in the registry, valid for two minutes, and the next `submit` of the trial
+    stopped at once. They stay for the owner they were for; a later owner drops them."""
+    owner = owner_of(tmp_path)
+    owner.registry.put("", "run", {"mode": "local", "pid": os.getpid(), "host": socket.gethostname(),
+                                   "state": "RUNNING"})  # an owner alive that does not serve requests (busy)
+
+    def ctrl_c(_s: float) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(control, "time", types.SimpleNamespace(time=time.time, time_ns=time.time_ns, monotonic=time.monotonic,
+                                                               sleep=ctrl_c))
+    with pytest.raises(KeyboardInterrupt):
+        control.stop(owner.run_dir, timeout_s=30.0)
+    assert [r.get("force") for _, r in sorted(owner.registry.list("requests").items())] == [False, True]
+    assert owner.run() == 0 and owner.state == outcome.COMPLETED
+
+
+def test_a_stopped_runs_reason_names_its_checkpoint_as_it_is_on_disk(tmp_path):
+    """The trainer writes checkpoints/step_00000005; a stopped run said "resumes from checkpoint step_5"."""
+    owner = owner_of(tmp_path)
+    (owner.run_dir / "checkpoints" / "step_00000005").mkdir(parents=True)
+    owner.request_stop()
+    assert owner.run() == outcome.exit_code(outcome.STOPPED)
+    assert owner.reason.endswith("resumes from checkpoint step_00000005"), owner.reason
+    assert (owner.run_dir / "checkpoints" / owner.reason.rsplit(" ", 1)[1]).is_dir()
