@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
-from areal_hpc.launch import control, local, outcome
+from areal_hpc.launch import control, external, local, outcome
 from areal_hpc.launch.local import ProcessRunner, spawn
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import StepSpec, build_plan
+from areal_hpc.registry import Registry
 
 
 def local_cfg(tmp_path: Path, *words: str):
@@ -94,3 +98,37 @@ def test_a_stopped_runs_reason_names_its_checkpoint_as_it_is_on_disk(tmp_path):
     assert owner.run() == outcome.exit_code(outcome.STOPPED)
     assert owner.reason.endswith("resumes from checkpoint step_00000005"), owner.reason
     assert (owner.run_dir / "checkpoints" / owner.reason.rsplit(" ", 1)[1]).is_dir()
+
+
+def test_an_attach_that_loads_the_weights_again_returns_the_version_it_loaded(tmp_path):
+    """A trainer publishes while `add-servers url=` has the server load the run's weights: the attach loads the newer
+    ones too, and its record says so; the record it returned (and printed) still had the older version."""
+    reg = Registry(tmp_path / "registry", ttl_s=60)
+    reg.put("weights", "latest", {"path": str(tmp_path / "v1"), "version": 1}, ttl=False)
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, body) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self) -> None:
+            self.answer({})
+
+        def do_POST(self) -> None:  # /update_weights_from_disk; version 2 is published meanwhile
+            self.rfile.read(int(self.headers["Content-Length"]))
+            reg.put("weights", "latest", {"path": str(tmp_path / "v2"), "version": 2}, ttl=False)
+            self.answer({"success": True})
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        sid, rec = external.attach(reg, f"http://127.0.0.1:{httpd.server_port}")
+    finally:
+        httpd.shutdown()
+    assert reg.get("servers", sid)["weight_version"] == 2 and rec["weight_version"] == 2

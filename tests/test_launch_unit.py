@@ -469,7 +469,7 @@ def test_status_of_a_run_whose_metrics_have_no_reward(tmp_path, capsys):
     the missing reward with a TypeError)."""
     rd = stopped_run(tmp_path, "local", dead_pid(), {"host": socket.gethostname(), "pid": dead_pid()})
     (rd / "metrics.jsonl").write_text(json.dumps({"step": 3, "version": 3, "loss": 0.5}) + "\n")
-    assert status(None, rd) == 0
+    assert status(rd) == 0
     assert "progress step 3 v3  0 trained tok/s  0 gen tok/s" in capsys.readouterr().out
 
 

@@ -136,11 +136,8 @@ def find(reg: Registry, ident: str) -> Optional[Tuple[str, Dict[str, Any]]]:
     if ident in recs:
         return ident, recs[ident]
     want = {ident.rstrip("/"), api.base_url(ident.rstrip("/"))}
-    for sid, rec in recs.items():
-        addr = rec.get("address") or ""
-        if addr in want or api.base_url(addr) in want or rec.get("url") in want:
-            return sid, rec
-    return None
+    return next(((sid, rec) for sid, rec in recs.items() if {rec.get("address") or "", rec.get("url"),
+                                                             api.base_url(rec.get("address") or "")} & want), None)
 
 
 def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
@@ -177,7 +174,7 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
     latest = _published(reg)
     if latest is not None and api.parse_version(latest.get("version")) != version:
         version = load_published(base, key, reg)
-        reg.update("servers", sid, lambda old: old and {**old, "weight_version": version}, ttl=True)
+        rec = reg.update("servers", sid, lambda old: old and {**old, "weight_version": version}, ttl=True) or rec
     return sid, rec
 
 

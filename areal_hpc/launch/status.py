@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List
 
-from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved
+from areal_hpc.config import ConfigError, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
 from areal_hpc.launch.external import at_once, healthy
 from areal_hpc.registry import Registry, pid_alive, runs_here
@@ -137,7 +137,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     return status
 
 
-def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
+def status(rd: Path, as_json: bool = False) -> int:
     st = collect_status(rd)
     if as_json:
         print(json.dumps(st, indent=2))
