@@ -103,8 +103,8 @@ def cmd_remove_server(args) -> int:
 def cmd_status(args) -> int:
     from areal_hpc.launch import status
 
-    cfg, rd = _existing_run(args)
-    return status.status(cfg, rd, as_json=args.json)
+    _, rd = _existing_run(args)
+    return status.status(rd, as_json=args.json)
 
 
 def cmd_logs(args) -> int:
