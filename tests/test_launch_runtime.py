@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -82,8 +83,8 @@ def test_a_stop_given_up_with_a_second_ctrl_c_does_not_stop_a_later_run(tmp_path
 
     def ctrl_c(_s: float) -> None:
         raise KeyboardInterrupt
-    monkeypatch.setattr(control, "time", types.SimpleNamespace(time=time.time, time_ns=time.time_ns, monotonic=time.monotonic,
-                                                               sleep=ctrl_c))
+    monkeypatch.setattr(control, "time", types.SimpleNamespace(time=time.time, time_ns=time.time_ns,
+                                                               monotonic=time.monotonic, sleep=ctrl_c))
     with pytest.raises(KeyboardInterrupt):
         control.stop(owner.run_dir, timeout_s=30.0)
     assert [r.get("force") for _, r in sorted(owner.registry.list("requests").items())] == [False, True]
@@ -132,3 +133,36 @@ def test_an_attach_that_loads_the_weights_again_returns_the_version_it_loaded(tm
     finally:
         httpd.shutdown()
     assert reg.get("servers", sid)["weight_version"] == 2 and rec["weight_version"] == 2
+
+
+class Stubborn(Ended):
+    """A step that ignores SIGTERM: only SIGKILL ends it."""
+
+    rc: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        return self.rc
+
+    def signal(self, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            self.rc = -int(sig)
+
+
+def test_requests_that_come_while_the_owner_shuts_down_are_answered(tmp_path):
+    """While the owner waits for its steps to stop (a trainer that ignores SIGTERM gets 60 s), a second `stop` forces
+    the stop, and an `add-servers` is refused at once; it was left unanswered until the owner had ended."""
+    owner = owner_of(tmp_path)
+    owner.runner = types.SimpleNamespace(start=lambda step, running: Stubborn(step), trainer_restarts_itself=False)
+    ran = threading.Thread(target=owner.run, daemon=True)
+    ran.start()
+    control.post_request(owner.registry, "stop", 60.0)
+    deadline = time.monotonic() + 10
+    while not owner.stopping:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # in its shutdown by now: it waits for the trainer
+    added = control.post_request(owner.registry, "add_servers", 60.0, count=1)
+    control.post_request(owner.registry, "stop", 60.0, force=True)
+    ran.join(timeout=20)
+    assert not ran.is_alive() and owner.state == outcome.STOPPED
+    assert control.take_reply(owner.registry, added)["error"] == "the run is stopping"

@@ -380,6 +380,7 @@ class RunOwner:
         servers (they deregister); what does not stop within its grace (or at once after `request_force`)
         is killed. No record of a step of this run is left behind."""
         log.info("shutting down: %s", reason)
+        self.stopping = True  # what is asked meanwhile is refused (`handle_requests`), but for a forced stop
         if self.trainer is not None and self.trainer.poll() is None:
             self.trainer.signal(trainer_signal)
             self.wait_or_kill([self.trainer], grace_s)
@@ -410,13 +411,7 @@ class RunOwner:
             time.sleep(0.1)
 
     def _forced(self) -> bool:
-        """Whether the stop is forced, by now or by a second ``stop`` request that came meanwhile."""
-        if self.force:
-            return True
-        for name, req in sorted(self.registry.list("requests").items()):
-            if req.get("kind") == "stop":
-                self.registry.delete("requests", name)
-                if req.get("force"):
-                    log.warning("forced stop requested: killing what is left")
-                    self.force = True
+        """Whether the stop is forced, by now or by a ``stop`` request served meanwhile (a second `areal-hpc stop`)."""
+        if not self.force:
+            self.handle_requests()  # others are refused: the run is stopping
         return self.force
