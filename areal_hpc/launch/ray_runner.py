@@ -134,8 +134,7 @@ class StepTask:
 
         port = free_port("")  # rank 0's node: a free port for torch.distributed's rendezvous
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port,
-                "actor_pid": os.getpid()}
+                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 
     def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
         full = dict(os.environ, **env)
