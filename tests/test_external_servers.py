@@ -376,13 +376,13 @@ def test_the_owner_checks_attached_servers_at_once(tmp_path):
     """The owner's health checks of attached servers run at the same time: one after another (5 s each), a few dead
     servers delayed the refresh of the live ones past their records' TTL, and live servers were dropped from the run.
     The servers here answer only once all three checks are in flight."""
-    from areal_hpc.launch.external import ExternalWatch
+    from areal_hpc.launch.external import check_attached
 
     reg = Registry(tmp_path / "registry", ttl_s=60)
     with health_answered_together(3, weight_version=7) as port:
         url = f"http://127.0.0.1:{port}"
         for i in range(3):
             reg.put("servers", f"ext-{i}", {"url": url, "address": url, "external": True, "weight_version": 0})
-        ExternalWatch(reg, interval_s=60, timeout_s=2).check()
+        check_attached(reg, timeout_s=2)
     assert {sid: rec["weight_version"] for sid, rec in reg.list("servers").items()} == {
         "ext-0": 7, "ext-1": 7, "ext-2": 7}

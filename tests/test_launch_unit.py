@@ -365,7 +365,7 @@ def test_stop_terms_what_a_dead_owner_left_whatever_address_it_serves_on(tmp_pat
     try:
         rd = stopped_run(tmp_path, "local", dead_pid(), {"host": "127.0.0.1", "node": socket.gethostname(),
                                                           "pid": sleeper.pid})
-        assert stop(None, rd, timeout_s=5.0) == 0
+        assert stop(rd, timeout_s=5.0) == 0
         assert sleeper.wait(timeout=5) == -signal.SIGTERM
     finally:
         sleeper.kill()
@@ -378,7 +378,7 @@ def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path, capsys):
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         rd = stopped_run(tmp_path, "ray", os.getpid(), {"host": "node-9", "node": "node-9", "pid": bystander.pid})
-        assert stop(None, rd, timeout_s=1.0) == 1
+        assert stop(rd, timeout_s=1.0) == 1
         assert bystander.poll() is None
         assert Registry.for_run(rd).get("servers", "server-0", live_only=False) is not None
         assert (f"killed nothing on this host; server-0 (pid {bystander.pid} on node-9) is not ours to kill from here"
@@ -399,7 +399,7 @@ def test_add_servers_without_room_outside_slurm_says_so_at_once(tmp_path, capsys
         reg.put("replies", f"{name}-unserved", {"wanted": 1, "started": 0})
     when(lambda: bool(reg.list("requests")), owner_answers)
     t0 = time.monotonic()
-    assert add_servers(None, rd, 1, timeout_s=10.0) == 1
+    assert add_servers(rd, 1, timeout_s=10.0) == 1
     assert time.monotonic() - t0 < 5.0
     assert "room for 0 of 1 server(s)" in capsys.readouterr().err
 
@@ -469,7 +469,7 @@ def test_status_of_a_run_whose_metrics_have_no_reward(tmp_path, capsys):
     the missing reward with a TypeError)."""
     rd = stopped_run(tmp_path, "local", dead_pid(), {"host": socket.gethostname(), "pid": dead_pid()})
     (rd / "metrics.jsonl").write_text(json.dumps({"step": 3, "version": 3, "loss": 0.5}) + "\n")
-    assert status(None, rd) == 0
+    assert status(rd) == 0
     assert "progress step 3 v3  0 trained tok/s  0 gen tok/s" in capsys.readouterr().out
 
 
@@ -482,7 +482,7 @@ def test_stop_that_times_out_kills_the_trainer_too(tmp_path):
     try:
         rd = stopped_run(tmp_path, "local", os.getpid(), {"host": "h", "node": "h", "pid": None})
         Registry.for_run(rd).put("", "trainer", {"host": socket.gethostname(), "pid": trainer.pid})
-        assert stop(None, rd, timeout_s=1.0) == 1
+        assert stop(rd, timeout_s=1.0) == 1
         assert trainer.wait(timeout=5) == -signal.SIGKILL
         assert Registry.for_run(rd).get("", "trainer", live_only=False) is None
     finally:
@@ -498,7 +498,7 @@ def test_requests_to_a_stopping_run_are_refused_at_once(tmp_path, monkeypatch, c
     owner.registry.put("", "run", {**owner.record(), "job_id": "7"})
     owner.request_stop()
     monkeypatch.setattr(slurm, "job_state", lambda job_id: "RUNNING")
-    for ask in (lambda: add_servers(None, rd, 1, timeout_s=3.0),
+    for ask in (lambda: add_servers(rd, 1, timeout_s=3.0),
                 lambda: control.restart_trainer(owner.cfg, rd, owner.registry.get("", "run"), timeout_s=3.0)):
         when(lambda: bool(owner.registry.list("requests")), owner.handle_requests)
         assert ask() == 1
@@ -558,7 +558,7 @@ def test_add_servers_fails_once_the_owner_is_gone(tmp_path, capsys):
     try:
         rd = stopped_run(tmp_path, "local", owner.pid, {"host": "h", "node": "h", "pid": None})
         when(lambda: bool(Registry.for_run(rd).list("requests")), lambda: (owner.kill(), owner.wait()))
-        assert add_servers(None, rd, 1, timeout_s=5.0) == 1
+        assert add_servers(rd, 1, timeout_s=5.0) == 1
         assert "the run's owner ended before it served the request" in capsys.readouterr().err
     finally:
         owner.kill()
@@ -639,7 +639,7 @@ def test_stop_cancels_a_job_that_has_not_started_at_once(tmp_path, monkeypatch, 
     A cancelled job's driver never records how the run ended: `stop` does (it said "run RUNNING")."""
     rd, calls = slurm_run(tmp_path, monkeypatch, state, {"host": "n1", "node": "n1", "pid": 2,
                                                          "slurm_job_id": "10", "slurm_step_id": 0})
-    assert stop(None, rd, timeout_s=2.0) == (1 if state == "SUSPENDED" else 0)
+    assert stop(rd, timeout_s=2.0) == (1 if state == "SUSPENDED" else 0)
     assert calls.count(("scancel", "10")) == 1
     if state != "SUSPENDED":  # the run's end is recorded: its record said RUNNING (or PENDING) after the stop
         said = f"run STOPPED: stop requested (areal-hpc stop) while job 10 was {state}: cancelled"
@@ -652,7 +652,7 @@ def test_stop_asks_slurm_every_few_seconds_not_twice_a_second(tmp_path, monkeypa
     """The driver is dead and a server's record lives on: `stop` waits out its timeout reading the registry and asks
     Slurm (a controller every user shares) at growing intervals; it ran scontrol and sacct twice a second."""
     rd, calls = slurm_run(tmp_path, monkeypatch, "FAILED", {"host": "n1", "node": "n1", "pid": 2})
-    assert stop(None, rd, timeout_s=3.0) == 1
+    assert stop(rd, timeout_s=3.0) == 1
     assert len([c for c in calls if c[0] != "scancel"]) <= 8, calls
 
 
@@ -663,7 +663,7 @@ def test_stop_notices_the_end_its_driver_records_without_slurm(tmp_path, monkeyp
     reg = Registry.for_run(rd)
     when(lambda: bool(reg.list("requests")), lambda: (reg.delete("servers", "server-0"), reg.put(
         "", "run", {**reg.get("", "run"), "state": outcome.STOPPED, "reason": "stop requested"})))
-    assert stop(None, rd, timeout_s=10.0) == 0
+    assert stop(rd, timeout_s=10.0) == 0
 
 
 @pytest.mark.parametrize("rows, said", [

@@ -272,7 +272,8 @@ def test_an_added_server_renamed_meanwhile_takes_the_placement_group_reserved_fo
     ray = ray_runner.connect(ray_address)
     try:
         assert owner.add_servers(1) == 1 and list(owner.servers) == ["server-2"]
-        assert list(ray_runner._run_objects(ray, runner.prefix)[1]) == [owner.servers["server-2"].pg_name]
+        groups = ray_runner._run_objects(ray, runner.prefix)[1]
+        assert list(groups) == [owner.servers["server-2"].info()["ray_placement_group"]]
     finally:
         for h in owner.servers.values():
             ray_runner.release(h.actors, h.pg, list(range(len(h.actors))))

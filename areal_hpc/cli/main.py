@@ -84,10 +84,10 @@ def cmd_add_servers(args) -> int:
         raise ConfigError("api_key", "is the key of a server attached with url=", "give url=http://HOST:PORT too")
     elif args.count < 1:
         raise ConfigError("count", f"must be >= 1, got {args.count}")
-    cfg, rd = _existing_run(args)
+    _, rd = _existing_run(args)
     if args.url is not None:
-        return control.attach_server(cfg, rd, args.url, api_key=args.api_key)
-    return control.add_servers(cfg, rd, args.count, new_job=args.new_job)
+        return control.attach_server(rd, args.url, api_key=args.api_key)
+    return control.add_servers(rd, args.count, new_job=args.new_job)
 
 
 def cmd_remove_server(args) -> int:
@@ -96,15 +96,15 @@ def cmd_remove_server(args) -> int:
     ident = _pop_name(args)
     if ident is None:
         raise ConfigError("SERVER", "which server?", "remove-server ID|URL experiment_name=... trial_name=...")
-    cfg, rd = _existing_run(args)
-    return control.remove_server(cfg, rd, ident)
+    _, rd = _existing_run(args)
+    return control.remove_server(rd, ident)
 
 
 def cmd_status(args) -> int:
     from areal_hpc.launch import status
 
-    cfg, rd = _existing_run(args)
-    return status.status(cfg, rd, as_json=args.json)
+    _, rd = _existing_run(args)
+    return status.status(rd, as_json=args.json)
 
 
 def cmd_logs(args) -> int:
@@ -118,8 +118,8 @@ def cmd_logs(args) -> int:
 def cmd_stop(args) -> int:
     from areal_hpc.launch import control
 
-    cfg, rd = _existing_run(args)
-    return control.stop(cfg, rd, timeout_s=args.timeout, external=args.external)
+    _, rd = _existing_run(args)
+    return control.stop(rd, timeout_s=args.timeout, external=args.external)
 
 
 def _run_dir_arg(path: str) -> Path:

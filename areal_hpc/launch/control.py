@@ -56,7 +56,7 @@ def take_reply(reg: Registry, req: str) -> Optional[Dict[str, Any]]:
     return reply
 
 
-def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
+def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all
     of it and prints how the run ended. A second `stop` (or Ctrl-C while this one waits) forces it:
     what is left is killed. External servers (attached by URL, or `serve` by hand) keep running:
@@ -143,7 +143,9 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
                     clean_at = time.monotonic() + (SLURM_POLL_S if slurm_run else 0.0)
             time.sleep(0.5)
         except KeyboardInterrupt:
-            if forced:
+            if forced:  # given up: what no owner took is for this run's owner only (a later one drops it, expired)
+                for name in posted:
+                    reg.update("requests", name, lambda old: old and {**old, "until": 0.0})
                 raise
             forced = True
             print("\nforcing the stop: what is left is killed", file=sys.stderr, flush=True)
@@ -170,8 +172,7 @@ def stop(cfg: ExperimentConfig, rd: Path, timeout_s: float = 120.0, external: bo
     return 0
 
 
-def add_servers(cfg: ExperimentConfig, rd: Path, count: int, new_job: bool = False,
-                timeout_s: Optional[float] = None) -> int:
+def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional[float] = None) -> int:
     """Ask the run's owner for ``count`` more servers and wait until they serve; what a Slurm allocation has no room for
     goes to a job of its own (as all do with ``new_job``), and the wait is for all of them, wherever they run."""
     reg = run_registry(rd)
@@ -294,7 +295,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         time.sleep(0.5)
 
 
-def attach_server(cfg: ExperimentConfig, rd: Path, url: str, api_key: Optional[str] = None) -> int:
+def attach_server(rd: Path, url: str, api_key: Optional[str] = None) -> int:
     """`add-servers url=...`: register an already-running server into a live run."""
     reg = run_registry(rd)
     base, _ = parse_url(url)
@@ -311,7 +312,7 @@ def attach_server(cfg: ExperimentConfig, rd: Path, url: str, api_key: Optional[s
     return 0
 
 
-def remove_server(cfg: ExperimentConfig, rd: Path, ident: str) -> int:
+def remove_server(rd: Path, ident: str) -> int:
     """`remove-server ID|URL`: detach an external server (no more rollouts to it; it keeps running)."""
     sid, rec = detach(run_registry(rd), ident)
     print(f"detached {sid} ({rec.get('url') or rec.get('address')}); the server keeps running")

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 from areal_hpc.config import ExperimentConfig, load_resolved, run_umask
 from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.entry import RANK_VARS
-from areal_hpc.launch.local import ProcessHandle
+from areal_hpc.launch.local import ProcessHandle, stop_on_signals
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
@@ -204,14 +204,6 @@ def _on_usr2_standalone(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def _on_term_standalone(signum, frame) -> None:
-    """SIGTERM/SIGINT when started by hand: a graceful stop; a second one forces it."""
-    if _OWNER is None:
-        raise KeyboardInterrupt
-    name = signal.Signals(signum).name
-    _OWNER.interrupt(name, f"stopped by {name}")
-
-
 def main(run_dir: Path) -> int:
     global _OWNER
 
@@ -235,8 +227,7 @@ def main(run_dir: Path) -> int:
     _OWNER = owner
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit installs its own USR2 handler
         signal.signal(signal.SIGUSR2, _on_usr2_standalone)
-        signal.signal(signal.SIGTERM, _on_term_standalone)
-        signal.signal(signal.SIGINT, _on_term_standalone)
+        stop_on_signals(owner)  # SIGTERM (scancel), SIGINT: a graceful stop; a second one forces it
     try:
         rc = owner.run()
     finally:

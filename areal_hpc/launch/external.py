@@ -1,7 +1,7 @@
 """External servers: SGLang or `hf` servers a run did not start, attached to it by URL (``add-servers url=...``).
 
 Loading the run's newest weights on attach also checks that the server can read ``weights/``. Nobody heartbeats for an
-attached server: the run's owner refreshes its record while ``/health`` answers (`ExternalWatch`). The server keeps
+attached server: the run's owner refreshes its record while ``/health`` answers (`watch_attached`). The server keeps
 running when detached, and `stop` leaves it running unless asked (`stop_process`). ``areal-hpc serve`` started by hand
 registers itself, marked external because the owner did not start it.
 """
@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError
 from areal_hpc.inference import sglang_api as api
@@ -68,6 +68,12 @@ def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict
         return status, json.loads(raw or b"null")
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+def at_once(fn: Callable[[Any], Any], items: Iterable[Any]) -> List[Any]:
+    """``[fn(x) for x in items]``, called at the same time: the timeouts of a few dead servers do not add up."""
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(fn, items))
 
 
 def healthy(address: str, key: Optional[str], timeout: float = 5.0) -> bool:
@@ -130,11 +136,8 @@ def find(reg: Registry, ident: str) -> Optional[Tuple[str, Dict[str, Any]]]:
     if ident in recs:
         return ident, recs[ident]
     want = {ident.rstrip("/"), api.base_url(ident.rstrip("/"))}
-    for sid, rec in recs.items():
-        addr = rec.get("address") or ""
-        if addr in want or api.base_url(addr) in want or rec.get("url") in want:
-            return sid, rec
-    return None
+    return next(((sid, rec) for sid, rec in recs.items() if {rec.get("address") or "", rec.get("url"),
+                                                             api.base_url(rec.get("address") or "")} & want), None)
 
 
 def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
@@ -171,7 +174,7 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
     latest = _published(reg)
     if latest is not None and api.parse_version(latest.get("version")) != version:
         version = load_published(base, key, reg)
-        reg.update("servers", sid, lambda old: old and {**old, "weight_version": version}, ttl=True)
+        rec = reg.update("servers", sid, lambda old: old and {**old, "weight_version": version}, ttl=True) or rec
     return sid, rec
 
 
@@ -212,50 +215,43 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
     return f"left running: not on this host and not a Slurm job of its own; stop it where it runs ({name})"
 
 
-class ExternalWatch:
-    """The owner's health checks of attached servers, on a daemon thread: a record is refreshed (with the weight
-    version) while ``/health`` answers, removed once expired."""
+def check_attached(reg: Registry, timeout_s: float = 5.0) -> None:
+    """The owner's health checks of attached servers: a record is refreshed (with the weight version) while
+    ``/health`` answers, removed once expired."""
+    live, attached = reg.list("servers"), []
+    for sid, rec in reg.list("servers", live_only=False).items():
+        if not (rec.get("external") and rec.get("url")):
+            continue
+        if sid in live:
+            attached.append((sid, rec))
+        elif reg.delete("servers", sid):
+            log.warning("external server %s (%s) did not answer %s for %.0fs: removed from the run "
+                        "(it is not ours to stop)", sid, rec["url"], api.HEALTH.path, reg.ttl_s)
 
-    def __init__(self, reg: Registry, interval_s: float, timeout_s: float = 5.0):
-        self.reg, self.interval_s, self.timeout_s = reg, interval_s, timeout_s
-        self._stop = threading.Event()
-
-    def start(self) -> "ExternalWatch":
-        threading.Thread(target=self._run, name="external-servers", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception:  # a flaky filesystem or server must not kill the owner's thread
-                log.exception("checking external servers failed")
-
-    def check(self) -> None:
-        live, attached = self.reg.list("servers"), []
-        for sid, rec in self.reg.list("servers", live_only=False).items():
-            if not (rec.get("external") and rec.get("url")):
-                continue
-            if sid in live:
-                attached.append((sid, rec))
-            elif self.reg.delete("servers", sid):
-                log.warning("external server %s (%s) did not answer %s for %.0fs: removed from the run "
-                            "(it is not ours to stop)", sid, rec["url"], api.HEALTH.path, self.reg.ttl_s)
-        # at once: one after another, a few dead servers' timeouts outlast the records of the live ones
-        with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda a: self._refresh(*a), attached))
-
-    def _refresh(self, sid: str, rec: Dict[str, Any]) -> None:
-        key = rec.get("api_key") or self.reg.secret()
-        if not healthy(rec["url"], key, self.timeout_s):
+    def refresh(sid: str, rec: Dict[str, Any]) -> None:
+        key = rec.get("api_key") or reg.secret()
+        if not healthy(rec["url"], key, timeout_s):
             return
         version = None  # unknown: the record keeps the one it has
         with contextlib.suppress(OSError):
-            status, body = call(rec["url"], api.MODEL_INFO, key, timeout=self.timeout_s)
+            status, body = call(rec["url"], api.MODEL_INFO, key, timeout=timeout_s)
             version = api.model_info_version(body) if status == 200 else None
         # under the record's lock: a `remove-server` meanwhile wins (None stays None)
-        self.reg.update("servers", sid, lambda old: old and {
+        reg.update("servers", sid, lambda old: old and {
             **old, "weight_version": old.get("weight_version") if version is None else version}, ttl=True)
+    # one after another, a few dead servers' timeouts would outlast the records of the live ones
+    at_once(lambda a: refresh(*a), attached)
+
+
+def watch_attached(reg: Registry, interval_s: float) -> threading.Event:
+    """`check_attached` every ``interval_s`` on a daemon thread, until the returned event is set."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(interval_s):
+            try:
+                check_attached(reg)
+            except Exception:  # a flaky filesystem or server must not kill the owner's thread
+                log.exception("checking external servers failed")
+    threading.Thread(target=run, name="external-servers", daemon=True).start()
+    return stop

@@ -6,7 +6,6 @@ Ctrl-C stops the run gracefully and waits for it (a second Ctrl-C kills what is 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -95,55 +94,65 @@ class ProcessRunner(Runner):
             env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
         if step.ntasks > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        procs = [spawn(step.command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                       step.log.replace("%t", str(rank)), str(Path(step.log).parent.parent))
-                 for rank in range(step.ntasks)]
+        procs: List[subprocess.Popen] = []
+        try:
+            for rank in range(step.ntasks):
+                procs.append(spawn(step.command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                   step.log.replace("%t", str(rank)), str(Path(step.log).parent.parent)))
+        except BaseException:  # rank k did not start: ranks 0..k-1 must not run on, waiting for it
+            for p in procs:
+                killpg(p, signal.SIGKILL)
+                p.wait()
+            raise
         return ProcessHandle(step, procs, gpus)
 
 
 class Progress:
-    """A progress bar on the terminal fed by {run}/metrics.jsonl (the trainer runs elsewhere)."""
+    """A progress bar on the terminal fed by the last row of {run}/metrics.jsonl (the trainer runs elsewhere): a
+    restarted trainer that rewrote the file (`drop_after`) moves it back."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
         self.path, self.total = run_dir / "metrics.jsonl", cfg.trainer.total_train_steps
         self.enabled, self._bar = cfg.stats.progress_bar and cfg.trainer.type != "null", None
-        st = self.path.stat() if self.path.exists() else None
-        self._offset, self._inode = (st.st_size, st.st_ino) if st else (0, None)
+        self._last = outcome.last_row(self.path)  # an earlier run's row: no progress of this one
 
     def tick(self) -> None:
-        if not self.enabled or not self.path.exists():
+        m = outcome.last_row(self.path) if self.enabled else {}
+        if not m or m == self._last:
             return
-        with open(self.path) as f:
-            st = os.fstat(f.fileno())
-            # a restarted trainer replaced it (`drop_after`): shorter, or grown past our offset by the time we look
-            if st.st_ino != self._inode or st.st_size < self._offset:
-                self._offset, self._inode = 0, st.st_ino
-            f.seek(self._offset)
-            chunk = f.read()
-        lines = chunk.split("\n")
-        complete, rest = lines[:-1], lines[-1]
-        self._offset += len(chunk) - len(rest)
-        for line in complete:
-            if not line.strip():
-                continue
-            m = json.loads(line)
-            if self._bar is None:
-                from tqdm import tqdm
+        self._last = m
+        if self._bar is None:
+            from tqdm import tqdm
 
-                self._bar = tqdm(total=self.total, initial=m["step"] - 1, desc="train", unit="step",
-                                 dynamic_ncols=True, mininterval=0.5)
-            self._bar.update(m["step"] - self._bar.n)
-            value = m.get("reward_mean", m.get("loss"))  # an SFT run has a loss, no reward; None: not finite
-            post = {"reward" if "reward_mean" in m else "loss": "nan" if value is None else f"{value:.3f}",
-                    "v": m.get("version")}
-            if m.get("staleness_max") is not None:
-                post["stale"] = int(m["staleness_max"])
-            self._bar.set_postfix(post, refresh=False)
+            self._bar = tqdm(total=self.total, initial=m["step"] - 1, desc="train", unit="step", dynamic_ncols=True,
+                             mininterval=0.5)
+        self._bar.update(m["step"] - self._bar.n)
+        value = m.get("reward_mean", m.get("loss"))  # an SFT run has a loss, no reward; None: not finite
+        post = {"reward" if "reward_mean" in m else "loss": "nan" if value is None else f"{value:.3f}",
+                "v": m.get("version")}
+        if m.get("staleness_max") is not None:
+            post["stale"] = int(m["staleness_max"])
+        self._bar.set_postfix(post, refresh=False)
 
     def close(self) -> None:
         self.tick()
         if self._bar is not None:
             self._bar.close()
+
+
+def stop_on_signals(owner: RunOwner) -> Dict[int, object]:
+    """Ctrl-C (SIGINT) or SIGTERM stops the run gracefully (checkpoint, servers down), the second one kills what is
+    left; returns the handlers replaced. `areal-hpc stop` asks through a request."""
+    def on_signal(signum, frame) -> None:
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if owner.stopping:
+            owner.request_force(f"forced stop ({what} twice)")
+            print(f"\n{what} again: killing the trainer and the servers", file=sys.stderr, flush=True)
+        else:
+            owner.request_stop(f"interrupted ({what})")
+            print(f"\n{what}: stopping (the trainer checkpoints, servers shut down); {what} again to force",
+                  file=sys.stderr, flush=True)
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runner] = None) -> int:
@@ -155,18 +164,7 @@ def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runne
     logging.getLogger("areal_hpc.launch").addHandler(fh)
     progress = Progress(cfg, run_dir)
     owner = RunOwner(cfg, plan, run_dir, runner or ProcessRunner(cfg), mode=cfg.mode)
-
-    def on_signal(signum, frame) -> None:
-        # Ctrl-C (SIGINT) or SIGTERM: stop gracefully (checkpoint, servers down), wait for it, print
-        # the summary; the second one kills what is left. `areal-hpc stop` asks through a request.
-        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if owner.interrupt(what):
-            print(f"\n{what} again: killing the trainer and the servers", file=sys.stderr, flush=True)
-        else:
-            print(f"\n{what}: stopping (the trainer checkpoints, servers shut down); {what} again to force",
-                  file=sys.stderr, flush=True)
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = stop_on_signals(owner)
     print(f"logs: areal-hpc logs -f experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
           f"cluster.fileroot={cfg.cluster.fileroot}  ({run_dir}/logs)", file=sys.stderr)
     try:

@@ -32,10 +32,8 @@ def exit_code(state: Optional[str]) -> int:
     return EXIT_CODES.get(state or "", 1)
 
 
-def describe_exit(rc: Optional[int]) -> str:
+def describe_exit(rc: int) -> str:
     """``exited with 1``, ``killed by SIGKILL`` (a negative Popen code, or srun's 128+N)."""
-    if rc is None:
-        return "did not exit"
     if rc < 0 or rc > 128:
         num = -rc if rc < 0 else rc - 128
         try:

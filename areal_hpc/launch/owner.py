@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome
-from areal_hpc.launch.external import ExternalWatch
+from areal_hpc.launch.external import watch_attached
 from areal_hpc.launch.plan import Plan, StepSpec, server_step
 from areal_hpc.registry import Heartbeat, Registry
 
@@ -138,14 +138,6 @@ class RunOwner:
         self.request_stop(reason)
         self.force = True
 
-    def interrupt(self, what: str, stop_reason: Optional[str] = None) -> bool:
-        """Ctrl-C or SIGTERM: the first stops the run gracefully, the second forces it (returns True)."""
-        if self.stopping:
-            self.request_force(f"forced stop ({what} twice)")
-            return True
-        self.request_stop(stop_reason or f"interrupted ({what})")
-        return False
-
     # ------------------------------------------------------------------ steps
     def start_step(self, step: StepSpec) -> StepHandle:
         offsets = outcome.log_sizes(step.log)  # an error line must come from this attempt, not an earlier one
@@ -168,19 +160,14 @@ class RunOwner:
         are not pinned to a node or GPUs (``relative_node=-1``): the runner puts them where room is."""
         alloc = parse_allocation(self.cfg.allocation_mode)
         known = [s.name for s in self.plan.servers] + list(self.servers)
-        started = 0
-        for _ in range(count):
-            index = next_server_index(self.registry, known)
-            step = server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1, gpu_ids=[])
+        for started in range(count):
+            step = server_step(self.cfg, alloc, self.run_dir, next_server_index(self.registry, known),
+                               relative_node=-1, gpu_ids=[])
             if not self.runner.can_start(step, list(self._handles().values())):
-                break
-            reserved = next_server_index(self.registry, known, reserve=1)
-            if reserved != index:  # a server job took that name meanwhile
-                step = server_step(self.cfg, alloc, self.run_dir, reserved, relative_node=-1, gpu_ids=[])
-            self.start_step(step)
-            known.append(step.name)
-            started += 1
-        return started
+                return started
+            index = next_server_index(self.registry, known, reserve=1)  # a server job may have taken that one meanwhile
+            self.start_step(server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1, gpu_ids=[]))
+        return count
 
     # ------------------------------------------------------------------ requests
     def handle_requests(self) -> None:
@@ -315,7 +302,7 @@ class RunOwner:
         self._heartbeat = Heartbeat(self.registry, "", "run", self.record,
                                     interval_s=self.cfg.launcher.heartbeat_s, remove_on_exit=False).start()
         # servers attached by URL have no heartbeat of their own: the owner checks their /health
-        watch = ExternalWatch(self.registry, self.cfg.launcher.heartbeat_s).start()
+        watch = watch_attached(self.registry, self.cfg.launcher.heartbeat_s)
         try:
             try:
                 for step in self.plan.steps:
@@ -333,7 +320,7 @@ class RunOwner:
                 self.shutdown(reason="the launcher failed", grace_s=30.0)
             return outcome.exit_code(self.state)
         finally:
-            watch.stop()
+            watch.set()
             if self._heartbeat is not None:
                 self._heartbeat.beat()
                 self._heartbeat.stop()
@@ -382,7 +369,7 @@ class RunOwner:
         at = outcome.last_step(self.run_dir / "metrics.jsonl")
         ckpt = outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
         reason = self.stop_reason + (f" at step {at}" if at else "") + (
-            f"; resumes from checkpoint step_{ckpt}" if ckpt and self.cfg.recover.mode != "disabled" else "")
+            f"; resumes from checkpoint step_{ckpt:08d}" if ckpt and self.cfg.recover.mode != "disabled" else "")
         if trainer_was_running and self.trainer_rc not in (None, 0):
             reason += f"; the trainer {outcome.describe_exit(self.trainer_rc)} on the way out"
         self.set_state(outcome.STOPPED, reason, None)
@@ -393,6 +380,7 @@ class RunOwner:
         servers (they deregister); what does not stop within its grace (or at once after `request_force`)
         is killed. No record of a step of this run is left behind."""
         log.info("shutting down: %s", reason)
+        self.stopping = True  # what is asked meanwhile is refused (`handle_requests`), but for a forced stop
         if self.trainer is not None and self.trainer.poll() is None:
             self.trainer.signal(trainer_signal)
             self.wait_or_kill([self.trainer], grace_s)
@@ -423,13 +411,7 @@ class RunOwner:
             time.sleep(0.1)
 
     def _forced(self) -> bool:
-        """Whether the stop is forced, by now or by a second ``stop`` request that came meanwhile."""
-        if self.force:
-            return True
-        for name, req in sorted(self.registry.list("requests").items()):
-            if req.get("kind") == "stop":
-                self.registry.delete("requests", name)
-                if req.get("force"):
-                    log.warning("forced stop requested: killing what is left")
-                    self.force = True
+        """Whether the stop is forced, by now or by a ``stop`` request served meanwhile (a second `areal-hpc stop`)."""
+        if not self.force:
+            self.handle_requests()  # others are refused: the run is stopping
         return self.force

@@ -134,8 +134,7 @@ class StepTask:
 
         port = free_port("")  # rank 0's node: a free port for torch.distributed's rendezvous
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port,
-                "actor_pid": os.getpid()}
+                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 
     def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
         full = dict(os.environ, **env)
@@ -169,10 +168,8 @@ class StepTask:
 class RayStepHandle(StepHandle):
     """A step on Ray: its placement group and one `StepTask` actor per task."""
 
-    def __init__(self, step: StepSpec, pg: Any, pg_name: str, actors: List[Any], names: List[str],
-                 places: List[Dict[str, Any]], pids: List[int]):
-        self.step, self.pg, self.pg_name, self.actors, self.names = step, pg, pg_name, actors, names
-        self.places, self.pids = places, pids
+    def __init__(self, step: StepSpec, pg: Any, actors: List[Any], info: Dict[str, object]):
+        self.step, self.pg, self.actors, self._info = step, pg, actors, info
         self._pending: List[Any] = [None] * len(actors)
         self._codes: List[Optional[int]] = [None] * len(actors)
         self._rc: Optional[int] = None
@@ -209,9 +206,7 @@ class RayStepHandle(StepHandle):
             _call_all([a for a, c in zip(self.actors, self._codes) if c is None], "signal", sig)
 
     def info(self) -> Dict[str, object]:
-        return {"ray_placement_group": self.pg_name, "actors": self.names, "pids": self.pids,
-                "nodes": [p["node_id"] for p in self.places], "hosts": [p["host"] for p in self.places],
-                "gpus": [p["gpus"] for p in self.places]}
+        return self._info
 
 
 def _call_all(actors: List[Any], method: str, *args: Any, timeout_s: float = 10.0) -> None:
@@ -312,7 +307,9 @@ class RayRunner(Runner):
         except Exception:
             release(actors, pg, list(range(len(actors))))
             raise
-        return RayStepHandle(step, pg, pg_name, actors, names, places, pids)
+        return RayStepHandle(step, pg, actors, {
+            "ray_placement_group": pg_name, "actors": names, "pids": pids, "nodes": [p["node_id"] for p in places],
+            "hosts": [p["host"] for p in places], "gpus": [p["gpus"] for p in places]})
 
     @staticmethod
     def _env(step: StepSpec, rank: int, places: List[Dict[str, Any]]) -> Dict[str, str]:

@@ -7,13 +7,12 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List
 
-from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved
+from areal_hpc.config import ConfigError, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
-from areal_hpc.launch.external import healthy
+from areal_hpc.launch.external import at_once, healthy
 from areal_hpc.registry import Registry, pid_alive, runs_here
 
 # modes whose steps are processes of the owner's host
@@ -99,9 +98,8 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     jobs = slurm_jobs(reg, run)
     # a server whose process or step has ended is not a live one, whatever its record says
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, run, jobs)]
-    with ThreadPoolExecutor(32) as pool:  # at once: dead servers' timeouts do not add up
-        ok = list(pool.map(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
-                           [rec for _, rec in live]))
+    ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
+                 [rec for _, rec in live])
     srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
             "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
             "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"), "external": bool(rec.get("external")),
@@ -139,7 +137,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     return status
 
 
-def status(cfg: ExperimentConfig, rd: Path, as_json: bool = False) -> int:
+def status(rd: Path, as_json: bool = False) -> int:
     st = collect_status(rd)
     if as_json:
         print(json.dumps(st, indent=2))
