@@ -10,12 +10,14 @@ itself, so concurrently started servers never collide.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -31,6 +33,21 @@ log = logging.getLogger("areal_hpc.inference.server")
 
 BACKENDS = ("hf", "sglang")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_STOPPED = object()
+
+
+async def _in_daemon_thread(fn, *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread`` in a daemon thread: a model load under way does not hold up a signalled server's exit
+    (``asyncio.run``, and then the interpreter, wait for the default executor's threads)."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            fut.set_exception(e)
+    threading.Thread(target=work, name=f"load-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    return await asyncio.wrap_future(fut)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -113,6 +130,16 @@ class ServerLifecycle:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
+    async def _unless_stopped(self, aw) -> Any:
+        """The result of ``aw``; `_STOPPED` (``aw`` cancelled) when asked to stop first."""
+        task, stop = asyncio.ensure_future(aw), asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            return _STOPPED
+        return task.result()
+
     async def _load_latest(self, only_if_newer: bool) -> bool:
         """Load ``weights/latest`` if the run has published any, within the startup timeout. False on a failed load,
         and when asked to stop meanwhile."""
@@ -124,21 +151,17 @@ class ServerLifecycle:
             cur = self.weight_version
             if only_if_newer and isinstance(cur, int) and isinstance(version, int) and version <= cur:
                 return True
-            load = asyncio.ensure_future(self._request(
-                *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version),
-                timeout=self.launcher.server_startup_timeout_s))
-            stop = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait((load, stop), return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not load.done():
-                load.cancel()
-                return False
             try:
-                ok, msg = api.call_outcome(*load.result())
+                res = await self._unless_stopped(self._request(
+                    *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version),
+                    timeout=self.launcher.server_startup_timeout_s))
             except asyncio.TimeoutError:
                 log.error("loading published weights v%s took over %.0fs", version,
                           self.launcher.server_startup_timeout_s)
                 return False
+            if res is _STOPPED:
+                return False
+            ok, msg = api.call_outcome(*res)
             if ok:
                 self.weight_version = parse_version(version)
                 log.info("loaded published weights v%s from %s", version, latest["path"])
@@ -167,8 +190,8 @@ class ServerLifecycle:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._register()  # visible as "starting" while the model loads
-        device = await asyncio.to_thread(self._hf_device)
-        runner = await asyncio.to_thread(
+        device = await _in_daemon_thread(self._hf_device)
+        runner = await _in_daemon_thread(
             ModelRunner, self.model_path, dtype=self.cfg.dtype, device=device,
             max_running=self.cfg.max_running_requests, context_length=self.cfg.context_length,
             mem_fraction_static=self.cfg.mem_fraction_static, cuda_graph=self.cfg.cuda_graph,
@@ -213,15 +236,23 @@ class ServerLifecycle:
             self._register()
 
     async def _stop_backend(self) -> None:
-        if self.engine is not None and self.engine.alive:
-            await asyncio.to_thread(lambda: self.engine.abort(None).result(10))
+        """Each step runs even when one before it failed (an abort that timed out must not leave SGLang running)."""
+        engine, sglang = self.engine, self._sglang
+
+        async def abort_all() -> None:
+            await asyncio.to_thread(lambda: engine.abort(None).result(10))
             await asyncio.sleep(0.2)  # let the aborted responses reach their clients
-        if self._app_runner is not None:
-            await self._app_runner.cleanup()
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
-        if self._sglang is not None:
-            await asyncio.to_thread(self._sglang.stop)
+
+        steps = [("abort every request", abort_all if engine is not None and engine.alive else None),
+                 ("stop the HTTP server", self._app_runner and self._app_runner.cleanup),
+                 ("stop the engine", engine and (lambda: asyncio.to_thread(engine.stop))),
+                 ("stop SGLang", sglang and (lambda: asyncio.to_thread(sglang.stop)))]
+        for what, step in steps:
+            try:
+                if step is not None:
+                    await step()
+            except Exception:
+                log.exception("stopping the backend: could not %s", what)
 
     # ------------------------------------------------------------------ registration
     def _register(self) -> None:
@@ -269,10 +300,7 @@ class ServerLifecycle:
             self.state = "stopping"
             if self.heartbeat is not None:
                 self.heartbeat.stop()
-            try:
-                await self._stop_backend()
-            except Exception:
-                log.exception("stopping the backend failed")
+            await self._stop_backend()
             await self._session.close()
         log.info("server %s exits with %d", self.server_id, code)
         return code
@@ -291,7 +319,8 @@ class ServerLifecycle:
         return "already in use" in tail or "Address in use" in tail
 
     async def _serve(self) -> int:
-        await (self._start_hf() if self.backend == "hf" else self._start_sglang())
+        if await self._unless_stopped(self._start_hf() if self.backend == "hf" else self._start_sglang()) is _STOPPED:
+            return EXIT_OK  # signalled while the model loads
         if self.backend == "sglang" and self.node_rank > 0:
             # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
             while not self._stop.is_set() and self._backend_alive():

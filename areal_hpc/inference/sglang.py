@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -156,18 +157,27 @@ class SGLangProcess:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, grace_s: float = 30.0) -> Optional[int]:
-        """SIGTERM the process group, SIGKILL it after ``grace_s``. Also when SGLang's main process has exited: a child
-        that did not ask to die with it (a wrapper's, a compile worker) would otherwise outlive it."""
+        """SIGTERM the process group, SIGKILL what is left of it after ``grace_s``. The group, not just SGLang's main
+        process: a child that did not ask to die with it (a wrapper's, a compile worker), or one that ignores SIGTERM,
+        would otherwise outlive it."""
         if self.proc is None:
             return None
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
+            deadline = time.monotonic() + wait
+            while self._group_runs() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self._group_runs():
                 break
-            try:
-                return self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
         return self.returncode
 
+    def _group_runs(self) -> bool:
+        """Whether a process of its group still runs (zombies do not count: an orphan's may never be reaped)."""
+        self.proc.poll()  # reap the main process
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError):
+                state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+                if pgrp == str(self.proc.pid) and state != "Z":
+                    return True
+        return False
