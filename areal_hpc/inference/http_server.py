@@ -356,11 +356,10 @@ class EngineServer:
             try:
                 n = self.runner.load_broadcast(specs, pg, gone.is_set)
             except Exception as e:  # its communicator is broken: later updates need a new group
-                if self.groups.get(group) is pg:
-                    self.groups.pop(group, None)
+                self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
                     dist_c10d._abort_process_group(pg)
-                log.error("weight broadcast in group %s failed (%s): the model's weights are partly updated until "
+                log.error("weight broadcast in group %s failed (%s): the model's weights may be partly updated until "
                           "the next full update; group %s is dropped", group, e, group)
                 raise
             self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))

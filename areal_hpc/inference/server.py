@@ -59,7 +59,7 @@ class ServerLifecycle:
     def __init__(self, run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig,
                  server_id: str, backend: str = "hf", gpus: Optional[Sequence[int]] = None, *,
                  tp_size: Optional[int] = None, nnodes: int = 1, node_rank: int = 0,
-                 dist_init_addr: Optional[str] = None, extra: Optional[Dict[str, Any]] = None):
+                 dist_init_addr: Optional[str] = None, **extra: Any):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.run_dir = Path(run_dir)
@@ -72,7 +72,7 @@ class ServerLifecycle:
         if backend == "hf" and (self.tp_size > 1 or nnodes > 1):
             raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, "
                              f"nnodes={nnodes}); use backend sglang for tensor parallelism")
-        self.extra = dict(extra or {})
+        self.extra = extra  # more fields of the registry record
         self.registry = Registry.for_run(self.run_dir, launcher)
         self.api_key = self.registry.secret()
         self.bind_host = cfg.host or "0.0.0.0"
@@ -368,18 +368,11 @@ class ServerLifecycle:
 
 
 def serve(run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig, server_id: str,
-          backend: str = "hf", gpus: Optional[Sequence[int]] = None, **extra_fields: Any) -> int:
-    """Run one server until SIGTERM/SIGINT; returns the process exit code.
-
-    Keyword options: ``tp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr`` (SGLang multi-node
-    tensor parallelism); any other keyword is added to the registry record."""
-    opts = {k: extra_fields.pop(k) for k in ("tp_size", "nnodes", "node_rank", "dist_init_addr") if k in extra_fields}
-    from areal_hpc.toy import resolve_model
-
-    model_path = resolve_model(model_path or cfg.model_path)
+          backend: str = "hf", gpus: Optional[Sequence[int]] = None, **options: Any) -> int:
+    """Run one server until SIGTERM/SIGINT; returns the process exit code. ``options``: `ServerLifecycle`'s
+    (``tp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr``; any other is added to the registry record)."""
     try:
-        life = ServerLifecycle(Path(run_dir), cfg, model_path, launcher, server_id, backend, gpus,
-                               extra=extra_fields, **opts)
+        life = ServerLifecycle(Path(run_dir), cfg, model_path, launcher, server_id, backend, gpus, **options)
     except ValueError as e:
         log.error("%s", e)
         return EXIT_USAGE

@@ -177,13 +177,7 @@ class ModelRunner:
             from transformers import GenerationConfig
 
             found.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
-        ids = set()
-        for e in found:
-            if isinstance(e, int):
-                ids.add(e)
-            elif isinstance(e, (list, tuple)):
-                ids.update(int(x) for x in e)
-        return tuple(sorted(ids))
+        return tuple(sorted({int(x) for e in found for x in ([e] if isinstance(e, int) else e or ())}))
 
     def _plan_gpu_rows(self, n_layers: int, n_kv: int, head_dim: int, mem_fraction: float) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
