@@ -107,7 +107,7 @@ def test_stop_kills_a_child_that_ignores_sigterm_after_sglang_exited(tmp_path):
         open({str(pid_file)!r}, "w").write(str(p.pid))
         time.sleep(60)
     ''')
-    sg = SGLangProcess([sys.executable, "-c", script]).start()
+    sg = SGLangProcess([sys.executable, "-c", script], None, str(tmp_path / "sglang.log")).start()
     child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child's pid"))
     try:
         t0 = time.monotonic()

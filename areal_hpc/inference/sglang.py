@@ -127,25 +127,24 @@ def base_gpu_and_env(gpus: Sequence[int], tp_size: int, env: Optional[Mapping[st
 class SGLangProcess:
     """One ``sglang.launch_server`` subprocess in its own process group."""
 
-    def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
+    def __init__(self, argv: List[str], env: Optional[Dict[str, str]], log_path: str):
         self.argv, self.env, self.log_path = argv, dict(os.environ, **(env or {})), log_path
         self.proc: Optional[subprocess.Popen] = None
         self._log_start = 0  # the log is appended to: what an earlier run of the server wrote ends here
 
     def start(self) -> "SGLangProcess":
-        if self.log_path:
-            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log.info("starting: %s", " ".join(self.argv))
-        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
-            self._log_start = out.tell() if out else 0
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        with open(self.log_path, "ab") as out:
+            self._log_start = out.tell()
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         return self
 
     def log_tail(self, n_bytes: int = 20000) -> str:
-        """The end of what it wrote to its log ("" without one)."""
+        """The end of what it wrote to its log."""
         try:
-            with open(self.log_path or "", "rb") as f:
+            with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(self._log_start, f.tell() - n_bytes))
                 return f.read().decode(errors="replace")
