@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from areal_hpc.registry import Registry
-from helpers import serve_argv, wait_until
+from helpers import engine_app, serve_argv, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,9 +135,7 @@ def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, 
     its engine generates again at once (not after the group's timeout), the update fails in the log and its group is
     dropped."""
     import aiohttp
-    from aiohttp import web
 
-    from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group
     from areal_hpc.inference.http_server import EngineServer
 
     server = EngineServer(engine)
@@ -156,12 +154,7 @@ def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, 
     """)], env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))
 
     async def go():
-        runner = web.AppRunner(server.build(), handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        try:
+        async with engine_app(server) as url:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
                 async with s.post(url + "/init_weights_update_group", json={
                         "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
@@ -178,8 +171,6 @@ def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, 
                     assert r.status == 200
                 async with s.post(url + "/update_weights_from_distributed", json=bucket) as r:
                     assert r.status == 400 and "not initialized" in (await r.json())["message"]
-        finally:
-            await runner.cleanup()
 
     try:
         with caplog.at_level(logging.ERROR, logger="areal_hpc.inference.http_server"):
