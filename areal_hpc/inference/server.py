@@ -122,13 +122,8 @@ class ServerLifecycle:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 if (await self._request(*api.HEALTH, timeout=5.0))[0] == 200:
                     return True
-            await self._sleep(0.5)
+            await self._unless_stopped(asyncio.sleep(0.5))
         return False
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, waking early when asked to stop."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _unless_stopped(self, aw) -> Any:
         """The result of ``aw``; `_STOPPED` (``aw`` cancelled) when asked to stop first."""
@@ -167,7 +162,7 @@ class ServerLifecycle:
                 log.info("loaded published weights v%s from %s", version, latest["path"])
                 return True
             log.warning("loading published weights v%s failed (%s); re-reading weights/latest", version, msg)
-            await self._sleep(1.0 * (attempt + 1))
+            await self._unless_stopped(asyncio.sleep(1.0 * (attempt + 1)))
         return False
 
     # ------------------------------------------------------------------ backends
@@ -357,7 +352,7 @@ class ServerLifecycle:
                  self.weight_version)
         print(f"AREAL_HPC_SERVER_READY {self.server_id} {self.address}", flush=True)
         while not self._stop.is_set():
-            await self._sleep(self.launcher.heartbeat_s)
+            await self._unless_stopped(asyncio.sleep(self.launcher.heartbeat_s))
             if not self._backend_alive():
                 log.error("backend of server %s died%s", self.server_id, self._sglang_log_tail())
                 return EXIT_FAILED
