@@ -8,7 +8,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator, List
+from typing import AsyncIterator, Iterator, List
 
 
 def run(*cmd: str, timeout: float = 120) -> str:
@@ -70,3 +70,19 @@ def health_answered_together(parties: int, weight_version: int = 0) -> Iterator[
         yield httpd.server_port
     finally:
         httpd.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def engine_app(server) -> AsyncIterator[str]:
+    """``server`` (an `EngineServer`) on 127.0.0.1, handlers cancelled when their client goes away (as `serve` runs
+    it); yields its base URL."""
+    from aiohttp import web
+
+    runner = web.AppRunner(server.build(), handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()

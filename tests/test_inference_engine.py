@@ -14,6 +14,7 @@ import torch
 from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner, SamplingParams, Sequence
 from areal_hpc.inference.hf_engine.sampler import sample
 from areal_hpc.toy import resolve_model
+from helpers import engine_app
 
 MODEL = "toy:qwen3-h128-l2"
 
@@ -371,7 +372,6 @@ def test_a_stream_that_fails_aborts_its_sequences(engine):
     import asyncio
 
     import aiohttp
-    from aiohttp import web
 
     from areal_hpc.inference.http_server import EngineServer
 
@@ -393,22 +393,16 @@ def test_a_stream_that_fails_aborts_its_sequences(engine):
             "sampling_params": {"max_new_tokens": engine.runner.context_length, "ignore_eos": True}}
 
     async def go():
-        runner = web.AppRunner(server.build())
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/generate"
-        try:
+        async with engine_app(server) as url:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-                async with s.post(url, json=body) as r:
+                async with s.post(url + "/generate", json=body) as r:
                     with pytest.raises(aiohttp.ClientPayloadError):
                         await r.read()  # the stream breaks off: no [DONE]
-                async with s.post(url, json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}}) as r:
+                async with s.post(url + "/generate",
+                                  json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}}) as r:
                     assert r.status == 200  # the server serves on
             # commands run in order: any abort the handler asked for has run when this one answers
             return await asyncio.wait_for(asyncio.wrap_future(engine.call(lambda: len(engine.scheduler.running))), 10)
-        finally:
-            await runner.cleanup()
 
     assert asyncio.run(go()) == 0
     assert engine.stats["aborted_requests"] == 1

@@ -154,7 +154,7 @@ def test_stop_ends_the_group_of_an_exited_sglang(tmp_path):
     pid_file = tmp_path / "child.pid"
     script = (f"import subprocess; p = subprocess.Popen(['sleep', '60']); "
               f"open({str(pid_file)!r}, 'w').write(str(p.pid))")
-    sg = SGLangProcess([sys.executable, "-c", script]).start()
+    sg = SGLangProcess([sys.executable, "-c", script], None, str(tmp_path / "sglang.log")).start()
     sg.proc.wait(30)
     child = int(pid_file.read_text())
     try:

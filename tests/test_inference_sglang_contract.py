@@ -31,6 +31,7 @@ from aiohttp import web
 from areal_hpc.inference import sglang_api as api
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.inference.sglang import SGLANG_VERSION
+from helpers import engine_app
 
 ROOT = Path(__file__).resolve().parents[1]
 # a developer tool, not part of the package: loaded by path
@@ -190,12 +191,7 @@ def hf_engine():
 async def _with_server(engine, fn):
     from areal_hpc.inference.http_server import EngineServer
 
-    runner = web.AppRunner(EngineServer(engine, api_key="k").build())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    try:
+    async with engine_app(EngineServer(engine, api_key="k")) as url:
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer k"}) as s:
             async def post(path, body):
                 async with s.post(url + path, json=body) as r:
@@ -205,8 +201,6 @@ async def _with_server(engine, fn):
                     except ValueError:
                         return r.status, text
             return await fn(post)
-    finally:
-        await runner.cleanup()
 
 
 def sample_value(annotation: str, aliases):

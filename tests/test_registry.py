@@ -250,3 +250,16 @@ def test_heartbeat_survives_an_error_that_is_no_os_error_and_logs_it_once(tmp_pa
     assert len(beats) >= 6
     assert [r.getMessage() for r in caplog.records if "a bad record" in r.getMessage()] == [
         "heartbeat of servers/s0 failed (the next beats retry): ValueError('a bad record')"]
+
+
+# fix9-C
+def test_atomic_write_temp_names_carry_the_host(tmp_path, monkeypatch):
+    """Writers on two hosts of a shared file system may have the same pid: the temp file's name has the hostname too."""
+    import socket
+
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(src), replace(src, dst)))
+    atomic_write(tmp_path / "f.json", "{}")
+    assert (tmp_path / "f.json").read_text() == "{}"
+    assert f".{socket.gethostname()}.{os.getpid()}." in os.path.basename(renamed[0])

@@ -15,6 +15,7 @@ import hmac
 import itertools
 import json
 import logging
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -347,13 +348,28 @@ class EngineServer:
         problems = [p for p in self.runner.check_weights((n, s) for n, _, s in specs) if "missing" not in p]
         if problems:
             raise RequestError("; ".join(problems[:5]))
+        import torch.distributed.distributed_c10d as dist_c10d
+
+        gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come
+
         def receive() -> int:
-            n = self.runner.load_broadcast(specs, pg)
+            try:
+                n = self.runner.load_broadcast(specs, pg, gone.is_set)
+            except Exception as e:  # its communicator is broken: later updates need a new group
+                self.groups.pop(group, None)
+                with contextlib.suppress(Exception):
+                    dist_c10d._abort_process_group(pg)
+                log.error("weight broadcast in group %s failed (%s): the model's weights may be partly updated until "
+                          "the next full update; group %s is dropped", group, e, group)
+                raise
             self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
             return n
 
         try:
             n = await self._on_loop(receive)
+        except asyncio.CancelledError:
+            gone.set()
+            raise
         except Exception as e:
             return _result(False, f"broadcast failed: {e}")
         return _result(True, f"Updated {n} tensors; weight version {self.engine.weight_version}")

@@ -10,12 +10,14 @@ itself, so concurrently started servers never collide.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -31,6 +33,21 @@ log = logging.getLogger("areal_hpc.inference.server")
 
 BACKENDS = ("hf", "sglang")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_STOPPED = object()
+
+
+async def _in_daemon_thread(fn, *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread`` in a daemon thread: a model load under way does not hold up a signalled server's exit
+    (``asyncio.run``, and then the interpreter, wait for the default executor's threads)."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            fut.set_exception(e)
+    threading.Thread(target=work, name=f"load-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    return await asyncio.wrap_future(fut)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -42,7 +59,7 @@ class ServerLifecycle:
     def __init__(self, run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig,
                  server_id: str, backend: str = "hf", gpus: Optional[Sequence[int]] = None, *,
                  tp_size: Optional[int] = None, nnodes: int = 1, node_rank: int = 0,
-                 dist_init_addr: Optional[str] = None, extra: Optional[Dict[str, Any]] = None):
+                 dist_init_addr: Optional[str] = None, **extra: Any):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.run_dir = Path(run_dir)
@@ -55,7 +72,7 @@ class ServerLifecycle:
         if backend == "hf" and (self.tp_size > 1 or nnodes > 1):
             raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, "
                              f"nnodes={nnodes}); use backend sglang for tensor parallelism")
-        self.extra = dict(extra or {})
+        self.extra = extra  # more fields of the registry record
         self.registry = Registry.for_run(self.run_dir, launcher)
         self.api_key = self.registry.secret()
         self.bind_host = cfg.host or "0.0.0.0"
@@ -105,13 +122,18 @@ class ServerLifecycle:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 if (await self._request(*api.HEALTH, timeout=5.0))[0] == 200:
                     return True
-            await self._sleep(0.5)
+            await self._unless_stopped(asyncio.sleep(0.5))
         return False
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, waking early when asked to stop."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+    async def _unless_stopped(self, aw) -> Any:
+        """The result of ``aw``; `_STOPPED` (``aw`` cancelled) when asked to stop first."""
+        task, stop = asyncio.ensure_future(aw), asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            return _STOPPED
+        return task.result()
 
     async def _load_latest(self, only_if_newer: bool) -> bool:
         """Load ``weights/latest`` if the run has published any, within the startup timeout. False on a failed load,
@@ -124,27 +146,23 @@ class ServerLifecycle:
             cur = self.weight_version
             if only_if_newer and isinstance(cur, int) and isinstance(version, int) and version <= cur:
                 return True
-            load = asyncio.ensure_future(self._request(
-                *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version),
-                timeout=self.launcher.server_startup_timeout_s))
-            stop = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait((load, stop), return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not load.done():
-                load.cancel()
-                return False
             try:
-                ok, msg = api.call_outcome(*load.result())
+                res = await self._unless_stopped(self._request(
+                    *api.UPDATE_WEIGHTS_FROM_DISK, api.update_from_disk_body(latest["path"], version),
+                    timeout=self.launcher.server_startup_timeout_s))
             except asyncio.TimeoutError:
                 log.error("loading published weights v%s took over %.0fs", version,
                           self.launcher.server_startup_timeout_s)
                 return False
+            if res is _STOPPED:
+                return False
+            ok, msg = api.call_outcome(*res)
             if ok:
                 self.weight_version = parse_version(version)
                 log.info("loaded published weights v%s from %s", version, latest["path"])
                 return True
             log.warning("loading published weights v%s failed (%s); re-reading weights/latest", version, msg)
-            await self._sleep(1.0 * (attempt + 1))
+            await self._unless_stopped(asyncio.sleep(1.0 * (attempt + 1)))
         return False
 
     # ------------------------------------------------------------------ backends
@@ -167,8 +185,8 @@ class ServerLifecycle:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._register()  # visible as "starting" while the model loads
-        device = await asyncio.to_thread(self._hf_device)
-        runner = await asyncio.to_thread(
+        device = await _in_daemon_thread(self._hf_device)
+        runner = await _in_daemon_thread(
             ModelRunner, self.model_path, dtype=self.cfg.dtype, device=device,
             max_running=self.cfg.max_running_requests, context_length=self.cfg.context_length,
             mem_fraction_static=self.cfg.mem_fraction_static, cuda_graph=self.cfg.cuda_graph,
@@ -213,15 +231,23 @@ class ServerLifecycle:
             self._register()
 
     async def _stop_backend(self) -> None:
-        if self.engine is not None and self.engine.alive:
-            await asyncio.to_thread(lambda: self.engine.abort(None).result(10))
+        """Each step runs even when one before it failed (an abort that timed out must not leave SGLang running)."""
+        engine, sglang = self.engine, self._sglang
+
+        async def abort_all() -> None:
+            await asyncio.to_thread(lambda: engine.abort(None).result(10))
             await asyncio.sleep(0.2)  # let the aborted responses reach their clients
-        if self._app_runner is not None:
-            await self._app_runner.cleanup()
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
-        if self._sglang is not None:
-            await asyncio.to_thread(self._sglang.stop)
+
+        steps = [("abort every request", abort_all if engine is not None and engine.alive else None),
+                 ("stop the HTTP server", self._app_runner and self._app_runner.cleanup),
+                 ("stop the engine", engine and (lambda: asyncio.to_thread(engine.stop))),
+                 ("stop SGLang", sglang and (lambda: asyncio.to_thread(sglang.stop)))]
+        for what, step in steps:
+            try:
+                if step is not None:
+                    await step()
+            except Exception:
+                log.exception("stopping the backend: could not %s", what)
 
     # ------------------------------------------------------------------ registration
     def _register(self) -> None:
@@ -269,10 +295,7 @@ class ServerLifecycle:
             self.state = "stopping"
             if self.heartbeat is not None:
                 self.heartbeat.stop()
-            try:
-                await self._stop_backend()
-            except Exception:
-                log.exception("stopping the backend failed")
+            await self._stop_backend()
             await self._session.close()
         log.info("server %s exits with %d", self.server_id, code)
         return code
@@ -291,7 +314,8 @@ class ServerLifecycle:
         return "already in use" in tail or "Address in use" in tail
 
     async def _serve(self) -> int:
-        await (self._start_hf() if self.backend == "hf" else self._start_sglang())
+        if await self._unless_stopped(self._start_hf() if self.backend == "hf" else self._start_sglang()) is _STOPPED:
+            return EXIT_OK  # signalled while the model loads
         if self.backend == "sglang" and self.node_rank > 0:
             # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
             while not self._stop.is_set() and self._backend_alive():
@@ -328,7 +352,7 @@ class ServerLifecycle:
                  self.weight_version)
         print(f"AREAL_HPC_SERVER_READY {self.server_id} {self.address}", flush=True)
         while not self._stop.is_set():
-            await self._sleep(self.launcher.heartbeat_s)
+            await self._unless_stopped(asyncio.sleep(self.launcher.heartbeat_s))
             if not self._backend_alive():
                 log.error("backend of server %s died%s", self.server_id, self._sglang_log_tail())
                 return EXIT_FAILED
@@ -339,18 +363,11 @@ class ServerLifecycle:
 
 
 def serve(run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig, server_id: str,
-          backend: str = "hf", gpus: Optional[Sequence[int]] = None, **extra_fields: Any) -> int:
-    """Run one server until SIGTERM/SIGINT; returns the process exit code.
-
-    Keyword options: ``tp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr`` (SGLang multi-node
-    tensor parallelism); any other keyword is added to the registry record."""
-    opts = {k: extra_fields.pop(k) for k in ("tp_size", "nnodes", "node_rank", "dist_init_addr") if k in extra_fields}
-    from areal_hpc.toy import resolve_model
-
-    model_path = resolve_model(model_path or cfg.model_path)
+          backend: str = "hf", gpus: Optional[Sequence[int]] = None, **options: Any) -> int:
+    """Run one server until SIGTERM/SIGINT; returns the process exit code. ``options``: `ServerLifecycle`'s
+    (``tp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr``; any other is added to the registry record)."""
     try:
-        life = ServerLifecycle(Path(run_dir), cfg, model_path, launcher, server_id, backend, gpus,
-                               extra=extra_fields, **opts)
+        life = ServerLifecycle(Path(run_dir), cfg, model_path, launcher, server_id, backend, gpus, **options)
     except ValueError as e:
         log.error("%s", e)
         return EXIT_USAGE

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -126,25 +127,24 @@ def base_gpu_and_env(gpus: Sequence[int], tp_size: int, env: Optional[Mapping[st
 class SGLangProcess:
     """One ``sglang.launch_server`` subprocess in its own process group."""
 
-    def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
+    def __init__(self, argv: List[str], env: Optional[Dict[str, str]], log_path: str):
         self.argv, self.env, self.log_path = argv, dict(os.environ, **(env or {})), log_path
         self.proc: Optional[subprocess.Popen] = None
         self._log_start = 0  # the log is appended to: what an earlier run of the server wrote ends here
 
     def start(self) -> "SGLangProcess":
-        if self.log_path:
-            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log.info("starting: %s", " ".join(self.argv))
-        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
-            self._log_start = out.tell() if out else 0
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        with open(self.log_path, "ab") as out:
+            self._log_start = out.tell()
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         return self
 
     def log_tail(self, n_bytes: int = 20000) -> str:
-        """The end of what it wrote to its log ("" without one)."""
+        """The end of what it wrote to its log."""
         try:
-            with open(self.log_path or "", "rb") as f:
+            with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(self._log_start, f.tell() - n_bytes))
                 return f.read().decode(errors="replace")
@@ -156,18 +156,27 @@ class SGLangProcess:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, grace_s: float = 30.0) -> Optional[int]:
-        """SIGTERM the process group, SIGKILL it after ``grace_s``. Also when SGLang's main process has exited: a child
-        that did not ask to die with it (a wrapper's, a compile worker) would otherwise outlive it."""
+        """SIGTERM the process group, SIGKILL what is left of it after ``grace_s``. The group, not just SGLang's main
+        process: a child that did not ask to die with it (a wrapper's, a compile worker), or one that ignores SIGTERM,
+        would otherwise outlive it."""
         if self.proc is None:
             return None
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
+            deadline = time.monotonic() + wait
+            while self._group_runs() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self._group_runs():
                 break
-            try:
-                return self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
         return self.returncode
 
+    def _group_runs(self) -> bool:
+        """Whether a process of its group still runs (zombies do not count: an orphan's may never be reaped)."""
+        self.proc.poll()  # reap the main process
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError):
+                state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+                if pgrp == str(self.proc.pid) and state != "Z":
+                    return True
+        return False

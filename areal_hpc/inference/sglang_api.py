@@ -7,6 +7,7 @@ fields and types against SGLang's request structs, and the keys read here agains
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -52,10 +53,8 @@ async def request_json(session: aiohttp.ClientSession, method: str, url: str, pa
 def parse_version(v: Any) -> Any:
     """SGLang reports versions as strings; ours are ints where they look like ints."""
     if isinstance(v, str):
-        try:
+        with contextlib.suppress(ValueError):
             return int(v)
-        except ValueError:
-            return v
     return v
 
 

@@ -19,7 +19,8 @@ def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: i
     before the umask; ``fsync`` flushes the data to disk before the rename."""
     path = os.fspath(path)
     d, name = os.path.split(path)
-    tmp = os.path.join(d, f".{name}.{os.getpid()}.{next(_SEQ)}.tmp")
+    # hostname and pid: writers on other hosts of a shared file system may have the same pid
+    tmp = os.path.join(d, f".{name}.{socket.gethostname()}.{os.getpid()}.{next(_SEQ)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:  # a file object writes all of ``data`` (one os.write may write less)

@@ -16,8 +16,9 @@ import inspect
 import json
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence as Seq, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence as Seq, Tuple
 
 import torch
 
@@ -176,13 +177,7 @@ class ModelRunner:
             from transformers import GenerationConfig
 
             found.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
-        ids = set()
-        for e in found:
-            if isinstance(e, int):
-                ids.add(e)
-            elif isinstance(e, (list, tuple)):
-                ids.update(int(x) for x in e)
-        return tuple(sorted(ids))
+        return tuple(sorted({int(x) for e in found for x in ([e] if isinstance(e, int) else e or ())}))
 
     def _plan_gpu_rows(self, n_layers: int, n_kv: int, head_dim: int, mem_fraction: float) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
@@ -309,18 +304,31 @@ class ModelRunner:
         return n
 
     @torch.inference_mode()
-    def load_broadcast(self, specs: Seq[Tuple[str, torch.dtype, Tuple[int, ...]]], group) -> int:
+    def load_broadcast(self, specs: Seq[Tuple[str, torch.dtype, Tuple[int, ...]]], group,
+                       gone: Callable[[], bool] = lambda: False) -> int:
         """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``
-        into the parameters (in place, as `load_weights`). Returns the count."""
+        into the parameters (in place, as `load_weights`). Returns the count. Raises `ConnectionAbortedError` once
+        ``gone()`` says the sender went away: its broadcast would otherwise be waited for until the group's timeout."""
         import torch.distributed as dist
 
+        def finish(work) -> None:
+            while not work.is_completed():
+                if gone():
+                    raise ConnectionAbortedError("the trainer went away in the middle of the broadcast")
+                time.sleep(0.001)
+            work.wait()  # raises a failed op's error; NCCL: the current stream waits for it
+
+        works = []
         for name, dtype, shape in specs:
             param = self._params[name]
             direct = param.dtype == dtype and param.is_contiguous()
             buf = param.data if direct else torch.empty(shape, dtype=dtype, device=self.device)
-            dist.broadcast(buf, src=0, group=group)
+            works.append(dist.broadcast(buf, src=0, group=group, async_op=True))
             if not direct:
+                finish(works[-1])
                 param.copy_(buf)
+        for work in works:  # the ops of one group complete in order: one wait for the whole bucket
+            finish(work)
         return len(specs)
 
 

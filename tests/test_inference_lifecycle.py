@@ -1,0 +1,182 @@
+"""A server's stop under failure: a stop step that fails, a signal while the model loads, an SGLang child that ignores
+SIGTERM, a trainer that goes away in the middle of a weight broadcast. CPU, a few seconds each."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from areal_hpc.registry import Registry
+from helpers import engine_app, serve_argv, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_failed_abort_does_not_skip_the_rest_of_the_stop():
+    """An abort of the running requests that times out (a step that never ends) must still stop the HTTP server, the
+    engine and SGLang."""
+    from areal_hpc.inference.server import ServerLifecycle
+
+    done = []
+
+    class Engine:
+        alive = True
+
+        def abort(self, rid):
+            fut = concurrent.futures.Future()
+            fut.set_exception(concurrent.futures.TimeoutError())
+            return fut
+
+        def stop(self):
+            done.append("engine")
+
+    class Runner:
+        async def cleanup(self):
+            done.append("http")
+
+    class SGLang:
+        def stop(self):
+            done.append("sglang")
+
+    life = object.__new__(ServerLifecycle)
+    life.engine, life._app_runner, life._sglang = Engine(), Runner(), SGLang()
+    asyncio.run(life._stop_backend())
+    assert done == ["http", "engine", "sglang"]
+
+
+def test_a_signal_while_the_model_loads_ends_the_server_at_once(tmp_path):
+    """SIGTERM during the model load: the server exits (0, deregistered) without waiting for the load to end."""
+    marker = tmp_path / "loading"
+    argv = serve_argv(tmp_path / "run", "s0", "server.model_path=toy:qwen3-h128-l2", "launcher.heartbeat_s=0.3")
+    script = textwrap.dedent(f'''
+        import sys, time
+        import areal_hpc.inference.hf_engine as hf
+
+        def slow_load(*args, **kwargs):
+            open({str(marker)!r}, "w").close()
+            time.sleep(120)
+
+        hf.ModelRunner = slow_load
+        from areal_hpc.cli.main import main
+        sys.exit(main({argv[3:]!r}))
+    ''')
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, AREAL_HPC_LOG_LEVEL="WARNING"), start_new_session=True)
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, 60, "the model load")
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert "s0" not in Registry(tmp_path / "run" / "registry").list("servers")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_after_sglang_exited(tmp_path):
+    """SGLang's main process exits on SIGTERM, a child of it ignores SIGTERM: after the grace period it is SIGKILLed
+    (not left on the GPU because the main process is gone)."""
+    from areal_hpc.inference.sglang import SGLangProcess
+
+    pid_file = tmp_path / "child.pid"
+    child_code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    script = textwrap.dedent(f'''
+        import subprocess, sys, time
+        p = subprocess.Popen([sys.executable, "-c", {child_code!r}])
+        time.sleep(0.5)  # the child ignores SIGTERM by now
+        open({str(pid_file)!r}, "w").write(str(p.pid))
+        time.sleep(60)
+    ''')
+    sg = SGLangProcess([sys.executable, "-c", script], None, str(tmp_path / "sglang.log")).start()
+    child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child's pid"))
+    try:
+        t0 = time.monotonic()
+        sg.stop(grace_s=1.0)
+        assert sg.returncode == -signal.SIGTERM
+        assert not _running(child), "a child that ignores SIGTERM outlived the stop"
+        assert time.monotonic() - t0 < 8
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner
+    from areal_hpc.toy import resolve_model
+
+    eng = LLMEngine(ModelRunner(resolve_model("toy:qwen3-h128-l2"), max_running=8)).start()
+    yield eng
+    eng.stop()
+
+
+def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, caplog):
+    """The trainer announces a bucket, then goes away before broadcasting it: the server answers /health meanwhile,
+    its engine generates again at once (not after the group's timeout), the update fails in the log and its group is
+    dropped."""
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+    params = list(engine.runner._params.items())[:3]
+    bucket = {"names": [n for n, _ in params], "dtypes": [str(p.dtype).replace("torch.", "") for _, p in params],
+              "shapes": [list(p.shape) for _, p in params], "group_name": "gone", "weight_version": "9"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    trainer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group
+        init_custom_process_group("gloo", "tcp://127.0.0.1:{port}", 2, 0, "gone", 120)
+        time.sleep(120)  # never broadcasts
+    """)], env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))
+
+    async def go():
+        async with engine_app(server) as url:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+                async with s.post(url + "/init_weights_update_group", json={
+                        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+                        "backend": "gloo", "group_name": "gone", "timeout": 120}) as r:
+                    assert r.status == 200, await r.text()
+                async with aiohttp.ClientSession() as announcer:  # announces the bucket, then goes away
+                    upd = asyncio.create_task(announcer.post(url + "/update_weights_from_distributed", json=bucket))
+                    await asyncio.sleep(1.0)
+                    async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        assert r.status == 200  # answered while the engine waits for the broadcast
+                    upd.cancel()
+                gen = {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}}
+                async with s.post(url + "/generate", json=gen, timeout=aiohttp.ClientTimeout(total=15)) as r:
+                    assert r.status == 200
+                async with s.post(url + "/update_weights_from_distributed", json=bucket) as r:
+                    assert r.status == 400 and "not initialized" in (await r.json())["message"]
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="areal_hpc.inference.http_server"):
+            asyncio.run(go())
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert "partly updated" in caplog.text and "went away" in caplog.text, caplog.text
+    assert engine.weight_version == "0"
