@@ -10,6 +10,7 @@ import contextlib
 import io
 import shlex
 import sys
+from collections import Counter
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -208,9 +209,9 @@ def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     first = next_server_index(reg, known, reserve=count)
     plan = build_plan(cfg, alloc, rd, with_trainer=False, first_server=first)
     if cfg.cluster.n_gpus_per_node:
-        per_node: Dict[int, int] = {}
+        per_node: Counter = Counter()
         for s in plan.servers:
-            per_node[s.relative_node] = per_node.get(s.relative_node, 0) + s.gpus_per_node
+            per_node[s.relative_node] += s.gpus_per_node
         plan.gpus_per_node = max(per_node.values())
     plan.job_name = f"{plan.job_name}-servers"
     return plan
