@@ -289,8 +289,8 @@ def test_rendered_rollout_only_runner_runs_next_to_servers_filling_a_node(slurm_
 
 
 def test_rendered_steps_append_to_their_logs(slurm_cluster, shared_tmp):
-    """A requeued allocation runs its script again: every step's log keeps what the last run wrote
-    (srun truncates an --output file unless told --open-mode=append; the driver's steps say so too)."""
+    """A requeued allocation runs its script again: every step's log keeps what the last run wrote (srun truncates
+    an --output file unless in append mode: each step's srun line says so, as the driver's do)."""
     cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
                              "trial_name=append")
     plan = build_plan(cfg, alloc, run_dir(cfg))
