@@ -205,6 +205,9 @@ def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     reg = Registry.for_run(rd, cfg.launcher)
     known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
     alloc = parse_allocation(cfg.allocation_mode)
+    if alloc.gen is None:
+        raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers (trainer.type="
+                          f"{cfg.trainer.type}): there are none to add", "add servers to a run that generates rollouts")
     alloc = replace(alloc, gen=replace(alloc.gen, dp=count), train=None)
     first = next_server_index(reg, known, reserve=count)
     plan = build_plan(cfg, alloc, rd, with_trainer=False, first_server=first)
