@@ -161,9 +161,7 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
         return float(value)
     if inner is str and (isinstance(value, str) or number):
         return str(value)  # `trial_name: 1` in YAML
-    if origin in (dict, list) or inner in (bool, int, float, str):
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")  # leaf types: above
 
 
 def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bool = True, prefix: str = ""):
