@@ -155,3 +155,16 @@ def test_dry_run_writes_no_server_script_with_taken_names(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     rd = next(tmp_path.glob("*/e1/t1"))
     assert sorted(p.name for p in (rd / "sbatch").iterdir()) == ["allocation.sbatch"]
+
+
+# fix9-B
+
+def test_add_servers_new_job_to_a_run_without_servers_is_bad_input(tmp_path, capsys):
+    """`add-servers --new-job` on an SFT run (allocation_mode has no servers) crashed with a TypeError traceback."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "trainer.type=sft", "allocation_mode=fsdp:d1", "--dry-run",
+                   "trainer.sft.model.path=toy:qwen3-h64-l1", *names) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli("add-servers", "--new-job", *names) == 2
+    err = capsys.readouterr().err
+    assert "allocation_mode: 'fsdp:d1' has no inference servers" in err, err

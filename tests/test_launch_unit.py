@@ -68,17 +68,19 @@ def test_plan_to_srun_lines():
     assert lines["server-0"] == [
         "srun", "--job-name=areal-golden-t1:server-0", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
         "--relative=0", "--exact", "--cpus-per-task=16", "--mem=131072M", "--gres=gpu:2", "--gpus-per-task=2",
-        "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/server-0.log", "--mpi=none"]
-    assert lines["server-1"][5] == "--relative=0" and plan.step("server-1").gpu_ids == [2, 3]
+        "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/server-0.log", "--open-mode=append",
+        "--mpi=none"]
+    assert lines["server-1"][5] == "--relative=0" and plan.servers[1].gpu_ids == [2, 3]
     assert lines["trainer"] == [
         "srun", "--job-name=areal-golden-t1:trainer", "--nodes=1", "--ntasks=4", "--ntasks-per-node=4",
         "--relative=1", "--exact", "--cpus-per-task=8", "--mem=262144M", "--gres=gpu:4", "--gpus-per-task=1",
-        "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/trainer-%t.log", "--mpi=none"]
-    anywhere = StepSpec(**{**plan.step("server-0").__dict__, "relative_node": -1})
+        "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/trainer-%t.log", "--open-mode=append",
+        "--mpi=none"]
+    anywhere = StepSpec(**{**plan.servers[0].__dict__, "relative_node": -1})
     added = srun_argv(anywhere, plan.job_name, jobid="7")
     assert not any(a.startswith("--relative") for a in added) and "--jobid=7" in added
     cpu = load_config(None, ["allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0"])
-    step = build_plan(cpu, parse_allocation(cpu.allocation_mode), GPU_RUN).step("trainer")
+    step = build_plan(cpu, parse_allocation(cpu.allocation_mode), GPU_RUN).trainer
     argv = srun_argv(step, "j")
     assert "--gres=none" in argv and not any("gpus-per-task" in a for a in argv)
 
@@ -153,17 +155,17 @@ def test_added_server_placement():
            "SLURM_MEM_PER_NODE": str(512 * 1024)}
     runner = SrunRunner(cfg, plan, "7", env=env)
     assert runner.capacity == [{"gpus": 4, "cpus": 64, "mem": 512 * 1024}] * 2
-    extra = StepSpec(**{**plan.step("server-0").__dict__, "name": "server-2", "relative_node": -1,
+    extra = StepSpec(**{**plan.servers[0].__dict__, "name": "server-2", "relative_node": -1,
                         "gpu_ids": []})
-    running = [_Live(plan.step("server-0"), 0), _Live(plan.step("trainer"), 1)]
+    running = [_Live(plan.servers[0], 0), _Live(plan.trainer, 1)]
     assert runner.place(extra, running) == 0  # node 0 has two GPUs left; node 1 none
-    running.append(_Live(plan.step("server-1"), 0))
+    running.append(_Live(plan.servers[1], 0))
     assert not runner.can_start(extra, running)  # every GPU taken
     running.pop(0)
     assert runner.place(extra, running) == 0  # server-0 ended: its GPUs are free again
     small = SrunRunner(cfg, plan, "7", env={**env, "SLURM_MEM_PER_NODE": str(200 * 1024)})
     assert small.place(extra, running) is None  # node 0 has the GPUs but not the memory; node 1 neither
-    assert runner.place(plan.step("trainer"), running) == 1  # a planned step keeps its node
+    assert runner.place(plan.trainer, running) == 1  # a planned step keeps its node
 
 
 # ----------------------------------------------------------------------------- the owner's decisions
@@ -310,8 +312,8 @@ def test_failed_trainer_with_servers_kept_lingers_until_stop(tmp_path):
 def test_add_servers_in_the_allocation(tmp_path):
     runner = FakeRunner({}, room=1)
     owner = owner_for(tmp_path, runner)
-    for name in ("server-0", "server-1"):
-        owner.start_step(owner.plan.step(name))
+    for step in owner.plan.servers:
+        owner.start_step(step)
     assert owner.add_servers(2) == 1  # room for one: the caller is told, and submits the rest as a job
     assert runner.names()[-1] == "server-2" and runner.started[-1].step.relative_node == -1
 
@@ -607,7 +609,7 @@ def test_wait_running_waits_through_every_queued_state(monkeypatch):
     """A job held after a requeue (REQUEUE_HOLD) is still queued: submit must not report it as started."""
     states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
-    assert slurm_submit.wait_running("7", poll_s=0) == "RUNNING"
+    assert slurm_submit.wait_job("7", running=True, poll_s=0) == "RUNNING"
 
 
 # fix8-A
@@ -774,7 +776,7 @@ def test_srun_steps_get_no_rank_vars_of_the_login_shell(tmp_path, monkeypatch):
         monkeypatch.setenv(var, value)
     cfg, plan = gpu_plan()
     plan.run_dir = str(tmp_path)
-    step = StepSpec(**{**plan.step("trainer").__dict__, "log": str(tmp_path / "trainer.log")})
+    step = StepSpec(**{**plan.trainer.__dict__, "log": str(tmp_path / "trainer.log")})
     SrunRunner(cfg, plan, "7", env={}).start(step, []).proc.wait(timeout=30)
     env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
     assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env)
@@ -815,10 +817,10 @@ def test_wait_finished_ends_at_a_preemption_that_is_not_requeued(monkeypatch):
     """A job preempted without requeue ends PREEMPTED: `submit` with launcher.wait waited for it forever."""
     states = iter(["RUNNING", "PREEMPTED", "PREEMPTED"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
-    assert slurm_submit.wait_finished("7", poll_s=0) == "PREEMPTED"
+    assert slurm_submit.wait_job("7", running=False, poll_s=0) == "PREEMPTED"
 
 
 def test_wait_running_gives_up_on_a_job_slurm_does_not_know(monkeypatch):
     """A job Slurm never reports (e.g. sent elsewhere with --clusters) was waited for forever, without a word."""
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
-    assert slurm_submit.wait_running("7", poll_s=0, unknown_s=0) == "UNKNOWN"
+    assert slurm_submit.wait_job("7", running=True, poll_s=0, unknown_s=0) == "UNKNOWN"

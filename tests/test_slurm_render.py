@@ -286,3 +286,20 @@ def test_rendered_rollout_only_runner_runs_next_to_servers_filling_a_node(slurm_
     job_id, records, _ = run_rendered(cfg, plan, shared_tmp / "out")
     assert_concurrent(records)
     assert_steps_completed_in_sacct(job_id, plan)
+
+
+def test_rendered_steps_append_to_their_logs(slurm_cluster, shared_tmp):
+    """A requeued allocation runs its script again: every step's log keeps what the last run wrote (srun truncates
+    an --output file unless in append mode: each step's srun line says so, as the driver's do)."""
+    cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             "trial_name=append")
+    plan = build_plan(cfg, alloc, run_dir(cfg))
+    script = render("allocation.sbatch", cfg, plan, command=lambda s: ["bash", "-c", f"echo {s.name} ran"])
+    path = Path(plan.run_dir) / "allocation.sbatch"
+    Path(plan.run_dir, "logs").mkdir(parents=True)
+    path.write_text(script)
+    for _ in range(2):  # as a requeue does: the same script again, same logs
+        run("sbatch", "--wait", str(path), timeout=180)
+    logs = Path(plan.run_dir, "logs")
+    assert (logs / "trainer-0.log").read_text() == "trainer ran\n" * 2
+    assert (logs / "server-0.log").read_text() == "server-0 ran\n" * 2

@@ -9,6 +9,7 @@ depend on each other, and paths.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import getpass
@@ -226,13 +227,11 @@ def slurm_time_seconds(spec: str) -> int:
 
 def nearest_existing(path: Path) -> Path:
     """``path`` or its nearest ancestor that exists."""
-    def exists(p: Path) -> bool:
-        try:
-            return p.exists()
-        except OSError:  # ENAMETOOLONG and the like: not an existing ancestor
-            return False
-
-    return next((p for p in [path, *path.parents] if exists(p)), Path("/"))
+    for p in [path, *path.parents]:
+        with contextlib.suppress(OSError):  # ENAMETOOLONG and the like: not an existing ancestor
+            if p.exists():
+                return p
+    return Path("/")
 
 
 def check_location(cfg: ExperimentConfig) -> None:

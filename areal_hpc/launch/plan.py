@@ -58,9 +58,6 @@ class Plan:
         d["steps"] = [StepSpec(**s) for s in d["steps"]]
         return cls(**d)
 
-    def step(self, name: str) -> StepSpec:
-        return next(s for s in self.steps if s.name == name)
-
     @property
     def servers(self) -> List[StepSpec]:
         return [s for s in self.steps if s.role == "server"]

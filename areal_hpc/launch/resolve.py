@@ -43,9 +43,11 @@ def resolve(cfg: ExperimentConfig) -> None:
     done: Dict[str, str] = {}
     for key, owner, attr in models_in_use(cfg):
         path = getattr(owner, attr)
-        if path not in done:
-            done[path] = resolve_model(key, path, cache)
-        setattr(owner, attr, done[path])
+        if path not in done and not path.startswith("toy:"):
+            local = _local_or_download(key, path, "model", cache)
+            check_model_dir(key, local)
+            done[path] = str(local)
+        setattr(owner, attr, done.get(path, path))
     for key, ds, which in datasets_in_use(cfg):
         resolve_dataset(key, ds, which, cache)
 
@@ -132,15 +134,6 @@ def _local_or_download(key: str, path: str, repo_type: str, cache: Path) -> Path
 
 
 # ------------------------------------------------------------------ models
-
-def resolve_model(key: str, path: str, cache: Path) -> str:
-    """``path`` as a checked local model directory (a `toy:` spec is returned as is)."""
-    if path.startswith("toy:"):
-        return path
-    local = _local_or_download(key, path, "model", cache)
-    check_model_dir(key, local)
-    return str(local)
-
 
 def check_model_dir(key: str, p: Path) -> None:
     """config.json parses and loads, weights are there, the tokenizer loads and fits the model."""

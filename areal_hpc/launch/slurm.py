@@ -136,7 +136,8 @@ def parse_counts(text: str) -> List[int]:
 
 def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optional[str] = None) -> List[str]:
     """The ``srun`` line that runs one step inside the allocation, sized exactly (``--exact``,
-    explicit ``--gres``) so concurrent steps never wait on each other or share a GPU."""
+    explicit ``--gres``) so concurrent steps never wait on each other or share a GPU. Its log is
+    appended to: a restarted or requeued step keeps what the last one wrote (srun would truncate it)."""
     argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
             f"--ntasks-per-node={step.ntasks_per_node}", "--exact",
             f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]
@@ -150,7 +151,7 @@ def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optio
         argv.append("--gres=none")
     argv += ["--kill-on-bad-exit=1", "--unbuffered"]
     if step.log:
-        argv.append(f"--output={step.log}")
+        argv += [f"--output={step.log}", "--open-mode=append"]
     return argv + list(extra) + step.command
 
 

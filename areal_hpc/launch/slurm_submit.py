@@ -10,6 +10,7 @@ import contextlib
 import io
 import shlex
 import sys
+from collections import Counter
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -100,44 +101,25 @@ def follow_hint(cfg: ExperimentConfig) -> str:
             f"  areal-hpc stop {names}")
 
 
-def wait_running(job_id: str, poll_s: float = 0.3, unknown_s: float = 300.0) -> Optional[str]:
-    """Block until the job leaves the queue (`slurm.WAITING_STATES`); returns its state, "UNKNOWN" when Slurm has not
-    known the job for ``unknown_s`` (Ctrl-C returns None: the job stays queued). Asks Slurm at intervals growing to
-    5 s: a job may queue for hours."""
-    t0, told, known_at = time.monotonic(), False, time.monotonic()
-    try:
-        while True:
-            state = slurm.job_state(job_id)
-            if state is not None and state not in slurm.WAITING_STATES:
-                return state
-            if state is not None:
-                known_at = time.monotonic()
-            elif time.monotonic() - known_at >= unknown_s:
-                return "UNKNOWN"
-            if not told and state is not None and time.monotonic() - t0 > 3.0:
-                print(f"job {job_id} is {state} (Ctrl-C stops waiting; the job stays queued)", flush=True)
-                told = True
-            time.sleep(poll_s)
-            poll_s = min(2 * poll_s, 5.0)
-    except KeyboardInterrupt:
-        return None
-
-
-def wait_finished(job_id: str, poll_s: float = 1.0) -> str:
-    """Block until the job reaches a final state (a requeue is not final); returns it ("UNKNOWN" when
-    neither scontrol nor sacct has known the job for 5 minutes)."""
-    unknown_since = None
+def wait_job(job_id: str, running: bool, poll_s: float = 0.3, unknown_s: float = 300.0) -> str:
+    """Block until the job runs (``running``: it left the queue, `slurm.WAITING_STATES`) or ended (a final state; a
+    requeue is not one); returns its state, "UNKNOWN" when Slurm has not known the job for ``unknown_s``. Asks Slurm
+    at intervals growing to 5 s: a job may queue or run for hours."""
+    t0 = known_at = time.monotonic()
+    told = not running
     while True:
         state = slurm.job_state(job_id)
-        if state in slurm.FINAL_STATES:
-            return state
-        if state is None:
-            unknown_since = unknown_since or time.monotonic()
-            if time.monotonic() - unknown_since > 300:
-                return "UNKNOWN"
-        else:
-            unknown_since = None
+        if state is None and time.monotonic() - known_at >= unknown_s:
+            return "UNKNOWN"
+        if state is not None:
+            if (state not in slurm.WAITING_STATES) if running else (state in slurm.FINAL_STATES):
+                return state
+            known_at = time.monotonic()
+            if not told and known_at - t0 > 3.0:
+                print(f"job {job_id} is {state} (Ctrl-C stops waiting; the job stays queued)", flush=True)
+                told = True
         time.sleep(poll_s)
+        poll_s = min(2 * poll_s, 5.0)
 
 
 # What Slurm's reason for refusing a job is about -> the key that asked for it.
@@ -196,15 +178,16 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
         reg.put("", "run", {"mode": "slurm", "job_id": job_id, "pid": None, "host": None, "state": "PENDING",
                             "submitted": time.time()}, ttl=True)
     print(f"submitted job {job_id} ({plan.job_name}): {plan.nodes} node(s); run dir {rd}", flush=True)
-    state = wait_running(job_id)
-    if state is None:
+    try:
+        state = wait_job(job_id, running=True)
+    except KeyboardInterrupt:
         print(f"job {job_id} still queued; follow it with:\n{follow_hint(cfg)}")
         return 0
     nodes = slurm.job(job_id).get("nodes") or "?"
     print(f"job {job_id} {state} on {nodes}; follow it with:\n{follow_hint(cfg)}", flush=True)
     if not cfg.launcher.wait and state not in slurm.FINAL_STATES:  # one that ended already says how
         return 0
-    state = wait_finished(job_id)
+    state = wait_job(job_id, running=False)
     print(f"job {job_id} ended {state}", flush=True)  # how the run ended is in its record (the driver's code too)
     rec = reg.get("", "run", live_only=False) or {}
     if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
@@ -222,13 +205,16 @@ def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     reg = Registry.for_run(rd, cfg.launcher)
     known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
     alloc = parse_allocation(cfg.allocation_mode)
+    if alloc.gen is None:
+        raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers (trainer.type="
+                          f"{cfg.trainer.type}): there are none to add", "add servers to a run that generates rollouts")
     alloc = replace(alloc, gen=replace(alloc.gen, dp=count), train=None)
     first = next_server_index(reg, known, reserve=count)
     plan = build_plan(cfg, alloc, rd, with_trainer=False, first_server=first)
     if cfg.cluster.n_gpus_per_node:
-        per_node: Dict[int, int] = {}
+        per_node: Counter = Counter()
         for s in plan.servers:
-            per_node[s.relative_node] = per_node.get(s.relative_node, 0) + s.gpus_per_node
+            per_node[s.relative_node] += s.gpus_per_node
         plan.gpus_per_node = max(per_node.values())
     plan.job_name = f"{plan.job_name}-servers"
     return plan
