@@ -54,7 +54,7 @@ def test_types_lists_dicts_and_nulls():
     (["exprimnt_name=x"], "exprimnt_name", "did you mean 'experiment_name'"),
     (["cluster.n_nodes=two"], "cluster.n_nodes", "invalid int"),
     (["rollout.gen.temperature=hot"], "rollout.gen.temperature", "invalid float"),
-    (["trainer.ppo.async_training=maybe"], "trainer.ppo.async_training", "invalid bool"),
+    (["trainer.ppo.async_training=maybe"], "trainer.ppo.async_training", "Boolean"),
     (["experiment_name=null"], "experiment_name", "must not be null"),
 ])
 def test_bad_overrides(overrides, key, words):

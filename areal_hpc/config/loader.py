@@ -1,11 +1,11 @@
 """Build an `ExperimentConfig` from defaults, a YAML file and ``key=value`` overrides (later wins).
 
 One path for a user's words: `split_words` reads them (``CONFIG.yaml`` or ``--config FILE``, the
-seed's ``a.b=c``, ``--a.b c``, ``--a.b=c``); `_word_value` reads each value as its field's type
-does; the file and then the overrides go through `from_dict`, the one deserializer, which checks
-every key against the dataclass tree and every value against its declared type.
+seed's ``a.b=c``, ``--a.b c``, ``--a.b=c``); the file and the YAML-valued overrides (lists,
+mappings, ``null``) go through `from_dict`, the one deserializer; simple-parsing parses the scalar
+overrides over the result (`_parse_scalars`). Every key is checked against the dataclass tree.
 
-Why not simple-parsing's parser: from the command line it cannot give an Optional field null,
+Why not simple-parsing for all of it: from the command line it cannot give an Optional field null,
 read ``[a, b]`` or fill a Dict field; its config-file layer drops nulls, passes file values on
 unchecked and names an unknown key without a hint; it keeps the last of a key given twice.
 Compute nodes only read a resolved config (`load_resolved`), which needs nothing but PyYAML.
@@ -13,7 +13,6 @@ Compute nodes only read a resolved config (`load_resolved`), which needs nothing
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -161,7 +160,9 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
         return float(value)
     if inner is str and (isinstance(value, str) or number):
         return str(value)  # `trial_name: 1` in YAML
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")  # leaf types: above
+    if origin in (dict, list) or inner in (bool, int, float, str):
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bool = True, prefix: str = ""):
@@ -236,25 +237,24 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
     return config, pairs
 
 
-def _word_value(key: str, tp, raw: str) -> Any:
-    """A command-line value for the field declared ``tp``: YAML for null, lists and mappings (a list field given one
-    item gets a list of it); a scalar as its type reads the word (``1e5`` for a string field stays ``1e5``)."""
-    inner, _ = _strip_optional(tp)
-    try:
-        value = yaml.load(raw, Loader=_Loader)
-    except yaml.YAMLError:
-        value = raw
-    if typing.get_origin(inner) is list and not isinstance(value, list):
-        value = [] if raw == "" else [value]
-    if value is None or typing.get_origin(inner) in (list, dict):
-        return value
-    from simple_parsing.utils import str2bool  # yes/no, true/false, 1/0, ...
+def _parse_scalars(argv: List[str], base: ExperimentConfig) -> ExperimentConfig:
+    """simple-parsing: ``--a.b=c`` words for scalar fields, each converted by its field's type,
+    over ``base`` (a dataclass default keeps its nulls, lists and mappings as they are)."""
+    from simple_parsing import ArgumentParser
+    from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
-    try:
-        return str2bool(raw) if inner is bool else inner(raw)  # int("two"): ValueError
-    except (ValueError, argparse.ArgumentTypeError):
-        raise ConfigError(key, f"invalid {inner.__name__} value: {raw!r}",
-                          "true or false" if inner is bool else None) from None
+    class _Parser(ArgumentParser):
+        def error(self, message: str):  # argparse would print usage and exit; we want one line
+            key = ""
+            if message.startswith("argument --"):
+                key, _, message = message[len("argument --"):].partition(": ")
+                key = key.split("/")[0]  # bools are listed as `--a.b/--a.nob`
+            raise ConfigError(key, message.strip().rstrip("."))
+
+    parser = _Parser(nested_mode=NestedMode.WITHOUT_ROOT, argument_generation_mode=ArgumentGenerationMode.NESTED,
+                     add_config_path_arg=False, add_help=False, allow_abbrev=False)
+    parser.add_arguments(ExperimentConfig, dest="cfg", default=base)
+    return parser.parse_args(argv).cfg
 
 
 def _nest(data: Dict[str, Any], key: str, value: Any) -> None:
@@ -276,16 +276,28 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
 
     leaves, _ = key_tree()
     given: Dict[str, str] = {}
-    overrides: Dict[str, Any] = {}
+    yaml_valued: Dict[str, Any] = {}
+    scalars: List[str] = []
     for key, raw in pairs:
         if key in given:
             raise ConfigError(key, f"given twice on the command line ({key}={given[key]} and {key}={raw})",
                               "keep one of them")
         given[key] = raw
+        parent = key.rpartition(".")[0]
         if key in leaves:
-            _nest(overrides, key, _word_value(key, leaves[key], raw))
-        elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
-            _nest(overrides, key, raw)
+            origin = typing.get_origin(_strip_optional(leaves[key])[0])
+            try:
+                value = yaml.load(raw, Loader=_Loader)
+            except yaml.YAMLError:
+                value = raw
+            if origin is list and not isinstance(value, list):
+                value = [] if raw == "" else [value]
+            if origin in (list, dict) or value is None:
+                _nest(yaml_valued, key, value)
+            else:
+                scalars.append(f"--{key}={raw}")
+        elif typing.get_origin(leaves.get(parent)) is dict:  # an entry: server.sglang_args.attention-backend=fa3
+            _nest(yaml_valued, key, raw)
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
-    return from_dict(ExperimentConfig, overrides, base=cfg)
+    return _parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg))

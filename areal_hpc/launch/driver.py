@@ -125,7 +125,7 @@ class SrunRunner(Runner):
             placed.gpu_ids = [g for g in range(self.plan.gpus_per_node) if g not in taken][:step.gpus_per_node]
             if step.gpu_ids and step.relative_node >= 0 and placed.gpu_ids != list(step.gpu_ids):
                 log.info("%s: planned GPUs %s are taken; expecting %s", step.name, step.gpu_ids, placed.gpu_ids)
-        argv = slurm.srun_argv(placed, self.plan.job_name, ["--open-mode=append", *self.cfg.cluster.srun_args],
+        argv = slurm.srun_argv(placed, self.plan.job_name, self.cfg.cluster.srun_args,
                                jobid=self.job_id)
         Path(step.log).parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS and k not in RANK_VARS}
