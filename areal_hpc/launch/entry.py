@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from areal_hpc.config import actor_path, load_resolved, parse_allocation
 from areal_hpc.launch import slurm
@@ -89,11 +89,16 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external
     backend = backend or (alloc.gen.backend if alloc.gen else "hf")
     model = toy.resolve_model(cfg.server.model_path or actor_path(cfg))
     tp = alloc.gen.tp if alloc.gen else 1
+    span: Dict[str, object] = {}
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # a server across nodes (cluster.multi_node_tp), a task a node
+        addr, port = step_rendezvous()
+        span = {"nnodes": int(os.environ["SLURM_STEP_NUM_TASKS"]), "node_rank": int(os.environ["SLURM_PROCID"]),
+                "dist_init_addr": f"{addr}:{port}"}
     logging.getLogger(__name__).info("server %s on %s, gpus=%s%s", server_id, socket.gethostname(), visible_gpus(),
                                      slurm_placement())
     return run_server(run_dir=run_dir, cfg=cfg.server, model_path=model, launcher=cfg.launcher,
                       server_id=server_id, backend=backend, gpus=visible_gpus(), tp_size=tp,
-                      **({"external": True} if external else {}))
+                      **span, **({"external": True} if external else {}))
 
 
 def train(run_dir: Path) -> int:
@@ -123,16 +128,9 @@ def train(run_dir: Path) -> int:
         dist.destroy()
 
 
-def _master_from_slurm() -> None:
-    """Under srun, derive torch.distributed's rendezvous from the step: first node, a port from
-    the job and step ids (same on every rank, different for concurrent steps)."""
-    if "SLURM_PROCID" not in os.environ or os.environ.get("MASTER_ADDR"):
-        return
-    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-    os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    if int(os.environ["WORLD_SIZE"]) == 1:
-        return
+def step_rendezvous() -> Tuple[str, int]:
+    """Under srun, an address every task of the step derives alike: the step's first node and a port from the job and
+    step ids (different for concurrent steps)."""
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     node = (slurm.hostnames(nodes) or ["localhost"])[0]
     # Fake multi-node clusters share one host: resolve the node name, fall back to its NodeAddr.
@@ -140,6 +138,18 @@ def _master_from_slurm() -> None:
         addr = socket.gethostbyname(node)
     except OSError:
         addr = slurm.node_addr(node) or "127.0.0.1"
-    os.environ["MASTER_ADDR"] = addr
     job, stepid = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
-    os.environ["MASTER_PORT"] = str(20000 + (job * 131 + stepid * 7) % 40000)
+    return addr, 20000 + (job * 131 + stepid * 7) % 40000
+
+
+def _master_from_slurm() -> None:
+    """Under srun, torch.distributed's rendezvous from the step (`step_rendezvous`)."""
+    if "SLURM_PROCID" not in os.environ or os.environ.get("MASTER_ADDR"):
+        return
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        return
+    addr, port = step_rendezvous()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
