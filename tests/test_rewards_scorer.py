@@ -152,3 +152,20 @@ def test_workers_that_died_between_groups_are_replaced():
     finally:
         scorer.close()
     assert multiprocessing.active_children() == []
+
+
+def test_a_reward_that_never_returns_holds_up_no_exit():
+    """User rewards ran on the loop's default executor, whose threads interpreter exit (and asyncio.run's end) joins:
+    a reward stuck for good kept the trainer from ever exiting."""
+    import subprocess
+    import sys
+
+    script = ("import asyncio, threading\n"
+              "from areal_hpc.rollout.rewards import RewardScorer, register_reward\n"
+              "register_reward('test-forever')(lambda prompt, completion, answer, **_: threading.Event().wait())\n"
+              "print(asyncio.run(RewardScorer('test-forever', timeout_s=0.2).score('q', ['a'], '7')), flush=True)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process did not exit: {e.stdout!r}")
+    assert out.returncode == 0 and out.stdout.strip() == "[0.0]", out.stderr

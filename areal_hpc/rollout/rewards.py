@@ -5,6 +5,7 @@ Add one with ``@register_reward("name")``; select it with ``rollout.reward_fn=na
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import multiprocessing
@@ -37,8 +38,9 @@ class RewardScorer:
     """Scores a group's completions off the event loop, the whole group within ``timeout_s``. `IN_PROCESS` rewards
     run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a worker's main thread
     runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes, stalls no rollout I/O;
-    others (a user's ``@register_reward``, maybe not importable in a fresh process) run on threads. A reward that
-    raises or runs out of time scores 0, with a warning. `close` ends the workers."""
+    others (a user's ``@register_reward``, maybe not importable in a fresh process) run on daemon threads, one a
+    completion: unlike an executor's threads, which interpreter exit joins, one stuck for good holds up no exit.
+    A reward that raises or runs out of time scores 0, with a warning. `close` ends the workers."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
@@ -50,8 +52,9 @@ class RewardScorer:
         if self.in_process and self._pool is None:
             self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
                                              mp_context=multiprocessing.get_context("spawn"))
-        pool, loop = self._pool, asyncio.get_running_loop()
-        futs = [loop.run_in_executor(pool, functools.partial(self.fn, prompt, c, answer, **row)) for c in completions]
+        pool = self._pool
+        submit = pool.submit if pool is not None else _on_daemon_thread
+        futs = [asyncio.wrap_future(submit(functools.partial(self.fn, prompt, c, answer, **row))) for c in completions]
         _, late = await asyncio.wait(futs, timeout=self.timeout_s)
         for f in late:
             f.cancel()
@@ -70,6 +73,19 @@ class RewardScorer:
             for p in list((pool._processes or {}).values()):  # shutdown alone would wait for a stuck worker forever
                 p.kill()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _on_daemon_thread(fn: Callable[[], float]) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the scorer reports it
+                fut.set_exception(e)
+    threading.Thread(target=run, name="reward", daemon=True).start()
+    return fut
 
 
 @register_reward("exact_match")
