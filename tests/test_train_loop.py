@@ -114,3 +114,13 @@ def test_ppo_stops_after_total_train_epochs_passes_over_the_prompts(tmp_path):
     assert p.returncode == 0 and "run COMPLETED" in p.stdout, (p.stdout[-2000:], p.stderr[-2000:])
     rd = next(tmp_path.glob("*/quickstart/run0"))
     assert [r["step"] for r in read_metrics(rd / "metrics.jsonl")] == [1, 2]
+
+
+def test_the_main_rank_is_the_process_groups_not_a_stray_rank_variable(trainer, monkeypatch, tmp_path):
+    """`is_main` read RANK (else SLURM_PROCID) itself, while `dist` forms the group from RANK only with WORLD_SIZE:
+    a stray RANK=1 made the one rank of a one-process run no main rank (no metrics, no record)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert trainer.is_main
+    trainer.run()
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
