@@ -12,26 +12,14 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
+
+from areal_hpc.rollout.names import NameTable
 
 log = logging.getLogger(__name__)
-RewardFn = Callable[..., float]
-REWARDS: Dict[str, RewardFn] = {}
+REWARDS = NameTable("reward function")
+register_reward, get_reward = REWARDS.register, REWARDS.__getitem__
 IN_PROCESS = ("math",)  # built-in rewards a fresh process can import, scored there
-
-
-def register_reward(name: str):
-    def deco(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-    return deco
-
-
-def get_reward(name: str) -> RewardFn:
-    try:
-        return REWARDS[name]
-    except KeyError:
-        raise KeyError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARDS))}") from None
 
 
 class RewardScorer:

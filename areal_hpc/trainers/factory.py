@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict
 
+from areal_hpc.rollout.names import NameTable
 from areal_hpc.trainers.base import TrainContext, Trainer
 
-TRAINERS: Dict[str, Callable[[TrainContext], Trainer]] = {}
+TRAINERS = NameTable("trainer.type")
+register_trainer = TRAINERS.register
 # Built-in trainers are imported on demand, so an eval-only run never imports the FSDP engine.
 _BUILTIN = {"ppo": "areal_hpc.trainers.ppo_trainer", "sft": "areal_hpc.trainers.sft_trainer",
             "null": "areal_hpc.trainers.null"}
-
-
-def register_trainer(name: str):
-    def deco(cls):
-        TRAINERS[name] = cls
-        return cls
-    return deco
 
 
 def load_plugins(paths) -> None:
