@@ -26,9 +26,7 @@ def load_plugins(paths) -> None:
             name = f"areal_plugin_{Path(p).stem}"
             if name in sys.modules:
                 continue
-            spec = importlib.util.spec_from_file_location(name, p)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot import plugin file {p}")
+            spec = importlib.util.spec_from_file_location(name, p)  # (a .py path always has a spec and loader)
             mod = importlib.util.module_from_spec(spec)
             sys.modules[name] = mod
             spec.loader.exec_module(mod)
