@@ -169,3 +169,22 @@ def test_a_reward_that_never_returns_holds_up_no_exit():
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the process did not exit: {e.stdout!r}")
     assert out.returncode == 0 and out.stdout.strip() == "[0.0]", out.stderr
+
+
+def test_a_row_column_named_like_a_scorer_argument_reaches_the_reward(tok):
+    """The row's other columns went to the scorer as keyword arguments: a column named ``completions`` (or ``self``)
+    collided with its own parameters, and every episode of such a dataset failed with a TypeError."""
+    seen = []
+
+    @register_reward("test-columns")
+    def columns(prompt, completion, answer, **row):
+        seen.append(row)
+        return 1.0
+
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-columns", n_samples=1)
+        group = asyncio.run(wf.arun_episode(Client(tok, ["7"]), {"prompt": "3+4=", "answer": "7",
+                                                                  "completions": ["x"], "self": 1}))
+        assert [t.reward for t in group.trajectories] == [1.0] and seen == [{"completions": ["x"], "self": 1}]
+    finally:
+        REWARDS.pop("test-columns")

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from areal_hpc.rollout.names import NameTable
 
@@ -34,7 +34,9 @@ class RewardScorer:
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
         self._pool: Optional[ProcessPoolExecutor] = None
 
-    async def score(self, prompt: str, completions: Sequence[str], answer: str, **row) -> List[float]:
+    async def score(self, prompt: str, completions: Sequence[str], answer: str,
+                    row: Optional[Dict[str, Any]] = None) -> List[float]:
+        """``row``: the row's other columns, the reward's keyword arguments."""
         if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
             self.close()
         if self.in_process and self._pool is None:
@@ -42,7 +44,7 @@ class RewardScorer:
                                              mp_context=multiprocessing.get_context("spawn"))
         pool = self._pool
         submit = pool.submit if pool is not None else _on_daemon_thread
-        futs = [asyncio.wrap_future(submit(functools.partial(self.fn, prompt, c, answer, **row))) for c in completions]
+        futs = [asyncio.wrap_future(submit(functools.partial(self.fn, prompt, c, answer, **(row or {})))) for c in completions]
         _, late = await asyncio.wait(futs, timeout=self.timeout_s)
         for f in late:
             f.cancel()

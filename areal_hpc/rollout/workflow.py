@@ -93,7 +93,7 @@ class RLVRWorkflow(RolloutWorkflow):
                                                              "answer")}
         prompt = self.prompts.prompt_text(row)
         texts = [self.tokenizer.decode(res.output_ids, skip_special_tokens=True) for res in results]
-        rewards = await self.scorer.score(prompt, texts, row.get(self.answer_key, ""), **extras)
+        rewards = await self.scorer.score(prompt, texts, row.get(self.answer_key, ""), extras)
         return Group(trajectories=[Trajectory(prompt_ids=list(prompt_ids), output_ids=list(res.output_ids),
                                               logprobs=list(res.logprobs), versions=list(res.versions), reward=reward,
                                               finish_reason=res.finish_reason, info={"completion": text})
