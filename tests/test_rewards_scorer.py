@@ -188,3 +188,26 @@ def test_a_row_column_named_like_a_scorer_argument_reaches_the_reward(tok):
         assert [t.reward for t in group.trajectories] == [1.0] and seen == [{"completions": ["x"], "self": 1}]
     finally:
         REWARDS.pop("test-columns")
+
+
+def test_a_group_that_ends_the_workers_costs_other_groups_nothing():
+    """A group out of time ends the workers it shares with the groups scoring beside it: their queued completions
+    were cancelled (score() raised CancelledError, the episode vanished uncounted) or broken (scored 0). They are
+    scored again on fresh workers, within their own time."""
+    import os
+
+    from areal_hpc.rollout.rewards import RewardScorer
+
+    async def two_groups(scorer):
+        stuck = asyncio.create_task(scorer.score("q", [HANG] * min(4, len(os.sched_getaffinity(0))), "7"))
+        await asyncio.sleep(0.2)  # its completions hold every worker; the next group's wait behind them
+        scorer.timeout_s = 30
+        return await scorer.score("q", ["\\boxed{7}", "\\boxed{8}"], "7"), await stuck
+
+    scorer = RewardScorer("math", timeout_s=1)
+    try:
+        behind, stuck = asyncio.run(two_groups(scorer))
+    finally:
+        scorer.close()
+    assert behind == [1.0, 0.0] and set(stuck) == {0.0}
+    assert multiprocessing.active_children() == []

@@ -11,7 +11,9 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from areal_hpc.rollout.names import NameTable
@@ -36,26 +38,34 @@ class RewardScorer:
 
     async def score(self, prompt: str, completions: Sequence[str], answer: str,
                     row: Optional[Dict[str, Any]] = None) -> List[float]:
-        """``row``: the row's other columns, the reward's keyword arguments."""
-        if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
-            self.close()
-        if self.in_process and self._pool is None:
-            self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
-                                             mp_context=multiprocessing.get_context("spawn"))
-        pool = self._pool
-        submit = pool.submit if pool is not None else _on_daemon_thread
-        futs = [asyncio.wrap_future(submit(functools.partial(self.fn, prompt, c, answer, **(row or {})))) for c in completions]
-        _, late = await asyncio.wait(futs, timeout=self.timeout_s)
-        for f in late:
-            f.cancel()
-        bad = [f for f in futs if f in late or f.exception() is not None]
+        """``row``: the row's other columns, the reward's keyword arguments. Completions whose workers another
+        group ended (its own completion stuck) are scored again on fresh ones, in the time left."""
+        calls = [functools.partial(self.fn, prompt, c, answer, **(row or {})) for c in completions]
+        deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
+        while todo:
+            if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
+                self.close()
+            if self.in_process and self._pool is None:
+                self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
+                                                 mp_context=multiprocessing.get_context("spawn"))
+            pool = self._pool
+            submit = pool.submit if pool is not None else _on_daemon_thread
+            futs.update({i: asyncio.wrap_future(submit(calls[i])) for i in todo})
+            _, now_late = await asyncio.wait([futs[i] for i in todo], timeout=max(0.0, deadline - time.monotonic()))
+            for f in now_late:
+                f.cancel()
+            late |= now_late
+            lost = pool is not None and pool is not self._pool  # another group ended these workers
+            todo = [i for i in todo if lost and futs[i] not in late
+                    and (futs[i].cancelled() or isinstance(futs[i].exception(), BrokenProcessPool))]
+        bad = [f for f in futs.values() if f in late or f.exception() is not None]
         if bad and pool is not None and pool is self._pool:  # a worker stuck in C code (no alarm reaches it), or
             self.close()  # one that died: fresh ones (not a pool another group has started since)
         if bad:
             why = "timed out" if late else repr(bad[0].exception())
             log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
-                        self.name, len(bad), len(futs), why, self.timeout_s)
-        return [0.0 if f in bad else float(f.result()) for f in futs]
+                        self.name, len(bad), len(calls), why, self.timeout_s)
+        return [0.0 if futs[i] in bad else float(futs[i].result()) for i in range(len(calls))]
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
