@@ -124,3 +124,15 @@ def test_the_main_rank_is_the_process_groups_not_a_stray_rank_variable(trainer, 
     assert trainer.is_main
     trainer.run()
     assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_plugin_file_that_failed_to_import_fails_again_not_silently(tmp_path):
+    """A failed import left the half-made module in sys.modules, which the next load took for loaded: its trainers
+    were then 'unknown' with no word of the import error."""
+    from areal_hpc.trainers.factory import load_plugins
+
+    plugin = tmp_path / "broken_plugin.py"
+    plugin.write_text("raise RuntimeError('plugin bug')\n")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="plugin bug"):
+            load_plugins([str(plugin)])

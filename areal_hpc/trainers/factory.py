@@ -29,7 +29,11 @@ def load_plugins(paths) -> None:
             spec = importlib.util.spec_from_file_location(name, p)  # (a .py path always has a spec and loader)
             mod = importlib.util.module_from_spec(spec)
             sys.modules[name] = mod
-            spec.loader.exec_module(mod)
+            try:
+                spec.loader.exec_module(mod)
+            except BaseException:  # as importlib does: a failed import leaves no module behind
+                del sys.modules[name]
+                raise
         else:
             importlib.import_module(p)
 
