@@ -83,7 +83,8 @@ def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path, monkeypatch
     from areal_hpc.registry import Registry
     from areal_hpc.train.engine import FSDPEngine, loss_token_count
     from areal_hpc.train.sft_loss import sft_loss, tokenize_rows
-    from areal_hpc.train.weight_sync import broadcast_engine_weights, init_weight_sync_group, new_group_name
+    from areal_hpc.train.weight_sync import (announcement, broadcast_engine_weights, init_weight_sync_group,
+                                             new_group_name)
 
     model = toy.resolve_model("toy:qwen3-h256-l4", cache_dir=tmp_path)
     run = tmp_path / "run"
@@ -118,8 +119,9 @@ def test_nccl_weight_sync_gives_server_the_trainer_weights(tmp_path, monkeypatch
             loop = asyncio.get_running_loop()
 
             def on_bucket(bucket):
+                names, dtypes, shapes = announcement(bucket)
                 fut = asyncio.run_coroutine_threadsafe(pool.call_all("POST", "/update_weights_from_distributed", {
-                    "names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes, "group_name": name,
+                    "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": name,
                     "weight_version": "1"}, timeout_s=300), loop)
                 return lambda: [r for r in fut.result(300).values() if not r.ok] == [] or pytest.fail("recv failed")
 

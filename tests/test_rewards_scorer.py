@@ -152,3 +152,62 @@ def test_workers_that_died_between_groups_are_replaced():
     finally:
         scorer.close()
     assert multiprocessing.active_children() == []
+
+
+def test_a_reward_that_never_returns_holds_up_no_exit():
+    """User rewards ran on the loop's default executor, whose threads interpreter exit (and asyncio.run's end) joins:
+    a reward stuck for good kept the trainer from ever exiting."""
+    import subprocess
+    import sys
+
+    script = ("import asyncio, threading\n"
+              "from areal_hpc.rollout.rewards import RewardScorer, register_reward\n"
+              "register_reward('test-forever')(lambda prompt, completion, answer, **_: threading.Event().wait())\n"
+              "print(asyncio.run(RewardScorer('test-forever', timeout_s=0.2).score('q', ['a'], '7')), flush=True)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process did not exit: {e.stdout!r}")
+    assert out.returncode == 0 and out.stdout.strip() == "[0.0]", out.stderr
+
+
+def test_a_row_column_named_like_a_scorer_argument_reaches_the_reward(tok):
+    """The row's other columns went to the scorer as keyword arguments: a column named ``completions`` (or ``self``)
+    collided with its own parameters, and every episode of such a dataset failed with a TypeError."""
+    seen = []
+
+    @register_reward("test-columns")
+    def columns(prompt, completion, answer, **row):
+        seen.append(row)
+        return 1.0
+
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-columns", n_samples=1)
+        group = asyncio.run(wf.arun_episode(Client(tok, ["7"]), {"prompt": "3+4=", "answer": "7",
+                                                                  "completions": ["x"], "self": 1}))
+        assert [t.reward for t in group.trajectories] == [1.0] and seen == [{"completions": ["x"], "self": 1}]
+    finally:
+        REWARDS.pop("test-columns")
+
+
+def test_a_group_that_ends_the_workers_costs_other_groups_nothing():
+    """A group out of time ends the workers it shares with the groups scoring beside it: their queued completions
+    were cancelled (score() raised CancelledError, the episode vanished uncounted) or broken (scored 0). They are
+    scored again on fresh workers, within their own time."""
+    import os
+
+    from areal_hpc.rollout.rewards import RewardScorer
+
+    async def two_groups(scorer):
+        stuck = asyncio.create_task(scorer.score("q", [HANG] * min(4, len(os.sched_getaffinity(0))), "7"))
+        await asyncio.sleep(0.2)  # its completions hold every worker; the next group's wait behind them
+        scorer.timeout_s = 30
+        return await scorer.score("q", ["\\boxed{7}", "\\boxed{8}"], "7"), await stuck
+
+    scorer = RewardScorer("math", timeout_s=1)
+    try:
+        behind, stuck = asyncio.run(two_groups(scorer))
+    finally:
+        scorer.close()
+    assert behind == [1.0, 0.0] and set(stuck) == {0.0}
+    assert multiprocessing.active_children() == []

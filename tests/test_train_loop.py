@@ -114,3 +114,25 @@ def test_ppo_stops_after_total_train_epochs_passes_over_the_prompts(tmp_path):
     assert p.returncode == 0 and "run COMPLETED" in p.stdout, (p.stdout[-2000:], p.stderr[-2000:])
     rd = next(tmp_path.glob("*/quickstart/run0"))
     assert [r["step"] for r in read_metrics(rd / "metrics.jsonl")] == [1, 2]
+
+
+def test_the_main_rank_is_the_process_groups_not_a_stray_rank_variable(trainer, monkeypatch, tmp_path):
+    """`is_main` read RANK (else SLURM_PROCID) itself, while `dist` forms the group from RANK only with WORLD_SIZE:
+    a stray RANK=1 made the one rank of a one-process run no main rank (no metrics, no record)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert trainer.is_main
+    trainer.run()
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_plugin_file_that_failed_to_import_fails_again_not_silently(tmp_path):
+    """A failed import left the half-made module in sys.modules, which the next load took for loaded: its trainers
+    were then 'unknown' with no word of the import error."""
+    from areal_hpc.trainers.factory import load_plugins
+
+    plugin = tmp_path / "broken_plugin.py"
+    plugin.write_text("raise RuntimeError('plugin bug')\n")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="plugin bug"):
+            load_plugins([str(plugin)])

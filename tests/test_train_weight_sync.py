@@ -11,16 +11,16 @@ import torch
 
 from areal_hpc import toy
 from areal_hpc.registry import free_port
-from areal_hpc.train.weight_sync import Bucket, TensorSpec, plan_buckets
+from areal_hpc.train.weight_sync import TensorSpec, announcement, plan_buckets
 from ranks import receive_weights, run_ranks
 
 
 def test_plan_buckets_keeps_order_and_budget():
     specs = [TensorSpec(f"w{i}", "float32", (10, 10)) for i in range(7)]  # 400 bytes each
     buckets = plan_buckets(specs, bucket_bytes=1000)
-    assert [b.names for b in buckets] == [["w0", "w1"], ["w2", "w3"], ["w4", "w5"], ["w6"]]
-    assert plan_buckets(specs[:1], bucket_bytes=10)[0].names == ["w0"]  # oversize: alone
-    assert Bucket(specs[:2]).shapes == [[10, 10], [10, 10]] and Bucket(specs[:1]).dtypes == ["float32"]
+    assert [announcement(b)[0] for b in buckets] == [["w0", "w1"], ["w2", "w3"], ["w4", "w5"], ["w6"]]
+    assert announcement(plan_buckets(specs[:1], bucket_bytes=10)[0])[0] == ["w0"]  # oversize: alone
+    assert announcement(specs[:2])[1:] == (["float32"] * 2, [[10, 10], [10, 10]])
 
 
 def _worker(rank, path, group_port, side_port):
@@ -45,7 +45,7 @@ def _worker(rank, path, group_port, side_port):
             sent = []
 
             def announce(bucket, round_=round_):
-                side.set(f"r{round_}b{len(sent)}", json.dumps([bucket.names, bucket.dtypes, bucket.shapes]))
+                side.set(f"r{round_}b{len(sent)}", json.dumps(announcement(bucket)))
                 sent.append(bucket)
                 return lambda: side.get(f"r{round_}ack{len(sent) - 1}")  # wait for the receiver
 

@@ -5,26 +5,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
-AdapterFn = Callable[[Dict[str, Any]], Dict[str, Any]]
-ADAPTERS: Dict[str, AdapterFn] = {}
+from areal_hpc.rollout.names import NameTable
+
+ADAPTERS = NameTable("dataset adapter")
+register_adapter, get_adapter = ADAPTERS.register, ADAPTERS.__getitem__
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-def register_adapter(name: str):
-    def deco(fn: AdapterFn) -> AdapterFn:
-        ADAPTERS[name] = fn
-        return fn
-    return deco
-
-
-def get_adapter(name: str) -> AdapterFn:
-    try:
-        return ADAPTERS[name]
-    except KeyError:
-        raise KeyError(f"unknown dataset adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}") from None
 
 
 def apply_adapter(rows: Sequence[Dict[str, Any]], name: str, prompt_key: str = "prompt", answer_key: str = "answer",

@@ -268,7 +268,9 @@ class RolloutController:
         try:
             group = await self.workflow.arun_episode(self.client, row)
             self._failures_in_row = 0
-        except Exception as e:  # noqa: BLE001 - one bad episode must not stop the run (a cancellation passes)
+        except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - one bad episode must not stop the run
+            if isinstance(e, asyncio.CancelledError) and self._stopping:  # `stop` cancels the episodes
+                raise
             failed = True
             self.stats["failed"] += 1
             self._failures_in_row += 1

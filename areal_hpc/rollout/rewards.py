@@ -5,64 +5,67 @@ Add one with ``@register_reward("name")``; select it with ``rollout.reward_fn=na
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from areal_hpc.rollout.names import NameTable
 
 log = logging.getLogger(__name__)
-RewardFn = Callable[..., float]
-REWARDS: Dict[str, RewardFn] = {}
+REWARDS = NameTable("reward function")
+register_reward, get_reward = REWARDS.register, REWARDS.__getitem__
 IN_PROCESS = ("math",)  # built-in rewards a fresh process can import, scored there
-
-
-def register_reward(name: str):
-    def deco(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-    return deco
-
-
-def get_reward(name: str) -> RewardFn:
-    try:
-        return REWARDS[name]
-    except KeyError:
-        raise KeyError(f"unknown reward function {name!r}; known: {', '.join(sorted(REWARDS))}") from None
 
 
 class RewardScorer:
     """Scores a group's completions off the event loop, the whole group within ``timeout_s``. `IN_PROCESS` rewards
     run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a worker's main thread
     runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes, stalls no rollout I/O;
-    others (a user's ``@register_reward``, maybe not importable in a fresh process) run on threads. A reward that
-    raises or runs out of time scores 0, with a warning. `close` ends the workers."""
+    others (a user's ``@register_reward``, maybe not importable in a fresh process) run on daemon threads, one a
+    completion: unlike an executor's threads, which interpreter exit joins, one stuck for good holds up no exit.
+    A reward that raises or runs out of time scores 0, with a warning. `close` ends the workers."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
         self._pool: Optional[ProcessPoolExecutor] = None
 
-    async def score(self, prompt: str, completions: Sequence[str], answer: str, **row) -> List[float]:
-        if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
-            self.close()
-        if self.in_process and self._pool is None:
-            self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
-                                             mp_context=multiprocessing.get_context("spawn"))
-        pool, loop = self._pool, asyncio.get_running_loop()
-        futs = [loop.run_in_executor(pool, functools.partial(self.fn, prompt, c, answer, **row)) for c in completions]
-        _, late = await asyncio.wait(futs, timeout=self.timeout_s)
-        for f in late:
-            f.cancel()
-        bad = [f for f in futs if f in late or f.exception() is not None]
+    async def score(self, prompt: str, completions: Sequence[str], answer: str,
+                    row: Optional[Dict[str, Any]] = None) -> List[float]:
+        """``row``: the row's other columns, the reward's keyword arguments. Completions whose workers another
+        group ended (its own completion stuck) are scored again on fresh ones, in the time left."""
+        calls = [functools.partial(self.fn, prompt, c, answer, **(row or {})) for c in completions]
+        deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
+        while todo:
+            if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
+                self.close()
+            if self.in_process and self._pool is None:
+                self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
+                                                 mp_context=multiprocessing.get_context("spawn"))
+            pool = self._pool
+            submit = pool.submit if pool is not None else _on_daemon_thread
+            futs.update({i: asyncio.wrap_future(submit(calls[i])) for i in todo})
+            _, now_late = await asyncio.wait([futs[i] for i in todo], timeout=max(0.0, deadline - time.monotonic()))
+            for f in now_late:
+                f.cancel()
+            late |= now_late
+            lost = pool is not None and pool is not self._pool  # another group ended these workers
+            todo = [i for i in todo if lost and futs[i] not in late
+                    and (futs[i].cancelled() or isinstance(futs[i].exception(), BrokenProcessPool))]
+        bad = [f for f in futs.values() if f in late or f.exception() is not None]
         if bad and pool is not None and pool is self._pool:  # a worker stuck in C code (no alarm reaches it), or
             self.close()  # one that died: fresh ones (not a pool another group has started since)
         if bad:
             why = "timed out" if late else repr(bad[0].exception())
             log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
-                        self.name, len(bad), len(futs), why, self.timeout_s)
-        return [0.0 if f in bad else float(f.result()) for f in futs]
+                        self.name, len(bad), len(calls), why, self.timeout_s)
+        return [0.0 if futs[i] in bad else float(futs[i].result()) for i in range(len(calls))]
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -70,6 +73,19 @@ class RewardScorer:
             for p in list((pool._processes or {}).values()):  # shutdown alone would wait for a stuck worker forever
                 p.kill()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _on_daemon_thread(fn: Callable[[], float]) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the scorer reports it
+                fut.set_exception(e)
+    threading.Thread(target=run, name="reward", daemon=True).start()
+    return fut
 
 
 @register_reward("exact_match")

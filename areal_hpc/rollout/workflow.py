@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
+from areal_hpc.rollout.names import NameTable
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat, stop_token_ids
 from areal_hpc.rollout.rewards import RewardScorer
 
@@ -48,22 +49,12 @@ class Group:
         return min((t.oldest_version for t in self.trajectories), default=-1)
 
 
-WORKFLOWS: Dict[str, Callable[..., "RolloutWorkflow"]] = {}
-
-
-def register_workflow(name: str):
-    def deco(cls):
-        WORKFLOWS[name] = cls
-        return cls
-    return deco
+WORKFLOWS = NameTable("workflow")
+register_workflow = WORKFLOWS.register
 
 
 def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
-    try:
-        cls = WORKFLOWS[name]
-    except KeyError:
-        raise KeyError(f"unknown workflow {name!r}; known: {', '.join(sorted(WORKFLOWS))}") from None
-    return cls(**kwargs)
+    return WORKFLOWS[name](**kwargs)
 
 
 class RolloutWorkflow(ABC):
@@ -102,7 +93,7 @@ class RLVRWorkflow(RolloutWorkflow):
                                                              "answer")}
         prompt = self.prompts.prompt_text(row)
         texts = [self.tokenizer.decode(res.output_ids, skip_special_tokens=True) for res in results]
-        rewards = await self.scorer.score(prompt, texts, row.get(self.answer_key, ""), **extras)
+        rewards = await self.scorer.score(prompt, texts, row.get(self.answer_key, ""), extras)
         return Group(trajectories=[Trajectory(prompt_ids=list(prompt_ids), output_ids=list(res.output_ids),
                                               logprobs=list(res.logprobs), versions=list(res.versions), reward=reward,
                                               finish_reason=res.finish_reason, info={"completion": text})

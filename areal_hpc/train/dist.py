@@ -8,7 +8,7 @@ import gc
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,26 +22,15 @@ class DistInfo:
     device: torch.device
 
 
-def _env_int(*names: str) -> Optional[int]:
-    for n in names:
-        v = os.environ.get(n)
-        if v not in (None, ""):
-            return int(v)
-    return None
-
-
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun, else Slurm (an srun step), else (0, 1, 0)."""
-    if os.environ.get("WORLD_SIZE") and os.environ.get("RANK"):
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = _env_int("LOCAL_RANK") or 0
-    elif os.environ.get("SLURM_PROCID") and (os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")):
-        # inside an srun step its own task count wins over the allocation's
-        rank, world = int(os.environ["SLURM_PROCID"]), _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
-        local = _env_int("SLURM_LOCALID") or 0
-    else:
-        rank, world, local = 0, 1, 0
-    return rank, world, local
+    env = os.environ
+    if env.get("WORLD_SIZE") and env.get("RANK"):
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK") or 0)
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")  # inside an srun step, the step's count
+    if env.get("SLURM_PROCID") and world:
+        return int(env["SLURM_PROCID"]), int(world), int(env.get("SLURM_LOCALID") or 0)
+    return 0, 1, 0
 
 
 # CPU threads of a GPU process when OMP_NUM_THREADS is unset: its host work is launching kernels

@@ -59,8 +59,6 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "grou
         adv = _centre_and_scale(g, std_norm, leave_one_out, eps)
         flat = (g.amax(-1, keepdim=True) == g.amin(-1, keepdim=True)).expand_as(g)
         return torch.where(flat, torch.zeros_like(adv), adv).reshape(-1).float()
-    if r.numel() == 0 and not global_batch:
-        return r.float()
     sums = torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
     floor = r.new_full((1,), -torch.finfo(torch.float64).max)  # an empty shard's max
     extremes = torch.stack([torch.cat([floor, r]).max(), torch.cat([floor, -r]).max()])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,27 +34,12 @@ class TensorSpec:
         return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
 
-@dataclass
-class Bucket:
-    """Tensors announced and broadcast together (one ``/update_weights_from_distributed`` call)."""
+Bucket = List[TensorSpec]  # tensors announced and broadcast together (one /update_weights_from_distributed call)
 
-    specs: List[TensorSpec] = field(default_factory=list)
 
-    @property
-    def names(self) -> List[str]:
-        return [s.name for s in self.specs]
-
-    @property
-    def dtypes(self) -> List[str]:
-        return [s.dtype for s in self.specs]
-
-    @property
-    def shapes(self) -> List[List[int]]:
-        return [list(s.shape) for s in self.specs]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.specs)
+def announcement(bucket: Bucket) -> Tuple[List[str], List[str], List[List[int]]]:
+    """What announces a bucket: its tensors' names, dtypes and shapes."""
+    return [s.name for s in bucket], [s.dtype for s in bucket], [list(s.shape) for s in bucket]
 
 
 def new_group_name() -> str:
@@ -75,14 +60,13 @@ def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_
 def plan_buckets(specs: Iterable[TensorSpec], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> List[Bucket]:
     """Consecutive specs, in the given (fixed) order, grouped up to ``bucket_bytes``."""
     buckets: List[Bucket] = []
-    cur = Bucket()
+    size = 0
     for spec in specs:
-        if cur.specs and cur.nbytes + spec.nbytes > bucket_bytes:
-            buckets.append(cur)
-            cur = Bucket()
-        cur.specs.append(spec)
-    if cur.specs:
-        buckets.append(cur)
+        if not buckets or size + spec.nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(spec)
+        size += spec.nbytes
     return buckets
 
 
@@ -108,10 +92,10 @@ def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
         raise ValueError("trainer rank 0 needs the weight-sync group")
     for bucket in buckets:
         if not is_sender:  # a gather is collective: every rank takes part, rank 0 alone keeps (and casts) the result
-            for s in bucket.specs:
+            for s in bucket:
                 full_tensor(entries[s.name][0])
             continue
-        tensors = [full_tensor(entries[s.name][0]).to(entries[s.name][1]) for s in bucket.specs]
+        tensors = [full_tensor(entries[s.name][0]).to(entries[s.name][1]) for s in bucket]
         wait = on_bucket(bucket) if on_bucket is not None else None
         send_tensors(group, tensors)
         if wait is not None:

@@ -204,4 +204,6 @@ class Trainer:
 
     @property
     def is_main(self) -> bool:
-        return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+        from areal_hpc.train import dist
+
+        return dist.rank() == 0

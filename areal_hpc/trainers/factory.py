@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict
 
+from areal_hpc.rollout.names import NameTable
 from areal_hpc.trainers.base import TrainContext, Trainer
 
-TRAINERS: Dict[str, Callable[[TrainContext], Trainer]] = {}
+TRAINERS = NameTable("trainer.type")
+register_trainer = TRAINERS.register
 # Built-in trainers are imported on demand, so an eval-only run never imports the FSDP engine.
 _BUILTIN = {"ppo": "areal_hpc.trainers.ppo_trainer", "sft": "areal_hpc.trainers.sft_trainer",
             "null": "areal_hpc.trainers.null"}
-
-
-def register_trainer(name: str):
-    def deco(cls):
-        TRAINERS[name] = cls
-        return cls
-    return deco
 
 
 def load_plugins(paths) -> None:
@@ -32,12 +26,14 @@ def load_plugins(paths) -> None:
             name = f"areal_plugin_{Path(p).stem}"
             if name in sys.modules:
                 continue
-            spec = importlib.util.spec_from_file_location(name, p)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot import plugin file {p}")
+            spec = importlib.util.spec_from_file_location(name, p)  # (a .py path always has a spec and loader)
             mod = importlib.util.module_from_spec(spec)
             sys.modules[name] = mod
-            spec.loader.exec_module(mod)
+            try:
+                spec.loader.exec_module(mod)
+            except BaseException:  # as importlib does: a failed import leaves no module behind
+                del sys.modules[name]
+                raise
         else:
             importlib.import_module(p)
 

@@ -264,10 +264,11 @@ class RolloutSide(BackgroundUpdates):
 
     def _announcer(self, version: int):
         """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""
+        from areal_hpc.train.weight_sync import announcement
+
         def on_bucket(bucket):
             fut = self.controller.submit(self.pool.update_weights_from_distributed(
-                bucket.names, bucket.dtypes, bucket.shapes, self.group_name, version, self.members,
-                timeout_s=GROUP_TIMEOUT_S))
+                *announcement(bucket), self.group_name, version, self.members, timeout_s=GROUP_TIMEOUT_S))
 
             def wait():
                 bad = [r for r in fut.result(GROUP_TIMEOUT_S).values() if not r.ok]
