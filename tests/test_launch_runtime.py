@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
+from helpers import serve_argv
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import control, external, local, outcome
@@ -92,9 +93,13 @@ def test_a_stop_given_up_with_a_second_ctrl_c_does_not_stop_a_later_run(tmp_path
 
 
 def test_a_stopped_runs_reason_names_its_checkpoint_as_it_is_on_disk(tmp_path):
-    """The trainer writes checkpoints/step_00000005; a stopped run said "resumes from checkpoint step_5"."""
+    """The trainer writes checkpoints/step_00000005; a stopped run said "resumes from checkpoint step_5". It named
+    step_00000007 too, a checkpoint whose writer died before its meta.json (the trainer resumes from the last complete
+    one)."""
     owner = owner_of(tmp_path)
     (owner.run_dir / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (owner.run_dir / "checkpoints" / "step_00000005" / "meta.json").write_text("{}")
+    (owner.run_dir / "checkpoints" / "step_00000007").mkdir()
     owner.request_stop()
     assert owner.run() == outcome.exit_code(outcome.STOPPED)
     assert owner.reason.endswith("resumes from checkpoint step_00000005"), owner.reason
@@ -166,3 +171,16 @@ def test_requests_that_come_while_the_owner_shuts_down_are_answered(tmp_path):
     ran.join(timeout=20)
     assert not ran.is_alive() and owner.state == outcome.STOPPED
     assert control.take_reply(owner.registry, added)["error"] == "the run is stopping"
+
+
+def test_a_server_step_across_nodes_gives_each_task_its_node_rank_and_one_rendezvous(tmp_path):
+    """A server spanning nodes (cluster.multi_node_tp: a task a node) starts SGLang with --nnodes, --node-rank and one
+    --dist-init-addr on every task; before, each task started a server of its own with the whole --tp-size. The hf
+    backend refuses a server across nodes, which shows the values reached it."""
+    argv = serve_argv(tmp_path / "run", "server-0", f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0",
+                      "server.model_path=toy:qwen3-h128-l2")
+    env = dict(os.environ, SLURM_JOB_ID="41", SLURM_STEP_ID="3", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1",
+               SLURM_STEP_NODELIST="localhost")
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "nnodes=2" in res.stdout + res.stderr

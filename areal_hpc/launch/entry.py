@@ -102,6 +102,7 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external
 
 
 def train(run_dir: Path) -> int:
+    from areal_hpc.train.dist import env_ranks
     from areal_hpc.trainers import TrainContext, make_trainer
 
     stop_with_launcher()
@@ -111,11 +112,11 @@ def train(run_dir: Path) -> int:
     elif int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) and os.environ.get("AREAL_HPC_RESTART_MIN_SERVERS"):
         # restarted by torchrun's elastic agent: like a restart by the owner (wait for one server, push weights)
         cfg.min_required_servers = int(os.environ["AREAL_HPC_RESTART_MIN_SERVERS"])
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    _master_from_slurm()
+    rank = env_ranks()[0]
     setup_logging(f"trainer[{rank}]")
     logging.getLogger(__name__).info("trainer rank %d on %s, gpus=%s%s", rank, socket.gethostname(), visible_gpus(),
                                      slurm_placement())
-    _master_from_slurm()
     ctx = TrainContext(cfg=cfg, alloc=parse_allocation(cfg.allocation_mode), run_dir=run_dir,
                        registry=Registry.for_run(run_dir, cfg.launcher))
     try:
@@ -144,12 +145,13 @@ def step_rendezvous() -> Tuple[str, int]:
 
 def _master_from_slurm() -> None:
     """Under srun, torch.distributed's rendezvous from the step (`step_rendezvous`)."""
+    from areal_hpc.train.dist import env_ranks
+
     if "SLURM_PROCID" not in os.environ or os.environ.get("MASTER_ADDR"):
         return
-    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-    os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    if int(os.environ["WORLD_SIZE"]) == 1:
+    rank, world, local = env_ranks()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    if world == 1:
         return
     addr, port = step_rendezvous()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)

@@ -17,6 +17,8 @@ import signal
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from areal_hpc.train.checkpoint_dirs import latest_checkpoint
+
 COMPLETED, FAILED, STOPPED, RUNNING, PENDING, REQUEUED = \
     "COMPLETED", "FAILED", "STOPPED", "RUNNING", "PENDING", "REQUEUED"
 FINAL = (COMPLETED, FAILED, STOPPED)
@@ -115,9 +117,9 @@ def last_step(metrics_path: Path) -> int:
 
 
 def latest_checkpoint_step(checkpoint_dir: Path) -> int:
-    steps = [int(p.name.split("_", 1)[1]) for p in Path(checkpoint_dir).glob("step_*")
-             if p.name.split("_", 1)[1].isdigit()]
-    return max(steps, default=0)
+    """The step of the checkpoint a trainer resumes from (0 if none): a half-written or incomplete one is not."""
+    path = latest_checkpoint(Path(checkpoint_dir))
+    return int(path.name.split("_", 1)[1]) if path else 0
 
 
 def summary_line(rec: Dict[str, object]) -> str:

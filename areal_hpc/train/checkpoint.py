@@ -10,10 +10,9 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -22,13 +21,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from areal_hpc.registry.util import atomic_write
 from areal_hpc.train import dist
+from areal_hpc.train.checkpoint_dirs import LATEST, complete_checkpoints, latest_checkpoint
 from areal_hpc.train.engine import FSDPEngine
 from areal_hpc.train.publish import replace_dir
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
-_NAME = re.compile(r"^step_(\d{8,})$")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -45,27 +43,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def complete_checkpoints(root: Path) -> List[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "meta.json").exists()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
-
-
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The checkpoint named by ``latest``, else the newest complete one, else None."""
-    root = Path(root)
-    marker = root / LATEST
-    if marker.exists():
-        path = root / marker.read_text().strip()
-        if (path / "meta.json").exists():
-            return path
-        log.warning("%s names %s, which is incomplete; falling back to the newest complete checkpoint", marker, path)
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 class Checkpointer:
