@@ -148,3 +148,48 @@ def test_tokens_counts_the_whole_batch_not_rank0s_share_times_the_ranks(monkeypa
     trainer.cfg.trainer.sft.batch_size, trainer.loader, trainer.engine = 4, iter([{}] * 4), Fake()
     trainer.tokenizer = trainer.prompts = None
     assert trainer.train_step(1)["tokens"] == sum(lengths)
+
+
+def test_a_prompt_longer_than_max_prompt_len_is_left_out_not_trained_on_nothing(tmp_path, monkeypatch, caplog):
+    """Prompt and answer were cut together to ``max_prompt_len``: a longer prompt left its row no answer token to
+    train on, silently. Such rows are now left out with one warning and a count (as PPO does); none left is an
+    error."""
+    from areal_hpc.config import ExperimentConfig, parse_allocation
+    from areal_hpc.registry import Registry
+    from areal_hpc.rollout.data import DatasetError
+    from areal_hpc.train.phases import PhaseTimer
+    from areal_hpc.trainers import TrainContext, sft_trainer
+
+    class Fake:
+        model_path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+
+        def __init__(self, *args):
+            self.engine, self.batches = self, []
+
+        def train_step(self, batch):
+            self.batches.append(batch)
+            return {"loss": 1.0}
+
+        def set_version(self, version):
+            pass
+
+    monkeypatch.setattr(sft_trainer, "SFTLearner", Fake)
+    data = tmp_path / "rows.jsonl"
+
+    def trainer(prompts):
+        data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
+        cfg = ExperimentConfig()
+        cfg.trainer.type, cfg.trainer.sft.batch_size = "sft", 2
+        cfg.train_dataset.path, cfg.train_dataset.chat_template, cfg.train_dataset.max_prompt_len = str(data), "none", 8
+        cfg.train_dataset.shuffle = False
+        t = sft_trainer.SFTTrainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+        t.engine, t.phases = t.setup(), PhaseTimer()
+        return t
+
+    t = trainer(["3+4=", "1+2+3+4+5+6+7+8+9=", "1+6="])
+    assert "1 of 3 prompts are longer than train_dataset.max_prompt_len=8" in caplog.text
+    t.train_step(1)
+    (batch,) = t.learner.batches
+    assert batch["loss_mask"].sum(1).tolist() == [2, 2]  # "7" and its end, on both rows
+    with pytest.raises(DatasetError, match="max_prompt_len"):
+        trainer(["1+2+3+4+5+6+7+8+9="])

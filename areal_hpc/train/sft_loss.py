@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -20,9 +20,9 @@ def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
 
 
 def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
-                  max_len: Optional[int] = None, prompts: Any = None) -> Batch:
+                  prompts: Any = None) -> Batch:
     """Prompt + answer ids, right-padded, ``loss_mask`` on the answer and its end (tokenised apart:
-    the boundary is exact), truncated to ``max_len``. ``prompts`` (a rollout `PromptEncoder`)
+    the boundary is exact; the answer is never cut, or the model would learn to stop nowhere). ``prompts`` (a rollout `PromptEncoder`)
     encodes the prompt as the rollout does and ends the answer with the chat template's
     end-of-turn token; without it the prompt is raw text and the answer ends with EOS."""
     samples: List[Dict[str, torch.Tensor]] = []
@@ -35,10 +35,8 @@ def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "
     for row in rows:
         p = encode(row)
         a = tokenizer(str(row[answer_key]), add_special_tokens=False)["input_ids"] + end
-        ids = (p + a)[: max_len] if max_len else p + a
-        mask = ([0] * len(p) + [1] * len(a))[: len(ids)]
-        samples.append({"input_ids": torch.tensor(ids, dtype=torch.long),
-                        "loss_mask": torch.tensor(mask, dtype=torch.long)})
+        samples.append({"input_ids": torch.tensor(p + a, dtype=torch.long),
+                        "loss_mask": torch.tensor([0] * len(p) + [1] * len(a), dtype=torch.long)})
     return collate(samples, pad_values={"input_ids": tokenizer.pad_token_id or 0})
 
 

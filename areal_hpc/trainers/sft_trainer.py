@@ -29,7 +29,9 @@ class SFTTrainer(Trainer):
                               f"{dist.world_size()} ranks", "make it a multiple of the trainer's d")
         self.tokenizer = load_tokenizer(self.learner.engine.model_path)
         self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
-        self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs)
+        # rows whose prompt is longer than max_prompt_len are left out (with a warning), as PPO does: cut, they would
+        # train on nothing of their answer
+        self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs, tokenizer=self.tokenizer)
         return self.learner.engine
 
     def start(self, state: Dict[str, Any]) -> bool:
@@ -43,7 +45,7 @@ class SFTTrainer(Trainer):
                 rows = [next(self.loader) for _ in range(self.cfg.trainer.sft.batch_size)]
             except StopIteration:
                 return None
-            batch = tokenize_rows(rows, self.tokenizer, ds.prompt_key, ds.answer_key, ds.max_prompt_len,
+            batch = tokenize_rows(rows, self.tokenizer, ds.prompt_key, ds.answer_key,
                                   prompts=self.prompts)  # the same rows on every rank
             shard = shard_batch(batch, dist.rank(), dist.world_size())
         with self.phases.phase("train", device=True):
