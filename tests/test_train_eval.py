@@ -94,3 +94,31 @@ def test_a_stop_request_ends_the_wait_for_servers(make_eval):
     t0 = time.monotonic()
     assert trainer.run() == 0
     assert time.monotonic() - t0 < 10
+
+
+@register_workflow("test-fails-on-3")
+class FailsOn3(SkipsOdd):
+    """As `SkipsOdd`, but the episode of row "3" raises (a server error, a bad row); with ``all``, every episode does."""
+
+    async def arun_episode(self, client, row):
+        if row["prompt"] == "3" or row.get("all"):
+            raise RuntimeError(f"episode {row['prompt']} failed")
+        return await super().arun_episode(client, row)
+
+
+def test_a_failing_episode_is_counted_and_the_evaluation_goes_on(tmp_path, make_eval, caplog):
+    """One failing episode failed the whole evaluation, with no report; training counts it as failed and goes on."""
+    assert make_eval("test-fails-on-3").run() == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["n_prompts"] == 3 and report["n_failed"] == 1 and report["accuracy"] == 1.0
+    assert "1 of 5 episodes failed" in caplog.text and "episode 3 failed" in caplog.text
+
+
+def test_an_evaluation_whose_every_episode_fails_is_an_error(tmp_path, make_eval):
+    from areal_hpc.rollout import RolloutError
+
+    data = tmp_path / "valid.jsonl"
+    data.write_text("".join(json.dumps({"prompt": str(i), "answer": "x", "all": 1}) + "\n" for i in range(2)))
+    with pytest.raises(RolloutError, match="all 2 evaluation episodes failed; first: RuntimeError"):
+        make_eval("test-fails-on-3").run()
+    assert not (tmp_path / "eval.json").exists()

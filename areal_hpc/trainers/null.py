@@ -10,6 +10,7 @@ import time
 
 from areal_hpc.config import actor_path
 from areal_hpc.registry import RegistryTimeout
+from areal_hpc.rollout import Group, RolloutError
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
 
@@ -41,11 +42,17 @@ class EvalTrainer(Trainer):
         if results is None:
             log.warning("evaluation stopped on request: no report")
             return 0
-        done = [(g, row) for g, row in zip(results, rows) if g is not None]  # None: the workflow skipped the row
+        failed = [r for r in results if isinstance(r, BaseException)]  # counted and left out, as training does
+        if failed:
+            log.warning("eval: %d of %d episodes failed; first: %r", len(failed), len(rows), failed[0])
+            if len(failed) == len(rows):
+                raise RolloutError(f"all {len(rows)} evaluation episodes failed; first: {failed[0]!r}") from failed[0]
+        done = [(g, row) for g, row in zip(results, rows) if isinstance(g, Group)]  # None: the workflow skipped it
         groups = [g for g, _ in done]
         trajs = [t for g in groups for t in g.trajectories]
         per_prompt = [max(t.reward for t in g.trajectories) for g in groups]
-        report = {"dataset": ds.path, "n_prompts": len(groups), "n_samples": cfg.rollout.n_samples,
+        report = {"dataset": ds.path, "n_prompts": len(groups), "n_failed": len(failed),
+                  "n_samples": cfg.rollout.n_samples,
                   "reward_mean": sum(t.reward for t in trajs) / max(1, len(trajs)),
                   "accuracy": sum(t.reward >= 1.0 for t in trajs) / max(1, len(trajs)),
                   f"pass@{cfg.rollout.n_samples}": sum(r >= 1.0 for r in per_prompt) / max(1, len(per_prompt)),
@@ -63,7 +70,7 @@ class EvalTrainer(Trainer):
         return 0
 
     async def _evaluate(self, workflow, rows, pool):
-        """Each row's group (in row order), or None if a stop is requested first."""
+        """Each row's group, None (skipped) or exception (in row order); None if a stop is requested first."""
         await pool.start()
         sem = asyncio.Semaphore(max(1, self.cfg.rollout.max_concurrent_rollouts or 64))
 
@@ -71,7 +78,7 @@ class EvalTrainer(Trainer):
             async with sem:
                 return await workflow.arun_episode(pool, row)
 
-        episodes = asyncio.gather(*(one(r) for r in rows))
+        episodes = asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
         try:
             while not self.stop:
                 if (await asyncio.wait([episodes], timeout=0.2))[0]:
