@@ -193,6 +193,12 @@ class RolloutController:
         with self._cv:
             return len(self._pending) + self._running
 
+    def rows_state(self) -> Dict[str, int]:
+        """The rows' ``state_dict``, moved back by the groups in flight: both read at once (the loop takes a row and
+        counts it running under the same lock), so a row taken meanwhile is neither lost nor generated twice."""
+        with self._cv:
+            return self.rows.state_dict(rewind=self.in_flight())
+
     # ------------------------------------------------------------------ the loop
     def _poke(self) -> None:
         if self._loop is not None and self._wake is not None:
@@ -241,14 +247,13 @@ class RolloutController:
         while not self._stopping:
             self._wake.clear()
             while not self._paused and not self._stopping and not self._exhausted and self._capacity() > 0:
-                try:
-                    row = next(self.rows)
-                except StopIteration:
-                    self._exhausted = True
-                    with self._cv:
+                with self._cv:  # the row and its count at once (`rows_state`)
+                    try:
+                        row = next(self.rows)
+                    except StopIteration:
+                        self._exhausted = True
                         self._cv.notify_all()
-                    break
-                with self._cv:
+                        break
                     self._running += 1
                 self.stats["submitted"] += 1
                 t = asyncio.create_task(self._episode(row, self._version))

@@ -155,7 +155,7 @@ class RolloutSide(BackgroundUpdates):
 
     def loader_state(self) -> Dict[str, Any]:
         """The prompt loader's position; rows in flight are generated again after a restart."""
-        return self.loader.state_dict(rewind=self.controller.in_flight())
+        return self.controller.rows_state()
 
     def prune_weights(self, version: int) -> None:
         from areal_hpc.train.publish import prune_weights
