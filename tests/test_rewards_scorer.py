@@ -211,3 +211,31 @@ def test_a_group_that_ends_the_workers_costs_other_groups_nothing():
         scorer.close()
     assert behind == [1.0, 0.0] and set(stuck) == {0.0}
     assert multiprocessing.active_children() == []
+
+
+def test_user_rewards_run_at_most_thread_slots_at_once():
+    """User rewards ran on one daemon thread per completion with no cap: a large group (or many at once) ran them all
+    together. Now at most an executor's default number run at once, still on daemon threads."""
+    import os
+    import time
+
+    from areal_hpc.rollout.rewards import RewardScorer
+
+    running, peak, lock = 0, 0, threading.Lock()
+
+    @register_reward("test-counts")
+    def counts(prompt, completion, answer, **_):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return 1.0
+
+    try:
+        scores = asyncio.run(RewardScorer("test-counts", timeout_s=30).score("q", ["x"] * 100, "x"))
+        assert scores == [1.0] * 100 and 1 < peak <= min(32, len(os.sched_getaffinity(0)) + 4), peak
+    finally:
+        REWARDS.pop("test-counts", None)

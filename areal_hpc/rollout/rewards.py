@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 REWARDS = NameTable("reward function")
 register_reward, get_reward = REWARDS.register, REWARDS.__getitem__
 IN_PROCESS = ("math",)  # built-in rewards a fresh process can import, scored there
+# user rewards running at once, over all groups (a thread executor's default size)
+THREAD_SLOTS = threading.BoundedSemaphore(min(32, len(os.sched_getaffinity(0)) + 4))
 
 
 class RewardScorer:
@@ -29,7 +31,8 @@ class RewardScorer:
     run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a worker's main thread
     runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes, stalls no rollout I/O;
     others (a user's ``@register_reward``, maybe not importable in a fresh process) run on daemon threads, one a
-    completion: unlike an executor's threads, which interpreter exit joins, one stuck for good holds up no exit.
+    completion, at most `THREAD_SLOTS` at once: unlike an executor's threads, which interpreter exit joins, one stuck
+    for good holds up no exit.
     A reward that raises or runs out of time scores 0, with a warning. `close` ends the workers."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
@@ -79,11 +82,12 @@ def _on_daemon_thread(fn: Callable[[], float]) -> concurrent.futures.Future:
     fut: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
-        if fut.set_running_or_notify_cancel():
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - the scorer reports it
-                fut.set_exception(e)
+        with THREAD_SLOTS:  # one scored late (cancelled meanwhile) is not run at all
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - the scorer reports it
+                    fut.set_exception(e)
     threading.Thread(target=run, name="reward", daemon=True).start()
     return fut
 
