@@ -26,7 +26,7 @@ def test_an_episode_ended_by_a_cancellation_from_inside_is_a_failure_not_a_lost_
     try:
         with pytest.raises(StopIteration):
             c.get_batch(timeout=10)
-        assert c.stats["failed"] == 1 and c.in_flight() == 0 and "CancelledError" in c.last_failure
+        assert c.stats["failed"] == 1 and c._running == 0 and "CancelledError" in c.last_failure
     finally:
         c.stop()
 

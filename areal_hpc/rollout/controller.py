@@ -188,16 +188,12 @@ class RolloutController:
                 for sid, info in sorted(servers.items())) or "none live"))
         return "; ".join(parts)
 
-    def in_flight(self) -> int:
-        """Groups accepted-but-not-consumed plus running (what a checkpoint would re-generate)."""
-        with self._cv:
-            return len(self._pending) + self._running
-
     def rows_state(self) -> Dict[str, int]:
-        """The rows' ``state_dict``, moved back by the groups in flight: both read at once (the loop takes a row and
-        counts it running under the same lock), so a row taken meanwhile is neither lost nor generated twice."""
+        """The rows' ``state_dict``, moved back by the groups in flight (accepted but not consumed, or running: what a
+        checkpoint generates again), both read at once (the loop takes a row and counts it running under the same
+        lock), so a row taken meanwhile is neither lost nor generated twice."""
         with self._cv:
-            return self.rows.state_dict(rewind=self.in_flight())
+            return self.rows.state_dict(rewind=len(self._pending) + self._running)
 
     # ------------------------------------------------------------------ the loop
     def _poke(self) -> None:

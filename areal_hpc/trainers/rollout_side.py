@@ -112,7 +112,7 @@ class RolloutSide(BackgroundUpdates):
     def __init__(self, ctx: TrainContext, tokenizer, loader: PromptLoader, start_version: int,
                  should_stop: Callable[[], bool]):
         cfg = ctx.cfg
-        self.ctx, self.loader, self.should_stop = ctx, loader, should_stop
+        self.ctx, self.should_stop = ctx, should_stop
         self.pool = server_pool(ctx, should_stop)
         self.controller = RolloutController(
             make_rollout_workflow(cfg, tokenizer, cfg.train_dataset), self.pool, loader,
