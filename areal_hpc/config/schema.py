@@ -182,7 +182,7 @@ class DatasetConfig:
     chat_template: str = "auto"  # auto (the tokenizer's chat template when it has one) | none (raw text)
     system_prompt: str = ""  # with a chat template: a system message before every prompt
     shuffle: bool = True
-    max_prompt_len: int = 1024
+    max_prompt_len: int = 1024  # prompt tokens: longer prompts are left out (PPO, SFT, eval); SFT never cuts answers
     limit: int = 0  # 0 = all rows
 
 

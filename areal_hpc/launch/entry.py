@@ -90,7 +90,7 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external
     model = toy.resolve_model(cfg.server.model_path or actor_path(cfg))
     tp = alloc.gen.tp if alloc.gen else 1
     span: Dict[str, object] = {}
-    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # a server across nodes (cluster.multi_node_tp), a task a node
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # a server across nodes (multi_node_tp): a task a node
         addr, port = step_rendezvous()
         span = {"nnodes": int(os.environ["SLURM_STEP_NUM_TASKS"]), "node_rank": int(os.environ["SLURM_PROCID"]),
                 "dist_init_addr": f"{addr}:{port}"}
