@@ -364,10 +364,9 @@ class EngineServer:
                 # generated on it (a 503: clients go to other servers) until every tensor has been loaded again.
                 self._resent = {}
                 self.engine.refusal = (f"the model's weights are partly updated (a weight broadcast in group {group} "
-                                       f"failed: {e}): requests are refused until a complete weight update")
-                log.error("weight broadcast in group %s failed (%s): the model's weights may be partly updated; "
-                          "/generate is refused until a complete update (from disk, or every tensor broadcast "
-                          "again); group %s is dropped", group, e, group)
+                                       f"failed: {e}): requests are refused until a complete weight update (from "
+                                       "disk, or every tensor broadcast again)")
+                log.error("%s; group %s is dropped", self.engine.refusal, group)
                 raise
             if self.engine.refusal is not None:
                 self._resent.update((name, shape) for name, _, shape in specs)
