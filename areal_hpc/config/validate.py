@@ -32,9 +32,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, CR allowed (prompts)
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition (a list too), account, qos
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]()=-]+$")
-# Bytes the longest path written inside a run dir may add to it, to keep under the filesystem's PATH_MAX: the temp file
-# (registry.util.temp_name) of the record of a server started by hand, registry/servers/.serve-{host}-{pid}.json.{host}.
-# {pid}.{n}.tmp, holds two hostnames of up to 64 bytes (HOST_NAME_MAX): about 190 bytes; the rest is slack.
+# What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
+# registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
 _LONGEST_INSIDE = 256
 
 # "{eng}" stands for trainer.ppo.actor and trainer.sft.model, "{mb}" for their mb_spec sections,
