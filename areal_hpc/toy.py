@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from areal_hpc.config.validate import TOY_DATASET, TOY_MODEL
-from areal_hpc.registry.util import atomic_write
+from areal_hpc.registry.util import atomic_write, temp_name
 
 # Characters the toy tokenizer knows; ids follow the special tokens.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
@@ -73,7 +73,7 @@ def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
                          "[-l<layers>][-i<intermediate>], e.g. toy:qwen3-h128-l2")
     out = _cache_dir(cache_dir) / "models" / RECIPE / path.replace(":", "-")
     if not (out / "config.json").exists():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp = out.with_name(temp_name(out.name))
         build_model(tmp, arch=m["arch"], hidden=int(m["h"] or 128), layers=int(m["l"] or 2),
                     intermediate=int(m["i"]) if m["i"] else None)
         try:

@@ -132,8 +132,8 @@ def engine():
 
 def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, caplog):
     """The trainer announces a bucket, then goes away before broadcasting it: the server answers /health meanwhile,
-    its engine generates again at once (not after the group's timeout), the update fails in the log and its group is
-    dropped."""
+    its engine answers again at once (not after the group's timeout), refusing to generate on weights that may be
+    partly updated, the update fails in the log and its group is dropped."""
     import aiohttp
 
     from areal_hpc.inference.http_server import EngineServer
@@ -168,7 +168,7 @@ def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, 
                     upd.cancel()
                 gen = {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}}
                 async with s.post(url + "/generate", json=gen, timeout=aiohttp.ClientTimeout(total=15)) as r:
-                    assert r.status == 200
+                    assert r.status == 503 and "partly updated" in (await r.json())["message"]
                 async with s.post(url + "/update_weights_from_distributed", json=bucket) as r:
                     assert r.status == 400 and "not initialized" in (await r.json())["message"]
 
@@ -180,3 +180,53 @@ def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, 
         trainer.wait()
     assert "partly updated" in caplog.text and "went away" in caplog.text, caplog.text
     assert engine.weight_version == "0"
+
+
+def test_after_a_failed_broadcast_nothing_is_generated_until_every_tensor_is_new_again(engine, monkeypatch):
+    """A weight broadcast that fails part way leaves some parameters new and the rest old, under the old version: the
+    server went on generating on that model as if it were the old one. Now /generate answers 503 (a client tries
+    other servers) until a complete update: every tensor broadcast again (in any number of buckets), or from disk."""
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server, runner = EngineServer(engine), engine.runner
+    params = list(runner._params.items())
+    half = len(params) // 2
+
+    def bucket(ps):
+        return {"names": [n for n, _ in ps], "dtypes": [str(p.dtype).replace("torch.", "") for _, p in ps],
+                "shapes": [list(p.shape) for _, p in ps], "group_name": "g", "weight_version": "5"}
+
+    def fail(specs, pg, gone):
+        raise RuntimeError("connection reset by peer")
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, (await r.json()).get("message")
+
+            async def generates() -> bool:
+                status, message = await post("/generate", {"input_ids": [3, 4],
+                                                           "sampling_params": {"max_new_tokens": 2}})
+                assert status in (200, 503) and (status == 200 or "partly updated" in message), (status, message)
+                return status == 200
+
+            for complete in ("broadcast", "disk"):
+                monkeypatch.setattr(runner, "load_broadcast", fail)
+                server.groups["g"] = object()  # a group whose broadcast fails
+                status, message = await post("/update_weights_from_distributed", bucket(params[:2]))
+                assert status == 400 and "broadcast failed" in message
+                assert not await generates()
+                monkeypatch.setattr(runner, "load_broadcast", lambda specs, pg, gone: len(specs))
+                server.groups["g"] = object()
+                if complete == "broadcast":
+                    assert (await post("/update_weights_from_distributed", bucket(params[:half])))[0] == 200
+                    assert not await generates()  # the other half may still be torn
+                    assert (await post("/update_weights_from_distributed", bucket(params[half:])))[0] == 200
+                else:
+                    assert (await post("/update_weights_from_disk", {"model_path": runner.model_path}))[0] == 200
+                assert await generates()
+
+    asyncio.run(go())

@@ -112,15 +112,14 @@ def test_prune_skips_a_server_whose_version_is_not_a_number(tmp_path):
 
 
 def test_prune_removes_what_a_crashed_writer_left(tmp_path):
-    """A trainer killed while writing ``v{K}`` leaves ``.v{K}.tmp<pid>`` (a whole model): the next trainer's prune
-    removes it; a write of this process's own is left alone."""
-    import os
-
+    """A trainer killed while writing ``v{K}`` leaves ``.v{K}.<host>.<pid>.<n>.tmp`` (a whole model): the next trainer's
+    prune removes it; a write of this process's own is left alone."""
+    from areal_hpc.registry.util import temp_name
     from areal_hpc.train.publish import prune_weights
 
     root = tmp_path / "weights"
     _fake_versions(root, [4])
-    torn, mine = root / ".v5.tmp999999999", root / f".v6.tmp{os.getpid()}"
+    torn, mine = root / ".v5.other-host.999999999.0.tmp", root / temp_name("v6")
     for d in (torn, mine):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x")

@@ -32,7 +32,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, CR allowed (prompts)
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition (a list too), account, qos
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]()=-]+$")
-_LONGEST_INSIDE = 64  # the longest name written inside a run dir (logs/add-servers-NNN.sbatch.tmp) + slack
+# What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
+# registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
+_LONGEST_INSIDE = 256
 
 # "{eng}" stands for trainer.ppo.actor and trainer.sft.model, "{mb}" for their mb_spec sections,
 # "{ds}" for train_dataset and valid_dataset. A null value (an Optional field) is not checked.

@@ -52,6 +52,7 @@ class EngineServer:
         self.info, self.started = dict(info or {}), time.time()
         self.groups: Dict[str, Any] = {}
         self._update_lock = asyncio.Lock()  # one update from disk at a time
+        self._resent: Dict[str, Any] = {}  # shapes by name broadcast since a failed broadcast (see `receive`)
         self._tokenizer: Any = _UNLOADED
 
     def build(self) -> web.Application:
@@ -359,9 +360,18 @@ class EngineServer:
                 self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
                     dist_c10d._abort_process_group(pg)
-                log.error("weight broadcast in group %s failed (%s): the model's weights may be partly updated until "
-                          "the next full update; group %s is dropped", group, e, group)
+                # Some parameters may hold new values, the rest old ones: no version names that model, so nothing is
+                # generated on it (a 503: clients go to other servers) until every tensor has been loaded again.
+                self._resent = {}
+                self.engine.refusal = (f"the model's weights are partly updated (a weight broadcast in group {group} "
+                                       f"failed: {e}): requests are refused until a complete weight update (from "
+                                       "disk, or every tensor broadcast again)")
+                log.error("%s; group %s is dropped", self.engine.refusal, group)
                 raise
+            if self.engine.refusal is not None:
+                self._resent.update((name, shape) for name, _, shape in specs)
+                if not self.runner.check_weights(self._resent.items()):  # every tensor is new again
+                    self.engine.refusal = None
             self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
             return n
 

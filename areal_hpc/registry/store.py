@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import filelock
 
-from areal_hpc.registry.util import atomic_write
+from areal_hpc.registry.util import atomic_write, temp_name
 
 _TTL_KEY = "_ttl"
 # flock: kernel locks (local disks; Lustre/GPFS mounted with flock). The others are lock files
@@ -223,7 +223,7 @@ class Registry:
             return path.read_text().strip()
         key = secrets.token_urlsafe(32)
         # link fails if the secret exists: racing processes all get the first key, never half a file
-        tmp = self.root / f".secret.{os.getpid()}.{time.monotonic_ns()}"
+        tmp = self.root / temp_name("secret")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key)

@@ -1,15 +1,28 @@
-"""Small OS helpers every layer shares (here: the lowest layer that uses them): atomic file writes,
-a free port, a live pid, whether a record's process runs on this host."""
+"""Small OS helpers every layer shares (here: the lowest layer that uses them): temp names and atomic file
+writes, a free port, a live pid, whether a record's process runs on this host."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import os
+import re
 import socket
 from typing import Optional, Union
 
 _SEQ = itertools.count()
+
+
+def temp_name(name: str) -> str:
+    """A hidden name beside ``name`` for a file or directory being written, unique to this call: the hostname and pid
+    (writers on other hosts of a shared file system may have the same pid) and a count within the process."""
+    return f".{name}.{socket.gethostname()}.{os.getpid()}.{next(_SEQ)}.tmp"
+
+
+def own_temp(tmp: str, name_re: str) -> bool:
+    """Whether ``tmp`` is a `temp_name` this process made for a name that matches the regex ``name_re``."""
+    mine = rf"\.(?:{name_re})\.{re.escape(socket.gethostname())}\.{os.getpid()}\.\d+\.tmp"
+    return re.fullmatch(mine, tmp) is not None
 
 
 def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666,
@@ -19,8 +32,7 @@ def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: i
     before the umask; ``fsync`` flushes the data to disk before the rename."""
     path = os.fspath(path)
     d, name = os.path.split(path)
-    # hostname and pid: writers on other hosts of a shared file system may have the same pid
-    tmp = os.path.join(d, f".{name}.{socket.gethostname()}.{os.getpid()}.{next(_SEQ)}.tmp")
+    tmp = os.path.join(d, temp_name(name))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:  # a file object writes all of ``data`` (one os.write may write less)

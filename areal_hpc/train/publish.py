@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from areal_hpc import toy
+from areal_hpc.registry.util import own_temp, temp_name
 from areal_hpc.train import dist
 from areal_hpc.train.engine import FSDPEngine
 
@@ -30,7 +31,7 @@ _SKIP_NAMES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory ``tmp`` to ``final``; an existing ``final`` goes once replaced."""
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    old = final.with_name(temp_name(final.name))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -90,7 +91,7 @@ def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: 
 
     def write() -> Path:
         t1 = time.perf_counter()
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp = out.with_name(temp_name(out.name))
         shutil.rmtree(tmp, ignore_errors=True)
         write_hf_checkpoint(sd, tmp, static_files(out.parent, engine.hf_config, tokenizer_src, dtype))
         replace_dir(tmp, out)  # a version published again (after a restart) replaces the old copy
@@ -125,7 +126,7 @@ def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_versi
     version ``<= K``, not the latest), and what crashed writers left; returns the ``K``. One process (trainer rank 0)
     calls it."""
     for torn in Path(weights_root).glob(".v*.tmp*"):  # a crashed trainer's unfinished write (not this process's)
-        if not torn.name.endswith(f".tmp{os.getpid()}"):
+        if not own_temp(torn.name, r"v\d+"):
             shutil.rmtree(torn, ignore_errors=True)
     versions = published_versions(weights_root)
     if not versions:

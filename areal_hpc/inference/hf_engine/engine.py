@@ -76,6 +76,8 @@ class LLMEngine:
         self.weight_version, self.eos_token_ids = str(weight_version), frozenset(runner.eos_token_ids)
         # no steps while paused: "abort" and "retract" empty the batch first, "in_place" keeps it (and its KV)
         self.paused = False
+        # set (on the loop thread): why every request fails with a 503 now, e.g. weights partly updated; None: serving
+        self.refusal: Optional[str] = None
         self._inbox: Deque[Sequence] = deque()
         self._commands: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._wake, self._stopping = threading.Event(), False
@@ -144,6 +146,7 @@ class LLMEngine:
         def swap() -> Dict[str, Any]:
             n_aborted = self._abort(None, "aborted for a weight update") if abort_all else 0
             n = self.runner.load_weights(tensors)
+            self.refusal = None  # the model is whole again (the server loads only whole checkpoints: check_weights)
             self.set_version(version)
             return {"num_tensors": n, "num_paused_requests": n_aborted, "weight_version": self.weight_version}
 
@@ -172,9 +175,9 @@ class LLMEngine:
         for s, reason in finished:
             s.finish(reason)
 
-    def _abort(self, rid: Optional[str], message: str) -> int:
+    def _abort(self, rid: Optional[str], message: str, status_code: Optional[int] = None) -> int:
         self._drain_inbox()
-        reason = {"type": "abort", "message": message}
+        reason = {"type": "abort", "message": message, **({"status_code": status_code} if status_code else {})}
         sched = self.scheduler
         running = [s for s in sched.running if rid in (None, s.rid)]
         waiting = [s for s in sched.waiting if rid in (None, s.rid)]
@@ -223,6 +226,8 @@ class LLMEngine:
                 self._wake.clear()
                 self._run_commands()
                 self._drain_inbox()
+                if self.refusal is not None and (self.scheduler.running or self.scheduler.waiting):
+                    self._abort(None, self.refusal, 503)
                 if self.paused or not (self.scheduler.running or self.scheduler.waiting):
                     self._wake.wait(1.0)
                     continue
