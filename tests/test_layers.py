@@ -31,9 +31,11 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # a sixth (a review that fixed 26 bugs, each with its test, and cut 30 lines); 12,515 after a seventh
 # (another review: 18 bugs fixed, each with its test, duplicate checks cut); 12,691 after an eighth
 # (a review that fixed ~35 bugs, each with its test: reward scoring off the rollout loop and bounded in time,
-# no stale rank variables in srun steps, startup weight loads bounded, requests served by an owner that starts).
+# no stale rank variables in srun steps, startup weight loads bounded, requests served by an owner that starts);
+# 12,729 after a ninth and tenth (reviews that fixed ~40 bugs, each with its test: a server step across nodes, a
+# 503 after a failed weight broadcast, temp names unique across hosts, user rewards capped in threads).
 # This ceiling moves down, and up only to undo what a cut broke or to fix a bug.
-MAX_PACKAGE_LINES = 12691
+MAX_PACKAGE_LINES = 12729
 MAX_MODULE_LINES = 450
 
 
