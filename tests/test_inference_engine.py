@@ -244,6 +244,37 @@ def test_weight_swap_between_steps_tracks_versions(engine, model_path, tmp_path)
     assert any("shape" in p for p in engine.runner.check_weights((n, t.shape) for n, t in bad))
 
 
+def test_a_weight_update_that_fails_part_way_is_refused_until_a_complete_one(engine, reference):
+    """A weight update (from disk) whose copy failed after some tensors were copied left the model partly updated yet
+    still served under the old version. Now every request gets a 503 until every tensor has been loaded again, and a
+    second failure forgets what was loaded before it."""
+    runner = engine.runner
+    names = list(runner._params)
+    old = [(n, runner._params[n].detach().clone()) for n in names]
+    half = len(names) // 2
+    torn = [(n, t + 1) for n, t in old[:half]] + [(names[half], torch.zeros(3, 3))] + old[half + 1:]
+
+    def refused() -> bool:
+        seq = run(engine, [Sequence([3, 4, 5], SamplingParams(max_new_tokens=2, temperature=0))])[0]
+        assert seq.finish_reason.get("status_code") in (None, 503), seq.finish_reason
+        return seq.finish_reason.get("status_code") == 503 and "partly updated" in seq.finish_reason["message"]
+
+    with pytest.raises(RuntimeError):
+        engine.update_weights(torn, version="3").result(10)
+    assert torch.equal(runner._params[names[0]], old[0][1] + 1), "the copy stopped part way"
+    assert engine.weight_version == "0" and refused()
+    engine.update_weights(old[:half], version="4").result(10)
+    assert refused()  # the rest may still be torn
+    with pytest.raises(RuntimeError):
+        engine.update_weights(torn).result(10)
+    engine.update_weights(old[half:], version="5").result(10)
+    assert refused()  # the first half was torn again
+    engine.update_weights(old, version="6").result(10)
+    assert not refused()
+    check_against_forward(reference, run(engine, [Sequence([3, 4, 5], SamplingParams(max_new_tokens=8,
+                                                                                     temperature=0))])[0])
+
+
 def test_sampler_filters():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

@@ -52,7 +52,6 @@ class EngineServer:
         self.info, self.started = dict(info or {}), time.time()
         self.groups: Dict[str, Any] = {}
         self._update_lock = asyncio.Lock()  # one update from disk at a time
-        self._resent: Dict[str, Any] = {}  # shapes by name broadcast since a failed broadcast (see `receive`)
         self._tokenizer: Any = _UNLOADED
 
     def build(self) -> web.Application:
@@ -271,16 +270,15 @@ class EngineServer:
         async with self._update_lock:
             t0 = time.monotonic()
             try:
-                tensors = await asyncio.to_thread(read_checkpoint, path)
-            except Exception as e:
-                return _result(False, f"failed to read weights from {path}: {e}", num_paused_requests=0)
-            problems = self.runner.check_weights((n, t.shape) for n, t in tensors.items())
-            if problems:
-                return _result(False, f"weights in {path} do not fit the model: " + "; ".join(problems[:5]),
-                               num_paused_requests=0)
-            res = await asyncio.wrap_future(self.engine.update_weights(
-                list(tensors.items()), None if version is None else str(version),
-                abort_all=bool(body.get("abort_all_requests", False))))
+                tensors = list((await asyncio.to_thread(read_checkpoint, path)).items())
+                problems = self.runner.check_weights((n, t.shape) for n, t in tensors)
+                if problems:
+                    raise ValueError("they do not fit the model: " + "; ".join(problems[:5]))
+                res = await asyncio.wrap_future(self.engine.update_weights(
+                    tensors, None if version is None else str(version),
+                    abort_all=bool(body.get("abort_all_requests", False))))
+            except Exception as e:  # unreadable, not this model's, or a copy that failed part way (`LLMEngine.tear`)
+                return _result(False, f"failed to load weights from {path}: {e}", num_paused_requests=0)
             self.model_path = path
         msg = (f"Succeeded to update model weights from {path} ({res['num_tensors']} tensors, "
                f"{time.monotonic() - t0:.2f}s). Weight version updated to {res['weight_version']}.")
@@ -360,18 +358,10 @@ class EngineServer:
                 self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
                     dist_c10d._abort_process_group(pg)
-                # Some parameters may hold new values, the rest old ones: no version names that model, so nothing is
-                # generated on it (a 503: clients go to other servers) until every tensor has been loaded again.
-                self._resent = {}
-                self.engine.refusal = (f"the model's weights are partly updated (a weight broadcast in group {group} "
-                                       f"failed: {e}): requests are refused until a complete weight update (from "
-                                       "disk, or every tensor broadcast again)")
-                log.error("%s; group %s is dropped", self.engine.refusal, group)
+                log.error("%s; group %s is dropped", self.engine.tear(f"a weight broadcast in group {group} failed: "
+                                                                      f"{e}"), group)
                 raise
-            if self.engine.refusal is not None:
-                self._resent.update((name, shape) for name, _, shape in specs)
-                if not self.runner.check_weights(self._resent.items()):  # every tensor is new again
-                    self.engine.refusal = None
+            self.engine.renew((name, shape) for name, _, shape in specs)
             self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
             return n
 

@@ -76,8 +76,9 @@ class LLMEngine:
         self.weight_version, self.eos_token_ids = str(weight_version), frozenset(runner.eos_token_ids)
         # no steps while paused: "abort" and "retract" empty the batch first, "in_place" keeps it (and its KV)
         self.paused = False
-        # set (on the loop thread): why every request fails with a 503 now, e.g. weights partly updated; None: serving
+        # set (on the loop thread, `tear`): why every request fails with a 503 now; None: serving
         self.refusal: Optional[str] = None
+        self._renewed: Dict[str, Tuple[int, ...]] = {}  # shapes by name loaded since the last `tear`
         self._inbox: Deque[Sequence] = deque()
         self._commands: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._wake, self._stopping = threading.Event(), False
@@ -141,16 +142,36 @@ class LLMEngine:
         """Abort one request by rid, or all (running ones return their partial output)."""
         return self.call(lambda: self._abort(rid, "aborted by request"))
 
-    def update_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]], version: Optional[str] = None,
+    def update_weights(self, tensors: List[Tuple[str, torch.Tensor]], version: Optional[str] = None,
                        abort_all: bool = False) -> concurrent.futures.Future:
         def swap() -> Dict[str, Any]:
             n_aborted = self._abort(None, "aborted for a weight update") if abort_all else 0
-            n = self.runner.load_weights(tensors)
-            self.refusal = None  # the model is whole again (the server loads only whole checkpoints: check_weights)
+            try:
+                n = self.runner.load_weights(tensors)
+            except Exception as e:
+                log.error("%s", self.tear(f"a weight update failed part way: {type(e).__name__}: {e}"))
+                raise
+            self.renew((name, t.shape) for name, t in tensors)
             self.set_version(version)
             return {"num_tensors": n, "num_paused_requests": n_aborted, "weight_version": self.weight_version}
 
         return self.call(swap)
+
+    def tear(self, why: str) -> str:
+        """On the loop thread: a weight update failed part way. Some parameters may hold new values, the rest old ones:
+        no version names that model, so nothing is generated on it (a 503: clients go to other servers) until every
+        tensor has been loaded again (`renew`). Returns the refusal."""
+        self.refusal = (f"the model's weights are partly updated ({why}): requests are refused until a complete "
+                        "weight update (from disk, or every tensor broadcast again)")
+        self._renewed = {}
+        return self.refusal
+
+    def renew(self, names_shapes: Iterable[Tuple[str, Tuple[int, ...]]]) -> None:
+        """On the loop thread: these tensors were loaded whole; serving again once every one was since `tear`."""
+        if self.refusal is not None:
+            self._renewed.update(names_shapes)
+            if not self.runner.check_weights(self._renewed.items()):
+                self.refusal = None
 
     def set_version(self, version: Optional[Any] = None, abort_all: bool = False, why: str = "weight update") -> None:
         """On the loop thread (`call`): the new weight version (the next one when None), after
