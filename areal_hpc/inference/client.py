@@ -161,7 +161,8 @@ class ServerPool:
     def servers(self) -> Dict[str, Dict[str, Any]]:
         now = time.monotonic()
         return {s.id: {"address": s.address, "inflight": s.inflight, "healthy": s.down_until <= now,
-                       "failures": s.failures, **{k: s.record.get(k) for k in ("weight_version", "state", "external")}}
+                       "failures": s.failures, "weight_version": s.known_version(),
+                       **{k: s.record.get(k) for k in ("state", "external")}}
                 for s in self._servers.values()}
 
     async def refresh(self) -> None:
@@ -399,12 +400,8 @@ class ServerPool:
                                        ) -> Dict[str, CallResult]:
         """``timeout_s`` None: the pool's ``request_timeout_s`` (a server on a node that froze never answers)."""
         body = api.update_from_disk_body(path, version, abort_all_requests)
-        res = await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=timeout_s or self.request_timeout_s,
-                                  server_ids=server_ids)
-        for s in self._servers.values():
-            if s.id in res and res[s.id].ok:
-                s.record = dict(s.record, weight_version=parse_version(version))
-        return res
+        return await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body,
+                                   timeout_s=timeout_s or self.request_timeout_s, server_ids=server_ids)
 
     async def init_weights_update_group(self, server_id: str, master_address: str, master_port: int,
                                         rank_offset: int, world_size: int, group_name: str, backend: str = "nccl",

@@ -44,11 +44,9 @@ def _result(ok: bool, message: str, **extra: Any) -> web.Response:
 class EngineServer:
     """The aiohttp application of one engine. ``info`` goes into /get_server_info."""
 
-    def __init__(self, engine: LLMEngine, api_key: Optional[str] = None, served_model_name: str = "",
-                 info: Optional[Dict[str, Any]] = None):
+    def __init__(self, engine: LLMEngine, api_key: Optional[str] = None, info: Optional[Dict[str, Any]] = None):
         self.engine, self.runner, self.api_key = engine, engine.runner, api_key or None
-        self.model_path = self.runner.model_path
-        self.served_model_name = served_model_name or self.model_path
+        self.model_path = self.served_model_name = self.runner.model_path
         self.info, self.started = dict(info or {}), time.time()
         self.groups: Dict[str, Any] = {}
         self._update_lock = asyncio.Lock()  # one update from disk at a time
@@ -257,7 +255,7 @@ class EngineServer:
         if "new_version" not in body:
             raise RequestError("missing field: new_version")
         new, abort = str(body["new_version"]), bool(body.get("abort_all_requests"))
-        await self._on_loop(lambda: self.engine.set_version(new, abort, "weight version update"))
+        await self._on_loop(lambda: self.engine.set_version(new, abort))
         return _result(True, f"Weight version updated to {new}", new_version=new)
 
     # ------------------------------------------------------------------ weights
@@ -344,7 +342,7 @@ class EngineServer:
             specs = [(n, torch_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
         except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
             raise RequestError(str(e)) from None
-        problems = [p for p in self.runner.check_weights((n, s) for n, _, s in specs) if "missing" not in p]
+        problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
         if problems:
             raise RequestError("; ".join(problems[:5]))
         import torch.distributed.distributed_c10d as dist_c10d
@@ -358,8 +356,8 @@ class EngineServer:
                 self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
                     dist_c10d._abort_process_group(pg)
-                log.error("%s; group %s is dropped", self.engine.tear(f"a weight broadcast in group {group} failed: "
-                                                                      f"{e}"), group)
+                why = self.engine.tear(f"a weight broadcast in group {group} failed: {e}")
+                log.error("%s; group %s is dropped", why, group)
                 raise
             self.engine.renew((name, shape) for name, _, shape in specs)
             self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))

@@ -156,9 +156,8 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     params, ns, interval, skip_special = [], set(), 1, True
     for sp in sps:
         if isinstance(sp, dict):
-            sp = dict(sp)
-            ns.add(_positive_int(sp.pop("n", None), "n"))
-            interval = _positive_int(sp.pop("stream_interval", None), "stream_interval")
+            ns.add(_positive_int(sp, "n"))
+            interval = _positive_int(sp, "stream_interval")
             skip_special = sp.get("skip_special_tokens", True) is not False
         params.append(engine_sampling_params(sp))
     if len(ns) > 1:
@@ -242,9 +241,8 @@ def _number(d: Mapping[str, Any], key: str, default: Any) -> Any:
     return type(default)(v)
 
 
-def _positive_int(v: Any, key: str) -> int:
-    if v is None:
-        return 1
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+def _positive_int(d: Mapping[str, Any], key: str) -> int:
+    v = _number(d, key, 1)
+    if v < 1:
         raise RequestError(f"sampling_params.{key} must be an integer >= 1, got {v!r}")
     return v

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import aiohttp
 
@@ -36,17 +36,17 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _STOPPED = object()
 
 
-async def _in_daemon_thread(fn, *args: Any, **kwargs: Any) -> Any:
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     """``asyncio.to_thread`` in a daemon thread: a model load under way does not hold up a signalled server's exit
     (``asyncio.run``, and then the interpreter, wait for the default executor's threads)."""
     fut: concurrent.futures.Future = concurrent.futures.Future()
 
     def work() -> None:
         try:
-            fut.set_result(fn(*args, **kwargs))
+            fut.set_result(fn())
         except BaseException as e:
             fut.set_exception(e)
-    threading.Thread(target=work, name=f"load-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    threading.Thread(target=work, name="hf-load", daemon=True).start()
     return await asyncio.wrap_future(fut)
 
 
@@ -185,12 +185,11 @@ class ServerLifecycle:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._register()  # visible as "starting" while the model loads
-        device = await _in_daemon_thread(self._hf_device)
-        runner = await _in_daemon_thread(
-            ModelRunner, self.model_path, dtype=self.cfg.dtype, device=device,
+        runner = await _in_daemon_thread(lambda: ModelRunner(
+            self.model_path, dtype=self.cfg.dtype, device=self._hf_device(),
             max_running=self.cfg.max_running_requests, context_length=self.cfg.context_length,
             mem_fraction_static=self.cfg.mem_fraction_static, cuda_graph=self.cfg.cuda_graph,
-            seed=self.cfg.random_seed)
+            seed=self.cfg.random_seed))
         self.engine = LLMEngine(runner, weight_version=str(self.weight_version)).start()
         info = {"server_id": self.server_id, **dataclasses.asdict(self.cfg),
                 # where this process runs: `areal-hpc stop --external` of a run it is attached to uses it
@@ -300,11 +299,9 @@ class ServerLifecycle:
         log.info("server %s exits with %d", self.server_id, code)
         return code
 
-    def _sglang_log_tail(self, n: int = 40) -> str:
+    def _sglang_log_tail(self) -> str:
         tail = self._sglang.log_tail() if self._sglang is not None else ""
-        if not tail:
-            return ""
-        return f"; last lines of {self._sglang.log_path}:\n" + "\n".join(tail.splitlines()[-n:])
+        return tail and f"; last lines of {self._sglang.log_path}:\n" + "\n".join(tail.splitlines()[-40:])
 
     def _sglang_lost_port_race(self) -> bool:
         """SGLang exited because another process took the port we picked for it."""

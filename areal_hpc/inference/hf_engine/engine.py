@@ -61,10 +61,9 @@ class Scheduler:
                 continue
             last = self.running.pop()
             if last is not seq:
-                dst = seq.slot
-                moves.append((last.slot, dst, last.num_tokens))
-                last.slot = dst
-                self.running[dst] = last
+                moves.append((last.slot, seq.slot, last.num_tokens))
+                last.slot = seq.slot
+                self.running[seq.slot] = last
             seq.slot = -1
         return moves
 
@@ -173,11 +172,11 @@ class LLMEngine:
             if not self.runner.check_weights(self._renewed.items()):
                 self.refusal = None
 
-    def set_version(self, version: Optional[Any] = None, abort_all: bool = False, why: str = "weight update") -> None:
+    def set_version(self, version: Optional[Any] = None, abort_all: bool = False) -> None:
         """On the loop thread (`call`): the new weight version (the next one when None), after
         aborting every request when ``abort_all``."""
         if abort_all:
-            self._abort(None, f"aborted for a {why}")
+            self._abort(None, "aborted for a weight update")
         if version is not None:
             self.weight_version = str(version)
         else:

@@ -275,8 +275,8 @@ class ModelRunner:
             self.kv.reset()
 
     # ------------------------------------------------------------------ weights
-    def check_weights(self, names_shapes: Iterable[Tuple[str, Tuple[int, ...]]]) -> List[str]:
-        """Problems that would make loading these tensors fail or leave the model partial."""
+    def check_weights(self, names_shapes: Iterable[Tuple[str, Tuple[int, ...]]], whole: bool = True) -> List[str]:
+        """Problems that would make loading these tensors fail, or (``whole``) leave the model partial."""
         problems: List[str] = []
         seen = set()
         for name, shape in names_shapes:
@@ -288,7 +288,7 @@ class ModelRunner:
                 problems.append(f"{name}: shape {tuple(shape)} != model's {tuple(p.shape)}")
             seen.add(id(p))
         missing = sorted({n for n, p in self._params.items() if id(p) not in seen})
-        if missing:
+        if missing and whole:
             problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         return problems
 
