@@ -230,3 +230,31 @@ def test_after_a_failed_broadcast_nothing_is_generated_until_every_tensor_is_new
                 assert await generates()
 
     asyncio.run(go())
+
+
+def test_a_bad_shard_leaves_the_old_weights_whole_and_served(engine, tmp_path):
+    """Every shard of a checkpoint is read before anything is copied: a corrupt one fails the load (success false) with
+    the model untouched, so the server goes on serving (only a copy that fails part way refuses, see `LLMEngine.tear`)."""
+    import aiohttp
+    from transformers import AutoModelForCausalLM
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    AutoModelForCausalLM.from_pretrained(engine.runner.model_path).save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2
+    shards[-1].write_bytes(b"not a safetensors file")
+    gen = {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
+
+    async def go():
+        async with engine_app(EngineServer(engine)) as url, aiohttp.ClientSession() as s:
+            async with s.post(url + "/generate", json=gen) as r:
+                before = (await r.json())["output_ids"]
+            async with s.post(url + "/update_weights_from_disk", json={"model_path": str(tmp_path)}) as r:
+                body = await r.json()
+                assert r.status == 400 and not body["success"] and "failed to load" in body["message"], body
+            async with s.post(url + "/generate", json=gen) as r:
+                assert r.status == 200 and (await r.json())["output_ids"] == before
+
+    asyncio.run(go())
+    assert engine.refusal is None
