@@ -463,3 +463,28 @@ def test_stop_finishes_what_a_long_step_kept_from_its_abort(engine, monkeypatch)
     assert not engine.alive
     for seq in (running, waiting):
         assert seq.finished and seq.finish_reason["type"] == "abort", seq.finish_reason
+
+
+# fix11-I
+def test_work_sent_while_the_loop_exits_fails_instead_of_hanging(model_path):
+    """A `submit` or `call` that comes after the loop's last look at its queues, while its thread still runs (here:
+    held there), must be answered at once: nothing would ever take it, and its caller would wait for good."""
+    exited, release = threading.Event(), threading.Event()
+
+    class ExitsSlowly(LLMEngine):
+        def _run(self):
+            super()._run()
+            exited.set()
+            release.wait(30)
+
+    eng = ExitsSlowly(ModelRunner(model_path, max_running=4)).start()
+    eng.stop(timeout=0)
+    assert exited.wait(10) and eng.alive
+    late = Sequence([3, 4], SamplingParams(max_new_tokens=2))
+    eng.submit(late)
+    command = eng.call(lambda: "ran")
+    release.set()
+    eng._thread.join(10)
+    assert late.finished and late.finish_reason["status_code"] == 503
+    with pytest.raises(RuntimeError, match="not running"):
+        command.result(0)

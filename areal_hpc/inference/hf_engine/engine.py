@@ -81,12 +81,14 @@ class LLMEngine:
         self._inbox: Deque[Sequence] = deque()
         self._commands: Deque[Tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._wake, self._stopping = threading.Event(), False
+        self._door, self._open = threading.Lock(), False  # open: the loop will take what `_enqueue` appends
         self._thread: Optional[threading.Thread] = None
         self.stats: Dict[str, float] = {"prefill_steps": 0, "decode_steps": 0, "generated_tokens": 0,
                                         "finished_requests": 0, "aborted_requests": 0, "step_errors": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "LLMEngine":
+        self._open = True
         self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
         self._thread.start()
         return self
@@ -104,10 +106,17 @@ class LLMEngine:
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ thread-safe API
+    def _enqueue(self, queue: Deque, item: Any) -> bool:
+        """Append ``item`` for the loop and wake it; False once the loop has ended (or never started): a caller that
+        checked `alive` first could append just after the loop's last look at its queues, and wait for good."""
+        with self._door:
+            if not self._open:
+                return False
+            queue.append(item)
+        self._wake.set()
+        return True
+
     def submit(self, seq: Sequence) -> None:
-        if not self.alive:
-            seq.finish({"type": "abort", "status_code": 503, "message": "engine is not running"})
-            return
         if seq.params.max_new_tokens == 0:
             seq.finish({"type": "length", "length": 0})
             return
@@ -116,17 +125,14 @@ class LLMEngine:
                         "message": f"input of {seq.num_tokens} tokens does not fit the context length "
                                    f"{self.runner.context_length}"})
             return
-        self._inbox.append(seq)
-        self._wake.set()
+        if not self._enqueue(self._inbox, seq):
+            seq.finish({"type": "abort", "status_code": 503, "message": "engine is not running"})
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the loop thread between two steps."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if not self.alive:
+        if not self._enqueue(self._commands, (fn, fut)):
             fut.set_exception(RuntimeError("engine is not running"))
-            return fut
-        self._commands.append((fn, fut))
-        self._wake.set()
         return fut
 
     def pause(self, mode: str = "abort") -> concurrent.futures.Future:
@@ -257,13 +263,13 @@ class LLMEngine:
             with contextlib.suppress(BaseException):
                 self._abort(None, f"engine died: {type(e).__name__}: {e}")
         finally:
+            with self._door:  # nothing is queued from now on: what is queued now is all there is to fail
+                self._open = False
             with contextlib.suppress(BaseException):  # a stop (after a crash: nothing is left)
                 self._abort(None, "server shutting down")
             for _, fut in list(self._commands):
                 if not fut.done():
                     fut.set_exception(RuntimeError("engine stopped"))
-            while self._inbox:  # submitted after that abort: nobody will run them
-                self._inbox.popleft().finish({"type": "abort", "status_code": 503, "message": "engine stopped"})
 
     def _step(self) -> None:
         kind, seqs = self.scheduler.schedule()
