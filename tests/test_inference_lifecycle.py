@@ -258,3 +258,17 @@ def test_a_bad_shard_leaves_the_old_weights_whole_and_served(engine, tmp_path):
 
     asyncio.run(go())
     assert engine.refusal is None
+
+
+# fix11-I
+def test_a_corrupt_shard_is_named_in_the_load_error(engine, tmp_path):
+    """safetensors' error says only what is wrong ("header too large"); the operator must learn which file it is."""
+    from transformers import AutoModelForCausalLM
+
+    from areal_hpc.inference.hf_engine.model_runner import read_checkpoint
+
+    AutoModelForCausalLM.from_pretrained(engine.runner.model_path).save_pretrained(tmp_path, max_shard_size="200KB")
+    bad = sorted(tmp_path.glob("*.safetensors"))[1]
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception, match=bad.name):
+        read_checkpoint(tmp_path)

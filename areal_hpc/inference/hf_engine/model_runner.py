@@ -65,7 +65,10 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no *.safetensors files in {str(p)!r}")
     out: Dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(str(f), device="cpu"))
+        try:
+            out.update(load_file(str(f), device="cpu"))
+        except Exception as e:  # safetensors' own errors do not say which file
+            raise ValueError(f"{f}: {e}") from e
     return out
 
 
