@@ -99,6 +99,10 @@ class _Server:
 
 
 class ServerPool:
+    # a frozen server must not stall the trainer for request_timeout_s (an hour: a generation's bound); a server loads
+    # the same weights at its start within launcher.server_startup_timeout_s, 900 s by default
+    disk_load_timeout_s = 900.0
+
     def __init__(self, registry=None, api_key: Optional[str] = None, refresh_s: float = 2.0, *,
                  request_timeout_s: Optional[float] = 3600.0):
         self.registry = registry
@@ -398,10 +402,11 @@ class ServerPool:
     async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,
                                        timeout_s: Optional[float] = None, server_ids: Optional[Iterable[str]] = None
                                        ) -> Dict[str, CallResult]:
-        """``timeout_s`` None: the pool's ``request_timeout_s`` (a server on a node that froze never answers)."""
+        """``timeout_s`` None: `disk_load_timeout_s`, or ``request_timeout_s`` when shorter (a server on a node that
+        froze never answers)."""
         body = api.update_from_disk_body(path, version, abort_all_requests)
-        return await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body,
-                                   timeout_s=timeout_s or self.request_timeout_s, server_ids=server_ids)
+        bound = timeout_s or min(self.disk_load_timeout_s, self.request_timeout_s or self.disk_load_timeout_s)
+        return await self.call_all(*api.UPDATE_WEIGHTS_FROM_DISK, body, timeout_s=bound, server_ids=server_ids)
 
     async def init_weights_update_group(self, server_id: str, master_address: str, master_port: int,
                                         rank_offset: int, world_size: int, group_name: str, backend: str = "nccl",
