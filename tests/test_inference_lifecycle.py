@@ -272,3 +272,133 @@ def test_a_corrupt_shard_is_named_in_the_load_error(engine, tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(Exception, match=bad.name):
         read_checkpoint(tmp_path)
+
+
+_TRAINER = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group
+    model_path, port, group, names = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    sys.stdin.readline()  # join
+    pg = init_custom_process_group("gloo", f"tcp://127.0.0.1:{port}", 2, 0, group, 60)
+    sys.stdin.readline()  # broadcast the model's own tensors (the server's weights stay as they are)
+    params = dict(AutoModelForCausalLM.from_pretrained(model_path).named_parameters())
+    for name in names:
+        dist.broadcast(params[name].detach().contiguous(), src=0, group=pg)
+    sys.stdin.readline()
+""")
+
+
+def _start_trainer(engine, group: str, names) -> "tuple[subprocess.Popen, int]":
+    """A trainer process (rank 0 of ``group``) that joins at its first line on stdin and broadcasts ``names`` at its
+    second."""
+    import json
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-c", _TRAINER, engine.runner.model_path, str(port), group, json.dumps(names)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo")), port
+
+
+def _init_body(port: int, group: str) -> dict:
+    return {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+            "backend": "gloo", "group_name": group, "timeout": 60}
+
+
+# fix11-I
+def test_a_group_whose_init_request_was_cancelled_is_kept_not_leaked(engine):
+    """The trainer's /init_weights_update_group gives up (its client went away) while the server waits in the
+    rendezvous: the group the server joins after must still be known to it (the next init or destroy frees it), not
+    dropped with the cancelled handler while its communicator lives on."""
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+    server.groups["stale"] = object()  # dropped by the init: a sign that it is under way
+    trainer, port = _start_trainer(engine, "cancelled", [])
+
+    async def go():
+        async with engine_app(server) as url:
+            async with aiohttp.ClientSession() as s:
+                init = asyncio.create_task(s.post(url + "/init_weights_update_group", json=_init_body(port, "cancelled")))
+                while "stale" in server.groups:
+                    await asyncio.sleep(0.02)
+                init.cancel()
+            await asyncio.sleep(0.5)  # the server sees its client gone and cancels the handler
+            trainer.stdin.write("join\n")
+            trainer.stdin.flush()
+            await asyncio.to_thread(wait_until, lambda: "cancelled" in server.groups, 60, "the group to be kept")
+            async with aiohttp.ClientSession() as s:
+                async with s.post(url + "/destroy_weights_update_group", json={"group_name": "cancelled"}) as r:
+                    assert r.status == 200, await r.text()
+
+    try:
+        asyncio.run(go())
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+# fix11-I
+def test_a_group_is_destroyed_only_after_the_broadcast_running_on_it(engine, monkeypatch):
+    """/destroy_weights_update_group while the engine thread receives a broadcast on that group: the destroy waits for
+    it (both run on the engine thread, in order). With NCCL a destroy aborts the communicator under the broadcast,
+    which fails part way and tears the model; gloo goes on regardless, so this watches the order."""
+    import threading
+
+    import aiohttp
+    import torch.distributed as dist
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server, runner = EngineServer(engine), engine.runner
+    params = list(runner._params.items())[:3]
+    bucket = {"names": [n for n, _ in params], "dtypes": [str(p.dtype).replace("torch.", "") for _, p in params],
+              "shapes": [list(p.shape) for _, p in params], "group_name": "busy", "weight_version": "0"}
+    receiving, receive, destroy_group = threading.Event(), runner.load_broadcast, dist.destroy_process_group
+    destroyed_while_receiving = []
+
+    def load_broadcast(*args):
+        receiving.set()
+        try:
+            return receive(*args)
+        finally:
+            receiving.clear()
+
+    def destroy_process_group(pg):
+        destroyed_while_receiving.append(receiving.is_set())
+        destroy_group(pg)
+
+    monkeypatch.setattr(runner, "load_broadcast", load_broadcast)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy_process_group)
+    trainer, port = _start_trainer(engine, "busy", bucket["names"])
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, await r.json()
+
+            trainer.stdin.write("join\n")
+            trainer.stdin.flush()
+            assert (await post("/init_weights_update_group", _init_body(port, "busy")))[0] == 200
+            update = asyncio.create_task(post("/update_weights_from_distributed", bucket))
+            assert await asyncio.to_thread(receiving.wait, 60)
+            destroy = asyncio.create_task(post("/destroy_weights_update_group", {"group_name": "busy"}))
+            while not (destroyed_while_receiving or engine._commands):  # destroyed, or queued behind the broadcast
+                await asyncio.sleep(0.02)
+            trainer.stdin.write("broadcast\n")
+            trainer.stdin.flush()
+            status, body = await update
+            assert status == 200 and body["success"], body
+            assert (await destroy)[0] == 200
+
+    try:
+        asyncio.run(go())
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert destroyed_while_receiving == [False]

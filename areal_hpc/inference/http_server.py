@@ -295,25 +295,23 @@ class EngineServer:
         device = self.runner.device
         if backend == "nccl" and device.type != "cuda":
             raise RequestError("backend nccl needs a CUDA device; this server runs on CPU (use gloo)")
-        import torch.distributed as dist
-
         # A server takes weights from its run's one trainer, which forms its group anew (under a new name) when it
         # restarts or its servers change: the groups before are dead, and with NCCL each keeps its communicator's memory
         stale, self.groups = list(self.groups.values()), {}
         for old in stale:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(dist.destroy_process_group, old)
+                await self._destroy(old)
 
-        def init():
+        def init() -> None:  # the group is kept here, not by the handler: a cancelled handler would leak it
             if device.type == "cuda":
                 import torch
 
                 torch.cuda.set_device(device)
-            return init_custom_process_group(backend, f"tcp://{addr}:{port}", world_size, rank_offset, group,
-                                             float(body.get("timeout", 1800)))
+            self.groups[group] = init_custom_process_group(backend, f"tcp://{addr}:{port}", world_size, rank_offset,
+                                                           group, float(body.get("timeout", 1800)))
 
         try:
-            self.groups[group] = await asyncio.to_thread(init)
+            await asyncio.to_thread(init)
         except Exception as e:
             return _result(False, f"failed to init group {group}: {e}")
         return _result(True, f"Initialized weight update group {group} (rank {rank_offset} of {world_size})")
@@ -323,10 +321,16 @@ class EngineServer:
         pg = self.groups.pop(group, None)
         if pg is None:
             return _result(False, f"no group {group}")
+        await self._destroy(pg)
+        return _result(True, f"destroyed {group}")
+
+    async def _destroy(self, pg: Any) -> None:
+        """Destroy ``pg`` on the engine thread, so after the broadcasts on it that are running or queued there (a
+        broadcast's handler queues it without a pause after taking its group): destroyed under one, it would fail part
+        way and tear the model. Waiting, not refusing: SGLang's scheduler runs these requests in order too."""
         import torch.distributed as dist
 
-        await asyncio.to_thread(dist.destroy_process_group, pg)
-        return _result(True, f"destroyed {group}")
+        await self._on_loop(lambda: dist.destroy_process_group(pg))
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         body = await read_json(request)
