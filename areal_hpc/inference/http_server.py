@@ -355,7 +355,7 @@ class EngineServer:
 
         def receive() -> int:
             try:
-                n = self.runner.load_broadcast(specs, pg, gone.is_set)
+                self.runner.load_broadcast(specs, pg, gone.is_set)
             except Exception as e:  # its communicator is broken: later updates need a new group
                 self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
@@ -365,7 +365,7 @@ class EngineServer:
                 raise
             self.engine.renew((name, shape) for name, _, shape in specs)
             self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
-            return n
+            return len(specs)
 
         try:
             n = await self._on_loop(receive)

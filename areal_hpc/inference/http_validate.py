@@ -180,8 +180,7 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
 def engine_sampling_params(d: Any) -> SamplingParams:
     """The engine's `SamplingParams` from a request's ``sampling_params`` (``n`` and ``stream_interval`` aside).
     Every field of `SamplingParams` must be read here (a test checks it): a supported key is never ignored."""
-    if d is None:
-        d = {}
+    d = {} if d is None else d
     if not isinstance(d, dict):
         raise RequestError("sampling_params must be an object")
     for k, v in d.items():

@@ -152,13 +152,13 @@ class LLMEngine:
         def swap() -> Dict[str, Any]:
             n_aborted = self._abort(None, "aborted for a weight update") if abort_all else 0
             try:
-                n = self.runner.load_weights(tensors)
+                self.runner.load_weights(tensors)
             except Exception as e:
                 log.error("%s", self.tear(f"a weight update failed part way: {type(e).__name__}: {e}"))
                 raise
             self.renew((name, t.shape) for name, t in tensors)
             self.set_version(version)
-            return {"num_tensors": n, "num_paused_requests": n_aborted, "weight_version": self.weight_version}
+            return {"num_tensors": len(tensors), "num_paused_requests": n_aborted, "weight_version": self.weight_version}
 
         return self.call(swap)
 

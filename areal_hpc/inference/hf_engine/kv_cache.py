@@ -91,13 +91,9 @@ class KVCache:
         if rows > self.max_rows or cols > self.max_cols:
             raise RuntimeError(f"KV cache request ({rows} rows x {cols} tokens) exceeds its capacity "
                                f"({self.max_rows} x {self.max_cols})")
-        new_rows = self.rows
-        while new_rows < rows:
-            new_rows = min(self.max_rows, max(1, new_rows * 2))
-        new_cols = self.cols
-        while new_cols < cols:
-            new_cols = min(self.max_cols, max(16, new_cols * 2))
-        self._alloc(new_rows, new_cols)
+        # sizes stay powers of two (or the capacity): the next one up, never below the current one
+        self._alloc(max(self.rows, min(self.max_rows, 1 << (rows - 1).bit_length())),
+                    max(self.cols, min(self.max_cols, max(16, 1 << (cols - 1).bit_length()))))
 
     def reset(self) -> None:
         """Drop everything and shrink back to the initial size (when idle)."""

@@ -54,13 +54,11 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
         files = [p]
-    elif not p.is_dir():
-        raise FileNotFoundError(f"model path {str(p)!r} is not a directory")
     elif (p / "model.safetensors.index.json").exists():
         index = json.loads((p / "model.safetensors.index.json").read_text())
         files = [p / s for s in sorted(set(index["weight_map"].values()))]
     else:
-        files = sorted(p.glob("*.safetensors"))
+        files = sorted(p.glob("*.safetensors"))  # none where there is no directory
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {str(p)!r}")
     out: Dict[str, torch.Tensor] = {}
@@ -95,8 +93,6 @@ def new_process_group(store, rank: int, world_size: int, group_name: str, backen
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     timeout = timedelta(seconds=timeout_s)
-    params = inspect.signature(_new_process_group_helper).parameters
-    opts_key = "backend_options" if "backend_options" in params else "pg_options"  # renamed in torch 2.6
     # The default group's bound device (a trainer's) is hidden meanwhile: with one, torch makes a new NCCL group by
     # splitting the default communicator, a collective the servers and the other trainer ranks never join (rank 0
     # hangs). Unbound, the group bootstraps through its own store.
@@ -106,7 +102,7 @@ def new_process_group(store, rank: int, world_size: int, group_name: str, backen
         default.bound_device_id = None
     try:
         pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
-                                          group_name=group_name, timeout=timeout, **{opts_key: None})
+                                          group_name=group_name, timeout=timeout, backend_options=None)
     finally:
         if bound is not None:
             default.bound_device_id = bound
@@ -243,13 +239,9 @@ class ModelRunner:
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
         """One token for every running sequence (rows ``0 .. n``); returns logits [n, vocab]."""
         n = len(seqs)
-        width = 0
-        toks, pos = [], []
-        for s in seqs:
-            t = s.num_tokens
-            width = t if t > width else width
-            toks.append(s.output_ids[-1] if s.output_ids else s.prompt_ids[-1])
-            pos.append(t - 1)
+        toks = [s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in seqs]
+        pos = [s.num_tokens - 1 for s in seqs]
+        width = max(pos) + 1
         if self.static is not None:
             return self.static.run(n, width, toks, pos)
         self.kv.ensure(n, width)
@@ -263,10 +255,9 @@ class ModelRunner:
         mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         return self._logits(self._forward(ids, mask, pos[:, None])[:, -1])
 
+    @torch.inference_mode()
     def move_rows(self, moves: Seq[Tuple[int, int, int]]) -> None:
-        if moves:
-            with torch.inference_mode():
-                self.kv.move_rows(moves)
+        self.kv.move_rows(moves)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -296,21 +287,18 @@ class ModelRunner:
         return problems
 
     @torch.inference_mode()
-    def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
-        """Copy tensors into the parameters in place (CUDA graphs stay valid). Returns the count."""
-        n = 0
+    def load_weights(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors into the parameters in place (CUDA graphs stay valid)."""
         for name, t in tensors:
             self._params[name].copy_(t, non_blocking=True)
-            n += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return n
 
     @torch.inference_mode()
     def load_broadcast(self, specs: Seq[Tuple[str, torch.dtype, Tuple[int, ...]]], group,
-                       gone: Callable[[], bool] = lambda: False) -> int:
+                       gone: Callable[[], bool] = lambda: False) -> None:
         """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``
-        into the parameters (in place, as `load_weights`). Returns the count. Raises `ConnectionAbortedError` once
+        into the parameters (in place, as `load_weights`). Raises `ConnectionAbortedError` once
         ``gone()`` says the sender went away: its broadcast would otherwise be waited for until the group's timeout."""
         import torch.distributed as dist
 
@@ -332,7 +320,6 @@ class ModelRunner:
                 param.copy_(buf)
         for work in works:  # the ops of one group complete in order: one wait for the whole bucket
             finish(work)
-        return len(specs)
 
 
 # ---------------------------------------------------------------------- static decode, CUDA graphs
