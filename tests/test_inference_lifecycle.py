@@ -234,7 +234,7 @@ def test_after_a_failed_broadcast_nothing_is_generated_until_every_tensor_is_new
 
 def test_a_bad_shard_leaves_the_old_weights_whole_and_served(engine, tmp_path):
     """Every shard of a checkpoint is read before anything is copied: a corrupt one fails the load (success false) with
-    the model untouched, so the server goes on serving (only a copy that fails part way refuses, see `LLMEngine.tear`)."""
+    the model untouched, so the server goes on serving (only a copy that fails part way refuses, `LLMEngine.tear`)."""
     import aiohttp
     from transformers import AutoModelForCausalLM
 
@@ -323,7 +323,8 @@ def test_a_group_whose_init_request_was_cancelled_is_kept_not_leaked(engine):
     async def go():
         async with engine_app(server) as url:
             async with aiohttp.ClientSession() as s:
-                init = asyncio.create_task(s.post(url + "/init_weights_update_group", json=_init_body(port, "cancelled")))
+                body = _init_body(port, "cancelled")
+                init = asyncio.create_task(s.post(url + "/init_weights_update_group", json=body))
                 while "stale" in server.groups:
                     await asyncio.sleep(0.02)
                 init.cancel()

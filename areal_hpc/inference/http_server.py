@@ -325,9 +325,8 @@ class EngineServer:
         return _result(True, f"destroyed {group}")
 
     async def _destroy(self, pg: Any) -> None:
-        """Destroy ``pg`` on the engine thread, so after the broadcasts on it that are running or queued there (a
-        broadcast's handler queues it without a pause after taking its group): destroyed under one, it would fail part
-        way and tear the model. Waiting, not refusing: SGLang's scheduler runs these requests in order too."""
+        """On the engine thread, after the broadcasts queued there (destroyed under one, an NCCL group aborts it part
+        way and tears the model). Waiting, not refusing: SGLang's scheduler runs these requests in order too."""
         import torch.distributed as dist
 
         await self._on_loop(lambda: dist.destroy_process_group(pg))
@@ -353,7 +352,7 @@ class EngineServer:
 
         gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come
 
-        def receive() -> int:
+        def receive() -> None:
             try:
                 self.runner.load_broadcast(specs, pg, gone.is_set)
             except Exception as e:  # its communicator is broken: later updates need a new group
@@ -365,16 +364,15 @@ class EngineServer:
                 raise
             self.engine.renew((name, shape) for name, _, shape in specs)
             self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
-            return len(specs)
 
         try:
-            n = await self._on_loop(receive)
+            await self._on_loop(receive)
         except asyncio.CancelledError:
             gone.set()
             raise
         except Exception as e:
             return _result(False, f"broadcast failed: {e}")
-        return _result(True, f"Updated {n} tensors; weight version {self.engine.weight_version}")
+        return _result(True, f"Updated {len(specs)} tensors; weight version {self.engine.weight_version}")
 
     # ------------------------------------------------------------------ info
     async def health(self, request: web.Request) -> web.Response:

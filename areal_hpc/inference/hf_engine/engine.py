@@ -158,7 +158,8 @@ class LLMEngine:
                 raise
             self.renew((name, t.shape) for name, t in tensors)
             self.set_version(version)
-            return {"num_tensors": len(tensors), "num_paused_requests": n_aborted, "weight_version": self.weight_version}
+            return {"num_tensors": len(tensors), "num_paused_requests": n_aborted,
+                    "weight_version": self.weight_version}
 
         return self.call(swap)
 
@@ -215,7 +216,6 @@ class LLMEngine:
         return len(running) + len(waiting)
 
     def _pause(self, mode: str) -> int:
-        self._drain_inbox()
         self.paused = True
         if mode == "in_place":
             return 0
