@@ -92,6 +92,7 @@ BAD_OVERRIDES = [
     (["server.context_length=0"], "server.context_length"),
     (["rollout.gen.top_k=0"], "rollout.gen.top_k"),
     (["rollout.gen.stop_token_ids=[5, -1]"], "rollout.gen.stop_token_ids[1]"),
+    (["rollout.gen.stop_token_ids=[5, eos]"], "rollout.gen.stop_token_ids[1]"),  # each item of a list checked
     (["trainer.ppo.actor.optimizer.beta2=1"], "trainer.ppo.actor.optimizer.beta2"),
     (["trainer.ppo.actor.optimizer.eps=0"], "trainer.ppo.actor.optimizer.eps"),
     (["trainer.ppo.behav_imp_weight_cap=0.5"], "trainer.ppo.behav_imp_weight_cap"),
@@ -125,6 +126,7 @@ BAD_YAML = [
     (f"trial_name: {LONG}\n", "trial_name"),
     ("cluster:\n  setup_commands: [\"module load x\\nrm -rf ~\"]\n", "cluster.setup_commands[0]"),
     ("cluster:\n  time: .nan\n", "cluster.time"),
+    ("rollout:\n  gen:\n    stop_token_ids: [2, eos]\n", "rollout.gen.stop_token_ids[1]"),
     ("trainer:\n  ppo:\n    actor:\n      optimizer:\n        lr: .nan\n", "trainer.ppo.actor.optimizer.lr"),
 ]
 

@@ -93,6 +93,14 @@ def test_words_name_the_file_and_layer_over_it(tmp_path):
         load_config(None, [str(f), "stray"])
 
 
+def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
+    """`valid_dataset.path=` (a shell cannot pass '""') drops the file's eval set; YAML would read it as null."""
+    f = tmp_path / "c.yaml"
+    f.write_text("valid_dataset:\n  path: /data/test.jsonl\ncluster:\n  partition: gpu\n")
+    c = load_config(str(f), ["valid_dataset.path=", "cluster.partition="])
+    assert c.valid_dataset.path == "" and c.cluster.partition is None
+
+
 def test_resolved_round_trip(tmp_path):
     c = load_config(None, ["trainer.ppo.c_clip=null", "server.sglang_args.x=1", "rollout.gen.stop_token_ids=[1,2]"])
     p = tmp_path / "config.yaml"

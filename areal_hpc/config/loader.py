@@ -152,8 +152,9 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin is dict and isinstance(value, dict):
         return {**(old or {}), **value}  # a mapping adds to (or overrides entries of) what is there
-    if origin is list and isinstance(value, list):
-        return list(value)
+    if origin is list and isinstance(value, list):  # each item checked: `stop_token_ids: [a]` is no list of ints
+        (item,) = typing.get_args(inner)
+        return [_value(f"{key}[{i}]", item, v, None) for i, v in enumerate(value)]
     if (inner is bool and isinstance(value, bool)) or (inner is int and number and isinstance(value, int)):
         return value
     if inner is float and number:
@@ -289,6 +290,8 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             try:
                 value = yaml.load(raw, Loader=_Loader)
             except yaml.YAMLError:
+                value = raw
+            if raw == "" and leaves[key] is str:  # `valid_dataset.path=` empties a string (YAML reads null)
                 value = raw
             if origin is list and not isinstance(value, list):
                 value = [] if raw == "" else [value]
