@@ -102,7 +102,8 @@ def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
 
 
 def test_resolved_round_trip(tmp_path):
-    c = load_config(None, ["trainer.ppo.c_clip=null", "server.sglang_args.x=1", "rollout.gen.stop_token_ids=[1,2]"])
+    c = load_config(None, ["trainer.ppo.c_clip=null", "server.sglang_args.x=1", "rollout.gen.stop_token_ids=[1,2]",
+                           "trial_name=1e-5"])  # a string that reads as a number unquoted
     p = tmp_path / "config.yaml"
     p.write_text(dump_yaml(c))
     assert load_resolved(p) == c

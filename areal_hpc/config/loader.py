@@ -80,10 +80,17 @@ def _no_sexagesimal(kind):
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _no_sexagesimal("int"))
 _Loader.add_constructor("tag:yaml.org,2002:float", _no_sexagesimal("float"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings `_Loader` would read as numbers: `trial_name=1e-5` reads back from the run dir as written."""
+
+
 # `lr: 1e-5` is a float (YAML 1.2, and what everyone means); YAML 1.1 wants a dot and reads a string
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-                              list("-+0123456789."))
+for _yaml in (_Loader, _Dumper):
+    _yaml.add_implicit_resolver("tag:yaml.org,2002:float",
+                                re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+                                list("-+0123456789."))
 
 
 def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
@@ -190,7 +197,7 @@ def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bo
 
 
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False)
+    return yaml.dump(dataclasses.asdict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
