@@ -101,6 +101,10 @@ BAD_OVERRIDES = [
     (["train_dataset.max_prompt_len=0"], "train_dataset.max_prompt_len"),
     (["launcher.server_startup_timeout_s=0"], "launcher.server_startup_timeout_s"),
     (["cluster.sbatch_args=[-x]"], "cluster.sbatch_args[0]"),
+    # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
+    (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
+    (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],
+     "trainer.sft.batch_size"),
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),
