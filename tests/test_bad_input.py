@@ -105,6 +105,9 @@ BAD_OVERRIDES = [
     (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
     (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],
      "trainer.sft.batch_size"),
+    # a name no registry knows (without trainer.plugins, which may add names)
+    (["rollout.reward_fn=exact_matc"], "rollout.reward_fn"),
+    (["rollout.workflow=rvlr"], "rollout.workflow"),
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

@@ -1,11 +1,14 @@
 """Config loading: sources in order, dotted overrides, types, unknown keys with hints."""
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_config, load_resolved, validate
+from areal_hpc.config.validate import BUILT_IN
 from areal_hpc.inference.client import RequestRejected
 from areal_hpc.rollout.data import DatasetError
 
@@ -99,6 +102,14 @@ def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
     f.write_text("valid_dataset:\n  path: /data/test.jsonl\ncluster:\n  partition: gpu\n")
     c = load_config(str(f), ["valid_dataset.path=", "cluster.partition="])
     assert c.valid_dataset.path == "" and c.cluster.partition is None
+
+
+def test_built_in_names_are_those_of_the_registries():
+    """`validate` checks names against copies (config imports nothing above it): they must be the registries' own."""
+    code = ("from areal_hpc import rollout; from areal_hpc.trainers import factory; print([sorted(t) for t in "
+            "(factory.known_types(), rollout.WORKFLOWS, rollout.REWARDS, rollout.ADAPTERS)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str([sorted(names) for names in BUILT_IN.values()])
 
 
 def test_resolved_round_trip(tmp_path):

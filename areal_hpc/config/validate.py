@@ -84,7 +84,10 @@ HINTS = {
     "trainer.ppo.behav_imp_weight_cap": "or null to disable",
 }
 
-DATASET_ADAPTERS = ("gsm8k",)  # the built-in adapters of rollout.adapters
+DATASET_ADAPTERS = ("gsm8k",)
+# Names a plugin (trainer.plugins) may add to; without one, the built-in names of the trainers' and rollout's registries.
+BUILT_IN = {"trainer.type": TRAINER_TYPES, "rollout.workflow": ("rlvr",), "rollout.reward_fn": ("exact_match", "math"),
+            "{ds}.adapter": DATASET_ADAPTERS}
 
 _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 # A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
@@ -345,8 +348,6 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     check_values(cfg)
     check_ranges(cfg)
     t, c, ppo = cfg.trainer.type, cfg.cluster, cfg.trainer.ppo
-    if t not in TRAINER_TYPES and not cfg.trainer.plugins:
-        check_choice("trainer.type", t, TRAINER_TYPES)
     plugins = []
     for p in cfg.trainer.plugins:
         if p.endswith(".py"):
@@ -356,9 +357,10 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             p = str(path)
         plugins.append(p)
     cfg.trainer.plugins = plugins
-    for key, ds in (("train_dataset", cfg.train_dataset), ("valid_dataset", cfg.valid_dataset)):
-        if ds.adapter and not cfg.trainer.plugins:  # a plugin may register more (rollout.adapters)
-            check_choice(f"{key}.adapter", ds.adapter, DATASET_ADAPTERS)
+    for pattern, names in ({} if plugins else BUILT_IN).items():
+        for key in _keys(pattern):
+            if get(cfg, key) or pattern != "{ds}.adapter":  # (no adapter: "")
+                check_choice(key, get(cfg, key), names)
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
     if not existing.is_dir() or not _writable(existing):
