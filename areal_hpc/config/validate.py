@@ -85,7 +85,7 @@ HINTS = {
 }
 
 DATASET_ADAPTERS = ("gsm8k",)
-# Names a plugin (trainer.plugins) may add to; without one, the built-in names of the trainers' and rollout's registries.
+# Names a plugin (trainer.plugins) may add to; without one, the built-in names of the trainer and rollout registries.
 BUILT_IN = {"trainer.type": TRAINER_TYPES, "rollout.workflow": ("rlvr",), "rollout.reward_fn": ("exact_match", "math"),
             "{ds}.adapter": DATASET_ADAPTERS}
 

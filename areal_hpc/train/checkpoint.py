@@ -28,7 +28,6 @@ from areal_hpc.train.publish import replace_dir
 log = logging.getLogger(__name__)
 
 
-
 def rng_state() -> Dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
