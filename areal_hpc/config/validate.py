@@ -390,11 +390,9 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         raise ConfigError("trainer.type", f"null (rollout/eval only) but allocation_mode gives the trainer "
                           f"{alloc.train.world_size} GPUs",
                           f"drop the trainer part: {cfg.allocation_mode.split('+')[0]}+eval")
-    # every trainer rank takes an equal share of each batch (whole groups for ppo)
-    key, size = ("trainer.sft.batch_size", cfg.trainer.sft.batch_size) if t == "sft" else ("rollout.batch_size",
-                                                                                          cfg.rollout.batch_size)
-    if t in ("ppo", "sft") and size % alloc.train.world_size:
-        raise ConfigError(key, f"{size} cannot be split evenly over {alloc.train.world_size} trainer ranks",
+    key = "trainer.sft.batch_size" if t == "sft" else "rollout.batch_size"
+    if t in ("ppo", "sft") and get(cfg, key) % alloc.train.world_size:  # each trainer rank takes an equal share
+        raise ConfigError(key, f"{get(cfg, key)} cannot be split evenly over {alloc.train.world_size} trainer ranks",
                           "make it a multiple of the trainer's d")
     if ppo.weight_update == "nccl" and c.n_gpus_per_node == 0:
         raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk or gloo on CPU-only runs")
