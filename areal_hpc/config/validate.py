@@ -166,10 +166,11 @@ def check_range(key: str, value: Any, interval: str, hint: str | None = None) ->
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
-    """`CHOICES`, `RANGES`, and the options and names that Slurm reads."""
-    for pattern, choices in CHOICES.items():
+    """`CHOICES`, `BUILT_IN` (without plugins), `RANGES`, and the options and names that Slurm reads."""
+    for pattern, choices in {**CHOICES, **({} if cfg.trainer.plugins else BUILT_IN)}.items():
         for key in _keys(pattern):
-            check_choice(key, get(cfg, key), choices)
+            if get(cfg, key) or pattern != "{ds}.adapter":  # (no adapter: "")
+                check_choice(key, get(cfg, key), choices)
     for interval, patterns in RANGES.items():
         for key in (k for pattern in patterns for k in _keys(pattern)):
             if get(cfg, key) is not None:
@@ -357,10 +358,6 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             p = str(path)
         plugins.append(p)
     cfg.trainer.plugins = plugins
-    for pattern, names in ({} if plugins else BUILT_IN).items():
-        for key in _keys(pattern):
-            if get(cfg, key) or pattern != "{ds}.adapter":  # (no adapter: "")
-                check_choice(key, get(cfg, key), names)
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
     if not existing.is_dir() or not _writable(existing):
