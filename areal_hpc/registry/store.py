@@ -119,7 +119,7 @@ class Registry:
         try:
             raw, mtime = _retry_estale(read)
             data = json.loads(raw)
-        except (FileNotFoundError, json.JSONDecodeError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, ValueError):  # ValueError: torn (not JSON, not even UTF-8)
             return None
         ttl = data.pop(_TTL_KEY, None)
         if live_only and ttl is not None and now - mtime > ttl:
