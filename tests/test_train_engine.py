@@ -369,7 +369,7 @@ def _group_timeout(rank, run_dir):
 
 
 def test_the_trainer_group_outlasts_the_longest_wait_of_rank_0(tmp_path):
-    """While rank 0 waits for servers or a batch (up to rollout.stall_timeout_s, an hour by default) the other ranks wait
-    in a collective: a process group timeout shorter than that (it was 30 minutes) killed the trainer (NCCL watchdog)
-    in a run whose batches were slow but within its configured bounds."""
+    """While rank 0 waits for servers or a batch (up to rollout.stall_timeout_s, an hour by default) the other ranks
+    wait in a collective: a process group timeout shorter than that (it was 30 minutes) killed the trainer (NCCL
+    watchdog) in a run whose batches were slow but within its configured bounds."""
     run_ranks(_group_timeout, 2, args=(str(tmp_path),))
