@@ -291,14 +291,11 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             raise ConfigError(key, f"given twice on the command line ({key}={given[key]} and {key}={raw})",
                               "keep one of them")
         given[key] = raw
-        parent = key.rpartition(".")[0]
         if key in leaves:
             origin = typing.get_origin(_strip_optional(leaves[key])[0])
-            try:
-                value = yaml.load(raw, Loader=_Loader)
+            try:  # `valid_dataset.path=` empties a string field (YAML reads null)
+                value = raw if raw == "" and leaves[key] is str else yaml.load(raw, Loader=_Loader)
             except yaml.YAMLError:
-                value = raw
-            if raw == "" and leaves[key] is str:  # `valid_dataset.path=` empties a string (YAML reads null)
                 value = raw
             if origin is list and not isinstance(value, list):
                 value = [] if raw == "" else [value]
@@ -306,7 +303,7 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
                 _nest(yaml_valued, key, value)
             else:
                 scalars.append(f"--{key}={raw}")
-        elif typing.get_origin(leaves.get(parent)) is dict:  # an entry: server.sglang_args.attention-backend=fa3
+        elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
             _nest(yaml_valued, key, raw)
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
