@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -79,8 +80,6 @@ def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
         try:
             os.replace(tmp, out)
         except OSError:  # another process won the race: use theirs
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 

@@ -92,6 +92,7 @@ BAD_OVERRIDES = [
     (["server.context_length=0"], "server.context_length"),
     (["rollout.gen.top_k=0"], "rollout.gen.top_k"),
     (["rollout.gen.stop_token_ids=[5, -1]"], "rollout.gen.stop_token_ids[1]"),
+    (["rollout.gen.stop_token_ids=[5, eos]"], "rollout.gen.stop_token_ids[1]"),  # each item of a list checked
     (["trainer.ppo.actor.optimizer.beta2=1"], "trainer.ppo.actor.optimizer.beta2"),
     (["trainer.ppo.actor.optimizer.eps=0"], "trainer.ppo.actor.optimizer.eps"),
     (["trainer.ppo.behav_imp_weight_cap=0.5"], "trainer.ppo.behav_imp_weight_cap"),
@@ -100,6 +101,13 @@ BAD_OVERRIDES = [
     (["train_dataset.max_prompt_len=0"], "train_dataset.max_prompt_len"),
     (["launcher.server_startup_timeout_s=0"], "launcher.server_startup_timeout_s"),
     (["cluster.sbatch_args=[-x]"], "cluster.sbatch_args[0]"),
+    # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
+    (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
+    (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],
+     "trainer.sft.batch_size"),
+    # a name no registry knows (without trainer.plugins, which may add names)
+    (["rollout.reward_fn=exact_matc"], "rollout.reward_fn"),
+    (["rollout.workflow=rvlr"], "rollout.workflow"),
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),
@@ -125,6 +133,7 @@ BAD_YAML = [
     (f"trial_name: {LONG}\n", "trial_name"),
     ("cluster:\n  setup_commands: [\"module load x\\nrm -rf ~\"]\n", "cluster.setup_commands[0]"),
     ("cluster:\n  time: .nan\n", "cluster.time"),
+    ("rollout:\n  gen:\n    stop_token_ids: [2, eos]\n", "rollout.gen.stop_token_ids[1]"),
     ("trainer:\n  ppo:\n    actor:\n      optimizer:\n        lr: .nan\n", "trainer.ppo.actor.optimizer.lr"),
 ]
 

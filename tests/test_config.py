@@ -1,11 +1,14 @@
 """Config loading: sources in order, dotted overrides, types, unknown keys with hints."""
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_config, load_resolved, validate
+from areal_hpc.config.validate import BUILT_IN
 from areal_hpc.inference.client import RequestRejected
 from areal_hpc.rollout.data import DatasetError
 
@@ -93,8 +96,25 @@ def test_words_name_the_file_and_layer_over_it(tmp_path):
         load_config(None, [str(f), "stray"])
 
 
+def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
+    """`valid_dataset.path=` (a shell cannot pass '""') drops the file's eval set; YAML would read it as null."""
+    f = tmp_path / "c.yaml"
+    f.write_text("valid_dataset:\n  path: /data/test.jsonl\ncluster:\n  partition: gpu\n")
+    c = load_config(str(f), ["valid_dataset.path=", "cluster.partition="])
+    assert c.valid_dataset.path == "" and c.cluster.partition is None
+
+
+def test_built_in_names_are_those_of_the_registries():
+    """`validate` checks names against copies (config imports nothing above it): they must be the registries' own."""
+    code = ("from areal_hpc import rollout; from areal_hpc.trainers import factory; print([sorted(t) for t in "
+            "(factory.known_types(), rollout.WORKFLOWS, rollout.REWARDS, rollout.ADAPTERS)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str([sorted(names) for names in BUILT_IN.values()])
+
+
 def test_resolved_round_trip(tmp_path):
-    c = load_config(None, ["trainer.ppo.c_clip=null", "server.sglang_args.x=1", "rollout.gen.stop_token_ids=[1,2]"])
+    c = load_config(None, ["trainer.ppo.c_clip=null", "server.sglang_args.x=1", "rollout.gen.stop_token_ids=[1,2]",
+                           "trial_name=1e-5"])  # a string that reads as a number unquoted
     p = tmp_path / "config.yaml"
     p.write_text(dump_yaml(c))
     assert load_resolved(p) == c

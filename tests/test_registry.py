@@ -88,6 +88,15 @@ def test_expired_records_leave_live_view(tmp_path):
     assert reg.get("weights", "latest")["version"] == 3  # non-expiring records stay
 
 
+def test_a_record_a_crash_left_zero_filled_reads_as_absent(tmp_path):
+    """A node that crashed mid-write can leave a record of NUL bytes (no fsync): it is torn, not a reader's crash."""
+    reg = Registry(tmp_path)
+    reg.put("servers", "a", {"x": 1})
+    reg.put("servers", "b", {"x": 2})
+    reg.path("servers", "b").write_bytes(b"\0" * 150)  # (a length json reads as truncated UTF-32)
+    assert set(reg.list("servers")) == {"a"} and reg.get("servers", "b") is None
+
+
 def test_wait_for_and_timeout(tmp_path):
     reg = Registry(tmp_path, ttl_s=10)
     threading.Timer(0.2, lambda: [reg.put("servers", f"s{i}", {}) for i in range(3)]).start()

@@ -342,3 +342,34 @@ def _shared_stems(rank, path, fused_lm_head, attn_impl):
     lp = eng.forward(batch)
     for i, s in enumerate(samples):
         torch.testing.assert_close(lp[i, : len(s["input_ids"])], ref_logps[i], atol=1e-5, rtol=0)
+
+
+class _GroupTimeout(Exception):
+    pass
+
+
+def _group_timeout(rank, run_dir):
+    from pathlib import Path
+
+    from areal_hpc.config import ExperimentConfig, parse_allocation
+    from areal_hpc.registry import Registry
+    from areal_hpc.trainers import TrainContext
+    from areal_hpc.trainers.base import Trainer
+
+    class Probe(Trainer):
+        def setup(self):  # what the engine is built in
+            group = torch.distributed.distributed_c10d._get_default_group()
+            raise _GroupTimeout(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+
+    cfg = ExperimentConfig()
+    cfg.rollout.stall_timeout_s = 7200.0
+    with pytest.raises(_GroupTimeout) as e:
+        Probe(TrainContext(cfg, parse_allocation("hf:d1+d2"), Path(run_dir), Registry.for_run(run_dir))).run()
+    assert e.value.args[0] > 7200
+
+
+def test_the_trainer_group_outlasts_the_longest_wait_of_rank_0(tmp_path):
+    """While rank 0 waits for servers or a batch (up to rollout.stall_timeout_s, an hour by default) the other ranks
+    wait in a collective: a process group timeout shorter than that (it was 30 minutes) killed the trainer (NCCL
+    watchdog) in a run whose batches were slow but within its configured bounds."""
+    run_ranks(_group_timeout, 2, args=(str(tmp_path),))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Dict, List, Sequence
 
@@ -116,6 +117,12 @@ def _samples():
         out.append({"input_ids": torch.arange(n) + 10, "loss_mask": (torch.arange(n) >= 1).long(),
                     "logprobs": torch.randn(n), "rewards": torch.tensor(float(n))})
     return out
+
+
+def test_samples_over_the_budget_warn_once_a_batch(caplog):
+    with caplog.at_level(logging.WARNING, logger="areal_hpc.train.batching"):
+        assert plan_micro_batches([50, 5, 70, 60], 40) == [[0], [1], [2], [3]]
+    assert len(caplog.records) == 1 and "3 sample(s)" in caplog.text and "70 tokens" in caplog.text
 
 
 def test_collate_unpad_and_pack():

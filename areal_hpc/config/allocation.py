@@ -124,12 +124,10 @@ def parse_allocation(text: str) -> AllocationMode:
 
 
 def _check_train(train: ParallelSpec, token: str) -> ParallelSpec:
-    if train.pp > 1:
-        raise ConfigError(KEY, f"pipeline parallel p{train.pp} in {token!r} is not supported by FSDP2 training",
-                          "use p1 and more data-parallel ranks (d)")
-    if train.tp > 1:
-        raise ConfigError(KEY, f"tensor parallel t{train.tp} in {token!r} is not supported by FSDP2 training yet",
-                          "use t1/m1; FSDP2 shards parameters over d ranks")
+    for what, letter, size in (("pipeline", "p", train.pp), ("tensor", "t", train.tp)):
+        if size > 1:
+            raise ConfigError(KEY, f"{what} parallel {letter}{size} in {token!r} is not supported by FSDP2 training",
+                              f"use {letter}1 and more data-parallel ranks (d): FSDP2 shards parameters over them")
     return train
 
 

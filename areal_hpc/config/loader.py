@@ -80,10 +80,17 @@ def _no_sexagesimal(kind):
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _no_sexagesimal("int"))
 _Loader.add_constructor("tag:yaml.org,2002:float", _no_sexagesimal("float"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings `_Loader` would read as numbers: `trial_name=1e-5` reads back from the run dir as written."""
+
+
 # `lr: 1e-5` is a float (YAML 1.2, and what everyone means); YAML 1.1 wants a dot and reads a string
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-                              list("-+0123456789."))
+for _yaml in (_Loader, _Dumper):
+    _yaml.add_implicit_resolver("tag:yaml.org,2002:float",
+                                re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+                                list("-+0123456789."))
 
 
 def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
@@ -152,8 +159,9 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin is dict and isinstance(value, dict):
         return {**(old or {}), **value}  # a mapping adds to (or overrides entries of) what is there
-    if origin is list and isinstance(value, list):
-        return list(value)
+    if origin is list and isinstance(value, list):  # each item checked: `stop_token_ids: [a]` is no list of ints
+        (item,) = typing.get_args(inner)
+        return [_value(f"{key}[{i}]", item, v, None) for i, v in enumerate(value)]
     if (inner is bool and isinstance(value, bool)) or (inner is int and number and isinstance(value, int)):
         return value
     if inner is float and number:
@@ -189,7 +197,7 @@ def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bo
 
 
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False)
+    return yaml.dump(dataclasses.asdict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
@@ -283,11 +291,10 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             raise ConfigError(key, f"given twice on the command line ({key}={given[key]} and {key}={raw})",
                               "keep one of them")
         given[key] = raw
-        parent = key.rpartition(".")[0]
         if key in leaves:
             origin = typing.get_origin(_strip_optional(leaves[key])[0])
-            try:
-                value = yaml.load(raw, Loader=_Loader)
+            try:  # `valid_dataset.path=` empties a string field (YAML reads null)
+                value = raw if raw == "" and leaves[key] is str else yaml.load(raw, Loader=_Loader)
             except yaml.YAMLError:
                 value = raw
             if origin is list and not isinstance(value, list):
@@ -296,7 +303,7 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
                 _nest(yaml_valued, key, value)
             else:
                 scalars.append(f"--{key}={raw}")
-        elif typing.get_origin(leaves.get(parent)) is dict:  # an entry: server.sglang_args.attention-backend=fa3
+        elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
             _nest(yaml_valued, key, raw)
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))

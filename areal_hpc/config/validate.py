@@ -84,7 +84,10 @@ HINTS = {
     "trainer.ppo.behav_imp_weight_cap": "or null to disable",
 }
 
-DATASET_ADAPTERS = ("gsm8k",)  # the built-in adapters of rollout.adapters
+DATASET_ADAPTERS = ("gsm8k",)
+# Names a plugin (trainer.plugins) may add to; without one, the built-in names of the trainer and rollout registries.
+BUILT_IN = {"trainer.type": TRAINER_TYPES, "rollout.workflow": ("rlvr",), "rollout.reward_fn": ("exact_match", "math"),
+            "{ds}.adapter": DATASET_ADAPTERS}
 
 _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 # A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
@@ -163,10 +166,11 @@ def check_range(key: str, value: Any, interval: str, hint: str | None = None) ->
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
-    """`CHOICES`, `RANGES`, and the options and names that Slurm reads."""
-    for pattern, choices in CHOICES.items():
+    """`CHOICES`, `BUILT_IN` (without plugins), `RANGES`, and the options and names that Slurm reads."""
+    for pattern, choices in {**CHOICES, **({} if cfg.trainer.plugins else BUILT_IN)}.items():
         for key in _keys(pattern):
-            check_choice(key, get(cfg, key), choices)
+            if get(cfg, key) or pattern != "{ds}.adapter":  # (no adapter: "")
+                check_choice(key, get(cfg, key), choices)
     for interval, patterns in RANGES.items():
         for key in (k for pattern in patterns for k in _keys(pattern)):
             if get(cfg, key) is not None:
@@ -345,8 +349,6 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     check_values(cfg)
     check_ranges(cfg)
     t, c, ppo = cfg.trainer.type, cfg.cluster, cfg.trainer.ppo
-    if t not in TRAINER_TYPES and not cfg.trainer.plugins:
-        check_choice("trainer.type", t, TRAINER_TYPES)
     plugins = []
     for p in cfg.trainer.plugins:
         if p.endswith(".py"):
@@ -356,9 +358,6 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             p = str(path)
         plugins.append(p)
     cfg.trainer.plugins = plugins
-    for key, ds in (("train_dataset", cfg.train_dataset), ("valid_dataset", cfg.valid_dataset)):
-        if ds.adapter and not cfg.trainer.plugins:  # a plugin may register more (rollout.adapters)
-            check_choice(f"{key}.adapter", ds.adapter, DATASET_ADAPTERS)
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
     if not existing.is_dir() or not _writable(existing):
@@ -388,6 +387,10 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         raise ConfigError("trainer.type", f"null (rollout/eval only) but allocation_mode gives the trainer "
                           f"{alloc.train.world_size} GPUs",
                           f"drop the trainer part: {cfg.allocation_mode.split('+')[0]}+eval")
+    key = "trainer.sft.batch_size" if t == "sft" else "rollout.batch_size"
+    if t in ("ppo", "sft") and get(cfg, key) % alloc.train.world_size:  # each trainer rank takes an equal share
+        raise ConfigError(key, f"{get(cfg, key)} cannot be split evenly over {alloc.train.world_size} trainer ranks",
+                          "make it a multiple of the trainer's d")
     if ppo.weight_update == "nccl" and c.n_gpus_per_node == 0:
         raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk or gloo on CPU-only runs")
     if ppo.weight_update == "gloo" and c.n_gpus_per_node > 0:

@@ -119,7 +119,7 @@ class Registry:
         try:
             raw, mtime = _retry_estale(read)
             data = json.loads(raw)
-        except (FileNotFoundError, json.JSONDecodeError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, ValueError):  # ValueError: torn (not JSON, not even UTF-8)
             return None
         ttl = data.pop(_TTL_KEY, None)
         if live_only and ttl is not None and now - mtime > ttl:
@@ -183,15 +183,13 @@ class Registry:
 
     # ------------------------------------------------------------ waiting and watching
     def wait_for(self, kind: str, n: int, timeout_s: float, poll_s: float = 0.2,
-                 predicate: Optional[Callable[[Dict[str, Any]], bool]] = None,
                  stop: Optional[Callable[[], bool]] = None) -> Dict[str, Dict[str, Any]]:
-        """Block until ``n`` live records of a kind (passing ``predicate``) exist; ``stop()`` true
-        ends the wait early with `RegistryTimeout`."""
+        """Block until ``n`` live records of a kind exist; ``stop()`` true ends the wait with `RegistryTimeout`."""
         deadline = time.monotonic() + timeout_s
         while True:
             if stop is not None and stop():
                 raise RegistryTimeout(f"stopped while waiting for {n} '{kind}' records")
-            recs = {k: v for k, v in self.list(kind).items() if predicate is None or predicate(v)}
+            recs = self.list(kind)
             if len(recs) >= n:
                 return recs
             if time.monotonic() >= deadline:

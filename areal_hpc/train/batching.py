@@ -171,9 +171,13 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1
     def load(b: List[int]) -> int:
         return sum(lengths[i] for i in b)
 
+    over = [n for n in lengths if n > max_tokens]
+    if over:  # one line a batch, not one a sample: a long-context run has many
+        log.warning("%d sample(s) over max_tokens_per_mb=%d (the longest: %d tokens) get a micro-batch each",
+                    len(over), max_tokens, max(over))
     bins = _first_fit(sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)), lengths, max_tokens)
     fewest = -(-sum(lengths) // max_tokens) if max_tokens > 0 else len(bins)
-    if len(bins) > max(fewest, min_mbs, 1) and max(lengths) <= max_tokens:
+    if len(bins) > max(fewest, min_mbs, 1) and not over:
         for k in range(max(fewest, 1), len(bins)):
             spread = deal_least_loaded(lengths, k)
             if _fit(spread, [load(b) for b in spread], lengths, max_tokens):
@@ -203,9 +207,6 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
                 loads[b] += n
                 break
         else:
-            if n > max_tokens:
-                log.warning("sample of %d tokens exceeds max_tokens_per_mb=%d; it gets its own micro-batch",
-                            n, max_tokens)
             bins.append([i])
             loads.append(n)
     return bins

@@ -7,7 +7,6 @@ then named in ``latest``: a crash at any point leaves the previous checkpoint cu
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import shutil
@@ -24,9 +23,6 @@ from areal_hpc.train import dist
 from areal_hpc.train.checkpoint_dirs import LATEST, complete_checkpoints, latest_checkpoint
 from areal_hpc.train.engine import FSDPEngine
 from areal_hpc.train.publish import replace_dir
-
-log = logging.getLogger(__name__)
-
 
 
 def rng_state() -> Dict[str, Any]:

@@ -23,7 +23,6 @@ def complete_checkpoints(root: Path) -> List[Path]:
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
     """The checkpoint named by ``latest``, else the newest complete one, else None."""
-    root = Path(root)
     marker = root / LATEST
     if marker.exists():
         path = root / marker.read_text().strip()

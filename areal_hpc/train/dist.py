@@ -121,15 +121,14 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.barrier()
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum | max | min) over the default group; a no-op with one process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(t, op=ops[op])
+    if world_size() > 1:
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
     return t
 
 

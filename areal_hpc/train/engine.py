@@ -147,12 +147,8 @@ class FSDPEngine:
         extra = {}
         if self.config.attn_impl in packed_attention.ALIASES:  # document boundaries for varlen attention
             cu = async_to_device(cu_seqlens.to(torch.int32), ids.device)
-            # padded micro-batches pass a constant as the longest document: one value fewer that
-            # varies in compiled code
-            if self.config.pad_micro_batches:
-                max_len = mb.n_tokens
-            else:
-                max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            # padded micro-batches pass a constant as the longest document: one value fewer that varies in compiled code
+            max_len = mb.n_tokens if self.config.pad_micro_batches else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
         inputs = dict(input_ids=run_ids.unsqueeze(0), position_ids=run_pos.unsqueeze(0),
                       attention_mask=None, use_cache=False, **extra)

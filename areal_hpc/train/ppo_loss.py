@@ -27,13 +27,9 @@ from areal_hpc.train.phases import PhaseTimer
 ADV_NORMS = ("group", "batch", "none")
 
 
-def _centre_and_scale(r: torch.Tensor, std_norm: bool, leave_one_out: bool, eps: float,
-                      total_sum: Optional[torch.Tensor] = None, total_sq: Optional[torch.Tensor] = None,
-                      count: Optional[float] = None) -> torch.Tensor:
-    """Normalise rows of ``r [G, n]`` (one set per row; sums may be global across ranks)."""
-    n = float(count if count is not None else r.shape[-1])
-    s = total_sum if total_sum is not None else r.sum(-1, keepdim=True)
-    sq = total_sq if total_sq is not None else (r * r).sum(-1, keepdim=True)
+def _centre_and_scale(r: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, n: float, std_norm: bool,
+                      leave_one_out: bool, eps: float) -> torch.Tensor:
+    """Normalise ``r`` by the sum ``s`` and the sum of squares ``sq`` of the ``n`` rewards of its set."""
     adv = r - ((s - r) / (n - 1) if leave_one_out and n > 1 else s / n)
     if std_norm:
         var = ((sq - s * s / n) / max(n - 1.0, 1.0)).clamp(min=0.0)  # unbiased
@@ -56,7 +52,8 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "grou
         if r.numel() % group_size:
             raise ValueError(f"{r.numel()} rewards are not whole groups of {group_size}")
         g = r.view(-1, group_size)
-        adv = _centre_and_scale(g, std_norm, leave_one_out, eps)
+        adv = _centre_and_scale(g, g.sum(-1, keepdim=True), (g * g).sum(-1, keepdim=True), float(group_size),
+                                std_norm, leave_one_out, eps)
         flat = (g.amax(-1, keepdim=True) == g.amin(-1, keepdim=True)).expand_as(g)
         return torch.where(flat, torch.zeros_like(adv), adv).reshape(-1).float()
     sums = torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
@@ -68,7 +65,7 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "grou
     if r.numel() == 0:
         return r.float()
     s, sq, n = sums
-    adv = _centre_and_scale(r.view(1, -1), std_norm, leave_one_out, eps, s, sq, float(n)).view(-1)
+    adv = _centre_and_scale(r, s, sq, float(n), std_norm, leave_one_out, eps)
     if float(extremes[0]) == float(-extremes[1]):  # max == min: every reward equal
         adv = torch.zeros_like(adv)
     return adv.float()

@@ -106,6 +106,10 @@ class Trainer:
 
         cfg, total = self.cfg, self.cfg.trainer.total_train_steps
         self.phases = PhaseTimer(sync=torch.cuda.synchronize if torch.cuda.is_available() else None)
+        # while rank 0 waits for servers or a batch the other ranks wait in a collective: its timeout outlasts that
+        r = cfg.rollout
+        dist.init_distributed(600 + max(cfg.launcher.trainer_wait_servers_timeout_s, r.stall_timeout_s,
+                                        r.request_timeout_s, r.drop_timeout_s))
         engine = self.engine = self.setup()
         ckpt = Checkpointer(engine, keep_last=cfg.saver.keep_last)
         state = self._recover(ckpt)
