@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 from areal_hpc.config import ExperimentConfig, load_resolved, run_umask
 from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.entry import RANK_VARS
-from areal_hpc.launch.local import ProcessHandle, stop_on_signals
+from areal_hpc.launch.local import ProcessHandle, owner_log, stop_on_signals
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
@@ -159,17 +159,6 @@ class SrunRunner(Runner):
 
 # ----------------------------------------------------------------------------- the driver
 
-def _setup_logging(run_dir: Path) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    lg = logging.getLogger("areal_hpc.launch")
-    lg.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s driver %(levelname)s %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / "driver.log")):
-        h.setFormatter(fmt)
-        lg.addHandler(h)
-    lg.propagate = False
-
-
 def prepare_requeue() -> bool:
     """Checkpoint the trainer and stop the servers before the job is requeued (or ends); whether to requeue."""
     owner = _OWNER
@@ -200,13 +189,12 @@ def _on_usr2_standalone(signum, frame) -> None:
     if not prepare_requeue():
         raise SystemExit(outcome.exit_code(outcome.STOPPED))
     job = os.environ.get("SLURM_JOB_ID", "")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what the requeue sends this process: it ends on its own
     log.warning("scontrol requeue %s: %s", job, slurm.requeue(job))
     raise SystemExit(0)
 
 
 def main(run_dir: Path) -> int:
-    global _OWNER
-
     run_dir = Path(run_dir).resolve()
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
@@ -215,8 +203,13 @@ def main(run_dir: Path) -> int:
         return 2
     cfg = load_resolved(run_dir / "config.yaml")
     os.umask(run_umask(cfg))  # what the driver and its steps write stays private (cluster.group_readable)
-    plan = Plan.from_json((run_dir / "plan.json").read_text())
-    _setup_logging(run_dir)
+    with owner_log(run_dir):
+        return _drive(cfg, Plan.from_json((run_dir / "plan.json").read_text()), run_dir, job_id)
+
+
+def _drive(cfg: ExperimentConfig, plan: Plan, run_dir: Path, job_id: str) -> int:
+    global _OWNER
+
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     log.info("driver of job %s%s on %s (pid %d): %d step(s) on %d node(s) [%s]", job_id,
              f" (requeued {restarts}x)" if restarts else "", socket.gethostname(), os.getpid(), len(plan.steps),
@@ -235,6 +228,7 @@ def main(run_dir: Path) -> int:
     log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
     if owner.state == outcome.STOPPED:
         log.info("the run was stopped: ending job %s as CANCELLED (not a success to --dependency=afterok)", job_id)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # its own scancel signals this process too: not a second stop
         err = slurm.scancel(job_id)
         if err:
             print(f"scancel {job_id} failed: {err}", file=sys.stderr)

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from areal_hpc.config import ExperimentConfig
 from areal_hpc.launch import outcome
@@ -44,6 +44,13 @@ def killpg(proc: subprocess.Popen, sig: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+
+
+def host_env(*drop: str) -> Dict[str, str]:
+    """The environment of a task this process starts on this host: without ``drop`` and without the variables of a
+    Slurm job or step this process may run in (a run started inside an allocation is no step of it: its servers must
+    record this host, not the job's node name, and its ranks must not size themselves from the job's tasks)."""
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "SLURMD_"))}
 
 
 class ProcessHandle(StepHandle):
@@ -88,7 +95,7 @@ class ProcessRunner(Runner):
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         gpus = self.gpus_for(step, running)
-        env = dict(os.environ, **step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)),
+        env = dict(host_env(), **step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)),
                    WORLD_SIZE=str(step.ntasks))
         if step.role != "server" or self.cfg.shutdown_server_on_exit:  # else servers are meant to outlive us
             env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
@@ -155,26 +162,40 @@ def stop_on_signals(owner: RunOwner) -> Dict[int, object]:
     return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+@contextlib.contextmanager
+def owner_log(run_dir: Path) -> Iterator[None]:
+    """While the owner runs (the local launcher, the driver): its log on stderr and in {run}/logs/driver.log."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    lg = logging.getLogger("areal_hpc.launch")
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / "driver.log")]
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    try:
+        yield
+    finally:
+        for h in handlers:
+            lg.removeHandler(h)
+            h.close()
+        lg.propagate = True
+
+
 def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runner] = None) -> int:
     """Own the run from this process (mode=local; also torchrun and ray, with their ``runner``) until it ends."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(run_dir / "logs" / "driver.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.getLogger("areal_hpc.launch").addHandler(fh)
     progress = Progress(cfg, run_dir)
     owner = RunOwner(cfg, plan, run_dir, runner or ProcessRunner(cfg), mode=cfg.mode)
     old = stop_on_signals(owner)
     print(f"logs: areal-hpc logs -f experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
           f"cluster.fileroot={cfg.cluster.fileroot}  ({run_dir}/logs)", file=sys.stderr)
     try:
-        rc = owner.run(on_tick=progress.tick)
+        with owner_log(run_dir):
+            rc = owner.run(on_tick=progress.tick)
     finally:
         progress.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        logging.getLogger("areal_hpc.launch").removeHandler(fh)
-        fh.close()
     summarize(cfg, run_dir, owner.record())
     return rc
 

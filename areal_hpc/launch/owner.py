@@ -172,7 +172,8 @@ class RunOwner:
     # ------------------------------------------------------------------ requests
     def handle_requests(self) -> None:
         for name, req in sorted(self.registry.list("requests").items()):
-            self.registry.delete("requests", name)
+            if not self.registry.delete("requests", name):
+                continue  # withdrawn by its poster meanwhile (`control.withdraw`)
             kind, error = req.get("kind"), None
             log.info("request %s: %s", name, req)
             try:
@@ -190,10 +191,12 @@ class RunOwner:
                         log.warning("started %d of %d requested servers (no free resources)", n, wanted)
                         # the answer for `add-servers`, which then submits the rest as a separate job
                         self.registry.put("replies", f"{name}-unserved", {"wanted": wanted, "started": n}, ttl=True)
+                elif kind == "start_trainer" and self.trainer is not None and self.trainer.poll() is None:
+                    error = "a trainer is running already"
                 elif kind == "start_trainer":
-                    if self.trainer is None or self.trainer.poll() is not None:
-                        self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
-                        self.start_step(self._trainer_step(req.get("min_required_servers")))
+                    self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
+                    self.registry.delete("", "trainer")  # the last one's, if it died unregistered: not the new one's
+                    self.start_step(self._trainer_step(req.get("min_required_servers")))
             except Exception as e:  # noqa: BLE001 - a step that fails to start must not end the run
                 log.exception("request %s failed", name)
                 error = f"{type(e).__name__}: {e}"

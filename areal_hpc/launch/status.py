@@ -75,11 +75,12 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
 
 
 def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
-    """A live record may still belong to a dead process (it lives until its TTL): check the process
-    (this host) or its Slurm step. An attached server's record lives while the owner's health checks refresh it."""
+    """A live record may still belong to a dead process (it lives until its TTL): check the process (where the record
+    says it runs on this host: elsewhere its pid means nothing here) or its Slurm step. An attached server's record
+    lives while the owner's health checks refresh it."""
     if rec.get("external") and rec.get("url"):
         return True
-    if run.get("mode") in HOST_MODES and (run.get("host") is None or runs_here(run["host"])) and rec.get("pid"):
+    if run.get("mode") in HOST_MODES and rec.get("pid") and runs_here(rec.get("node"), rec.get("host")):
         return pid_alive(rec.get("pid"))
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
