@@ -189,7 +189,6 @@ def _on_usr2_standalone(signum, frame) -> None:
     if not prepare_requeue():
         raise SystemExit(outcome.exit_code(outcome.STOPPED))
     job = os.environ.get("SLURM_JOB_ID", "")
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what the requeue sends this process: it ends on its own
     log.warning("scontrol requeue %s: %s", job, slurm.requeue(job))
     raise SystemExit(0)
 
@@ -220,7 +219,9 @@ def _drive(cfg: ExperimentConfig, plan: Plan, run_dir: Path, job_id: str) -> int
     _OWNER = owner
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit installs its own USR2 handler
         signal.signal(signal.SIGUSR2, _on_usr2_standalone)
-        stop_on_signals(owner)  # SIGTERM (scancel), SIGINT: a graceful stop; a second one forces it
+        # SIGTERM (scancel), SIGINT: a graceful stop. Once it is under way, SIGTERM is Slurm's (the job's end, the
+        # driver's own scancel or requeue of it): ignored, it must not kill steps mid-checkpoint; Ctrl-C again forces
+        stop_on_signals(owner, forced_by=(signal.SIGINT,))
     try:
         rc = owner.run()
     finally:
@@ -228,7 +229,6 @@ def _drive(cfg: ExperimentConfig, plan: Plan, run_dir: Path, job_id: str) -> int
     log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
     if owner.state == outcome.STOPPED:
         log.info("the run was stopped: ending job %s as CANCELLED (not a success to --dependency=afterok)", job_id)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # its own scancel signals this process too: not a second stop
         err = slurm.scancel(job_id)
         if err:
             print(f"scancel {job_id} failed: {err}", file=sys.stderr)

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig
 from areal_hpc.launch import outcome
@@ -147,18 +147,19 @@ class Progress:
             self._bar.close()
 
 
-def stop_on_signals(owner: RunOwner) -> Dict[int, object]:
-    """Ctrl-C (SIGINT) or SIGTERM stops the run gracefully (checkpoint, servers down), the second one kills what is
-    left; returns the handlers replaced. `areal-hpc stop` asks through a request."""
+def stop_on_signals(owner: RunOwner, forced_by: Tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Dict[int, object]:
+    """Ctrl-C (SIGINT) or SIGTERM stops the run gracefully (checkpoint, servers down), a second one of ``forced_by``
+    kills what is left (others are ignored then); returns the handlers replaced. `areal-hpc stop` asks through a
+    request."""
     def on_signal(signum, frame) -> None:
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if owner.stopping:
+        if owner.stopping and signum in forced_by:
             owner.request_force(f"forced stop ({what} twice)")
             print(f"\n{what} again: killing the trainer and the servers", file=sys.stderr, flush=True)
-        else:
+        elif not owner.stopping:
             owner.request_stop(f"interrupted ({what})")
-            print(f"\n{what}: stopping (the trainer checkpoints, servers shut down); {what} again to force",
-                  file=sys.stderr, flush=True)
+            print(f"\n{what}: stopping (the trainer checkpoints, servers shut down)"
+                  + (f"; {what} again to force" if signum in forced_by else ""), file=sys.stderr, flush=True)
     return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
