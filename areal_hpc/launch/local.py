@@ -53,6 +53,17 @@ def host_env(*drop: str) -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "SLURMD_"))}
 
 
+def task_env(step: StepSpec, rank: int, gpus: List, master: Tuple[str, int]) -> Dict[str, str]:
+    """What srun gives task ``rank`` of ``step`` (and the step's env): its rank, the step's size and rendezvous
+    (``master``, for a step of several tasks), its GPUs."""
+    env = dict(step.env, PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(step.ntasks),
+               LOCAL_RANK=str(rank % step.ntasks_per_node), LOCAL_WORLD_SIZE=str(step.ntasks_per_node),
+               GROUP_RANK=str(rank // step.ntasks_per_node), CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    if step.ntasks > 1:
+        env.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+    return env
+
+
 class ProcessHandle(StepHandle):
     """A step whose processes run on this host (local tasks, torchrun's agent, an ``srun`` client)."""
 
@@ -95,16 +106,13 @@ class ProcessRunner(Runner):
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         gpus = self.gpus_for(step, running)
-        env = dict(host_env(), **step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)),
-                   WORLD_SIZE=str(step.ntasks))
+        env, master = host_env(), ("127.0.0.1", free_port() if step.ntasks > 1 else 0)
         if step.role != "server" or self.cfg.shutdown_server_on_exit:  # else servers are meant to outlive us
             env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
-        if step.ntasks > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         procs: List[subprocess.Popen] = []
         try:
             for rank in range(step.ntasks):
-                procs.append(spawn(step.command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                procs.append(spawn(step.command, dict(env, **task_env(step, rank, gpus, master)),
                                    step.log.replace("%t", str(rank)), str(Path(step.log).parent.parent)))
         except BaseException:  # rank k did not start: ranks 0..k-1 must not run on, waiting for it
             for p in procs:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
-from areal_hpc.launch.local import killpg, spawn, step_exit
+from areal_hpc.launch.local import host_env, killpg, spawn, step_exit, task_env
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import Registry, free_port
@@ -137,8 +137,7 @@ class StepTask:
                 "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 
     def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
-        full = dict(os.environ, **env)
-        full.pop(LAUNCHER_PID_ENV, None)
+        full = dict(host_env(LAUNCHER_PID_ENV), **env)  # no Slurm variables of a Ray worker started by srun
         # the task gets SIGKILL when its actor dies, as a Slurm step's tasks die with it (a graceful stop goes
         # through `signal` first)
         self.proc = spawn(command, full, log_path, cwd, preexec_fn=functools.partial(set_parent_death_signal,
@@ -301,7 +300,8 @@ class RayRunner(Runner):
                     num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
             places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
-            pids = ray.get([a.start.remote(step.command, self._env(step, rank, places),
+            master = (places[0]["ip"], places[0]["port"])
+            pids = ray.get([a.start.remote(step.command, task_env(step, rank, places[rank]["gpus"], master),
                                            step.log.replace("%t", str(rank)), str(self.run_dir))
                             for rank, a in enumerate(actors)], timeout=PLACEMENT_TIMEOUT_S)
         except Exception:
@@ -310,17 +310,6 @@ class RayRunner(Runner):
         return RayStepHandle(step, pg, actors, {
             "ray_placement_group": pg_name, "actors": names, "pids": pids, "nodes": [p["node_id"] for p in places],
             "hosts": [p["host"] for p in places], "gpus": [p["gpus"] for p in places]})
-
-    @staticmethod
-    def _env(step: StepSpec, rank: int, places: List[Dict[str, Any]]) -> Dict[str, str]:
-        """What srun gives a task: its rank, the step's size and rendezvous, its GPUs."""
-        env = dict(step.env, PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(step.ntasks),
-                   LOCAL_RANK=str(rank % step.ntasks_per_node), LOCAL_WORLD_SIZE=str(step.ntasks_per_node),
-                   GROUP_RANK=str(rank // step.ntasks_per_node),
-                   CUDA_VISIBLE_DEVICES=",".join(places[rank]["gpus"]))
-        if step.ntasks > 1:
-            env.update(MASTER_ADDR=places[0]["ip"], MASTER_PORT=str(places[0]["port"]))
-        return env
 
 
 # ----------------------------------------------------------------------------- the run, and control
