@@ -55,8 +55,6 @@ def _existing_run(args) -> Tuple[Any, Path]:
     return cfg, rd
 
 
-# ----------------------------------------------------------------- commands
-
 def cmd_submit(args) -> int:
     from areal_hpc.launch import submit
 
@@ -150,8 +148,6 @@ def cmd_driver(args) -> int:
 
     return driver.main(_run_dir_arg(args.run_dir))
 
-
-# ----------------------------------------------------------------- parser
 
 class _VersionAction(argparse.Action):
     """``--version``: the version is looked up only when asked for."""

@@ -59,10 +59,10 @@ def take_reply(reg: Registry, req: str) -> Optional[Dict[str, Any]]:
 def withdraw(reg: Registry, names: List[str], for_live_owner: bool = False) -> None:
     """Requests whose poster stopped waiting (served, timed out, the owner gone, Ctrl-C) that the owner has not taken:
     deleted, so that nothing is served later behind the user's back; a ``stop`` given up stays for the live owner
-    only (``for_live_owner``: expired, a later owner drops it)."""
+    only (``for_live_owner``: expired now, an owner that starts later drops it)."""
     for name in names:
         if for_live_owner:
-            reg.update("requests", name, lambda old: old and {**old, "until": 0.0})
+            reg.update("requests", name, lambda old: old and {**old, "until": time.time()})
         else:
             reg.delete("requests", name)
 

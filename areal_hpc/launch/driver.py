@@ -40,8 +40,6 @@ _JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", 
 _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
 
 
-# ----------------------------------------------------------------------------- srun steps
-
 class SrunHandle(ProcessHandle):
     """One job step: the ``srun`` client process (own process group) and the step it created."""
 
@@ -156,8 +154,6 @@ class SrunRunner(Runner):
         else:
             log.warning("%s: srun exited with %s before its step was listed", h.step.name, h.proc.poll())
 
-
-# ----------------------------------------------------------------------------- the driver
 
 def prepare_requeue() -> bool:
     """Checkpoint the trainer and stop the servers before the job is requeued (or ends); whether to requeue."""

@@ -41,8 +41,6 @@ INSTALL_HINT = 'pip install "areal-hpc[ray]", or use mode=slurm / mode=local'
 START_HINT = "start one (`ray start --head`) or give its head's GCS address host:port"
 
 
-# ----------------------------------------------------------------------------- connecting
-
 def require_ray() -> Any:
     """The ``ray`` module, or a `ConfigError` naming ``mode`` and how to install it."""
     try:
@@ -120,8 +118,6 @@ def run_prefix(plan: Plan, run_dir: Path) -> str:
     return f"{plan.job_name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}/"
 
 
-# ----------------------------------------------------------------------------- the actor
-
 class StepTask:
     """One task (rank) of a step, inside a Ray actor: holds its resources, runs and supervises the
     process. Methods run on the actor's main thread (the parent-death signal is per thread)."""
@@ -161,8 +157,6 @@ class StepTask:
         except subprocess.TimeoutExpired:
             killpg(self.proc, signal.SIGKILL)
 
-
-# ----------------------------------------------------------------------------- handles and runner
 
 class RayStepHandle(StepHandle):
     """A step on Ray: its placement group and one `StepTask` actor per task."""
@@ -311,8 +305,6 @@ class RayRunner(Runner):
             "ray_placement_group": pg_name, "actors": names, "pids": pids, "nodes": [p["node_id"] for p in places],
             "hosts": [p["host"] for p in places], "gpus": [p["gpus"] for p in places]})
 
-
-# ----------------------------------------------------------------------------- the run, and control
 
 def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
     """Own the run from this process (`local.run` with a `RayRunner`); ``nodes`` from `prepare`."""

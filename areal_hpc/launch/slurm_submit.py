@@ -199,8 +199,6 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     return 1
 
 
-# ----------------------------------------------------------------------------- server jobs
-
 def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     """A plan of ``count`` servers only (named by `next_server_index`), asking for just the GPUs they use."""
     reg = Registry.for_run(rd, cfg.launcher)

@@ -31,6 +31,11 @@ def slurm_jobs(reg: Registry, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return {j: {"job_id": j, **slurm.job(j), "steps": slurm.job_steps(j)} for j in ids}
 
 
+def dead_here(rec: Dict[str, Any]) -> bool:
+    """A record's process runs on this host (its node or host says so: elsewhere its pid means nothing) and ended."""
+    return runs_here(rec.get("node"), rec.get("host")) and not pid_alive(rec.get("pid"))
+
+
 def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
     """The run's owner process lives: by its pid on this host, elsewhere by its record's heartbeat."""
     if not run.get("pid"):
@@ -80,8 +85,8 @@ def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[
     lives while the owner's health checks refresh it."""
     if rec.get("external") and rec.get("url"):
         return True
-    if run.get("mode") in HOST_MODES and rec.get("pid") and runs_here(rec.get("node"), rec.get("host")):
-        return pid_alive(rec.get("pid"))
+    if rec.get("pid") and dead_here(rec):
+        return False
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
         return True  # Slurm knows nothing of it: trust the heartbeat
@@ -123,9 +128,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
         owner_alive = launcher_alive(run, reg)
         status["job"] = {"launcher_pid": run.get("pid"), "host": run.get("host"),
                          "state": "RUNNING" if owner_alive else "ENDED"}
-    if trainer is not None and ((run and not owner_alive)  # the owner's steps end with it
-                                or (run.get("mode") in HOST_MODES and not pid_alive(trainer.get("pid"))
-                                    and (trainer.get("host") is None or runs_here(trainer["host"])))):
+    if trainer is not None and ((run and not owner_alive) or dead_here(trainer)):  # the owner's steps end with it
         status["trainer"] = None
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
@@ -236,6 +239,5 @@ def remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
         if sid not in live or not server_alive(rec, run, jobs):
             reg.delete("servers", sid)
     trainer = reg.get("", "trainer", live_only=False)
-    if trainer is not None and (reg.get("", "trainer") is None or (
-            runs_here(trainer.get("host")) and not pid_alive(trainer.get("pid")))):
+    if trainer is not None and (reg.get("", "trainer") is None or dead_here(trainer)):
         reg.delete("", "trainer")
