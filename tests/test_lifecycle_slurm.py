@@ -134,8 +134,9 @@ def test_a_stopped_run_is_not_completed(run):
 
 def test_a_driver_started_by_hand_is_not_forced_by_slurms_sigterms(run):
     """A driver started by hand in a batch script gets SIGTERM (scancel): it stops gracefully, the trainer gets its
-    grace to checkpoint. The SIGTERMs that follow while it stops (Slurm's at the job's end, its own scancel of its job) were
-    taken for a second stop and forced it: the trainer was killed mid-checkpoint. Only Ctrl-C again forces it."""
+    grace to checkpoint. The SIGTERMs that follow while it stops (Slurm's at the job's end, its own scancel of its
+    job) were taken for a second stop and forced it: the trainer was killed mid-checkpoint. Only Ctrl-C again forces
+    it."""
     plugin = run.root / "stubborn.py"
     plugin.write_text(BOOM)
     run.submit("trainer.type=stubborn", f"trainer.plugins=[{plugin}]", "--dry-run")
