@@ -153,7 +153,8 @@ def status(rd: Path, as_json: bool = False) -> int:
           + (f" ({st['trainer_restarts']} trainer restart(s))" if st.get("trainer_restarts") else ""))
     if st.get("log") and st.get("state") not in ("COMPLETED", "RUNNING", "PENDING"):
         print(f"         see {st['log']}  (areal-hpc logs ...)")
-    print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {job.get('nodes', '')}".rstrip())
+    where = job.get("nodes") or (f"on {job['host']}" if job.get("host") else "")  # a local run's launcher: its host
+    print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {where}".rstrip())
     ray = st.get("ray") or {}
     if ray:
         print(f"ray      {ray.get('address')}: " + (ray["error"] if "error" in ray else
