@@ -113,8 +113,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
                 os.kill(int(recs[k]["pid"]), sig)
         return here, {k: rec for k, rec in recs.items() if rec and k not in here}
 
-    live = reg.get("", "run") or {}
-    forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
+    forced = bool((reg.get("", "run") or {}).get("stopping")) and owner_alive()  # a stop under way: this one forces it
     posted = [post_request(reg, "stop", timeout_s, force=forced)]
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
@@ -192,13 +191,11 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     cfg = load_resolved(rd / "config.yaml")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
     before = set(reg.list("servers"))
-    job_id, req, polls = None, None, {}
-    if new_job:
-        job_id = slurm_submit.submit_server_job(cfg, rd, count)
-        if job_id is None:
-            return 1
-    else:
-        req = post_request(reg, "add_servers", timeout, count=count)
+    polls: Dict[str, Callable[[], Optional[str]]] = {}
+    req = None if new_job else post_request(reg, "add_servers", timeout, count=count)
+    job_id = slurm_submit.submit_server_job(cfg, rd, count) if new_job else None
+    if new_job and job_id is None:
+        return 1
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
