@@ -5,7 +5,8 @@ and `status` tell the truth about how the run ended.
   non-zero exit in ``sacct -X``; ``status --json`` says FAILED, the error line and the log;
 - a trainer SIGKILLed with the default config: the driver restarts it from its checkpoint, the
   servers are untouched, the steps are contiguous, the run COMPLETES;
-- a run stopped by ``stop``: checkpointed, the job ends CANCELLED (not COMPLETED), status STOPPED.
+- a run stopped by ``stop``: checkpointed, the job ends CANCELLED (not COMPLETED), status STOPPED;
+- a driver started by hand: SIGTERMs after its graceful stop began do not force it.
 
 Same settings as tests/test_slurm_e2e.py (small batches, quick heartbeats).
 """
@@ -35,6 +36,20 @@ from areal_hpc.trainers.base import Trainer
 class Boom(Trainer):
     def run(self) -> int:
         raise RuntimeError("boom: this trainer fails on purpose")
+
+
+@register_trainer("stubborn")
+class Stubborn(Trainer):
+    """Ignores the graceful stop (SIGTERM): only its grace running out ends it."""
+
+    def run(self) -> int:
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.publish_state(step=0, state="training")
+        while True:
+            time.sleep(0.2)
 '''
 
 
@@ -115,3 +130,29 @@ def test_a_stopped_run_is_not_completed(run):
     assert run.registry().list("servers", live_only=False) == {}
     assert any((run.dir / "checkpoints").glob("step_*"))
     print(f"stop: {time.monotonic() - t0:.1f}s")
+
+
+def test_a_driver_started_by_hand_is_not_forced_by_slurms_sigterms(run):
+    """A driver started by hand in a batch script gets SIGTERM (scancel): it stops gracefully, the trainer gets its
+    grace to checkpoint. The SIGTERMs that follow while it stops (Slurm's at the job's end, its own scancel of its
+    job) were taken for a second stop and forced it: the trainer was killed mid-checkpoint. Only Ctrl-C again forces
+    it."""
+    plugin = run.root / "stubborn.py"
+    plugin.write_text(BOOM)
+    run.submit("trainer.type=stubborn", f"trainer.plugins=[{plugin}]", "--dry-run")
+    lines = (run.dir / "sbatch" / "allocation.sbatch").read_text().splitlines()
+    script = run.dir / "sbatch" / "driver.sbatch"
+    script.write_text("\n".join(["#!/bin/bash", *[ln for ln in lines if ln.startswith("#SBATCH")],
+                                 f"exec {sys.executable} -m areal_hpc driver --run-dir {run.dir}", ""]))
+    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
+                            check=True).stdout.strip().split(";")[0]
+    wait_until(lambda: run.registry().get("", "trainer"), 300, f"the trainer to register\n{run.logs()}")
+    for _ in range(2):
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], check=True, timeout=60)
+        time.sleep(2)
+    wait_until(lambda: not in_squeue(job_id), 300, f"job {job_id} to end\n{run.logs()}", interval=1.0)
+    assert sacct_x(job_id)[0] == "CANCELLED"
+    rec = run.run_record()
+    assert rec["state"] == "STOPPED" and rec["reason"].startswith("interrupted (SIGTERM)"), (rec, run.logs())
+    out = (run.dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert "SIGTERM: stopping" in out and "SIGTERM again: killing" not in out, out[-3000:]

@@ -41,11 +41,6 @@ def _pop_name(args) -> Optional[str]:
     return None
 
 
-def _private(cfg) -> None:
-    """Every process of a run writes with the run's umask: private unless cluster.group_readable."""
-    os.umask(run_umask(cfg))
-
-
 def _existing_run(args) -> Tuple[Any, Path]:
     """(config, run dir) of the run a command acts on, from its config words: only the names that locate the run
     are checked, not a whole new run. The command writes with the umask of the run's own config."""
@@ -56,18 +51,16 @@ def _existing_run(args) -> Tuple[Any, Path]:
         raise ConfigError("experiment_name/trial_name", f"no run found for experiment_name={cfg.experiment_name} "
                           f"trial_name={cfg.trial_name} (looked in {rd})",
                           "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
-    _private(load_resolved(rd / "config.yaml"))
+    os.umask(run_umask(load_resolved(rd / "config.yaml")))
     return cfg, rd
 
-
-# ----------------------------------------------------------------- commands
 
 def cmd_submit(args) -> int:
     from areal_hpc.launch import submit
 
     cfg = load_config(None, args.words)
     alloc = validate(cfg)
-    _private(cfg)
+    os.umask(run_umask(cfg))  # every process of a run writes with its umask: private unless cluster.group_readable
     return submit.submit(cfg, alloc, dry_run=args.dry_run)
 
 
@@ -126,7 +119,7 @@ def _run_dir_arg(path: str) -> Path:
     rd = Path(path)
     if not (rd / "config.yaml").exists():
         raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
-    _private(load_resolved(rd / "config.yaml"))
+    os.umask(run_umask(load_resolved(rd / "config.yaml")))
     return rd
 
 
@@ -155,8 +148,6 @@ def cmd_driver(args) -> int:
 
     return driver.main(_run_dir_arg(args.run_dir))
 
-
-# ----------------------------------------------------------------- parser
 
 class _VersionAction(argparse.Action):
     """``--version``: the version is looked up only when asked for."""

@@ -254,7 +254,11 @@ def check_location(cfg: ExperimentConfig) -> None:
     if bad:
         raise ConfigError("cluster.fileroot", f"contains the control character {bad.group()!r}",
                           "give a plain directory path")
-    root = Path(os.path.expanduser(fileroot)).absolute()
+    try:  # where `run_dir` puts it: a symlinked fileroot's target (its filesystem, its length) is what is measured
+        root = Path(os.path.expanduser(fileroot)).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ConfigError("cluster.fileroot", f"cannot be resolved: {e}",
+                          "give a directory path without a symlink loop") from None
     try:  # the limits of the filesystem that will hold the run dir
         name_max, path_max = (os.pathconf(nearest_existing(root), f"PC_{n}_MAX") for n in ("NAME", "PATH"))
     except (OSError, ValueError):

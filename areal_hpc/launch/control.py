@@ -56,6 +56,17 @@ def take_reply(reg: Registry, req: str) -> Optional[Dict[str, Any]]:
     return reply
 
 
+def withdraw(reg: Registry, names: List[str], for_live_owner: bool = False) -> None:
+    """Requests whose poster stopped waiting (served, timed out, the owner gone, Ctrl-C) that the owner has not taken:
+    deleted, so that nothing is served later behind the user's back; a ``stop`` given up stays for the live owner
+    only (``for_live_owner``: expired now, an owner that starts later drops it)."""
+    for name in names:
+        if for_live_owner:
+            reg.update("requests", name, lambda old: old and {**old, "until": time.time()})
+        else:
+            reg.delete("requests", name)
+
+
 def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all
     of it and prints how the run ended. A second `stop` (or Ctrl-C while this one waits) forces it:
@@ -102,8 +113,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
                 os.kill(int(recs[k]["pid"]), sig)
         return here, {k: rec for k, rec in recs.items() if rec and k not in here}
 
-    live = reg.get("", "run") or {}
-    forced = bool(live.get("stopping")) and owner_alive()  # a stop is under way: this one forces it
+    forced = bool((reg.get("", "run") or {}).get("stopping")) and owner_alive()  # a stop under way: this one forces it
     posted = [post_request(reg, "stop", timeout_s, force=forced)]
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
@@ -143,9 +153,8 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
                     clean_at = time.monotonic() + (SLURM_POLL_S if slurm_run else 0.0)
             time.sleep(0.5)
         except KeyboardInterrupt:
-            if forced:  # given up: what no owner took is for this run's owner only (a later one drops it, expired)
-                for name in posted:
-                    reg.update("requests", name, lambda old: old and {**old, "until": 0.0})
+            if forced:  # given up
+                withdraw(reg, posted, for_live_owner=True)
                 raise
             forced = True
             print("\nforcing the stop: what is left is killed", file=sys.stderr, flush=True)
@@ -164,8 +173,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
               + "".join(f"; {name} (pid {rec.get('pid')} on {rec.get('node') or rec.get('host')}) is not ours to kill "
                         "from here: its record is kept, stop it where it runs" for (_, name), rec in elsewhere.items()))
         return 1
-    for name in posted:  # one no owner took (it is gone, or the job was cancelled): not for a later run's owner
-        reg.delete("requests", name)
+    withdraw(reg, posted)  # one no owner took (it is gone, or the job was cancelled): not for a later run's owner
     remove_dead_records(reg, run)
     end = reg.get("", "run", live_only=False) or {}
     print(f"stopped {rd}\nrun {outcome.summary_line(end)}" if end.get("state") else f"stopped {rd}", flush=True)
@@ -183,48 +191,49 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     cfg = load_resolved(rd / "config.yaml")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
     before = set(reg.list("servers"))
-    job_id, req, polls = None, None, {}
-    if new_job:
-        job_id = slurm_submit.submit_server_job(cfg, rd, count)
-        if job_id is None:
-            return 1
-    else:
-        req = post_request(reg, "add_servers", timeout, count=count)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        # serving (ready/paused), not still loading a model
-        new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
-        if len(new) >= count:
-            print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
-            return 0
-        unserved = take_reply(reg, req) if req and job_id is None else None
-        if req and job_id is None and unserved is None and not launcher_alive(run, reg):
-            reg.delete("requests", req)  # not for a later run's owner
-            print("the run's owner ended before it served the request; see `areal-hpc logs driver`", file=sys.stderr)
-            return 1
-        if unserved is not None:
-            if unserved.get("error"):
-                print(f"the run's owner could not add servers: {unserved['error']} (see `areal-hpc logs driver`)",
+    polls: Dict[str, Callable[[], Optional[str]]] = {}
+    req = None if new_job else post_request(reg, "add_servers", timeout, count=count)
+    job_id = slurm_submit.submit_server_job(cfg, rd, count) if new_job else None
+    if new_job and job_id is None:
+        return 1
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # serving (ready/paused), not still loading a model
+            new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
+            if len(new) >= count:
+                print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
+                return 0
+            unserved = take_reply(reg, req) if req else None
+            if req and unserved is None and not launcher_alive(run, reg):
+                print("the run's owner ended before it served the request; see `areal-hpc logs driver`",
                       file=sys.stderr)
                 return 1
-            started = int(unserved.get("started", 0))
-            if run.get("mode") != "slurm":  # no job of their own to put the rest in
-                print(f"the run has room for {started} of {count} server(s) (no free resources); see "
-                      "`areal-hpc logs driver`", file=sys.stderr)
+            if unserved is not None:
+                if unserved.get("error"):
+                    print(f"the run's owner could not add servers: {unserved['error']} (see `areal-hpc logs driver`)",
+                          file=sys.stderr)
+                    return 1
+                started = int(unserved.get("started", 0))
+                if run.get("mode") != "slurm":  # no job of their own to put the rest in
+                    print(f"the run has room for {started} of {count} server(s) (no free resources); see "
+                          "`areal-hpc logs driver`", file=sys.stderr)
+                    return 1
+                print(f"the allocation has room for {started} of {count} server(s); submitting "
+                      f"{count - started} as a separate job")
+                job_id, req = slurm_submit.submit_server_job(cfg, rd, count - started), None  # req: answered
+                if job_id is None:
+                    return 1
+            state = polls.setdefault(job_id, polled_job_state(job_id))() if job_id is not None else None
+            if state in slurm.FINAL_STATES:
+                print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
                 return 1
-            print(f"the allocation has room for {started} of {count} server(s); submitting "
-                  f"{count - started} as a separate job")
-            job_id = slurm_submit.submit_server_job(cfg, rd, count - started)
-            if job_id is None:
-                return 1
-        state = polls.setdefault(job_id, polled_job_state(job_id))() if job_id is not None else None
-        if state in slurm.FINAL_STATES:
-            print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
-            return 1
-        time.sleep(0.3)
-    print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`"
-          + (f" and the logs of job {job_id}" if job_id else ""), file=sys.stderr)
-    return 1
+            time.sleep(0.3)
+        print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`"
+              + (f" and the logs of job {job_id}" if job_id else ""), file=sys.stderr)
+        return 1
+    finally:
+        withdraw(reg, [req] if req else [])  # given up (Ctrl-C) or timed out: not to be served later
 
 
 def live_driver(cfg: ExperimentConfig, rd: Path) -> Optional[Dict[str, Any]]:
@@ -249,50 +258,48 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
     atomic_write(cfg_path, dump_yaml(dataclasses.replace(cfg, min_required_servers=keep)))
     reg = Registry.for_run(rd, cfg.launcher)
 
-    def trainer_step_id(rec: Optional[Dict[str, Any]]) -> Optional[str]:
-        return ((rec or {}).get("steps") or {}).get("trainer", {}).get("slurm_step_id")
+    def trainer_step_id(rec: Dict[str, Any]) -> Optional[str]:
+        return (rec.get("steps") or {}).get("trainer", {}).get("slurm_step_id")
 
-    old_step, job_state = trainer_step_id(run), polled_job_state(str(run["job_id"]))
+    old_step, registered, job_state = trainer_step_id(run), False, polled_job_state(str(run["job_id"]))
     name = post_request(reg, "start_trainer", timeout_s, min_required_servers=cfg.min_required_servers)
     print(f"job {run['job_id']} is live: asked its driver to start a trainer (request {name})", flush=True)
     deadline = time.monotonic() + timeout_s
-    trainer = None
-    while time.monotonic() < deadline:
-        trainer = reg.get("", "trainer")
-        if trainer is not None:
-            break
-        refused = take_reply(reg, name)
-        if refused is not None:
-            print(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
-                  "(see `areal-hpc logs driver`)", file=sys.stderr)
-            return 1
-        rec = reg.get("", "run")
-        if rec is None or job_state() != "RUNNING":  # the driver's record or job ended
-            reg.delete("requests", name)  # not for a later run's owner
-            print(f"the driver of job {run['job_id']} went away before starting the trainer", file=sys.stderr)
-            return 1
-        if trainer_step_id(rec) not in (None, old_step) and rec.get("trainer_rc") is not None:
-            print(f"the new trainer (step {run['job_id']}.{trainer_step_id(rec)}) exited with {rec['trainer_rc']} "
-                  f"before it registered; see `areal-hpc logs trainer`", file=sys.stderr)
-            return 1
-        time.sleep(0.3)
-    if trainer is None:
+    try:
+        while registered or time.monotonic() < deadline:  # registered (launcher.wait): until it ends
+            refused = take_reply(reg, name)
+            if refused is not None:
+                print(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
+                      "(see `areal-hpc logs driver`)", file=sys.stderr)
+                return 1
+            rec = reg.get("", "run", live_only=False) or {}
+            # only once the driver says it started a new trainer step is a trainer record that step's: the old
+            # trainer's may outlive it (until its TTL)
+            new = trainer_step_id(rec) not in (None, old_step)
+            if new and rec.get("trainer_rc") is not None:
+                rc = int(rec["trainer_rc"])
+                if not registered:
+                    print(f"the new trainer (step {run['job_id']}.{trainer_step_id(rec)}) exited with {rc} before it "
+                          "registered; see `areal-hpc logs trainer`", file=sys.stderr)
+                    return 1
+                print(f"trainer exited with {rc}", flush=True)
+                return 0 if rc == 0 else 1
+            if reg.get("", "run") is None or job_state() != "RUNNING":  # the driver's record or job ended
+                print(f"the driver of job {run['job_id']} went away before the trainer "
+                      + ("ended" if registered else "started"), file=sys.stderr)
+                return 1
+            trainer = reg.get("", "trainer") if new and not registered else None
+            if trainer is not None:
+                print(f"trainer started (pid {trainer.get('pid')} on {trainer.get('host')}); follow it with:\n"
+                      f"{slurm_submit.follow_hint(cfg)}", flush=True)
+                if not cfg.launcher.wait:
+                    return 0
+                registered = True
+            time.sleep(0.3)
         print(f"no trainer registered within {timeout_s:.0f}s; see `areal-hpc logs driver`", file=sys.stderr)
         return 1
-    print(f"trainer started (pid {trainer.get('pid')} on {trainer.get('host')}); follow it with:\n"
-          f"{slurm_submit.follow_hint(cfg)}", flush=True)
-    if not cfg.launcher.wait:
-        return 0
-    while True:  # until the driver reports the new trainer step's exit code
-        rec = reg.get("", "run", live_only=False) or {}
-        if trainer_step_id(rec) not in (None, old_step) and rec.get("trainer_rc") is not None:
-            rc = int(rec["trainer_rc"])
-            print(f"trainer exited with {rc}", flush=True)
-            return 0 if rc == 0 else 1
-        if reg.get("", "run") is None and job_state() != "RUNNING":
-            print(f"job {run['job_id']} ended before the trainer did", file=sys.stderr)
-            return 1
-        time.sleep(0.5)
+    finally:
+        withdraw(reg, [name])  # given up (Ctrl-C) or timed out: no trainer is to start behind the user's back
 
 
 def attach_server(rd: Path, url: str, api_key: Optional[str] = None) -> int:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 from areal_hpc.config import ExperimentConfig, load_resolved, run_umask
 from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.entry import RANK_VARS
-from areal_hpc.launch.local import ProcessHandle, stop_on_signals
+from areal_hpc.launch.local import ProcessHandle, owner_log, stop_on_signals
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 
@@ -39,8 +39,6 @@ _JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", 
 
 _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
 
-
-# ----------------------------------------------------------------------------- srun steps
 
 class SrunHandle(ProcessHandle):
     """One job step: the ``srun`` client process (own process group) and the step it created."""
@@ -157,19 +155,6 @@ class SrunRunner(Runner):
             log.warning("%s: srun exited with %s before its step was listed", h.step.name, h.proc.poll())
 
 
-# ----------------------------------------------------------------------------- the driver
-
-def _setup_logging(run_dir: Path) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    lg = logging.getLogger("areal_hpc.launch")
-    lg.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s driver %(levelname)s %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / "driver.log")):
-        h.setFormatter(fmt)
-        lg.addHandler(h)
-    lg.propagate = False
-
-
 def prepare_requeue() -> bool:
     """Checkpoint the trainer and stop the servers before the job is requeued (or ends); whether to requeue."""
     owner = _OWNER
@@ -205,8 +190,6 @@ def _on_usr2_standalone(signum, frame) -> None:
 
 
 def main(run_dir: Path) -> int:
-    global _OWNER
-
     run_dir = Path(run_dir).resolve()
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
@@ -215,8 +198,13 @@ def main(run_dir: Path) -> int:
         return 2
     cfg = load_resolved(run_dir / "config.yaml")
     os.umask(run_umask(cfg))  # what the driver and its steps write stays private (cluster.group_readable)
-    plan = Plan.from_json((run_dir / "plan.json").read_text())
-    _setup_logging(run_dir)
+    with owner_log(run_dir):
+        return _drive(cfg, Plan.from_json((run_dir / "plan.json").read_text()), run_dir, job_id)
+
+
+def _drive(cfg: ExperimentConfig, plan: Plan, run_dir: Path, job_id: str) -> int:
+    global _OWNER
+
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     log.info("driver of job %s%s on %s (pid %d): %d step(s) on %d node(s) [%s]", job_id,
              f" (requeued {restarts}x)" if restarts else "", socket.gethostname(), os.getpid(), len(plan.steps),
@@ -227,7 +215,9 @@ def main(run_dir: Path) -> int:
     _OWNER = owner
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit installs its own USR2 handler
         signal.signal(signal.SIGUSR2, _on_usr2_standalone)
-        stop_on_signals(owner)  # SIGTERM (scancel), SIGINT: a graceful stop; a second one forces it
+        # SIGTERM (scancel), SIGINT: a graceful stop. Once it is under way, SIGTERM is Slurm's (the job's end, the
+        # driver's own scancel or requeue of it): ignored, it must not kill steps mid-checkpoint; Ctrl-C again forces
+        stop_on_signals(owner, forced_by=(signal.SIGINT,))
     try:
         rc = owner.run()
     finally:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig
 from areal_hpc.launch import outcome
@@ -44,6 +44,24 @@ def killpg(proc: subprocess.Popen, sig: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+
+
+def host_env(*drop: str) -> Dict[str, str]:
+    """The environment of a task this process starts on this host: without ``drop`` and without the variables of a
+    Slurm job or step this process may run in (a run started inside an allocation is no step of it: its servers must
+    record this host, not the job's node name, and its ranks must not size themselves from the job's tasks)."""
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "SLURMD_"))}
+
+
+def task_env(step: StepSpec, rank: int, gpus: List, master: Tuple[str, int]) -> Dict[str, str]:
+    """What srun gives task ``rank`` of ``step`` (and the step's env): its rank, the step's size and rendezvous
+    (``master``, for a step of several tasks), its GPUs."""
+    env = dict(step.env, PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(step.ntasks),
+               LOCAL_RANK=str(rank % step.ntasks_per_node), LOCAL_WORLD_SIZE=str(step.ntasks_per_node),
+               GROUP_RANK=str(rank // step.ntasks_per_node), CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    if step.ntasks > 1:
+        env.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+    return env
 
 
 class ProcessHandle(StepHandle):
@@ -88,16 +106,13 @@ class ProcessRunner(Runner):
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         gpus = self.gpus_for(step, running)
-        env = dict(os.environ, **step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)),
-                   WORLD_SIZE=str(step.ntasks))
+        env, master = host_env(), ("127.0.0.1", free_port() if step.ntasks > 1 else 0)
         if step.role != "server" or self.cfg.shutdown_server_on_exit:  # else servers are meant to outlive us
             env[LAUNCHER_PID_ENV] = str(os.getpid())  # if we die, even by SIGKILL, the kernel stops the task
-        if step.ntasks > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         procs: List[subprocess.Popen] = []
         try:
             for rank in range(step.ntasks):
-                procs.append(spawn(step.command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                procs.append(spawn(step.command, dict(env, **task_env(step, rank, gpus, master)),
                                    step.log.replace("%t", str(rank)), str(Path(step.log).parent.parent)))
         except BaseException:  # rank k did not start: ranks 0..k-1 must not run on, waiting for it
             for p in procs:
@@ -140,41 +155,56 @@ class Progress:
             self._bar.close()
 
 
-def stop_on_signals(owner: RunOwner) -> Dict[int, object]:
-    """Ctrl-C (SIGINT) or SIGTERM stops the run gracefully (checkpoint, servers down), the second one kills what is
-    left; returns the handlers replaced. `areal-hpc stop` asks through a request."""
+def stop_on_signals(owner: RunOwner, forced_by: Tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Dict[int, object]:
+    """Ctrl-C (SIGINT) or SIGTERM stops the run gracefully (checkpoint, servers down), a second one of ``forced_by``
+    kills what is left (others are ignored then); returns the handlers replaced. `areal-hpc stop` asks through a
+    request."""
     def on_signal(signum, frame) -> None:
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if owner.stopping:
+        if owner.stopping and signum in forced_by:
             owner.request_force(f"forced stop ({what} twice)")
             print(f"\n{what} again: killing the trainer and the servers", file=sys.stderr, flush=True)
-        else:
+        elif not owner.stopping:
             owner.request_stop(f"interrupted ({what})")
-            print(f"\n{what}: stopping (the trainer checkpoints, servers shut down); {what} again to force",
-                  file=sys.stderr, flush=True)
+            print(f"\n{what}: stopping (the trainer checkpoints, servers shut down)"
+                  + (f"; {what} again to force" if signum in forced_by else ""), file=sys.stderr, flush=True)
     return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+@contextlib.contextmanager
+def owner_log(run_dir: Path) -> Iterator[None]:
+    """While the owner runs (the local launcher, the driver): its log on stderr and in {run}/logs/driver.log."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    lg = logging.getLogger("areal_hpc.launch")
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / "driver.log")]
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    try:
+        yield
+    finally:
+        for h in handlers:
+            lg.removeHandler(h)
+            h.close()
+        lg.propagate = True
 
 
 def run(cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Optional[Runner] = None) -> int:
     """Own the run from this process (mode=local; also torchrun and ray, with their ``runner``) until it ends."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(run_dir / "logs" / "driver.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.getLogger("areal_hpc.launch").addHandler(fh)
     progress = Progress(cfg, run_dir)
     owner = RunOwner(cfg, plan, run_dir, runner or ProcessRunner(cfg), mode=cfg.mode)
     old = stop_on_signals(owner)
     print(f"logs: areal-hpc logs -f experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} "
           f"cluster.fileroot={cfg.cluster.fileroot}  ({run_dir}/logs)", file=sys.stderr)
     try:
-        rc = owner.run(on_tick=progress.tick)
+        with owner_log(run_dir):
+            rc = owner.run(on_tick=progress.tick)
     finally:
         progress.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        logging.getLogger("areal_hpc.launch").removeHandler(fh)
-        fh.close()
     summarize(cfg, run_dir, owner.record())
     return rc
 

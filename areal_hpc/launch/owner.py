@@ -8,6 +8,7 @@ registry) come from `add-servers`, `stop` and trainer-restart submits; only the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -104,7 +105,6 @@ class RunOwner:
         self._ended: Optional[float] = None
         self._heartbeat: Optional[Heartbeat] = None
 
-    # ------------------------------------------------------------------ records
     def record(self) -> Dict[str, object]:
         """The run record as written to run.json (state, reason, log, steps...)."""
         return {"mode": self.mode, "pid": os.getpid(), "host": socket.gethostname(), "job_id": self.job_id,
@@ -129,7 +129,6 @@ class RunOwner:
         if self._heartbeat is not None:
             self._heartbeat.beat()
 
-    # ------------------------------------------------------------------ stopping
     def request_stop(self, reason: str = "stop requested") -> None:
         if not self.stopping:
             self.stopping, self.stop_reason = True, reason
@@ -138,7 +137,6 @@ class RunOwner:
         self.request_stop(reason)
         self.force = True
 
-    # ------------------------------------------------------------------ steps
     def start_step(self, step: StepSpec) -> StepHandle:
         offsets = outcome.log_sizes(step.log)  # an error line must come from this attempt, not an earlier one
         if step.role != "server":
@@ -169,10 +167,10 @@ class RunOwner:
             self.start_step(server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1, gpu_ids=[]))
         return count
 
-    # ------------------------------------------------------------------ requests
     def handle_requests(self) -> None:
         for name, req in sorted(self.registry.list("requests").items()):
-            self.registry.delete("requests", name)
+            if not self.registry.delete("requests", name) or req.get("until", math.inf) < self._started:
+                continue  # withdrawn by its poster (`control.withdraw`), or given up before this owner started
             kind, error = req.get("kind"), None
             log.info("request %s: %s", name, req)
             try:
@@ -190,10 +188,12 @@ class RunOwner:
                         log.warning("started %d of %d requested servers (no free resources)", n, wanted)
                         # the answer for `add-servers`, which then submits the rest as a separate job
                         self.registry.put("replies", f"{name}-unserved", {"wanted": wanted, "started": n}, ttl=True)
+                elif kind == "start_trainer" and self.trainer is not None and self.trainer.poll() is None:
+                    error = "a trainer is running already"
                 elif kind == "start_trainer":
-                    if self.trainer is None or self.trainer.poll() is not None:
-                        self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
-                        self.start_step(self._trainer_step(req.get("min_required_servers")))
+                    self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
+                    self.registry.delete("", "trainer")  # the last one's, if it died unregistered: not the new one's
+                    self.start_step(self._trainer_step(req.get("min_required_servers")))
             except Exception as e:  # noqa: BLE001 - a step that fails to start must not end the run
                 log.exception("request %s failed", name)
                 error = f"{type(e).__name__}: {e}"
@@ -208,7 +208,6 @@ class RunOwner:
             return replace(step, env={**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(min_required_servers)})
         return step
 
-    # ------------------------------------------------------------------ the trainer's end
     def _watch_progress(self) -> None:
         """Whether the running trainer got past its first step (its record's step moved)."""
         a = self._attempt
@@ -291,14 +290,9 @@ class RunOwner:
         line, path = outcome.error_line(h.step.log, self._log_offsets.get(h.step.name))
         return f"{h.step.name} {outcome.describe_exit(rc)}" + (f": {line}" if line else ""), path
 
-    # ------------------------------------------------------------------ main loop
     def run(self, on_tick=None) -> int:
         """Start the plan's steps and own them until the run ends; returns `outcome.exit_code`."""
         self._started = time.time()
-        for name, req in self.registry.list("requests", live_only=False).items():
-            if req.get("until", 0) < time.time():  # left by an earlier owner; else its poster waits for us
-                log.info("dropping stale request %s", name)
-                self.registry.delete("requests", name)
         self._heartbeat = Heartbeat(self.registry, "", "run", self.record,
                                     interval_s=self.cfg.launcher.heartbeat_s, remove_on_exit=False).start()
         # servers attached by URL have no heartbeat of their own: the owner checks their /health

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
-from areal_hpc.launch.local import killpg, spawn, step_exit
+from areal_hpc.launch.local import host_env, killpg, spawn, step_exit, task_env
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec
 from areal_hpc.registry import Registry, free_port
@@ -40,8 +40,6 @@ CONNECT_TIMEOUT_S = 5.0
 INSTALL_HINT = 'pip install "areal-hpc[ray]", or use mode=slurm / mode=local'
 START_HINT = "start one (`ray start --head`) or give its head's GCS address host:port"
 
-
-# ----------------------------------------------------------------------------- connecting
 
 def require_ray() -> Any:
     """The ``ray`` module, or a `ConfigError` naming ``mode`` and how to install it."""
@@ -120,8 +118,6 @@ def run_prefix(plan: Plan, run_dir: Path) -> str:
     return f"{plan.job_name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}/"
 
 
-# ----------------------------------------------------------------------------- the actor
-
 class StepTask:
     """One task (rank) of a step, inside a Ray actor: holds its resources, runs and supervises the
     process. Methods run on the actor's main thread (the parent-death signal is per thread)."""
@@ -137,8 +133,7 @@ class StepTask:
                 "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
 
     def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
-        full = dict(os.environ, **env)
-        full.pop(LAUNCHER_PID_ENV, None)
+        full = dict(host_env(LAUNCHER_PID_ENV), **env)  # no Slurm variables of a Ray worker started by srun
         # the task gets SIGKILL when its actor dies, as a Slurm step's tasks die with it (a graceful stop goes
         # through `signal` first)
         self.proc = spawn(command, full, log_path, cwd, preexec_fn=functools.partial(set_parent_death_signal,
@@ -162,8 +157,6 @@ class StepTask:
         except subprocess.TimeoutExpired:
             killpg(self.proc, signal.SIGKILL)
 
-
-# ----------------------------------------------------------------------------- handles and runner
 
 class RayStepHandle(StepHandle):
     """A step on Ray: its placement group and one `StepTask` actor per task."""
@@ -301,7 +294,8 @@ class RayRunner(Runner):
                     num_cpus=step.cpus_per_task, num_gpus=step.gpus_per_task, max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
             places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
-            pids = ray.get([a.start.remote(step.command, self._env(step, rank, places),
+            master = (places[0]["ip"], places[0]["port"])
+            pids = ray.get([a.start.remote(step.command, task_env(step, rank, places[rank]["gpus"], master),
                                            step.log.replace("%t", str(rank)), str(self.run_dir))
                             for rank, a in enumerate(actors)], timeout=PLACEMENT_TIMEOUT_S)
         except Exception:
@@ -311,19 +305,6 @@ class RayRunner(Runner):
             "ray_placement_group": pg_name, "actors": names, "pids": pids, "nodes": [p["node_id"] for p in places],
             "hosts": [p["host"] for p in places], "gpus": [p["gpus"] for p in places]})
 
-    @staticmethod
-    def _env(step: StepSpec, rank: int, places: List[Dict[str, Any]]) -> Dict[str, str]:
-        """What srun gives a task: its rank, the step's size and rendezvous, its GPUs."""
-        env = dict(step.env, PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(step.ntasks),
-                   LOCAL_RANK=str(rank % step.ntasks_per_node), LOCAL_WORLD_SIZE=str(step.ntasks_per_node),
-                   GROUP_RANK=str(rank // step.ntasks_per_node),
-                   CUDA_VISIBLE_DEVICES=",".join(places[rank]["gpus"]))
-        if step.ntasks > 1:
-            env.update(MASTER_ADDR=places[0]["ip"], MASTER_PORT=str(places[0]["port"]))
-        return env
-
-
-# ----------------------------------------------------------------------------- the run, and control
 
 def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
     """Own the run from this process (`local.run` with a `RayRunner`); ``nodes`` from `prepare`."""

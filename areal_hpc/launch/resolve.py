@@ -94,8 +94,6 @@ def _quiet() -> None:
         transformers.logging.set_verbosity_error()
 
 
-# ------------------------------------------------------------------ hub
-
 def download(key: str, repo_id: str, repo_type: str, cache: Path) -> str:
     """The local snapshot directory of hub repo ``repo_id`` (downloaded now unless cached)."""
     from huggingface_hub import snapshot_download
@@ -133,8 +131,6 @@ def _local_or_download(key: str, path: str, repo_type: str, cache: Path) -> Path
     raise ConfigError(key, f"{repo_type} path {path!r} does not exist", "give a local path, or a hub name (org/name)")
 
 
-# ------------------------------------------------------------------ models
-
 def check_model_dir(key: str, p: Path) -> None:
     """config.json parses and loads, weights are there, the tokenizer loads and fits the model."""
     if p.is_file():
@@ -171,8 +167,6 @@ def check_model_dir(key: str, p: Path) -> None:
         raise ConfigError(key, f"the tokenizer in {p} has {len(tok)} tokens but the model's vocab_size is {vocab}",
                           "the tokenizer belongs to another model")
 
-
-# ------------------------------------------------------------------ datasets
 
 def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path) -> None:
     """Check dataset ``key`` and rewrite ``ds.path`` (local, absolute) and ``ds.split`` (the one read)."""

@@ -1,7 +1,8 @@
 """`mode=slurm` from the login node: the run's allocation (submitit), and server jobs joining a run.
 
 The allocation's payload, `Driver`, runs `driver.main` in the batch script itself (the interpreter ``exec``-ed so that
-the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) are the rendered `templates/add-servers.sbatch`.
+the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) are the rendered
+`templates/add-servers.sbatch`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import contextlib
 import io
 import shlex
 import sys
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -197,8 +198,6 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
           f"{rd}/logs/slurm-{job_id}.out", file=sys.stderr)
     return 1
 
-
-# ----------------------------------------------------------------------------- server jobs
 
 def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     """A plan of ``count`` servers only (named by `next_server_index`), asking for just the GPUs they use."""

@@ -31,6 +31,11 @@ def slurm_jobs(reg: Registry, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return {j: {"job_id": j, **slurm.job(j), "steps": slurm.job_steps(j)} for j in ids}
 
 
+def dead_here(rec: Dict[str, Any]) -> bool:
+    """A record's process runs on this host (its node or host says so: elsewhere its pid means nothing) and ended."""
+    return runs_here(rec.get("node"), rec.get("host")) and not pid_alive(rec.get("pid"))
+
+
 def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
     """The run's owner process lives: by its pid on this host, elsewhere by its record's heartbeat."""
     if not run.get("pid"):
@@ -75,12 +80,13 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
 
 
 def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
-    """A live record may still belong to a dead process (it lives until its TTL): check the process
-    (this host) or its Slurm step. An attached server's record lives while the owner's health checks refresh it."""
+    """A live record may still belong to a dead process (it lives until its TTL): check the process (where the record
+    says it runs on this host: elsewhere its pid means nothing here) or its Slurm step. An attached server's record
+    lives while the owner's health checks refresh it."""
     if rec.get("external") and rec.get("url"):
         return True
-    if run.get("mode") in HOST_MODES and (run.get("host") is None or runs_here(run["host"])) and rec.get("pid"):
-        return pid_alive(rec.get("pid"))
+    if rec.get("pid") and dead_here(rec):
+        return False
     job = jobs.get(str(rec.get("slurm_job_id")))
     if job is None or rec.get("slurm_step_id") is None:
         return True  # Slurm knows nothing of it: trust the heartbeat
@@ -122,9 +128,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
         owner_alive = launcher_alive(run, reg)
         status["job"] = {"launcher_pid": run.get("pid"), "host": run.get("host"),
                          "state": "RUNNING" if owner_alive else "ENDED"}
-    if trainer is not None and ((run and not owner_alive)  # the owner's steps end with it
-                                or (run.get("mode") in HOST_MODES and not pid_alive(trainer.get("pid"))
-                                    and (trainer.get("host") is None or runs_here(trainer["host"])))):
+    if trainer is not None and ((run and not owner_alive) or dead_here(trainer)):  # the owner's steps end with it
         status["trainer"] = None
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
@@ -149,7 +153,8 @@ def status(rd: Path, as_json: bool = False) -> int:
           + (f" ({st['trainer_restarts']} trainer restart(s))" if st.get("trainer_restarts") else ""))
     if st.get("log") and st.get("state") not in ("COMPLETED", "RUNNING", "PENDING"):
         print(f"         see {st['log']}  (areal-hpc logs ...)")
-    print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {job.get('nodes', '')}".rstrip())
+    where = job.get("nodes") or (f"on {job['host']}" if job.get("host") else "")  # a local run's launcher: its host
+    print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {where}".rstrip())
     ray = st.get("ray") or {}
     if ray:
         print(f"ray      {ray.get('address')}: " + (ray["error"] if "error" in ray else
@@ -235,6 +240,5 @@ def remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
         if sid not in live or not server_alive(rec, run, jobs):
             reg.delete("servers", sid)
     trainer = reg.get("", "trainer", live_only=False)
-    if trainer is not None and (reg.get("", "trainer") is None or (
-            runs_here(trainer.get("host")) and not pid_alive(trainer.get("pid")))):
+    if trainer is not None and (reg.get("", "trainer") is None or dead_here(trainer)):
         reg.delete("", "trainer")

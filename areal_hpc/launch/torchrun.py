@@ -19,7 +19,7 @@ from typing import Dict, List
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS, set_parent_death_signal
-from areal_hpc.launch.local import ProcessHandle, ProcessRunner, spawn
+from areal_hpc.launch.local import ProcessHandle, ProcessRunner, host_env, spawn
 from areal_hpc.launch.owner import StepHandle
 from areal_hpc.launch.plan import StepSpec
 from areal_hpc.registry import free_port
@@ -82,7 +82,7 @@ class TorchrunRunner(ProcessRunner):
         if step.role != "trainer":
             return super().start(step, running)
         gpus = self.gpus_for(step, running)
-        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS and k != LAUNCHER_PID_ENV}
+        env = host_env(*RANK_VARS, LAUNCHER_PID_ENV)
         env.update(step.env, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the module's docstring
         if self.servers:

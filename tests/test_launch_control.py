@@ -1,0 +1,167 @@
+"""The launch runtime (control commands, owner, status, local runner, location checks): bugs of the eleventh review,
+each shown by its test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import types
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+from helpers import run, wait_until
+from test_launch_runtime import Ended, local_cfg, owner_of
+
+from areal_hpc.cli.main import main as cli_main
+from areal_hpc.config import ConfigError, check_location, dump_yaml, load_config, parse_allocation
+from areal_hpc.launch import control, slurm, status
+from areal_hpc.launch.local import ProcessRunner
+from areal_hpc.launch.owner import Runner, StepHandle
+from areal_hpc.launch.plan import StepSpec, build_plan
+from areal_hpc.registry import Registry
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def busy_owner(tmp_path: Path):
+    """A run's owner alive (this process) that does not serve requests yet (busy starting a step, say)."""
+    owner = owner_of(tmp_path)
+    owner.registry.put("", "run", {"mode": "local", "pid": os.getpid(), "host": socket.gethostname(),
+                                   "state": "RUNNING"})
+    return owner
+
+
+def test_an_add_servers_given_up_is_not_served_later(tmp_path, monkeypatch):
+    """`add-servers` posts its request and waits; the user gives up (Ctrl-C), or the wait times out, before the busy
+    owner got to it: the owner started the servers later anyway, behind the user's back. The request is withdrawn."""
+    owner = busy_owner(tmp_path)
+    assert control.add_servers(owner.run_dir, 1, timeout_s=0.5) == 1  # timed out
+    owner.handle_requests()
+    assert owner.servers == {}
+
+    def ctrl_c(_s: float) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(control, "time", types.SimpleNamespace(time=time.time, time_ns=time.time_ns,
+                                                               monotonic=time.monotonic, sleep=ctrl_c))
+    with pytest.raises(KeyboardInterrupt):
+        control.add_servers(owner.run_dir, 1)
+    owner.handle_requests()
+    assert owner.servers == {} and owner.registry.list("requests", live_only=False) == {}
+
+
+@pytest.fixture
+def running_job(slurm_cluster):
+    """The id of a real Slurm job that runs (a driver's, as far as `restart_trainer` asks Slurm)."""
+    job_id = run("sbatch", "--parsable", "--wrap", "sleep 300").strip().split(";")[0]
+    try:
+        wait_until(lambda: slurm.job_state(job_id) == "RUNNING", 120, f"job {job_id} to run")
+        yield job_id
+    finally:
+        slurm.scancel(job_id)
+
+
+@pytest.mark.slurm
+def test_a_trainer_restart_does_not_take_the_old_trainers_record_for_the_new_one(tmp_path, capsys, running_job):
+    """`submit ... min_required_servers=N` on a live Slurm run: a trainer killed a moment ago left its record (alive
+    until its TTL), and the restart declared "trainer started" at once, before the driver had even read the request.
+    Only a trainer of a step the driver started for the request counts; a restart given up leaves no request."""
+    cfg = local_cfg(tmp_path, "launcher.ttl_s=60")
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "config.yaml").write_text(dump_yaml(cfg))
+    reg = Registry.for_run(rd, cfg.launcher)
+    driver = {"mode": "slurm", "job_id": running_job, "pid": os.getpid(), "host": socket.gethostname(),
+              "state": "RUNNING", "steps": {"trainer": {"slurm_step_id": "3"}}, "trainer_rc": -9}
+    reg.put("", "run", driver)
+    reg.put("", "trainer", {"pid": dead_pid(), "host": socket.gethostname(), "step": 5})  # the killed trainer's
+    assert control.restart_trainer(cfg, rd, driver, timeout_s=1.0) == 1
+    assert "no trainer registered within 1s" in capsys.readouterr().err
+    assert reg.list("requests", live_only=False) == {}
+
+
+class Running(Ended):
+    """A step that runs until signalled."""
+
+    rc: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        return self.rc
+
+    def signal(self, sig: int) -> None:
+        self.rc = -int(sig)
+
+
+class RunningRunner(Runner):
+    def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
+        return Running(step)
+
+
+def test_a_trainer_restart_while_the_trainer_runs_is_refused(tmp_path):
+    """A start_trainer request while the run's trainer still runs (it had not registered yet, so `submit` let it
+    through): the owner ignored it without a word, and the restart waited out its timeout, or took the running
+    trainer's record for the one it asked for. It is refused, saying why."""
+    owner = owner_of(tmp_path)
+    owner.runner = RunningRunner()
+    owner.start_step(owner.plan.trainer)
+    name = control.post_request(owner.registry, "start_trainer", 60.0)
+    owner.handle_requests()
+    assert control.take_reply(owner.registry, name) == {"error": "a trainer is running already",
+                                                        "_age_s": pytest.approx(0, abs=5)}
+
+
+def test_status_keeps_a_server_of_another_host_whose_heartbeat_is_fresh(tmp_path):
+    """A local run with a server started by hand (`serve`) on another host: `status` judged it by its pid on THIS host,
+    called it dead, and `stop` (remove_dead_records) deleted the record of a live server."""
+    owner = busy_owner(tmp_path)
+    elsewhere = {"external": True, "node": "node-9", "host": "10.9.9.9", "pid": dead_pid(), "address": "127.0.0.1:1",
+                 "state": "ready"}
+    owner.registry.put("servers", "ext-0", elsewhere)
+    assert [s["id"] for s in status.collect_status(owner.run_dir)["servers"]] == ["ext-0"]
+    status.remove_dead_records(owner.registry, owner.registry.get("", "run"))
+    assert owner.registry.get("servers", "ext-0") is not None
+
+
+def test_stop_stops_the_servers_of_a_local_run_started_inside_a_slurm_job(tmp_path, monkeypatch):
+    """`submit mode=local` inside an sbatch job: its servers inherited the job's environment and recorded its node
+    name (SLURMD_NODENAME) as theirs; serving on an address (server.host=127.0.0.1), `stop` after the owner had gone
+    found no server of this host and left them running ("not ours to kill from here")."""
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    cfg = local_cfg(tmp_path, "server.model_path=toy:qwen3-h128-l2", "server.host=127.0.0.1", "launcher.ttl_s=30")
+    rd = tmp_path / "run"
+    (rd / "logs").mkdir(parents=True)
+    (rd / "config.yaml").write_text(dump_yaml(cfg))
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), rd)
+    server = ProcessRunner(cfg).start(plan.servers[0], [])
+    reg = Registry.for_run(rd, cfg.launcher)
+    try:
+        wait_until(lambda: (reg.get("servers", "server-0") or {}).get("state") == "ready" or server.poll() is not None,
+                   120, "server-0 to serve")
+        assert server.poll() is None, (rd / "logs" / "server-0.log").read_text()[-3000:]
+        reg.put("", "run", {"mode": "local", "pid": dead_pid(), "host": socket.gethostname(), "state": "COMPLETED"})
+        assert control.stop(rd, timeout_s=30.0) == 0
+        wait_until(lambda: server.poll() is not None, 30, "server-0 to exit")
+    finally:
+        server.signal(signal.SIGKILL)
+
+
+def test_a_symlinked_fileroot_is_measured_where_it_points(tmp_path):
+    """cluster.fileroot a symlink: its length was measured as written, so a short link to a deep directory passed and
+    the run failed at its first write (File name too long); a symlink loop was a traceback (RuntimeError), not
+    bad input (exit 2)."""
+    deep = tmp_path.joinpath(*["d" * 250] * 15)
+    deep.mkdir(parents=True)
+    (tmp_path / "short").symlink_to(deep)
+    with pytest.raises(ConfigError, match="too long"):
+        check_location(load_config(None, [f"cluster.fileroot={tmp_path / 'short'}"]))
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert cli_main(["status", f"cluster.fileroot={tmp_path / 'a' / 'x'}"]) == 2
