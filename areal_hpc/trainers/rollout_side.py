@@ -24,7 +24,7 @@ from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import RegistryTimeout, free_port
 from areal_hpc.rollout import PromptLoader, RolloutController, RolloutError, Trajectory, make_workflow
 from areal_hpc.rollout.adapters import apply_adapter
-from areal_hpc.rollout.data import DatasetError, load_dataset_rows
+from areal_hpc.rollout.data import DatasetError, load_dataset_rows, one_line
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
@@ -42,24 +42,33 @@ def load_tokenizer(path: str):
 
 
 def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, tokenizer=None) -> PromptLoader:
-    """The dataset's rows through its adapter; with ``tokenizer``, less those whose prompt is longer than
+    """The dataset's rows through its adapter; with ``tokenizer``, less those that the prompt encoder rejects (the chat
+    template, a row without a prompt: its episode, or SFT's step, would fail on it) or whose prompt is longer than
     ``{ds}.max_prompt_len`` tokens (as AReaL filters them: a server would reject them, or the trainer run out of
     memory)."""
     ds = ctx.cfg.train_dataset if which == "train" else ctx.cfg.valid_dataset
     rows = apply_adapter(load_dataset_rows(ds, which), ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
     if tokenizer is not None:
-        encode, kept = PromptEncoder(tokenizer, PromptFormat.from_dataset(ds)).encode, []
+        encode, kept, rejected = PromptEncoder(tokenizer, PromptFormat.from_dataset(ds)).encode, [], []
         for row in rows:
-            with contextlib.suppress(ValueError):  # a row the encoder rejects fails its episode, as before
-                if len(encode(row)) > ds.max_prompt_len:
-                    continue
-            kept.append(row)
+            try:
+                if len(encode(row)) <= ds.max_prompt_len:
+                    kept.append(row)
+            except ValueError as e:
+                rejected.append(e)
+        if rejected:
+            log.warning("%d of %d rows of %s_dataset cannot be encoded as prompts: left out (first: %s)",
+                        len(rejected), len(rows), which, one_line(rejected[0]))
+        too_long = len(rows) - len(kept) - len(rejected)
+        if too_long:
+            log.warning("%d of %d prompts are longer than %s_dataset.max_prompt_len=%d tokens: left out",
+                        too_long, len(rows), which, ds.max_prompt_len)
+        if rejected and not kept:
+            raise DatasetError("path", f"none of the {len(rows)} rows of {which}_dataset gives a usable prompt: "
+                               f"{len(rejected)} cannot be encoded (first: {one_line(rejected[0])})")
         if rows and not kept:
             raise DatasetError("max_prompt_len", f"all {len(rows)} prompts are longer than {which}_dataset."
                                f"max_prompt_len={ds.max_prompt_len} tokens", "raise it, or shorten the prompts")
-        if len(kept) < len(rows):
-            log.warning("%d of %d prompts are longer than %s_dataset.max_prompt_len=%d tokens: left out",
-                        len(rows) - len(kept), len(rows), which, ds.max_prompt_len)
         rows = kept
     return PromptLoader(rows, shuffle=ds.shuffle and which == "train", seed=ctx.cfg.seed, epochs=epochs)
 
