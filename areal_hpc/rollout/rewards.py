@@ -28,10 +28,6 @@ THREAD_SLOTS = threading.BoundedSemaphore(N_THREAD_SLOTS)
 _overdue: Set[concurrent.futures.Future] = set()  # user reward calls that ran out of time (done ones are pruned)
 
 
-class RewardHangs(RuntimeError):
-    """Every thread slot is held by a user reward call that ran out of time and never returned."""
-
-
 class RewardScorer:
     """Scores a group's completions off the event loop, the whole group within ``timeout_s``. `IN_PROCESS` rewards
     run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a worker's main thread
@@ -40,7 +36,7 @@ class RewardScorer:
     completion, at most `THREAD_SLOTS` at once: unlike an executor's threads, which interpreter exit joins, one stuck
     for good holds up no exit.
     A reward that raises or runs out of time scores 0, with a warning. A thread cannot be ended: once every slot is
-    held by a call that ran out of time, scoring raises `RewardHangs` (the episode fails, and the run with it), where
+    held by a call that ran out of time, scoring raises a RuntimeError (the episode fails, and the run with it), where
     every later reward would wait for a slot, run out of time and score 0. `close` ends the workers."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
@@ -55,9 +51,9 @@ class RewardScorer:
         deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
         _overdue.difference_update([f for f in list(_overdue) if f.done()])
         if not self.in_process and len(_overdue) >= N_THREAD_SLOTS:
-            raise RewardHangs(f"reward {self.name!r}: {len(_overdue)} calls ran past rollout.reward_timeout_s="
-                              f"{self.timeout_s} and never returned, holding every thread for user rewards: the reward "
-                              "function hangs (make it return, or bound its own time)")
+            raise RuntimeError(f"reward {self.name!r}: {len(_overdue)} calls ran past rollout.reward_timeout_s="
+                               f"{self.timeout_s} and never returned, holding every thread for user rewards: the "
+                               "reward function hangs (make it return, or bound its own time)")
         while todo:
             if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
                 self.close()

@@ -80,8 +80,7 @@ class PPOTrainer(Trainer):
             return False
         self.side.start()
         # The trainer owns the weights: push them before generating, however it started. Servers may hold another
-        # trainer's, or refuse every request after a failed broadcast until a complete update (neither shows in a
-        # server's version: a broadcast that failed did not change it).
+        # trainer's, or refuse all requests after a failed broadcast (which left their version as it was).
         self._push_weights(version, checkpoint=False)
         self.side.wait_update()
         self.side.resume()

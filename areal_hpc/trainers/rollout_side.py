@@ -28,6 +28,7 @@ from areal_hpc.rollout.data import DatasetError, load_dataset_rows, one_line
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
+from areal_hpc.train.weight_sync import announcement, init_weight_sync_group, new_group_name
 from areal_hpc.trainers.base import TrainContext
 from areal_hpc.trainers.rollout_process import FAILED, BackgroundUpdates, RolloutProcess
 
@@ -241,8 +242,6 @@ class RolloutSide(BackgroundUpdates):
         gloo on CPU-only runs. The group has a fixed size: it is formed again, under a new name, whenever the live
         servers change (a late server starts from weights/latest). External servers stay out (one member that cannot
         reach the trainer's port would make all wait out the timeout) and load a disk copy."""
-        from areal_hpc.train.weight_sync import init_weight_sync_group, new_group_name
-
         pool, c, backend = self.pool, self.controller, self.ctx.cfg.trainer.ppo.weight_update
         c.run(pool.refresh())
         external = self.external_ids()
@@ -273,8 +272,6 @@ class RolloutSide(BackgroundUpdates):
 
     def _announcer(self, version: int):
         """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""
-        from areal_hpc.train.weight_sync import announcement
-
         def on_bucket(bucket):
             fut = self.controller.submit(self.pool.update_weights_from_distributed(
                 *announcement(bucket), self.group_name, version, self.members, timeout_s=GROUP_TIMEOUT_S))
@@ -291,24 +288,17 @@ class FollowerSide:
     """What trainer ranks other than 0 hold in place of a `RolloutSide`: they receive what rank 0 shares (batches,
     failures) and join the weight broadcast's collectives; the rest is rank 0's."""
 
-    def _nothing(self, *args: Any) -> None:
-        return None
+    def _nothing(self, *args: Any) -> Dict[str, float]:
+        return {}  # (rank 0 reports, and shares what all need: what a follower's calls return is not used)
 
     start = resume = stop = loader_state = prune_weights = update_weights_later = _nothing
+    stats = wait_update = external_ids = _nothing
 
     def next_batch(self, version: int) -> Optional[List[Trajectory]]:
         got = dist.broadcast_object(None)
         if isinstance(got, tuple) and got[:1] == (FAILED,):
             raise RolloutError(got[1])
         return got
-
-    def stats(self) -> Dict[str, float]:
-        return {}
-
-    wait_update = stats  # rank 0 waits for the update and reports it
-
-    def external_ids(self) -> List[str]:
-        return []
 
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
