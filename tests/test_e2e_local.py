@@ -339,8 +339,9 @@ def _refuse_after_a_failed_broadcast(reg, sid: str, model: str) -> None:
     from safetensors import safe_open
 
     def post(path: str, body: dict):
-        req = urllib.request.Request(f"http://{reg.get('servers', sid)['address']}{path}", method="POST",
-                                     data=json.dumps(body).encode(), headers={"Authorization": f"Bearer {reg.secret()}"})
+        url = f"http://{reg.get('servers', sid)['address']}{path}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {reg.secret()}"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, json.loads(r.read())

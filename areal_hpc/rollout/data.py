@@ -12,6 +12,8 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from areal_hpc import toy
+
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # The split validation data comes from when none is given, in order of preference.
 EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")
@@ -211,8 +213,6 @@ def _read(path, name, split, which, rows: Callable[[Any], List[Dict[str, Any]]],
 def load_dataset_rows(ds, which: str = "train") -> List[Dict[str, Any]]:
     """The rows of ``train_dataset`` (``which="train"``) or ``valid_dataset`` (a `DatasetConfig`):
     a `toy:` spec, a local file or directory with its ``name``/``split``, up to ``limit`` rows."""
-    from areal_hpc import toy
-
     path = toy.resolve_dataset(ds.path, split=which)
     return load_rows(path, limit=ds.limit, name=ds.name, split=ds.split, which=which)
 

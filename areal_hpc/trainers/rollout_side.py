@@ -153,11 +153,8 @@ class RolloutSide(BackgroundUpdates):
         """`next_batch` on this rank alone; None once the prompts of ``trainer.total_train_epochs`` are used up."""
         r = self.ctx.cfg.rollout
         self.controller.set_trainer_version(version)
-        try:
-            groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
-                                                stall_timeout_s=r.stall_timeout_s)
-        except StopIteration:
-            return None
+        groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
+                                            stall_timeout_s=r.stall_timeout_s)
         return None if groups is None else [t for g in groups for t in g.trajectories]
 
     def stats(self) -> Dict[str, float]:
