@@ -79,11 +79,11 @@ class PPOTrainer(Trainer):
         if self.side is None:
             return False
         self.side.start()
-        # The trainer owns the weights: push them before generating, however it started. Servers may hold another
-        # trainer's, or refuse all requests after a failed broadcast (which left their version as it was).
+        # The trainer owns the weights: push them before generating (the update starts generation), however it
+        # started. Servers may hold another trainer's, or refuse all requests after a failed broadcast (which left
+        # their version as it was).
         self._push_weights(version, checkpoint=False)
         self.side.wait_update()
-        self.side.resume()
         return True
 
     def train_step(self, step: int):

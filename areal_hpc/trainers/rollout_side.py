@@ -136,12 +136,9 @@ class RolloutSide(BackgroundUpdates):
         super().__init__()
 
     def start(self) -> None:
-        """Run the rollout loop, paused (a weight update needs it; nothing is generated yet)."""
+        """Run the rollout loop, paused: nothing is generated until the first weight update (`_paused`) resumes it."""
         self.controller.pause()
         self.controller.start()
-
-    def resume(self) -> None:
-        self.controller.resume()
 
     def stop(self) -> None:
         try:
@@ -288,7 +285,7 @@ class FollowerSide:
     def _nothing(self, *args: Any) -> Dict[str, float]:
         return {}  # (rank 0 reports, and shares what all need: what a follower's calls return is not used)
 
-    start = resume = stop = loader_state = prune_weights = update_weights_later = _nothing
+    start = stop = loader_state = prune_weights = update_weights_later = _nothing
     stats = wait_update = external_ids = _nothing
 
     def next_batch(self, version: int) -> Optional[List[Trajectory]]:
