@@ -92,6 +92,16 @@ def test_chat_template_none_is_raw_text(tok):
         PromptEncoder(tok, PromptFormat(chat_template="yes"))
 
 
+def test_a_prompt_of_none_is_no_prompt(tok):
+    """A dataset mixing prompt rows and messages rows gives each row both columns, the missing one None (`datasets`
+    unifies the columns): a messages row was then sent, without a template, as the text "None"."""
+    row = {"messages": [user("3+4=")], "prompt": None}
+    with pytest.raises(ValueError, match="has 'messages' but no 'prompt': chat_template=none"):
+        PromptEncoder(tok, PromptFormat(chat_template="none")).encode(row)
+    assert PromptEncoder(tok).prompt_text(row) == "3+4="
+    assert PromptEncoder(tok).encode({"messages": None, "prompt": "3+4="}) == PromptEncoder(tok).encode(row)
+
+
 def test_a_tokenizer_without_template_keeps_raw_text(tmp_path):
     toy = AutoTokenizer.from_pretrained(resolve_model("toy:qwen3-h64-l1", cache_dir=tmp_path))
     enc = PromptEncoder(toy)

@@ -197,3 +197,29 @@ def test_ppo_leaves_out_prompts_longer_than_max_prompt_len(tmp_path, caplog):
     cfg.train_dataset.max_prompt_len = 3  # none fits: say so, not "the dataset is empty"
     with pytest.raises(DatasetError, match="all 3 prompts are longer than train_dataset.max_prompt_len=3"):
         load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1, tokenizer=tok)
+
+
+def test_rows_the_prompt_encoder_rejects_are_left_out_not_trained_on(tmp_path, caplog):
+    """A row the encoder rejects (here: messages only, and a tokenizer without a chat template) was kept, and failed
+    later: its PPO episode, or the SFT step that drew it. It is left out with one warning; none left is an error."""
+    import logging
+    from types import SimpleNamespace
+
+    from chatml import build_chatml_tokenizer
+
+    from areal_hpc.config.schema import ExperimentConfig
+    from areal_hpc.trainers.rollout_side import load_prompts
+
+    f = tmp_path / "rows.jsonl"
+    messages = {"messages": [{"role": "user", "content": "1+1="}], "answer": "2"}
+    f.write_text("".join(json.dumps(r) + "\n" for r in ({"prompt": "1+0=", "answer": "1"}, messages, messages)))
+    cfg = ExperimentConfig(train_dataset=DatasetConfig(path=str(f), shuffle=False))
+    tok = build_chatml_tokenizer(tmp_path / "tok", template=None)
+    with caplog.at_level(logging.WARNING):
+        loader = load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1, tokenizer=tok)
+    assert [r["prompt"] for r in loader] == ["1+0="]
+    warned = "2 of 3 rows of train_dataset cannot be encoded as prompts: left out (first: row has 'messages' but no"
+    assert warned in caplog.text, caplog.text
+    f.write_text(json.dumps(messages) + "\n")
+    with pytest.raises(DatasetError, match="none of the 1 rows of train_dataset gives a usable prompt: 1 cannot be"):
+        load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1, tokenizer=tok)

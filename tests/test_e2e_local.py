@@ -326,3 +326,75 @@ def test_an_added_server_joins_the_weight_group(tmp_path):
             owner.wait(90)
         except subprocess.TimeoutExpired:
             owner.kill()
+
+
+def _refuse_after_a_failed_broadcast(reg, sid: str, model: str) -> None:
+    """Put server ``sid`` in the state a failed weight broadcast leaves: the trainer side of its group goes away before
+    broadcasting, so the server answers every /generate with 503 until a complete weight update."""
+    import socket
+    import textwrap
+    import urllib.error
+    import urllib.request
+
+    from safetensors import safe_open
+
+    def post(path: str, body: dict):
+        url = f"http://{reg.get('servers', sid)['address']}{path}"
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {reg.secret()}"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group
+        init_custom_process_group("gloo", "tcp://127.0.0.1:{port}", 2, 0, "dead", 60)
+    """)], env=dict(os.environ, GLOO_SOCKET_IFNAME="lo"))  # joins the group, then exits
+    status, body = post("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": port,
+                                                        "rank_offset": 1, "world_size": 2, "backend": "gloo",
+                                                        "group_name": "dead", "timeout": 60})
+    assert status == 200 and peer.wait(60) == 0, body
+    with safe_open(str(Path(model) / "model.safetensors"), "pt") as f:  # the toy model's tensors are float32
+        names = list(f.keys())[:2]
+        bucket = {"names": names, "dtypes": ["float32"] * 2, "shapes": [f.get_slice(n).get_shape() for n in names],
+                  "group_name": "dead", "weight_version": "1"}
+    status, body = post("/update_weights_from_distributed", bucket)
+    assert status == 400 and "broadcast failed" in body["message"], body
+    status, body = post("/generate", {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 2}})
+    assert status == 503 and "partly updated" in body["message"], body
+
+
+@pytest.mark.parametrize("weight_update", ["disk", "gloo"])
+def test_a_trainer_starting_at_version_0_makes_a_refusing_server_whole_again(tmp_path, weight_update):
+    """A server whose last weight broadcast failed refuses every request until a complete weight update. A trainer
+    that started at version 0 (no checkpoint) with min_required_servers=0 pushed no weights, so its rollouts failed
+    on that server for good. Every trainer now pushes its weights before generating: the server serves again."""
+    from helpers import serve_argv
+
+    from areal_hpc.registry import Registry
+    from areal_hpc.toy import resolve_model
+
+    rd = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    argv = serve_argv(rd, "s0", QUICKSTART, f"cluster.fileroot={tmp_path}", *SMALL, "trainer.total_train_steps=1",
+                      f"trainer.ppo.weight_update={weight_update}", "rollout.gen.max_new_tokens=2",
+                      "rollout.drop_timeout_s=5")  # (the old code failed at its bound, not at the timeout)
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        reg = Registry.for_run(rd)
+        wait_until(lambda: (reg.get("servers", "s0") or {}).get("state") == "ready" or server.poll() is not None, 120,
+                   "server s0")
+        _refuse_after_a_failed_broadcast(reg, "s0", resolve_model("toy:qwen3-h128-l2"))
+        trainer = subprocess.run([sys.executable, "-m", "areal_hpc", "train", "--run-dir", str(rd)], env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert trainer.returncode == 0, trainer.stderr[-3000:]
+        assert [r["step"] for r in metrics(rd)] == [1]
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

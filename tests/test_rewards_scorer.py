@@ -239,3 +239,21 @@ def test_user_rewards_run_at_most_thread_slots_at_once():
         assert scores == [1.0] * 100 and 1 < peak <= min(32, len(os.sched_getaffinity(0)) + 4), peak
     finally:
         REWARDS.pop("test-counts", None)
+
+
+def test_user_rewards_that_never_return_fail_the_episode_once_they_hold_every_thread():
+    """A user reward that runs out of time keeps its thread slot (a thread cannot be ended): once every slot was held,
+    every later reward waited for one, ran out of time and scored 0, silently, for the rest of the run. Now scoring
+    raises, naming the reward, and the episode fails."""
+    from areal_hpc.rollout.rewards import N_THREAD_SLOTS, RewardScorer
+
+    release = threading.Event()
+    register_reward("test-never")(lambda prompt, completion, answer, **_: release.wait() and 1.0)
+    try:
+        scorer = RewardScorer("test-never", timeout_s=0.2)
+        assert asyncio.run(scorer.score("q", ["x"] * N_THREAD_SLOTS, "x")) == [0.0] * N_THREAD_SLOTS
+        with pytest.raises(RuntimeError, match=f"'test-never': {N_THREAD_SLOTS} calls ran past rollout.reward_timeout"):
+            asyncio.run(scorer.score("q", ["x"], "x"))
+    finally:
+        release.set()
+        REWARDS.pop("test-never", None)

@@ -58,7 +58,6 @@ class RolloutController:
         self._ready = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    # ------------------------------------------------------------------ lifecycle
     def start(self) -> "RolloutController":
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="rollout", daemon=True)
         self._thread.start()
@@ -81,7 +80,6 @@ class RolloutController:
         """Run a coroutine on the rollout loop from the trainer thread and wait for its result."""
         return self.submit(coro).result(timeout)
 
-    # ------------------------------------------------------------------ trainer-side controls
     def set_version(self, version: int) -> None:
         self._version = version
         self._poke()
@@ -121,7 +119,7 @@ class RolloutController:
     def next_batch(self, should_stop: Callable[[], bool] = lambda: False, drop_timeout_s: Optional[float] = None,
                    stall_timeout_s: Optional[float] = None, poll_s: float = 1.0,
                    log_every_s: float = 60.0) -> Optional[List[Group]]:
-        """What the trainer waits in: the next batch, or None once ``should_stop()``. No silent
+        """What the trainer waits in: the next batch, or None once ``should_stop()`` or the rows are used up. No silent
         stalls: while no batch comes it logs why (at least every ``log_every_s``), and raises
         `RolloutStall` when most groups that finished were wasted (stale, failed, rejected) for
         ``drop_timeout_s`` -- e.g. a server whose weights lag makes every group stale, forever --
@@ -135,6 +133,8 @@ class RolloutController:
                 return self.get_batch(timeout=min([poll_s] + [b / 4 for b in bounds]))
             except TimeoutError:
                 pass
+            except StopIteration:  # the rows are used up
+                return None
             if should_stop():
                 return None
             now = time.monotonic()
@@ -195,7 +195,6 @@ class RolloutController:
         with self._cv:
             return self.rows.state_dict(rewind=len(self._pending) + self._running)
 
-    # ------------------------------------------------------------------ the loop
     def _poke(self) -> None:
         if self._loop is not None and self._wake is not None:
             with contextlib.suppress(RuntimeError):  # the loop has ended (stopped, or it failed to start)

@@ -12,6 +12,8 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from areal_hpc import toy
+
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # The split validation data comes from when none is given, in order of preference.
 EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")
@@ -81,11 +83,9 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
             raise DatasetError("split", f"no split {split!r}{listing}", "set it to one of them")
         return split
     prefer = ("train",) if which == "train" else EVAL_SPLITS
-    for s in prefer:
-        if s in splits:
-            return s
-    if len(splits) == 1:
-        return splits[0]
+    found = next((s for s in prefer if s in splits), splits[0] if len(splits) == 1 else None)
+    if found is not None:
+        return found
     raise DatasetError("split", f"no {'/'.join(prefer)} split{listing}", "set it to one of them")
 
 
@@ -160,16 +160,16 @@ def _open(path: str, name: Optional[str], split: str, which: str, streaming: boo
         if Path(path).suffix not in DATA_FILE_SUFFIXES:
             raise DatasetError("path", f"unsupported dataset file type {Path(path).suffix!r} ({path})",
                                "use .jsonl, .json or .parquet, or a dataset directory")
-        if _blank([path]):
-            return None
-        return load_dataset(_builder_for([path]), data_files=[path], split="train", streaming=streaming)
-    splits = dataset_splits(path, name)
-    split = choose_split(splits, split, which, where=path)
-    if Path(path).is_dir() and _blank(splits[split]):
+        files, split = [path], "train"
+    else:
+        splits = dataset_splits(path, name)
+        split = choose_split(splits, split, which, where=path)
+        files = splits[split]
+    if Path(path).exists() and _blank(files):
         return None
-    builder = _builder_for(splits[split]) if Path(path).is_dir() else None
+    builder = _builder_for(files) if Path(path).exists() else None
     if builder:
-        return load_dataset(builder, data_files={split: splits[split]}, split=split, streaming=streaming)
+        return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
     return load_dataset(path, name=name, split=split, streaming=streaming)
 
 
@@ -213,8 +213,6 @@ def _read(path, name, split, which, rows: Callable[[Any], List[Dict[str, Any]]],
 def load_dataset_rows(ds, which: str = "train") -> List[Dict[str, Any]]:
     """The rows of ``train_dataset`` (``which="train"``) or ``valid_dataset`` (a `DatasetConfig`):
     a `toy:` spec, a local file or directory with its ``name``/``split``, up to ``limit`` rows."""
-    from areal_hpc import toy
-
     path = toy.resolve_dataset(ds.path, split=which)
     return load_rows(path, limit=ds.limit, name=ds.name, split=ds.split, which=which)
 

@@ -93,7 +93,7 @@ class PromptEncoder:
         f = self.fmt
         msgs = row.get(f.messages_key)
         if msgs is None:
-            if f.prompt_key not in row:
+            if row.get(f.prompt_key) is None:
                 raise ValueError(f"row has neither {f.prompt_key!r} nor {f.messages_key!r}: keys {sorted(row)}")
             msgs = [{"role": "user", "content": str(row[f.prompt_key])}]
         elif not isinstance(msgs, list) or not all(isinstance(m, Mapping) and "role" in m and "content" in m
@@ -108,7 +108,7 @@ class PromptEncoder:
     def prompt_text(self, row: Dict[str, Any]) -> str:
         """The user's prompt as text (what a reward function gets as ``prompt``): the prompt string,
         or the last user message's content."""
-        if self.fmt.prompt_key in row:
+        if row.get(self.fmt.prompt_key) is not None:
             return str(row[self.fmt.prompt_key])
         users = [m for m in self.messages(row) if m["role"] == "user"]
         return str(users[-1]["content"]) if users else ""
@@ -124,7 +124,7 @@ class PromptEncoder:
             except Exception as e:  # jinja2's TemplateError (e.g. "System role not supported"), and the like
                 raise ValueError(f"the tokenizer's chat template rejected {[m['role'] for m in msgs]}: {e} "
                                  f"(chat_template=none sends raw text)") from e
-        elif f.prompt_key not in row:
+        elif row.get(f.prompt_key) is None:
             why = ("chat_template=none" if f.chat_template == "none" else "the tokenizer has no chat template")
             raise ValueError(f"row has {f.messages_key!r} but no {f.prompt_key!r}: {why}, so the prompt must be a "
                              f"raw-text {f.prompt_key!r} string (or use a model whose tokenizer has a chat template)")

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from areal_hpc.rollout.names import NameTable
 
@@ -23,7 +23,9 @@ REWARDS = NameTable("reward function")
 register_reward, get_reward = REWARDS.register, REWARDS.__getitem__
 IN_PROCESS = ("math",)  # built-in rewards a fresh process can import, scored there
 # user rewards running at once, over all groups (a thread executor's default size)
-THREAD_SLOTS = threading.BoundedSemaphore(min(32, len(os.sched_getaffinity(0)) + 4))
+N_THREAD_SLOTS = min(32, len(os.sched_getaffinity(0)) + 4)
+THREAD_SLOTS = threading.BoundedSemaphore(N_THREAD_SLOTS)
+_overdue: Set[concurrent.futures.Future] = set()  # user reward calls that ran out of time (done ones are pruned)
 
 
 class RewardScorer:
@@ -33,7 +35,9 @@ class RewardScorer:
     others (a user's ``@register_reward``, maybe not importable in a fresh process) run on daemon threads, one a
     completion, at most `THREAD_SLOTS` at once: unlike an executor's threads, which interpreter exit joins, one stuck
     for good holds up no exit.
-    A reward that raises or runs out of time scores 0, with a warning. `close` ends the workers."""
+    A reward that raises or runs out of time scores 0, with a warning. A thread cannot be ended: once every slot is
+    held by a call that ran out of time, scoring raises a RuntimeError (the episode fails, and the run with it), where
+    every later reward would wait for a slot, run out of time and score 0. `close` ends the workers."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
@@ -45,6 +49,11 @@ class RewardScorer:
         group ended (its own completion stuck) are scored again on fresh ones, in the time left."""
         calls = [functools.partial(self.fn, prompt, c, answer, **(row or {})) for c in completions]
         deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
+        _overdue.difference_update([f for f in list(_overdue) if f.done()])
+        if not self.in_process and len(_overdue) >= N_THREAD_SLOTS:
+            raise RuntimeError(f"reward {self.name!r}: {len(_overdue)} calls ran past rollout.reward_timeout_s="
+                               f"{self.timeout_s} and never returned, holding every thread for user rewards: the "
+                               "reward function hangs (make it return, or bound its own time)")
         while todo:
             if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
                 self.close()
@@ -53,10 +62,13 @@ class RewardScorer:
                                                  mp_context=multiprocessing.get_context("spawn"))
             pool = self._pool
             submit = pool.submit if pool is not None else _on_daemon_thread
-            futs.update({i: asyncio.wrap_future(submit(calls[i])) for i in todo})
+            started = {i: submit(calls[i]) for i in todo}
+            futs.update({i: asyncio.wrap_future(f) for i, f in started.items()})
             _, now_late = await asyncio.wait([futs[i] for i in todo], timeout=max(0.0, deadline - time.monotonic()))
             for f in now_late:
                 f.cancel()
+            if pool is None:  # (a call not started yet is cancelled: done)
+                _overdue.update(f for i, f in started.items() if futs[i] in now_late and not f.done())
             late |= now_late
             lost = pool is not None and pool is not self._pool  # another group ended these workers
             todo = [i for i in todo if lost and futs[i] not in late

@@ -71,7 +71,6 @@ class Trainer:
         self._heartbeat: Optional[Heartbeat] = None
         self._beat_t = 0.0  # when the record was last written
 
-    # ------------------------------------------------------------------ what a trainer supplies
     def setup(self) -> Any:
         """Build the model (every rank) and return its `FSDPEngine`; ``self.phases`` is set."""
         raise NotImplementedError(f"{type(self).__name__} overrides neither run nor setup")
@@ -95,7 +94,6 @@ class Trainer:
     def close(self) -> None:
         """Release what `start` made, however the run ends."""
 
-    # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         import torch
 
@@ -184,7 +182,6 @@ class Trainer:
         ckpt.save(self.ctx.checkpoint_dir, step, extra)
         log.info("checkpoint at step %d (%.2fs)", step, time.monotonic() - t0)
 
-    # ------------------------------------------------------------------ the registry record
     def publish_state(self, within_s: float = 0.0, **fields) -> None:
         """Update this trainer's registry record (rank 0; other ranks call it harmlessly), at once or, with
         ``within_s``, at most that late (a step's progress: no file write every step on a shared filesystem)."""

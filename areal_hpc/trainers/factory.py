@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 from areal_hpc.rollout.names import NameTable
 from areal_hpc.trainers.base import TrainContext, Trainer
@@ -17,10 +20,6 @@ _BUILTIN = {"ppo": "areal_hpc.trainers.ppo_trainer", "sft": "areal_hpc.trainers.
 def load_plugins(paths) -> None:
     """Import user modules (``my_pkg.my_trainer`` or ``/abs/path/my_trainer.py``) that register
     trainers, workflows or rewards."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     for p in paths:
         if p.endswith(".py"):
             name = f"areal_plugin_{Path(p).stem}"

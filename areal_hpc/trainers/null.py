@@ -48,10 +48,9 @@ class EvalTrainer(Trainer):
             if len(failed) == len(rows):
                 raise RolloutError(f"all {len(rows)} evaluation episodes failed; first: {failed[0]!r}") from failed[0]
         done = [(g, row) for g, row in zip(results, rows) if isinstance(g, Group)]  # None: the workflow skipped it
-        groups = [g for g, _ in done]
-        trajs = [t for g in groups for t in g.trajectories]
-        per_prompt = [max(t.reward for t in g.trajectories) for g in groups]
-        report = {"dataset": ds.path, "n_prompts": len(groups), "n_failed": len(failed),
+        trajs = [t for g, _ in done for t in g.trajectories]
+        per_prompt = [max(t.reward for t in g.trajectories) for g, _ in done]
+        report = {"dataset": ds.path, "n_prompts": len(done), "n_failed": len(failed),
                   "n_samples": cfg.rollout.n_samples,
                   "reward_mean": sum(t.reward for t in trajs) / max(1, len(trajs)),
                   "accuracy": sum(t.reward >= 1.0 for t in trajs) / max(1, len(trajs)),

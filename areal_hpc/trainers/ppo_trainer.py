@@ -79,12 +79,11 @@ class PPOTrainer(Trainer):
         if self.side is None:
             return False
         self.side.start()
-        if version > 0 or self.cfg.min_required_servers > 0:
-            # A recovered (or restarted) trainer owns the weights: push them before generating.
-            path = self._publish(version)
-            self.side.update_weights_later(lambda: path, version)
-            self.side.wait_update()
-        self.side.resume()
+        # The trainer owns the weights: push them before generating (the update starts generation), however it
+        # started. Servers may hold another trainer's, or refuse all requests after a failed broadcast (which left
+        # their version as it was).
+        self._push_weights(version, checkpoint=False)
+        self.side.wait_update()
         return True
 
     def train_step(self, step: int):
@@ -98,7 +97,8 @@ class PPOTrainer(Trainer):
             stats = self.train_on(self.actor, batch)
         version = self.engine.get_version() + 1
         self.engine.set_version(version)
-        upd = self._push_weights(version, step)
+        freq = self.cfg.saver.freq_steps
+        upd = self._push_weights(version, checkpoint=bool(freq) and step % freq == 0)
         return {**batch_stats(trajs, version - 1), **stats, **upd, **self.side.stats()}
 
     def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -112,21 +112,19 @@ class PPOTrainer(Trainer):
     def close(self) -> None:
         self.side.stop()
 
-    def _publish(self, version: int):
-        return publish_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path, self.ctx.registry)
-
-    def _push_weights(self, version: int, step: int) -> Dict[str, float]:
+    def _push_weights(self, version: int, checkpoint: bool) -> Dict[str, float]:
         """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to
-        disk and loaded. With a broadcast a disk copy is still written at checkpoint steps (servers
+        disk and loaded. With a broadcast a disk copy is still written at ``checkpoint`` steps (servers
         that start later load it). Times go to ``self.phases``; returns other metrics."""
         cfg, timer, side = self.cfg, self.phases, self.side
         if cfg.trainer.ppo.weight_update in ("nccl", "gloo"):
             # external servers stay out of the group: they load a disk copy, published for them
             external = dist.broadcast_object(side.external_ids())
             path = None
-            if external or (cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0):
+            if external or checkpoint:
                 with timer.phase("weight_publish"):
-                    path = self._publish(version)
+                    path = publish_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path,
+                                           self.ctx.registry)
                     side.prune_weights(version)
             return side.update_weights_broadcast(lambda g, cb: broadcast_engine_weights(self.engine, g, cb),
                                                  version, timer, disk_path=str(path) if external else None)

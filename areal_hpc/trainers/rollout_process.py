@@ -110,7 +110,7 @@ class RolloutProcess(BackgroundUpdates):
             raise value
         return value
 
-    start, resume, loader_state = (_forward(n) for n in ("start", "resume", "loader_state"))
+    start, loader_state = (_forward(n) for n in ("start", "loader_state"))
 
     def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
         trajs, self._stats = self._call(self._calls, "next_trajectories", version)

@@ -24,10 +24,11 @@ from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import RegistryTimeout, free_port
 from areal_hpc.rollout import PromptLoader, RolloutController, RolloutError, Trajectory, make_workflow
 from areal_hpc.rollout.adapters import apply_adapter
-from areal_hpc.rollout.data import DatasetError, load_dataset_rows
+from areal_hpc.rollout.data import DatasetError, load_dataset_rows, one_line
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
+from areal_hpc.train.weight_sync import announcement, init_weight_sync_group, new_group_name
 from areal_hpc.trainers.base import TrainContext
 from areal_hpc.trainers.rollout_process import FAILED, BackgroundUpdates, RolloutProcess
 
@@ -42,24 +43,33 @@ def load_tokenizer(path: str):
 
 
 def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, tokenizer=None) -> PromptLoader:
-    """The dataset's rows through its adapter; with ``tokenizer``, less those whose prompt is longer than
+    """The dataset's rows through its adapter; with ``tokenizer``, less those that the prompt encoder rejects (the chat
+    template, a row without a prompt: its episode, or SFT's step, would fail on it) or whose prompt is longer than
     ``{ds}.max_prompt_len`` tokens (as AReaL filters them: a server would reject them, or the trainer run out of
     memory)."""
     ds = ctx.cfg.train_dataset if which == "train" else ctx.cfg.valid_dataset
     rows = apply_adapter(load_dataset_rows(ds, which), ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
     if tokenizer is not None:
-        encode, kept = PromptEncoder(tokenizer, PromptFormat.from_dataset(ds)).encode, []
+        encode, kept, rejected = PromptEncoder(tokenizer, PromptFormat.from_dataset(ds)).encode, [], []
         for row in rows:
-            with contextlib.suppress(ValueError):  # a row the encoder rejects fails its episode, as before
-                if len(encode(row)) > ds.max_prompt_len:
-                    continue
-            kept.append(row)
+            try:
+                if len(encode(row)) <= ds.max_prompt_len:
+                    kept.append(row)
+            except ValueError as e:
+                rejected.append(e)
+        if rejected:
+            log.warning("%d of %d rows of %s_dataset cannot be encoded as prompts: left out (first: %s)",
+                        len(rejected), len(rows), which, one_line(rejected[0]))
+        too_long = len(rows) - len(kept) - len(rejected)
+        if too_long:
+            log.warning("%d of %d prompts are longer than %s_dataset.max_prompt_len=%d tokens: left out",
+                        too_long, len(rows), which, ds.max_prompt_len)
+        if rejected and not kept:
+            raise DatasetError("path", f"none of the {len(rows)} rows of {which}_dataset gives a usable prompt: "
+                               f"{len(rejected)} cannot be encoded (first: {one_line(rejected[0])})")
         if rows and not kept:
             raise DatasetError("max_prompt_len", f"all {len(rows)} prompts are longer than {which}_dataset."
                                f"max_prompt_len={ds.max_prompt_len} tokens", "raise it, or shorten the prompts")
-        if len(kept) < len(rows):
-            log.warning("%d of %d prompts are longer than %s_dataset.max_prompt_len=%d tokens: left out",
-                        len(rows) - len(kept), len(rows), which, ds.max_prompt_len)
         rows = kept
     return PromptLoader(rows, shuffle=ds.shuffle and which == "train", seed=ctx.cfg.seed, epochs=epochs)
 
@@ -126,12 +136,9 @@ class RolloutSide(BackgroundUpdates):
         super().__init__()
 
     def start(self) -> None:
-        """Run the rollout loop, paused (a weight update needs it; nothing is generated yet)."""
+        """Run the rollout loop, paused: nothing is generated until the first weight update (`_paused`) resumes it."""
         self.controller.pause()
         self.controller.start()
-
-    def resume(self) -> None:
-        self.controller.resume()
 
     def stop(self) -> None:
         try:
@@ -143,11 +150,8 @@ class RolloutSide(BackgroundUpdates):
         """`next_batch` on this rank alone; None once the prompts of ``trainer.total_train_epochs`` are used up."""
         r = self.ctx.cfg.rollout
         self.controller.set_trainer_version(version)
-        try:
-            groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
-                                                stall_timeout_s=r.stall_timeout_s)
-        except StopIteration:
-            return None
+        groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
+                                            stall_timeout_s=r.stall_timeout_s)
         return None if groups is None else [t for g in groups for t in g.trajectories]
 
     def stats(self) -> Dict[str, float]:
@@ -232,8 +236,6 @@ class RolloutSide(BackgroundUpdates):
         gloo on CPU-only runs. The group has a fixed size: it is formed again, under a new name, whenever the live
         servers change (a late server starts from weights/latest). External servers stay out (one member that cannot
         reach the trainer's port would make all wait out the timeout) and load a disk copy."""
-        from areal_hpc.train.weight_sync import init_weight_sync_group, new_group_name
-
         pool, c, backend = self.pool, self.controller, self.ctx.cfg.trainer.ppo.weight_update
         c.run(pool.refresh())
         external = self.external_ids()
@@ -264,8 +266,6 @@ class RolloutSide(BackgroundUpdates):
 
     def _announcer(self, version: int):
         """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""
-        from areal_hpc.train.weight_sync import announcement
-
         def on_bucket(bucket):
             fut = self.controller.submit(self.pool.update_weights_from_distributed(
                 *announcement(bucket), self.group_name, version, self.members, timeout_s=GROUP_TIMEOUT_S))
@@ -282,24 +282,17 @@ class FollowerSide:
     """What trainer ranks other than 0 hold in place of a `RolloutSide`: they receive what rank 0 shares (batches,
     failures) and join the weight broadcast's collectives; the rest is rank 0's."""
 
-    def _nothing(self, *args: Any) -> None:
-        return None
+    def _nothing(self, *args: Any) -> Dict[str, float]:
+        return {}  # (rank 0 reports, and shares what all need: what a follower's calls return is not used)
 
-    start = resume = stop = loader_state = prune_weights = update_weights_later = _nothing
+    start = stop = loader_state = prune_weights = update_weights_later = _nothing
+    stats = wait_update = external_ids = _nothing
 
     def next_batch(self, version: int) -> Optional[List[Trajectory]]:
         got = dist.broadcast_object(None)
         if isinstance(got, tuple) and got[:1] == (FAILED,):
             raise RolloutError(got[1])
         return got
-
-    def stats(self) -> Dict[str, float]:
-        return {}
-
-    wait_update = stats  # rank 0 waits for the update and reports it
-
-    def external_ids(self) -> List[str]:
-        return []
 
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
