@@ -33,9 +33,10 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # (a review that fixed ~35 bugs, each with its test: reward scoring off the rollout loop and bounded in time,
 # no stale rank variables in srun steps, startup weight loads bounded, requests served by an owner that starts);
 # 12,729 after a ninth and tenth (reviews that fixed ~40 bugs, each with its test: a server step across nodes, a
-# 503 after a failed weight broadcast, temp names unique across hosts, user rewards capped in threads).
+# 503 after a failed weight broadcast, temp names unique across hosts, user rewards capped in threads); 12,714 after
+# an eleventh (~25 bugs fixed, each with its test, paid for by cuts).
 # This ceiling moves down, and up only to undo what a cut broke or to fix a bug.
-MAX_PACKAGE_LINES = 12729
+MAX_PACKAGE_LINES = 12714
 MAX_MODULE_LINES = 450
 
 
