@@ -7,8 +7,11 @@ import asyncio
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
+
+from ranks import run_ranks
 
 from areal_hpc.registry import RegistryTimeout
 from areal_hpc.rollout import RolloutError
@@ -24,9 +27,6 @@ class FakeSide:
 
     def start(self):
         self.pid = os.getpid()
-
-    def resume(self):
-        pass
 
     def next_trajectories(self, version):
         if version == 99:
@@ -148,3 +148,33 @@ def test_the_child_scores_math_in_reward_workers():
     finally:
         side.stop()
     assert side._proc.exitcode == 0
+
+
+def _rank0_fails(rank: int, run_dir: str, where: str) -> None:
+    """Rank 0 fails with something other than a `RolloutError` (a bad model path; a dead child) ``where``: both
+    ranks raise at once, the follower with rank 0's error, instead of the follower waiting out the collective."""
+    from areal_hpc.config import ExperimentConfig, parse_allocation
+    from areal_hpc.registry import Registry
+    from areal_hpc.train import dist
+    from areal_hpc.trainers import TrainContext
+    from areal_hpc.trainers.rollout_side import FollowerSide, rollout_side
+
+    dist.init_distributed(timeout_s=60)  # (what the old code waited for: the test then fails on a gloo timeout)
+    if where == "start":
+        cfg = ExperimentConfig()
+        cfg.trainer.ppo.actor.path = f"{run_dir}/no-such-model"
+        ctx = TrainContext(cfg, parse_allocation("hf:d2"), Path(run_dir), Registry.for_run(Path(run_dir)))
+        with pytest.raises(RolloutError if rank else OSError, match="no-such-model"):
+            rollout_side(ctx, None, 0, should_stop=lambda: False)
+        return
+    side = RolloutProcess(FakeSide, should_stop=lambda: False) if rank == 0 else FollowerSide()
+    try:
+        with pytest.raises(RolloutError if rank else RuntimeError, match="rollout process (died|exited)"):
+            side.next_batch(98)
+    finally:
+        side.stop()
+
+
+@pytest.mark.parametrize("where", ["start", "next_batch"])
+def test_a_failure_of_rank_0_ends_every_rank_at_once(tmp_path, where):
+    run_ranks(_rank0_fails, 2, args=(str(tmp_path), where))

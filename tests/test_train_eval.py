@@ -76,6 +76,23 @@ def test_rows_the_workflow_skips_are_left_out_of_the_report(tmp_path, make_eval)
     assert [s["prompt"] for s in samples] == ["0", "2", "4"]
 
 
+@register_workflow("test-every-row")
+class EveryRow(SkipsOdd):
+    async def arun_episode(self, client, row):
+        return Group([Trajectory([1], [2, 3], [0.0, 0.0], [0, 0], 1.0, info={"completion": "ok"})])
+
+
+def test_a_messages_row_of_a_mixed_dataset_is_written_with_its_messages(tmp_path, make_eval):
+    """Rows of a dataset with both columns have both keys, one of them null: a messages row was written with
+    ``prompt: null``, not what the model was asked."""
+    chat = [{"role": "user", "content": "What is 3?"}]
+    (tmp_path / "valid.jsonl").write_text(json.dumps({"prompt": "1", "messages": None, "answer": "x"}) + "\n"
+                                          + json.dumps({"prompt": None, "messages": chat, "answer": "y"}) + "\n")
+    assert make_eval("test-every-row").run() == 0
+    samples = [json.loads(x) for x in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert [(s["prompt"], s["answer"]) for s in samples] == [("1", "x"), (chat, "y")]
+
+
 def test_a_stop_request_ends_the_evaluation(tmp_path, make_eval):
     """SIGTERM (`areal-hpc stop`) only sets the trainer's stop flag: the evaluation must look at it, or it runs on
     until the launcher's grace ends and it is killed."""

@@ -86,6 +86,26 @@ def test_a_recovered_trainer_stopped_before_its_first_step_does_not_save_the_che
     assert FakeCheckpointer.saved == []
 
 
+class FailsToStart(StopsDuring):
+    """Its start makes what `close` releases (a rollout side: thread, reward workers), then fails (the first push of
+    weights)."""
+
+    closed = False
+
+    def start(self, state):
+        raise RuntimeError("the first weight update failed")
+
+    def close(self):
+        self.closed = True
+
+
+def test_what_a_failed_start_made_is_released(trainer):
+    failing = FailsToStart(trainer.ctx)
+    with pytest.raises(RuntimeError, match="the first weight update failed"):
+        failing.run()
+    assert failing.closed
+
+
 @register_trainer("test-needs-a-key")
 class NeedsAKey(Trainer):
     def __init__(self, ctx):

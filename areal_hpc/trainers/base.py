@@ -92,7 +92,7 @@ class Trainer:
         """After the last checkpoint, on every rank."""
 
     def close(self) -> None:
-        """Release what `start` made, however the run ends."""
+        """Release what `start` made, however the run ends (`start` may have failed or made nothing)."""
 
     def run(self) -> int:
         import torch
@@ -112,14 +112,15 @@ class Trainer:
         ckpt = Checkpointer(engine, keep_last=cfg.saver.keep_last)
         state = self._recover(ckpt)
         step = int(state.get("global_step", 0))
-        if not self.start(state):
-            return 0
-        metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot, step) if self.is_main else None
-        self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
-        t_start = time.monotonic() - float(state.get("time_s", 0.0))
-        rc, settled_gc, saved = 0, dist.SettledGC(), step  # saved: the step last checkpointed (or recovered from)
-        self.phases.begin()
+        rc, metrics, settled_gc, saved = 0, None, dist.SettledGC(), step  # saved: the step last checkpointed
         try:
+            if not self.start(state):
+                return 0
+            if self.is_main:
+                metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot, step)
+            self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
+            t_start = time.monotonic() - float(state.get("time_s", 0.0))
+            self.phases.begin()
             while step < total:
                 stop = dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0
                 stats = None if stop else self.train_step(step + 1)

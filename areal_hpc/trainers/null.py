@@ -60,8 +60,10 @@ class EvalTrainer(Trainer):
         (ctx.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:
             for g, row in done:
+                prompt = row.get(ds.prompt_key)
+                if prompt is None:  # a messages row (with both columns in the dataset its prompt is there, null)
+                    prompt = row.get(ds.messages_key)
                 for t in g.trajectories:
-                    prompt = row.get(ds.prompt_key, row.get(ds.messages_key))
                     f.write(json.dumps({"prompt": prompt, "answer": row.get(ds.answer_key),
                                         "completion": t.info.get("completion"), "reward": t.reward}) + "\n")
         log.info("eval: %s", json.dumps(report))

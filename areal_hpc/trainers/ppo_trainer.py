@@ -63,6 +63,8 @@ def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
 
 @register_trainer("ppo")
 class PPOTrainer(Trainer):
+    side = None  # until `start` makes it
+
     def setup(self):
         cfg = self.cfg
         self.actor = PPOActor.build(cfg.trainer.ppo, total_steps=cfg.trainer.total_train_steps,
@@ -110,7 +112,8 @@ class PPOTrainer(Trainer):
         return {"loader": self.side.loader_state()}
 
     def close(self) -> None:
-        self.side.stop()
+        if self.side is not None:
+            self.side.stop()
 
     def _push_weights(self, version: int, checkpoint: bool) -> Dict[str, float]:
         """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to

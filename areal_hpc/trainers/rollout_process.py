@@ -17,9 +17,28 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from areal_hpc.rollout import RolloutError, Trajectory
+from areal_hpc.rollout.data import one_line
 from areal_hpc.train import dist
 
-FAILED = "failed"  # (FAILED, reason) goes to the other ranks when rank 0's rollouts stall or fail
+_FAILED = "failed"  # (_FAILED, reason) goes to the other ranks when rank 0 fails
+
+
+def share(make: Callable[[], Any], sent: Callable[[Any], Any] = lambda value: value) -> Any:
+    """Rank 0 calls ``make()`` and sends ``sent(value)`` to the other ranks; rank 0 gets the value, the others what
+    was sent. If ``make`` raises, the other ranks raise `RolloutError` with its text at once: they would otherwise
+    wait in the collective until its timeout (over an hour)."""
+    if dist.rank() != 0:
+        got = dist.broadcast_object(None)
+        if isinstance(got, tuple) and got[:1] == (_FAILED,):
+            raise RolloutError(got[1])
+        return got
+    try:
+        value = make()
+    except BaseException as e:
+        dist.broadcast_object((_FAILED, f"rank 0 failed: {type(e).__name__}: {one_line(e)}"))
+        raise
+    dist.broadcast_object(sent(value))
+    return value
 
 
 class _ChildGone(RuntimeError):
@@ -38,12 +57,8 @@ class BackgroundUpdates:
     def next_batch(self, version: int) -> Optional[List[Trajectory]]:
         """The next batch for a trainer at ``version``, on every rank (`FollowerSide` receives it); None if a stop is
         requested while waiting (the servers may be gone for good: a stopped run must not hang here). Stalled or
-        failing rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise `RolloutError` on every rank."""
-        try:
-            return dist.broadcast_object(self.next_trajectories(version))
-        except RolloutError as e:
-            dist.broadcast_object((FAILED, str(e)))
-            raise
+        failing rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise on every rank (`share`)."""
+        return share(lambda: self.next_trajectories(version))
 
     def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
         """``write()`` publishes the weights (`train.publish.stage_weights`), the servers load them, old versions

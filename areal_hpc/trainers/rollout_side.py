@@ -22,7 +22,7 @@ from areal_hpc import toy
 from areal_hpc.config import actor_path
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import RegistryTimeout, free_port
-from areal_hpc.rollout import PromptLoader, RolloutController, RolloutError, Trajectory, make_workflow
+from areal_hpc.rollout import PromptLoader, RolloutController, Trajectory, make_workflow
 from areal_hpc.rollout.adapters import apply_adapter
 from areal_hpc.rollout.data import DatasetError, load_dataset_rows, one_line
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
@@ -30,7 +30,7 @@ from areal_hpc.train import dist
 from areal_hpc.train.phases import BG_PREFIX, PREFIX, PhaseTimer
 from areal_hpc.train.weight_sync import announcement, init_weight_sync_group, new_group_name
 from areal_hpc.trainers.base import TrainContext
-from areal_hpc.trainers.rollout_process import FAILED, BackgroundUpdates, RolloutProcess
+from areal_hpc.trainers.rollout_process import BackgroundUpdates, RolloutProcess, share
 
 log = logging.getLogger("areal_hpc.trainer")
 GROUP_TIMEOUT_S = 600.0  # to form the weight broadcast's group, and for the servers to take one bucket
@@ -98,22 +98,24 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
                  should_stop: Callable[[], bool]) -> "RolloutSide | RolloutProcess | FollowerSide | None":
     """Rank 0's `RolloutSide` (once the servers are up; in a process of its own with disk weight updates and
     ``rollout.client_process``), a `FollowerSide` on the other ranks; None on all if a stop came meanwhile."""
-    side = None
-    if dist.rank() == 0:
+    def make() -> "RolloutSide | RolloutProcess | None":
         tokenizer = load_tokenizer(actor_path(ctx.cfg))
         loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs, tokenizer=tokenizer)
         loader.load_state_dict(loader_state)
-        make = functools.partial(RolloutSide, ctx, tokenizer, loader, version)  # make(should_stop) builds the side
+        make_side = functools.partial(RolloutSide, ctx, tokenizer, loader, version)  # make_side(should_stop)
         try:
             in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
-            side = RolloutProcess(make, should_stop) if in_child else make(should_stop)
+            return RolloutProcess(make_side, should_stop) if in_child else make_side(should_stop)
         except RegistryTimeout:
             if not should_stop():
                 raise
             log.warning("stopped while waiting for servers")
-    if not dist.broadcast_object(side is not None):
-        return None
-    return side if side is not None else FollowerSide()
+            return None
+
+    side = share(make, sent=lambda side: side is not None)  # the other ranks: whether rank 0 has one
+    if dist.rank() == 0:
+        return side
+    return FollowerSide() if side else None
 
 
 class RolloutSide(BackgroundUpdates):
@@ -288,11 +290,7 @@ class FollowerSide:
     start = stop = loader_state = prune_weights = update_weights_later = _nothing
     stats = wait_update = external_ids = _nothing
 
-    def next_batch(self, version: int) -> Optional[List[Trajectory]]:
-        got = dist.broadcast_object(None)
-        if isinstance(got, tuple) and got[:1] == (FAILED,):
-            raise RolloutError(got[1])
-        return got
+    next_batch = BackgroundUpdates.next_batch  # (`share` receives rank 0's batch, or its failure)
 
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
