@@ -233,10 +233,7 @@ class RolloutController:
             if hasattr(self.client, "start"):
                 await self.client.start()
         except BaseException as e:  # noqa: BLE001 - reported to the trainer thread
-            self._error = e
-            if hasattr(self.client, "close"):  # what it opened before failing (an HTTP session)
-                await self.client.close()
-            return
+            self._error, self._stopping = e, True  # what the client opened before failing is closed below
         finally:
             self._ready.set()
         tasks = set()

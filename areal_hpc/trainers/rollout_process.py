@@ -73,20 +73,14 @@ class BackgroundUpdates:
         fut, self._update = self._update, None
         return fut.result() if fut is not None else {}
 
-    def stop_updates(self) -> None:
-        """The last weights reach the servers before the run ends (or fail loudly); then the thread goes."""
+    def stop(self) -> None:
+        """The last weights reach the servers before the run ends (or fail loudly); then the thread goes, and the
+        rest of the side (the subclass's ``stop_rest()``)."""
         try:
             self.wait_update()
         finally:
             self._updater.shutdown()
-
-
-def _forward(name: str) -> Callable[..., Any]:
-    """A method of `RolloutProcess` that makes the same call of the child's side."""
-    def call(self, *args: Any) -> Any:
-        return self._call(self._calls, name, *args)
-    call.__name__ = name
-    return call
+            self.stop_rest()
 
 
 class RolloutProcess(BackgroundUpdates):
@@ -125,7 +119,11 @@ class RolloutProcess(BackgroundUpdates):
             raise value
         return value
 
-    start, loader_state = (_forward(n) for n in ("start", "loader_state"))
+    def start(self) -> None:
+        self._call(self._calls, "start")
+
+    def loader_state(self) -> Dict[str, Any]:
+        return self._call(self._calls, "loader_state")
 
     def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
         trajs, self._stats = self._call(self._calls, "next_trajectories", version)
@@ -142,17 +140,14 @@ class RolloutProcess(BackgroundUpdates):
         out = self._call(self._updates, "apply_update", str(path), version)
         return {**out, **{k: out.get(k, 0.0) + wrote for k in ("bg_phase/weight_publish", "bg_time_s")}}
 
-    def stop(self) -> None:
+    def stop_rest(self) -> None:
         try:
-            self.stop_updates()
+            with contextlib.suppress(_ChildGone):  # a dead child has nothing to stop (its death was reported)
+                self._call(self._calls, "stop")
         finally:
-            try:
-                with contextlib.suppress(_ChildGone):  # a dead child has nothing to stop (its death was reported)
-                    self._call(self._calls, "stop")
-            finally:
-                self._proc.join(30)
-                if self._proc.is_alive():
-                    self._proc.kill()
+            self._proc.join(30)
+            if self._proc.is_alive():
+                self._proc.kill()
 
 
 def _serve(make_side, stop_event, calls, updates) -> None:

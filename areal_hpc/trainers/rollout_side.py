@@ -142,11 +142,8 @@ class RolloutSide(BackgroundUpdates):
         self.controller.pause()
         self.controller.start()
 
-    def stop(self) -> None:
-        try:
-            self.stop_updates()
-        finally:
-            self.controller.stop()
+    def stop_rest(self) -> None:
+        self.controller.stop()
 
     def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
         """`next_batch` on this rank alone; None once the prompts of ``trainer.total_train_epochs`` are used up."""
