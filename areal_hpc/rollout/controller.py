@@ -6,9 +6,8 @@ trainer thread calls `next_batch`, `set_version`, `pause`/`resume` and `run` (to
 Staleness bound (AReaL's rule): with trainer weight version ``v`` and bound ``k``, at most ``(k + v + 1) * batch_size``
 groups are ever accepted or in flight, and batches are handed out oldest-first, so a group started under version ``v``
 is trained on at version ``<= v + k`` unless newer groups finish before it (a batch never waits for a running group);
-a group whose oldest token is older than that is dropped. ``k = 0`` is
-synchronous RL. Nothing sleeps on a timer: submission waits on an event, `get_batch` on a condition, both set by
-completions."""
+a group whose oldest token is older than that is dropped. ``k = 0`` is synchronous RL. Nothing sleeps on a timer:
+submission waits on an event, `get_batch` on a condition, both set by completions."""
 
 from __future__ import annotations
 

@@ -44,8 +44,6 @@ def _quiet_datasets() -> None:
     datasets.logging.set_verbosity_error()
 
 
-# ------------------------------------------------------------------ layout
-
 def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]]:
     """``{split: [data files]}`` of a dataset directory (or a hub name, when online) for config
     ``name``, without reading the data; `DatasetError` for a missing or unknown config, or no data."""
@@ -89,8 +87,6 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
     raise DatasetError("split", f"no {'/'.join(prefer)} split{listing}", "set it to one of them")
 
 
-# ------------------------------------------------------------------ JSON files, line by line
-
 def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of rows (index + 1 for a
     line). `DatasetError` naming the file and line for text that is not UTF-8, not JSON, or not an object."""
@@ -127,8 +123,6 @@ def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
                                "one JSON object per line")
         yield n, row
 
-
-# ------------------------------------------------------------------ loading
 
 # `datasets`' packaged builders by file suffix (anything else, e.g. .jsonl.gz, is left to `datasets` to infer).
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".txt": "text",

@@ -84,8 +84,7 @@ class PromptEncoder:
         if self.fmt.chat_template not in CHAT_TEMPLATE_MODES:
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, "
                              f"got {self.fmt.chat_template!r}")
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.uses_template = self.fmt.chat_template == "auto" and has_template
+        self.uses_template = self.fmt.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
     def messages(self, row: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The row's conversation: its messages, or its prompt as one user message; the system

@@ -79,10 +79,10 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
-def plot_rewards(metrics_path: Path, out: Path) -> Optional[Path]:
+def plot_rewards(metrics_path: Path, out: Path) -> None:
     rows = read_metrics(metrics_path)
     if not rows:
-        return None
+        return
     try:
         import matplotlib
 
@@ -90,7 +90,7 @@ def plot_rewards(metrics_path: Path, out: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed; no reward plot")
-        return None
+        return
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, [r.get("reward_mean") for r in rows], lw=1.5)
@@ -101,4 +101,3 @@ def plot_rewards(metrics_path: Path, out: Path) -> Optional[Path]:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-    return out
