@@ -115,7 +115,8 @@ def test_a_stop_request_ends_the_wait_for_servers(make_eval):
 
 @register_workflow("test-fails-on-3")
 class FailsOn3(SkipsOdd):
-    """As `SkipsOdd`, but the episode of row "3" raises (a server error, a bad row); with ``all``, every episode does."""
+    """As `SkipsOdd`, but the episode of row "3" raises (a server error, a bad row); with ``all``, every episode
+    does."""
 
     async def arun_episode(self, client, row):
         if row["prompt"] == "3" or row.get("all"):

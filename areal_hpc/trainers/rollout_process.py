@@ -26,7 +26,7 @@ _FAILED = "failed"  # (_FAILED, reason) goes to the other ranks when rank 0 fail
 def share(make: Callable[[], Any], sent: Callable[[Any], Any] = lambda value: value) -> Any:
     """Rank 0 calls ``make()`` and sends ``sent(value)`` to the other ranks; rank 0 gets the value, the others what
     was sent. If ``make`` raises, the other ranks raise `RolloutError` with its text at once: they would otherwise
-    wait in the collective until its timeout (over an hour)."""
+    wait in the collective until its timeout, which outlasts every wait of rank 0 (`Trainer.run`)."""
     if dist.rank() != 0:
         got = dist.broadcast_object(None)
         if isinstance(got, tuple) and got[:1] == (_FAILED,):
