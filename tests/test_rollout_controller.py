@@ -71,3 +71,24 @@ def test_a_row_taken_while_the_checkpoint_reads_the_position_is_generated_again_
         assert loader.taken.wait(5) and c.rows_state() == {"epoch": 0, "pos": 0}  # and once running, it is in flight
     finally:
         c.stop()
+
+
+class Instant(RolloutWorkflow):
+    async def arun_episode(self, client, row):
+        return None  # rejected: the controller asks for the next row at once
+
+
+def test_a_loader_that_fails_ends_get_batch_with_its_error_not_a_stall():
+    """A row iterator raising anything but StopIteration (a broken shard, a custom loader's bug) killed the rollout
+    loop without a word: the trainer waited in get_batch until rollout.stall_timeout_s (an hour by default)."""
+
+    def rows():
+        yield {"prompt": "1+1="}
+        raise OSError("shard 3 is unreadable")
+
+    c = RolloutController(Instant(), object(), rows(), batch_size=2, max_head_offpolicyness=0)
+    try:
+        with pytest.raises(RuntimeError, match="shard 3 is unreadable"):  # from start, or from get_batch
+            c.start().get_batch(timeout=10)
+    finally:
+        c.stop()

@@ -242,7 +242,9 @@ class RolloutController:
                 with self._cv:  # the row and its count at once (`rows_state`)
                     try:
                         row = next(self.rows)
-                    except StopIteration:
+                    except Exception as e:  # noqa: BLE001 - the end of the rows, or a loader that fails: no more rows
+                        if not isinstance(e, StopIteration):
+                            self._error = RolloutError(f"reading the next prompt row failed: {e!r}")
                         self._exhausted = True
                         self._cv.notify_all()
                         break
