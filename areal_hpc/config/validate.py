@@ -94,8 +94,9 @@ _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".gguf", ".yaml")
 # The `toy:` specs (areal_hpc.toy builds them): hidden size, layers, intermediate size; rows.
-TOY_MODEL = re.compile(r"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>\d+))?(?:-l(?P<l>\d+))?(?:-i(?P<i>\d+))?$")
-TOY_DATASET = re.compile(r"^toy:(?P<name>[a-z]+)(?:-(?P<n>\d+))?$")
+_N = r"[1-9]\d*"  # a count of rows, layers...: 0 builds nothing usable
+TOY_MODEL = re.compile(rf"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>{_N}))?(?:-l(?P<l>{_N}))?(?:-i(?P<i>{_N}))?$")
+TOY_DATASET = re.compile(rf"^toy:(?P<name>[a-z]+)(?:-(?P<n>{_N}))?$")
 # kind: (toy spec, example toy spec, what to give instead)
 _PATHS = {
     "model": (TOY_MODEL, "toy:qwen3-h128-l2", "a local HF model directory or a hub name (org/name)"),
