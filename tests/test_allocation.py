@@ -43,6 +43,8 @@ def test_accepted_forms(text, gen, train, eval_only):
     ("sglang:d4+megatron:d4", "unknown training backend 'megatron'"),
     ("sglang.d16p1m1+d32p2m1", "pipeline parallel p2"),
     ("sglang:d4+fsdp:d4t2", "tensor parallel t2"),
+    ("hf:d2t2+fsdp:d4", "tensor parallel t2 in 'hf:d2t2' is not supported by hf"),  # one device a server
+    ("hf.d1p2m1", "pipeline parallel p2"),
     ("sglang:d4|fsdp:d4", "colocation"),
     ("sglang:d4+fsdp:d4+fsdp:d4", "3 components"),
     ("SGLang:d4", "lower case"),

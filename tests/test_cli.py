@@ -73,6 +73,8 @@ BAD_INPUTS = [
     (["allocation_mode=hf:d1+eval"], "allocation_mode"),     # ppo trainer without trainer GPUs
     (["cluster.n_gpus_per_node=4", "allocation_mode=hf:d8+d8"], "allocation_mode"),
     (["cluster.n_gpus_per_node=4", "allocation_mode=hf:d1t8+d1"], "allocation_mode"),
+    (["cluster.n_gpus_per_node=4", "allocation_mode=hf:d1t2+d1"], "allocation_mode"),  # hf: one device a server
+    (["allocation_mode=hf:d1p2+d1"], "allocation_mode"),
     (["trainer.type=null"], "trainer.type"),
     (["trainer.type=dpo"], "trainer.type"),
     (["trainer.ppo.asyn_training=True"], "trainer.ppo.asyn_training"),
@@ -92,6 +94,8 @@ BAD_INPUTS = [
     (["trainer.ppo.actor.path=toy:gpt5"], "trainer.ppo.actor.path"),
     (["train_dataset.path=/no/such/data.jsonl"], "train_dataset.path"),
     (["train_dataset.path=toy:"], "train_dataset.path"),
+    (["train_dataset.path=toy:sum-0"], "train_dataset.path"),  # no rows
+    (["trainer.ppo.actor.path=toy:qwen3-l0"], "trainer.ppo.actor.path"),  # no layers
     (["trainer.ppo.actor.optimizer.lr=0"], "trainer.ppo.actor.optimizer.lr"),
     (["trainer.ppo.actor.optimizer.lr_schedule=linear"], "trainer.ppo.actor.optimizer.lr_schedule"),
     (["trainer.ppo.adv_norm=global"], "trainer.ppo.adv_norm"),

@@ -137,6 +137,34 @@ def test_sglang_backend_lifecycle(tmp_path):
                 pass
 
 
+def test_a_pipeline_parallel_server_starts_sglang_with_its_pp_size(tmp_path):
+    """``sglang:d1p2t2`` reserves p*t=4 GPUs a server; SGLang was started with --tp-size 2 only, and half the GPUs
+    sat idle. It gets --pp-size 2 too."""
+    fake = tmp_path / "fake" / "sglang"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "launch_server.py").write_text(FAKE_LAUNCH_SERVER)
+    out = tmp_path / "fake.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(ROOT)]), FAKE_SGLANG_OUT=str(out),
+               SLURM_STEP_GPUS="0,1,2,3")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.Popen(serve_argv(tmp_path / "run", "g0", "allocation_mode=sglang:d1p2t2",
+                                       "server.model_path=/models/m", backend="sglang"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not (out.exists() and out.read_text().endswith("}")):  # the stand-in wrote the argv it got
+            assert proc.poll() is None, "the server ended before it started SGLang"
+            time.sleep(0.1)
+        argv = json.loads(out.read_text())["argv"]
+        assert argv[argv.index("--pp-size") + 1] == "2" and argv[argv.index("--tp-size") + 1] == "2"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(json.loads(out.read_text())["pid"], signal.SIGKILL)
+
+
 # fix8-D
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a container's init may be slow to reap an orphan)."""

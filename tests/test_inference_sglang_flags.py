@@ -64,7 +64,7 @@ def emitted(opts):
 def variants(tmp_path):
     cfg = ServerConfig(dtype="auto", context_length=8192, max_running_requests=128, random_seed=7)
     key_file = write_key_config(tmp_path / "k.yaml", "secret-key")
-    yield build_sglang_options(cfg, "/m", host="0.0.0.0", port=30000, api_key="k", tp_size=2, base_gpu_id=4)
+    yield build_sglang_options(cfg, "/m", host="0.0.0.0", port=30000, api_key="k", tp_size=2, pp_size=2, base_gpu_id=4)
     yield build_sglang_options(cfg, "/m", host="0.0.0.0", port=30000, config_file=key_file)
     bare = ServerConfig(dtype="float16", context_length=0, max_running_requests=0)
     yield build_sglang_options(bare, "/m", host="h", port=1, weight_version=None)
@@ -86,7 +86,7 @@ def test_every_emitted_flag_exists_in_pinned_sglang(flags, tmp_path):
             if kind is not None:
                 assert kind == bare, f"{flag}: SGLang {'takes no' if kind else 'needs a'} value"
             seen.add(flag)
-    for must in ("--model-path", "--host", "--port", "--tp-size", "--base-gpu-id", "--random-seed",
+    for must in ("--model-path", "--host", "--port", "--tp-size", "--pp-size", "--base-gpu-id", "--random-seed",
                  "--mem-fraction-static", "--context-length", "--skip-tokenizer-init", "--api-key", "--config",
                  "--dtype", "--nnodes", "--node-rank", "--dist-init-addr", "--weight-version",
                  "--max-running-requests", "--attention-backend", "--enable-memory-saver",

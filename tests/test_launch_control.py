@@ -165,3 +165,36 @@ def test_a_symlinked_fileroot_is_measured_where_it_points(tmp_path):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     assert cli_main(["status", f"cluster.fileroot={tmp_path / 'a' / 'x'}"]) == 2
+
+
+@pytest.mark.slurm
+def test_an_add_servers_given_up_cancels_the_job_it_submitted_unless_its_servers_joined(tmp_path, capsys, monkeypatch,
+                                                                                       slurm_cluster):
+    """`add-servers --new-job` (or the part of a partial add the allocation has no room for) submits a job of servers;
+    a timeout or Ctrl-C left it queued, and its servers joined the run later, behind the user's back. A job none of
+    whose servers joined is cancelled; one whose servers joined is the run's, kept. The message says which."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert cli_main(["submit", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"), "mode=slurm",
+                     "cluster.partition=debug", "cluster.time=00:05:00", "cluster.sbatch_args=[--hold]", "--dry-run",
+                     *names]) == 0, capsys.readouterr().err
+    rd = next(tmp_path.glob("*/e1/t1"))
+    reg = Registry.for_run(rd)
+
+    def given_up(join: bool) -> tuple:
+        capsys.readouterr()
+        if join:  # its server registers (still loading) before the wait ends
+            monkeypatch.setattr(control, "polled_job_state", lambda job_id: lambda: reg.put(
+                "servers", reg.get("jobs", job_id)["servers"][0], {"state": "loading"}, ttl=False))
+        assert control.add_servers(rd, 1, new_job=True, timeout_s=1.0) == 1
+        out, err = capsys.readouterr()
+        return out.split("submitted job ")[1].split()[0], err
+
+    job_id, err = given_up(join=False)  # timed out
+    assert f"cancelled job {job_id}: its servers had not joined the run" in err and reg.list("jobs") == {}
+    wait_until(lambda: slurm.job_state(job_id) == "CANCELLED", 60, f"job {job_id} to be cancelled")
+    job_id, err = given_up(join=True)
+    try:
+        assert f"job {job_id} is kept: its server(s) {reg.get('jobs', job_id)['servers'][0]} joined the run" in err
+        assert slurm.job_state(job_id) == "PENDING" and list(reg.list("jobs")) == [job_id]
+    finally:
+        slurm.scancel(job_id)

@@ -163,7 +163,7 @@ def assert_steps_completed_in_sacct(job_id: str, plan: Plan) -> None:
 
 def test_rendered_allocation_runs_as_planned(slurm_cluster, shared_tmp):
     G = slurm_cluster.gpus_per_node
-    cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=hf:d2t2+fsdp:d4",
+    cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=sglang:d2t2+fsdp:d4",
                              f"cluster.n_gpus_per_node={G}", "trial_name=gpu")
     # Two servers of 2 GPUs fill node 0; the 4-rank trainer needs node 1.
     assert nodes_needed(alloc, G) == 2

@@ -89,7 +89,7 @@ def _parse_part(token: str, default_backend: Optional[str]) -> ParallelSpec:
     else:
         raise ConfigError(KEY, f"cannot parse {token!r}",
                           "expected backend:spec or backend.spec, e.g. sglang:d4t2 or hf.d1p1m1")
-    return ParallelSpec(backend, **_parse_dims(spec, token))
+    return _check_model_parallel(ParallelSpec(backend, **_parse_dims(spec, token)), token)
 
 
 def parse_allocation(text: str) -> AllocationMode:
@@ -107,7 +107,7 @@ def parse_allocation(text: str) -> AllocationMode:
         raise ConfigError(KEY, f"{len(parts)} components in {text!r}", "at most servers+trainer")
     gen = _parse_part(parts[0], None)
     if len(parts) == 1 and gen.backend in TRAIN_BACKENDS:  # trainer only (SFT): `fsdp:d8`
-        return AllocationMode(gen=None, train=_check_train(gen, parts[0]))
+        return AllocationMode(gen=None, train=gen)
     if gen.backend not in GEN_BACKENDS:
         hint = "training backend first? put the servers first: sglang:d4+fsdp:d4" if gen.backend in TRAIN_BACKENDS \
             else f"generation backends: {', '.join(GEN_BACKENDS)}"
@@ -120,15 +120,18 @@ def parse_allocation(text: str) -> AllocationMode:
     if train.backend not in TRAIN_BACKENDS:
         raise ConfigError(KEY, f"unknown training backend {train.backend!r} in {parts[1]!r}",
                           f"training backends: {', '.join(TRAIN_BACKENDS)} (or 'eval' for no trainer)")
-    return AllocationMode(gen=gen, train=_check_train(train, parts[1]))
+    return AllocationMode(gen=gen, train=train)
 
 
-def _check_train(train: ParallelSpec, token: str) -> ParallelSpec:
-    for what, letter, size in (("pipeline", "p", train.pp), ("tensor", "t", train.tp)):
-        if size > 1:
-            raise ConfigError(KEY, f"{what} parallel {letter}{size} in {token!r} is not supported by FSDP2 training",
-                              f"use {letter}1 and more data-parallel ranks (d): FSDP2 shards parameters over them")
-    return train
+def _check_model_parallel(part: ParallelSpec, token: str) -> ParallelSpec:
+    """No t or p for FSDP2 (it shards parameters over its d ranks) nor hf (one device a server): refused here, not on a
+    compute node after the queue."""
+    for what, letter, size in (("pipeline", "p", part.pp), ("tensor", "t", part.tp)):
+        if size > 1 and part.backend in ("fsdp", "hf"):
+            instead = f"use {letter}1 and more data-parallel ranks (d)"
+            raise ConfigError(KEY, f"{what} parallel {letter}{size} in {token!r} is not supported by {part.backend}",
+                              instead + (", or sglang servers" if part.backend == "hf" else ""))
+    return part
 
 
 def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int, multi_node_tp: bool = False) -> None:

@@ -94,8 +94,9 @@ _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".gguf", ".yaml")
 # The `toy:` specs (areal_hpc.toy builds them): hidden size, layers, intermediate size; rows.
-TOY_MODEL = re.compile(r"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>\d+))?(?:-l(?P<l>\d+))?(?:-i(?P<i>\d+))?$")
-TOY_DATASET = re.compile(r"^toy:(?P<name>[a-z]+)(?:-(?P<n>\d+))?$")
+_N = r"[1-9]\d*"  # a count of rows, layers...: 0 builds nothing usable
+TOY_MODEL = re.compile(rf"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>{_N}))?(?:-l(?P<l>{_N}))?(?:-i(?P<i>{_N}))?$")
+TOY_DATASET = re.compile(rf"^toy:(?P<name>[a-z]+)(?:-(?P<n>{_N}))?$")
 # kind: (toy spec, example toy spec, what to give instead)
 _PATHS = {
     "model": (TOY_MODEL, "toy:qwen3-h128-l2", "a local HF model directory or a hub name (org/name)"),
@@ -147,12 +148,6 @@ def get(cfg: Any, key: str) -> Any:
     return functools.reduce(getattr, key.split("."), cfg)
 
 
-def check_choice(key: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}",
-                          did_you_mean(str(value), [str(c) for c in choices]))
-
-
 def check_range(key: str, value: Any, interval: str, hint: str | None = None) -> None:
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
@@ -168,9 +163,10 @@ def check_range(key: str, value: Any, interval: str, hint: str | None = None) ->
 def check_ranges(cfg: ExperimentConfig) -> None:
     """`CHOICES`, `BUILT_IN` (without plugins), `RANGES`, and the options and names that Slurm reads."""
     for pattern, choices in {**CHOICES, **({} if cfg.trainer.plugins else BUILT_IN)}.items():
-        for key in _keys(pattern):
-            if get(cfg, key) or pattern != "{ds}.adapter":  # (no adapter: "")
-                check_choice(key, get(cfg, key), choices)
+        for key, value in ((k, get(cfg, k)) for k in _keys(pattern)):
+            if value not in choices and (value or pattern != "{ds}.adapter"):  # (no adapter: "")
+                raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}",
+                                  did_you_mean(str(value), [str(c) for c in choices]))
     for interval, patterns in RANGES.items():
         for key in (k for pattern in patterns for k in _keys(pattern)):
             if get(cfg, key) is not None:
@@ -353,15 +349,12 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     check_values(cfg)
     check_ranges(cfg)
     t, c, ppo = cfg.trainer.type, cfg.cluster, cfg.trainer.ppo
-    plugins = []
-    for p in cfg.trainer.plugins:
+    for i, p in enumerate(cfg.trainer.plugins):
         if p.endswith(".py"):
             path = Path(os.path.expanduser(p)).resolve()
             if not path.is_file():
                 raise ConfigError("trainer.plugins", f"plugin file {p!r} not found", "give a .py file or a module name")
-            p = str(path)
-        plugins.append(p)
-    cfg.trainer.plugins = plugins
+            cfg.trainer.plugins[i] = str(path)
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
     if not existing.is_dir() or not _writable(existing):

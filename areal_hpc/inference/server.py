@@ -58,7 +58,7 @@ def _host_port(host: str, port: int) -> str:
 class ServerLifecycle:
     def __init__(self, run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig,
                  server_id: str, backend: str = "hf", gpus: Optional[Sequence[int]] = None, *,
-                 tp_size: Optional[int] = None, nnodes: int = 1, node_rank: int = 0,
+                 tp_size: Optional[int] = None, pp_size: int = 1, nnodes: int = 1, node_rank: int = 0,
                  dist_init_addr: Optional[str] = None, **extra: Any):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
@@ -68,10 +68,10 @@ class ServerLifecycle:
         cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
         self.gpus = [int(g) for g in gpus] if gpus else [int(x) for x in cvd if x.strip().isdigit()]
         self.tp_size = int(tp_size or (max(1, len(self.gpus)) * max(1, nnodes) if backend == "sglang" else 1))
-        self.nnodes, self.node_rank, self.dist_init_addr = nnodes, node_rank, dist_init_addr
-        if backend == "hf" and (self.tp_size > 1 or nnodes > 1):
-            raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, "
-                             f"nnodes={nnodes}); use backend sglang for tensor parallelism")
+        self.pp_size, self.nnodes, self.node_rank, self.dist_init_addr = pp_size, nnodes, node_rank, dist_init_addr
+        if backend == "hf" and (self.tp_size > 1 or pp_size > 1 or nnodes > 1):
+            raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, pp={pp_size}, "
+                             f"nnodes={nnodes}); use backend sglang for tensor or pipeline parallelism")
         self.extra = extra  # more fields of the registry record
         self.registry = Registry.for_run(self.run_dir, launcher)
         self.api_key = self.registry.secret()
@@ -221,7 +221,7 @@ class ServerLifecycle:
         base, env = base_gpu_and_env(self.gpus, self.tp_size)
         argv = render_argv(build_sglang_options(
             self.cfg, self.model_path, host=self.bind_host, port=self.port, config_file=key_file,
-            tp_size=self.tp_size, base_gpu_id=base, nnodes=self.nnodes, node_rank=self.node_rank,
+            tp_size=self.tp_size, pp_size=self.pp_size, base_gpu_id=base, nnodes=self.nnodes, node_rank=self.node_rank,
             dist_init_addr=self.dist_init_addr, weight_version=str(self.weight_version)))
         log_path = self.run_dir / "logs" / f"{self.server_id}.sglang.log"
         log.info("SGLang output goes to %s", log_path)
@@ -362,7 +362,7 @@ class ServerLifecycle:
 def serve(run_dir: Path, cfg: ServerConfig, model_path: str, launcher: LauncherConfig, server_id: str,
           backend: str = "hf", gpus: Optional[Sequence[int]] = None, **options: Any) -> int:
     """Run one server until SIGTERM/SIGINT; returns the process exit code. ``options``: `ServerLifecycle`'s
-    (``tp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr``; any other is added to the registry record)."""
+    (``tp_size``, ``pp_size``, ``nnodes``, ``node_rank``, ``dist_init_addr``; others go into the registry record)."""
     try:
         life = ServerLifecycle(Path(run_dir), cfg, model_path, launcher, server_id, backend, gpus, **options)
     except ValueError as e:

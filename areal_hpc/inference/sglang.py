@@ -51,8 +51,8 @@ def _passthrough_value(v: Any) -> Optional[Value]:
 
 def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port: int,
                          api_key: Optional[str] = None, config_file: Optional[str] = None,
-                         tp_size: int = 1, base_gpu_id: int = 0, nnodes: int = 1, node_rank: int = 0,
-                         dist_init_addr: Optional[str] = None, weight_version: Optional[str] = "0"
+                         tp_size: int = 1, pp_size: int = 1, base_gpu_id: int = 0, nnodes: int = 1,
+                         node_rank: int = 0, dist_init_addr: Optional[str] = None, weight_version: Optional[str] = "0"
                          ) -> Dict[str, Value]:
     """Ordered ``{flag: value}``; ``cfg.sglang_args`` override or extend ours."""
     if nnodes > 1 and not dist_init_addr:
@@ -62,6 +62,7 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
         "--host": host,
         "--port": str(port),
         "--tp-size": str(tp_size),
+        "--pp-size": str(pp_size),
         "--base-gpu-id": str(base_gpu_id),
         "--random-seed": str(cfg.random_seed),
         "--mem-fraction-static": str(cfg.mem_fraction_static),

@@ -182,7 +182,8 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
 
 def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional[float] = None) -> int:
     """Ask the run's owner for ``count`` more servers and wait until they serve; what a Slurm allocation has no room for
-    goes to a job of its own (as all do with ``new_job``), and the wait is for all of them, wherever they run."""
+    goes to a job of its own (as all do with ``new_job``), and the wait is for all of them, wherever they run. Given up
+    (a timeout, Ctrl-C), neither the request nor the job is left to add servers later (`keep_or_cancel`)."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
     if not launcher_alive(run, reg) and not new_job:
@@ -203,6 +204,7 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
             new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
             if len(new) >= count:
                 print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
+                job_id = None  # its servers serve: the run's now
                 return 0
             unserved = take_reply(reg, req) if req else None
             if req and unserved is None and not launcher_alive(run, reg):
@@ -227,6 +229,7 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
             state = polls.setdefault(job_id, polled_job_state(job_id))() if job_id is not None else None
             if state in slurm.FINAL_STATES:
                 print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
+                job_id = None  # nothing left to cancel
                 return 1
             time.sleep(0.3)
         print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`"
@@ -234,6 +237,22 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
         return 1
     finally:
         withdraw(reg, [req] if req else [])  # given up (Ctrl-C) or timed out: not to be served later
+        if job_id is not None:
+            print(keep_or_cancel(reg, job_id), file=sys.stderr)
+
+
+def keep_or_cancel(reg: Registry, job_id: str) -> str:
+    """The server job an `add-servers` submitted, once it stops waiting: kept when one of its servers has joined the run
+    (`stop` ends it with the run), else cancelled, so that its servers do not join later behind the user's back."""
+    names = (reg.get("jobs", job_id, live_only=False) or {}).get("servers", [])
+    joined = sorted(set(names) & set(reg.list("servers", live_only=False)))
+    if joined:
+        return f"job {job_id} is kept: its server(s) {', '.join(joined)} joined the run"
+    failed = slurm.scancel(job_id)
+    if failed:  # its record stays, for `stop` to cancel it
+        return f"could not cancel job {job_id}, whose servers have not joined the run: {failed}"
+    reg.delete("jobs", job_id)
+    return f"cancelled job {job_id}: its servers had not joined the run"
 
 
 def live_driver(cfg: ExperimentConfig, rd: Path) -> Optional[Dict[str, Any]]:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from areal_hpc.config import actor_path, load_resolved, parse_allocation
+from areal_hpc.config import ParallelSpec, actor_path, load_resolved, parse_allocation
 from areal_hpc.launch import slurm
 from areal_hpc.registry import Registry
 
@@ -85,10 +85,9 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external
     stop_with_launcher()
     cfg = load_resolved(run_dir / "config.yaml")
     setup_logging(server_id)
-    alloc = parse_allocation(cfg.allocation_mode)
-    backend = backend or (alloc.gen.backend if alloc.gen else "hf")
+    gen = parse_allocation(cfg.allocation_mode).gen or ParallelSpec("hf")  # a run without servers: one by hand
+    backend = backend or gen.backend
     model = toy.resolve_model(cfg.server.model_path or actor_path(cfg))
-    tp = alloc.gen.tp if alloc.gen else 1
     span: Dict[str, object] = {}
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # a server across nodes (multi_node_tp): a task a node
         addr, port = step_rendezvous()
@@ -97,7 +96,7 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external
     logging.getLogger(__name__).info("server %s on %s, gpus=%s%s", server_id, socket.gethostname(), visible_gpus(),
                                      slurm_placement())
     return run_server(run_dir=run_dir, cfg=cfg.server, model_path=model, launcher=cfg.launcher,
-                      server_id=server_id, backend=backend, gpus=visible_gpus(), tp_size=tp,
+                      server_id=server_id, backend=backend, gpus=visible_gpus(), tp_size=gen.tp, pp_size=gen.pp,
                       **span, **({"external": True} if external else {}))
 
 

@@ -40,13 +40,9 @@ def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
     (rd / "logs").mkdir(parents=True, exist_ok=True)
     (rd / "sbatch").mkdir(exist_ok=True)
     _fix_modes(cfg, rd)
-    files = {
-        rd / "config.yaml": dump_yaml(cfg),
-        rd / "plan.json": plan.to_json(),
-        rd / "sbatch" / "allocation.sbatch": render("allocation.sbatch", cfg, plan),
-    }
-    for path, text in files.items():
-        atomic_write(path, text)
+    atomic_write(rd / "config.yaml", dump_yaml(cfg))
+    atomic_write(rd / "plan.json", plan.to_json())
+    atomic_write(rd / "sbatch" / "allocation.sbatch", render("allocation.sbatch", cfg, plan))
 
 
 class RunDirSnapshot:
@@ -99,12 +95,6 @@ def summary(cfg: ExperimentConfig, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _check_fileroot_shared(cfg: ExperimentConfig) -> None:
-    if cfg.mode in ("slurm", "ray") and Path(os.path.expanduser(cfg.cluster.fileroot)).resolve().parts[1:2] == ("tmp",):
-        print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
-              "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
-
-
 def check_trainer_type(cfg: ExperimentConfig) -> None:
     """A plugin trainer must import and register its type here, not fail later on a node."""
     if not cfg.trainer.plugins:
@@ -147,7 +137,9 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         if run is not None:  # start the trainer inside the live allocation, not as a new job
             return control.restart_trainer(cfg, rd, run)
     plan = build_plan(cfg, alloc, rd, with_servers=not restart)
-    _check_fileroot_shared(cfg)
+    if cfg.mode in ("slurm", "ray") and Path(os.path.expanduser(cfg.cluster.fileroot)).resolve().parts[1:2] == ("tmp",):
+        print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
+              "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
     ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
     snapshot = RunDirSnapshot(rd)
     write_run_dir(cfg, plan, rd)

@@ -18,7 +18,6 @@ from typing import Any, Dict, List
 
 import torch
 
-from areal_hpc.config import ConfigError
 from areal_hpc.rollout import Trajectory
 from areal_hpc.train import dist
 from areal_hpc.train.batching import shard_batch
@@ -70,9 +69,6 @@ class PPOTrainer(Trainer):
         self.actor = PPOActor.build(cfg.trainer.ppo, total_steps=cfg.trainer.total_train_steps,
                                     group_size=cfg.rollout.n_samples, temperature=cfg.rollout.gen.temperature or 1.0)
         self.actor.phases = self.phases
-        if cfg.rollout.batch_size % dist.world_size():
-            raise ConfigError("rollout.batch_size", f"{cfg.rollout.batch_size} groups cannot be split evenly over "
-                              f"{dist.world_size()} trainer ranks", "make it a multiple of the trainer's d")
         return self.actor.engine
 
     def start(self, state: Dict[str, Any]) -> bool:

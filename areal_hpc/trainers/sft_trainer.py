@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from areal_hpc.config import ConfigError
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.batching import shard_batch
@@ -24,9 +23,6 @@ class SFTTrainer(Trainer):
     def setup(self):
         cfg, sft = self.cfg, self.cfg.trainer.sft
         self.learner = SFTLearner(sft, cfg.trainer.total_train_steps)
-        if sft.batch_size % dist.world_size():
-            raise ConfigError("trainer.sft.batch_size", f"{sft.batch_size} rows cannot be split over "
-                              f"{dist.world_size()} ranks", "make it a multiple of the trainer's d")
         self.tokenizer = load_tokenizer(self.learner.engine.model_path)
         self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
         # rows whose prompt is longer than max_prompt_len are left out (with a warning), as PPO does: cut, they would
