@@ -153,10 +153,8 @@ class Registry:
         """Hold a lock of the configured kind, shared by every process of the run."""
         path = f"{self._dir('locks')}/{name}.lock"
         lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False)
-        if self.lock_kind == "soft":  # a SIGKILLed holder on another host leaves its file: known dead by age only
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.stat(lk.lock_file).st_mtime > self.stale_lock_s:
-                    os.unlink(lk.lock_file)
+        if self.lock_kind == "soft":
+            self._break_stale(lk.lock_file)
         try:
             lk.acquire()
         except filelock.Timeout as e:
@@ -166,6 +164,35 @@ class Registry:
             yield
         finally:
             lk.release()
+
+    def _break_stale(self, lock_file: str) -> None:
+        """Remove a soft lock file older than ``stale_lock_s``: a SIGKILLed holder on another host is known dead by
+        age only. Racers that all saw it stale must not all remove it (a late one would remove the lock the first one
+        just took), so they remove it in turn, holding an O_EXCL breaker file, and look at its age again under it."""
+        breaker = f"{lock_file}.break"
+        for _ in range(2):  # again after removing the breaker of a racer that died holding it
+            if not self._is_stale(lock_file):
+                return
+            try:
+                fd = os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                if self._is_stale(breaker):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(breaker)
+                continue
+            try:
+                if self._is_stale(lock_file):
+                    os.unlink(lock_file)
+            finally:
+                os.close(fd)
+                os.unlink(breaker)
+            return
+
+    def _is_stale(self, path: str) -> bool:
+        try:
+            return time.time() - os.stat(path).st_mtime > self.stale_lock_s
+        except FileNotFoundError:
+            return False
 
     def update(self, kind: str, name: str, fn: Callable[[Optional[Dict[str, Any]]], Optional[Dict[str, Any]]],
                ttl: bool = False) -> Optional[Dict[str, Any]]:
