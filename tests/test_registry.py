@@ -178,6 +178,21 @@ def test_racers_on_a_stale_soft_lock_take_it_one_at_a_time(tmp_path):
     assert overlaps.empty()
 
 
+def test_a_lease_whose_holder_hangs_is_taken_over_after_stale_lock_s(tmp_path):
+    """A lease holder on a host that hangs (SIGSTOP: alive, renewing nothing) kept its lock for filelock's default 30 s
+    lease, whatever stale_lock_s said: as long as a waiter's whole lock timeout, so no waiter ever took it over."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "lease", "1.0"], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        p.send_signal(signal.SIGSTOP)
+        with Registry(tmp_path, lock_kind="lease", lock_timeout_s=5, stale_lock_s=1.0).locked("x"):
+            pass
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_live_holder_times_out_cleanly(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "flock", "60"], stdout=subprocess.PIPE,
                          text=True)

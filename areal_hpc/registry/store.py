@@ -152,7 +152,9 @@ class Registry:
     def locked(self, name: str = "registry") -> Iterator[None]:
         """Hold a lock of the configured kind, shared by every process of the run."""
         path = f"{self._dir('locks')}/{name}.lock"
-        lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False)
+        # a lease is taken over by a contender that saw it unrenewed this long, so within one wait for it
+        lease = {"lease_duration": min(self.stale_lock_s, self.lock_timeout_s / 2)} if self.lock_kind == "lease" else {}
+        lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False, **lease)
         if self.lock_kind == "soft":
             self._break_stale(lk.lock_file)
         try:
