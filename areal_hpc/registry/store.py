@@ -170,25 +170,17 @@ class Registry:
     def _break_stale(self, lock_file: str) -> None:
         """Remove a soft lock file older than ``stale_lock_s``: a SIGKILLed holder on another host is known dead by
         age only. Racers that all saw it stale must not all remove it (a late one would remove the lock the first one
-        just took), so they remove it in turn, holding an O_EXCL breaker file, and look at its age again under it."""
-        breaker = f"{lock_file}.break"
-        for _ in range(2):  # again after removing the breaker of a racer that died holding it
-            if not self._is_stale(lock_file):
-                return
-            try:
-                fd = os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                if self._is_stale(breaker):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(breaker)
-                continue
-            try:
-                if self._is_stale(lock_file):
-                    os.unlink(lock_file)
-            finally:
-                os.close(fd)
-                os.unlink(breaker)
+        just took), so they remove it in turn, holding a breaker lock, and look at its age again under it."""
+        if not self._is_stale(lock_file):
             return
+        breaker = f"{lock_file}.break"
+        if self._is_stale(breaker):  # left by a racer that died breaking the lock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(breaker)
+        with contextlib.suppress(filelock.Timeout, FileNotFoundError), \
+                filelock.SoftFileLock(breaker, timeout=0, thread_local=False):
+            if self._is_stale(lock_file):
+                os.unlink(lock_file)
 
     def _is_stale(self, path: str) -> bool:
         try:
