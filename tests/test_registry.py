@@ -105,6 +105,17 @@ def test_wait_for_and_timeout(tmp_path):
         reg.wait_for("servers", 4, timeout_s=0.2, poll_s=0.02)
 
 
+def test_wait_for_ready_records_only(tmp_path):
+    """`wait_for` lost its ``predicate`` while tests/test_gpu.py and tools/bench/infer.py still wait for servers that
+    are ready (a server's record exists while it loads): they died of a TypeError."""
+    reg = Registry(tmp_path, ttl_s=10)
+    reg.put("servers", "s0", {"state": "loading"})
+    with pytest.raises(RegistryTimeout):
+        reg.wait_for("servers", 1, timeout_s=0.2, poll_s=0.02, predicate=lambda r: r.get("state") == "ready")
+    threading.Timer(0.2, lambda: reg.put("servers", "s0", {"state": "ready"})).start()
+    assert reg.wait_for("servers", 1, timeout_s=5, poll_s=0.02, predicate=lambda r: r.get("state") == "ready")
+
+
 HOLDER = """
 import sys, time
 from areal_hpc.registry import Registry

@@ -183,10 +183,9 @@ class Registry:
                 os.unlink(lock_file)
 
     def _is_stale(self, path: str) -> bool:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             return time.time() - os.stat(path).st_mtime > self.stale_lock_s
-        except FileNotFoundError:
-            return False
+        return False
 
     def update(self, kind: str, name: str, fn: Callable[[Optional[Dict[str, Any]]], Optional[Dict[str, Any]]],
                ttl: bool = False) -> Optional[Dict[str, Any]]:
@@ -204,13 +203,15 @@ class Registry:
 
     # ------------------------------------------------------------ waiting and watching
     def wait_for(self, kind: str, n: int, timeout_s: float, poll_s: float = 0.2,
-                 stop: Optional[Callable[[], bool]] = None) -> Dict[str, Dict[str, Any]]:
-        """Block until ``n`` live records of a kind exist; ``stop()`` true ends the wait with `RegistryTimeout`."""
+                 stop: Optional[Callable[[], bool]] = None,
+                 predicate: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Dict[str, Dict[str, Any]]:
+        """Block until ``n`` live records of a kind (that pass ``predicate``, e.g. servers that are ready, not loading)
+        exist; ``stop()`` true ends the wait with `RegistryTimeout`."""
         deadline = time.monotonic() + timeout_s
         while True:
             if stop is not None and stop():
                 raise RegistryTimeout(f"stopped while waiting for {n} '{kind}' records")
-            recs = self.list(kind)
+            recs = {k: v for k, v in self.list(kind).items() if predicate is None or predicate(v)}
             if len(recs) >= n:
                 return recs
             if time.monotonic() >= deadline:
