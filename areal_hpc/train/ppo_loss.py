@@ -171,9 +171,7 @@ class PPOActor:
         """``ppo_n_minibatches`` optimizer steps, then one LR step; statistics averaged over them.
         ``prox_from_forward``: the proximal logprobs are the update's own forward, detached (`prox_in_update`)."""
         parts = split_batch(batch, self.config.ppo_n_minibatches, self.group_size)
-        most = dist.all_reduce_scalar(len(parts), "max")
-        least = dist.all_reduce_scalar(len(parts), "min")
-        if most != least:
+        if dist.all_reduce_scalar(len(parts), "max") != dist.all_reduce_scalar(len(parts), "min"):
             raise ValueError("every rank needs the same number of PPO minibatches; give each rank at least "
                              "ppo_n_minibatches groups")
         total: Dict[str, float] = {}
