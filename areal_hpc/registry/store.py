@@ -60,8 +60,6 @@ class Registry:
         self.root = Path(root)
         self.lock_kind, self.ttl_s, self.lock_timeout_s = lock_kind, float(ttl_s), lock_timeout_s
         self.stale_lock_s = stale_lock_s
-        if lock_kind not in LOCK_CLASSES:
-            raise ValueError(f"lock_kind must be one of {', '.join(LOCK_CLASSES)}, not {lock_kind!r}")
         self._dirs: Dict[str, str] = {}
 
     @classmethod
