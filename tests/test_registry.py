@@ -105,6 +105,17 @@ def test_wait_for_and_timeout(tmp_path):
         reg.wait_for("servers", 4, timeout_s=0.2, poll_s=0.02)
 
 
+def test_wait_for_ready_records_only(tmp_path):
+    """`wait_for` lost its ``predicate`` while tests/test_gpu.py and tools/bench/infer.py still wait for servers that
+    are ready (a server's record exists while it loads): they died of a TypeError."""
+    reg = Registry(tmp_path, ttl_s=10)
+    reg.put("servers", "s0", {"state": "loading"})
+    with pytest.raises(RegistryTimeout):
+        reg.wait_for("servers", 1, timeout_s=0.2, poll_s=0.02, predicate=lambda r: r.get("state") == "ready")
+    threading.Timer(0.2, lambda: reg.put("servers", "s0", {"state": "ready"})).start()
+    assert reg.wait_for("servers", 1, timeout_s=5, poll_s=0.02, predicate=lambda r: r.get("state") == "ready")
+
+
 HOLDER = """
 import sys, time
 from areal_hpc.registry import Registry
@@ -128,6 +139,69 @@ def test_sigkilled_holder_does_not_wedge(tmp_path, lock_kind, stale_s):
     with reg.locked("x"):
         pass
     assert time.monotonic() - t0 < 5
+
+
+N_RACERS, N_ROUNDS = 4, 5
+
+
+def _take_stale_lock(root, barrier, overlaps):
+    real_stat = os.stat
+
+    def slow_stat(path, *args, **kwargs):  # a shared file system: time passes between looking at a file and acting
+        st = real_stat(path, *args, **kwargs)
+        if str(path).endswith(".lock"):
+            time.sleep(0.02)
+        return st
+
+    os.stat = slow_stat
+    reg = Registry(root, lock_kind="soft", lock_timeout_s=60, stale_lock_s=30)
+    for _ in range(N_ROUNDS):
+        barrier.wait(60)
+        with reg.locked("x"):
+            try:  # mkdir is atomic: it fails while another racer is inside too
+                os.mkdir(os.path.join(root, "inside"))
+                time.sleep(0.002)
+                os.rmdir(os.path.join(root, "inside"))
+            except FileExistsError:
+                overlaps.put(1)
+        barrier.wait(60)  # the main process makes the lock stale again before the next round
+
+
+def test_racers_on_a_stale_soft_lock_take_it_one_at_a_time(tmp_path):
+    """A soft lock left by a holder that died on another host (an old file with no owner record) is taken over by
+    its age. Racers that all judged it stale must not all remove it: one of them would remove the fresh lock of
+    the racer that took it first, and both would hold it."""
+    lock = tmp_path / "locks" / "x.lock"
+    lock.parent.mkdir()
+    ctx = mp.get_context("fork")
+    barrier, overlaps = ctx.Barrier(N_RACERS + 1), ctx.Queue()
+    procs = [ctx.Process(target=_take_stale_lock, args=(str(tmp_path), barrier, overlaps)) for _ in range(N_RACERS)]
+    for p in procs:
+        p.start()
+    for _ in range(N_ROUNDS):
+        lock.write_text("")
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))
+        barrier.wait(60)
+        barrier.wait(60)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert overlaps.empty()
+
+
+def test_a_lease_whose_holder_hangs_is_taken_over_after_stale_lock_s(tmp_path):
+    """A lease holder on a host that hangs (SIGSTOP: alive, renewing nothing) kept its lock for filelock's default 30 s
+    lease, whatever stale_lock_s said: as long as a waiter's whole lock timeout, so no waiter ever took it over."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "lease", "1.0"], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        p.send_signal(signal.SIGSTOP)
+        with Registry(tmp_path, lock_kind="lease", lock_timeout_s=5, stale_lock_s=1.0).locked("x"):
+            pass
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_live_holder_times_out_cleanly(tmp_path):

@@ -295,7 +295,9 @@ def test_packed_alignment():
 def test_lr_schedule_and_precision():
     import pytest
 
+    from areal_hpc.config import ConfigError, ExperimentConfig
     from areal_hpc.config.schema import OptimizerConfig
+    from areal_hpc.config.validate import check_ranges
     from areal_hpc.train.optim import lr_lambda
     from areal_hpc.train.parallel import resolve_precision
 
@@ -304,13 +306,17 @@ def test_lr_schedule_and_precision():
     assert vals[:3] == [1 / 3, 2 / 3, 1.0] and abs(vals[10] - 0.1) < 1e-12 and vals[11] == vals[10]
     assert all(a >= b for a, b in zip(vals[2:], vals[3:]))  # non-increasing after warm-up
     assert lr_lambda(OptimizerConfig(), 10)(7) == 1.0
-    with pytest.raises(ValueError):
-        lr_lambda(OptimizerConfig(lr_schedule="linear"), 10)
     assert resolve_precision("auto", torch.device("cpu")).param_dtype == torch.float32
     assert resolve_precision("auto", torch.device("cuda")).param_dtype == torch.bfloat16
-    assert resolve_precision("bf16", torch.device("cpu")).policy() is not None
-    with pytest.raises(ValueError, match="loss scaling"):
-        resolve_precision("float16", torch.device("cuda"))
+    assert resolve_precision("bfloat16", torch.device("cpu")).policy() is not None
+    cfg = ExperimentConfig()
+    cfg.trainer.sft.model.optimizer.lr_schedule = "linear"  # the config refuses what these would misread
+    with pytest.raises(ConfigError, match="trainer.sft.model.optimizer.lr_schedule"):
+        check_ranges(cfg)
+    cfg = ExperimentConfig()
+    cfg.trainer.ppo.actor.dtype = "float16"
+    with pytest.raises(ConfigError, match="trainer.ppo.actor.dtype"):
+        check_ranges(cfg)
 
 
 def test_linear_logprobs_keeping_logits_changes_nothing():

@@ -193,3 +193,52 @@ def test_a_prompt_longer_than_max_prompt_len_is_left_out_not_trained_on_nothing(
     assert batch["loss_mask"].sum(1).tolist() == [2, 2]  # "7" and its end, on both rows
     with pytest.raises(DatasetError, match="max_prompt_len"):
         trainer(["1+2+3+4+5+6+7+8+9="])
+
+
+def test_a_row_without_an_answer_is_left_out_when_loaded_not_a_keyerror_at_its_step(tmp_path, monkeypatch, caplog):
+    """A row without the answer column loaded fine and was trained on the answer "None" (a JSONL row lacking a key
+    has it None), or raised KeyError at the SFT step that drew it (no row has the column), hours into a run. It is
+    now left out when the data is loaded, with a warning naming the column and the row's keys (as PPO leaves out a
+    row without a prompt); none left is a `DatasetError`."""
+    from areal_hpc.config import ExperimentConfig, parse_allocation
+    from areal_hpc.registry import Registry
+    from areal_hpc.rollout.data import DatasetError
+    from areal_hpc.train.phases import PhaseTimer
+    from areal_hpc.trainers import TrainContext, sft_trainer
+
+    class Learner:
+        model_path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+
+        def __init__(self, *args):
+            self.engine, self.batches = self, []
+
+        def train_step(self, batch):
+            self.batches.append(batch)
+            return {"loss": 1.0}
+
+        def set_version(self, version):
+            pass
+
+    monkeypatch.setattr(sft_trainer, "SFTLearner", Learner)
+    data = tmp_path / "rows.jsonl"
+
+    def trainer(rows):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg = ExperimentConfig()
+        cfg.trainer.type, cfg.trainer.sft.batch_size = "sft", 2
+        cfg.train_dataset.path, cfg.train_dataset.chat_template = str(data), "none"
+        cfg.train_dataset.shuffle = False
+        t = sft_trainer.SFTTrainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+        t.engine, t.phases = t.setup(), PhaseTimer()
+        return t
+
+    t = trainer([{"prompt": "3+4=", "answer": "7"}, {"prompt": "1+6=", "solution": "7"},
+                 {"prompt": "1+2=", "answer": "3"}])
+    assert "1 of 3 rows of train_dataset cannot be encoded as prompts: left out (first: row has no 'answer': keys " \
+           "['prompt', 'solution'])" in caplog.text, caplog.text
+    t.train_step(1)
+    (batch,) = t.learner.batches
+    assert batch["loss_mask"].sum(1).tolist() == [2, 2]  # each answer and its end
+    assert "None" not in t.tokenizer.batch_decode(batch["input_ids"])[1]
+    with pytest.raises(DatasetError, match="none of the 1 rows of train_dataset gives a usable prompt.*no 'answer'"):
+        trainer([{"prompt": "1+6=", "solution": "7"}])

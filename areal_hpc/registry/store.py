@@ -60,8 +60,6 @@ class Registry:
         self.root = Path(root)
         self.lock_kind, self.ttl_s, self.lock_timeout_s = lock_kind, float(ttl_s), lock_timeout_s
         self.stale_lock_s = stale_lock_s
-        if lock_kind not in LOCK_CLASSES:
-            raise ValueError(f"lock_kind must be one of {', '.join(LOCK_CLASSES)}, not {lock_kind!r}")
         self._dirs: Dict[str, str] = {}
 
     @classmethod
@@ -152,11 +150,11 @@ class Registry:
     def locked(self, name: str = "registry") -> Iterator[None]:
         """Hold a lock of the configured kind, shared by every process of the run."""
         path = f"{self._dir('locks')}/{name}.lock"
-        lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False)
-        if self.lock_kind == "soft":  # a SIGKILLed holder on another host leaves its file: known dead by age only
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.stat(lk.lock_file).st_mtime > self.stale_lock_s:
-                    os.unlink(lk.lock_file)
+        # a lease is taken over by a contender that saw it unrenewed this long, so within one wait for it
+        lease = {"lease_duration": min(self.stale_lock_s, self.lock_timeout_s / 2)} if self.lock_kind == "lease" else {}
+        lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False, **lease)
+        if self.lock_kind == "soft":
+            self._break_stale(lk.lock_file)
         try:
             lk.acquire()
         except filelock.Timeout as e:
@@ -166,6 +164,26 @@ class Registry:
             yield
         finally:
             lk.release()
+
+    def _break_stale(self, lock_file: str) -> None:
+        """Remove a soft lock file older than ``stale_lock_s``: a SIGKILLed holder on another host is known dead by
+        age only. Racers that all saw it stale must not all remove it (a late one would remove the lock the first one
+        just took), so they remove it in turn, holding a breaker lock, and look at its age again under it."""
+        if not self._is_stale(lock_file):
+            return
+        breaker = f"{lock_file}.break"
+        if self._is_stale(breaker):  # left by a racer that died breaking the lock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(breaker)
+        with contextlib.suppress(filelock.Timeout, FileNotFoundError), \
+                filelock.SoftFileLock(breaker, timeout=0, thread_local=False):
+            if self._is_stale(lock_file):
+                os.unlink(lock_file)
+
+    def _is_stale(self, path: str) -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            return time.time() - os.stat(path).st_mtime > self.stale_lock_s
+        return False
 
     def update(self, kind: str, name: str, fn: Callable[[Optional[Dict[str, Any]]], Optional[Dict[str, Any]]],
                ttl: bool = False) -> Optional[Dict[str, Any]]:
@@ -183,13 +201,15 @@ class Registry:
 
     # ------------------------------------------------------------ waiting and watching
     def wait_for(self, kind: str, n: int, timeout_s: float, poll_s: float = 0.2,
-                 stop: Optional[Callable[[], bool]] = None) -> Dict[str, Dict[str, Any]]:
-        """Block until ``n`` live records of a kind exist; ``stop()`` true ends the wait with `RegistryTimeout`."""
+                 stop: Optional[Callable[[], bool]] = None,
+                 predicate: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Dict[str, Dict[str, Any]]:
+        """Block until ``n`` live records of a kind (that pass ``predicate``, e.g. servers that are ready, not loading)
+        exist; ``stop()`` true ends the wait with `RegistryTimeout`."""
         deadline = time.monotonic() + timeout_s
         while True:
             if stop is not None and stop():
                 raise RegistryTimeout(f"stopped while waiting for {n} '{kind}' records")
-            recs = self.list(kind)
+            recs = {k: v for k, v in self.list(kind).items() if predicate is None or predicate(v)}
             if len(recs) >= n:
                 return recs
             if time.monotonic() >= deadline:

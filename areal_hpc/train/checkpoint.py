@@ -26,17 +26,14 @@ from areal_hpc.train.publish import replace_dir
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(), **cuda}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -73,16 +70,13 @@ class Checkpointer:
             atomic_write(tmp / "meta.json", json.dumps(meta), fsync=True)
             replace_dir(tmp, final)  # a step saved again: the old copy goes once the new one is whole
             atomic_write(root / LATEST, final.name, fsync=True)
-            self._prune(root, final)
+            done = [p for p in complete_checkpoints(root) if p != final]
+            for old in done[: max(0, len(done) - (self.keep_last - 1))]:
+                trash = old.with_name(old.name + ".tmp")  # a deletion cut short (preempted): the next save removes it
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         dist.barrier()
         return final
-
-    def _prune(self, root: Path, keep: Path) -> None:
-        done = [p for p in complete_checkpoints(root) if p != keep]
-        for old in done[: max(0, len(done) - (self.keep_last - 1))]:
-            trash = old.with_name(old.name + ".tmp")  # a deletion cut short (preempted): the next save removes it
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
 
     def load_latest(self, root: str | os.PathLike) -> Optional[Dict[str, Any]]:
         """Restore the newest complete checkpoint: its ``extra`` plus ``global_step`` and

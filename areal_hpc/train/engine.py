@@ -44,10 +44,8 @@ class FSDPEngine:
 
     def __init__(self, config: EngineConfig, mb_spec: MicroBatchSpec, total_steps: int,
                  trainable: bool = True):
-        self.config = config
-        self.mb_spec = mb_spec
+        self.config, self.mb_spec, self.trainable = config, mb_spec, trainable
         self.total_steps = int(total_steps)
-        self.trainable = trainable
         self.info = dist.init_distributed()
         self.device = self.info.device
         self.precision = parallel.resolve_precision(config.dtype, self.device)

@@ -22,8 +22,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) 
 
 def lr_lambda(cfg: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of ``cfg.lr`` at a step: linear warm-up, then constant or cosine to ``min_lr_ratio``."""
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"optimizer.lr_schedule must be constant or cosine, not {cfg.lr_schedule!r}")
     warmup = max(0, int(cfg.warmup_steps))
 
     def fn(step: int) -> float:

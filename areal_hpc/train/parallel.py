@@ -15,9 +15,6 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
 @dataclass(frozen=True)
 class Precision:
     """Master weights and gradient reduction are always fp32; ``param_dtype`` is what forward/backward compute in."""
@@ -31,12 +28,9 @@ class Precision:
 
 
 def resolve_precision(dtype: str, device: torch.device) -> Precision:
-    """``auto``: bf16 compute with fp32 reduction on GPU, fp32 on CPU; else the named dtype."""
-    name = ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype
-    if name not in _DTYPES:
-        hint = " (float16 would need loss scaling, which the engine does not do)" if "16" in name else ""
-        raise ValueError(f"engine dtype must be auto, float32 or bfloat16, not {dtype!r}{hint}")
-    return Precision(_DTYPES[name])
+    """``auto``: bf16 compute with fp32 reduction on GPU, fp32 on CPU; else the named dtype (the config allows float32
+    and bfloat16: float16 would need loss scaling, which the engine does not do)."""
+    return Precision(getattr(torch, ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype))
 
 
 def decoder_layers(model: nn.Module) -> List[nn.Module]:

@@ -42,17 +42,21 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(toy.resolve_model(path))
 
 
-def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, tokenizer=None) -> PromptLoader:
+def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, tokenizer=None,
+                 answers: bool = False) -> PromptLoader:
     """The dataset's rows through its adapter; with ``tokenizer``, less those that the prompt encoder rejects (the chat
-    template, a row without a prompt: its episode, or SFT's step, would fail on it) or whose prompt is longer than
-    ``{ds}.max_prompt_len`` tokens (as AReaL filters them: a server would reject them, or the trainer run out of
-    memory)."""
+    template, a row without a prompt: its episode, or SFT's step, would fail on it), those without an answer if
+    ``answers`` (SFT trains on it), or whose prompt is longer than ``{ds}.max_prompt_len`` tokens (as AReaL filters
+    them: a server would reject them, or the trainer run out of memory)."""
     ds = ctx.cfg.train_dataset if which == "train" else ctx.cfg.valid_dataset
     rows = apply_adapter(load_dataset_rows(ds, which), ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
     if tokenizer is not None:
         encode, kept, rejected = PromptEncoder(tokenizer, PromptFormat.from_dataset(ds)).encode, [], []
         for row in rows:
             try:
+                if answers and row.get(ds.answer_key) is None:  # a row of a JSONL file lacking the key has it None
+                    keys = sorted(k for k, v in row.items() if v is not None)
+                    raise ValueError(f"row has no {ds.answer_key!r}: keys {keys}")
                 if len(encode(row)) <= ds.max_prompt_len:
                     kept.append(row)
             except ValueError as e:

@@ -25,9 +25,10 @@ class SFTTrainer(Trainer):
         self.learner = SFTLearner(sft, cfg.trainer.total_train_steps)
         self.tokenizer = load_tokenizer(self.learner.engine.model_path)
         self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
-        # rows whose prompt is longer than max_prompt_len are left out (with a warning), as PPO does: cut, they would
-        # train on nothing of their answer
-        self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs, tokenizer=self.tokenizer)
+        # rows without an answer, or whose prompt is longer than max_prompt_len (cut, they would train on nothing of
+        # their answer), are left out with a warning, as PPO does
+        self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs, tokenizer=self.tokenizer,
+                                   answers=True)
         return self.learner.engine
 
     def start(self, state: Dict[str, Any]) -> bool:
