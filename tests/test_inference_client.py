@@ -320,3 +320,26 @@ def test_disk_update_to_a_frozen_server_is_bounded_by_a_weight_load_not_a_genera
             mute.close()
 
     run(main())
+
+
+# fix13-N
+def test_continue_reaches_a_paused_server_whose_record_lapsed_during_the_pause(tmp_path):
+    """Servers heartbeat on the shared filesystem that the weight load saturates: a record may lapse for a moment
+    while the pool is paused. `continue_all` must still unpause that server; else it comes back paused and holds
+    every generation routed to it (up to the request timeout, an hour)."""
+    async def main():
+        srv = await Fake(lambda path, p: (200, {"status": "ok"})).start()
+        reg = Registry(tmp_path / "registry")
+        reg.put("servers", "a", {"address": srv.address, "state": "ready"})
+        async with ServerPool(reg, refresh_s=3600) as pool:
+            await pool.pause_all()
+            reg.delete("servers", "a")  # lapsed
+            await pool.refresh()
+            await pool.continue_all()
+            reg.put("servers", "a", {"address": srv.address, "state": "paused"})  # back
+            await pool.refresh()
+            assert set(pool.servers) == {"a"}
+        assert [path for path, _, _ in srv.calls] == ["/pause_generation", "/continue_generation"]
+        await srv.stop()
+
+    run(main())

@@ -114,6 +114,7 @@ class ServerPool:
         self._refresher: Optional[asyncio.Task] = None
         self._running: Optional[asyncio.Event] = None  # set = generation may proceed
         self._changed: Optional[asyncio.Event] = None
+        self._paused_servers: List[_Server] = []  # those `pause_all` paused, until `continue_all`
         self.stats = {"requests": 0, "retries": 0, "resumes": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -372,12 +373,14 @@ class ServerPool:
         return CallResult(s.id, s.address, ok, status, body, err)
 
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
-                       timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
-                       ) -> Dict[str, CallResult]:
-        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails)."""
+                       timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None,
+                       dropped: Sequence[_Server] = ()) -> Dict[str, CallResult]:
+        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails), and on the
+        ``dropped`` ones no longer in the pool."""
         await self.start()
         wanted = None if server_ids is None else list(server_ids)
         targets = [s for s in self._servers.values() if wanted is None or s.id in wanted]
+        targets += [s for s in dropped if s.id not in self._servers]
         unknown = [CallResult(sid, "", False, error="not in the pool (its registry record is gone)")
                    for sid in wanted or () if sid not in self._servers]
         results = await asyncio.gather(*(self._call(s, method, path, payload, timeout_s) for s in targets)) + unknown
@@ -392,10 +395,14 @@ class ServerPool:
         come back aborted and wait here for `continue_all`)."""
         await self.start()
         self._running.clear()
+        self._paused_servers = list(self._servers.values())
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
     async def continue_all(self) -> Dict[str, CallResult]:
-        res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
+        """Also to the paused servers the pool dropped meanwhile: a record lapses for a moment when its heartbeat is
+        late (the weight load saturates the shared filesystem), and the server would come back still paused."""
+        res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), dropped=self._paused_servers)
+        self._paused_servers = []
         self._running.set()
         return res
 
