@@ -92,7 +92,6 @@ def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: 
     def write() -> Path:
         t1 = time.perf_counter()
         tmp = out.with_name(temp_name(out.name))
-        shutil.rmtree(tmp, ignore_errors=True)
         write_hf_checkpoint(sd, tmp, static_files(out.parent, engine.hf_config, tokenizer_src, dtype))
         replace_dir(tmp, out)  # a version published again (after a restart) replaces the old copy
         if registry is not None:
@@ -115,10 +114,8 @@ def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version
 
 
 def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:
-    root = Path(weights_root)
-    if not root.is_dir():
-        return {}
-    return {int(m.group(1)): p for p in root.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir()}
+    return {int(m.group(1)): d for d in Path(weights_root).glob("v*")
+            if (m := _VERSION_DIR.match(d.name)) and d.is_dir()}
 
 
 def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_version: int = 0) -> list[int]:
@@ -129,9 +126,7 @@ def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_versi
         if not own_temp(torn.name, r"v\d+"):
             shutil.rmtree(torn, ignore_errors=True)
     versions = published_versions(weights_root)
-    if not versions:
-        return []
-    latest, floor = max(versions), int(keep_min_version)
+    latest, floor = max(versions, default=0), int(keep_min_version)
     if registry is not None:
         rec = registry.get("weights", "latest")
         if rec and "version" in rec:
