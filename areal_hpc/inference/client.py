@@ -114,7 +114,7 @@ class ServerPool:
         self._refresher: Optional[asyncio.Task] = None
         self._running: Optional[asyncio.Event] = None  # set = generation may proceed
         self._changed: Optional[asyncio.Event] = None
-        self._paused_servers: List[_Server] = []  # those `pause_all` paused, until `continue_all`
+        self._paused_servers: List[_Server] = []  # those the last `pause_all` paused
         self.stats = {"requests": 0, "retries": 0, "resumes": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -399,10 +399,8 @@ class ServerPool:
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
     async def continue_all(self) -> Dict[str, CallResult]:
-        """Also to the paused servers the pool dropped meanwhile: a record lapses for a moment when its heartbeat is
-        late (the weight load saturates the shared filesystem), and the server would come back still paused."""
+        """Also to servers paused but dropped since (a record lapses if a heartbeat is late): else they stay paused."""
         res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), dropped=self._paused_servers)
-        self._paused_servers = []
         self._running.set()
         return res
 

@@ -33,7 +33,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory ``tmp`` to ``final``; an existing ``final`` goes once replaced."""
     old = final.with_name(temp_name(final.name))
     if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
