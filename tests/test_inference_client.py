@@ -323,10 +323,11 @@ def test_disk_update_to_a_frozen_server_is_bounded_by_a_weight_load_not_a_genera
 
 
 # fix13-N
-def test_continue_reaches_a_paused_server_whose_record_lapsed_during_the_pause(tmp_path):
+def test_a_paused_server_whose_record_lapsed_during_the_pause_gets_the_update_and_its_continue(tmp_path):
     """Servers heartbeat on the shared filesystem that the weight load saturates: a record may lapse for a moment
-    while the pool is paused. `continue_all` must still unpause that server; else it comes back paused and holds
-    every generation routed to it (up to the request timeout, an hour)."""
+    while the pool is paused. That server must still get the weights (the broadcast's announcement: else the
+    broadcast waits for it) and `continue_all`; else it comes back paused and holds every generation routed to it
+    (up to the request timeout, an hour)."""
     async def main():
         srv = await Fake(lambda path, p: (200, {"status": "ok"})).start()
         reg = Registry(tmp_path / "registry")
@@ -335,11 +336,14 @@ def test_continue_reaches_a_paused_server_whose_record_lapsed_during_the_pause(t
             await pool.pause_all()
             reg.delete("servers", "a")  # lapsed
             await pool.refresh()
+            assert (await pool.update_weights_from_distributed(["w"], ["float32"], [[1]], "g", 3, ["a"]))["a"].ok
+            assert (await pool.update_weights_from_disk("/w/v3", 3))["a"].ok
             await pool.continue_all()
             reg.put("servers", "a", {"address": srv.address, "state": "paused"})  # back
             await pool.refresh()
             assert set(pool.servers) == {"a"}
-        assert [path for path, _, _ in srv.calls] == ["/pause_generation", "/continue_generation"]
+        assert [path for path, _, _ in srv.calls] == ["/pause_generation", "/update_weights_from_distributed",
+                                                      "/update_weights_from_disk", "/continue_generation"]
         await srv.stop()
 
     run(main())

@@ -114,7 +114,7 @@ class ServerPool:
         self._refresher: Optional[asyncio.Task] = None
         self._running: Optional[asyncio.Event] = None  # set = generation may proceed
         self._changed: Optional[asyncio.Event] = None
-        self._paused_servers: List[_Server] = []  # those the last `pause_all` paused
+        self._paused: Dict[str, _Server] = {}  # those `pause_all` paused, until `continue_all`
         self.stats = {"requests": 0, "retries": 0, "resumes": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -373,16 +373,17 @@ class ServerPool:
         return CallResult(s.id, s.address, ok, status, body, err)
 
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
-                       timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None,
-                       dropped: Sequence[_Server] = ()) -> Dict[str, CallResult]:
-        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails), and on the
-        ``dropped`` ones no longer in the pool."""
+                       timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
+                       ) -> Dict[str, CallResult]:
+        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails). Those paused
+        by `pause_all` count until `continue_all`, though dropped since: a record lapses if a heartbeat is late (the
+        weight load saturates the shared filesystem), and the server must still get the update and its continue."""
         await self.start()
-        wanted = None if server_ids is None else list(server_ids)
-        targets = [s for s in self._servers.values() if wanted is None or s.id in wanted]
-        targets += [s for s in dropped if s.id not in self._servers]
+        known = {**self._paused, **self._servers}
+        wanted = known if server_ids is None else dict.fromkeys(server_ids)
+        targets = [known[sid] for sid in wanted if sid in known]
         unknown = [CallResult(sid, "", False, error="not in the pool (its registry record is gone)")
-                   for sid in wanted or () if sid not in self._servers]
+                   for sid in wanted if sid not in known]
         results = await asyncio.gather(*(self._call(s, method, path, payload, timeout_s) for s in targets)) + unknown
         bad = [r for r in results if not r.ok]
         if bad:
@@ -395,12 +396,12 @@ class ServerPool:
         come back aborted and wait here for `continue_all`)."""
         await self.start()
         self._running.clear()
-        self._paused_servers = list(self._servers.values())
+        self._paused.update(self._servers)
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
     async def continue_all(self) -> Dict[str, CallResult]:
-        """Also to servers paused but dropped since (a record lapses if a heartbeat is late): else they stay paused."""
-        res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), dropped=self._paused_servers)
+        res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
+        self._paused = {}
         self._running.set()
         return res
 
