@@ -375,9 +375,8 @@ class ServerPool:
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
                        ) -> Dict[str, CallResult]:
-        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails). Those paused
-        by `pause_all` count until `continue_all`, though dropped since: a record lapses if a heartbeat is late (the
-        weight load saturates the shared filesystem), and the server must still get the update and its continue."""
+        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails), and until
+        `continue_all` on those `pause_all` paused, though their record lapsed since (a late heartbeat) and dropped."""
         await self.start()
         known = {**self._paused, **self._servers}
         wanted = known if server_ids is None else dict.fromkeys(server_ids)
