@@ -1,8 +1,11 @@
 """Temp names of files and directories being written (`registry.util.temp_name`): unique across the hosts of a shared
 filesystem, and bounded where the run dir's path length is validated."""
 
+import contextlib
 import os
 import socket
+
+import pytest
 
 
 
@@ -89,3 +92,33 @@ def test_own_temp_needs_the_whole_host_name():
     assert own_temp(temp_name("v3"), r"v\d+")
     assert not own_temp(f".v3.a.{host}.{pid}.0.tmp", r"v\d+") and not own_temp(f".v3.{host}.{pid}1.0.tmp", r"v\d+")
     assert not own_temp(temp_name("x3"), r"v\d+")
+
+
+def _local_ipv4s():
+    """This host's IPv4 addresses other than loopback (SIOCGIFADDR on each interface)."""
+    import fcntl
+    import struct
+
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):
+                ip = socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))[20:24])
+                if not ip.startswith("127."):
+                    found.append(ip)
+    return found
+
+
+def test_the_weight_group_address_is_the_one_on_the_route_to_the_servers(monkeypatch):
+    """The trainer hosts the weight group's rendezvous at gethostbyname(gethostname()), which Debian's /etc/hosts
+    maps to 127.0.1.1: servers on other nodes could not reach it. The address is now the one this host uses to
+    reach a server."""
+    from areal_hpc.trainers import rollout_side
+
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")  # Debian's /etc/hosts for the hostname
+    assert rollout_side.address_towards("http://127.0.0.1:30000") == "127.0.0.1"
+    ips = _local_ipv4s()
+    if not ips:
+        pytest.skip("no network interface but loopback")
+    for ip in ips:
+        assert rollout_side.address_towards(f"http://{ip}:30000") == ip

@@ -2,6 +2,7 @@
 
 from areal_hpc.registry.heartbeat import Heartbeat
 from areal_hpc.registry.store import Registry, RegistryTimeout
-from areal_hpc.registry.util import atomic_write, free_port, pid_alive, runs_here
+from areal_hpc.registry.util import address_towards, atomic_write, free_port, pid_alive, runs_here
 
-__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "atomic_write", "free_port", "pid_alive", "runs_here"]
+__all__ = ["Registry", "Heartbeat", "RegistryTimeout", "address_towards", "atomic_write", "free_port", "pid_alive",
+           "runs_here"]

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 from typing import Optional, Union
+from urllib.parse import urlsplit
 
 _SEQ = itertools.count()
 
@@ -54,6 +55,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def address_towards(url: str) -> str:
+    """This host's address on the route to ``url``'s host: where a peer there can connect back to (the weight group's
+    rendezvous). ``gethostbyname(gethostname())`` may be 127.0.1.1 (Debian's /etc/hosts) or another network's."""
+    host = urlsplit(url).hostname or "127.0.0.1"
+    try:
+        family = socket.getaddrinfo(host, None)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # a datagram socket sends nothing: this only picks the route
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
 
 
 def pid_alive(pid: Optional[int]) -> bool:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -21,7 +20,7 @@ import torch.distributed as tdist
 from areal_hpc import toy
 from areal_hpc.config import actor_path
 from areal_hpc.inference.client import ServerPool
-from areal_hpc.registry import RegistryTimeout, free_port
+from areal_hpc.registry import RegistryTimeout, address_towards, free_port
 from areal_hpc.rollout import PromptLoader, RolloutController, Trajectory, make_workflow
 from areal_hpc.rollout.adapters import apply_adapter
 from areal_hpc.rollout.data import DatasetError, load_dataset_rows, one_line
@@ -251,7 +250,8 @@ class RolloutSide(BackgroundUpdates):
         if self.group is not None:
             tdist.destroy_process_group(self.group)
             self.group = None
-        name, port, addr = new_group_name(), free_port(""), socket.gethostbyname(socket.gethostname())
+        name, port = new_group_name(), free_port("")
+        addr = address_towards(pool.servers[members[0]]["address"] if members else "")
         world = len(members) + 1
 
         async def join_all():
