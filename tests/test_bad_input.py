@@ -108,6 +108,7 @@ BAD_OVERRIDES = [
     # a name no registry knows (without trainer.plugins, which may add names)
     (["rollout.reward_fn=exact_matc"], "rollout.reward_fn"),
     (["rollout.workflow=rvlr"], "rollout.workflow"),
+    (["train_dataset.path=toy:foo"], "train_dataset.path"),  # areal_hpc.toy has no such dataset
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

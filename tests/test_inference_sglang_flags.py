@@ -109,9 +109,18 @@ def test_builder_semantics(tmp_path):
     assert key_file.read_text() == 'api-key: "s3cr3t"\n'
     opts = build_sglang_options(ServerConfig(), "/m", host="h", port=1, api_key="s3cr3t", config_file=str(key_file))
     assert "--api-key" not in opts and "s3cr3t" not in " ".join(render_argv(opts))
-    assert base_gpu_and_env([2, 3], 2, env={}) == (2, {})
-    assert base_gpu_and_env([1, 5], 2, env={}) == (0, {"CUDA_VISIBLE_DEVICES": "1,5"})
-    assert base_gpu_and_env([4, 5], 2, env={"CUDA_VISIBLE_DEVICES": "4,5"}) == (0, {})
+    assert base_gpu_and_env([2, 3], env={}) == (2, {})
+    assert base_gpu_and_env([1, 5], env={}) == (0, {"CUDA_VISIBLE_DEVICES": "1,5"})
+    assert base_gpu_and_env([4, 5], env={"CUDA_VISIBLE_DEVICES": "4,5"}) == (0, {})
+
+
+def test_sglang_tp_default_leaves_room_for_pp(tmp_path):
+    """Without a tp_size a server's GPUs are split over its pipeline stages: tp * pp of them in all."""
+    from areal_hpc.config.schema import LauncherConfig
+    from areal_hpc.inference.server import ServerLifecycle
+
+    life = ServerLifecycle(tmp_path, ServerConfig(), "/m", LauncherConfig(), "g0", "sglang", [0, 1, 2, 3], pp_size=2)
+    assert (life.tp_size, life.pp_size) == (2, 2)
 
 
 def test_version_pinned_once():

@@ -7,7 +7,13 @@ import signal
 import subprocess
 import sys
 
+from helpers import wait_until
 from test_e2e_local import QUICKSTART, SMALL, metrics, run_dir, submit, wait_for_steps
+
+from areal_hpc.config import load_config
+from areal_hpc.launch.plan import StepSpec
+from areal_hpc.launch.torchrun import TorchrunRunner
+from areal_hpc.registry import pid_alive
 
 
 def test_quickstart_learns_under_torchrun(tmp_path):
@@ -44,3 +50,22 @@ def test_a_killed_trainer_rank_is_restarted_by_the_elastic_agent(tmp_path):
     assert run["state"] == "COMPLETED" and run["trainer_restarts"] == 0  # the agent restarted it, not the owner
     driver = (rd / "logs" / "driver.log").read_text()
     assert driver.count("started server-0") == 1 and f"'pids': [{server}]" in driver  # one server, never restarted
+
+
+def test_a_killed_trainer_step_leaves_no_rank_behind(tmp_path):
+    """SIGKILL (what the owner sends a trainer that does not stop on SIGTERM) reaches torchrun's ranks too: the agent
+    starts each in a session of its own, outside the agent's process group, where killing the group missed them."""
+    cfg = load_config(QUICKSTART, ["mode=torchrun", f"cluster.fileroot={tmp_path}"])
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    step = StepSpec("trainer", "trainer", nodes=1, ntasks=2, ntasks_per_node=2, gpus_per_task=0, cpus_per_task=1,
+                    mem_per_node_mb=0, relative_node=0, command=[sys.executable, "-c", deaf],
+                    log=str(tmp_path / "logs" / "trainer-%t.log"))
+    handle = TorchrunRunner(cfg).start(step, [])
+    ranks = wait_until(lambda: handle.info()["pids"] if len(handle.info()["pids"]) == 2 else None, 120, "two ranks")
+    try:
+        handle.signal(signal.SIGKILL)
+        wait_until(lambda: not any(pid_alive(pid) for pid in ranks), 60, "the ranks to end")
+    finally:
+        for pid in ranks:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)

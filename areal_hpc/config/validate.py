@@ -93,10 +93,10 @@ _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 # A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".gguf", ".yaml")
-# The `toy:` specs (areal_hpc.toy builds them): hidden size, layers, intermediate size; rows.
+# The `toy:` specs (areal_hpc.toy builds them; its TOY_DATASETS): hidden size, layers, intermediate size; rows.
 _N = r"[1-9]\d*"  # a count of rows, layers...: 0 builds nothing usable
 TOY_MODEL = re.compile(rf"^toy:(?P<arch>qwen3|llama|qwen2)(?:-h(?P<h>{_N}))?(?:-l(?P<l>{_N}))?(?:-i(?P<i>{_N}))?$")
-TOY_DATASET = re.compile(rf"^toy:(?P<name>[a-z]+)(?:-(?P<n>{_N}))?$")
+TOY_DATASET = re.compile(rf"^toy:(?P<name>sum)(?:-(?P<n>{_N}))?$")
 # kind: (toy spec, example toy spec, what to give instead)
 _PATHS = {
     "model": (TOY_MODEL, "toy:qwen3-h128-l2", "a local HF model directory or a hub name (org/name)"),

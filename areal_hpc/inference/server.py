@@ -67,7 +67,8 @@ class ServerLifecycle:
         self.server_id, self.backend = server_id, backend
         cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
         self.gpus = [int(g) for g in gpus] if gpus else [int(x) for x in cvd if x.strip().isdigit()]
-        self.tp_size = int(tp_size or (max(1, len(self.gpus)) * max(1, nnodes) if backend == "sglang" else 1))
+        all_gpus = max(1, len(self.gpus)) * max(1, nnodes)  # sglang: tp * pp of them, hf: one
+        self.tp_size = int(tp_size or (max(1, all_gpus // pp_size) if backend == "sglang" else 1))
         self.pp_size, self.nnodes, self.node_rank, self.dist_init_addr = pp_size, nnodes, node_rank, dist_init_addr
         if backend == "hf" and (self.tp_size > 1 or pp_size > 1 or nnodes > 1):
             raise ValueError(f"the hf backend runs one device per server (asked tp={self.tp_size}, pp={pp_size}, "
@@ -218,7 +219,7 @@ class ServerLifecycle:
         # SGLang binds its own port: without one configured, take a free one now (a tiny race, retried by the caller)
         self.port = self.cfg.port or free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
         key_file = write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
-        base, env = base_gpu_and_env(self.gpus, self.tp_size)
+        base, env = base_gpu_and_env(self.gpus)
         argv = render_argv(build_sglang_options(
             self.cfg, self.model_path, host=self.bind_host, port=self.port, config_file=key_file,
             tp_size=self.tp_size, pp_size=self.pp_size, base_gpu_id=base, nnodes=self.nnodes, node_rank=self.node_rank,

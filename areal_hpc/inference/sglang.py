@@ -110,8 +110,7 @@ def write_key_config(path: str | os.PathLike, api_key: str) -> str:
     return atomic_write(path, f"api-key: {json.dumps(api_key)}\n", mode=0o600)
 
 
-def base_gpu_and_env(gpus: Sequence[int], tp_size: int, env: Optional[Mapping[str, str]] = None
-                     ) -> tuple[int, Dict[str, str]]:
+def base_gpu_and_env(gpus: Sequence[int], env: Optional[Mapping[str, str]] = None) -> tuple[int, Dict[str, str]]:
     """``--base-gpu-id`` and extra environment for a server given its GPU ids.
 
     With ``CUDA_VISIBLE_DEVICES`` already set (Slurm's ``--gpus-per-task``), the visible devices are this server's: base

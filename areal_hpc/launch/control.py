@@ -192,11 +192,11 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     cfg = load_resolved(rd / "config.yaml")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
     before = set(reg.list("servers"))
-    polls: Dict[str, Callable[[], Optional[str]]] = {}
     req = None if new_job else post_request(reg, "add_servers", timeout, count=count)
     job_id = slurm_submit.submit_server_job(cfg, rd, count) if new_job else None
     if new_job and job_id is None:
         return 1
+    job_state = polled_job_state(job_id) if job_id else None  # Slurm's word on the (one) server job, once there is one
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -226,7 +226,8 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
                 job_id, req = slurm_submit.submit_server_job(cfg, rd, count - started), None  # req: answered
                 if job_id is None:
                     return 1
-            state = polls.setdefault(job_id, polled_job_state(job_id))() if job_id is not None else None
+                job_state = polled_job_state(job_id)
+            state = job_state() if job_state else None
             if state in slurm.FINAL_STATES:
                 print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
                 job_id = None  # nothing left to cancel

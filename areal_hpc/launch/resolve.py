@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from areal_hpc.config import (ConfigError, DatasetConfig, ExperimentConfig, datasets_in_use, looks_like_hub_name,
-                              models_in_use, run_umask)
+                              models_in_use)
 from areal_hpc.launch.plan import hf_cache_dir
 from areal_hpc.rollout.adapters import apply_adapter, get_adapter
 from areal_hpc.rollout.data import DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows, one_line
@@ -63,18 +63,12 @@ def make_fileroot(cfg: ExperimentConfig) -> None:
 
 
 def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
-    """The default cache is made as a run dir is (a missing fileroot 0755, below it the run's umask); a cache
-    the user named is theirs to share: made with their umask."""
+    """Made with the run's umask (`submit` runs with it), the default one below a fileroot made as a run dir's is
+    (0755); a cache to share with other users is best made beforehand, with the modes they need."""
     try:
-        if not default:
-            cache.mkdir(parents=True, exist_ok=True)
-            return
-        make_fileroot(cfg)
-        old = os.umask(run_umask(cfg))
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-        finally:
-            os.umask(old)
+        if default:
+            make_fileroot(cfg)
+        cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {one_line(e)}",
                           "a writable directory on a filesystem every node mounts") from None

@@ -32,17 +32,21 @@ def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
         os.chmod(path, full & ~mask)
 
 
-def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
+def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "RunDirSnapshot":
     """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically. New
-    directories and files get the run's umask (private unless cluster.group_readable)."""
+    directories and files get the run's umask (private unless cluster.group_readable). Returns
+    what was there before."""
+    files = {"config.yaml": dump_yaml(cfg), "plan.json": plan.to_json(),
+             "sbatch/allocation.sbatch": render("allocation.sbatch", cfg, plan)}
+    snapshot = RunDirSnapshot(rd, list(files))
     make_fileroot(cfg)
     os.umask(run_umask(cfg))
     (rd / "logs").mkdir(parents=True, exist_ok=True)
     (rd / "sbatch").mkdir(exist_ok=True)
     _fix_modes(cfg, rd)
-    atomic_write(rd / "config.yaml", dump_yaml(cfg))
-    atomic_write(rd / "plan.json", plan.to_json())
-    atomic_write(rd / "sbatch" / "allocation.sbatch", render("allocation.sbatch", cfg, plan))
+    for name, text in files.items():
+        atomic_write(rd / name, text)
+    return snapshot
 
 
 class RunDirSnapshot:
@@ -50,13 +54,11 @@ class RunDirSnapshot:
     behind that looks as if it ran: a new run dir (and the {user}/{experiment} dirs made for it) is
     removed; an existing one gets its files back and loses what the attempt added."""
 
-    FILES = ("config.yaml", "plan.json", "sbatch/allocation.sbatch")
-
-    def __init__(self, rd: Path):
+    def __init__(self, rd: Path, names: List[str]):
         self.rd = rd
         self.new_dirs: List[Path] = [d for d in (rd.parent.parent, rd.parent, rd) if not d.exists()]
         self.files: Dict[str, Optional[bytes]] = {name: (rd / name).read_bytes() if (rd / name).is_file() else None
-                                                  for name in self.FILES}
+                                                  for name in names}
         self.submitit = set((rd / "submitit").rglob("*"))  # nothing when there is no such directory (yet)
 
     def restore(self) -> None:
@@ -141,8 +143,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
               "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
     ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
-    snapshot = RunDirSnapshot(rd)
-    write_run_dir(cfg, plan, rd)
+    snapshot = write_run_dir(cfg, plan, rd)
     print(summary(cfg, plan))
     ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
     if ckpts and cfg.trainer.type != "null":

@@ -50,19 +50,19 @@ def _children(pid: int) -> List[int]:
 
 
 class AgentHandle(ProcessHandle):
-    """The trainer step: torchrun's agent and the ranks it runs (all in the agent's process group)."""
+    """The trainer step: torchrun's agent and the ranks it runs, each rank in a session of its own (torch starts them
+    so): a signal for the agent's process group does not reach them."""
 
     def signal(self, sig: int) -> None:
         agent = self.procs[0]
         ranks = _children(agent.pid) if agent.poll() is None else []
-        if sig != signal.SIGKILL and ranks:
-            # a graceful stop goes to the ranks: they checkpoint and exit 0, so the agent ends with
-            # success instead of treating the signal as its own failure
-            for pid in ranks:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            return
-        super().signal(sig)
+        if sig == signal.SIGKILL or not ranks:
+            super().signal(sig)
+        # a graceful stop goes to the ranks only: they checkpoint and exit 0, so the agent ends with
+        # success instead of treating the signal as its own failure
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
 
     def info(self) -> Dict[str, object]:
         agent = self.procs[0]
