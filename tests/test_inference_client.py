@@ -347,3 +347,27 @@ def test_a_paused_server_whose_record_lapsed_during_the_pause_gets_the_update_an
         await srv.stop()
 
     run(main())
+
+
+# fix14-Q
+def test_a_continue_that_fails_once_is_asked_again():
+    """/continue_generation to a live server fails once (a reset, a timeout): the server stays paused and holds every
+    generation routed to it unless the pool asks again."""
+    async def main():
+        continues = []
+
+        def script(path, payload):
+            if path == "/continue_generation":
+                continues.append(payload)
+                return (503, {"error": "busy"}) if len(continues) == 1 else (200, {"status": "ok"})
+            return 200, {"status": "ok"}
+
+        srv = await Fake(script).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("a", srv.address)
+            await pool.pause_all()
+            res = await pool.continue_all()
+        await srv.stop()
+        assert res["a"].ok and len(continues) == 2, res
+
+    run(main())

@@ -403,3 +403,32 @@ def test_a_group_is_destroyed_only_after_the_broadcast_running_on_it(engine, mon
         trainer.kill()
         trainer.wait()
     assert destroyed_while_receiving == [False]
+
+
+# fix14-Q
+def test_the_pool_gives_an_hf_servers_weight_group_the_trainers_timeout(engine, tmp_path):
+    """The trainer's group has its timeout (rollout_side.GROUP_TIMEOUT_S): the server's side must get the same one,
+    not the server's default (30 minutes of an engine thread blocked by a trainer gone mid-broadcast)."""
+    import torch
+
+    from areal_hpc.inference.client import ServerPool
+    from areal_hpc.inference.http_server import EngineServer
+
+    server, reg = EngineServer(engine), Registry(tmp_path / "registry")
+    trainer, port = _start_trainer(engine, "timed", [])
+
+    async def go():
+        async with engine_app(server) as url:
+            reg.put("servers", "s0", {"address": url.removeprefix("http://"), "state": "ready", "backend": "hf"})
+            async with ServerPool(reg, api_key="", refresh_s=3600) as pool:
+                trainer.stdin.write("join\n")
+                trainer.stdin.flush()
+                res = await pool.init_weights_update_group("s0", "127.0.0.1", port, 1, 2, "timed", "gloo", 37.0)
+                assert res["s0"].ok, res
+        return server.groups["timed"]._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+    try:
+        assert asyncio.run(go()) == 37.0
+    finally:
+        trainer.kill()
+        trainer.wait()

@@ -398,8 +398,16 @@ class ServerPool:
         self._paused.update(self._servers)
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
-    async def continue_all(self) -> Dict[str, CallResult]:
-        res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
+    async def continue_all(self, tries: int = 3) -> Dict[str, CallResult]:
+        """A server whose /continue_generation failed (timeout, reset) is asked again, up to ``tries`` times: left
+        paused, it would hold every generation routed to it."""
+        res: Dict[str, CallResult] = {}
+        failed = None  # every server
+        for _ in range(tries):
+            res.update(await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), server_ids=failed))
+            failed = [sid for sid, r in res.items() if not r.ok]
+            if not failed:
+                break
         self._paused = {}
         self._running.set()
         return res
@@ -416,8 +424,11 @@ class ServerPool:
     async def init_weights_update_group(self, server_id: str, master_address: str, master_port: int,
                                         rank_offset: int, world_size: int, group_name: str, backend: str = "nccl",
                                         timeout_s: Optional[float] = 600.0) -> Dict[str, CallResult]:
-        """One server joins the trainer's weight-update group as rank ``rank_offset``."""
-        body = api.init_group_body(master_address, master_port, rank_offset, world_size, group_name, backend)
+        """One server joins the trainer's weight-update group as rank ``rank_offset``; an hf server's group gets
+        ``timeout_s`` too (else a trainer gone mid-broadcast holds its engine thread for the server's default)."""
+        hf = getattr(self._servers.get(server_id), "record", {}).get("backend") == "hf"
+        body = api.init_group_body(master_address, master_port, rank_offset, world_size, group_name, backend,
+                                   timeout_s if hf else None)
         return await self.call_all(*api.INIT_WEIGHTS_UPDATE_GROUP, body, timeout_s=timeout_s, server_ids=[server_id])
 
     async def update_weights_from_distributed(self, names: List[str], dtypes: List[str], shapes: List[List[int]],

@@ -128,9 +128,11 @@ def update_from_disk_body(model_path: str, version: Any, abort_all_requests: boo
 
 
 def init_group_body(master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str,
-                    backend: str = "nccl") -> Dict[str, Any]:
-    return {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+                    backend: str = "nccl", timeout_s: Optional[float] = None) -> Dict[str, Any]:
+    """``timeout_s``: the group's, an extension of our hf servers (SGLang's group takes torch's default)."""
+    body = {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
             "world_size": int(world_size), "backend": backend, "group_name": group_name}
+    return body if timeout_s is None else {**body, "timeout": float(timeout_s)}
 
 
 def update_from_distributed_body(names: List[str], dtypes: List[str], shapes: List[List[int]], group_name: str,
