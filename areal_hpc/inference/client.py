@@ -92,16 +92,11 @@ class _Server:
 
     def known_version(self) -> Any:
         """The version we believe it serves: the last one pushed, else its registry record's, else 0."""
-        if self.pushed_version is not None:
-            return self.pushed_version
-        v = self.record.get("weight_version")
-        return 0 if v is None else v
+        return next((v for v in (self.pushed_version, self.record.get("weight_version")) if v is not None), 0)
 
 
 class ServerPool:
-    # a frozen server must not stall the trainer for request_timeout_s (an hour: a generation's bound); a server loads
-    # the same weights at its start within launcher.server_startup_timeout_s, 900 s by default
-    disk_load_timeout_s = 900.0
+    disk_load_timeout_s = 900.0  # a weight load's bound, not a generation's (launcher.server_startup_timeout_s's)
 
     def __init__(self, registry=None, api_key: Optional[str] = None, refresh_s: float = 2.0, *,
                  request_timeout_s: Optional[float] = 3600.0):
@@ -401,13 +396,11 @@ class ServerPool:
     async def continue_all(self, tries: int = 3) -> Dict[str, CallResult]:
         """A server whose /continue_generation failed (timeout, reset) is asked again, up to ``tries`` times: left
         paused, it would hold every generation routed to it."""
-        res: Dict[str, CallResult] = {}
-        failed = None  # every server
-        for _ in range(tries):
-            res.update(await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), server_ids=failed))
+        res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
+        for _ in range(tries - 1):
             failed = [sid for sid, r in res.items() if not r.ok]
-            if not failed:
-                break
+            if failed:
+                res.update(await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), server_ids=failed))
         self._paused = {}
         self._running.set()
         return res
@@ -424,8 +417,7 @@ class ServerPool:
     async def init_weights_update_group(self, server_id: str, master_address: str, master_port: int,
                                         rank_offset: int, world_size: int, group_name: str, backend: str = "nccl",
                                         timeout_s: Optional[float] = 600.0) -> Dict[str, CallResult]:
-        """One server joins the trainer's weight-update group as rank ``rank_offset``; an hf server's group gets
-        ``timeout_s`` too (else a trainer gone mid-broadcast holds its engine thread for the server's default)."""
+        """One server joins the trainer's weight-update group as rank ``rank_offset`` (hf: for ``timeout_s``)."""
         hf = getattr(self._servers.get(server_id), "record", {}).get("backend") == "hf"
         body = api.init_group_body(master_address, master_port, rank_offset, world_size, group_name, backend,
                                    timeout_s if hf else None)
