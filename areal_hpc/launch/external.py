@@ -96,12 +96,10 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
         raise ConfigError("url", f"{base}{api.HEALTH.path} answered HTTP {status}: {api.error_message(body)}")
     info: Dict[str, Any] = {}
     for route in (api.SERVER_INFO, api.MODEL_INFO):  # SGLang and `hf` both have them; neither is required
-        try:
+        with contextlib.suppress(OSError):
             status, body = call(base, route, key, timeout=timeout)
-        except OSError:
-            continue
-        if status == 200 and isinstance(body, dict):
-            info.update({k: v for k, v in body.items() if k != "internal_states"})
+            if status == 200 and isinstance(body, dict):
+                info.update({k: v for k, v in body.items() if k != "internal_states"})
     return info
 
 
