@@ -386,3 +386,68 @@ def test_the_owner_checks_attached_servers_at_once(tmp_path):
         check_attached(reg, timeout_s=2)
     assert {sid: rec["weight_version"] for sid, rec in reg.list("servers").items()} == {
         "ext-0": 7, "ext-1": 7, "ext-2": 7}
+
+
+# fix14-P
+
+def test_an_attach_whose_second_weight_load_fails_leaves_no_record(tmp_path):
+    """A trainer publishes while the server loads the run's weights; the server cannot load the newer ones:
+    `add-servers` fails (exit 2), and the server is not left in the run with stale weights (it stayed registered)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from areal_hpc.config import ConfigError
+    from areal_hpc.launch import external
+
+    reg = Registry(tmp_path / "registry", ttl_s=60)
+    reg.put("weights", "latest", {"version": 1, "path": str(tmp_path / "v1")}, ttl=False)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.answer(200, {})
+
+        def do_POST(self):  # /update_weights_from_disk: v1 loads (and v2 is published meanwhile), v2 does not
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if reg.get("weights", "latest", live_only=False)["version"] == 1:
+                reg.put("weights", "latest", {"version": 2, "path": str(tmp_path / "v2")}, ttl=False)
+                self.answer(200, {"success": True})
+            else:
+                self.answer(400, {"error": "permission denied"})
+
+        def answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match="could not load the run's weights .*v2: permission denied"):
+            external.attach(reg, f"http://127.0.0.1:{httpd.server_port}")
+    finally:
+        httpd.shutdown()
+    assert reg.list("servers", live_only=False) == {}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs another user's process (needs root)")
+def test_stop_external_leaves_another_users_process_that_took_the_pid(tmp_path):
+    """The recorded pid of a server started by hand now belongs to another user's process: `stop --external` says it
+    is not ours and goes on (the PermissionError of os.kill was a traceback)."""
+    from areal_hpc.launch.external import stop_process
+
+    other = subprocess.Popen(["sleep", "60"], user=65534)
+    os.seteuid(65533)  # neither root nor that process's user
+    try:
+        said = stop_process({"pid": other.pid, "host": socket.gethostname(), "address": "h:1"}, None)
+    finally:
+        os.seteuid(0)
+    try:
+        assert other.poll() is None and f"pid {other.pid}" in said and "another user's" in said, said
+    finally:
+        other.kill()
+        other.wait()

@@ -824,3 +824,23 @@ def test_wait_running_gives_up_on_a_job_slurm_does_not_know(monkeypatch):
     """A job Slurm never reports (e.g. sent elsewhere with --clusters) was waited for forever, without a word."""
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
     assert slurm_submit.wait_job("7", running=True, poll_s=0, unknown_s=0) == "UNKNOWN"
+
+
+# fix14-P
+
+def test_a_trainer_restart_keeps_the_runs_registry_settings(tmp_path, monkeypatch):
+    """A resubmit that restarts the trainer of a live run without the run's `launcher.lock_kind`/TTL: the new trainer
+    reads config.yaml, and must lock and expire records as the live servers and driver do (config.yaml took the
+    resubmit's, so the new trainer used another lock than the live processes). The resubmit's other overrides apply."""
+    import dataclasses
+
+    from areal_hpc.config import load_resolved
+
+    rd, _ = slurm_run(tmp_path, monkeypatch, "RUNNING", {})
+    run_cfg = load_resolved(rd / "config.yaml")
+    resubmit = dataclasses.replace(run_cfg, min_required_servers=1, launcher=dataclasses.replace(
+        run_cfg.launcher, lock_kind="lease", ttl_s=30.0, heartbeat_s=1.0, trainer_wait_servers_timeout_s=123.0))
+    assert control.restart_trainer(resubmit, rd, Registry.for_run(rd).get("", "run"), timeout_s=1.0) == 1
+    new = load_resolved(rd / "config.yaml")
+    assert (new.launcher.lock_kind, new.launcher.ttl_s, new.launcher.heartbeat_s) == ("flock", 60.0, 2.0)
+    assert (new.launcher.trainer_wait_servers_timeout_s, new.min_required_servers) == (123.0, 0)

@@ -267,15 +267,17 @@ def live_driver(cfg: ExperimentConfig, rd: Path) -> Optional[Dict[str, Any]]:
 def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeout_s: float = 300.0) -> int:
     """``submit ... min_required_servers=N`` on a run whose driver lives: the driver starts the trainer
     step inside its allocation (the trainer waits for N servers, recovers, pushes its weights)."""
-    # The new trainer reads config.yaml (so other overrides of this submit apply), but the run keeps
-    # its own min_required_servers there: a requeued or restarted allocation starts its servers
-    # and must not wait for N. N goes with the request (the driver puts it in the step's env).
+    # The new trainer reads config.yaml (so other overrides of this submit apply), but the run keeps its own
+    # min_required_servers there (a requeued allocation starts its servers and must not wait for N: N goes with the
+    # request, into the step's env) and its registry settings, by which the live servers and driver lock and expire.
     cfg_path = rd / "config.yaml"
     try:
-        keep = load_resolved(cfg_path).min_required_servers
+        kept = load_resolved(cfg_path)
     except Exception:  # noqa: BLE001 - unreadable: the submit's config is all we have
-        keep = 0
-    atomic_write(cfg_path, dump_yaml(dataclasses.replace(cfg, min_required_servers=keep)))
+        kept = dataclasses.replace(cfg, min_required_servers=0)
+    registry_settings = {k: getattr(kept.launcher, k) for k in ("lock_kind", "ttl_s", "heartbeat_s")}
+    cfg = dataclasses.replace(cfg, launcher=dataclasses.replace(cfg.launcher, **registry_settings))
+    atomic_write(cfg_path, dump_yaml(dataclasses.replace(cfg, min_required_servers=kept.min_required_servers)))
     reg = Registry.for_run(rd, cfg.launcher)
 
     def trainer_step_id(rec: Dict[str, Any]) -> Optional[str]:

@@ -88,8 +88,7 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
     try:
         status, body = call(base, api.HEALTH, key, timeout=timeout)
     except OSError as e:
-        reason = getattr(e, "reason", e)
-        raise ConfigError("url", f"{base} does not answer {api.HEALTH.path} ({reason})",
+        raise ConfigError("url", f"{base} does not answer {api.HEALTH.path} ({getattr(e, 'reason', e)})",
                           "start the server first, and check the host and port") from None
     if status in (401, 403):
         raise ConfigError("api_key", f"{base} refused the key (HTTP {status})", "pass the server's key as api_key=...")
@@ -97,12 +96,10 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
         raise ConfigError("url", f"{base}{api.HEALTH.path} answered HTTP {status}: {api.error_message(body)}")
     info: Dict[str, Any] = {}
     for route in (api.SERVER_INFO, api.MODEL_INFO):  # SGLang and `hf` both have them; neither is required
-        try:
+        with contextlib.suppress(OSError):
             status, body = call(base, route, key, timeout=timeout)
-        except OSError:
-            continue
-        if status == 200 and isinstance(body, dict):
-            info.update({k: v for k, v in body.items() if k != "internal_states"})
+            if status == 200 and isinstance(body, dict):
+                info.update({k: v for k, v in body.items() if k != "internal_states"})
     return info
 
 
@@ -173,7 +170,11 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
     # a trainer may have published while this one was loading: close the race (as `serve` does)
     latest = _published(reg)
     if latest is not None and api.parse_version(latest.get("version")) != version:
-        version = load_published(base, key, reg)
+        try:
+            version = load_published(base, key, reg)
+        except ConfigError:
+            reg.delete("servers", sid)  # not to stay in the run with stale weights
+            raise
         rec = reg.update("servers", sid, lambda old: old and {**old, "weight_version": version}, ttl=True) or rec
     return sid, rec
 
@@ -212,6 +213,8 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
             return f"sent SIGTERM to pid {pid}"
         except ProcessLookupError:
             return f"pid {pid} had already exited"
+        except PermissionError:  # the pid was reused
+            return f"left pid {pid} alone: another user's process has it now"
     return f"left running: not on this host and not a Slurm job of its own; stop it where it runs ({name})"
 
 
