@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from areal_hpc import toy
+from areal_hpc.rollout.data import DatasetError
 from ranks import run_ranks
 
 STEPS = 30
@@ -150,59 +151,11 @@ def test_tokens_counts_the_whole_batch_not_rank0s_share_times_the_ranks(monkeypa
     assert trainer.train_step(1)["tokens"] == sum(lengths)
 
 
-def test_a_prompt_longer_than_max_prompt_len_is_left_out_not_trained_on_nothing(tmp_path, monkeypatch, caplog):
-    """Prompt and answer were cut together to ``max_prompt_len``: a longer prompt left its row no answer token to
-    train on, silently. Such rows are now left out with one warning and a count (as PPO does); none left is an
-    error."""
+def sft_trainer_on(tmp_path, monkeypatch, rows, **dataset):
+    """An `SFTTrainer` set up on ``rows`` (a JSONL file, raw-text prompts, batches of 2, ``dataset`` overrides) whose
+    learner only records the batches it gets (``t.learner.batches``)."""
     from areal_hpc.config import ExperimentConfig, parse_allocation
     from areal_hpc.registry import Registry
-    from areal_hpc.rollout.data import DatasetError
-    from areal_hpc.train.phases import PhaseTimer
-    from areal_hpc.trainers import TrainContext, sft_trainer
-
-    class Fake:
-        model_path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
-
-        def __init__(self, *args):
-            self.engine, self.batches = self, []
-
-        def train_step(self, batch):
-            self.batches.append(batch)
-            return {"loss": 1.0}
-
-        def set_version(self, version):
-            pass
-
-    monkeypatch.setattr(sft_trainer, "SFTLearner", Fake)
-    data = tmp_path / "rows.jsonl"
-
-    def trainer(prompts):
-        data.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
-        cfg = ExperimentConfig()
-        cfg.trainer.type, cfg.trainer.sft.batch_size = "sft", 2
-        cfg.train_dataset.path, cfg.train_dataset.chat_template, cfg.train_dataset.max_prompt_len = str(data), "none", 8
-        cfg.train_dataset.shuffle = False
-        t = sft_trainer.SFTTrainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
-        t.engine, t.phases = t.setup(), PhaseTimer()
-        return t
-
-    t = trainer(["3+4=", "1+2+3+4+5+6+7+8+9=", "1+6="])
-    assert "1 of 3 prompts are longer than train_dataset.max_prompt_len=8" in caplog.text
-    t.train_step(1)
-    (batch,) = t.learner.batches
-    assert batch["loss_mask"].sum(1).tolist() == [2, 2]  # "7" and its end, on both rows
-    with pytest.raises(DatasetError, match="max_prompt_len"):
-        trainer(["1+2+3+4+5+6+7+8+9="])
-
-
-def test_a_row_without_an_answer_is_left_out_when_loaded_not_a_keyerror_at_its_step(tmp_path, monkeypatch, caplog):
-    """A row without the answer column loaded fine and was trained on the answer "None" (a JSONL row lacking a key
-    has it None), or raised KeyError at the SFT step that drew it (no row has the column), hours into a run. It is
-    now left out when the data is loaded, with a warning naming the column and the row's keys (as PPO leaves out a
-    row without a prompt); none left is a `DatasetError`."""
-    from areal_hpc.config import ExperimentConfig, parse_allocation
-    from areal_hpc.registry import Registry
-    from areal_hpc.rollout.data import DatasetError
     from areal_hpc.train.phases import PhaseTimer
     from areal_hpc.trainers import TrainContext, sft_trainer
 
@@ -221,16 +174,40 @@ def test_a_row_without_an_answer_is_left_out_when_loaded_not_a_keyerror_at_its_s
 
     monkeypatch.setattr(sft_trainer, "SFTLearner", Learner)
     data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = ExperimentConfig()
+    cfg.trainer.type, cfg.trainer.sft.batch_size = "sft", 2
+    cfg.train_dataset.path, cfg.train_dataset.chat_template, cfg.train_dataset.shuffle = str(data), "none", False
+    for key, value in dataset.items():
+        setattr(cfg.train_dataset, key, value)
+    t = sft_trainer.SFTTrainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+    t.engine, t.phases = t.setup(), PhaseTimer()
+    return t
 
+
+def test_a_prompt_longer_than_max_prompt_len_is_left_out_not_trained_on_nothing(tmp_path, monkeypatch, caplog):
+    """Prompt and answer were cut together to ``max_prompt_len``: a longer prompt left its row no answer token to
+    train on, silently. Such rows are now left out with one warning and a count (as PPO does); none left is an
+    error."""
+    def trainer(prompts):
+        return sft_trainer_on(tmp_path, monkeypatch, [{"prompt": p, "answer": "7"} for p in prompts], max_prompt_len=8)
+
+    t = trainer(["3+4=", "1+2+3+4+5+6+7+8+9=", "1+6="])
+    assert "1 of 3 prompts are longer than train_dataset.max_prompt_len=8" in caplog.text
+    t.train_step(1)
+    (batch,) = t.learner.batches
+    assert batch["loss_mask"].sum(1).tolist() == [2, 2]  # "7" and its end, on both rows
+    with pytest.raises(DatasetError, match="max_prompt_len"):
+        trainer(["1+2+3+4+5+6+7+8+9="])
+
+
+def test_a_row_without_an_answer_is_left_out_when_loaded_not_a_keyerror_at_its_step(tmp_path, monkeypatch, caplog):
+    """A row without the answer column loaded fine and was trained on the answer "None" (a JSONL row lacking a key
+    has it None), or raised KeyError at the SFT step that drew it (no row has the column), hours into a run. It is
+    now left out when the data is loaded, with a warning naming the column and the row's keys (as PPO leaves out a
+    row without a prompt); none left is a `DatasetError`."""
     def trainer(rows):
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cfg = ExperimentConfig()
-        cfg.trainer.type, cfg.trainer.sft.batch_size = "sft", 2
-        cfg.train_dataset.path, cfg.train_dataset.chat_template = str(data), "none"
-        cfg.train_dataset.shuffle = False
-        t = sft_trainer.SFTTrainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
-        t.engine, t.phases = t.setup(), PhaseTimer()
-        return t
+        return sft_trainer_on(tmp_path, monkeypatch, rows)
 
     t = trainer([{"prompt": "3+4=", "answer": "7"}, {"prompt": "1+6=", "solution": "7"},
                  {"prompt": "1+2=", "answer": "3"}])
