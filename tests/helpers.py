@@ -8,7 +8,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import AsyncIterator, Iterator, List
+from typing import Any, AsyncIterator, Callable, Iterator, List, Tuple
 
 
 def run(*cmd: str, timeout: float = 120) -> str:
@@ -45,21 +45,19 @@ def serve_argv(run_dir: Path, sid: str, *words: str, backend: str = "hf") -> Lis
 
 
 @contextlib.contextmanager
-def health_answered_together(parties: int, weight_version: int = 0) -> Iterator[int]:
-    """A real HTTP server on 127.0.0.1 (yields its port) whose /health answers only once ``parties`` health checks
-    are in flight at the same time: checks made one after another time out on it. /model_info gives
-    ``weight_version``; any other path ``{}``."""
-    all_asked = threading.Barrier(parties)
-
+def json_http_server(respond: Callable[[str, str, bytes], Tuple[int, Any]]) -> Iterator[int]:
+    """A real HTTP server on 127.0.0.1 (yields its port) that answers every request with JSON:
+    ``respond(method, path, request body) -> (status, body)``, called on the request's thread."""
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/health":
-                all_asked.wait(timeout=10)
-            body = json.dumps({"weight_version": weight_version} if self.path == "/model_info" else {}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+        def answer(self):
+            status, body = respond(self.command, self.path, self.rfile.read(int(self.headers["Content-Length"] or 0)))
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(data)
+
+        do_GET = do_POST = answer
 
         def log_message(self, *args):
             pass
@@ -70,6 +68,22 @@ def health_answered_together(parties: int, weight_version: int = 0) -> Iterator[
         yield httpd.server_port
     finally:
         httpd.shutdown()
+
+
+@contextlib.contextmanager
+def health_answered_together(parties: int, weight_version: int = 0) -> Iterator[int]:
+    """A real HTTP server on 127.0.0.1 (yields its port) whose /health answers only once ``parties`` health checks
+    are in flight at the same time: checks made one after another time out on it. /model_info gives
+    ``weight_version``; any other path ``{}``."""
+    all_asked = threading.Barrier(parties)
+
+    def respond(method, path, body):
+        if path == "/health":
+            all_asked.wait(timeout=10)
+        return 200, {"weight_version": weight_version} if path == "/model_info" else {}
+
+    with json_http_server(respond) as port:
+        yield port
 
 
 @contextlib.asynccontextmanager

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
-from helpers import health_answered_together, serve_argv, wait_until
+from helpers import health_answered_together, json_http_server, serve_argv, wait_until
 
 from areal_hpc.registry import Registry, free_port
 from areal_hpc.trainers.metrics import read_metrics
@@ -393,44 +393,23 @@ def test_the_owner_checks_attached_servers_at_once(tmp_path):
 def test_an_attach_whose_second_weight_load_fails_leaves_no_record(tmp_path):
     """A trainer publishes while the server loads the run's weights; the server cannot load the newer ones:
     `add-servers` fails (exit 2), and the server is not left in the run with stale weights (it stayed registered)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from areal_hpc.config import ConfigError
     from areal_hpc.launch import external
 
     reg = Registry(tmp_path / "registry", ttl_s=60)
     reg.put("weights", "latest", {"version": 1, "path": str(tmp_path / "v1")}, ttl=False)
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.answer(200, {})
+    def respond(method, path, body):  # /update_weights_from_disk: v1 loads (and v2 is published meanwhile), v2 not
+        if method == "GET":
+            return 200, {}
+        if reg.get("weights", "latest", live_only=False)["version"] == 1:
+            reg.put("weights", "latest", {"version": 2, "path": str(tmp_path / "v2")}, ttl=False)
+            return 200, {"success": True}
+        return 400, {"error": "permission denied"}
 
-        def do_POST(self):  # /update_weights_from_disk: v1 loads (and v2 is published meanwhile), v2 does not
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if reg.get("weights", "latest", live_only=False)["version"] == 1:
-                reg.put("weights", "latest", {"version": 2, "path": str(tmp_path / "v2")}, ttl=False)
-                self.answer(200, {"success": True})
-            else:
-                self.answer(400, {"error": "permission denied"})
-
-        def answer(self, status, body):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with json_http_server(respond) as port:
         with pytest.raises(ConfigError, match="could not load the run's weights .*v2: permission denied"):
-            external.attach(reg, f"http://127.0.0.1:{httpd.server_port}")
-    finally:
-        httpd.shutdown()
+            external.attach(reg, f"http://127.0.0.1:{port}")
     assert reg.list("servers", live_only=False) == {}
 
 

@@ -10,12 +10,11 @@ import subprocess
 import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
-from helpers import serve_argv
+from helpers import json_http_server, serve_argv
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import control, external, local, outcome
@@ -112,31 +111,14 @@ def test_an_attach_that_loads_the_weights_again_returns_the_version_it_loaded(tm
     reg = Registry(tmp_path / "registry", ttl_s=60)
     reg.put("weights", "latest", {"path": str(tmp_path / "v1"), "version": 1}, ttl=False)
 
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self, body) -> None:
-            raw = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def do_GET(self) -> None:
-            self.answer({})
-
-        def do_POST(self) -> None:  # /update_weights_from_disk; version 2 is published meanwhile
-            self.rfile.read(int(self.headers["Content-Length"]))
+    def respond(method, path, body):
+        if method == "POST":  # /update_weights_from_disk; version 2 is published meanwhile
             reg.put("weights", "latest", {"path": str(tmp_path / "v2"), "version": 2}, ttl=False)
-            self.answer({"success": True})
+            return 200, {"success": True}
+        return 200, {}
 
-        def log_message(self, *args) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        sid, rec = external.attach(reg, f"http://127.0.0.1:{httpd.server_port}")
-    finally:
-        httpd.shutdown()
+    with json_http_server(respond) as port:
+        sid, rec = external.attach(reg, f"http://127.0.0.1:{port}")
     assert reg.get("servers", sid)["weight_version"] == 2 and rec["weight_version"] == 2
 
 
