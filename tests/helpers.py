@@ -11,6 +11,35 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, List, Tuple
 
 
+# trainers that misbehave on purpose, registered through trainer.plugins (a file holding this text)
+TRAINER_PLUGINS = '''
+import signal
+import time
+
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.base import Trainer
+
+
+@register_trainer("boom")
+class Boom(Trainer):
+    """Fails at start, every time."""
+
+    def run(self) -> int:
+        raise RuntimeError("boom: this trainer fails on purpose")
+
+
+@register_trainer("stubborn")
+class Stubborn(Trainer):
+    """Ignores the graceful stop (SIGTERM): only a forced stop ends it."""
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.publish_state(step=0, state="training")
+        while True:
+            time.sleep(0.2)
+'''
+
+
 def run(*cmd: str, timeout: float = 120) -> str:
     """Run a command; fail the test with its output unless it exits 0."""
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import wait_until
+from helpers import TRAINER_PLUGINS, wait_until
 
 from areal_hpc.launch import outcome
 from areal_hpc.registry import Registry
@@ -24,33 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "stats.progress_bar=False", "launcher.heartbeat_s=1",
          "launcher.ttl_s=8"]
-
-PLUGINS = '''
-import signal
-import time
-
-from areal_hpc.trainers import register_trainer
-from areal_hpc.trainers.base import Trainer
-
-
-@register_trainer("boom")
-class Boom(Trainer):
-    """Fails at start, every time."""
-
-    def run(self) -> int:
-        raise RuntimeError("boom: this trainer fails on purpose")
-
-
-@register_trainer("stubborn")
-class Stubborn(Trainer):
-    """Ignores the graceful stop (SIGTERM): only a forced stop ends it."""
-
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.publish_state(step=0, state="training")
-        while True:
-            time.sleep(0.2)
-'''
 
 
 def cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -167,7 +140,7 @@ def test_ctrl_c_waits_for_the_run_prints_the_summary_and_a_resubmit_resumes(tmp_
 
 
 def test_a_second_ctrl_c_forces_the_stop(tmp_path):
-    (tmp_path / "plugins.py").write_text(PLUGINS)
+    (tmp_path / "plugins.py").write_text(TRAINER_PLUGINS)
     p = start(tmp_path, "trainer.type=stubborn", f"trainer.plugins=[{tmp_path / 'plugins.py'}]")
     try:
         rd = rd_of(tmp_path)
@@ -192,7 +165,7 @@ def test_a_second_ctrl_c_forces_the_stop(tmp_path):
 # ----------------------------------------------------------------------------- failures and restarts
 
 def test_a_failing_trainer_fails_the_run(tmp_path):
-    (tmp_path / "plugins.py").write_text(PLUGINS)
+    (tmp_path / "plugins.py").write_text(TRAINER_PLUGINS)
     r = subprocess.run(submit_args(tmp_path, "trainer.type=boom", f"trainer.plugins=[{tmp_path / 'plugins.py'}]"),
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 1, (r.stdout, r.stderr)

@@ -21,36 +21,10 @@ import sys
 import time
 
 import pytest
-from helpers import wait_until
+from helpers import TRAINER_PLUGINS, wait_until
 from test_slurm_e2e import FINAL, assert_contiguous, root, run  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slurm
-
-# a trainer that fails at start, every time (registered through trainer.plugins)
-BOOM = '''
-from areal_hpc.trainers import register_trainer
-from areal_hpc.trainers.base import Trainer
-
-
-@register_trainer("boom")
-class Boom(Trainer):
-    def run(self) -> int:
-        raise RuntimeError("boom: this trainer fails on purpose")
-
-
-@register_trainer("stubborn")
-class Stubborn(Trainer):
-    """Ignores the graceful stop (SIGTERM): only its grace running out ends it."""
-
-    def run(self) -> int:
-        import signal
-        import time
-
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.publish_state(step=0, state="training")
-        while True:
-            time.sleep(0.2)
-'''
 
 
 def sacct_x(job_id: str) -> tuple:
@@ -72,7 +46,7 @@ def in_squeue(job_id: str) -> bool:
 
 def test_a_trainer_that_raises_fails_the_job(run):
     plugin = run.root / "boom.py"
-    plugin.write_text(BOOM)
+    plugin.write_text(TRAINER_PLUGINS)
     p = run.submit("trainer.type=boom", f"trainer.plugins=[{plugin}]", "launcher.wait=True", check=False, timeout=600)
     assert p.returncode == 1, (p.stdout, p.stderr, run.logs())
     assert "run FAILED: trainer exited with 1: RuntimeError: boom" in p.stdout, p.stdout
@@ -138,7 +112,7 @@ def test_a_driver_started_by_hand_is_not_forced_by_slurms_sigterms(run):
     job) were taken for a second stop and forced it: the trainer was killed mid-checkpoint. Only Ctrl-C again forces
     it."""
     plugin = run.root / "stubborn.py"
-    plugin.write_text(BOOM)
+    plugin.write_text(TRAINER_PLUGINS)
     run.submit("trainer.type=stubborn", f"trainer.plugins=[{plugin}]", "--dry-run")
     lines = (run.dir / "sbatch" / "allocation.sbatch").read_text().splitlines()
     script = run.dir / "sbatch" / "driver.sbatch"
