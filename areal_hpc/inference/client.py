@@ -144,13 +144,9 @@ class ServerPool:
 
     # ------------------------------------------------------------------ membership
     def add_server(self, server_id: str, address: str) -> None:
-        """A server that is not in the registry (kept until `remove_server`)."""
+        """A server that is not in the registry (a refresh never drops it)."""
         self._servers[server_id] = _Server(server_id, address, static=True)
         self._notify_changed()
-
-    def remove_server(self, server_id: str) -> None:
-        if self._servers.pop(server_id, None) is not None:
-            self._notify_changed()
 
     def _notify_changed(self) -> None:
         if self._changed is not None:

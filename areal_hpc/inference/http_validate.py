@@ -38,11 +38,9 @@ class FieldPolicy:
 
     def refused(self, body: Mapping[str, Any]) -> Optional[str]:
         for key, value in body.items():
-            if key in self.honoured or key in self.noop:
-                continue
-            if value is None or value is False or value in ("", [], {}) or value in self.neutral.get(key, ()):
-                continue
-            return key
+            neutral = value is None or value is False or value in ("", [], {}) or value in self.neutral.get(key, ())
+            if not neutral and key not in self.honoured and key not in self.noop:
+                return key
         return None
 
 

@@ -104,10 +104,8 @@ def sampling_params(params: Any = None, **overrides: Any) -> Dict[str, Any]:
 
 
 def generate_body(input_ids: Sequence[int], sampling: Dict[str, Any], rid: Optional[str] = None) -> Dict[str, Any]:
-    body: Dict[str, Any] = {"input_ids": list(input_ids), "sampling_params": sampling, "return_logprob": True}
-    if rid is not None:
-        body["rid"] = rid
-    return body
+    body = {"input_ids": list(input_ids), "sampling_params": sampling, "return_logprob": True}
+    return body if rid is None else {**body, "rid": rid}
 
 
 def pause_body(mode: str = "abort") -> Dict[str, Any]:
