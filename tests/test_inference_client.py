@@ -11,7 +11,7 @@ import time
 import pytest
 from aiohttp import web
 
-from areal_hpc.inference.client import RequestRejected, ServerPool
+from areal_hpc.inference.client import PoolError, RequestRejected, ServerPool
 from areal_hpc.registry import Registry
 
 
@@ -238,6 +238,19 @@ def test_discovery_from_registry_adds_and_drops(tmp_path):
             assert a.calls[-1][1] == {"model_path": "/w/v1", "weight_version": "1", "abort_all_requests": False}
         await a.stop()
         await b.stop()
+
+    run(main())
+
+
+def test_wait_for_servers_starts_the_pool(tmp_path):
+    async def main():
+        reg = Registry(tmp_path / "registry")
+        pool = ServerPool(reg, refresh_s=0.1)  # not started: waiting starts it, as generate does
+        try:
+            with pytest.raises(PoolError, match="waited for 1 inference servers, found 0"):
+                await pool.wait_for_servers(1, timeout_s=0.3)
+        finally:
+            await pool.close()
 
     run(main())
 

@@ -195,6 +195,7 @@ class ServerPool:
             await asyncio.wait_for(self._changed.wait(), timeout_s)
 
     async def wait_for_servers(self, n: int = 1, timeout_s: float = WAIT_SERVERS_TIMEOUT_S) -> None:
+        await self.start()
         deadline = time.monotonic() + timeout_s
         while len(self._servers) < n:
             left = deadline - time.monotonic()
