@@ -178,11 +178,9 @@ class ServerLifecycle:
         from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner
         from areal_hpc.inference.http_server import EngineServer
 
-        family = socket.AF_INET6 if ":" in self.bind_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.bind_host, self.cfg.port))
-        sock.listen(1024)
+        v6 = ":" in self.bind_host  # dual stack, as a bare bind is on Linux: "::" takes IPv4 clients too
+        sock = socket.create_server((self.bind_host, self.cfg.port), family=socket.AF_INET6 if v6 else socket.AF_INET,
+                                    backlog=1024, dualstack_ipv6=v6)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._register()  # visible as "starting" while the model loads

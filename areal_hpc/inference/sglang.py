@@ -31,11 +31,6 @@ SGLANG_VERSION = "0.5.23"
 Value = Union[None, str, List[str]]  # None = bare boolean flag
 
 
-def _flag(key: str) -> str:
-    key = key.strip()
-    return key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")
-
-
 def _passthrough_value(v: Any) -> Optional[Value]:
     """``True``/``"true"``/``""``/``None`` -> bare flag; ``False``/``"false"`` -> drop (returns False)."""
     if v is None or v is True or (isinstance(v, str) and v.strip().lower() in ("", "true")):
@@ -85,7 +80,8 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
         opts["--node-rank"] = str(node_rank)
         opts["--dist-init-addr"] = str(dist_init_addr)
     for key, value in (cfg.sglang_args or {}).items():
-        flag = _flag(key)
+        key = key.strip()
+        flag = key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")
         v = _passthrough_value(value)
         if v is False:
             opts.pop(flag, None)
