@@ -185,11 +185,12 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         raise ConfigError("cluster.constraint", f"{c.constraint!r} is not a Slurm constraint",
                           "features joined by & | , e.g. a100&ib (no spaces or quotes)")
     for key, dash in (("sbatch_args", "--"), ("srun_args", "-")):  # submitit takes long sbatch options only
-        args = getattr(c, key)
-        for i, a in enumerate(args):
-            prev = str(args[i - 1]).removeprefix("#SBATCH").strip() if i else ""
-            is_value = prev.startswith("-") and "=" not in prev and not str(a).startswith("-")
-            if not str(a).removeprefix("#SBATCH").strip().startswith(dash) and not is_value:
+        # as `slurm_submit._sbatch_arg_dict` reads them: "#SBATCH -p x" after a bare flag is an option, not its value
+        args = [str(a).strip().removeprefix("#SBATCH").strip() for a in getattr(c, key)]
+        for i, a in enumerate(getattr(c, key)):
+            prev = args[i - 1] if i else ""
+            is_value = prev.startswith("-") and "=" not in prev and not args[i].startswith("-")
+            if not args[i].startswith(dash) and not is_value:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
     try:
@@ -266,7 +267,7 @@ def check_location(cfg: ExperimentConfig) -> None:
     for key in ("experiment_name", "trial_name"):
         n = len(getattr(cfg, key).encode())
         if n > name_max:
-            raise ConfigError(key, f"is {n} characters long, longer than the filesystem allows ({name_max})",
+            raise ConfigError(key, f"is {n} bytes long, longer than the filesystem allows ({name_max} bytes)",
                               "use a shorter name")
     total = len(str(root / getpass.getuser() / cfg.experiment_name / cfg.trial_name).encode()) + _LONGEST_INSIDE
     if total > path_max:
@@ -332,15 +333,6 @@ def _check_path(key: str, path: str, kind: str) -> None:
         raise ConfigError(key, f"bad toy {kind} spec {path!r}", f"e.g. {example}")
 
 
-def _writable(d: Path) -> bool:
-    """Really try (os.access says yes to root even on /proc)."""
-    try:
-        tempfile.TemporaryDirectory(dir=d).cleanup()
-        return True
-    except OSError:
-        return False
-
-
 def validate(cfg: ExperimentConfig) -> AllocationMode:
     """Check a config; normalise it in place; return its allocation."""
     if cfg.trainer.type is None:
@@ -357,9 +349,11 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             cfg.trainer.plugins[i] = str(path)
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
-    if not existing.is_dir() or not _writable(existing):
+    try:  # really try: os.access says yes to root even on /proc (and a file there fails too)
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError:
         raise ConfigError("cluster.fileroot", f"{c.fileroot!r} cannot be created (nearest parent {existing} is not a "
-                          "writable directory)", "pick a writable directory shared by all nodes")
+                          "writable directory)", "pick a writable directory shared by all nodes") from None
     if cfg.mode == "ray" and c.ray_address != "auto" and not _RAY_ADDRESS.match(c.ray_address):
         raise ConfigError("cluster.ray_address", f"{c.ray_address!r} is not a Ray address",
                           "give the head's GCS address host:port (6379 by default), or auto")
