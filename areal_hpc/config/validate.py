@@ -129,8 +129,7 @@ def check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(key, f"must be a finite number, got {v}", "give a plain number")
         if isinstance(v, str):
             script = any(key.startswith(k) if k.endswith(".") else key == k for k in SCRIPT_KEYS)
-            bad = (_CONTROL if script else _CONTROL_TEXT).search(v)
-            if bad:
+            if bad := (_CONTROL if script else _CONTROL_TEXT).search(v):
                 raise ConfigError(key, f"contains the control character {bad.group()!r} at position {bad.start()}",
                                   "it goes into the job script: give one line of printable text" if script
                                   else "remove the control character")
@@ -151,13 +150,9 @@ def get(cfg: Any, key: str) -> Any:
 def check_range(key: str, value: Any, interval: str, hint: str | None = None) -> None:
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
-    if (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi):
-        return
-    if hi == math.inf:
-        problem = f"must be {'>' if lo_open else '>='} {lo:g}, got {value}"
-    else:
-        problem = f"must be in {interval}, got {value}"
-    raise ConfigError(key, problem, hint)
+    if not ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)):
+        problem = f"must be {'>' if lo_open else '>='} {lo:g}" if hi == math.inf else f"must be in {interval}"
+        raise ConfigError(key, f"{problem}, got {value}", hint)
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
@@ -247,8 +242,7 @@ def check_location(cfg: ExperimentConfig) -> None:
     fileroot = cfg.cluster.fileroot
     if not fileroot:
         raise ConfigError("cluster.fileroot", "is empty", "a directory shared by all nodes, e.g. /scratch/$USER/areal")
-    bad = _CONTROL.search(fileroot)
-    if bad:
+    if bad := _CONTROL.search(fileroot):
         raise ConfigError("cluster.fileroot", f"contains the control character {bad.group()!r}",
                           "give a plain directory path")
     try:  # where `run_dir` puts it: a symlinked fileroot's target (its filesystem, its length) is what is measured

@@ -3,11 +3,10 @@
     run.json  servers/<id>.json  trainer.json  weights/latest.json  requests/<id>.json
     replies/<id>.json  jobs/<id>.json  secret
 
-A record is ``{kind}/{name}.json`` (kind ``""`` for top-level ones). Writes are atomic (temp file,
-``os.replace``), so plain `put`/`get` need no lock; read-modify-write (`update`) holds a lock of
-the configured kind. A record written with ``ttl=True`` is alive while its mtime is younger than the
-TTL; writers heartbeat with `touch` (`Heartbeat`). On NFS readers retry ESTALE and treat a record
-that vanishes between listing and reading as absent.
+A record is ``{kind}/{name}.json`` (kind ``""`` for top-level ones). Writes are atomic (temp file, ``os.replace``), so
+plain `put`/`get` need no lock; read-modify-write (`update`) holds a lock of the configured kind. A record written with
+``ttl=True`` is alive while its mtime is younger than the TTL; writers heartbeat with `touch` (`Heartbeat`). On NFS
+readers retry ESTALE and treat a record that vanishes between listing and reading as absent.
 """
 
 from __future__ import annotations
