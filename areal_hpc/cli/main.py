@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (one line naming the key; nothin
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -265,8 +266,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        import errno
-
         if e.errno != errno.ENAMETOOLONG:
             raise
         print(f"areal-hpc {args.command}: error: {e.filename or ''}: file name too long for the filesystem "

@@ -22,7 +22,7 @@ from typing import Any, Iterator, List, Tuple
 
 from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
 from areal_hpc.config.errors import ConfigError, did_you_mean
-from areal_hpc.config.schema import LOCK_KINDS, MODES, TRAINER_TYPES, DatasetConfig, ExperimentConfig
+from areal_hpc.config.schema import DatasetConfig, ExperimentConfig
 
 # Keys whose values are written into the rendered sbatch script or a shell line: a newline there injects a command.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
@@ -42,8 +42,8 @@ _EXPAND = {"{eng}": ("trainer.ppo.actor", "trainer.sft.model"),
            "{mb}": ("trainer.ppo.mb_spec", "trainer.sft.mb_spec"),
            "{ds}": ("train_dataset", "valid_dataset")}
 CHOICES = {
-    "mode": MODES,
-    "launcher.lock_kind": LOCK_KINDS,
+    "mode": ("local", "slurm", "ray", "torchrun"),
+    "launcher.lock_kind": ("flock", "soft", "lease"),
     "trainer.ppo.adv_norm": ("group", "batch", "none"),
     "trainer.ppo.weight_update": ("disk", "nccl", "gloo"),
     "{eng}.optimizer.lr_schedule": ("constant", "cosine"),
@@ -86,8 +86,8 @@ HINTS = {
 
 DATASET_ADAPTERS = ("gsm8k",)
 # Names a plugin (trainer.plugins) may add to; without one, the built-in names of the trainer and rollout registries.
-BUILT_IN = {"trainer.type": TRAINER_TYPES, "rollout.workflow": ("rlvr",), "rollout.reward_fn": ("exact_match", "math"),
-            "{ds}.adapter": DATASET_ADAPTERS}
+BUILT_IN = {"trainer.type": ("ppo", "sft", "null"), "rollout.workflow": ("rlvr",),
+            "rollout.reward_fn": ("exact_match", "math"), "{ds}.adapter": DATASET_ADAPTERS}
 
 _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 # A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
