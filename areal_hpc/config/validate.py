@@ -289,12 +289,11 @@ def actor_path(cfg: ExperimentConfig) -> str:
 def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
     """``(key, owner, attribute)`` of every model path the run loads (a null trainer's servers load the actor's
     unless ``server.model_path`` is set)."""
-    t, ppo = cfg.trainer.type, cfg.trainer.ppo
-    if t == "sft":
+    if cfg.trainer.type == "sft":
         return [("trainer.sft.model.path", cfg.trainer.sft.model, "path")]
     out = []
-    if t != "null" or not cfg.server.model_path:
-        out.append(("trainer.ppo.actor.path", ppo.actor, "path"))
+    if cfg.trainer.type != "null" or not cfg.server.model_path:
+        out.append(("trainer.ppo.actor.path", cfg.trainer.ppo.actor, "path"))
     if cfg.server.model_path:
         out.append(("server.model_path", cfg.server, "model_path"))
     return out
