@@ -109,6 +109,8 @@ class Registry:
             data = json.loads(raw)
         except (FileNotFoundError, IsADirectoryError, ValueError):  # ValueError: torn (not JSON, not even UTF-8)
             return None
+        if not isinstance(data, dict):  # JSON, but no record: damaged, or not ours
+            return None
         ttl = data.pop(_TTL_KEY, None)
         if live_only and ttl is not None and now - mtime > ttl:
             return None
