@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DIST_NAME = "areal-hpc"
-
 
 def __getattr__(name: str) -> str:
     if name != "__version__":
@@ -17,7 +15,7 @@ def __getattr__(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        found = version(DIST_NAME)
+        found = version("areal-hpc")
     except PackageNotFoundError:
         import configparser
 

@@ -101,6 +101,8 @@ BAD_OVERRIDES = [
     (["train_dataset.max_prompt_len=0"], "train_dataset.max_prompt_len"),
     (["launcher.server_startup_timeout_s=0"], "launcher.server_startup_timeout_s"),
     (["cluster.sbatch_args=[-x]"], "cluster.sbatch_args[0]"),
+    # a pasted "#SBATCH -p x" after a bare flag is a short option, not the flag's value
+    (["cluster.sbatch_args=[--exclusive, '#SBATCH -p debug']"], "cluster.sbatch_args[1]"),
     # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
     (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
     (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],
@@ -196,6 +198,13 @@ def test_config_file_types(kind, tmp_path, capsys):
 def test_long_fileroot_component(tmp_path, capsys):
     rc, _, err = cli(capsys, "submit", QUICKSTART, f"cluster.fileroot={tmp_path}/{LONG}", "--dry-run")
     assert_one_line(rc, err, "submit", "cluster.fileroot")
+
+
+def test_long_name_is_measured_in_bytes(tmp_path, capsys):
+    """The filesystem's limit is in bytes; the message says what it counted."""
+    rc, _, err = cli(capsys, "submit", QUICKSTART, f"cluster.fileroot={tmp_path}", f"trial_name={LONG}", "--dry-run")
+    assert_one_line(rc, err, "submit", "trial_name")
+    assert f"is {len(LONG)} bytes long" in err
 
 
 @pytest.mark.parametrize("command", ["status", "logs", "stop"])

@@ -97,6 +97,16 @@ def test_a_record_a_crash_left_zero_filled_reads_as_absent(tmp_path):
     assert set(reg.list("servers")) == {"a"} and reg.get("servers", "b") is None
 
 
+@pytest.mark.parametrize("body", [b"[1]", b"7", b'"x"', b"null"])
+def test_a_record_that_is_json_but_no_object_reads_as_absent(tmp_path, body):
+    """A file in a record's place holding JSON that is not an object (damaged, or not written by us) crashed every
+    `list` of its kind (``list.pop`` takes no default), so `status` and a trainer waiting for servers with it."""
+    reg = Registry(tmp_path)
+    reg.put("servers", "a", {"x": 1})
+    reg.path("servers", "b").write_bytes(body)
+    assert set(reg.list("servers")) == {"a"} and reg.get("servers", "b") is None
+
+
 def test_wait_for_and_timeout(tmp_path):
     reg = Registry(tmp_path, ttl_s=10)
     threading.Timer(0.2, lambda: [reg.put("servers", f"s{i}", {}) for i in range(3)]).start()

@@ -6,10 +6,11 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (one line naming the key; nothin
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from areal_hpc.config import ConfigError, check_location, load_config, load_resolved, run_dir, run_umask, validate
 
@@ -41,9 +42,9 @@ def _pop_name(args) -> Optional[str]:
     return None
 
 
-def _existing_run(args) -> Tuple[Any, Path]:
-    """(config, run dir) of the run a command acts on, from its config words: only the names that locate the run
-    are checked, not a whole new run. The command writes with the umask of the run's own config."""
+def _existing_run(args) -> Path:
+    """The run dir of the run a command acts on, from its config words: only the names that locate the run are
+    checked, not a whole new run. The command writes with the umask of the run's own config."""
     cfg = load_config(None, args.words)
     check_location(cfg)
     rd = run_dir(cfg)
@@ -52,7 +53,7 @@ def _existing_run(args) -> Tuple[Any, Path]:
                           f"trial_name={cfg.trial_name} (looked in {rd})",
                           "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
     os.umask(run_umask(load_resolved(rd / "config.yaml")))
-    return cfg, rd
+    return rd
 
 
 def cmd_submit(args) -> int:
@@ -77,7 +78,7 @@ def cmd_add_servers(args) -> int:
         raise ConfigError("api_key", "is the key of a server attached with url=", "give url=http://HOST:PORT too")
     elif args.count < 1:
         raise ConfigError("count", f"must be >= 1, got {args.count}")
-    _, rd = _existing_run(args)
+    rd = _existing_run(args)
     if args.url is not None:
         return control.attach_server(rd, args.url, api_key=args.api_key)
     return control.add_servers(rd, args.count, new_job=args.new_job)
@@ -89,30 +90,26 @@ def cmd_remove_server(args) -> int:
     ident = _pop_name(args)
     if ident is None:
         raise ConfigError("SERVER", "which server?", "remove-server ID|URL experiment_name=... trial_name=...")
-    _, rd = _existing_run(args)
-    return control.remove_server(rd, ident)
+    return control.remove_server(_existing_run(args), ident)
 
 
 def cmd_status(args) -> int:
     from areal_hpc.launch import status
 
-    _, rd = _existing_run(args)
-    return status.status(rd, as_json=args.json)
+    return status.status(_existing_run(args), as_json=args.json)
 
 
 def cmd_logs(args) -> int:
     from areal_hpc.launch import status
 
     role = _pop_name(args) or "trainer"
-    _, rd = _existing_run(args)
-    return status.logs(rd, role, follow=args.follow, lines=args.lines)
+    return status.logs(_existing_run(args), role, follow=args.follow, lines=args.lines)
 
 
 def cmd_stop(args) -> int:
     from areal_hpc.launch import control
 
-    _, rd = _existing_run(args)
-    return control.stop(rd, timeout_s=args.timeout, external=args.external)
+    return control.stop(_existing_run(args), timeout_s=args.timeout, external=args.external)
 
 
 def _run_dir_arg(path: str) -> Path:
@@ -133,8 +130,7 @@ def cmd_serve(args) -> int:
             raise ConfigError("--server-id", "is required with --run-dir")
         return entry.serve(_run_dir_arg(args.run_dir), args.server_id, args.backend)
     # by hand, on any host that sees the run dir: joins the run as an external server
-    _, rd = _existing_run(args)
-    return entry.serve(rd, args.server_id or entry.manual_server_id(), args.backend, external=True)
+    return entry.serve(_existing_run(args), args.server_id or entry.manual_server_id(), args.backend, external=True)
 
 
 def cmd_train(args) -> int:
@@ -270,8 +266,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        import errno
-
         if e.errno != errno.ENAMETOOLONG:
             raise
         print(f"areal-hpc {args.command}: error: {e.filename or ''}: file name too long for the filesystem "

@@ -89,7 +89,15 @@ def _parse_part(token: str, default_backend: Optional[str]) -> ParallelSpec:
     else:
         raise ConfigError(KEY, f"cannot parse {token!r}",
                           "expected backend:spec or backend.spec, e.g. sglang:d4t2 or hf.d1p1m1")
-    return _check_model_parallel(ParallelSpec(backend, **_parse_dims(spec, token)), token)
+    part = ParallelSpec(backend, **_parse_dims(spec, token))
+    # No t or p for FSDP2 (it shards parameters over its d ranks) nor hf (one device a server): refused here, not on a
+    # compute node after the queue.
+    for what, letter, size in (("pipeline", "p", part.pp), ("tensor", "t", part.tp)):
+        if size > 1 and backend in ("fsdp", "hf"):
+            instead = f"use {letter}1 and more data-parallel ranks (d)"
+            raise ConfigError(KEY, f"{what} parallel {letter}{size} in {token!r} is not supported by {backend}",
+                              instead + (", or sglang servers" if backend == "hf" else ""))
+    return part
 
 
 def parse_allocation(text: str) -> AllocationMode:
@@ -121,17 +129,6 @@ def parse_allocation(text: str) -> AllocationMode:
         raise ConfigError(KEY, f"unknown training backend {train.backend!r} in {parts[1]!r}",
                           f"training backends: {', '.join(TRAIN_BACKENDS)} (or 'eval' for no trainer)")
     return AllocationMode(gen=gen, train=train)
-
-
-def _check_model_parallel(part: ParallelSpec, token: str) -> ParallelSpec:
-    """No t or p for FSDP2 (it shards parameters over its d ranks) nor hf (one device a server): refused here, not on a
-    compute node after the queue."""
-    for what, letter, size in (("pipeline", "p", part.pp), ("tensor", "t", part.tp)):
-        if size > 1 and part.backend in ("fsdp", "hf"):
-            instead = f"use {letter}1 and more data-parallel ranks (d)"
-            raise ConfigError(KEY, f"{what} parallel {letter}{size} in {token!r} is not supported by {part.backend}",
-                              instead + (", or sglang servers" if part.backend == "hf" else ""))
-    return part
 
 
 def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int, multi_node_tp: bool = False) -> None:

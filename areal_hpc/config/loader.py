@@ -117,11 +117,10 @@ def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[
     key given twice. Every problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
     p = Path(path)
     name = "" if key == str(path) else f"{path} "
-    if p.is_dir() or not p.is_file():
+    if not p.is_file():
         what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
         raise ConfigError(key, f"{name}{what}", hint or "give the path of a YAML file, e.g. configs/quickstart.yaml")
-    size = p.stat().st_size
-    if size > MAX_CONFIG_BYTES:
+    if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
         raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
                           hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
     raw = p.read_bytes()

@@ -6,10 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-MODES = ("local", "slurm", "ray", "torchrun")
-TRAINER_TYPES = ("ppo", "sft", "null")
-LOCK_KINDS = ("flock", "soft", "lease")
-
 
 @dataclass
 class ClusterConfig:

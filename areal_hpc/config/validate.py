@@ -22,7 +22,7 @@ from typing import Any, Iterator, List, Tuple
 
 from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
 from areal_hpc.config.errors import ConfigError, did_you_mean
-from areal_hpc.config.schema import LOCK_KINDS, MODES, TRAINER_TYPES, DatasetConfig, ExperimentConfig
+from areal_hpc.config.schema import DatasetConfig, ExperimentConfig
 
 # Keys whose values are written into the rendered sbatch script or a shell line: a newline there injects a command.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
@@ -42,8 +42,8 @@ _EXPAND = {"{eng}": ("trainer.ppo.actor", "trainer.sft.model"),
            "{mb}": ("trainer.ppo.mb_spec", "trainer.sft.mb_spec"),
            "{ds}": ("train_dataset", "valid_dataset")}
 CHOICES = {
-    "mode": MODES,
-    "launcher.lock_kind": LOCK_KINDS,
+    "mode": ("local", "slurm", "ray", "torchrun"),
+    "launcher.lock_kind": ("flock", "soft", "lease"),
     "trainer.ppo.adv_norm": ("group", "batch", "none"),
     "trainer.ppo.weight_update": ("disk", "nccl", "gloo"),
     "{eng}.optimizer.lr_schedule": ("constant", "cosine"),
@@ -86,8 +86,8 @@ HINTS = {
 
 DATASET_ADAPTERS = ("gsm8k",)
 # Names a plugin (trainer.plugins) may add to; without one, the built-in names of the trainer and rollout registries.
-BUILT_IN = {"trainer.type": TRAINER_TYPES, "rollout.workflow": ("rlvr",), "rollout.reward_fn": ("exact_match", "math"),
-            "{ds}.adapter": DATASET_ADAPTERS}
+BUILT_IN = {"trainer.type": ("ppo", "sft", "null"), "rollout.workflow": ("rlvr",),
+            "rollout.reward_fn": ("exact_match", "math"), "{ds}.adapter": DATASET_ADAPTERS}
 
 _RAY_ADDRESS = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$")
 # A Hugging Face repo id (`org/name` or `name`); a path with a data-file suffix is meant as a local file.
@@ -129,8 +129,7 @@ def check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(key, f"must be a finite number, got {v}", "give a plain number")
         if isinstance(v, str):
             script = any(key.startswith(k) if k.endswith(".") else key == k for k in SCRIPT_KEYS)
-            bad = (_CONTROL if script else _CONTROL_TEXT).search(v)
-            if bad:
+            if bad := (_CONTROL if script else _CONTROL_TEXT).search(v):
                 raise ConfigError(key, f"contains the control character {bad.group()!r} at position {bad.start()}",
                                   "it goes into the job script: give one line of printable text" if script
                                   else "remove the control character")
@@ -151,13 +150,9 @@ def get(cfg: Any, key: str) -> Any:
 def check_range(key: str, value: Any, interval: str, hint: str | None = None) -> None:
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
-    if (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi):
-        return
-    if hi == math.inf:
-        problem = f"must be {'>' if lo_open else '>='} {lo:g}, got {value}"
-    else:
-        problem = f"must be in {interval}, got {value}"
-    raise ConfigError(key, problem, hint)
+    if not ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)):
+        problem = f"must be {'>' if lo_open else '>='} {lo:g}" if hi == math.inf else f"must be in {interval}"
+        raise ConfigError(key, f"{problem}, got {value}", hint)
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
@@ -185,11 +180,12 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         raise ConfigError("cluster.constraint", f"{c.constraint!r} is not a Slurm constraint",
                           "features joined by & | , e.g. a100&ib (no spaces or quotes)")
     for key, dash in (("sbatch_args", "--"), ("srun_args", "-")):  # submitit takes long sbatch options only
-        args = getattr(c, key)
-        for i, a in enumerate(args):
-            prev = str(args[i - 1]).removeprefix("#SBATCH").strip() if i else ""
-            is_value = prev.startswith("-") and "=" not in prev and not str(a).startswith("-")
-            if not str(a).removeprefix("#SBATCH").strip().startswith(dash) and not is_value:
+        # as `slurm_submit._sbatch_arg_dict` reads them: "#SBATCH -p x" after a bare flag is an option, not its value
+        args = [str(a).removeprefix("#SBATCH").strip() for a in getattr(c, key)]
+        for i, a in enumerate(getattr(c, key)):
+            prev = args[i - 1] if i else ""
+            is_value = prev.startswith("-") and "=" not in prev and not args[i].startswith("-")
+            if not args[i].startswith(dash) and not is_value:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
     try:
@@ -246,8 +242,7 @@ def check_location(cfg: ExperimentConfig) -> None:
     fileroot = cfg.cluster.fileroot
     if not fileroot:
         raise ConfigError("cluster.fileroot", "is empty", "a directory shared by all nodes, e.g. /scratch/$USER/areal")
-    bad = _CONTROL.search(fileroot)
-    if bad:
+    if bad := _CONTROL.search(fileroot):
         raise ConfigError("cluster.fileroot", f"contains the control character {bad.group()!r}",
                           "give a plain directory path")
     try:  # where `run_dir` puts it: a symlinked fileroot's target (its filesystem, its length) is what is measured
@@ -266,7 +261,7 @@ def check_location(cfg: ExperimentConfig) -> None:
     for key in ("experiment_name", "trial_name"):
         n = len(getattr(cfg, key).encode())
         if n > name_max:
-            raise ConfigError(key, f"is {n} characters long, longer than the filesystem allows ({name_max})",
+            raise ConfigError(key, f"is {n} bytes long, longer than the filesystem allows ({name_max} bytes)",
                               "use a shorter name")
     total = len(str(root / getpass.getuser() / cfg.experiment_name / cfg.trial_name).encode()) + _LONGEST_INSIDE
     if total > path_max:
@@ -294,12 +289,11 @@ def actor_path(cfg: ExperimentConfig) -> str:
 def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
     """``(key, owner, attribute)`` of every model path the run loads (a null trainer's servers load the actor's
     unless ``server.model_path`` is set)."""
-    t, ppo = cfg.trainer.type, cfg.trainer.ppo
-    if t == "sft":
+    if cfg.trainer.type == "sft":
         return [("trainer.sft.model.path", cfg.trainer.sft.model, "path")]
     out = []
-    if t != "null" or not cfg.server.model_path:
-        out.append(("trainer.ppo.actor.path", ppo.actor, "path"))
+    if cfg.trainer.type != "null" or not cfg.server.model_path:
+        out.append(("trainer.ppo.actor.path", cfg.trainer.ppo.actor, "path"))
     if cfg.server.model_path:
         out.append(("server.model_path", cfg.server, "model_path"))
     return out
@@ -332,15 +326,6 @@ def _check_path(key: str, path: str, kind: str) -> None:
         raise ConfigError(key, f"bad toy {kind} spec {path!r}", f"e.g. {example}")
 
 
-def _writable(d: Path) -> bool:
-    """Really try (os.access says yes to root even on /proc)."""
-    try:
-        tempfile.TemporaryDirectory(dir=d).cleanup()
-        return True
-    except OSError:
-        return False
-
-
 def validate(cfg: ExperimentConfig) -> AllocationMode:
     """Check a config; normalise it in place; return its allocation."""
     if cfg.trainer.type is None:
@@ -357,9 +342,11 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             cfg.trainer.plugins[i] = str(path)
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
-    if not existing.is_dir() or not _writable(existing):
+    try:  # really try: os.access says yes to root even on /proc (and a file there fails too)
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError:
         raise ConfigError("cluster.fileroot", f"{c.fileroot!r} cannot be created (nearest parent {existing} is not a "
-                          "writable directory)", "pick a writable directory shared by all nodes")
+                          "writable directory)", "pick a writable directory shared by all nodes") from None
     if cfg.mode == "ray" and c.ray_address != "auto" and not _RAY_ADDRESS.match(c.ray_address):
         raise ConfigError("cluster.ray_address", f"{c.ray_address!r} is not a Ray address",
                           "give the head's GCS address host:port (6379 by default), or auto")

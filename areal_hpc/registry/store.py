@@ -3,11 +3,10 @@
     run.json  servers/<id>.json  trainer.json  weights/latest.json  requests/<id>.json
     replies/<id>.json  jobs/<id>.json  secret
 
-A record is ``{kind}/{name}.json`` (kind ``""`` for top-level ones). Writes are atomic (temp file,
-``os.replace``), so plain `put`/`get` need no lock; read-modify-write (`update`) holds a lock of
-the configured kind. A record written with ``ttl=True`` is alive while its mtime is younger than the
-TTL; writers heartbeat with `touch` (`Heartbeat`). On NFS readers retry ESTALE and treat a record
-that vanishes between listing and reading as absent.
+A record is ``{kind}/{name}.json`` (kind ``""`` for top-level ones). Writes are atomic (temp file, ``os.replace``), so
+plain `put`/`get` need no lock; read-modify-write (`update`) holds a lock of the configured kind. A record written with
+``ttl=True`` is alive while its mtime is younger than the TTL; writers heartbeat with `touch` (`Heartbeat`). On NFS
+readers retry ESTALE and treat a record that vanishes between listing and reading as absent.
 """
 
 from __future__ import annotations
@@ -29,11 +28,7 @@ from areal_hpc.registry.util import atomic_write, temp_name
 _TTL_KEY = "_ttl"
 # flock: kernel locks (local disks; Lustre/GPFS mounted with flock). The others are lock files
 # created atomically, which NFS honours; a `lease` is renewed by its holder, so a dead one expires.
-LOCK_CLASSES = {
-    "flock": filelock.FileLock,
-    "soft": filelock.SoftFileLock,
-    "lease": filelock.SoftFileLease,
-}
+LOCK_CLASSES = {"flock": filelock.FileLock, "soft": filelock.SoftFileLock, "lease": filelock.SoftFileLease}
 _ESTALE_RETRIES = 5
 _MAX_RECORD = 1 << 20  # bytes of a record that are read (a bigger one reads as torn, i.e. absent)
 
@@ -57,17 +52,15 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike, lock_kind: str = "flock", ttl_s: float = 15.0,
                  lock_timeout_s: float = 30.0, stale_lock_s: float = 60.0):
-        self.root = Path(root)
-        self.lock_kind, self.ttl_s, self.lock_timeout_s = lock_kind, float(ttl_s), lock_timeout_s
-        self.stale_lock_s = stale_lock_s
+        self.root, self.lock_kind, self.ttl_s = Path(root), lock_kind, float(ttl_s)
+        self.lock_timeout_s, self.stale_lock_s = lock_timeout_s, stale_lock_s
         self._dirs: Dict[str, str] = {}
 
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, launcher: Any = None) -> "Registry":
         """The registry of a run dir, with the lock kind and TTL of the config's ``launcher`` section."""
-        if launcher is None:
-            return cls(Path(run_dir) / "registry")
-        return cls(Path(run_dir) / "registry", lock_kind=launcher.lock_kind, ttl_s=launcher.ttl_s)
+        settings = {} if launcher is None else {"lock_kind": launcher.lock_kind, "ttl_s": launcher.ttl_s}
+        return cls(Path(run_dir) / "registry", **settings)
 
     # ------------------------------------------------------------ paths
     def path(self, kind: str, name: str) -> Path:
@@ -107,17 +100,16 @@ class Registry:
     @staticmethod
     def _read(path: str, live_only: bool, now: float) -> Optional[Dict[str, Any]]:
         def read() -> Tuple[bytes, float]:
-            fd = os.open(path, os.O_RDONLY)
-            try:  # records are replaced, never rewritten in place: the size read is the record's
-                st = os.fstat(fd)
-                return os.read(fd, min(st.st_size, _MAX_RECORD)), st.st_mtime
-            finally:
-                os.close(fd)
+            with open(path, "rb") as f:  # records are replaced, never rewritten in place: the size read is the record's
+                st = os.fstat(f.fileno())
+                return f.read(min(st.st_size, _MAX_RECORD)), st.st_mtime
 
         try:
             raw, mtime = _retry_estale(read)
             data = json.loads(raw)
         except (FileNotFoundError, IsADirectoryError, ValueError):  # ValueError: torn (not JSON, not even UTF-8)
+            return None
+        if not isinstance(data, dict):  # JSON, but no record: damaged, or not ours
             return None
         ttl = data.pop(_TTL_KEY, None)
         if live_only and ttl is not None and now - mtime > ttl:
@@ -136,14 +128,9 @@ class Registry:
         except FileNotFoundError:
             return {}
         now = time.time()
-        out = {}
-        for fname in names:
-            if not fname.endswith(".json") or fname.startswith("."):
-                continue
-            rec = self._read(str(d / fname), live_only, now)
-            if rec is not None:
-                out[fname[:-5]] = rec
-        return out
+        records = {fname[:-5]: self._read(str(d / fname), live_only, now) for fname in names
+                   if fname.endswith(".json") and not fname.startswith(".")}
+        return {name: rec for name, rec in records.items() if rec is not None}
 
     # ------------------------------------------------------------ locking
     @contextmanager
@@ -156,14 +143,12 @@ class Registry:
         if self.lock_kind == "soft":
             self._break_stale(lk.lock_file)
         try:
-            lk.acquire()
+            held = lk.acquire()
         except filelock.Timeout as e:
             raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within "
                                   f"{self.lock_timeout_s:.0f}s") from e
-        try:
+        with held:
             yield
-        finally:
-            lk.release()
 
     def _break_stale(self, lock_file: str) -> None:
         """Remove a soft lock file older than ``stale_lock_s``: a SIGKILLed holder on another host is known dead by
@@ -242,8 +227,7 @@ class Registry:
         key = secrets.token_urlsafe(32)
         # link fails if the secret exists: racing processes all get the first key, never half a file
         tmp = self.root / temp_name("secret")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(key)
         try:
             os.link(tmp, path)
