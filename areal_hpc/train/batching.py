@@ -213,9 +213,8 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
 
 
 def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_tokens: int) -> bool:
-    """Bring every bin within ``max_tokens`` (in place): for each overfull bin, the smallest move of
-    one of its samples to another bin, or swap with a smaller one there, that fits both. False
-    when some bin cannot be fixed so."""
+    """Bring every bin within ``max_tokens`` (in place): for each overfull bin, the smallest move of one of its samples
+    to another bin, or swap with a smaller one there, that fits both. False when some bin cannot be fixed so."""
     for o in range(len(bins)):
         excess = loads[o] - max_tokens
         if excess <= 0:
@@ -245,11 +244,10 @@ def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_to
 
 def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
               pad_token_id: int = 0, share: bool = False) -> MicroBatch:
-    """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key);
-    ``mask`` is the batch's ``attention_mask`` as bool. With ``pad_to``, a padding document
-    (``pad_token_id``, every other per-token key zero, so no loss sees it) fills it up to that
-    many tokens. With ``share`` (and no ``pad_to``), documents that share a stem are marked
-    (`share_stems`)."""
+    """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key); ``mask`` is the
+    batch's ``attention_mask`` as bool. With ``pad_to``, a padding document (``pad_token_id``, every other per-token key
+    zero, so no loss sees it) fills it up to that many tokens. With ``share`` (and no ``pad_to``), documents that share
+    a stem are marked (`share_stems`)."""
     idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
     m = mask[idx]
     lens = m.sum(dim=1)
