@@ -246,8 +246,7 @@ class FSDPEngine:
 
     def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,
                           backward: bool = True) -> "_Pending":
-        """Zero the gradients, then accumulate those of the globally normalised loss; without ``backward`` only
-        its statistics."""
+        """`forward_backward` with its statistics left on the device; without ``backward``, only the statistics."""
         if backward and self.optimizer is None:
             raise RuntimeError("this engine was built with trainable=False")
         self._set_training(backward)
