@@ -213,9 +213,18 @@ class FSDPEngine:
         outs = [self._run(mb.to(self.device), temperature, False)["logprobs"] for mb in mbs]
         return unpack_to_padded(outs, mbs, batch)
 
-    def _accumulate(self, mbs: List[MicroBatch], weights: List[float], total: float, loss_fn: LossFn,
-                    temperature: float, backward: bool) -> Tuple[List[str], torch.Tensor]:
-        world = self.info.world_size
+    def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,
+                          backward: bool = True) -> "_Pending":
+        """`forward_backward` with its statistics left on the device; without ``backward``, only the statistics."""
+        if backward and self.optimizer is None:
+            raise RuntimeError("this engine was built with trainable=False")
+        self._set_training(backward)
+        with record_function("areal.pack"):
+            mbs = self.micro_batches(batch)
+            weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
+            total = dist.all_reduce_scalar(sum(weights))
+        if backward:
+            self.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: Dict[str, torch.Tensor] = {"loss": zero}
         for i, (mb, w) in enumerate(zip(mbs, weights)):
@@ -234,7 +243,7 @@ class FSDPEngine:
             if backward:
                 with record_function("areal.backward"):
                     # FSDP averages gradients over ranks; the global token normalisation wants a sum.
-                    (loss * (scale * world)).backward()
+                    (loss * (scale * self.info.world_size)).backward()
             sums["loss"] = sums["loss"] + loss.detach().double() * w
             for k, v in stats.items():
                 v = torch.as_tensor(v).detach().to(self.device, torch.float64)
@@ -242,23 +251,8 @@ class FSDPEngine:
         # sums over all micro-batches of all ranks, still on the device: one all-reduce, no read
         keys = sorted(sums)
         t = torch.stack([sums[k] for k in keys]).to(dist.collective_device())  # float64, as summed
-        return keys, dist.all_reduce(t)
-
-    def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,
-                          backward: bool = True) -> "_Pending":
-        """`forward_backward` with its statistics left on the device; without ``backward``, only the statistics."""
-        if backward and self.optimizer is None:
-            raise RuntimeError("this engine was built with trainable=False")
-        self._set_training(backward)
-        with record_function("areal.pack"):
-            mbs = self.micro_batches(batch)
-            weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
-            total = dist.all_reduce_scalar(sum(weights))
-        if backward:
-            self.optimizer.zero_grad(set_to_none=True)
-        keys, sums = self._accumulate(mbs, weights, total, loss_fn, temperature, backward)
         plain = dict(n_tokens=total, n_mbs=float(len(mbs))) if backward else dict(n_tokens=total)
-        return _Pending(keys, sums, divisor=total, plain=plain)
+        return _Pending(keys, dist.all_reduce(t), divisor=total, plain=plain)
 
     def forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                          temperature: float = 1.0) -> Dict[str, float]:
