@@ -155,9 +155,9 @@ def test_compiled_varlen_engine_matches_eager_sdpa(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
-    from areal_hpc.train import optim, packed_attention
+    from areal_hpc.train import packed_attention
     from areal_hpc.train.batching import collate
-    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.engine import FSDPEngine, grad_norm
     from areal_hpc.train.sft_loss import sft_loss
 
     cfg = AutoConfig.for_model("qwen2", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -178,7 +178,7 @@ def test_compiled_varlen_engine_matches_eager_sdpa(tmp_path):
                          MicroBatchSpec(max_tokens_per_mb=256), total_steps=1)
         logp = eng.forward(batch)
         stats = eng.forward_backward(batch, sft_loss)
-        res[name] = (logp, stats["loss"], float(optim.grad_norm(list(eng.model.parameters()))))
+        res[name] = (logp, stats["loss"], float(grad_norm(list(eng.model.parameters()))))
         del eng
     assert packed_attention._state["flash"], "the flash varlen kernel did not run on this GPU"
     lp_ref, loss_ref, norm_ref = res["eager_sdpa"]

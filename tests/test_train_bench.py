@@ -19,7 +19,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('blocked ' + name)
 sys.meta_path.insert(0, Block())
 import areal_hpc.train.packed_attention, areal_hpc.train.batching, areal_hpc.train.checkpoint, areal_hpc.train.dist
-import areal_hpc.train.engine, areal_hpc.train.logprob, areal_hpc.train.optim
+import areal_hpc.train.engine, areal_hpc.train.logprob
 import areal_hpc.train.parallel, areal_hpc.train.ppo_loss, areal_hpc.train.publish, areal_hpc.train.sft_loss
 import areal_hpc.train.weight_sync
 print('ok')

@@ -298,7 +298,7 @@ def test_lr_schedule_and_precision():
     from areal_hpc.config import ConfigError, ExperimentConfig
     from areal_hpc.config.schema import OptimizerConfig
     from areal_hpc.config.validate import check_ranges
-    from areal_hpc.train.optim import lr_lambda
+    from areal_hpc.train.engine import lr_lambda
     from areal_hpc.train.parallel import resolve_precision
 
     f = lr_lambda(OptimizerConfig(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1), total_steps=10)

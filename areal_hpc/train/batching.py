@@ -191,9 +191,7 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1
         items = sorted(bins[b])
         bins[b], right = ([items[j] for j in half] for half in deal_least_loaded([lengths[i] for i in items], 2))
         bins.append(right)
-    bins = [sorted(b) for b in bins]
-    bins.sort(key=lambda b: b[0])
-    return bins
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
 
 
 def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) -> List[List[int]]:
@@ -213,9 +211,8 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
 
 
 def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_tokens: int) -> bool:
-    """Bring every bin within ``max_tokens`` (in place): for each overfull bin, the smallest move of
-    one of its samples to another bin, or swap with a smaller one there, that fits both. False
-    when some bin cannot be fixed so."""
+    """Bring every bin within ``max_tokens`` (in place): for each overfull bin, the smallest move of one of its samples
+    to another bin, or swap with a smaller one there, that fits both. False when some bin cannot be fixed so."""
     for o in range(len(bins)):
         excess = loads[o] - max_tokens
         if excess <= 0:
@@ -245,11 +242,10 @@ def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_to
 
 def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
               pad_token_id: int = 0, share: bool = False) -> MicroBatch:
-    """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key);
-    ``mask`` is the batch's ``attention_mask`` as bool. With ``pad_to``, a padding document
-    (``pad_token_id``, every other per-token key zero, so no loss sees it) fills it up to that
-    many tokens. With ``share`` (and no ``pad_to``), documents that share a stem are marked
-    (`share_stems`)."""
+    """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key); ``mask`` is the
+    batch's ``attention_mask`` as bool. With ``pad_to``, a padding document (``pad_token_id``, every other per-token key
+    zero, so no loss sees it) fills it up to that many tokens. With ``share`` (and no ``pad_to``), documents that share
+    a stem are marked (`share_stems`)."""
     idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
     m = mask[idx]
     lens = m.sum(dim=1)
@@ -315,10 +311,8 @@ def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2)
     for k, v in template.items():
         if k == "attention_mask":
             continue
-        if is_token_key(template, k):
-            data[k] = torch.zeros((n_tokens, *v.shape[2:]), dtype=v.dtype)
-        else:
-            data[k] = torch.zeros((1, *v.shape[1:]), dtype=v.dtype)
+        shape = (n_tokens, *v.shape[2:]) if is_token_key(template, k) else (1, *v.shape[1:])
+        data[k] = torch.zeros(shape, dtype=v.dtype)
     data["input_ids"] = torch.full((n_tokens,), pad_token_id, dtype=template["input_ids"].dtype)
     data["position_ids"] = torch.arange(n_tokens, dtype=torch.long)
     return MicroBatch(data, torch.tensor([0, n_tokens], dtype=torch.long), [], is_dummy=True)

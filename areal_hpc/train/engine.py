@@ -1,30 +1,32 @@
 """FSDP2 training engine for any transformers causal LM.
 
-Padded batches are packed into micro-batches (`batching`); the loss is normalised by the global
-number of loss tokens; a non-finite gradient norm skips the step. Every method that touches the
-model is collective: all ranks call it, in the same order.
+Padded batches are packed into micro-batches (`batching`); the loss is normalised by the global number of loss tokens; a
+non-finite gradient norm skips the step. Every method that touches the model is collective: all ranks call it, in the
+same order.
 
-``loss_fn(out, mb) -> (loss, stats)``: ``out`` holds the micro-batch's per-token ``logprobs`` and
-``entropy`` (``[T]``), ``loss`` and ``stats`` are means over the micro-batch, finite when it has
-no loss tokens (dummy micro-batches). ``loss_weight_fn(mb)`` weighs it (its loss tokens): the
-engine computes ``sum_mb loss_mb * w_mb / sum_global w``.
+``loss_fn(out, mb) -> (loss, stats)``: ``out`` holds the micro-batch's per-token ``logprobs`` and ``entropy`` (``[T]``),
+``loss`` and ``stats`` are means over the micro-batch, finite when it has no loss tokens (dummy micro-batches).
+``loss_weight_fn(mb)`` weighs it (its loss tokens): the engine computes ``sum_mb loss_mb * w_mb / sum_global w``. AdamW,
+its LR schedule and gradient clipping work on FSDP2's (DTensor) parameters.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from areal_hpc import toy
-from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
-from areal_hpc.train import dist, optim, packed_attention, parallel
+from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+from areal_hpc.train import dist, packed_attention, parallel
 from areal_hpc.train.batching import Batch, MicroBatch, async_to_device, make_micro_batches, unpack_to_padded
 from areal_hpc.train.logprob import install_logprob_forward, packed_token_logprobs
 
@@ -37,6 +39,50 @@ WeightFn = Callable[[Dict[str, torch.Tensor]], Any]
 def loss_token_count(mb: Dict[str, torch.Tensor]) -> torch.Tensor:
     """The default loss weight: the number of tokens with ``loss_mask`` set."""
     return mb["loss_mask"].float().sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` where the float ``mask`` is 1; 0 for an empty mask (a dummy micro-batch)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: the fused kernel (one pass over parameters, gradients
+    and moments) on GPU, the multi-tensor one on CPU."""
+    params = [p for p in params if p.requires_grad]
+    fused = bool(params) and params[0].device.type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=fused, foreach=not fused)
+
+
+def lr_lambda(cfg: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at a step: linear warm-up, then constant or cosine to ``min_lr_ratio``."""
+    warmup = max(0, int(cfg.warmup_steps))
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of all gradients (sharded ones included), as a plain tensor on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    return total.full_tensor() if isinstance(total, DTensor) else total
+
+
+def clip_grads(params: Iterable[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
+    if max_norm and max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm,
+                                             total_norm, foreach=True)
 
 
 class FSDPEngine:
@@ -63,15 +109,14 @@ class FSDPEngine:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.lr_scheduler = None
         if trainable:
-            self.optimizer = optim.build_optimizer(self.model.parameters(), config.optimizer)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                                  optim.lr_lambda(config.optimizer, self.total_steps))
+            self.optimizer = build_optimizer(self.model.parameters(), config.optimizer)
+            schedule = lr_lambda(config.optimizer, self.total_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         else:
             self.model.requires_grad_(False)
         self._version = 0
         self._staging: Optional[torch.Tensor] = None  # host buffer of state_dict_for_hf
 
-    # ------------------------------------------------------------------ set-up
     def _build_model(self) -> torch.nn.Module:
         """Rank 0 reads the checkpoint, the others build on the meta device and get the weights
         from rank 0 after sharding (one read of the files, not one per rank)."""
@@ -118,7 +163,6 @@ class FSDPEngine:
                 if rank == 0:
                     buf.copy_(buffers[name].to(buf.device))
                 tdist.broadcast(buf, src=0)
-        del full_sd, buffers
         return model
 
     def set_version(self, version: int) -> None:
@@ -158,10 +202,7 @@ class FSDPEngine:
             logits = self.model(**inputs).logits[0]
             logp, ent = packed_token_logprobs(logits if src is None else logits[src], ids, starts, temperature,
                                               with_entropy)
-        out = {"logprobs": logp}
-        if ent is not None:
-            out["entropy"] = ent
-        return out
+        return {"logprobs": logp} if ent is None else {"logprobs": logp, "entropy": ent}
 
     @torch.no_grad()
     def forward(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
@@ -172,9 +213,18 @@ class FSDPEngine:
         outs = [self._run(mb.to(self.device), temperature, False)["logprobs"] for mb in mbs]
         return unpack_to_padded(outs, mbs, batch)
 
-    def _accumulate(self, mbs: List[MicroBatch], weights: List[float], total: float, loss_fn: LossFn,
-                    temperature: float, backward: bool) -> Tuple[List[str], torch.Tensor]:
-        world = self.info.world_size
+    def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,
+                          backward: bool = True) -> "_Pending":
+        """`forward_backward` with its statistics left on the device; without ``backward``, only the statistics."""
+        if backward and self.optimizer is None:
+            raise RuntimeError("this engine was built with trainable=False")
+        self._set_training(backward)
+        with record_function("areal.pack"):
+            mbs = self.micro_batches(batch)
+            weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
+            total = dist.all_reduce_scalar(sum(weights))
+        if backward:
+            self.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums: Dict[str, torch.Tensor] = {"loss": zero}
         for i, (mb, w) in enumerate(zip(mbs, weights)):
@@ -193,7 +243,7 @@ class FSDPEngine:
             if backward:
                 with record_function("areal.backward"):
                     # FSDP averages gradients over ranks; the global token normalisation wants a sum.
-                    (loss * (scale * world)).backward()
+                    (loss * (scale * self.info.world_size)).backward()
             sums["loss"] = sums["loss"] + loss.detach().double() * w
             for k, v in stats.items():
                 v = torch.as_tensor(v).detach().to(self.device, torch.float64)
@@ -201,24 +251,8 @@ class FSDPEngine:
         # sums over all micro-batches of all ranks, still on the device: one all-reduce, no read
         keys = sorted(sums)
         t = torch.stack([sums[k] for k in keys]).to(dist.collective_device())  # float64, as summed
-        return keys, dist.all_reduce(t)
-
-    def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,
-                          backward: bool = True) -> "_Pending":
-        """Zero the gradients, then accumulate those of the globally normalised loss; without ``backward`` only
-        its statistics."""
-        if backward and self.optimizer is None:
-            raise RuntimeError("this engine was built with trainable=False")
-        self._set_training(backward)
-        with record_function("areal.pack"):
-            mbs = self.micro_batches(batch)
-            weights = [0.0 if mb.is_dummy else float(loss_weight_fn(mb.data)) for mb in mbs]
-            total = dist.all_reduce_scalar(sum(weights))
-        if backward:
-            self.optimizer.zero_grad(set_to_none=True)
-        keys, sums = self._accumulate(mbs, weights, total, loss_fn, temperature, backward)
         plain = dict(n_tokens=total, n_mbs=float(len(mbs))) if backward else dict(n_tokens=total)
-        return _Pending(keys, sums, divisor=total, plain=plain)
+        return _Pending(keys, dist.all_reduce(t), divisor=total, plain=plain)
 
     def forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                          temperature: float = 1.0) -> Dict[str, float]:
@@ -230,10 +264,10 @@ class FSDPEngine:
         (fused AdamW reads a device-side ``found_inf`` flag): the norm is read back later."""
         params = list(self.model.parameters())
         with record_function("areal.optimizer"):
-            norm = optim.grad_norm(params)
+            norm = grad_norm(params)
             if self.optimizer.defaults.get("fused"):
                 skipped = (~torch.isfinite(norm)).to(torch.float32)
-                optim.clip_grads(params, self.config.optimizer.grad_clip, norm)
+                clip_grads(params, self.config.optimizer.grad_clip, norm)
                 self.optimizer.found_inf = skipped
                 try:
                     self.optimizer.step()
@@ -242,13 +276,12 @@ class FSDPEngine:
             else:
                 finite = bool(torch.isfinite(norm).item())
                 if finite:
-                    optim.clip_grads(params, self.config.optimizer.grad_clip, norm)
+                    clip_grads(params, self.config.optimizer.grad_clip, norm)
                     self.optimizer.step()
                 skipped = torch.tensor(0.0 if finite else 1.0)
             self.optimizer.zero_grad(set_to_none=True)
-        return _Pending(["grad_norm", "skipped_step"], torch.stack([norm.double().reshape(()),
-                                                                    skipped.double().to(norm.device)]),
-                        plain=dict(lr=self.current_lr()))
+        values = torch.stack([norm.double().reshape(()), skipped.double().to(norm.device)])
+        return _Pending(["grad_norm", "skipped_step"], values, plain=dict(lr=self.current_lr()))
 
     def optimizer_step(self) -> Dict[str, float]:
         """Clip gradients and step AdamW; a non-finite norm skips the step (``skipped_step=1``)."""
@@ -280,14 +313,17 @@ class FSDPEngine:
         copies); the tensors returned are views of it, valid until the next call."""
         rank0 = self.info.rank == 0
         entries = self.hf_tensors(dtype)
-        staging = self._staging_buffer(entries) if rank0 else None
+        if rank0:
+            need = sum(_aligned(v.numel() * d.itemsize) for _, v, d in entries)
+            if self._staging is None or self._staging.numel() < need:
+                self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         out: Dict[str, torch.Tensor] = {}
         offset = 0
         for name, value, to_dtype in entries:
             full = dist.full_tensor(value)
             if rank0:
                 nbytes = full.numel() * to_dtype.itemsize
-                view = staging[offset: offset + nbytes].view(to_dtype).view(full.shape)
+                view = self._staging[offset: offset + nbytes].view(to_dtype).view(full.shape)
                 view.copy_(full.to(to_dtype), non_blocking=True)
                 out[name] = view
                 offset += _aligned(nbytes)
@@ -309,13 +345,6 @@ class FSDPEngine:
             seen.add(id(value))
             entries.append((name, value.detach(), dtype if value.is_floating_point() else value.dtype))
         return entries
-
-    def _staging_buffer(self, entries) -> torch.Tensor:
-        need = sum(_aligned(v.numel() * d.itemsize) for _, v, d in entries)
-        buf = self._staging
-        if buf is None or buf.numel() < need:
-            buf = self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        return buf
 
 
 @dataclass

@@ -8,6 +8,7 @@ reductions are compiled. `install_logprob_forward` makes it the model's output (
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional, Tuple
@@ -37,16 +38,10 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     if logits.shape[0] == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty, (empty if with_entropy else None)
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    logps, ents = [], []
-    for s in range(0, logits.shape[0], chunk):
-        lg, lb = logits[s: s + chunk], labels[s: s + chunk]
-        if grad and logits.shape[0] > chunk:
-            _, lp, en = checkpoint(_head_stats, lg, lb, temperature, with_entropy, use_reentrant=False)
-        else:
-            _, lp, en = _head_stats(lg, lb, temperature, with_entropy)
-        logps.append(lp)
-        ents.append(en)
+    n, grad = logits.shape[0], torch.is_grad_enabled() and logits.requires_grad
+    stats = functools.partial(checkpoint, _head_stats, use_reentrant=False) if grad and n > chunk else _head_stats
+    _, logps, ents = zip(*(stats(logits[s: s + chunk], labels[s: s + chunk], temperature, with_entropy)
+                           for s in range(0, n, chunk)))
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
@@ -175,12 +170,11 @@ def packed_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, doc_sta
 
 
 def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -> str:
-    """Let ``model(**inputs, logprobs_of=(ids, doc_starts, src, temperature, with_entropy))`` return
-    per-token ``(logprobs, entropy)`` of the packed row ``ids`` from the last hidden states
-    (`linear_logprobs`), through the root's ``__call__``, so FSDP2's hooks gather the root's
-    parameters as usual. ``src`` (or None) picks the hidden state of each position of ``ids`` when
-    the model ran on shared stems (`batching.share_stems`). Returns why `linear_logprobs` cannot stand in for this
-    model's logits, installing nothing ('' when it can)."""
+    """Let ``model(**inputs, logprobs_of=(ids, doc_starts, src, temperature, with_entropy))`` return per-token
+    ``(logprobs, entropy)`` of the packed row ``ids`` from the last hidden states (`linear_logprobs`), through the
+    root's ``__call__``, so FSDP2's hooks gather the root's parameters as usual. ``src`` (or None) picks the hidden
+    state of each position of ``ids`` when the model ran on shared stems (`batching.share_stems`). Returns why
+    `linear_logprobs` cannot stand in for this model's logits, installing nothing ('' when it can)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         return f"the output layer is a {type(head).__name__}, not a Linear"

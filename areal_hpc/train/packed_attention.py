@@ -104,11 +104,8 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
                                            v[:, idx].transpose(0, 1), is_causal=True, scale=scale)  # [n, H, L, D]
         valid = (pos[None, :] < torch.tensor(lens)[:, None]).to(q.device)
         return o.transpose(1, 2)[valid]
-    outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        o = F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], is_causal=True,
-                                           scale=scale)
-        outs.append(o[0])
+    outs = [F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], is_causal=True,
+                                           scale=scale)[0] for s, e in zip(bounds[:-1], bounds[1:])]
     # contiguous like the batched paths: compiled code after this is guarded on the strides
     return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
 

@@ -22,9 +22,8 @@ class Precision:
     param_dtype: torch.dtype
 
     def policy(self) -> Optional[MixedPrecisionPolicy]:
-        if self.param_dtype == torch.float32:
-            return None
-        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
+        fp32 = self.param_dtype == torch.float32
+        return None if fp32 else MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
 
 
 def resolve_precision(dtype: str, device: torch.device) -> Precision:

@@ -14,6 +14,7 @@ servers'), ``prox_logp`` the proximal policy's (recomputed before the update). D
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from areal_hpc.config.schema import PPOConfig
 from areal_hpc.train import dist
 from areal_hpc.train.batching import Batch, split_batch
-from areal_hpc.train.engine import FSDPEngine, loss_token_count
+from areal_hpc.train.engine import FSDPEngine, loss_token_count, masked_mean
 from areal_hpc.train.phases import PhaseTimer
 
 def _centre_and_scale(r: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, n: float, std_norm: bool,
@@ -36,10 +37,9 @@ def _centre_and_scale(r: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, n: flo
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "group", std_norm: bool = True,
                        leave_one_out: bool = False, eps: float = 1e-6, global_batch: bool = False) -> torch.Tensor:
-    """Per-sample advantages from rewards ``[B]`` (a group's samples contiguous). ``norm``: subtract
-    the "group"'s mean (GRPO), the "batch"'s (over all ranks with ``global_batch``), or "none";
-    ``leave_one_out``: the other members' mean (RLOO); ``std_norm``: divide by the unbiased std.
-    A set of equal rewards gets exactly zero."""
+    """Per-sample advantages from rewards ``[B]`` (a group's samples contiguous). ``norm``: subtract the "group"'s mean
+    (GRPO), the "batch"'s (over all ranks with ``global_batch``), or "none"; ``leave_one_out``: the other members' mean
+    (RLOO); ``std_norm``: divide by the unbiased std. A set of equal rewards gets exactly zero."""
     r = rewards.double()
     if norm == "none":
         return r.float()
@@ -158,13 +158,12 @@ class PPOActor:
         loss, stats = ppo_loss(logp, prox, behav_arg, mb["advantages"].float(), mb["loss_mask"],
                                cfg.eps_clip, cfg.c_clip, cfg.behav_imp_weight_cap if cfg.use_decoupled_loss else None)
         mask = mb["loss_mask"].float()
-        count = mask.sum().clamp(min=1)
-        entropy = (out["entropy"] * mask).sum() / count
+        entropy = masked_mean(out["entropy"], mask)
         stats["pg_loss"] = loss.detach()
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * entropy
         stats["entropy"] = entropy.detach()
-        stats["advantages"] = (mb["advantages"].float() * mask).sum() / count
+        stats["advantages"] = masked_mean(mb["advantages"].float(), mask)
         return loss, stats
 
     def ppo_update(self, batch: Batch, prox_from_forward: bool = False) -> Dict[str, float]:
@@ -174,12 +173,10 @@ class PPOActor:
         if dist.all_reduce_scalar(len(parts), "max") != dist.all_reduce_scalar(len(parts), "min"):
             raise ValueError("every rank needs the same number of PPO minibatches; give each rank at least "
                              "ppo_n_minibatches groups")
-        total: Dict[str, float] = {}
+        total: Counter = Counter()  # each statistic summed over the minibatches
         loss_fn = functools.partial(self._loss, prox_from_forward=prox_from_forward)
         for part in parts:
-            stats = self.engine.train_batch(part, loss_fn, loss_token_count, self.temperature)
-            for k, v in stats.items():
-                total[k] = total.get(k, 0.0) + v
+            total.update(self.engine.train_batch(part, loss_fn, loss_token_count, self.temperature))
         out = {k: (v if k in ("skipped_step", "n_tokens") else v / len(parts)) for k, v in total.items()}
         self.engine.step_lr_scheduler()
         return out

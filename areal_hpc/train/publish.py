@@ -1,7 +1,6 @@
-"""Trained weights published as a transformers checkpoint (``weights_root/v{N}/``: safetensors,
-``config.json``, the source's tokenizer files; what ``from_pretrained`` and SGLang's
-``/update_weights_from_disk`` load), atomically, then named by the registry's ``weights/latest``;
-old versions pruned."""
+"""Trained weights published as a transformers checkpoint (``weights_root/v{N}/``: safetensors, ``config.json``, the
+source's tokenizer files; what ``from_pretrained`` and SGLang's ``/update_weights_from_disk`` load), atomically, then
+named by the registry's ``weights/latest``; old versions pruned."""
 
 from __future__ import annotations
 
@@ -118,9 +117,8 @@ def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:
 
 
 def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_version: int = 0) -> list[int]:
-    """Delete the ``v{K}`` no one can still need (``K < keep_min_version``, no live server at a
-    version ``<= K``, not the latest), and what crashed writers left; returns the ``K``. One process (trainer rank 0)
-    calls it."""
+    """Delete the ``v{K}`` no one can still need (``K < keep_min_version``, no live server at a version ``<= K``, not
+    the latest), and what crashed writers left; returns the ``K``. One process (trainer rank 0) calls it."""
     for torn in Path(weights_root).glob(".v*.tmp*"):  # a crashed trainer's unfinished write (not this process's)
         if not own_temp(torn.name, r"v\d+"):
             shutil.rmtree(torn, ignore_errors=True)

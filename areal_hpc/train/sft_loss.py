@@ -8,15 +8,13 @@ import torch
 
 from areal_hpc.config.schema import SFTConfig
 from areal_hpc.train.batching import Batch, collate
-from areal_hpc.train.engine import FSDPEngine, loss_token_count
+from areal_hpc.train.engine import FSDPEngine, loss_token_count, masked_mean
 
 
 def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
     """Mean negative logprob of the ``loss_mask`` tokens (0 for an empty mask)."""
     mask = mb["loss_mask"].float()
-    n = mask.sum().clamp(min=1)
-    nll = -(out["logprobs"] * mask).sum() / n
-    return nll, {"entropy": ((out["entropy"] * mask).sum() / n).detach()}
+    return -masked_mean(out["logprobs"], mask), {"entropy": masked_mean(out["entropy"], mask).detach()}
 
 
 def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
