@@ -84,8 +84,6 @@ def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
     return str(out)
 
 
-# ---------------------------------------------------------------- datasets
-
 def make_sum_rows(n: int, seed: int = 0) -> list[dict]:
     """Prompt ``"a+b="`` (single digits), answer ``(a+b) mod 10``: one token to learn."""
     rng = random.Random(seed)

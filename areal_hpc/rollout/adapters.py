@@ -39,21 +39,16 @@ def apply_adapter(rows: Sequence[Dict[str, Any]], name: str, prompt_key: str = "
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
-def gsm8k_final_answer(solution: str) -> str:
-    """The number after GSM8K's ``####`` (thousands separators and a trailing period dropped)."""
+@register_adapter("gsm8k")
+def gsm8k(row: Dict[str, Any]) -> Dict[str, Any]:
+    """``{question, answer: "...reasoning...\\n#### 42"}`` -> prompt: the question and an instruction to box the final
+    answer; answer: ``"42"`` (after ``####``, thousands separators and a trailing period dropped); the worked solution
+    kept as ``solution``."""
+    question, solution = row.pop("question"), row.pop("answer")
     m = _GSM8K_FINAL.search(str(solution))
     if not m:
         raise ValueError(f"answer has no '#### <number>' line: {str(solution)[-80:]!r}")
     final = m.group(1).replace(",", "").replace("$", "").strip().rstrip(".")
     if not final:
         raise ValueError(f"nothing after '####' in {str(solution)[-80:]!r}")
-    return final
-
-
-@register_adapter("gsm8k")
-def gsm8k(row: Dict[str, Any]) -> Dict[str, Any]:
-    """``{question, answer: "...reasoning...\\n#### 42"}`` -> prompt: the question and an
-    instruction to box the final answer; answer: ``"42"``; the worked solution kept as ``solution``."""
-    question, solution = row.pop("question"), row.pop("answer")
-    return {**row, "prompt": f"{str(question).strip()}\n{BOXED_INSTRUCTION}", "answer": gsm8k_final_answer(solution),
-            "solution": solution}
+    return {**row, "prompt": f"{str(question).strip()}\n{BOXED_INSTRUCTION}", "answer": final, "solution": solution}

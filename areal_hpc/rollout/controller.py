@@ -120,10 +120,9 @@ class RolloutController:
                    stall_timeout_s: Optional[float] = None, poll_s: float = 1.0,
                    log_every_s: float = 60.0) -> Optional[List[Group]]:
         """What the trainer waits in: the next batch, or None once ``should_stop()`` or the rows are used up. No silent
-        stalls: while no batch comes it logs why (at least every ``log_every_s``), and raises
-        `RolloutStall` when most groups that finished were wasted (stale, failed, rejected) for
-        ``drop_timeout_s`` -- e.g. a server whose weights lag makes every group stale, forever --
-        or no batch came for ``stall_timeout_s`` while servers are live."""
+        stalls: while no batch comes it logs why (at least every ``log_every_s``), and raises `RolloutStall` when most
+        groups that finished were wasted (stale, failed, rejected) for ``drop_timeout_s`` -- e.g. a server whose weights
+        lag makes every group stale, forever -- or no batch came for ``stall_timeout_s`` while servers are live."""
         t0, start = time.monotonic(), dict(self.stats)
         bounds = [b for b in (drop_timeout_s, stall_timeout_s) if b]
         log_every = min([log_every_s] + [b / 2 for b in bounds])

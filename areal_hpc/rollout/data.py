@@ -129,11 +129,6 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "
              ".arrow": "arrow"}
 
 
-def _builder_for(files: Sequence[str]) -> Optional[str]:
-    kinds = {_BUILDERS.get(Path(f).suffix) for f in files}
-    return kinds.pop() if len(kinds) == 1 else None
-
-
 def _blank(files: Sequence[str]) -> bool:
     """Local files holding nothing but whitespace (`datasets` fails on them instead of returning no rows)."""
     for f in files:
@@ -159,11 +154,12 @@ def _open(path: str, name: Optional[str], split: str, which: str, streaming: boo
         splits = dataset_splits(path, name)
         split = choose_split(splits, split, which, where=path)
         files = splits[split]
-    if Path(path).exists() and _blank(files):
-        return None
-    builder = _builder_for(files) if Path(path).exists() else None
-    if builder:
-        return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    if Path(path).exists():
+        if _blank(files):
+            return None
+        builders = {_BUILDERS.get(Path(f).suffix) for f in files}
+        if len(builders) == 1 and None not in builders:
+            return load_dataset(builders.pop(), data_files={split: files}, split=split, streaming=streaming)
     return load_dataset(path, name=name, split=split, streaming=streaming)
 
 

@@ -34,31 +34,22 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
         return None
     tail = text.split(_PROBE, 1)[1]
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    if not ids:
-        return None
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return int(ids[0]) if ids[0] in special else None
+    return int(ids[0]) if ids and ids[0] in special else None
 
 
-def stop_token_ids(tokenizer, model_dir: Optional[str] = None, chat_template: str = "auto") -> List[int]:
-    """Every token that ends a completion: the tokenizer's EOS, ``eos_token_id`` (an int or a list)
-    of the model's generation_config.json (``model_dir`` defaults to the tokenizer's directory)
-    and, when the chat template is in use, the template's end-of-turn token."""
-    ids = set()
-    model_dir = model_dir or getattr(tokenizer, "name_or_path", None)
+def stop_token_ids(tokenizer, chat_template: str = "auto") -> List[int]:
+    """Every token that ends a completion: the tokenizer's EOS, ``eos_token_id`` (an int or a list) of its directory's
+    generation_config.json and, when the chat template is in use, the template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer) if chat_template != "none" else None}
+    model_dir = getattr(tokenizer, "name_or_path", None) or None  # ("": built in memory, not the working directory)
     try:  # no directory, no file, no key, null: none from there
         eos = json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"]
         ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
     except (TypeError, OSError, ValueError, KeyError):
         pass
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    if chat_template != "none":
-        eot = end_of_turn_id(tokenizer)
-        if eot is not None:
-            ids.add(eot)
-    return sorted(ids)
+    return sorted(int(i) for i in ids - {None})
 
 
 @dataclass
@@ -136,6 +127,5 @@ class PromptEncoder:
         """What closes a trained reply (SFT): the template's end-of-turn token when the template
         is in use and has one, else the EOS (none when the tokenizer has neither)."""
         eot = end_of_turn_id(self.tokenizer) if self.uses_template else None
-        if eot is not None:
-            return [eot]
-        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        last = self.tokenizer.eos_token_id if eot is None else eot
+        return [] if last is None else [last]

@@ -71,14 +71,13 @@ class RLVRWorkflow(RolloutWorkflow):
 
     def __init__(self, tokenizer, gen_config, reward_fn: str = "exact_match", n_samples: int = 8,
                  prompt_key: str = "prompt", answer_key: str = "answer", messages_key: str = "messages",
-                 chat_template: str = "auto", system_prompt: str = "", model_dir: Optional[str] = None,
-                 reward_timeout_s: float = 60.0):
+                 chat_template: str = "auto", system_prompt: str = "", reward_timeout_s: float = 60.0):
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
         self.params = asdict(gen_config) if is_dataclass(gen_config) else dict(gen_config)
         if not self.params.get("ignore_eos"):  # EOS, generation_config's EOS list, the template's end of turn
             stops = set(self.params.get("stop_token_ids") or [])
-            stops.update(stop_token_ids(tokenizer, model_dir, chat_template))
+            stops.update(stop_token_ids(tokenizer, chat_template))
             self.params["stop_token_ids"] = sorted(stops)
         self.scorer, self.n_samples = RewardScorer(reward_fn, reward_timeout_s), n_samples
         self.prompt_key, self.answer_key = prompt_key, answer_key

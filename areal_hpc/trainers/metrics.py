@@ -91,9 +91,8 @@ def plot_rewards(metrics_path: Path, out: Path) -> None:
     except ImportError:
         log.warning("matplotlib is not installed; no reward plot")
         return
-    steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, [r.get("reward_mean") for r in rows], lw=1.5)
+    ax.plot([r["step"] for r in rows], [r.get("reward_mean") for r in rows], lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.set_title(f"{metrics_path.parent.parent.name}/{metrics_path.parent.name}")

@@ -50,12 +50,11 @@ class EvalTrainer(Trainer):
         done = [(g, row) for g, row in zip(results, rows) if isinstance(g, Group)]  # None: the workflow skipped it
         trajs = [t for g, _ in done for t in g.trajectories]
         per_prompt = [max(t.reward for t in g.trajectories) for g, _ in done]
-        report = {"dataset": ds.path, "n_prompts": len(done), "n_failed": len(failed),
-                  "n_samples": cfg.rollout.n_samples,
-                  "reward_mean": sum(t.reward for t in trajs) / max(1, len(trajs)),
-                  "accuracy": sum(t.reward >= 1.0 for t in trajs) / max(1, len(trajs)),
-                  f"pass@{cfg.rollout.n_samples}": sum(r >= 1.0 for r in per_prompt) / max(1, len(per_prompt)),
-                  "completion_len_mean": sum(len(t.output_ids) for t in trajs) / max(1, len(trajs)),
+        n, k = max(1, len(trajs)), cfg.rollout.n_samples
+        report = {"dataset": ds.path, "n_prompts": len(done), "n_failed": len(failed), "n_samples": k,
+                  "reward_mean": sum(t.reward for t in trajs) / n, "accuracy": sum(t.reward >= 1.0 for t in trajs) / n,
+                  f"pass@{k}": sum(r >= 1.0 for r in per_prompt) / max(1, len(per_prompt)),
+                  "completion_len_mean": sum(len(t.output_ids) for t in trajs) / n,
                   "weight_versions": sorted({v for t in trajs for v in t.versions}), "time_s": time.monotonic() - t0}
         (ctx.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:

@@ -206,8 +206,7 @@ class RolloutSide(BackgroundUpdates):
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
         """The collective path: pause, (re)form the group if the servers changed, ``broadcast(group, on_bucket)``
-        (every rank's `broadcast_engine_weights`), continue. External servers load ``disk_path``, published for
-        them."""
+        (every rank's `broadcast_engine_weights`), continue. External servers load ``disk_path``, published for them."""
         with self._paused(version, timer):
             with timer.phase("weight_broadcast"):
                 self._ensure_group()
@@ -218,9 +217,8 @@ class RolloutSide(BackgroundUpdates):
 
     @contextlib.contextmanager
     def _paused(self, version: int, timer: PhaseTimer):
-        """Submission and servers paused around a weight update; then the new version, and continue. Interrupted
-        generations are resumed by the pool with the new weights (their tokens carry the version that produced
-        them)."""
+        """Submission and servers paused around a weight update; then the new version, and continue. The pool resumes
+        interrupted generations with the new weights (their tokens carry the version that produced them)."""
         c = self.controller
         c.pause()
         try:
