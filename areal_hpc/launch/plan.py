@@ -67,6 +67,18 @@ class Plan:
         return next((s for s in self.steps if s.role == "trainer"), None)
 
 
+def node_load(steps: List[StepSpec], nodes: int) -> List[Dict[str, int]]:
+    """The CPUs, GPUs and memory (MB) ``steps`` take on each of ``nodes`` nodes (from their relative nodes)."""
+    load = [{"cpus": 0, "gpus": 0, "mem": 0} for _ in range(nodes)]
+    for s in steps:
+        first = max(s.relative_node, 0)
+        for k in range(first, min(first + s.nodes, nodes)):
+            load[k]["cpus"] += s.cpus_per_task * s.ntasks_per_node
+            load[k]["gpus"] += s.gpus_per_node
+            load[k]["mem"] += s.mem_per_node_mb
+    return load
+
+
 def python_executable(cfg: ExperimentConfig) -> str:
     return cfg.cluster.python or sys.executable
 

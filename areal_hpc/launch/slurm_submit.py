@@ -12,7 +12,6 @@ import io
 import shlex
 import sys
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -22,7 +21,7 @@ import submitit
 from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
-from areal_hpc.launch.plan import Plan, build_plan, python_executable
+from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
 from areal_hpc.launch.sbatch import render, sbatch_lines
 from areal_hpc.registry import Registry
 
@@ -30,13 +29,14 @@ from areal_hpc.registry import Registry
 def _sbatch_arg_dict(args: List[str]) -> Dict[str, Any]:
     """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options only, as
     `validate` checked) -> sbatch options."""
+    # an entry may start with "#SBATCH" (pasted from a script): only a word left without it can be a value
+    words = [str(a).strip().removeprefix("#SBATCH").strip() for a in args]
     out: Dict[str, Any] = {}
     i = 0
-    while i < len(args):
-        a = str(args[i]).strip().removeprefix("#SBATCH").strip()
-        key, eq, value = a[2:].partition("=")
-        if not eq and i + 1 < len(args) and not str(args[i + 1]).startswith("-"):
-            value, eq = str(args[i + 1]), "="
+    while i < len(words):
+        key, eq, value = words[i][2:].partition("=")
+        if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            value, eq = words[i + 1], "="
             i += 1
         out[key] = value if eq else True
         i += 1
@@ -211,10 +211,7 @@ def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     first = next_server_index(reg, known, reserve=count)
     plan = build_plan(cfg, alloc, rd, with_trainer=False, first_server=first)
     if cfg.cluster.n_gpus_per_node:
-        per_node: Counter = Counter()
-        for s in plan.servers:
-            per_node[s.relative_node] += s.gpus_per_node
-        plan.gpus_per_node = max(per_node.values())
+        plan.gpus_per_node = max(n["gpus"] for n in node_load(plan.steps, plan.nodes))
     plan.job_name = f"{plan.job_name}-servers"
     return plan
 
