@@ -18,11 +18,12 @@ from typing import Any, Dict, List, Optional
 
 import submitit
 
-from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved, parse_allocation
+from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
 from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
 from areal_hpc.launch.sbatch import render, sbatch_lines
+from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
 
 
@@ -86,8 +87,7 @@ class Driver(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         rc = driver.main(Path(self.run_dir))
         if rc not in (0, outcome.exit_code(outcome.STOPPED)):  # submitit re-raises it: the batch script exits 1
-            rec = Registry.for_run(self.run_dir, load_resolved(Path(self.run_dir) / "config.yaml").launcher).get(
-                "", "run", live_only=False) or {}
+            rec = run_registry(Path(self.run_dir)).get("", "run", live_only=False) or {}
             raise RunFailed(f"run {outcome.summary_line(rec)}")
         return rc
 
