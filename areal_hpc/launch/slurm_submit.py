@@ -201,14 +201,13 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
 
 def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     """A plan of ``count`` servers only (named by `next_server_index`), asking for just the GPUs they use."""
-    reg = Registry.for_run(rd, cfg.launcher)
-    known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
     alloc = parse_allocation(cfg.allocation_mode)
     if alloc.gen is None:
         raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers (trainer.type="
                           f"{cfg.trainer.type}): there are none to add", "add servers to a run that generates rollouts")
     alloc = replace(alloc, gen=replace(alloc.gen, dp=count), train=None)
-    first = next_server_index(reg, known, reserve=count)
+    known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
+    first = next_server_index(Registry.for_run(rd, cfg.launcher), known, reserve=count)
     plan = build_plan(cfg, alloc, rd, with_trainer=False, first_server=first)
     if cfg.cluster.n_gpus_per_node:
         plan.gpus_per_node = max(n["gpus"] for n in node_load(plan.steps, plan.nodes))
