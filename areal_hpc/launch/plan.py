@@ -122,8 +122,9 @@ def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, ind
     per = alloc.gen.gpus_per_instance if G else 0
     nodes = max(1, -(-per // G)) if G else 1
     name = f"server-{index}"
-    return _step(cfg, "server", name, nodes, nodes, 1, per // nodes if G else 0, relative_node, gpu_ids,
-                 ["serve", "--run-dir", str(run_dir), "--server-id", name], run_dir / "logs" / f"{name}.log")
+    return _step(cfg, "server", name, nodes=nodes, ntasks=nodes, per_node=1, gpus=per // nodes if G else 0,
+                 relative_node=relative_node, gpu_ids=gpu_ids, log=run_dir / "logs" / f"{name}.log",
+                 command=["serve", "--run-dir", str(run_dir), "--server-id", name])
 
 
 def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, relative_node: int,
@@ -136,8 +137,9 @@ def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, re
         nodes = max(1, -(-world // G)) if G else 1
         per_node = min(world, G) if G else world
         gpus = 1 if G else 0
-    return _step(cfg, "trainer", "trainer", nodes, world, per_node, gpus, relative_node, gpu_ids,
-                 ["train", "--run-dir", str(run_dir)], run_dir / "logs" / "trainer-%t.log")
+    return _step(cfg, "trainer", "trainer", nodes=nodes, ntasks=world, per_node=per_node, gpus=gpus,
+                 relative_node=relative_node, gpu_ids=gpu_ids, command=["train", "--run-dir", str(run_dir)],
+                 log=run_dir / "logs" / "trainer-%t.log")
 
 
 def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,

@@ -220,7 +220,7 @@ class RayRunner(Runner):
     (``pin=False``) go wherever the cluster has room."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, nodes: List[str], pin: bool = True):
-        self.cfg, self.plan, self.run_dir, self.nodes, self.pin = cfg, plan, run_dir, nodes, pin
+        self.cfg, self.run_dir, self.nodes, self.pin = cfg, run_dir, nodes, pin
         self.prefix = run_prefix(plan, run_dir)
         # by role, not name: the owner may rename the added server it asked about (`RunOwner.add_servers`)
         self._reserved: Dict[str, Any] = {}
