@@ -793,6 +793,16 @@ def test_sbatch_args_pasted_with_their_prefix_are_rendered_once():
     assert "\n#SBATCH --exclusive\n" in text and "#SBATCH #SBATCH" not in text
 
 
+def test_sbatch_arg_pasted_with_its_prefix_is_not_the_value_of_a_bare_flag_before_it():
+    """``["--exclusive", "#SBATCH --reservation=x"]``: the second entry is an option of its own; it was taken as
+    ``--exclusive``'s value (it does not start with "-" until its prefix is stripped), and the reservation lost."""
+    args = ["--exclusive", "#SBATCH --reservation=x", "#SBATCH --hold", "--qos", "#SBATCH --mail-type=END"]
+    assert slurm_submit._sbatch_arg_dict(args) == {"exclusive": True, "reservation": "x", "hold": True, "qos": True,
+                                                   "mail-type": "END"}
+    assert slurm_submit._sbatch_arg_dict(["--reservation", "x", "--exclusive"]) == {"reservation": "x",
+                                                                                   "exclusive": True}
+
+
 def test_rendered_scripts_run_setup_commands_that_read_unset_variables(tmp_path):
     """Activation scripts (conda's, a site's modules) often read variables nobody set; the scripts ran
     cluster.setup_commands under ``set -u``, so bash ended them there, before any step started."""

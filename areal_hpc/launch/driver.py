@@ -24,7 +24,7 @@ from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.entry import RANK_VARS
 from areal_hpc.launch.local import ProcessHandle, owner_log, stop_on_signals
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
-from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.launch.plan import Plan, StepSpec, node_load
 
 log = logging.getLogger("areal_hpc.launch")
 
@@ -90,13 +90,7 @@ class SrunRunner(Runner):
         """The first node of ``step``: the plan's, or (added servers) the first with room."""
         if step.relative_node >= 0:
             return step.relative_node
-        used = [{"gpus": 0, "cpus": 0, "mem": 0} for _ in self.capacity]
-        for h in self._live(running):
-            for k in h.nodes:
-                if k < len(used):
-                    used[k]["gpus"] += h.step.gpus_per_node
-                    used[k]["cpus"] += h.step.cpus_per_task * h.step.ntasks_per_node
-                    used[k]["mem"] += h.step.mem_per_node_mb
+        used = node_load([h.step for h in self._live(running)], len(self.capacity))  # placed: on their own nodes
         need = {"gpus": step.gpus_per_node, "cpus": step.cpus_per_task * step.ntasks_per_node,
                 "mem": step.mem_per_node_mb}
 

@@ -67,16 +67,20 @@ class Plan:
         return next((s for s in self.steps if s.role == "trainer"), None)
 
 
+def node_load(steps: List[StepSpec], nodes: int) -> List[Dict[str, int]]:
+    """The CPUs, GPUs and memory (MB) ``steps`` take on each of ``nodes`` nodes (from their relative nodes)."""
+    load = [{"cpus": 0, "gpus": 0, "mem": 0} for _ in range(nodes)]
+    for s in steps:
+        first = max(s.relative_node, 0)
+        for k in range(first, min(first + s.nodes, nodes)):
+            load[k]["cpus"] += s.cpus_per_task * s.ntasks_per_node
+            load[k]["gpus"] += s.gpus_per_node
+            load[k]["mem"] += s.mem_per_node_mb
+    return load
+
+
 def python_executable(cfg: ExperimentConfig) -> str:
     return cfg.cluster.python or sys.executable
-
-
-def _resources(cfg: ExperimentConfig, gpus: int, tasks_per_node: int) -> tuple:
-    """(cpus per task, memory per node in MB) for a step."""
-    c = cfg.cluster
-    if c.n_gpus_per_node == 0 or gpus == 0:
-        return c.cpus_per_task_cpu, c.mem_per_task_cpu_gb * 1024 * tasks_per_node
-    return c.cpus_per_gpu * gpus, c.mem_per_gpu_gb * 1024 * gpus * tasks_per_node
 
 
 def hf_cache_dir(cfg: ExperimentConfig) -> Path:
@@ -98,20 +102,29 @@ def step_env(cfg: ExperimentConfig, cpus: int) -> Dict[str, str]:
             "HF_DATASETS_CACHE": str(root / "datasets")}
 
 
+def _step(cfg: ExperimentConfig, role: str, name: str, nodes: int, ntasks: int, per_node: int, gpus: int,
+          relative_node: int, gpu_ids: List[int], command: List[str], log: Path) -> StepSpec:
+    """A step of ``ntasks`` tasks (``per_node`` a node) of ``gpus`` GPUs each, with their CPUs and memory."""
+    c = cfg.cluster
+    if c.n_gpus_per_node == 0 or gpus == 0:
+        cpus, mem = c.cpus_per_task_cpu, c.mem_per_task_cpu_gb * 1024 * per_node
+    else:
+        cpus, mem = c.cpus_per_gpu * gpus, c.mem_per_gpu_gb * 1024 * gpus * per_node
+    return StepSpec(role=role, name=name, nodes=nodes, ntasks=ntasks, ntasks_per_node=per_node, gpus_per_task=gpus,
+                    cpus_per_task=cpus, mem_per_node_mb=mem, relative_node=relative_node, gpu_ids=gpu_ids,
+                    env=step_env(cfg, cpus), command=[python_executable(cfg), "-m", "areal_hpc", *command],
+                    log=str(log))
+
+
 def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, index: int,
                 relative_node: int, gpu_ids: List[int]) -> StepSpec:
     G = cfg.cluster.n_gpus_per_node
     per = alloc.gen.gpus_per_instance if G else 0
     nodes = max(1, -(-per // G)) if G else 1
-    gpus_per_task = per // nodes if G else 0
     name = f"server-{index}"
-    cpus, mem = _resources(cfg, gpus_per_task, 1)
-    return StepSpec(role="server", name=name, nodes=nodes, ntasks=nodes, ntasks_per_node=1,
-                    gpus_per_task=gpus_per_task, cpus_per_task=cpus, mem_per_node_mb=mem,
-                    relative_node=relative_node, gpu_ids=gpu_ids, env=step_env(cfg, cpus),
-                    command=[python_executable(cfg), "-m", "areal_hpc", "serve", "--run-dir", str(run_dir),
-                             "--server-id", name],
-                    log=str(run_dir / "logs" / f"{name}.log"))
+    return _step(cfg, "server", name, nodes=nodes, ntasks=nodes, per_node=1, gpus=per // nodes if G else 0,
+                 relative_node=relative_node, gpu_ids=gpu_ids, log=run_dir / "logs" / f"{name}.log",
+                 command=["serve", "--run-dir", str(run_dir), "--server-id", name])
 
 
 def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, relative_node: int,
@@ -124,12 +137,9 @@ def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, re
         nodes = max(1, -(-world // G)) if G else 1
         per_node = min(world, G) if G else world
         gpus = 1 if G else 0
-    cpus, mem = _resources(cfg, gpus, per_node)
-    return StepSpec(role="trainer", name="trainer", nodes=nodes, ntasks=world, ntasks_per_node=per_node,
-                    gpus_per_task=gpus, cpus_per_task=cpus, mem_per_node_mb=mem, relative_node=relative_node,
-                    gpu_ids=gpu_ids, env=step_env(cfg, cpus),
-                    command=[python_executable(cfg), "-m", "areal_hpc", "train", "--run-dir", str(run_dir)],
-                    log=str(run_dir / "logs" / "trainer-%t.log"))
+    return _step(cfg, "trainer", "trainer", nodes=nodes, ntasks=world, per_node=per_node, gpus=gpus,
+                 relative_node=relative_node, gpu_ids=gpu_ids, command=["train", "--run-dir", str(run_dir)],
+                 log=run_dir / "logs" / "trainer-%t.log")
 
 
 def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,

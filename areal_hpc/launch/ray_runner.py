@@ -27,7 +27,7 @@ from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
 from areal_hpc.launch.local import host_env, killpg, spawn, step_exit, task_env
 from areal_hpc.launch.owner import Runner, StepHandle
-from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.launch.plan import Plan, StepSpec, node_load
 from areal_hpc.registry import Registry, free_port
 
 log = logging.getLogger("areal_hpc.launch")
@@ -82,32 +82,21 @@ def _eligible(ray: Any, gpus_per_node: int) -> List[Dict[str, Any]]:
     return sorted(nodes, key=lambda n: (n.get("NodeManagerAddress", ""), n["NodeID"]))
 
 
-def _node_needs(plan: Plan) -> List[Dict[str, float]]:
-    """CPUs and GPUs the plan puts on each of its nodes."""
-    need = [{"CPU": 0.0, "GPU": 0.0} for _ in range(plan.nodes)]
-    for s in plan.steps:
-        for k in range(max(s.relative_node, 0), max(s.relative_node, 0) + s.nodes):
-            if k < len(need):
-                need[k]["CPU"] += s.cpus_per_task * s.ntasks_per_node
-                need[k]["GPU"] += s.gpus_per_task * s.ntasks_per_node
-    return need
-
-
 def prepare(cfg: ExperimentConfig, plan: Plan) -> List[str]:
     """Before anything is written: connect, and pick the Ray node for each node of the plan (ids,
     in plan order). A cluster that cannot hold the plan is a `ConfigError`."""
     ray = connect(cfg.cluster.ray_address)
     nodes = _eligible(ray, plan.gpus_per_node)
     picked: List[str] = []
-    for k, need in enumerate(_node_needs(plan)):
-        node = next((n for n in nodes if n["NodeID"] not in picked and n["Resources"].get("CPU", 0) >= need["CPU"]
-                     and n["Resources"].get("GPU", 0) >= need["GPU"]), None)
+    for k, need in enumerate(node_load(plan.steps, plan.nodes)):
+        node = next((n for n in nodes if n["NodeID"] not in picked and n["Resources"].get("CPU", 0) >= need["cpus"]
+                     and n["Resources"].get("GPU", 0) >= need["gpus"]), None)
         if node is None:
             have = ", ".join(f"{n['NodeID'][:8]} ({n['Resources'].get('CPU', 0):g} CPU, "
                              f"{n['Resources'].get('GPU', 0):g} GPU)" for n in _eligible(ray, 0)) or "none alive"
             ray.shutdown()
             raise ConfigError("cluster.n_nodes", f"the plan needs {plan.nodes} Ray node(s) and none is left for its "
-                              f"node {k} ({need['CPU']:g} CPUs, {need['GPU']:g} GPUs); alive nodes: {have}",
+                              f"node {k} ({need['cpus']} CPUs, {need['gpus']} GPUs); alive nodes: {have}",
                               "lower cluster.n_nodes / the allocation, or grow the cluster")
         picked.append(node["NodeID"])
     return picked
@@ -231,7 +220,7 @@ class RayRunner(Runner):
     (``pin=False``) go wherever the cluster has room."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, nodes: List[str], pin: bool = True):
-        self.cfg, self.plan, self.run_dir, self.nodes, self.pin = cfg, plan, run_dir, nodes, pin
+        self.cfg, self.run_dir, self.nodes, self.pin = cfg, run_dir, nodes, pin
         self.prefix = run_prefix(plan, run_dir)
         # by role, not name: the owner may rename the added server it asked about (`RunOwner.add_servers`)
         self._reserved: Dict[str, Any] = {}

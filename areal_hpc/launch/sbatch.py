@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from areal_hpc.config import ConfigError, ExperimentConfig
-from areal_hpc.launch.plan import Plan, StepSpec
+from areal_hpc.launch.plan import Plan, StepSpec, node_load
 from areal_hpc.launch.slurm import shell_line, srun_argv
 
 
@@ -45,14 +45,10 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
         opts["gres"] = f"gpu:{G}"
     # Slurm sizes every node alike: for the busiest node's steps, at least the GPUs' share (a CPU step,
     # e.g. a rollout runner, next to servers that use all of a node's GPUs needs room of its own).
-    cpus = [c.cpus_per_gpu * G if G else c.cpus_per_task_cpu]
-    mem_mb = [1024 * (c.mem_per_gpu_gb * G if G else c.mem_per_task_cpu_gb)]
-    for k in range(plan.nodes):
-        on_k = [s for s in plan.steps if max(s.relative_node, 0) <= k < max(s.relative_node, 0) + s.nodes]
-        cpus.append(sum(s.cpus_per_task * s.ntasks_per_node for s in on_k))
-        mem_mb.append(sum(s.mem_per_node_mb for s in on_k))
-    opts["cpus-per-task"] = str(max(cpus))
-    opts["mem"] = f"{-(-max(mem_mb) // 1024)}G"
+    load = node_load(plan.steps, plan.nodes)
+    opts["cpus-per-task"] = str(max([c.cpus_per_gpu * G if G else c.cpus_per_task_cpu] + [n["cpus"] for n in load]))
+    mem_mb = max([1024 * (c.mem_per_gpu_gb * G if G else c.mem_per_task_cpu_gb)] + [n["mem"] for n in load])
+    opts["mem"] = f"{-(-mem_mb // 1024)}G"
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
             opts[key] = str(getattr(c, key))

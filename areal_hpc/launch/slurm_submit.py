@@ -12,31 +12,32 @@ import io
 import shlex
 import sys
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import submitit
 
-from areal_hpc.config import ConfigError, ExperimentConfig, load_resolved, parse_allocation
+from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
-from areal_hpc.launch.plan import Plan, build_plan, python_executable
+from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
 from areal_hpc.launch.sbatch import render, sbatch_lines
+from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
 
 
 def _sbatch_arg_dict(args: List[str]) -> Dict[str, Any]:
     """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options only, as
     `validate` checked) -> sbatch options."""
+    # an entry may start with "#SBATCH" (pasted from a script): only a word left without it can be a value
+    words = [str(a).strip().removeprefix("#SBATCH").strip() for a in args]
     out: Dict[str, Any] = {}
     i = 0
-    while i < len(args):
-        a = str(args[i]).strip().removeprefix("#SBATCH").strip()
-        key, eq, value = a[2:].partition("=")
-        if not eq and i + 1 < len(args) and not str(args[i + 1]).startswith("-"):
-            value, eq = str(args[i + 1]), "="
+    while i < len(words):
+        key, eq, value = words[i][2:].partition("=")
+        if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            value, eq = words[i + 1], "="
             i += 1
         out[key] = value if eq else True
         i += 1
@@ -86,8 +87,7 @@ class Driver(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         rc = driver.main(Path(self.run_dir))
         if rc not in (0, outcome.exit_code(outcome.STOPPED)):  # submitit re-raises it: the batch script exits 1
-            rec = Registry.for_run(self.run_dir, load_resolved(Path(self.run_dir) / "config.yaml").launcher).get(
-                "", "run", live_only=False) or {}
+            rec = run_registry(Path(self.run_dir)).get("", "run", live_only=False) or {}
             raise RunFailed(f"run {outcome.summary_line(rec)}")
         return rc
 
@@ -201,20 +201,16 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
 
 def servers_plan(cfg: ExperimentConfig, rd: Path, count: int) -> Plan:
     """A plan of ``count`` servers only (named by `next_server_index`), asking for just the GPUs they use."""
-    reg = Registry.for_run(rd, cfg.launcher)
-    known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
     alloc = parse_allocation(cfg.allocation_mode)
     if alloc.gen is None:
         raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers (trainer.type="
                           f"{cfg.trainer.type}): there are none to add", "add servers to a run that generates rollouts")
     alloc = replace(alloc, gen=replace(alloc.gen, dp=count), train=None)
-    first = next_server_index(reg, known, reserve=count)
+    known = [s.name for s in Plan.from_json((rd / "plan.json").read_text()).servers]
+    first = next_server_index(Registry.for_run(rd, cfg.launcher), known, reserve=count)
     plan = build_plan(cfg, alloc, rd, with_trainer=False, first_server=first)
     if cfg.cluster.n_gpus_per_node:
-        per_node: Counter = Counter()
-        for s in plan.servers:
-            per_node[s.relative_node] += s.gpus_per_node
-        plan.gpus_per_node = max(per_node.values())
+        plan.gpus_per_node = max(n["gpus"] for n in node_load(plan.steps, plan.nodes))
     plan.job_name = f"{plan.job_name}-servers"
     return plan
 

@@ -79,7 +79,7 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
                       "run ended (killed?)"}
 
 
-def server_alive(rec: Dict[str, Any], run: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
+def server_alive(rec: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
     """A live record may still belong to a dead process (it lives until its TTL): check the process (where the record
     says it runs on this host: elsewhere its pid means nothing here) or its Slurm step. An attached server's record
     lives while the owner's health checks refresh it."""
@@ -103,7 +103,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     run = reg.get("", "run", live_only=False) or {}
     jobs = slurm_jobs(reg, run)
     # a server whose process or step has ended is not a live one, whatever its record says
-    live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, run, jobs)]
+    live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, jobs)]
     ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
                  [rec for _, rec in live])
     srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
@@ -237,7 +237,7 @@ def remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
     jobs = slurm_jobs(reg, run)
     live = reg.list("servers")
     for sid, rec in reg.list("servers", live_only=False).items():
-        if sid not in live or not server_alive(rec, run, jobs):
+        if sid not in live or not server_alive(rec, jobs):
             reg.delete("servers", sid)
     trainer = reg.get("", "trainer", live_only=False)
     if trainer is not None and (reg.get("", "trainer") is None or dead_here(trainer)):
