@@ -24,22 +24,10 @@ LAYERS = [
     ("registry", "config"),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
-# Issue 18 aims at 9,000 lines; the package was 14,421 before its redesign step, 13,002 after it,
-# 13,100 with the features that landed since, 12,535 after three more passes of cuts, and 12,543
-# once a review restored the strict dtype checks those cuts had loosened (the HTTP weight update's,
-# the model's) and the decode step's skip of an empty retire; 12,447 after a fifth pass; 12,482 after
-# a sixth (a review that fixed 26 bugs, each with its test, and cut 30 lines); 12,515 after a seventh
-# (another review: 18 bugs fixed, each with its test, duplicate checks cut); 12,691 after an eighth
-# (a review that fixed ~35 bugs, each with its test: reward scoring off the rollout loop and bounded in time,
-# no stale rank variables in srun steps, startup weight loads bounded, requests served by an owner that starts);
-# 12,729 after a ninth and tenth (reviews that fixed ~40 bugs, each with its test: a server step across nodes, a
-# 503 after a failed weight broadcast, temp names unique across hosts, user rewards capped in threads); 12,714 after
-# an eleventh (~25 bugs fixed, each with its test, paid for by cuts); 12,724 with a twelfth (~15 more, among them
-# the weight group's rendezvous address: the one on the route to the servers, not the hostname's, maybe 127.0.1.1);
-# 12,734 with the hf servers' weight group given the trainer's timeout, a continue retried, an attach that failed
-# leaving no record, and a trainer restart keeping the run's registry settings.
+# Issue 18 aims at 9,000 lines; the package was 14,421 before its redesign step (git log -p of this file has the
+# history of this ceiling: passes of cuts, and reviews whose bug fixes, each with its test, it paid for).
 # This ceiling moves down, and up only to undo what a cut broke or to fix a bug.
-MAX_PACKAGE_LINES = 12734
+MAX_PACKAGE_LINES = 12590
 MAX_MODULE_LINES = 450
 
 
