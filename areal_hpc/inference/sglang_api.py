@@ -76,7 +76,7 @@ HEALTH = Route("GET", "/health")
 MODEL_INFO = Route("GET", "/model_info")
 SERVER_INFO = Route("GET", "/get_server_info")  # read when an external server is attached
 
-# Routes our code calls (the contract test checks these exist in SGLang with this method) ...
+# Routes our code calls or (abort_request) our hf server serves; the contract test checks each is in SGLang ...
 ROUTES: Tuple[Route, ...] = (GENERATE, PAUSE_GENERATION, CONTINUE_GENERATION, ABORT_REQUEST,
                              UPDATE_WEIGHTS_FROM_DISK, INIT_WEIGHTS_UPDATE_GROUP,
                              UPDATE_WEIGHTS_FROM_DISTRIBUTED, HEALTH, MODEL_INFO)
