@@ -27,7 +27,7 @@ from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan
-from areal_hpc.launch.sbatch import render
+from areal_hpc.launch.sbatch import render, sbatch_options
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
 from areal_hpc.launch.slurm_submit import servers_plan
 from areal_hpc.launch.status import _tail, collect_status, logs, status
@@ -797,10 +797,20 @@ def test_sbatch_arg_pasted_with_its_prefix_is_not_the_value_of_a_bare_flag_befor
     """``["--exclusive", "#SBATCH --reservation=x"]``: the second entry is an option of its own; it was taken as
     ``--exclusive``'s value (it does not start with "-" until its prefix is stripped), and the reservation lost."""
     args = ["--exclusive", "#SBATCH --reservation=x", "#SBATCH --hold", "--qos", "#SBATCH --mail-type=END"]
-    assert slurm_submit._sbatch_arg_dict(args) == {"exclusive": True, "reservation": "x", "hold": True, "qos": True,
+    assert sbatch_options(args) == {"exclusive": True, "reservation": "x", "hold": True, "qos": True,
                                                    "mail-type": "END"}
-    assert slurm_submit._sbatch_arg_dict(["--reservation", "x", "--exclusive"]) == {"reservation": "x",
+    assert sbatch_options(["--reservation", "x", "--exclusive"]) == {"reservation": "x",
                                                                                    "exclusive": True}
+
+
+def test_sbatch_args_render_as_submitit_gets_them():
+    """An option and its value in two entries (``--reservation``, ``x``) were two #SBATCH lines, the first of which
+    sbatch refuses (in the `--test-only` check, so such a run never submitted); an entry pasted with a space before
+    its prefix was ``#SBATCH #SBATCH --hold``, which sbatch ignores, while submitit got --hold."""
+    cfg, plan = gpu_plan()
+    cfg.cluster.sbatch_args = ["--reservation", "x", " #SBATCH --hold", "--exclusive"]
+    assert sbatch_lines(cfg, plan)[-3:] == ["#SBATCH --reservation=x", "#SBATCH --hold", "#SBATCH --exclusive"]
+    assert "\n#SBATCH --reservation=x\n#SBATCH --hold\n" in render("allocation.sbatch", cfg, plan)
 
 
 def test_rendered_scripts_run_setup_commands_that_read_unset_variables(tmp_path):

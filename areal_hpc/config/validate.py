@@ -180,8 +180,8 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         raise ConfigError("cluster.constraint", f"{c.constraint!r} is not a Slurm constraint",
                           "features joined by & | , e.g. a100&ib (no spaces or quotes)")
     for key, dash in (("sbatch_args", "--"), ("srun_args", "-")):  # submitit takes long sbatch options only
-        # as `slurm_submit._sbatch_arg_dict` reads them: "#SBATCH -p x" after a bare flag is an option, not its value
-        args = [str(a).removeprefix("#SBATCH").strip() for a in getattr(c, key)]
+        # as `launch.sbatch.sbatch_options` reads them: "#SBATCH -p x" after a bare flag is an option, not its value
+        args = [str(a).strip().removeprefix("#SBATCH").strip() for a in getattr(c, key)]
         for i, a in enumerate(getattr(c, key)):
             prev = args[i - 1] if i else ""
             is_value = prev.startswith("-") and "=" not in prev and not args[i].startswith("-")

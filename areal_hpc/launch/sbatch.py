@@ -11,7 +11,7 @@ import shlex
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from areal_hpc.config import ConfigError, ExperimentConfig
 from areal_hpc.launch.plan import Plan, StepSpec, node_load
@@ -53,9 +53,26 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
         if getattr(c, key):
             opts[key] = str(getattr(c, key))
     lines = [f"#SBATCH --{k}={v}" for k, v in sorted(opts.items())]
-    # validation lets an entry start with "#SBATCH" (as pasted from a script); sbatch ignores "#SBATCH #SBATCH ..."
-    lines += [f"#SBATCH {str(a).removeprefix('#SBATCH').strip()}" for a in c.sbatch_args]
-    return lines
+    # one line an option, its value joined ("--reservation", "x" on two lines: sbatch refuses the first)
+    return lines + [f"#SBATCH --{k}" + ("" if v is True else f"={v}") for k, v in sbatch_options(c.sbatch_args).items()]
+
+
+def sbatch_options(args: Sequence[str]) -> Dict[str, Union[str, bool]]:
+    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options only, as
+    `validate` checked) -> sbatch options, as the rendered script and submitit both get them."""
+    # an entry may start with "#SBATCH" (pasted from a script; sbatch ignores "#SBATCH #SBATCH ..."): only a word
+    # left without it can be a value
+    words = [str(a).strip().removeprefix("#SBATCH").strip() for a in args]
+    out: Dict[str, Union[str, bool]] = {}
+    i = 0
+    while i < len(words):
+        key, eq, value = words[i][2:].partition("=")
+        if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            value, eq = words[i + 1], "="
+            i += 1
+        out[key] = value if eq else True
+        i += 1
+    return out
 
 
 def _one_line(key: str, text: str) -> str:

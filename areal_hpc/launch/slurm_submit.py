@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import submitit
 
@@ -22,26 +22,9 @@ from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
 from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
-from areal_hpc.launch.sbatch import render, sbatch_lines
+from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_options
 from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
-
-
-def _sbatch_arg_dict(args: List[str]) -> Dict[str, Any]:
-    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options only, as
-    `validate` checked) -> sbatch options."""
-    # an entry may start with "#SBATCH" (pasted from a script): only a word left without it can be a value
-    words = [str(a).strip().removeprefix("#SBATCH").strip() for a in args]
-    out: Dict[str, Any] = {}
-    i = 0
-    while i < len(words):
-        key, eq, value = words[i][2:].partition("=")
-        if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
-            value, eq = words[i + 1], "="
-            i += 1
-        out[key] = value if eq else True
-        i += 1
-    return out
 
 
 def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.AutoExecutor":
@@ -62,7 +45,7 @@ def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.Auto
         additional["requeue"] = True
     if "gres" in opts:
         additional["gres"] = opts["gres"]
-    additional.update(_sbatch_arg_dict(list(c.sbatch_args)))
+    additional.update(sbatch_options(c.sbatch_args))
     params: Dict[str, Any] = dict(
         name=opts["job-name"], nodes=int(opts["nodes"]), tasks_per_node=1, cpus_per_task=int(opts["cpus-per-task"]),
         timeout_min=slurm.time_minutes(c.time), slurm_mem=opts["mem"], slurm_use_srun=False, slurm_signal_delay_s=90,
