@@ -33,9 +33,8 @@ def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
 
 
 def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "RunDirSnapshot":
-    """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically. New
-    directories and files get the run's umask (private unless cluster.group_readable). Returns
-    what was there before."""
+    """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically. New directories and files get
+    the run's umask (private unless cluster.group_readable). Returns what was there before."""
     files = {"config.yaml": dump_yaml(cfg), "plan.json": plan.to_json(),
              "sbatch/allocation.sbatch": render("allocation.sbatch", cfg, plan)}
     snapshot = RunDirSnapshot(rd, list(files))
