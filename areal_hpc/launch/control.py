@@ -68,10 +68,9 @@ def withdraw(reg: Registry, names: List[str], for_live_owner: bool = False) -> N
 
 
 def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
-    """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all
-    of it and prints how the run ended. A second `stop` (or Ctrl-C while this one waits) forces it:
-    what is left is killed. External servers (attached by URL, or `serve` by hand) keep running:
-    attached ones are detached; with ``external`` they are stopped too, where we can tell how."""
+    """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all of it and prints how
+    the run ended. A second `stop` (or Ctrl-C while this one waits) kills what is left. External servers (attached by
+    URL, or `serve` by hand) keep running, attached ones detached; ``external`` stops them where we can tell how."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
     local, slurm_run = run.get("mode") in HOST_MODES, run.get("mode") == "slurm"

@@ -203,7 +203,6 @@ def _drive(cfg: ExperimentConfig, plan: Plan, run_dir: Path, job_id: str) -> int
     log.info("driver of job %s%s on %s (pid %d): %d step(s) on %d node(s) [%s]", job_id,
              f" (requeued {restarts}x)" if restarts else "", socket.gethostname(), os.getpid(), len(plan.steps),
              plan.nodes, os.environ.get("SLURM_JOB_NODELIST", "?"))
-    # linger: with shutdown_server_on_exit=False the allocation outlives the trainer step
     owner = RunOwner(cfg, plan, run_dir, SrunRunner(cfg, plan, job_id), mode="slurm", job_id=job_id,
                      linger=not cfg.shutdown_server_on_exit)
     _OWNER = owner

@@ -157,8 +157,7 @@ class Progress:
 
 def stop_on_signals(owner: RunOwner, forced_by: Tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Dict[int, object]:
     """Ctrl-C (SIGINT) or SIGTERM stops the run gracefully (checkpoint, servers down), a second one of ``forced_by``
-    kills what is left (others are ignored then); returns the handlers replaced. `areal-hpc stop` asks through a
-    request."""
+    kills what is left (others are ignored then); returns the handlers replaced."""
     def on_signal(signum, frame) -> None:
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if owner.stopping and signum in forced_by:

@@ -82,9 +82,8 @@ def _error_in(path: str, offset: int) -> Optional[str]:
 
 
 def error_line(pattern: str, offsets: Optional[Dict[str, int]] = None) -> Tuple[Optional[str], Optional[str]]:
-    """(error line, log file) of a failed step, looking at each rank's log after ``offsets``
-    (what was written before the step started is an earlier attempt's); (None, first log) if no
-    log holds an error line (e.g. the process was SIGKILLed)."""
+    """(error line, log file) of a failed step, from each rank's log past ``offsets`` (what came before is an earlier
+    attempt's); (None, first log) when no log holds one (e.g. the process was SIGKILLed)."""
     files = log_files(pattern)
     for p in files:
         line = _error_in(p, (offsets or {}).get(p, 0))

@@ -58,10 +58,9 @@ class Runner(ABC):
 
 
 def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0) -> int:
-    """The one rule for naming servers added to a run, in its allocation or as a job of their own:
-    the number after every server name the run has used (``known``, the registry's records, the
-    owner's run record, server jobs) or handed out. ``reserve=N`` hands out N numbers from there
-    (under the registry's lock), so that two additions never get the same name."""
+    """The one rule for naming servers added to a run, in its allocation or as a job of their own: the number after
+    every server name the run has used (``known``, the registry's records, the owner's run record, server jobs) or
+    handed out. ``reserve=N`` hands out N numbers from there, under the registry's lock: two additions never clash."""
     with reg.locked("server-names"):
         names = set(known) | set(reg.list("servers", live_only=False))
         names |= set((reg.get("", "run", live_only=False) or {}).get("servers") or [])
@@ -106,7 +105,7 @@ class RunOwner:
         self._heartbeat: Optional[Heartbeat] = None
 
     def record(self) -> Dict[str, object]:
-        """The run record as written to run.json (state, reason, log, steps...)."""
+        """The run record the heartbeat writes to run.json."""
         return {"mode": self.mode, "pid": os.getpid(), "host": socket.gethostname(), "job_id": self.job_id,
                 "started": self._started, "ended": self._ended, "state": self.state, "reason": self.reason,
                 "log": self.log_path, "stopping": self.stopping, "servers": sorted(self.servers),
@@ -209,7 +208,7 @@ class RunOwner:
         return step
 
     def _watch_progress(self) -> None:
-        """Whether the running trainer got past its first step (its record's step moved)."""
+        """Note, for `_progressed`, whether the running trainer got past its first step (its record's step moved)."""
         a = self._attempt
         if a["progressed"]:
             return
@@ -260,9 +259,8 @@ class RunOwner:
         self.restarts += 1
         log.warning("%s; restarting it (%d/%d) from its last checkpoint; servers keep running", reason,
                     self.restarts, limit)
-        # min_required_servers=1: the new trainer needs one server to go on (the others are registered
-        # already, or a server that died meanwhile would keep it waiting), and pushes its weights to
-        # them before generating even when there is no checkpoint to resume from
+        # min_required_servers=1: the new trainer waits for one server only (the others are registered, or dead and
+        # would keep it waiting), and pushes its weights before generating even with no checkpoint to resume from
         self.start_step(self._trainer_step(min_required_servers=1 if self.plan.servers else None))
         self.set_state(outcome.RUNNING, f"trainer restarted {self.restarts}x; last: {reason}", path)
         return True

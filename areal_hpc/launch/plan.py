@@ -84,9 +84,8 @@ def python_executable(cfg: ExperimentConfig) -> str:
 
 
 def hf_cache_dir(cfg: ExperimentConfig) -> Path:
-    """The Hugging Face cache every node sees (``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``:
-    shared by the user's runs, writable by them alone), laid out as ``HF_HOME``: hub snapshots in
-    ``hub/``, datasets' prepared files in ``datasets/``."""
+    """The Hugging Face cache every node sees (``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``: shared by
+    the user's runs, writable by them alone), laid out as ``HF_HOME`` (``hub/`` snapshots, prepared ``datasets/``)."""
     c = cfg.cluster
     root = c.hf_cache or str(Path(os.path.expanduser(c.fileroot)) / getpass.getuser() / "hf-cache")
     return Path(os.path.abspath(os.path.expanduser(root)))

@@ -19,7 +19,6 @@ from areal_hpc.launch.slurm import shell_line, srun_argv
 
 
 def template_text(name: str) -> str:
-    """The text of the packaged template ``templates/<name>``."""
     return (resources.files("areal_hpc.launch") / "templates" / name).read_text()
 
 

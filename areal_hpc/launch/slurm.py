@@ -72,8 +72,7 @@ def live_steps(job_id: str) -> List[List[str]]:
 
 
 def scancel(target: str, signal_name: Optional[str] = None) -> str:
-    """Cancel a job or step (``JOB`` or ``JOB.STEP``), or send it a signal (``TERM``, ``USR2``...).
-    Returns "" on success, else Slurm's reason."""
+    """Cancel ``JOB`` or ``JOB.STEP``, or send it ``signal_name`` (``TERM``, ``USR2``...); "" on success, else why."""
     r = _run(["scancel", *([f"--signal={signal_name}"] if signal_name else []), str(target)], timeout=60)
     if r is None:
         return "scancel did not run"
@@ -135,9 +134,8 @@ def parse_counts(text: str) -> List[int]:
 
 
 def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optional[str] = None) -> List[str]:
-    """The ``srun`` line that runs one step inside the allocation, sized exactly (``--exact``,
-    explicit ``--gres``) so concurrent steps never wait on each other or share a GPU. Its log is
-    appended to: a restarted or requeued step keeps what the last one wrote (srun would truncate it)."""
+    """The ``srun`` line of one step, sized exactly (``--exact``, explicit ``--gres``) so that concurrent steps never
+    wait on each other or share a GPU. Its log is appended to: srun would truncate a requeued step's earlier output."""
     argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
             f"--ntasks-per-node={step.ntasks_per_node}", "--exact",
             f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]

@@ -137,7 +137,7 @@ def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
     """``sbatch --test-only``: would Slurm ever run the allocation? A job no node can satisfy is otherwise accepted
     and left PENDING forever on clusters that do not set EnforcePartLimits."""
     script = "#!/bin/bash\n" + "\n".join(sbatch_lines(cfg, plan)) + "\ntrue\n"
-    r = slurm.sbatch("--test-only", script=script)  # would Slurm ever run this job? Queues nothing
+    r = slurm.sbatch("--test-only", script=script)  # queues nothing
     if r is None:
         raise ConfigError("mode", "cannot ask Slurm about the allocation: sbatch did not run",
                           "run on a login node with the Slurm commands (sbatch) on PATH, or use mode=local")

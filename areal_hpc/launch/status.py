@@ -233,7 +233,7 @@ def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
 
 
 def remove_dead_records(reg: Registry, run: Dict[str, Any]) -> None:
-    """Records of this run's processes that are known dead (this host's pids; ended Slurm steps)."""
+    """Delete the records of this run's processes known dead (this host's pids; ended Slurm steps)."""
     jobs = slurm_jobs(reg, run)
     live = reg.list("servers")
     for sid, rec in reg.list("servers", live_only=False).items():
