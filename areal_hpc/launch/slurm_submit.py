@@ -1,8 +1,7 @@
 """`mode=slurm` from the login node: the run's allocation (submitit), and server jobs joining a run.
 
 The allocation's payload, `Driver`, runs `driver.main` in the batch script itself (the interpreter ``exec``-ed so that
-the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) are the rendered
-`templates/add-servers.sbatch`.
+the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) run `templates/add-servers.sbatch`.
 """
 
 from __future__ import annotations
