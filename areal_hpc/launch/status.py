@@ -203,7 +203,7 @@ def _log_file(rd: Path, role: str) -> Path:
 
 def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
     """The last ``lines`` lines of ``f``, read from its end in blocks (a log may be gigabytes); leaves ``f`` at its
-    end. It reads until it has more than ``lines`` line breaks (``\r\n`` is one, of two bytes), so that the line
+    end. It reads until it has more than ``lines`` line breaks (a CRLF is one, of two bytes), so that the line
     before the first one shown has ended."""
     pos = end = f.seek(0, os.SEEK_END)
     chunks, breaks = [], 0
