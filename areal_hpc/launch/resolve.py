@@ -63,8 +63,8 @@ def make_fileroot(cfg: ExperimentConfig) -> None:
 
 
 def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
-    """Create the cache with the run's umask (`submit` runs with it), the default one below a fileroot made 0755 as
-    for a run dir; a cache to share with other users is best made beforehand, with the modes they need."""
+    """Create the cache with the run's umask (`submit` runs with it); for the default one, first its fileroot, 0755 as
+    for a run dir. A cache shared with other users is best made beforehand, with the modes they need."""
     try:
         if default:
             make_fileroot(cfg)
