@@ -296,9 +296,9 @@ class ModelRunner:
     @torch.inference_mode()
     def load_broadcast(self, specs: Seq[Tuple[str, torch.dtype, Tuple[int, ...]]], group,
                        gone: Callable[[], bool] = lambda: False) -> None:
-        """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``, into the parameters
-        (in place, as `load_weights`). `ConnectionAbortedError` once ``gone()`` says the sender went away: else its
-        broadcast would be waited for until the group's timeout."""
+        """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``, into the
+        parameters (in place, as `load_weights`). `ConnectionAbortedError` once ``gone()`` says the sender went away:
+        else its broadcast would be waited for until the group's timeout."""
         import torch.distributed as dist
 
         def finish(work) -> None:
