@@ -96,7 +96,7 @@ class _Server:
 
 
 class ServerPool:
-    disk_load_timeout_s = 900.0  # bounds a weight load (as launcher.server_startup_timeout_s a server's first one)
+    disk_load_timeout_s = 900.0  # a weight load's bound (launcher.server_startup_timeout_s bounds a server's first)
 
     def __init__(self, registry=None, api_key: Optional[str] = None, refresh_s: float = 2.0, *,
                  request_timeout_s: Optional[float] = 3600.0):
