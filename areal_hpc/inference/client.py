@@ -1,14 +1,14 @@
 """The client side: a pool of inference servers discovered from the run's registry (asyncio+aiohttp).
 
 * Discovery: ``servers/*`` records in state ready/paused, re-read every ``refresh_s``.
-* Routing: each request goes to the healthy server with the fewest requests in flight; a
-  connection error, timeout or 5xx marks the server down for a short backoff and the request
-  goes to another server (with whatever was generated before it).
-* Resumption: a generation that ends in ``abort`` (a weight update paused the servers) waits
-  until generation may go on, then re-sends ``prompt + output so far`` with the remaining
-  budget. The caller gets one `GenerateResult` with per-token logprobs and weight versions.
-* Fan-out (`pause_all`, `update_weights_from_disk`, ...): every server concurrently, one
-  `CallResult` each; failures are in the results, never swallowed.
+* Routing: each request goes to the healthy server with the fewest requests in flight; a connection error, timeout or
+  5xx marks the server down for a short backoff and the request goes to another server (with whatever was generated
+  before it).
+* Resumption: a generation that ends in ``abort`` (a weight update paused the servers) waits until generation may go
+  on, then re-sends ``prompt + output so far`` with the remaining budget. The caller gets one `GenerateResult` with
+  per-token logprobs and weight versions.
+* Fan-out (`pause_all`, `update_weights_from_disk`, ...): every server concurrently, one `CallResult` each; failures
+  are in the results, never swallowed.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class _Server:
 
 
 class ServerPool:
-    disk_load_timeout_s = 900.0  # a weight load's bound, not a generation's (launcher.server_startup_timeout_s's)
+    disk_load_timeout_s = 900.0  # a weight load's bound (launcher.server_startup_timeout_s bounds a server's first)
 
     def __init__(self, registry=None, api_key: Optional[str] = None, refresh_s: float = 2.0, *,
                  request_timeout_s: Optional[float] = 3600.0):
@@ -210,8 +210,8 @@ class ServerPool:
 
     # ------------------------------------------------------------------ routing
     async def _choose(self, avoid: Set[str]) -> _Server:
-        """The healthy server with the fewest requests in flight, one in ``avoid`` only when no
-        other is healthy; waits (up to ``WAIT_SERVERS_TIMEOUT_S``) while none is."""
+        """The healthy server with the fewest requests in flight, one in ``avoid`` only when no other is healthy; waits
+        (up to ``WAIT_SERVERS_TIMEOUT_S``) while none is."""
         deadline = None
         while True:
             now = time.monotonic()
@@ -244,8 +244,8 @@ class ServerPool:
 
     # ------------------------------------------------------------------ generation
     async def _post_generate(self, server: _Server, payload: Dict[str, Any], samples: int = 1) -> Any:
-        """One ``/generate`` round trip (``samples`` answers): the response body. `_Retryable` when
-        another server (or a later try) may do better, `RequestRejected` on a 4xx."""
+        """One ``/generate`` round trip (``samples`` answers): the response body. `_Retryable` when another server (or a
+        later try) may do better, `RequestRejected` on a 4xx."""
         self.stats["requests"] += 1
         server.inflight += samples
         try:
@@ -266,9 +266,9 @@ class ServerPool:
 
     async def generate(self, input_ids: Sequence[int], params: Any = None, *, rid: Optional[str] = None,
                        **overrides: Any) -> GenerateResult:
-        """One complete generation (resumed across aborts, retried across server failures).
-        ``params``: a GenerationConfig, a dict of SGLang sampling params, or None; keyword overrides
-        win. Raises `RequestRejected` on a 4xx, `PoolError` when no server could serve it."""
+        """One complete generation (resumed across aborts, retried across server failures). ``params``: a
+        GenerationConfig, a dict of SGLang sampling params, or None; keyword overrides win. Raises `RequestRejected` on
+        a 4xx, `PoolError` when no server could serve it."""
         await self.start()
         prompt = list(input_ids)
         res = GenerateResult([], [], [], "length", len(prompt), 0)
@@ -276,8 +276,8 @@ class ServerPool:
 
     async def _continue(self, prompt: List[int], sp: Dict[str, Any], res: GenerateResult,
                         rid: Optional[str] = None) -> GenerateResult:
-        """Generate until ``res`` (what ``prompt`` has generated so far) is complete: resume after
-        aborts, retry on other servers after failures."""
+        """Generate until ``res`` (what ``prompt`` has generated so far) is complete: resume after aborts, retry on
+        other servers after failures."""
         budget = int(sp["max_new_tokens"])
         avoid: Set[str] = set()
         failures = empty_aborts = 0
@@ -323,9 +323,9 @@ class ServerPool:
 
     async def generate_group(self, input_ids: Sequence[int], n: int, params: Any = None,
                              **overrides: Any) -> List[GenerateResult]:
-        """``n`` samples of one prompt in one request (SGLang's ``sampling_params.n``). A sample cut
-        short by an abort is resumed alone, as `generate` resumes; when the request itself fails,
-        every sample goes through `generate` (retries, other servers)."""
+        """``n`` samples of one prompt in one request (SGLang's ``sampling_params.n``). A sample cut short by an abort
+        is resumed alone, as `generate` resumes; when the request itself fails, every sample goes through `generate`
+        (retries, other servers)."""
         if n <= 1:
             return [await self.generate(input_ids, params, **overrides)]
         await self.start()
@@ -367,8 +367,9 @@ class ServerPool:
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,
                        timeout_s: Optional[float] = 60.0, server_ids: Optional[Iterable[str]] = None
                        ) -> Dict[str, CallResult]:
-        """``method path`` on every server (``server_ids``: those only; one the pool does not know fails), and until
-        `continue_all` on those `pause_all` paused, though their record lapsed since (a late heartbeat) and dropped."""
+        """``method path`` on every server, or on ``server_ids`` only (an id the pool does not know gets a failed
+        result). Until `continue_all`, also on those `pause_all` paused whose record lapsed since (a late heartbeat):
+        they must still be told to continue."""
         await self.start()
         known = {**self._paused, **self._servers}
         wanted = known if server_ids is None else dict.fromkeys(server_ids)
@@ -391,8 +392,8 @@ class ServerPool:
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
     async def continue_all(self, tries: int = 3) -> Dict[str, CallResult]:
-        """A server whose /continue_generation failed (timeout, reset) is asked again, up to ``tries`` times: left
-        paused, it would hold every generation routed to it."""
+        """``/continue_generation`` everywhere. A server where it failed (timeout, reset) is asked again, up to
+        ``tries`` times: left paused, it would hold every generation routed to it."""
         res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
         for _ in range(tries - 1):
             failed = [sid for sid, r in res.items() if not r.ok]

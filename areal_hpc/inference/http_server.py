@@ -98,8 +98,8 @@ class EngineServer:
 
     # ------------------------------------------------------------------ generation
     async def tokenizer(self, why: str = "") -> Any:
-        """The model directory's tokenizer, loaded on first use. None when it has none, or a 400
-        saying ``why`` a tokenizer is needed."""
+        """The model directory's tokenizer, loaded on first use. When it has none: None, or (``why`` given) a 400
+        saying why a tokenizer is needed."""
         if self._tokenizer is _UNLOADED:
             def load():
                 from transformers import AutoTokenizer
@@ -143,8 +143,8 @@ class EngineServer:
         return out
 
     async def _complete(self, seqs: List[Sequence], timeout: Optional[float] = None) -> None:
-        """Run ``seqs`` to their end; when the client goes away (or time runs out) abort them
-        rather than spend compute on them."""
+        """Run ``seqs`` to their end; abort them when the client goes away (the handler is cancelled) or time runs
+        out."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         finished = itertools.count(1)  # next() is atomic: finishes may come from more than one thread

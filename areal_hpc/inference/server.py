@@ -200,8 +200,8 @@ class ServerLifecycle:
         await web.SockSite(self._app_runner, sock).start()
 
     def _hf_device(self) -> str:
-        """With CUDA_VISIBLE_DEVICES set, its first device; else ``cuda:<first gpu id>``; CPU
-        when there is no CUDA (fake GPUs of a test cluster)."""
+        """With CUDA_VISIBLE_DEVICES set, its first device; else ``cuda:<first gpu id>``; CPU when there is no CUDA
+        (fake GPUs of a test cluster)."""
         import torch
 
         if not torch.cuda.is_available():

@@ -1,11 +1,10 @@
 """The SGLang backend: ``python -m sglang.launch_server`` argv from a `ServerConfig`, and the process.
 
 `SGLANG_VERSION` is the one pinned version (setup.cfg's ``sglang`` extra pins the same);
-``tests/test_inference_sglang_flags.py`` checks every flag this module can emit against the flags
-that version declares (read from its wheel by ``tools/sglang_contract.py``).
+``tests/test_inference_sglang_flags.py`` checks every flag this module can emit against those that version declares.
 
-The API key is not put on the command line (other users of a node can read argv with ``ps``):
-it goes into a 0600 YAML file passed with ``--config``, which SGLang merges like CLI flags.
+The API key is not put on the command line (other users of a node can read argv with ``ps``): it goes into a 0600 YAML
+file passed with ``--config``, which SGLang merges like CLI flags.
 """
 
 from __future__ import annotations

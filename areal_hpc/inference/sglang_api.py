@@ -156,9 +156,9 @@ def _token_version(v: Any) -> Any:
 
 
 def parse_generate(body: Dict[str, Any], fallback_version: Any) -> GenerateOutput:
-    """One ``/generate`` response. Per-token versions come from ``meta_info.weight_versions`` spans
-    (SGLang >= 0.5.2x and our engine), else ``meta_info.weight_version`` for every token, else
-    ``fallback_version`` (a server that reports neither)."""
+    """One ``/generate`` response. Per-token versions come from ``meta_info.weight_versions`` spans (SGLang >= 0.5.2x
+    and our engine), else ``meta_info.weight_version`` for every token, else ``fallback_version`` (a server that reports
+    neither)."""
     meta = body.get("meta_info") or {}
     ids = list(body.get("output_ids") or [])
     got = meta.get("output_token_logprobs") or []

@@ -1,10 +1,10 @@
-"""The engine loop: one thread that admits requests between steps, runs what the `Scheduler` picks,
-samples, and finishes sequences.
+"""The engine loop: one thread that admits requests between steps, runs what the `Scheduler` picks, samples, and
+finishes sequences.
 
-Everything that changes engine state (pause, abort, a weight swap) is a command executed on the loop thread between two
+Everything that changes engine state (pause, abort, a weight swap) is a command run on the loop thread between two
 steps, so a decode step never sees half-updated weights and no lock is held while the model runs. Other threads talk to
 the engine only through `submit` and `call` (both thread-safe); results come back through each sequence's ``on_finish``
-callback (called on the loop thread) and through `concurrent.futures.Future` for commands.
+(called on the loop thread) and, for commands, a `concurrent.futures.Future`.
 
 Running sequences are packed: ``running[i].slot == i``, so a decode step is one contiguous batch of KV-cache rows.
 When a sequence leaves, the last one moves into its row; the scheduler returns those moves and the runner copies rows.
@@ -37,8 +37,8 @@ class Scheduler:
         self.running: List[Sequence] = []
 
     def schedule(self) -> Tuple[str, List[Sequence]]:
-        """``("prefill", new)`` while there is room, else ``("decode", running)`` (the engine asks only when either
-        list holds a sequence)."""
+        """``("prefill", new)`` while there is room, else ``("decode", running)``; call only when either list is
+        non-empty."""
         if self.waiting and len(self.running) < self.max_running:
             batch: List[Sequence] = []
             longest = 0
@@ -180,8 +180,8 @@ class LLMEngine:
                 self.refusal = None
 
     def set_version(self, version: Optional[Any] = None, abort_all: bool = False) -> None:
-        """On the loop thread (`call`): the new weight version (the next one when None), after
-        aborting every request when ``abort_all``."""
+        """On the loop thread (`call`): the new weight version (the next one when None), after aborting every request
+        when ``abort_all``."""
         if abort_all:
             self._abort(None, "aborted for a weight update")
         if version is not None:

@@ -1,23 +1,21 @@
 """KV memory of the running batch: one row per sequence, its positions 0..n-1 in columns 0..n-1.
 
-The object is handed to a transformers model as its cache; the attention layers call `update`,
-which writes the new keys/values where this step's mode says and returns what to attend to:
+Handed to a transformers model as its cache: the attention layers call `update`, which writes the new keys/values where
+this step's mode says and returns what to attend to:
 
-* prefill: rows ``row0 .. row0+n`` receive the prompt's keys at columns ``0 .. L``; attention
-  runs over the prompt itself (a 4-D causal+padding mask is passed alongside);
-* decode: row ``i`` receives one key at column ``pos[i]``; attention runs over columns
-  ``0 .. width`` of rows ``0 .. n`` (masked per row by ``col <= pos[i]``).
+* prefill: rows ``row0 .. row0+n`` receive the prompt's keys at columns ``0 .. L``; attention runs over the prompt
+  itself (with a 4-D causal+padding mask);
+* decode: row ``i`` receives one key at column ``pos[i]``; attention runs over columns ``0 .. width`` of rows
+  ``0 .. n`` (masked per row by ``col <= pos[i]``).
 
-Because every row is contiguous from column 0, sequences join and leave the batch without
-re-padding anyone: a leaving row is overwritten by the last row (`move_rows`). On CPU the buffers
-grow by doubling; on GPU they are allocated once (CUDA graphs need fixed addresses).
+Every row is contiguous from column 0, so sequences join and leave without re-padding anyone: the last row overwrites a
+leaving one (`move_rows`). CPU buffers grow by doubling; GPU ones are allocated once (CUDA graphs need fixed addresses).
 
-Decode steps attend through `kv_attention_forward` (registered with transformers as `ATTENTION`): its ``sdpa`` path
-expands the keys and values of grouped-query models to one copy per query head whenever a mask is passed (``repeat_kv``,
-and the engine always passes one), which for a decode step is most of the attention's memory traffic. Here a decode step
-(one query token per sequence) folds the query heads of each KV head into the query-length dimension,
-``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it is; the mask ``[b, 1, 1, W]`` broadcasts over
-both. Prefill keeps the ``sdpa`` path.
+Why `kv_attention_forward` (registered as `ATTENTION`): transformers' ``sdpa`` path copies a grouped-query model's keys
+and values once per query head whenever a mask is passed (``repeat_kv``; the engine always passes one), most of a decode
+step's memory traffic. A decode step (one query token per sequence) instead folds the query heads of each KV head into
+the query-length dimension, ``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it is (the mask
+``[b, 1, 1, W]`` broadcasts over both). Prefill keeps the ``sdpa`` path.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ def kv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
 
 
 class KVCache:
-    is_compileable = False  # for transformers code that asks
+    is_compileable = False  # transformers asks
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, rows: int, cols: int, max_rows: int, max_cols: int):
@@ -134,7 +132,7 @@ class KVCache:
         for buf in self.k + self.v:
             buf[row0: row0 + len(idx), :, :ncols] = buf[row0 + idx, :, :ncols]
 
-    # transformers code paths that may query a cache; positions are always passed explicitly.
+    # for transformers code that queries a cache; positions are always passed explicitly
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
 

@@ -1,9 +1,8 @@
 """Owns the model and its device: loads weights, runs prefill and decode, captures CUDA graphs.
 
-Works with transformers decoder-only models whose attention calls ``cache.update(k, v, layer)``
-(Llama, Qwen2, Qwen3, Mistral, ... families). The model's own cache classes are not used: the
-runner passes a `KVCache` with explicit ``position_ids`` and a 4-D boolean attention mask, so
-sequences of different lengths share one batch without padding each other.
+Works with transformers decoder-only models whose attention calls ``cache.update(k, v, layer)`` (Llama, Qwen2, Qwen3,
+Mistral, ... families). The model's own cache classes are not used: the runner passes a `KVCache` with explicit
+``position_ids`` and a 4-D boolean attention mask, so sequences of different lengths share one batch unpadded.
 
 Nothing here touches CUDA unless the device is CUDA.
 """
@@ -208,8 +207,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Run the whole token list of each sequence (rows ``seqs[0].slot ..``, contiguous);
-        returns next-token logits [n, vocab] float32."""
+        """Run the whole token list of each sequence (rows ``seqs[0].slot ..``, contiguous); returns next-token logits
+        [n, vocab] float32."""
         n = len(seqs)
         row0 = seqs[0].slot
         length = max(s.num_tokens for s in seqs)
@@ -297,9 +296,9 @@ class ModelRunner:
     @torch.inference_mode()
     def load_broadcast(self, specs: Seq[Tuple[str, torch.dtype, Tuple[int, ...]]], group,
                        gone: Callable[[], bool] = lambda: False) -> None:
-        """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``
-        into the parameters (in place, as `load_weights`). Raises `ConnectionAbortedError` once
-        ``gone()`` says the sender went away: its broadcast would otherwise be waited for until the group's timeout."""
+        """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``, into the
+        parameters (in place, as `load_weights`). `ConnectionAbortedError` once ``gone()`` says the sender went away:
+        else its broadcast would be waited for until the group's timeout."""
         import torch.distributed as dist
 
         def finish(work) -> None:
@@ -329,13 +328,13 @@ def _buckets(limit: int, base: Seq[int]) -> List[int]:
 
 
 class StaticDecoder:
-    """Decode steps on fixed buffers: the batch is padded up to a bucket size and attention runs
-    over a bucketed width, so each (batch, width) pair is one fixed-shape computation. With
-    ``use_graphs`` (CUDA) each pair is captured once as a CUDA graph and replayed.
+    """Decode steps on fixed buffers: the batch is padded up to a bucket size and attention runs over a bucketed width,
+    so each (batch, width) pair is one fixed-shape computation, with ``use_graphs`` (CUDA) captured once as a CUDA graph
+    and replayed.
 
-    Padding rows are dummies that write one key into free KV rows at column 0 and whose logits
-    are ignored (running sequences always occupy rows ``0 .. n``). A capture failure turns graphs
-    off, says why in the log, and decoding goes on eagerly on the same buffers."""
+    Padding rows are dummies that write one key into free KV rows at column 0 and whose logits are ignored (running
+    sequences always occupy rows ``0 .. n``). A capture failure turns graphs off (logged); decoding goes on eagerly on
+    the same buffers."""
 
     def __init__(self, runner: ModelRunner, use_graphs: bool):
         self.r, self.use_graphs = runner, use_graphs

@@ -1,8 +1,8 @@
 """Turns a batch of next-token logits into tokens and their log-probabilities.
 
-SGLang semantics: a token's logprob is ``log_softmax(logits / temperature)`` of the raw model
-logits (``log_softmax(logits)`` when temperature is 0), before any top-k / top-p filtering.
-Sampling uses the filtered distribution; greedy rows take the argmax.
+SGLang semantics: a token's logprob is ``log_softmax(logits / temperature)`` of the raw model logits
+(``log_softmax(logits)`` when temperature is 0), before any top-k / top-p filtering. Sampling uses the filtered
+distribution; greedy rows take the argmax.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams]) -> Tuple[List
         probs = logp.exp()
         if any(p.top_k > 0 or p.top_p < 1.0 for p, g in zip(params, greedy) if not g):
             probs = _filter_top_k_top_p(probs, params)
-        # Exponential-race sampling: argmax(p / E), E ~ Exp(1), is a draw from p (no sync).
+        # exponential race: argmax(p / E), E ~ Exp(1), is a draw from p without a device sync
         tok = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
         if any(greedy):
             g = torch.tensor(greedy, device=dev)

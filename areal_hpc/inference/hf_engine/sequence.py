@@ -66,8 +66,8 @@ class Sequence:
 
     def to_response(self, weight_version: str, return_logprob: bool = True, upto: Optional[int] = None
                     ) -> Dict[str, Any]:
-        """The body SGLang's ``/generate`` returns for this request. ``upto``: only the first
-        ``upto`` output tokens (a consistent prefix while the engine thread still appends)."""
+        """The body SGLang's ``/generate`` returns for this request. ``upto``: only the first ``upto`` output tokens
+        (a consistent prefix while the engine thread still appends)."""
         n = len(self.output_ids) if upto is None else upto
         ids = self.output_ids[:n]
         spans = [(v, s, min(e, n)) for v, s, e in list(self.version_spans) if s < n]
