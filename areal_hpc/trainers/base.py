@@ -36,7 +36,7 @@ class TrainContext:
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGUSR2 (stop, preemption, time limit): checkpoint at the next step boundary."""
+    """Set by SIGTERM, SIGUSR2 or SIGINT (stop, preemption, time limit, Ctrl-C): checkpoint at the next step boundary."""
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
@@ -76,8 +76,8 @@ class Trainer:
         raise NotImplementedError(f"{type(self).__name__} overrides neither run nor setup")
 
     def start(self, state: Dict[str, Any]) -> bool:
-        """Ready the data after recovery; ``state`` is the checkpoint's (``{}`` on a fresh start).
-        False ends the run before its first step (stopped while waiting)."""
+        """Ready the data after recovery; ``state`` is the checkpoint's (``{}`` on a fresh start). False ends the run
+        before its first step (stopped while waiting)."""
         return True
 
     def train_step(self, step: int) -> Optional[Dict[str, Any]]:
