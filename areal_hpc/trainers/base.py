@@ -36,7 +36,7 @@ class TrainContext:
 
 
 class StopRequested:
-    """Set by SIGTERM, SIGUSR2 or SIGINT (stop, preemption, time limit, Ctrl-C): checkpoint at the next step boundary."""
+    """Set by SIGTERM, SIGUSR2 or SIGINT (stop, preemption, time limit, Ctrl-C): checkpoint at the next step."""
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
