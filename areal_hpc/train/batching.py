@@ -241,10 +241,9 @@ def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_to
 
 def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
               pad_token_id: int = 0, share: bool = False) -> MicroBatch:
-    """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key); ``mask`` is the
-    batch's ``attention_mask`` as bool. With ``pad_to``, a padding document (``pad_token_id``, every other per-token key
-    zero, so no loss sees it) fills it up to that many tokens. With ``share`` (and no ``pad_to``), documents that share
-    a stem are marked (`share_stems`)."""
+    """Rows ``sample_idx`` of a padded batch as one packed micro-batch; ``mask`` is the batch's ``attention_mask`` as
+    bool. With ``pad_to``, a padding document (``pad_token_id``, every other per-token key zero, so no loss sees it)
+    fills it up to that many tokens. With ``share`` (and no ``pad_to``), see `share_stems`."""
     idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
     m = mask[idx]
     lens = m.sum(dim=1)

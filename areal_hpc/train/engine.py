@@ -46,8 +46,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: fused on GPU (`_optimizer_step` then skips a step without a host sync),
-    foreach on CPU."""
+    """AdamW over the trainable parameters; fused on GPU: `_optimizer_step` then skips a step without a host sync."""
     params = [p for p in params if p.requires_grad]
     fused = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -332,8 +331,7 @@ class FSDPEngine:
 
     def hf_tensors(self, dtype: Optional[torch.dtype] = None) -> List[Tuple[str, torch.Tensor, torch.dtype]]:
         """``(HF name, local shard or tensor, dtype it goes out in)`` of every weight, in the same order on every rank;
-        floating point ones in ``dtype`` (default: the compute dtype); tied duplicates dropped, as
-        ``save_pretrained`` does."""
+        floating point ones in ``dtype`` (default: compute dtype); tied duplicates dropped (as ``save_pretrained``)."""
         dtype = dtype or self.precision.param_dtype
         tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         entries, seen = [], set()
@@ -347,8 +345,7 @@ class FSDPEngine:
 
 @dataclass
 class _Pending:
-    """Statistics still on the device (``values[i]`` is ``keys[i]``, divided by ``divisor`` when set); ``plain`` ones
-    are on the host already."""
+    """Device-side statistics: ``values[i]`` is ``keys[i]`` (over ``divisor`` when set); ``plain`` ones: on the host."""
 
     keys: List[str]
     values: torch.Tensor

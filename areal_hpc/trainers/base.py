@@ -59,8 +59,7 @@ class Trainer:
     `run` is the loop every training trainer shares: recovery (``recover.mode``), stop requests, a checkpoint every
     ``saver.freq_steps`` and at the end, per-step metrics with their phases (`train.phases`) and the trainer's registry
     record. A subclass supplies `setup` and `train_step`, and where it needs them `start`, `checkpoint_extra` and
-    `finish`; or it overrides `run` with a loop of its own (the null trainer). Every rank runs `run`; rank 0 writes the
-    metrics and the record."""
+    `finish`; or it overrides `run` (the null trainer). Every rank runs `run`; rank 0 writes metrics and the record."""
 
     def __init__(self, ctx: TrainContext):
         self.ctx, self.cfg = ctx, ctx.cfg
