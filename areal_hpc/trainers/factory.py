@@ -18,7 +18,7 @@ _BUILTIN = {"ppo": "areal_hpc.trainers.ppo_trainer", "sft": "areal_hpc.trainers.
 
 
 def load_plugins(paths) -> None:
-    """Import user modules (``pkg.mod`` or ``/abs/path/mod.py``) that register trainers, workflows, rewards or adapters."""
+    """Import user modules (``pkg.mod`` or ``/path/mod.py``) that register trainers, workflows, rewards or adapters."""
     for p in paths:
         if p.endswith(".py"):
             name = f"areal_plugin_{Path(p).stem}"
