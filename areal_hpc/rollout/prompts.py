@@ -96,8 +96,7 @@ class PromptEncoder:
         return msgs
 
     def prompt_text(self, row: Dict[str, Any]) -> str:
-        """The user's prompt as text (what a reward function gets as ``prompt``): the prompt string, or the last user
-        message's content."""
+        """The user's prompt as text (a reward's ``prompt``): the prompt string, or the last user message's content."""
         if row.get(self.fmt.prompt_key) is not None:
             return str(row[self.fmt.prompt_key])
         users = [m for m in self.messages(row) if m["role"] == "user"]
