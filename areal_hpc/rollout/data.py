@@ -166,7 +166,7 @@ def _open(path: str, name: Optional[str], split: str, which: str, streaming: boo
 def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str = "",
               which: str = "train") -> List[Dict[str, Any]]:
     """All rows (the first ``limit`` when > 0) of a dataset file, directory or hub name, as dicts. ``split=""`` picks
-    one by ``which`` (`choose_split`). Without `datasets` (bare GPU images) only .jsonl files (or a directory) load."""
+    one by ``which`` (`choose_split`). Without `datasets` (bare GPU images): .jsonl files, or directories of them."""
     try:
         import datasets  # noqa: F401
     except ImportError:
