@@ -1,7 +1,7 @@
 """RolloutController: runs workflows asynchronously and hands the trainer staleness-bounded batches.
 
-It lives on its own thread with its own asyncio loop (the client pool lives there too); the
-trainer thread calls `next_batch`, `set_version`, `pause`/`resume` and `run` (to drive the pool).
+It lives on its own thread with its own asyncio loop (the client pool lives there too); the trainer thread calls
+`next_batch`, `set_version`, `pause`/`resume` and `run` (to drive the pool).
 
 Staleness bound (AReaL's rule): with trainer weight version ``v`` and bound ``k``, at most ``(k + v + 1) * batch_size``
 groups are ever accepted or in flight, and batches are handed out oldest-first, so a group started under version ``v``
@@ -85,8 +85,8 @@ class RolloutController:
         self._poke()
 
     def set_trainer_version(self, version: int) -> None:
-        """The trainer's version, which the servers may not have yet (its update is on its way):
-        batches handed out from now on hold no group older than it allows."""
+        """The trainer's version, which the servers may not have yet (its update is on its way): batches handed out
+        from now on hold no group older than it allows."""
         self._trainer_version = version
 
     def pause(self) -> None:
@@ -98,7 +98,8 @@ class RolloutController:
         self._poke()
 
     def get_batch(self, timeout: Optional[float] = None) -> List[Group]:
-        """Block until ``batch_size`` groups are ready; return the oldest ones."""
+        """Block until ``batch_size`` groups are ready; return the oldest ones. Raises `TimeoutError` after
+        ``timeout``, `StopIteration` once the rows are used up and nothing runs, `RolloutError` after a loop failure."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while True:

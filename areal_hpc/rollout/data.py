@@ -45,8 +45,8 @@ def _quiet_datasets() -> None:
 
 
 def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]]:
-    """``{split: [data files]}`` of a dataset directory (or a hub name, when online) for config
-    ``name``, without reading the data; `DatasetError` for a missing or unknown config, or no data."""
+    """``{split: [data files]}`` of a dataset directory (or a hub name, when online) for config ``name``, without
+    reading the data; `DatasetError` for a missing or unknown config, or no data."""
     from datasets import get_dataset_config_names, load_dataset_builder
 
     _quiet_datasets()
@@ -72,8 +72,8 @@ def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]
 
 
 def choose_split(splits: Sequence[str], split: str = "", which: str = "train", where: str = "") -> str:
-    """``split`` when given (it must exist); else ``train`` for training data (``which="train"``) and
-    the first of `EVAL_SPLITS` for validation data; a dataset with a single split uses it either way."""
+    """``split`` when given (it must exist); else ``train`` for training data (``which="train"``) and the first of
+    `EVAL_SPLITS` for validation data; a dataset with a single split uses it either way."""
     splits = list(splits)
     listing = (f" in {where}" if where else "") + f" (splits: {', '.join(splits)})"
     if split:
@@ -139,9 +139,9 @@ def _blank(files: Sequence[str]) -> bool:
 
 
 def _open(path: str, name: Optional[str], split: str, which: str, streaming: bool):
-    """The ``datasets`` object for one split of ``path`` (file, directory or hub name). A local
-    directory's split is read as its data files: `datasets` keys its cache for a directory by name
-    and layout only (two alike would share a stale entry), for data files by paths and mtimes."""
+    """The ``datasets`` object for one split of ``path`` (file, directory or hub name); None for blank files. A local
+    directory's split is read as its data files: `datasets` keys its cache for a directory by name and layout only
+    (two alike would share a stale entry), for data files by paths and mtimes."""
     from datasets import load_dataset
 
     _quiet_datasets()
@@ -165,9 +165,8 @@ def _open(path: str, name: Optional[str], split: str, which: str, streaming: boo
 
 def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str = "",
               which: str = "train") -> List[Dict[str, Any]]:
-    """All rows (the first ``limit`` when > 0) of a dataset file, directory or hub name, as dicts.
-    ``split=""`` picks one by ``which`` (see `choose_split`). Where `datasets` is not installed
-    (bare GPU images) .jsonl files and directories of them are read directly."""
+    """All rows (the first ``limit`` when > 0) of a dataset file, directory or hub name, as dicts. ``split=""`` picks
+    one by ``which`` (`choose_split`). Without `datasets` (bare GPU images): .jsonl files, or directories of them."""
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -201,15 +200,15 @@ def _read(path, name, split, which, rows: Callable[[Any], List[Dict[str, Any]]],
 
 
 def load_dataset_rows(ds, which: str = "train") -> List[Dict[str, Any]]:
-    """The rows of ``train_dataset`` (``which="train"``) or ``valid_dataset`` (a `DatasetConfig`):
-    a `toy:` spec, a local file or directory with its ``name``/``split``, up to ``limit`` rows."""
+    """The rows of ``train_dataset`` (``which="train"``) or ``valid_dataset`` (a `DatasetConfig`): a `toy:` spec, a
+    local file or directory with its ``name``/``split``, up to ``limit`` rows."""
     path = toy.resolve_dataset(ds.path, split=which)
     return load_rows(path, limit=ds.limit, name=ds.name, split=ds.split, which=which)
 
 
 class PromptLoader:
-    """Infinite (or ``epochs``-bounded) iterator over rows, reshuffled each epoch from ``seed``.
-    `state_dict`/`load_state_dict` let a recovered trainer continue from the same position."""
+    """Infinite (or ``epochs``-bounded) iterator over rows, reshuffled each epoch from ``seed``; `state_dict` and
+    `load_state_dict` let a recovered trainer continue from the same position."""
 
     def __init__(self, rows: List[Dict[str, Any]], shuffle: bool = True, seed: int = 1, epochs: int = 0):
         if not rows:

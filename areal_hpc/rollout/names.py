@@ -4,8 +4,7 @@ from __future__ import annotations
 
 
 class NameTable(dict):
-    """Objects by name: ``@table.register("name")`` adds one; looking up an unknown name raises a KeyError that
-    lists the known ones."""
+    """Objects by name: ``@table.register("name")`` adds one; an unknown name's KeyError lists the known ones."""
 
     def __init__(self, kind: str):
         super().__init__()

@@ -21,8 +21,8 @@ _PROBE = "areal-hpc-end-of-turn-probe"
 
 
 def end_of_turn_id(tokenizer) -> Optional[int]:
-    """The special token that closes an assistant turn in the tokenizer's chat template (None
-    when there is no template, or the turn ends with plain text rather than a special token)."""
+    """The special token that closes an assistant turn in the tokenizer's chat template (None when there is no
+    template, or the turn ends with plain text rather than a special token)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
@@ -54,7 +54,7 @@ def stop_token_ids(tokenizer, chat_template: str = "auto") -> List[int]:
 
 @dataclass
 class PromptFormat:
-    """How rows become prompts: the dataset's keys and the chat-template choice (see module doc)."""
+    """How rows become prompts: the dataset's keys and the chat-template choice (module docstring)."""
 
     prompt_key: str = "prompt"
     messages_key: str = "messages"
@@ -78,8 +78,8 @@ class PromptEncoder:
         self.uses_template = self.fmt.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
     def messages(self, row: Dict[str, Any]) -> List[Dict[str, Any]]:
-        """The row's conversation: its messages, or its prompt as one user message; the system
-        prompt first when set and the conversation has no system message."""
+        """The row's conversation: its messages, or its prompt as one user message; the system prompt first when set
+        and the conversation has no system message."""
         f = self.fmt
         msgs = row.get(f.messages_key)
         if msgs is None:
@@ -96,8 +96,7 @@ class PromptEncoder:
         return msgs
 
     def prompt_text(self, row: Dict[str, Any]) -> str:
-        """The user's prompt as text (what a reward function gets as ``prompt``): the prompt string,
-        or the last user message's content."""
+        """The user's prompt as text (a reward's ``prompt``): the prompt string, or the last user message's content."""
         if row.get(self.fmt.prompt_key) is not None:
             return str(row[self.fmt.prompt_key])
         users = [m for m in self.messages(row) if m["role"] == "user"]
@@ -124,8 +123,8 @@ class PromptEncoder:
         return self.tokenizer(text, add_special_tokens=not self.uses_template)["input_ids"]
 
     def end_of_turn_ids(self) -> List[int]:
-        """What closes a trained reply (SFT): the template's end-of-turn token when the template
-        is in use and has one, else the EOS (none when the tokenizer has neither)."""
+        """What closes a trained reply (SFT): the template's end-of-turn token when the template is in use and has
+        one, else the EOS (none when the tokenizer has neither)."""
         eot = end_of_turn_id(self.tokenizer) if self.uses_template else None
         last = self.tokenizer.eos_token_id if eot is None else eot
         return [] if last is None else [last]

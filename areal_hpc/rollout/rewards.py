@@ -29,15 +29,16 @@ _overdue: Set[concurrent.futures.Future] = set()  # user reward calls that ran o
 
 
 class RewardScorer:
-    """Scores a group's completions off the event loop, the whole group within ``timeout_s``. `IN_PROCESS` rewards
-    run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a worker's main thread
-    runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes, stalls no rollout I/O;
-    others (a user's ``@register_reward``, maybe not importable in a fresh process) run on daemon threads, one a
-    completion, at most `THREAD_SLOTS` at once: unlike an executor's threads, which interpreter exit joins, one stuck
-    for good holds up no exit.
-    A reward that raises or runs out of time scores 0, with a warning. A thread cannot be ended: once every slot is
-    held by a call that ran out of time, scoring raises a RuntimeError (the episode fails, and the run with it), where
-    every later reward would wait for a slot, run out of time and score 0. `close` ends the workers."""
+    """Scores a group's completions off the event loop, the whole group within ``timeout_s``; a reward that raises or
+    runs out of time scores 0, with a warning. `close` ends the workers.
+
+    `IN_PROCESS` rewards run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a
+    worker's main thread runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes, stalls
+    no rollout I/O. Others (a user's ``@register_reward``, maybe not importable in a fresh process) run on daemon
+    threads, one a completion, at most `THREAD_SLOTS` at once: interpreter exit joins an executor's threads, so one
+    stuck for good would hold up exit. A thread cannot be ended: once every slot is held by a call that ran out of
+    time, scoring raises a RuntimeError (the episode fails, and the run with it) rather than let every later reward
+    wait for a slot, run out of time and score 0."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
@@ -112,8 +113,8 @@ def exact_match(prompt: str, completion: str, answer: str, **_) -> float:
 
 @register_reward("math")
 def math_answer(prompt: str, completion: str, answer: str, **_) -> float:
-    """1 if the completion's final answer is mathematically equal to the reference (math-verify:
-    LaTeX or plain expressions, \\boxed{}, fractions, sets; 0.5 == 1/2), not a regex on the last number."""
+    """1 if the completion's final answer is mathematically equal to the reference (math-verify: LaTeX or plain
+    expressions, \\boxed{}, fractions, sets; 0.5 == 1/2), not a regex on the last number."""
     from math_verify import parse, verify
 
     # math-verify bounds its work with signal.alarm, which only the main thread may use (`RewardScorer` runs this

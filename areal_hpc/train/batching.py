@@ -110,8 +110,7 @@ def deal_least_loaded(weights: Sequence[int], k: int, room: Sequence[int] | None
 
 
 def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device`` without waiting for the GPU (through pinned memory: a pageable
-    copy would wait for all queued GPU work)."""
+    """A CPU tensor on ``device`` through pinned memory: a pageable copy would wait for all queued GPU work."""
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
@@ -242,10 +241,9 @@ def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_to
 
 def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
               pad_token_id: int = 0, share: bool = False) -> MicroBatch:
-    """Rows ``sample_idx`` of a padded batch as one packed micro-batch (one masked select per key); ``mask`` is the
-    batch's ``attention_mask`` as bool. With ``pad_to``, a padding document (``pad_token_id``, every other per-token key
-    zero, so no loss sees it) fills it up to that many tokens. With ``share`` (and no ``pad_to``), documents that share
-    a stem are marked (`share_stems`)."""
+    """Rows ``sample_idx`` of a padded batch as one packed micro-batch; ``mask`` is the batch's ``attention_mask`` as
+    bool. With ``pad_to``, a padding document (``pad_token_id``, every other per-token key zero, so no loss sees it)
+    fills it up to that many tokens. With ``share`` (and no ``pad_to``), see `share_stems`."""
     idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
     m = mask[idx]
     lens = m.sum(dim=1)
@@ -305,8 +303,7 @@ def share_stems(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> Optional[S
 
 
 def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2) -> MicroBatch:
-    """An ``n_tokens``-token micro-batch with the template's keys, all masks zero. At least two
-    tokens: compiled code specialises sizes 0 and 1 (a recompilation)."""
+    """A micro-batch of the template's keys, all masks zero; two tokens at least: compiled code specialises 0 and 1."""
     data: Dict[str, torch.Tensor] = {}
     for k, v in template.items():
         if k == "attention_mask":
@@ -320,9 +317,8 @@ def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2)
 
 def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
                        pad: bool = False, share: bool = False) -> List[MicroBatch]:
-    """Pack a padded batch into micro-batches, as many on every rank (collective); with
-    ``pad`` every micro-batch is filled up to ``max_tokens`` (one shape for compiled layers); with
-    ``share`` (unpadded only) documents that share a stem are run once (`share_stems`)."""
+    """Pack a padded batch into micro-batches, as many on every rank (collective); with ``pad`` each is filled up to
+    ``max_tokens`` (one shape for compiled layers); with ``share`` (unpadded only) see `share_stems`."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
     plan = plan_micro_batches(lengths, max_tokens, min_mbs) if lengths else []

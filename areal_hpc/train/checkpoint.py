@@ -79,8 +79,8 @@ class Checkpointer:
         return final
 
     def load_latest(self, root: str | os.PathLike) -> Optional[Dict[str, Any]]:
-        """Restore the newest complete checkpoint: its ``extra`` plus ``global_step`` and
-        ``weight_version``, or None when there is none."""
+        """Restore the newest complete checkpoint: its ``extra`` plus ``global_step`` and ``weight_version``, or None
+        when there is none. A rank beyond the saved world size restores rank 0's RNG and LR scheduler state."""
         path = latest_checkpoint(Path(root))
         if path is None:
             return None

@@ -1,5 +1,5 @@
-"""torch.distributed for trainer processes: ranks from torchrun's variables, else Slurm's, else
-one process (an in-memory store); nccl on CUDA, gloo on CPU; small collective helpers."""
+"""torch.distributed for trainer processes: ranks from torchrun's variables, else Slurm's, else one process (an
+in-memory store); nccl on CUDA, gloo on CPU; small collective helpers."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def env_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-# CPU threads of a GPU process when OMP_NUM_THREADS is unset: its host work is launching kernels
-# and packing batches, and torch's default of a thread per core made steps slower
+# CPU threads of a GPU process when OMP_NUM_THREADS is unset: its host work (launching kernels, packing batches) runs
+# slower on torch's default of a thread per core
 GPU_PROCESS_THREADS = 8
 
 
@@ -71,8 +71,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 
 
 def destroy() -> None:
-    """Destroy the default group, after collecting what holds it (FSDP modules sit in reference
-    cycles): ended at interpreter teardown instead, it can abort a process that did its work."""
+    """Destroy the default group, after collecting what holds it (FSDP modules sit in reference cycles): ended at
+    interpreter teardown instead, it can abort a process that did its work."""
     if dist.is_initialized():
         gc.unfreeze()  # what `SettledGC` froze is collectable again
         gc.collect()

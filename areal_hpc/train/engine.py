@@ -4,10 +4,9 @@ Padded batches are packed into micro-batches (`batching`); the loss is normalise
 non-finite gradient norm skips the step. Every method that touches the model is collective: all ranks call it, in the
 same order.
 
-``loss_fn(out, mb) -> (loss, stats)``: ``out`` holds the micro-batch's per-token ``logprobs`` and ``entropy`` (``[T]``),
-``loss`` and ``stats`` are means over the micro-batch, finite when it has no loss tokens (dummy micro-batches).
-``loss_weight_fn(mb)`` weighs it (its loss tokens): the engine computes ``sum_mb loss_mb * w_mb / sum_global w``. AdamW,
-its LR schedule and gradient clipping work on FSDP2's (DTensor) parameters.
+``loss_fn(out, mb) -> (loss, stats)``: ``out`` holds the micro-batch's per-token ``logprobs`` and ``entropy`` (``[T]``);
+``loss`` and ``stats`` are means over the micro-batch, finite also when it has no loss tokens (dummy micro-batches).
+``loss_weight_fn(mb)`` weighs it (default: loss tokens); the engine computes ``sum_mb loss_mb * w_mb / sum_global w``.
 """
 
 from __future__ import annotations
@@ -47,8 +46,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: the fused kernel (one pass over parameters, gradients
-    and moments) on GPU, the multi-tensor one on CPU."""
+    """AdamW over the trainable parameters; fused on GPU: `_optimizer_step` then skips a step without a host sync."""
     params = [p for p in params if p.requires_grad]
     fused = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -118,8 +116,8 @@ class FSDPEngine:
         self._staging: Optional[torch.Tensor] = None  # host buffer of state_dict_for_hf
 
     def _build_model(self) -> torch.nn.Module:
-        """Rank 0 reads the checkpoint, the others build on the meta device and get the weights
-        from rank 0 after sharding (one read of the files, not one per rank)."""
+        """Rank 0 reads the checkpoint; the others build on the meta device and get the weights from rank 0 after
+        sharding (one read of the files, not one per rank)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         rank, world = self.info.rank, self.info.world_size
@@ -289,9 +287,8 @@ class FSDPEngine:
 
     def train_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                     temperature: float = 1.0) -> Dict[str, float]:
-        """One optimizer step on this rank's share of a batch; global statistics, read from the
-        device once. The LR scheduler is stepped apart (`step_lr_scheduler`): several optimizer
-        steps (PPO minibatches) can make up one training step."""
+        """One optimizer step on this rank's share of a batch; global statistics, read from the device once. The LR
+        scheduler is stepped apart (`step_lr_scheduler`): several optimizer steps (PPO minibatches) make one step."""
         pending = self._forward_backward(batch, loss_fn, loss_weight_fn, temperature)
         return _read(pending, self._optimizer_step())
 
@@ -334,8 +331,7 @@ class FSDPEngine:
 
     def hf_tensors(self, dtype: Optional[torch.dtype] = None) -> List[Tuple[str, torch.Tensor, torch.dtype]]:
         """``(HF name, local shard or tensor, dtype it goes out in)`` of every weight, in the same order on every rank;
-        floating point ones in ``dtype`` (default: the compute dtype); tied duplicates dropped, as
-        ``save_pretrained`` does."""
+        floating point ones in ``dtype`` (default: compute dtype); tied duplicates dropped (as ``save_pretrained``)."""
         dtype = dtype or self.precision.param_dtype
         tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         entries, seen = [], set()
@@ -349,8 +345,7 @@ class FSDPEngine:
 
 @dataclass
 class _Pending:
-    """Statistics still on the device (``values[i]`` is ``keys[i]``, divided by ``divisor`` when
-    set); ``plain`` ones are on the host already."""
+    """Device-side statistics: ``values[i]`` is ``keys[i]`` (over ``divisor`` when set); ``plain`` ones: on the host."""
 
     keys: List[str]
     values: torch.Tensor

@@ -1,5 +1,5 @@
-"""Per-token log-probabilities and entropies with bounded memory (a micro-batch's full logits
-are GBs, and an fp32 log-softmax of them more).
+"""Per-token log-probabilities and entropies with bounded memory (a micro-batch's full logits are GBs, and an fp32
+log-softmax of them more).
 
 `gather_logprobs` works on the model's logits chunk by chunk, each recomputed in backward.
 `linear_logprobs` starts from the last hidden states and the head's weight and never holds more than one chunk of
@@ -23,8 +23,8 @@ DEFAULT_CHUNK = 4096
 
 def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``; the entropy
-    reuses the logsumexp (``H = lse - sum(exp(x - lse) * x)``), fewer passes than a softmax."""
+    """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``; the entropy reuses the
+    logsumexp (``H = lse - sum(exp(x - lse) * x)``), fewer passes than a softmax."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     lse = torch.logsumexp(x, dim=-1)
     logp = x.gather(1, labels[:, None])[:, 0] - lse
@@ -68,8 +68,7 @@ def _call(fn, device: torch.device, *args):
 
 
 def compiled_call(fn, *args):
-    """``fn(*args)`` through ``torch.compile``, only the rows (dim 0) dynamic; a compile failure is
-    logged and ``fn`` runs eagerly from then on."""
+    """``fn(*args)`` through ``torch.compile``, only dim 0 dynamic; after a compile failure ``fn`` runs eagerly."""
     import torch._dynamo as dynamo
 
     compiled = _compiled.get(fn)
@@ -91,8 +90,8 @@ def compiled_call(fn, *args):
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """``x = hidden @ weight.T / temperature`` -> ``x[label] - logsumexp(x)`` and the entropy per
-    token; with ``keep_logits`` each chunk's logits are saved for backward instead of recomputed."""
+    """``x = hidden @ weight.T / temperature`` -> ``x[label] - logsumexp(x)`` and the entropy per token; with
+    ``keep_logits`` each chunk's logits are saved for backward instead of recomputed."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature: float, chunk: int, with_entropy: bool,
@@ -143,9 +142,8 @@ class _LinearLogprobs(torch.autograd.Function):
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                     with_entropy: bool = False, chunk: int = DEFAULT_CHUNK, keep_logits: bool = False
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """`gather_logprobs` of ``hidden @ weight.T`` (``[T, H]``, ``[V, H]``), one chunk of logits at a
-    time; fp32 results (fp64 for fp64 inputs). ``keep_logits``: keep the chunks' logits for
-    backward (``T x V`` values: memory for one matmul fewer)."""
+    """`gather_logprobs` of ``hidden @ weight.T`` (``[T, H]``, ``[V, H]``), one chunk of logits at a time; fp32
+    results (fp64 for fp64 inputs). ``keep_logits``: keep the ``T x V`` logits for backward (memory for a matmul)."""
     keep = keep_logits and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy), keep)
     return logp, (ent if with_entropy else None)
@@ -163,8 +161,8 @@ def shift_to_tokens(lp_next: torch.Tensor, ent_next: Optional[torch.Tensor], doc
 def packed_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, doc_starts: torch.Tensor,
                           temperature: float = 1.0, with_entropy: bool = False,
                           chunk: int = DEFAULT_CHUNK) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Logprob (and entropy) of each token of a packed row under the previous position's logits;
-    0 at each document's first token (``doc_starts``), which has no prediction."""
+    """Logprob (and entropy) of each token of a packed row under the previous position's logits; 0 at each
+    document's first token (``doc_starts``), which has no prediction."""
     labels = torch.roll(input_ids, shifts=-1)
     return shift_to_tokens(*gather_logprobs(logits, labels, temperature, with_entropy, chunk), doc_starts)
 

@@ -36,9 +36,9 @@ def register() -> None:
 
 
 def probe(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Try the flash varlen kernel on ``device`` (forward and backward): used from then on if it
-    ran; grouped-query K/V go in as they are only if that matches repeating them. The engine calls
-    it before its first forward, so compiled layers see a settled choice."""
+    """Try the flash varlen kernel on ``device`` (forward and backward): used from then on if it ran; grouped-query K/V
+    go in as they are only if that matches repeating them. Call it before the first forward: compiled layers must see
+    a settled choice."""
     register()
     flash = gqa = False
     if device.type == "cuda":
@@ -71,9 +71,8 @@ def _repeat_kv(x: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                   scale: Optional[float], grouped: bool) -> torch.Tensor:
-    """q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``, causal within each document of ``cu``:
-    the aten op (less host time per call than the ``varlen_attn`` wrapper). Without ``grouped``,
-    K/V are repeated to ``Hq`` heads."""
+    """q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``, causal within each document of ``cu``, by the aten op
+    (less host time per call than the ``varlen_attn`` wrapper); without ``grouped``, K/V repeated to ``Hq`` heads."""
     if k.shape[1] != q.shape[1] and not grouped:
         k, v = _repeat_kv(k, q.shape[1], 1), _repeat_kv(v, q.shape[1], 1)
     kwargs = {} if scale is None else {"scale": scale}
@@ -86,8 +85,7 @@ def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     """q ``[Hq, T, D]``, k, v ``[Hkv, T, D]`` -> ``[T, Hq, D]``: causal SDPA within each document of ``cu``.
 
     Documents of one length are a reshape into a batch; of similar lengths (padding costs at most as many positions as
-    there are tokens), one right-padded batch (a causal query never sees the padding after it); otherwise one call per
-    document."""
+    there are tokens), one right-padded batch (a causal query never sees the padding after it); else one call each."""
     k, v = _repeat_kv(k, q.shape[0], 0), _repeat_kv(v, q.shape[0], 0)
     bounds = cu.tolist()
     lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
@@ -114,9 +112,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                              scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                              **kwargs) -> Tuple[torch.Tensor, None]:
-    """transformers attention function: ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]`` ->
-    ``([1, T, Hq, D], None)``; without ``cu_seq_lens_q`` the row is one document. The flash path is
-    traceable (no graph break in compiled layers)."""
+    """transformers attention function: ``query [1, Hq, T, D]``, ``key/value [1, Hkv, T, D]`` -> ``([1, T, Hq, D],
+    None)``; without ``cu_seq_lens_q`` the row is one document. The flash path is traceable (no graph break)."""
     if sliding_window is not None:
         raise ValueError("attn_impl=varlen does not implement sliding-window attention")
     if query.shape[0] != 1:

@@ -15,6 +15,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+
 @dataclass(frozen=True)
 class Precision:
     """Master weights and gradient reduction are always fp32; ``param_dtype`` is what forward/backward compute in."""
@@ -62,10 +63,10 @@ def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
 
 
 def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int, one_host: Callable[[], bool]) -> str:
-    """``layer`` or ``model`` for ``engine.fsdp_units=choice``. ``auto``: one unit on one rank, and on
-    the ranks of one host when the gathered weights and gradients (6 bytes per parameter) take at
-    most an eighth of a device (one gather and reduce-scatter per step, fewer hooks); per layer
-    across hosts, to overlap the network with compute. ``one_host`` is a collective."""
+    """``layer`` or ``model`` for ``engine.fsdp_units=choice``. ``auto``: one unit on one rank, and on the ranks of one
+    host when the gathered weights and gradients (6 bytes per parameter) take at most an eighth of a device (one
+    gather and reduce-scatter per step, fewer hooks); per layer across hosts, to overlap the network with compute.
+    ``one_host`` is a collective."""
     if choice != "auto":
         return choice
     if world == 1 or (one_host() and 6 * n_params <= device_bytes // 8):
@@ -103,8 +104,8 @@ def _linear_args(node: torch.fx.Node):
 
 
 def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
-    """Rewrite ``linear(x, w_i, b_i)`` for i = 1..n (same ``x``, all with or all without bias) into
-    one ``linear(x, cat(w), cat(b))`` split along the last dimension. Returns the groups fused."""
+    """Rewrite ``linear(x, w_i, b_i)`` for i = 1..n (same ``x``, all with or all without bias) into one
+    ``linear(x, cat(w), cat(b))`` split along the last dimension. Returns the groups fused."""
     groups: Dict[Tuple[torch.fx.Node, bool], List[torch.fx.Node]] = defaultdict(list)
     for node in graph.nodes:
         args = _linear_args(node)
@@ -133,8 +134,8 @@ def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
 
 
 class FuseSiblingLinears(CustomGraphPass):
-    """`fuse_sibling_linears` as inductor's ``pre_grad_custom_pass``; its ``uuid`` (this file's
-    hash) keeps inductor's compiled-graph cache usable. ``fused`` counts the groups fused so far."""
+    """`fuse_sibling_linears` as inductor's ``pre_grad_custom_pass``; its ``uuid`` (this file's hash) keeps inductor's
+    compiled-graph cache usable. ``fused`` counts the groups fused so far."""
 
     def __init__(self) -> None:
         self.fused = 0

@@ -15,8 +15,8 @@ BG_PREFIX = "bg_phase/"  # work beside the steps (a background weight update); i
 
 
 class PhaseTimer:
-    """A step runs from the previous `split` (or `begin`) to its own: what follows a split (its
-    metrics, a checkpoint) is booked to the next step."""
+    """A step runs from the previous `split` (or `begin`) to its own: what follows a split (its metrics, a
+    checkpoint) is booked to the next step."""
 
     def __init__(self, sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter):
         self.sync, self.clock = sync, clock
@@ -49,8 +49,8 @@ class PhaseTimer:
                 self._stack[-1][1] = end
 
     def split(self) -> Dict[str, float]:
-        """End the step: ``{"phase/<name>": s, ..., "phase/other": s, "step_time_s": wall}``, the
-        phases and ``other`` summing to ``step_time_s``. The next step starts now."""
+        """End the step: ``{"phase/<name>": s, ..., "phase/other": s, "step_time_s": wall}``, the phases and ``other``
+        summing to ``step_time_s``. The next step starts now."""
         if self._t_step is None:
             raise RuntimeError("PhaseTimer.split before begin")
         if self._stack:

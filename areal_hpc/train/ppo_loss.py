@@ -1,7 +1,7 @@
 """GRPO advantages, AReaL's decoupled PPO loss, and `PPOActor` tying them to an `FSDPEngine`.
 
-Entry t of a per-token tensor belongs to token t: ``logprobs`` are the behaviour policy's (the
-servers'), ``prox_logp`` the proximal policy's (recomputed before the update). Decoupled loss:
+Entry t of a per-token tensor belongs to token t: ``logprobs`` are the behaviour policy's (the servers'), ``prox_logp``
+the proximal policy's (recomputed before the update). Decoupled loss:
 
     ratio   = exp(logp - prox_logp)                      clipped to [1 - eps, 1 + eps]
     pg      = max(-A * ratio, -A * clip(ratio))          PPO clip
@@ -24,6 +24,7 @@ from areal_hpc.train import dist
 from areal_hpc.train.batching import Batch, split_batch
 from areal_hpc.train.engine import FSDPEngine, loss_token_count, masked_mean
 from areal_hpc.train.phases import PhaseTimer
+
 
 def _centre_and_scale(r: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, n: float, std_norm: bool,
                       leave_one_out: bool, eps: float) -> torch.Tensor:
@@ -68,8 +69,8 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "grou
 
 def kl_penalty_to_go(logp: torch.Tensor, ref_logp: torch.Tensor, loss_mask: torch.Tensor,
                      kl_ctl: float) -> torch.Tensor:
-    """Token advantages of a per-token KL penalty ``-kl_ctl * (logp - ref_logp)`` used as reward,
-    summed from each token to the end of its response (undiscounted), ``[B, L]``."""
+    """Token advantages ``[B, L]`` of a per-token KL penalty ``-kl_ctl * (logp - ref_logp)`` used as reward, summed
+    from each token to the end of its response (undiscounted)."""
     kl = (logp - ref_logp) * loss_mask
     to_go = torch.flip(torch.cumsum(torch.flip(kl, [-1]), -1), [-1])
     return -kl_ctl * to_go * loss_mask
@@ -78,8 +79,8 @@ def kl_penalty_to_go(logp: torch.Tensor, ref_logp: torch.Tensor, loss_mask: torc
 def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[torch.Tensor], advantages: torch.Tensor,
              loss_mask: torch.Tensor, eps_clip: float = 0.2, c_clip: Optional[float] = None,
              behav_imp_weight_cap: Optional[float] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Decoupled PPO loss, a mean over ``loss_mask`` tokens (finite for an empty mask), and token-mean
-    statistics; ``behav_logp=None`` is standard PPO (no behaviour importance weight)."""
+    """Decoupled PPO loss, a mean over ``loss_mask`` tokens (finite for an empty mask), and token-mean statistics;
+    ``behav_logp=None`` is standard PPO (no behaviour importance weight)."""
     mask = loss_mask.bool()
     count = mask.sum().clamp(min=1).to(logp.dtype)
     prox_logp, advantages = prox_logp.detach(), advantages.detach()
@@ -110,9 +111,8 @@ def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[t
 
 
 class PPOActor:
-    """The policy side of PPO/GRPO on an `FSDPEngine`: `train_step` recomputes the proximal (and
-    reference) logprobs, the advantages, then runs `ppo_update`. ``temperature`` is the sampling
-    temperature; ``phases`` (the trainer's) gets the recomputation as ``logprob``."""
+    """The policy side of PPO/GRPO on an `FSDPEngine`. ``temperature`` is the sampling temperature (logprobs must be
+    of the distribution sampled from); ``phases`` (the trainer's) gets the recomputation as ``logprob``."""
 
     def __init__(self, config: PPOConfig, engine: FSDPEngine, group_size: int = 1, temperature: float = 1.0,
                  ref: Optional[FSDPEngine] = None):
@@ -182,8 +182,8 @@ class PPOActor:
         return out
 
     def prox_in_update(self) -> bool:
-        """Whether the proximal logprobs can be the update's own forward, detached: with one minibatch
-        nothing has stepped yet (a KL penalty needs them before, in the advantages)."""
+        """Whether the proximal logprobs can be the update's own forward, detached: with one minibatch nothing has
+        stepped yet (a KL penalty needs them before, in the advantages)."""
         cfg = self.config
         return cfg.recompute_logprob and cfg.ppo_n_minibatches == 1 and self.ref is None
 

@@ -36,7 +36,7 @@ class TrainContext:
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGUSR2 (stop, preemption, time limit): checkpoint at the next step boundary."""
+    """Set by SIGTERM, SIGUSR2 or SIGINT (stop, preemption, time limit, Ctrl-C): checkpoint at the next step."""
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
@@ -59,8 +59,7 @@ class Trainer:
     `run` is the loop every training trainer shares: recovery (``recover.mode``), stop requests, a checkpoint every
     ``saver.freq_steps`` and at the end, per-step metrics with their phases (`train.phases`) and the trainer's registry
     record. A subclass supplies `setup` and `train_step`, and where it needs them `start`, `checkpoint_extra` and
-    `finish`; or it overrides `run` with a loop of its own (the null trainer). Every rank runs `run`; rank 0 writes the
-    metrics and the record."""
+    `finish`; or it overrides `run` (the null trainer). Every rank runs `run`; rank 0 writes metrics and the record."""
 
     def __init__(self, ctx: TrainContext):
         self.ctx, self.cfg = ctx, ctx.cfg
@@ -76,8 +75,8 @@ class Trainer:
         raise NotImplementedError(f"{type(self).__name__} overrides neither run nor setup")
 
     def start(self, state: Dict[str, Any]) -> bool:
-        """Ready the data after recovery; ``state`` is the checkpoint's (``{}`` on a fresh start).
-        False ends the run before its first step (stopped while waiting)."""
+        """Ready the data after recovery; ``state`` is the checkpoint's (``{}`` on a fresh start). False ends the run
+        before its first step (stopped while waiting)."""
         return True
 
     def train_step(self, step: int) -> Optional[Dict[str, Any]]:

@@ -18,8 +18,7 @@ _BUILTIN = {"ppo": "areal_hpc.trainers.ppo_trainer", "sft": "areal_hpc.trainers.
 
 
 def load_plugins(paths) -> None:
-    """Import user modules (``my_pkg.my_trainer`` or ``/abs/path/my_trainer.py``) that register
-    trainers, workflows or rewards."""
+    """Import user modules (``pkg.mod`` or ``/path/mod.py``) that register trainers, workflows, rewards or adapters."""
     for p in paths:
         if p.endswith(".py"):
             name = f"areal_plugin_{Path(p).stem}"

@@ -1,5 +1,5 @@
-"""`trainer.type=null`: rollout / evaluation only. Runs the workflow over `valid_dataset` once
-through the servers and writes a report; no trainer GPUs, no weights change."""
+"""`trainer.type=null`: rollout / evaluation only. Runs the workflow over `valid_dataset` once through the servers and
+writes a report (eval.json, eval_samples.jsonl); no trainer GPUs, no weights change."""
 
 from __future__ import annotations
 

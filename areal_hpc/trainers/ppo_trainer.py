@@ -1,8 +1,8 @@
 """GRPO / decoupled PPO, synchronous or asynchronous (`trainer.ppo.async_training`).
 
-One step: batch from the controller -> recompute logprobs -> advantages -> PPO update ->
-weight update (pause, publish, servers load, continue, version + 1); the base loop adds
-metrics and checkpoints. Rank 0 drives the rollout side; every rank trains on its shard.
+One step: batch from the controller -> recompute logprobs -> advantages -> PPO update -> weight update (pause, publish,
+servers load, continue, version + 1); the base loop adds metrics and checkpoints. Rank 0 drives the rollout side; every
+rank trains on its shard.
 
 Phases of a step (`train.phases`): ``wait_rollout`` (for the batch, and its hand-over to every rank), ``logprob``
 (proximal / reference logprobs), ``train``, ``weight_publish`` (to disk), ``weight_pause`` (servers paused and resumed),
@@ -30,8 +30,7 @@ from areal_hpc.trainers.rollout_side import rollout_side
 
 
 def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
-    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions.
-    Rows are built as Python lists and converted once per key (not a tensor per row and key)."""
+    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions; ``rewards [B]``."""
     L = max(t.n_tokens for t in trajs)
     ids, attn, loss, logp, vers = [], [], [], [], []
     for t in trajs:
@@ -100,8 +99,8 @@ class PPOTrainer(Trainer):
         return {**batch_stats(trajs, version - 1), **stats, **upd, **self.side.stats()}
 
     def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """One training step on this rank's shard of a rollout batch. Override to change the
-        learning rule and keep everything else (rollouts, weight sync, checkpoints, metrics)."""
+        """One training step on this rank's shard of a rollout batch. Override to change the learning rule and keep
+        everything else (rollouts, weight sync, checkpoints, metrics)."""
         return actor.train_step(batch)
 
     def checkpoint_extra(self) -> Dict[str, Any]:
@@ -112,9 +111,9 @@ class PPOTrainer(Trainer):
             self.side.stop()
 
     def _push_weights(self, version: int, checkpoint: bool) -> Dict[str, float]:
-        """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to
-        disk and loaded. With a broadcast a disk copy is still written at ``checkpoint`` steps (servers
-        that start later load it). Times go to ``self.phases``; returns other metrics."""
+        """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to disk and loaded. With
+        a broadcast a disk copy is still written at ``checkpoint`` steps (servers that start later load it). Times go
+        to ``self.phases``; returns other metrics."""
         cfg, timer, side = self.cfg, self.phases, self.side
         if cfg.trainer.ppo.weight_update in ("nccl", "gloo"):
             # external servers stay out of the group: they load a disk copy, published for them

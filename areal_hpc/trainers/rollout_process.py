@@ -47,8 +47,7 @@ class _ChildGone(RuntimeError):
 
 class BackgroundUpdates:
     """What `RolloutSide` and `RolloutProcess` share: the batch handed to every rank, and disk weight updates on a
-    thread of their own while training goes on, one at a time (the subclass's ``apply_update(write, version)`` runs
-    there)."""
+    thread of their own while training goes on, one at a time (in the subclass's ``apply_update(write, version)``)."""
 
     def __init__(self) -> None:
         self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")

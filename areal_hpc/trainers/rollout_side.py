@@ -173,8 +173,7 @@ class RolloutSide(BackgroundUpdates):
         return sorted(sid for sid, info in self.pool.servers.items() if info["healthy"] and info.get("external"))
 
     def apply_update(self, write: Callable[[], Path], version: int) -> Dict[str, float]:
-        """A disk update here and now (`update_weights_later` runs it on a thread); its phases as ``bg_phase/*`` and
-        ``bg_time_s``."""
+        """A disk update now (`update_weights_later` runs it on a thread); phases as ``bg_phase/*``, ``bg_time_s``."""
         timer = PhaseTimer()
         timer.begin()
         with timer.phase("weight_publish"):
