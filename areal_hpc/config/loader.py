@@ -5,8 +5,9 @@
 deserializer; simple-parsing parses the scalar overrides over the result (`_parse_scalars`).
 
 Why not simple-parsing for all of it: from the command line it cannot give an Optional field null, read ``[a, b]`` or
-fill a Dict field; its config-file layer drops nulls, passes file values on unchecked and names an unknown key without
-a hint; it keeps the last of a key given twice. Compute nodes read only a resolved config (`load_resolved`: PyYAML alone).
+fill a Dict field, and it keeps the last of a key given twice; its config-file layer drops nulls, passes file values on
+unchecked and names an unknown key without a hint. Compute nodes only read a resolved config (`load_resolved`), which
+needs nothing but PyYAML.
 """
 
 from __future__ import annotations
