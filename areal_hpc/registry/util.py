@@ -29,7 +29,7 @@ def own_temp(tmp: str, name_re: str) -> bool:
 def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666,
                  fsync: bool = False) -> str:
     """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``: a reader sees the old
-    file or the new one, never half of one. ``mode`` is before the umask; ``fsync`` flushes before the rename."""
+    file or the new one, never half of one. Mode: ``mode`` less the umask; ``fsync``: on disk before the rename."""
     path = os.fspath(path)
     d, name = os.path.split(path)
     tmp = os.path.join(d, temp_name(name))
@@ -86,5 +86,5 @@ def pid_alive(pid: Optional[int]) -> bool:
 
 def runs_here(*names: Optional[str]) -> bool:
     """Whether a record's host or node (any of ``names``) is this host: only then is its pid a process here. Records
-    name hosts by ``gethostname()``; ``getfqdn()`` may ask DNS (and hang where DNS is broken) or say "localhost"."""
+    name hosts by ``gethostname()``, not ``getfqdn()`` (it may ask DNS, and hang, or say "localhost")."""
     return socket.gethostname() in names
