@@ -90,8 +90,7 @@ def _parse_part(token: str, default_backend: Optional[str]) -> ParallelSpec:
         raise ConfigError(KEY, f"cannot parse {token!r}",
                           "expected backend:spec or backend.spec, e.g. sglang:d4t2 or hf.d1p1m1")
     part = ParallelSpec(backend, **_parse_dims(spec, token))
-    # No t or p for FSDP2 (it shards parameters over its d ranks) nor hf (one device a server): refused here, not on a
-    # compute node after the queue.
+    # No t or p for FSDP2 (it shards over its d ranks) nor hf (one device a server): refused here, not after the queue.
     for what, letter, size in (("pipeline", "p", part.pp), ("tensor", "t", part.tp)):
         if size > 1 and backend in ("fsdp", "hf"):
             instead = f"use {letter}1 and more data-parallel ranks (d)"
@@ -156,8 +155,8 @@ def validate_allocation(alloc: AllocationMode, n_nodes: int, gpus_per_node: int,
 
 
 def nodes_needed(alloc: AllocationMode, gpus_per_node: int) -> int:
-    """Nodes the allocation takes: one when everything fits, else disjoint whole nodes for servers
-    and trainer (an SPMD trainer step wants the same ranks per node)."""
+    """One node when everything fits, else disjoint whole nodes for servers and trainer (an SPMD trainer step wants
+    the same ranks per node)."""
     if gpus_per_node == 0:
         return 1
     gen_gpus = alloc.gen.world_size if alloc.gen else 0

@@ -1,14 +1,13 @@
-"""Build an `ExperimentConfig` from defaults, a YAML file and ``key=value`` overrides (later wins).
+"""Build an `ExperimentConfig` from defaults, a YAML file and ``key=value`` overrides (later wins), every key checked.
 
-One path for a user's words: `split_words` reads them (``CONFIG.yaml`` or ``--config FILE``, the
-seed's ``a.b=c``, ``--a.b c``, ``--a.b=c``); the file and the YAML-valued overrides (lists,
-mappings, ``null``) go through `from_dict`, the one deserializer; simple-parsing parses the scalar
-overrides over the result (`_parse_scalars`). Every key is checked against the dataclass tree.
+`split_words` reads a user's words (``CONFIG.yaml`` or ``--config FILE``, the seed's ``a.b=c``, ``--a.b c``,
+``--a.b=c``); the file and the YAML-valued overrides (lists, mappings, ``null``) go through `from_dict`, the one
+deserializer; simple-parsing parses the scalar overrides over the result (`_parse_scalars`).
 
-Why not simple-parsing for all of it: from the command line it cannot give an Optional field null,
-read ``[a, b]`` or fill a Dict field; its config-file layer drops nulls, passes file values on
-unchecked and names an unknown key without a hint; it keeps the last of a key given twice.
-Compute nodes only read a resolved config (`load_resolved`), which needs nothing but PyYAML.
+Why not simple-parsing for all of it: from the command line it cannot give an Optional field null, read ``[a, b]`` or
+fill a Dict field, and it keeps the last of a key given twice; its config-file layer drops nulls, passes file values on
+unchecked and names an unknown key without a hint. Compute nodes only read a resolved config (`load_resolved`), which
+needs nothing but PyYAML.
 """
 
 from __future__ import annotations
@@ -64,8 +63,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file; anything bigger is 
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that ``1:30:00`` stays the string it looks like: YAML 1.1 reads
-    it as the base-60 integer 5400, which as `cluster.time` would silently mean 5400 minutes."""
+    """PyYAML's safe loader, except that ``1:30:00`` stays a string: YAML 1.1 reads it as the base-60 integer 5400,
+    which as `cluster.time` would silently mean 5400 minutes."""
 
 
 def _no_sexagesimal(kind):
@@ -113,8 +112,8 @@ def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
 
 
 def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[str] = None) -> Dict[str, Any]:
-    """A YAML mapping from a user's file, checked: a regular text file of sane size, valid YAML, no
-    key given twice. Every problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
+    """A YAML mapping from a user's file: a regular text file of sane size, valid YAML, no key given twice. Every
+    problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
     p = Path(path)
     name = "" if key == str(path) else f"{path} "
     if not p.is_file():
@@ -173,9 +172,9 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
 
 
 def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bool = True, prefix: str = ""):
-    """The one deserializer: ``base`` (default ``cls()``) with the nested mapping ``data`` applied,
-    every value checked against its declared type (null only where Optional; a null section keeps
-    its defaults). An unknown key is an error with a "did you mean", or ignored with ``strict=False``."""
+    """The one deserializer: ``base`` (default ``cls()``) with the nested mapping ``data`` applied, every value checked
+    against its declared type (null only where Optional; a null section keeps its defaults). An unknown key is an error
+    with a "did you mean", or ignored with ``strict=False``."""
     obj = copy.deepcopy(base) if base is not None else cls()
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
@@ -200,8 +199,8 @@ def dump_yaml(cfg) -> str:
 
 
 def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
-    """The resolved config a run dir holds (what `serve`/`train`/`driver`/`status` start from). Keys
-    this version does not know are ignored: a run written by another version stays readable."""
+    """The resolved config of a run dir (what `serve`/`train`/`driver`/`status` start from). Unknown keys are
+    ignored: a run written by another version stays readable."""
     hint = "the run dir's config.yaml is damaged: restore it, or start a new trial_name"
     data = read_yaml_file(path, key=str(path), hint=hint)
     try:
@@ -213,8 +212,8 @@ def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
 # ----------------------------------------------------------------- the user's words
 
 def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str]]]:
-    """Config words -> (CONFIG file, [(dotted key, raw value)]): the one translation of the seed's
-    ``a.b=c`` and a positional ``CONFIG.yaml`` into keys (simple-parsing reads neither)."""
+    """Config words -> (CONFIG file, [(dotted key, raw value)]): the one translation of the seed's ``a.b=c`` and a
+    positional ``CONFIG.yaml`` into keys (simple-parsing reads neither)."""
     config: Optional[str] = None
     pairs: List[Tuple[str, str]] = []
     i = 0
@@ -245,8 +244,8 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
 
 
 def _parse_scalars(argv: List[str], base: ExperimentConfig) -> ExperimentConfig:
-    """simple-parsing: ``--a.b=c`` words for scalar fields, each converted by its field's type,
-    over ``base`` (a dataclass default keeps its nulls, lists and mappings as they are)."""
+    """``--a.b=c`` words for scalar fields, each converted by its field's type, over ``base`` (passed as the dataclass
+    default, so its nulls, lists and mappings stay as they are)."""
     from simple_parsing import ArgumentParser
     from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
@@ -272,8 +271,8 @@ def _nest(data: Dict[str, Any], key: str, value: Any) -> None:
 
 
 def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentConfig:
-    """defaults < YAML file < overrides, every key checked. ``words`` are the command line's config
-    words (`split_words`); they may name the file instead of ``config_file``. Raises ConfigError."""
+    """defaults < YAML file < overrides, every key checked. ``words`` are the command line's config words
+    (`split_words`); they may name the file instead of ``config_file``. Raises ConfigError."""
     if config_file:
         words = [f"--config={config_file}", *words]
     config_file, pairs = split_words(words)

@@ -106,8 +106,8 @@ _PATHS = {
 
 
 def walk(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
-    """Every leaf value of a config tree as (dotted key, value); list items as ``key[i]``, dict
-    entries as ``key.name`` (their names are yielded as values too, under ``key.name (name)``)."""
+    """Every leaf of a config tree as (dotted key, value); list items as ``key[i]``, dict entries as ``key.name``
+    (their names are yielded as values too, under ``key.name (name)``)."""
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
             yield from walk(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
@@ -196,10 +196,9 @@ def check_ranges(cfg: ExperimentConfig) -> None:
 
 
 def slurm_time_seconds(spec: str) -> int:
-    """A Slurm time limit in seconds, read as Slurm's ``time_str2secs`` reads it (``M``, ``M:S``,
-    ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``), except that a field below another must be in range
-    (``99:99:99`` is a typo) and no limit (0, ``UNLIMITED``, ...) is refused: areal-hpc checkpoints
-    90 s before the limit, so it needs one. Raises ValueError."""
+    """A Slurm time limit in seconds, read as Slurm's ``time_str2secs`` reads it (``M``, ``M:S``, ``H:M:S``, ``D-H``,
+    ``D-H:M``, ``D-H:M:S``), except that a field below another must be in range (``99:99:99`` is a typo) and no limit
+    (0, ``UNLIMITED``, ...) is refused: areal-hpc checkpoints 90 s before the limit. Raises ValueError."""
     spec = spec.strip()
     if spec.upper() in ("-1", "INFINITE", "UNLIMITED"):
         raise ValueError("no limit; areal-hpc needs one (it checkpoints 90 s before it)")
@@ -233,8 +232,8 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_location(cfg: ExperimentConfig) -> None:
-    """The names that make the run dir ``{fileroot}/{user}/{experiment_name}/{trial_name}``: valid
-    characters, short enough for the filesystem (else ``File name too long`` at the first write)."""
+    """The names that make the run dir ``{fileroot}/{user}/{experiment_name}/{trial_name}``: valid characters, short
+    enough for the filesystem (else ``File name too long`` at the first write)."""
     for key in ("experiment_name", "trial_name"):
         v = getattr(cfg, key)
         if not isinstance(v, str) or not _NAME.match(v):
@@ -277,8 +276,7 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def run_umask(cfg: ExperimentConfig) -> int:
-    """The umask of every process of a run: private (dirs 0700, files 0600) unless
-    ``cluster.group_readable`` (0750 / 0640)."""
+    """The umask of all of a run's processes: dirs 0700, files 0600; ``cluster.group_readable``: 0750, 0640."""
     return 0o027 if cfg.cluster.group_readable else 0o077
 
 
@@ -310,8 +308,8 @@ def datasets_in_use(cfg: ExperimentConfig) -> List[Tuple[str, DatasetConfig, str
 
 
 def looks_like_hub_name(path: str) -> bool:
-    """True for ``Qwen/Qwen2.5-1.5B-Instruct`` or ``openai/gsm8k`` that is not a local path: `submit`
-    downloads it on the login node (`launch.resolve`); compute nodes get the local snapshot."""
+    """True for ``Qwen/Qwen2.5-1.5B-Instruct`` or ``openai/gsm8k`` that is not a local path: `submit` downloads it on
+    the login node (`launch.resolve`); compute nodes get the local snapshot."""
     return (bool(_HUB_NAME.match(path)) and not path.lower().endswith(_FILE_SUFFIXES)
             and ".." not in path and not Path(path).exists())
 

@@ -38,10 +38,9 @@ def install_exit_handlers() -> None:
 
 
 class Heartbeat:
-    """Writes ``kind/name`` and refreshes it every ``interval_s`` on a daemon thread. With a callable
-    ``data`` the record is rewritten each beat (a server's weight version stays current), else touched.
-    A record that vanished is written again, unless ``still_ours()`` says its run is gone (e.g. the
-    registry was wiped for a new run): then ``on_lost()``."""
+    """Writes ``kind/name`` and refreshes it every ``interval_s`` on a daemon thread. With a callable ``data`` the
+    record is rewritten each beat (a server's weight version stays current), else touched. A vanished record is
+    written again, unless ``still_ours()`` says its run is gone (registry wiped for a new run): then ``on_lost()``."""
 
     def __init__(self, registry: Registry, kind: str, name: str,
                  data: Dict[str, Any] | Callable[[], Dict[str, Any]], interval_s: float = 2.0,

@@ -28,9 +28,8 @@ def own_temp(tmp: str, name_re: str) -> bool:
 
 def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666,
                  fsync: bool = False) -> str:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``, so a
-    reader sees the old file or the new one, never half of one. ``mode`` is the new file's mode
-    before the umask; ``fsync`` flushes the data to disk before the rename."""
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``: a reader sees the old
+    file or the new one, never half of one. Mode: ``mode`` less the umask; ``fsync``: on disk before the rename."""
     path = os.fspath(path)
     d, name = os.path.split(path)
     tmp = os.path.join(d, temp_name(name))
@@ -50,8 +49,8 @@ def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: i
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now (``""``: on every interface). Another process may take it
-    before the caller binds it; callers that cannot retry should keep the socket instead."""
+    """A TCP port free on ``host`` now (``""``: every interface). Another process may take it before the caller
+    binds it; callers that cannot retry should keep the socket instead."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -86,7 +85,6 @@ def pid_alive(pid: Optional[int]) -> bool:
 
 
 def runs_here(*names: Optional[str]) -> bool:
-    """Whether a record's host or node (any of ``names``) is this host: only then is its pid a process here.
-    Records name hosts by ``gethostname()``; ``getfqdn()`` is no surer (it may ask DNS, and hang where DNS is
-    broken, or answer "localhost" where /etc/hosts says so) and is not consulted."""
+    """Whether a record's host or node (any of ``names``) is this host: only then is its pid a process here. Records
+    name hosts by ``gethostname()``, not ``getfqdn()`` (it may ask DNS, and hang, or say "localhost")."""
     return socket.gethostname() in names
