@@ -257,3 +257,33 @@ def test_user_rewards_that_never_return_fail_the_episode_once_they_hold_every_th
     finally:
         release.set()
         REWARDS.pop("test-never", None)
+
+
+def test_user_rewards_reuse_their_threads():
+    """User rewards started a thread a completion (256 a quickstart step), which doubled the quickstart's step time;
+    they now run on at most N_THREAD_SLOTS daemon threads, reused from group to group."""
+    from areal_hpc.rollout.rewards import N_THREAD_SLOTS, RewardScorer
+
+    seen = []
+    register_reward("test-threads")(lambda *a, **kw: seen.append(threading.current_thread()) or 1.0)
+    try:
+        scorer = RewardScorer("test-threads", timeout_s=10)
+        for _ in range(5):
+            assert asyncio.run(scorer.score("q", ["x"] * 8, "x")) == [1.0] * 8
+    finally:
+        REWARDS.pop("test-threads", None)
+    threads = set(seen)
+    assert len(seen) == 40 and len(threads) <= N_THREAD_SLOTS, f"{len(threads)} threads for 40 calls"
+    assert all(t.daemon and t is not threading.main_thread() for t in threads)
+
+
+def test_the_quickstart_reward_is_scored_in_place(monkeypatch):
+    """exact_match (a string compare) ran on a thread a completion, which cost the quickstart's rollout more than the
+    compares themselves; it is called on the rollout loop's own thread."""
+    from areal_hpc.rollout.rewards import RewardScorer, exact_match
+
+    seen = []
+    monkeypatch.setitem(REWARDS, "exact_match",
+                        lambda *a, **kw: seen.append(threading.current_thread()) or exact_match(*a, **kw))
+    assert asyncio.run(RewardScorer("exact_match").score("q", ["7", " 7 ", "8"], "7")) == [1.0, 1.0, 0.0]
+    assert seen == [threading.main_thread()] * 3

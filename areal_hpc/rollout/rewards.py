@@ -10,6 +10,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,23 +23,23 @@ log = logging.getLogger(__name__)
 REWARDS = NameTable("reward function")
 register_reward, get_reward = REWARDS.register, REWARDS.__getitem__
 IN_PROCESS = ("math",)  # built-in rewards a fresh process can import, scored there
+ON_THE_LOOP = ("exact_match",)  # built-in rewards cheaper than a thread hop (a string compare), scored in place
 # user rewards running at once, over all groups (a thread executor's default size)
 N_THREAD_SLOTS = min(32, len(os.sched_getaffinity(0)) + 4)
-THREAD_SLOTS = threading.BoundedSemaphore(N_THREAD_SLOTS)
 _overdue: Set[concurrent.futures.Future] = set()  # user reward calls that ran out of time (done ones are pruned)
 
 
 class RewardScorer:
-    """Scores a group's completions off the event loop, the whole group within ``timeout_s``; a reward that raises or
-    runs out of time scores 0, with a warning. `close` ends the workers.
+    """Scores a group's completions (off the event loop unless cheap), the whole group within ``timeout_s``; a reward
+    that raises or runs out of time scores 0, with a warning. `close` ends the workers.
 
-    `IN_PROCESS` rewards run in a small pool of spawned processes, where math-verify's signal-based timeouts work (a
-    worker's main thread runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes, stalls
-    no rollout I/O. Others (a user's ``@register_reward``, maybe not importable in a fresh process) run on daemon
-    threads, one a completion, at most `THREAD_SLOTS` at once: interpreter exit joins an executor's threads, so one
-    stuck for good would hold up exit. A thread cannot be ended: once every slot is held by a call that ran out of
-    time, scoring raises a RuntimeError (the episode fails, and the run with it) rather than let every later reward
-    wait for a slot, run out of time and score 0."""
+    `ON_THE_LOOP` rewards are called in place: a thread hop a completion (256 a quickstart step) costs many times what
+    they do. `IN_PROCESS` rewards run in a small pool of spawned processes, where math-verify's signal-based timeouts
+    work (a worker's main thread runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes,
+    stalls no rollout I/O. Others (a user's ``@register_reward``, maybe not importable in a fresh process) run on
+    `RewardThreads`, at most `N_THREAD_SLOTS` at once. A thread cannot be ended: once every slot is held by a call that
+    ran out of time, scoring raises a RuntimeError (the episode fails, and the run with it) rather than let every later
+    reward wait for a slot, run out of time and score 0."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
@@ -49,6 +50,8 @@ class RewardScorer:
         """``row``: the row's other columns, the reward's keyword arguments. Completions whose workers another
         group ended (its own completion stuck) are scored again on fresh ones, in the time left."""
         calls = [functools.partial(self.fn, prompt, c, answer, **(row or {})) for c in completions]
+        if self.name in ON_THE_LOOP:
+            return [float(call()) for call in calls]
         deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
         _overdue.difference_update([f for f in list(_overdue) if f.done()])
         if not self.in_process and len(_overdue) >= N_THREAD_SLOTS:
@@ -62,7 +65,7 @@ class RewardScorer:
                 self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
                                                  mp_context=multiprocessing.get_context("spawn"))
             pool = self._pool
-            submit = pool.submit if pool is not None else _on_daemon_thread
+            submit = pool.submit if pool is not None else RewardThreads.of_this_process().submit
             started = {i: submit(calls[i]) for i in todo}
             futs.update({i: asyncio.wrap_future(f) for i, f in started.items()})
             _, now_late = await asyncio.wait([futs[i] for i in todo], timeout=max(0.0, deadline - time.monotonic()))
@@ -91,18 +94,43 @@ class RewardScorer:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _on_daemon_thread(fn: Callable[[], float]) -> concurrent.futures.Future:
-    fut: concurrent.futures.Future = concurrent.futures.Future()
+class RewardThreads:
+    """Daemon threads that run user rewards, started as calls need them (at most `N_THREAD_SLOTS`) and reused: an
+    executor's threads are joined at interpreter exit, so one stuck for good would hold up exit, and a thread started a
+    call costs far more than a string compare."""
 
-    def run() -> None:
-        with THREAD_SLOTS:  # one scored late (cancelled meanwhile) is not run at all
-            if fut.set_running_or_notify_cancel():
+    _mine: Optional["RewardThreads"] = None
+
+    def __init__(self) -> None:
+        self.pid, self.jobs, self.idle = os.getpid(), queue.SimpleQueue(), threading.Semaphore(0)
+        self.started, self.lock = 0, threading.Lock()
+
+    @classmethod
+    def of_this_process(cls) -> "RewardThreads":
+        """This process's threads (a forked rollout process does not inherit its parent's)."""
+        if cls._mine is None or cls._mine.pid != os.getpid():
+            cls._mine = cls()
+        return cls._mine
+
+    def submit(self, fn: Callable[[], float]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((fut, fn))
+        if not self.idle.acquire(blocking=False):
+            with self.lock:
+                if self.started < N_THREAD_SLOTS:
+                    self.started += 1
+                    threading.Thread(target=self._work, name="reward", daemon=True).start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fut, fn = self.jobs.get()
+            if fut.set_running_or_notify_cancel():  # one scored late (cancelled meanwhile) is not run at all
                 try:
                     fut.set_result(fn())
                 except BaseException as e:  # noqa: BLE001 - the scorer reports it
                     fut.set_exception(e)
-    threading.Thread(target=run, name="reward", daemon=True).start()
-    return fut
+            self.idle.release()
 
 
 @register_reward("exact_match")
