@@ -104,6 +104,10 @@ BAD_OVERRIDES = [
     # a pasted "#SBATCH -p x" after a bare flag is a short option, not the flag's value
     (["cluster.sbatch_args=[--exclusive, '#SBATCH -p debug']"], "cluster.sbatch_args[1]"),
     (["cluster.sbatch_args=[--exclusive, ' #SBATCH -p debug']"], "cluster.sbatch_args[1]"),  # pasted with a space
+    # an option areal-hpc sets itself: the user's would win, silently (--signal: no checkpoint before the limit)
+    (["cluster.sbatch_args=[--exclusive, --time=10]"], "cluster.sbatch_args[1]"),
+    (["cluster.sbatch_args=['#SBATCH --signal=B:USR1@60']"], "cluster.sbatch_args[0]"),
+    (["cluster.sbatch_args=[--output, /tmp/x.out]"], "cluster.sbatch_args[0]"),
     # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
     (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
     (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],

@@ -32,6 +32,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, CR allowed (prompts)
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition (a list too), account, qos
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]()=-]+$")
+# sbatch options areal-hpc sets itself (`launch.sbatch.sbatch_lines`): in cluster.sbatch_args one would win, silently
+_SBATCH_OWNED = {"time": "set cluster.time", "partition": "set cluster.partition", "account": "set cluster.account",
+                 "qos": "set cluster.qos", "constraint": "set cluster.constraint",
+                 "job-name": "set experiment_name and trial_name", "nodes": "set allocation_mode",
+                 "gres": "set cluster.n_gpus_per_node", "ntasks-per-node": "set allocation_mode",
+                 "cpus-per-task": "set cluster.cpus_per_gpu (cluster.cpus_per_task_cpu on CPU nodes)",
+                 **dict.fromkeys(("mem", "mem-per-cpu", "mem-per-gpu"),
+                                 "set cluster.mem_per_gpu_gb (cluster.mem_per_task_cpu_gb on CPU nodes)"),
+                 **dict.fromkeys(("output", "error", "open-mode"),
+                                 "leave it out: the job's log is {run}/logs/slurm-%j.out, where `areal-hpc logs` reads"),
+                 "signal": "leave it out: USR2 90 s before the time limit makes the run checkpoint and requeue"}
 # What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
 # registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
 _LONGEST_INSIDE = 256
@@ -188,6 +199,10 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             if not args[i].startswith(dash) and not is_value:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
+            name = args[i][2:].partition("=")[0]
+            if key == "sbatch_args" and not is_value and name in _SBATCH_OWNED:
+                raise ConfigError(f"cluster.{key}[{i}]", f"--{name} is an option areal-hpc sets itself",
+                                  _SBATCH_OWNED[name])
     try:
         slurm_time_seconds(str(c.time))
     except ValueError as e:
