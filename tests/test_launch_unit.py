@@ -864,3 +864,19 @@ def test_a_trainer_restart_keeps_the_runs_registry_settings(tmp_path, monkeypatc
     new = load_resolved(rd / "config.yaml")
     assert (new.launcher.lock_kind, new.launcher.ttl_s, new.launcher.heartbeat_s) == ("flock", 60.0, 2.0)
     assert (new.launcher.trainer_wait_servers_timeout_s, new.min_required_servers) == (123.0, 0)
+
+
+def test_a_step_rendezvous_takes_the_port_slurm_reserved(monkeypatch):
+    """Under srun, the ranks' rendezvous port came from the job and step ids only, which another job on the node (or
+    any service) may hold; where Slurm reserves ports for the step (MpiParams=ports), the first one is used."""
+    from areal_hpc.launch.entry import step_rendezvous
+
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "localhost")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_STEP_ID", "2")
+    monkeypatch.delenv("SLURM_STEP_RESV_PORTS", raising=False)
+    addr, derived = step_rendezvous()
+    assert addr == "127.0.0.1" and 20000 <= derived < 60000
+    for reserved in ("12000-12003", "12000,12002", "12000"):
+        monkeypatch.setenv("SLURM_STEP_RESV_PORTS", reserved)
+        assert step_rendezvous() == ("127.0.0.1", 12000)

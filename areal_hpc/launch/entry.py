@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -129,8 +130,9 @@ def train(run_dir: Path) -> int:
 
 
 def step_rendezvous() -> Tuple[str, int]:
-    """Under srun, an address every task of the step derives alike: the step's first node and a port from the job and
-    step ids (different for concurrent steps)."""
+    """Under srun, an address every task of the step derives alike: the step's first node and the step's first port
+    Slurm reserved (``SLURM_STEP_RESV_PORTS``, where MpiParams=ports is set: no other job holds it), else a port from
+    the job and step ids (different for concurrent steps of a job)."""
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     node = (slurm.hostnames(nodes) or ["localhost"])[0]
     # Fake multi-node clusters share one host: resolve the node name, fall back to its NodeAddr.
@@ -138,6 +140,8 @@ def step_rendezvous() -> Tuple[str, int]:
         addr = socket.gethostbyname(node)
     except OSError:
         addr = slurm.node_addr(node) or "127.0.0.1"
+    if reserved := re.match(r"\d+", os.environ.get("SLURM_STEP_RESV_PORTS", "")):  # "12000-12003", "12000,12002"
+        return addr, int(reserved[0])
     job, stepid = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
     return addr, 20000 + (job * 131 + stepid * 7) % 40000
 
