@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,46 @@ def test_a_failed_abort_does_not_skip_the_rest_of_the_stop():
     life.engine, life._app_runner, life._sglang = Engine(), Runner(), SGLang()
     asyncio.run(life._stop_backend())
     assert done == ["http", "engine", "sglang"]
+
+
+@pytest.mark.parametrize("backend", ["refuses", "drops"])
+def test_a_backend_that_refuses_or_drops_the_weight_load_is_a_failed_load(backend, tmp_path, caplog):
+    """The backend refuses the connection (nobody listens) or drops it mid-request (SGLang died while loading): like a
+    load that failed, warned about and retried from a fresh read of weights/latest; then False (the server exits
+    with its one-line error), not an aiohttp traceback out of the server's run."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import aiohttp
+
+    from areal_hpc.config.schema import LauncherConfig, ServerConfig
+    from areal_hpc.inference.server import ServerLifecycle
+
+    loads = []
+
+    class Drop(BaseHTTPRequestHandler):
+        def do_POST(self):
+            loads.append(self.path)
+            self.close_connection = True  # no answer: the connection closes under the request
+
+    life = ServerLifecycle(tmp_path, ServerConfig(), "/m", LauncherConfig(), "s0", "sglang")
+    life.registry.put("weights", "latest", {"version": 3, "path": str(tmp_path / "v3")}, ttl=False)
+
+    async def load() -> bool:
+        life._stop, life._session = asyncio.Event(), aiohttp.ClientSession()
+        async with life._session:
+            return await life._load_latest(only_if_newer=False)
+
+    with socket.socket() as bound, ThreadingHTTPServer(("127.0.0.1", 0), Drop) as httpd:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: connections to it are refused
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        life.bind_host, life.port = "127.0.0.1", (bound.getsockname()[1] if backend == "refuses" else httpd.server_port)
+        with caplog.at_level(logging.WARNING, "areal_hpc.inference.server"):
+            assert asyncio.run(load()) is False
+        httpd.shutdown()
+    failed = [r.getMessage() for r in caplog.records if "loading published weights v3 failed" in r.getMessage()]
+    error = "ClientConnectorError" if backend == "refuses" else "ServerDisconnectedError"
+    assert len(failed) == 3 and all(error in m for m in failed), failed
+    assert loads == ([] if backend == "refuses" else ["/update_weights_from_disk"] * 3)
 
 
 def test_a_signal_while_the_model_loads_ends_the_server_at_once(tmp_path):

@@ -140,6 +140,7 @@ class ServerLifecycle:
         """Load ``weights/latest`` if the run has published any, within the startup timeout. False on a failed load,
         and when asked to stop meanwhile."""
         for attempt in range(3):
+            await self._unless_stopped(asyncio.sleep(1.0 * attempt))  # back off between attempts (not before the first)
             latest = await asyncio.to_thread(self.registry.get, "weights", "latest", False)
             if not latest or "path" not in latest:
                 return True
@@ -155,6 +156,8 @@ class ServerLifecycle:
                 log.error("loading published weights v%s took over %.0fs", version,
                           self.launcher.server_startup_timeout_s)
                 return False
+            except aiohttp.ClientError as e:  # refused or dropped: the backend died or restarts (SGLang while loading)
+                res = (0, f"{type(e).__name__}: {e}")
             if res is _STOPPED:
                 return False
             ok, msg = api.call_outcome(*res)
@@ -163,7 +166,6 @@ class ServerLifecycle:
                 log.info("loaded published weights v%s from %s", version, latest["path"])
                 return True
             log.warning("loading published weights v%s failed (%s); re-reading weights/latest", version, msg)
-            await self._unless_stopped(asyncio.sleep(1.0 * (attempt + 1)))
         return False
 
     # ------------------------------------------------------------------ backends
