@@ -473,3 +473,32 @@ def test_the_pool_gives_an_hf_servers_weight_group_the_trainers_timeout(engine, 
     finally:
         trainer.kill()
         trainer.wait()
+
+
+def test_a_null_weight_group_timeout_is_the_default(engine):
+    """``"timeout": null`` in /init_weights_update_group means the default timeout (30 minutes), as a missing key does
+    (it was answered 400); a timeout that is no number is a 400 naming it, and the group stays."""
+    import aiohttp
+    import torch
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+    trainer, port = _start_trainer(engine, "untimed", [])
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            init = url + "/init_weights_update_group"
+            trainer.stdin.write("join\n")
+            trainer.stdin.flush()
+            async with s.post(init, json={**_init_body(port, "untimed"), "timeout": None}) as r:
+                assert r.status == 200, await r.text()
+            async with s.post(init, json={**_init_body(port, "next"), "timeout": "soon"}) as r:
+                assert r.status == 400 and "timeout" in (await r.json())["message"], await r.text()
+        return server.groups["untimed"]._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+    try:
+        assert asyncio.run(go()) == 1800.0
+    finally:
+        trainer.kill()
+        trainer.wait()

@@ -288,8 +288,10 @@ class EngineServer:
         try:
             addr, port = body["master_address"], int(body["master_port"])
             rank_offset, world_size = int(body["rank_offset"]), int(body["world_size"])
+            timeout = float(1800 if body.get("timeout") is None else body["timeout"])  # null: the default, as absent
         except (KeyError, TypeError, ValueError) as e:
-            raise RequestError(f"need master_address, master_port, rank_offset, world_size ({e})") from None
+            raise RequestError(f"need master_address, master_port, rank_offset and world_size; timeout (optional) in "
+                               f"seconds ({e})") from None
         group = body.get("group_name") or DEFAULT_GROUP
         backend = body.get("backend") or "nccl"
         device = self.runner.device
@@ -308,7 +310,7 @@ class EngineServer:
 
                 torch.cuda.set_device(device)
             self.groups[group] = init_custom_process_group(backend, f"tcp://{addr}:{port}", world_size, rank_offset,
-                                                           group, float(body.get("timeout", 1800)))
+                                                           group, timeout)
 
         try:
             await asyncio.to_thread(init)
