@@ -195,6 +195,10 @@ def test_malformed_requests_get_4xx_with_a_reason(cluster):
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"top_p": 10 ** 400}}).encode(), "top_p"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": {"nope": 1}}).encode(), "unknown"),
         ("/generate", json.dumps({"input_ids": [1], "sampling_params": "x"}).encode(), "object"),
+        # one value for a whole batch request: not the last prompt's, silently
+        *(("/generate", json.dumps({"input_ids": [[1], [2]], "sampling_params": [{key: a}, {key: b}]}).encode(),
+           f"sampling_params.{key} must be the same for every prompt of a batch request")
+          for key, a, b in (("stream_interval", 1, 4), ("skip_special_tokens", True, False), ("n", 1, 2))),
         ("/pause_generation", json.dumps({"mode": "sideways"}).encode(), "mode"),
         ("/abort_request", b"{}", "rid"),
         ("/update_weights_from_disk", b"{}", "model_path"),

@@ -151,20 +151,21 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         sps, rids = [sps], [rids]
     if any(rid is not None and not isinstance(rid, str) for rid in rids):
         raise RequestError("rid must be a string")
-    params, ns, interval, skip_special = [], set(), 1, True
+    params, shared = [], {"n": set(), "stream_interval": set(), "skip_special_tokens": set()}
     for sp in sps:
-        if isinstance(sp, dict):
-            ns.add(_positive_int(sp, "n"))
-            interval = _positive_int(sp, "stream_interval")
-            skip_special = sp.get("skip_special_tokens", True) is not False
+        if isinstance(sp, dict):  # these apply to the whole request: one value for all its prompts
+            shared["n"].add(_positive_int(sp, "n"))
+            shared["stream_interval"].add(_positive_int(sp, "stream_interval"))
+            shared["skip_special_tokens"].add(sp.get("skip_special_tokens", True) is not False)
         params.append(engine_sampling_params(sp))
-    if len(ns) > 1:
-        raise RequestError("sampling_params.n must be the same for every prompt")
+    for key, values in shared.items():
+        if len(values) > 1:
+            raise RequestError(f"sampling_params.{key} must be the same for every prompt of a batch request")
+    n, interval, skip_special = (min(values, default=d) for values, d in zip(shared.values(), (1, 1, True)))
     logprob_tok = None
     if body.get("return_text_in_logprobs"):
         logprob_tok = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; this server's model has none")
     prompts = [_check_prompt(p, vocab, context_length) for p in prompts]
-    n = ns.pop() if ns else 1
     if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
         prompts = [p for p in prompts for _ in range(n)]
         params = [sp for sp in params for _ in range(n)]
