@@ -137,6 +137,8 @@ BAD_YAML = [
     ("seed: 1\nseed: 2\n", "seed"),
     ("cluster:\n  n_nodes: 1\n  partition: a\n  partition: b\n", "cluster.partition"),
     ("server:\n  sglang_args:\n    x: '1'\n    x: '2'\n", "server.sglang_args.x"),
+    # an empty list would render the bare flag (as true does): refused, not a silent surprise
+    ("server:\n  sglang_args:\n    enable-memory-saver: []\n", "server.sglang_args.enable-memory-saver"),
     ("rollout:\n  batch_size: 1:30\n", "rollout.batch_size"),  # YAML 1.1 would read 90
     (f"trial_name: {LONG}\n", "trial_name"),
     ("cluster:\n  setup_commands: [\"module load x\\nrm -rf ~\"]\n", "cluster.setup_commands[0]"),

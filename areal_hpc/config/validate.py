@@ -203,6 +203,9 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             if key == "sbatch_args" and not is_value and name in _SBATCH_OWNED:
                 raise ConfigError(f"cluster.{key}[{i}]", f"--{name} is an option areal-hpc sets itself",
                                   _SBATCH_OWNED[name])
+    for name in (n for n, v in cfg.server.sglang_args.items() if v == []):  # [] renders a bare flag, as true does
+        raise ConfigError(f"server.sglang_args.{name}", "is an empty list, which gives the flag no value",
+                          "give true for a bare flag, false to leave the flag out, or a list of its values")
     try:
         slurm_time_seconds(str(c.time))
     except ValueError as e:
