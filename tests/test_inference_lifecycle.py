@@ -349,16 +349,48 @@ def _init_body(port: int, group: str) -> dict:
 
 
 # fix11-I
-def test_a_group_whose_init_request_was_cancelled_is_kept_not_leaked(engine):
-    """The trainer's /init_weights_update_group gives up (its client went away) while the server waits in the
-    rendezvous: the group the server joins after must still be known to it (the next init or destroy frees it), not
-    dropped with the cancelled handler while its communicator lives on."""
-    import aiohttp
+@pytest.mark.parametrize("window", ["destroying the old groups", "in the rendezvous"])
+def test_a_group_whose_init_request_was_cancelled_is_kept_not_leaked(engine, monkeypatch, window):
+    """The trainer's /init_weights_update_group gives up (its client went away) while the server destroys the run's
+    old groups or waits in the rendezvous: the old groups are destroyed all the same, and the group the server joins
+    after is still known to it (the next init or destroy frees it), not dropped with the cancelled handler while its
+    communicator lives on. Each window is held open until the handler is cancelled (it was a race the test lost at
+    times under load: a cancel while destroying dropped the init)."""
+    import threading
 
+    import aiohttp
+    import torch.distributed as dist
+
+    from areal_hpc.inference import http_server
     from areal_hpc.inference.http_server import EngineServer
 
-    server = EngineServer(engine)
-    server.groups["stale"] = object()  # dropped by the init: a sign that it is under way
+    server, old = EngineServer(engine), [object(), object()]
+    server.groups.update(stale=old[0], older=old[1])  # dropped by the init: a sign that it is under way
+    joining, cancelled, destroyed = threading.Event(), threading.Event(), []
+    destroy, join = dist.destroy_process_group, http_server.init_custom_process_group
+    handler = server.init_weights_update_group
+
+    def destroy_process_group(pg=None):
+        if not any(pg is o for o in old):
+            return destroy(pg)
+        if window == "destroying the old groups":
+            cancelled.wait(30)
+        destroyed.append(pg)
+
+    def init_custom_process_group(*args):
+        joining.set()
+        return join(*args)
+
+    async def init_weights_update_group(request):
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy_process_group)
+    monkeypatch.setattr(http_server, "init_custom_process_group", init_custom_process_group)
+    server.init_weights_update_group = init_weights_update_group  # set before build(): the route calls it
     trainer, port = _start_trainer(engine, "cancelled", [])
 
     async def go():
@@ -366,13 +398,14 @@ def test_a_group_whose_init_request_was_cancelled_is_kept_not_leaked(engine):
             async with aiohttp.ClientSession() as s:
                 body = _init_body(port, "cancelled")
                 init = asyncio.create_task(s.post(url + "/init_weights_update_group", json=body))
-                while "stale" in server.groups:
-                    await asyncio.sleep(0.02)
+                under_way = joining.is_set if window == "in the rendezvous" else lambda: not server.groups
+                await asyncio.to_thread(wait_until, under_way, 30, f"the init to be {window}")
                 init.cancel()
-            await asyncio.sleep(0.5)  # the server sees its client gone and cancels the handler
+            assert await asyncio.to_thread(cancelled.wait, 30), "the server did not cancel the handler"
             trainer.stdin.write("join\n")
             trainer.stdin.flush()
             await asyncio.to_thread(wait_until, lambda: "cancelled" in server.groups, 60, "the group to be kept")
+            assert sorted(map(id, destroyed)) == sorted(map(id, old))
             async with aiohttp.ClientSession() as s:
                 async with s.post(url + "/destroy_weights_update_group", json={"group_name": "cancelled"}) as r:
                     assert r.status == 200, await r.text()

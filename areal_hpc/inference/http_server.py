@@ -300,9 +300,6 @@ class EngineServer:
         # A server takes weights from its run's one trainer, which forms its group anew (under a new name) when it
         # restarts or its servers change: the groups before are dead, and with NCCL each keeps its communicator's memory
         stale, self.groups = list(self.groups.values()), {}
-        for old in stale:
-            with contextlib.suppress(Exception):
-                await self._destroy(old)
 
         def init() -> None:  # the group is kept here, not by the handler: a cancelled handler would leak it
             if device.type == "cuda":
@@ -312,8 +309,14 @@ class EngineServer:
             self.groups[group] = init_custom_process_group(backend, f"tcp://{addr}:{port}", world_size, rank_offset,
                                                            group, timeout)
 
-        try:
+        async def replace() -> None:
+            for old in stale:
+                with contextlib.suppress(Exception):
+                    await self._destroy(old)
             await asyncio.to_thread(init)
+
+        try:  # shielded: a client gone mid-way must not leave old groups undestroyed (leaked), nor the new one unjoined
+            await asyncio.shield(replace())
         except Exception as e:
             return _result(False, f"failed to init group {group}: {e}")
         return _result(True, f"Initialized weight update group {group} (rank {rank_offset} of {world_size})")
