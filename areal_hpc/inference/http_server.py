@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+import torch
+import torch.distributed as dist
 from aiohttp import web
 
 from areal_hpc.inference.hf_engine.engine import LLMEngine
@@ -303,8 +305,6 @@ class EngineServer:
 
         def init() -> None:  # the group is kept here, not by the handler: a cancelled handler would leak it
             if device.type == "cuda":
-                import torch
-
                 torch.cuda.set_device(device)
             self.groups[group] = init_custom_process_group(backend, f"tcp://{addr}:{port}", world_size, rank_offset,
                                                            group, timeout)
@@ -332,8 +332,6 @@ class EngineServer:
     async def _destroy(self, pg: Any) -> None:
         """On the engine thread, after the broadcasts queued there (destroyed under one, an NCCL group aborts it part
         way and tears the model). Waiting, not refusing: SGLang's scheduler runs these requests in order too."""
-        import torch.distributed as dist
-
         await self._on_loop(lambda: dist.destroy_process_group(pg))
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
@@ -353,8 +351,6 @@ class EngineServer:
         problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
         if problems:
             raise RequestError("; ".join(problems[:5]))
-        import torch.distributed.distributed_c10d as dist_c10d
-
         gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come
 
         def receive() -> None:
@@ -363,7 +359,7 @@ class EngineServer:
             except Exception as e:  # its communicator is broken: later updates need a new group
                 self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
-                    dist_c10d._abort_process_group(pg)
+                    dist.distributed_c10d._abort_process_group(pg)
                 why = self.engine.tear(f"a weight broadcast in group {group} failed: {e}")
                 log.error("%s; group %s is dropped", why, group)
                 raise
