@@ -4,6 +4,7 @@ request reaching a child that waits, a dead child reported instead of waited for
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ from ranks import run_ranks
 
 from areal_hpc.registry import RegistryTimeout
 from areal_hpc.rollout import RolloutError
-from areal_hpc.trainers.rollout_process import RolloutProcess
+from areal_hpc.trainers.rollout_process import RolloutProcess, _reply
 
 
 class FakeSide:
@@ -126,6 +127,16 @@ def test_an_error_the_trainer_cannot_rebuild_arrives_as_its_text():
 
     with pytest.raises(RuntimeError, match="rollout.workflow: no such workflow"):
         RolloutProcess(make, should_stop=lambda: False)
+
+
+@pytest.mark.parametrize("kind, value", [("err", _TwoArgumentError("k", "why")), ("ok", lambda: 0)],
+                         ids=["err", "ok"])
+def test_an_answer_that_does_not_pickle_ends_quietly_when_the_trainer_is_gone(kind, value):
+    """Its text is sent instead; with the trainer's end closed, that send failed too and the child died with a
+    traceback, where an answer that pickles ends quietly."""
+    conn, trainer_end = multiprocessing.Pipe()
+    trainer_end.close()
+    _reply(conn, kind, value)
 
 
 # fix8-C

@@ -193,5 +193,5 @@ def _reply(conn, kind: str, value: Any) -> None:
         conn.send((kind, value))
     except OSError:  # the trainer is gone
         pass
-    except Exception as e:  # noqa: BLE001 - what does not pickle goes as its text
-        conn.send(("err", RuntimeError(f"{type(value).__name__}: {value} ({e})")))
+    except Exception as e:  # noqa: BLE001 - what does not pickle goes as its text (the trainer may be gone)
+        _reply(conn, "err", RuntimeError(f"{type(value).__name__}: {value} ({e})"))
