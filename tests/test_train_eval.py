@@ -82,6 +82,21 @@ class EveryRow(SkipsOdd):
         return Group([Trajectory([1], [2, 3], [0.0, 0.0], [0, 0], 1.0, info={"completion": "ok"})])
 
 
+@register_workflow("test-empty-odd")
+class EmptyOdd(SkipsOdd):
+    """As `SkipsOdd`, but the odd rows get a group with no completions (a custom workflow that filtered them all)."""
+
+    async def arun_episode(self, client, row):
+        return await super().arun_episode(client, row) or Group([])
+
+
+def test_a_group_with_no_completions_counts_as_a_prompt_none_passed(tmp_path, make_eval):
+    """`max` over its rewards raised ValueError after the whole evaluation, with no report."""
+    assert make_eval("test-empty-odd").run() == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["n_prompts"] == 5 and report["pass@1"] == 0.6 and report["accuracy"] == 1.0
+
+
 def test_a_messages_row_of_a_mixed_dataset_is_written_with_its_messages(tmp_path, make_eval):
     """Rows of a dataset with both columns have both keys, one of them null: a messages row was written with
     ``prompt: null``, not what the model was asked."""

@@ -49,7 +49,7 @@ class EvalTrainer(Trainer):
                 raise RolloutError(f"all {len(rows)} evaluation episodes failed; first: {failed[0]!r}") from failed[0]
         done = [(g, row) for g, row in zip(results, rows) if isinstance(g, Group)]  # None: the workflow skipped it
         trajs = [t for g, _ in done for t in g.trajectories]
-        per_prompt = [max(t.reward for t in g.trajectories) for g, _ in done]
+        per_prompt = [max((t.reward for t in g.trajectories), default=0.0) for g, _ in done]  # empty: none passed
         n, k = max(1, len(trajs)), cfg.rollout.n_samples
         report = {"dataset": ds.path, "n_prompts": len(done), "n_failed": len(failed), "n_samples": k,
                   "reward_mean": sum(t.reward for t in trajs) / n, "accuracy": sum(t.reward >= 1.0 for t in trajs) / n,
