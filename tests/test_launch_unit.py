@@ -26,11 +26,12 @@ from areal_hpc.launch import control, driver, outcome, slurm, slurm_submit
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
 from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
-from areal_hpc.launch.plan import Plan, StepSpec, build_plan
+from areal_hpc.launch.plan import Plan, StepSpec, build_plan, has_servers
 from areal_hpc.launch.sbatch import render, sbatch_options
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
 from areal_hpc.launch.slurm_submit import servers_plan
 from areal_hpc.launch.status import _tail, collect_status, logs, status
+from areal_hpc.launch.torchrun import TorchrunRunner
 from areal_hpc.registry import Registry
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "allocation.sbatch"
@@ -93,6 +94,18 @@ def test_a_trainer_only_plan_keeps_off_the_servers_gpus():
     full, alone = build_plan(cfg, alloc, GPU_RUN), build_plan(cfg, alloc, GPU_RUN, with_servers=False)
     assert [s.name for s in alone.steps] == ["trainer"] and alone.nodes == 1
     assert alone.trainer.gpu_ids == full.trainer.gpu_ids == [2, 3]
+
+
+@pytest.mark.parametrize("trainer, alloc, servers", [("sft", "hf:d1+d1", False), ("null", "hf:d1+eval", True),
+                                                      ("ppo", "hf:d1+d1", True)])
+def test_every_trainer_but_sft_has_servers(trainer, alloc, servers):
+    """One rule for the plan and torchrun's restarts: torchrun's said a null trainer had none (while the plan starts
+    them and it evaluates through them), so a null trainer it restarted waited for every server, not one."""
+    cfg = load_config(None, [f"allocation_mode={alloc}", "cluster.n_gpus_per_node=0"])
+    cfg.trainer.type = trainer  # as `validate` leaves it (the words' trainer.type=null reads as None)
+    assert has_servers(cfg, parse_allocation(alloc)) is servers
+    assert bool(build_plan(cfg, parse_allocation(alloc), GPU_RUN).servers) is servers
+    assert TorchrunRunner(cfg).servers is servers
 
 
 

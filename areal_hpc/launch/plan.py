@@ -141,6 +141,11 @@ def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, re
                  log=run_dir / "logs" / "trainer-%t.log")
 
 
+def has_servers(cfg: ExperimentConfig, alloc: AllocationMode) -> bool:
+    """Whether the run has inference servers: every trainer but sft talks to them (null evaluates through them)."""
+    return alloc.gen is not None and cfg.trainer.type != "sft"
+
+
 def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
                with_servers: bool = True, with_trainer: bool = True, first_server: int = 0) -> Plan:
     """All steps of a run. ``with_servers=False`` is a trainer-only restart; ``first_server``
@@ -149,7 +154,7 @@ def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
     steps: List[StepSpec] = []
     gen = alloc.gen
     # the servers are placed even for a trainer-only restart: on one node its trainer keeps off their GPUs
-    placed = gen is not None and cfg.trainer.type != "sft"
+    placed = has_servers(cfg, alloc)
     need_servers = with_servers and placed
     single_node = nodes_needed(alloc, G) == 1
     next_gpu = 0

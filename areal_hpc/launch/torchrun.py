@@ -21,7 +21,7 @@ from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS, set_parent_death_signal
 from areal_hpc.launch.local import ProcessHandle, ProcessRunner, host_env, spawn
 from areal_hpc.launch.owner import StepHandle
-from areal_hpc.launch.plan import StepSpec
+from areal_hpc.launch.plan import StepSpec, has_servers
 from areal_hpc.registry import free_port
 
 
@@ -75,8 +75,8 @@ class TorchrunRunner(ProcessRunner):
 
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
-        # the run has servers: a restarted trainer waits for one and pushes its weights to them
-        self.servers = parse_allocation(cfg.allocation_mode).gen is not None and cfg.trainer.type not in ("sft", "null")
+        # servers: a restarted trainer waits for one only (as one the owner restarts) and pushes its weights to them
+        self.servers = has_servers(cfg, parse_allocation(cfg.allocation_mode))
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         if step.role != "trainer":
