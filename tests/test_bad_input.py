@@ -116,6 +116,9 @@ BAD_OVERRIDES = [
     (["rollout.reward_fn=exact_matc"], "rollout.reward_fn"),
     (["rollout.workflow=rvlr"], "rollout.workflow"),
     (["train_dataset.path=toy:foo"], "train_dataset.path"),  # areal_hpc.toy has no such dataset
+    # a flag's list on the command line is YAML as in the file: [] and a broken list are refused, not passed as text
+    (["server.sglang_args.enable-memory-saver=[]"], "server.sglang_args.enable-memory-saver"),
+    (["server.sglang_args.cuda-graph-bs=[1, 2"], "server.sglang_args.cuda-graph-bs"),
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

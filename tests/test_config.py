@@ -42,12 +42,15 @@ def test_sources_in_order(tmp_path):
 def test_types_lists_dicts_and_nulls():
     c = load_config(None, ["cluster.n_nodes=4", "rollout.gen.temperature=0.5",
                            "cluster.sbatch_args=[--exclusive, --x=1]",
-                           "server.sglang_args.attention-backend=fa3", "trainer.ppo.c_clip=null", "trainer.type=null",
-                           "--cluster.partition=gpu"])
+                           "server.sglang_args.attention-backend=fa3", "server.sglang_args.cuda-graph-bs=[1, 2]",
+                           "server.sglang_args.json-model-override-args={a: 1}", "trainer.ppo.c_clip=null",
+                           "trainer.type=null", "--cluster.partition=gpu"])
     assert c.cluster.n_nodes == 4 and isinstance(c.cluster.n_nodes, int)
     assert c.rollout.gen.temperature == 0.5
     assert c.cluster.sbatch_args == ["--exclusive", "--x=1"]
-    assert c.server.sglang_args == {"attention-backend": "fa3"}
+    # a flag's scalar keeps its text; a list or mapping is YAML, as it is in the config file
+    assert c.server.sglang_args == {"attention-backend": "fa3", "cuda-graph-bs": [1, 2],
+                                    "json-model-override-args": {"a": 1}}
     assert c.trainer.ppo.c_clip is None and c.trainer.type is None
     assert c.cluster.partition == "gpu"
 

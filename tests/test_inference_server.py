@@ -199,6 +199,10 @@ def test_malformed_requests_get_4xx_with_a_reason(cluster):
         *(("/generate", json.dumps({"input_ids": [[1], [2]], "sampling_params": [{key: a}, {key: b}]}).encode(),
            f"sampling_params.{key} must be the same for every prompt of a batch request")
           for key, a, b in (("stream_interval", 1, 4), ("skip_special_tokens", True, False), ("n", 1, 2))),
+        # null is every default, not the other prompts' values
+        *(("/generate", json.dumps({"input_ids": [[1], [2]], "sampling_params": [{key: b}, None]}).encode(),
+           f"sampling_params.{key} must be the same for every prompt of a batch request")
+          for key, b in (("stream_interval", 4), ("skip_special_tokens", False), ("n", 2))),
         ("/pause_generation", json.dumps({"mode": "sideways"}).encode(), "mode"),
         ("/abort_request", b"{}", "rid"),
         ("/update_weights_from_disk", b"{}", "model_path"),

@@ -263,6 +263,17 @@ def _parse_scalars(argv: List[str], base: ExperimentConfig) -> ExperimentConfig:
     return parser.parse_args(argv).cfg
 
 
+def _flow_collection(key: str, raw: str) -> Any:
+    """``raw`` read as YAML if it is a ``[...]`` list or ``{...}`` mapping, else ``raw`` itself."""
+    if not raw.lstrip().startswith(("[", "{")):
+        return raw
+    try:
+        return yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"{raw!r} is not a YAML list or mapping ({str(e).splitlines()[0]})",
+                          "write a list as [a, b], a mapping as {k: v}") from None
+
+
 def _nest(data: Dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for p in parents:
@@ -302,7 +313,8 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             else:
                 scalars.append(f"--{key}={raw}")
         elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
-            _nest(yaml_valued, key, raw)
+            # a scalar keeps its text (the flag's value as typed); a list or mapping is YAML, as in the config file
+            _nest(yaml_valued, key, _flow_collection(key, raw))
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
     return _parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg))

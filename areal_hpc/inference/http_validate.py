@@ -153,11 +153,11 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         raise RequestError("rid must be a string")
     params, shared = [], {"n": set(), "stream_interval": set(), "skip_special_tokens": set()}
     for sp in sps:
-        if isinstance(sp, dict):  # these apply to the whole request: one value for all its prompts
-            shared["n"].add(_positive_int(sp, "n"))
-            shared["stream_interval"].add(_positive_int(sp, "stream_interval"))
-            shared["skip_special_tokens"].add(sp.get("skip_special_tokens", True) is not False)
-        params.append(engine_sampling_params(sp))
+        params.append(engine_sampling_params(sp))  # refuses what is neither an object nor null
+        sp = sp or {}  # null: every default. These apply to the whole request: one value for all its prompts
+        shared["n"].add(_positive_int(sp, "n"))
+        shared["stream_interval"].add(_positive_int(sp, "stream_interval"))
+        shared["skip_special_tokens"].add(sp.get("skip_special_tokens", True) is not False)
     for key, values in shared.items():
         if len(values) > 1:
             raise RequestError(f"sampling_params.{key} must be the same for every prompt of a batch request")
