@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import time
 
 import pytest
@@ -166,6 +167,45 @@ def test_paused_pool_holds_resumption_until_resume():
         await srv.stop()
 
     run(main())
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_only_an_abort_without_our_pause_backs_off(monkeypatch, ours):
+    """An abort our `pause_all` caused is resent at once, even when its reply comes after `continue_all`; one nobody
+    here asked for (another client paused the server, it is shutting down) backs off before it is sent again."""
+    real_sleep, backoffs = asyncio.sleep, []
+
+    def sleep(delay, *a, **k):
+        if sys._getframe(1).f_code.co_name == "_continue":
+            backoffs.append(delay)
+        return real_sleep(delay, *a, **k)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+
+    async def main():
+        release = asyncio.Event()
+
+        async def script(path, p):
+            if path == "/generate" and not release.is_set():  # the first try: aborted with nothing generated
+                await release.wait()
+                return 200, gen_body([], "abort")
+            return 200, (gen_body([8], "stop") if path == "/generate" else {"status": "ok"})
+
+        srv = await Fake(script).start()
+        async with ServerPool(None) as pool:
+            pool.add_server("a", srv.address)
+            task = asyncio.create_task(pool.generate([1], max_new_tokens=1))
+            while not srv.calls:
+                await real_sleep(0.01)
+            if ours:  # the abort's reply arrives after the continue
+                await pool.pause_all()
+                await pool.continue_all()
+            release.set()
+            assert (await task).output_ids == [8]
+        await srv.stop()
+
+    run(main())
+    assert (backoffs == []) if ours else (len(backoffs) == 1), backoffs
 
 
 def test_retries_on_5xx_and_dead_server_then_rejects_4xx():

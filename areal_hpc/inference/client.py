@@ -110,6 +110,7 @@ class ServerPool:
         self._running: Optional[asyncio.Event] = None  # set = generation may proceed
         self._changed: Optional[asyncio.Event] = None
         self._paused: Dict[str, _Server] = {}  # those `pause_all` paused, until `continue_all`
+        self._pauses = 0  # `pause_all` calls so far: an abort that spans one was ours
         self.stats = {"requests": 0, "retries": 0, "resumes": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -291,6 +292,7 @@ class ServerPool:
             payload = api.generate_body(prompt + res.output_ids, {**sp, "max_new_tokens": remaining},
                                         rid=f"{base_rid}-{res.n_requests}" if res.n_requests else base_rid)
             res.n_requests += 1
+            pauses = self._pauses
             try:
                 got = api.parse_generate(await self._post_generate(server, payload), server.known_version())
             except _Retryable as e:
@@ -317,7 +319,7 @@ class ServerPool:
             if len(res.output_ids) >= budget:
                 return res
             empty_aborts = 0 if got.output_ids else empty_aborts + 1
-            if self._running.is_set():
+            if self._running.is_set() and self._pauses == pauses:
                 # aborted without our pause (someone else paused the server, or it is shutting down)
                 await asyncio.sleep(min(1.0, 0.02 * 2 ** min(empty_aborts, 6)))
 
@@ -388,6 +390,7 @@ class ServerPool:
         come back aborted and wait here for `continue_all`)."""
         await self.start()
         self._running.clear()
+        self._pauses += 1
         self._paused.update(self._servers)
         return await self.call_all(*api.PAUSE_GENERATION, api.pause_body(mode))
 
