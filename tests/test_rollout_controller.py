@@ -92,3 +92,29 @@ def test_a_loader_that_fails_ends_get_batch_with_its_error_not_a_stall():
             c.start().get_batch(timeout=10)
     finally:
         c.stop()
+
+
+class EmptyGroups(RolloutWorkflow):
+    """Odd rows: a group with no trajectories; even rows: one whose completions have no tokens (at version 0)."""
+
+    async def arun_episode(self, client, row):
+        from areal_hpc.rollout.workflow import Group, Trajectory
+        if int(row["prompt"]) % 2:
+            return Group([])
+        return Group([Trajectory([1], [], [], [], 0.0, "length")])
+
+
+def test_groups_without_tokens_are_rejected_or_fresh_never_dropped_as_stale():
+    """Their oldest version read -1, so at any trainer version past the bound they were dropped "as stale" (and the
+    stall report blamed a server's lagging weights); an empty group is rejected, tokenless completions are fresh."""
+    c = RolloutController(EmptyGroups(), object(), iter([{"prompt": str(i)} for i in range(4)]), batch_size=2,
+                          max_head_offpolicyness=0, start_version=3).start()
+    try:
+        batch = c.get_batch(timeout=10)
+        assert [len(g.trajectories) for g in batch] == [1, 1] and all(g.oldest_version == 3 for g in batch)
+        c.set_version(4)  # room for the last row
+        with pytest.raises(StopIteration):  # every row done
+            c.get_batch(timeout=10)
+        assert c.stats["rejected"] == 2 and c.stats["dropped_stale"] == 0, c.stats
+    finally:
+        c.stop()

@@ -279,12 +279,12 @@ class RolloutController:
                 self._error = RolloutError(f"{self._failures_in_row} episodes failed in a row; last: {e!r}")
         with self._cv:
             self._running -= 1
-            if group is not None:
+            if group is not None and group.trajectories:
                 group.submit_version = version
                 self._accepted += 1
                 self._pending.append(group)
                 self.stats["accepted"] += 1
-            elif not failed:  # the workflow returned no group: rejected (a failure is counted once, as failed)
+            elif not failed:  # the workflow returned no group, or an empty one: rejected (a failure counts as failed)
                 self.stats["rejected"] += 1
             self._cv.notify_all()
         self._wake.set()

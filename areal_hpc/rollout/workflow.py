@@ -46,7 +46,8 @@ class Group:
 
     @property
     def oldest_version(self) -> int:
-        return min((t.oldest_version for t in self.trajectories), default=-1)
+        """Of its oldest token; a group that generated none is as fresh as its episode (not stale)."""
+        return min((t.oldest_version for t in self.trajectories if t.versions), default=self.submit_version)
 
 
 WORKFLOWS = NameTable("workflow")
