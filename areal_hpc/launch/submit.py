@@ -137,6 +137,12 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         raise ConfigError("experiment_name/trial_name", f"run {rd} already has a live trainer (pid "
                           f"{trainer.get('pid')} on {trainer.get('host')})",
                           "stop it first (`areal-hpc stop ...`) or pick another trial_name")
+    live = None
+    if dry_run and (rd / "registry").exists():
+        live = "a live trainer" if trainer is not None else _still_owned(rd, reg)
+    if live:  # the queued job, a requeue or a trainer restart would run what the preview wrote
+        raise ConfigError("experiment_name/trial_name", f"run {rd} is live ({live}): a dry run would rewrite the "
+                          "config.yaml and plan.json it runs from", "pick another trial_name to preview a run")
     if restart and not dry_run and not live_servers and not (rd / "config.yaml").exists():
         raise ConfigError("min_required_servers",
                           f"{cfg.min_required_servers} servers required but no run exists at {rd}",
