@@ -956,3 +956,22 @@ def test_a_dry_run_of_a_live_run_leaves_its_config_alone(tmp_path, monkeypatch):
     reg.delete("", "trainer")
     states["10"] = "COMPLETED"
     assert submit_mod.submit(preview, alloc, dry_run=True) == 0 and (rd / "config.yaml").read_text() != written
+
+
+def test_stop_keeps_a_server_job_it_could_not_cancel(tmp_path, monkeypatch, capsys):
+    """`stop` cancels the server jobs of `add-servers --new-job`; when scancel failed (slurmctld busy or down) it
+    deleted the job's record anyway, without a word: the job ran on to its time limit with its servers, and neither
+    `status` nor another `stop` knew of it. The record stays and `stop` says so; the next `stop` cancels the job."""
+    rd, calls = slurm_run(tmp_path, monkeypatch, "COMPLETED", {})
+    reg = Registry.for_run(rd)
+    reg.put("", "run", {**reg.get("", "run"), "state": outcome.COMPLETED})
+    reg.delete("servers", "server-0")
+    reg.put("jobs", "11", {"job_id": "11", "kind": "servers", "servers": ["server-1"]}, ttl=False)
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: "RUNNING" if job_id == "11" else "COMPLETED")
+    monkeypatch.setattr(slurm, "job", lambda job_id: {"state": slurm.job_state(job_id)})
+    monkeypatch.setattr(slurm, "scancel", lambda job_id, signal_name=None: "Unable to contact slurm controller")
+    assert stop(rd, timeout_s=1.0) == 1
+    assert "could not cancel server job 11: Unable to contact slurm controller" in capsys.readouterr().err
+    assert list(reg.list("jobs", live_only=False)) == ["11"]
+    monkeypatch.setattr(slurm, "scancel", lambda job_id, signal_name=None: calls.append(("scancel", job_id)) or "")
+    assert stop(rd, timeout_s=1.0) == 0 and ("scancel", "11") in calls and reg.list("jobs", live_only=False) == {}

@@ -125,10 +125,15 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         # no driver will record how the run ended: else it reads PENDING (REQUEUED) for good
         reg.update("", "run", lambda old: {**(old or {}), "state": outcome.STOPPED, "reason": "stop requested "
                                            f"(areal-hpc stop) while job {run['job_id']} was {state}: cancelled"})
+    uncancelled = []
     for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
         # scancel sends SIGTERM to their steps first: the servers deregister
-        slurm.scancel(job_id)
-        reg.delete("jobs", job_id)
+        failed = slurm.scancel(job_id)
+        if failed:  # its record stays (`status` lists the job, the next `stop` cancels it); this stop failed
+            uncancelled.append(job_id)
+            print(f"could not cancel server job {job_id}: {failed}; `stop` again, or scancel {job_id}", file=sys.stderr)
+        else:
+            reg.delete("jobs", job_id)
     deadline, clean_at = time.monotonic() + timeout_s, 0.0
     ray_left = run.get("mode") == "ray"  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
@@ -176,7 +181,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     remove_dead_records(reg, run)
     end = reg.get("", "run", live_only=False) or {}
     print(f"stopped {rd}\nrun {outcome.summary_line(end)}" if end.get("state") else f"stopped {rd}", flush=True)
-    return 0
+    return 1 if uncancelled else 0
 
 
 def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional[float] = None) -> int:
