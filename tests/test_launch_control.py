@@ -211,3 +211,21 @@ def test_a_trainer_started_by_request_is_not_reported_as_the_dead_one(tmp_path):
     owner.handle_requests()
     assert control.take_reply(owner.registry, name) is None and owner.trainer is not None
     assert (owner.state, owner.log_path) == ("RUNNING", None) and "137" not in (owner.reason or "")
+
+
+def test_the_follow_hint_says_where_a_log_role_goes(tmp_path, capsys):
+    """`submit` (mode=slurm) printed `areal-hpc logs -f NAMES   (trainer; or driver, server-0, slurm)`: a user who
+    added the role after the names, as that reads, got "unexpected argument 'driver'". `logs` takes the role as its
+    first word; the hint shows it there, and the command it shows works with a role."""
+    from areal_hpc.config import run_dir
+    from areal_hpc.launch.slurm_submit import follow_hint
+
+    cfg = load_config(None, [f"cluster.fileroot={tmp_path}", "experiment_name=e", "trial_name=t"])
+    rd = run_dir(cfg)
+    (rd / "logs").mkdir(parents=True)
+    (rd / "config.yaml").write_text(dump_yaml(cfg))
+    (rd / "logs" / "driver.log").write_text("the driver's log\n")
+    words = next(line for line in follow_hint(cfg).splitlines() if " logs " in line).split("(")[0].split()[1:]
+    assert "[ROLE]" in words, words
+    argv = ["driver" if w == "[ROLE]" else w for w in words if w != "-f"]  # -f would follow forever
+    assert cli_main(argv) == 0 and capsys.readouterr().out == "the driver's log\n"

@@ -80,8 +80,9 @@ class Driver(submitit.helpers.Checkpointable):
 
 def follow_hint(cfg: ExperimentConfig) -> str:
     names = f"experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} cluster.fileroot={cfg.cluster.fileroot}"
-    return (f"  areal-hpc status {names}\n  areal-hpc logs -f {names}          (trainer; or driver, server-0, slurm)\n"
-            f"  areal-hpc stop {names}")
+    # ROLE comes first (`logs` takes it as its first word): a role typed after the names is refused
+    return (f"  areal-hpc status {names}\n  areal-hpc logs -f [ROLE] {names}   (ROLE: trainer (default), driver, "
+            f"server-0, slurm)\n  areal-hpc stop {names}")
 
 
 def wait_job(job_id: str, running: bool, poll_s: float = 0.3, unknown_s: float = 300.0) -> str:
