@@ -991,3 +991,30 @@ def test_a_time_limit_shorter_than_the_usr2_lead_is_refused(tmp_path, monkeypatc
     with pytest.raises(ConfigError) as e:
         slurm_submit.submit(cfg, plan, tmp_path / "run")
     assert e.value.key == "cluster.time" and "at least 3 minutes" in str(e.value.hint) and asked == []
+
+
+def test_ctrl_c_while_submit_waits_for_a_slurm_job_says_it_runs_on(tmp_path, monkeypatch, capsys):
+    """launcher.wait=True: Ctrl-C while `submit` waits for the job to end left the job running (the driver owns the
+    run) but `submit` ended with 130 and not a word, as a local run does once Ctrl-C has stopped it: the researcher
+    took the run for stopped while it held its GPUs. It says the job runs on and how to stop it."""
+    cfg = load_config(None, ["mode=slurm", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}", "launcher.wait=True"])
+    rd = tmp_path / "run"
+    rd.mkdir()
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), rd)
+    job = type("Job", (), {"job_id": "5"})()
+    monkeypatch.setattr(slurm_submit, "test_allocation", lambda cfg, plan: None)
+    executor = type("Executor", (), {"submit": lambda self, driver: job})()
+    monkeypatch.setattr(slurm_submit, "make_executor", lambda cfg, plan, rd: executor)
+    monkeypatch.setattr(slurm, "job", lambda job_id: {"state": "RUNNING", "nodes": "n1"})
+
+    def wait_job(job_id: str, running: bool) -> str:
+        if running:
+            return "RUNNING"
+        raise KeyboardInterrupt
+    monkeypatch.setattr(slurm_submit, "wait_job", wait_job)
+    try:
+        rc = slurm_submit.submit(cfg, plan, rd)
+    except KeyboardInterrupt:  # not to pytest, which would take it for the user's
+        pytest.fail("Ctrl-C went through submit without a word")
+    assert rc == 130 and "stopped waiting; job 5 runs on (`areal-hpc stop` ends it)" in capsys.readouterr().err

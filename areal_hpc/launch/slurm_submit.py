@@ -178,7 +178,12 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     print(f"job {job_id} {state} on {nodes}; follow it with:\n{follow_hint(cfg)}", flush=True)
     if not cfg.launcher.wait and state not in slurm.FINAL_STATES:  # one that ended already says how
         return 0
-    state = wait_job(job_id, running=False)
+    try:
+        state = wait_job(job_id, running=False)
+    except KeyboardInterrupt:  # the driver owns the run, not this process: the job runs on, and must say so
+        print(f"\nstopped waiting; job {job_id} runs on (`areal-hpc stop` ends it):\n{follow_hint(cfg)}",
+              file=sys.stderr, flush=True)
+        return outcome.exit_code(outcome.STOPPED)
     print(f"job {job_id} ended {state}", flush=True)  # how the run ended is in its record (the driver's code too)
     rec = reg.get("", "run", live_only=False) or {}
     if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
