@@ -172,3 +172,15 @@ def test_add_servers_new_job_to_a_run_without_servers_is_bad_input(tmp_path, cap
     assert run_cli("add-servers", "--new-job", *names) == 2
     err = capsys.readouterr().err
     assert "allocation_mode: 'fsdp:d1' has no inference servers" in err, err
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan"])
+def test_stop_with_a_negative_timeout_is_bad_input(tmp_path, capsys, timeout):
+    """`stop --timeout -1` (meant as "no limit") skipped the wait for a graceful stop: what ran on this host was
+    SIGKILLed (a Slurm job cancelled) at once, with no checkpoint. It is bad input now; nothing is asked of the run."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli("stop", *names, "--timeout", timeout) == 2
+    assert capsys.readouterr().err.startswith("areal-hpc stop: error: --timeout: must be seconds >= 0")
+    assert not list(next(tmp_path.glob("*/e1/t1")).glob("registry/requests/*"))

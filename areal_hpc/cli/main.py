@@ -109,6 +109,8 @@ def cmd_logs(args) -> int:
 def cmd_stop(args) -> int:
     from areal_hpc.launch import control
 
+    if not args.timeout >= 0:  # -1 (or nan) meant as "no limit" skipped the graceful stop: SIGKILL, no checkpoint
+        raise ConfigError("--timeout", f"must be seconds >= 0, got {args.timeout}", "e.g. --timeout 600")
     return control.stop(_existing_run(args), timeout_s=args.timeout, external=args.external)
 
 
