@@ -119,6 +119,9 @@ BAD_OVERRIDES = [
     # a flag's list on the command line is YAML as in the file: [] and a broken list are refused, not passed as text
     (["server.sglang_args.enable-memory-saver=[]"], "server.sglang_args.enable-memory-saver"),
     (["server.sglang_args.cuda-graph-bs=[1, 2"], "server.sglang_args.cuda-graph-bs"),
+    # so is a broken list of a list key: it was one item of text, e.g. a job script line "[module load cuda, ..."
+    (["cluster.setup_commands=[module load cuda, source /opt/env.sh"], "cluster.setup_commands"),
+    (["rollout.gen.stop_token_ids=[1, 2"], "rollout.gen.stop_token_ids:"),  # not "[0]: expected int, got '[1, 2'"
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

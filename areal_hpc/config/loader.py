@@ -304,8 +304,8 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             origin = typing.get_origin(_strip_optional(leaves[key])[0])
             try:  # `valid_dataset.path=` empties a string field (YAML reads null)
                 value = raw if raw == "" and leaves[key] is str else yaml.load(raw, Loader=_Loader)
-            except yaml.YAMLError:
-                value = raw
+            except yaml.YAMLError:  # a list's or mapping's broken [..: refused, not kept as one item of text
+                value = _flow_collection(key, raw) if origin in (list, dict) else raw
             if origin is list and not isinstance(value, list):
                 value = [] if raw == "" else [value]
             if origin in (list, dict) or value is None:
