@@ -99,6 +99,15 @@ def test_words_name_the_file_and_layer_over_it(tmp_path):
         load_config(None, [str(f), "stray"])
 
 
+def test_a_value_after_its_option_may_hold_an_equals_sign():
+    """`--cluster.setup_commands "export HF_HOME=/x"` was refused as "option needs a value": any next word with a '='
+    was taken for the next key=value. Only a word that starts like a key is one."""
+    c = load_config(None, ["--cluster.setup_commands", "export HF_HOME=/x", "--cluster.sbatch_args", "[--x=1]"])
+    assert c.cluster.setup_commands == ["export HF_HOME=/x"] and c.cluster.sbatch_args == ["--x=1"]
+    with pytest.raises(ConfigError, match="cluster.partition: option needs a value"):
+        load_config(None, ["--cluster.partition", "trial_name=t1"])
+
+
 def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
     """`valid_dataset.path=` (a shell cannot pass '""') drops the file's eval set; YAML would read it as null."""
     f = tmp_path / "c.yaml"

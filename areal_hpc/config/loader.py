@@ -211,6 +211,9 @@ def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
 
 # ----------------------------------------------------------------- the user's words
 
+_KEY_VALUE = re.compile(r"[A-Za-z_][\w.-]*=")  # a config word `a.b=c`
+
+
 def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str]]]:
     """Config words -> (CONFIG file, [(dotted key, raw value)]): the one translation of the seed's ``a.b=c`` and a
     positional ``CONFIG.yaml`` into keys (simple-parsing reads neither)."""
@@ -222,7 +225,8 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
         if word.startswith("--"):
             key, eq, raw = word[2:].partition("=")
             if not eq:
-                if i + 1 >= len(words) or words[i + 1].startswith("--") or "=" in words[i + 1]:
+                # the next word is the next key=value, not this option's value; a value may hold '=' ("export A=1")
+                if i + 1 >= len(words) or words[i + 1].startswith("--") or _KEY_VALUE.match(words[i + 1]):
                     raise ConfigError(key, "option needs a value", f"write --{key} VALUE or {key}=VALUE")
                 i += 1
                 raw = words[i]
