@@ -184,3 +184,14 @@ def test_stop_with_a_negative_timeout_is_bad_input(tmp_path, capsys, timeout):
     assert run_cli("stop", *names, "--timeout", timeout) == 2
     assert capsys.readouterr().err.startswith("areal-hpc stop: error: --timeout: must be seconds >= 0")
     assert not list(next(tmp_path.glob("*/e1/t1")).glob("registry/requests/*"))
+
+
+def test_logs_with_negative_lines_is_bad_input(tmp_path, capsys):
+    """`logs -n -5` (tail's "last 5") printed no line of the log, and said nothing of why."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    (next(tmp_path.glob("*/e1/t1")) / "logs" / "trainer-0.log").write_text("step 1\nstep 2\n")
+    capsys.readouterr()
+    assert run_cli("logs", *names, "-n", "1") == 0 and capsys.readouterr().out == "step 2\n"
+    assert run_cli("logs", *names, "-n", "-5") == 2
+    assert capsys.readouterr().err.startswith("areal-hpc logs: error: --lines: must be >= 0, got -5")

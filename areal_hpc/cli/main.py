@@ -102,6 +102,8 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     from areal_hpc.launch import status
 
+    if args.lines < 0:  # `tail -n -5` style: it showed nothing, silently
+        raise ConfigError("--lines", f"must be >= 0, got {args.lines}", "e.g. -n 100")
     role = _pop_name(args) or "trainer"
     return status.logs(_existing_run(args), role, follow=args.follow, lines=args.lines)
 
