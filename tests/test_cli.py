@@ -195,3 +195,16 @@ def test_logs_with_negative_lines_is_bad_input(tmp_path, capsys):
     assert run_cli("logs", *names, "-n", "1") == 0 and capsys.readouterr().out == "step 2\n"
     assert run_cli("logs", *names, "-n", "-5") == 2
     assert capsys.readouterr().err.startswith("areal-hpc logs: error: --lines: must be >= 0, got -5")
+
+
+def test_logs_role_after_the_config_words(tmp_path, capsys):
+    """`logs configs/quickstart.yaml server-0` (the README's `logs -f CONFIG`, a role added) was refused with
+    "unexpected argument 'server-0' (at most one CONFIG.yaml, then key=value overrides)": only a first word was
+    a role."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    (next(tmp_path.glob("*/e1/t1")) / "logs" / "server-0.log").write_text("serving\n")
+    capsys.readouterr()
+    for words in ([QUICKSTART, *names, "server-0"], ["--experiment_name", "e1", *names[::2], "server-0"]):
+        assert run_cli("logs", *words) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == "serving\n"

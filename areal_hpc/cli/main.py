@@ -34,11 +34,17 @@ CONFIG_HELP = ("config words go to the config package untouched: an optional YAM
 
 
 def _pop_name(args) -> Optional[str]:
-    """The command's own positional (`logs` ROLE, `remove-server` SERVER): its first word, when that
-    is not a config word (``key=value``, ``--key``, ``CONFIG.yaml``)."""
-    words = args.words
-    if words and not (words[0].startswith("-") or "=" in words[0] or words[0].endswith((".yaml", ".yml"))):
-        return words.pop(0)
+    """The command's own positional (`logs` ROLE, `remove-server` SERVER): its first word that is no config word
+    (``key=value``, ``--key value``, ``--key=value``, ``CONFIG.yaml``), wherever it comes among them (after the
+    CONFIG.yaml too, as in `logs configs/quickstart.yaml server-0`)."""
+    words, i = args.words, 0
+    while i < len(words):
+        if words[i].startswith("-"):
+            i += 1 if "=" in words[i] else 2  # an option's value is no name
+        elif "=" in words[i] or words[i].endswith((".yaml", ".yml")):
+            i += 1
+        else:
+            return words.pop(i)
     return None
 
 
