@@ -77,6 +77,10 @@ def test_bad_yaml_keys_and_types(tmp_path):
     f.write_text("rollout:\n  batch_size: many\n")
     with pytest.raises(ConfigError, match="rollout.batch_size: expected int"):
         load_config(str(f), [])
+    # a dotted key (an override's spelling) in a file: "unknown key (did you mean 'trainer.ppo.eps_clip'?)" named it
+    f.write_text("trainer:\n  ppo.eps_clip: 0.2\n")
+    with pytest.raises(ConfigError, match=r"trainer.ppo.eps_clip: is one dotted key .*nest it .*ppo: \{eps_clip: "):
+        load_config(str(f), [])
     f.write_text("cluster: 3\n")
     with pytest.raises(ConfigError, match="cluster: is a section"):
         load_config(str(f), [])

@@ -182,6 +182,10 @@ def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bo
         if name not in hints:
             if strict:
                 leaves, sections = key_tree()
+                if "." in name and (key in leaves or key in sections):  # `cluster.n_nodes: 2`, an override's spelling
+                    parts = name.split(".")  # "did you mean 'cluster.n_nodes'?" would repeat it
+                    raise ConfigError(key, f"is one dotted key{source}", "nest it in the YAML file: "
+                                      + ": {".join(parts) + ": ...}" + "}" * (len(parts) - 2))
                 raise ConfigError(key, f"unknown key{source}", did_you_mean(key, list(leaves) + sections))
             continue
         inner, _ = _strip_optional(hints[name])
