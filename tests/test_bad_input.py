@@ -122,6 +122,8 @@ BAD_OVERRIDES = [
     # so is a broken list of a list key: it was one item of text, e.g. a job script line "[module load cuda, ..."
     (["cluster.setup_commands=[module load cuda, source /opt/env.sh"], "cluster.setup_commands"),
     (["rollout.gen.stop_token_ids=[1, 2"], "rollout.gen.stop_token_ids:"),  # not "[0]: expected int, got '[1, 2'"
+    # a system prompt with raw-text prompts (no chat template to carry it) was dropped without a word
+    (["train_dataset.chat_template=none", "train_dataset.system_prompt=Be brief."], "train_dataset.system_prompt"),
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

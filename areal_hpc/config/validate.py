@@ -403,4 +403,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         _check_path(key, getattr(owner, attr), "model")
     for key, ds, _ in datasets_in_use(cfg):
         _check_path(f"{key}.path", ds.path, "dataset")
+        if ds.system_prompt and ds.chat_template == "none":  # raw text has no place for it: it was dropped, silently
+            raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {key}.chat_template=none "
+                              "sends prompts as raw text", "drop one of them, or put the instruction in the prompts")
     return alloc
