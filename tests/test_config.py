@@ -62,6 +62,8 @@ def test_types_lists_dicts_and_nulls():
     (["rollout.gen.temperature=hot"], "rollout.gen.temperature", "invalid float"),
     (["trainer.ppo.async_training=maybe"], "trainer.ppo.async_training", "Boolean"),
     (["experiment_name=null"], "experiment_name", "must not be null"),
+    # a section given a value was "unknown key (did you mean 'trainer.type' or 'trainer.ppo.kl_ctl'?)"
+    (["trainer.ppo=null"], "trainer.ppo", "is a section, not a key (set its keys one by one, e.g. trainer.ppo.actor."),
 ])
 def test_bad_overrides(overrides, key, words):
     with pytest.raises(ConfigError) as e:

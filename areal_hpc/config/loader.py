@@ -323,6 +323,8 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
         elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
             # a scalar keeps its text (the flag's value as typed); a list or mapping is YAML, as in the config file
             _nest(yaml_valued, key, _flow_collection(key, raw))
+        elif section := [k for k in leaves if k.startswith(key + ".")]:  # not "unknown key (did you mean ...)"
+            raise ConfigError(key, "is a section, not a key", f"set its keys one by one, e.g. {section[0]}=...")
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
     return _parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg))
