@@ -114,6 +114,14 @@ def test_a_value_after_its_option_may_hold_an_equals_sign():
         load_config(None, ["--cluster.partition", "trial_name=t1"])
 
 
+def test_a_config_file_under_home(tmp_path, monkeypatch):
+    """`--config=~/my.yaml` (bash expands no ~ after `--config=`) said "config: ~/my.yaml not found" of a file that
+    is there; every other path of the config (fileroot, datasets, models, plugins) takes a ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my.yaml").write_text("trial_name: home\n")
+    assert load_config(None, ["--config=~/my.yaml"]).trial_name == "home"
+
+
 def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
     """`valid_dataset.path=` (a shell cannot pass '""') drops the file's eval set; YAML would read it as null."""
     f = tmp_path / "c.yaml"

@@ -114,7 +114,7 @@ def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
 def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[str] = None) -> Dict[str, Any]:
     """A YAML mapping from a user's file: a regular text file of sane size, valid YAML, no key given twice. Every
     problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
-    p = Path(path)
+    p = Path(os.path.expanduser(path))  # `--config=~/my.yaml`: the shell leaves a ~ after `=` as it is
     name = "" if key == str(path) else f"{path} "
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
