@@ -1,5 +1,6 @@
 """Config loading: sources in order, dotted overrides, types, unknown keys with hints."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -152,6 +153,11 @@ def test_validate_normalises(tmp_path):
                            f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0"])
     validate(c)
     assert c.rollout.max_head_offpolicyness == 0  # sync training means staleness 0
+    # cluster.python=~/venv/bin/python went into the job script as '~/venv/bin/python': no such file on the node
+    c = load_config(None, ["trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0", "cluster.python=~/v/python"])
+    validate(c)
+    assert c.cluster.python == os.path.expanduser("~/v/python") and not c.cluster.python.startswith("~")
 
 
 

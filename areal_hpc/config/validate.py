@@ -356,6 +356,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             if not path.is_file():
                 raise ConfigError("trainer.plugins", f"plugin file {p!r} not found", "give a .py file or a module name")
             cfg.trainer.plugins[i] = str(path)
+    c.python = os.path.expanduser(c.python)  # `~/venv/bin/python` reaches the job script quoted: no shell expands it
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
     try:  # really try: os.access says yes to root even on /proc (and a file there fails too)
