@@ -108,6 +108,7 @@ BAD_OVERRIDES = [
     (["cluster.sbatch_args=[--exclusive, --time=10]"], "cluster.sbatch_args[1]"),
     (["cluster.sbatch_args=['#SBATCH --signal=B:USR1@60']"], "cluster.sbatch_args[0]"),
     (["cluster.sbatch_args=[--output, /tmp/x.out]"], "cluster.sbatch_args[0]"),
+    (["cluster.sbatch_args=['--time 10']"], "cluster.sbatch_args[0]"),  # the value in the same entry: #SBATCH --time 10
     # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
     (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
     (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],

@@ -199,7 +199,7 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             if not args[i].startswith(dash) and not is_value:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
-            name = args[i][2:].partition("=")[0]
+            name = re.split(r"[=\s]", args[i][2:], maxsplit=1)[0]  # "--time 10" in one entry is a --time too
             if key == "sbatch_args" and not is_value and name in _SBATCH_OWNED:
                 raise ConfigError(f"cluster.{key}[{i}]", f"--{name} is an option areal-hpc sets itself",
                                   _SBATCH_OWNED[name])
