@@ -198,3 +198,16 @@ def test_an_add_servers_given_up_cancels_the_job_it_submitted_unless_its_servers
         assert slurm.job_state(job_id) == "PENDING" and list(reg.list("jobs")) == [job_id]
     finally:
         slurm.scancel(job_id)
+
+
+def test_a_trainer_started_by_request_is_not_reported_as_the_dead_one(tmp_path):
+    """shutdown_server_on_exit=False: the trainer died, the driver kept the servers (run RUNNING, reason 'trainer
+    exited with 137 ...'); `submit ... min_required_servers=1` started a new one, yet `status` went on saying the
+    trainer had exited (with the dead one's log) while the new one trained. The run's reason says it started again."""
+    owner = owner_of(tmp_path)
+    owner.runner = RunningRunner()
+    owner.set_state("RUNNING", "trainer exited with 137 (SIGKILL?); servers stay up", str(tmp_path / "trainer-0.log"))
+    name = control.post_request(owner.registry, "start_trainer", 60.0, min_required_servers=1)
+    owner.handle_requests()
+    assert control.take_reply(owner.registry, name) is None and owner.trainer is not None
+    assert (owner.state, owner.log_path) == ("RUNNING", None) and "137" not in (owner.reason or "")

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 from helpers import health_answered_together
 
-from areal_hpc.config import dump_yaml, load_config, parse_allocation
+from areal_hpc.config import ConfigError, dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import control, driver, outcome, slurm, slurm_submit
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
@@ -893,3 +893,66 @@ def test_a_step_rendezvous_takes_the_port_slurm_reserved(monkeypatch):
     for reserved in ("12000-12003", "12000,12002", "12000"):
         monkeypatch.setenv("SLURM_STEP_RESV_PORTS", reserved)
         assert step_rendezvous() == ("127.0.0.1", 12000)
+
+
+def test_a_second_submit_of_a_run_whose_job_is_queued_or_owner_lives_is_refused(tmp_path, monkeypatch):
+    """Before its trainer registers (a job queued for hours, servers loading), a run has no trainer record: a second
+    `submit` of the same trial queued a second allocation, whose driver later ran beside the first one in the same
+    run dir, and run.json forgot the first job (`stop` cancelled only the second). Refused while the recorded job is
+    queued or running, or a local owner lives; a run that ended (or whose job did) is submitted again (resumes)."""
+    from areal_hpc.launch import submit as submit_mod
+
+    cfg = load_config(None, ["mode=slurm", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}", "trainer.ppo.actor.path=toy:qwen3-h128-l2"])
+    reg = Registry.for_run(submit_mod.run_dir(cfg), cfg.launcher)
+    submitted: List[str] = []
+    monkeypatch.setattr(submit_mod, "resolve", lambda cfg: None)
+    monkeypatch.setattr(slurm_submit, "submit", lambda cfg, plan, rd: submitted.append(rd) or 0)
+    states = {"10": "PENDING"}
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: states.get(job_id))
+    alloc = parse_allocation(cfg.allocation_mode)
+    reg.put("", "run", {"mode": "slurm", "job_id": "10", "pid": None, "host": None, "state": "PENDING"}, ttl=True)
+    with pytest.raises(ConfigError, match="job 10 is PENDING"):
+        submit_mod.submit(cfg, alloc)
+    states["10"] = "RUNNING"  # its driver is starting the servers: no trainer record yet
+    with pytest.raises(ConfigError, match="job 10 is RUNNING"):
+        submit_mod.submit(cfg, alloc)
+    assert submitted == []
+    states["10"] = "CANCELLED"
+    assert submit_mod.submit(cfg, alloc) == 0 and len(submitted) == 1
+    # a local owner still starting its steps
+    local = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                               f"cluster.fileroot={tmp_path}", "trainer.ppo.actor.path=toy:qwen3-h128-l2"])
+    reg.put("", "run", {"mode": "local", "pid": os.getpid(), "host": socket.gethostname(), "state": "RUNNING"})
+    with pytest.raises(ConfigError, match=f"its owner lives \\(pid {os.getpid()}"):
+        submit_mod.submit(local, alloc)
+
+
+def test_a_dry_run_of_a_live_run_leaves_its_config_alone(tmp_path, monkeypatch):
+    """`submit --dry-run` of a trial whose job is queued (or whose trainer runs) rewrote the run's config.yaml and
+    plan.json: the queued job's driver, a requeue or a trainer restart then ran the preview's settings (say
+    trainer.total_train_steps=5) without a word. Refused, naming the live run; a run that ended is previewed."""
+    from areal_hpc.launch import submit as submit_mod
+
+    words = ["mode=slurm", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0", f"cluster.fileroot={tmp_path}",
+             "trainer.ppo.actor.path=toy:qwen3-h128-l2"]
+    cfg, preview = load_config(None, words), load_config(None, [*words, "trainer.total_train_steps=5"])
+    alloc = parse_allocation(cfg.allocation_mode)
+    monkeypatch.setattr(submit_mod, "resolve", lambda cfg: None)
+    assert submit_mod.submit(cfg, alloc, dry_run=True) == 0
+    rd = submit_mod.run_dir(cfg)
+    written = (rd / "config.yaml").read_text()
+    reg = Registry.for_run(rd, cfg.launcher)
+    states = {"10": "PENDING"}
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: states.get(job_id))
+    reg.put("", "run", {"mode": "slurm", "job_id": "10", "pid": None, "host": None, "state": "PENDING"}, ttl=True)
+    with pytest.raises(ConfigError, match="is live \\(job 10 is PENDING\\): a dry run would rewrite"):
+        submit_mod.submit(preview, alloc, dry_run=True)
+    reg.put("", "trainer", {"pid": 1, "host": "n1"})
+    states["10"] = "RUNNING"
+    with pytest.raises(ConfigError, match="is live \\(a live trainer\\)"):
+        submit_mod.submit(preview, alloc, dry_run=True)
+    assert (rd / "config.yaml").read_text() == written
+    reg.delete("", "trainer")
+    states["10"] = "COMPLETED"
+    assert submit_mod.submit(preview, alloc, dry_run=True) == 0 and (rd / "config.yaml").read_text() != written

@@ -33,8 +33,8 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 # One task of a step. Every task marks its start, then waits until every task of every step has
 # started (a rendezvous: it can only succeed if all steps run at the same time). Then it waits
 # for `wait_n` records matching `wait_glob` (other tasks that must end first: with
-# shutdown_server_on_exit=True the trainer outlives the servers, so the script's kill -TERM of
-# the server sruns finds nothing to kill and every step ends COMPLETED; with False the servers
+# shutdown_server_on_exit=True the trainer outlives the servers, so the script's SIGTERM to
+# the servers finds nothing to stop and every step ends COMPLETED; with False the servers
 # outlive the trainer). The record: node step-id step-gpus cuda-visible start end met.
 PROBE = r"""
 out=$1; name=$2; total=$3; wait_glob=$4; wait_n=$5
@@ -303,10 +303,36 @@ def test_rendered_steps_append_to_their_logs(slurm_cluster, shared_tmp):
     logs = Path(plan.run_dir, "logs")
 
     def written_by_step(name: str) -> str:
-        # the script TERMs the server sruns once the trainer is done: one still tearing down after its echo gets
+        # the script TERMs the servers once the trainer is done: one still tearing down after its echo gets
         # slurmstepd's "*** STEP ... CANCELLED ***" line in its log (a race of the test's instant steps)
         lines = (logs / name).read_text().splitlines(keepends=True)
         return "".join(line for line in lines if not line.startswith("slurmstepd"))
 
     assert written_by_step("trainer-0.log") == "trainer ran\n" * 2
     assert written_by_step("server-0.log") == "server-0 ran\n" * 2
+
+
+def test_rendered_script_lets_servers_shut_down_when_the_trainer_ends(slurm_cluster, shared_tmp):
+    """shutdown_server_on_exit=True: once the trainer step ends, the script stops the servers that still run. It sent
+    SIGTERM to their srun clients, which answer it by killing the step: the server never saw a signal, did not
+    deregister (its record stayed in the registry) and its step ended CANCELLED. The servers' tasks must get SIGTERM
+    and end in their own time."""
+    cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             "trial_name=term")
+    plan = build_plan(cfg, alloc, run_dir(cfg))
+    out = shared_tmp / "out"
+    out.mkdir()
+    server = (f'trap \'sleep 1; echo "$SLURM_STEP_ID" > {out}/termed; exit 0\' TERM; touch {out}/up; '
+              "while true; do sleep 0.1; done")
+    trainer = f"for _ in $(seq 600); do [ -e {out}/up ] && exit 0; sleep 0.1; done; exit 1"
+    script = render("allocation.sbatch", cfg, plan,
+                    command=lambda s: ["bash", "-c", server if s.role == "server" else trainer])
+    path = Path(plan.run_dir) / "allocation.sbatch"
+    Path(plan.run_dir, "logs").mkdir(parents=True)
+    path.write_text(script)
+    job_id = run("sbatch", "--parsable", str(path)).strip().split(";")[0]
+    state = wait_until(lambda: (s := job_fields(job_id)["JobState"]) in FINAL_STATES and s,
+                       timeout=180, what=f"job {job_id} to finish")
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(Path(plan.run_dir, "logs").glob("*")))
+    assert state == "COMPLETED" and (out / "termed").exists(), f"job {job_id} {state}; server not TERMed:\n{logs}"
+    assert_steps_completed_in_sacct(job_id, plan)

@@ -193,6 +193,8 @@ class RunOwner:
                     self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
                     self.registry.delete("", "trainer")  # the last one's, if it died unregistered: not the new one's
                     self.start_step(self._trainer_step(req.get("min_required_servers")))
+                    # how the last trainer ended is history: `status` must not give it as the state of a new one
+                    self.set_state(outcome.RUNNING, "trainer started again (submit ... min_required_servers)")
             except Exception as e:  # noqa: BLE001 - a step that fails to start must not end the run
                 log.exception("request %s failed", name)
                 error = f"{type(e).__name__}: {e}"

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir, run_umask
-from areal_hpc.launch import control, local, ray_runner, slurm_submit, torchrun
+from areal_hpc.launch import control, local, outcome, ray_runner, slurm, slurm_submit, torchrun
 from areal_hpc.launch.plan import Plan, build_plan
 from areal_hpc.launch.resolve import make_fileroot, resolve
 from areal_hpc.launch.sbatch import render
+from areal_hpc.launch.status import launcher_alive
 from areal_hpc.registry import Registry, atomic_write
 
 
@@ -111,6 +112,18 @@ def check_trainer_type(cfg: ExperimentConfig) -> None:
                           f"known: {', '.join(known_types())}")
 
 
+def _still_owned(rd: Path, reg: Registry) -> Optional[str]:
+    """Why the run has an owner already, or one to come (its Slurm job queued or running), before any trainer has
+    registered: a second submit would start a second owner on the run dir, and the run record forget the first job."""
+    run = reg.get("", "run", live_only=False) or {}
+    if run.get("state") in outcome.FINAL:
+        return None
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        state = slurm.job_state(str(run["job_id"]))
+        return f"job {run['job_id']} is {state}" if state in slurm.LIVE_STATES + slurm.WAITING_STATES else None
+    return f"its owner lives (pid {run.get('pid')} on {run.get('host')})" if launcher_alive(run, reg) else None
+
+
 def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
     check_trainer_type(cfg)
     if cfg.mode == "ray":
@@ -124,6 +137,12 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         raise ConfigError("experiment_name/trial_name", f"run {rd} already has a live trainer (pid "
                           f"{trainer.get('pid')} on {trainer.get('host')})",
                           "stop it first (`areal-hpc stop ...`) or pick another trial_name")
+    live = None
+    if dry_run and (rd / "registry").exists():
+        live = "a live trainer" if trainer is not None else _still_owned(rd, reg)
+    if live:  # the queued job, a requeue or a trainer restart would run what the preview wrote
+        raise ConfigError("experiment_name/trial_name", f"run {rd} is live ({live}): a dry run would rewrite the "
+                          "config.yaml and plan.json it runs from", "pick another trial_name to preview a run")
     if restart and not dry_run and not live_servers and not (rd / "config.yaml").exists():
         raise ConfigError("min_required_servers",
                           f"{cfg.min_required_servers} servers required but no run exists at {rd}",
@@ -137,6 +156,11 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         run = control.live_driver(cfg, rd)
         if run is not None:  # start the trainer inside the live allocation, not as a new job
             return control.restart_trainer(cfg, rd, run)
+    owned = _still_owned(rd, reg) if (rd / "registry").exists() and not dry_run else None
+    if owned:
+        raise ConfigError("experiment_name/trial_name", f"run {rd} is submitted already: {owned}",
+                          "wait for it (`areal-hpc status ...`), stop it (`areal-hpc stop ...`) or pick another "
+                          "trial_name")
     plan = build_plan(cfg, alloc, rd, with_servers=not restart)
     if cfg.mode in ("slurm", "ray") and Path(os.path.expanduser(cfg.cluster.fileroot)).resolve().parts[1:2] == ("tmp",):
         print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
