@@ -291,6 +291,13 @@ def test_sampler_filters():
         assert abs(lps[3] - torch.log_softmax(logits[3], -1).max().item()) < 1e-5
 
 
+def test_a_huge_top_k_does_not_fail_the_batch_it_is_sampled_in():
+    """top_k above the vocabulary means the whole vocabulary, however large: one past int64 (valid JSON, accepted by
+    the validation) failed the sampling of its step, so every request decoding beside it got a 500."""
+    logits = torch.randn(2, 50)
+    toks, _ = sample(logits, [SamplingParams(top_k=3), SamplingParams(top_k=10 ** 30)])
+    assert toks[0] in set(logits[0].topk(3).indices.tolist()) and 0 <= toks[1] < 50
+
 def test_sampling_params_validation():
     from areal_hpc.inference.http_validate import RequestError, engine_sampling_params as sampling_params
 
