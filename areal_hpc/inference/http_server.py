@@ -364,7 +364,11 @@ class EngineServer:
                 log.error("%s; group %s is dropped", why, group)
                 raise
             self.engine.renew((name, shape) for name, _, shape in specs)
-            self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
+            # none given keeps the version, as in SGLang: an update comes in many buckets, and the next number for
+            # each made the version of a client that sends none jump by their count at every update
+            version = body.get("weight_version")
+            self.engine.set_version(self.engine.weight_version if version is None else version,
+                                    bool(body.get("abort_all_requests")))
 
         try:
             await self._on_loop(receive)
