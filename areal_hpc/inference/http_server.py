@@ -139,7 +139,13 @@ class EngineServer:
             for entry in out["meta_info"]["output_token_logprobs"]:
                 entry[2] = req.logprob_tokenizer.decode([entry[1]])
         if req.tokenizer is not None:
-            out = {"text": req.tokenizer.decode(out["output_ids"], skip_special_tokens=req.skip_special), **out}
+            ids, p = out["output_ids"], seq.params
+            # as SGLang's text: without the stop token that ends it (output_ids keep it), in a chunk streamed between
+            # its sampling and the end of its step too (a stop token is always the last: it finishes the sequence)
+            if ids and not req.keep_stop and (ids[-1] in p.stop_token_ids
+                                              or (ids[-1] in self.engine.eos_token_ids and not p.ignore_eos)):
+                ids = ids[:-1]
+            out = {"text": req.tokenizer.decode(ids, skip_special_tokens=req.skip_special), **out}
         if req.prompt_ids:
             out["prompt_token_ids"] = list(seq.prompt_ids)
         return out
