@@ -291,6 +291,13 @@ def test_sampler_filters():
         assert abs(lps[3] - torch.log_softmax(logits[3], -1).max().item()) < 1e-5
 
 
+def test_a_huge_top_k_does_not_fail_the_batch_it_is_sampled_in():
+    """top_k above the vocabulary means the whole vocabulary, however large: one past int64 (valid JSON, accepted by
+    the validation) failed the sampling of its step, so every request decoding beside it got a 500."""
+    logits = torch.randn(2, 50)
+    toks, _ = sample(logits, [SamplingParams(top_k=3), SamplingParams(top_k=10 ** 30)])
+    assert toks[0] in set(logits[0].topk(3).indices.tolist()) and 0 <= toks[1] < 50
+
 def test_sampling_params_validation():
     from areal_hpc.inference.http_validate import RequestError, engine_sampling_params as sampling_params
 
@@ -488,3 +495,39 @@ def test_work_sent_while_the_loop_exits_fails_instead_of_hanging(model_path):
     assert late.finished and late.finish_reason["status_code"] == 503
     with pytest.raises(RuntimeError, match="not running"):
         command.result(0)
+
+
+def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
+    """SGLang's ``text`` leaves out the stop token that ended the generation (``output_ids`` keep it), and keeps it
+    with ``sampling_params.no_stop_trim``. The hf server accepted no_stop_trim but ignored it: its text always ended
+    with the stop token. Streamed, no chunk shows it either."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+    stops = [t for t in range(engine.runner.vocab_size) if t not in engine.runner.eos_token_ids and t > 2]
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            out = []
+            for keep in (False, True):
+                body = {"text": "12+3=", "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True,
+                                                             "stop_token_ids": stops, "no_stop_trim": keep}}
+                async with s.post(url + "/generate", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    out.append(await r.json())
+            async with s.post(url + "/generate", json={**body, "stream": True, "sampling_params": {
+                    **body["sampling_params"], "no_stop_trim": False}}) as r:
+                chunks = [json.loads(line[6:]) for line in (await r.text()).split("\n\n") if line[6:].startswith("{")]
+            return out, chunks, await server.tokenizer()
+
+    (trimmed, kept), chunks, tok = asyncio.run(go())
+    assert chunks[-1]["text"] == trimmed["text"] and all(trimmed["text"].startswith(c["text"]) for c in chunks)
+    ids = trimmed["output_ids"]
+    assert trimmed["meta_info"]["finish_reason"]["matched"] == ids[-1] in stops and kept["output_ids"] == ids
+    assert trimmed["text"] == tok.decode(ids[:-1], skip_special_tokens=True)
+    assert kept["text"] == tok.decode(ids, skip_special_tokens=True) != trimmed["text"]

@@ -139,7 +139,13 @@ class EngineServer:
             for entry in out["meta_info"]["output_token_logprobs"]:
                 entry[2] = req.logprob_tokenizer.decode([entry[1]])
         if req.tokenizer is not None:
-            out = {"text": req.tokenizer.decode(out["output_ids"], skip_special_tokens=req.skip_special), **out}
+            ids, p = out["output_ids"], seq.params
+            # as SGLang's text: without the stop token that ends it (output_ids keep it), in a chunk streamed between
+            # its sampling and the end of its step too (a stop token is always the last: it finishes the sequence)
+            if ids and not req.keep_stop and (ids[-1] in p.stop_token_ids
+                                              or (ids[-1] in self.engine.eos_token_ids and not p.ignore_eos)):
+                ids = ids[:-1]
+            out = {"text": req.tokenizer.decode(ids, skip_special_tokens=req.skip_special), **out}
         if req.prompt_ids:
             out["prompt_token_ids"] = list(seq.prompt_ids)
         return out
@@ -364,7 +370,11 @@ class EngineServer:
                 log.error("%s; group %s is dropped", why, group)
                 raise
             self.engine.renew((name, shape) for name, _, shape in specs)
-            self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
+            # none given keeps the version, as in SGLang: an update comes in many buckets, and the next number for
+            # each made the version of a client that sends none jump by their count at every update
+            version = body.get("weight_version")
+            self.engine.set_version(self.engine.weight_version if version is None else version,
+                                    bool(body.get("abort_all_requests")))
 
         try:
             await self._on_loop(receive)
