@@ -531,3 +531,32 @@ def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
     assert trimmed["meta_info"]["finish_reason"]["matched"] == ids[-1] in stops and kept["output_ids"] == ids
     assert trimmed["text"] == tok.decode(ids[:-1], skip_special_tokens=True)
     assert kept["text"] == tok.decode(ids, skip_special_tokens=True) != trimmed["text"]
+
+
+def test_a_weight_version_that_is_no_string_is_refused(engine):
+    """A weight version is a string in SGLang's requests (a null or an object there is a 422). The hf server took any
+    JSON value and served str() of it as the version of every token after it, "None" or "{'v': 1}", which no trainer
+    can compare with its own (and a later update without a version could no longer move it on)."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, engine.weight_version
+
+            path = engine.runner.model_path
+            assert await post("/update_weight_version", {"new_version": None}) == (400, "0")
+            assert await post("/update_weight_version", {"new_version": {"v": 1}}) == (400, "0")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": [2]}) == (400, "0")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": True}) == (400, "0")
+            assert await post("/update_weight_version", {"new_version": 3}) == (200, "3")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": "4"}) == (200, "4")
+
+    asyncio.run(go())
