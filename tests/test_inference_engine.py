@@ -318,6 +318,14 @@ def test_sampling_params_validation():
             sampling_params(bad)
 
 
+def test_a_null_sampling_param_is_its_default():
+    """null for a sampling_params key means its default, in SGLang and for every other key here: ignore_eos null was
+    a 400 ("must be true or false") for a client that fills every key it does not set with null."""
+    from areal_hpc.inference.http_validate import engine_sampling_params as sampling_params
+
+    keys = [f.name for f in dataclasses.fields(SamplingParams)]
+    assert sampling_params(dict.fromkeys(keys)) == SamplingParams()
+
 def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
     """The CUDA-graph path's fixed buffers and bucketed batches (padding rows, bucketed widths),
     run eagerly on CPU."""
