@@ -157,6 +157,15 @@ def test_stop_tokens_eos_and_zero_budget(engine, reference):
     assert z.output_ids == [] and z.finish_reason["type"] == "length"
 
 
+def test_ignore_eos_ignores_stop_token_ids_too(engine):
+    """In SGLang, ignore_eos turns off every stop token, stop_token_ids included (`Req._check_token_based_finish`
+    returns at once). The hf engine still stopped on stop_token_ids: the same request (a generation config with
+    ignore_eos and stop tokens) gave shorter completions on hf servers than on SGLang ones."""
+    probe = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=1, temperature=0))])[0]
+    s = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True,
+                                                        stop_token_ids=tuple(probe.output_ids)))])[0]
+    assert len(s.output_ids) == 5 and s.finish_reason == {"type": "length", "length": 5}
+
 def test_pause_abort_returns_partial_and_holds_new_work(engine, reference):
     long = [Sequence([3 + i, 8, 9], SamplingParams(max_new_tokens=2000, temperature=1.0, ignore_eos=True))
             for i in range(4)]
@@ -523,7 +532,7 @@ def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
         async with engine_app(server) as url, aiohttp.ClientSession() as s:
             out = []
             for keep in (False, True):
-                body = {"text": "12+3=", "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True,
+                body = {"text": "12+3=", "sampling_params": {"max_new_tokens": 8, "temperature": 0,
                                                              "stop_token_ids": stops, "no_stop_trim": keep}}
                 async with s.post(url + "/generate", json=body) as r:
                     assert r.status == 200, await r.text()

@@ -151,8 +151,8 @@ class EngineServer:
             ids, p = out["output_ids"], seq.params
             # as SGLang's text: without the stop token that ends it (output_ids keep it), in a chunk streamed between
             # its sampling and the end of its step too (a stop token is always the last: it finishes the sequence)
-            if ids and not req.keep_stop and (ids[-1] in p.stop_token_ids
-                                              or (ids[-1] in self.engine.eos_token_ids and not p.ignore_eos)):
+            if ids and not req.keep_stop and not p.ignore_eos and (ids[-1] in p.stop_token_ids
+                                                                   or ids[-1] in self.engine.eos_token_ids):
                 ids = ids[:-1]
             out = {"text": req.tokenizer.decode(ids, skip_special_tokens=req.skip_special), **out}
         if req.prompt_ids:
