@@ -157,6 +157,15 @@ def test_stop_tokens_eos_and_zero_budget(engine, reference):
     assert z.output_ids == [] and z.finish_reason["type"] == "length"
 
 
+def test_ignore_eos_ignores_stop_token_ids_too(engine):
+    """In SGLang, ignore_eos turns off every stop token, stop_token_ids included (`Req._check_token_based_finish`
+    returns at once). The hf engine still stopped on stop_token_ids: the same request (a generation config with
+    ignore_eos and stop tokens) gave shorter completions on hf servers than on SGLang ones."""
+    probe = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=1, temperature=0))])[0]
+    s = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True,
+                                                        stop_token_ids=tuple(probe.output_ids)))])[0]
+    assert len(s.output_ids) == 5 and s.finish_reason == {"type": "length", "length": 5}
+
 def test_pause_abort_returns_partial_and_holds_new_work(engine, reference):
     long = [Sequence([3 + i, 8, 9], SamplingParams(max_new_tokens=2000, temperature=1.0, ignore_eos=True))
             for i in range(4)]
@@ -317,6 +326,14 @@ def test_sampling_params_validation():
         with pytest.raises(RequestError):
             sampling_params(bad)
 
+
+def test_a_null_sampling_param_is_its_default():
+    """null for a sampling_params key means its default, in SGLang and for every other key here: ignore_eos null was
+    a 400 ("must be true or false") for a client that fills every key it does not set with null."""
+    from areal_hpc.inference.http_validate import engine_sampling_params as sampling_params
+
+    keys = [f.name for f in dataclasses.fields(SamplingParams)]
+    assert sampling_params(dict.fromkeys(keys)) == SamplingParams()
 
 def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
     """The CUDA-graph path's fixed buffers and bucketed batches (padding rows, bucketed widths),
@@ -515,7 +532,7 @@ def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
         async with engine_app(server) as url, aiohttp.ClientSession() as s:
             out = []
             for keep in (False, True):
-                body = {"text": "12+3=", "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True,
+                body = {"text": "12+3=", "sampling_params": {"max_new_tokens": 8, "temperature": 0,
                                                              "stop_token_ids": stops, "no_stop_trim": keep}}
                 async with s.post(url + "/generate", json=body) as r:
                     assert r.status == 200, await r.text()
@@ -531,3 +548,32 @@ def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
     assert trimmed["meta_info"]["finish_reason"]["matched"] == ids[-1] in stops and kept["output_ids"] == ids
     assert trimmed["text"] == tok.decode(ids[:-1], skip_special_tokens=True)
     assert kept["text"] == tok.decode(ids, skip_special_tokens=True) != trimmed["text"]
+
+
+def test_a_weight_version_that_is_no_string_is_refused(engine):
+    """A weight version is a string in SGLang's requests (a null or an object there is a 422). The hf server took any
+    JSON value and served str() of it as the version of every token after it, "None" or "{'v': 1}", which no trainer
+    can compare with its own (and a later update without a version could no longer move it on)."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, engine.weight_version
+
+            path = engine.runner.model_path
+            assert await post("/update_weight_version", {"new_version": None}) == (400, "0")
+            assert await post("/update_weight_version", {"new_version": {"v": 1}}) == (400, "0")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": [2]}) == (400, "0")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": True}) == (400, "0")
+            assert await post("/update_weight_version", {"new_version": 3}) == (200, "3")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": "4"}) == (200, "4")
+
+    asyncio.run(go())

@@ -206,7 +206,7 @@ def engine_sampling_params(d: Any) -> SamplingParams:
     stop = stop or []
     if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
         raise RequestError("sampling_params.stop_token_ids must be a list of integers")
-    ignore_eos = d.get("ignore_eos", False)
+    ignore_eos = False if d.get("ignore_eos") is None else d["ignore_eos"]  # null: the default, as for every key
     if not isinstance(ignore_eos, bool):
         raise RequestError("sampling_params.ignore_eos must be true or false")
     return SamplingParams(stop_token_ids=tuple(stop), ignore_eos=ignore_eos, **numbers)
