@@ -88,6 +88,7 @@ BAD_OVERRIDES = [
     (["rollout.drop_timeout_s=0"], "rollout.drop_timeout_s"),
     (["rollout.stall_timeout_s=-1"], "rollout.stall_timeout_s"),
     (["server.port=70000"], "server.port"),
+    (["server.port=30000", "allocation_mode=hf:d2+d1"], "server.port"),  # two servers of one node on one port
     (["server.mem_fraction_static=0"], "server.mem_fraction_static"),
     (["server.context_length=0"], "server.context_length"),
     (["rollout.gen.top_k=0"], "rollout.gen.top_k"),

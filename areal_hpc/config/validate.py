@@ -377,6 +377,10 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if alloc.gen and alloc.gen.backend == "sglang" and c.n_gpus_per_node == 0:
         raise ConfigError("allocation_mode", "sglang servers need GPUs but cluster.n_gpus_per_node=0",
                           "use the embedded engine on CPUs: hf.d1+d1")
+    whole_nodes = alloc.gen and c.n_gpus_per_node and alloc.gen.gpus_per_instance >= c.n_gpus_per_node
+    if cfg.server.port and alloc.n_servers > 1 and not whole_nodes and t != "sft":  # servers packed onto a node
+        raise ConfigError("server.port", f"{cfg.server.port} is fixed, but {alloc.n_servers} servers share a node: "
+                          "only the first can listen on it", "leave it 0: each server takes a free port")
     if t != "sft" and alloc.gen is None:
         raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers but trainer.type={t} "
                           "generates rollouts", "put servers first, e.g. sglang:d4+fsdp:d4 (trainer-only is for sft)")
