@@ -72,6 +72,7 @@ BAD_OVERRIDES = [
     (["cluster.time=1-25"], "cluster.time"),
     (["cluster.time=4h"], "cluster.time"),
     (["cluster.time=1:2:3:4"], "cluster.time"),
+    (["cluster.time=1"], "cluster.time"),  # 1 minute: USR2@90 at once, requeued for ever ("1" meant as an hour?)
     # control characters in what reaches the job script (and NUL anywhere)
     (["cluster.partition=debug\nrm -rf ~"], "cluster.partition"),
     (["cluster.account=proj\r"], "cluster.account"),

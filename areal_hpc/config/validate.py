@@ -207,10 +207,13 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"server.sglang_args.{name}", "is an empty list, which gives the flag no value",
                           "give true for a bare flag, false to leave the flag out, or a list of its values")
     try:
-        slurm_time_seconds(str(c.time))
+        seconds = slurm_time_seconds(str(c.time))
     except ValueError as e:
         raise ConfigError("cluster.time", f"{c.time!r} is not a usable Slurm time limit: {e}",
                           "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 04:00:00") from None
+    if seconds <= 90:  # USR2 90 s before the limit would come at the start: checkpoint, requeue, again, for ever
+        raise ConfigError("cluster.time", f"{c.time!r} is {seconds} s: the run checkpoints and requeues 90 s before "
+                          "its limit, so it could never start", "a bare number is minutes; give e.g. 04:00:00")
 
 
 def slurm_time_seconds(spec: str) -> int:
