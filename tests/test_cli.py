@@ -208,3 +208,13 @@ def test_logs_role_after_the_config_words(tmp_path, capsys):
     for words in ([QUICKSTART, *names, "server-0"], ["--experiment_name", "e1", *names[::2], "server-0"]):
         assert run_cli("logs", *words) == 0, capsys.readouterr().err
         assert capsys.readouterr().out == "serving\n"
+
+
+@pytest.mark.parametrize("words", [["submit", QUICKSTART, "--dryrun"], ["status", "--jsn", "trial_name=t1"]])
+def test_a_mistyped_flag_is_named_as_such(words, capsys):
+    """`submit CONFIG --dryrun` said "dryrun: option needs a value (write --dryrun VALUE or dryrun=VALUE)", as if
+    the flag were a config key missing its value; a config key without its value still says that."""
+    assert run_cli(*words) == 2
+    assert "is not an option of this command, nor a config key (see its --help)" in capsys.readouterr().err
+    assert run_cli("status", "--trial_name") == 2
+    assert "trial_name: option needs a value" in capsys.readouterr().err

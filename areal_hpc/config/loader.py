@@ -231,6 +231,10 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
             if not eq:
                 # the next word is the next key=value, not this option's value; a value may hold '=' ("export A=1")
                 if i + 1 >= len(words) or words[i + 1].startswith("--") or _KEY_VALUE.match(words[i + 1]):
+                    leaves, name = key_tree()[0], key if "." in key else key.replace("-", "_")
+                    if name not in leaves and name != "config" and typing.get_origin(
+                            leaves.get(name.rpartition(".")[0])) is not dict:  # `--dryrun`: a typo, not a key
+                        raise ConfigError(key, "is not an option of this command, nor a config key", "see its --help")
                     raise ConfigError(key, "option needs a value", f"write --{key} VALUE or {key}=VALUE")
                 i += 1
                 raw = words[i]
