@@ -147,7 +147,7 @@ def test_resolved_round_trip(tmp_path):
     assert load_resolved(p) == c
 
 
-def test_validate_normalises(tmp_path):
+def test_validate_normalises(tmp_path, monkeypatch):
     c = load_config(None, ["trainer.ppo.async_training=False", "rollout.max_head_offpolicyness=4",
                            "trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
                            f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0"])
@@ -158,6 +158,12 @@ def test_validate_normalises(tmp_path):
                            f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0", "cluster.python=~/v/python"])
     validate(c)
     assert c.cluster.python == os.path.expanduser("~/v/python") and not c.cluster.python.startswith("~")
+    # a relative fileroot stayed relative in {run}/config.yaml: given from another directory, it named another run
+    monkeypatch.chdir(tmp_path)
+    c = load_config(None, ["trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           "cluster.fileroot=./runs", "cluster.n_gpus_per_node=0"])
+    validate(c)
+    assert c.cluster.fileroot == str(tmp_path / "runs")
 
 
 

@@ -360,6 +360,8 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
                 raise ConfigError("trainer.plugins", f"plugin file {p!r} not found", "give a .py file or a module name")
             cfg.trainer.plugins[i] = str(path)
     c.python = os.path.expanduser(c.python)  # `~/venv/bin/python` reaches the job script quoted: no shell expands it
+    # absolute in {run}/config.yaml: that file given from another directory (resubmit, status) names the same run
+    c.fileroot = os.path.abspath(os.path.expanduser(c.fileroot))
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
     try:  # really try: os.access says yes to root even on /proc (and a file there fails too)
