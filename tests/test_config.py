@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -121,6 +122,19 @@ def test_a_config_file_under_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "my.yaml").write_text("trial_name: home\n")
     assert load_config(None, ["--config=~/my.yaml"]).trial_name == "home"
+
+
+def test_a_config_file_that_cannot_be_read(tmp_path, monkeypatch, capsys):
+    """A config file the user may not read (or in a directory they may not enter) was a PermissionError traceback."""
+    from areal_hpc.cli.main import main
+
+    (tmp_path / "c.yaml").write_text("seed: 1\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["submit", str(tmp_path / "c.yaml"), f"cluster.fileroot={tmp_path}"]) == 2
+    assert capsys.readouterr().err.endswith("c.yaml cannot be read: Permission denied (check its permissions)\n")
 
 
 def test_an_empty_value_empties_a_string_of_the_file(tmp_path):

@@ -116,13 +116,16 @@ def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[
     problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
     p = Path(os.path.expanduser(path))  # `--config=~/my.yaml`: the shell leaves a ~ after `=` as it is
     name = "" if key == str(path) else f"{path} "
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
-        raise ConfigError(key, f"{name}{what}", hint or "give the path of a YAML file, e.g. configs/quickstart.yaml")
-    if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
-        raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
-                          hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
-    raw = p.read_bytes()
+    try:  # OSError: no permission to read the file (or to look into its directory), and the like
+        if not p.is_file():
+            what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
+            raise ConfigError(key, f"{name}{what}", hint or "give a YAML file's path, e.g. configs/quickstart.yaml")
+        if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
+            raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
+                              hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"{name}cannot be read: {e.strerror or e}", hint or "check its permissions") from None
     try:
         if b"\0" in raw:
             raise UnicodeDecodeError("utf-8", raw, raw.find(b"\0"), raw.find(b"\0") + 1, "NUL byte")
