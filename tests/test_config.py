@@ -137,6 +137,20 @@ def test_a_config_file_that_cannot_be_read(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.endswith("c.yaml cannot be read: Permission denied (check its permissions)\n")
 
 
+def test_a_name_with_leading_zeros_keeps_them(tmp_path):
+    """`trial_name: 01` in a config file is an octal 1 to YAML 1.1: the run went to .../1 (`010` to .../8), and
+    `status trial_name=01` found no run. A number with a leading zero stays the text it is."""
+    f = tmp_path / "c.yaml"
+    f.write_text("trial_name: 01\nexperiment_name: 010\n")
+    c = load_config(str(f), [])
+    assert (c.trial_name, c.experiment_name) == ("01", "010")
+    (tmp_path / "resolved.yaml").write_text(dump_yaml(c))
+    assert load_resolved(tmp_path / "resolved.yaml").trial_name == "01"  # written quoted, read back as it was
+    f.write_text("rollout:\n  batch_size: 010\n")  # not 8
+    with pytest.raises(ConfigError, match="rollout.batch_size: expected int, got str '010'"):
+        load_config(str(f), [])
+
+
 def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
     """`valid_dataset.path=` (a shell cannot pass '""') drops the file's eval set; YAML would read it as null."""
     f = tmp_path / "c.yaml"

@@ -64,14 +64,15 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file; anything bigger is 
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, except that ``1:30:00`` stays a string: YAML 1.1 reads it as the base-60 integer 5400,
-    which as `cluster.time` would silently mean 5400 minutes."""
+    which as `cluster.time` would silently mean 5400 minutes; and so does ``01``, an octal 1 to YAML 1.1
+    (`trial_name: 01` was the run dir .../1, `010` was 8)."""
 
 
 def _no_sexagesimal(kind):
     base = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
 
     def construct(loader, node):
-        if ":" in str(node.value):
+        if ":" in str(node.value) or (kind == "int" and re.fullmatch(r"[-+]?0[0-9_]+", str(node.value))):
             return loader.construct_scalar(node)
         return base(loader, node)
     return construct
