@@ -113,6 +113,9 @@ BAD_OVERRIDES = [
     (["cluster.sbatch_args=['--time 10']"], "cluster.sbatch_args[0]"),  # the value in the same entry: #SBATCH --time 10
     # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
     (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
+    # more PPO minibatches than prompt groups on a rank: fewer were taken, silently
+    (["allocation_mode=hf:d1+d2", "rollout.batch_size=8", "trainer.ppo.ppo_n_minibatches=8"],
+     "trainer.ppo.ppo_n_minibatches"),
     (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],
      "trainer.sft.batch_size"),
     # a name no registry knows (without trainer.plugins, which may add names)

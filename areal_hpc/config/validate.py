@@ -401,6 +401,11 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if t in ("ppo", "sft") and get(cfg, key) % alloc.train.world_size:  # each trainer rank takes an equal share
         raise ConfigError(key, f"{get(cfg, key)} cannot be split evenly over {alloc.train.world_size} trainer ranks",
                           "make it a multiple of the trainer's d")
+    if t == "ppo" and ppo.ppo_n_minibatches > (groups := cfg.rollout.batch_size // alloc.train.world_size):
+        # a minibatch is whole prompt groups: past one group each, fewer minibatches were taken, silently
+        raise ConfigError("trainer.ppo.ppo_n_minibatches", f"{ppo.ppo_n_minibatches} minibatches of whole prompt "
+                          f"groups, but each of the {alloc.train.world_size} trainer rank(s) gets {groups} groups "
+                          f"of rollout.batch_size={cfg.rollout.batch_size}", f"at most {groups}, or a larger batch")
     if ppo.weight_update == "nccl" and c.n_gpus_per_node == 0:
         raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk or gloo on CPU-only runs")
     if ppo.weight_update == "gloo" and c.n_gpus_per_node > 0:
