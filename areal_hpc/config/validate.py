@@ -43,6 +43,11 @@ _SBATCH_OWNED = {"time": "set cluster.time", "partition": "set cluster.partition
                  **dict.fromkeys(("output", "error", "open-mode"),
                                  "leave it out: the job's log is {run}/logs/slurm-%j.out, where `areal-hpc logs` reads"),
                  "signal": "leave it out: USR2 90 s before the time limit makes the run checkpoint and requeue"}
+# srun options `launch.slurm.srun_argv` sizes every step with; cluster.srun_args come after and would win (--mem=0:
+# each step asks for a node's memory, the next one waits for ever). Short spellings by their one letter.
+_SRUN_OWNED = dict.fromkeys(("nodes", "N", "ntasks", "n", "ntasks-per-node", "relative", "r", "exact", "cpus-per-task",
+                             "c", "mem", "mem-per-cpu", "mem-per-gpu", "gres", "gpus-per-task", "job-name", "J",
+                             "output", "o", "open-mode", "jobid"), "leave it out: areal-hpc sizes each step itself")
 # What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
 # registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
 _LONGEST_INSIDE = 256
@@ -199,10 +204,12 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             if not args[i].startswith(dash) and not is_value:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
-            name = re.split(r"[=\s]", args[i][2:], maxsplit=1)[0]  # "--time 10" in one entry is a --time too
-            if key == "sbatch_args" and not is_value and name in _SBATCH_OWNED:
-                raise ConfigError(f"cluster.{key}[{i}]", f"--{name} is an option areal-hpc sets itself",
-                                  _SBATCH_OWNED[name])
+            long = args[i].startswith("--")  # "--time 10" in one entry is a --time too; "-n4" is -n
+            name = re.split(r"[=\s]", args[i][2:], maxsplit=1)[0] if long else args[i][1:2]
+            owned = _SBATCH_OWNED if key == "sbatch_args" else _SRUN_OWNED
+            if not is_value and name in owned:
+                raise ConfigError(f"cluster.{key}[{i}]", f"{'--' if long else '-'}{name} is an option areal-hpc sets "
+                                  "itself", owned[name])
     for name in (n for n, v in cfg.server.sglang_args.items() if v == []):  # [] renders a bare flag, as true does
         raise ConfigError(f"server.sglang_args.{name}", "is an empty list, which gives the flag no value",
                           "give true for a bare flag, false to leave the flag out, or a list of its values")
