@@ -110,9 +110,16 @@ BAD_OVERRIDES = [
     (["cluster.sbatch_args=[--exclusive, --time=10]"], "cluster.sbatch_args[1]"),
     (["cluster.sbatch_args=['#SBATCH --signal=B:USR1@60']"], "cluster.sbatch_args[0]"),
     (["cluster.sbatch_args=[--output, /tmp/x.out]"], "cluster.sbatch_args[0]"),
-    (["cluster.sbatch_args=['--time 10']"], "cluster.sbatch_args[0]"),  # the value in the same entry: #SBATCH --time 10
+    (["cluster.sbatch_args=['--time 10']"], "cluster.sbatch_args[0]"),
+    # srun options each step is sized with (the README's rule for sbatch_args): --mem=0 made a step ask for all of a
+    # node's memory, the next step waited for ever
+    (["cluster.srun_args=[--mpi=pmix, --mem=0]"], "cluster.srun_args[1]"),
+    (["cluster.srun_args=[-n4]"], "cluster.srun_args[0]"),  # the value in the same entry: #SBATCH --time 10
     # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
     (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
+    # more PPO minibatches than prompt groups on a rank: fewer were taken, silently
+    (["allocation_mode=hf:d1+d2", "rollout.batch_size=8", "trainer.ppo.ppo_n_minibatches=8"],
+     "trainer.ppo.ppo_n_minibatches"),
     (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],
      "trainer.sft.batch_size"),
     # a name no registry knows (without trainer.plugins, which may add names)

@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -123,6 +124,33 @@ def test_a_config_file_under_home(tmp_path, monkeypatch):
     assert load_config(None, ["--config=~/my.yaml"]).trial_name == "home"
 
 
+def test_a_config_file_that_cannot_be_read(tmp_path, monkeypatch, capsys):
+    """A config file the user may not read (or in a directory they may not enter) was a PermissionError traceback."""
+    from areal_hpc.cli.main import main
+
+    (tmp_path / "c.yaml").write_text("seed: 1\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["submit", str(tmp_path / "c.yaml"), f"cluster.fileroot={tmp_path}"]) == 2
+    assert capsys.readouterr().err.endswith("c.yaml cannot be read: Permission denied (check its permissions)\n")
+
+
+def test_a_name_with_leading_zeros_keeps_them(tmp_path):
+    """`trial_name: 01` in a config file is an octal 1 to YAML 1.1: the run went to .../1 (`010` to .../8), and
+    `status trial_name=01` found no run. A number with a leading zero stays the text it is."""
+    f = tmp_path / "c.yaml"
+    f.write_text("trial_name: 01\nexperiment_name: 010\n")
+    c = load_config(str(f), [])
+    assert (c.trial_name, c.experiment_name) == ("01", "010")
+    (tmp_path / "resolved.yaml").write_text(dump_yaml(c))
+    assert load_resolved(tmp_path / "resolved.yaml").trial_name == "01"  # written quoted, read back as it was
+    f.write_text("rollout:\n  batch_size: 010\n")  # not 8
+    with pytest.raises(ConfigError, match="rollout.batch_size: expected int, got str '010'"):
+        load_config(str(f), [])
+
+
 def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
     """`valid_dataset.path=` (a shell cannot pass '""') drops the file's eval set; YAML would read it as null."""
     f = tmp_path / "c.yaml"
@@ -147,7 +175,7 @@ def test_resolved_round_trip(tmp_path):
     assert load_resolved(p) == c
 
 
-def test_validate_normalises(tmp_path):
+def test_validate_normalises(tmp_path, monkeypatch):
     c = load_config(None, ["trainer.ppo.async_training=False", "rollout.max_head_offpolicyness=4",
                            "trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
                            f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0"])
@@ -158,6 +186,12 @@ def test_validate_normalises(tmp_path):
                            f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0", "cluster.python=~/v/python"])
     validate(c)
     assert c.cluster.python == os.path.expanduser("~/v/python") and not c.cluster.python.startswith("~")
+    # a relative fileroot stayed relative in {run}/config.yaml: given from another directory, it named another run
+    monkeypatch.chdir(tmp_path)
+    c = load_config(None, ["trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           "cluster.fileroot=./runs", "cluster.n_gpus_per_node=0"])
+    validate(c)
+    assert c.cluster.fileroot == str(tmp_path / "runs")
 
 
 

@@ -64,14 +64,15 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file; anything bigger is 
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, except that ``1:30:00`` stays a string: YAML 1.1 reads it as the base-60 integer 5400,
-    which as `cluster.time` would silently mean 5400 minutes."""
+    which as `cluster.time` would silently mean 5400 minutes; and so does ``01``, an octal 1 to YAML 1.1
+    (`trial_name: 01` was the run dir .../1, `010` was 8)."""
 
 
 def _no_sexagesimal(kind):
     base = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
 
     def construct(loader, node):
-        if ":" in str(node.value):
+        if ":" in str(node.value) or (kind == "int" and re.fullmatch(r"[-+]?0[0-9_]+", str(node.value))):
             return loader.construct_scalar(node)
         return base(loader, node)
     return construct
@@ -116,13 +117,16 @@ def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[
     problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
     p = Path(os.path.expanduser(path))  # `--config=~/my.yaml`: the shell leaves a ~ after `=` as it is
     name = "" if key == str(path) else f"{path} "
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
-        raise ConfigError(key, f"{name}{what}", hint or "give the path of a YAML file, e.g. configs/quickstart.yaml")
-    if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
-        raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
-                          hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
-    raw = p.read_bytes()
+    try:  # OSError: no permission to read the file (or to look into its directory), and the like
+        if not p.is_file():
+            what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
+            raise ConfigError(key, f"{name}{what}", hint or "give a YAML file's path, e.g. configs/quickstart.yaml")
+        if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
+            raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
+                              hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"{name}cannot be read: {e.strerror or e}", hint or "check its permissions") from None
     try:
         if b"\0" in raw:
             raise UnicodeDecodeError("utf-8", raw, raw.find(b"\0"), raw.find(b"\0") + 1, "NUL byte")
