@@ -72,6 +72,7 @@ BAD_OVERRIDES = [
     (["cluster.time=1-25"], "cluster.time"),
     (["cluster.time=4h"], "cluster.time"),
     (["cluster.time=1:2:3:4"], "cluster.time"),
+    (["cluster.time=1"], "cluster.time"),  # 1 minute: USR2@90 at once, requeued for ever ("1" meant as an hour?)
     # control characters in what reaches the job script (and NUL anywhere)
     (["cluster.partition=debug\nrm -rf ~"], "cluster.partition"),
     (["cluster.account=proj\r"], "cluster.account"),
@@ -88,6 +89,7 @@ BAD_OVERRIDES = [
     (["rollout.drop_timeout_s=0"], "rollout.drop_timeout_s"),
     (["rollout.stall_timeout_s=-1"], "rollout.stall_timeout_s"),
     (["server.port=70000"], "server.port"),
+    (["server.port=30000", "allocation_mode=hf:d2+d1"], "server.port"),  # two servers of one node on one port
     (["server.mem_fraction_static=0"], "server.mem_fraction_static"),
     (["server.context_length=0"], "server.context_length"),
     (["rollout.gen.top_k=0"], "rollout.gen.top_k"),
@@ -108,8 +110,16 @@ BAD_OVERRIDES = [
     (["cluster.sbatch_args=[--exclusive, --time=10]"], "cluster.sbatch_args[1]"),
     (["cluster.sbatch_args=['#SBATCH --signal=B:USR1@60']"], "cluster.sbatch_args[0]"),
     (["cluster.sbatch_args=[--output, /tmp/x.out]"], "cluster.sbatch_args[0]"),
+    (["cluster.sbatch_args=['--time 10']"], "cluster.sbatch_args[0]"),
+    # srun options each step is sized with (the README's rule for sbatch_args): --mem=0 made a step ask for all of a
+    # node's memory, the next step waited for ever
+    (["cluster.srun_args=[--mpi=pmix, --mem=0]"], "cluster.srun_args[1]"),
+    (["cluster.srun_args=[-n4]"], "cluster.srun_args[0]"),  # the value in the same entry: #SBATCH --time 10
     # a batch the trainer ranks cannot share evenly (found here, not by every rank after loading the model)
     (["allocation_mode=hf:d1+d3", "rollout.batch_size=8"], "rollout.batch_size"),
+    # more PPO minibatches than prompt groups on a rank: fewer were taken, silently
+    (["allocation_mode=hf:d1+d2", "rollout.batch_size=8", "trainer.ppo.ppo_n_minibatches=8"],
+     "trainer.ppo.ppo_n_minibatches"),
     (["allocation_mode=fsdp:d2", "trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "trainer.sft.batch_size=5"],
      "trainer.sft.batch_size"),
     # a name no registry knows (without trainer.plugins, which may add names)
@@ -119,6 +129,11 @@ BAD_OVERRIDES = [
     # a flag's list on the command line is YAML as in the file: [] and a broken list are refused, not passed as text
     (["server.sglang_args.enable-memory-saver=[]"], "server.sglang_args.enable-memory-saver"),
     (["server.sglang_args.cuda-graph-bs=[1, 2"], "server.sglang_args.cuda-graph-bs"),
+    # so is a broken list of a list key: it was one item of text, e.g. a job script line "[module load cuda, ..."
+    (["cluster.setup_commands=[module load cuda, source /opt/env.sh"], "cluster.setup_commands"),
+    (["rollout.gen.stop_token_ids=[1, 2"], "rollout.gen.stop_token_ids:"),  # not "[0]: expected int, got '[1, 2'"
+    # a system prompt with raw-text prompts (no chat template to carry it) was dropped without a word
+    (["train_dataset.chat_template=none", "train_dataset.system_prompt=Be brief."], "train_dataset.system_prompt"),
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

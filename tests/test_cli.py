@@ -172,3 +172,49 @@ def test_add_servers_new_job_to_a_run_without_servers_is_bad_input(tmp_path, cap
     assert run_cli("add-servers", "--new-job", *names) == 2
     err = capsys.readouterr().err
     assert "allocation_mode: 'fsdp:d1' has no inference servers" in err, err
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan"])
+def test_stop_with_a_negative_timeout_is_bad_input(tmp_path, capsys, timeout):
+    """`stop --timeout -1` (meant as "no limit") skipped the wait for a graceful stop: what ran on this host was
+    SIGKILLed (a Slurm job cancelled) at once, with no checkpoint. It is bad input now; nothing is asked of the run."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli("stop", *names, "--timeout", timeout) == 2
+    assert capsys.readouterr().err.startswith("areal-hpc stop: error: --timeout: must be seconds >= 0")
+    assert not list(next(tmp_path.glob("*/e1/t1")).glob("registry/requests/*"))
+
+
+def test_logs_with_negative_lines_is_bad_input(tmp_path, capsys):
+    """`logs -n -5` (tail's "last 5") printed no line of the log, and said nothing of why."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    (next(tmp_path.glob("*/e1/t1")) / "logs" / "trainer-0.log").write_text("step 1\nstep 2\n")
+    capsys.readouterr()
+    assert run_cli("logs", *names, "-n", "1") == 0 and capsys.readouterr().out == "step 2\n"
+    assert run_cli("logs", *names, "-n", "-5") == 2
+    assert capsys.readouterr().err.startswith("areal-hpc logs: error: --lines: must be >= 0, got -5")
+
+
+def test_logs_role_after_the_config_words(tmp_path, capsys):
+    """`logs configs/quickstart.yaml server-0` (the README's `logs -f CONFIG`, a role added) was refused with
+    "unexpected argument 'server-0' (at most one CONFIG.yaml, then key=value overrides)": only a first word was
+    a role."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    (next(tmp_path.glob("*/e1/t1")) / "logs" / "server-0.log").write_text("serving\n")
+    capsys.readouterr()
+    for words in ([QUICKSTART, *names, "server-0"], ["--experiment_name", "e1", *names[::2], "server-0"]):
+        assert run_cli("logs", *words) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == "serving\n"
+
+
+@pytest.mark.parametrize("words", [["submit", QUICKSTART, "--dryrun"], ["status", "--jsn", "trial_name=t1"]])
+def test_a_mistyped_flag_is_named_as_such(words, capsys):
+    """`submit CONFIG --dryrun` said "dryrun: option needs a value (write --dryrun VALUE or dryrun=VALUE)", as if
+    the flag were a config key missing its value; a config key without its value still says that."""
+    assert run_cli(*words) == 2
+    assert "is not an option of this command, nor a config key (see its --help)" in capsys.readouterr().err
+    assert run_cli("status", "--trial_name") == 2
+    assert "trial_name: option needs a value" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """Config loading: sources in order, dotted overrides, types, unknown keys with hints."""
 
+import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -62,6 +64,8 @@ def test_types_lists_dicts_and_nulls():
     (["rollout.gen.temperature=hot"], "rollout.gen.temperature", "invalid float"),
     (["trainer.ppo.async_training=maybe"], "trainer.ppo.async_training", "Boolean"),
     (["experiment_name=null"], "experiment_name", "must not be null"),
+    # a section given a value was "unknown key (did you mean 'trainer.type' or 'trainer.ppo.kl_ctl'?)"
+    (["trainer.ppo=null"], "trainer.ppo", "is a section, not a key (set its keys one by one, e.g. trainer.ppo.actor."),
 ])
 def test_bad_overrides(overrides, key, words):
     with pytest.raises(ConfigError) as e:
@@ -76,6 +80,10 @@ def test_bad_yaml_keys_and_types(tmp_path):
         load_config(str(f), [])
     f.write_text("rollout:\n  batch_size: many\n")
     with pytest.raises(ConfigError, match="rollout.batch_size: expected int"):
+        load_config(str(f), [])
+    # a dotted key (an override's spelling) in a file: "unknown key (did you mean 'trainer.ppo.eps_clip'?)" named it
+    f.write_text("trainer:\n  ppo.eps_clip: 0.2\n")
+    with pytest.raises(ConfigError, match=r"trainer.ppo.eps_clip: is one dotted key .*nest it .*ppo: \{eps_clip: "):
         load_config(str(f), [])
     f.write_text("cluster: 3\n")
     with pytest.raises(ConfigError, match="cluster: is a section"):
@@ -97,6 +105,50 @@ def test_words_name_the_file_and_layer_over_it(tmp_path):
         load_config(str(f), ["--config", str(f)])
     with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
         load_config(None, [str(f), "stray"])
+
+
+def test_a_value_after_its_option_may_hold_an_equals_sign():
+    """`--cluster.setup_commands "export HF_HOME=/x"` was refused as "option needs a value": any next word with a '='
+    was taken for the next key=value. Only a word that starts like a key is one."""
+    c = load_config(None, ["--cluster.setup_commands", "export HF_HOME=/x", "--cluster.sbatch_args", "[--x=1]"])
+    assert c.cluster.setup_commands == ["export HF_HOME=/x"] and c.cluster.sbatch_args == ["--x=1"]
+    with pytest.raises(ConfigError, match="cluster.partition: option needs a value"):
+        load_config(None, ["--cluster.partition", "trial_name=t1"])
+
+
+def test_a_config_file_under_home(tmp_path, monkeypatch):
+    """`--config=~/my.yaml` (bash expands no ~ after `--config=`) said "config: ~/my.yaml not found" of a file that
+    is there; every other path of the config (fileroot, datasets, models, plugins) takes a ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my.yaml").write_text("trial_name: home\n")
+    assert load_config(None, ["--config=~/my.yaml"]).trial_name == "home"
+
+
+def test_a_config_file_that_cannot_be_read(tmp_path, monkeypatch, capsys):
+    """A config file the user may not read (or in a directory they may not enter) was a PermissionError traceback."""
+    from areal_hpc.cli.main import main
+
+    (tmp_path / "c.yaml").write_text("seed: 1\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["submit", str(tmp_path / "c.yaml"), f"cluster.fileroot={tmp_path}"]) == 2
+    assert capsys.readouterr().err.endswith("c.yaml cannot be read: Permission denied (check its permissions)\n")
+
+
+def test_a_name_with_leading_zeros_keeps_them(tmp_path):
+    """`trial_name: 01` in a config file is an octal 1 to YAML 1.1: the run went to .../1 (`010` to .../8), and
+    `status trial_name=01` found no run. A number with a leading zero stays the text it is."""
+    f = tmp_path / "c.yaml"
+    f.write_text("trial_name: 01\nexperiment_name: 010\n")
+    c = load_config(str(f), [])
+    assert (c.trial_name, c.experiment_name) == ("01", "010")
+    (tmp_path / "resolved.yaml").write_text(dump_yaml(c))
+    assert load_resolved(tmp_path / "resolved.yaml").trial_name == "01"  # written quoted, read back as it was
+    f.write_text("rollout:\n  batch_size: 010\n")  # not 8
+    with pytest.raises(ConfigError, match="rollout.batch_size: expected int, got str '010'"):
+        load_config(str(f), [])
 
 
 def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
@@ -123,12 +175,23 @@ def test_resolved_round_trip(tmp_path):
     assert load_resolved(p) == c
 
 
-def test_validate_normalises(tmp_path):
+def test_validate_normalises(tmp_path, monkeypatch):
     c = load_config(None, ["trainer.ppo.async_training=False", "rollout.max_head_offpolicyness=4",
                            "trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
                            f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0"])
     validate(c)
     assert c.rollout.max_head_offpolicyness == 0  # sync training means staleness 0
+    # cluster.python=~/venv/bin/python went into the job script as '~/venv/bin/python': no such file on the node
+    c = load_config(None, ["trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0", "cluster.python=~/v/python"])
+    validate(c)
+    assert c.cluster.python == os.path.expanduser("~/v/python") and not c.cluster.python.startswith("~")
+    # a relative fileroot stayed relative in {run}/config.yaml: given from another directory, it named another run
+    monkeypatch.chdir(tmp_path)
+    c = load_config(None, ["trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           "cluster.fileroot=./runs", "cluster.n_gpus_per_node=0"])
+    validate(c)
+    assert c.cluster.fileroot == str(tmp_path / "runs")
 
 
 

@@ -152,6 +152,25 @@ def test_json_lines_errors_name_file_and_line(tmp_path):
         list(iter_json_rows(str(scalar)))
 
 
+def test_a_data_file_that_cannot_be_read_is_bad_input(tmp_path, monkeypatch, capsys):
+    """A .jsonl the user may not read ended `submit` with a PermissionError traceback (resolve reads every line)."""
+    from areal_hpc.cli.main import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    read_bytes = Path.read_bytes
+
+    def denied(self):
+        if self.suffix == ".jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["submit", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"), "--dry-run",
+                 f"cluster.fileroot={tmp_path}", f"train_dataset.path={data}"]) == 2
+    assert capsys.readouterr().err.endswith(f"train_dataset.path: {data} cannot be read: Permission denied "
+                                            "(check its permissions)\n")
+
+
 def test_alike_directories_do_not_share_a_cache_entry(tmp_path):
     """`datasets` keys its cache for a directory by its name and layout only; we read a directory's
     split as data files, so two directories named alike (or a file rewritten) give their own rows."""

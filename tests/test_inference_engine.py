@@ -157,6 +157,15 @@ def test_stop_tokens_eos_and_zero_budget(engine, reference):
     assert z.output_ids == [] and z.finish_reason["type"] == "length"
 
 
+def test_ignore_eos_ignores_stop_token_ids_too(engine):
+    """In SGLang, ignore_eos turns off every stop token, stop_token_ids included (`Req._check_token_based_finish`
+    returns at once). The hf engine still stopped on stop_token_ids: the same request (a generation config with
+    ignore_eos and stop tokens) gave shorter completions on hf servers than on SGLang ones."""
+    probe = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=1, temperature=0))])[0]
+    s = run(engine, [Sequence([4, 4, 4], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True,
+                                                        stop_token_ids=tuple(probe.output_ids)))])[0]
+    assert len(s.output_ids) == 5 and s.finish_reason == {"type": "length", "length": 5}
+
 def test_pause_abort_returns_partial_and_holds_new_work(engine, reference):
     long = [Sequence([3 + i, 8, 9], SamplingParams(max_new_tokens=2000, temperature=1.0, ignore_eos=True))
             for i in range(4)]
@@ -291,6 +300,13 @@ def test_sampler_filters():
         assert abs(lps[3] - torch.log_softmax(logits[3], -1).max().item()) < 1e-5
 
 
+def test_a_huge_top_k_does_not_fail_the_batch_it_is_sampled_in():
+    """top_k above the vocabulary means the whole vocabulary, however large: one past int64 (valid JSON, accepted by
+    the validation) failed the sampling of its step, so every request decoding beside it got a 500."""
+    logits = torch.randn(2, 50)
+    toks, _ = sample(logits, [SamplingParams(top_k=3), SamplingParams(top_k=10 ** 30)])
+    assert toks[0] in set(logits[0].topk(3).indices.tolist()) and 0 <= toks[1] < 50
+
 def test_sampling_params_validation():
     from areal_hpc.inference.http_validate import RequestError, engine_sampling_params as sampling_params
 
@@ -310,6 +326,14 @@ def test_sampling_params_validation():
         with pytest.raises(RequestError):
             sampling_params(bad)
 
+
+def test_a_null_sampling_param_is_its_default():
+    """null for a sampling_params key means its default, in SGLang and for every other key here: ignore_eos null was
+    a 400 ("must be true or false") for a client that fills every key it does not set with null."""
+    from areal_hpc.inference.http_validate import engine_sampling_params as sampling_params
+
+    keys = [f.name for f in dataclasses.fields(SamplingParams)]
+    assert sampling_params(dict.fromkeys(keys)) == SamplingParams()
 
 def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
     """The CUDA-graph path's fixed buffers and bucketed batches (padding rows, bucketed widths),
@@ -488,3 +512,68 @@ def test_work_sent_while_the_loop_exits_fails_instead_of_hanging(model_path):
     assert late.finished and late.finish_reason["status_code"] == 503
     with pytest.raises(RuntimeError, match="not running"):
         command.result(0)
+
+
+def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
+    """SGLang's ``text`` leaves out the stop token that ended the generation (``output_ids`` keep it), and keeps it
+    with ``sampling_params.no_stop_trim``. The hf server accepted no_stop_trim but ignored it: its text always ended
+    with the stop token. Streamed, no chunk shows it either."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+    stops = [t for t in range(engine.runner.vocab_size) if t not in engine.runner.eos_token_ids and t > 2]
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            out = []
+            for keep in (False, True):
+                body = {"text": "12+3=", "sampling_params": {"max_new_tokens": 8, "temperature": 0,
+                                                             "stop_token_ids": stops, "no_stop_trim": keep}}
+                async with s.post(url + "/generate", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    out.append(await r.json())
+            async with s.post(url + "/generate", json={**body, "stream": True, "sampling_params": {
+                    **body["sampling_params"], "no_stop_trim": False}}) as r:
+                chunks = [json.loads(line[6:]) for line in (await r.text()).split("\n\n") if line[6:].startswith("{")]
+            return out, chunks, await server.tokenizer()
+
+    (trimmed, kept), chunks, tok = asyncio.run(go())
+    assert chunks[-1]["text"] == trimmed["text"] and all(trimmed["text"].startswith(c["text"]) for c in chunks)
+    ids = trimmed["output_ids"]
+    assert trimmed["meta_info"]["finish_reason"]["matched"] == ids[-1] in stops and kept["output_ids"] == ids
+    assert trimmed["text"] == tok.decode(ids[:-1], skip_special_tokens=True)
+    assert kept["text"] == tok.decode(ids, skip_special_tokens=True) != trimmed["text"]
+
+
+def test_a_weight_version_that_is_no_string_is_refused(engine):
+    """A weight version is a string in SGLang's requests (a null or an object there is a 422). The hf server took any
+    JSON value and served str() of it as the version of every token after it, "None" or "{'v': 1}", which no trainer
+    can compare with its own (and a later update without a version could no longer move it on)."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, engine.weight_version
+
+            path = engine.runner.model_path
+            assert await post("/update_weight_version", {"new_version": None}) == (400, "0")
+            assert await post("/update_weight_version", {"new_version": {"v": 1}}) == (400, "0")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": [2]}) == (400, "0")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": True}) == (400, "0")
+            assert await post("/update_weight_version", {"new_version": 3}) == (200, "3")
+            assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": "4"}) == (200, "4")
+
+    asyncio.run(go())

@@ -535,3 +535,32 @@ def test_a_null_weight_group_timeout_is_the_default(engine):
     finally:
         trainer.kill()
         trainer.wait()
+
+
+def test_buckets_broadcast_without_a_weight_version_keep_the_version(engine, monkeypatch):
+    """SGLang's /update_weights_from_distributed keeps the weight version when the request names none. Each bucket
+    moved it to the next number, so a client that sends none (its update in several buckets) saw the version jump by
+    the number of buckets at every update; one that names it gets that version."""
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server, runner = EngineServer(engine), engine.runner
+    params = list(runner._params.items())
+    monkeypatch.setattr(runner, "load_broadcast", lambda specs, pg, gone: None)
+    server.groups["g"] = object()
+
+    def bucket(ps, **extra):
+        return {"names": [n for n, _ in ps], "dtypes": [str(p.dtype).replace("torch.", "") for _, p in ps],
+                "shapes": [list(p.shape) for _, p in ps], "group_name": "g", **extra}
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            for ps, extra in ((params[:2], {}), (params[2:], {}), (params, {"weight_version": "3"})):
+                async with s.post(url + "/update_weights_from_distributed", json=bucket(ps, **extra)) as r:
+                    assert r.status == 200, await r.text()
+                versions.append(engine.weight_version)
+
+    before, versions = engine.weight_version, []
+    asyncio.run(go())
+    assert versions == [before, before, "3"]

@@ -118,3 +118,48 @@ def test_groups_without_tokens_are_rejected_or_fresh_never_dropped_as_stale():
         assert c.stats["rejected"] == 2 and c.stats["dropped_stale"] == 0, c.stats
     finally:
         c.stop()
+
+
+class Recording(RolloutWorkflow):
+    """Records the rows it is given (in the order their episodes start); row ``hang`` runs until stopped."""
+
+    def __init__(self, hang: str = ""):
+        self.seen, self.hang = [], hang
+
+    async def arun_episode(self, client, row):
+        from areal_hpc.rollout.workflow import Group, Trajectory
+        self.seen.append(row["prompt"])
+        if row["prompt"] == self.hang:
+            await asyncio.sleep(60)
+        return Group([Trajectory([int(row["prompt"])], [2], [0.0], [0], 1.0)])
+
+
+def test_a_restart_generates_the_rows_in_flight_not_the_last_rows_taken():
+    """Groups finish out of order: rows 1-3 finished while row 0 still ran, and rows 1 and 2 were trained on. The
+    checkpoint moved the position back by the number in flight (2), to row 2: a restart trained on row 2 again and
+    never on row 0. It resumes at the oldest row in flight and skips the rows trained on since."""
+    from areal_hpc.rollout.data import PromptLoader
+
+    rows = [{"prompt": str(i)} for i in range(8)]
+    c = RolloutController(Recording(hang="0"), object(), PromptLoader(rows, shuffle=False), batch_size=2,
+                          max_head_offpolicyness=1).start()  # room for 4 rows at version 0
+    try:
+        assert [g.trajectories[0].prompt_ids for g in c.get_batch(timeout=10)] == [[1], [2]]
+        state = c.rows_state()
+    finally:
+        c.stop()
+    assert state == {"epoch": 0, "pos": 0, "skip": [1, 2]}
+    loader = PromptLoader(rows, shuffle=False)
+    loader.load_state_dict(state)
+    wf = Recording()
+    c = RolloutController(wf, object(), loader, batch_size=2, max_head_offpolicyness=1, skip=state["skip"])
+    c.pause()
+    c.start()
+    try:
+        assert c.rows_state() == state  # a checkpoint before the loop has reached the rows to skip still skips them
+        c.resume()
+        c.get_batch(timeout=10)
+        c.get_batch(timeout=10)
+        assert wf.seen == ["0", "3", "4", "5"] and c.rows_state() == {"epoch": 0, "pos": 6}
+    finally:
+        c.stop()

@@ -106,6 +106,31 @@ def test_what_a_failed_start_made_is_released(trainer):
     assert failing.closed
 
 
+class WarmsUp(StopsDuring):
+    """Steps an optimizer as `FSDPEngine` does: at the scheduled LR (its stats' ``lr``), then the schedule moves on."""
+
+    def setup(self):
+        import torch
+
+        self.opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / 4))  # warm-up
+        engine = FakeEngine()
+        engine.current_lr = lambda: self.opt.param_groups[0]["lr"]
+        return engine
+
+    def train_step(self, step):
+        stats = {"lr": self.opt.param_groups[0]["lr"]}  # (train_batch: read before the LR scheduler steps)
+        self.schedule.step()
+        return stats
+
+
+def test_a_steps_lr_is_the_one_it_trained_with_not_the_next_steps(trainer):
+    """The metrics row replaced the step's own ``lr`` with the optimizer's after the LR scheduler had stepped: the next
+    step's, so every warm-up step (and the last step of a cosine schedule) showed an LR it never trained with."""
+    WarmsUp(trainer.ctx).run()
+    assert [m["lr"] for m in read_metrics(trainer.ctx.run_dir / "metrics.jsonl")][:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
 @register_trainer("test-needs-a-key")
 class NeedsAKey(Trainer):
     def __init__(self, ctx):

@@ -34,11 +34,17 @@ CONFIG_HELP = ("config words go to the config package untouched: an optional YAM
 
 
 def _pop_name(args) -> Optional[str]:
-    """The command's own positional (`logs` ROLE, `remove-server` SERVER): its first word, when that
-    is not a config word (``key=value``, ``--key``, ``CONFIG.yaml``)."""
-    words = args.words
-    if words and not (words[0].startswith("-") or "=" in words[0] or words[0].endswith((".yaml", ".yml"))):
-        return words.pop(0)
+    """The command's own positional (`logs` ROLE, `remove-server` SERVER): its first word that is no config word
+    (``key=value``, ``--key value``, ``--key=value``, ``CONFIG.yaml``), wherever it comes among them (after the
+    CONFIG.yaml too, as in `logs configs/quickstart.yaml server-0`)."""
+    words, i = args.words, 0
+    while i < len(words):
+        if words[i].startswith("-"):
+            i += 1 if "=" in words[i] else 2  # an option's value is no name
+        elif "=" in words[i] or words[i].endswith((".yaml", ".yml")):
+            i += 1
+        else:
+            return words.pop(i)
     return None
 
 
@@ -102,6 +108,8 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     from areal_hpc.launch import status
 
+    if args.lines < 0:  # `tail -n -5` style: it showed nothing, silently
+        raise ConfigError("--lines", f"must be >= 0, got {args.lines}", "e.g. -n 100")
     role = _pop_name(args) or "trainer"
     return status.logs(_existing_run(args), role, follow=args.follow, lines=args.lines)
 
@@ -109,6 +117,8 @@ def cmd_logs(args) -> int:
 def cmd_stop(args) -> int:
     from areal_hpc.launch import control
 
+    if not args.timeout >= 0:  # -1 (or nan) meant as "no limit" skipped the graceful stop: SIGKILL, no checkpoint
+        raise ConfigError("--timeout", f"must be seconds >= 0, got {args.timeout}", "e.g. --timeout 600")
     return control.stop(_existing_run(args), timeout_s=args.timeout, external=args.external)
 
 

@@ -64,14 +64,15 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file; anything bigger is 
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, except that ``1:30:00`` stays a string: YAML 1.1 reads it as the base-60 integer 5400,
-    which as `cluster.time` would silently mean 5400 minutes."""
+    which as `cluster.time` would silently mean 5400 minutes; and so does ``01``, an octal 1 to YAML 1.1
+    (`trial_name: 01` was the run dir .../1, `010` was 8)."""
 
 
 def _no_sexagesimal(kind):
     base = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
 
     def construct(loader, node):
-        if ":" in str(node.value):
+        if ":" in str(node.value) or (kind == "int" and re.fullmatch(r"[-+]?0[0-9_]+", str(node.value))):
             return loader.construct_scalar(node)
         return base(loader, node)
     return construct
@@ -114,15 +115,18 @@ def _check_duplicates(node: yaml.Node, source: str, path: str = "") -> None:
 def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[str] = None) -> Dict[str, Any]:
     """A YAML mapping from a user's file: a regular text file of sane size, valid YAML, no key given twice. Every
     problem is a `ConfigError` naming ``key`` (and the file, unless ``key`` is it)."""
-    p = Path(path)
+    p = Path(os.path.expanduser(path))  # `--config=~/my.yaml`: the shell leaves a ~ after `=` as it is
     name = "" if key == str(path) else f"{path} "
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
-        raise ConfigError(key, f"{name}{what}", hint or "give the path of a YAML file, e.g. configs/quickstart.yaml")
-    if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
-        raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
-                          hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
-    raw = p.read_bytes()
+    try:  # OSError: no permission to read the file (or to look into its directory), and the like
+        if not p.is_file():
+            what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
+            raise ConfigError(key, f"{name}{what}", hint or "give a YAML file's path, e.g. configs/quickstart.yaml")
+        if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
+            raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
+                              hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"{name}cannot be read: {e.strerror or e}", hint or "check its permissions") from None
     try:
         if b"\0" in raw:
             raise UnicodeDecodeError("utf-8", raw, raw.find(b"\0"), raw.find(b"\0") + 1, "NUL byte")
@@ -182,6 +186,10 @@ def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bo
         if name not in hints:
             if strict:
                 leaves, sections = key_tree()
+                if "." in name and (key in leaves or key in sections):  # `cluster.n_nodes: 2`, an override's spelling
+                    parts = name.split(".")  # "did you mean 'cluster.n_nodes'?" would repeat it
+                    raise ConfigError(key, f"is one dotted key{source}", "nest it in the YAML file: "
+                                      + ": {".join(parts) + ": ...}" + "}" * (len(parts) - 2))
                 raise ConfigError(key, f"unknown key{source}", did_you_mean(key, list(leaves) + sections))
             continue
         inner, _ = _strip_optional(hints[name])
@@ -211,6 +219,9 @@ def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
 
 # ----------------------------------------------------------------- the user's words
 
+_KEY_VALUE = re.compile(r"[A-Za-z_][\w.-]*=")  # a config word `a.b=c`
+
+
 def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str]]]:
     """Config words -> (CONFIG file, [(dotted key, raw value)]): the one translation of the seed's ``a.b=c`` and a
     positional ``CONFIG.yaml`` into keys (simple-parsing reads neither)."""
@@ -222,7 +233,12 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
         if word.startswith("--"):
             key, eq, raw = word[2:].partition("=")
             if not eq:
-                if i + 1 >= len(words) or words[i + 1].startswith("--") or "=" in words[i + 1]:
+                # the next word is the next key=value, not this option's value; a value may hold '=' ("export A=1")
+                if i + 1 >= len(words) or words[i + 1].startswith("--") or _KEY_VALUE.match(words[i + 1]):
+                    leaves, name = key_tree()[0], key if "." in key else key.replace("-", "_")
+                    if name not in leaves and name != "config" and typing.get_origin(
+                            leaves.get(name.rpartition(".")[0])) is not dict:  # `--dryrun`: a typo, not a key
+                        raise ConfigError(key, "is not an option of this command, nor a config key", "see its --help")
                     raise ConfigError(key, "option needs a value", f"write --{key} VALUE or {key}=VALUE")
                 i += 1
                 raw = words[i]
@@ -304,8 +320,8 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             origin = typing.get_origin(_strip_optional(leaves[key])[0])
             try:  # `valid_dataset.path=` empties a string field (YAML reads null)
                 value = raw if raw == "" and leaves[key] is str else yaml.load(raw, Loader=_Loader)
-            except yaml.YAMLError:
-                value = raw
+            except yaml.YAMLError:  # a list's or mapping's broken [..: refused, not kept as one item of text
+                value = _flow_collection(key, raw) if origin in (list, dict) else raw
             if origin is list and not isinstance(value, list):
                 value = [] if raw == "" else [value]
             if origin in (list, dict) or value is None:
@@ -315,6 +331,8 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
         elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
             # a scalar keeps its text (the flag's value as typed); a list or mapping is YAML, as in the config file
             _nest(yaml_valued, key, _flow_collection(key, raw))
+        elif section := [k for k in leaves if k.startswith(key + ".")]:  # not "unknown key (did you mean ...)"
+            raise ConfigError(key, "is a section, not a key", f"set its keys one by one, e.g. {section[0]}=...")
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
     return _parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg))

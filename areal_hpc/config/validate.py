@@ -43,6 +43,11 @@ _SBATCH_OWNED = {"time": "set cluster.time", "partition": "set cluster.partition
                  **dict.fromkeys(("output", "error", "open-mode"),
                                  "leave it out: the job's log is {run}/logs/slurm-%j.out, where `areal-hpc logs` reads"),
                  "signal": "leave it out: USR2 90 s before the time limit makes the run checkpoint and requeue"}
+# srun options `launch.slurm.srun_argv` sizes every step with; cluster.srun_args come after and would win (--mem=0:
+# each step asks for a node's memory, the next one waits for ever). Short spellings by their one letter.
+_SRUN_OWNED = dict.fromkeys(("nodes", "N", "ntasks", "n", "ntasks-per-node", "relative", "r", "exact", "cpus-per-task",
+                             "c", "mem", "mem-per-cpu", "mem-per-gpu", "gres", "gpus-per-task", "job-name", "J",
+                             "output", "o", "open-mode", "jobid"), "leave it out: areal-hpc sizes each step itself")
 # What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
 # registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
 _LONGEST_INSIDE = 256
@@ -199,18 +204,23 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             if not args[i].startswith(dash) and not is_value:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
-            name = args[i][2:].partition("=")[0]
-            if key == "sbatch_args" and not is_value and name in _SBATCH_OWNED:
-                raise ConfigError(f"cluster.{key}[{i}]", f"--{name} is an option areal-hpc sets itself",
-                                  _SBATCH_OWNED[name])
+            long = args[i].startswith("--")  # "--time 10" in one entry is a --time too; "-n4" is -n
+            name = re.split(r"[=\s]", args[i][2:], maxsplit=1)[0] if long else args[i][1:2]
+            owned = _SBATCH_OWNED if key == "sbatch_args" else _SRUN_OWNED
+            if not is_value and name in owned:
+                raise ConfigError(f"cluster.{key}[{i}]", f"{'--' if long else '-'}{name} is an option areal-hpc sets "
+                                  "itself", owned[name])
     for name in (n for n, v in cfg.server.sglang_args.items() if v == []):  # [] renders a bare flag, as true does
         raise ConfigError(f"server.sglang_args.{name}", "is an empty list, which gives the flag no value",
                           "give true for a bare flag, false to leave the flag out, or a list of its values")
     try:
-        slurm_time_seconds(str(c.time))
+        seconds = slurm_time_seconds(str(c.time))
     except ValueError as e:
         raise ConfigError("cluster.time", f"{c.time!r} is not a usable Slurm time limit: {e}",
                           "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 04:00:00") from None
+    if seconds <= 90:  # USR2 90 s before the limit would come at the start: checkpoint, requeue, again, for ever
+        raise ConfigError("cluster.time", f"{c.time!r} is {seconds} s: the run checkpoints and requeues 90 s before "
+                          "its limit, so it could never start", "a bare number is minutes; give e.g. 04:00:00")
 
 
 def slurm_time_seconds(spec: str) -> int:
@@ -356,6 +366,9 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             if not path.is_file():
                 raise ConfigError("trainer.plugins", f"plugin file {p!r} not found", "give a .py file or a module name")
             cfg.trainer.plugins[i] = str(path)
+    c.python = os.path.expanduser(c.python)  # `~/venv/bin/python` reaches the job script quoted: no shell expands it
+    # absolute in {run}/config.yaml: that file given from another directory (resubmit, status) names the same run
+    c.fileroot = os.path.abspath(os.path.expanduser(c.fileroot))
 
     existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
     try:  # really try: os.access says yes to root even on /proc (and a file there fails too)
@@ -376,6 +389,10 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if alloc.gen and alloc.gen.backend == "sglang" and c.n_gpus_per_node == 0:
         raise ConfigError("allocation_mode", "sglang servers need GPUs but cluster.n_gpus_per_node=0",
                           "use the embedded engine on CPUs: hf.d1+d1")
+    whole_nodes = alloc.gen and c.n_gpus_per_node and alloc.gen.gpus_per_instance >= c.n_gpus_per_node
+    if cfg.server.port and alloc.n_servers > 1 and not whole_nodes and t != "sft":  # servers packed onto a node
+        raise ConfigError("server.port", f"{cfg.server.port} is fixed, but {alloc.n_servers} servers share a node: "
+                          "only the first can listen on it", "leave it 0: each server takes a free port")
     if t != "sft" and alloc.gen is None:
         raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers but trainer.type={t} "
                           "generates rollouts", "put servers first, e.g. sglang:d4+fsdp:d4 (trainer-only is for sft)")
@@ -391,6 +408,11 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     if t in ("ppo", "sft") and get(cfg, key) % alloc.train.world_size:  # each trainer rank takes an equal share
         raise ConfigError(key, f"{get(cfg, key)} cannot be split evenly over {alloc.train.world_size} trainer ranks",
                           "make it a multiple of the trainer's d")
+    if t == "ppo" and ppo.ppo_n_minibatches > (groups := cfg.rollout.batch_size // alloc.train.world_size):
+        # a minibatch is whole prompt groups: past one group each, fewer minibatches were taken, silently
+        raise ConfigError("trainer.ppo.ppo_n_minibatches", f"{ppo.ppo_n_minibatches} minibatches of whole prompt "
+                          f"groups, but each of the {alloc.train.world_size} trainer rank(s) gets {groups} groups "
+                          f"of rollout.batch_size={cfg.rollout.batch_size}", f"at most {groups}, or a larger batch")
     if ppo.weight_update == "nccl" and c.n_gpus_per_node == 0:
         raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk or gloo on CPU-only runs")
     if ppo.weight_update == "gloo" and c.n_gpus_per_node > 0:
@@ -403,4 +425,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         _check_path(key, getattr(owner, attr), "model")
     for key, ds, _ in datasets_in_use(cfg):
         _check_path(f"{key}.path", ds.path, "dataset")
+        if ds.system_prompt and ds.chat_template == "none":  # raw text has no place for it: it was dropped, silently
+            raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {key}.chat_template=none "
+                              "sends prompts as raw text", "drop one of them, or put the instruction in the prompts")
     return alloc

@@ -38,6 +38,15 @@ def error_response(message: str, status: int) -> web.Response:
     return web.json_response({"error": {"message": message, "code": status}, "message": message}, status=status)
 
 
+def _version(body: Dict[str, Any], key: str) -> Optional[str]:
+    """``body[key]``, a weight version: a string (SGLang's type) or an integer; None when absent or null. Anything else
+    is refused: it became the version of every token (``"None"``, ``"{...}"``), which no trainer can compare."""
+    v = body.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
+        raise RequestError(f"{key} must be a string, got {json.dumps(v)[:80]}")
+    return None if v is None else str(v)
+
+
 def _result(ok: bool, message: str, **extra: Any) -> web.Response:
     """SGLang's answer to a control call: ``success`` and ``message``, 400 when it failed."""
     return web.json_response({"success": ok, "message": message, **extra}, status=200 if ok else 400)
@@ -139,7 +148,13 @@ class EngineServer:
             for entry in out["meta_info"]["output_token_logprobs"]:
                 entry[2] = req.logprob_tokenizer.decode([entry[1]])
         if req.tokenizer is not None:
-            out = {"text": req.tokenizer.decode(out["output_ids"], skip_special_tokens=req.skip_special), **out}
+            ids, p = out["output_ids"], seq.params
+            # as SGLang's text: without the stop token that ends it (output_ids keep it), in a chunk streamed between
+            # its sampling and the end of its step too (a stop token is always the last: it finishes the sequence)
+            if ids and not req.keep_stop and not p.ignore_eos and (ids[-1] in p.stop_token_ids
+                                                                   or ids[-1] in self.engine.eos_token_ids):
+                ids = ids[:-1]
+            out = {"text": req.tokenizer.decode(ids, skip_special_tokens=req.skip_special), **out}
         if req.prompt_ids:
             out["prompt_token_ids"] = list(seq.prompt_ids)
         return out
@@ -254,9 +269,9 @@ class EngineServer:
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        if "new_version" not in body:
+        new, abort = _version(body, "new_version"), bool(body.get("abort_all_requests"))
+        if new is None:
             raise RequestError("missing field: new_version")
-        new, abort = str(body["new_version"]), bool(body.get("abort_all_requests"))
         await self._on_loop(lambda: self.engine.set_version(new, abort))
         return _result(True, f"Weight version updated to {new}", new_version=new)
 
@@ -266,7 +281,7 @@ class EngineServer:
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise RequestError("missing field: model_path")
-        version = body.get("weight_version")
+        version = _version(body, "weight_version")
         async with self._update_lock:
             t0 = time.monotonic()
             try:
@@ -275,7 +290,7 @@ class EngineServer:
                 if problems:
                     raise ValueError("they do not fit the model: " + "; ".join(problems[:5]))
                 res = await asyncio.wrap_future(self.engine.update_weights(
-                    tensors, None if version is None else str(version),
+                    tensors, version,
                     abort_all=bool(body.get("abort_all_requests", False))))
             except Exception as e:  # unreadable, not this model's, or a copy that failed part way (`LLMEngine.tear`)
                 return _result(False, f"failed to load weights from {path}: {e}", num_paused_requests=0)
@@ -349,6 +364,7 @@ class EngineServer:
         except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
             raise RequestError(str(e)) from None
         problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
+        version = _version(body, "weight_version")
         if problems:
             raise RequestError("; ".join(problems[:5]))
         gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come
@@ -364,7 +380,10 @@ class EngineServer:
                 log.error("%s; group %s is dropped", why, group)
                 raise
             self.engine.renew((name, shape) for name, _, shape in specs)
-            self.engine.set_version(body.get("weight_version"), bool(body.get("abort_all_requests")))
+            # none given keeps the version, as in SGLang: an update comes in many buckets, and the next number for
+            # each made the version of a client that sends none jump by their count at every update
+            self.engine.set_version(self.engine.weight_version if version is None else version,
+                                    bool(body.get("abort_all_requests")))
 
         try:
             await self._on_loop(receive)

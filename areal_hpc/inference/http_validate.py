@@ -115,6 +115,7 @@ class GenerateRequest:
     prompt_ids: bool
     interval: int = 1
     skip_special: bool = True
+    keep_stop: bool = False  # no_stop_trim: the text keeps the stop token that ended the generation
 
 
 async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awaitable[Any]], vocab: int,
@@ -151,17 +152,19 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         sps, rids = [sps], [rids]
     if any(rid is not None and not isinstance(rid, str) for rid in rids):
         raise RequestError("rid must be a string")
-    params, shared = [], {"n": set(), "stream_interval": set(), "skip_special_tokens": set()}
+    params, shared = [], {"n": set(), "stream_interval": set(), "skip_special_tokens": set(), "no_stop_trim": set()}
     for sp in sps:
         params.append(engine_sampling_params(sp))  # refuses what is neither an object nor null
         sp = sp or {}  # null: every default. These apply to the whole request: one value for all its prompts
         shared["n"].add(_positive_int(sp, "n"))
         shared["stream_interval"].add(_positive_int(sp, "stream_interval"))
         shared["skip_special_tokens"].add(sp.get("skip_special_tokens", True) is not False)
+        shared["no_stop_trim"].add(bool(sp.get("no_stop_trim")))
     for key, values in shared.items():
         if len(values) > 1:
             raise RequestError(f"sampling_params.{key} must be the same for every prompt of a batch request")
-    n, interval, skip_special = (min(values, default=d) for values, d in zip(shared.values(), (1, 1, True)))
+    n, interval, skip_special, keep_stop = (min(values, default=d)
+                                            for values, d in zip(shared.values(), (1, 1, True, False)))
     logprob_tok = None
     if body.get("return_text_in_logprobs"):
         logprob_tok = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; this server's model has none")
@@ -173,7 +176,7 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     return_logprob = body.get("return_logprob", False)
     return GenerateRequest(prompts, params, rids, batch, tok, logprob_tok,
                            any(return_logprob) if isinstance(return_logprob, list) else bool(return_logprob),
-                           bool(body.get("return_prompt_token_ids")), interval, skip_special)
+                           bool(body.get("return_prompt_token_ids")), interval, skip_special, keep_stop)
 
 
 def engine_sampling_params(d: Any) -> SamplingParams:
@@ -203,7 +206,7 @@ def engine_sampling_params(d: Any) -> SamplingParams:
     stop = stop or []
     if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
         raise RequestError("sampling_params.stop_token_ids must be a list of integers")
-    ignore_eos = d.get("ignore_eos", False)
+    ignore_eos = False if d.get("ignore_eos") is None else d["ignore_eos"]  # null: the default, as for every key
     if not isinstance(ignore_eos, bool):
         raise RequestError("sampling_params.ignore_eos must be true or false")
     return SamplingParams(stop_token_ids=tuple(stop), ignore_eos=ignore_eos, **numbers)

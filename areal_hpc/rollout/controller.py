@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence
 
 from areal_hpc.rollout.workflow import Group, RolloutWorkflow
 
@@ -38,8 +38,12 @@ MAX_FAILURES_IN_ROW = 50  # then the run stops with RolloutError instead of spin
 
 class RolloutController:
     def __init__(self, workflow: RolloutWorkflow, client: Any, rows: Iterator[Dict[str, Any]], batch_size: int,
-                 max_head_offpolicyness: int, max_concurrent: int = 0, start_version: int = 0):
+                 max_head_offpolicyness: int, max_concurrent: int = 0, start_version: int = 0,
+                 skip: Sequence[int] = ()):
         self.workflow, self.client, self.rows = workflow, client, rows
+        # Rows by their index since the start (`rows_state`): taken, in flight (running or accepted, not yet handed
+        # out or dropped), and those to pass over (``skip``: trained on before the checkpoint this run resumes from)
+        self._taken, self._in_flight, self._skip = 0, set(), set(skip)
         self.batch_size, self.max_staleness = batch_size, max_head_offpolicyness
         self.max_concurrent = max_concurrent or batch_size * (max_head_offpolicyness + 1)
         self._cv = threading.Condition()
@@ -107,6 +111,7 @@ class RolloutController:
                 if len(self._pending) >= self.batch_size:
                     self._pending.sort(key=lambda g: g.submit_version)  # stable: oldest first
                     batch, self._pending = self._pending[:self.batch_size], self._pending[self.batch_size:]
+                    self._in_flight.difference_update(g.row_index for g in batch)
                     return batch
                 if self._error is not None:
                     raise RolloutError(str(self._error)) from self._error
@@ -188,12 +193,17 @@ class RolloutController:
                 for sid, info in sorted(servers.items())) or "none live"))
         return "; ".join(parts)
 
-    def rows_state(self) -> Dict[str, int]:
-        """The rows' ``state_dict``, moved back by the groups in flight (accepted but not consumed, or running: what a
-        checkpoint generates again), both read at once (the loop takes a row and counts it running under the same
-        lock), so a row taken meanwhile is neither lost nor generated twice."""
+    def rows_state(self) -> Dict[str, Any]:
+        """The rows' ``state_dict``, moved back to the oldest row in flight (accepted but not consumed, or running: what
+        a checkpoint generates again), with ``skip``: the rows after it that are done (groups finish out of order),
+        read at once (the loop takes a row and counts it in flight under the same lock), so a row taken meanwhile is
+        neither lost nor generated twice."""
         with self._cv:
-            return self.rows.state_dict(rewind=len(self._pending) + self._running)
+            oldest = min(self._in_flight, default=self._taken)
+            state = self.rows.state_dict(rewind=self._taken - oldest)
+            skip = [i - oldest for i in range(oldest, self._taken) if i not in self._in_flight]
+            skip += sorted(i - oldest for i in self._skip if i >= self._taken)  # not reached yet: still to skip
+            return {**state, "skip": skip} if skip else state
 
     def _poke(self) -> None:
         if self._loop is not None and self._wake is not None:
@@ -208,6 +218,7 @@ class RolloutController:
         if dropped:
             oldest = min(g.oldest_version for g in self._pending if g.oldest_version < lowest)
             self.last_drop = {"oldest_version": oldest, "version": trainer, "max_staleness": self.max_staleness}
+            self._in_flight.difference_update(g.row_index for g in self._pending if g.oldest_version < lowest)
             self._pending = keep
             self._accepted -= dropped  # frees their capacity
             self.stats["dropped_stale"] += dropped
@@ -248,9 +259,13 @@ class RolloutController:
                         self._exhausted = True
                         self._cv.notify_all()
                         break
+                    index, self._taken = self._taken, self._taken + 1
+                    if index in self._skip:  # trained on before the restart
+                        continue
                     self._running += 1
+                    self._in_flight.add(index)
                 self.stats["submitted"] += 1
-                t = asyncio.create_task(self._episode(row, self._version))
+                t = asyncio.create_task(self._episode(row, self._version, index))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
             await self._wake.wait()
@@ -261,7 +276,7 @@ class RolloutController:
         if hasattr(self.workflow, "close"):  # its reward workers
             self.workflow.close()
 
-    async def _episode(self, row: Dict[str, Any], version: int) -> None:
+    async def _episode(self, row: Dict[str, Any], version: int, index: int = -1) -> None:
         group: Optional[Group] = None
         failed = False
         try:
@@ -280,11 +295,13 @@ class RolloutController:
         with self._cv:
             self._running -= 1
             if group is not None and group.trajectories:
-                group.submit_version = version
+                group.submit_version, group.row_index = version, index
                 self._accepted += 1
                 self._pending.append(group)
                 self.stats["accepted"] += 1
-            elif not failed:  # the workflow returned no group, or an empty one: rejected (a failure counts as failed)
-                self.stats["rejected"] += 1
+            else:
+                self._in_flight.discard(index)
+                if not failed:  # the workflow returned no group, or an empty one: rejected (a failure: failed)
+                    self.stats["rejected"] += 1
             self._cv.notify_all()
         self._wake.set()

@@ -90,7 +90,10 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
 def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of rows (index + 1 for a
     line). `DatasetError` naming the file and line for text that is not UTF-8, not JSON, or not an object."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:  # no permission, say: one line naming the file, not a traceback from `submit`
+        raise DatasetError("path", f"{path} cannot be read: {e.strerror or e}", "check its permissions") from None
     if b"\x00" in raw[:65536]:
         raise DatasetError("path", f"{path} is a binary file (it holds NUL bytes), not JSON text",
                            "point at a .jsonl/.json text file, or a .parquet file")

@@ -43,6 +43,7 @@ class Group:
 
     trajectories: List[Trajectory]
     submit_version: int = 0  # trainer weight version when the episode started
+    row_index: int = -1  # its row's index among those the controller took (`RolloutController.rows_state`)
 
     @property
     def oldest_version(self) -> int:

@@ -153,8 +153,9 @@ class Trainer:
         return rc
 
     def _metrics(self, step: int, stats: Dict[str, Any], split: Dict[str, float], t_start: float) -> Dict[str, Any]:
+        # the step's own lr (the engine reads it before the LR scheduler steps); the optimizer's now is the next step's
         m = {"step": step, "version": self.engine.get_version(), "time_s": time.monotonic() - t_start, **stats,
-             **split, "lr": self.engine.current_lr()}
+             **split, "lr": stats.get("lr", self.engine.current_lr())}
         for key, rate in (("gen_tokens", "gen_tokens_per_s"), ("tokens", "trained_tokens_per_s")):
             if key in m:
                 m[rate] = m[key] / split["step_time_s"]

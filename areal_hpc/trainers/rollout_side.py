@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.distributed as tdist
 
@@ -105,7 +105,8 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
         tokenizer = load_tokenizer(actor_path(ctx.cfg))
         loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs, tokenizer=tokenizer)
         loader.load_state_dict(loader_state)
-        make_side = functools.partial(RolloutSide, ctx, tokenizer, loader, version)  # make_side(should_stop)
+        skip = (loader_state or {}).get("skip", ())  # rows done after the oldest one in flight (`rows_state`)
+        make_side = functools.partial(RolloutSide, ctx, tokenizer, loader, version, skip=skip)  # make_side(should_stop)
         try:
             in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
             return RolloutProcess(make_side, should_stop) if in_child else make_side(should_stop)
@@ -125,14 +126,14 @@ class RolloutSide(BackgroundUpdates):
     """Rank 0's view of the inference side of a run."""
 
     def __init__(self, ctx: TrainContext, tokenizer, loader: PromptLoader, start_version: int,
-                 should_stop: Callable[[], bool]):
+                 should_stop: Callable[[], bool], skip: Sequence[int] = ()):
         cfg = ctx.cfg
         self.ctx, self.should_stop = ctx, should_stop
         self.pool = server_pool(ctx, should_stop)
         self.controller = RolloutController(
             make_rollout_workflow(cfg, tokenizer, cfg.train_dataset), self.pool, loader,
             batch_size=cfg.rollout.batch_size, max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
-            max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version)
+            max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version, skip=skip)
         # The broadcast's group: trainer rank 0 + every server but the external ones, formed on the first broadcast
         self.group, self.group_name = None, None
         self.members: List[str] = []

@@ -291,7 +291,7 @@ class LLMEngine:
         for seq, tok, lp in zip(seqs, toks, lps):
             seq.append(tok, lp, version)
             p = seq.params
-            if (tok in eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            if not p.ignore_eos and (tok in eos or tok in p.stop_token_ids):  # as SGLang: ignore_eos ignores them all
                 finished.append((seq, {"type": "stop", "matched": tok}))
             elif len(seq.output_ids) >= p.max_new_tokens:
                 finished.append((seq, {"type": "length", "length": p.max_new_tokens}))

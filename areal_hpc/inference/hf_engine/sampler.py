@@ -48,7 +48,9 @@ def _filter_top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -
     dev = probs.device
     sorted_p, idx = probs.sort(dim=-1, descending=True)
     remove = torch.zeros_like(sorted_p, dtype=torch.bool)
-    ks = [p.top_k if p.top_k > 0 else vocab for p in params]
+    # clamped: a top_k past int64 (a request may send 1e30) would fail the tensor, the whole step, and with it
+    # every other request in the batch
+    ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     if any(k < vocab for k in ks):
         k = torch.tensor(ks, device=dev)
         remove |= torch.arange(vocab, device=dev)[None, :] >= k[:, None]
