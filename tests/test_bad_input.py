@@ -73,6 +73,9 @@ BAD_OVERRIDES = [
     (["cluster.time=4h"], "cluster.time"),
     (["cluster.time=1:2:3:4"], "cluster.time"),
     (["cluster.time=1"], "cluster.time"),  # 1 minute: USR2@90 at once, requeued for ever ("1" meant as an hour?)
+    # USR2 90 s before the limit, up to 60 s early: as the job starts (the driver died of it: FAILED, no log)
+    (["cluster.time=2"], "cluster.time"),
+    (["cluster.time=00:02:30"], "cluster.time"),
     # control characters in what reaches the job script (and NUL anywhere)
     (["cluster.partition=debug\nrm -rf ~"], "cluster.partition"),
     (["cluster.account=proj\r"], "cluster.account"),

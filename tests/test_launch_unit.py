@@ -977,22 +977,6 @@ def test_stop_keeps_a_server_job_it_could_not_cancel(tmp_path, monkeypatch, caps
     assert stop(rd, timeout_s=1.0) == 0 and ("scancel", "11") in calls and reg.list("jobs", live_only=False) == {}
 
 
-@pytest.mark.parametrize("limit", ["2", "00:02:30"])
-def test_a_time_limit_shorter_than_the_usr2_lead_is_refused(tmp_path, monkeypatch, limit):
-    """cluster.time=2: Slurm signals USR2 90 s before the limit and up to 60 s early, i.e. as the job starts; the
-    driver's interpreter had no handler yet and died of it: the job ended FAILED within a second, its log holding
-    only submitit's first lines. Refused before anything is queued, naming the key."""
-    cfg = load_config(None, ["mode=slurm", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
-                             f"cluster.fileroot={tmp_path}", f"cluster.time={limit}"])
-    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), tmp_path / "run")
-    asked: List[str] = []
-    monkeypatch.setattr(slurm_submit, "test_allocation", lambda cfg, plan: asked.append("sbatch --test-only"))
-    monkeypatch.setattr(slurm_submit, "make_executor", lambda *a: pytest.fail("submitted"))
-    with pytest.raises(ConfigError) as e:
-        slurm_submit.submit(cfg, plan, tmp_path / "run")
-    assert e.value.key == "cluster.time" and "at least 3 minutes" in str(e.value.hint) and asked == []
-
-
 def test_ctrl_c_while_submit_waits_for_a_slurm_job_says_it_runs_on(tmp_path, monkeypatch, capsys):
     """launcher.wait=True: Ctrl-C while `submit` waits for the job to end left the job running (the driver owns the
     run) but `submit` ended with 130 and not a word, as a local run does once Ctrl-C has stopped it: the researcher

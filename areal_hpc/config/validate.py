@@ -218,9 +218,11 @@ def check_ranges(cfg: ExperimentConfig) -> None:
     except ValueError as e:
         raise ConfigError("cluster.time", f"{c.time!r} is not a usable Slurm time limit: {e}",
                           "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 04:00:00") from None
-    if seconds <= 90:  # USR2 90 s before the limit would come at the start: checkpoint, requeue, again, for ever
+    if seconds < 180:  # USR2 comes 90 s before the limit, up to 60 s early: at the start (requeued for ever, or the
+        # driver killed before it has a handler: FAILED at once, nothing in its log)
         raise ConfigError("cluster.time", f"{c.time!r} is {seconds} s: the run checkpoints and requeues 90 s before "
-                          "its limit, so it could never start", "a bare number is minutes; give e.g. 04:00:00")
+                          "its limit (Slurm may signal 60 s early), so it could never start",
+                          "a bare number is minutes; give at least 3 minutes, e.g. 04:00:00")
 
 
 def slurm_time_seconds(spec: str) -> int:

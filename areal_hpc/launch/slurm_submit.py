@@ -18,7 +18,6 @@ from typing import Any, Dict, Optional
 import submitit
 
 from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
-from areal_hpc.config.validate import slurm_time_seconds
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
 from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
@@ -149,12 +148,6 @@ def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
 def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     """Submit the run's allocation; returns once it runs (with launcher.wait, or when it has ended already, once
     it ends: the run's exit code)."""
-    # USR2 comes 90 s before the time limit, and Slurm may send it up to 60 s early: under 3 minutes it can come
-    # before the driver's Python has a handler, and kills it (the job FAILED at once, nothing in its logs)
-    if slurm_time_seconds(str(cfg.cluster.time)) < 180:
-        raise ConfigError("cluster.time", f"{cfg.cluster.time!r} is too short for mode=slurm: the time-limit signal "
-                          "(USR2, 90 s before the end, up to 60 s earlier) would come while the driver starts",
-                          "give the allocation at least 3 minutes")
     test_allocation(cfg, plan)
     ex = make_executor(cfg, plan, rd)
     try:
