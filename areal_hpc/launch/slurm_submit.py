@@ -80,7 +80,6 @@ class Driver(submitit.helpers.Checkpointable):
 
 def follow_hint(cfg: ExperimentConfig) -> str:
     names = f"experiment_name={cfg.experiment_name} trial_name={cfg.trial_name} cluster.fileroot={cfg.cluster.fileroot}"
-    # ROLE comes first (`logs` takes it as its first word): a role typed after the names is refused
     return (f"  areal-hpc status {names}\n  areal-hpc logs -f [ROLE] {names}   (ROLE: trainer (default), driver, "
             f"server-0, slurm)\n  areal-hpc stop {names}")
 
