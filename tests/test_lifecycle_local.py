@@ -215,3 +215,19 @@ def test_stop_of_a_local_run_says_stopped(tmp_path):
         assert p.returncode == 130 and "run STOPPED" in out
     finally:
         finish(p)
+
+
+def test_a_trainer_stopped_by_a_signal_from_outside_stops_the_run_not_completes_it(tmp_path):
+    """`kill <trainer pid>` (or scancel of its step): the trainer checkpoints and ends cleanly, short of its goal. It
+    exited 0 like a finished one, so the run said COMPLETED at step 34 of 300."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 2, 300, "2 steps", interval=0.2)
+        os.kill(Registry.for_run(rd).get("", "trainer")["pid"], signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and "run STOPPED: the trainer was stopped by a signal from outside" in out, (out, err)
+        assert "resumes from checkpoint step_" in out  # it checkpointed on the way out
+        assert status(tmp_path)["state"] == "STOPPED"
+    finally:
+        finish(p)

@@ -13,6 +13,7 @@ import pytest
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.registry import Registry
 from areal_hpc.trainers import TrainContext, Trainer, make_trainer, register_trainer
+from areal_hpc.trainers.base import STOPPED_EXIT
 from areal_hpc.trainers.metrics import read_metrics
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
@@ -68,13 +69,13 @@ def trainer(tmp_path, monkeypatch):
 
 
 def test_a_stop_right_after_a_checkpoint_does_not_save_that_step_again(trainer):
-    assert trainer.run() == 0
+    assert trainer.run() == STOPPED_EXIT  # stopped short of its goal: the run is STOPPED, not COMPLETED
     assert FakeCheckpointer.saved == [2]
 
 
 def test_a_stop_between_checkpoints_saves_where_it_stopped(trainer):
     trainer.stop_at = 3
-    assert trainer.run() == 0
+    assert trainer.run() == STOPPED_EXIT
     assert FakeCheckpointer.saved == [2, 3]
 
 
@@ -82,7 +83,7 @@ def test_a_recovered_trainer_stopped_before_its_first_step_does_not_save_the_che
     """(A requeued trainer asked to stop again at once: its grace period is not spent rewriting that checkpoint.)"""
     FakeCheckpointer.recovered = {"global_step": 4, "weight_version": 0}
     trainer.stop.signal = signal.SIGUSR2
-    assert trainer.run() == 0
+    assert trainer.run() == STOPPED_EXIT
     assert FakeCheckpointer.saved == []
 
 

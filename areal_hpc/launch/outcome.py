@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from areal_hpc.train.checkpoint_dirs import latest_checkpoint
+from areal_hpc.trainers.base import STOPPED_EXIT as TRAINER_STOPPED  # noqa: F401 - the owner reads it here
 
 COMPLETED, FAILED, STOPPED, RUNNING, PENDING, REQUEUED = \
     "COMPLETED", "FAILED", "STOPPED", "RUNNING", "PENDING", "REQUEUED"

@@ -237,8 +237,11 @@ class RunOwner:
         """Note how the trainer ended; restart it when allowed. True if a new trainer was started."""
         self.trainer_rc = rc
         log.info("trainer %s", outcome.describe_exit(rc))
-        if rc == 0:
-            if not self.stopping:
+        if rc == outcome.TRAINER_STOPPED and not self.stopping:  # a signal from outside areal-hpc (kill, scancel)
+            self.trainer_end = (outcome.STOPPED, "the trainer was stopped by a signal from outside areal-hpc"
+                                + self._where_stopped(), None)
+        if rc in (0, outcome.TRAINER_STOPPED):
+            if rc == 0 and not self.stopping:
                 self.trainer_end, self.early_failures = (outcome.COMPLETED, None, None), 0
             return False
         self.registry.delete("", "trainer")  # a killed trainer's record would block a restart until its TTL
@@ -360,13 +363,16 @@ class RunOwner:
             if state != outcome.COMPLETED:
                 reason = f"{reason}; then {self.stop_reason}"
             return self.set_state(state, reason, path)
-        at = outcome.last_step(self.run_dir / "metrics.jsonl")
-        ckpt = outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
-        reason = self.stop_reason + (f" at step {at}" if at else "") + (
-            f"; resumes from checkpoint step_{ckpt:08d}" if ckpt and self.cfg.recover.mode != "disabled" else "")
-        if trainer_was_running and self.trainer_rc not in (None, 0):
+        reason = self.stop_reason + self._where_stopped()
+        if trainer_was_running and self.trainer_rc not in (None, 0, outcome.TRAINER_STOPPED):
             reason += f"; the trainer {outcome.describe_exit(self.trainer_rc)} on the way out"
         self.set_state(outcome.STOPPED, reason, None)
+
+    def _where_stopped(self) -> str:
+        at = outcome.last_step(self.run_dir / "metrics.jsonl")
+        ckpt = outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
+        return (f" at step {at}" if at else "") + (
+            f"; resumes from checkpoint step_{ckpt:08d}" if ckpt and self.cfg.recover.mode != "disabled" else "")
 
     def shutdown(self, reason: str, grace_s: float = 60.0, trainer_signal: int = signal.SIGTERM,
                  server_grace_s: float = 30.0) -> None:

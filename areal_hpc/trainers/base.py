@@ -15,6 +15,9 @@ from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig
 from areal_hpc.registry import Heartbeat, Registry
 
 log = logging.getLogger("areal_hpc.trainer")
+# the exit code of a trainer a signal stopped before its goal, checkpointed (stop, time limit, preemption, a kill from
+# outside areal-hpc): the run is STOPPED, not COMPLETED (`launch.outcome` reads it; 130 as after Ctrl-C)
+STOPPED_EXIT = 130
 
 
 @dataclass
@@ -112,9 +115,10 @@ class Trainer:
         state = self._recover(ckpt)
         step = int(state.get("global_step", 0))
         rc, metrics, settled_gc, saved = 0, None, dist.SettledGC(), step  # saved: the step last checkpointed
+        stopped = False
         try:
             if not self.start(state):
-                return 0
+                return STOPPED_EXIT if self.stop else 0
             if self.is_main:
                 metrics = MetricsWriter(self.ctx.run_dir, cfg.stats.tensorboard, cfg.stats.plot, step)
             self.publish_state(step=step, version=engine.get_version(), world_size=dist.world_size(), state="training")
@@ -124,7 +128,8 @@ class Trainer:
                 stop = dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0
                 stats = None if stop else self.train_step(step + 1)
                 if stats is None:  # (train_step: a stop while it waited, or no data left: trainer.total_train_epochs)
-                    log.warning("stopping at step %d: %s", step, "on request" if stop or self.stop else "no data left")
+                    stopped = stop or bool(self.stop)  # every rank: the stop is all-reduced
+                    log.warning("stopping at step %d: %s", step, "on request" if stopped else "no data left")
                     break
                 step += 1
                 settled_gc.step()
@@ -140,8 +145,10 @@ class Trainer:
             if step != saved:  # (stopped right after a checkpoint, or before a step: it holds this step already)
                 self._save(ckpt, step, t_start)
             self.finish(step)
+            if stopped:  # a signal stopped it short of its goal (not "no data left"): not done
+                rc = STOPPED_EXIT
         except KeyboardInterrupt:
-            rc = 130
+            rc = STOPPED_EXIT
         finally:
             try:
                 self.close()  # may raise (the last weight update failed): the record still ends below
