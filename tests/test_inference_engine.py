@@ -577,3 +577,62 @@ def test_a_weight_version_that_is_no_string_is_refused(engine):
             assert await post("/update_weights_from_disk", {"model_path": path, "weight_version": "4"}) == (200, "4")
 
     asyncio.run(go())
+
+
+def test_a_temperature_near_zero_is_greedy():
+    """SGLang treats a temperature under 1e-5 as greedy, its logprobs scored at temperature 1; 1e-6 sampled from
+    logits / 1e-6 instead, and reported that distribution's logprobs (about 0)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    assert SamplingParams(temperature=1e-6).greedy
+    toks, lps = sample(logits, [SamplingParams(temperature=1e-6), SamplingParams(temperature=0.7)])
+    assert toks[0] == logits[0].argmax().item()
+    assert abs(lps[0] - torch.log_softmax(logits[0], -1).max().item()) < 1e-5
+
+
+def test_a_huge_n_is_refused():
+    """n = 1e20 built that many sequences on the server's event loop, which then served nobody."""
+    import asyncio
+
+    from areal_hpc.inference.http_validate import RequestError, read_generate
+
+    async def tokenizer(why):
+        raise AssertionError(why)
+
+    for n in (10 ** 5, 1e20):
+        with pytest.raises(RequestError, match="sampling_params.n=.*split the request"):
+            asyncio.run(read_generate({"input_ids": [1, 2], "sampling_params": {"n": n}}, tokenizer, 50, 100))
+
+
+def test_a_control_flag_must_be_a_json_boolean(engine):
+    """abort_all "false" (a JSON string) aborted every request, bool() of a non-empty string being true; SGLang reads
+    JSON booleans. Anything else is a 400 naming the key."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    server = EngineServer(engine)
+    engine.pause("in_place").result(5)  # the sequence waits: an abort would finish it
+    seq = Sequence([1, 2, 3], SamplingParams(max_new_tokens=4))
+    engine.submit(seq)
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, (await r.json())["error"]["message"]
+
+            status, msg = await post("/abort_request", {"rid": "other", "abort_all": "false"})
+            assert status == 400 and "abort_all must be true or false" in msg
+            status, msg = await post("/update_weight_version", {"new_version": "7", "abort_all_requests": "no"})
+            assert status == 400 and "abort_all_requests must be true or false" in msg
+
+    asyncio.run(go())
+    assert not seq.finished and engine.weight_version == "0"
+    engine.resume().result(5)
+    deadline = time.monotonic() + 30
+    while not seq.finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seq.finish_reason["type"] == "length"

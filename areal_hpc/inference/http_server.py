@@ -47,6 +47,14 @@ def _version(body: Dict[str, Any], key: str) -> Optional[str]:
     return None if v is None else str(v)
 
 
+def _flag(body: Dict[str, Any], key: str) -> bool:
+    """``body[key]``, a JSON boolean (false when absent or null): a string such as "false" is refused, not true."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise RequestError(f"{key} must be true or false, got {json.dumps(v)[:80]}")
+    return bool(v)
+
+
 def _result(ok: bool, message: str, **extra: Any) -> web.Response:
     """SGLang's answer to a control call: ``success`` and ``message``, 400 when it failed."""
     return web.json_response({"success": ok, "message": message, **extra}, status=200 if ok else 400)
@@ -251,7 +259,7 @@ class EngineServer:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        rid, abort_all = body.get("rid"), bool(body.get("abort_all", False))
+        rid, abort_all = body.get("rid"), _flag(body, "abort_all")
         if not abort_all and not rid:
             raise RequestError("give rid or abort_all=true")
         n = await asyncio.wrap_future(self.engine.abort(None if abort_all else str(rid)))
@@ -269,7 +277,7 @@ class EngineServer:
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        new, abort = _version(body, "new_version"), bool(body.get("abort_all_requests"))
+        new, abort = _version(body, "new_version"), _flag(body, "abort_all_requests")
         if new is None:
             raise RequestError("missing field: new_version")
         await self._on_loop(lambda: self.engine.set_version(new, abort))
@@ -281,7 +289,7 @@ class EngineServer:
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise RequestError("missing field: model_path")
-        version = _version(body, "weight_version")
+        version, abort = _version(body, "weight_version"), _flag(body, "abort_all_requests")
         async with self._update_lock:
             t0 = time.monotonic()
             try:
@@ -289,9 +297,7 @@ class EngineServer:
                 problems = self.runner.check_weights((n, t.shape) for n, t in tensors)
                 if problems:
                     raise ValueError("they do not fit the model: " + "; ".join(problems[:5]))
-                res = await asyncio.wrap_future(self.engine.update_weights(
-                    tensors, version,
-                    abort_all=bool(body.get("abort_all_requests", False))))
+                res = await asyncio.wrap_future(self.engine.update_weights(tensors, version, abort_all=abort))
             except Exception as e:  # unreadable, not this model's, or a copy that failed part way (`LLMEngine.tear`)
                 return _result(False, f"failed to load weights from {path}: {e}", num_paused_requests=0)
             self.model_path = path
@@ -364,7 +370,7 @@ class EngineServer:
         except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
             raise RequestError(str(e)) from None
         problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
-        version = _version(body, "weight_version")
+        version, abort = _version(body, "weight_version"), _flag(body, "abort_all_requests")
         if problems:
             raise RequestError("; ".join(problems[:5]))
         gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come
@@ -382,8 +388,7 @@ class EngineServer:
             self.engine.renew((name, shape) for name, _, shape in specs)
             # none given keeps the version, as in SGLang: an update comes in many buckets, and the next number for
             # each made the version of a client that sends none jump by their count at every update
-            self.engine.set_version(self.engine.weight_version if version is None else version,
-                                    bool(body.get("abort_all_requests")))
+            self.engine.set_version(self.engine.weight_version if version is None else version, abort)
 
         try:
             await self._on_loop(receive)

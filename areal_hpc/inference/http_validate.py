@@ -76,6 +76,7 @@ SUPPORTED_SAMPLING_KEYS = frozenset({f.name for f in dataclasses.fields(Sampling
     "n", "stream_interval", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
 _NEUTRAL_SAMPLING = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
                      "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None}
+MAX_SEQUENCES = 1 << 16  # prompts times n in one /generate
 _RANGES = {"max_new_tokens": (lambda v: v >= 0, ">= 0"), "temperature": (lambda v: v >= 0, ">= 0"),
            "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"), "top_k": (lambda v: v == -1 or v >= 1, "-1 or >= 1")}
 
@@ -169,6 +170,9 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     if body.get("return_text_in_logprobs"):
         logprob_tok = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; this server's model has none")
     prompts = [_check_prompt(p, vocab, context_length) for p in prompts]
+    if n * len(prompts) > MAX_SEQUENCES:  # each is a Sequence built on the server's event loop
+        raise RequestError(f"sampling_params.n={n} makes {n * len(prompts)} sequences, over the {MAX_SEQUENCES} one "
+                           "request may ask for: lower n or split the request")
     if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
         prompts = [p for p in prompts for _ in range(n)]
         params = [sp for sp in params for _ in range(n)]

@@ -1,7 +1,7 @@
 """Turns a batch of next-token logits into tokens and their log-probabilities.
 
 SGLang semantics: a token's logprob is ``log_softmax(logits / temperature)`` of the raw model logits
-(``log_softmax(logits)`` when temperature is 0), before any top-k / top-p filtering. Sampling uses the filtered
+(``log_softmax(logits)`` for a greedy temperature), before any top-k / top-p filtering. Sampling uses the filtered
 distribution; greedy rows take the argmax.
 """
 
@@ -11,21 +11,18 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from areal_hpc.inference.hf_engine.sequence import SamplingParams
+from areal_hpc.inference.hf_engine.sequence import GREEDY_BELOW, SamplingParams
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams]) -> Tuple[List[int], List[float]]:
     """``logits``: [n, vocab] float32. Returns python lists (one device sync)."""
     dev = logits.device
     greedy = [p.greedy for p in params]
-    temps = [p.temperature for p in params]
-    if all(t <= 0.0 or t == 1.0 for t in temps):  # temperature 0 (greedy) scores the raw logits too
-        scaled = logits
-    elif all(t == temps[0] for t in temps):
-        scaled = logits / temps[0]
+    temps = [1.0 if p.temperature < GREEDY_BELOW else p.temperature for p in params]
+    if all(t == temps[0] for t in temps):
+        scaled = logits if temps[0] == 1.0 else logits / temps[0]
     else:
-        t = torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=dev, dtype=logits.dtype)
-        scaled = logits / t[:, None]
+        scaled = logits / torch.tensor(temps, device=dev, dtype=logits.dtype)[:, None]
     logp = torch.log_softmax(scaled, dim=-1)
     if all(greedy):
         tok = logits.argmax(dim=-1)

@@ -8,13 +8,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from areal_hpc.inference.sglang_api import new_rid
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy, as in SGLang (which then scores with temperature 1)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """SGLang's sampling parameters (the subset the embedded engine implements; `http_validate` checks them)."""
 
     max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # < GREEDY_BELOW: greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 = whole vocabulary
     stop_token_ids: Tuple[int, ...] = ()
@@ -22,7 +24,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 class Sequence:
