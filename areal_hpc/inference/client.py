@@ -1,14 +1,9 @@
-"""The client side: a pool of inference servers discovered from the run's registry (asyncio+aiohttp).
+"""A pool of inference servers discovered from the run's registry (``servers/*`` in state ready/paused).
 
-* Discovery: ``servers/*`` records in state ready/paused, re-read every ``refresh_s``.
-* Routing: each request goes to the healthy server with the fewest requests in flight; a connection error, timeout or
-  5xx marks the server down for a short backoff and the request goes to another server (with whatever was generated
-  before it).
-* Resumption: a generation that ends in ``abort`` (a weight update paused the servers) waits until generation may go
-  on, then re-sends ``prompt + output so far`` with the remaining budget. The caller gets one `GenerateResult` with
-  per-token logprobs and weight versions.
-* Fan-out (`pause_all`, `update_weights_from_disk`, ...): every server concurrently, one `CallResult` each; failures
-  are in the results, never swallowed.
+Each generation goes to the healthy server with the fewest requests in flight; a connection error, timeout or 5xx marks
+that server down for a backoff and the request goes on elsewhere. A generation aborted by a weight update waits until
+generation may go on, then re-sends ``prompt + output so far`` with the remaining budget: the caller gets one
+`GenerateResult`. Fan-out calls (`pause_all`, ...) go to every server at once, one `CallResult` each, failures included.
 """
 
 from __future__ import annotations
@@ -57,7 +52,6 @@ class GenerateResult:
     logprobs: List[float]
     versions: List[Any]  # weight version of each output token
     finish_reason: str  # stop | length | abort
-    prompt_tokens: int = 0
     n_requests: int = 1  # HTTP requests it took (resumptions and retries included)
     server_ids: List[str] = dataclasses.field(default_factory=list)
 
@@ -271,9 +265,8 @@ class ServerPool:
         GenerationConfig, a dict of SGLang sampling params, or None; keyword overrides win. Raises `RequestRejected` on
         a 4xx, `PoolError` when no server could serve it."""
         await self.start()
-        prompt = list(input_ids)
-        res = GenerateResult([], [], [], "length", len(prompt), 0)
-        return await self._continue(prompt, sampling_params(params, **overrides), res, rid)
+        res = GenerateResult([], [], [], "length", n_requests=0)
+        return await self._continue(list(input_ids), sampling_params(params, **overrides), res, rid)
 
     async def _continue(self, prompt: List[int], sp: Dict[str, Any], res: GenerateResult,
                         rid: Optional[str] = None) -> GenerateResult:
@@ -307,21 +300,25 @@ class ServerPool:
                 log.warning("server %s (%s) reports no weight version with its tokens (an older SGLang?); "
                             "using the version last pushed to it (%s)", server.id, server.address,
                             server.known_version())
-            res.output_ids += got.output_ids
-            res.logprobs += got.logprobs
-            res.versions += got.versions
-            if got.output_ids:
-                res.server_ids.append(server.id)
-            if got.finish_reason != "abort":
-                res.finish_reason = got.finish_reason
-                return res
-            self.stats["resumes"] += 1
-            if len(res.output_ids) >= budget:
+            if self._absorb(res, got, server) or len(res.output_ids) >= budget:
                 return res
             empty_aborts = 0 if got.output_ids else empty_aborts + 1
             if self._running.is_set() and self._pauses == pauses:
                 # aborted without our pause (someone else paused the server, or it is shutting down)
                 await asyncio.sleep(min(1.0, 0.02 * 2 ** min(empty_aborts, 6)))
+
+    def _absorb(self, res: GenerateResult, got: api.GenerateOutput, server: _Server) -> bool:
+        """Add one response to ``res``; True when it ended the generation (anything but an abort)."""
+        res.output_ids += got.output_ids
+        res.logprobs += got.logprobs
+        res.versions += got.versions
+        if got.output_ids:
+            res.server_ids.append(server.id)
+        if got.finish_reason != "abort":
+            res.finish_reason = got.finish_reason
+            return True
+        self.stats["resumes"] += 1
+        return False
 
     async def generate_group(self, input_ids: Sequence[int], n: int, params: Any = None,
                              **overrides: Any) -> List[GenerateResult]:
@@ -342,13 +339,9 @@ class ServerPool:
             return list(await asyncio.gather(*(self.generate(prompt, sp) for _ in range(n))))
 
         async def finish(item) -> GenerateResult:
-            got = api.parse_generate(item, server.known_version())
-            res = GenerateResult(got.output_ids, got.logprobs, got.versions, got.finish_reason, len(prompt), 1,
-                                 [server.id] if got.output_ids else [])
-            if got.finish_reason != "abort":
+            res = GenerateResult([], [], [], "length")
+            if self._absorb(res, api.parse_generate(item, server.known_version()), server):
                 return res
-            res.finish_reason = "length"
-            self.stats["resumes"] += 1
             return await self._continue(prompt, sp, res)  # returns at once when the budget is spent
 
         return list(await asyncio.gather(*(finish(item) for item in body)))

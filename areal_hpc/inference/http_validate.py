@@ -153,19 +153,19 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         sps, rids = [sps], [rids]
     if any(rid is not None and not isinstance(rid, str) for rid in rids):
         raise RequestError("rid must be a string")
-    params, shared = [], {"n": set(), "stream_interval": set(), "skip_special_tokens": set(), "no_stop_trim": set()}
-    for sp in sps:
-        params.append(engine_sampling_params(sp))  # refuses what is neither an object nor null
-        sp = sp or {}  # null: every default. These apply to the whole request: one value for all its prompts
-        shared["n"].add(_positive_int(sp, "n"))
-        shared["stream_interval"].add(_positive_int(sp, "stream_interval"))
-        shared["skip_special_tokens"].add(sp.get("skip_special_tokens", True) is not False)
-        shared["no_stop_trim"].add(bool(sp.get("no_stop_trim")))
-    for key, values in shared.items():
+    params = [engine_sampling_params(sp) for sp in sps]  # refuses what is neither an object nor null
+
+    def shared(key: str, read: Callable[[Mapping[str, Any]], Any]) -> Any:
+        """A key that applies to the whole request: one value for all its prompts (null: every default)."""
+        values = {read(sp or {}) for sp in sps}
         if len(values) > 1:
             raise RequestError(f"sampling_params.{key} must be the same for every prompt of a batch request")
-    n, interval, skip_special, keep_stop = (min(values, default=d)
-                                            for values, d in zip(shared.values(), (1, 1, True, False)))
+        return values.pop()
+
+    n = shared("n", lambda sp: _positive_int(sp, "n"))
+    interval = shared("stream_interval", lambda sp: _positive_int(sp, "stream_interval"))
+    skip_special = shared("skip_special_tokens", lambda sp: sp.get("skip_special_tokens", True) is not False)
+    keep_stop = shared("no_stop_trim", lambda sp: bool(sp.get("no_stop_trim")))
     logprob_tok = None
     if body.get("return_text_in_logprobs"):
         logprob_tok = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; this server's model has none")

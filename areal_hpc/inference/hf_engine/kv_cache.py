@@ -1,21 +1,14 @@
 """KV memory of the running batch: one row per sequence, its positions 0..n-1 in columns 0..n-1.
 
-Handed to a transformers model as its cache: the attention layers call `update`, which writes the new keys/values where
-this step's mode says and returns what to attend to:
+Passed to a transformers model as its cache: `update` writes where this step's mode says and returns what to attend to.
+Prefill writes rows ``row0 .. row0+n`` at columns ``0 .. L`` and attends over the prompt itself (4-D causal+padding
+mask); decode writes row ``i`` at column ``pos[i]`` and attends over columns ``0 .. width`` of rows ``0 .. n`` (masked
+by ``col <= pos[i]``). Rows start at column 0, so sequences join and leave without re-padding anyone (`move_rows`). CPU
+buffers grow by doubling; GPU ones are allocated once (CUDA graphs need fixed addresses).
 
-* prefill: rows ``row0 .. row0+n`` receive the prompt's keys at columns ``0 .. L``; attention runs over the prompt
-  itself (with a 4-D causal+padding mask);
-* decode: row ``i`` receives one key at column ``pos[i]``; attention runs over columns ``0 .. width`` of rows
-  ``0 .. n`` (masked per row by ``col <= pos[i]``).
-
-Every row is contiguous from column 0, so sequences join and leave without re-padding anyone: the last row overwrites a
-leaving one (`move_rows`). CPU buffers grow by doubling; GPU ones are allocated once (CUDA graphs need fixed addresses).
-
-Why `kv_attention_forward` (registered as `ATTENTION`): transformers' ``sdpa`` path copies a grouped-query model's keys
-and values once per query head whenever a mask is passed (``repeat_kv``; the engine always passes one), most of a decode
-step's memory traffic. A decode step (one query token per sequence) instead folds the query heads of each KV head into
-the query-length dimension, ``[b, Hq, 1, D] -> [b, Hkv, Hq/Hkv, D]``, and attends to the cache as it is (the mask
-``[b, 1, 1, W]`` broadcasts over both). Prefill keeps the ``sdpa`` path.
+`kv_attention_forward`: transformers' ``sdpa`` path copies a grouped-query model's keys and values once per query head
+whenever a mask is passed (``repeat_kv``), most of a decode step's memory traffic; a decode step instead folds the query
+heads of each KV head into the query-length dimension and attends to the cache as it is. Prefill keeps ``sdpa``.
 """
 
 from __future__ import annotations
@@ -61,11 +54,8 @@ class KVCache:
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.max_rows, self.max_cols = max_rows, max_cols
-        self.rows, self.cols = 0, 0
-        self.k: List[torch.Tensor] = []
-        self.v: List[torch.Tensor] = []
         self.initial = (rows, cols)
-        self._alloc(rows, cols)
+        self.reset()
         # what the next `update` does: set by `begin_prefill` / `begin_decode` before every forward pass
         self._mode, self._row0, self._n, self._width = "", 0, 0, 0
         self._rows = self._pos = self._row_idx
@@ -95,7 +85,9 @@ class KVCache:
 
     def reset(self) -> None:
         """Drop everything and shrink back to the initial size (when idle)."""
-        self.k, self.v, self.rows, self.cols = [], [], 0, 0
+        self.k: List[torch.Tensor] = []
+        self.v: List[torch.Tensor] = []
+        self.rows = self.cols = 0
         self._alloc(*self.initial)
 
     # ----------------------------------------------------------------- modes

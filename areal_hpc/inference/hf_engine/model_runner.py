@@ -3,8 +3,6 @@
 Works with transformers decoder-only models whose attention calls ``cache.update(k, v, layer)`` (Llama, Qwen2, Qwen3,
 Mistral, ... families). The model's own cache classes are not used: the runner passes a `KVCache` with explicit
 ``position_ids`` and a 4-D boolean attention mask, so sequences of different lengths share one batch unpadded.
-
-Nothing here touches CUDA unless the device is CUDA.
 """
 
 from __future__ import annotations
@@ -34,17 +32,6 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}")
     return dt
 
-
-def resolve_dtype(dtype: str, cuda: bool = False) -> torch.dtype:
-    """A model's dtype: ``auto`` is bfloat16 on CUDA, float32 elsewhere; else float32, bfloat16 or float16."""
-    if dtype in ("auto", "", None):
-        return torch.bfloat16 if cuda else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return torch_dtype(dtype)
-
-
-# ---------------------------------------------------------------------- new weights: from disk, the update group
 
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint (a directory, sharded or not, or one safetensors file), on CPU."""
@@ -109,8 +96,6 @@ def new_process_group(store, rank: int, world_size: int, group_name: str, backen
     return pg
 
 
-# ---------------------------------------------------------------------- the runner
-
 class ModelRunner:
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "auto",
                  max_running: int = 256, context_length: int = 4096, mem_fraction_static: float = 0.8,
@@ -125,7 +110,11 @@ class ModelRunner:
 
         self.model_path = model_path
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.dtype = resolve_dtype(dtype, self.device.type == "cuda")
+        if dtype in ("auto", "", None):
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        self.dtype = torch_dtype(dtype)
         if self.device.type == "cuda":
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
@@ -321,20 +310,15 @@ class ModelRunner:
             finish(work)
 
 
-# ---------------------------------------------------------------------- static decode, CUDA graphs
-
 def _buckets(limit: int, base: Seq[int]) -> List[int]:
     return sorted({b for b in base if b <= limit} | {limit})
 
 
 class StaticDecoder:
     """Decode steps on fixed buffers: the batch is padded up to a bucket size and attention runs over a bucketed width,
-    so each (batch, width) pair is one fixed-shape computation, with ``use_graphs`` (CUDA) captured once as a CUDA graph
-    and replayed.
-
-    Padding rows are dummies that write one key into free KV rows at column 0 and whose logits are ignored (running
-    sequences always occupy rows ``0 .. n``). A capture failure turns graphs off (logged); decoding goes on eagerly on
-    the same buffers."""
+    so each (batch, width) pair is one fixed-shape computation, captured once as a CUDA graph with ``use_graphs``.
+    Padding rows write one key into free KV rows at column 0; their logits are ignored. A capture failure turns graphs
+    off (logged) and decoding goes on eagerly on the same buffers."""
 
     def __init__(self, runner: ModelRunner, use_graphs: bool):
         self.r, self.use_graphs = runner, use_graphs
