@@ -1,10 +1,9 @@
 """SGLang's HTTP API in front of the embedded `hf` engine (aiohttp).
 
-Same paths, field names and semantics as SGLang's ``http_server.py`` for everything our client and trainers use, and for
-a generic SGLang client where the engine can: ``text`` input (when the model directory has a tokenizer), ``stream``, and
-``sampling_params.n``. Requests are checked by `http_validate`: a field this engine does not implement is refused with a
-400 naming it. Every endpoint requires ``Authorization: Bearer <api key>`` when a key is set. Malformed requests get a
-4xx with ``{"error": {"message": ...}}``; nothing a client sends can stop the server.
+Same paths, fields and semantics as SGLang's for what our client and trainers use, and for a generic SGLang client where
+the engine can (``text`` input with the model's tokenizer, ``stream``, ``sampling_params.n``); `http_validate` refuses
+the rest. With an API key every endpoint needs ``Authorization: Bearer <key>``. A bad request gets a 4xx with
+``{"error": {"message": ...}}``; nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ def error_response(message: str, status: int) -> web.Response:
 
 def _version(body: Dict[str, Any], key: str) -> Optional[str]:
     """``body[key]``, a weight version: a string (SGLang's type) or an integer; None when absent or null. Anything else
-    is refused: it became the version of every token (``"None"``, ``"{...}"``), which no trainer can compare."""
+    would become every token's version (``"None"``), which no trainer can compare."""
     v = body.get(key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
         raise RequestError(f"{key} must be a string, got {json.dumps(v)[:80]}")

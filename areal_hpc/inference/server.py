@@ -1,10 +1,9 @@
 """``areal-hpc serve``: the lifecycle of one inference server.
 
-start the backend (embedded `hf` engine in this process, or an SGLang subprocess) -> wait for health -> load the run's
-newest published weights (registry ``weights/latest``) -> register ``servers/<id>`` and heartbeat it -> serve until
-SIGTERM/SIGINT -> deregister, abort running requests (clients resume them elsewhere), stop. A SIGKILLed server's record
-expires after the registry TTL. Every endpoint needs the run's key (`Registry.secret`). The `hf` backend binds port 0
-itself, so concurrently started servers never collide.
+start the backend (the embedded `hf` engine in this process, or an SGLang subprocess) -> wait for health -> load the
+run's newest published weights (``weights/latest``) -> register ``servers/<id>`` and heartbeat it -> serve until
+SIGTERM/SIGINT -> deregister, abort running requests (clients resume them elsewhere), stop. Every endpoint needs the
+run's key (`Registry.secret`).
 """
 
 from __future__ import annotations
@@ -180,7 +179,7 @@ class ServerLifecycle:
         from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner
         from areal_hpc.inference.http_server import EngineServer
 
-        v6 = ":" in self.bind_host  # dual stack, as a bare bind is on Linux: "::" takes IPv4 clients too
+        v6 = ":" in self.bind_host  # dual stack: "::" takes IPv4 clients too
         sock = socket.create_server((self.bind_host, self.cfg.port), family=socket.AF_INET6 if v6 else socket.AF_INET,
                                     backlog=1024, dualstack_ipv6=v6)
         sock.setblocking(False)
@@ -202,8 +201,7 @@ class ServerLifecycle:
         await web.SockSite(self._app_runner, sock).start()
 
     def _hf_device(self) -> str:
-        """With CUDA_VISIBLE_DEVICES set, its first device; else ``cuda:<first gpu id>``; CPU when there is no CUDA
-        (fake GPUs of a test cluster)."""
+        """CPU without CUDA (the fake GPUs of a test cluster); else the first visible device or GPU id."""
         import torch
 
         if not torch.cuda.is_available():

@@ -1,13 +1,10 @@
 """The engine loop: one thread that admits requests between steps, runs what the `Scheduler` picks, samples, and
 finishes sequences.
 
-Everything that changes engine state (pause, abort, a weight swap) is a command run on the loop thread between two
-steps, so a decode step never sees half-updated weights and no lock is held while the model runs. Other threads talk to
-the engine only through `submit` and `call` (both thread-safe); results come back through each sequence's ``on_finish``
-(called on the loop thread) and, for commands, a `concurrent.futures.Future`.
-
-Running sequences are packed: ``running[i].slot == i``, so a decode step is one contiguous batch of KV-cache rows.
-When a sequence leaves, the last one moves into its row; the scheduler returns those moves and the runner copies rows.
+State changes (pause, abort, a weight swap) are commands run on the loop thread between two steps, so a step never sees
+half-updated weights and no lock is held while the model runs. Other threads use only `submit` and `call`; results come
+back through each sequence's ``on_finish`` (on the loop thread) and, for commands, a `concurrent.futures.Future`.
+Running sequences are packed (``running[i].slot == i``): when one leaves, the last moves into its KV row.
 """
 
 from __future__ import annotations
@@ -164,9 +161,8 @@ class LLMEngine:
         return self.call(swap)
 
     def tear(self, why: str) -> str:
-        """On the loop thread: a weight update failed part way. Some parameters may hold new values, the rest old ones:
-        no version names that model, so nothing is generated on it (a 503: clients go to other servers) until every
-        tensor has been loaded again (`renew`). Returns the refusal."""
+        """On the loop thread: a weight update failed part way, so no version names the model. Every request gets a 503
+        (clients go to other servers) until every tensor has been loaded again (`renew`). Returns the refusal."""
         self.refusal = (f"the model's weights are partly updated ({why}): requests are refused until a complete "
                         "weight update (from disk, or every tensor broadcast again)")
         self._renewed = {}
@@ -206,14 +202,11 @@ class LLMEngine:
         self._drain_inbox()
         reason = {"type": "abort", "message": message, **({"status_code": status_code} if status_code else {})}
         sched = self.scheduler
-        running = [s for s in sched.running if rid in (None, s.rid)]
-        waiting = [s for s in sched.waiting if rid in (None, s.rid)]
+        hit = [s for s in sched.running + list(sched.waiting) if rid in (None, s.rid)]
         sched.waiting = deque(s for s in sched.waiting if rid not in (None, s.rid))
-        self._retire([(s, dict(reason)) for s in running])
-        for s in waiting:
-            s.finish(dict(reason))
-        self.stats["aborted_requests"] += len(running) + len(waiting)
-        return len(running) + len(waiting)
+        self._retire([(s, dict(reason)) for s in hit])  # a waiting one has no row to leave
+        self.stats["aborted_requests"] += len(hit)
+        return len(hit)
 
     def _pause(self, mode: str) -> int:
         self.paused = True
