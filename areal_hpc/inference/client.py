@@ -207,7 +207,7 @@ class ServerPool:
     async def _choose(self, avoid: Set[str]) -> _Server:
         """The healthy server with the fewest requests in flight, one in ``avoid`` only when no other is healthy; waits
         (up to ``WAIT_SERVERS_TIMEOUT_S``) while none is."""
-        deadline = None
+        deadline = time.monotonic() + WAIT_SERVERS_TIMEOUT_S
         while True:
             now = time.monotonic()
             order = list(self._servers.values())
@@ -216,8 +216,6 @@ class ServerPool:
             healthy = [s for s in order[self._rr:] + order[:self._rr] if s.down_until <= now]
             if healthy:
                 return min([s for s in healthy if s.id not in avoid] or healthy, key=lambda s: s.inflight)
-            if deadline is None:
-                deadline = now + WAIT_SERVERS_TIMEOUT_S
             if now >= deadline:
                 raise PoolError(f"no healthy inference server for {WAIT_SERVERS_TIMEOUT_S:.0f}s "
                                 f"({n} known, all failing)")

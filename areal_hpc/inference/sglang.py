@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from areal_hpc.config.schema import ServerConfig
 from areal_hpc.registry.util import atomic_write
@@ -30,25 +30,13 @@ SGLANG_VERSION = "0.5.23"
 Value = Union[None, str, List[str]]  # None = bare boolean flag
 
 
-def _passthrough_value(v: Any) -> Optional[Value]:
-    """``True``/``"true"``/``""``/``None`` -> bare flag; ``False``/``"false"`` -> drop (returns False)."""
-    if v is None or v is True or (isinstance(v, str) and v.strip().lower() in ("", "true")):
-        return None
-    if v is False or (isinstance(v, str) and v.strip().lower() == "false"):
-        return False  # type: ignore[return-value]
-    if isinstance(v, (list, tuple)):
-        return [str(x) for x in v]
-    if isinstance(v, dict):
-        return json.dumps(v)
-    return str(v)
-
-
 def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port: int,
                          api_key: Optional[str] = None, config_file: Optional[str] = None,
                          tp_size: int = 1, pp_size: int = 1, base_gpu_id: int = 0, nnodes: int = 1,
                          node_rank: int = 0, dist_init_addr: Optional[str] = None, weight_version: Optional[str] = "0"
                          ) -> Dict[str, Value]:
-    """Ordered ``{flag: value}``; ``cfg.sglang_args`` override or extend ours."""
+    """Ordered ``{flag: value}``; ``cfg.sglang_args`` override or extend ours: true, "true", "" or null is a bare flag,
+    false or "false" drops it."""
     if nnodes > 1 and not dist_init_addr:
         raise ValueError("multi-node tensor parallelism (nnodes > 1) needs dist_init_addr host:port")
     opts: Dict[str, Value] = {
@@ -81,11 +69,15 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
     for key, value in (cfg.sglang_args or {}).items():
         key = key.strip()
         flag = key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")
-        v = _passthrough_value(value)
-        if v is False:
+        word = value.strip().lower() if isinstance(value, str) else None
+        if value is False or word == "false":
             opts.pop(flag, None)
+        elif value is None or value is True or word in ("", "true"):
+            opts[flag] = None
+        elif isinstance(value, (list, tuple)):
+            opts[flag] = [str(x) for x in value]
         else:
-            opts[flag] = v
+            opts[flag] = json.dumps(value) if isinstance(value, dict) else str(value)
     return opts
 
 
