@@ -25,7 +25,7 @@ from aiohttp import web
 from areal_hpc.inference.hf_engine.engine import LLMEngine
 from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint, torch_dtype
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
-from areal_hpc.inference.http_validate import GenerateRequest, RequestError, read_generate, read_json
+from areal_hpc.inference.http_validate import GenerateRequest, RequestError, json_bool, read_generate, read_json
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ def _version(body: Dict[str, Any], key: str) -> Optional[str]:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
         raise RequestError(f"{key} must be a string, got {json.dumps(v)[:80]}")
     return None if v is None else str(v)
-
-
-def _flag(body: Dict[str, Any], key: str) -> bool:
-    """``body[key]``, a JSON boolean (false when absent or null): a string such as "false" is refused, not true."""
-    v = body.get(key)
-    if v is not None and not isinstance(v, bool):
-        raise RequestError(f"{key} must be true or false, got {json.dumps(v)[:80]}")
-    return bool(v)
 
 
 def _result(ok: bool, message: str, **extra: Any) -> web.Response:
@@ -258,7 +250,7 @@ class EngineServer:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        rid, abort_all = body.get("rid"), _flag(body, "abort_all")
+        rid, abort_all = body.get("rid"), json_bool(body, "abort_all")
         if not abort_all and not rid:
             raise RequestError("give rid or abort_all=true")
         n = await asyncio.wrap_future(self.engine.abort(None if abort_all else str(rid)))
@@ -276,7 +268,7 @@ class EngineServer:
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        new, abort = _version(body, "new_version"), _flag(body, "abort_all_requests")
+        new, abort = _version(body, "new_version"), json_bool(body, "abort_all_requests")
         if new is None:
             raise RequestError("missing field: new_version")
         await self._on_loop(lambda: self.engine.set_version(new, abort))
@@ -288,7 +280,7 @@ class EngineServer:
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise RequestError("missing field: model_path")
-        version, abort = _version(body, "weight_version"), _flag(body, "abort_all_requests")
+        version, abort = _version(body, "weight_version"), json_bool(body, "abort_all_requests")
         async with self._update_lock:
             t0 = time.monotonic()
             try:
@@ -369,7 +361,7 @@ class EngineServer:
         except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
             raise RequestError(str(e)) from None
         problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
-        version, abort = _version(body, "weight_version"), _flag(body, "abort_all_requests")
+        version, abort = _version(body, "weight_version"), json_bool(body, "abort_all_requests")
         if problems:
             raise RequestError("; ".join(problems[:5]))
         gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come

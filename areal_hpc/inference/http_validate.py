@@ -210,10 +210,16 @@ def engine_sampling_params(d: Any) -> SamplingParams:
     stop = stop or []
     if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
         raise RequestError("sampling_params.stop_token_ids must be a list of integers")
-    ignore_eos = False if d.get("ignore_eos") is None else d["ignore_eos"]  # null: the default, as for every key
-    if not isinstance(ignore_eos, bool):
-        raise RequestError("sampling_params.ignore_eos must be true or false")
-    return SamplingParams(stop_token_ids=tuple(stop), ignore_eos=ignore_eos, **numbers)
+    return SamplingParams(stop_token_ids=tuple(stop), ignore_eos=json_bool(d, "ignore_eos", "sampling_params."),
+                          **numbers)
+
+
+def json_bool(body: Mapping[str, Any], key: str, where: str = "") -> bool:
+    """``body[key]``, a JSON boolean (false when absent or null): a string such as "false" is refused, not true."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise RequestError(f"{where}{key} must be true or false, got {json.dumps(v)[:80]}")
+    return bool(v)
 
 
 def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
