@@ -1002,3 +1002,13 @@ def test_ctrl_c_while_submit_waits_for_a_slurm_job_says_it_runs_on(tmp_path, mon
     except KeyboardInterrupt:  # not to pytest, which would take it for the user's
         pytest.fail("Ctrl-C went through submit without a word")
     assert rc == 130 and "stopped waiting; job 5 runs on (`areal-hpc stop` ends it)" in capsys.readouterr().err
+
+
+def test_logs_of_an_unknown_role_lists_the_roles_it_takes(tmp_path):
+    """The "available:" list names what `logs` accepts: `trainer` and `slurm` too, not only the *.log files' names."""
+    rd = stopped_run(tmp_path, "slurm", 1, {})
+    (rd / "logs").mkdir()
+    for name in ("trainer-0.log", "driver.log", "server-0.log", "slurm-10.out"):
+        (rd / "logs" / name).write_text("x\n")
+    with pytest.raises(ConfigError, match="available: driver, server-0, slurm, trainer, trainer-0"):
+        logs(rd, "nope")

@@ -189,16 +189,18 @@ def status(rd: Path, as_json: bool = False) -> int:
 
 def _log_file(rd: Path, role: str) -> Path:
     logs = rd / "logs"
-    if role == "slurm":  # the run's job (server jobs write slurm-*.out too); any job of a run sbatch-ed by hand
-        job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
-        outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
-        if outs:
-            return outs[-1]
-    path = logs / {"trainer": "trainer-0.log"}.get(role, f"{role}.log")
-    if path.exists():
-        return path
-    have = sorted(p.name.rsplit(".", 1)[0] for p in logs.glob("*.log"))
-    raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {', '.join(have) or 'none yet'}")
+    found = {p.stem: p for p in logs.glob("*.log")}
+    if "trainer-0" in found:
+        found["trainer"] = found["trainer-0"]
+    # the run's job (server jobs write slurm-*.out too); any job of a run sbatch-ed by hand
+    job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
+    outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
+    if outs:
+        found["slurm"] = outs[-1]
+    if role not in found:
+        have = ", ".join(sorted(found)) or "none yet"
+        raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {have}")
+    return found[role]
 
 
 def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
