@@ -1012,3 +1012,13 @@ def test_logs_of_an_unknown_role_lists_the_roles_it_takes(tmp_path):
         (rd / "logs" / name).write_text("x\n")
     with pytest.raises(ConfigError, match="available: driver, server-0, slurm, trainer, trainer-0"):
         logs(rd, "nope")
+
+
+@pytest.mark.parametrize("cvd, gpus", [("2,3", [2, 3]), ("GPU-8f6a3c1e-aaaa,GPU-0b1c2d3e-bbbb", [0, 1]),
+                                       ("MIG-5c4b3a29-cccc", [0]), ("-1", [])])
+def test_visible_gpus_counts_gpus_named_by_uuid_or_mig_name(monkeypatch, cvd, gpus):
+    from areal_hpc.launch.entry import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
+    monkeypatch.setenv("SLURM_STEP_GPUS", "5,6,7")
+    assert visible_gpus() == gpus
