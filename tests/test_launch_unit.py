@@ -1022,3 +1022,20 @@ def test_visible_gpus_counts_gpus_named_by_uuid_or_mig_name(monkeypatch, cvd, gp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
     monkeypatch.setenv("SLURM_STEP_GPUS", "5,6,7")
     assert visible_gpus() == gpus
+
+
+def test_a_run_dir_with_a_space_is_one_sbatch_value(tmp_path):
+    """A space in cluster.fileroot: the rendered --output is quoted (sbatch reads quotes in #SBATCH lines; unquoted it
+    took the path up to the space); submitit gets the path itself, and quotes it."""
+    import shlex
+
+    from areal_hpc.config import run_dir
+
+    cfg = load_config(None, ["mode=slurm", f"cluster.fileroot={tmp_path}/my runs", "allocation_mode=hf:d1+d1",
+                             "cluster.n_gpus_per_node=0"])
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), run_dir(cfg))
+    want = f"{plan.run_dir}/logs/slurm-%j.out"
+    out = next(line for line in sbatch_lines(cfg, plan) if line.startswith("#SBATCH --output="))
+    assert " " in want and shlex.split(out[len("#SBATCH --output="):]) == [want]
+    executor = slurm_submit.make_executor(cfg, plan, Path(plan.run_dir))
+    assert executor._executor.parameters["additional_parameters"]["output"] == want

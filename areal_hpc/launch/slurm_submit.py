@@ -21,15 +21,14 @@ from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
 from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
-from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_options
+from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_opts, sbatch_options
 from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
 
 
 def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.AutoExecutor":
-    """A submitit executor for one allocation of ``plan``, with the #SBATCH values of `sbatch.sbatch_lines`."""
-    opts = dict(line[len("#SBATCH --"):].split("=", 1) for line in sbatch_lines(cfg, plan)
-                if line.startswith("#SBATCH --") and "=" in line)
+    """A submitit executor for one allocation of ``plan`` (submitit quotes the values itself)."""
+    opts = sbatch_opts(cfg, plan)
     python = python_executable(cfg)
     ex = submitit.AutoExecutor(folder=rd / "submitit", cluster="slurm",
                                slurm_python=f"exec {shlex.quote(python)}", slurm_max_num_timeout=100)
