@@ -1002,3 +1002,40 @@ def test_ctrl_c_while_submit_waits_for_a_slurm_job_says_it_runs_on(tmp_path, mon
     except KeyboardInterrupt:  # not to pytest, which would take it for the user's
         pytest.fail("Ctrl-C went through submit without a word")
     assert rc == 130 and "stopped waiting; job 5 runs on (`areal-hpc stop` ends it)" in capsys.readouterr().err
+
+
+def test_logs_of_an_unknown_role_lists_the_roles_it_takes(tmp_path):
+    """The "available:" list names what `logs` accepts: `trainer` and `slurm` too, not only the *.log files' names."""
+    rd = stopped_run(tmp_path, "slurm", 1, {})
+    (rd / "logs").mkdir()
+    for name in ("trainer-0.log", "driver.log", "server-0.log", "slurm-10.out"):
+        (rd / "logs" / name).write_text("x\n")
+    with pytest.raises(ConfigError, match="available: driver, server-0, slurm, trainer, trainer-0"):
+        logs(rd, "nope")
+
+
+@pytest.mark.parametrize("cvd, gpus", [("2,3", [2, 3]), ("GPU-8f6a3c1e-aaaa,GPU-0b1c2d3e-bbbb", [0, 1]),
+                                       ("MIG-5c4b3a29-cccc", [0]), ("-1", [])])
+def test_visible_gpus_counts_gpus_named_by_uuid_or_mig_name(monkeypatch, cvd, gpus):
+    from areal_hpc.launch.entry import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
+    monkeypatch.setenv("SLURM_STEP_GPUS", "5,6,7")
+    assert visible_gpus() == gpus
+
+
+def test_a_run_dir_with_a_space_is_one_sbatch_value(tmp_path):
+    """A space in cluster.fileroot: the rendered --output is quoted (sbatch reads quotes in #SBATCH lines; unquoted it
+    took the path up to the space); submitit gets the path itself, and quotes it."""
+    import shlex
+
+    from areal_hpc.config import run_dir
+
+    cfg = load_config(None, ["mode=slurm", f"cluster.fileroot={tmp_path}/my runs", "allocation_mode=hf:d1+d1",
+                             "cluster.n_gpus_per_node=0"])
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), run_dir(cfg))
+    want = f"{plan.run_dir}/logs/slurm-%j.out"
+    out = next(line for line in sbatch_lines(cfg, plan) if line.startswith("#SBATCH --output="))
+    assert " " in want and shlex.split(out[len("#SBATCH --output="):]) == [want]
+    executor = slurm_submit.make_executor(cfg, plan, Path(plan.run_dir))
+    assert executor._executor.parameters["additional_parameters"]["output"] == want

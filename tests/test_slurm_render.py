@@ -336,3 +336,19 @@ def test_rendered_script_lets_servers_shut_down_when_the_trainer_ends(slurm_clus
     logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(Path(plan.run_dir, "logs").glob("*")))
     assert state == "COMPLETED" and (out / "termed").exists(), f"job {job_id} {state}; server not TERMed:\n{logs}"
     assert_steps_completed_in_sacct(job_id, plan)
+
+
+def test_a_run_dir_with_a_space_gets_its_job_log(slurm_cluster, shared_tmp):
+    """sbatch reads the quoted ``#SBATCH --output`` of a run dir with a space: the job's log is in the run's logs/
+    (unquoted, sbatch took the path up to the space)."""
+    cfg, alloc = make_config(shared_tmp / "my root", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             "trial_name=space")
+    plan = build_plan(cfg, alloc, run_dir(cfg))
+    script = render("allocation.sbatch", cfg, plan, command=lambda s: ["bash", "-c", f"echo {s.name} ran"])
+    path = Path(plan.run_dir) / "allocation.sbatch"
+    Path(plan.run_dir, "logs").mkdir(parents=True)
+    path.write_text(script)
+    job_id = run("sbatch", "--parsable", "--wait", str(path), timeout=180).strip().split(";")[0]
+    logs = Path(plan.run_dir, "logs")
+    assert (logs / f"slurm-{job_id}.out").exists(), sorted(p.name for p in logs.iterdir())
+    assert (logs / "trainer-0.log").read_text() == "trainer ran\n"

@@ -1,10 +1,6 @@
-"""`stop`, `add-servers`, `remove-server`, a trainer restart: act on a run through its registry.
-
-The process that owns a run (the local launcher, or the driver inside a Slurm allocation) writes
-``run.json`` and serves ``requests/*.json``; these commands write requests and wait for their
-effect, so they work the same from a login node and from the machine running a local run. Slurm is
-asked only about jobs no owner answers for: one still queued, server jobs, a driver that died.
-"""
+"""`stop`, `add-servers`, `remove-server`, a trainer restart: requests to the run's owner (`owner.RunOwner`) through
+its registry, so they work alike from a login node and from a local run's machine. Slurm is asked only about jobs no
+owner answers for: one still queued, server jobs, a driver that died."""
 
 from __future__ import annotations
 
@@ -27,8 +23,7 @@ SLURM_POLL_S = 5.0  # waits ask Slurm (a controller every user shares) about a j
 
 
 def polled_job_state(job_id: str) -> Callable[[], Optional[str]]:
-    """A job's state, asked of Slurm at intervals growing from 0.5 s to SLURM_POLL_S: the waits that call it read the
-    registry several times a second, and must not make Slurm answer as often."""
+    """A job's state, asked of Slurm at intervals growing from 0.5 s to SLURM_POLL_S (its callers poll faster)."""
     asked = {"at": -1.0, "wait": 0.25, "state": None}
 
     def job_state() -> Optional[str]:
@@ -40,8 +35,7 @@ def polled_job_state(job_id: str) -> Callable[[], Optional[str]]:
 
 
 def post_request(reg: Registry, kind: str, wait_s: float = 0.0, **fields) -> str:
-    """Queue a control request for the run's owner (driver or local launcher); its poster waits ``wait_s`` for it
-    (an owner that starts meanwhile serves it: one that starts later drops it)."""
+    """Queue a request for the run's owner, for ``wait_s`` (an owner that starts later drops it)."""
     name = f"{time.time_ns()}-{kind}"
     reg.put("requests", name, {"kind": kind, "created": time.time(), "until": time.time() + wait_s, **fields},
             ttl=False)
@@ -57,9 +51,8 @@ def take_reply(reg: Registry, req: str) -> Optional[Dict[str, Any]]:
 
 
 def withdraw(reg: Registry, names: List[str], for_live_owner: bool = False) -> None:
-    """Requests whose poster stopped waiting (served, timed out, the owner gone, Ctrl-C) that the owner has not taken:
-    deleted, so that nothing is served later behind the user's back; a ``stop`` given up stays for the live owner
-    only (``for_live_owner``: expired now, an owner that starts later drops it)."""
+    """Requests their poster stopped waiting for, not taken yet: deleted, so that nothing is served behind the user's
+    back; ``for_live_owner`` (a ``stop`` given up): expired now, for the live owner only."""
     for name in names:
         if for_live_owner:
             reg.update("requests", name, lambda old: old and {**old, "until": time.time()})
@@ -68,9 +61,8 @@ def withdraw(reg: Registry, names: List[str], for_live_owner: bool = False) -> N
 
 
 def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
-    """Graceful stop: the owner checkpoints the trainer, stops servers, ends the job; waits for all of it and prints how
-    the run ended. A second `stop` (or Ctrl-C while this one waits) kills what is left. External servers (attached by
-    URL, or `serve` by hand) keep running, attached ones detached; ``external`` stops them where we can tell how."""
+    """Graceful stop (the trainer checkpoints, servers stop, the job ends), waited for; a second `stop` or Ctrl-C kills
+    what is left. External servers keep running (attached ones detached) unless ``external``."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
     local, slurm_run = run.get("mode") in HOST_MODES, run.get("mode") == "slurm"
@@ -87,8 +79,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
             print(f"external server {sid} ({name}, `serve` by hand) keeps running: `stop --external` stops it",
                   flush=True)
 
-    def ours(recs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-        """The servers this stop waits for (and kills if it must)."""
+    def ours(recs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:  # what this stop waits for
         return {k: v for k, v in recs.items() if external or not v.get("external")}
 
     job_state = polled_job_state(run.get("job_id", ""))
@@ -101,9 +92,8 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         return job_state() in slurm.LIVE_STATES + slurm.WAITING_STATES
 
     def kill_left(sig: int) -> Tuple[List[Tuple[str, str]], Dict[Tuple[str, str], Dict[str, Any]]]:
-        """Signal what is left of the run (our servers, the trainer) where it runs on this host: a server's node
-        (its "host" is the address it serves on, server.host), the trainer's host. Returns the (kind, name) of what
-        is on this host (signalled, or dead already) and the records of what runs elsewhere."""
+        """Signal our servers and the trainer where they run on this host (a server's "host" is its serving address:
+        its node says); the (kind, name) of those, and the records of what runs elsewhere."""
         recs = {("servers", sid): rec for sid, rec in ours(reg.list("servers")).items()}
         recs["", "trainer"] = reg.get("", "trainer") or {}
         here = [k for k, rec in recs.items() if rec and runs_here(rec.get("node"), rec.get("host"))]
@@ -118,16 +108,14 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     if local and not owner_alive():  # the owner is gone (shutdown_server_on_exit=False): stop what it left
         kill_left(signal.SIGTERM)
-    # queued (or requeued, held) with no driver: nothing to checkpoint. A SUSPENDED or RESIZING job has started: its
-    # driver checkpoints once it runs again
+    # queued with no driver: nothing to checkpoint (a SUSPENDED or RESIZING job's driver checkpoints once it runs)
     state = job_state() if slurm_run and run.get("job_id") else None
     if state in set(slurm.WAITING_STATES) - {"SUSPENDED", "RESIZING"} and not slurm.scancel(run["job_id"]):
-        # no driver will record how the run ended: else it reads PENDING (REQUEUED) for good
+        # no driver will record how the run ended
         reg.update("", "run", lambda old: {**(old or {}), "state": outcome.STOPPED, "reason": "stop requested "
                                            f"(areal-hpc stop) while job {run['job_id']} was {state}: cancelled"})
     uncancelled = []
-    for job_id in reg.list("jobs", live_only=False):  # server jobs of `add-servers --new-job`
-        # scancel sends SIGTERM to their steps first: the servers deregister
+    for job_id in reg.list("jobs", live_only=False):  # server jobs; their servers deregister on scancel's SIGTERM
         failed = slurm.scancel(job_id)
         if failed:  # its record stays (`status` lists the job, the next `stop` cancels it); this stop failed
             uncancelled.append(job_id)
@@ -186,8 +174,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
 
 def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional[float] = None) -> int:
     """Ask the run's owner for ``count`` more servers and wait until they serve; what a Slurm allocation has no room for
-    goes to a job of its own (as all do with ``new_job``), and the wait is for all of them, wherever they run. Given up
-    (a timeout, Ctrl-C), neither the request nor the job is left to add servers later (`keep_or_cancel`)."""
+    goes to a job of its own (all, with ``new_job``). Given up, neither request nor job is left (`keep_or_cancel`)."""
     reg = run_registry(rd)
     run = reg.get("", "run", live_only=False) or {}
     if not launcher_alive(run, reg) and not new_job:
@@ -200,11 +187,10 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     job_id = slurm_submit.submit_server_job(cfg, rd, count) if new_job else None
     if new_job and job_id is None:
         return 1
-    job_state = polled_job_state(job_id) if job_id else None  # Slurm's word on the (one) server job, once there is one
+    job_state = polled_job_state(job_id) if job_id else None  # the server job's, once there is one
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            # serving (ready/paused), not still loading a model
             new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
             if len(new) >= count:
                 print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
@@ -241,14 +227,14 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
               + (f" and the logs of job {job_id}" if job_id else ""), file=sys.stderr)
         return 1
     finally:
-        withdraw(reg, [req] if req else [])  # given up (Ctrl-C) or timed out: not to be served later
+        withdraw(reg, [req] if req else [])
         if job_id is not None:
             print(keep_or_cancel(reg, job_id), file=sys.stderr)
 
 
 def keep_or_cancel(reg: Registry, job_id: str) -> str:
-    """The server job an `add-servers` submitted, once it stops waiting: kept when one of its servers has joined the run
-    (`stop` ends it with the run), else cancelled, so that its servers do not join later behind the user's back."""
+    """The server job of an `add-servers` that stops waiting: kept when one of its servers joined the run, else
+    cancelled (its servers must not join behind the user's back)."""
     names = (reg.get("jobs", job_id, live_only=False) or {}).get("servers", [])
     joined = sorted(set(names) & set(reg.list("servers", live_only=False)))
     if joined:
@@ -269,11 +255,9 @@ def live_driver(cfg: ExperimentConfig, rd: Path) -> Optional[Dict[str, Any]]:
 
 
 def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeout_s: float = 300.0) -> int:
-    """``submit ... min_required_servers=N`` on a run whose driver lives: the driver starts the trainer
-    step inside its allocation (the trainer waits for N servers, recovers, pushes its weights)."""
-    # The new trainer reads config.yaml (so other overrides of this submit apply), but the run keeps its own
-    # min_required_servers there (a requeued allocation starts its servers and must not wait for N: N goes with the
-    # request, into the step's env) and its registry settings, by which the live servers and driver lock and expire.
+    """``submit ... min_required_servers=N`` on a run whose driver lives: the driver starts the trainer step inside its
+    allocation. The new trainer reads config.yaml, which keeps the run's own min_required_servers (a requeue must not
+    wait for N: N goes with the request) and registry settings (the live steps lock and expire by them)."""
     cfg_path = rd / "config.yaml"
     try:
         kept = load_resolved(cfg_path)
@@ -299,8 +283,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
                       "(see `areal-hpc logs driver`)", file=sys.stderr)
                 return 1
             rec = reg.get("", "run", live_only=False) or {}
-            # only once the driver says it started a new trainer step is a trainer record that step's: the old
-            # trainer's may outlive it (until its TTL)
+            # the old trainer's record may outlive it: a record is the new one's once the driver names a new step
             new = trainer_step_id(rec) not in (None, old_step)
             if new and rec.get("trainer_rc") is not None:
                 rc = int(rec["trainer_rc"])
@@ -325,7 +308,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         print(f"no trainer registered within {timeout_s:.0f}s; see `areal-hpc logs driver`", file=sys.stderr)
         return 1
     finally:
-        withdraw(reg, [name])  # given up (Ctrl-C) or timed out: no trainer is to start behind the user's back
+        withdraw(reg, [name])
 
 
 def attach_server(rd: Path, url: str, api_key: Optional[str] = None) -> int:

@@ -1,10 +1,6 @@
-"""The driver: the one process that owns a run's Slurm allocation, on its batch host: a `RunOwner` whose steps are
-``srun --exact`` job steps (`SrunRunner`). Started by `submit` through submitit, or by hand inside an allocation.
-
-USR2 (Slurm's warning before the time limit, or preemption): `prepare_requeue` has the trainer checkpoint and the
-servers deregister; then the job is requeued (by submitit, or ``scontrol requeue`` when started by hand) and the
-requeued driver starts everything again.
-"""
+"""The driver: the owner of a run's Slurm allocation, on its batch host, whose steps are ``srun --exact`` job steps
+(`SrunRunner`). On USR2 (time limit, preemption) `prepare_requeue` has the trainer checkpoint; then the job is requeued
+(by submitit, or ``scontrol requeue`` when started by hand) and the requeued driver starts everything again."""
 
 from __future__ import annotations
 
@@ -28,13 +24,11 @@ from areal_hpc.launch.plan import Plan, StepSpec, node_load
 
 log = logging.getLogger("areal_hpc.launch")
 
-# Seconds the trainer gets to reach a step boundary and checkpoint after USR2: Slurm signals 90 s
-# before the time limit; the rest is for servers to deregister and for the requeue itself.
+# Slurm sends USR2 90 s before the time limit: the trainer's time to checkpoint, then the servers' to deregister
 REQUEUE_TRAINER_GRACE_S = 75.0
 REQUEUE_SERVER_GRACE_S = 10.0
-# Seconds a started step may take to be listed by Slurm before the next one starts anyway.
-STEP_LISTED_TIMEOUT_S = 60.0
-# Environment of the job that each step states for itself.
+STEP_LISTED_TIMEOUT_S = 60.0  # then the next step starts anyway
+# the job's environment that each step states for itself
 _JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", "SLURM_GPUS_PER_NODE")
 
 _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
@@ -54,8 +48,7 @@ class SrunHandle(ProcessHandle):
         return range(self.node, self.node + self.step.nodes)
 
     def signal(self, sig: int) -> None:
-        # To the step's tasks through slurmctld, not through the srun client: srun answers SIGTERM
-        # by killing its step, so a server would die without deregistering, a trainer unsaved.
+        # To the step's tasks through slurmctld: srun answers SIGTERM by killing its step (no deregistering, no save).
         target = f"{self.job_id}.{self.step_id}"
         if self.proc.poll() is None and self.step_id and not slurm.scancel(target, signal.Signals(sig).name[3:]) \
                 and sig != signal.SIGKILL:
@@ -69,8 +62,8 @@ class SrunHandle(ProcessHandle):
 
 
 class SrunRunner(Runner):
-    """Starts StepSpecs as ``srun --exact`` steps of the driver's own job, one after another (each waits until Slurm
-    lists the previous one), so that on a node the GPUs go to steps in plan order: the plan's GPU ids are theirs."""
+    """Starts steps as ``srun --exact`` steps of the driver's job, each once Slurm lists the previous one, so that a
+    node's GPUs go to steps in plan order: the plan's GPU ids are theirs."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, job_id: str, env: Optional[Dict[str, str]] = None):
         env = os.environ if env is None else env
@@ -87,7 +80,7 @@ class SrunRunner(Runner):
         return [h for h in running if h.poll() is None and hasattr(h, "nodes")]
 
     def place(self, step: StepSpec, running: List[StepHandle]) -> Optional[int]:
-        """The first node of ``step``: the plan's, or (added servers) the first with room."""
+        """The first node of ``step``: the plan's, or (added servers) the first with room; None without."""
         if step.relative_node >= 0:
             return step.relative_node
         used = node_load([h.step for h in self._live(running)], len(self.capacity))  # placed: on their own nodes
@@ -111,14 +104,12 @@ class SrunRunner(Runner):
             raise RuntimeError(f"no room in job {self.job_id} for {step.name}")
         placed = replace(step, relative_node=node)
         if self.plan.gpus_per_node and step.gpus_per_node:
-            # Slurm hands a step the lowest free GPUs of its node: for plan steps started in order
-            # these are the plan's gpu_ids; for added/restarted steps, whatever the others left
+            # Slurm hands a step the lowest free GPUs of its node: the plan's for plan steps started in order
             taken = {g for h in self._live(running) if node in h.nodes for g in h.step.gpu_ids}
             placed.gpu_ids = [g for g in range(self.plan.gpus_per_node) if g not in taken][:step.gpus_per_node]
             if step.gpu_ids and step.relative_node >= 0 and placed.gpu_ids != list(step.gpu_ids):
                 log.info("%s: planned GPUs %s are taken; expecting %s", step.name, step.gpu_ids, placed.gpu_ids)
-        argv = slurm.srun_argv(placed, self.plan.job_name, self.cfg.cluster.srun_args,
-                               jobid=self.job_id)
+        argv = slurm.srun_argv(placed, self.plan.job_name, self.cfg.cluster.srun_args, jobid=self.job_id)
         Path(step.log).parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS and k not in RANK_VARS}
         env.update(step.env, PYTHONUNBUFFERED="1")
@@ -130,7 +121,7 @@ class SrunRunner(Runner):
         return h
 
     def _await_step(self, h: SrunHandle) -> None:
-        """Wait until Slurm lists the step (its resources are then taken): records its step id."""
+        """Wait until Slurm lists the step (its resources are then taken); records its step id."""
         name = f"{self.plan.job_name}:{h.step.name}"
         deadline = time.monotonic() + STEP_LISTED_TIMEOUT_S
         delay = 0.02
@@ -159,23 +150,22 @@ def prepare_requeue() -> bool:
     owner.request_stop(why)
     t0 = time.monotonic()
     log.warning("USR2: asking the trainer to checkpoint at its next step boundary")
-    # a trainer killed after its grace resumes from its last checkpoint; the requeued driver starts the servers again
     owner.shutdown(why, REQUEUE_TRAINER_GRACE_S, signal.SIGUSR2, REQUEUE_SERVER_GRACE_S)
     requeue = bool(owner.cfg.launcher.requeue_on_preemption)
     log.warning("USR2 handled in %.1fs (trainer rc %s): %s", time.monotonic() - t0, owner.trainer_rc,
                 "requeueing the job" if requeue else "ending the job (launcher.requeue_on_preemption=False)")
-    at = outcome.last_step(owner.run_dir / "metrics.jsonl")
+    why += f" at step {outcome.last_step(owner.run_dir / 'metrics.jsonl')}: checkpointed, "
     if requeue:
-        owner.set_state(outcome.REQUEUED, f"{why} at step {at}: checkpointed, the job is requeued and resumes")
+        owner.set_state(outcome.REQUEUED, why + "the job is requeued and resumes")
     else:
-        owner.set_state(outcome.STOPPED, f"{why} at step {at}: checkpointed, not requeued "
-                        "(launcher.requeue_on_preemption=False); submit again to resume")
+        owner.set_state(outcome.STOPPED, why + "not requeued (launcher.requeue_on_preemption=False); submit again "
+                        "to resume")
     return requeue
 
 
 def _on_usr2_standalone(signum, frame) -> None:
-    """USR2 when the driver is not submitit's payload (started by hand): same steps, own requeue. Not requeued,
-    the run is STOPPED and the job must not end COMPLETED (under submitit it ends FAILED)."""
+    """USR2 to a driver started by hand (not submitit's payload): its own requeue; not requeued, the job must not end
+    COMPLETED."""
     if not prepare_requeue():
         raise SystemExit(outcome.exit_code(outcome.STOPPED))
     job = os.environ.get("SLURM_JOB_ID", "")
@@ -184,6 +174,8 @@ def _on_usr2_standalone(signum, frame) -> None:
 
 
 def main(run_dir: Path) -> int:
+    global _OWNER
+
     run_dir = Path(run_dir).resolve()
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
@@ -192,33 +184,28 @@ def main(run_dir: Path) -> int:
         return 2
     cfg = load_resolved(run_dir / "config.yaml")
     os.umask(run_umask(cfg))  # what the driver and its steps write stays private (cluster.group_readable)
+    plan = Plan.from_json((run_dir / "plan.json").read_text())
     with owner_log(run_dir):
-        return _drive(cfg, Plan.from_json((run_dir / "plan.json").read_text()), run_dir, job_id)
-
-
-def _drive(cfg: ExperimentConfig, plan: Plan, run_dir: Path, job_id: str) -> int:
-    global _OWNER
-
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    log.info("driver of job %s%s on %s (pid %d): %d step(s) on %d node(s) [%s]", job_id,
-             f" (requeued {restarts}x)" if restarts else "", socket.gethostname(), os.getpid(), len(plan.steps),
-             plan.nodes, os.environ.get("SLURM_JOB_NODELIST", "?"))
-    owner = RunOwner(cfg, plan, run_dir, SrunRunner(cfg, plan, job_id), mode="slurm", job_id=job_id,
-                     linger=not cfg.shutdown_server_on_exit)
-    _OWNER = owner
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit installs its own USR2 handler
-        signal.signal(signal.SIGUSR2, _on_usr2_standalone)
-        # SIGTERM (scancel), SIGINT: a graceful stop. Once it is under way, SIGTERM is Slurm's (the job's end, the
-        # driver's own scancel or requeue of it): ignored, it must not kill steps mid-checkpoint; Ctrl-C again forces
-        stop_on_signals(owner, forced_by=(signal.SIGINT,))
-    try:
-        rc = owner.run()
-    finally:
-        _OWNER = None
-    log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
-    if owner.state == outcome.STOPPED:
-        log.info("the run was stopped: ending job %s as CANCELLED (not a success to --dependency=afterok)", job_id)
-        err = slurm.scancel(job_id)
-        if err:
-            print(f"scancel {job_id} failed: {err}", file=sys.stderr)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        log.info("driver of job %s%s on %s (pid %d): %d step(s) on %d node(s) [%s]", job_id,
+                 f" (requeued {restarts}x)" if restarts else "", socket.gethostname(), os.getpid(), len(plan.steps),
+                 plan.nodes, os.environ.get("SLURM_JOB_NODELIST", "?"))
+        owner = RunOwner(cfg, plan, run_dir, SrunRunner(cfg, plan, job_id), mode="slurm", job_id=job_id,
+                         linger=not cfg.shutdown_server_on_exit)
+        _OWNER = owner
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # submitit installs its own USR2 handler
+            signal.signal(signal.SIGUSR2, _on_usr2_standalone)
+            # SIGTERM, SIGINT: a graceful stop; a SIGTERM after it is Slurm's (the job's end) and must not kill steps
+            # mid-checkpoint: only Ctrl-C again forces
+            stop_on_signals(owner, forced_by=(signal.SIGINT,))
+        try:
+            rc = owner.run()
+        finally:
+            _OWNER = None
+        log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
+        if owner.state == outcome.STOPPED:
+            log.info("the run was stopped: ending job %s as CANCELLED (not a success to --dependency=afterok)", job_id)
+            err = slurm.scancel(job_id)
+            if err:
+                print(f"scancel {job_id} failed: {err}", file=sys.stderr)
     return rc

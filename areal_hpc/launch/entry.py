@@ -28,11 +28,14 @@ def setup_logging(role: str) -> None:
 
 
 def visible_gpus() -> List[int]:
-    """The GPUs this process may use, as Slurm or the local launcher set them."""
+    """The GPUs this process may use, as Slurm or the local launcher set them; named by UUID or MIG name in
+    CUDA_VISIBLE_DEVICES, the numbers CUDA gives them (0, 1, ...)."""
     for var in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
-        v = os.environ.get(var)
-        if v:
-            return [int(g) for g in v.split(",") if g.strip().isdigit()]
+        names = [g.strip() for g in os.environ.get(var, "").split(",") if g.strip()]
+        if names and all(g.isdigit() for g in names):
+            return [int(g) for g in names]
+        if names:  # "-1" or "NoDevFiles": none
+            return list(range(sum(g.startswith(("GPU-", "MIG-")) for g in names)))
     return []
 
 

@@ -1,9 +1,5 @@
-"""The owner of a run: starts its steps, watches them, serves control requests, shuts down.
-
-One implementation for every launcher; only how a step becomes processes differs (`Runner`:
-subprocesses, torchrun's agent, ``srun`` steps, Ray actors). Requests (`requests/*.json` in the
-registry) come from `add-servers`, `stop` and trainer-restart submits; only the owner acts on them.
-"""
+"""The owner of a run, one for every launcher (a `Runner` says how a step becomes processes): starts the steps,
+watches them, serves the requests (`requests/*.json`) of `add-servers`, `stop` and trainer restarts, shuts down."""
 
 from __future__ import annotations
 
@@ -58,9 +54,8 @@ class Runner(ABC):
 
 
 def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0) -> int:
-    """The one rule for naming servers added to a run, in its allocation or as a job of their own: the number after
-    every server name the run has used (``known``, the registry's records, the owner's run record, server jobs) or
-    handed out. ``reserve=N`` hands out N numbers from there, under the registry's lock: two additions never clash."""
+    """The number after every server name the run has used (``known``, records, the run record, server jobs) or
+    handed out; ``reserve=N`` hands out N from there, under the registry's lock, so two additions never clash."""
     with reg.locked("server-names"):
         names = set(known) | set(reg.list("servers", live_only=False))
         names |= set((reg.get("", "run", live_only=False) or {}).get("servers") or [])
@@ -83,18 +78,15 @@ class RunOwner:
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Runner, mode: str,
                  job_id: Optional[str] = None, linger: bool = False):
         self.cfg, self.plan, self.run_dir, self.runner, self.mode = cfg, plan, run_dir, runner, mode
-        # linger: with shutdown_server_on_exit=False keep serving requests while servers live after
-        # the trainer ends (the Slurm driver: its allocation must outlive the trainer step)
-        self.linger = linger
+        # linger (the Slurm driver): with shutdown_server_on_exit=False serve requests while servers outlive the trainer
+        self.linger, self.job_id = linger, job_id
         self.registry = Registry.for_run(run_dir, cfg.launcher)
-        self.job_id = job_id
         self.servers: Dict[str, StepHandle] = {}
         self.trainer: Optional[StepHandle] = None
         self.trainer_rc: Optional[int] = None
         self.restarts, self.stopping, self.force, self.stop_reason = 0, False, False, "stop requested"
-        # how the run stands (run.json): RUNNING until the end, then COMPLETED / FAILED / STOPPED
-        self.state, self.reason, self.log_path = outcome.RUNNING, None, None
-        # (state, reason, log) of how the last trainer ended: COMPLETED (exit 0, not stopped by us) or FAILED
+        self.state, self.reason, self.log_path = outcome.RUNNING, None, None  # run.json's
+        # (state, reason, log) of how the last trainer ended
         self.trainer_end: Optional[Tuple[str, Optional[str], Optional[str]]] = None
         self.server_failures: List[Tuple[str, Optional[str]]] = []
         self.early_failures = 0  # consecutive trainer deaths before their first step (crash-loop brake)
@@ -105,7 +97,7 @@ class RunOwner:
         self._heartbeat: Optional[Heartbeat] = None
 
     def record(self) -> Dict[str, object]:
-        """The run record the heartbeat writes to run.json."""
+        """run.json, as the heartbeat writes it."""
         return {"mode": self.mode, "pid": os.getpid(), "host": socket.gethostname(), "job_id": self.job_id,
                 "started": self._started, "ended": self._ended, "state": self.state, "reason": self.reason,
                 "log": self.log_path, "stopping": self.stopping, "servers": sorted(self.servers),
@@ -113,13 +105,10 @@ class RunOwner:
                 "steps": {name: h.info() for name, h in self._handles().items()}}
 
     def _handles(self) -> Dict[str, StepHandle]:
-        out = dict(self.servers)
-        if self.trainer is not None:
-            out["trainer"] = self.trainer
-        return out
+        return {**self.servers, **({"trainer": self.trainer} if self.trainer is not None else {})}
 
     def set_state(self, state: str, reason: Optional[str] = None, log_path: Optional[str] = None) -> None:
-        """Record the run's state (and why, and which log tells more) in run.json now."""
+        """Record the run's state, why, and which log tells more in run.json now."""
         self.state, self.reason, self.log_path = state, reason, log_path
         if state in outcome.FINAL:
             self._ended = time.time()
@@ -138,8 +127,7 @@ class RunOwner:
 
     def start_step(self, step: StepSpec) -> StepHandle:
         offsets = outcome.log_sizes(step.log)  # an error line must come from this attempt, not an earlier one
-        if step.role != "server":
-            # the step it resumes from (its last checkpoint, if it recovers): progress is past it
+        if step.role != "server":  # progress is past the checkpoint it resumes from
             resume = 0 if self.cfg.recover.mode == "disabled" else \
                 outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
             self._attempt = {"t0": time.time(), "from_step": resume, "first_step": None, "progressed": False}
@@ -153,8 +141,7 @@ class RunOwner:
         return h
 
     def add_servers(self, count: int) -> int:
-        """Start up to ``count`` more servers; returns how many the resources allowed. Added servers
-        are not pinned to a node or GPUs (``relative_node=-1``): the runner puts them where room is."""
+        """Start up to ``count`` more servers, where the runner finds room (``relative_node=-1``); returns how many."""
         alloc = parse_allocation(self.cfg.allocation_mode)
         known = [s.name for s in self.plan.servers] + list(self.servers)
         for started in range(count):
@@ -170,47 +157,45 @@ class RunOwner:
         for name, req in sorted(self.registry.list("requests").items()):
             if not self.registry.delete("requests", name) or req.get("until", math.inf) < self._started:
                 continue  # withdrawn by its poster (`control.withdraw`), or given up before this owner started
-            kind, error = req.get("kind"), None
+            kind, reply = req.get("kind"), None  # the reply: why a request was not (fully) served
             log.info("request %s: %s", name, req)
             try:
-                if kind == "stop":
-                    if req.get("force"):
-                        self.request_force("forced stop (areal-hpc stop, twice)")
-                    else:
-                        self.request_stop("stop requested (areal-hpc stop)")
-                elif kind in ("add_servers", "start_trainer") and self.stopping:
-                    error = "the run is stopping"
+                if kind == "stop" and req.get("force"):
+                    self.request_force("forced stop (areal-hpc stop, twice)")
+                elif kind == "stop":
+                    self.request_stop("stop requested (areal-hpc stop)")
+                elif self.stopping and kind in ("add_servers", "start_trainer"):
+                    reply = {"error": "the run is stopping"}
                 elif kind == "add_servers":
                     wanted = int(req.get("count", 1))
                     n = self.add_servers(wanted)
-                    if n < wanted:
+                    if n < wanted:  # `add-servers` then submits the rest as a job of their own
                         log.warning("started %d of %d requested servers (no free resources)", n, wanted)
-                        # the answer for `add-servers`, which then submits the rest as a separate job
-                        self.registry.put("replies", f"{name}-unserved", {"wanted": wanted, "started": n}, ttl=True)
+                        reply = {"wanted": wanted, "started": n}
                 elif kind == "start_trainer" and self.trainer is not None and self.trainer.poll() is None:
-                    error = "a trainer is running already"
+                    reply = {"error": "a trainer is running already"}
                 elif kind == "start_trainer":
                     self.early_failures = 0  # a trainer started by hand gets a fresh crash-loop count
                     self.registry.delete("", "trainer")  # the last one's, if it died unregistered: not the new one's
                     self.start_step(self._trainer_step(req.get("min_required_servers")))
-                    # how the last trainer ended is history: `status` must not give it as the state of a new one
+                    # how the last trainer ended is history, not the state of the new one
                     self.set_state(outcome.RUNNING, "trainer started again (submit ... min_required_servers)")
             except Exception as e:  # noqa: BLE001 - a step that fails to start must not end the run
                 log.exception("request %s failed", name)
-                error = f"{type(e).__name__}: {e}"
-            if error:  # `add-servers` or a trainer-restart submit fails at once, saying why
-                self.registry.put("replies", f"{name}-unserved", {"error": error}, ttl=True)
+                reply = {"error": f"{type(e).__name__}: {e}"}
+            if reply:
+                self.registry.put("replies", f"{name}-unserved", reply, ttl=True)
 
     def _trainer_step(self, min_required_servers: Optional[int] = None) -> StepSpec:
-        """The plan's trainer step again (every owned plan has one: server jobs have no owner), on its GPUs."""
+        """The plan's trainer step again; ``min_required_servers`` for this trainer only (config.yaml keeps the run's):
+        it waits for that many servers, then pushes its weights before generating."""
         step = self.plan.trainer
-        if min_required_servers:  # this trainer only (config.yaml keeps the run's value): it waits for that
-            # many servers, then pushes its weights before generating, even with no checkpoint to resume
+        if min_required_servers:
             return replace(step, env={**step.env, "AREAL_HPC_MIN_REQUIRED_SERVERS": str(min_required_servers)})
         return step
 
     def _watch_progress(self) -> None:
-        """Note, for `_progressed`, whether the running trainer got past its first step (its record's step moved)."""
+        """Note, for `_progressed`, whether the running trainer's record moved past its first step."""
         a = self._attempt
         if a["progressed"]:
             return
@@ -221,8 +206,7 @@ class RunOwner:
             a["progressed"] = step > a["first_step"]
 
     def _progressed(self) -> bool:
-        """Did the trainer that just ended complete a step? (its record moved, or it wrote a metrics
-        row past the step it resumed from)"""
+        """Did the trainer that just ended complete a step (its record moved, or a metrics row past its resume step)?"""
         a = self._attempt
         if a["progressed"]:
             return True

@@ -1,9 +1,6 @@
-"""Config -> the list of job steps a run is made of (`StepSpec`), placement included; every launcher runs them.
-
-Placement: when everything fits one node, servers take the first GPUs and the trainer the next;
-otherwise servers and trainer get disjoint sets of whole nodes (servers first), so an SPMD
-trainer step has the same number of ranks on each of its nodes and no GPU is ever shared.
-"""
+"""Config -> the job steps of a run (`StepSpec`), placed: on one node servers take the first GPUs, the trainer the
+next; else servers and trainer get disjoint whole nodes (servers first), so an SPMD trainer has the same ranks on each
+node and no GPU is shared. Every launcher runs them."""
 
 from __future__ import annotations
 
@@ -84,17 +81,16 @@ def python_executable(cfg: ExperimentConfig) -> str:
 
 
 def hf_cache_dir(cfg: ExperimentConfig) -> Path:
-    """The Hugging Face cache every node sees (``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``: shared by
-    the user's runs, writable by them alone), laid out as ``HF_HOME`` (``hub/`` snapshots, prepared ``datasets/``)."""
+    """The Hugging Face cache (``HF_HOME``) every node sees: ``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``
+    (shared by the user's runs, writable by them alone)."""
     c = cfg.cluster
     root = c.hf_cache or str(Path(os.path.expanduser(c.fileroot)) / getpass.getuser() / "hf-cache")
     return Path(os.path.abspath(os.path.expanduser(root)))
 
 
 def step_env(cfg: ExperimentConfig, cpus: int) -> Dict[str, str]:
-    """Each task uses the CPUs it was given (torch otherwise starts a thread per core in every process, and a server and
-    a trainer sharing a small node thrash). Steps never reach the Hub: `submit` resolved every name to a local path on
-    the login node (`launch.resolve`); their caches live in the shared one, so `datasets` prepares a dataset once."""
+    """Each task uses the CPUs it was given (else torch starts a thread per core in every process), and never reaches
+    the Hub (`launch.resolve` made every name a local path); caches are the shared one (a dataset is prepared once)."""
     root = hf_cache_dir(cfg)
     return {"OMP_NUM_THREADS": str(cpus), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root), "HF_HUB_CACHE": str(root / "hub"),
@@ -148,17 +144,12 @@ def has_servers(cfg: ExperimentConfig, alloc: AllocationMode) -> bool:
 
 def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
                with_servers: bool = True, with_trainer: bool = True, first_server: int = 0) -> Plan:
-    """All steps of a run. ``with_servers=False`` is a trainer-only restart; ``first_server``
-    numbers servers added to a live run after the existing ones."""
+    """All steps of a run. ``with_servers=False`` is a trainer-only restart; ``first_server`` numbers servers added
+    to a live run after the existing ones."""
     G = cfg.cluster.n_gpus_per_node
-    steps: List[StepSpec] = []
-    gen = alloc.gen
-    # the servers are placed even for a trainer-only restart: on one node its trainer keeps off their GPUs
+    gen, steps = alloc.gen, []
     placed = has_servers(cfg, alloc)
-    need_servers = with_servers and placed
-    single_node = nodes_needed(alloc, G) == 1
-    next_gpu = 0
-    if placed:
+    if placed and with_servers:
         per = gen.gpus_per_instance if G else 0
         per_node = max(1, G // per) if G and per <= G else 1
         for k in range(gen.dp):
@@ -167,23 +158,20 @@ def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
             elif per > G:  # multi-node server: whole nodes
                 node, ids = k * (per // G), list(range(G))
             else:
-                node = k // per_node
-                first = (k % per_node) * per
+                node, first = k // per_node, (k % per_node) * per
                 ids = list(range(first, first + per))
-            if G and single_node:
-                next_gpu = ids[-1] + 1
-            if with_servers:
-                steps.append(server_step(cfg, alloc, run_dir, first_server + k, node, ids))
+            steps.append(server_step(cfg, alloc, run_dir, first_server + k, node, ids))
     if with_trainer:
+        n = alloc.train.world_size if alloc.train else 0
         if not G:
             node, ids = 0, []
-        elif single_node:
-            n = alloc.train.world_size if alloc.train else 0
-            node, ids = 0, list(range(next_gpu, next_gpu + n))
+        elif nodes_needed(alloc, G) == 1:  # after the servers' GPUs, even in a trainer-only restart
+            first = gen.dp * gen.gpus_per_instance if placed else 0
+            node, ids = 0, list(range(first, first + n))
         else:
             # a rollout runner (no trainer GPUs) is a CPU process: it shares node 0 rather than take a node of its own
-            node = server_nodes(alloc, G) if need_servers and alloc.train else 0
-            ids = list(range(min(G, alloc.train.world_size))) if alloc.train else []
+            node = server_nodes(alloc, G) if placed and with_servers and alloc.train else 0
+            ids = list(range(min(G, n)))
         steps.append(trainer_step(cfg, alloc, run_dir, node, ids))
     nodes = max((s.relative_node + s.nodes for s in steps), default=1)
     job = f"areal-{cfg.experiment_name}-{cfg.trial_name}"

@@ -26,34 +26,40 @@ def template_text(name: str) -> str:
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
 
 
-def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
-    """``#SBATCH`` options for an allocation of ``plan`` (sorted, like submitit's)."""
+def sbatch_opts(cfg: ExperimentConfig, plan: Plan) -> Dict[str, str]:
+    """The ``#SBATCH`` options of an allocation of ``plan`` (``cluster.sbatch_args`` apart): the rendered script,
+    ``--test-only`` and submitit all get these."""
     c = cfg.cluster
-    run = Path(plan.run_dir)
+    G = plan.gpus_per_node
+    # Slurm sizes every node alike: for the busiest node's steps, at least the GPUs' share (a CPU step,
+    # e.g. a rollout runner, next to servers that use all of a node's GPUs needs room of its own).
+    load = node_load(plan.steps, plan.nodes)
+    mem_mb = max([1024 * (c.mem_per_gpu_gb * G if G else c.mem_per_task_cpu_gb)] + [n["mem"] for n in load])
     opts = {
         "ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
         "job-name": plan.job_name,
         "nodes": str(plan.nodes),
         "time": str(c.time),
-        "output": str(run / "logs" / "slurm-%j.out"),
+        "output": str(Path(plan.run_dir) / "logs" / "slurm-%j.out"),
         "open-mode": "append",
         "signal": "USR2@90",
+        "cpus-per-task": str(max([c.cpus_per_gpu * G if G else c.cpus_per_task_cpu] + [n["cpus"] for n in load])),
+        "mem": f"{-(-mem_mb // 1024)}G",
     }
-    G = plan.gpus_per_node
     if G:
         opts["gres"] = f"gpu:{G}"
-    # Slurm sizes every node alike: for the busiest node's steps, at least the GPUs' share (a CPU step,
-    # e.g. a rollout runner, next to servers that use all of a node's GPUs needs room of its own).
-    load = node_load(plan.steps, plan.nodes)
-    opts["cpus-per-task"] = str(max([c.cpus_per_gpu * G if G else c.cpus_per_task_cpu] + [n["cpus"] for n in load]))
-    mem_mb = max([1024 * (c.mem_per_gpu_gb * G if G else c.mem_per_task_cpu_gb)] + [n["mem"] for n in load])
-    opts["mem"] = f"{-(-mem_mb // 1024)}G"
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
             opts[key] = str(getattr(c, key))
-    lines = [f"#SBATCH --{k}={v}" for k, v in sorted(opts.items())]
-    # one line an option, its value joined ("--reservation", "x" on two lines: sbatch refuses the first)
-    return lines + [f"#SBATCH --{k}" + ("" if v is True else f"={v}") for k, v in sbatch_options(c.sbatch_args).items()]
+    return opts
+
+
+def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
+    """``#SBATCH`` lines of `sbatch_opts` (sorted, like submitit's; quoted, as sbatch reads them: a run dir may hold
+    a space), then ``cluster.sbatch_args``, an option a line with its value joined (sbatch refuses a bare value)."""
+    lines = [f"#SBATCH --{k}={shlex.quote(v)}" for k, v in sorted(sbatch_opts(cfg, plan).items())]
+    extra = sbatch_options(cfg.cluster.sbatch_args)
+    return lines + [f"#SBATCH --{k}" + ("" if v is True else f"={v}") for k, v in extra.items()]
 
 
 def sbatch_options(args: Sequence[str]) -> Dict[str, Union[str, bool]]:

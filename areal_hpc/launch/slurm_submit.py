@@ -1,8 +1,5 @@
-"""`mode=slurm` from the login node: the run's allocation (submitit), and server jobs joining a run.
-
-The allocation's payload, `Driver`, runs `driver.main` in the batch script itself (the interpreter ``exec``-ed so that
-the batch-shell USR2 reaches it). Server jobs (``add-servers --new-job``) run `templates/add-servers.sbatch`.
-"""
+"""`mode=slurm` from the login node: the run's allocation (submitit; its payload `Driver` runs `driver.main` in the
+batch script, ``exec``-ed so that the batch shell's USR2 reaches it), and server jobs (`templates/add-servers.sbatch`)."""
 
 from __future__ import annotations
 
@@ -21,25 +18,18 @@ from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
 from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
-from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_options
+from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_opts, sbatch_options
 from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
 
 
 def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.AutoExecutor":
-    """A submitit executor for one allocation of ``plan``, with the #SBATCH values of `sbatch.sbatch_lines`."""
-    opts = dict(line[len("#SBATCH --"):].split("=", 1) for line in sbatch_lines(cfg, plan)
-                if line.startswith("#SBATCH --") and "=" in line)
-    python = python_executable(cfg)
+    """A submitit executor for one allocation of ``plan`` (submitit quotes the values itself)."""
+    opts, c = sbatch_opts(cfg, plan), cfg.cluster
     ex = submitit.AutoExecutor(folder=rd / "submitit", cluster="slurm",
-                               slurm_python=f"exec {shlex.quote(python)}", slurm_max_num_timeout=100)
-    c = cfg.cluster
-    additional: Dict[str, Any] = {
-        # To the batch shell only (B:), i.e. to the driver (the exec-ed interpreter): the steps are
-        # not signalled by Slurm; the driver asks the trainer to checkpoint, then requeues.
-        "signal": "B:USR2@90",
-        "output": opts["output"],
-    }
+                               slurm_python=f"exec {shlex.quote(python_executable(cfg))}", slurm_max_num_timeout=100)
+    # USR2 to the batch shell only (B:), the driver: it has the trainer checkpoint, then requeues
+    additional: Dict[str, Any] = {"signal": "B:USR2@90", "output": opts["output"]}
     if cfg.launcher.requeue_on_preemption:
         additional["requeue"] = True
     if "gres" in opts:
@@ -59,9 +49,8 @@ class RunFailed(RuntimeError):
 
 
 class Driver(submitit.helpers.Checkpointable):
-    """The payload of a run's allocation: `driver.main(run_dir)` on the batch host. On USR2 submitit calls
-    `checkpoint`, whose returned submission (this same driver) is what the requeued job runs. The job ends
-    COMPLETED, FAILED (`RunFailed`: its message is the reason) or CANCELLED (stopped on purpose)."""
+    """The payload of a run's allocation: `driver.main(run_dir)`. On USR2 submitit calls `checkpoint`, whose returned
+    submission the requeued job runs. The job ends COMPLETED, FAILED (`RunFailed`) or CANCELLED (stopped)."""
 
     def __init__(self, run_dir: str):
         self.run_dir = str(run_dir)
@@ -85,9 +74,8 @@ def follow_hint(cfg: ExperimentConfig) -> str:
 
 
 def wait_job(job_id: str, running: bool, poll_s: float = 0.3, unknown_s: float = 300.0) -> str:
-    """Block until the job runs (``running``: it left the queue, `slurm.WAITING_STATES`) or ended (a final state; a
-    requeue is not one); returns its state, "UNKNOWN" when Slurm has not known the job for ``unknown_s``. Asks Slurm
-    at intervals growing to 5 s: a job may queue or run for hours."""
+    """Block until the job runs (``running``: it left `slurm.WAITING_STATES`) or ended (a requeue is no end); returns
+    its state, "UNKNOWN" when Slurm has not known it for ``unknown_s``. Asks at intervals growing to 5 s."""
     t0 = known_at = time.monotonic()
     told = not running
     while True:
@@ -133,8 +121,8 @@ def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
 
 
 def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
-    """``sbatch --test-only``: would Slurm ever run the allocation? A job no node can satisfy is otherwise accepted
-    and left PENDING forever on clusters that do not set EnforcePartLimits."""
+    """``sbatch --test-only``: would Slurm ever run the allocation? (without EnforcePartLimits, Slurm queues a job no
+    node can satisfy for good)"""
     script = "#!/bin/bash\n" + "\n".join(sbatch_lines(cfg, plan)) + "\ntrue\n"
     r = slurm.sbatch("--test-only", script=script)  # queues nothing
     if r is None:
@@ -145,8 +133,7 @@ def test_allocation(cfg: ExperimentConfig, plan: Plan) -> None:
 
 
 def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
-    """Submit the run's allocation; returns once it runs (with launcher.wait, or when it has ended already, once
-    it ends: the run's exit code)."""
+    """Submit the run's allocation; returns once it runs, or (launcher.wait, or ended already) the run's exit code."""
     test_allocation(cfg, plan)
     ex = make_executor(cfg, plan, rd)
     try:

@@ -1,5 +1,4 @@
-"""`status` and `logs`: what a run is doing, read from its registry, checked against what Slurm
-(or this host's process table) says, so a run whose owner died says so."""
+"""`status` and `logs`: a run's registry, checked against Slurm (or this host's process table): a dead owner shows."""
 
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ def slurm_jobs(reg: Registry, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 
 def dead_here(rec: Dict[str, Any]) -> bool:
-    """A record's process runs on this host (its node or host says so: elsewhere its pid means nothing) and ended."""
+    """A record's process ran on this host (elsewhere its pid means nothing) and ended."""
     return runs_here(rec.get("node"), rec.get("host")) and not pid_alive(rec.get("pid"))
 
 
@@ -46,8 +45,7 @@ def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
 
 
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
-    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked against Slurm
-    (or the process table)."""
+    """The run's state (outcome.*), why, and which log tells more: the owner's record, checked against Slurm."""
     rec_state = run.get("state")
     mine = {"state": rec_state, "reason": run.get("reason"), "log": run.get("log")}
     if run.get("mode") == "slurm":
@@ -80,9 +78,8 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
 
 
 def server_alive(rec: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
-    """A live record may still belong to a dead process (it lives until its TTL): check the process (where the record
-    says it runs on this host: elsewhere its pid means nothing here) or its Slurm step. An attached server's record
-    lives while the owner's health checks refresh it."""
+    """A live record may belong to a dead process (until its TTL): check the process (on this host) or Slurm step.
+    An attached server's record lives while the owner's health checks refresh it."""
     if rec.get("external") and rec.get("url"):
         return True
     if rec.get("pid") and dead_here(rec):
@@ -189,22 +186,23 @@ def status(rd: Path, as_json: bool = False) -> int:
 
 def _log_file(rd: Path, role: str) -> Path:
     logs = rd / "logs"
-    if role == "slurm":  # the run's job (server jobs write slurm-*.out too); any job of a run sbatch-ed by hand
-        job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
-        outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
-        if outs:
-            return outs[-1]
-    path = logs / {"trainer": "trainer-0.log"}.get(role, f"{role}.log")
-    if path.exists():
-        return path
-    have = sorted(p.name.rsplit(".", 1)[0] for p in logs.glob("*.log"))
-    raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {', '.join(have) or 'none yet'}")
+    found = {p.stem: p for p in logs.glob("*.log")}
+    if "trainer-0" in found:
+        found["trainer"] = found["trainer-0"]
+    # the run's job (server jobs write slurm-*.out too); any job of a run sbatch-ed by hand
+    job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
+    outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
+    if outs:
+        found["slurm"] = outs[-1]
+    if role not in found:
+        have = ", ".join(sorted(found)) or "none yet"
+        raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {have}")
+    return found[role]
 
 
 def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
     """The last ``lines`` lines of ``f``, read from its end in blocks (a log may be gigabytes); leaves ``f`` at its
-    end. It reads until it has more than ``lines`` line breaks (a CRLF is one, of two bytes), so that the line
-    before the first one shown has ended."""
+    end. It reads past ``lines`` line breaks (a CRLF counts twice), so that the first line shown is whole."""
     pos = end = f.seek(0, os.SEEK_END)
     chunks, breaks = [], 0
     while pos > 0 and breaks <= 2 * lines + 1:

@@ -131,18 +131,17 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
     rd = run_dir(cfg)
     reg = Registry.for_run(rd, cfg.launcher)
     restart = cfg.min_required_servers > 0
-    live_servers = reg.list("servers") if (rd / "registry").exists() else {}
-    trainer = reg.get("", "trainer") if (rd / "registry").exists() else None
+    live_servers, trainer, owned = {}, None, None
+    if (rd / "registry").exists():
+        live_servers, trainer = reg.list("servers"), reg.get("", "trainer")
+        owned = "a live trainer" if trainer is not None else _still_owned(rd, reg)
+    if dry_run and owned:  # the queued job, a requeue or a trainer restart would run what the preview wrote
+        raise ConfigError("experiment_name/trial_name", f"run {rd} is live ({owned}): a dry run would rewrite the "
+                          "config.yaml and plan.json it runs from", "pick another trial_name to preview a run")
     if trainer is not None and not dry_run:
         raise ConfigError("experiment_name/trial_name", f"run {rd} already has a live trainer (pid "
                           f"{trainer.get('pid')} on {trainer.get('host')})",
                           "stop it first (`areal-hpc stop ...`) or pick another trial_name")
-    live = None
-    if dry_run and (rd / "registry").exists():
-        live = "a live trainer" if trainer is not None else _still_owned(rd, reg)
-    if live:  # the queued job, a requeue or a trainer restart would run what the preview wrote
-        raise ConfigError("experiment_name/trial_name", f"run {rd} is live ({live}): a dry run would rewrite the "
-                          "config.yaml and plan.json it runs from", "pick another trial_name to preview a run")
     if restart and not dry_run and not live_servers and not (rd / "config.yaml").exists():
         raise ConfigError("min_required_servers",
                           f"{cfg.min_required_servers} servers required but no run exists at {rd}",
@@ -156,8 +155,7 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         run = control.live_driver(cfg, rd)
         if run is not None:  # start the trainer inside the live allocation, not as a new job
             return control.restart_trainer(cfg, rd, run)
-    owned = _still_owned(rd, reg) if (rd / "registry").exists() and not dry_run else None
-    if owned:
+    if owned and not dry_run:
         raise ConfigError("experiment_name/trial_name", f"run {rd} is submitted already: {owned}",
                           "wait for it (`areal-hpc status ...`), stop it (`areal-hpc stop ...`) or pick another "
                           "trial_name")
