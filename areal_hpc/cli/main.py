@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from areal_hpc.config import ConfigError, check_location, load_config, load_resolved, run_dir, run_umask, validate
+from areal_hpc.registry import RegistryTimeout
 
 DESCRIPTION = """\
 areal-hpc: asynchronous RL for language models, Slurm-first.
@@ -269,12 +271,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if words and args.words is None:
             raise ConfigError("", f"unexpected argument {words[0]!r}", f"see areal-hpc {args.command} --help")
         args.words = words
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, not at exit
+        return rc
     except ConfigError as e:
         print(f"areal-hpc {args.command}: error: {e.one_line()}", file=sys.stderr)
         return 2
+    except RegistryTimeout as e:
+        print(f"areal-hpc {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `status | head`: the reader is gone; nothing more to write, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # as a process SIGPIPE killed
     except OSError as e:
         if e.errno != errno.ENAMETOOLONG:
             raise

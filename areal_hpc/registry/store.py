@@ -145,8 +145,8 @@ class Registry:
         try:
             held = lk.acquire()
         except filelock.Timeout as e:
-            raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within "
-                                  f"{self.lock_timeout_s:.0f}s") from e
+            raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within {self.lock_timeout_s:.0f}s: "
+                                  "its holder hangs, or launcher.lock_kind does not suit this filesystem") from e
         with held:
             yield
 
