@@ -1,6 +1,7 @@
 """The command-line surface: help, dry-run, and bad input (exit 2, one line naming the key, nothing written)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,31 @@ def test_a_mistyped_flag_is_named_as_such(words, capsys):
     assert "is not an option of this command, nor a config key (see its --help)" in capsys.readouterr().err
     assert run_cli("status", "--trial_name") == 2
     assert "trial_name: option needs a value" in capsys.readouterr().err
+
+
+def test_status_into_a_closed_pipe_is_no_traceback(tmp_path, capsys):
+    """`areal-hpc status | head` ended with a BrokenPipeError traceback once head had read its lines."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line
+    with os.fdopen(w, "wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "areal_hpc", "status", *names], stdout=out,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.stderr == "" and proc.returncode == 141, (proc.returncode, proc.stderr)
+
+
+def test_a_registry_timeout_is_one_line(tmp_path, capsys, monkeypatch):
+    """A `RegistryTimeout` (a registry lock held too long, records that never come) reached the user as a traceback."""
+    from areal_hpc.launch import status
+    from areal_hpc.registry import RegistryTimeout
+
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    def held(*args, **kwargs):
+        raise RegistryTimeout("could not take registry lock x.lock within 30s")
+    monkeypatch.setattr(status, "status", held)
+    assert run_cli("status", *names) == 1
+    assert capsys.readouterr().err == "areal-hpc status: error: could not take registry lock x.lock within 30s\n"

@@ -8,18 +8,16 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from areal_hpc.config import ConfigError, check_location, load_config, load_resolved, run_dir, run_umask, validate
+from areal_hpc.registry import RegistryTimeout
 
 DESCRIPTION = """\
-areal-hpc: asynchronous RL for language models, Slurm-first.
-
-Inference servers (SGLang on GPUs, or the embedded `hf` engine) generate rollouts while FSDP2
-trainers learn from them; new weights flow back to the servers; rollouts are at most
-rollout.max_head_offpolicyness versions stale. A run lives in
+areal-hpc: asynchronous RL for language models, Slurm-first. A run lives in
 {cluster.fileroot}/{user}/{experiment_name}/{trial_name}/ (config, plan, registry, logs, metrics).
 
 Every command takes an optional CONFIG.yaml and key=value overrides (or --key value), e.g.
@@ -35,8 +33,7 @@ CONFIG_HELP = ("config words go to the config package untouched: an optional YAM
 
 def _pop_name(args) -> Optional[str]:
     """The command's own positional (`logs` ROLE, `remove-server` SERVER): its first word that is no config word
-    (``key=value``, ``--key value``, ``--key=value``, ``CONFIG.yaml``), wherever it comes among them (after the
-    CONFIG.yaml too, as in `logs configs/quickstart.yaml server-0`)."""
+    (``key=value``, ``--key value``, ``--key=value``, ``CONFIG.yaml``), wherever it comes among them."""
     words, i = args.words, 0
     while i < len(words):
         if words[i].startswith("-"):
@@ -49,8 +46,7 @@ def _pop_name(args) -> Optional[str]:
 
 
 def _existing_run(args) -> Path:
-    """The run dir of the run a command acts on, from its config words: only the names that locate the run are
-    checked, not a whole new run. The command writes with the umask of the run's own config."""
+    """The run dir a command acts on, from its config words (only the names that locate the run are checked)."""
     cfg = load_config(None, args.words)
     check_location(cfg)
     rd = run_dir(cfg)
@@ -58,8 +54,7 @@ def _existing_run(args) -> Path:
         raise ConfigError("experiment_name/trial_name", f"no run found for experiment_name={cfg.experiment_name} "
                           f"trial_name={cfg.trial_name} (looked in {rd})",
                           "check the names and cluster.fileroot, or start one with `areal-hpc submit`")
-    os.umask(run_umask(load_resolved(rd / "config.yaml")))
-    return rd
+    return _run_dir_arg(rd)
 
 
 def cmd_submit(args) -> int:
@@ -122,7 +117,8 @@ def cmd_stop(args) -> int:
     return control.stop(_existing_run(args), timeout_s=args.timeout, external=args.external)
 
 
-def _run_dir_arg(path: str) -> Path:
+def _run_dir_arg(path: str | Path) -> Path:
+    """The run dir; this process takes the run's umask."""
     rd = Path(path)
     if not (rd / "config.yaml").exists():
         raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
@@ -188,25 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     s = add("submit", cmd_submit, "start a run (servers + trainer)",
-            "Validate the config, write the run dir ({fileroot}/{user}/{experiment}/{trial}: config.yaml, plan.json,\n"
-            "sbatch/allocation.sbatch), then start the run: mode=local as processes on this machine, mode=slurm as\n"
-            "ONE Slurm allocation driven by a driver process. With min_required_servers=N on an existing run whose\n"
-            "servers are alive, only a trainer is started; it resumes from the last checkpoint.\n"
+            "Validate the config, write the run dir (config.yaml, plan.json, sbatch/) and start the run: processes on\n"
+            "this machine (mode=local, torchrun), ONE Slurm allocation (mode=slurm) or a Ray cluster (mode=ray). With\n"
+            "min_required_servers=N on a run whose servers are alive, only a trainer starts, from the last checkpoint.\n"
             "Bad input exits with code 2 and submits nothing.")
     s.add_argument("--dry-run", action="store_true", help="resolve and write it all, print a summary, submit nothing")
 
     a = add("add-servers", cmd_add_servers, "add inference servers to a running run",
-            "Ask the run's driver to start COUNT more servers inside the live allocation (or, with --new-job or when\n"
-            "the allocation has no free GPUs, submit a separate job whose servers join the run). New servers load the\n"
-            "current weights before registering; the trainer uses them within one heartbeat.")
+            "Start COUNT more servers in the live allocation (or, with --new-job or when it has no free GPUs, in a\n"
+            "separate job that joins the run); or attach a running server with url=. New servers load the current\n"
+            "weights before registering.")
     a.add_argument("--count", type=int, default=1, help="number of servers to add (also count=N)")
     a.add_argument("--new-job", action="store_true", help="always submit a separate job for the new servers")
     a.add_argument("--url", default=None, help="attach a running SGLang or hf server (also url=http://HOST:PORT)")
     a.add_argument("--api-key", default=None, help="that server's API key (also api_key=...; default: the run's)")
 
     add("remove-server", cmd_remove_server, "detach an external server from a run",
-             "areal-hpc remove-server ID|URL [CONFIG] [key=value ...]: the run stops sending rollouts and weights\n"
-             "to a server attached with `add-servers url=...`; its record is removed; the server keeps running.")
+        "areal-hpc remove-server ID|URL [CONFIG] [key=value ...]: the run stops using a server attached with\n"
+        "`add-servers url=...`; the server keeps running.")
 
     st = add("status", cmd_status, "show a run: job, steps, servers, trainer progress",
              "Job state (squeue/sacct or local pids), each step, each registered server with health and weight\n"
@@ -228,10 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "and keep running")
 
     sv = add("serve", cmd_serve, "run one inference server of a run (the launchers do; or by hand)",
-             "One server (backend from the run's allocation), registered in the run's registry, heartbeating,\n"
-             "deregistered on exit. The launchers start it with --run-dir and --server-id. By hand, on any host that\n"
-             "sees the run dir: `areal-hpc serve experiment_name=... trial_name=...` joins the running run as an\n"
-             "external server (not stopped by `areal-hpc stop` unless --external).")
+             "One server, registered in the run's registry while it lives. The launchers pass --run-dir and\n"
+             "--server-id. By hand, on any host that sees the run dir, `areal-hpc serve experiment_name=...\n"
+             "trial_name=...` joins the run as an external server (`areal-hpc stop` stops it only with --external).")
     sv.add_argument("--run-dir", default=None)
     sv.add_argument("--server-id", default=None)
     sv.add_argument("--backend", default=None, help="override the allocation's backend (hf | sglang)")
@@ -269,12 +263,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if words and args.words is None:
             raise ConfigError("", f"unexpected argument {words[0]!r}", f"see areal-hpc {args.command} --help")
         args.words = words
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, not at exit
+        return rc
     except ConfigError as e:
         print(f"areal-hpc {args.command}: error: {e.one_line()}", file=sys.stderr)
         return 2
+    except RegistryTimeout as e:
+        print(f"areal-hpc {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `status | head`: the reader is gone; nothing more to write, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # as a process SIGPIPE killed
     except OSError as e:
         if e.errno != errno.ENAMETOOLONG:
             raise

@@ -1,9 +1,8 @@
 """External servers: SGLang or `hf` servers a run did not start, attached to it by URL (``add-servers url=...``).
 
-Loading the run's newest weights on attach also checks that the server can read ``weights/``. Nobody heartbeats for an
-attached server: the run's owner refreshes its record while ``/health`` answers (`watch_attached`). The server keeps
-running when detached, and `stop` leaves it running unless asked (`stop_process`). ``areal-hpc serve`` started by hand
-registers itself, marked external because the owner did not start it.
+Nobody heartbeats for an attached server: the run's owner refreshes its record while ``/health`` answers
+(`watch_attached`). It keeps running when detached or at `stop`, unless asked (`stop_process`). An ``areal-hpc serve``
+started by hand registers itself, marked external too.
 """
 
 from __future__ import annotations
@@ -109,14 +108,14 @@ def _published(reg: Registry) -> Optional[Dict[str, Any]]:
 
 
 def load_published(base: str, key: Optional[str], reg: Registry, timeout: float = 600.0) -> Optional[Any]:
-    """Have the server load the run's newest published weights; their version (None: nothing published yet)."""
+    """Have the server load the run's newest published weights (which also checks it can read them); their version
+    (None: nothing published yet)."""
     latest = _published(reg)
     if latest is None:
         return None
     route = api.UPDATE_WEIGHTS_FROM_DISK
     try:
-        status, body = call(base, route, key, api.update_from_disk_body(latest["path"], latest.get("version")),
-                            timeout=timeout)
+        status, body = call(base, route, key, api.update_from_disk_body(latest["path"], latest.get("version")), timeout)
     except OSError as e:
         raise ConfigError("url", f"{base} did not answer {route.path} ({getattr(e, 'reason', e)})") from None
     ok, err = api.call_outcome(status, body)
@@ -146,7 +145,7 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
         if have is not None:
             raise ConfigError("url", f"{base} is already in this run as {have[0]}",
                               f"`areal-hpc remove-server {have[0]} ...` first")
-    refuse_a_duplicate()  # before the checks and the weight load: a duplicate says so at once
+    refuse_a_duplicate()  # at once, before the checks and the weight load
     key = api_key or reg.secret()
     info = probe(base, key)
     version = load_published(base, key, reg)
@@ -198,8 +197,8 @@ def detach(reg: Registry, ident: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
-    """Stop an external server's process where we can tell where it runs (its own Slurm job, a pid on this
-    host); what was done, in words."""
+    """Stop an external server's process where we know where it runs (its own Slurm job, a pid on this host); what
+    was done, in words."""
     # attached: what its /get_server_info said; `areal-hpc serve` by hand: its own record
     where = (rec.get("process") or {}) if rec.get("url") else rec
     job, pid = where.get("slurm_job_id"), where.get("pid")
@@ -219,8 +218,8 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
 
 
 def check_attached(reg: Registry, timeout_s: float = 5.0) -> None:
-    """The owner's health checks of attached servers: a record is refreshed (with the weight version) while
-    ``/health`` answers, removed once expired."""
+    """Refresh the records of attached servers (and their weight version) while ``/health`` answers; remove expired
+    ones."""
     live, attached = reg.list("servers"), []
     for sid, rec in reg.list("servers", live_only=False).items():
         if not (rec.get("external") and rec.get("url")):
@@ -242,7 +241,7 @@ def check_attached(reg: Registry, timeout_s: float = 5.0) -> None:
         # under the record's lock: a `remove-server` meanwhile wins (None stays None)
         reg.update("servers", sid, lambda old: old and {
             **old, "weight_version": old.get("weight_version") if version is None else version}, ttl=True)
-    # one after another, a few dead servers' timeouts would outlast the records of the live ones
+    # at once: one after another, a few dead servers' timeouts would outlast the records of the live ones
     at_once(lambda a: refresh(*a), attached)
 
 

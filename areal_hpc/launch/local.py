@@ -47,9 +47,8 @@ def killpg(proc: subprocess.Popen, sig: int) -> None:
 
 
 def host_env(*drop: str) -> Dict[str, str]:
-    """The environment of a task this process starts on this host: without ``drop`` and without the variables of a
-    Slurm job or step this process may run in (a run started inside an allocation is no step of it: its servers must
-    record this host, not the job's node name, and its ranks must not size themselves from the job's tasks)."""
+    """This process's environment for a task it starts here, without ``drop`` and the variables of a Slurm job it may
+    run in (the task is no step of it: servers must record this host, ranks not size themselves from the job)."""
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "SLURMD_"))}
 
 
@@ -99,10 +98,7 @@ class ProcessRunner(Runner):
 
     def gpus_for(self, step: StepSpec, running: List[StepHandle]) -> List[int]:
         """The GPUs of this machine ``step`` gets: the plan's, or (added servers) free ones."""
-        gpus = list(step.gpu_ids)
-        if not gpus and step.gpus_per_task:
-            gpus = self._free_gpus(running)[: step.gpus_per_task * step.ntasks]
-        return gpus
+        return list(step.gpu_ids) or self._free_gpus(running)[: step.gpus_per_task * step.ntasks]
 
     def start(self, step: StepSpec, running: List[StepHandle]) -> StepHandle:
         gpus = self.gpus_for(step, running)
@@ -123,8 +119,7 @@ class ProcessRunner(Runner):
 
 
 class Progress:
-    """A progress bar on the terminal fed by the last row of {run}/metrics.jsonl (the trainer runs elsewhere): a
-    restarted trainer that rewrote the file (`drop_after`) moves it back."""
+    """A progress bar fed by the last row of {run}/metrics.jsonl (a restarted trainer that rewrote it moves it back)."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
         self.path, self.total = run_dir / "metrics.jsonl", cfg.trainer.total_train_steps

@@ -1,12 +1,10 @@
 """`mode=ray`: the plan's steps on an existing Ray cluster (``cluster.ray_address``).
 
-Each step is a placement group shaped like its ``srun`` step (one bundle per node holding that node's tasks' CPUs and
-GPUs), pinned to the Ray node the plan puts it on (``ray.io/node-id``: the plan's node k is the run's k-th eligible
-node, picked at submit). Each task is a `StepTask` actor that runs the same ``areal-hpc serve`` / ``train`` command as a
-Slurm step, with the environment srun would give it; the process dies with its actor. The owner runs in the submitting
-process, as with mode=local. With ``shutdown_server_on_exit=False`` the servers' actors and groups are detached (they
-outlive the submit; ``stop`` removes them, `stop_leftovers`). ``registry/ray.json`` names the cluster, namespace and
-name prefix of the run's actors and placement groups.
+Each step is a placement group shaped like its ``srun`` step (one bundle per node), pinned to the Ray node picked at
+submit for its plan node. Each task is a `StepTask` actor running the step's command with the environment srun would
+give it; the process dies with its actor. The owner runs in the submitting process, as with mode=local. With
+``shutdown_server_on_exit=False`` the servers' actors and groups are detached (`stop_leftovers` removes them).
+``registry/ray.json`` names the cluster, namespace and name prefix of the run's actors and placement groups.
 """
 
 from __future__ import annotations
@@ -52,8 +50,8 @@ def require_ray() -> Any:
 
 
 def connect(address: str) -> Any:
-    """Connect this process to the Ray cluster at ``address`` (host:port or auto); returns ``ray``.
-    An address nothing listens on fails in seconds (ray.init itself retries for minutes)."""
+    """Connect to the Ray cluster at ``address`` (host:port or auto); returns ``ray``. An address nothing listens on
+    fails in seconds (ray.init itself retries for minutes)."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
@@ -83,8 +81,8 @@ def _eligible(ray: Any, gpus_per_node: int) -> List[Dict[str, Any]]:
 
 
 def prepare(cfg: ExperimentConfig, plan: Plan) -> List[str]:
-    """Before anything is written: connect, and pick the Ray node for each node of the plan (ids,
-    in plan order). A cluster that cannot hold the plan is a `ConfigError`."""
+    """Before anything is written: the Ray node id for each node of the plan. A cluster that cannot hold the plan is a
+    `ConfigError`."""
     ray = connect(cfg.cluster.ray_address)
     nodes = _eligible(ray, plan.gpus_per_node)
     picked: List[str] = []
@@ -108,8 +106,8 @@ def run_prefix(plan: Plan, run_dir: Path) -> str:
 
 
 class StepTask:
-    """One task (rank) of a step, inside a Ray actor: holds its resources, runs and supervises the
-    process. Methods run on the actor's main thread (the parent-death signal is per thread)."""
+    """One task (rank) of a step, inside a Ray actor. Methods run on the actor's main thread (the parent-death signal is
+    per thread)."""
 
     def __init__(self) -> None:
         self.proc: Optional[subprocess.Popen] = None
@@ -161,22 +159,19 @@ class RayStepHandle(StepHandle):
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        for i, actor in enumerate(self.actors):
+        for i, (actor, ref) in enumerate(zip(self.actors, self._pending)):
             if self._codes[i] is not None:
                 continue
-            ref = self._pending[i]
             if ref is None:
                 self._pending[i] = actor.poll.remote()
-                continue
-            if not ray.wait([ref], timeout=0)[0]:
-                continue
-            self._pending[i] = None
-            try:
-                self._codes[i] = ray.get(ref)
-            except ActorUnavailableError:
-                continue
-            except RayActorError:  # its actor died (killed, placement group removed, node lost): so did the task
-                self._codes[i] = -int(signal.SIGKILL)
+            elif ray.wait([ref], timeout=0)[0]:
+                self._pending[i] = None
+                try:
+                    self._codes[i] = ray.get(ref)
+                except ActorUnavailableError:  # for now: asked again at the next poll
+                    pass
+                except RayActorError:  # its actor died (killed, placement group removed, node lost): so did the task
+                    self._codes[i] = -int(signal.SIGKILL)
         self._rc = step_exit(self._codes)
         if self._rc is not None:  # the step is over: kill what is left, release its actors and placement group
             release(self.actors, self.pg, [i for i, c in enumerate(self._codes) if c is None])
@@ -214,9 +209,8 @@ def release(actors: List[Any], pg: Optional[Any], alive: List[int]) -> None:
 
 
 class RayRunner(Runner):
-    """Starts StepSpecs as placement groups + `StepTask` actors. Planned steps sit on the plan's
-    nodes (``nodes``: the Ray node id of each plan node); added servers and a trainer-only plan
-    (``pin=False``) go wherever the cluster has room."""
+    """Starts StepSpecs as placement groups + `StepTask` actors. Planned steps sit on their plan node (``nodes``: the
+    Ray node id of each); added servers and a trainer-only plan (``pin=False``) go wherever the cluster has room."""
 
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, nodes: List[str], pin: bool = True):
         self.cfg, self.run_dir, self.nodes, self.pin = cfg, run_dir, nodes, pin
@@ -228,21 +222,21 @@ class RayRunner(Runner):
         return self.pin and step.relative_node >= 0
 
     def _placement(self, step: StepSpec, timeout_s: float) -> Optional[Tuple[Any, str]]:
-        """(placement group, its name) for ``step`` (detached for servers meant to outlive the owner),
-        once ready; None (and nothing left behind) if the cluster has no room within ``timeout_s``."""
+        """(placement group, its name) for ``step`` once ready; None (nothing left behind) if the cluster has no
+        room within ``timeout_s``."""
         import ray
         from ray.util import placement_group, remove_placement_group
 
         per_node = {"CPU": float(step.cpus_per_task * step.ntasks_per_node)}
         if step.gpus_per_task:
             per_node["GPU"] = float(step.gpus_per_task * step.ntasks_per_node)
-        kw: Dict[str, Any] = {}
+        labels = None  # on the plan's nodes, when pinned
         if self._pinned(step):
-            kw["bundle_label_selector"] = [{NODE_LABEL: self.nodes[step.relative_node + j]} for j in range(step.nodes)]
+            labels = [{NODE_LABEL: self.nodes[step.relative_node + j]} for j in range(step.nodes)]
         name = f"{self.prefix}{step.name}.{uuid.uuid4().hex[:6]}"
         pg = placement_group([dict(per_node) for _ in range(step.nodes)],
                              strategy="STRICT_PACK" if step.nodes == 1 else "STRICT_SPREAD", name=name,
-                             lifetime="detached" if self._detached(step) else None, **kw)
+                             lifetime="detached" if self._detached(step) else None, bundle_label_selector=labels)
         try:
             ray.get(pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -299,12 +293,11 @@ def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
     from areal_hpc.launch import local
 
     ray = connect(cfg.cluster.ray_address)
-    prefix = run_prefix(plan, rd)
-    Registry.for_run(rd, cfg.launcher).put("", "ray", {"address": ray.get_runtime_context().gcs_address,
-                                                       "namespace": NAMESPACE, "prefix": prefix, "nodes": nodes},
-                                           ttl=False)
     # a trainer-only plan (min_required_servers) goes where the run's live servers left room
     runner = RayRunner(cfg, plan, rd, nodes, pin=bool(plan.servers))
+    Registry.for_run(rd, cfg.launcher).put("", "ray", {"address": ray.get_runtime_context().gcs_address,
+                                                       "namespace": NAMESPACE, "prefix": runner.prefix, "nodes": nodes},
+                                           ttl=False)
     try:
         return local.run(cfg, plan, rd, runner)
     finally:
@@ -339,9 +332,8 @@ def describe(reg: Registry) -> Dict[str, Any]:
 
 
 def stop_leftovers(reg: Registry, grace_s: float = 30.0) -> List[str]:
-    """What a run left on its Ray cluster with no owner to stop it (detached servers of a run with
-    ``shutdown_server_on_exit=False``): SIGTERM to every task (servers deregister), SIGKILL after
-    ``grace_s``, then every actor and placement group of the run is removed. Returns their names."""
+    """Remove what a run left on its Ray cluster with no owner (detached servers): SIGTERM to every task, SIGKILL
+    after ``grace_s``, then every actor and placement group of the run. Returns their names."""
     rec = reg.get("", "ray", live_only=False)
     if not rec:
         return []

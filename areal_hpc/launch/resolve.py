@@ -1,9 +1,8 @@
 """The login node resolves models and datasets; compute nodes stay offline.
 
-Compute nodes of many clusters have no internet, and a bad model or dataset found there costs an allocation. So
-`submit` downloads hub names into ``cluster.hf_cache`` on the shared filesystem, points the config at the local
-snapshots, and checks that every model and dataset loads, before the run dir is written. Local JSON Lines files are
-parsed whole, other formats on their first rows. Every problem is a `ConfigError` naming the key.
+Compute nodes often have no internet, and a bad model or dataset found there costs an allocation. So `submit` downloads
+hub names into ``cluster.hf_cache`` on the shared filesystem, points the config at the local snapshots, and checks that
+every model and dataset loads (JSON files whole, other formats their first rows), before the run dir is written.
 """
 
 from __future__ import annotations
@@ -39,7 +38,13 @@ def resolve(cfg: ExperimentConfig) -> None:
         return
     _quiet()
     if any(looks_like_hub_name(p) for p in paths):
-        _make_cache(cfg, cache, default=not explicit)
+        try:  # with the run's umask (`submit` has it); a shared cache is best made beforehand, with the modes it needs
+            if not explicit:
+                make_fileroot(cfg)
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {one_line(e)}",
+                              "a writable directory on a filesystem every node mounts") from None
     done: Dict[str, str] = {}
     for key, owner, attr in models_in_use(cfg):
         path = getattr(owner, attr)
@@ -62,18 +67,6 @@ def make_fileroot(cfg: ExperimentConfig) -> None:
             os.chmod(d, 0o755)
 
 
-def _make_cache(cfg: ExperimentConfig, cache: Path, default: bool) -> None:
-    """Create the cache with the run's umask (`submit` runs with it); for the default one, first its fileroot, 0755 as
-    for a run dir. A cache shared with other users is best made beforehand, with the modes they need."""
-    try:
-        if default:
-            make_fileroot(cfg)
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {one_line(e)}",
-                          "a writable directory on a filesystem every node mounts") from None
-
-
 def _quiet() -> None:
     """Progress bars only on a terminal; no library warnings: a problem is one line of ours."""
     from huggingface_hub.utils import disable_progress_bars
@@ -94,23 +87,22 @@ def download(key: str, repo_id: str, repo_type: str, cache: Path) -> str:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    what = "dataset" if repo_type == "dataset" else "model"
-    print(f"hub       {key}: {what} {repo_id} -> {cache / 'hub'}", flush=True)
+    print(f"hub       {key}: {repo_type} {repo_id} -> {cache / 'hub'}", flush=True)
     try:
         return snapshot_download(repo_id, repo_type=repo_type, cache_dir=str(cache / "hub"),
                                  ignore_patterns=MODEL_IGNORE if repo_type == "model" else None)
     except GatedRepoError:
-        raise ConfigError(key, f"{what} {repo_id!r} on the hub is gated",
+        raise ConfigError(key, f"{repo_type} {repo_id!r} on the hub is gated",
                           "accept its terms on huggingface.co and log in on this node (`hf auth login`)") from None
     except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise ConfigError(key, f"{repo_id!r} is not a local path and the hub has no {what} by that name",
+        raise ConfigError(key, f"{repo_id!r} is not a local path and the hub has no {repo_type} by that name",
                           "check the name (org/name), or give a local directory") from None
     except LocalEntryNotFoundError:
         raise ConfigError(key, f"{repo_id!r} is not a local path, the hub cannot be reached and {cache / 'hub'} "
                           "holds no copy", "submit where the hub is reachable, HF_HUB_OFFLINE unset; "
                           "or give a local directory") from None
     except HfHubHTTPError as e:
-        raise ConfigError(key, f"downloading {what} {repo_id!r} failed: {one_line(e)}") from None
+        raise ConfigError(key, f"downloading {repo_type} {repo_id!r} failed: {one_line(e)}") from None
     except OSError as e:
         raise ConfigError("cluster.hf_cache", f"cannot store {repo_id!r} in {cache}: {one_line(e)}",
                           "a writable directory on a filesystem every node mounts") from None
@@ -135,7 +127,7 @@ def check_model_dir(key: str, p: Path) -> None:
         raise ConfigError(key, f"{p} has no config.json", "point at a HF model directory, as save_pretrained writes it")
     try:
         json.loads(cfg_file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except ValueError as e:  # UnicodeDecodeError too
         raise ConfigError(key, f"{cfg_file} is not valid JSON: {one_line(e, 120)}",
                           "restore it: save_pretrained or a fresh download writes it") from None
     if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):

@@ -1,10 +1,9 @@
 """`mode=torchrun`: one machine; servers as in mode=local, the trainer under torchrun's elastic agent.
 
-The agent (rendezvous c10d on localhost) restarts all ranks when one dies, up to ``trainer.max_restarts`` times; they
-resume from the last checkpoint and push their weights to the live servers. So the owner does not restart the trainer
-itself (`Runner.trainer_restarts_itself`). The agent's rendezvous store is not shared with the ranks
-(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): shared, restarted ranks of torch 2.5+ can read the dead ranks' addresses
-from it and hang in ``init_process_group`` (pytorch/pytorch#135712). The agent logs to {run}/logs/torchrun.log.
+The agent restarts all ranks when one dies, up to ``trainer.max_restarts`` times (so the owner does not,
+`Runner.trainer_restarts_itself`); they resume from the last checkpoint. The agent's rendezvous store is not shared with
+the ranks (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): restarted ranks of torch 2.5+ can read the dead ranks' addresses
+from a shared one and hang in ``init_process_group`` (pytorch/pytorch#135712).
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from areal_hpc.registry import free_port
 
 
 def torchrun_argv(cfg: ExperimentConfig, step: StepSpec, rdzv_port: int) -> List[str]:
-    """The agent's command line for the trainer ``step``: each rank runs the step's own command
-    (``areal-hpc train``), its output appended to its rank's log (``%t`` in ``step.log``)."""
+    """The agent's command line: each rank runs ``step.command``, its output appended to its rank's log."""
     head, _, tail = step.log.partition("%t")
     # torchrun --no-python runs a program as is: a shell that execs the trainer with its output in its log
     redirect = f'exec "$0" "$@" >>{shlex.quote(head)}"$RANK"{shlex.quote(tail)} 2>&1'
@@ -50,8 +48,8 @@ def _children(pid: int) -> List[int]:
 
 
 class AgentHandle(ProcessHandle):
-    """The trainer step: torchrun's agent and the ranks it runs, each rank in a session of its own (torch starts them
-    so): a signal for the agent's process group does not reach them."""
+    """The trainer step: torchrun's agent and its ranks, each in a session of its own (a signal for the agent's process
+    group does not reach them)."""
 
     def signal(self, sig: int) -> None:
         agent = self.procs[0]

@@ -62,7 +62,6 @@ class Registry:
         settings = {} if launcher is None else {"lock_kind": launcher.lock_kind, "ttl_s": launcher.ttl_s}
         return cls(Path(run_dir) / "registry", **settings)
 
-    # ------------------------------------------------------------ paths
     def path(self, kind: str, name: str) -> Path:
         return self.root / kind / f"{name}.json"  # kind "" is the root itself
 
@@ -77,7 +76,6 @@ class Registry:
             self._dirs[kind] = str(self.root / kind)
         return self._dirs[kind]
 
-    # ------------------------------------------------------------ records
     def put(self, kind: str, name: str, data: Dict[str, Any], ttl: bool = True) -> str:
         """Atomically write a record. ``ttl=True`` records die unless heartbeated."""
         body = {**data, _TTL_KEY: self.ttl_s if ttl else None}
@@ -132,7 +130,6 @@ class Registry:
                    if fname.endswith(".json") and not fname.startswith(".")}
         return {name: rec for name, rec in records.items() if rec is not None}
 
-    # ------------------------------------------------------------ locking
     @contextmanager
     def locked(self, name: str = "registry") -> Iterator[None]:
         """Hold a lock of the configured kind, shared by every process of the run."""
@@ -145,8 +142,8 @@ class Registry:
         try:
             held = lk.acquire()
         except filelock.Timeout as e:
-            raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within "
-                                  f"{self.lock_timeout_s:.0f}s") from e
+            raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within {self.lock_timeout_s:.0f}s: "
+                                  "its holder hangs, or launcher.lock_kind does not suit this filesystem") from e
         with held:
             yield
 
@@ -184,7 +181,6 @@ class Registry:
                 self.put(kind, name, new, ttl=ttl)
             return new
 
-    # ------------------------------------------------------------ waiting and watching
     def wait_for(self, kind: str, n: int, timeout_s: float, poll_s: float = 0.2,
                  stop: Optional[Callable[[], bool]] = None,
                  predicate: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Dict[str, Dict[str, Any]]:
@@ -217,7 +213,6 @@ class Registry:
             else:
                 time.sleep(poll_s)
 
-    # ------------------------------------------------------------ secret
     def secret(self) -> str:
         """The run's API key (created once, mode 0600)."""
         self._dir("")
