@@ -68,13 +68,23 @@ class _Loader(yaml.SafeLoader):
     (`trial_name: 01` was the run dir .../1, `010` was 8)."""
 
 
+class _Float(float):
+    """A float that keeps its YAML text, for a string field: `trial_name: 1.10` is "1.10", not "1.1"."""
+
+    text = ""
+
+
 def _no_sexagesimal(kind):
     base = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
 
     def construct(loader, node):
         if ":" in str(node.value) or (kind == "int" and re.fullmatch(r"[-+]?0[0-9_]+", str(node.value))):
             return loader.construct_scalar(node)
-        return base(loader, node)
+        value = base(loader, node)
+        if kind == "float":
+            value = _Float(value)
+            value.text = str(node.value)
+        return value
     return construct
 
 
@@ -84,6 +94,9 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _no_sexagesimal("float"))
 
 class _Dumper(yaml.SafeDumper):
     """Quotes the strings `_Loader` would read as numbers: `trial_name=1e-5` reads back from the run dir as written."""
+
+
+_Dumper.add_representer(_Float, yaml.SafeDumper.represent_float)  # in a Dict field, which keeps values as they are
 
 
 # `lr: 1e-5` is a float (YAML 1.2, and what everyone means); YAML 1.1 wants a dot and reads a string
@@ -169,7 +182,7 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
     if inner is float and number:
         return float(value)
     if inner is str and (isinstance(value, str) or number):
-        return str(value)  # `trial_name: 1` in YAML
+        return getattr(value, "text", str(value))  # `trial_name: 1` in YAML
     if origin in (dict, list) or inner in (bool, int, float, str):
         raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
@@ -329,8 +342,9 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             else:
                 scalars.append(f"--{key}={raw}")
         elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
-            # a scalar keeps its text (the flag's value as typed); a list or mapping is YAML, as in the config file
-            _nest(yaml_valued, key, _flow_collection(key, raw))
+            # a scalar keeps its text (the flag's value as typed), null is null; a list or mapping is YAML, as in a file
+            null = raw.strip() in ("null", "Null", "NULL", "~")
+            _nest(yaml_valued, key, None if null else _flow_collection(key, raw))
         elif section := [k for k in leaves if k.startswith(key + ".")]:  # not "unknown key (did you mean ...)"
             raise ConfigError(key, "is a section, not a key", f"set its keys one by one, e.g. {section[0]}=...")
         else:

@@ -48,6 +48,8 @@ _SBATCH_OWNED = {"time": "set cluster.time", "partition": "set cluster.partition
 _SRUN_OWNED = dict.fromkeys(("nodes", "N", "ntasks", "n", "ntasks-per-node", "relative", "r", "exact", "cpus-per-task",
                              "c", "mem", "mem-per-cpu", "mem-per-gpu", "gres", "gpus-per-task", "job-name", "J",
                              "output", "o", "open-mode", "jobid"), "leave it out: areal-hpc sizes each step itself")
+# real sbatch/srun options that are prefixes of owned ones, not abbreviations of them
+_NOT_ABBREVIATIONS = ("ntasks", "gpus")
 # What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
 # registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
 _LONGEST_INSIDE = 256
@@ -207,6 +209,8 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             long = args[i].startswith("--")  # "--time 10" in one entry is a --time too; "-n4" is -n
             name = re.split(r"[=\s]", args[i][2:], maxsplit=1)[0] if long else args[i][1:2]
             owned = _SBATCH_OWNED if key == "sbatch_args" else _SRUN_OWNED
+            if long and name and name not in owned and name not in _NOT_ABBREVIATIONS:  # Slurm takes `--tim` as --time
+                name = next((o for o in owned if o.startswith(name)), name)
             if not is_value and name in owned:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{'--' if long else '-'}{name} is an option areal-hpc sets "
                                   "itself", owned[name])

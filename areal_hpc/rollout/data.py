@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -166,6 +167,22 @@ def _open(path: str, name: Optional[str], split: str, which: str, streaming: boo
     return load_dataset(path, name=name, split=split, streaming=streaming)
 
 
+# `datasets`' split names by the keywords of file names (its data_files.SPLIT_KEYWORDS)
+_SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                   "test": ("test", "testing", "eval", "evaluation")}
+
+
+def _jsonl_splits(directory: str) -> Dict[str, List[str]]:
+    """The .jsonl files of a directory by split, named as `datasets` names them: by a keyword in the file name
+    (train.jsonl, test-00000.jsonl); one train split when no name has one."""
+    splits: Dict[Optional[str], List[str]] = {}
+    for f in sorted(Path(directory).glob("*.jsonl")):
+        words = set(re.split(r"[-._ 0-9]+", f.name))
+        split = next((s for s, keys in _SPLIT_KEYWORDS.items() if words & set(keys)), None)
+        splits.setdefault(split, []).append(str(f))
+    return {"train": splits[None]} if list(splits) == [None] else {s: fs for s, fs in splits.items() if s}
+
+
 def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str = "",
               which: str = "train") -> List[Dict[str, Any]]:
     """All rows (the first ``limit`` when > 0) of a dataset file, directory or hub name, as dicts. ``split=""`` picks
@@ -173,8 +190,11 @@ def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str 
     try:
         import datasets  # noqa: F401
     except ImportError:
-        p = Path(path)
-        files = sorted(str(f) for f in p.iterdir() if f.suffix == ".jsonl") if p.is_dir() else [path]
+        if Path(path).is_dir():
+            splits = _jsonl_splits(path)
+            files = splits[choose_split(splits, split, which, where=path)] if splits else []
+        else:
+            files = [path]
         if not files or not all(f.endswith(".jsonl") for f in files):
             raise
         rows = [row for f in files for _, row in iter_json_rows(f)]

@@ -44,6 +44,16 @@ class RewardScorer:
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
         self._pool: Optional[ProcessPoolExecutor] = None
+        self._warned_none = False
+
+    def _float(self, value: Any) -> float:
+        """A reward's value; None (a missing ``return``) scores 0, as a reward that raises does."""
+        if value is not None:
+            return float(value)
+        if not self._warned_none:
+            self._warned_none = True
+            log.warning("reward %r returned None: scored 0 (it should return a float)", self.name)
+        return 0.0
 
     async def score(self, prompt: str, completions: Sequence[str], answer: str,
                     row: Optional[Dict[str, Any]] = None) -> List[float]:
@@ -51,7 +61,7 @@ class RewardScorer:
         group ended (its own completion stuck) are scored again on fresh ones, in the time left."""
         calls = [functools.partial(self.fn, prompt, c, answer, **(row or {})) for c in completions]
         if self.name in ON_THE_LOOP:
-            return [float(call()) for call in calls]
+            return [self._float(call()) for call in calls]
         deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
         _overdue.difference_update([f for f in list(_overdue) if f.done()])
         if not self.in_process and len(_overdue) >= N_THREAD_SLOTS:
@@ -84,7 +94,7 @@ class RewardScorer:
             why = "timed out" if late else repr(bad[0].exception())
             log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
                         self.name, len(bad), len(calls), why, self.timeout_s)
-        return [0.0 if futs[i] in bad else float(futs[i].result()) for i in range(len(calls))]
+        return [0.0 if futs[i] in bad else self._float(futs[i].result()) for i in range(len(calls))]
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
