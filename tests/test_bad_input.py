@@ -114,6 +114,8 @@ BAD_OVERRIDES = [
     (["cluster.sbatch_args=['#SBATCH --signal=B:USR1@60']"], "cluster.sbatch_args[0]"),
     (["cluster.sbatch_args=[--output, /tmp/x.out]"], "cluster.sbatch_args[0]"),
     (["cluster.sbatch_args=['--time 10']"], "cluster.sbatch_args[0]"),
+    (["cluster.sbatch_args=[--tim=10]"], "cluster.sbatch_args[0]"),  # sbatch takes an unambiguous prefix as --time
+    (["cluster.srun_args=[--me=0]"], "cluster.srun_args[0]"),
     # srun options each step is sized with (the README's rule for sbatch_args): --mem=0 made a step ask for all of a
     # node's memory, the next step waited for ever
     (["cluster.srun_args=[--mpi=pmix, --mem=0]"], "cluster.srun_args[1]"),

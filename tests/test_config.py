@@ -151,6 +151,24 @@ def test_a_name_with_leading_zeros_keeps_them(tmp_path):
         load_config(str(f), [])
 
 
+def test_a_name_that_reads_as_a_float_keeps_its_text(tmp_path):
+    """`trial_name: 1.10` was the run .../1.1: YAML reads a float, and its text is lost."""
+    f = tmp_path / "c.yaml"
+    f.write_text("trial_name: 1.10\nexperiment_name: 2.50e3\ncluster:\n  sbatch_args: [1.0]\n")
+    c = load_config(str(f), [])
+    assert (c.trial_name, c.experiment_name, c.cluster.sbatch_args) == ("1.10", "2.50e3", ["1.0"])
+    (tmp_path / "resolved.yaml").write_text(dump_yaml(c))
+    assert load_resolved(tmp_path / "resolved.yaml").trial_name == "1.10"
+    f.write_text("rollout:\n  gen:\n    top_p: 0.50\n")
+    assert load_config(str(f), []).rollout.gen.top_p == 0.5
+
+
+def test_a_null_flag_on_the_command_line_is_null():
+    """`server.sglang_args.x=null` was the text "null" (the flag got the value null); in a file it is a bare flag."""
+    c = load_config(None, ["server.sglang_args.x=null", "server.sglang_args.y=~", "server.sglang_args.z=nulls"])
+    assert c.server.sglang_args == {"x": None, "y": None, "z": "nulls"}
+
+
 def test_an_empty_value_empties_a_string_of_the_file(tmp_path):
     """`valid_dataset.path=` (a shell cannot pass '""') drops the file's eval set; YAML would read it as null."""
     f = tmp_path / "c.yaml"

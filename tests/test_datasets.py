@@ -103,6 +103,22 @@ def test_flat_directory_and_data_dir_layouts(tmp_path):
     assert [r["prompt"] for r in load_rows(str(hub), which="valid")] == ["v"] * 2
 
 
+def test_a_directory_without_datasets_keeps_its_splits_apart(tmp_path, monkeypatch):
+    """Without `datasets` (bare GPU images) every .jsonl file of a directory was read: train and test mixed."""
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # `import datasets` raises ImportError
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "t", "answer": "1"}] * 3)
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "v", "answer": "2"}] * 2)
+    assert [r["prompt"] for r in load_rows(str(tmp_path))] == ["t"] * 3
+    assert [r["prompt"] for r in load_rows(str(tmp_path), which="valid")] == ["v"] * 2
+    assert [r["prompt"] for r in load_rows(str(tmp_path), split="test", limit=1)] == ["v"]
+    flat = tmp_path / "flat"  # no split in the names: one train split, as `datasets` reads it
+    write_jsonl(flat / "part-a.jsonl", [{"prompt": "a", "answer": "1"}] * 2)
+    write_jsonl(flat / "part-b.jsonl", [{"prompt": "b", "answer": "2"}] * 3)
+    assert len(load_rows(str(flat))) == 5
+    with pytest.raises(DatasetError, match="no split 'dev'"):
+        load_rows(str(tmp_path), split="dev")
+
+
 @pytest.mark.parametrize("kwargs, field, text", [
     ({"name": "nope"}, "name", "'nope' is not a config of"),
     ({}, "name", "has several configs (main, socratic)"),

@@ -95,6 +95,25 @@ def test_a_raising_reward_scores_zero(tok, caplog):
         REWARDS.pop("test-raise")
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_reward_returning_none_scores_zero_with_one_warning(tok, caplog, monkeypatch, in_place):
+    """A reward that returns None (a missing `return`) failed every episode (float(None)); it scores 0, as a reward
+    that raises does, and says so once."""
+    def none(prompt, completion, answer, **_):
+        return None if completion == "bad" else 1.0
+    name = "exact_match" if in_place else "test-none"
+    monkeypatch.setitem(REWARDS, name, none)
+    wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn=name, n_samples=2)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2):
+                group = asyncio.run(wf.arun_episode(Client(tok, ["bad", "7"]), {"prompt": "3+4="}))
+                assert [t.reward for t in group.trajectories] == [0.0, 1.0]
+    finally:
+        wf.close()
+    assert caplog.text.count("returned None") == 1 and name in caplog.text
+
+
 def test_math_scores_in_workers_that_the_controller_ends(tok):
     """math-verify's 5 s alarm stops sympy in a worker; the loop ticks meanwhile; stop() leaves no worker."""
     wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="math", n_samples=2)

@@ -1,16 +1,10 @@
 """The `allocation_mode` grammar: how many servers and trainer ranks, and how each is parallel.
 
-Accepted forms (letters in any order, each optional, default 1; ``m`` and ``t`` both mean
-tensor parallel)::
+Letters in any order, each optional (default 1); ``m`` and ``t`` both mean tensor parallel::
 
     sglang.d16p1m1+d32p2m1     seed form: servers `backend.d{dp}p{pp}m{tp}`, then trainer
-    sglang:d4t2+fsdp:d8        newer form: `backend:spec`, trainer backend named
-    sglang.d4p1m1  sglang:d4   rollout only (no trainer)
-    sglang:d4+eval             rollout + evaluation, no trainer GPUs
-    fsdp:d8                    trainer only (SFT)
-    hf.d1+d1                   the embedded transformers engine instead of SGLang
-
-Colocation (``|``) is not supported. Validation against the cluster is `validate_allocation`.
+    sglang:d4t2+fsdp:d8        servers + trainer; sglang:d4 rollout only; sglang:d4+eval, no trainer GPUs
+    fsdp:d8                    trainer only (SFT); hf.d1+d1: the embedded engine instead of SGLang
 """
 
 from __future__ import annotations
@@ -119,10 +113,8 @@ def parse_allocation(text: str) -> AllocationMode:
         hint = "training backend first? put the servers first: sglang:d4+fsdp:d4" if gen.backend in TRAIN_BACKENDS \
             else f"generation backends: {', '.join(GEN_BACKENDS)}"
         raise ConfigError(KEY, f"unknown generation backend {gen.backend!r} in {parts[0]!r}", hint)
-    if len(parts) == 1:
-        return AllocationMode(gen=gen, train=None)
-    if parts[1].strip() == "eval":
-        return AllocationMode(gen=gen, train=None, eval_only=True)
+    if len(parts) == 1 or parts[1].strip() == "eval":
+        return AllocationMode(gen=gen, train=None, eval_only=len(parts) == 2)
     train = _parse_part(parts[1], default_backend="fsdp")
     if train.backend not in TRAIN_BACKENDS:
         raise ConfigError(KEY, f"unknown training backend {train.backend!r} in {parts[1]!r}",
@@ -173,5 +165,4 @@ def server_nodes(alloc: AllocationMode, gpus_per_node: int) -> int:
     per = alloc.gen.gpus_per_instance
     if per >= gpus_per_node:  # multi-node (or whole-node) servers
         return alloc.gen.dp * -(-per // gpus_per_node)
-    per_node = gpus_per_node // per
-    return -(-alloc.gen.dp // per_node)
+    return -(-alloc.gen.dp // (gpus_per_node // per))

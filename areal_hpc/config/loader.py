@@ -1,13 +1,9 @@
 """Build an `ExperimentConfig` from defaults, a YAML file and ``key=value`` overrides (later wins), every key checked.
 
-`split_words` reads a user's words (``CONFIG.yaml`` or ``--config FILE``, the seed's ``a.b=c``, ``--a.b c``,
-``--a.b=c``); the file and the YAML-valued overrides (lists, mappings, ``null``) go through `from_dict`, the one
-deserializer; simple-parsing parses the scalar overrides over the result (`_parse_scalars`).
-
-Why not simple-parsing for all of it: from the command line it cannot give an Optional field null, read ``[a, b]`` or
-fill a Dict field, and it keeps the last of a key given twice; its config-file layer drops nulls, passes file values on
-unchecked and names an unknown key without a hint. Compute nodes only read a resolved config (`load_resolved`), which
-needs nothing but PyYAML.
+The file and the YAML-valued overrides (lists, mappings, ``null``) go through `from_dict`; simple-parsing parses the
+scalar overrides over the result. Not simple-parsing for all of it: from the command line it cannot give a field
+null, read ``[a, b]`` or fill a Dict field, and it keeps the last of a key given twice; its config-file layer drops
+nulls, passes values on unchecked and names an unknown key without a hint.
 """
 
 from __future__ import annotations
@@ -25,8 +21,6 @@ import yaml
 from areal_hpc.config.errors import ConfigError, did_you_mean
 from areal_hpc.config.schema import ExperimentConfig
 
-
-# ----------------------------------------------------------------- the key tree
 
 def _strip_optional(tp) -> Tuple[Any, bool]:
     if typing.get_origin(tp) is typing.Union:
@@ -57,15 +51,18 @@ def _type_name(tp) -> str:
     return f"{name} or null" if opt else name
 
 
-# ----------------------------------------------------------------- reading YAML files
-
 MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file; anything bigger is the wrong file
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that ``1:30:00`` stays a string: YAML 1.1 reads it as the base-60 integer 5400,
-    which as `cluster.time` would silently mean 5400 minutes; and so does ``01``, an octal 1 to YAML 1.1
-    (`trial_name: 01` was the run dir .../1, `010` was 8)."""
+    """PyYAML's safe loader, except that ``1:30:00`` (base-60 5400 to YAML 1.1: `cluster.time` of 5400 minutes) and
+    ``01`` (octal 1: `trial_name: 01` was the run dir .../1) stay strings."""
+
+
+class _Float(float):
+    """A float that keeps its YAML text, for a string field: `trial_name: 1.10` is "1.10", not "1.1"."""
+
+    text = ""
 
 
 def _no_sexagesimal(kind):
@@ -74,7 +71,11 @@ def _no_sexagesimal(kind):
     def construct(loader, node):
         if ":" in str(node.value) or (kind == "int" and re.fullmatch(r"[-+]?0[0-9_]+", str(node.value))):
             return loader.construct_scalar(node)
-        return base(loader, node)
+        value = base(loader, node)
+        if kind == "float":
+            value = _Float(value)
+            value.text = str(node.value)
+        return value
     return construct
 
 
@@ -84,6 +85,9 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _no_sexagesimal("float"))
 
 class _Dumper(yaml.SafeDumper):
     """Quotes the strings `_Loader` would read as numbers: `trial_name=1e-5` reads back from the run dir as written."""
+
+
+_Dumper.add_representer(_Float, yaml.SafeDumper.represent_float)  # in a Dict field, which keeps values as they are
 
 
 # `lr: 1e-5` is a float (YAML 1.2, and what everyone means); YAML 1.1 wants a dot and reads a string
@@ -148,8 +152,6 @@ def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[
     return data
 
 
-# ----------------------------------------------------------------- dict <-> dataclass
-
 def _value(key: str, tp, value: Any, old: Any) -> Any:
     """``value`` (from YAML) as a field declared ``tp`` holds it, or a `ConfigError` naming ``key``."""
     inner, optional = _strip_optional(tp)
@@ -169,7 +171,7 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
     if inner is float and number:
         return float(value)
     if inner is str and (isinstance(value, str) or number):
-        return str(value)  # `trial_name: 1` in YAML
+        return getattr(value, "text", str(value))  # `trial_name: 1` in YAML
     if origin in (dict, list) or inner in (bool, int, float, str):
         raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
@@ -217,32 +219,34 @@ def load_resolved(path: str | os.PathLike) -> ExperimentConfig:
         raise ConfigError(str(path), f"is damaged: {e.one_line()}", hint) from None
 
 
-# ----------------------------------------------------------------- the user's words
-
 _KEY_VALUE = re.compile(r"[A-Za-z_][\w.-]*=")  # a config word `a.b=c`
 
 
+def _dict_entry(leaves: Dict[str, Any], key: str) -> bool:
+    """``key`` names one entry of a Dict field: `server.sglang_args.attention-backend`."""
+    return typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict
+
+
 def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, str]]]:
-    """Config words -> (CONFIG file, [(dotted key, raw value)]): the one translation of the seed's ``a.b=c`` and a
-    positional ``CONFIG.yaml`` into keys (simple-parsing reads neither)."""
+    """Config words (``CONFIG.yaml`` or ``--config FILE``, ``a.b=c``, ``--a.b c``, ``--a.b=c``) -> (CONFIG file,
+    [(dotted key, raw value)])."""
     config: Optional[str] = None
     pairs: List[Tuple[str, str]] = []
     i = 0
     while i < len(words):
         word = words[i]
         if word.startswith("--"):
-            key, eq, raw = word[2:].partition("=")
+            flag, eq, raw = word[2:].partition("=")
+            key = flag if "." in flag else flag.replace("-", "_")
             if not eq:
                 # the next word is the next key=value, not this option's value; a value may hold '=' ("export A=1")
                 if i + 1 >= len(words) or words[i + 1].startswith("--") or _KEY_VALUE.match(words[i + 1]):
-                    leaves, name = key_tree()[0], key if "." in key else key.replace("-", "_")
-                    if name not in leaves and name != "config" and typing.get_origin(
-                            leaves.get(name.rpartition(".")[0])) is not dict:  # `--dryrun`: a typo, not a key
-                        raise ConfigError(key, "is not an option of this command, nor a config key", "see its --help")
-                    raise ConfigError(key, "option needs a value", f"write --{key} VALUE or {key}=VALUE")
+                    leaves = key_tree()[0]
+                    if key not in leaves and key != "config" and not _dict_entry(leaves, key):  # `--dryrun`: a typo
+                        raise ConfigError(flag, "is not an option of this command, nor a config key", "see its --help")
+                    raise ConfigError(flag, "option needs a value", f"write --{flag} VALUE or {flag}=VALUE")
                 i += 1
                 raw = words[i]
-            key = key if "." in key else key.replace("-", "_")
         elif "=" in word:
             key, _, raw = word.partition("=")
         elif word.endswith((".yaml", ".yml")):
@@ -328,9 +332,10 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
                 _nest(yaml_valued, key, value)
             else:
                 scalars.append(f"--{key}={raw}")
-        elif typing.get_origin(leaves.get(key.rpartition(".")[0])) is dict:  # server.sglang_args.attention-backend=fa3
-            # a scalar keeps its text (the flag's value as typed); a list or mapping is YAML, as in the config file
-            _nest(yaml_valued, key, _flow_collection(key, raw))
+        elif _dict_entry(leaves, key):
+            # a scalar keeps its text (the flag's value as typed), null is null; a list or mapping is YAML, as in a file
+            null = raw.strip() in ("null", "Null", "NULL", "~")
+            _nest(yaml_valued, key, None if null else _flow_collection(key, raw))
         elif section := [k for k in leaves if k.startswith(key + ".")]:  # not "unknown key (did you mean ...)"
             raise ConfigError(key, "is a section, not a key", f"set its keys one by one, e.g. {section[0]}=...")
         else:

@@ -1,5 +1,4 @@
-"""The configuration tree of one run: every knob, as dataclasses with defaults (merged in
-`config.loader`). Field names the AReaLite seed used are kept verbatim (``experiment_name``, ...)."""
+"""The configuration tree of one run, as dataclasses with defaults. The AReaLite seed's field names are kept."""
 
 from __future__ import annotations
 
@@ -77,12 +76,10 @@ class RolloutConfig:
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     request_timeout_s: float = 3600.0
     reward_timeout_s: float = 60.0  # to score one group; a reward that takes longer (or raises) scores 0
-    # no silent stalls: fail when most finished groups were wasted for drop_timeout_s, or no batch
-    # came for stall_timeout_s with servers live (RolloutController.next_batch)
-    drop_timeout_s: float = 300.0
-    stall_timeout_s: float = 3600.0
-    # trainer rank 0's rollout client (event loop, HTTP, weight updates) in a forked process, off the trainer's GIL
-    client_process: bool = True  # disk weight updates only (an nccl/gloo broadcast needs the trainer's process)
+    drop_timeout_s: float = 300.0  # fail when most finished groups were wasted (stale, failed) for this long
+    stall_timeout_s: float = 3600.0  # fail when no batch came for this long with servers live
+    # trainer rank 0's rollout client in a forked process, off the trainer's GIL (disk weight updates only)
+    client_process: bool = True
 
 
 @dataclass
@@ -110,20 +107,13 @@ class EngineConfig:
     dtype: str = "auto"  # auto = bf16 params/fp32 reduce on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     attn_impl: str = "sdpa"
-    # logprobs from the last hidden states and the LM head's weight chunk by chunk, never holding a
-    # micro-batch's full logits (heads that are not a plain linear layer go through the logits)
-    fused_lm_head: bool = True
+    fused_lm_head: bool = True  # logprobs chunk by chunk from the last hidden states, never a micro-batch's logits
     lm_head_keep_logits: bool = False  # keep chunk logits for backward: a matmul less, T x V memory more
     compile_layers: bool = False  # torch.compile each decoder layer (GPU only; costs start-up time)
-    # pad every packed micro-batch to mb_spec.max_tokens_per_mb (compiled layers see one shape);
-    # pays when micro-batches are nearly full
-    pad_micro_batches: bool = False
-    # run documents that differ only in their last token once (the n samples of a one-token answer,
-    # identical completions); exact, skipped with pad_micro_batches
-    share_stems: bool = True
+    pad_micro_batches: bool = False  # pad micro-batches to max_tokens_per_mb: one shape for compiled layers
+    share_stems: bool = True  # run documents that differ only in their last token once (exact)
     fuse_linears: bool = True  # with compile_layers: q/k/v and gate/up as one matmul each
-    # FSDP units: layer | model (one unit, kept unsharded through a step: fewer collectives when the
-    # weights and fp32 gradients fit on each GPU) | auto (see train/parallel.resolve_fsdp_units)
+    # layer | model (one unit, unsharded through a step: fewer collectives when it fits) | auto (train/parallel.py)
     fsdp_units: str = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
@@ -161,8 +151,7 @@ class TrainerConfig:
     total_train_epochs: int = 0  # >0 also stops after this many passes over the training rows (prompts)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    # restarts of a dead trainer from its last checkpoint (not when it dies twice before its first step)
-    max_restarts: int = 3
+    max_restarts: int = 3  # of a dead trainer, from its last checkpoint (not when it dies twice before a step)
     plugins: List[str] = field(default_factory=list)  # modules or .py files registering trainers/workflows/rewards
 
 

@@ -1,10 +1,7 @@
 """Checks of a parsed config: everything a login node can know is wrong, before submitting.
 
-`validate` raises `ConfigError` for the first problem (key, what is wrong, how to fix it) and returns the parsed
-allocation; it normalises a few values (``trainer.type`` null -> "null", synchronous training -> staleness 0) so
-downstream code reads one spelling. Single values are checked first, whatever their key (`check_values`,
-`check_ranges`, and `check_location`, which commands that only locate an existing run call alone), then the keys that
-depend on each other, and paths.
+`validate` raises `ConfigError` for the first problem, normalises a few values so downstream code reads one spelling,
+and returns the parsed allocation. Single values are checked first, then the keys that depend on each other.
 """
 
 from __future__ import annotations
@@ -33,21 +30,22 @@ _CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline,
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:+=@-]+$")  # partition (a list too), account, qos
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:&|*!\[\]()=-]+$")
 # sbatch options areal-hpc sets itself (`launch.sbatch.sbatch_lines`): in cluster.sbatch_args one would win, silently
-_SBATCH_OWNED = {"time": "set cluster.time", "partition": "set cluster.partition", "account": "set cluster.account",
-                 "qos": "set cluster.qos", "constraint": "set cluster.constraint",
+_SBATCH_OWNED = {**{k: f"set cluster.{k}" for k in ("time", "partition", "account", "qos", "constraint")},
                  "job-name": "set experiment_name and trial_name", "nodes": "set allocation_mode",
                  "gres": "set cluster.n_gpus_per_node", "ntasks-per-node": "set allocation_mode",
                  "cpus-per-task": "set cluster.cpus_per_gpu (cluster.cpus_per_task_cpu on CPU nodes)",
                  **dict.fromkeys(("mem", "mem-per-cpu", "mem-per-gpu"),
                                  "set cluster.mem_per_gpu_gb (cluster.mem_per_task_cpu_gb on CPU nodes)"),
-                 **dict.fromkeys(("output", "error", "open-mode"),
-                                 "leave it out: the job's log is {run}/logs/slurm-%j.out, where `areal-hpc logs` reads"),
+                 **dict.fromkeys(("output", "error", "open-mode"), "leave it out: the job's log is "
+                                 "{run}/logs/slurm-%j.out, where `areal-hpc logs` reads"),
                  "signal": "leave it out: USR2 90 s before the time limit makes the run checkpoint and requeue"}
 # srun options `launch.slurm.srun_argv` sizes every step with; cluster.srun_args come after and would win (--mem=0:
 # each step asks for a node's memory, the next one waits for ever). Short spellings by their one letter.
 _SRUN_OWNED = dict.fromkeys(("nodes", "N", "ntasks", "n", "ntasks-per-node", "relative", "r", "exact", "cpus-per-task",
                              "c", "mem", "mem-per-cpu", "mem-per-gpu", "gres", "gpus-per-task", "job-name", "J",
                              "output", "o", "open-mode", "jobid"), "leave it out: areal-hpc sizes each step itself")
+# real sbatch/srun options that are prefixes of owned ones, not abbreviations of them
+_NOT_ABBREVIATIONS = ("ntasks", "gpus")
 # What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
 # registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
 _LONGEST_INSIDE = 256
@@ -195,19 +193,20 @@ def check_ranges(cfg: ExperimentConfig) -> None:
     if c.constraint is not None and not _CONSTRAINT.match(c.constraint):
         raise ConfigError("cluster.constraint", f"{c.constraint!r} is not a Slurm constraint",
                           "features joined by & | , e.g. a100&ib (no spaces or quotes)")
-    for key, dash in (("sbatch_args", "--"), ("srun_args", "-")):  # submitit takes long sbatch options only
-        # as `launch.sbatch.sbatch_options` reads them: "#SBATCH -p x" after a bare flag is an option, not its value
+    for key, dash, owned in (("sbatch_args", "--", _SBATCH_OWNED), ("srun_args", "-", _SRUN_OWNED)):
+        # as `launch.sbatch.sbatch_options` reads them (submitit takes long sbatch options only)
         args = [str(a).strip().removeprefix("#SBATCH").strip() for a in getattr(c, key)]
-        for i, a in enumerate(getattr(c, key)):
-            prev = args[i - 1] if i else ""
-            is_value = prev.startswith("-") and "=" not in prev and not args[i].startswith("-")
-            if not args[i].startswith(dash) and not is_value:
-                raise ConfigError(f"cluster.{key}[{i}]", f"{a!r} is not a{' long' if dash == '--' else 'n'} option",
+        for i, (raw, arg) in enumerate(zip(getattr(c, key), args)):
+            if i and args[i - 1].startswith("-") and "=" not in args[i - 1] and not arg.startswith("-"):
+                continue  # a bare flag's value (a pasted "#SBATCH -p x" after one is an option)
+            if not arg.startswith(dash):
+                raise ConfigError(f"cluster.{key}[{i}]", f"{raw!r} is not a{' long' if dash == '--' else 'n'} option",
                                   "give options like --exclusive or --reservation=NAME")
-            long = args[i].startswith("--")  # "--time 10" in one entry is a --time too; "-n4" is -n
-            name = re.split(r"[=\s]", args[i][2:], maxsplit=1)[0] if long else args[i][1:2]
-            owned = _SBATCH_OWNED if key == "sbatch_args" else _SRUN_OWNED
-            if not is_value and name in owned:
+            long = arg.startswith("--")  # "--time 10" in one entry is a --time too; "-n4" is -n
+            name = re.split(r"[=\s]", arg[2:], maxsplit=1)[0] if long else arg[1:2]
+            if long and name and name not in owned and name not in _NOT_ABBREVIATIONS:  # Slurm takes `--tim` as --time
+                name = next((o for o in owned if o.startswith(name)), name)
+            if name in owned:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{'--' if long else '-'}{name} is an option areal-hpc sets "
                                   "itself", owned[name])
     for name in (n for n, v in cfg.server.sglang_args.items() if v == []):  # [] renders a bare flag, as true does
@@ -226,9 +225,8 @@ def check_ranges(cfg: ExperimentConfig) -> None:
 
 
 def slurm_time_seconds(spec: str) -> int:
-    """A Slurm time limit in seconds, read as Slurm's ``time_str2secs`` reads it (``M``, ``M:S``, ``H:M:S``, ``D-H``,
-    ``D-H:M``, ``D-H:M:S``), except that a field below another must be in range (``99:99:99`` is a typo) and no limit
-    (0, ``UNLIMITED``, ...) is refused: areal-hpc checkpoints 90 s before the limit. Raises ValueError."""
+    """A Slurm time limit in seconds, read as Slurm's ``time_str2secs`` reads it, except that a field below another
+    must be in range (``99:99:99`` is a typo) and no limit is refused. Raises ValueError."""
     spec = spec.strip()
     if spec.upper() in ("-1", "INFINITE", "UNLIMITED"):
         raise ValueError("no limit; areal-hpc needs one (it checkpoints 90 s before it)")
@@ -372,7 +370,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     # absolute in {run}/config.yaml: that file given from another directory (resubmit, status) names the same run
     c.fileroot = os.path.abspath(os.path.expanduser(c.fileroot))
 
-    existing = nearest_existing(Path(os.path.expanduser(c.fileroot)).resolve())
+    existing = nearest_existing(Path(c.fileroot).resolve())
     try:  # really try: os.access says yes to root even on /proc (and a file there fails too)
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError:

@@ -1,13 +1,10 @@
-"""RolloutController: runs workflows asynchronously and hands the trainer staleness-bounded batches.
-
-It lives on its own thread with its own asyncio loop (the client pool lives there too); the trainer thread calls
-`next_batch`, `set_version`, `pause`/`resume` and `run` (to drive the pool).
+"""RolloutController: runs workflows on its own thread and asyncio loop (the client pool's too) and hands the trainer
+thread staleness-bounded batches.
 
 Staleness bound (AReaL's rule): with trainer weight version ``v`` and bound ``k``, at most ``(k + v + 1) * batch_size``
-groups are ever accepted or in flight, and batches are handed out oldest-first, so a group started under version ``v``
-is trained on at version ``<= v + k`` unless newer groups finish before it (a batch never waits for a running group);
-a group whose oldest token is older than that is dropped. ``k = 0`` is synchronous RL. Nothing sleeps on a timer:
-submission waits on an event, `get_batch` on a condition, both set by completions."""
+groups are ever accepted or in flight, and batches go out oldest-first; a group whose oldest token is older than
+``v - k`` is dropped. ``k = 0`` is synchronous RL. Nothing polls: submission waits on an event, `get_batch` on a
+condition, both set by completions."""
 
 from __future__ import annotations
 
@@ -32,8 +29,8 @@ class RolloutStall(RolloutError):
     """No batch within a bound (see `RolloutController.next_batch`); the message says why."""
 
 
-DROP_LOG_EVERY_S = 10.0  # stale drops are logged at most this often (with the count since the last line)
-MAX_FAILURES_IN_ROW = 50  # then the run stops with RolloutError instead of spinning on a dead backend
+DROP_LOG_EVERY_S = 10.0  # stale drops are logged at most this often
+MAX_FAILURES_IN_ROW = 50  # then RolloutError, rather than spin on a dead backend
 
 
 class RolloutController:
@@ -41,8 +38,8 @@ class RolloutController:
                  max_head_offpolicyness: int, max_concurrent: int = 0, start_version: int = 0,
                  skip: Sequence[int] = ()):
         self.workflow, self.client, self.rows = workflow, client, rows
-        # Rows by their index since the start (`rows_state`): taken, in flight (running or accepted, not yet handed
-        # out or dropped), and those to pass over (``skip``: trained on before the checkpoint this run resumes from)
+        # Rows by index since the start (`rows_state`): taken, in flight (running or accepted, not handed out or
+        # dropped), and to pass over (``skip``: trained on before the checkpoint this run resumes from)
         self._taken, self._in_flight, self._skip = 0, set(), set(skip)
         self.batch_size, self.max_staleness = batch_size, max_head_offpolicyness
         self.max_concurrent = max_concurrent or batch_size * (max_head_offpolicyness + 1)
@@ -54,8 +51,8 @@ class RolloutController:
         self._running, self._paused, self._stopping, self._exhausted = 0, False, False, False
         self._error: Optional[BaseException] = None
         self.stats = {"submitted": 0, "accepted": 0, "rejected": 0, "failed": 0, "dropped_stale": 0}
-        self.last_failure: Optional[str] = None  # repr of the last episode error
-        self.last_drop: Optional[Dict[str, int]] = None  # versions of the last stale drop
+        self.last_failure: Optional[str] = None
+        self.last_drop: Optional[Dict[str, int]] = None
         self._failures_in_row, self._drops_unlogged, self._drop_logged_t = 0, 0, 0.0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
@@ -89,8 +86,7 @@ class RolloutController:
         self._poke()
 
     def set_trainer_version(self, version: int) -> None:
-        """The trainer's version, which the servers may not have yet (its update is on its way): batches handed out
-        from now on hold no group older than it allows."""
+        """The trainer's version, which the servers may not have yet: later batches are bounded by it."""
         self._trainer_version = version
 
     def pause(self) -> None:
@@ -123,19 +119,18 @@ class RolloutController:
                 self._cv.wait(remaining)
 
     def next_batch(self, should_stop: Callable[[], bool] = lambda: False, drop_timeout_s: Optional[float] = None,
-                   stall_timeout_s: Optional[float] = None, poll_s: float = 1.0,
-                   log_every_s: float = 60.0) -> Optional[List[Group]]:
-        """What the trainer waits in: the next batch, or None once ``should_stop()`` or the rows are used up. No silent
-        stalls: while no batch comes it logs why (at least every ``log_every_s``), and raises `RolloutStall` when most
-        groups that finished were wasted (stale, failed, rejected) for ``drop_timeout_s`` -- e.g. a server whose weights
-        lag makes every group stale, forever -- or no batch came for ``stall_timeout_s`` while servers are live."""
-        t0, start = time.monotonic(), dict(self.stats)
+                   stall_timeout_s: Optional[float] = None) -> Optional[List[Group]]:
+        """The next batch, or None once ``should_stop()`` or the rows are used up. No silent stalls: while no batch
+        comes it logs why, and raises `RolloutStall` when most finished groups were wasted (stale, failed, rejected)
+        for ``drop_timeout_s`` (e.g. a server whose weights lag), or no batch came for ``stall_timeout_s`` while
+        servers are live."""
+        t0 = last_log = time.monotonic()
+        start = dict(self.stats)
         bounds = [b for b in (drop_timeout_s, stall_timeout_s) if b]
-        log_every = min([log_every_s] + [b / 2 for b in bounds])
-        last_log = t0
+        log_every = min([60.0] + [b / 2 for b in bounds])
         while True:
             try:
-                return self.get_batch(timeout=min([poll_s] + [b / 4 for b in bounds]))
+                return self.get_batch(timeout=min([1.0] + [b / 4 for b in bounds]))
             except TimeoutError:
                 pass
             except StopIteration:  # the rows are used up
@@ -146,18 +141,18 @@ class RolloutController:
             waited = now - t0
             d = {k: self.stats[k] - start[k] for k in self.stats}
             wasted = d["dropped_stale"] + d["failed"] + d["rejected"]
-            finished = d["accepted"] + d["failed"] + d["rejected"]
             servers = self._servers()
             live = servers is None or any(v.get("healthy", True) for v in servers.values())
-            wasting = bool(drop_timeout_s and waited >= drop_timeout_s and wasted and 2 * wasted > finished)
-            silent = bool(stall_timeout_s and waited >= stall_timeout_s and live)
-            if wasting or silent or now - last_log >= log_every:
+            finished = d["accepted"] + d["failed"] + d["rejected"]
+            wasting = drop_timeout_s and waited >= drop_timeout_s and wasted and 2 * wasted > finished
+            silent = stall_timeout_s and waited >= stall_timeout_s and live
+            if wasting or silent:
+                bound = "rollout.drop_timeout_s" if wasting else "rollout.stall_timeout_s"
                 reason = self._why_waiting(waited, d, servers)
-                if wasting or silent:
-                    bound = "rollout.drop_timeout_s" if wasting else "rollout.stall_timeout_s"
-                    log.error("rollout stalled (%s): %s", bound, reason)
-                    raise RolloutStall(f"rollout stalled ({bound}): {reason}")
-                log.warning("waiting for a batch: %s", reason)
+                log.error("rollout stalled (%s): %s", bound, reason)
+                raise RolloutStall(f"rollout stalled ({bound}): {reason}")
+            if now - last_log >= log_every:
+                log.warning("waiting for a batch: %s", self._why_waiting(waited, d, servers))
                 last_log = now
 
     def _servers(self) -> Optional[Dict[str, Dict[str, Any]]]:
@@ -194,10 +189,9 @@ class RolloutController:
         return "; ".join(parts)
 
     def rows_state(self) -> Dict[str, Any]:
-        """The rows' ``state_dict``, moved back to the oldest row in flight (accepted but not consumed, or running: what
-        a checkpoint generates again), with ``skip``: the rows after it that are done (groups finish out of order),
-        read at once (the loop takes a row and counts it in flight under the same lock), so a row taken meanwhile is
-        neither lost nor generated twice."""
+        """The rows' ``state_dict`` rewound to the oldest row in flight (a restart generates those again), with
+        ``skip``: the rows after it that are done (groups finish out of order). Read under the lock the loop takes a
+        row under: no row is lost or generated twice."""
         with self._cv:
             oldest = min(self._in_flight, default=self._taken)
             state = self.rows.state_dict(rewind=self._taken - oldest)
@@ -213,23 +207,23 @@ class RolloutController:
     def _drop_stale(self) -> None:
         trainer = max(self._version, self._trainer_version)
         lowest = trainer - self.max_staleness
-        keep = [g for g in self._pending if g.oldest_version >= lowest]
-        dropped = len(self._pending) - len(keep)
-        if dropped:
-            oldest = min(g.oldest_version for g in self._pending if g.oldest_version < lowest)
-            self.last_drop = {"oldest_version": oldest, "version": trainer, "max_staleness": self.max_staleness}
-            self._in_flight.difference_update(g.row_index for g in self._pending if g.oldest_version < lowest)
-            self._pending = keep
-            self._accepted -= dropped  # frees their capacity
-            self.stats["dropped_stale"] += dropped
-            self._drops_unlogged += dropped
-            now = time.monotonic()
-            if now - self._drop_logged_t >= DROP_LOG_EVERY_S:
-                log.warning("dropped %d stale group(s): their oldest tokens come from weight version %d, the trainer "
-                            "is at version %d with max_head_offpolicyness=%d (%d dropped in all)", self._drops_unlogged,
-                            oldest, trainer, self.max_staleness, self.stats["dropped_stale"])
-                self._drops_unlogged, self._drop_logged_t = 0, now
-            self._poke()
+        stale = [g for g in self._pending if g.oldest_version < lowest]
+        if not stale:
+            return
+        oldest = min(g.oldest_version for g in stale)
+        self.last_drop = {"oldest_version": oldest, "version": trainer, "max_staleness": self.max_staleness}
+        self._in_flight.difference_update(g.row_index for g in stale)
+        self._pending = [g for g in self._pending if g.oldest_version >= lowest]
+        self._accepted -= len(stale)  # frees their capacity
+        self.stats["dropped_stale"] += len(stale)
+        self._drops_unlogged += len(stale)
+        now = time.monotonic()
+        if now - self._drop_logged_t >= DROP_LOG_EVERY_S:
+            log.warning("dropped %d stale group(s): their oldest tokens come from weight version %d, the trainer "
+                        "is at version %d with max_head_offpolicyness=%d (%d dropped in all)", self._drops_unlogged,
+                        oldest, trainer, self.max_staleness, self.stats["dropped_stale"])
+            self._drops_unlogged, self._drop_logged_t = 0, now
+        self._poke()
 
     def _capacity(self) -> int:
         with self._cv:
@@ -276,7 +270,7 @@ class RolloutController:
         if hasattr(self.workflow, "close"):  # its reward workers
             self.workflow.close()
 
-    async def _episode(self, row: Dict[str, Any], version: int, index: int = -1) -> None:
+    async def _episode(self, row: Dict[str, Any], version: int, index: int) -> None:
         group: Optional[Group] = None
         failed = False
         try:

@@ -1,32 +1,32 @@
 """Prompt rows of a dataset, epoch after epoch, with a resumable position.
 
 A dataset is a local ``.jsonl``/``.json``/``.parquet`` file (the file is the split), a local dataset directory laid out
-as on the Hugging Face Hub (data files, optionally a ``README.md`` naming configs and splits), or a hub name read
-through ``datasets.load_dataset(path, name=..., split=...)``. On compute nodes the path is always local:
-`launch.resolve` downloads hub names on the login node."""
+as on the Hugging Face Hub, or a hub name (`launch.resolve` downloads it on the login node)."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from areal_hpc import toy
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-# The split validation data comes from when none is given, in order of preference.
+# where validation data comes from when no split is given, by preference
 EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be read as configured; ``field`` (``path``, ``name``, ``split``) is at fault."""
+    """A dataset that cannot be read as configured; ``field`` (``path``, ``name``, ``split``) is at fault.
+    Rebuilt from its fields when pickled, like `ConfigError`."""
 
     def __init__(self, field: str, message: str, hint: Optional[str] = None):
         self.field, self.message, self.hint = field, message, hint
         super().__init__(f"{message} ({hint})" if hint else message)
 
-    def __reduce__(self):  # rebuilt from the fields: a child process's error reaches its parent intact
+    def __reduce__(self):
         return type(self), (self.field, self.message, self.hint)
 
 
@@ -36,8 +36,7 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _quiet_datasets() -> None:
-    """No progress bars or warnings from `datasets`: the caller reports what goes wrong."""
+def _quiet_datasets() -> None:  # the caller reports what goes wrong
     import datasets
 
     datasets.disable_progress_bars()
@@ -46,7 +45,7 @@ def _quiet_datasets() -> None:
 
 def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]]:
     """``{split: [data files]}`` of a dataset directory (or a hub name, when online) for config ``name``, without
-    reading the data; `DatasetError` for a missing or unknown config, or no data."""
+    reading the data."""
     from datasets import get_dataset_config_names, load_dataset_builder
 
     _quiet_datasets()
@@ -72,8 +71,8 @@ def dataset_splits(path: str, name: Optional[str] = None) -> Dict[str, List[str]
 
 
 def choose_split(splits: Sequence[str], split: str = "", which: str = "train", where: str = "") -> str:
-    """``split`` when given (it must exist); else ``train`` for training data (``which="train"``) and the first of
-    `EVAL_SPLITS` for validation data; a dataset with a single split uses it either way."""
+    """``split`` when given (it must exist); else ``train`` for ``which="train"``, the first of `EVAL_SPLITS` for
+    validation data, or the only split."""
     splits = list(splits)
     listing = (f" in {where}" if where else "") + f" (splits: {', '.join(splits)})"
     if split:
@@ -89,10 +88,10 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
 
 def iter_json_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line number, row)`` of a JSON Lines file, or of a ``.json`` file holding one array of rows (index + 1 for a
-    line). `DatasetError` naming the file and line for text that is not UTF-8, not JSON, or not an object."""
+    line); `DatasetError` naming the file and line for a bad one."""
     try:
         raw = Path(path).read_bytes()
-    except OSError as e:  # no permission, say: one line naming the file, not a traceback from `submit`
+    except OSError as e:
         raise DatasetError("path", f"{path} cannot be read: {e.strerror or e}", "check its permissions") from None
     if b"\x00" in raw[:65536]:
         raise DatasetError("path", f"{path} is a binary file (it holds NUL bytes), not JSON text",
@@ -134,17 +133,13 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "
 
 def _blank(files: Sequence[str]) -> bool:
     """Local files holding nothing but whitespace (`datasets` fails on them instead of returning no rows)."""
-    for f in files:
-        size = Path(f).stat().st_size
-        if size > 4096 or (size and Path(f).read_bytes().strip()):
-            return False
-    return True
+    return all(Path(f).stat().st_size <= 4096 and not Path(f).read_bytes().strip() for f in files)
 
 
 def _open(path: str, name: Optional[str], split: str, which: str, streaming: bool):
     """The ``datasets`` object for one split of ``path`` (file, directory or hub name); None for blank files. A local
-    directory's split is read as its data files: `datasets` keys its cache for a directory by name and layout only
-    (two alike would share a stale entry), for data files by paths and mtimes."""
+    directory's split is read as its data files: `datasets` caches a directory by name and layout only (two alike
+    would share a stale entry), data files by paths and mtimes."""
     from datasets import load_dataset
 
     _quiet_datasets()
@@ -166,15 +161,34 @@ def _open(path: str, name: Optional[str], split: str, which: str, streaming: boo
     return load_dataset(path, name=name, split=split, streaming=streaming)
 
 
+# `datasets`' split names by the keywords of file names (its data_files.SPLIT_KEYWORDS)
+_SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                   "test": ("test", "testing", "eval", "evaluation")}
+
+
+def _jsonl_splits(directory: str) -> Dict[str, List[str]]:
+    """The .jsonl files of a directory by split, named as `datasets` names them: by a keyword in the file name
+    (train.jsonl, test-00000.jsonl); one train split when no name has one."""
+    splits: Dict[Optional[str], List[str]] = {}
+    for f in sorted(Path(directory).glob("*.jsonl")):
+        words = set(re.split(r"[-._ 0-9]+", f.name))
+        split = next((s for s, keys in _SPLIT_KEYWORDS.items() if words & set(keys)), None)
+        splits.setdefault(split, []).append(str(f))
+    return {"train": splits[None]} if list(splits) == [None] else {s: fs for s, fs in splits.items() if s}
+
+
 def load_rows(path: str, limit: int = 0, name: Optional[str] = None, split: str = "",
               which: str = "train") -> List[Dict[str, Any]]:
-    """All rows (the first ``limit`` when > 0) of a dataset file, directory or hub name, as dicts. ``split=""`` picks
-    one by ``which`` (`choose_split`). Without `datasets` (bare GPU images): .jsonl files, or directories of them."""
+    """All rows (the first ``limit`` when > 0) of a dataset file, directory or hub name; ``split=""`` picks one by
+    ``which`` (`choose_split`). Without `datasets` (bare GPU images): .jsonl files, or directories of them."""
     try:
         import datasets  # noqa: F401
     except ImportError:
-        p = Path(path)
-        files = sorted(str(f) for f in p.iterdir() if f.suffix == ".jsonl") if p.is_dir() else [path]
+        if Path(path).is_dir():
+            splits = _jsonl_splits(path)
+            files = splits[choose_split(splits, split, which, where=path)] if splits else []
+        else:
+            files = [path]
         if not files or not all(f.endswith(".jsonl") for f in files):
             raise
         rows = [row for f in files for _, row in iter_json_rows(f)]
@@ -203,15 +217,13 @@ def _read(path, name, split, which, rows: Callable[[Any], List[Dict[str, Any]]],
 
 
 def load_dataset_rows(ds, which: str = "train") -> List[Dict[str, Any]]:
-    """The rows of ``train_dataset`` (``which="train"``) or ``valid_dataset`` (a `DatasetConfig`): a `toy:` spec, a
-    local file or directory with its ``name``/``split``, up to ``limit`` rows."""
+    """The rows of ``train_dataset`` (``which="train"``) or ``valid_dataset``, a `DatasetConfig`."""
     path = toy.resolve_dataset(ds.path, split=which)
     return load_rows(path, limit=ds.limit, name=ds.name, split=ds.split, which=which)
 
 
 class PromptLoader:
-    """Infinite (or ``epochs``-bounded) iterator over rows, reshuffled each epoch from ``seed``; `state_dict` and
-    `load_state_dict` let a recovered trainer continue from the same position."""
+    """Infinite (or ``epochs``-bounded) iterator over rows, reshuffled each epoch from ``seed``, resumable."""
 
     def __init__(self, rows: List[Dict[str, Any]], shuffle: bool = True, seed: int = 1, epochs: int = 0):
         if not rows:

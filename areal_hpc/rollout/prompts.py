@@ -1,11 +1,9 @@
 """Dataset row -> prompt token ids, through the tokenizer's chat template when it has one.
 
-A row gives chat messages (``row[messages_key]``, a list of ``{role, content}``) or a prompt string
-(``row[prompt_key]``, one user message). With ``chat_template="auto"`` and a tokenizer that has a template, messages
-(after a ``system_prompt`` message, when set and the row has none) are rendered with ``add_generation_prompt=True``;
-otherwise the prompt string is tokenized as raw text (a row with only messages is then an error: roles cannot be
-flattened faithfully without a template). Generation stops at the EOS ids and at the token that closes an assistant turn
-(`stop_token_ids`)."""
+A row gives chat messages (``row[messages_key]``, ``[{role, content}]``) or a prompt string (``row[prompt_key]``, one
+user message). With ``chat_template="auto"`` and a tokenizer that has a template, the messages (after the
+``system_prompt``, unless the row has a system message) are rendered; otherwise the prompt string is raw text, and a
+row with only messages is an error (roles cannot be flattened faithfully without a template)."""
 
 from __future__ import annotations
 
@@ -21,8 +19,7 @@ _PROBE = "areal-hpc-end-of-turn-probe"
 
 
 def end_of_turn_id(tokenizer) -> Optional[int]:
-    """The special token that closes an assistant turn in the tokenizer's chat template (None when there is no
-    template, or the turn ends with plain text rather than a special token)."""
+    """The special token that closes an assistant turn in the tokenizer's chat template, or None."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
@@ -40,8 +37,8 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
 
 
 def stop_token_ids(tokenizer, chat_template: str = "auto") -> List[int]:
-    """Every token that ends a completion: the tokenizer's EOS, ``eos_token_id`` (an int or a list) of its directory's
-    generation_config.json and, when the chat template is in use, the template's end-of-turn token."""
+    """Every token that ends a completion: the tokenizer's EOS, generation_config.json's ``eos_token_id`` (an int or a
+    list) and, when the chat template is in use, its end-of-turn token."""
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer) if chat_template != "none" else None}
     model_dir = getattr(tokenizer, "name_or_path", None) or None  # ("": built in memory, not the working directory)
     try:  # no directory, no file, no key, null: none from there
@@ -54,7 +51,7 @@ def stop_token_ids(tokenizer, chat_template: str = "auto") -> List[int]:
 
 @dataclass
 class PromptFormat:
-    """How rows become prompts: the dataset's keys and the chat-template choice (module docstring)."""
+    """How rows become prompts (module docstring)."""
 
     prompt_key: str = "prompt"
     messages_key: str = "messages"
@@ -62,14 +59,11 @@ class PromptFormat:
     system_prompt: str = ""
 
     @classmethod
-    def from_dataset(cls, ds) -> "PromptFormat":
-        """From a `DatasetConfig`."""
+    def from_dataset(cls, ds) -> "PromptFormat":  # a DatasetConfig
         return cls(ds.prompt_key, ds.messages_key, ds.chat_template, ds.system_prompt)
 
 
 class PromptEncoder:
-    """Encodes rows for one tokenizer in one `PromptFormat`."""
-
     def __init__(self, tokenizer, fmt: Optional[PromptFormat] = None):
         self.tokenizer, self.fmt = tokenizer, fmt or PromptFormat()
         if self.fmt.chat_template not in CHAT_TEMPLATE_MODES:
@@ -78,8 +72,7 @@ class PromptEncoder:
         self.uses_template = self.fmt.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
     def messages(self, row: Dict[str, Any]) -> List[Dict[str, Any]]:
-        """The row's conversation: its messages, or its prompt as one user message; the system prompt first when set
-        and the conversation has no system message."""
+        """The row's messages, or its prompt as one user message; the system prompt first unless it has one."""
         f = self.fmt
         msgs = row.get(f.messages_key)
         if msgs is None:
@@ -96,7 +89,7 @@ class PromptEncoder:
         return msgs
 
     def prompt_text(self, row: Dict[str, Any]) -> str:
-        """The user's prompt as text (a reward's ``prompt``): the prompt string, or the last user message's content."""
+        """A reward's ``prompt``: the prompt string, or the last user message's content."""
         if row.get(self.fmt.prompt_key) is not None:
             return str(row[self.fmt.prompt_key])
         users = [m for m in self.messages(row) if m["role"] == "user"]
@@ -105,8 +98,7 @@ class PromptEncoder:
     def encode(self, row: Dict[str, Any]) -> List[int]:
         """Prompt token ids, ending where the model's reply begins."""
         f = self.fmt
-        if self.uses_template:
-            # rendered, then tokenized as transformers does it: its tokenize=True return type differs by version
+        if self.uses_template:  # rendered, then tokenized: tokenize=True's return type differs by version
             msgs = self.messages(row)
             try:
                 text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -123,8 +115,7 @@ class PromptEncoder:
         return self.tokenizer(text, add_special_tokens=not self.uses_template)["input_ids"]
 
     def end_of_turn_ids(self) -> List[int]:
-        """What closes a trained reply (SFT): the template's end-of-turn token when the template is in use and has
-        one, else the EOS (none when the tokenizer has neither)."""
+        """What closes a trained reply (SFT): the template's end-of-turn token, else the EOS, else nothing."""
         eot = end_of_turn_id(self.tokenizer) if self.uses_template else None
         last = self.tokenizer.eos_token_id if eot is None else eot
         return [] if last is None else [last]

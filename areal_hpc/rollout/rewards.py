@@ -22,36 +22,42 @@ from areal_hpc.rollout.names import NameTable
 log = logging.getLogger(__name__)
 REWARDS = NameTable("reward function")
 register_reward, get_reward = REWARDS.register, REWARDS.__getitem__
-IN_PROCESS = ("math",)  # built-in rewards a fresh process can import, scored there
-ON_THE_LOOP = ("exact_match",)  # built-in rewards cheaper than a thread hop (a string compare), scored in place
-# user rewards running at once, over all groups (a thread executor's default size)
-N_THREAD_SLOTS = min(32, len(os.sched_getaffinity(0)) + 4)
-_overdue: Set[concurrent.futures.Future] = set()  # user reward calls that ran out of time (done ones are pruned)
+IN_PROCESS = ("math",)  # scored in spawned worker processes
+ON_THE_LOOP = ("exact_match",)  # cheaper than a thread hop: scored in place
+N_THREAD_SLOTS = min(32, len(os.sched_getaffinity(0)) + 4)  # user rewards running at once (an executor's default)
+_overdue: Set[concurrent.futures.Future] = set()  # user reward calls that ran out of time and still run
 
 
 class RewardScorer:
-    """Scores a group's completions (off the event loop unless cheap), the whole group within ``timeout_s``; a reward
-    that raises or runs out of time scores 0, with a warning. `close` ends the workers.
+    """Scores a group's completions, the whole group within ``timeout_s``; a reward that raises or runs out of time
+    scores 0, with a warning. `close` ends the workers.
 
-    `ON_THE_LOOP` rewards are called in place: a thread hop a completion (256 a quickstart step) costs many times what
-    they do. `IN_PROCESS` rewards run in a small pool of spawned processes, where math-verify's signal-based timeouts
-    work (a worker's main thread runs them) and sympy on a completion like ``9^{9^{9}}``, holding the GIL for minutes,
-    stalls no rollout I/O. Others (a user's ``@register_reward``, maybe not importable in a fresh process) run on
-    `RewardThreads`, at most `N_THREAD_SLOTS` at once. A thread cannot be ended: once every slot is held by a call that
-    ran out of time, scoring raises a RuntimeError (the episode fails, and the run with it) rather than let every later
-    reward wait for a slot, run out of time and score 0."""
+    `IN_PROCESS` rewards run in spawned processes, where math-verify's signal-based timeouts work (on a worker's main
+    thread) and sympy holding the GIL for minutes (``9^{9^{9}}``) stalls no rollout I/O. User rewards, maybe not
+    importable in a fresh process, run on `RewardThreads`. A thread cannot be ended: once every slot is held by a call
+    that ran out of time, scoring raises RuntimeError rather than let every later reward time out and score 0."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
         self._pool: Optional[ProcessPoolExecutor] = None
+        self._warned_none = False
+
+    def _float(self, value: Any) -> float:
+        """A reward's value; None (a missing ``return``) scores 0, as a reward that raises does."""
+        if value is not None:
+            return float(value)
+        if not self._warned_none:
+            self._warned_none = True
+            log.warning("reward %r returned None: scored 0 (it should return a float)", self.name)
+        return 0.0
 
     async def score(self, prompt: str, completions: Sequence[str], answer: str,
                     row: Optional[Dict[str, Any]] = None) -> List[float]:
         """``row``: the row's other columns, the reward's keyword arguments. Completions whose workers another
-        group ended (its own completion stuck) are scored again on fresh ones, in the time left."""
+        group ended are scored again on fresh ones, in the time left."""
         calls = [functools.partial(self.fn, prompt, c, answer, **(row or {})) for c in completions]
         if self.name in ON_THE_LOOP:
-            return [float(call()) for call in calls]
+            return [self._float(call()) for call in calls]
         deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
         _overdue.difference_update([f for f in list(_overdue) if f.done()])
         if not self.in_process and len(_overdue) >= N_THREAD_SLOTS:
@@ -59,9 +65,8 @@ class RewardScorer:
                                f"{self.timeout_s} and never returned, holding every thread for user rewards: the "
                                "reward function hangs (make it return, or bound its own time)")
         while todo:
-            if self.in_process and self._pool is not None and self._pool._broken:  # a worker died while idle
+            if self.in_process and (self._pool is None or self._pool._broken):  # (a worker died while idle)
                 self.close()
-            if self.in_process and self._pool is None:
                 self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
                                                  mp_context=multiprocessing.get_context("spawn"))
             pool = self._pool
@@ -78,13 +83,13 @@ class RewardScorer:
             todo = [i for i in todo if lost and futs[i] not in late
                     and (futs[i].cancelled() or isinstance(futs[i].exception(), BrokenProcessPool))]
         bad = [f for f in futs.values() if f in late or f.exception() is not None]
-        if bad and pool is not None and pool is self._pool:  # a worker stuck in C code (no alarm reaches it), or
-            self.close()  # one that died: fresh ones (not a pool another group has started since)
         if bad:
+            if pool is not None and pool is self._pool:  # a worker stuck in C code (no alarm reaches it), or dead:
+                self.close()  # fresh ones (not a pool another group has started since)
             why = "timed out" if late else repr(bad[0].exception())
             log.warning("reward %r: %d of %d completions score 0 (%s; rollout.reward_timeout_s=%s)",
                         self.name, len(bad), len(calls), why, self.timeout_s)
-        return [0.0 if futs[i] in bad else float(futs[i].result()) for i in range(len(calls))]
+        return [0.0 if futs[i] in bad else self._float(futs[i].result()) for i in range(len(calls))]
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -95,9 +100,8 @@ class RewardScorer:
 
 
 class RewardThreads:
-    """Daemon threads that run user rewards, started as calls need them (at most `N_THREAD_SLOTS`) and reused: an
-    executor's threads are joined at interpreter exit, so one stuck for good would hold up exit, and a thread started a
-    call costs far more than a string compare."""
+    """Daemon threads for user rewards, started as needed (at most `N_THREAD_SLOTS`) and reused: an executor joins its
+    threads at exit, so one stuck for good would hold up exit."""
 
     _mine: Optional["RewardThreads"] = None
 
@@ -145,8 +149,7 @@ def math_answer(prompt: str, completion: str, answer: str, **_) -> float:
     expressions, \\boxed{}, fractions, sets; 0.5 == 1/2), not a regex on the last number."""
     from math_verify import parse, verify
 
-    # math-verify bounds its work with signal.alarm, which only the main thread may use (`RewardScorer` runs this
-    # on a worker's); elsewhere parsing runs without that bound
+    # math-verify's timeouts use signal.alarm: main thread only (a worker's, under `RewardScorer`)
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(str(answer) if str(answer).lstrip().startswith("$") else f"${answer}$", parsing_timeout=timeout)
     pred = parse(completion, parsing_timeout=timeout)

@@ -1,7 +1,5 @@
-"""Workflows: what one episode is. A workflow turns one dataset row into one `Group` of `Trajectory`s.
-
-Add one by subclassing `RolloutWorkflow` (one async method) and ``@register_workflow("name")``; select it with
-``rollout.workflow=name``. The controller never needs to change."""
+"""Workflows: one dataset row -> one `Group` of `Trajectory`s. Add one by subclassing `RolloutWorkflow` with
+``@register_workflow("name")``; select it with ``rollout.workflow=name``."""
 
 from __future__ import annotations
 
@@ -17,8 +15,7 @@ from areal_hpc.rollout.rewards import RewardScorer
 
 @dataclass
 class Trajectory:
-    """One prompt + one completion. ``logprobs``/``versions`` are per completion token: the
-    behaviour policy's logprob and the weight version that produced that token."""
+    """One prompt + one completion; per completion token, the behaviour policy's logprob and weight version."""
 
     prompt_ids: List[int]
     output_ids: List[int]
@@ -42,8 +39,8 @@ class Group:
     """The trajectories of one prompt (a GRPO group); the unit the controller counts."""
 
     trajectories: List[Trajectory]
-    submit_version: int = 0  # trainer weight version when the episode started
-    row_index: int = -1  # its row's index among those the controller took (`RolloutController.rows_state`)
+    submit_version: int = 0  # weight version when the episode started
+    row_index: int = -1  # among the rows the controller took (`RolloutController.rows_state`)
 
     @property
     def oldest_version(self) -> int:
@@ -90,8 +87,8 @@ class RLVRWorkflow(RolloutWorkflow):
             results = await client.generate_group(prompt_ids, self.n_samples, self.params)
         else:
             results = await asyncio.gather(*(client.generate(prompt_ids, self.params) for _ in range(self.n_samples)))
-        extras = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key, "prompt", "completion",
-                                                             "answer")}
+        own = (self.prompt_key, self.answer_key, "prompt", "completion", "answer")
+        extras = {k: v for k, v in row.items() if k not in own}
         prompt = self.prompts.prompt_text(row)
         texts = [self.tokenizer.decode(res.output_ids, skip_special_tokens=True) for res in results]
         rewards = await self.scorer.score(prompt, texts, row.get(self.answer_key, ""), extras)
