@@ -55,6 +55,27 @@ def test_batch_norm_and_none():
         compute_advantages(r, 3)
 
 
+def test_groups_of_any_size_travel_with_the_batch():
+    """A workflow may return more or fewer samples than rollout.n_samples: each group is normalised as itself, and a
+    rank's shard holds whole groups."""
+    from areal_hpc.config.schema import PPOConfig
+    from areal_hpc.rollout import Trajectory
+    from areal_hpc.train.batching import shard_batch
+    from areal_hpc.train.ppo_loss import PPOActor
+    from areal_hpc.trainers.ppo_trainer import trajectories_to_batch
+
+    def group(*rewards):
+        return [Trajectory([5, 6], [7], [-0.5], [0], float(r)) for r in rewards]
+
+    batch = trajectories_to_batch([group(1, 0, 0), group(1, 1, 0, 0, 0)])  # groups of n_samples=4 would mix them
+    actor = PPOActor(PPOConfig(adv_std_norm=False), engine=None, group_size=4)
+    close(actor.compute_advantages(batch)[:, -1], [2 / 3, -1 / 3, -1 / 3, 0.6, 0.6, -0.4, -0.4, -0.4])
+    shards = [shard_batch(batch, r, 2, group_size=4) for r in range(2)]
+    assert sorted(s["rewards"].tolist() for s in shards) == [[1, 0, 0], [1, 1, 0, 0, 0]]
+    close(compute_advantages(torch.tensor([1.0, 0, 0, 1]), 2, std_norm=False, groups=torch.tensor([3, 3, 3, 8])),
+          [2 / 3, -1 / 3, -1 / 3, 0])
+
+
 def test_kl_penalty_to_go():
     logp = torch.tensor([[0.0, -1.0, -2.0, -0.5, 0.0]])
     ref = torch.tensor([[0.0, -1.5, -1.0, -0.5, 0.0]])

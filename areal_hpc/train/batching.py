@@ -11,6 +11,7 @@ fewer add dummy ones whose loss weighs zero.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -67,30 +68,38 @@ def chunk_ranges(n_items: int, n_chunks: int) -> List[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _whole_groups(batch: Batch, group_size: int) -> int:
-    bs = batch_size(batch)
-    if bs % group_size:
-        raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
-    return bs // group_size
+def group_ranges(batch: Batch, group_size: int = 1) -> List[range]:
+    """The rows of each group: runs of one ``group`` id where the batch has that key, else ``group_size`` rows each."""
+    if "group" in batch:
+        sizes = torch.unique_consecutive(batch["group"], return_counts=True)[1].tolist()
+    else:
+        bs = batch_size(batch)
+        if bs % group_size:
+            raise ValueError(f"batch size {bs} is not a multiple of group size {group_size}")
+        sizes = [group_size] * (bs // group_size)
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _select_groups(batch: Batch, groups: Sequence[int], group_size: int) -> Batch:
-    return select(batch, [g * group_size + j for g in groups for j in range(group_size)])
+def _select_groups(batch: Batch, groups: Sequence[range]) -> Batch:
+    return select(batch, [i for g in groups for i in g])
 
 
 def split_batch(batch: Batch, n: int, group_size: int = 1) -> List[Batch]:
     """Split into ``n`` contiguous parts of whole groups (for PPO minibatches)."""
-    n_groups = _whole_groups(batch, group_size)
-    return [_select_groups(batch, r, group_size) for r in chunk_ranges(n_groups, max(1, min(n, n_groups)))]
+    groups = group_ranges(batch, group_size)
+    parts = chunk_ranges(len(groups), max(1, min(n, len(groups))))
+    return [_select_groups(batch, groups[r.start: r.stop]) for r in parts]
 
 
 def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1) -> Batch:
     """This rank's share of a batch every rank holds: whole groups, counts differing by at most one, dealt longest
     first to the rank with the fewest tokens (so ranks do not wait for each other), kept in batch order."""
-    ranges = chunk_ranges(_whole_groups(batch, group_size), world_size)
-    tokens = batch["attention_mask"].long().sum(dim=1).view(-1, group_size).sum(dim=1).tolist()
-    room = sorted((len(r) for r in ranges), reverse=True)  # how many groups each rank takes
-    return _select_groups(batch, sorted(deal_least_loaded(tokens, world_size, room)[rank]), group_size)
+    groups = group_ranges(batch, group_size)
+    cum = list(itertools.accumulate(batch["attention_mask"].long().sum(dim=1).tolist(), initial=0))
+    tokens = [cum[g.stop] - cum[g.start] for g in groups]
+    room = sorted((len(r) for r in chunk_ranges(len(groups), world_size)), reverse=True)  # groups each rank takes
+    return _select_groups(batch, [groups[g] for g in sorted(deal_least_loaded(tokens, world_size, room)[rank])])
 
 
 def deal_least_loaded(weights: Sequence[int], k: int, room: Sequence[int] | None = None) -> List[List[int]]:

@@ -26,32 +26,43 @@ from areal_hpc.train.engine import FSDPEngine, loss_token_count, masked_mean
 from areal_hpc.train.phases import PhaseTimer
 
 
-def _centre_and_scale(r: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, n: float, std_norm: bool,
+def _centre_and_scale(r: torch.Tensor, s: torch.Tensor, sq: torch.Tensor, n: torch.Tensor, std_norm: bool,
                       leave_one_out: bool, eps: float) -> torch.Tensor:
     """Normalise ``r`` by the sum ``s`` and the sum of squares ``sq`` of the ``n`` rewards of its set."""
-    adv = r - ((s - r) / (n - 1) if leave_one_out and n > 1 else s / n)
+    adv = r - (torch.where(n > 1, (s - r) / (n - 1).clamp(min=1), s / n) if leave_one_out else s / n)
     if std_norm:
-        var = ((sq - s * s / n) / max(n - 1.0, 1.0)).clamp(min=0.0)  # unbiased
+        var = ((sq - s * s / n) / (n - 1).clamp(min=1)).clamp(min=0.0)  # unbiased
         adv = adv / (var.sqrt() + eps)
     return adv
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "group", std_norm: bool = True,
-                       leave_one_out: bool = False, eps: float = 1e-6, global_batch: bool = False) -> torch.Tensor:
-    """Per-sample advantages from rewards ``[B]`` (a group's samples contiguous). ``norm``: subtract the "group"'s mean
-    (GRPO), the "batch"'s (over all ranks with ``global_batch``), or "none"; ``leave_one_out``: the other members' mean
-    (RLOO); ``std_norm``: divide by the unbiased std. A set of equal rewards gets exactly zero."""
+                       leave_one_out: bool = False, eps: float = 1e-6, global_batch: bool = False,
+                       groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample advantages from rewards ``[B]``. ``norm``: subtract the "group"'s mean (GRPO; a group is a run of one
+    id in ``groups``, else ``group_size`` samples), the "batch"'s (over all ranks with ``global_batch``), or "none";
+    ``leave_one_out``: the other members' mean (RLOO); ``std_norm``: divide by the unbiased std. A set of equal rewards
+    gets exactly zero."""
     r = rewards.double()
     if norm == "none":
         return r.float()
     if norm == "group":
-        if r.numel() % group_size:
-            raise ValueError(f"{r.numel()} rewards are not whole groups of {group_size}")
-        g = r.view(-1, group_size)
-        adv = _centre_and_scale(g, g.sum(-1, keepdim=True), (g * g).sum(-1, keepdim=True), float(group_size),
-                                std_norm, leave_one_out, eps)
-        flat = (g.amax(-1, keepdim=True) == g.amin(-1, keepdim=True)).expand_as(g)
-        return torch.where(flat, torch.zeros_like(adv), adv).reshape(-1).float()
+        if groups is None:
+            if r.numel() % group_size:
+                raise ValueError(f"{r.numel()} rewards are not whole groups of {group_size}")
+            groups = torch.arange(r.numel()) // group_size
+        if r.numel() == 0:
+            return r.float()
+        ids = torch.unique_consecutive(groups, return_inverse=True)[1]
+
+        def over_group(x: torch.Tensor, how: str) -> torch.Tensor:
+            """``x`` reduced over each sample's group, per sample."""
+            return r.new_zeros(int(ids.max()) + 1).scatter_reduce(0, ids, x, how, include_self=False)[ids]
+
+        n = over_group(torch.ones_like(r), "sum")
+        adv = _centre_and_scale(r, over_group(r, "sum"), over_group(r * r, "sum"), n, std_norm, leave_one_out, eps)
+        flat = over_group(r, "amax") == over_group(r, "amin")
+        return torch.where(flat, torch.zeros_like(adv), adv).float()
     sums = torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
     floor = r.new_full((1,), -torch.finfo(torch.float64).max)  # an empty shard's max
     extremes = torch.stack([torch.cat([floor, r]).max(), torch.cat([floor, -r]).max()])
@@ -60,8 +71,7 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "grou
         extremes = dist.all_reduce(extremes.to(dist.collective_device()), "max").cpu()
     if r.numel() == 0:
         return r.float()
-    s, sq, n = sums
-    adv = _centre_and_scale(r, s, sq, float(n), std_norm, leave_one_out, eps)
+    adv = _centre_and_scale(r, *sums, std_norm, leave_one_out, eps)
     if float(extremes[0]) == float(-extremes[1]):  # max == min: every reward equal
         adv = torch.zeros_like(adv)
     return adv.float()
@@ -136,7 +146,7 @@ class PPOActor:
         """Sets ``batch["advantages"]`` ``[B, L]`` (zero outside ``loss_mask``) and returns it."""
         cfg = self.config
         adv = compute_advantages(batch["rewards"].float(), self.group_size, cfg.adv_norm, cfg.adv_std_norm,
-                                 cfg.leave_one_out, global_batch=True)
+                                 cfg.leave_one_out, global_batch=True, groups=batch.get("group"))
         mask = batch["loss_mask"].float()
         tok = adv[:, None] * mask
         if cfg.kl_ctl > 0 and "ref_logp" in batch:

@@ -1,16 +1,9 @@
 """GRPO / decoupled PPO, synchronous or asynchronous (`trainer.ppo.async_training`).
 
-One step: batch from the controller -> recompute logprobs -> advantages -> PPO update -> weight update (pause, publish,
-servers load, continue, version + 1); the base loop adds metrics and checkpoints. Rank 0 drives the rollout side; every
-rank trains on its shard.
-
-Phases of a step (`train.phases`): ``wait_rollout`` (for the batch, and its hand-over to every rank), ``logprob``
-(proximal / reference logprobs), ``train``, ``weight_publish`` (to disk), ``weight_pause`` (servers paused and resumed),
-``weight_load`` (from disk) or ``weight_broadcast``, ``metrics`` and ``checkpoint`` (of the previous step), ``other``.
-
-Disk updates keep only the gather to host memory (``weight_publish``) in the step: the write, load and prune run beside
-the next step (`RolloutSide.update_weights_later`), which waits for them before its own update (``weight_wait``) and
-reports their phases as ``bg_phase/*``."""
+A step: batch from the controller -> proximal logprobs -> advantages -> PPO update -> weight update (servers paused,
+weights published or broadcast, loaded, resumed; version + 1). Rank 0 drives the rollout side; every rank trains on its
+shard. A disk update keeps only the gather (``weight_publish``) in the step: the write, load and prune run beside the
+next step (`RolloutSide.update_weights_later`), reported as ``bg_phase/*``."""
 
 from __future__ import annotations
 
@@ -29,8 +22,10 @@ from areal_hpc.trainers.factory import register_trainer
 from areal_hpc.trainers.rollout_side import rollout_side
 
 
-def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str, torch.Tensor]:
-    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions; ``rewards [B]``."""
+def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions; ``rewards [B]`` and
+    ``group [B]``, each sample's group (of any size: a workflow may return more or fewer than ``n_samples``)."""
+    trajs = [t for g in groups for t in g]
     L = max(t.n_tokens for t in trajs)
     ids, attn, loss, logp, vers = [], [], [], [], []
     for t in trajs:
@@ -44,7 +39,8 @@ def trajectories_to_batch(trajs: List[Trajectory], pad_id: int = 0) -> Dict[str,
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(attn),
             "loss_mask": torch.tensor(loss), "logprobs": torch.tensor(logp, dtype=torch.float32),
             "versions": torch.tensor(vers, dtype=torch.long),
-            "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32)}
+            "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32),
+            "group": torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)}
 
 
 def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
@@ -62,6 +58,7 @@ def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
 @register_trainer("ppo")
 class PPOTrainer(Trainer):
     side = None  # until `start` makes it
+    on_disk = None  # the weight version last published to disk
 
     def setup(self):
         cfg = self.cfg
@@ -76,27 +73,25 @@ class PPOTrainer(Trainer):
         if self.side is None:
             return False
         self.side.start()
-        # The trainer owns the weights: push them before generating (the update starts generation), however it
-        # started. Servers may hold another trainer's, or refuse all requests after a failed broadcast (which left
-        # their version as it was).
+        # The trainer owns the weights: push them before generating (the update starts generation). Servers may hold
+        # another trainer's, or refuse all requests after a failed broadcast.
         self._push_weights(version, checkpoint=False)
         self.side.wait_update()
         return True
 
     def train_step(self, step: int):
         with self.phases.phase("wait_rollout"):
-            trajs = self.side.next_batch(self.engine.get_version())
-        if trajs is None:  # a stop request while waiting, or the prompts are used up (trainer.total_train_epochs)
+            groups = self.side.next_batch(self.engine.get_version())
+        if groups is None:  # a stop request while waiting, or the prompts are used up (trainer.total_train_epochs)
             return None
-        batch = shard_batch(trajectories_to_batch(trajs, self.engine.pad_token_id), dist.rank(), dist.world_size(),
-                            self.cfg.rollout.n_samples)
+        batch = shard_batch(trajectories_to_batch(groups, self.engine.pad_token_id), dist.rank(), dist.world_size())
         with self.phases.phase("train", device=True):
             stats = self.train_on(self.actor, batch)
         version = self.engine.get_version() + 1
         self.engine.set_version(version)
         freq = self.cfg.saver.freq_steps
         upd = self._push_weights(version, checkpoint=bool(freq) and step % freq == 0)
-        return {**batch_stats(trajs, version - 1), **stats, **upd, **self.side.stats()}
+        return {**batch_stats([t for g in groups for t in g], version - 1), **stats, **upd, **self.side.stats()}
 
     def train_on(self, actor: PPOActor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """One training step on this rank's shard of a rollout batch. Override to change the learning rule and keep
@@ -105,6 +100,12 @@ class PPOTrainer(Trainer):
 
     def checkpoint_extra(self) -> Dict[str, Any]:
         return {"loader": self.side.loader_state()}
+
+    def finish(self, step: int) -> None:
+        """A broadcast leaves the final weights on disk too (a disk update has written them already)."""
+        version = self.engine.get_version()
+        if self.cfg.trainer.ppo.weight_update != "disk" and self.on_disk != version:
+            publish_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path, self.ctx.registry)
 
     def close(self) -> None:
         if self.side is not None:
@@ -124,6 +125,7 @@ class PPOTrainer(Trainer):
                     path = publish_weights(self.engine, self.ctx.weights_dir, version, self.engine.model_path,
                                            self.ctx.registry)
                     side.prune_weights(version)
+                self.on_disk = version
             return side.update_weights_broadcast(lambda g, cb: broadcast_engine_weights(self.engine, g, cb),
                                                  version, timer, disk_path=str(path) if external else None)
         with timer.phase("weight_wait"):

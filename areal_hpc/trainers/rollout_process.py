@@ -53,7 +53,7 @@ class BackgroundUpdates:
         self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
         self._update: Optional[concurrent.futures.Future] = None  # the update in flight
 
-    def next_batch(self, version: int) -> Optional[List[Trajectory]]:
+    def next_batch(self, version: int) -> Optional[List[List[Trajectory]]]:
         """The next batch for a trainer at ``version``, on every rank (`FollowerSide` receives it); None if a stop is
         requested while waiting (the servers may be gone for good: a stopped run must not hang here). Stalled or
         failing rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise on every rank (`share`)."""
@@ -124,7 +124,7 @@ class RolloutProcess(BackgroundUpdates):
     def loader_state(self) -> Dict[str, Any]:
         return self._call(self._calls, "loader_state")
 
-    def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
+    def next_trajectories(self, version: int) -> Optional[List[List[Trajectory]]]:
         trajs, self._stats = self._call(self._calls, "next_trajectories", version)
         return trajs
 

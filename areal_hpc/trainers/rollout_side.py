@@ -149,13 +149,14 @@ class RolloutSide(BackgroundUpdates):
     def stop_rest(self) -> None:
         self.controller.stop()
 
-    def next_trajectories(self, version: int) -> Optional[List[Trajectory]]:
-        """`next_batch` on this rank alone; None once the prompts of ``trainer.total_train_epochs`` are used up."""
+    def next_trajectories(self, version: int) -> Optional[List[List[Trajectory]]]:
+        """`next_batch` on this rank alone, each group's trajectories; None once the prompts of
+        ``trainer.total_train_epochs`` are used up."""
         r = self.ctx.cfg.rollout
         self.controller.set_trainer_version(version)
         groups = self.controller.next_batch(should_stop=self.should_stop, drop_timeout_s=r.drop_timeout_s,
                                             stall_timeout_s=r.stall_timeout_s)
-        return None if groups is None else [t for g in groups for t in g.trajectories]
+        return None if groups is None else [g.trajectories for g in groups]
 
     def stats(self) -> Dict[str, float]:
         return {"dropped_stale": self.controller.stats["dropped_stale"]}
