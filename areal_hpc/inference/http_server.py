@@ -132,7 +132,7 @@ class EngineServer:
         body = await read_json(request)
         req = await read_generate(body, self.tokenizer, self.runner.vocab_size, self.runner.context_length)
         seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(req.prompts, req.params, req.rids)]
-        if body.get("stream"):
+        if json_bool(body, "stream"):
             return await self._stream(request, seqs, req)
         await self._complete(seqs)
         failed = next((s.finish_reason for s in seqs if (s.finish_reason or {}).get("status_code")), None)
