@@ -628,6 +628,8 @@ def test_a_control_flag_must_be_a_json_boolean(engine):
             assert status == 400 and "abort_all must be true or false" in msg
             status, msg = await post("/update_weight_version", {"new_version": "7", "abort_all_requests": "no"})
             assert status == 400 and "abort_all_requests must be true or false" in msg
+            status, msg = await post("/generate", {"input_ids": [1], "stream": "false"})
+            assert status == 400 and "stream must be true or false" in msg
 
     asyncio.run(go())
     assert not seq.finished and engine.weight_version == "0"

@@ -132,7 +132,7 @@ class EngineServer:
         body = await read_json(request)
         req = await read_generate(body, self.tokenizer, self.runner.vocab_size, self.runner.context_length)
         seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(req.prompts, req.params, req.rids)]
-        if body.get("stream"):
+        if json_bool(body, "stream"):
             return await self._stream(request, seqs, req)
         await self._complete(seqs)
         failed = next((s.finish_reason for s in seqs if (s.finish_reason or {}).get("status_code")), None)
@@ -343,7 +343,7 @@ class EngineServer:
 
     async def _destroy(self, pg: Any) -> None:
         """On the engine thread, after the broadcasts queued there (destroyed under one, an NCCL group aborts it part
-        way and tears the model). Waiting, not refusing: SGLang's scheduler runs these requests in order too."""
+        way and tears the model), as SGLang's scheduler runs these requests in order."""
         await self._on_loop(lambda: dist.destroy_process_group(pg))
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
@@ -377,8 +377,7 @@ class EngineServer:
                 log.error("%s; group %s is dropped", why, group)
                 raise
             self.engine.renew((name, shape) for name, _, shape in specs)
-            # none given keeps the version, as in SGLang: an update comes in many buckets, and the next number for
-            # each made the version of a client that sends none jump by their count at every update
+            # none given keeps the version, as in SGLang: one update comes in many buckets
             self.engine.set_version(self.engine.weight_version if version is None else version, abort)
 
         try:

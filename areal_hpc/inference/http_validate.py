@@ -167,7 +167,7 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     skip_special = shared("skip_special_tokens", lambda sp: sp.get("skip_special_tokens", True) is not False)
     keep_stop = shared("no_stop_trim", lambda sp: bool(sp.get("no_stop_trim")))
     logprob_tok = None
-    if body.get("return_text_in_logprobs"):
+    if json_bool(body, "return_text_in_logprobs"):
         logprob_tok = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; this server's model has none")
     prompts = [_check_prompt(p, vocab, context_length) for p in prompts]
     if n * len(prompts) > MAX_SEQUENCES:  # each is a Sequence built on the server's event loop
@@ -180,7 +180,7 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     return_logprob = body.get("return_logprob", False)
     return GenerateRequest(prompts, params, rids, batch, tok, logprob_tok,
                            any(return_logprob) if isinstance(return_logprob, list) else bool(return_logprob),
-                           bool(body.get("return_prompt_token_ids")), interval, skip_special, keep_stop)
+                           json_bool(body, "return_prompt_token_ids"), interval, skip_special, keep_stop)
 
 
 def engine_sampling_params(d: Any) -> SamplingParams:

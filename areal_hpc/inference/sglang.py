@@ -98,10 +98,8 @@ def write_key_config(path: str | os.PathLike, api_key: str) -> str:
 
 
 def base_gpu_and_env(gpus: Sequence[int], env: Optional[Mapping[str, str]] = None) -> tuple[int, Dict[str, str]]:
-    """``--base-gpu-id`` and extra environment for a server given its GPU ids.
-
-    With ``CUDA_VISIBLE_DEVICES`` already set (Slurm's ``--gpus-per-task``), the visible devices are this server's: base
-    0. Otherwise contiguous ids start at their minimum, and scattered ids are made visible explicitly (base 0)."""
+    """``--base-gpu-id`` and extra environment for a server on ``gpus``: base 0 where ``CUDA_VISIBLE_DEVICES`` is set
+    (Slurm's ``--gpus-per-task``) or scattered ids are made visible; else the first of contiguous ids."""
     env = os.environ if env is None else env
     if env.get("CUDA_VISIBLE_DEVICES") or not gpus:
         return 0, {}
