@@ -1,9 +1,5 @@
-"""`areal-hpc serve` / `areal-hpc train`: what every launcher starts on a compute node.
-
-Both read the run's resolved config.yaml and plan.json (so compute nodes need neither the user's
-YAML nor simple-parsing), set up logging to stdout (the launcher sends it to {run}/logs/), and
-hand over to `inference` or `trainers`.
-"""
+"""`areal-hpc serve` / `areal-hpc train`, what every launcher starts on a compute node: from the run's resolved
+config.yaml (no user YAML, no simple-parsing there), logging to stdout (the launcher's {run}/logs/)."""
 
 from __future__ import annotations
 
@@ -40,7 +36,7 @@ def visible_gpus() -> List[int]:
 
 
 def slurm_placement() -> str:
-    """`` node=n2 step=123.4 SLURM_STEP_GPUS=1 CUDA_VISIBLE_DEVICES=1`` under srun (else ""): where Slurm put us."""
+    """`` node=n2 step=123.4 SLURM_STEP_GPUS=1 CUDA_VISIBLE_DEVICES=1`` under srun, else ""."""
     if "SLURM_STEP_ID" not in os.environ:
         return ""
     return (f" node={os.environ.get('SLURMD_NODENAME', '?')} step={os.environ.get('SLURM_JOB_ID', '?')}."
@@ -52,8 +48,8 @@ def slurm_placement() -> str:
 os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
 
 LAUNCHER_PID_ENV = "AREAL_HPC_LAUNCHER_PID"
-# What a launcher sets per rank (torchrun's agent; srun, through `_master_from_slurm`): values inherited from the
-# submitting shell (sbatch exports it) must not reach the ranks, where they would win over the launcher's own.
+# What a launcher sets per rank (torchrun's agent; srun, through `_master_from_slurm`): the submitting shell's must not
+# reach the ranks, where they would win.
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 # looked up once: what runs between fork and exec (`preexec_fn`) must not load libraries
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
@@ -66,8 +62,8 @@ def set_parent_death_signal(sig: int) -> None:
 
 
 def stop_with_launcher() -> None:
-    """mode=local: get SIGTERM (the graceful stop) when the `submit` that started us dies, even by SIGKILL, instead of
-    running on as an orphan. A no-op under Slurm (where the launcher's pid is not set: slurmstepd cleans up a step)."""
+    """Get SIGTERM (the graceful stop) when the local launcher that started us dies, even by SIGKILL (under Slurm,
+    which sets no launcher pid, slurmstepd cleans up)."""
     parent = os.environ.get(LAUNCHER_PID_ENV)
     if not parent or _PRCTL is None:
         return
@@ -92,16 +88,16 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external
     gen = parse_allocation(cfg.allocation_mode).gen or ParallelSpec("hf")  # a run without servers: one by hand
     backend = backend or gen.backend
     model = toy.resolve_model(cfg.server.model_path or actor_path(cfg))
-    span: Dict[str, object] = {}
+    options: Dict[str, object] = {"external": True} if external else {}
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # a server across nodes (multi_node_tp): a task a node
         addr, port = step_rendezvous()
-        span = {"nnodes": int(os.environ["SLURM_STEP_NUM_TASKS"]), "node_rank": int(os.environ["SLURM_PROCID"]),
-                "dist_init_addr": f"{addr}:{port}"}
-    logging.getLogger(__name__).info("server %s on %s, gpus=%s%s", server_id, socket.gethostname(), visible_gpus(),
+        options.update(nnodes=int(os.environ["SLURM_STEP_NUM_TASKS"]), node_rank=int(os.environ["SLURM_PROCID"]),
+                    dist_init_addr=f"{addr}:{port}")
+    gpus = visible_gpus()
+    logging.getLogger(__name__).info("server %s on %s, gpus=%s%s", server_id, socket.gethostname(), gpus,
                                      slurm_placement())
     return run_server(run_dir=run_dir, cfg=cfg.server, model_path=model, launcher=cfg.launcher,
-                      server_id=server_id, backend=backend, gpus=visible_gpus(), tp_size=gen.tp, pp_size=gen.pp,
-                      **span, **({"external": True} if external else {}))
+                      server_id=server_id, backend=backend, gpus=gpus, tp_size=gen.tp, pp_size=gen.pp, **options)
 
 
 def train(run_dir: Path) -> int:
@@ -125,17 +121,15 @@ def train(run_dir: Path) -> int:
     try:
         return make_trainer(ctx).run()
     finally:
-        # Process groups left alive at interpreter exit can abort the process there ("terminate
-        # called without an active exception", SIGABRT) after the work is done.
+        # process groups left at interpreter exit can abort it (SIGABRT) after the work is done
         from areal_hpc.train import dist
 
         dist.destroy()
 
 
 def step_rendezvous() -> Tuple[str, int]:
-    """Under srun, an address every task of the step derives alike: the step's first node and the step's first port
-    Slurm reserved (``SLURM_STEP_RESV_PORTS``, where MpiParams=ports is set: no other job holds it), else a port from
-    the job and step ids (different for concurrent steps of a job)."""
+    """Under srun, an address every task of the step derives alike: the step's first node, and the first port Slurm
+    reserved for it (``SLURM_STEP_RESV_PORTS``, with MpiParams=ports), else one from the job and step ids."""
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     node = (slurm.hostnames(nodes) or ["localhost"])[0]
     # Fake multi-node clusters share one host: resolve the node name, fall back to its NodeAddr.

@@ -1,10 +1,6 @@
-"""How a run ended, told the same way by every launcher: state, reason, where to look, exit code.
-
-The run's owner records them in the registry's ``run.json``; `status` reads them back. States: ``PENDING`` (no owner
-yet), ``RUNNING``, ``REQUEUED`` (time limit or preemption: checkpointed, waits to run again), and the final ones
-``COMPLETED`` (the trainer reached its goal), ``FAILED`` (the reason is the error line of the failing log), ``STOPPED``
-(`areal-hpc stop`, Ctrl-C: checkpointed, resumable).
-"""
+"""How a run ended, told alike by every launcher (in ``run.json``; `status` reads it): state, reason, log, exit code.
+States: ``PENDING`` (no owner yet), ``RUNNING``, ``REQUEUED`` (checkpointed, waits to run again), and the final
+``COMPLETED``, ``FAILED`` (the reason: the failing log's error line), ``STOPPED`` (checkpointed, resumable)."""
 
 from __future__ import annotations
 
@@ -36,15 +32,14 @@ def exit_code(state: Optional[str]) -> int:
 
 
 def describe_exit(rc: int) -> str:
-    """``exited with 1``, ``killed by SIGKILL`` (a negative Popen code, or srun's 128+N)."""
-    if rc < 0 or rc > 128:
-        num = -rc if rc < 0 else rc - 128
-        try:
-            name = signal.Signals(num).name
-        except ValueError:
-            return f"exited with {rc}"
-        return f"killed by {name}" if rc < 0 else f"exited with {rc} ({name}?)"
-    return f"exited with {rc}"
+    """``exited with 1``, ``killed by SIGKILL`` (a negative Popen code), ``exited with 137 (SIGKILL?)`` (srun's 128+N)."""
+    if 0 <= rc <= 128:
+        return f"exited with {rc}"
+    try:
+        name = signal.Signals(-rc if rc < 0 else rc - 128).name
+    except ValueError:
+        return f"exited with {rc}"
+    return f"killed by {name}" if rc < 0 else f"exited with {rc} ({name}?)"
 
 
 def log_files(pattern: str) -> list:
@@ -64,8 +59,8 @@ def log_sizes(pattern: str) -> Dict[str, int]:
 
 
 def _error_in(path: str, offset: int) -> Optional[str]:
-    """The last error line written to ``path`` after ``offset``: a traceback's exception line if
-    there is one, else the last line saying ERROR/error:, else None."""
+    """The last error line written to ``path`` after ``offset``: a traceback's exception line, else the last line
+    saying ERROR/error:, else None."""
     try:
         size = os.path.getsize(path)
         start = max(offset if offset <= size else 0, size - _TAIL_BYTES)
@@ -83,8 +78,8 @@ def _error_in(path: str, offset: int) -> Optional[str]:
 
 
 def error_line(pattern: str, offsets: Optional[Dict[str, int]] = None) -> Tuple[Optional[str], Optional[str]]:
-    """(error line, log file) of a failed step, from each rank's log past ``offsets`` (what came before is an earlier
-    attempt's); (None, first log) when no log holds one (e.g. the process was SIGKILLed)."""
+    """(error line, log file) of a failed step, from each rank's log past ``offsets`` (an earlier attempt's); (None,
+    first log) when no log holds one (e.g. SIGKILLed)."""
     files = log_files(pattern)
     for p in files:
         line = _error_in(p, (offsets or {}).get(p, 0))
@@ -124,7 +119,5 @@ def latest_checkpoint_step(checkpoint_dir: Path) -> int:
 
 def summary_line(rec: Dict[str, object]) -> str:
     """``FAILED: trainer exited with 1: KeyError: 'prompt' (see /run/logs/trainer-0.log)``."""
-    state = str(rec.get("state") or "?")
-    reason = rec.get("reason")
-    where = rec.get("log")
+    state, reason, where = str(rec.get("state") or "?"), rec.get("reason"), rec.get("log")
     return state + (f": {reason}" if reason else "") + (f" (see {where})" if where and state == FAILED else "")

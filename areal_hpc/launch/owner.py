@@ -130,7 +130,7 @@ class RunOwner:
         if step.role != "server":  # progress is past the checkpoint it resumes from
             resume = 0 if self.cfg.recover.mode == "disabled" else \
                 outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
-            self._attempt = {"t0": time.time(), "from_step": resume, "first_step": None, "progressed": False}
+            self._attempt = {"t0": time.time(), "from_step": resume, "progressed": False}
         h = self.runner.start(step, list(self._handles().values()))
         self._log_offsets[step.name] = offsets
         if step.role == "server":
@@ -201,9 +201,7 @@ class RunOwner:
             return
         step = (self.registry.get("", "trainer") or {}).get("step")
         if isinstance(step, int):
-            if a["first_step"] is None:
-                a["first_step"] = step
-            a["progressed"] = step > a["first_step"]
+            a["progressed"] = step > a.setdefault("first_step", step)
 
     def _progressed(self) -> bool:
         """Did the trainer that just ended complete a step (its record moved, or a metrics row past its resume step)?"""
@@ -221,12 +219,12 @@ class RunOwner:
         """Note how the trainer ended; restart it when allowed. True if a new trainer was started."""
         self.trainer_rc = rc
         log.info("trainer %s", outcome.describe_exit(rc))
-        if rc == outcome.TRAINER_STOPPED and not self.stopping:  # a signal from outside areal-hpc (kill, scancel)
-            self.trainer_end = (outcome.STOPPED, "the trainer was stopped by a signal from outside areal-hpc"
-                                + self._where_stopped(), None)
         if rc in (0, outcome.TRAINER_STOPPED):
             if rc == 0 and not self.stopping:
                 self.trainer_end, self.early_failures = (outcome.COMPLETED, None, None), 0
+            elif not self.stopping:  # a signal from outside areal-hpc (kill, scancel)
+                self.trainer_end = (outcome.STOPPED, "the trainer was stopped by a signal from outside areal-hpc"
+                                    + self._where_stopped(), None)
             return False
         self.registry.delete("", "trainer")  # a killed trainer's record would block a restart until its TTL
         reason, path = self._failure(self.trainer, rc)

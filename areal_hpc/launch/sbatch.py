@@ -1,8 +1,5 @@
-"""Render the sbatch templates with a resolved config and plan (pure functions, no Slurm).
-
-The templates are package data, `areal_hpc/launch/templates/*.sbatch` (a source checkout's
-top-level `sbatch/` is a symlink to that directory), so an installed wheel has them too.
-"""
+"""Render the sbatch templates, package data in `templates/` (`sbatch/` of a checkout links there), with a resolved
+config and plan (no Slurm)."""
 
 from __future__ import annotations
 
@@ -63,10 +60,8 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
 
 
 def sbatch_options(args: Sequence[str]) -> Dict[str, Union[str, bool]]:
-    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options only, as
-    `validate` checked) -> sbatch options, as the rendered script and submitit both get them."""
-    # an entry may start with "#SBATCH" (pasted from a script; sbatch ignores "#SBATCH #SBATCH ..."): only a word
-    # left without it can be a value
+    """``cluster.sbatch_args`` (``--exclusive``, ``--reservation=x``, ``--reservation x``; long options, as `validate`
+    checked, an entry maybe pasted with its "#SBATCH") -> sbatch options."""
     words = [str(a).strip().removeprefix("#SBATCH").strip() for a in args]
     out: Dict[str, Union[str, bool]] = {}
     i = 0
@@ -81,8 +76,7 @@ def sbatch_options(args: Sequence[str]) -> Dict[str, Union[str, bool]]:
 
 
 def _one_line(key: str, text: str) -> str:
-    """Guard: a value rendered into a script is one line (config validation refuses control
-    characters; this holds for configs that never went through it, e.g. an edited config.yaml)."""
+    """A value rendered into a script is one line (also for a config that skipped validation: an edited config.yaml)."""
     if "\n" in text or "\r" in text:
         raise ConfigError(key, f"{text!r} has a line break and would inject a line into the job script",
                           "give one line of printable text")
@@ -100,8 +94,8 @@ def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig,
 
 def render(template: str, cfg: ExperimentConfig, plan: Plan,
            command: Optional[Callable[[StepSpec], List[str]]] = None) -> str:
-    """Fill the packaged ``template`` (e.g. ``allocation.sbatch``) with the plan's steps. ``command`` may
-    replace each step's command (tests use it to run probes in the exact step shapes of a real run)."""
+    """Fill the packaged ``template`` with the plan's steps; ``command`` replaces each step's command (tests run probes
+    in the exact step shapes of a real run)."""
     text = template_text(template)
     servers = "\n".join(f"{_step_line(s, plan, cfg, command)} &\nSERVER_PIDS+=($!)" for s in plan.servers)
     trainer = _step_line(plan.trainer, plan, cfg, command) if plan.trainer else "true  # no trainer"

@@ -1,5 +1,5 @@
-"""Every Slurm command the package runs: queries (one job-state query), sbatch, scancel,
-scontrol, and the ``srun`` line of a job step. No other module runs a Slurm binary."""
+"""Every Slurm command the package runs (queries, sbatch, scancel, scontrol, a step's ``srun`` line); no other
+module runs a Slurm binary."""
 
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def state_word(state: Optional[str]) -> str:
 
 
 def job(job_id: str) -> Dict[str, str]:
-    """A job's ``state`` and ``nodes``: scontrol while slurmctld remembers it (MinJobAge), else
-    sacct; {} when neither knows it."""
+    """A job's ``state`` and ``nodes``: scontrol while slurmctld remembers it (MinJobAge), else sacct; {} if unknown."""
     r = _run(["scontrol", "show", "job", "-o", str(job_id)])
     fields = dict(w.split("=", 1) for w in r.stdout.split() if "=" in w) if r and r.returncode == 0 else {}
     if "JobState" in fields:
@@ -98,8 +97,8 @@ def node_addr(node: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def clean_env() -> Iterator[None]:
-    """submitit's `clean_env` (no SLURM_*/SUBMITIT_* of an enclosing job leaks into a new job), but
-    keeping SLURM_CONF: it says which cluster to talk to, not what the enclosing job was."""
+    """submitit's `clean_env` (no SLURM_*/SUBMITIT_* of an enclosing job leaks into a new one), keeping SLURM_CONF:
+    it says which cluster to talk to."""
     import submitit  # not on compute nodes' paths: the steps never submit
 
     conf = os.environ.get("SLURM_CONF")
@@ -134,8 +133,8 @@ def parse_counts(text: str) -> List[int]:
 
 
 def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optional[str] = None) -> List[str]:
-    """The ``srun`` line of one step, sized exactly (``--exact``, explicit ``--gres``) so that concurrent steps never
-    wait on each other or share a GPU. Its log is appended to: srun would truncate a requeued step's earlier output."""
+    """The ``srun`` line of one step, sized exactly (``--exact``, explicit ``--gres``): concurrent steps never wait on
+    each other or share a GPU. Its log is appended to (a requeued step's earlier output stays)."""
     argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
             f"--ntasks-per-node={step.ntasks_per_node}", "--exact",
             f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]

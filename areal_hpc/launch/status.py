@@ -59,15 +59,12 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
             return mine
         if not js:
             return {**mine, "state": rec_state or "UNKNOWN"}
-        if js == "CANCELLED":
-            return {"state": outcome.STOPPED, "reason": f"job {run.get('job_id')} was cancelled (scancel) before its "
-                    "driver recorded how the run ended", "log": slurm_out}
-        why = {"TIMEOUT": "hit its time limit (cluster.time)", "OUT_OF_MEMORY": "ran out of memory",
-               "NODE_FAIL": "lost a node"}.get(js, f"ended {js}")
-        return {"state": outcome.FAILED, "reason": f"job {run.get('job_id')} {why} before its driver recorded how "
-                "the run ended", "log": slurm_out}
+        why = {"CANCELLED": "was cancelled (scancel)", "TIMEOUT": "hit its time limit (cluster.time)",
+               "OUT_OF_MEMORY": "ran out of memory", "NODE_FAIL": "lost a node"}.get(js, f"ended {js}")
+        return {"state": outcome.STOPPED if js == "CANCELLED" else outcome.FAILED, "log": slurm_out,
+                "reason": f"job {run.get('job_id')} {why} before its driver recorded how the run ended"}
     if not run:
-        return {"state": None, "reason": None, "log": None}
+        return mine  # all None
     if owner_alive:
         return {**mine, "state": outcome.RUNNING}
     if rec_state in outcome.FINAL:

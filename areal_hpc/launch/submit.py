@@ -19,8 +19,8 @@ from areal_hpc.registry import Registry, atomic_write
 
 
 def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
-    """An existing run dir written with another `cluster.group_readable`: bring what it holds
-    to the modes a new one would have (the registry stays private either way)."""
+    """An existing run dir written with another `cluster.group_readable` gets the modes a new one would have (the
+    registry stays private)."""
     mask = run_umask(cfg)
     want = 0o777 & ~mask
     if rd.stat().st_mode & 0o777 == want:
@@ -34,8 +34,8 @@ def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
 
 
 def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "RunDirSnapshot":
-    """config.yaml (resolved), plan.json and the rendered sbatch scripts; all atomically. New directories and files get
-    the run's umask (private unless cluster.group_readable). Returns what was there before."""
+    """config.yaml (resolved), plan.json and the rendered sbatch script, atomically, with the run's umask; returns
+    what was there before."""
     files = {"config.yaml": dump_yaml(cfg), "plan.json": plan.to_json(),
              "sbatch/allocation.sbatch": render("allocation.sbatch", cfg, plan)}
     snapshot = RunDirSnapshot(rd, list(files))
@@ -50,9 +50,8 @@ def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "RunDirSnapsho
 
 
 class RunDirSnapshot:
-    """What `write_run_dir` is about to change, so that a submission Slurm rejects leaves nothing
-    behind that looks as if it ran: a new run dir (and the {user}/{experiment} dirs made for it) is
-    removed; an existing one gets its files back and loses what the attempt added."""
+    """What `write_run_dir` is about to change, so that a submission Slurm rejects leaves nothing that looks as if it
+    ran: a new run dir (and its new parents) is removed; an existing one gets its files back."""
 
     def __init__(self, rd: Path, names: List[str]):
         self.rd = rd
@@ -113,8 +112,8 @@ def check_trainer_type(cfg: ExperimentConfig) -> None:
 
 
 def _still_owned(rd: Path, reg: Registry) -> Optional[str]:
-    """Why the run has an owner already, or one to come (its Slurm job queued or running), before any trainer has
-    registered: a second submit would start a second owner on the run dir, and the run record forget the first job."""
+    """Why the run has an owner, or one to come (its job queued), before a trainer registered: a second submit would
+    start a second owner on the run dir."""
     run = reg.get("", "run", live_only=False) or {}
     if run.get("state") in outcome.FINAL:
         return None
