@@ -265,7 +265,7 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
 def _parse_scalars(argv: List[str], base: ExperimentConfig) -> ExperimentConfig:
     """``--a.b=c`` words for scalar fields, each converted by its field's type, over ``base`` (passed as the dataclass
     default, so its nulls, lists and mappings stay as they are)."""
-    from simple_parsing import ArgumentParser
+    from simple_parsing import ArgumentParser  # imported here: compute nodes (load_resolved) need only PyYAML
     from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
     class _Parser(ArgumentParser):
