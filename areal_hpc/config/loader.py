@@ -179,8 +179,7 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
 
 def from_dict(cls, data: Dict[str, Any], base=None, source: str = "", strict: bool = True, prefix: str = ""):
     """The one deserializer: ``base`` (default ``cls()``) with the nested mapping ``data`` applied, every value checked
-    against its declared type (null only where Optional; a null section keeps its defaults). An unknown key is an error
-    with a "did you mean", or ignored with ``strict=False``."""
+    against its declared type. An unknown key is an error with a "did you mean", or ignored with ``strict=False``."""
     obj = copy.deepcopy(base) if base is not None else cls()
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
@@ -266,7 +265,7 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
 def _parse_scalars(argv: List[str], base: ExperimentConfig) -> ExperimentConfig:
     """``--a.b=c`` words for scalar fields, each converted by its field's type, over ``base`` (passed as the dataclass
     default, so its nulls, lists and mappings stay as they are)."""
-    from simple_parsing import ArgumentParser
+    from simple_parsing import ArgumentParser  # imported here: compute nodes (load_resolved) need only PyYAML
     from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
     class _Parser(ArgumentParser):
@@ -302,8 +301,7 @@ def _nest(data: Dict[str, Any], key: str, value: Any) -> None:
 
 
 def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentConfig:
-    """defaults < YAML file < overrides, every key checked. ``words`` are the command line's config words
-    (`split_words`); they may name the file instead of ``config_file``. Raises ConfigError."""
+    """defaults < YAML file < overrides (the command line's config words, which may name the file instead)."""
     if config_file:
         words = [f"--config={config_file}", *words]
     config_file, pairs = split_words(words)

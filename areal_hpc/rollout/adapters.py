@@ -41,9 +41,8 @@ _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 @register_adapter("gsm8k")
 def gsm8k(row: Dict[str, Any]) -> Dict[str, Any]:
-    """``{question, answer: "...reasoning...\\n#### 42"}`` -> prompt: the question and an instruction to box the final
-    answer; answer: ``"42"`` (after ``####``, thousands separators and a trailing period dropped); the worked solution
-    kept as ``solution``."""
+    """``{question, answer: "...\\n#### 42"}`` -> the question with an instruction to box the final answer, answer
+    ``"42"`` (thousands separators and a trailing period dropped), the worked solution as ``solution``."""
     question, solution = row.pop("question"), row.pop("answer")
     m = _GSM8K_FINAL.search(str(solution))
     if not m:

@@ -19,14 +19,13 @@ EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be read as configured; ``field`` (``path``, ``name``, ``split``) is at fault.
-    Rebuilt from its fields when pickled, like `ConfigError`."""
+    """A dataset that cannot be read as configured; ``field`` (``path``, ``name``, ``split``) is at fault."""
 
     def __init__(self, field: str, message: str, hint: Optional[str] = None):
         self.field, self.message, self.hint = field, message, hint
         super().__init__(f"{message} ({hint})" if hint else message)
 
-    def __reduce__(self):
+    def __reduce__(self):  # a child process's error reaches its parent intact
         return type(self), (self.field, self.message, self.hint)
 
 

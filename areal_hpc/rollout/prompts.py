@@ -7,6 +7,7 @@ row with only messages is an error (roles cannot be flattened faithfully without
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,9 @@ def stop_token_ids(tokenizer, chat_template: str = "auto") -> List[int]:
     list) and, when the chat template is in use, its end-of-turn token."""
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer) if chat_template != "none" else None}
     model_dir = getattr(tokenizer, "name_or_path", None) or None  # ("": built in memory, not the working directory)
-    try:  # no directory, no file, no key, null: none from there
+    with contextlib.suppress(TypeError, OSError, ValueError, KeyError):  # no directory, file or key, null: none
         eos = json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"]
         ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
-    except (TypeError, OSError, ValueError, KeyError):
-        pass
     return sorted(int(i) for i in ids - {None})
 
 
