@@ -1,13 +1,8 @@
 """A rollout batch turned into what each rank trains on: its shard, then micro-batches by token budget.
 
-Padded batches (the AReaL convention): a dict of tensors, per-token keys ``[B, L]`` padded on either side
-(``attention_mask`` marks real tokens, ``loss_mask`` trained ones), per-sample keys ``[B]``. A *sample* is one
-sequence without padding: per-token ``[n]``, per-sample 0-dim.
-
-A micro-batch is one row, ``position_ids`` restarting at 0 for each document, so attention never crosses documents.
-Every rank runs the same number of micro-batches (FSDP's collectives need as many passes everywhere): ranks with
-fewer add dummy ones whose loss weighs zero.
-"""
+A batch is a dict of tensors: per-token keys ``[B, L]`` (``attention_mask`` marks real tokens, ``loss_mask`` trained
+ones), per-sample keys ``[B]``. A micro-batch is one packed row, ``position_ids`` restarting for each document. Every
+rank runs as many micro-batches (FSDP's collectives): ranks with fewer add dummy ones whose loss weighs zero."""
 
 from __future__ import annotations
 
@@ -103,9 +98,8 @@ def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1) -
 
 
 def deal_least_loaded(weights: Sequence[int], k: int, room: Sequence[int] | None = None) -> List[List[int]]:
-    """Item indices, heaviest first (the lower index of equals), each to the least-loaded of ``k``
-    bins (the first of equals) that still takes items: ``room[b]`` items at most, unbounded
-    without ``room``. Each bin's indices in the order they were dealt."""
+    """Item indices, heaviest first (the lower index of equals), each to the least-loaded of ``k`` bins (the first of
+    equals) with room left (``room[b]`` items, unbounded without it). Each bin's indices in the order dealt."""
     left = list(room) if room is not None else None
     bins: List[List[int]] = [[] for _ in range(k)]
     loads = [0] * k
@@ -127,8 +121,8 @@ def async_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class Stems:
-    """What the model runs on when documents share a stem (every token but the last, whose logits predict nothing):
-    each distinct stem once, packed, and ``src [T]``, the stem position standing for each position of the batch."""
+    """Each distinct stem (a document but its last token) once, packed, and ``src [T]``: the stem position standing
+    for each position of the micro-batch."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -142,8 +136,8 @@ class Stems:
 
 @dataclass
 class MicroBatch:
-    """Per-token keys ``[T]`` and per-sample keys ``[n]`` of some samples; ``cu_seqlens [n+1]`` marks document
-    boundaries, ``sample_idx`` maps documents back to rows of the batch; ``stems``: see `share_stems`."""
+    """Per-token keys ``[T]`` and per-sample keys ``[n]``; ``cu_seqlens [n+1]``: document boundaries; ``sample_idx``:
+    the documents' rows in the batch; ``stems``: see `share_stems`."""
 
     data: Dict[str, torch.Tensor]
     cu_seqlens: torch.Tensor
@@ -172,10 +166,8 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_mbs: int = 1
     """Sample indices grouped into micro-batches of at most ``max_tokens`` (a longer sample alone).
 
     First-fit-decreasing; when that leaves a short remainder, the samples are dealt to the fewest micro-batches that
-    could hold them (`_fit` repairs overfull ones), if that fits. Then the heaviest micro-batch is halved (balanced,
-    `deal_least_loaded`) until there are ``min_mbs``. Deterministic: indices sorted within a micro-batch,
-    micro-batches by their first index.
-    """
+    could hold them, if `_fit` can repair that. Then the heaviest is halved until there are ``min_mbs``.
+    Deterministic: indices sorted within a micro-batch, micro-batches by their first index."""
     def load(b: List[int]) -> int:
         return sum(lengths[i] for i in b)
 
@@ -219,8 +211,8 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
 
 
 def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_tokens: int) -> bool:
-    """Bring every bin within ``max_tokens`` (in place): for each overfull bin, the smallest move of one of its samples
-    to another bin, or swap with a smaller one there, that fits both. False when some bin cannot be fixed so."""
+    """Bring every bin within ``max_tokens`` (in place) by the smallest move or swap of one sample per overfull bin
+    that fits both bins; False when some bin cannot be fixed so."""
     for o in range(len(bins)):
         excess = loads[o] - max_tokens
         if excess <= 0:
@@ -250,9 +242,9 @@ def _fit(bins: List[List[int]], loads: List[int], lengths: Sequence[int], max_to
 
 def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_to: int = 0,
               pad_token_id: int = 0, share: bool = False) -> MicroBatch:
-    """Rows ``sample_idx`` of a padded batch as one packed micro-batch; ``mask`` is the batch's ``attention_mask`` as
-    bool. With ``pad_to``, a padding document (``pad_token_id``, every other per-token key zero, so no loss sees it)
-    fills it up to that many tokens. With ``share`` (and no ``pad_to``), see `share_stems`."""
+    """Rows ``sample_idx`` of a padded batch (``mask``: its ``attention_mask``, bool) as one packed micro-batch, filled
+    up to ``pad_to`` tokens by a padding document (other per-token keys zero: no loss sees it); ``share``: `share_stems`
+    (unpadded only)."""
     idx = torch.as_tensor(list(sample_idx), dtype=torch.long)
     m = mask[idx]
     lens = m.sum(dim=1)
@@ -285,9 +277,9 @@ def _layout(lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def share_stems(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> Optional[Stems]:
-    """Documents equal but for their last token get equal logits wherever a logit predicts something, so the model
-    runs on each such stem once (the n samples of a one-token answer, identical completions); None when all differ.
-    Exact: the loss gathers each document's labels from the shared outputs, backward sums their gradients."""
+    """Documents equal but for their last token have equal logits wherever a logit predicts something, so the model
+    runs on each stem once (the samples of a one-token answer); None when all differ. Exact: backward sums the
+    gradients of the documents sharing a stem."""
     ids, bounds = input_ids.numpy(), cu_seqlens.tolist()
     first: Dict[bytes, int] = {}  # stem -> its index among the distinct stems
     which, pieces = [], []  # each document's stem; each distinct stem, from its first document
@@ -326,8 +318,8 @@ def dummy_micro_batch(template: Batch, pad_token_id: int = 0, n_tokens: int = 2)
 
 def make_micro_batches(batch: Batch, max_tokens: int, min_mbs: int = 1, pad_token_id: int = 0,
                        pad: bool = False, share: bool = False) -> List[MicroBatch]:
-    """Pack a padded batch into micro-batches, as many on every rank (collective); with ``pad`` each is filled up to
-    ``max_tokens`` (one shape for compiled layers); with ``share`` (unpadded only) see `share_stems`."""
+    """Pack a padded batch into micro-batches, as many on every rank (collective); ``pad``: each filled up to
+    ``max_tokens`` (one shape for compiled layers); ``share``: `share_stems`."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
     plan = plan_micro_batches(lengths, max_tokens, min_mbs) if lengths else []

@@ -1,8 +1,6 @@
-"""Sharded training checkpoints (DCP) that survive a crash mid-save.
-
-``step_N/`` holds ``dcp/`` (model + optimizer, reshardable), ``rank<r>.pt`` (LR scheduler, RNG states, the caller's
-``extra``, step, weight version) and ``meta.json``. It is written as ``step_N.tmp/``, renamed when every rank is done,
-then named in ``latest``: a crash at any point leaves the previous checkpoint current."""
+"""Sharded training checkpoints (DCP) that survive a crash mid-save: ``step_N/`` (``dcp/``: model + optimizer;
+``rank<r>.pt``: LR scheduler, RNG, the caller's ``extra``; ``meta.json``) is written as ``step_N.tmp/``, renamed when
+every rank is done, then named in ``latest``."""
 
 from __future__ import annotations
 

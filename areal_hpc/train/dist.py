@@ -33,8 +33,7 @@ def env_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-# CPU threads of a GPU process when OMP_NUM_THREADS is unset: its host work (launching kernels, packing batches) runs
-# slower on torch's default of a thread per core
+# CPU threads of a GPU process when OMP_NUM_THREADS is unset (its host work is slower on a thread per core)
 GPU_PROCESS_THREADS = 8
 
 
@@ -71,8 +70,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 
 
 def destroy() -> None:
-    """Destroy the default group, after collecting what holds it (FSDP modules sit in reference cycles): ended at
-    interpreter teardown instead, it can abort a process that did its work."""
+    """Destroy the default group after collecting what holds it (FSDP modules sit in reference cycles): ended at
+    interpreter teardown, it can abort a process that did its work."""
     if dist.is_initialized():
         gc.unfreeze()  # what `SettledGC` froze is collectable again
         gc.collect()
@@ -80,10 +79,8 @@ def destroy() -> None:
 
 
 class SettledGC:
-    """Keeps full garbage collections short: after the 1st and 3rd steps (compiling done), collect
-    and freeze what is alive (``gc.freeze``), so later collections scan only newer objects (with
-    compiled layers a full one is slow, and the other ranks wait for it). `step` after each step,
-    on every rank, so these fall on the same step everywhere; `destroy` unfreezes."""
+    """Keeps full garbage collections short (the other ranks wait for one): after the 1st and 3rd steps (compiling
+    done) collect and ``gc.freeze`` what is alive. `step` after each step, on every rank; `destroy` unfreezes."""
 
     AT = (1, 3)
 

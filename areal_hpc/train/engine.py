@@ -1,13 +1,9 @@
-"""FSDP2 training engine for any transformers causal LM.
+"""FSDP2 training engine for any transformers causal LM. Every method that touches the model is collective.
 
-Padded batches are packed into micro-batches (`batching`); the loss is normalised by the global number of loss tokens; a
-non-finite gradient norm skips the step. Every method that touches the model is collective: all ranks call it, in the
-same order.
-
-``loss_fn(out, mb) -> (loss, stats)``: ``out`` holds the micro-batch's per-token ``logprobs`` and ``entropy`` (``[T]``);
-``loss`` and ``stats`` are means over the micro-batch, finite also when it has no loss tokens (dummy micro-batches).
+``loss_fn(out, mb) -> (loss, stats)``: ``out`` holds the micro-batch's per-token ``logprobs`` and ``entropy``
+(``[T]``); ``loss`` and ``stats`` are means over the micro-batch, finite also without loss tokens (dummy micro-batches).
 ``loss_weight_fn(mb)`` weighs it (default: loss tokens); the engine computes ``sum_mb loss_mb * w_mb / sum_global w``.
-"""
+A non-finite gradient norm skips the step."""
 
 from __future__ import annotations
 
@@ -46,7 +42,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; fused on GPU: `_optimizer_step` then skips a step without a host sync."""
+    """AdamW over the trainable parameters; fused on GPU, so `_optimizer_step` skips a step without a host sync."""
     params = [p for p in params if p.requires_grad]
     fused = bool(params) and params[0].device.type == "cuda"
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -117,7 +113,7 @@ class FSDPEngine:
 
     def _build_model(self) -> torch.nn.Module:
         """Rank 0 reads the checkpoint; the others build on the meta device and get the weights from rank 0 after
-        sharding (one read of the files, not one per rank)."""
+        sharding (one read of the files)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         rank, world = self.info.rank, self.info.world_size
@@ -213,7 +209,7 @@ class FSDPEngine:
 
     def _forward_backward(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn, temperature: float,
                           backward: bool = True) -> "_Pending":
-        """`forward_backward` with its statistics left on the device; without ``backward``, only the statistics."""
+        """`forward_backward`, statistics left on the device; without ``backward``, only the statistics."""
         if backward and self.optimizer is None:
             raise RuntimeError("this engine was built with trainable=False")
         self._set_training(backward)
@@ -258,8 +254,7 @@ class FSDPEngine:
         return _read(self._forward_backward(batch, loss_fn, loss_weight_fn, temperature))
 
     def _optimizer_step(self) -> "_Pending":
-        """Clip and step without waiting for the GPU where the optimizer can skip a step by itself
-        (fused AdamW reads a device-side ``found_inf`` flag): the norm is read back later."""
+        """Clip and step; fused AdamW skips a step by a device-side ``found_inf`` flag, so no wait for the GPU."""
         params = list(self.model.parameters())
         with record_function("areal.optimizer"):
             norm = grad_norm(params)
@@ -288,7 +283,7 @@ class FSDPEngine:
     def train_batch(self, batch: Batch, loss_fn: LossFn, loss_weight_fn: WeightFn = loss_token_count,
                     temperature: float = 1.0) -> Dict[str, float]:
         """One optimizer step on this rank's share of a batch; global statistics, read from the device once. The LR
-        scheduler is stepped apart (`step_lr_scheduler`): several optimizer steps (PPO minibatches) make one step."""
+        scheduler steps apart (`step_lr_scheduler`): PPO makes several optimizer steps a step."""
         pending = self._forward_backward(batch, loss_fn, loss_weight_fn, temperature)
         return _read(pending, self._optimizer_step())
 
@@ -305,9 +300,8 @@ class FSDPEngine:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
     def state_dict_for_hf(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-        """Full CPU state dict with HF names on rank 0, ``{}`` elsewhere (collective): each tensor of `hf_tensors`
-        gathered and cast on the device, then copied into one reused host buffer (pinned on CUDA: asynchronous
-        copies); the tensors returned are views of it, valid until the next call."""
+        """Full CPU state dict with HF names on rank 0, ``{}`` elsewhere (collective), gathered into one reused host
+        buffer (pinned on CUDA: asynchronous copies): the tensors are views of it, valid until the next call."""
         rank0 = self.info.rank == 0
         entries = self.hf_tensors(dtype)
         if rank0:
@@ -330,8 +324,8 @@ class FSDPEngine:
         return out
 
     def hf_tensors(self, dtype: Optional[torch.dtype] = None) -> List[Tuple[str, torch.Tensor, torch.dtype]]:
-        """``(HF name, local shard or tensor, dtype it goes out in)`` of every weight, in the same order on every rank;
-        floating point ones in ``dtype`` (default: compute dtype); tied duplicates dropped (as ``save_pretrained``)."""
+        """``(HF name, local shard, dtype it goes out in)`` of every weight, in one order on every rank; floating point
+        ones in ``dtype`` (default: compute dtype); tied duplicates dropped (as ``save_pretrained``)."""
         dtype = dtype or self.precision.param_dtype
         tied = bool(getattr(self.hf_config, "tie_word_embeddings", False))
         entries, seen = [], set()
@@ -345,7 +339,7 @@ class FSDPEngine:
 
 @dataclass
 class _Pending:
-    """Device-side statistics: ``values[i]`` is ``keys[i]`` (over ``divisor`` when set); ``plain`` ones: on the host."""
+    """Device-side statistics: ``values[i]`` is ``keys[i]`` (over ``divisor`` when set); ``plain``: host ones."""
 
     keys: List[str]
     values: torch.Tensor

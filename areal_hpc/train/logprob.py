@@ -1,10 +1,8 @@
-"""Per-token log-probabilities and entropies with bounded memory (a micro-batch's full logits are GBs, and an fp32
-log-softmax of them more).
+"""Per-token log-probabilities and entropies with bounded memory (a micro-batch's full logits are GBs).
 
-`gather_logprobs` works on the model's logits chunk by chunk, each recomputed in backward.
-`linear_logprobs` starts from the last hidden states and the head's weight and never holds more than one chunk of
-logits, forward or backward ("fused linear cross-entropy", with logprobs and entropy as outputs); on CUDA the per-chunk
-reductions are compiled. `install_logprob_forward` makes it the model's output (``engine.fused_lm_head``)."""
+`gather_logprobs` works on the model's logits chunk by chunk, each recomputed in backward. `linear_logprobs` starts
+from the last hidden states and never holds more than one chunk of logits ("fused linear cross-entropy"); on CUDA the
+per-chunk reductions are compiled. `install_logprob_forward` makes it the model's output (``engine.fused_lm_head``)."""
 
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ DEFAULT_CHUNK = 4096
 def _head_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk: ``(logsumexp, logprob of label, entropy)`` of ``logits / temperature``; the entropy reuses the
-    logsumexp (``H = lse - sum(exp(x - lse) * x)``), fewer passes than a softmax."""
+    logsumexp (``H = lse - sum(exp(x - lse) * x)``)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     lse = torch.logsumexp(x, dim=-1)
     logp = x.gather(1, labels[:, None])[:, 0] - lse
@@ -143,7 +141,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     with_entropy: bool = False, chunk: int = DEFAULT_CHUNK, keep_logits: bool = False
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """`gather_logprobs` of ``hidden @ weight.T`` (``[T, H]``, ``[V, H]``), one chunk of logits at a time; fp32
-    results (fp64 for fp64 inputs). ``keep_logits``: keep the ``T x V`` logits for backward (memory for a matmul)."""
+    results (fp64 for fp64 inputs). ``keep_logits``: keep the logits for backward (memory for a matmul)."""
     keep = keep_logits and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp, ent = _LinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk), bool(with_entropy), keep)
     return logp, (ent if with_entropy else None)
@@ -169,10 +167,9 @@ def packed_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, doc_sta
 
 def install_logprob_forward(model: torch.nn.Module, keep_logits: bool = False) -> str:
     """Let ``model(**inputs, logprobs_of=(ids, doc_starts, src, temperature, with_entropy))`` return per-token
-    ``(logprobs, entropy)`` of the packed row ``ids`` from the last hidden states (`linear_logprobs`), through the
-    root's ``__call__``, so FSDP2's hooks gather the root's parameters as usual. ``src`` (or None) picks the hidden
-    state of each position of ``ids`` when the model ran on shared stems (`batching.share_stems`). Returns why
-    `linear_logprobs` cannot stand in for this model's logits, installing nothing ('' when it can)."""
+    ``(logprobs, entropy)`` of the packed row ``ids`` by `linear_logprobs`, through the root's ``__call__`` (FSDP2's
+    hooks gather the root's parameters). ``src``: see `batching.share_stems`. Returns why `linear_logprobs` cannot
+    stand in for this model's logits, installing nothing ('' when it can)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         return f"the output layer is a {type(head).__name__}, not a Linear"

@@ -1,8 +1,5 @@
-"""Document-aware attention for packed micro-batches (``attn_impl=varlen``).
-
-``sdpa`` would get a dense ``[T, T]`` block-diagonal mask over the packed row. ``varlen`` gets the document boundaries
-(``cu_seq_lens_q``, from the engine) and attends within each document: torch's flash varlen kernel on CUDA (bf16/fp16),
-else causal SDPA over the documents as a (padded) batch, or one by one."""
+"""Document-aware attention for packed micro-batches (``attn_impl=varlen``; ``sdpa`` would get a dense ``[T, T]``
+mask): torch's flash varlen kernel on CUDA (bf16/fp16), else causal SDPA over the documents."""
 
 from __future__ import annotations
 
@@ -36,9 +33,8 @@ def register() -> None:
 
 
 def probe(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Try the flash varlen kernel on ``device`` (forward and backward): used from then on if it ran; grouped-query K/V
-    go in as they are only if that matches repeating them. Call it before the first forward: compiled layers must see
-    a settled choice."""
+    """Try the flash varlen kernel on ``device`` (forward and backward), used from then on if it ran; grouped-query K/V
+    go in as they are only if that matches repeating them. Call before the first forward (compiled code reads it)."""
     register()
     flash = gqa = False
     if device.type == "cuda":
@@ -82,10 +78,9 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
 @torch.compiler.disable  # data-dependent shapes: compiled layers call it eagerly
 def _per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                   scale: Optional[float]) -> torch.Tensor:
-    """q ``[Hq, T, D]``, k, v ``[Hkv, T, D]`` -> ``[T, Hq, D]``: causal SDPA within each document of ``cu``.
-
-    Documents of one length are a reshape into a batch; of similar lengths (padding costs at most as many positions as
-    there are tokens), one right-padded batch (a causal query never sees the padding after it); else one call each."""
+    """q ``[Hq, T, D]``, k, v ``[Hkv, T, D]`` -> ``[T, Hq, D]``: causal SDPA within each document of ``cu``, as one
+    batch (right-padded: a causal query never sees the padding) when that at most doubles the positions, else one by
+    one."""
     k, v = _repeat_kv(k, q.shape[0], 0), _repeat_kv(v, q.shape[0], 0)
     bounds = cu.tolist()
     lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]

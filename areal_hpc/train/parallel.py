@@ -1,5 +1,5 @@
-"""How a transformers causal LM is parallelised (FSDP2, compile): small separate functions in the torchtitan manner,
-composed by `engine.FSDPEngine`; and `FuseSiblingLinears`, the compile pass of ``engine.fuse_linears``."""
+"""How a transformers causal LM is parallelised (FSDP2, compile), composed by `engine.FSDPEngine`; and
+`FuseSiblingLinears`, the compile pass of ``engine.fuse_linears``."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ class Precision:
 
 
 def resolve_precision(dtype: str, device: torch.device) -> Precision:
-    """``auto``: bf16 compute with fp32 reduction on GPU, fp32 on CPU; else the named dtype (the config allows float32
-    and bfloat16: float16 would need loss scaling, which the engine does not do)."""
+    """``auto``: bf16 compute with fp32 reduction on GPU, fp32 on CPU; else the named dtype."""
     return Precision(getattr(torch, ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype))
 
 
@@ -48,9 +47,8 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
 def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
                    fuse_linears: bool = False) -> Optional[FuseSiblingLinears]:
     """``torch.compile`` the forward of every decoder layer (FSDP2's hooks and checkpointing stay outside).
-    ``dynamic=True``: lengths symbolic from the start; ``None``: torch's automatic dynamic shapes (padded micro-batches
-    keep static sizes). ``fuse_linears``: projections of one input run as one matmul (the returned pass counts the
-    groups fused). The layers share one code object, hence the larger dynamo cache."""
+    ``dynamic=None``: torch's automatic dynamic shapes (padded micro-batches). ``fuse_linears``: see
+    `FuseSiblingLinears` (returned). The layers share one code object, hence the larger dynamo cache."""
     import torch._dynamo
 
     layers = decoder_layers(model)
@@ -63,10 +61,9 @@ def compile_layers(model: nn.Module, dynamic: Optional[bool] = True,
 
 
 def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int, one_host: Callable[[], bool]) -> str:
-    """``layer`` or ``model`` for ``engine.fsdp_units=choice``. ``auto``: one unit on one rank, and on the ranks of one
-    host when the gathered weights and gradients (6 bytes per parameter) take at most an eighth of a device (one
-    gather and reduce-scatter per step, fewer hooks); per layer across hosts, to overlap the network with compute.
-    ``one_host`` is a collective."""
+    """``layer`` or ``model`` for ``engine.fsdp_units=choice``. ``auto``: one unit on one host when the gathered
+    weights and gradients (6 bytes a parameter) take at most an eighth of a device (one gather and reduce-scatter a
+    step); per layer across hosts, to overlap the network with compute. ``one_host`` is a collective."""
     if choice != "auto":
         return choice
     if world == 1 or (one_host() and 6 * n_params <= device_bytes // 8):
@@ -76,8 +73,8 @@ def resolve_fsdp_units(choice: str, world: int, n_params: int, device_bytes: int
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision,
                reshard_after_forward: bool = True, per_layer: bool = True) -> None:
-    """``fully_shard`` every decoder layer (``per_layer``; the last is not resharded after forward,
-    backward needs it at once), then the root (embeddings, norm, head, the rest)."""
+    """``fully_shard`` every decoder layer (``per_layer``; not the last after forward: backward needs it at once),
+    then the root."""
     mp = precision.policy()
     kwargs = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
     layers = decoder_layers(model) if per_layer else []
@@ -134,8 +131,8 @@ def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
 
 
 class FuseSiblingLinears(CustomGraphPass):
-    """`fuse_sibling_linears` as inductor's ``pre_grad_custom_pass``; its ``uuid`` (this file's hash) keeps inductor's
-    compiled-graph cache usable. ``fused`` counts the groups fused so far."""
+    """`fuse_sibling_linears` as inductor's ``pre_grad_custom_pass`` (its ``uuid`` keeps inductor's cache usable);
+    ``fused`` counts the groups fused so far."""
 
     def __init__(self) -> None:
         self.fused = 0

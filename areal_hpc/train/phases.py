@@ -1,8 +1,6 @@
-"""Where a training step's wall time goes: named phases, exclusive of each other.
-
-Phases nest: an inner phase's time is taken out of the outer one, and ``other`` is what no phase claims. ``sync``
-(``torch.cuda.synchronize``) ends the phases opened with ``device=True``, so GPU work still queued is charged to the
-phase that queued it."""
+"""Where a training step's wall time goes: named phases, exclusive of each other (an inner phase's time is taken out
+of the outer one; ``other`` is what no phase claims). ``sync`` ends the phases opened with ``device=True``, so queued
+GPU work is charged to the phase that queued it."""
 
 from __future__ import annotations
 
@@ -15,8 +13,7 @@ BG_PREFIX = "bg_phase/"  # work beside the steps (a background weight update); i
 
 
 class PhaseTimer:
-    """A step runs from the previous `split` (or `begin`) to its own: what follows a split (its metrics, a
-    checkpoint) is booked to the next step."""
+    """A step runs from the previous `split` (or `begin`) to its own."""
 
     def __init__(self, sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter):
         self.sync, self.clock = sync, clock
@@ -49,8 +46,8 @@ class PhaseTimer:
                 self._stack[-1][1] = end
 
     def split(self) -> Dict[str, float]:
-        """End the step: ``{"phase/<name>": s, ..., "phase/other": s, "step_time_s": wall}``, the phases and ``other``
-        summing to ``step_time_s``. The next step starts now."""
+        """End the step: ``{"phase/<name>": s, ..., "phase/other": s, "step_time_s": wall}``, the phases summing to
+        ``step_time_s``. The next step starts now."""
         if self._t_step is None:
             raise RuntimeError("PhaseTimer.split before begin")
         if self._stack:

@@ -164,16 +164,14 @@ class PPOActor:
             prox = logp.detach()
         else:
             prox = behav  # no recomputation: proximal = behaviour (decoupled: importance weight 1)
-        behav_arg = behav if cfg.use_decoupled_loss else None
-        loss, stats = ppo_loss(logp, prox, behav_arg, mb["advantages"].float(), mb["loss_mask"],
-                               cfg.eps_clip, cfg.c_clip, cfg.behav_imp_weight_cap if cfg.use_decoupled_loss else None)
+        loss, stats = ppo_loss(logp, prox, behav if cfg.use_decoupled_loss else None, mb["advantages"].float(),
+                               mb["loss_mask"], cfg.eps_clip, cfg.c_clip, cfg.behav_imp_weight_cap)
         mask = mb["loss_mask"].float()
         entropy = masked_mean(out["entropy"], mask)
-        stats["pg_loss"] = loss.detach()
+        stats.update(pg_loss=loss.detach(), entropy=entropy.detach(),
+                     advantages=masked_mean(mb["advantages"].float(), mask))
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * entropy
-        stats["entropy"] = entropy.detach()
-        stats["advantages"] = masked_mean(mb["advantages"].float(), mask)
         return loss, stats
 
     def ppo_update(self, batch: Batch, prox_from_forward: bool = False) -> Dict[str, float]:

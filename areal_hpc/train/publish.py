@@ -1,6 +1,5 @@
-"""Trained weights published as a transformers checkpoint (``weights_root/v{N}/``: safetensors, ``config.json``, the
-source's tokenizer files; what ``from_pretrained`` and SGLang's ``/update_weights_from_disk`` load), atomically, then
-named by the registry's ``weights/latest``; old versions pruned."""
+"""Trained weights published as a transformers checkpoint (``weights_root/v{N}/``, what ``from_pretrained`` and
+SGLang's ``/update_weights_from_disk`` load), atomically, then named by the registry's ``weights/latest``."""
 
 from __future__ import annotations
 
@@ -38,9 +37,8 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def write_hf_checkpoint(sd: Dict[str, torch.Tensor], out_dir: Path, static_dir: Path) -> None:
-    """Write one ``model.safetensors`` (servers read it back: no 5 GB shards as for the Hub) and
-    link in `static_dir`'s files (config.json, tokenizer): one new file a version, not a copy of
-    each (the writer runs beside training and shares its GIL: every file operation is a hand-off)."""
+    """Write one ``model.safetensors`` and link in `static_dir`'s files (config.json, tokenizer): one new file a
+    version (the writer runs beside training and shares its GIL: every file operation is a hand-off)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,8 +54,8 @@ _STATIC: set = set()  # (weights root, tokenizer source, dtype) written by this 
 
 
 def static_files(weights_root: Path, hf_config, tokenizer_src: Optional[str], dtype: torch.dtype) -> Path:
-    """``weights_root/.static``: config.json and the source dir's tokenizer files, written once by
-    this process (copies: the run's umask, not the source's mode) and linked into every version."""
+    """``weights_root/.static``: config.json and the source's tokenizer files (copies: the run's umask, not the
+    source's mode), written once by this process and linked into every version."""
     static, key = weights_root / ".static", (str(weights_root), tokenizer_src, dtype)
     if key not in _STATIC or not static.is_dir():
         shutil.rmtree(static, ignore_errors=True)  # versions linked to the old files keep them
@@ -76,9 +74,9 @@ def static_files(weights_root: Path, hf_config, tokenizer_src: Optional[str], dt
 
 def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
                   registry=None) -> Optional[Callable[[], Path]]:
-    """The collective half of `publish_weights`: gather the weights to host memory (every rank). Returns rank 0's writer
-    of ``weights_root/v{version}`` (None on the other ranks), which may run on another thread while training goes on:
-    the gathered tensors live in the engine's staging buffer, so it must finish before the next gather."""
+    """The collective half of `publish_weights`: gather the weights to host memory. Returns rank 0's writer of
+    ``weights_root/v{version}`` (None elsewhere), which may run on another thread but must finish before the next
+    gather (the tensors live in the engine's staging buffer)."""
     dtype = engine.precision.param_dtype
     out = (Path(weights_root) / f"v{int(version)}").resolve()
     t0 = time.perf_counter()
@@ -102,8 +100,8 @@ def stage_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: 
 
 def publish_weights(engine: FSDPEngine, weights_root: str | os.PathLike, version: int, tokenizer_src: str,
                     registry=None) -> Path:
-    """Write ``weights_root/v{version}`` from the engine's weights, in the compute dtype (collective; rank 0 writes
-    and, with a registry, records ``weights/latest``). Returns the directory on every rank, once it exists."""
+    """Write ``weights_root/v{version}`` in the compute dtype (collective; rank 0 writes and, with a registry, records
+    ``weights/latest``). Returns the directory on every rank, once it exists."""
     write = stage_weights(engine, weights_root, version, tokenizer_src, registry)
     if write is not None:
         write()
@@ -118,7 +116,7 @@ def published_versions(weights_root: str | os.PathLike) -> Dict[int, Path]:
 
 def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_version: int = 0) -> list[int]:
     """Delete the ``v{K}`` no one can still need (``K < keep_min_version``, no live server at a version ``<= K``, not
-    the latest), and what crashed writers left; returns the ``K``. One process (trainer rank 0) calls it."""
+    the latest), and what crashed writers left; returns the ``K``. Trainer rank 0 only."""
     for torn in Path(weights_root).glob(".v*.tmp*"):  # a crashed trainer's unfinished write (not this process's)
         if not own_temp(torn.name, r"v\d+"):
             shutil.rmtree(torn, ignore_errors=True)

@@ -20,9 +20,8 @@ def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
 def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
                   prompts: Any = None) -> Batch:
     """Prompt + answer ids, right-padded, ``loss_mask`` on the answer and its end (tokenised apart: the boundary is
-    exact; the answer is never cut, or the model would learn to stop nowhere). ``prompts`` (a rollout `PromptEncoder`)
-    encodes the prompt as the rollout does and ends the answer with the chat template's end-of-turn token; without it
-    the prompt is raw text and the answer ends with EOS."""
+    exact). ``prompts`` (a rollout `PromptEncoder`) encodes the prompt as the rollout does and ends the answer with the
+    end-of-turn token; without it the prompt is raw text and the answer ends with EOS."""
     samples: List[Dict[str, torch.Tensor]] = []
     if prompts is not None:
         encode, end = prompts.encode, prompts.end_of_turn_ids()

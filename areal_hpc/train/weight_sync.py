@@ -1,10 +1,7 @@
-"""Weight updates over a collective group of trainer rank 0 and the inference servers.
-
-The protocol of SGLang's ``/init_weights_update_group`` and ``/update_weights_from_distributed`` (our embedded engine
-speaks it too): trainer rank 0 hosts the rendezvous (a TCPStore, keys prefixed by a group name new at every (re)join, so
-a restarted trainer never meets stale keys) and is rank 0 of the group; per bucket it announces
-``names, dtypes, shapes`` out of band (HTTP), then broadcasts each full tensor in that order. Every trainer rank takes
-part in gathering the sharded weights; only rank 0 talks to the weight group."""
+"""Weight updates over a collective group of trainer rank 0 and the inference servers (SGLang's
+``/init_weights_update_group`` and ``/update_weights_from_distributed``): rank 0 hosts the rendezvous (keys prefixed by
+a group name new at every join: a restarted trainer never meets stale keys); per bucket it announces ``names, dtypes,
+shapes`` over HTTP, then broadcasts each full tensor in that order. Every trainer rank takes part in the gathers."""
 
 from __future__ import annotations
 
@@ -49,8 +46,7 @@ def new_group_name() -> str:
 
 def init_weight_sync_group(master_addr: str, master_port: int, rank: int, world_size: int, group_name: str,
                            backend: str = "nccl", timeout_s: float = 600.0) -> tdist.ProcessGroup:
-    """Join (rank 0: host) a process group outside the default one, as SGLang does. Blocks until
-    all ``world_size`` members have joined: start the receivers' joins before or alongside."""
+    """Join (rank 0: host) a process group outside the default one, as SGLang does; blocks until all have joined."""
     # our own TCPStore: under torchrun, torch's tcp:// rendezvous expects the agent to host it
     store = tdist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0,
                            timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=True)
@@ -80,10 +76,9 @@ def send_tensors(group: tdist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> 
 def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
                              on_bucket: Optional[Callable[[Bucket], Optional[Callable[[], None]]]] = None,
                              bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: Optional[torch.dtype] = None) -> int:
-    """Broadcast the engine's full weights to the weight group (``group`` on rank 0, None on the
-    others; every trainer rank calls it). Before each bucket rank 0 calls ``on_bucket(bucket)``,
-    which announces it without blocking and may return a function that waits for the receivers
-    (called after the bucket's broadcasts). Returns the number of buckets."""
+    """Broadcast the engine's full weights to the weight group (``group`` on rank 0, None on the others; every rank
+    calls it). Before each bucket rank 0 calls ``on_bucket(bucket)``, which announces it and may return a function that
+    waits for the receivers (called after the bucket's broadcasts). Returns the number of buckets."""
     entries = {name: (value, to_dtype) for name, value, to_dtype in engine.hf_tensors(dtype)}
     buckets = plan_buckets([TensorSpec(name, str(to_dtype).removeprefix("torch."), tuple(value.shape))
                             for name, (value, to_dtype) in entries.items()], bucket_bytes)

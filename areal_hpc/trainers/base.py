@@ -15,8 +15,7 @@ from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig
 from areal_hpc.registry import Heartbeat, Registry
 
 log = logging.getLogger("areal_hpc.trainer")
-# the exit code of a trainer a signal stopped before its goal, checkpointed (stop, time limit, preemption, a kill from
-# outside areal-hpc): the run is STOPPED, not COMPLETED (`launch.outcome` reads it; 130 as after Ctrl-C)
+# exit code of a trainer a signal stopped short of its goal: the run is STOPPED, not COMPLETED (`launch.outcome`)
 STOPPED_EXIT = 130
 
 
@@ -59,10 +58,8 @@ class StopRequested:
 class Trainer:
     """A training (or evaluation) loop. Subclass, then ``@register_trainer("name")``.
 
-    `run` is the loop every training trainer shares: recovery (``recover.mode``), stop requests, a checkpoint every
-    ``saver.freq_steps`` and at the end, per-step metrics with their phases (`train.phases`) and the trainer's registry
-    record. A subclass supplies `setup` and `train_step`, and where it needs them `start`, `checkpoint_extra` and
-    `finish`; or it overrides `run` (the null trainer). Every rank runs `run`; rank 0 writes metrics and the record."""
+    `run`, on every rank: recovery, stop requests, checkpoints, per-step metrics and the registry record (rank 0). A
+    subclass supplies `setup` and `train_step`, and where needed `start`, `checkpoint_extra`, `finish`; or `run`."""
 
     def __init__(self, ctx: TrainContext):
         self.ctx, self.cfg = ctx, ctx.cfg
@@ -78,12 +75,11 @@ class Trainer:
         raise NotImplementedError(f"{type(self).__name__} overrides neither run nor setup")
 
     def start(self, state: Dict[str, Any]) -> bool:
-        """Ready the data after recovery; ``state`` is the checkpoint's (``{}`` on a fresh start). False ends the run
-        before its first step (stopped while waiting)."""
+        """Ready the data after recovery (``state``: the checkpoint's, or ``{}``). False: stopped before step 1."""
         return True
 
     def train_step(self, step: int) -> Optional[Dict[str, Any]]:
-        """Make step ``step`` (the first is 1): its metrics, or None to end the run without it."""
+        """Make step ``step`` (from 1): its metrics, or None to end the run without it."""
         raise NotImplementedError(f"{type(self).__name__} overrides neither run nor train_step")
 
     def checkpoint_extra(self) -> Dict[str, Any]:
@@ -94,7 +90,7 @@ class Trainer:
         """After the last checkpoint, on every rank."""
 
     def close(self) -> None:
-        """Release what `start` made, however the run ends (`start` may have failed or made nothing)."""
+        """Release what `start` made, however the run ends (`start` may have made nothing)."""
 
     def run(self) -> int:
         import torch
@@ -106,7 +102,7 @@ class Trainer:
 
         cfg, total = self.cfg, self.cfg.trainer.total_train_steps
         self.phases = PhaseTimer(sync=torch.cuda.synchronize if torch.cuda.is_available() else None)
-        # while rank 0 waits for servers or a batch the other ranks wait in a collective: its timeout outlasts that
+        # the other ranks wait in a collective while rank 0 waits for servers or a batch: outlast that
         r = cfg.rollout
         dist.init_distributed(600 + max(cfg.launcher.trainer_wait_servers_timeout_s, r.stall_timeout_s,
                                         r.request_timeout_s, r.drop_timeout_s))
@@ -127,7 +123,7 @@ class Trainer:
             while step < total:
                 stop = dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0
                 stats = None if stop else self.train_step(step + 1)
-                if stats is None:  # (train_step: a stop while it waited, or no data left: trainer.total_train_epochs)
+                if stats is None:  # a stop while train_step waited, or no data left (trainer.total_train_epochs)
                     stopped = stop or bool(self.stop)  # every rank: the stop is all-reduced
                     log.warning("stopping at step %d: %s", step, "on request" if stopped else "no data left")
                     break
@@ -142,16 +138,15 @@ class Trainer:
                     with self.phases.phase("checkpoint"):
                         self._save(ckpt, step, t_start)
                     saved = step
-            if step != saved:  # (stopped right after a checkpoint, or before a step: it holds this step already)
+            if step != saved:  # (else the last checkpoint holds this step already)
                 self._save(ckpt, step, t_start)
             self.finish(step)
-            if stopped:  # a signal stopped it short of its goal (not "no data left"): not done
-                rc = STOPPED_EXIT
+            rc = STOPPED_EXIT if stopped else 0  # stopped short of its goal by a signal (not "no data left")
         except KeyboardInterrupt:
             rc = STOPPED_EXIT
         finally:
             try:
-                self.close()  # may raise (the last weight update failed): the record still ends below
+                self.close()  # may raise (the last weight update failed): the record still goes
             finally:
                 if metrics is not None:
                     metrics.close()
@@ -160,7 +155,7 @@ class Trainer:
         return rc
 
     def _metrics(self, step: int, stats: Dict[str, Any], split: Dict[str, float], t_start: float) -> Dict[str, Any]:
-        # the step's own lr (the engine reads it before the LR scheduler steps); the optimizer's now is the next step's
+        # the step's own lr (read before the LR scheduler stepped); the optimizer's now is the next step's
         m = {"step": step, "version": self.engine.get_version(), "time_s": time.monotonic() - t_start, **stats,
              **split, "lr": stats.get("lr", self.engine.current_lr())}
         for key, rate in (("gen_tokens", "gen_tokens_per_s"), ("tokens", "trained_tokens_per_s")):
@@ -191,12 +186,12 @@ class Trainer:
         log.info("checkpoint at step %d (%.2fs)", step, time.monotonic() - t0)
 
     def publish_state(self, within_s: float = 0.0, **fields) -> None:
-        """Update this trainer's registry record (rank 0; other ranks call it harmlessly), at once or, with
-        ``within_s``, at most that late (a step's progress: no file write every step on a shared filesystem)."""
+        """Update this trainer's registry record (rank 0 writes it), at once or at most ``within_s`` late (no file write
+        every step on a shared filesystem)."""
         self._record.update(fields)
         if not self.is_main:
             return
-        if self._heartbeat is None:  # (the first step is written at once: `_beat_t` is still 0)
+        if self._heartbeat is None:
             self._record.update(pid=os.getpid(), host=socket.gethostname())
             self._heartbeat = Heartbeat(self.ctx.registry, "", "trainer", lambda: dict(self._record),
                                         interval_s=self.cfg.launcher.heartbeat_s).start()
@@ -205,8 +200,8 @@ class Trainer:
             self._beat_t = time.monotonic()
 
     def close_state(self) -> None:
-        """Remove the record: to `submit`, `stop` and `status` it means a live trainer. How the run ended is the
-        owner's (run.json: state, reason) and its last step is metrics.jsonl's last row."""
+        """Remove the record: to `submit`, `stop` and `status` it means a live trainer (how the run ended is the
+        owner's to record)."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None

@@ -20,8 +20,8 @@ SUMMARY_KEYS = (("reward_mean", "reward {:.3f}"), ("loss", "loss {:+.4f}"), ("st
 
 
 class MetricsWriter:
-    """Rank 0 only. Appends one JSON line per step (steps continue across restarts). A run resumed at ``resume_step``
-    (0: started afresh) forgets the steps its predecessor wrote past it: lines and TensorBoard events."""
+    """Rank 0 only: one JSON line a step. A run resumed at ``resume_step`` (0: afresh) forgets the steps its
+    predecessor wrote past it, lines and TensorBoard events."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, plot: bool = True, resume_step: Optional[int] = None):
         self.path, self.plot_path = run_dir / "metrics.jsonl", run_dir / "reward.png"
@@ -40,7 +40,7 @@ class MetricsWriter:
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
 
     def drop_after(self, step: int) -> None:
-        """A recovered run resumes at ``step``: forget lines the crashed run wrote past it (and one it left torn)."""
+        """Forget lines written past ``step`` (and a torn one)."""
         if not self.path.exists():
             return
         keep = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]

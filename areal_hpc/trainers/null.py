@@ -1,5 +1,5 @@
-"""`trainer.type=null`: rollout / evaluation only. Runs the workflow over `valid_dataset` once through the servers and
-writes a report (eval.json, eval_samples.jsonl); no trainer GPUs, no weights change."""
+"""`trainer.type=null`: the workflow over `valid_dataset` once through the servers, and a report (eval.json,
+eval_samples.jsonl); no trainer GPUs, no weights change."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class EvalTrainer(Trainer):
         with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:
             for g, row in done:
                 prompt = row.get(ds.prompt_key)
-                if prompt is None:  # a messages row (with both columns in the dataset its prompt is there, null)
+                if prompt is None:  # a messages row
                     prompt = row.get(ds.messages_key)
                 for t in g.trajectories:
                     f.write(json.dumps({"prompt": prompt, "answer": row.get(ds.answer_key),

@@ -112,12 +112,11 @@ class PPOTrainer(Trainer):
             self.side.stop()
 
     def _push_weights(self, version: int, checkpoint: bool) -> Dict[str, float]:
-        """Weights v``version`` to the servers: broadcast (NCCL, or gloo on CPU), or published to disk and loaded. With
-        a broadcast a disk copy is still written at ``checkpoint`` steps (servers that start later load it). Times go
-        to ``self.phases``; returns other metrics."""
+        """Weights v``version`` to the servers: broadcast, or published to disk and loaded. A broadcast still writes a
+        disk copy at ``checkpoint`` steps (servers that start later load it). Returns metrics other than phases."""
         cfg, timer, side = self.cfg, self.phases, self.side
         if cfg.trainer.ppo.weight_update in ("nccl", "gloo"):
-            # external servers stay out of the group: they load a disk copy, published for them
+            # external servers stay out of the group: they load a disk copy
             external = dist.broadcast_object(side.external_ids())
             path = None
             if external or checkpoint:

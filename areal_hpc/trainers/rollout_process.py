@@ -1,7 +1,6 @@
-"""Rank 0's `RolloutSide` in a forked process: in the trainer's, the client's event loop and the weight update's calls
-hold the GIL between the step's torch ops (on a small model mostly Python, so the two serialise). The child answers
-over two pipes, one for the trainer's main thread, one for the thread waiting on a weight update. Disk weight updates
-only: a broadcast's collective group belongs to the trainer's process."""
+"""Rank 0's `RolloutSide` in a forked process, so the client's event loop and the trainer's step do not share a GIL.
+The child answers over two pipes: one for the trainer's main thread, one for its weight-update thread. Disk weight
+updates only: a broadcast's group belongs to the trainer's process."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ _FAILED = "failed"  # (_FAILED, reason) goes to the other ranks when rank 0 fail
 
 def share(make: Callable[[], Any], sent: Callable[[Any], Any] = lambda value: value) -> Any:
     """Rank 0 calls ``make()`` and sends ``sent(value)`` to the other ranks; rank 0 gets the value, the others what
-    was sent. If ``make`` raises, the other ranks raise `RolloutError` with its text at once: they would otherwise
-    wait in the collective until its timeout, which outlasts every wait of rank 0 (`Trainer.run`)."""
+    was sent. If ``make`` raises, the other ranks raise `RolloutError` at once rather than wait out the collective."""
     if dist.rank() != 0:
         got = dist.broadcast_object(None)
         if isinstance(got, tuple) and got[:1] == (_FAILED,):
@@ -47,22 +45,20 @@ class _ChildGone(RuntimeError):
 
 class BackgroundUpdates:
     """What `RolloutSide` and `RolloutProcess` share: the batch handed to every rank, and disk weight updates on a
-    thread of their own while training goes on, one at a time (in the subclass's ``apply_update(write, version)``)."""
+    thread while training goes on, one at a time (the subclass's ``apply_update(write, version)``)."""
 
     def __init__(self) -> None:
         self._updater = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-update")
         self._update: Optional[concurrent.futures.Future] = None  # the update in flight
 
     def next_batch(self, version: int) -> Optional[List[List[Trajectory]]]:
-        """The next batch for a trainer at ``version``, on every rank (`FollowerSide` receives it); None if a stop is
-        requested while waiting (the servers may be gone for good: a stopped run must not hang here). Stalled or
-        failing rollouts (rollout.drop_timeout_s, rollout.stall_timeout_s) raise on every rank (`share`)."""
+        """The next batch (its groups) for a trainer at ``version``, on every rank; None if a stop is requested while
+        waiting (the servers may be gone). Stalled or failing rollouts raise on every rank."""
         return share(lambda: self.next_trajectories(version))
 
     def update_weights_later(self, write: Callable[[], Path], version: int) -> None:
         """``write()`` publishes the weights (`train.publish.stage_weights`), the servers load them, old versions
-        are pruned. Call `wait_update` first. The controller takes the new version once the servers have it, so
-        the staleness bound holds however late the update lands."""
+        are pruned; call `wait_update` first. The controller takes the new version once the servers have it."""
         if self._update is not None:
             raise RuntimeError("a weight update is still in flight: wait_update() first")
         self._update = self._updater.submit(self.apply_update, write, version)
@@ -73,8 +69,7 @@ class BackgroundUpdates:
         return fut.result() if fut is not None else {}
 
     def stop(self) -> None:
-        """The last weights reach the servers before the run ends (or fail loudly); then the thread goes, and the
-        rest of the side (the subclass's ``stop_rest()``)."""
+        """The last weights reach the servers (or fail loudly), then the thread and the rest (``stop_rest()``) go."""
         try:
             self.wait_update()
         finally:
@@ -83,8 +78,7 @@ class BackgroundUpdates:
 
 
 class RolloutProcess(BackgroundUpdates):
-    """The trainer's calls of a `RolloutSide`, answered by one that ``make_side(should_stop)`` builds in a child;
-    the child's errors are raised here, and a dead child is one."""
+    """A `RolloutSide` that ``make_side(should_stop)`` builds in a child; its errors (and its death) raise here."""
 
     def __init__(self, make_side: Callable[[Callable[[], bool]], Any], should_stop: Callable[[], bool]):
         mp = multiprocessing.get_context("fork")

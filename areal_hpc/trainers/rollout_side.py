@@ -1,9 +1,7 @@
-"""The rollout half of an RL trainer: servers, client pool, controller, weight updates.
+"""The rollout half of an RL trainer: servers, client pool, controller, and the servers' half of weight updates.
 
-Both halves of a weight update meet here: `train` publishes weights, this tells the servers to load them (`train`
-knows nothing of servers; `inference` knows nothing of training). Rank 0 holds the `RolloutSide` (or a
-`RolloutProcess` running one); the other ranks hold a `FollowerSide` with the same methods, which receives what rank
-0 shares and takes part in the collectives, so the trainer never asks which rank it runs on."""
+Rank 0 holds the `RolloutSide` (or a `RolloutProcess` running one); the other ranks a `FollowerSide` with the same
+methods, which receives what rank 0 shares and joins the collectives: the trainer never asks which rank it is."""
 
 from __future__ import annotations
 
@@ -43,10 +41,8 @@ def load_tokenizer(path: str):
 
 def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, tokenizer=None,
                  answers: bool = False) -> PromptLoader:
-    """The dataset's rows through its adapter; with ``tokenizer``, less those that the prompt encoder rejects (the chat
-    template, a row without a prompt: its episode, or SFT's step, would fail on it), those without an answer if
-    ``answers`` (SFT trains on it), or whose prompt is longer than ``{ds}.max_prompt_len`` tokens (as AReaL filters
-    them: a server would reject them, or the trainer run out of memory)."""
+    """The dataset's rows through its adapter; with ``tokenizer``, less those the prompt encoder rejects (an episode
+    or SFT step would fail on them), those without an answer if ``answers``, and those over ``max_prompt_len``."""
     ds = ctx.cfg.train_dataset if which == "train" else ctx.cfg.valid_dataset
     rows = apply_adapter(load_dataset_rows(ds, which), ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)
     if tokenizer is not None:
@@ -99,14 +95,14 @@ def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = N
 
 def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
                  should_stop: Callable[[], bool]) -> "RolloutSide | RolloutProcess | FollowerSide | None":
-    """Rank 0's `RolloutSide` (once the servers are up; in a process of its own with disk weight updates and
-    ``rollout.client_process``), a `FollowerSide` on the other ranks; None on all if a stop came meanwhile."""
+    """Rank 0's `RolloutSide` once the servers are up (a `RolloutProcess` with ``rollout.client_process`` and disk
+    updates), a `FollowerSide` on the other ranks; None on all if a stop came meanwhile."""
     def make() -> "RolloutSide | RolloutProcess | None":
         tokenizer = load_tokenizer(actor_path(ctx.cfg))
         loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs, tokenizer=tokenizer)
         loader.load_state_dict(loader_state)
         skip = (loader_state or {}).get("skip", ())  # rows done after the oldest one in flight (`rows_state`)
-        make_side = functools.partial(RolloutSide, ctx, tokenizer, loader, version, skip=skip)  # make_side(should_stop)
+        make_side = functools.partial(RolloutSide, ctx, tokenizer, loader, version, skip=skip)
         try:
             in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
             return RolloutProcess(make_side, should_stop) if in_child else make_side(should_stop)
@@ -134,15 +130,14 @@ class RolloutSide(BackgroundUpdates):
             make_rollout_workflow(cfg, tokenizer, cfg.train_dataset), self.pool, loader,
             batch_size=cfg.rollout.batch_size, max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
             max_concurrent=cfg.rollout.max_concurrent_rollouts, start_version=start_version, skip=skip)
-        # The broadcast's group: trainer rank 0 + every server but the external ones, formed on the first broadcast
-        self.group, self.group_name = None, None
+        self.group, self.group_name = None, None  # the broadcast's, formed on the first one (`_ensure_group`)
         self.members: List[str] = []
         self.external: List[str] = []  # servers updated from disk instead
         self._warned: set = set()  # external servers told about once
         super().__init__()
 
     def start(self) -> None:
-        """Run the rollout loop, paused: nothing is generated until the first weight update (`_paused`) resumes it."""
+        """Run the rollout loop, paused until the first weight update resumes it."""
         self.controller.pause()
         self.controller.start()
 
@@ -175,7 +170,7 @@ class RolloutSide(BackgroundUpdates):
         return sorted(sid for sid, info in self.pool.servers.items() if info["healthy"] and info.get("external"))
 
     def apply_update(self, write: Callable[[], Path], version: int) -> Dict[str, float]:
-        """A disk update now (`update_weights_later` runs it on a thread); phases as ``bg_phase/*``, ``bg_time_s``."""
+        """A disk update now (`update_weights_later` runs it on a thread); phases as ``bg_phase/*``."""
         timer = PhaseTimer()
         timer.begin()
         with timer.phase("weight_publish"):
@@ -190,8 +185,8 @@ class RolloutSide(BackgroundUpdates):
 
     def _load_from_disk(self, path: str, version: int, timer: PhaseTimer,
                         server_ids: Optional[List[str]] = None) -> Dict[str, float]:
-        """The servers (``server_ids``: those only) load ``path``. Those that fail are reported and the update goes on
-        with the others (a dead server's record expires and the pool drops it)."""
+        """The servers (or ``server_ids``) load ``path``; those that fail are reported, the others go on (a dead
+        server's record expires)."""
         with timer.phase("weight_load"):
             results = self.controller.run(self.pool.update_weights_from_disk(path, version, server_ids=server_ids))
         failed = {k: v for k, v in results.items() if not v.ok}
@@ -206,8 +201,8 @@ class RolloutSide(BackgroundUpdates):
 
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:
-        """The collective path: pause, (re)form the group if the servers changed, ``broadcast(group, on_bucket)``
-        (every rank's `broadcast_engine_weights`), continue. External servers load ``disk_path``, published for them."""
+        """Pause, (re)form the group if the servers changed, ``broadcast(group, on_bucket)``, continue. External servers
+        load ``disk_path`` instead."""
         with self._paused(version, timer):
             with timer.phase("weight_broadcast"):
                 self._ensure_group()
@@ -218,8 +213,8 @@ class RolloutSide(BackgroundUpdates):
 
     @contextlib.contextmanager
     def _paused(self, version: int, timer: PhaseTimer):
-        """Submission and servers paused around a weight update; then the new version, and continue. The pool resumes
-        interrupted generations with the new weights (their tokens carry the version that produced them)."""
+        """Submission and servers paused around a weight update, then the new version. Interrupted generations resume
+        on the new weights (each token carries its version)."""
         c = self.controller
         c.pause()
         try:
@@ -233,10 +228,9 @@ class RolloutSide(BackgroundUpdates):
                 c.resume()
 
     def _ensure_group(self) -> None:
-        """Trainer rank 0 + every server in one process group (SGLang's /init_weights_update_group): NCCL on GPUs,
-        gloo on CPU-only runs. The group has a fixed size: it is formed again, under a new name, whenever the live
-        servers change (a late server starts from weights/latest). External servers stay out (one member that cannot
-        reach the trainer's port would make all wait out the timeout) and load a disk copy."""
+        """Trainer rank 0 + every server in one process group (SGLang's /init_weights_update_group), formed again under
+        a new name whenever the live servers change (its size is fixed). External servers stay out: one that cannot
+        reach the trainer's port would make all wait out the timeout."""
         pool, c, backend = self.pool, self.controller, self.ctx.cfg.trainer.ppo.weight_update
         c.run(pool.refresh())
         external = self.external_ids()
@@ -281,16 +275,15 @@ class RolloutSide(BackgroundUpdates):
 
 
 class FollowerSide:
-    """What trainer ranks other than 0 hold in place of a `RolloutSide`: they receive what rank 0 shares (batches,
-    failures) and join the weight broadcast's collectives; the rest is rank 0's."""
+    """Trainer ranks other than 0: receive what rank 0 shares (batches, failures), join the broadcast's collectives."""
 
     def _nothing(self, *args: Any) -> Dict[str, float]:
-        return {}  # (rank 0 reports, and shares what all need: what a follower's calls return is not used)
+        return {}  # rank 0 reports: a follower's results are not used
 
     start = stop = loader_state = prune_weights = update_weights_later = _nothing
     stats = wait_update = external_ids = _nothing
 
-    next_batch = BackgroundUpdates.next_batch  # (`share` receives rank 0's batch, or its failure)
+    next_batch = BackgroundUpdates.next_batch  # `share` receives rank 0's batch, or its failure
 
     def update_weights_broadcast(self, broadcast: Callable, version: int, timer: PhaseTimer,
                                  disk_path: Optional[str] = None) -> Dict[str, float]:

@@ -1,8 +1,7 @@
-"""`trainer.type=sft`: supervised fine-tuning on prompt/answer rows (loss on the answer only).
+"""`trainer.type=sft`: supervised fine-tuning on prompt/answer rows (loss on the answer only); no servers.
 
-Same engine, packing, loop, checkpoints and metrics as PPO; no servers. Every rank reads the same rows in the same order
-and trains on its shard of each batch. Phases of a step: ``data`` (rows read and tokenized), ``train``, ``metrics`` and
-``checkpoint`` (of the previous step), ``other``. The final weights are published to ``weights/v{step}``."""
+Every rank reads the same rows in the same order and trains on its shard of each batch. The final weights are published
+to ``weights/v{step}``."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ class SFTTrainer(Trainer):
         self.learner = SFTLearner(sft, cfg.trainer.total_train_steps)
         self.tokenizer = load_tokenizer(self.learner.engine.model_path)
         self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
-        # rows without an answer, or whose prompt is longer than max_prompt_len (cut, they would train on nothing of
-        # their answer), are left out with a warning, as PPO does
+        # rows without an answer or over max_prompt_len are left out with a warning
         self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs, tokenizer=self.tokenizer,
                                    answers=True)
         return self.learner.engine
