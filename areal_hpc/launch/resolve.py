@@ -63,8 +63,9 @@ def make_fileroot(cfg: ExperimentConfig) -> None:
     root = Path(os.path.expanduser(cfg.cluster.fileroot)).resolve()
     for d in reversed([root, *root.parents]):
         if not d.exists():
-            d.mkdir()
-            os.chmod(d, 0o755)
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another submit: its modes stay
+                d.mkdir()
+                os.chmod(d, 0o755)
 
 
 def _quiet() -> None:
