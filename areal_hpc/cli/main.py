@@ -46,6 +46,15 @@ def _pop_name(args) -> Optional[str]:
     return None
 
 
+def _run_dir_arg(path: str | Path) -> Path:
+    """The run dir; this process takes the run's umask."""
+    rd = Path(path)
+    if not (rd / "config.yaml").exists():
+        raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
+    os.umask(run_umask(load_resolved(rd / "config.yaml")))
+    return rd
+
+
 def _existing_run(args) -> Path:
     """The run dir a command acts on, from its config words (only the names that locate the run are checked)."""
     cfg = load_config(None, args.words)
@@ -116,15 +125,6 @@ def cmd_stop(args) -> int:
     if not args.timeout >= 0:  # -1 (or nan) meant as "no limit" skipped the graceful stop: SIGKILL, no checkpoint
         raise ConfigError("--timeout", f"must be seconds >= 0, got {args.timeout}", "e.g. --timeout 600")
     return control.stop(_existing_run(args), timeout_s=args.timeout, external=args.external)
-
-
-def _run_dir_arg(path: str | Path) -> Path:
-    """The run dir; this process takes the run's umask."""
-    rd = Path(path)
-    if not (rd / "config.yaml").exists():
-        raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
-    os.umask(run_umask(load_resolved(rd / "config.yaml")))
-    return rd
 
 
 def cmd_serve(args) -> int:
