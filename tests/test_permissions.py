@@ -70,6 +70,24 @@ def test_missing_fileroot_is_created_traversable(tmp_path, capsys):
     assert stat.S_IMODE(next(root.iterdir()).stat().st_mode) == 0o700
 
 
+def test_a_fileroot_another_submit_creates_meanwhile(tmp_path, monkeypatch):
+    """Two first submits under a missing fileroot: the one that saw a directory missing, then found it made by the
+    other, failed with a FileExistsError traceback."""
+    from areal_hpc.config import load_config
+    from areal_hpc.launch.resolve import make_fileroot
+
+    root = tmp_path / "shared" / "areal"
+    mkdir = Path.mkdir
+
+    def the_other_first(self, *args, **kwargs):
+        mkdir(self, *args, **kwargs)  # the other submit
+        mkdir(self, *args, **kwargs)  # this one
+    monkeypatch.setattr(Path, "mkdir", the_other_first)
+    make_fileroot(load_config(None, [f"cluster.fileroot={root}"]))
+    monkeypatch.undo()
+    assert root.is_dir()
+
+
 def test_a_local_run_is_private_throughout(tmp_path):
     """Servers, trainer, launcher: logs, checkpoints, weights, metrics, registry, secret."""
     p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",

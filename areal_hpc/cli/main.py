@@ -1,6 +1,7 @@
 """`areal-hpc`: parse the command, hand its config words to the config package, dispatch.
 
-Exit codes: 0 ok, 1 the run failed, 2 bad input (one line naming the key; nothing submitted).
+Exit codes: 0 ok, 1 the run failed (or a registry wait timed out), 2 bad input (one line naming the key; nothing
+submitted), 130 Ctrl-C, 141 stdout closed (`status | head`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def _pop_name(args) -> Optional[str]:
         else:
             return words.pop(i)
     return None
+
+
+def _run_dir_arg(path: str | Path) -> Path:
+    """The run dir; this process takes the run's umask."""
+    rd = Path(path)
+    if not (rd / "config.yaml").exists():
+        raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
+    os.umask(run_umask(load_resolved(rd / "config.yaml")))
+    return rd
 
 
 def _existing_run(args) -> Path:
@@ -117,15 +127,6 @@ def cmd_stop(args) -> int:
     return control.stop(_existing_run(args), timeout_s=args.timeout, external=args.external)
 
 
-def _run_dir_arg(path: str | Path) -> Path:
-    """The run dir; this process takes the run's umask."""
-    rd = Path(path)
-    if not (rd / "config.yaml").exists():
-        raise ConfigError("--run-dir", f"{path} holds no config.yaml", "pass the run dir `areal-hpc submit` wrote")
-    os.umask(run_umask(load_resolved(rd / "config.yaml")))
-    return rd
-
-
 def cmd_serve(args) -> int:
     from areal_hpc.launch import entry
 
@@ -185,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("submit", cmd_submit, "start a run (servers + trainer)",
             "Validate the config, write the run dir (config.yaml, plan.json, sbatch/) and start the run: processes on\n"
-            "this machine (mode=local, torchrun), ONE Slurm allocation (mode=slurm) or a Ray cluster (mode=ray). With\n"
-            "min_required_servers=N on a run whose servers are alive, only a trainer starts, from the last checkpoint.\n"
-            "Bad input exits with code 2 and submits nothing.")
+            "this machine (mode=local, torchrun), ONE Slurm allocation (mode=slurm) or a Ray cluster (mode=ray).\n"
+            "With min_required_servers=N on a run whose servers are alive, only a trainer starts, from the last\n"
+            "checkpoint. Bad input exits with code 2 and submits nothing.")
     s.add_argument("--dry-run", action="store_true", help="resolve and write it all, print a summary, submit nothing")
 
     a = add("add-servers", cmd_add_servers, "add inference servers to a running run",

@@ -197,8 +197,7 @@ def detach(reg: Registry, ident: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
-    """Stop an external server's process where we know where it runs (its own Slurm job, a pid on this host); what
-    was done, in words."""
+    """Stop an external server's process where we know it (its own Slurm job, a pid here); what was done, in words."""
     # attached: what its /get_server_info said; `areal-hpc serve` by hand: its own record
     where = (rec.get("process") or {}) if rec.get("url") else rec
     job, pid = where.get("slurm_job_id"), where.get("pid")
@@ -218,8 +217,7 @@ def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
 
 
 def check_attached(reg: Registry, timeout_s: float = 5.0) -> None:
-    """Refresh the records of attached servers (and their weight version) while ``/health`` answers; remove expired
-    ones."""
+    """Refresh attached servers' records (and weight version) while ``/health`` answers; remove expired ones."""
     live, attached = reg.list("servers"), []
     for sid, rec in reg.list("servers", live_only=False).items():
         if not (rec.get("external") and rec.get("url")):

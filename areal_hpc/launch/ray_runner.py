@@ -35,7 +35,6 @@ NODE_LABEL = "ray.io/node-id"
 PLACEMENT_TIMEOUT_S = 120.0  # a planned step's resources must be free within this (a restarted trainer's are)
 RESERVE_TIMEOUT_S = 5.0  # add-servers: a placement not ready by then means the cluster is full
 CONNECT_TIMEOUT_S = 5.0
-INSTALL_HINT = 'pip install "areal-hpc[ray]", or use mode=slurm / mode=local'
 START_HINT = "start one (`ray start --head`) or give its head's GCS address host:port"
 
 
@@ -45,7 +44,7 @@ def require_ray() -> Any:
         import ray
     except ImportError as e:
         raise ConfigError("mode", f"mode=ray needs the ray package, which does not import here ({e})",
-                          INSTALL_HINT) from None
+                          'pip install "areal-hpc[ray]", or use mode=slurm / mode=local') from None
     return ray
 
 
@@ -81,8 +80,7 @@ def _eligible(ray: Any, gpus_per_node: int) -> List[Dict[str, Any]]:
 
 
 def prepare(cfg: ExperimentConfig, plan: Plan) -> List[str]:
-    """Before anything is written: the Ray node id for each node of the plan. A cluster that cannot hold the plan is a
-    `ConfigError`."""
+    """Before anything is written: the Ray node id of each plan node; `ConfigError` if the cluster cannot hold it."""
     ray = connect(cfg.cluster.ray_address)
     nodes = _eligible(ray, plan.gpus_per_node)
     picked: List[str] = []
@@ -106,8 +104,8 @@ def run_prefix(plan: Plan, run_dir: Path) -> str:
 
 
 class StepTask:
-    """One task (rank) of a step, inside a Ray actor. Methods run on the actor's main thread (the parent-death signal is
-    per thread)."""
+    """One task (rank) of a step in a Ray actor; methods run on its main thread (the parent-death signal is per
+    thread)."""
 
     def __init__(self) -> None:
         self.proc: Optional[subprocess.Popen] = None

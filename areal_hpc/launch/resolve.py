@@ -29,8 +29,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 
 def resolve(cfg: ExperimentConfig) -> None:
-    """Download hub names into the shared cache, check every model and dataset, and rewrite the
-    config in place to local absolute paths (and concrete splits). `ConfigError` on a problem."""
+    """Download hub names into the shared cache, check every model and dataset, and rewrite the config in place to
+    local absolute paths (and concrete splits)."""
     cache, explicit = hf_cache_dir(cfg), bool(cfg.cluster.hf_cache)
     cfg.cluster.hf_cache = str(cache)  # absolute in config.yaml: steps get it through plan.step_env
     paths = [getattr(o, a) for _, o, a in models_in_use(cfg)] + [ds.path for _, ds, _ in datasets_in_use(cfg)]
@@ -63,8 +63,9 @@ def make_fileroot(cfg: ExperimentConfig) -> None:
     root = Path(os.path.expanduser(cfg.cluster.fileroot)).resolve()
     for d in reversed([root, *root.parents]):
         if not d.exists():
-            d.mkdir()
-            os.chmod(d, 0o755)
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another submit: its modes stay
+                d.mkdir()
+                os.chmod(d, 0o755)
 
 
 def _quiet() -> None:
@@ -183,9 +184,7 @@ def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path) -> Non
 
 
 def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> None:
-    """The row gives a prompt (string) or messages (list of role/content) and an answer, after
-    the dataset's adapter when it has one."""
-    columns = ", ".join(sorted(row)) or "none"
+    """The row, after the dataset's adapter, gives a prompt (string) or messages (role/content list) and an answer."""
     if ds.adapter:
         try:
             fn = get_adapter(ds.adapter)
@@ -195,12 +194,12 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
             fn(dict(row))
         except KeyError as e:
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} needs column {e.args[0]!r}, missing in {where} "
-                              f"(columns: {columns})",
+                              f"(columns: {', '.join(sorted(row)) or 'none'})",
                               "point at data this adapter reads, or drop the adapter") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} cannot map {where}: {one_line(e, 160)}") from None
         row = apply_adapter([row], ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)[0]
-        columns = ", ".join(sorted(row)) or "none"
+    columns = ", ".join(sorted(row)) or "none"
     prompt, messages = row.get(ds.prompt_key), row.get(ds.messages_key)
     if prompt is None and messages is None:
         hint = (f"GSM8K-style rows: set {key}.adapter=gsm8k" if {"question", "answer"} <= set(row) and not ds.adapter
