@@ -28,8 +28,7 @@ def polled_job_state(job_id: str) -> Callable[[], Optional[str]]:
 
     def job_state() -> Optional[str]:
         if time.monotonic() >= asked["at"] + asked["wait"]:
-            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], SLURM_POLL_S),
-                         state=slurm.job_state(job_id))
+            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], SLURM_POLL_S), state=slurm.job_state(job_id))
         return asked["state"]
     return job_state
 

@@ -246,8 +246,7 @@ class RunOwner:
         self.restarts += 1
         log.warning("%s; restarting it (%d/%d) from its last checkpoint; servers keep running", reason,
                     self.restarts, limit)
-        # min_required_servers=1: the new trainer waits for one server only (the others are registered, or dead and
-        # would keep it waiting), and pushes its weights before generating even with no checkpoint to resume from
+        # it waits for one server only: the others are registered, or dead and would keep it waiting
         self.start_step(self._trainer_step(min_required_servers=1 if self.plan.servers else None))
         self.set_state(outcome.RUNNING, f"trainer restarted {self.restarts}x; last: {reason}", path)
         return True
