@@ -32,7 +32,7 @@ def exit_code(state: Optional[str]) -> int:
 
 
 def describe_exit(rc: int) -> str:
-    """``exited with 1``, ``killed by SIGKILL`` (a negative Popen code), ``exited with 137 (SIGKILL?)`` (srun's 128+N)."""
+    """``exited with 1``, ``killed by SIGKILL`` (a negative Popen code), ``exited with 137 (SIGKILL?)`` (srun's)."""
     if 0 <= rc <= 128:
         return f"exited with {rc}"
     try:

@@ -81,8 +81,8 @@ def python_executable(cfg: ExperimentConfig) -> str:
 
 
 def hf_cache_dir(cfg: ExperimentConfig) -> Path:
-    """The Hugging Face cache (``HF_HOME``) every node sees: ``cluster.hf_cache``, default ``{fileroot}/{user}/hf-cache``
-    (shared by the user's runs, writable by them alone)."""
+    """The Hugging Face cache (``HF_HOME``) every node sees: ``cluster.hf_cache``, default
+    ``{fileroot}/{user}/hf-cache`` (shared by the user's runs, writable by them alone)."""
     c = cfg.cluster
     root = c.hf_cache or str(Path(os.path.expanduser(c.fileroot)) / getpass.getuser() / "hf-cache")
     return Path(os.path.abspath(os.path.expanduser(root)))

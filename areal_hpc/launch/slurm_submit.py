@@ -1,5 +1,5 @@
 """`mode=slurm` from the login node: the run's allocation (submitit; its payload `Driver` runs `driver.main` in the
-batch script, ``exec``-ed so that the batch shell's USR2 reaches it), and server jobs (`templates/add-servers.sbatch`)."""
+batch script, ``exec``-ed so that the batch shell's USR2 reaches it), and server jobs (templates/add-servers.sbatch)."""
 
 from __future__ import annotations
 

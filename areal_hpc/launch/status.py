@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List
@@ -186,11 +185,12 @@ def _log_file(rd: Path, role: str) -> Path:
     found = {p.stem: p for p in logs.glob("*.log")}
     if "trainer-0" in found:
         found["trainer"] = found["trainer-0"]
-    # the run's job (server jobs write slurm-*.out too); any job of a run sbatch-ed by hand
-    job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
-    outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
-    if outs:
-        found["slurm"] = outs[-1]
+    # slurm: the run's job (server jobs write slurm-*.out too), or any job when none is recorded (sbatch by hand)
+    if role == "slurm" or role not in found:
+        job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
+        outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
+        if outs:
+            found["slurm"] = outs[-1]
     if role not in found:
         have = ", ".join(sorted(found)) or "none yet"
         raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {have}")
@@ -214,14 +214,11 @@ def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
 def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
     path = _log_file(rd, role)
     with open(path, "rb") as f:
-        tail = _tail(f, lines)
-        sys.stdout.write("".join(x.decode(errors="replace") + "\n" for x in tail))
-        sys.stdout.flush()
+        print("".join(x.decode(errors="replace") + "\n" for x in _tail(f, lines)), end="", flush=True)
         while follow:
             chunk = f.read()
             if chunk:
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
+                print(chunk.decode(errors="replace"), end="", flush=True)
             else:
                 time.sleep(0.2)
     return 0
