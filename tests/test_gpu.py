@@ -187,3 +187,44 @@ def test_compiled_varlen_engine_matches_eager_sdpa(tmp_path):
         assert (lp - lp_ref).abs().max() < 5e-2, (name, (lp - lp_ref).abs().max())
         assert abs(loss - loss_ref) < 1e-2 * abs(loss_ref), (name, loss, loss_ref)
         assert abs(norm - norm_ref) < 3e-2 * norm_ref, (name, norm, norm_ref)
+
+
+def test_ppo_step_on_a_gpu_learns_from_uneven_groups(tmp_path):
+    """The PPO step as the trainer runs it on one GPU (bf16, flash varlen, several micro-batches): a batch built by
+    `trajectories_to_batch` from groups of unequal size (their ids ride along to the GPU), advantages per group, and
+    the rewarded completions' logprobs rise."""
+    if _n_gpus() < 1:
+        pytest.skip("needs a GPU")
+    import torch
+
+    from areal_hpc import toy
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
+    from areal_hpc.rollout import Trajectory
+    from areal_hpc.train.ppo_loss import PPOActor
+    from areal_hpc.trainers.ppo_trainer import trajectories_to_batch
+
+    path = toy.resolve_model("toy:qwen3-h128-l2", cache_dir=tmp_path)
+    cfg = PPOConfig(actor=EngineConfig(path=path, dtype="bfloat16", attn_impl="varlen",
+                                       optimizer=OptimizerConfig(lr=5e-3)),
+                    mb_spec=MicroBatchSpec(max_tokens_per_mb=64), ppo_n_minibatches=2)
+    actor = PPOActor.build(cfg, total_steps=10, group_size=4, temperature=1.0)
+    g = torch.Generator().manual_seed(1)
+    vocab = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)
+    groups = []
+    for size in (3, 5, 4, 6):  # a workflow may return more or fewer samples than group_size
+        prompt = torch.randint(3, vocab, (8,), generator=g).tolist()
+        groups.append([Trajectory(prompt, torch.randint(3, vocab, (6,), generator=g).tolist(), [0.0] * 6, [0] * 6,
+                                  float(k == 0)) for k in range(size)])
+    batch = trajectories_to_batch(groups)
+    assert batch["group"].tolist() == [0] * 3 + [1] * 5 + [2] * 4 + [3] * 6
+    batch["logprobs"] = actor.compute_logp(batch).cpu()  # behaviour = current policy
+    mask, good = batch["loss_mask"].bool(), batch["rewards"].bool()
+
+    def mean_logp(sel):
+        return float(actor.compute_logp(batch).cpu()[sel][mask[sel]].mean())
+
+    before_good, before_bad = mean_logp(good), mean_logp(~good)
+    for _ in range(4):
+        stats = actor.train_step(dict(batch))
+        assert stats["n_mbs"] > 1 and all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+    assert mean_logp(good) > before_good + 0.1 and mean_logp(~good) < before_bad - 0.1

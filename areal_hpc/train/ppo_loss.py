@@ -50,7 +50,7 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, norm: str = "grou
         if groups is None:
             if r.numel() % group_size:
                 raise ValueError(f"{r.numel()} rewards are not whole groups of {group_size}")
-            groups = torch.arange(r.numel()) // group_size
+            groups = torch.arange(r.numel(), device=r.device) // group_size
         if r.numel() == 0:
             return r.float()
         ids = torch.unique_consecutive(groups, return_inverse=True)[1]
