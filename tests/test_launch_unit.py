@@ -1039,3 +1039,17 @@ def test_a_run_dir_with_a_space_is_one_sbatch_value(tmp_path):
     assert " " in want and shlex.split(out[len("#SBATCH --output="):]) == [want]
     executor = slurm_submit.make_executor(cfg, plan, Path(plan.run_dir))
     assert executor._executor.parameters["additional_parameters"]["output"] == want
+
+
+def test_progress_does_not_trust_file_clocks(tmp_path):
+    """A trainer's metrics row whose mtime reads before the owner started it (a coarse file clock under load, or a
+    file server's clock behind the batch host's) is still progress: two such restarts are not a crash loop."""
+    write = trainer_progresses(tmp_path / "run")
+
+    def on_start(step: StepSpec) -> None:
+        write(step)
+        if step.role == "trainer":
+            os.utime(tmp_path / "run" / "metrics.jsonl", (time.time() - 5, time.time() - 5))
+    runner = FakeRunner({"trainer": [1, 1, 1]}, on_start=on_start)
+    owner = owner_for(tmp_path, runner, "trainer.max_restarts=2")
+    assert owner.run() == 1 and owner.restarts == 2 and "crash loop" not in owner.reason

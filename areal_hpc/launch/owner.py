@@ -130,7 +130,9 @@ class RunOwner:
         if step.role != "server":  # progress is past the checkpoint it resumes from
             resume = 0 if self.cfg.recover.mode == "disabled" else \
                 outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
-            self._attempt = {"t0": time.time(), "from_step": resume, "progressed": False}
+            # the metrics' last row now: a trainer that never writes one leaves it as it is (no clock compared)
+            self._attempt = {"from_step": resume, "row": outcome.last_row(self.run_dir / "metrics.jsonl"),
+                             "progressed": False}
         h = self.runner.start(step, list(self._handles().values()))
         self._log_offsets[step.name] = offsets
         if step.role == "server":
@@ -204,16 +206,12 @@ class RunOwner:
             a["progressed"] = step > a.setdefault("first_step", step)
 
     def _progressed(self) -> bool:
-        """Did the trainer that just ended complete a step (its record moved, or a metrics row past its resume step)?"""
+        """Did the trainer that just ended complete a step (its record moved, or metrics.jsonl ends in a row past its
+        resume step that was not there when it started)? Rows are compared, not mtimes: a file's clock (coarse, or
+        a file server's) can read earlier than this host's."""
         a = self._attempt
-        if a["progressed"]:
-            return True
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            written = path.stat().st_mtime >= a["t0"]
-        except OSError:
-            return False
-        return written and outcome.last_step(path) > a["from_step"]
+        row = outcome.last_row(self.run_dir / "metrics.jsonl")
+        return a["progressed"] or (row != a["row"] and int(row.get("step", 0)) > a["from_step"])
 
     def _on_trainer_exit(self, rc: int) -> bool:
         """Note how the trainer ended; restart it when allowed. True if a new trainer was started."""
