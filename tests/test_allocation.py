@@ -72,3 +72,19 @@ def test_validate_against_cluster():
     with pytest.raises(ConfigError, match="not a multiple"):
         validate_allocation(parse_allocation("sglang:d8+fsdp:d12"), 4, 8)
     validate_allocation(parse_allocation("hf:d64+fsdp:d64"), 1, 0)  # CPU-only: no GPU arithmetic
+
+
+def test_sft_ignores_a_servers_part(tmp_path):
+    """trainer.type=sft starts no servers (`launch.plan.has_servers`), so a servers part (the default
+    allocation_mode's) is ignored by the checks too: its GPUs were counted against the cluster, its sglang
+    refused on CPUs, for servers that never start."""
+    from areal_hpc.config import load_config, validate
+
+    base = ["trainer.type=sft", "trainer.sft.model.path=toy:qwen3", "train_dataset.path=toy:sum",
+            f"cluster.fileroot={tmp_path}", "trainer.sft.batch_size=8"]
+    cfg = load_config(None, base + ["allocation_mode=sglang:d16+fsdp:d8", "cluster.n_nodes=1",
+                                    "cluster.n_gpus_per_node=8"])
+    assert validate(cfg).train.world_size == 8  # one node holds the 8 trainer ranks: the 16 servers never start
+    validate(load_config(None, base + ["allocation_mode=sglang:d1+fsdp:d1", "cluster.n_gpus_per_node=0"]))
+    with pytest.raises(ConfigError, match="needs 2 nodes"):  # the trainer's own GPUs are still counted
+        validate(load_config(None, base + ["allocation_mode=sglang:d1+fsdp:d16", "cluster.n_gpus_per_node=8"]))

@@ -385,13 +385,15 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
                           "raise launcher.ttl_s or lower launcher.heartbeat_s")
 
     alloc = parse_allocation(cfg.allocation_mode)
-    validate_allocation(alloc, c.n_nodes, c.n_gpus_per_node, c.multi_node_tp)
-    if alloc.gen and alloc.gen.backend == "sglang" and c.n_gpus_per_node == 0:
+    # sft starts no servers (`launch.plan.has_servers`): a servers part (the default's) is ignored, its GPUs too
+    gen = None if t == "sft" else alloc.gen
+    validate_allocation(dataclasses.replace(alloc, gen=gen), c.n_nodes, c.n_gpus_per_node, c.multi_node_tp)
+    if gen and gen.backend == "sglang" and c.n_gpus_per_node == 0:
         raise ConfigError("allocation_mode", "sglang servers need GPUs but cluster.n_gpus_per_node=0",
                           "use the embedded engine on CPUs: hf.d1+d1")
-    whole_nodes = alloc.gen and c.n_gpus_per_node and alloc.gen.gpus_per_instance >= c.n_gpus_per_node
-    if cfg.server.port and alloc.n_servers > 1 and not whole_nodes and t != "sft":  # servers packed onto a node
-        raise ConfigError("server.port", f"{cfg.server.port} is fixed, but {alloc.n_servers} servers share a node: "
+    whole_nodes = gen and c.n_gpus_per_node and gen.gpus_per_instance >= c.n_gpus_per_node
+    if cfg.server.port and gen and gen.dp > 1 and not whole_nodes:  # servers packed onto a node
+        raise ConfigError("server.port", f"{cfg.server.port} is fixed, but {gen.dp} servers share a node: "
                           "only the first can listen on it", "leave it 0: each server takes a free port")
     if t != "sft" and alloc.gen is None:
         raise ConfigError("allocation_mode", f"{cfg.allocation_mode!r} has no inference servers but trainer.type={t} "
