@@ -82,7 +82,7 @@ def test_system_prompt_and_messages_rows(tok):
 
 
 def test_chat_template_none_is_raw_text(tok):
-    enc = PromptEncoder(tok, PromptFormat(chat_template="none", system_prompt="ignored without a template"))
+    enc = PromptEncoder(tok, PromptFormat(chat_template="none"))
     assert not enc.uses_template
     assert enc.encode({"prompt": "3+4="}) == ids_of(tok, "3+4=")
     with pytest.raises(ValueError, match="has 'messages' but no 'prompt': chat_template=none"):
@@ -109,6 +109,16 @@ def test_a_tokenizer_without_template_keeps_raw_text(tmp_path):
     assert stop_token_ids(toy) == [toy.eos_token_id] and enc.end_of_turn_ids() == [toy.eos_token_id]
     with pytest.raises(ValueError, match="the tokenizer has no chat template"):
         enc.encode({"messages": [user("3+4=")]})
+
+
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_a_system_prompt_without_a_template_is_refused(tmp_path, tok, mode):
+    """Raw-text prompts have no place for a system prompt: it was dropped without a word when the tokenizer had no
+    template (chat_template=auto); refused as chat_template=none with it is (config/validate.py)."""
+    toy = AutoTokenizer.from_pretrained(resolve_model("toy:qwen3-h64-l1", cache_dir=tmp_path))
+    why = "the tokenizer has no chat template" if mode == "auto" else "chat_template=none"
+    with pytest.raises(ValueError, match=f"system_prompt goes into the chat template, but {why}"):
+        PromptEncoder(toy if mode == "auto" else tok, PromptFormat(chat_template=mode, system_prompt="Be brief."))
 
 
 def test_end_of_turn_token_of_other_templates(tmp_path, tok):

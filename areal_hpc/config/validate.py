@@ -425,9 +425,11 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
 
     for key, owner, attr in models_in_use(cfg):
         _check_path(key, getattr(owner, attr), "model")
+    tokenizer = cfg.server.model_path if t == "null" and cfg.server.model_path else actor_path(cfg)  # the prompts'
     for key, ds, _ in datasets_in_use(cfg):
         _check_path(f"{key}.path", ds.path, "dataset")
-        if ds.system_prompt and ds.chat_template == "none":  # raw text has no place for it: it was dropped, silently
-            raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {key}.chat_template=none "
-                              "sends prompts as raw text", "drop one of them, or put the instruction in the prompts")
+        raw = f"{key}.chat_template=none" if ds.chat_template == "none" else "a toy: model's tokenizer has no template"
+        if ds.system_prompt and (ds.chat_template == "none" or tokenizer.startswith("toy:")):  # (dropped, silently)
+            raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {raw}: prompts are raw "
+                              "text", "drop one of them, or put the instruction in the prompts")
     return alloc

@@ -69,6 +69,12 @@ class PromptEncoder:
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, "
                              f"got {self.fmt.chat_template!r}")
         self.uses_template = self.fmt.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        # why prompts are raw text (None: rendered by the template)
+        self.raw = None if self.uses_template else ("chat_template=none" if self.fmt.chat_template == "none"
+                                                    else "the tokenizer has no chat template")
+        if self.raw and self.fmt.system_prompt:  # raw text has no place for it: it was dropped, silently
+            raise ValueError(f"system_prompt goes into the chat template, but {self.raw}: prompts are raw text "
+                             "(drop it, put the instruction in the prompts, or use a model with a chat template)")
 
     def messages(self, row: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The row's messages, or its prompt as one user message; the system prompt first unless it has one."""
@@ -105,8 +111,7 @@ class PromptEncoder:
                 raise ValueError(f"the tokenizer's chat template rejected {[m['role'] for m in msgs]}: {e} "
                                  f"(chat_template=none sends raw text)") from e
         elif row.get(f.prompt_key) is None:
-            why = ("chat_template=none" if f.chat_template == "none" else "the tokenizer has no chat template")
-            raise ValueError(f"row has {f.messages_key!r} but no {f.prompt_key!r}: {why}, so the prompt must be a "
+            raise ValueError(f"row has {f.messages_key!r} but no {f.prompt_key!r}: {self.raw}, so the prompt must be a "
                              f"raw-text {f.prompt_key!r} string (or use a model whose tokenizer has a chat template)")
         else:
             text = str(row[f.prompt_key])
