@@ -144,7 +144,7 @@ def test_a_key_error_of_a_trainer_is_not_reported_as_an_unknown_type(tmp_path):
     with pytest.raises(KeyError, match="dataset_column"):
         make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
     cfg.trainer.type = "no-such-trainer"
-    with pytest.raises(KeyError, match="unknown trainer.type 'no-such-trainer'; known: .*test-needs-a-key"):
+    with pytest.raises(ValueError, match="trainer.type: 'no-such-trainer' is not registered .*test-needs-a-key"):
         make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
 
 
@@ -182,3 +182,28 @@ def test_a_plugin_file_that_failed_to_import_fails_again_not_silently(tmp_path):
     for _ in range(2):
         with pytest.raises(RuntimeError, match="plugin bug"):
             load_plugins([str(plugin)])
+
+
+@pytest.mark.parametrize("key, value", [("rollout.reward_fn", "exact_matc"), ("rollout.workflow", "rvlr"),
+                                        ("trainer.type", "rtf"), ("valid_dataset.adapter", "gsm8")])
+def test_plugins_do_not_hide_a_misspelt_name(tmp_path, key, value):
+    """With trainer.plugins `validate` cannot know every name (a plugin may add one), so it checked none: a typo in a
+    built-in name passed. Once the plugins are loaded, every selected name must be registered."""
+    from areal_hpc.config import ConfigError
+    from areal_hpc.config.validate import get
+    from areal_hpc.trainers.factory import check_names
+
+    plugin = tmp_path / "names_plugin.py"
+    plugin.write_text("from areal_hpc.rollout import register_reward\nfrom areal_hpc.trainers import register_trainer\n"
+                      "from areal_hpc.trainers.ppo_trainer import PPOTrainer\n\n"
+                      "register_trainer('rft')(type('RFT', (PPOTrainer,), {}))\n"
+                      "register_reward('length')(lambda prompt, completion, answer, **row: float(len(completion)))\n")
+    cfg = ExperimentConfig()
+    cfg.trainer.plugins, cfg.trainer.type, cfg.rollout.reward_fn = [str(plugin)], "rft", "length"
+    check_names(cfg)  # the plugin's names, and the built-in ones
+    section, _, attr = key.rpartition(".")
+    setattr(get(cfg, section), attr, value)
+    with pytest.raises(ConfigError, match=rf"^{key}: {value!r} is not registered .*known: "):
+        check_names(cfg)
+    with pytest.raises(ConfigError, match=rf"^{key}: "):  # on the node too, before the trainer is built
+        make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from areal_hpc.config import ConfigError
+from areal_hpc.config.validate import get
 from areal_hpc.rollout.names import NameTable
 from areal_hpc.trainers.base import TrainContext, Trainer
 
@@ -40,11 +42,23 @@ def known_types():
     return sorted(set(TRAINERS) | set(_BUILTIN))
 
 
+def check_names(cfg) -> None:
+    """Load ``trainer.plugins``, then refuse a selected name no registry knows (`config.validate` checks the names
+    only without plugins, which may add some): `ConfigError` listing the known names."""
+    from areal_hpc.rollout import ADAPTERS, REWARDS, WORKFLOWS
+
+    load_plugins(cfg.trainer.plugins)
+    tables = {"trainer.type": known_types(), "rollout.workflow": WORKFLOWS, "rollout.reward_fn": REWARDS,
+              "train_dataset.adapter": ADAPTERS, "valid_dataset.adapter": ADAPTERS}
+    for key, known in tables.items():
+        value = get(cfg, key) or ("null" if key == "trainer.type" else "")  # (no adapter: "")
+        if value and value not in known:
+            raise ConfigError(key, f"{value!r} is not registered", f"known: {', '.join(sorted(known))}")
+
+
 def make_trainer(ctx: TrainContext) -> Trainer:
-    load_plugins(ctx.cfg.trainer.plugins)
+    check_names(ctx.cfg)
     kind = ctx.cfg.trainer.type or "null"
-    if kind not in TRAINERS and kind in _BUILTIN:
-        importlib.import_module(_BUILTIN[kind])
     if kind not in TRAINERS:
-        raise KeyError(f"unknown trainer.type {kind!r}; known: {', '.join(known_types())}")
+        importlib.import_module(_BUILTIN[kind])
     return TRAINERS[kind](ctx)
