@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
 from areal_hpc.config.errors import ConfigError, did_you_mean
@@ -169,13 +169,19 @@ def check_range(key: str, value: Any, interval: str, hint: str | None = None) ->
         raise ConfigError(key, f"{problem}, got {value}", hint)
 
 
-def check_ranges(cfg: ExperimentConfig) -> None:
-    """`CHOICES`, `BUILT_IN` (without plugins), `RANGES`, and the options and names that Slurm reads."""
-    for pattern, choices in {**CHOICES, **({} if cfg.trainer.plugins else BUILT_IN)}.items():
+def check_choices(cfg: ExperimentConfig, choices_of: Dict[str, Sequence[Any]]) -> None:
+    """Each key's value is one of its choices; with ``trainer.plugins``, `trainers.factory.check_names` checks the
+    `BUILT_IN` keys against the registries once the plugins are loaded."""
+    for pattern, choices in choices_of.items():
         for key, value in ((k, get(cfg, k)) for k in _keys(pattern)):
             if value not in choices and (value or pattern != "{ds}.adapter"):  # (no adapter: "")
                 raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}",
                                   did_you_mean(str(value), [str(c) for c in choices]))
+
+
+def check_ranges(cfg: ExperimentConfig) -> None:
+    """`CHOICES`, `BUILT_IN` (without plugins), `RANGES`, and the options and names that Slurm reads."""
+    check_choices(cfg, {**CHOICES, **({} if cfg.trainer.plugins else BUILT_IN)})
     for interval, patterns in RANGES.items():
         for key in (k for pattern in patterns for k in _keys(pattern)):
             if get(cfg, key) is not None:

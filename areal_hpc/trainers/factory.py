@@ -7,8 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from areal_hpc.config import ConfigError
-from areal_hpc.config.validate import get
+from areal_hpc.config.validate import check_choices
 from areal_hpc.rollout.names import NameTable
 from areal_hpc.trainers.base import TrainContext, Trainer
 
@@ -43,22 +42,18 @@ def known_types():
 
 
 def check_names(cfg) -> None:
-    """Load ``trainer.plugins``, then refuse a selected name no registry knows (`config.validate` checks the names
-    only without plugins, which may add some): `ConfigError` listing the known names."""
+    """Load ``trainer.plugins``, then refuse a selected name no registry knows (`config.validate` checks the built-in
+    names only without plugins, which may add some)."""
     from areal_hpc.rollout import ADAPTERS, REWARDS, WORKFLOWS
 
     load_plugins(cfg.trainer.plugins)
-    tables = {"trainer.type": known_types(), "rollout.workflow": WORKFLOWS, "rollout.reward_fn": REWARDS,
-              "train_dataset.adapter": ADAPTERS, "valid_dataset.adapter": ADAPTERS}
-    for key, known in tables.items():
-        value = get(cfg, key) or ("null" if key == "trainer.type" else "")  # (no adapter: "")
-        if value and value not in known:
-            raise ConfigError(key, f"{value!r} is not registered", f"known: {', '.join(sorted(known))}")
+    check_choices(cfg, {"trainer.type": known_types(), "rollout.workflow": sorted(WORKFLOWS),
+                        "rollout.reward_fn": sorted(REWARDS), "{ds}.adapter": sorted(ADAPTERS)})
 
 
 def make_trainer(ctx: TrainContext) -> Trainer:
     check_names(ctx.cfg)
-    kind = ctx.cfg.trainer.type or "null"
+    kind = ctx.cfg.trainer.type  # (validate wrote null for a None; check_names refuses a None)
     if kind not in TRAINERS:
         importlib.import_module(_BUILTIN[kind])
     return TRAINERS[kind](ctx)

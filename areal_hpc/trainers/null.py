@@ -9,7 +9,6 @@ import logging
 import time
 
 from areal_hpc.config import actor_path
-from areal_hpc.registry import RegistryTimeout
 from areal_hpc.rollout import Group, RolloutError
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
@@ -26,12 +25,8 @@ class EvalTrainer(Trainer):
         tokenizer = load_tokenizer(cfg.server.model_path or actor_path(cfg))
         rows = list(load_prompts(ctx, "valid", epochs=1, tokenizer=tokenizer))
         workflow = make_rollout_workflow(cfg, tokenizer, ds)
-        try:  # a stop request (SIGTERM) only sets self.stop: both waits look at it
-            pool = server_pool(ctx, should_stop=lambda: bool(self.stop))
-        except RegistryTimeout:
-            if not self.stop:
-                raise
-            log.warning("stopped while waiting for servers")
+        pool = server_pool(ctx, should_stop=lambda: bool(self.stop))  # a stop request (SIGTERM) only sets self.stop
+        if pool is None:  # it came while waiting for the servers
             return 0
         self.publish_state(step=0, version=None, world_size=1, state="evaluating", n_rows=len(rows))
         t0 = time.monotonic()

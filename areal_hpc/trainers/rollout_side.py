@@ -81,13 +81,20 @@ def make_rollout_workflow(cfg, tokenizer, ds):
                          system_prompt=ds.system_prompt, reward_timeout_s=cfg.rollout.reward_timeout_s)
 
 
-def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = None) -> ServerPool:
-    """A client pool of the run's servers, once as many as the run needs are healthy."""
+def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = None) -> Optional[ServerPool]:
+    """A client pool of the run's servers (not started), once as many as the run needs are healthy; None if a stop
+    came meanwhile."""
     cfg = ctx.cfg
     n = cfg.min_required_servers or ctx.alloc.n_servers
     log.info("waiting for %d healthy server(s) in %s", n, ctx.registry.root)
     t0 = time.monotonic()
-    ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s, stop=should_stop)
+    try:
+        ctx.registry.wait_for("servers", n, timeout_s=cfg.launcher.trainer_wait_servers_timeout_s, stop=should_stop)
+    except RegistryTimeout:
+        if not (should_stop and should_stop()):
+            raise
+        log.warning("stopped while waiting for servers")
+        return None
     log.info("%d server(s) up after %.1fs", n, time.monotonic() - t0)
     return ServerPool(ctx.registry, ctx.registry.secret(), refresh_s=cfg.launcher.heartbeat_s,
                       request_timeout_s=cfg.rollout.request_timeout_s)
@@ -102,15 +109,12 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
         loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs, tokenizer=tokenizer)
         loader.load_state_dict(loader_state)
         skip = (loader_state or {}).get("skip", ())  # rows done after the oldest one in flight (`rows_state`)
-        make_side = functools.partial(RolloutSide, ctx, tokenizer, loader, version, skip=skip)
-        try:
-            in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
-            return RolloutProcess(make_side, should_stop) if in_child else make_side(should_stop)
-        except RegistryTimeout:
-            if not should_stop():
-                raise
-            log.warning("stopped while waiting for servers")
+        pool = server_pool(ctx, should_stop)  # waited for here; a child process starts it
+        if pool is None:
             return None
+        make_side = functools.partial(RolloutSide, ctx, tokenizer, loader, pool, version, skip=skip)
+        in_child = ctx.cfg.rollout.client_process and ctx.cfg.trainer.ppo.weight_update == "disk"
+        return RolloutProcess(make_side, should_stop) if in_child else make_side(should_stop)
 
     side = share(make, sent=lambda side: side is not None)  # the other ranks: whether rank 0 has one
     if dist.rank() == 0:
@@ -121,11 +125,10 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
 class RolloutSide(BackgroundUpdates):
     """Rank 0's view of the inference side of a run."""
 
-    def __init__(self, ctx: TrainContext, tokenizer, loader: PromptLoader, start_version: int,
+    def __init__(self, ctx: TrainContext, tokenizer, loader: PromptLoader, pool: ServerPool, start_version: int,
                  should_stop: Callable[[], bool], skip: Sequence[int] = ()):
         cfg = ctx.cfg
-        self.ctx, self.should_stop = ctx, should_stop
-        self.pool = server_pool(ctx, should_stop)
+        self.ctx, self.should_stop, self.pool = ctx, should_stop, pool
         self.controller = RolloutController(
             make_rollout_workflow(cfg, tokenizer, cfg.train_dataset), self.pool, loader,
             batch_size=cfg.rollout.batch_size, max_head_offpolicyness=cfg.rollout.max_head_offpolicyness,
