@@ -12,21 +12,19 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from areal_hpc import toy
+from areal_hpc.config.errors import ConfigError
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # where validation data comes from when no split is given, by preference
 EVAL_SPLITS = ("test", "validation", "valid", "eval", "dev")
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be read as configured; ``field`` (``path``, ``name``, ``split``) is at fault."""
+class DatasetError(ConfigError):
+    """A dataset that cannot be read as configured: its ``field`` (``path``, ``name``, ``split``: the key within the
+    dataset's section) is at fault."""
 
-    def __init__(self, field: str, message: str, hint: Optional[str] = None):
-        self.field, self.message, self.hint = field, message, hint
-        super().__init__(f"{message} ({hint})" if hint else message)
-
-    def __reduce__(self):  # a child process's error reaches its parent intact
-        return type(self), (self.field, self.message, self.hint)
+    field = property(lambda self: self.key)
+    message = property(lambda self: self.problem)
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:
