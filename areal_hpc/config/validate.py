@@ -170,8 +170,7 @@ def check_range(key: str, value: Any, interval: str, hint: str | None = None) ->
 
 
 def check_choices(cfg: ExperimentConfig, choices_of: Dict[str, Sequence[Any]]) -> None:
-    """Each key's value is one of its choices; with ``trainer.plugins``, `trainers.factory.check_names` checks the
-    `BUILT_IN` keys against the registries once the plugins are loaded."""
+    """Each key's value is one of its choices (`trainers.factory.check_names`: the registries', plugins loaded)."""
     for pattern, choices in choices_of.items():
         for key, value in ((k, get(cfg, k)) for k in _keys(pattern)):
             if value not in choices and (value or pattern != "{ds}.adapter"):  # (no adapter: "")

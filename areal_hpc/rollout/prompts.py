@@ -69,9 +69,8 @@ class PromptEncoder:
             raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, "
                              f"got {self.fmt.chat_template!r}")
         self.uses_template = self.fmt.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        # why prompts are raw text (None: rendered by the template)
-        self.raw = None if self.uses_template else ("chat_template=none" if self.fmt.chat_template == "none"
-                                                    else "the tokenizer has no chat template")
+        why = "chat_template=none" if self.fmt.chat_template == "none" else "the tokenizer has no chat template"
+        self.raw = None if self.uses_template else why  # why prompts are raw text
         if self.raw and self.fmt.system_prompt:  # raw text has no place for it: it was dropped, silently
             raise ValueError(f"system_prompt goes into the chat template, but {self.raw}: prompts are raw text "
                              "(drop it, put the instruction in the prompts, or use a model with a chat template)")

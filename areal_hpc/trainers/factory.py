@@ -42,8 +42,7 @@ def known_types():
 
 
 def check_names(cfg) -> None:
-    """Load ``trainer.plugins``, then refuse a selected name no registry knows (`config.validate` checks the built-in
-    names only without plugins, which may add some)."""
+    """Load ``trainer.plugins``; refuse a name no registry knows (`validate` checks built-in ones only without them)."""
     from areal_hpc.rollout import ADAPTERS, REWARDS, WORKFLOWS
 
     load_plugins(cfg.trainer.plugins)

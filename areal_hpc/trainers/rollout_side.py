@@ -82,8 +82,7 @@ def make_rollout_workflow(cfg, tokenizer, ds):
 
 
 def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = None) -> Optional[ServerPool]:
-    """A client pool of the run's servers (not started), once as many as the run needs are healthy; None if a stop
-    came meanwhile."""
+    """A client pool (not started) once as many servers as the run needs are healthy; None if a stop came meanwhile."""
     cfg = ctx.cfg
     n = cfg.min_required_servers or ctx.alloc.n_servers
     log.info("waiting for %d healthy server(s) in %s", n, ctx.registry.root)
