@@ -134,8 +134,7 @@ class ModelRunner:
         self.context_length = int(min(context_length, max_pos)) if context_length > 0 else int(max_pos)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.eos_token_ids = self._eos_ids(self.config, model_path)
-        n_layers = text_cfg.num_hidden_layers
-        n_heads = text_cfg.num_attention_heads
+        n_layers, n_heads = text_cfg.num_hidden_layers, text_cfg.num_attention_heads
         n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_heads
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // n_heads
         self.max_running = int(max_running)
