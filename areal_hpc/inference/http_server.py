@@ -147,11 +147,11 @@ class EngineServer:
             for entry in out["meta_info"]["output_token_logprobs"]:
                 entry[2] = req.logprob_tokenizer.decode([entry[1]])
         if req.tokenizer is not None:
-            ids, p = out["output_ids"], seq.params
-            # as SGLang's text: without the stop token that ends it (output_ids keep it), in a chunk streamed between
-            # its sampling and the end of its step too (a stop token is always the last: it finishes the sequence)
-            if ids and not req.keep_stop and not p.ignore_eos and (ids[-1] in p.stop_token_ids
-                                                                   or ids[-1] in self.engine.eos_token_ids):
+            ids = out["output_ids"]
+            # as SGLang's text: without the stop token of a "stop" finish (output_ids keep it), in a chunk streamed
+            # between its sampling and the end of its step too (a stop token is always the last: it ends the sequence)
+            ends = ids and self.engine.ends(seq.params, ids[-1], len(ids), len(seq.prompt_ids) + len(ids))
+            if not req.keep_stop and ends and ends["type"] == "stop":
                 ids = ids[:-1]
             out = {"text": req.tokenizer.decode(ids, skip_special_tokens=req.skip_special), **out}
         if req.prompt_ids:
