@@ -204,6 +204,29 @@ def test_pause_abort_returns_partial_and_holds_new_work(engine, reference):
     assert ev.wait(10) and len(held.output_ids) == 4
 
 
+def test_pause_abort_aborts_the_waiting_requests_too(model_path):
+    """SGLang's pause in abort mode aborts every request the scheduler holds (`abort_all`), those still waiting for a
+    batch slot too; only what arrives after the pause waits for continue. The hf engine aborted the running ones and
+    kept the waiting ones, which then ran on the new weights with no abort to tell their client."""
+    eng = LLMEngine(ModelRunner(model_path, max_running=2)).start()
+    try:
+        seqs = [Sequence([3 + i, 8, 9], SamplingParams(max_new_tokens=2000, ignore_eos=True)) for i in range(4)]
+        done = threading.Semaphore(0)
+        for s in seqs:
+            s.on_finish = lambda _s: done.release()
+            eng.submit(s)
+        while not (len(eng.scheduler.running) == 2 and all(s.output_ids for s in eng.scheduler.running)):
+            time.sleep(0.002)
+        assert len(eng.scheduler.waiting) == 2
+        assert eng.pause("abort").result(5) == 4
+        for _ in seqs:
+            assert done.acquire(timeout=5), "a waiting request was held, not aborted"
+        assert all(s.finish_reason["type"] == "abort" for s in seqs)
+        assert sorted(len(s.output_ids) > 0 for s in seqs) == [False, False, True, True]
+    finally:
+        eng.stop()
+
+
 def test_pause_retract_and_in_place_keep_requests(engine, reference):
     for mode in ("retract", "in_place"):
         seqs = [Sequence([7, 8, 9 + i], SamplingParams(max_new_tokens=60, temperature=0.8, ignore_eos=True))

@@ -70,7 +70,7 @@ class LLMEngine:
         self.runner = runner
         self.scheduler = Scheduler(runner.max_running, 16384 if runner.device.type == "cuda" else 8192)
         self.weight_version, self.eos_token_ids = str(weight_version), frozenset(runner.eos_token_ids)
-        # no steps while paused: "abort" and "retract" empty the batch first, "in_place" keeps it (and its KV)
+        # no steps while paused, new requests wait in the inbox: "abort" and "retract" empty the batch, "in_place" not
         self.paused = False
         # set (on the loop thread, `tear`): why every request fails with a 503 now; None: serving
         self.refusal: Optional[str] = None
@@ -217,16 +217,14 @@ class LLMEngine:
         return len(hit)
 
     def _pause(self, mode: str) -> int:
-        self.paused = True
+        self.paused = True  # requests sent from now on wait in the inbox
+        if mode == "abort":  # as SGLang's abort_all: every request sent before, running or waiting
+            return self._abort(None, "generation paused")
         if mode == "in_place":
             return 0
-        running = list(self.scheduler.running)
-        if mode == "abort":
-            self._retire([(s, {"type": "abort", "message": "generation paused"}) for s in running])
-            self.stats["aborted_requests"] += len(running)
-        else:  # retract: back to the queue; their tokens so far are re-prefilled on continue
-            self.scheduler.remove(running)
-            self.scheduler.waiting.extendleft(reversed(running))
+        running = list(self.scheduler.running)  # retract: back to the queue, re-prefilled with their tokens on continue
+        self.scheduler.remove(running)
+        self.scheduler.waiting.extendleft(reversed(running))
         return len(running)
 
     # ------------------------------------------------------------------ the loop
@@ -252,7 +250,8 @@ class LLMEngine:
             while not self._stopping:
                 self._wake.clear()
                 self._run_commands()
-                self._drain_inbox()
+                if not self.paused:
+                    self._drain_inbox()
                 if self.refusal is not None and (self.scheduler.running or self.scheduler.waiting):
                     self._abort(None, self.refusal, 503)
                 if self.paused or not (self.scheduler.running or self.scheduler.waiting):
