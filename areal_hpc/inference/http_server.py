@@ -360,25 +360,26 @@ class EngineServer:
             specs = [(n, torch_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
         except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
             raise RequestError(str(e)) from None
-        problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
         version, abort = _version(body, "weight_version"), json_bool(body, "abort_all_requests")
-        if problems:
-            raise RequestError("; ".join(problems[:5]))
+        # Tensors the model has not (in that shape) are received all the same, into scratch memory, then refused (SGLang
+        # too receives before it loads): kept out of the broadcast, the server left the trainer in it until its timeout
+        problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
         gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come
 
         def receive() -> None:
             try:
-                self.runner.load_broadcast(specs, pg, gone.is_set)
+                self.runner.load_broadcast(specs, pg, gone.is_set, discard=bool(problems))
             except Exception as e:  # its communicator is broken: later updates need a new group
                 self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
                     dist.distributed_c10d._abort_process_group(pg)
-                why = self.engine.tear(f"a weight broadcast in group {group} failed: {e}")
-                log.error("%s; group %s is dropped", why, group)
+                why = f"a weight broadcast in group {group} failed: {e}"
+                log.error("%s; group %s is dropped", why if problems else self.engine.tear(why), group)
                 raise
-            self.engine.renew((name, shape) for name, _, shape in specs)
-            # none given keeps the version, as in SGLang: one update comes in many buckets
-            self.engine.set_version(self.engine.weight_version if version is None else version, abort)
+            if not problems:
+                self.engine.renew((name, shape) for name, _, shape in specs)
+                # none given keeps the version, as in SGLang: one update comes in many buckets
+                self.engine.set_version(self.engine.weight_version if version is None else version, abort)
 
         try:
             await self._on_loop(receive)
@@ -387,6 +388,9 @@ class EngineServer:
             raise
         except Exception as e:
             return _result(False, f"broadcast failed: {e}")
+        if problems:
+            return _result(False, f"received and dropped {len(specs)} tensors that do not fit the model: "
+                                  f"{'; '.join(problems[:5])}")
         return _result(True, f"Updated {len(specs)} tensors; weight version {self.engine.weight_version}")
 
     # ------------------------------------------------------------------ info
