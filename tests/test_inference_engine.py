@@ -680,3 +680,55 @@ def test_a_control_flag_must_be_a_json_boolean(engine):
     while not seq.finished and time.monotonic() < deadline:
         time.sleep(0.05)
     assert seq.finish_reason["type"] == "length"
+
+
+def test_every_flag_and_number_of_a_request_is_read_as_its_json_type(engine):
+    """After abort_all, stream and ignore_eos, the rest: no_stop_trim "false" kept the stop token, skip_special_tokens
+    "false" and return_logprob "false" counted as true (bool() of a non-empty string), a master_port "29500" or 29500.7
+    became 29500 (int()), rank_offset true rank 1, a tensor's shape ["3"] or [2.5] was received as (3,) or (2,), and a
+    name that is not a string was a 500. Each is now a 400 naming the field."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+    from areal_hpc.inference.http_validate import RequestError, read_generate
+
+    async def tokenizer(why):
+        raise AssertionError(why)
+
+    for sp, body in (({"no_stop_trim": "false"}, {}), ({"skip_special_tokens": "false"}, {}),
+                     ({}, {"return_logprob": "false"}), ({}, {"return_logprob": [True, "no"]})):
+        key = next(iter(sp or body))
+        with pytest.raises(RequestError, match=f"{key} must be true or false"):
+            asyncio.run(read_generate({"input_ids": [1, 2], "sampling_params": sp, **body}, tokenizer, 50, 100))
+    server = EngineServer(engine)
+    server.groups["g"] = object()  # a group; nothing gets as far as using it
+    name = next(iter(engine.runner._params))
+    group = {"master_address": "127.0.0.1", "master_port": 29500, "rank_offset": 1, "world_size": 2,
+             "backend": "gloo", "group_name": "g2"}
+    update = {"names": [name], "dtypes": ["float32"], "shapes": [list(engine.runner._params[name].shape)],
+              "group_name": "g"}
+    bad = [("/init_weights_update_group", dict(group, master_port="29500"), "master_port"),
+           ("/init_weights_update_group", dict(group, master_port=29500.7), "master_port"),
+           ("/init_weights_update_group", dict(group, rank_offset=True), "rank_offset"),
+           ("/init_weights_update_group", dict(group, world_size="2"), "world_size"),
+           ("/init_weights_update_group", dict(group, rank_offset=2), "rank_offset"),
+           ("/init_weights_update_group", dict(group, timeout="60"), "timeout"),
+           ("/init_weights_update_group", dict(group, timeout=float("inf")), "timeout"),
+           ("/update_weights_from_distributed", dict(update, shapes=[["3"]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, shapes=[[2.5]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, shapes=[[-1]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, shapes=[[True]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, names=[["w"]]), "names")]
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            for path, body, key in bad:
+                async with s.post(url + path, data=json.dumps(body)) as r:
+                    msg = (await r.json()).get("message", "")
+                    assert r.status == 400 and key in msg, (path, body, r.status, msg)
+
+    asyncio.run(go())
+    assert server.groups == {"g": server.groups["g"]}
