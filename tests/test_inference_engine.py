@@ -157,6 +157,20 @@ def test_stop_tokens_eos_and_zero_budget(engine, reference):
     assert z.output_ids == [] and z.finish_reason["type"] == "length"
 
 
+def test_a_stop_token_at_max_new_tokens_finishes_as_length(engine):
+    """SGLang's `Req.check_finished` looks at the length first, then at stop tokens: a stop token sampled as the
+    max_new_tokens-th token finishes with "length" (and its text keeps it: only a "stop" finish trims it). The hf
+    engine checked stop tokens first and reported "stop"."""
+    probe = run(engine, [Sequence([5, 9, 13], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))])[0]
+    last = probe.output_ids[2]
+    assert not {last, *engine.eos_token_ids} & set(probe.output_ids[:2]), "the toy model's greedy output changed"
+    stops = (last,)
+    s = run(engine, [Sequence([5, 9, 13], SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=stops))])[0]
+    assert s.output_ids == probe.output_ids and s.finish_reason == {"type": "length", "length": 3}
+    s = run(engine, [Sequence([5, 9, 13], SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=stops))])[0]
+    assert s.output_ids == probe.output_ids and s.finish_reason == {"type": "stop", "matched": last}
+
+
 def test_ignore_eos_ignores_stop_token_ids_too(engine):
     """In SGLang, ignore_eos turns off every stop token, stop_token_ids included (`Req._check_token_based_finish`
     returns at once). The hf engine still stopped on stop_token_ids: the same request (a generation config with
@@ -188,6 +202,29 @@ def test_pause_abort_returns_partial_and_holds_new_work(engine, reference):
     assert not ev.wait(0.3), "a request sent while paused must wait for continue"
     engine.resume().result(5)
     assert ev.wait(10) and len(held.output_ids) == 4
+
+
+def test_pause_abort_aborts_the_waiting_requests_too(model_path):
+    """SGLang's pause in abort mode aborts every request the scheduler holds (`abort_all`), those still waiting for a
+    batch slot too; only what arrives after the pause waits for continue. The hf engine aborted the running ones and
+    kept the waiting ones, which then ran on the new weights with no abort to tell their client."""
+    eng = LLMEngine(ModelRunner(model_path, max_running=2)).start()
+    try:
+        seqs = [Sequence([3 + i, 8, 9], SamplingParams(max_new_tokens=2000, ignore_eos=True)) for i in range(4)]
+        done = threading.Semaphore(0)
+        for s in seqs:
+            s.on_finish = lambda _s: done.release()
+            eng.submit(s)
+        while not (len(eng.scheduler.running) == 2 and all(s.output_ids for s in eng.scheduler.running)):
+            time.sleep(0.002)
+        assert len(eng.scheduler.waiting) == 2
+        assert eng.pause("abort").result(5) == 4
+        for _ in seqs:
+            assert done.acquire(timeout=5), "a waiting request was held, not aborted"
+        assert all(s.finish_reason["type"] == "abort" for s in seqs)
+        assert sorted(len(s.output_ids) > 0 for s in seqs) == [False, False, True, True]
+    finally:
+        eng.stop()
 
 
 def test_pause_retract_and_in_place_keep_requests(engine, reference):
@@ -540,9 +577,14 @@ def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
             async with s.post(url + "/generate", json={**body, "stream": True, "sampling_params": {
                     **body["sampling_params"], "no_stop_trim": False}}) as r:
                 chunks = [json.loads(line[6:]) for line in (await r.text()).split("\n\n") if line[6:].startswith("{")]
+            one = {**body, "sampling_params": {**body["sampling_params"], "max_new_tokens": 1, "no_stop_trim": False}}
+            async with s.post(url + "/generate", json=one) as r:  # a "length" finish: SGLang trims no stop token
+                out.append(await r.json())
             return out, chunks, await server.tokenizer()
 
-    (trimmed, kept), chunks, tok = asyncio.run(go())
+    (trimmed, kept, last), chunks, tok = asyncio.run(go())
+    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 1} and last["output_ids"][0] in stops
+    assert last["text"] == tok.decode(last["output_ids"], skip_special_tokens=True) != ""
     assert chunks[-1]["text"] == trimmed["text"] and all(trimmed["text"].startswith(c["text"]) for c in chunks)
     ids = trimmed["output_ids"]
     assert trimmed["meta_info"]["finish_reason"]["matched"] == ids[-1] in stops and kept["output_ids"] == ids
@@ -638,3 +680,55 @@ def test_a_control_flag_must_be_a_json_boolean(engine):
     while not seq.finished and time.monotonic() < deadline:
         time.sleep(0.05)
     assert seq.finish_reason["type"] == "length"
+
+
+def test_every_flag_and_number_of_a_request_is_read_as_its_json_type(engine):
+    """After abort_all, stream and ignore_eos, the rest: no_stop_trim "false" kept the stop token, skip_special_tokens
+    "false" and return_logprob "false" counted as true (bool() of a non-empty string), a master_port "29500" or 29500.7
+    became 29500 (int()), rank_offset true rank 1, a tensor's shape ["3"] or [2.5] was received as (3,) or (2,), and a
+    name that is not a string was a 500. Each is now a 400 naming the field."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+    from areal_hpc.inference.http_validate import RequestError, read_generate
+
+    async def tokenizer(why):
+        raise AssertionError(why)
+
+    for sp, body in (({"no_stop_trim": "false"}, {}), ({"skip_special_tokens": "false"}, {}),
+                     ({}, {"return_logprob": "false"}), ({}, {"return_logprob": [True, "no"]})):
+        key = next(iter(sp or body))
+        with pytest.raises(RequestError, match=f"{key} must be true or false"):
+            asyncio.run(read_generate({"input_ids": [1, 2], "sampling_params": sp, **body}, tokenizer, 50, 100))
+    server = EngineServer(engine)
+    server.groups["g"] = object()  # a group; nothing gets as far as using it
+    name = next(iter(engine.runner._params))
+    group = {"master_address": "127.0.0.1", "master_port": 29500, "rank_offset": 1, "world_size": 2,
+             "backend": "gloo", "group_name": "g2"}
+    update = {"names": [name], "dtypes": ["float32"], "shapes": [list(engine.runner._params[name].shape)],
+              "group_name": "g"}
+    bad = [("/init_weights_update_group", dict(group, master_port="29500"), "master_port"),
+           ("/init_weights_update_group", dict(group, master_port=29500.7), "master_port"),
+           ("/init_weights_update_group", dict(group, rank_offset=True), "rank_offset"),
+           ("/init_weights_update_group", dict(group, world_size="2"), "world_size"),
+           ("/init_weights_update_group", dict(group, rank_offset=2), "rank_offset"),
+           ("/init_weights_update_group", dict(group, timeout="60"), "timeout"),
+           ("/init_weights_update_group", dict(group, timeout=float("inf")), "timeout"),
+           ("/update_weights_from_distributed", dict(update, shapes=[["3"]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, shapes=[[2.5]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, shapes=[[-1]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, shapes=[[True]]), "shapes"),
+           ("/update_weights_from_distributed", dict(update, names=[["w"]]), "names")]
+
+    async def go():
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            for path, body, key in bad:
+                async with s.post(url + path, data=json.dumps(body)) as r:
+                    msg = (await r.json()).get("message", "")
+                    assert r.status == 400 and key in msg, (path, body, r.status, msg)
+
+    asyncio.run(go())
+    assert server.groups == {"g": server.groups["g"]}

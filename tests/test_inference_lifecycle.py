@@ -239,7 +239,7 @@ def test_after_a_failed_broadcast_nothing_is_generated_until_every_tensor_is_new
         return {"names": [n for n, _ in ps], "dtypes": [str(p.dtype).replace("torch.", "") for _, p in ps],
                 "shapes": [list(p.shape) for _, p in ps], "group_name": "g", "weight_version": "5"}
 
-    def fail(specs, pg, gone):
+    def fail(specs, pg, gone, discard=False):
         raise RuntimeError("connection reset by peer")
 
     async def go():
@@ -260,7 +260,7 @@ def test_after_a_failed_broadcast_nothing_is_generated_until_every_tensor_is_new
                 status, message = await post("/update_weights_from_distributed", bucket(params[:2]))
                 assert status == 400 and "broadcast failed" in message
                 assert not await generates()
-                monkeypatch.setattr(runner, "load_broadcast", lambda specs, pg, gone: len(specs))
+                monkeypatch.setattr(runner, "load_broadcast", lambda specs, pg, gone, discard=False: len(specs))
                 server.groups["g"] = object()
                 if complete == "broadcast":
                     assert (await post("/update_weights_from_distributed", bucket(params[:half])))[0] == 200
@@ -436,10 +436,10 @@ def test_a_group_is_destroyed_only_after_the_broadcast_running_on_it(engine, mon
     receiving, receive, destroy_group = threading.Event(), runner.load_broadcast, dist.destroy_process_group
     destroyed_while_receiving = []
 
-    def load_broadcast(*args):
+    def load_broadcast(*args, **kwargs):
         receiving.set()
         try:
-            return receive(*args)
+            return receive(*args, **kwargs)
         finally:
             receiving.clear()
 
@@ -547,7 +547,7 @@ def test_buckets_broadcast_without_a_weight_version_keep_the_version(engine, mon
 
     server, runner = EngineServer(engine), engine.runner
     params = list(runner._params.items())
-    monkeypatch.setattr(runner, "load_broadcast", lambda specs, pg, gone: None)
+    monkeypatch.setattr(runner, "load_broadcast", lambda specs, pg, gone, discard=False: None)
     server.groups["g"] = object()
 
     def bucket(ps, **extra):

@@ -448,6 +448,8 @@ def test_update_weights_from_distributed_gloo(cluster, perturbed, model_path):
     payload = {"names": list(names), "dtypes": [str(t.dtype).replace("torch.", "") for t in tensors],
                "shapes": [list(t.shape) for t in tensors], "group_name": "g", "weight_version": "5"}
 
+    probe = {"input_ids": [5, 9, 13], "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}}
+
     async def main():
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {cluster.key}"}) as sess:
             url = f"http://{cluster.addr('s1')}"
@@ -465,6 +467,23 @@ def test_update_weights_from_distributed_gloo(cluster, perturbed, model_path):
                 bad = dict(payload, dtypes=[dtype] * len(names))
                 status, body = await post("/update_weights_from_distributed", bad)
                 assert status == 400 and f"unknown dtype {dtype!r}" in body["message"], body
+            # Tensors this model does not have, or not in that shape: the server joins the broadcast (else the trainer
+            # waits in it for the group's timeout), drops what it received, and says why; its weights stay as they were
+            async def generated():
+                status, out = await post("/generate", probe)
+                return status, out["output_ids"], out["meta_info"]["weight_version"]
+
+            before = await generated()
+            wrong = [torch.zeros(3, 5), torch.zeros(*tensors[0].shape[:-1], tensors[0].shape[-1] + 1)] + list(tensors)
+            bad = dict(payload, names=["lm_head.nope", names[0]] + list(names), dtypes=["float32"] * len(wrong),
+                       shapes=[list(t.shape) for t in wrong])
+            upd = asyncio.create_task(post("/update_weights_from_distributed", bad))
+            sent = asyncio.to_thread(lambda: [dist.broadcast(t, src=0, group=pg) for t in wrong])
+            await asyncio.wait_for(sent, 30)
+            status, body = await upd
+            assert status == 400 and not body["success"] and "unexpected tensor 'lm_head.nope'" in body["message"]
+            assert f"{names[0]}: shape" in body["message"], body
+            assert await generated() == before
             upd = asyncio.create_task(post("/update_weights_from_distributed", payload))
             await asyncio.to_thread(lambda: [dist.broadcast(t, src=0, group=pg) for t in tensors])
             status, body = await upd

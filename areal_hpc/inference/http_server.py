@@ -25,7 +25,8 @@ from aiohttp import web
 from areal_hpc.inference.hf_engine.engine import LLMEngine
 from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint, torch_dtype
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
-from areal_hpc.inference.http_validate import GenerateRequest, RequestError, json_bool, read_generate, read_json
+from areal_hpc.inference.http_validate import (GenerateRequest, RequestError, json_bool, json_int, json_number,
+                                               read_generate, read_json)
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +148,11 @@ class EngineServer:
             for entry in out["meta_info"]["output_token_logprobs"]:
                 entry[2] = req.logprob_tokenizer.decode([entry[1]])
         if req.tokenizer is not None:
-            ids, p = out["output_ids"], seq.params
-            # as SGLang's text: without the stop token that ends it (output_ids keep it), in a chunk streamed between
-            # its sampling and the end of its step too (a stop token is always the last: it finishes the sequence)
-            if ids and not req.keep_stop and not p.ignore_eos and (ids[-1] in p.stop_token_ids
-                                                                   or ids[-1] in self.engine.eos_token_ids):
+            ids = out["output_ids"]
+            # as SGLang's text: without the stop token of a "stop" finish (output_ids keep it), in a chunk streamed
+            # between its sampling and the end of its step too (a stop token is always the last: it ends the sequence)
+            ends = ids and self.engine.ends(seq.params, ids[-1], len(ids), len(seq.prompt_ids) + len(ids))
+            if not req.keep_stop and ends and ends["type"] == "stop":
                 ids = ids[:-1]
             out = {"text": req.tokenizer.decode(ids, skip_special_tokens=req.skip_special), **out}
         if req.prompt_ids:
@@ -299,13 +300,12 @@ class EngineServer:
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        try:
-            addr, port = body["master_address"], int(body["master_port"])
-            rank_offset, world_size = int(body["rank_offset"]), int(body["world_size"])
-            timeout = float(1800 if body.get("timeout") is None else body["timeout"])  # null: the default, as absent
-        except (KeyError, TypeError, ValueError) as e:
-            raise RequestError(f"need master_address, master_port, rank_offset and world_size; timeout (optional) in "
-                               f"seconds ({e})") from None
+        port = json_int(body.get("master_port"), "master_port", 1, 65535)
+        addr, world_size = body.get("master_address"), json_int(body.get("world_size"), "world_size", 2)
+        rank_offset = json_int(body.get("rank_offset"), "rank_offset", 1, world_size - 1)  # rank 0 is the trainer's
+        timeout = json_number(body, "timeout", 1800.0, where="")  # seconds; null is the default, as absent
+        if not isinstance(addr, str) or not addr or not 0 < timeout < 1e9:
+            raise RequestError(f"need a master_address and a timeout in (0, 1e9) seconds, got {addr!r} and {timeout}")
         group = body.get("group_name") or DEFAULT_GROUP
         backend = body.get("backend") or "nccl"
         device = self.runner.device
@@ -354,31 +354,34 @@ class EngineServer:
             raise RequestError(f"weight update group {group!r} is not initialized (/init_weights_update_group)")
         names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
-                and len(names) == len(dtypes) == len(shapes)):
-            raise RequestError("names, dtypes and shapes must be lists of equal length")
+                and len(names) == len(dtypes) == len(shapes) and all(isinstance(n, str) for n in names)
+                and all(isinstance(s, list) for s in shapes)):
+            raise RequestError("names (strings), dtypes and shapes (lists of integers) must be lists of equal length")
         try:
-            specs = [(n, torch_dtype(d), tuple(int(x) for x in s)) for n, d, s in zip(names, dtypes, shapes)]
-        except (TypeError, ValueError) as e:  # an unknown dtype, a shape that is not integers
+            specs = [(n, torch_dtype(d), tuple(json_int(x, "shapes") for x in s))
+                     for n, d, s in zip(names, dtypes, shapes)]
+        except ValueError as e:  # an unknown dtype
             raise RequestError(str(e)) from None
-        problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
         version, abort = _version(body, "weight_version"), json_bool(body, "abort_all_requests")
-        if problems:
-            raise RequestError("; ".join(problems[:5]))
+        # Tensors the model has not (in that shape) are received all the same, into scratch memory, then refused (SGLang
+        # too receives before it loads): kept out of the broadcast, the server left the trainer in it until its timeout
+        problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)
         gone = threading.Event()  # the trainer's request was cancelled (it went away): no more data will come
 
         def receive() -> None:
             try:
-                self.runner.load_broadcast(specs, pg, gone.is_set)
+                self.runner.load_broadcast(specs, pg, gone.is_set, discard=bool(problems))
             except Exception as e:  # its communicator is broken: later updates need a new group
                 self.groups.pop(group, None)
                 with contextlib.suppress(Exception):
                     dist.distributed_c10d._abort_process_group(pg)
-                why = self.engine.tear(f"a weight broadcast in group {group} failed: {e}")
-                log.error("%s; group %s is dropped", why, group)
+                why = f"a weight broadcast in group {group} failed: {e}"
+                log.error("%s; group %s is dropped", why if problems else self.engine.tear(why), group)
                 raise
-            self.engine.renew((name, shape) for name, _, shape in specs)
-            # none given keeps the version, as in SGLang: one update comes in many buckets
-            self.engine.set_version(self.engine.weight_version if version is None else version, abort)
+            if not problems:
+                self.engine.renew((name, shape) for name, _, shape in specs)
+                # none given keeps the version, as in SGLang: one update comes in many buckets
+                self.engine.set_version(self.engine.weight_version if version is None else version, abort)
 
         try:
             await self._on_loop(receive)
@@ -387,6 +390,9 @@ class EngineServer:
             raise
         except Exception as e:
             return _result(False, f"broadcast failed: {e}")
+        if problems:
+            return _result(False, f"received and dropped {len(specs)} tensors that do not fit the model: "
+                                  f"{'; '.join(problems[:5])}")
         return _result(True, f"Updated {len(specs)} tensors; weight version {self.engine.weight_version}")
 
     # ------------------------------------------------------------------ info

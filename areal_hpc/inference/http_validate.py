@@ -76,6 +76,7 @@ SUPPORTED_SAMPLING_KEYS = frozenset({f.name for f in dataclasses.fields(Sampling
     "n", "stream_interval", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
 _NEUTRAL_SAMPLING = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
                      "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None}
+_SP = "sampling_params."  # where a sampling key is named in a refusal
 MAX_SEQUENCES = 1 << 16  # prompts times n in one /generate
 _RANGES = {"max_new_tokens": (lambda v: v >= 0, ">= 0"), "temperature": (lambda v: v >= 0, ">= 0"),
            "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"), "top_k": (lambda v: v == -1 or v >= 1, "-1 or >= 1")}
@@ -164,8 +165,8 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
 
     n = shared("n", lambda sp: _positive_int(sp, "n"))
     interval = shared("stream_interval", lambda sp: _positive_int(sp, "stream_interval"))
-    skip_special = shared("skip_special_tokens", lambda sp: sp.get("skip_special_tokens", True) is not False)
-    keep_stop = shared("no_stop_trim", lambda sp: bool(sp.get("no_stop_trim")))
+    skip_special = shared("skip_special_tokens", lambda sp: json_bool(sp, "skip_special_tokens", _SP, default=True))
+    keep_stop = shared("no_stop_trim", lambda sp: json_bool(sp, "no_stop_trim", _SP))
     logprob_tok = None
     if json_bool(body, "return_text_in_logprobs"):
         logprob_tok = tok or await tokenizer("return_text_in_logprobs needs a tokenizer; this server's model has none")
@@ -177,9 +178,10 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         prompts = [p for p in prompts for _ in range(n)]
         params = [sp for sp in params for _ in range(n)]
         rids, batch = [None] * len(prompts), True
-    return_logprob = body.get("return_logprob", False)
+    return_logprob = body.get("return_logprob")  # one for all prompts, or one each (any of them: all)
+    flags = return_logprob if isinstance(return_logprob, list) else [return_logprob]
     return GenerateRequest(prompts, params, rids, batch, tok, logprob_tok,
-                           any(return_logprob) if isinstance(return_logprob, list) else bool(return_logprob),
+                           any([json_bool({"return_logprob": f}, "return_logprob") for f in flags]),
                            json_bool(body, "return_prompt_token_ids"), interval, skip_special, keep_stop)
 
 
@@ -201,25 +203,29 @@ def engine_sampling_params(d: Any) -> SamplingParams:
         raise RequestError("sampling_params.stop (strings) needs a tokenizer; use stop_token_ids")
     numbers = {}
     for key, (valid, what) in _RANGES.items():
-        numbers[key] = v = _number(d, key, getattr(SamplingParams, key))
+        numbers[key] = v = json_number(d, key, getattr(SamplingParams, key))
         if not valid(v):
             raise RequestError(f"sampling_params.{key} must be {what}, got {v}")
     stop = d.get("stop_token_ids")
-    if isinstance(stop, int) and not isinstance(stop, bool):  # before `or`: token 0 is a stop token too
-        stop = [stop]
-    stop = stop or []
-    if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
-        raise RequestError("sampling_params.stop_token_ids must be a list of integers")
-    return SamplingParams(stop_token_ids=tuple(stop), ignore_eos=json_bool(d, "ignore_eos", "sampling_params."),
-                          **numbers)
+    ids = stop if isinstance(stop, list) else [] if stop is None else [stop]  # a list of token ids, or one
+    return SamplingParams(stop_token_ids=tuple(json_int(t, _SP + "stop_token_ids") for t in ids),
+                          ignore_eos=json_bool(d, "ignore_eos", _SP), **numbers)
 
 
-def json_bool(body: Mapping[str, Any], key: str, where: str = "") -> bool:
-    """``body[key]``, a JSON boolean (false when absent or null): a string such as "false" is refused, not true."""
+def json_bool(body: Mapping[str, Any], key: str, where: str = "", default: bool = False) -> bool:
+    """``body[key]``, a JSON boolean (``default`` when absent or null): a string such as "false" is refused."""
     v = body.get(key)
     if v is not None and not isinstance(v, bool):
         raise RequestError(f"{where}{key} must be true or false, got {json.dumps(v)[:80]}")
-    return bool(v)
+    return default if v is None else v
+
+
+def json_int(v: Any, what: str, low: int = 0, high: float = float("inf")) -> int:
+    """``v``, a JSON integer (a whole float too) in [low, high]: int() took "29500", true or 29500.7 for a port."""
+    whole = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+    if not whole or not low <= v <= high:
+        raise RequestError(f"{what} must be an integer in [{low}, {high}], got {json.dumps(v)[:80]}")
+    return int(v)
 
 
 def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
@@ -236,7 +242,7 @@ def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
     return ids
 
 
-def _number(d: Mapping[str, Any], key: str, default: Any) -> Any:
+def json_number(d: Mapping[str, Any], key: str, default: Any, where: str = _SP) -> Any:
     """``d[key]`` as the type of ``default`` (int: whole floats too)."""
     v = d.get(key, default)
     if v is None:
@@ -247,13 +253,10 @@ def _number(d: Mapping[str, Any], key: str, default: Any) -> Any:
     elif ok and isinstance(default, float) and isinstance(v, int):
         ok = abs(v) < 2 ** 1023  # float() of a bigger int overflows: a 500, not this 400
     if not ok:
-        raise RequestError(f"sampling_params.{key} must be {'an integer' if isinstance(default, int) else 'a number'}, "
+        raise RequestError(f"{where}{key} must be {'an integer' if isinstance(default, int) else 'a number'}, "
                            f"got {v!r}")
     return type(default)(v)
 
 
 def _positive_int(d: Mapping[str, Any], key: str) -> int:
-    v = _number(d, key, 1)
-    if v < 1:
-        raise RequestError(f"sampling_params.{key} must be an integer >= 1, got {v!r}")
-    return v
+    return json_int(1 if d.get(key) is None else d[key], _SP + key, 1)

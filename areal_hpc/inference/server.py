@@ -83,8 +83,7 @@ class ServerLifecycle:
         self.heartbeat: Optional[Heartbeat] = None
         self._stop: Optional[asyncio.Event] = None
         self._session: Optional[aiohttp.ClientSession] = None
-        self.engine = None  # hf backend: the engine and its aiohttp runner
-        self._app_runner = None
+        self.engine = self._app_runner = None  # hf backend: the engine and its aiohttp runner
         self._sglang = None  # sglang backend: its process
 
     # ------------------------------------------------------------------ record

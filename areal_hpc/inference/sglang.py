@@ -40,14 +40,9 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
     if nnodes > 1 and not dist_init_addr:
         raise ValueError("multi-node tensor parallelism (nnodes > 1) needs dist_init_addr host:port")
     opts: Dict[str, Value] = {
-        "--model-path": model_path,
-        "--host": host,
-        "--port": str(port),
-        "--tp-size": str(tp_size),
-        "--pp-size": str(pp_size),
-        "--base-gpu-id": str(base_gpu_id),
-        "--random-seed": str(cfg.random_seed),
-        "--mem-fraction-static": str(cfg.mem_fraction_static),
+        "--model-path": model_path, "--host": host, "--port": str(port),
+        "--tp-size": str(tp_size), "--pp-size": str(pp_size), "--base-gpu-id": str(base_gpu_id),
+        "--random-seed": str(cfg.random_seed), "--mem-fraction-static": str(cfg.mem_fraction_static),
         # our auto means bf16 on GPUs (SGLang's own auto picks fp16 for fp32 checkpoints)
         "--dtype": "bfloat16" if cfg.dtype in ("", "auto", None) else cfg.dtype,
         "--skip-tokenizer-init": None,
@@ -63,9 +58,7 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
     elif api_key:
         opts["--api-key"] = api_key
     if nnodes > 1:
-        opts["--nnodes"] = str(nnodes)
-        opts["--node-rank"] = str(node_rank)
-        opts["--dist-init-addr"] = str(dist_init_addr)
+        opts.update({"--nnodes": str(nnodes), "--node-rank": str(node_rank), "--dist-init-addr": str(dist_init_addr)})
     for key, value in (cfg.sglang_args or {}).items():
         key = key.strip()
         flag = key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")

@@ -20,7 +20,7 @@ import torch
 
 from areal_hpc.inference.hf_engine.model_runner import ModelRunner
 from areal_hpc.inference.hf_engine.sampler import sample
-from areal_hpc.inference.hf_engine.sequence import Sequence
+from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class LLMEngine:
         self.runner = runner
         self.scheduler = Scheduler(runner.max_running, 16384 if runner.device.type == "cuda" else 8192)
         self.weight_version, self.eos_token_ids = str(weight_version), frozenset(runner.eos_token_ids)
-        # no steps while paused: "abort" and "retract" empty the batch first, "in_place" keeps it (and its KV)
+        # no steps while paused, new requests wait in the inbox: "abort" and "retract" empty the batch, "in_place" not
         self.paused = False
         # set (on the loop thread, `tear`): why every request fails with a 503 now; None: serving
         self.refusal: Optional[str] = None
@@ -191,6 +191,14 @@ class LLMEngine:
                 + len(self._inbox), "paused": self.paused, "weight_version": self.weight_version,
                 **self.stats}
 
+    def ends(self, params: SamplingParams, tok: int, n_out: int, n_tokens: int) -> Optional[Dict[str, Any]]:
+        """Why a sequence whose ``n_out``-th output token (``n_tokens`` with the prompt) is ``tok`` ends, in SGLang's
+        order (`Req.check_finished`): length first, then a stop token (none with ignore_eos); None: it goes on."""
+        if n_out >= params.max_new_tokens or n_tokens >= self.runner.context_length:  # SGLang cuts the first to fit
+            return {"type": "length", "length": n_out}
+        stop = not params.ignore_eos and (tok in self.eos_token_ids or tok in params.stop_token_ids)
+        return {"type": "stop", "matched": tok} if stop else None
+
     # ------------------------------------------------------------------ commands (loop thread)
     def _retire(self, finished: List[Tuple[Sequence, Dict[str, Any]]]) -> None:
         """Finish running sequences; the last rows of the batch move into the rows they leave."""
@@ -209,16 +217,14 @@ class LLMEngine:
         return len(hit)
 
     def _pause(self, mode: str) -> int:
-        self.paused = True
+        self.paused = True  # requests sent from now on wait in the inbox
+        if mode == "abort":  # as SGLang's abort_all: every request sent before, running or waiting
+            return self._abort(None, "generation paused")
         if mode == "in_place":
             return 0
-        running = list(self.scheduler.running)
-        if mode == "abort":
-            self._retire([(s, {"type": "abort", "message": "generation paused"}) for s in running])
-            self.stats["aborted_requests"] += len(running)
-        else:  # retract: back to the queue; their tokens so far are re-prefilled on continue
-            self.scheduler.remove(running)
-            self.scheduler.waiting.extendleft(reversed(running))
+        running = list(self.scheduler.running)  # retract: back to the queue, re-prefilled with their tokens on continue
+        self.scheduler.remove(running)
+        self.scheduler.waiting.extendleft(reversed(running))
         return len(running)
 
     # ------------------------------------------------------------------ the loop
@@ -244,7 +250,8 @@ class LLMEngine:
             while not self._stopping:
                 self._wake.clear()
                 self._run_commands()
-                self._drain_inbox()
+                if not self.paused:
+                    self._drain_inbox()
                 if self.refusal is not None and (self.scheduler.running or self.scheduler.waiting):
                     self._abort(None, self.refusal, 503)
                 if self.paused or not (self.scheduler.running or self.scheduler.waiting):
@@ -278,18 +285,12 @@ class LLMEngine:
             self._retire([(s, dict(reason)) for s in seqs])
             return
         version = self.weight_version
-        eos = self.eos_token_ids
-        ctx = self.runner.context_length
         finished: List[Tuple[Sequence, Dict[str, Any]]] = []
         for seq, tok, lp in zip(seqs, toks, lps):
             seq.append(tok, lp, version)
-            p = seq.params
-            if not p.ignore_eos and (tok in eos or tok in p.stop_token_ids):  # as SGLang: ignore_eos ignores them all
-                finished.append((seq, {"type": "stop", "matched": tok}))
-            elif len(seq.output_ids) >= p.max_new_tokens:
-                finished.append((seq, {"type": "length", "length": p.max_new_tokens}))
-            elif seq.num_tokens >= ctx:
-                finished.append((seq, {"type": "length", "length": len(seq.output_ids)}))
+            reason = self.ends(seq.params, tok, len(seq.output_ids), seq.num_tokens)
+            if reason is not None:
+                finished.append((seq, reason))
         self.stats["generated_tokens"] += len(seqs)
         self.stats["finished_requests"] += len(finished)
         if finished:  # a decode step's hot path: most steps finish nothing

@@ -134,8 +134,7 @@ class ModelRunner:
         self.context_length = int(min(context_length, max_pos)) if context_length > 0 else int(max_pos)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.eos_token_ids = self._eos_ids(self.config, model_path)
-        n_layers = text_cfg.num_hidden_layers
-        n_heads = text_cfg.num_attention_heads
+        n_layers, n_heads = text_cfg.num_hidden_layers, text_cfg.num_attention_heads
         n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_heads
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // n_heads
         self.max_running = int(max_running)
@@ -284,10 +283,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def load_broadcast(self, specs: Seq[Tuple[str, torch.dtype, Tuple[int, ...]]], group,
-                       gone: Callable[[], bool] = lambda: False) -> None:
+                       gone: Callable[[], bool] = lambda: False, discard: bool = False) -> None:
         """Receive tensors ``(name, dtype, shape)``, in this order, broadcast by rank 0 of ``group``, into the
-        parameters (in place, as `load_weights`). `ConnectionAbortedError` once ``gone()`` says the sender went away:
-        else its broadcast would be waited for until the group's timeout."""
+        parameters (in place, as `load_weights`), or (``discard``) into scratch memory, one at a time, and dropped.
+        `ConnectionAbortedError` once ``gone()`` says the sender went away: else it is waited for until the timeout."""
         import torch.distributed as dist
 
         def finish(work) -> None:
@@ -299,13 +298,14 @@ class ModelRunner:
 
         works = []
         for name, dtype, shape in specs:
-            param = self._params[name]
-            direct = param.dtype == dtype and param.is_contiguous()
+            param = None if discard else self._params[name]
+            direct = param is not None and param.dtype == dtype and param.is_contiguous()
             buf = param.data if direct else torch.empty(shape, dtype=dtype, device=self.device)
             works.append(dist.broadcast(buf, src=0, group=group, async_op=True))
             if not direct:
                 finish(works[-1])
-                param.copy_(buf)
+                if param is not None:
+                    param.copy_(buf)
         for work in works:  # the ops of one group complete in order: one wait for the whole bucket
             finish(work)
 

@@ -76,9 +76,7 @@ class Sequence:
         meta: Dict[str, Any] = {
             "id": self.rid,
             "finish_reason": self.finish_reason if upto is None else None,
-            "prompt_tokens": len(self.prompt_ids),
-            "completion_tokens": n,
-            "cached_tokens": 0,
+            "prompt_tokens": len(self.prompt_ids), "completion_tokens": n, "cached_tokens": 0,
             "weight_version": spans[-1][0] if spans else weight_version,
             "weight_versions": [{"version": v, "start": s, "end": e} for v, s, e in spans],
             "e2e_latency": time.monotonic() - self.arrival,
