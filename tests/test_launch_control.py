@@ -183,7 +183,7 @@ def test_an_add_servers_given_up_cancels_the_job_it_submitted_unless_its_servers
     def given_up(join: bool) -> tuple:
         capsys.readouterr()
         if join:  # its server registers (still loading) before the wait ends
-            monkeypatch.setattr(control, "polled_job_state", lambda job_id: lambda: reg.put(
+            monkeypatch.setattr(slurm, "polled_job_state", lambda job_id: lambda: reg.put(
                 "servers", reg.get("jobs", job_id)["servers"][0], {"state": "loading"}, ttl=False))
         assert control.add_servers(rd, 1, new_job=True, timeout_s=1.0) == 1
         out, err = capsys.readouterr()

@@ -622,7 +622,7 @@ def test_wait_running_waits_through_every_queued_state(monkeypatch):
     """A job held after a requeue (REQUEUE_HOLD) is still queued: submit must not report it as started."""
     states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
-    assert slurm_submit.wait_job("7", running=True, poll_s=0) == "RUNNING"
+    assert slurm_submit.wait_job("7", running=True, first_s=0) == "RUNNING"
 
 
 # fix8-A
@@ -850,13 +850,13 @@ def test_wait_finished_ends_at_a_preemption_that_is_not_requeued(monkeypatch):
     """A job preempted without requeue ends PREEMPTED: `submit` with launcher.wait waited for it forever."""
     states = iter(["RUNNING", "PREEMPTED", "PREEMPTED"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
-    assert slurm_submit.wait_job("7", running=False, poll_s=0) == "PREEMPTED"
+    assert slurm_submit.wait_job("7", running=False, first_s=0) == "PREEMPTED"
 
 
 def test_wait_running_gives_up_on_a_job_slurm_does_not_know(monkeypatch):
     """A job Slurm never reports (e.g. sent elsewhere with --clusters) was waited for forever, without a word."""
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
-    assert slurm_submit.wait_job("7", running=True, poll_s=0, unknown_s=0) == "UNKNOWN"
+    assert slurm_submit.wait_job("7", running=True, first_s=0, unknown_s=0) == "UNKNOWN"
 
 
 # fix14-P

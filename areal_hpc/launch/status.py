@@ -93,7 +93,7 @@ def server_alive(rec: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
 def collect_status(rd: Path) -> Dict[str, Any]:
     reg = run_registry(rd)
     key = reg.secret()
-    run = reg.get("", "run", live_only=False) or {}
+    run = reg.run_record()
     jobs = slurm_jobs(reg, run)
     # a server whose process or step has ended is not a live one, whatever its record says
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, jobs)]
@@ -187,7 +187,7 @@ def _log_file(rd: Path, role: str) -> Path:
         found["trainer"] = found["trainer-0"]
     # slurm: the run's job (server jobs write slurm-*.out too), or any job when none is recorded (sbatch by hand)
     if role == "slurm" or role not in found:
-        job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
+        job_id = run_registry(rd).run_record().get("job_id")
         outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
         if outs:
             found["slurm"] = outs[-1]

@@ -114,7 +114,7 @@ def check_trainer_type(cfg: ExperimentConfig) -> None:
 def _still_owned(rd: Path, reg: Registry) -> Optional[str]:
     """Why the run has an owner, or one to come (its job queued), before a trainer registered: a second submit would
     start a second owner on the run dir."""
-    run = reg.get("", "run", live_only=False) or {}
+    run = reg.run_record()
     if run.get("state") in outcome.FINAL:
         return None
     if run.get("mode") == "slurm" and run.get("job_id"):

@@ -118,6 +118,10 @@ class Registry:
     def get(self, kind: str, name: str, live_only: bool = True) -> Optional[Dict[str, Any]]:
         return self._read(str(self.path(kind, name)), live_only, time.time())
 
+    def run_record(self) -> Dict[str, Any]:
+        """``run.json`` as its owner last wrote it, live or not; {} when there is none."""
+        return self.get("", "run", live_only=False) or {}
+
     def list(self, kind: str, live_only: bool = True) -> Dict[str, Dict[str, Any]]:
         """All (live) records of a kind, by name."""
         d = self.root / kind
