@@ -168,7 +168,8 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
+            new = {k for k, v in reg.list("servers").items()  # not one started or attached by hand meanwhile
+                   if v.get("state") in ("ready", "paused") and not v.get("external")} - before
             if len(new) >= count:
                 print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
                 job_id = None  # its servers serve: the run's now

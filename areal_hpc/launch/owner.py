@@ -160,7 +160,7 @@ class RunOwner:
             kind, reply = req.get("kind"), None  # the reply: why a request was not (fully) served
             log.info("request %s: %s", name, req)
             try:
-                if kind == "stop" and req.get("force"):
+                if kind == "stop" and (req.get("force") or self.stopping):  # a second stop, whatever run.json said
                     self.request_force("forced stop (areal-hpc stop, twice)")
                 elif kind == "stop":
                     self.request_stop("stop requested (areal-hpc stop)")

@@ -201,7 +201,6 @@ def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Optional[s
         return None
     job_id = r.stdout.strip().split(";")[0]
     Registry.for_run(rd, cfg.launcher).put("jobs", job_id, {"job_id": job_id, "kind": "servers", "servers": names,
-                                                            "script": str(script), "submitted": time.time()},
-                                           ttl=False)
+                                                            "script": str(script), "submitted": time.time()}, ttl=False)
     print(f"submitted job {job_id} with {count} server(s) ({', '.join(names)}): {script}", flush=True)
     return job_id
