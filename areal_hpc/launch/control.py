@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
 from areal_hpc.launch.external import attach, detach, parse_url, probe, stop_process
-from areal_hpc.launch.status import HOST_MODES, launcher_alive, remove_dead_records, run_registry
+from areal_hpc.launch.status import HOST_MODES, launcher_alive, why_owned, remove_dead_records, run_registry
 from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
 
 
@@ -70,11 +70,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     job_state = slurm.polled_job_state(run.get("job_id", ""))
 
     def owner_alive() -> bool:  # a Slurm job still queued has an owner to come
-        if not slurm_run:
-            return launcher_alive(run, reg)
-        if reg.run_record().get("state") in outcome.FINAL:
-            return False  # its driver recorded how the run ended: no need to wait for Slurm to say so
-        return job_state() in slurm.LIVE_STATES + slurm.WAITING_STATES
+        return why_owned(reg.run_record(), reg, job_state) is not None
 
     def kill_left(sig: int) -> Tuple[List[Tuple[str, str]], Dict[Tuple[str, str], Dict[str, Any]]]:
         """Signal our servers and the trainer where they run on this host (a server's "host" is its serving address:

@@ -291,11 +291,9 @@ def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
     from areal_hpc.launch import local
 
     ray = connect(cfg.cluster.ray_address)
-    # a trainer-only plan (min_required_servers) goes where the run's live servers left room
-    runner = RayRunner(cfg, plan, rd, nodes, pin=bool(plan.servers))
-    Registry.for_run(rd, cfg.launcher).put("", "ray", {"address": ray.get_runtime_context().gcs_address,
-                                                       "namespace": NAMESPACE, "prefix": runner.prefix, "nodes": nodes},
-                                           ttl=False)
+    runner = RayRunner(cfg, plan, rd, nodes, pin=bool(plan.servers))  # a trainer-only plan: where servers left room
+    where = {"address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE, "prefix": runner.prefix}
+    Registry.for_run(rd, cfg.launcher).put("", "ray", {**where, "nodes": nodes}, ttl=False)
     try:
         return local.run(cfg, plan, rd, runner)
     finally:

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List
+from typing import Any, BinaryIO, Callable, Dict, List, Optional
 
 from areal_hpc.config import ConfigError, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
@@ -34,13 +34,23 @@ def dead_here(rec: Dict[str, Any]) -> bool:
     return runs_here(rec.get("node"), rec.get("host")) and not pid_alive(rec.get("pid"))
 
 
-def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
-    """The run's owner process lives: by its pid on this host, elsewhere by its record's heartbeat."""
+def launcher_alive(run: Dict[str, Any], reg: Registry, name: str = "run") -> bool:
+    """The run's owner process (of record ``name``) lives: by its pid on this host, elsewhere by its record's TTL."""
     if not run.get("pid"):
         return False  # a Slurm job not started yet
     if run.get("host") is None or runs_here(run["host"]):
         return pid_alive(run.get("pid"))
-    return reg.get("", "run") is not None
+    return reg.get("", name) is not None
+
+
+def why_owned(run: Dict[str, Any], reg: Registry, job_state: Callable[[], Optional[str]]) -> Optional[str]:
+    """Why the run has an owner, or one to come, or None: a Slurm job queued or running until its driver records how
+    the run ended; an owner process until a TTL after it did (it writes its record once more on its way out)."""
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        state = None if run.get("state") in outcome.FINAL else job_state()
+        return f"job {run['job_id']} is {state}" if state in slurm.LIVE_STATES + slurm.WAITING_STATES else None
+    alive = launcher_alive(run, reg) and (run.get("state") not in outcome.FINAL or reg.get("", "run") is not None)
+    return f"its owner lives (pid {run.get('pid')} on {run.get('host')})" if alive else None
 
 
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
