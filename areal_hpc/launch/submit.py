@@ -34,12 +34,9 @@ def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
 
 
 def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
-    """config.yaml (resolved), plan.json and the rendered sbatch script, atomically, with the run's umask."""
+    """config.yaml (resolved), plan.json and the rendered sbatch script, atomically, in the run dir `submit` made."""
     files = {"config.yaml": dump_yaml(cfg), "plan.json": plan.to_json(),
              "sbatch/allocation.sbatch": render("allocation.sbatch", cfg, plan)}
-    make_fileroot(cfg)
-    os.umask(run_umask(cfg))
-    (rd / "logs").mkdir(parents=True, exist_ok=True)
     (rd / "sbatch").mkdir(exist_ok=True)
     _fix_modes(cfg, rd)
     for name, text in files.items():
@@ -151,7 +148,10 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
               "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
     ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
-    snapshot = RunDirSnapshot(rd, ["config.yaml", "plan.json", "sbatch/allocation.sbatch"])  # before the claim's lock
+    snapshot = RunDirSnapshot(rd, ["config.yaml", "plan.json", "sbatch/allocation.sbatch"])
+    make_fileroot(cfg)  # and the run dir, with the run's umask, before the registry's lock makes it private
+    os.umask(run_umask(cfg))
+    (rd / "logs").mkdir(parents=True, exist_ok=True)
     with reg.locked("submit"):  # check and claim: two submits of one trial at once both found it free
         owned = _still_owned(reg)
         if owned:
