@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir, run_umask
-from areal_hpc.launch import control, local, outcome, ray_runner, slurm, slurm_submit, torchrun
+from areal_hpc.launch import control, local, ray_runner, slurm, slurm_submit, torchrun
 from areal_hpc.launch.plan import Plan, build_plan
 from areal_hpc.launch.resolve import make_fileroot, resolve
 from areal_hpc.launch.sbatch import render
