@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import types
 from pathlib import Path
@@ -183,7 +184,7 @@ def test_an_add_servers_given_up_cancels_the_job_it_submitted_unless_its_servers
     def given_up(join: bool) -> tuple:
         capsys.readouterr()
         if join:  # its server registers (still loading) before the wait ends
-            monkeypatch.setattr(control, "polled_job_state", lambda job_id: lambda: reg.put(
+            monkeypatch.setattr(slurm, "polled_job_state", lambda job_id: lambda: reg.put(
                 "servers", reg.get("jobs", job_id)["servers"][0], {"state": "loading"}, ttl=False))
         assert control.add_servers(rd, 1, new_job=True, timeout_s=1.0) == 1
         out, err = capsys.readouterr()
@@ -229,3 +230,31 @@ def test_the_follow_hint_says_where_a_log_role_goes(tmp_path, capsys):
     assert "[ROLE]" in words, words
     argv = ["driver" if w == "[ROLE]" else w for w in words if w != "-f"]  # -f would follow forever
     assert cli_main(argv) == 0 and capsys.readouterr().out == "the driver's log\n"
+
+
+# r2-a: launch bugs of the twelfth review
+
+def test_a_second_stop_right_after_the_first_forces_it(tmp_path):
+    """A second `stop` before the owner's next heartbeat: the owner had taken the first (it stops), but run.json did
+    not say "stopping" yet, so the second posted a plain stop, taken as the first one again: nothing was forced
+    (README: a second `stop` forces it). A stop request to a stopping run forces it."""
+    owner = busy_owner(tmp_path)
+    control.post_request(owner.registry, "stop", 60.0)  # the first `stop`
+    owner.handle_requests()
+    assert owner.stopping and not owner.force and not owner.registry.get("", "run").get("stopping")
+    assert control.stop(owner.run_dir, timeout_s=0.3) == 1  # the second: the busy owner does not answer in time
+    owner.handle_requests()
+    assert owner.force
+
+
+def test_add_servers_does_not_count_a_server_started_by_hand_meanwhile(tmp_path, capsys):
+    """While `add-servers` waited for the owner's new server, one started by hand (`serve`, external) registered: it
+    was counted as the one asked for ("added 1 server(s): ext-0"), and `add-servers` returned before its own served."""
+    owner = busy_owner(tmp_path)
+    by_hand = threading.Timer(0.2, owner.registry.put, ("servers", "ext-0", {"state": "ready", "external": True}))
+    by_hand.start()
+    try:
+        assert control.add_servers(owner.run_dir, 1, timeout_s=1.0) == 1  # the owner never started one
+    finally:
+        by_hand.cancel()
+    assert "timed out" in capsys.readouterr().err

@@ -622,7 +622,7 @@ def test_wait_running_waits_through_every_queued_state(monkeypatch):
     """A job held after a requeue (REQUEUE_HOLD) is still queued: submit must not report it as started."""
     states = iter(["PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
-    assert slurm_submit.wait_job("7", running=True, poll_s=0) == "RUNNING"
+    assert slurm_submit.wait_job("7", running=True, first_s=0) == "RUNNING"
 
 
 # fix8-A
@@ -850,13 +850,13 @@ def test_wait_finished_ends_at_a_preemption_that_is_not_requeued(monkeypatch):
     """A job preempted without requeue ends PREEMPTED: `submit` with launcher.wait waited for it forever."""
     states = iter(["RUNNING", "PREEMPTED", "PREEMPTED"])
     monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
-    assert slurm_submit.wait_job("7", running=False, poll_s=0) == "PREEMPTED"
+    assert slurm_submit.wait_job("7", running=False, first_s=0) == "PREEMPTED"
 
 
 def test_wait_running_gives_up_on_a_job_slurm_does_not_know(monkeypatch):
     """A job Slurm never reports (e.g. sent elsewhere with --clusters) was waited for forever, without a word."""
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
-    assert slurm_submit.wait_job("7", running=True, poll_s=0, unknown_s=0) == "UNKNOWN"
+    assert slurm_submit.wait_job("7", running=True, first_s=0, unknown_s=0) == "UNKNOWN"
 
 
 # fix14-P
@@ -1053,3 +1053,86 @@ def test_progress_does_not_trust_file_clocks(tmp_path):
     runner = FakeRunner({"trainer": [1, 1, 1]}, on_start=on_start)
     owner = owner_for(tmp_path, runner, "trainer.max_restarts=2")
     assert owner.run() == 1 and owner.restarts == 2 and "crash loop" not in owner.reason
+
+
+def test_two_submits_of_one_trial_at_once_do_not_both_submit(tmp_path, monkeypatch):
+    """A second submit of the trial ran while the first resolved its model (or at the same instant): both had found
+    the run free before either claimed it, and both submitted a job for one run dir. The check and the claim are one
+    step under a lock, and a submit under way counts as an owner."""
+    from areal_hpc.launch import submit as submit_mod
+
+    cfg = load_config(None, ["mode=slurm", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}", "trainer.ppo.actor.path=toy:qwen3-h128-l2"])
+    alloc, rd = parse_allocation(cfg.allocation_mode), submit_mod.run_dir(cfg)
+    reg = Registry.for_run(rd, cfg.launcher)
+    submitted: List[str] = []
+    states: Dict[str, str] = {}
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: states.get(job_id))
+
+    def slurm_submit_(cfg, plan, rd) -> int:
+        job_id = str(10 + len(submitted))
+        submitted.append(job_id)
+        states[job_id] = "PENDING"
+        reg.put("", "run", {"mode": "slurm", "job_id": job_id, "pid": None, "host": None, "state": "PENDING"})
+        return 0
+    monkeypatch.setattr(slurm_submit, "submit", slurm_submit_)
+    resolving = []
+
+    def resolve(cfg) -> None:  # the first submit resolves its model while the second runs all the way
+        resolving.append(cfg)
+        if len(resolving) == 1:
+            assert submit_mod.submit(cfg, alloc) == 0
+    monkeypatch.setattr(submit_mod, "resolve", resolve)
+    with pytest.raises(ConfigError, match="is submitted already: job 10 is PENDING"):
+        submit_mod.submit(cfg, alloc)
+    assert submitted == ["10"] and reg.get("", "submit") is None
+    states["10"] = "COMPLETED"  # a submit under way, on this host (or heartbeating elsewhere), owns the run
+    reg.put("", "submit", {"pid": os.getppid(), "host": socket.gethostname()})
+    with pytest.raises(ConfigError, match=f"a submit of it runs \\(pid {os.getppid()}"):
+        submit_mod.submit(cfg, alloc)
+    assert submitted == ["10"]
+
+
+def test_usr2_without_requeue_ends_the_job_cancelled(tmp_path, monkeypatch):
+    """launcher.requeue_on_preemption=False, USR2 (time limit, preemption): the run said STOPPED, but submitit's payload
+    returned no requeue, so submitit raised through the driver, which skipped the scancel a stopped run's job gets:
+    the job ended FAILED (a hand-started driver's SystemExit too). Slurm agrees with the run: the job is cancelled."""
+    owner = owner_for(tmp_path, FakeRunner({}), "launcher.requeue_on_preemption=False")
+    (owner.run_dir / "config.yaml").write_text(dump_yaml(owner.cfg))
+    (owner.run_dir / "plan.json").write_text(owner.plan.to_json())
+    cancelled: List[str] = []
+    monkeypatch.setattr(slurm, "scancel", lambda target, signal_name=None: cancelled.append(target) or "")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # USR2 is submitit's to handle
+
+    def usr2_while_running(self, on_tick=None) -> int:  # submitit asks the payload, which does not requeue: it raises
+        assert slurm_submit.Driver(str(self.run_dir)).checkpoint() is None and self.state == outcome.STOPPED
+        raise RuntimeError("Job not requeued because: checkpoint function returned None.")
+    monkeypatch.setattr(driver.RunOwner, "run", usr2_while_running)
+    with pytest.raises(RuntimeError, match="not requeued"):
+        driver.main(owner.run_dir)
+    assert cancelled == ["42"]
+
+
+def test_a_local_owner_that_recorded_its_end_owns_the_run_until_a_ttl_later(tmp_path, monkeypatch):
+    """A local owner has recorded how the run ended and not exited yet: `submit` took the run as free (a second owner
+    would start, whose record the first overwrites with its last beat), while `stop` waited for it, also when the
+    record was old and the pid another process's. One rule for both (`status.why_owned`): the process owns the run
+    until a TTL after its end record."""
+    from areal_hpc.launch import local as local_mod
+    from areal_hpc.launch import submit as submit_mod
+
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}", "trainer.ppo.actor.path=toy:qwen3-h128-l2"])
+    alloc, rd = parse_allocation(cfg.allocation_mode), submit_mod.run_dir(cfg)
+    monkeypatch.setattr(submit_mod, "resolve", lambda cfg: None)
+    monkeypatch.setattr(local_mod, "run", lambda cfg, plan, rd, runner=None: 0)
+    assert submit_mod.submit(cfg, alloc) == 0
+    reg = Registry.for_run(rd, cfg.launcher)
+    reg.put("", "run", {"mode": "local", "pid": os.getpid(), "host": socket.gethostname(), "state": "COMPLETED"})
+    with pytest.raises(ConfigError, match=f"its owner lives \\(pid {os.getpid()}"):
+        submit_mod.submit(cfg, alloc)
+    long_ago = time.time() - 2 * reg.ttl_s
+    os.utime(reg.path("", "run"), (long_ago, long_ago))
+    assert stop(rd, timeout_s=1.0) == 0  # no owner to wait for: nothing left to stop
+    assert submit_mod.submit(cfg, alloc) == 0

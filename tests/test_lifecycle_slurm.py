@@ -6,6 +6,7 @@ and `status` tell the truth about how the run ended.
 - a trainer SIGKILLed with the default config: the driver restarts it from its checkpoint, the
   servers are untouched, the steps are contiguous, the run COMPLETES;
 - a run stopped by ``stop``: checkpointed, the job ends CANCELLED (not COMPLETED), status STOPPED;
+- USR2 without requeue (launcher.requeue_on_preemption=False): STOPPED, the job CANCELLED too;
 - a driver started by hand: SIGTERMs after its graceful stop began do not force it.
 
 Same settings as tests/test_slurm_e2e.py (small batches, quick heartbeats).
@@ -104,6 +105,18 @@ def test_a_stopped_run_is_not_completed(run):
     assert run.registry().list("servers", live_only=False) == {}
     assert any((run.dir / "checkpoints").glob("step_*"))
     print(f"stop: {time.monotonic() - t0:.1f}s")
+
+
+def test_usr2_without_requeue_ends_the_job_cancelled(run):
+    """launcher.requeue_on_preemption=False: USR2 (a time limit, preemption) stops the run, STOPPED; the job ended
+    FAILED (submitit's error for a payload it does not requeue). It ends CANCELLED, as a stopped run's job does."""
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0", "launcher.requeue_on_preemption=False")
+    run.wait_steps(2)
+    subprocess.run(["scancel", "--signal=USR2", "--batch", run.job_id], check=True, timeout=60)
+    wait_until(lambda: not in_squeue(run.job_id), 300, f"job {run.job_id} to end\n{run.logs()}", interval=1.0)
+    assert sacct_x(run.job_id)[0] == "CANCELLED", run.logs()
+    rec = run.run_record()
+    assert rec["state"] == "STOPPED" and "not requeued (launcher.requeue_on_preemption=False)" in rec["reason"], rec
 
 
 def test_a_driver_started_by_hand_is_not_forced_by_slurms_sigterms(run):

@@ -10,27 +10,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
 from areal_hpc.launch.external import attach, detach, parse_url, probe, stop_process
-from areal_hpc.launch.status import HOST_MODES, launcher_alive, remove_dead_records, run_registry
+from areal_hpc.launch.status import HOST_MODES, launcher_alive, why_owned, remove_dead_records, run_registry
 from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
-
-
-SLURM_POLL_S = 5.0  # waits ask Slurm (a controller every user shares) about a job at most this often
-
-
-def polled_job_state(job_id: str) -> Callable[[], Optional[str]]:
-    """A job's state, asked of Slurm at intervals growing from 0.5 s to SLURM_POLL_S (its callers poll faster)."""
-    asked = {"at": -1.0, "wait": 0.25, "state": None}
-
-    def job_state() -> Optional[str]:
-        if time.monotonic() >= asked["at"] + asked["wait"]:
-            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], SLURM_POLL_S), state=slurm.job_state(job_id))
-        return asked["state"]
-    return job_state
 
 
 def post_request(reg: Registry, kind: str, wait_s: float = 0.0, **fields) -> str:
@@ -63,7 +49,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     """Graceful stop (the trainer checkpoints, servers stop, the job ends), waited for; a second `stop` or Ctrl-C kills
     what is left. External servers keep running (attached ones detached) unless ``external``."""
     reg = run_registry(rd)
-    run = reg.get("", "run", live_only=False) or {}
+    run = reg.run_record()
     local, slurm_run = run.get("mode") in HOST_MODES, run.get("mode") == "slurm"
     for sid, rec in sorted(reg.list("servers", live_only=False).items()):
         if not rec.get("external"):
@@ -81,14 +67,10 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     def ours(recs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:  # what this stop waits for
         return {k: v for k, v in recs.items() if external or not v.get("external")}
 
-    job_state = polled_job_state(run.get("job_id", ""))
+    job_state = slurm.polled_job_state(run.get("job_id", ""))
 
     def owner_alive() -> bool:  # a Slurm job still queued has an owner to come
-        if not slurm_run:
-            return launcher_alive(run, reg)
-        if (reg.get("", "run", live_only=False) or {}).get("state") in outcome.FINAL:
-            return False  # its driver recorded how the run ended: no need to wait for Slurm to say so
-        return job_state() in slurm.LIVE_STATES + slurm.WAITING_STATES
+        return why_owned(reg.run_record(), reg, job_state) is not None
 
     def kill_left(sig: int) -> Tuple[List[Tuple[str, str]], Dict[Tuple[str, str], Dict[str, Any]]]:
         """Signal our servers and the trainer where they run on this host (a server's "host" is its serving address:
@@ -127,21 +109,13 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         try:
             if not owner_alive():
                 if ray_left:
-                    try:
-                        gone = ray_runner.stop_leftovers(reg)
-                    except ConfigError as e:  # the cluster is gone: so is what the run had on it
-                        gone = []
-                        print(f"Ray: {e.one_line()}", flush=True)
-                    if gone:
-                        print(f"removed {len(gone)} Ray actor(s) and placement group(s) the run had left", flush=True)
-                    for sid in ours(reg.list("servers", live_only=False)):  # killed by now, deregistered or not
-                        reg.delete("servers", sid)
+                    ray_runner.stop_leftovers(reg, external)
                     ray_left = False
                 if not ours(reg.list("servers")) and reg.get("", "trainer") is None:
                     break
                 if time.monotonic() >= clean_at:  # for a Slurm run this asks Slurm too
                     remove_dead_records(reg, run)
-                    clean_at = time.monotonic() + (SLURM_POLL_S if slurm_run else 0.0)
+                    clean_at = time.monotonic() + (slurm.POLL_MAX_S if slurm_run else 0.0)
             time.sleep(0.5)
         except KeyboardInterrupt:
             if forced:  # given up
@@ -166,7 +140,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         return 1
     withdraw(reg, posted)  # one no owner took (it is gone, or the job was cancelled): not for a later run's owner
     remove_dead_records(reg, run)
-    end = reg.get("", "run", live_only=False) or {}
+    end = reg.run_record()
     print(f"stopped {rd}\nrun {outcome.summary_line(end)}" if end.get("state") else f"stopped {rd}", flush=True)
     return 1 if uncancelled else 0
 
@@ -175,7 +149,7 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     """Ask the run's owner for ``count`` more servers and wait until they serve; what a Slurm allocation has no room for
     goes to a job of its own (all, with ``new_job``). Given up, neither request nor job is left (`keep_or_cancel`)."""
     reg = run_registry(rd)
-    run = reg.get("", "run", live_only=False) or {}
+    run = reg.run_record()
     if not launcher_alive(run, reg) and not new_job:
         raise ConfigError("experiment_name/trial_name", f"run {rd} has no live owner to start servers",
                           "use --new-job to submit the servers as their own job")
@@ -186,11 +160,12 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     job_id = slurm_submit.submit_server_job(cfg, rd, count) if new_job else None
     if new_job and job_id is None:
         return 1
-    job_state = polled_job_state(job_id) if job_id else None  # the server job's, once there is one
+    job_state = slurm.polled_job_state(job_id) if job_id else None  # the server job's, once there is one
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            new = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")} - before
+            new = {k for k, v in reg.list("servers").items()  # not one started or attached by hand meanwhile
+                   if v.get("state") in ("ready", "paused") and not v.get("external")} - before
             if len(new) >= count:
                 print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
                 job_id = None  # its servers serve: the run's now
@@ -215,7 +190,7 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
                 job_id, req = slurm_submit.submit_server_job(cfg, rd, count - started), None  # req: answered
                 if job_id is None:
                     return 1
-                job_state = polled_job_state(job_id)
+                job_state = slurm.polled_job_state(job_id)
             state = job_state() if job_state else None
             if state in slurm.FINAL_STATES:
                 print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
@@ -270,7 +245,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
     def trainer_step_id(rec: Dict[str, Any]) -> Optional[str]:
         return (rec.get("steps") or {}).get("trainer", {}).get("slurm_step_id")
 
-    old_step, registered, job_state = trainer_step_id(run), False, polled_job_state(str(run["job_id"]))
+    old_step, registered, job_state = trainer_step_id(run), False, slurm.polled_job_state(str(run["job_id"]))
     name = post_request(reg, "start_trainer", timeout_s, min_required_servers=cfg.min_required_servers)
     print(f"job {run['job_id']} is live: asked its driver to start a trainer (request {name})", flush=True)
     deadline = time.monotonic() + timeout_s
@@ -281,7 +256,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
                 print(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
                       "(see `areal-hpc logs driver`)", file=sys.stderr)
                 return 1
-            rec = reg.get("", "run", live_only=False) or {}
+            rec = reg.run_record()
             # the old trainer's record may outlive it: a record is the new one's once the driver names a new step
             new = trainer_step_id(rec) not in (None, old_step)
             if new and rec.get("trainer_rc") is not None:
@@ -315,7 +290,7 @@ def attach_server(rd: Path, url: str, api_key: Optional[str] = None) -> int:
     reg = run_registry(rd)
     base, _ = parse_url(url)
     probe(base, api_key or reg.secret())  # a server that does not answer: say so first
-    run = reg.get("", "run", live_only=False) or {}
+    run = reg.run_record()
     if not launcher_alive(run, reg) or run.get("state") not in (None, "RUNNING"):
         raise ConfigError("experiment_name/trial_name", f"run {rd} has no live owner to keep an external "
                           "server's record alive (its health checks)",

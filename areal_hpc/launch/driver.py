@@ -200,12 +200,12 @@ def main(run_dir: Path) -> int:
             stop_on_signals(owner, forced_by=(signal.SIGINT,))
         try:
             rc = owner.run()
-        finally:
+        finally:  # also when USR2 without requeue stopped the run: submitit's error or SystemExit would end it FAILED
             _OWNER = None
+            if owner.state == outcome.STOPPED:
+                log.info("the run was stopped: ending job %s as CANCELLED (no success to --dependency=afterok)", job_id)
+                err = slurm.scancel(job_id)
+                if err:
+                    print(f"scancel {job_id} failed: {err}", file=sys.stderr)
         log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
-        if owner.state == outcome.STOPPED:
-            log.info("the run was stopped: ending job %s as CANCELLED (not a success to --dependency=afterok)", job_id)
-            err = slurm.scancel(job_id)
-            if err:
-                print(f"scancel {job_id} failed: {err}", file=sys.stderr)
     return rc

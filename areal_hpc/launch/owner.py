@@ -58,7 +58,7 @@ def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0
     handed out; ``reserve=N`` hands out N from there, under the registry's lock, so two additions never clash."""
     with reg.locked("server-names"):
         names = set(known) | set(reg.list("servers", live_only=False))
-        names |= set((reg.get("", "run", live_only=False) or {}).get("servers") or [])
+        names |= set(reg.run_record().get("servers") or [])
         for job in reg.list("jobs", live_only=False).values():
             names |= set(job.get("servers") or [])
         used = [int(n[7:]) for n in names if n.startswith("server-") and n[7:].isdigit()]
@@ -162,7 +162,7 @@ class RunOwner:
             kind, reply = req.get("kind"), None  # the reply: why a request was not (fully) served
             log.info("request %s: %s", name, req)
             try:
-                if kind == "stop" and req.get("force"):
+                if kind == "stop" and (req.get("force") or self.stopping):  # a second stop, whatever run.json said
                     self.request_force("forced stop (areal-hpc stop, twice)")
                 elif kind == "stop":
                     self.request_stop("stop requested (areal-hpc stop)")

@@ -291,11 +291,9 @@ def run(cfg: ExperimentConfig, plan: Plan, rd: Path, nodes: List[str]) -> int:
     from areal_hpc.launch import local
 
     ray = connect(cfg.cluster.ray_address)
-    # a trainer-only plan (min_required_servers) goes where the run's live servers left room
-    runner = RayRunner(cfg, plan, rd, nodes, pin=bool(plan.servers))
-    Registry.for_run(rd, cfg.launcher).put("", "ray", {"address": ray.get_runtime_context().gcs_address,
-                                                       "namespace": NAMESPACE, "prefix": runner.prefix, "nodes": nodes},
-                                           ttl=False)
+    runner = RayRunner(cfg, plan, rd, nodes, pin=bool(plan.servers))  # a trainer-only plan: where servers left room
+    where = {"address": ray.get_runtime_context().gcs_address, "namespace": NAMESPACE, "prefix": runner.prefix}
+    Registry.for_run(rd, cfg.launcher).put("", "ray", {**where, "nodes": nodes}, ttl=False)
     try:
         return local.run(cfg, plan, rd, runner)
     finally:
@@ -329,22 +327,29 @@ def describe(reg: Registry) -> Dict[str, Any]:
                                  for name, g in sorted(groups.items())]}
 
 
-def stop_leftovers(reg: Registry, grace_s: float = 30.0) -> List[str]:
-    """Remove what a run left on its Ray cluster with no owner (detached servers): SIGTERM to every task, SIGKILL
-    after ``grace_s``, then every actor and placement group of the run. Returns their names."""
+def stop_leftovers(reg: Registry, external: bool = False, grace_s: float = 30.0) -> None:
+    """`stop` with no owner: SIGTERM to every task the run left on its Ray cluster (detached servers), SIGKILL after
+    ``grace_s``, then its actors and placement groups go, and its servers' records (external ones with ``external``)."""
     rec = reg.get("", "ray", live_only=False)
-    if not rec:
-        return []
-    ray = connect(rec["address"])
-    from ray.util.placement_group import PlacementGroup
+    try:
+        ray = connect(rec["address"]) if rec else None
+    except ConfigError as e:  # the cluster is gone: so is what the run had on it
+        ray = None
+        print(f"Ray: {e.one_line()}", flush=True)
+    if ray is not None:
+        from ray.util.placement_group import PlacementGroup
 
-    names, groups = _run_objects(ray, rec["prefix"])
-    actors = []
-    for n in names:
-        with contextlib.suppress(ValueError):
-            actors.append(ray.get_actor(n, namespace=NAMESPACE))
-    _call_all(actors, "stop", grace_s, timeout_s=grace_s + 10)
-    release(actors, None, [])
-    for g in groups.values():
-        release([], PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g["placement_group_id"]))), [])
-    return names + sorted(groups)
+        names, pgs = _run_objects(ray, rec["prefix"])
+        actors = []
+        for n in names:
+            with contextlib.suppress(ValueError):
+                actors.append(ray.get_actor(n, namespace=NAMESPACE))
+        _call_all(actors, "stop", grace_s, timeout_s=grace_s + 10)
+        release(actors, None, [])
+        for g in pgs.values():
+            release([], PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g["placement_group_id"]))), [])
+        if names or pgs:
+            print(f"removed {len(names) + len(pgs)} Ray actor(s) and placement group(s) the run had left", flush=True)
+    for sid, server in reg.list("servers", live_only=False).items():
+        if external or not server.get("external"):
+            reg.delete("servers", sid)

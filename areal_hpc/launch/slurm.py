@@ -8,7 +8,8 @@ import os
 import re
 import shlex
 import subprocess
-from typing import Dict, Iterator, List, Optional
+import time
+from typing import Callable, Dict, Iterator, List, Optional
 
 from areal_hpc.config.validate import slurm_time_seconds
 from areal_hpc.launch.plan import StepSpec
@@ -18,6 +19,7 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE", "SPECIAL_EXIT", "REVOKED", "PREEMPTED"}
 WAITING_STATES = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESIZING")
 LIVE_STATES = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING")
+POLL_MAX_S = 5.0  # waits ask Slurm (a controller every user shares) about a job at most this often
 
 
 def _run(cmd: List[str], timeout: float = 30.0, **kw) -> Optional[subprocess.CompletedProcess]:
@@ -51,6 +53,17 @@ def job(job_id: str) -> Dict[str, str]:
 def job_state(job_id: str) -> Optional[str]:
     """The state of a job (`job`), None if unknown: the one job-state query."""
     return job(job_id).get("state")
+
+
+def polled_job_state(job_id: str, first_s: float = 0.5) -> Callable[[], Optional[str]]:
+    """A job's state, for waits that poll often: asked of Slurm at intervals doubling from ``first_s`` to POLL_MAX_S."""
+    asked = {"at": float("-inf"), "wait": first_s / 2, "state": None}
+
+    def state() -> Optional[str]:
+        if time.monotonic() >= asked["at"] + asked["wait"]:
+            asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], POLL_MAX_S), state=job_state(job_id))
+        return asked["state"]
+    return state
 
 
 def job_steps(job_id: str) -> List[Dict[str, str]]:

@@ -58,7 +58,7 @@ class Driver(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         rc = driver.main(Path(self.run_dir))
         if rc not in (0, outcome.exit_code(outcome.STOPPED)):  # submitit re-raises it: the batch script exits 1
-            rec = run_registry(Path(self.run_dir)).get("", "run", live_only=False) or {}
+            rec = run_registry(Path(self.run_dir)).run_record()
             raise RunFailed(f"run {outcome.summary_line(rec)}")
         return rc
 
@@ -73,13 +73,13 @@ def follow_hint(cfg: ExperimentConfig) -> str:
             f"server-0, slurm)\n  areal-hpc stop {names}")
 
 
-def wait_job(job_id: str, running: bool, poll_s: float = 0.3, unknown_s: float = 300.0) -> str:
+def wait_job(job_id: str, running: bool, first_s: float = 0.3, unknown_s: float = 300.0) -> str:
     """Block until the job runs (``running``: it left `slurm.WAITING_STATES`) or ended (a requeue is no end); returns
-    its state, "UNKNOWN" when Slurm has not known it for ``unknown_s``. Asks at intervals growing to 5 s."""
+    its state, "UNKNOWN" when Slurm has not known it for ``unknown_s``. Asks as `slurm.polled_job_state` does."""
     t0 = known_at = time.monotonic()
-    told = not running
+    told, job_state = not running, slurm.polled_job_state(job_id, first_s)
     while True:
-        state = slurm.job_state(job_id)
+        state = job_state()
         if state is None and time.monotonic() - known_at >= unknown_s:
             return "UNKNOWN"
         if state is not None:
@@ -89,8 +89,7 @@ def wait_job(job_id: str, running: bool, poll_s: float = 0.3, unknown_s: float =
             if not told and known_at - t0 > 3.0:
                 print(f"job {job_id} is {state} (Ctrl-C stops waiting; the job stays queued)", flush=True)
                 told = True
-        time.sleep(poll_s)
-        poll_s = min(2 * poll_s, 5.0)
+        time.sleep(min(first_s, 0.1))
 
 
 # What Slurm's reason for refusing a job is about -> the key that asked for it.
@@ -143,8 +142,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
         raise rejection(cfg, str(e)) from None
     job_id = str(job.job_id)
     reg = Registry.for_run(rd, cfg.launcher)
-    cur = reg.get("", "run", live_only=False)
-    if cur is None or str(cur.get("job_id")) != job_id:  # the driver may already have written its own
+    if str(reg.run_record().get("job_id")) != job_id:  # the driver may already have written its own
         reg.put("", "run", {"mode": "slurm", "job_id": job_id, "pid": None, "host": None, "state": "PENDING",
                             "submitted": time.time()}, ttl=True)
     print(f"submitted job {job_id} ({plan.job_name}): {plan.nodes} node(s); run dir {rd}", flush=True)
@@ -164,7 +162,7 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
               file=sys.stderr, flush=True)
         return outcome.exit_code(outcome.STOPPED)
     print(f"job {job_id} ended {state}", flush=True)  # how the run ended is in its record (the driver's code too)
-    rec = reg.get("", "run", live_only=False) or {}
+    rec = reg.run_record()
     if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
         print(f"run {outcome.summary_line(rec)}", flush=True)
         return outcome.exit_code(str(rec["state"]))
@@ -203,7 +201,6 @@ def submit_server_job(cfg: ExperimentConfig, rd: Path, count: int) -> Optional[s
         return None
     job_id = r.stdout.strip().split(";")[0]
     Registry.for_run(rd, cfg.launcher).put("jobs", job_id, {"job_id": job_id, "kind": "servers", "servers": names,
-                                                            "script": str(script), "submitted": time.time()},
-                                           ttl=False)
+                                                            "script": str(script), "submitted": time.time()}, ttl=False)
     print(f"submitted job {job_id} with {count} server(s) ({', '.join(names)}): {script}", flush=True)
     return job_id

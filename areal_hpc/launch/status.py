@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List
+from typing import Any, BinaryIO, Callable, Dict, List, Optional
 
 from areal_hpc.config import ConfigError, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
@@ -34,13 +34,23 @@ def dead_here(rec: Dict[str, Any]) -> bool:
     return runs_here(rec.get("node"), rec.get("host")) and not pid_alive(rec.get("pid"))
 
 
-def launcher_alive(run: Dict[str, Any], reg: Registry) -> bool:
-    """The run's owner process lives: by its pid on this host, elsewhere by its record's heartbeat."""
+def launcher_alive(run: Dict[str, Any], reg: Registry, name: str = "run") -> bool:
+    """The run's owner process (of record ``name``) lives: by its pid on this host, elsewhere by its record's TTL."""
     if not run.get("pid"):
         return False  # a Slurm job not started yet
     if run.get("host") is None or runs_here(run["host"]):
         return pid_alive(run.get("pid"))
-    return reg.get("", "run") is not None
+    return reg.get("", name) is not None
+
+
+def why_owned(run: Dict[str, Any], reg: Registry, job_state: Callable[[], Optional[str]]) -> Optional[str]:
+    """Why the run has an owner, or one to come, or None: a Slurm job queued or running until its driver records how
+    the run ended; an owner process until a TTL after it did (it writes its record once more on its way out)."""
+    if run.get("mode") == "slurm" and run.get("job_id"):
+        state = None if run.get("state") in outcome.FINAL else job_state()
+        return f"job {run['job_id']} is {state}" if state in slurm.LIVE_STATES + slurm.WAITING_STATES else None
+    alive = launcher_alive(run, reg) and (run.get("state") not in outcome.FINAL or reg.get("", "run") is not None)
+    return f"its owner lives (pid {run.get('pid')} on {run.get('host')})" if alive else None
 
 
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
@@ -93,7 +103,7 @@ def server_alive(rec: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
 def collect_status(rd: Path) -> Dict[str, Any]:
     reg = run_registry(rd)
     key = reg.secret()
-    run = reg.get("", "run", live_only=False) or {}
+    run = reg.run_record()
     jobs = slurm_jobs(reg, run)
     # a server whose process or step has ended is not a live one, whatever its record says
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, jobs)]
@@ -187,7 +197,7 @@ def _log_file(rd: Path, role: str) -> Path:
         found["trainer"] = found["trainer-0"]
     # slurm: the run's job (server jobs write slurm-*.out too), or any job when none is recorded (sbatch by hand)
     if role == "slurm" or role not in found:
-        job_id = (run_registry(rd).get("", "run", live_only=False) or {}).get("job_id")
+        job_id = run_registry(rd).run_record().get("job_id")
         outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
         if outs:
             found["slurm"] = outs[-1]

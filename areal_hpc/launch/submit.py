@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir, run_umask
-from areal_hpc.launch import control, local, outcome, ray_runner, slurm, slurm_submit, torchrun
+from areal_hpc.launch import control, local, ray_runner, slurm, slurm_submit, torchrun
 from areal_hpc.launch.plan import Plan, build_plan
 from areal_hpc.launch.resolve import make_fileroot, resolve
 from areal_hpc.launch.sbatch import render
-from areal_hpc.launch.status import launcher_alive
+from areal_hpc.launch.status import launcher_alive, why_owned
 from areal_hpc.registry import Registry, atomic_write
 
 
@@ -33,20 +33,14 @@ def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
         os.chmod(path, full & ~mask)
 
 
-def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "RunDirSnapshot":
-    """config.yaml (resolved), plan.json and the rendered sbatch script, atomically, with the run's umask; returns
-    what was there before."""
+def write_run_dir(cfg: ExperimentConfig, plan: Plan, rd: Path) -> None:
+    """config.yaml (resolved), plan.json and the rendered sbatch script, atomically, in the run dir `submit` made."""
     files = {"config.yaml": dump_yaml(cfg), "plan.json": plan.to_json(),
              "sbatch/allocation.sbatch": render("allocation.sbatch", cfg, plan)}
-    snapshot = RunDirSnapshot(rd, list(files))
-    make_fileroot(cfg)
-    os.umask(run_umask(cfg))
-    (rd / "logs").mkdir(parents=True, exist_ok=True)
     (rd / "sbatch").mkdir(exist_ok=True)
     _fix_modes(cfg, rd)
     for name, text in files.items():
         atomic_write(rd / name, text)
-    return snapshot
 
 
 class RunDirSnapshot:
@@ -111,16 +105,13 @@ def check_trainer_type(cfg: ExperimentConfig) -> None:
                           f"known: {', '.join(known_types())}")
 
 
-def _still_owned(rd: Path, reg: Registry) -> Optional[str]:
-    """Why the run has an owner, or one to come (its job queued), before a trainer registered: a second submit would
-    start a second owner on the run dir."""
-    run = reg.get("", "run", live_only=False) or {}
-    if run.get("state") in outcome.FINAL:
-        return None
-    if run.get("mode") == "slurm" and run.get("job_id"):
-        state = slurm.job_state(str(run["job_id"]))
-        return f"job {run['job_id']} is {state}" if state in slurm.LIVE_STATES + slurm.WAITING_STATES else None
-    return f"its owner lives (pid {run.get('pid')} on {run.get('host')})" if launcher_alive(run, reg) else None
+def _still_owned(reg: Registry) -> Optional[str]:
+    """Why the run has an owner, or one to come (its job queued, a submit under way), before a trainer registered: a
+    second submit would start a second owner on the run dir."""
+    claim, run = reg.get("", "submit", live_only=False) or {}, reg.run_record()
+    if launcher_alive(claim, reg, "submit"):
+        return f"a submit of it runs (pid {claim['pid']} on {claim['host']})"
+    return why_owned(run, reg, lambda: slurm.job_state(str(run["job_id"])))
 
 
 def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
@@ -130,10 +121,8 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
     rd = run_dir(cfg)
     reg = Registry.for_run(rd, cfg.launcher)
     restart = cfg.min_required_servers > 0
-    live_servers, trainer, owned = {}, None, None
-    if (rd / "registry").exists():
-        live_servers, trainer = reg.list("servers"), reg.get("", "trainer")
-        owned = "a live trainer" if trainer is not None else _still_owned(rd, reg)
+    live_servers, trainer = reg.list("servers"), reg.get("", "trainer")  # none where no registry is yet
+    owned = "a live trainer" if trainer is not None else _still_owned(reg)
     if dry_run and owned:  # the queued job, a requeue or a trainer restart would run what the preview wrote
         raise ConfigError("experiment_name/trial_name", f"run {rd} is live ({owned}): a dry run would rewrite the "
                           "config.yaml and plan.json it runs from", "pick another trial_name to preview a run")
@@ -154,32 +143,42 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         run = control.live_driver(cfg, rd)
         if run is not None:  # start the trainer inside the live allocation, not as a new job
             return control.restart_trainer(cfg, rd, run)
-    if owned and not dry_run:
-        raise ConfigError("experiment_name/trial_name", f"run {rd} is submitted already: {owned}",
-                          "wait for it (`areal-hpc status ...`), stop it (`areal-hpc stop ...`) or pick another "
-                          "trial_name")
     plan = build_plan(cfg, alloc, rd, with_servers=not restart)
     if cfg.mode in ("slurm", "ray") and Path(os.path.expanduser(cfg.cluster.fileroot)).resolve().parts[1:2] == ("tmp",):
         print("warning: cluster.fileroot is under /tmp; on a real cluster that is node-local and servers, trainer\n"
               "         and driver will not find each other. Use a shared filesystem (home, /scratch, Lustre...).")
     ray_nodes = ray_runner.prepare(cfg, plan) if cfg.mode == "ray" and not dry_run else []  # before writing
-    snapshot = write_run_dir(cfg, plan, rd)
-    print(summary(cfg, plan))
-    ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
-    if ckpts and cfg.trainer.type != "null":
-        print(f"resume    from {ckpts[-1].name} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
-              "or recover.mode=disabled starts over)")
-    if dry_run:
-        print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
-        return 0
-    if cfg.mode == "local":
-        return local.run(cfg, plan, rd)
-    if cfg.mode == "torchrun":
-        return local.run(cfg, plan, rd, torchrun.TorchrunRunner(cfg))
-    if cfg.mode == "ray":
-        return ray_runner.run(cfg, plan, rd, ray_nodes)
+    snapshot = RunDirSnapshot(rd, ["config.yaml", "plan.json", "sbatch/allocation.sbatch"])
+    make_fileroot(cfg)  # and the run dir, with the run's umask, before the registry's lock makes it private
+    os.umask(run_umask(cfg))
+    (rd / "logs").mkdir(parents=True, exist_ok=True)
+    with reg.locked("submit"):  # check and claim: two submits of one trial at once both found it free
+        owned = _still_owned(reg)
+        if owned:
+            raise ConfigError("experiment_name/trial_name", f"run {rd} is submitted already: {owned}",
+                              "wait for it (`areal-hpc status ...`), stop it (`areal-hpc stop ...`) or pick another "
+                              "trial_name")
+        reg.put("", "submit", {"pid": os.getpid(), "host": os.uname().nodename})  # while this process launches
     try:
-        return slurm_submit.submit(cfg, plan, rd)
-    except ConfigError:  # Slurm rejected the allocation (or its options): nothing was queued
-        snapshot.restore()
-        raise
+        write_run_dir(cfg, plan, rd)
+        print(summary(cfg, plan))
+        ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
+        if ckpts and cfg.trainer.type != "null":
+            print(f"resume    from {ckpts[-1].name} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
+                  "or recover.mode=disabled starts over)")
+        if dry_run:
+            print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
+            return 0
+        if cfg.mode == "local":
+            return local.run(cfg, plan, rd)
+        if cfg.mode == "torchrun":
+            return local.run(cfg, plan, rd, torchrun.TorchrunRunner(cfg))
+        if cfg.mode == "ray":
+            return ray_runner.run(cfg, plan, rd, ray_nodes)
+        try:
+            return slurm_submit.submit(cfg, plan, rd)
+        except ConfigError:  # Slurm rejected the allocation (or its options): nothing was queued
+            snapshot.restore()
+            raise
+    finally:
+        reg.delete("", "submit")

@@ -118,6 +118,9 @@ class Registry:
     def get(self, kind: str, name: str, live_only: bool = True) -> Optional[Dict[str, Any]]:
         return self._read(str(self.path(kind, name)), live_only, time.time())
 
+    def run_record(self) -> Dict[str, Any]:  # run.json as its owner last wrote it, live or not; {} if none
+        return self.get("", "run", live_only=False) or {}
+
     def list(self, kind: str, live_only: bool = True) -> Dict[str, Dict[str, Any]]:
         """All (live) records of a kind, by name."""
         d = self.root / kind
@@ -194,9 +197,8 @@ class Registry:
             if len(recs) >= n:
                 return recs
             if time.monotonic() >= deadline:
-                raise RegistryTimeout(
-                    f"waited {timeout_s:.0f}s for {n} live '{kind}' records under {self.root}, "
-                    f"found {len(recs)}: is the run dir on a filesystem shared by all nodes?")
+                raise RegistryTimeout(f"waited {timeout_s:.0f}s for {n} live '{kind}' records under {self.root}, "
+                                      f"found {len(recs)}: is the run dir on a filesystem shared by all nodes?")
             time.sleep(poll_s)
 
     def watch(self, kind: str, poll_s: float = 0.2, stop: Optional[Callable[[], bool]] = None

@@ -26,8 +26,7 @@ def own_temp(tmp: str, name_re: str) -> bool:
     return re.fullmatch(mine, tmp) is not None
 
 
-def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666,
-                 fsync: bool = False) -> str:
+def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], mode: int = 0o666, fsync: bool = False) -> str:
     """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``: a reader sees the old
     file or the new one, never half of one. Mode: ``mode`` less the umask; ``fsync``: on disk before the rename."""
     path = os.fspath(path)
