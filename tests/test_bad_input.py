@@ -156,6 +156,20 @@ def test_bad_override_exit_2(extra, key, tmp_path, capsys):
     assert list(root.iterdir()) == []  # nothing written, nothing submitted
 
 
+
+def test_plugins_do_not_hide_a_misspelt_name_at_submit(tmp_path, capsys):
+    """With trainer.plugins, a misspelt built-in name was caught only by the trainer on a node, after the queue."""
+    root, plugin = tmp_path / "root", tmp_path / "submit_names_plugin.py"
+    root.mkdir()
+    plugin.write_text("from areal_hpc.rollout import register_reward\n\n"
+                      "register_reward('length')(lambda prompt, completion, answer, **row: float(len(completion)))\n")
+    rc, _, err = cli(capsys, "submit", QUICKSTART, f"cluster.fileroot={root}", f"trainer.plugins=[{plugin}]",
+                     "rollout.reward_fn=exact_matc", "--dry-run")
+    assert_one_line(rc, err, "submit", "rollout.reward_fn")
+    assert "'exact_matc' is not one of" in err and "length" in err, err
+    assert list(root.iterdir()) == []
+
+
 # (YAML text, key). A whole config file, checked before anything else.
 BAD_YAML = [
     ("seed: 1\nseed: 2\n", "seed"),

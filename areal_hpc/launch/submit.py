@@ -91,18 +91,17 @@ def summary(cfg: ExperimentConfig, plan: Plan) -> str:
 
 
 def check_trainer_type(cfg: ExperimentConfig) -> None:
-    """A plugin trainer must import and register its type here, not fail later on a node."""
+    """Plugins must import, and every name they may register (trainer.type, rollout.workflow, rollout.reward_fn,
+    dataset adapters) be known, here: not on a node after the queue."""
     if not cfg.trainer.plugins:
         return
-    from areal_hpc.trainers.factory import TRAINERS, known_types, load_plugins
+    from areal_hpc.trainers.factory import check_names, load_plugins
 
     try:
         load_plugins(cfg.trainer.plugins)
     except Exception as e:  # noqa: BLE001 - any import error is the user's to fix
         raise ConfigError("trainer.plugins", f"importing {cfg.trainer.plugins} failed: {e!r}") from None
-    if cfg.trainer.type not in TRAINERS and cfg.trainer.type not in known_types():
-        raise ConfigError("trainer.type", f"{cfg.trainer.type!r} is not registered by {cfg.trainer.plugins}",
-                          f"known: {', '.join(known_types())}")
+    check_names(cfg)
 
 
 def _still_owned(reg: Registry) -> Optional[str]:
