@@ -288,16 +288,20 @@ def test_rendered_rollout_only_runner_runs_next_to_servers_filling_a_node(slurm_
     assert_steps_completed_in_sacct(job_id, plan)
 
 
+def _echo_script(root: Path, trial: str):
+    """A two-step allocation script whose steps only echo, written into its run dir (logs/ made)."""
+    cfg, alloc = make_config(root, "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0", f"trial_name={trial}")
+    plan = build_plan(cfg, alloc, run_dir(cfg))
+    path = Path(plan.run_dir) / "allocation.sbatch"
+    Path(plan.run_dir, "logs").mkdir(parents=True)
+    path.write_text(render("allocation.sbatch", cfg, plan, command=lambda s: ["bash", "-c", f"echo {s.name} ran"]))
+    return plan, path
+
+
 def test_rendered_steps_append_to_their_logs(slurm_cluster, shared_tmp):
     """A requeued allocation runs its script again: every step's log keeps what the last run wrote (srun truncates
     an --output file unless in append mode: each step's srun line says so, as the driver's do)."""
-    cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
-                             "trial_name=append")
-    plan = build_plan(cfg, alloc, run_dir(cfg))
-    script = render("allocation.sbatch", cfg, plan, command=lambda s: ["bash", "-c", f"echo {s.name} ran"])
-    path = Path(plan.run_dir) / "allocation.sbatch"
-    Path(plan.run_dir, "logs").mkdir(parents=True)
-    path.write_text(script)
+    plan, path = _echo_script(shared_tmp / "root", "append")
     for _ in range(2):  # as a requeue does: the same script again, same logs
         run("sbatch", "--wait", str(path), timeout=180)
     logs = Path(plan.run_dir, "logs")
@@ -341,13 +345,7 @@ def test_rendered_script_lets_servers_shut_down_when_the_trainer_ends(slurm_clus
 def test_a_run_dir_with_a_space_gets_its_job_log(slurm_cluster, shared_tmp):
     """sbatch reads the quoted ``#SBATCH --output`` of a run dir with a space: the job's log is in the run's logs/
     (unquoted, sbatch took the path up to the space)."""
-    cfg, alloc = make_config(shared_tmp / "my root", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
-                             "trial_name=space")
-    plan = build_plan(cfg, alloc, run_dir(cfg))
-    script = render("allocation.sbatch", cfg, plan, command=lambda s: ["bash", "-c", f"echo {s.name} ran"])
-    path = Path(plan.run_dir) / "allocation.sbatch"
-    Path(plan.run_dir, "logs").mkdir(parents=True)
-    path.write_text(script)
+    plan, path = _echo_script(shared_tmp / "my root", "space")
     job_id = run("sbatch", "--parsable", "--wait", str(path), timeout=180).strip().split(";")[0]
     logs = Path(plan.run_dir, "logs")
     assert (logs / f"slurm-{job_id}.out").exists(), sorted(p.name for p in logs.iterdir())
