@@ -263,6 +263,9 @@ BAD_INPUTS = [
      "has 18 tokens but the model's vocab_size is 8"),
     ("server-model-unreachable", ["server.model_path=nobody/no-such-model"], "server.model_path",
      "the hub cannot be reached"),
+    # a base model's tokenizer has no chat template: the system prompt had nowhere to go, found only on the node
+    ("system-prompt-without-template", ["trainer.ppo.actor.path={model}", "train_dataset.system_prompt=Be brief."],
+     "train_dataset.system_prompt", "has none: prompts are raw text"),
 ]
 
 

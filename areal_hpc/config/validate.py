@@ -317,6 +317,12 @@ def actor_path(cfg: ExperimentConfig) -> str:
     return cfg.trainer.sft.model.path if cfg.trainer.type == "sft" else cfg.trainer.ppo.actor.path
 
 
+def prompt_tokenizer_path(cfg: ExperimentConfig) -> str:
+    """The model whose tokenizer encodes the prompts: a null trainer's servers' (``server.model_path``), else the
+    actor's."""
+    return cfg.server.model_path if cfg.trainer.type == "null" and cfg.server.model_path else actor_path(cfg)
+
+
 def models_in_use(cfg: ExperimentConfig) -> List[Tuple[str, Any, str]]:
     """``(key, owner, attribute)`` of every model path the run loads (a null trainer's servers load the actor's
     unless ``server.model_path`` is set)."""
@@ -430,7 +436,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
 
     for key, owner, attr in models_in_use(cfg):
         _check_path(key, getattr(owner, attr), "model")
-    tokenizer = cfg.server.model_path if t == "null" and cfg.server.model_path else actor_path(cfg)  # the prompts'
+    tokenizer = prompt_tokenizer_path(cfg)
     for key, ds, _ in datasets_in_use(cfg):
         _check_path(f"{key}.path", ds.path, "dataset")
         raw = f"{key}.chat_template=none" if ds.chat_template == "none" else "a toy: model's tokenizer has no template"

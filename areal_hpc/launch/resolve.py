@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from areal_hpc.config import (ConfigError, DatasetConfig, ExperimentConfig, datasets_in_use, looks_like_hub_name,
-                              models_in_use)
+                              models_in_use, prompt_tokenizer_path)
 from areal_hpc.launch.plan import hf_cache_dir
 from areal_hpc.rollout.adapters import apply_adapter, get_adapter
 from areal_hpc.rollout.data import DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows, one_line
@@ -46,15 +46,20 @@ def resolve(cfg: ExperimentConfig) -> None:
             raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {one_line(e)}",
                               "a writable directory on a filesystem every node mounts") from None
     done: Dict[str, str] = {}
+    templated: Dict[str, bool] = {}  # local model dir -> its tokenizer has a chat template
     for key, owner, attr in models_in_use(cfg):
         path = getattr(owner, attr)
         if path not in done and not path.startswith("toy:"):
             local = _local_or_download(key, path, "model", cache)
-            check_model_dir(key, local)
+            templated[str(local)] = check_model_dir(key, local)
             done[path] = str(local)
         setattr(owner, attr, done.get(path, path))
     for key, ds, which in datasets_in_use(cfg):
         resolve_dataset(key, ds, which, cache)
+        if ds.system_prompt and ds.chat_template == "auto" and templated.get(prompt_tokenizer_path(cfg)) is False:
+            raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but the tokenizer of "
+                              f"{prompt_tokenizer_path(cfg)} has none: prompts are raw text",
+                              "drop it, or put the instruction in the prompts")
 
 
 def make_fileroot(cfg: ExperimentConfig) -> None:
@@ -118,8 +123,9 @@ def _local_or_download(key: str, path: str, repo_type: str, cache: Path) -> Path
     raise ConfigError(key, f"{repo_type} path {path!r} does not exist", "give a local path, or a hub name (org/name)")
 
 
-def check_model_dir(key: str, p: Path) -> None:
-    """config.json parses and loads, weights are there, the tokenizer loads and fits the model."""
+def check_model_dir(key: str, p: Path) -> bool:
+    """config.json parses and loads, weights are there, the tokenizer loads and fits the model. Returns whether the
+    tokenizer has a chat template."""
     if p.is_file():
         raise ConfigError(key, f"{p} is a file, not a model directory",
                           "point at the directory save_pretrained wrote: config.json, weights, tokenizer")
@@ -153,6 +159,7 @@ def check_model_dir(key: str, p: Path) -> None:
     if isinstance(vocab, int) and len(tok) > vocab:
         raise ConfigError(key, f"the tokenizer in {p} has {len(tok)} tokens but the model's vocab_size is {vocab}",
                           "the tokenizer belongs to another model")
+    return bool(getattr(tok, "chat_template", None))
 
 
 def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path) -> None:

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 
-from areal_hpc.config import actor_path
+from areal_hpc.config import prompt_tokenizer_path
 from areal_hpc.rollout import Group, RolloutError
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
@@ -22,7 +22,7 @@ class EvalTrainer(Trainer):
         from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer, make_rollout_workflow, server_pool
 
         cfg, ctx, ds = self.cfg, self.ctx, self.cfg.valid_dataset
-        tokenizer = load_tokenizer(cfg.server.model_path or actor_path(cfg))
+        tokenizer = load_tokenizer(prompt_tokenizer_path(cfg))
         rows = list(load_prompts(ctx, "valid", epochs=1, tokenizer=tokenizer))
         workflow = make_rollout_workflow(cfg, tokenizer, ds)
         pool = server_pool(ctx, should_stop=lambda: bool(self.stop))  # a stop request (SIGTERM) only sets self.stop
