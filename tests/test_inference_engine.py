@@ -621,17 +621,6 @@ def test_a_weight_version_that_is_no_string_is_refused(engine):
     asyncio.run(go())
 
 
-def test_a_temperature_near_zero_is_greedy():
-    """SGLang treats a temperature under 1e-5 as greedy, its logprobs scored at temperature 1; 1e-6 sampled from
-    logits / 1e-6 instead, and reported that distribution's logprobs (about 0)."""
-    torch.manual_seed(0)
-    logits = torch.randn(2, 50)
-    assert SamplingParams(temperature=1e-6).greedy
-    toks, lps = sample(logits, [SamplingParams(temperature=1e-6), SamplingParams(temperature=0.7)])
-    assert toks[0] == logits[0].argmax().item()
-    assert abs(lps[0] - torch.log_softmax(logits[0], -1).max().item()) < 1e-5
-
-
 def test_a_huge_n_is_refused():
     """n = 1e20 built that many sequences on the server's event loop, which then served nobody."""
     import asyncio
@@ -732,3 +721,15 @@ def test_every_flag_and_number_of_a_request_is_read_as_its_json_type(engine):
 
     asyncio.run(go())
     assert server.groups == {"g": server.groups["g"]}
+
+
+def test_a_tiny_temperature_samples_and_scores_as_sglang_and_the_trainer_do():
+    """SGLang samples greedily (scoring at temperature 1) only below 1e-6; at 5e-6 it samples at 5e-6 and scores the
+    tokens at 5e-6, which is what the trainer divides its logits by. Below 1e-6 both sides score at 1."""
+    from areal_hpc.config.schema import GenerationConfig
+
+    logits = torch.randn(2, 50) * 3
+    _, lps = sample(logits, [SamplingParams(temperature=5e-6), SamplingParams(temperature=5e-7)])
+    assert lps[0] == pytest.approx(torch.log_softmax(logits[0] / 5e-6, -1).max().item(), abs=1e-5)
+    assert lps[1] == pytest.approx(torch.log_softmax(logits[1], -1).max().item(), abs=1e-5)
+    assert [GenerationConfig(temperature=t).logprob_temperature for t in (0, 5e-7, 5e-6, 0.7)] == [1.0, 1.0, 5e-6, 0.7]

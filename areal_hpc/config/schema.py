@@ -55,6 +55,9 @@ class ServerConfig:
     cuda_graph: bool = True  # hf engine: capture CUDA graphs for decode on GPU
 
 
+GREEDY_BELOW = 1e-6  # SGLang's rule: a lower temperature samples greedily and scores the tokens at temperature 1
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
@@ -63,6 +66,11 @@ class GenerationConfig:
     top_k: int = -1
     stop_token_ids: List[int] = field(default_factory=list)
     ignore_eos: bool = False
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the servers score tokens at, which the trainer's logprobs must use too."""
+        return self.temperature if self.temperature >= GREEDY_BELOW else 1.0
 
 
 @dataclass

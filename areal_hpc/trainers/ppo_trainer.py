@@ -63,7 +63,7 @@ class PPOTrainer(Trainer):
     def setup(self):
         cfg = self.cfg
         self.actor = PPOActor.build(cfg.trainer.ppo, total_steps=cfg.trainer.total_train_steps,
-                                    group_size=cfg.rollout.n_samples, temperature=cfg.rollout.gen.temperature or 1.0)
+                                    group_size=cfg.rollout.n_samples, temperature=cfg.rollout.gen.logprob_temperature)
         self.actor.phases = self.phases
         return self.actor.engine
 

@@ -6,9 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from areal_hpc.config.schema import GREEDY_BELOW
 from areal_hpc.inference.sglang_api import new_rid
-
-GREEDY_BELOW = 1e-5  # a temperature under this is greedy, as in SGLang (which then scores with temperature 1)
 
 
 @dataclass(frozen=True)
