@@ -44,8 +44,7 @@ class RewardScorer:
         self._warned = False
 
     def _float(self, value: Any) -> float:
-        """A reward's value; None (a missing ``return``) or nan/inf (they make the batch's loss nan) scores 0, as a
-        reward that raises does."""
+        """A reward's value; None (a missing ``return``), nan or inf (a nan loss) scores 0, as a raising reward does."""
         if value is not None and math.isfinite(float(value)):
             return float(value)
         if not self._warned:
