@@ -114,6 +114,20 @@ def test_a_reward_returning_none_scores_zero_with_one_warning(tok, caplog, monke
     assert caplog.text.count("returned None") == 1 and name in caplog.text
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_reward_scores_zero_not_a_nan_batch(tok, caplog, monkeypatch, bad):
+    """A reward of nan or inf (0/0 in a user's scoring) made its group's advantages nan, the loss nan and the whole
+    batch's optimizer step skipped; it scores 0, as a reward that raises does, with a warning."""
+    monkeypatch.setitem(REWARDS, "test-nan", lambda prompt, completion, answer, **_: bad if completion == "bad" else 1.0)
+    wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-nan", n_samples=2)
+    try:
+        with caplog.at_level(logging.WARNING):
+            group = asyncio.run(wf.arun_episode(Client(tok, ["bad", "7"]), {"prompt": "3+4="}))
+    finally:
+        wf.close()
+    assert [t.reward for t in group.trajectories] == [0.0, 1.0] and "test-nan" in caplog.text
+
+
 def test_math_scores_in_workers_that_the_controller_ends(tok):
     """math-verify's 5 s alarm stops sympy in a worker; the loop ticks meanwhile; stop() leaves no worker."""
     wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="math", n_samples=2)

@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -40,15 +41,15 @@ class RewardScorer:
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
         self._pool: Optional[ProcessPoolExecutor] = None
-        self._warned_none = False
+        self._warned = False
 
     def _float(self, value: Any) -> float:
-        """A reward's value; None (a missing ``return``) scores 0, as a reward that raises does."""
-        if value is not None:
+        """A reward's value; None (a missing ``return``), nan or inf (a nan loss) scores 0, as a raising reward does."""
+        if value is not None and math.isfinite(float(value)):
             return float(value)
-        if not self._warned_none:
-            self._warned_none = True
-            log.warning("reward %r returned None: scored 0 (it should return a float)", self.name)
+        if not self._warned:
+            self._warned = True
+            log.warning("reward %r returned %s: scored 0 (it should return a finite float)", self.name, value)
         return 0.0
 
     async def score(self, prompt: str, completions: Sequence[str], answer: str,
