@@ -327,7 +327,7 @@ def test_add_servers_in_the_allocation(tmp_path):
     owner = owner_for(tmp_path, runner)
     for step in owner.plan.servers:
         owner.start_step(step)
-    assert owner.add_servers(2) == 1  # room for one: the caller is told, and submits the rest as a job
+    assert owner.add_servers(2) == ["server-2"]  # room for one: the caller is told, and submits the rest as a job
     assert runner.names()[-1] == "server-2" and runner.started[-1].step.relative_node == -1
 
 
@@ -411,7 +411,7 @@ def test_add_servers_without_room_outside_slurm_says_so_at_once(tmp_path, capsys
     def owner_answers() -> None:
         name = next(iter(reg.list("requests")))
         reg.delete("requests", name)
-        reg.put("replies", f"{name}-unserved", {"wanted": 1, "started": 0})
+        reg.put("replies", name, {"wanted": 1, "servers": []})
     when(lambda: bool(reg.list("requests")), owner_answers)
     t0 = time.monotonic()
     assert add_servers(rd, 1, timeout_s=10.0) == 1
@@ -561,7 +561,7 @@ def test_an_added_server_that_fails_to_start_does_not_end_the_run(tmp_path):
         owner.start_step(step)
     name = control.post_request(owner.registry, "add_servers", count=1)
     owner.handle_requests()
-    assert owner.registry.get("replies", f"{name}-unserved") == {
+    assert owner.registry.get("replies", name) == {
         "error": "FileNotFoundError: no run dir for server-2", "_age_s": pytest.approx(0, abs=5)}
     assert sorted(owner.servers) == ["server-0", "server-1"] and owner.state == outcome.RUNNING
 
