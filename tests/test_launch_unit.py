@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -858,6 +859,17 @@ def test_wait_running_gives_up_on_a_job_slurm_does_not_know(monkeypatch):
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
     assert slurm_submit.wait_job("7", running=True, first_s=0, unknown_s=0) == "UNKNOWN"
 
+
+
+def test_wait_job_wakes_only_to_ask_slurm(tmp_path, monkeypatch):
+    """`wait_job` woke every 0.1 s while `polled_job_state` asked Slurm at most every few seconds: each wake-up asks."""
+    asks, sleeps, real = [], [], slurm.job_state
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without Slurm: the job is not known
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: asks.append(job_id) or real(job_id))
+    monkeypatch.setattr(slurm_submit, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, sleep=lambda s: sleeps.append(s) or time.sleep(s)))
+    assert slurm_submit.wait_job("7", running=True, first_s=0.3, unknown_s=2.0) == "UNKNOWN"
+    assert len(sleeps) < len(asks) <= 5, (sleeps, asks)
 
 # fix14-P
 
