@@ -40,6 +40,7 @@ def withdraw(reg: Registry, names: List[str], for_live_owner: bool = False) -> N
     """Requests their poster stopped waiting for, not taken yet: deleted, so that nothing is served behind the user's
     back; ``for_live_owner`` (a ``stop`` given up): expired now, for the live owner only."""
     for name in names:
+        reg.delete("replies", name)  # one nobody will read
         if for_live_owner:
             reg.update("requests", name, lambda old: old and {**old, "until": time.time()})
         else:
@@ -108,6 +109,9 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     ray_left = run.get("mode") == "ray"  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
+            if not forced and (take_reply(reg, posted[0]) or {}).get("forced"):  # run.json was behind the owner
+                forced = True
+                print("a stop is already under way: forcing it (what is left is killed)", flush=True)
             if not owner_alive():
                 if ray_left:
                     ray_runner.stop_leftovers(reg, external)

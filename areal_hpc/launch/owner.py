@@ -166,6 +166,7 @@ class RunOwner:
             try:
                 if kind == "stop" and (req.get("force") or self.stopping):  # a second stop, whatever run.json said
                     self.request_force("forced stop (areal-hpc stop, twice)")
+                    reply = None if req.get("force") else {"forced": True}  # for `stop` to say so
                 elif kind == "stop":
                     self.request_stop("stop requested (areal-hpc stop)")
                 elif self.stopping and kind in ("add_servers", "start_trainer"):
