@@ -163,6 +163,20 @@ def test_a_name_that_reads_as_a_float_keeps_its_text(tmp_path):
     assert load_config(str(f), []).rollout.gen.top_p == 0.5
 
 
+def test_sglang_args_floats_reach_the_command_line_as_written(tmp_path):
+    """`mem_fraction_static: 0.80` or a version-like `1.10` in `server.sglang_args` reached SGLang's command line as
+    0.8 / 1.1 (a YAML float, in the file and again in the run dir's config.yaml). A flag's value is the user's text."""
+    from areal_hpc.inference.sglang import build_sglang_options
+
+    f = tmp_path / "c.yaml"
+    f.write_text("server:\n  sglang_args:\n    mem-fraction-static: 0.80\n    x: 1.10\n    bs: [0.50, 2]\n"
+                 "    json: {a: 1.50}\n    tp: 2\n    flag: true\n")
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config(str(f), ["server.sglang_args.y=2.0"])))
+    opts = build_sglang_options(load_resolved(tmp_path / "config.yaml").server, "m", host="h", port=1)
+    assert [opts[k] for k in ("--mem-fraction-static", "--x", "--y", "--bs", "--json", "--tp", "--flag")] == [
+        "0.80", "1.10", "2.0", ["0.50", "2"], '{"a": 1.5}', "2", None]
+
+
 def test_a_null_flag_on_the_command_line_is_null():
     """`server.sglang_args.x=null` was the text "null" (the flag got the value null); in a file it is a bare flag."""
     c = load_config(None, ["server.sglang_args.x=null", "server.sglang_args.y=~", "server.sglang_args.z=nulls"])

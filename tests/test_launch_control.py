@@ -247,6 +247,21 @@ def test_a_second_stop_right_after_the_first_forces_it(tmp_path):
     assert owner.force
 
 
+
+def test_a_second_stop_says_it_forces_the_stop_whatever_run_json_said(tmp_path, capsys):
+    """A second `stop` before the owner's heartbeat said "stopping": the owner forced the stop (killed what was left),
+    but `stop` printed nothing of it (it said "forcing it" only when run.json said stopping). It says so now."""
+    owner = busy_owner(tmp_path)
+    control.post_request(owner.registry, "stop", 60.0)  # the first `stop`
+    owner.handle_requests()
+    capsys.readouterr()
+    serving = threading.Thread(target=lambda: wait_until(lambda: owner.registry.list("requests"), 10, "the request")
+                               and owner.handle_requests())
+    serving.start()
+    control.stop(owner.run_dir, timeout_s=1.0)  # the owner forces it, but never ends here
+    serving.join()
+    assert owner.force and "a stop is already under way: forcing it" in capsys.readouterr().out
+
 def test_add_servers_does_not_count_a_server_started_by_hand_meanwhile(tmp_path, capsys):
     """While `add-servers` waited for the owner's new server, one started by hand (`serve`, external) registered: it
     was counted as the one asked for ("added 1 server(s): ext-0"), and `add-servers` returned before its own served."""

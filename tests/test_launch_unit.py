@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -327,7 +328,7 @@ def test_add_servers_in_the_allocation(tmp_path):
     owner = owner_for(tmp_path, runner)
     for step in owner.plan.servers:
         owner.start_step(step)
-    assert owner.add_servers(2) == 1  # room for one: the caller is told, and submits the rest as a job
+    assert owner.add_servers(2) == ["server-2"]  # room for one: the caller is told, and submits the rest as a job
     assert runner.names()[-1] == "server-2" and runner.started[-1].step.relative_node == -1
 
 
@@ -411,7 +412,7 @@ def test_add_servers_without_room_outside_slurm_says_so_at_once(tmp_path, capsys
     def owner_answers() -> None:
         name = next(iter(reg.list("requests")))
         reg.delete("requests", name)
-        reg.put("replies", f"{name}-unserved", {"wanted": 1, "started": 0})
+        reg.put("replies", name, {"wanted": 1, "servers": []})
     when(lambda: bool(reg.list("requests")), owner_answers)
     t0 = time.monotonic()
     assert add_servers(rd, 1, timeout_s=10.0) == 1
@@ -561,7 +562,7 @@ def test_an_added_server_that_fails_to_start_does_not_end_the_run(tmp_path):
         owner.start_step(step)
     name = control.post_request(owner.registry, "add_servers", count=1)
     owner.handle_requests()
-    assert owner.registry.get("replies", f"{name}-unserved") == {
+    assert owner.registry.get("replies", name) == {
         "error": "FileNotFoundError: no run dir for server-2", "_age_s": pytest.approx(0, abs=5)}
     assert sorted(owner.servers) == ["server-0", "server-1"] and owner.state == outcome.RUNNING
 
@@ -858,6 +859,17 @@ def test_wait_running_gives_up_on_a_job_slurm_does_not_know(monkeypatch):
     monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
     assert slurm_submit.wait_job("7", running=True, first_s=0, unknown_s=0) == "UNKNOWN"
 
+
+
+def test_wait_job_wakes_only_to_ask_slurm(tmp_path, monkeypatch):
+    """`wait_job` woke every 0.1 s while `polled_job_state` asked Slurm at most every few seconds: each wake-up asks."""
+    asks, sleeps, real = [], [], slurm.job_state
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without Slurm: the job is not known
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: asks.append(job_id) or real(job_id))
+    monkeypatch.setattr(slurm_submit, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, sleep=lambda s: sleeps.append(s) or time.sleep(s)))
+    assert slurm_submit.wait_job("7", running=True, first_s=0.3, unknown_s=2.0) == "UNKNOWN"
+    assert len(sleeps) < len(asks) <= 5, (sleeps, asks)
 
 # fix14-P
 

@@ -231,3 +231,28 @@ def test_a_trainer_stopped_by_a_signal_from_outside_stops_the_run_not_completes_
         assert status(tmp_path)["state"] == "STOPPED"
     finally:
         finish(p)
+
+
+def test_two_add_servers_at_once_each_wait_for_their_own(tmp_path):
+    """Two `add-servers count=1` at once: each counted every new server in the registry, the other's too, so both said
+    "added" naming the same server (or "added 2"), one before its own served. Each waits for the servers the owner
+    started for its own request and names them."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.5)
+        os.kill(p.pid, signal.SIGSTOP)  # the owner takes both requests at once, before either command saw a server
+        try:
+            adds = [subprocess.Popen([sys.executable, "-m", "areal_hpc", "add-servers", "count=1", *names(tmp_path)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                    for _ in range(2)]
+            wait_until(lambda: len(reg.list("requests")) == 2, 60, "both requests")
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        outs = [a.communicate(timeout=180) for a in adds]
+        assert [a.returncode for a in adds] == [0, 0], outs
+        added = sorted(re.findall(r"added 1 server\(s\): (server-\d+)", out)[0] for out, _ in outs)
+        assert added == ["server-1", "server-2"], outs
+    finally:
+        finish(p)

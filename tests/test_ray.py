@@ -271,7 +271,7 @@ def test_an_added_server_renamed_meanwhile_takes_the_placement_group_reserved_fo
     monkeypatch.setattr(runner, "can_start", a_job_takes_the_name)
     ray = ray_runner.connect(ray_address)
     try:
-        assert owner.add_servers(1) == 1 and list(owner.servers) == ["server-2"]
+        assert owner.add_servers(1) == ["server-2"] and list(owner.servers) == ["server-2"]
         groups = ray_runner._run_objects(ray, runner.prefix)[1]
         assert list(groups) == [owner.servers["server-2"].info()["ray_placement_group"]]
     finally:

@@ -87,7 +87,7 @@ class _Dumper(yaml.SafeDumper):
     """Quotes the strings `_Loader` would read as numbers: `trial_name=1e-5` reads back from the run dir as written."""
 
 
-_Dumper.add_representer(_Float, yaml.SafeDumper.represent_float)  # in a Dict field, which keeps values as they are
+_Dumper.add_representer(_Float, yaml.SafeDumper.represent_float)  # in a mapping inside a Dict field
 
 
 # `lr: 1e-5` is a float (YAML 1.2, and what everyone means); YAML 1.1 wants a dot and reads a string
@@ -161,8 +161,10 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
         raise ConfigError(key, "must not be null", f"give a {_type_name(tp)}")
     origin = typing.get_origin(inner)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is dict and isinstance(value, dict):
-        return {**(old or {}), **value}  # a mapping adds to (or overrides entries of) what is there
+    if origin is dict and isinstance(value, dict):  # a mapping adds to (or overrides entries of) what is there
+        def text(v: Any) -> Any:  # a float as written (command-line words: `mem-fraction-static: 0.80` is "0.80")
+            return [text(x) for x in v] if isinstance(v, list) else getattr(v, "text", v)
+        return {**(old or {}), **{k: text(v) for k, v in value.items()}}
     if origin is list and isinstance(value, list):  # each item checked: `stop_token_ids: [a]` is no list of ints
         (item,) = typing.get_args(inner)
         return [_value(f"{key}[{i}]", item, v, None) for i, v in enumerate(value)]

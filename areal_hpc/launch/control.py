@@ -28,10 +28,11 @@ def post_request(reg: Registry, kind: str, wait_s: float = 0.0, **fields) -> str
 
 
 def take_reply(reg: Registry, req: str) -> Optional[Dict[str, Any]]:
-    """The owner's answer to request ``req`` when it did not (fully) serve it, removed once read; else None."""
-    reply = reg.get("replies", f"{req}-unserved")
+    """The owner's answer to request ``req`` (the servers it added; why it did not serve one), removed once read;
+    None before it answered, or where it has nothing to say (a trainer started)."""
+    reply = reg.get("replies", req)
     if reply is not None:
-        reg.delete("replies", f"{req}-unserved")
+        reg.delete("replies", req)
     return reply
 
 
@@ -39,6 +40,7 @@ def withdraw(reg: Registry, names: List[str], for_live_owner: bool = False) -> N
     """Requests their poster stopped waiting for, not taken yet: deleted, so that nothing is served behind the user's
     back; ``for_live_owner`` (a ``stop`` given up): expired now, for the live owner only."""
     for name in names:
+        reg.delete("replies", name)  # one nobody will read
         if for_live_owner:
             reg.update("requests", name, lambda old: old and {**old, "until": time.time()})
         else:
@@ -107,6 +109,9 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     ray_left = run.get("mode") == "ray"  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:
         try:
+            if not forced and (take_reply(reg, posted[0]) or {}).get("forced"):  # run.json was behind the owner
+                forced = True
+                print("a stop is already under way: forcing it (what is left is killed)", flush=True)
             if not owner_alive():
                 if ray_left:
                     ray_runner.stop_leftovers(reg, external)
@@ -155,42 +160,48 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
                           "use --new-job to submit the servers as their own job")
     cfg = load_resolved(rd / "config.yaml")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
-    before = set(reg.list("servers"))
     req = None if new_job else post_request(reg, "add_servers", timeout, count=count)
     job_id = slurm_submit.submit_server_job(cfg, rd, count) if new_job else None
     if new_job and job_id is None:
         return 1
+
+    def job_servers() -> set:  # the server job's, named at submission: not others added meanwhile
+        return set((reg.get("jobs", job_id, live_only=False) or {}).get("servers", []))
+    mine = job_servers() if job_id else None  # the servers to wait for, once known (the owner's reply)
     job_state = slurm.polled_job_state(job_id) if job_id else None  # the server job's, once there is one
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            new = {k for k, v in reg.list("servers").items()  # not one started or attached by hand meanwhile
-                   if v.get("state") in ("ready", "paused") and not v.get("external")} - before
-            if len(new) >= count:
-                print(f"added {len(new)} server(s): {', '.join(sorted(new))}" + (f" (job {job_id})" if job_id else ""))
-                job_id = None  # its servers serve: the run's now
-                return 0
-            unserved = take_reply(reg, req) if req else None
-            if req and unserved is None and not launcher_alive(run, reg):
+            reply = take_reply(reg, req) if req else None
+            if req and reply is None and not launcher_alive(run, reg):
                 print("the run's owner ended before it served the request; see `areal-hpc logs driver`",
                       file=sys.stderr)
                 return 1
-            if unserved is not None:
-                if unserved.get("error"):
-                    print(f"the run's owner could not add servers: {unserved['error']} (see `areal-hpc logs driver`)",
+            if reply is not None:
+                req = None  # answered
+                if reply.get("error"):
+                    print(f"the run's owner could not add servers: {reply['error']} (see `areal-hpc logs driver`)",
                           file=sys.stderr)
                     return 1
-                started = int(unserved.get("started", 0))
-                if run.get("mode") != "slurm":  # no job of their own to put the rest in
-                    print(f"the run has room for {started} of {count} server(s) (no free resources); see "
+                mine = set(reply.get("servers", []))
+                if len(mine) < count and run.get("mode") != "slurm":  # no job of their own to put the rest in
+                    print(f"the run has room for {len(mine)} of {count} server(s) (no free resources); see "
                           "`areal-hpc logs driver`", file=sys.stderr)
                     return 1
-                print(f"the allocation has room for {started} of {count} server(s); submitting "
-                      f"{count - started} as a separate job")
-                job_id, req = slurm_submit.submit_server_job(cfg, rd, count - started), None  # req: answered
-                if job_id is None:
-                    return 1
-                job_state = slurm.polled_job_state(job_id)
+                if len(mine) < count:
+                    print(f"the allocation has room for {len(mine)} of {count} server(s); submitting "
+                          f"{count - len(mine)} as a separate job")
+                    job_id = slurm_submit.submit_server_job(cfg, rd, count - len(mine))
+                    if job_id is None:
+                        return 1
+                    mine |= job_servers()
+                    job_state = slurm.polled_job_state(job_id)
+            ready = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")}
+            if mine is not None and mine <= ready:
+                print(f"added {len(mine)} server(s): {', '.join(sorted(mine))}"
+                      + (f" (job {job_id})" if job_id else ""))
+                job_id = None  # its servers serve: the run's now
+                return 0
             state = job_state() if job_state else None
             if state in slurm.FINAL_STATES:
                 print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)

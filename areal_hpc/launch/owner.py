@@ -142,38 +142,41 @@ class RunOwner:
         log.info("started %s: %s", step.name, h.info())
         return h
 
-    def add_servers(self, count: int) -> int:
-        """Start up to ``count`` more servers, where the runner finds room (``relative_node=-1``); returns how many."""
+    def add_servers(self, count: int) -> List[str]:
+        """Start up to ``count`` more servers, where the runner finds room (``relative_node=-1``); their names."""
         alloc = parse_allocation(self.cfg.allocation_mode)
         known = [s.name for s in self.plan.servers] + list(self.servers)
-        for started in range(count):
+        started: List[str] = []
+        while len(started) < count:
             step = server_step(self.cfg, alloc, self.run_dir, next_server_index(self.registry, known),
                                relative_node=-1, gpu_ids=[])
             if not self.runner.can_start(step, list(self._handles().values())):
-                return started
+                break
             index = next_server_index(self.registry, known, reserve=1)  # a server job may have taken that one meanwhile
-            self.start_step(server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1, gpu_ids=[]))
-        return count
+            started.append(self.start_step(server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1,
+                                                       gpu_ids=[])).step.name)
+        return started
 
     def handle_requests(self) -> None:
         for name, req in sorted(self.registry.list("requests").items()):
             if not self.registry.delete("requests", name) or req.get("until", math.inf) < self._started:
                 continue  # withdrawn by its poster (`control.withdraw`), or given up before this owner started
-            kind, reply = req.get("kind"), None  # the reply: why a request was not (fully) served
+            kind, reply = req.get("kind"), None  # the reply: the servers added, or why a request was not served
             log.info("request %s: %s", name, req)
             try:
                 if kind == "stop" and (req.get("force") or self.stopping):  # a second stop, whatever run.json said
                     self.request_force("forced stop (areal-hpc stop, twice)")
+                    reply = None if req.get("force") else {"forced": True}  # for `stop` to say so
                 elif kind == "stop":
                     self.request_stop("stop requested (areal-hpc stop)")
                 elif self.stopping and kind in ("add_servers", "start_trainer"):
                     reply = {"error": "the run is stopping"}
                 elif kind == "add_servers":
                     wanted = int(req.get("count", 1))
-                    n = self.add_servers(wanted)
-                    if n < wanted:  # `add-servers` then submits the rest as a job of their own
-                        log.warning("started %d of %d requested servers (no free resources)", n, wanted)
-                        reply = {"wanted": wanted, "started": n}
+                    reply = {"wanted": wanted, "servers": self.add_servers(wanted)}  # `add-servers` waits for these
+                    if len(reply["servers"]) < wanted:  # and submits the rest as a job of their own
+                        log.warning("started %d of %d requested servers (no free resources)", len(reply["servers"]),
+                                    wanted)
                 elif kind == "start_trainer" and self.trainer is not None and self.trainer.poll() is None:
                     reply = {"error": "a trainer is running already"}
                 elif kind == "start_trainer":
@@ -186,7 +189,7 @@ class RunOwner:
                 log.exception("request %s failed", name)
                 reply = {"error": f"{type(e).__name__}: {e}"}
             if reply:
-                self.registry.put("replies", f"{name}-unserved", reply, ttl=True)
+                self.registry.put("replies", name, reply, ttl=True)
 
     def _trainer_step(self, min_required_servers: Optional[int] = None) -> StepSpec:
         """The plan's trainer step again; ``min_required_servers`` for this trainer only (config.yaml keeps the run's):

@@ -56,13 +56,15 @@ def job_state(job_id: str) -> Optional[str]:
 
 
 def polled_job_state(job_id: str, first_s: float = 0.5) -> Callable[[], Optional[str]]:
-    """A job's state, for waits that poll often: asked of Slurm at intervals doubling from ``first_s`` to POLL_MAX_S."""
+    """A job's state, for waits that poll often: asked of Slurm at intervals doubling from ``first_s`` to POLL_MAX_S;
+    its ``next_at()`` says when it asks next (`time.monotonic`), for a wait with nothing else to do till then."""
     asked = {"at": float("-inf"), "wait": first_s / 2, "state": None}
 
     def state() -> Optional[str]:
         if time.monotonic() >= asked["at"] + asked["wait"]:
             asked.update(at=time.monotonic(), wait=min(2 * asked["wait"], POLL_MAX_S), state=job_state(job_id))
         return asked["state"]
+    state.next_at = lambda: asked["at"] + asked["wait"]
     return state
 
 

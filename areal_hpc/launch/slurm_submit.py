@@ -89,7 +89,7 @@ def wait_job(job_id: str, running: bool, first_s: float = 0.3, unknown_s: float 
             if not told and known_at - t0 > 3.0:
                 print(f"job {job_id} is {state} (Ctrl-C stops waiting; the job stays queued)", flush=True)
                 told = True
-        time.sleep(min(first_s, 0.1))
+        time.sleep(max(0.0, job_state.next_at() - time.monotonic()))  # nothing to do till Slurm is asked again
 
 
 # What Slurm's reason for refusing a job is about -> the key that asked for it.
