@@ -157,18 +157,19 @@ def test_stop_tokens_eos_and_zero_budget(engine, reference):
     assert z.output_ids == [] and z.finish_reason["type"] == "length"
 
 
-def test_a_stop_token_at_max_new_tokens_finishes_as_length(engine):
-    """SGLang's `Req.check_finished` looks at the length first, then at stop tokens: a stop token sampled as the
-    max_new_tokens-th token finishes with "length" (and its text keeps it: only a "stop" finish trims it). The hf
-    engine checked stop tokens first and reported "stop"."""
+def test_a_stop_token_at_max_new_tokens_finishes_as_stop(engine):
+    """SGLang 0.5.23 (the version pinned; `Req.update_finish_state` in managers/schedule_batch.py) checks stop tokens
+    before the length: a stop token sampled as the max_new_tokens-th token finishes with "stop" (and the text leaves it
+    out). The hf engine followed an older SGLang (`Req.check_finished`, length first) and reported "length", so the
+    same generation counted as truncated on hf servers only."""
     probe = run(engine, [Sequence([5, 9, 13], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))])[0]
     last = probe.output_ids[2]
     assert not {last, *engine.eos_token_ids} & set(probe.output_ids[:2]), "the toy model's greedy output changed"
     stops = (last,)
-    s = run(engine, [Sequence([5, 9, 13], SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=stops))])[0]
-    assert s.output_ids == probe.output_ids and s.finish_reason == {"type": "length", "length": 3}
-    s = run(engine, [Sequence([5, 9, 13], SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=stops))])[0]
-    assert s.output_ids == probe.output_ids and s.finish_reason == {"type": "stop", "matched": last}
+    for budget in (3, 4):
+        s = run(engine, [Sequence([5, 9, 13], SamplingParams(max_new_tokens=budget, temperature=0,
+                                                             stop_token_ids=stops))])[0]
+        assert s.output_ids == probe.output_ids and s.finish_reason == {"type": "stop", "matched": last}
 
 
 def test_ignore_eos_ignores_stop_token_ids_too(engine):
@@ -578,13 +579,13 @@ def test_text_leaves_out_the_stop_token_unless_no_stop_trim(engine):
                     **body["sampling_params"], "no_stop_trim": False}}) as r:
                 chunks = [json.loads(line[6:]) for line in (await r.text()).split("\n\n") if line[6:].startswith("{")]
             one = {**body, "sampling_params": {**body["sampling_params"], "max_new_tokens": 1, "no_stop_trim": False}}
-            async with s.post(url + "/generate", json=one) as r:  # a "length" finish: SGLang trims no stop token
+            async with s.post(url + "/generate", json=one) as r:  # a stop token as the last allowed one: "stop"
                 out.append(await r.json())
             return out, chunks, await server.tokenizer()
 
     (trimmed, kept, last), chunks, tok = asyncio.run(go())
-    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 1} and last["output_ids"][0] in stops
-    assert last["text"] == tok.decode(last["output_ids"], skip_special_tokens=True) != ""
+    assert last["meta_info"]["finish_reason"] == {"type": "stop", "matched": last["output_ids"][0]}
+    assert last["output_ids"][0] in stops and last["text"] == ""
     assert chunks[-1]["text"] == trimmed["text"] and all(trimmed["text"].startswith(c["text"]) for c in chunks)
     ids = trimmed["output_ids"]
     assert trimmed["meta_info"]["finish_reason"]["matched"] == ids[-1] in stops and kept["output_ids"] == ids
