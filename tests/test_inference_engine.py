@@ -483,7 +483,7 @@ def test_a_stream_that_fails_aborts_its_sequences(engine):
     server = EngineServer(engine)
     server._tokenizer = BreaksAfterOneDecode()
     body = {"text": "hi", "stream": True,
-            "sampling_params": {"max_new_tokens": engine.runner.context_length, "ignore_eos": True}}
+            "sampling_params": {"max_new_tokens": engine.runner.context_length - 3, "ignore_eos": True}}
 
     async def go():
         async with engine_app(server) as url:
@@ -734,3 +734,42 @@ def test_a_tiny_temperature_samples_and_scores_as_sglang_and_the_trainer_do():
     assert lps[0] == pytest.approx(torch.log_softmax(logits[0] / 5e-6, -1).max().item(), abs=1e-5)
     assert lps[1] == pytest.approx(torch.log_softmax(logits[1], -1).max().item(), abs=1e-5)
     assert [GenerationConfig(temperature=t).logprob_temperature for t in (0, 5e-7, 5e-6, 0.7)] == [1.0, 1.0, 5e-6, 0.7]
+
+
+def _post_all(server, bodies):
+    """``(status, json)`` of each ``/generate`` body, posted in turn to ``server``."""
+    import asyncio
+
+    import aiohttp
+
+    async def go():
+        out = []
+        async with engine_app(server) as url, aiohttp.ClientSession() as s:
+            for body in bodies:
+                async with s.post(url + "/generate", json=body) as r:
+                    out.append((r.status, await r.json()))
+        return out
+
+    return asyncio.run(go())
+
+
+def test_a_request_over_the_context_length_is_refused_and_the_budget_is_capped_as_in_sglang(model_path):
+    """SGLang 0.5.23 (managers/tokenizer_manager.py, `_validate_one_request`, without --allow-auto-truncate) refuses with
+    a 400 a request whose input plus max_new_tokens exceeds the context length, and its scheduler
+    (`init_req_max_new_tokens`) caps max_new_tokens at context_len - 1 - input - 1. The hf server took the request and
+    generated until the context was full: a rollout config too long for the context worked on hf servers and was
+    refused by SGLang ones."""
+    from areal_hpc.inference.http_server import EngineServer
+
+    eng = LLMEngine(ModelRunner(model_path, max_running=4, context_length=48)).start()
+    try:
+        prompt = list(range(3, 13))
+        sp = {"ignore_eos": True, "temperature": 0}
+        (s1, over), (s2, fits) = _post_all(EngineServer(eng), [
+            {"input_ids": prompt, "sampling_params": {**sp, "max_new_tokens": 39}},
+            {"input_ids": prompt, "sampling_params": {**sp, "max_new_tokens": 38}}])
+    finally:
+        eng.stop()
+    assert s1 == 400 and "exceeds the model's maximum context length of 48 tokens" in over["error"]["message"], over
+    assert s2 == 200 and fits["meta_info"]["finish_reason"] == {"type": "length", "length": 36}
+    assert len(fits["output_ids"]) == fits["meta_info"]["completion_tokens"] == 36

@@ -180,8 +180,9 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         rids, batch = [None] * len(prompts), True
     return_logprob = body.get("return_logprob")  # one for all prompts, or one each (any of them: all)
     flags = return_logprob if isinstance(return_logprob, list) else [return_logprob]
-    return GenerateRequest(prompts, params, rids, batch, tok, logprob_tok,
-                           any([json_bool({"return_logprob": f}, "return_logprob") for f in flags]),
+    return_logprob = any([json_bool({"return_logprob": f}, "return_logprob") for f in flags])
+    params = [_fit_context(p, sp, context_length) for p, sp in zip(prompts, params)]
+    return GenerateRequest(prompts, params, rids, batch, tok, logprob_tok, return_logprob,
                            json_bool(body, "return_prompt_token_ids"), interval, skip_special, keep_stop)
 
 
@@ -240,6 +241,16 @@ def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
         raise RequestError(f"the input ({len(ids)} tokens) is longer than the model's context length "
                            f"({context_length} tokens)")
     return ids
+
+
+def _fit_context(prompt: List[int], sp: SamplingParams, context_length: int) -> SamplingParams:
+    """SGLang's budget: a prompt plus max_new_tokens over the context length is refused (its tokenizer manager, without
+    --allow-auto-truncate), and its scheduler caps max_new_tokens at the context length minus the prompt minus 2."""
+    if len(prompt) + sp.max_new_tokens > context_length:
+        raise RequestError(f"Requested token count exceeds the model's maximum context length of {context_length} "
+                           f"tokens. You requested a total of {len(prompt) + sp.max_new_tokens} tokens: {len(prompt)} "
+                           f"tokens from the input and {sp.max_new_tokens} tokens for the completion.")
+    return dataclasses.replace(sp, max_new_tokens=max(0, min(sp.max_new_tokens, context_length - len(prompt) - 2)))
 
 
 def json_number(d: Mapping[str, Any], key: str, default: Any, where: str = _SP) -> Any:
