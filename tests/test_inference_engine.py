@@ -773,3 +773,21 @@ def test_a_request_over_the_context_length_is_refused_and_the_budget_is_capped_a
     assert s1 == 400 and "exceeds the model's maximum context length of 48 tokens" in over["error"]["message"], over
     assert s2 == 200 and fits["meta_info"]["finish_reason"] == {"type": "length", "length": 36}
     assert len(fits["output_ids"]) == fits["meta_info"]["completion_tokens"] == 36
+
+
+def test_a_null_max_new_tokens_generates_to_the_context_length(model_path):
+    """In SGLang 0.5.23 a max_new_tokens left out is 128, but an explicit null means no limit but the context's
+    (sampling/sampling_params.py keeps the null; managers/scheduler.py `init_req_max_new_tokens` then caps it at
+    context_len - 1 - input - 1). The hf server read null as 128, as for every other key's null."""
+    from areal_hpc.inference.http_server import EngineServer
+
+    eng = LLMEngine(ModelRunner(model_path, max_running=4, context_length=160)).start()
+    try:
+        sp = {"ignore_eos": True, "temperature": 0}
+        (s1, null), (s2, absent) = _post_all(EngineServer(eng), [
+            {"input_ids": list(range(3, 13)), "sampling_params": {**sp, "max_new_tokens": None}},
+            {"input_ids": list(range(3, 13)), "sampling_params": sp}])
+    finally:
+        eng.stop()
+    assert s1 == 200 and null["meta_info"]["finish_reason"] == {"type": "length", "length": 148}
+    assert s2 == 200 and absent["meta_info"]["completion_tokens"] == 128

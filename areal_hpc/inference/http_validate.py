@@ -174,14 +174,15 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     if n * len(prompts) > MAX_SEQUENCES:  # each is a Sequence built on the server's event loop
         raise RequestError(f"sampling_params.n={n} makes {n * len(prompts)} sequences, over the {MAX_SEQUENCES} one "
                            "request may ask for: lower n or split the request")
+    return_logprob = body.get("return_logprob")  # one for all prompts, or one each (any of them: all)
+    flags = return_logprob if isinstance(return_logprob, list) else [return_logprob]
+    return_logprob = any([json_bool({"return_logprob": f}, "return_logprob") for f in flags])
+    params = [_fit_context(p, sp, context_length, "max_new_tokens" in (d or {}) and d["max_new_tokens"] is None)
+              for p, sp, d in zip(prompts, params, sps)]
     if n > 1:  # parallel samples: fresh request ids, as SGLang regenerates them
         prompts = [p for p in prompts for _ in range(n)]
         params = [sp for sp in params for _ in range(n)]
         rids, batch = [None] * len(prompts), True
-    return_logprob = body.get("return_logprob")  # one for all prompts, or one each (any of them: all)
-    flags = return_logprob if isinstance(return_logprob, list) else [return_logprob]
-    return_logprob = any([json_bool({"return_logprob": f}, "return_logprob") for f in flags])
-    params = [_fit_context(p, sp, context_length) for p, sp in zip(prompts, params)]
     return GenerateRequest(prompts, params, rids, batch, tok, logprob_tok, return_logprob,
                            json_bool(body, "return_prompt_token_ids"), interval, skip_special, keep_stop)
 
@@ -243,10 +244,13 @@ def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
     return ids
 
 
-def _fit_context(prompt: List[int], sp: SamplingParams, context_length: int) -> SamplingParams:
+def _fit_context(prompt: List[int], sp: SamplingParams, context_length: int, unlimited: bool) -> SamplingParams:
     """SGLang's budget: a prompt plus max_new_tokens over the context length is refused (its tokenizer manager, without
-    --allow-auto-truncate), and its scheduler caps max_new_tokens at the context length minus the prompt minus 2."""
-    if len(prompt) + sp.max_new_tokens > context_length:
+    --allow-auto-truncate), and its scheduler caps max_new_tokens (``unlimited``: a null one, up to the context) at the
+    context length minus the prompt minus 2."""
+    if unlimited:
+        sp = dataclasses.replace(sp, max_new_tokens=context_length)
+    elif len(prompt) + sp.max_new_tokens > context_length:
         raise RequestError(f"Requested token count exceeds the model's maximum context length of {context_length} "
                            f"tokens. You requested a total of {len(prompt) + sp.max_new_tokens} tokens: {len(prompt)} "
                            f"tokens from the input and {sp.max_new_tokens} tokens for the completion.")
