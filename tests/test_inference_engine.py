@@ -791,3 +791,17 @@ def test_a_null_max_new_tokens_generates_to_the_context_length(model_path):
         eng.stop()
     assert s1 == 200 and null["meta_info"]["finish_reason"] == {"type": "length", "length": 148}
     assert s2 == 200 and absent["meta_info"]["completion_tokens"] == 128
+
+
+def test_a_batch_takes_its_rid_as_a_prefix_and_refuses_duplicate_rids(engine):
+    """SGLang (managers/io_struct.py, GenerateReqInput._normalize_rid and _validate_rid_uniqueness) names the requests
+    of a batch sent with one rid "<rid>_<i>" (so /abort_request can reach each), and refuses a batch whose rids repeat.
+    The hf server dropped a batch's rid for fresh ones, and served repeated rids (one abort then hit all of them)."""
+    from areal_hpc.inference.http_server import EngineServer
+
+    sp = {"max_new_tokens": 1}
+    (s1, named), (s2, dup) = _post_all(EngineServer(engine), [
+        {"input_ids": [[3, 4], [5, 6]], "rid": "grp", "sampling_params": sp},
+        {"input_ids": [[3, 4], [5, 6]], "rid": ["a", "a"], "sampling_params": sp}])
+    assert s1 == 200 and [o["meta_info"]["id"] for o in named] == ["grp_0", "grp_1"]
+    assert s2 == 400 and "Duplicate request IDs" in dup["error"]["message"]

@@ -145,7 +145,8 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     sps, rids = body.get("sampling_params"), body.get("rid")
     if batch:
         sps = sps if isinstance(sps, list) else [sps] * len(prompts)
-        rids = rids if isinstance(rids, list) else [None] * len(prompts)
+        if not isinstance(rids, list):  # one rid for the batch: "<rid>_<i>" each, as SGLang names them
+            rids = [f"{rids}_{i}" if isinstance(rids, str) else rids for i in range(len(prompts))]
         if len(sps) != len(prompts) or len(rids) != len(prompts):
             raise RequestError("sampling_params and rid lists must match the inputs in length")
     elif isinstance(sps, list):
@@ -154,6 +155,10 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         sps, rids = [sps], [rids]
     if any(rid is not None and not isinstance(rid, str) for rid in rids):
         raise RequestError("rid must be a string")
+    named = [rid for rid in rids if rid is not None]
+    if len(set(named)) < len(named):
+        raise RequestError(f"Duplicate request IDs detected within the request: "
+                           f"{sorted({r for r in named if named.count(r) > 1})}")
     params = [engine_sampling_params(sp) for sp in sps]  # refuses what is neither an object nor null
 
     def shared(key: str, read: Callable[[Mapping[str, Any]], Any]) -> Any:
