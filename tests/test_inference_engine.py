@@ -805,3 +805,12 @@ def test_a_batch_takes_its_rid_as_a_prefix_and_refuses_duplicate_rids(engine):
         {"input_ids": [[3, 4], [5, 6]], "rid": ["a", "a"], "sampling_params": sp}])
     assert s1 == 200 and [o["meta_info"]["id"] for o in named] == ["grp_0", "grp_1"]
     assert s2 == 400 and "Duplicate request IDs" in dup["error"]["message"]
+
+
+def test_an_infinite_temperature_is_refused():
+    """SGLang (sampling/sampling_params.py, SamplingParams.verify) refuses a temperature that is not a finite number
+    >= 0. JSON's Infinity (which Python's json reads) passed the hf server's ">= 0" and sampled uniformly."""
+    from areal_hpc.inference.http_validate import RequestError, engine_sampling_params
+
+    with pytest.raises(RequestError, match="temperature"):
+        engine_sampling_params({"temperature": float("inf")})

@@ -78,7 +78,8 @@ _NEUTRAL_SAMPLING = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetit
                      "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None}
 _SP = "sampling_params."  # where a sampling key is named in a refusal
 MAX_SEQUENCES = 1 << 16  # prompts times n in one /generate
-_RANGES = {"max_new_tokens": (lambda v: v >= 0, ">= 0"), "temperature": (lambda v: v >= 0, ">= 0"),
+_RANGES = {"max_new_tokens": (lambda v: v >= 0, ">= 0"),
+           "temperature": (lambda v: 0 <= v < float("inf"), "finite and >= 0"),
            "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"), "top_k": (lambda v: v == -1 or v >= 1, "-1 or >= 1")}
 
 
