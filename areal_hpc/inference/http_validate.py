@@ -158,8 +158,7 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
         raise RequestError("rid must be a string")
     named = [rid for rid in rids if rid is not None]
     if len(set(named)) < len(named):
-        raise RequestError(f"Duplicate request IDs detected within the request: "
-                           f"{sorted({r for r in named if named.count(r) > 1})}")
+        raise RequestError(f"Duplicate request IDs detected within the request: {named}"[:300])
     params = [engine_sampling_params(sp) for sp in sps]  # refuses what is neither an object nor null
 
     def shared(key: str, read: Callable[[Mapping[str, Any]], Any]) -> Any:
@@ -251,16 +250,13 @@ def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
 
 
 def _fit_context(prompt: List[int], sp: SamplingParams, context_length: int, unlimited: bool) -> SamplingParams:
-    """SGLang's budget: a prompt plus max_new_tokens over the context length is refused (its tokenizer manager, without
-    --allow-auto-truncate), and its scheduler caps max_new_tokens (``unlimited``: a null one, up to the context) at the
-    context length minus the prompt minus 2."""
-    if unlimited:
-        sp = dataclasses.replace(sp, max_new_tokens=context_length)
-    elif len(prompt) + sp.max_new_tokens > context_length:
+    """SGLang's budget: a prompt plus max_new_tokens over the context length is refused (without
+    --allow-auto-truncate); max_new_tokens (null: no limit) is capped at the context length minus the prompt minus 2."""
+    if not unlimited and len(prompt) + sp.max_new_tokens > context_length:
         raise RequestError(f"Requested token count exceeds the model's maximum context length of {context_length} "
-                           f"tokens. You requested a total of {len(prompt) + sp.max_new_tokens} tokens: {len(prompt)} "
-                           f"tokens from the input and {sp.max_new_tokens} tokens for the completion.")
-    return dataclasses.replace(sp, max_new_tokens=max(0, min(sp.max_new_tokens, context_length - len(prompt) - 2)))
+                           f"tokens: {len(prompt)} input tokens + max_new_tokens {sp.max_new_tokens}")
+    cap = max(0, context_length - len(prompt) - 2)
+    return dataclasses.replace(sp, max_new_tokens=cap if unlimited else min(sp.max_new_tokens, cap))
 
 
 def json_number(d: Mapping[str, Any], key: str, default: Any, where: str = _SP) -> Any:

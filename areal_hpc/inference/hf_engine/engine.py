@@ -192,9 +192,8 @@ class LLMEngine:
                 **self.stats}
 
     def ends(self, params: SamplingParams, tok: int, n_out: int, n_tokens: int) -> Optional[Dict[str, Any]]:
-        """Why a sequence whose ``n_out``-th output token (``n_tokens`` with the prompt) is ``tok`` ends, in SGLang
-        0.5.23's order (`Req.update_finish_state`): a stop token first (none with ignore_eos), then the length; None: it
-        goes on."""
+        """Why a sequence whose ``n_out``-th output token (``n_tokens`` with the prompt) is ``tok`` ends, in SGLang's
+        order (`Req.update_finish_state`): a stop token (none with ignore_eos), then the length; None: it goes on."""
         if not params.ignore_eos and (tok in self.eos_token_ids or tok in params.stop_token_ids):
             return {"type": "stop", "matched": tok}
         if n_out >= params.max_new_tokens or n_tokens >= self.runner.context_length:  # SGLang cuts the first to fit
