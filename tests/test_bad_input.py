@@ -104,6 +104,9 @@ BAD_OVERRIDES = [
     (["trainer.ppo.kl_ctl=-0.1"], "trainer.ppo.kl_ctl"),
     (["trainer.ppo.mb_spec.n_mbs=0"], "trainer.ppo.mb_spec.n_mbs"),
     (["train_dataset.max_prompt_len=0"], "train_dataset.max_prompt_len"),
+    # servers refuse a prompt plus max_new_tokens over their context (SGLang does): every request of the run would
+    (["server.context_length=300", "train_dataset.max_prompt_len=100", "rollout.gen.max_new_tokens=256"],
+     "rollout.gen.max_new_tokens"),
     (["launcher.server_startup_timeout_s=0"], "launcher.server_startup_timeout_s"),
     (["cluster.sbatch_args=[-x]"], "cluster.sbatch_args[0]"),
     # a pasted "#SBATCH -p x" after a bare flag is a short option, not the flag's value
