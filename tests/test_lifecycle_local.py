@@ -100,6 +100,15 @@ def test_error_line_reads_this_attempts_traceback(tmp_path):
     assert outcome.error_line(str(tmp_path / "server-0.log"))[0].startswith("areal-hpc serve: error: server.port")
 
 
+
+def test_error_line_reads_a_traceback_torch_prefixed_with_the_rank(tmp_path):
+    """Once the process group is up, torch prints an uncaught exception as `[rank0]: ...` lines: a trainer that
+    raised in a step failed the run as `trainer exited with 1`, without the error line the README promises."""
+    (tmp_path / "trainer-0.log").write_text(
+        "[rank0]: Traceback (most recent call last):\n[rank0]:   File \"boom.py\", line 6, in train_on\n"
+        "[rank0]:     raise RuntimeError(\"boom\")\n[rank0]: RuntimeError: boom\n")
+    assert outcome.error_line(str(tmp_path / "trainer-%t.log"))[0] == "RuntimeError: boom"
+
 def test_exit_descriptions_and_codes():
     assert outcome.describe_exit(1) == "exited with 1"
     assert outcome.describe_exit(-9) == "killed by SIGKILL"

@@ -69,7 +69,7 @@ def _error_in(path: str, offset: int) -> Optional[str]:
             text = f.read().decode(errors="replace")
     except OSError:
         return None
-    lines = [x.rstrip() for x in text.splitlines() if x.strip()]
+    lines = [re.sub(r"^\[rank\d+\]: ", "", x).rstrip() for x in text.splitlines() if x.strip()]  # torch: "[rank0]: "
     exc = [x for x in lines if _EXC_LINE.match(x.strip()) and not x.startswith((" ", "\t"))]
     if exc:
         return exc[-1].strip()
