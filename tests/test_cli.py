@@ -167,12 +167,24 @@ def test_dry_run_writes_no_server_script_with_taken_names(tmp_path, capsys):
 def test_add_servers_new_job_to_a_run_without_servers_is_bad_input(tmp_path, capsys):
     """`add-servers --new-job` on an SFT run (allocation_mode has no servers) crashed with a TypeError traceback."""
     names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
-    assert run_cli("submit", QUICKSTART, "trainer.type=sft", "allocation_mode=fsdp:d1", "--dry-run",
+    assert run_cli("submit", QUICKSTART, "trainer.type=sft", "allocation_mode=fsdp:d1", "--dry-run", "mode=slurm",
                    "trainer.sft.model.path=toy:qwen3-h64-l1", *names) == 0, capsys.readouterr().err
     capsys.readouterr()
     assert run_cli("add-servers", "--new-job", *names) == 2
     err = capsys.readouterr().err
     assert "allocation_mode: 'fsdp:d1' has no inference servers" in err, err
+
+
+def test_add_servers_to_a_local_run_never_runs_sbatch(tmp_path, capsys):
+    """A mode=local run with no live owner said "use --new-job"; following it ran sbatch on a host without Slurm (its
+    raw errors, exit 1)."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli("add-servers", *names) == 2
+    assert "--new-job" not in capsys.readouterr().err
+    assert run_cli("add-servers", "--new-job", *names) == 2
+    assert "--new-job: run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("timeout", ["-1", "nan"])

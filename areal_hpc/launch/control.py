@@ -155,10 +155,14 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     goes to a job of its own (all, with ``new_job``). Given up, neither request nor job is left (`keep_or_cancel`)."""
     reg = run_registry(rd)
     run = reg.run_record()
+    cfg = load_resolved(rd / "config.yaml")
+    if new_job and cfg.mode != "slurm":  # sbatch, on a host that may have no Slurm
+        raise ConfigError("--new-job", f"run {rd} is a mode={cfg.mode} run: only a Slurm run's servers can be a job "
+                          "of their own", "leave out --new-job: a live run starts them itself")
     if not launcher_alive(run, reg) and not new_job:
         raise ConfigError("experiment_name/trial_name", f"run {rd} has no live owner to start servers",
-                          "use --new-job to submit the servers as their own job")
-    cfg = load_resolved(rd / "config.yaml")
+                          "use --new-job to submit the servers as their own job" if cfg.mode == "slurm" else
+                          "submit the run again (it resumes from its last checkpoint)")
     timeout = timeout_s or cfg.launcher.server_startup_timeout_s
     req = None if new_job else post_request(reg, "add_servers", timeout, count=count)
     job_id = slurm_submit.submit_server_job(cfg, rd, count) if new_job else None
