@@ -171,15 +171,24 @@ def engine():
     eng.stop()
 
 
-def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, caplog):
+def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, caplog, monkeypatch):
     """The trainer announces a bucket, then goes away before broadcasting it: the server answers /health meanwhile,
     its engine answers again at once (not after the group's timeout), refusing to generate on weights that may be
     partly updated, the update fails in the log and its group is dropped."""
+    import threading
+
     import aiohttp
 
     from areal_hpc.inference.http_server import EngineServer
 
     server = EngineServer(engine)
+    receiving, receive = threading.Event(), engine.runner.load_broadcast
+
+    def load_broadcast(*args, **kwargs):  # the engine thread waits for the broadcast from here on
+        receiving.set()
+        return receive(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "load_broadcast", load_broadcast)
     params = list(engine.runner._params.items())[:3]
     bucket = {"names": [n for n, _ in params], "dtypes": [str(p.dtype).replace("torch.", "") for _, p in params],
               "shapes": [list(p.shape) for _, p in params], "group_name": "gone", "weight_version": "9"}
@@ -203,7 +212,8 @@ def test_a_trainer_gone_mid_broadcast_frees_the_engine_and_fails_loudly(engine, 
                     assert r.status == 200, await r.text()
                 async with aiohttp.ClientSession() as announcer:  # announces the bucket, then goes away
                     upd = asyncio.create_task(announcer.post(url + "/update_weights_from_distributed", json=bucket))
-                    await asyncio.sleep(1.0)
+                    # not a sleep: cancelled before the engine took the bucket, the update never began (200 below)
+                    assert await asyncio.to_thread(receiving.wait, 60)
                     async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
                         assert r.status == 200  # answered while the engine waits for the broadcast
                     upd.cancel()
