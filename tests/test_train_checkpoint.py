@@ -132,3 +132,27 @@ def test_a_prune_cut_short_leaves_nothing_behind(tmp_path):
     ckpt = tmp_path / "ckpt"
     run_ranks(_prune_cut_short, 1, args=(path, str(ckpt)))
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003"]
+
+
+def _extended(rank, path, ckpt_dir, out_file):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.train.checkpoint import Checkpointer
+    from areal_hpc.train.engine import FSDPEngine, lr_lambda
+
+    opt = OptimizerConfig(lr=1e-2, lr_schedule="cosine")
+    eng = FSDPEngine(EngineConfig(path=path, optimizer=opt), MicroBatchSpec(max_tokens_per_mb=24), 4)
+    for _ in range(2):
+        eng.step_lr_scheduler()
+    Checkpointer(eng).save(ckpt_dir, 2)
+    eng = FSDPEngine(EngineConfig(path=path, optimizer=opt), MicroBatchSpec(max_tokens_per_mb=24), 8)
+    Checkpointer(eng).load_latest(ckpt_dir)
+    torch.save({"got": eng.current_lr(), "want": 1e-2 * lr_lambda(opt, 8)(2)}, out_file)
+
+
+def test_a_run_extended_on_resume_trains_its_next_step_at_the_new_schedules_lr(tmp_path):
+    """Submitted again with a larger trainer.total_train_steps, a cosine run's first resumed step trained at the old
+    schedule's LR (the optimizer's, restored from the checkpoint), the next ones at the new schedule's."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_extended, 1, args=(path, str(tmp_path / "ckpt"), str(tmp_path / "lr.pt")))
+    lr = torch.load(tmp_path / "lr.pt")
+    assert abs(lr["got"] - lr["want"]) <= 1e-12, lr

@@ -88,7 +88,10 @@ class Checkpointer:
                        optim_state_dict=state["optim"])
         own = path / f"rank{dist.rank()}.pt"
         rest = torch.load(own if own.exists() else path / "rank0.pt", weights_only=False)
-        self.engine.lr_scheduler.load_state_dict(rest["lr_scheduler"])
+        sched = self.engine.lr_scheduler
+        sched.load_state_dict(rest["lr_scheduler"])
+        for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):  # this run's
+            group["lr"] = base * f(sched.last_epoch)  # schedule (total_train_steps may have changed), not the saved LR
         self.engine.set_version(rest["version"])
         set_rng_state(rest["rng"])
         dist.barrier()
