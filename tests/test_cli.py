@@ -151,6 +151,20 @@ def test_bad_yaml_file(tmp_path, capsys):
 
 # fix8-B
 
+def test_submit_names_the_checkpoint_the_trainer_resumes_from(tmp_path, capsys):
+    """It named the highest-numbered step_* directory: a half-written one (no meta.json), not the one `latest` names."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0
+    ckpts = next(tmp_path.glob("*/e1/t1")) / "checkpoints"
+    for step in (4, 6):
+        (ckpts / f"step_{step:08d}").mkdir(parents=True)
+    (ckpts / "step_00000004" / "meta.json").write_text("{}")
+    (ckpts / "latest").write_text("step_00000004")
+    capsys.readouterr()
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0
+    assert "resume    from step_00000004 " in capsys.readouterr().out
+
+
 def test_dry_run_writes_no_server_script_with_taken_names(tmp_path, capsys):
     """`submit --dry-run` used to write sbatch/add-servers.sbatch for the whole allocation, naming its servers
     server-0..: run by hand, they clashed with the run's own. Only `add-servers --new-job` renders that

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir, run_umask
 from areal_hpc.launch import control, local, ray_runner, slurm, slurm_submit, torchrun
+from areal_hpc.launch.outcome import latest_checkpoint_step
 from areal_hpc.launch.plan import Plan, build_plan
 from areal_hpc.launch.resolve import make_fileroot, resolve
 from areal_hpc.launch.sbatch import render
@@ -161,9 +162,9 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
     try:
         write_run_dir(cfg, plan, rd)
         print(summary(cfg, plan))
-        ckpts = sorted((rd / "checkpoints").glob("step_*[0-9]")) if cfg.recover.mode != "disabled" else []
-        if ckpts and cfg.trainer.type != "null":
-            print(f"resume    from {ckpts[-1].name} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
+        step = latest_checkpoint_step(rd / "checkpoints") if cfg.recover.mode != "disabled" else 0
+        if step and cfg.trainer.type != "null":
+            print(f"resume    from step_{step:08d} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
                   "or recover.mode=disabled starts over)")
         if dry_run:
             print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
