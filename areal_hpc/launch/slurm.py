@@ -148,9 +148,8 @@ def parse_counts(text: str) -> List[int]:
 
 
 def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optional[str] = None) -> List[str]:
-    """The ``srun`` line of one step, sized exactly (``--exact``, explicit ``--gres``): concurrent steps never wait on
-    each other or share a GPU. Its log is appended to (a requeued step's earlier output stays). ``--export=ALL``: the
-    step gets the environment srun runs with, also in a job submitted with ``--export=NONE`` (srun inherits that)."""
+    """The ``srun`` line of one step, sized exactly (``--exact``, ``--gres``): steps never wait on each other or share
+    a GPU; its log is appended to (a requeue's); ``--export=ALL`` also in a job submitted with ``--export=NONE``."""
     argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
             f"--ntasks-per-node={step.ntasks_per_node}", "--exact",
             f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]
