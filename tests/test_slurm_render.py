@@ -350,3 +350,24 @@ def test_a_run_dir_with_a_space_gets_its_job_log(slurm_cluster, shared_tmp):
     logs = Path(plan.run_dir, "logs")
     assert (logs / f"slurm-{job_id}.out").exists(), sorted(p.name for p in logs.iterdir())
     assert (logs / "trainer-0.log").read_text() == "trainer ran\n"
+
+
+def test_steps_keep_their_environment_in_a_job_submitted_with_export_none(slurm_cluster, shared_tmp):
+    """A job submitted with ``--export=NONE`` (cluster.sbatch_args, or SBATCH_EXPORT=NONE on the login node, as some
+    sites set) has SLURM_EXPORT_ENV=NONE, which every srun of the job inherits: its steps got none of the environment
+    the driver or the script gives them (HF_HOME and the offline switches, OMP_NUM_THREADS, the modules' PATH). Each
+    step says ``--export=ALL``."""
+    cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             "trial_name=export", "cluster.sbatch_args=[--export=NONE]")
+    plan = build_plan(cfg, alloc, run_dir(cfg))
+    out = shared_tmp / "out"
+    out.mkdir()
+    script = render("allocation.sbatch", cfg, plan, command=lambda s: [
+        "/bin/bash", "-c", f'echo "${{HF_HOME:-unset}} ${{OMP_NUM_THREADS:-unset}}" > {out}/{s.name}'])
+    path = Path(plan.run_dir) / "allocation.sbatch"
+    Path(plan.run_dir, "logs").mkdir(parents=True)
+    path.write_text(script)
+    run("sbatch", "--wait", str(path), timeout=180)
+    for step in plan.steps:
+        got = (out / step.name).read_text().split()
+        assert got == [step.env["HF_HOME"], step.env["OMP_NUM_THREADS"]], (step.name, got)

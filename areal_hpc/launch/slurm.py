@@ -148,8 +148,8 @@ def parse_counts(text: str) -> List[int]:
 
 
 def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optional[str] = None) -> List[str]:
-    """The ``srun`` line of one step, sized exactly (``--exact``, explicit ``--gres``): concurrent steps never wait on
-    each other or share a GPU. Its log is appended to (a requeued step's earlier output stays)."""
+    """The ``srun`` line of one step, sized exactly (``--exact``, ``--gres``): steps never wait on each other or share
+    a GPU; its log is appended to (a requeue's); ``--export=ALL`` also in a job submitted with ``--export=NONE``."""
     argv = ["srun", f"--job-name={job_name}:{step.name}", f"--nodes={step.nodes}", f"--ntasks={step.ntasks}",
             f"--ntasks-per-node={step.ntasks_per_node}", "--exact",
             f"--cpus-per-task={step.cpus_per_task}", f"--mem={step.mem_per_node_mb}M"]
@@ -161,7 +161,7 @@ def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optio
         argv += [f"--gres=gpu:{step.gpus_per_node}", f"--gpus-per-task={step.gpus_per_task}"]
     else:
         argv.append("--gres=none")
-    argv += ["--kill-on-bad-exit=1", "--unbuffered"]
+    argv += ["--export=ALL", "--kill-on-bad-exit=1", "--unbuffered"]
     if step.log:
         argv += [f"--output={step.log}", "--open-mode=append"]
     return argv + list(extra) + step.command
