@@ -134,6 +134,26 @@ def test_a_signal_while_the_model_loads_ends_the_server_at_once(tmp_path):
             proc.wait()
 
 
+def test_the_time_limits_usr2_leaves_a_server_serving(tmp_path):
+    """A hand-run allocation.sbatch (`--signal=USR2@90`, no B:) signals every step 90 s before the time limit. USR2 is
+    the trainer's cue to checkpoint at its next step, for which it needs the servers: a server died of it at once."""
+    argv = serve_argv(tmp_path / "run", "s0", "server.model_path=toy:qwen3-h64-l1", "launcher.heartbeat_s=0.3")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    servers = Registry(tmp_path / "run" / "registry")
+    try:
+        wait_until(lambda: (servers.get("servers", "s0") or {}).get("state") == "ready" or proc.poll() is not None,
+                   120, "the server to be ready")
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(1.5)
+        assert proc.poll() is None and servers.get("servers", "s0")["state"] == "ready", proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_stop_kills_a_child_that_ignores_sigterm_after_sglang_exited(tmp_path):
     """SGLang's main process exits on SIGTERM, a child of it ignores SIGTERM: after the grace period it is SIGKILLed
     (not left on the GPU because the main process is gone)."""

@@ -282,6 +282,8 @@ class ServerLifecycle:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._stop.set)
+        with contextlib.suppress(ValueError):  # the time limit's USR2 (to every step of a hand-run allocation.sbatch)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # is the trainer's, to checkpoint: serve on, SGLang too
         self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.api_key}"})
         try:
             code = await self._serve()
