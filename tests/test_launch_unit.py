@@ -907,6 +907,21 @@ def test_a_step_rendezvous_takes_the_port_slurm_reserved(monkeypatch):
         assert step_rendezvous() == ("127.0.0.1", 12000)
 
 
+def test_a_multi_node_step_whose_nodelist_cannot_be_expanded_fails_loudly(monkeypatch):
+    """Without `scontrol show hostnames` (not on a node's PATH, slurmctld unreachable), each node of a multi-node
+    trainer took its own localhost as the rendezvous and waited 30 minutes, silently."""
+    from areal_hpc.launch.entry import step_rendezvous
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[01-02]")
+    monkeypatch.setenv("SLURM_STEP_NUM_NODES", "2")
+    with pytest.raises(RuntimeError, match="SLURM_STEP_NODELIST=gpu\\[01-02\\]"):
+        step_rendezvous()
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "localhost")
+    monkeypatch.setenv("SLURM_STEP_NUM_NODES", "1")  # one node: its own address serves
+    assert step_rendezvous()[0] == "127.0.0.1"
+
+
 def test_a_second_submit_of_a_run_whose_job_is_queued_or_owner_lives_is_refused(tmp_path, monkeypatch):
     """Before its trainer registers (a job queued for hours, servers loading), a run has no trainer record: a second
     `submit` of the same trial queued a second allocation, whose driver later ran beside the first one in the same
