@@ -101,7 +101,7 @@ def test_groups_are_stale_against_the_trainers_version_not_the_servers(server):
 
 
 def test_no_batch_while_a_server_is_live_fails_within_the_stall_bound(server):
-    c = controller(server, start_version=0, staleness=0, max_new_tokens=3000, batch_size=2)
+    c = controller(server, start_version=0, staleness=0, max_new_tokens=2000, batch_size=2)  # toy: 2048 positions
     t0 = time.monotonic()
     try:
         with pytest.raises(RolloutStall) as e:
@@ -119,7 +119,7 @@ def test_trainer_fails_the_run_on_a_stall(tmp_path):
     trainer ends the run with the reason in its log instead of waiting forever."""
     p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
                         "stats.progress_bar=False", "rollout.batch_size=2", "rollout.n_samples=2",
-                        "rollout.gen.max_new_tokens=4000", "rollout.gen.ignore_eos=True", "server.context_length=8192",
+                        "rollout.gen.max_new_tokens=2000", "rollout.gen.ignore_eos=True",  # the toy model holds 2048
                         "rollout.stall_timeout_s=2", "trainer.total_train_steps=2"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     rd = next(tmp_path.glob("*/quickstart/run0"))
