@@ -70,14 +70,14 @@ def test_plan_to_srun_lines():
     assert lines["server-0"] == [
         "srun", "--job-name=areal-golden-t1:server-0", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
         "--relative=0", "--exact", "--cpus-per-task=16", "--mem=131072M", "--gres=gpu:2", "--gpus-per-task=2",
-        "--export=ALL", "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/server-0.log", "--open-mode=append",
-        "--mpi=none"]
+        "--export=ALL", "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/server-0.log",
+        "--open-mode=append", "--mpi=none"]
     assert lines["server-1"][5] == "--relative=0" and plan.servers[1].gpu_ids == [2, 3]
     assert lines["trainer"] == [
         "srun", "--job-name=areal-golden-t1:trainer", "--nodes=1", "--ntasks=4", "--ntasks-per-node=4",
         "--relative=1", "--exact", "--cpus-per-task=8", "--mem=262144M", "--gres=gpu:4", "--gpus-per-task=1",
-        "--export=ALL", "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/trainer-%t.log", "--open-mode=append",
-        "--mpi=none"]
+        "--export=ALL", "--kill-on-bad-exit=1", "--unbuffered", f"--output={GPU_RUN}/logs/trainer-%t.log",
+        "--open-mode=append", "--mpi=none"]
     anywhere = StepSpec(**{**plan.servers[0].__dict__, "relative_node": -1})
     added = srun_argv(anywhere, plan.job_name, jobid="7")
     assert not any(a.startswith("--relative") for a in added) and "--jobid=7" in added

@@ -442,7 +442,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         if t != "sft" and ds.max_prompt_len + cfg.rollout.gen.max_new_tokens > cfg.server.context_length:
             raise ConfigError("rollout.gen.max_new_tokens", f"{cfg.rollout.gen.max_new_tokens} after a prompt of up to "
                               f"{key}.max_prompt_len={ds.max_prompt_len} goes past server.context_length="
-                              f"{cfg.server.context_length}, which servers refuse (as SGLang does)", "lower one of them")
+                              f"{cfg.server.context_length}, which servers refuse (as SGLang does)", "lower either")
         raw = f"{key}.chat_template=none" if ds.chat_template == "none" else "a toy: model's tokenizer has no template"
         if ds.system_prompt and (ds.chat_template == "none" or tokenizer.startswith("toy:")):  # (dropped, silently)
             raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {raw}: prompts are raw "

@@ -133,8 +133,8 @@ def step_rendezvous() -> Tuple[str, int]:
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     hosts = slurm.hostnames(nodes)
     if not hosts and os.environ.get("SLURM_STEP_NUM_NODES", "1") != "1":  # each node would wait at its own localhost
-        raise RuntimeError(f"cannot expand SLURM_STEP_NODELIST={nodes} (`scontrol show hostnames` failed on this node): "
-                           "no rendezvous address for a multi-node step; scontrol must run on the compute nodes")
+        raise RuntimeError(f"cannot expand SLURM_STEP_NODELIST={nodes} (`scontrol show hostnames` failed here): no "
+                           "rendezvous address for a multi-node step; scontrol must run on the compute nodes")
     node = (hosts or ["localhost"])[0]
     # Fake multi-node clusters share one host: resolve the node name, fall back to its NodeAddr.
     try:
