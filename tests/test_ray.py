@@ -315,3 +315,24 @@ def test_a_step_whose_actor_cannot_be_created_releases_its_placement_group(tmp_p
         ray.kill(squatter)
         ray.shutdown()
     assert leftovers(ray_address) == [[], []]
+
+
+@needs_ray
+def test_a_plugin_module_on_the_submitters_pythonpath_loads_on_ray(tmp_path, ray_address):
+    """`trainer.plugins=[module]` found through PYTHONPATH, as with mode=local and Slurm (srun passes the environment
+    on): the tasks run the submitter's interpreter, and now its import path too; they had the Ray worker's and the
+    trainer died with ModuleNotFoundError."""
+    import os
+
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "my_reward_mod.py").write_text(
+        "from areal_hpc.rollout import register_reward\n\n\n@register_reward('my_exact')\n"
+        "def my_exact(prompt, completion, answer, **row):\n    return float(completion.strip() == str(answer))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "plug"), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                        "stats.progress_bar=False", *SMALL, "trainer.total_train_steps=3", *on_ray(ray_address),
+                        "allocation_mode=hf:d1+d1", "trainer.plugins=[my_reward_mod]", "rollout.reward_fn=my_exact"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [m["step"] for m in metrics(run_dir(tmp_path))] == [1, 2, 3]
+    assert leftovers(ray_address) == [[], []]

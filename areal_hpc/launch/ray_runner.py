@@ -275,7 +275,9 @@ class RayRunner(Runner):
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
             places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
             master = (places[0]["ip"], places[0]["port"])
-            pids = ray.get([a.start.remote(step.command, task_env(step, rank, places[rank]["gpus"], master),
+            # the task runs this interpreter (`plan.python_executable`): with this import path (plugins, a checkout)
+            path = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+            pids = ray.get([a.start.remote(step.command, {**task_env(step, rank, places[rank]["gpus"], master), **path},
                                            step.log.replace("%t", str(rank)), str(self.run_dir))
                             for rank, a in enumerate(actors)], timeout=PLACEMENT_TIMEOUT_S)
         except Exception:
