@@ -336,3 +336,25 @@ def test_a_plugin_module_on_the_submitters_pythonpath_loads_on_ray(tmp_path, ray
     assert p.returncode == 0, p.stdout + p.stderr
     assert [m["step"] for m in metrics(run_dir(tmp_path))] == [1, 2, 3]
     assert leftovers(ray_address) == [[], []]
+
+
+@needs_ray
+def test_an_address_that_is_not_a_ray_cluster_is_refused_at_once(tmp_path):
+    """Something listens there, but no Ray GCS (here an HTTP server, as the dashboard's port 8265 of `ray job submit`):
+    one line and exit 2 within seconds; ray.init retried for over ten minutes, printing warnings."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        p = submit(tmp_path, "mode=ray", f"cluster.ray_address=127.0.0.1:{httpd.server_address[1]}", check=False,
+                   timeout=90)
+    finally:
+        httpd.shutdown()
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "cluster.ray_address" in lines[0] and "not a Ray cluster" in lines[0], lines[0]
+    assert time.monotonic() - t0 < 60
+    assert not list(tmp_path.glob("*/quickstart"))

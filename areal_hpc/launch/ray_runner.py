@@ -50,7 +50,7 @@ def require_ray() -> Any:
 
 def connect(address: str) -> Any:
     """Connect to the Ray cluster at ``address`` (host:port or auto); returns ``ray``. An address nothing listens on
-    fails in seconds (ray.init itself retries for minutes)."""
+    or no Ray listens on fails in seconds (ray.init itself retries for minutes)."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
@@ -58,11 +58,19 @@ def connect(address: str) -> Any:
     if target and "://" not in target:
         host, _, port = target.rpartition(":")
         try:
-            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+            conn = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
         except (OSError, ValueError) as e:
             raise ConfigError("cluster.ray_address", f"cannot reach a Ray cluster at {target}"
                               f"{'' if target == address else ' (RAY_ADDRESS)'}: {getattr(e, 'strerror', None) or e}",
                               START_HINT) from None
+        # a GCS (gRPC) answers HTTP/2's preface with a SETTINGS frame; ray.init retries anything else for minutes
+        grpc = False
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\4\0\0\0\0\0")
+            grpc = conn.recv(9)[3:4] == b"\4"
+        if not grpc:
+            raise ConfigError("cluster.ray_address", f"{target} is not a Ray cluster (no GCS answers there)",
+                              "give the head's GCS address host:port (6379 by default; not the dashboard's 8265)")
     try:
         ray.init(address=address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError...: say it on one line
