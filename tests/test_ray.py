@@ -358,3 +358,33 @@ def test_an_address_that_is_not_a_ray_cluster_is_refused_at_once(tmp_path):
     assert "cluster.ray_address" in lines[0] and "not a Ray cluster" in lines[0], lines[0]
     assert time.monotonic() - t0 < 60
     assert not list(tmp_path.glob("*/quickstart"))
+
+
+@needs_ray
+def test_ctrl_c_while_the_cluster_has_no_room_stops_the_run(tmp_path, ray_address):
+    """Another job holds every CPU: the run waits for room; Ctrl-C then stops it at once (STOPPED, 130). It was
+    ignored until the placement timed out two minutes later, and the run ended FAILED (exit 1), 'the launcher failed'."""
+    hog = subprocess.Popen([sys.executable, "-c", (
+        "import logging, sys, time, ray; from ray.util import placement_group\n"
+        f"ray.init(address={ray_address!r}, logging_level=logging.ERROR, log_to_driver=False)\n"
+        "ray.get(placement_group([{'CPU': 8}, {'CPU': 8}], strategy='STRICT_SPREAD').ready())\n"
+        "print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "held"
+        owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                                  "stats.progress_bar=False", *on_ray(ray_address), "allocation_mode=hf:d1+d1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        try:
+            wait_until(lambda: list(tmp_path.glob("*/quickstart/run0/registry/run.json")), 120, "the owner")
+            time.sleep(3)  # in the placement wait
+            owner.send_signal(2)
+            out, _ = owner.communicate(timeout=60)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+        assert owner.returncode == 130, out
+        assert json.loads((run_dir(tmp_path) / "registry" / "run.json").read_text())["state"] == "STOPPED"
+    finally:
+        hog.kill()
+        hog.wait(30)
+    wait_until(lambda: leftovers(ray_address) == [[], []], 60, "no leftovers")

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -243,11 +244,13 @@ class RayRunner(Runner):
         pg = placement_group([dict(per_node) for _ in range(step.nodes)],
                              strategy="STRICT_PACK" if step.nodes == 1 else "STRICT_SPREAD", name=name,
                              lifetime="detached" if self._detached(step) else None, bundle_label_selector=labels)
-        try:
-            ray.get(pg.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(pg)
-            return None
+        ready, deadline = pg.ready(), time.monotonic() + timeout_s
+        while not ray.wait([ready], timeout=1.0)[0]:  # a Ctrl-C meanwhile stops the run (the owner's KeyboardInterrupt)
+            if self.stopping() or time.monotonic() > deadline:
+                remove_placement_group(pg)
+                if self.stopping():
+                    raise KeyboardInterrupt
+                return None
         return pg, name
 
     def _detached(self, step: StepSpec) -> bool:
