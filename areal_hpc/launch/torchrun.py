@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shlex
 import signal
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS, set_parent_death_signal
@@ -68,6 +69,15 @@ class AgentHandle(ProcessHandle):
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
+
+    def poll(self) -> Optional[int]:
+        rc = super().poll()
+        if rc:  # the agent exits 1 whatever ended its ranks: a signal (the OOM killer...) it logged says more
+            with contextlib.suppress(OSError):
+                agent_log = Path(self.step.log).with_name("torchrun.log").read_text(errors="replace")
+                last = re.findall(r"failed \(exitcode: (-?\d+)\)", agent_log)
+                return int(last[-1]) if last and int(last[-1]) < 0 else rc
+        return rc
 
     def info(self) -> Dict[str, object]:
         agent = self.procs[0]
