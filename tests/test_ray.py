@@ -315,3 +315,76 @@ def test_a_step_whose_actor_cannot_be_created_releases_its_placement_group(tmp_p
         ray.kill(squatter)
         ray.shutdown()
     assert leftovers(ray_address) == [[], []]
+
+
+@needs_ray
+def test_a_plugin_module_on_the_submitters_pythonpath_loads_on_ray(tmp_path, ray_address):
+    """`trainer.plugins=[module]` found through PYTHONPATH, as with mode=local and Slurm (srun passes the environment
+    on): the tasks run the submitter's interpreter, and now its import path too; they had the Ray worker's and the
+    trainer died with ModuleNotFoundError."""
+    import os
+
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "my_reward_mod.py").write_text(
+        "from areal_hpc.rollout import register_reward\n\n\n@register_reward('my_exact')\n"
+        "def my_exact(prompt, completion, answer, **row):\n    return float(completion.strip() == str(answer))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "plug"), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                        "stats.progress_bar=False", *SMALL, "trainer.total_train_steps=3", *on_ray(ray_address),
+                        "allocation_mode=hf:d1+d1", "trainer.plugins=[my_reward_mod]", "rollout.reward_fn=my_exact"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [m["step"] for m in metrics(run_dir(tmp_path))] == [1, 2, 3]
+    assert leftovers(ray_address) == [[], []]
+
+
+@needs_ray
+def test_an_address_that_is_not_a_ray_cluster_is_refused_at_once(tmp_path):
+    """Something listens there, but no Ray GCS (here an HTTP server, as the dashboard's port 8265 of `ray job submit`):
+    one line and exit 2 within seconds; ray.init retried for over ten minutes, printing warnings."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        p = submit(tmp_path, "mode=ray", f"cluster.ray_address=127.0.0.1:{httpd.server_address[1]}", check=False,
+                   timeout=90)
+    finally:
+        httpd.shutdown()
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "cluster.ray_address" in lines[0] and "not a Ray cluster" in lines[0], lines[0]
+    assert time.monotonic() - t0 < 60
+    assert not list(tmp_path.glob("*/quickstart"))
+
+
+@needs_ray
+def test_ctrl_c_while_the_cluster_has_no_room_stops_the_run(tmp_path, ray_address):
+    """Another job holds every CPU: the run waits for room; Ctrl-C then stops it at once (STOPPED, 130). It was
+    ignored until the placement timed out two minutes later, and the run ended FAILED (exit 1), 'the launcher failed'."""
+    hog = subprocess.Popen([sys.executable, "-c", (
+        "import logging, sys, time, ray; from ray.util import placement_group\n"
+        f"ray.init(address={ray_address!r}, logging_level=logging.ERROR, log_to_driver=False)\n"
+        "ray.get(placement_group([{'CPU': 8}, {'CPU': 8}], strategy='STRICT_SPREAD').ready())\n"
+        "print('held', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "held"
+        owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                                  "stats.progress_bar=False", *on_ray(ray_address), "allocation_mode=hf:d1+d1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        try:
+            wait_until(lambda: list(tmp_path.glob("*/quickstart/run0/registry/run.json")), 120, "the owner")
+            time.sleep(3)  # in the placement wait
+            owner.send_signal(2)
+            out, _ = owner.communicate(timeout=60)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+        assert owner.returncode == 130, out
+        assert json.loads((run_dir(tmp_path) / "registry" / "run.json").read_text())["state"] == "STOPPED"
+    finally:
+        hog.kill()
+        hog.wait(30)
+    wait_until(lambda: leftovers(ray_address) == [[], []], 60, "no leftovers")

@@ -69,3 +69,44 @@ def test_a_killed_trainer_step_leaves_no_rank_behind(tmp_path):
         for pid in ranks:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_the_torchrun_trainer_at_its_checkpoint(tmp_path):
+    """Ctrl-C: the ranks checkpoint and exit, and the run ends STOPPED (130) at that checkpoint. The ranks' exit code of
+    a stop (130) was a failure to the elastic agent, which restarted them: they trained on until killed 60 s later,
+    past the checkpoint the run said it resumes from."""
+    owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                              "stats.progress_bar=False", "mode=torchrun", *SMALL, "trainer.total_train_steps=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        rd = wait_for_steps(tmp_path, 3)
+        owner.send_signal(signal.SIGINT)
+        out, _ = owner.communicate(timeout=50)  # within the owner's 60 s grace: no SIGKILL
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    assert owner.returncode == 130, out
+    run = json.loads((rd / "registry" / "run.json").read_text())
+    assert run["state"] == "STOPPED" and "SIGKILL" not in run["reason"], run
+    last = metrics(rd)[-1]["step"]
+    assert f"at step {last}; resumes from checkpoint step_{last:08d}" in run["reason"], run
+    assert "recovered from checkpoint" not in (rd / "logs" / "trainer-0.log").read_text()  # not restarted
+
+
+def test_a_rank_killed_by_a_signal_is_reported_so_under_torchrun(tmp_path):
+    """trainer.max_restarts=0, rank 0 SIGKILLed (as by the OOM killer): the run ends FAILED saying so. The agent exits 1
+    whatever ended its ranks, and the run said 'trainer exited with 1' and the other rank's lost connection."""
+    owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                              "stats.progress_bar=False", "mode=torchrun", "allocation_mode=hf:d1+d2", *SMALL,
+                              "trainer.max_restarts=0", "trainer.total_train_steps=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        rd = wait_for_steps(tmp_path, 3)
+        os.kill(json.loads((rd / "registry" / "trainer.json").read_text())["pid"], signal.SIGKILL)  # rank 0
+        out, _ = owner.communicate(timeout=120)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    assert owner.returncode == 1, out
+    run = json.loads((rd / "registry" / "run.json").read_text())
+    assert run["state"] == "FAILED" and run["reason"].startswith("trainer killed by SIGKILL"), run

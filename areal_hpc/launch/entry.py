@@ -103,6 +103,7 @@ def serve(run_dir: Path, server_id: str, backend: Optional[str] = None, external
 def train(run_dir: Path) -> int:
     from areal_hpc.train.dist import env_ranks
     from areal_hpc.trainers import TrainContext, make_trainer
+    from areal_hpc.trainers.base import STOPPED_EXIT
 
     stop_with_launcher()
     cfg = load_resolved(run_dir / "config.yaml")
@@ -119,7 +120,9 @@ def train(run_dir: Path) -> int:
     ctx = TrainContext(cfg=cfg, alloc=parse_allocation(cfg.allocation_mode), run_dir=run_dir,
                        registry=Registry.for_run(run_dir, cfg.launcher))
     try:
-        return make_trainer(ctx).run()
+        rc = make_trainer(ctx).run()
+        # under torchrun, a stop its owner asked for (`AgentHandle.signal`) is a success: else the agent restarts ranks
+        return 0 if rc == STOPPED_EXIT and Path(os.environ.get("AREAL_HPC_STOP_FILE") or "/-").exists() else rc
     finally:
         # process groups left at interpreter exit can abort it (SIGABRT) after the work is done
         from areal_hpc.train import dist

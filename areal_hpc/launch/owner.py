@@ -52,6 +52,10 @@ class Runner(ABC):
         """Whether resources for ``step`` are free (Slurm: GPUs left in the allocation)."""
         return True
 
+    def stopping(self) -> bool:
+        """Whether the run is stopping (set by its owner): a runner waiting for resources stops waiting."""
+        return False
+
 
 def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0) -> int:
     """The number after every server name the run has used (``known``, records, the run record, server jobs) or
@@ -78,6 +82,7 @@ class RunOwner:
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Runner, mode: str,
                  job_id: Optional[str] = None, linger: bool = False):
         self.cfg, self.plan, self.run_dir, self.runner, self.mode = cfg, plan, run_dir, runner, mode
+        runner.stopping = lambda: self.stopping
         # linger (the Slurm driver): with shutdown_server_on_exit=False serve requests while servers outlive the trainer
         self.linger, self.job_id = linger, job_id
         self.registry = Registry.for_run(run_dir, cfg.launcher)
@@ -287,8 +292,9 @@ class RunOwner:
                 for step in self.plan.steps:
                     self.start_step(step)
                 self._loop(on_tick)
-            except KeyboardInterrupt:  # where no handler turned Ctrl-C into request_stop
-                self.request_force("interrupted")
+            except KeyboardInterrupt:  # where no handler turned Ctrl-C into request_stop, or a runner's wait it ended
+                if not self.stopping:
+                    self.request_force("interrupted")
                 self._stop_run()
             except Exception as e:  # noqa: BLE001 - the owner itself failed: the run did too, and says why
                 if self.state == outcome.REQUEUED or self.state in outcome.FINAL:

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -50,7 +51,7 @@ def require_ray() -> Any:
 
 def connect(address: str) -> Any:
     """Connect to the Ray cluster at ``address`` (host:port or auto); returns ``ray``. An address nothing listens on
-    fails in seconds (ray.init itself retries for minutes)."""
+    or no Ray listens on fails in seconds (ray.init itself retries for minutes)."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
@@ -58,11 +59,19 @@ def connect(address: str) -> Any:
     if target and "://" not in target:
         host, _, port = target.rpartition(":")
         try:
-            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+            conn = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
         except (OSError, ValueError) as e:
             raise ConfigError("cluster.ray_address", f"cannot reach a Ray cluster at {target}"
                               f"{'' if target == address else ' (RAY_ADDRESS)'}: {getattr(e, 'strerror', None) or e}",
                               START_HINT) from None
+        # a GCS (gRPC) answers HTTP/2's preface with a SETTINGS frame; ray.init retries anything else for minutes
+        grpc = False
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\4\0\0\0\0\0")
+            grpc = conn.recv(9)[3:4] == b"\4"
+        if not grpc:
+            raise ConfigError("cluster.ray_address", f"{target} is not a Ray cluster (no GCS answers there)",
+                              "give the head's GCS address host:port (6379 by default; not the dashboard's 8265)")
     try:
         ray.init(address=address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError...: say it on one line
@@ -235,11 +244,13 @@ class RayRunner(Runner):
         pg = placement_group([dict(per_node) for _ in range(step.nodes)],
                              strategy="STRICT_PACK" if step.nodes == 1 else "STRICT_SPREAD", name=name,
                              lifetime="detached" if self._detached(step) else None, bundle_label_selector=labels)
-        try:
-            ray.get(pg.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(pg)
-            return None
+        ready, deadline = pg.ready(), time.monotonic() + timeout_s
+        while not ray.wait([ready], timeout=1.0)[0]:  # a Ctrl-C meanwhile stops the run (the owner's KeyboardInterrupt)
+            if self.stopping() or time.monotonic() > deadline:
+                remove_placement_group(pg)
+                if self.stopping():
+                    raise KeyboardInterrupt
+                return None
         return pg, name
 
     def _detached(self, step: StepSpec) -> bool:
@@ -275,7 +286,9 @@ class RayRunner(Runner):
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, rank // step.ntasks_per_node)).remote())
             places = ray.get([a.where.remote() for a in actors], timeout=PLACEMENT_TIMEOUT_S)
             master = (places[0]["ip"], places[0]["port"])
-            pids = ray.get([a.start.remote(step.command, task_env(step, rank, places[rank]["gpus"], master),
+            # the task runs this interpreter (`plan.python_executable`): with this import path (plugins, a checkout)
+            path = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+            pids = ray.get([a.start.remote(step.command, {**task_env(step, rank, places[rank]["gpus"], master), **path},
                                            step.log.replace("%t", str(rank)), str(self.run_dir))
                             for rank, a in enumerate(actors)], timeout=PLACEMENT_TIMEOUT_S)
         except Exception:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shlex
 import signal
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS, set_parent_death_signal
@@ -35,6 +36,11 @@ def torchrun_argv(cfg: ExperimentConfig, step: StepSpec, rdzv_port: int) -> List
             "--no-python", "/bin/sh", "-c", redirect, *step.command]
 
 
+def stop_file(step: StepSpec) -> Path:
+    """Where the owner marks a stop it asked for: ranks that stop then exit 0 (`entry.train`), not restarted."""
+    return Path(step.log).with_name(".torchrun-stopping")
+
+
 def _children(pid: int) -> List[int]:
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -53,14 +59,25 @@ class AgentHandle(ProcessHandle):
 
     def signal(self, sig: int) -> None:
         agent = self.procs[0]
+        if sig != signal.SIGKILL:  # a stop the owner asks for: the ranks exit 0, which the agent does not restart
+            stop_file(self.step).touch()
         ranks = _children(agent.pid) if agent.poll() is None else []
         if sig == signal.SIGKILL or not ranks:
             super().signal(sig)
-        # a graceful stop goes to the ranks only: they checkpoint and exit 0, so the agent ends with
+        # a graceful stop goes to the ranks only: they checkpoint and exit 0 (`stop_file`), so the agent ends with
         # success instead of treating the signal as its own failure
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
+
+    def poll(self) -> Optional[int]:
+        rc = super().poll()
+        if rc:  # the agent exits 1 whatever ended its ranks: a signal (the OOM killer...) it logged says more
+            with contextlib.suppress(OSError):
+                agent_log = Path(self.step.log).with_name("torchrun.log").read_text(errors="replace")
+                last = re.findall(r"failed \(exitcode: (-?\d+)\)", agent_log)
+                return int(last[-1]) if last and int(last[-1]) < 0 else rc
+        return rc
 
     def info(self) -> Dict[str, object]:
         agent = self.procs[0]
@@ -86,6 +103,8 @@ class TorchrunRunner(ProcessRunner):
         if self.servers:
             env["AREAL_HPC_RESTART_MIN_SERVERS"] = "1"
         log_path = Path(step.log).with_name("torchrun.log")
+        env["AREAL_HPC_STOP_FILE"] = str(stop_file(step))
+        stop_file(step).unlink(missing_ok=True)  # an earlier submit's
         # the agent gets SIGTERM when the owner dies (even by SIGKILL), and then stops its ranks
         agent = spawn(torchrun_argv(self.cfg, step, free_port()), env, str(log_path), str(log_path.parent.parent),
                       preexec_fn=functools.partial(set_parent_death_signal, signal.SIGTERM))
