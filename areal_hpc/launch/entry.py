@@ -122,7 +122,8 @@ def train(run_dir: Path) -> int:
     try:
         rc = make_trainer(ctx).run()
         # under torchrun, a stop its owner asked for (`AgentHandle.signal`) is a success: else the agent restarts ranks
-        return 0 if rc == STOPPED_EXIT and Path(os.environ.get("AREAL_HPC_STOP_FILE") or "/-").exists() else rc
+        stop_file = os.environ.get("AREAL_HPC_STOP_FILE")
+        return 0 if rc == STOPPED_EXIT and stop_file and Path(stop_file).exists() else rc
     finally:
         # process groups left at interpreter exit can abort it (SIGABRT) after the work is done
         from areal_hpc.train import dist

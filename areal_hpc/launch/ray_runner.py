@@ -64,12 +64,13 @@ def connect(address: str) -> Any:
             raise ConfigError("cluster.ray_address", f"cannot reach a Ray cluster at {target}"
                               f"{'' if target == address else ' (RAY_ADDRESS)'}: {getattr(e, 'strerror', None) or e}",
                               START_HINT) from None
-        # a GCS (gRPC) answers HTTP/2's preface with a SETTINGS frame; ray.init retries anything else for minutes
-        grpc = False
+        # a GCS (gRPC) answers HTTP/2's preface with a SETTINGS frame, one behind TLS with an alert; another answer (an
+        # HTTP server: the dashboard's 8265) is no Ray, which ray.init retries for minutes. No answer: ray.init says.
+        reply = b""
         with conn, contextlib.suppress(OSError):
             conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\4\0\0\0\0\0")
-            grpc = conn.recv(9)[3:4] == b"\4"
-        if not grpc:
+            reply = conn.recv(9)
+        if reply and reply[3:4] != b"\4" and reply[:1] not in (b"\x15", b"\x16"):
             raise ConfigError("cluster.ray_address", f"{target} is not a Ray cluster (no GCS answers there)",
                               "give the head's GCS address host:port (6379 by default; not the dashboard's 8265)")
     try:
