@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -70,14 +71,18 @@ class AgentHandle(ProcessHandle):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
 
+    def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int], log_from: int):
+        super().__init__(step, procs, gpus)
+        self.log_from, self.rc = log_from, None  # where this agent's part of torchrun.log (appended to) begins
+
     def poll(self) -> Optional[int]:
-        rc = super().poll()
-        if rc:  # the agent exits 1 whatever ended its ranks: a signal (the OOM killer...) it logged says more
-            with contextlib.suppress(OSError):
-                agent_log = Path(self.step.log).with_name("torchrun.log").read_text(errors="replace")
-                last = re.findall(r"failed \(exitcode: (-?\d+)\)", agent_log)
-                return int(last[-1]) if last and int(last[-1]) < 0 else rc
-        return rc
+        if self.rc is None and (rc := super().poll()) is not None:
+            self.rc = rc  # read once: the agent exits 1 whatever ended its ranks; a signal it logged says more
+            with contextlib.suppress(OSError), open(Path(self.step.log).with_name("torchrun.log"), "rb") as f:
+                f.seek(self.log_from)
+                last = re.findall(r"failed \(exitcode: (-?\d+)\)", f.read().decode(errors="replace"))
+                self.rc = int(last[-1]) if rc and last and int(last[-1]) < 0 else rc
+        return self.rc
 
     def info(self) -> Dict[str, object]:
         agent = self.procs[0]
@@ -106,7 +111,8 @@ class TorchrunRunner(ProcessRunner):
         env["AREAL_HPC_STOP_FILE"] = str(stop_file(step))
         stop_file(step).unlink(missing_ok=True)  # an earlier submit's
         # the agent gets SIGTERM when the owner dies (even by SIGKILL), and then stops its ranks
+        log_from = log_path.stat().st_size if log_path.exists() else 0  # an earlier submit's part
         agent = spawn(torchrun_argv(self.cfg, step, free_port()), env, str(log_path), str(log_path.parent.parent),
                       preexec_fn=functools.partial(set_parent_death_signal, signal.SIGTERM))
-        return AgentHandle(step, [agent], gpus)
+        return AgentHandle(step, [agent], gpus, log_from)
 
