@@ -75,9 +75,8 @@ def _parse_part(token: str, default_backend: Optional[str]) -> ParallelSpec:
     token = token.strip()
     if not token:
         raise ConfigError(KEY, "empty component (stray '+'?)", "e.g. sglang:d4+fsdp:d8")
-    m = re.fullmatch(r"([a-z_]+)[.:](.*)", token)
-    if m:
-        backend, spec = m.group(1), m.group(2)
+    if m := re.fullmatch(r"([a-z_]+)[.:](.*)", token):
+        backend, spec = m.groups()
     elif default_backend is not None and re.fullmatch(r"[a-z0-9]+", token) and token[0] in "dpmt":
         backend, spec = default_backend, token
     else:

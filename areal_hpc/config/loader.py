@@ -54,33 +54,31 @@ def _type_name(tp) -> str:
 MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file; anything bigger is the wrong file
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that ``1:30:00`` (base-60 5400 to YAML 1.1: `cluster.time` of 5400 minutes) and
-    ``01`` (octal 1: `trial_name: 01` was the run dir .../1) stay strings."""
-
-
 class _Float(float):
     """A float that keeps its YAML text, for a string field: `trial_name: 1.10` is "1.10", not "1.1"."""
 
     text = ""
 
 
-def _no_sexagesimal(kind):
-    base = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1:30:00`` (base-60 5400 to YAML 1.1: `cluster.time` of 5400 minutes) and
+    ``01`` (octal 1: `trial_name: 01` was the run dir .../1) stay strings."""
 
-    def construct(loader, node):
-        if ":" in str(node.value) or (kind == "int" and re.fullmatch(r"[-+]?0[0-9_]+", str(node.value))):
-            return loader.construct_scalar(node)
-        value = base(loader, node)
-        if kind == "float":
-            value = _Float(value)
-            value.text = str(node.value)
+    def construct_yaml_int(self, node):
+        if ":" in node.value or re.fullmatch(r"[-+]?0[0-9_]+", node.value):
+            return self.construct_scalar(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        if ":" in node.value:
+            return self.construct_scalar(node)
+        value = _Float(super().construct_yaml_float(node))
+        value.text = node.value
         return value
-    return construct
 
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _no_sexagesimal("int"))
-_Loader.add_constructor("tag:yaml.org,2002:float", _no_sexagesimal("float"))
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -50,7 +50,7 @@ _NOT_ABBREVIATIONS = ("ntasks", "gpus")
 # registry/servers/.serve-{host}-{pid}.json.{host}.{pid}.{n}.tmp, two hostnames of up to 64 bytes: ~190, and slack.
 _LONGEST_INSIDE = 256
 
-# "{eng}" stands for trainer.ppo.actor and trainer.sft.model, "{mb}" for their mb_spec sections,
+# A key's first part "{eng}" stands for trainer.ppo.actor and trainer.sft.model, "{mb}" for their mb_spec sections,
 # "{ds}" for train_dataset and valid_dataset. A null value (an Optional field) is not checked.
 _EXPAND = {"{eng}": ("trainer.ppo.actor", "trainer.sft.model"),
            "{mb}": ("trainer.ppo.mb_spec", "trainer.sft.mb_spec"),
@@ -150,10 +150,8 @@ def check_values(cfg: ExperimentConfig) -> None:
 
 
 def _keys(pattern: str) -> List[str]:
-    for mark, sections in _EXPAND.items():
-        if mark in pattern:
-            return [pattern.replace(mark, s) for s in sections]
-    return [pattern]
+    mark, _, rest = pattern.partition(".")
+    return [f"{section}.{rest}" for section in _EXPAND[mark]] if mark in _EXPAND else [pattern]
 
 
 def get(cfg: Any, key: str) -> Any:
@@ -295,7 +293,7 @@ def check_location(cfg: ExperimentConfig) -> None:
         if n > name_max:
             raise ConfigError(key, f"is {n} bytes long, longer than the filesystem allows ({name_max} bytes)",
                               "use a shorter name")
-    total = len(str(root / getpass.getuser() / cfg.experiment_name / cfg.trial_name).encode()) + _LONGEST_INSIDE
+    total = len(str(run_dir(cfg)).encode()) + _LONGEST_INSIDE
     if total > path_max:
         raise ConfigError("cluster.fileroot", f"the run dir path would be too long for the filesystem "
                           f"({total} > {path_max} bytes with the files inside)",
