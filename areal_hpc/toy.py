@@ -68,8 +68,7 @@ def resolve_model(path: str, cache_dir: Optional[Path] = None) -> str:
     """Turn a `toy:` model spec into a built, cached directory; pass other paths through."""
     if not str(path).startswith("toy:"):
         return path
-    m = TOY_MODEL.match(path)
-    if not m:
+    if not (m := TOY_MODEL.match(path)):
         raise ValueError(f"bad toy model spec {path!r}: expected toy:<qwen3|llama|qwen2>[-h<hidden>]"
                          "[-l<layers>][-i<intermediate>], e.g. toy:qwen3-h128-l2")
     out = _cache_dir(cache_dir) / "models" / RECIPE / path.replace(":", "-")
@@ -98,8 +97,7 @@ def resolve_dataset(path: str, split: str = "train", cache_dir: Optional[Path] =
     """Turn a `toy:<name>[-<rows>]` dataset spec into a cached jsonl file."""
     if not str(path).startswith("toy:"):
         return path
-    m = TOY_DATASET.match(path)
-    if not m or m["name"] not in TOY_DATASETS:
+    if not (m := TOY_DATASET.match(path)) or m["name"] not in TOY_DATASETS:
         raise ValueError(f"bad toy dataset spec {path!r}: expected toy:<{'|'.join(TOY_DATASETS)}>[-<rows>]")
     n = int(m["n"] or 2048)
     out = _cache_dir(cache_dir) / "datasets" / f"{m['name']}-{n}-{split}.jsonl"

@@ -98,8 +98,7 @@ def cmd_add_servers(args) -> int:
 def cmd_remove_server(args) -> int:
     from areal_hpc.launch import control
 
-    ident = _pop_name(args)
-    if ident is None:
+    if (ident := _pop_name(args)) is None:
         raise ConfigError("SERVER", "which server?", "remove-server ID|URL experiment_name=... trial_name=...")
     return control.remove_server(_existing_run(args), ident)
 

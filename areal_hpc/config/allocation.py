@@ -72,8 +72,7 @@ def _parse_dims(spec: str, token: str) -> dict:
 
 
 def _parse_part(token: str, default_backend: Optional[str]) -> ParallelSpec:
-    token = token.strip()
-    if not token:
+    if not (token := token.strip()):
         raise ConfigError(KEY, "empty component (stray '+'?)", "e.g. sglang:d4+fsdp:d8")
     if m := re.fullmatch(r"([a-z_]+)[.:](.*)", token):
         backend, spec = m.groups()

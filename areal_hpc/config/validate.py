@@ -21,7 +21,7 @@ from areal_hpc.config.allocation import AllocationMode, parse_allocation, valida
 from areal_hpc.config.errors import ConfigError, did_you_mean
 from areal_hpc.config.schema import DatasetConfig, ExperimentConfig
 
-# Keys whose values are written into the rendered sbatch script or a shell line: a newline there injects a command.
+# Key prefixes whose values are written into the rendered sbatch script or a shell line: a newline injects a command.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
 CHAT_TEMPLATES = ("auto", "none")  # {ds}.chat_template: rollout.prompts reads it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -142,7 +142,7 @@ def check_values(cfg: ExperimentConfig) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(key, f"must be a finite number, got {v}", "give a plain number")
         if isinstance(v, str):
-            script = any(key.startswith(k) if k.endswith(".") else key == k for k in SCRIPT_KEYS)
+            script = key.startswith(SCRIPT_KEYS)
             if bad := (_CONTROL if script else _CONTROL_TEXT).search(v):
                 raise ConfigError(key, f"contains the control character {bad.group()!r} at position {bad.start()}",
                                   "it goes into the job script: give one line of printable text" if script
@@ -181,8 +181,8 @@ def check_ranges(cfg: ExperimentConfig) -> None:
     check_choices(cfg, {**CHOICES, **({} if cfg.trainer.plugins else BUILT_IN)})
     for interval, patterns in RANGES.items():
         for key in (k for pattern in patterns for k in _keys(pattern)):
-            if get(cfg, key) is not None:
-                check_range(key, get(cfg, key), interval, HINTS.get(key))
+            if (value := get(cfg, key)) is not None:
+                check_range(key, value, interval, HINTS.get(key))
     g = cfg.rollout.gen
     if g.top_k != -1 and g.top_k < 1:
         raise ConfigError("rollout.gen.top_k", f"must be -1 (off) or >= 1, got {g.top_k}")
@@ -190,8 +190,7 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         check_range(f"rollout.gen.stop_token_ids[{i}]", t, "[0, inf)")
     c = cfg.cluster
     for key in ("partition", "account", "qos"):
-        v = getattr(c, key)
-        if v is not None and not _SLURM_NAME.match(v):
+        if (v := getattr(c, key)) is not None and not _SLURM_NAME.match(v):
             raise ConfigError(f"cluster.{key}", f"{v!r} is not a Slurm {key} name", "letters, digits, '_', '-', '.'")
     if c.constraint is not None and not _CONSTRAINT.match(c.constraint):
         raise ConfigError("cluster.constraint", f"{c.constraint!r} is not a Slurm constraint",
@@ -233,8 +232,7 @@ def slurm_time_seconds(spec: str) -> int:
     spec = spec.strip()
     if spec.upper() in ("-1", "INFINITE", "UNLIMITED"):
         raise ValueError("no limit; areal-hpc needs one (it checkpoints 90 s before it)")
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", spec)
-    if not m:
+    if not (m := re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", spec)):
         raise ValueError("Slurm would not parse it")
     d, x, y, z = (None if g is None else int(g) for g in m.groups())
     if d is not None:  # D-H, D-H:M, D-H:M:S
@@ -269,8 +267,7 @@ def check_location(cfg: ExperimentConfig) -> None:
         v = getattr(cfg, key)
         if not isinstance(v, str) or not _NAME.match(v):
             raise ConfigError(key, f"{v!r} is not a valid name", "use letters, digits, '_', '.', '-' (no '/')")
-    fileroot = cfg.cluster.fileroot
-    if not fileroot:
+    if not (fileroot := cfg.cluster.fileroot):
         raise ConfigError("cluster.fileroot", "is empty", "a directory shared by all nodes, e.g. /scratch/$USER/areal")
     if bad := _CONTROL.search(fileroot):
         raise ConfigError("cluster.fileroot", f"contains the control character {bad.group()!r}",
@@ -289,8 +286,7 @@ def check_location(cfg: ExperimentConfig) -> None:
             raise ConfigError("cluster.fileroot", f"has a path component of {len(part.encode())} bytes, longer than "
                               f"the filesystem allows ({name_max})", "use shorter directory names")
     for key in ("experiment_name", "trial_name"):
-        n = len(getattr(cfg, key).encode())
-        if n > name_max:
+        if (n := len(getattr(cfg, key).encode())) > name_max:
             raise ConfigError(key, f"is {n} bytes long, longer than the filesystem allows ({name_max} bytes)",
                               "use a shorter name")
     total = len(str(run_dir(cfg)).encode()) + _LONGEST_INSIDE
