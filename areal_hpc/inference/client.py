@@ -18,7 +18,6 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import aiohttp
 
 from areal_hpc.inference import sglang_api as api
-from areal_hpc.inference.sglang_api import new_rid, parse_version, request_json, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +232,7 @@ class ServerPool:
     async def _request(self, s: _Server, method: str, path: str, payload: Optional[dict],
                        timeout_s: Optional[float]) -> Tuple[int, Any]:
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=CONNECT_TIMEOUT_S)
-        return await request_json(self._session, method, s.url + path, payload, s.headers, timeout)
+        return await api.request_json(self._session, method, s.url + path, payload, s.headers, timeout)
 
     # ------------------------------------------------------------------ generation
     async def _post_generate(self, server: _Server, payload: Dict[str, Any], samples: int = 1) -> Any:
@@ -253,8 +252,7 @@ class ServerPool:
             raise RequestRejected(status, api.error_message(body))
         if samples > 1 and not (isinstance(body, list) and len(body) == samples):
             raise _Retryable(f"expected a list of {samples} samples, got {type(body).__name__}")
-        server.failures = 0
-        server.down_until = 0.0
+        server.failures, server.down_until = 0, 0.0
         return body
 
     async def generate(self, input_ids: Sequence[int], params: Any = None, *, rid: Optional[str] = None,
@@ -264,7 +262,7 @@ class ServerPool:
         a 4xx, `PoolError` when no server could serve it."""
         await self.start()
         res = GenerateResult([], [], [], "length", n_requests=0)
-        return await self._continue(list(input_ids), sampling_params(params, **overrides), res, rid)
+        return await self._continue(list(input_ids), api.sampling_params(params, **overrides), res, rid)
 
     async def _continue(self, prompt: List[int], sp: Dict[str, Any], res: GenerateResult,
                         rid: Optional[str] = None) -> GenerateResult:
@@ -273,7 +271,7 @@ class ServerPool:
         budget = int(sp["max_new_tokens"])
         avoid: Set[str] = set()
         failures = empty_aborts = 0
-        base_rid = rid or new_rid()
+        base_rid = rid or api.new_rid()
         while True:
             remaining = budget - len(res.output_ids)
             if remaining <= 0 and res.n_requests:
@@ -326,7 +324,7 @@ class ServerPool:
         if n <= 1:
             return [await self.generate(input_ids, params, **overrides)]
         await self.start()
-        sp = sampling_params(params, **overrides)
+        sp = api.sampling_params(params, **overrides)
         prompt = list(input_ids)
         await self._running.wait()
         server = await self._choose(set())
@@ -338,9 +336,8 @@ class ServerPool:
 
         async def finish(item) -> GenerateResult:
             res = GenerateResult([], [], [], "length")
-            if self._absorb(res, api.parse_generate(item, server.known_version()), server):
-                return res
-            return await self._continue(prompt, sp, res)  # returns at once when the budget is spent
+            done = self._absorb(res, api.parse_generate(item, server.known_version()), server)
+            return res if done else await self._continue(prompt, sp, res)  # at once when the budget is spent
 
         return list(await asyncio.gather(*(finish(item) for item in body)))
 
@@ -354,7 +351,7 @@ class ServerPool:
         ok, err = api.call_outcome(status, body)
         if ok and isinstance(payload, dict) and payload.get("weight_version") is not None and path in (
                 api.UPDATE_WEIGHTS_FROM_DISK.path, api.UPDATE_WEIGHTS_FROM_DISTRIBUTED.path):
-            s.pushed_version = parse_version(payload["weight_version"])
+            s.pushed_version = api.parse_version(payload["weight_version"])
         return CallResult(s.id, s.address, ok, status, body, err)
 
     async def call_all(self, method: str, path: str, payload: Optional[dict] = None,

@@ -188,7 +188,7 @@ class EngineServer:
         wake = asyncio.Event()
         counts = [0] * len(seqs)  # tokens each sequence had at its last append we heard of
         sent = [0] * len(seqs)  # tokens in its last chunk (0: none sent yet)
-        done = [False] * len(seqs)
+        pending = set(range(len(seqs)))
 
         def heard(i: int, n: int) -> None:
             counts[i] = max(counts[i], n)
@@ -201,17 +201,16 @@ class EngineServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             await resp.prepare(request)
-            while not all(done):
+            while pending:
                 await wake.wait()
                 wake.clear()
-                for i, seq in enumerate(seqs):
-                    if done[i]:
-                        continue
+                for i in sorted(pending):
+                    seq = seqs[i]
                     if seq.finished:
                         code = (seq.finish_reason or {}).get("status_code")
                         chunk = ({"error": {"message": seq.finish_reason.get("message", "error"), "code": int(code)}}
                                  if code else self._render(req, seq))
-                        done[i] = True
+                        pending.discard(i)
                     elif counts[i] > sent[i] and (sent[i] == 0 or counts[i] - sent[i] >= req.interval):
                         chunk = self._render(req, seq, upto=counts[i])
                         sent[i] = counts[i]
@@ -352,10 +351,9 @@ class EngineServer:
         pg = self.groups.get(group)
         if pg is None:
             raise RequestError(f"weight update group {group!r} is not initialized (/init_weights_update_group)")
-        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
-        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
-                and len(names) == len(dtypes) == len(shapes) and all(isinstance(n, str) for n in names)
-                and all(isinstance(s, list) for s in shapes)):
+        names, dtypes, shapes = lists = [body.get(k) for k in ("names", "dtypes", "shapes")]
+        if not (all(isinstance(x, list) for x in lists) and len(names) == len(dtypes) == len(shapes)
+                and all(isinstance(n, str) for n in names) and all(isinstance(s, list) for s in shapes)):
             raise RequestError("names (strings), dtypes and shapes (lists of integers) must be lists of equal length")
         try:
             specs = [(n, torch_dtype(d), tuple(json_int(x, "shapes") for x in s))

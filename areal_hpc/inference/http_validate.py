@@ -95,8 +95,7 @@ async def read_json(request: web.Request) -> Dict[str, Any]:
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
-    policy = FIELD_POLICIES.get(request.path)
-    key = policy.refused(body) if policy is not None else None
+    key = FIELD_POLICIES[request.path].refused(body) if request.path in FIELD_POLICIES else None
     if key is not None:
         raise RequestError(f"{request.path}: field {key!r} (= {json.dumps(body[key], default=str)[:80]}) is not "
                            f"supported by the hf engine; leave it out or use an SGLang server")
@@ -127,10 +126,9 @@ async def read_generate(body: Mapping[str, Any], tokenizer: Callable[[str], Awai
     prompt), ``n`` samples of each. ``await tokenizer(why)`` gives the model's tokenizer for text, or raises a
     `RequestError` saying why it is needed."""
     has_ids, has_text = body.get("input_ids") is not None, body.get("text") is not None
-    if has_ids and has_text:
-        raise RequestError("give either text or input_ids, not both")
-    if not has_ids and not has_text:
-        raise RequestError("missing field: input_ids (or text)")
+    if has_ids == has_text:
+        raise RequestError("give either text or input_ids, not both" if has_ids
+                           else "missing field: input_ids (or text)")
     tok = None
     if has_ids:
         prompts = body["input_ids"]

@@ -210,20 +210,19 @@ class ServerLifecycle:
         return "cuda:0"
 
     async def _start_sglang(self) -> None:
-        from areal_hpc.inference.sglang import SGLangProcess, base_gpu_and_env, build_sglang_options, render_argv
-        from areal_hpc.inference.sglang import write_key_config
+        from areal_hpc.inference import sglang
 
         # SGLang binds its own port: without one configured, take a free one now (a tiny race, retried by the caller)
         self.port = self.cfg.port or free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
-        key_file = write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
-        base, env = base_gpu_and_env(self.gpus)
-        argv = render_argv(build_sglang_options(
+        key_file = sglang.write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
+        base, env = sglang.base_gpu_and_env(self.gpus)
+        argv = sglang.render_argv(sglang.build_sglang_options(
             self.cfg, self.model_path, host=self.bind_host, port=self.port, config_file=key_file,
             tp_size=self.tp_size, pp_size=self.pp_size, base_gpu_id=base, nnodes=self.nnodes, node_rank=self.node_rank,
             dist_init_addr=self.dist_init_addr, weight_version=str(self.weight_version)))
         log_path = self.run_dir / "logs" / f"{self.server_id}.sglang.log"
         log.info("SGLang output goes to %s", log_path)
-        self._sglang = SGLangProcess(argv, env, str(log_path)).start()
+        self._sglang = sglang.SGLangProcess(argv, env, str(log_path)).start()
         if self.node_rank == 0:
             self._register()
 
@@ -265,8 +264,7 @@ class ServerLifecycle:
 
     def _lost_run(self) -> None:
         log.error("server %s: the run's registry is gone or belongs to another run now; shutting down", self.server_id)
-        if self._stop is not None:
-            self._stop.set()
+        self._stop.set()  # registered (and heartbeating) only from `run`, which made it
 
     async def _refresh_sglang_version(self) -> None:
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):

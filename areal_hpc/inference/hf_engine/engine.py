@@ -53,9 +53,7 @@ class Scheduler:
     def remove(self, seqs: Iterable[Sequence]) -> List[Tuple[int, int, int]]:
         """Take finished sequences out of ``running``; returns row moves ``(src, dst, ncols)``."""
         moves = []
-        for seq in sorted(seqs, key=lambda s: s.slot, reverse=True):
-            if seq.slot < 0:
-                continue
+        for seq in sorted((s for s in seqs if s.slot >= 0), key=lambda s: s.slot, reverse=True):
             last = self.running.pop()
             if last is not seq:
                 moves.append((last.slot, seq.slot, last.num_tokens))
@@ -96,11 +94,10 @@ class LLMEngine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop, which aborts everything (callers get their partial output)."""
-        if not self.alive:
-            return
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
+        if self.alive:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------------ thread-safe API
     def _enqueue(self, queue: Deque, item: Any) -> bool:
@@ -116,13 +113,11 @@ class LLMEngine:
     def submit(self, seq: Sequence) -> None:
         if seq.params.max_new_tokens == 0:
             seq.finish({"type": "length", "length": 0})
-            return
-        if seq.num_tokens >= self.runner.context_length:
+        elif seq.num_tokens >= self.runner.context_length:
             seq.finish({"type": "abort", "status_code": 400,
                         "message": f"input of {seq.num_tokens} tokens does not fit the context length "
                                    f"{self.runner.context_length}"})
-            return
-        if not self._enqueue(self._inbox, seq):
+        elif not self._enqueue(self._inbox, seq):
             seq.finish({"type": "abort", "status_code": 503, "message": "engine is not running"})
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -207,13 +202,16 @@ class LLMEngine:
         for s, reason in finished:
             s.finish(reason)
 
+    def _fail(self, seqs: List[Sequence], message: str, status_code: Optional[int] = None) -> None:
+        reason = {"type": "abort", "message": message, **({"status_code": status_code} if status_code else {})}
+        self._retire([(s, dict(reason)) for s in seqs])
+
     def _abort(self, rid: Optional[str], message: str, status_code: Optional[int] = None) -> int:
         self._drain_inbox()
-        reason = {"type": "abort", "message": message, **({"status_code": status_code} if status_code else {})}
         sched = self.scheduler
         hit = [s for s in sched.running + list(sched.waiting) if rid in (None, s.rid)]
         sched.waiting = deque(s for s in sched.waiting if rid not in (None, s.rid))
-        self._retire([(s, dict(reason)) for s in hit])  # a waiting one has no row to leave
+        self._fail(hit, message, status_code)  # a waiting one has no row to leave
         self.stats["aborted_requests"] += len(hit)
         return len(hit)
 
@@ -236,12 +234,11 @@ class LLMEngine:
     def _run_commands(self) -> None:
         while self._commands:
             fn, fut = self._commands.popleft()
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # reported to the caller, the loop goes on
-                fut.set_exception(e)
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # reported to the caller, the loop goes on
+                    fut.set_exception(e)
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -282,8 +279,7 @@ class LLMEngine:
         except Exception as e:
             log.exception("%s step of %d sequences failed", kind, len(seqs))
             self.stats["step_errors"] += 1
-            reason = {"type": "abort", "status_code": 500, "message": f"engine error: {type(e).__name__}: {e}"}
-            self._retire([(s, dict(reason)) for s in seqs])
+            self._fail(seqs, f"engine error: {type(e).__name__}: {e}", 500)
             return
         version = self.weight_version
         finished: List[Tuple[Sequence, Dict[str, Any]]] = []

@@ -127,8 +127,7 @@ class ModelRunner:
         self.base = getattr(self.model, self.model.base_model_prefix)
         self.lm_head = self.model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
-        params = inspect.signature(self.base.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         text_cfg = self.config.get_text_config()
         max_pos = getattr(text_cfg, "max_position_embeddings", None) or context_length
         self.context_length = int(min(context_length, max_pos)) if context_length > 0 else int(max_pos)
@@ -189,9 +188,8 @@ class ModelRunner:
         return logits
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                        **{self.cache_kw: self.kv})
-        return out.last_hidden_state
+        return self.base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self.cache_kw: self.kv}).last_hidden_state
 
     @torch.inference_mode()
     def prefill(self, seqs: Seq[Sequence]) -> torch.Tensor:

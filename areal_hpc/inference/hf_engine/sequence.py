@@ -29,16 +29,16 @@ class SamplingParams:
 class Sequence:
     """One request inside the engine. ``slot`` is its row in the KV cache while it runs."""
 
-    def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None,
-                 on_finish: Optional[Callable[["Sequence"], None]] = None):
-        self.rid = rid if rid else new_rid()
+    def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None):
+        self.rid = rid or new_rid()
         self.prompt_ids = list(prompt_ids)
         self.output_ids: List[int] = []
         self.logprobs: List[float] = []
         self.version_spans: List[list] = []  # [[version, start, end], ...] over output_ids
         self.params, self.finished = params, False
         self.finish_reason: Optional[Dict[str, Any]] = None
-        self.slot, self.on_finish = -1, on_finish
+        self.slot = -1
+        self.on_finish: Optional[Callable[["Sequence"], None]] = None  # set by the HTTP layer
         self.on_append: Optional[Callable[["Sequence", int], None]] = None  # (seq, tokens so far), loop thread
         self.arrival = time.monotonic()
 
@@ -59,11 +59,10 @@ class Sequence:
             self.on_append(self, n + 1)
 
     def finish(self, reason: Dict[str, Any]) -> None:
-        if self.finished:
-            return
-        self.finished, self.finish_reason = True, reason
-        if self.on_finish is not None:
-            self.on_finish(self)
+        if not self.finished:
+            self.finished, self.finish_reason = True, reason
+            if self.on_finish is not None:
+                self.on_finish(self)
 
     def to_response(self, weight_version: str, return_logprob: bool = True, upto: Optional[int] = None
                     ) -> Dict[str, Any]:
