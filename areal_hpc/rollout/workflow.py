@@ -75,8 +75,7 @@ class RLVRWorkflow(RolloutWorkflow):
         self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
         self.params = asdict(gen_config) if is_dataclass(gen_config) else dict(gen_config)
         if not self.params.get("ignore_eos"):  # EOS, generation_config's EOS list, the template's end of turn
-            stops = set(self.params.get("stop_token_ids") or [])
-            stops.update(stop_token_ids(tokenizer, chat_template))
+            stops = {*(self.params.get("stop_token_ids") or []), *stop_token_ids(tokenizer, chat_template)}
             self.params["stop_token_ids"] = sorted(stops)
         self.scorer, self.n_samples = RewardScorer(reward_fn, reward_timeout_s), n_samples
         self.prompt_key, self.answer_key = prompt_key, answer_key

@@ -52,7 +52,7 @@ def collate(samples: Sequence[Sample], pad_values: Dict[str, float] | None = Non
 
 
 def select(batch: Batch, idx: Sequence[int] | torch.Tensor) -> Batch:
-    idx_t = torch.as_tensor(list(idx) if not isinstance(idx, torch.Tensor) else idx, dtype=torch.long)
+    idx_t = torch.as_tensor(idx if isinstance(idx, torch.Tensor) else list(idx), dtype=torch.long)
     return {k: v[idx_t] for k, v in batch.items()}
 
 
@@ -100,15 +100,14 @@ def shard_batch(batch: Batch, rank: int, world_size: int, group_size: int = 1) -
 def deal_least_loaded(weights: Sequence[int], k: int, room: Sequence[int] | None = None) -> List[List[int]]:
     """Item indices, heaviest first (the lower index of equals), each to the least-loaded of ``k`` bins (the first of
     equals) with room left (``room[b]`` items, unbounded without it). Each bin's indices in the order dealt."""
-    left = list(room) if room is not None else None
+    left = list(room) if room is not None else [len(weights)] * k  # (no bin can fill)
     bins: List[List[int]] = [[] for _ in range(k)]
     loads = [0] * k
     for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
-        b = min((b for b in range(k) if left is None or left[b] > 0), key=lambda b: (loads[b], b))
+        b = min((b for b in range(k) if left[b] > 0), key=lambda b: (loads[b], b))
         bins[b].append(i)
         loads[b] += weights[i]
-        if left is not None:
-            left[b] -= 1
+        left[b] -= 1
     return bins
 
 
@@ -198,15 +197,12 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], max_tokens: int) ->
     bins: List[List[int]] = []
     loads: List[int] = []
     for i in order:
-        n = lengths[i]
-        for b in range(len(bins)):
-            if loads[b] + n <= max_tokens:
-                bins[b].append(i)
-                loads[b] += n
-                break
-        else:
-            bins.append([i])
-            loads.append(n)
+        b = next((b for b, load in enumerate(loads) if load + lengths[i] <= max_tokens), len(bins))
+        if b == len(bins):
+            bins.append([])
+            loads.append(0)
+        bins[b].append(i)
+        loads[b] += lengths[i]
     return bins
 
 
@@ -255,12 +251,9 @@ def pack_rows(batch: Batch, mask: torch.Tensor, sample_idx: Sequence[int], pad_t
     for k, v in batch.items():
         if k == "attention_mask" or not isinstance(v, torch.Tensor):
             continue
-        rows = v[idx]
-        if not is_token_key(batch, k):
-            data[k] = rows
-            continue
-        data[k] = rows[m]
-        if pad:
+        token_key = is_token_key(batch, k)
+        data[k] = v[idx][m] if token_key else v[idx]
+        if pad and token_key:
             fill = pad_token_id if k == "input_ids" else 0
             data[k] = torch.cat([data[k], torch.full((pad, *v.shape[2:]), fill, dtype=v.dtype)])
     cu, data["position_ids"] = _layout(docs)

@@ -50,7 +50,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     device = torch.device("cpu")
     if torch.cuda.is_available():  # cuda:LOCAL_RANK, or cuda:0 when only one GPU is visible (--gpus-per-task=1)
         n = torch.cuda.device_count()
-        device = torch.device("cuda", 0 if n == 1 else local % n)
+        device = torch.device("cuda", local % n)
         torch.cuda.set_device(device)
     limit_cpu_threads(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -17,6 +17,7 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
 from torch.profiler import record_function
 
 from areal_hpc import toy
@@ -93,19 +94,16 @@ class FSDPEngine:
         self.mesh = init_device_mesh(self.device.type, (self.info.world_size,), mesh_dim_names=("dp",))
         self.model = self._build_model()
         self.hf_config = self.model.config
-        self.fused_lm_head = False
-        if config.fused_lm_head:
-            why_not = install_logprob_forward(self.model, keep_logits=config.lm_head_keep_logits)
-            if why_not:
-                log.info("engine.fused_lm_head: %s; logprobs are computed from the logits", why_not)
-            self.fused_lm_head = not why_not
+        why_not = install_logprob_forward(self.model, config.lm_head_keep_logits) if config.fused_lm_head else "off"
+        if config.fused_lm_head and why_not:
+            log.info("engine.fused_lm_head: %s; logprobs are computed from the logits", why_not)
+        self.fused_lm_head = not why_not
         self.pad_token_id = int(getattr(self.hf_config, "pad_token_id", None) or 0)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.lr_scheduler = None
         if trainable:
             self.optimizer = build_optimizer(self.model.parameters(), config.optimizer)
-            schedule = lr_lambda(config.optimizer, self.total_steps)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+            self.lr_scheduler = LambdaLR(self.optimizer, lr_lambda(config.optimizer, self.total_steps))
         else:
             self.model.requires_grad_(False)
         self._version = 0
@@ -220,7 +218,7 @@ class FSDPEngine:
         if backward:
             self.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        sums: Dict[str, torch.Tensor] = {"loss": zero}
+        sums: Dict[str, torch.Tensor] = {}
         for i, (mb, w) in enumerate(zip(mbs, weights)):
             if backward and self._hold_weights:
                 # gradients summed over the micro-batches, reduce-scattered once, after the last;
@@ -238,10 +236,8 @@ class FSDPEngine:
                 with record_function("areal.backward"):
                     # FSDP averages gradients over ranks; the global token normalisation wants a sum.
                     (loss * (scale * self.info.world_size)).backward()
-            sums["loss"] = sums["loss"] + loss.detach().double() * w
-            for k, v in stats.items():
-                v = torch.as_tensor(v).detach().to(self.device, torch.float64)
-                sums[k] = sums.get(k, zero) + v * w
+            for k, v in [("loss", loss), *stats.items()]:
+                sums[k] = sums.get(k, zero) + torch.as_tensor(v).detach().to(self.device, torch.float64) * w
         # sums over all micro-batches of all ranks, still on the device: one all-reduce, no read
         keys = sorted(sums)
         t = torch.stack([sums[k] for k in keys]).to(dist.collective_device())  # float64, as summed

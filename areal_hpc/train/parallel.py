@@ -38,9 +38,8 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if layers:
         return layers
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        return list(inner.layers)
+    if isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
+        return list(model.model.layers)
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 

@@ -99,12 +99,11 @@ def ppo_loss(logp: torch.Tensor, prox_logp: torch.Tensor, behav_logp: Optional[t
     pg1, pg2 = -advantages * ratio, -advantages * clipped
     clip_mask = (pg1.detach() < pg2.detach()) & mask
     pg = torch.maximum(pg1, pg2)
+    dual_mask = torch.zeros_like(mask)
     if c_clip is not None:
         pg3 = c_clip * advantages.abs()
         dual_mask = (pg3 < pg.detach()) & mask
         pg = torch.minimum(pg, pg3)
-    else:
-        dual_mask = torch.zeros_like(mask)
     stats: Dict[str, torch.Tensor] = {}
     if behav_logp is not None:
         w = torch.exp(prox_logp - behav_logp.detach())

@@ -131,9 +131,7 @@ def prune_weights(weights_root: str | os.PathLike, registry=None, keep_min_versi
             v = server.get("weight_version")
             if str(v).isdigit():  # not None, nor a version of its own ("default": SGLang's before any update)
                 floor = min(floor, int(v))
-    deleted = []
-    for k, path in sorted(versions.items()):
-        if k < floor and k != latest:
-            shutil.rmtree(path, ignore_errors=True)
-            deleted.append(k)
+    deleted = [k for k in sorted(versions) if k < floor and k != latest]
+    for k in deleted:
+        shutil.rmtree(versions[k], ignore_errors=True)
     return deleted

@@ -111,7 +111,6 @@ class Trainer:
         state = self._recover(ckpt)
         step = int(state.get("global_step", 0))
         rc, metrics, settled_gc, saved = 0, None, dist.SettledGC(), step  # saved: the step last checkpointed
-        stopped = False
         try:
             if not self.start(state):
                 return STOPPED_EXIT if self.stop else 0
@@ -124,8 +123,9 @@ class Trainer:
                 stop = dist.all_reduce_scalar(1.0 if self.stop else 0.0, "max") > 0
                 stats = None if stop else self.train_step(step + 1)
                 if stats is None:  # a stop while train_step waited, or no data left (trainer.total_train_epochs)
-                    stopped = stop or bool(self.stop)  # every rank: the stop is all-reduced
-                    log.warning("stopping at step %d: %s", step, "on request" if stopped else "no data left")
+                    # stopped short of its goal by a signal (not "no data left"); every rank: the stop is all-reduced
+                    rc = STOPPED_EXIT if stop or self.stop else 0
+                    log.warning("stopping at step %d: %s", step, "on request" if rc else "no data left")
                     break
                 step += 1
                 settled_gc.step()
@@ -141,7 +141,6 @@ class Trainer:
             if step != saved:  # (else the last checkpoint holds this step already)
                 self._save(ckpt, step, t_start)
             self.finish(step)
-            rc = STOPPED_EXIT if stopped else 0  # stopped short of its goal by a signal (not "no data left")
         except KeyboardInterrupt:
             rc = STOPPED_EXIT
         finally:

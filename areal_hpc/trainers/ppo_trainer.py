@@ -13,7 +13,7 @@ import torch
 
 from areal_hpc.rollout import Trajectory
 from areal_hpc.train import dist
-from areal_hpc.train.batching import shard_batch
+from areal_hpc.train.batching import collate, shard_batch
 from areal_hpc.train.ppo_loss import PPOActor
 from areal_hpc.train.publish import publish_weights, stage_weights
 from areal_hpc.train.weight_sync import broadcast_engine_weights
@@ -25,22 +25,19 @@ from areal_hpc.trainers.rollout_side import rollout_side
 def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Dict[str, torch.Tensor]:
     """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions; ``rewards [B]`` and
     ``group [B]``, each sample's group (of any size: a workflow may return more or fewer than ``n_samples``)."""
-    trajs = [t for g in groups for t in g]
-    L = max(t.n_tokens for t in trajs)
-    ids, attn, loss, logp, vers = [], [], [], [], []
-    for t in trajs:
-        p, o = len(t.prompt_ids), len(t.output_ids)
-        tail = L - p - o
-        ids.append(t.prompt_ids + t.output_ids + [pad_id] * tail)
-        attn.append([True] * (p + o) + [False] * tail)
-        loss.append([False] * p + [True] * o + [False] * tail)
-        logp.append([0.0] * p + list(t.logprobs) + [0.0] * tail)
-        vers.append([-1] * p + list(t.versions) + [-1] * tail)
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(attn),
-            "loss_mask": torch.tensor(loss), "logprobs": torch.tensor(logp, dtype=torch.float32),
-            "versions": torch.tensor(vers, dtype=torch.long),
-            "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32),
-            "group": torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)}
+    samples = []
+    for i, g in enumerate(groups):
+        for t in g:
+            p = len(t.prompt_ids)
+            samples.append({"input_ids": torch.tensor(t.prompt_ids + t.output_ids, dtype=torch.long),
+                            "loss_mask": torch.tensor([False] * p + [True] * len(t.output_ids), dtype=torch.bool),
+                            "logprobs": torch.tensor([0.0] * p + list(t.logprobs), dtype=torch.float32),
+                            "versions": torch.tensor([-1] * p + list(t.versions), dtype=torch.long),
+                            "rewards": torch.tensor(t.reward, dtype=torch.float32),
+                            "group": torch.tensor(i, dtype=torch.long)})
+    batch = collate(samples, pad_values={"input_ids": pad_id, "versions": -1})
+    batch["attention_mask"] = batch["attention_mask"].bool()
+    return batch
 
 
 def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
