@@ -15,6 +15,7 @@ from areal_hpc.registry import Registry
 from areal_hpc.rollout import Trajectory
 from areal_hpc.rollout.workflow import Group, RolloutWorkflow, register_workflow
 from areal_hpc.trainers import TrainContext, make_trainer
+from areal_hpc.trainers.base import STOPPED_EXIT
 
 
 @register_workflow("test-skips-odd")
@@ -114,7 +115,7 @@ def test_a_stop_request_ends_the_evaluation(tmp_path, make_eval):
     trainer = make_eval("test-never-ends")
     threading.Timer(0.5, lambda: setattr(trainer.stop, "signal", signal.SIGTERM)).start()
     t0 = time.monotonic()
-    assert trainer.run() == 0
+    assert trainer.run() == STOPPED_EXIT  # not 0: the run did not complete, and wrote no report
     assert time.monotonic() - t0 < 10 and not (tmp_path / "eval.json").exists()
 
 
@@ -124,7 +125,7 @@ def test_a_stop_request_ends_the_wait_for_servers(make_eval):
     trainer = make_eval("test-skips-odd", servers=server_pool)  # none will come
     threading.Timer(0.5, lambda: setattr(trainer.stop, "signal", signal.SIGTERM)).start()
     t0 = time.monotonic()
-    assert trainer.run() == 0
+    assert trainer.run() == STOPPED_EXIT
     assert time.monotonic() - t0 < 10
 
 

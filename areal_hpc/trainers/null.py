@@ -10,7 +10,7 @@ import time
 
 from areal_hpc.config import prompt_tokenizer_path
 from areal_hpc.rollout import Group, RolloutError
-from areal_hpc.trainers.base import Trainer
+from areal_hpc.trainers.base import STOPPED_EXIT, Trainer
 from areal_hpc.trainers.factory import register_trainer
 
 log = logging.getLogger("areal_hpc.trainer")
@@ -27,7 +27,7 @@ class EvalTrainer(Trainer):
         workflow = make_rollout_workflow(cfg, tokenizer, ds)
         pool = server_pool(ctx, should_stop=lambda: bool(self.stop))  # a stop request (SIGTERM) only sets self.stop
         if pool is None:  # it came while waiting for the servers
-            return 0
+            return STOPPED_EXIT
         self.publish_state(step=0, version=None, world_size=1, state="evaluating", n_rows=len(rows))
         t0 = time.monotonic()
         try:
@@ -36,7 +36,7 @@ class EvalTrainer(Trainer):
             self.close_state()
         if results is None:
             log.warning("evaluation stopped on request: no report")
-            return 0
+            return STOPPED_EXIT  # not 0: a run stopped from outside the launcher would read "completed"
         failed = [r for r in results if isinstance(r, BaseException)]  # counted and left out, as training does
         if failed:
             log.warning("eval: %d of %d episodes failed; first: %r", len(failed), len(rows), failed[0])
