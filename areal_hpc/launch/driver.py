@@ -122,8 +122,7 @@ class SrunRunner(Runner):
     def _await_step(self, h: SrunHandle) -> None:
         """Wait until Slurm lists the step (its resources are then taken); records its step id."""
         name = f"{self.plan.job_name}:{h.step.name}"
-        deadline = time.monotonic() + STEP_LISTED_TIMEOUT_S
-        delay = 0.02
+        deadline, delay = time.monotonic() + STEP_LISTED_TIMEOUT_S, 0.02
         while time.monotonic() < deadline and h.proc.poll() is None:
             for sid, sname, nodes in slurm.live_steps(self.job_id):
                 if sname == name and sid not in self._known_steps:

@@ -221,4 +221,5 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> N
               f"{rows[-1].get('time_s', 0):.0f}s; metrics {run_dir / 'metrics.jsonl'}"
               + (f", curve {run_dir / 'reward.png'}" if key == "reward_mean" else ""))
     resume = "\n    resume: the same `areal-hpc submit` command" if state == outcome.STOPPED else ""
-    print(f"run {outcome.summary_line(rec)}{resume}", file=sys.stderr if state == outcome.FAILED else sys.stdout, flush=True)
+    print(f"run {outcome.summary_line(rec)}{resume}", file=sys.stderr if state == outcome.FAILED else sys.stdout,
+          flush=True)

@@ -128,10 +128,10 @@ class StepTask:
                 "port": free_port("")}  # rank 0's: for torch.distributed's rendezvous
 
     def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
-        full = dict(host_env(LAUNCHER_PID_ENV), **env)  # no Slurm variables of a Ray worker started by srun
-        # SIGKILL when its actor dies, as a Slurm step's tasks die with it (a graceful stop goes through `signal` first)
-        self.proc = spawn(command, full, log_path, cwd, preexec_fn=functools.partial(set_parent_death_signal,
-                                                                                      signal.SIGKILL))
+        # no Slurm variables of a Ray worker started by srun; SIGKILL when its actor dies, as a Slurm step's tasks die
+        # with it (a graceful stop goes through `signal` first)
+        self.proc = spawn(command, dict(host_env(LAUNCHER_PID_ENV), **env), log_path, cwd,
+                          preexec_fn=functools.partial(set_parent_death_signal, signal.SIGKILL))
         return self.proc.pid
 
     def poll(self) -> Optional[int]:
