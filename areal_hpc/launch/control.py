@@ -19,6 +19,12 @@ from areal_hpc.launch.status import HOST_MODES, launcher_alive, why_owned, remov
 from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
 
 
+def failed(message: str) -> int:
+    """Say why a command failed, on stderr; its exit code."""
+    print(message, file=sys.stderr)
+    return 1
+
+
 def post_request(reg: Registry, kind: str, wait_s: float = 0.0, **fields) -> str:
     """Queue a request for the run's owner, for ``wait_s`` (an owner that starts later drops it)."""
     name = f"{time.time_ns()}-{kind}"
@@ -99,10 +105,10 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
                                            f"(areal-hpc stop) while job {run['job_id']} was {state}: cancelled"})
     uncancelled = []
     for job_id in reg.list("jobs", live_only=False):  # server jobs; their servers deregister on scancel's SIGTERM
-        failed = slurm.scancel(job_id)
-        if failed:  # its record stays (`status` lists the job, the next `stop` cancels it); this stop failed
+        err = slurm.scancel(job_id)
+        if err:  # its record stays (`status` lists the job, the next `stop` cancels it); this stop failed
             uncancelled.append(job_id)
-            print(f"could not cancel server job {job_id}: {failed}; `stop` again, or scancel {job_id}", file=sys.stderr)
+            print(f"could not cancel server job {job_id}: {err}; `stop` again, or scancel {job_id}", file=sys.stderr)
         else:
             reg.delete("jobs", job_id)
     deadline, clean_at = time.monotonic() + timeout_s, 0.0
@@ -178,20 +184,16 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
         while time.monotonic() < deadline:
             reply = take_reply(reg, req) if req else None
             if req and reply is None and not launcher_alive(run, reg):
-                print("the run's owner ended before it served the request; see `areal-hpc logs driver`",
-                      file=sys.stderr)
-                return 1
+                return failed("the run's owner ended before it served the request; see `areal-hpc logs driver`")
             if reply is not None:
                 req = None  # answered
                 if reply.get("error"):
-                    print(f"the run's owner could not add servers: {reply['error']} (see `areal-hpc logs driver`)",
-                          file=sys.stderr)
-                    return 1
+                    return failed(f"the run's owner could not add servers: {reply['error']} (see `areal-hpc logs "
+                                  "driver`)")
                 mine = set(reply.get("servers", []))
                 if len(mine) < count and run.get("mode") != "slurm":  # no job of their own to put the rest in
-                    print(f"the run has room for {len(mine)} of {count} server(s) (no free resources); see "
-                          "`areal-hpc logs driver`", file=sys.stderr)
-                    return 1
+                    return failed(f"the run has room for {len(mine)} of {count} server(s) (no free resources); "
+                                  "see `areal-hpc logs driver`")
                 if len(mine) < count:
                     print(f"the allocation has room for {len(mine)} of {count} server(s); submitting "
                           f"{count - len(mine)} as a separate job")
@@ -208,13 +210,11 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
                 return 0
             state = job_state() if job_state else None
             if state in slurm.FINAL_STATES:
-                print(f"job {job_id} ended {state} before its servers were ready; see {rd}/logs", file=sys.stderr)
-                job_id = None  # nothing left to cancel
-                return 1
+                job_id, ended = None, job_id  # nothing left to cancel
+                return failed(f"job {ended} ended {state} before its servers were ready; see {rd}/logs")
             time.sleep(0.3)
-        print(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs driver`"
-              + (f" and the logs of job {job_id}" if job_id else ""), file=sys.stderr)
-        return 1
+        return failed(f"timed out after {timeout:.0f}s waiting for {count} new server(s); see `areal-hpc logs "
+                      "driver`" + (f" and the logs of job {job_id}" if job_id else ""))
     finally:
         withdraw(reg, [req] if req else [])
         if job_id is not None:
@@ -228,9 +228,9 @@ def keep_or_cancel(reg: Registry, job_id: str) -> str:
     joined = sorted(set(names) & set(reg.list("servers", live_only=False)))
     if joined:
         return f"job {job_id} is kept: its server(s) {', '.join(joined)} joined the run"
-    failed = slurm.scancel(job_id)
-    if failed:  # its record stays, for `stop` to cancel it
-        return f"could not cancel job {job_id}, whose servers have not joined the run: {failed}"
+    err = slurm.scancel(job_id)
+    if err:  # its record stays, for `stop` to cancel it
+        return f"could not cancel job {job_id}, whose servers have not joined the run: {err}"
     reg.delete("jobs", job_id)
     return f"cancelled job {job_id}: its servers had not joined the run"
 
@@ -268,24 +268,21 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
         while registered or time.monotonic() < deadline:  # registered (launcher.wait): until it ends
             refused = take_reply(reg, name)
             if refused is not None:
-                print(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
-                      "(see `areal-hpc logs driver`)", file=sys.stderr)
-                return 1
+                return failed(f"the driver of job {run['job_id']} could not start a trainer: {refused.get('error')} "
+                              "(see `areal-hpc logs driver`)")
             rec = reg.run_record()
             # the old trainer's record may outlive it: a record is the new one's once the driver names a new step
             new = trainer_step_id(rec) not in (None, old_step)
             if new and rec.get("trainer_rc") is not None:
                 rc = int(rec["trainer_rc"])
                 if not registered:
-                    print(f"the new trainer (step {run['job_id']}.{trainer_step_id(rec)}) exited with {rc} before it "
-                          "registered; see `areal-hpc logs trainer`", file=sys.stderr)
-                    return 1
+                    return failed(f"the new trainer (step {run['job_id']}.{trainer_step_id(rec)}) exited with {rc} "
+                                  "before it registered; see `areal-hpc logs trainer`")
                 print(f"trainer exited with {rc}", flush=True)
                 return 0 if rc == 0 else 1
             if reg.get("", "run") is None or job_state() != "RUNNING":  # the driver's record or job ended
-                print(f"the driver of job {run['job_id']} went away before the trainer "
-                      + ("ended" if registered else "started"), file=sys.stderr)
-                return 1
+                return failed(f"the driver of job {run['job_id']} went away before the trainer "
+                              + ("ended" if registered else "started"))
             trainer = reg.get("", "trainer") if new and not registered else None
             if trainer is not None:
                 print(f"trainer started (pid {trainer.get('pid')} on {trainer.get('host')}); follow it with:\n"
@@ -294,8 +291,7 @@ def restart_trainer(cfg: ExperimentConfig, rd: Path, run: Dict[str, Any], timeou
                     return 0
                 registered = True
             time.sleep(0.3)
-        print(f"no trainer registered within {timeout_s:.0f}s; see `areal-hpc logs driver`", file=sys.stderr)
-        return 1
+        return failed(f"no trainer registered within {timeout_s:.0f}s; see `areal-hpc logs driver`")
     finally:
         withdraw(reg, [name])
 

@@ -70,9 +70,8 @@ class SrunRunner(Runner):
         self.cfg, self.plan, self.job_id = cfg, plan, str(job_id)
         n = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or plan.nodes)
         cpus = slurm.parse_counts(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
-        mem = int(env.get("SLURM_MEM_PER_NODE") or 0)
-        self.capacity = [{"gpus": plan.gpus_per_node, "cpus": cpus[k] if k < len(cpus) else 0, "mem": mem}
-                         for k in range(n)]
+        self.capacity = [{"gpus": plan.gpus_per_node, "cpus": cpus[k] if k < len(cpus) else 0,
+                          "mem": int(env.get("SLURM_MEM_PER_NODE") or 0)} for k in range(n)]
         self._known_steps: set = set()
 
     @staticmethod
@@ -123,8 +122,7 @@ class SrunRunner(Runner):
     def _await_step(self, h: SrunHandle) -> None:
         """Wait until Slurm lists the step (its resources are then taken); records its step id."""
         name = f"{self.plan.job_name}:{h.step.name}"
-        deadline = time.monotonic() + STEP_LISTED_TIMEOUT_S
-        delay = 0.02
+        deadline, delay = time.monotonic() + STEP_LISTED_TIMEOUT_S, 0.02
         while time.monotonic() < deadline and h.proc.poll() is None:
             for sid, sname, nodes in slurm.live_steps(self.job_id):
                 if sname == name and sid not in self._known_steps:
@@ -154,12 +152,10 @@ def prepare_requeue() -> bool:
     requeue = bool(owner.cfg.launcher.requeue_on_preemption)
     log.warning("USR2 handled in %.1fs (trainer rc %s): %s", time.monotonic() - t0, owner.trainer_rc,
                 "requeueing the job" if requeue else "ending the job (launcher.requeue_on_preemption=False)")
-    why += f" at step {outcome.last_step(owner.run_dir / 'metrics.jsonl')}: checkpointed, "
-    if requeue:
-        owner.set_state(outcome.REQUEUED, why + "the job is requeued and resumes")
-    else:
-        owner.set_state(outcome.STOPPED, why + "not requeued (launcher.requeue_on_preemption=False); submit again "
-                        "to resume")
+    why += f" at step {outcome.last_step(owner.run_dir / 'metrics.jsonl')}: checkpointed, " + (
+        "the job is requeued and resumes" if requeue else
+        "not requeued (launcher.requeue_on_preemption=False); submit again to resume")
+    owner.set_state(outcome.REQUEUED if requeue else outcome.STOPPED, why)
     return requeue
 
 

@@ -51,11 +51,9 @@ def parse_url(url: str) -> Tuple[str, str]:
 def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict] = None,
          timeout: Optional[float] = 10.0) -> Tuple[int, Any]:
     """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers, or not in HTTP."""
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(base + route.path, data=data, method=route.method)
-    req.add_header("Content-Type", "application/json")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(base + route.path, data=None if payload is None else json.dumps(payload).encode(),
+                                 headers=headers, method=route.method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, raw = r.status, r.read()

@@ -220,7 +220,6 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> N
         print(f"{'done' if state == outcome.COMPLETED else str(state).lower()}: step {rows[-1]['step']}{trend} in "
               f"{rows[-1].get('time_s', 0):.0f}s; metrics {run_dir / 'metrics.jsonl'}"
               + (f", curve {run_dir / 'reward.png'}" if key == "reward_mean" else ""))
-    line = f"run {outcome.summary_line(rec)}"
-    if state == outcome.STOPPED:
-        line += "\n    resume: the same `areal-hpc submit` command"
-    print(line, file=sys.stderr if state == outcome.FAILED else sys.stdout, flush=True)
+    resume = "\n    resume: the same `areal-hpc submit` command" if state == outcome.STOPPED else ""
+    print(f"run {outcome.summary_line(rec)}{resume}", file=sys.stderr if state == outcome.FAILED else sys.stdout,
+          flush=True)

@@ -71,10 +71,8 @@ def _error_in(path: str, offset: int) -> Optional[str]:
         return None
     lines = [re.sub(r"^\[rank\d+\]: ", "", x).rstrip() for x in text.splitlines() if x.strip()]  # torch: "[rank0]: "
     exc = [x for x in lines if _EXC_LINE.match(x.strip()) and not x.startswith((" ", "\t"))]
-    if exc:
-        return exc[-1].strip()
-    err = [x for x in lines if _ERROR_WORD.search(x) and "Traceback" not in x]
-    return err[-1].strip() if err else None
+    found = exc or [x for x in lines if _ERROR_WORD.search(x) and "Traceback" not in x]
+    return found[-1].strip() if found else None
 
 
 def error_line(pattern: str, offsets: Optional[Dict[str, int]] = None) -> Tuple[Optional[str], Optional[str]]:

@@ -61,10 +61,9 @@ def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0
     """The number after every server name the run has used (``known``, records, the run record, server jobs) or
     handed out; ``reserve=N`` hands out N from there, under the registry's lock, so two additions never clash."""
     with reg.locked("server-names"):
-        names = set(known) | set(reg.list("servers", live_only=False))
-        names |= set(reg.run_record().get("servers") or [])
-        for job in reg.list("jobs", live_only=False).values():
-            names |= set(job.get("servers") or [])
+        jobs = reg.list("jobs", live_only=False).values()
+        names = {*known, *reg.list("servers", live_only=False), *(reg.run_record().get("servers") or []),
+                 *(name for job in jobs for name in job.get("servers") or [])}
         used = [int(n[7:]) for n in names if n.startswith("server-") and n[7:].isdigit()]
         handed = (reg.get("", "server_names", live_only=False) or {}).get("next", 0)
         first = max(max(used, default=-1) + 1, int(handed))
@@ -151,15 +150,13 @@ class RunOwner:
         """Start up to ``count`` more servers, where the runner finds room (``relative_node=-1``); their names."""
         alloc = parse_allocation(self.cfg.allocation_mode)
         known = [s.name for s in self.plan.servers] + list(self.servers)
+
+        def step(reserve: int = 0) -> StepSpec:  # reserved: a server job may have taken the index asked before
+            index = next_server_index(self.registry, known, reserve=reserve)
+            return server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1, gpu_ids=[])
         started: List[str] = []
-        while len(started) < count:
-            step = server_step(self.cfg, alloc, self.run_dir, next_server_index(self.registry, known),
-                               relative_node=-1, gpu_ids=[])
-            if not self.runner.can_start(step, list(self._handles().values())):
-                break
-            index = next_server_index(self.registry, known, reserve=1)  # a server job may have taken that one meanwhile
-            started.append(self.start_step(server_step(self.cfg, alloc, self.run_dir, index, relative_node=-1,
-                                                       gpu_ids=[])).step.name)
+        while len(started) < count and self.runner.can_start(step(), list(self._handles().values())):
+            started.append(self.start_step(step(reserve=1)).step.name)
         return started
 
     def handle_requests(self) -> None:
@@ -376,9 +373,8 @@ class RunOwner:
             self.trainer_rc = self.trainer.poll()
             if self.trainer_rc not in (None, 0):
                 self.registry.delete("", "trainer")
-        for h in self.servers.values():
-            if h.poll() is None:
-                h.signal(signal.SIGTERM)
+        for h in [h for h in self.servers.values() if h.poll() is None]:
+            h.signal(signal.SIGTERM)
         self.wait_or_kill(list(self.servers.values()), server_grace_s)
         for name in list(self.servers):
             self.registry.delete("servers", name)  # normally gone already: they deregister on SIGTERM

@@ -124,15 +124,11 @@ def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, ind
 
 def trainer_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, relative_node: int,
                  gpu_ids: List[int]) -> StepSpec:
-    G = cfg.cluster.n_gpus_per_node
-    if alloc.train is None:  # rollout/eval runner: one CPU process next to the servers
-        world, per_node, gpus, nodes = 1, 1, 0, 1
-    else:
-        world = alloc.train.world_size
-        nodes = max(1, -(-world // G)) if G else 1
-        per_node = min(world, G) if G else world
-        gpus = 1 if G else 0
-    return _step(cfg, "trainer", "trainer", nodes=nodes, ntasks=world, per_node=per_node, gpus=gpus,
+    world = alloc.train.world_size if alloc.train else 1
+    G = cfg.cluster.n_gpus_per_node if alloc.train else 0  # no trainer: a rollout/eval runner, one CPU process
+    nodes = max(1, -(-world // G)) if G else 1
+    per_node = min(world, G) if G else world
+    return _step(cfg, "trainer", "trainer", nodes=nodes, ntasks=world, per_node=per_node, gpus=1 if G else 0,
                  relative_node=relative_node, gpu_ids=gpu_ids, command=["train", "--run-dir", str(run_dir)],
                  log=run_dir / "logs" / "trainer-%t.log")
 
@@ -173,6 +169,5 @@ def build_plan(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path,
             node = server_nodes(alloc, G) if placed and with_servers and alloc.train else 0
             ids = list(range(min(G, n)))
         steps.append(trainer_step(cfg, alloc, run_dir, node, ids))
-    nodes = max((s.relative_node + s.nodes for s in steps), default=1)
-    job = f"areal-{cfg.experiment_name}-{cfg.trial_name}"
-    return Plan(run_dir=str(run_dir), job_name=job, mode=cfg.mode, nodes=nodes, gpus_per_node=G, steps=steps)
+    return Plan(run_dir=str(run_dir), job_name=f"areal-{cfg.experiment_name}-{cfg.trial_name}", mode=cfg.mode,
+                nodes=max((s.relative_node + s.nodes for s in steps), default=1), gpus_per_node=G, steps=steps)

@@ -123,15 +123,15 @@ class StepTask:
     def where(self) -> Dict[str, Any]:
         import ray
 
-        port = free_port("")  # rank 0's node: a free port for torch.distributed's rendezvous
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "port": port}
+                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()],
+                "port": free_port("")}  # rank 0's: for torch.distributed's rendezvous
 
     def start(self, command: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
-        full = dict(host_env(LAUNCHER_PID_ENV), **env)  # no Slurm variables of a Ray worker started by srun
-        # SIGKILL when its actor dies, as a Slurm step's tasks die with it (a graceful stop goes through `signal` first)
-        self.proc = spawn(command, full, log_path, cwd, preexec_fn=functools.partial(set_parent_death_signal,
-                                                                                      signal.SIGKILL))
+        # no Slurm variables of a Ray worker started by srun; SIGKILL when its actor dies, as a Slurm step's tasks die
+        # with it (a graceful stop goes through `signal` first)
+        self.proc = spawn(command, dict(host_env(LAUNCHER_PID_ENV), **env), log_path, cwd,
+                          preexec_fn=functools.partial(set_parent_death_signal, signal.SIGKILL))
         return self.proc.pid
 
     def poll(self) -> Optional[int]:
@@ -235,12 +235,10 @@ class RayRunner(Runner):
         import ray
         from ray.util import placement_group, remove_placement_group
 
-        per_node = {"CPU": float(step.cpus_per_task * step.ntasks_per_node)}
-        if step.gpus_per_task:
-            per_node["GPU"] = float(step.gpus_per_task * step.ntasks_per_node)
-        labels = None  # on the plan's nodes, when pinned
-        if self._pinned(step):
-            labels = [{NODE_LABEL: self.nodes[step.relative_node + j]} for j in range(step.nodes)]
+        per_node = {"CPU": float(step.cpus_per_task * step.ntasks_per_node),
+                    **({"GPU": float(step.gpus_per_node)} if step.gpus_per_task else {})}
+        labels = ([{NODE_LABEL: self.nodes[step.relative_node + j]} for j in range(step.nodes)]
+                  if self._pinned(step) else None)  # on the plan's nodes, when pinned
         name = f"{self.prefix}{step.name}.{uuid.uuid4().hex[:6]}"
         pg = placement_group([dict(per_node) for _ in range(step.nodes)],
                              strategy="STRICT_PACK" if step.nodes == 1 else "STRICT_SPREAD", name=name,

@@ -32,23 +32,12 @@ def sbatch_opts(cfg: ExperimentConfig, plan: Plan) -> Dict[str, str]:
     # e.g. a rollout runner, next to servers that use all of a node's GPUs needs room of its own).
     load = node_load(plan.steps, plan.nodes)
     mem_mb = max([1024 * (c.mem_per_gpu_gb * G if G else c.mem_per_task_cpu_gb)] + [n["mem"] for n in load])
-    opts = {
-        "ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
-        "job-name": plan.job_name,
-        "nodes": str(plan.nodes),
-        "time": str(c.time),
-        "output": str(Path(plan.run_dir) / "logs" / "slurm-%j.out"),
-        "open-mode": "append",
-        "signal": "USR2@90",
-        "cpus-per-task": str(max([c.cpus_per_gpu * G if G else c.cpus_per_task_cpu] + [n["cpus"] for n in load])),
-        "mem": f"{-(-mem_mb // 1024)}G",
-    }
-    if G:
-        opts["gres"] = f"gpu:{G}"
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(c, key):
-            opts[key] = str(getattr(c, key))
-    return opts
+    cpus = max([c.cpus_per_gpu * G if G else c.cpus_per_task_cpu] + [n["cpus"] for n in load])
+    opts = {"ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
+            "job-name": plan.job_name, "nodes": str(plan.nodes), "time": str(c.time),
+            "output": str(Path(plan.run_dir) / "logs" / "slurm-%j.out"), "open-mode": "append", "signal": "USR2@90",
+            "cpus-per-task": str(cpus), "mem": f"{-(-mem_mb // 1024)}G", **({"gres": f"gpu:{G}"} if G else {})}
+    return {**opts, **{k: str(getattr(c, k)) for k in ("partition", "account", "qos", "constraint") if getattr(c, k)}}
 
 
 def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
@@ -99,13 +88,10 @@ def render(template: str, cfg: ExperimentConfig, plan: Plan,
     text = template_text(template)
     servers = "\n".join(f"{_step_line(s, plan, cfg, command)} &\nSERVER_PIDS+=($!)" for s in plan.servers)
     trainer = _step_line(plan.trainer, plan, cfg, command) if plan.trainer else "true  # no trainer"
-    for i, line in enumerate(cfg.cluster.setup_commands):
-        _one_line(f"cluster.setup_commands[{i}]", line)
-    setup = "\n".join(cfg.cluster.setup_commands) or "# (cluster.setup_commands: module loads, conda activate, ...)"
-    sbatch = sbatch_lines(cfg, plan)
-    for line in sbatch:
-        _one_line("cluster", line)
-    values = dict(SBATCH_LINES="\n".join(sbatch), SETUP=setup, SERVER_STEPS=servers or ": # no servers",
-                  TRAINER_STEP=trainer, RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
+    setup = [_one_line(f"cluster.setup_commands[{i}]", line) for i, line in enumerate(cfg.cluster.setup_commands)]
+    sbatch = [_one_line("cluster", line) for line in sbatch_lines(cfg, plan)]
+    values = dict(SBATCH_LINES="\n".join(sbatch), SERVER_STEPS=servers or ": # no servers", TRAINER_STEP=trainer,
+                  SETUP="\n".join(setup) or "# (cluster.setup_commands: module loads, conda activate, ...)",
+                  RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
                   SHUTDOWN=str(cfg.shutdown_server_on_exit))
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)  # KeyError: a placeholder without a value

@@ -25,8 +25,8 @@ def slurm_jobs(reg: Registry, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """State, nodes and steps of a Slurm run's job and of its `add-servers --new-job` jobs, by job id."""
     if run.get("mode") != "slurm" or not run.get("job_id"):
         return {}
-    ids = [str(run["job_id"]), *reg.list("jobs", live_only=False)]
-    return {j: {"job_id": j, **slurm.job(j), "steps": slurm.job_steps(j)} for j in ids}
+    return {j: {"job_id": j, **slurm.job(j), "steps": slurm.job_steps(j)}
+            for j in [str(run["job_id"]), *reg.list("jobs", live_only=False)]}
 
 
 def dead_here(rec: Dict[str, Any]) -> bool:
@@ -202,8 +202,8 @@ def _log_file(rd: Path, role: str) -> Path:
         if outs:
             found["slurm"] = outs[-1]
     if role not in found:
-        have = ", ".join(sorted(found)) or "none yet"
-        raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {have}")
+        raise ConfigError("ROLE", f"no log for {role!r} in {logs}",
+                          f"available: {', '.join(sorted(found)) or 'none yet'}")
     return found[role]
 
 
@@ -222,8 +222,7 @@ def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
 
 
 def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
-    path = _log_file(rd, role)
-    with open(path, "rb") as f:
+    with open(_log_file(rd, role), "rb") as f:
         print("".join(x.decode(errors="replace") + "\n" for x in _tail(f, lines)), end="", flush=True)
         while follow:
             chunk = f.read()

@@ -23,8 +23,7 @@ def _fix_modes(cfg: ExperimentConfig, rd: Path) -> None:
     """An existing run dir written with another `cluster.group_readable` gets the modes a new one would have (the
     registry stays private)."""
     mask = run_umask(cfg)
-    want = 0o777 & ~mask
-    if rd.stat().st_mode & 0o777 == want:
+    if rd.stat().st_mode & 0o777 == 0o777 & ~mask:
         return
     for path in [rd, *rd.rglob("*")]:
         if path.is_symlink() or (rd / "registry") in (path, *path.parents):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import os
 import re
 import shlex
@@ -42,15 +43,14 @@ def stop_file(step: StepSpec) -> Path:
     return Path(step.log).with_name(".torchrun-stopping")
 
 
-def _children(pid: int) -> List[int]:
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+def _ranks(agent: subprocess.Popen) -> List[int]:
+    """The pids of a live agent's children, its ranks (any of its threads may have started them)."""
+    if agent.poll() is not None:
         return []
     out: List[int] = []
-    for t in tasks:
+    for children in glob.glob(f"/proc/{agent.pid}/task/*/children"):
         with contextlib.suppress(OSError):
-            out += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+            out += [int(c) for c in Path(children).read_text().split()]
     return out
 
 
@@ -59,10 +59,9 @@ class AgentHandle(ProcessHandle):
     group does not reach them)."""
 
     def signal(self, sig: int) -> None:
-        agent = self.procs[0]
         if sig != signal.SIGKILL:  # a stop the owner asks for: the ranks exit 0, which the agent does not restart
             stop_file(self.step).touch()
-        ranks = _children(agent.pid) if agent.poll() is None else []
+        ranks = _ranks(self.procs[0])
         if sig == signal.SIGKILL or not ranks:
             super().signal(sig)
         # a graceful stop goes to the ranks only: they checkpoint and exit 0 (`stop_file`), so the agent ends with
@@ -85,9 +84,7 @@ class AgentHandle(ProcessHandle):
         return self.rc
 
     def info(self) -> Dict[str, object]:
-        agent = self.procs[0]
-        return {"torchrun_pid": agent.pid, "pids": _children(agent.pid) if agent.poll() is None else [],
-                "gpus": self.gpus}
+        return {"torchrun_pid": self.procs[0].pid, "pids": _ranks(self.procs[0]), "gpus": self.gpus}
 
 
 class TorchrunRunner(ProcessRunner):
