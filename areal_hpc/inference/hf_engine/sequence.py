@@ -29,7 +29,8 @@ class SamplingParams:
 class Sequence:
     """One request inside the engine. ``slot`` is its row in the KV cache while it runs."""
 
-    def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None):
+    def __init__(self, prompt_ids: List[int], params: SamplingParams, rid: Optional[str] = None,
+                 on_finish: Optional[Callable[["Sequence"], None]] = None):
         self.rid = rid or new_rid()
         self.prompt_ids = list(prompt_ids)
         self.output_ids: List[int] = []
@@ -37,8 +38,7 @@ class Sequence:
         self.version_spans: List[list] = []  # [[version, start, end], ...] over output_ids
         self.params, self.finished = params, False
         self.finish_reason: Optional[Dict[str, Any]] = None
-        self.slot = -1
-        self.on_finish: Optional[Callable[["Sequence"], None]] = None  # set by the HTTP layer
+        self.slot, self.on_finish = -1, on_finish  # on_finish: set by the HTTP layer or the caller, loop thread
         self.on_append: Optional[Callable[["Sequence", int], None]] = None  # (seq, tokens so far), loop thread
         self.arrival = time.monotonic()
 
