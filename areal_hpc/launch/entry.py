@@ -148,7 +148,8 @@ def step_rendezvous() -> Tuple[str, int]:
     if reserved := re.match(r"\d+", os.environ.get("SLURM_STEP_RESV_PORTS", "")):  # "12000-12003", "12000,12002"
         return addr, int(reserved[0])
     job, stepid = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
-    return addr, 20000 + (job * 131 + stepid * 7) % 40000
+    # below Linux's ephemeral range (32768-60999), where any outgoing connection on the node may hold the port
+    return addr, 20000 + (job * 131 + stepid * 7) % 12768
 
 
 def _master_from_slurm() -> None:
