@@ -361,9 +361,11 @@ def test_an_address_that_is_not_a_ray_cluster_is_refused_at_once(tmp_path):
 
 
 @needs_ray
-def test_ctrl_c_while_the_cluster_has_no_room_stops_the_run(tmp_path, ray_address):
-    """Another job holds every CPU: the run waits for room; Ctrl-C then stops it at once (STOPPED, 130). It was
-    ignored until the placement timed out two minutes later, and the run ended FAILED (exit 1), 'the launcher failed'."""
+@pytest.mark.parametrize("how", ["ctrl-c", "areal-hpc stop"])
+def test_a_stop_while_the_cluster_has_no_room_stops_the_run(tmp_path, ray_address, how):
+    """Another job holds every CPU: the run waits for room; Ctrl-C or `areal-hpc stop` then stops it at once (STOPPED,
+    130). Both were ignored until the placement timed out two minutes later, and the run ended FAILED (exit 1), 'the
+    launcher failed'."""
     hog = subprocess.Popen([sys.executable, "-c", (
         "import logging, sys, time, ray; from ray.util import placement_group\n"
         f"ray.init(address={ray_address!r}, logging_level=logging.ERROR, log_to_driver=False)\n"
@@ -377,7 +379,12 @@ def test_ctrl_c_while_the_cluster_has_no_room_stops_the_run(tmp_path, ray_addres
         try:
             wait_until(lambda: list(tmp_path.glob("*/quickstart/run0/registry/run.json")), 120, "the owner")
             time.sleep(3)  # in the placement wait
-            owner.send_signal(2)
+            if how == "ctrl-c":
+                owner.send_signal(2)
+            else:
+                stop = subprocess.run([sys.executable, "-m", "areal_hpc", "stop", QUICKSTART, f"cluster.fileroot={tmp_path}"],
+                                      capture_output=True, text=True, timeout=90, cwd=tmp_path)
+                assert stop.returncode == 0, stop.stdout + stop.stderr
             out, _ = owner.communicate(timeout=60)
         finally:
             if owner.poll() is None:

@@ -81,7 +81,7 @@ class RunOwner:
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Runner, mode: str,
                  job_id: Optional[str] = None, linger: bool = False):
         self.cfg, self.plan, self.run_dir, self.runner, self.mode = cfg, plan, run_dir, runner, mode
-        runner.stopping = lambda: self.stopping
+        runner.stopping = lambda: self.handle_requests(only="stop") or self.stopping  # `stop` heard while it waits
         # linger (the Slurm driver): with shutdown_server_on_exit=False serve requests while servers outlive the trainer
         self.linger, self.job_id = linger, job_id
         self.registry = Registry.for_run(run_dir, cfg.launcher)
@@ -159,8 +159,12 @@ class RunOwner:
             started.append(self.start_step(step(reserve=1)).step.name)
         return started
 
-    def handle_requests(self) -> None:
+    def handle_requests(self, only: Optional[str] = None) -> None:
+        """Serve the requests posted (`control`); ``only``: those of that kind (a runner waiting for room asks for
+        ``stop``s, and must not start other steps meanwhile)."""
         for name, req in sorted(self.registry.list("requests").items()):
+            if only is not None and req.get("kind") != only:
+                continue
             if not self.registry.delete("requests", name) or req.get("until", math.inf) < self._started:
                 continue  # withdrawn by its poster (`control.withdraw`), or given up before this owner started
             kind, reply = req.get("kind"), None  # the reply: the servers added, or why a request was not served
