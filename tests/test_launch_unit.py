@@ -1034,6 +1034,25 @@ def test_ctrl_c_while_submit_waits_for_a_slurm_job_says_it_runs_on(tmp_path, mon
     assert rc == 130 and "stopped waiting; job 5 runs on (`areal-hpc stop` ends it)" in capsys.readouterr().err
 
 
+def test_a_multi_node_server_writes_a_log_per_node_and_logs_shows_its_first(tmp_path, capsys):
+    """A server across nodes (cluster.multi_node_tp) had one --output file that every node appended to, lines of its
+    nodes interleaved in one file on the shared filesystem; now a file per node, and `logs server-0` shows node 0's."""
+    words = [w for w in GPU_WORDS if not w.startswith(("allocation_mode=", "cluster.n_nodes="))]
+    cfg = load_config(None, [*words, "allocation_mode=sglang:d1t8+fsdp:d4", "cluster.n_nodes=3",
+                             "cluster.multi_node_tp=True"])
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), GPU_RUN)
+    server = plan.servers[0]
+    assert server.nodes == 2 and server.log == f"{GPU_RUN}/logs/server-0-%t.log"
+    assert f"--output={GPU_RUN}/logs/server-0-%t.log" in srun_argv(server, plan.job_name, [])
+    assert plan.trainer.log.endswith("/trainer-%t.log")
+    rd = stopped_run(tmp_path, "slurm", 1, {})
+    (rd / "logs").mkdir()
+    for name, text in (("server-0-0.log", "node 0\n"), ("server-0-1.log", "node 1\n"), ("server-1.log", "one\n")):
+        (rd / "logs" / name).write_text(text)
+    assert logs(rd, "server-0") == 0 and capsys.readouterr().out == "node 0\n"
+    assert logs(rd, "server-1") == 0 and capsys.readouterr().out == "one\n"
+
+
 def test_logs_of_an_unknown_role_lists_the_roles_it_takes(tmp_path):
     """The "available:" list names what `logs` accepts: `trainer` and `slurm` too, not only the *.log files' names."""
     rd = stopped_run(tmp_path, "slurm", 1, {})

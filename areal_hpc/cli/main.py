@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lg = add("logs", cmd_logs, "print (or follow) a run's logs",
              "areal-hpc logs [ROLE] [-f] [CONFIG] [key=value ...]; ROLE is trainer (default), driver, server-K,\n"
-             "trainer-R (rank R) or slurm. Logs live in {run_dir}/logs/.")
+             "trainer-R (rank R), server-K-N (node N of a multi-node server) or slurm. Logs live in {run_dir}/logs/.")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
     lg.add_argument("-n", "--lines", type=int, default=50, help="lines of history to show (default 50)")
 

@@ -118,7 +118,8 @@ def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, ind
     nodes = max(1, -(-per // G)) if G else 1
     name = f"server-{index}"
     return _step(cfg, "server", name, nodes=nodes, ntasks=nodes, per_node=1, gpus=per // nodes if G else 0,
-                 relative_node=relative_node, gpu_ids=gpu_ids, log=run_dir / "logs" / f"{name}.log",
+                 relative_node=relative_node, gpu_ids=gpu_ids,  # a file per node: appends from nodes would interleave
+                 log=run_dir / "logs" / (f"{name}-%t.log" if nodes > 1 else f"{name}.log"),
                  command=["serve", "--run-dir", str(run_dir), "--server-id", name])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Optional
@@ -193,8 +194,9 @@ def status(rd: Path, as_json: bool = False) -> int:
 def _log_file(rd: Path, role: str) -> Path:
     logs = rd / "logs"
     found = {p.stem: p for p in logs.glob("*.log")}
-    if "trainer-0" in found:
-        found["trainer"] = found["trainer-0"]
+    for stem in list(found):  # a step's rank 0 by the step's name: trainer-0 for `trainer`, server-1-0 for `server-1`
+        if m := re.fullmatch(r"(trainer|server-\d+)-0", stem):
+            found.setdefault(m[1], found[stem])
     # slurm: the run's job (server jobs write slurm-*.out too), or any job when none is recorded (sbatch by hand)
     if role == "slurm" or role not in found:
         job_id = run_registry(rd).run_record().get("job_id")
