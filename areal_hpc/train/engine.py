@@ -218,7 +218,7 @@ class FSDPEngine:
         if backward:
             self.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        sums: Dict[str, torch.Tensor] = {}
+        sums: Dict[str, torch.Tensor] = {"loss": zero}  # (a rank with no micro-batch still reports one)
         for i, (mb, w) in enumerate(zip(mbs, weights)):
             if backward and self._hold_weights:
                 # gradients summed over the micro-batches, reduce-scattered once, after the last;
