@@ -289,13 +289,17 @@ def test_settled_gc_freezes_what_lives_after_the_first_and_third_steps():
         settled.step()
         frozen = gc.get_freeze_count()
         assert frozen > before and gone() is None
-        keep = [[] for _ in range(1000)]  # alive at step 3: frozen then
+        # Frozen objects freed meanwhile (by other threads too) lower the count: the checks allow for that, not for
+        # an increase of the size of what a step must not freeze (they compared with "==" and were flaky).
+        keep = [[] for _ in range(1000)]  # alive at steps 2 and 3: frozen at 3 only
         settled.step()
-        assert gc.get_freeze_count() == frozen  # step 2: nothing
+        assert gc.get_freeze_count() < frozen + len(keep)  # step 2: nothing
         settled.step()
-        assert gc.get_freeze_count() >= frozen + len(keep)
+        after3 = gc.get_freeze_count()
+        assert after3 >= frozen + len(keep) // 2
+        more = [[] for _ in range(1000)]  # alive at step 4, which freezes nothing
         settled.step()
-        assert gc.get_freeze_count() >= frozen + len(keep)
+        assert gc.get_freeze_count() < after3 + len(more)
     finally:
         gc.unfreeze()
 
