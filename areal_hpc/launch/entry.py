@@ -149,7 +149,7 @@ def step_rendezvous() -> Tuple[str, int]:
         return addr, int(reserved[0])
     job, stepid = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
     # below Linux's ephemeral range (32768-60999), where any outgoing connection on the node may hold the port
-    return addr, 20000 + (job * 131 + stepid * 7) % 12768
+    return addr, 20000 + (job * 131 + stepid * 7) % (32768 - 20000)
 
 
 def _master_from_slurm() -> None:

@@ -81,7 +81,7 @@ class RunOwner:
     def __init__(self, cfg: ExperimentConfig, plan: Plan, run_dir: Path, runner: Runner, mode: str,
                  job_id: Optional[str] = None, linger: bool = False):
         self.cfg, self.plan, self.run_dir, self.runner, self.mode = cfg, plan, run_dir, runner, mode
-        runner.stopping = lambda: self.handle_requests(only="stop") or self.stopping  # `stop` heard while it waits
+        runner.stopping = self._stopping_now
         # linger (the Slurm driver): with shutdown_server_on_exit=False serve requests while servers outlive the trainer
         self.linger, self.job_id = linger, job_id
         self.registry = Registry.for_run(run_dir, cfg.launcher)
@@ -158,6 +158,11 @@ class RunOwner:
         while len(started) < count and self.runner.can_start(step(), list(self._handles().values())):
             started.append(self.start_step(step(reserve=1)).step.name)
         return started
+
+    def _stopping_now(self) -> bool:
+        """The runner's `Runner.stopping` while it waits for room: a `stop` request posted meanwhile is served first."""
+        self.handle_requests(only="stop")
+        return self.stopping
 
     def handle_requests(self, only: Optional[str] = None) -> None:
         """Serve the requests posted (`control`); ``only``: those of that kind (a runner waiting for room asks for

@@ -32,12 +32,23 @@ def sbatch_opts(cfg: ExperimentConfig, plan: Plan) -> Dict[str, str]:
     # e.g. a rollout runner, next to servers that use all of a node's GPUs needs room of its own).
     load = node_load(plan.steps, plan.nodes)
     mem_mb = max([1024 * (c.mem_per_gpu_gb * G if G else c.mem_per_task_cpu_gb)] + [n["mem"] for n in load])
-    cpus = max([c.cpus_per_gpu * G if G else c.cpus_per_task_cpu] + [n["cpus"] for n in load])
-    opts = {"ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
-            "job-name": plan.job_name, "nodes": str(plan.nodes), "time": str(c.time),
-            "output": str(Path(plan.run_dir) / "logs" / "slurm-%j.out"), "open-mode": "append", "signal": "USR2@90",
-            "cpus-per-task": str(cpus), "mem": f"{-(-mem_mb // 1024)}G", **({"gres": f"gpu:{G}"} if G else {})}
-    return {**opts, **{k: str(getattr(c, k)) for k in ("partition", "account", "qos", "constraint") if getattr(c, k)}}
+    opts = {
+        "ntasks-per-node": "1",  # the batch script itself; steps size themselves with srun
+        "job-name": plan.job_name,
+        "nodes": str(plan.nodes),
+        "time": str(c.time),
+        "output": str(Path(plan.run_dir) / "logs" / "slurm-%j.out"),
+        "open-mode": "append",
+        "signal": "USR2@90",
+        "cpus-per-task": str(max([c.cpus_per_gpu * G if G else c.cpus_per_task_cpu] + [n["cpus"] for n in load])),
+        "mem": f"{-(-mem_mb // 1024)}G",
+    }
+    if G:
+        opts["gres"] = f"gpu:{G}"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(c, key):
+            opts[key] = str(getattr(c, key))
+    return opts
 
 
 def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:

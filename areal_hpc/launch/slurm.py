@@ -157,8 +157,10 @@ def srun_argv(step: StepSpec, job_name: str, extra: List[str] = (), jobid: Optio
         argv.insert(5, f"--relative={step.relative_node}")
     if jobid:
         argv.append(f"--jobid={jobid}")
-    argv += ([f"--gres=gpu:{step.gpus_per_node}", f"--gpus-per-task={step.gpus_per_task}"] if step.gpus_per_task
-             else ["--gres=none"])
+    if step.gpus_per_task:
+        argv += [f"--gres=gpu:{step.gpus_per_node}", f"--gpus-per-task={step.gpus_per_task}"]
+    else:
+        argv.append("--gres=none")
     argv += ["--export=ALL", "--kill-on-bad-exit=1", "--unbuffered"]
     if step.log:
         argv += [f"--output={step.log}", "--open-mode=append"]

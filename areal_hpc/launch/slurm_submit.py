@@ -29,9 +29,12 @@ def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.Auto
     ex = submitit.AutoExecutor(folder=rd / "submitit", cluster="slurm",
                                slurm_python=f"exec {shlex.quote(python_executable(cfg))}", slurm_max_num_timeout=100)
     # USR2 to the batch shell only (B:), the driver: it has the trainer checkpoint, then requeues
-    additional: Dict[str, Any] = {"signal": "B:USR2@90", "output": opts["output"],
-                                  **({"requeue": True} if cfg.launcher.requeue_on_preemption else {}),
-                                  **({"gres": opts["gres"]} if "gres" in opts else {}), **sbatch_options(c.sbatch_args)}
+    additional: Dict[str, Any] = {"signal": "B:USR2@90", "output": opts["output"]}
+    if cfg.launcher.requeue_on_preemption:
+        additional["requeue"] = True
+    if "gres" in opts:
+        additional["gres"] = opts["gres"]
+    additional.update(sbatch_options(c.sbatch_args))
     params: Dict[str, Any] = dict(
         name=opts["job-name"], nodes=int(opts["nodes"]), tasks_per_node=1, cpus_per_task=int(opts["cpus-per-task"]),
         timeout_min=slurm.time_minutes(c.time), slurm_mem=opts["mem"], slurm_use_srun=False, slurm_signal_delay_s=90,
@@ -110,7 +113,8 @@ def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
              "cpus": "cluster.cpus_per_gpu" if gpu else "cluster.cpus_per_task_cpu",
              "shape": "cluster.n_nodes/" + ("cluster.cpus_per_gpu/cluster.mem_per_gpu_gb" if gpu else
                                             "cluster.cpus_per_task_cpu/cluster.mem_per_task_cpu_gb")}
-    key = next((k.format(**names) for word, k in _REJECTION_KEYS if word in reason.lower()), "cluster")
+    low = reason.lower()
+    key = next((k.format(**names) for word, k in _REJECTION_KEYS if word in low), "cluster")
     return ConfigError(key, f"Slurm rejected the allocation: {reason}",
                        "nothing was queued; `sinfo` and `scontrol show partition` list what the cluster offers")
 

@@ -55,7 +55,8 @@ class EvalTrainer(Trainer):
         with open(ctx.run_dir / "eval_samples.jsonl", "w") as f:
             for g, row in done:
                 prompt = row.get(ds.prompt_key)
-                prompt = row.get(ds.messages_key) if prompt is None else prompt  # None: a messages row
+                if prompt is None:  # a messages row
+                    prompt = row.get(ds.messages_key)
                 for t in g.trajectories:
                     f.write(json.dumps({"prompt": prompt, "answer": row.get(ds.answer_key),
                                         "completion": t.info.get("completion"), "reward": t.reward}) + "\n")

@@ -116,7 +116,9 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
         return RolloutProcess(make_side, should_stop) if in_child else make_side(should_stop)
 
     side = share(make, sent=lambda side: side is not None)  # the other ranks: whether rank 0 has one
-    return side if dist.rank() == 0 else (FollowerSide() if side else None)
+    if dist.rank() == 0:
+        return side
+    return FollowerSide() if side else None
 
 
 class RolloutSide(BackgroundUpdates):
