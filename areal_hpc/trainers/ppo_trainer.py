@@ -13,7 +13,7 @@ import torch
 
 from areal_hpc.rollout import Trajectory
 from areal_hpc.train import dist
-from areal_hpc.train.batching import collate, shard_batch
+from areal_hpc.train.batching import shard_batch
 from areal_hpc.train.ppo_loss import PPOActor
 from areal_hpc.train.publish import publish_weights, stage_weights
 from areal_hpc.train.weight_sync import broadcast_engine_weights
@@ -25,19 +25,21 @@ from areal_hpc.trainers.rollout_side import rollout_side
 def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Dict[str, torch.Tensor]:
     """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions; ``rewards [B]`` and
     ``group [B]``, each sample's group (of any size: a workflow may return more or fewer than ``n_samples``)."""
-    samples = []
-    for i, g in enumerate(groups):
-        for t in g:
-            p = len(t.prompt_ids)
-            samples.append({"input_ids": torch.tensor(t.prompt_ids + t.output_ids, dtype=torch.long),
-                            "loss_mask": torch.tensor([False] * p + [True] * len(t.output_ids), dtype=torch.bool),
-                            "logprobs": torch.tensor([0.0] * p + list(t.logprobs), dtype=torch.float32),
-                            "versions": torch.tensor([-1] * p + list(t.versions), dtype=torch.long),
-                            "rewards": torch.tensor(t.reward, dtype=torch.float32),
-                            "group": torch.tensor(i, dtype=torch.long)})
-    batch = collate(samples, pad_values={"input_ids": pad_id, "versions": -1})
-    batch["attention_mask"] = batch["attention_mask"].bool()
-    return batch
+    trajs = [t for g in groups for t in g]
+    lengths = torch.tensor([t.n_tokens for t in trajs])
+    prompts = torch.tensor([len(t.prompt_ids) for t in trajs])
+    pos = torch.arange(int(lengths.max()))
+    attn = pos < lengths[:, None]
+    loss = attn & (pos >= prompts[:, None])  # row-major, as the flat lists below: each row's tokens, then the next's
+    ids = torch.full(attn.shape, pad_id, dtype=torch.long)
+    ids[attn] = torch.tensor([x for t in trajs for x in (*t.prompt_ids, *t.output_ids)], dtype=torch.long)
+    logp = torch.zeros(attn.shape, dtype=torch.float32)
+    logp[loss] = torch.tensor([x for t in trajs for x in t.logprobs], dtype=torch.float32)
+    vers = torch.full(attn.shape, -1, dtype=torch.long)
+    vers[loss] = torch.tensor([x for t in trajs for x in t.versions], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "logprobs": logp, "versions": vers,
+            "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32),
+            "group": torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)}
 
 
 def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
