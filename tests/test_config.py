@@ -227,6 +227,21 @@ def test_validate_normalises(tmp_path, monkeypatch):
 
 
 
+@pytest.mark.parametrize("norm, ok", [("group", False), ("batch", True), ("none", True)])
+def test_one_sample_a_prompt_with_group_advantages_is_refused(tmp_path, norm, ok):
+    """A group of one sample is its own mean: with rollout.n_samples=1 and adv_norm=group every advantage was 0 and
+    PPO trained on nothing, silently (rewards logged, weights unchanged); TRL's GRPO refuses num_generations < 2."""
+    c = load_config(None, ["trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0", "rollout.n_samples=1",
+                           f"trainer.ppo.adv_norm={norm}"])
+    if ok:
+        validate(c)
+    else:
+        with pytest.raises(ConfigError, match="every advantage") as e:
+            validate(c)
+        assert e.value.key == "rollout.n_samples"
+
+
 @pytest.mark.parametrize("e, fields", [
     (ConfigError("rollout.n", "must be >= 1", "set it to 1 or more"), ("key", "problem", "hint")),
     (DatasetError("split", "no split dev", "set it to one of them"), ("field", "message", "hint")),

@@ -420,6 +420,10 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         raise ConfigError("trainer.ppo.ppo_n_minibatches", f"{ppo.ppo_n_minibatches} minibatches of whole prompt "
                           f"groups, but each of the {alloc.train.world_size} trainer rank(s) gets {groups} groups "
                           f"of rollout.batch_size={cfg.rollout.batch_size}", f"at most {groups}, or a larger batch")
+    if t == "ppo" and ppo.adv_norm == "group" and cfg.rollout.n_samples < 2 and cfg.rollout.workflow == "rlvr":
+        raise ConfigError("rollout.n_samples", "1 sample a prompt with trainer.ppo.adv_norm=group: a group of one "
+                          "is its own mean, so every advantage is 0 and nothing is learnt",
+                          "2 or more (GRPO), or trainer.ppo.adv_norm=batch")
     if ppo.weight_update == "nccl" and c.n_gpus_per_node == 0:
         raise ConfigError("trainer.ppo.weight_update", "nccl needs GPUs", "use disk or gloo on CPU-only runs")
     if ppo.weight_update == "gloo" and c.n_gpus_per_node > 0:
