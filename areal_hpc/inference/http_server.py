@@ -405,8 +405,18 @@ class EngineServer:
         if self.engine.paused:
             return web.json_response({"status": "ok", "paused": True})
         probe = Sequence([0], SamplingParams(max_new_tokens=1, temperature=0.0))
+        stats = self.engine.stats
+        steps = stats["prefill_steps"] + stats["decode_steps"]
+        waiter = asyncio.ensure_future(self._complete([probe], 20.0))
+        while not waiter.done():  # as SGLang's: a step of others while the probe waits for a slot is health (busy)
+            await asyncio.wait([waiter], timeout=0.02)
+            if probe.slot < 0 and not probe.finished and stats["prefill_steps"] + stats["decode_steps"] > steps:
+                waiter.cancel()  # aborts the probe
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+                return web.json_response({"status": "ok"})
         try:
-            await self._complete([probe], 20.0)
+            waiter.result()
         except asyncio.TimeoutError:
             return error_response("health generation timed out", 503)
         if probe.finish_reason.get("status_code"):  # the step failed (an abort by a pause is no failure)
