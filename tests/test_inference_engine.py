@@ -841,3 +841,25 @@ def test_an_infinite_temperature_is_refused():
 
     with pytest.raises(RequestError, match="temperature"):
         engine_sampling_params({"temperature": float("inf")})
+
+
+def test_a_disk_update_without_a_weight_version_keeps_the_version(engine, model_path):
+    """SGLang 0.5.23 (managers/tokenizer_manager.py, update_weights_from_disk) sets the weight version only when the
+    request names one (`_update_weight_version_if_provided`), as the hf server's distributed update does. Its disk
+    update made one up (the old one + 1): a client that updates without a version, then names it with
+    /update_weight_version or keeps serving version N, got tokens labelled N+1."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    async def go():
+        async with engine_app(EngineServer(engine)) as url, aiohttp.ClientSession() as s:
+            async with s.post(url + "/update_weights_from_disk", json={"model_path": model_path}) as r:
+                body = await r.json()
+            async with s.get(url + "/get_weight_version") as r:
+                return body, (await r.json())["weight_version"]
+
+    body, version = asyncio.run(go())
+    assert body["success"] and version == "0" and engine.weight_version == "0", (body, version)

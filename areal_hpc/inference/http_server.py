@@ -293,7 +293,8 @@ class EngineServer:
                 return _result(False, f"failed to load weights from {path}: {e}", num_paused_requests=0)
             self.model_path = path
         msg = (f"Succeeded to update model weights from {path} ({res['num_tensors']} tensors, "
-               f"{time.monotonic() - t0:.2f}s). Weight version updated to {res['weight_version']}.")
+               f"{time.monotonic() - t0:.2f}s). Weight version {'updated to' if version is not None else 'stays'} "
+               f"{res['weight_version']}.")
         log.info(msg)
         return _result(True, msg, num_paused_requests=res["num_paused_requests"], weight_version=res["weight_version"])
 
