@@ -459,6 +459,33 @@ def test_health_generate_reports_a_failing_engine(engine, monkeypatch):
     assert resp.status == 503 and "device lost" in resp.text
 
 
+def test_health_generate_of_a_busy_engine_answers_without_waiting_for_a_batch_slot(model_path):
+    """SGLang 0.5.23's /health_generate (entrypoints/http_server.py) is 200 as soon as the scheduler sends any output
+    after the probe came: a server whose batch is full is busy, not broken. The hf server waited for its probe to get a
+    slot, i.e. for a running request to end: under a full batch of long generations it answered after minutes, or 503
+    "timed out" after 20 s, and a load balancer polling it took a healthy, busy server out."""
+    import asyncio
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    eng = LLMEngine(ModelRunner(model_path, max_running=1, context_length=2048)).start()
+    try:
+        long = Sequence([3, 8, 9], SamplingParams(max_new_tokens=2000, ignore_eos=True))
+        eng.submit(long)
+        while len(long.output_ids) < 3:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        resp = asyncio.run(EngineServer(eng).health_generate(None))
+        assert resp.status == 200 and not long.finished, (resp.text, len(long.output_ids))
+        assert time.monotonic() - t0 < 2.0
+        deadline = time.monotonic() + 2.0
+        while eng.snapshot()["num_waiting"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.snapshot()["num_waiting"] == 0 and not long.finished  # the probe left the queue, aborted
+    finally:
+        eng.stop()
+
+
 def test_a_stream_that_fails_aborts_its_sequences(engine):
     """A streamed /generate whose rendering fails (here: the tokenizer's decode, after the first chunk) must abort
     its sequences, not leave them generating on the engine until max_new_tokens."""
@@ -814,3 +841,25 @@ def test_an_infinite_temperature_is_refused():
 
     with pytest.raises(RequestError, match="temperature"):
         engine_sampling_params({"temperature": float("inf")})
+
+
+def test_a_disk_update_without_a_weight_version_keeps_the_version(engine, model_path):
+    """SGLang 0.5.23 (managers/tokenizer_manager.py, update_weights_from_disk) sets the weight version only when the
+    request names one (`_update_weight_version_if_provided`), as the hf server's distributed update does. Its disk
+    update made one up (the old one + 1): a client that updates without a version, then names it with
+    /update_weight_version or keeps serving version N, got tokens labelled N+1."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    async def go():
+        async with engine_app(EngineServer(engine)) as url, aiohttp.ClientSession() as s:
+            async with s.post(url + "/update_weights_from_disk", json={"model_path": model_path}) as r:
+                body = await r.json()
+            async with s.get(url + "/get_weight_version") as r:
+                return body, (await r.json())["weight_version"]
+
+    body, version = asyncio.run(go())
+    assert body["success"] and version == "0" and engine.weight_version == "0", (body, version)

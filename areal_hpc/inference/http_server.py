@@ -293,7 +293,7 @@ class EngineServer:
                 return _result(False, f"failed to load weights from {path}: {e}", num_paused_requests=0)
             self.model_path = path
         msg = (f"Succeeded to update model weights from {path} ({res['num_tensors']} tensors, "
-               f"{time.monotonic() - t0:.2f}s). Weight version updated to {res['weight_version']}.")
+               f"{time.monotonic() - t0:.2f}s). Weight version {res['weight_version']}.")
         log.info(msg)
         return _result(True, msg, num_paused_requests=res["num_paused_requests"], weight_version=res["weight_version"])
 
@@ -405,9 +405,15 @@ class EngineServer:
         if self.engine.paused:
             return web.json_response({"status": "ok", "paused": True})
         probe = Sequence([0], SamplingParams(max_new_tokens=1, temperature=0.0))
-        try:
-            await self._complete([probe], 20.0)
-        except asyncio.TimeoutError:
+        steps = self.engine.stats["decode_steps"]
+        waiter = asyncio.ensure_future(self._complete([probe], 20.0))
+        while not waiter.done():  # as SGLang's: others' steps while the probe waits for a batch slot are health (busy)
+            await asyncio.wait([waiter], timeout=0.02)
+            if probe.slot < 0 and not probe.finished and self.engine.stats["decode_steps"] > steps:
+                waiter.cancel()  # aborts the probe
+                await asyncio.gather(waiter, return_exceptions=True)
+                return web.json_response({"status": "ok"})
+        if isinstance(waiter.exception(), asyncio.TimeoutError):
             return error_response("health generation timed out", 503)
         if probe.finish_reason.get("status_code"):  # the step failed (an abort by a pause is no failure)
             return error_response(f"health generation failed: {probe.finish_reason.get('message')}", 503)

@@ -149,7 +149,8 @@ class LLMEngine:
                 log.error("%s", self.tear(f"a weight update failed part way: {type(e).__name__}: {e}"))
                 raise
             self.renew((name, t.shape) for name, t in tensors)
-            self.set_version(version)
+            if version is not None:  # none given keeps the version, as in SGLang
+                self.set_version(version)
             return {"num_tensors": len(tensors), "num_paused_requests": n_aborted,
                     "weight_version": self.weight_version}
 
