@@ -102,6 +102,18 @@ def test_a_prompt_of_none_is_no_prompt(tok):
     assert PromptEncoder(tok).encode({"messages": None, "prompt": "3+4="}) == PromptEncoder(tok).encode(row)
 
 
+def test_a_prompt_column_of_messages(tok):
+    """TRL's conversational datasets hold the chat messages in the `prompt` column. With messages_key=prompt the list
+    was taken for a prompt string: `submit` refused it ("'prompt' must be a string, got list"), and the reward's
+    `prompt` (and a raw-text prompt) was the list's repr."""
+    enc = PromptEncoder(tok, PromptFormat(messages_key="prompt", system_prompt="Be brief."))
+    row = {"prompt": [user("3+4=")], "answer": "7"}
+    assert enc.encode(row) == ids_of(tok, chatml(("system", "Be brief."), ("user", "3+4=")))
+    assert enc.prompt_text(row) == "3+4="
+    with pytest.raises(ValueError, match="has 'prompt' but no 'prompt': chat_template=none"):
+        PromptEncoder(tok, PromptFormat(messages_key="prompt", chat_template="none")).encode(row)
+
+
 def test_a_tokenizer_without_template_keeps_raw_text(tmp_path):
     toy = AutoTokenizer.from_pretrained(resolve_model("toy:qwen3-h64-l1", cache_dir=tmp_path))
     enc = PromptEncoder(toy)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_config, load_resolved, validate
-from areal_hpc.config.validate import BUILT_IN
+from areal_hpc.config.validate import BUILT_IN, run_dir
 from areal_hpc.inference.client import RequestRejected
 from areal_hpc.rollout.data import DatasetError
 
@@ -252,3 +252,23 @@ def test_errors_with_several_fields_survive_pickling(e, fields):
     back = pickle.loads(pickle.dumps(e))
     assert type(back) is type(e) and str(back) == str(e)
     assert [getattr(back, f) for f in fields] == [getattr(e, f) for f in fields]
+
+
+def test_environment_variables_in_paths_of_a_config_file(tmp_path, monkeypatch):
+    """`fileroot: $SCRATCH/areal` in a YAML file (no shell expands it there; our own hint says /scratch/$USER/areal)
+    made the run dir `./$SCRATCH/areal/...` under the working directory, silently; `status` with the same file found
+    it there too, so nothing ever said so. Paths take $VAR and ${VAR}; an unset one is an error naming the key."""
+    monkeypatch.setenv("AREAL_TEST_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.delenv("AREAL_TEST_UNSET", raising=False)
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "c.yaml"
+    f.write_text("cluster:\n  fileroot: $AREAL_TEST_SCRATCH/areal\n  n_gpus_per_node: 0\n"
+                 "trainer:\n  ppo:\n    actor:\n      path: ${AREAL_TEST_SCRATCH}/models/m\n"
+                 "train_dataset:\n  path: $AREAL_TEST_SCRATCH/data/train.jsonl\n")
+    c = load_config(str(f), [])
+    assert c.trainer.ppo.actor.path == str(tmp_path / "scratch/models/m")
+    assert c.train_dataset.path == str(tmp_path / "scratch/data/train.jsonl")
+    validate(c)
+    assert run_dir(c).is_relative_to(tmp_path / "scratch/areal")
+    with pytest.raises(ConfigError, match=r"cluster.fileroot: .*\$AREAL_TEST_UNSET.* not set"):
+        load_config(str(f), ["cluster.fileroot=$AREAL_TEST_UNSET/areal"])

@@ -135,6 +135,9 @@ def test_choose_split():
     assert choose_split(["only"], which="valid") == "only"
     with pytest.raises(DatasetError, match=r"no test/validation/valid/eval/dev split .*splits: train, extra"):
         choose_split(["train", "extra"], which="valid")
+    # `datasets`' slice syntax (AReaL passes split to load_dataset): said only "set it to one of them"
+    with pytest.raises(DatasetError, match=r"no split 'train\[:100\]'.*set split=train and limit=100"):
+        choose_split(["train", "test"], "train[:100]")
 
 
 def test_empty_directory_and_empty_split(tmp_path):

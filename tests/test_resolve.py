@@ -19,7 +19,7 @@ import huggingface_hub.constants
 import pytest
 import yaml
 from fake_hub import COMMIT, FakeHub
-from test_datasets import make_hub_dataset, write_jsonl
+from test_datasets import make_hub_dataset, write_jsonl, write_parquet
 
 from areal_hpc import toy
 from areal_hpc.cli.main import main
@@ -123,6 +123,19 @@ def test_local_paths_are_made_absolute_and_toy_untouched(tmp_path, model_dir, mo
     assert cfg["train_dataset"]["path"] == str(data) and cfg["valid_dataset"]["path"] == "toy:sum-256"
     assert cfg["cluster"]["hf_cache"].endswith("/hf-cache")
     assert not Path(cfg["cluster"]["hf_cache"]).exists()  # nothing to download: nothing created
+
+
+def test_a_prompt_column_of_chat_messages(tmp_path, capsys):
+    """TRL's conversational format: `prompt` holds [{role, content}]. messages_key=prompt was refused ("'prompt' must
+    be a string, got list"); with the default keys the error now says to set it."""
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}], "answer": str(i + 1)} for i in range(3)]
+    for path in (write_jsonl(tmp_path / "conv.jsonl", rows), write_parquet(tmp_path / "conv.parquet", rows)):
+        argv = ["submit", QUICKSTART, f"cluster.fileroot={tmp_path / 'runs'}", f"train_dataset.path={path}",
+                "--dry-run"]
+        assert main(argv + ["train_dataset.messages_key=prompt"]) == 0, capsys.readouterr().err
+        assert main(argv) == 2
+        assert "'prompt' must be a string, got list" in (err := capsys.readouterr().err)
+        assert "set train_dataset.messages_key=prompt" in err
 
 
 # ------------------------------------------------------------------ a hub over HTTP, then none

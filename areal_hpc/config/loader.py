@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import re
 import typing
@@ -300,6 +301,24 @@ def _nest(data: Dict[str, Any], key: str, value: Any) -> None:
     data[leaf] = value
 
 
+# Paths a YAML file may write with $VAR / ${VAR}: no shell expands them there (`fileroot: $SCRATCH/areal` was a
+# directory named `$SCRATCH` in the working directory).
+PATH_KEYS = ("cluster.fileroot", "cluster.hf_cache", "cluster.python", "server.model_path", "trainer.ppo.actor.path",
+             "trainer.sft.model.path", "train_dataset.path", "valid_dataset.path")
+
+
+def _expand_vars(cfg: ExperimentConfig) -> ExperimentConfig:
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        owner = functools.reduce(getattr, parents, cfg)
+        if "$" in (value := getattr(owner, leaf)):
+            if m := re.search(r"\$\{?(\w+)", expanded := os.path.expandvars(value)):
+                raise ConfigError(key, f"{value!r} names the environment variable ${m[1]}, which is not set",
+                                  "set it, or write the path out")
+            setattr(owner, leaf, expanded)
+    return cfg
+
+
 def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentConfig:
     """defaults < YAML file < overrides (the command line's config words, which may name the file instead)."""
     if config_file:
@@ -338,4 +357,4 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
             raise ConfigError(key, "is a section, not a key", f"set its keys one by one, e.g. {section[0]}=...")
         else:
             raise ConfigError(key, "unknown key", did_you_mean(key, list(leaves)))
-    return _parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg))
+    return _expand_vars(_parse_scalars(scalars, from_dict(ExperimentConfig, yaml_valued, base=cfg)))

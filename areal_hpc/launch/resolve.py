@@ -208,6 +208,8 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
         row = apply_adapter([row], ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)[0]
     columns = ", ".join(sorted(row)) or "none"
     prompt, messages = row.get(ds.prompt_key), row.get(ds.messages_key)
+    if ds.prompt_key == ds.messages_key and isinstance(prompt, list):  # TRL's conversational `prompt` column
+        prompt = None
     if prompt is None and messages is None:
         hint = (f"GSM8K-style rows: set {key}.adapter=gsm8k" if {"question", "answer"} <= set(row) and not ds.adapter
                 else f"set {key}.prompt_key (or {key}.messages_key) to the column holding the prompt")
@@ -215,7 +217,9 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
                           f"(columns: {columns})", hint)
     if prompt is not None and not isinstance(prompt, str):
         raise ConfigError(f"{key}.prompt_key", f"{where}: {ds.prompt_key!r} must be a string, got "
-                          f"{type(prompt).__name__} {str(prompt)[:40]!r}")
+                          f"{type(prompt).__name__} {str(prompt)[:40]!r}",
+                          f"chat messages? set {key}.messages_key={ds.prompt_key}" if isinstance(prompt, list)
+                          else None)
     if prompt is None and not (isinstance(messages, list) and messages
                                and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
         raise ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} is not a list of "

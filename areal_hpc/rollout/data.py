@@ -74,7 +74,10 @@ def choose_split(splits: Sequence[str], split: str = "", which: str = "train", w
     listing = (f" in {where}" if where else "") + f" (splits: {', '.join(splits)})"
     if split:
         if split not in splits:
-            raise DatasetError("split", f"no split {split!r}{listing}", "set it to one of them")
+            hint = "set it to one of them"
+            if m := re.fullmatch(r"(\w+)\[(?::(\d+)|.*)\]", split):  # `datasets`' slice syntax, e.g. train[:100]
+                hint = f"slices are not read: set split={m[1]} and limit={m[2] or 'N'} for its first {m[2] or 'N'} rows"
+            raise DatasetError("split", f"no split {split!r}{listing}", hint)
         return split
     prefer = ("train",) if which == "train" else EVAL_SPLITS
     found = next((s for s in prefer if s in splits), splits[0] if len(splits) == 1 else None)

@@ -75,14 +75,19 @@ class PromptEncoder:
             raise ValueError(f"system_prompt goes into the chat template, but {self.raw}: prompts are raw text "
                              "(drop it, put the instruction in the prompts, or use a model with a chat template)")
 
+    def prompt(self, row: Dict[str, Any]) -> Optional[str]:
+        """The row's prompt string, or None (a list is messages: TRL's conversational `prompt` column)."""
+        p = row.get(self.fmt.prompt_key)
+        return None if p is None or isinstance(p, list) else str(p)
+
     def messages(self, row: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The row's messages, or its prompt as one user message; the system prompt first unless it has one."""
         f = self.fmt
         msgs = row.get(f.messages_key)
         if msgs is None:
-            if row.get(f.prompt_key) is None:
+            if self.prompt(row) is None:
                 raise ValueError(f"row has neither {f.prompt_key!r} nor {f.messages_key!r}: keys {sorted(row)}")
-            msgs = [{"role": "user", "content": str(row[f.prompt_key])}]
+            msgs = [{"role": "user", "content": self.prompt(row)}]
         elif not isinstance(msgs, list) or not all(isinstance(m, Mapping) and "role" in m and "content" in m
                                                    for m in msgs):
             raise ValueError(f"row[{f.messages_key!r}] must be a list of {{role, content}} dicts, got {msgs!r:.200}")
@@ -94,8 +99,8 @@ class PromptEncoder:
 
     def prompt_text(self, row: Dict[str, Any]) -> str:
         """A reward's ``prompt``: the prompt string, or the last user message's content."""
-        if row.get(self.fmt.prompt_key) is not None:
-            return str(row[self.fmt.prompt_key])
+        if self.prompt(row) is not None:
+            return self.prompt(row)
         users = [m for m in self.messages(row) if m["role"] == "user"]
         return str(users[-1]["content"]) if users else ""
 
@@ -109,11 +114,11 @@ class PromptEncoder:
             except Exception as e:  # jinja2's TemplateError (e.g. "System role not supported"), and the like
                 raise ValueError(f"the tokenizer's chat template rejected {[m['role'] for m in msgs]}: {e} "
                                  f"(chat_template=none sends raw text)") from e
-        elif row.get(f.prompt_key) is None:
+        elif self.prompt(row) is None:
             raise ValueError(f"row has {f.messages_key!r} but no {f.prompt_key!r}: {self.raw}, so the prompt must be a "
                              f"raw-text {f.prompt_key!r} string (or use a model whose tokenizer has a chat template)")
         else:
-            text = str(row[f.prompt_key])
+            text = self.prompt(row)
         # raw text gets the tokenizer's BOS (as SGLang's text path does); a rendered template holds its own
         return self.tokenizer(text, add_special_tokens=not self.uses_template)["input_ids"]
 
