@@ -311,11 +311,13 @@ def _expand_vars(cfg: ExperimentConfig) -> ExperimentConfig:
     for key in PATH_KEYS:
         *parents, leaf = key.split(".")
         owner = functools.reduce(getattr, parents, cfg)
-        if "$" in (value := getattr(owner, leaf)):
-            if m := re.search(r"\$\{?(\w+)", expanded := os.path.expandvars(value)):
-                raise ConfigError(key, f"{value!r} names the environment variable ${m[1]}, which is not set",
-                                  "set it, or write the path out")
-            setattr(owner, leaf, expanded)
+        value = getattr(owner, leaf)
+        expanded = os.path.expandvars(value)
+        unset = re.search(r"\$\{?(\w+)", expanded)  # expandvars leaves unset variables as written
+        if unset:
+            raise ConfigError(key, f"{value!r} names the environment variable ${unset[1]}, which is not set",
+                              "set it, or write the path out")
+        setattr(owner, leaf, expanded)
     return cfg
 
 
