@@ -189,3 +189,52 @@ def _rank0_fails(rank: int, run_dir: str, where: str) -> None:
 @pytest.mark.parametrize("where", ["start", "next_batch"])
 def test_a_failure_of_rank_0_ends_every_rank_at_once(tmp_path, where):
     run_ranks(_rank0_fails, 2, args=(str(tmp_path), where))
+
+
+class KeepsRewardWorkers(FakeSide):
+    """Scores with workers it keeps (as the controller's scorer does) and answers their pids."""
+
+    def next_trajectories(self, version):
+        from areal_hpc.rollout.rewards import RewardScorer
+
+        self.scorer = getattr(self, "scorer", None) or RewardScorer("math")
+        assert asyncio.run(self.scorer.score("q", ["\\boxed{7}"], "7")) == [1.0]
+        return sorted(self.scorer._pool._processes)
+
+
+_TRAINER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_rollout_process import KeepsRewardWorkers
+from areal_hpc.trainers.rollout_process import RolloutProcess
+if __name__ == "__main__":
+    side = RolloutProcess(KeepsRewardWorkers, should_stop=lambda: False)
+    print(side._proc.pid, *side.next_batch(1), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_reward_workers_die_with_a_killed_trainer(tmp_path):
+    """A SIGKILLed trainer (OOM killer, a restart by its owner) took its rollout child along (PR_SET_PDEATHSIG), but
+    the child's math reward workers lived on as orphans, with their resource tracker, until the machine's end."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER.format(tests=str(Path(__file__).parent)))
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in trainer.stdout.readline().split()]
+        assert len(pids) >= 2, pids  # the child, then its reward workers
+    finally:
+        trainer.kill()
+        trainer.wait()
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().rsplit(")", 1)[1][:3]]
+    for p in alive:  # (a failed test leaves no orphans either)
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"orphaned after the trainer's death: {alive}"
