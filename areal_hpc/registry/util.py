@@ -4,9 +4,11 @@ writes, a free port, a live pid, whether a record's process runs on this host.""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import os
 import re
+import signal
 import socket
 from typing import Optional, Union
 from urllib.parse import urlsplit
@@ -81,6 +83,15 @@ def pid_alive(pid: Optional[int]) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def die_with_parent(parent: Optional[int] = None) -> None:
+    """Linux: this process gets SIGKILL when its parent ends, however it ends (a SIGKILLed trainer's children would
+    live on as orphans); exit now if the parent, pid ``parent``, is already gone."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def runs_here(*names: Optional[str]) -> bool:

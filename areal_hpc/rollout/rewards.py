@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import math
@@ -19,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
+from areal_hpc.registry.util import die_with_parent
 from areal_hpc.rollout.names import NameTable
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class RewardScorer:
                 self.close()
                 self._pool = ProcessPoolExecutor(min(4, len(os.sched_getaffinity(0))),
                                                  mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_die_with_parent, initargs=(os.getpid(),))
+                                                 initializer=die_with_parent, initargs=(os.getpid(),))
             pool = self._pool
             submit = pool.submit if pool is not None else RewardThreads.of_this_process().submit
             started = {i: submit(calls[i]) for i in todo}
@@ -100,18 +100,6 @@ class RewardScorer:
             for p in list((pool._processes or {}).values()):  # shutdown alone would wait for a stuck worker forever
                 p.kill()
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _die_with_parent(parent: int) -> None:
-    """A reward worker's initializer (Linux): killed with the process that started it, however that ends (SIGKILLed,
-    its workers would live on as orphans)."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before that
-        os._exit(1)
 
 
 class RewardThreads:

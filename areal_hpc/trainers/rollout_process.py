@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import multiprocessing
 import pickle
 import signal
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from areal_hpc.registry.util import die_with_parent
 from areal_hpc.rollout import RolloutError, Trajectory
 from areal_hpc.rollout.data import one_line
 from areal_hpc.train import dist
@@ -148,8 +148,7 @@ def _serve(make_side, stop_event, calls, updates) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # the trainer decides when its side stops
         signal.signal(sig, signal.SIG_IGN)
     multiprocessing.current_process().daemon = False  # it may start reward workers (RewardScorer) and stops them
-    with contextlib.suppress(Exception):  # Linux: die with the trainer, however it ends
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent()  # with the trainer, however it ends
     try:
         side = make_side(stop_event.is_set)
     except BaseException as e:  # noqa: BLE001 - the trainer raises it
