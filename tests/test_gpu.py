@@ -228,3 +228,21 @@ def test_ppo_step_on_a_gpu_learns_from_uneven_groups(tmp_path):
         stats = actor.train_step(dict(batch))
         assert stats["n_mbs"] > 1 and all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
     assert mean_logp(good) > before_good + 0.1 and mean_logp(~good) < before_bad - 0.1
+
+
+def test_cuda_rng_state_of_a_checkpoint_restores_where_fewer_gpus_are_visible():
+    """A checkpoint keeps the CUDA generator of the rank's own device, and the draws after a restore repeat. An earlier
+    checkpoint holds one state per GPU the rank saw: resumed where it sees fewer (a run started with all of a node's
+    GPUs visible, resumed with one a task), `set_rng_state_all` raised for the GPUs that are not there."""
+    if _n_gpus() < 1:
+        pytest.skip("needs a GPU")
+    import torch
+
+    from areal_hpc.train.checkpoint import rng_state, set_rng_state
+
+    saved = rng_state()
+    drawn = torch.rand(8, device="cuda")
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(8, device="cuda"), drawn)
+    set_rng_state(dict(saved, cuda=[saved["cuda"]] * (_n_gpus() + 1)))
+    assert torch.equal(torch.rand(8, device="cuda"), drawn)

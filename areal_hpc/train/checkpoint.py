@@ -24,7 +24,8 @@ from areal_hpc.train.publish import replace_dir
 
 
 def rng_state() -> Dict[str, Any]:
-    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    """The generators' states; CUDA's of this rank's device only (a resume may see other GPUs, e.g. one a task)."""
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
     return {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(), **cuda}
 
 
@@ -32,8 +33,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    if isinstance(cuda, list):  # earlier checkpoints: one state per GPU the rank saw
+        i = torch.cuda.current_device()
+        cuda = cuda[i] if i < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 class Checkpointer:
