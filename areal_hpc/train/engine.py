@@ -317,7 +317,7 @@ class FSDPEngine:
             del full
         if rank0 and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return out
+        return _checkpoint_layout(self.model, out) if rank0 else out
 
     def hf_tensors(self, dtype: Optional[torch.dtype] = None) -> List[Tuple[str, torch.Tensor, torch.dtype]]:
         """``(HF name, local shard, dtype it goes out in)`` of every weight, in one order on every rank; floating point
@@ -358,6 +358,16 @@ def _read(*pending: _Pending) -> Dict[str, float]:
     if out.get("skipped_step"):
         log.warning("non-finite gradient norm %s: optimizer step skipped", out["grad_norm"])
     return out
+
+
+def _checkpoint_layout(model: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``sd`` in the names and layout ``save_pretrained`` writes, which servers load: transformers 5 holds some weights
+    otherwise (a MoE layer's experts fused into one tensor)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: the modules hold the checkpoint's layout
+        return sd
+    return {k: v.contiguous() for k, v in revert_weight_conversion(model, sd).items()}
 
 
 def _aligned(nbytes: int, to: int = 64) -> int:
