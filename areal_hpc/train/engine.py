@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from torch.profiler import record_function
@@ -251,6 +252,9 @@ class FSDPEngine:
 
     def _optimizer_step(self) -> "_Pending":
         """Clip and step; fused AdamW skips a step by a device-side ``found_inf`` flag, so no wait for the GPU."""
+        for m in self.model.modules():  # a no-grad forward since the backward left gathered weights in the modules
+            if isinstance(m, FSDPModule):
+                m.reshard()
         params = list(self.model.parameters())
         with record_function("areal.optimizer"):
             norm = grad_norm(params)
