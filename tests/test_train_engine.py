@@ -377,3 +377,33 @@ def test_the_trainer_group_outlasts_the_longest_wait_of_rank_0(tmp_path):
     wait in a collective: a process group timeout shorter than that (it was 30 minutes) killed the trainer (NCCL
     watchdog) in a run whose batches were slow but within its configured bounds."""
     run_ranks(_group_timeout, 2, args=(str(tmp_path),))
+
+
+def _forward_between(rank, path, fsdp_units):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.train.engine import FSDPEngine
+
+    _, batch = make_batch()
+    eng = FSDPEngine(EngineConfig(path=path, fsdp_units=fsdp_units, optimizer=OptimizerConfig(lr=1e-2, grad_clip=0.1)),
+                     MicroBatchSpec(max_tokens_per_mb=40), total_steps=4)
+    norm = math.sqrt(sum(float(g.square().sum()) for g in full_grads_of(eng, batch).values()))
+    before = eng.forward(batch)  # held unsharded (one FSDP unit; the last layer with one per layer)
+    stats = eng.optimizer_step()
+    assert abs(stats["grad_norm"] - norm) < 1e-4 * norm, (stats["grad_norm"], norm)  # was 0: no clip, no NaN skip
+    after = eng.forward(batch)
+    eng.state_dict_for_hf()  # reshards: what the next forward gathers are the stepped weights
+    assert torch.equal(eng.forward(batch), after) and not torch.equal(after, before)
+
+
+def full_grads_of(eng, batch):
+    eng.forward_backward(batch, nll_loss)
+    return full_grads(eng)
+
+
+@pytest.mark.parametrize("world, fsdp_units", [(1, "auto"), (2, "layer")])
+def test_a_forward_between_backward_and_step_changes_nothing(tmp_path, world, fsdp_units):
+    """A no-grad `forward` (a logprob for logging, in a custom trainer) between `forward_backward` and `optimizer_step`
+    left FSDP's unsharded weights in the modules: the step saw no gradients (norm 0: no clipping, no non-finite skip)
+    and the forwards after it ran on the weights from before it."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_forward_between, world, args=(path, fsdp_units))

@@ -125,3 +125,46 @@ def test_prune_removes_what_a_crashed_writer_left(tmp_path):
         (d / "model.safetensors").write_bytes(b"x")
     assert prune_weights(root, None, keep_min_version=4) == []
     assert not torn.exists() and mine.exists() and (root / "v4").exists()
+
+
+def _moe_worker(rank, path, root):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.train.batching import collate
+    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.publish import publish_weights
+
+    eng = FSDPEngine(EngineConfig(path=path, optimizer=OptimizerConfig(lr=1e-2)), MicroBatchSpec(max_tokens_per_mb=32),
+                     5)
+    g = torch.Generator().manual_seed(3)
+    batch = collate([{"input_ids": torch.randint(3, VOCAB, (n,), generator=g),
+                      "loss_mask": torch.ones(n, dtype=torch.long)} for n in (7, 12)])
+    eng.train_batch(batch, _loss)
+    out = publish_weights(eng, root, 1, path)
+    mine = eng.forward(batch)
+    if rank == 0:
+        assert set(load_file(f"{out}/model.safetensors")) == set(load_file(f"{path}/model.safetensors"))
+        model = AutoModelForCausalLM.from_pretrained(str(out))
+        for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            ids = batch["input_ids"][i, :n]
+            with torch.no_grad():
+                ref = torch.log_softmax(model(input_ids=ids[None]).logits[0], -1)[:-1].gather(-1, ids[1:, None])
+            torch.testing.assert_close(mine[i, 1:n], ref.squeeze(-1), atol=1e-5, rtol=0)
+
+
+def test_a_moe_models_published_weights_keep_the_checkpoint_names(tmp_path):
+    """transformers 5 holds a MoE layer's experts fused (``mlp.experts.gate_up_proj [E, 2I, H]``) where checkpoints
+    name each expert (``mlp.experts.0.gate_proj.weight``): the published weights had the module's names, which
+    SGLang's loader (disk or broadcast update) does not know. They are now written as ``save_pretrained`` writes them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    toy.build_tokenizer(tmp_path / "moe")
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                               moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                               tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "moe")
+    run_ranks(_moe_worker, 2, args=(str(tmp_path / "moe"), str(tmp_path / "weights")))

@@ -177,7 +177,7 @@ def sft_trainer_on(tmp_path, monkeypatch, rows, **dataset):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = ExperimentConfig()
-    cfg.trainer.type, cfg.trainer.sft.batch_size = "sft", 2
+    cfg.trainer.type, cfg.trainer.sft.batch_size, cfg.trainer.sft.model.path = "sft", 2, Learner.model_path
     cfg.train_dataset.path, cfg.train_dataset.chat_template, cfg.train_dataset.shuffle = str(data), "none", False
     for key, value in dataset.items():
         setattr(cfg.train_dataset, key, value)
@@ -220,3 +220,38 @@ def test_a_row_without_an_answer_is_left_out_when_loaded_not_a_keyerror_at_its_s
     assert "None" not in t.tokenizer.batch_decode(batch["input_ids"])[1]
     with pytest.raises(DatasetError, match="none of the 1 rows of train_dataset gives a usable prompt.*no 'answer'"):
         trainer([{"prompt": "1+6=", "solution": "7"}])
+
+
+def _sft_epochs(rank, run_dir, model, data):
+    from pathlib import Path
+
+    from areal_hpc.config import ExperimentConfig, parse_allocation
+    from areal_hpc.registry import Registry
+    from areal_hpc.trainers import TrainContext, make_trainer
+
+    cfg = ExperimentConfig()
+    cfg.trainer.type, cfg.trainer.total_train_steps, cfg.trainer.total_train_epochs = "sft", 100, 2
+    cfg.trainer.sft.model.path, cfg.train_dataset.path = model, data
+    cfg.trainer.sft.batch_size, cfg.trainer.sft.mb_spec.max_tokens_per_mb = 16, 64
+    opt = cfg.trainer.sft.model.optimizer
+    opt.lr, opt.warmup_steps, opt.lr_schedule, opt.min_lr_ratio = 1e-3, 1, "cosine", 0.1
+    cfg.saver.freq_steps = 0
+    cfg.stats.tensorboard = cfg.stats.plot = False
+    ctx = TrainContext(cfg, parse_allocation("hf:d1+d1"), Path(run_dir), Registry.for_run(run_dir, cfg.launcher))
+    assert make_trainer(ctx).run() == 0
+
+
+def test_an_sft_run_ended_by_its_epochs_decays_its_lr_over_the_steps_it_trains(tmp_path):
+    """trainer.total_train_epochs ends SFT when the rows are used up (2 epochs of 40 rows, batches of 16: 5 steps),
+    but the cosine schedule ran over trainer.total_train_steps (100): the LR never decayed (configs/sft.yaml: 3 epochs,
+    2000 steps). The schedule now ends with the last full batch of the epochs."""
+    from areal_hpc.config.schema import OptimizerConfig
+    from areal_hpc.train.engine import lr_lambda
+    from areal_hpc.trainers.metrics import read_metrics
+
+    model = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    data = toy.resolve_dataset("toy:sum-40", cache_dir=tmp_path)
+    run_ranks(_sft_epochs, 1, args=(str(tmp_path / "run"), model, data))
+    got = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    f = lr_lambda(OptimizerConfig(warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1), total_steps=5)
+    assert got == pytest.approx([1e-3 * f(k) for k in range(5)], rel=1e-9), got

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from torch.profiler import record_function
@@ -251,6 +252,9 @@ class FSDPEngine:
 
     def _optimizer_step(self) -> "_Pending":
         """Clip and step; fused AdamW skips a step by a device-side ``found_inf`` flag, so no wait for the GPU."""
+        for m in self.model.modules():  # a no-grad forward since the backward left gathered weights in the modules
+            if isinstance(m, FSDPModule):
+                m.reshard()
         params = list(self.model.parameters())
         with record_function("areal.optimizer"):
             norm = grad_norm(params)
@@ -317,7 +321,7 @@ class FSDPEngine:
             del full
         if rank0 and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return out
+        return _checkpoint_layout(self.model, out) if rank0 else out
 
     def hf_tensors(self, dtype: Optional[torch.dtype] = None) -> List[Tuple[str, torch.Tensor, torch.dtype]]:
         """``(HF name, local shard, dtype it goes out in)`` of every weight, in one order on every rank; floating point
@@ -358,6 +362,16 @@ def _read(*pending: _Pending) -> Dict[str, float]:
     if out.get("skipped_step"):
         log.warning("non-finite gradient norm %s: optimizer step skipped", out["grad_norm"])
     return out
+
+
+def _checkpoint_layout(model: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``sd`` in the names and layout ``save_pretrained`` writes, which servers load: transformers 5 holds some weights
+    otherwise (a MoE layer's experts fused into one tensor)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: the modules hold the checkpoint's layout
+        return sd
+    return {k: v.contiguous() for k, v in revert_weight_conversion(model, sd).items()}
 
 
 def _aligned(nbytes: int, to: int = 64) -> int:

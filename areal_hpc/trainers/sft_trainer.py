@@ -20,13 +20,16 @@ from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer
 @register_trainer("sft")
 class SFTTrainer(Trainer):
     def setup(self):
-        cfg, sft = self.cfg, self.cfg.trainer.sft
-        self.learner = SFTLearner(sft, cfg.trainer.total_train_steps)
-        self.tokenizer = load_tokenizer(self.learner.engine.model_path)
+        cfg, sft, epochs = self.cfg, self.cfg.trainer.sft, self.cfg.trainer.total_train_epochs
+        self.tokenizer = load_tokenizer(sft.model.path)
         self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
         # rows without an answer or over max_prompt_len are left out with a warning
-        self.loader = load_prompts(self.ctx, "train", epochs=cfg.trainer.total_train_epochs, tokenizer=self.tokenizer,
-                                   answers=True)
+        self.loader = load_prompts(self.ctx, "train", epochs=epochs, tokenizer=self.tokenizer, answers=True)
+        # the LR schedule ends where training does: the last full batch of the epochs, if that comes first
+        steps = cfg.trainer.total_train_steps
+        if epochs:
+            steps = min(steps, max(1, epochs * len(self.loader.rows) // sft.batch_size))
+        self.learner = SFTLearner(sft, steps)
         return self.learner.engine
 
     def start(self, state: Dict[str, Any]) -> bool:
