@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from areal_hpc.registry import Registry
 from helpers import engine_app, serve_argv, wait_until
@@ -329,6 +330,49 @@ def test_a_bad_shard_leaves_the_old_weights_whole_and_served(engine, tmp_path):
 
     asyncio.run(go())
     assert engine.refusal is None
+
+
+def _moe_model(path, seed: int) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from areal_hpc import toy
+
+    toy.build_tokenizer(path)
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=len(toy.SPECIAL_TOKENS) + len(toy.CHARS), hidden_size=32,
+                               intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+                               num_experts_per_tok=2, tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+
+
+def test_a_moe_checkpoint_loads_from_disk_into_the_fused_experts(tmp_path):
+    """transformers 5 holds a MoE layer's experts fused (``mlp.experts.gate_up_proj``) where checkpoints, and so the
+    trainer's published weights, name each expert (``mlp.experts.0.gate_proj.weight``): the disk update refused every
+    version ("unexpected tensor"). It now loads them converted, as the server's own start did."""
+    import aiohttp
+    from transformers import AutoModelForCausalLM
+
+    from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner
+    from areal_hpc.inference.http_server import EngineServer
+
+    _moe_model(tmp_path / "a", seed=0)
+    _moe_model(tmp_path / "b", seed=1)
+    eng = LLMEngine(ModelRunner(str(tmp_path / "a"), max_running=4)).start()
+
+    async def go():
+        async with engine_app(EngineServer(eng)) as url, aiohttp.ClientSession() as s:
+            async with s.post(url + "/update_weights_from_disk", json={"model_path": str(tmp_path / "b")}) as r:
+                return r.status, await r.json()
+
+    try:
+        status, body = asyncio.run(go())
+        assert status == 200 and body["success"], body
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+        have = eng.runner.model.state_dict()
+        assert set(have) == set(want) and all(torch.equal(have[k], want[k]) for k in want)
+    finally:
+        eng.stop()
 
 
 # fix11-I

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from aiohttp import web
 
 from areal_hpc.inference.hf_engine.engine import LLMEngine
-from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, read_checkpoint, torch_dtype
+from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, torch_dtype
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
 from areal_hpc.inference.http_validate import (GenerateRequest, RequestError, json_bool, json_int, json_number,
                                                read_generate, read_json)
@@ -284,7 +284,7 @@ class EngineServer:
         async with self._update_lock:
             t0 = time.monotonic()
             try:
-                tensors = list((await asyncio.to_thread(read_checkpoint, path)).items())
+                tensors = list((await asyncio.to_thread(self.runner.read_weights, path)).items())
                 problems = self.runner.check_weights((n, t.shape) for n, t in tensors)
                 if problems:
                     raise ValueError("they do not fit the model: " + "; ".join(problems[:5]))

@@ -254,6 +254,17 @@ class ModelRunner:
             self.kv.reset()
 
     # ------------------------------------------------------------------ weights
+    def read_weights(self, path: str) -> Dict[str, torch.Tensor]:
+        """A checkpoint's tensors (`read_checkpoint`) under this model's names. Where they differ (transformers 5 holds
+        a MoE layer's experts fused, checkpoints name each one), transformers loads and converts the checkpoint."""
+        tensors = read_checkpoint(path)
+        if all(name in self._params for name in tensors) or not (Path(path) / "config.json").exists():
+            return tensors
+        from transformers import AutoModelForCausalLM
+
+        converted = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).state_dict()
+        return converted if all(name in self._params for name in converted) else tensors
+
     def check_weights(self, names_shapes: Iterable[Tuple[str, Tuple[int, ...]]], whole: bool = True) -> List[str]:
         """Problems that would make loading these tensors fail, or (``whole``) leave the model partial."""
         problems: List[str] = []
