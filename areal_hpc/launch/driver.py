@@ -119,6 +119,13 @@ class SrunRunner(Runner):
         self._await_step(h)
         return h
 
+    def lost(self, h: StepHandle) -> Optional[str]:
+        # srun exits 0 for a step Slurm ended under it (a node failure: its tasks never report an exit code)
+        state = slurm.state_word(slurm.job_state(self.job_id))
+        return None if state in ("", "RUNNING") else (
+            f"{h.step.name}'s srun exited 0 but job {self.job_id} is {state}: Slurm ended the step before it finished "
+            f"(a node failure?); see {self.plan.run_dir}/logs/slurm-{self.job_id}.out")
+
     def _await_step(self, h: SrunHandle) -> None:
         """Wait until Slurm lists the step (its resources are then taken); records its step id."""
         name = f"{self.plan.job_name}:{h.step.name}"
