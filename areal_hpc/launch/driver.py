@@ -29,7 +29,7 @@ REQUEUE_TRAINER_GRACE_S = 75.0
 REQUEUE_SERVER_GRACE_S = 10.0
 STEP_LISTED_TIMEOUT_S = 60.0  # then the next step starts anyway
 # the job's environment that each step states for itself
-_JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", "SLURM_GPUS_PER_NODE")
+_JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", "SLURM_GPUS_PER_NODE", "SLURM_GPUS")
 
 _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
 
