@@ -143,3 +143,24 @@ def test_a_driver_started_by_hand_is_not_forced_by_slurms_sigterms(run):
     assert rec["state"] == "STOPPED" and rec["reason"].startswith("interrupted (SIGTERM)"), (rec, run.logs())
     out = (run.dir / "logs" / f"slurm-{job_id}.out").read_text()
     assert "SIGTERM: stopping" in out and "SIGTERM again: killing" not in out, out[-3000:]
+
+
+def test_a_node_failure_is_not_a_completed_run(run):
+    """The job's node fails (set DOWN): Slurm ends the job NODE_FAIL, and srun exits 0 for a step whose node was lost
+    (its tasks never report an exit). The driver took that 0 for a trainer that finished: run.json and `status` said
+    COMPLETED for a run killed at step ~10 of 100000."""
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0", "launcher.requeue_on_preemption=False",
+               "cluster.sbatch_args=[--no-requeue]")  # Slurm's JobRequeue=1 requeues a node failure otherwise
+    run.wait_steps(3)
+    node = run.run_record()["steps"]["trainer"]["nodes"]
+    try:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=test"], check=True, timeout=60)
+        wait_until(lambda: not in_squeue(run.job_id), 120, f"job {run.job_id} to end\n{run.logs()}", interval=1.0)
+        assert sacct_x(run.job_id)[0] == "NODE_FAIL"
+        time.sleep(6)  # the driver's last words (KillWait=5)
+        st = run.status()
+        assert st["state"] == "FAILED" and ("NODE_FAIL" in st["reason"] or "lost a node" in st["reason"]), st
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=60)
+        wait_until(lambda: "down" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
+                                                        text=True, timeout=60).stdout, 120, f"{node} back up")

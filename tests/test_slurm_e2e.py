@@ -223,6 +223,15 @@ def test_quickstart_runs_to_completion(run):
     print(f"quickstart mode=slurm, 16 steps: {wall:.1f}s submit-to-end")
 
 
+def test_gpus_in_sbatch_args_do_not_reach_the_steps(run):
+    """A site that wants GPUs asked as ``--gpus=N`` (cluster.sbatch_args): every srun inherited SLURM_GPUS=N, so
+    server-0's step took all of the node's GPUs and the trainer's waited for ever (the run hung, never a step)."""
+    p = run.submit("trainer.total_train_steps=3", "saver.freq_steps=0", "launcher.wait=True",
+                   "cluster.sbatch_args=[--gpus=4]", timeout=240)
+    assert "ended COMPLETED" in p.stdout, p.stdout
+    check_placement(run)
+
+
 def test_multi_node_placement(run):
     # 4 servers fill node 0, a 2-rank trainer gets node 1: each task on its planned node and GPU
     run.submit("allocation_mode=hf.d4p1m1+d2p1m1", "trainer.total_train_steps=3", "saver.freq_steps=0",

@@ -29,7 +29,7 @@ REQUEUE_TRAINER_GRACE_S = 75.0
 REQUEUE_SERVER_GRACE_S = 10.0
 STEP_LISTED_TIMEOUT_S = 60.0  # then the next step starts anyway
 # the job's environment that each step states for itself
-_JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", "SLURM_GPUS_PER_NODE")
+_JOB_VARS = ("SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_MEM_PER_CPU", "SLURM_GPUS_PER_NODE", "SLURM_GPUS")
 
 _OWNER: Optional[RunOwner] = None  # the live run, for the USR2 path
 
@@ -118,6 +118,13 @@ class SrunRunner(Runner):
         h = SrunHandle(placed, proc, self.job_id, node)
         self._await_step(h)
         return h
+
+    def lost(self, h: StepHandle) -> Optional[str]:
+        # srun exits 0 for a step Slurm ended under it (a node failure: its tasks never report an exit code)
+        state = slurm.state_word(slurm.job_state(self.job_id))
+        return None if state in ("", "RUNNING") else (
+            f"{h.step.name}'s srun exited 0 but job {self.job_id} is {state}: Slurm ended the step before it finished "
+            f"(a node failure?); see {self.plan.run_dir}/logs/slurm-{self.job_id}.out")
 
     def _await_step(self, h: SrunHandle) -> None:
         """Wait until Slurm lists the step (its resources are then taken); records its step id."""

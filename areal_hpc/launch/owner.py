@@ -56,6 +56,10 @@ class Runner(ABC):
         """Whether the run is stopping (set by its owner): a runner waiting for resources stops waiting."""
         return False
 
+    def lost(self, h: StepHandle) -> Optional[str]:
+        """Why a step that exited 0 did not finish (Slurm ended it under its launcher), else None."""
+        return None
+
 
 def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0) -> int:
     """The number after every server name the run has used (``known``, records, the run record, server jobs) or
@@ -232,7 +236,10 @@ class RunOwner:
         self.trainer_rc = rc
         log.info("trainer %s", outcome.describe_exit(rc))
         if rc in (0, outcome.TRAINER_STOPPED):
-            if rc == 0 and not self.stopping:
+            lost = self.runner.lost(self.trainer) if rc == 0 and not self.stopping else None
+            if lost:
+                self.trainer_end = (outcome.FAILED, lost, None)
+            elif rc == 0 and not self.stopping:
                 self.trainer_end, self.early_failures = (outcome.COMPLETED, None, None), 0
             elif not self.stopping:  # a signal from outside areal-hpc (kill, scancel)
                 self.trainer_end = (outcome.STOPPED, "the trainer was stopped by a signal from outside areal-hpc"
