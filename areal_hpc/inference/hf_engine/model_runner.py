@@ -131,6 +131,11 @@ class ModelRunner:
         text_cfg = self.config.get_text_config()
         max_pos = getattr(text_cfg, "max_position_embeddings", None) or context_length
         self.context_length = int(min(context_length, max_pos)) if context_length > 0 else int(max_pos)
+        window, types = getattr(text_cfg, "sliding_window", None), getattr(text_cfg, "layer_types", None) or ()
+        if (window and getattr(text_cfg, "use_sliding_window", True) and self.context_length > window
+                and (not types or "sliding_attention" in types)):  # the masks here are causal: within it only
+            log.warning("context length %d capped at the sliding window %d", self.context_length, window)
+            self.context_length = int(window)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.eos_token_ids = self._eos_ids(self.config, model_path)
         n_layers, n_heads = text_cfg.num_hidden_layers, text_cfg.num_attention_heads
