@@ -127,6 +127,8 @@ class ModelRunner:
         self.base = getattr(self.model, self.model.base_model_prefix)
         self.lm_head = self.model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        # what the model's own head does to the lm_head's logits: Granite divides, Cohere multiplies
+        self.logit_scale = getattr(self.config, "logit_scale", None) or 1 / getattr(self.config, "logits_scaling", 1)
         self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         text_cfg = self.config.get_text_config()
         max_pos = getattr(text_cfg, "max_position_embeddings", None) or context_length
@@ -188,6 +190,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ forward passes
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()
+        if self.logit_scale != 1:
+            logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
