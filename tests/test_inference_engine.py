@@ -420,6 +420,57 @@ def test_grouped_query_decode_matches_forward_pass(tmp_path_factory, decode_mode
         eng.stop()
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_a_sliding_window_model_is_served_only_within_its_window(tmp_path_factory, arch):
+    """The runner's masks are plain causal ones: a model with sliding-window attention (Mistral v0.1, Qwen2 with
+    use_sliding_window) attended to the whole sequence, so past the window every token and logprob was wrong, silently
+    (here, a window of 8: logprobs off by 0.2, other greedy tokens). The context length is now capped at the window:
+    a longer request is refused, as one over the context length, and what is served equals the model's own forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp(f"sliding-{arch}")
+    extra = {"use_sliding_window": True, "max_window_layers": 0} if arch == "qwen2" else {}
+    cfg = AutoConfig.for_model(arch, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                               sliding_window=8, **extra)
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(str(path))
+    reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    eng = LLMEngine(ModelRunner(str(path), max_running=4, context_length=200)).start()
+    try:
+        long, short = (Sequence(list(range(3, 3 + k)), SamplingParams(max_new_tokens=10, temperature=0,
+                                                                       ignore_eos=True)) for k in (30, 3))
+        run(eng, [long, short])
+        assert long.finish_reason["type"] == "abort" and long.finish_reason["status_code"] == 400
+        assert short.output_ids and short.num_tokens <= 8
+        check_against_forward(reference, short)
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("arch,scale", [("granite", {"logits_scaling": 4.0}), ("cohere", {"logit_scale": 0.25})])
+def test_a_model_that_scales_its_logits_is_scored_with_them(tmp_path_factory, arch, scale):
+    """Granite divides its lm_head's logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``; the runner
+    applies the lm_head itself and left the scale out: every logprob (and the distribution sampled) was wrong."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp(f"scaled-{arch}")
+    cfg = AutoConfig.for_model(arch, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **scale)
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(str(path))
+    reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    eng = LLMEngine(ModelRunner(str(path), max_running=4, context_length=128)).start()
+    try:
+        seqs = [Sequence([5 + i, 9, 13], SamplingParams(max_new_tokens=6, temperature=t, ignore_eos=True))
+                for i, t in enumerate((0.0, 1.0))]
+        run(eng, seqs)
+        for s in seqs:
+            check_against_forward(reference, s)
+    finally:
+        eng.stop()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager(model_path):

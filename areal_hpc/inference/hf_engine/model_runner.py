@@ -127,10 +127,17 @@ class ModelRunner:
         self.base = getattr(self.model, self.model.base_model_prefix)
         self.lm_head = self.model.get_output_embeddings()
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        # what the model's own head does to the lm_head's logits: Granite divides, Cohere multiplies
+        self.logit_scale = getattr(self.config, "logit_scale", None) or 1 / getattr(self.config, "logits_scaling", 1)
         self.cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
         text_cfg = self.config.get_text_config()
         max_pos = getattr(text_cfg, "max_position_embeddings", None) or context_length
         self.context_length = int(min(context_length, max_pos)) if context_length > 0 else int(max_pos)
+        window, types = getattr(text_cfg, "sliding_window", None), getattr(text_cfg, "layer_types", None) or ()
+        if (window and getattr(text_cfg, "use_sliding_window", True) and self.context_length > window
+                and (not types or "sliding_attention" in types)):  # the masks here are causal: within it only
+            log.warning("context length %d capped at the sliding window %d", self.context_length, window)
+            self.context_length = int(window)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.eos_token_ids = self._eos_ids(self.config, model_path)
         n_layers, n_heads = text_cfg.num_hidden_layers, text_cfg.num_attention_heads
@@ -183,6 +190,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ forward passes
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()
+        if self.logit_scale != 1:
+            logits = logits * self.logit_scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
