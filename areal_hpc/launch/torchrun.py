@@ -73,9 +73,16 @@ class AgentHandle(ProcessHandle):
     def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int], log_from: int):
         super().__init__(step, procs, gpus)
         self.log_from, self.rc = log_from, None  # where this agent's part of torchrun.log (appended to) begins
+        self.seen: List[int] = []  # its ranks at the last poll
 
     def poll(self) -> Optional[int]:
-        if self.rc is None and (rc := super().poll()) is not None:
+        ranks = _ranks(self.procs[0]) if self.rc is None else []
+        if self.rc is None and (rc := super().poll()) is None:
+            self.seen = ranks
+        elif self.rc is None:
+            for pid in ranks or self.seen:  # a SIGKILLed agent stops none of its ranks: they end with it
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
             self.rc = rc  # read once: the agent exits 1 whatever ended its ranks; a signal it logged says more
             with contextlib.suppress(OSError), open(Path(self.step.log).with_name("torchrun.log"), "rb") as f:
                 f.seek(self.log_from)
