@@ -227,7 +227,16 @@ class RayRunner(Runner):
         self._reserved: Dict[str, Any] = {}
 
     def _pinned(self, step: StepSpec) -> bool:
-        return self.pin and step.relative_node >= 0
+        """On its plan node(s), while they are alive (a step restarted after its node died goes where there is room)."""
+        if not (self.pin and step.relative_node >= 0):
+            return False
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        if set(self.nodes[step.relative_node:step.relative_node + step.nodes]) <= alive:
+            return True
+        log.warning("%s: its plan node(s) left the Ray cluster; placing it where the cluster has room", step.name)
+        return False
 
     def _placement(self, step: StepSpec, timeout_s: float) -> Optional[Tuple[Any, str]]:
         """(placement group, its name) for ``step`` once ready; None (nothing left behind) if the cluster has no
