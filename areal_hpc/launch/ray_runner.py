@@ -2,8 +2,9 @@
 
 Each step is a placement group shaped like its ``srun`` step (one bundle per node), pinned to the Ray node picked at
 submit for its plan node (while alive). Each task is a `StepTask` actor running the step's command with the
-environment srun would give it; the process dies with its actor. The owner runs in the submitting process, as with mode=local. With
-``shutdown_server_on_exit=False`` the servers' actors and groups are detached (`stop_leftovers` removes them).
+environment srun would give it; the process dies with its actor. The owner runs in the submitting process, as with
+mode=local. With ``shutdown_server_on_exit=False`` the servers' actors and groups are detached (`stop_leftovers`
+removes them).
 ``registry/ray.json`` names the cluster, namespace and name prefix of the run's actors and placement groups.
 """
 
