@@ -130,3 +130,23 @@ def test_a_killed_agent_leaves_no_rank_behind(tmp_path):
         for pid in ranks:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_to_the_agent_from_outside_stops_the_run(tmp_path):
+    """`kill <torchrun_pid>` (the pid `status` shows): the agent passes SIGTERM to the ranks, which checkpoint, and
+    exits 1 on the signal; the run ends STOPPED (130) as one whose trainer got SIGTERM from outside does. It ended
+    FAILED: 'trainer exited with 1: ...SignalException: Process N got signal: 15'."""
+    owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                              "stats.progress_bar=False", "mode=torchrun", *SMALL, "trainer.total_train_steps=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        rd = wait_for_steps(tmp_path, 3)
+        run = json.loads((rd / "registry" / "run.json").read_text())
+        os.kill(run["steps"]["trainer"]["torchrun_pid"], signal.SIGTERM)
+        out, _ = owner.communicate(timeout=120)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    run = json.loads((rd / "registry" / "run.json").read_text())
+    assert owner.returncode == 130 and run["state"] == "STOPPED", (out, run)
+    assert "stopped by a signal from outside" in run["reason"], run
