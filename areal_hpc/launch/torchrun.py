@@ -90,7 +90,7 @@ class AgentHandle(ProcessHandle):
                 text = f.read().decode(errors="replace")
                 last = re.findall(r"failed \(exitcode: (-?\d+)\)", text)
                 self.rc = int(last[-1]) if rc and last and int(last[-1]) < 0 else rc
-                # the agent got a signal (kill <torchrun pid>): it passed it to the ranks, which stop as the trainer does
+                # the agent got a signal (kill <torchrun pid>) and passed it to the ranks: they stop as the trainer does
                 if rc and (sig := re.search(r"SignalException: Process \d+ got signal: (\d+)", text)):
                     self.rc = TRAINER_STOPPED if int(sig[1]) in (signal.SIGTERM, signal.SIGINT) else -int(sig[1])
         return self.rc
