@@ -25,7 +25,7 @@ GPUS_PER_NODE = 2
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def ray_cluster():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, num_gpus=0,
@@ -34,9 +34,14 @@ def ray_address():
         cluster.add_node(num_cpus=8, num_gpus=GPUS_PER_NODE, object_store_memory=OBJECT_STORE)
     cluster.wait_for_nodes()
     try:
-        yield cluster.address
+        yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_cluster):
+    return ray_cluster.address
 
 
 def on_ray(address, n_gpus=1, *more):
@@ -395,3 +400,34 @@ def test_a_stop_while_the_cluster_has_no_room_stops_the_run(tmp_path, ray_addres
         hog.kill()
         hog.wait(30)
     wait_until(lambda: leftovers(ray_address) == [[], []], 60, "no leftovers")
+
+
+@needs_ray
+def test_a_step_pinned_to_a_node_that_left_the_cluster_is_placed_elsewhere(tmp_path, ray_cluster, monkeypatch):
+    """The trainer's plan node dies (its actor with it): the restarted trainer goes where the cluster has room. It was
+    pinned to the dead node: the owner waited for a placement that could never come, then failed the run ('no room
+    ... within 120s')."""
+    from areal_hpc.config import load_config, parse_allocation
+    from areal_hpc.launch import ray_runner
+    from areal_hpc.launch.plan import build_plan
+
+    cfg = load_config(None, [*on_ray(ray_cluster.address, 0), "allocation_mode=hf:d1+d1",
+                             f"cluster.fileroot={tmp_path}"])
+    rd = tmp_path / "run"
+    (rd / "logs").mkdir(parents=True)
+    plan = build_plan(cfg, parse_allocation(cfg.allocation_mode), rd)
+    step = dataclasses.replace(plan.trainer, command=["sleep", "60"])  # placement is the point, not training
+    gone = ray_cluster.add_node(num_cpus=8, num_gpus=0, object_store_memory=OBJECT_STORE)
+    ray_cluster.wait_for_nodes()
+    ray_cluster.remove_node(gone)
+    ray = ray_runner.connect(ray_cluster.address)
+    monkeypatch.setattr(ray_runner, "PLACEMENT_TIMEOUT_S", 20.0)
+    runner = ray_runner.RayRunner(cfg, plan, rd, [gone.node_id] * plan.nodes)
+    try:
+        wait_until(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == gone.node_id), 60, "node death")
+        handle = runner.start(step, [])
+        assert handle.info()["nodes"][0] != gone.node_id and handle.poll() is None
+        ray_runner.release(handle.actors, handle.pg, [0])
+    finally:
+        ray.shutdown()
+    assert leftovers(ray_cluster.address) == [[], []]

@@ -110,3 +110,43 @@ def test_a_rank_killed_by_a_signal_is_reported_so_under_torchrun(tmp_path):
     assert owner.returncode == 1, out
     run = json.loads((rd / "registry" / "run.json").read_text())
     assert run["state"] == "FAILED" and run["reason"].startswith("trainer killed by SIGKILL"), run
+
+
+def test_a_killed_agent_leaves_no_rank_behind(tmp_path):
+    """torchrun's agent SIGKILLed (`kill -9` of the torchrun pid `status` shows, the OOM killer): its ranks, each in a
+    session of its own, kept training as orphans after the step ended and the run was FAILED."""
+    cfg = load_config(QUICKSTART, ["mode=torchrun", f"cluster.fileroot={tmp_path}"])
+    step = StepSpec("trainer", "trainer", nodes=1, ntasks=2, ntasks_per_node=2, gpus_per_task=0, cpus_per_task=1,
+                    mem_per_node_mb=0, relative_node=0, command=[sys.executable, "-c", "import time; time.sleep(600)"],
+                    log=str(tmp_path / "logs" / "trainer-%t.log"))
+    handle = TorchrunRunner(cfg).start(step, [])
+    ranks = wait_until(lambda: handle.info()["pids"] if len(handle.info()["pids"]) == 2 else None, 120, "two ranks")
+    try:
+        handle.poll()
+        os.kill(handle.procs[0].pid, signal.SIGKILL)
+        assert wait_until(lambda: handle.poll(), 30, "the agent's end") == -signal.SIGKILL
+        wait_until(lambda: not any(pid_alive(pid) for pid in ranks), 30, "the ranks to end")
+    finally:
+        for pid in ranks:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_to_the_agent_from_outside_stops_the_run(tmp_path):
+    """`kill <torchrun_pid>` (the pid `status` shows): the agent passes SIGTERM to the ranks, which checkpoint, and
+    exits 1 on the signal; the run ends STOPPED (130) as one whose trainer got SIGTERM from outside does. It ended
+    FAILED: 'trainer exited with 1: ...SignalException: Process N got signal: 15'."""
+    owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                              "stats.progress_bar=False", "mode=torchrun", *SMALL, "trainer.total_train_steps=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        rd = wait_for_steps(tmp_path, 3)
+        run = json.loads((rd / "registry" / "run.json").read_text())
+        os.kill(run["steps"]["trainer"]["torchrun_pid"], signal.SIGTERM)
+        out, _ = owner.communicate(timeout=120)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    run = json.loads((rd / "registry" / "run.json").read_text())
+    assert owner.returncode == 130 and run["state"] == "STOPPED", (out, run)
+    assert "stopped by a signal from outside" in run["reason"], run

@@ -1,9 +1,10 @@
 """`mode=ray`: the plan's steps on an existing Ray cluster (``cluster.ray_address``).
 
 Each step is a placement group shaped like its ``srun`` step (one bundle per node), pinned to the Ray node picked at
-submit for its plan node. Each task is a `StepTask` actor running the step's command with the environment srun would
-give it; the process dies with its actor. The owner runs in the submitting process, as with mode=local. With
-``shutdown_server_on_exit=False`` the servers' actors and groups are detached (`stop_leftovers` removes them).
+submit for its plan node (while alive). Each task is a `StepTask` actor running the step's command with the
+environment srun would give it; the process dies with its actor. The owner runs in the submitting process, as with
+mode=local. With ``shutdown_server_on_exit=False`` the servers' actors and groups are detached (`stop_leftovers`
+removes them).
 ``registry/ray.json`` names the cluster, namespace and name prefix of the run's actors and placement groups.
 """
 
@@ -227,7 +228,16 @@ class RayRunner(Runner):
         self._reserved: Dict[str, Any] = {}
 
     def _pinned(self, step: StepSpec) -> bool:
-        return self.pin and step.relative_node >= 0
+        """On its plan node(s), while they are alive (a step restarted after its node died goes where there is room)."""
+        if not (self.pin and step.relative_node >= 0):
+            return False
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        if set(self.nodes[step.relative_node:step.relative_node + step.nodes]) <= alive:
+            return True
+        log.warning("%s: its plan node(s) left the Ray cluster; placing it where the cluster has room", step.name)
+        return False
 
     def _placement(self, step: StepSpec, timeout_s: float) -> Optional[Tuple[Any, str]]:
         """(placement group, its name) for ``step`` once ready; None (nothing left behind) if the cluster has no

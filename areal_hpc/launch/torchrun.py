@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS, set_parent_death_signal
 from areal_hpc.launch.local import ProcessHandle, ProcessRunner, host_env, spawn
+from areal_hpc.launch.outcome import TRAINER_STOPPED
 from areal_hpc.launch.owner import StepHandle
 from areal_hpc.launch.plan import StepSpec, has_servers
 from areal_hpc.registry import free_port
@@ -73,14 +74,25 @@ class AgentHandle(ProcessHandle):
     def __init__(self, step: StepSpec, procs: List[subprocess.Popen], gpus: List[int], log_from: int):
         super().__init__(step, procs, gpus)
         self.log_from, self.rc = log_from, None  # where this agent's part of torchrun.log (appended to) begins
+        self.seen: List[int] = []  # its ranks at the last poll
 
     def poll(self) -> Optional[int]:
-        if self.rc is None and (rc := super().poll()) is not None:
+        ranks = _ranks(self.procs[0]) if self.rc is None else []
+        if self.rc is None and (rc := super().poll()) is None:
+            self.seen = ranks
+        elif self.rc is None:
+            for pid in ranks or self.seen:  # a SIGKILLed agent stops none of its ranks: they end with it
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
             self.rc = rc  # read once: the agent exits 1 whatever ended its ranks; a signal it logged says more
             with contextlib.suppress(OSError), open(Path(self.step.log).with_name("torchrun.log"), "rb") as f:
                 f.seek(self.log_from)
-                last = re.findall(r"failed \(exitcode: (-?\d+)\)", f.read().decode(errors="replace"))
+                text = f.read().decode(errors="replace")
+                last = re.findall(r"failed \(exitcode: (-?\d+)\)", text)
                 self.rc = int(last[-1]) if rc and last and int(last[-1]) < 0 else rc
+                # the agent got a signal (kill <torchrun pid>) and passed it to the ranks: they stop as the trainer does
+                if rc and (sig := re.search(r"SignalException: Process \d+ got signal: (\d+)", text)):
+                    self.rc = TRAINER_STOPPED if int(sig[1]) in (signal.SIGTERM, signal.SIGINT) else -int(sig[1])
         return self.rc
 
     def info(self) -> Dict[str, object]:
