@@ -81,7 +81,7 @@ class AgentHandle(ProcessHandle):
         if self.rc is None and (rc := super().poll()) is None:
             self.seen = ranks
         elif self.rc is None:
-            for pid in ranks or self.seen:  # a SIGKILLed agent stops none of its ranks: they end with it
+            for pid in (ranks or self.seen) if rc < 0 else ():  # a SIGKILLed agent stops none of its ranks
                 with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGKILL)
             self.rc = rc  # read once: the agent exits 1 whatever ended its ranks; a signal it logged says more
