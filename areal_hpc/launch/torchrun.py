@@ -77,22 +77,26 @@ class AgentHandle(ProcessHandle):
         self.seen: List[int] = []  # its ranks at the last poll
 
     def poll(self) -> Optional[int]:
-        ranks = _ranks(self.procs[0]) if self.rc is None else []
-        if self.rc is None and (rc := super().poll()) is None:
+        if self.rc is not None:
+            return self.rc
+        ranks = _ranks(self.procs[0])
+        rc = super().poll()
+        if rc is None:
             self.seen = ranks
-        elif self.rc is None:
-            for pid in (ranks or self.seen) if rc < 0 else ():  # a SIGKILLed agent stops none of its ranks
+            return None
+        if rc < 0:  # a SIGKILLed agent stops none of its ranks (each in a session of its own): they end with it
+            for pid in ranks or self.seen:
                 with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGKILL)
-            self.rc = rc  # read once: the agent exits 1 whatever ended its ranks; a signal it logged says more
-            with contextlib.suppress(OSError), open(Path(self.step.log).with_name("torchrun.log"), "rb") as f:
-                f.seek(self.log_from)
-                text = f.read().decode(errors="replace")
-                last = re.findall(r"failed \(exitcode: (-?\d+)\)", text)
-                self.rc = int(last[-1]) if rc and last and int(last[-1]) < 0 else rc
-                # the agent got a signal (kill <torchrun pid>) and passed it to the ranks: they stop as the trainer does
-                if rc and (sig := re.search(r"SignalException: Process \d+ got signal: (\d+)", text)):
-                    self.rc = TRAINER_STOPPED if int(sig[1]) in (signal.SIGTERM, signal.SIGINT) else -int(sig[1])
+        self.rc = rc  # read once: the agent exits 1 whatever ended its ranks; a signal it logged says more
+        with contextlib.suppress(OSError), open(Path(self.step.log).with_name("torchrun.log"), "rb") as f:
+            f.seek(self.log_from)
+            text = f.read().decode(errors="replace")
+            last = re.findall(r"failed \(exitcode: (-?\d+)\)", text)
+            self.rc = int(last[-1]) if rc and last and int(last[-1]) < 0 else rc
+            # the agent got a signal (kill <torchrun pid>) and passed it to the ranks: they stop as the trainer does
+            if rc and (sig := re.search(r"SignalException: Process \d+ got signal: (\d+)", text)):
+                self.rc = TRAINER_STOPPED if int(sig[1]) in (signal.SIGTERM, signal.SIGINT) else -int(sig[1])
         return self.rc
 
     def info(self) -> Dict[str, object]:
