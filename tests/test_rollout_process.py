@@ -15,6 +15,7 @@ import pytest
 from ranks import run_ranks
 
 from areal_hpc.registry import RegistryTimeout
+from areal_hpc.registry.util import pid_alive
 from areal_hpc.rollout import RolloutError
 from areal_hpc.trainers.rollout_process import RolloutProcess, _reply
 
@@ -234,7 +235,7 @@ def test_reward_workers_die_with_a_killed_trainer(tmp_path):
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().rsplit(")", 1)[1][:3]]
+        alive = [p for p in pids if pid_alive(p)]
     for p in alive:  # (a failed test leaves no orphans either)
         os.kill(p, signal.SIGKILL)
     assert not alive, f"orphaned after the trainer's death: {alive}"

@@ -157,7 +157,8 @@ def _moe_worker(rank, path, root):
 def test_a_moe_models_published_weights_keep_the_checkpoint_names(tmp_path):
     """transformers 5 holds a MoE layer's experts fused (``mlp.experts.gate_up_proj [E, 2I, H]``) where checkpoints
     name each expert (``mlp.experts.0.gate_proj.weight``): the published weights had the module's names, which
-    SGLang's loader (disk or broadcast update) does not know. They are now written as ``save_pretrained`` writes them."""
+    SGLang's loader (disk or broadcast update) does not know. They are now written as ``save_pretrained`` writes
+    them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     toy.build_tokenizer(tmp_path / "moe")
