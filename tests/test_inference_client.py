@@ -133,6 +133,35 @@ def test_group_falls_back_to_single_samples_when_its_request_fails():
     run(main())
 
 
+def test_a_group_that_fails_leaves_none_of_its_samples_generating():
+    """One sample's resumption is rejected (4xx): the episode fails, but its other sample went on generating on the
+    server, unseen by the controller (beyond rollout.max_concurrent_rollouts), until its max_new_tokens."""
+    async def main():
+        release, resumes = asyncio.Event(), []
+
+        async def script(path, p):
+            if p["sampling_params"].get("n") == 2:  # both samples aborted by a pause, before any token
+                return 200, [gen_body([], "abort"), gen_body([], "abort")]
+            resumes.append(p)
+            if len(resumes) == 1:
+                return 400, {"message": "input is longer than the context"}
+            await release.wait()  # a long generation
+            return 200, gen_body([1], "stop")
+
+        srv = await Fake(script).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("a", srv.address)
+            with pytest.raises(RequestRejected, match="longer than the context"):
+                await pool.generate_group([1, 2], 2, {"max_new_tokens": 4})
+            await asyncio.sleep(0.3)
+            still = pool.servers["a"]["inflight"]
+        release.set()
+        await srv.stop()
+        assert still == 0, f"{still} sample(s) of the failed group still generating"
+
+    run(main())
+
+
 def test_paused_pool_holds_resumption_until_resume():
     async def main():
         release = asyncio.Event()

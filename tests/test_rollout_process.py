@@ -102,6 +102,29 @@ def test_an_error_while_the_side_is_built_is_raised_by_the_constructor():
         RolloutProcess(make, should_stop=lambda: False)
 
 
+def _a_bug_deep_in_the_child():
+    return {}["missing"]
+
+
+class Buggy(FakeSide):
+    def next_trajectories(self, version):
+        return _a_bug_deep_in_the_child()
+
+
+def test_an_error_in_the_child_carries_the_childs_traceback():
+    """The trainer's traceback ended at `_call`'s ``raise value``: a bare KeyError, nothing saying where it came from."""
+    import traceback
+
+    side = RolloutProcess(Buggy, should_stop=lambda: False)
+    try:
+        with pytest.raises(KeyError) as e:
+            side.next_batch(1)
+        text = "".join(traceback.format_exception(e.value))
+        assert "_a_bug_deep_in_the_child" in text and "rollout process" in text, text
+    finally:
+        side.stop()
+
+
 class FailingStop(FakeSide):
     def stop(self):
         raise RuntimeError("the last weight update failed")

@@ -88,6 +88,17 @@ class _Server:
         return next((v for v in (self.pushed_version, self.record.get("weight_version")) if v is not None), 0)
 
 
+async def _all(coros: Iterable[Any]) -> List[Any]:
+    """`asyncio.gather`, but one that fails cancels the rest (a failed group's samples do not generate on, unseen)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
 class ServerPool:
     disk_load_timeout_s = 900.0  # a weight load's bound (launcher.server_startup_timeout_s bounds a server's first)
 
@@ -332,14 +343,14 @@ class ServerPool:
             body = await self._post_generate(server, api.generate_body(prompt, {**sp, "n": n}), samples=n)
         except _Retryable as e:
             self._mark_failed(server, str(e))
-            return list(await asyncio.gather(*(self.generate(prompt, sp) for _ in range(n))))
+            return await _all(self.generate(prompt, sp) for _ in range(n))
 
         async def finish(item) -> GenerateResult:
             res = GenerateResult([], [], [], "length")
             done = self._absorb(res, api.parse_generate(item, server.known_version()), server)
             return res if done else await self._continue(prompt, sp, res)  # at once when the budget is spent
 
-        return list(await asyncio.gather(*(finish(item) for item in body)))
+        return await _all(finish(item) for item in body)
 
     # ------------------------------------------------------------------ fan-out
     async def _call(self, s: _Server, method: str, path: str, payload: Optional[dict],

@@ -11,6 +11,7 @@ import pickle
 import signal
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -108,8 +109,10 @@ class RolloutProcess(BackgroundUpdates):
             kind, value = conn.recv()
         except EOFError:
             raise _ChildGone(f"the rollout process exited during {name}()") from None
-        if kind == "err":
-            raise value
+        if kind == "err":  # with the child's traceback as its cause (pickling drops it)
+            exc, tb = value
+            exc.__cause__ = RuntimeError(f"in the rollout process:\n{tb.rstrip()}")
+            raise exc
         return value
 
     def start(self) -> None:
@@ -179,12 +182,14 @@ def _answer(side, conn) -> None:
             return
 
 
-def _reply(conn, kind: str, value: Any) -> None:
+def _reply(conn, kind: str, value: Any, tb: Optional[str] = None) -> None:
+    if kind == "err":  # an error goes with its traceback here
+        tb = tb or "".join(traceback.format_exception(value))
     try:
         if kind == "err":  # one that pickles but cannot be rebuilt (its __init__ takes more than the message)
             pickle.loads(pickle.dumps(value))
-        conn.send((kind, value))
+        conn.send((kind, (value, tb) if kind == "err" else value))
     except OSError:  # the trainer is gone
         pass
     except Exception as e:  # noqa: BLE001 - what does not pickle goes as its text (the trainer may be gone)
-        _reply(conn, "err", RuntimeError(f"{type(value).__name__}: {value} ({e})"))
+        _reply(conn, "err", RuntimeError(f"{type(value).__name__}: {value} ({e})"), tb)
