@@ -359,3 +359,19 @@ def test_a_fixed_port_another_process_holds_fails_at_once_not_registered_at_its_
         assert f"port {port} is in use" in (tmp_path / "serve.log").read_text()
         assert not started.exists(), "SGLang was started on a port another process holds"
         assert reg.get("servers", "g0", live_only=False) is None
+
+
+def test_a_port_in_sglang_args_fails_at_once_not_after_the_startup_timeout(tmp_path):
+    """``server.sglang_args.port=P``: SGLang would serve on P while the server waits for it on its own port, for
+    ``launcher.server_startup_timeout_s`` (15 minutes), then say it "did not become healthy". Refused at once, naming
+    the key to use."""
+    from areal_hpc.registry import free_port
+
+    with _fake_server(tmp_path, FAKE_LAUNCH_SERVER, f"server.sglang_args.port={free_port()}") as (proc, reg, out):
+        try:
+            assert proc.wait(30) == 1
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server waited for SGLang on a port it does not serve on") from None
+        assert "server.port" in (tmp_path / "serve.log").read_text()
+        assert not out.exists(), "SGLang was started"
+        assert reg.get("servers", "g0", live_only=False) is None

@@ -325,8 +325,13 @@ class ServerLifecycle:
             log.error("server %s: port %d is in use on %s (another process holds it); free it, or leave server.port "
                       "unset to take a free one", self.server_id, self.cfg.port, socket.gethostname())
             return EXIT_FAILED
-        if await self._unless_stopped(self._start_hf() if self.backend == "hf" else self._start_sglang()) is _STOPPED:
-            return EXIT_OK  # signalled while the model loads
+        try:
+            start = self._start_hf() if self.backend == "hf" else self._start_sglang()
+            if await self._unless_stopped(start) is _STOPPED:
+                return EXIT_OK  # signalled while the model loads
+        except ValueError as e:  # a model it cannot load; server.sglang_args naming a flag the server sets
+            log.error("server %s: %s", self.server_id, e)
+            return EXIT_FAILED
         if self.backend == "sglang" and self.node_rank > 0:
             # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
             while not self._stop.is_set() and self._backend_alive():
