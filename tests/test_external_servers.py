@@ -433,3 +433,21 @@ def test_stop_external_leaves_another_users_process_that_took_the_pid(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_attaching_a_server_already_in_the_run_under_another_address_is_refused(tmp_path):
+    """`add-servers url=http://127.0.0.1:PORT` of a server the run already has (registered as ``host:PORT``, e.g. an
+    `areal-hpc serve` by hand): the same server twice would get every rollout and weight update twice. The `hf` server
+    says which it is (its id and pid), whatever the URL's spelling."""
+    from areal_hpc.config import ConfigError
+    from areal_hpc.launch import external
+
+    proc, address, _ = start_standalone(tmp_path, "g0")
+    try:
+        reg = Registry(tmp_path / "standalone-g0" / "registry", ttl_s=TTL_S)
+        port = address.rsplit(":", 1)[1]
+        with pytest.raises(ConfigError, match="already in this run as g0"):
+            external.attach(reg, f"http://127.0.0.1:{port}")
+        assert sorted(reg.list("servers", live_only=False)) == ["g0"]
+    finally:
+        kill(proc)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import Registry, pid_alive
-from helpers import serve_argv
+from helpers import json_http_server, serve_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -239,7 +239,8 @@ def _fake_server(tmp_path: Path, script: str, *words: str):
     env.pop("CUDA_VISIBLE_DEVICES", None)
     argv = serve_argv(tmp_path / "run", "g0", "server.model_path=/models/m", "launcher.heartbeat_s=0.3",
                       "launcher.ttl_s=2", *words, backend="sglang")
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    with open(tmp_path / "serve.log", "wb") as log:  # what it logs
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.PIPE, start_new_session=True)
     try:
         yield proc, reg, out
     finally:
@@ -332,3 +333,45 @@ def test_a_port_race_is_read_from_this_sglang_s_own_log_lines(tmp_path):
     with _fake_server(tmp_path, script) as (proc, reg, out):
         assert proc.wait(60) == 1
         assert starts.read_text() == "x", "a crash was taken for a port race"
+
+
+
+def test_a_fixed_port_another_process_holds_fails_at_once_not_registered_at_its_address(tmp_path):
+    """``server.port`` fixed but taken on the node (another user's server, one left over): SGLang binds its port only
+    after loading the model, and meanwhile that other process answers ``/health``. The server must not register as
+    ready at an address that is not its own: it fails at once, naming the port."""
+    started = tmp_path / "started"
+    script = textwrap.dedent(f'''
+        import time
+        open({str(started)!r}, "w").close()
+        time.sleep(30)  # loading the model; binding the port then fails
+        raise SystemExit("OSError: [Errno 98] Address already in use")
+    ''')
+    # SGLang answers /health without a key
+    with json_http_server(lambda method, path, body: (200, {}) if path == "/health" else (401, {})) as port, \
+            _fake_server(tmp_path, script, f"server.port={port}") as (proc, reg, out):
+        reg.delete("weights", "latest")  # nothing published yet: no weight load to fail against it
+        deadline = time.monotonic() + 25
+        while proc.poll() is None and time.monotonic() < deadline:
+            assert (reg.get("servers", "g0") or {}).get("state") != "ready", "registered at another process's port"
+            time.sleep(0.1)
+        assert proc.poll() == 1, "a server whose port is taken must fail at once"
+        assert f"port {port} is in use" in (tmp_path / "serve.log").read_text()
+        assert not started.exists(), "SGLang was started on a port another process holds"
+        assert reg.get("servers", "g0", live_only=False) is None
+
+
+def test_a_port_in_sglang_args_fails_at_once_not_after_the_startup_timeout(tmp_path):
+    """``server.sglang_args.port=P``: SGLang would serve on P while the server waits for it on its own port, for
+    ``launcher.server_startup_timeout_s`` (15 minutes), then say it "did not become healthy". Refused at once, naming
+    the key to use."""
+    from areal_hpc.registry import free_port
+
+    with _fake_server(tmp_path, FAKE_LAUNCH_SERVER, f"server.sglang_args.port={free_port()}") as (proc, reg, out):
+        try:
+            assert proc.wait(30) == 1
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server waited for SGLang on a port it does not serve on") from None
+        assert "server.port" in (tmp_path / "serve.log").read_text()
+        assert not out.exists(), "SGLang was started"
+        assert reg.get("servers", "g0", live_only=False) is None

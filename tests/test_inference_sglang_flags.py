@@ -130,3 +130,11 @@ def test_version_pinned_once():
     text = setup_cfg.read_text()
     if "sglang" in text:
         assert f"sglang=={SGLANG_VERSION}" in text.replace(" ", ""), "setup.cfg pins another sglang version"
+
+
+@pytest.mark.parametrize("key", ["port", "--host", "api_key", "config", "model-path"])
+def test_flags_the_lifecycle_sets_itself_are_refused_in_sglang_args(key):
+    """The server talks to SGLang at its host, port and key, and records its model: one of those passed through would
+    leave it waiting on an address SGLang does not serve, or a record that lies."""
+    with pytest.raises(ValueError, match=f"server.sglang_args.{key}"):
+        build_sglang_options(ServerConfig(sglang_args={key: "x"}), "/m", host="h", port=1)

@@ -49,6 +49,16 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     return await asyncio.wrap_future(fut)
 
 
+def _bindable(host: str, port: int) -> bool:
+    """Whether ``port`` is free on ``host`` now (as SGLang binds it: address reuse on)."""
+    v6 = ":" in host
+    try:
+        socket.create_server((host, port), family=socket.AF_INET6 if v6 else socket.AF_INET, dualstack_ipv6=v6).close()
+        return True
+    except OSError:
+        return False
+
+
 def _host_port(host: str, port: int) -> str:
     """``host:port``, an IPv6 literal in brackets (``[::1]:30000``)."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -309,8 +319,19 @@ class ServerLifecycle:
         return "already in use" in tail or "Address in use" in tail
 
     async def _serve(self) -> int:
-        if await self._unless_stopped(self._start_hf() if self.backend == "hf" else self._start_sglang()) is _STOPPED:
-            return EXIT_OK  # signalled while the model loads
+        if self.backend == "sglang" and self.node_rank == 0 and self.cfg.port and not _bindable(self.bind_host,
+                                                                                                  self.cfg.port):
+            # SGLang binds it only once its model is loaded: until then whatever holds it would answer our health checks
+            log.error("server %s: port %d is in use on %s (another process holds it); free it, or leave server.port "
+                      "unset to take a free one", self.server_id, self.cfg.port, socket.gethostname())
+            return EXIT_FAILED
+        try:
+            start = self._start_hf() if self.backend == "hf" else self._start_sglang()
+            if await self._unless_stopped(start) is _STOPPED:
+                return EXIT_OK  # signalled while the model loads
+        except ValueError as e:  # a model it cannot load; server.sglang_args naming a flag the server sets
+            log.error("server %s: %s", self.server_id, e)
+            return EXIT_FAILED
         if self.backend == "sglang" and self.node_rank > 0:
             # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
             while not self._stop.is_set() and self._backend_alive():

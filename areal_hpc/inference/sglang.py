@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 SGLANG_VERSION = "0.5.23"
 
 Value = Union[None, str, List[str]]  # None = bare boolean flag
+# flags the server sets itself (it talks to SGLang at this address with this key, records the model): what sets them
+OWNED = {"--host": "server.host", "--port": "server.port", "--api-key": "the run's key", "--config": "the run's key",
+         "--model-path": "server.model_path"}
 
 
 def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port: int,
@@ -62,6 +65,8 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
     for key, value in (cfg.sglang_args or {}).items():
         key = key.strip()
         flag = key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")
+        if flag in OWNED:
+            raise ValueError(f"server.sglang_args.{key}: {flag} is set by areal-hpc itself; use {OWNED[flag]}")
         word = value.strip().lower() if isinstance(value, str) else None
         if value is False or word == "false":
             opts.pop(flag, None)

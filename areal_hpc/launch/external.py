@@ -138,14 +138,19 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
     """Check, align and register an already-running server; returns its (id, record)."""
     base, address = parse_url(url)
 
+    info: Dict[str, Any] = {}
+
     def refuse_a_duplicate() -> None:
-        have = find(reg, address)
+        have = find(reg, address) or next(  # under another address: our `hf` server says its id and pid
+            ((s, r) for s, r in reg.list("servers", live_only=False).items()
+             if info.get("server_id") == s and info.get("pid") == r.get("pid")), None)
         if have is not None:
             raise ConfigError("url", f"{base} is already in this run as {have[0]}",
                               f"`areal-hpc remove-server {have[0]} ...` first")
     refuse_a_duplicate()  # at once, before the checks and the weight load
     key = api_key or reg.secret()
     info = probe(base, key)
+    refuse_a_duplicate()
     version = load_published(base, key, reg)
     if version is None:
         version = api.model_info_version(info)
