@@ -242,6 +242,18 @@ def test_one_sample_a_prompt_with_group_advantages_is_refused(tmp_path, norm, ok
         assert e.value.key == "rollout.n_samples"
 
 
+@pytest.mark.parametrize("flag", ["port", "--host", "api_key", "model-path"])
+def test_sglang_args_naming_a_flag_the_server_sets_are_refused_at_submit(tmp_path, flag):
+    """SGLang would serve where the server step does not look (port, host), with another key or model: the step waited
+    out launcher.server_startup_timeout_s on the cluster, after the queue. Refused at submit, naming the key to use."""
+    c = load_config(None, ["trainer.ppo.actor.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum",
+                           f"cluster.fileroot={tmp_path}", "cluster.n_gpus_per_node=0",
+                           f"server.sglang_args.{flag}=1"])
+    with pytest.raises(ConfigError, match="sets itself") as e:
+        validate(c)
+    assert e.value.key == f"server.sglang_args.{flag}"
+
+
 @pytest.mark.parametrize("e, fields", [
     (ConfigError("rollout.n", "must be >= 1", "set it to 1 or more"), ("key", "problem", "hint")),
     (DatasetError("split", "no split dev", "set it to one of them"), ("field", "message", "hint")),

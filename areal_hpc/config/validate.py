@@ -44,6 +44,9 @@ _SBATCH_OWNED = {**{k: f"set cluster.{k}" for k in ("time", "partition", "accoun
 _SRUN_OWNED = dict.fromkeys(("nodes", "N", "ntasks", "n", "ntasks-per-node", "relative", "r", "exact", "cpus-per-task",
                              "c", "mem", "mem-per-cpu", "mem-per-gpu", "gres", "gpus-per-task", "job-name", "J",
                              "output", "o", "open-mode", "jobid"), "leave it out: areal-hpc sizes each step itself")
+# SGLang flags the server step sets itself (it talks to SGLang at this address with this key, records the model)
+SGLANG_OWNED = {"host": "server.host", "port": "server.port", "api-key": "the run's key", "config": "the run's key",
+                "model-path": "server.model_path"}
 # real sbatch/srun options that are prefixes of owned ones, not abbreviations of them
 _NOT_ABBREVIATIONS = ("ntasks", "gpus")
 # What the longest path written inside a run dir adds to it (kept under PATH_MAX): a hand-started server's record temp,
@@ -211,6 +214,11 @@ def check_ranges(cfg: ExperimentConfig) -> None:
             if name in owned:
                 raise ConfigError(f"cluster.{key}[{i}]", f"{'--' if long else '-'}{name} is an option areal-hpc sets "
                                   "itself", owned[name])
+    for name in cfg.server.sglang_args:
+        flag = name.strip().lstrip("-").replace("_", "-")
+        if flag in SGLANG_OWNED:
+            raise ConfigError(f"server.sglang_args.{name}", f"--{flag} is a flag areal-hpc sets itself",
+                              f"use {SGLANG_OWNED[flag]}")
     for name in (n for n, v in cfg.server.sglang_args.items() if v == []):  # [] renders a bare flag, as true does
         raise ConfigError(f"server.sglang_args.{name}", "is an empty list, which gives the flag no value",
                           "give true for a bare flag, false to leave the flag out, or a list of its values")

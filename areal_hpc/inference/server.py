@@ -319,9 +319,9 @@ class ServerLifecycle:
         return "already in use" in tail or "Address in use" in tail
 
     async def _serve(self) -> int:
-        if self.backend == "sglang" and self.node_rank == 0 and self.cfg.port and not _bindable(self.bind_host,
-                                                                                                  self.cfg.port):
-            # SGLang binds it only once its model is loaded: until then whatever holds it would answer our health checks
+        # SGLang binds its port only once its model is loaded: until then whatever holds it would answer our checks
+        fixed_port = self.backend == "sglang" and self.node_rank == 0 and self.cfg.port
+        if fixed_port and not _bindable(self.bind_host, self.cfg.port):
             log.error("server %s: port %d is in use on %s (another process holds it); free it, or leave server.port "
                       "unset to take a free one", self.server_id, self.cfg.port, socket.gethostname())
             return EXIT_FAILED

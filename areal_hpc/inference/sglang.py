@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from areal_hpc.config.schema import ServerConfig
+from areal_hpc.config.validate import SGLANG_OWNED
 from areal_hpc.registry.util import atomic_write
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,6 @@ log = logging.getLogger(__name__)
 SGLANG_VERSION = "0.5.23"
 
 Value = Union[None, str, List[str]]  # None = bare boolean flag
-# flags the server sets itself (it talks to SGLang at this address with this key, records the model): what sets them
-OWNED = {"--host": "server.host", "--port": "server.port", "--api-key": "the run's key", "--config": "the run's key",
-         "--model-path": "server.model_path"}
 
 
 def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port: int,
@@ -65,8 +63,9 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
     for key, value in (cfg.sglang_args or {}).items():
         key = key.strip()
         flag = key if key.startswith("--") else "--" + key.lstrip("-").replace("_", "-")
-        if flag in OWNED:
-            raise ValueError(f"server.sglang_args.{key}: {flag} is set by areal-hpc itself; use {OWNED[flag]}")
+        if flag[2:] in SGLANG_OWNED:  # (submit refuses them too; a hand-run `serve` may not have been checked)
+            raise ValueError(f"server.sglang_args.{key}: {flag} is set by areal-hpc itself; "
+                             f"use {SGLANG_OWNED[flag[2:]]}")
         word = value.strip().lower() if isinstance(value, str) else None
         if value is False or word == "false":
             opts.pop(flag, None)

@@ -138,26 +138,24 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
     """Check, align and register an already-running server; returns its (id, record)."""
     base, address = parse_url(url)
 
-    info: Dict[str, Any] = {}
-
-    def refuse_a_duplicate() -> None:
+    def refuse_a_duplicate(info: Dict[str, Any]) -> None:
         have = find(reg, address) or next(  # under another address: our `hf` server says its id and pid
             ((s, r) for s, r in reg.list("servers", live_only=False).items()
              if info.get("server_id") == s and info.get("pid") == r.get("pid")), None)
         if have is not None:
             raise ConfigError("url", f"{base} is already in this run as {have[0]}",
                               f"`areal-hpc remove-server {have[0]} ...` first")
-    refuse_a_duplicate()  # at once, before the checks and the weight load
+    refuse_a_duplicate({})  # at once, before the checks and the weight load
     key = api_key or reg.secret()
     info = probe(base, key)
-    refuse_a_duplicate()
+    refuse_a_duplicate(info)
     version = load_published(base, key, reg)
     if version is None:
         version = api.model_info_version(info)
         log.warning("no weights are published yet: the first disk update will tell whether %s can read the run's "
                     "weights directory", base)
     with reg.locked("external"):
-        refuse_a_duplicate()  # again, under the lock: a concurrent attach of the same server may have won
+        refuse_a_duplicate(info)  # again, under the lock: a concurrent attach of the same server may have won
         used = [int(s[len(PREFIX):]) for s in reg.list("servers", live_only=False)
                 if s.startswith(PREFIX) and s[len(PREFIX):].isdigit()]
         sid = f"{PREFIX}{max(used, default=-1) + 1}"
