@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from areal_hpc.config.schema import ServerConfig
-from areal_hpc.config.validate import SGLANG_OWNED
+from areal_hpc.config.pass_through import SGLANG_OWNED
 from areal_hpc.registry.util import atomic_write
 
 log = logging.getLogger(__name__)
