@@ -255,3 +255,18 @@ def test_an_sft_run_ended_by_its_epochs_decays_its_lr_over_the_steps_it_trains(t
     got = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     f = lr_lambda(OptimizerConfig(warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1), total_steps=5)
     assert got == pytest.approx([1e-3 * f(k) for k in range(5)], rel=1e-9), got
+
+
+def test_a_conversational_completion_is_trained_as_its_reply_not_as_the_text_of_a_list(tmp_path, monkeypatch):
+    """TRL's conversational prompt-completion rows (``completion: [{role: assistant, content}]``, the README's
+    ``messages_key=prompt``) were trained on the Python text of the list, "[{'role': 'assistant', ...}]", silently.
+    One assistant message is now its content; any other list or dict is a `DatasetError` when the data is loaded."""
+    reply = [{"role": "assistant", "content": "7"}]
+    t = sft_trainer_on(tmp_path, monkeypatch, [{"prompt": "3+4=", "completion": reply}] * 2, answer_key="completion")
+    t.train_step(1)
+    (batch,) = t.learner.batches
+    assert batch["loss_mask"].sum(1).tolist() == [2, 2]  # "7" and its end
+    assert t.tokenizer.decode(batch["input_ids"][0][batch["loss_mask"][0].bool()]) == "7<eos>"
+    with pytest.raises(DatasetError, match="answer_key.*one assistant message"):
+        sft_trainer_on(tmp_path, monkeypatch, [{"prompt": "3+4=", "completion": reply * 2}] * 2,
+                       answer_key="completion")
