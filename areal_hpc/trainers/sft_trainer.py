@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from areal_hpc.config import ConfigError
 from areal_hpc.rollout.data import DatasetError
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
@@ -32,9 +33,12 @@ class SFTTrainer(Trainer):
         except ValueError as e:
             raise DatasetError("answer_key", str(e)) from None
         # the LR schedule ends where training does: the last full batch of the epochs, if that comes first
-        steps = cfg.trainer.total_train_steps
+        steps, n = cfg.trainer.total_train_steps, len(self.loader.rows)
+        if epochs and epochs * n < sft.batch_size:  # else step 1 found no batch: exit 0, the untrained model published
+            raise ConfigError("trainer.sft.batch_size", f"{n} row(s) x {epochs} epoch(s) fill no batch of "
+                              f"{sft.batch_size}", "lower it, or raise trainer.total_train_epochs")
         if epochs:
-            steps = min(steps, max(1, epochs * len(self.loader.rows) // sft.batch_size))
+            steps = min(steps, epochs * n // sft.batch_size)
         self.learner = SFTLearner(sft, steps)
         return self.learner.engine
 
