@@ -156,3 +156,13 @@ def test_an_evaluation_whose_every_episode_fails_is_an_error(tmp_path, make_eval
     with pytest.raises(RolloutError, match="all 2 evaluation episodes failed; first: RuntimeError"):
         make_eval("test-fails-on-3").run()
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_an_evaluation_whose_every_episode_not_skipped_fails_is_an_error(tmp_path, make_eval):
+    """Row "1" skipped, row "3" failed: the run wrote a report of 0 prompts, pass@1 0.0, and exited 0 (COMPLETED)."""
+    from areal_hpc.rollout import RolloutError
+
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in "13"))
+    with pytest.raises(RolloutError, match=r"all 1 evaluation episodes failed \(1 row\(s\) skipped\); first: Runtime"):
+        make_eval("test-fails-on-3").run()
+    assert not (tmp_path / "eval.json").exists()

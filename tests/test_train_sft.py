@@ -152,9 +152,9 @@ def test_tokens_counts_the_whole_batch_not_rank0s_share_times_the_ranks(monkeypa
     assert trainer.train_step(1)["tokens"] == sum(lengths)
 
 
-def sft_trainer_on(tmp_path, monkeypatch, rows, **dataset):
-    """An `SFTTrainer` set up on ``rows`` (a JSONL file, raw-text prompts, batches of 2, ``dataset`` overrides) whose
-    learner only records the batches it gets (``t.learner.batches``)."""
+def sft_trainer_on(tmp_path, monkeypatch, rows, epochs=0, **dataset):
+    """An `SFTTrainer` set up on ``rows`` (a JSONL file, raw-text prompts, batches of 2, ``epochs``, ``dataset``
+    overrides) whose learner only records the batches it gets (``t.learner.batches``)."""
     from areal_hpc.config import ExperimentConfig, parse_allocation
     from areal_hpc.registry import Registry
     from areal_hpc.train.phases import PhaseTimer
@@ -178,6 +178,7 @@ def sft_trainer_on(tmp_path, monkeypatch, rows, **dataset):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = ExperimentConfig()
     cfg.trainer.type, cfg.trainer.sft.batch_size, cfg.trainer.sft.model.path = "sft", 2, Learner.model_path
+    cfg.trainer.total_train_epochs = epochs
     cfg.train_dataset.path, cfg.train_dataset.chat_template, cfg.train_dataset.shuffle = str(data), "none", False
     for key, value in dataset.items():
         setattr(cfg.train_dataset, key, value)
@@ -255,3 +256,30 @@ def test_an_sft_run_ended_by_its_epochs_decays_its_lr_over_the_steps_it_trains(t
     got = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     f = lr_lambda(OptimizerConfig(warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1), total_steps=5)
     assert got == pytest.approx([1e-3 * f(k) for k in range(5)], rel=1e-9), got
+
+
+def test_a_conversational_completion_is_trained_as_its_reply_not_as_the_text_of_a_list(tmp_path, monkeypatch):
+    """TRL's conversational prompt-completion rows (``completion: [{role: assistant, content}]``, the README's
+    ``messages_key=prompt``) were trained on the Python text of the list, "[{'role': 'assistant', ...}]", silently.
+    One assistant message is now its content; any other list or dict is a `DatasetError` when the data is loaded."""
+    reply = [{"role": "assistant", "content": "7"}]
+    t = sft_trainer_on(tmp_path, monkeypatch, [{"prompt": "3+4=", "completion": reply}] * 2, answer_key="completion")
+    t.train_step(1)
+    (batch,) = t.learner.batches
+    assert batch["loss_mask"].sum(1).tolist() == [2, 2]  # "7" and its end
+    assert t.tokenizer.decode(batch["input_ids"][0][batch["loss_mask"][0].bool()]) == "7<eos>"
+    with pytest.raises(DatasetError, match="answer_key.*one assistant message"):
+        sft_trainer_on(tmp_path, monkeypatch, [{"prompt": "3+4=", "completion": reply * 2}] * 2,
+                       answer_key="completion")
+
+
+def test_epochs_of_rows_that_fill_no_batch_are_an_error_not_a_completed_run_that_trained_nothing(tmp_path, monkeypatch):
+    """1 usable row, 1 epoch, batches of 2: the first step found no full batch, so the run ended at step 0 with exit
+    0 (COMPLETED) and published the untrained model as its weights, a warning its only sign."""
+    from areal_hpc.config import ConfigError
+
+    rows = [{"prompt": "3+4=", "answer": "7"}, {"prompt": "1+2+3+4+5+6+7+8+9=", "answer": "45"}]  # one over 8
+    with pytest.raises(ConfigError, match=r"trainer.sft.batch_size: 1 row\(s\) x 1 epoch\(s\) fill no batch of 2"):
+        sft_trainer_on(tmp_path, monkeypatch, rows, epochs=1, max_prompt_len=8)
+    t = sft_trainer_on(tmp_path, monkeypatch, rows, epochs=2, max_prompt_len=8)  # 2 rows: one batch
+    assert t.train_step(1) is not None and t.train_step(2) is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -15,6 +15,17 @@ def sft_loss(out: Dict[str, torch.Tensor], mb: Dict[str, torch.Tensor]):
     """Mean negative logprob of the ``loss_mask`` tokens (0 for an empty mask)."""
     mask = mb["loss_mask"].float()
     return -masked_mean(out["logprobs"], mask), {"entropy": masked_mean(out["entropy"], mask).detach()}
+
+
+def answer_text(answer: Any) -> str:
+    """A row's answer as text: a string (or number), or TRL's conversational completion, one assistant message."""
+    if isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], Mapping) \
+            and answer[0].get("role") == "assistant":
+        return str(answer[0].get("content") or "")
+    if isinstance(answer, (list, Mapping)):
+        raise ValueError(f"an SFT answer is a string or one assistant message ([{{role, content}}]), "
+                         f"got {answer!r:.200}")
+    return str(answer)
 
 
 def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "prompt", answer_key: str = "answer",
@@ -31,7 +42,7 @@ def tokenize_rows(rows: Sequence[Dict[str, Any]], tokenizer, prompt_key: str = "
         end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for row in rows:
         p = encode(row)
-        a = tokenizer(str(row[answer_key]), add_special_tokens=False)["input_ids"] + end
+        a = tokenizer(answer_text(row[answer_key]), add_special_tokens=False)["input_ids"] + end
         samples.append({"input_ids": torch.tensor(p + a, dtype=torch.long),
                         "loss_mask": torch.tensor([0] * len(p) + [1] * len(a), dtype=torch.long)})
     return collate(samples, pad_values={"input_ids": tokenizer.pad_token_id or 0})

@@ -38,11 +38,14 @@ class EvalTrainer(Trainer):
             log.warning("evaluation stopped on request: no report")
             return STOPPED_EXIT  # not 0: a run stopped from outside the launcher would read "completed"
         failed = [r for r in results if isinstance(r, BaseException)]  # counted and left out, as training does
+        done = [(g, row) for g, row in zip(results, rows) if isinstance(g, Group)]  # None: the workflow skipped it
         if failed:
             log.warning("eval: %d of %d episodes failed; first: %r", len(failed), len(rows), failed[0])
-            if len(failed) == len(rows):
-                raise RolloutError(f"all {len(rows)} evaluation episodes failed; first: {failed[0]!r}") from failed[0]
-        done = [(g, row) for g, row in zip(results, rows) if isinstance(g, Group)]  # None: the workflow skipped it
+            if not done:  # (a report of 0 prompts, exit 0, would read as completed)
+                skipped = len(rows) - len(failed)
+                raise RolloutError(f"all {len(failed)} evaluation episodes failed"
+                                   + (f" ({skipped} row(s) skipped)" if skipped else "")
+                                   + f"; first: {failed[0]!r}") from failed[0]
         trajs = [t for g, _ in done for t in g.trajectories]
         per_prompt = [max((t.reward for t in g.trajectories), default=0.0) for g, _ in done]  # empty: none passed
         n, k = max(1, len(trajs)), cfg.rollout.n_samples

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from areal_hpc.config import ConfigError
+from areal_hpc.rollout.data import DatasetError
 from areal_hpc.rollout.prompts import PromptEncoder, PromptFormat
 from areal_hpc.train import dist
 from areal_hpc.train.batching import shard_batch
 from areal_hpc.train.publish import publish_weights
-from areal_hpc.train.sft_loss import SFTLearner, tokenize_rows
+from areal_hpc.train.sft_loss import SFTLearner, answer_text, tokenize_rows
 from areal_hpc.trainers.base import Trainer
 from areal_hpc.trainers.factory import register_trainer
 from areal_hpc.trainers.rollout_side import load_prompts, load_tokenizer
@@ -25,10 +27,18 @@ class SFTTrainer(Trainer):
         self.prompts = PromptEncoder(self.tokenizer, PromptFormat.from_dataset(cfg.train_dataset))
         # rows without an answer or over max_prompt_len are left out with a warning
         self.loader = load_prompts(self.ctx, "train", epochs=epochs, tokenizer=self.tokenizer, answers=True)
+        try:  # now, not at the step that draws a bad one
+            for row in self.loader.rows:
+                answer_text(row[cfg.train_dataset.answer_key])
+        except ValueError as e:
+            raise DatasetError("answer_key", str(e)) from None
         # the LR schedule ends where training does: the last full batch of the epochs, if that comes first
-        steps = cfg.trainer.total_train_steps
+        steps, n = cfg.trainer.total_train_steps, len(self.loader.rows)
+        if epochs and epochs * n < sft.batch_size:  # else step 1 found no batch: exit 0, the untrained model published
+            raise ConfigError("trainer.sft.batch_size", f"{n} row(s) x {epochs} epoch(s) fill no batch of "
+                              f"{sft.batch_size}", "lower it, or raise trainer.total_train_epochs")
         if epochs:
-            steps = min(steps, max(1, epochs * len(self.loader.rows) // sft.batch_size))
+            steps = min(steps, epochs * n // sft.batch_size)
         self.learner = SFTLearner(sft, steps)
         return self.learner.engine
 
