@@ -438,6 +438,23 @@ def test_status_while_a_server_job_is_submitted(tmp_path, monkeypatch):
         {"job_id": "11", "state": "RUNNING", "nodes": "n1", "steps": [], "servers": ["server-1"]}]
 
 
+def test_status_of_a_job_being_requeued(tmp_path, monkeypatch):
+    """`scontrol requeue` (submitit's, after USR2) leaves the job COMPLETING while its steps end and the epilog runs
+    (seconds to a minute), then PENDING: `status` said RUNNING meanwhile, for a run checkpointed and waiting to run
+    again, and counted the requeued driver as a live owner."""
+    rd = stopped_run(tmp_path, "slurm", 1, {"host": "n1", "node": "n1", "pid": 2})
+    reg = Registry.for_run(rd)
+    why = "time limit or preemption (USR2) at step 5: checkpointed, the job is requeued and resumes"
+    reg.put("", "run", {**reg.get("", "run"), "job_id": "10", "state": "REQUEUED", "reason": why})
+    monkeypatch.setattr(slurm, "job_steps", lambda job_id: [])
+    for state in ("COMPLETING", "PENDING"):
+        monkeypatch.setattr(slurm, "job", lambda job_id: {"state": state, "nodes": "n1"})
+        st = collect_status(rd)
+        assert (st["state"], st["reason"]) == ("REQUEUED", why), (state, st)
+    monkeypatch.setattr(slurm, "job", lambda job_id: {"state": "RUNNING", "nodes": "n1"})  # before its new driver
+    assert collect_status(rd)["state"] == "RUNNING"                                       # wrote run.json
+
+
 def test_submit_of_a_job_that_fails_at_once_is_no_success(tmp_path, monkeypatch, capsys):
     """A job already ended when `submit` (launcher.wait=False) first asks about it, e.g. FAILED because
     cluster.python does not exist: `submit` says how the run ended and exits 1, not 0 ("job 5 FAILED on n1")."""

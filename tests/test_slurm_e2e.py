@@ -242,6 +242,21 @@ def test_multi_node_placement(run):
     check_placement(run)
 
 
+def test_trainer_across_two_nodes(run):
+    # 2 servers fill node 0, a 4-rank trainer spans nodes 1-2 (2 GPUs a node): its ranks meet across nodes
+    cluster = [c for c in CLUSTER if not c.startswith(("cluster.n_nodes=", "cluster.n_gpus_per_node="))]
+    run.cli("submit", QUICKSTART, *cluster, *SMALL, *run.names, "cluster.n_nodes=3", "cluster.n_gpus_per_node=2",
+            "allocation_mode=hf.d2p1m1+d4p1m1", "trainer.total_train_steps=3", "saver.freq_steps=0",
+            "launcher.wait=True", timeout=900)
+    plan = json.loads((run.dir / "plan.json").read_text())
+    trainer = next(s for s in plan["steps"] if s["role"] == "trainer")
+    assert plan["nodes"] == 3 and (trainer["relative_node"], trainer["nodes"], trainer["ntasks"]) == (1, 2, 4), plan
+    assert_contiguous(run.steps(), 3)
+    check_placement(run)
+    st = run.status()
+    assert st["state"] == "COMPLETED", st
+
+
 @pytest.mark.slow
 def test_quickstart_learns_on_slurm(root, request):
     # The quickstart's own batch size: reward rises like in mode=local. Mean of the first / last 10

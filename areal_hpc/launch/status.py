@@ -61,7 +61,7 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
     if run.get("mode") == "slurm":
         js = slurm.state_word(job.get("state"))
         slurm_out = str(rd / "logs" / f"slurm-{run.get('job_id')}.out")
-        if js in slurm.WAITING_STATES:
+        if js in slurm.WAITING_STATES or (js == "COMPLETING" and rec_state == outcome.REQUEUED):  # requeue under way
             return {**mine, "state": outcome.REQUEUED if rec_state == outcome.REQUEUED else outcome.PENDING}
         if js in slurm.LIVE_STATES:
             return mine if rec_state in outcome.FINAL else {**mine, "state": outcome.RUNNING}
