@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from areal_hpc.config.validate import check_choices
@@ -35,6 +37,17 @@ def load_plugins(paths) -> None:
                 raise
         else:
             importlib.import_module(p)
+
+
+def plugin_failure(e: BaseException) -> str:
+    """A plugin's import error in one line, with the file and line of the user's code that raised it: the deepest
+    frame outside areal_hpc, the standard library and installed packages (a SyntaxError's own)."""
+    if isinstance(e, SyntaxError):
+        return f"{type(e).__name__}: {e.msg} ({e.filename}, line {e.lineno})"
+    skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(os.__file__), "<")
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if not f.filename.startswith(skip) and "-packages" not in f.filename] or frames[-1:]
+    return f"{type(e).__name__}: {e}" + "".join(f" ({f.filename}, line {f.lineno})" for f in ours[-1:])
 
 
 def known_types():
