@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -24,7 +25,8 @@ def load_plugins(paths) -> None:
     """Import user modules (``pkg.mod`` or ``/path/mod.py``) that register trainers, workflows, rewards or adapters."""
     for p in paths:
         if p.endswith(".py"):
-            name = f"areal_plugin_{Path(p).stem}"
+            # by path: files of one name in two directories are two plugins
+            name = f"areal_plugin_{Path(p).stem}_{hashlib.sha1(os.path.abspath(p).encode()).hexdigest()[:8]}"
             if name in sys.modules:
                 continue
             spec = importlib.util.spec_from_file_location(name, p)  # (a .py path always has a spec and loader)
