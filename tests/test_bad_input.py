@@ -389,3 +389,17 @@ def test_slurm_rejection_keeps_an_existing_run_dir_as_it_was(tmp_path, squeue_em
     after = {p: p.read_bytes() for p in rd.rglob("*") if p.is_file()}
     assert after == before
     assert squeue_empty()
+
+
+@pytest.mark.parametrize("body, line", [("import os\n\nx = undefined_name + 1\n", 3), ("\nimport no_such_module_xyz\n", 2),
+                                        ("def f(:\n", 1)], ids=["NameError", "ImportError", "SyntaxError"])
+def test_a_plugin_that_fails_to_import_is_named_with_its_line_at_submit(tmp_path, capsys, body, line):
+    """`submit` said `importing [...] failed: NameError("name 'undefined_name' is not defined")`: not which file of
+    the list nor which line."""
+    root, plugin = tmp_path / "root", tmp_path / "broken_at_submit.py"
+    root.mkdir()
+    plugin.write_text(body)
+    rc, _, err = cli(capsys, "submit", QUICKSTART, f"cluster.fileroot={root}", f"trainer.plugins=[{plugin}]",
+                     "--dry-run")
+    assert_one_line(rc, err, "submit", "trainer.plugins")
+    assert f"{plugin}, line {line}" in err, err

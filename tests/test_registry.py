@@ -356,3 +356,17 @@ def test_atomic_write_temp_names_carry_the_host(tmp_path, monkeypatch):
     atomic_write(tmp_path / "f.json", "{}")
     assert (tmp_path / "f.json").read_text() == "{}"
     assert f".{socket.gethostname()}.{os.getpid()}." in os.path.basename(renamed[0])
+
+
+def test_a_soft_lock_of_a_holder_killed_on_another_host_just_now_is_taken_over_by_a_waiter(tmp_path):
+    """A holder SIGKILLed on another host (filelock cannot probe its pid) leaves a young soft lock. A waiter looked at
+    its age once, before waiting: with stale_lock_s (60 s) longer than lock_timeout_s (30 s), the defaults, it waited
+    out its timeout and raised RegistryTimeout (`submit`, `stop`, `add-servers` failed, "its holder hangs") though the
+    lock turned stale during the wait."""
+    lock = tmp_path / "locks" / "x.lock"
+    lock.parent.mkdir()
+    lock.write_text("4242\nnode-that-died\n")  # filelock's marker: pid, host
+    t0 = time.monotonic()
+    with Registry(tmp_path, lock_kind="soft", lock_timeout_s=1, stale_lock_s=2).locked("x"):
+        pass
+    assert 1.5 < time.monotonic() - t0 < 5

@@ -207,3 +207,20 @@ def test_plugins_do_not_hide_a_misspelt_name(tmp_path, key, value):
         check_names(cfg)
     with pytest.raises(ConfigError, match=rf"^{key}: "):  # on the node too, before the trainer is built
         make_trainer(TrainContext(cfg, parse_allocation("hf:d1"), tmp_path, Registry.for_run(tmp_path)))
+
+
+def test_two_plugin_files_of_one_name_in_different_directories_both_load(tmp_path):
+    """Plugins were imported as `areal_plugin_<stem>`: a second `rewards.py` (another directory) was taken for loaded
+    already and skipped without a word, so its names were 'unknown'."""
+    from areal_hpc.rollout import REWARDS
+    from areal_hpc.trainers.factory import load_plugins
+
+    paths = []
+    for d in ("team_a", "team_b"):
+        (tmp_path / d).mkdir()
+        paths.append(tmp_path / d / "same_stem_rewards.py")
+        paths[-1].write_text(f"from areal_hpc.rollout import register_reward\n\n"
+                             f"register_reward('{d}_reward')(lambda prompt, completion, answer, **row: 1.0)\n")
+    load_plugins([str(p) for p in paths])
+    assert {"team_a_reward", "team_b_reward"} <= set(REWARDS)
+    load_plugins([str(p) for p in paths])  # loaded once per process: a second load (trainer after submit) is a no-op

@@ -95,12 +95,12 @@ def check_trainer_type(cfg: ExperimentConfig) -> None:
     dataset adapters) be known, here: not on a node after the queue."""
     if not cfg.trainer.plugins:
         return
-    from areal_hpc.trainers.factory import check_names, load_plugins
+    from areal_hpc.trainers.factory import check_names, load_plugins, plugin_failure
 
     try:
         load_plugins(cfg.trainer.plugins)
     except Exception as e:  # noqa: BLE001 - any import error is the user's to fix
-        raise ConfigError("trainer.plugins", f"importing {cfg.trainer.plugins} failed: {e!r}") from None
+        raise ConfigError("trainer.plugins", f"importing {cfg.trainer.plugins} failed: {plugin_failure(e)}") from None
     check_names(cfg)
 
 

@@ -140,13 +140,21 @@ class Registry:
         # a lease is taken over by a contender that saw it unrenewed this long, so within one wait for it
         lease = {"lease_duration": min(self.stale_lock_s, self.lock_timeout_s / 2)} if self.lock_kind == "lease" else {}
         lk = LOCK_CLASSES[self.lock_kind](path, timeout=self.lock_timeout_s, thread_local=False, **lease)
-        if self.lock_kind == "soft":
-            self._break_stale(lk.lock_file)
-        try:
-            held = lk.acquire()
-        except filelock.Timeout as e:
-            raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within {self.lock_timeout_s:.0f}s: "
-                                  "its holder hangs, or launcher.lock_kind does not suit this filesystem") from e
+        # a soft lock's dead holder is known by the lock's age only: look again while waiting, until it would be stale
+        soft = self.lock_kind == "soft"
+        wait_s = max(self.lock_timeout_s, self.stale_lock_s + 1) if soft else self.lock_timeout_s
+        deadline = time.monotonic() + wait_s
+        while True:
+            if soft:
+                self._break_stale(lk.lock_file)
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                held = lk.acquire(timeout=min(left, 1.0) if soft else left)
+                break
+            except filelock.Timeout as e:
+                if time.monotonic() >= deadline:
+                    raise RegistryTimeout(f"could not take registry lock {lk.lock_file} within {wait_s:.0f}s: its "
+                                          "holder hangs, or launcher.lock_kind does not suit this filesystem") from e
         with held:
             yield
 

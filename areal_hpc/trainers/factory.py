@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from areal_hpc.config.validate import check_choices
@@ -22,7 +25,8 @@ def load_plugins(paths) -> None:
     """Import user modules (``pkg.mod`` or ``/path/mod.py``) that register trainers, workflows, rewards or adapters."""
     for p in paths:
         if p.endswith(".py"):
-            name = f"areal_plugin_{Path(p).stem}"
+            # by path: files of one name in two directories are two plugins
+            name = f"areal_plugin_{Path(p).stem}_{hashlib.sha1(os.path.abspath(p).encode()).hexdigest()[:8]}"
             if name in sys.modules:
                 continue
             spec = importlib.util.spec_from_file_location(name, p)  # (a .py path always has a spec and loader)
@@ -35,6 +39,17 @@ def load_plugins(paths) -> None:
                 raise
         else:
             importlib.import_module(p)
+
+
+def plugin_failure(e: BaseException) -> str:
+    """A plugin's import error in one line, with the file and line of the user's code that raised it: the deepest
+    frame outside areal_hpc, the standard library and installed packages (a SyntaxError's own)."""
+    if isinstance(e, SyntaxError):
+        return f"{type(e).__name__}: {e.msg} ({e.filename}, line {e.lineno})"
+    skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(os.__file__), "<")
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if not f.filename.startswith(skip) and "-packages" not in f.filename] or frames[-1:]
+    return f"{type(e).__name__}: {e}" + "".join(f" ({f.filename}, line {f.lineno})" for f in ours[-1:])
 
 
 def known_types():
