@@ -23,7 +23,7 @@ import time
 
 import pytest
 from helpers import TRAINER_PLUGINS, wait_until
-from test_slurm_e2e import FINAL, assert_contiguous, root, run  # noqa: F401 - fixtures
+from test_slurm_e2e import FINAL, assert_contiguous, job_field, job_state, root, run  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slurm
 
@@ -160,6 +160,29 @@ def test_a_node_failure_is_not_a_completed_run(run):
         time.sleep(6)  # the driver's last words (KillWait=5)
         st = run.status()
         assert st["state"] == "FAILED" and ("NODE_FAIL" in st["reason"] or "lost a node" in st["reason"]), st
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=60)
+        wait_until(lambda: "down" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
+                                                        text=True, timeout=60).stdout, 120, f"{node} back up")
+
+
+def test_a_node_failure_slurm_requeues_is_still_owned(run):
+    """The job's node fails and Slurm requeues the job itself (JobRequeue=1, the default; submitit does not pass
+    --no-requeue). While the requeued job waits, the run has an owner to come: a second submit of the trial must be
+    refused (two jobs would own one run dir), and `status` must not call the run over."""
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0")
+    run.wait_steps(3)
+    jid = run.job_id
+    node = run.run_record()["steps"]["trainer"]["nodes"]
+    try:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=test"], check=True, timeout=60)
+        wait_until(lambda: job_field(jid, "Restarts") == "1", 120, f"job {jid} to be requeued\n{run.logs()}")
+        wait_until(lambda: job_state(jid) == "PENDING", 120, f"job {jid} pending again")
+        time.sleep(6)  # the driver's last words (KillWait=5)
+        assert run.status()["state"] in ("PENDING", "REQUEUED"), (run.status(), run.logs())
+        p = run.submit(check=False)
+        assert p.returncode != 0 and "submitted already" in p.stderr, (p.stdout, p.stderr)
+        assert run.job_id == jid
     finally:
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=60)
         wait_until(lambda: "down" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
