@@ -187,3 +187,24 @@ def test_a_node_failure_slurm_requeues_is_still_owned(run):
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=60)
         wait_until(lambda: "down" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
                                                         text=True, timeout=60).stdout, 120, f"{node} back up")
+
+
+def test_usr2_to_a_driver_by_hand_whose_job_cannot_be_requeued(run):
+    """A driver started by hand in a job Slurm will not requeue (--no-requeue here; JobRequeue=0 on some clusters):
+    USR2 has the trainer checkpoint, then `scontrol requeue` fails. The job must not end COMPLETED (a
+    --dependency=afterok would fire) nor run.json say REQUEUED ("resumes") for a run nobody will start again."""
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0", "--dry-run")
+    lines = (run.dir / "sbatch" / "allocation.sbatch").read_text().splitlines()
+    script = run.dir / "sbatch" / "driver.sbatch"
+    script.write_text("\n".join(["#!/bin/bash", *[ln for ln in lines if ln.startswith("#SBATCH")],
+                                 "#SBATCH --no-requeue", f"exec {sys.executable} -m areal_hpc driver --run-dir {run.dir}",
+                                 ""]))
+    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
+                            check=True).stdout.strip().split(";")[0]
+    run.wait_steps(2)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, timeout=60)
+    wait_until(lambda: not in_squeue(job_id), 300, f"job {job_id} to end\n{run.logs()}", interval=1.0)
+    assert sacct_x(job_id)[0] == "CANCELLED", run.logs()
+    rec = run.run_record()
+    assert rec["state"] == "STOPPED" and "not requeued" in rec["reason"], (rec, run.logs())
+    assert run.status()["state"] == "STOPPED"

@@ -169,11 +169,17 @@ def prepare_requeue() -> bool:
 def _on_usr2_standalone(signum, frame) -> None:
     """USR2 to a driver started by hand (not submitit's payload): its own requeue; not requeued, the job must not end
     COMPLETED."""
-    if not prepare_requeue():
-        raise SystemExit(outcome.exit_code(outcome.STOPPED))
-    job = os.environ.get("SLURM_JOB_ID", "")
-    log.warning("scontrol requeue %s: %s", job, slurm.requeue(job))
-    raise SystemExit(0)
+    if prepare_requeue():
+        job = os.environ.get("SLURM_JOB_ID", "")
+        err = slurm.requeue(job)
+        if not err:
+            log.warning("requeued job %s", job)
+            raise SystemExit(0)
+        log.error("scontrol requeue %s failed: %s", job, err)
+        if _OWNER is not None:  # checkpointed, and nothing will run it again: stopped (main cancels the job)
+            _OWNER.set_state(outcome.STOPPED, str(_OWNER.reason).replace(
+                "the job is requeued and resumes", f"not requeued ({err}); submit again to resume"))
+    raise SystemExit(outcome.exit_code(outcome.STOPPED))
 
 
 def main(run_dir: Path) -> int:

@@ -94,8 +94,11 @@ def scancel(target: str, signal_name: Optional[str] = None) -> str:
 
 
 def requeue(job_id: str) -> str:
+    """``scontrol requeue JOB``; "" on success, else why."""
     r = _run(["scontrol", "requeue", str(job_id)], timeout=60)
-    return "scontrol did not run" if r is None else (r.stdout + r.stderr).strip() or "ok"
+    if r is None:
+        return "scontrol did not run"
+    return "" if r.returncode == 0 else (r.stderr or r.stdout).strip() or f"exit {r.returncode}"
 
 
 def hostnames(nodelist: str) -> List[str]:
