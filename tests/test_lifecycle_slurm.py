@@ -197,8 +197,8 @@ def test_usr2_to_a_driver_by_hand_whose_job_cannot_be_requeued(run):
     lines = (run.dir / "sbatch" / "allocation.sbatch").read_text().splitlines()
     script = run.dir / "sbatch" / "driver.sbatch"
     script.write_text("\n".join(["#!/bin/bash", *[ln for ln in lines if ln.startswith("#SBATCH")],
-                                 "#SBATCH --no-requeue", f"exec {sys.executable} -m areal_hpc driver --run-dir {run.dir}",
-                                 ""]))
+                                 "#SBATCH --no-requeue",
+                                 f"exec {sys.executable} -m areal_hpc driver --run-dir {run.dir}", ""]))
     job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
                             check=True).stdout.strip().split(";")[0]
     run.wait_steps(2)
