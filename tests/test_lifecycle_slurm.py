@@ -208,3 +208,20 @@ def test_usr2_to_a_driver_by_hand_whose_job_cannot_be_requeued(run):
     rec = run.run_record()
     assert rec["state"] == "STOPPED" and "not requeued" in rec["reason"], (rec, run.logs())
     assert run.status()["state"] == "STOPPED"
+
+
+def test_a_job_requeued_from_outside_resumes(run):
+    """`scontrol requeue` of the running job (an admin, preemption with PreemptMode=REQUEUE): Slurm ends its
+    processes (SIGTERM, then SIGKILL after KillWait) and queues it again. The requeued job must stay queued, not be
+    cancelled by its own driver on the way out, and resume from the checkpoint when it runs."""
+    run.submit("trainer.total_train_steps=40", "saver.freq_steps=2")
+    run.wait_steps(4)
+    jid = run.job_id
+    subprocess.run(["scontrol", "requeue", jid], check=True, timeout=60)
+    wait_until(lambda: job_field(jid, "Restarts") == "1", 120, f"job {jid} to be requeued\n{run.logs()}")
+    time.sleep(8)  # the driver's last words (KillWait=5)
+    assert job_state(jid) == "PENDING", (job_state(jid), run.run_record(), run.logs(6000))
+    assert run.status()["state"] == "REQUEUED" and run.run_record()["state"] == "REQUEUED", run.logs()
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], timeout=60)
+    assert run.wait_job(600) == "COMPLETED"
+    assert run.steps()[-1] == 40 and "recovered from checkpoint" in (run.dir / "logs" / "trainer-0.log").read_text()

@@ -211,7 +211,13 @@ def main(run_dir: Path) -> int:
             rc = owner.run()
         finally:  # also when USR2 without requeue stopped the run: submitit's error or SystemExit would end it FAILED
             _OWNER = None
-            if owner.state == outcome.STOPPED:
+            if owner.state in outcome.FINAL and int(slurm.job(job_id).get("restarts") or 0) > restarts:
+                why = (f"Slurm requeued job {job_id} (scontrol requeue, preemption, a lost node); it resumes when it "
+                       f"runs again. Before: {outcome.summary_line(owner.record())}")
+                log.warning("run REQUEUED: %s", why)
+                owner.state = outcome.REQUEUED
+                owner.registry.update("", "run", lambda old: {**(old or {}), "state": owner.state, "reason": why})
+            elif owner.state == outcome.STOPPED:
                 log.info("the run was stopped: ending job %s as CANCELLED (no success to --dependency=afterok)", job_id)
                 err = slurm.scancel(job_id)
                 if err:
