@@ -23,7 +23,7 @@ import time
 
 import pytest
 from helpers import TRAINER_PLUGINS, wait_until
-from test_slurm_e2e import FINAL, assert_contiguous, root, run  # noqa: F401 - fixtures
+from test_slurm_e2e import FINAL, assert_contiguous, job_field, job_state, root, run  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slurm
 
@@ -164,3 +164,64 @@ def test_a_node_failure_is_not_a_completed_run(run):
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=60)
         wait_until(lambda: "down" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
                                                         text=True, timeout=60).stdout, 120, f"{node} back up")
+
+
+def test_a_node_failure_slurm_requeues_is_still_owned(run):
+    """The job's node fails and Slurm requeues the job itself (JobRequeue=1, the default; submitit does not pass
+    --no-requeue). While the requeued job waits, the run has an owner to come: a second submit of the trial must be
+    refused (two jobs would own one run dir), and `status` must not call the run over."""
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0")
+    run.wait_steps(3)
+    jid = run.job_id
+    node = run.run_record()["steps"]["trainer"]["nodes"]
+    try:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=test"], check=True, timeout=60)
+        wait_until(lambda: job_field(jid, "Restarts") == "1", 120, f"job {jid} to be requeued\n{run.logs()}")
+        wait_until(lambda: job_state(jid) == "PENDING", 120, f"job {jid} pending again")
+        time.sleep(6)  # the driver's last words (KillWait=5)
+        assert run.status()["state"] in ("PENDING", "REQUEUED"), (run.status(), run.logs())
+        p = run.submit(check=False)
+        assert p.returncode != 0 and "submitted already" in p.stderr, (p.stdout, p.stderr)
+        assert run.job_id == jid
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=60)
+        wait_until(lambda: "down" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
+                                                        text=True, timeout=60).stdout, 120, f"{node} back up")
+
+
+def test_usr2_to_a_driver_by_hand_whose_job_cannot_be_requeued(run):
+    """A driver started by hand in a job Slurm will not requeue (--no-requeue here; JobRequeue=0 on some clusters):
+    USR2 has the trainer checkpoint, then `scontrol requeue` fails. The job must not end COMPLETED (a
+    --dependency=afterok would fire) nor run.json say REQUEUED ("resumes") for a run nobody will start again."""
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0", "--dry-run")
+    lines = (run.dir / "sbatch" / "allocation.sbatch").read_text().splitlines()
+    script = run.dir / "sbatch" / "driver.sbatch"
+    script.write_text("\n".join(["#!/bin/bash", *[ln for ln in lines if ln.startswith("#SBATCH")],
+                                 "#SBATCH --no-requeue",
+                                 f"exec {sys.executable} -m areal_hpc driver --run-dir {run.dir}", ""]))
+    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
+                            check=True).stdout.strip().split(";")[0]
+    run.wait_steps(2)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, timeout=60)
+    wait_until(lambda: not in_squeue(job_id), 300, f"job {job_id} to end\n{run.logs()}", interval=1.0)
+    assert sacct_x(job_id)[0] == "CANCELLED", run.logs()
+    rec = run.run_record()
+    assert rec["state"] == "STOPPED" and "not requeued" in rec["reason"], (rec, run.logs())
+    assert run.status()["state"] == "STOPPED"
+
+
+def test_a_job_requeued_from_outside_resumes(run):
+    """`scontrol requeue` of the running job (an admin, preemption with PreemptMode=REQUEUE): Slurm ends its
+    processes (SIGTERM, then SIGKILL after KillWait) and queues it again. The requeued job must stay queued, not be
+    cancelled by its own driver on the way out, and resume from the checkpoint when it runs."""
+    run.submit("trainer.total_train_steps=40", "saver.freq_steps=2")
+    run.wait_steps(4)
+    jid = run.job_id
+    subprocess.run(["scontrol", "requeue", jid], check=True, timeout=60)
+    wait_until(lambda: job_field(jid, "Restarts") == "1", 120, f"job {jid} to be requeued\n{run.logs()}")
+    time.sleep(8)  # the driver's last words (KillWait=5)
+    assert job_state(jid) == "PENDING", (job_state(jid), run.run_record(), run.logs(6000))
+    assert run.status()["state"] == "REQUEUED" and run.run_record()["state"] == "REQUEUED", run.logs()
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], timeout=60)
+    assert run.wait_job(600) == "COMPLETED"
+    assert run.steps()[-1] == 40 and "recovered from checkpoint" in (run.dir / "logs" / "trainer-0.log").read_text()

@@ -169,11 +169,17 @@ def prepare_requeue() -> bool:
 def _on_usr2_standalone(signum, frame) -> None:
     """USR2 to a driver started by hand (not submitit's payload): its own requeue; not requeued, the job must not end
     COMPLETED."""
-    if not prepare_requeue():
-        raise SystemExit(outcome.exit_code(outcome.STOPPED))
-    job = os.environ.get("SLURM_JOB_ID", "")
-    log.warning("scontrol requeue %s: %s", job, slurm.requeue(job))
-    raise SystemExit(0)
+    if prepare_requeue():
+        job = os.environ.get("SLURM_JOB_ID", "")
+        err = slurm.requeue(job)
+        if not err:
+            log.warning("requeued job %s", job)
+            raise SystemExit(0)
+        log.error("scontrol requeue %s failed: %s", job, err)
+        if _OWNER is not None:  # checkpointed, and nothing will run it again: stopped (main cancels the job)
+            _OWNER.set_state(outcome.STOPPED, str(_OWNER.reason).replace(
+                "the job is requeued and resumes", f"not requeued ({err}); submit again to resume"))
+    raise SystemExit(outcome.exit_code(outcome.STOPPED))
 
 
 def main(run_dir: Path) -> int:
@@ -205,7 +211,13 @@ def main(run_dir: Path) -> int:
             rc = owner.run()
         finally:  # also when USR2 without requeue stopped the run: submitit's error or SystemExit would end it FAILED
             _OWNER = None
-            if owner.state == outcome.STOPPED:
+            if owner.state in outcome.FINAL and int(slurm.job(job_id).get("restarts") or 0) > restarts:
+                why = (f"Slurm requeued job {job_id} (scontrol requeue, preemption, a lost node); it resumes when it "
+                       f"runs again. Before: {outcome.summary_line(owner.record())}")
+                log.warning("run REQUEUED: %s", why)
+                owner.state = outcome.REQUEUED
+                owner.registry.update("", "run", lambda old: {**(old or {}), "state": owner.state, "reason": why})
+            elif owner.state == outcome.STOPPED:
                 log.info("the run was stopped: ending job %s as CANCELLED (no success to --dependency=afterok)", job_id)
                 err = slurm.scancel(job_id)
                 if err:

@@ -36,12 +36,13 @@ def state_word(state: Optional[str]) -> str:
 
 
 def job(job_id: str) -> Dict[str, str]:
-    """A job's ``state`` and ``nodes``: scontrol while slurmctld remembers it (MinJobAge), else sacct; {} if unknown."""
+    """A job's ``state``, ``nodes`` (and ``restarts``, scontrol's): scontrol while slurmctld remembers it (MinJobAge),
+    else sacct; {} if unknown."""
     r = _run(["scontrol", "show", "job", "-o", str(job_id)])
     fields = dict(w.split("=", 1) for w in r.stdout.split() if "=" in w) if r and r.returncode == 0 else {}
     if "JobState" in fields:
         return {"state": fields["JobState"], "nodes": "" if fields.get("NodeList") == "(null)"
-                else fields.get("NodeList", "")}
+                else fields.get("NodeList", ""), "restarts": fields.get("Restarts", "0")}
     r = _run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,NodeList"])
     lines = [x for x in r.stdout.splitlines() if x.strip()] if r and r.returncode == 0 else []
     if not lines:
@@ -94,8 +95,11 @@ def scancel(target: str, signal_name: Optional[str] = None) -> str:
 
 
 def requeue(job_id: str) -> str:
+    """``scontrol requeue JOB``; "" on success, else why."""
     r = _run(["scontrol", "requeue", str(job_id)], timeout=60)
-    return "scontrol did not run" if r is None else (r.stdout + r.stderr).strip() or "ok"
+    if r is None:
+        return "scontrol did not run"
+    return "" if r.returncode == 0 else (r.stderr or r.stdout).strip() or f"exit {r.returncode}"
 
 
 def hostnames(nodelist: str) -> List[str]:

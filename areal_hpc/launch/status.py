@@ -46,10 +46,12 @@ def launcher_alive(run: Dict[str, Any], reg: Registry, name: str = "run") -> boo
 
 def why_owned(run: Dict[str, Any], reg: Registry, job_state: Callable[[], Optional[str]]) -> Optional[str]:
     """Why the run has an owner, or one to come, or None: a Slurm job queued or running until its driver records how
-    the run ended; an owner process until a TTL after it did (it writes its record once more on its way out)."""
+    the run ended, or while queued again whatever it recorded (Slurm requeues a job that lost a node: its driver had
+    recorded FAILED); an owner process until a TTL after it did (it writes its record once more on its way out)."""
     if run.get("mode") == "slurm" and run.get("job_id"):
-        state = None if run.get("state") in outcome.FINAL else job_state()
-        return f"job {run['job_id']} is {state}" if state in slurm.LIVE_STATES + slurm.WAITING_STATES else None
+        state = job_state()
+        owned = slurm.WAITING_STATES + (() if run.get("state") in outcome.FINAL else slurm.LIVE_STATES)
+        return f"job {run['job_id']} is {state}" if state in owned else None
     alive = launcher_alive(run, reg) and (run.get("state") not in outcome.FINAL or reg.get("", "run") is not None)
     return f"its owner lives (pid {run.get('pid')} on {run.get('host')})" if alive else None
 
