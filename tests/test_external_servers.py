@@ -288,6 +288,45 @@ def test_a_port_that_does_not_speak_http_is_a_server_that_does_not_answer():
     finally:
         listener.close()
 
+def test_a_wrong_key_is_refused_by_a_server_whose_health_needs_no_key():
+    """SGLang answers /health (and /ready, /metrics) without a key (sglang/srt/utils/auth.py, decide_request_auth);
+    its other routes want it. `add-servers url=... api_key=WRONG` must say so, not attach a server whose every
+    generation then fails with HTTP 401."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from areal_hpc.config import ConfigError
+    from areal_hpc.launch import external
+
+    class SGLangAuth(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/health"):
+                status, body = 200, None
+            elif self.headers.get("Authorization") != "Bearer right":
+                status, body = 401, {"error": "Unauthorized"}
+            else:
+                status, body = 200, {"model_path": "/m", "weight_version": "default"}
+            data = json.dumps(body).encode() if body is not None else b""
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), SGLangAuth)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    try:
+        assert external.probe(base, "right", timeout=5)["model_path"] == "/m"
+        for key in ("wrong", None):
+            with pytest.raises(ConfigError, match="refused the key"):
+                external.probe(base, key, timeout=5)
+    finally:
+        httpd.shutdown()
+
+
 # ----------------------------------------------------------------------------- mode=slurm
 
 SLURM = ["mode=slurm", "cluster.n_nodes=1", "cluster.n_gpus_per_node=4", "cluster.cpus_per_gpu=1",

@@ -95,6 +95,9 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
     for route in (api.SERVER_INFO, api.MODEL_INFO):  # SGLang and `hf` both have them; neither is required
         with contextlib.suppress(OSError):
             status, body = call(base, route, key, timeout=timeout)
+            if status in (401, 403):  # SGLang answers /health without a key: these check it
+                raise ConfigError("api_key", f"{base} refused the key (HTTP {status})",
+                                  "pass the server's key as api_key=...")
             if status == 200 and isinstance(body, dict):
                 info.update({k: v for k, v in body.items() if k != "internal_states"})
     return info
