@@ -375,3 +375,59 @@ def test_a_port_in_sglang_args_fails_at_once_not_after_the_startup_timeout(tmp_p
         assert "server.port" in (tmp_path / "serve.log").read_text()
         assert not out.exists(), "SGLang was started"
         assert reg.get("servers", "g0", live_only=False) is None
+
+
+ABORTS_ON_REQUEST = FAKE_LAUNCH_SERVER.replace('''async def generate(request):''', '''aborted = None
+
+async def abort(request):
+    if (await request.json()).get("abort_all"):
+        aborted.set()
+    return web.Response()
+
+async def generate(request):
+    global aborted
+    aborted = aborted or asyncio.Event()
+    open(os.environ["FAKE_SGLANG_OUT"] + ".gen", "w").close()
+    await aborted.wait()  # as SGLang's: a running request comes back with the tokens it has
+    return web.json_response({"output_ids": [7, 8], "meta_info": {
+        "finish_reason": {"type": "abort", "message": "Aborted"}, "weight_version": state["version"],
+        "output_token_logprobs": [[-0.5, 7, None], [-0.5, 8, None]]}})
+
+async def unused(request):''').replace('import argparse, json', 'import argparse, asyncio, json').replace(
+    'app.router.add_post("/generate", generate)',
+    'app.router.add_post("/generate", generate)\napp.router.add_post("/abort_request", abort)').replace(
+    'access_log=None)', 'access_log=None, shutdown_timeout=0.5)')  # in-flight requests are dropped at its exit
+
+
+def test_a_stopped_sglang_server_hands_running_requests_back_aborted(tmp_path):
+    """SIGTERM to a server of the sglang backend: its running generations come back aborted, with the tokens they have
+    (clients resume them elsewhere), as the hf backend's do; not cut off by SGLang's exit, their tokens lost."""
+    import threading
+    import urllib.request
+
+    with _fake_server(tmp_path, ABORTS_ON_REQUEST) as (proc, reg, out):
+        rec = _wait_ready(proc, reg)
+        got = {}
+
+        def generate():
+            req = urllib.request.Request(
+                f"http://{rec['address']}/generate", method="POST",
+                data=json.dumps({"input_ids": [5], "sampling_params": {"max_new_tokens": 8}}).encode(),
+                headers={"Authorization": f"Bearer {reg.secret()}", "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    got["body"] = json.loads(r.read())
+            except OSError as e:
+                got["error"] = repr(e)
+
+        t = threading.Thread(target=generate)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not Path(f"{out}.gen").exists():
+            assert time.monotonic() < deadline, "the generation never reached SGLang"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        t.join(30)
+        assert got.get("body", {}).get("output_ids") == [7, 8], got
+        assert got["body"]["meta_info"]["finish_reason"]["type"] == "abort"

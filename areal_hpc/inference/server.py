@@ -244,7 +244,13 @@ class ServerLifecycle:
             await asyncio.to_thread(lambda: engine.abort(None).result(10))
             await asyncio.sleep(0.2)  # let the aborted responses reach their clients
 
+        async def abort_sglang() -> None:  # its exit would drop them, their tokens lost
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                await self._request(*api.ABORT_REQUEST, api.abort_body(), timeout=5.0)
+                await asyncio.sleep(0.2)
+
         steps = [("abort every request", abort_all if engine is not None and engine.alive else None),
+                 ("abort SGLang's requests", abort_sglang if sglang and not self.node_rank else None),
                  ("stop the HTTP server", self._app_runner and self._app_runner.cleanup),
                  ("stop the engine", engine and (lambda: asyncio.to_thread(engine.stop))),
                  ("stop SGLang", sglang and (lambda: asyncio.to_thread(sglang.stop)))]
