@@ -431,3 +431,26 @@ def test_a_stopped_sglang_server_hands_running_requests_back_aborted(tmp_path):
         t.join(30)
         assert got.get("body", {}).get("output_ids") == [7, 8], got
         assert got["body"]["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_a_non_zero_node_rank_whose_sglang_dies_says_why(tmp_path, monkeypatch, caplog):
+    """A node of a multi-node SGLang server (node rank > 0) runs SGLang's workers only: when they die (NCCL cannot
+    reach node 0, out of memory), the error names SGLang's last lines, as rank 0's does; not a bare exit 1."""
+    import logging
+
+    from areal_hpc.config import load_config
+    from areal_hpc.inference.server import ServerLifecycle
+
+    fake = tmp_path / "fake"
+    (fake / "sglang").mkdir(parents=True)
+    (fake / "sglang" / "__init__.py").write_text("")
+    (fake / "sglang" / "launch_server.py").write_text(
+        'print("RuntimeError: NCCL timeout reaching node 0", flush=True)\nraise SystemExit(1)\n')
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(ROOT)]))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cfg = load_config(None, ["server.model_path=/models/m", "launcher.heartbeat_s=0.3"])
+    life = ServerLifecycle(tmp_path / "run", cfg.server, "/models/m", cfg.launcher, "g0", "sglang", [0],
+                           nnodes=2, node_rank=1, dist_init_addr="127.0.0.1:1")
+    with caplog.at_level(logging.ERROR, logger="areal_hpc.inference.server"):
+        assert asyncio.run(life.run()) == 1
+    assert "NCCL timeout reaching node 0" in caplog.text

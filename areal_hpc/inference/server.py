@@ -342,7 +342,11 @@ class ServerLifecycle:
             # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
             while not self._stop.is_set() and self._backend_alive():
                 await asyncio.sleep(1.0)
-            return EXIT_OK if self._stop.is_set() else EXIT_FAILED
+            if self._stop.is_set():
+                return EXIT_OK
+            log.error("SGLang of server %s (node rank %d) died%s", self.server_id, self.node_rank,
+                      self._sglang_log_tail())
+            return EXIT_FAILED
         healthy = await self._wait_healthy(self.launcher.server_startup_timeout_s)
         for _ in range(2):
             if healthy or not self._sglang_lost_port_race():
