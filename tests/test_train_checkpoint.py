@@ -156,3 +156,35 @@ def test_a_run_extended_on_resume_trains_its_next_step_at_the_new_schedules_lr(t
     run_ranks(_extended, 1, args=(path, str(tmp_path / "ckpt"), str(tmp_path / "lr.pt")))
     lr = torch.load(tmp_path / "lr.pt")
     assert abs(lr["got"] - lr["want"]) <= 1e-12, lr
+
+
+def _new_hyperparameters(rank, path, ckpt_dir, out_file):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig
+    from areal_hpc.train.checkpoint import Checkpointer
+    from areal_hpc.train.engine import FSDPEngine, lr_lambda
+
+    def engine(opt):
+        return FSDPEngine(EngineConfig(path=path, optimizer=opt), MicroBatchSpec(max_tokens_per_mb=24), 8)
+
+    eng = engine(OptimizerConfig(lr=1e-2, lr_schedule="cosine", weight_decay=0.1))
+    eng.train_batch(_batch(1, rank), _loss)  # optimizer state to restore
+    for _ in range(2):
+        eng.step_lr_scheduler()
+    Checkpointer(eng).save(ckpt_dir, 2)
+    new = OptimizerConfig(lr=1e-3, lr_schedule="cosine", weight_decay=0.0)
+    eng = engine(new)
+    Checkpointer(eng).load_latest(ckpt_dir)
+    eng.step_lr_scheduler()
+    group = eng.optimizer.param_groups[0]
+    torch.save({"lr": eng.current_lr(), "want": 1e-3 * lr_lambda(new, 8)(3), "wd": group["weight_decay"],
+                "state": len(eng.optimizer.state)}, out_file)
+
+
+def test_a_run_resumed_with_a_new_lr_trains_at_it_not_at_the_checkpoints(tmp_path):
+    """Submitted again with a lower optimizer.lr (or weight_decay), e.g. after the loss spiked, the resumed run kept the
+    checkpoint's: the LR scheduler's saved base LR and the optimizer's saved hyperparameters won over the config.
+    The checkpoint restores the optimizer's state (moments) and the schedule's position, the config its values."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_new_hyperparameters, 1, args=(path, str(tmp_path / "ckpt"), str(tmp_path / "lr.pt")))
+    got = torch.load(tmp_path / "lr.pt")
+    assert abs(got["lr"] - got["want"]) <= 1e-12 and got["wd"] == 0.0 and got["state"] > 0, got

@@ -89,12 +89,17 @@ class Checkpointer:
             return None
         state = self._model_optim_state()
         dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(self.engine.model, self.engine.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        # the checkpoint gives the optimizer's state and the schedule's position; this run's config the values (lr,
+        # weight decay, betas: a run resumed with a lower lr trains at it)
+        optim, sched = self.engine.optimizer, self.engine.lr_scheduler
+        hyper, bases = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups], sched.base_lrs
+        set_state_dict(self.engine.model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for group, values in zip(optim.param_groups, hyper):
+            group.update(values)
         own = path / f"rank{dist.rank()}.pt"
         rest = torch.load(own if own.exists() else path / "rank0.pt", weights_only=False)
-        sched = self.engine.lr_scheduler
         sched.load_state_dict(rest["lr_scheduler"])
+        sched.base_lrs = bases
         for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):  # this run's
             group["lr"] = base * f(sched.last_epoch)  # schedule (total_train_steps may have changed), not the saved LR
         self.engine.set_version(rest["version"])
