@@ -252,6 +252,24 @@ def test_the_end_of_turn_token_stops_generation(tmp_path):
     assert eos_only.finish_reason == "length" and tok.decode(eos_only.output_ids) == "\\boxed{7}<|im_end|>" + "8" * 6
 
 
+def test_the_reward_sees_the_reply_without_its_stop_token(tmp_path):
+    """SGLang trims the matched stop token from a reply's text (`trim_matched_stop`), special or not; decoding without
+    special tokens only dropped a special one. A stop token of the user's (here ";", rollout.gen.stop_token_ids) stayed
+    in the text the reward scored: "7;" is not the answer "7". The trained ids keep it, with its logprob."""
+    model = build_chatml_model(tmp_path / "semicolon", steer={"\n": "7", "7": ";", ";": "<|im_end|>"})
+    tok = AutoTokenizer.from_pretrained(model)
+    semicolon = tok.convert_tokens_to_ids(";")
+    server = HFServer(tmp_path, str(model)).wait_ready()
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(max_new_tokens=8, stop_token_ids=[semicolon]), n_samples=2)
+        group = asyncio.run(_episode(wf, server.pool(), {"prompt": "3+4=", "answer": "7"}))
+    finally:
+        server.stop()
+    for t in group.trajectories:
+        assert t.finish_reason == "stop" and tok.decode(t.output_ids) == "7;" and len(t.logprobs) == 2
+        assert t.info["completion"] == "7" and t.reward == 1.0
+
+
 # fix8-C
 def test_raw_text_prompts_get_the_tokenizers_bos(tmp_path):
     """A Llama-style base tokenizer adds a BOS to text: raw prompts (rollout and SFT) start with it, as SGLang's
