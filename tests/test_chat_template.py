@@ -114,6 +114,17 @@ def test_a_prompt_column_of_messages(tok):
         PromptEncoder(tok, PromptFormat(messages_key="prompt", chat_template="none")).encode(row)
 
 
+def test_a_finished_conversation_is_not_the_prompt(tok):
+    """Math datasets such as open-r1/OpenR1-Math-220k hold the problem and a `messages` column with the reference
+    solution as the assistant's turn. With prompt_key=problem the messages still won: the model was prompted with the
+    solution and asked to reply after it. Messages that end with the reply are no prompt: the prompt string is."""
+    solved = [user("3+4="), {"role": "assistant", "content": "3+4 is 7, \\boxed{7}"}]
+    enc = PromptEncoder(tok, PromptFormat(prompt_key="problem"))
+    assert enc.encode({"problem": "3+4=", "messages": solved}) == ids_of(tok, QWEN_SYSTEM + chatml(("user", "3+4=")))
+    with pytest.raises(ValueError, match=r"'messages'\] end with the assistant's reply"):
+        enc.encode({"messages": solved})
+
+
 def test_a_tokenizer_without_template_keeps_raw_text(tmp_path):
     toy = AutoTokenizer.from_pretrained(resolve_model("toy:qwen3-h64-l1", cache_dir=tmp_path))
     enc = PromptEncoder(toy)
