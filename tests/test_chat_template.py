@@ -114,6 +114,17 @@ def test_a_prompt_column_of_messages(tok):
         PromptEncoder(tok, PromptFormat(messages_key="prompt", chat_template="none")).encode(row)
 
 
+def test_a_finished_conversation_is_not_the_prompt(tok):
+    """Math datasets such as open-r1/OpenR1-Math-220k hold the problem and a `messages` column with the reference
+    solution as the assistant's turn. With prompt_key=problem the messages still won: the model was prompted with the
+    solution and asked to reply after it. Messages that end with the reply are no prompt: the prompt string is."""
+    solved = [user("3+4="), {"role": "assistant", "content": "3+4 is 7, \\boxed{7}"}]
+    enc = PromptEncoder(tok, PromptFormat(prompt_key="problem"))
+    assert enc.encode({"problem": "3+4=", "messages": solved}) == ids_of(tok, QWEN_SYSTEM + chatml(("user", "3+4=")))
+    with pytest.raises(ValueError, match=r"'messages'\] end with the assistant's reply"):
+        enc.encode({"messages": solved})
+
+
 def test_a_tokenizer_without_template_keeps_raw_text(tmp_path):
     toy = AutoTokenizer.from_pretrained(resolve_model("toy:qwen3-h64-l1", cache_dir=tmp_path))
     enc = PromptEncoder(toy)
@@ -250,6 +261,24 @@ def test_the_end_of_turn_token_stops_generation(tmp_path):
         assert t.info["completion"] == "\\boxed{7}" and t.reward == 1.0  # decoded without specials, then scored
     # with the EOS alone (what the workflow used to send) the model talks on past its turn
     assert eos_only.finish_reason == "length" and tok.decode(eos_only.output_ids) == "\\boxed{7}<|im_end|>" + "8" * 6
+
+
+def test_the_reward_sees_the_reply_without_its_stop_token(tmp_path):
+    """SGLang trims the matched stop token from a reply's text (`trim_matched_stop`), special or not; decoding without
+    special tokens only dropped a special one. A stop token of the user's (here ";", rollout.gen.stop_token_ids) stayed
+    in the text the reward scored: "7;" is not the answer "7". The trained ids keep it, with its logprob."""
+    model = build_chatml_model(tmp_path / "semicolon", steer={"\n": "7", "7": ";", ";": "<|im_end|>"})
+    tok = AutoTokenizer.from_pretrained(model)
+    semicolon = tok.convert_tokens_to_ids(";")
+    server = HFServer(tmp_path, str(model)).wait_ready()
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(max_new_tokens=8, stop_token_ids=[semicolon]), n_samples=2)
+        group = asyncio.run(_episode(wf, server.pool(), {"prompt": "3+4=", "answer": "7"}))
+    finally:
+        server.stop()
+    for t in group.trajectories:
+        assert t.finish_reason == "stop" and tok.decode(t.output_ids) == "7;" and len(t.logprobs) == 2
+        assert t.info["completion"] == "7" and t.reward == 1.0
 
 
 # fix8-C

@@ -84,13 +84,18 @@ class PromptEncoder:
         """The row's messages, or its prompt as one user message; the system prompt first unless it has one."""
         f = self.fmt
         msgs = row.get(f.messages_key)
+        if msgs is not None and not (isinstance(msgs, list) and all(isinstance(m, Mapping) and "role" in m
+                                                                    and "content" in m for m in msgs)):
+            raise ValueError(f"row[{f.messages_key!r}] must be a list of {{role, content}} dicts, got {msgs!r:.200}")
+        if msgs and msgs[-1]["role"] == "assistant":  # a finished conversation (a solution), not a prompt
+            if self.prompt(row) is None:
+                raise ValueError(f"row[{f.messages_key!r}] end with the assistant's reply: a prompt ends where the "
+                                 f"reply begins (drop the reply, or give the prompt as {f.prompt_key!r})")
+            msgs = None
         if msgs is None:
             if self.prompt(row) is None:
                 raise ValueError(f"row has neither {f.prompt_key!r} nor {f.messages_key!r}: keys {sorted(row)}")
             msgs = [{"role": "user", "content": self.prompt(row)}]
-        elif not isinstance(msgs, list) or not all(isinstance(m, Mapping) and "role" in m and "content" in m
-                                                   for m in msgs):
-            raise ValueError(f"row[{f.messages_key!r}] must be a list of {{role, content}} dicts, got {msgs!r:.200}")
         else:
             msgs = [dict(m) for m in msgs]
         if f.system_prompt and not (msgs and msgs[0]["role"] == "system"):

@@ -89,7 +89,10 @@ class RLVRWorkflow(RolloutWorkflow):
         own = (self.prompt_key, self.answer_key, "prompt", "completion", "answer")
         extras = {k: v for k, v in row.items() if k not in own}
         prompt = self.prompts.prompt_text(row)
-        texts = [self.tokenizer.decode(res.output_ids, skip_special_tokens=True) for res in results]
+        stops = set(self.params.get("stop_token_ids") or [])  # a matched stop token is no text (SGLang trims it)
+        texts = [self.tokenizer.decode(res.output_ids[:-1] if res.finish_reason == "stop" and res.output_ids
+                                       and res.output_ids[-1] in stops else res.output_ids, skip_special_tokens=True)
+                 for res in results]
         rewards = await self.scorer.score(prompt, texts, row.get(self.answer_key, ""), extras)
         return Group(trajectories=[Trajectory(prompt_ids=list(prompt_ids), output_ids=list(res.output_ids),
                                               logprobs=list(res.logprobs), versions=list(res.versions), reward=reward,
