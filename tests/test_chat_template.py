@@ -121,7 +121,7 @@ def test_a_finished_conversation_is_not_the_prompt(tok):
     solved = [user("3+4="), {"role": "assistant", "content": "3+4 is 7, \\boxed{7}"}]
     enc = PromptEncoder(tok, PromptFormat(prompt_key="problem"))
     assert enc.encode({"problem": "3+4=", "messages": solved}) == ids_of(tok, QWEN_SYSTEM + chatml(("user", "3+4=")))
-    with pytest.raises(ValueError, match=r"'messages'\] end with the assistant's reply"):
+    with pytest.raises(ValueError, match=r"'messages'\] ends with the assistant's reply"):
         enc.encode({"messages": solved})
 
 

@@ -89,7 +89,7 @@ class PromptEncoder:
             raise ValueError(f"row[{f.messages_key!r}] must be a list of {{role, content}} dicts, got {msgs!r:.200}")
         if msgs and msgs[-1]["role"] == "assistant":  # a finished conversation (a solution), not a prompt
             if self.prompt(row) is None:
-                raise ValueError(f"row[{f.messages_key!r}] end with the assistant's reply: a prompt ends where the "
+                raise ValueError(f"row[{f.messages_key!r}] ends with the assistant's reply: a prompt ends where the "
                                  f"reply begins (drop the reply, or give the prompt as {f.prompt_key!r})")
             msgs = None
         if msgs is None:
