@@ -320,3 +320,20 @@ def test_the_quickstart_reward_is_scored_in_place(monkeypatch):
                         lambda *a, **kw: seen.append(threading.current_thread()) or exact_match(*a, **kw))
     assert asyncio.run(RewardScorer("exact_match").score("q", ["7", " 7 ", "8"], "7")) == [1.0, 1.0, 0.0]
     assert seen == [threading.main_thread()] * 3
+
+
+def test_an_async_reward_is_awaited(tok):
+    """An ``async def`` reward (an LLM judge over HTTP) ran on a thread, which returned its coroutine unawaited:
+    float(coroutine) failed every episode. It is awaited on the loop, within the group's time."""
+    @register_reward("test-async")
+    async def judge(prompt, completion, answer, **_):
+        await asyncio.sleep(10 if completion == "slow" else 0.01)
+        return float(completion == answer)
+
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-async", n_samples=3, reward_timeout_s=1)
+        group = asyncio.run(wf.arun_episode(Client(tok, ["7", "8", "slow"]), {"prompt": "3+4=", "answer": "7"}))
+        assert [t.reward for t in group.trajectories] == [1.0, 0.0, 0.0]
+    finally:
+        REWARDS.pop("test-async")
+
