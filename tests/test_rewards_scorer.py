@@ -337,3 +337,20 @@ def test_an_async_reward_is_awaited(tok):
     finally:
         REWARDS.pop("test-async")
 
+
+def test_a_plugin_file_reward_named_math_is_scored(tmp_path, monkeypatch):
+    """A plugin file's own reward registered as ``math`` (replacing the built-in) was sent, by name, to the spawned
+    `math` workers, which cannot import a plugin file: every completion scored 0, with only a warning."""
+    from areal_hpc.rollout.rewards import RewardScorer
+    from areal_hpc.trainers.factory import load_plugins
+
+    monkeypatch.setitem(REWARDS, "math", REWARDS["math"])  # put back afterwards
+    plugin = tmp_path / "my_math_reward.py"
+    plugin.write_text("from areal_hpc.rollout import register_reward\n\n@register_reward('math')\n"
+                      "def mine(prompt, completion, answer, **row):\n    return float(completion == answer)\n")
+    load_plugins([str(plugin)])
+    scorer = RewardScorer("math", timeout_s=20)
+    try:
+        assert asyncio.run(scorer.score("q", ["7", "8"], "7")) == [1.0, 0.0]
+    finally:
+        scorer.close()

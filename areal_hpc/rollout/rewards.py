@@ -42,7 +42,8 @@ class RewardScorer:
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s = name, get_reward(name), timeout_s
-        self.in_process = name in IN_PROCESS
+        # (the built-in one: a worker cannot import a plugin file's reward registered under its name)
+        self.in_process = name in IN_PROCESS and getattr(self.fn, "__module__", None) == __name__
         self.on_threads = not self.in_process and not inspect.iscoroutinefunction(self.fn)  # else awaited on the loop
         self._pool: Optional[ProcessPoolExecutor] = None
         self._warned = False
