@@ -163,3 +163,26 @@ def test_a_restart_generates_the_rows_in_flight_not_the_last_rows_taken():
         assert wf.seen == ["0", "3", "4", "5"] and c.rows_state() == {"epoch": 0, "pos": 6}
     finally:
         c.stop()
+
+
+def test_a_workflow_written_as_the_readme_shows_is_built_with_the_runs_settings():
+    """The README's workflow is a subclass with one ``async def arun_episode``; the trainer builds it with the run's
+    settings as keyword arguments, which such a class (no ``__init__``) refused: 'TypeError: ...() takes no
+    arguments' on rank 0 before the first step. They are the workflow's attributes."""
+    from areal_hpc.config.schema import ExperimentConfig
+    from areal_hpc.rollout import WORKFLOWS, Group, Trajectory, register_workflow
+    from areal_hpc.trainers.rollout_side import make_rollout_workflow
+
+    @register_workflow("test-readme")
+    class TwoTurns(RolloutWorkflow):
+        async def arun_episode(self, client, row):
+            return Group([Trajectory([1], [2], [0.0], [0], float(self.n_samples))])
+
+    cfg = ExperimentConfig()
+    cfg.rollout.workflow, cfg.rollout.n_samples = "test-readme", 3
+    try:
+        wf = make_rollout_workflow(cfg, "the tokenizer", cfg.train_dataset)
+    finally:
+        WORKFLOWS.pop("test-readme")
+    assert wf.tokenizer == "the tokenizer" and wf.gen_config == cfg.rollout.gen and wf.reward_fn == cfg.rollout.reward_fn
+    assert asyncio.run(wf.arun_episode(None, {})).trajectories[0].reward == 3.0

@@ -57,7 +57,12 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 
 
 class RolloutWorkflow(ABC):
-    """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row)."""
+    """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
+    its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt."""
+
+    def __init__(self, **settings):
+        vars(self).update(settings)
 
     @abstractmethod
     async def arun_episode(self, client: Any, row: Dict[str, Any]) -> Optional[Group]:
