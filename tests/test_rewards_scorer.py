@@ -354,3 +354,16 @@ def test_a_plugin_file_reward_named_math_is_scored(tmp_path, monkeypatch):
         assert asyncio.run(scorer.score("q", ["7", "8"], "7")) == [1.0, 0.0]
     finally:
         scorer.close()
+
+
+@pytest.mark.parametrize("value", ["yes", [1.0, 0.0]])
+def test_a_reward_returning_no_number_fails_the_episode_naming_the_reward(tok, monkeypatch, value):
+    """A reward returning a string or a list (a TRL-style batch reward) failed every episode with 'could not convert
+    string to float' or 'float() argument must be ...', which did not say the reward returned it."""
+    monkeypatch.setitem(REWARDS, "test-str", lambda prompt, completion, answer, **_: value)
+    wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-str", n_samples=1)
+    try:
+        with pytest.raises(TypeError, match=r"reward 'test-str' returned .*: it should return a float"):
+            asyncio.run(wf.arun_episode(Client(tok, ["7"]), {"prompt": "3+4="}))
+    finally:
+        wf.close()

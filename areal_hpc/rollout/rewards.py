@@ -50,8 +50,11 @@ class RewardScorer:
 
     def _float(self, value: Any) -> float:
         """A reward's value; None (a missing ``return``), nan or inf (a nan loss) scores 0, as a raising reward does."""
-        if value is not None and math.isfinite(float(value)):
-            return float(value)
+        try:
+            if value is not None and math.isfinite(float(value)):
+                return float(value)
+        except (TypeError, ValueError):  # a string, a list: the episode fails, saying so
+            raise TypeError(f"reward {self.name!r} returned {str(value)[:80]!r}: it should return a float") from None
         if not self._warned:
             self._warned = True
             log.warning("reward %r returned %s: scored 0 (it should return a finite float)", self.name, value)
