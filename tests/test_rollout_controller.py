@@ -186,3 +186,27 @@ def test_a_workflow_written_as_the_readme_shows_is_built_with_the_runs_settings(
         WORKFLOWS.pop("test-readme")
     assert wf.tokenizer == "the tokenizer" and wf.gen_config == cfg.rollout.gen and wf.reward_fn == cfg.rollout.reward_fn
     assert asyncio.run(wf.arun_episode(None, {})).trajectories[0].reward == 3.0
+
+
+class EnvTokensWithoutLogprobs(RolloutWorkflow):
+    """Two turns; the environment's reply (3 tokens) appended to the completion without its logprobs and versions,
+    the other sample one logprob too many: the totals agree, the samples do not."""
+
+    async def arun_episode(self, client, row):
+        from areal_hpc.rollout import Group, Trajectory
+        return Group([Trajectory([1], [2, 7, 7, 7, 3], [-0.1, -0.3], [0, 0], 1.0),
+                      Trajectory([1], [2], [-0.1, -0.2, -0.3, -0.4], [0, 0, 0, 0], 0.0)])
+
+
+def test_a_trajectory_whose_logprobs_do_not_match_its_tokens_fails_its_episode():
+    """The batch fills every sample's logprobs and versions from one flat list: a trajectory with fewer than its
+    tokens shifted the next sample's onto it (silently wrong importance ratios) or crashed the training step with a
+    'shape mismatch'. The episode fails, saying why."""
+    c = RolloutController(EnvTokensWithoutLogprobs(), object(), iter([{"prompt": "1+1="}]), batch_size=1,
+                          max_head_offpolicyness=0).start()
+    try:
+        with pytest.raises(StopIteration):
+            c.get_batch(timeout=10)
+        assert c.stats["failed"] == 1 and "5 output_ids, 2 logprobs, 2 versions" in c.last_failure
+    finally:
+        c.stop()

@@ -25,6 +25,11 @@ class Trajectory:
     finish_reason: str = "stop"
     info: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # (a batch lays them out by position: one short shifts the next sample's)
+        if not len(self.output_ids) == len(self.logprobs) == len(self.versions):
+            raise ValueError(f"a trajectory of {len(self.output_ids)} output_ids, {len(self.logprobs)} logprobs, "
+                             f"{len(self.versions)} versions: give each output token its logprob and weight version")
+
     @property
     def oldest_version(self) -> int:
         return min(self.versions) if self.versions else -1
