@@ -210,3 +210,24 @@ def test_a_trajectory_whose_logprobs_do_not_match_its_tokens_fails_its_episode()
         assert c.stats["failed"] == 1 and "5 output_ids, 2 logprobs, 2 versions" in c.last_failure
     finally:
         c.stop()
+
+
+class ReturnsAList(RolloutWorkflow):
+    """Returns its trajectories as a list (AReaL's workflows return a dict of tensors), not a `Group`."""
+
+    async def arun_episode(self, client, row):
+        from areal_hpc.rollout import Trajectory
+        return [Trajectory([1], [2], [0.0], [0], 1.0)]
+
+
+def test_a_workflow_returning_no_group_fails_its_episode_not_the_loop():
+    """The controller read ``.trajectories`` of what came back outside its ``try``: the episode's task died with an
+    AttributeError no one saw, uncounted, and the loop was never woken: the run waited for a batch forever."""
+    c = RolloutController(ReturnsAList(), object(), iter([{"prompt": "1+1="}]), batch_size=1,
+                          max_head_offpolicyness=0).start()
+    try:
+        with pytest.raises(StopIteration):
+            c.get_batch(timeout=10)
+        assert c.stats["failed"] == 1 and "returned a list" in c.last_failure
+    finally:
+        c.stop()
