@@ -320,3 +320,50 @@ def test_the_quickstart_reward_is_scored_in_place(monkeypatch):
                         lambda *a, **kw: seen.append(threading.current_thread()) or exact_match(*a, **kw))
     assert asyncio.run(RewardScorer("exact_match").score("q", ["7", " 7 ", "8"], "7")) == [1.0, 1.0, 0.0]
     assert seen == [threading.main_thread()] * 3
+
+
+def test_an_async_reward_is_awaited(tok):
+    """An ``async def`` reward (an LLM judge over HTTP) ran on a thread, which returned its coroutine unawaited:
+    float(coroutine) failed every episode. It is awaited on the loop, within the group's time."""
+    @register_reward("test-async")
+    async def judge(prompt, completion, answer, **_):
+        await asyncio.sleep(10 if completion == "slow" else 0.01)
+        return float(completion == answer)
+
+    try:
+        wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-async", n_samples=3, reward_timeout_s=1)
+        group = asyncio.run(wf.arun_episode(Client(tok, ["7", "8", "slow"]), {"prompt": "3+4=", "answer": "7"}))
+        assert [t.reward for t in group.trajectories] == [1.0, 0.0, 0.0]
+    finally:
+        REWARDS.pop("test-async")
+
+
+def test_a_plugin_file_reward_named_math_is_scored(tmp_path, monkeypatch):
+    """A plugin file's own reward registered as ``math`` (replacing the built-in) was sent, by name, to the spawned
+    `math` workers, which cannot import a plugin file: every completion scored 0, with only a warning."""
+    from areal_hpc.rollout.rewards import RewardScorer
+    from areal_hpc.trainers.factory import load_plugins
+
+    monkeypatch.setitem(REWARDS, "math", REWARDS["math"])  # put back afterwards
+    plugin = tmp_path / "my_math_reward.py"
+    plugin.write_text("from areal_hpc.rollout import register_reward\n\n@register_reward('math')\n"
+                      "def mine(prompt, completion, answer, **row):\n    return float(completion == answer)\n")
+    load_plugins([str(plugin)])
+    scorer = RewardScorer("math", timeout_s=20)
+    try:
+        assert asyncio.run(scorer.score("q", ["7", "8"], "7")) == [1.0, 0.0]
+    finally:
+        scorer.close()
+
+
+@pytest.mark.parametrize("value", ["yes", [1.0, 0.0]])
+def test_a_reward_returning_no_number_fails_the_episode_naming_the_reward(tok, monkeypatch, value):
+    """A reward returning a string or a list (a TRL-style batch reward) failed every episode with 'could not convert
+    string to float' or 'float() argument must be ...', which did not say the reward returned it."""
+    monkeypatch.setitem(REWARDS, "test-str", lambda prompt, completion, answer, **_: value)
+    wf = RLVRWorkflow(tok, GenerationConfig(), reward_fn="test-str", n_samples=1)
+    try:
+        with pytest.raises(TypeError, match=r"reward 'test-str' returned .*: it should return a float"):
+            asyncio.run(wf.arun_episode(Client(tok, ["7"]), {"prompt": "3+4="}))
+    finally:
+        wf.close()

@@ -163,3 +163,71 @@ def test_a_restart_generates_the_rows_in_flight_not_the_last_rows_taken():
         assert wf.seen == ["0", "3", "4", "5"] and c.rows_state() == {"epoch": 0, "pos": 6}
     finally:
         c.stop()
+
+
+def test_a_workflow_written_as_the_readme_shows_is_built_with_the_runs_settings():
+    """The README's workflow is a subclass with one ``async def arun_episode``; the trainer builds it with the run's
+    settings as keyword arguments, which such a class (no ``__init__``) refused: 'TypeError: ...() takes no
+    arguments' on rank 0 before the first step. They are the workflow's attributes."""
+    from areal_hpc.config.schema import ExperimentConfig
+    from areal_hpc.rollout import WORKFLOWS, Group, Trajectory, register_workflow
+    from areal_hpc.trainers.rollout_side import make_rollout_workflow
+
+    @register_workflow("test-readme")
+    class TwoTurns(RolloutWorkflow):
+        async def arun_episode(self, client, row):
+            return Group([Trajectory([1], [2], [0.0], [0], float(self.n_samples))])
+
+    cfg = ExperimentConfig()
+    cfg.rollout.workflow, cfg.rollout.n_samples = "test-readme", 3
+    try:
+        wf = make_rollout_workflow(cfg, "the tokenizer", cfg.train_dataset)
+    finally:
+        WORKFLOWS.pop("test-readme")
+    assert wf.tokenizer == "the tokenizer" and wf.gen_config == cfg.rollout.gen and wf.reward_fn == cfg.rollout.reward_fn
+    assert asyncio.run(wf.arun_episode(None, {})).trajectories[0].reward == 3.0
+
+
+class EnvTokensWithoutLogprobs(RolloutWorkflow):
+    """Two turns; the environment's reply (3 tokens) appended to the completion without its logprobs and versions,
+    the other sample one logprob too many: the totals agree, the samples do not."""
+
+    async def arun_episode(self, client, row):
+        from areal_hpc.rollout import Group, Trajectory
+        return Group([Trajectory([1], [2, 7, 7, 7, 3], [-0.1, -0.3], [0, 0], 1.0),
+                      Trajectory([1], [2], [-0.1, -0.2, -0.3, -0.4], [0, 0, 0, 0], 0.0)])
+
+
+def test_a_trajectory_whose_logprobs_do_not_match_its_tokens_fails_its_episode():
+    """The batch fills every sample's logprobs and versions from one flat list: a trajectory with fewer than its
+    tokens shifted the next sample's onto it (silently wrong importance ratios) or crashed the training step with a
+    'shape mismatch'. The episode fails, saying why."""
+    c = RolloutController(EnvTokensWithoutLogprobs(), object(), iter([{"prompt": "1+1="}]), batch_size=1,
+                          max_head_offpolicyness=0).start()
+    try:
+        with pytest.raises(StopIteration):
+            c.get_batch(timeout=10)
+        assert c.stats["failed"] == 1 and "5 output_ids, 2 logprobs, 2 versions" in c.last_failure
+    finally:
+        c.stop()
+
+
+class ReturnsAList(RolloutWorkflow):
+    """Returns its trajectories as a list (AReaL's workflows return a dict of tensors), not a `Group`."""
+
+    async def arun_episode(self, client, row):
+        from areal_hpc.rollout import Trajectory
+        return [Trajectory([1], [2], [0.0], [0], 1.0)]
+
+
+def test_a_workflow_returning_no_group_fails_its_episode_not_the_loop():
+    """The controller read ``.trajectories`` of what came back outside its ``try``: the episode's task died with an
+    AttributeError no one saw, uncounted, and the loop was never woken: the run waited for a batch forever."""
+    c = RolloutController(ReturnsAList(), object(), iter([{"prompt": "1+1="}]), batch_size=1,
+                          max_head_offpolicyness=0).start()
+    try:
+        with pytest.raises(StopIteration):
+            c.get_batch(timeout=10)
+        assert c.stats["failed"] == 1 and "returned a list" in c.last_failure
+    finally:
+        c.stop()

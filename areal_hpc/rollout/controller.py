@@ -274,7 +274,10 @@ class RolloutController:
         group: Optional[Group] = None
         failed = False
         try:
-            group = await self.workflow.arun_episode(self.client, row)
+            got = await self.workflow.arun_episode(self.client, row)
+            if got is not None and not isinstance(got, Group):
+                raise TypeError(f"the workflow's arun_episode returned a {type(got).__name__}: a Group, or None")
+            group = got
             self._failures_in_row = 0
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - one bad episode must not stop the run
             if isinstance(e, asyncio.CancelledError) and self._stopping:  # `stop` cancels the episodes

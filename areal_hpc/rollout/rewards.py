@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import inspect
 import logging
 import math
 import multiprocessing
@@ -36,18 +37,24 @@ class RewardScorer:
 
     `IN_PROCESS` rewards run in spawned processes, where math-verify's signal-based timeouts work (on a worker's main
     thread) and sympy holding the GIL for minutes (``9^{9^{9}}``) stalls no rollout I/O. User rewards, maybe not
-    importable in a fresh process, run on `RewardThreads`. A thread cannot be ended: once every slot is held by a call
+    importable in a fresh process, run on `RewardThreads` (an ``async def`` one on the loop). A thread cannot be ended: once every slot is held by a call
     that ran out of time, scoring raises RuntimeError rather than let every later reward time out and score 0."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
-        self.name, self.fn, self.timeout_s, self.in_process = name, get_reward(name), timeout_s, name in IN_PROCESS
+        self.name, self.fn, self.timeout_s = name, get_reward(name), timeout_s
+        # (the built-in one: a worker cannot import a plugin file's reward registered under its name)
+        self.in_process = name in IN_PROCESS and getattr(self.fn, "__module__", None) == __name__
+        self.on_threads = not self.in_process and not inspect.iscoroutinefunction(self.fn)  # else awaited on the loop
         self._pool: Optional[ProcessPoolExecutor] = None
         self._warned = False
 
     def _float(self, value: Any) -> float:
         """A reward's value; None (a missing ``return``), nan or inf (a nan loss) scores 0, as a raising reward does."""
-        if value is not None and math.isfinite(float(value)):
-            return float(value)
+        try:
+            if value is not None and math.isfinite(float(value)):
+                return float(value)
+        except (TypeError, ValueError):  # a string, a list: the episode fails, saying so
+            raise TypeError(f"reward {self.name!r} returned {str(value)[:80]!r}: it should return a float") from None
         if not self._warned:
             self._warned = True
             log.warning("reward %r returned %s: scored 0 (it should return a finite float)", self.name, value)
@@ -62,7 +69,7 @@ class RewardScorer:
             return [self._float(call()) for call in calls]
         deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
         _overdue.difference_update([f for f in list(_overdue) if f.done()])
-        if not self.in_process and len(_overdue) >= N_THREAD_SLOTS:
+        if self.on_threads and len(_overdue) >= N_THREAD_SLOTS:
             raise RuntimeError(f"reward {self.name!r}: {len(_overdue)} calls ran past rollout.reward_timeout_s="
                                f"{self.timeout_s} and never returned, holding every thread for user rewards: the "
                                "reward function hangs (make it return, or bound its own time)")
@@ -73,13 +80,14 @@ class RewardScorer:
                                                  mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=die_with_parent, initargs=(os.getpid(),))
             pool = self._pool
-            submit = pool.submit if pool is not None else RewardThreads.of_this_process().submit
+            submit = pool.submit if pool is not None else RewardThreads.of_this_process().submit if self.on_threads \
+                else lambda call: asyncio.ensure_future(call())
             started = {i: submit(calls[i]) for i in todo}
             futs.update({i: asyncio.wrap_future(f) for i, f in started.items()})
             _, now_late = await asyncio.wait([futs[i] for i in todo], timeout=max(0.0, deadline - time.monotonic()))
             for f in now_late:
                 f.cancel()
-            if pool is None:  # (a call not started yet is cancelled: done)
+            if self.on_threads:  # (a call not started yet is cancelled: done)
                 _overdue.update(f for i, f in started.items() if futs[i] in now_late and not f.done())
             late |= now_late
             lost = pool is not None and pool is not self._pool  # another group ended these workers

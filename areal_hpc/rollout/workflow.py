@@ -25,6 +25,11 @@ class Trajectory:
     finish_reason: str = "stop"
     info: Dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # (a batch lays them out by position: one short shifts the next sample's)
+        if not len(self.output_ids) == len(self.logprobs) == len(self.versions):
+            raise ValueError(f"a trajectory of {len(self.output_ids)} output_ids, {len(self.logprobs)} logprobs, "
+                             f"{len(self.versions)} versions: give each output token its logprob and weight version")
+
     @property
     def oldest_version(self) -> int:
         return min(self.versions) if self.versions else -1
@@ -57,7 +62,12 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 
 
 class RolloutWorkflow(ABC):
-    """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row)."""
+    """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
+    its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt."""
+
+    def __init__(self, **settings):
+        vars(self).update(settings)
 
     @abstractmethod
     async def arun_episode(self, client: Any, row: Dict[str, Any]) -> Optional[Group]:
