@@ -480,3 +480,23 @@ def test_a_server_left_paused_by_failed_continues_gets_no_generations_until_a_co
         await b.stop()
 
     run(main())
+
+
+def test_an_empty_abort_nobody_here_caused_that_repeats_fails_the_sample_with_the_servers_message():
+    """An older SGLang reports a request error (input too long) as finish_reason abort without a status_code, and
+    answers so every time: the sample must fail with that message, not be resent forever."""
+    async def main():
+        def script(path, p):
+            body = gen_body([], "abort")
+            body["meta_info"]["finish_reason"]["message"] = "the input (5000 tokens) is longer than the context"
+            return 200, body
+
+        srv = await Fake(script).start()
+        async with ServerPool(None) as pool:
+            pool.add_server("a", srv.address)
+            with pytest.raises(PoolError, match="longer than the context"):
+                await asyncio.wait_for(pool.generate([1], max_new_tokens=4), 30)
+        await srv.stop()
+        assert 1 < len(srv.calls) <= 10
+
+    run(main())

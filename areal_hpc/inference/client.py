@@ -295,7 +295,8 @@ class ServerPool:
             res.n_requests += 1
             pauses = self._pauses
             try:
-                got = api.parse_generate(await self._post_generate(server, payload), server.known_version())
+                body = await self._post_generate(server, payload)
+                got = api.parse_generate(body, server.known_version())
             except _Retryable as e:
                 failures += 1
                 self._mark_failed(server, str(e))
@@ -310,9 +311,14 @@ class ServerPool:
                             server.known_version())
             if self._absorb(res, got, server) or len(res.output_ids) >= budget:
                 return res
-            empty_aborts = 0 if got.output_ids else empty_aborts + 1
-            if self._running.is_set() and self._pauses == pauses:
-                # aborted without our pause (someone else paused the server, or it is shutting down)
+            ours = not self._running.is_set() or self._pauses != pauses
+            empty_aborts = 0 if got.output_ids or ours else empty_aborts + 1
+            if not ours:  # someone else paused the server, it is shutting down, or an older SGLang's request error:
+                # back off; the same with nothing generated, again and again, is a failure
+                if empty_aborts >= MAX_FAILURES:
+                    why = ((body.get("meta_info") or {}).get("finish_reason") or {}).get("message")
+                    raise PoolError(f"generation aborted {empty_aborts} times in a row with nothing generated, not by "
+                                    f"this pool's pause; last: {why or 'no message'}")
                 await asyncio.sleep(min(1.0, 0.02 * 2 ** min(empty_aborts, 6)))
 
     def _absorb(self, res: GenerateResult, got: api.GenerateOutput, server: _Server) -> bool:
