@@ -439,3 +439,64 @@ def test_a_continue_that_fails_once_is_asked_again():
         assert res["a"].ok and len(continues) == 2, res
 
     run(main())
+
+
+def test_a_server_left_paused_by_failed_continues_gets_no_generations_until_a_continue_succeeds(caplog):
+    """/continue_generation fails on every try (a busy tokenizer manager, a timeout): that server stays paused, and a
+    paused SGLang holds each new /generate (up to the request timeout, an hour). The pool must say so and route
+    around it until a later continue succeeds."""
+    async def main():
+        unpaused, state = asyncio.Event(), {"continue_ok": False}
+
+        async def stuck(path, p):
+            if path == "/pause_generation":
+                unpaused.clear()
+            elif path == "/continue_generation":
+                if not state["continue_ok"]:
+                    return 503, {"error": "busy"}
+                unpaused.set()
+            elif path == "/generate":
+                await unpaused.wait()  # SGLang's is_pause_cond
+                return 200, gen_body([1])
+            return 200, {"status": "ok"}
+
+        a = await Fake(stuck).start()
+        b = await Fake(lambda path, p: (200, gen_body([2]) if path == "/generate" else {"status": "ok"})).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("a", a.address)
+            pool.add_server("b", b.address)
+            await pool.pause_all()
+            res = await pool.continue_all()
+            assert not res["a"].ok and res["b"].ok and not pool.paused
+            assert any("a" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records), caplog.text
+            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
+            assert all(o.server_ids == ["b"] for o in outs)
+            state["continue_ok"] = True  # the next weight update's continue reaches it
+            await pool.pause_all()
+            assert (await pool.continue_all())["a"].ok
+            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
+            assert {o.server_ids[0] for o in outs} == {"a", "b"}
+        await a.stop()
+        await b.stop()
+
+    run(main())
+
+
+def test_an_empty_abort_nobody_here_caused_that_repeats_fails_the_sample_with_the_servers_message():
+    """An older SGLang reports a request error (input too long) as finish_reason abort without a status_code, and
+    answers so every time: the sample must fail with that message, not be resent forever."""
+    async def main():
+        def script(path, p):
+            body = gen_body([], "abort")
+            body["meta_info"]["finish_reason"]["message"] = "the input (5000 tokens) is longer than the context"
+            return 200, body
+
+        srv = await Fake(script).start()
+        async with ServerPool(None) as pool:
+            pool.add_server("a", srv.address)
+            with pytest.raises(PoolError, match="longer than the context"):
+                await asyncio.wait_for(pool.generate([1], max_new_tokens=4), 30)
+        await srv.stop()
+        assert 1 < len(srv.calls) <= 10
+
+    run(main())

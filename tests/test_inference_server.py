@@ -156,7 +156,7 @@ def test_registration_record(cluster):
 
 
 def test_every_endpoint_needs_the_key(cluster):
-    for method, path in (("GET", "/health"), ("GET", "/get_model_info"), ("POST", "/generate"),
+    for method, path in (("GET", "/get_model_info"), ("POST", "/generate"),
                          ("POST", "/pause_generation"), ("POST", "/update_weights_from_disk"), ("GET", "/v1/models")):
         status, body = cluster.http("s0", method, path, {} if method == "POST" else None, key=False)
         assert status == 401 and "API key" in body["error"]["message"], (path, status)
@@ -164,6 +164,9 @@ def test_every_endpoint_needs_the_key(cluster):
         assert status == 401
     assert cluster.http("s0", "GET", "/health")[0] == 200
     assert cluster.http("s0", "GET", "/health_generate")[0] == 200
+    for path in ("/health", "/health_generate", "/ready"):  # as SGLang (utils/auth.py): probes need no secret
+        for key in (False, "wrong"):
+            assert cluster.http("s0", "GET", path, key=key)[0] == 200, (path, key)
     status, info = cluster.http("s0", "GET", "/get_server_info")
     assert status == 200 and info["backend"] == "hf" and info["weight_version"] == "0"
     status, models = cluster.http("s0", "GET", "/v1/models")

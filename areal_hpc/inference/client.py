@@ -223,13 +223,14 @@ class ServerPool:
             order = list(self._servers.values())
             n = len(order)
             self._rr = (self._rr + 1) % max(n, 1)  # rotate the starting point so that ties spread over the servers
-            healthy = [s for s in order[self._rr:] + order[:self._rr] if s.down_until <= now]
+            usable = [s for s in order[self._rr:] + order[:self._rr] if self._paused.get(s.id) is not s]
+            healthy = [s for s in usable if s.down_until <= now]
             if healthy:
                 return min([s for s in healthy if s.id not in avoid] or healthy, key=lambda s: s.inflight)
             if now >= deadline:
                 raise PoolError(f"no healthy inference server for {WAIT_SERVERS_TIMEOUT_S:.0f}s "
-                                f"({n} known, all failing)")
-            wake = min([s.down_until for s in order] or [now + self.refresh_s]) - now
+                                f"({n} known, all failing or left paused)")
+            wake = min([s.down_until for s in usable if s.down_until > now] or [now + self.refresh_s]) - now
             await self._wait_changed(max(0.01, min(wake, self.refresh_s)))
             if not order and self.registry is not None:
                 await self.refresh()
@@ -294,7 +295,8 @@ class ServerPool:
             res.n_requests += 1
             pauses = self._pauses
             try:
-                got = api.parse_generate(await self._post_generate(server, payload), server.known_version())
+                body = await self._post_generate(server, payload)
+                got = api.parse_generate(body, server.known_version())
             except _Retryable as e:
                 failures += 1
                 self._mark_failed(server, str(e))
@@ -309,9 +311,14 @@ class ServerPool:
                             server.known_version())
             if self._absorb(res, got, server) or len(res.output_ids) >= budget:
                 return res
-            empty_aborts = 0 if got.output_ids else empty_aborts + 1
-            if self._running.is_set() and self._pauses == pauses:
-                # aborted without our pause (someone else paused the server, or it is shutting down)
+            ours = not self._running.is_set() or self._pauses != pauses
+            empty_aborts = 0 if got.output_ids or ours else empty_aborts + 1
+            if not ours:  # someone else paused the server, it is shutting down, or an older SGLang's request error:
+                # back off; the same with nothing generated, again and again, is a failure
+                if empty_aborts >= MAX_FAILURES:
+                    why = ((body.get("meta_info") or {}).get("finish_reason") or {}).get("message")
+                    raise PoolError(f"generation aborted {empty_aborts} times in a row with nothing generated, not by "
+                                    f"this pool's pause; last: {why or 'no message'}")
                 await asyncio.sleep(min(1.0, 0.02 * 2 ** min(empty_aborts, 6)))
 
     def _absorb(self, res: GenerateResult, got: api.GenerateOutput, server: _Server) -> bool:
@@ -395,14 +402,19 @@ class ServerPool:
 
     async def continue_all(self, tries: int = 3) -> Dict[str, CallResult]:
         """``/continue_generation`` everywhere. A server where it failed (timeout, reset) is asked again, up to
-        ``tries`` times: left paused, it would hold every generation routed to it."""
+        ``tries`` times: left paused, it would hold every generation routed to it, so it gets none until a later
+        `continue_all` reaches it."""
         res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
         for _ in range(tries - 1):
             failed = [sid for sid, r in res.items() if not r.ok]
             if failed:
                 res.update(await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), server_ids=failed))
-        self._paused = {}
+        self._paused = {sid: self._servers[sid] for sid, r in res.items() if not r.ok and sid in self._servers}
+        if self._paused:
+            log.error("/continue_generation failed %d times on %s: left paused, no generations go there until the "
+                      "next weight update's continue reaches it", tries, ", ".join(sorted(self._paused)))
         self._running.set()
+        self._notify_changed()
         return res
 
     async def update_weights_from_disk(self, path: str, version: Any, abort_all_requests: bool = False,

@@ -89,7 +89,7 @@ class EngineServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        if self.api_key is not None:
+        if self.api_key is not None and not request.path.startswith(("/health", "/ready", "/metrics")):  # as SGLang
             got = request.headers.get("Authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
                 return error_response("missing or wrong API key (Authorization: Bearer <key>)", 401)
