@@ -273,3 +273,25 @@ def test_a_registry_timeout_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(status, "status", held)
     assert run_cli("status", *names) == 1
     assert capsys.readouterr().err == "areal-hpc status: error: could not take registry lock x.lock within 30s\n"
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "stop", "add-servers", "submit"])
+def test_a_run_dir_this_user_cannot_read_is_one_line(command, tmp_path, capsys):
+    """A run dir of another user's permissions (made under `sudo -E`, or USER naming someone else on a shared
+    fileroot) ended every command in a PermissionError traceback (exit 1)."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    rd = next(tmp_path.glob("*/e1/t1"))
+    rd.chmod(0)
+    # root reads a mode-0 dir anyway: drop the capabilities that let it
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    words = [QUICKSTART, "--dry-run"] if command == "submit" else []
+    try:
+        p = subprocess.run([*drop, sys.executable, "-m", "areal_hpc", command, *words, *names],
+                           capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        rd.chmod(0o700)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"areal-hpc {command}: error: ") and str(rd) in p.stderr
+    assert "permission denied" in p.stderr.lower()

@@ -277,6 +277,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `status | head`: the reader is gone; nothing more to write, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE  # as a process SIGPIPE killed
+    except PermissionError as e:  # a run dir of another user (`sudo -E`, USER naming someone else): no traceback
+        print(f"areal-hpc {args.command}: error: {e.filename or ''}: permission denied (a run of another user? "
+              "check cluster.fileroot, experiment_name, trial_name and who owns that path)", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno != errno.ENAMETOOLONG:
             raise
