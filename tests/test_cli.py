@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,31 @@ def test_a_run_dir_this_user_cannot_read_is_one_line(command, tmp_path, capsys):
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith(f"areal-hpc {command}: error: ") and str(rd) in p.stderr
     assert "permission denied" in p.stderr.lower()
+
+
+def test_serve_by_hand_with_the_id_of_a_live_server_is_bad_input(tmp_path, capsys):
+    """`areal-hpc serve ... --server-id server-0` by hand in a run whose server-0 lives took over its registry record
+    (the trainer sent it rollouts and weights) until the real one's next heartbeat wrote it back, and then ran on,
+    orphaned: in no record, never updated, not stopped by `stop --external`."""
+    from areal_hpc.config import load_resolved
+    from areal_hpc.registry import Registry
+
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    rd = next(tmp_path.glob("*/e1/t1"))
+    reg = Registry.for_run(rd, load_resolved(rd / "config.yaml").launcher)
+    own = subprocess.Popen([sys.executable, "-m", "areal_hpc", "serve", "--run-dir", rd, "--server-id", "server-0"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while reg.get("servers", "server-0") is None:
+            assert own.poll() is None and time.monotonic() < deadline, "the run's server-0 did not register"
+            time.sleep(0.2)
+        p = subprocess.run([sys.executable, "-m", "areal_hpc", "serve", *names, "--server-id", "server-0"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, (p.returncode, p.stderr)
+        assert p.stderr.startswith("areal-hpc serve: error: --server-id: server-0"), p.stderr
+        assert reg.get("servers", "server-0")["pid"] == own.pid
+    finally:
+        own.terminate()
+        own.wait(60)
