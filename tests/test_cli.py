@@ -324,3 +324,12 @@ def test_serve_by_hand_with_the_id_of_a_live_server_is_bad_input(tmp_path, capsy
     finally:
         own.terminate()
         own.wait(60)
+
+
+@pytest.mark.parametrize("word", ["=5", "--=5"])
+def test_an_override_without_a_key_is_named(word, tmp_path, capsys):
+    """`submit CONFIG =5` (a key lost, e.g. to a shell variable that was empty) said only "error: unknown key"."""
+    assert run_cli("submit", QUICKSTART, f"cluster.fileroot={tmp_path}", word, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and repr(word) in err and "key=value" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -254,6 +254,8 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
             key, raw = "config", word
         else:
             raise ConfigError("", f"unexpected argument {word!r}", "at most one CONFIG.yaml, then key=value overrides")
+        if not key:  # `=5`, `--=5`: not "unknown key" with no key named
+            raise ConfigError("", f"{word!r} has no key before '='", "write key=value, e.g. trial_name=t2")
         if key != "config":
             pairs.append((key, raw))
         elif config is not None:
