@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,62 @@ def test_a_registry_timeout_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(status, "status", held)
     assert run_cli("status", *names) == 1
     assert capsys.readouterr().err == "areal-hpc status: error: could not take registry lock x.lock within 30s\n"
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "stop", "add-servers", "submit"])
+def test_a_run_dir_this_user_cannot_read_is_one_line(command, tmp_path, capsys):
+    """A run dir of another user's permissions (made under `sudo -E`, or USER naming someone else on a shared
+    fileroot) ended every command in a PermissionError traceback (exit 1)."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    rd = next(tmp_path.glob("*/e1/t1"))
+    rd.chmod(0)
+    # root reads a mode-0 dir anyway: drop the capabilities that let it
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    words = [QUICKSTART, "--dry-run"] if command == "submit" else []
+    try:
+        p = subprocess.run([*drop, sys.executable, "-m", "areal_hpc", command, *words, *names],
+                           capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        rd.chmod(0o700)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"areal-hpc {command}: error: ") and str(rd) in p.stderr
+    assert "permission denied" in p.stderr.lower()
+
+
+def test_serve_by_hand_with_the_id_of_a_live_server_is_bad_input(tmp_path, capsys):
+    """`areal-hpc serve ... --server-id server-0` by hand in a run whose server-0 lives took over its registry record
+    (the trainer sent it rollouts and weights) until the real one's next heartbeat wrote it back, and then ran on,
+    orphaned: in no record, never updated, not stopped by `stop --external`."""
+    from areal_hpc.config import load_resolved
+    from areal_hpc.registry import Registry
+
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    rd = next(tmp_path.glob("*/e1/t1"))
+    reg = Registry.for_run(rd, load_resolved(rd / "config.yaml").launcher)
+    own = subprocess.Popen([sys.executable, "-m", "areal_hpc", "serve", "--run-dir", rd, "--server-id", "server-0"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while reg.get("servers", "server-0") is None:
+            assert own.poll() is None and time.monotonic() < deadline, "the run's server-0 did not register"
+            time.sleep(0.2)
+        p = subprocess.run([sys.executable, "-m", "areal_hpc", "serve", *names, "--server-id", "server-0"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, (p.returncode, p.stderr)
+        assert p.stderr.startswith("areal-hpc serve: error: --server-id: server-0"), p.stderr
+        assert reg.get("servers", "server-0")["pid"] == own.pid
+    finally:
+        own.terminate()
+        own.wait(60)
+
+
+@pytest.mark.parametrize("word", ["=5", "--=5"])
+def test_an_override_without_a_key_is_named(word, tmp_path, capsys):
+    """`submit CONFIG =5` (a key lost, e.g. to a shell variable that was empty) said only "error: unknown key"."""
+    assert run_cli("submit", QUICKSTART, f"cluster.fileroot={tmp_path}", word, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and repr(word) in err and "key=value" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Dict, Iterator, List
 import pytest
 
 from areal_hpc.cli.main import main
-from areal_hpc.config import load_config, run_dir, validate
+from areal_hpc.config import load_config, load_resolved, run_dir, validate
 from areal_hpc.config.allocation import nodes_needed
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan
 from areal_hpc.launch.sbatch import render
+from areal_hpc.registry import Registry
 from test_cli import BAD_INPUTS
 from helpers import run, wait_until
 
@@ -371,3 +373,32 @@ def test_steps_keep_their_environment_in_a_job_submitted_with_export_none(slurm_
     for step in plan.steps:
         got = (out / step.name).read_text().split()
         assert got == [step.env["HF_HOME"], step.env["OMP_NUM_THREADS"]], (step.name, got)
+
+
+def test_stop_of_an_allocation_run_by_hand(slurm_cluster, shared_tmp):
+    """`sbatch {run}/sbatch/allocation.sbatch` (no driver, no run record): `areal-hpc stop`, which the script's
+    comment offers, posted a request no owner reads, waited its whole --timeout and then said from a login node that
+    the steps were "not ours to kill", exit 1 (on their own host: SIGKILL, no checkpoint). From another host it now
+    says at once how to stop it (`scancel --signal=TERM JOB`); on the steps' host it stops them with SIGTERM, so the
+    trainer checkpoints."""
+    names = [QUICKSTART, "mode=slurm", f"cluster.fileroot={shared_tmp}", "trial_name=byhand",
+             "trainer.total_train_steps=100000", "saver.freq_steps=0"]
+    assert main(["submit", *names, "--dry-run"]) == 0
+    rd = next(shared_tmp.glob("*/quickstart/byhand"))
+    job_id = run("sbatch", "--parsable", str(rd / "sbatch" / "allocation.sbatch")).strip().split(";")[0]
+    stop = [sys.executable, "-m", "areal_hpc", "stop", *names, "--timeout", "60"]
+    try:
+        reg = Registry.for_run(rd, load_resolved(rd / "config.yaml").launcher)
+        wait_until(lambda: (reg.get("", "trainer") or {}).get("step", 0) >= 3, 120, "the trainer's first steps")
+        t0 = time.monotonic()  # from a login node: another hostname
+        p = subprocess.run(["unshare", "--uts", "sh", "-c", 'hostname login && exec "$@"', "sh", *stop],
+                           capture_output=True, text=True, timeout=100)
+        assert p.returncode == 2 and time.monotonic() - t0 < 30, (p.returncode, p.stdout, p.stderr)
+        assert f"scancel --signal=TERM {job_id}" in p.stderr, p.stderr
+        assert job_fields(job_id)["JobState"] == "RUNNING"
+        p = subprocess.run(stop, capture_output=True, text=True, timeout=100)  # on the steps' host
+        assert p.returncode == 0 and "timed out" not in p.stdout, (p.returncode, p.stdout, p.stderr)
+        assert list((rd / "checkpoints").glob("step_*")), "the trainer did not checkpoint"
+        wait_until(lambda: job_fields(job_id)["JobState"] in FINAL_STATES, 60, f"job {job_id} to end")
+    finally:
+        subprocess.run(["scancel", job_id])

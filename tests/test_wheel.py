@@ -180,3 +180,15 @@ def test_pip_install_source_dir(deps, tmp_path):
     _check_installed(venv, tmp_path)
     _version(venv, tmp_path)
     _slurm_dry_run(venv, tmp_path)
+
+
+def test_installed_wheel_names_where_the_documented_configs_are(wheel_venv, tmp_path):
+    """`areal-hpc submit configs/quickstart.yaml` (the README's command) outside a checkout: the configs are not in
+    the wheel, and the error's hint was "give a YAML file's path, e.g. configs/quickstart.yaml", the very path that
+    was not found."""
+    p = subprocess.run([wheel_venv / "bin" / "areal-hpc", "submit", "configs/quickstart.yaml"], capture_output=True,
+                       text=True, cwd=tmp_path, env=_env(wheel_venv))
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, (p.returncode, p.stderr)
+    assert p.stderr.startswith("areal-hpc submit: error: config: configs/quickstart.yaml not found"), p.stderr
+    assert "e.g. configs/quickstart.yaml" not in p.stderr and "source checkout" in p.stderr, p.stderr
+    assert not list(tmp_path.iterdir())

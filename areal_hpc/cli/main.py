@@ -128,6 +128,7 @@ def cmd_stop(args) -> int:
 
 def cmd_serve(args) -> int:
     from areal_hpc.launch import entry
+    from areal_hpc.launch.status import run_registry
 
     if args.run_dir is not None:  # what the launchers start
         if args.words:
@@ -136,7 +137,11 @@ def cmd_serve(args) -> int:
             raise ConfigError("--server-id", "is required with --run-dir")
         return entry.serve(_run_dir_arg(args.run_dir), args.server_id, args.backend)
     # by hand, on any host that sees the run dir: joins the run as an external server
-    return entry.serve(_existing_run(args), args.server_id or entry.manual_server_id(), args.backend, external=True)
+    rd = _existing_run(args)
+    if args.server_id is not None and run_registry(rd).get("servers", args.server_id) is not None:
+        raise ConfigError("--server-id", f"{args.server_id} is a live server of this run (its record would be "
+                          "overwritten)", "leave out --server-id (a free one is picked) or give another")
+    return entry.serve(rd, args.server_id or entry.manual_server_id(), args.backend, external=True)
 
 
 def cmd_train(args) -> int:
@@ -277,6 +282,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `status | head`: the reader is gone; nothing more to write, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE  # as a process SIGPIPE killed
+    except PermissionError as e:  # a run dir of another user (`sudo -E`, USER naming someone else): no traceback
+        print(f"areal-hpc {args.command}: error: {e.filename or ''}: permission denied (a run of another user? "
+              "check cluster.fileroot, experiment_name, trial_name and who owns that path)", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno != errno.ENAMETOOLONG:
             raise

@@ -123,7 +123,8 @@ def read_yaml_file(path: str | os.PathLike, key: str = "config", hint: Optional[
     try:  # OSError: no permission to read the file (or to look into its directory), and the like
         if not p.is_file():
             what = "is a directory" if p.is_dir() else "not found" if not p.exists() else "is not a regular file"
-            raise ConfigError(key, f"{name}{what}", hint or "give a YAML file's path, e.g. configs/quickstart.yaml")
+            raise ConfigError(key, f"{name}{what}", hint or "give a YAML file's path; the docs' configs/ are in the "
+                              "source checkout, not in an installed wheel")
         if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
             raise ConfigError(key, f"{name}is {size / 2**20:.1f} MiB, too large for a config file",
                               hint or f"a config is a small YAML file (at most {MAX_CONFIG_BYTES >> 20} MiB)")
@@ -253,6 +254,8 @@ def split_words(words: Sequence[str]) -> Tuple[Optional[str], List[Tuple[str, st
             key, raw = "config", word
         else:
             raise ConfigError("", f"unexpected argument {word!r}", "at most one CONFIG.yaml, then key=value overrides")
+        if not key:  # `=5`, `--=5`: not "unknown key" with no key named
+            raise ConfigError("", f"{word!r} has no key before '='", "write key=value, e.g. trial_name=t2")
         if key != "config":
             pairs.append((key, raw))
         elif config is not None:
