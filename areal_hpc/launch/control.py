@@ -97,12 +97,14 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     # the owner is gone (shutdown_server_on_exit=False), or there is none (`sbatch sbatch/allocation.sbatch` by hand,
     # no request is read): stop what it left here (the trainer checkpoints); what runs elsewhere is Slurm's to signal
-    if (local or not run) and not owner_alive() and (elsewhere := kill_left(signal.SIGTERM)[1]) and not run:
-        withdraw(reg, posted)
-        jobs = sorted({str(rec["slurm_job_id"]) for rec in elsewhere.values() if rec.get("slurm_job_id")})
-        raise ConfigError("experiment_name/trial_name", f"run {rd} has no owner to stop it (an allocation "
-                          "started by hand?)", f"stop its steps with `scancel --signal=TERM {' '.join(jobs) or 'JOB'}`: "
-                          "the trainer checkpoints")
+    if (local or not run) and not owner_alive():
+        elsewhere = kill_left(signal.SIGTERM)[1]
+        if elsewhere and not run:
+            withdraw(reg, posted)
+            jobs = sorted({str(rec["slurm_job_id"]) for rec in elsewhere.values() if rec.get("slurm_job_id")})
+            raise ConfigError("experiment_name/trial_name", f"run {rd} has no owner to stop it (an allocation "
+                              "started by hand?)", "stop its steps with "
+                              f"`scancel --signal=TERM {' '.join(jobs) or 'JOB'}`: the trainer checkpoints")
     # queued with no driver: nothing to checkpoint (a SUSPENDED or RESIZING job's driver checkpoints once it runs)
     state = job_state() if slurm_run and run.get("job_id") else None
     if state in set(slurm.WAITING_STATES) - {"SUSPENDED", "RESIZING"} and not slurm.scancel(run["job_id"]):
