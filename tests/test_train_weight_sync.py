@@ -89,3 +89,86 @@ def _worker(rank, path, group_port, side_port):
 def test_trainer_sends_receiver_gets_identical_tensors_and_rejoins(tmp_path):
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
     run_ranks(_worker, 2, args=(path, free_port(), free_port()))
+
+
+_SERVER = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[4])
+from areal_hpc.registry import Registry
+from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner
+from areal_hpc.inference.http_server import EngineServer
+from helpers import engine_app
+async def main(eng):
+    async with engine_app(EngineServer(eng)) as url:
+        Registry(sys.argv[2]).put("servers", sys.argv[3], {"address": url[7:], "state": "ready", "backend": "hf"},
+                                ttl=False)  # a dead server's record outlives it (until its TTL)
+        await asyncio.sleep(3600)
+asyncio.run(main(LLMEngine(ModelRunner(sys.argv[1], max_running=4)).start()))
+"""
+
+
+def _server_dies_worker(rank, path, root):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from areal_hpc.config import load_config
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+    from areal_hpc.registry import Registry
+    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.phases import PhaseTimer
+    from areal_hpc.train.weight_sync import broadcast_engine_weights
+    from areal_hpc.trainers.rollout_side import RolloutSide, load_prompts
+    from areal_hpc.inference.client import ServerPool
+    from areal_hpc.trainers import rollout_side
+
+    rollout_side.GROUP_TIMEOUT_S = 120.0  # a group waiting for a server that never joins fails within the test
+    reg, tests = Registry(Path(root) / "registry"), str(Path(__file__).parent)
+    servers = [subprocess.Popen([sys.executable, "-c", _SERVER, path, str(reg.root), f"s{i}", tests]) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(reg.list("servers")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cfg = load_config(str(Path(tests).parent / "configs" / "quickstart.yaml"), ["trainer.ppo.weight_update=gloo"])
+        ctx = SimpleNamespace(cfg=cfg, registry=reg, weights_dir=Path(root) / "weights")
+        tok = AutoTokenizer.from_pretrained(path)
+        pool = ServerPool(reg, api_key="", refresh_s=3600)
+        side = RolloutSide(ctx, tok, load_prompts(ctx, "train", epochs=1, tokenizer=tok), pool, 0, lambda: False)
+        side.start()
+        eng = FSDPEngine(EngineConfig(path=path), MicroBatchSpec(), total_steps=1)
+        buckets = []
+
+        def broadcast(group, on_bucket):
+            def announce(bucket):
+                buckets.append(bucket)
+                if len(buckets) == 2:  # s1 dies between two buckets of the update
+                    servers[1].kill()
+                    servers[1].wait()
+                return on_bucket(bucket)
+            return broadcast_engine_weights(eng, group, announce, bucket_bytes=20_000)
+
+        t0 = time.monotonic()
+        try:
+            side.update_weights_broadcast(broadcast, 1, PhaseTimer())
+            raise AssertionError("the update did not fail")
+        except RuntimeError as e:
+            assert "Connection" in str(e) or "s1" in str(e), e
+        # s0, left waiting for the rest of the update, was freed at once: /continue_generation reached it (3 tries of
+        # a minute each timed out while the trainer kept the broken group)
+        assert time.monotonic() - t0 < 60, time.monotonic() - t0
+        # the next update leaves out s1, whose record is still there but which did not answer the pause
+        out = side.update_weights_broadcast(lambda g, cb: broadcast_engine_weights(eng, g, cb), 2, PhaseTimer())
+        assert out == {"servers_updated": 1.0} and side.members == ["s0"]
+        side.stop_rest()
+    finally:
+        for s in servers:
+            s.kill()
+
+
+def test_a_server_dying_mid_broadcast_fails_the_update_at_once_and_frees_the_others(tmp_path):
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_server_dies_worker, 1, args=(path, str(tmp_path)), env={"GLOO_SOCKET_IFNAME": "lo"})
+
