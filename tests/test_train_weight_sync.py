@@ -89,3 +89,154 @@ def _worker(rank, path, group_port, side_port):
 def test_trainer_sends_receiver_gets_identical_tensors_and_rejoins(tmp_path):
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
     run_ranks(_worker, 2, args=(path, free_port(), free_port()))
+
+
+_SERVER = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[4])
+from areal_hpc.registry import Registry
+from areal_hpc.inference.hf_engine import LLMEngine, ModelRunner
+from areal_hpc.inference.http_server import EngineServer
+from helpers import engine_app
+async def main(eng):
+    async with engine_app(EngineServer(eng)) as url:
+        Registry(sys.argv[2]).put("servers", sys.argv[3], {"address": url[7:], "state": "ready", "backend": "hf"},
+                                ttl=False)  # a dead server's record outlives it (until its TTL)
+        await asyncio.sleep(3600)
+asyncio.run(main(LLMEngine(ModelRunner(sys.argv[1], max_running=4)).start()))
+"""
+
+
+def _server_dies_worker(rank, path, root):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from areal_hpc.config import load_config
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+    from areal_hpc.registry import Registry
+    from areal_hpc.train.engine import FSDPEngine
+    from areal_hpc.train.phases import PhaseTimer
+    from areal_hpc.train.weight_sync import broadcast_engine_weights
+    from areal_hpc.trainers.rollout_side import RolloutSide, load_prompts
+    from areal_hpc.inference.client import ServerPool
+    from areal_hpc.trainers import rollout_side
+
+    rollout_side.GROUP_TIMEOUT_S = 120.0  # a group waiting for a server that never joins fails within the test
+    reg, tests = Registry(Path(root) / "registry"), str(Path(__file__).parent)
+    servers = [subprocess.Popen([sys.executable, "-c", _SERVER, path, str(reg.root), f"s{i}", tests]) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(reg.list("servers")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cfg = load_config(str(Path(tests).parent / "configs" / "quickstart.yaml"), ["trainer.ppo.weight_update=gloo"])
+        ctx = SimpleNamespace(cfg=cfg, registry=reg, weights_dir=Path(root) / "weights")
+        tok = AutoTokenizer.from_pretrained(path)
+        pool = ServerPool(reg, api_key="", refresh_s=3600)
+        side = RolloutSide(ctx, tok, load_prompts(ctx, "train", epochs=1, tokenizer=tok), pool, 0, lambda: False)
+        side.start()
+        eng = FSDPEngine(EngineConfig(path=path), MicroBatchSpec(), total_steps=1)
+        buckets = []
+
+        def broadcast(group, on_bucket):
+            def announce(bucket):
+                buckets.append(bucket)
+                if len(buckets) == 2:  # s1 dies between two buckets of the update
+                    servers[1].kill()
+                    servers[1].wait()
+                return on_bucket(bucket)
+            return broadcast_engine_weights(eng, group, announce, bucket_bytes=20_000)
+
+        t0 = time.monotonic()
+        try:
+            side.update_weights_broadcast(broadcast, 1, PhaseTimer())
+            raise AssertionError("the update did not fail")
+        except RuntimeError as e:
+            assert "Connection" in str(e) or "s1" in str(e), e
+        # s0, left waiting for the rest of the update, was freed at once: /continue_generation reached it (3 tries of
+        # a minute each timed out while the trainer kept the broken group)
+        assert time.monotonic() - t0 < 60, time.monotonic() - t0
+        # the next update leaves out s1, whose record is still there but which did not answer the pause
+        out = side.update_weights_broadcast(lambda g, cb: broadcast_engine_weights(eng, g, cb), 2, PhaseTimer())
+        assert out == {"servers_updated": 1.0} and side.members == ["s0"]
+        side.stop_rest()
+    finally:
+        for s in servers:
+            s.kill()
+
+
+def test_a_server_dying_mid_broadcast_fails_the_update_at_once_and_frees_the_others(tmp_path):
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_server_dies_worker, 1, args=(path, str(tmp_path)), env={"GLOO_SOCKET_IFNAME": "lo"})
+
+
+def _moe_worker(rank, path, group_port, side_port):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    from safetensors.torch import load_file
+
+    from areal_hpc.train.weight_sync import broadcast_engine_weights, init_weight_sync_group
+    import torch.distributed as tdist
+
+    side = tdist.TCPStore("127.0.0.1", side_port, 2, is_master=(rank == 0), timeout=datetime.timedelta(seconds=120))
+    if rank == 0:
+        from areal_hpc.config.schema import EngineConfig, MicroBatchSpec
+        from areal_hpc.train.engine import FSDPEngine
+
+        eng = FSDPEngine(EngineConfig(path=path), MicroBatchSpec(), total_steps=1)
+        group = init_weight_sync_group("127.0.0.1", group_port, 0, 2, "moe", backend="gloo", timeout_s=120)
+        sent = []
+
+        def announce(bucket):
+            side.set(f"b{len(sent)}", json.dumps(announcement(bucket)))
+            sent.append(bucket)
+            return lambda: side.get(f"ack{len(sent) - 1}")
+
+        side.set("n", str(broadcast_engine_weights(eng, group, announce, bucket_bytes=20_000, dtype=torch.float32)))
+        # what SGLang's load_weights takes: the checkpoint's names (one per expert), as the disk copy has them
+        assert {s.name for b in sent for s in b} == set(load_file(f"{path}/model.safetensors")) - {"lm_head.weight"}
+        side.get("done")
+    else:
+        from areal_hpc.inference.hf_engine.model_runner import ModelRunner
+
+        runner = ModelRunner(path, dtype="float32", max_running=2)
+        group = init_weight_sync_group("127.0.0.1", group_port, 1, 2, "moe", backend="gloo", timeout_s=120)
+        want = {k: v.clone() for k, v in runner.model.state_dict().items()}
+        with torch.no_grad():
+            for p in runner.model.parameters():
+                p.zero_()
+        b = 0
+        while not side.check(["n"]) or b < int(side.get("n")):
+            if not side.check([f"b{b}"]):
+                time.sleep(0.01)
+                continue
+            names, dtypes, shapes = json.loads(side.get(f"b{b}"))
+            specs = [(n, getattr(torch, d), tuple(s)) for n, d, s in zip(names, dtypes, shapes)]
+            assert runner.check_weights([(n, s) for n, _, s in specs], whole=False) == []
+            runner.load_broadcast(specs, group)
+            side.set(f"ack{b}", "ok")
+            b += 1
+        got = runner.model.state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        side.set("done", "1")
+
+
+def test_a_moe_models_broadcast_sends_the_checkpoint_names_and_the_hf_server_loads_them(tmp_path):
+    """transformers 5 holds a MoE layer's experts fused (``mlp.experts.gate_up_proj``); SGLang's
+    /update_weights_from_distributed hands the names to the model's load_weights, which knows the checkpoint's
+    (``mlp.experts.0.gate_proj.weight``). The broadcast sent the fused names (SGLang skips or fails on them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    toy.build_tokenizer(tmp_path / "moe")
+    vocab = len(toy.SPECIAL_TOKENS) + len(toy.CHARS)
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                               moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                               tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "moe")
+    run_ranks(_moe_worker, 2, args=(str(tmp_path / "moe"), free_port(), free_port()))

@@ -321,7 +321,7 @@ class FSDPEngine:
             del full
         if rank0 and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return _checkpoint_layout(self.model, out) if rank0 else out
+        return checkpoint_layout(self.model, out) if rank0 else out
 
     def hf_tensors(self, dtype: Optional[torch.dtype] = None) -> List[Tuple[str, torch.Tensor, torch.dtype]]:
         """``(HF name, local shard, dtype it goes out in)`` of every weight, in one order on every rank; floating point
@@ -364,7 +364,7 @@ def _read(*pending: _Pending) -> Dict[str, float]:
     return out
 
 
-def _checkpoint_layout(model: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def checkpoint_layout(model: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``sd`` in the names and layout ``save_pretrained`` writes, which servers load: transformers 5 holds some weights
     otherwise (a MoE layer's experts fused into one tensor)."""
     try:

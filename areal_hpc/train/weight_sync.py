@@ -16,6 +16,7 @@ import torch.distributed as tdist
 
 from areal_hpc.inference.hf_engine.model_runner import new_process_group
 from areal_hpc.train.dist import full_tensor
+from areal_hpc.train.engine import checkpoint_layout
 
 DEFAULT_BUCKET_BYTES = 1 << 30
 
@@ -90,9 +91,12 @@ def broadcast_engine_weights(engine, group: Optional[tdist.ProcessGroup],
             for s in bucket:
                 full_tensor(entries[s.name][0])
             continue
-        tensors = [full_tensor(entries[s.name][0]).to(entries[s.name][1]) for s in bucket]
-        wait = on_bucket(bucket) if on_bucket is not None else None
-        send_tensors(group, tensors)
+        # under the checkpoint's names, as the disk copy: SGLang's load_weights knows those, not fused modules'
+        tensors = checkpoint_layout(engine.model, {s.name: full_tensor(entries[s.name][0]).to(entries[s.name][1])
+                                                   for s in bucket})
+        wait = on_bucket([TensorSpec(k, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                          for k, t in tensors.items()]) if on_bucket is not None else None
+        send_tensors(group, list(tensors.values()))
         if wait is not None:
             wait()
         del tensors

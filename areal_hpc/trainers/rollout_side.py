@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -136,6 +137,7 @@ class RolloutSide(BackgroundUpdates):
         self.members: List[str] = []
         self.external: List[str] = []  # servers updated from disk instead
         self._warned: set = set()  # external servers told about once
+        self._unpaused: set = set()  # servers the last pause did not reach (dead, their record not yet expired)
         super().__init__()
 
     def start(self) -> None:
@@ -208,7 +210,12 @@ class RolloutSide(BackgroundUpdates):
         with self._paused(version, timer):
             with timer.phase("weight_broadcast"):
                 self._ensure_group()
-                broadcast(self.group, self._announcer(version))
+                try:
+                    broadcast(self.group, self._announcer(version))
+                except BaseException as e:  # servers still waiting in it fail now, not at our exit: they can continue
+                    traceback.clear_frames(e.__traceback__)  # their locals hold the group: it would stay connected
+                    self._drop_group()
+                    raise
             if disk_path and self.external:
                 self._load_from_disk(disk_path, version, timer, server_ids=self.external)
         return {"servers_updated": float(len(self.members))}
@@ -221,7 +228,7 @@ class RolloutSide(BackgroundUpdates):
         c.pause()
         try:
             with timer.phase("weight_pause"):
-                c.run(self.pool.pause_all())
+                self._unpaused = {sid for sid, r in c.run(self.pool.pause_all()).items() if r.status is None}
             yield
         finally:
             with timer.phase("weight_pause"):
@@ -236,15 +243,14 @@ class RolloutSide(BackgroundUpdates):
         pool, c, backend = self.pool, self.controller, self.ctx.cfg.trainer.ppo.weight_update
         c.run(pool.refresh())
         external = self.external_ids()
-        members = sorted(sid for sid, info in pool.servers.items() if info["healthy"] and sid not in external)
+        members = sorted(sid for sid, info in pool.servers.items()
+                         if info["healthy"] and sid not in external and sid not in self._unpaused)
         for sid in sorted(set(external) - set(self.external)):
             log.warning("external server %s gets weights from disk (weights/), not through the %s group", sid, backend)
         self.external = external
         if self.group is not None and members == self.members:
             return
-        if self.group is not None:
-            tdist.destroy_process_group(self.group)
-            self.group = None
+        self._drop_group()
         name, port = new_group_name(), free_port("")
         addr = address_towards(pool.servers[members[0]]["address"] if members else "")
         world = len(members) + 1
@@ -261,6 +267,11 @@ class RolloutSide(BackgroundUpdates):
             raise RuntimeError(f"servers failed to join weight group {name}: {failed}")
         self.group_name, self.members = name, members
         log.info("weight-sync group %s formed with %d server(s)", name, len(members))
+
+    def _drop_group(self) -> None:
+        if self.group is not None:
+            tdist.destroy_process_group(self.group)
+        self.group, self.members = None, []
 
     def _announcer(self, version: int):
         """``on_bucket`` for `broadcast_engine_weights`: tell every server what comes next."""

@@ -161,6 +161,15 @@ class ModelRunner:
         self.static = StaticDecoder(self, use_graphs=decode_mode == "graph") if decode_mode != "eager" else None
         # every name a checkpoint may use: parameters (tied ones under each name) and persistent buffers
         self._params = dict(self.model.state_dict(keep_vars=True))
+        # where transformers converts a checkpoint (a MoE layer's experts fused): checkpoint name -> (parameter, shape)
+        self._parts: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+        with contextlib.suppress(ImportError):  # transformers 4: the modules hold the checkpoint's layout
+            from transformers.core_model_loading import revert_weight_conversion
+
+            for name, p in self._params.items():
+                meta = {name: torch.empty(p.shape, dtype=p.dtype, device="meta")}
+                self._parts.update({k: (name, tuple(t.shape)) for k, t in
+                                    revert_weight_conversion(self.model, meta).items() if k != name})
 
     @staticmethod
     def _eos_ids(config, model_path: str) -> Tuple[int, ...]:
@@ -280,13 +289,19 @@ class ModelRunner:
         seen = set()
         for name, shape in names_shapes:
             p = self._params.get(name)
+            if p is None and name in self._parts:  # a part of a converted parameter: that is whole once all are
+                seen.add(name)
+                if tuple(shape) != self._parts[name][1]:
+                    problems.append(f"{name}: shape {tuple(shape)} != model's {self._parts[name][1]}")
+                continue
             if p is None:
                 problems.append(f"unexpected tensor {name!r}")
                 continue
             if tuple(p.shape) != tuple(shape):
                 problems.append(f"{name}: shape {tuple(shape)} != model's {tuple(p.shape)}")
             seen.add(id(p))
-        missing = sorted({n for n, p in self._params.items() if id(p) not in seen})
+        whole_parts = {n for n, _ in self._parts.values()} - {n for k, (n, _) in self._parts.items() if k not in seen}
+        missing = sorted({n for n, p in self._params.items() if id(p) not in seen and n not in whole_parts})
         if missing and whole:
             problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         return problems
@@ -314,9 +329,9 @@ class ModelRunner:
                 time.sleep(0.001)
             work.wait()  # raises a failed op's error; NCCL: the current stream waits for it
 
-        works = []
+        works, where = [], {}  # where: a converted parameter's element indices of each of its parts
         for name, dtype, shape in specs:
-            param = None if discard else self._params[name]
+            param = None if discard else self._params.get(name)
             direct = param is not None and param.dtype == dtype and param.is_contiguous()
             buf = param.data if direct else torch.empty(shape, dtype=dtype, device=self.device)
             works.append(dist.broadcast(buf, src=0, group=group, async_op=True))
@@ -324,6 +339,16 @@ class ModelRunner:
                 finish(works[-1])
                 if param is not None:
                     param.copy_(buf)
+                elif not discard:  # a part of a converted parameter (an expert's gate_proj)
+                    whole = self._parts[name][0]
+                    if whole not in where:
+                        from transformers.core_model_loading import revert_weight_conversion
+
+                        p = self._params[whole]
+                        where[whole] = revert_weight_conversion(self.model, {whole: torch.arange(
+                            p.numel(), device=self.device).view(p.shape)})
+                    p = self._params[whole].data
+                    p.view(-1).index_copy_(0, where[whole][name].reshape(-1), buf.reshape(-1).to(p.dtype))
         for work in works:  # the ops of one group complete in order: one wait for the whole bucket
             finish(work)
 
