@@ -318,7 +318,7 @@ def _expand_vars(cfg: ExperimentConfig) -> ExperimentConfig:
         expanded = os.path.expandvars(value)
         unset = re.search(r"\$\{?(\w+)", expanded)  # expandvars leaves unset variables as written
         if ref := re.search(r"\$\{(\w+(?:\.\w+)+)\}", expanded):  # AReaL's (OmegaConf's) `${actor.path}`
-            raise ConfigError(key, f"{value!r} refers to the key {ref[1]}: keys are not interpolated", "write the path out")
+            raise ConfigError(key, f"{value!r} refers to the key {ref[1]}: keys are not interpolated", "write it out")
         if unset:
             raise ConfigError(key, f"{value!r} names the environment variable ${unset[1]}, which is not set",
                               "set it, or write the path out")
