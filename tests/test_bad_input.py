@@ -146,6 +146,11 @@ BAD_OVERRIDES = [
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),
+    # mode=local / torchrun run on this machine: a plan over several nodes ran every node's steps here, servers and
+    # trainer ranks of different nodes on the same GPUs (the seed's `mode=torchrun allocation_mode=sglang.d16p1m1+...`)
+    (["mode=torchrun", "allocation_mode=sglang.d16p1m1+d32p1m1", "cluster.n_gpus_per_node=8", "cluster.n_nodes=6"],
+     "mode"),
+    (["mode=local", "allocation_mode=sglang:d4+fsdp:d8", "cluster.n_gpus_per_node=8", "cluster.n_nodes=2"], "mode"),
 ]
 
 

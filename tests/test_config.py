@@ -284,3 +284,14 @@ def test_environment_variables_in_paths_of_a_config_file(tmp_path, monkeypatch):
     assert run_dir(c).is_relative_to(tmp_path / "scratch/areal")
     with pytest.raises(ConfigError, match=r"cluster.fileroot: .*\$AREAL_TEST_UNSET.* not set"):
         load_config(str(f), ["cluster.fileroot=$AREAL_TEST_UNSET/areal"])
+
+
+def test_a_reference_to_another_key_in_a_path_is_named_as_such(tmp_path):
+    """AReaL's YAML files point one key at another (`model_path: ${actor.path}`, OmegaConf). Written here as
+    `${trainer.ppo.actor.path}`, the error said the environment variable $trainer was not set."""
+    f = tmp_path / "c.yaml"
+    f.write_text("server:\n  model_path: ${trainer.ppo.actor.path}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f), [])
+    assert e.value.key == "server.model_path" and "trainer.ppo.actor.path" in str(e.value)
+    assert "$trainer" not in str(e.value) and "environment variable" not in str(e.value)

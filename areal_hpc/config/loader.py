@@ -316,8 +316,9 @@ def _expand_vars(cfg: ExperimentConfig) -> ExperimentConfig:
         owner = functools.reduce(getattr, parents, cfg)
         value = getattr(owner, leaf)
         expanded = os.path.expandvars(value)
-        unset = re.search(r"\$\{?(\w+)", expanded)  # expandvars leaves unset variables as written
-        if unset:
+        if ref := re.search(r"\$\{(\w+(?:\.\w+)+)\}", expanded):  # AReaL's (OmegaConf's) `${actor.path}`
+            raise ConfigError(key, f"{value!r} refers to the key {ref[1]}: keys are not interpolated", "write it out")
+        if unset := re.search(r"\$\{?(\w+)", expanded):  # expandvars leaves unset variables as written
             raise ConfigError(key, f"{value!r} names the environment variable ${unset[1]}, which is not set",
                               "set it, or write the path out")
         setattr(owner, leaf, expanded)

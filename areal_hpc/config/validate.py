@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
-from areal_hpc.config.allocation import AllocationMode, parse_allocation, validate_allocation
+from areal_hpc.config.allocation import AllocationMode, nodes_needed, parse_allocation, validate_allocation
 from areal_hpc.config.errors import ConfigError, did_you_mean
 from areal_hpc.config.pass_through import check_pass_through
 from areal_hpc.config.schema import DatasetConfig, ExperimentConfig
@@ -358,7 +358,11 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     alloc = parse_allocation(cfg.allocation_mode)
     # sft starts no servers (`launch.plan.has_servers`): a servers part (the default's) is ignored, its GPUs too
     gen = None if t == "sft" else alloc.gen
-    validate_allocation(dataclasses.replace(alloc, gen=gen), c.n_nodes, c.n_gpus_per_node, c.multi_node_tp)
+    used = dataclasses.replace(alloc, gen=gen)
+    validate_allocation(used, c.n_nodes, c.n_gpus_per_node, c.multi_node_tp)
+    if cfg.mode in ("local", "torchrun") and (n := nodes_needed(used, c.n_gpus_per_node)) > 1:  # (ran on 1 node's GPUs)
+        raise ConfigError("mode", f"{cfg.mode} runs every step on this machine, but allocation_mode needs {n} nodes "
+                          f"of {c.n_gpus_per_node} GPUs", "use mode=slurm or mode=ray, or an allocation for one node")
     if gen and gen.backend == "sglang" and c.n_gpus_per_node == 0:
         raise ConfigError("allocation_mode", "sglang servers need GPUs but cluster.n_gpus_per_node=0",
                           "use the embedded engine on CPUs: hf.d1+d1")
