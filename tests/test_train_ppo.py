@@ -205,3 +205,40 @@ def test_proximal_logprobs_from_the_update_forward_equal_a_recomputation(tmp_pat
     same losses, statistics and weights as recomputing them first."""
     path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
     run_ranks(_prox_worker, 1, args=(path,))
+
+
+def _ranks_worker(rank, path, out):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
+    from areal_hpc.rollout import Trajectory
+    from areal_hpc.train import dist
+    from areal_hpc.train.batching import shard_batch
+    from areal_hpc.train.ppo_loss import PPOActor
+    from areal_hpc.trainers.ppo_trainer import trajectories_to_batch
+
+    cfg = PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)), adv_norm="batch",
+                    mb_spec=MicroBatchSpec(max_tokens_per_mb=24), kl_ctl=0.05)
+    actor = PPOActor.build(cfg, total_steps=10, group_size=4)
+    g = torch.Generator().manual_seed(1)
+    groups = [[Trajectory(torch.randint(3, VOCAB, (4,), generator=g).tolist(), out_ids,
+                          (-2.0 * torch.rand(len(out_ids), generator=g)).tolist(), [0] * len(out_ids), float(k % 3))
+               for k in range(n) for out_ids in [torch.randint(3, VOCAB, (1 + (k + p) % 5,), generator=g).tolist()]]
+              for p, n in enumerate([4, 3, 5, 4])]  # groups of unequal sizes and lengths
+    stats = [actor.train_step(shard_batch(trajectories_to_batch(groups), dist.rank(), dist.world_size()))
+             for _ in range(2)]
+    sd = actor.engine.state_dict_for_hf(torch.float32)
+    if rank == 0:
+        torch.save({"stats": stats, "sd": {k: v.clone() for k, v in sd.items()}}, out)
+
+
+def test_two_ranks_train_a_rollout_batch_as_one_rank_does(tmp_path):
+    """A batch sharded by whole groups over 2 ranks (batch-normalised advantages, KL to a reference): the same
+    losses, statistics of the whole batch and weights as on one rank."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    for world in (1, 2):
+        run_ranks(_ranks_worker, world, args=(path, str(tmp_path / f"w{world}.pt")))
+    one, two = (torch.load(tmp_path / f"w{w}.pt") for w in (1, 2))
+    for a, b in zip(one["stats"], two["stats"]):
+        for k in set(a) - {"n_mbs"}:  # micro-batches per rank
+            close(a[k], b[k], 1e-5 * max(1.0, abs(a[k])))
+    for k, v in one["sd"].items():
+        close(v, two["sd"][k], 1e-4)
