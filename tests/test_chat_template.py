@@ -296,3 +296,32 @@ def test_raw_text_prompts_get_the_tokenizers_bos(tmp_path):
     assert sft["input_ids"][0].tolist() == [bos] + ids_of(base, "3+4=7") + [base.eos_token_id]
     base.chat_template = "<s>{% for m in messages %}{{ m.content }}{% endfor %}"
     assert PromptEncoder(base).encode(row) == [bos] + ids_of(base, "3+4=")
+
+
+def test_a_workflow_written_as_the_readme_shows_stops_at_the_end_of_turn(tmp_path):
+    """A README-style workflow had the run's ``gen_config`` (rollout.gen) but not the stop tokens RLVRWorkflow adds
+    (the template's end of turn, the model's EOS list): with a chat template whose end of turn is not the EOS, its
+    replies ran on to max_new_tokens. ``self.params`` are the request's sampling params, those stops included."""
+    from areal_hpc.rollout.workflow import WORKFLOWS, Group, RolloutWorkflow, Trajectory, make_workflow
+
+    @WORKFLOWS.register("test-readme-chat")
+    class OneReply(RolloutWorkflow):
+        async def arun_episode(self, client, row):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            res = await client.generate(ids, self.params)
+            return Group([Trajectory(ids, res.output_ids, res.logprobs, res.versions, 0.0, res.finish_reason)])
+
+    model = build_chatml_model(tmp_path / "steered", steer=BOXED_SEVEN)
+    tok = AutoTokenizer.from_pretrained(model)
+    server = HFServer(tmp_path, str(model)).wait_ready()
+    try:
+        wf = make_workflow("test-readme-chat", tokenizer=tok, gen_config=GenerationConfig(max_new_tokens=16),
+                           chat_template="auto")
+        group = asyncio.run(_episode(wf, server.pool(), {"prompt": "What is 3+4?"}))
+    finally:
+        server.stop()
+        WORKFLOWS.pop("test-readme-chat")
+    (t,) = group.trajectories
+    assert t.finish_reason == "stop" and tok.decode(t.output_ids) == "\\boxed{7}<|im_end|>"

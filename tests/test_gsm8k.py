@@ -50,6 +50,28 @@ def test_adapter_rejects_rows_naming_them():
         apply_adapter([NATALIA], "gsm9k")
 
 
+@pytest.mark.parametrize("kind", ["attribute", "index"])
+def test_an_adapter_that_fails_on_a_row_is_named_with_the_row(kind):
+    """An adapter's AttributeError (``None.strip()`` on a missing field) or IndexError came through bare, naming
+    neither the row nor the adapter: at submit a traceback instead of the key, in the trainer no row to look at."""
+    from areal_hpc.config.schema import DatasetConfig
+    from areal_hpc.launch.resolve import check_row
+
+    @register_adapter("test-fragile")
+    def fragile(row):
+        title = row.get("title").strip() if kind == "attribute" else row["choices"][0]
+        return {"prompt": title, "answer": "1"}
+
+    good, bad = {"title": " t ", "choices": ["c"]}, {"choices": []}
+    try:
+        with pytest.raises(ValueError, match="adapter 'test-fragile': row 1: "):
+            apply_adapter([good, bad], "test-fragile")
+        with pytest.raises(ConfigError, match="train_dataset.adapter.*'test-fragile' cannot map line 2"):
+            check_row("train_dataset", DatasetConfig(adapter="test-fragile"), bad, "line 2")
+    finally:
+        ADAPTERS.pop("test-fragile")
+
+
 def test_users_register_adapters():
     @register_adapter("test-upper")
     def upper(row):

@@ -500,3 +500,32 @@ def test_an_empty_abort_nobody_here_caused_that_repeats_fails_the_sample_with_th
         assert 1 < len(srv.calls) <= 10
 
     run(main())
+
+
+def test_a_group_cut_by_a_stopping_server_resumes_on_another():
+    """A group's samples aborted by a server nobody here paused (it is shutting down) were resumed on that server,
+    the least loaded once it had cut them, to be cut again; they go to another server."""
+    async def main():
+        def stopping(path, p):
+            if p["sampling_params"].get("n") == 2:
+                return 200, [gen_body([7], "abort"), gen_body([7], "abort")]
+            return 200, gen_body([], "abort")  # a resend here is cut at once
+
+        async def busy(path, p):
+            await asyncio.sleep(0.3)
+            return 200, gen_body([9] * p["sampling_params"]["max_new_tokens"], "length")
+
+        a, b = await Fake(stopping).start(), await Fake(busy).start()
+        async with ServerPool(None, api_key="k") as pool:
+            pool.add_server("a", a.address)
+            pool.add_server("b", b.address)
+            other = asyncio.create_task(pool.generate([1], max_new_tokens=3))  # on b: a is the least loaded
+            while not b.calls:
+                await asyncio.sleep(0.01)
+            res = await pool.generate_group([1, 2], 2, {"max_new_tokens": 3})
+            await other
+        await a.stop()
+        await b.stop()
+        assert [r.output_ids for r in res] == [[7, 9, 9]] * 2 and len(a.calls) == 1, a.calls
+
+    run(main())

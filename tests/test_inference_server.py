@@ -589,3 +589,41 @@ def test_a_new_weight_update_group_replaces_the_old_ones(cluster):
                     dist.destroy_process_group(pg)
 
     asyncio.run(main())
+
+
+def test_a_request_cut_by_a_stopping_server_is_resent_to_another(cluster):
+    """A server that is signalled aborts its running requests so that clients resume them elsewhere; the resent request
+    went back to the same server (it then had the fewest in flight), to be cut again: a wasted round trip each."""
+    cluster.start("s4")
+    cluster.wait_ready("s4")
+    sent = []  # (server, finish reason or error) of every /generate, in order
+
+    class Watched(ServerPool):
+        async def _post_generate(self, server, payload, samples=1):
+            try:
+                body = await super()._post_generate(server, payload, samples)
+            except Exception as e:
+                sent.append((server.id, type(e).__name__))
+                raise
+            sent.append((server.id, body["meta_info"]["finish_reason"]["type"]))
+            return body
+
+    async def main():
+        params = {"max_new_tokens": 1500, "temperature": 1.0, "ignore_eos": True}
+        async with Watched(None, api_key=cluster.key) as pool:
+            for s in ("s0", "s4"):
+                pool.add_server(s, cluster.addr(s))
+            tasks = [asyncio.create_task(pool.generate([3 + i, 4], params)) for i in range(4)]
+            deadline = time.monotonic() + 60
+            while pool.servers["s4"]["inflight"] < 2:
+                assert time.monotonic() < deadline, pool.servers
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # generating
+            cluster.procs["s4"].send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert cluster.procs["s4"].wait(15) == 0
+    assert all(len(r.output_ids) == 1500 for r in results)
+    cut = next(i for i, (sid, how) in enumerate(sent) if sid == "s4" and how == "abort")
+    assert [sid for sid, _ in sent[cut:]].count("s4") == 2, sent  # the two cut there, none resent there

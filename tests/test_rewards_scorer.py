@@ -316,8 +316,9 @@ def test_the_quickstart_reward_is_scored_in_place(monkeypatch):
     from areal_hpc.rollout.rewards import RewardScorer, exact_match
 
     seen = []
-    monkeypatch.setitem(REWARDS, "exact_match",
-                        lambda *a, **kw: seen.append(threading.current_thread()) or exact_match(*a, **kw))
+    spy = lambda *a, **kw: seen.append(threading.current_thread()) or exact_match(*a, **kw)  # noqa: E731
+    spy.__module__ = exact_match.__module__  # the built-in one, watched (a user's own runs on a thread)
+    monkeypatch.setitem(REWARDS, "exact_match", spy)
     assert asyncio.run(RewardScorer("exact_match").score("q", ["7", " 7 ", "8"], "7")) == [1.0, 1.0, 0.0]
     assert seen == [threading.main_thread()] * 3
 
@@ -367,3 +368,21 @@ def test_a_reward_returning_no_number_fails_the_episode_naming_the_reward(tok, m
             asyncio.run(wf.arun_episode(Client(tok, ["7"]), {"prompt": "3+4="}))
     finally:
         wf.close()
+
+
+def test_a_plugin_file_reward_named_exact_match_is_a_user_reward(tmp_path, monkeypatch, caplog):
+    """A plugin file's own reward registered as ``exact_match`` ran in place on the rollout loop, by name: one that
+    raised failed the episode (instead of scoring 0) and a slow one stalled the loop."""
+    from areal_hpc.rollout.rewards import RewardScorer
+    from areal_hpc.trainers.factory import load_plugins
+
+    monkeypatch.setitem(REWARDS, "exact_match", REWARDS["exact_match"])  # put back afterwards
+    plugin = tmp_path / "my_exact_reward.py"
+    plugin.write_text("import time\nfrom areal_hpc.rollout import register_reward\n\n@register_reward('exact_match')\n"
+                      "def mine(prompt, completion, answer, **row):\n    time.sleep(0.3)\n"
+                      "    return float(int(completion) == int(answer))\n")
+    load_plugins([str(plugin)])
+    scorer = RewardScorer("exact_match", timeout_s=20)
+    with caplog.at_level(logging.WARNING):
+        rewards, ticks = asyncio.run(_ticking(scorer.score("q", ["7", "seven"], "7")))
+    assert rewards == [1.0, 0.0] and "ValueError" in caplog.text and ticks >= 10

@@ -277,11 +277,11 @@ class ServerPool:
         return await self._continue(list(input_ids), api.sampling_params(params, **overrides), res, rid)
 
     async def _continue(self, prompt: List[int], sp: Dict[str, Any], res: GenerateResult,
-                        rid: Optional[str] = None) -> GenerateResult:
+                        rid: Optional[str] = None, avoid: Optional[Set[str]] = None) -> GenerateResult:
         """Generate until ``res`` (what ``prompt`` has generated so far) is complete: resume after aborts, retry on
-        other servers after failures."""
+        other servers after failures (and after an abort not ours: ``avoid``, the servers to send it elsewhere than)."""
         budget = int(sp["max_new_tokens"])
-        avoid: Set[str] = set()
+        avoid = set() if avoid is None else avoid
         failures = empty_aborts = 0
         base_rid = rid or api.new_rid()
         while True:
@@ -314,7 +314,8 @@ class ServerPool:
             ours = not self._running.is_set() or self._pauses != pauses
             empty_aborts = 0 if got.output_ids or ours else empty_aborts + 1
             if not ours:  # someone else paused the server, it is shutting down, or an older SGLang's request error:
-                # back off; the same with nothing generated, again and again, is a failure
+                # back off, to another server if there is one; the same with nothing generated, again and again, fails
+                avoid.add(server.id)
                 if empty_aborts >= MAX_FAILURES:
                     why = ((body.get("meta_info") or {}).get("finish_reason") or {}).get("message")
                     raise PoolError(f"generation aborted {empty_aborts} times in a row with nothing generated, not by "
@@ -345,7 +346,7 @@ class ServerPool:
         sp = api.sampling_params(params, **overrides)
         prompt = list(input_ids)
         await self._running.wait()
-        server = await self._choose(set())
+        server, pauses = await self._choose(set()), self._pauses
         try:
             body = await self._post_generate(server, api.generate_body(prompt, {**sp, "n": n}), samples=n)
         except _Retryable as e:
@@ -355,7 +356,8 @@ class ServerPool:
         async def finish(item) -> GenerateResult:
             res = GenerateResult([], [], [], "length")
             done = self._absorb(res, api.parse_generate(item, server.known_version()), server)
-            return res if done else await self._continue(prompt, sp, res)  # at once when the budget is spent
+            ours = not self._running.is_set() or self._pauses != pauses  # else: resumed elsewhere if it can be
+            return res if done else await self._continue(prompt, sp, res, avoid=set() if ours else {server.id})
 
         return await _all(finish(item) for item in body)
 

@@ -203,7 +203,7 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} needs column {e.args[0]!r}, missing in {where} "
                               f"(columns: {', '.join(sorted(row)) or 'none'})",
                               "point at data this adapter reads, or drop the adapter") from None
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever a user's adapter raises on this row
             raise ConfigError(f"{key}.adapter", f"{ds.adapter!r} cannot map {where}: {one_line(e, 160)}") from None
         row = apply_adapter([row], ds.adapter, ds.prompt_key, ds.answer_key, ds.messages_key)[0]
     columns = ", ".join(sorted(row)) or "none"

@@ -27,7 +27,7 @@ def apply_adapter(rows: Sequence[Dict[str, Any]], name: str, prompt_key: str = "
     for i, row in enumerate(rows):
         try:
             new = fn(dict(row))
-        except (KeyError, ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - an AttributeError, IndexError, ... of a user's adapter too
             raise ValueError(f"adapter {name!r}: row {i}: {e}") from None
         for canon, key in rename.items():
             if key != canon and canon in new:

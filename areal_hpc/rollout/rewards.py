@@ -43,7 +43,8 @@ class RewardScorer:
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s = name, get_reward(name), timeout_s
         # (the built-in one: a worker cannot import a plugin file's reward registered under its name)
-        self.in_process = name in IN_PROCESS and getattr(self.fn, "__module__", None) == __name__
+        builtin = getattr(self.fn, "__module__", None) == __name__
+        self.in_process, self.in_place = builtin and name in IN_PROCESS, builtin and name in ON_THE_LOOP
         self.on_threads = not self.in_process and not inspect.iscoroutinefunction(self.fn)  # else awaited on the loop
         self._pool: Optional[ProcessPoolExecutor] = None
         self._warned = False
@@ -65,7 +66,7 @@ class RewardScorer:
         """``row``: the row's other columns, the reward's keyword arguments. Completions whose workers another
         group ended are scored again on fresh ones, in the time left."""
         calls = [functools.partial(self.fn, prompt, c, answer, **(row or {})) for c in completions]
-        if self.name in ON_THE_LOOP:
+        if self.in_place:
             return [self._float(call()) for call in calls]
         deadline, futs, late, todo = time.monotonic() + self.timeout_s, {}, set(), list(range(len(calls)))
         _overdue.difference_update([f for f in list(_overdue) if f.done()])

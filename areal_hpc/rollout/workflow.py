@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Dict, List, Optional
@@ -64,10 +65,20 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 class RolloutWorkflow(ABC):
     """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
     its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
-    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt."""
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt. `params`: what to generate with."""
 
     def __init__(self, **settings):
         vars(self).update(settings)
+
+    @functools.cached_property
+    def params(self) -> Dict[str, Any]:
+        """``gen_config`` as a request's sampling params, with every token that ends a reply among its stop tokens
+        (the model's EOS, the chat template's end of turn; none with ignore_eos): ``client.generate(ids, self.params)``"""
+        params = asdict(self.gen_config) if is_dataclass(self.gen_config) else dict(self.gen_config)
+        if not params.get("ignore_eos"):
+            stops = stop_token_ids(self.tokenizer, getattr(self, "chat_template", "auto"))
+            params["stop_token_ids"] = sorted({*(params.get("stop_token_ids") or []), *stops})
+        return params
 
     @abstractmethod
     async def arun_episode(self, client: Any, row: Dict[str, Any]) -> Optional[Group]:
@@ -81,12 +92,8 @@ class RLVRWorkflow(RolloutWorkflow):
     def __init__(self, tokenizer, gen_config, reward_fn: str = "exact_match", n_samples: int = 8,
                  prompt_key: str = "prompt", answer_key: str = "answer", messages_key: str = "messages",
                  chat_template: str = "auto", system_prompt: str = "", reward_timeout_s: float = 60.0):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.gen_config, self.chat_template = tokenizer, gen_config, chat_template
         self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
-        self.params = asdict(gen_config) if is_dataclass(gen_config) else dict(gen_config)
-        if not self.params.get("ignore_eos"):  # EOS, generation_config's EOS list, the template's end of turn
-            stops = {*(self.params.get("stop_token_ids") or []), *stop_token_ids(tokenizer, chat_template)}
-            self.params["stop_token_ids"] = sorted(stops)
         self.scorer, self.n_samples = RewardScorer(reward_fn, reward_timeout_s), n_samples
         self.prompt_key, self.answer_key = prompt_key, answer_key
 
