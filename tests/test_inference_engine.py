@@ -853,6 +853,25 @@ def test_a_request_over_the_context_length_is_refused_and_the_budget_is_capped_a
     assert len(fits["output_ids"]) == fits["meta_info"]["completion_tokens"] == 36
 
 
+def test_a_prompt_within_six_tokens_of_the_context_length_is_refused_as_in_sglang(model_path):
+    """SGLang 0.5.23's scheduler refuses with a 400 (managers/utils.py `validate_input_length`, from
+    managers/scheduler.py) a prompt of max_req_input_len tokens or more: context_len - 1 - 5 (managers/tp_worker.py).
+    The hf server served such prompts: with max_new_tokens=1 a 46-token prompt (context 48) got a 200 with no token
+    and finish_reason "length", where SGLang answers 400."""
+    from areal_hpc.inference.http_server import EngineServer
+
+    eng = LLMEngine(ModelRunner(model_path, max_running=4, context_length=48)).start()
+    try:
+        sp = {"ignore_eos": True, "temperature": 0, "max_new_tokens": 1}
+        answers = _post_all(EngineServer(eng), [{"input_ids": [5] * n, "sampling_params": sp} for n in (46, 42, 41)])
+    finally:
+        eng.stop()
+    for status, body in answers[:2]:
+        assert status == 400 and "exceeds the maximum allowed length (42 tokens)" in body["error"]["message"], body
+    status, fits = answers[2]
+    assert status == 200 and len(fits["output_ids"]) == 1, fits
+
+
 def test_a_null_max_new_tokens_generates_to_the_context_length(model_path):
     """In SGLang 0.5.23 a max_new_tokens left out is 128, but an explicit null means no limit but the context's
     (sampling/sampling_params.py keeps the null; managers/scheduler.py `init_req_max_new_tokens` then caps it at

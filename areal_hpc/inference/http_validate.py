@@ -244,6 +244,10 @@ def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
     if len(ids) >= context_length:
         raise RequestError(f"the input ({len(ids)} tokens) is longer than the model's context length "
                            f"({context_length} tokens)")
+    longest = context_length - 6  # SGLang's scheduler: max_req_input_len = context_len - 1 - 5
+    if len(ids) >= longest:
+        raise RequestError(f"Input length ({len(ids)} tokens) exceeds the maximum allowed length ({longest} tokens). "
+                           "Use a shorter input.")
     return ids
 
 
