@@ -365,6 +365,21 @@ def test_sampling_params_validation():
             sampling_params(bad)
 
 
+def test_the_sampling_params_sglangs_own_frontend_sends_are_accepted():
+    """SGLang's frontend (sglang/lang/ir.py, SglSamplingParams.to_srt_kwargs, sent by RuntimeEndpoint.generate) sends
+    every key it knows, unset ones empty: "stop_regex": [], "regex": null, "json_schema": null. SGLang reads empty as
+    off; the hf server refused each as an "unknown sampling_params key", so every request of that client was a 400."""
+    from areal_hpc.inference.http_validate import RequestError, engine_sampling_params as sampling_params
+
+    frontend = {"max_new_tokens": 3, "min_new_tokens": 0, "n": 1, "stop": [], "stop_token_ids": [], "stop_regex": [],
+                "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0,
+                "presence_penalty": 0.0, "ignore_eos": False, "regex": None, "json_schema": None}
+    assert sampling_params(frontend) == SamplingParams(max_new_tokens=3, temperature=0.0)
+    for key, value in (("stop_regex", ["x"]), ("regex", "a+"), ("json_schema", "{}"), ("ebnf", "x"), ("beam_width", 2)):
+        with pytest.raises(RequestError, match=key):  # set, they are still refused
+            sampling_params({key: value})
+
+
 def test_a_null_sampling_param_is_its_default():
     """null for a sampling_params key means its default, in SGLang and for every other key here: ignore_eos null was
     a 400 ("must be true or false") for a client that fills every key it does not set with null."""

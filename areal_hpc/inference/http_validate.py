@@ -75,7 +75,9 @@ FIELD_POLICIES: Dict[str, FieldPolicy] = {
 SUPPORTED_SAMPLING_KEYS = frozenset({f.name for f in dataclasses.fields(SamplingParams)} | {
     "n", "stream_interval", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
 _NEUTRAL_SAMPLING = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
-                     "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None}
+                     "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None,
+                     "stop_regex": [], "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None,
+                     "beam_width": None}  # SGLang's frontend sends the first three empty on every request
 _SP = "sampling_params."  # where a sampling key is named in a refusal
 MAX_SEQUENCES = 1 << 16  # prompts times n in one /generate
 _RANGES = {"max_new_tokens": (lambda v: v >= 0, ">= 0"),
