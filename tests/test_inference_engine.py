@@ -380,6 +380,16 @@ def test_the_sampling_params_sglangs_own_frontend_sends_are_accepted():
             sampling_params({key: value})
 
 
+def test_stop_strings_are_refused_for_what_they_are(engine):
+    """The hf engine does not implement stop strings; its 400 said they need a tokenizer, also to a text request on a
+    server whose model has one, which sent users looking for a missing tokenizer instead of to stop_token_ids."""
+    from areal_hpc.inference.http_server import EngineServer
+
+    (status, body), = _post_all(EngineServer(engine), [{"text": "3+4=", "sampling_params": {"stop": ["7"]}}])
+    assert status == 400 and "not supported by the hf engine" in body["error"]["message"], body
+    assert "tokenizer" not in body["error"]["message"] and "stop_token_ids" in body["error"]["message"]
+
+
 def test_a_null_sampling_param_is_its_default():
     """null for a sampling_params key means its default, in SGLang and for every other key here: ignore_eos null was
     a 400 ("must be true or false") for a client that fills every key it does not set with null."""

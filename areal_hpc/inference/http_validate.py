@@ -207,7 +207,7 @@ def engine_sampling_params(d: Any) -> SamplingParams:
             raise RequestError(f"sampling_params.{k}={v!r} is not supported by the hf engine "
                                f"(only {_NEUTRAL_SAMPLING[k]!r})")
     if d.get("stop"):
-        raise RequestError("sampling_params.stop (strings) needs a tokenizer; use stop_token_ids")
+        raise RequestError("sampling_params.stop (stop strings) is not supported by the hf engine; use stop_token_ids")
     numbers = {}
     for key, (valid, what) in _RANGES.items():
         numbers[key] = v = json_number(d, key, getattr(SamplingParams, key))
