@@ -365,6 +365,31 @@ def test_sampling_params_validation():
             sampling_params(bad)
 
 
+def test_the_sampling_params_sglangs_own_frontend_sends_are_accepted():
+    """SGLang's frontend (sglang/lang/ir.py, SglSamplingParams.to_srt_kwargs, sent by RuntimeEndpoint.generate) sends
+    every key it knows, unset ones empty: "stop_regex": [], "regex": null, "json_schema": null. SGLang reads empty as
+    off; the hf server refused each as an "unknown sampling_params key", so every request of that client was a 400."""
+    from areal_hpc.inference.http_validate import RequestError, engine_sampling_params as sampling_params
+
+    frontend = {"max_new_tokens": 3, "min_new_tokens": 0, "n": 1, "stop": [], "stop_token_ids": [], "stop_regex": [],
+                "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0,
+                "presence_penalty": 0.0, "ignore_eos": False, "regex": None, "json_schema": None}
+    assert sampling_params(frontend) == SamplingParams(max_new_tokens=3, temperature=0.0)
+    for key, value in (("stop_regex", ["x"]), ("regex", "a+"), ("json_schema", "{}"), ("ebnf", "x"), ("beam_width", 2)):
+        with pytest.raises(RequestError, match=key):  # set, they are still refused
+            sampling_params({key: value})
+
+
+def test_stop_strings_are_refused_for_what_they_are(engine):
+    """The hf engine does not implement stop strings; its 400 said they need a tokenizer, also to a text request on a
+    server whose model has one, which sent users looking for a missing tokenizer instead of to stop_token_ids."""
+    from areal_hpc.inference.http_server import EngineServer
+
+    (status, body), = _post_all(EngineServer(engine), [{"text": "3+4=", "sampling_params": {"stop": ["7"]}}])
+    assert status == 400 and "not supported by the hf engine" in body["error"]["message"], body
+    assert "tokenizer" not in body["error"]["message"] and "stop_token_ids" in body["error"]["message"]
+
+
 def test_a_null_sampling_param_is_its_default():
     """null for a sampling_params key means its default, in SGLang and for every other key here: ignore_eos null was
     a 400 ("must be true or false") for a client that fills every key it does not set with null."""
@@ -851,6 +876,25 @@ def test_a_request_over_the_context_length_is_refused_and_the_budget_is_capped_a
     assert s1 == 400 and "exceeds the model's maximum context length of 48 tokens" in over["error"]["message"], over
     assert s2 == 200 and fits["meta_info"]["finish_reason"] == {"type": "length", "length": 36}
     assert len(fits["output_ids"]) == fits["meta_info"]["completion_tokens"] == 36
+
+
+def test_a_prompt_within_six_tokens_of_the_context_length_is_refused_as_in_sglang(model_path):
+    """SGLang 0.5.23's scheduler refuses with a 400 (managers/utils.py `validate_input_length`, from
+    managers/scheduler.py) a prompt of max_req_input_len tokens or more: context_len - 1 - 5 (managers/tp_worker.py).
+    The hf server served such prompts: with max_new_tokens=1 a 46-token prompt (context 48) got a 200 with no token
+    and finish_reason "length", where SGLang answers 400."""
+    from areal_hpc.inference.http_server import EngineServer
+
+    eng = LLMEngine(ModelRunner(model_path, max_running=4, context_length=48)).start()
+    try:
+        sp = {"ignore_eos": True, "temperature": 0, "max_new_tokens": 1}
+        answers = _post_all(EngineServer(eng), [{"input_ids": [5] * n, "sampling_params": sp} for n in (46, 42, 41)])
+    finally:
+        eng.stop()
+    for status, body in answers[:2]:
+        assert status == 400 and "exceeds the maximum allowed length (42 tokens)" in body["error"]["message"], body
+    status, fits = answers[2]
+    assert status == 200 and len(fits["output_ids"]) == 1, fits
 
 
 def test_a_null_max_new_tokens_generates_to_the_context_length(model_path):

@@ -75,7 +75,9 @@ FIELD_POLICIES: Dict[str, FieldPolicy] = {
 SUPPORTED_SAMPLING_KEYS = frozenset({f.name for f in dataclasses.fields(SamplingParams)} | {
     "n", "stream_interval", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
 _NEUTRAL_SAMPLING = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
-                     "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None}
+                     "min_new_tokens": 0, "logit_bias": {}, "sampling_seed": None, "custom_params": None,
+                     "stop_regex": [], "regex": None, "json_schema": None, "ebnf": None, "structural_tag": None,
+                     "beam_width": None}  # SGLang's frontend sends the first three empty on every request
 _SP = "sampling_params."  # where a sampling key is named in a refusal
 MAX_SEQUENCES = 1 << 16  # prompts times n in one /generate
 _RANGES = {"max_new_tokens": (lambda v: v >= 0, ">= 0"),
@@ -205,7 +207,7 @@ def engine_sampling_params(d: Any) -> SamplingParams:
             raise RequestError(f"sampling_params.{k}={v!r} is not supported by the hf engine "
                                f"(only {_NEUTRAL_SAMPLING[k]!r})")
     if d.get("stop"):
-        raise RequestError("sampling_params.stop (strings) needs a tokenizer; use stop_token_ids")
+        raise RequestError("sampling_params.stop (stop strings) is not supported by the hf engine; use stop_token_ids")
     numbers = {}
     for key, (valid, what) in _RANGES.items():
         numbers[key] = v = json_number(d, key, getattr(SamplingParams, key))
@@ -244,6 +246,10 @@ def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
     if len(ids) >= context_length:
         raise RequestError(f"the input ({len(ids)} tokens) is longer than the model's context length "
                            f"({context_length} tokens)")
+    longest = context_length - 6  # SGLang's scheduler: max_req_input_len = context_len - 1 - 5
+    if len(ids) >= longest:
+        raise RequestError(f"Input length ({len(ids)} tokens) exceeds the maximum allowed length ({longest} tokens). "
+                           "Use a shorter input.")
     return ids
 
 
