@@ -333,3 +333,26 @@ def test_an_override_without_a_key_is_named(word, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and repr(word) in err and "key=value" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_logs_follow_waits_for_a_log_not_opened_yet(tmp_path, capsys):
+    """`logs trainer -f` right after `submit` (the README's next command) exited 2, "no log for 'trainer'", while the
+    trainer step had not opened its log yet (job pending, servers starting). With -f it waits for it, saying so once;
+    a name no step of the run can have (a server beyond the plan, a typo) still fails at once."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for role in ("server-9", "trainre", "trainer-1"):
+        assert run_cli("logs", role, "-f", *names) == 2
+        assert f"no log for {role!r}" in capsys.readouterr().err
+    proc = subprocess.Popen([sys.executable, "-m", "areal_hpc", "logs", "trainer", "-f", *names], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()
+        (next(tmp_path.glob("*/e1/t1")) / "logs" / "trainer-0.log").write_text("step 1\n")
+        assert proc.stdout.readline() == "step 1\n"
+    finally:
+        proc.kill()
+    err = proc.communicate()[1]
+    assert err.count("waiting") == 1 and "'trainer'" in err, err

@@ -265,3 +265,22 @@ def test_two_add_servers_at_once_each_wait_for_their_own(tmp_path):
         assert added == ["server-1", "server-2"], outs
     finally:
         finish(p)
+
+
+def test_recover_disabled_sets_the_earlier_runs_checkpoints_and_weights_aside(tmp_path):
+    """recover.mode=disabled in a run dir of an earlier run: the new run started over, but the earlier run's
+    higher-numbered checkpoints/step_N and weights/vN stayed: keep-last pruning removed the new run's checkpoints
+    first (lower step numbers), `weights/latest` named the old model until the first publish (servers loaded it) and
+    weights/ offered it. They are moved aside (not deleted), and the submit says where."""
+    saver = ["saver.freq_steps=1", "saver.keep_last=2"]
+    r = subprocess.run(submit_args(tmp_path, "trainer.total_train_steps=4", *saver), capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    rd = rd_of(tmp_path)
+    r = subprocess.run(submit_args(tmp_path, "trainer.total_train_steps=2", "recover.mode=disabled", *saver),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert sorted(p.name for p in (rd / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
+    assert max(int(p.name[1:]) for p in (rd / "weights").glob("v*")) == 2
+    aside = [p for p in rd.glob("previous-*/checkpoints/step_00000004")]
+    assert aside and "moved the earlier run's checkpoints and weights to" in r.stdout, r.stdout

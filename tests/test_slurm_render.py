@@ -400,5 +400,12 @@ def test_stop_of_an_allocation_run_by_hand(slurm_cluster, shared_tmp):
         assert p.returncode == 0 and "timed out" not in p.stdout, (p.returncode, p.stdout, p.stderr)
         assert list((rd / "checkpoints").glob("step_*")), "the trainer did not checkpoint"
         wait_until(lambda: job_fields(job_id)["JobState"] in FINAL_STATES, 60, f"job {job_id} to end")
+        # stopped, checkpointed: CANCELLED as a driver's stopped run (the script exited with the trainer's 130: the job
+        # ended FAILED, 2:0 in sacct, as a crash would), and no success for --dependency=afterok
+        def ended():
+            row = run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode").strip()
+            return row if row and not row.startswith(("RUNNING", "PENDING", "COMPLETING")) else None
+        sacct = wait_until(ended, 60, "sacct to record the job's end")
+        assert sacct.startswith("CANCELLED"), (sacct, (rd / "logs" / f"slurm-{job_id}.out").read_text())
     finally:
         subprocess.run(["scancel", job_id])

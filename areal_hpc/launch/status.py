@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Optional
@@ -12,6 +13,7 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional
 from areal_hpc.config import ConfigError, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm
 from areal_hpc.launch.external import at_once, healthy
+from areal_hpc.launch.plan import Plan
 from areal_hpc.registry import Registry, pid_alive, runs_here
 
 # modes whose steps are processes of the owner's host
@@ -193,7 +195,20 @@ def status(rd: Path, as_json: bool = False) -> int:
     return 0
 
 
-def _log_file(rd: Path, role: str) -> Path:
+def _may_come(rd: Path, role: str) -> bool:
+    """Whether a step of the run may yet open a log ``role``: the plan's steps (a rank or node of them), servers
+    added since (their records), the owner's logs."""
+    plan = Plan.from_json((rd / "plan.json").read_text())
+    reg = run_registry(rd)
+    servers = {s.name for s in plan.servers} | set(reg.list("servers", live_only=False)) | {
+        name for rec in reg.list("jobs", live_only=False).values() for name in rec.get("servers") or []}
+    nodes = plan.servers[0].nodes if plan.servers else 1
+    ranks = plan.trainer.ntasks if plan.trainer else 0
+    return role in {"driver", "slurm", "torchrun", *(["trainer"] if ranks else []), *servers,
+                    *(f"trainer-{r}" for r in range(ranks)), *(f"{s}-{n}" for s in servers for n in range(nodes))}
+
+
+def _log_file(rd: Path, role: str, must: bool = True) -> Optional[Path]:
     logs = rd / "logs"
     found = {p.stem: p for p in logs.glob("*.log")}
     for stem in list(found):  # a step's rank 0 by the step's name: trainer-0 for `trainer`, server-1-0 for `server-1`
@@ -205,10 +220,10 @@ def _log_file(rd: Path, role: str) -> Path:
         outs = sorted(logs.glob(f"slurm-{job_id or '*'}.out"), key=lambda p: p.stat().st_mtime)
         if outs:
             found["slurm"] = outs[-1]
-    if role not in found:
+    if role not in found and must:
         raise ConfigError("ROLE", f"no log for {role!r} in {logs}",
                           f"available: {', '.join(sorted(found)) or 'none yet'}")
-    return found[role]
+    return found.get(role)
 
 
 def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
@@ -226,7 +241,16 @@ def _tail(f: BinaryIO, lines: int, block: int = 1 << 16) -> List[bytes]:
 
 
 def logs(rd: Path, role: str, follow: bool = False, lines: int = 50) -> int:
-    with open(_log_file(rd, role), "rb") as f:
+    try:
+        path = _log_file(rd, role)
+    except ConfigError:  # with -f, like `tail -F`, wait for a log its step has not opened yet
+        if not follow or not _may_come(rd, role):
+            raise
+        print(f"no log for {role!r} in {rd / 'logs'} yet (its step has not started: job pending, servers starting?); "
+              "waiting for it to appear (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        while (path := _log_file(rd, role, must=False)) is None:
+            time.sleep(0.5)
+    with open(path, "rb") as f:
         print("".join(x.decode(errors="replace") + "\n" for x in _tail(f, lines)), end="", flush=True)
         while follow:
             chunk = f.read()

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -113,6 +114,19 @@ def _still_owned(reg: Registry) -> Optional[str]:
     return why_owned(run, reg, lambda: slurm.job_state(str(run["job_id"])))
 
 
+def set_aside(rd: Path, reg: Registry) -> None:
+    """recover.mode=disabled starts over: an earlier run's checkpoints and weights in this run dir would outrank the new
+    run's (higher steps and versions: keep-last pruning, `weights/latest` that servers load). Moved aside, not lost."""
+    old = [rd / d for d in ("checkpoints", "weights") if (rd / d).is_dir() and any((rd / d).iterdir())]
+    if old:
+        dest = rd / time.strftime("previous-%Y%m%d-%H%M%S")
+        dest.mkdir()
+        for d in old:
+            os.replace(d, dest / d.name)
+        reg.delete("weights", "latest")
+        print(f"recover.mode=disabled: moved the earlier run's {' and '.join(d.name for d in old)} to {dest}")
+
+
 def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
     check_trainer_type(cfg)
     if cfg.mode == "ray":
@@ -168,6 +182,8 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         if dry_run:
             print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
             return 0
+        if cfg.recover.mode == "disabled" and not restart:
+            set_aside(rd, reg)
         if cfg.mode == "local":
             return local.run(cfg, plan, rd)
         if cfg.mode == "torchrun":
