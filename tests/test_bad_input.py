@@ -107,6 +107,11 @@ BAD_OVERRIDES = [
     # servers refuse a prompt plus max_new_tokens over their context (SGLang does): every request of the run would
     (["server.context_length=300", "train_dataset.max_prompt_len=100", "rollout.gen.max_new_tokens=256"],
      "rollout.gen.max_new_tokens"),
+    # ... and a sample resumed after a pause is its prompt and what it generated: SGLang refuses such an input within
+    # 6 tokens of the context, so a sample paused near its end would fail
+    (["server.context_length=300", "train_dataset.max_prompt_len=44", "valid_dataset.max_prompt_len=44",
+      "rollout.gen.max_new_tokens=256"],
+     "rollout.gen.max_new_tokens"),
     (["launcher.server_startup_timeout_s=0"], "launcher.server_startup_timeout_s"),
     (["cluster.sbatch_args=[-x]"], "cluster.sbatch_args[0]"),
     # a pasted "#SBATCH -p x" after a bare flag is a short option, not the flag's value
