@@ -864,6 +864,28 @@ def test_rendered_scripts_run_setup_commands_that_read_unset_variables(tmp_path)
     assert (tmp_path / "steps").read_text().count("started") == 3 + 2  # servers and trainer; then the servers
 
 
+def test_a_failing_setup_command_ends_the_job_before_any_step(tmp_path):
+    """A `module load` of a module the site lacks (or a venv not on the compute nodes): bash went on, every step
+    started without it (the servers failing later on a missing library, or running on the wrong one) and the job's
+    log alone held the error. Now the job fails there, naming the key; in the driver's (submitit's) script too."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho started >> {tmp_path / 'steps'}\n")
+    (bin_dir / "srun").chmod(0o755)
+    cfg, plan = gpu_plan()
+    cfg.cluster.setup_commands = ["export AREAL_TEST_SETUP=1", "false  # module load nosuch", "echo never-reached"]
+    plan.run_dir = str(tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    submitit_script = slurm_submit.make_executor(cfg, plan, tmp_path)._executor._make_submission_file_text(
+        "echo payload-ran", "u")
+    scripts = [render(t, cfg, plan) for t in ("allocation.sbatch", "add-servers.sbatch")] + [submitit_script]
+    for script in scripts:
+        r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+        assert r.returncode != 0 and "cluster.setup_commands[1]" in r.stderr, (script, r.stdout, r.stderr)
+        assert "never-reached" not in r.stdout and "payload-ran" not in r.stdout, script
+    assert not (tmp_path / "steps").exists()
+
+
 def test_wait_finished_ends_at_a_preemption_that_is_not_requeued(monkeypatch):
     """A job preempted without requeue ends PREEMPTED: `submit` with launcher.wait waited for it forever."""
     states = iter(["RUNNING", "PREEMPTED", "PREEMPTED"])

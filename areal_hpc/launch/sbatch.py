@@ -92,6 +92,14 @@ def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig,
     return f"{env} {line}" if env else line
 
 
+def setup_lines(cfg: ExperimentConfig) -> List[str]:
+    """``cluster.setup_commands``, each ending the job when it fails (else every step ran without a missing module);
+    in braces, so that what they set stays in the script's shell."""
+    return [f"{{ {_one_line(k, cmd)}\n}} || {{ echo \"areal-hpc: {k} failed (exit $?):\" {shlex.quote(cmd)}"
+            " >&2; exit 1; }"
+            for k, cmd in ((f"cluster.setup_commands[{i}]", c) for i, c in enumerate(cfg.cluster.setup_commands))]
+
+
 def render(template: str, cfg: ExperimentConfig, plan: Plan,
            command: Optional[Callable[[StepSpec], List[str]]] = None) -> str:
     """Fill the packaged ``template`` with the plan's steps; ``command`` replaces each step's command (tests run probes
@@ -99,10 +107,9 @@ def render(template: str, cfg: ExperimentConfig, plan: Plan,
     text = template_text(template)
     servers = "\n".join(f"{_step_line(s, plan, cfg, command)} &\nSERVER_PIDS+=($!)" for s in plan.servers)
     trainer = _step_line(plan.trainer, plan, cfg, command) if plan.trainer else "true  # no trainer"
-    setup = [_one_line(f"cluster.setup_commands[{i}]", line) for i, line in enumerate(cfg.cluster.setup_commands)]
     sbatch = [_one_line("cluster", line) for line in sbatch_lines(cfg, plan)]
     values = dict(SBATCH_LINES="\n".join(sbatch), SERVER_STEPS=servers or ": # no servers", TRAINER_STEP=trainer,
-                  SETUP="\n".join(setup) or "# (cluster.setup_commands: module loads, conda activate, ...)",
+                  SETUP="\n".join(setup_lines(cfg)) or "# (cluster.setup_commands: module loads, conda activate, ...)",
                   RUN_DIR=shlex.quote(_one_line("cluster.fileroot", plan.run_dir)),
                   SHUTDOWN=str(cfg.shutdown_server_on_exit))
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)  # KeyError: a placeholder without a value

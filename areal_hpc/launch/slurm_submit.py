@@ -18,7 +18,7 @@ from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
 from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
-from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_opts, sbatch_options
+from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_opts, sbatch_options, setup_lines
 from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
 
@@ -38,7 +38,7 @@ def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.Auto
     params: Dict[str, Any] = dict(
         name=opts["job-name"], nodes=int(opts["nodes"]), tasks_per_node=1, cpus_per_task=int(opts["cpus-per-task"]),
         timeout_min=slurm.time_minutes(c.time), slurm_mem=opts["mem"], slurm_use_srun=False, slurm_signal_delay_s=90,
-        slurm_stderr_to_stdout=True, slurm_setup=list(c.setup_commands), slurm_additional_parameters=additional)
+        slurm_stderr_to_stdout=True, slurm_setup=setup_lines(cfg), slurm_additional_parameters=additional)
     params.update({f"slurm_{key}": opts[key] for key in ("partition", "account", "qos", "constraint") if key in opts})
     ex.update_parameters(**params)
     return ex
