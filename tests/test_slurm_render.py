@@ -18,6 +18,7 @@ import pytest
 from areal_hpc.cli.main import main
 from areal_hpc.config import load_config, load_resolved, run_dir, validate
 from areal_hpc.config.allocation import nodes_needed
+from areal_hpc.launch.slurm_submit import servers_plan
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan
 from areal_hpc.launch.sbatch import render
 from areal_hpc.registry import Registry
@@ -409,3 +410,19 @@ def test_stop_of_an_allocation_run_by_hand(slurm_cluster, shared_tmp):
         assert sacct.startswith("CANCELLED"), (sacct, (rd / "logs" / f"slurm-{job_id}.out").read_text())
     finally:
         subprocess.run(["scancel", job_id])
+
+
+def test_a_server_job_of_a_run_whose_site_asks_gpus_as_gpus_n_is_accepted(slurm_cluster, shared_tmp):
+    """``cluster.sbatch_args=[--gpus=4]`` (a site that wants GPUs asked that way) sized the run's allocation, and was
+    copied as is into `add-servers --new-job`'s script of one 1-GPU server: sbatch refused it ("Invalid generic
+    resource (gres) specification"), so no server could be added in a job of its own."""
+    cfg, alloc = make_config(shared_tmp / "root", "allocation_mode=sglang:d2+fsdp:d2", "cluster.n_nodes=1",
+                             "cluster.n_gpus_per_node=4", "cluster.sbatch_args=[--gpus=4]", "trial_name=gpus")
+    rd = run_dir(cfg)
+    rd.mkdir(parents=True)
+    (rd / "plan.json").write_text(build_plan(cfg, alloc, rd).to_json())
+    plan = servers_plan(cfg, rd, 1)
+    script = render("add-servers.sbatch", cfg, plan)
+    r = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.stderr, script)
+    assert "#SBATCH --gpus=1\n" in script

@@ -55,8 +55,16 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
     """``#SBATCH`` lines of `sbatch_opts` (sorted, like submitit's; quoted, as sbatch reads them: a run dir may hold
     a space), then ``cluster.sbatch_args``, an option a line with its value joined (sbatch refuses a bare value)."""
     lines = [f"#SBATCH --{k}={shlex.quote(v)}" for k, v in sorted(sbatch_opts(cfg, plan).items())]
-    extra = sbatch_options(cfg.cluster.sbatch_args)
+    extra = extra_options(cfg, plan)
     return lines + [f"#SBATCH --{k}" + ("" if v is True else f"={v}") for k, v in extra.items()]
+
+
+def extra_options(cfg: ExperimentConfig, plan: Plan) -> Dict[str, Union[str, bool]]:
+    """``cluster.sbatch_args`` as options, a GPU count in them (``--gpus=[type:]N``, ``--gpus-per-node``: a site's way
+    to ask for GPUs) made this job's: a server job of one GPU asking for the run's N was refused."""
+    sized = {"gpus": plan.gpus_per_node * plan.nodes, "gpus-per-node": plan.gpus_per_node}
+    return {k: f"{v.rpartition(':')[0]}:{sized[k]}".lstrip(":") if k in sized and v is not True and plan.gpus_per_node
+            else v for k, v in sbatch_options(cfg.cluster.sbatch_args).items()}
 
 
 def sbatch_options(args: Sequence[str]) -> Dict[str, Union[str, bool]]:

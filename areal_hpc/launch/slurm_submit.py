@@ -18,7 +18,7 @@ from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.owner import next_server_index
 from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
-from areal_hpc.launch.sbatch import render, sbatch_lines, sbatch_opts, sbatch_options, setup_lines
+from areal_hpc.launch.sbatch import extra_options, render, sbatch_lines, sbatch_opts, setup_lines
 from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
 
@@ -34,7 +34,7 @@ def make_executor(cfg: ExperimentConfig, plan: Plan, rd: Path) -> "submitit.Auto
         additional["requeue"] = True
     if "gres" in opts:
         additional["gres"] = opts["gres"]
-    additional.update(sbatch_options(c.sbatch_args))
+    additional.update(extra_options(cfg, plan))
     params: Dict[str, Any] = dict(
         name=opts["job-name"], nodes=int(opts["nodes"]), tasks_per_node=1, cpus_per_task=int(opts["cpus-per-task"]),
         timeout_min=slurm.time_minutes(c.time), slurm_mem=opts["mem"], slurm_use_srun=False, slurm_signal_delay_s=90,
