@@ -187,6 +187,32 @@ def test_a_failing_trainer_fails_the_run(tmp_path):
     assert "state    FAILED: trainer exited with 1: RuntimeError: boom" in text and "see " in text, text
 
 
+NAN_PLUGIN = """
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.ppo_trainer import PPOTrainer
+
+
+@register_trainer("nan-loss")
+class NanLoss(PPOTrainer):
+    def train_on(self, actor, batch):
+        batch["rewards"] = batch["rewards"] * float("nan")  # a NaN loss, every step
+        return actor.train_step(batch)
+"""
+
+
+def test_a_loss_that_is_nan_every_step_fails_the_run(tmp_path):
+    """Every optimizer step skipped (a non-finite gradient norm) for the whole run: it said COMPLETED, exit 0, with a
+    warning per step in the trainer's log only. Now the trainer fails after a bounded number of such steps."""
+    (tmp_path / "nan.py").write_text(NAN_PLUGIN)
+    r = subprocess.run(submit_args(tmp_path, "trainer.type=nan-loss", f"trainer.plugins=[{tmp_path / 'nan.py'}]",
+                                   "trainer.total_train_steps=40", "trainer.max_restarts=0", "saver.freq_steps=0"),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr[-3000:])
+    st = status(tmp_path)
+    assert st["state"] == "FAILED" and "FloatingPointError" in st["reason"] and "not finite" in st["reason"], st
+    assert [m["step"] for m in read_metrics(rd_of(tmp_path) / "metrics.jsonl")][-1] < 40
+
+
 def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
     p = start(tmp_path, "allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=30", "saver.freq_steps=2")
     try:
