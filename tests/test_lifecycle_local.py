@@ -230,11 +230,28 @@ def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
         assert p.returncode == 0, (out, err)
         assert "run COMPLETED" in out
         assert [m["step"] for m in read_metrics(rd / "metrics.jsonl")] == list(range(1, 31))
-        assert re.search(r"trainer killed by SIGKILL; restarting it \(1/3\)", (rd / "logs" / "driver.log").read_text())
+        assert re.search(r"trainer killed by SIGKILL[^;]*; restarting it \(1/3\)", (rd / "logs" / "driver.log").read_text())
         assert "recovered from checkpoint" in (rd / "logs" / "trainer-0.log").read_text()
         assert step_pids(rd)["server-0"] == [survivor]  # the server was never restarted
         st = status(tmp_path)
         assert st["state"] == "COMPLETED" and st["trainer_restarts"] == 1, st
+    finally:
+        finish(p)
+
+
+def test_a_sigkilled_trainer_without_restarts_fails_the_run_saying_it_may_be_out_of_memory(tmp_path):
+    """The kernel's OOM killer sends SIGKILL and the trainer's log has no error: the reason said only `trainer killed
+    by SIGKILL`, which does not point at memory."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0", "trainer.max_restarts=0")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        os.kill(Registry.for_run(rd).get("", "trainer")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err)
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and st["reason"].startswith("trainer killed by SIGKILL"), st
+        assert "out of memory?" in st["reason"], st
     finally:
         finish(p)
 
