@@ -187,6 +187,32 @@ def test_a_failing_trainer_fails_the_run(tmp_path):
     assert "state    FAILED: trainer exited with 1: RuntimeError: boom" in text and "see " in text, text
 
 
+NAN_PLUGIN = """
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.ppo_trainer import PPOTrainer
+
+
+@register_trainer("nan-loss")
+class NanLoss(PPOTrainer):
+    def train_on(self, actor, batch):
+        batch["rewards"] = batch["rewards"] * float("nan")  # a NaN loss, every step
+        return actor.train_step(batch)
+"""
+
+
+def test_a_loss_that_is_nan_every_step_fails_the_run(tmp_path):
+    """Every optimizer step skipped (a non-finite gradient norm) for the whole run: it said COMPLETED, exit 0, with a
+    warning per step in the trainer's log only. Now the trainer fails after a bounded number of such steps."""
+    (tmp_path / "nan.py").write_text(NAN_PLUGIN)
+    r = subprocess.run(submit_args(tmp_path, "trainer.type=nan-loss", f"trainer.plugins=[{tmp_path / 'nan.py'}]",
+                                   "trainer.total_train_steps=40", "trainer.max_restarts=0", "saver.freq_steps=0"),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr[-3000:])
+    st = status(tmp_path)
+    assert st["state"] == "FAILED" and "FloatingPointError" in st["reason"] and "not finite" in st["reason"], st
+    assert [m["step"] for m in read_metrics(rd_of(tmp_path) / "metrics.jsonl")][-1] < 40
+
+
 def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
     p = start(tmp_path, "allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=30", "saver.freq_steps=2")
     try:
@@ -204,11 +230,28 @@ def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
         assert p.returncode == 0, (out, err)
         assert "run COMPLETED" in out
         assert [m["step"] for m in read_metrics(rd / "metrics.jsonl")] == list(range(1, 31))
-        assert re.search(r"trainer killed by SIGKILL; restarting it \(1/3\)", (rd / "logs" / "driver.log").read_text())
+        assert re.search(r"trainer killed by SIGKILL[^;]*; restarting it \(1/3\)", (rd / "logs" / "driver.log").read_text())
         assert "recovered from checkpoint" in (rd / "logs" / "trainer-0.log").read_text()
         assert step_pids(rd)["server-0"] == [survivor]  # the server was never restarted
         st = status(tmp_path)
         assert st["state"] == "COMPLETED" and st["trainer_restarts"] == 1, st
+    finally:
+        finish(p)
+
+
+def test_a_sigkilled_trainer_without_restarts_fails_the_run_saying_it_may_be_out_of_memory(tmp_path):
+    """The kernel's OOM killer sends SIGKILL and the trainer's log has no error: the reason said only `trainer killed
+    by SIGKILL`, which does not point at memory."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0", "trainer.max_restarts=0")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        os.kill(Registry.for_run(rd).get("", "trainer")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err)
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and st["reason"].startswith("trainer killed by SIGKILL"), st
+        assert "out of memory?" in st["reason"], st
     finally:
         finish(p)
 

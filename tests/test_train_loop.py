@@ -162,6 +162,17 @@ def test_ppo_stops_after_total_train_epochs_passes_over_the_prompts(tmp_path):
     assert [r["step"] for r in read_metrics(rd / "metrics.jsonl")] == [1, 2]
 
 
+def test_ppo_with_fewer_prompts_than_a_batch_in_its_epochs_fails_naming_the_key(tmp_path):
+    """5 usable prompts, one pass, 8 a step: no step could be made, and the run said COMPLETED (exit 0, an untrained
+    model) with only a warning in the trainer's log. SFT refused it already (trainer.sft.batch_size)."""
+    p = subprocess.run([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                        "stats.progress_bar=False", "saver.freq_steps=0", "train_dataset.limit=5",
+                        "rollout.batch_size=8", "rollout.n_samples=2", "trainer.total_train_epochs=1"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 1 and "run FAILED" in p.stderr, (p.stdout[-2000:], p.stderr[-2000:])
+    assert "rollout.batch_size: 5 usable prompt(s) x 1 epoch(s) fill no batch of 8" in p.stderr, p.stderr[-2000:]
+
+
 def test_the_main_rank_is_the_process_groups_not_a_stray_rank_variable(trainer, monkeypatch, tmp_path):
     """`is_main` read RANK (else SLURM_PROCID) itself, while `dist` forms the group from RANK only with WORLD_SIZE:
     a stray RANK=1 made the one rank of a one-process run no main rank (no metrics, no record)."""

@@ -291,7 +291,8 @@ class RunOwner:
     def _failure(self, h: StepHandle, rc: int) -> Tuple[str, Optional[str]]:
         """(reason, log) of a step that failed: how it exited and the error line this attempt logged."""
         line, path = outcome.error_line(h.step.log, self._log_offsets.get(h.step.name))
-        return f"{h.step.name} {outcome.describe_exit(rc)}" + (f": {line}" if line else ""), path
+        oom = " (out of memory? the kernel's OOM killer sends SIGKILL)" if rc in (-9, 137) and not line else ""
+        return f"{h.step.name} {outcome.describe_exit(rc)}{oom}" + (f": {line}" if line else ""), path
 
     def run(self, on_tick=None) -> int:
         """Start the plan's steps and own them until the run ends; returns `outcome.exit_code`."""

@@ -17,6 +17,7 @@ from areal_hpc.registry import Heartbeat, Registry
 log = logging.getLogger("areal_hpc.trainer")
 # exit code of a trainer a signal stopped short of its goal: the run is STOPPED, not COMPLETED (`launch.outcome`)
 STOPPED_EXIT = 130
+NONFINITE_STEPS = 10  # steps in a row with a non-finite gradient norm (optimizer step skipped): the trainer fails
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Trainer:
         state = self._recover(ckpt)
         step = int(state.get("global_step", 0))
         rc, metrics, settled_gc, saved = 0, None, dist.SettledGC(), step  # saved: the step last checkpointed
+        first, nonfinite = step, 0  # this attempt's first step; steps in a row with a non-finite gradient norm
         try:
             if not self.start(state):
                 return STOPPED_EXIT if self.stop else 0
@@ -134,6 +136,11 @@ class Trainer:
                     with self.phases.phase("metrics"):
                         metrics.write(self._metrics(step, stats, split, t_start))
                         self.publish_state(step=step, version=engine.get_version(), within_s=1.0)
+                nonfinite = nonfinite + 1 if stats.get("skipped_step") else 0  # the norm is global: every rank alike
+                if nonfinite >= min(NONFINITE_STEPS, total - first):  # a run that never steps must not end COMPLETED
+                    raise FloatingPointError(f"the gradient norm was not finite (a NaN/inf loss) {nonfinite} step(s) "
+                                             f"in a row, to step {step}: optimizer steps skipped; check the rewards, "
+                                             "the loss (a custom trainer's) and the learning rate")
                 if cfg.saver.freq_steps and step % cfg.saver.freq_steps == 0 and step < total:
                     with self.phases.phase("checkpoint"):
                         self._save(ckpt, step, t_start)

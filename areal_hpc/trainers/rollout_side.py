@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch.distributed as tdist
 
 from areal_hpc import toy
-from areal_hpc.config import actor_path
+from areal_hpc.config import ConfigError, actor_path
 from areal_hpc.inference.client import ServerPool
 from areal_hpc.registry import RegistryTimeout, address_towards, free_port
 from areal_hpc.rollout import PromptLoader, RolloutController, Trajectory, make_workflow
@@ -106,7 +106,11 @@ def rollout_side(ctx: TrainContext, loader_state: Optional[dict], version: int,
     updates), a `FollowerSide` on the other ranks; None on all if a stop came meanwhile."""
     def make() -> "RolloutSide | RolloutProcess | None":
         tokenizer = load_tokenizer(actor_path(ctx.cfg))
-        loader = load_prompts(ctx, "train", epochs=ctx.cfg.trainer.total_train_epochs, tokenizer=tokenizer)
+        epochs, size = ctx.cfg.trainer.total_train_epochs, ctx.cfg.rollout.batch_size
+        loader = load_prompts(ctx, "train", epochs=epochs, tokenizer=tokenizer)
+        if epochs and epochs * len(loader.rows) < size:  # else step 1 finds no batch: exit 0, untrained
+            raise ConfigError("rollout.batch_size", f"{len(loader.rows)} usable prompt(s) x {epochs} epoch(s) fill "
+                              f"no batch of {size}", "lower it, or raise trainer.total_train_epochs")
         loader.load_state_dict(loader_state)
         skip = (loader_state or {}).get("skip", ())  # rows done after the oldest one in flight (`rows_state`)
         pool = server_pool(ctx, should_stop)  # waited for here; a child process starts it
