@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir, run_umask
+from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, models_in_use, run_dir, run_umask
 from areal_hpc.launch import control, local, ray_runner, slurm, slurm_submit, torchrun
 from areal_hpc.launch.outcome import latest_checkpoint_step
 from areal_hpc.launch.plan import Plan, build_plan
@@ -152,6 +152,10 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
                           f"restart only the trainer with min_required_servers={len(live_servers)}, "
                           "stop the run, or pick another trial_name")
     resolve(cfg)  # on the login node: hub names -> local snapshots; models and datasets checked
+    for key, owner, attr in models_in_use(cfg):  # what recover.mode=disabled moves aside, pruning deletes, servers skip
+        if any(Path(os.path.realpath(getattr(owner, attr))).is_relative_to(rd / d) for d in ("weights", "checkpoints")):
+            raise ConfigError(key, f"{getattr(owner, attr)} is in this trial's own weights/checkpoints, which its run "
+                              "moves aside (recover.mode=disabled) or prunes", "start from it under another trial_name")
     if restart and not dry_run and cfg.mode == "slurm":
         run = control.live_driver(cfg, rd)
         if run is not None:  # start the trainer inside the live allocation, not as a new job
