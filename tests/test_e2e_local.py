@@ -156,6 +156,24 @@ def test_eval_only(tmp_path):
     assert not (run_dir(tmp_path, "ev") / "checkpoints").exists()  # nothing was trained
 
 
+def test_an_eval_in_a_trial_that_published_weights_evaluates_them_only_for_the_model_it_trained(tmp_path):
+    """trainer.type=null in a trial that trained: its servers load the trial's weights/latest, not the model given.
+    Given another model (here the quickstart's toy:qwen3-h128-l2 after an SFT of toy:qwen3-h64-l1), the server refused
+    the published weights (they do not fit) and the evaluation waited 10 minutes for a server before failing; a model
+    of the same shape was silently evaluated as the trial's weights. Now that is bad input; given the model the trial
+    trained from, the run says it evaluates the trial's weights."""
+    submit(tmp_path, "trainer.type=sft", "trainer.sft.model.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum-64",
+           "trainer.sft.batch_size=8", "trainer.total_train_steps=1", "experiment_name=ev")
+    ev = ["trainer.type=null", "allocation_mode=hf:d1+eval", "valid_dataset.path=toy:sum-8", "rollout.n_samples=1",
+          "experiment_name=ev"]
+    p = submit(tmp_path, *ev, timeout=120, check=False)
+    assert p.returncode == 2 and "trainer.ppo.actor.path" in p.stderr and "trial_name" in p.stderr, (p.stdout, p.stderr)
+    p = submit(tmp_path, *ev, "trainer.ppo.actor.path=toy:qwen3-h64-l1")
+    rd = run_dir(tmp_path, "ev")
+    assert json.loads((rd / "eval.json").read_text())["weight_versions"] == [1]
+    assert f"this trial's published weights v1 ({rd / 'weights' / 'v1'})" in p.stdout, p.stdout
+
+
 def test_sft_through_the_launcher(tmp_path):
     submit(tmp_path, "trainer.type=sft", "trainer.sft.model.path=toy:qwen3-h64-l1", "train_dataset.path=toy:sum-512",
            "trainer.sft.batch_size=32", "trainer.sft.model.optimizer.lr=2e-3", "trainer.total_train_steps=30",

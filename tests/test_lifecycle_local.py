@@ -327,3 +327,22 @@ def test_recover_disabled_sets_the_earlier_runs_checkpoints_and_weights_aside(tm
     assert max(int(p.name[1:]) for p in (rd / "weights").glob("v*")) == 2
     aside = [p for p in rd.glob("previous-*/checkpoints/step_00000004")]
     assert aside and "moved the earlier run's checkpoints and weights to" in r.stdout, r.stdout
+
+
+def test_a_model_in_the_trials_own_weights_is_refused_not_moved_aside_from_under_the_new_run(tmp_path):
+    """A second trial started over (recover.mode=disabled) in the same run dir from one of its own weights/vN: submit
+    checked the model, then moved weights/ aside, and the trainer failed to load a directory that was gone (a crash
+    loop, exit 1, after the queue on Slurm). It is bad input now, nothing moved; a new trial_name starts from it."""
+    r = subprocess.run(submit_args(tmp_path, "trainer.total_train_steps=2", "saver.freq_steps=0"),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    v1 = rd_of(tmp_path) / "weights" / "v1"
+    r = subprocess.run(submit_args(tmp_path, "trainer.total_train_steps=1", "recover.mode=disabled",
+                                   f"trainer.ppo.actor.path={v1}"), capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and "trainer.ppo.actor.path" in r.stderr and "trial_name" in r.stderr, (r.stdout, r.stderr)
+    assert (v1 / "model.safetensors").exists() and not list(v1.parent.parent.glob("previous-*"))
+    r = subprocess.run(submit_args(tmp_path, "trainer.total_train_steps=1", "trial_name=run1",
+                                   f"trainer.ppo.actor.path={v1}"), capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)

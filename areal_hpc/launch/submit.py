@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from areal_hpc.config import AllocationMode, ConfigError, ExperimentConfig, dump_yaml, run_dir, run_umask
+from areal_hpc.config import (AllocationMode, ConfigError, ExperimentConfig, actor_path, dump_yaml, load_resolved,
+                              models_in_use, prompt_tokenizer_path, run_dir, run_umask)
 from areal_hpc.launch import control, local, ray_runner, slurm, slurm_submit, torchrun
 from areal_hpc.launch.outcome import latest_checkpoint_step
 from areal_hpc.launch.plan import Plan, build_plan
@@ -152,6 +153,14 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
                           f"restart only the trainer with min_required_servers={len(live_servers)}, "
                           "stop the run, or pick another trial_name")
     resolve(cfg)  # on the login node: hub names -> local snapshots; models and datasets checked
+    for key, owner, attr in models_in_use(cfg):  # what recover.mode=disabled moves aside, pruning deletes, servers skip
+        if any(Path(os.path.realpath(getattr(owner, attr))).is_relative_to(rd / d) for d in ("weights", "checkpoints")):
+            raise ConfigError(key, f"{getattr(owner, attr)} is in this trial's own weights/checkpoints, which its run "
+                              "moves aside (recover.mode=disabled) or prunes", "start from it under another trial_name")
+    latest = cfg.trainer.type == "null" and cfg.recover.mode != "disabled" and reg.get("weights", "latest", False)
+    if latest and prompt_tokenizer_path(cfg) != actor_path(load_resolved(rd / "config.yaml")):  # servers load latest
+        raise ConfigError(models_in_use(cfg)[0][0], f"this trial's servers would evaluate its published weights "
+                          f"v{latest.get('version')}, not {prompt_tokenizer_path(cfg)}", "pick another trial_name")
     if restart and not dry_run and cfg.mode == "slurm":
         run = control.live_driver(cfg, rd)
         if run is not None:  # start the trainer inside the live allocation, not as a new job
@@ -179,6 +188,8 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         if step and cfg.trainer.type != "null":
             print(f"resume    from step_{step:08d} of this trial (recover.mode={cfg.recover.mode}; a new trial_name "
                   "or recover.mode=disabled starts over)")
+        if latest:
+            print(f"evaluate  this trial's published weights v{latest.get('version')} ({latest.get('path')})")
         if dry_run:
             print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
             return 0
