@@ -326,7 +326,9 @@ def test_recover_disabled_sets_the_earlier_runs_checkpoints_and_weights_aside(tm
     assert sorted(p.name for p in (rd / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
     assert max(int(p.name[1:]) for p in (rd / "weights").glob("v*")) == 2
     aside = [p for p in rd.glob("previous-*/checkpoints/step_00000004")]
-    assert aside and "moved the earlier run's checkpoints and weights to" in r.stdout, r.stdout
+    assert aside and "moved the earlier run's checkpoints, weights, metrics.jsonl to" in r.stdout, r.stdout
+    old_rows = [json.loads(line) for line in (aside[0].parents[1] / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in old_rows] == [1, 2, 3, 4]  # the earlier curve, kept
 
 
 def test_a_model_in_the_trials_own_weights_is_refused_not_moved_aside_from_under_the_new_run(tmp_path):

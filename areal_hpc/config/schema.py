@@ -187,7 +187,9 @@ class SaverConfig:
 
 @dataclass
 class RecoverConfig:
-    mode: str = "auto"  # auto (resume if a checkpoint exists) | disabled | resume (must exist)
+    # auto (resume if a checkpoint exists) | resume (must exist) | disabled (start over: submit moves the trial's
+    # earlier checkpoints/, weights/ and metrics.jsonl into previous-<time>/)
+    mode: str = "auto"
 
 
 @dataclass

@@ -118,14 +118,15 @@ def _still_owned(reg: Registry) -> Optional[str]:
 def set_aside(rd: Path, reg: Registry) -> None:
     """recover.mode=disabled starts over: an earlier run's checkpoints and weights in this run dir would outrank the new
     run's (higher steps and versions: keep-last pruning, `weights/latest` that servers load). Moved aside, not lost."""
-    old = [rd / d for d in ("checkpoints", "weights") if (rd / d).is_dir() and any((rd / d).iterdir())]
+    old = [rd / d for d in ("checkpoints", "weights", "metrics.jsonl")  # (the new run's writer drops the old rows)
+           if (rd / d).is_file() or (rd / d).is_dir() and any((rd / d).iterdir())]
     if old:
         dest = rd / time.strftime("previous-%Y%m%d-%H%M%S")
         dest.mkdir()
         for d in old:
             os.replace(d, dest / d.name)
         reg.delete("weights", "latest")
-        print(f"recover.mode=disabled: moved the earlier run's {' and '.join(d.name for d in old)} to {dest}")
+        print(f"recover.mode=disabled: moved the earlier run's {', '.join(d.name for d in old)} to {dest}")
 
 
 def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) -> int:
@@ -154,7 +155,8 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
                           "stop the run, or pick another trial_name")
     resolve(cfg)  # on the login node: hub names -> local snapshots; models and datasets checked
     for key, owner, attr in models_in_use(cfg):  # what recover.mode=disabled moves aside, pruning deletes, servers skip
-        if any(Path(os.path.realpath(getattr(owner, attr))).is_relative_to(rd / d) for d in ("weights", "checkpoints")):
+        model = Path(os.path.realpath(getattr(owner, attr)))
+        if any(model.is_relative_to(os.path.realpath(rd / d)) for d in ("weights", "checkpoints")):
             raise ConfigError(key, f"{getattr(owner, attr)} is in this trial's own weights/checkpoints, which its run "
                               "moves aside (recover.mode=disabled) or prunes", "start from it under another trial_name")
     latest = cfg.trainer.type == "null" and cfg.recover.mode != "disabled" and reg.get("weights", "latest", False)
