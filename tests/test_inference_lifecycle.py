@@ -59,10 +59,15 @@ def test_a_failed_abort_does_not_skip_the_rest_of_the_stop():
         def stop(self):
             done.append("sglang")
 
+    async def request(*args, **kwargs):  # SGLang's /abort_request: the server does not answer
+        done.append("abort sglang")
+        raise ConnectionRefusedError
+
     life = object.__new__(ServerLifecycle)
     life.engine, life._app_runner, life._sglang = Engine(), Runner(), SGLang()
+    life.node_rank, life._request = 0, request
     asyncio.run(life._stop_backend())
-    assert done == ["http", "engine", "sglang"]
+    assert done == ["abort sglang", "http", "engine", "sglang"]
 
 
 @pytest.mark.parametrize("backend", ["refuses", "drops"])
