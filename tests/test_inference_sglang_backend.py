@@ -454,3 +454,37 @@ def test_a_non_zero_node_rank_whose_sglang_dies_says_why(tmp_path, monkeypatch, 
     with caplog.at_level(logging.ERROR, logger="areal_hpc.inference.server"):
         assert asyncio.run(life.run()) == 1
     assert "NCCL timeout reaching node 0" in caplog.text
+
+
+# real SGLang logs its ServerArgs at startup (`logger.info(f"{server_args=}")`), the API key among them
+PRINTS_ITS_ARGS = FAKE_LAUNCH_SERVER.replace("state = {", "print(f'server_args=ServerArgs(api_key={key!r})', flush=True)\n"
+                                             "state = {")
+
+
+def _files_others_can_read_with(root: Path, secret: str) -> list:
+    """Files under ``root`` that hold ``secret`` and are readable by the group or others."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and p.stat().st_mode & 0o044 and secret in p.read_text()]
+
+
+def test_a_group_readable_run_does_not_show_the_key_in_sglang_log(tmp_path):
+    """``cluster.group_readable=true``: logs are 0640, the key stays private; what SGLang prints of it is masked."""
+    with _fake_server(tmp_path, PRINTS_ITS_ARGS, "cluster.group_readable=true") as (proc, reg, out):
+        _wait_ready(proc, reg)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    key = reg.secret()
+    assert "server_args=ServerArgs(" in (tmp_path / "run" / "logs" / "g0.sglang.log").read_text()
+    assert _files_others_can_read_with(tmp_path, key) == []
+
+
+def test_making_a_run_group_readable_keeps_the_sglang_key_file_private(tmp_path):
+    """A trial resubmitted with ``cluster.group_readable=true`` gets its run dir re-moded; the key stays private."""
+    from areal_hpc.config import load_config
+    from areal_hpc.launch.submit import _fix_modes
+
+    with _fake_server(tmp_path, FAKE_LAUNCH_SERVER) as (proc, reg, out):
+        _wait_ready(proc, reg)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    _fix_modes(load_config(None, ["cluster.group_readable=true"]), tmp_path / "run")
+    assert _files_others_can_read_with(tmp_path, reg.secret()) == []

@@ -106,15 +106,12 @@ class ServerLifecycle:
             self.weight_version = parse_version(self.engine.weight_version)
             if self.state in ("ready", "paused"):
                 self.state = "paused" if self.engine.paused else "ready"
-        return {
-            "address": self.address, "host": self.advertise_host, "port": self.port,
-            "backend": self.backend, "gpus": self.gpus, "tp_size": self.tp_size,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
-            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
-            "weight_version": self.weight_version,
-            "state": self.state, "model_path": self.model_path, "started_at": self.started_at,
-            **self.extra,
-        }
+        return {"address": self.address, "host": self.advertise_host, "port": self.port,
+                "backend": self.backend, "gpus": self.gpus, "tp_size": self.tp_size,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
+                "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
+                "weight_version": self.weight_version, "state": self.state, "model_path": self.model_path,
+                "started_at": self.started_at, **self.extra}
 
     # ------------------------------------------------------------------ HTTP to our own backend
     async def _request(self, method: str, path: str, payload: Optional[dict] = None,
@@ -224,7 +221,7 @@ class ServerLifecycle:
 
         # SGLang binds its own port: without one configured, take a free one now (a tiny race, retried by the caller)
         self.port = self.cfg.port or free_port(self.bind_host if ":" not in self.bind_host else "0.0.0.0")
-        key_file = sglang.write_key_config(self.run_dir / "servers" / f"{self.server_id}.sglang.yaml", self.api_key)
+        key_file = sglang.write_key_config(self.registry.root / f"{self.server_id}.sglang.yaml", self.api_key)
         base, env = sglang.base_gpu_and_env(self.gpus)
         argv = sglang.render_argv(sglang.build_sglang_options(
             self.cfg, self.model_path, host=self.bind_host, port=self.port, config_file=key_file,
@@ -232,7 +229,7 @@ class ServerLifecycle:
             dist_init_addr=self.dist_init_addr, weight_version=str(self.weight_version)))
         log_path = self.run_dir / "logs" / f"{self.server_id}.sglang.log"
         log.info("SGLang output goes to %s", log_path)
-        self._sglang = sglang.SGLangProcess(argv, env, str(log_path)).start()
+        self._sglang = sglang.SGLangProcess(argv, env, str(log_path), self.api_key).start()
         if self.node_rank == 0:
             self._register()
 
