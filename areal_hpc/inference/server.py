@@ -106,12 +106,15 @@ class ServerLifecycle:
             self.weight_version = parse_version(self.engine.weight_version)
             if self.state in ("ready", "paused"):
                 self.state = "paused" if self.engine.paused else "ready"
-        return {"address": self.address, "host": self.advertise_host, "port": self.port,
-                "backend": self.backend, "gpus": self.gpus, "tp_size": self.tp_size,
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
-                "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
-                "weight_version": self.weight_version, "state": self.state, "model_path": self.model_path,
-                "started_at": self.started_at, **self.extra}
+        return {
+            "address": self.address, "host": self.advertise_host, "port": self.port,
+            "backend": self.backend, "gpus": self.gpus, "tp_size": self.tp_size,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
+            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "pid": os.getpid(),
+            "weight_version": self.weight_version,
+            "state": self.state, "model_path": self.model_path, "started_at": self.started_at,
+            **self.extra,
+        }
 
     # ------------------------------------------------------------------ HTTP to our own backend
     async def _request(self, method: str, path: str, payload: Optional[dict] = None,

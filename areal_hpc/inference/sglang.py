@@ -41,11 +41,14 @@ def build_sglang_options(cfg: ServerConfig, model_path: str, *, host: str, port:
     false or "false" drops it."""
     if nnodes > 1 and not dist_init_addr:
         raise ValueError("multi-node tensor parallelism (nnodes > 1) needs dist_init_addr host:port")
-    opts: Dict[str, Value] = {"--model-path": model_path, "--host": host, "--port": str(port),
+    opts: Dict[str, Value] = {
+        "--model-path": model_path, "--host": host, "--port": str(port),
         "--tp-size": str(tp_size), "--pp-size": str(pp_size), "--base-gpu-id": str(base_gpu_id),
         "--random-seed": str(cfg.random_seed), "--mem-fraction-static": str(cfg.mem_fraction_static),
         # our auto means bf16 on GPUs (SGLang's own auto picks fp16 for fp32 checkpoints)
-        "--dtype": "bfloat16" if cfg.dtype in ("", "auto", None) else cfg.dtype, "--skip-tokenizer-init": None}
+        "--dtype": "bfloat16" if cfg.dtype in ("", "auto", None) else cfg.dtype,
+        "--skip-tokenizer-init": None,
+    }
     if cfg.context_length and cfg.context_length > 0:
         opts["--context-length"] = str(cfg.context_length)
     if cfg.max_running_requests and cfg.max_running_requests > 0:
@@ -87,8 +90,9 @@ def render_argv(opts: Mapping[str, Value], python: str = sys.executable) -> List
 
 def write_key_config(path: str | os.PathLike, api_key: str) -> str:
     """A 0600 YAML file holding ``api-key`` (SGLang reads it with ``--config``), in a private dir (the registry)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return atomic_write(Path(path), f"api-key: {json.dumps(api_key)}\n", mode=0o600)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return atomic_write(path, f"api-key: {json.dumps(api_key)}\n", mode=0o600)
 
 
 def base_gpu_and_env(gpus: Sequence[int], env: Optional[Mapping[str, str]] = None) -> tuple[int, Dict[str, str]]:
@@ -108,8 +112,10 @@ class SGLangProcess:
 
     def __init__(self, argv: List[str], env: Optional[Dict[str, str]], log_path: str, secret: str = ""):
         self.argv, self.env, self.log_path = argv, dict(os.environ, **(env or {})), log_path
-        self.proc: Optional[subprocess.Popen] = None  # the log is appended to: _log_start is where this run's begins
-        self._log_start, self._secret, self._copier = 0, secret.encode(), None
+        self.proc: Optional[subprocess.Popen] = None
+        self._log_start = 0  # the log is appended to: what an earlier run of the server wrote ends here
+        self._secret = secret.encode()  # masked in the log
+        self._copier: Optional[threading.Thread] = None
 
     def start(self) -> "SGLangProcess":
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +124,7 @@ class SGLangProcess:
         self._log_start = out.tell()
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+
         def copy(src=self.proc.stdout, key=self._secret) -> None:  # SGLang logs its ServerArgs, the key among them
             with src, out:  # and the log may be group-readable: masked
                 for line in src:
@@ -128,10 +135,12 @@ class SGLangProcess:
 
     def log_tail(self, n_bytes: int = 20000) -> str:
         """The end of what it wrote to its log (all it wrote, once it exited)."""
-        self._copier and self.returncode is not None and self._copier.join(5.0)
+        if self._copier is not None and self.returncode is not None:
+            self._copier.join(5.0)
         try:
             with open(self.log_path, "rb") as f:
-                f.seek(max(self._log_start, f.seek(0, os.SEEK_END) - n_bytes))
+                f.seek(0, os.SEEK_END)
+                f.seek(max(self._log_start, f.tell() - n_bytes))
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
