@@ -2,8 +2,8 @@
 
 Same paths, fields and semantics as SGLang's for what our client and trainers use, and for a generic SGLang client where
 the engine can (``text`` input with the model's tokenizer, ``stream``, ``sampling_params.n``); `http_validate` refuses
-the rest. With an API key every endpoint needs ``Authorization: Bearer <key>``. A bad request gets a 4xx with
-``{"error": {"message": ...}}``; nothing a client sends can stop the server.
+the rest. With an API key every endpoint but the probes (/health*, /ready*) needs ``Authorization: Bearer <key>``. A
+bad request gets a 4xx with ``{"error": {"message": ...}}``; nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
