@@ -273,3 +273,20 @@ def test_add_servers_does_not_count_a_server_started_by_hand_meanwhile(tmp_path,
     finally:
         by_hand.cancel()
     assert "timed out" in capsys.readouterr().err
+
+
+def test_status_says_a_trainer_and_a_server_still_starting_are_starting(tmp_path, capsys):
+    """Just submitted: the trainer loads its model and waits for servers before it registers, and a server registers
+    before its backend answers (SGLang loads for minutes). `status` said `trainer  not running` (it runs) and the
+    server UNHEALTHY (it is starting): the user took a run coming up for a broken one."""
+    owner = busy_owner(tmp_path)
+    owner.registry.update("", "run", lambda r: {**r, "trainer_rc": None, "steps": {"trainer": {"pids": [os.getpid()]}}})
+    here = socket.gethostname()
+    owner.registry.put("servers", "server-0", {"address": "127.0.0.1:1", "backend": "hf", "weight_version": 0,
+                                               "pid": os.getpid(), "node": here, "host": here, "state": "starting"})
+    assert status.status(owner.run_dir) == 0
+    out = capsys.readouterr().out
+    assert "trainer  starting" in out and "not running" not in out, out
+    assert "starting" in out.split("server-0")[1] and "UNHEALTHY" not in out, out
+    st = status.collect_status(owner.run_dir)
+    assert st["trainer"]["state"] == "starting" and st["servers"][0]["state"] == "starting"

@@ -114,7 +114,7 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, jobs)]
     ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
                  [rec for _, rec in live])
-    srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
+    srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"), "state": rec.get("state"),
             "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
             "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"), "external": bool(rec.get("external")),
             "url": rec.get("url"), "own_key": bool(rec.get("api_key")),  # the key itself is never printed
@@ -138,6 +138,8 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                          "state": "RUNNING" if owner_alive else "ENDED"}
     if trainer is not None and ((run and not owner_alive) or dead_here(trainer)):  # the owner's steps end with it
         status["trainer"] = None
+    elif trainer is None and owner_alive and run.get("trainer_rc") is None and "trainer" in (run.get("steps") or {}):
+        status["trainer"] = {"state": "starting", **run["steps"]["trainer"]}  # not registered yet: loading, waiting
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
     status.update(run_state(run, status.get("job") or {}, rd, owner_alive))
@@ -165,9 +167,8 @@ def status(rd: Path, as_json: bool = False) -> int:
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {where}".rstrip())
     ray = st.get("ray") or {}
     if ray:
-        print(f"ray      {ray.get('address')}: " + (ray["error"] if "error" in ray else
-                                                   f"{len(ray['placement_groups'])} placement group(s), "
-                                                   f"{len(ray['actors'])} actor(s)"))
+        print(f"ray      {ray.get('address')}: " + (ray.get("error") or f"{len(ray['placement_groups'])} placement "
+                                                   f"group(s), {len(ray['actors'])} actor(s)"))
     for g in ray.get("placement_groups", []):
         print(f"  {g['name']:<50} {g['state']:<8} nodes {', '.join(n[:8] for n in g['nodes'])}")
     for step in job.get("steps", []):
@@ -182,11 +183,11 @@ def status(rd: Path, as_json: bool = False) -> int:
                  if s["url"] else f"external (serve by hand) node={s['node']} pid={s['pid']}" if s["external"]
                  else f"node={s['node']} pid={s['pid']} gpus={s['gpus']}")
         print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "
-              f"{'healthy' if s['healthy'] else 'UNHEALTHY'}  {where}")
+              f"{'healthy' if s['healthy'] else s['state'] if s['state'] == 'starting' else 'UNHEALTHY'}  {where}")
     t = st["trainer"]
-    print("trainer  " + ("not running" if t is None else
-                         f"step {t.get('step')} version {t.get('version')} state={t.get('state')} "
-                         f"ranks={t.get('world_size')} host={t.get('host')}"))
+    print("trainer  " + ("not running" if t is None else "starting (not registered yet: loading, waiting for servers)"
+                         if t.get("state") == "starting" else f"step {t.get('step')} version {t.get('version')} "
+                         f"state={t.get('state')} ranks={t.get('world_size')} host={t.get('host')}"))
     p = st.get("progress")
     if p:
         reward = "" if p.get("reward_mean") is None else f" reward {p['reward_mean']:.3f}"  # none in SFT runs
@@ -221,8 +222,7 @@ def _log_file(rd: Path, role: str, must: bool = True) -> Optional[Path]:
         if outs:
             found["slurm"] = outs[-1]
     if role not in found and must:
-        raise ConfigError("ROLE", f"no log for {role!r} in {logs}",
-                          f"available: {', '.join(sorted(found)) or 'none yet'}")
+        raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {', '.join(sorted(found)) or 'none'}")
     return found.get(role)
 
 
