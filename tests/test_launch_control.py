@@ -290,3 +290,13 @@ def test_status_says_a_trainer_and_a_server_still_starting_are_starting(tmp_path
     assert "starting" in out.split("server-0")[1] and "UNHEALTHY" not in out, out
     st = status.collect_status(owner.run_dir)
     assert st["trainer"]["state"] == "starting" and st["servers"][0]["state"] == "starting"
+
+
+def test_status_of_a_run_stopping_says_it_stops(tmp_path, capsys):
+    """`stop` posted; the trainer checkpoints (minutes for a large model), then the servers go: `status` said `RUNNING`
+    and nothing else, as if the stop had not been heard (a user stops again: that forces it, no checkpoint)."""
+    owner = busy_owner(tmp_path)
+    owner.registry.update("", "run", lambda r: {**r, "stopping": True})
+    assert status.status(owner.run_dir) == 0
+    assert "state    RUNNING: stopping" in capsys.readouterr().out
+    assert "stopping" in status.collect_status(owner.run_dir)["reason"]
