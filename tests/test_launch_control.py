@@ -300,3 +300,22 @@ def test_status_of_a_run_stopping_says_it_stops(tmp_path, capsys):
     assert status.status(owner.run_dir) == 0
     assert "state    RUNNING: stopping" in capsys.readouterr().out
     assert "stopping" in status.collect_status(owner.run_dir)["reason"]
+
+
+@pytest.mark.slurm
+def test_status_of_a_queued_run_says_why_slurm_holds_it(tmp_path, capsys, slurm_cluster):
+    """Just submitted, the job queued: `status` said `PENDING` and not why (Resources and Priority: wait; a reason
+    such as PartitionTimeLimit, QOSMaxGRESPerUser or a hold: it never runs unless the user acts). Slurm's reason shows."""
+    cfg = local_cfg(tmp_path)
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "config.yaml").write_text(dump_yaml(cfg))
+    job_id = run("sbatch", "--parsable", "--hold", "--wrap", "sleep 300").strip().split(";")[0]
+    try:
+        Registry.for_run(rd, cfg.launcher).put("", "run", {"mode": "slurm", "job_id": job_id, "pid": None,
+                                                           "host": None, "state": "PENDING"})
+        assert status.status(rd) == 0
+        out = capsys.readouterr().out
+        assert "state    PENDING: queued: JobHeldUser (Slurm)" in out, out
+    finally:
+        slurm.scancel(job_id)

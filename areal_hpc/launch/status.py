@@ -67,7 +67,8 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
         js = slurm.state_word(job.get("state"))
         slurm_out = str(rd / "logs" / f"slurm-{run.get('job_id')}.out")
         if js in slurm.WAITING_STATES or (js == "COMPLETING" and rec_state == outcome.REQUEUED):  # requeue under way
-            return {**mine, "state": outcome.REQUEUED if rec_state == outcome.REQUEUED else outcome.PENDING}
+            return {**mine, "state": outcome.REQUEUED if rec_state == outcome.REQUEUED else outcome.PENDING,
+                    "reason": mine["reason"] or (f"queued: {job['reason']} (Slurm)" if job.get("reason") else None)}
         if js in slurm.LIVE_STATES:
             return mine if rec_state in outcome.FINAL else {**mine, "state": outcome.RUNNING}
         if rec_state in outcome.FINAL:
@@ -165,8 +166,7 @@ def status(rd: Path, as_json: bool = False) -> int:
         print(f"         see {st['log']}  (areal-hpc logs ...)")
     where = job.get("nodes") or (f"on {job['host']}" if job.get("host") else "")  # a local run's launcher: its host
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {where}".rstrip())
-    ray = st.get("ray") or {}
-    if ray:
+    if ray := st.get("ray") or {}:
         print(f"ray      {ray.get('address')}: " + (ray.get("error") or f"{len(ray['placement_groups'])} placement "
                                                    f"group(s), {len(ray['actors'])} actor(s)"))
     for g in ray.get("placement_groups", []):
