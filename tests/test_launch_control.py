@@ -319,3 +319,15 @@ def test_status_of_a_queued_run_says_why_slurm_holds_it(tmp_path, capsys, slurm_
         assert "state    PENDING: queued: JobHeldUser (Slurm)" in out, out
     finally:
         slurm.scancel(job_id)
+
+
+def test_status_of_a_running_run_whose_trainer_failed_names_its_log(tmp_path, capsys):
+    """The trainer failed and was restarted (or, shutdown_server_on_exit=False on Slurm, waits for a restart by hand
+    with its servers up): the run is RUNNING and its record names the failing log, but `status` printed the log only
+    for ended runs: the user saw an error line and not where the traceback is."""
+    owner = busy_owner(tmp_path)
+    log = str(owner.run_dir / "logs" / "trainer-0.log")
+    owner.registry.update("", "run", lambda r: {**r, "log": log, "reason": "trainer restarted 1x; last: trainer "
+                                                "exited with 1: KeyError: 'prompt'", "trainer_restarts": 1})
+    assert status.status(owner.run_dir) == 0
+    assert f"see {log}" in capsys.readouterr().out

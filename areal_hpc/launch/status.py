@@ -162,7 +162,7 @@ def status(rd: Path, as_json: bool = False) -> int:
     print(f"state    {st.get('state') or 'unknown (no owner recorded)'}"
           + (f": {st['reason']}" if st.get("reason") else "")
           + (f" ({st['trainer_restarts']} trainer restart(s))" if st.get("trainer_restarts") else ""))
-    if st.get("log") and st.get("state") not in ("COMPLETED", "RUNNING", "PENDING"):
+    if st.get("log") and st.get("state") not in ("COMPLETED", "PENDING"):  # RUNNING: a trainer failed (restarted)
         print(f"         see {st['log']}  (areal-hpc logs ...)")
     where = job.get("nodes") or (f"on {job['host']}" if job.get("host") else "")  # a local run's launcher: its host
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {where}".rstrip())
