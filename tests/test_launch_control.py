@@ -290,6 +290,8 @@ def test_status_says_a_trainer_and_a_server_still_starting_are_starting(tmp_path
     assert "starting" in out.split("server-0")[1] and "UNHEALTHY" not in out, out
     st = status.collect_status(owner.run_dir)
     assert st["trainer"]["state"] == "starting" and st["servers"][0]["state"] == "starting"
+    owner.registry.update("", "run", lambda r: {**r, "stopping": True})  # its record gone on its way out: not starting
+    assert status.collect_status(owner.run_dir)["trainer"] is None
 
 
 def test_status_of_a_run_stopping_says_it_stops(tmp_path, capsys):

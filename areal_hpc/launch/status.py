@@ -109,12 +109,11 @@ def server_alive(rec: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
 
 def collect_status(rd: Path) -> Dict[str, Any]:
     reg = run_registry(rd)
-    key = reg.secret()
     run = reg.run_record()
     jobs = slurm_jobs(reg, run)
     # a server whose process or step has ended is not a live one, whatever its record says
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, jobs)]
-    ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
+    ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or reg.secret(), timeout=2.0),
                  [rec for _, rec in live])
     srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"), "state": rec.get("state"),
             "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
@@ -139,7 +138,8 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                          "state": "RUNNING" if owner_alive else "ENDED"}
     if trainer is not None and ((run and not owner_alive) or dead_here(trainer)):  # the owner's steps end with it
         status["trainer"] = None
-    elif trainer is None and owner_alive and run.get("trainer_rc") is None and "trainer" in (run.get("steps") or {}):
+    elif trainer is None and owner_alive and run.get("trainer_rc") is None and "trainer" in (run.get("steps") or {}) \
+            and not run.get("stopping"):  # (one that ended leaves no record a moment before the owner records it)
         status["trainer"] = {"state": "starting", **run["steps"]["trainer"]}  # not registered yet: loading, waiting
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
