@@ -61,8 +61,8 @@ def why_owned(run: Dict[str, Any], reg: Registry, job_state: Callable[[], Option
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
     """The run's state (outcome.*), why, and which log tells more: the owner's record, checked against Slurm."""
     rec_state = run.get("state")
-    mine = {"state": rec_state, "log": run.get("log"), "reason": "stopping (the trainer checkpoints, then the servers "
-            "go down)" if run.get("stopping") and rec_state == outcome.RUNNING else run.get("reason")}
+    mine = {"state": rec_state, "log": run.get("log"), "reason": "shutting down (a trainer still running "
+            "checkpoints first)" if run.get("stopping") and rec_state == outcome.RUNNING else run.get("reason")}
     if run.get("mode") == "slurm":
         js = slurm.state_word(job.get("state"))
         slurm_out = str(rd / "logs" / f"slurm-{run.get('job_id')}.out")
@@ -109,11 +109,12 @@ def server_alive(rec: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
 
 def collect_status(rd: Path) -> Dict[str, Any]:
     reg = run_registry(rd)
+    key = reg.secret()
     run = reg.run_record()
     jobs = slurm_jobs(reg, run)
     # a server whose process or step has ended is not a live one, whatever its record says
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, jobs)]
-    ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or reg.secret(), timeout=2.0),
+    ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
                  [rec for _, rec in live])
     srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"), "state": rec.get("state"),
             "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
@@ -138,9 +139,6 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                          "state": "RUNNING" if owner_alive else "ENDED"}
     if trainer is not None and ((run and not owner_alive) or dead_here(trainer)):  # the owner's steps end with it
         status["trainer"] = None
-    elif trainer is None and owner_alive and run.get("trainer_rc") is None and "trainer" in (run.get("steps") or {}) \
-            and not run.get("stopping"):  # (one that ended leaves no record a moment before the owner records it)
-        status["trainer"] = {"state": "starting", **run["steps"]["trainer"]}  # not registered yet: loading, waiting
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
     status.update(run_state(run, status.get("job") or {}, rd, owner_alive))
@@ -185,8 +183,7 @@ def status(rd: Path, as_json: bool = False) -> int:
         print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "
               f"{'healthy' if s['healthy'] else s['state'] if s['state'] == 'starting' else 'UNHEALTHY'}  {where}")
     t = st["trainer"]
-    print("trainer  " + ("not running" if t is None else "starting (not registered yet: loading, waiting for servers)"
-                         if t.get("state") == "starting" else f"step {t.get('step')} version {t.get('version')} "
+    print("trainer  " + ("not running" if t is None else f"step {t.get('step')} version {t.get('version')} "
                          f"state={t.get('state')} ranks={t.get('world_size')} host={t.get('host')}"))
     p = st.get("progress")
     if p:
@@ -222,7 +219,8 @@ def _log_file(rd: Path, role: str, must: bool = True) -> Optional[Path]:
         if outs:
             found["slurm"] = outs[-1]
     if role not in found and must:
-        raise ConfigError("ROLE", f"no log for {role!r} in {logs}", f"available: {', '.join(sorted(found)) or 'none'}")
+        raise ConfigError("ROLE", f"no log for {role!r} in {logs}",
+                          f"available: {', '.join(sorted(found)) or 'none yet'}")
     return found.get(role)
 
 
