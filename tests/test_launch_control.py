@@ -273,3 +273,58 @@ def test_add_servers_does_not_count_a_server_started_by_hand_meanwhile(tmp_path,
     finally:
         by_hand.cancel()
     assert "timed out" in capsys.readouterr().err
+
+
+def test_status_says_a_server_still_starting_is_starting(tmp_path, capsys):
+    """Just submitted: a server registers before its backend answers (SGLang loads for minutes). `status` said it was
+    UNHEALTHY (it is starting, and says so in its record): the user took a run coming up for a broken one."""
+    owner = busy_owner(tmp_path)
+    here = socket.gethostname()
+    owner.registry.put("servers", "server-0", {"address": "127.0.0.1:1", "backend": "hf", "weight_version": 0,
+                                               "pid": os.getpid(), "node": here, "host": here, "state": "starting"})
+    assert status.status(owner.run_dir) == 0
+    out = capsys.readouterr().out
+    assert "starting" in out.split("server-0")[1] and "UNHEALTHY" not in out, out
+    st = status.collect_status(owner.run_dir)
+    assert st["servers"][0]["state"] == "starting"
+
+
+def test_status_of_a_run_stopping_says_it_stops(tmp_path, capsys):
+    """`stop` posted; the trainer checkpoints (minutes for a large model), then the servers go: `status` said `RUNNING`
+    and nothing else, as if the stop had not been heard (a user stops again: that forces it, no checkpoint)."""
+    owner = busy_owner(tmp_path)
+    owner.registry.update("", "run", lambda r: {**r, "stopping": True})
+    assert status.status(owner.run_dir) == 0
+    assert "state    RUNNING: shutting down" in capsys.readouterr().out
+    assert "shutting down" in status.collect_status(owner.run_dir)["reason"]
+
+
+@pytest.mark.slurm
+def test_status_of_a_queued_run_says_why_slurm_holds_it(tmp_path, capsys, slurm_cluster):
+    """Just submitted, the job queued: `status` said `PENDING` and not why (Resources and Priority: wait; a reason
+    such as PartitionTimeLimit, QOSMaxGRESPerUser or a hold: it never runs unless the user acts). Slurm's reason shows."""
+    cfg = local_cfg(tmp_path)
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "config.yaml").write_text(dump_yaml(cfg))
+    job_id = run("sbatch", "--parsable", "--hold", "--wrap", "sleep 300").strip().split(";")[0]
+    try:
+        Registry.for_run(rd, cfg.launcher).put("", "run", {"mode": "slurm", "job_id": job_id, "pid": None,
+                                                           "host": None, "state": "PENDING"})
+        assert status.status(rd) == 0
+        out = capsys.readouterr().out
+        assert "state    PENDING: queued: JobHeldUser (Slurm)" in out, out
+    finally:
+        slurm.scancel(job_id)
+
+
+def test_status_of_a_running_run_whose_trainer_failed_names_its_log(tmp_path, capsys):
+    """The trainer failed and was restarted (or, shutdown_server_on_exit=False on Slurm, waits for a restart by hand
+    with its servers up): the run is RUNNING and its record names the failing log, but `status` printed the log only
+    for ended runs: the user saw an error line and not where the traceback is."""
+    owner = busy_owner(tmp_path)
+    log = str(owner.run_dir / "logs" / "trainer-0.log")
+    owner.registry.update("", "run", lambda r: {**r, "log": log, "reason": "trainer restarted 1x; last: trainer "
+                                                "exited with 1: KeyError: 'prompt'", "trainer_restarts": 1})
+    assert status.status(owner.run_dir) == 0
+    assert f"see {log}" in capsys.readouterr().out

@@ -36,13 +36,13 @@ def state_word(state: Optional[str]) -> str:
 
 
 def job(job_id: str) -> Dict[str, str]:
-    """A job's ``state``, ``nodes`` (and ``restarts``, scontrol's): scontrol while slurmctld remembers it (MinJobAge),
-    else sacct; {} if unknown."""
+    """A job's ``state``, ``nodes`` (and scontrol's ``restarts`` and ``reason``, why it waits): scontrol while slurmctld
+    remembers it (MinJobAge), else sacct; {} if unknown."""
     r = _run(["scontrol", "show", "job", "-o", str(job_id)])
     fields = dict(w.split("=", 1) for w in r.stdout.split() if "=" in w) if r and r.returncode == 0 else {}
     if "JobState" in fields:
-        return {"state": fields["JobState"], "nodes": "" if fields.get("NodeList") == "(null)"
-                else fields.get("NodeList", ""), "restarts": fields.get("Restarts", "0")}
+        return {"state": fields["JobState"], "nodes": fields.get("NodeList", "").replace("(null)", ""),
+                "restarts": fields.get("Restarts", "0"), "reason": fields.get("Reason", "None").replace("None", "")}
     r = _run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,NodeList"])
     lines = [x for x in r.stdout.splitlines() if x.strip()] if r and r.returncode == 0 else []
     if not lines:

@@ -61,12 +61,14 @@ def why_owned(run: Dict[str, Any], reg: Registry, job_state: Callable[[], Option
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
     """The run's state (outcome.*), why, and which log tells more: the owner's record, checked against Slurm."""
     rec_state = run.get("state")
-    mine = {"state": rec_state, "reason": run.get("reason"), "log": run.get("log")}
+    mine = {"state": rec_state, "log": run.get("log"), "reason": "shutting down (a trainer still running "
+            "checkpoints first)" if run.get("stopping") and rec_state == outcome.RUNNING else run.get("reason")}
     if run.get("mode") == "slurm":
         js = slurm.state_word(job.get("state"))
         slurm_out = str(rd / "logs" / f"slurm-{run.get('job_id')}.out")
         if js in slurm.WAITING_STATES or (js == "COMPLETING" and rec_state == outcome.REQUEUED):  # requeue under way
-            return {**mine, "state": outcome.REQUEUED if rec_state == outcome.REQUEUED else outcome.PENDING}
+            return {**mine, "state": outcome.REQUEUED if rec_state == outcome.REQUEUED else outcome.PENDING,
+                    "reason": mine["reason"] or (f"queued: {job['reason']} (Slurm)" if job.get("reason") else None)}
         if js in slurm.LIVE_STATES:
             return mine if rec_state in outcome.FINAL else {**mine, "state": outcome.RUNNING}
         if rec_state in outcome.FINAL:
@@ -114,15 +116,14 @@ def collect_status(rd: Path) -> Dict[str, Any]:
     live = [(sid, rec) for sid, rec in sorted(reg.list("servers").items()) if server_alive(rec, jobs)]
     ok = at_once(lambda rec: healthy(rec.get("address", ""), rec.get("api_key") or key, timeout=2.0),
                  [rec for _, rec in live])
-    srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"),
+    srv = [{"id": sid, "address": rec.get("address"), "backend": rec.get("backend"), "state": rec.get("state"),
             "weight_version": rec.get("weight_version"), "node": rec.get("node"), "pid": rec.get("pid"),
             "gpus": rec.get("gpus"), "slurm_step": rec.get("slurm_step_id"), "external": bool(rec.get("external")),
             "url": rec.get("url"), "own_key": bool(rec.get("api_key")),  # the key itself is never printed
             "healthy": up, "age_s": round(rec.get("_age_s", 0), 1)} for (sid, rec), up in zip(live, ok)]
     trainer = reg.get("", "trainer")
     status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
-                              "api_key_file": str(reg.root / "secret"),
-                              "trainer": None if trainer is None else
+                              "api_key_file": str(reg.root / "secret"), "trainer": None if trainer is None else
                               {k: v for k, v in trainer.items() if not k.startswith("_")}}
     owner_alive = False
     if run.get("mode") == "slurm" and run.get("job_id"):
@@ -159,15 +160,13 @@ def status(rd: Path, as_json: bool = False) -> int:
     print(f"state    {st.get('state') or 'unknown (no owner recorded)'}"
           + (f": {st['reason']}" if st.get("reason") else "")
           + (f" ({st['trainer_restarts']} trainer restart(s))" if st.get("trainer_restarts") else ""))
-    if st.get("log") and st.get("state") not in ("COMPLETED", "RUNNING", "PENDING"):
+    if st.get("log") and st.get("state") not in ("COMPLETED", "PENDING"):  # RUNNING: a trainer failed (restarted)
         print(f"         see {st['log']}  (areal-hpc logs ...)")
     where = job.get("nodes") or (f"on {job['host']}" if job.get("host") else "")  # a local run's launcher: its host
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {where}".rstrip())
-    ray = st.get("ray") or {}
-    if ray:
-        print(f"ray      {ray.get('address')}: " + (ray["error"] if "error" in ray else
-                                                   f"{len(ray['placement_groups'])} placement group(s), "
-                                                   f"{len(ray['actors'])} actor(s)"))
+    if ray := st.get("ray") or {}:
+        print(f"ray      {ray.get('address')}: " + (ray.get("error") or f"{len(ray['placement_groups'])} placement "
+                                                   f"group(s), {len(ray['actors'])} actor(s)"))
     for g in ray.get("placement_groups", []):
         print(f"  {g['name']:<50} {g['state']:<8} nodes {', '.join(n[:8] for n in g['nodes'])}")
     for step in job.get("steps", []):
@@ -182,11 +181,10 @@ def status(rd: Path, as_json: bool = False) -> int:
                  if s["url"] else f"external (serve by hand) node={s['node']} pid={s['pid']}" if s["external"]
                  else f"node={s['node']} pid={s['pid']} gpus={s['gpus']}")
         print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "
-              f"{'healthy' if s['healthy'] else 'UNHEALTHY'}  {where}")
+              f"{'healthy' if s['healthy'] else s['state'] if s['state'] == 'starting' else 'UNHEALTHY'}  {where}")
     t = st["trainer"]
-    print("trainer  " + ("not running" if t is None else
-                         f"step {t.get('step')} version {t.get('version')} state={t.get('state')} "
-                         f"ranks={t.get('world_size')} host={t.get('host')}"))
+    print("trainer  " + ("not running" if t is None else f"step {t.get('step')} version {t.get('version')} "
+                         f"state={t.get('state')} ranks={t.get('world_size')} host={t.get('host')}"))
     p = st.get("progress")
     if p:
         reward = "" if p.get("reward_mean") is None else f" reward {p['reward_mean']:.3f}"  # none in SFT runs
