@@ -41,8 +41,10 @@ def job(job_id: str) -> Dict[str, str]:
     r = _run(["scontrol", "show", "job", "-o", str(job_id)])
     fields = dict(w.split("=", 1) for w in r.stdout.split() if "=" in w) if r and r.returncode == 0 else {}
     if "JobState" in fields:
-        return {"state": fields["JobState"], "nodes": fields.get("NodeList", "").replace("(null)", ""),
-                "restarts": fields.get("Restarts", "0"), "reason": fields.get("Reason", "None").replace("None", "")}
+        reason = fields.get("Reason", "None")
+        return {"state": fields["JobState"], "nodes": "" if fields.get("NodeList") == "(null)"
+                else fields.get("NodeList", ""), "restarts": fields.get("Restarts", "0"),
+                "reason": "" if reason == "None" else reason}
     r = _run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,NodeList"])
     lines = [x for x in r.stdout.splitlines() if x.strip()] if r and r.returncode == 0 else []
     if not lines:

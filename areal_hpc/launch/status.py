@@ -164,9 +164,11 @@ def status(rd: Path, as_json: bool = False) -> int:
         print(f"         see {st['log']}  (areal-hpc logs ...)")
     where = job.get("nodes") or (f"on {job['host']}" if job.get("host") else "")  # a local run's launcher: its host
     print(f"job      {job.get('job_id', '')} {job.get('state', 'no owner recorded')} {where}".rstrip())
-    if ray := st.get("ray") or {}:
-        print(f"ray      {ray.get('address')}: " + (ray.get("error") or f"{len(ray['placement_groups'])} placement "
-                                                   f"group(s), {len(ray['actors'])} actor(s)"))
+    ray = st.get("ray") or {}
+    if ray:
+        print(f"ray      {ray.get('address')}: " + (ray["error"] if "error" in ray else
+                                                   f"{len(ray['placement_groups'])} placement group(s), "
+                                                   f"{len(ray['actors'])} actor(s)"))
     for g in ray.get("placement_groups", []):
         print(f"  {g['name']:<50} {g['state']:<8} nodes {', '.join(n[:8] for n in g['nodes'])}")
     for step in job.get("steps", []):
@@ -183,8 +185,9 @@ def status(rd: Path, as_json: bool = False) -> int:
         print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "
               f"{'healthy' if s['healthy'] else s['state'] if s['state'] == 'starting' else 'UNHEALTHY'}  {where}")
     t = st["trainer"]
-    print("trainer  " + ("not running" if t is None else f"step {t.get('step')} version {t.get('version')} "
-                         f"state={t.get('state')} ranks={t.get('world_size')} host={t.get('host')}"))
+    print("trainer  " + ("not running" if t is None else
+                         f"step {t.get('step')} version {t.get('version')} state={t.get('state')} "
+                         f"ranks={t.get('world_size')} host={t.get('host')}"))
     p = st.get("progress")
     if p:
         reward = "" if p.get("reward_mean") is None else f" reward {p['reward_mean']:.3f}"  # none in SFT runs
