@@ -219,7 +219,10 @@ def test_a_job_requeued_from_outside_resumes(run):
     jid = run.job_id
     subprocess.run(["scontrol", "requeue", jid], check=True, timeout=60)
     wait_until(lambda: job_field(jid, "Restarts") == "1", 120, f"job {jid} to be requeued\n{run.logs()}")
-    time.sleep(8)  # the driver's last words (KillWait=5)
+    # the driver's last words (KillWait=5; slower on a loaded machine), then what a cancel would have done by now
+    wait_until(lambda: (run.run_record() or {}).get("state") == "REQUEUED", 120,
+               f"the driver to record REQUEUED\n{run.run_record()}\n{run.logs(6000)}")
+    time.sleep(5)
     assert job_state(jid) == "PENDING", (job_state(jid), run.run_record(), run.logs(6000))
     assert run.status()["state"] == "REQUEUED" and run.run_record()["state"] == "REQUEUED", run.logs()
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], timeout=60)
