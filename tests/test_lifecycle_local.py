@@ -348,3 +348,37 @@ def test_a_model_in_the_trials_own_weights_is_refused_not_moved_aside_from_under
                                    f"trainer.ppo.actor.path={v1}"), capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def test_a_run_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):
+    """Every server of the run died (none restarted, none attached or coming): the trainer waited for a server ("servers:
+    none live") for 10 minutes while `status` said RUNNING. The owner knows none is left: the run fails now, saying
+    which server failed."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err[-3000:])
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and "server-0 killed by SIGKILL" in st["reason"], st
+        assert "run FAILED" in err and "server-0 killed by SIGKILL" in err, err[-3000:]
+    finally:
+        finish(p)
+
+
+def test_an_eval_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):
+    """The same for an evaluation (trainer.type=null): its episodes waited for a server that would never come."""
+    p = start(tmp_path, "trainer.type=null", "allocation_mode=hf:d1+eval", "valid_dataset.path=toy:sum-20000")
+    try:
+        reg = Registry.for_run(wait_until(lambda: next(tmp_path.glob("*/quickstart/run0"), None), 300, "the run"))
+        wait_until(lambda: (reg.get("", "trainer") or {}).get("state") == "evaluating", 300, "the evaluation")
+        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err[-3000:])
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and "server-0 killed by SIGKILL" in st["reason"], st
+    finally:
+        finish(p)

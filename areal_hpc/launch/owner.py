@@ -351,6 +351,10 @@ class RunOwner:
                     self._on_server_exit(name, h, rc)
             if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
                 return self.set_state(*self._final())
+            if self.server_failures and not self.servers and self.trainer_rc is None and not self.registry.list(
+                    "servers") and not self.registry.list("jobs", live_only=False):  # none attached, by hand, in a job
+                self.shutdown(reason="every server failed, none is left or coming")  # (else the trainer waits 10 min)
+                return self.set_state(*self._final())
             if on_tick is not None:
                 on_tick()
             time.sleep(0.2)
