@@ -401,3 +401,14 @@ def test_a_trainer_that_fails_after_a_server_died_names_the_server_too(tmp_path)
         assert "server-1 killed by SIGKILL" in st["reason"], st
     finally:
         finish(p)
+
+
+def test_the_summary_says_how_long_the_run_took_not_only_its_training_loop(tmp_path):
+    """The summary said "in 0s" for a run of 10 s: the trainer loop's time (metrics' time_s, from its first step),
+    not the run's. It says which is which, with the run's wall time (run.json's started -> ended)."""
+    r = subprocess.run(submit_args(tmp_path, "trainer.total_train_steps=2", "saver.freq_steps=0"),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    run = Registry.for_run(rd_of(tmp_path)).run_record()
+    loop = read_metrics(rd_of(tmp_path) / "metrics.jsonl")[-1]["time_s"]
+    assert f"in {loop:.1f}s of training (run {run['ended'] - run['started']:.0f}s); metrics" in r.stdout, r.stdout
