@@ -701,9 +701,9 @@ def test_stop_notices_the_end_its_driver_records_without_slurm(tmp_path, monkeyp
 
 @pytest.mark.parametrize("rows, said", [
     ([{"step": 1, "loss": 2.0, "time_s": 5}, {"step": 2, "loss": 1.0, "time_s": 9}],
-     "done: step 2, loss 2.000 -> 1.000 (mean of the last 2 steps 1.500) in 9s; metrics "),
+     "done: step 2, loss 2.000 -> 1.000 (mean of the last 2 steps 1.500) in 9.0s of training; metrics "),
     ([{"step": 1, "reward_mean": 0.25}, {"step": 2, "reward_mean": None}, {"step": 3, "reward_mean": 0.75}],
-     "done: step 3, reward 0.250 -> 0.750 (mean of the last 2 steps 0.500) in 0s; metrics ")])
+     "done: step 3, reward 0.250 -> 0.750 (mean of the last 2 steps 0.500) in 0.0s of training; metrics ")])
 def test_the_summary_of_a_run_says_its_loss_when_it_has_no_reward(tmp_path, capsys, rows, said):
     """An SFT run's rows have a loss and no reward: the summary said "reward 0.000 -> 0.000"; a step whose reward was
     not finite (None in metrics.jsonl) failed it with a TypeError."""

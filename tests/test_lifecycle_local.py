@@ -348,3 +348,71 @@ def test_a_model_in_the_trials_own_weights_is_refused_not_moved_aside_from_under
                                    f"trainer.ppo.actor.path={v1}"), capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def test_a_run_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):
+    """Every server of the run died (none restarted, none attached or coming): the trainer waited for a server ("servers:
+    none live") for 10 minutes while `status` said RUNNING. The owner knows none is left: the run fails now, saying
+    which server failed."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err[-3000:])
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and "server-0 killed by SIGKILL" in st["reason"], st
+        assert "run FAILED" in err and "server-0 killed by SIGKILL" in err, err[-3000:]
+    finally:
+        finish(p)
+
+
+def test_an_eval_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):
+    """The same for an evaluation (trainer.type=null): its episodes waited for a server that would never come."""
+    p = start(tmp_path, "trainer.type=null", "allocation_mode=hf:d1+eval", "valid_dataset.path=toy:sum-20000")
+    try:
+        reg = Registry.for_run(wait_until(lambda: next(tmp_path.glob("*/quickstart/run0"), None), 300, "the run"))
+        wait_until(lambda: (reg.get("", "trainer") or {}).get("state") == "evaluating", 300, "the evaluation")
+        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err[-3000:])
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and "server-0 killed by SIGKILL" in st["reason"], st
+    finally:
+        finish(p)
+
+
+def test_a_trainer_that_fails_after_a_server_died_names_the_server_too(tmp_path):
+    """A server died, then the trainer failed (e.g. its gloo weight broadcast: "Server disconnected"): the reason named
+    only the trainer's error, though the owner had seen the server die first. (The trainer is killed here once the owner
+    saw server-1 die: a broadcast fails only when the server dies during it.)"""
+    p = start(tmp_path, "allocation_mode=hf.d2p1m1+d1p1m1", "trainer.total_train_steps=100000", "saver.freq_steps=0",
+              "trainer.max_restarts=0")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        os.kill(reg.get("servers", "server-1")["pid"], signal.SIGKILL)
+        wait_until(lambda: "removed the registry record of server-1" in (rd / "logs" / "driver.log").read_text(), 60,
+                   "the owner to see server-1 die")
+        os.kill(reg.get("", "trainer")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 1, (out, err[-3000:])
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and st["reason"].startswith("trainer killed by SIGKILL"), st
+        assert "earlier, server-1 killed by SIGKILL" in st["reason"], st
+    finally:
+        finish(p)
+
+
+def test_the_summary_says_how_long_the_run_took_not_only_its_training_loop(tmp_path):
+    """The summary said "in 0s" for a run of 10 s: the trainer loop's time (metrics' time_s, from its first step),
+    not the run's. It says which is which, with the run's wall time (run.json's started -> ended)."""
+    r = subprocess.run(submit_args(tmp_path, "trainer.total_train_steps=2", "saver.freq_steps=0"),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    run = Registry.for_run(rd_of(tmp_path)).run_record()
+    loop = read_metrics(rd_of(tmp_path) / "metrics.jsonl")[-1]["time_s"]
+    assert f"in {loop:.1f}s of training (run {run['ended'] - run['started']:.0f}s); metrics" in r.stdout, r.stdout

@@ -217,8 +217,9 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> N
         vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         trend = (f", {key.split('_')[0]} {vals[0]:.3f} -> {vals[-1]:.3f} (mean of the last {len(vals[-10:])} steps "
                  f"{sum(vals[-10:]) / len(vals[-10:]):.3f})") if vals else ""
+        took = f" (run {rec['ended'] - rec['started']:.0f}s)" if rec.get("ended") and rec.get("started") else ""
         print(f"{'done' if state == outcome.COMPLETED else str(state).lower()}: step {rows[-1]['step']}{trend} in "
-              f"{rows[-1].get('time_s', 0):.0f}s; metrics {run_dir / 'metrics.jsonl'}"
+              f"{rows[-1].get('time_s', 0):.1f}s of training{took}; metrics {run_dir / 'metrics.jsonl'}"
               + (f", curve {run_dir / 'reward.png'}" if key == "reward_mean" else ""))
     resume = "\n    resume: the same `areal-hpc submit` command" if state == outcome.STOPPED else ""
     print(f"run {outcome.summary_line(rec)}{resume}", file=sys.stderr if state == outcome.FAILED else sys.stdout,

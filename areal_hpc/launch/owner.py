@@ -272,6 +272,8 @@ class RunOwner:
 
     def _final(self) -> Tuple[str, Optional[str], Optional[str]]:
         """(state, reason, log) of a run whose trainer is over, from how it ended."""
+        if self.trainer_end is not None and self.trainer_end[0] == outcome.FAILED and self.server_failures:
+            return outcome.FAILED, f"{self.trainer_end[1]}; earlier, {self.server_failures[0][0]}", self.trainer_end[2]
         if self.trainer_end is not None:
             return self.trainer_end
         if self.server_failures:
@@ -329,6 +331,10 @@ class RunOwner:
             self.handle_requests()
             if self.stopping:
                 return self._stop_run()
+            for name, h in list(self.servers.items()):  # first: a trainer may fail as one did
+                rc = h.poll()
+                if rc is not None:
+                    self._on_server_exit(name, h, rc)
             if self.trainer is not None and self.trainer_rc is None:
                 self._watch_progress()
                 rc = self.trainer.poll()
@@ -345,11 +351,11 @@ class RunOwner:
                     if state != outcome.COMPLETED:  # the run waits for a restart by hand, or for `stop`
                         self.set_state(outcome.RUNNING, f"{reason}; servers stay up (shutdown_server_on_exit=False)",
                                        path)
-            for name, h in list(self.servers.items()):
-                rc = h.poll()
-                if rc is not None:
-                    self._on_server_exit(name, h, rc)
             if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
+                return self.set_state(*self._final())
+            if self.server_failures and not self.servers and self.trainer_rc is None and not self.registry.list(
+                    "servers") and not self.registry.list("jobs", live_only=False):  # none attached, by hand, in a job
+                self.shutdown(reason="every server failed, none is left or coming")  # (else the trainer waits 10 min)
                 return self.set_state(*self._final())
             if on_tick is not None:
                 on_tick()
