@@ -27,7 +27,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Issue 18 aims at 9,000 lines; the package was 14,421 before its redesign step (git log -p of this file has the
 # history of this ceiling: passes of cuts, and reviews whose bug fixes, each with its test, it paid for).
 # This ceiling moves down, and up only to undo what a cut broke or to fix a bug.
-MAX_PACKAGE_LINES = 13112
+MAX_PACKAGE_LINES = 13122
 MAX_MODULE_LINES = 450
 
 

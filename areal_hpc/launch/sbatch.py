@@ -63,8 +63,12 @@ def extra_options(cfg: ExperimentConfig, plan: Plan) -> Dict[str, Union[str, boo
     """``cluster.sbatch_args`` as options, a GPU count in them (``--gpus=[type:]N``, ``--gpus-per-node``: a site's way
     to ask for GPUs) made this job's: a server job of one GPU asking for the run's N was refused."""
     sized = {"gpus": plan.gpus_per_node * plan.nodes, "gpus-per-node": plan.gpus_per_node}
-    return {k: f"{v.rpartition(':')[0]}:{sized[k]}".lstrip(":") if k in sized and v is not True and plan.gpus_per_node
-            else v for k, v in sbatch_options(cfg.cluster.sbatch_args).items()}
+    out = sbatch_options(cfg.cluster.sbatch_args)
+    for k, v in out.items():
+        if k in sized and v is not True and plan.gpus_per_node:
+            gpu_type = v.rpartition(":")[0]  # "a100" of "a100:4", kept
+            out[k] = f"{gpu_type}:{sized[k]}" if gpu_type else str(sized[k])
+    return out
 
 
 def sbatch_options(args: Sequence[str]) -> Dict[str, Union[str, bool]]:
@@ -103,9 +107,12 @@ def _step_line(step: StepSpec, plan: Plan, cfg: ExperimentConfig,
 def setup_lines(cfg: ExperimentConfig) -> List[str]:
     """``cluster.setup_commands``, each ending the job when it fails (else every step ran without a missing module);
     in braces, so that what they set stays in the script's shell."""
-    return [f"{{ {_one_line(k, cmd)}\n}} || {{ echo \"areal-hpc: {k} failed (exit $?):\" {shlex.quote(cmd)}"
-            " >&2; exit 1; }"
-            for k, cmd in ((f"cluster.setup_commands[{i}]", c) for i, c in enumerate(cfg.cluster.setup_commands))]
+    lines = []
+    for i, cmd in enumerate(cfg.cluster.setup_commands):
+        key = f"cluster.setup_commands[{i}]"
+        lines.append(f"{{ {_one_line(key, cmd)}\n}} || {{ echo \"areal-hpc: {key} failed (exit $?):\" "
+                     f"{shlex.quote(cmd)} >&2; exit 1; }}")
+    return lines
 
 
 def render(template: str, cfg: ExperimentConfig, plan: Plan,

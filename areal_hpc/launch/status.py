@@ -61,8 +61,10 @@ def why_owned(run: Dict[str, Any], reg: Registry, job_state: Callable[[], Option
 def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: bool) -> Dict[str, Any]:
     """The run's state (outcome.*), why, and which log tells more: the owner's record, checked against Slurm."""
     rec_state = run.get("state")
-    mine = {"state": rec_state, "log": run.get("log"), "reason": "shutting down (a trainer still running "
-            "checkpoints first)" if run.get("stopping") and rec_state == outcome.RUNNING else run.get("reason")}
+    reason = run.get("reason")
+    if run.get("stopping") and rec_state == outcome.RUNNING:
+        reason = "shutting down (a trainer still running checkpoints first)"
+    mine = {"state": rec_state, "reason": reason, "log": run.get("log")}
     if run.get("mode") == "slurm":
         js = slurm.state_word(job.get("state"))
         slurm_out = str(rd / "logs" / f"slurm-{run.get('job_id')}.out")
@@ -123,7 +125,8 @@ def collect_status(rd: Path) -> Dict[str, Any]:
             "healthy": up, "age_s": round(rec.get("_age_s", 0), 1)} for (sid, rec), up in zip(live, ok)]
     trainer = reg.get("", "trainer")
     status: Dict[str, Any] = {"run_dir": str(rd), "mode": run.get("mode"), "servers": srv,
-                              "api_key_file": str(reg.root / "secret"), "trainer": None if trainer is None else
+                              "api_key_file": str(reg.root / "secret"),
+                              "trainer": None if trainer is None else
                               {k: v for k, v in trainer.items() if not k.startswith("_")}}
     owner_alive = False
     if run.get("mode") == "slurm" and run.get("job_id"):
