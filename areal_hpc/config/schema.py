@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -174,6 +174,7 @@ class DatasetConfig:
     adapter: str = ""  # a row mapping (rollout.adapters), e.g. "gsm8k"
     chat_template: str = "auto"  # auto (the tokenizer's chat template when it has one) | none (raw text)
     system_prompt: str = ""  # with a chat template: a system message before every prompt
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # to the template: {enable_thinking: false}
     shuffle: bool = True
     max_prompt_len: int = 1024  # prompt tokens: longer prompts are left out (PPO, SFT, eval); SFT never cuts answers
     limit: int = 0  # 0 = all rows

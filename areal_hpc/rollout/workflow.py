@@ -65,7 +65,7 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 class RolloutWorkflow(ABC):
     """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
     its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
-    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt. `params`: what to generate with."""
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs. `params`: what to generate with."""
 
     def __init__(self, **settings):
         vars(self).update(settings)
@@ -91,9 +91,11 @@ class RLVRWorkflow(RolloutWorkflow):
 
     def __init__(self, tokenizer, gen_config, reward_fn: str = "exact_match", n_samples: int = 8,
                  prompt_key: str = "prompt", answer_key: str = "answer", messages_key: str = "messages",
-                 chat_template: str = "auto", system_prompt: str = "", reward_timeout_s: float = 60.0):
+                 chat_template: str = "auto", system_prompt: str = "", reward_timeout_s: float = 60.0,
+                 chat_template_kwargs: Optional[Dict[str, Any]] = None):
         self.tokenizer, self.gen_config, self.chat_template = tokenizer, gen_config, chat_template
-        self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
+        fmt = PromptFormat(prompt_key, messages_key, chat_template, system_prompt, dict(chat_template_kwargs or {}))
+        self.prompts = PromptEncoder(tokenizer, fmt)
         self.scorer, self.n_samples = RewardScorer(reward_fn, reward_timeout_s), n_samples
         self.prompt_key, self.answer_key = prompt_key, answer_key
 
