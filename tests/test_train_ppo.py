@@ -207,6 +207,34 @@ def test_proximal_logprobs_from_the_update_forward_equal_a_recomputation(tmp_pat
     run_ranks(_prox_worker, 1, args=(path,))
 
 
+def _decoupled_worker(rank, path):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
+    from areal_hpc.train.batching import collate
+    from areal_hpc.train.ppo_loss import PPOActor
+
+    actors = [PPOActor.build(PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)),
+                                       mb_spec=MicroBatchSpec(max_tokens_per_mb=20), recompute_logprob=recompute),
+                             total_steps=10, group_size=4) for recompute in (True, False)]
+    g = torch.Generator().manual_seed(3)
+    batch = collate([{"input_ids": torch.randint(3, VOCAB, (6,), generator=g),
+                      "loss_mask": torch.tensor([0, 0, 0, 1, 1, 1])} for _ in range(8)])
+    batch["rewards"] = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0])
+    batch["logprobs"] = (actors[0].compute_logp(batch) - 0.5 * torch.rand(batch["input_ids"].shape, generator=g)
+                         ) * batch["loss_mask"]  # a stale behaviour policy
+    a, b = (actor.train_step(dict(batch)) for actor in actors)
+    assert abs(a["behav_imp_weight"] - 1.0) > 0.05
+    for k in ("loss", "behav_imp_weight", "approx_kl", "grad_norm"):
+        close(a[k], b[k], 1e-5)
+
+
+def test_the_decoupled_loss_recomputes_the_proximal_policy_as_areal_does(tmp_path):
+    """use_decoupled_loss=true with recompute_logprob=false took the behaviour logprobs as the proximal policy: an
+    importance weight of exactly 1, plain PPO against the stale behaviour, silently. AReaL's use_decoupled_loss
+    "implicitly enables recompute_logprob": the same losses and weights as with recompute_logprob=true."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_decoupled_worker, 1, args=(path,))
+
+
 def _ranks_worker(rank, path, out):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
     from areal_hpc.rollout import Trajectory

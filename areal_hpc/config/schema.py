@@ -135,8 +135,8 @@ class PPOConfig:
     eps_clip: float = 0.2
     c_clip: Optional[float] = 3.0  # dual clip; null disables
     behav_imp_weight_cap: Optional[float] = 5.0  # cap on pi_prox / pi_behav; null disables
-    use_decoupled_loss: bool = True
-    recompute_logprob: bool = True
+    use_decoupled_loss: bool = True  # implies recompute_logprob (as AReaL's): it weighs by pi_prox / pi_behav
+    recompute_logprob: bool = True  # the proximal policy's logprobs; false (not decoupled): PPO on the behaviour's
     adv_norm: str = "group"  # group | batch | none
     adv_std_norm: bool = True
     leave_one_out: bool = False
