@@ -16,7 +16,9 @@ from areal_hpc.rollout.rewards import RewardScorer
 
 @dataclass
 class Trajectory:
-    """One prompt + one completion; per completion token, the behaviour policy's logprob and weight version."""
+    """One prompt + one completion; per completion token, the behaviour policy's logprob and weight version, and
+    whether it is trained on (``loss_mask``: 1 the model's token, 0 one a multi-turn workflow put there, a tool's or
+    the environment's; None: all 1)."""
 
     prompt_ids: List[int]
     output_ids: List[int]
@@ -25,11 +27,14 @@ class Trajectory:
     reward: float
     finish_reason: str = "stop"
     info: Dict[str, Any] = field(default_factory=dict)
+    loss_mask: Optional[List[int]] = None
 
     def __post_init__(self) -> None:  # (a batch lays them out by position: one short shifts the next sample's)
-        if not len(self.output_ids) == len(self.logprobs) == len(self.versions):
+        mask = self.output_ids if self.loss_mask is None else self.loss_mask
+        if not len(self.output_ids) == len(self.logprobs) == len(self.versions) == len(mask):
             raise ValueError(f"a trajectory of {len(self.output_ids)} output_ids, {len(self.logprobs)} logprobs, "
-                             f"{len(self.versions)} versions: give each output token its logprob and weight version")
+                             f"{len(self.versions)} versions, {len(mask)} loss_mask: give each output token its "
+                             "logprob and weight version (and loss_mask entry)")
 
     @property
     def oldest_version(self) -> int:
