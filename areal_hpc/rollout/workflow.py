@@ -70,7 +70,8 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 class RolloutWorkflow(ABC):
     """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
     its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
-    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs. `params`: what to generate with."""
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs.
+    `params`: what to generate with."""
 
     def __init__(self, **settings):
         vars(self).update(settings)
@@ -78,7 +79,8 @@ class RolloutWorkflow(ABC):
     @functools.cached_property
     def params(self) -> Dict[str, Any]:
         """``gen_config`` as a request's sampling params, with every token that ends a reply among its stop tokens
-        (the model's EOS, the chat template's end of turn; none with ignore_eos): ``client.generate(ids, self.params)``"""
+        (the model's EOS, the chat template's end of turn; none with ignore_eos):
+        ``client.generate(ids, self.params)``"""
         params = asdict(self.gen_config) if is_dataclass(self.gen_config) else dict(self.gen_config)
         if not params.get("ignore_eos"):
             stops = stop_token_ids(self.tokenizer, getattr(self, "chat_template", "auto"))
