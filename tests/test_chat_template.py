@@ -325,3 +325,28 @@ def test_a_workflow_written_as_the_readme_shows_stops_at_the_end_of_turn(tmp_pat
         WORKFLOWS.pop("test-readme-chat")
     (t,) = group.trajectories
     assert t.finish_reason == "stop" and tok.decode(t.output_ids) == "\\boxed{7}<|im_end|>"
+
+
+# Qwen3's switch: with enable_thinking=false the generation prompt holds an empty think block
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                     "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template_wherever_prompts_are_rendered(tmp_path):
+    """A Qwen3 researcher could turn thinking off only by a `/no_think` prompt: `{ds}.chat_template_kwargs` (here from
+    the command line) reach the template for rollout and eval prompts (the run's workflow for either dataset) and SFT
+    rows."""
+    from areal_hpc.config import load_config
+    from areal_hpc.trainers.rollout_side import make_rollout_workflow
+
+    qwen3 = build_chatml_tokenizer(tmp_path / "qwen3", THINKING_TEMPLATE)
+    cfg = load_config(None, ["train_dataset.chat_template_kwargs.enable_thinking=false",
+                             "valid_dataset.chat_template_kwargs={enable_thinking: false}"])
+    row = {"prompt": "3+4=", "answer": "7"}
+    thinking, off = chatml(("user", "3+4=")), chatml(("user", "3+4=")) + "<think>\n\n</think>\n\n"
+    assert PromptEncoder(qwen3).encode(row) == ids_of(qwen3, thinking)  # the template's default
+    for ds in (cfg.train_dataset, cfg.valid_dataset):
+        assert make_rollout_workflow(cfg, qwen3, ds).prompts.encode(row) == ids_of(qwen3, off)
+        sft = tokenize_rows([row], qwen3, prompts=PromptEncoder(qwen3, PromptFormat.from_dataset(ds)))
+        assert sft["input_ids"][0].tolist() == ids_of(qwen3, off + "7<|im_end|>")

@@ -295,3 +295,21 @@ def test_a_reference_to_another_key_in_a_path_is_named_as_such(tmp_path):
         load_config(str(f), [])
     assert e.value.key == "server.model_path" and "trainer.ppo.actor.path" in str(e.value)
     assert "$trainer" not in str(e.value) and "environment variable" not in str(e.value)
+
+
+def test_chat_template_kwargs_keep_their_types_from_the_command_line_and_the_run_dir(tmp_path):
+    """`{ds}.chat_template_kwargs` are the template's variables: `enable_thinking=false` is the bool false (Qwen3's
+    template tests `enable_thinking is false`; the text "false" would leave thinking on), given whole or by entry, in
+    the resolved config.yaml too. Not a mapping, or a key the prompt encoder passes itself: the key named, exit 2."""
+    c = load_config(None, ["train_dataset.chat_template_kwargs.enable_thinking=false",
+                           "train_dataset.chat_template_kwargs.budget=0.50",
+                           "valid_dataset.chat_template_kwargs={enable_thinking: false, tools: [a]}"])
+    assert c.train_dataset.chat_template_kwargs == {"enable_thinking": False, "budget": 0.5}
+    assert c.valid_dataset.chat_template_kwargs == {"enable_thinking": False, "tools": ["a"]}
+    (tmp_path / "config.yaml").write_text(dump_yaml(c))
+    assert load_resolved(tmp_path / "config.yaml").train_dataset.chat_template_kwargs["enable_thinking"] is False
+    with pytest.raises(ConfigError, match=r"^train_dataset.chat_template_kwargs: expected Dict"):
+        load_config(None, ["train_dataset.chat_template_kwargs=true"])
+    quick = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    with pytest.raises(ConfigError, match=r"^train_dataset.chat_template_kwargs: 'tokenize' is no variable"):
+        validate(load_config(quick, ["train_dataset.chat_template_kwargs={tokenize: true}"]))

@@ -207,6 +207,34 @@ def test_proximal_logprobs_from_the_update_forward_equal_a_recomputation(tmp_pat
     run_ranks(_prox_worker, 1, args=(path,))
 
 
+def _decoupled_worker(rank, path):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
+    from areal_hpc.train.batching import collate
+    from areal_hpc.train.ppo_loss import PPOActor
+
+    actors = [PPOActor.build(PPOConfig(actor=EngineConfig(path=path, optimizer=OptimizerConfig(lr=5e-3)),
+                                       mb_spec=MicroBatchSpec(max_tokens_per_mb=20), recompute_logprob=recompute),
+                             total_steps=10, group_size=4) for recompute in (True, False)]
+    g = torch.Generator().manual_seed(3)
+    batch = collate([{"input_ids": torch.randint(3, VOCAB, (6,), generator=g),
+                      "loss_mask": torch.tensor([0, 0, 0, 1, 1, 1])} for _ in range(8)])
+    batch["rewards"] = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0])
+    batch["logprobs"] = (actors[0].compute_logp(batch) - 0.5 * torch.rand(batch["input_ids"].shape, generator=g)
+                         ) * batch["loss_mask"]  # a stale behaviour policy
+    a, b = (actor.train_step(dict(batch)) for actor in actors)
+    assert abs(a["behav_imp_weight"] - 1.0) > 0.05
+    for k in ("loss", "behav_imp_weight", "approx_kl", "grad_norm"):
+        close(a[k], b[k], 1e-5)
+
+
+def test_the_decoupled_loss_recomputes_the_proximal_policy_as_areal_does(tmp_path):
+    """use_decoupled_loss=true with recompute_logprob=false took the behaviour logprobs as the proximal policy: an
+    importance weight of exactly 1, plain PPO against the stale behaviour, silently. AReaL's use_decoupled_loss
+    "implicitly enables recompute_logprob": the same losses and weights as with recompute_logprob=true."""
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_decoupled_worker, 1, args=(path,))
+
+
 def _ranks_worker(rank, path, out):
     from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, OptimizerConfig, PPOConfig
     from areal_hpc.rollout import Trajectory
@@ -242,3 +270,71 @@ def test_two_ranks_train_a_rollout_batch_as_one_rank_does(tmp_path):
             close(a[k], b[k], 1e-5 * max(1.0, abs(a[k])))
     for k, v in one["sd"].items():
         close(v, two["sd"][k], 1e-4)
+
+
+# ------------------------------------------------------------------ multi-turn loss mask
+TOOL = 3  # the environment's tokens in the completions below; the model's are other ids (< VOCAB)
+
+
+def _multi_turn_groups():
+    """2 groups of 3: completions of model tokens, then a tool's reply (masked out), then the model's again; two
+    samples of a group differ only in their last token (`share_stems` runs their stem once)."""
+    from areal_hpc.rollout import Trajectory
+
+    def traj(prompt, out, reward):
+        mask = [int(t != TOOL) for t in out]
+        return Trajectory(prompt, out, [-0.5] * len(out), [0] * len(out), reward, loss_mask=mask)
+
+    return [[traj([5, 6, 7], [8, TOOL, TOOL, 9, 10], 1.0), traj([5, 6, 7], [8, TOOL, TOOL, 9, 11], 0.0),
+             traj([5, 6, 7], [12, 13], 0.0)],
+            [traj([14, 15], [16, TOOL, 4], 0.0), traj([14, 15], [4], 1.0), traj([14, 15], [16, TOOL, 5], 1.0)]]
+
+
+def test_a_multi_turn_loss_mask_keeps_tool_tokens_out_of_the_loss():
+    """A workflow that put a tool's tokens into output_ids trained on them (Trajectory had no loss mask). Its
+    loss_mask reaches the batch's, stays aligned through packing and share_stems, and the PPO loss gives the masked
+    tokens exactly zero gradient and leaves them out of the normaliser."""
+    from areal_hpc.rollout import Trajectory
+    from areal_hpc.train.batching import make_micro_batches
+    from areal_hpc.trainers.ppo_trainer import trajectories_to_batch
+
+    with pytest.raises(ValueError, match="loss_mask"):
+        Trajectory([1], [2, 3], [0.0, 0.0], [0, 0], 1.0, loss_mask=[1])
+    assert Trajectory([1], [2], [0.0], [0], 1.0).loss_mask is None  # default: every output token trained
+    batch = trajectories_to_batch(_multi_turn_groups())
+    mask, ids = batch["loss_mask"], batch["input_ids"]
+    assert not (ids[mask] == TOOL).any() and int(mask.sum()) == 13  # the model's output tokens, no other
+    assert (batch["logprobs"][(ids == TOOL)] == -0.5).all()  # logprobs and versions stay on their tokens
+    mbs = make_micro_batches(batch, max_tokens=20, share=True)
+    assert len(mbs) > 1 and all(mb.stems is not None for mb in mbs)
+    for mb in mbs:
+        rows = batch["attention_mask"][mb.sample_idx]
+        assert mb.data["loss_mask"].tolist() == mask[mb.sample_idx][rows].tolist()
+        assert not (mb.data["input_ids"][mb.data["loss_mask"].bool()] == TOOL).any()
+    # the loss: masked tokens get no gradient and no share of the normaliser
+    g = torch.Generator().manual_seed(4)
+    logp = (batch["logprobs"] + 0.3 * torch.randn(ids.shape, generator=g)).requires_grad_(True)
+    adv = torch.randn(ids.shape, generator=g)
+    loss, _ = ppo_loss(logp, batch["logprobs"], batch["logprobs"] - 0.1, adv, mask, 0.2, 3.0, 5.0)
+    loss.backward()
+    assert (logp.grad[~mask] == 0).all() and (logp.grad[mask] != 0).sum() > 6  # (clipped ones have none)
+    kept, _ = ppo_loss(logp[mask], batch["logprobs"][mask], batch["logprobs"][mask] - 0.1, adv[mask],
+                       torch.ones(13), 0.2, 3.0, 5.0)  # the trained tokens alone: 13 in the normaliser
+    close(loss, kept, 1e-6)
+
+
+def _masked_actor_worker(rank, path):
+    from areal_hpc.config.schema import EngineConfig, MicroBatchSpec, PPOConfig
+    from areal_hpc.train.ppo_loss import PPOActor
+    from areal_hpc.trainers.ppo_trainer import trajectories_to_batch
+
+    actor = PPOActor.build(PPOConfig(actor=EngineConfig(path=path), mb_spec=MicroBatchSpec(max_tokens_per_mb=20)),
+                           total_steps=2, group_size=3)
+    assert actor.engine.config.share_stems
+    stats = actor.train_step(trajectories_to_batch(_multi_turn_groups()))
+    assert stats["n_tokens"] == 13 and math.isfinite(stats["loss"])  # the loss's normaliser: the model's tokens
+
+
+def test_the_trainer_normalises_by_the_model_tokens_of_a_multi_turn_batch(tmp_path):
+    path = toy.resolve_model("toy:qwen3-h64-l2", cache_dir=tmp_path)
+    run_ranks(_masked_actor_worker, 1, args=(path,))

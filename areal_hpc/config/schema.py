@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -135,8 +135,8 @@ class PPOConfig:
     eps_clip: float = 0.2
     c_clip: Optional[float] = 3.0  # dual clip; null disables
     behav_imp_weight_cap: Optional[float] = 5.0  # cap on pi_prox / pi_behav; null disables
-    use_decoupled_loss: bool = True
-    recompute_logprob: bool = True
+    use_decoupled_loss: bool = True  # implies recompute_logprob (as AReaL's): it weighs by pi_prox / pi_behav
+    recompute_logprob: bool = True  # the proximal policy's logprobs; false (not decoupled): PPO on the behaviour's
     adv_norm: str = "group"  # group | batch | none
     adv_std_norm: bool = True
     leave_one_out: bool = False
@@ -174,6 +174,7 @@ class DatasetConfig:
     adapter: str = ""  # a row mapping (rollout.adapters), e.g. "gsm8k"
     chat_template: str = "auto"  # auto (the tokenizer's chat template when it has one) | none (raw text)
     system_prompt: str = ""  # with a chat template: a system message before every prompt
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # to the template: {enable_thinking: false}
     shuffle: bool = True
     max_prompt_len: int = 1024  # prompt tokens: longer prompts are left out (PPO, SFT, eval); SFT never cuts answers
     limit: int = 0  # 0 = all rows

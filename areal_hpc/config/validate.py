@@ -25,6 +25,7 @@ from areal_hpc.config.schema import DatasetConfig, ExperimentConfig
 # Key prefixes whose values are written into the rendered sbatch script or a shell line: a newline injects a command.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
 CHAT_TEMPLATES = ("auto", "none")  # {ds}.chat_template: rollout.prompts reads it
+TEMPLATE_OWN_ARGS = ("conversation", "add_generation_prompt", "tokenize")  # what rollout.prompts passes itself
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, CR allowed (prompts)
@@ -413,6 +414,11 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
             raise ConfigError("rollout.gen.max_new_tokens", f"{cfg.rollout.gen.max_new_tokens} after a prompt of up to "
                               f"{key}.max_prompt_len={ds.max_prompt_len} goes past server.context_length="
                               f"{cfg.server.context_length} minus the 6 tokens SGLang keeps free", "lower either")
+        for name in ds.chat_template_kwargs:
+            if not (isinstance(name, str) and name.isidentifier()) or name in TEMPLATE_OWN_ARGS:
+                raise ConfigError(f"{key}.chat_template_kwargs", f"{name!r} is no variable of the template's: a key "
+                                  f"is a name (not {', '.join(TEMPLATE_OWN_ARGS)}: set by areal-hpc)",
+                                  "e.g. {enable_thinking: false}")
         raw = f"{key}.chat_template=none" if ds.chat_template == "none" else "a toy: model's tokenizer has no template"
         if ds.system_prompt and (ds.chat_template == "none" or tokenizer.startswith("toy:")):  # (dropped, silently)
             raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {raw}: prompts are raw "

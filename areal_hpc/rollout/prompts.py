@@ -2,14 +2,15 @@
 
 A row gives chat messages (``row[messages_key]``, ``[{role, content}]``) or a prompt string (``row[prompt_key]``, one
 user message). With ``chat_template="auto"`` and a tokenizer that has a template, the messages (after the
-``system_prompt``, unless the row has a system message) are rendered; otherwise the prompt string is raw text, and a
+``system_prompt``, unless the row has a system message) are rendered, with ``chat_template_kwargs`` as the template's
+variables (Qwen3's ``enable_thinking``); otherwise the prompt string is raw text, and a
 row with only messages is an error (roles cannot be flattened faithfully without a template)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -56,10 +57,11 @@ class PromptFormat:
     messages_key: str = "messages"
     chat_template: str = "auto"  # auto | none
     system_prompt: str = ""
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # the template's variables: enable_thinking
 
     @classmethod
     def from_dataset(cls, ds) -> "PromptFormat":  # a DatasetConfig
-        return cls(ds.prompt_key, ds.messages_key, ds.chat_template, ds.system_prompt)
+        return cls(ds.prompt_key, ds.messages_key, ds.chat_template, ds.system_prompt, ds.chat_template_kwargs)
 
 
 class PromptEncoder:
@@ -115,7 +117,8 @@ class PromptEncoder:
         if self.uses_template:  # rendered, then tokenized: tokenize=True's return type differs by version
             msgs = self.messages(row)
             try:
-                text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False,
+                                                          **f.chat_template_kwargs)
             except Exception as e:  # jinja2's TemplateError (e.g. "System role not supported"), and the like
                 raise ValueError(f"the tokenizer's chat template rejected {[m['role'] for m in msgs]}: {e} "
                                  f"(chat_template=none sends raw text)") from e

@@ -37,8 +37,9 @@ class RewardScorer:
 
     `IN_PROCESS` rewards run in spawned processes, where math-verify's signal-based timeouts work (on a worker's main
     thread) and sympy holding the GIL for minutes (``9^{9^{9}}``) stalls no rollout I/O. User rewards, maybe not
-    importable in a fresh process, run on `RewardThreads` (an ``async def`` one on the loop). A thread cannot be ended: once every slot is held by a call
-    that ran out of time, scoring raises RuntimeError rather than let every later reward time out and score 0."""
+    importable in a fresh process, run on `RewardThreads` (an ``async def`` one on the loop). A thread cannot be
+    ended: once every slot is held by a call that ran out of time, scoring raises RuntimeError rather than let every
+    later reward time out and score 0."""
 
     def __init__(self, name: str, timeout_s: float = 60.0):
         self.name, self.fn, self.timeout_s = name, get_reward(name), timeout_s
@@ -81,8 +82,12 @@ class RewardScorer:
                                                  mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=die_with_parent, initargs=(os.getpid(),))
             pool = self._pool
-            submit = pool.submit if pool is not None else RewardThreads.of_this_process().submit if self.on_threads \
-                else lambda call: asyncio.ensure_future(call())
+            if pool is not None:
+                submit = pool.submit
+            elif self.on_threads:
+                submit = RewardThreads.of_this_process().submit
+            else:  # an async def reward: a task on the loop
+                submit = lambda call: asyncio.ensure_future(call())  # noqa: E731
             started = {i: submit(calls[i]) for i in todo}
             futs.update({i: asyncio.wrap_future(f) for i, f in started.items()})
             _, now_late = await asyncio.wait([futs[i] for i in todo], timeout=max(0.0, deadline - time.monotonic()))

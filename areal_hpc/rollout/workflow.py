@@ -16,7 +16,9 @@ from areal_hpc.rollout.rewards import RewardScorer
 
 @dataclass
 class Trajectory:
-    """One prompt + one completion; per completion token, the behaviour policy's logprob and weight version."""
+    """One prompt + one completion; per completion token, the behaviour policy's logprob and weight version, and
+    whether it is trained on (``loss_mask``: 1 the model's token, 0 one a multi-turn workflow put there, a tool's or
+    the environment's; None: all 1)."""
 
     prompt_ids: List[int]
     output_ids: List[int]
@@ -25,11 +27,14 @@ class Trajectory:
     reward: float
     finish_reason: str = "stop"
     info: Dict[str, Any] = field(default_factory=dict)
+    loss_mask: Optional[List[int]] = None
 
     def __post_init__(self) -> None:  # (a batch lays them out by position: one short shifts the next sample's)
-        if not len(self.output_ids) == len(self.logprobs) == len(self.versions):
+        mask = self.output_ids if self.loss_mask is None else self.loss_mask
+        if not len(self.output_ids) == len(self.logprobs) == len(self.versions) == len(mask):
             raise ValueError(f"a trajectory of {len(self.output_ids)} output_ids, {len(self.logprobs)} logprobs, "
-                             f"{len(self.versions)} versions: give each output token its logprob and weight version")
+                             f"{len(self.versions)} versions, {len(mask)} loss_mask: give each output token its "
+                             "logprob and weight version (and loss_mask entry)")
 
     @property
     def oldest_version(self) -> int:
@@ -65,7 +70,8 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 class RolloutWorkflow(ABC):
     """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
     its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
-    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt. `params`: what to generate with."""
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs.
+    `params`: what to generate with."""
 
     def __init__(self, **settings):
         vars(self).update(settings)
@@ -73,7 +79,8 @@ class RolloutWorkflow(ABC):
     @functools.cached_property
     def params(self) -> Dict[str, Any]:
         """``gen_config`` as a request's sampling params, with every token that ends a reply among its stop tokens
-        (the model's EOS, the chat template's end of turn; none with ignore_eos): ``client.generate(ids, self.params)``"""
+        (the model's EOS, the chat template's end of turn; none with ignore_eos):
+        ``client.generate(ids, self.params)``"""
         params = asdict(self.gen_config) if is_dataclass(self.gen_config) else dict(self.gen_config)
         if not params.get("ignore_eos"):
             stops = stop_token_ids(self.tokenizer, getattr(self, "chat_template", "auto"))
@@ -91,9 +98,11 @@ class RLVRWorkflow(RolloutWorkflow):
 
     def __init__(self, tokenizer, gen_config, reward_fn: str = "exact_match", n_samples: int = 8,
                  prompt_key: str = "prompt", answer_key: str = "answer", messages_key: str = "messages",
-                 chat_template: str = "auto", system_prompt: str = "", reward_timeout_s: float = 60.0):
+                 chat_template: str = "auto", system_prompt: str = "", reward_timeout_s: float = 60.0,
+                 chat_template_kwargs: Optional[Dict[str, Any]] = None):
         self.tokenizer, self.gen_config, self.chat_template = tokenizer, gen_config, chat_template
-        self.prompts = PromptEncoder(tokenizer, PromptFormat(prompt_key, messages_key, chat_template, system_prompt))
+        fmt = PromptFormat(prompt_key, messages_key, chat_template, system_prompt, dict(chat_template_kwargs or {}))
+        self.prompts = PromptEncoder(tokenizer, fmt)
         self.scorer, self.n_samples = RewardScorer(reward_fn, reward_timeout_s), n_samples
         self.prompt_key, self.answer_key = prompt_key, answer_key
 

@@ -162,7 +162,7 @@ class PPOActor:
         elif prox_from_forward:
             prox = logp.detach()
         else:
-            prox = behav  # no recomputation: proximal = behaviour (decoupled: importance weight 1)
+            prox = behav  # no recomputation (recompute_logprob=false, not decoupled): plain PPO on the behaviour
         loss, stats = ppo_loss(logp, prox, behav if cfg.use_decoupled_loss else None, mb["advantages"].float(),
                                mb["loss_mask"], cfg.eps_clip, cfg.c_clip, cfg.behav_imp_weight_cap)
         mask = mb["loss_mask"].float()
@@ -191,14 +191,18 @@ class PPOActor:
     def prox_in_update(self) -> bool:
         """Whether the proximal logprobs can be the update's own forward, detached: with one minibatch nothing has
         stepped yet (a KL penalty needs them before, in the advantages)."""
-        cfg = self.config
-        return cfg.recompute_logprob and cfg.ppo_n_minibatches == 1 and self.ref is None
+        return self.recomputes() and self.config.ppo_n_minibatches == 1 and self.ref is None
+
+    def recomputes(self) -> bool:
+        """Whether the proximal logprobs are recomputed: the decoupled loss needs them (as AReaL's, it implies
+        ``recompute_logprob``; without them its importance weight would be 1: plain PPO on the stale behaviour)."""
+        return self.config.recompute_logprob or self.config.use_decoupled_loss
 
     def train_step(self, batch: Batch) -> Dict[str, float]:
         """Recompute proximal (and reference) logprobs, advantages, then `ppo_update`."""
         fused = self.prox_in_update() and "prox_logp" not in batch
         with self.phases.phase("logprob", device=True):
-            if self.config.recompute_logprob and not fused:
+            if self.recomputes() and not fused:
                 batch["prox_logp"] = self.compute_logp(batch)
             if self.ref is not None:
                 batch["ref_logp"] = self.ref.forward(batch, temperature=self.temperature)

@@ -23,20 +23,23 @@ from areal_hpc.trainers.rollout_side import rollout_side
 
 
 def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Dict[str, torch.Tensor]:
-    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks, behaviour logprobs, versions; ``rewards [B]`` and
-    ``group [B]``, each sample's group (of any size: a workflow may return more or fewer than ``n_samples``)."""
+    """Right-padded ``[B, L]`` tensors: prompt+completion ids, masks (``loss_mask``: the completions' tokens the
+    trajectories' own masks keep), behaviour logprobs, versions; ``rewards [B]`` and ``group [B]``, each sample's group
+    (of any size: a workflow may return more or fewer than ``n_samples``)."""
     trajs = [t for g in groups for t in g]
     lengths = torch.tensor([t.n_tokens for t in trajs])
     prompts = torch.tensor([len(t.prompt_ids) for t in trajs])
     pos = torch.arange(int(lengths.max()))
     attn = pos < lengths[:, None]
-    loss = attn & (pos >= prompts[:, None])  # row-major, as the flat lists below: each row's tokens, then the next's
+    out = attn & (pos >= prompts[:, None])  # row-major, as the flat lists below: each row's tokens, then the next's
     ids = torch.full(attn.shape, pad_id, dtype=torch.long)
     ids[attn] = torch.tensor([x for t in trajs for x in (*t.prompt_ids, *t.output_ids)], dtype=torch.long)
     logp = torch.zeros(attn.shape, dtype=torch.float32)
-    logp[loss] = torch.tensor([x for t in trajs for x in t.logprobs], dtype=torch.float32)
+    logp[out] = torch.tensor([x for t in trajs for x in t.logprobs], dtype=torch.float32)
     vers = torch.full(attn.shape, -1, dtype=torch.long)
-    vers[loss] = torch.tensor([x for t in trajs for x in t.versions], dtype=torch.long)
+    vers[out] = torch.tensor([x for t in trajs for x in t.versions], dtype=torch.long)
+    loss = torch.zeros_like(out)
+    loss[out] = torch.tensor([bool(x) for t in trajs for x in (t.loss_mask or [1] * len(t.output_ids))])
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "logprobs": logp, "versions": vers,
             "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32),
             "group": torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)}
