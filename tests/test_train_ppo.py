@@ -76,6 +76,17 @@ def test_groups_of_any_size_travel_with_the_batch():
           [2 / 3, -1 / 3, -1 / 3, 0])
 
 
+def test_a_batch_of_empty_completions_builds():
+    """Every sample of the batch generated nothing (e.g. aborted at once): the batch still builds, with nothing to
+    train on."""
+    from areal_hpc.rollout import Trajectory
+    from areal_hpc.trainers.ppo_trainer import trajectories_to_batch
+
+    batch = trajectories_to_batch([[Trajectory([5, 6], [], [], [], 0.0) for _ in range(2)]])
+    assert batch["loss_mask"].dtype == torch.bool and not batch["loss_mask"].any()
+    assert batch["attention_mask"].sum() == 4
+
+
 def test_kl_penalty_to_go():
     logp = torch.tensor([[0.0, -1.0, -2.0, -0.5, 0.0]])
     ref = torch.tensor([[0.0, -1.5, -1.0, -0.5, 0.0]])
