@@ -808,7 +808,7 @@ def test_every_flag_and_number_of_a_request_is_read_as_its_json_type(engine):
     """After abort_all, stream and ignore_eos, the rest: no_stop_trim "false" kept the stop token, skip_special_tokens
     "false" and return_logprob "false" counted as true (bool() of a non-empty string), a master_port "29500" or 29500.7
     became 29500 (int()), rank_offset true rank 1, a tensor's shape ["3"] or [2.5] was received as (3,) or (2,), and a
-    name that is not a string was a 500. Each is now a 400 naming the field."""
+    name that is not a string was a 500, and so was a group_name that is none. Each is now a 400 naming the field."""
     import asyncio
     import json
 
@@ -843,7 +843,12 @@ def test_every_flag_and_number_of_a_request_is_read_as_its_json_type(engine):
            ("/update_weights_from_distributed", dict(update, shapes=[[2.5]]), "shapes"),
            ("/update_weights_from_distributed", dict(update, shapes=[[-1]]), "shapes"),
            ("/update_weights_from_distributed", dict(update, shapes=[[True]]), "shapes"),
-           ("/update_weights_from_distributed", dict(update, names=[["w"]]), "names")]
+           ("/update_weights_from_distributed", dict(update, names=[["w"]]), "names"),
+           # a group_name that is no string: a 500 (unhashable list), or a rendezvous under the name 5 (timeout=1
+           # bounds it) that dropped the groups the server had
+           ("/update_weights_from_distributed", dict(update, group_name=["g"]), "group_name"),
+           ("/init_weights_update_group", dict(group, group_name=5, timeout=1), "group_name"),
+           ("/destroy_weights_update_group", {"group_name": ["g"]}, "group_name")]
 
     async def go():
         async with engine_app(server) as url, aiohttp.ClientSession() as s:
