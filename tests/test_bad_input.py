@@ -170,6 +170,26 @@ def test_bad_override_exit_2(extra, key, tmp_path, capsys):
 
 
 
+def test_the_submit_check_keeps_samples_within_what_the_server_takes(tmp_path, capsys):
+    """The submit check and the server's refusal read one margin (``SGLANG_INPUT_MARGIN``, was a 6 written in both): the
+    longest run the check passes resumes its samples with inputs the hf server still takes; one more token is refused
+    at submit."""
+    from areal_hpc.config.schema import SGLANG_INPUT_MARGIN
+    from areal_hpc.inference.http_validate import RequestError, _check_prompt
+
+    root, context, prompt = tmp_path / "root", 300, 44
+    longest_new = context - SGLANG_INPUT_MARGIN - prompt
+    run = [*TINY, f"cluster.fileroot={root}", f"server.context_length={context}",
+           f"train_dataset.max_prompt_len={prompt}"]
+    rc, _, err = cli(capsys, "submit", *run, f"rollout.gen.max_new_tokens={longest_new + 1}", "--dry-run")
+    assert_one_line(rc, err, "submit", "rollout.gen.max_new_tokens")
+    rc, _, err = cli(capsys, "submit", *run, f"rollout.gen.max_new_tokens={longest_new}", "--dry-run")
+    assert rc == 0, err
+    _check_prompt([5] * (prompt + longest_new - 1), 64, context)  # resumed before its last token: taken
+    with pytest.raises(RequestError, match="exceeds the maximum allowed length"):
+        _check_prompt([5] * (context - SGLANG_INPUT_MARGIN), 64, context)
+
+
 def test_plugins_do_not_hide_a_misspelt_name_at_submit(tmp_path, capsys):
     """With trainer.plugins, a misspelt built-in name was caught only by the trainer on a node, after the queue."""
     root, plugin = tmp_path / "root", tmp_path / "submit_names_plugin.py"

@@ -55,6 +55,9 @@ class ServerConfig:
     cuda_graph: bool = True  # hf engine: capture CUDA graphs for decode on GPU
 
 
+# SGLang's scheduler refuses an input within 6 tokens of the context length (max_req_input_len = context_len - 1 - 5,
+# managers/tp_worker.py): the server refuses such a prompt, and a run whose samples could resume with one is refused
+SGLANG_INPUT_MARGIN = 6
 GREEDY_BELOW = 1e-6  # SGLang's rule: a lower temperature samples greedily and scores the tokens at temperature 1
 
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 from areal_hpc.config.allocation import AllocationMode, nodes_needed, parse_allocation, validate_allocation
 from areal_hpc.config.errors import ConfigError, did_you_mean
 from areal_hpc.config.pass_through import check_pass_through
-from areal_hpc.config.schema import DatasetConfig, ExperimentConfig
+from areal_hpc.config.schema import SGLANG_INPUT_MARGIN, DatasetConfig, ExperimentConfig
 
 # Key prefixes whose values are written into the rendered sbatch script or a shell line: a newline injects a command.
 SCRIPT_KEYS = ("experiment_name", "trial_name", "cluster.")
@@ -408,12 +408,13 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
     tokenizer = prompt_tokenizer_path(cfg)
     for key, ds, _ in datasets_in_use(cfg):
         _check_path(f"{key}.path", ds.path, "dataset")
-        # SGLang refuses an input within 6 tokens of the context: a sample resumed after a pause (its prompt and
-        # what it has generated) must stay below that
-        if t != "sft" and ds.max_prompt_len + cfg.rollout.gen.max_new_tokens > cfg.server.context_length - 6:
+        # a sample resumed after a pause (its prompt and what it has generated) must stay below SGLang's longest input
+        longest = cfg.server.context_length - SGLANG_INPUT_MARGIN
+        if t != "sft" and ds.max_prompt_len + cfg.rollout.gen.max_new_tokens > longest:
             raise ConfigError("rollout.gen.max_new_tokens", f"{cfg.rollout.gen.max_new_tokens} after a prompt of up to "
                               f"{key}.max_prompt_len={ds.max_prompt_len} goes past server.context_length="
-                              f"{cfg.server.context_length} minus the 6 tokens SGLang keeps free", "lower either")
+                              f"{cfg.server.context_length} minus the {SGLANG_INPUT_MARGIN} tokens SGLang keeps free",
+                              "lower either")
         for name in ds.chat_template_kwargs:
             if not (isinstance(name, str) and name.isidentifier()) or name in TEMPLATE_OWN_ARGS:
                 raise ConfigError(f"{key}.chat_template_kwargs", f"{name!r} is no variable of the template's: a key "

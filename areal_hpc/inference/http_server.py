@@ -47,6 +47,13 @@ def _version(body: Dict[str, Any], key: str) -> Optional[str]:
     return None if v is None else str(v)
 
 
+def _group_name(body: Dict[str, Any]) -> str:
+    name = body.get("group_name") or DEFAULT_GROUP
+    if not isinstance(name, str):
+        raise RequestError(f"group_name must be a string, got {json.dumps(name)[:80]}")
+    return name
+
+
 def _result(ok: bool, message: str, **extra: Any) -> web.Response:
     """SGLang's answer to a control call: ``success`` and ``message``, 400 when it failed."""
     return web.json_response({"success": ok, "message": message, **extra}, status=200 if ok else 400)
@@ -305,7 +312,7 @@ class EngineServer:
         timeout = json_number(body, "timeout", 1800.0, where="")  # seconds; null is the default, as absent
         if not isinstance(addr, str) or not addr or not 0 < timeout < 1e9:
             raise RequestError(f"need a master_address and a timeout in (0, 1e9) seconds, got {addr!r} and {timeout}")
-        group = body.get("group_name") or DEFAULT_GROUP
+        group = _group_name(body)
         backend = body.get("backend") or "nccl"
         device = self.runner.device
         if backend == "nccl" and device.type != "cuda":
@@ -333,7 +340,7 @@ class EngineServer:
         return _result(True, f"Initialized weight update group {group} (rank {rank_offset} of {world_size})")
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        group = (await read_json(request)).get("group_name") or DEFAULT_GROUP
+        group = _group_name(await read_json(request))
         pg = self.groups.pop(group, None)
         if pg is None:
             return _result(False, f"no group {group}")
@@ -347,7 +354,7 @@ class EngineServer:
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        group = body.get("group_name") or DEFAULT_GROUP
+        group = _group_name(body)
         pg = self.groups.get(group)
         if pg is None:
             raise RequestError(f"weight update group {group!r} is not initialized (/init_weights_update_group)")

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, Dict, FrozenSet, List, Mapping, Opt
 
 from aiohttp import web
 
+from areal_hpc.config.schema import SGLANG_INPUT_MARGIN
 from areal_hpc.inference.hf_engine.sequence import SamplingParams
 
 
@@ -246,7 +247,7 @@ def _check_prompt(ids: Any, vocab: int, context_length: int) -> List[int]:
     if len(ids) >= context_length:
         raise RequestError(f"the input ({len(ids)} tokens) is longer than the model's context length "
                            f"({context_length} tokens)")
-    longest = context_length - 6  # SGLang's scheduler: max_req_input_len = context_len - 1 - 5
+    longest = context_length - SGLANG_INPUT_MARGIN
     if len(ids) >= longest:
         raise RequestError(f"Input length ({len(ids)} tokens) exceeds the maximum allowed length ({longest} tokens). "
                            "Use a shorter input.")

@@ -166,10 +166,11 @@ class ModelRunner:
         with contextlib.suppress(ImportError):  # transformers 4: the modules hold the checkpoint's layout
             from transformers.core_model_loading import revert_weight_conversion
 
-            for name, p in self._params.items():
-                meta = {name: torch.empty(p.shape, dtype=p.dtype, device="meta")}
+            meta = {name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in self._params.items()}
+            kept = revert_weight_conversion(self.model, meta)  # one call: a dense model keeps every name
+            for name in meta.keys() - kept.keys():
                 self._parts.update({k: (name, tuple(t.shape)) for k, t in
-                                    revert_weight_conversion(self.model, meta).items() if k != name})
+                                    revert_weight_conversion(self.model, {name: meta[name]}).items() if k != name})
 
     @staticmethod
     def _eos_ids(config, model_path: str) -> Tuple[int, ...]:
