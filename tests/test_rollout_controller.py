@@ -120,6 +120,32 @@ def test_groups_without_tokens_are_rejected_or_fresh_never_dropped_as_stale():
         c.stop()
 
 
+class ToolTurns(RolloutWorkflow):
+    """A two-turn episode at the controller's version 3: the model's tokens at version 3, a tool's reply between them
+    (masked out of the loss) at version 0, and, on odd rows, an untrained mask over a model token of version 0."""
+
+    async def arun_episode(self, client, row):
+        from areal_hpc.rollout.workflow import Group, Trajectory
+        old_model_token = int(row["prompt"]) % 2
+        return Group([Trajectory([1], [7, 8, 8, 9], [-0.1] * 4, [3, 0, 0, 0 if old_model_token else 3], 1.0,
+                                 loss_mask=[1, 0, 0, 1])], submit_version=3)
+
+
+def test_a_tools_tokens_masked_out_of_the_loss_do_not_make_a_group_stale():
+    """Staleness is that of the policy that produced the trained tokens: a tool's tokens carry no policy's version, so
+    masked ones do not drop the group; a trained token of an old version still does."""
+    c = RolloutController(ToolTurns(), object(), iter([{"prompt": str(i)} for i in range(2)]), batch_size=1,
+                          max_head_offpolicyness=1, start_version=3).start()
+    try:
+        (group,) = c.get_batch(timeout=10)
+        assert group.oldest_version == 3
+        with pytest.raises(StopIteration):  # row 1 trains a token of version 0, 3 behind: dropped as stale
+            c.get_batch(timeout=10)
+        assert c.stats["dropped_stale"] == 1, c.stats
+    finally:
+        c.stop()
+
+
 class Recording(RolloutWorkflow):
     """Records the rows it is given (in the order their episodes start); row ``hang`` runs until stopped."""
 

@@ -38,7 +38,9 @@ class Trajectory:
 
     @property
     def oldest_version(self) -> int:
-        return min(self.versions) if self.versions else -1
+        """Of its trained tokens (a tool's tokens carry no policy's version); -1 when it has none."""
+        mask = self.loss_mask or [1] * len(self.versions)
+        return min((v for v, trained in zip(self.versions, mask) if trained), default=-1)
 
     @property
     def n_tokens(self) -> int:
@@ -56,7 +58,7 @@ class Group:
     @property
     def oldest_version(self) -> int:
         """Of its oldest token; a group that generated none is as fresh as its episode (not stale)."""
-        return min((t.oldest_version for t in self.trajectories if t.versions), default=self.submit_version)
+        return min((t.oldest_version for t in self.trajectories if t.oldest_version >= 0), default=self.submit_version)
 
 
 WORKFLOWS = NameTable("workflow")

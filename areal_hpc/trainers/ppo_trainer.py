@@ -47,7 +47,7 @@ def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Di
 
 
 def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
-    stale = [version - t.oldest_version for t in trajs if t.versions]
+    stale = [version - t.oldest_version for t in trajs if t.oldest_version >= 0]
     out_len = [len(t.output_ids) for t in trajs]
     return {"reward_mean": sum(t.reward for t in trajs) / len(trajs), "staleness_max": float(max(stale, default=0)),
             "staleness_mean": sum(stale) / max(1, len(stale)), "completion_len_mean": sum(out_len) / len(trajs),
