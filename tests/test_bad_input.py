@@ -148,6 +148,7 @@ BAD_OVERRIDES = [
     # a system prompt with raw-text prompts (no chat template to carry it) was dropped without a word
     (["train_dataset.chat_template=none", "train_dataset.system_prompt=Be brief."], "train_dataset.system_prompt"),
     (["train_dataset.system_prompt=Be brief."], "train_dataset.system_prompt"),  # a toy: tokenizer has no template
+    (["train_dataset.chat_template_kwargs.enable_thinking=false"], "train_dataset.chat_template_kwargs"),  # and kwargs
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

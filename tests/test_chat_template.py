@@ -144,6 +144,16 @@ def test_a_system_prompt_without_a_template_is_refused(tmp_path, tok, mode):
         PromptEncoder(toy if mode == "auto" else tok, PromptFormat(chat_template=mode, system_prompt="Be brief."))
 
 
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_template_kwargs_without_a_template_are_refused(tmp_path, tok, mode):
+    """They went nowhere without a word (raw-text prompts), like a system prompt: refused at submit and here."""
+    toy = AutoTokenizer.from_pretrained(resolve_model("toy:qwen3-h64-l1", cache_dir=tmp_path))
+    why = "the tokenizer has no chat template" if mode == "auto" else "chat_template=none"
+    with pytest.raises(ValueError, match=f"chat_template_kwargs go to the chat template, but {why}"):
+        PromptEncoder(toy if mode == "auto" else tok,
+                      PromptFormat(chat_template=mode, chat_template_kwargs={"enable_thinking": False}))
+
+
 def test_end_of_turn_token_of_other_templates(tmp_path, tok):
     assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
     assert stop_token_ids(tok) == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])

@@ -424,4 +424,7 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
         if ds.system_prompt and (ds.chat_template == "none" or tokenizer.startswith("toy:")):  # (dropped, silently)
             raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {raw}: prompts are raw "
                               "text", "drop one of them, or put the instruction in the prompts")
+        if ds.chat_template_kwargs and (ds.chat_template == "none" or tokenizer.startswith("toy:")):
+            raise ConfigError(f"{key}.chat_template_kwargs", f"go to the chat template, but {raw}: prompts are raw "
+                              "text", "drop one of them")
     return alloc

@@ -76,6 +76,9 @@ class PromptEncoder:
         if self.raw and self.fmt.system_prompt:  # raw text has no place for it: it was dropped, silently
             raise ValueError(f"system_prompt goes into the chat template, but {self.raw}: prompts are raw text "
                              "(drop it, put the instruction in the prompts, or use a model with a chat template)")
+        if self.raw and self.fmt.chat_template_kwargs:
+            raise ValueError(f"chat_template_kwargs go to the chat template, but {self.raw}: prompts are raw text "
+                             "(drop them, or use a model with a chat template)")
 
     def prompt(self, row: Dict[str, Any]) -> Optional[str]:
         """The row's prompt string, or None (a list is messages: TRL's conversational `prompt` column)."""
