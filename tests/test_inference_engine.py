@@ -848,7 +848,9 @@ def test_every_flag_and_number_of_a_request_is_read_as_its_json_type(engine):
            # bounds it) that dropped the groups the server had
            ("/update_weights_from_distributed", dict(update, group_name=["g"]), "group_name"),
            ("/init_weights_update_group", dict(group, group_name=5, timeout=1), "group_name"),
-           ("/destroy_weights_update_group", {"group_name": ["g"]}, "group_name")]
+           ("/destroy_weights_update_group", {"group_name": ["g"]}, "group_name"),
+           # SGLang's AbortReq takes a string rid; 5 or ["a"] aborted nothing and answered 200
+           ("/abort_request", {"rid": 5}, "rid"), ("/abort_request", {"rid": ["a"]}, "rid")]
 
     async def go():
         async with engine_app(server) as url, aiohttp.ClientSession() as s:

@@ -258,9 +258,9 @@ class EngineServer:
     async def abort_request(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         rid, abort_all = body.get("rid"), json_bool(body, "abort_all")
-        if not abort_all and not rid:
-            raise RequestError("give rid or abort_all=true")
-        n = await asyncio.wrap_future(self.engine.abort(None if abort_all else str(rid)))
+        if not abort_all and not (rid and isinstance(rid, str)):
+            raise RequestError(f"give rid (a request's id, a string) or abort_all=true, got rid={json.dumps(rid)[:80]}")
+        n = await asyncio.wrap_future(self.engine.abort(None if abort_all else rid))
         return web.json_response({"success": True, "num_aborted": n})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
