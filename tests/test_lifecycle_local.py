@@ -369,6 +369,25 @@ def test_a_run_whose_every_server_died_fails_promptly_naming_the_server(tmp_path
         finish(p)
 
 
+def test_a_run_whose_only_server_was_sigtermed_from_outside_fails_promptly_naming_it(tmp_path):
+    """`kill <server pid>` (or scancel of its step): the server deregisters and exits 0, like one the run stopped. The
+    owner took that for a clean exit: no failure noted, so the trainer waited 10 minutes for a server (RUNNING all the
+    while). A server that ends while the run needs it and was not asked to is a failure of that server."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err[-3000:])
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and "server-0 exited with 0" in st["reason"], st
+        assert "from outside areal-hpc" in st["reason"], st
+    finally:
+        finish(p)
+
+
 def test_an_eval_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):
     """The same for an evaluation (trainer.type=null): its episodes waited for a server that would never come."""
     p = start(tmp_path, "trainer.type=null", "allocation_mode=hf:d1+eval", "valid_dataset.path=toy:sum-20000")

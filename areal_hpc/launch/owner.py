@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
-from areal_hpc.launch import outcome
+from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.external import watch_attached
 from areal_hpc.launch.plan import Plan, StepSpec, server_step
 from areal_hpc.registry import Heartbeat, Registry
@@ -103,6 +103,8 @@ class RunOwner:
         self._started = time.time()
         self._ended: Optional[float] = None
         self._heartbeat: Optional[Heartbeat] = None
+        self._job_states: Dict[str, Any] = {}  # the run's server jobs: their states, polled (`_server_jobs_coming`)
+        self._jobs_ended: set = set()
 
     def record(self) -> Dict[str, object]:
         """run.json, as the heartbeat writes it."""
@@ -277,7 +279,9 @@ class RunOwner:
         if self.trainer_end is not None:
             return self.trainer_end
         if self.server_failures:
-            reason, path = self.server_failures[0]
+            reason, path = self.server_failures[-1]  # the one that left none
+            if len(self.server_failures) > 1:
+                reason = f"{reason}; first, {self.server_failures[0][0]}"
             return outcome.FAILED, f"every server exited; {reason}", path
         return outcome.FAILED, "the trainer ended without a result", None
 
@@ -287,8 +291,13 @@ class RunOwner:
         # its record must not outlive it (a SIGKILLed server cannot deregister itself)
         if self.registry.delete("servers", name):
             log.info("removed the registry record of %s", name)
-        if rc != 0 and not self.stopping:
+        if self.stopping:
+            return
+        if rc != 0:
             self.server_failures.append(self._failure(h, rc))
+        elif self.trainer_rc is None and not self.runner.lost(h):  # not the whole job's end: the server only
+            reason, path = self._failure(h, rc)  # (a kill or scancel of its step): the run still needs it
+            self.server_failures.append((f"{reason} (stopped from outside areal-hpc, while the run needed it)", path))
 
     def _failure(self, h: StepHandle, rc: int) -> Tuple[str, Optional[str]]:
         """(reason, log) of a step that failed: how it exited and the error line this attempt logged."""
@@ -354,12 +363,30 @@ class RunOwner:
             if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
                 return self.set_state(*self._final())
             if self.server_failures and not self.servers and self.trainer_rc is None and not self.registry.list(
-                    "servers") and not self.registry.list("jobs", live_only=False):  # none attached, by hand, in a job
+                    "servers") and not self._server_jobs_coming():  # none attached, by hand, in a job
                 self.shutdown(reason="every server failed, none is left or coming")  # (else the trainer waits 10 min)
                 return self.set_state(*self._final())
             if on_tick is not None:
                 on_tick()
             time.sleep(0.2)
+
+    def _server_jobs_coming(self) -> bool:
+        """Whether a server job of the run (`add-servers`) may still bring servers: one Slurm has not ended (or cannot
+        tell of). One that ended, with none of its servers registered, is a failure of its servers."""
+        coming = False
+        for job_id, rec in self.registry.list("jobs", live_only=False).items():
+            if job_id in self._jobs_ended:
+                continue
+            state = slurm.state_word(self._job_states.setdefault(job_id, slurm.polled_job_state(job_id))())
+            if state not in slurm.FINAL_STATES:
+                coming = True
+                continue
+            self._jobs_ended.add(job_id)
+            names = rec.get("servers") or ["?"]
+            line, path = outcome.error_line(str(self.run_dir / "logs" / f"{names[0]}.log"))
+            self.server_failures.append((f"server job {job_id} ({', '.join(names)}) ended {state}"
+                                         + (f": {line}" if line else ""), path))
+        return coming
 
     def _stop_run(self) -> None:
         """A stop on purpose: COMPLETED if the trainer had already finished, else STOPPED (or FAILED
