@@ -388,6 +388,29 @@ def test_a_run_whose_only_server_was_sigtermed_from_outside_fails_promptly_namin
         finish(p)
 
 
+def test_status_says_a_trainer_waiting_for_servers_is_starting_not_that_it_is_not_running(tmp_path):
+    """A trainer loads its model and waits for servers (SGLang: minutes) before it registers: `status` said `trainer
+    not running`, the words for a dead one. The owner knows its trainer step lives: `starting`, until it registers."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        server = wait_until(lambda: (rd / "logs" / "driver.log").exists() and step_pids(rd).get("server-0"), 60,
+                            "server-0 to start")[0]
+        os.kill(server, signal.SIGSTOP)  # before it serves: the trainer waits for it
+        try:
+            wait_until(lambda: "trainer" in (Registry.for_run(rd).run_record().get("steps") or {}), 60, "the trainer")
+            st = status(tmp_path)
+            assert st["trainer"] == {"state": "starting"}, st
+            out = cli(tmp_path, "status", *names(tmp_path)).stdout
+            assert "trainer  starting (loading its model or waiting for servers)" in out, out
+        finally:
+            os.kill(server, signal.SIGCONT)
+        wait_until(lambda: (status(tmp_path)["trainer"] or {}).get("step"), 300, "the trainer's first step")
+    finally:
+        finish(p)
+    assert "trainer  not running" in cli(tmp_path, "status", *names(tmp_path)).stdout
+
+
 def test_an_eval_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):
     """The same for an evaluation (trainer.type=null): its episodes waited for a server that would never come."""
     p = start(tmp_path, "trainer.type=null", "allocation_mode=hf:d1+eval", "valid_dataset.path=toy:sum-20000")
