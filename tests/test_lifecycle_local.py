@@ -310,6 +310,27 @@ def test_two_add_servers_at_once_each_wait_for_their_own(tmp_path):
         finish(p)
 
 
+def test_add_servers_whose_server_dies_starting_says_so_at_once(tmp_path):
+    """The server `add-servers` asked for died while starting (here: a model path that does not load; on a cluster an
+    OOM, a bad SGLang flag): `add-servers` waited for it to serve until launcher.server_startup_timeout_s (15 min),
+    then said "timed out". The owner's record drops a server once it exited: `add-servers` says which died, now."""
+    import yaml
+
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.5)
+        cfg = yaml.safe_load((rd / "config.yaml").read_text())
+        cfg["server"]["model_path"] = str(tmp_path / "no-such-model")  # read by the new server only
+        (rd / "config.yaml").write_text(yaml.safe_dump(cfg))
+        t0 = time.monotonic()
+        r = cli(tmp_path, "add-servers", "count=1", *names(tmp_path), timeout=120)
+        assert r.returncode == 1 and "server-1 exited before serving" in r.stderr, (r.stdout, r.stderr)
+        assert "areal-hpc logs server-1" in r.stderr and time.monotonic() - t0 < 60, r.stderr
+    finally:
+        finish(p)
+
+
 def test_recover_disabled_sets_the_earlier_runs_checkpoints_and_weights_aside(tmp_path):
     """recover.mode=disabled in a run dir of an earlier run: the new run started over, but the earlier run's
     higher-numbered checkpoints/step_N and weights/vN stayed: keep-last pruning removed the new run's checkpoints

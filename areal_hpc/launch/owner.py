@@ -191,6 +191,8 @@ class RunOwner:
                 elif kind == "add_servers":
                     wanted = int(req.get("count", 1))
                     reply = {"wanted": wanted, "servers": self.add_servers(wanted)}  # `add-servers` waits for these
+                    if self._heartbeat is not None:  # run.json lists them before the reply: one it drops has exited
+                        self._heartbeat.beat()
                     if len(reply["servers"]) < wanted:  # and submits the rest as a job of their own
                         log.warning("started %d of %d requested servers (no free resources)", len(reply["servers"]),
                                     wanted)
