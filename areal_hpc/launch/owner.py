@@ -103,8 +103,7 @@ class RunOwner:
         self._started = time.time()
         self._ended: Optional[float] = None
         self._heartbeat: Optional[Heartbeat] = None
-        self._job_states: Dict[str, Any] = {}  # the run's server jobs: their states, polled (`_server_jobs_coming`)
-        self._jobs_ended: set = set()
+        self._server_jobs: Dict[str, Any] = {}  # job id: its polled state (`_server_jobs_coming`), None once ended
 
     def record(self) -> Dict[str, object]:
         """run.json, as the heartbeat writes it."""
@@ -293,19 +292,17 @@ class RunOwner:
         # its record must not outlive it (a SIGKILLed server cannot deregister itself)
         if self.registry.delete("servers", name):
             log.info("removed the registry record of %s", name)
-        if self.stopping:
-            return
-        if rc != 0:
+        # exit 0, not asked to and not at the whole job's end: a kill or scancel of its step, while the run needs it
+        if not self.stopping and (rc != 0 or self.trainer_rc is None and not self.runner.lost(h)):
             self.server_failures.append(self._failure(h, rc))
-        elif self.trainer_rc is None and not self.runner.lost(h):  # not the whole job's end: the server only
-            reason, path = self._failure(h, rc)  # (a kill or scancel of its step): the run still needs it
-            self.server_failures.append((f"{reason} (stopped from outside areal-hpc, while the run needed it)", path))
 
     def _failure(self, h: StepHandle, rc: int) -> Tuple[str, Optional[str]]:
         """(reason, log) of a step that failed: how it exited and the error line this attempt logged."""
         line, path = outcome.error_line(h.step.log, self._log_offsets.get(h.step.name))
-        oom = " (out of memory? the kernel's OOM killer sends SIGKILL)" if rc in (-9, 137) and not line else ""
-        return f"{h.step.name} {outcome.describe_exit(rc)}{oom}" + (f": {line}" if line else ""), path
+        why = " (out of memory? the kernel's OOM killer sends SIGKILL)" if rc in (-9, 137) and not line else ""
+        if rc == 0:  # a server the run still needed
+            why = " (stopped from outside areal-hpc, while the run needed it)"
+        return f"{h.step.name} {outcome.describe_exit(rc)}{why}" + (f": {line}" if line else ""), path
 
     def run(self, on_tick=None) -> int:
         """Start the plan's steps and own them until the run ends; returns `outcome.exit_code`."""
@@ -373,17 +370,17 @@ class RunOwner:
             time.sleep(0.2)
 
     def _server_jobs_coming(self) -> bool:
-        """Whether a server job of the run (`add-servers`) may still bring servers: one Slurm has not ended (or cannot
-        tell of). One that ended, with none of its servers registered, is a failure of its servers."""
+        """Whether a server job (`add-servers`) may still bring servers; one Slurm ended is a failure of its servers."""
         coming = False
         for job_id, rec in self.registry.list("jobs", live_only=False).items():
-            if job_id in self._jobs_ended:
-                continue
-            state = slurm.state_word(self._job_states.setdefault(job_id, slurm.polled_job_state(job_id))())
-            if state not in slurm.FINAL_STATES:
+            polled = self._server_jobs.setdefault(job_id, slurm.polled_job_state(job_id))
+            state = slurm.state_word(polled()) if polled else None
+            if state is None:
+                continue  # ended, noted already
+            if state not in slurm.FINAL_STATES:  # running, queued, or unknown to Slurm now
                 coming = True
                 continue
-            self._jobs_ended.add(job_id)
+            self._server_jobs[job_id] = None
             names = rec.get("servers") or ["?"]
             line, path = outcome.error_line(str(self.run_dir / "logs" / f"{names[0]}.log"))
             self.server_failures.append((f"server job {job_id} ({', '.join(names)}) ended {state}"
