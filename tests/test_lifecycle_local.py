@@ -269,6 +269,44 @@ def test_stop_of_a_local_run_says_stopped(tmp_path):
         finish(p)
 
 
+SLOW_STOP = """
+import time
+
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.base import STOPPED_EXIT, Trainer
+
+
+@register_trainer("slow_stop")
+class SlowStop(Trainer):
+    \"\"\"Takes 75 s from SIGTERM to its exit: the step under way ends, then a large model's checkpoint.\"\"\"
+
+    def run(self) -> int:
+        self.publish_state(step=0, state="training")
+        while not self.stop:
+            time.sleep(0.2)
+        time.sleep(75)
+        print("checkpointed", flush=True)
+        return STOPPED_EXIT
+"""
+
+
+def test_stop_gives_the_trainer_the_time_the_user_gave_stop(tmp_path):
+    """`stop --timeout 300` for a trainer whose step and checkpoint take over a minute: the owner SIGKILLed it after a
+    fixed 60 s (no checkpoint) whatever --timeout said; `stop` then printed STOPPED '... the trainer killed by SIGKILL on
+    the way out'. The owner gives the trainer what the user gave `stop`, less the servers' time."""
+    plugin = tmp_path / "slow_stop.py"
+    plugin.write_text(SLOW_STOP)
+    p = start(tmp_path, "trainer.type=slow_stop", f"trainer.plugins=[{plugin}]")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: Registry.for_run(rd).get("", "trainer"), 300, "the trainer")
+        s = cli(tmp_path, "stop", *names(tmp_path), "--timeout", "300", timeout=400)
+        assert s.returncode == 0 and "run STOPPED" in s.stdout and "SIGKILL" not in s.stdout, (s.stdout, s.stderr)
+        assert "checkpointed" in (rd / "logs" / "trainer-0.log").read_text()
+    finally:
+        finish(p)
+
+
 def test_a_trainer_stopped_by_a_signal_from_outside_stops_the_run_not_completes_it(tmp_path):
     """`kill <trainer pid>` (or scancel of its step): the trainer checkpoints and ends cleanly, short of its goal. It
     exited 0 like a finished one, so the run said COMPLETED at step 34 of 300."""

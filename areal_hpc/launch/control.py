@@ -92,7 +92,8 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         return here, {k: rec for k, rec in recs.items() if rec and k not in here}
 
     forced = bool((reg.get("", "run") or {}).get("stopping")) and owner_alive()  # a stop under way: this one forces it
-    posted = [post_request(reg, "stop", timeout_s, force=forced)]
+    # the trainer's time to checkpoint (its step under way ends first): what `stop` waits, less the servers' 30 s
+    posted = [post_request(reg, "stop", timeout_s, force=forced, grace_s=max(timeout_s - 40.0, timeout_s / 2))]
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     # the owner is gone (shutdown_server_on_exit=False), or there is none (`sbatch sbatch/allocation.sbatch` by hand,

@@ -93,6 +93,7 @@ class RunOwner:
         self.trainer: Optional[StepHandle] = None
         self.trainer_rc: Optional[int] = None
         self.restarts, self.stopping, self.force, self.stop_reason = 0, False, False, "stop requested"
+        self.stop_grace_s = 60.0
         self.state, self.reason, self.log_path = outcome.RUNNING, None, None  # run.json's
         # (state, reason, log) of how the last trainer ended
         self.trainer_end: Optional[Tuple[str, Optional[str], Optional[str]]] = None
@@ -126,9 +127,9 @@ class RunOwner:
         if self._heartbeat is not None:
             self._heartbeat.beat()
 
-    def request_stop(self, reason: str = "stop requested") -> None:
+    def request_stop(self, reason: str = "stop requested", grace_s: float = 60.0) -> None:
         if not self.stopping:
-            self.stopping, self.stop_reason = True, reason
+            self.stopping, self.stop_reason, self.stop_grace_s = True, reason, grace_s
 
     def request_force(self, reason: str = "forced stop") -> None:
         self.request_stop(reason)
@@ -184,7 +185,7 @@ class RunOwner:
                     self.request_force("forced stop (areal-hpc stop, twice)")
                     reply = None if req.get("force") else {"forced": True}  # for `stop` to say so
                 elif kind == "stop":
-                    self.request_stop("stop requested (areal-hpc stop)")
+                    self.request_stop("stop requested (areal-hpc stop)", float(req.get("grace_s", 60.0)))
                 elif self.stopping and kind in ("add_servers", "start_trainer"):
                     reply = {"error": "the run is stopping"}
                 elif kind == "add_servers":
@@ -382,16 +383,15 @@ class RunOwner:
                 continue
             self._server_jobs[job_id] = None
             names = rec.get("servers") or ["?"]
-            line, path = outcome.error_line(str(self.run_dir / "logs" / f"{names[0]}.log"))
-            self.server_failures.append((f"server job {job_id} ({', '.join(names)}) ended {state}"
-                                         + (f": {line}" if line else ""), path))
+            self.server_failures.append((f"server job {job_id} ({', '.join(names)}) ended {state}",
+                                         str(self.run_dir / "logs" / f"{names[0]}.log")))
         return coming
 
     def _stop_run(self) -> None:
         """A stop on purpose: COMPLETED if the trainer had already finished, else STOPPED (or FAILED
         if the trainer had failed and was not restarted)."""
         trainer_was_running = self.trainer is not None and self.trainer_rc is None
-        self.shutdown(reason=self.stop_reason)
+        self.shutdown(reason=self.stop_reason, grace_s=self.stop_grace_s)
         if not trainer_was_running and self.trainer is not None:
             state, reason, path = self._final()
             if state != outcome.COMPLETED:
