@@ -269,6 +269,44 @@ def test_stop_of_a_local_run_says_stopped(tmp_path):
         finish(p)
 
 
+SLOW_STOP = """
+import time
+
+from areal_hpc.trainers import register_trainer
+from areal_hpc.trainers.base import STOPPED_EXIT, Trainer
+
+
+@register_trainer("slow_stop")
+class SlowStop(Trainer):
+    \"\"\"Takes 75 s from SIGTERM to its exit: the step under way ends, then a large model's checkpoint.\"\"\"
+
+    def run(self) -> int:
+        self.publish_state(step=0, state="training")
+        while not self.stop:
+            time.sleep(0.2)
+        time.sleep(75)
+        print("checkpointed", flush=True)
+        return STOPPED_EXIT
+"""
+
+
+def test_stop_gives_the_trainer_the_time_the_user_gave_stop(tmp_path):
+    """`stop --timeout 300` for a trainer whose step and checkpoint take over a minute: the owner SIGKILLed it after a
+    fixed 60 s (no checkpoint) whatever --timeout said; `stop` then printed STOPPED '... the trainer killed by SIGKILL on
+    the way out'. The owner gives the trainer what the user gave `stop`, less the servers' time."""
+    plugin = tmp_path / "slow_stop.py"
+    plugin.write_text(SLOW_STOP)
+    p = start(tmp_path, "trainer.type=slow_stop", f"trainer.plugins=[{plugin}]")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: Registry.for_run(rd).get("", "trainer"), 300, "the trainer")
+        s = cli(tmp_path, "stop", *names(tmp_path), "--timeout", "300", timeout=400)
+        assert s.returncode == 0 and "run STOPPED" in s.stdout and "SIGKILL" not in s.stdout, (s.stdout, s.stderr)
+        assert "checkpointed" in (rd / "logs" / "trainer-0.log").read_text()
+    finally:
+        finish(p)
+
+
 def test_a_trainer_stopped_by_a_signal_from_outside_stops_the_run_not_completes_it(tmp_path):
     """`kill <trainer pid>` (or scancel of its step): the trainer checkpoints and ends cleanly, short of its goal. It
     exited 0 like a finished one, so the run said COMPLETED at step 34 of 300."""
@@ -306,6 +344,27 @@ def test_two_add_servers_at_once_each_wait_for_their_own(tmp_path):
         assert [a.returncode for a in adds] == [0, 0], outs
         added = sorted(re.findall(r"added 1 server\(s\): (server-\d+)", out)[0] for out, _ in outs)
         assert added == ["server-1", "server-2"], outs
+    finally:
+        finish(p)
+
+
+def test_add_servers_whose_server_dies_starting_says_so_at_once(tmp_path):
+    """The server `add-servers` asked for died while starting (here: a model path that does not load; on a cluster an
+    OOM, a bad SGLang flag): `add-servers` waited for it to serve until launcher.server_startup_timeout_s (15 min),
+    then said "timed out". The owner's record drops a server once it exited: `add-servers` says which died, now."""
+    import yaml
+
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.5)
+        cfg = yaml.safe_load((rd / "config.yaml").read_text())
+        cfg["server"]["model_path"] = str(tmp_path / "no-such-model")  # read by the new server only
+        (rd / "config.yaml").write_text(yaml.safe_dump(cfg))
+        t0 = time.monotonic()
+        r = cli(tmp_path, "add-servers", "count=1", *names(tmp_path), timeout=120)
+        assert r.returncode == 1 and "server-1 exited before serving" in r.stderr, (r.stdout, r.stderr)
+        assert "areal-hpc logs server-1" in r.stderr and time.monotonic() - t0 < 60, r.stderr
     finally:
         finish(p)
 
@@ -367,6 +426,48 @@ def test_a_run_whose_every_server_died_fails_promptly_naming_the_server(tmp_path
         assert "run FAILED" in err and "server-0 killed by SIGKILL" in err, err[-3000:]
     finally:
         finish(p)
+
+
+def test_a_run_whose_only_server_was_sigtermed_from_outside_fails_promptly_naming_it(tmp_path):
+    """`kill <server pid>` (or scancel of its step): the server deregisters and exits 0, like one the run stopped. The
+    owner took that for a clean exit: no failure noted, so the trainer waited 10 minutes for a server (RUNNING all the
+    while). A server that ends while the run needs it and was not asked to is a failure of that server."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 1, (out, err[-3000:])
+        st = status(tmp_path)
+        assert st["state"] == "FAILED" and "server-0 exited with 0" in st["reason"], st
+        assert "from outside areal-hpc" in st["reason"], st
+    finally:
+        finish(p)
+
+
+def test_status_says_a_trainer_waiting_for_servers_is_starting_not_that_it_is_not_running(tmp_path):
+    """A trainer loads its model and waits for servers (SGLang: minutes) before it registers: `status` said `trainer
+    not running`, the words for a dead one. The owner knows its trainer step lives: `starting`, until it registers."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        server = wait_until(lambda: (rd / "logs" / "driver.log").exists() and step_pids(rd).get("server-0"), 60,
+                            "server-0 to start")[0]
+        os.kill(server, signal.SIGSTOP)  # before it serves: the trainer waits for it
+        try:
+            wait_until(lambda: "trainer" in (Registry.for_run(rd).run_record().get("steps") or {}), 60, "the trainer")
+            st = status(tmp_path)
+            assert st["trainer"] == {"state": "starting"}, st
+            out = cli(tmp_path, "status", *names(tmp_path)).stdout
+            assert "trainer  starting (loading its model or waiting for servers)" in out, out
+        finally:
+            os.kill(server, signal.SIGCONT)
+        wait_until(lambda: (status(tmp_path)["trainer"] or {}).get("step"), 300, "the trainer's first step")
+    finally:
+        finish(p)
+    assert "trainer  not running" in cli(tmp_path, "status", *names(tmp_path)).stdout
 
 
 def test_an_eval_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):

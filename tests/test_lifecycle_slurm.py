@@ -228,3 +228,24 @@ def test_a_job_requeued_from_outside_resumes(run):
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], timeout=60)
     assert run.wait_job(600) == "COMPLETED"
     assert run.steps()[-1] == 40 and "recovered from checkpoint" in (run.dir / "logs" / "trainer-0.log").read_text()
+
+
+def test_a_run_whose_last_servers_were_a_server_job_that_ended_fails_at_once(run):
+    """server-0 (in the allocation) SIGTERMed from outside: it exited 0, taken for a clean exit; then the server job of
+    `add-servers --new-job` was cancelled. Its record ("a job may still bring servers") kept the trainer waiting 10
+    minutes for a server, the run RUNNING. A server job Slurm ended, with none of its servers left, is a failure of
+    those servers: the run fails at once, naming the job and, first, server-0."""
+    run.submit("trainer.total_train_steps=100000", "saver.freq_steps=0")
+    run.wait_steps(2)
+    p = run.cli("add-servers", "count=1", "--new-job", *run.names)
+    server_job = re.search(r"server-1 \(job (\d+)\)", p.stdout).group(1)
+    os.kill(int(run.registry().get("servers", "server-0")["pid"]), signal.SIGTERM)
+    wait_until(lambda: "server-0 exited with 0" in (run.dir / "logs" / "driver.log").read_text(), 60, "server-0 to end")
+    subprocess.run(["scancel", server_job], check=True, timeout=60)
+    wait_until(lambda: run.run_record().get("state") == "FAILED", 90, f"the run to fail\n{run.logs()}")
+    reason = run.status()["reason"]
+    assert f"server job {server_job} (server-1) ended CANCELLED" in reason, reason
+    assert "first, server-0 exited with 0 (stopped from outside areal-hpc" in reason, reason
+    assert run.wait_job(120, want=None) == "FAILED"
+    s = run.cli("stop", *run.names, "--timeout", "60", check=False)  # nothing left to stop: the ended job is no error
+    assert s.returncode == 0 and "could not cancel" not in s.stderr, (s.stdout, s.stderr)

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("stop", cmd_stop, "stop a run gracefully",
              "Ask the trainer to checkpoint, stop servers (they deregister), end the job (scancel for Slurm runs).")
-    sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a graceful stop before killing")
+    sp.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds to wait for a graceful stop before killing (the trainer gets all but 40 of them)")
     sp.add_argument("--external", action="store_true",
                     help="also stop external servers (attached by URL, or `serve` by hand) where possible: their own "
                          "Slurm job is cancelled, a process on this host gets SIGTERM; without it they are detached "

@@ -92,7 +92,8 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         return here, {k: rec for k, rec in recs.items() if rec and k not in here}
 
     forced = bool((reg.get("", "run") or {}).get("stopping")) and owner_alive()  # a stop under way: this one forces it
-    posted = [post_request(reg, "stop", timeout_s, force=forced)]
+    # the trainer's time to checkpoint (its step under way ends first): what `stop` waits, less the servers' 30 s
+    posted = [post_request(reg, "stop", timeout_s, force=forced, grace_s=max(timeout_s - 40.0, timeout_s / 2))]
     if forced:
         print("a stop is already under way: forcing it (what is left is killed)", flush=True)
     # the owner is gone (shutdown_server_on_exit=False), or there is none (`sbatch sbatch/allocation.sbatch` by hand,
@@ -186,6 +187,7 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
     def job_servers() -> set:  # the server job's, named at submission: not others added meanwhile
         return set((reg.get("jobs", job_id, live_only=False) or {}).get("servers", []))
     mine = job_servers() if job_id else None  # the servers to wait for, once known (the owner's reply)
+    owned: set = set()  # those the owner started: its record lists them until they exit
     job_state = slurm.polled_job_state(job_id) if job_id else None  # the server job's, once there is one
     try:
         deadline = time.monotonic() + timeout
@@ -199,6 +201,7 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
                     return failed(f"the run's owner could not add servers: {reply['error']} (see `areal-hpc logs "
                                   "driver`)")
                 mine = set(reply.get("servers", []))
+                owned = set(mine)
                 if len(mine) < count and run.get("mode") != "slurm":  # no job of their own to put the rest in
                     return failed(f"the run has room for {len(mine)} of {count} server(s) (no free resources); "
                                   "see `areal-hpc logs driver`")
@@ -211,6 +214,10 @@ def add_servers(rd: Path, count: int, new_job: bool = False, timeout_s: Optional
                     mine |= job_servers()
                     job_state = slurm.polled_job_state(job_id)
             ready = {k for k, v in reg.list("servers").items() if v.get("state") in ("ready", "paused")}
+            gone = owned - ready - set(reg.run_record().get("servers") or [])
+            if gone:
+                return failed(f"{', '.join(sorted(gone))} exited before serving; see `areal-hpc logs {min(gone)}` "
+                              "(and `areal-hpc status`)")
             if mine is not None and mine <= ready:
                 print(f"added {len(mine)} server(s): {', '.join(sorted(mine))}"
                       + (f" (job {job_id})" if job_id else ""))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
-from areal_hpc.launch import outcome
+from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.external import watch_attached
 from areal_hpc.launch.plan import Plan, StepSpec, server_step
 from areal_hpc.registry import Heartbeat, Registry
@@ -93,6 +93,7 @@ class RunOwner:
         self.trainer: Optional[StepHandle] = None
         self.trainer_rc: Optional[int] = None
         self.restarts, self.stopping, self.force, self.stop_reason = 0, False, False, "stop requested"
+        self.stop_grace_s = 60.0
         self.state, self.reason, self.log_path = outcome.RUNNING, None, None  # run.json's
         # (state, reason, log) of how the last trainer ended
         self.trainer_end: Optional[Tuple[str, Optional[str], Optional[str]]] = None
@@ -103,6 +104,7 @@ class RunOwner:
         self._started = time.time()
         self._ended: Optional[float] = None
         self._heartbeat: Optional[Heartbeat] = None
+        self._server_jobs: Dict[str, Any] = {}  # job id: its polled state (`_server_jobs_coming`), None once ended
 
     def record(self) -> Dict[str, object]:
         """run.json, as the heartbeat writes it."""
@@ -125,9 +127,9 @@ class RunOwner:
         if self._heartbeat is not None:
             self._heartbeat.beat()
 
-    def request_stop(self, reason: str = "stop requested") -> None:
+    def request_stop(self, reason: str = "stop requested", grace_s: float = 60.0) -> None:
         if not self.stopping:
-            self.stopping, self.stop_reason = True, reason
+            self.stopping, self.stop_reason, self.stop_grace_s = True, reason, grace_s
 
     def request_force(self, reason: str = "forced stop") -> None:
         self.request_stop(reason)
@@ -183,12 +185,14 @@ class RunOwner:
                     self.request_force("forced stop (areal-hpc stop, twice)")
                     reply = None if req.get("force") else {"forced": True}  # for `stop` to say so
                 elif kind == "stop":
-                    self.request_stop("stop requested (areal-hpc stop)")
+                    self.request_stop("stop requested (areal-hpc stop)", float(req.get("grace_s", 60.0)))
                 elif self.stopping and kind in ("add_servers", "start_trainer"):
                     reply = {"error": "the run is stopping"}
                 elif kind == "add_servers":
                     wanted = int(req.get("count", 1))
                     reply = {"wanted": wanted, "servers": self.add_servers(wanted)}  # `add-servers` waits for these
+                    if self._heartbeat is not None:  # run.json lists them before the reply: one it drops has exited
+                        self._heartbeat.beat()
                     if len(reply["servers"]) < wanted:  # and submits the rest as a job of their own
                         log.warning("started %d of %d requested servers (no free resources)", len(reply["servers"]),
                                     wanted)
@@ -277,7 +281,9 @@ class RunOwner:
         if self.trainer_end is not None:
             return self.trainer_end
         if self.server_failures:
-            reason, path = self.server_failures[0]
+            reason, path = self.server_failures[-1]  # the one that left none
+            if len(self.server_failures) > 1:
+                reason = f"{reason}; first, {self.server_failures[0][0]}"
             return outcome.FAILED, f"every server exited; {reason}", path
         return outcome.FAILED, "the trainer ended without a result", None
 
@@ -287,14 +293,17 @@ class RunOwner:
         # its record must not outlive it (a SIGKILLed server cannot deregister itself)
         if self.registry.delete("servers", name):
             log.info("removed the registry record of %s", name)
-        if rc != 0 and not self.stopping:
+        # exit 0, not asked to and not at the whole job's end: a kill or scancel of its step, while the run needs it
+        if not self.stopping and (rc != 0 or self.trainer_rc is None and not self.runner.lost(h)):
             self.server_failures.append(self._failure(h, rc))
 
     def _failure(self, h: StepHandle, rc: int) -> Tuple[str, Optional[str]]:
         """(reason, log) of a step that failed: how it exited and the error line this attempt logged."""
         line, path = outcome.error_line(h.step.log, self._log_offsets.get(h.step.name))
-        oom = " (out of memory? the kernel's OOM killer sends SIGKILL)" if rc in (-9, 137) and not line else ""
-        return f"{h.step.name} {outcome.describe_exit(rc)}{oom}" + (f": {line}" if line else ""), path
+        why = " (out of memory? the kernel's OOM killer sends SIGKILL)" if rc in (-9, 137) and not line else ""
+        if rc == 0:  # a server the run still needed
+            why = " (stopped from outside areal-hpc, while the run needed it)"
+        return f"{h.step.name} {outcome.describe_exit(rc)}{why}" + (f": {line}" if line else ""), path
 
     def run(self, on_tick=None) -> int:
         """Start the plan's steps and own them until the run ends; returns `outcome.exit_code`."""
@@ -354,18 +363,35 @@ class RunOwner:
             if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
                 return self.set_state(*self._final())
             if self.server_failures and not self.servers and self.trainer_rc is None and not self.registry.list(
-                    "servers") and not self.registry.list("jobs", live_only=False):  # none attached, by hand, in a job
+                    "servers") and not self._server_jobs_coming():  # none attached, by hand, in a job
                 self.shutdown(reason="every server failed, none is left or coming")  # (else the trainer waits 10 min)
                 return self.set_state(*self._final())
             if on_tick is not None:
                 on_tick()
             time.sleep(0.2)
 
+    def _server_jobs_coming(self) -> bool:
+        """Whether a server job (`add-servers`) may still bring servers; one Slurm ended is a failure of its servers."""
+        coming = False
+        for job_id, rec in self.registry.list("jobs", live_only=False).items():
+            polled = self._server_jobs.setdefault(job_id, slurm.polled_job_state(job_id))
+            state = slurm.state_word(polled()) if polled else None
+            if state is None:
+                continue  # ended, noted already
+            if state not in slurm.FINAL_STATES:  # running, queued, or unknown to Slurm now
+                coming = True
+                continue
+            self._server_jobs[job_id] = None
+            names = rec.get("servers") or ["?"]
+            self.server_failures.append((f"server job {job_id} ({', '.join(names)}) ended {state}",
+                                         str(self.run_dir / "logs" / f"{names[0]}.log")))
+        return coming
+
     def _stop_run(self) -> None:
         """A stop on purpose: COMPLETED if the trainer had already finished, else STOPPED (or FAILED
         if the trainer had failed and was not restarted)."""
         trainer_was_running = self.trainer is not None and self.trainer_rc is None
-        self.shutdown(reason=self.stop_reason)
+        self.shutdown(reason=self.stop_reason, grace_s=self.stop_grace_s)
         if not trainer_was_running and self.trainer is not None:
             state, reason, path = self._final()
             if state != outcome.COMPLETED:

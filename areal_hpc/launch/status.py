@@ -142,6 +142,8 @@ def collect_status(rd: Path) -> Dict[str, Any]:
                          "state": "RUNNING" if owner_alive else "ENDED"}
     if trainer is not None and ((run and not owner_alive) or dead_here(trainer)):  # the owner's steps end with it
         status["trainer"] = None
+    if trainer is None and owner_alive and "trainer" in (run.get("steps") or {}) and run.get("trainer_rc") is None:
+        status["trainer"] = {"state": "starting"}  # its step lives, not registered yet: loading, waiting for servers
     if run.get("mode") == "ray":  # its actors and placement groups, as Ray sees them
         status["ray"] = ray_runner.describe(reg)
     status.update(run_state(run, status.get("job") or {}, rd, owner_alive))
@@ -188,9 +190,13 @@ def status(rd: Path, as_json: bool = False) -> int:
         print(f"  {s['id']:<10} {s['address']:<22} {s['backend']:<6} v{s['weight_version']}  "
               f"{'healthy' if s['healthy'] else s['state'] if s['state'] == 'starting' else 'UNHEALTHY'}  {where}")
     t = st["trainer"]
-    print("trainer  " + ("not running" if t is None else
-                         f"step {t.get('step')} version {t.get('version')} state={t.get('state')} "
-                         f"ranks={t.get('world_size')} host={t.get('host')}"))
+    if t is None:
+        print("trainer  not running")
+    elif t == {"state": "starting"}:
+        print("trainer  starting (loading its model or waiting for servers)")
+    else:
+        print(f"trainer  step {t.get('step')} version {t.get('version')} state={t.get('state')} "
+              f"ranks={t.get('world_size')} host={t.get('host')}")
     p = st.get("progress")
     if p:
         reward = "" if p.get("reward_mean") is None else f" reward {p['reward_mean']:.3f}"  # none in SFT runs
