@@ -26,7 +26,8 @@ from areal_hpc.config import ConfigError, dump_yaml, load_config, parse_allocati
 from areal_hpc.launch import control, driver, outcome, slurm, slurm_submit
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
-from areal_hpc.launch.owner import Runner, RunOwner, StepHandle, next_server_index
+from areal_hpc.launch.owner import Runner, RunOwner, StepHandle
+from areal_hpc.launch.plan import next_server_index
 from areal_hpc.launch.plan import Plan, StepSpec, build_plan, has_servers
 from areal_hpc.launch.sbatch import render, sbatch_options
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes

@@ -447,6 +447,23 @@ def test_a_run_whose_only_server_was_sigtermed_from_outside_fails_promptly_namin
         finish(p)
 
 
+def test_a_run_whose_every_step_was_sigtermed_from_outside_stops_it_does_not_fail(tmp_path):
+    """`scancel --signal=TERM JOB` signals every step at once: the server exits 0 at once, the trainer checkpoints and
+    stops by itself. The server's exit made the run FAILED ("every server exited") before the trainer was done."""
+    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
+        for pid in (reg.get("servers", "server-0")["pid"], reg.get("", "trainer")["pid"]):
+            os.kill(pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and "run STOPPED: the trainer was stopped by a signal from outside" in out, (
+            out, err[-3000:])
+    finally:
+        finish(p)
+
+
 def test_status_says_a_trainer_waiting_for_servers_is_starting_not_that_it_is_not_running(tmp_path):
     """A trainer loads its model and waits for servers (SGLang: minutes) before it registers: `status` said `trainer
     not running`, the words for a dead one. The owner knows its trainer step lives: `starting`, until it registers."""

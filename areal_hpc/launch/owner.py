@@ -12,15 +12,18 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
 from areal_hpc.launch import outcome, slurm
 from areal_hpc.launch.external import watch_attached
-from areal_hpc.launch.plan import Plan, StepSpec, server_step
+from areal_hpc.launch.plan import Plan, StepSpec, next_server_index, server_step
 from areal_hpc.registry import Heartbeat, Registry
 
 log = logging.getLogger("areal_hpc.launch")
+# a server that exits 0 from outside: the whole run may have been signalled (`scancel --signal=TERM JOB`), and then the
+# trainer, signalled too, checkpoints and stops by itself; given this long, the run is STOPPED, not FAILED
+OUTSIDE_EXIT_GRACE_S = 30.0
 
 
 class StepHandle(ABC):
@@ -61,21 +64,6 @@ class Runner(ABC):
         return None
 
 
-def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0) -> int:
-    """The number after every server name the run has used (``known``, records, the run record, server jobs) or
-    handed out; ``reserve=N`` hands out N from there, under the registry's lock, so two additions never clash."""
-    with reg.locked("server-names"):
-        jobs = reg.list("jobs", live_only=False).values()
-        names = {*known, *reg.list("servers", live_only=False), *(reg.run_record().get("servers") or []),
-                 *(name for job in jobs for name in job.get("servers") or [])}
-        used = [int(n[7:]) for n in names if n.startswith("server-") and n[7:].isdigit()]
-        handed = (reg.get("", "server_names", live_only=False) or {}).get("next", 0)
-        first = max(max(used, default=-1) + 1, int(handed))
-        if reserve:
-            reg.put("", "server_names", {"next": first + reserve}, ttl=False)
-    return first
-
-
 class RunOwner:
     """Owns one run: its steps, its requests, and the record of how it ended (`outcome`).
 
@@ -105,6 +93,7 @@ class RunOwner:
         self._ended: Optional[float] = None
         self._heartbeat: Optional[Heartbeat] = None
         self._server_jobs: Dict[str, Any] = {}  # job id: its polled state (`_server_jobs_coming`), None once ended
+        self._failed_servers_since = 0.0  # (monotonic) when the last server failure counts, `OUTSIDE_EXIT_GRACE_S`
 
     def record(self) -> Dict[str, object]:
         """run.json, as the heartbeat writes it."""
@@ -296,6 +285,7 @@ class RunOwner:
         # exit 0, not asked to and not at the whole job's end: a kill or scancel of its step, while the run needs it
         if not self.stopping and (rc != 0 or self.trainer_rc is None and not self.runner.lost(h)):
             self.server_failures.append(self._failure(h, rc))
+            self._failed_servers_since = time.monotonic() + (OUTSIDE_EXIT_GRACE_S if rc == 0 else 0.0)
 
     def _failure(self, h: StepHandle, rc: int) -> Tuple[str, Optional[str]]:
         """(reason, log) of a step that failed: how it exited and the error line this attempt logged."""
@@ -363,7 +353,7 @@ class RunOwner:
             if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
                 return self.set_state(*self._final())
             if self.server_failures and not self.servers and self.trainer_rc is None and not self.registry.list(
-                    "servers") and not self._server_jobs_coming():  # none attached, by hand, in a job
+                    "servers") and time.monotonic() >= self._failed_servers_since and not self._server_jobs_coming():
                 self.shutdown(reason="every server failed, none is left or coming")  # (else the trainer waits 10 min)
                 return self.set_state(*self._final())
             if on_tick is not None:

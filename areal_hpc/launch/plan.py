@@ -1,6 +1,6 @@
 """Config -> the job steps of a run (`StepSpec`), placed: on one node servers take the first GPUs, the trainer the
 next; else servers and trainer get disjoint whole nodes (servers first), so an SPMD trainer has the same ranks on each
-node and no GPU is shared. Every launcher runs them."""
+node and no GPU is shared. Every launcher runs them. Servers are named by one rule (`next_server_index`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from areal_hpc.config import AllocationMode, ExperimentConfig
 from areal_hpc.config.allocation import nodes_needed, server_nodes
+from areal_hpc.registry import Registry
 
 
 @dataclass
@@ -109,6 +110,21 @@ def _step(cfg: ExperimentConfig, role: str, name: str, nodes: int, ntasks: int, 
                     cpus_per_task=cpus, mem_per_node_mb=mem, relative_node=relative_node, gpu_ids=gpu_ids,
                     env=step_env(cfg, cpus), command=[python_executable(cfg), "-m", "areal_hpc", *command],
                     log=str(log))
+
+
+def next_server_index(reg: Registry, known: Iterable[str] = (), reserve: int = 0) -> int:
+    """The number after every server name the run has used (``known``, records, the run record, server jobs) or
+    handed out; ``reserve=N`` hands out N from there, under the registry's lock, so two additions never clash."""
+    with reg.locked("server-names"):
+        jobs = reg.list("jobs", live_only=False).values()
+        names = {*known, *reg.list("servers", live_only=False), *(reg.run_record().get("servers") or []),
+                 *(name for job in jobs for name in job.get("servers") or [])}
+        used = [int(n[7:]) for n in names if n.startswith("server-") and n[7:].isdigit()]
+        handed = (reg.get("", "server_names", live_only=False) or {}).get("next", 0)
+        first = max(max(used, default=-1) + 1, int(handed))
+        if reserve:
+            reg.put("", "server_names", {"next": first + reserve}, ttl=False)
+    return first
 
 
 def server_step(cfg: ExperimentConfig, alloc: AllocationMode, run_dir: Path, index: int,

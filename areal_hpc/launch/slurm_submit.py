@@ -16,8 +16,7 @@ import submitit
 
 from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
-from areal_hpc.launch.owner import next_server_index
-from areal_hpc.launch.plan import Plan, build_plan, node_load, python_executable
+from areal_hpc.launch.plan import Plan, build_plan, next_server_index, node_load, python_executable
 from areal_hpc.launch.sbatch import extra_options, render, sbatch_lines, sbatch_opts, setup_lines
 from areal_hpc.launch.status import run_registry
 from areal_hpc.registry import Registry
