@@ -25,33 +25,16 @@ from aiohttp import web
 from areal_hpc.inference.hf_engine.engine import LLMEngine
 from areal_hpc.inference.hf_engine.model_runner import init_custom_process_group, torch_dtype
 from areal_hpc.inference.hf_engine.sequence import SamplingParams, Sequence
-from areal_hpc.inference.http_validate import (GenerateRequest, RequestError, json_bool, json_int, json_number,
-                                               read_generate, read_json)
+from areal_hpc.inference.http_validate import (GenerateRequest, RequestError, group_name_of, json_bool, json_int,
+                                               json_number, read_generate, read_json, version_of)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP = "weight_update_group"
 _UNLOADED = object()
 
 
 def error_response(message: str, status: int) -> web.Response:
     return web.json_response({"error": {"message": message, "code": status}, "message": message}, status=status)
-
-
-def _version(body: Dict[str, Any], key: str) -> Optional[str]:
-    """``body[key]``, a weight version: a string (SGLang's type) or an integer; None when absent or null. Anything else
-    would become every token's version (``"None"``), which no trainer can compare."""
-    v = body.get(key)
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
-        raise RequestError(f"{key} must be a string, got {json.dumps(v)[:80]}")
-    return None if v is None else str(v)
-
-
-def _group_name(body: Dict[str, Any]) -> str:
-    name = body.get("group_name") or DEFAULT_GROUP
-    if not isinstance(name, str):
-        raise RequestError(f"group_name must be a string, got {json.dumps(name)[:80]}")
-    return name
 
 
 def _result(ok: bool, message: str, **extra: Any) -> web.Response:
@@ -275,7 +258,7 @@ class EngineServer:
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        new, abort = _version(body, "new_version"), json_bool(body, "abort_all_requests")
+        new, abort = version_of(body, "new_version"), json_bool(body, "abort_all_requests")
         if new is None:
             raise RequestError("missing field: new_version")
         await self._on_loop(lambda: self.engine.set_version(new, abort))
@@ -287,7 +270,7 @@ class EngineServer:
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise RequestError("missing field: model_path")
-        version, abort = _version(body, "weight_version"), json_bool(body, "abort_all_requests")
+        version, abort = version_of(body, "weight_version"), json_bool(body, "abort_all_requests")
         async with self._update_lock:
             t0 = time.monotonic()
             try:
@@ -312,7 +295,7 @@ class EngineServer:
         timeout = json_number(body, "timeout", 1800.0, where="")  # seconds; null is the default, as absent
         if not isinstance(addr, str) or not addr or not 0 < timeout < 1e9:
             raise RequestError(f"need a master_address and a timeout in (0, 1e9) seconds, got {addr!r} and {timeout}")
-        group = _group_name(body)
+        group = group_name_of(body)
         backend = body.get("backend") or "nccl"
         device = self.runner.device
         if backend == "nccl" and device.type != "cuda":
@@ -340,7 +323,7 @@ class EngineServer:
         return _result(True, f"Initialized weight update group {group} (rank {rank_offset} of {world_size})")
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        group = _group_name(await read_json(request))
+        group = group_name_of(await read_json(request))
         pg = self.groups.pop(group, None)
         if pg is None:
             return _result(False, f"no group {group}")
@@ -354,7 +337,7 @@ class EngineServer:
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        group = _group_name(body)
+        group = group_name_of(body)
         pg = self.groups.get(group)
         if pg is None:
             raise RequestError(f"weight update group {group!r} is not initialized (/init_weights_update_group)")
@@ -367,7 +350,7 @@ class EngineServer:
                      for n, d, s in zip(names, dtypes, shapes)]
         except ValueError as e:  # an unknown dtype
             raise RequestError(str(e)) from None
-        version, abort = _version(body, "weight_version"), json_bool(body, "abort_all_requests")
+        version, abort = version_of(body, "weight_version"), json_bool(body, "abort_all_requests")
         # Tensors the model has not (in that shape) are received all the same, into scratch memory, then refused (SGLang
         # too receives before it loads): kept out of the broadcast, the server left the trainer in it until its timeout
         problems = self.runner.check_weights(((n, s) for n, _, s in specs), whole=False)

@@ -16,6 +16,8 @@ from aiohttp import web
 from areal_hpc.config.schema import SGLANG_INPUT_MARGIN
 from areal_hpc.inference.hf_engine.sequence import SamplingParams
 
+DEFAULT_GROUP = "weight_update_group"  # SGLang's name for a weight update group given none
+
 
 class RequestError(Exception):
     """A client mistake: becomes a 4xx response with this message."""
@@ -218,6 +220,23 @@ def engine_sampling_params(d: Any) -> SamplingParams:
     ids = stop if isinstance(stop, list) else [] if stop is None else [stop]  # a list of token ids, or one
     return SamplingParams(stop_token_ids=tuple(json_int(t, _SP + "stop_token_ids") for t in ids),
                           ignore_eos=json_bool(d, "ignore_eos", _SP), **numbers)
+
+
+def version_of(body: Dict[str, Any], key: str) -> Optional[str]:
+    """``body[key]``, a weight version: a string (SGLang's type) or an integer; None when absent or null. Anything else
+    would become every token's version (``"None"``), which no trainer can compare."""
+    v = body.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
+        raise RequestError(f"{key} must be a string, got {json.dumps(v)[:80]}")
+    return None if v is None else str(v)
+
+
+def group_name_of(body: Dict[str, Any]) -> str:
+    """``body["group_name"]``, a weight update group's name: a string; absent or empty is SGLang's default."""
+    name = body.get("group_name") or DEFAULT_GROUP
+    if not isinstance(name, str):
+        raise RequestError(f"group_name must be a string, got {json.dumps(name)[:80]}")
+    return name
 
 
 def json_bool(body: Mapping[str, Any], key: str, where: str = "", default: bool = False) -> bool:
