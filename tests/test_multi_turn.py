@@ -1,0 +1,22 @@
+"""The multi-turn workflow example (tests/plugins/multi_turn.py) in real local runs: the quickstart's toy model and
+dataset, real `hf` server, real trainer. A wrong answer gets a feedback turn whose tokens carry ``loss_mask`` 0."""
+
+from pathlib import Path
+
+from test_e2e_local import SMALL, metrics, run_dir, submit
+
+PLUGIN = Path(__file__).resolve().parent / "plugins" / "multi_turn.py"
+MULTI_TURN = [f"trainer.plugins=[{PLUGIN}]", "rollout.workflow=multi_turn", *SMALL]
+
+
+def test_multi_turn_run_trains_on_the_model_tokens_only(tmp_path):
+    # a random-init model answers "a+b=" right about one time in ten: most samples get feedback turns
+    submit(tmp_path, *MULTI_TURN, "trainer.total_train_steps=3", timeout=300)
+    rows = metrics(run_dir(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        # each completion: 1 to 3 answers of 1 token, the feedback between them; trained: the answers only
+        assert r["n_tokens"] <= 3 * r["n_trajectories"] < r["completion_len_mean"] * r["n_trajectories"], r
+        # the metrics of generation count the model's tokens: the feedback was not generated, and has no version
+        assert r["gen_tokens"] == r["n_tokens"], r
+        assert r["mixed_version_frac"] == 0, r
