@@ -20,3 +20,14 @@ def test_multi_turn_run_trains_on_the_model_tokens_only(tmp_path):
         # the metrics of generation count the model's tokens: the feedback was not generated, and has no version
         assert r["gen_tokens"] == r["n_tokens"], r
         assert r["mixed_version_frac"] == 0, r
+
+
+def test_a_conversation_that_fills_the_context_ends_cut_short(tmp_path):
+    # "a+b=" (4 tokens), answers of 1, feedback of 34: a third answer's input (74 tokens) would pass 64 - 6
+    submit(tmp_path, *MULTI_TURN, "trainer.total_train_steps=2", "server.context_length=64",
+           "train_dataset.max_prompt_len=8", "valid_dataset.max_prompt_len=8", timeout=300)
+    rows = metrics(run_dir(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # two answers at most, and a sample still wrong after them ends cut short ("length")
+        assert r["n_tokens"] <= 2 * r["n_trajectories"] and r["truncated_frac"] > 0.5, r
+        assert r["completion_len_mean"] <= 1 + 34 + 1, r

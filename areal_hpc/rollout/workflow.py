@@ -72,7 +72,8 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 class RolloutWorkflow(ABC):
     """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
     its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
-    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs.
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs; and
+    context_length (``server.context_length``: a multi-turn input must stay below it less ``SGLANG_INPUT_MARGIN``).
     `params`: what to generate with."""
 
     def __init__(self, **settings):
