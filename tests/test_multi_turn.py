@@ -44,3 +44,21 @@ def test_weight_updates_land_inside_multi_turn_episodes(tmp_path):
     assert all(r["n_tokens"] == r["gen_tokens"] == 3 * 150 * r["n_trajectories"] for r in rows), rows
     assert all(r["staleness_max"] <= 1 for r in rows), rows
     assert max(r["mixed_version_frac"] for r in rows) > 0, rows
+
+
+def test_the_feedback_turn_follows_the_chat_template(tmp_path):
+    """With a template (ChatML), the tokens between two answers close the answer and open a user turn, then the
+    assistant's: the conversation reads as the template renders it."""
+    from chatml import build_chatml_tokenizer
+    from plugins.multi_turn import MultiTurnWorkflow
+
+    tok = build_chatml_tokenizer(tmp_path)
+    wf = MultiTurnWorkflow(tok, {"max_new_tokens": 8})
+    answer = tok.encode("7", add_special_tokens=False)
+    talk = [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "7"},
+            {"role": "user", "content": wf.feedback}]
+    whole = tok.apply_chat_template(talk, tokenize=False, add_generation_prompt=True)
+    ids = wf.prompts.encode({"prompt": "3+4="})
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for ended in ([], [end]):  # cut short (length), or ended by its end-of-turn token (kept in output_ids)
+        assert tok.decode(ids + answer + ended + wf.between_turns(answer + ended)) == whole
