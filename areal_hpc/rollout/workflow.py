@@ -37,10 +37,15 @@ class Trajectory:
                              "logprob and weight version (and loss_mask entry)")
 
     @property
-    def oldest_version(self) -> int:
-        """Of its trained tokens (a tool's tokens carry no policy's version); -1 when it has none."""
+    def trained_versions(self) -> List[int]:
+        """The versions of its trained tokens, the model's (a tool's tokens carry no policy's version)."""
         mask = self.loss_mask or [1] * len(self.versions)
-        return min((v for v, trained in zip(self.versions, mask) if trained), default=-1)
+        return [v for v, trained in zip(self.versions, mask) if trained]
+
+    @property
+    def oldest_version(self) -> int:
+        """Of its trained tokens; -1 when it has none."""
+        return min(self.trained_versions, default=-1)
 
     @property
     def n_tokens(self) -> int:

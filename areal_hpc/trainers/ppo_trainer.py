@@ -46,16 +46,10 @@ def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Di
             "group": torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)}
 
 
-def model_versions(t: Trajectory) -> List[int]:
-    """The versions of the tokens the model generated (``loss_mask`` 1), not of a tool's or the environment's."""
-    mask = t.loss_mask or [1] * len(t.versions)
-    return [v for v, trained in zip(t.versions, mask) if trained]
-
-
 def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
     stale = [version - t.oldest_version for t in trajs if t.oldest_version >= 0]
     out_len = [len(t.output_ids) for t in trajs]
-    generated = [model_versions(t) for t in trajs]
+    generated = [t.trained_versions for t in trajs]  # the model's tokens, not a tool's or the environment's
     return {"reward_mean": sum(t.reward for t in trajs) / len(trajs), "staleness_max": float(max(stale, default=0)),
             "staleness_mean": sum(stale) / max(1, len(stale)), "completion_len_mean": sum(out_len) / len(trajs),
             "n_trajectories": float(len(trajs)), "gen_tokens": float(sum(len(g) for g in generated)),

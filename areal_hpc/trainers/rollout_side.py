@@ -81,8 +81,7 @@ def make_rollout_workflow(cfg, tokenizer, ds):
                              answer_key=ds.answer_key, messages_key=ds.messages_key, chat_template=ds.chat_template,
                              system_prompt=ds.system_prompt, chat_template_kwargs=ds.chat_template_kwargs,
                              reward_timeout_s=cfg.rollout.reward_timeout_s)
-    # set after it is built, not passed: a workflow whose __init__ names its settings would refuse a new one
-    workflow.context_length = cfg.server.context_length
+    workflow.context_length = cfg.server.context_length  # set, not passed: an __init__ naming its settings refuses it
     return workflow
 
 

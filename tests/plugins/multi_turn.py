@@ -46,7 +46,8 @@ class MultiTurnWorkflow(RLVRWorkflow):
         context = getattr(self, "context_length", 0)  # the servers', when the run gives it
         longest = context - SGLANG_INPUT_MARGIN if context else None  # a longer input is refused (HTTP 400)
         prompt = self.prompts.prompt_text(row)
-        extras = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key, "prompt", "completion", "answer")}
+        own = (self.prompt_key, self.answer_key, "prompt", "completion", "answer")
+        extras = {k: v for k, v in row.items() if k not in own}  # the reward's keyword arguments
         input_ids, out, logprobs, versions, mask = list(prompt_ids), [], [], [], []
         reward, finish, turns = 0.0, "length", 0
         while turns < self.max_turns:
