@@ -37,10 +37,15 @@ class Trajectory:
                              "logprob and weight version (and loss_mask entry)")
 
     @property
-    def oldest_version(self) -> int:
-        """Of its trained tokens (a tool's tokens carry no policy's version); -1 when it has none."""
+    def trained_versions(self) -> List[int]:
+        """The versions of its trained tokens, the model's (a tool's tokens carry no policy's version)."""
         mask = self.loss_mask or [1] * len(self.versions)
-        return min((v for v, trained in zip(self.versions, mask) if trained), default=-1)
+        return [v for v, trained in zip(self.versions, mask) if trained]
+
+    @property
+    def oldest_version(self) -> int:
+        """Of its trained tokens; -1 when it has none."""
+        return min(self.trained_versions, default=-1)
 
     @property
     def n_tokens(self) -> int:
@@ -72,7 +77,8 @@ def make_workflow(name: str, **kwargs) -> "RolloutWorkflow":
 class RolloutWorkflow(ABC):
     """One episode: ``arun_episode(client, row) -> Group`` (or None to skip the row). Built with the run's settings,
     its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
-    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs.
+    the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs; and
+    context_length (``server.context_length``: a multi-turn input must stay below it less ``SGLANG_INPUT_MARGIN``).
     `params`: what to generate with."""
 
     def __init__(self, **settings):

@@ -49,13 +49,14 @@ def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Di
 def batch_stats(trajs: List[Trajectory], version: int) -> Dict[str, float]:
     stale = [version - t.oldest_version for t in trajs if t.oldest_version >= 0]
     out_len = [len(t.output_ids) for t in trajs]
+    generated = [t.trained_versions for t in trajs]  # the model's tokens, not a tool's or the environment's
     return {"reward_mean": sum(t.reward for t in trajs) / len(trajs), "staleness_max": float(max(stale, default=0)),
             "staleness_mean": sum(stale) / max(1, len(stale)), "completion_len_mean": sum(out_len) / len(trajs),
-            "n_trajectories": float(len(trajs)), "gen_tokens": float(sum(out_len)),
+            "n_trajectories": float(len(trajs)), "gen_tokens": float(sum(len(g) for g in generated)),
             "tokens": float(sum(t.n_tokens for t in trajs)),
             "truncated_frac": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
             # completions generated across a weight update (interrupted, then resumed on new weights)
-            "mixed_version_frac": sum(len(set(t.versions)) > 1 for t in trajs) / len(trajs)}
+            "mixed_version_frac": sum(len(set(g)) > 1 for g in generated) / len(trajs)}
 
 
 @register_trainer("ppo")

@@ -76,11 +76,13 @@ def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, token
 
 def make_rollout_workflow(cfg, tokenizer, ds):
     """``rollout.workflow`` for the rows of dataset ``ds`` (its keys, how prompts are rendered)."""
-    return make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
-                         reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples, prompt_key=ds.prompt_key,
-                         answer_key=ds.answer_key, messages_key=ds.messages_key, chat_template=ds.chat_template,
-                         system_prompt=ds.system_prompt, chat_template_kwargs=ds.chat_template_kwargs,
-                         reward_timeout_s=cfg.rollout.reward_timeout_s)
+    workflow = make_workflow(cfg.rollout.workflow, tokenizer=tokenizer, gen_config=cfg.rollout.gen,
+                             reward_fn=cfg.rollout.reward_fn, n_samples=cfg.rollout.n_samples, prompt_key=ds.prompt_key,
+                             answer_key=ds.answer_key, messages_key=ds.messages_key, chat_template=ds.chat_template,
+                             system_prompt=ds.system_prompt, chat_template_kwargs=ds.chat_template_kwargs,
+                             reward_timeout_s=cfg.rollout.reward_timeout_s)
+    workflow.context_length = cfg.server.context_length  # set, not passed: an __init__ naming its settings refuses it
+    return workflow
 
 
 def server_pool(ctx: TrainContext, should_stop: Optional[Callable[[], bool]] = None) -> Optional[ServerPool]:
