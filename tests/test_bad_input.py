@@ -149,6 +149,8 @@ BAD_OVERRIDES = [
     (["train_dataset.chat_template=none", "train_dataset.system_prompt=Be brief."], "train_dataset.system_prompt"),
     (["train_dataset.system_prompt=Be brief."], "train_dataset.system_prompt"),  # a toy: tokenizer has no template
     (["train_dataset.chat_template_kwargs.enable_thinking=false"], "train_dataset.chat_template_kwargs"),  # and kwargs
+    # a setting the workflow lacks (rlvr has none of its own): it would be an attribute nothing reads
+    (["rollout.workflow_args.max_turns=2"], "rollout.workflow_args.max_turns"),
     # a key given twice on the command line
     (["rollout.batch_size=8", "rollout.batch_size=16"], "rollout.batch_size"),
     (["seed=1", "--seed", "2"], "seed"),

@@ -11,12 +11,13 @@ MULTI_TURN = [f"trainer.plugins=[{PLUGIN}]", "rollout.workflow=multi_turn", "sav
 
 def test_multi_turn_run_trains_on_the_model_tokens_only(tmp_path):
     # a random-init model answers "a+b=" right about one time in ten: most samples get feedback turns
-    submit(tmp_path, *MULTI_TURN, *SMALL[:2], "trainer.total_train_steps=3", timeout=300)
+    submit(tmp_path, *MULTI_TURN, *SMALL[:2], "trainer.total_train_steps=3", "rollout.workflow_args.max_turns=2",
+           timeout=300)
     rows = metrics(run_dir(tmp_path))
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        # each completion: 1 to 3 answers of 1 token, the feedback between them; trained: the answers only
-        assert r["n_tokens"] <= 3 * r["n_trajectories"] < r["completion_len_mean"] * r["n_trajectories"], r
+        # each completion: 1 or 2 answers (max_turns=2) of 1 token, the feedback between them; trained: the answers
+        assert r["n_tokens"] <= 2 * r["n_trajectories"] < r["completion_len_mean"] * r["n_trajectories"], r
         # the metrics of generation count the model's tokens: the feedback was not generated, and has no version
         assert r["gen_tokens"] == r["n_tokens"], r
         assert r["mixed_version_frac"] == 0, r
@@ -62,3 +63,9 @@ def test_the_feedback_turn_follows_the_chat_template(tmp_path):
     end = tok.convert_tokens_to_ids("<|im_end|>")
     for ended in ([], [end]):  # cut short (length), or ended by its end-of-turn token (kept in output_ids)
         assert tok.decode(ids + answer + ended + wf.between_turns(answer + ended)) == whole
+
+
+def test_a_setting_the_workflow_lacks_is_refused_at_submit(tmp_path):
+    """`rollout.workflow_args` sets a workflow's class attributes: a name it lacks (a typo) is refused before the run."""
+    r = submit(tmp_path, *MULTI_TURN, "rollout.workflow_args.max_turn=2", check=False, timeout=120)
+    assert r.returncode == 2 and "rollout.workflow_args.max_turn" in r.stderr and "max_turns" in r.stderr, r.stderr

@@ -83,6 +83,7 @@ class RolloutConfig:
     max_head_offpolicyness: int = 2  # 0 = synchronous
     max_concurrent_rollouts: int = 0  # 0 = batch_size * (max_head_offpolicyness + 1)
     workflow: str = "rlvr"
+    workflow_args: Dict[str, Any] = field(default_factory=dict)  # the workflow's own settings: {max_turns: 2}
     reward_fn: str = "exact_match"
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     request_timeout_s: float = 3600.0

@@ -94,8 +94,9 @@ def summary(cfg: ExperimentConfig, plan: Plan) -> str:
 
 def check_trainer_type(cfg: ExperimentConfig) -> None:
     """Plugins must import, and every name they may register (trainer.type, rollout.workflow, rollout.reward_fn,
-    dataset adapters) be known, here: not on a node after the queue."""
-    if not cfg.trainer.plugins:
+    dataset adapters) and the workflow's settings (rollout.workflow_args) be known, here: not on a node after the
+    queue."""
+    if not cfg.trainer.plugins and not cfg.rollout.workflow_args:
         return
     from areal_hpc.trainers.factory import check_names, load_plugins, plugin_failure
 

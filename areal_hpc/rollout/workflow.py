@@ -79,6 +79,7 @@ class RolloutWorkflow(ABC):
     its attributes here: tokenizer, gen_config (``rollout.gen``), reward_fn (a name), n_samples, reward_timeout_s and
     the dataset's prompt_key, answer_key, messages_key, chat_template, system_prompt, chat_template_kwargs; and
     context_length (``server.context_length``: a multi-turn input must stay below it less ``SGLANG_INPUT_MARGIN``).
+    Its own settings are class attributes (their defaults), which ``rollout.workflow_args`` sets for a run.
     `params`: what to generate with."""
 
     def __init__(self, **settings):

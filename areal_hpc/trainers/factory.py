@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -10,6 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from areal_hpc.config.errors import ConfigError
 from areal_hpc.config.validate import check_choices
 from areal_hpc.rollout.names import NameTable
 from areal_hpc.trainers.base import TrainContext, Trainer
@@ -63,6 +65,14 @@ def check_names(cfg) -> None:
     load_plugins(cfg.trainer.plugins)
     check_choices(cfg, {"trainer.type": known_types(), "rollout.workflow": sorted(WORKFLOWS),
                         "rollout.reward_fn": sorted(REWARDS), "{ds}.adapter": sorted(ADAPTERS)})
+    workflow = WORKFLOWS[cfg.rollout.workflow]
+    settings = sorted(a for a in dir(workflow) if not a.startswith("_") and not callable(getattr(workflow, a))
+                      and not isinstance(getattr(workflow, a), (property, functools.cached_property)))
+    for key in cfg.rollout.workflow_args:
+        if key not in settings:
+            raise ConfigError(f"rollout.workflow_args.{key}", f"is no setting of workflow {cfg.rollout.workflow!r}: "
+                              f"its settings are its class attributes: {', '.join(settings) or 'it has none'}",
+                              "check the name, or give the workflow a class attribute of that name (its default)")
 
 
 def make_trainer(ctx: TrainContext) -> Trainer:

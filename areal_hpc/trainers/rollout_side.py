@@ -82,6 +82,7 @@ def make_rollout_workflow(cfg, tokenizer, ds):
                              system_prompt=ds.system_prompt, chat_template_kwargs=ds.chat_template_kwargs,
                              reward_timeout_s=cfg.rollout.reward_timeout_s)
     workflow.context_length = cfg.server.context_length  # set, not passed: an __init__ naming its settings refuses it
+    vars(workflow).update(cfg.rollout.workflow_args)  # its own settings, over its class attributes (`check_names`)
     return workflow
 
 
