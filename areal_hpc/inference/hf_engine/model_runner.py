@@ -366,9 +366,9 @@ class ModelRunner:
                 if param is not None:
                     param.copy_(buf)
                 elif not discard and self._views[name] is not None:  # a part of a converted parameter
-                    whole, shape = self._parts[name]  # (an expert's gate_proj: a view of gate_up_proj)
+                    whole, part_shape = self._parts[name]  # (an expert's gate_proj: a view of gate_up_proj)
                     p, (strides, offset) = self._params[whole].data, self._views[name]
-                    p.as_strided(shape, strides, p.storage_offset() + offset).copy_(buf)
+                    p.as_strided(part_shape, strides, p.storage_offset() + offset).copy_(buf)
                 elif not discard:  # one that is no view of its parameter
                     whole = self._parts[name][0]
                     if whole not in where:
