@@ -427,6 +427,28 @@ def test_the_part_map_takes_one_conversion_call_for_a_dense_model(model_path, tm
         assert len(want) == 2 * 4 * 3 and len(calls) == 1 + 4
 
 
+def test_each_expert_of_a_moe_model_is_kept_as_a_strided_view_of_its_fused_parameter(tmp_path):
+    """A broadcast expert went into its fused parameter through an int64 index of all the parameter's elements, built
+    per bucket. The runner now finds, once at start, each part's place as a view (strides, offset: plain numbers, no
+    tensor held), and only where converting an index of the parameter gives exactly that view's elements. The views
+    of the real weights are transformers' own parts of them."""
+    pytest.importorskip("transformers.core_model_loading", reason="transformers 4 holds each expert apart")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                               moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    runner = ModelRunner(str(tmp_path), max_running=2)
+    assert runner._views.keys() == runner._parts.keys() and len(runner._views) == 2 * 4 * 3
+    for name, (whole, shape) in runner._parts.items():
+        strides, offset = runner._views[name]
+        assert all(type(x) is int for x in (*strides, offset))
+        p = runner._params[whole]
+        assert torch.equal(p.as_strided(shape, strides, offset), revert_weight_conversion(runner.model, {whole: p})[name])
+
+
 def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):
     """The CUDA-graph path's fixed buffers and bucketed batches (padding rows, bucketed widths),
     run eagerly on CPU."""

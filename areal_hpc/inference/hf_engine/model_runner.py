@@ -151,7 +151,16 @@ class ModelRunner:
         if decode_mode == "graph" and self.device.type != "cuda":
             raise ValueError("decode_mode graph needs a CUDA device")
         self.decode_mode = decode_mode
+        # every name a checkpoint may use: parameters (tied ones under each name) and persistent buffers
+        self._params = dict(self.model.state_dict(keep_vars=True))
+        # where transformers converts a checkpoint (a MoE layer's experts fused): checkpoint name -> (parameter, shape),
+        # and where in it the part lies, (strides, offset), None where it is no strided view (see _map_parts)
+        self._parts: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+        self._views: Dict[str, Tuple[Tuple[int, ...], int] | None] = {}
+        with contextlib.suppress(ImportError):  # transformers 4: the modules hold the checkpoint's layout
+            self._map_parts()
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # _map_parts' indices: gone before the KV cache is sized
             self.max_running = self._plan_gpu_rows(n_layers, n_kv, head_dim, mem_fraction_static)
         fixed = self.device.type == "cuda" or decode_mode != "eager"  # allocated once, at full size
         self.kv = KVCache(n_layers, n_kv, head_dim, self.dtype, self.device,
@@ -159,18 +168,34 @@ class ModelRunner:
                           self.context_length if fixed else min(256, self.context_length),
                           self.max_running, self.context_length)
         self.static = StaticDecoder(self, use_graphs=decode_mode == "graph") if decode_mode != "eager" else None
-        # every name a checkpoint may use: parameters (tied ones under each name) and persistent buffers
-        self._params = dict(self.model.state_dict(keep_vars=True))
-        # where transformers converts a checkpoint (a MoE layer's experts fused): checkpoint name -> (parameter, shape)
-        self._parts: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
-        with contextlib.suppress(ImportError):  # transformers 4: the modules hold the checkpoint's layout
-            from transformers.core_model_loading import revert_weight_conversion
 
-            meta = {name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in self._params.items()}
-            kept = revert_weight_conversion(self.model, meta)  # one call: a dense model keeps every name
-            for name in meta.keys() - kept.keys():
-                self._parts.update({k: (name, tuple(t.shape)) for k, t in
-                                    revert_weight_conversion(self.model, {name: meta[name]}).items() if k != name})
+    def _map_parts(self) -> None:
+        """Fill ``_parts`` and ``_views``. A part's elements are found by converting an index of every element of its
+        parameter; where they are those of one strided view of it (the index equals that view of the index), the view
+        is kept, which the broadcast writes into, and no index."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        meta = {name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in self._params.items()}
+        kept = revert_weight_conversion(self.model, meta)  # one call: a dense model keeps every name
+        for name in meta.keys() - kept.keys():
+            p = self._params[name]
+            index = torch.arange(p.numel(), device=self.device, dtype=torch.int32 if p.numel() < 2**31 else None)
+            for k, idx in revert_weight_conversion(self.model, {name: index.view(p.shape)}).items():
+                if k == name:
+                    continue
+                self._parts[k] = (name, tuple(idx.shape))
+                self._views[k] = None
+                if not idx.numel() or not p.is_contiguous():
+                    continue
+                # the offset and strides a view would have: the index's first element, its next along each dimension
+                ndim = idx.dim()
+                first = int(idx[(0,) * ndim])
+                strides = [int(idx[(0,) * d + (1,) + (0,) * (ndim - d - 1)]) - first if n > 1 else 1
+                           for d, n in enumerate(idx.shape)]
+                last = first + sum((n - 1) * st for n, st in zip(idx.shape, strides))  # within the parameter?
+                if (min(strides, default=1) > 0 and last < p.numel()
+                        and torch.equal(index.as_strided(idx.shape, strides, first), idx)):
+                    self._views[k] = (tuple(strides), first)
 
     @staticmethod
     def _eos_ids(config, model_path: str) -> Tuple[int, ...]:
@@ -330,7 +355,7 @@ class ModelRunner:
                 time.sleep(0.001)
             work.wait()  # raises a failed op's error; NCCL: the current stream waits for it
 
-        works, where = [], {}  # where: a converted parameter's element indices of each of its parts
+        works, where = [], {}  # where: a converted parameter's element indices of each of its parts, if not a view
         for name, dtype, shape in specs:
             param = None if discard else self._params.get(name)
             direct = param is not None and param.dtype == dtype and param.is_contiguous()
@@ -340,7 +365,11 @@ class ModelRunner:
                 finish(works[-1])
                 if param is not None:
                     param.copy_(buf)
-                elif not discard:  # a part of a converted parameter (an expert's gate_proj)
+                elif not discard and self._views[name] is not None:  # a part of a converted parameter
+                    whole, part_shape = self._parts[name]  # (an expert's gate_proj: a view of gate_up_proj)
+                    p, (strides, offset) = self._params[whole].data, self._views[name]
+                    p.as_strided(part_shape, strides, p.storage_offset() + offset).copy_(buf)
+                elif not discard:  # one that is no view of its parameter
                     whole = self._parts[name][0]
                     if whole not in where:
                         from transformers.core_model_loading import revert_weight_conversion
