@@ -446,7 +446,8 @@ def test_each_expert_of_a_moe_model_is_kept_as_a_strided_view_of_its_fused_param
         strides, offset = runner._views[name]
         assert all(type(x) is int for x in (*strides, offset))
         p = runner._params[whole]
-        assert torch.equal(p.as_strided(shape, strides, offset), revert_weight_conversion(runner.model, {whole: p})[name])
+        part = revert_weight_conversion(runner.model, {whole: p})[name]
+        assert torch.equal(p.as_strided(shape, strides, offset), part)
 
 
 def test_static_decode_path_matches_forward_pass(model_path, reference, vocab):

@@ -292,8 +292,8 @@ class SlowStop(Trainer):
 
 def test_stop_gives_the_trainer_the_time_the_user_gave_stop(tmp_path):
     """`stop --timeout 300` for a trainer whose step and checkpoint take over a minute: the owner SIGKILLed it after a
-    fixed 60 s (no checkpoint) whatever --timeout said; `stop` then printed STOPPED '... the trainer killed by SIGKILL on
-    the way out'. The owner gives the trainer what the user gave `stop`, less the servers' time."""
+    fixed 60 s (no checkpoint) whatever --timeout said; `stop` then printed STOPPED '... the trainer killed by SIGKILL
+    on the way out'. The owner gives the trainer what the user gave `stop`, less the servers' time."""
     plugin = tmp_path / "slow_stop.py"
     plugin.write_text(SLOW_STOP)
     p = start(tmp_path, "trainer.type=slow_stop", f"trainer.plugins=[{plugin}]")

@@ -66,6 +66,6 @@ def test_the_feedback_turn_follows_the_chat_template(tmp_path):
 
 
 def test_a_setting_the_workflow_lacks_is_refused_at_submit(tmp_path):
-    """`rollout.workflow_args` sets a workflow's class attributes: a name it lacks (a typo) is refused before the run."""
+    """`rollout.workflow_args` sets a workflow's class attributes: a name it lacks (a typo) is refused at submit."""
     r = submit(tmp_path, *MULTI_TURN, "rollout.workflow_args.max_turn=2", check=False, timeout=120)
     assert r.returncode == 2 and "rollout.workflow_args.max_turn" in r.stderr and "max_turns" in r.stderr, r.stderr
