@@ -427,7 +427,9 @@ def test_the_part_map_takes_one_conversion_call_for_a_dense_model(model_path, tm
         assert len(want) == 2 * 4 * 3 and len(calls) == 1 + 4
 
 
-def test_each_expert_of_a_moe_model_is_kept_as_a_strided_view_of_its_fused_parameter(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_each_expert_of_a_moe_model_is_kept_as_a_strided_view_of_its_fused_parameter(tmp_path, device):
     """A broadcast expert went into its fused parameter through an int64 index of all the parameter's elements, built
     per bucket. The runner now finds, once at start, each part's place as a view (strides, offset: plain numbers, no
     tensor held), and only where converting an index of the parameter gives exactly that view's elements. The views
@@ -440,7 +442,7 @@ def test_each_expert_of_a_moe_model_is_kept_as_a_strided_view_of_its_fused_param
                                moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                                num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    runner = ModelRunner(str(tmp_path), max_running=2)
+    runner = ModelRunner(str(tmp_path), max_running=2, device=device)
     assert runner._views.keys() == runner._parts.keys() and len(runner._views) == 2 * 4 * 3
     for name, (whole, shape) in runner._parts.items():
         strides, offset = runner._views[name]
