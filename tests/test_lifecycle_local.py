@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import TRAINER_PLUGINS, wait_until
 
 from areal_hpc.launch import outcome
@@ -409,40 +411,24 @@ def test_a_model_in_the_trials_own_weights_is_refused_not_moved_aside_from_under
     assert r.returncode == 0, (r.stdout, r.stderr)
 
 
-def test_a_run_whose_every_server_died_fails_promptly_naming_the_server(tmp_path):
+@pytest.mark.parametrize("sig, reason", [(signal.SIGKILL, "server-0 killed by SIGKILL"),
+                                         (signal.SIGTERM, "server-0 exited with 0 (stopped from outside areal-hpc")])
+def test_a_run_whose_every_server_died_fails_promptly_naming_the_server(tmp_path, sig, reason):
     """Every server of the run died (none restarted, none attached or coming): the trainer waited for a server ("servers:
     none live") for 10 minutes while `status` said RUNNING. The owner knows none is left: the run fails now, saying
-    which server failed."""
+    which server failed. SIGTERM (`kill`, a scancel of its step): the server deregisters and exits 0, like one the run
+    stopped, and was taken for a clean exit; a server that ends while the run needs it, not asked to, has failed."""
     p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
     try:
         rd = rd_of(tmp_path)
         reg = Registry.for_run(rd)
         wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
-        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGKILL)
+        os.kill(reg.get("servers", "server-0")["pid"], sig)
         out, err = p.communicate(timeout=120)
         assert p.returncode == 1, (out, err[-3000:])
         st = status(tmp_path)
-        assert st["state"] == "FAILED" and "server-0 killed by SIGKILL" in st["reason"], st
-        assert "run FAILED" in err and "server-0 killed by SIGKILL" in err, err[-3000:]
-    finally:
-        finish(p)
-
-
-def test_a_run_whose_only_server_was_sigtermed_from_outside_fails_promptly_naming_it(tmp_path):
-    """`kill <server pid>` (or scancel of its step): the server deregisters and exits 0, like one the run stopped. The
-    owner took that for a clean exit: no failure noted, so the trainer waited 10 minutes for a server (RUNNING all the
-    while). A server that ends while the run needs it and was not asked to is a failure of that server."""
-    p = start(tmp_path, "trainer.total_train_steps=100000", "saver.freq_steps=0")
-    try:
-        rd = rd_of(tmp_path)
-        reg = Registry.for_run(rd)
-        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 1, 300, "a step", interval=0.2)
-        os.kill(reg.get("servers", "server-0")["pid"], signal.SIGTERM)
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 1, (out, err[-3000:])
-        st = status(tmp_path)
-        assert st["state"] == "FAILED" and "server-0 exited with 0" in st["reason"], st
-        assert "from outside areal-hpc" in st["reason"], st
+        assert st["state"] == "FAILED" and reason in st["reason"], st
+        assert "run FAILED" in err and reason in err, err[-3000:]
     finally:
         finish(p)
 
