@@ -93,7 +93,7 @@ class RunOwner:
         self._ended: Optional[float] = None
         self._heartbeat: Optional[Heartbeat] = None
         self._server_jobs: Dict[str, Any] = {}  # job id: its polled state (`_server_jobs_coming`), None once ended
-        self._failed_servers_since = 0.0  # (monotonic) when the last server failure counts, `OUTSIDE_EXIT_GRACE_S`
+        self._server_failure_counts_from = 0.0  # (monotonic) the last failure, after `OUTSIDE_EXIT_GRACE_S` if rc 0
 
     def record(self) -> Dict[str, object]:
         """run.json, as the heartbeat writes it."""
@@ -285,7 +285,7 @@ class RunOwner:
         # exit 0, not asked to and not at the whole job's end: a kill or scancel of its step, while the run needs it
         if not self.stopping and (rc != 0 or self.trainer_rc is None and not self.runner.lost(h)):
             self.server_failures.append(self._failure(h, rc))
-            self._failed_servers_since = time.monotonic() + (OUTSIDE_EXIT_GRACE_S if rc == 0 else 0.0)
+            self._server_failure_counts_from = time.monotonic() + (OUTSIDE_EXIT_GRACE_S if rc == 0 else 0.0)
 
     def _failure(self, h: StepHandle, rc: int) -> Tuple[str, Optional[str]]:
         """(reason, log) of a step that failed: how it exited and the error line this attempt logged."""
@@ -352,8 +352,9 @@ class RunOwner:
                                        path)
             if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
                 return self.set_state(*self._final())
-            if self.server_failures and not self.servers and self.trainer_rc is None and not self.registry.list(
-                    "servers") and time.monotonic() >= self._failed_servers_since and not self._server_jobs_coming():
+            failures_count = self.server_failures and time.monotonic() >= self._server_failure_counts_from
+            if failures_count and not self.servers and self.trainer_rc is None and not self.registry.list(
+                    "servers") and not self._server_jobs_coming():  # none attached, by hand, in a job
                 self.shutdown(reason="every server failed, none is left or coming")  # (else the trainer waits 10 min)
                 return self.set_state(*self._final())
             if on_tick is not None:
