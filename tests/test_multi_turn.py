@@ -10,9 +10,10 @@ MULTI_TURN = [f"trainer.plugins=[{PLUGIN}]", "rollout.workflow=multi_turn", "sav
 
 
 def test_multi_turn_run_trains_on_the_model_tokens_only(tmp_path):
-    # a random-init model answers "a+b=" right about one time in ten: most samples get feedback turns
+    # a random-init model answers "a+b=" right about one time in ten: most samples get feedback turns. Staleness 0: no
+    # weight update lands inside an episode, so no sample's model tokens carry two versions
     submit(tmp_path, *MULTI_TURN, *SMALL[:2], "trainer.total_train_steps=3", "rollout.workflow_args.max_turns=2",
-           timeout=300)
+           "rollout.max_head_offpolicyness=0", timeout=300)
     rows = metrics(run_dir(tmp_path))
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
