@@ -990,6 +990,55 @@ def test_a_batch_takes_its_rid_as_a_prefix_and_refuses_duplicate_rids(engine):
     assert s2 == 400 and "Duplicate request IDs" in dup["error"]["message"]
 
 
+def test_an_abort_by_rid_reaches_every_request_whose_rid_starts_with_it(model_path):
+    """SGLang 0.5.23's /abort_request: `TokenizerManager.abort_request` drops the abort of a rid no request has, then
+    `Scheduler.abort_request` aborts every request, waiting or running, whose rid starts with it ("ep": the request
+    "ep" and the batch "ep_0", "ep_1"). The samples of an n > 1 request get fresh rids (`regenerate_rid`): its rid
+    reaches none. The hf server aborted the one request whose rid was the rid given."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    eng = LLMEngine(ModelRunner(model_path, max_running=2)).start()  # "ep" and "other" run, the rest waits
+    sp = {"max_new_tokens": 2000, "ignore_eos": True}
+    bodies = [{"input_ids": [3, 4], "rid": "ep", "sampling_params": sp},
+              {"input_ids": [3, 5], "rid": "other", "sampling_params": sp},
+              {"input_ids": [[3, 6], [3, 7]], "rid": "ep", "sampling_params": sp},
+              {"input_ids": [3, 8], "rid": "fam", "sampling_params": {**sp, "n": 2}}]
+
+    def held():
+        snap = eng.snapshot()
+        return snap["num_running"] + snap["num_waiting"]
+
+    async def go():
+        async with engine_app(EngineServer(eng)) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, await r.json()
+
+            gens = []
+            for body, n in zip(bodies, (1, 2, 4, 6)):  # in order: the first two take the two rows
+                gens.append(asyncio.ensure_future(post("/generate", body)))
+                while held() < n:
+                    await asyncio.sleep(0.01)
+            assert await post("/abort_request", {"rid": "ep_"}) == (200, {"success": True, "num_aborted": 0})
+            assert await post("/abort_request", {"rid": "fam"}) == (200, {"success": True, "num_aborted": 0})
+            assert await post("/abort_request", {"rid": "ep"}) == (200, {"success": True, "num_aborted": 3})
+            assert held() == 3 and not any(g.done() for g in gens[1::2])  # "other" and the samples go on
+            assert await post("/abort_request", {"abort_all": True}) == (200, {"success": True, "num_aborted": 3})
+            return [await g for g in gens]
+
+    try:
+        (s1, ep), (s2, other), (s3, batch), (s4, fam) = asyncio.run(go())
+    finally:
+        eng.stop()
+    assert {s1, s2, s3, s4} == {200} and [o["meta_info"]["id"] for o in batch] == ["ep_0", "ep_1"]
+    assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in [ep, other, *batch, *fam])
+    assert not {o["meta_info"]["id"] for o in fam} & {"fam", "fam_0", "fam_1"}
+
+
 def test_an_infinite_temperature_is_refused():
     """SGLang (sampling/sampling_params.py, SamplingParams.verify) refuses a temperature that is not a finite number
     >= 0. JSON's Infinity (which Python's json reads) passed the hf server's ">= 0" and sampled uniformly."""

@@ -136,7 +136,7 @@ class LLMEngine:
         return self.call(lambda: setattr(self, "paused", False))
 
     def abort(self, rid: Optional[str] = None) -> concurrent.futures.Future:
-        """Abort one request by rid, or all (running ones return their partial output)."""
+        """Abort by rid (SGLang's rule: `_abort`), or all; running ones return their partial output."""
         return self.call(lambda: self._abort(rid, "aborted by request"))
 
     def update_weights(self, tensors: List[Tuple[str, torch.Tensor]], version: Optional[str] = None,
@@ -208,10 +208,13 @@ class LLMEngine:
         self._retire([(s, dict(reason)) for s in seqs])
 
     def _abort(self, rid: Optional[str], message: str, status_code: Optional[int] = None) -> int:
+        """``rid`` None: every request. A rid, as SGLang: nothing unless a request has it (`TokenizerManager`'s
+        `abort_request` drops the abort), then every request whose rid starts with it (`Scheduler.abort_request`)."""
         self._drain_inbox()
-        sched = self.scheduler
-        hit = [s for s in sched.running + list(sched.waiting) if rid in (None, s.rid)]
-        sched.waiting = deque(s for s in sched.waiting if rid not in (None, s.rid))
+        live = (sched := self.scheduler).running + list(sched.waiting)
+        pre = "" if rid is None else rid if any(s.rid == rid for s in live) else None
+        hit = [s for s in live if pre is not None and s.rid.startswith(pre)]
+        sched.waiting = deque(s for s in sched.waiting if pre is None or not s.rid.startswith(pre))
         self._fail(hit, message, status_code)  # a waiting one has no row to leave
         self.stats["aborted_requests"] += len(hit)
         return len(hit)
