@@ -312,6 +312,8 @@ def test_a_multi_turn_loss_mask_keeps_tool_tokens_out_of_the_loss():
     with pytest.raises(ValueError, match="loss_mask"):
         Trajectory([1], [2, 3], [0.0, 0.0], [0, 0], 1.0, loss_mask=[1])
     assert Trajectory([1], [2], [0.0], [0], 1.0).loss_mask is None  # default: every output token trained
+    assert Trajectory([1], [2, 3], [0.0, 0.0], [0, 0], 1.0).mask == [1, 1]
+    assert Trajectory([1], [2, 3], [0.0, 0.0], [0, 5], 1.0, loss_mask=[0, 1]).trained_versions == [5]
     batch = trajectories_to_batch(_multi_turn_groups())
     mask, ids = batch["loss_mask"], batch["input_ids"]
     assert not (ids[mask] == TOOL).any() and int(mask.sum()) == 13  # the model's output tokens, no other

@@ -18,7 +18,7 @@ from areal_hpc.rollout.rewards import RewardScorer
 class Trajectory:
     """One prompt + one completion; per completion token, the behaviour policy's logprob and weight version, and
     whether it is trained on (``loss_mask``: 1 the model's token, 0 one a multi-turn workflow put there, a tool's or
-    the environment's; None: all 1)."""
+    the environment's; None: all 1, as ``mask`` reads it)."""
 
     prompt_ids: List[int]
     output_ids: List[int]
@@ -30,17 +30,19 @@ class Trajectory:
     loss_mask: Optional[List[int]] = None
 
     def __post_init__(self) -> None:  # (a batch lays them out by position: one short shifts the next sample's)
-        mask = self.output_ids if self.loss_mask is None else self.loss_mask
-        if not len(self.output_ids) == len(self.logprobs) == len(self.versions) == len(mask):
+        if not len(self.output_ids) == len(self.logprobs) == len(self.versions) == len(self.mask):
             raise ValueError(f"a trajectory of {len(self.output_ids)} output_ids, {len(self.logprobs)} logprobs, "
-                             f"{len(self.versions)} versions, {len(mask)} loss_mask: give each output token its "
+                             f"{len(self.versions)} versions, {len(self.mask)} loss_mask: give each output token its "
                              "logprob and weight version (and loss_mask entry)")
+
+    @property
+    def mask(self) -> List[int]:  # 1 per trained output token: loss_mask as given, or all 1
+        return [1] * len(self.output_ids) if self.loss_mask is None else self.loss_mask
 
     @property
     def trained_versions(self) -> List[int]:
         """The versions of its trained tokens, the model's (a tool's tokens carry no policy's version)."""
-        mask = self.loss_mask or [1] * len(self.versions)
-        return [v for v, trained in zip(self.versions, mask) if trained]
+        return [v for v, trained in zip(self.versions, self.mask) if trained]
 
     @property
     def oldest_version(self) -> int:
