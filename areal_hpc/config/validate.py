@@ -314,6 +314,11 @@ def looks_like_hub_name(path: str) -> bool:
             and ".." not in path and not Path(path).exists())
 
 
+def raw_text_refusal(name: str, why: str) -> str:
+    """Submit's and rollout.prompts' refusal of ``{ds}.{name}`` (it goes into the chat template) with raw text."""
+    return f"{'goes into' if name == 'system_prompt' else 'go to'} the chat template, but {why}: prompts are raw text"
+
+
 def _check_path(key: str, path: str, kind: str) -> None:
     """A model or dataset path is given and a `toy:` spec is well formed: words only; what a path names (on
     disk or on the hub) is `launch.resolve`'s to check, at submit on the login node."""
@@ -421,10 +426,8 @@ def validate(cfg: ExperimentConfig) -> AllocationMode:
                                   f"is a name (not {', '.join(TEMPLATE_OWN_ARGS)}: set by areal-hpc)",
                                   "e.g. {enable_thinking: false}")
         raw = f"{key}.chat_template=none" if ds.chat_template == "none" else "a toy: model's tokenizer has no template"
-        if ds.system_prompt and (ds.chat_template == "none" or tokenizer.startswith("toy:")):  # (dropped, silently)
-            raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but {raw}: prompts are raw "
-                              "text", "drop one of them, or put the instruction in the prompts")
-        if ds.chat_template_kwargs and (ds.chat_template == "none" or tokenizer.startswith("toy:")):
-            raise ConfigError(f"{key}.chat_template_kwargs", f"go to the chat template, but {raw}: prompts are raw "
-                              "text", "drop one of them")
+        for name, hint in (("system_prompt", "drop one of them, or put the instruction in the prompts"),
+                           ("chat_template_kwargs", "drop one of them")):  # (dropped, silently)
+            if getattr(ds, name) and (ds.chat_template == "none" or tokenizer.startswith("toy:")):
+                raise ConfigError(f"{key}.{name}", raw_text_refusal(name, raw), hint)
     return alloc

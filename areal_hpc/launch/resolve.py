@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from areal_hpc.config import (ConfigError, DatasetConfig, ExperimentConfig, datasets_in_use, looks_like_hub_name,
-                              models_in_use, prompt_tokenizer_path)
+                              models_in_use, prompt_tokenizer_path, raw_text_refusal)
 from areal_hpc.launch.plan import hf_cache_dir
 from areal_hpc.rollout.adapters import apply_adapter, get_adapter
 from areal_hpc.rollout.data import DatasetError, choose_split, dataset_splits, head_rows, iter_json_rows, one_line
@@ -57,8 +57,8 @@ def resolve(cfg: ExperimentConfig) -> None:
     for key, ds, which in datasets_in_use(cfg):
         resolve_dataset(key, ds, which, cache)
         if ds.system_prompt and ds.chat_template == "auto" and templated.get(prompt_tokenizer_path(cfg)) is False:
-            raise ConfigError(f"{key}.system_prompt", f"goes into the chat template, but the tokenizer of "
-                              f"{prompt_tokenizer_path(cfg)} has none: prompts are raw text",
+            why = f"the tokenizer of {prompt_tokenizer_path(cfg)} has none"
+            raise ConfigError(f"{key}.system_prompt", raw_text_refusal("system_prompt", why),
                               "drop it, or put the instruction in the prompts")
 
 

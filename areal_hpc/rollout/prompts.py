@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from areal_hpc.config.validate import CHAT_TEMPLATES as CHAT_TEMPLATE_MODES
+from areal_hpc.config.validate import CHAT_TEMPLATES as CHAT_TEMPLATE_MODES, raw_text_refusal
 
 # An assistant reply the template renders verbatim: what follows it is the end-of-turn text.
 _PROBE = "areal-hpc-end-of-turn-probe"
@@ -73,12 +73,11 @@ class PromptEncoder:
         self.uses_template = self.fmt.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         why = "chat_template=none" if self.fmt.chat_template == "none" else "the tokenizer has no chat template"
         self.raw = None if self.uses_template else why  # why prompts are raw text
-        if self.raw and self.fmt.system_prompt:  # raw text has no place for it: it was dropped, silently
-            raise ValueError(f"system_prompt goes into the chat template, but {self.raw}: prompts are raw text "
-                             "(drop it, put the instruction in the prompts, or use a model with a chat template)")
-        if self.raw and self.fmt.chat_template_kwargs:
-            raise ValueError(f"chat_template_kwargs go to the chat template, but {self.raw}: prompts are raw text "
-                             "(drop them, or use a model with a chat template)")
+        for name, drop in (("system_prompt", "drop it, put the instruction in the prompts,"),
+                           ("chat_template_kwargs", "drop them,")):
+            if self.raw and getattr(self.fmt, name):  # raw text has no place for it: it was dropped, silently
+                raise ValueError(f"{name} {raw_text_refusal(name, self.raw)} "
+                                 f"({drop} or use a model with a chat template)")
 
     def prompt(self, row: Dict[str, Any]) -> Optional[str]:
         """The row's prompt string, or None (a list is messages: TRL's conversational `prompt` column)."""
