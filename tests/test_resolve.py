@@ -279,6 +279,9 @@ BAD_INPUTS = [
     # a base model's tokenizer has no chat template: the system prompt had nowhere to go, found only on the node
     ("system-prompt-without-template", ["trainer.ppo.actor.path={model}", "train_dataset.system_prompt=Be brief."],
      "train_dataset.system_prompt", "has none: prompts are raw text"),
+    ("template-kwargs-without-template", ["trainer.ppo.actor.path={model}",
+                                          "train_dataset.chat_template_kwargs.enable_thinking=false"],
+     "train_dataset.chat_template_kwargs", "has none: prompts are raw text"),
 ]
 
 

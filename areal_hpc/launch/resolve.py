@@ -56,10 +56,12 @@ def resolve(cfg: ExperimentConfig) -> None:
         setattr(owner, attr, done.get(path, path))
     for key, ds, which in datasets_in_use(cfg):
         resolve_dataset(key, ds, which, cache)
-        if ds.system_prompt and ds.chat_template == "auto" and templated.get(prompt_tokenizer_path(cfg)) is False:
-            why = f"the tokenizer of {prompt_tokenizer_path(cfg)} has none"
-            raise ConfigError(f"{key}.system_prompt", raw_text_refusal("system_prompt", why),
-                              "drop it, or put the instruction in the prompts")
+        if ds.chat_template == "auto" and templated.get(prompt_tokenizer_path(cfg)) is False:  # else found on a node
+            for name, hint in (("system_prompt", "drop it, or put the instruction in the prompts"),
+                               ("chat_template_kwargs", "drop them, or use a model with a chat template")):
+                if getattr(ds, name):
+                    raise ConfigError(f"{key}.{name}", raw_text_refusal(
+                        name, f"the tokenizer of {prompt_tokenizer_path(cfg)} has none"), hint)
 
 
 def make_fileroot(cfg: ExperimentConfig) -> None:
