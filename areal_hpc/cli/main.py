@@ -80,11 +80,13 @@ def cmd_add_servers(args) -> int:
     from areal_hpc.launch import control
 
     if args.url is not None:
-        from areal_hpc.launch.external import parse_url
+        from areal_hpc.launch.external import check_key, parse_url
 
         parse_url(args.url)  # a malformed URL is bad input before anything else is looked at
         if args.count != 1 or args.new_job:
             raise ConfigError("url", "attaches one running server", "leave out count= and --new-job with url=")
+        if args.api_key is not None:
+            check_key(args.api_key, "api_key")
     elif args.api_key is not None:
         raise ConfigError("api_key", "is the key of a server attached with url=", "give url=http://HOST:PORT too")
     elif args.count < 1:

@@ -48,6 +48,13 @@ def parse_url(url: str) -> Tuple[str, str]:
     return base, (u.netloc if u.scheme == "http" and not u.path.strip("/") else base)
 
 
+def check_key(key: str, name: str) -> None:
+    """A key is sent as an HTTP header: one line of printable ASCII (a bad one is named, never shown)."""
+    if not (key.isascii() and key.isprintable()):
+        raise ConfigError(name, "holds a line break, a control or a non-ASCII character (the key is not shown)",
+                          "give the server's key alone, on one line")
+
+
 def call(base: str, route: api.Route, key: Optional[str], payload: Optional[dict] = None,
          timeout: Optional[float] = 10.0) -> Tuple[int, Any]:
     """(HTTP status, JSON body or text) of one call; raises OSError when nothing answers, or not in HTTP."""
