@@ -40,9 +40,9 @@ SMALL = ["rollout.batch_size=8", "rollout.n_samples=4", "saver.freq_steps=0", "l
 NAMES = ["experiment_name=quickstart", "trial_name=run0"]
 
 
-def cli(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(root: Path, *args: str, timeout: float = 300, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "areal_hpc", *args, f"cluster.fileroot={root}"],
-                          capture_output=True, text=True, timeout=timeout, cwd=root)
+                          capture_output=True, text=True, timeout=timeout, cwd=root, input=stdin)
 
 
 def server_cmd(run_dir: Path, sid: str) -> List[str]:
@@ -177,10 +177,14 @@ def test_an_attached_server_serves_rollouts_gets_weights_and_survives_stop(tmp_p
         assert reg.get("servers", "ext-0", live_only=False) is None  # the owner's checks did not bring it back
 
         # attached again (by URL), and a second one that gets killed: the run goes on without it
-        assert cli(tmp_path, "add-servers", f"url=http://{addr_a}", f"api_key={key_a}", *NAMES).returncode == 0
+        # (the keys from a 0600 file and from a pipe: out of argv)
+        (tmp_path / "key-a").write_text(key_a + "\n")
+        (tmp_path / "key-a").chmod(0o600)
+        p = cli(tmp_path, "add-servers", f"url=http://{addr_a}", f"api_key_file={tmp_path / 'key-a'}", *NAMES)
+        assert p.returncode == 0 and reg.get("servers", "ext-0")["api_key"] == key_a, p.stdout + p.stderr
         b, addr_b, key_b = start_standalone(tmp_path, "b")
         base_b = server_info(addr_b, key_b)["requests"]
-        p = cli(tmp_path, "add-servers", f"url=http://{addr_b}", f"api_key={key_b}", *NAMES)
+        p = cli(tmp_path, "add-servers", f"url=http://{addr_b}", "api_key_file=/dev/stdin", *NAMES, stdin=key_b)
         assert p.returncode == 0 and "attached ext-1" in p.stdout, p.stdout + p.stderr
         wait_until(lambda: server_info(addr_b, key_b)["requests"] > base_b, 120, "rollouts on ext-1", interval=0.5)
         kill(b)
@@ -499,3 +503,31 @@ def test_a_key_that_is_no_header_value_is_refused_without_showing_it(tmp_path):
         p = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{free_port()}", f"api_key={key}", *NAMES)
         one_line_error(p, "api_key", "line break", "not shown")
         assert "SEKRIT" not in p.stdout + p.stderr
+
+
+def test_a_key_file_keeps_the_key_out_of_argv_and_must_be_private(tmp_path):
+    """`api_key=KEY` is in every user's `ps` and in shell history; `api_key_file=PATH` (or a pipe) reads it instead. A
+    file others can read, a missing or empty one, or both ways at once: one line naming api_key_file, exit 2."""
+    assert cli(tmp_path, "submit", QUICKSTART, "--dry-run").returncode == 0
+    url = f"url=http://127.0.0.1:{free_port()}"  # nothing answers: a key that was read gets that far
+    key = tmp_path / "key"
+    key.write_text("SEKRIT\n")
+    key.chmod(0o644)  # as umask 022 makes it
+    p = cli(tmp_path, "add-servers", url, f"api_key_file={key}", *NAMES)
+    one_line_error(p, "api_key_file", "open to group or others (mode 0644)", f"chmod 600 {key}")
+    key.chmod(0o600)
+    one_line_error(cli(tmp_path, "add-servers", url, f"--api-key-file={key}", *NAMES), "url", "does not answer")
+    for k, words in (((tmp_path / "nope"), ("cannot read", "No such file")), (tmp_path, ("cannot read",))):
+        one_line_error(cli(tmp_path, "add-servers", url, f"api_key_file={k}", *NAMES), "api_key_file", *words)
+    one_line_error(cli(tmp_path, "add-servers", url, "api_key_file=/dev/stdin", *NAMES, stdin="SEKRIT\n"),
+                   "url", "does not answer")  # a pipe
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "empty").chmod(0o600)
+    one_line_error(cli(tmp_path, "add-servers", url, f"api_key_file={tmp_path / 'empty'}", *NAMES), "is empty")
+    (tmp_path / "two").write_text("SEKRIT\nline2\n")
+    (tmp_path / "two").chmod(0o600)
+    p = cli(tmp_path, "add-servers", url, f"api_key_file={tmp_path / 'two'}", *NAMES)
+    one_line_error(p, "api_key_file", "line break")
+    assert "SEKRIT" not in p.stderr
+    one_line_error(cli(tmp_path, "add-servers", url, f"api_key_file={key}", "api_key=x", *NAMES), "both given")
+    one_line_error(cli(tmp_path, "add-servers", f"api_key_file={key}", *NAMES), "api_key_file", "url=")

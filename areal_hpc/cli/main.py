@@ -80,15 +80,20 @@ def cmd_add_servers(args) -> int:
     from areal_hpc.launch import control
 
     if args.url is not None:
-        from areal_hpc.launch.external import check_key, parse_url
+        from areal_hpc.launch.external import check_key, parse_url, read_key_file
 
         parse_url(args.url)  # a malformed URL is bad input before anything else is looked at
         if args.count != 1 or args.new_job:
             raise ConfigError("url", "attaches one running server", "leave out count= and --new-job with url=")
-        if args.api_key is not None:
+        if args.api_key_file is not None:
+            if args.api_key is not None:
+                raise ConfigError("api_key", "and api_key_file are both given", "keep api_key_file= alone")
+            args.api_key = read_key_file(args.api_key_file)
+        elif args.api_key is not None:
             check_key(args.api_key, "api_key")
-    elif args.api_key is not None:
-        raise ConfigError("api_key", "is the key of a server attached with url=", "give url=http://HOST:PORT too")
+    elif args.api_key is not None or args.api_key_file is not None:
+        raise ConfigError("api_key" if args.api_key_file is None else "api_key_file",
+                          "is the key of a server attached with url=", "give url=http://HOST:PORT too")
     elif args.count < 1:
         raise ConfigError("count", f"must be >= 1, got {args.count}")
     rd = _existing_run(args)
@@ -204,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--count", type=int, default=1, help="number of servers to add (also count=N)")
     a.add_argument("--new-job", action="store_true", help="always submit a separate job for the new servers")
     a.add_argument("--url", default=None, help="attach a running SGLang or hf server (also url=http://HOST:PORT)")
-    a.add_argument("--api-key", default=None, help="that server's API key (also api_key=...; default: the run's)")
+    a.add_argument("--api-key", default=None, help="that server's API key (also api_key=...; default: the run's); "
+                   "on a shared host every user sees it in `ps`, and it stays in shell history: prefer --api-key-file")
+    a.add_argument("--api-key-file", default=None, help="a file (mode 0600) or pipe holding that server's key, e.g. "
+                   "api_key_file=~/.sglang-key or api_key_file=/dev/stdin")
 
     add("remove-server", cmd_remove_server, "detach an external server from a run",
         "areal-hpc remove-server ID|URL [CONFIG] [key=value ...]: the run stops using a server attached with\n"

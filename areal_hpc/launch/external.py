@@ -48,6 +48,26 @@ def parse_url(url: str) -> Tuple[str, str]:
     return base, (u.netloc if u.scheme == "http" and not u.path.strip("/") else base)
 
 
+def read_key_file(path: str) -> str:
+    """``api_key_file=``: the key, one line (one trailing newline stripped), from a file only its owner can read (a pipe
+    too: ``api_key_file=/dev/stdin``); it stays out of argv (`ps`) and shell history."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError("api_key_file", f"{path} is open to group or others (mode {mode:04o}): the key "
+                                  "leaks to other users", f"chmod 600 {path}")
+            raw = f.read(1 << 16)
+    except OSError as e:
+        raise ConfigError("api_key_file", f"cannot read {path} ({e.strerror})",
+                          "give a file that holds the server's key, mode 0600") from None
+    key = raw.decode(errors="replace").removesuffix("\n").removesuffix("\r")
+    if not key:
+        raise ConfigError("api_key_file", f"{path} is empty", "write the server's key into it")
+    check_key(key, "api_key_file")
+    return key
+
+
 def check_key(key: str, name: str) -> None:
     """A key is sent as an HTTP header: one line of printable ASCII (a bad one is named, never shown)."""
     if not (key.isascii() and key.isprintable()):
