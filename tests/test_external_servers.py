@@ -145,6 +145,9 @@ def test_an_attached_server_serves_rollouts_gets_weights_and_survives_stop(tmp_p
         assert p.returncode == 0 and "attached ext-0" in p.stdout, p.stdout + p.stderr
         rec = reg.get("servers", "ext-0")
         assert rec["external"] is True and rec["api_key"] == key_a and rec.get("slurm_step_id") is None
+        # another server's key is no more readable than the run's own (registry/secret, 0600), whatever the umask
+        assert os.stat(reg.path("servers", "ext-0")).st_mode & 0o777 == 0o600
+        assert os.stat(rd / "registry").st_mode & 0o777 == os.stat(rd / "registry" / "servers").st_mode & 0o777 == 0o700
         # it serves rollouts and gets the weight updates
         wait_until(lambda: server_info(addr_a, key_a)["requests"] > before["requests"] + 8, 120,
                    "rollouts on the attached server", interval=0.5)
@@ -152,8 +155,9 @@ def test_an_attached_server_serves_rollouts_gets_weights_and_survives_stop(tmp_p
         wait_until(lambda: server_info(addr_a, key_a)["weight_version"] >= v + 2, 120,
                    "weight updates on the attached server", interval=0.5)
         assert server_info(addr_a, key_a)["weight_version"] >= steps(rd) - 1
-        st = json.loads(cli(tmp_path, "status", "--json", *NAMES).stdout)
-        ext = {s["id"]: s for s in st["servers"]}["ext-0"]
+        p = cli(tmp_path, "status", "--json", *NAMES)
+        assert key_a not in p.stdout and key_a not in (rd / "logs" / "driver.log").read_text()
+        ext = {s["id"]: s for s in json.loads(p.stdout)["servers"]}["ext-0"]
         assert ext["external"] and ext["healthy"] and ext["address"] == addr_a and ext["own_key"]
         text = cli(tmp_path, "status", *NAMES).stdout
         assert key_a not in text and reg.secret() not in text
