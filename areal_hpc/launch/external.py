@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 import urllib.error
@@ -53,10 +54,10 @@ def read_key_file(path: str) -> str:
     too: ``api_key_file=/dev/stdin``); it stays out of argv (`ps`) and shell history."""
     try:
         with open(os.path.expanduser(path), "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode & 0o777
-            if mode & 0o077:
-                raise ConfigError("api_key_file", f"{path} is open to group or others (mode {mode:04o}): the key "
-                                  "leaks to other users", f"chmod 600 {path}")
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:  # (a pipe or a terminal holds no key for others)
+                raise ConfigError("api_key_file", f"{path} is open to group or others (mode "
+                                  f"{st.st_mode & 0o777:04o}): the key leaks to other users", f"chmod 600 {path}")
             raw = f.read(1 << 16)
     except OSError as e:
         raise ConfigError("api_key_file", f"cannot read {path} ({e.strerror})",
