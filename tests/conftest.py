@@ -190,8 +190,11 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
 
 @pytest.fixture(autouse=True)
-def _marker_driven_fixtures(request: pytest.FixtureRequest) -> None:
-    """`@pytest.mark.slurm` starts the cluster; `@pytest.mark.gpu` skips without CUDA."""
+def _marker_driven_fixtures(request: pytest.FixtureRequest) -> Iterator[None]:
+    """`@pytest.mark.slurm` starts the cluster; `@pytest.mark.gpu` skips without CUDA. The umask a test leaves (an
+    in-process `main(["submit", ...])` takes the run's, 077) is undone: the next test's files get the usual modes."""
+    umask = os.umask(0o022)
+    os.umask(umask)
     if request.node.get_closest_marker("gpu") is not None:
         try:
             import torch  # lazy: most tests do not need it, and importing it is slow
@@ -201,6 +204,8 @@ def _marker_driven_fixtures(request: pytest.FixtureRequest) -> None:
             pytest.skip("gpu test: torch.cuda.is_available() is false")
     if request.node.get_closest_marker("slurm") is not None:
         request.getfixturevalue("slurm_cluster")
+    yield
+    os.umask(umask)
 
 
 @pytest.fixture
