@@ -255,6 +255,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         one_line_error(cli(tmp_path, "add-servers", "url=127.0.0.1:8000", *NAMES), "url", "not a server URL")
         one_line_error(cli(tmp_path, "add-servers", "url=http://host", *NAMES), "url", "no port")
         one_line_error(cli(tmp_path, "remove-server", "ext-7", *NAMES), "ext-7", "no server")
+        # not an inference server: a web server whose /health (404) and POST (501) answer a multi-line HTML page
+        (web := tmp_path / "www").mkdir()
+        httpd = subprocess.Popen([sys.executable, "-m", "http.server", str(port := free_port()), "-b", "127.0.0.1"],
+                                 cwd=web, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 30, "http.server", interval=0.2)
+            bad = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{port}", *NAMES)
+            one_line_error(bad, "url", "answered HTTP 404", "Error response")
+            (web / "health").write_text("ok")  # /health now 200: the weight load (a POST) gets 501 and its page
+            bad = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{port}", *NAMES)
+            one_line_error(bad, "url", "could not load the run's weights", "Error response")
+            assert len(bad.stderr) < 1000, bad.stderr
+        finally:
+            kill(httpd)
         one_line_error(cli(tmp_path, "remove-server", "server-0", *NAMES), "server-0", "started by the run")
         # a server of the run itself, under another name: wrong key -> refused, nothing registered
         addr = Registry.for_run(rd).get("servers", "server-0")["address"]

@@ -259,7 +259,7 @@ class ServerPool:
         finally:
             server.inflight -= samples
         if status >= 500 or status in (408, 429) or isinstance(body, str):  # str: not JSON
-            raise _Retryable(f"HTTP {status}: {str(body)[:200]}")
+            raise _Retryable(f"HTTP {status}: {api.error_message(body)}")
         if status >= 400:
             raise RequestRejected(status, api.error_message(body))
         if samples > 1 and not (isinstance(body, list) and len(body) == samples):

@@ -184,14 +184,14 @@ def call_outcome(status: int, body: Any) -> Tuple[bool, Optional[str]]:
     return False, error_message(body) or f"HTTP {status}"
 
 
-def error_message(body: Any) -> str:
-    """The reason in a 4xx body (SGLang: ``{"error": ...}`` or ``{"message": ...}``)."""
+def error_message(body: Any, limit: int = 300) -> str:
+    """The reason in an error body (SGLang: ``{"error"|"message": ...}``, an HTML page...): one line, <= ``limit``."""
     if isinstance(body, dict):
         msg = body.get("message") or body.get("error")
-        if isinstance(msg, dict):
-            msg = msg.get("message")
-        return str(msg if msg is not None else body)
-    return str(body)
+        msg = msg.get("message") if isinstance(msg, dict) else msg
+        body = body if msg is None else msg
+    text = " ".join(str(body).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def model_info_version(body: Any) -> Any:
