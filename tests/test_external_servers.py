@@ -234,6 +234,9 @@ def test_serve_by_hand_joins_a_run_and_stop_external_stops_it(tmp_path):
         wait_until(lambda: server_info(addr, key)["weight_version"] >= base["weight_version"] + 2, 120,
                    "weight updates on it", interval=0.5)
         assert f"external server {sid} gets weights from disk" in (rd / "logs" / "trainer-0.log").read_text()
+        assert re.search(rf"{sid} .*external \(serve by hand\)", cli(tmp_path, "status", *NAMES).stdout)
+        st = json.loads(cli(tmp_path, "status", "--json", *NAMES).stdout)
+        assert {s["id"]: s["external"] for s in st["servers"]} == {"server-0": False, sid: True}, st["servers"]
         p = cli(tmp_path, "stop", "--external", *NAMES, "--timeout", "120")
         assert p.returncode == 0 and f"external server {sid}" in p.stdout and "SIGTERM" in p.stdout, \
             p.stdout + p.stderr
@@ -360,6 +363,8 @@ def test_an_external_slurm_job_server_joins_a_slurm_run(slurm_cluster):
     import shutil
     import tempfile
 
+    from areal_hpc.launch import external
+
     root = Path(tempfile.mkdtemp(prefix="areal-ext-", dir="/tmp"))  # "shared" by the fake nodes
     root.chmod(0o755)
     names = [f"cluster.fileroot={root}", "experiment_name=ext", "trial_name=t0"]
@@ -393,6 +398,8 @@ def test_an_external_slurm_job_server_joins_a_slurm_run(slurm_cluster):
         wait_until(lambda: server_info(addr, key)["weight_version"] >= v + 2, 180, "weight updates", interval=0.5)
         st = json.loads(run("status", "--json", *names, timeout=120).stdout)
         assert {s["id"]: s["external"] for s in st["servers"]} == {"server-0": False, "ext-0": True}
+        rec = reg.get("servers", "ext-0")
+        assert rec["process"]["slurm_job_id"] == ext_job, rec  # what `stop --external` cancels
         p = run("stop", *names, "--timeout", "180")
         assert p.returncode == 0 and "detached external server ext-0" in p.stdout, p.stdout + p.stderr
         wait_until(lambda: "RUNNING" not in subprocess.run(["squeue", "-h", "-j", run_job, "-o", "%T"],
@@ -401,6 +408,9 @@ def test_an_external_slurm_job_server_joins_a_slurm_run(slurm_cluster):
         state = subprocess.run(["squeue", "-h", "-j", ext_job, "-o", "%T"], capture_output=True, text=True).stdout
         assert state.strip() == "RUNNING" and answers(addr, key)  # the external job outlived the run
         assert reg.list("servers", live_only=False) == {}
+        assert external.stop_process(rec, run_job) == f"cancelled its Slurm job {ext_job}"  # as `stop --external`
+        wait_until(lambda: subprocess.run(["squeue", "-h", "-j", ext_job, "-o", "%T"], capture_output=True,
+                                          text=True).stdout.strip() in ("", "COMPLETING"), 60, "the server's job")
     finally:
         for job in (ext_job, run_job):
             if job:
@@ -475,6 +485,21 @@ def test_an_attach_whose_second_weight_load_fails_leaves_no_record(tmp_path):
         with pytest.raises(ConfigError, match="could not load the run's weights .*v2: permission denied"):
             external.attach(reg, f"http://127.0.0.1:{port}")
     assert reg.list("servers", live_only=False) == {}
+
+
+def test_remove_server_takes_the_id_or_the_url(tmp_path):
+    """`remove-server ext-0 ...  # or the URL` (README): the URL as given to add-servers, with a trailing slash, or
+    host:port; the server keeps running."""
+    from areal_hpc.launch import external
+
+    assert cli(tmp_path, "submit", QUICKSTART, "--dry-run").returncode == 0
+    reg = Registry.for_run(next(tmp_path.glob("*/quickstart/run0")))
+    with json_http_server(lambda method, path, body: (200, {})) as port:
+        for ident in ("ext-0", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/", f"127.0.0.1:{port}"):
+            assert external.attach(reg, f"http://127.0.0.1:{port}")[0] == "ext-0"
+            p = cli(tmp_path, "remove-server", ident, *NAMES)
+            assert p.returncode == 0 and "detached ext-0" in p.stdout, (ident, p.stdout, p.stderr)
+            assert reg.list("servers", live_only=False) == {}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs another user's process (needs root)")
