@@ -248,6 +248,17 @@ def test_a_mistyped_flag_is_named_as_such(words, capsys):
     assert "trial_name: option needs a value" in capsys.readouterr().err
 
 
+def test_an_abbreviated_option_before_the_command_is_one_line(capsys):
+    """`areal-hpc --vers` (no abbreviations) printed the whole --help on stdout, exit 2, where every other bad word is
+    one line on stderr; `areal-hpc` alone still prints the help."""
+    with pytest.raises(SystemExit) as e:
+        run_cli("--vers")
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.out == ""
+    assert out.err == "areal-hpc: error: --vers: is not an option of areal-hpc (see its --help)\n"
+    assert run_cli() == 2 and "usage: areal-hpc" in capsys.readouterr().out
+
+
 def test_status_into_a_closed_pipe_is_no_traceback(tmp_path, capsys):
     """`areal-hpc status | head` ended with a BrokenPipeError traceback once head had read its lines."""
     names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
