@@ -19,10 +19,11 @@ from areal_hpc.config.allocation import nodes_needed
     ("hf:d2+fsdp:d2", ("hf", 2, 1, 1), ("fsdp", 2, 1, 1), False),
     ("hf.p1", ("hf", 1, 1, 1), None, False),                               # every letter optional
     ("sglang:d2p2t2+d4", ("sglang", 2, 2, 2), ("fsdp", 4, 1, 1), False),
+    ("fsdp:d8", None, ("fsdp", 8, 1, 1), False),                          # trainer only (sft)
 ])
 def test_accepted_forms(text, gen, train, eval_only):
     a = parse_allocation(text)
-    assert (a.gen.backend, a.gen.dp, a.gen.pp, a.gen.tp) == gen
+    assert (None if a.gen is None else (a.gen.backend, a.gen.dp, a.gen.pp, a.gen.tp)) == gen
     assert (None if a.train is None else (a.train.backend, a.train.dp, a.train.pp, a.train.tp)) == train
     assert a.eval_only == eval_only
 
