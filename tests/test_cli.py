@@ -248,6 +248,17 @@ def test_a_mistyped_flag_is_named_as_such(words, capsys):
     assert "trial_name: option needs a value" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("count, got", [(["count=-1"], "-1"), (["--count", "0"], "0")])
+def test_add_servers_with_a_count_below_one_is_bad_input(count, got, tmp_path, capsys):
+    """The README's "a negative count": one line naming count, exit 2, and no server started."""
+    names = [f"cluster.fileroot={tmp_path}", "experiment_name=e1", "trial_name=t1"]
+    assert run_cli("submit", QUICKSTART, "--dry-run", *names) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli("add-servers", *count, *names) == 2
+    assert capsys.readouterr().err == f"areal-hpc add-servers: error: count: must be >= 1, got {got}\n"
+    assert not list(next(tmp_path.glob("*/e1/t1/logs")).iterdir())
+
+
 def test_an_abbreviated_option_before_the_command_is_one_line(capsys):
     """`areal-hpc --vers` (no abbreviations) printed the whole --help on stdout, exit 2, where every other bad word is
     one line on stderr; `areal-hpc` alone still prints the help."""
