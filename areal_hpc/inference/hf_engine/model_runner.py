@@ -315,17 +315,14 @@ class ModelRunner:
         seen = set()
         for name, shape in names_shapes:
             p = self._params.get(name)
-            if p is None and name in self._parts:  # a part of a converted parameter: that is whole once all are
-                seen.add(name)
-                if tuple(shape) != self._parts[name][1]:
-                    problems.append(f"{name}: shape {tuple(shape)} != model's {self._parts[name][1]}")
-                continue
-            if p is None:
+            if p is None and name not in self._parts:
                 problems.append(f"unexpected tensor {name!r}")
                 continue
-            if tuple(p.shape) != tuple(shape):
-                problems.append(f"{name}: shape {tuple(shape)} != model's {tuple(p.shape)}")
-            seen.add(id(p))
+            # a part of a converted parameter is seen by its name: the parameter is whole once all its parts are
+            want = tuple(p.shape) if p is not None else self._parts[name][1]
+            if tuple(shape) != want:
+                problems.append(f"{name}: shape {tuple(shape)} != model's {want}")
+            seen.add(id(p) if p is not None else name)
         whole_parts = {n for n, _ in self._parts.values()} - {n for k, (n, _) in self._parts.items() if k not in seen}
         missing = sorted({n for n, p in self._params.items() if id(p) not in seen and n not in whole_parts})
         if missing and whole:
