@@ -324,6 +324,13 @@ class ServerLifecycle:
         tail = self._sglang.log_tail()
         return "already in use" in tail or "Address in use" in tail
 
+    def _failed(self, msg: str, *args: Any) -> int:
+        """EXIT_FAILED, logging why; EXIT_OK when a stop came meanwhile (what failed was cut short by it)."""
+        if self._stop.is_set():
+            return EXIT_OK
+        log.error(msg, *args)
+        return EXIT_FAILED
+
     async def _serve(self) -> int:
         # SGLang binds its port only once its model is loaded: until then whatever holds it would answer our checks
         fixed_port = self.backend == "sglang" and self.node_rank == 0 and self.cfg.port
@@ -342,11 +349,8 @@ class ServerLifecycle:
             # a non-zero rank of a multi-node server runs SGLang's workers only; rank 0 serves HTTP
             while not self._stop.is_set() and self._backend_alive():
                 await asyncio.sleep(1.0)
-            if self._stop.is_set():
-                return EXIT_OK
-            log.error("SGLang of server %s (node rank %d) died%s", self.server_id, self.node_rank,
-                      self._sglang_log_tail())
-            return EXIT_FAILED
+            return self._failed("SGLang of server %s (node rank %d) died%s", self.server_id, self.node_rank,
+                                self._sglang_log_tail())
         healthy = await self._wait_healthy(self.launcher.server_startup_timeout_s)
         for _ in range(2):
             if healthy or not self._sglang_lost_port_race():
@@ -356,12 +360,9 @@ class ServerLifecycle:
             await self._start_sglang()
             healthy = await self._wait_healthy(self.launcher.server_startup_timeout_s)
         if not healthy:
-            if self._stop.is_set():
-                return EXIT_OK
-            log.error("server %s did not become healthy within %.0fs (backend %s)%s", self.server_id,
-                      self.launcher.server_startup_timeout_s, "alive" if self._backend_alive() else "dead",
-                      self._sglang_log_tail())
-            return EXIT_FAILED
+            return self._failed("server %s did not become healthy within %.0fs (backend %s)%s", self.server_id,
+                                self.launcher.server_startup_timeout_s, "alive" if self._backend_alive() else "dead",
+                                self._sglang_log_tail())
         loaded = await self._load_latest(only_if_newer=False)
         if loaded:
             self.state = "ready"
@@ -369,10 +370,7 @@ class ServerLifecycle:
             # close the race with a trainer that published while we were registering
             loaded = await self._load_latest(only_if_newer=True)
         if not loaded:
-            if self._stop.is_set():
-                return EXIT_OK
-            log.error("could not load the run's published weights; refusing to serve stale ones")
-            return EXIT_FAILED
+            return self._failed("could not load the run's published weights; refusing to serve stale ones")
         self._register()
         log.info("server %s (%s) ready at %s, weight version %s", self.server_id, self.backend, self.address,
                  self.weight_version)
