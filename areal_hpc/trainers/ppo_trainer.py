@@ -39,8 +39,7 @@ def trajectories_to_batch(groups: List[List[Trajectory]], pad_id: int = 0) -> Di
     vers = torch.full(attn.shape, -1, dtype=torch.long)
     vers[out] = torch.tensor([x for t in trajs for x in t.versions], dtype=torch.long)
     loss = torch.zeros_like(out)
-    masks = [bool(x) for t in trajs for x in t.mask]
-    loss[out] = torch.tensor(masks, dtype=torch.bool)
+    loss[out] = torch.tensor([bool(x) for t in trajs for x in t.mask], dtype=torch.bool)
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "logprobs": logp, "versions": vers,
             "rewards": torch.tensor([t.reward for t in trajs], dtype=torch.float32),
             "group": torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)}
