@@ -368,8 +368,7 @@ class EngineServer:
                 raise
             if not problems:
                 self.engine.renew((name, shape) for name, _, shape in specs)
-                # none given keeps the version, as in SGLang: one update comes in many buckets
-                self.engine.set_version(self.engine.weight_version if version is None else version, abort)
+                self.engine.set_version(version, abort)
 
         try:
             await self._on_loop(receive)

@@ -149,8 +149,7 @@ class LLMEngine:
                 log.error("%s", self.tear(f"a weight update failed part way: {type(e).__name__}: {e}"))
                 raise
             self.renew((name, t.shape) for name, t in tensors)
-            if version is not None:  # none given keeps the version, as in SGLang
-                self.set_version(version)
+            self.set_version(version)
             return {"num_tensors": len(tensors), "num_paused_requests": n_aborted,
                     "weight_version": self.weight_version}
 
@@ -172,15 +171,12 @@ class LLMEngine:
                 self.refusal = None
 
     def set_version(self, version: Optional[Any] = None, abort_all: bool = False) -> None:
-        """On the loop thread (`call`): the new weight version (the next one when None), after aborting every request
-        when ``abort_all``."""
+        """On the loop thread (`call`): the new weight version (None keeps it, as in SGLang: one update may come in many
+        buckets), after aborting every request when ``abort_all``."""
         if abort_all:
             self._abort(None, "aborted for a weight update")
         if version is not None:
             self.weight_version = str(version)
-        else:
-            with contextlib.suppress(ValueError):  # the next number; a version that is not one stays
-                self.weight_version = str(int(self.weight_version) + 1)
 
     def snapshot(self) -> Dict[str, Any]:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting)
