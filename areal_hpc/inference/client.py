@@ -274,14 +274,13 @@ class ServerPool:
         a 4xx, `PoolError` when no server could serve it."""
         await self.start()
         res = GenerateResult([], [], [], "length", n_requests=0)
-        return await self._continue(list(input_ids), api.sampling_params(params, **overrides), res, rid)
+        return await self._continue(list(input_ids), api.sampling_params(params, **overrides), res, set(), rid)
 
-    async def _continue(self, prompt: List[int], sp: Dict[str, Any], res: GenerateResult,
-                        rid: Optional[str] = None, avoid: Optional[Set[str]] = None) -> GenerateResult:
+    async def _continue(self, prompt: List[int], sp: Dict[str, Any], res: GenerateResult, avoid: Set[str],
+                        rid: Optional[str] = None) -> GenerateResult:
         """Generate until ``res`` (what ``prompt`` has generated so far) is complete: resume after aborts, retry on
         other servers after failures (and after an abort not ours: ``avoid``, the servers to send it elsewhere than)."""
         budget = int(sp["max_new_tokens"])
-        avoid = set() if avoid is None else avoid
         failures = empty_aborts = 0
         base_rid = rid or api.new_rid()
         while True:
@@ -357,7 +356,7 @@ class ServerPool:
             res = GenerateResult([], [], [], "length")
             done = self._absorb(res, api.parse_generate(item, server.known_version()), server)
             ours = not self._running.is_set() or self._pauses != pauses  # else: resumed elsewhere if it can be
-            return res if done else await self._continue(prompt, sp, res, avoid=set() if ours else {server.id})
+            return res if done else await self._continue(prompt, sp, res, set() if ours else {server.id})
 
         return await _all(finish(item) for item in body)
 
