@@ -3,7 +3,6 @@ config.yaml (no user YAML, no simple-parsing there), logging to stdout (the laun
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -15,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 from areal_hpc.config import ParallelSpec, actor_path, load_resolved, parse_allocation
 from areal_hpc.launch import slurm
-from areal_hpc.registry import Registry
+from areal_hpc.registry import Registry, set_parent_death_signal
 
 
 def setup_logging(role: str) -> None:
@@ -51,23 +50,14 @@ LAUNCHER_PID_ENV = "AREAL_HPC_LAUNCHER_PID"
 # What a launcher sets per rank (torchrun's agent; srun, through `_master_from_slurm`): the submitting shell's must not
 # reach the ranks, where they would win.
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-# looked up once: what runs between fork and exec (`preexec_fn`) must not load libraries
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-
-def set_parent_death_signal(sig: int) -> None:
-    """Linux: this process gets ``sig`` when the thread that started it ends (PR_SET_PDEATHSIG)."""
-    if _PRCTL is not None:
-        _PRCTL(1, int(sig), 0, 0, 0)
 
 
 def stop_with_launcher() -> None:
     """Get SIGTERM (the graceful stop) when the local launcher that started us dies, even by SIGKILL (under Slurm,
     which sets no launcher pid, slurmstepd cleans up)."""
     parent = os.environ.get(LAUNCHER_PID_ENV)
-    if not parent or _PRCTL is None:
+    if not parent or not set_parent_death_signal(signal.SIGTERM):
         return
-    set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != int(parent):  # it died before we asked: nothing to clean up yet
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig
-from areal_hpc.launch.entry import LAUNCHER_PID_ENV, set_parent_death_signal
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV
 from areal_hpc.launch.local import host_env, killpg, spawn, step_exit, task_env
 from areal_hpc.launch.owner import Runner, StepHandle
 from areal_hpc.launch.plan import Plan, StepSpec, node_load
-from areal_hpc.registry import Registry, free_port
+from areal_hpc.registry import Registry, free_port, set_parent_death_signal
 
 log = logging.getLogger("areal_hpc.launch")
 

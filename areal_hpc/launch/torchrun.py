@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from areal_hpc.config import ExperimentConfig, parse_allocation
-from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS, set_parent_death_signal
+from areal_hpc.launch.entry import LAUNCHER_PID_ENV, RANK_VARS
 from areal_hpc.launch.local import ProcessHandle, ProcessRunner, host_env, spawn
 from areal_hpc.launch.outcome import TRAINER_STOPPED
 from areal_hpc.launch.owner import StepHandle
 from areal_hpc.launch.plan import StepSpec, has_servers
-from areal_hpc.registry import free_port
+from areal_hpc.registry import free_port, set_parent_death_signal
 
 
 def torchrun_argv(cfg: ExperimentConfig, step: StepSpec, rdzv_port: int) -> List[str]:

@@ -2,7 +2,8 @@
 
 from areal_hpc.registry.heartbeat import Heartbeat
 from areal_hpc.registry.store import Registry, RegistryTimeout
-from areal_hpc.registry.util import address_towards, atomic_write, free_port, pid_alive, runs_here
+from areal_hpc.registry.util import (address_towards, atomic_write, free_port, pid_alive, runs_here,
+                                    set_parent_death_signal)
 
 __all__ = ["Registry", "Heartbeat", "RegistryTimeout", "address_towards", "atomic_write", "free_port", "pid_alive",
-           "runs_here"]
+           "runs_here", "set_parent_death_signal"]

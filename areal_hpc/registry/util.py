@@ -10,10 +10,13 @@ import os
 import re
 import signal
 import socket
+import sys
 from typing import Optional, Union
 from urllib.parse import urlsplit
 
 _SEQ = itertools.count()
+# looked up once: what runs between fork and exec (`preexec_fn`) must not load libraries
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def temp_name(name: str) -> str:
@@ -85,11 +88,17 @@ def pid_alive(pid: Optional[int]) -> bool:
         return True
 
 
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux: this process gets ``sig`` when the thread that started it ends (PR_SET_PDEATHSIG); whether it could."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(sig), 0, 0, 0)
+    return _PRCTL is not None
+
+
 def die_with_parent(parent: Optional[int] = None) -> None:
     """Linux: this process gets SIGKILL when its parent ends, however it ends (a SIGKILLed trainer's children would
     live on as orphans); exit now if the parent, pid ``parent``, is already gone."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    set_parent_death_signal(signal.SIGKILL)
     if parent is not None and os.getppid() != parent:
         os._exit(1)
 
