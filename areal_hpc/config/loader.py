@@ -8,6 +8,7 @@ nulls, passes values on unchecked and names an unknown key without a hint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -164,9 +165,8 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
     if origin is dict and isinstance(value, dict):  # a mapping adds to (or overrides entries of) what is there
         def text(v: Any) -> Any:  # a float as written (command-line words: `mem-fraction-static: 0.80` is "0.80")
             return [text(x) for x in v] if isinstance(v, list) else getattr(v, "text", v)
-        if typing.get_args(inner)[1] is not str:  # a mapping of any values (chat_template_kwargs) keeps YAML's types
-            return {**(old or {}), **value}
-        return {**(old or {}), **{k: text(v) for k, v in value.items()}}
+        keep = typing.get_args(inner)[1] is not str  # a mapping of any values (chat_template_kwargs) keeps YAML's types
+        return {**(old or {}), **{k: v if keep else text(v) for k, v in value.items()}}
     if origin is list and isinstance(value, list):  # each item checked: `stop_token_ids: [a]` is no list of ints
         (item,) = typing.get_args(inner)
         return [_value(f"{key}[{i}]", item, v, None) for i, v in enumerate(value)]
@@ -357,15 +357,13 @@ def load_config(config_file: Optional[str], words: Sequence[str]) -> ExperimentC
                 _nest(yaml_valued, key, value)
             else:
                 scalars.append(f"--{key}={raw}")
-        elif _dict_entry(leaves, key) and typing.get_args(leaves[key.rpartition(".")[0]])[1] is not str:
-            try:  # an entry of a mapping of any values is YAML: `chat_template_kwargs.enable_thinking=false` a bool
-                _nest(yaml_valued, key, yaml.load(raw, Loader=_Loader))
-            except yaml.YAMLError:
-                _nest(yaml_valued, key, _flow_collection(key, raw))
         elif _dict_entry(leaves, key):
             # a scalar keeps its text (the flag's value as typed), null is null; a list or mapping is YAML, as in a file
-            null = raw.strip() in ("null", "Null", "NULL", "~")
-            _nest(yaml_valued, key, None if null else _flow_collection(key, raw))
+            value = None if raw.strip() in ("null", "Null", "NULL", "~") else _flow_collection(key, raw)
+            if typing.get_args(leaves[key.rpartition(".")[0]])[1] is not str:  # a mapping of any values: all is YAML
+                with contextlib.suppress(yaml.YAMLError):  # `chat_template_kwargs.enable_thinking=false` a bool
+                    value = yaml.load(raw, Loader=_Loader)
+            _nest(yaml_valued, key, value)
         elif section := [k for k in leaves if k.startswith(key + ".")]:  # not "unknown key (did you mean ...)"
             raise ConfigError(key, "is a section, not a key", f"set its keys one by one, e.g. {section[0]}=...")
         else:
