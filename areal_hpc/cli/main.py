@@ -293,15 +293,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `status | head`: the reader is gone; nothing more to write, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE  # as a process SIGPIPE killed
-    except PermissionError as e:  # a run dir of another user (`sudo -E`, USER naming someone else): no traceback
-        print(f"areal-hpc {args.command}: error: {e.filename or ''}: permission denied (a run of another user? "
-              "check cluster.fileroot, experiment_name, trial_name and who owns that path)", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
+    except OSError as e:  # another user's run dir (`sudo -E`, USER naming someone else), a name too long: no traceback
+        denied = isinstance(e, PermissionError)
+        if not denied and e.errno != errno.ENAMETOOLONG:
             raise
-        print(f"areal-hpc {args.command}: error: {e.filename or ''}: file name too long for the filesystem "
-              "(use a shorter cluster.fileroot, experiment_name or trial_name)", file=sys.stderr)
+        why = ("permission denied (a run of another user? check cluster.fileroot, experiment_name, trial_name and who "
+               "owns that path)" if denied else "file name too long for the filesystem (use a shorter "
+               "cluster.fileroot, experiment_name or trial_name)")
+        print(f"areal-hpc {args.command}: error: {e.filename or ''}: {why}", file=sys.stderr)
         return 2
 
 
