@@ -55,8 +55,7 @@ def sbatch_lines(cfg: ExperimentConfig, plan: Plan) -> List[str]:
     """``#SBATCH`` lines of `sbatch_opts` (sorted, like submitit's; quoted, as sbatch reads them: a run dir may hold
     a space), then ``cluster.sbatch_args``, an option a line with its value joined (sbatch refuses a bare value)."""
     lines = [f"#SBATCH --{k}={shlex.quote(v)}" for k, v in sorted(sbatch_opts(cfg, plan).items())]
-    extra = extra_options(cfg, plan)
-    return lines + [f"#SBATCH --{k}" + ("" if v is True else f"={v}") for k, v in extra.items()]
+    return lines + [f"#SBATCH --{k}" + ("" if v is True else f"={v}") for k, v in extra_options(cfg, plan).items()]
 
 
 def extra_options(cfg: ExperimentConfig, plan: Plan) -> Dict[str, Union[str, bool]]:
