@@ -73,6 +73,10 @@ def serve_argv(run_dir: Path, sid: str, *words: str, backend: str = "hf") -> Lis
             "--backend", backend]
 
 
+# what an SGLang server's /model_info says, in part (`add-servers url=` wants a model: a web server answers 200 too)
+MODEL_INFO = {"model_path": "/m", "tokenizer_path": "/m", "is_generation": True, "weight_version": "default"}
+
+
 @contextlib.contextmanager
 def json_http_server(respond: Callable[[str, str, bytes], Tuple[int, Any]]) -> Iterator[int]:
     """A real HTTP server on 127.0.0.1 (yields its port) that answers every request with JSON:
@@ -103,13 +107,13 @@ def json_http_server(respond: Callable[[str, str, bytes], Tuple[int, Any]]) -> I
 def health_answered_together(parties: int, weight_version: int = 0) -> Iterator[int]:
     """A real HTTP server on 127.0.0.1 (yields its port) whose /health answers only once ``parties`` health checks
     are in flight at the same time: checks made one after another time out on it. /model_info gives
-    ``weight_version``; any other path ``{}``."""
+    ``weight_version`` (and a model, as SGLang does); any other path ``{}``."""
     all_asked = threading.Barrier(parties)
 
     def respond(method, path, body):
         if path == "/health":
             all_asked.wait(timeout=10)
-        return 200, {"weight_version": weight_version} if path == "/model_info" else {}
+        return 200, {**MODEL_INFO, "weight_version": weight_version} if path == "/model_info" else {}
 
     with json_http_server(respond) as port:
         yield port

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
-from helpers import health_answered_together, json_http_server, serve_argv, wait_until
+from helpers import MODEL_INFO, health_answered_together, json_http_server, serve_argv, wait_until
 
 from areal_hpc.registry import Registry, free_port
 from areal_hpc.trainers.metrics import read_metrics
@@ -266,7 +266,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
             wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 30, "http.server", interval=0.2)
             bad = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{port}", *NAMES)
             one_line_error(bad, "url", "answered HTTP 404", "Error response")
-            (web / "health").write_text("ok")  # /health now 200: the weight load (a POST) gets 501 and its page
+            (web / "health").write_text("ok")  # /health now 200: but /model_info names no model
+            bad = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{port}", *NAMES)
+            one_line_error(bad, "url", "is not an SGLang or `hf` generation server", "HTTP 404: <!DOCTYPE HTML> <html")
+            (web / "model_info").write_text(json.dumps(MODEL_INFO))  # now it does: the weight load (a POST) gets 501
             bad = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{port}", *NAMES)
             one_line_error(bad, "url", "could not load the run's weights", "Error response")
             assert len(bad.stderr) < 1000, bad.stderr
@@ -330,7 +333,7 @@ def test_a_wrong_key_is_refused_by_a_server_whose_health_needs_no_key():
             elif self.headers.get("Authorization") != "Bearer right":
                 status, body = 401, {"error": "Unauthorized"}
             else:
-                status, body = 200, {"model_path": "/m", "weight_version": "default"}
+                status, body = 200, MODEL_INFO
             data = json.dumps(body).encode() if body is not None else b""
             self.send_response(status)
             self.send_header("Content-Length", str(len(data)))
@@ -350,6 +353,36 @@ def test_a_wrong_key_is_refused_by_a_server_whose_health_needs_no_key():
                 external.probe(base, key, timeout=5)
     finally:
         httpd.shutdown()
+
+
+def test_a_web_server_that_answers_200_to_everything_is_not_attached(tmp_path):
+    """A web server that answers 200 to every route (/health, the weight load) was recorded as ext-N, and rollouts to it
+    were retried forever: an inference server must name its model in /model_info (SGLang's fields), else a
+    `ConfigError` naming url and what answered (one line, exit 2: test_bad_input_is_one_line_and_exit_2); nothing
+    recorded."""
+    from areal_hpc.config import ConfigError
+    from areal_hpc.launch import external
+
+    assert cli(tmp_path, "submit", QUICKSTART, "--dry-run").returncode == 0
+    reg = Registry.for_run(next(tmp_path.glob("*/quickstart/run0")))
+    reg.put("weights", "latest", {"version": 1, "path": str(tmp_path / "v1")}, ttl=False)  # its weight load: 200 too
+    app = ("import sys\nfrom aiohttp import web\nasync def page(request):\n"
+           "    return web.Response(text='<html>\\n<body>It works!</body>\\n</html>', content_type='text/html')\n"
+           "app = web.Application()\napp.router.add_route('*', '/{tail:.*}', page)\n"
+           "web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), print=None)")
+    www = subprocess.Popen([sys.executable, "-c", app, str(port := free_port())], start_new_session=True)
+    try:
+        wait_until(lambda: answers(f"127.0.0.1:{port}", ""), 30, "the web server", interval=0.2)
+        with pytest.raises(ConfigError, match=f"url: http://127.0.0.1:{port} is not an SGLang or `hf` generation "
+                           "server: .*HTTP 200: <html> <body>It works!</body> </html>"):
+            external.attach(reg, f"http://127.0.0.1:{port}")
+    finally:
+        kill(www)
+    for answer in (None, {}, {"model_path": "/m", "is_generation": False}, ["/m"]):  # an embedding model: no generation
+        with json_http_server(lambda method, path, body: (200, answer)) as port:
+            with pytest.raises(ConfigError, match="not an SGLang or `hf` generation server"):
+                external.attach(reg, f"http://127.0.0.1:{port}")
+    assert reg.list("servers", live_only=False) == {}
 
 
 # ----------------------------------------------------------------------------- mode=slurm
@@ -475,7 +508,7 @@ def test_an_attach_whose_second_weight_load_fails_leaves_no_record(tmp_path):
 
     def respond(method, path, body):  # /update_weights_from_disk: v1 loads (and v2 is published meanwhile), v2 not
         if method == "GET":
-            return 200, {}
+            return 200, MODEL_INFO
         if reg.get("weights", "latest", live_only=False)["version"] == 1:
             reg.put("weights", "latest", {"version": 2, "path": str(tmp_path / "v2")}, ttl=False)
             return 200, {"success": True}
@@ -494,7 +527,7 @@ def test_remove_server_takes_the_id_or_the_url(tmp_path):
 
     assert cli(tmp_path, "submit", QUICKSTART, "--dry-run").returncode == 0
     reg = Registry.for_run(next(tmp_path.glob("*/quickstart/run0")))
-    with json_http_server(lambda method, path, body: (200, {})) as port:
+    with json_http_server(lambda method, path, body: (200, MODEL_INFO)) as port:
         for ident in ("ext-0", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/", f"127.0.0.1:{port}"):
             assert external.attach(reg, f"http://127.0.0.1:{port}")[0] == "ext-0"
             p = cli(tmp_path, "remove-server", ident, *NAMES)

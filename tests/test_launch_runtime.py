@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
-from helpers import json_http_server, serve_argv
+from helpers import MODEL_INFO, json_http_server, serve_argv
 
 from areal_hpc.config import dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import control, external, local, outcome
@@ -115,7 +115,7 @@ def test_an_attach_that_loads_the_weights_again_returns_the_version_it_loaded(tm
         if method == "POST":  # /update_weights_from_disk; version 2 is published meanwhile
             reg.put("weights", "latest", {"path": str(tmp_path / "v2"), "version": 2}, ttl=False)
             return 200, {"success": True}
-        return 200, {}
+        return 200, MODEL_INFO
 
     with json_http_server(respond) as port:
         sid, rec = external.attach(reg, f"http://127.0.0.1:{port}")

@@ -109,7 +109,7 @@ def healthy(address: str, key: Optional[str], timeout: float = 5.0) -> bool:
 
 
 def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any]:
-    """What the server says about itself; a `ConfigError` when it does not answer /health with this key."""
+    """What the server says of itself; a `ConfigError` unless it answers /health with this key and names its model."""
     try:
         status, body = call(base, api.HEALTH, key, timeout=timeout)
     except OSError as e:
@@ -120,7 +120,8 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
     if status != 200:
         raise ConfigError("url", f"{base}{api.HEALTH.path} answered HTTP {status}: {api.error_message(body)}")
     info: Dict[str, Any] = {}
-    for route in (api.SERVER_INFO, api.MODEL_INFO):  # SGLang and `hf` both have them; neither is required
+    for route in (api.SERVER_INFO, api.MODEL_INFO):  # SGLang and `hf` both have them; /model_info is required
+        status, body = 0, "no answer"
         with contextlib.suppress(OSError):
             status, body = call(base, route, key, timeout=timeout)
             if status in (401, 403):  # SGLang answers /health without a key: these check it
@@ -128,6 +129,11 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
                                   "pass the server's key as api_key=...")
             if status == 200 and isinstance(body, dict):
                 info.update({k: v for k, v in body.items() if k != "internal_states"})
+    model = body if status == 200 and isinstance(body, dict) else {}  # (a web server answers 200 to anything)
+    if not model.get("model_path") or model.get("is_generation") is not True:
+        raise ConfigError("url", f"{base} is not an SGLang or `hf` generation server: {api.MODEL_INFO.path} gave no "
+                          f"model_path and is_generation (HTTP {status}: {api.error_message(body or 'nothing')})",
+                          "give the URL of an inference server")
     return info
 
 
