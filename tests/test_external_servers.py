@@ -581,6 +581,15 @@ def test_a_key_that_is_no_header_value_is_refused_without_showing_it(tmp_path):
         assert "SEKRIT" not in p.stdout + p.stderr
 
 
+def test_credentials_in_the_url_are_refused_without_showing_them(tmp_path):
+    """`url=http://user:secret@host:port` was stored in the record and printed by `status` and messages as given."""
+    for url in (f"http://user:SEKRIT@127.0.0.1:{free_port()}", "https://:SEKRIT@h:1/p", "http://SEKRIT@h",
+                "u:SEKRIT@h:1"):  # (the last two are no server URLs either: still not shown)
+        p = cli(tmp_path, "add-servers", f"url={url}", *NAMES)
+        one_line_error(p, "url", "holds a user or password (not shown)", "api_key_file=")
+        assert "SEKRIT" not in p.stdout + p.stderr
+
+
 def test_a_key_file_keeps_the_key_out_of_argv_and_must_be_private(tmp_path):
     """`api_key=KEY` is in every user's `ps` and in shell history; `api_key_file=PATH` (or a pipe) reads it instead. A
     file others can read, a missing or empty one, or both ways at once: one line naming api_key_file, exit 2."""

@@ -37,6 +37,8 @@ def parse_url(url: str) -> Tuple[str, str]:
     """``http(s)://host:port[/prefix]`` -> (base URL, registry address: ``host:port`` for a plain http URL, as
     our own servers record it, else the base URL)."""
     u = urllib.parse.urlsplit(url.strip())
+    if "@" in (u.netloc or url):  # user:password@: it would be in the record and in messages
+        raise ConfigError("url", "holds a user or password (not shown)", "give the key as api_key_file=...")
     try:
         port = u.port
     except ValueError:
