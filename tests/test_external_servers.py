@@ -573,12 +573,17 @@ def test_attaching_a_server_already_in_the_run_under_another_address_is_refused(
 
 
 def test_a_key_that_is_no_header_value_is_refused_without_showing_it(tmp_path):
-    """`add-servers api_key=...` with a line break in the key: urllib's ValueError traceback printed the key."""
+    """`add-servers api_key=...` with a line break in the key: urllib's ValueError traceback printed the key; an empty
+    one: one line too."""
     assert cli(tmp_path, "submit", QUICKSTART, "--dry-run").returncode == 0  # a run dir to attach to
     for key in ("abc\nSEKRIT", "abc\rSEKRIT", "SEKRIT\u2019"):
         p = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{free_port()}", f"api_key={key}", *NAMES)
         one_line_error(p, "api_key", "line break", "not shown")
         assert "SEKRIT" not in p.stdout + p.stderr
+    # an empty key (an unset shell variable: api_key=$KEY) fell back to the run's own, silently
+    for empty in (["api_key="], ["--api-key", ""]):
+        p = cli(tmp_path, "add-servers", f"url=http://127.0.0.1:{free_port()}", *empty, *NAMES)
+        one_line_error(p, "api_key", "is empty", "leave api_key out")
 
 
 def test_credentials_in_the_url_are_refused_without_showing_them(tmp_path):

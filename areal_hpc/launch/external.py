@@ -73,6 +73,8 @@ def read_key_file(path: str) -> str:
 
 def check_key(key: str, name: str) -> None:
     """A key is sent as an HTTP header: one line of printable ASCII (a bad one is named, never shown)."""
+    if not key:  # (`api_key=$KEY` with KEY unset): an empty key meant the run's, silently
+        raise ConfigError(name, "is empty", "give the server's key, or leave api_key out to use the run's own")
     if not (key.isascii() and key.isprintable()):
         raise ConfigError(name, "holds a line break, a control or a non-ASCII character (the key is not shown)",
                           "give the server's key alone, on one line")
