@@ -264,6 +264,8 @@ BAD_INPUTS = [
      "no_hash.jsonl line 1"),
     ("hub-dataset-unreachable", ["train_dataset.path=nobody/no-such-data"], "train_dataset.path",
      "'nobody/no-such-data' is not a local path, the hub cannot be reached"),
+    ("hub-model-typo", ["trainer.ppo.actor.path=models/qwen3"], "trainer.ppo.actor.path",  # a local dir mistyped
+     "'models/qwen3' is not a local path, the hub cannot be reached"),
     ("model-path-is-a-file", ["trainer.ppo.actor.path={model}/model.safetensors"], "trainer.ppo.actor.path",
      "is a file, not a model directory"),
     ("config-json-not-json", ["trainer.ppo.actor.path={not_json}"], "trainer.ppo.actor.path",
@@ -293,6 +295,7 @@ def check_bad_input(bad, root, extra, key, text, capsys, mode_args) -> None:
     assert rc == 2 and len(lines) == 1, (extra, rc, err)
     assert lines[0].startswith(f"areal-hpc submit: error: {key}: ") and text in lines[0], lines[0]
     assert not list(Path(root).glob("**/config.yaml")), "a run dir was written"
+    assert not Path(root).exists(), f"{[str(p) for p in Path(root).rglob('*')]} left behind"  # an hf-cache made for it
 
 
 @pytest.mark.parametrize("extra, key, text", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
