@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from areal_hpc.config import (ConfigError, DatasetConfig, ExperimentConfig, datasets_in_use, looks_like_hub_name,
                               models_in_use, prompt_tokenizer_path, raw_text_refusal)
@@ -39,36 +39,40 @@ def resolve(cfg: ExperimentConfig) -> None:
     _quiet()
     made = [d for d in (cache, *cache.parents) if not d.exists()]
     try:
-        if any(looks_like_hub_name(p) for p in paths):
-            try:  # with the run's umask (`submit` has it); a shared cache is best made beforehand, with its modes
-                if not explicit:
-                    make_fileroot(cfg)
-                cache.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {one_line(e)}",
-                                  "a writable directory on a filesystem every node mounts") from None
-        done: Dict[str, str] = {}
-        templated: Dict[str, bool] = {}  # local model dir -> its tokenizer has a chat template
-        for key, owner, attr in models_in_use(cfg):
-            path = getattr(owner, attr)
-            if path not in done and not path.startswith("toy:"):
-                local = _local_or_download(key, path, "model", cache)
-                templated[str(local)] = check_model_dir(key, local)
-                done[path] = str(local)
-            setattr(owner, attr, done.get(path, path))
-        for key, ds, which in datasets_in_use(cfg):
-            resolve_dataset(key, ds, which, cache)
-            if ds.chat_template == "auto" and templated.get(prompt_tokenizer_path(cfg)) is False:  # else on a node
-                for name, hint in (("system_prompt", "drop it, or put the instruction in the prompts"),
-                                   ("chat_template_kwargs", "drop them, or use a model with a chat template")):
-                    if getattr(ds, name):
-                        raise ConfigError(f"{key}.{name}", raw_text_refusal(
-                            name, f"the tokenizer of {prompt_tokenizer_path(cfg)} has none"), hint)
+        _resolve_paths(cfg, cache, explicit, paths)
     except ConfigError:  # what this submit made goes again, but for a download into it (the next submit's)
         for d in [p for top in made[:1] for p, _, _ in os.walk(top, topdown=False)] + made[1:]:
             with contextlib.suppress(OSError):  # only empty dirs
                 os.rmdir(d)
         raise
+
+
+def _resolve_paths(cfg: ExperimentConfig, cache: Path, explicit: bool, paths: List[str]) -> None:
+    if any(looks_like_hub_name(p) for p in paths):
+        try:  # with the run's umask (`submit` has it); a shared cache is best made beforehand, with the modes it needs
+            if not explicit:
+                make_fileroot(cfg)
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("cluster.hf_cache", f"cannot create {cache}: {one_line(e)}",
+                              "a writable directory on a filesystem every node mounts") from None
+    done: Dict[str, str] = {}
+    templated: Dict[str, bool] = {}  # local model dir -> its tokenizer has a chat template
+    for key, owner, attr in models_in_use(cfg):
+        path = getattr(owner, attr)
+        if path not in done and not path.startswith("toy:"):
+            local = _local_or_download(key, path, "model", cache)
+            templated[str(local)] = check_model_dir(key, local)
+            done[path] = str(local)
+        setattr(owner, attr, done.get(path, path))
+    for key, ds, which in datasets_in_use(cfg):
+        resolve_dataset(key, ds, which, cache)
+        if ds.chat_template == "auto" and templated.get(prompt_tokenizer_path(cfg)) is False:  # else found on a node
+            for name, hint in (("system_prompt", "drop it, or put the instruction in the prompts"),
+                               ("chat_template_kwargs", "drop them, or use a model with a chat template")):
+                if getattr(ds, name):
+                    raise ConfigError(f"{key}.{name}", raw_text_refusal(
+                        name, f"the tokenizer of {prompt_tokenizer_path(cfg)} has none"), hint)
 
 
 def make_fileroot(cfg: ExperimentConfig) -> None:
