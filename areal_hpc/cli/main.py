@@ -273,7 +273,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, words = parser.parse_known_args(_own_options(argv, parser.parse_known_args(argv)[0]))
     if not getattr(args, "fn", None):  # no COMMAND: its help; a word that is none (`--vers`) is one line, as all input
-        parser.error(f"{words[0]}: is not an option of areal-hpc (see its --help)") if words else parser.print_help()
+        if words:
+            parser.error(f"{words[0]}: is not an option of areal-hpc (see its --help)")
+        parser.print_help()
         return 2
     try:
         if words and args.words is None:

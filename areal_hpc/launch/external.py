@@ -31,6 +31,7 @@ from areal_hpc.registry import Registry, runs_here
 log = logging.getLogger("areal_hpc.launch")
 
 PREFIX = "ext-"
+KEY_HINT = "pass the server's key as api_key_file=PATH (or api_key=...)"
 
 
 def parse_url(url: str) -> Tuple[str, str]:
@@ -120,7 +121,7 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
         raise ConfigError("url", f"{base} does not answer {api.HEALTH.path} ({getattr(e, 'reason', e)})",
                           "start the server first, and check the host and port") from None
     if status in (401, 403):
-        raise ConfigError("api_key", f"{base} refused the key (HTTP {status})", "pass the server's key as api_key=...")
+        raise ConfigError("api_key", f"{base} refused the key (HTTP {status})", KEY_HINT)
     if status != 200:
         raise ConfigError("url", f"{base}{api.HEALTH.path} answered HTTP {status}: {api.error_message(body)}")
     info: Dict[str, Any] = {}
@@ -129,8 +130,7 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
         with contextlib.suppress(OSError):
             status, body = call(base, route, key, timeout=timeout)
             if status in (401, 403):  # SGLang answers /health without a key: these check it
-                raise ConfigError("api_key", f"{base} refused the key (HTTP {status})",
-                                  "pass the server's key as api_key=...")
+                raise ConfigError("api_key", f"{base} refused the key (HTTP {status})", KEY_HINT)
             if status == 200 and isinstance(body, dict):
                 info.update({k: v for k, v in body.items() if k != "internal_states"})
     model = body if status == 200 and isinstance(body, dict) else {}  # (a web server answers 200 to anything)
