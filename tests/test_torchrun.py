@@ -1,6 +1,7 @@
 """mode=torchrun: servers as local processes, the trainer under torchrun's elastic agent (real
 processes, the real CLI)."""
 
+import glob
 import json
 import os
 import signal
@@ -150,3 +151,41 @@ def test_sigterm_to_the_agent_from_outside_stops_the_run(tmp_path):
     run = json.loads((rd / "registry" / "run.json").read_text())
     assert owner.returncode == 130 and run["state"] == "STOPPED", (out, run)
     assert "stopped by a signal from outside" in run["reason"], run
+
+
+def test_stop_of_a_torchrun_run_checkpoints_and_leaves_nothing(tmp_path):
+    """`areal-hpc stop` (a request through the run's registry, which the owner passes to the ranks): both ranks
+    checkpoint and exit, the agent ends without restarting them, the run ends STOPPED (130) at that checkpoint with no
+    process of it left. Untested: only Ctrl-C and a SIGTERM to the agent were."""
+    owner = subprocess.Popen([sys.executable, "-m", "areal_hpc", "submit", QUICKSTART, f"cluster.fileroot={tmp_path}",
+                              "stats.progress_bar=False", "mode=torchrun", "allocation_mode=hf:d1+d2", *SMALL,
+                              "trainer.total_train_steps=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    pids: list = []
+    try:
+        rd = wait_for_steps(tmp_path, 3)
+        run = json.loads((rd / "registry" / "run.json").read_text())
+        agent = run["steps"]["trainer"]["torchrun_pid"]
+        server = json.loads((rd / "registry" / "servers" / "server-0.json").read_text())["pid"]
+        ranks = [int(c) for f in glob.glob(f"/proc/{agent}/task/*/children") for c in open(f).read().split()]
+        pids = [agent, server, *ranks]
+        assert len(ranks) == 2 and all(pid_alive(p) for p in pids), (ranks, pids)
+        stop = subprocess.run([sys.executable, "-m", "areal_hpc", "stop", f"cluster.fileroot={tmp_path}",
+                               "experiment_name=quickstart", "trial_name=run0", "--timeout", "120"],
+                              capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        out, _ = owner.communicate(timeout=60)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        left = [p for p in pids if pid_alive(p)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert stop.returncode == 0 and "run STOPPED: stop requested (areal-hpc stop) at step" in stop.stdout, stop
+    assert owner.returncode == 130 and "run STOPPED" in out, out
+    assert left == [], f"left running: {left} of agent, server, ranks {pids}"
+    run = json.loads((rd / "registry" / "run.json").read_text())
+    last = metrics(rd)[-1]["step"]
+    assert run["state"] == "STOPPED", run
+    assert f"at step {last}; resumes from checkpoint step_{last:08d}" in run["reason"], run
+    assert (rd / "checkpoints" / f"step_{last:08d}").is_dir()
+    assert "recovered from checkpoint" not in (rd / "logs" / "trainer-0.log").read_text()  # the agent restarted none
