@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, CI): install areal-hpc + test deps into the active Python, install the
 # local Slurm packages (root only; the tests start and stop the throw-away cluster themselves),
-# then run pytest. Extra arguments go to pytest, e.g. `tools/test.sh -m "not slurm" -x`.
+# then run pytest (its 25 slowest tests listed at the end: where CI's time goes). Extra arguments go to pytest,
+# e.g. `tools/test.sh -m "not slurm" -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install.sh
@@ -9,4 +10,4 @@ if [ "$(id -u)" = 0 ]; then
     tools/slurm/local-cluster.sh install
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python3 -m pytest -q -rs "$@"
+exec python3 -m pytest -q -rs --durations=25 "$@"
