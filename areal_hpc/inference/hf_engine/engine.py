@@ -208,9 +208,11 @@ class LLMEngine:
         `abort_request` drops the abort), then every request whose rid starts with it (`Scheduler.abort_request`)."""
         self._drain_inbox()
         live = (sched := self.scheduler).running + list(sched.waiting)
-        pre = "" if rid is None else rid if any(s.rid == rid for s in live) else None
-        hit = [s for s in live if pre is not None and s.rid.startswith(pre)]
-        sched.waiting = deque(s for s in sched.waiting if pre is None or not s.rid.startswith(pre))
+        if rid is not None and all(s.rid != rid for s in live):
+            return 0
+        prefix = "" if rid is None else rid
+        hit = [s for s in live if s.rid.startswith(prefix)]
+        sched.waiting = deque(s for s in sched.waiting if not s.rid.startswith(prefix))
         self._fail(hit, message, status_code)  # a waiting one has no row to leave
         self.stats["aborted_requests"] += len(hit)
         return len(hit)
