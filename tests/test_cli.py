@@ -378,3 +378,16 @@ def test_logs_follow_waits_for_a_log_not_opened_yet(tmp_path, capsys):
         proc.kill()
     err = proc.communicate()[1]
     assert err.count("waiting") == 1 and "'trainer'" in err, err
+
+
+@pytest.mark.parametrize("words", [["count=2", "count=3"], ["--count", "2", "count=2"], ["-n", "5", "--lines=9"],
+                                   ["api_key=k1", "--api-key", "k2"]])
+def test_an_option_of_the_command_given_twice_is_bad_input(words, capsys):
+    """`add-servers count=2 count=3` started 3 servers without a word, where a config key given twice is refused; the
+    refusal names the option, not its values (one may be an API key)."""
+    command = "logs" if "-n" in words else "add-servers"
+    with pytest.raises(SystemExit) as e:
+        run_cli(command, *words, "trial_name=t1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "given twice" in err, err
+    assert err.startswith(f"areal-hpc {command}: error: argument ") and "k1" not in err and "k2" not in err

@@ -173,6 +173,16 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _Once(argparse.Action):
+    """An option that takes a value is given once (``count=2 count=3`` is an error, as a config key given twice is)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.dest in (given := namespace.__dict__.setdefault("given_", set())):
+            raise argparse.ArgumentError(self, "given twice (give it once)")  # no values: one may be an API key
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line, like every other bad input (exit 2)."""
 
@@ -206,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Start COUNT more servers in the live allocation (or, with --new-job or when it has no free GPUs, in a\n"
             "separate job that joins the run); or attach a running server with url=. New servers load the current\n"
             "weights before registering.")
-    a.add_argument("--count", type=int, default=1, help="number of servers to add (also count=N)")
+    a.add_argument("--count", action=_Once, type=int, default=1, help="number of servers to add (also count=N)")
     a.add_argument("--new-job", action="store_true", help="always submit a separate job for the new servers")
-    a.add_argument("--url", default=None, help="attach a running SGLang or hf server (also url=http://HOST:PORT)")
-    a.add_argument("--api-key", default=None, help="that server's API key (also api_key=...; default: the run's); "
+    a.add_argument("--url", action=_Once, help="attach a running SGLang or hf server (also url=http://HOST:PORT)")
+    a.add_argument("--api-key", action=_Once, help="that server's API key (also api_key=...; default: the run's); "
                    "on a shared host every user sees it in `ps`, and it stays in shell history: prefer --api-key-file")
-    a.add_argument("--api-key-file", default=None, help="a file (mode 0600) or pipe holding that server's key, e.g. "
+    a.add_argument("--api-key-file", action=_Once, help="a file (mode 0600) or pipe holding that server's key, e.g. "
                    "api_key_file=~/.sglang-key or api_key_file=/dev/stdin")
 
     add("remove-server", cmd_remove_server, "detach an external server from a run",
@@ -227,11 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
              "areal-hpc logs [ROLE] [-f] [CONFIG] [key=value ...]; ROLE is trainer (default), driver, server-K,\n"
              "trainer-R (rank R), server-K-N (node N of a multi-node server) or slurm. Logs live in {run_dir}/logs/.")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
-    lg.add_argument("-n", "--lines", type=int, default=50, help="lines of history to show (default 50)")
+    lg.add_argument("-n", "--lines", action=_Once, type=int, default=50, help="lines of history to show (default 50)")
 
     sp = add("stop", cmd_stop, "stop a run gracefully",
              "Ask the trainer to checkpoint, stop servers (they deregister), end the job (scancel for Slurm runs).")
-    sp.add_argument("--timeout", type=float, default=120.0,
+    sp.add_argument("--timeout", action=_Once, type=float, default=120.0,
                     help="seconds to wait for a graceful stop before killing (the trainer gets all but 40 of them)")
     sp.add_argument("--external", action="store_true",
                     help="also stop external servers (attached by URL, or `serve` by hand) where possible: their own "
@@ -242,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
              "One server, registered in the run's registry while it lives. The launchers pass --run-dir and\n"
              "--server-id. By hand, on any host that sees the run dir, `areal-hpc serve experiment_name=...\n"
              "trial_name=...` joins the run as an external server (`areal-hpc stop` stops it only with --external).")
-    sv.add_argument("--run-dir", default=None)
-    sv.add_argument("--server-id", default=None)
-    sv.add_argument("--backend", default=None, help="override the allocation's backend (hf | sglang)")
+    sv.add_argument("--run-dir", action=_Once)
+    sv.add_argument("--server-id", action=_Once)
+    sv.add_argument("--backend", action=_Once, help="override the allocation's backend (hf | sglang)")
 
     tr = add("train", cmd_train, "(internal) run one trainer rank of a run",
              "Internal entry point: one rank of the trainer (torch.distributed from torchrun or Slurm).", config=False)
@@ -260,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _own_options(argv: List[str], known: argparse.Namespace) -> List[str]:
     """``count=2`` -> ``--count=2``: a command's own option also takes the seed's ``name=value``
     form (dest ``api_key`` is option ``--api-key``); every other word is left as it is."""
-    own = set(vars(known)) - {"fn", "command", "words"}
+    own = set(vars(known)) - {"fn", "command", "words", "given_"}
     out = []
     for word in argv:
         name, eq, value = word.partition("=")
