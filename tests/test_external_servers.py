@@ -621,3 +621,28 @@ def test_a_key_file_keeps_the_key_out_of_argv_and_must_be_private(tmp_path):
     assert "SEKRIT" not in p.stderr
     one_line_error(cli(tmp_path, "add-servers", url, f"api_key_file={key}", "api_key=x", *NAMES), "both given")
     one_line_error(cli(tmp_path, "add-servers", f"api_key_file={key}", *NAMES), "api_key_file", "url=")
+
+
+def test_an_sglang_older_than_the_info_renames_is_attached_by_the_old_names(tmp_path):
+    """SGLang renamed /get_model_info and /get_server_info to /model_info and /server_info; the pinned one logs a
+    deprecation warning at each call of an old name, an older one has only those. `add-servers url=` asks the new name,
+    and the old one only after a 404; the old one's model and server info are read as the new ones."""
+    from areal_hpc.launch import external
+
+    reg = Registry(tmp_path / "registry", ttl_s=60)
+    for new in (True, False):
+        asked = []
+
+        def respond(method, path, body):
+            asked.append(path)
+            served = {"/health": {}, "/model_info" if new else "/get_model_info": MODEL_INFO,
+                      "/server_info" if new else "/get_server_info": {"pid": 4242 if new else 4343}}
+            return (200, served[path]) if path in served else (404, {"detail": "Not Found"})
+
+        with json_http_server(respond) as port:
+            sid, rec = external.attach(reg, f"http://127.0.0.1:{port}")
+            external.check_attached(reg, timeout_s=5)
+        assert rec["model_path"] == "/m" and rec["process"] == {"pid": 4242 if new else 4343}, rec
+        old = ["/get_server_info", "/get_model_info"]
+        assert [p for p in asked if p.startswith("/get_")] == ([] if new else old + ["/get_model_info"]), asked
+        reg.delete("servers", sid)

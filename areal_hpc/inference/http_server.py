@@ -43,7 +43,7 @@ def _result(ok: bool, message: str, **extra: Any) -> web.Response:
 
 
 class EngineServer:
-    """The aiohttp application of one engine. ``info`` goes into /get_server_info."""
+    """The aiohttp application of one engine. ``info`` goes into /server_info."""
 
     def __init__(self, engine: LLMEngine, api_key: Optional[str] = None, info: Optional[Dict[str, Any]] = None):
         self.engine, self.runner, self.api_key = engine, engine.runner, api_key or None

@@ -74,16 +74,18 @@ INIT_WEIGHTS_UPDATE_GROUP = Route("POST", "/init_weights_update_group")
 UPDATE_WEIGHTS_FROM_DISTRIBUTED = Route("POST", "/update_weights_from_distributed")
 HEALTH = Route("GET", "/health")
 MODEL_INFO = Route("GET", "/model_info")
-SERVER_INFO = Route("GET", "/get_server_info")  # read when an external server is attached
+SERVER_INFO = Route("GET", "/server_info")  # read when an external server is attached
+# Their names in SGLang before the rename, the only ones an older server has (a newer one logs a deprecation warning
+# for each call): asked only on a 404 from the new name.
+OLD_NAMES = {MODEL_INFO: Route("GET", "/get_model_info"), SERVER_INFO: Route("GET", "/get_server_info")}
 
 # Routes our code calls or (abort_request) our hf server serves; the contract test checks each is in SGLang ...
 ROUTES: Tuple[Route, ...] = (GENERATE, PAUSE_GENERATION, CONTINUE_GENERATION, ABORT_REQUEST,
                              UPDATE_WEIGHTS_FROM_DISK, INIT_WEIGHTS_UPDATE_GROUP,
-                             UPDATE_WEIGHTS_FROM_DISTRIBUTED, HEALTH, MODEL_INFO)
-# ... and routes our docs point users and third-party clients at (checked the same way).
-DOCUMENTED_ROUTES: Tuple[Route, ...] = (Route("GET", "/health_generate"), SERVER_INFO,
-                                        Route("GET", "/get_model_info"), Route("POST", "/flush_cache"),
-                                        Route("GET", "/v1/models"))
+                             UPDATE_WEIGHTS_FROM_DISTRIBUTED, HEALTH, MODEL_INFO, SERVER_INFO)
+# ... and routes our docs point users and third-party clients at, or we fall back to (checked the same way).
+DOCUMENTED_ROUTES: Tuple[Route, ...] = (Route("GET", "/health_generate"), *OLD_NAMES.values(),
+                                        Route("POST", "/flush_cache"), Route("GET", "/v1/models"))
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos")
 FINISH_TYPES = ("stop", "length", "abort")

@@ -106,6 +106,12 @@ def at_once(fn: Callable[[Any], Any], items: Iterable[Any]) -> List[Any]:
         return list(pool.map(fn, items))
 
 
+def call_info(base: str, route: api.Route, key: Optional[str], timeout: float) -> Tuple[int, Any]:
+    """GET /model_info or /server_info; from an SGLang older than their names, the old name (`api.OLD_NAMES`)."""
+    status, body = call(base, route, key, timeout=timeout)
+    return call(base, api.OLD_NAMES[route], key, timeout=timeout) if status == 404 else (status, body)
+
+
 def healthy(address: str, key: Optional[str], timeout: float = 5.0) -> bool:
     try:
         return call(api.base_url(address), api.HEALTH, key, timeout=timeout)[0] == 200
@@ -128,7 +134,7 @@ def probe(base: str, key: Optional[str], timeout: float = 10.0) -> Dict[str, Any
     for route in (api.SERVER_INFO, api.MODEL_INFO):  # SGLang and `hf` both have them; /model_info is required
         status, body = 0, "no answer"
         with contextlib.suppress(OSError):
-            status, body = call(base, route, key, timeout=timeout)
+            status, body = call_info(base, route, key, timeout)
             if status in (401, 403):  # SGLang answers /health without a key: these check it
                 raise ConfigError("api_key", f"{base} refused the key (HTTP {status})", KEY_HINT)
             if status == 200 and isinstance(body, dict):
@@ -240,7 +246,7 @@ def detach(reg: Registry, ident: str) -> Tuple[str, Dict[str, Any]]:
 
 def stop_process(rec: Dict[str, Any], run_job_id: Optional[str]) -> str:
     """Stop an external server's process where we know it (its own Slurm job, a pid here); what was done, in words."""
-    # attached: what its /get_server_info said; `areal-hpc serve` by hand: its own record
+    # attached: what its /server_info said; `areal-hpc serve` by hand: its own record
     where = (rec.get("process") or {}) if rec.get("url") else rec
     job, pid = where.get("slurm_job_id"), where.get("pid")
     name = rec.get("url") or rec.get("address")
@@ -276,7 +282,7 @@ def check_attached(reg: Registry, timeout_s: float = 5.0) -> None:
             return
         version = None  # unknown: the record keeps the one it has
         with contextlib.suppress(OSError):
-            status, body = call(rec["url"], api.MODEL_INFO, key, timeout=timeout_s)
+            status, body = call_info(rec["url"], api.MODEL_INFO, key, timeout_s)
             version = api.model_info_version(body) if status == 200 else None
         # under the record's lock: a `remove-server` meanwhile wins (None stays None)
         reg.update("servers", sid, lambda old: old and {
