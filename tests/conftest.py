@@ -58,6 +58,22 @@ def pytest_configure(config: pytest.Config) -> None:
             config.addinivalue_line("markers", f"{name}: {help_text}")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `-n N --dist loadgroup` (tools/test.sh): every Slurm test goes to one worker, in turn, on the one cluster
+    that worker starts; any other test goes with its file, which keeps each module fixture built once."""
+    for item in items:
+        slurm = item.get_closest_marker("slurm") is not None or "slurm_cluster" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.stem))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The groups above took effect (the worker names each test's group in its id), or the run stops here."""
+    if getattr(session.config.option, "loadgroup", False) and any("@" not in item.nodeid for item in session.items):
+        raise pytest.UsageError("pytest-xdist ignored the test groups (pytest-dev/pytest-xdist#1386, pytest 9.2): "
+                                "a module's tests would be split between workers; run with -n 0")
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
