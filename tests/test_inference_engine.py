@@ -990,6 +990,40 @@ def test_a_batch_takes_its_rid_as_a_prefix_and_refuses_duplicate_rids(engine):
     assert s2 == 400 and "Duplicate request IDs" in dup["error"]["message"]
 
 
+def test_a_rid_still_in_flight_is_refused_for_another_request(engine):
+    """SGLang 0.5.23 (managers/tokenizer_manager.py, `_init_req_state`) refuses with a 400 "Duplicate request ID
+    detected" a request whose rid another one still running or waiting has. The hf server served both under the one
+    rid: /abort_request for one of them, or the second client going away, aborted the first client's request too."""
+    import asyncio
+
+    import aiohttp
+
+    from areal_hpc.inference.http_server import EngineServer
+
+    sp = {"max_new_tokens": 2000, "ignore_eos": True}
+
+    async def go():
+        async with engine_app(EngineServer(engine)) as url, aiohttp.ClientSession() as s:
+            async def post(path, body):
+                async with s.post(url + path, json=body) as r:
+                    return r.status, await r.json()
+
+            first = asyncio.ensure_future(post("/generate", {"input_ids": [3, 4], "rid": "x", "sampling_params": sp}))
+            while engine.snapshot()["num_running"] < 1:
+                await asyncio.sleep(0.01)
+            dup = await post("/generate", {"input_ids": [[5, 6], [7, 8]], "rid": ["y", "x"], "sampling_params": sp})
+            assert not first.done()
+            assert await post("/abort_request", {"rid": "x"}) == (200, {"success": True, "num_aborted": 1})
+            done = await first
+            again = await post("/generate", {"input_ids": [3, 4], "rid": "x", "sampling_params": {"max_new_tokens": 1}})
+            return dup, done, again
+
+    (s1, dup), (s2, done), (s3, again) = asyncio.run(go())
+    assert s1 == 400 and "Duplicate request ID detected: x" in dup["error"]["message"], dup
+    assert s2 == 200 and done["meta_info"]["finish_reason"]["type"] == "abort"
+    assert s3 == 200 and again["meta_info"]["id"] == "x"  # free again once its request ended
+
+
 def test_an_abort_by_rid_reaches_every_request_whose_rid_starts_with_it(model_path):
     """SGLang 0.5.23's /abort_request: `TokenizerManager.abort_request` drops the abort of a rid no request has, then
     `Scheduler.abort_request` aborts every request, waiting or running, whose rid starts with it ("ep": the request

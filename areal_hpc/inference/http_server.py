@@ -51,6 +51,7 @@ class EngineServer:
         self.info, self.started = dict(info or {}), time.time()
         self.groups: Dict[str, Any] = {}
         self._update_lock = asyncio.Lock()  # one update from disk at a time
+        self._rids: set = set()  # the rids clients named of the requests running or waiting
         self._tokenizer: Any = _UNLOADED
 
     def build(self) -> web.Application:
@@ -123,9 +124,16 @@ class EngineServer:
         body = await read_json(request)
         req = await read_generate(body, self.tokenizer, self.runner.vocab_size, self.runner.context_length)
         seqs = [Sequence(p, sp, rid=rid) for p, sp, rid in zip(req.prompts, req.params, req.rids)]
-        if json_bool(body, "stream"):
-            return await self._stream(request, seqs, req)
-        await self._complete(seqs)
+        named = {rid for rid in req.rids if rid is not None}  # as SGLang's: one rid a request at a time
+        if named & self._rids:  # (else an abort by rid, or one client going away, would end the other's too)
+            raise RequestError(f"Duplicate request ID detected: {min(named & self._rids)}")
+        self._rids |= named
+        try:
+            if json_bool(body, "stream"):
+                return await self._stream(request, seqs, req)
+            await self._complete(seqs)
+        finally:
+            self._rids -= named
         failed = next((s.finish_reason for s in seqs if (s.finish_reason or {}).get("status_code")), None)
         if failed:  # the engine refused it (not running, input too long) or a step failed
             return error_response(failed.get("message", "error"), int(failed["status_code"]))
