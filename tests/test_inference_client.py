@@ -482,6 +482,50 @@ def test_a_server_left_paused_by_failed_continues_gets_no_generations_until_a_co
     run(main())
 
 
+def test_a_server_left_paused_while_its_record_lapsed_gets_no_generations_when_it_comes_back(tmp_path):
+    """Both at once: a paused server's record lapses (the weight load saturates the shared filesystem) and
+    /continue_generation fails on every try. The pool forgot it was left paused: when its record came back it got
+    generations again, and a paused server holds each one (up to the request timeout, an hour)."""
+    async def main():
+        unpaused, state = asyncio.Event(), {"continue_ok": False}
+
+        async def stuck(path, p):
+            if path == "/pause_generation":
+                unpaused.clear()
+            elif path == "/continue_generation":
+                if not state["continue_ok"]:
+                    return 503, {"error": "busy"}
+                unpaused.set()
+            elif path == "/generate":
+                await unpaused.wait()
+                return 200, gen_body([1])
+            return 200, {"status": "ok"}
+
+        a = await Fake(stuck).start()
+        b = await Fake(lambda path, p: (200, gen_body([2]) if path == "/generate" else {"status": "ok"})).start()
+        reg = Registry(tmp_path / "registry")
+        reg.put("servers", "a", {"address": a.address, "state": "ready"})
+        reg.put("servers", "b", {"address": b.address, "state": "ready"})
+        async with ServerPool(reg, refresh_s=3600) as pool:
+            await pool.pause_all()
+            reg.delete("servers", "a")  # lapsed
+            await pool.refresh()
+            assert not (await pool.continue_all())["a"].ok
+            reg.put("servers", "a", {"address": a.address, "state": "paused"})  # back, still paused
+            await pool.refresh()
+            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
+            assert all(o.server_ids == ["b"] for o in outs)
+            state["continue_ok"] = True  # the next weight update's continue reaches it
+            await pool.pause_all()
+            assert (await pool.continue_all())["a"].ok
+            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
+            assert {o.server_ids[0] for o in outs} == {"a", "b"}
+        await a.stop()
+        await b.stop()
+
+    run(main())
+
+
 def test_an_empty_abort_nobody_here_caused_that_repeats_fails_the_sample_with_the_servers_message():
     """An older SGLang reports a request error (input too long) as finish_reason abort without a status_code, and
     answers so every time: the sample must fail with that message, not be resent forever."""

@@ -114,6 +114,7 @@ class ServerPool:
         self._running: Optional[asyncio.Event] = None  # set = generation may proceed
         self._changed: Optional[asyncio.Event] = None
         self._paused: Dict[str, _Server] = {}  # those `pause_all` paused, until `continue_all`
+        self._left: Dict[str, str] = {}  # id -> address of those left paused while out of the pool (lapsed record)
         self._pauses = 0  # `pause_all` calls so far: an abort that spans one was ours
         self.stats = {"requests": 0, "retries": 0, "resumes": 0}
 
@@ -179,6 +180,8 @@ class ServerPool:
             if cur is None or cur.address != rec["address"] or cur.record.get("api_key") != rec.get("api_key"):
                 self._servers[sid] = _Server(sid, rec["address"], record=rec)
                 changed = True
+                if self._left.pop(sid, None) == rec["address"]:  # back, still paused: no generations until a continue
+                    self._paused[sid] = self._servers[sid]
             else:
                 cur.record = rec
         for sid in [s for s, srv in self._servers.items() if s not in live and not srv.static]:
@@ -407,10 +410,12 @@ class ServerPool:
         `continue_all` reaches it."""
         res = await self.call_all(*api.CONTINUE_GENERATION, api.continue_body())
         for _ in range(tries - 1):
-            failed = [sid for sid, r in res.items() if not r.ok]
-            if failed:
-                res.update(await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), server_ids=failed))
-        self._paused = {sid: self._servers[sid] for sid, r in res.items() if not r.ok and sid in self._servers}
+            if again := [sid for sid, r in res.items() if not r.ok]:
+                res.update(await self.call_all(*api.CONTINUE_GENERATION, api.continue_body(), server_ids=again))
+        failed = {sid: s for sid, s in {**self._paused, **self._servers}.items() if sid in res and not res[sid].ok}
+        self._paused = {sid: s for sid, s in failed.items() if sid in self._servers}
+        self._left = {**{sid: a for sid, a in self._left.items() if sid not in res},  # (not asked: still unknown)
+                      **{sid: s.address for sid, s in failed.items() if sid not in self._servers}}
         if self._paused:
             log.error("/continue_generation failed %d times on %s: left paused, no generations go there until the "
                       "next weight update's continue reaches it", tries, ", ".join(sorted(self._paused)))
