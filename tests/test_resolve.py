@@ -18,6 +18,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import yaml
+from chatml import build_chatml_model
 from fake_hub import COMMIT, FakeHub
 from test_datasets import make_hub_dataset, write_jsonl, write_parquet
 
@@ -127,15 +128,21 @@ def test_local_paths_are_made_absolute_and_toy_untouched(tmp_path, model_dir, mo
 
 def test_a_prompt_column_of_chat_messages(tmp_path, capsys):
     """TRL's conversational format: `prompt` holds [{role, content}]. messages_key=prompt was refused ("'prompt' must
-    be a string, got list"); with the default keys the error now says to set it."""
+    be a string, got list"); with the default keys the error now says to set it. Messages need a chat template: with
+    the toy model's tokenizer (none) they are refused at submit, not left out on the node (every row: the run failed)."""
     rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}], "answer": str(i + 1)} for i in range(3)]
+    chat_model = build_chatml_model(tmp_path / "chatml")
     for path in (write_jsonl(tmp_path / "conv.jsonl", rows), write_parquet(tmp_path / "conv.parquet", rows)):
         argv = ["submit", QUICKSTART, f"cluster.fileroot={tmp_path / 'runs'}", f"train_dataset.path={path}",
                 "--dry-run"]
-        assert main(argv + ["train_dataset.messages_key=prompt"]) == 0, capsys.readouterr().err
-        assert main(argv) == 2
+        assert main(argv + ["train_dataset.messages_key=prompt", f"trainer.ppo.actor.path={chat_model}"]) == 0, \
+            capsys.readouterr().err
+        assert main(argv + [f"trainer.ppo.actor.path={chat_model}"]) == 2
         assert "'prompt' must be a string, got list" in (err := capsys.readouterr().err)
         assert "set train_dataset.messages_key=prompt" in err
+        assert main(argv + ["train_dataset.messages_key=prompt"]) == 2
+        assert "has chat messages but no 'prompt' string, and prompts are raw text: a toy: model's tokenizer has no " \
+               "chat template" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ a hub over HTTP, then none
@@ -196,6 +203,8 @@ def bad(tmp_path_factory, model_dir) -> dict:
     paths["qa"] = write_jsonl(d / "qa.jsonl", [{"question": r["prompt"], "answer": r["answer"]} for r in rows])
     paths["no_answer"] = write_jsonl(d / "no_answer.jsonl", [{"prompt": r["prompt"]} for r in rows])
     paths["int_prompt"] = write_jsonl(d / "int_prompt.jsonl", [{"prompt": 5, "answer": "1"}])
+    paths["messages_only"] = write_jsonl(d / "messages_only.jsonl", [
+        {"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
     malformed = d / "malformed.jsonl"
     malformed.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "1+2=", "answer": "3"}\n{"prompt": "1+3=\n')
     paths["malformed"] = malformed
@@ -284,6 +293,12 @@ BAD_INPUTS = [
     ("template-kwargs-without-template", ["trainer.ppo.actor.path={model}",
                                           "train_dataset.chat_template_kwargs.enable_thinking=false"],
      "train_dataset.chat_template_kwargs", "has none: prompts are raw text"),
+    # chat messages but no prompt string, and no template to render them: every row was refused on the node
+    ("messages-without-template", ["train_dataset.path={messages_only}"], "train_dataset.prompt_key",
+     "messages_only.jsonl line 1 has chat messages but no 'prompt' string, and prompts are raw text"),
+    ("messages-with-template-none", ["trainer.ppo.actor.path={model}", "valid_dataset.path={messages_only}",
+                                    "valid_dataset.chat_template=none"], "valid_dataset.chat_template",
+     "valid_dataset.chat_template=none"),
 ]
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from areal_hpc.config import (ConfigError, DatasetConfig, ExperimentConfig, datasets_in_use, looks_like_hub_name,
                               models_in_use, prompt_tokenizer_path, raw_text_refusal)
@@ -65,8 +65,12 @@ def _resolve_paths(cfg: ExperimentConfig, cache: Path, explicit: bool, paths: Li
             templated[str(local)] = check_model_dir(key, local)
             done[path] = str(local)
         setattr(owner, attr, done.get(path, path))
+    tokenizer = prompt_tokenizer_path(cfg)
     for key, ds, which in datasets_in_use(cfg):
-        resolve_dataset(key, ds, which, cache)
+        raw = (f"{key}.chat_template=none" if ds.chat_template == "none"
+               else "a toy: model's tokenizer has no chat template" if tokenizer.startswith("toy:")
+               else f"the tokenizer of {tokenizer} has no chat template" if templated.get(tokenizer) is False else None)
+        resolve_dataset(key, ds, which, cache, raw)
         if ds.chat_template == "auto" and templated.get(prompt_tokenizer_path(cfg)) is False:  # else found on a node
             for name, hint in (("system_prompt", "drop it, or put the instruction in the prompts"),
                                ("chat_template_kwargs", "drop them, or use a model with a chat template")):
@@ -175,8 +179,9 @@ def check_model_dir(key: str, p: Path) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path) -> None:
-    """Check dataset ``key`` and rewrite ``ds.path`` (local, absolute) and ``ds.split`` (the one read)."""
+def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path, raw: Optional[str] = None) -> None:
+    """Check dataset ``key`` and rewrite ``ds.path`` (local, absolute) and ``ds.split`` (the one read). ``raw``: why
+    prompts are raw text (no chat template renders messages), where that is known here."""
     if ds.path.startswith("toy:"):
         return
     local = _local_or_download(f"{key}.path", ds.path, "dataset", cache)
@@ -192,19 +197,20 @@ def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path) -> Non
         for f in files:  # every line of JSON files: cheap, and a bad line anywhere is found here
             if f.endswith((".jsonl", ".json")):
                 for n, row in iter_json_rows(f):
-                    check_row(key, ds, row, f"{f} line {n}")
+                    check_row(key, ds, row, f"{f} line {n}", raw)
         head = head_rows(str(local), HEAD_ROWS, name=ds.name, split=ds.split, which=which)
     except DatasetError as e:
         raise ConfigError(f"{key}.{e.field}", e.message, e.hint) from None
     if not head:
         raise ConfigError(f"{key}.{empty_key}", f"{where} has no rows", "point at a dataset with data")
     for i, row in enumerate(head):
-        check_row(key, ds, row, f"row {i} of {where}")
+        check_row(key, ds, row, f"row {i} of {where}", raw)
     ds.path = str(local)
 
 
-def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> None:
-    """The row, after the dataset's adapter, gives a prompt (string) or messages (role/content list) and an answer."""
+def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str, raw: Optional[str] = None) -> None:
+    """The row, after the dataset's adapter, gives a prompt (string) or messages (role/content list) and an answer;
+    a prompt string where prompts are raw text (``raw`` says why)."""
     if ds.adapter:
         try:
             fn = get_adapter(ds.adapter)
@@ -237,6 +243,12 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str) -> N
                                and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
         raise ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} is not a list of "
                           "{role, content} messages", "e.g. [{\"role\": \"user\", \"content\": \"...\"}]")
+    if prompt is None and raw:  # the trainer would leave out every such row (rollout.prompts), after the queue
+        none = ds.chat_template == "none"
+        raise ConfigError(f"{key}.chat_template" if none else f"{key}.prompt_key",
+                          f"{where} has chat messages but no {ds.prompt_key!r} string, and prompts are raw text: "
+                          f"{raw}", f"{key}.chat_template=auto with a model that has one" if none else
+                          f"give a raw-text {ds.prompt_key!r} column, or use a model whose tokenizer has a chat template")
     if row.get(ds.answer_key) is None:
         raise ConfigError(f"{key}.answer_key", f"{where} has no {ds.answer_key!r} column (columns: {columns})",
                           f"set {key}.answer_key to the column holding the answer")
