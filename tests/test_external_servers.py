@@ -477,6 +477,7 @@ def test_two_attaches_of_the_same_server_at_once_register_it_once(tmp_path):
             t.join(timeout=30)
     assert list(reg.list("servers")) == ["ext-0"]
     assert sorted(results)[0] == "ext-0" and "is already in this run as ext-0" in sorted(results)[1], results
+    assert "`areal-hpc remove-server ext-0 ...` first" in sorted(results)[1]  # attached by URL: detach it first
 
 
 def test_the_owner_checks_attached_servers_at_once(tmp_path):
@@ -557,7 +558,8 @@ def test_stop_external_leaves_another_users_process_that_took_the_pid(tmp_path):
 def test_attaching_a_server_already_in_the_run_under_another_address_is_refused(tmp_path):
     """`add-servers url=http://127.0.0.1:PORT` of a server the run already has (registered as ``host:PORT``, e.g. an
     `areal-hpc serve` by hand): the same server twice would get every rollout and weight update twice. The `hf` server
-    says which it is (its id and pid), whatever the URL's spelling."""
+    says which it is (its id and pid), whatever the URL's spelling. The hint said to `remove-server g0` first, which
+    refuses a server not attached by URL: it is in the run already, nothing to do."""
     from areal_hpc.config import ConfigError
     from areal_hpc.launch import external
 
@@ -565,8 +567,9 @@ def test_attaching_a_server_already_in_the_run_under_another_address_is_refused(
     try:
         reg = Registry(tmp_path / "standalone-g0" / "registry", ttl_s=TTL_S)
         port = address.rsplit(":", 1)[1]
-        with pytest.raises(ConfigError, match="already in this run as g0"):
+        with pytest.raises(ConfigError, match="already in this run as g0") as e:
             external.attach(reg, f"http://127.0.0.1:{port}")
+        assert "remove-server" not in e.value.one_line() and "nothing to attach" in e.value.one_line()
         assert sorted(reg.list("servers", live_only=False)) == ["g0"]
     finally:
         kill(proc)

@@ -189,9 +189,10 @@ def attach(reg: Registry, url: str, api_key: Optional[str] = None) -> Tuple[str,
         have = find(reg, address) or next(  # under another address: our `hf` server says its id and pid
             ((s, r) for s, r in reg.list("servers", live_only=False).items()
              if info.get("server_id") == s and info.get("pid") == r.get("pid")), None)
-        if have is not None:
+        if have is not None:  # only one attached by URL can be detached (remove-server refuses the others)
             raise ConfigError("url", f"{base} is already in this run as {have[0]}",
-                              f"`areal-hpc remove-server {have[0]} ...` first")
+                              f"`areal-hpc remove-server {have[0]} ...` first" if have[1].get("url")
+                              else "it serves the run already: nothing to attach")
     refuse_a_duplicate({})  # at once, before the checks and the weight load
     key = api_key or reg.secret()
     info = probe(base, key)
