@@ -151,6 +151,16 @@ def test_a_name_with_leading_zeros_keeps_them(tmp_path):
         load_config(str(f), [])
 
 
+def test_a_float_for_an_int_names_the_type_yaml_read(tmp_path):
+    """`batch_size: 1e3` (or 32.0) for an int: the error said "got _Float 1000.0", the loader's own class."""
+    f = tmp_path / "c.yaml"
+    f.write_text("rollout:\n  batch_size: 1e3\n")
+    with pytest.raises(ConfigError, match=r"rollout.batch_size: expected int, got float 1000.0$"):
+        load_config(str(f), [])
+    with pytest.raises(ConfigError, match=r"rollout.gen.stop_token_ids\[0\]: expected int, got float 1.5$"):
+        load_config(None, ["rollout.gen.stop_token_ids=[1.5]"])
+
+
 def test_a_name_that_reads_as_a_float_keeps_its_text(tmp_path):
     """`trial_name: 1.10` was the run .../1.1: YAML reads a float, and its text is lost."""
     f = tmp_path / "c.yaml"

@@ -177,7 +177,8 @@ def _value(key: str, tp, value: Any, old: Any) -> Any:
     if inner is str and (isinstance(value, str) or number):
         return getattr(value, "text", str(value))  # `trial_name: 1` in YAML
     if origin in (dict, list) or inner in (bool, int, float, str):
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        got = "float" if isinstance(value, float) else type(value).__name__  # (not _Float, the loader's own)
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {got} {value!r}")
     return value
 
 
