@@ -44,3 +44,16 @@ def test_tensorboard_hides_the_steps_a_crashed_run_wrote_past_the_checkpoint_its
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_run_without_rewards_draws_no_reward_curve(tmp_path):
+    """An SFT run's rows have a loss and no reward_mean: it wrote reward.png, an empty "mean reward" plot."""
+    sft, ppo = tmp_path / "sft", tmp_path / "ppo"
+    for d, key in ((sft, "loss"), (ppo, "reward_mean")):
+        d.mkdir()
+        writer = MetricsWriter(d, tensorboard=False, plot=True)
+        for step in (1, 2):
+            writer.write({"step": step, key: 0.5})
+        writer.close()
+    assert not (sft / "reward.png").exists()
+    assert (ppo / "reward.png").stat().st_size > 0

@@ -80,8 +80,9 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> None:
+    """The mean reward by step; nothing for a run without rewards (SFT)."""
     rows = read_metrics(metrics_path)
-    if not rows:
+    if not any(isinstance(r.get("reward_mean"), (int, float)) for r in rows):
         return
     try:
         import matplotlib
