@@ -159,6 +159,9 @@ BAD_OVERRIDES = [
     (["mode=torchrun", "allocation_mode=sglang.d16p1m1+d32p1m1", "cluster.n_gpus_per_node=8", "cluster.n_nodes=6"],
      "mode"),
     (["mode=local", "allocation_mode=sglang:d4+fsdp:d8", "cluster.n_gpus_per_node=8", "cluster.n_nodes=2"], "mode"),
+    # start over, but only the trainer of a run whose servers (and checkpoints, weights) live on: the new trainer's
+    # lower steps and versions lost to the old ones (keep-last pruning, weights/latest)
+    (["min_required_servers=1", "recover.mode=disabled"], "recover.mode"),
 ]
 
 

@@ -241,6 +241,25 @@ def test_sigkilled_trainer_restarts_and_a_dead_servers_record_goes(tmp_path):
         finish(p)
 
 
+def test_a_restarted_trainer_of_a_run_that_started_over_resumes_from_its_checkpoint(tmp_path):
+    """recover.mode=disabled starts a run over (submit sets the earlier run's checkpoints aside); a trainer that died
+    mid-run was restarted from step 1, not from the run's own last checkpoint: its steps were lost and the servers'
+    weights went back to v1."""
+    p = start(tmp_path, "recover.mode=disabled", "trainer.total_train_steps=30", "saver.freq_steps=2")
+    try:
+        rd = rd_of(tmp_path)
+        reg = Registry.for_run(rd)
+        wait_until(lambda: len(read_metrics(rd / "metrics.jsonl")) >= 3, 300, "3 steps", interval=0.05)
+        os.kill(reg.get("", "trainer")["pid"], signal.SIGKILL)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "run COMPLETED" in out, (out, err)
+        assert "recovered from checkpoint" in (rd / "logs" / "trainer-0.log").read_text()
+        assert [m["step"] for m in read_metrics(rd / "metrics.jsonl")] == list(range(1, 31))
+        assert len(re.findall(r"step 1 v1 ", (rd / "logs" / "trainer-0.log").read_text())) == 1
+    finally:
+        finish(p)
+
+
 def test_a_sigkilled_trainer_without_restarts_fails_the_run_saying_it_may_be_out_of_memory(tmp_path):
     """The kernel's OOM killer sends SIGKILL and the trainer's log has no error: the reason said only `trainer killed
     by SIGKILL`, which does not point at memory."""

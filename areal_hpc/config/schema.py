@@ -193,7 +193,8 @@ class SaverConfig:
 @dataclass
 class RecoverConfig:
     # auto (resume if a checkpoint exists) | resume (must exist) | disabled (start over: submit moves the trial's
-    # earlier checkpoints/, weights/ and metrics.jsonl into previous-<time>/)
+    # earlier checkpoints/, weights/ and metrics.jsonl into previous-<time>/; a restarted trainer resumes from the new
+    # run's own)
     mode: str = "auto"
 
 

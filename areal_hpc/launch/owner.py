@@ -127,8 +127,7 @@ class RunOwner:
     def start_step(self, step: StepSpec) -> StepHandle:
         offsets = outcome.log_sizes(step.log)  # an error line must come from this attempt, not an earlier one
         if step.role != "server":  # progress is past the checkpoint it resumes from
-            resume = 0 if self.cfg.recover.mode == "disabled" else \
-                outcome.latest_checkpoint_step(self.run_dir / "checkpoints")
+            resume = outcome.latest_checkpoint_step(self.run_dir / "checkpoints")  # (disabled: the run's own)
             # the metrics' last row now: a trainer that never writes one leaves it as it is (no clock compared)
             self._attempt = {"from_step": resume, "row": outcome.last_row(self.run_dir / "metrics.jsonl"),
                              "progressed": False}

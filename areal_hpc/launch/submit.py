@@ -150,6 +150,10 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         raise ConfigError("min_required_servers",
                           f"{cfg.min_required_servers} servers required but no run exists at {rd}",
                           "min_required_servers restarts the trainer of an existing run; drop it to start a new run")
+    if restart and cfg.recover.mode == "disabled":  # the earlier run's checkpoints and weights stay (servers use them)
+        raise ConfigError("recover.mode", "disabled starts the run over, but min_required_servers restarts only the "
+                          "trainer of the run whose servers are live (its checkpoints and weights outrank a new start)",
+                          "recover.mode=auto resumes the trainer; to start over, stop the run first")
     if live_servers and not restart and not dry_run:
         raise ConfigError("experiment_name/trial_name", f"run {rd} has {len(live_servers)} live server(s)",
                           f"restart only the trainer with min_required_servers={len(live_servers)}, "

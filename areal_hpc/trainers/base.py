@@ -170,10 +170,10 @@ class Trainer:
         return m
 
     def _recover(self, ckpt) -> Dict[str, Any]:
-        """The last checkpoint's state (engine restored), or ``{}`` to start fresh (``recover.mode``)."""
+        """The last checkpoint's state (engine restored), or ``{}`` to start fresh (``recover.mode``). With
+        ``disabled`` the checkpoints here are this run's own (submit set the earlier run's aside): a restarted trainer
+        (the owner's, torchrun's, a requeued job's) resumes from them too."""
         mode = self.cfg.recover.mode
-        if mode == "disabled":
-            return {}
         state = ckpt.load_latest(self.ctx.checkpoint_dir)
         if state is None:
             if mode == "resume":
