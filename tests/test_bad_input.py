@@ -162,6 +162,8 @@ BAD_OVERRIDES = [
     # start over, but only the trainer of a run whose servers (and checkpoints, weights) live on: the new trainer's
     # lower steps and versions lost to the old ones (keep-last pruning, weights/latest)
     (["min_required_servers=1", "recover.mode=disabled"], "recover.mode"),
+    # resume a trial that has no checkpoint: the trainer refused it on the node, after the servers had started
+    (["recover.mode=resume"], "recover.mode"),
 ]
 
 

@@ -154,6 +154,9 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
         raise ConfigError("recover.mode", "disabled starts the run over, but min_required_servers restarts only the "
                           "trainer of the run whose servers are live (its checkpoints and weights outrank a new start)",
                           "recover.mode=auto resumes the trainer; to start over, stop the run first")
+    if cfg.recover.mode == "resume" and cfg.trainer.type != "null" and not latest_checkpoint_step(rd / "checkpoints"):
+        raise ConfigError("recover.mode", f"resume asked but no checkpoint in {rd / 'checkpoints'}",
+                          "use recover.mode=auto to start fresh when there is none")
     if live_servers and not restart and not dry_run:
         raise ConfigError("experiment_name/trial_name", f"run {rd} has {len(live_servers)} live server(s)",
                           f"restart only the trainer with min_required_servers={len(live_servers)}, "
