@@ -205,6 +205,13 @@ def bad(tmp_path_factory, model_dir) -> dict:
     paths["int_prompt"] = write_jsonl(d / "int_prompt.jsonl", [{"prompt": 5, "answer": "1"}])
     paths["messages_only"] = write_jsonl(d / "messages_only.jsonl", [
         {"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
+    paths["conversation"] = write_jsonl(d / "conversation.jsonl", [  # SFT-style: the reply is the last message
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
+        for r in rows])
+    paths["conversation_answer"] = write_jsonl(d / "conversation_answer.jsonl", [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
+         "answer": r["answer"]} for r in rows])
+    paths["chat_model"] = str(build_chatml_model(d / "chat-model"))
     malformed = d / "malformed.jsonl"
     malformed.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "1+2=", "answer": "3"}\n{"prompt": "1+3=\n')
     paths["malformed"] = malformed
@@ -299,6 +306,12 @@ BAD_INPUTS = [
     ("messages-with-template-none", ["trainer.ppo.actor.path={model}", "valid_dataset.path={messages_only}",
                                     "valid_dataset.chat_template=none"], "valid_dataset.chat_template",
      "valid_dataset.chat_template=none"),
+    # a finished conversation is no prompt: the trainer left out every row (the run failed on the node); without an
+    # answer column the hint was to set answer_key, though no column holds the reply
+    ("conversation-rows", ["trainer.ppo.actor.path={chat_model}", "train_dataset.path={conversation_answer}"],
+     "train_dataset.messages_key", "conversation_answer.jsonl line 1: 'messages' ends with the assistant's reply"),
+    ("conversation-rows-no-answer", ["trainer.ppo.actor.path={chat_model}", "train_dataset.path={conversation}"],
+     "train_dataset.messages_key", "conversation.jsonl line 1: 'messages' ends with the assistant's reply"),
 ]
 
 

@@ -243,6 +243,10 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str, raw:
                                and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
         raise ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} is not a list of "
                           "{role, content} messages", "e.g. [{\"role\": \"user\", \"content\": \"...\"}]")
+    if prompt is None and messages[-1]["role"] == "assistant":  # a finished conversation (rollout.prompts refuses it)
+        raise ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} ends with the assistant's reply; a "
+                          "prompt ends where the reply begins", f"give the messages before the reply as "
+                          f"{ds.messages_key!r} and the reply as {ds.answer_key!r} (a column of its own)")
     if prompt is None and raw:  # the trainer would leave out every such row (rollout.prompts), after the queue
         none = ds.chat_template == "none"
         raise ConfigError(f"{key}.chat_template" if none else f"{key}.prompt_key",
