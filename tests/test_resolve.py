@@ -145,6 +145,17 @@ def test_a_prompt_column_of_chat_messages(tmp_path, capsys):
                "chat template" in capsys.readouterr().err
 
 
+def test_rows_the_trainer_leaves_out_are_refused_only_when_none_is_left(tmp_path, capsys):
+    """A row of chat messages has no prompt the toy model's tokenizer (no template) can render: the trainer leaves it
+    out with a warning. Some such rows pass submit; a dataset of only such rows is refused there, not on the node."""
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"messages": [{"role": "user", "content": "1+2="}], "answer": "3"}]
+    argv = ["submit", QUICKSTART, f"cluster.fileroot={tmp_path / 'runs'}", "--dry-run"]
+    assert main(argv + [f"train_dataset.path={write_jsonl(tmp_path / 'mixed.jsonl', rows)}"]) == 0, \
+        capsys.readouterr().err
+    assert main(argv + [f"train_dataset.path={write_parquet(tmp_path / 'messages.parquet', rows[1:])}"]) == 2
+    assert "row 0 of" in (err := capsys.readouterr().err) and "has chat messages but no 'prompt' string" in err
+
+
 # ------------------------------------------------------------------ a hub over HTTP, then none
 
 def _env(**extra) -> dict:

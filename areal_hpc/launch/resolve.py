@@ -194,23 +194,26 @@ def resolve_dataset(key: str, ds: DatasetConfig, which: str, cache: Path, raw: O
             files = splits[split]
             where, empty_key = f"split {split!r} of {local}", "split"
             ds.split = split
+        checked = []  # per row: why the trainer will leave it out (no prompt it can render), or None
         for f in files:  # every line of JSON files: cheap, and a bad line anywhere is found here
             if f.endswith((".jsonl", ".json")):
-                for n, row in iter_json_rows(f):
-                    check_row(key, ds, row, f"{f} line {n}", raw)
+                checked += [check_row(key, ds, row, f"{f} line {n}", raw) for n, row in iter_json_rows(f)]
         head = head_rows(str(local), HEAD_ROWS, name=ds.name, split=ds.split, which=which)
     except DatasetError as e:
         raise ConfigError(f"{key}.{e.field}", e.message, e.hint) from None
     if not head:
         raise ConfigError(f"{key}.{empty_key}", f"{where} has no rows", "point at a dataset with data")
-    for i, row in enumerate(head):
-        check_row(key, ds, row, f"row {i} of {where}", raw)
+    checked += [check_row(key, ds, row, f"row {i} of {where}", raw) for i, row in enumerate(head)]
+    if all(checked):  # none left: the run would fail on the node (some left out: the trainer warns)
+        raise checked[0]
     ds.path = str(local)
 
 
-def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str, raw: Optional[str] = None) -> None:
-    """The row, after the dataset's adapter, gives a prompt (string) or messages (role/content list) and an answer;
-    a prompt string where prompts are raw text (``raw`` says why)."""
+def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str,
+              raw: Optional[str] = None) -> Optional[ConfigError]:
+    """The row, after the dataset's adapter, gives a prompt (string) or messages (role/content list) and an answer.
+    Returned, not raised: why the trainer will leave out a row with no prompt it can render (messages that end with
+    the reply; messages where prompts are raw text, ``raw`` says why)."""
     if ds.adapter:
         try:
             fn = get_adapter(ds.adapter)
@@ -244,15 +247,16 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str, raw:
         raise ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} is not a list of "
                           "{role, content} messages", "e.g. [{\"role\": \"user\", \"content\": \"...\"}]")
     if prompt is None and messages[-1]["role"] == "assistant":  # a finished conversation (rollout.prompts refuses it)
-        raise ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} ends with the assistant's reply; a "
+        return ConfigError(f"{key}.messages_key", f"{where}: {ds.messages_key!r} ends with the assistant's reply; a "
                           "prompt ends where the reply begins", f"give the messages before the reply as "
                           f"{ds.messages_key!r} and the reply as {ds.answer_key!r} (a column of its own)")
-    if prompt is None and raw:  # the trainer would leave out every such row (rollout.prompts), after the queue
+    if prompt is None and raw:
         none = ds.chat_template == "none"
-        raise ConfigError(f"{key}.chat_template" if none else f"{key}.prompt_key",
+        return ConfigError(f"{key}.chat_template" if none else f"{key}.prompt_key",
                           f"{where} has chat messages but no {ds.prompt_key!r} string, and prompts are raw text: "
                           f"{raw}", f"{key}.chat_template=auto with a model that has one" if none else
                           f"give a raw-text {ds.prompt_key!r} column, or use a model whose tokenizer has a chat template")
     if row.get(ds.answer_key) is None:
         raise ConfigError(f"{key}.answer_key", f"{where} has no {ds.answer_key!r} column (columns: {columns})",
                           f"set {key}.answer_key to the column holding the answer")
+    return None
