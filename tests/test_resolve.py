@@ -129,7 +129,7 @@ def test_local_paths_are_made_absolute_and_toy_untouched(tmp_path, model_dir, mo
 def test_a_prompt_column_of_chat_messages(tmp_path, capsys):
     """TRL's conversational format: `prompt` holds [{role, content}]. messages_key=prompt was refused ("'prompt' must
     be a string, got list"); with the default keys the error now says to set it. Messages need a chat template: with
-    the toy model's tokenizer (none) they are refused at submit, not left out on the node (every row: the run failed)."""
+    the toy model's tokenizer (none) they are refused at submit, not left out on the node (all rows: the run failed)."""
     rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}], "answer": str(i + 1)} for i in range(3)]
     chat_model = build_chatml_model(tmp_path / "chatml")
     for path in (write_jsonl(tmp_path / "conv.jsonl", rows), write_parquet(tmp_path / "conv.parquet", rows)):

@@ -255,7 +255,8 @@ def check_row(key: str, ds: DatasetConfig, row: Dict[str, Any], where: str,
         return ConfigError(f"{key}.chat_template" if none else f"{key}.prompt_key",
                           f"{where} has chat messages but no {ds.prompt_key!r} string, and prompts are raw text: "
                           f"{raw}", f"{key}.chat_template=auto with a model that has one" if none else
-                          f"give a raw-text {ds.prompt_key!r} column, or use a model whose tokenizer has a chat template")
+                          f"give a raw-text {ds.prompt_key!r} column, or use a model whose tokenizer has a chat "
+                          "template")
     if row.get(ds.answer_key) is None:
         raise ConfigError(f"{key}.answer_key", f"{where} has no {ds.answer_key!r} column (columns: {columns})",
                           f"set {key}.answer_key to the column holding the answer")
