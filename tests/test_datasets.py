@@ -233,8 +233,9 @@ def test_ppo_leaves_out_prompts_longer_than_max_prompt_len(tmp_path, caplog):
     assert "1 of 3 prompts are longer than train_dataset.max_prompt_len=5 tokens" in caplog.text
     assert len(list(load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1))) == 3  # SFT keeps (and truncates)
     cfg.train_dataset.max_prompt_len = 3  # none fits: say so, not "the dataset is empty"
-    with pytest.raises(DatasetError, match="all 3 prompts are longer than train_dataset.max_prompt_len=3"):
+    with pytest.raises(DatasetError, match="all 3 prompts are longer than train_dataset.max_prompt_len=3") as e:
         load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1, tokenizer=tok)
+    assert e.value.key == "train_dataset.max_prompt_len"  # the run's error line said `error: max_prompt_len: ...`
 
 
 def test_rows_the_prompt_encoder_rejects_are_left_out_not_trained_on(tmp_path, caplog):
@@ -259,5 +260,7 @@ def test_rows_the_prompt_encoder_rejects_are_left_out_not_trained_on(tmp_path, c
     warned = "2 of 3 rows of train_dataset cannot be encoded as prompts: left out (first: row has 'messages' but no"
     assert warned in caplog.text, caplog.text
     f.write_text(json.dumps(messages) + "\n")
-    with pytest.raises(DatasetError, match="none of the 1 rows of train_dataset gives a usable prompt: 1 cannot be"):
+    with pytest.raises(DatasetError, match="none of the 1 rows of train_dataset gives a usable prompt: 1 cannot be") \
+            as e:
         load_prompts(SimpleNamespace(cfg=cfg), "train", epochs=1, tokenizer=tok)
+    assert e.value.key == "train_dataset.path"  # was `path`

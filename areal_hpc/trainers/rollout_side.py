@@ -65,11 +65,12 @@ def load_prompts(ctx: TrainContext, which: str = "train", epochs: int = 0, token
             log.warning("%d of %d prompts are longer than %s_dataset.max_prompt_len=%d tokens: left out",
                         too_long, len(rows), which, ds.max_prompt_len)
         if rejected and not kept:
-            raise DatasetError("path", f"none of the {len(rows)} rows of {which}_dataset gives a usable prompt: "
-                               f"{len(rejected)} cannot be encoded (first: {one_line(rejected[0])})")
+            raise DatasetError(f"{which}_dataset.path", f"none of the {len(rows)} rows of {which}_dataset gives a "
+                               f"usable prompt: {len(rejected)} cannot be encoded (first: {one_line(rejected[0])})")
         if rows and not kept:
-            raise DatasetError("max_prompt_len", f"all {len(rows)} prompts are longer than {which}_dataset."
-                               f"max_prompt_len={ds.max_prompt_len} tokens", "raise it, or shorten the prompts")
+            raise DatasetError(f"{which}_dataset.max_prompt_len", f"all {len(rows)} prompts are longer than "
+                               f"{which}_dataset.max_prompt_len={ds.max_prompt_len} tokens",
+                               "raise it, or shorten the prompts")
         rows = kept
     return PromptLoader(rows, shuffle=ds.shuffle and which == "train", seed=ctx.cfg.seed, epochs=epochs)
 

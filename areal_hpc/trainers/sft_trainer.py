@@ -31,7 +31,7 @@ class SFTTrainer(Trainer):
             for row in self.loader.rows:
                 answer_text(row[cfg.train_dataset.answer_key])
         except ValueError as e:
-            raise DatasetError("answer_key", str(e)) from None
+            raise DatasetError("train_dataset.answer_key", str(e)) from None
         # the LR schedule ends where training does: the last full batch of the epochs, if that comes first
         steps, n = cfg.trainer.total_train_steps, len(self.loader.rows)
         if epochs and epochs * n < sft.batch_size:  # else step 1 found no batch: exit 0, the untrained model published
