@@ -717,6 +717,20 @@ def test_the_summary_of_a_run_says_its_loss_when_it_has_no_reward(tmp_path, caps
     assert said in out and ("reward.png" in out) == ("reward" in said)
 
 
+@pytest.mark.parametrize("mode, hint", [("auto", "resume: the same `areal-hpc submit` command\n"),
+                                        ("disabled", "resume: the same `areal-hpc submit` command without "
+                                                     "recover.mode=disabled (that starts over)\n")])
+def test_a_stopped_run_says_how_to_resume_it(tmp_path, capsys, mode, hint):
+    """A run stopped with recover.mode=disabled said to resume with the same command, which starts over (its
+    checkpoints set aside)."""
+    from areal_hpc.launch.local import summarize
+
+    cfg = load_config(None, ["mode=local", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"recover.mode={mode}"])
+    summarize(cfg, tmp_path, {"state": outcome.STOPPED, "reason": "stop requested"})
+    assert capsys.readouterr().out.endswith(hint)
+
+
 def test_the_progress_bar_takes_a_step_whose_reward_is_not_finite(tmp_path, capsys):
     """metrics.jsonl has null for a reward that was not finite: the local owner's progress bar failed formatting it
     (TypeError), which ended the run as FAILED ("the launcher failed"). An SFT run's bar shows its loss."""

@@ -222,5 +222,7 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, rec: Dict[str, object]) -> N
               f"{rows[-1].get('time_s', 0):.1f}s of training{took}; metrics {run_dir / 'metrics.jsonl'}"
               + (f", curve {run_dir / 'reward.png'}" if key == "reward_mean" else ""))
     resume = "\n    resume: the same `areal-hpc submit` command" if state == outcome.STOPPED else ""
+    if resume and cfg.recover.mode == "disabled":  # submitted again as it was, it sets the checkpoints aside
+        resume += " without recover.mode=disabled (that starts over)"
     print(f"run {outcome.summary_line(rec)}{resume}", file=sys.stderr if state == outcome.FAILED else sys.stdout,
           flush=True)
