@@ -488,3 +488,18 @@ def test_making_a_run_group_readable_keeps_the_sglang_key_file_private(tmp_path)
         assert proc.wait(30) == 0
     _fix_modes(load_config(None, ["cluster.group_readable=true"]), tmp_path / "run")
     assert _files_others_can_read_with(tmp_path, reg.secret()) == []
+
+
+def test_an_sglang_that_dies_starting_says_why_in_the_runs_error_line(tmp_path):
+    """SGLang exiting at once without a traceback (here as `python -m sglang.launch_server` says it is not installed):
+    the error line, the one a FAILED run shows, said "did not become healthy within 900s (backend dead); last lines of
+    ...:", the reason cut off below it, and the 900 s never waited."""
+    from areal_hpc.launch.outcome import error_line
+
+    said = ("/usr/bin/python3: Error while finding module specification for 'sglang.launch_server' "
+            "(ModuleNotFoundError: No module named 'sglang')")
+    with _fake_server(tmp_path, f"import sys\nprint({said!r}, file=sys.stderr)\nsys.exit(1)\n") as (proc, _, _):
+        assert proc.wait(60) == 1
+    line, _ = error_line(str(tmp_path / "serve.log"))
+    assert "exited with 1 before serving" in line and "No module named 'sglang'" in line, line
+    assert "within" not in line, line

@@ -359,9 +359,14 @@ class ServerLifecycle:
             await asyncio.to_thread(self._sglang.stop)  # the children of the one that lost may hold the GPU
             await self._start_sglang()
             healthy = await self._wait_healthy(self.launcher.server_startup_timeout_s)
-        if not healthy:
-            return self._failed("server %s did not become healthy within %.0fs (backend %s)%s", self.server_id,
-                                self.launcher.server_startup_timeout_s, "alive" if self._backend_alive() else "dead",
+        if not healthy and self._backend_alive():
+            return self._failed("server %s did not become healthy within %.0fs (backend alive)%s", self.server_id,
+                                self.launcher.server_startup_timeout_s, self._sglang_log_tail())
+        if not healthy:  # it died starting: its last word on this line, the one a failed run's summary shows
+            rc = self._sglang.returncode if self._sglang is not None else None
+            last = (self._sglang.log_tail() if self._sglang is not None else "").strip().splitlines()[-1:]
+            return self._failed("server %s: its backend exited%s before serving%s%s", self.server_id,
+                                "" if rc is None else f" with {rc}", f": {last[0].strip()}" if last else "",
                                 self._sglang_log_tail())
         loaded = await self._load_latest(only_if_newer=False)
         if loaded:
