@@ -1042,6 +1042,26 @@ def test_a_dry_run_of_a_live_run_leaves_its_config_alone(tmp_path, monkeypatch):
     assert submit_mod.submit(preview, alloc, dry_run=True) == 0 and (rd / "config.yaml").read_text() != written
 
 
+def test_a_dry_run_that_starts_over_says_a_by_hand_sbatch_would_resume(tmp_path, monkeypatch, capsys):
+    """recover.mode=disabled starts over because `submit` sets the trial's checkpoints aside; a restarted trainer then
+    resumes from the new run's own. A dry run moves nothing: the sbatch it renders, run by hand, would resume from the
+    earlier run's checkpoints, so it says so."""
+    from areal_hpc.launch import submit as submit_mod
+
+    cfg = load_config(None, ["mode=slurm", "allocation_mode=hf:d1+d1", "cluster.n_gpus_per_node=0",
+                             f"cluster.fileroot={tmp_path}", "trainer.ppo.actor.path=toy:qwen3-h128-l2",
+                             "recover.mode=disabled"])
+    monkeypatch.setattr(submit_mod, "resolve", lambda cfg: None)
+    assert submit_mod.submit(cfg, parse_allocation(cfg.allocation_mode), dry_run=True) == 0
+    assert "by-hand sbatch" not in capsys.readouterr().out  # nothing to resume from
+    (submit_mod.run_dir(cfg) / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (submit_mod.run_dir(cfg) / "checkpoints" / "step_00000020" / "meta.json").write_text("{}")
+    assert submit_mod.submit(cfg, parse_allocation(cfg.allocation_mode), dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "a by-hand sbatch of it resumes from the checkpoints" in out and "nothing submitted" in out
+    assert (submit_mod.run_dir(cfg) / "checkpoints" / "step_00000020").is_dir()  # moved nowhere
+
+
 def test_stop_keeps_a_server_job_it_could_not_cancel(tmp_path, monkeypatch, capsys):
     """`stop` cancels the server jobs of `add-servers --new-job`; when scancel failed (slurmctld busy or down) it
     deleted the job's record anyway, without a word: the job ran on to its time limit with its servers, and neither

@@ -202,6 +202,9 @@ def submit(cfg: ExperimentConfig, alloc: AllocationMode, dry_run: bool = False) 
             print(f"evaluate  this trial's published weights v{latest.get('version')} ({latest.get('path')})")
         if dry_run:
             print(f"dry run: wrote {rd}/config.yaml, plan.json and sbatch/allocation.sbatch; nothing submitted")
+            if cfg.recover.mode == "disabled" and latest_checkpoint_step(rd / "checkpoints"):  # submit sets them aside
+                print(f"note      recover.mode=disabled: a by-hand sbatch of it resumes from the checkpoints in {rd}"
+                      f"/checkpoints (submit moves them aside); move them, {rd}/weights and metrics.jsonl away first")
             return 0
         if cfg.recover.mode == "disabled" and not restart:
             set_aside(rd, reg)
