@@ -249,3 +249,18 @@ def test_a_run_whose_last_servers_were_a_server_job_that_ended_fails_at_once(run
     assert run.wait_job(120, want=None) == "FAILED"
     s = run.cli("stop", *run.names, "--timeout", "60", check=False)  # nothing left to stop: the ended job is no error
     assert s.returncode == 0 and "could not cancel" not in s.stderr, (s.stdout, s.stderr)
+
+
+def test_a_server_job_ends_with_the_run_that_completed(run):
+    """A run with a server job of `add-servers --new-job` that COMPLETED on its own: the driver shut down the
+    allocation's servers but not the server job, whose servers ran on (holding their GPUs) to its time limit, and
+    `status` listed them live under a COMPLETED run. The server job ends with the run."""
+    run.submit("trainer.total_train_steps=400", "saver.freq_steps=0")  # long enough for server-1 to join
+    run.wait_steps(2)
+    p = run.cli("add-servers", "count=1", "--new-job", *run.names)
+    server_job = re.search(r"server-1 \(job (\d+)\)", p.stdout).group(1)
+    assert run.wait_job(600) == "COMPLETED"
+    wait_until(lambda: job_state(server_job) in FINAL, 60, f"server job {server_job} to end\n{run.logs()}")
+    st = run.status()
+    assert st["state"] == "COMPLETED" and st["servers"] == [], st
+    assert run.registry().list("servers", live_only=False) == {}

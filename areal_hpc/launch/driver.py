@@ -182,6 +182,17 @@ def _on_usr2_standalone(signum, frame) -> None:
     raise SystemExit(outcome.exit_code(outcome.STOPPED))
 
 
+def end_server_jobs(reg) -> None:
+    """The run's server jobs (`add-servers` past the allocation's room) end with it: their servers would hold their GPUs
+    to the job's time limit. Cancelled (the servers deregister); one scancel could not end stays recorded, for `stop`."""
+    for job_id in reg.list("jobs", live_only=False):
+        err = slurm.scancel(job_id)
+        if err:
+            log.warning("could not cancel server job %s: %s", job_id, err)
+        else:
+            reg.delete("jobs", job_id)
+
+
 def main(run_dir: Path) -> int:
     global _OWNER
 
@@ -217,10 +228,14 @@ def main(run_dir: Path) -> int:
                 log.warning("run REQUEUED: %s", why)
                 owner.state = outcome.REQUEUED
                 owner.registry.update("", "run", lambda old: {**(old or {}), "state": owner.state, "reason": why})
-            elif owner.state == outcome.STOPPED:
-                log.info("the run was stopped: ending job %s as CANCELLED (no success to --dependency=afterok)", job_id)
-                err = slurm.scancel(job_id)
-                if err:
-                    print(f"scancel {job_id} failed: {err}", file=sys.stderr)
+            elif owner.state in outcome.FINAL:
+                if cfg.shutdown_server_on_exit or owner.state == outcome.STOPPED:
+                    end_server_jobs(owner.registry)  # before this job's own scancel, which ends this process
+                if owner.state == outcome.STOPPED:
+                    log.info("the run was stopped: ending job %s as CANCELLED (no success to --dependency=afterok)",
+                             job_id)
+                    err = slurm.scancel(job_id)
+                    if err:
+                        print(f"scancel {job_id} failed: {err}", file=sys.stderr)
         log.info("driver exits with %s (run %s)", rc, outcome.summary_line(owner.record()))
     return rc
