@@ -389,7 +389,10 @@ def test_a_newline_never_reaches_a_rendered_script(key, tmp_path, capsys):
     (["cluster.mem_per_task_cpu_gb=100000"], "cluster.mem_per_task_cpu_gb", "node configuration is not available"),
     (["cluster.n_gpus_per_node=4", "cluster.n_nodes=8", "allocation_mode=hf:d16+d16", "cluster.cpus_per_gpu=1",
       "cluster.mem_per_gpu_gb=1"], "cluster.n_nodes", "node configuration is not available"),  # 4 nodes
-], ids=["partition", "cpus", "memory", "nodes"])
+    # 4 GPUs a node: the key was left out of those named (cluster.n_nodes/cluster.cpus_per_gpu/cluster.mem_per_gpu_gb)
+    (["cluster.n_gpus_per_node=8", "allocation_mode=hf:d1+d1", "cluster.cpus_per_gpu=1", "cluster.mem_per_gpu_gb=1"],
+     "cluster.n_gpus_per_node", "node configuration is not available"),
+], ids=["partition", "cpus", "memory", "nodes", "gpus"])
 def test_slurm_rejection_is_one_line_and_leaves_nothing(extra, key, reason, tmp_path, squeue_empty):
     """Slurm itself refuses the allocation: one line with Slurm's reason, exit 2, nothing queued and
     no run dir left behind (a run dir that existed before keeps its files)."""

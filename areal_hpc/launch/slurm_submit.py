@@ -110,8 +110,8 @@ def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
     gpu = cfg.cluster.n_gpus_per_node > 0
     names = {"mem": "cluster.mem_per_gpu_gb" if gpu else "cluster.mem_per_task_cpu_gb",
              "cpus": "cluster.cpus_per_gpu" if gpu else "cluster.cpus_per_task_cpu",
-             "shape": "cluster.n_nodes/" + ("cluster.cpus_per_gpu/cluster.mem_per_gpu_gb" if gpu else
-                                            "cluster.cpus_per_task_cpu/cluster.mem_per_task_cpu_gb")}
+             "shape": "cluster.n_nodes/" + ("cluster.n_gpus_per_node/cluster.cpus_per_gpu/cluster.mem_per_gpu_gb"
+                                            if gpu else "cluster.cpus_per_task_cpu/cluster.mem_per_task_cpu_gb")}
     low = reason.lower()
     key = next((k.format(**names) for word, k in _REJECTION_KEYS if word in low), "cluster")
     return ConfigError(key, f"Slurm rejected the allocation: {reason}",
