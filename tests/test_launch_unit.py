@@ -829,6 +829,25 @@ def test_srun_steps_get_no_rank_vars_of_the_login_shell(tmp_path, monkeypatch):
     assert "\nunset RANK LOCAL_RANK WORLD_SIZE " in render("allocation.sbatch", cfg, gpu_plan()[1])
 
 
+def test_an_srun_that_fails_before_its_step_leaves_its_words_in_the_step_log(tmp_path, monkeypatch):
+    """srun refusing a step (an unknown option in cluster.srun_args, a GRES it cannot give) wrote only to the batch
+    log: the step's own log never came, and the run FAILED naming no error line and no log. The driver writes srun's
+    words to the step's log (where `error_line` finds them); they still reach the driver's stderr too."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "echo \"srun: unrecognized option '--nope'\" >&2; exit 255"), ("squeue", "true")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg, plan = gpu_plan()
+    plan.run_dir = str(tmp_path)
+    step = StepSpec(**{**plan.trainer.__dict__, "log": str(tmp_path / "trainer-%t.log")})
+    h = SrunRunner(cfg, plan, "7", env={}).start(step, [])
+    assert h.proc.wait(timeout=30) == 255
+    line, path = outcome.error_line(step.log)
+    assert path == str(tmp_path / "trainer-0.log") and "unrecognized option '--nope'" in line, (line, path)
+
+
 def test_sbatch_args_pasted_with_their_prefix_are_rendered_once():
     """Validation accepts ``cluster.sbatch_args=["#SBATCH --exclusive"]`` (as pasted from a script) and submitit gets
     --exclusive; the rendered script (and the `--test-only` check) used to say ``#SBATCH #SBATCH --exclusive``, a

@@ -264,3 +264,16 @@ def test_a_server_job_ends_with_the_run_that_completed(run):
     st = run.status()
     assert st["state"] == "COMPLETED" and st["servers"] == [], st
     assert run.registry().list("servers", live_only=False) == {}
+
+
+def test_a_step_srun_refuses_to_start_says_why(run):
+    """An srun that fails before Slurm starts its step (here an option it does not know, from cluster.srun_args) wrote
+    its reason to the driver's batch log only: the run FAILED with 'trainer exited with 255 ...; earlier, server-0
+    exited with 255', no error line and no log named. The reason now has srun's own words, and the step's log."""
+    p = run.submit("trainer.total_train_steps=2", "cluster.srun_args=[--no-such-srun-option]", "launcher.wait=True",
+                   check=False)
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    st = run.status()
+    assert st["state"] == "FAILED" and "unrecognized option '--no-such-srun-option'" in st["reason"], st
+    assert st["log"] in (str(run.dir / "logs" / "server-0.log"), str(run.dir / "logs" / "trainer-0.log")), st
+    assert "--no-such-srun-option" in open(st["log"]).read()

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +44,8 @@ class SrunHandle(ProcessHandle):
         self.proc, self.job_id, self.node = proc, job_id, node
         self.step_id: Optional[str] = None
         self.nodelist = ""
+        self.srun_said: collections.deque = collections.deque(maxlen=10)  # srun's own last messages (`_relay`)
+        self.relay: Optional[threading.Thread] = None
 
     @property
     def nodes(self) -> range:
@@ -113,10 +117,13 @@ class SrunRunner(Runner):
         env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS and k not in RANK_VARS}
         env.update(step.env, PYTHONUNBUFFERED="1")
         log.info("srun %s", slurm.shell_line(argv))
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        sizes = outcome.log_sizes(str(step.log))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
                                 cwd=str(Path(self.plan.run_dir)))
         h = SrunHandle(placed, proc, self.job_id, node)
-        self._await_step(h)
+        h.relay = threading.Thread(target=_relay, args=(proc.stderr, h.srun_said), daemon=True)
+        h.relay.start()
+        self._await_step(h, sizes)
         return h
 
     def lost(self, h: StepHandle) -> Optional[str]:
@@ -126,8 +133,9 @@ class SrunRunner(Runner):
             f"{h.step.name}'s srun exited 0 but job {self.job_id} is {state}: Slurm ended the step before it finished "
             f"(a node failure?); see {self.plan.run_dir}/logs/slurm-{self.job_id}.out")
 
-    def _await_step(self, h: SrunHandle) -> None:
-        """Wait until Slurm lists the step (its resources are then taken); records its step id."""
+    def _await_step(self, h: SrunHandle, log_sizes: Dict[str, int]) -> None:
+        """Wait until Slurm lists the step (its resources are then taken); records its step id. An srun that fails
+        before its step ran (its log as it was) has its words written to that log, as the step's error."""
         name = f"{self.plan.job_name}:{h.step.name}"
         deadline, delay = time.monotonic() + STEP_LISTED_TIMEOUT_S, 0.02
         while time.monotonic() < deadline and h.proc.poll() is None:
@@ -142,7 +150,21 @@ class SrunRunner(Runner):
             log.warning("%s: Slurm did not list the step within %.0fs (still waiting for resources?)", h.step.name,
                         STEP_LISTED_TIMEOUT_S)
         else:
-            log.warning("%s: srun exited with %s before its step was listed", h.step.name, h.proc.poll())
+            h.relay.join(5.0)
+            said = "; ".join(x for x in h.srun_said if x) or "no message"
+            log.warning("%s: srun exited with %s before its step was listed: %s", h.step.name, h.proc.poll(), said)
+            if h.proc.poll() != 0 and outcome.log_sizes(str(h.step.log)) == log_sizes:  # no task wrote a word
+                with open(str(h.step.log).replace("%t", "0"), "a") as f:
+                    f.write(f"srun: error: srun exited with {h.proc.poll()} before the step started: {said}\n")
+
+
+def _relay(stream, keep: collections.deque) -> None:
+    """srun's own messages (not its tasks'): on to the driver's stderr, the job's batch log; the last ones kept."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        keep.append(line.strip())
 
 
 def prepare_requeue() -> bool:
@@ -184,7 +206,7 @@ def _on_usr2_standalone(signum, frame) -> None:
 
 def end_server_jobs(reg) -> None:
     """The run's server jobs (`add-servers` past the allocation's room) end with it: their servers would hold their GPUs
-    to the job's time limit. Cancelled (the servers deregister); one scancel could not end stays recorded, for `stop`."""
+    to the job's time limit. Cancelled (the servers deregister); one scancel did not end stays recorded, for `stop`."""
     for job_id in reg.list("jobs", live_only=False):
         err = slurm.scancel(job_id)
         if err:
