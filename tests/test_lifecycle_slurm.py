@@ -277,3 +277,20 @@ def test_a_step_srun_refuses_to_start_says_why(run):
     assert st["state"] == "FAILED" and "unrecognized option '--no-such-srun-option'" in st["reason"], st
     assert st["log"] in (str(run.dir / "logs" / "server-0.log"), str(run.dir / "logs" / "trainer-0.log")), st
     assert "--no-such-srun-option" in open(st["log"]).read()
+
+
+def test_a_completed_trainer_whose_servers_stay_up_is_not_shown_restarting(run):
+    """shutdown_server_on_exit=False: once the trainer restarted after a SIGKILL had completed, `status` went on saying
+    'RUNNING: trainer restarted 1x; last: trainer exited with 137' while the servers waited for `stop`. It says the
+    trainer completed and the servers stay up."""
+    run.submit("trainer.total_train_steps=60", "saver.freq_steps=3", "shutdown_server_on_exit=False")
+    run.wait_steps(4)
+    os.kill(int(run.registry().get("", "trainer")["pid"]), signal.SIGKILL)
+    driver = run.dir / "logs" / "driver.log"
+    wait_until(lambda: "trainer exited with 0" in driver.read_text(), 300, f"the trainer to complete\n{run.logs()}")
+    time.sleep(1.0)
+    st = run.status()
+    assert st["state"] == "RUNNING" and st["trainer_restarts"] == 1, st
+    assert st["reason"].startswith("the trainer completed; servers stay up"), st["reason"]
+    run.cli("stop", *run.names, "--timeout", "60")
+    assert run.status()["state"] == "COMPLETED"

@@ -346,9 +346,9 @@ class RunOwner:
                     log.info("shutdown_server_on_exit=False: servers stay up")
                     if not self.linger:
                         return self.set_state(state, reason, path)
-                    if state != outcome.COMPLETED:  # the run waits for a restart by hand, or for `stop`
-                        self.set_state(outcome.RUNNING, f"{reason}; servers stay up (shutdown_server_on_exit=False)",
-                                       path)
+                    # the run waits for `stop` (or, the trainer failed, a restart by hand): not the last restart's words
+                    self.set_state(outcome.RUNNING, f"{reason or 'the trainer completed'}; servers stay up "
+                                   "(shutdown_server_on_exit=False)", path)
             if (self.trainer is None or self.trainer_rc is not None) and not self.servers:
                 return self.set_state(*self._final())
             failures_count = self.server_failures and time.monotonic() >= self._server_failure_counts_from
