@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 from helpers import health_answered_together
 
-from areal_hpc.config import ConfigError, dump_yaml, load_config, parse_allocation
+from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_config, parse_allocation
 from areal_hpc.launch import control, driver, outcome, slurm, slurm_submit
 from areal_hpc.launch.control import add_servers, stop
 from areal_hpc.launch.driver import SrunRunner
@@ -1278,3 +1278,15 @@ def test_a_local_owner_that_recorded_its_end_owns_the_run_until_a_ttl_later(tmp_
     os.utime(reg.path("", "run"), (long_ago, long_ago))
     assert stop(rd, timeout_s=1.0) == 0  # no owner to wait for: nothing left to stop
     assert submit_mod.submit(cfg, alloc) == 0
+
+
+def test_a_slurm_controller_that_does_not_answer_is_no_rejection():
+    """`submit` with slurmctld down said 'cluster: Slurm rejected the allocation: Unable to contact slurm controller
+    (connect failure)' and pointed at sinfo/partitions, as if the config asked for what the cluster lacks."""
+    cfg = ExperimentConfig()
+    err = str(slurm_submit.rejection(cfg, "sbatch: error: Batch job submission failed: Unable to contact slurm "
+                                          "controller (connect failure)"))
+    assert "Slurm did not answer: Unable to contact slurm controller" in err and "rejected" not in err, err
+    assert "scontrol ping" in err, err
+    assert "rejected the allocation: Invalid partition" in str(slurm_submit.rejection(
+        cfg, "sbatch: error: Batch job submission failed: Invalid partition name specified"))

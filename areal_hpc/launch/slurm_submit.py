@@ -113,6 +113,9 @@ def rejection(cfg: ExperimentConfig, message: str) -> ConfigError:
              "shape": "cluster.n_nodes/" + ("cluster.n_gpus_per_node/cluster.cpus_per_gpu/cluster.mem_per_gpu_gb"
                                             if gpu else "cluster.cpus_per_task_cpu/cluster.mem_per_task_cpu_gb")}
     low = reason.lower()
+    if any(word in low for word in ("unable to contact", "timed out", "connection refused")):  # no refusal: no answer
+        return ConfigError("cluster", f"Slurm did not answer: {reason}",
+                           "nothing was queued; submit again once `scontrol ping` says the controller is UP")
     key = next((k.format(**names) for word, k in _REJECTION_KEYS if word in low), "cluster")
     return ConfigError(key, f"Slurm rejected the allocation: {reason}",
                        "nothing was queued; `sinfo` and `scontrol show partition` list what the cluster offers")
