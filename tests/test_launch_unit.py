@@ -32,7 +32,7 @@ from areal_hpc.launch.plan import Plan, StepSpec, build_plan, has_servers
 from areal_hpc.launch.sbatch import render, sbatch_options
 from areal_hpc.launch.slurm import parse_counts, srun_argv, time_minutes
 from areal_hpc.launch.slurm_submit import servers_plan
-from areal_hpc.launch.status import _tail, collect_status, logs, status
+from areal_hpc.launch.status import _tail, collect_status, logs, run_state, status
 from areal_hpc.launch.torchrun import TorchrunRunner
 from areal_hpc.registry import Registry
 
@@ -917,6 +917,24 @@ def test_a_failing_setup_command_ends_the_job_before_any_step(tmp_path):
         r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
         assert r.returncode != 0 and "cluster.setup_commands[1]" in r.stderr, (script, r.stdout, r.stderr)
         assert "never-reached" not in r.stdout and "payload-ran" not in r.stdout, script
+
+
+def test_a_job_ended_by_its_setup_commands_says_which_line_in_status(tmp_path):
+    """The job's failed setup line was named only inside slurm-J.out: `status` and `submit launcher.wait=True` said
+    'job 2 ended FAILED before its driver recorded how the run ended', which reads like a crash of the driver."""
+    cfg, plan = gpu_plan()
+    cfg.cluster.setup_commands = ["module load nosuchmodule"]
+    script = slurm_submit.make_executor(cfg, plan, tmp_path)._executor._make_submission_file_text("echo ran", "u")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    (tmp_path / "module").write_text("#!/bin/sh\necho 'no module nosuchmodule' >&2\nexit 3\n")
+    (tmp_path / "module").chmod(0o755)
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "slurm-2.out").write_text(r.stdout + r.stderr)
+    st = run_state({"mode": "slurm", "job_id": "2", "state": "PENDING"}, {"state": "FAILED"}, tmp_path, False)
+    assert st["state"] == "FAILED" and st["log"] == str(tmp_path / "logs" / "slurm-2.out"), st
+    assert st["reason"] == ("job 2 ended FAILED before its driver recorded how the run ended: areal-hpc: error: "
+                            "cluster.setup_commands[0] failed (exit 3): module load nosuchmodule"), st["reason"]
     assert not (tmp_path / "steps").exists()
 
 

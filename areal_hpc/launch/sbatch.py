@@ -109,7 +109,7 @@ def setup_lines(cfg: ExperimentConfig) -> List[str]:
     lines = []
     for i, cmd in enumerate(cfg.cluster.setup_commands):
         key = f"cluster.setup_commands[{i}]"
-        lines.append(f"{{ {_one_line(key, cmd)}\n}} || {{ echo \"areal-hpc: {key} failed (exit $?):\" "
+        lines.append(f"{{ {_one_line(key, cmd)}\n}} || {{ echo \"areal-hpc: error: {key} failed (exit $?):\" "
                      f"{shlex.quote(cmd)} >&2; exit 1; }}")
     return lines
 

@@ -18,7 +18,7 @@ from areal_hpc.config import ConfigError, ExperimentConfig, parse_allocation
 from areal_hpc.launch import driver, outcome, slurm
 from areal_hpc.launch.plan import Plan, build_plan, next_server_index, node_load, python_executable
 from areal_hpc.launch.sbatch import extra_options, render, sbatch_lines, sbatch_opts, setup_lines
-from areal_hpc.launch.status import run_registry
+from areal_hpc.launch.status import batch_error, run_registry
 from areal_hpc.registry import Registry
 
 
@@ -168,8 +168,9 @@ def submit(cfg: ExperimentConfig, plan: Plan, rd: Path) -> int:
     if rec.get("state") in outcome.FINAL and str(rec.get("job_id")) == job_id:
         print(f"run {outcome.summary_line(rec)}", flush=True)
         return outcome.exit_code(str(rec["state"]))
-    print(f"run FAILED: job {job_id} ended {state} before its driver recorded how the run ended; see "
-          f"{rd}/logs/slurm-{job_id}.out", file=sys.stderr)
+    line = batch_error(str(rd / "logs" / f"slurm-{job_id}.out"))
+    print(f"run FAILED: job {job_id} ended {state} before its driver recorded how the run ended" + (
+        f": {line}" if line else "") + f"; see {rd}/logs/slurm-{job_id}.out", file=sys.stderr)
     return 1
 
 

@@ -80,7 +80,8 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
         why = {"CANCELLED": "was cancelled (scancel)", "TIMEOUT": "hit its time limit (cluster.time)",
                "OUT_OF_MEMORY": "ran out of memory", "NODE_FAIL": "lost a node"}.get(js, f"ended {js}")
         return {"state": outcome.STOPPED if js == "CANCELLED" else outcome.FAILED, "log": slurm_out,
-                "reason": f"job {run.get('job_id')} {why} before its driver recorded how the run ended"}
+                "reason": f"job {run.get('job_id')} {why} before its driver recorded how the run ended"
+                          + (f": {line}" if (line := batch_error(slurm_out)) else "")}
     if not run:
         return mine  # all None
     if owner_alive:
@@ -90,6 +91,17 @@ def run_state(run: Dict[str, Any], job: Dict[str, Any], rd: Path, owner_alive: b
     return {"state": outcome.FAILED, "log": str(rd / "logs" / "driver.log"),
             "reason": f"the launcher (pid {run.get('pid')} on {run.get('host')}) ended without recording how the "
                       "run ended (killed?)"}
+
+
+def batch_error(slurm_out: str) -> Optional[str]:
+    """The batch script's own error in the job's log (a `cluster.setup_commands` line that failed), if any."""
+    try:
+        with open(slurm_out, "rb") as f:
+            f.seek(max(0, os.path.getsize(slurm_out) - 65536))
+            found = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.startswith("areal-hpc: ")]
+    except OSError:
+        return None
+    return found[-1] if found else None
 
 
 def server_alive(rec: Dict[str, Any], jobs: Dict[str, Dict[str, Any]]) -> bool:
