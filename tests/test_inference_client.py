@@ -441,27 +441,44 @@ def test_a_continue_that_fails_once_is_asked_again():
     run(main())
 
 
+async def start_paused_pair():
+    """Fake servers: `a` fails /continue_generation until ``state["continue_ok"]`` and, paused, holds each /generate
+    (SGLang's is_pause_cond); `b` always serves."""
+    unpaused, state = asyncio.Event(), {"continue_ok": False}
+
+    async def stuck(path, p):
+        if path == "/pause_generation":
+            unpaused.clear()
+        elif path == "/continue_generation":
+            if not state["continue_ok"]:
+                return 503, {"error": "busy"}
+            unpaused.set()
+        elif path == "/generate":
+            await unpaused.wait()
+            return 200, gen_body([1])
+        return 200, {"status": "ok"}
+
+    a = await Fake(stuck).start()
+    b = await Fake(lambda path, p: (200, gen_body([2]) if path == "/generate" else {"status": "ok"})).start()
+    return a, b, state
+
+
+async def only_b_serves_until_a_continue_reaches_a(pool, state):
+    outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
+    assert all(o.server_ids == ["b"] for o in outs)
+    state["continue_ok"] = True  # the next weight update's continue reaches it
+    await pool.pause_all()
+    assert (await pool.continue_all())["a"].ok
+    outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
+    assert {o.server_ids[0] for o in outs} == {"a", "b"}
+
+
 def test_a_server_left_paused_by_failed_continues_gets_no_generations_until_a_continue_succeeds(caplog):
     """/continue_generation fails on every try (a busy tokenizer manager, a timeout): that server stays paused, and a
     paused SGLang holds each new /generate (up to the request timeout, an hour). The pool must say so and route
     around it until a later continue succeeds."""
     async def main():
-        unpaused, state = asyncio.Event(), {"continue_ok": False}
-
-        async def stuck(path, p):
-            if path == "/pause_generation":
-                unpaused.clear()
-            elif path == "/continue_generation":
-                if not state["continue_ok"]:
-                    return 503, {"error": "busy"}
-                unpaused.set()
-            elif path == "/generate":
-                await unpaused.wait()  # SGLang's is_pause_cond
-                return 200, gen_body([1])
-            return 200, {"status": "ok"}
-
-        a = await Fake(stuck).start()
-        b = await Fake(lambda path, p: (200, gen_body([2]) if path == "/generate" else {"status": "ok"})).start()
+        a, b, state = await start_paused_pair()
         async with ServerPool(None, api_key="k") as pool:
             pool.add_server("a", a.address)
             pool.add_server("b", b.address)
@@ -469,13 +486,7 @@ def test_a_server_left_paused_by_failed_continues_gets_no_generations_until_a_co
             res = await pool.continue_all()
             assert not res["a"].ok and res["b"].ok and not pool.paused
             assert any("a" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records), caplog.text
-            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
-            assert all(o.server_ids == ["b"] for o in outs)
-            state["continue_ok"] = True  # the next weight update's continue reaches it
-            await pool.pause_all()
-            assert (await pool.continue_all())["a"].ok
-            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
-            assert {o.server_ids[0] for o in outs} == {"a", "b"}
+            await only_b_serves_until_a_continue_reaches_a(pool, state)
         await a.stop()
         await b.stop()
 
@@ -487,22 +498,7 @@ def test_a_server_left_paused_while_its_record_lapsed_gets_no_generations_when_i
     /continue_generation fails on every try. The pool forgot it was left paused: when its record came back it got
     generations again, and a paused server holds each one (up to the request timeout, an hour)."""
     async def main():
-        unpaused, state = asyncio.Event(), {"continue_ok": False}
-
-        async def stuck(path, p):
-            if path == "/pause_generation":
-                unpaused.clear()
-            elif path == "/continue_generation":
-                if not state["continue_ok"]:
-                    return 503, {"error": "busy"}
-                unpaused.set()
-            elif path == "/generate":
-                await unpaused.wait()
-                return 200, gen_body([1])
-            return 200, {"status": "ok"}
-
-        a = await Fake(stuck).start()
-        b = await Fake(lambda path, p: (200, gen_body([2]) if path == "/generate" else {"status": "ok"})).start()
+        a, b, state = await start_paused_pair()
         reg = Registry(tmp_path / "registry")
         reg.put("servers", "a", {"address": a.address, "state": "ready"})
         reg.put("servers", "b", {"address": b.address, "state": "ready"})
@@ -513,13 +509,7 @@ def test_a_server_left_paused_while_its_record_lapsed_gets_no_generations_when_i
             assert not (await pool.continue_all())["a"].ok
             reg.put("servers", "a", {"address": a.address, "state": "paused"})  # back, still paused
             await pool.refresh()
-            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
-            assert all(o.server_ids == ["b"] for o in outs)
-            state["continue_ok"] = True  # the next weight update's continue reaches it
-            await pool.pause_all()
-            assert (await pool.continue_all())["a"].ok
-            outs = await asyncio.wait_for(asyncio.gather(*(pool.generate([5], max_new_tokens=1) for _ in range(6))), 5)
-            assert {o.server_ids[0] for o in outs} == {"a", "b"}
+            await only_b_serves_until_a_continue_reaches_a(pool, state)
         await a.stop()
         await b.stop()
 
