@@ -388,6 +388,16 @@ def test_stop_terms_what_a_dead_owner_left_whatever_address_it_serves_on(tmp_pat
         sleeper.kill()
 
 
+def test_stop_of_a_run_that_had_ended_says_nothing_was_running(tmp_path, capsys):
+    """`stop` of a run that had already ended printed "stopped <run dir>", as if it had stopped something."""
+    rd = stopped_run(tmp_path, "local", dead_pid(), {})
+    reg = Registry.for_run(rd)
+    reg.delete("servers", "server-0")
+    reg.put("", "run", {**reg.get("", "run"), "state": outcome.COMPLETED, "reason": "trainer completed"})
+    assert stop(rd, timeout_s=5.0) == 0
+    assert capsys.readouterr().out == f"nothing was running in {rd}\nrun COMPLETED: trainer completed\n"
+
+
 def test_stop_that_times_out_kills_no_pid_of_another_host(tmp_path, capsys):
     """A stop that times out kills what is left on this host; a record's pid on another node (mode=ray) is
     not a process of this host, and is left alone: `stop` says so and keeps its record (it said "killed what was

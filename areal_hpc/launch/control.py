@@ -91,6 +91,7 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
                 os.kill(int(recs[k]["pid"]), sig)
         return here, {k: rec for k, rec in recs.items() if rec and k not in here}
 
+    was_live = owner_alive() or bool(ours(reg.list("servers"))) or reg.get("", "trainer") is not None
     forced = bool((reg.get("", "run") or {}).get("stopping")) and owner_alive()  # a stop under way: this one forces it
     # the trainer's time to checkpoint (its step under way ends first): what `stop` waits, less the servers' 30 s
     posted = [post_request(reg, "stop", timeout_s, force=forced, grace_s=max(timeout_s - 40.0, timeout_s / 2))]
@@ -161,7 +162,8 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
     withdraw(reg, posted)  # one no owner took (it is gone, or the job was cancelled): not for a later run's owner
     remove_dead_records(reg, run)
     end = reg.run_record()
-    print(f"stopped {rd}\nrun {outcome.summary_line(end)}" if end.get("state") else f"stopped {rd}", flush=True)
+    said = f"stopped {rd}" if was_live else f"nothing was running in {rd}"  # (a run that had ended: its end below)
+    print(f"{said}\nrun {outcome.summary_line(end)}" if end.get("state") else said, flush=True)
     return 1 if uncancelled else 0
 
 
