@@ -28,7 +28,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # history of this ceiling: passes of cuts, and reviews whose bug fixes, each with its test, it paid for).
 # This ceiling moves down, and up only to undo what a cut broke, to fix a bug, or to fill a gap a researcher hits
 # (Qwen3's enable_thinking, a multi-turn loss mask), each with its test.
-MAX_PACKAGE_LINES = 13465
+MAX_PACKAGE_LINES = 13467
 MAX_MODULE_LINES = 450
 
 
