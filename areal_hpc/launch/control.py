@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from areal_hpc.config import ConfigError, ExperimentConfig, dump_yaml, load_resolved
 from areal_hpc.launch import outcome, ray_runner, slurm, slurm_submit
+from areal_hpc.launch.driver import end_server_jobs
 from areal_hpc.launch.external import attach, detach, parse_url, probe, stop_process
 from areal_hpc.launch.status import HOST_MODES, launcher_alive, why_owned, remove_dead_records, run_registry
 from areal_hpc.registry import Registry, atomic_write, pid_alive, runs_here
@@ -113,14 +114,9 @@ def stop(rd: Path, timeout_s: float = 120.0, external: bool = False) -> int:
         # no driver will record how the run ended
         reg.update("", "run", lambda old: {**(old or {}), "state": outcome.STOPPED, "reason": "stop requested "
                                            f"(areal-hpc stop) while job {run['job_id']} was {state}: cancelled"})
-    uncancelled = []
-    for job_id in reg.list("jobs", live_only=False):  # server jobs; their servers deregister on scancel's SIGTERM
-        err = slurm.scancel(job_id)
-        if err:  # its record stays (`status` lists the job, the next `stop` cancels it); this stop failed
-            uncancelled.append(job_id)
-            print(f"could not cancel server job {job_id}: {err}; `stop` again, or scancel {job_id}", file=sys.stderr)
-        else:
-            reg.delete("jobs", job_id)
+    uncancelled = end_server_jobs(reg)  # server jobs; one not cancelled fails this stop
+    for job_id, err in uncancelled.items():
+        print(f"could not cancel server job {job_id}: {err}; `stop` again, or scancel {job_id}", file=sys.stderr)
     deadline, clean_at = time.monotonic() + timeout_s, 0.0
     ray_left = run.get("mode") == "ray"  # what the run may have left on its Ray cluster, once no owner will stop it
     while time.monotonic() < deadline:

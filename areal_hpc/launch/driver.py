@@ -204,15 +204,17 @@ def _on_usr2_standalone(signum, frame) -> None:
     raise SystemExit(outcome.exit_code(outcome.STOPPED))
 
 
-def end_server_jobs(reg) -> None:
-    """The run's server jobs (`add-servers` past the allocation's room) end with it: their servers would hold their GPUs
-    to the job's time limit. Cancelled (the servers deregister); one scancel did not end stays recorded, for `stop`."""
+def end_server_jobs(reg) -> Dict[str, str]:
+    """Cancel the run's server jobs (`add-servers` past the allocation's room; their servers deregister on scancel's
+    SIGTERM). Those scancel could not end, with why: their records stay (`status` lists them, a later `stop` cancels)."""
+    failed = {}
     for job_id in reg.list("jobs", live_only=False):
         err = slurm.scancel(job_id)
         if err:
-            log.warning("could not cancel server job %s: %s", job_id, err)
+            failed[job_id] = err
         else:
             reg.delete("jobs", job_id)
+    return failed
 
 
 def main(run_dir: Path) -> int:
@@ -252,7 +254,9 @@ def main(run_dir: Path) -> int:
                 owner.registry.update("", "run", lambda old: {**(old or {}), "state": owner.state, "reason": why})
             elif owner.state in outcome.FINAL:
                 if cfg.shutdown_server_on_exit or owner.state == outcome.STOPPED:
-                    end_server_jobs(owner.registry)  # before this job's own scancel, which ends this process
+                    # they would hold their GPUs to their time limit; before this job's own scancel, which ends us
+                    for server_job, err in end_server_jobs(owner.registry).items():
+                        log.warning("could not cancel server job %s: %s", server_job, err)
                 if owner.state == outcome.STOPPED:
                     log.info("the run was stopped: ending job %s as CANCELLED (no success to --dependency=afterok)",
                              job_id)
